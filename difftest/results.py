@@ -1,0 +1,304 @@
+"""The differ's result model: what the runner fills, the verdict reads and the reports render.
+
+One tree, per run:
+
+    RunResult
+    ├── signature             every setting and version that produced the numbers
+    ├── noise_floor           the A/A floor the thresholds were set from (or None)
+    └── targets: TargetResult
+        ├── comparisons: Comparison       "exactness" (vs golden) and "accuracy" (vs reference)
+        │   └── prompts: PromptDiff       per prompt first, aggregates after (sacrebleu's habit)
+        ├── layers: LayerDiff             white-box per-layer diff, when both sides serve /debug
+        ├── audit: list[dict]             quantization audit rows
+        └── verdict: TargetVerdict        PASS / FAIL per part, every reason listed
+
+Everything here is plain data (dataclasses of numbers, strings and lists) so that `report.json`
+round-trips exactly: `RunResult.from_dict(run.to_dict()) == run`. `difftest report DIR`
+re-renders from that file without any server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- verdict pieces
+
+
+@dataclass(frozen=True)
+class Check:
+    """One threshold test. `value=None` means "not measured": it passes only if `required=False`."""
+
+    name: str  # metric key, e.g. "kl_mean"
+    value: float | None
+    limit: float
+    op: str  # "<=" or ">="
+    passed: bool
+    required: bool = True
+    note: str = ""  # where the limit came from: "noise floor x3", "budget fp8-block", ...
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"{self.name} not measured ({self.note or 'missing'})"
+        bad = {"<=": ">", ">=": "<"}[self.op] if not self.passed else self.op
+        return f"{self.name} {_fmt(self.value)} {bad} {_fmt(self.limit)}" + (f" ({self.note})" if self.note else "")
+
+
+@dataclass(frozen=True)
+class PartVerdict:
+    """Exactness (vs golden), accuracy (vs FP16 reference) or invariance (batch slot)."""
+
+    part: str
+    against: str  # the server name compared with ("" for invariance)
+    checks: tuple[Check, ...] = ()
+    skipped: str | None = None  # why this part did not run (then it neither passes nor fails)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{self.part}: {c.describe()}" for c in self.checks if not c.passed]
+
+
+@dataclass(frozen=True)
+class TargetVerdict:
+    target: str
+    expect: str  # "pass" | "fail"
+    parts: tuple[PartVerdict, ...]
+    localisation: str | None = None  # "first divergent layer 3, local error in model.layers.3.mlp.down_proj, ..."
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.parts) and any(p.checks for p in self.parts)
+
+    @property
+    def label(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
+    @property
+    def meets_expectation(self) -> bool:
+        return self.passed == (self.expect == "pass")
+
+    def __bool__(self) -> bool:
+        return self.meets_expectation
+
+    @property
+    def reasons(self) -> list[str]:
+        out: list[str] = []
+        for p in self.parts:
+            out.extend(p.reasons)
+        if not any(p.checks for p in self.parts):
+            out.append("no check could be made (every part skipped)")
+        return out
+
+
+# ----------------------------------------------------------------------------- black-box results
+
+
+@dataclass
+class PromptDiff:
+    """One prompt, one target against one baseline (reference or golden)."""
+
+    prompt_id: str
+    prompt: str
+    error: str | None = None  # a failed request: counted, shown, never dropped from denominators
+    # free-running greedy generation
+    ref_text: str | None = None
+    tgt_text: str | None = None
+    ref_tokens: list[str] = field(default_factory=list)  # display strings of generated tokens
+    tgt_tokens: list[str] = field(default_factory=list)
+    ref_token_ids: list[int] | None = None
+    tgt_token_ids: list[int] | None = None
+    match_rate: float | None = None
+    exact: bool | None = None
+    common_prefix: int | None = None
+    first_divergence: int | None = None  # token index, None when none
+    divergence_kind: str | None = None  # "TIE" | "DRIFT" | "WRONG"
+    ref_alternatives: dict[str, float] = field(default_factory=dict)  # top logprobs at the divergence
+    tgt_alternatives: dict[str, float] = field(default_factory=dict)
+    garbled: bool | None = None
+    bleu: float | None = None
+    chrf: float | None = None
+    # teacher-forced (reference continuation echoed into the target)
+    position_kl: list[float] | None = None  # per generated position, nats
+    kl_mean: float | None = None
+    kl_lower: float | None = None
+    kl_upper: float | None = None
+    top1_agreement: float | None = None
+    dp_mean: float | None = None
+    dp_rms: float | None = None
+
+
+@dataclass
+class Comparison:
+    """A target against one baseline, over all prompts."""
+
+    kind: str  # "exactness" | "accuracy"
+    baseline: str  # server name: the golden or the reference
+    target: str
+    prompts: list[PromptDiff] = field(default_factory=list)
+    aggregate: dict[str, float] = field(default_factory=dict)  # see difftest.metrics.aggregate
+    ci: dict[str, list[float]] = field(default_factory=dict)  # metric -> [low, high] (bootstrap 95%)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- white-box results
+
+
+@dataclass
+class LayerPoint:
+    """One activation point (residual after a block, attn / mlp output, a linear's output)."""
+
+    name: str  # e.g. "model.layers.3.mlp.down_proj" or "model.layers.3" (residual)
+    layer: int | None
+    kind: str  # "residual" | "attn" | "mlp" | "linear" | "logits"
+    cosine: float
+    norm_ratio: float
+    rel_err: float
+    max_abs: float
+    sqnr_db: float
+    flagged: bool = False
+    local_cosine: float | None = None  # replayed on the baseline's input (local error)
+    local_norm_ratio: float | None = None
+    local_rel_err: float | None = None
+
+
+@dataclass
+class LayerDiff:
+    against: str  # "golden" or "reference" server name
+    kind: str  # "exactness" | "accuracy"
+    points: list[LayerPoint] = field(default_factory=list)
+    first_divergent_layer: int | None = None
+    first_divergent_point: str | None = None
+    guilty_module: str | None = None  # local error named by replay
+    guilty_backend: str | None = None
+    audit_hint: str | None = None  # e.g. "scales look transposed"
+    summary: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- per target / run
+
+
+@dataclass
+class TargetResult:
+    name: str
+    scheme: str | None
+    expect: str
+    url: str = ""
+    golden: str | None = None  # server name of the golden, if any
+    comparisons: list[Comparison] = field(default_factory=list)
+    layers: list[LayerDiff] = field(default_factory=list)
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    invariance: dict[str, Any] = field(default_factory=dict)
+    conformance: dict[str, Any] = field(default_factory=dict)
+    verdict: TargetVerdict | None = None
+    failed_requests: int = 0
+    total_requests: int = 0
+
+    def comparison(self, kind: str) -> Comparison | None:
+        return next((c for c in self.comparisons if c.kind == kind), None)
+
+
+@dataclass
+class RunResult:
+    reference: str
+    targets: list[TargetResult] = field(default_factory=list)
+    signature: dict[str, Any] = field(default_factory=dict)
+    noise_floor: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    started_at: str = ""
+    elapsed_s: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def gate_passed(self) -> bool:
+        return all(t.verdict is not None and t.verdict.meets_expectation for t in self.targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResult:
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"report.json schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        return _build(cls, data)
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+
+
+def _fmt(x: float) -> str:
+    if x == 0 or (1e-3 <= abs(x) < 1e5):
+        return f"{x:.4g}"
+    return f"{x:.3e}"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN / inf: store them as strings so that nothing is silently turned into null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _unclean(obj: Any) -> Any:
+    if obj in ("nan", "inf", "-inf"):
+        return float(obj)
+    return obj
+
+
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a dataclass tree from `asdict` output, using the field annotations above."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name])
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    import typing
+
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, __import__("types").UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value) if len(inner) == 1 else _unclean(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value)
+    if origin in (list, tuple):
+        item = args[0] if args else Any
+        items = [_coerce(item, v) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        vt = args[1] if len(args) == 2 else Any
+        return {k: _coerce(vt, v) for k, v in value.items()}
+    if tp is float:
+        return float(_unclean(value))
+    return _unclean(value)

@@ -1,0 +1,54 @@
+"""Typed errors of the shim.
+
+    ShimError                       base: anything the shim refuses, with a clear one-line message
+    ├── ModelLoadError              a model preset / path / package cannot be loaded
+    ├── QuantConfigError            a scheme x backend x device combination that cannot run honestly
+    ├── InvalidRequestError         the caller sent something wrong -> HTTP 400 (OpenAI-shaped)
+    │   └── DebugRequestError       the same for /debug/* routes
+    └── LaunchError                 a paired server failed to start or died (launch.py)
+
+`InvalidRequestError` carries the OpenAI error fields so that the app turns it into
+`{"error": {"message", "type", "param", "code"}}` without guessing.
+"""
+
+from __future__ import annotations
+
+
+class ShimError(Exception):
+    """Base class: the message is shown to the user as is, on one line."""
+
+
+class ModelLoadError(ShimError):
+    pass
+
+
+class QuantConfigError(ShimError):
+    pass
+
+
+class LaunchError(ShimError):
+    pass
+
+
+class InvalidRequestError(ShimError):
+    """A request the caller got wrong; becomes a 4xx OpenAI-shaped error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status_code: int = 400,
+        error_type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status_code = status_code
+        self.error_type = error_type
+
+
+class DebugRequestError(InvalidRequestError):
+    pass

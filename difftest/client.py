@@ -1,0 +1,353 @@
+"""Async OpenAI-completions client for one server: bounded, retried, capped, optionally cached.
+
+Why each guard exists:
+- a semaphore bounds in-flight requests (a differ that floods a server measures its queue, and a
+  batch-variant server then answers differently than it would under normal load);
+- retries with exponential backoff and jitter cover connect errors, timeouts, 429 and 5xx, and are
+  bounded so a dead server ends the run with exit 3 instead of hanging; 4xx are never retried (the
+  request itself is wrong) and surface the server's own OpenAI error message;
+- the response body is read in chunks and cut at `max_response_bytes` (a runaway `n`/`logprobs`
+  or a hostile server must not take the differ's memory);
+- the API key goes out as a Bearer header only: it is never logged, never part of the fingerprint,
+  and scrubbed from any server message we re-raise (servers like to echo bad keys back).
+
+With a `ResponseCache`, completions are looked up by (server fingerprint, request) first; with
+`offline=True` nothing touches the network and a miss raises `CacheMiss`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from difftest.cache import CacheMiss, ResponseCache
+from difftest.errors import RequestRejected, ServerError
+
+log = logging.getLogger(__name__)
+
+MiB = 2**20
+# 408/429/5xx are the server saying "not now"; anything else in 4xx is the request's fault.
+_RETRY_STATUS = frozenset({408, 429})
+_FINGERPRINT_CONFIG_KEYS = ("model", "dtype", "device", "arch", "quant", "scheme", "backend", "batch_invariant")
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    requests: int  # logical requests that went to the network (cache hits excluded)
+    failures: int  # of those, how many ended in an exception (after retries)
+    retries: int  # extra attempts made
+    cache_hits: int
+
+
+class CompletionClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        name: str,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 3,
+        concurrency: int = 8,
+        max_response_bytes: int = 64 * MiB,
+        transport: httpx.AsyncBaseTransport | None = None,
+        cache: ResponseCache | None = None,
+        offline: bool = False,
+        cache_identity: Mapping[str, Any] | None = None,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 8.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """`cache_identity` replaces the URL in the cache key: pass the launch spec (without its port)
+        for servers started on a fresh port each run, so `--resume` finds their answers again."""
+        if concurrency < 1 or max_retries < 0:
+            raise ValueError("concurrency must be >= 1 and max_retries >= 0")
+        if offline and cache is None:
+            raise ValueError("offline=True needs a cache")
+        self.name = name
+        self.base_url = _normalise_url(base_url)
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.concurrency = concurrency
+        self.max_response_bytes = max_response_bytes
+        self.cache = cache
+        self.offline = offline
+        self.cache_identity = dict(cache_identity) if cache_identity is not None else None
+        self._api_key = api_key
+        self._backoff = (backoff_base_s, backoff_max_s)
+        self._sleep = sleep
+        self._sem = asyncio.Semaphore(concurrency)
+        self._fp: dict | None = None
+        self._cache_fp: dict | None = None
+        self._fp_lock = asyncio.Lock()
+        self._requests = self._failures = self._retries = self._hits = 0
+        headers = {"User-Agent": "difftest"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
+            transport=transport,
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:  # never the key
+        return f"CompletionClient(name={self.name!r}, base_url={self.base_url!r}, offline={self.offline})"
+
+    async def __aenter__(self) -> CompletionClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def requests(self) -> int:
+        return self._requests
+
+    @property
+    def failures(self) -> int:
+        return self._failures
+
+    @property
+    def retries(self) -> int:
+        return self._retries
+
+    def stats(self) -> ClientStats:
+        return ClientStats(self._requests, self._failures, self._retries, self._hits)
+
+    # ------------------------------------------------------------------ endpoints
+    async def completions(
+        self, payload: Mapping[str, Any], *, use_cache: bool = True, retries: int | None = None
+    ) -> dict:
+        """POST /v1/completions. `use_cache=False` for probes that must hit the server twice."""
+        if not isinstance(payload, Mapping):
+            raise TypeError("payload must be a JSON object")
+        cached = self.cache is not None and use_cache
+        if cached:
+            fp = await self._cache_fingerprint()
+            hit = self.cache.get(fp, payload)  # type: ignore[union-attr]
+            if hit is not None:
+                self._hits += 1
+                return hit
+            if self.offline:
+                raise CacheMiss(f"{self.name}: offline and no cached response for this completions request")
+        body = await self._request("POST", "/v1/completions", json_body=dict(payload), retries=retries)
+        data = _as_json(body, self.name, "/v1/completions")
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise ServerError(f"{self.name}: /v1/completions answered 200 without a 'choices' list")
+        if cached:
+            self.cache.put(fp, payload, data)  # type: ignore[union-attr]
+        return data
+
+    async def get_json(self, path: str, *, retries: int | None = None) -> Any:
+        return _as_json(await self._request("GET", path, retries=retries), self.name, path)
+
+    async def post_json(self, path: str, body: Mapping[str, Any], *, retries: int | None = None) -> Any:
+        return _as_json(await self._request("POST", path, json_body=dict(body), retries=retries), self.name, path)
+
+    async def post_bytes(
+        self,
+        path: str,
+        body: bytes | Mapping[str, Any],
+        content_type: str = "application/octet-stream",
+        *,
+        retries: int | None = None,
+    ) -> bytes:
+        """For /debug routes: safetensors or JSON in, raw bytes (safetensors) out."""
+        if isinstance(body, Mapping):
+            return await self._request("POST", path, json_body=dict(body), retries=retries)
+        return await self._request("POST", path, content=body, content_type=content_type, retries=retries)
+
+    async def models(self) -> list[str]:
+        data = await self.get_json("/v1/models")
+        entries = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            raise ServerError(f"{self.name}: /v1/models answered without a 'data' list")
+        return [str(e["id"]) for e in entries if isinstance(e, dict) and "id" in e]
+
+    async def fingerprint(self, *, refresh: bool = False) -> dict:
+        """What identifies this server build: url, model ids, and version / debug config when exposed.
+
+        Optional endpoints are asked once, without retries; their absence is normal."""
+        if self._fp is not None and not refresh:
+            return dict(self._fp)
+        if self.offline:
+            stored = self.cache.server_fingerprint(self.name) if self.cache else None
+            if stored is None:
+                raise CacheMiss(f"{self.name}: offline and the cache holds no fingerprint for this server")
+            self._fp = stored
+            return dict(stored)
+        fp: dict[str, Any] = {"name": self.name, "url": self.base_url, "models": await self.models()}
+        for path in ("/version", "/debug/config"):
+            try:
+                data = await self.get_json(path, retries=0)
+            except (RequestRejected, ServerError) as e:
+                log.debug("%s: %s not available (%s)", self.name, path, e)
+                continue
+            if not isinstance(data, dict):
+                continue
+            if path == "/version":
+                fp["version"] = data.get("version", data)
+            else:
+                fp["debug_config"] = {k: data[k] for k in _FINGERPRINT_CONFIG_KEYS if k in data}
+                # the per-module table (schemes, backends, layouts) changes with any flag: hash it
+                fp["debug_config_sha256"] = hashlib.sha256(
+                    json.dumps(data, sort_keys=True, default=str).encode()
+                ).hexdigest()
+        self._fp = fp
+        return dict(fp)
+
+    async def _cache_fingerprint(self) -> dict:
+        async with self._fp_lock:
+            if self._cache_fp is None:
+                fp = await self.fingerprint()
+                if self.cache_identity is not None and not self.offline:
+                    fp = {k: v for k, v in fp.items() if k != "url"} | {"identity": self.cache_identity}
+                if not self.offline and self.cache is not None:
+                    old = self.cache.server_fingerprint(self.name)
+                    if old is not None and old != fp:
+                        log.warning("%s: server fingerprint changed since the cached run; not reusing", self.name)
+                    self.cache.remember_server(self.name, fp)
+                self._cache_fp = fp
+        return self._cache_fp
+
+    # ------------------------------------------------------------------ transport
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: dict | None = None,
+        content: bytes | None = None,
+        content_type: str | None = None,
+        retries: int | None = None,
+    ) -> bytes:
+        if self.offline:
+            raise CacheMiss(f"{self.name}: offline; {method} {path} is not answered from the cache")
+        budget = self.max_retries if retries is None else retries
+        self._requests += 1
+        attempt = 0
+        while True:
+            try:
+                async with self._sem:
+                    # a total deadline too: httpx's timeouts are per read, and a server that trickles
+                    # bytes (or an in-process transport) never trips them
+                    status, body, headers = await asyncio.wait_for(
+                        self._exchange(method, path, json_body, content, content_type), self.timeout_s
+                    )
+            except (httpx.TimeoutException, httpx.TransportError, asyncio.TimeoutError) as e:
+                timed_out = isinstance(e, httpx.TimeoutException | asyncio.TimeoutError)
+                what = f"timed out after {self.timeout_s:g}s" if timed_out else "connection failed"
+                reason, status, retry_after = f"{what} ({type(e).__name__})", None, None
+            except ServerError:
+                self._failures += 1
+                raise
+            else:
+                if 200 <= status < 300:
+                    return body
+                message = self._scrub(_error_message(body))
+                if status not in _RETRY_STATUS and status < 500:
+                    self._failures += 1
+                    rejected = RequestRejected(
+                        f"{self.name}: {method} {path} rejected with HTTP {status}: {message}",
+                        status_code=status,
+                        body=_error_body(body, self._scrub),
+                    )
+                    rejected.detail = f"HTTP {status}: {message}"  # type: ignore[attr-defined]
+                    raise rejected
+                reason, retry_after = f"HTTP {status}: {message}", headers.get("retry-after")
+            if attempt >= budget:
+                self._failures += 1
+                failed = ServerError(
+                    f"{self.name}: {method} {path} failed after {attempt + 1} attempt(s): {reason}",
+                    status_code=status,
+                )
+                failed.detail = reason  # type: ignore[attr-defined]  # the server's words, no prefix
+                raise failed
+            delay = self._delay(attempt, retry_after)
+            attempt += 1
+            self._retries += 1
+            log.warning("%s: %s %s %s; retry %d/%d in %.2fs", self.name, method, path, reason, attempt, budget, delay)
+            await self._sleep(delay)
+
+    async def _exchange(
+        self, method: str, path: str, json_body: dict | None, content: bytes | None, content_type: str | None
+    ) -> tuple[int, bytes, httpx.Headers]:
+        headers = {"Content-Type": content_type} if content_type else None
+        cap = self.max_response_bytes
+        async with self._http.stream(method, path, json=json_body, content=content, headers=headers) as resp:
+            declared = resp.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > cap:
+                raise ServerError(f"{self.name}: {method} {path} response of {declared} bytes exceeds the {cap}-byte cap")
+            buf = bytearray()
+            async for chunk in resp.aiter_bytes():
+                buf += chunk
+                if len(buf) > cap:
+                    raise ServerError(f"{self.name}: {method} {path} response exceeds the {cap}-byte cap")
+            log.debug("%s: %s %s -> %d (%d bytes)", self.name, method, path, resp.status_code, len(buf))
+            return resp.status_code, bytes(buf), resp.headers
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        base, cap = self._backoff
+        if retry_after:
+            try:
+                return min(cap, max(0.0, float(retry_after)))
+            except ValueError:
+                pass  # an HTTP-date: fall back to our own schedule
+        # "full jitter" on an exponential schedule: desynchronises concurrent retries (AWS backoff note)
+        return min(cap, base * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def _normalise_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def _as_json(body: bytes, name: str, path: str) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ServerError(f"{name}: {path} answered a body that is not JSON: {body[:80]!r}") from e
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body[:300].decode("utf-8", "replace") or "(empty body)"
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if "detail" in data:  # FastAPI's default error shape
+            return str(data["detail"])
+        if "message" in data:
+            return str(data["message"])
+    return json.dumps(data)[:300]
+
+
+def _error_body(body: bytes, scrub: Callable[[str], str]) -> dict:
+    try:
+        data = json.loads(scrub(body.decode("utf-8", "replace")))
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}

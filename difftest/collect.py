@@ -1,0 +1,190 @@
+"""What the differ asks each server: greedy continuations, and teacher-forced echoes.
+
+Two request kinds, both over `/v1/completions`:
+
+- **generate**: the prompt, greedy (`temperature=0`), `logprobs=k`, token ids when the server
+  honours `return_tokens_as_token_ids`. Gives the free-running continuation of each side.
+- **force**: the baseline's prompt + continuation echoed back with `max_tokens=0`, `logprobs=k`,
+  so that both sides score *the same* tokens. Sent as token ids when both sides accept id
+  prompts (re-tokenising text can shift the alignment at the seam), else as text with an
+  alignment check: a continuation that does not re-tokenise to the same tokens is reported,
+  never scored at shifted positions.
+
+A failed request never raises out of here: it becomes an `error` string on that prompt, so that
+one dead request is counted in the denominators instead of ending the run (the runner decides
+when the error rate makes it an infrastructure failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from difftest.client import CompletionClient
+from difftest.conformance import Capabilities
+from difftest.errors import DifftestError
+from difftest.prompts import Prompt
+from difftest.tokens_view import Position, TokensView, parse_choice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A connected server and what conformance found it can do."""
+
+    name: str
+    client: CompletionClient
+    caps: Capabilities
+
+    def payload(self, prompt: Any, *, max_tokens: int, k: int, seed: int, echo: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "seed": seed,
+        }
+        if self.caps.model:
+            body["model"] = self.caps.model
+        if k > 0 and self.caps.logprobs_cap > 0:
+            body["logprobs"] = min(k, self.caps.logprobs_cap)
+        if echo:
+            body["echo"] = True
+        if self.caps.token_id_strings:
+            body["return_tokens_as_token_ids"] = True
+        return body
+
+    @property
+    def k(self) -> int:
+        return self.caps.logprobs_cap
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One greedy continuation as served."""
+
+    text: str | None
+    view: TokensView  # the generated positions only
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def keys(self) -> tuple[int, ...] | tuple[str, ...]:
+        """Token ids when the server gave them, else token strings: what the sides are matched on."""
+        ids = self.view.token_ids
+        return ids if ids is not None else self.view.tokens
+
+    def display_tokens(self) -> list[str]:
+        """Token texts for people: cut from the text by offsets when tokens came as ids."""
+        texts = self.view.token_texts()
+        return [t if t is not None else tok for t, tok in zip(texts, self.view.tokens, strict=True)]
+
+
+@dataclass(frozen=True)
+class Forced:
+    """Teacher-forced logprobs of a continuation, one `Position` per continuation token."""
+
+    positions: tuple[Position, ...] = ()
+    error: str | None = None
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, seed: int) -> Generation:
+    tokens = prompt.max_tokens if prompt.max_tokens is not None else max_tokens
+    try:
+        resp = await ep.client.completions(ep.payload(prompt.prompt, max_tokens=tokens, k=k, seed=seed))
+        choice = resp["choices"][0]
+        view = parse_choice(choice)
+    except (DifftestError, KeyError, IndexError, TypeError) as exc:
+        log.debug("%s: generation for %s failed: %s", ep.name, prompt.id, exc)
+        return Generation(None, TokensView(()), error=_error_text(exc))
+    return Generation(choice.get("text"), view, choice.get("finish_reason"))
+
+
+async def generate_all(
+    ep: Endpoint,
+    prompts: Sequence[Prompt],
+    *,
+    max_tokens: int,
+    k: int,
+    seed: int,
+    on_done: Callable[[], None] | None = None,
+) -> dict[str, Generation]:
+    async def one(p: Prompt) -> tuple[str, Generation]:
+        g = await generate(ep, p, max_tokens=max_tokens, k=k, seed=seed)
+        if on_done:
+            on_done()
+        return p.id, g
+
+    return dict(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+async def prompt_token_ids(ep: Endpoint, text: str) -> list[int] | None:
+    """The ids the server itself uses for `text` (BOS included if it adds one), or None."""
+    try:
+        if ep.caps.tokenize:
+            body: dict[str, Any] = {"prompt": text}
+            if ep.caps.model:
+                body["model"] = ep.caps.model
+            data = await ep.client.post_json("/tokenize", body)
+            ids = data.get("tokens") if isinstance(data, dict) else None
+            if isinstance(ids, list) and all(isinstance(i, int) for i in ids):
+                return ids
+        if ep.caps.token_id_strings and ep.caps.echo:
+            resp = await ep.client.completions(ep.payload(text, max_tokens=0, k=0, seed=0, echo=True))
+            ids = parse_choice(resp["choices"][0]).token_ids
+            return list(ids) if ids is not None else None
+    except (DifftestError, KeyError, IndexError, TypeError) as exc:
+        log.debug("%s: tokenising a prompt failed: %s", ep.name, exc)
+    return None
+
+
+async def force(
+    ep: Endpoint,
+    prompt: Prompt,
+    continuation: Generation,
+    *,
+    prompt_ids: list[int] | None,
+    as_ids: bool,
+    k: int,
+) -> Forced:
+    """Echo prompt + `continuation` into `ep`; return the continuation's positions, aligned."""
+    n = len(continuation.view)
+    if n == 0:
+        return Forced(())
+    cont_ids = continuation.view.token_ids
+    if as_ids and prompt_ids is not None and cont_ids is not None:
+        body = ep.payload(list(prompt_ids) + list(cont_ids), max_tokens=0, k=k, seed=0, echo=True)
+    else:
+        if continuation.text is None:
+            return Forced(error="no continuation text to echo")
+        body = ep.payload(prompt.prompt + continuation.text, max_tokens=0, k=k, seed=0, echo=True)
+    try:
+        resp = await ep.client.completions(body)
+        view = parse_choice(resp["choices"][0])
+    except (DifftestError, KeyError, IndexError, TypeError) as exc:
+        return Forced(error=_error_text(exc))
+    if len(view) < n:
+        return Forced(error=f"echo returned {len(view)} positions, fewer than the {n} continuation tokens")
+    tail = view.positions[-n:]
+    if not _aligned(tail, continuation.view.positions):
+        return Forced(error="echoed tokens do not line up with the continuation (re-tokenisation shifted them)")
+    if any(p.logprob is None or not p.top for p in tail):
+        return Forced(error="echo returned no logprobs for the continuation positions")
+    return Forced(tuple(tail))
+
+
+def _aligned(echoed: Sequence[Position], generated: Sequence[Position]) -> bool:
+    for e, g in zip(echoed, generated, strict=True):
+        if e.token_id is not None and g.token_id is not None:
+            if e.token_id != g.token_id:
+                return False
+        elif e.token != g.token:
+            return False
+    return True

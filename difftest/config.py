@@ -1,0 +1,414 @@
+"""One TOML file -> a frozen RunConfig, every mistake reported as `file:line: [section] key ...`.
+
+    [run]          prompts, max_tokens, logprobs, concurrency, output_dir, seed, ...  (RunSettings)
+    [reference]    one server spec (server_shim.launch.ServerSpec keys)
+    [[target]]     one or more: a server spec + scheme, golden, expect
+    [thresholds]   metric = number (all schemes) or [thresholds.<scheme>] metric = number
+
+Why line numbers: a config with five targets and a typo in one of them is the common case, and
+tomllib reports none for semantic errors, so `_KeyLocator` finds each key in the raw text.
+Why "auto" goldens are expanded here: the runner and the reports then see plain server specs,
+and identical goldens (two targets sharing model and scheme) are started once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difftest.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+from server_shim.launch import (
+    SCHEMES,
+    ServerSpec,
+    SpecError,
+    auto_golden,
+    check_type,
+    did_you_mean,
+    resolve_paths,
+    spec_from_table,
+)
+
+WHITEBOX = ("auto", "off", "on")
+EXPECT = ("pass", "fail")
+TARGET_KEYS = ("scheme", "golden", "expect")
+TOP_KEYS = ("run", "reference", "target", "thresholds")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    prompts: tuple[Path, ...]
+    max_tokens: int = 32
+    logprobs: int = 5  # top-k per position; OpenAI-compatible servers cap it at 20
+    concurrency: int = 8
+    output_dir: Path = Path("runs/default")
+    seed: int = 0
+    request_timeout_s: float = 120.0
+    max_retries: int = 3
+    error_rate_limit: float = 0.05  # above this fraction of failed requests the run is exit 3
+    limit: int | None = None  # use only the first N prompts
+    noise_floor: Path | None = None
+    tokenizer: str | None = None
+    whitebox: str = "auto"  # auto: per-layer diff where both sides serve /debug
+    batch_slot_check: bool = True
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    server: ServerSpec
+    scheme: str | None = None  # which budget judges accuracy; None: an external target without one
+    golden: ServerSpec | None = None  # "auto" is already expanded; None: accuracy only
+    expect: str = "pass"  # "fail" marks a negative control
+
+    @property
+    def name(self) -> str:
+        return self.server.name
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSettings
+    reference: ServerSpec
+    targets: tuple[TargetConfig, ...]
+    thresholds: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # scheme|"default" -> metric -> limit
+    source: Path | None = None
+
+    def servers(self) -> tuple[ServerSpec, ...]:
+        """Every server to start, each once: reference, targets, then goldens (shared ones once)."""
+        out: dict[str, ServerSpec] = {self.reference.name: self.reference}
+        for t in self.targets:
+            out.setdefault(t.server.name, t.server)
+        for t in self.targets:
+            if t.golden is not None:
+                out.setdefault(t.golden.name, t.golden)
+        return tuple(out.values())
+
+    def thresholds_for(self, scheme: str | None) -> dict[str, float]:
+        """The flat overrides verdict.judge_target takes: [thresholds] merged with [thresholds.<scheme>]."""
+        return {**self.thresholds.get("default", {}), **self.thresholds.get(scheme or "none", {})}
+
+    def target(self, name: str) -> TargetConfig:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+# ----------------------------------------------------------------------------- locating keys
+
+
+_KEY = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'
+_HEADER_RE = re.compile(rf"^\s*(\[\[?)\s*({_KEY}(?:\s*\.\s*{_KEY})*)\s*\]\]?")
+_ASSIGN_RE = re.compile(rf"^\s*({_KEY}(?:\s*\.\s*{_KEY})*)\s*=")
+_INLINE_KEY_RE = re.compile(rf"[{{,]\s*({_KEY})\s*=")
+
+
+def _parts(dotted: str) -> tuple[str, ...]:
+    return tuple(p.strip().strip("\"'") for p in re.findall(_KEY, dotted))
+
+
+class _KeyLocator:
+    """Maps (table path, key) to a 1-based line. `[[target]]` tables are ("target", i)."""
+
+    def __init__(self, text: str) -> None:
+        self.keys: dict[tuple[tuple[Any, ...], str], int] = {}
+        self.tables: dict[tuple[Any, ...], int] = {}
+        counts: dict[str, int] = {}
+        table: tuple[Any, ...] = ()
+        in_multiline = False
+        for lineno, line in enumerate(text.splitlines(), 1):
+            quotes = line.count('"""') + line.count("'''")
+            if in_multiline:
+                in_multiline = quotes % 2 == 0
+                continue
+            if m := _HEADER_RE.match(line):
+                parts = _parts(m.group(2))
+                if m.group(1) == "[[":
+                    counts[parts[0]] = counts.get(parts[0], -1) + 1
+                    table = (parts[0], counts[parts[0]], *parts[1:])
+                elif parts[0] in counts:  # [target.golden] belongs to the latest [[target]]
+                    table = (parts[0], counts[parts[0]], *parts[1:])
+                else:
+                    table = parts
+                self.tables.setdefault(table, lineno)
+            elif m := _ASSIGN_RE.match(line):
+                parts = _parts(m.group(1))
+                for i in range(len(parts)):
+                    self.keys.setdefault((table + parts[:i], parts[i]), lineno)
+                rest = line[m.end() :]
+                if rest.lstrip().startswith("{"):  # golden = { model = "...", ... }
+                    for key in _INLINE_KEY_RE.findall(rest):
+                        self.keys.setdefault((table + parts, _parts(key)[0]), lineno)
+                in_multiline = quotes % 2 == 1
+
+    def line(self, table: tuple[Any, ...], key: str | None) -> int | None:
+        while True:
+            if key is not None and (table, key) in self.keys:
+                return self.keys[(table, key)]
+            if table in self.tables:
+                return self.tables[table]
+            if not table:
+                return None
+            table, key = table[:-1], str(table[-1])  # an inline sub-table: point at its key
+
+
+def _label(table: tuple[Any, ...]) -> str:
+    if not table:
+        return ""
+    if table[0] == "target" and len(table) >= 2:
+        return "[[target]]" if len(table) == 2 else f"[target.{'.'.join(map(str, table[2:]))}]"
+    return f"[{'.'.join(map(str, table))}]"
+
+
+class _Ctx:
+    """Builds ConfigErrors that carry file, line and section."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.locator = _KeyLocator(text)
+
+    def error(self, table: tuple[Any, ...], key: str | None, message: str) -> ConfigError:
+        line = self.locator.line(table, key)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        label = _label(table)
+        return ConfigError(f"{where}: {label} {message}" if label else f"{where}: {message}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read, validate and resolve a config; relative paths are relative to the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_config(doc, text=text, path=path)
+
+
+def parse_config(doc: dict[str, Any], *, text: str, path: Path) -> RunConfig:
+    ctx = _Ctx(path, text)
+    base = path.resolve().parent
+    for key in doc:
+        if key not in TOP_KEYS:
+            raise ctx.error((), key, f"table [{key}] is unknown{did_you_mean(key, TOP_KEYS)}")
+    run = _parse_run(ctx, _table(ctx, doc, "run", required=True), base, path.stem)
+    thresholds = _parse_thresholds(ctx, _table(ctx, doc, "thresholds", required=False))
+    debug_default = run.whitebox != "off"  # white-box parts need the debug routes on built-in shims
+
+    reference = _server(
+        ctx, ("reference",), _table(ctx, doc, "reference", required=True), "reference", base, debug_default
+    )
+    raw_targets = doc.get("target", [])
+    if isinstance(raw_targets, dict):
+        raise ctx.error(("target",), None, "targets are an array of tables: write [[target]], not [target]")
+    if not raw_targets:
+        raise ctx.error((), None, "needs at least one [[target]] table")
+    targets: list[TargetConfig] = []
+    goldens: list[ServerSpec] = []
+    for i, table in enumerate(raw_targets):
+        targets.append(_parse_target(ctx, ("target", i), table, base, debug_default, thresholds, goldens))
+
+    owner: dict[str, ServerSpec] = {reference.name: reference}
+    for i, t in enumerate(targets):
+        for spec, where in ((t.server, ("target", i)), (t.golden, ("target", i, "golden"))):
+            if spec is None or owner.get(spec.name) is spec:  # a shared auto golden is one server
+                continue
+            if spec.name in owner:
+                raise ctx.error(
+                    where, "name", f"server name {spec.name!r} is used twice; names must be unique"
+                )
+            owner[spec.name] = spec
+    return RunConfig(run=run, reference=reference, targets=tuple(targets), thresholds=thresholds, source=path)
+
+
+def _table(ctx: _Ctx, doc: dict[str, Any], key: str, *, required: bool) -> dict[str, Any]:
+    value = doc.get(key)
+    if value is None:
+        if required:
+            raise ctx.error((), None, f"needs a [{key}] table")
+        return {}
+    if not isinstance(value, dict):
+        raise ctx.error((), key, f"{key!r} must be a table [{key}]")
+    return value
+
+
+def _server(
+    ctx: _Ctx, where: tuple[Any, ...], table: dict[str, Any], name: str, base: Path, debug_default: bool,
+    ignore: tuple[str, ...] = (),
+) -> ServerSpec:  # fmt: skip
+    try:
+        spec = spec_from_table(table, default_name=name, ignore=ignore)
+    except SpecError as exc:
+        raise ctx.error(where, exc.key, str(exc)) from None
+    if spec.kind == "shim" and "debug" not in table:
+        spec = dataclasses.replace(spec, debug=debug_default)
+    return resolve_paths(spec, base)
+
+
+def _parse_target(
+    ctx: _Ctx, where: tuple[Any, ...], table: Any, base: Path, debug_default: bool,
+    thresholds: dict[str, dict[str, float]], goldens: list[ServerSpec],
+) -> TargetConfig:  # fmt: skip
+    if not isinstance(table, dict):
+        raise ctx.error(where, None, "must be a table")
+    server = _server(ctx, where, table, f"target-{where[1] + 1}", base, debug_default, ignore=TARGET_KEYS)
+
+    scheme = table.get("scheme", server.quant if server.kind == "shim" else None)
+    if scheme is not None:
+        scheme = _typed(ctx, where, "scheme", scheme, "string")
+        if scheme not in SCHEMES:
+            raise ctx.error(
+                where, "scheme",
+                f"key 'scheme' must be one of {', '.join(SCHEMES)}; got {scheme!r}{did_you_mean(scheme, SCHEMES)}",
+            )  # fmt: skip
+
+    expect = _typed(ctx, where, "expect", table.get("expect", "pass"), "string")
+    if expect not in EXPECT:
+        raise ctx.error(where, "expect", f'key \'expect\' must be "pass" or "fail", got {expect!r}')
+
+    golden: ServerSpec | None = None
+    raw = table.get("golden")
+    if raw == "auto":
+        try:
+            golden = auto_golden(server)
+        except SpecError as exc:
+            raise ctx.error(where, "golden", str(exc)) from None
+        for earlier in goldens:  # the same golden for two targets is one server
+            if dataclasses.replace(earlier, name=golden.name) == golden:
+                golden = earlier
+                break
+        else:
+            goldens.append(golden)
+    elif isinstance(raw, dict):
+        golden = _server(ctx, (*where, "golden"), raw, f"{server.name}-golden", base, debug_default)
+    elif raw is not None and raw != "none":
+        raise ctx.error(
+            where, "golden", f'key \'golden\' must be "auto", "none" or a server table, got {raw!r}'
+        )
+    return TargetConfig(server=server, scheme=scheme, golden=golden, expect=expect)
+
+
+def _typed(ctx: _Ctx, where: tuple[Any, ...], key: str, value: Any, kind: str) -> Any:
+    try:
+        return check_type(key, value, kind)
+    except SpecError as exc:
+        raise ctx.error(where, key, str(exc)) from None
+
+
+# key -> (kind for check_type, lower bound, upper bound)
+_RUN_KEYS: dict[str, tuple[str, float | None, float | None]] = {
+    "prompts": ("strings", None, None),
+    "max_tokens": ("integer", 1, None),
+    "logprobs": ("integer", 0, 20),
+    "concurrency": ("integer", 1, None),
+    "output_dir": ("string", None, None),
+    "seed": ("integer", None, None),
+    "request_timeout_s": ("number", 1e-3, None),
+    "max_retries": ("integer", 0, None),
+    "error_rate_limit": ("number", 0, 1),
+    "limit": ("integer", 1, None),
+    "noise_floor": ("string", None, None),
+    "tokenizer": ("string", None, None),
+    "whitebox": ("string", None, None),
+    "batch_slot_check": ("boolean", None, None),
+}
+
+
+def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSettings:
+    where = ("run",)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _RUN_KEYS:
+            raise ctx.error(where, key, f"key {key!r} is unknown{did_you_mean(key, _RUN_KEYS)}")
+        kind, lo, hi = _RUN_KEYS[key]
+        value = _typed(ctx, where, key, value, kind)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f">= {lo:g}" if hi is None else f"in {lo:g}..{hi:g}"
+            raise ctx.error(where, key, f"key {key!r} must be {bounds}, got {value!r}")
+        values[key] = value
+    if "prompts" not in values:
+        raise ctx.error(where, None, "key 'prompts' is required (one or more .jsonl files)")
+    prompts: list[Path] = []
+    for name in values["prompts"]:
+        p = (base / name).resolve()
+        if p.is_dir():
+            prompts += sorted(p.glob("*.jsonl"))
+        elif p.is_file():
+            prompts.append(p)
+        else:
+            raise ctx.error(where, "prompts", f"prompts file {name!r} does not exist (looked at {p})")
+    if not prompts:
+        raise ctx.error(where, "prompts", "key 'prompts' names no .jsonl file")
+    values["prompts"] = tuple(prompts)
+    whitebox = values.get("whitebox", "auto")
+    if whitebox not in WHITEBOX:
+        raise ctx.error(where, "whitebox", f"key 'whitebox' must be one of auto, off, on; got {whitebox!r}")
+    # Default output folder: runs/<config name> under the working directory (`-o` overrides).
+    values["output_dir"] = (
+        (base / values["output_dir"]).resolve() if "output_dir" in values else Path.cwd() / "runs" / stem
+    )
+    if "noise_floor" in values:
+        values["noise_floor"] = (base / values["noise_floor"]).resolve()
+    if "tokenizer" in values and (base / values["tokenizer"]).exists():
+        values["tokenizer"] = str((base / values["tokenizer"]).resolve())  # a local folder, not a preset
+    return RunSettings(**values)
+
+
+def _parse_thresholds(ctx: _Ctx, table: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """`[thresholds]` -> {"default" | scheme: {metric: limit}}. Dotted metric names
+    (`exactness.kl_mean = 0.01`) arrive from tomllib as nested tables and are flattened back."""
+    known = _known_metrics()
+    parts = {k.split(".", 1)[0] for k in known or () if "." in k} | {"exactness", "accuracy"}
+    out: dict[str, dict[str, float]] = {}
+
+    def add(scheme: str, where: tuple[Any, ...], items: dict[str, Any], prefix: str = "") -> None:
+        for key, value in items.items():
+            metric = prefix + key
+            if isinstance(value, dict) and not prefix and key in parts:
+                add(scheme, where, value, prefix=f"{key}.")
+                continue
+            if known is not None and metric not in known:
+                hint = did_you_mean(metric, sorted(known)) or f" (known: {', '.join(sorted(known))})"
+                raise ctx.error(where, key, f"metric {metric!r} is unknown{hint}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ctx.error(where, key, f"key {metric!r} must be a finite number >= 0, got {value!r}")
+            out.setdefault(scheme, {})[metric] = float(value)
+
+    for key, value in table.items():
+        if isinstance(value, dict) and key not in parts:  # [thresholds.fp8-block]
+            if key != "default" and key not in SCHEMES:
+                raise ctx.error(
+                    ("thresholds",), key,
+                    f"scheme {key!r} is unknown (one of default, {', '.join(SCHEMES)}){did_you_mean(key, SCHEMES)}",
+                )  # fmt: skip
+            add(key, ("thresholds", key), value)
+        else:
+            add("default", ("thresholds",), {key: value})
+    return out
+
+
+def _known_metrics() -> frozenset[str] | None:
+    """Metric names the verdict knows, when difftest.verdict publishes them (THRESHOLD_KEYS)."""
+    try:
+        verdict = importlib.import_module("difftest.verdict")
+    except ImportError:
+        return None
+    keys = getattr(verdict, "THRESHOLD_KEYS", None)
+    return frozenset(keys) if keys else None

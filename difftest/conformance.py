@@ -1,0 +1,460 @@
+"""Conformance: what one server can do, and whether two servers can be compared at all.
+
+`probe(client)` asks a server, feature by feature, what the differ relies on, and turns every
+missing feature into a visible warning that names what it disables. It raises only when the server
+cannot serve completions at all. The check that matters most is the last echo check: teacher-forced
+metrics read the logprobs a server gives for *echoed* tokens, and real servers have returned echoed
+logprobs shifted by a position or computed on another path than generation. So we generate k tokens,
+echo prompt + those tokens with `max_tokens=0`, and trust echo only if the two sets of logprobs agree.
+
+`check_pair(ref, target)` compares the probe texts' tokenizations (ids where both sides expose
+them, token strings otherwise) and vocabulary sizes: a mismatch is a ConformanceError (exit 2)
+naming the first differing probe; a comparison that cannot be made is a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from difftest.client import CompletionClient
+from difftest.errors import ConformanceError, RequestRejected, ServerError
+from difftest.tokens_view import TokensView, parse_choice
+
+DEFAULT_PROBES: tuple[str, ...] = (
+    "The quick brown fox jumps over the lazy dog.",  # plain ASCII: the echo alignment probe
+    "1+2+3=",
+    "  leading spaces,\ttabs and\nnew lines\n\n",
+    "Unicode: café, naïve, 日本語, 🙂",
+    "<|im_start|>user\nHello<|im_end|>\n",  # special tokens: parsed or not, on both sides alike
+    "def f(x):\n    return x ** 2\n",
+)
+LOGPROBS_TRIES = (20, 5, 1)
+ECHO_GEN_TOKENS = 8
+# Prefill and decode run different kernels: in fp16/bf16 their logprobs differ by ~1e-2 nats.
+# The echo bugs this guards against (off-by-one positions, another model path) differ by whole nats.
+ECHO_LOGPROB_TOL = 0.05
+OK, WARN, FAIL, NA = "ok", "warn", "fail", "n/a"
+
+
+@dataclass(frozen=True)
+class ProbeTokens:
+    text: str
+    ids: tuple[int, ...] | None  # from /tokenize, token-id echo or the tokenizer hint
+    strings: tuple[str, ...] | None  # from echo (token strings as served)
+    source: str  # where `ids` came from: "tokenize" | "echo" | "hint" | "none"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    name: str
+    url: str
+    model: str | None
+    models: tuple[str, ...] = ()
+    deterministic: bool | None = None
+    logprobs_cap: int = 0  # largest `logprobs` accepted (0: none)
+    echo: bool = False  # echo with max_tokens=0 works
+    echo_logprobs: bool = False  # ... and returns prompt logprobs
+    echo_aligned: bool | None = None  # echoed tokens re-form the prompt, first logprob null
+    echo_consistent: bool | None = None  # echoed logprobs equal generation's (None: unverified)
+    echo_max_abs_diff: float | None = None
+    token_id_strings: bool = False  # return_tokens_as_token_ids honoured
+    tokenize: bool = False  # POST /tokenize works
+    top_logprobs_keys: str = "none"  # "id" | "str" | "none"
+    int_prompts: bool | None = None  # prompts as token-id lists accepted
+    debug: bool = False  # GET /debug/config answered
+    vocab_size: int | None = None
+    tokenizations: tuple[ProbeTokens, ...] = ()
+    checks: tuple[tuple[str, str, str], ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def teacher_forced(self) -> bool:
+        """Echoed logprobs can be trusted for teacher-forced metrics."""
+        return self.logprobs_cap >= 1 and self.echo_logprobs and self.echo_aligned is not False and bool(self.echo_consistent)
+
+    @property
+    def token_ids(self) -> str:
+        return "return_tokens_as_token_ids" if self.token_id_strings else "tokenize" if self.tokenize else "none"
+
+    def table(self) -> list[tuple[str, str, str]]:
+        return list(self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"teacher_forced": self.teacher_forced, "token_ids": self.token_ids}
+
+
+@dataclass
+class _Probe:
+    """Mutable scratch state of one probe run; frozen into Capabilities at the end."""
+
+    client: CompletionClient
+    fields: dict[str, Any] = field(default_factory=dict)
+    checks: list[tuple[str, str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def check(self, name: str, status: str, detail: str, warning: str | None = None) -> None:
+        self.checks.append((name, status, detail))
+        if warning:
+            self.warnings.append(warning)
+
+    async def ask(self, payload: dict[str, Any], *, retries: int = 0) -> tuple[dict | None, str]:
+        """(response, "") or (None, why): a refused feature is data here, not an exception."""
+        if self.fields.get("model"):
+            payload = {"model": self.fields["model"]} | payload
+        try:
+            return await self.client.completions(payload, use_cache=False, retries=retries), ""
+        except (RequestRejected, ServerError) as e:
+            return None, _why(e)
+
+
+async def probe(
+    client: CompletionClient,
+    *,
+    probe_texts: Sequence[str] = DEFAULT_PROBES,
+    tokenizer_hint: Callable[[str], Sequence[int]] | None = None,
+) -> Capabilities:
+    if not probe_texts:
+        raise ValueError("probe needs at least one probe text")
+    p = _Probe(client)
+    text0 = probe_texts[0]
+    await _probe_models(p)
+    await _probe_generation(p, text0)
+    await _probe_logprobs(p, text0)
+    await _probe_token_ids(p, text0)
+    await _probe_echo(p, text0)
+    await _probe_echo_consistency(p, text0)
+    await _probe_tokenizations(p, probe_texts, tokenizer_hint)
+    await _probe_debug(p)
+    f = p.fields
+    return Capabilities(
+        name=client.name,
+        url=client.base_url,
+        checks=tuple(p.checks),
+        warnings=tuple(p.warnings),
+        **{k: v for k, v in f.items() if not k.startswith("_")},
+    )
+
+
+async def _probe_models(p: _Probe) -> None:
+    try:
+        models = await p.client.models()
+    except (RequestRejected, ServerError) as e:
+        p.fields |= {"model": None, "models": ()}
+        p.check("models", WARN, _why(e), "no /v1/models: model id unknown; requests carry no model name")
+        return
+    p.fields |= {"model": models[0] if models else None, "models": tuple(models)}
+    p.check("models", OK if models else WARN, ", ".join(models) or "empty list")
+
+
+async def _probe_generation(p: _Probe, text: str) -> None:
+    req = {"prompt": text, "max_tokens": 16, "temperature": 0}
+    first, err = await p.ask(req, retries=p.client.max_retries)
+    choice = first["choices"][0] if first and first["choices"] else None
+    if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
+        raise ConformanceError(f"{p.client.name} ({p.client.base_url}) cannot serve /v1/completions: {err or 'no text'}")
+    p.check("completions", OK, f"{len(first['choices'][0]['text'])} chars for max_tokens=16")
+    second, err = await p.ask(req)
+    if second is None:
+        p.check("greedy determinism", WARN, err, "greedy determinism unknown (repeat request failed)")
+        return
+    a, b = first["choices"][0]["text"], second["choices"][0].get("text")
+    p.fields["deterministic"] = a == b
+    if a == b:
+        p.check("greedy determinism", OK, "same request twice -> same text")
+    else:
+        at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b or "")))
+        p.check("greedy determinism", WARN, f"texts differ at char {at}",
+                "greedy decoding is not deterministic: token-match metrics include server noise "
+                "(measure it with `difftest noise`)")  # fmt: skip
+
+
+async def _probe_logprobs(p: _Probe, text: str) -> None:
+    for k in LOGPROBS_TRIES:
+        resp, err = await p.ask({"prompt": text, "max_tokens": 1, "temperature": 0, "logprobs": k})
+        if resp is None:
+            continue
+        view = parse_choice(resp["choices"][0])
+        got = min(k, view.top_k) if view.top_k else 0
+        p.fields |= {"logprobs_cap": got, "top_logprobs_keys": view.top_keys}
+        if got >= 20:
+            p.check("logprobs cap", OK, f"logprobs={k} accepted")
+        elif got:
+            p.check("logprobs cap", WARN, f"max accepted: {got}",
+                    f"logprobs capped at {got}: KL is estimated from top-{got} with a wider tail bucket")  # fmt: skip
+        else:
+            break
+        return
+    p.fields["logprobs_cap"] = 0
+    p.check("logprobs cap", FAIL, "no logprobs request accepted",
+            "no logprobs: teacher-forced metrics and TIE/DRIFT classification disabled")  # fmt: skip
+
+
+async def _probe_token_ids(p: _Probe, text: str) -> None:
+    if p.fields["logprobs_cap"] >= 1:
+        req = {"prompt": text, "max_tokens": 2, "temperature": 0, "logprobs": 1, "return_tokens_as_token_ids": True}
+        resp, err = await p.ask(req)
+        view = parse_choice(resp["choices"][0]) if resp else None
+        p.fields["token_id_strings"] = bool(view and len(view) and view.has_ids)
+        if view is not None and p.fields["token_id_strings"]:
+            p.fields |= {"top_logprobs_keys": view.top_keys, "_gen_ids": list(view.token_ids or ())}
+        p.check("token ids in responses", OK if p.fields["token_id_strings"] else WARN,
+                "tokens as token_id:N" if p.fields["token_id_strings"] else (err or "flag ignored"))  # fmt: skip
+    else:
+        p.fields["token_id_strings"] = False
+        p.check("token ids in responses", NA, "needs logprobs")
+    ids, _ = await _tokenize(p.client, text)
+    p.fields["tokenize"] = ids is not None
+    p.fields["_ids0"] = ids
+    p.check("/tokenize", OK if ids is not None else WARN, f"{len(ids)} tokens" if ids is not None else "not served")
+    if not p.fields["token_id_strings"] and ids is None:
+        p.warnings.append("no token ids (neither return_tokens_as_token_ids nor /tokenize): tokenizers are "
+                          "compared by token strings and teacher forcing echoes text (alignment-checked)")  # fmt: skip
+    known = ids or p.fields.get("_gen_ids")
+    if known is None:
+        p.fields["int_prompts"] = None
+        p.check("token-id prompts", NA, "no token ids known to send")
+        return
+    resp, err = await p.ask({"prompt": list(known), "max_tokens": 1, "temperature": 0})
+    p.fields["int_prompts"] = resp is not None
+    p.check("token-id prompts", OK if resp else WARN, "accepted" if resp else err,
+            None if resp else "prompts as token-id lists rejected: teacher forcing echoes text (alignment-checked)")  # fmt: skip
+
+
+async def _probe_echo(p: _Probe, text: str) -> None:
+    k = min(p.fields["logprobs_cap"], 5)
+    req: dict[str, Any] = {"prompt": text, "max_tokens": 0, "echo": True, "temperature": 0}
+    resp, err = await p.ask(req | ({"logprobs": k} if k else {}))
+    if resp is None and k:
+        plain, _ = await p.ask(req)
+        if plain is not None:
+            p.fields |= {"echo": True, "echo_logprobs": False}
+            p.check("echo", WARN, f"echo works, echo+logprobs fails ({err})",
+                    f"echo with logprobs fails ({err}): teacher-forced metrics disabled")  # fmt: skip
+            return
+    if resp is None:
+        p.fields["echo"] = False
+        p.check("echo", FAIL, err, "no echo: teacher-forced metrics disabled")
+        return
+    p.fields["echo"] = True
+    choice = resp["choices"][0]
+    view = parse_choice(choice)
+    n_lp = sum(lp is not None for lp in view.logprobs)
+    if not k:
+        p.check("echo", OK, "echo works (logprobs not available)")
+        return
+    if n_lp == 0:
+        p.fields["echo_logprobs"] = False
+        p.check("echo", WARN, f"echo returns {len(view)} tokens, none with a logprob",
+                "echo returns no prompt logprobs: teacher-forced metrics disabled")  # fmt: skip
+        return
+    p.fields["echo_logprobs"] = True
+    p.check("echo", OK, f"max_tokens=0 echo, {len(view)} prompt tokens with logprobs")
+    problems = _alignment_problems(view, text, choice.get("text"), p.fields.get("_ids0"))
+    p.fields["echo_aligned"] = not problems
+    p.check("echo aligned", WARN if problems else OK, "; ".join(problems) or "tokens re-form the prompt",
+            "echoed tokens do not line up with the prompt: teacher-forced metrics disabled" if problems else None)  # fmt: skip
+
+
+def _alignment_problems(view: TokensView, text: str, echoed_text: Any, ids: list[int] | None) -> list[str]:
+    problems = []
+    tokens = list(view.tokens)
+    joined = "".join(tokens)
+    # a BOS the tokenizer adds is echoed as a token of its own (vLLM): allow leading specials
+    while joined != text and tokens and tokens[0].startswith("<") and tokens[0].endswith(">"):
+        tokens.pop(0)
+        joined = "".join(tokens)
+    if joined != text and not view.has_ids:
+        problems.append(f"tokens join to {_short(joined, 40)!r}, not the prompt")
+    if view.logprobs and view.logprobs[0] is not None:
+        problems.append("first echoed logprob is not null")
+    if any(lp is None for lp in view.logprobs[1:]):
+        problems.append("null logprobs after the first position")
+    if ids is not None and len(ids) != len(view):
+        problems.append(f"{len(view)} echoed tokens vs {len(ids)} from /tokenize")
+    if isinstance(echoed_text, str) and not echoed_text.startswith(text):
+        problems.append("echoed text does not start with the prompt")
+    return problems
+
+
+async def _probe_echo_consistency(p: _Probe, text: str) -> None:
+    f = p.fields
+    if not (f.get("echo_logprobs") and f.get("echo_aligned")):
+        p.check("echo = generation logprobs", NA, "needs echo with aligned prompt logprobs")
+        return
+    as_ids = {"return_tokens_as_token_ids": True} if f["token_id_strings"] else {}
+    gen_req = {"prompt": text, "max_tokens": ECHO_GEN_TOKENS, "temperature": 0, "logprobs": 1} | as_ids
+    gen, err = await p.ask(gen_req)
+    if gen is None:
+        p.check("echo = generation logprobs", WARN, err, "echoed logprobs unverified: teacher-forced metrics disabled")
+        return
+    g = parse_choice(gen["choices"][0])
+    prompt_ids = f.get("_ids0")
+    if prompt_ids is None and f["token_id_strings"]:
+        echo0, _ = await p.ask({"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1} | as_ids)
+        prompt_ids = list(parse_choice(echo0["choices"][0]).token_ids or ()) if echo0 else None
+    if f.get("int_prompts") and prompt_ids and g.has_ids:
+        prompt: Any = list(prompt_ids) + list(g.token_ids or ())
+        how = "token ids"
+    else:
+        prompt, how = text + gen["choices"][0]["text"], "text"
+    echo, err = await p.ask({"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1} | as_ids)
+    if echo is None:
+        p.check("echo = generation logprobs", WARN, err, "echoed logprobs unverified: teacher-forced metrics disabled")
+        return
+    e = parse_choice(echo["choices"][0])[-len(g) :] if len(g) else TokensView(())
+    same = e.token_ids == g.token_ids if (e.has_ids and g.has_ids) else e.tokens == g.tokens
+    if not len(g) or not same:
+        p.check("echo = generation logprobs", WARN, f"echoed {how} does not re-form the generated tokens",
+                "echoed logprobs unverified (continuation re-tokenises differently): teacher-forced metrics disabled")  # fmt: skip
+        return
+    pairs = list(zip(e.logprobs, g.logprobs, strict=True))
+    if any(a is None or b is None for a, b in pairs):
+        diff = float("inf")
+    else:
+        diff = max(abs(a - b) for a, b in pairs)  # type: ignore[operator]
+    ok = diff <= ECHO_LOGPROB_TOL
+    f |= {"echo_consistent": ok, "echo_max_abs_diff": diff}
+    p.check("echo = generation logprobs", OK if ok else FAIL, f"max |diff| {diff:.3g} over {len(g)} tokens (via {how})",
+            None if ok else f"echoed logprobs differ from generation by up to {diff:.3g} nats (tolerance "
+            f"{ECHO_LOGPROB_TOL}): teacher-forced metrics disabled (echo not trusted)")  # fmt: skip
+
+
+async def _probe_tokenizations(p: _Probe, texts: Sequence[str], hint: Callable[[str], Sequence[int]] | None) -> None:
+    f, out, failed = p.fields, [], []
+    for text in texts:
+        ids, source, strings = None, "tokenize", None
+        if f["tokenize"]:
+            ids, err = await _tokenize(p.client, text)
+            if ids is None:
+                failed.append(err)
+        if f.get("echo_logprobs"):
+            as_ids = {"return_tokens_as_token_ids": True} if f["token_id_strings"] and ids is None else {}
+            resp, err = await p.ask({"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1} | as_ids)
+            view = parse_choice(resp["choices"][0]) if resp else None
+            if view is None:
+                failed.append(err)
+            elif as_ids and view.has_ids:
+                ids, source = list(view.token_ids or ()), "echo"
+            elif not view.has_ids:
+                strings = view.tokens
+        if ids is None and hint is not None:
+            ids, source = list(hint(text)), "hint"
+        out.append(ProbeTokens(text, tuple(ids) if ids is not None else None,
+                               tuple(strings) if strings is not None else None, source if ids is not None else "none"))  # fmt: skip
+    f["tokenizations"] = tuple(out)
+    n_ids = sum(t.ids is not None for t in out)
+    n_str = sum(t.strings is not None for t in out)
+    detail = f"{n_ids} as ids, {n_str} as strings of {len(out)}" + (f"; {len(failed)} failed: {failed[0]}" if failed else "")
+    if not (n_ids or n_str):
+        p.check("probe tokenizations", WARN, detail, "probe texts could not be tokenized: tokenizer compatibility unverifiable")
+    elif failed:
+        p.check("probe tokenizations", WARN, detail, f"{len(failed)} probe tokenization request(s) failed: tokenizer compatibility checked on fewer texts")
+    else:
+        p.check("probe tokenizations", OK, detail)
+
+
+async def _probe_debug(p: _Probe) -> None:
+    try:
+        cfg = await p.client.get_json("/debug/config", retries=0)
+    except (RequestRejected, ServerError) as e:
+        p.fields |= {"debug": False, "vocab_size": None}
+        p.check("debug protocol", WARN, _why(e), "no debug protocol: white-box checks (layers, quant audit) disabled")
+        return
+    vocab = cfg.get("vocab_size") if isinstance(cfg, dict) else None
+    p.fields |= {"debug": True, "vocab_size": vocab if isinstance(vocab, int) else None}
+    detail = ", ".join(f"{k}={cfg[k]}" for k in ("model", "dtype", "device") if isinstance(cfg, dict) and k in cfg)
+    p.check("debug protocol", OK, detail or "GET /debug/config 200")
+
+
+async def _tokenize(client: CompletionClient, text: str) -> tuple[list[int] | None, str]:
+    err = "no token list"
+    for body in ({"prompt": text}, {"content": text}):  # vLLM / SGLang, then llama.cpp
+        try:
+            data = await client.post_json("/tokenize", body, retries=0)
+        except (RequestRejected, ServerError) as e:
+            err = _why(e)
+            continue
+        toks = data.get("tokens") if isinstance(data, dict) else None
+        if isinstance(toks, list) and all(isinstance(t, int) for t in toks):
+            return toks, ""
+    return None, err
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+@dataclass(frozen=True)
+class PairCheck:
+    ref: str
+    target: str
+    verified_by: str  # "token ids" | "token strings" | "token ids + strings" | "none"
+    probes_compared: int
+    vocab_sizes: tuple[int | None, int | None]
+    teacher_forced: bool  # both sides trust echo: teacher-forced metrics run
+    echo_as_ids: bool  # the reference's generated token ids can be echoed into the target as ids
+    warnings: tuple[str, ...] = ()
+
+    def table(self) -> list[tuple[str, str, str]]:
+        tok = (OK, f"{self.probes_compared} probes identical by {self.verified_by}") if self.probes_compared else (WARN, "unverifiable")
+        rows = [("same tokenization", *tok)]
+        va, vb = self.vocab_sizes
+        rows.append(("same vocabulary size", OK if va is not None and vb is not None else NA, f"{va} / {vb}"))
+        rows.append(("teacher forcing", OK if self.teacher_forced else WARN, "as ids" if self.echo_as_ids else "as text"))
+        return rows
+
+
+async def check_pair(ref: tuple[CompletionClient, Capabilities], tgt: tuple[CompletionClient, Capabilities]) -> PairCheck:
+    (rc, ra), (tc, ta) = ref, tgt
+    warnings: list[str] = []
+    by_text = {t.text: t for t in ta.tokenizations}
+    kinds: set[str] = set()
+    compared = 0
+    for i, a in enumerate(ra.tokenizations):
+        b = by_text.get(a.text)
+        if b is None:
+            continue
+        if a.ids is not None and b.ids is not None:
+            left, right, kind = a.ids, b.ids, "token ids"
+        elif a.strings is not None and b.strings is not None:
+            left, right, kind = a.strings, b.strings, "token strings"
+        else:
+            continue
+        if tuple(left) != tuple(right):
+            j = next((n for n, (x, y) in enumerate(zip(left, right, strict=False)) if x != y), min(len(left), len(right)))
+            raise ConformanceError(
+                f"tokenizers differ: probe {i} {_short(a.text, 40)!r} first differs at token {j}: "
+                f"{rc.name} gives {list(left[max(0, j - 2) : j + 3])} but {tc.name} gives {list(right[max(0, j - 2) : j + 3])} "
+                f"({len(left)} vs {len(right)} {kind})"
+            )
+        compared += 1
+        kinds.add(kind)
+    if ra.vocab_size is not None and ta.vocab_size is not None and ra.vocab_size != ta.vocab_size:
+        raise ConformanceError(f"vocabulary sizes differ: {rc.name} has {ra.vocab_size}, {tc.name} has {ta.vocab_size}")
+    if not compared:
+        warnings.append(f"tokenization of {rc.name} and {tc.name} could not be compared (no token ids or echoed "
+                        "tokens on both sides): a tokenizer mismatch would show up as garbled diffs")  # fmt: skip
+    teacher_forced = ra.teacher_forced and ta.teacher_forced
+    if not teacher_forced:
+        who = [c.name for c, caps in ((rc, ra), (tc, ta)) if not caps.teacher_forced]
+        warnings.append(f"teacher-forced metrics disabled: echo not trusted on {', '.join(who)}")
+    return PairCheck(
+        ref=rc.name,
+        target=tc.name,
+        verified_by=" + ".join(sorted(kinds)) or "none",
+        probes_compared=compared,
+        vocab_sizes=(ra.vocab_size, ta.vocab_size),
+        teacher_forced=teacher_forced,
+        echo_as_ids=bool(ta.int_prompts) and ra.token_id_strings,
+        warnings=tuple(warnings),
+    )
+
+
+def _why(e: Exception) -> str:
+    """The server's own words ("HTTP 400: echo is not supported"), without the client's prefix."""
+    return _short(str(getattr(e, "detail", e)))
+
+
+def _short(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."

@@ -1,0 +1,152 @@
+"""Batch-slot invariance: the same prompt must give the same answer in every slot of a batch.
+
+The bug class: a kernel that reads the wrong scale row (or the wrong KV-cache page) for batch
+rows above 0 — results change with where the scheduler happened to put the request, so single
+-request smoke tests pass and production traffic does not. We place one probe prompt at several
+slots of one multi-prompt request (`prompt: [filler, probe, filler, probe]`) and also send it in
+concurrent requests, and compare each placement with the probe served alone (slot 0).
+
+A token that differs is a failure unless the reference side's top-1/top-2 margin at that
+position is within the logprob tolerance (a tie that batch-shape noise may flip); a chosen-token
+logprob that moves by more than the tolerance is a failure either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from difftest.collect import Endpoint
+from difftest.errors import DifftestError
+from difftest.metrics.tokens import top_margin
+from difftest.prompts import Prompt
+from difftest.results import Check, PartVerdict
+from difftest.tokens_view import TokensView, parse_choice
+
+# fp32 servers batched vs alone move logprobs by ~1e-5; bf16 ones by up to ~1e-2. A wrong scale
+# row moves them by whole nats (measured with the shim's `slot-variant` fault, see tests).
+DEFAULT_LOGPROB_TOLERANCE = 0.05
+
+FILLERS = (
+    "A completely different request that shares the batch:",
+    "def unrelated_function(x):\n    return",
+    "Numbers: 17, 42, 99, and",
+)
+
+
+@dataclass
+class SlotResult:
+    placement: str  # "batch slot 1 of 4", "concurrent request 3 of 4"
+    same_tokens: bool
+    first_difference: int | None
+    max_logprob_diff: float
+    tie_at_difference: bool = False
+    error: str | None = None
+
+
+@dataclass
+class InvarianceResult:
+    prompt_id: str
+    tolerance: float
+    slots: list[SlotResult] = field(default_factory=list)
+    skipped: str | None = None
+
+    @property
+    def worst_logprob_diff(self) -> float:
+        diffs = [s.max_logprob_diff for s in self.slots if s.error is None]
+        return max(diffs) if diffs else 0.0
+
+    @property
+    def token_failures(self) -> int:
+        return sum(1 for s in self.slots if s.error is None and not s.same_tokens and not s.tie_at_difference)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"worst_logprob_diff": self.worst_logprob_diff, "token_failures": self.token_failures}
+
+    def verdict(self) -> PartVerdict:
+        if self.skipped:
+            return PartVerdict("invariance", "", (), skipped=self.skipped)
+        measured = [s for s in self.slots if s.error is None]
+        if not measured:
+            return PartVerdict("invariance", "", (), skipped="no batch placement could be measured")
+        checks = (
+            Check("slot_token_mismatches", float(self.token_failures), 0.0, "<=", self.token_failures == 0,
+                  note=f"same prompt at {len(measured)} batch placements"),
+            Check("slot_logprob_max_diff", self.worst_logprob_diff, self.tolerance, "<=",
+                  self.worst_logprob_diff <= self.tolerance, note="chosen-token logprob vs slot 0"),
+        )  # fmt: skip
+        return PartVerdict("invariance", "", checks)
+
+
+def compare_views(alone: TokensView, placed: TokensView, placement: str, tolerance: float) -> SlotResult:
+    a_keys = alone.token_ids or alone.tokens
+    b_keys = placed.token_ids or placed.tokens
+    n = min(len(a_keys), len(b_keys))
+    first = next((i for i in range(n) if a_keys[i] != b_keys[i]), None)
+    if first is None and len(a_keys) != len(b_keys):
+        first = n
+    same_prefix = first if first is not None else n
+    diffs = [
+        abs(a - b)
+        for a, b in zip(alone.logprobs[:same_prefix], placed.logprobs[:same_prefix], strict=True)
+        if a is not None and b is not None
+    ]
+    worst = max(diffs) if diffs else 0.0
+    if any(math.isnan(d) for d in diffs):
+        worst = math.inf
+    tie = False
+    if first is not None and first < len(alone.positions) and alone.positions[first].top:
+        tie = top_margin(alone.positions[first].top) <= tolerance
+    return SlotResult(placement, first is None, first, worst, tie)
+
+
+async def check_batch_slots(
+    ep: Endpoint,
+    prompts: Sequence[Prompt],
+    *,
+    max_tokens: int = 16,
+    k: int = 5,
+    tolerance: float = DEFAULT_LOGPROB_TOLERANCE,
+) -> InvarianceResult:
+    if not prompts:
+        return InvarianceResult("", tolerance, skipped="no prompt")
+    probe = prompts[0]
+    result = InvarianceResult(probe.id, tolerance)
+    if ep.caps.logprobs_cap <= 0:
+        result.skipped = "the server returns no logprobs"
+        return result
+
+    def body(prompt: Any) -> dict[str, Any]:
+        return ep.payload(prompt, max_tokens=max_tokens, k=k, seed=0)
+
+    try:
+        alone = parse_choice((await ep.client.completions(body(probe.prompt), use_cache=False))["choices"][0])
+    except (DifftestError, KeyError, IndexError) as exc:
+        result.skipped = f"the probe prompt alone failed: {exc}"
+        return result
+    batch = [FILLERS[0], probe.prompt, FILLERS[1], probe.prompt]
+    try:
+        resp = await ep.client.completions(body(batch), use_cache=False)
+        choices = sorted(resp["choices"], key=lambda c: c.get("index", 0))
+        for slot in (1, 3):
+            result.slots.append(
+                compare_views(alone, parse_choice(choices[slot]), f"batch slot {slot} of {len(batch)}", tolerance)
+            )
+    except (DifftestError, KeyError, IndexError) as exc:
+        result.slots.append(SlotResult("multi-prompt request", False, None, 0.0, error=str(exc)))
+    concurrent = [FILLERS[2], probe.prompt, FILLERS[0], probe.prompt]
+    answers = await asyncio.gather(
+        *(ep.client.completions(body(p), use_cache=False) for p in concurrent), return_exceptions=True
+    )
+    for i in (1, 3):
+        ans = answers[i]
+        if isinstance(ans, BaseException):
+            result.slots.append(SlotResult(f"concurrent request {i}", False, None, 0.0, error=str(ans)))
+            continue
+        result.slots.append(
+            compare_views(alone, parse_choice(ans["choices"][0]), f"concurrent request {i} of 4", tolerance)
+        )
+    return result

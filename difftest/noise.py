@@ -1,0 +1,183 @@
+"""The A/A noise floor: how far the reference disagrees with *itself*.
+
+`difftest noise` runs the reference against itself (repeated, at another concurrency, after a
+restart) and keeps, per metric, the worst value seen. A correct kernel can legitimately differ
+from its golden by that much (batch shape and accumulation order move logits by ~1e-3, which
+flips near-ties), so exactness limits are set from it (`verdict.exactness_limits`) and the TIE
+margin of `classify_divergence` is read from it. `run` states which floor it used.
+
+Pure: `floor_from_comparisons` builds a floor from Comparisons (and optionally LayerDiffs);
+`to_json` / `from_json` give the file's text, the caller does the writing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from difftest.errors import DifftestError
+from difftest.metrics.tokens import top_margin
+from difftest.results import Comparison, LayerDiff
+
+SCHEMA = "difftest-noise-floor"
+VERSION = 1
+
+
+class NoiseFloorError(DifftestError):
+    """A floor that cannot be used: NaN in an A/A run, or a file that is not a floor (exit 2)."""
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """Worst A/A value per metric (None: not measured). Larger always means noisier."""
+
+    kl_mean: float | None = None  # max over A/A comparisons of aggregate kl_mean
+    kl_p99: float | None = None
+    top1_disagreement: float | None = None  # max of 1 - top1_agreement
+    token_mismatch: float | None = None  # max of 1 - token_match
+    exact_mismatch: float | None = None  # max of 1 - exact_match
+    dp_rms: float | None = None
+    tie_margin: float | None = None  # largest ref top-1/top-2 logprob margin at an A/A divergence
+    layer_cosine_deficit: float | None = None  # max of 1 - cosine over A/A layer points
+    layer_rel_err: float | None = None
+    layer_norm_dev: float | None = None  # max |norm_ratio - 1|
+    n_comparisons: int = 0
+    n_prompts: int = 0
+    failed_requests: int = 0
+    divergences: int = 0  # A/A prompts whose generations diverged at all
+    reference: str = ""  # the server measured against itself
+    how: tuple[str, ...] = ()  # e.g. ("repeat", "concurrency 1 vs 8", "after restart")
+    created_at: str = ""
+
+    def describe(self) -> str:
+        """One line for the report: which floor the thresholds came from."""
+        ways = ", ".join(self.how) or "unspecified"
+        return (
+            f"noise floor of {self.reference or 'the reference'} from {self.n_comparisons} A/A "
+            f"comparison(s) over {self.n_prompts} prompts ({ways})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: _enc(v) for k, v in dataclasses.asdict(self).items()}
+        data["how"] = list(self.how)
+        return {"schema": SCHEMA, "version": VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NoiseFloor:
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise NoiseFloorError("not a difftest noise-floor file (missing schema 'difftest-noise-floor')")
+        if data.get("version") != VERSION:
+            raise NoiseFloorError(f"noise-floor file version {data.get('version')!r}, expected {VERSION}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - {"schema", "version"})
+        if unknown:
+            raise NoiseFloorError(f"unknown key(s) in noise-floor file: {', '.join(unknown)}")
+        kwargs = {k: _dec(v) for k, v in data.items() if k in names}
+        if "how" in kwargs:
+            kwargs["how"] = tuple(kwargs["how"])
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # pragma: no cover - names are checked above
+            raise NoiseFloorError(f"bad noise-floor file: {exc}") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> NoiseFloor:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise NoiseFloorError(f"noise-floor file is not JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _enc(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def _dec(v: Any) -> Any:
+    return float(v) if v in ("nan", "inf", "-inf") else v
+
+
+def _worst(values: list[float]) -> float | None:
+    return max(values) if values else None
+
+
+def floor_from_comparisons(
+    comparisons: Sequence[Comparison],
+    layers: Sequence[LayerDiff] = (),
+    *,
+    reference: str = "",
+    how: Sequence[str] = (),
+    created_at: str = "",
+) -> NoiseFloor:
+    """The worst A/A value per metric over `comparisons` (the reference against itself).
+
+    Each comparison must already be aggregated (`aggregate_prompts`). A NaN anywhere raises
+    NoiseFloorError: a reference that disagrees with itself by NaN has no floor to set limits
+    from. `tie_margin` is the largest top-1/top-2 logprob margin of the reference at a position
+    where two of its own runs diverged: any margin up to that is seen to flip by noise alone.
+    """
+    if not comparisons:
+        raise NoiseFloorError("no A/A comparison to measure a noise floor from")
+    direct = {"kl_mean": "kl_mean", "kl_p99": "kl_p99", "dp_rms": "dp_rms"}
+    complement = {
+        "top1_disagreement": "top1_agreement",
+        "token_mismatch": "token_match",
+        "exact_mismatch": "exact_match",
+    }
+    seen: dict[str, list[float]] = {k: [] for k in [*direct, *complement]}
+    margins: list[float] = []
+    n_prompts = failed = divergences = 0
+    for comp in comparisons:
+        agg = comp.aggregate
+        for key, value in agg.items():
+            if isinstance(value, float) and math.isnan(value):
+                raise NoiseFloorError(f"A/A comparison {comp.target!r} has NaN {key}: no usable floor")
+        for name, key in direct.items():
+            if key in agg:
+                seen[name].append(float(agg[key]))
+        for name, key in complement.items():
+            if key in agg:
+                seen[name].append(1.0 - float(agg[key]))
+        n_prompts += len(comp.prompts)
+        failed += int(agg.get("failed_requests", sum(p.error is not None for p in comp.prompts)))
+        for p in comp.prompts:
+            if p.error is None and p.first_divergence is not None:
+                divergences += 1
+                if len(p.ref_alternatives) >= 2:
+                    margins.append(top_margin(p.ref_alternatives))
+
+    cos_def: list[float] = []
+    rel: list[float] = []
+    norm_dev: list[float] = []
+    for diff in layers:
+        for pt in diff.points:
+            vals = (pt.cosine, pt.rel_err, pt.norm_ratio)
+            if any(math.isnan(v) for v in vals):
+                raise NoiseFloorError(f"A/A layer point {pt.name} is NaN: no usable floor")
+            cos_def.append(1.0 - pt.cosine)
+            rel.append(pt.rel_err)
+            norm_dev.append(abs(pt.norm_ratio - 1.0))
+
+    return NoiseFloor(
+        **{name: _worst(vals) for name, vals in seen.items()},
+        tie_margin=_worst(margins),
+        layer_cosine_deficit=_worst(cos_def),
+        layer_rel_err=_worst(rel),
+        layer_norm_dev=_worst(norm_dev),
+        n_comparisons=len(comparisons),
+        n_prompts=n_prompts,
+        failed_requests=failed,
+        divergences=divergences,
+        reference=reference,
+        how=tuple(how),
+        created_at=created_at,
+    )

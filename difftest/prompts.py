@@ -1,0 +1,85 @@
+"""Prompt files: JSON Lines of `{"id", "prompt", "max_tokens"?, "tags"?}`, one prompt a line.
+
+Strict on purpose: a misspelt "max_token" that is silently ignored changes what both servers
+generate and shows up later as an unexplained diff, so every problem is a UsageError naming the
+file and line ("prompts/x.jsonl:7: missing 'prompt'").
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from difftest.errors import UsageError
+
+KEYS = ("id", "prompt", "max_tokens", "tags")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    prompt: str
+    max_tokens: int | None = None  # None: the run's max_tokens
+    tags: tuple[str, ...] = ()
+    source: str = ""  # "file:line", for messages and reports
+
+
+def load_prompts(paths: Path | str | Iterable[Path | str], *, limit: int | None = None) -> list[Prompt]:
+    """All prompts of one or more files in order; ids must be unique across the files."""
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    prompts: list[Prompt] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        for prompt in read_prompt_file(Path(path)):
+            if prompt.id in seen:
+                raise UsageError(f"{prompt.source}: duplicate id {prompt.id!r} (first at {seen[prompt.id]})")
+            seen[prompt.id] = prompt.source
+            prompts.append(prompt)
+    return prompts[:limit] if limit is not None else prompts
+
+
+def read_prompt_file(path: Path) -> list[Prompt]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read prompts: {exc.strerror or exc}") from None
+    prompts = [_parse_line(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not prompts:
+        raise UsageError(f"{path}: no prompts (expected one JSON object per line)")
+    return prompts
+
+
+def _parse_line(line: str, where: str) -> Prompt:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in obj:
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (allowed: {', '.join(KEYS)})"
+            raise UsageError(f"{where}: unknown key {key!r}{hint}")
+    for key in ("id", "prompt"):
+        if key not in obj:
+            raise UsageError(f"{where}: missing {key!r}")
+    pid = obj["id"]
+    if isinstance(pid, bool) or not isinstance(pid, str | int) or pid == "":
+        raise UsageError(f"{where}: 'id' must be a non-empty string, got {pid!r}")
+    text = obj["prompt"]
+    if not isinstance(text, str) or not text:
+        raise UsageError(f"{where}: 'prompt' must be a non-empty string, got {text!r}")
+    max_tokens = obj.get("max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise UsageError(f"{where}: 'max_tokens' must be a positive integer, got {max_tokens!r}")
+    tags = obj.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise UsageError(f"{where}: 'tags' must be a list of strings, got {tags!r}")
+    return Prompt(id=str(pid), prompt=text, max_tokens=max_tokens, tags=tuple(tags), source=where)

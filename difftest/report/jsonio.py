@@ -1,0 +1,76 @@
+"""report.json: every number of a run, schema-versioned, written atomically.
+
+`difftest report DIR` re-renders from this file without a server, so a half-written file (Ctrl-C,
+disk full, a CI job killed mid-write) must never replace a good one: write a temporary file in
+the same folder, fsync, then `os.replace` — atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from difftest.errors import UsageError
+from difftest.results import SCHEMA_VERSION, RunResult
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def run_to_json(run: RunResult) -> str:
+    data: dict[str, Any] = run.to_dict()
+    data["schema_version"] = SCHEMA_VERSION
+    # allow_nan=False: to_dict already stores NaN / inf as strings; a bare NaN would be invalid JSON
+    return json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_json(run: RunResult, path: Path) -> Path:
+    return atomic_write_text(path, run_to_json(run))
+
+
+def load_run(path: Path | str) -> RunResult:
+    """Read a report.json (or a folder holding one) back into a RunResult.
+
+    Raises UsageError naming the file for a missing file, bad JSON, another schema version, or a
+    tree that does not fit the result model.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise UsageError(f"{path}: no such report (expected a report.json written by `difftest run`)") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not a valid report.json ({e})") from e
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"{path}: not a valid report.json (top level is {type(data).__name__}, not an object)"
+        )
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UsageError(
+            f"{path}: report schema_version {version!r}, but this difftest reads version {SCHEMA_VERSION}; "
+            "re-render it with the difftest version that wrote it, or re-run"
+        )
+    try:
+        return RunResult.from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UsageError(f"{path}: report.json does not fit the result model ({e})") from e

@@ -1,0 +1,358 @@
+"""report.md: self-contained, readable in a terminal and on GitHub (CI step summary, PR comment).
+
+Order: verdict table, then per target (localisation line first, reasons, aggregate tables for
+exactness and accuracy, worst prompts, quant audit), the per-layer text heatmap, and at the end
+the signature and the noise floor. Prompts and outputs are untrusted text: every cell goes
+through `md_cell`, which backslash-escapes what markdown or GitHub's HTML pass would interpret.
+
+The small formatting helpers at the top are shared by the HTML, JUnit and terminal renderers so
+that every output says "n/a" for a metric that was not measured (None) — never 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from difftest.report.heatmap import layer_grid, text_heatmap
+from difftest.results import Comparison, PromptDiff, RunResult, TargetResult
+
+NA = "n/a"
+MAX_PROMPT_ROWS = 20  # GitHub step summaries are capped at 1 MiB; the rest is in report.html
+# Aggregate keys the headline columns read (difftest.metrics.aggregate), with accepted aliases.
+HEADLINE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("mean KL ± 95% CI", ("kl_mean",)),
+    ("p99 KL", ("kl_p99", "p99_kl")),
+    ("top-1 agreement", ("top1_agreement", "top1")),
+    ("token match", ("token_match", "match_rate")),
+    ("median first divergence", ("median_first_divergence", "first_divergence_median")),
+)
+_RATE_KEYS = ("agreement", "match", "rate", "exact", "garbled", "frac")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def fmt_num(x: Any, *, pct: bool = False) -> str:
+    """A number for humans: None -> n/a, NaN -> nan, rates as percentages, 4 significant digits."""
+    if x is None:
+        return NA
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if not isinstance(x, float):
+        return str(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if pct:
+        return f"{100 * x:.1f}%"
+    if x == 0 or 1e-3 <= abs(x) < 1e5:
+        return f"{x:.4g}"
+    return f"{x:.3e}"
+
+
+def is_rate(key: str) -> bool:
+    return any(k in key for k in _RATE_KEYS)
+
+
+def fmt_metric(key: str, value: Any) -> str:
+    return fmt_num(value, pct=is_rate(key) and isinstance(value, float))
+
+
+def lookup(mapping: dict[str, Any], keys: Sequence[str]) -> tuple[str, Any]:
+    """The first alias present (its key and value); (keys[0], None) when none is."""
+    for k in keys:
+        if k in mapping and mapping[k] is not None:
+            return k, mapping[k]
+    return keys[0], None
+
+
+def kl_ci(comp: Comparison | None) -> str:
+    """The bootstrap CI of the mean KL as "[low, high]", n/a when not computed."""
+    if comp is None:
+        return NA
+    key, _ = lookup(comp.aggregate, HEADLINE[0][1])
+    ci = comp.ci.get(key)
+    return f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]" if ci and len(ci) == 2 else NA
+
+
+def headline_cells(comp: Comparison | None, *, with_ci: bool = True) -> list[str]:
+    """The five headline metrics of one comparison, formatted; mean KL carries its CI."""
+    out = []
+    for i, (_, keys) in enumerate(HEADLINE):
+        if comp is None:
+            out.append(NA)
+            continue
+        key, val = lookup(comp.aggregate, keys)
+        cell = fmt_metric(key, val)
+        if i == 0 and val is not None and with_ci and kl_ci(comp) != NA:
+            cell += f" {kl_ci(comp)}"
+        out.append(cell)
+    return out
+
+
+def failed_text(t: TargetResult) -> str:
+    return f"{t.failed_requests}/{t.total_requests}" if t.total_requests else str(t.failed_requests)
+
+
+def verdict_text(t: TargetResult) -> tuple[str, str]:
+    """(verdict label, meets-expectation) for a target; no verdict reads as such, not as PASS."""
+    if t.verdict is None:
+        return "NO VERDICT", "NO"
+    return t.verdict.label, "yes" if t.verdict.meets_expectation else "NO"
+
+
+def reasons(t: TargetResult) -> list[str]:
+    if t.verdict is None:
+        return ["no verdict: the target did not produce results"]
+    out = list(t.verdict.reasons)
+    out.extend(f"{p.part}: skipped ({p.skipped})" for p in t.verdict.parts if p.skipped)
+    return out
+
+
+def localisation_line(t: TargetResult) -> str | None:
+    """The verdict's localisation, else one built from the first LayerDiff that localised."""
+    if t.verdict is not None and t.verdict.localisation:
+        return t.verdict.localisation
+    for d in t.layers:
+        if d.first_divergent_layer is None and d.guilty_module is None:
+            continue
+        bits = []
+        if d.first_divergent_layer is not None:
+            bits.append(f"first divergent layer {d.first_divergent_layer}")
+        if d.guilty_module:
+            bits.append(f"local error in {d.guilty_module}")
+        if d.guilty_backend:
+            bits.append(f"backend {d.guilty_backend}")
+        if d.audit_hint:
+            bits.append(d.audit_hint)
+        return ", ".join(bits) + f" (vs {d.against})"
+    return None
+
+
+def prompt_order(prompts: Iterable[PromptDiff]) -> list[PromptDiff]:
+    """Worst first: failed requests, then by teacher-forced KL, token match, first divergence."""
+
+    def key(p: PromptDiff) -> tuple[int, float, float, float]:
+        kl = p.kl_mean if p.kl_mean is not None and not math.isnan(p.kl_mean) else -1.0
+        mr = p.match_rate if p.match_rate is not None else 2.0
+        fd = p.first_divergence if p.first_divergence is not None else math.inf
+        return (p.error is None, -kl, mr, fd)
+
+    return sorted(prompts, key=key)
+
+
+def divergence_text(p: PromptDiff) -> str:
+    if p.first_divergence is not None:
+        return f"{p.first_divergence} {p.divergence_kind or ''}".strip()
+    if p.exact or (p.match_rate is not None and p.tgt_tokens):
+        return "none"
+    return NA
+
+
+def flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested dicts as dotted keys; lists as JSON; scalars formatted."""
+    if isinstance(d, dict):
+        out: list[tuple[str, str]] = []
+        for k, v in d.items():
+            out.extend(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(d, list | tuple):
+        return [(prefix, json.dumps(d, default=str, ensure_ascii=False))]
+    return [(prefix, fmt_num(d))]
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def visible(text: str) -> str:
+    """Newlines, tabs and control characters made visible (they would break a table row)."""
+    text = text.replace("\r\n", "⏎").replace("\n", "⏎").replace("\r", "⏎").replace("\t", "⇥")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def truncate(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# `_` only where it could open emphasis: GFM leaves intraword underscores (down_proj) alone.
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~]|(?<!\w)_|_(?!\w))")
+_ENTITY = re.compile(r"&(?=#?\w+;)")
+
+
+def md_cell(text: Any, limit: int | None = None) -> str:
+    """Untrusted text as one markdown table cell: visible, truncated, then escaped."""
+    s = visible("" if text is None else str(text))
+    if limit is not None:
+        s = truncate(s, limit)
+    return _ENTITY.sub("&amp;", _MD_SPECIAL.sub(r"\\\1", s))
+
+
+def md_code(text: Any) -> str:
+    """A name as an inline code span: nothing inside is interpreted, so only backticks go."""
+    return "`" + visible(str(text)).replace("`", "'") + "`"
+
+
+def value_text(v: Any) -> str:
+    """One value of a free-form dict (audit row, signature): JSON for containers."""
+    if isinstance(v, dict | list | tuple):
+        return json.dumps(v, default=str, ensure_ascii=False)
+    return fmt_num(v)
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """Cells must already be escaped (md_cell) or be trusted literals."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines.extend("| " + " | ".join(r) + " |" for r in rows)
+    return lines
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def verdict_rows(run: RunResult) -> list[list[str]]:
+    """One row per target and comparison; the target's own columns only on its first row."""
+    rows = []
+    for t in run.targets:
+        label, meets = verdict_text(t)
+        comps: list[Comparison | None] = list(t.comparisons) or [None]
+        for i, c in enumerate(comps):
+            own = (
+                [md_cell(t.name), md_cell(t.scheme or NA), t.expect, f"**{label}**", meets]
+                if i == 0
+                else [""] * 5
+            )
+            against = f"{c.kind} vs {md_code(c.baseline)}" if c else NA
+            rows.append(own + [against] + headline_cells(c) + [failed_text(t) if i == 0 else ""])
+    return rows
+
+
+def _verdict_table(run: RunResult) -> list[str]:
+    header = ["target", "scheme", "expect", "verdict", "meets expectation", "against"]
+    header += [h for h, _ in HEADLINE] + ["failed requests"]
+    gate = "PASS — every target as expected" if run.gate_passed else "FAIL — a target is not as expected"
+    out = [f"**Gate: {gate}**", "", *md_table(header, verdict_rows(run))]
+    return out
+
+
+def _aggregate_table(c: Comparison) -> list[str]:
+    title = "Exactness vs golden" if c.kind == "exactness" else "Accuracy vs reference"
+    out = [f"#### {title} {md_code(c.baseline)} ({len(c.prompts)} prompts)", ""]
+    if c.aggregate:
+        rows = []
+        for k, v in c.aggregate.items():
+            ci = c.ci.get(k)
+            ci_s = f"[{fmt_metric(k, ci[0])}, {fmt_metric(k, ci[1])}]" if ci and len(ci) == 2 else NA
+            rows.append([md_cell(k), fmt_metric(k, v), ci_s])
+        out += md_table(["metric", "value", "95% CI"], rows)
+    else:
+        out.append("_no aggregate metrics (n/a)_")
+    if c.warnings:
+        out += ["", *[f"- ⚠ {md_cell(w)}" for w in c.warnings]]
+    return out
+
+
+def _prompt_table(c: Comparison) -> list[str]:
+    ordered = prompt_order(c.prompts)
+    rows = []
+    for p in ordered[:MAX_PROMPT_ROWS]:
+        rows.append(
+            [
+                md_cell(p.prompt_id, 24),
+                md_cell(p.prompt, 40),
+                fmt_num(p.match_rate, pct=True),
+                divergence_text(p),
+                fmt_num(p.kl_mean),
+                fmt_num(p.top1_agreement, pct=True),
+                md_cell(p.ref_text, 40) if p.ref_text is not None else NA,
+                md_cell(p.tgt_text, 40) if p.tgt_text is not None else NA,
+                md_cell(p.error, 60) if p.error else "",
+            ]
+        )
+    header = [
+        "id",
+        "prompt",
+        "token match",
+        "first divergence",
+        "KL",
+        "top-1",
+        "reference",
+        "target",
+        "error",
+    ]
+    out = [f"Prompts vs {md_code(c.baseline)}, worst first:", "", *md_table(header, rows)]
+    if len(ordered) > MAX_PROMPT_ROWS:
+        out.append(f"\n_{len(ordered) - MAX_PROMPT_ROWS} more prompts in report.html and report.json_")
+    return out
+
+
+def _audit_table(audit: list[dict[str, Any]]) -> list[str]:
+    keys: list[str] = []
+    for row in audit:
+        keys.extend(k for k in row if k not in keys)
+    rows = [[md_cell(value_text(row[k]) if k in row else NA, 60) for k in keys] for row in audit]
+    return md_table([md_cell(k) for k in keys], rows)
+
+
+def _target_section(t: TargetResult) -> list[str]:
+    label, meets = verdict_text(t)
+    out = [f"### {md_cell(t.name)} — {label} (expect {t.expect}, meets expectation: {meets})", ""]
+    loc = localisation_line(t)
+    if loc and label != "PASS":
+        out += [f"> **Localisation:** {md_cell(loc)}", ""]
+    rs = reasons(t)
+    if rs:
+        out += ["Reasons:", *[f"- {md_cell(r)}" for r in rs], ""]
+    if t.verdict is not None and t.verdict.warnings:
+        out += [*[f"- ⚠ {md_cell(w)}" for w in t.verdict.warnings], ""]
+    meta = [f"scheme {md_code(t.scheme or NA)}", f"golden {md_code(t.golden or 'none')}"]
+    meta.append(f"failed requests {failed_text(t)}")
+    out += [", ".join(meta), ""]
+    if t.golden is None:
+        out += ["_No golden: judged on the accuracy budget alone; subtle bugs may hide inside it._", ""]
+    for c in t.comparisons:
+        out += [*_aggregate_table(c), "", *_prompt_table(c), ""]
+    for d in t.layers:
+        if d.summary or d.warnings:
+            out.append(f"Layers vs {md_code(d.against)} ({d.kind}): {md_cell(d.summary) or NA}")
+            out += [f"- ⚠ {md_cell(w)}" for w in d.warnings]
+            out.append("")
+    if t.audit:
+        out += ["#### Quantization audit", "", *_audit_table(t.audit), ""]
+    if t.invariance:
+        out += [
+            "Batch-slot invariance: "
+            + ", ".join(f"{md_cell(k)} {md_cell(v)}" for k, v in flatten(t.invariance)),
+            "",
+        ]
+    return out
+
+
+def render_markdown(run: RunResult) -> str:
+    out = ["# difftest report", "", f"Reference: {md_code(run.reference)}", ""]
+    out += [*_verdict_table(run), ""]
+    out += [f"- ⚠ {md_cell(w)}" for w in run.warnings]
+    out += ["", "## Targets", ""]
+    for t in run.targets:
+        out += _target_section(t)
+    grid = layer_grid(run)
+    out += ["## Per-layer error (log10(1 − cosine))", ""]
+    out += ["```text", text_heatmap(grid), "```", ""] if grid else ["_no white-box layer data (n/a)_", ""]
+    out += ["## Signature", ""]
+    sig = flatten(run.signature) + [("started_at", run.started_at), ("elapsed_s", fmt_num(run.elapsed_s))]
+    sig.append(("schema_version", str(run.schema_version)))
+    out += md_table(["setting", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in sig])
+    out += ["", "## Noise floor", ""]
+    if run.noise_floor:
+        out += md_table(
+            ["metric", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in flatten(run.noise_floor)]
+        )
+    else:
+        out.append("_no noise floor used (n/a): exactness limits fall back to defaults_")
+    return "\n".join(out) + "\n"

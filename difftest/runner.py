@@ -1,0 +1,394 @@
+"""`difftest run`: launch, probe, query, score, judge, report — in that order.
+
+    config ─► launch_servers (reference, targets, goldens; side by side)
+           ─► conformance: probe every server, check every (baseline, target) pair   [exit 2]
+           ─► generate: greedy continuations on every server, all prompts
+           ─► force:    each baseline's continuation echoed into baseline and target
+           ─► score:    Comparison "exactness" (vs golden) and "accuracy" (vs reference)
+           ─► white-box + batch-slot checks where the servers allow them
+           ─► verdict per target ─► report folder ─► exit code (0 / 1 / 2 / 3)
+
+Every response goes through the sqlite cache in the output folder as it arrives, so a run that
+dies halfway loses nothing: `--resume` relaunches and only asks what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from difftest.cache import ResponseCache
+from difftest.client import CompletionClient
+from difftest.collect import Endpoint, Forced, Generation, force, generate_all, prompt_token_ids
+from difftest.config import RunConfig, TargetConfig
+from difftest.conformance import check_pair, probe
+from difftest.errors import InfraError
+from difftest.noise import NoiseFloor
+from difftest.progress import Progress
+from difftest.prompts import Prompt, load_prompts
+from difftest.results import Comparison, PartVerdict, RunResult, TargetResult
+from difftest.scoring import build_comparison
+from difftest.signature import run_signature
+from server_shim.launch import RunningServer, ServerSpec, launch_servers
+
+log = logging.getLogger(__name__)
+
+# Used when no noise-floor file is given: a margin in nats under which the reference's top-1 and
+# top-2 are treated as tied. fp32 A/A runs of the shim flip only below ~1e-4; 0.02 nats also covers
+# bf16 / fp16 servers whose batch shape moves logits by ~1e-2 (measured in `difftest noise`).
+DEFAULT_TIE_MARGIN = 0.02
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    out_dir: Path
+    resume: bool = False
+    concurrency: int | None = None
+    limit: int | None = None
+    progress: bool | None = None  # None: a bar on a terminal, plain lines otherwise
+
+
+@dataclass
+class _Pair:
+    """One (baseline, target) comparison to make."""
+
+    kind: str  # "exactness" | "accuracy"
+    baseline: str
+    target: str
+    teacher_forced: bool = True
+    as_ids: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def cache_identity(spec: ServerSpec) -> dict[str, Any]:
+    """What identifies a server's answers across runs: its spec without the (random) port."""
+    data = dataclasses.asdict(spec)
+    data.pop("port", None)
+    data.pop("startup_timeout_s", None)
+    if spec.url is None:
+        data.pop("url", None)
+    return data
+
+
+def _api_key(spec: ServerSpec) -> str | None:
+    return os.environ.get(spec.api_key_env) if spec.api_key_env else None
+
+
+@contextlib.contextmanager
+def _servers(specs: Sequence[ServerSpec], log_dir: Path) -> Iterator[dict[str, RunningServer]]:
+    with launch_servers(specs, log_dir=log_dir) as running:
+        yield running
+
+
+async def _connect(
+    running: Mapping[str, RunningServer], cfg: RunConfig, cache: ResponseCache, concurrency: int
+) -> dict[str, Endpoint]:
+    """A client per server, then conformance probes of all of them side by side."""
+    clients = {
+        name: CompletionClient(
+            srv.url,
+            name=name,
+            api_key=_api_key(srv.spec),
+            timeout_s=cfg.run.request_timeout_s,
+            max_retries=cfg.run.max_retries,
+            concurrency=concurrency,
+            cache=cache,
+            cache_identity=cache_identity(srv.spec),
+        )
+        for name, srv in running.items()
+    }
+    caps = await asyncio.gather(*(probe(c) for c in clients.values()))
+    return {name: Endpoint(name, clients[name], cap) for name, cap in zip(clients, caps, strict=True)}
+
+
+def _pairs(cfg: RunConfig) -> list[_Pair]:
+    out = []
+    for t in cfg.targets:
+        if t.golden is not None:
+            out.append(_Pair("exactness", t.golden.name, t.name))
+        out.append(_Pair("accuracy", cfg.reference.name, t.name))
+    return out
+
+
+async def _check_pairs(pairs: Sequence[_Pair], eps: Mapping[str, Endpoint]) -> None:
+    """Tokenizer / capability agreement per pair; an incompatible pair raises ConformanceError."""
+    for pair in pairs:
+        b, t = eps[pair.baseline], eps[pair.target]
+        pc = await check_pair((b.client, b.caps), (t.client, t.caps))
+        pair.teacher_forced = pc.teacher_forced
+        pair.as_ids = pc.echo_as_ids
+        pair.warnings.extend(pc.warnings)
+        if not pc.teacher_forced:
+            pair.warnings.append("teacher-forced metrics disabled for this pair (echo with logprobs not trusted)")
+
+
+async def _generate(
+    eps: Mapping[str, Endpoint], prompts: Sequence[Prompt], cfg: RunConfig, progress: Progress
+) -> dict[str, dict[str, Generation]]:
+    task = progress.add("generate", total=len(eps) * len(prompts))
+    k = cfg.run.logprobs
+    results = await asyncio.gather(
+        *(
+            generate_all(
+                ep, prompts, max_tokens=cfg.run.max_tokens, k=k, seed=cfg.run.seed, on_done=lambda: progress.advance(task)
+            )
+            for ep in eps.values()
+        )
+    )
+    return dict(zip(eps, results, strict=True))
+
+
+async def _force_pairs(
+    pairs: Sequence[_Pair],
+    eps: Mapping[str, Endpoint],
+    prompts: Sequence[Prompt],
+    gens: Mapping[str, Mapping[str, Generation]],
+    k: int,
+    progress: Progress,
+) -> dict[tuple[str, str], dict[str, Forced]]:
+    """Teacher forcing: key (baseline, side) -> prompt id -> Forced; baseline sides shared."""
+    wanted: dict[tuple[str, str], bool] = {}
+    for pair in pairs:
+        if pair.teacher_forced:
+            wanted[(pair.baseline, pair.baseline)] = wanted.get((pair.baseline, pair.baseline), False) or pair.as_ids
+            wanted[(pair.baseline, pair.target)] = pair.as_ids
+    task = progress.add("teacher-forced", total=len(wanted) * len(prompts))
+    ids_cache: dict[tuple[str, str], list[int] | None] = {}
+
+    async def ids_for(baseline: str, p: Prompt) -> list[int] | None:
+        key = (baseline, p.id)
+        if key not in ids_cache:
+            ids_cache[key] = await prompt_token_ids(eps[baseline], p.prompt)
+        return ids_cache[key]
+
+    async def one(baseline: str, side: str, as_ids: bool, p: Prompt) -> Forced:
+        cont = gens[baseline][p.id]
+        if cont.error:
+            out = Forced(error=f"no baseline continuation ({cont.error})")
+        else:
+            pids = await ids_for(baseline, p) if as_ids else None
+            out = await force(eps[side], p, cont, prompt_ids=pids, as_ids=as_ids, k=k)
+        progress.advance(task)
+        return out
+
+    out: dict[tuple[str, str], dict[str, Forced]] = {}
+    for (baseline, side), as_ids in wanted.items():
+        forced = await asyncio.gather(*(one(baseline, side, as_ids, p) for p in prompts))
+        out[(baseline, side)] = {p.id: f for p, f in zip(prompts, forced, strict=True)}
+    return out
+
+
+def _tie_margin(floor: NoiseFloor | None) -> float:
+    if floor is not None and floor.tie_margin is not None:
+        return max(floor.tie_margin, 1e-6)
+    return DEFAULT_TIE_MARGIN
+
+
+def _comparisons(
+    pairs: Sequence[_Pair],
+    prompts: Sequence[Prompt],
+    gens: Mapping[str, Mapping[str, Generation]],
+    forced: Mapping[tuple[str, str], Mapping[str, Forced]],
+    cfg: RunConfig,
+    floor: NoiseFloor | None,
+) -> dict[tuple[str, str], Comparison]:
+    out = {}
+    for pair in pairs:
+        ref_f = forced.get((pair.baseline, pair.baseline)) if pair.teacher_forced else None
+        tgt_f = forced.get((pair.baseline, pair.target)) if pair.teacher_forced else None
+        out[(pair.kind, pair.target)] = build_comparison(
+            pair.kind,
+            pair.baseline,
+            pair.target,
+            prompts,
+            gens[pair.baseline],
+            gens[pair.target],
+            ref_forced=ref_f,
+            tgt_forced=tgt_f,
+            tie_margin=_tie_margin(floor),
+            k=cfg.run.logprobs,
+            seed=cfg.run.seed,
+            warnings=pair.warnings,
+        )
+    return out
+
+
+def load_floor(cfg: RunConfig) -> NoiseFloor | None:
+    if cfg.run.noise_floor is None:
+        return None
+    path = Path(cfg.run.noise_floor)
+    if not path.exists():
+        from difftest.errors import ConfigError
+
+        raise ConfigError(f"noise floor file {path} does not exist (make it with `difftest noise CONFIG`)")
+    return NoiseFloor.from_json(path.read_text())
+
+
+def judge(cfg: RunConfig, result: TargetResult, floor: NoiseFloor | None, extra: Sequence[PartVerdict]) -> None:
+    from difftest.verdict import judge_target
+
+    tcfg = cfg.target(result.name)
+    result.verdict = judge_target(
+        result.name,
+        tcfg.expect,
+        exactness=result.comparison("exactness"),
+        accuracy=result.comparison("accuracy"),
+        scheme=tcfg.scheme,
+        floor=floor,
+        extra_parts=extra,
+        overrides=cfg.thresholds,
+        error_rate_limit=cfg.run.error_rate_limit,
+    )
+
+
+async def _whitebox(
+    cfg: RunConfig, tcfg: TargetConfig, eps: Mapping[str, Endpoint], prompts: Sequence[Prompt], result: TargetResult
+) -> list[PartVerdict]:
+    """Per-layer diff, localisation, quant audit and batch-slot invariance, where served."""
+    parts: list[PartVerdict] = []
+    tgt = eps[tcfg.name]
+    if cfg.run.batch_slot_check:
+        from difftest.invariance import check_batch_slots
+
+        inv = await check_batch_slots(tgt, prompts, max_tokens=min(cfg.run.max_tokens, 16), k=cfg.run.logprobs)
+        result.invariance = inv.to_dict()
+        parts.append(inv.verdict())
+    if cfg.run.whitebox == "off":
+        return parts
+    ref = eps[cfg.reference.name]
+    gold = eps[tcfg.golden.name] if tcfg.golden is not None else None
+    has_debug = tgt.caps.debug and ref.caps.debug and (gold is None or gold.caps.debug)
+    if not has_debug:
+        if cfg.run.whitebox == "on":
+            result.conformance.setdefault("warnings", []).append(
+                "white-box requested but not every side serves the debug protocol"
+            )
+        return parts
+    from difftest.layers import localise
+    from difftest.quantcheck import audit
+
+    probe_prompt = prompts[0].prompt
+    if gold is not None:
+        result.layers.append(await localise(gold, tgt, probe_prompt, kind="exactness"))
+    result.layers.append(await localise(ref, tgt, probe_prompt, kind="accuracy"))
+    result.audit = await audit(tgt, ref)
+    return parts
+
+
+def _localisation_line(result: TargetResult) -> str | None:
+    for ld in result.layers:
+        if ld.guilty_module or ld.first_divergent_layer is not None:
+            return ld.summary
+    return None
+
+
+async def run_async(
+    cfg: RunConfig, running: Mapping[str, RunningServer], prompts: Sequence[Prompt], opts: RunOptions, cache: ResponseCache
+) -> RunResult:
+    started = time.monotonic()
+    concurrency = opts.concurrency or cfg.run.concurrency
+    floor = load_floor(cfg)
+    eps = await _connect(running, cfg, cache, concurrency)
+    try:
+        pairs = _pairs(cfg)
+        await _check_pairs(pairs, eps)
+        with Progress(enabled=opts.progress) as progress:
+            gens = await _generate(eps, prompts, cfg, progress)
+            forced = await _force_pairs(pairs, eps, prompts, gens, cfg.run.logprobs, progress)
+        comps = _comparisons(pairs, prompts, gens, forced, cfg, floor)
+        run = RunResult(
+            reference=cfg.reference.name,
+            signature=run_signature(cfg, eps, prompts, floor),
+            noise_floor=floor.to_dict() if floor is not None else None,
+            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        if floor is None:
+            run.warnings.append(
+                "no noise floor file: exactness limits use the built-in minimums "
+                "(measure one with `difftest noise CONFIG` and set run.noise_floor)"
+            )
+        for tcfg in cfg.targets:
+            tr = TargetResult(
+                name=tcfg.name,
+                scheme=tcfg.scheme,
+                expect=tcfg.expect,
+                url=running[tcfg.name].url,
+                golden=tcfg.golden.name if tcfg.golden is not None else None,
+            )
+            tr.conformance = {"checks": [list(c) for c in eps[tcfg.name].caps.checks], "warnings": list(eps[tcfg.name].caps.warnings)}
+            for kind in ("exactness", "accuracy"):
+                if (kind, tcfg.name) in comps:
+                    tr.comparisons.append(comps[(kind, tcfg.name)])
+            gen = gens[tcfg.name]
+            tr.total_requests = len(gen)
+            tr.failed_requests = sum(1 for g in gen.values() if g.error)
+            extra = await _whitebox(cfg, tcfg, eps, prompts, tr)
+            judge(cfg, tr, floor, extra)
+            if tr.verdict is not None and not tr.verdict.localisation:
+                tr.verdict = dataclasses.replace(tr.verdict, localisation=_localisation_line(tr))
+            run.targets.append(tr)
+        run.elapsed_s = time.monotonic() - started
+        return run
+    finally:
+        await asyncio.gather(*(ep.client.aclose() for ep in eps.values()))
+
+
+def infra_problems(run: RunResult, cfg: RunConfig, running: Mapping[str, RunningServer]) -> list[str]:
+    """Reasons for exit 3: a server that died, or a target whose error rate passed the limit."""
+    problems = [
+        f"server {name} exited with code {srv.exit_code} during the run (log: {srv.log_path})"
+        for name, srv in running.items()
+        if srv.exit_code is not None
+    ]
+    for t in run.targets:
+        for c in t.comparisons:
+            rate = c.aggregate.get("failed_rate", 0.0)
+            if rate > cfg.run.error_rate_limit:
+                problems.append(
+                    f"{t.name} vs {c.baseline}: {int(c.aggregate.get('failed_requests', 0))} of "
+                    f"{int(c.aggregate.get('n_prompts', 0))} prompts failed ({rate:.0%} > "
+                    f"{cfg.run.error_rate_limit:.0%} limit)"
+                )
+    return problems
+
+
+def execute(
+    cfg: RunConfig,
+    opts: RunOptions,
+    *,
+    on_result: Callable[[RunResult, list[str]], None] | None = None,
+) -> tuple[RunResult, list[str]]:
+    """Run end to end; returns the result and the infrastructure problems (exit 3 if any)."""
+    out = opts.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    cache_path = out / "cache.sqlite"
+    if not opts.resume and cache_path.exists():
+        cache_path.unlink()
+        for extra in ("-wal", "-shm"):
+            Path(str(cache_path) + extra).unlink(missing_ok=True)
+    prompts = load_prompts(cfg.run.prompts, limit=opts.limit if opts.limit is not None else cfg.run.limit)
+    cache = ResponseCache(cache_path)
+    try:
+        with _servers(cfg.servers(), out / "logs") as running:
+            run = asyncio.run(run_async(cfg, running, prompts, opts, cache))
+            problems = infra_problems(run, cfg, running)
+    finally:
+        cache.close()
+    run.warnings.extend(problems)
+    if on_result:
+        on_result(run, problems)
+    return run, problems
+
+
+def raise_for_problems(problems: Sequence[str]) -> None:
+    if problems:
+        raise InfraError("; ".join(problems))

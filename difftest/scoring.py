@@ -1,0 +1,119 @@
+"""Collected responses -> per-prompt `PromptDiff`s -> one aggregated `Comparison`.
+
+The bridge between what `collect` fetched and the pure metric functions: it lines the two
+sides up (token ids when both gave ids, token strings otherwise), hands arrays to
+`difftest.metrics`, and never decides a verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from difftest.collect import Forced, Generation
+from difftest.metrics.aggregate import aggregate_prompts, fill_generation, fill_teacher_forced
+from difftest.metrics.logprobs import PositionLogprobs, teacher_forced_stats
+from difftest.prompts import Prompt
+from difftest.results import Comparison, PromptDiff
+
+
+def _comparable_keys(ref: Generation, tgt: Generation) -> tuple[Sequence, Sequence, bool]:
+    """Ids on both sides, else strings on both sides: never an id compared with a string."""
+    ref_ids, tgt_ids = ref.view.token_ids, tgt.view.token_ids
+    if ref_ids is not None and tgt_ids is not None:
+        return ref_ids, tgt_ids, True
+    return ref.display_tokens(), tgt.display_tokens(), False
+
+
+def score_prompt(
+    prompt: Prompt,
+    ref: Generation,
+    tgt: Generation,
+    *,
+    ref_forced: Forced | None,
+    tgt_forced: Forced | None,
+    tie_margin: float,
+    k: int | None,
+) -> PromptDiff:
+    diff = PromptDiff(prompt_id=prompt.id, prompt=prompt.prompt)
+    errors = [f"baseline: {ref.error}" if ref.error else None, f"target: {tgt.error}" if tgt.error else None]
+    if any(errors):
+        diff.error = "; ".join(e for e in errors if e)
+        diff.ref_text, diff.ref_tokens = ref.text, ref.display_tokens() if ref.error is None else []
+        return diff
+    diff.ref_text, diff.tgt_text = ref.text, tgt.text
+    diff.ref_tokens, diff.tgt_tokens = ref.display_tokens(), tgt.display_tokens()
+    diff.ref_token_ids = list(ref.view.token_ids) if ref.view.token_ids is not None else None
+    diff.tgt_token_ids = list(tgt.view.token_ids) if tgt.view.token_ids is not None else None
+    ref_keys, tgt_keys, by_id = _comparable_keys(ref, tgt)
+    ref_tops = [p.top for p in ref.view.positions] if by_id or ref.view.top_keys == "str" else None
+    tgt_tops = [p.top for p in tgt.view.positions] if by_id or tgt.view.top_keys == "str" else None
+    fill_generation(
+        diff,
+        ref_keys,
+        tgt_keys,
+        ref_top_logprobs=ref_tops if ref_tops and any(ref_tops) else None,
+        tgt_top_logprobs=tgt_tops if tgt_tops and any(tgt_tops) else None,
+        tie_margin=tie_margin,
+    )
+    if diff.first_divergence is not None and diff.divergence_kind is None:
+        if diff.first_divergence >= min(len(ref_keys), len(tgt_keys)):
+            diff.divergence_kind = "LENGTH"  # one side stopped (EOS / stop string) where the other went on
+    if ref_forced is not None and tgt_forced is not None:
+        # A failed echo leaves the teacher-forced fields unmeasured (build_comparison warns).
+        if not (ref_forced.error or tgt_forced.error):
+            positions = [
+                PositionLogprobs(
+                    token=_key(r),
+                    ref_logprob=float(r.logprob),  # type: ignore[arg-type]
+                    tgt_logprob=float(t.logprob),  # type: ignore[arg-type]
+                    ref_top=r.top,
+                    tgt_top=t.top,
+                )
+                for r, t in zip(ref_forced.positions, tgt_forced.positions, strict=True)
+            ]
+            fill_teacher_forced(diff, teacher_forced_stats(positions, k=k))
+    return diff
+
+
+def _key(position) -> int | str:
+    return position.token_id if position.token_id is not None else position.token
+
+
+def build_comparison(
+    kind: str,
+    baseline: str,
+    target: str,
+    prompts: Sequence[Prompt],
+    ref_gen: Mapping[str, Generation],
+    tgt_gen: Mapping[str, Generation],
+    *,
+    ref_forced: Mapping[str, Forced] | None,
+    tgt_forced: Mapping[str, Forced] | None,
+    tie_margin: float,
+    k: int | None,
+    seed: int = 0,
+    warnings: Sequence[str] = (),
+) -> Comparison:
+    diffs = [
+        score_prompt(
+            p,
+            ref_gen[p.id],
+            tgt_gen[p.id],
+            ref_forced=ref_forced.get(p.id) if ref_forced is not None else None,
+            tgt_forced=tgt_forced.get(p.id) if tgt_forced is not None else None,
+            tie_margin=tie_margin,
+            k=k,
+        )
+        for p in prompts
+    ]
+    notes = list(warnings)
+    if ref_forced is not None and tgt_forced is not None:
+        unforced = [
+            f"{p.id}: {(ref_forced[p.id].error or tgt_forced[p.id].error)}"
+            for p in prompts
+            if p.id in ref_forced and p.id in tgt_forced and (ref_forced[p.id].error or tgt_forced[p.id].error)
+        ]
+        if unforced:
+            notes.append(f"teacher-forced metrics missing for {len(unforced)} prompt(s): " + "; ".join(unforced[:3]))
+    agg, ci = aggregate_prompts(diffs, seed=seed)
+    return Comparison(kind=kind, baseline=baseline, target=target, prompts=diffs, aggregate=agg, ci=ci, warnings=notes)

@@ -1,0 +1,174 @@
+"""One normalised view of an OpenAI legacy `logprobs` block, position by position.
+
+Servers disagree on the details of the same block, and every one of those details has caused a
+false diff somewhere:
+
+- tokens are strings, or `"token_id:N"` when `return_tokens_as_token_ids` was honoured (vLLM);
+  a server that silently ignores the flag returns plain strings, so ids are parsed, never assumed;
+- `top_logprobs` are dicts keyed by token *string* (two tokens that decode to the same text collide
+  and one is lost) or by `"token_id:N"`; a few engines send a list of `{"token", "logprob"}`;
+- the first echoed position has `null` logprob and `null` top (nothing to condition on);
+- `text_offset` is optional.
+
+`parse_choice(choice)` / `parse_logprobs(block, text=)` turn that into a `TokensView`: a tuple of
+`Position`s whose top alternatives are keyed by `int` token id when the server gave ids and by
+token string otherwise. Metrics read only this structure.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from difftest.errors import ServerError
+
+_TOKEN_ID = re.compile(r"token_id:(-?\d+)")
+
+TopKey = int | str
+
+
+def parse_token_id(token: str) -> int | None:
+    """`"token_id:42"` -> 42; any other string -> None."""
+    m = _TOKEN_ID.fullmatch(token)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class Position:
+    token: str  # as served: the token text, or "token_id:N" when ids were returned
+    token_id: int | None
+    logprob: float | None  # None: not given (first echoed position, or no logprobs asked)
+    top: Mapping[TopKey, float]  # alternatives; int keys when the server gave ids, else strings
+    text_offset: int | None
+
+
+@dataclass(frozen=True)
+class TokensView:
+    positions: tuple[Position, ...]
+    text: str | None = None  # the choice's text (prompt + continuation when echoed)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: slice) -> TokensView:
+        if not isinstance(index, slice):
+            raise TypeError("TokensView supports slices only; use .positions[i] for one position")
+        return TokensView(self.positions[index], self.text)
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return tuple(p.token for p in self.positions)
+
+    @property
+    def token_ids(self) -> tuple[int, ...] | None:
+        """Every position's id, or None when any position lacks one (no partial id lists)."""
+        ids = tuple(p.token_id for p in self.positions)
+        return None if any(i is None for i in ids) else ids  # type: ignore[return-value]
+
+    @property
+    def has_ids(self) -> bool:
+        return self.token_ids is not None
+
+    @property
+    def logprobs(self) -> tuple[float | None, ...]:
+        return tuple(p.logprob for p in self.positions)
+
+    @property
+    def top_keys(self) -> str:
+        """How top alternatives are keyed: "id", "str", "mixed" or "none" (no alternatives)."""
+        kinds = {type(k) for p in self.positions for k in p.top}
+        if not kinds:
+            return "none"
+        if kinds == {int}:
+            return "id"
+        return "str" if kinds == {str} else "mixed"
+
+    @property
+    def top_k(self) -> int:
+        return max((len(p.top) for p in self.positions), default=0)
+
+    def token_texts(self) -> tuple[str | None, ...]:
+        """Each token's text cut from `text` by the offsets (what "token_id:N" tokens look like)."""
+        offs = [p.text_offset for p in self.positions]
+        if self.text is None or any(o is None for o in offs):
+            return tuple(None for _ in offs)
+        ends = offs[1:] + [len(self.text)]
+        return tuple(self.text[a:b] for a, b in zip(offs, ends, strict=True))  # type: ignore[misc]
+
+
+def parse_choice(choice: Mapping[str, Any]) -> TokensView:
+    """The view of one `choices[i]` of a completions response (empty when it has no logprobs)."""
+    if not isinstance(choice, Mapping):
+        raise ServerError(f"malformed completion choice: expected an object, got {type(choice).__name__}")
+    text = choice.get("text")
+    return parse_logprobs(choice.get("logprobs"), text=text if isinstance(text, str) else None)
+
+
+def parse_logprobs(block: Mapping[str, Any] | None, *, text: str | None = None) -> TokensView:
+    if block is None:
+        return TokensView((), text)
+    if not isinstance(block, Mapping):
+        raise ServerError(f"malformed logprobs block: expected an object, got {type(block).__name__}")
+    tokens = _list(block, "tokens")
+    n = len(tokens)
+    lps = _list(block, "token_logprobs", n)
+    tops = _list(block, "top_logprobs", n)
+    offsets = _list(block, "text_offset", n)
+    positions = []
+    for i, tok in enumerate(tokens):
+        if not isinstance(tok, str):
+            raise ServerError(f"malformed logprobs block: tokens[{i}] is {type(tok).__name__}, not a string")
+        off = offsets[i]
+        positions.append(
+            Position(
+                token=tok,
+                token_id=parse_token_id(tok),
+                logprob=_num(lps[i], f"token_logprobs[{i}]"),
+                top=_top(tops[i], i),
+                text_offset=int(off) if isinstance(off, int | float) else None,
+            )
+        )
+    return TokensView(tuple(positions), text)
+
+
+def _list(block: Mapping[str, Any], key: str, n: int | None = None) -> Sequence[Any]:
+    value = block.get(key)
+    if value is None:
+        return [] if n is None else [None] * n
+    if not isinstance(value, list):
+        raise ServerError(f"malformed logprobs block: {key} is {type(value).__name__}, not a list")
+    if n is not None and len(value) != n:
+        raise ServerError(f"malformed logprobs block: {key} has {len(value)} entries for {n} tokens")
+    return value
+
+
+def _num(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ServerError(f"malformed logprobs block: {where} is {value!r}, not a number")
+    return float(value) if not math.isnan(value) else math.nan
+
+
+def _top(value: Any, i: int) -> Mapping[TopKey, float]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, list):  # [{"token": ..., "logprob": ...}] (llama.cpp-style)
+        try:
+            items = [(e["token"], e["logprob"]) for e in value]
+        except (TypeError, KeyError) as e:
+            raise ServerError(f"malformed logprobs block: top_logprobs[{i}] entries lack token/logprob") from e
+    else:
+        raise ServerError(f"malformed logprobs block: top_logprobs[{i}] is {type(value).__name__}")
+    out: dict[TopKey, float] = {}
+    for key, lp in items:
+        tid = parse_token_id(key) if isinstance(key, str) else None
+        num = _num(lp, f"top_logprobs[{i}][{key!r}]")
+        if num is not None:
+            out[tid if tid is not None else str(key)] = num
+    return out

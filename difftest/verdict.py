@@ -1,0 +1,300 @@
+"""PASS / FAIL per target, in two parts (DESIGN.md "Two references" and "Verdict").
+
+- exactness (target vs its golden: same model and scheme on the reference backend) — limits from
+  the A/A noise floor: limit = max(floor x margin, absolute minimum). This is what catches bugs.
+- accuracy (target vs the FP16 reference) — the scheme's loss against a per-scheme `Budget`.
+
+Every Check's note says where its limit came from ("budget fp8-block", "noise floor 0.0011 x3",
+"absolute minimum 0.005 (no noise floor)", "override [thresholds] accuracy.kl_mean"). Rules:
+NaN always fails; a metric that was not measured is a failing required check, unless its whole
+group was skipped with a visible reason (`skipped={"teacher_forced": "no echo"}`), which then
+shows as a non-required "not measured (skipped: ...)" check and a verdict warning.
+
+Default budgets (recalibrate on your model: `difftest noise` / calibration runs). Measured on
+smollm2-135m vs fp32, 10 prompts x 24 tokens (DESIGN.md):
+
+| scheme | measured, correct: top-1 / KL | budget: top-1 >= / KL <= / token match >= |
+|---|---|---|
+| none | (dtype / accumulation order only) | 0.95 / 0.01 / 0.60 |
+| fp8-tensor, fp8-token, fp8-block | fp8-block 91.6% / 0.023 | 0.80 / 0.08 / 0.30 |
+| int8 | (8-bit like fp8) | 0.80 / 0.08 / 0.30 |
+| int4-g128 | 67.9% / 0.44 | 0.55 / 0.90 / 0.10 |
+| mxfp4 | 59.7% / 0.85 | 0.45 / 1.50 / 0.10 |
+
+Each budget sits about 2x the measured KL and ~12 points of top-1 under the measurement: room
+for prompt-to-prompt spread (10 prompts) without reaching a broken build — `scale-skipped` in one
+module gives top-1 2% / KL 17, `garbage-gemm` in one module 77% / 0.155 (fails the fp8 budget).
+Subtle bugs (`scale-transposed` 86.4% / 0.050, `fnuz-unnormalized` 85.4% / 0.056) pass the fp8
+budget: against FP16 one subtle bug costs about what the scheme does, which is why exactness
+exists. `none` is tight: its only differences are dtype and accumulation order, and fp8-block's
+own loss (KL 0.023) is over twice its KL budget, so a secretly quantized "none" fails.
+Token-match budgets are loose: on a 135M model a single flipped token changes the whole greedy
+continuation, so free-running match mostly guards against garbage when echo is unavailable.
+kl_p99 has no default budget until calibrated (a guess would either never fire or fire on
+correct targets); set `kl_p99_max` in `[thresholds]` to check it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from difftest.errors import ConfigError, UsageError
+from difftest.noise import NoiseFloor
+from difftest.results import Check, Comparison, PartVerdict, TargetVerdict
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Accuracy limits of one scheme against the FP16 reference (None: not checked)."""
+
+    scheme: str
+    kl_mean_max: float
+    top1_min: float
+    token_match_min: float | None
+    kl_p99_max: float | None = None
+    # The client already retries; a request that still failed leaves a prompt unjudged.
+    failed_rate_max: float = 0.0
+    garbled_rate_max: float | None = None
+    bleu_min: float | None = None
+    module_cosine_min: float = 0.999  # module-local cosine, for the white-box part (seeds' default)
+
+
+_FP8 = dict(kl_mean_max=0.08, top1_min=0.80, token_match_min=0.30, module_cosine_min=0.999)
+DEFAULT_BUDGETS: dict[str, Budget] = {
+    "none": Budget("none", kl_mean_max=0.01, top1_min=0.95, token_match_min=0.60, module_cosine_min=0.9999),
+    "fp8-tensor": Budget("fp8-tensor", **_FP8),
+    "fp8-token": Budget("fp8-token", **_FP8),
+    "fp8-block": Budget("fp8-block", **_FP8),
+    "int8": Budget("int8", **_FP8),
+    "int4-g128": Budget(
+        "int4-g128", kl_mean_max=0.90, top1_min=0.55, token_match_min=0.10, module_cosine_min=0.995
+    ),
+    "mxfp4": Budget("mxfp4", kl_mean_max=1.50, top1_min=0.45, token_match_min=0.10, module_cosine_min=0.995),
+}
+
+# exactness: limit = max(floor x MARGIN, absolute minimum). The minimums keep a floor measured
+# as ~0 (a perfectly deterministic reference) from demanding bit-exactness of another backend,
+# whose accumulation order legitimately moves logits by ~1e-3 and flips near-ties.
+MARGIN = 3.0
+ABS_MIN = {
+    "kl_mean": 0.005,
+    "kl_p99": 0.05,
+    "top1_disagreement": 0.03,
+    # one flipped near-tie re-writes the rest of a greedy continuation, so free-running token
+    # match moves far more than top-1 does under pure accumulation-order noise
+    "token_mismatch": 0.25,
+    "layer_cosine_deficit": 5e-4,
+    "layer_rel_err": 0.03,
+    "layer_norm_dev": 0.01,
+    "tie_margin": 0.05,  # nats; fp16 logit jitter from batch shape is ~1e-2
+}
+
+# check name -> (op, group)  (group is what `skipped` names)
+_CHECKS = {
+    "failed_rate": ("<=", "requests"),
+    "token_match": (">=", "tokens"),
+    "garbled_rate": ("<=", "tokens"),
+    "bleu": (">=", "text"),
+    "kl_mean": ("<=", "teacher_forced"),
+    "kl_p99": ("<=", "teacher_forced"),
+    "top1_agreement": (">=", "teacher_forced"),
+}
+_BUDGET_FIELDS = {
+    "failed_rate": "failed_rate_max",
+    "token_match": "token_match_min",
+    "garbled_rate": "garbled_rate_max",
+    "bleu": "bleu_min",
+    "kl_mean": "kl_mean_max",
+    "kl_p99": "kl_p99_max",
+    "top1_agreement": "top1_min",
+}
+THRESHOLD_KEYS = frozenset(
+    {f.name for f in dataclasses.fields(Budget)} - {"scheme"}
+    | {"margin", "tie_margin"}
+    | {f"{part}.{name}" for part in ("exactness", "accuracy") for name in _CHECKS}
+)
+
+
+@dataclass(frozen=True)
+class Limit:
+    value: float | None
+    note: str
+
+
+def budget_for(scheme: str | None, overrides: Mapping[str, float] = {}) -> Budget:
+    """The scheme's default budget with bare `[thresholds]` field overrides applied.
+
+    No scheme (an external target that did not declare one) gets the tight "none" budget: the
+    differ cannot guess how much loss a server is allowed.
+    """
+    _check_overrides(overrides)
+    name = scheme or "none"
+    if name not in DEFAULT_BUDGETS:
+        raise ConfigError(f"unknown scheme {name!r} (known: {', '.join(DEFAULT_BUDGETS)})")
+    fields = {f.name for f in dataclasses.fields(Budget)}
+    changes = {k: float(v) for k, v in overrides.items() if k in fields}
+    return dataclasses.replace(DEFAULT_BUDGETS[name], **changes)
+
+
+def _check_overrides(overrides: Mapping[str, float]) -> None:
+    for key, value in overrides.items():
+        if key not in THRESHOLD_KEYS:
+            raise ConfigError(
+                f"unknown [thresholds] key {key!r} (known: {', '.join(sorted(THRESHOLD_KEYS))})"
+            )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ConfigError(f"[thresholds] {key} must be a finite number >= 0, got {value!r}")
+
+
+def _from_floor(floor: NoiseFloor | None, attr: str, margin: float) -> tuple[float, str]:
+    """max(floor x margin, absolute minimum) for a 'bigger is noisier' floor metric."""
+    minimum = ABS_MIN[attr]
+    observed = getattr(floor, attr) if floor is not None else None
+    if observed is None:
+        why = "no noise floor" if floor is None else "floor did not measure it"
+        return minimum, f"absolute minimum {minimum:g} ({why})"
+    scaled = observed * margin
+    if scaled >= minimum:
+        return scaled, f"noise floor {observed:.4g} x{margin:g}"
+    return minimum, f"absolute minimum {minimum:g} (noise floor {observed:.3g} x{margin:g} is below it)"
+
+
+def exactness_limits(floor: NoiseFloor | None, margin: float = MARGIN) -> dict[str, Limit]:
+    """Exactness limits (target vs golden) from the noise floor, keyed by check name.
+
+    Includes the white-box ones (`layer_cosine` >=, `layer_rel_err` <=, `layer_norm_dev` <=)
+    for the per-layer part, and `tie_margin` (nats) for `classify_divergence`.
+    """
+    out: dict[str, Limit] = {}
+    for name, attr in (
+        ("kl_mean", "kl_mean"),
+        ("kl_p99", "kl_p99"),
+        ("layer_rel_err", "layer_rel_err"),
+        ("layer_norm_dev", "layer_norm_dev"),
+        ("tie_margin", "tie_margin"),
+    ):
+        value, note = _from_floor(floor, attr, margin)
+        out[name] = Limit(value, note)
+    for name, attr in (
+        ("top1_agreement", "top1_disagreement"),
+        ("token_match", "token_mismatch"),
+        ("layer_cosine", "layer_cosine_deficit"),
+    ):
+        value, note = _from_floor(floor, attr, margin)
+        out[name] = Limit(1.0 - value, f"1 - {note}")
+    return out
+
+
+def tie_margin_for(
+    floor: NoiseFloor | None, overrides: Mapping[str, float] = {}, margin: float = MARGIN
+) -> float:
+    """The TIE margin (nats) to classify divergences with: override, else from the floor."""
+    if "tie_margin" in overrides:
+        return float(overrides["tie_margin"])
+    return float(exactness_limits(floor, float(overrides.get("margin", margin)))["tie_margin"].value or 0.0)
+
+
+def _make_check(name: str, value: float | None, limit: Limit, op: str) -> Check:
+    assert limit.value is not None  # callers only build checks for set limits
+    if value is None:
+        return Check(name, None, limit.value, op, False, True, f"{limit.note}; required, missing")
+    if math.isnan(value):
+        return Check(name, value, limit.value, op, False, True, f"{limit.note}; NaN always fails")
+    passed = value <= limit.value if op == "<=" else value >= limit.value
+    return Check(name, float(value), limit.value, op, passed, True, limit.note)
+
+
+def _skip_reason(skipped: Mapping[str, str], part: str, group: str) -> str | None:
+    return skipped.get(f"{part}.{group}", skipped.get(group))
+
+
+def _part(
+    part: str,
+    comp: Comparison,
+    limits: Mapping[str, Limit],
+    overrides: Mapping[str, float],
+    skipped: Mapping[str, str],
+    warnings: list[str],
+) -> PartVerdict:
+    checks: list[Check] = []
+    for name, (op, group) in _CHECKS.items():
+        key = f"{part}.{name}"
+        limit = (
+            Limit(float(overrides[key]), f"override [thresholds] {key}")
+            if key in overrides
+            else limits.get(name)
+        )
+        if limit is None or limit.value is None:
+            continue
+        reason = _skip_reason(skipped, part, group)
+        if reason is not None:
+            checks.append(Check(name, None, limit.value, op, True, False, f"skipped: {reason}"))
+            msg = f"{part}: {group.replace('_', '-')} checks skipped: {reason}"
+            if msg not in warnings:
+                warnings.append(msg)
+            continue
+        checks.append(_make_check(name, comp.aggregate.get(name), limit, op))
+    return PartVerdict(part=part, against=comp.baseline, checks=tuple(checks))
+
+
+def judge_target(
+    target: str,
+    expect: str,
+    exactness: Comparison | None,
+    accuracy: Comparison,
+    budget: Budget,
+    floor: NoiseFloor | None,
+    extra_parts: Sequence[PartVerdict] = (),
+    overrides: Mapping[str, float] = {},
+    *,
+    skipped: Mapping[str, str] = {},
+) -> TargetVerdict:
+    """Judge one target: exactness (vs golden, from the floor) and accuracy (vs FP16, budget).
+
+    `budget` should come from `budget_for(scheme, overrides)`; bare budget keys in `overrides`
+    are applied here too, so passing the default budget with overrides is equivalent.
+    `overrides`: `[thresholds]` keys — bare Budget field names (accuracy), `<part>.<check>` for
+    one check's limit (e.g. `exactness.kl_mean`), `margin` (noise-floor multiplier).
+    `skipped`: group -> visible reason, for groups the run could not measure (conformance said
+    so): "teacher_forced", "tokens", "text", "requests", or `<part>.<group>` for one part only.
+    `extra_parts`: already-judged parts (white-box layers, batch-slot invariance), appended.
+    """
+    if expect not in ("pass", "fail"):
+        raise UsageError(f"target {target!r}: expect must be 'pass' or 'fail', got {expect!r}")
+    _check_overrides(overrides)
+    fields = {f.name for f in dataclasses.fields(Budget)}
+    budget = dataclasses.replace(budget, **{k: float(v) for k, v in overrides.items() if k in fields})
+    margin = float(overrides.get("margin", MARGIN))
+    warnings: list[str] = []
+    parts: list[PartVerdict] = []
+
+    if exactness is None:
+        reason = "no golden: accuracy only, subtle bugs may hide inside the budget"
+        parts.append(PartVerdict(part="exactness", against="", skipped=reason))
+        warnings.append(f"exactness skipped: {reason}")
+    else:
+        limits = dict(exactness_limits(floor, margin))
+        limits["failed_rate"] = Limit(budget.failed_rate_max, f"budget {budget.scheme} failed_rate_max")
+        if floor is None:
+            warnings.append(
+                "no noise floor: exactness limits are the absolute minimums (run `difftest noise`)"
+            )
+        parts.append(_part("exactness", exactness, limits, overrides, skipped, warnings))
+
+    acc_limits: dict[str, Limit] = {}
+    for name, attr in _BUDGET_FIELDS.items():
+        value = getattr(budget, attr)
+        if value is not None:
+            note = f"override [thresholds] {attr}" if attr in overrides else f"budget {budget.scheme}"
+            acc_limits[name] = Limit(float(value), note)
+    parts.append(_part("accuracy", accuracy, acc_limits, overrides, skipped, warnings))
+    parts.extend(extra_parts)
+    return TargetVerdict(target=target, expect=expect, parts=tuple(parts), warnings=tuple(warnings))

@@ -1,0 +1,431 @@
+"""The /debug/* routes: white-box access to one model for the layer differ and the quant audit.
+
+    GET  /debug/config            what runs where: dtype, device, arch, every module's kind (+ quant info)
+    POST /debug/activations       per-point tensors of one sequence (prefill and N greedy decode steps)
+    POST /debug/module            replay one module on a caller-supplied input (local vs inherited error)
+    GET  /debug/quant/{module}    a quantized module's stored weight, scales and declared layout
+
+Bodies are safetensors (never pickle: a pickle from a server is code execution on the client).
+Point names are HF module names, identical on every side because quantization swaps modules in place:
+`model.layers.{i}` = residual stream after block i, `model.layers.{i}.self_attn` / `.mlp` = sublayer
+outputs, every linear (and MoE experts module) by full name = its output, `model.embed_tokens` and
+`model.norm`, and `logits`. `lm_head` is not a point: its output is `logits`. With `inputs: true` each
+replayable point also returns what went into it (`{name}:input`, plus e.g. `{name}:top_k_index` for
+experts), which is exactly the body /debug/module takes.
+
+Every model call goes through `engine.run_exclusive`, between batches, so hooks never see other
+requests' tensors. Bad input is a DebugRequestError that becomes an OpenAI-shaped 4xx here, so these
+routes behave the same whichever app includes them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from server_shim.errors import DebugRequestError
+
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20
+MAX_DECODE_STEPS = 256
+_BLOCK = re.compile(r"^(?:.*\.)?layers\.\d+$")
+_OCTET = "application/octet-stream"
+
+
+class ActivationsRequest(BaseModel):
+    """POST /debug/activations (one sequence: the differ aligns positions, not batches)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tokens: list[int] | None = None
+    prompt: str | None = None
+    layers: list[str] | None = None  # fnmatch globs over point names; None = every point
+    positions: Literal["all", "last"] | list[int] = "all"
+    logits: bool = False
+    decode_steps: int = Field(default=0, ge=0, le=MAX_DECODE_STEPS)
+    inputs: bool = False
+
+
+# ---------------------------------------------------------------- module classification
+
+
+def module_kind(name: str, module: torch.nn.Module) -> str | None:
+    """The kind a module is reported and treated as, or None when it is not interesting."""
+    if hasattr(module, "debug_info"):
+        return str(module.debug_info().get("kind", "linear"))
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    cls = type(module).__name__
+    if cls.endswith("Experts"):
+        return "moe"
+    if _BLOCK.match(name):
+        return "block"
+    last = name.rsplit(".", 1)[-1]
+    if _BLOCK.match(name.rsplit(".", 1)[0]) and last in ("self_attn", "attn", "attention"):
+        return "attention"
+    if _BLOCK.match(name.rsplit(".", 1)[0]) and last == "mlp":
+        return "mlp"
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if "Norm" in cls:
+        return "norm"
+    if cls.endswith("Router"):
+        return "router"
+    return None
+
+
+def _inside_quantized(name: str, quantized: list[str]) -> bool:
+    return any(name.startswith(q + ".") for q in quantized)
+
+
+def list_modules(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Module]]:
+    """name -> (kind, module) in registration order; children of a quantized module are its business."""
+    out: dict[str, tuple[str, torch.nn.Module]] = {}
+    quantized: list[str] = []
+    for name, mod in model.named_modules():
+        if not name or _inside_quantized(name, quantized):
+            continue
+        kind = module_kind(name, mod)
+        if kind is None:
+            continue
+        if hasattr(mod, "debug_info"):
+            quantized.append(name)
+        out[name] = (kind, mod)
+    return out
+
+
+def list_points(model: torch.nn.Module) -> list[str]:
+    """Every activation point, in forward order within a block (registration order), `logits` last."""
+    pts = [
+        n
+        for n, (kind, _) in list_modules(model).items()
+        if n != "lm_head" and (kind in ("block", "attention", "mlp", "linear", "moe") or n.endswith(("embed_tokens", "model.norm")))
+    ]
+    return [*pts, "logits"]
+
+
+def _module_info(kind: str, mod: torch.nn.Module) -> dict[str, Any]:
+    info: dict[str, Any] = {"kind": kind}
+    if hasattr(mod, "debug_info"):
+        info.update(mod.debug_info())
+    elif kind == "linear":
+        info.update(scheme="none", weight_dtype=str(mod.weight.dtype).removeprefix("torch."),
+                    weight_shape=list(mod.weight.shape))
+    elif kind == "moe":
+        info.update(scheme="none", weights={n: list(p.shape) for n, p in mod.named_parameters(recurse=False)})
+    if kind == "mlp":
+        info["moe"] = any(module_kind("", c) == "moe" for c in mod.children())
+    return info
+
+
+def device_arch(device: torch.device) -> str:
+    """QUANT's arch name ("cpu", "sm90", "gfx942"), plus the marketing name of a GPU for humans."""
+    from server_shim.quant.arch import device_arch as arch_of
+
+    arch = arch_of(device)
+    return f"{arch} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else arch
+
+
+# ---------------------------------------------------------------- capture
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@dataclass
+class _Capture:
+    """Forward hooks that keep the selected rows of each point as float32 on the CPU."""
+
+    positions: list[int]  # rows kept of a tensor with one row per token of this forward
+    n_tokens: int
+    limit: int
+    prefix: str = ""
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def keep(self, name: str, t: torch.Tensor) -> None:
+        # [batch=1, ..., T, features] -> [T, features]; MLA's kv_b_proj sees [1, 1, T, rank].
+        rows = t.detach().reshape(-1, t.shape[-1]) if t.dim() > 1 else t.detach().reshape(-1, 1)
+        if rows.shape[0] == self.n_tokens:
+            rows = rows[self.positions]  # advanced indexing copies: no storage shared between points
+        else:  # not one row per token (none such in HF decoders today): keep it whole, never mis-slice
+            rows = rows.clone()
+        rows = rows.to("cpu", torch.float32) if rows.is_floating_point() else rows.to("cpu")
+        self.nbytes += rows.numel() * rows.element_size()
+        if self.nbytes > self.limit:
+            raise _TooLarge
+        self.tensors[self.prefix + name] = rows.contiguous()
+
+
+# Kinds whose inputs are returned with `inputs: true`: the ones /debug/module can replay.
+_REPLAYABLE = ("linear", "moe", "mlp", "norm")
+
+
+def _hooks(
+    modules: dict[str, tuple[str, torch.nn.Module]], points: list[str], inputs: bool, cap: _Capture
+) -> list[Any]:
+    handles = []
+    for name in points:
+        kind, mod = modules[name]
+
+        def out_hook(_m: Any, _a: Any, out: Any, name: str = name) -> None:
+            cap.keep(name, out[0] if isinstance(out, (tuple, list)) else out)
+
+        handles.append(mod.register_forward_hook(out_hook))
+        if inputs and kind in _REPLAYABLE:
+            params = [p for p in inspect.signature(mod.forward).parameters if p not in ("self",)]
+
+            def in_hook(_m: Any, args: tuple, kwargs: dict, name: str = name, params: list = params) -> None:
+                named = dict(zip(params, args)) | kwargs
+                for i, (arg, val) in enumerate(named.items()):
+                    if torch.is_tensor(val):
+                        cap.keep(f"{name}:{'input' if i == 0 else arg}", val)
+
+            handles.append(mod.register_forward_pre_hook(in_hook, with_kwargs=True))
+    return handles
+
+
+def _resolve_tokens(req: ActivationsRequest, loaded: Any) -> list[int]:
+    if (req.tokens is None) == (req.prompt is None):
+        raise DebugRequestError("give exactly one of 'tokens' or 'prompt'", param="tokens")
+    ids = req.tokens if req.tokens is not None else loaded.tokenizer(req.prompt)["input_ids"]
+    vocab = loaded.model.get_input_embeddings().num_embeddings
+    if not ids:
+        raise DebugRequestError("the sequence is empty", param="tokens" if req.tokens is not None else "prompt")
+    if bad := [t for t in ids if not 0 <= t < vocab]:
+        raise DebugRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+    if len(ids) + req.decode_steps > loaded.context_length:
+        raise DebugRequestError(
+            f"{len(ids)} tokens + {req.decode_steps} decode steps exceed the context length {loaded.context_length}",
+            param="tokens",
+        )
+    return list(ids)
+
+
+def _resolve_positions(spec: str | list[int], n: int) -> list[int]:
+    if spec == "all":
+        return list(range(n))
+    if spec == "last":
+        return [n - 1]
+    if not spec:
+        raise DebugRequestError("'positions' is an empty list", param="positions")
+    if bad := [p for p in spec if not -n <= p < n]:
+        raise DebugRequestError(f"position {bad[0]} is outside the sequence of {n} tokens", param="positions")
+    return [p % n for p in spec]
+
+
+def _select_points(all_points: list[str], globs: list[str] | None) -> list[str]:
+    """Module points matched by the globs; `logits` is switched on by `logits: true` or the literal name,
+    never by a wildcard (full logits are by far the largest tensor)."""
+    modules = [p for p in all_points if p != "logits"]
+    if globs is None:
+        return modules
+    chosen: set[str] = set()
+    for g in globs:
+        if not g:
+            raise DebugRequestError("each entry of 'layers' must be a non-empty glob", param="layers")
+        hit = {p for p in modules if fnmatch.fnmatchcase(p, g)}
+        if not hit and g != "logits":
+            raise DebugRequestError(
+                f"layers glob {g!r} matches no point (e.g. 'model.layers.3.*', 'model.layers.*.mlp')",
+                param="layers",
+            )
+        chosen |= hit
+    return [p for p in modules if p in chosen]
+
+
+def capture_activations(loaded: Any, req: ActivationsRequest, *, max_bytes: int) -> bytes:
+    """Run prefill (+ greedy decode steps) with hooks; return the safetensors body."""
+    model = loaded.model
+    ids = _resolve_tokens(req, loaded)
+    positions = _resolve_positions(req.positions, len(ids))
+    mods = list_modules(model)
+    points = _select_points(list_points(model), req.layers)
+    want_logits = req.logits or (req.layers is not None and "logits" in req.layers)
+    cap = _Capture(positions=positions, n_tokens=len(ids), limit=max_bytes)
+    decoded: list[int] = []
+    handles = _hooks(mods, points, req.inputs, cap)
+    try:
+        with torch.inference_mode():
+            x = torch.tensor([ids], device=loaded.device)
+            out = model(input_ids=x, use_cache=req.decode_steps > 0)
+            if want_logits:
+                cap.keep("logits", out.logits)
+            for step in range(req.decode_steps):
+                nxt = int(out.logits[0, -1].float().argmax())
+                decoded.append(nxt)
+                cap.prefix, cap.positions, cap.n_tokens = f"decode.{step}.", [0], 1
+                x = torch.tensor([[nxt]], device=loaded.device)
+                out = model(input_ids=x, past_key_values=out.past_key_values, use_cache=True)
+                if want_logits:
+                    cap.keep("logits", out.logits)
+    except _TooLarge:
+        raise DebugRequestError(
+            f"the response would exceed the debug response cap of {max_bytes} bytes "
+            f"({max_bytes / 2**20:.0f} MiB); ask for fewer layers, positions or decode steps",
+            param="layers", code="response_too_large", status_code=413,
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+    names = points + (["logits"] if want_logits else [])
+    meta = {
+        "token_ids": json.dumps(ids),
+        "points": json.dumps(names),
+        "positions": json.dumps(positions),
+        "decode_token_ids": json.dumps(decoded),
+        "decode_steps": str(req.decode_steps),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+    }
+    if req.inputs:
+        meta["inputs"] = json.dumps(sorted(k for k in cap.tensors if ":" in k and not k.startswith("decode.")))
+    return st_save(cap.tensors, metadata=meta)
+
+
+# ---------------------------------------------------------------- module replay / quant tensors
+
+
+def parse_safetensors(body: bytes, param: str = "body") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors body; malformed bytes are the caller's 400."""
+    try:
+        (n,) = struct.unpack("<Q", body[:8])
+        header = json.loads(body[8 : 8 + n])
+        tensors = st_load(body)
+    except Exception as exc:  # struct.error, JSON, safetensors' own SafetensorError: all the caller's fault
+        raise DebugRequestError(f"the body is not a valid safetensors file: {exc}", param=param) from None
+    meta = header.get("__metadata__") or {}
+    return tensors, {str(k): str(v) for k, v in meta.items()}
+
+
+def _find(loaded: Any, name: str) -> tuple[str, torch.nn.Module]:
+    mods = list_modules(loaded.model)
+    if name not in mods:
+        raise DebugRequestError(
+            f"no module named {name!r} (GET /debug/config lists them)",
+            param="module", code="module_not_found", status_code=404,
+        )
+    return mods[name]
+
+
+def replay_module(loaded: Any, body: bytes) -> bytes:
+    tensors, meta = parse_safetensors(body)
+    if "module" not in meta:
+        raise DebugRequestError("the safetensors metadata needs a 'module' entry", param="module")
+    kind, mod = _find(loaded, meta["module"])
+    if "input" not in tensors:
+        raise DebugRequestError("the body needs a tensor named 'input'", param="input")
+    if kind in ("block", "attention"):
+        raise DebugRequestError(
+            f"{meta['module']!r} is a {kind}; it needs rotary embeddings and a mask, so replay its linears instead",
+            param="module",
+        )
+
+    def to_model(t: torch.Tensor) -> torch.Tensor:
+        return t.to(loaded.device, loaded.dtype) if t.is_floating_point() else t.to(loaded.device)
+
+    x = to_model(tensors.pop("input"))
+    try:
+        with torch.inference_mode():
+            out = mod(x, **{k: to_model(v) for k, v in tensors.items()})
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DebugRequestError(f"module {meta['module']!r} rejected the input: {msg}", param="input") from None
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return st_save({"output": out.detach().to("cpu", torch.float32).contiguous()},
+                   metadata={"module": meta["module"], "dtype": str(loaded.dtype).removeprefix("torch.")})
+
+
+def quant_tensors(loaded: Any, name: str) -> bytes:
+    kind, mod = _find(loaded, name)
+    if not hasattr(mod, "stored_tensors"):
+        raise DebugRequestError(f"module {name!r} ({kind}) is not quantized: it stores no quantized tensors",
+                                param="module", code="not_quantized")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in mod.stored_tensors().items()}
+    return st_save(tensors, metadata={str(k): str(v) for k, v in mod.stored_metadata().items()})
+
+
+def debug_config(loaded: Any) -> dict[str, Any]:
+    return {
+        "model": loaded.name,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "arch": device_arch(loaded.device),
+        "num_layers": loaded.num_layers,
+        "context_length": loaded.context_length,
+        "points": list_points(loaded.model),
+        "modules": {n: _module_info(k, m) for n, (k, m) in list_modules(loaded.model).items()},
+    }
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def _error(exc: DebugRequestError) -> JSONResponse:
+    body = {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+def _parse_activations(raw: bytes) -> ActivationsRequest:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DebugRequestError(f"the body is not valid JSON: {exc}", param=None) from None
+    if not isinstance(data, dict):
+        raise DebugRequestError("the body must be a JSON object", param=None)
+    try:
+        return ActivationsRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = first["loc"]  # union branches add tags like "literal['all','last']": keep field + indices
+        param = ".".join([str(loc[0]), *(str(p) for p in loc[1:] if isinstance(p, int))]) if loc else None
+        raise DebugRequestError(f"{param}: {first['msg']}", param=param) from None
+
+
+def create_debug_router(engine: Any, *, max_response_bytes: int | None = None) -> APIRouter:
+    """The debug routes over `engine.loaded`; the cap defaults to env DIFFTEST_DEBUG_MAX_BYTES or 256 MiB."""
+    cap = max_response_bytes or int(os.environ.get("DIFFTEST_DEBUG_MAX_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
+    router = APIRouter(prefix="/debug")
+
+    @router.get("/config")
+    async def config() -> Response:
+        return JSONResponse(await engine.run_exclusive(lambda: debug_config(engine.loaded)))
+
+    @router.post("/activations")
+    async def activations(request: Request) -> Response:
+        try:
+            req = _parse_activations(await request.body())
+            body = await engine.run_exclusive(lambda: capture_activations(engine.loaded, req, max_bytes=cap))
+        except DebugRequestError as exc:
+            return _error(exc)
+        return Response(body, media_type=_OCTET)
+
+    @router.post("/module")
+    async def module(request: Request) -> Response:
+        try:
+            raw = await request.body()
+            body = await engine.run_exclusive(lambda: replay_module(engine.loaded, raw))
+        except DebugRequestError as exc:
+            return _error(exc)
+        return Response(body, media_type=_OCTET)
+
+    @router.get("/quant/{name:path}")
+    async def quant(name: str) -> Response:
+        try:
+            body = await engine.run_exclusive(lambda: quant_tensors(engine.loaded, name))
+        except DebugRequestError as exc:
+            return _error(exc)
+        return Response(body, media_type=_OCTET)
+
+    return router

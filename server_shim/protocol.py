@@ -1,0 +1,193 @@
+"""Pydantic models of the HTTP wire: OpenAI legacy completions as vLLM serves it, plus tokenize.
+
+Fields follow the order of the OpenAI API reference; engine extras (vLLM's names) are fenced below
+them. Requests are strict (`"5"` is not an int, `true` is not a number) and forbid unknown fields:
+a parameter the shim would silently drop is the worst bug class for a differ — two servers that
+"agree" only because one ignored `frequency_penalty` produce false diffs or, worse, false passes.
+Parameters that the OpenAI API defines but that the shim does not implement are declared so that a
+default value is accepted and any other value is rejected with a 400 naming the parameter
+(`unsupported_values`). Parameters that cannot change a result (`user`) are accepted and logged.
+
+Internal results are frozen dataclasses in engine.py; these models exist only at the HTTP edge.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server_shim.errors import InvalidRequestError
+
+# OpenAI caps `logprobs` at 5 for its hosted models; vLLM and the issue allow 20.
+MAX_LOGPROBS = 20
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_Request):
+    """POST /v1/completions. https://platform.openai.com/docs/api-reference/completions/create"""
+
+    model: str
+    prompt: Prompt
+    best_of: int | None = Field(default=None, ge=1)
+    echo: bool = False
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # None means the OpenAI default (16); 0 is allowed only with echo (teacher forcing).
+    max_tokens: int | None = Field(default=None, ge=0)
+    n: int = Field(default=1, ge=1)
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    # --- engine extras (vLLM names) -------------------------------------------------------
+    # Tokens in logprobs as "token_id:N", so that a differ never re-tokenises strings.
+    return_tokens_as_token_ids: bool = False
+    # -1 / 0 / None: no top-k filter (vLLM uses -1 for "off").
+    top_k: int | None = Field(default=None, ge=-1)
+    ignore_eos: bool = False
+
+    def unsupported_values(self) -> list[tuple[str, str]]:
+        """(param, why) for every parameter set to a value that would change results but is not
+        implemented. The app turns the first one into a 400."""
+        out: list[tuple[str, str]] = []
+        if self.best_of is not None and self.best_of != self.n:
+            out.append(("best_of", "best_of other than n is not supported"))
+        if self.frequency_penalty != 0.0:
+            out.append(("frequency_penalty", "frequency_penalty is not supported (only 0)"))
+        if self.presence_penalty != 0.0:
+            out.append(("presence_penalty", "presence_penalty is not supported (only 0)"))
+        if self.logit_bias:
+            out.append(("logit_bias", "logit_bias is not supported"))
+        if self.suffix:
+            out.append(("suffix", "suffix is not supported"))
+        return out
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(s == "" for s in stops):
+            # An empty stop string matches before the first character: every answer would be "".
+            raise InvalidRequestError("stop strings must not be empty", param="stop")
+        return stops
+
+
+class CompletionLogProbs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    finish_reason: Literal["stop", "length"] | None = None
+    index: int
+    logprobs: CompletionLogProbs | None = None
+    text: str
+
+
+class UsageInfo(BaseModel):
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=completion_id)
+    choices: list[CompletionChoice]
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    object: Literal["text_completion"] = "text_completion"
+    usage: UsageInfo
+
+
+class CompletionStreamResponse(BaseModel):
+    """One SSE `data:` chunk; the last one carries usage when stream_options.include_usage."""
+
+    id: str
+    choices: list[CompletionChoice]
+    created: int
+    model: str
+    object: Literal["text_completion"] = "text_completion"
+    usage: UsageInfo | None = None
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "server_shim"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeRequest(_Request):
+    """POST /tokenize (vLLM's shape)."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+def error_body(
+    message: str, *, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return ErrorResponse(
+        error=ErrorInfo(message=message, type=error_type, param=param, code=code)
+    ).model_dump()

@@ -1,0 +1,102 @@
+"""Everything arch-specific in one place: which arch a device is, and the policy derived from it.
+
+Policy elsewhere asks here instead of testing `torch.version.hip` or compute capabilities itself,
+so that a wrong-arch decision (the bug class behind `garbage-gemm`) has one place to live.
+Vendor support is *measured* (a tiny `torch._scaled_mm` / `torch._int_mm` probe per device and
+scheme, cached), not assumed: on this CPU build tensor-wise and row-wise FP8 scaling run and
+block-wise does not.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from server_shim.quant.formats import FP8_SCHEMES
+
+
+def device_arch(device: torch.device | str) -> str:
+    """"cpu", "sm90" (CUDA capability), or "gfx942" / "gfx950" (ROCm gcnArchName)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    props = torch.cuda.get_device_properties(device)
+    if getattr(torch.version, "hip", None):
+        return str(getattr(props, "gcnArchName", "gfx")).split(":")[0]
+    return f"sm{props.major}{props.minor}"
+
+
+def fp8_dtype_for(device: torch.device | str) -> torch.dtype:
+    """MI300 (gfx942) computes in e4m3fnuz; everything else (sm89+, gfx950, CPU) in e4m3fn."""
+    return torch.float8_e4m3fnuz if device_arch(device) == "gfx942" else torch.float8_e4m3fn
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Triton can run here: a GPU with triton installed, or CPU with the interpreter switched on
+    (TRITON_INTERPRET=1 is read when a kernel is decorated, so it must be set before import)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if torch.device(device).type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def vendor_supports(scheme: str, device: torch.device | str) -> tuple[bool, str]:
+    """Whether the vendor backend (torch._scaled_mm / torch._int_mm) runs `scheme` on `device`,
+    measured with a tiny probe; the reason says what was tried."""
+    device = torch.device(device)
+    key = f"{device.type}:{device.index}" if device.type == "cuda" else device.type
+    return _probe(scheme, key)
+
+
+def vendor_out_dtype(device: torch.device) -> torch.dtype:
+    """Row-wise `_scaled_mm` on CUDA only writes bf16; CPU writes fp32 (no extra rounding)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(scheme: str, device_key: str) -> tuple[bool, str]:
+    device = torch.device(device_key if device_key != "cuda:None" else "cuda")
+    if scheme in ("int4-g128", "mxfp4"):
+        return False, f"no vendor kernel for {scheme} in torch {torch.__version__}"
+    if scheme == "fp8-block":
+        # Block-wise _scaled_mm (sm90+, recent torch) wants its own scale layouts; a probe with
+        # K = 128 cannot tell it from row-wise scaling, so the shim does not claim it.
+        return False, "torch._scaled_mm 1x128/128x128 block scaling is not wired up in the shim"
+    if scheme == "int8":
+        try:
+            a = torch.ones(32, 32, dtype=torch.int8, device=device)
+            torch._int_mm(a, a.t())
+        except (RuntimeError, NotImplementedError) as e:
+            return False, f"torch._int_mm failed on {device_arch(device)}: {str(e).splitlines()[0]}"
+        return True, "torch._int_mm"
+    if scheme in FP8_SCHEMES:
+        err = _try_scaled_mm(device, "tensor" if scheme == "fp8-tensor" else "row")
+        return (False, err) if err else (True, "torch._scaled_mm")
+    return False, f"unknown scheme {scheme!r}"
+
+
+def _try_scaled_mm(device: torch.device, mode: str) -> str | None:
+    """None when a 32x32x32 `_scaled_mm` with this scale mode runs, else the reason."""
+    dt = fp8_dtype_for(device)
+    if device.type == "cuda" and device_arch(device) in ("sm80", "sm86", "sm87", "sm75", "sm70"):
+        return f"no fp8 tensor cores on {device_arch(device)}"
+    a = torch.ones(32, 32, device=device).to(dt)
+    b = torch.ones(32, 32, device=device).to(dt)
+    if mode == "tensor":
+        sa = sb = torch.ones((), device=device)
+    elif mode == "row":
+        sa, sb = torch.ones(32, 1, device=device), torch.ones(1, 32, device=device)
+    else:
+        sa, sb = torch.ones(32, 1, device=device), torch.ones(1, 32, device=device)
+    try:
+        out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=vendor_out_dtype(device))
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        return f"torch._scaled_mm {mode}-wise failed on {device_arch(device)}: {str(e).splitlines()[0]}"
+    expect = a.shape[1]
+    if not torch.allclose(out.float(), torch.full_like(out.float(), float(expect))):
+        return f"torch._scaled_mm {mode}-wise gave wrong numbers on {device_arch(device)}"
+    return None

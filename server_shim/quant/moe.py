@@ -1,0 +1,136 @@
+"""Quantized routed experts for fused MoE modules (transformers 5.x DeepSeek-V3 and kin).
+
+In transformers 5.x the routed experts are one module (`DeepseekV3Experts`) holding 3-D
+parameters `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I], called as
+`experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`. `QuantMoEExperts` computes
+the same thing per expert through the same quantized GEMM as QuantLinear (`quant_matmul`).
+
+routed_scaling_factor: HF multiplies it into the router weights (DeepseekV3TopkRouter). Fused MoE
+kernels (vLLM `fused_moe`, SGLang) instead scale the combined expert output, which is where
+"forgot routed_scaling_factor" bugs live. The swap moves the factor there (router's factor set to
+1.0, experts multiply their summed output by it: the same product, in another order), and the
+`routed-scaling-missing` fault skips that multiply.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from server_shim.errors import QuantConfigError
+from server_shim.quant import formats as F
+from server_shim.quant.faults import NO_FAULTS, FaultSet
+from server_shim.quant.linear import _metadata, _QuantBase, quant_matmul, quantize_for_device
+
+
+def is_fused_experts(mod: nn.Module) -> bool:
+    """A fused experts module: 3-D gate_up_proj and down_proj parameters, no biases."""
+    gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+    return (
+        isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3
+        and getattr(mod, "gate_up_proj_bias", None) is None and hasattr(mod, "act_fn")
+    )  # fmt: skip
+
+
+def _stack(ts: list[Tensor], layout: F.ScaleLayout) -> Tensor:
+    """Stack per-expert physical scales so that [e] keeps each one's declared strides."""
+    if layout.order == "col-major" and ts[0].dim() == 2:
+        return torch.stack([t.t() for t in ts]).transpose(1, 2)
+    return torch.stack(ts)
+
+
+class QuantMoEExperts(_QuantBase):
+    kind = "moe"
+
+    def __init__(self, gate_up: list[F.QuantizedWeight], down: list[F.QuantizedWeight], act_fn: nn.Module, *,
+                 routed_scaling_factor: float, backend: str, fallback_reason: str = "",
+                 faults: FaultSet = NO_FAULTS, ck_free: bool = False) -> None:  # fmt: skip
+        super().__init__()
+        self.num_experts = len(gate_up)
+        self.act_fn = act_fn
+        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.layout, self.fp8_dtype = gate_up[0].layout, gate_up[0].fp8_dtype
+        self.gate_up_shape, self.down_shape = gate_up[0].shape, down[0].shape
+        for tag, qws in (("gate_up", gate_up), ("down", down)):
+            self.register_buffer(f"{tag}_data", torch.stack([q.data for q in qws]))
+            self.register_buffer(f"{tag}_scales", _stack([q.scales for q in qws], self.layout))
+            zs = [q.zeros for q in qws]
+            self.register_buffer(f"{tag}_zeros", None if zs[0] is None else torch.stack(zs))
+        self._init_common(gate_up[0].scheme, backend, fallback_reason, faults, ck_free)
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, parent: nn.Module, *, scheme: str, backend: str,
+                     fallback_reason: str, faults: FaultSet, ck_free: bool, layout: F.ScaleLayout,
+                     device: torch.device) -> QuantMoEExperts:  # fmt: skip
+        gate = getattr(parent, "gate", None)
+        factor = float(getattr(gate, "routed_scaling_factor", 1.0) or 1.0)
+        if faults.routed_scaling_missing and factor == 1.0:
+            raise QuantConfigError("fault routed-scaling-missing: this MoE has no routed_scaling_factor")
+        gu = [quantize_for_device(w, scheme, device, layout) for w in experts.gate_up_proj.detach()]
+        dn = [quantize_for_device(w, scheme, device, layout) for w in experts.down_proj.detach()]
+        new = cls(gu, dn, experts.act_fn, routed_scaling_factor=factor, backend=backend,
+                  fallback_reason=fallback_reason, faults=faults, ck_free=ck_free)  # fmt: skip
+        if gate is not None and hasattr(gate, "routed_scaling_factor"):
+            gate.routed_scaling_factor = 1.0  # now applied on the experts' output (see module doc)
+        return new
+
+    def expert_weight(self, tag: str, e: int) -> F.QuantizedWeight:
+        z = getattr(self, f"{tag}_zeros")
+        shape = self.gate_up_shape if tag == "gate_up" else self.down_shape
+        return F.QuantizedWeight(self.scheme, getattr(self, f"{tag}_data")[e], getattr(self, f"{tag}_scales")[e],
+                                 None if z is None else z[e], shape, self.layout, self.fp8_dtype)  # fmt: skip
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        return self._run(hidden_states, top_k_index, top_k_weights, self.backend)
+
+    def forward_with_backend(self, x: Tensor, backend: str, top_k_index: Tensor | None = None,
+                             top_k_weights: Tensor | None = None) -> Tensor:  # fmt: skip
+        """Replay with another backend. Without routing, every token goes to every expert with
+        weight 1/E (a fixed, routing-free probe of all experts)."""
+        flat = x.reshape(-1, x.shape[-1])
+        if top_k_index is None or top_k_weights is None:
+            e = self.num_experts
+            top_k_index = torch.arange(e, device=x.device).expand(flat.shape[0], e)
+            top_k_weights = torch.full((flat.shape[0], e), 1.0 / e, device=x.device, dtype=torch.float32)
+        out = self._run(flat, top_k_index, top_k_weights, self._resolve(backend, x.device))
+        return out.reshape(x.shape)
+
+    def _run(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, backend: str) -> Tensor:
+        final = torch.zeros_like(hidden)  # [T, H]
+        for e in torch.unique(top_k_index).tolist():
+            if e < 0 or e >= self.num_experts:
+                continue
+            token_idx, pos = torch.where(top_k_index == e)
+            x = hidden[token_idx]
+            gate, up = quant_matmul(x, self.expert_weight("gate_up", e), None, backend, self._faults).chunk(2, dim=-1)
+            y = quant_matmul(self.act_fn(gate) * up, self.expert_weight("down", e), None, backend, self._faults)
+            y = y * top_k_weights[token_idx, pos, None]
+            final.index_add_(0, token_idx, y.to(final.dtype))
+        if not self._faults.routed_scaling_missing:
+            final = final * self.routed_scaling_factor
+        return final
+
+    def debug_info(self) -> dict:
+        e = self.num_experts
+        return {
+            "kind": "moe", "scheme": self.scheme, "backend": self.backend, "fallback_reason": self.fallback_reason,
+            "weight_dtype": str(self.gate_up_data.dtype).removeprefix("torch."),
+            "weight_shape": [e, *self.gate_up_shape], "scale_shape": list(self.gate_up_scales.shape),
+            "scale_stride": list(self.gate_up_scales.stride()), "scale_layout": self.layout.to_dict(),
+            "num_experts": e, "down_weight_shape": [e, *self.down_shape],
+        }  # fmt: skip
+
+    def stored_tensors(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for tag in ("gate_up", "down"):
+            out[f"{tag}_proj.weight"] = getattr(self, f"{tag}_data")
+            out[f"{tag}_proj.weight_scale"] = getattr(self, f"{tag}_scales")
+            z = getattr(self, f"{tag}_zeros")
+            if z is not None:
+                out[f"{tag}_proj.weight_zero"] = z
+        return out
+
+    def stored_metadata(self) -> dict[str, str]:
+        meta = _metadata(self.scheme, self.layout, self.gate_up_scales[0], (self.num_experts, *self.gate_up_shape))
+        meta["num_experts"] = str(self.num_experts)
+        return meta

@@ -1,0 +1,18 @@
+"""Shared fixtures: the tiny seeded models, loaded once per session (they are read-only to tests;
+a test that quantizes or mutates a model loads its own copy with `load_model`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server_shim.models import LoadedModel, load_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> LoadedModel:
+    return load_model("tiny-llama", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe() -> LoadedModel:
+    return load_model("tiny-moe", dtype="float32", device="cpu")

@@ -1,0 +1,412 @@
+"""In-process fake OpenAI completions servers that behave like real engines, quirks included.
+
+A fake is a deterministic toy engine: a small vocabulary (4 special tokens, printable ASCII, a few
+word pieces, 128 byte-fallback tokens), a greedy longest-match tokenizer, and a "model" whose
+logits at each position are a seeded function of the last two token ids. It serves
+`/v1/completions` (string / list / token-id prompts, `max_tokens` 0 with echo, `logprobs` top-k,
+`echo`, `return_tokens_as_token_ids`, `stop`), `/tokenize`, `/detokenize`, `/v1/models`,
+`/health`, `/version` and, with `debug=True`, `GET /debug/config`.
+
+Use it through httpx, no sockets:
+
+    server = FakeServer(FakeBehaviour(max_logprobs=5))
+    async with server.client(name="ref") as client:        # a difftest CompletionClient
+        await client.completions({"prompt": "1+2=", "max_tokens": 4})
+    httpx.AsyncClient(transport=server.transport(), base_url=FAKE_URL)   # any other httpx user
+
+`make_fake_app(behaviour)` gives the bare FastAPI app (`app.state.fake` is its `FakeServer`), e.g.
+to serve it with uvicorn. `QUIRKS` names behaviours that imitate real engines' gaps; the
+`perturb_noise` / `flip_every` knobs make a *wrong but deterministic* target for differ tests.
+`FakeServer.expected_greedy(...)` / `.expected_logprobs(...)` give the numbers a test can expect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from difftest.client import CompletionClient
+
+FAKE_URL = "http://fake.invalid"
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>")
+BOS = 3
+_WORDS = (" the", "the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", "ing", "er",
+          " a", " is", " of", "  ", "    ", "\n\n", "def", " return", "1+", "2+")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FakeBehaviour:
+    """Every switch defaults to a well-behaved vLLM-like server."""
+
+    seed: int = 0
+    model: str = "fake-model"
+    tokenizer: str = "default"  # "default" | "alt" (other pieces, other ids) | "bos" (default + BOS)
+    max_logprobs: int = 20  # `logprobs` above this -> 400 (vLLM's --max-logprobs); 0 = no logprobs at all
+    echo: bool = True  # False: `echo` -> 400
+    echo_prompt_logprobs: bool = True  # False: echo returns logprobs for generated tokens only
+    echo_logprobs_500: bool = False  # echo together with logprobs -> 500
+    echo_logprob_shift: int = 0  # >0: echoed prompt logprobs are reported that many positions late
+    token_ids: bool = True  # honour return_tokens_as_token_ids (else top_logprobs keyed by strings only)
+    tokenize: bool = True  # serve /tokenize and /detokenize
+    int_prompts: bool = True  # accept prompts as token-id lists
+    nondeterministic: bool = False  # every other request's first greedy token is the runner-up
+    api_key: str | None = None  # required as Bearer when set (401 otherwise)
+    delay_s: float = 0.0  # sleep before answering each completions request
+    die_after: int | None = None  # after this many completions requests the server is dead ...
+    die_mode: str = "503"  # ... answering "503" to everything, or "connect" (httpx.ConnectError)
+    perturb_noise: float = 0.0  # std of a deterministic per-context noise added to the logits
+    flip_every: int = 0  # every k-th generated token is the runner-up instead of the argmax
+    debug: bool = False  # serve GET /debug/config
+    version: str | None = "fake-0.1"  # GET /version (None -> 404)
+    max_model_len: int = 2048
+
+    def replace(self, **changes: Any) -> FakeBehaviour:
+        return dataclasses.replace(self, **changes)
+
+
+# Behaviours that imitate gaps of real engines (issue 5's list), for parametrized tests.
+QUIRKS: dict[str, FakeBehaviour] = {
+    "good": FakeBehaviour(),
+    "no_echo": FakeBehaviour(echo=False),
+    "echo_no_prompt_logprobs": FakeBehaviour(echo_prompt_logprobs=False),
+    "string_keyed_no_ids": FakeBehaviour(token_ids=False, tokenize=False),
+    "logprobs_cap_5": FakeBehaviour(max_logprobs=5),
+    "no_logprobs": FakeBehaviour(max_logprobs=0),
+    "echo_logprobs_500": FakeBehaviour(echo_logprobs_500=True),
+    "misaligned_echo": FakeBehaviour(echo_logprob_shift=1),
+    "nondeterministic": FakeBehaviour(nondeterministic=True),
+    "no_int_prompts": FakeBehaviour(int_prompts=False),
+    "debug": FakeBehaviour(debug=True),
+}
+
+
+class FakeTokenizer:
+    """Greedy longest match over specials, ASCII characters and word pieces; UTF-8 byte fallback."""
+
+    def __init__(self, kind: str = "default") -> None:
+        if kind not in ("default", "alt", "bos"):
+            raise ValueError(f"unknown fake tokenizer {kind!r}")
+        chars = ["\t", "\n"] + [chr(c) for c in range(32, 127)]
+        pieces = list(_WORDS) if kind != "alt" else [" qu", "ick", " fo", "x"]
+        table = list(SPECIALS) + (chars + pieces if kind != "alt" else pieces + chars)
+        self.kind = kind
+        self.add_bos = kind == "bos"
+        self.strings = table + [f"<0x{b:02X}>" for b in range(128, 256)]
+        self._byte0 = len(table)
+        self._ids = {s: i for i, s in enumerate(table)}
+        self._maxlen = max(len(s) for s in table)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.strings)
+
+    def is_generatable(self, tid: int) -> bool:
+        return len(SPECIALS) <= tid < self._byte0
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        ids = [BOS] if self.add_bos and add_special_tokens else []
+        i = 0
+        while i < len(text):
+            for n in range(min(self._maxlen, len(text) - i), 0, -1):
+                tid = self._ids.get(text[i : i + n])
+                if tid is not None:
+                    ids.append(tid)
+                    i += n
+                    break
+            else:  # not in the table: UTF-8 bytes (all >= 128 since ASCII is in the table)
+                ids.extend(self._byte0 + b - 128 for b in text[i].encode())
+                i += 1
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_bos: bool = True) -> str:
+        out = bytearray()
+        for tid in ids:
+            if tid >= self._byte0:
+                out.append(tid - self._byte0 + 128)
+            elif not (skip_bos and tid == BOS):
+                out += self.strings[tid].encode()
+        return out.decode("utf-8", "replace")
+
+
+class FakeModel:
+    """Logits = seeded noise of (seed, last two ids); specials and bytes pushed far down."""
+
+    def __init__(self, tokenizer: FakeTokenizer, seed: int, perturb_noise: float = 0.0) -> None:
+        self.tok = tokenizer
+        self.seed = seed
+        self.noise = perturb_noise
+        self._penalty = np.array([0.0 if tokenizer.is_generatable(i) else -20.0 for i in range(tokenizer.vocab_size)])
+        self._cached = lru_cache(maxsize=65536)(self._logprobs)
+
+    def logprobs(self, context: Sequence[int]) -> np.ndarray:  # [vocab] float64, log-softmax
+        a = context[-1] if context else -1
+        b = context[-2] if len(context) > 1 else -1
+        return self._cached(a, b)
+
+    def _logprobs(self, a: int, b: int) -> np.ndarray:
+        z = np.random.default_rng([self.seed, a + 2, b + 2]).standard_normal(self.tok.vocab_size) * 2.0
+        if self.noise:
+            z = z + np.random.default_rng([self.seed + 7919, a + 2, b + 2]).standard_normal(z.size) * self.noise
+        z = z + self._penalty
+        z = z - z.max()
+        return z - np.log(np.exp(z).sum())
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+class FakeServer:
+    def __init__(self, behaviour: FakeBehaviour | None = None, **changes: Any) -> None:
+        self.behaviour = (behaviour or FakeBehaviour()).replace(**changes)
+        self.tokenizer = FakeTokenizer(self.behaviour.tokenizer)
+        self.model = FakeModel(self.tokenizer, self.behaviour.seed, self.behaviour.perturb_noise)
+        self.completions_served = 0  # completions requests received (counts toward die_after)
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
+        self.app = _build_app(self)
+
+    @property
+    def dead(self) -> bool:
+        n = self.behaviour.die_after
+        return n is not None and self.completions_served >= n
+
+    def transport(self) -> httpx.AsyncBaseTransport:
+        return _FakeTransport(self)
+
+    def client(self, name: str = "fake", **kwargs: Any) -> CompletionClient:
+        """A CompletionClient wired to this fake (fast retries unless told otherwise)."""
+        kwargs.setdefault("backoff_base_s", 0.001)
+        kwargs.setdefault("backoff_max_s", 0.01)
+        return CompletionClient(FAKE_URL, name=name, transport=self.transport(), **kwargs)
+
+    # ---------------------------------------------------------------- expectations for tests
+    def expected_greedy(self, prompt: str | Sequence[int], max_tokens: int, *, request_index: int = 0) -> list[int]:
+        return self._generate(self._ids(prompt), max_tokens, request_index)
+
+    def expected_logprobs(self, prompt: str | Sequence[int]) -> list[float | None]:
+        """True logprob of each prompt token given the tokens before it (None for the first)."""
+        ids = self._ids(prompt)
+        return [None] + [float(self.model.logprobs(ids[:i])[ids[i]]) for i in range(1, len(ids))]
+
+    # ---------------------------------------------------------------- engine
+    def _ids(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def _generate(self, ids: list[int], max_tokens: int, request_index: int) -> list[int]:
+        b, ctx, out = self.behaviour, list(ids), []
+        for j in range(max_tokens):
+            lp = self.model.logprobs(ctx)
+            first, second = (int(t) for t in np.argsort(-lp, kind="stable")[:2])
+            flip = (b.flip_every and (j + 1) % b.flip_every == 0) or (b.nondeterministic and j == 0 and request_index % 2)
+            tok = second if flip else first
+            out.append(tok)
+            ctx.append(tok)
+        return out
+
+    def _position(self, ctx: list[int], tok: int, k: int | None, as_ids: bool) -> tuple[float, dict | None]:
+        lp = self.model.logprobs(ctx)
+        if k is None:
+            return float(lp[tok]), None
+        top = [int(t) for t in np.argsort(-lp, kind="stable")[:k]]
+        if tok not in top:  # vLLM also lists the chosen token
+            top.append(tok)
+        return float(lp[tok]), {self._tok_str(t, as_ids): float(lp[t]) for t in top}
+
+    def _tok_str(self, tid: int, as_ids: bool) -> str:
+        return f"token_id:{tid}" if as_ids else self.tokenizer.strings[tid]
+
+    def _choice(self, index: int, prompt: str | list[int], req: dict) -> dict:
+        b = self.behaviour
+        ids = self._ids(prompt)
+        echo, k = bool(req.get("echo")), req.get("logprobs")
+        as_ids = bool(req.get("return_tokens_as_token_ids")) and b.token_ids
+        gen = self._generate(ids, int(req.get("max_tokens", 16)), self.completions_served - 1)
+        gen_text, finish = self.tokenizer.decode(gen), "length"
+        for stop in _stops(req.get("stop")):
+            if stop in gen_text:
+                gen_text, finish = gen_text[: gen_text.index(stop)], "stop"
+        prompt_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+        text = (prompt_text + gen_text) if echo else gen_text
+        block = None
+        if k is not None:
+            toks, lps, tops, offs = [], [], [], []
+            shown = (ids if echo and b.echo_prompt_logprobs else []) + gen
+            base = len(ids) if not (echo and b.echo_prompt_logprobs) else 0
+            for i, tok in enumerate(shown):
+                full_i = base + i
+                ctx = (ids + gen)[:full_i]
+                lp, top = self._position(ctx, tok, k, as_ids) if full_i > 0 else (None, None)
+                toks.append(self._tok_str(tok, as_ids))
+                lps.append(lp)
+                tops.append(top)
+                prefix = self.tokenizer.decode((ids + gen)[:full_i]) if echo else self.tokenizer.decode(gen[:i])
+                offs.append(len(prefix.replace("\ufffd", "")))
+            if echo and b.echo_prompt_logprobs and b.echo_logprob_shift:  # the off-by-k echo bug:
+                s, n = b.echo_logprob_shift, len(ids)  # position i reports position i+s (last ones repeat)
+                lps[1:n] = (lps[1 + s : n] + lps[n - s : n])[: n - 1]
+                tops[1:n] = (tops[1 + s : n] + tops[n - s : n])[: n - 1]
+            block = {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+        return {"index": index, "text": text, "logprobs": block, "finish_reason": finish}
+
+    def completions(self, req: dict) -> dict:
+        b = self.behaviour
+        if not isinstance(req, dict):
+            raise _Reject(400, "request body must be a JSON object")
+        if req.get("model") not in (None, b.model):
+            raise _Reject(404, f"The model `{req.get('model')}` does not exist.", "model")
+        if req.get("stream"):
+            raise _Reject(400, "stream is not supported by this fake", "stream")
+        k = req.get("logprobs")
+        if k is not None and (not isinstance(k, int) or k < 0 or k > b.max_logprobs or b.max_logprobs == 0):
+            raise _Reject(400, f"logprobs must be between 0 and {b.max_logprobs}, got {k}", "logprobs")
+        echo = bool(req.get("echo"))
+        if echo and not b.echo:
+            raise _Reject(400, "echo is not supported", "echo")
+        mt = req.get("max_tokens", 16)
+        if not isinstance(mt, int) or mt < 0 or (mt == 0 and not echo):
+            raise _Reject(400, f"max_tokens must be >= 1 (0 only with echo), got {mt}", "max_tokens")
+        if echo and k is not None and b.echo_logprobs_500:
+            raise _Reject(500, "Internal Server Error: index out of range in prompt_logprobs")
+        prompts = _prompts(req.get("prompt"))
+        for p in prompts:
+            if not isinstance(p, str):
+                if not b.int_prompts:
+                    raise _Reject(400, "prompt must be a string or a list of strings", "prompt")
+                if any(not isinstance(t, int) or not 0 <= t < self.tokenizer.vocab_size for t in p):
+                    raise _Reject(400, "prompt token id out of range", "prompt")
+            if len(self._ids(p)) + mt > b.max_model_len:
+                raise _Reject(400, f"prompt + max_tokens exceeds max_model_len {b.max_model_len}", "prompt")
+        choices = [self._choice(i, p, req) for i, p in enumerate(prompts)]
+        n_prompt = sum(len(self._ids(p)) for p in prompts)
+        n_gen = len(prompts) * mt
+        return {
+            "id": f"cmpl-fake-{self.completions_served}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": b.model,
+            "choices": choices,
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen},
+        }
+
+
+def make_fake_app(behaviour: FakeBehaviour | None = None) -> FastAPI:
+    """The fake's FastAPI app; `app.state.fake` is the `FakeServer` behind it."""
+    return FakeServer(behaviour).app
+
+
+def _build_app(server: FakeServer) -> FastAPI:
+    b = server.behaviour
+    app = FastAPI()
+    app.state.fake = server
+
+    @app.middleware("http")
+    async def gate(request: Request, call_next: Any) -> Any:
+        server.requests.append((request.method, request.url.path))
+        if server.dead:
+            return _error(503, "server is shutting down")
+        if b.api_key and request.url.path != "/health":
+            if request.headers.get("authorization") != f"Bearer {b.api_key}":
+                return _error(401, "Invalid API key", code="invalid_api_key", kind="authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {}
+
+    @app.get("/version")
+    async def version() -> Any:
+        return {"version": b.version} if b.version else _error(404, "Not Found")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": b.model, "object": "model", "owned_by": "fake", "max_model_len": b.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        server.completions_served += 1
+        if b.delay_s:
+            await asyncio.sleep(b.delay_s)
+        try:
+            return server.completions(await request.json())
+        except _Reject as e:
+            return _error(e.status, e.message, param=e.param)
+        except ValueError:
+            return _error(400, "body is not valid JSON")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Any:
+        if not b.tokenize:
+            return _error(404, "Not Found")
+        body = await request.json()
+        text = body.get("prompt", body.get("content"))
+        if not isinstance(text, str):
+            return _error(400, "prompt must be a string", param="prompt")
+        ids = server.tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", True))
+        return {"tokens": ids, "count": len(ids), "max_model_len": b.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Any:
+        if not b.tokenize:
+            return _error(404, "Not Found")
+        return {"prompt": server.tokenizer.decode((await request.json()).get("tokens", []))}
+
+    @app.get("/debug/config")
+    async def debug_config() -> Any:
+        if not b.debug:
+            return _error(404, "Not Found")
+        return {"model": b.model, "dtype": "float32", "device": "cpu", "vocab_size": server.tokenizer.vocab_size,
+                "modules": {}}  # fmt: skip
+
+    return app
+
+
+class _FakeTransport(httpx.AsyncBaseTransport):
+    """ASGITransport plus the one failure an ASGI app cannot produce: a refused connection."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+        self._inner = httpx.ASGITransport(app=server.app)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.server.dead and self.server.behaviour.die_mode == "connect":
+            raise httpx.ConnectError("[fake] connection refused", request=request)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _error(status: int, message: str, *, param: str | None = None, code: str | None = None,
+           kind: str = "invalid_request_error") -> JSONResponse:  # fmt: skip
+    kind = "server_error" if status >= 500 else kind
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
+    return JSONResponse(body, status_code=status)
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        return list(prompt)
+    raise _Reject(400, "prompt must be a string, a list of strings, token ids or lists of token ids", "prompt")
+
+
+def _stops(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)]

@@ -1,0 +1,134 @@
+"""ResponseCache: round trip, canonical keys, resume after a dead server, offline replay."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fakes import FAKE_URL, FakeServer
+
+from difftest.cache import CacheMiss, ResponseCache, cache_key
+from difftest.client import CompletionClient
+from difftest.errors import RequestRejected, ServerError
+
+FP = {"name": "ref", "url": "http://a", "models": ["m"]}
+REQ = {"model": "m", "prompt": "1+2=", "max_tokens": 4, "temperature": 0}
+RESP = {"choices": [{"index": 0, "text": "3"}]}
+
+
+def prompts(n: int) -> list[dict]:
+    return [{"model": "fake-model", "prompt": f"prompt {i}:", "max_tokens": 3, "logprobs": 2} for i in range(n)]
+
+
+def test_round_trip_and_canonical_keys(tmp_path: Path) -> None:
+    with ResponseCache(tmp_path / "c.sqlite") as cache:
+        assert cache.get(FP, REQ) is None
+        cache.put(FP, REQ, RESP)
+        assert cache.get(FP, REQ) == RESP
+        # key order and 0 vs 0.0 do not make a new request
+        assert cache.get(FP, dict(reversed(list(REQ.items()))) | {"temperature": 0.0}) == RESP
+        assert cache.get(FP, REQ | {"max_tokens": 5}) is None
+        assert cache.get(FP | {"version": "2"}, REQ) is None
+        assert cache.stats() | {"path": ""} == {"path": "", "entries": 1, "servers": [], "hits": 2, "misses": 3, "puts": 1}
+    assert cache_key(FP, REQ) != cache_key(FP, REQ | {"seed": 1})
+
+
+def test_only_successful_responses_are_stored(tmp_path: Path) -> None:
+    with ResponseCache(tmp_path / "c.sqlite") as cache:
+        with pytest.raises(ValueError):
+            cache.put(FP, REQ, {"error": {"message": "no"}})
+        assert len(cache) == 0
+
+
+def test_entries_survive_reopening(tmp_path: Path) -> None:
+    with ResponseCache(tmp_path / "c.sqlite") as cache:
+        cache.put(FP, REQ, RESP)
+        cache.remember_server("ref", FP)
+    with ResponseCache(tmp_path / "c.sqlite") as cache:
+        assert cache.get(FP, REQ) == RESP
+        assert cache.server_fingerprint("ref") == FP
+        assert cache.server_fingerprint("other") is None
+
+
+def test_thread_safe(tmp_path: Path) -> None:
+    with ResponseCache(tmp_path / "c.sqlite") as cache:
+
+        def work(i: int) -> bool:
+            req = REQ | {"seed": i}
+            cache.put(FP, req, {"choices": [{"text": str(i)}]})
+            return cache.get(FP, req) == {"choices": [{"text": str(i)}]}
+
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(work, range(200)))
+        assert len(cache) == 200
+
+
+async def test_client_hits_skip_the_network(tmp_path: Path) -> None:
+    server = FakeServer()
+    with ResponseCache(tmp_path / "c.sqlite") as cache:
+        async with server.client(name="ref", cache=cache) as c:
+            first = await c.completions(prompts(1)[0])
+            again = await c.completions(prompts(1)[0])
+            assert again == first and server.completions_served == 1
+            await c.completions(prompts(1)[0], use_cache=False)
+            assert server.completions_served == 2
+            with pytest.raises(RequestRejected):
+                await c.completions({"prompt": "x", "max_tokens": 1, "logprobs": 99})
+            assert c.stats().cache_hits == 1
+        assert len(cache) == 1  # the rejected request was not stored
+        assert cache.server_fingerprint("ref")["models"] == ["fake-model"]
+
+
+async def test_resume_after_a_dead_server_reuses_finished_answers(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    dying = FakeServer(die_after=2)
+    done = []
+    with ResponseCache(path) as cache:
+        async with dying.client(name="tgt", cache=cache, max_retries=1) as c:
+            for req in prompts(3):
+                try:
+                    done.append(await c.completions(req))
+                except ServerError:
+                    break
+    assert len(done) == 2
+    fresh = FakeServer()  # the restarted server: same build, same answers
+    with ResponseCache(path) as cache:
+        async with fresh.client(name="tgt", cache=cache) as c:
+            resumed = [await c.completions(req) for req in prompts(3)]
+    assert resumed[:2] == done
+    assert fresh.completions_served == 1  # only the unfinished prompt went to the server
+    assert resumed[2]["choices"][0]["text"] == fresh.tokenizer.decode(fresh.expected_greedy("prompt 2:", 3))
+
+
+async def test_cache_identity_replaces_a_changing_port(tmp_path: Path) -> None:
+    server = FakeServer()
+    spec = {"model": "tiny-llama", "quant": "fp8-block"}
+    with ResponseCache(tmp_path / "c.sqlite") as cache:
+        for port in (8001, 8002):
+            c = CompletionClient(f"http://127.0.0.1:{port}", name="tgt", transport=server.transport(),
+                                 cache=cache, cache_identity=spec)  # fmt: skip
+            await c.completions(prompts(1)[0])
+            await c.aclose()
+    assert server.completions_served == 1
+
+
+async def test_offline_replays_and_misses_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    with ResponseCache(path) as cache:
+        async with FakeServer().client(name="ref", cache=cache) as c:
+            online = await c.completions(prompts(1)[0])
+    with ResponseCache(path) as cache:
+        async with CompletionClient(FAKE_URL, name="ref", cache=cache, offline=True) as c:
+            assert await c.completions(prompts(1)[0]) == online
+            with pytest.raises(CacheMiss, match="offline") as info:
+                await c.completions(prompts(2)[1])
+            assert info.value.exit_code == 2
+            with pytest.raises(CacheMiss):
+                await c.get_json("/v1/models")
+            assert c.requests == 0
+        async with CompletionClient(FAKE_URL, name="unknown", cache=cache, offline=True) as c:
+            with pytest.raises(CacheMiss, match="no fingerprint"):
+                await c.completions(prompts(1)[0])
+    with pytest.raises(ValueError):
+        CompletionClient(FAKE_URL, name="x", offline=True)

@@ -72,7 +72,9 @@ class ResponseCache:
             self._hits += 1
         return json.loads(row[0])
 
-    def put(self, fingerprint: Mapping[str, Any], request: Mapping[str, Any], response: Mapping[str, Any]) -> None:
+    def put(
+        self, fingerprint: Mapping[str, Any], request: Mapping[str, Any], response: Mapping[str, Any]
+    ) -> None:
         if not isinstance(response, Mapping) or "error" in response:
             raise ValueError("only successful responses (JSON objects without an 'error') are cached")
         key = cache_key(fingerprint, request)
@@ -84,7 +86,9 @@ class ResponseCache:
     def remember_server(self, name: str, fingerprint: Mapping[str, Any]) -> None:
         """Record the fingerprint a named server had, so an offline client can find its entries."""
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO servers VALUES (?, ?)", (name, canonical_json(fingerprint)))
+            self._db.execute(
+                "INSERT OR REPLACE INTO servers VALUES (?, ?)", (name, canonical_json(fingerprint))
+            )
 
     def server_fingerprint(self, name: str) -> dict | None:
         with self._lock:

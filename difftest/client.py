@@ -36,7 +36,16 @@ log = logging.getLogger(__name__)
 MiB = 2**20
 # 408/429/5xx are the server saying "not now"; anything else in 4xx is the request's fault.
 _RETRY_STATUS = frozenset({408, 429})
-_FINGERPRINT_CONFIG_KEYS = ("model", "dtype", "device", "arch", "quant", "scheme", "backend", "batch_invariant")
+_FINGERPRINT_CONFIG_KEYS = (
+    "model",
+    "dtype",
+    "device",
+    "arch",
+    "quant",
+    "scheme",
+    "backend",
+    "batch_invariant",
+)
 
 
 @dataclass(frozen=True)
@@ -157,7 +166,9 @@ class CompletionClient:
         return _as_json(await self._request("GET", path, retries=retries), self.name, path)
 
     async def post_json(self, path: str, body: Mapping[str, Any], *, retries: int | None = None) -> Any:
-        return _as_json(await self._request("POST", path, json_body=dict(body), retries=retries), self.name, path)
+        return _as_json(
+            await self._request("POST", path, json_body=dict(body), retries=retries), self.name, path
+        )
 
     async def post_bytes(
         self,
@@ -220,7 +231,9 @@ class CompletionClient:
                 if not self.offline and self.cache is not None:
                     old = self.cache.server_fingerprint(self.name)
                     if old is not None and old != fp:
-                        log.warning("%s: server fingerprint changed since the cached run; not reusing", self.name)
+                        log.warning(
+                            "%s: server fingerprint changed since the cached run; not reusing", self.name
+                        )
                     self.cache.remember_server(self.name, fp)
                 self._cache_fp = fp
         return self._cache_fp
@@ -249,7 +262,7 @@ class CompletionClient:
                     status, body, headers = await asyncio.wait_for(
                         self._exchange(method, path, json_body, content, content_type), self.timeout_s
                     )
-            except (httpx.TimeoutException, httpx.TransportError, asyncio.TimeoutError) as e:
+            except (httpx.RequestError, asyncio.TimeoutError) as e:  # connect, read, protocol, decoding
                 timed_out = isinstance(e, httpx.TimeoutException | asyncio.TimeoutError)
                 what = f"timed out after {self.timeout_s:g}s" if timed_out else "connection failed"
                 reason, status, retry_after = f"{what} ({type(e).__name__})", None, None
@@ -281,7 +294,9 @@ class CompletionClient:
             delay = self._delay(attempt, retry_after)
             attempt += 1
             self._retries += 1
-            log.warning("%s: %s %s %s; retry %d/%d in %.2fs", self.name, method, path, reason, attempt, budget, delay)
+            log.warning(
+                "%s: %s %s %s; retry %d/%d in %.2fs", self.name, method, path, reason, attempt, budget, delay
+            )
             await self._sleep(delay)
 
     async def _exchange(
@@ -292,7 +307,9 @@ class CompletionClient:
         async with self._http.stream(method, path, json=json_body, content=content, headers=headers) as resp:
             declared = resp.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > cap:
-                raise ServerError(f"{self.name}: {method} {path} response of {declared} bytes exceeds the {cap}-byte cap")
+                raise ServerError(
+                    f"{self.name}: {method} {path} response of {declared} bytes exceeds the {cap}-byte cap"
+                )
             buf = bytearray()
             async for chunk in resp.aiter_bytes():
                 buf += chunk

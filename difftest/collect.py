@@ -188,3 +188,18 @@ def _aligned(echoed: Sequence[Position], generated: Sequence[Position]) -> bool:
         elif e.token != g.token:
             return False
     return True
+
+
+async def detokenize(ep: Endpoint, token_id: int) -> str | None:
+    """One token id -> its text, via /detokenize (vLLM's shape); None where not served."""
+    if not ep.caps.tokenize:
+        return None
+    body: dict[str, Any] = {"tokens": [token_id]}
+    if ep.caps.model:
+        body["model"] = ep.caps.model
+    try:
+        data = await ep.client.post_json("/detokenize", body)
+    except DifftestError:
+        return None
+    text = data.get("prompt") if isinstance(data, dict) else None
+    return text if isinstance(text, str) else None

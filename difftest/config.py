@@ -156,6 +156,8 @@ class _KeyLocator:
         while True:
             if key is not None and (table, key) in self.keys:
                 return self.keys[(table, key)]
+            if key is not None and (*table, key) in self.tables:  # the key is a [table] header
+                return self.tables[(*table, key)]
             if table in self.tables:
                 return self.tables[table]
             if not table:
@@ -223,7 +225,7 @@ def parse_config(doc: dict[str, Any], *, text: str, path: Path) -> RunConfig:
     targets: list[TargetConfig] = []
     goldens: list[ServerSpec] = []
     for i, table in enumerate(raw_targets):
-        targets.append(_parse_target(ctx, ("target", i), table, base, debug_default, thresholds, goldens))
+        targets.append(_parse_target(ctx, ("target", i), table, base, debug_default, goldens))
 
     owner: dict[str, ServerSpec] = {reference.name: reference}
     for i, t in enumerate(targets):
@@ -264,7 +266,7 @@ def _server(
 
 def _parse_target(
     ctx: _Ctx, where: tuple[Any, ...], table: Any, base: Path, debug_default: bool,
-    thresholds: dict[str, dict[str, float]], goldens: list[ServerSpec],
+    goldens: list[ServerSpec],
 ) -> TargetConfig:  # fmt: skip
     if not isinstance(table, dict):
         raise ctx.error(where, None, "must be a table")
@@ -382,12 +384,17 @@ def _parse_thresholds(ctx: _Ctx, table: dict[str, Any]) -> dict[str, dict[str, f
         for key, value in items.items():
             metric = prefix + key
             if isinstance(value, dict) and not prefix and key in parts:
-                add(scheme, where, value, prefix=f"{key}.")
+                add(scheme, (*where, key), value, prefix=f"{key}.")
                 continue
             if known is not None and metric not in known:
                 hint = did_you_mean(metric, sorted(known)) or f" (known: {', '.join(sorted(known))})"
                 raise ctx.error(where, key, f"metric {metric!r} is unknown{hint}")
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise ctx.error(where, key, f"key {metric!r} must be a finite number >= 0, got {value!r}")
             out.setdefault(scheme, {})[metric] = float(value)
 

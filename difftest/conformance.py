@@ -14,6 +14,7 @@ naming the first differing probe; a comparison that cannot be made is a warning.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,6 +37,29 @@ ECHO_GEN_TOKENS = 8
 # The echo bugs this guards against (off-by-one positions, another model path) differ by whole nats.
 ECHO_LOGPROB_TOL = 0.05
 OK, WARN, FAIL, NA = "ok", "warn", "fail", "n/a"
+_TF_OFF = "teacher-forced metrics disabled"
+# Every degraded feature's warning names what it disables (keys are stable for callers and tests).
+WARNINGS = {
+    "no_models": "no /v1/models: model id unknown; requests carry no model name",
+    "nondeterministic": "greedy decoding is not deterministic: token-match metrics include server noise "
+    "(measure it with `difftest noise`)",
+    "determinism_unknown": "greedy determinism unknown (the repeated request failed)",
+    "logprobs_capped": "logprobs capped at {cap}: KL is estimated from top-{cap} with a wider tail bucket",
+    "no_logprobs": "no logprobs: teacher-forced metrics and TIE/DRIFT classification disabled",
+    "no_token_ids": "no token ids (neither return_tokens_as_token_ids nor /tokenize): tokenizers are compared "
+    "by token strings and teacher forcing echoes text (alignment-checked)",
+    "no_int_prompts": "prompts as token-id lists rejected: teacher forcing echoes text (alignment-checked)",
+    "no_echo": f"no echo: {_TF_OFF}",
+    "echo_logprobs_fail": f"echo with logprobs fails ({{err}}): {_TF_OFF}",
+    "echo_no_prompt_logprobs": f"echo returns no prompt logprobs: {_TF_OFF}",
+    "echo_misaligned": f"echoed tokens do not line up with the prompt: {_TF_OFF}",
+    "echo_unverified": f"echoed logprobs unverified ({{why}}): {_TF_OFF}",
+    "echo_inconsistent": "echoed logprobs differ from generation by up to {diff:.3g} nats (tolerance {tol}): "
+    f"{_TF_OFF} (echo not trusted)",
+    "no_tokenizations": "probe texts could not be tokenized: tokenizer compatibility unverifiable",
+    "tokenizations_failed": "{n} probe tokenization request(s) failed: tokenizer compatibility checked on fewer texts",
+    "no_debug": "no debug protocol: white-box checks (layers, quant audit) disabled",
+}
 
 
 @dataclass(frozen=True)
@@ -72,11 +96,18 @@ class Capabilities:
     @property
     def teacher_forced(self) -> bool:
         """Echoed logprobs can be trusted for teacher-forced metrics."""
-        return self.logprobs_cap >= 1 and self.echo_logprobs and self.echo_aligned is not False and bool(self.echo_consistent)
+        return (
+            self.logprobs_cap >= 1
+            and self.echo_logprobs
+            and self.echo_aligned is not False
+            and bool(self.echo_consistent)
+        )
 
     @property
     def token_ids(self) -> str:
-        return "return_tokens_as_token_ids" if self.token_id_strings else "tokenize" if self.tokenize else "none"
+        return (
+            "return_tokens_as_token_ids" if self.token_id_strings else "tokenize" if self.tokenize else "none"
+        )
 
     def table(self) -> list[tuple[str, str, str]]:
         return list(self.checks)
@@ -94,10 +125,11 @@ class _Probe:
     checks: list[tuple[str, str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    def check(self, name: str, status: str, detail: str, warning: str | None = None) -> None:
+    def check(self, name: str, status: str, detail: str, warning: str | None = None, **fmt: Any) -> None:
+        """One table row; `warning` is a WARNINGS key, formatted with `fmt`."""
         self.checks.append((name, status, detail))
         if warning:
-            self.warnings.append(warning)
+            self.warnings.append(WARNINGS[warning].format(**fmt))
 
     async def ask(self, payload: dict[str, Any], *, retries: int = 0) -> tuple[dict | None, str]:
         """(response, "") or (None, why): a refused feature is data here, not an exception."""
@@ -142,10 +174,12 @@ async def _probe_models(p: _Probe) -> None:
         models = await p.client.models()
     except (RequestRejected, ServerError) as e:
         p.fields |= {"model": None, "models": ()}
-        p.check("models", WARN, _why(e), "no /v1/models: model id unknown; requests carry no model name")
+        p.check("models", WARN, _why(e), "no_models")
         return
     p.fields |= {"model": models[0] if models else None, "models": tuple(models)}
-    p.check("models", OK if models else WARN, ", ".join(models) or "empty list")
+    p.check(
+        "models", OK if models else WARN, ", ".join(models) or "empty list", None if models else "no_models"
+    )
 
 
 async def _probe_generation(p: _Probe, text: str) -> None:
@@ -153,120 +187,119 @@ async def _probe_generation(p: _Probe, text: str) -> None:
     first, err = await p.ask(req, retries=p.client.max_retries)
     choice = first["choices"][0] if first and first["choices"] else None
     if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
-        raise ConformanceError(f"{p.client.name} ({p.client.base_url}) cannot serve /v1/completions: {err or 'no text'}")
-    p.check("completions", OK, f"{len(first['choices'][0]['text'])} chars for max_tokens=16")
+        where = f"{p.client.name} ({p.client.base_url})"
+        raise ConformanceError(f"{where} cannot serve /v1/completions: {err or 'answer without text'}")
+    a = choice["text"]
+    p.check("completions", OK, f"{len(a)} chars for max_tokens=16")
     second, err = await p.ask(req)
-    if second is None:
-        p.check("greedy determinism", WARN, err, "greedy determinism unknown (repeat request failed)")
+    b = second["choices"][0].get("text") if second and second["choices"] else None
+    if not isinstance(b, str):
+        p.check("greedy determinism", WARN, err or "no text", "determinism_unknown")
         return
-    a, b = first["choices"][0]["text"], second["choices"][0].get("text")
     p.fields["deterministic"] = a == b
     if a == b:
         p.check("greedy determinism", OK, "same request twice -> same text")
     else:
-        at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b or "")))
-        p.check("greedy determinism", WARN, f"texts differ at char {at}",
-                "greedy decoding is not deterministic: token-match metrics include server noise "
-                "(measure it with `difftest noise`)")  # fmt: skip
+        p.check("greedy determinism", WARN, f"texts differ at char {_first_diff(a, b)}", "nondeterministic")
 
 
 async def _probe_logprobs(p: _Probe, text: str) -> None:
     for k in LOGPROBS_TRIES:
-        resp, err = await p.ask({"prompt": text, "max_tokens": 1, "temperature": 0, "logprobs": k})
+        resp, _ = await p.ask({"prompt": text, "max_tokens": 1, "temperature": 0, "logprobs": k})
         if resp is None:
             continue
         view = parse_choice(resp["choices"][0])
-        got = min(k, view.top_k) if view.top_k else 0
-        p.fields |= {"logprobs_cap": got, "top_logprobs_keys": view.top_keys}
-        if got >= 20:
-            p.check("logprobs cap", OK, f"logprobs={k} accepted")
-        elif got:
-            p.check("logprobs cap", WARN, f"max accepted: {got}",
-                    f"logprobs capped at {got}: KL is estimated from top-{got} with a wider tail bucket")  # fmt: skip
-        else:
-            break
-        return
+        cap = min(k, view.top_k)  # a server may accept k and silently send fewer
+        if cap:
+            p.fields |= {"logprobs_cap": cap, "top_logprobs_keys": view.top_keys}
+            status, warning = (OK, None) if cap >= 20 else (WARN, "logprobs_capped")
+            p.check("logprobs cap", status, f"max accepted: {cap}", warning, cap=cap)
+            return
     p.fields["logprobs_cap"] = 0
-    p.check("logprobs cap", FAIL, "no logprobs request accepted",
-            "no logprobs: teacher-forced metrics and TIE/DRIFT classification disabled")  # fmt: skip
+    p.check("logprobs cap", FAIL, "no logprobs request accepted", "no_logprobs")
 
 
 async def _probe_token_ids(p: _Probe, text: str) -> None:
-    if p.fields["logprobs_cap"] >= 1:
-        req = {"prompt": text, "max_tokens": 2, "temperature": 0, "logprobs": 1, "return_tokens_as_token_ids": True}
+    f = p.fields
+    f["token_id_strings"] = False
+    if f["logprobs_cap"] >= 1:
+        req = {
+            "prompt": text,
+            "max_tokens": 2,
+            "temperature": 0,
+            "logprobs": 1,
+            "return_tokens_as_token_ids": True,
+        }
         resp, err = await p.ask(req)
         view = parse_choice(resp["choices"][0]) if resp else None
-        p.fields["token_id_strings"] = bool(view and len(view) and view.has_ids)
-        if view is not None and p.fields["token_id_strings"]:
-            p.fields |= {"top_logprobs_keys": view.top_keys, "_gen_ids": list(view.token_ids or ())}
-        p.check("token ids in responses", OK if p.fields["token_id_strings"] else WARN,
-                "tokens as token_id:N" if p.fields["token_id_strings"] else (err or "flag ignored"))  # fmt: skip
+        if view is not None and len(view) and view.has_ids:
+            f |= {
+                "token_id_strings": True,
+                "top_logprobs_keys": view.top_keys,
+                "_gen_ids": list(view.token_ids or ()),
+            }
+            p.check("token ids in responses", OK, "tokens as token_id:N")
+        else:
+            p.check("token ids in responses", WARN, err or "flag ignored")
     else:
-        p.fields["token_id_strings"] = False
         p.check("token ids in responses", NA, "needs logprobs")
-    ids, _ = await _tokenize(p.client, text)
-    p.fields["tokenize"] = ids is not None
-    p.fields["_ids0"] = ids
-    p.check("/tokenize", OK if ids is not None else WARN, f"{len(ids)} tokens" if ids is not None else "not served")
-    if not p.fields["token_id_strings"] and ids is None:
-        p.warnings.append("no token ids (neither return_tokens_as_token_ids nor /tokenize): tokenizers are "
-                          "compared by token strings and teacher forcing echoes text (alignment-checked)")  # fmt: skip
-    known = ids or p.fields.get("_gen_ids")
-    if known is None:
-        p.fields["int_prompts"] = None
+    ids, err = await _tokenize(p.client, text)
+    f |= {"tokenize": ids is not None, "_ids0": ids}
+    p.check("/tokenize", WARN if ids is None else OK, err if ids is None else f"{len(ids)} tokens")
+    if not f["token_id_strings"] and ids is None:
+        p.warnings.append(WARNINGS["no_token_ids"])
+    known = ids or f.get("_gen_ids")
+    if not known:
+        f["int_prompts"] = None
         p.check("token-id prompts", NA, "no token ids known to send")
         return
     resp, err = await p.ask({"prompt": list(known), "max_tokens": 1, "temperature": 0})
-    p.fields["int_prompts"] = resp is not None
-    p.check("token-id prompts", OK if resp else WARN, "accepted" if resp else err,
-            None if resp else "prompts as token-id lists rejected: teacher forcing echoes text (alignment-checked)")  # fmt: skip
+    f["int_prompts"] = resp is not None
+    p.check("token-id prompts", OK if resp else WARN, err or "accepted", None if resp else "no_int_prompts")
 
 
 async def _probe_echo(p: _Probe, text: str) -> None:
     k = min(p.fields["logprobs_cap"], 5)
     req: dict[str, Any] = {"prompt": text, "max_tokens": 0, "echo": True, "temperature": 0}
     resp, err = await p.ask(req | ({"logprobs": k} if k else {}))
-    if resp is None and k:
-        plain, _ = await p.ask(req)
-        if plain is not None:
-            p.fields |= {"echo": True, "echo_logprobs": False}
-            p.check("echo", WARN, f"echo works, echo+logprobs fails ({err})",
-                    f"echo with logprobs fails ({err}): teacher-forced metrics disabled")  # fmt: skip
-            return
+    if resp is None and k and (await p.ask(req))[0] is not None:
+        p.fields |= {"echo": True, "echo_logprobs": False}
+        p.check("echo", WARN, f"echo works, echo+logprobs fails ({err})", "echo_logprobs_fail", err=err)
+        return
     if resp is None:
         p.fields["echo"] = False
-        p.check("echo", FAIL, err, "no echo: teacher-forced metrics disabled")
+        p.check("echo", FAIL, err, "no_echo")
         return
     p.fields["echo"] = True
     choice = resp["choices"][0]
     view = parse_choice(choice)
-    n_lp = sum(lp is not None for lp in view.logprobs)
     if not k:
         p.check("echo", OK, "echo works (logprobs not available)")
         return
-    if n_lp == 0:
+    if all(lp is None for lp in view.logprobs):
         p.fields["echo_logprobs"] = False
-        p.check("echo", WARN, f"echo returns {len(view)} tokens, none with a logprob",
-                "echo returns no prompt logprobs: teacher-forced metrics disabled")  # fmt: skip
+        p.check(
+            "echo", WARN, f"echo returns {len(view)} tokens, none with a logprob", "echo_no_prompt_logprobs"
+        )
         return
     p.fields["echo_logprobs"] = True
     p.check("echo", OK, f"max_tokens=0 echo, {len(view)} prompt tokens with logprobs")
     problems = _alignment_problems(view, text, choice.get("text"), p.fields.get("_ids0"))
     p.fields["echo_aligned"] = not problems
-    p.check("echo aligned", WARN if problems else OK, "; ".join(problems) or "tokens re-form the prompt",
-            "echoed tokens do not line up with the prompt: teacher-forced metrics disabled" if problems else None)  # fmt: skip
+    if problems:
+        p.check("echo aligned", WARN, "; ".join(problems), "echo_misaligned")
+    else:
+        p.check("echo aligned", OK, "tokens re-form the prompt")
 
 
 def _alignment_problems(view: TokensView, text: str, echoed_text: Any, ids: list[int] | None) -> list[str]:
     problems = []
     tokens = list(view.tokens)
-    joined = "".join(tokens)
     # a BOS the tokenizer adds is echoed as a token of its own (vLLM): allow leading specials
-    while joined != text and tokens and tokens[0].startswith("<") and tokens[0].endswith(">"):
+    while "".join(tokens) != text and tokens and tokens[0].startswith("<") and tokens[0].endswith(">"):
         tokens.pop(0)
-        joined = "".join(tokens)
-    if joined != text and not view.has_ids:
-        problems.append(f"tokens join to {_short(joined, 40)!r}, not the prompt")
+    if "".join(tokens) != text:
+        problems.append(f"tokens join to {_short(''.join(tokens), 40)!r}, not the prompt")
     if view.logprobs and view.logprobs[0] is not None:
         problems.append("first echoed logprob is not null")
     if any(lp is None for lp in view.logprobs[1:]):
@@ -279,56 +312,61 @@ def _alignment_problems(view: TokensView, text: str, echoed_text: Any, ids: list
 
 
 async def _probe_echo_consistency(p: _Probe, text: str) -> None:
-    f = p.fields
+    """Generate k tokens, echo prompt + them with max_tokens=0, compare the k logprobs."""
+    f, name = p.fields, "echo = generation logprobs"
     if not (f.get("echo_logprobs") and f.get("echo_aligned")):
-        p.check("echo = generation logprobs", NA, "needs echo with aligned prompt logprobs")
+        p.check(name, NA, "needs echo with aligned prompt logprobs")
         return
     as_ids = {"return_tokens_as_token_ids": True} if f["token_id_strings"] else {}
-    gen_req = {"prompt": text, "max_tokens": ECHO_GEN_TOKENS, "temperature": 0, "logprobs": 1} | as_ids
-    gen, err = await p.ask(gen_req)
+    echo_req = {"max_tokens": 0, "echo": True, "logprobs": 1} | as_ids
+    gen, err = await p.ask(
+        {"prompt": text, "max_tokens": ECHO_GEN_TOKENS, "temperature": 0, "logprobs": 1} | as_ids
+    )
     if gen is None:
-        p.check("echo = generation logprobs", WARN, err, "echoed logprobs unverified: teacher-forced metrics disabled")
+        p.check(name, WARN, err, "echo_unverified", why="generation with logprobs failed")
         return
     g = parse_choice(gen["choices"][0])
     prompt_ids = f.get("_ids0")
     if prompt_ids is None and f["token_id_strings"]:
-        echo0, _ = await p.ask({"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1} | as_ids)
+        echo0, _ = await p.ask({"prompt": text} | echo_req)
         prompt_ids = list(parse_choice(echo0["choices"][0]).token_ids or ()) if echo0 else None
     if f.get("int_prompts") and prompt_ids and g.has_ids:
         prompt: Any = list(prompt_ids) + list(g.token_ids or ())
         how = "token ids"
     else:
         prompt, how = text + gen["choices"][0]["text"], "text"
-    echo, err = await p.ask({"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1} | as_ids)
+    echo, err = await p.ask({"prompt": prompt} | echo_req)
     if echo is None:
-        p.check("echo = generation logprobs", WARN, err, "echoed logprobs unverified: teacher-forced metrics disabled")
+        p.check(name, WARN, err, "echo_unverified", why="echo of the continuation failed")
         return
     e = parse_choice(echo["choices"][0])[-len(g) :] if len(g) else TokensView(())
     same = e.token_ids == g.token_ids if (e.has_ids and g.has_ids) else e.tokens == g.tokens
     if not len(g) or not same:
-        p.check("echo = generation logprobs", WARN, f"echoed {how} does not re-form the generated tokens",
-                "echoed logprobs unverified (continuation re-tokenises differently): teacher-forced metrics disabled")  # fmt: skip
+        detail = f"echoed {how} does not re-form the generated tokens"
+        p.check(name, WARN, detail, "echo_unverified", why="the continuation re-tokenises differently")
         return
-    pairs = list(zip(e.logprobs, g.logprobs, strict=True))
-    if any(a is None or b is None for a, b in pairs):
-        diff = float("inf")
-    else:
-        diff = max(abs(a - b) for a, b in pairs)  # type: ignore[operator]
+    diffs = [
+        abs(a - b) if a is not None and b is not None else math.inf
+        for a, b in zip(e.logprobs, g.logprobs, strict=True)
+    ]
+    diff = max(diffs)
     ok = diff <= ECHO_LOGPROB_TOL
     f |= {"echo_consistent": ok, "echo_max_abs_diff": diff}
-    p.check("echo = generation logprobs", OK if ok else FAIL, f"max |diff| {diff:.3g} over {len(g)} tokens (via {how})",
-            None if ok else f"echoed logprobs differ from generation by up to {diff:.3g} nats (tolerance "
-            f"{ECHO_LOGPROB_TOL}): teacher-forced metrics disabled (echo not trusted)")  # fmt: skip
+    detail = f"max |diff| {diff:.3g} over {len(g)} tokens (via {how})"
+    p.check(
+        name, OK if ok else FAIL, detail, None if ok else "echo_inconsistent", diff=diff, tol=ECHO_LOGPROB_TOL
+    )
 
 
-async def _probe_tokenizations(p: _Probe, texts: Sequence[str], hint: Callable[[str], Sequence[int]] | None) -> None:
+async def _probe_tokenizations(
+    p: _Probe, texts: Sequence[str], hint: Callable[[str], Sequence[int]] | None
+) -> None:
     f, out, failed = p.fields, [], []
     for text in texts:
         ids, source, strings = None, "tokenize", None
         if f["tokenize"]:
             ids, err = await _tokenize(p.client, text)
-            if ids is None:
-                failed.append(err)
+            failed += [err] if ids is None else []
         if f.get("echo_logprobs"):
             as_ids = {"return_tokens_as_token_ids": True} if f["token_id_strings"] and ids is None else {}
             resp, err = await p.ask({"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1} | as_ids)
@@ -338,21 +376,28 @@ async def _probe_tokenizations(p: _Probe, texts: Sequence[str], hint: Callable[[
             elif as_ids and view.has_ids:
                 ids, source = list(view.token_ids or ()), "echo"
             elif not view.has_ids:
-                strings = view.tokens
+                strings = tuple(view.tokens)
         if ids is None and hint is not None:
             ids, source = list(hint(text)), "hint"
-        out.append(ProbeTokens(text, tuple(ids) if ids is not None else None,
-                               tuple(strings) if strings is not None else None, source if ids is not None else "none"))  # fmt: skip
+        out.append(
+            ProbeTokens(text, None if ids is None else tuple(ids), strings, "none" if ids is None else source)
+        )
     f["tokenizations"] = tuple(out)
     n_ids = sum(t.ids is not None for t in out)
     n_str = sum(t.strings is not None for t in out)
-    detail = f"{n_ids} as ids, {n_str} as strings of {len(out)}" + (f"; {len(failed)} failed: {failed[0]}" if failed else "")
+    detail = f"{n_ids} as ids, {n_str} as strings of {len(out)}" + (
+        f"; {len(failed)} failed: {failed[0]}" if failed else ""
+    )
     if not (n_ids or n_str):
-        p.check("probe tokenizations", WARN, detail, "probe texts could not be tokenized: tokenizer compatibility unverifiable")
-    elif failed:
-        p.check("probe tokenizations", WARN, detail, f"{len(failed)} probe tokenization request(s) failed: tokenizer compatibility checked on fewer texts")
+        p.check("probe tokenizations", WARN, detail, "no_tokenizations")
     else:
-        p.check("probe tokenizations", OK, detail)
+        p.check(
+            "probe tokenizations",
+            WARN if failed else OK,
+            detail,
+            "tokenizations_failed" if failed else None,
+            n=len(failed),
+        )
 
 
 async def _probe_debug(p: _Probe) -> None:
@@ -360,11 +405,12 @@ async def _probe_debug(p: _Probe) -> None:
         cfg = await p.client.get_json("/debug/config", retries=0)
     except (RequestRejected, ServerError) as e:
         p.fields |= {"debug": False, "vocab_size": None}
-        p.check("debug protocol", WARN, _why(e), "no debug protocol: white-box checks (layers, quant audit) disabled")
+        p.check("debug protocol", WARN, _why(e), "no_debug")
         return
-    vocab = cfg.get("vocab_size") if isinstance(cfg, dict) else None
+    cfg = cfg if isinstance(cfg, dict) else {}
+    vocab = cfg.get("vocab_size")
     p.fields |= {"debug": True, "vocab_size": vocab if isinstance(vocab, int) else None}
-    detail = ", ".join(f"{k}={cfg[k]}" for k in ("model", "dtype", "device") if isinstance(cfg, dict) and k in cfg)
+    detail = ", ".join(f"{k}={cfg[k]}" for k in ("model", "dtype", "device") if k in cfg)
     p.check("debug protocol", OK, detail or "GET /debug/config 200")
 
 
@@ -397,15 +443,27 @@ class PairCheck:
     warnings: tuple[str, ...] = ()
 
     def table(self) -> list[tuple[str, str, str]]:
-        tok = (OK, f"{self.probes_compared} probes identical by {self.verified_by}") if self.probes_compared else (WARN, "unverifiable")
+        tok = (
+            (OK, f"{self.probes_compared} probes identical by {self.verified_by}")
+            if self.probes_compared
+            else (WARN, "unverifiable")
+        )
         rows = [("same tokenization", *tok)]
         va, vb = self.vocab_sizes
         rows.append(("same vocabulary size", OK if va is not None and vb is not None else NA, f"{va} / {vb}"))
-        rows.append(("teacher forcing", OK if self.teacher_forced else WARN, "as ids" if self.echo_as_ids else "as text"))
+        rows.append(
+            (
+                "teacher forcing",
+                OK if self.teacher_forced else WARN,
+                "as ids" if self.echo_as_ids else "as text",
+            )
+        )
         return rows
 
 
-async def check_pair(ref: tuple[CompletionClient, Capabilities], tgt: tuple[CompletionClient, Capabilities]) -> PairCheck:
+async def check_pair(
+    ref: tuple[CompletionClient, Capabilities], tgt: tuple[CompletionClient, Capabilities]
+) -> PairCheck:
     (rc, ra), (tc, ta) = ref, tgt
     warnings: list[str] = []
     by_text = {t.text: t for t in ta.tokenizations}
@@ -422,19 +480,24 @@ async def check_pair(ref: tuple[CompletionClient, Capabilities], tgt: tuple[Comp
         else:
             continue
         if tuple(left) != tuple(right):
-            j = next((n for n, (x, y) in enumerate(zip(left, right, strict=False)) if x != y), min(len(left), len(right)))
+            j = _first_diff(left, right)
+            lo, hi = max(0, j - 2), j + 3
             raise ConformanceError(
                 f"tokenizers differ: probe {i} {_short(a.text, 40)!r} first differs at token {j}: "
-                f"{rc.name} gives {list(left[max(0, j - 2) : j + 3])} but {tc.name} gives {list(right[max(0, j - 2) : j + 3])} "
+                f"{rc.name} gives {list(left[lo:hi])} but {tc.name} gives {list(right[lo:hi])} "
                 f"({len(left)} vs {len(right)} {kind})"
             )
         compared += 1
         kinds.add(kind)
     if ra.vocab_size is not None and ta.vocab_size is not None and ra.vocab_size != ta.vocab_size:
-        raise ConformanceError(f"vocabulary sizes differ: {rc.name} has {ra.vocab_size}, {tc.name} has {ta.vocab_size}")
+        raise ConformanceError(
+            f"vocabulary sizes differ: {rc.name} has {ra.vocab_size}, {tc.name} has {ta.vocab_size}"
+        )
     if not compared:
-        warnings.append(f"tokenization of {rc.name} and {tc.name} could not be compared (no token ids or echoed "
-                        "tokens on both sides): a tokenizer mismatch would show up as garbled diffs")  # fmt: skip
+        warnings.append(
+            f"tokenization of {rc.name} and {tc.name} could not be compared (no token ids or echoed tokens "
+            "on both sides): a tokenizer mismatch would show up as garbled diffs"
+        )
     teacher_forced = ra.teacher_forced and ta.teacher_forced
     if not teacher_forced:
         who = [c.name for c, caps in ((rc, ra), (tc, ta)) if not caps.teacher_forced]
@@ -449,6 +512,10 @@ async def check_pair(ref: tuple[CompletionClient, Capabilities], tgt: tuple[Comp
         echo_as_ids=bool(ta.int_prompts) and ra.token_id_strings,
         warnings=tuple(warnings),
     )
+
+
+def _first_diff(a: Sequence[Any], b: Sequence[Any]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _why(e: Exception) -> str:

@@ -49,7 +49,9 @@ def read_prompt_file(path: Path) -> list[Prompt]:
         raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read prompts: {exc.strerror or exc}") from None
-    prompts = [_parse_line(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    prompts = [
+        _parse_line(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()
+    ]
     if not prompts:
         raise UsageError(f"{path}: no prompts (expected one JSON object per line)")
     return prompts
@@ -77,7 +79,9 @@ def _parse_line(line: str, where: str) -> Prompt:
     if not isinstance(text, str) or not text:
         raise UsageError(f"{where}: 'prompt' must be a non-empty string, got {text!r}")
     max_tokens = obj.get("max_tokens")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
         raise UsageError(f"{where}: 'max_tokens' must be a positive integer, got {max_tokens!r}")
     tags = obj.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):

@@ -260,7 +260,7 @@ def _clean(obj: Any) -> Any:
 
 
 def _unclean(obj: Any) -> Any:
-    if obj in ("nan", "inf", "-inf"):
+    if isinstance(obj, str) and obj in ("nan", "inf", "-inf"):
         return float(obj)
     return obj
 
@@ -289,7 +289,7 @@ def _coerce(tp: Any, value: Any) -> Any:
     args = typing.get_args(tp)
     if origin in (typing.Union, __import__("types").UnionType):
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value) if len(inner) == 1 else _unclean(value)
+        return _coerce(inner[0], value) if len(inner) == 1 else value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value)
     if origin in (list, tuple):
@@ -301,4 +301,5 @@ def _coerce(tp: Any, value: Any) -> Any:
         return {k: _coerce(vt, v) for k, v in value.items()}
     if tp is float:
         return float(_unclean(value))
-    return _unclean(value)
+    # Only float-typed fields turn "nan"/"inf" back into numbers: "inf" is also a real token.
+    return value

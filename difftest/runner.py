@@ -233,21 +233,42 @@ def load_floor(cfg: RunConfig) -> NoiseFloor | None:
     return NoiseFloor.from_json(path.read_text())
 
 
-def judge(cfg: RunConfig, result: TargetResult, floor: NoiseFloor | None, extra: Sequence[PartVerdict]) -> None:
-    from difftest.verdict import judge_target
+def overrides_for(thresholds: Mapping[str, Mapping[str, float]], scheme: str | None) -> dict[str, float]:
+    """`[thresholds]` tables -> one flat override map: `default` first, the scheme's own on top."""
+    return {**thresholds.get("default", {}), **thresholds.get(scheme or "none", {})}
+
+
+def judge(
+    cfg: RunConfig,
+    result: TargetResult,
+    floor: NoiseFloor | None,
+    extra: Sequence[PartVerdict],
+    skipped: Mapping[str, str] = {},
+) -> None:
+    from difftest.verdict import budget_for, judge_target
 
     tcfg = cfg.target(result.name)
+    overrides = cfg.thresholds_for(tcfg.scheme)
     result.verdict = judge_target(
         result.name,
         tcfg.expect,
-        exactness=result.comparison("exactness"),
-        accuracy=result.comparison("accuracy"),
-        scheme=tcfg.scheme,
-        floor=floor,
-        extra_parts=extra,
-        overrides=cfg.thresholds,
-        error_rate_limit=cfg.run.error_rate_limit,
+        result.comparison("exactness"),
+        result.comparison("accuracy"),  # type: ignore[arg-type]
+        budget_for(tcfg.scheme, overrides),
+        floor,
+        extra,
+        overrides,
+        skipped=skipped,
     )
+
+
+def _skipped(pairs: Sequence[_Pair], target: str) -> dict[str, str]:
+    """Groups conformance ruled out for this target, with the visible reason."""
+    out = {}
+    for pair in pairs:
+        if pair.target == target and not pair.teacher_forced:
+            out[f"{pair.kind}.teacher_forced"] = "echo with logprobs not supported or not trusted on this pair"
+    return out
 
 
 async def _whitebox(
@@ -332,7 +353,7 @@ async def run_async(
             tr.total_requests = len(gen)
             tr.failed_requests = sum(1 for g in gen.values() if g.error)
             extra = await _whitebox(cfg, tcfg, eps, prompts, tr)
-            judge(cfg, tr, floor, extra)
+            judge(cfg, tr, floor, extra, _skipped(pairs, tcfg.name))
             if tr.verdict is not None and not tr.verdict.localisation:
                 tr.verdict = dataclasses.replace(tr.verdict, localisation=_localisation_line(tr))
             run.targets.append(tr)
@@ -345,9 +366,9 @@ async def run_async(
 def infra_problems(run: RunResult, cfg: RunConfig, running: Mapping[str, RunningServer]) -> list[str]:
     """Reasons for exit 3: a server that died, or a target whose error rate passed the limit."""
     problems = [
-        f"server {name} exited with code {srv.exit_code} during the run (log: {srv.log_path})"
+        f"server {name} exited with code {srv.exit_code()} during the run (log: {srv.log_path})"
         for name, srv in running.items()
-        if srv.exit_code is not None
+        if srv.exit_code() is not None
     ]
     for t in run.targets:
         for c in t.comparisons:

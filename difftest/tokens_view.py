@@ -162,7 +162,9 @@ def _top(value: Any, i: int) -> Mapping[TopKey, float]:
         try:
             items = [(e["token"], e["logprob"]) for e in value]
         except (TypeError, KeyError) as e:
-            raise ServerError(f"malformed logprobs block: top_logprobs[{i}] entries lack token/logprob") from e
+            raise ServerError(
+                f"malformed logprobs block: top_logprobs[{i}] entries lack token/logprob"
+            ) from e
     else:
         raise ServerError(f"malformed logprobs block: top_logprobs[{i}] is {type(value).__name__}")
     out: dict[TopKey, float] = {}

@@ -5,7 +5,8 @@ word pieces, 128 byte-fallback tokens), a greedy longest-match tokenizer, and a 
 logits at each position are a seeded function of the last two token ids. It serves
 `/v1/completions` (string / list / token-id prompts, `max_tokens` 0 with echo, `logprobs` top-k,
 `echo`, `return_tokens_as_token_ids`, `stop`), `/tokenize`, `/detokenize`, `/v1/models`,
-`/health`, `/version` and, with `debug=True`, `GET /debug/config`.
+`/health`, `/version` and, with `debug=True`, `GET /debug/config`. Decoding is always greedy
+(`temperature`, `top_p`, `seed` are accepted and ignored); `stream` and `n > 1` are refused (400).
 
 Use it through httpx, no sockets:
 
@@ -145,7 +146,9 @@ class FakeModel:
         self.tok = tokenizer
         self.seed = seed
         self.noise = perturb_noise
-        self._penalty = np.array([0.0 if tokenizer.is_generatable(i) else -20.0 for i in range(tokenizer.vocab_size)])
+        self._penalty = np.array(
+            [0.0 if tokenizer.is_generatable(i) else -20.0 for i in range(tokenizer.vocab_size)]
+        )
         self._cached = lru_cache(maxsize=65536)(self._logprobs)
 
     def logprobs(self, context: Sequence[int]) -> np.ndarray:  # [vocab] float64, log-softmax
@@ -156,7 +159,10 @@ class FakeModel:
     def _logprobs(self, a: int, b: int) -> np.ndarray:
         z = np.random.default_rng([self.seed, a + 2, b + 2]).standard_normal(self.tok.vocab_size) * 2.0
         if self.noise:
-            z = z + np.random.default_rng([self.seed + 7919, a + 2, b + 2]).standard_normal(z.size) * self.noise
+            z = (
+                z
+                + np.random.default_rng([self.seed + 7919, a + 2, b + 2]).standard_normal(z.size) * self.noise
+            )
         z = z + self._penalty
         z = z - z.max()
         return z - np.log(np.exp(z).sum())
@@ -192,7 +198,9 @@ class FakeServer:
         return CompletionClient(FAKE_URL, name=name, transport=self.transport(), **kwargs)
 
     # ---------------------------------------------------------------- expectations for tests
-    def expected_greedy(self, prompt: str | Sequence[int], max_tokens: int, *, request_index: int = 0) -> list[int]:
+    def expected_greedy(
+        self, prompt: str | Sequence[int], max_tokens: int, *, request_index: int = 0
+    ) -> list[int]:
         return self._generate(self._ids(prompt), max_tokens, request_index)
 
     def expected_logprobs(self, prompt: str | Sequence[int]) -> list[float | None]:
@@ -209,7 +217,9 @@ class FakeServer:
         for j in range(max_tokens):
             lp = self.model.logprobs(ctx)
             first, second = (int(t) for t in np.argsort(-lp, kind="stable")[:2])
-            flip = (b.flip_every and (j + 1) % b.flip_every == 0) or (b.nondeterministic and j == 0 and request_index % 2)
+            flip = (b.flip_every and (j + 1) % b.flip_every == 0) or (
+                b.nondeterministic and j == 0 and request_index % 2
+            )
             tok = second if flip else first
             out.append(tok)
             ctx.append(tok)
@@ -251,7 +261,9 @@ class FakeServer:
                 toks.append(self._tok_str(tok, as_ids))
                 lps.append(lp)
                 tops.append(top)
-                prefix = self.tokenizer.decode((ids + gen)[:full_i]) if echo else self.tokenizer.decode(gen[:i])
+                prefix = (
+                    self.tokenizer.decode((ids + gen)[:full_i]) if echo else self.tokenizer.decode(gen[:i])
+                )
                 offs.append(len(prefix.replace("\ufffd", "")))
             if echo and b.echo_prompt_logprobs and b.echo_logprob_shift:  # the off-by-k echo bug:
                 s, n = b.echo_logprob_shift, len(ids)  # position i reports position i+s (last ones repeat)
@@ -268,6 +280,8 @@ class FakeServer:
             raise _Reject(404, f"The model `{req.get('model')}` does not exist.", "model")
         if req.get("stream"):
             raise _Reject(400, "stream is not supported by this fake", "stream")
+        if req.get("n", 1) != 1 or req.get("best_of", 1) != 1:  # refused, never silently ignored
+            raise _Reject(400, "n > 1 is not supported by this fake", "n")
         k = req.get("logprobs")
         if k is not None and (not isinstance(k, int) or k < 0 or k > b.max_logprobs or b.max_logprobs == 0):
             raise _Reject(400, f"logprobs must be between 0 and {b.max_logprobs}, got {k}", "logprobs")
@@ -297,7 +311,11 @@ class FakeServer:
             "created": int(time.time()),
             "model": b.model,
             "choices": choices,
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen},
+            "usage": {
+                "prompt_tokens": n_prompt,
+                "completion_tokens": n_gen,
+                "total_tokens": n_prompt + n_gen,
+            },
         }
 
 
@@ -316,9 +334,9 @@ def _build_app(server: FakeServer) -> FastAPI:
         server.requests.append((request.method, request.url.path))
         if server.dead:
             return _error(503, "server is shutting down")
-        if b.api_key and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {b.api_key}":
-                return _error(401, "Invalid API key", code="invalid_api_key", kind="authentication_error")
+        authorised = request.headers.get("authorization") == f"Bearer {b.api_key}"
+        if b.api_key and request.url.path != "/health" and not authorised:
+            return _error(401, "Invalid API key", code="invalid_api_key", kind="authentication_error")
         return await call_next(request)
 
     @app.get("/health")
@@ -403,7 +421,9 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
         return [prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
         return list(prompt)
-    raise _Reject(400, "prompt must be a string, a list of strings, token ids or lists of token ids", "prompt")
+    raise _Reject(
+        400, "prompt must be a string, a list of strings, token ids or lists of token ids", "prompt"
+    )
 
 
 def _stops(stop: Any) -> list[str]:

@@ -18,7 +18,9 @@ RESP = {"choices": [{"index": 0, "text": "3"}]}
 
 
 def prompts(n: int) -> list[dict]:
-    return [{"model": "fake-model", "prompt": f"prompt {i}:", "max_tokens": 3, "logprobs": 2} for i in range(n)]
+    return [
+        {"model": "fake-model", "prompt": f"prompt {i}:", "max_tokens": 3, "logprobs": 2} for i in range(n)
+    ]
 
 
 def test_round_trip_and_canonical_keys(tmp_path: Path) -> None:
@@ -30,7 +32,14 @@ def test_round_trip_and_canonical_keys(tmp_path: Path) -> None:
         assert cache.get(FP, dict(reversed(list(REQ.items()))) | {"temperature": 0.0}) == RESP
         assert cache.get(FP, REQ | {"max_tokens": 5}) is None
         assert cache.get(FP | {"version": "2"}, REQ) is None
-        assert cache.stats() | {"path": ""} == {"path": "", "entries": 1, "servers": [], "hits": 2, "misses": 3, "puts": 1}
+        assert cache.stats() | {"path": ""} == {
+            "path": "",
+            "entries": 1,
+            "servers": [],
+            "hits": 2,
+            "misses": 3,
+            "puts": 1,
+        }
     assert cache_key(FP, REQ) != cache_key(FP, REQ | {"seed": 1})
 
 

@@ -13,7 +13,11 @@ from fakes import FakeBehaviour, FakeServer
 from difftest.client import CompletionClient
 from difftest.errors import RequestRejected, ServerError
 
-OK_BODY = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "hi", "finish_reason": "length"}]}
+OK_BODY = {
+    "id": "x",
+    "object": "text_completion",
+    "choices": [{"index": 0, "text": "hi", "finish_reason": "length"}],
+}
 PAYLOAD = {"model": "m", "prompt": "hello", "max_tokens": 2}
 
 
@@ -38,7 +42,9 @@ def client_for(transport: httpx.AsyncBaseTransport, **kw) -> CompletionClient:
 
 
 def err(status: int, message: str, **headers: str) -> httpx.Response:
-    return httpx.Response(status, json={"error": {"message": message, "type": "x", "code": status}}, headers=headers)
+    return httpx.Response(
+        status, json={"error": {"message": message, "type": "x", "code": status}}, headers=headers
+    )
 
 
 async def test_429_then_200_is_retried() -> None:
@@ -51,7 +57,9 @@ async def test_429_then_200_is_retried() -> None:
 
 
 async def test_connect_errors_and_5xx_are_retried() -> None:
-    transport, seen = scripted(httpx.ConnectError("refused"), err(502, "bad gateway"), httpx.Response(200, json=OK_BODY))
+    transport, seen = scripted(
+        httpx.ConnectError("refused"), err(502, "bad gateway"), httpx.Response(200, json=OK_BODY)
+    )
     async with client_for(transport) as c:
         assert await c.completions(PAYLOAD) == OK_BODY
         assert c.retries == 2
@@ -87,7 +95,9 @@ async def test_backoff_is_exponential_with_jitter_and_honours_retry_after() -> N
     async def record(s: float) -> None:
         delays.append(s)
 
-    transport, _ = scripted(err(500, "a"), err(500, "b"), err(500, "c"), err(429, "d", **{"Retry-After": "3"}))
+    transport, _ = scripted(
+        err(500, "a"), err(500, "b"), err(500, "c"), err(429, "d", **{"Retry-After": "3"})
+    )
     c = client_for(transport, max_retries=3, backoff_base_s=1.0, backoff_max_s=100.0, sleep=record)
     with pytest.raises(ServerError):
         await c.completions(PAYLOAD)

@@ -33,7 +33,12 @@ EXPECTED = {
     "logprobs_cap_5": ("logprobs cap", "warn", "logprobs capped at 5", True),
     "no_logprobs": ("logprobs cap", "fail", "no logprobs: teacher-forced metrics", False),
     "echo_logprobs_500": ("echo", "warn", "echo with logprobs fails (HTTP 500", False),
-    "misaligned_echo": ("echo = generation logprobs", "fail", "echoed logprobs differ from generation", False),
+    "misaligned_echo": (
+        "echo = generation logprobs",
+        "fail",
+        "echoed logprobs differ from generation",
+        False,
+    ),
     "nondeterministic": ("greedy determinism", "warn", "greedy decoding is not deterministic", True),
     "no_int_prompts": ("token-id prompts", "warn", "prompts as token-id lists rejected", True),
     "debug": ("debug protocol", "ok", None, True),
@@ -56,7 +61,12 @@ async def test_each_quirk_is_reported_with_its_warning(quirk: str) -> None:
 async def test_good_server_capabilities() -> None:
     caps = await probed(FakeBehaviour(debug=True))
     assert caps.warnings == ()
-    assert (caps.model, caps.models, caps.deterministic, caps.logprobs_cap) == ("fake-model", ("fake-model",), True, 20)
+    assert (caps.model, caps.models, caps.deterministic, caps.logprobs_cap) == (
+        "fake-model",
+        ("fake-model",),
+        True,
+        20,
+    )
     assert caps.token_ids == "return_tokens_as_token_ids" and caps.top_logprobs_keys == "id"
     assert caps.echo and caps.echo_logprobs and caps.echo_aligned and caps.echo_consistent
     assert caps.echo_max_abs_diff == 0.0 and caps.int_prompts and caps.tokenize and caps.debug
@@ -82,7 +92,9 @@ async def test_tokenizer_hint_fills_ids_when_the_server_has_none() -> None:
     tok = FakeServer().tokenizer
     async with FakeServer(QUIRKS["string_keyed_no_ids"]).client() as c:
         caps = await probe(c, probe_texts=("1+2+3=",), tokenizer_hint=tok.encode)
-    assert caps.tokenizations == (ProbeTokens("1+2+3=", tuple(tok.encode("1+2+3=")), caps.tokenizations[0].strings, "hint"),)
+    assert caps.tokenizations == (
+        ProbeTokens("1+2+3=", tuple(tok.encode("1+2+3=")), caps.tokenizations[0].strings, "hint"),
+    )
 
 
 @pytest.mark.parametrize("behaviour", [FakeBehaviour(die_after=0), FakeBehaviour(api_key="k")])

@@ -39,6 +39,11 @@ def fake(name: str, *flags: str, **kw) -> ServerSpec:
     return ServerSpec(name=name, command=cmd, startup_timeout_s=kw.pop("startup_timeout_s", 20.0), **kw)
 
 
+def start_and_stop(specs: list[ServerSpec], *, log_dir: Path) -> None:
+    with launch_servers(specs, log_dir=log_dir):
+        pass
+
+
 def token_of(spec: ServerSpec) -> str:
     return spec.command.split("--name ")[1].split()[0]
 
@@ -151,8 +156,7 @@ def test_occupied_port_is_named(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(LaunchError, match=f"port {port} is already in use"):
-            with launch_servers([fake("ref", port=port)], log_dir=tmp_path):
-                pass
+            start_and_stop([fake("ref", port=port)], log_dir=tmp_path)
 
 
 def test_explicit_free_port_is_used(tmp_path: Path) -> None:
@@ -167,8 +171,7 @@ def test_startup_timeout_names_server_and_last_answer(tmp_path: Path) -> None:
     spec = fake("slow", "--delay", "30", startup_timeout_s=0.5)
     t0 = time.monotonic()
     with pytest.raises(LaunchError, match=r"'slow' .* not healthy after 0.5s \(last answer: Connect"):
-        with launch_servers([spec], log_dir=tmp_path):
-            pass
+        start_and_stop([spec], log_dir=tmp_path)
     assert time.monotonic() - t0 < 5
     assert pids_with(token_of(spec)) == []
 
@@ -176,19 +179,20 @@ def test_startup_timeout_names_server_and_last_answer(tmp_path: Path) -> None:
 def test_missing_executable_is_a_launch_error(tmp_path: Path) -> None:
     spec = ServerSpec(name="nope", command="/nonexistent/engine --port {port}")
     with pytest.raises(LaunchError, match="'nope': cannot run '/nonexistent/engine'"):
-        with launch_servers([spec], log_dir=tmp_path):
-            pass
+        start_and_stop([spec], log_dir=tmp_path)
 
 
 def test_duplicate_names_refused(tmp_path: Path) -> None:
-    with pytest.raises(LaunchError, match="repeated: a"), launch_servers([fake("a"), fake("a")], log_dir=tmp_path):
+    with (
+        pytest.raises(LaunchError, match="repeated: a"),
+        launch_servers([fake("a"), fake("a")], log_dir=tmp_path),
+    ):
         pass
 
 
 def test_command_without_port_placeholder_needs_port(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"no \{port\} placeholder"):
-        with launch_servers([ServerSpec(name="x", command="engine serve")], log_dir=tmp_path):
-            pass
+        start_and_stop([ServerSpec(name="x", command="engine serve")], log_dir=tmp_path)
 
 
 # ----------------------------------------------------------------------------- health variants, url, env
@@ -207,8 +211,7 @@ def test_api_key_from_env_is_used_for_health_and_never_logged(tmp_path: Path, mo
     assert "s3cret-key" not in (tmp_path / "keyed.log").read_text()
     monkeypatch.delenv("DIFFTEST_TEST_KEY")
     with pytest.raises(LaunchError, match="DIFFTEST_TEST_KEY .* is not set"):
-        with launch_servers([spec], log_dir=tmp_path):
-            pass
+        start_and_stop([spec], log_dir=tmp_path)
 
 
 def test_env_gpus_and_cwd_reach_the_process(tmp_path: Path) -> None:
@@ -236,8 +239,9 @@ def test_url_server_is_health_checked_not_started(tmp_path: Path) -> None:
             assert remote.url == url and remote.pid is None and remote.exit_code() is None
         assert started["real"].exit_code() is None  # leaving the url block stopped nothing
     with pytest.raises(LaunchError, match="'gone' at http://127.0.0.1:9 not healthy"):
-        with launch_servers([ServerSpec(name="gone", url="http://127.0.0.1:9", startup_timeout_s=0.3)], log_dir=tmp_path):
-            pass
+        start_and_stop(
+            [ServerSpec(name="gone", url="http://127.0.0.1:9", startup_timeout_s=0.3)], log_dir=tmp_path
+        )
 
 
 # ----------------------------------------------------------------------------- argv and TOML tables
@@ -274,15 +278,29 @@ def test_shim_argv_carries_every_option() -> None:
 
 
 def test_command_template_substitutes_and_keeps_json_braces() -> None:
-    spec = ServerSpec(name="v", model="org/m", command="vllm serve {model} --port {port} --host {host} --x '{\"a\": 1}'")
-    assert build_argv(spec, 8001) == ["vllm", "serve", "org/m", "--port", "8001", "--host", "127.0.0.1", "--x", '{"a": 1}']
+    spec = ServerSpec(
+        name="v", model="org/m", command="vllm serve {model} --port {port} --host {host} --x '{\"a\": 1}'"
+    )
+    assert build_argv(spec, 8001) == [
+        "vllm",
+        "serve",
+        "org/m",
+        "--port",
+        "8001",
+        "--host",
+        "127.0.0.1",
+        "--x",
+        '{"a": 1}',
+    ]
 
 
 def test_spec_from_table_checks_keys_types_and_choices() -> None:
     spec = spec_from_table(
         {"model": "tiny-llama", "quant": "int8", "faults": "scale-skipped", "gpus": [0, 1]}, default_name="r"
     )
-    assert spec.name == "r" and spec.faults == ("scale-skipped",) and spec.gpus == "0,1" and spec.kind == "shim"
+    assert (
+        spec.name == "r" and spec.faults == ("scale-skipped",) and spec.gpus == "0,1" and spec.kind == "shim"
+    )
     cases = [
         ({"model": "m", "quantt": "int8"}, "quantt", "did you mean 'quant'"),
         ({"model": "m", "seed": "1"}, "seed", "must be an integer, got str '1'"),
@@ -290,7 +308,11 @@ def test_spec_from_table_checks_keys_types_and_choices() -> None:
         ({"model": "m", "quant": "fp8-blok"}, "quant", "did you mean 'fp8-block'"),
         ({"model": "m", "backend": "cuda"}, "backend", "must be one of auto, torch"),
         ({"model": "m", "faults": ["scale-transposd@x"]}, "faults", "did you mean 'scale-transposed'"),
-        ({"model": "m", "quant": "fp8-token", "faults": ["scale-transposed"]}, "faults", "cannot exist in scheme 'fp8-token'"),
+        (
+            {"model": "m", "quant": "fp8-token", "faults": ["scale-transposed"]},
+            "faults",
+            "cannot exist in scheme 'fp8-token'",
+        ),
         ({"model": "m", "port": 70000}, "port", "1..65535"),
         ({"command": "e --port {port}", "quant": "int8"}, "quant", "only to built-in shim"),
         ({"url": "http://h", "env": {"A": "b"}}, "env", "does not apply to a 'url' server"),
@@ -306,9 +328,23 @@ def test_spec_from_table_checks_keys_types_and_choices() -> None:
 
 
 def test_auto_golden_is_torch_without_faults() -> None:
-    target = ServerSpec(name="t", model="m", quant="fp8-token", backend="vendor", faults=("garbage-gemm",), ck_free=True, port=9000)
+    target = ServerSpec(
+        name="t",
+        model="m",
+        quant="fp8-token",
+        backend="vendor",
+        faults=("garbage-gemm",),
+        ck_free=True,
+        port=9000,
+    )
     golden = auto_golden(target)
-    assert (golden.name, golden.backend, golden.faults, golden.ck_free, golden.port) == ("t-golden", "torch", (), False, None)
+    assert (golden.name, golden.backend, golden.faults, golden.ck_free, golden.port) == (
+        "t-golden",
+        "torch",
+        (),
+        False,
+        None,
+    )
     assert (golden.model, golden.quant) == ("m", "fp8-token")
     with pytest.raises(SpecError, match="name the golden server yourself"):
         auto_golden(ServerSpec(name="x", url="http://h"))
@@ -319,7 +355,9 @@ def test_auto_golden_is_torch_without_faults() -> None:
 
 def _pair_config(tmp_path: Path, *commands: str) -> Path:
     lines = ['[run]\nprompts = "p.jsonl"\n', f"[reference]\ncommand = {commands[0]!r}\n"]
-    lines += [f"[[target]]\nname = \"t{i}\"\ncommand = {c!r}\nexpect = \"pass\"\n" for i, c in enumerate(commands[1:])]
+    lines += [
+        f'[[target]]\nname = "t{i}"\ncommand = {c!r}\nexpect = "pass"\n' for i, c in enumerate(commands[1:])
+    ]
     path = tmp_path / "pair.toml"
     path.write_text("\n".join(lines))
     return path
@@ -361,9 +399,13 @@ def test_main_pair_serves_until_ctrl_c(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "server_shim" / "__main__.py").exists(), reason="server_shim CLI not written yet")
+@pytest.mark.skipif(
+    not (ROOT / "server_shim" / "__main__.py").exists(), reason="server_shim CLI not written yet"
+)
 def test_two_real_tiny_llama_shims(tmp_path: Path) -> None:
-    specs = [ServerSpec(name=n, model="tiny-llama", device="cpu", startup_timeout_s=300) for n in ("ref", "tgt")]
+    specs = [
+        ServerSpec(name=n, model="tiny-llama", device="cpu", startup_timeout_s=300) for n in ("ref", "tgt")
+    ]
     with launch_servers(specs, log_dir=tmp_path) as servers:
         pids = [s.pid for s in servers.values()]
         texts = []

@@ -255,7 +255,6 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path: Path) -> None:
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.txt"]
 
 
-@pytest.mark.xfail(strict=True, reason="results._coerce turns the strings 'nan'/'inf' into floats (reported)")
 def test_json_round_trip_keeps_text_that_reads_like_a_float() -> None:
     run = RunResult(reference="ref")
     run.warnings.append("inf")

@@ -58,6 +58,7 @@ def text_scores(
         corpus_chrf = float(chrf.corpus_score(hyps, [refs]).score)
     else:
         corpus_bleu = corpus_chrf = float("nan")
+        _prime(bleu, chrf)
     return TextScores(
         bleu=corpus_bleu,
         chrf=corpus_chrf,
@@ -82,9 +83,14 @@ def sentence_chrf(hypothesis: str, reference: str) -> float:
     return float(CHRF().sentence_score(hypothesis, [reference]).score)
 
 
+def _prime(*metrics: BLEU | CHRF) -> None:
+    """sacrebleu learns the reference count (part of the signature) from a scoring call."""
+    for m in metrics:
+        m.corpus_score([""], [[""]])
+
+
 def signatures(*, tokenize: str = DEFAULT_TOKENIZE) -> dict[str, str]:
     """sacrebleu's signature strings for the corpus scores, for the run's signature block."""
-    return {
-        "bleu": str(BLEU(tokenize=tokenize).get_signature()),
-        "chrf": str(CHRF().get_signature()),
-    }
+    bleu, chrf = BLEU(tokenize=tokenize), CHRF()
+    _prime(bleu, chrf)
+    return {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())}

@@ -44,6 +44,7 @@ def load_kernels(device: torch.device) -> ModuleType:
     reload kernels.py if it was imported compiled."""
     if device.type == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
+        _reinterpret_triton_language()
     try:
         mod = importlib.import_module(_KERNELS)
     except ImportError as e:
@@ -53,6 +54,24 @@ def load_kernels(device: torch.device) -> ModuleType:
     if not mod.triton_available(device) or (device.type == "cpu" and _has_compiled_kernels(mod)):
         raise QuantConfigError(f"triton backend cannot run on {arch.device_arch(device)}")
     return mod
+
+
+def _reinterpret_triton_language() -> None:
+    """triton.language's own helpers (tl.cdiv, tl.sum, tl.max ...) are @jit-decorated when
+    triton.language is first imported -- and importing a transformers model imports it, long
+    before a backend is chosen. Compiled-mode helpers cannot run inside the interpreter
+    ("Cannot call @triton.jit'd outside of the scope of a kernel"), so re-execute those modules
+    with the switch on. Reload keeps module identity, so `tl` references stay valid."""
+    std = sys.modules.get("triton.language.standard")
+    if std is None:
+        return
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(getattr(std, "cdiv", None), JITFunction):
+        for name in ("triton.language.standard", "triton.language.random", "triton.language"):
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])
+        logger.info("triton.language was imported before TRITON_INTERPRET=1: reloaded for the interpreter")
 
 
 def _has_compiled_kernels(mod: ModuleType) -> bool:

@@ -1,0 +1,366 @@
+"""difftest.config: shipped configs parse, every error names file, line, section and key."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+from difftest.config import RunConfig, load_config
+from difftest.errors import ConfigError
+from server_shim import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "configs").glob("*.toml"))
+
+
+def write(tmp_path: Path, body: str, name: str = "x.toml") -> Path:
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body).lstrip("\n"))
+    return path
+
+
+MINIMAL = """
+[run]
+prompts = "p.jsonl"
+
+[reference]
+model = "tiny-llama"
+
+[[target]]
+name = "t"
+model = "tiny-llama"
+quant = "fp8-block"
+golden = "auto"
+"""
+
+
+# ----------------------------------------------------------------------------- shipped configs
+
+
+def test_shipped_configs_exist() -> None:
+    assert {p.name for p in SHIPPED} >= {"default.toml", "external.toml", "fault-demo.toml", "ci-small.toml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_parses(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.targets and cfg.run.prompts and all(p.is_file() for p in cfg.run.prompts)
+    names = [s.name for s in cfg.servers()]
+    assert len(names) == len(set(names))
+
+
+def test_default_config_is_issue5_part12() -> None:
+    cfg = load_config(ROOT / "configs" / "default.toml")
+    assert (cfg.reference.model, cfg.reference.dtype, cfg.reference.kind) == (
+        "smollm2-135m",
+        "float32",
+        "shim",
+    )
+    assert cfg.run.prompts == ((ROOT / "prompts" / "smoke.jsonl").resolve(),)
+    assert cfg.run.output_dir == (ROOT / "runs" / "default").resolve() and cfg.run.max_tokens == 24
+    by = {t.name: t for t in cfg.targets}
+    assert [(t.server.quant, t.server.backend, t.expect) for t in cfg.targets] == [
+        ("fp8-block", "auto", "pass"),
+        ("int4-g128", "auto", "pass"),
+        ("fp8-token", "vendor", "pass"),
+        ("fp8-block", "auto", "fail"),
+    ]
+    vendor = by["fp8-token-vendor"]
+    assert (
+        vendor.golden.backend == "torch"
+        and vendor.golden.quant == "fp8-token"
+        and vendor.scheme == "fp8-token"
+    )
+    faulty = by["fp8-block-faulty"]
+    assert faulty.server.faults and faulty.golden.faults == ()
+    assert faulty.golden is by["fp8-block"].golden  # one golden server for both fp8-block targets
+    assert len(cfg.servers()) == 8
+    assert all(s.debug for s in cfg.servers())  # whitebox = "auto" turns the debug routes on
+
+
+# ----------------------------------------------------------------------------- values and defaults
+
+
+def test_minimal_config_defaults_and_golden_auto(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert isinstance(cfg, RunConfig) and cfg.source == tmp_path / "x.toml"
+    run = cfg.run
+    assert (run.max_tokens, run.logprobs, run.concurrency, run.seed, run.whitebox) == (32, 5, 8, 0, "auto")
+    assert (run.request_timeout_s, run.max_retries, run.error_rate_limit, run.limit) == (120.0, 3, 0.05, None)
+    assert run.output_dir == Path.cwd() / "runs" / "x" and run.batch_slot_check is True
+    (t,) = cfg.targets
+    assert (t.name, t.scheme, t.expect) == ("t", "fp8-block", "pass")
+    assert t.golden.name == "t-golden" and t.golden.backend == "torch" and t.golden.quant == "fp8-block"
+    assert [s.name for s in cfg.servers()] == ["reference", "t", "t-golden"]
+    assert cfg.target("t") is t
+
+
+def test_golden_forms_and_sharing(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
+        [run]
+        prompts = ["p.jsonl"]
+        whitebox = "off"
+        [reference]
+        model = "tiny-llama"
+        [[target]]
+        name = "a"
+        model = "tiny-llama"
+        quant = "int8"
+        backend = "triton"
+        faults = ["scale-skipped"]
+        golden = "auto"
+        [[target]]
+        name = "b"
+        model = "tiny-llama"
+        quant = "int8"
+        golden = "auto"
+        [[target]]
+        name = "c"
+        url = "http://127.0.0.1:9000/v1"
+        golden = { url = "http://127.0.0.1:9001" }
+        [[target]]
+        name = "d"
+        command = "engine --port {port}"
+        scheme = "mxfp4"
+        [target.golden]
+        name = "d-ref"
+        command = "engine --port {port} --safe"
+        [[target]]
+        name = "e"
+        model = "tiny-llama"
+        golden = "none"
+        debug = true
+    """,
+        )
+    )
+    a, b, c, d, e = cfg.targets
+    assert a.golden is b.golden and a.golden.name == "a-golden"  # same spec apart from name: one server
+    assert not a.server.debug and e.server.debug  # whitebox off; an explicit key wins
+    assert c.golden.name == "c-golden" and c.golden.kind == "url" and c.scheme is None
+    assert d.golden.name == "d-ref" and d.scheme == "mxfp4"
+    assert e.golden is None and e.scheme == "none"
+    assert [s.name for s in cfg.servers()] == [
+        "reference",
+        "a",
+        "b",
+        "c",
+        "d",
+        "e",
+        "a-golden",
+        "c-golden",
+        "d-ref",
+    ]
+
+
+def test_paths_are_relative_to_the_config_folder(tmp_path: Path) -> None:
+    sub = tmp_path / "cfg"
+    sub.mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "one.jsonl").write_text("{}\n")
+    (tmp_path / "data" / "two.jsonl").write_text("{}\n")
+    (tmp_path / "mymodel").mkdir()
+    path = write(
+        sub,
+        """
+        [run]
+        prompts = ["../data", "p.jsonl"]
+        output_dir = "../out"
+        noise_floor = "floor.json"
+        tokenizer = "../mymodel"
+        [reference]
+        model = "../mymodel"
+        cwd = "work"
+        [[target]]
+        model = "tiny-llama"
+    """,
+    )
+    cfg = load_config(path)
+    data = (tmp_path / "data").resolve()
+    assert cfg.run.prompts == (data / "one.jsonl", data / "two.jsonl", (sub / "p.jsonl").resolve())
+    assert cfg.run.output_dir == (tmp_path / "out").resolve()
+    assert cfg.run.noise_floor == (sub / "floor.json").resolve()  # need not exist yet
+    assert cfg.run.tokenizer == str((tmp_path / "mymodel").resolve())
+    assert cfg.reference.model == str((tmp_path / "mymodel").resolve()) and cfg.reference.cwd == str(
+        (sub / "work").resolve()
+    )
+    assert (
+        cfg.targets[0].server.model == "tiny-llama" and cfg.targets[0].name == "target-1"
+    )  # presets stay names
+
+
+def test_thresholds_default_per_scheme_and_dotted(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(
+            tmp_path,
+            MINIMAL
+            + """
+        [thresholds]
+        margin = 4
+        exactness.kl_mean = 0.01
+        [thresholds.fp8-block]
+        kl_mean_max = 0.05
+        accuracy.top1_agreement = 0.7
+    """.replace("        ", ""),
+        )
+    )
+    assert cfg.thresholds == {
+        "default": {"margin": 4.0, "exactness.kl_mean": 0.01},
+        "fp8-block": {"kl_mean_max": 0.05, "accuracy.top1_agreement": 0.7},
+    }
+    assert cfg.thresholds_for("fp8-block") == {
+        "margin": 4.0, "exactness.kl_mean": 0.01, "kl_mean_max": 0.05, "accuracy.top1_agreement": 0.7,
+    }  # fmt: skip
+    assert cfg.thresholds_for(None) == {"margin": 4.0, "exactness.kl_mean": 0.01}
+
+
+# ----------------------------------------------------------------------------- errors with lines
+
+ERRORS = [
+    # (config text, expected message after "x.toml:")
+    (MINIMAL + 'quantt = "int8"\n', "12: [[target]] key 'quantt' is unknown; did you mean 'quant'?"),
+    (
+        MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nmax_tokens = "24"'),
+        "3: [run] key 'max_tokens' must be an integer, got str '24'",
+    ),
+    (
+        MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nlogprobs = 21'),
+        "3: [run] key 'logprobs' must be in 0..20, got 21",
+    ),
+    (
+        MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nconcurency = 2'),
+        "3: [run] key 'concurency' is unknown; did you mean 'concurrency'?",
+    ),
+    (
+        MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "nope.jsonl"'),
+        "2: [run] prompts file 'nope.jsonl' does not exist",
+    ),
+    (
+        MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nwhitebox = "yes"'),
+        "3: [run] key 'whitebox' must be one of auto, off, on",
+    ),
+    (MINIMAL.replace('prompts = "p.jsonl"\n', ""), "1: [run] key 'prompts' is required"),
+    (MINIMAL + "\n[targets]\nx = 1\n", "13: table [targets] is unknown; did you mean 'target'?"),
+    (
+        MINIMAL.replace("[reference]", "[referense]"),
+        "4: table [referense] is unknown; did you mean 'reference'?",
+    ),
+    (
+        MINIMAL.replace(
+            'model = "tiny-llama"\n\n[[target]]', 'model = "tiny-llama"\nseed = 1.5\n\n[[target]]', 1
+        ),
+        "6: [reference] key 'seed' must be an integer, got float 1.5",
+    ),
+    (
+        MINIMAL + '\n[[target]]\nname = "u"\nmodel = "tiny-llama"\nbackend = "cuda"\n',
+        "16: [[target]] key 'backend' must be one of auto, torch, triton, vendor; got 'cuda'",
+    ),
+    (MINIMAL + 'expect = "FAIL"\n', '12: [[target]] key \'expect\' must be "pass" or "fail"'),
+    (MINIMAL + 'scheme = "fp8_block"\n', "12: [[target]] key 'scheme' must be one of none, fp8-tensor"),
+    (
+        MINIMAL + 'faults = ["scale-transposed@model.layers.1.*", "fnuz"]\n',
+        "12: [[target]] key 'faults': 'fnuz' is not a fault",
+    ),
+    (
+        MINIMAL.replace('name = "t"', 'name = "reference"'),
+        "8: [[target]] server name 'reference' is used twice",
+    ),
+    (
+        MINIMAL + '\n[[target]]\nname = "t-golden"\nmodel = "tiny-llama"\n',
+        "14: [[target]] server name 't-golden' is used twice",
+    ),
+    (
+        MINIMAL.replace('golden = "auto"', 'golden = { model = "tiny-llama", quantt = "int8" }'),
+        "11: [target.golden] key 'quantt' is unknown; did you mean 'quant'?",
+    ),
+    (
+        MINIMAL.replace('golden = "auto"', '[target.golden]\nmodel = "tiny-llama"\ndebug = "yes"'),
+        "13: [target.golden] key 'debug' must be true or false",
+    ),
+    (
+        MINIMAL.replace('golden = "auto"', "golden = true"),
+        '11: [[target]] key \'golden\' must be "auto", "none" or a server table',
+    ),
+    (
+        MINIMAL.replace('model = "tiny-llama"\nquant = "fp8-block"', 'url = "http://h"'),
+        "10: [[target]] server 't': golden = \"auto\" needs a built-in shim target",
+    ),
+    (
+        MINIMAL.replace('model = "tiny-llama"\nquant', 'command = "e --port {port}"\nquant'),
+        "10: [[target]] key 'quant' applies only to built-in shim",
+    ),
+    (
+        MINIMAL.replace("[[target]]", "[target]"),
+        "7: [target] targets are an array of tables: write [[target]]",
+    ),
+    (MINIMAL.split("[[target]]")[0], "needs at least one [[target]] table"),
+    (MINIMAL.replace('[reference]\nmodel = "tiny-llama"\n', ""), "needs a [reference] table"),
+    (
+        MINIMAL + "\n[thresholds]\nkl_mean_maxx = 0.1\n",
+        "14: [thresholds] metric 'kl_mean_maxx' is unknown; did you mean 'kl_mean_max'?",
+    ),
+    (
+        MINIMAL + "\n[thresholds.fp8-block]\nkl_mean_max = -1\n",
+        "14: [thresholds.fp8-block] key 'kl_mean_max' must be a finite number >= 0",
+    ),
+    (
+        MINIMAL + "\n[thresholds]\nexactness.kl_meen = 0.1\n",
+        "14: [thresholds.exactness] metric 'exactness.kl_meen' is unknown",
+    ),
+    (MINIMAL + "\n[thresholds.fp8-blok]\nmargin = 2\n", "13: [thresholds] scheme 'fp8-blok' is unknown"),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), ERRORS, ids=[e[1][:40] for e in ERRORS])
+def test_error_names_file_line_and_key(tmp_path: Path, body: str, expected: str) -> None:
+    path = write(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}:"), msg
+    assert expected in msg, msg
+
+
+def test_second_target_error_points_at_its_own_line(tmp_path: Path) -> None:
+    body = MINIMAL + '\n[[target]]\nname = "u"\nmodel = "tiny-llama"\nquantt = "int8"\n'
+    with pytest.raises(ConfigError, match=r"x\.toml:16: \[\[target\]\] key 'quantt'"):
+        load_config(write(tmp_path, body))
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"x\.toml: invalid TOML: "):
+        load_config(write(tmp_path, "[run]\nprompts = [\n"))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_metric_names_checked_only_when_verdict_publishes_them(tmp_path: Path, monkeypatch) -> None:
+    fake = types.ModuleType("difftest.verdict")
+    fake.THRESHOLD_KEYS = frozenset({"only_this"})
+    monkeypatch.setitem(sys.modules, "difftest.verdict", fake)
+    with pytest.raises(
+        ConfigError, match=r"x\.toml:14: \[thresholds\] metric 'kl_mean_max' is unknown \(known: only_this\)"
+    ):
+        load_config(write(tmp_path, MINIMAL + "\n[thresholds]\nkl_mean_max = 1\n"))
+    fake.THRESHOLD_KEYS = frozenset()
+    cfg = load_config(write(tmp_path, MINIMAL + "\n[thresholds]\nanything = 1\n"))
+    assert cfg.thresholds == {"default": {"anything": 1.0}}
+
+
+def test_launcher_mirrors_match_server_shim_quant() -> None:
+    """launch.py copies the names so that validating a config needs no torch; they must not drift."""
+    try:
+        from server_shim.quant import faults, formats, linear
+    except ImportError as exc:  # pragma: no cover - quant not importable here
+        pytest.skip(f"server_shim.quant not importable: {exc}")
+    assert launch.SCHEMES == formats.SCHEMES
+    assert launch.BACKENDS == linear.BACKENDS
+    assert launch.FAULTS == faults.FAULTS
+    assert launch.FAULT_SCHEMES == faults.FAULT_SCHEMES

@@ -1,0 +1,201 @@
+"""The differ end to end over fake engines served on loopback: verdicts, exit codes, degradation,
+a server dying halfway, and --resume (issue 5's differ tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fakes import FakeBehaviour
+from live_fakes import free_port, live_fake
+
+from difftest.cli import main
+from difftest.report import load_run
+
+PROMPTS = [
+    "1+2+3=",
+    "the quick brown fox",
+    "def add(a, b):",
+    "the lazy dog is",
+    "a fox jumps over",
+    "2+2+2=",
+]
+
+
+def write_prompts(tmp: Path) -> Path:
+    path = tmp / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    return path
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
+
+
+def write_config(tmp: Path, ref: str, targets: list[dict], *, extra_run: str = "") -> Path:
+    prompts = write_prompts(tmp)
+    lines = [
+        "[run]",
+        f'prompts = ["{prompts}"]',
+        "max_tokens = 12",
+        "logprobs = 5",
+        "concurrency = 4",
+        f'output_dir = "{tmp / "out"}"',
+        "max_retries = 1",
+        "request_timeout_s = 10",
+        extra_run,
+        "[reference]",
+        'name = "ref"',
+        f'url = "{ref}"',
+    ]
+    for t in targets:
+        lines.append("[[target]]")
+        for k, v in t.items():
+            lines.append(f"{k} = {_toml(v)}")
+    path = tmp / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_identical_servers_pass_and_exit_0(tmp_path: Path) -> None:
+    with live_fake() as ref, live_fake() as tgt, live_fake() as gold:
+        cfg = write_config(
+            tmp_path, ref, [{"name": "tgt", "url": tgt, "scheme": "none", "golden": {"url": gold, "name": "gold"}}]
+        )
+        assert main(["run", str(cfg)]) == 0
+    run = load_run(tmp_path / "out")
+    (t,) = run.targets
+    assert t.verdict is not None and t.verdict.passed
+    acc = t.comparison("accuracy")
+    assert acc is not None and acc.aggregate["token_match"] == 1.0
+    assert acc.aggregate["kl_mean"] == pytest.approx(0.0, abs=1e-9)
+    assert t.comparison("exactness") is not None
+    for name in ("report.md", "report.html", "report.json", "junit.xml", "cache.sqlite"):
+        assert (tmp_path / "out" / name).exists()
+
+
+def test_wrong_target_fails_with_reasons_exit_1(tmp_path: Path) -> None:
+    with live_fake() as ref, live_fake(FakeBehaviour(flip_every=2)) as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "bad", "url": tgt, "scheme": "fp8-block"}])
+        assert main(["run", str(cfg)]) == 1
+    (t,) = load_run(tmp_path / "out").targets
+    assert t.verdict is not None and not t.verdict.passed
+    reasons = " ".join(t.verdict.reasons)
+    assert "accuracy" in reasons and ("token_match" in reasons or "top1" in reasons)
+    acc = t.comparison("accuracy")
+    assert acc is not None and acc.aggregate["token_match"] < 0.9
+    assert any(p.divergence_kind in ("DRIFT", "TIE", "WRONG") for p in acc.prompts)
+
+
+def test_negative_control_expected_to_fail_exit_0(tmp_path: Path) -> None:
+    with live_fake() as ref, live_fake(FakeBehaviour(flip_every=2)) as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "ctrl", "url": tgt, "scheme": "fp8-block", "expect": "fail"}])
+        assert main(["run", str(cfg)]) == 0
+
+
+def test_target_without_echo_degrades_with_warning(tmp_path: Path) -> None:
+    with live_fake() as ref, live_fake(FakeBehaviour(echo=False)) as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "noecho", "url": tgt, "scheme": "fp8-block"}])
+        code = main(["run", str(cfg)])
+    (t,) = load_run(tmp_path / "out").targets
+    acc = t.comparison("accuracy")
+    assert acc is not None and "kl_mean" not in acc.aggregate  # never a silently empty metric
+    assert acc.aggregate["token_match"] == 1.0
+    text = " ".join(acc.warnings + list(t.verdict.warnings))  # type: ignore[union-attr]
+    assert "teacher-forced" in text
+    assert code == 0
+
+
+def test_incompatible_tokenizers_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with live_fake() as ref, live_fake(FakeBehaviour(tokenizer="alt")) as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "other", "url": tgt, "scheme": "none"}])
+        assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error" in err
+
+
+def test_server_dying_halfway_exit_3_then_resume_completes(tmp_path: Path) -> None:
+    port = free_port()
+    # conformance probes use ~10 requests; the server dies partway through the prompts
+    with live_fake() as ref:
+        with live_fake(FakeBehaviour(die_after=16, die_mode="503"), port=port) as tgt:
+            cfg = write_config(tmp_path, ref, [{"name": "flaky", "url": tgt, "scheme": "none"}])
+            assert main(["run", str(cfg)]) == 3
+        first = load_run(tmp_path / "out")
+        acc = first.targets[0].comparison("accuracy")
+        assert acc is not None and acc.aggregate["failed_requests"] > 0
+        done_before = sum(p.error is None for p in acc.prompts)
+        with live_fake(port=port):
+            assert main(["run", str(cfg), "--resume"]) == 0
+    second = load_run(tmp_path / "out").targets[0].comparison("accuracy")
+    assert second is not None and second.aggregate["failed_requests"] == 0
+    assert sum(p.error is None for p in second.prompts) == len(PROMPTS) >= done_before
+
+
+def test_report_rerenders_offline_with_new_thresholds(tmp_path: Path) -> None:
+    with live_fake() as ref, live_fake(FakeBehaviour(flip_every=4)) as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "int4-g128"}])
+        first = main(["run", str(cfg)])
+    strict = tmp_path / "strict.toml"
+    strict.write_text("[thresholds.int4-g128]\ntoken_match_min = 0.999\n")
+    # servers are gone: this only reads report.json
+    assert main(["report", str(tmp_path / "out"), "--thresholds", str(strict)]) == 1
+    run = load_run(tmp_path / "out")
+    assert run.signature["rejudged_with"] == str(strict)
+    assert any("token_match" in r for r in run.targets[0].verdict.reasons)  # type: ignore[union-attr]
+    assert first in (0, 1)
+
+
+def test_compare_without_config(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path)
+    with live_fake() as ref, live_fake() as tgt:
+        code = main(["compare", "--ref", ref, "--target", tgt, "--prompts", str(prompts), "-o", str(tmp_path / "c")])
+    assert code == 0
+    assert (tmp_path / "c" / "report.md").read_text().count("PASS") >= 1
+
+
+def test_compare_single_prompt_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    with live_fake() as ref, live_fake(FakeBehaviour(flip_every=3)) as tgt:
+        code = main(["compare", "--ref", ref, "--target", tgt, "--prompt", "the quick brown fox"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "first divergence at token" in out
+
+
+def test_probe_prints_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
+    with live_fake(FakeBehaviour(echo=False)) as url:
+        assert main(["probe", url]) == 0
+    out = capsys.readouterr().out
+    assert "echo" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "/nonexistent.toml"],
+        ["run"],
+        ["compare", "--ref", "notaurl", "--target", "http://127.0.0.1:1", "--prompt", "x"],
+        ["compare", "--ref", "http://127.0.0.1:1", "--target", "http://127.0.0.1:1", "--prompt", "x", "--logprobs", "50"],
+        ["report", "/nonexistent-dir"],
+        ["frobnicate"],
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_noise_floor_measured_and_used(tmp_path: Path) -> None:
+    with live_fake() as ref, live_fake() as tgt:
+        floor_path = tmp_path / "floor.json"
+        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "none"}], extra_run=f'noise_floor = "{floor_path}"')
+        assert main(["noise", str(cfg)]) == 0
+        data = json.loads(floor_path.read_text())
+        assert data["schema"] == "difftest-noise-floor" and data["n_comparisons"] >= 2
+        assert main(["run", str(cfg)]) == 0
+    run = load_run(tmp_path / "out")
+    assert run.noise_floor is not None and "noise floor" in run.signature["noise_floor"]

@@ -1,0 +1,226 @@
+"""Verdicts: budgets per scheme, limits from the noise floor, NaN / missing / skipped, overrides."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from difftest.errors import ConfigError, UsageError
+from difftest.noise import NoiseFloor
+from difftest.results import Check, Comparison, PartVerdict
+from difftest.verdict import (
+    DEFAULT_BUDGETS,
+    THRESHOLD_KEYS,
+    budget_for,
+    exactness_limits,
+    judge_target,
+    tie_margin_for,
+)
+
+FP8 = budget_for("fp8-block")
+
+
+def comp(kind: str = "accuracy", **agg: float) -> Comparison:
+    return Comparison(
+        kind=kind, baseline="golden" if kind == "exactness" else "fp16", target="t", aggregate=agg
+    )
+
+
+# DESIGN.md: fp8-block correct vs FP16 -> top-1 91.6%, KL 0.023
+GOOD_ACC = dict(failed_rate=0.0, token_match=0.55, kl_mean=0.023, top1_agreement=0.916, kl_p99=0.3)
+GOOD_EXACT = dict(failed_rate=0.0, token_match=0.97, kl_mean=0.001, top1_agreement=0.995, kl_p99=0.02)
+
+
+def test_good_target_passes_both_parts():
+    v = judge_target("fp8", "pass", comp("exactness", **GOOD_EXACT), comp(**GOOD_ACC), FP8, None)
+    assert v.passed and v.label == "PASS" and v.meets_expectation and bool(v)
+    assert [p.part for p in v.parts] == ["exactness", "accuracy"]
+    assert v.reasons == []
+    assert any("no noise floor" in w for w in v.warnings)
+    notes = {c.name: c.note for c in v.parts[1].checks}
+    assert notes["kl_mean"] == "budget fp8-block"
+    assert "kl_p99" not in notes  # no default p99 budget until calibrated
+
+
+def test_scale_skipped_fails_with_the_right_reasons():
+    # DESIGN.md: fp8-block + scale-skipped in one module -> top-1 2.0%, KL 17.2
+    bad = dict(GOOD_ACC, kl_mean=17.2, top1_agreement=0.02, token_match=0.01)
+    v = judge_target("fp8-bad", "pass", None, comp(**bad), FP8, None)
+    assert not v.passed and v.label == "FAIL" and not v.meets_expectation and not bool(v)
+    assert "accuracy: kl_mean 17.2 > 0.08 (budget fp8-block)" in v.reasons
+    assert "accuracy: top1_agreement 0.02 < 0.8 (budget fp8-block)" in v.reasons
+    assert "accuracy: token_match 0.01 < 0.3 (budget fp8-block)" in v.reasons
+    # a negative control: expected to fail, so the gate is satisfied
+    neg = judge_target("fp8-bad", "fail", None, comp(**bad), FP8, None)
+    assert neg.label == "FAIL" and neg.meets_expectation and bool(neg)
+    # ... and a negative control that passes breaks the gate
+    assert not judge_target("oops", "fail", None, comp(**GOOD_ACC), FP8, None).meets_expectation
+
+
+@pytest.mark.parametrize(
+    ("scheme", "top1", "kl", "passes"),
+    [
+        # DESIGN.md "Two references" measurements (smollm2-135m, fp32 reference)
+        ("fp8-block", 0.916, 0.023, True),  # correct
+        ("int4-g128", 0.679, 0.44, True),  # correct
+        ("mxfp4", 0.597, 0.85, True),  # correct
+        ("fp8-block", 0.770, 0.155, False),  # garbage-gemm in one module
+        ("fp8-block", 0.020, 17.2, False),  # scale-skipped in one module
+        ("int4-g128", 0.020, 17.2, False),
+        ("mxfp4", 0.020, 17.2, False),
+        # subtle bugs hide inside the fp8 accuracy budget: exactness must catch them
+        ("fp8-block", 0.864, 0.050, True),  # scale-transposed
+        ("fp8-block", 0.854, 0.056, True),  # fnuz-unnormalized
+        # a secretly fp8-quantized target labelled "none" fails the tight budget
+        ("none", 0.916, 0.023, False),
+    ],
+)
+def test_default_budgets_against_design_measurements(scheme, top1, kl, passes):
+    acc = comp(failed_rate=0.0, token_match=0.6, kl_mean=kl, top1_agreement=top1)
+    v = judge_target("t", "pass", None, acc, budget_for(scheme), None)
+    assert v.passed is passes, v.reasons
+
+
+def test_exactness_limits_from_floor_and_absolute_minimums():
+    floor = NoiseFloor(kl_mean=0.002, top1_disagreement=0.02, token_mismatch=0.01, kl_p99=0.001)
+    lim = exactness_limits(floor)
+    assert lim["kl_mean"].value == pytest.approx(0.006)  # 3 x .002 > .005
+    assert lim["kl_mean"].note == "noise floor 0.002 x3"
+    assert lim["top1_agreement"].value == pytest.approx(0.94)  # 1 - 3 x .02
+    assert lim["kl_p99"].value == 0.05  # 3 x .001 < absolute minimum .05
+    assert lim["kl_p99"].note == "absolute minimum 0.05 (noise floor 0.001 x3 is below it)"
+    assert lim["token_match"].value == pytest.approx(0.75)  # 1 - max(3 x .01, .25)
+    assert lim["layer_cosine"].value == pytest.approx(1 - 5e-4)
+    assert "floor did not measure it" in lim["layer_cosine"].note
+    assert exactness_limits(None)["kl_mean"].note == "absolute minimum 0.005 (no noise floor)"
+    assert exactness_limits(floor, margin=5)["kl_mean"].value == pytest.approx(0.01)
+
+
+def test_exactness_catches_a_subtle_bug_inside_the_accuracy_budget():
+    floor = NoiseFloor(kl_mean=0.002, top1_disagreement=0.02, token_mismatch=0.05)
+    subtle = dict(GOOD_EXACT, kl_mean=0.03, top1_agreement=0.90)  # scale-transposed vs its golden
+    v = judge_target(
+        "fp8", "pass", comp("exactness", **subtle), comp(**dict(GOOD_ACC, kl_mean=0.05)), FP8, floor
+    )
+    assert not v.passed
+    assert v.parts[1].passed  # accuracy alone would have passed it
+    assert "exactness: kl_mean 0.03 > 0.006 (noise floor 0.002 x3)" in v.reasons
+    assert "exactness: top1_agreement 0.9 < 0.94 (1 - noise floor 0.02 x3)" in v.reasons
+    assert not any("no noise floor" in w for w in v.warnings)
+
+
+def test_nan_always_fails_even_under_a_huge_limit():
+    v = judge_target(
+        "t", "pass", None, comp(**dict(GOOD_ACC, kl_mean=math.nan)), FP8, None, overrides={"kl_mean_max": 1e9}
+    )
+    assert not v.passed
+    (reason,) = v.reasons
+    assert reason.startswith("accuracy: kl_mean nan > 1.000e+09") and "NaN always fails" in reason
+
+
+def test_missing_metric_fails_unless_its_group_is_skipped():
+    no_tf = {k: v for k, v in GOOD_ACC.items() if k not in ("kl_mean", "top1_agreement", "kl_p99")}
+    v = judge_target("t", "pass", None, comp(**no_tf), FP8, None)
+    assert not v.passed
+    assert "accuracy: kl_mean not measured (budget fp8-block; required, missing)" in v.reasons
+    assert "accuracy: top1_agreement not measured (budget fp8-block; required, missing)" in v.reasons
+    # the same run, with conformance having said "no echo": teacher-forced skipped visibly, tokens still judged
+    s = judge_target(
+        "t", "pass", None, comp(**no_tf), FP8, None, skipped={"teacher_forced": "target has no echo"}
+    )
+    assert s.passed, s.reasons
+    assert "accuracy: teacher-forced checks skipped: target has no echo" in s.warnings
+    kl = next(c for c in s.parts[1].checks if c.name == "kl_mean")
+    assert kl.value is None and not kl.required and kl.note == "skipped: target has no echo"
+    tm = next(c for c in s.parts[1].checks if c.name == "token_match")
+    assert tm.required and tm.value == 0.55
+    # skipping does not hide a token-level failure
+    bad_tokens = dict(no_tf, token_match=0.01)
+    assert not judge_target(
+        "t", "pass", None, comp(**bad_tokens), FP8, None, skipped={"teacher_forced": "no echo"}
+    ).passed
+
+
+def test_part_scoped_skip():
+    no_tf = {k: v for k, v in GOOD_EXACT.items() if k not in ("kl_mean", "top1_agreement", "kl_p99")}
+    v = judge_target(
+        "t",
+        "pass",
+        comp("exactness", **no_tf),
+        comp(**GOOD_ACC),
+        FP8,
+        None,
+        skipped={"exactness.teacher_forced": "golden has no echo"},
+    )
+    assert v.passed, v.reasons
+    assert any(c.name == "kl_mean" and c.required for c in v.parts[1].checks)  # accuracy still requires it
+
+
+def test_failed_rate_over_the_limit_fails():
+    v = judge_target("t", "pass", None, comp(**dict(GOOD_ACC, failed_rate=0.1)), FP8, None)
+    assert v.reasons == ["accuracy: failed_rate 0.1 > 0 (budget fp8-block)"]
+    ok = judge_target(
+        "t",
+        "pass",
+        None,
+        comp(**dict(GOOD_ACC, failed_rate=0.1)),
+        FP8,
+        None,
+        overrides={"failed_rate_max": 0.2},
+    )
+    assert ok.passed
+    assert (
+        next(c for c in ok.parts[1].checks if c.name == "failed_rate").note
+        == "override [thresholds] failed_rate_max"
+    )
+
+
+def test_overrides_by_key():
+    floor = NoiseFloor(kl_mean=0.002)
+    ex = comp("exactness", **dict(GOOD_EXACT, kl_mean=0.03))
+    v = judge_target("t", "pass", ex, comp(**GOOD_ACC), FP8, floor, overrides={"exactness.kl_mean": 0.05})
+    assert v.passed
+    c = next(c for c in v.parts[0].checks if c.name == "kl_mean")
+    assert (c.limit, c.note) == (0.05, "override [thresholds] exactness.kl_mean")
+    assert judge_target(
+        "t", "pass", ex, comp(**GOOD_ACC), FP8, floor, overrides={"margin": 20}
+    ).passed  # 20 x .002
+    p99 = judge_target("t", "pass", None, comp(**GOOD_ACC), FP8, None, overrides={"kl_p99_max": 0.1})
+    assert "accuracy: kl_p99 0.3 > 0.1 (override [thresholds] kl_p99_max)" in p99.reasons
+    with pytest.raises(ConfigError, match="kl_man_max"):
+        judge_target("t", "pass", None, comp(**GOOD_ACC), FP8, None, overrides={"kl_man_max": 1.0})
+    with pytest.raises(ConfigError, match=">= 0"):
+        judge_target("t", "pass", None, comp(**GOOD_ACC), FP8, None, overrides={"top1_min": -1})
+    assert {
+        "kl_mean_max",
+        "exactness.kl_mean",
+        "accuracy.top1_agreement",
+        "margin",
+        "tie_margin",
+    } <= THRESHOLD_KEYS
+
+
+def test_no_golden_and_extra_parts():
+    v = judge_target("t", "pass", None, comp(**GOOD_ACC), FP8, None)
+    assert v.parts[0].skipped and "subtle bugs may hide" in v.parts[0].skipped
+    assert v.passed
+    layers = PartVerdict("layers", "golden", (Check("layer_cosine", 0.5, 0.9995, ">=", False),))
+    v2 = judge_target("t", "pass", None, comp(**GOOD_ACC), FP8, None, extra_parts=[layers])
+    assert not v2.passed and v2.reasons == ["layers: layer_cosine 0.5 < 0.9995"]
+
+
+def test_budget_lookup_and_expect_validation():
+    assert budget_for(None) == DEFAULT_BUDGETS["none"]
+    assert budget_for("int4-g128", {"top1_min": 0.5}).top1_min == 0.5
+    assert budget_for("int8").module_cosine_min == 0.999 and budget_for("mxfp4").module_cosine_min == 0.995
+    with pytest.raises(ConfigError, match="unknown scheme 'fp7'"):
+        budget_for("fp7")
+    with pytest.raises(UsageError, match="expect"):
+        judge_target("t", "maybe", None, comp(**GOOD_ACC), FP8, None)
+
+
+def test_tie_margin_for():
+    assert tie_margin_for(None) == 0.05
+    assert tie_margin_for(NoiseFloor(tie_margin=0.1)) == pytest.approx(0.3)
+    assert tie_margin_for(NoiseFloor(tie_margin=0.1), {"tie_margin": 0.02}) == 0.02

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server_shim.quant import kernels as K  # noqa: E402
 
 FN = torch.float8_e4m3fn
-BIG = [(m, 4096, 4096) for m in (1, 16, 128, 1024, 4096)]
+BIG = [(m, 4096, 4096) for m in (4096, 1024, 128, 16, 1)]  # the target shape first
 SMOLLM2 = [(m, n, k) for m in (16, 1024) for (k, n) in ((576, 1536), (1536, 576), (576, 576))]
 
 

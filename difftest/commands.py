@@ -113,6 +113,7 @@ async def _explore(cfg: RunConfig, prompts: list[Prompt]) -> int:
     from difftest.report.terminal import render_side_by_side
     from difftest.runner import _connect
     from difftest.scoring import score_prompt
+    from difftest.verdict import tie_margin_for
     from server_shim.launch import RunningServer
 
     console = Console()
@@ -130,7 +131,7 @@ async def _explore(cfg: RunConfig, prompts: list[Prompt]) -> int:
                 if ref_gen.error or tgt_gen.error:
                     console.print(f"request failed: {ref_gen.error or tgt_gen.error}")
                     continue
-                d = score_prompt(p, ref_gen, tgt_gen, ref_forced=None, tgt_forced=None, tie_margin=0.02, k=cfg.run.logprobs)
+                d = score_prompt(p, ref_gen, tgt_gen, ref_forced=None, tgt_forced=None, tie_margin=tie_margin_for(None), k=cfg.run.logprobs)
                 render_side_by_side(
                     d.ref_tokens, d.tgt_tokens, d.first_divergence,
                     await _alt_texts(ref, d.ref_alternatives), await _alt_texts(eps[t.name], d.tgt_alternatives),

@@ -77,6 +77,9 @@ class NoiseFloor:
         if unknown:
             raise NoiseFloorError(f"unknown key(s) in noise-floor file: {', '.join(unknown)}")
         kwargs = {k: _dec(v) for k, v in data.items() if k in names}
+        nans = sorted(k for k, v in kwargs.items() if isinstance(v, float) and math.isnan(v))
+        if nans:
+            raise NoiseFloorError(f"noise-floor file has NaN for {', '.join(nans)}: no usable floor")
         if "how" in kwargs:
             kwargs["how"] = tuple(kwargs["how"])
         try:

@@ -23,8 +23,9 @@ from difftest.conformance import probe
 from difftest.noise import NoiseFloor, floor_from_comparisons
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import Comparison
-from difftest.runner import DEFAULT_TIE_MARGIN, _api_key
+from difftest.runner import _api_key
 from difftest.scoring import build_comparison
+from difftest.verdict import tie_margin_for
 from server_shim.launch import RunningServer, launch_servers
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ async def _one_pass(
 def _compare(name: str, a: _Pass, b: _Pass, prompts: Sequence[Prompt], cfg: RunConfig) -> Comparison:
     return build_comparison(
         "noise", cfg.reference.name, name, prompts, a.gens, b.gens,
-        ref_forced=a.forced, tgt_forced=b.forced, tie_margin=DEFAULT_TIE_MARGIN, k=cfg.run.logprobs, seed=cfg.run.seed,
+        ref_forced=a.forced, tgt_forced=b.forced, tie_margin=tie_margin_for(None), k=cfg.run.logprobs, seed=cfg.run.seed,
     )  # fmt: skip
 
 

@@ -38,15 +38,10 @@ from difftest.prompts import Prompt, load_prompts
 from difftest.results import Comparison, PartVerdict, RunResult, TargetResult
 from difftest.scoring import build_comparison
 from difftest.signature import run_signature
+from difftest.verdict import tie_margin_for
 from server_shim.launch import RunningServer, ServerSpec, launch_servers
 
 log = logging.getLogger(__name__)
-
-# Used when no noise-floor file is given: a margin in nats under which the reference's top-1 and
-# top-2 are treated as tied. fp32 A/A runs of the shim flip only below ~1e-4; 0.02 nats also covers
-# bf16 / fp16 servers whose batch shape moves logits by ~1e-2 (measured in `difftest noise`).
-DEFAULT_TIE_MARGIN = 0.02
-
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -187,12 +182,6 @@ async def _force_pairs(
     return out
 
 
-def _tie_margin(floor: NoiseFloor | None) -> float:
-    if floor is not None and floor.tie_margin is not None:
-        return max(floor.tie_margin, 1e-6)
-    return DEFAULT_TIE_MARGIN
-
-
 def _comparisons(
     pairs: Sequence[_Pair],
     prompts: Sequence[Prompt],
@@ -214,7 +203,7 @@ def _comparisons(
             gens[pair.target],
             ref_forced=ref_f,
             tgt_forced=tgt_f,
-            tie_margin=_tie_margin(floor),
+            tie_margin=tie_margin_for(floor, cfg.thresholds_for(cfg.target(pair.target).scheme)),
             k=cfg.run.logprobs,
             seed=cfg.run.seed,
             warnings=pair.warnings,

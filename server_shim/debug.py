@@ -110,7 +110,11 @@ def list_points(model: torch.nn.Module) -> list[str]:
     pts = [
         n
         for n, (kind, _) in list_modules(model).items()
-        if n != "lm_head" and (kind in ("block", "attention", "mlp", "linear", "moe") or n.endswith(("embed_tokens", "model.norm")))
+        if n != "lm_head"
+        and (
+            kind in ("block", "attention", "mlp", "linear", "moe")
+            or n.endswith(("embed_tokens", "model.norm"))
+        )
     ]
     return [*pts, "logits"]
 
@@ -120,8 +124,11 @@ def _module_info(kind: str, mod: torch.nn.Module) -> dict[str, Any]:
     if hasattr(mod, "debug_info"):
         info.update(mod.debug_info())
     elif kind == "linear":
-        info.update(scheme="none", weight_dtype=str(mod.weight.dtype).removeprefix("torch."),
-                    weight_shape=list(mod.weight.shape))
+        info.update(
+            scheme="none",
+            weight_dtype=str(mod.weight.dtype).removeprefix("torch."),
+            weight_shape=list(mod.weight.shape),
+        )
     elif kind == "moe":
         info.update(scheme="none", weights={n: list(p.shape) for n, p in mod.named_parameters(recurse=False)})
     if kind == "mlp":
@@ -158,10 +165,9 @@ class _Capture:
     def keep(self, name: str, t: torch.Tensor) -> None:
         # [batch=1, ..., T, features] -> [T, features]; MLA's kv_b_proj sees [1, 1, T, rank].
         rows = t.detach().reshape(-1, t.shape[-1]) if t.dim() > 1 else t.detach().reshape(-1, 1)
-        if rows.shape[0] == self.n_tokens:
-            rows = rows[self.positions]  # advanced indexing copies: no storage shared between points
-        else:  # not one row per token (none such in HF decoders today): keep it whole, never mis-slice
-            rows = rows.clone()
+        # Advanced indexing copies, so no two points share storage (safetensors refuses that). A tensor
+        # without one row per token (none such in HF decoders today) is kept whole, never mis-sliced.
+        rows = rows[self.positions] if rows.shape[0] == self.n_tokens else rows.clone()
         rows = rows.to("cpu", torch.float32) if rows.is_floating_point() else rows.to("cpu")
         self.nbytes += rows.numel() * rows.element_size()
         if self.nbytes > self.limit:
@@ -188,7 +194,7 @@ def _hooks(
             params = [p for p in inspect.signature(mod.forward).parameters if p not in ("self",)]
 
             def in_hook(_m: Any, args: tuple, kwargs: dict, name: str = name, params: list = params) -> None:
-                named = dict(zip(params, args)) | kwargs
+                named = dict(zip(params, args, strict=False)) | kwargs  # fewer args than params
                 for i, (arg, val) in enumerate(named.items()):
                     if torch.is_tensor(val):
                         cap.keep(f"{name}:{'input' if i == 0 else arg}", val)
@@ -203,7 +209,9 @@ def _resolve_tokens(req: ActivationsRequest, loaded: Any) -> list[int]:
     ids = req.tokens if req.tokens is not None else loaded.tokenizer(req.prompt)["input_ids"]
     vocab = loaded.model.get_input_embeddings().num_embeddings
     if not ids:
-        raise DebugRequestError("the sequence is empty", param="tokens" if req.tokens is not None else "prompt")
+        raise DebugRequestError(
+            "the sequence is empty", param="tokens" if req.tokens is not None else "prompt"
+        )
     if bad := [t for t in ids if not 0 <= t < vocab]:
         raise DebugRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
     if len(ids) + req.decode_steps > loaded.context_length:
@@ -275,12 +283,16 @@ def capture_activations(loaded: Any, req: ActivationsRequest, *, max_bytes: int)
         raise DebugRequestError(
             f"the response would exceed the debug response cap of {max_bytes} bytes "
             f"({max_bytes / 2**20:.0f} MiB); ask for fewer layers, positions or decode steps",
-            param="layers", code="response_too_large", status_code=413,
+            param="layers",
+            code="response_too_large",
+            status_code=413,
         ) from None
     finally:
         for h in handles:
             h.remove()
-    names = points + (["logits"] if want_logits else [])
+    # Points in the order their hooks fired in prefill: execution order (q_proj .. o_proj, self_attn,
+    # gate_proj .. down_proj, mlp, then the block), which is what "first divergent point" walks.
+    names = [k for k in cap.tensors if ":" not in k and not k.startswith("decode.")]
     meta = {
         "token_ids": json.dumps(ids),
         "points": json.dumps(names),
@@ -290,7 +302,9 @@ def capture_activations(loaded: Any, req: ActivationsRequest, *, max_bytes: int)
         "dtype": str(loaded.dtype).removeprefix("torch."),
     }
     if req.inputs:
-        meta["inputs"] = json.dumps(sorted(k for k in cap.tensors if ":" in k and not k.startswith("decode.")))
+        meta["inputs"] = json.dumps(
+            sorted(k for k in cap.tensors if ":" in k and not k.startswith("decode."))
+        )
     return st_save(cap.tensors, metadata=meta)
 
 
@@ -314,7 +328,9 @@ def _find(loaded: Any, name: str) -> tuple[str, torch.nn.Module]:
     if name not in mods:
         raise DebugRequestError(
             f"no module named {name!r} (GET /debug/config lists them)",
-            param="module", code="module_not_found", status_code=404,
+            param="module",
+            code="module_not_found",
+            status_code=404,
         )
     return mods[name]
 
@@ -341,17 +357,24 @@ def replay_module(loaded: Any, body: bytes) -> bytes:
             out = mod(x, **{k: to_model(v) for k, v in tensors.items()})
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DebugRequestError(f"module {meta['module']!r} rejected the input: {msg}", param="input") from None
+        raise DebugRequestError(
+            f"module {meta['module']!r} rejected the input: {msg}", param="input"
+        ) from None
     out = out[0] if isinstance(out, (tuple, list)) else out
-    return st_save({"output": out.detach().to("cpu", torch.float32).contiguous()},
-                   metadata={"module": meta["module"], "dtype": str(loaded.dtype).removeprefix("torch.")})
+    return st_save(
+        {"output": out.detach().to("cpu", torch.float32).contiguous()},
+        metadata={"module": meta["module"], "dtype": str(loaded.dtype).removeprefix("torch.")},
+    )
 
 
 def quant_tensors(loaded: Any, name: str) -> bytes:
     kind, mod = _find(loaded, name)
     if not hasattr(mod, "stored_tensors"):
-        raise DebugRequestError(f"module {name!r} ({kind}) is not quantized: it stores no quantized tensors",
-                                param="module", code="not_quantized")
+        raise DebugRequestError(
+            f"module {name!r} ({kind}) is not quantized: it stores no quantized tensors",
+            param="module",
+            code="not_quantized",
+        )
     tensors = {k: v.detach().cpu().contiguous() for k, v in mod.stored_tensors().items()}
     return st_save(tensors, metadata={str(k): str(v) for k, v in mod.stored_metadata().items()})
 

@@ -257,8 +257,21 @@ class Engine:
     # ------------------------------------------------------------------ worker thread
 
     def _worker(self) -> None:
+        try:
+            self._loop_forever()
+        except BaseException as exc:  # never leave callers waiting on a dead thread
+            logger.exception("model worker died")
+            with self._cond:
+                self._closed = True
+                pending, self._pending = list(self._pending), deque()
+            for seq in pending:
+                seq.handle._put(exc)
+
+    def _loop_forever(self) -> None:
         torch.set_grad_enabled(False)
         while True:
+            job = None
+            batch: list[_Seq] = []
             with self._cond:
                 while not self._closed and not self._pending and not self._exclusive:
                     self._cond.wait()
@@ -266,9 +279,7 @@ class Engine:
                     return
                 if self._exclusive:
                     job = self._exclusive.popleft()
-                    batch: list[_Seq] = []
                 else:
-                    job = None
                     while self._pending and len(batch) < self.max_batch_size:
                         seq = self._pending.popleft()
                         if not seq.handle.cancelled:

@@ -199,7 +199,9 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise ModelLoadError(f"GGUF {gguf}: missing tensors {sorted(missing)[:5]}, unexpected {unexpected[:5]}")
+        raise ModelLoadError(
+            f"GGUF {gguf}: missing tensors {sorted(missing)[:5]}, unexpected {unexpected[:5]}"
+        )
     model.tie_weights()
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
@@ -345,7 +347,11 @@ def _tiny_moe(seed: int) -> torch.nn.Module:
 def _eos_ids(model: torch.nn.Module, tok: PreTrainedTokenizerBase) -> list[int]:
     ids: list[int] = []
     gen = getattr(model, "generation_config", None)
-    for source in (getattr(gen, "eos_token_id", None), getattr(model.config, "eos_token_id", None), tok.eos_token_id):
+    for source in (
+        getattr(gen, "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+        tok.eos_token_id,
+    ):
         for i in source if isinstance(source, (list, tuple)) else [source]:
             if isinstance(i, int) and i not in ids:
                 ids.append(i)

@@ -62,8 +62,12 @@ async def test_residuals_equal_hidden_states(tiny_llama: LoadedModel) -> None:
     assert json.loads(meta["token_ids"]) == TOKENS
     assert json.loads(meta["positions"]) == list(range(len(TOKENS)))
     points = json.loads(meta["points"])
-    assert points == list_points(tiny_llama.model)
-    assert set(points) == set(t)
+    assert set(points) == set(list_points(tiny_llama.model)) == set(t)
+    order = [
+        points.index(f"model.layers.1.{p}") for p in ("self_attn.q_proj", "self_attn", "mlp.down_proj", "mlp")
+    ]
+    assert order == sorted(order) and points.index("model.layers.1.mlp") < points.index("model.layers.1")
+    assert points[0] == "model.embed_tokens" and points[-2:] == ["model.norm", "logits"]
     assert "model.layers.3.mlp.down_proj" in points and "lm_head" not in points
     assert t["model.layers.3.self_attn.q_proj"].shape == (len(TOKENS), 128)
     assert t["model.layers.3.self_attn.k_proj"].shape == (len(TOKENS), 64)  # 2 kv heads x 32
@@ -120,7 +124,9 @@ async def test_moe_experts_and_block_replay(tiny_moe: LoadedModel) -> None:
     async with client_for(tiny_moe) as c:
         routed = {k.split(":")[1]: v for k, v in t.items() if k.startswith(experts + ":")}
         r1 = await c.post("/debug/module", content=st_save(routed, metadata={"module": experts}))
-        r2 = await c.post("/debug/module", content=st_save({"input": t[f"{mlp}:input"]}, metadata={"module": mlp}))
+        r2 = await c.post(
+            "/debug/module", content=st_save({"input": t[f"{mlp}:input"]}, metadata={"module": mlp})
+        )
     assert r1.status_code == 200 and r2.status_code == 200, (r1.text, r2.text)
     torch.testing.assert_close(st_load(r1.content)["output"], t[experts], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(st_load(r2.content)["output"], t[mlp], rtol=1e-6, atol=1e-6)
@@ -141,7 +147,9 @@ async def test_decode_steps_equal_incremental_forward(tiny_llama: LoadedModel) -
         for i in range(3):
             got = t[f"decode.{s}.model.layers.{i}"]
             torch.testing.assert_close(got, full.hidden_states[i + 1][0, pos : pos + 1], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(t[f"decode.{s}.logits"], full.logits[0, pos : pos + 1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            t[f"decode.{s}.logits"], full.logits[0, pos : pos + 1], rtol=1e-4, atol=1e-4
+        )
     assert t["logits"].shape == (1, 49152) and t["decode.0.model.layers.0.mlp.down_proj"].shape == (1, 128)
 
 
@@ -246,7 +254,11 @@ async def test_bad_module_requests(tiny_llama: LoadedModel) -> None:
         (st_save({"input": x}), 400, "module"),  # no metadata
         (st_save({"input": x}, metadata={"module": "model.layers.0.mlp.nope"}), 404, "module"),
         (st_save({"x": x}, metadata={"module": "model.layers.0.mlp.up_proj"}), 400, "input"),
-        (st_save({"input": torch.zeros(2, 7)}, metadata={"module": "model.layers.0.mlp.up_proj"}), 400, "input"),
+        (
+            st_save({"input": torch.zeros(2, 7)}, metadata={"module": "model.layers.0.mlp.up_proj"}),
+            400,
+            "input",
+        ),
         (st_save({"input": x}, metadata={"module": "model.layers.0.self_attn"}), 400, "module"),
     ]
     async with client_for(tiny_llama) as c:
@@ -276,7 +288,9 @@ async def test_real_quantized_model_points_and_quant_route() -> None:
     assert meta_of(q.content)["scheme"] == "int8"
     info = cfg["modules"][name]
     assert info["kind"] == "linear" and info["scheme"] == "int8" and "fault" not in json.dumps(cfg)
-    assert cfg["points"] == list_points(load_model("tiny-llama", device="cpu").model)  # names survive the swap
+    assert cfg["points"] == list_points(
+        load_model("tiny-llama", device="cpu").model
+    )  # names survive the swap
     t = st_load(r.content)
     with torch.inference_mode():
         direct = lm.model.get_submodule(name)(t[f"{name}:input"])

@@ -82,6 +82,17 @@ def test_aggregate_hand_values():
     lo, hi = ci["token_match"]
     assert lo <= agg["token_match"] <= hi
     assert aggregate_prompts(_prompts()) == (agg, ci)  # seeded
+    # per-prompt sentence scores filled from the same statistics; the failed prompt stays None
+    ps = _prompts()
+    aggregate_prompts(ps)
+    assert ps[0].bleu == 100.0 and ps[0].chrf == 100.0
+    assert ps[1].bleu == pytest.approx(
+        sacrebleu.sentence_bleu("the dog ran off", ["the cat sat down"]).score, abs=1e-12
+    )
+    assert ps[1].chrf == pytest.approx(
+        sacrebleu.sentence_chrf("the dog ran off", ["the cat sat down"]).score, abs=1e-12
+    )
+    assert ps[2].bleu is None
 
 
 def test_unmeasured_keys_are_absent_not_zero():
@@ -114,7 +125,7 @@ def test_fill_generation_and_teacher_forced():
     assert (p.match_rate, p.exact, p.common_prefix, p.first_divergence) == (pytest.approx(2 / 3), False, 1, 1)
     assert p.divergence_kind == "TIE"  # margin .02 <= .05 and token 9 is the ref's runner-up
     assert p.ref_alternatives == {"2": -0.69, "9": -0.71} and p.tgt_alternatives == {"9": -0.6}
-    assert p.garbled is False and p.bleu is not None and 0 < p.chrf < 100
+    assert p.garbled is False and p.bleu is None  # text scores come from aggregate_prompts
     q = PromptDiff("q", "y")
     fill_generation(q, [1, 2], [1, 3], ref_top_logprobs=None, tie_margin=0.05)
     assert q.divergence_kind is None  # no logprobs: unclassified, never guessed

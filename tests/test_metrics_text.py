@@ -53,3 +53,13 @@ def test_identical_empty_segments_score_100_and_empty_corpus_is_nan():
     assert math.isnan(s.bleu) and math.isnan(s.chrf)
     with pytest.raises(ValueError):
         text_scores(["a"], [])
+
+
+def test_segment_scores_match_sacrebleu_sentence_api_on_many_segments():
+    hyps = [f"word{i} and more words {i % 3}" for i in range(30)] + ["x ."]
+    refs = [f"word{i} and some words {i % 5}" for i in range(30)] + ["x ."]
+    s = text_scores(hyps, refs)
+    for h, r, sb, sc in zip(hyps, refs, s.segment_bleu, s.segment_chrf, strict=True):
+        assert sb == pytest.approx(100.0 if h == r else sacrebleu.sentence_bleu(h, [r]).score, abs=1e-9)
+        assert sc == pytest.approx(100.0 if h == r else sacrebleu.sentence_chrf(h, [r]).score, abs=1e-9)
+    assert s.bleu == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-12)

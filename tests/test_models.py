@@ -34,8 +34,10 @@ def test_tiny_llama_shape(tiny_llama: LoadedModel) -> None:
 def test_tiny_is_deterministic_per_seed(tiny_llama: LoadedModel) -> None:
     again = load_model("tiny-llama", device="cpu")
     other = load_model("tiny-llama", device="cpu", seed=1)
-    for (name, a), b in zip(tiny_llama.model.state_dict().items(), again.model.state_dict().values()):
-        assert torch.equal(a, b), name
+    a_sd, b_sd = tiny_llama.model.state_dict(), again.model.state_dict()
+    assert a_sd.keys() == b_sd.keys()
+    for name, a in a_sd.items():
+        assert torch.equal(a, b_sd[name]), name
     assert not torch.equal(tiny_llama.model.lm_head.weight, other.model.lm_head.weight)
 
 

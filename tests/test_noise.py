@@ -118,6 +118,7 @@ def test_json_round_trip_including_inf():
         ('{"kl_mean": 0.1}', "not a difftest noise-floor file"),
         ('{"schema": "difftest-noise-floor", "version": 99}', "version 99"),
         ('{"schema": "difftest-noise-floor", "version": 1, "kl_man": 0.1}', "unknown key.*kl_man"),
+        ('{"schema": "difftest-noise-floor", "version": 1, "kl_mean": "nan"}', "NaN for kl_mean"),
     ],
 )
 def test_bad_files_are_refused_by_name(text, match):

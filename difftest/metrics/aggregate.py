@@ -40,7 +40,7 @@ import numpy as np
 
 from difftest.metrics.logprobs import TeacherForcedStats
 from difftest.metrics.stats import DEFAULT_RESAMPLES, bootstrap_mean_ci, p99
-from difftest.metrics.text import DEFAULT_TOKENIZE, sentence_bleu, sentence_chrf, text_scores
+from difftest.metrics.text import DEFAULT_TOKENIZE, text_scores
 from difftest.metrics.tokens import classify_divergence, is_garbled, token_match
 from difftest.results import PromptDiff
 
@@ -60,7 +60,8 @@ def fill_generation(
 
     `ref_top_logprobs[i]` / `tgt_top_logprobs[i]`: each side's top logprobs at generated position
     i, keyed like the ids. Without the reference's, the divergence is left unclassified (None)
-    rather than guessed. Sentence BLEU / chrF are filled when both texts are present.
+    rather than guessed. Sentence BLEU / chrF are filled by `aggregate_prompts`, from the same
+    sacrebleu statistics as the corpus scores.
     """
     tm = token_match(ref_ids, tgt_ids)
     prompt.match_rate = tm.match_rate
@@ -76,9 +77,6 @@ def fill_generation(
             prompt.ref_alternatives = {str(k): float(v) for k, v in ref_top.items()}
         if tgt_top_logprobs and d < len(tgt_top_logprobs) and tgt_top_logprobs[d]:
             prompt.tgt_alternatives = {str(k): float(v) for k, v in tgt_top_logprobs[d].items()}
-    if prompt.ref_text is not None and prompt.tgt_text is not None:
-        prompt.bleu = sentence_bleu(prompt.tgt_text, prompt.ref_text)
-        prompt.chrf = sentence_chrf(prompt.tgt_text, prompt.ref_text)
 
 
 def fill_teacher_forced(prompt: PromptDiff, stats: TeacherForcedStats | None) -> None:
@@ -112,6 +110,10 @@ def aggregate_prompts(
     tokenize: str = DEFAULT_TOKENIZE,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Aggregate one comparison's prompts; returns (Comparison.aggregate, Comparison.ci).
+
+    Side effect, on purpose: each answered prompt's `bleu` / `chrf` (sentence scores) is set
+    from the same sacrebleu statistics pass as the corpus scores, so per-prompt and corpus text
+    scores can never disagree in settings (and the costly extraction runs once).
 
     See the module docstring for every key. NaN in a per-prompt value propagates into its mean
     (and its CI) on purpose: NaN must fail the verdict, not vanish in an average.
@@ -174,6 +176,9 @@ def aggregate_prompts(
         scores = text_scores(hyps, refs, tokenize=tokenize)
         agg["bleu"] = scores.bleu
         agg["chrf"] = scores.chrf
+        for p, f, sb, sc in zip(prompts, failed, scores.segment_bleu, scores.segment_chrf, strict=True):
+            if not f and p.ref_text is not None and p.tgt_text is not None:
+                p.bleu, p.chrf = sb, sc
 
     ci = {
         key: list(bootstrap_mean_ci(series[key], n_resamples=n_resamples, seed=seed))

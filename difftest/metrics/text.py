@@ -34,36 +34,43 @@ def text_scores(
 ) -> TextScores:
     """BLEU and chrF of `hypotheses` (target outputs) against `references` (one per segment).
 
+    One pass: sacrebleu's per-segment statistics are extracted once, and both the corpus score
+    (statistics summed) and every sentence score (each segment's own) are computed from them —
+    the same `_extract_corpus_statistics` / `_aggregate_and_compute` path that sacrebleu's
+    `corpus_score` and `sentence_score` take (tests pin the equality against its public API).
+    Extraction dominates the cost (chrF's character n-grams), so doing it once matters at 20k
+    prompts.
+
     A failed request should be passed as "" (scores 0 against a non-empty reference) so that it
     stays in the corpus denominator. One deviation from sacrebleu at segment level: a hypothesis
     identical to its reference scores 100 even when both are empty (sacrebleu says 0 for empty
     strings, which would read as "garbage" for two servers that both stopped at once). Corpus
-    scores are sacrebleu's own, untouched.
+    scores are sacrebleu's own, untouched; an empty corpus scores NaN.
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     hyps, refs = list(hypotheses), list(references)
     bleu = BLEU(tokenize=tokenize)
-    sent_bleu = BLEU(tokenize=tokenize, effective_order=True)
+    sent_bleu = BLEU(tokenize=tokenize, effective_order=True)  # recommended for single sentences
     chrf = CHRF()
-    seg_bleu = [
-        100.0 if h == r else float(sent_bleu.sentence_score(h, [r]).score)
-        for h, r in zip(hyps, refs, strict=True)
-    ]
-    seg_chrf = [
-        100.0 if h == r else float(chrf.sentence_score(h, [r]).score) for h, r in zip(hyps, refs, strict=True)
-    ]
-    if hyps:
-        corpus_bleu = float(bleu.corpus_score(hyps, [refs]).score)
-        corpus_chrf = float(chrf.corpus_score(hyps, [refs]).score)
-    else:
-        corpus_bleu = corpus_chrf = float("nan")
+    if not hyps:
         _prime(bleu, chrf)
+        nan = float("nan")
+        return TextScores(nan, nan, [], [], str(bleu.get_signature()), str(chrf.get_signature()))
+    b_stats = bleu._extract_corpus_statistics(hyps, [refs])
+    c_stats = chrf._extract_corpus_statistics(hyps, [refs])
+    same = [h == r for h, r in zip(hyps, refs, strict=True)]
     return TextScores(
-        bleu=corpus_bleu,
-        chrf=corpus_chrf,
-        segment_bleu=seg_bleu,
-        segment_chrf=seg_chrf,
+        bleu=float(bleu._aggregate_and_compute(b_stats).score),
+        chrf=float(chrf._aggregate_and_compute(c_stats).score),
+        segment_bleu=[
+            100.0 if eq else float(sent_bleu._aggregate_and_compute([st]).score)
+            for eq, st in zip(same, b_stats, strict=True)
+        ],
+        segment_chrf=[
+            100.0 if eq else float(chrf._aggregate_and_compute([st]).score)
+            for eq, st in zip(same, c_stats, strict=True)
+        ],
         bleu_signature=str(bleu.get_signature()),
         chrf_signature=str(chrf.get_signature()),
     )

@@ -6,8 +6,11 @@ scale is read through strides given by the caller, so a declared layout (or an i
 
 Why triton is imported lazily: `triton.jit` decides at decoration time whether a kernel is
 compiled or interpreted (TRITON_INTERPRET=1). The kernel bodies below are plain functions that
-`_build()` decorates on first use, so the variable only has to be set before the first kernel
-call, not before this module is imported. The choice is then fixed for the process.
+`_build()` decorates on first use, so importing this module imports no triton and fixes nothing.
+For CPU tensors TRITON_INTERPRET=1 must be set before triton.language is first imported (its own
+helpers -- tl.max, tl.zeros -- are decorated then); a late switch gets a clear QuantConfigError
+(quant/linear.py's `load_kernels` reloads triton.language to allow it). The choice made at the
+first kernel call is then fixed for the process.
 
 Interpreter findings (triton 3.9, CPU tensors) and the workarounds, all on the shared path:
 - fp8 loads (`float8_e4m3fn` and `float8_e4m3fnuz` pointers), `.to(tl.float32)` and fp8
@@ -415,7 +418,16 @@ def _ready(*tensors: torch.Tensor | None) -> SimpleNamespace:
     if dev.type not in ("cpu", "cuda"):
         raise _fail(f"triton kernels run on cuda/rocm or cpu (interpreter), not {dev.type}")
     if dev.type == "cpu" and not _interpreting():
-        raise _fail("triton on CPU tensors needs TRITON_INTERPRET=1 set before the first kernel call")
+        raise _fail("triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is first imported")
+    if dev.type == "cpu":
+        import triton.language.standard as std
+        from triton.runtime.jit import JITFunction
+
+        if isinstance(std.cdiv, JITFunction):  # tl.max, tl.zeros ... were decorated compiled
+            raise _fail(
+                "TRITON_INTERPRET=1 was set after triton.language was imported; set it first "
+                "(server_shim.quant.linear.load_kernels reloads triton.language for you)"
+            )
     k = _build()
     if dev.type == "cpu" and not k.interp:
         raise _fail(
@@ -502,7 +514,7 @@ def quantize_act_fp8(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic fp8 quantization of activations [M, K]: per token (group None) or per 1 x group.
 
-    scale = max(amax, 1e-10) / fp8_max (fp32, correctly rounded), q = rne(clamp(x / scale)):
+    scale = max(amax, 1e-12) / fp8_max (fp32, correctly rounded), q = rne(clamp(x / scale)):
     returns (q [M, K] in fp8_dtype, scale [M, 1] or [M, ceil(K / group)] row-major).
     """
     _check_2d("x", x, (torch.float32, torch.bfloat16, torch.float16))

@@ -7,7 +7,7 @@ matmul, torch._scaled_mm (fp8 per-tensor and row-wise, where the device has it) 
 kernels (fp8 tensor/row/block, int8, int4-g128, mxfp4); prints TFLOP/s and ratios as markdown.
 Before timing, every kernel is checked against a torch reference at real sizes (dequantize, then
 fp64 matmul), since a fast wrong kernel is worth nothing. Times are GEMM only (activation
-quantization is timed on its own), medians of triton.testing.do_bench.
+quantization is timed on its own), medians of CUDA-graph replays (do_bench_cudagraph).
 """
 
 from __future__ import annotations
@@ -55,6 +55,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def pack(q: torch.Tensor) -> torch.Tensor:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def _fast(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The same call with Hopper's fast (never promoted) fp8 accumulation."""
+
+    def run() -> torch.Tensor:
+        K.FP8_FAST_ACCUM = True
+        try:
+            return fn()
+        finally:
+            K.FP8_FAST_ACCUM = False
+
+    return run
 
 
 class Case:
@@ -112,6 +125,12 @@ class Case:
         f["triton fp8 block"] = lambda: K.fp8_gemm(
             self.a_grp, self.sa_grp, self.b_blk, self.sb_blk, a_scale_mode="block", b_scale_mode="block",
             out_dtype=bf)  # fmt: skip
+        f["triton fp8 tensor fastacc"] = _fast(f["triton fp8 tensor"])
+        f["triton fp8 row fastacc"] = _fast(f["triton fp8 row"])
+        if hasattr(torch, "_scaled_mm"):
+            f["_scaled_mm tensor fastacc"] = lambda: torch._scaled_mm(
+                self.a_ten, bt, st, sbt, out_dtype=bf, use_fast_accum=True
+            )
         f["triton int8"] = lambda: K.int8_gemm(self.a_i8, self.sa_i8, self.b_i8, self.sb_i8, out_dtype=bf)
         f["triton int4-g128"] = lambda: K.int4_gemm(self.x, self.p4, self.s4, self.z4, out_dtype=bf)
         f["triton mxfp4"] = lambda: K.mxfp4_gemm(self.x, self.pm, self.em, out_dtype=bf)
@@ -132,6 +151,12 @@ class Case:
             "triton fp8 tensor": (self.a_ten.double() * self.sa_ten.double())
             @ (self.b_ten.double() * self.sb_ten).T,
             "triton fp8 row": (self.a_tok.double() * self.sa_tok) @ (self.b_row.double() * self.sb_row).T,
+            "triton fp8 tensor fastacc": (self.a_ten.double() * self.sa_ten.double())
+            @ (self.b_ten.double() * self.sb_ten).T,
+            "triton fp8 row fastacc": (self.a_tok.double() * self.sa_tok)
+            @ (self.b_row.double() * self.sb_row).T,
+            "_scaled_mm tensor fastacc": (self.a_ten.double() * self.sa_ten.double())
+            @ (self.b_ten.double() * self.sb_ten).T,
             "triton fp8 block": (self.a_grp.double() * expand(self.sa_grp, M, Kd, 1, 128))
             @ (self.b_blk.double() * expand(self.sb_blk, N, Kd, 128, 128)).T,
             "triton int8": (self.a_i8.double() @ self.b_i8.double().T)
@@ -167,16 +192,25 @@ def check(dev: torch.device, big: int = 4096) -> list[str]:
                 print(f"check {name} {M}x{N}x{Kd}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 if not name.startswith("_scaled_mm"):  # cuBLASLt has shape limits (multiples of 16)
                     fails.append(name)
-    # activation quantization: bit-exact against torch
+    # activation quantization: bit-exact against torch with correctly rounded divisions. (On CUDA,
+    # torch's `tensor / python_float` multiplies by the fp32 reciprocal instead: reported, not failed.)
     x = torch.randn(64, big, device=dev) * 3
     for grp in (None, 128):
         q, s = K.quantize_act_fp8(x, group=grp, fp8_dtype=FN)
         gk = big if grp is None else grp
         xs = x.view(64, -1, gk)
-        sr = xs.abs().amax(-1).clamp(min=1e-12) / 448.0
-        qr = (xs / sr[..., None]).clamp(-448, 448).to(FN).view(64, big)
-        same = torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
-        expect(f"quantize_act_fp8 group={grp} bit-exact", 0.0 if same else 1.0, 0.0)
+        amax = xs.abs().amax(-1).clamp(min=1e-12)
+        for how, sr in (
+            ("amax / tensor(448)", amax / torch.full_like(amax, 448.0)),
+            ("amax / 448.0", amax / 448.0),
+        ):
+            qr = (xs / sr[..., None]).clamp(-448, 448).to(FN).view(64, big)
+            qr = torch.where(qr.view(torch.uint8) == 0x80, 0, qr.view(torch.uint8))  # no -0 (fnuz NaN code)
+            diff = (s != sr).float().mean().item() + (q.view(torch.uint8) != qr).float().mean().item()
+            if how.endswith("tensor(448)"):
+                expect(f"quantize_act_fp8 group={grp} bit-exact ({how})", diff, 0.0)
+            else:
+                print(f"info  quantize_act_fp8 group={grp} vs torch {how}: mismatch fraction {diff:.2e}")
     # swapped block-scale strides read the transposed grid; fp32 out; bias
     M = 256 if big == 4096 else 16
     c = Case(M, big, big, dev)
@@ -185,7 +219,21 @@ def check(dev: torch.device, big: int = 4096) -> list[str]:
     out = K.fp8_gemm(c.a_grp, c.sa_grp, c.b_blk, sb, a_scale_mode="block", b_scale_mode="block",
                      b_scale_strides=(sb.stride(1), sb.stride(0)), out_dtype=torch.float32, bias=bias)  # fmt: skip
     ref = (c.a_grp.double() * sa) @ (c.b_blk.double() * expand(sb.T, big, big, 128, 128)).T + bias.double()
-    expect("fp8 block, swapped strides = s.T, bias, fp32", rel_err(out, ref), 1e-4)
+    # fp8 tensor cores accumulate ~14 mantissa bits inside a 128-wide K tile (DeepSeek-V3 report, 3.3.2)
+    expect("fp8 block, swapped strides = s.T, bias, fp32", rel_err(out, ref), 5e-4)
+    refr = (c.a_tok.double() * c.sa_tok) @ (c.b_row.double() * c.sb_row).T
+    for fast in (False, True):
+        K.FP8_FAST_ACCUM = fast
+        out = K.fp8_gemm(c.a_tok, c.sa_tok, c.b_row, c.sb_row, a_scale_mode="row", b_scale_mode="row",
+                         out_dtype=torch.float32)  # fmt: skip
+        K.FP8_FAST_ACCUM = False
+        if fast:
+            print(f"info  fp8 row fp32-out with FP8_FAST_ACCUM=True: rel err {rel_err(out, refr):.2e}")
+        else:
+            expect("fp8 row, fp32 out (promoted accumulation)", rel_err(out, refr), 5e-4)
+    if hasattr(torch, "_scaled_mm") and dev.type == "cuda":
+        sm = torch._scaled_mm(c.a_tok, c.b_row.T, c.sa_tok, c.sb_row.T, out_dtype=torch.float32)
+        print(f"info  _scaled_mm row fp32-out rel err {rel_err(sm, refr):.2e}")
     # e4m3fnuz (the uint8-decoding path on NVIDIA): e4m3fn bits read as fnuz are half the value
     # (DESIGN's `fnuz-unnormalized`); doubled scales normalize them. fn's -0 is fnuz's NaN code.
     a8, b8 = c.a_grp.view(torch.uint8).clone(), c.b_blk.view(torch.uint8).clone()
@@ -199,8 +247,19 @@ def check(dev: torch.device, big: int = 4096) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- timing
-def bench(shapes: list[tuple[int, int, int]], dev: torch.device) -> list[dict]:
+def _time(fn: Callable[[], object]) -> float:
+    """Median ms of GPU time, replayed from a CUDA graph: the Python cost of a launch (validation,
+    autotuner dispatch, triton's argument binding: tens of us) is not the kernel's, and at small
+    shapes it would swamp it -- plain do_bench measured 10-30x slower small-M Triton runs here."""
     import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, quantiles=[0.5])
+    except Exception:  # a callable that cannot be captured
+        return triton.testing.do_bench(fn, warmup=10, rep=60, quantiles=[0.5])
+
+
+def bench(shapes: list[tuple[int, int, int]], dev: torch.device) -> list[dict]:
 
     rows = []
     for M, N, Kd in shapes:
@@ -210,19 +269,14 @@ def bench(shapes: list[tuple[int, int, int]], dev: torch.device) -> list[dict]:
             try:
                 fn()  # autotunes on first call for this shape
                 torch.cuda.synchronize()
-                ms = triton.testing.do_bench(fn, warmup=10, rep=60, quantiles=[0.5])
+                ms = _time(fn)
             except Exception as e:  # record and go on: _scaled_mm has shape limits
                 print(f"  {name} {M}x{N}x{Kd}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 continue
             row["ms"][name] = ms
             row["tflops"][name] = 2 * M * N * Kd / ms / 1e9
         for name, grp in (("quant per-token", None), ("quant 1x128", 128)):
-            row["ms"][name] = triton.testing.do_bench(
-                lambda grp=grp, x=c.x: K.quantize_act_fp8(x, group=grp, fp8_dtype=FN),
-                warmup=10,
-                rep=60,
-                quantiles=[0.5],
-            )
+            row["ms"][name] = _time(lambda grp=grp, x=c.x: K.quantize_act_fp8(x, group=grp, fp8_dtype=FN))
         built = K._build()
         row["config"] = {
             n: str(getattr(kern, "best_config", ""))
@@ -247,13 +301,14 @@ def markdown(rows: list[dict]) -> str:
         return f"{r['ms'][b] / r['ms'][a]:.2f}x" if a in r["ms"] and b in r["ms"] else "n/a"
 
     lines += ["", "Speed ratios (>1 = first is faster); act-quant times in us", "",
-              "| M | N | K | fp8-tensor / _scaled_mm | fp8-row / _scaled_mm row | fp8-block / bf16 | "
-              "fp8-tensor / bf16 | int8 / bf16 | int4 / bf16 | mxfp4 / bf16 | quant tok | quant 1x128 |",
-              "|---" * 12 + "|"]  # fmt: skip
+              "| M | N | K | fp8-tensor / _scaled_mm | fp8-row / _scaled_mm row | fastacc: fp8-tensor / _scaled_mm | "
+              "fp8-block / bf16 | fp8-tensor / bf16 | int8 / bf16 | int4 / bf16 | mxfp4 / bf16 | quant tok | quant 1x128 |",
+              "|---" * 13 + "|"]  # fmt: skip
     for r in rows:
         cells = [
             ratio(r, "triton fp8 tensor", "_scaled_mm tensor"),
             ratio(r, "triton fp8 row", "_scaled_mm row"),
+            ratio(r, "triton fp8 tensor fastacc", "_scaled_mm tensor fastacc"),
             ratio(r, "triton fp8 block", "torch bf16"),
             ratio(r, "triton fp8 tensor", "torch bf16"),
             ratio(r, "triton int8", "torch bf16"),
@@ -269,7 +324,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, help="also save every number as JSON")
-    p.add_argument("--quick", action="store_true", help="only M=16 and M=4096 at N=K=4096")
+    p.add_argument("--quick", action="store_true", help="only 3 shapes")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: dry-run the correctness checks at small sizes under the Triton interpreter")  # fmt: skip
@@ -291,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device {name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     fails = [] if args.no_check else check(dev)
-    shapes = [(16, 4096, 4096), (4096, 4096, 4096)] if args.quick else BIG + SMOLLM2
+    shapes = [(4096, 4096, 4096), (16, 4096, 4096), (1024, 576, 576)] if args.quick else BIG + SMOLLM2
     rows = bench(shapes, dev)
     table = markdown(rows)
     print(f"\n## GEMM benchmark on {name}\n\n{table}\n")
@@ -299,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"correctness FAILED: {fails}")
     if args.json:
         meta = {
+            "timing": "median of triton.testing.do_bench_cudagraph",
             "device": name,
             "torch": torch.__version__,
             "triton": triton.__version__,

@@ -27,12 +27,17 @@ def _positive(name: str, value: int | None) -> None:
         raise UsageError(f"{name} must be >= 1, got {value}")
 
 
+def _console() -> Console:
+    """A terminal keeps its width; a log file or CI step gets wide lines instead of 80 columns."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 def _finish(run: RunResult, out: Path, problems: list[str]) -> int:
     from difftest.report import write_report
     from difftest.report.terminal import render_summary
 
     write_report(run, out)
-    render_summary(run, Console(), report_dir=out)
+    render_summary(run, _console(), report_dir=out)
     if problems:
         for p in problems:
             print(f"difftest: infrastructure: {p}", file=sys.stderr)
@@ -116,7 +121,7 @@ async def _explore(cfg: RunConfig, prompts: list[Prompt]) -> int:
     from difftest.verdict import tie_margin_for
     from server_shim.launch import RunningServer
 
-    console = Console()
+    console = _console()
     specs = [cfg.reference, *(t.server for t in cfg.targets)]
     running = {s.name: RunningServer(name=s.name, url=s.url, spec=s, pid=None, log_path=None) for s in specs}  # type: ignore[arg-type]
     cache = ResponseCache(":memory:")
@@ -176,7 +181,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         table.add_column(col)
     for check, status, detail in caps.table():
         table.add_row(check, status, detail)
-    console = Console()
+    console = _console()
     console.print(table)
     for w in caps.warnings:
         console.print(f"warning: {w}", style="yellow")
@@ -196,7 +201,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     floor = dataclasses.replace(floor, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(floor.to_json())
-    console = Console()
+    console = _console()
     console.print(floor.describe())
     for key in ("kl_mean", "kl_p99", "top1_disagreement", "token_mismatch", "tie_margin"):
         console.print(f"  {key}: {getattr(floor, key)}")

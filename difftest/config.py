@@ -17,16 +17,12 @@ import dataclasses
 import importlib
 import math
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from difftest.errors import ConfigError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 from server_shim.launch import (
     SCHEMES,
     ServerSpec,

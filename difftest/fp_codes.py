@@ -33,10 +33,8 @@ def _e4m3_table(bias: int, *, fnuz: bool) -> np.ndarray:
     for code in range(256):
         sign = -1.0 if code & 0x80 else 1.0
         exp, man = (code >> 3) & 0x0F, code & 0x07
-        if exp == 0:  # subnormal: no implicit 1
-            val = man / 8.0 * 2.0 ** (1 - bias)
-        else:
-            val = (1.0 + man / 8.0) * 2.0 ** (exp - bias)
+        # exponent 0 is subnormal: no implicit leading 1
+        val = man / 8.0 * 2.0 ** (1 - bias) if exp == 0 else (1.0 + man / 8.0) * 2.0 ** (exp - bias)
         out[code] = sign * val
     if fnuz:
         out[0x80] = np.nan  # fnuz has no negative zero: that code is its only NaN
@@ -47,7 +45,9 @@ def _e4m3_table(bias: int, *, fnuz: bool) -> np.ndarray:
 
 E4M3FN = _e4m3_table(7, fnuz=False)
 E4M3FNUZ = _e4m3_table(8, fnuz=True)
-E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+E2M1 = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32
+)
 E8M0 = np.array([2.0 ** (e - 127) for e in range(255)] + [np.nan], dtype=np.float32)
 
 TABLES = {"e4m3fn": E4M3FN, "e4m3fnuz": E4M3FNUZ, "e2m1": E2M1, "e8m0": E8M0}

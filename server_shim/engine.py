@@ -40,6 +40,8 @@ __all__ = ["Engine", "EngineFailure", "SamplingParams", "SeqEvent", "TokenInfo"]
 # Tokens of left context when decoding a piece: SentencePiece drops a leading space and byte-level
 # BPE splits a character over tokens, so a token decoded alone is not its contribution to the text.
 _CONTEXT = 5
+# How long the worker waits for a burst of requests to finish arriving before it closes a batch.
+_BATCH_WINDOW_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,10 @@ class Engine:
                 if self._exclusive:
                     job = self._exclusive.popleft()
                 else:
+                    # Requests that arrive together (a client's burst) should share one batch: the
+                    # first one wakes us, so give the rest a moment before the batch is closed.
+                    if self.max_batch_size > 1 and len(self._pending) < self.max_batch_size:
+                        self._cond.wait(timeout=_BATCH_WINDOW_S)
                     while self._pending and len(batch) < self.max_batch_size:
                         seq = self._pending.popleft()
                         if not seq.handle.cancelled:

@@ -29,6 +29,7 @@ import shlex
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -163,14 +164,34 @@ def launch_servers(specs: Sequence[ServerSpec], *, log_dir: Path) -> Iterator[di
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     running: dict[str, RunningServer] = {}
+    previous = _exit_on_sigterm()
     try:
         ports = _pick_ports(specs)
+        threads = _cpu_threads_per_shim(specs)
         for spec in specs:
-            running[spec.name] = _start(spec, ports.get(spec.name), log_dir)
+            running[spec.name] = _start(spec, ports.get(spec.name), log_dir, threads)
         _wait_healthy(list(running.values()))
         yield running
     finally:
         _teardown(list(running.values()))
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm() -> Any:
+    """CI runners cancel a job with SIGTERM; by default Python dies without running `finally`,
+    and servers in their own sessions would live on holding GPUs and ports. Turn SIGTERM into
+    SystemExit(143) while servers run (main thread only, and only if nobody handles it already)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    return signal.SIG_DFL
 
 
 def _pick_ports(specs: Sequence[ServerSpec]) -> dict[str, int]:
@@ -248,7 +269,17 @@ def _api_key(spec: ServerSpec) -> str | None:
     return value
 
 
-def _start(spec: ServerSpec, port: int | None, log_dir: Path) -> RunningServer:
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _cpu_threads_per_shim(specs: Sequence[ServerSpec]) -> int:
+    """Cores per co-located shim: N servers each running torch's default of all cores fight over
+    them (measured: load average 14 on 2 cores for 8 smollm2 shims), which is slower than sharing."""
+    shims = sum(1 for s in specs if s.kind == "shim")
+    return max(1, (os.cpu_count() or 1) // max(1, shims))
+
+
+def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) -> RunningServer:
     import subprocess  # local: keeps `import server_shim.launch` light for the differ
 
     key = _api_key(spec)
@@ -262,6 +293,9 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path) -> RunningServer:
         env["CUDA_VISIBLE_DEVICES"] = env["HIP_VISIBLE_DEVICES"] = spec.gpus
     if spec.kind == "shim":
         env["PYTHONUNBUFFERED"] = "1"  # the log tail must show the last words of a dying server
+        for var in _THREAD_VARS:  # a user's own setting (in env or spec.env) wins
+            if threads and var not in env:
+                env[var] = str(threads)
         # The shim must import from this checkout even when the package is not installed.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -542,6 +576,7 @@ def main_pair(config_path: str) -> int:
     config, print where they listen, serve until Ctrl-C. Exit 0, 2 config error, 3 a server failed."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
     path = Path(config_path)
     try:
         specs = pair_specs(path)
@@ -575,20 +610,23 @@ def main_pair(config_path: str) -> int:
 def pair_specs(path: Path) -> list[ServerSpec]:
     """The reference and target specs of a difftest config, without difftest (goldens are not
     started: `pair` is for poking at the servers by hand)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    import tomllib
     doc = tomllib.loads(path.read_text(encoding="utf-8"))
     base = path.resolve().parent
     ref = doc.get("reference")
     if not isinstance(ref, dict):
         raise SpecError("needs a [reference] table")
-    specs = [resolve_paths(spec_from_table(ref, default_name="reference"), base)]
     targets = doc.get("target", [])
     if not isinstance(targets, list):
         raise SpecError("targets are an array of tables: write [[target]], not [target]")
-    for i, table in enumerate(targets):
-        spec = spec_from_table(table, default_name=f"target-{i + 1}", ignore=("scheme", "golden", "expect"))
+    tables = [(ref, "reference", ())] + [
+        (t, f"target-{i + 1}", ("scheme", "golden", "expect")) for i, t in enumerate(targets)
+    ]
+    debug = doc.get("run", {}).get("whitebox", "auto") != "off"  # as difftest.config does
+    specs = []
+    for table, name, ignore in tables:
+        spec = spec_from_table(table, default_name=name, ignore=ignore)
+        if spec.kind == "shim" and "debug" not in table:
+            spec = dataclasses.replace(spec, debug=debug)
         specs.append(resolve_paths(spec, base))
     return specs

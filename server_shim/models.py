@@ -222,8 +222,14 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, 
 
 def _write_atomically(folder: Path, build) -> None:
     """Build into a sibling temp folder, then rename: a concurrent reader sees all or nothing."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot write the model cache {folder.parent} ({exc}); set DIFFTEST_CACHE_DIR"
+        ) from exc
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the cache from other users of a shared cache root
     try:
         build(tmp)
         try:

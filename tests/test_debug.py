@@ -316,3 +316,30 @@ async def test_real_quantized_moe_experts_replay() -> None:
     torch.testing.assert_close(st_load(rep.content)["output"], t[experts], rtol=1e-6, atol=1e-6)
     assert q.status_code == 200 and len(st_load(q.content)) > 0
     assert cfg["modules"][experts]["kind"] == "moe" and cfg["modules"][experts]["scheme"] == "int4-g128"
+
+
+async def test_through_create_app_with_api_key(tiny_llama: LoadedModel) -> None:
+    from server_shim.app import create_app
+    from server_shim.serve import ServeOptions
+
+    engine = Engine(tiny_llama)
+    try:
+        for debug in (True, False):
+            app = create_app(engine, ServeOptions(model="tiny-llama", debug=debug, api_key="k"))
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                anon = await c.get("/debug/config")
+                cfg = await c.get("/debug/config", headers={"Authorization": "Bearer k"})
+                act = await c.post(
+                    "/debug/activations",
+                    json={"tokens": [1, 2, 3], "layers": ["model.layers.0"]},
+                    headers={"Authorization": "Bearer k"},
+                )
+            assert anon.status_code == 401
+            if debug:
+                assert cfg.status_code == 200 and cfg.json()["num_layers"] == 4
+                assert st_load(act.content)["model.layers.0"].shape == (3, 128)
+            else:
+                assert cfg.status_code == 404 and act.status_code == 404
+    finally:
+        engine.close()

@@ -114,7 +114,11 @@ def test_declared_layout_is_physical_and_dequantize_reads_it(scheme: str) -> Non
     torch.manual_seed(1)
     w = torch.randn(300, 260) * 0.02
     plain = F.quantize_weight(w, scheme)
-    for layout in (F.ScaleLayout("col-major"), F.ScaleLayout("row-major", True), F.ScaleLayout("col-major", True)):
+    for layout in (
+        F.ScaleLayout("col-major"),
+        F.ScaleLayout("row-major", True),
+        F.ScaleLayout("col-major", True),
+    ):
         qw = F.quantize_weight(w, scheme, layout=layout)
         r, c = qw.scales.shape
         if layout.order == "col-major" and c > 1:

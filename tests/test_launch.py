@@ -129,6 +129,19 @@ def test_keyboard_interrupt_inside_block_tears_down(tmp_path: Path) -> None:
     assert wait_dead([pid]) == [] and pids_with(token_of(spec)) == []
 
 
+def test_ctrl_c_while_waiting_for_health_tears_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = fake("ref", "--delay", "30")
+
+    def interrupted(client, server):  # Ctrl-C lands while the launcher polls /health
+        assert alive(server.pid)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "_probe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        start_and_stop([spec], log_dir=tmp_path)
+    assert pids_with(token_of(spec)) == []
+
+
 def test_exception_inside_block_tears_down_and_propagates(tmp_path: Path) -> None:
     spec = fake("ref")
     with pytest.raises(RuntimeError, match="boom"), launch_servers([spec], log_dir=tmp_path) as servers:
@@ -371,7 +384,9 @@ def test_main_pair_config_error_is_exit_2(tmp_path: Path, capsys: pytest.Capture
     assert main_pair(str(tmp_path / "missing.toml")) == 2
 
 
-def test_main_pair_serves_until_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "want"), [(signal.SIGINT, 0), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_main_pair_serves_until_ctrl_c_or_sigterm(tmp_path: Path, sig: signal.Signals, want: int) -> None:
+    """SIGTERM (a cancelled CI job) must tear the servers down too, not orphan them."""
     cmd = f"{sys.executable} {FAKE} --port {{port}} --name pairtok-{uuid.uuid4().hex[:8]}"
     path = _pair_config(tmp_path, cmd, cmd)
     code = f"import sys; from server_shim.launch import main_pair; sys.exit(main_pair({str(path)!r}))"
@@ -388,8 +403,8 @@ def test_main_pair_serves_until_ctrl_c(tmp_path: Path) -> None:
     assert len(urls) == 2
     for url in urls:
         assert httpx.get(url + "/health", trust_env=False).status_code == 200
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=20) == 0
+    proc.send_signal(sig)
+    assert proc.wait(timeout=20) == want
     token = cmd.split("--name ")[1]
     assert pids_with(token) == []
     assert (tmp_path / "runs" / "pair-pair" / "logs" / "t0.log").exists()

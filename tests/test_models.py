@@ -180,3 +180,10 @@ def test_smollm2_gguf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     out = second.model.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1] :]
     assert "Paris" in tok.decode(out)
     torch.testing.assert_close(first.model.lm_head.weight, second.model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_unwritable_cache_root_is_a_load_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ModelLoadError, match="cannot write the model cache"):
+        models._write_atomically(blocker / "m", lambda tmp: None)

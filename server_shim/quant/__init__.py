@@ -8,7 +8,13 @@ chosen, after the interpreter switch is set (see linear.load_kernels).
 from __future__ import annotations
 
 from server_shim.quant.faults import FAULTS
-from server_shim.quant.formats import QuantizedWeight, ScaleLayout, dequantize, quantize_weight, reference_linear
+from server_shim.quant.formats import (
+    QuantizedWeight,
+    ScaleLayout,
+    dequantize,
+    quantize_weight,
+    reference_linear,
+)
 from server_shim.quant.linear import BACKENDS, SCHEMES, QuantLinear, QuantSummary, quantize_model
 
 __all__ = [

@@ -19,7 +19,7 @@ from server_shim.quant.formats import FP8_SCHEMES
 
 
 def device_arch(device: torch.device | str) -> str:
-    """"cpu", "sm90" (CUDA capability), or "gfx942" / "gfx950" (ROCm gcnArchName)."""
+    """ "cpu", "sm90" (CUDA capability), or "gfx942" / "gfx950" (ROCm gcnArchName)."""
     device = torch.device(device)
     if device.type != "cuda":
         return device.type
@@ -52,12 +52,7 @@ def vendor_supports(scheme: str, device: torch.device | str) -> tuple[bool, str]
     return _probe(scheme, key)
 
 
-def vendor_out_dtype(device: torch.device) -> torch.dtype:
-    """Row-wise `_scaled_mm` on CUDA only writes bf16; CPU writes fp32 (no extra rounding)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(scheme: str, device_key: str) -> tuple[bool, str]:
     device = torch.device(device_key if device_key != "cuda:None" else "cuda")
     if scheme in ("int4-g128", "mxfp4"):
@@ -86,14 +81,14 @@ def _try_scaled_mm(device: torch.device, mode: str) -> str | None:
         return f"no fp8 tensor cores on {device_arch(device)}"
     a = torch.ones(32, 32, device=device).to(dt)
     b = torch.ones(32, 32, device=device).to(dt)
-    if mode == "tensor":
+    if mode == "tensor" or device.type == "cuda":  # CUDA row-wise runs as tensor-wise + fp32 epilogue
         sa = sb = torch.ones((), device=device)
     elif mode == "row":
         sa, sb = torch.ones(32, 1, device=device), torch.ones(1, 32, device=device)
     else:
         sa, sb = torch.ones(32, 1, device=device), torch.ones(1, 32, device=device)
     try:
-        out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=vendor_out_dtype(device))
+        out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)
     except (RuntimeError, NotImplementedError, ValueError) as e:
         return f"torch._scaled_mm {mode}-wise failed on {device_arch(device)}: {str(e).splitlines()[0]}"
     expect = a.shape[1]

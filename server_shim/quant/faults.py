@@ -95,9 +95,7 @@ def parse_fault(text: str) -> FaultSpec:
     return FaultSpec(name, glob or None)
 
 
-def resolve_faults(
-    specs: Sequence[str], *, scheme: str, modules: Mapping[str, str]
-) -> dict[str, FaultSet]:
+def resolve_faults(specs: Sequence[str], *, scheme: str, modules: Mapping[str, str]) -> dict[str, FaultSet]:
     """Map each quantized module name (kind "linear" | "moe") to its FaultSet. Refuses a fault that
     cannot exist in `scheme`, a glob that matches no quantized module, and an MoE-only fault that
     matches no MoE module."""
@@ -106,7 +104,9 @@ def resolve_faults(
         spec = parse_fault(text)
         if scheme not in FAULT_SCHEMES[spec.name]:
             where = ", ".join(FAULT_SCHEMES[spec.name])
-            raise QuantConfigError(f"fault {spec.name} does not apply to scheme {scheme}; it applies to: {where}")
+            raise QuantConfigError(
+                f"fault {spec.name} does not apply to scheme {scheme}; it applies to: {where}"
+            )
         names = [n for n in modules if spec.glob is None or fnmatch.fnmatchcase(n, spec.glob)]
         if not names:
             target = spec.glob or "(all)"

@@ -269,7 +269,9 @@ def dequantize_parts(
         return d * scales.float()
     if scheme == "int4-g128":
         q = unpack_nibbles(data, k).float()
-        return (q - _expand(zeros.float(), 1, INT4_GROUP, n, k)) * _expand(scales.float(), 1, INT4_GROUP, n, k)
+        return (q - _expand(zeros.float(), 1, INT4_GROUP, n, k)) * _expand(
+            scales.float(), 1, INT4_GROUP, n, k
+        )
     if scheme == "mxfp4":
         v = e2m1_decode(unpack_nibbles(data, k))
         return v * _expand(e8m0_decode(scales), 1, MX_GROUP, n, k)

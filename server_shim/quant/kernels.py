@@ -51,6 +51,11 @@ FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
 # the triton and torch (golden) backends agree bit for bit there too.
 AMAX_FLOOR = 1e-12
 _SCALE_MODES = {"tensor": 0, "row": 1, "block": 2}
+# Hopper's fp8 tensor cores accumulate in reduced precision; Triton's default there never promotes
+# to fp32 (max_num_imprecise_acc 2**30), which cost ~1e-3 relative error at K=4096 against an
+# fp32 reference. False (default): promote after every BLOCK_K, like block mode and like
+# `_scaled_mm(use_fast_accum=False)`; True: the fast, imprecise accumulation. Tensor/row modes only.
+FP8_FAST_ACCUM = False
 
 tl: Any = None  # bound to triton.language by _build(); the kernel bodies resolve it at compile time
 _lock = threading.Lock()
@@ -204,17 +209,37 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, GROUP_K, sxm, sxk, sqm, sqk, ss
         )
 
 
+def _block_scaled(part, as_ptr, bs_ptr, rm, rn, kstart, K, sas0, sas1, sbs0, sbs1,
+                  A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr):  # fmt: skip
+    """One K tile's partial product times its 1 x GROUP (a) and GROUP x GROUP (b) block scales.
+
+    A tile that starts past K (the second of two in the last step) reads no scale: its index
+    would lie outside the scale grid. The masks are vectors: the interpreter rejects scalar ones.
+    """
+    kb = kstart // GROUP
+    if A_MODE == 2:
+        ok = (rm * 0 + kstart) < K
+        part = part * tl.load(as_ptr + rm * sas0 + kb * sas1, mask=ok, other=0.0)[:, None]
+    if B_MODE == 2:
+        ok = (rn * 0 + kstart) < K
+        part = part * tl.load(bs_ptr + (rn // GROUP) * sbs0 + kb * sbs1, mask=ok, other=0.0)[None, :]
+    return part
+
+
 def _scaled_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, M_BUCKET,
                         sam, sak, sbn, sbk, scm, scn, sas0, sas1, sbs0, sbs1,
                         A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr,
                         HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, DECODE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr):  # fmt: skip
+                        FAST_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, KSTEPS: tl.constexpr):  # fmt: skip
     """C = (A * sa) @ (B * sb)^T for fp8 (fp32 acc) and int8 (int32 acc); modes 0 tensor, 1 row, 2 block.
 
     Block mode needs GROUP % BLOCK_K == 0 (the wrapper and the config pruner guarantee it), so
-    each K tile lies in one scale group and is scaled before it joins the fp32 accumulator.
+    each K tile lies in one scale group and is scaled before it joins the fp32 accumulator;
+    KSTEPS=2 issues two tiles' dots before scaling either, so the tensor cores overlap the scaling.
     DECODE: 0 native fp8/int8 operands; 1 / 2: uint8 bits of e4m3fn / e4m3fnuz, decoded to fp16.
+    FAST_ACC: let Hopper accumulate fp8 products in its reduced-precision accumulator over the
+    whole K (2**30); otherwise promote to fp32 after every BLOCK_K, as block mode does anyway.
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -228,7 +253,7 @@ def _scaled_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K * KSTEPS):
         kmask = (k0 + offs_k) < K
         a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=kmask[None, :], other=0.0)
@@ -237,16 +262,29 @@ def _scaled_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
             b = _fp8_bits_to_f16(b, DECODE == 2)
         if A_MODE == 2 or B_MODE == 2:
             part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
-            kb = k0 // GROUP
-            if A_MODE == 2:
-                part = part * tl.load(as_ptr + rm * sas0 + kb * sas1)[:, None]
-            if B_MODE == 2:
-                part = part * tl.load(bs_ptr + (rn // GROUP) * sbs0 + kb * sbs1)[None, :]
+            if KSTEPS == 2:
+                k1 = k0 + BLOCK_K
+                kmask1 = (k1 + offs_k) < K
+                a1 = tl.load(a_ptrs + BLOCK_K * sak, mask=kmask1[None, :], other=0.0)
+                b1 = tl.load(b_ptrs + BLOCK_K * sbk, mask=kmask1[None, :], other=0.0)
+                if DECODE != 0:
+                    a1 = _fp8_bits_to_f16(a1, DECODE == 2)
+                    b1 = _fp8_bits_to_f16(b1, DECODE == 2)
+                part1 = tl.dot(a1, tl.trans(b1), out_dtype=tl.float32)
+            part = _block_scaled(part, as_ptr, bs_ptr, rm, rn, k0, K, sas0, sas1, sbs0, sbs1,
+                                 A_MODE, B_MODE, GROUP)  # fmt: skip
+            if KSTEPS == 2:
+                part += _block_scaled(part1, as_ptr, bs_ptr, rm, rn, k1, K, sas0, sas1, sbs0, sbs1,
+                                      A_MODE, B_MODE, GROUP)  # fmt: skip
             acc += part
-        else:
+        elif ACC_INT:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        elif FAST_ACC or DECODE != 0:
             acc = tl.dot(a, tl.trans(b), acc)
-        a_ptrs += BLOCK_K * sak
-        b_ptrs += BLOCK_K * sbk
+        else:
+            acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
+        a_ptrs += BLOCK_K * KSTEPS * sak
+        b_ptrs += BLOCK_K * KSTEPS * sbk
     out = acc.to(tl.float32)
     if A_MODE == 0:
         out = out * tl.load(as_ptr)
@@ -308,6 +346,7 @@ def _wonly_gemm_kernel(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, M_B
 
 
 _HELPERS = (
+    "_block_scaled",
     "_round_to_fp8_grid",
     "_round_to_bf16_grid",
     "_cast_out",
@@ -319,11 +358,14 @@ _HELPERS = (
 
 
 # ----------------------------------------------------------------------------- configs
-def _configs(triton: Any, table: list[tuple[int, int, int, int, int]]) -> list[Any]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in table
-    ]
+def _configs(triton: Any, table: list[tuple[int, ...]], ksteps: bool) -> list[Any]:
+    out = []
+    for bm, bn, bk, w, s, *ks in table:
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+        if ksteps:
+            meta["KSTEPS"] = ks[0] if ks else 1
+        out.append(triton.Config(meta, num_warps=w, num_stages=s))
+    return out
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); 8-bit operands: BLOCK_K 128 = one fp8 scale group.
@@ -331,6 +373,8 @@ def _configs(triton: Any, table: list[tuple[int, int, int, int, int]]) -> list[A
 _TABLE_8BIT = [
     (128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 3), (64, 128, 128, 4, 4),
     (64, 64, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 4),
+    # block mode only (KSTEPS=2: two K tiles' dots in flight before their scales are applied)
+    (128, 128, 128, 8, 3, 2), (64, 128, 128, 4, 3, 2), (128, 256, 128, 8, 2, 2),
 ]  # fmt: skip
 _TABLE_16BIT = [
     (128, 256, 64, 8, 3),
@@ -350,6 +394,8 @@ def _prune(configs: list[Any], named_args: dict, **kwargs: Any) -> list[Any]:
 
     def fits(c: Any) -> bool:
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
+        if c.kwargs.get("KSTEPS", 1) == 2 and not block:
+            return False
         return bm <= max(16, mb) and not (mb >= 1024 and bm < 64) and not (block and args["GROUP"] % bk != 0)
 
     kept = [c for c in configs if fits(c)]
@@ -378,13 +424,13 @@ def _build() -> SimpleNamespace:
             bench = lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
             prune = {"early_config_prune": _prune}
             gemm = triton.autotune(
-                _configs(triton, _TABLE_8BIT),
-                key=["M_BUCKET", "N", "K", "A_MODE", "B_MODE", "GROUP", "DECODE", "ACC_INT"],
+                _configs(triton, _TABLE_8BIT, ksteps=True),
+                key=["M_BUCKET", "N", "K", "A_MODE", "B_MODE", "GROUP", "DECODE", "ACC_INT", "FAST_ACC"],
                 prune_configs_by=prune,
                 do_bench=bench,
             )(gemm)
             wonly = triton.autotune(
-                _configs(triton, _TABLE_16BIT),
+                _configs(triton, _TABLE_16BIT, ksteps=False),
                 key=["M_BUCKET", "N", "K", "FORMAT", "GROUP"],
                 prune_configs_by=prune,
                 do_bench=bench,
@@ -476,11 +522,20 @@ def _scale_strides(
     return s0, s1
 
 
-def _launch(k: SimpleNamespace, kern: Any, M: int, N: int, args: tuple, meta: dict, cpu_bk: int) -> None:
+def _launch(
+    k: SimpleNamespace,
+    kern: Any,
+    M: int,
+    N: int,
+    args: tuple,
+    meta: dict,
+    cpu_bk: int,
+    cpu_extra: dict | None = None,
+) -> None:
     if k.interp:  # small fixed tiles: the interpreter's cost is per program and per op
         bm, bn = min(max(_next_pow2(M), 16), 64), min(max(_next_pow2(N), 16), 128)
         grid = (_cdiv(M, bm) * _cdiv(N, bn),)
-        kern[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cpu_bk, GROUP_M=8)
+        kern[grid](*args, **meta, **(cpu_extra or {}), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cpu_bk, GROUP_M=8)
     else:
         grid = lambda cfg: (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
         kern[grid](*args, **meta)
@@ -586,8 +641,19 @@ def fp8_gemm(
     av, bv = (a, b) if native else (a.view(torch.uint8), b.view(torch.uint8))
     args = (av, bv, out, a_scale, b_scale, bias if bias is not None else out, M, N, K, min(_next_pow2(M), 4096),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb)  # fmt: skip
-    meta = dict(A_MODE=am, B_MODE=bmode, GROUP=block, HAS_BIAS=bias is not None, ACC_INT=False, DECODE=decode)
-    _launch(k, k.gemm, M, N, args, meta, cpu_bk=min(block, 128))
+    meta = dict(A_MODE=am, B_MODE=bmode, GROUP=block, HAS_BIAS=bias is not None, ACC_INT=False, DECODE=decode,
+                FAST_ACC=FP8_FAST_ACCUM)  # fmt: skip
+    # the interpreter runs the two-tile (KSTEPS=2) block loop, so CPU tests cover that path too
+    _launch(
+        k,
+        k.gemm,
+        M,
+        N,
+        args,
+        meta,
+        cpu_bk=min(block, 128),
+        cpu_extra={"KSTEPS": 2 if 2 in (am, bmode) else 1},
+    )
     return out
 
 
@@ -614,8 +680,10 @@ def int8_gemm(
         return _empty_result(out, bias)
     args = (a, b, out, a_scale, b_scale, bias if bias is not None else out, M, N, K, min(_next_pow2(M), 4096),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb)  # fmt: skip
-    meta = dict(A_MODE=1, B_MODE=1, GROUP=128, HAS_BIAS=bias is not None, ACC_INT=True, DECODE=0)
-    _launch(k, k.gemm, M, N, args, meta, cpu_bk=128)
+    meta = dict(
+        A_MODE=1, B_MODE=1, GROUP=128, HAS_BIAS=bias is not None, ACC_INT=True, DECODE=0, FAST_ACC=False
+    )
+    _launch(k, k.gemm, M, N, args, meta, cpu_bk=128, cpu_extra={"KSTEPS": 1})
     return out
 
 

@@ -102,8 +102,12 @@ class QuantMoEExperts(_QuantBase):
                 continue
             token_idx, pos = torch.where(top_k_index == e)
             x = hidden[token_idx]
-            gate, up = quant_matmul(x, self.expert_weight("gate_up", e), None, backend, self._faults).chunk(2, dim=-1)
-            y = quant_matmul(self.act_fn(gate) * up, self.expert_weight("down", e), None, backend, self._faults)
+            gate, up = quant_matmul(x, self.expert_weight("gate_up", e), None, backend, self._faults).chunk(
+                2, dim=-1
+            )
+            y = quant_matmul(
+                self.act_fn(gate) * up, self.expert_weight("down", e), None, backend, self._faults
+            )
             y = y * top_k_weights[token_idx, pos, None]
             final.index_add_(0, token_idx, y.to(final.dtype))
         if not self._faults.routed_scaling_missing:
@@ -131,6 +135,8 @@ class QuantMoEExperts(_QuantBase):
         return out
 
     def stored_metadata(self) -> dict[str, str]:
-        meta = _metadata(self.scheme, self.layout, self.gate_up_scales[0], (self.num_experts, *self.gate_up_shape))
+        meta = _metadata(
+            self.scheme, self.layout, self.gate_up_scales[0], (self.num_experts, *self.gate_up_shape)
+        )
         meta["num_experts"] = str(self.num_experts)
         return meta

@@ -1,0 +1,283 @@
+"""Quantization audit: are the stored scales what the config declares, and which reading of them
+does the kernel actually compute with?
+
+Per quantized module of the target's GET /debug/config:
+- structure checks: weight dtype and shape, scale shape (block / group counts such as
+  ceil(N/128) x ceil(K/128)) and scale strides against the scheme and the declared layout;
+- a hypothesis test. Two weights are measured through POST /debug/module on an identity input
+  (x = I_K gives x @ W^T = W^T; the zero input gives the bias, subtracted):
+    W_ref  on the REFERENCE server (FP16, or the golden's own dequantized weight),
+    W_eff  on the TARGET: the weight its kernel really multiplies with.
+  The stored tensors (GET /debug/quant) are dequantized in numpy under each hypothesis --
+  declared layout, transposed scale strides, shuffle toggled, unit scales, fp8 bits read as the
+  other fp8 flavour, weight memory read transposed -- and each one's relative error against both
+  is reported. A hypothesis other than the declared one that reconstructs W_eff clearly better
+  is the hint ("scales look transposed"). Identity rows quantize exactly in every activation
+  scheme (amax 1 per row / group), so W_eff is the weight path alone.
+- backend table: needs /debug/module to run a module under a chosen backend; the debug protocol
+  has no such selector yet, so the column says so.
+MoE experts are not linear in their input: their rows get the structure checks only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from difftest.collect import Endpoint
+from difftest.errors import DifftestError
+from difftest.fp_codes import SafeTensors, decode, read_safetensors, unpack_nibbles, write_safetensors
+from difftest.metrics.tensors import rel_err
+
+log = logging.getLogger(__name__)
+
+BLOCK, INT4_GROUP, MX_GROUP = 128, 128, 32
+CLEAR_MARGIN = 0.5  # a rival hypothesis must at most halve the declared one's error to be named
+EXPLAINED = 0.05  # a hypothesis "reconstructs" the kernel's weight within 5% rel err
+NO_BACKEND_TABLE = "n/a: /debug/module has no backend selector"
+WEIGHT_DTYPES = {
+    "fp8-tensor": ("float8_e4m3fn", "float8_e4m3fnuz"), "fp8-token": ("float8_e4m3fn", "float8_e4m3fnuz"),
+    "fp8-block": ("float8_e4m3fn", "float8_e4m3fnuz"), "int8": ("int8",), "int4-g128": ("uint8",), "mxfp4": ("uint8",),
+}  # fmt: skip
+HINTS = {
+    "transposed": "scales look transposed",
+    "shuffle-toggled": "scale shuffle looks ignored",
+    "unit-scales": "scales look skipped (read as 1)",
+    "fnuz-unnormalized": "fp8 looks read as e4m3fnuz without normalisation (x0.5)",
+    "weight-transposed": "weight looks read transposed (a transpose that did nothing)",
+}
+
+
+# ---------------------------------------------------------------- structure checks (pure)
+
+
+def expected_scale_shape(scheme: str, n: int, k: int) -> tuple[int, int]:
+    return {
+        "fp8-tensor": (1, 1), "fp8-token": (n, 1), "int8": (n, 1),
+        "fp8-block": (math.ceil(n / BLOCK), math.ceil(k / BLOCK)),
+        "int4-g128": (n, math.ceil(k / INT4_GROUP)), "mxfp4": (n, math.ceil(k / MX_GROUP)),
+    }[scheme]  # fmt: skip
+
+
+def expected_strides(shape: tuple[int, int], order: str) -> tuple[int, int]:
+    r, c = shape
+    return (c, 1) if order == "row-major" else (1, r)
+
+
+def _strides_match(stride: tuple[int, int], want: tuple[int, int], shape: tuple[int, int]) -> bool:
+    """A stride of a size-1 dimension is never read: it cannot be wrong."""
+    return all(s == w or d == 1 for s, w, d in zip(stride, want, shape, strict=True))
+
+
+def structure_checks(info: Mapping[str, Any]) -> dict[str, bool]:
+    scheme = str(info.get("scheme"))
+    wshape = [int(x) for x in info.get("weight_shape", [])]
+    sshape = [int(x) for x in info.get("scale_shape", [])]
+    stride = [int(x) for x in info.get("scale_stride", [])]
+    order = str((info.get("scale_layout") or {}).get("order", "row-major"))
+    n, k = (
+        int(info.get("out_features", wshape[-2] if len(wshape) >= 2 else 0)),
+        int(info.get("in_features", 0)),
+    )
+    if info.get("kind") == "moe" or not k:
+        k = wshape[-1] * (2 if scheme in ("int4-g128", "mxfp4") else 1) if wshape else 0
+        n = wshape[-2] if len(wshape) >= 2 else 0
+    out: dict[str, bool] = {"weight_dtype": str(info.get("weight_dtype")) in WEIGHT_DTYPES.get(scheme, ())}
+    packed = math.ceil(k / 2) if scheme in ("int4-g128", "mxfp4") else k
+    out["weight_shape"] = wshape[-2:] == [n, packed]
+    if scheme not in WEIGHT_DTYPES or len(sshape) < 2:
+        out["scale_shape"] = False
+        return out
+    want = expected_scale_shape(scheme, n, k)
+    out["scale_shape"] = tuple(sshape[-2:]) == want
+    out["scale_stride"] = len(stride) >= 2 and _strides_match(
+        (stride[-2], stride[-1]), expected_strides(want, order), want
+    )
+    return out
+
+
+# ---------------------------------------------------------------- dequantization (pure)
+
+
+def _expand(s: np.ndarray, gr: int, gc: int, n: int, k: int) -> np.ndarray:
+    return np.repeat(np.repeat(s, gr, axis=0)[:n], gc, axis=1)[:, :k]
+
+
+def shuffle_perm(rows: int) -> np.ndarray:
+    """The shim's declared shuffle: rows in tiles of 16 have their index transposed as a 4x4
+    grid, the tail (< 16 rows) is reversed. shuffled[i] = logical[perm[i]]."""
+    full = rows - rows % 16
+    i = np.arange(full)
+    base, r = i - i % 16, i % 16
+    return np.concatenate([base + (r % 4) * 4 + r // 4, np.arange(rows - 1, full - 1, -1)]).astype(np.int64)
+
+
+def reread(s: np.ndarray, declared: tuple[int, int], read: tuple[int, int]) -> np.ndarray:
+    """Scales whose logical values `s` sit in memory at `declared` strides, read at `read` strides."""
+    r, c = s.shape
+    flat = np.empty(r * c, dtype=s.dtype)
+    idx = (np.arange(r)[:, None] * declared[0] + np.arange(c)[None, :] * declared[1]).ravel()
+    if len(np.unique(idx)) != r * c or idx.max() >= r * c:
+        raise ValueError(f"strides {declared} do not tile a dense [{r}, {c}] tensor")
+    flat[idx] = s.ravel()
+    ridx = np.arange(r)[:, None] * read[0] + np.arange(c)[None, :] * read[1]
+    return flat[ridx % (r * c)]
+
+
+def dequantize(scheme: str, st: SafeTensors, n: int, k: int, *, scales: np.ndarray | None = None,
+               weight_codes: np.ndarray | None = None, fp8_format: str | None = None) -> np.ndarray:  # fmt: skip
+    """float64 [N, K] from stored tensors; `scales` are logical (already read per hypothesis)."""
+    w = st.tensors["weight"] if weight_codes is None else weight_codes
+    s = np.asarray(st.value("weight_scale") if scales is None else scales)
+    if scheme in ("fp8-tensor", "fp8-token", "fp8-block"):
+        fmt = fp8_format or {"F8_E4M3FNUZ": "e4m3fnuz"}.get(st.dtypes["weight"], "e4m3fn")
+        d = decode(w, fmt).astype(np.float64)
+        return d * (_expand(s, BLOCK, BLOCK, n, k) if scheme == "fp8-block" else s.astype(np.float64))
+    if scheme == "int8":
+        return w.astype(np.float64) * s.astype(np.float64)
+    if scheme == "int4-g128":
+        q = unpack_nibbles(w, k).astype(np.float64)
+        z = st.tensors["weight_zero"].astype(np.float64)
+        return (q - _expand(z, 1, INT4_GROUP, n, k)) * _expand(s.astype(np.float64), 1, INT4_GROUP, n, k)
+    if scheme == "mxfp4":
+        v = decode(unpack_nibbles(w, k), "e2m1").astype(np.float64)
+        return v * _expand(decode(s, "e8m0").astype(np.float64), 1, MX_GROUP, n, k)
+    raise ValueError(f"cannot dequantize scheme {scheme!r}")
+
+
+def hypotheses(scheme: str, st: SafeTensors, n: int, k: int) -> dict[str, np.ndarray]:
+    """Every reading of the stored tensors that a real bug class produces, keyed by name."""
+    meta = st.metadata
+    s = st.value("weight_scale") if scheme != "mxfp4" else st.tensors["weight_scale"]
+    s = np.asarray(s).reshape(s.shape[-2:]) if s.ndim >= 2 else np.asarray(s).reshape(1, 1)
+    r, c = s.shape
+    order = meta.get("scale_order", "row-major")
+    shuffled = meta.get("scale_shuffled", "false") == "true"
+    declared = expected_strides((r, c), order)
+    other = expected_strides((r, c), "col-major" if order == "row-major" else "row-major")
+    unshuf = np.argsort(shuffle_perm(r))
+    logical = s[unshuf] if shuffled else s
+    out: dict[str, np.ndarray] = {"declared": dequantize(scheme, st, n, k, scales=logical)}
+    if r > 1 and c > 1:
+        t = reread(s, declared, other)
+        out["transposed"] = dequantize(scheme, st, n, k, scales=t[unshuf] if shuffled else t)
+    if r > 1:
+        out["shuffle-toggled"] = dequantize(scheme, st, n, k, scales=s if shuffled else s[unshuf])
+    ones = np.full_like(s, 127) if scheme == "mxfp4" else np.ones_like(s)
+    out["unit-scales"] = dequantize(scheme, st, n, k, scales=ones)
+    dt = st.dtypes.get("weight", "")
+    if scheme.startswith("fp8"):
+        if dt == "F8_E4M3FNUZ":  # on an fnuz arch the bug is the missing x2 of the scale
+            out["fnuz-unnormalized"] = out["declared"] / 2.0
+        else:
+            out["fnuz-unnormalized"] = dequantize(scheme, st, n, k, scales=logical, fp8_format="e4m3fnuz")
+    raw = st.tensors["weight"]
+    rows, cols = raw.shape[-2:]
+    if rows > 1 and cols > 1:  # [N, K] memory read as if it were the transposed copy
+        flipped = raw.reshape(-1)[: rows * cols].reshape(cols, rows).T
+        out["weight-transposed"] = dequantize(
+            scheme, st, n, k, scales=logical, weight_codes=np.ascontiguousarray(flipped)
+        )
+    return out
+
+
+def judge_hypotheses(vs_ref: Mapping[str, float], vs_kernel: Mapping[str, float]) -> tuple[str, str | None]:
+    """(best hypothesis for what the kernel computes, hint or None)."""
+    pool = vs_kernel if vs_kernel else vs_ref
+    clean = {h: (v if math.isfinite(v) else math.inf) for h, v in pool.items()}
+    best = min(clean, key=lambda h: (clean[h], h != "declared"))
+    dec = clean.get("declared", math.inf)
+    if best != "declared" and clean[best] <= CLEAR_MARGIN * dec and clean[best] <= EXPLAINED:
+        return best, HINTS.get(best, f"the weight reads as '{best}'")
+    if vs_kernel and dec > EXPLAINED and clean[best] > EXPLAINED:
+        return best, "the kernel's weight matches no layout hypothesis (wrong kernel for the arch?)"
+    if vs_ref and vs_ref.get("declared", 0.0) > 0.5:
+        return best, "the stored weight does not reconstruct the reference weight"
+    return best, None
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+async def effective_weight(ep: Endpoint, module: str, k: int) -> np.ndarray:
+    """W [N, K] as `ep` computes it: out(I_K) - out(0) = W^T."""
+    eye = write_safetensors({"input": np.eye(k, dtype=np.float32)}, {"module": module})
+    zero = write_safetensors({"input": np.zeros((1, k), np.float32)}, {"module": module})
+    a, b = await asyncio.gather(
+        ep.client.post_bytes("/debug/module", eye), ep.client.post_bytes("/debug/module", zero)
+    )
+    out = read_safetensors(a).value("output").astype(np.float64) - read_safetensors(b).value("output").astype(
+        np.float64
+    )
+    return out.T
+
+
+async def audit_module(target: Endpoint, reference: Endpoint | None, module: str,
+                       info: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """One audit row (plain JSON values)."""
+    if info is None:
+        cfg = await target.client.get_json("/debug/config")
+        info = cfg.get("modules", {}).get(module, {})
+    scheme = str(info.get("scheme"))
+    checks = structure_checks(info)
+    row: dict[str, Any] = {
+        "module": module, "scheme": scheme, "backend": info.get("backend"),
+        "layout": info.get("scale_layout"), "checks": checks,
+    }  # fmt: skip
+    notes: list[str] = []
+    hint = None
+    if info.get("kind") == "linear":
+        n, k = int(info.get("out_features", 0)), int(info.get("in_features", 0))
+        st = await _get_quant(target, module)
+        meta = st.metadata
+        if meta.get("scale_order") not in (None, (info.get("scale_layout") or {}).get("order")):
+            checks["metadata_order"] = False
+        cands = hypotheses(scheme, st, n, k)
+        w_eff = await effective_weight(target, module, k)
+        vs_kernel = {h: rel_err(w_eff, w) for h, w in cands.items()}
+        vs_ref: dict[str, float] = {}
+        if reference is not None:
+            try:
+                w_ref = await effective_weight(reference, module, k)
+                vs_ref = {h: rel_err(w_ref, w) for h, w in cands.items()}
+            except DifftestError as exc:
+                notes.append(f"reference weight unavailable: {exc}")
+        best, hint = judge_hypotheses(vs_ref, vs_kernel)
+        row.update(hypotheses=_round(vs_ref), kernel_hypotheses=_round(vs_kernel), best=best)
+    else:
+        notes.append("hypothesis test n/a: experts are not linear in their input")
+    row["backends"] = NO_BACKEND_TABLE
+    row["hint"] = hint
+    row["flagged"] = bool(hint) or not all(checks.values())
+    row["notes"] = notes
+    return row
+
+
+async def _get_quant(ep: Endpoint, module: str) -> SafeTensors:
+    # CompletionClient has no GET-bytes helper; its private request is the one path with retries.
+    raw = await ep.client._request("GET", f"/debug/quant/{module}")  # noqa: SLF001
+    return read_safetensors(raw)
+
+
+def _round(d: Mapping[str, float]) -> dict[str, float]:
+    return {k: (float(f"{v:.4g}") if math.isfinite(v) else v) for k, v in d.items()}
+
+
+async def audit(target: Endpoint, reference: Endpoint | None) -> list[dict[str, Any]]:
+    """Every quantized module of `target`, in config order."""
+    cfg = await target.client.get_json("/debug/config")
+    rows = []
+    for name, info in cfg.get("modules", {}).items():
+        if info.get("scheme") in (None, "none") or "scale_shape" not in info:
+            continue
+        try:
+            rows.append(await audit_module(target, reference, name, info))
+        except DifftestError as exc:
+            rows.append({"module": name, "scheme": info.get("scheme"), "flagged": True, "hint": None,
+                         "notes": [f"audit failed: {exc}"]})  # fmt: skip
+    return rows

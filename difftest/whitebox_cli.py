@@ -1,0 +1,201 @@
+"""`difftest layers` and `difftest quant`: the white-box views of one run, without the black box.
+
+    difftest layers CONFIG                      launch the config's servers (debug on), localise
+    difftest layers --ref URL --target URL [--golden URL]
+    difftest quant  CONFIG | --target URL [--ref URL]
+
+Exit codes (DESIGN.md): 0 nothing flagged, 1 a target has a flagged point or module, 2 usage,
+3 infrastructure (from the launcher / client errors, mapped by difftest.cli).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from difftest.client import CompletionClient
+from difftest.collect import Endpoint
+from difftest.conformance import Capabilities
+from difftest.errors import ConformanceError, DifftestError, UsageError
+from difftest.results import LayerDiff
+
+DEFAULT_TIMEOUT_S = 600.0  # a debug call on a big model can take minutes on a CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One target with the servers it is compared against."""
+
+    target: str
+    reference: str | None
+    golden: str | None
+
+
+def _check_url(flag: str, url: str | None) -> None:
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise UsageError(f"{flag}: {url!r} is not an http(s) URL")
+
+
+async def connect(name: str, url: str, api_key: str | None) -> Endpoint:
+    """A client for a server that must serve the debug protocol (else a conformance error)."""
+    client = CompletionClient(url, name=name, api_key=api_key, timeout_s=DEFAULT_TIMEOUT_S, max_retries=1)
+    try:
+        await client.get_json("/debug/config", retries=0)
+    except DifftestError as exc:
+        await client.aclose()
+        raise ConformanceError(f"{name} ({url}) does not serve the debug protocol: {exc}") from None
+    return Endpoint(name, client, Capabilities(name=name, url=url, model=None, debug=True))
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], list[_Job], str | None]:
+    """(specs to launch, urls of running servers, jobs, api key env)."""
+    golden = getattr(args, "golden", None)
+    if args.config is not None:
+        if args.ref or args.target or golden:
+            raise UsageError("give a CONFIG or --ref/--target URLs, not both")
+        from difftest.config import load_config
+
+        cfg = load_config(args.config)
+        specs = [dataclasses.replace(s, debug=True) if s.model else s for s in cfg.servers()]
+        jobs = [_Job(t.name, cfg.reference.name, t.golden.name if t.golden else None) for t in cfg.targets]
+        return specs, {}, jobs, None
+    if not args.target:
+        raise UsageError("give a CONFIG, or --target URL (with --ref URL and/or --golden URL)")
+    for flag, url in (("--ref", args.ref), ("--target", args.target), ("--golden", golden)):
+        _check_url(flag, url)
+    urls = {"target": args.target}
+    if args.ref:
+        urls["reference"] = args.ref
+    if golden:
+        urls["golden"] = golden
+    job = _Job("target", "reference" if args.ref else None, "golden" if golden else None)
+    key_env = getattr(args, "api_key_env", None)
+    if key_env and key_env not in os.environ:
+        raise UsageError(f"--api-key-env {key_env}: that environment variable is not set")
+    return [], urls, [job], key_env
+
+
+def _run(args: argparse.Namespace, work: Any) -> int:
+    """Launch (CONFIG) or connect (URLs), then `await work(endpoints, jobs)`."""
+    specs, urls, jobs, key_env = _plan(args)
+    key = os.environ.get(key_env) if key_env else None
+
+    async def go(found: dict[str, str], keys: dict[str, str | None]) -> int:
+        eps: dict[str, Endpoint] = {}
+        try:
+            for name, url in found.items():
+                eps[name] = await connect(name, url, keys.get(name, key))
+            return await work(eps, jobs)
+        finally:
+            await asyncio.gather(*(e.client.aclose() for e in eps.values()))
+
+    if not specs:
+        return asyncio.run(go(urls, {}))
+    from server_shim.launch import launch_servers
+
+    out = Path(getattr(args, "out", None) or "runs/whitebox")
+    with launch_servers(specs, log_dir=out / "logs") as running:
+        keys = {n: os.environ.get(s.spec.api_key_env) if s.spec.api_key_env else None for n, s in running.items()}
+        return asyncio.run(go({n: s.url for n, s in running.items()}, keys))
+
+
+# ---------------------------------------------------------------- layers
+
+
+def _fmt(x: float | None, spec: str = ".5g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points: bool = False) -> None:
+    table = Table(title=f"{target} vs {diff.against} ({diff.kind})")
+    for col in ("layer", "point", "cos", "norm ratio", "rel err", "local cos", "local norm", "local rel", "flag"):
+        table.add_column(col)
+    for p in diff.points:
+        if not (all_points or p.flagged or p.kind in ("residual", "logits") or p.name == diff.guilty_module):
+            continue
+        flag = "FLAG" if p.flagged else ("GUILTY" if p.name == diff.guilty_module else "")
+        table.add_row(
+            _fmt(p.layer, "d"), p.name, _fmt(p.cosine, ".6f"), _fmt(p.norm_ratio, ".4f"), _fmt(p.rel_err, ".3g"),
+            _fmt(p.local_cosine, ".6f"), _fmt(p.local_norm_ratio, ".4f"), _fmt(p.local_rel_err, ".3g"), flag,
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"{target} vs {diff.against}: {diff.summary}")
+    for w in diff.warnings:
+        console.print(f"warning: {w}", style="yellow")
+
+
+def diff_failed(diff: LayerDiff, scheme: str | None = None) -> bool:
+    from difftest.layers import layer_verdict
+
+    return any(p.flagged for p in diff.points) or not layer_verdict(diff, scheme=scheme).passed
+
+
+def layers_command(args: argparse.Namespace) -> int:
+    from difftest.layers import localise, scheme_of
+
+    console = Console()
+    prompt = getattr(args, "prompt", None) or "The capital of France is Paris. The capital of Germany is"
+
+    async def work(eps: dict[str, Endpoint], jobs: Sequence[_Job]) -> int:
+        failed = False
+        for job in jobs:
+            tgt = eps[job.target]
+            scheme = scheme_of(await tgt.client.get_json("/debug/config"))
+            for base, kind in ((job.golden, "exactness"), (job.reference, "accuracy")):
+                if base is None:
+                    continue
+                diff = await localise(eps[base], tgt, prompt, kind=kind)
+                render_layers(diff, job.target, console)
+                failed |= diff_failed(diff, scheme)
+        return 1 if failed else 0
+
+    return _run(args, work)
+
+
+# ---------------------------------------------------------------- quant
+
+
+def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) -> None:
+    table = Table(title=f"quantization audit of {target}")
+    for col in ("module", "scheme", "backend", "layout", "checks", "best", "hypotheses (rel err vs kernel)", "hint"):
+        table.add_column(col)
+    for r in rows:
+        checks = r.get("checks") or {}
+        bad = [k for k, ok in checks.items() if not ok]
+        hyp = r.get("kernel_hypotheses") or {}
+        layout = r.get("layout") or {}
+        table.add_row(
+            str(r.get("module")), str(r.get("scheme")), str(r.get("backend")),
+            f"{layout.get('order', '?')}{' shuffled' if layout.get('shuffled') else ''}" if layout else "-",
+            "ok" if not bad else "FAIL " + ",".join(bad), str(r.get("best") or "-"),
+            " ".join(f"{k}={v:.3g}" for k, v in hyp.items()) or "; ".join(r.get("notes") or []) or "-",
+            str(r.get("hint") or ""),
+        )  # fmt: skip
+    console.print(table)
+    if rows and "backends" in rows[0]:
+        console.print(f"backend table: {rows[0]['backends']}")
+
+
+def quant_command(args: argparse.Namespace) -> int:
+    from difftest.quantcheck import audit
+
+    console = Console()
+
+    async def work(eps: dict[str, Endpoint], jobs: Sequence[_Job]) -> int:
+        flagged = False
+        for job in jobs:
+            ref = eps.get(job.golden or "") or eps.get(job.reference or "")
+            rows = await audit(eps[job.target], ref)
+            render_audit(rows, job.target, console)
+            flagged |= any(r.get("flagged") for r in rows)
+        return 1 if flagged else 0
+
+    return _run(args, work)

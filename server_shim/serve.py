@@ -1,0 +1,98 @@
+"""`serve`: options -> model -> (quantized) engine -> FastAPI app -> uvicorn on 127.0.0.1.
+
+Loading, quantizing and serving are separate steps so that tests build the app around an engine
+they made themselves, and the launcher (launch.py) only ever sees the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from server_shim.engine import Engine
+from server_shim.errors import ShimError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    """Everything `serve` takes (the CLI flags, one to one)."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_invariant: bool = False
+    api_key: str | None = None
+    debug: bool = False
+    quant: str = "none"
+    quant_skip: tuple[str, ...] = ()
+    backend: str = "auto"
+    ck_free: bool = False
+    faults: tuple[str, ...] = ()
+    seed: int = 0
+    max_model_len: int | None = None
+    max_tokens_cap: int = 4096
+    max_n: int = 16
+    max_body_bytes: int = 8 * 2**20
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32
+
+
+def build_engine(opts: ServeOptions) -> Engine:
+    """load_model, then quantize in place when a scheme or a fault asks for it."""
+    from server_shim.models import load_model
+
+    if opts.max_model_len is not None and opts.max_model_len < 1:
+        raise ShimError(f"--max-model-len must be >= 1, got {opts.max_model_len}")
+    loaded = load_model(opts.model, dtype=opts.dtype, device=opts.device, seed=opts.seed)
+    if opts.quant != "none" or opts.faults:
+        from server_shim.quant.linear import quantize_model
+
+        summary = quantize_model(
+            loaded.model,
+            scheme=opts.quant,
+            backend=opts.backend,
+            skip=opts.quant_skip,
+            faults=opts.faults,
+            ck_free=opts.ck_free or None,  # None: the DIFFTEST_CK_FREE environment variable decides
+        )
+        logger.info(
+            "quantized %d modules with %s (backend %s)", len(summary.modules), opts.quant, opts.backend
+        )
+    engine = Engine(loaded, batch_invariant=opts.batch_invariant, max_batch_size=opts.max_batch_size)
+    if opts.max_model_len is not None:
+        if opts.max_model_len > engine.context_length:
+            logger.warning(
+                "--max-model-len %d is above the model's %d positions; keeping %d",
+                opts.max_model_len,
+                engine.context_length,
+                engine.context_length,
+            )
+        engine.context_length = min(engine.context_length, opts.max_model_len)
+    return engine
+
+
+def run_server(opts: ServeOptions) -> None:
+    """Build the engine and serve until interrupted (blocking)."""
+    import uvicorn
+
+    from server_shim.app import create_app
+
+    engine = build_engine(opts)
+    app = create_app(engine, opts)
+    logger.info(
+        "serving %s on http://%s:%d (%s, %s%s)",
+        engine.loaded.name,
+        opts.host,
+        opts.port,
+        engine.loaded.device,
+        str(engine.loaded.dtype).removeprefix("torch."),
+        ", batch-invariant" if opts.batch_invariant else "",
+    )
+    try:
+        # log_config=None: keep the logging that the CLI configured (--log-level) for uvicorn too.
+        uvicorn.run(app, host=opts.host, port=opts.port, log_config=None, access_log=False)
+    finally:
+        engine.close()

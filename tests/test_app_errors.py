@@ -1,0 +1,161 @@
+"""Every caller mistake is a 4xx OpenAI-shaped error naming the parameter, and the server keeps serving."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from server_shim.app import create_app
+from server_shim.engine import Engine
+from server_shim.serve import ServeOptions
+
+KEY = "sk-test-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+GOOD = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    eng = Engine(tiny_llama)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+async def client(engine):
+    opts = ServeOptions(
+        model="tiny-llama", api_key=KEY, max_body_bytes=64 * 1024, max_n=4, max_tokens_cap=100
+    )
+    app = create_app(engine, opts)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shim", headers=AUTH, timeout=60) as c:
+        yield c
+
+
+def _check_error(r: httpx.Response, status: int, param: str | None, code: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+
+
+async def _still_serves(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/completions", json=GOOD)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+BAD = [
+    ("missing prompt", {"model": "tiny-llama"}, 400, "prompt"),
+    ("empty prompt", {**GOOD, "prompt": ""}, 400, "prompt"),
+    ("empty prompt list", {**GOOD, "prompt": []}, 400, "prompt"),
+    ("empty token list", {**GOOD, "prompt": [[]]}, 400, "prompt"),
+    ("missing model", {"prompt": "x"}, 400, "model"),
+    ("prompt wrong type", {**GOOD, "prompt": 5}, 400, "prompt"),
+    ("prompt floats", {**GOOD, "prompt": [1.5, 2]}, 400, "prompt"),
+    ("max_tokens string", {**GOOD, "max_tokens": "5"}, 400, "max_tokens"),
+    ("max_tokens negative", {**GOOD, "max_tokens": -1}, 400, "max_tokens"),
+    ("max_tokens 0 without echo", {**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens over cap", {**GOOD, "max_tokens": 101}, 400, "max_tokens"),
+    ("temperature bool", {**GOOD, "temperature": True}, 400, "temperature"),
+    ("temperature negative", {**GOOD, "temperature": -0.5}, 400, "temperature"),
+    ("top_p zero", {**GOOD, "top_p": 0}, 400, "top_p"),
+    ("logprobs 21", {**GOOD, "logprobs": 21}, 400, "logprobs"),
+    ("logprobs negative", {**GOOD, "logprobs": -1}, 400, "logprobs"),
+    ("n zero", {**GOOD, "n": 0}, 400, "n"),
+    ("n too large", {**GOOD, "n": 5}, 400, "n"),
+    ("token id outside vocab", {**GOOD, "prompt": [1, 2, 49152]}, 400, "prompt"),
+    ("negative token id", {**GOOD, "prompt": [[1, -3]]}, 400, "prompt"),
+    ("empty stop string", {**GOOD, "stop": ["ok", ""]}, 400, "stop"),
+    ("stop wrong type", {**GOOD, "stop": 3}, 400, "stop"),
+    ("unknown parameter", {**GOOD, "foo": 1}, 400, "foo"),
+    ("frequency_penalty set", {**GOOD, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("presence_penalty set", {**GOOD, "presence_penalty": -1.0}, 400, "presence_penalty"),
+    ("logit_bias set", {**GOOD, "logit_bias": {"50": 100}}, 400, "logit_bias"),
+    ("best_of above n", {**GOOD, "best_of": 3}, 400, "best_of"),
+    ("suffix set", {**GOOD, "suffix": "end"}, 400, "suffix"),
+    ("stream_options junk", {**GOOD, "stream_options": {"x": 1}}, 400, "stream_options"),
+    ("prompt over context", {**GOOD, "prompt": "hello " * 2100}, 400, "prompt"),
+    ("unknown model", {**GOOD, "model": "gpt-5"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+async def test_bad_completion_is_4xx_then_serves(client, body, status, param):
+    r = await client.post("/v1/completions", json=body)
+    _check_error(r, status, param)
+    await _still_serves(client)
+
+
+async def test_specific_codes(client):
+    r = await client.post("/v1/completions", json={**GOOD, "model": "nope"})
+    _check_error(r, 404, "model", "model_not_found")
+    r = await client.post("/v1/completions", json={**GOOD, "prompt": [5] * 2047, "max_tokens": 2})
+    _check_error(r, 400, "prompt", "context_length_exceeded")
+    assert "2048" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"model": "tiny-llama", "prompt": ', b"not json", b"[1, 2]", b"\xff\xfe", b""], ids=str
+)
+async def test_malformed_json(client, raw):
+    r = await client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    _check_error(r, 400, None)
+    await _still_serves(client)
+
+
+async def test_body_too_large(client):
+    r = await client.post("/v1/completions", json={**GOOD, "prompt": "x" * 70_000})
+    _check_error(r, 413, None, "request_too_large")
+
+    async def chunks():  # no Content-Length: the cap is enforced while reading
+        for _ in range(20):
+            yield b" " * 8192
+
+    r = await client.post("/v1/completions", content=chunks())
+    _check_error(r, 413, None, "request_too_large")
+    await _still_serves(client)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}],
+    ids=["missing", "wrong", "no-bearer"],
+)
+@pytest.mark.parametrize("route", ["/health", "/v1/models", "/v1/completions", "/tokenize", "/nope"])
+async def test_api_key_on_every_route(client, headers, route):
+    async with httpx.AsyncClient(transport=client._transport, base_url="http://shim") as anon:
+        method = anon.get if route in ("/health", "/v1/models", "/nope") else anon.post
+        kwargs = {} if method == anon.get else {"json": GOOD}
+        r = await method(route, headers=headers, **kwargs)
+    _check_error(r, 401, None, "invalid_api_key")
+    await _still_serves(client)
+
+
+async def test_unknown_route_and_method(client):
+    _check_error(await client.get("/v2/whatever"), 404, None, "not_found")
+    r = await client.get("/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+async def test_tokenize_errors(client):
+    _check_error(await client.post("/tokenize", json={"prompt": 3}), 400, "prompt")
+    _check_error(await client.post("/tokenize", json={"model": "x", "prompt": "a"}), 404, "model")
+    _check_error(await client.post("/detokenize", json={"tokens": [10**9]}), 400, "tokens")
+    _check_error(await client.post("/detokenize", json={"tokens": "abc"}), 400, "tokens")
+
+
+async def test_internal_error_is_500_openai_shaped(client, engine, monkeypatch, caplog):
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(engine, "submit", boom)
+    r = await client.post("/v1/completions", json=GOOD)
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    assert "simulated bug" in caplog.text  # the traceback is in the log, not in the response
+    assert "simulated bug" not in r.text
+    monkeypatch.undo()
+    await _still_serves(client)

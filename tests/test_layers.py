@@ -1,0 +1,222 @@
+"""difftest.layers: pure parts (bounds, ranking, first divergence, verdict) with hand values, then
+in process: two debug apps over tiny-llama through ASGITransport inside CompletionClient.
+
+The app is the debug router on a bare FastAPI over the real Engine (server_shim.serve's
+create_app was not ready when this was written; the routes are the same router)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from collections.abc import AsyncIterator, Sequence
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from difftest.client import CompletionClient
+from difftest.collect import Endpoint
+from difftest.conformance import Capabilities
+from difftest.layers import (
+    LayerThresholds,
+    choose_guilty,
+    first_divergence,
+    layer_of,
+    layer_verdict,
+    local_out_of_bounds,
+    localise,
+    point_flagged,
+    point_kind,
+    rank_modules,
+    routing_rescale,
+    sibling_key,
+    summarize,
+)
+from difftest.metrics.tensors import TensorDiff
+from difftest.results import LayerDiff, LayerPoint
+from server_shim.models import LoadedModel, load_model
+
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+TH = LayerThresholds()
+
+
+# ---------------------------------------------------------------- in-process servers (shared)
+
+
+def build(model: str = "tiny-llama", scheme: str = "none", backend: str = "torch", faults: Sequence[str] = ()) -> LoadedModel:
+    lm = load_model(model, dtype="float32", device="cpu")
+    if scheme != "none":
+        from server_shim.quant.linear import quantize_model
+
+        quantize_model(lm.model, scheme=scheme, backend=backend, faults=list(faults))
+    return lm
+
+
+@contextlib.asynccontextmanager
+async def shim_endpoint(name: str, loaded: LoadedModel) -> AsyncIterator[Endpoint]:
+    from server_shim.debug import create_debug_router
+    from server_shim.engine import Engine
+
+    engine = Engine(loaded)
+    app = FastAPI()
+    app.include_router(create_debug_router(engine))
+    client = CompletionClient(
+        "http://test", name=name, transport=httpx.ASGITransport(app=app), max_retries=0, timeout_s=600
+    )
+    try:
+        yield Endpoint(name, client, Capabilities(name=name, url="http://test", model=None, debug=True))
+    finally:
+        await client.aclose()
+        engine.close()
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def td(cos: float = 1.0, nr: float = 1.0, rel: float = 0.0, finite: bool = True) -> TensorDiff:
+    return TensorDiff(cos, nr, 0.0, rel, 0.0, finite, 10)
+
+
+def test_names() -> None:
+    assert layer_of("model.layers.12.mlp.down_proj") == 12 and layer_of("logits") is None
+    assert point_kind("model.layers.3") == "residual" and point_kind("decode.model.layers.3") == "residual"
+    assert point_kind("model.layers.3.self_attn") == "attn" and point_kind("logits") == "logits"
+    assert point_kind("model.layers.3.mlp.experts", "moe") == "moe"
+    assert point_kind("model.layers.3.mlp.down_proj") == "linear"
+    assert sibling_key("model.layers.12.mlp.down_proj") == "model.layers.*.mlp.down_proj"
+
+
+@pytest.mark.parametrize(
+    ("d", "kind", "pkind", "flagged"),
+    [
+        (td(rel=0.06), "exactness", "residual", True),  # over 5e-2
+        (td(rel=0.04), "exactness", "residual", False),
+        (td(rel=0.9), "exactness", "linear", False),  # sublayers inherit: replay judges them
+        (td(finite=False), "exactness", "linear", True),  # NaN always fails
+        (td(cos=0.9999, nr=0.5, rel=0.5), "accuracy", "residual", True),  # fnuz x0.5: cosine is blind
+        (td(cos=0.985, nr=1.0), "accuracy", "residual", True),  # under the 8-bit residual cosine 0.99
+        (td(cos=0.995, nr=1.05), "accuracy", "logits", False),
+    ],
+)
+def test_point_bounds(d: TensorDiff, kind: str, pkind: str, flagged: bool) -> None:
+    assert point_flagged(d, kind, "fp8-block", TH, pkind) is flagged
+
+
+def test_local_bounds() -> None:
+    assert local_out_of_bounds(td(rel=2e-3), "exactness", None, TH)
+    assert not local_out_of_bounds(td(rel=5e-4), "exactness", None, TH)
+    assert local_out_of_bounds(td(cos=1.0, nr=0.5), "accuracy", "fp8-block", TH)
+    assert local_out_of_bounds(td(cos=0.99, nr=1.0), "accuracy", "fp8-block", TH)  # 8-bit budget 0.995
+    assert not local_out_of_bounds(td(cos=0.99, nr=1.0), "accuracy", "int4-g128", TH)  # 4-bit budget 0.95
+
+
+def test_rank_relative_to_siblings() -> None:
+    local = {f"model.layers.{i}.q_proj": v for i, v in enumerate([0.1, 0.1, 0.25, 0.1])}
+    local |= {f"model.layers.{i}.k_proj": v for i, v in enumerate([0.2, 0.2, 0.2, 0.2])}
+    exact = rank_modules(local, "exactness")
+    assert exact[0] == ("model.layers.2.q_proj", 0.25)
+    acc = dict(rank_modules(local, "accuracy"))
+    # median of the q_proj siblings [0.1, 0.1, 0.25, 0.1] is 0.1: 0.25 / 0.1 = 2.5
+    assert acc["model.layers.2.q_proj"] == pytest.approx(2.5)
+    assert acc["model.layers.0.k_proj"] == pytest.approx(1.0)
+    assert rank_modules(local, "accuracy")[0][0] == "model.layers.2.q_proj"
+    assert rank_modules({"a": math.nan, "b": 1.0}, "exactness")[0][0] == "a"  # NaN ranks first
+
+
+def test_routing_rescale() -> None:
+    base = np.array([[2.0, 0.5], [1.5, 1.0]])  # sums 2.5: the factor applied in the router
+    assert routing_rescale(base, base / 2.5) == pytest.approx(0.4)
+    assert routing_rescale(base, base * 1.001) == 1.0  # same convention
+
+
+def _p(name: str, kind: str, rel: float = 0.0, flagged: bool = False, **local: float) -> LayerPoint:
+    return LayerPoint(name, layer_of(name), kind, 1.0, 1.0, rel, rel, 0.0, flagged, **local)
+
+
+def test_first_divergence_and_guilt() -> None:
+    pts = [
+        _p("model.layers.0", "residual", 1e-6),
+        _p("model.layers.1", "residual", 0.2, True),
+        _p("model.layers.2", "residual", 0.3, True),
+        _p("model.layers.1.mlp", "mlp", local_cosine=0.9, local_norm_ratio=1.0, local_rel_err=0.4),
+        _p("model.layers.1.mlp.down_proj", "linear", local_cosine=0.9, local_norm_ratio=1.0, local_rel_err=0.4),
+        _p("model.layers.1.mlp.up_proj", "linear", local_cosine=1.0, local_norm_ratio=1.0, local_rel_err=1e-7),
+    ]
+    assert first_divergence(pts) == (1, "model.layers.1")
+    diff = LayerDiff(against="gold", kind="exactness", points=pts, first_divergent_layer=1)
+    assert choose_guilty(diff, "fp8-block", TH)[0] == "model.layers.1.mlp.down_proj"  # the leaf, not the mlp
+    diff.guilty_module, diff.guilty_backend, diff.audit_hint = "model.layers.1.mlp.down_proj", "triton", "scales look transposed"
+    line = summarize(diff)
+    assert line.startswith("first divergent layer 1, local error in model.layers.1.mlp.down_proj (local cos 0.9")
+    assert line.endswith("backend triton, scales look transposed")
+    verdict = layer_verdict(diff)
+    assert not verdict.passed
+    assert any("model.layers.1.mlp.down_proj" in r and "local_rel_err_max" in r for r in verdict.reasons)
+
+
+def test_verdict_accuracy_and_skip() -> None:
+    ok = [_p(f"model.layers.{i}.q_proj", "linear", local_cosine=0.9995, local_norm_ratio=1.0, local_rel_err=0.03)
+          for i in range(4)]  # fmt: skip
+    assert layer_verdict(LayerDiff("ref", "accuracy", ok), scheme="fp8-block").passed
+    half = [*ok[:3], _p("model.layers.3.q_proj", "linear", local_cosine=0.9995, local_norm_ratio=0.5, local_rel_err=0.5)]
+    v = layer_verdict(LayerDiff("ref", "accuracy", half), scheme="fp8-block")
+    assert not v.passed and any("local_norm_ratio_min" in r and "model.layers.3.q_proj" in r for r in v.reasons)
+    assert layer_verdict(LayerDiff("ref", "accuracy", [])).skipped
+
+
+# ---------------------------------------------------------------- in process
+
+
+@pytest.fixture(scope="module")
+def ref_model() -> LoadedModel:
+    return build()
+
+
+async def test_reference_against_itself_has_nothing_flagged(ref_model: LoadedModel) -> None:
+    async with shim_endpoint("a", ref_model) as a, shim_endpoint("b", ref_model) as b:
+        diff = await localise(a, b, PROMPT, kind="exactness")
+    assert diff.points and not any(p.flagged for p in diff.points)
+    assert diff.first_divergent_layer is None and diff.guilty_module is None
+    replayed = [p for p in diff.points if p.local_rel_err is not None]
+    assert len(replayed) == 28 and all(p.local_rel_err == 0.0 for p in replayed)  # 7 linears x 4 layers
+    assert any(p.name == "decode.model.layers.3" for p in diff.points)  # decode path compared too
+    assert layer_verdict(diff).passed and diff.summary == "no divergence vs a"
+
+
+async def test_fault_is_localised_and_cli_exits_1(ref_model: LoadedModel, monkeypatch, capsys) -> None:
+    bad = build(scheme="fp8-block", faults=["fnuz-unnormalized@model.layers.2.mlp.up_proj"])
+    from difftest import whitebox_cli
+
+    async with shim_endpoint("reference", ref_model) as r, shim_endpoint("target", bad) as t:
+        diff = await localise(r, t, PROMPT, kind="accuracy")
+        eps = {"reference": r, "target": t}
+
+        async def fake_connect(name: str, url: str, api_key: str | None) -> Endpoint:
+            return eps[name]
+
+        monkeypatch.setattr(whitebox_cli, "connect", fake_connect)
+        monkeypatch.setattr(whitebox_cli.asyncio, "run", _run_in_current_loop)
+        args = argparse.Namespace(config=None, ref="http://r", target="http://t", golden=None, prompt=PROMPT, api_key_env=None)
+        code = await whitebox_cli.layers_command(args)
+    assert diff.guilty_module == "model.layers.2.mlp.up_proj"
+    assert diff.audit_hint and "e4m3fnuz" in diff.audit_hint
+    assert not layer_verdict(diff, scheme="fp8-block").passed
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "local error in model.layers.2.mlp.up_proj" in " ".join(out.split())  # rich wraps lines
+
+
+def _run_in_current_loop(coro):  # noqa: ANN001, ANN202 - asyncio.run stand-in inside a running loop
+    return coro
+
+
+def test_cli_usage_errors() -> None:
+    from difftest.errors import UsageError
+    from difftest.whitebox_cli import layers_command
+
+    with pytest.raises(UsageError):
+        layers_command(argparse.Namespace(config=None, ref=None, target=None, golden=None, prompt=None, api_key_env=None))
+    with pytest.raises(UsageError):
+        layers_command(argparse.Namespace(config=None, ref="x", target="ftp://y", golden=None, prompt=None, api_key_env=None))

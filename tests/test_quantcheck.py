@@ -1,0 +1,105 @@
+"""difftest.quantcheck: structure checks, numpy dequantization against server_shim's torch
+reference, hypothesis judging; in process: audits of a correct and of faulty targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as st_save
+from test_layers import build, shim_endpoint
+
+from difftest.fp_codes import read_safetensors
+from difftest.quantcheck import (
+    NO_BACKEND_TABLE,
+    audit,
+    audit_module,
+    expected_scale_shape,
+    hypotheses,
+    judge_hypotheses,
+    reread,
+    shuffle_perm,
+    structure_checks,
+)
+from server_shim.quant import formats as F
+from server_shim.quant.linear import _metadata
+
+
+def test_expected_scale_shapes() -> None:
+    assert expected_scale_shape("fp8-block", 300, 129) == (3, 2)  # ceil(300/128) x ceil(129/128)
+    assert expected_scale_shape("int4-g128", 64, 256) == (64, 2)
+    assert expected_scale_shape("mxfp4", 64, 96) == (64, 3)
+    assert expected_scale_shape("fp8-token", 64, 96) == (64, 1)
+    assert expected_scale_shape("fp8-tensor", 64, 96) == (1, 1)
+
+
+def _info(**kw: object) -> dict:
+    base = {"kind": "linear", "scheme": "int4-g128", "weight_dtype": "uint8", "weight_shape": [128, 128],
+            "scale_shape": [128, 2], "scale_stride": [2, 1], "scale_layout": {"order": "row-major", "shuffled": False},
+            "in_features": 256, "out_features": 128}  # fmt: skip
+    return base | kw
+
+
+def test_structure_checks() -> None:
+    assert all(structure_checks(_info()).values())
+    assert not structure_checks(_info(scale_stride=[1, 128]))["scale_stride"]  # col-major strides, row-major declared
+    assert structure_checks(_info(scale_stride=[1, 128], scale_layout={"order": "col-major"}))["scale_stride"]
+    assert not structure_checks(_info(scale_shape=[2, 128]))["scale_shape"]
+    assert not structure_checks(_info(weight_dtype="int8"))["weight_dtype"]
+    # a size-1 dimension's stride is never read
+    tok = _info(scheme="fp8-token", weight_dtype="float8_e4m3fn", weight_shape=[128, 256], scale_shape=[128, 1], scale_stride=[1, 7])
+    assert all(structure_checks(tok).values())
+
+
+def test_reread_transposes_and_shuffle_matches_the_shim() -> None:
+    s = np.arange(6.0).reshape(2, 3)
+    t = reread(s, (3, 1), (1, 2))  # row-major memory read with col-major strides
+    assert t.tolist() == [[0, 2, 4], [1, 3, 5]]
+    for rows in (1, 5, 16, 37):
+        assert shuffle_perm(rows).tolist() == F.shuffle_perm(rows).tolist()
+
+
+def _stored(scheme: str, w: torch.Tensor, layout: F.ScaleLayout = F.ScaleLayout()) -> tuple[F.QuantizedWeight, bytes]:
+    qw = F.quantize_weight(w, scheme, layout=layout)
+    tensors = {"weight": qw.data, "weight_scale": qw.scales.contiguous()}
+    if qw.zeros is not None:
+        tensors["weight_zero"] = qw.zeros
+    return qw, st_save(tensors, metadata=_metadata(scheme, layout, qw.scales, qw.shape))
+
+
+@pytest.mark.parametrize("scheme", ["fp8-tensor", "fp8-token", "fp8-block", "int8", "int4-g128", "mxfp4"])
+def test_numpy_dequantize_equals_the_torch_reference(scheme: str) -> None:
+    w = torch.randn(160, 256, generator=torch.Generator().manual_seed(0))
+    qw, body = _stored(scheme, w, F.ScaleLayout("row-major", shuffled=True))
+    st = read_safetensors(body)
+    h = hypotheses(scheme, st, 160, 256)
+    np.testing.assert_allclose(h["declared"], F.dequantize(qw).double().numpy(), rtol=1e-6, atol=0)
+    assert "unit-scales" in h
+    if scheme != "fp8-tensor":  # one scale has no rows to shuffle
+        assert float(np.abs(h["shuffle-toggled"] - h["declared"]).max()) > 0
+
+
+def test_judge_hypotheses() -> None:
+    assert judge_hypotheses({}, {"declared": 0.0, "transposed": 0.3}) == ("declared", None)
+    best, hint = judge_hypotheses({}, {"declared": 0.2, "transposed": 1e-7, "unit-scales": 50.0})
+    assert (best, hint) == ("transposed", "scales look transposed")
+    best, hint = judge_hypotheses({}, {"declared": 1.4, "transposed": 1.3, "unit-scales": 80.0})
+    assert hint is not None and "matches no layout hypothesis" in hint
+    assert judge_hypotheses({"declared": 0.9}, {})[1] == "the stored weight does not reconstruct the reference weight"
+
+
+async def test_audit_of_correct_and_faulty_targets() -> None:
+    ref = build()
+    good = build(scheme="int4-g128")
+    bad = build(scheme="int4-g128", faults=["scale-transposed@model.layers.1.mlp.down_proj"])
+    async with shim_endpoint("ref", ref) as r, shim_endpoint("good", good) as g, shim_endpoint("bad", bad) as b:
+        rows = await audit(g, r)
+        row = await audit_module(b, r, "model.layers.1.mlp.down_proj")
+        other = await audit_module(b, r, "model.layers.0.mlp.down_proj")
+    assert len(rows) == 28 and not any(x["flagged"] for x in rows), [x for x in rows if x["flagged"]]
+    assert all(x["best"] == "declared" and x["backends"] == NO_BACKEND_TABLE for x in rows)
+    # int4 on gaussian weights: the scheme's own error vs FP32 is ~0.1 of the weight norm
+    assert all(0.0 < x["hypotheses"]["declared"] < 0.2 for x in rows)
+    assert row["best"] == "transposed" and row["hint"] == "scales look transposed" and row["flagged"]
+    assert row["kernel_hypotheses"]["transposed"] < 1e-6 < row["kernel_hypotheses"]["declared"]
+    assert other["best"] == "declared" and not other["flagged"]

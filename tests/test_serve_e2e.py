@@ -1,0 +1,96 @@
+"""The real CLI: `python -m server_shim serve` as a subprocess (slow: smollm2-135m), and its user errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server_shim", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("serve",),
+        ("serve", "--model", "x", "--port", "abc"),
+        ("frobnicate",),
+        ("serve", "--model", "x", "--log-level", "loud"),
+    ],
+    ids=["no-model", "bad-port", "bad-command", "bad-level"],
+)
+def test_bad_arguments_one_line_exit_2(args):
+    r = _cli(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_model_one_line_exit_2():
+    r = _cli("serve", "--model", "/no/such/model", "--port", str(_free_port()), "--log-level", "error")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("server_shim: error: unknown model")
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server_shim", "serve", "--model", "smollm2-135m", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: teardown kills everything it started
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "server did not become healthy"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={
+                "model": "smollm2-135m",
+                "prompt": "The capital of France is",
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["text"]
+        assert "Paris" in text, text
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()

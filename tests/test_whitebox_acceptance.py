@@ -1,0 +1,113 @@
+"""Issue 6 acceptance, in process: every fault class of DESIGN.md injected into one module of
+tiny-llama (tiny-moe for routed-scaling-missing), localised against its golden and against FP32.
+
+- with a golden: the layers verdict FAILs and the guilty module is the injected one;
+- without a golden (vs FP32): the injected module ranks first by local error relative to its
+  siblings' median (ue8m0-rounding excepted: see UE8M0 below);
+- correct fp8-block / int8 / int4-g128 targets PASS exactness (torch vs torch; triton in the
+  interpreter vs torch is @slow); the reference against itself flags nothing.
+
+Run with `-s` to see the table of numbers (fault, guilty module, local cos, norm ratio, rel err).
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_layers import PROMPT, build, shim_endpoint
+
+from difftest.layers import layer_verdict, localise, rank_modules
+from difftest.results import LayerDiff
+from server_shim.models import LoadedModel
+
+# (fault, model, scheme, module). Schemes where the class bites on tiny-llama's 128-wide
+# matrices: fp8-block scales there are 1x1 / 2x1 / 1x2, so a transposed read of them is a no-op;
+# int4-g128's [N, K/128] scales are not.
+CASES = [
+    ("garbage-gemm", "tiny-llama", "fp8-block", "model.layers.0.self_attn.q_proj"),
+    ("scale-transposed", "tiny-llama", "int4-g128", "model.layers.1.mlp.down_proj"),
+    ("scale-shuffle-ignored", "tiny-llama", "int8", "model.layers.2.mlp.gate_proj"),
+    ("scale-skipped", "tiny-llama", "fp8-block", "model.layers.3.self_attn.v_proj"),
+    ("fnuz-unnormalized", "tiny-llama", "fp8-block", "model.layers.1.self_attn.o_proj"),
+    ("transpose-noop", "tiny-llama", "int8", "model.layers.2.self_attn.q_proj"),
+    ("routed-scaling-missing", "tiny-moe", "fp8-block", "model.layers.2.mlp.experts"),
+    ("ue8m0-rounding", "tiny-llama", "fp8-block", "model.layers.3.mlp.up_proj"),
+    ("slot-variant", "tiny-llama", "fp8-token", "model.layers.0.mlp.down_proj"),
+]
+# UE8M0 (power-of-two activation scales) barely moves fp8: e4m3's relative precision does not
+# depend on the scale. Measured: local rel err 0.036 vs golden (36x the 1e-3 bound: it FAILs),
+# but vs FP32 0.038 against a sibling median of ~0.035: not separable from the scheme's own error.
+UE8M0 = "ue8m0-rounding"
+_models: dict[tuple[str, str], LoadedModel] = {}
+
+
+def model(name: str, scheme: str = "none") -> LoadedModel:
+    if (name, scheme) not in _models:
+        _models[(name, scheme)] = build(name, scheme)
+    return _models[(name, scheme)]
+
+
+def _row(label: str, diff: LayerDiff, module: str, rank: int) -> str:
+    p = next(q for q in diff.points if q.name == module)
+    return (
+        f"{label:24s} {diff.kind:10s} guilty={diff.guilty_module} rank={rank} local cos {p.local_cosine:.4f} "
+        f"norm ratio {p.local_norm_ratio:.3f} rel err {p.local_rel_err:.3g} first layer {diff.first_divergent_layer}"
+    )
+
+
+def _rank(diff: LayerDiff, module: str) -> int:
+    leaves = {p.name: p.local_rel_err for p in diff.points if p.local_rel_err is not None and p.kind in ("linear", "moe")}
+    return [n for n, _ in rank_modules(leaves, diff.kind)].index(module)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("fault", "name", "scheme", "module"), CASES, ids=[c[0] for c in CASES])
+async def test_fault_is_failed_and_localised(fault: str, name: str, scheme: str, module: str) -> None:
+    target = build(name, scheme, faults=[f"{fault}@{module}"])
+    async with (
+        shim_endpoint("golden", model(name, scheme)) as gold,
+        shim_endpoint("reference", model(name)) as ref,
+        shim_endpoint("target", target) as tgt,
+    ):
+        exact = await localise(gold, tgt, PROMPT, kind="exactness", decode_steps=1)
+        acc = await localise(ref, tgt, PROMPT, kind="accuracy", decode_steps=1)
+    print("\n" + _row(fault, exact, module, _rank(exact, module)))
+    print(_row(fault, acc, module, _rank(acc, module)))
+    print("   ", exact.summary)
+    verdict = layer_verdict(exact)
+    assert not verdict.passed and any(module in r for r in verdict.reasons), verdict.reasons
+    assert exact.guilty_module == module
+    assert exact.guilty_backend == "torch"
+    assert module in exact.summary
+    if fault == UE8M0:
+        assert _rank(acc, module) < 5  # recorded, not required: see UE8M0
+    else:
+        assert _rank(acc, module) == 0
+
+
+@pytest.mark.parametrize(
+    ("scheme", "backend"),
+    [
+        ("fp8-block", "torch"),
+        ("int8", "torch"),
+        ("int4-g128", "torch"),
+        pytest.param("fp8-block", "triton", marks=pytest.mark.slow),
+        pytest.param("int8", "triton", marks=pytest.mark.slow),
+        pytest.param("int4-g128", "triton", marks=pytest.mark.slow),
+    ],
+)
+async def test_correct_target_passes_exactness(scheme: str, backend: str) -> None:
+    target = build("tiny-llama", scheme, backend=backend)
+    async with shim_endpoint("golden", model("tiny-llama", scheme)) as g, shim_endpoint("target", target) as t:
+        diff = await localise(g, t, PROMPT, kind="exactness")
+    worst = max(p.local_rel_err for p in diff.points if p.local_rel_err is not None)
+    resid = max(p.rel_err for p in diff.points if p.kind in ("residual", "logits"))
+    print(f"\n{scheme} {backend} vs torch golden: worst local rel err {worst:.3g}, worst residual/logits rel err {resid:.3g}")
+    assert layer_verdict(diff).passed, layer_verdict(diff).reasons
+    assert diff.guilty_module is None and not any(p.flagged for p in diff.points)
+
+
+async def test_reference_against_itself_has_zero_flagged_layers() -> None:
+    async with shim_endpoint("a", model("tiny-moe")) as a, shim_endpoint("b", model("tiny-moe")) as b:
+        diff = await localise(a, b, PROMPT, kind="exactness")
+    assert diff.points and not any(p.flagged for p in diff.points)
+    assert diff.first_divergent_layer is None and diff.guilty_module is None
+    assert any(p.kind == "moe" and p.local_rel_err == 0.0 for p in diff.points)  # experts replayed too

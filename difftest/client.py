@@ -165,6 +165,10 @@ class CompletionClient:
     async def get_json(self, path: str, *, retries: int | None = None) -> Any:
         return _as_json(await self._request("GET", path, retries=retries), self.name, path)
 
+    async def get_bytes(self, path: str, *, retries: int | None = None) -> bytes:
+        """For GET /debug/quant/{module}: a safetensors body."""
+        return await self._request("GET", path, retries=retries)
+
     async def post_json(self, path: str, body: Mapping[str, Any], *, retries: int | None = None) -> Any:
         return _as_json(
             await self._request("POST", path, json_body=dict(body), retries=retries), self.name, path
@@ -262,7 +266,7 @@ class CompletionClient:
                     status, body, headers = await asyncio.wait_for(
                         self._exchange(method, path, json_body, content, content_type), self.timeout_s
                     )
-            except (httpx.RequestError, asyncio.TimeoutError) as e:  # connect, read, protocol, decoding
+            except (TimeoutError, httpx.RequestError) as e:  # connect, read, protocol, decoding
                 timed_out = isinstance(e, httpx.TimeoutException | asyncio.TimeoutError)
                 what = f"timed out after {self.timeout_s:g}s" if timed_out else "connection failed"
                 reason, status, retry_after = f"{what} ({type(e).__name__})", None, None

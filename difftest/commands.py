@@ -8,7 +8,7 @@ import dataclasses
 import os
 import sys
 import tomllib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +198,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     out = args.out or cfg.run.noise_floor or (Path(cfg.run.output_dir) / "noise-floor.json")
     floor = measure_noise(cfg, limit=args.limit, restart=not args.no_restart, log_dir=Path(cfg.run.output_dir) / "noise-logs")
-    floor = dataclasses.replace(floor, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    floor = dataclasses.replace(floor, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(floor.to_json())
     console = _console()

@@ -32,14 +32,16 @@ import numpy as np
 from difftest.collect import Endpoint
 from difftest.errors import DifftestError
 from difftest.fp_codes import SafeTensors, decode, read_safetensors, unpack_nibbles, write_safetensors
-from difftest.metrics.tensors import rel_err
+from difftest.metrics.tensors import rel_err, tensor_diff
 
 log = logging.getLogger(__name__)
 
 BLOCK, INT4_GROUP, MX_GROUP = 128, 128, 32
 CLEAR_MARGIN = 0.5  # a rival hypothesis must at most halve the declared one's error to be named
 EXPLAINED = 0.05  # a hypothesis "reconstructs" the kernel's weight within 5% rel err
-NO_BACKEND_TABLE = "n/a: /debug/module has no backend selector"
+BACKENDS = ("torch", "triton", "vendor")
+BACKEND_COSINE_MIN = 0.999  # issue 6: a backend under this against FP32 is flagged (informative)
+BACKEND_ROWS = 4  # few rows: the Triton interpreter on CPU pays per program, not per FLOP
 WEIGHT_DTYPES = {
     "fp8-tensor": ("float8_e4m3fn", "float8_e4m3fnuz"), "fp8-token": ("float8_e4m3fn", "float8_e4m3fnuz"),
     "fp8-block": ("float8_e4m3fn", "float8_e4m3fnuz"), "int8": ("int8",), "int4-g128": ("uint8",), "mxfp4": ("uint8",),
@@ -251,16 +253,53 @@ async def audit_module(target: Endpoint, reference: Endpoint | None, module: str
         row.update(hypotheses=_round(vs_ref), kernel_hypotheses=_round(vs_kernel), best=best)
     else:
         notes.append("hypothesis test n/a: experts are not linear in their input")
-    row["backends"] = NO_BACKEND_TABLE
+    if info.get("kind") == "linear":
+        row["backends"] = await backend_table(target, reference, module, int(info.get("in_features", 0)))
+    else:
+        row["backends"] = {}
     row["hint"] = hint
     row["flagged"] = bool(hint) or not all(checks.values())
     row["notes"] = notes
     return row
 
 
+async def backend_table(
+    target: Endpoint, reference: Endpoint | None, module: str, k: int
+) -> dict[str, dict[str, Any]]:
+    """The module's stored weights run through each backend on one fixed input, against FP32.
+
+    Baseline: the reference server's module on the same input (FP32 / FP16 weights); without a
+    reference, the target's own `torch` backend (the golden arithmetic). A backend the device
+    cannot run is reported with the server's reason, never silently skipped.
+    """
+    x = np.random.default_rng(0).standard_normal((BACKEND_ROWS, k)).astype(np.float32)
+
+    async def run(ep: Endpoint, backend: str | None) -> np.ndarray:
+        meta = {"module": module} | ({"backend": backend} if backend else {})
+        raw = await ep.client.post_bytes("/debug/module", write_safetensors({"input": x}, meta))
+        return read_safetensors(raw).value("output").astype(np.float64)
+
+    if reference is not None:
+        base, against = await run(reference, None), "reference (fp32/fp16 weights)"
+    else:
+        base, against = await run(target, "torch"), "target's torch backend"
+    table: dict[str, dict[str, Any]] = {}
+    for backend in BACKENDS:
+        try:
+            out = await run(target, backend)
+        except DifftestError as exc:
+            table[backend] = {"available": False, "reason": str(exc)[:200]}
+            continue
+        diff = tensor_diff(base, out)
+        table[backend] = {
+            "available": True, "against": against, "cosine": float(f"{diff.cosine:.6g}"),
+            "max_abs": float(f"{diff.max_abs_err:.4g}"), "flagged": not diff.cosine >= BACKEND_COSINE_MIN,
+        }  # fmt: skip
+    return table
+
+
 async def _get_quant(ep: Endpoint, module: str) -> SafeTensors:
-    # CompletionClient has no GET-bytes helper; its private request is the one path with retries.
-    raw = await ep.client._request("GET", f"/debug/quant/{module}")  # noqa: SLF001
+    raw = await ep.client.get_bytes(f"/debug/quant/{module}")
     return read_safetensors(raw)
 
 

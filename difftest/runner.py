@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -283,14 +283,22 @@ async def _whitebox(
                 "white-box requested but not every side serves the debug protocol"
             )
         return parts
-    from difftest.layers import localise
-    from difftest.quantcheck import audit
+    from difftest.layers import layer_verdict, localise
+    from difftest.quantcheck import audit_module
 
     probe_prompt = prompts[0].prompt
+    diffs = []
     if gold is not None:
-        result.layers.append(await localise(gold, tgt, probe_prompt, kind="exactness"))
-    result.layers.append(await localise(ref, tgt, probe_prompt, kind="accuracy"))
-    result.audit = await audit(tgt, ref)
+        diffs.append(await localise(gold, tgt, probe_prompt, kind="exactness"))
+    diffs.append(await localise(ref, tgt, probe_prompt, kind="accuracy"))
+    for diff in diffs:
+        result.layers.append(diff)
+        verdict = layer_verdict(diff, scheme=tcfg.scheme)
+        # PartVerdict names its part; keep the two layer diffs apart in reasons and junit
+        parts.append(dataclasses.replace(verdict, part=f"layers-{diff.kind}"))
+    # `run` audits the modules localisation blamed; `difftest quant` audits every module
+    for module in dict.fromkeys(d.guilty_module for d in diffs if d.guilty_module):
+        result.audit.append(await audit_module(tgt, ref, module))
     return parts
 
 
@@ -319,7 +327,7 @@ async def run_async(
             reference=cfg.reference.name,
             signature=run_signature(cfg, eps, prompts, floor),
             noise_floor=floor.to_dict() if floor is not None else None,
-            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         if floor is None:
             run.warnings.append(

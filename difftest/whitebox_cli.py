@@ -103,7 +103,9 @@ def _run(args: argparse.Namespace, work: Any) -> int:
 
     out = Path(getattr(args, "out", None) or "runs/whitebox")
     with launch_servers(specs, log_dir=out / "logs") as running:
-        keys = {n: os.environ.get(s.spec.api_key_env) if s.spec.api_key_env else None for n, s in running.items()}
+        keys = {
+            n: os.environ.get(s.spec.api_key_env) if s.spec.api_key_env else None for n, s in running.items()
+        }
         return asyncio.run(go({n: s.url for n, s in running.items()}, keys))
 
 
@@ -116,7 +118,17 @@ def _fmt(x: float | None, spec: str = ".5g") -> str:
 
 def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points: bool = False) -> None:
     table = Table(title=f"{target} vs {diff.against} ({diff.kind})")
-    for col in ("layer", "point", "cos", "norm ratio", "rel err", "local cos", "local norm", "local rel", "flag"):
+    for col in (
+        "layer",
+        "point",
+        "cos",
+        "norm ratio",
+        "rel err",
+        "local cos",
+        "local norm",
+        "local rel",
+        "flag",
+    ):
         table.add_column(col)
     for p in diff.points:
         if not (all_points or p.flagged or p.kind in ("residual", "logits") or p.name == diff.guilty_module):
@@ -165,7 +177,16 @@ def layers_command(args: argparse.Namespace) -> int:
 
 def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) -> None:
     table = Table(title=f"quantization audit of {target}")
-    for col in ("module", "scheme", "backend", "layout", "checks", "best", "hypotheses (rel err vs kernel)", "hint"):
+    for col in (
+        "module",
+        "scheme",
+        "backend",
+        "layout",
+        "checks",
+        "best",
+        "hypotheses (rel err vs kernel)",
+        "hint",
+    ):
         table.add_column(col)
     for r in rows:
         checks = r.get("checks") or {}
@@ -180,8 +201,24 @@ def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) 
             str(r.get("hint") or ""),
         )  # fmt: skip
     console.print(table)
-    if rows and "backends" in rows[0]:
-        console.print(f"backend table: {rows[0]['backends']}")
+    with_backends = [r for r in rows if r.get("backends")]
+    if with_backends:
+        from difftest.quantcheck import BACKEND_COSINE_MIN, BACKENDS
+
+        bt = Table(title=f"backends: cosine vs FP32 on one input (! = under {BACKEND_COSINE_MIN})")
+        bt.add_column("module")
+        for b in BACKENDS:
+            bt.add_column(b)
+        for r in with_backends:
+            cells = []
+            for b in BACKENDS:
+                cell = r["backends"].get(b) or {}
+                if not cell.get("available"):
+                    cells.append("n/a")
+                else:
+                    cells.append(f"{cell['cosine']:.5f}{' !' if cell['flagged'] else ''}")
+            bt.add_row(str(r.get("module")), *cells)
+        console.print(bt)
 
 
 def quant_command(args: argparse.Namespace) -> int:

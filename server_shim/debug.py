@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from server_shim.errors import DebugRequestError
+from server_shim.errors import DebugRequestError, QuantConfigError
 
 DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20
 MAX_DECODE_STEPS = 256
@@ -352,9 +352,21 @@ def replay_module(loaded: Any, body: bytes) -> bytes:
         return t.to(loaded.device, loaded.dtype) if t.is_floating_point() else t.to(loaded.device)
 
     x = to_model(tensors.pop("input"))
+    backend = meta.get("backend")
+    if backend is not None and not hasattr(mod, "forward_with_backend"):
+        raise DebugRequestError(
+            f"module {meta['module']!r} ({kind}) is not quantized: it has no backends to choose from",
+            param="backend",
+            code="not_quantized",
+        )
     try:
         with torch.inference_mode():
-            out = mod(x, **{k: to_model(v) for k, v in tensors.items()})
+            kwargs = {k: to_model(v) for k, v in tensors.items()}
+            # metadata "backend": run the same stored weights through another backend (the audit's
+            # backend table) — the module's own faults still apply, as they would in production
+            out = mod.forward_with_backend(x, backend, **kwargs) if backend is not None else mod(x, **kwargs)
+    except QuantConfigError as exc:  # a backend this device cannot run: the caller's choice
+        raise DebugRequestError(str(exc), param="backend", code="backend_unavailable") from None
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DebugRequestError(

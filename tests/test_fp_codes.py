@@ -44,7 +44,9 @@ def test_hand_values(fmt: str, code: int, value: float) -> None:
     assert got == value and math.copysign(1, got) == math.copysign(1, value)
 
 
-@pytest.mark.parametrize(("fmt", "code"), [("e4m3fnuz", 0x80), ("e4m3fn", 0x7F), ("e4m3fn", 0xFF), ("e8m0", 255)])
+@pytest.mark.parametrize(
+    ("fmt", "code"), [("e4m3fnuz", 0x80), ("e4m3fn", 0x7F), ("e4m3fn", 0xFF), ("e8m0", 255)]
+)
 def test_nan_codes(fmt: str, code: int) -> None:
     assert math.isnan(decode(np.array([code], np.uint8), fmt)[0])
 
@@ -54,7 +56,9 @@ def test_e2m1_grid_is_the_ocp_grid() -> None:
     assert (E2M1[8:] == -E2M1[:8]).all()
 
 
-@pytest.mark.parametrize(("fmt", "dtype"), [("e4m3fn", torch.float8_e4m3fn), ("e4m3fnuz", torch.float8_e4m3fnuz)])
+@pytest.mark.parametrize(
+    ("fmt", "dtype"), [("e4m3fn", torch.float8_e4m3fn), ("e4m3fnuz", torch.float8_e4m3fnuz)]
+)
 def test_every_fp8_code_matches_torch(fmt: str, dtype: torch.dtype) -> None:
     codes = torch.arange(256, dtype=torch.uint8)
     want = codes.view(dtype).float().numpy()
@@ -70,7 +74,12 @@ def test_unpack_nibbles_low_nibble_first() -> None:
 def test_reader_keeps_fp8_codes_and_widens_bf16() -> None:
     w = torch.tensor([[1.0, -2.0], [448.0, 0.0]]).to(torch.float8_e4m3fn)
     body = st_save(
-        {"w": w, "b": torch.tensor([1.5, -3.0], dtype=torch.bfloat16), "i": torch.tensor([7, -1]), "f": torch.ones(2, 3)},
+        {
+            "w": w,
+            "b": torch.tensor([1.5, -3.0], dtype=torch.bfloat16),
+            "i": torch.tensor([7, -1]),
+            "f": torch.ones(2, 3),
+        },
         metadata={"module": "m"},
     )
     st = read_safetensors(body)

@@ -45,7 +45,9 @@ TH = LayerThresholds()
 # ---------------------------------------------------------------- in-process servers (shared)
 
 
-def build(model: str = "tiny-llama", scheme: str = "none", backend: str = "torch", faults: Sequence[str] = ()) -> LoadedModel:
+def build(
+    model: str = "tiny-llama", scheme: str = "none", backend: str = "torch", faults: Sequence[str] = ()
+) -> LoadedModel:
     lm = load_model(model, dtype="float32", device="cpu")
     if scheme != "none":
         from server_shim.quant.linear import quantize_model
@@ -141,15 +143,29 @@ def test_first_divergence_and_guilt() -> None:
         _p("model.layers.1", "residual", 0.2, True),
         _p("model.layers.2", "residual", 0.3, True),
         _p("model.layers.1.mlp", "mlp", local_cosine=0.9, local_norm_ratio=1.0, local_rel_err=0.4),
-        _p("model.layers.1.mlp.down_proj", "linear", local_cosine=0.9, local_norm_ratio=1.0, local_rel_err=0.4),
-        _p("model.layers.1.mlp.up_proj", "linear", local_cosine=1.0, local_norm_ratio=1.0, local_rel_err=1e-7),
+        _p(
+            "model.layers.1.mlp.down_proj",
+            "linear",
+            local_cosine=0.9,
+            local_norm_ratio=1.0,
+            local_rel_err=0.4,
+        ),
+        _p(
+            "model.layers.1.mlp.up_proj", "linear", local_cosine=1.0, local_norm_ratio=1.0, local_rel_err=1e-7
+        ),
     ]
     assert first_divergence(pts) == (1, "model.layers.1")
     diff = LayerDiff(against="gold", kind="exactness", points=pts, first_divergent_layer=1)
     assert choose_guilty(diff, "fp8-block", TH)[0] == "model.layers.1.mlp.down_proj"  # the leaf, not the mlp
-    diff.guilty_module, diff.guilty_backend, diff.audit_hint = "model.layers.1.mlp.down_proj", "triton", "scales look transposed"
+    diff.guilty_module, diff.guilty_backend, diff.audit_hint = (
+        "model.layers.1.mlp.down_proj",
+        "triton",
+        "scales look transposed",
+    )
     line = summarize(diff)
-    assert line.startswith("first divergent layer 1, local error in model.layers.1.mlp.down_proj (local cos 0.9")
+    assert line.startswith(
+        "first divergent layer 1, local error in model.layers.1.mlp.down_proj (local cos 0.9"
+    )
     assert line.endswith("backend triton, scales look transposed")
     verdict = layer_verdict(diff)
     assert not verdict.passed
@@ -160,9 +176,14 @@ def test_verdict_accuracy_and_skip() -> None:
     ok = [_p(f"model.layers.{i}.q_proj", "linear", local_cosine=0.9995, local_norm_ratio=1.0, local_rel_err=0.03)
           for i in range(4)]  # fmt: skip
     assert layer_verdict(LayerDiff("ref", "accuracy", ok), scheme="fp8-block").passed
-    half = [*ok[:3], _p("model.layers.3.q_proj", "linear", local_cosine=0.9995, local_norm_ratio=0.5, local_rel_err=0.5)]
+    half = [
+        *ok[:3],
+        _p("model.layers.3.q_proj", "linear", local_cosine=0.9995, local_norm_ratio=0.5, local_rel_err=0.5),
+    ]
     v = layer_verdict(LayerDiff("ref", "accuracy", half), scheme="fp8-block")
-    assert not v.passed and any("local_norm_ratio_min" in r and "model.layers.3.q_proj" in r for r in v.reasons)
+    assert not v.passed and any(
+        "local_norm_ratio_min" in r and "model.layers.3.q_proj" in r for r in v.reasons
+    )
     assert layer_verdict(LayerDiff("ref", "accuracy", [])).skipped
 
 
@@ -198,7 +219,9 @@ async def test_fault_is_localised_and_cli_exits_1(ref_model: LoadedModel, monkey
 
         monkeypatch.setattr(whitebox_cli, "connect", fake_connect)
         monkeypatch.setattr(whitebox_cli.asyncio, "run", _run_in_current_loop)
-        args = argparse.Namespace(config=None, ref="http://r", target="http://t", golden=None, prompt=PROMPT, api_key_env=None)
+        args = argparse.Namespace(
+            config=None, ref="http://r", target="http://t", golden=None, prompt=PROMPT, api_key_env=None
+        )
         code = await whitebox_cli.layers_command(args)
     assert diff.guilty_module == "model.layers.2.mlp.up_proj"
     assert diff.audit_hint and "e4m3fnuz" in diff.audit_hint
@@ -217,6 +240,12 @@ def test_cli_usage_errors() -> None:
     from difftest.whitebox_cli import layers_command
 
     with pytest.raises(UsageError):
-        layers_command(argparse.Namespace(config=None, ref=None, target=None, golden=None, prompt=None, api_key_env=None))
+        layers_command(
+            argparse.Namespace(config=None, ref=None, target=None, golden=None, prompt=None, api_key_env=None)
+        )
     with pytest.raises(UsageError):
-        layers_command(argparse.Namespace(config=None, ref="x", target="ftp://y", golden=None, prompt=None, api_key_env=None))
+        layers_command(
+            argparse.Namespace(
+                config=None, ref="x", target="ftp://y", golden=None, prompt=None, api_key_env=None
+            )
+        )

@@ -47,6 +47,14 @@ def test_vendor_matches_torch_golden(scheme: str) -> None:
     qw = F.quantize_weight(w, scheme)
     golden = F.reference_linear(x, qw)
     assert _rel(quant_matmul(x, qw, None, "vendor"), golden) < ORDER_NOISE
+    if scheme == "int8":  # exact integer accumulation on both sides: bit-identical
+        assert torch.equal(quant_matmul(x, qw, None, "vendor"), golden)
+
+
+def test_vendor_never_falls_back_silently() -> None:
+    w, x = _weight()
+    with pytest.raises(QuantConfigError, match="vendor backend has no int4-g128 path"):
+        quant_matmul(x, F.quantize_weight(w, "int4-g128"), None, "vendor")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

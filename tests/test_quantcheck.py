@@ -11,7 +11,6 @@ from test_layers import build, shim_endpoint
 
 from difftest.fp_codes import read_safetensors
 from difftest.quantcheck import (
-    NO_BACKEND_TABLE,
     audit,
     audit_module,
     expected_scale_shape,
@@ -42,12 +41,20 @@ def _info(**kw: object) -> dict:
 
 def test_structure_checks() -> None:
     assert all(structure_checks(_info()).values())
-    assert not structure_checks(_info(scale_stride=[1, 128]))["scale_stride"]  # col-major strides, row-major declared
+    assert not structure_checks(_info(scale_stride=[1, 128]))[
+        "scale_stride"
+    ]  # col-major strides, row-major declared
     assert structure_checks(_info(scale_stride=[1, 128], scale_layout={"order": "col-major"}))["scale_stride"]
     assert not structure_checks(_info(scale_shape=[2, 128]))["scale_shape"]
     assert not structure_checks(_info(weight_dtype="int8"))["weight_dtype"]
     # a size-1 dimension's stride is never read
-    tok = _info(scheme="fp8-token", weight_dtype="float8_e4m3fn", weight_shape=[128, 256], scale_shape=[128, 1], scale_stride=[1, 7])
+    tok = _info(
+        scheme="fp8-token",
+        weight_dtype="float8_e4m3fn",
+        weight_shape=[128, 256],
+        scale_shape=[128, 1],
+        scale_stride=[1, 7],
+    )
     assert all(structure_checks(tok).values())
 
 
@@ -59,7 +66,9 @@ def test_reread_transposes_and_shuffle_matches_the_shim() -> None:
         assert shuffle_perm(rows).tolist() == F.shuffle_perm(rows).tolist()
 
 
-def _stored(scheme: str, w: torch.Tensor, layout: F.ScaleLayout = F.ScaleLayout()) -> tuple[F.QuantizedWeight, bytes]:
+def _stored(
+    scheme: str, w: torch.Tensor, layout: F.ScaleLayout = F.ScaleLayout()
+) -> tuple[F.QuantizedWeight, bytes]:
     qw = F.quantize_weight(w, scheme, layout=layout)
     tensors = {"weight": qw.data, "weight_scale": qw.scales.contiguous()}
     if qw.zeros is not None:
@@ -85,21 +94,57 @@ def test_judge_hypotheses() -> None:
     assert (best, hint) == ("transposed", "scales look transposed")
     best, hint = judge_hypotheses({}, {"declared": 1.4, "transposed": 1.3, "unit-scales": 80.0})
     assert hint is not None and "matches no layout hypothesis" in hint
-    assert judge_hypotheses({"declared": 0.9}, {})[1] == "the stored weight does not reconstruct the reference weight"
+    assert (
+        judge_hypotheses({"declared": 0.9}, {})[1]
+        == "the stored weight does not reconstruct the reference weight"
+    )
 
 
 async def test_audit_of_correct_and_faulty_targets() -> None:
     ref = build()
     good = build(scheme="int4-g128")
     bad = build(scheme="int4-g128", faults=["scale-transposed@model.layers.1.mlp.down_proj"])
-    async with shim_endpoint("ref", ref) as r, shim_endpoint("good", good) as g, shim_endpoint("bad", bad) as b:
+    async with (
+        shim_endpoint("ref", ref) as r,
+        shim_endpoint("good", good) as g,
+        shim_endpoint("bad", bad) as b,
+    ):
         rows = await audit(g, r)
         row = await audit_module(b, r, "model.layers.1.mlp.down_proj")
         other = await audit_module(b, r, "model.layers.0.mlp.down_proj")
     assert len(rows) == 28 and not any(x["flagged"] for x in rows), [x for x in rows if x["flagged"]]
-    assert all(x["best"] == "declared" and x["backends"] == NO_BACKEND_TABLE for x in rows)
+    assert all(x["best"] == "declared" for x in rows)
+    # backend table: torch and the Triton interpreter run the same arithmetic; _scaled_mm has no int4
+    for x in rows:
+        bt = x["backends"]
+        assert bt["torch"]["available"] and bt["triton"]["available"], bt
+        assert bt["torch"]["cosine"] == pytest.approx(bt["triton"]["cosine"], abs=1e-5)
+        assert 0.95 < bt["torch"]["cosine"] < 1.0  # int4's own error vs FP32 weights
+        assert not bt["vendor"]["available"] and bt["vendor"]["reason"]
     # int4 on gaussian weights: the scheme's own error vs FP32 is ~0.1 of the weight norm
     assert all(0.0 < x["hypotheses"]["declared"] < 0.2 for x in rows)
     assert row["best"] == "transposed" and row["hint"] == "scales look transposed" and row["flagged"]
     assert row["kernel_hypotheses"]["transposed"] < 1e-6 < row["kernel_hypotheses"]["declared"]
     assert other["best"] == "declared" and not other["flagged"]
+
+
+async def test_quant_command_flags_a_faulty_target(monkeypatch, capsys) -> None:
+    import argparse
+
+    from difftest import whitebox_cli
+
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line
+    bad = build(scheme="fp8-block", faults=["scale-skipped@model.layers.0.self_attn.q_proj"])
+    async with shim_endpoint("reference", build()) as r, shim_endpoint("target", bad) as t:
+        eps = {"reference": r, "target": t}
+
+        async def fake_connect(name: str, url: str, api_key: str | None):  # noqa: ANN202
+            return eps[name]
+
+        monkeypatch.setattr(whitebox_cli, "connect", fake_connect)
+        monkeypatch.setattr(whitebox_cli.asyncio, "run", lambda coro: coro)  # already inside a loop
+        code = await whitebox_cli.quant_command(
+            argparse.Namespace(config=None, ref="http://r", target="http://t", api_key_env=None)
+        )
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and "scales look skipped" in out and "backends: cosine vs FP32" in out

@@ -5,7 +5,7 @@ tiny-llama (tiny-moe for routed-scaling-missing), localised against its golden a
 - without a golden (vs FP32): the injected module ranks first by local error relative to its
   siblings' median (ue8m0-rounding excepted: see UE8M0 below);
 - correct fp8-block / int8 / int4-g128 targets PASS exactness (torch vs torch; triton in the
-  interpreter vs torch is @slow); the reference against itself flags nothing.
+  interpreter vs torch); the reference against itself flags nothing.
 
 Run with `-s` to see the table of numbers (fault, guilty module, local cos, norm ratio, rel err).
 """
@@ -55,7 +55,11 @@ def _row(label: str, diff: LayerDiff, module: str, rank: int) -> str:
 
 
 def _rank(diff: LayerDiff, module: str) -> int:
-    leaves = {p.name: p.local_rel_err for p in diff.points if p.local_rel_err is not None and p.kind in ("linear", "moe")}
+    leaves = {
+        p.name: p.local_rel_err
+        for p in diff.points
+        if p.local_rel_err is not None and p.kind in ("linear", "moe")
+    }
     return [n for n, _ in rank_modules(leaves, diff.kind)].index(module)  # type: ignore[arg-type]
 
 
@@ -78,7 +82,8 @@ async def test_fault_is_failed_and_localised(fault: str, name: str, scheme: str,
     assert exact.guilty_backend == "torch"
     assert module in exact.summary
     if fault == UE8M0:
-        assert _rank(acc, module) < 5  # recorded, not required: see UE8M0
+        # inside the scheme's own error vs FP32 (see UE8M0): nothing else may be blamed either
+        assert acc.guilty_module in (None, module)
     else:
         assert _rank(acc, module) == 0
 
@@ -89,18 +94,23 @@ async def test_fault_is_failed_and_localised(fault: str, name: str, scheme: str,
         ("fp8-block", "torch"),
         ("int8", "torch"),
         ("int4-g128", "torch"),
-        pytest.param("fp8-block", "triton", marks=pytest.mark.slow),
-        pytest.param("int8", "triton", marks=pytest.mark.slow),
-        pytest.param("int4-g128", "triton", marks=pytest.mark.slow),
+        ("fp8-block", "triton"),  # the Triton interpreter on CPU: ~2-5 s each
+        ("int8", "triton"),
+        ("int4-g128", "triton"),
     ],
 )
 async def test_correct_target_passes_exactness(scheme: str, backend: str) -> None:
     target = build("tiny-llama", scheme, backend=backend)
-    async with shim_endpoint("golden", model("tiny-llama", scheme)) as g, shim_endpoint("target", target) as t:
+    async with (
+        shim_endpoint("golden", model("tiny-llama", scheme)) as g,
+        shim_endpoint("target", target) as t,
+    ):
         diff = await localise(g, t, PROMPT, kind="exactness")
     worst = max(p.local_rel_err for p in diff.points if p.local_rel_err is not None)
     resid = max(p.rel_err for p in diff.points if p.kind in ("residual", "logits"))
-    print(f"\n{scheme} {backend} vs torch golden: worst local rel err {worst:.3g}, worst residual/logits rel err {resid:.3g}")
+    print(
+        f"\n{scheme} {backend} vs torch golden: worst local rel err {worst:.3g}, worst residual/logits rel err {resid:.3g}"
+    )
     assert layer_verdict(diff).passed, layer_verdict(diff).reasons
     assert diff.guilty_module is None and not any(p.flagged for p in diff.points)
 

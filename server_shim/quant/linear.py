@@ -32,6 +32,7 @@ SCHEMES = F.SCHEMES
 BACKENDS = ("auto", "torch", "triton", "vendor")
 DEFAULT_SKIP = ("lm_head",)
 _KERNELS = "server_shim.quant.kernels"
+_VENDOR_PATHS = ("fp8-tensor", "fp8-token", "int8")
 
 
 def ck_free_from_env(ck_free: bool | None) -> bool:
@@ -115,6 +116,8 @@ def quant_matmul(
     x: Tensor, qw: F.QuantizedWeight, bias: Tensor | None, backend: str, fs: FaultSet = NO_FAULTS
 ) -> Tensor:
     """x [..., K] -> [..., N] in x.dtype through `backend`; faults act inside the reads."""
+    if backend == "vendor" and qw.scheme not in _VENDOR_PATHS:  # never a silent torch fallback
+        raise QuantConfigError(f"vendor backend has no {qw.scheme} path")
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, x.shape[-1])
     data, scales, zeros = read_weight(qw, fs)
@@ -129,6 +132,8 @@ def quant_matmul(
         xs = read_act_scale(xs, lead, fs)
         if backend == "vendor":
             out = _vendor(xq, xs, qw, data, scales)
+        elif qw.scheme == "int8":
+            out = F.int8_matmul_exact(xq, xs, data, scales)
         else:
             w = F.dequantize_parts(qw.scheme, data, scales, zeros, qw.shape)
             out = F.dequantize_act(xq, xs, qw.scheme) @ w.t()
@@ -142,25 +147,23 @@ def _vendor(xq: Tensor, xs: Tensor, qw: F.QuantizedWeight, data: Tensor, scales:
         if xq.is_cuda and m <= 16:  # cuBLASLt int8 wants M > 16: zero rows are exact
             xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - m))
         acc = torch._int_mm(xq, data.contiguous().t())[:m]
-        return acc.float() * xs.float() * scales.float().reshape(1, -1)
+        return (acc.double() * xs.double() * scales.double().reshape(1, -1)).float()  # as the golden
     if qw.scheme == "fp8-tensor":
         sa, sb = xs.float().reshape(()), scales.float().reshape(())
     else:
         sa, sb = xs.float().contiguous(), scales.float().reshape(1, -1).contiguous()
-    a, b = xq, data.contiguous()
-    pad = (-a.shape[1]) % 16 if a.is_cuda else 0  # cuBLASLt fp8 wants K % 16 == 0; zeros are exact
-    if pad:
-        a, b = (
-            torch.nn.functional.pad(a.view(torch.uint8), (0, pad)),
-            torch.nn.functional.pad(b.view(torch.uint8), (0, pad)),
-        )
-        a, b = a.view(xq.dtype), b.view(xq.dtype)
+    a, b, n = xq, data.contiguous(), data.shape[0]
+    if a.is_cuda:  # cuBLASLt fp8 wants K and N multiples of 16; zero padding is exact
+        pad_k, pad_n = (-a.shape[1]) % 16, (-n) % 16
+        if pad_k or pad_n:
+            a = torch.nn.functional.pad(a.view(torch.uint8), (0, pad_k)).view(xq.dtype)
+            b = torch.nn.functional.pad(b.view(torch.uint8), (0, pad_k, 0, pad_n)).view(xq.dtype)
     if qw.scheme == "fp8-tensor" or not a.is_cuda:
-        return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+        return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)[:, :n]
     # Row-wise _scaled_mm on CUDA writes bf16 only: a second rounding (2**-8) that the golden does
     # not have would sit far above accumulation noise. Unit scales, fp32 out, fp32 epilogue instead.
     one = torch.ones((), device=a.device)
-    return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32) * sa * sb
+    return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)[:, :n] * sa * sb
 
 
 def _triton(x2, lead, qw, data, scales, zeros, bias, fs) -> Tensor:

@@ -55,23 +55,22 @@ def score_prompt(
         tgt_top_logprobs=tgt_tops if tgt_tops and any(tgt_tops) else None,
         tie_margin=tie_margin,
     )
-    if diff.first_divergence is not None and diff.divergence_kind is None:
-        if diff.first_divergence >= min(len(ref_keys), len(tgt_keys)):
-            diff.divergence_kind = "LENGTH"  # one side stopped (EOS / stop string) where the other went on
-    if ref_forced is not None and tgt_forced is not None:
-        # A failed echo leaves the teacher-forced fields unmeasured (build_comparison warns).
-        if not (ref_forced.error or tgt_forced.error):
-            positions = [
-                PositionLogprobs(
-                    token=_key(r),
-                    ref_logprob=float(r.logprob),  # type: ignore[arg-type]
-                    tgt_logprob=float(t.logprob),  # type: ignore[arg-type]
-                    ref_top=r.top,
-                    tgt_top=t.top,
-                )
-                for r, t in zip(ref_forced.positions, tgt_forced.positions, strict=True)
-            ]
-            fill_teacher_forced(diff, teacher_forced_stats(positions, k=k))
+    d = diff.first_divergence
+    if d is not None and diff.divergence_kind is None and d >= min(len(ref_keys), len(tgt_keys)):
+        diff.divergence_kind = "LENGTH"  # one side stopped (EOS / stop string) where the other went on
+    # A failed echo leaves the teacher-forced fields unmeasured (build_comparison warns).
+    if ref_forced is not None and tgt_forced is not None and not (ref_forced.error or tgt_forced.error):
+        positions = [
+            PositionLogprobs(
+                token=_key(r),
+                ref_logprob=float(r.logprob),  # type: ignore[arg-type]
+                tgt_logprob=float(t.logprob),  # type: ignore[arg-type]
+                ref_top=r.top,
+                tgt_top=t.top,
+            )
+            for r, t in zip(ref_forced.positions, tgt_forced.positions, strict=True)
+        ]
+        fill_teacher_forced(diff, teacher_forced_stats(positions, k=k))
     return diff
 
 
@@ -111,9 +110,15 @@ def build_comparison(
         unforced = [
             f"{p.id}: {(ref_forced[p.id].error or tgt_forced[p.id].error)}"
             for p in prompts
-            if p.id in ref_forced and p.id in tgt_forced and (ref_forced[p.id].error or tgt_forced[p.id].error)
+            if p.id in ref_forced
+            and p.id in tgt_forced
+            and (ref_forced[p.id].error or tgt_forced[p.id].error)
         ]
         if unforced:
-            notes.append(f"teacher-forced metrics missing for {len(unforced)} prompt(s): " + "; ".join(unforced[:3]))
+            notes.append(
+                f"teacher-forced metrics missing for {len(unforced)} prompt(s): " + "; ".join(unforced[:3])
+            )
     agg, ci = aggregate_prompts(diffs, seed=seed)
-    return Comparison(kind=kind, baseline=baseline, target=target, prompts=diffs, aggregate=agg, ci=ci, warnings=notes)
+    return Comparison(
+        kind=kind, baseline=baseline, target=target, prompts=diffs, aggregate=agg, ci=ci, warnings=notes
+    )

@@ -342,6 +342,7 @@ def quantize_model(model: nn.Module, *, scheme: str, backend: str = "auto", skip
             new = QuantMoEExperts.from_experts(old, parent, scheme=scheme, backend=chosen, fallback_reason=reason,
                                                faults=fs, ck_free=ck, layout=layout, device=device)  # fmt: skip
         setattr(parent, child, new)
+        logger.debug("quant %s -> %s/%s%s", name, scheme, chosen, f" (fallback: {reason})" if reason else "")
     if reason:
         logger.warning(
             "quant %s: backend %s for %d modules (fallback: %s)", scheme, chosen, len(targets), reason

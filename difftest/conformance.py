@@ -15,6 +15,7 @@ naming the first differing probe; a comparison that cannot be made is a warning.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,7 +36,8 @@ LOGPROBS_TRIES = (20, 5, 1)
 ECHO_GEN_TOKENS = 8
 # Prefill and decode run different kernels: in fp16/bf16 their logprobs differ by ~1e-2 nats.
 # The echo bugs this guards against (off-by-one positions, another model path) differ by whole nats.
-ECHO_LOGPROB_TOL = 0.05
+ECHO_LOGPROB_TOL = 0.05  # median |echo - generation| logprob, nats
+ECHO_LOGPROB_MAX = 1.0  # and no position off by more than this
 OK, WARN, FAIL, NA = "ok", "warn", "fail", "n/a"
 _TF_OFF = "teacher-forced metrics disabled"
 # Every degraded feature's warning names what it disables (keys are stable for callers and tests).
@@ -350,9 +352,15 @@ async def _probe_echo_consistency(p: _Probe, text: str) -> None:
         for a, b in zip(e.logprobs, g.logprobs, strict=True)
     ]
     diff = max(diffs)
-    ok = diff <= ECHO_LOGPROB_TOL
+    typical = statistics.median(diffs)
+    # The typical position decides, not the worst: a misaligned echo (logprobs reported one
+    # position late) moves nearly every position by ~0.6 nats, while a correct quantized fp16
+    # server moves one or two positions by up to ~0.4 nats (measured on an H100: torch goldens
+    # whose prefill and decode GEMMs round differently, per-tensor fp8 scales that depend on the
+    # whole forward pass). The max is kept in the table.
+    ok = typical <= ECHO_LOGPROB_TOL and diff <= ECHO_LOGPROB_MAX
     f |= {"echo_consistent": ok, "echo_max_abs_diff": diff}
-    detail = f"max |diff| {diff:.3g} over {len(g)} tokens (via {how})"
+    detail = f"median |diff| {typical:.3g}, max {diff:.3g} over {len(g)} tokens (via {how})"
     p.check(
         name, OK if ok else FAIL, detail, None if ok else "echo_inconsistent", diff=diff, tol=ECHO_LOGPROB_TOL
     )

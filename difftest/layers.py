@@ -64,15 +64,21 @@ class LayerThresholds:
     exact_point_rel_err: float = 5e-2
     exact_local_rel_err: float = 1e-3  # one module on identical input vs the golden module
     slot_rel_err: float = 1e-3  # slot 1 (rolled tokens) vs slot 0 of the same target
-    # accuracy vs FP16. DESIGN.md's 0.999 / 0.995 module cosines flag correct smollm2 modules
-    # (fp8-block min 0.99894, int4 min 0.974, mxfp4 min 0.986), so the absolute budget sits under
-    # those minimums and the relative ranking does the finding.
+    # accuracy vs FP16. DESIGN.md's 0.999 / 0.995 module cosines flag correct smollm2 modules, so
+    # each bound sits under the minimum a correct build measured on smollm2 (bench/calibrate.py,
+    # module-local cosine min: fp8-* 0.99888, int8 0.99322, int4-g128 0.9736, mxfp4 0.9849) and
+    # the relative ranking does the finding.
     module_cosine_8bit: float = 0.995
+    module_cosine_int8: float = 0.985
     module_cosine_4bit: float = 0.95
     point_cosine_8bit: float = 0.99  # residual stream: error accumulates over layers
     point_cosine_4bit: float = 0.9
+    # Magnitude: 8-bit modules measured 0.975..1.013; mxfp4's power-of-two scales move it further
+    # (0.894..1.143 on an H100, fp16). fnuz x0.5 and skipped scales (x35..x1766) stay far outside.
     norm_ratio_low: float = 0.9
     norm_ratio_high: float = 1.1
+    norm_ratio_low_4bit: float = 0.8
+    norm_ratio_high_4bit: float = 1.25
     # local rel_err / median of the module's siblings: correct modules measured <= ~2.4 (smollm2
     # int4: 0.228 vs median 0.094); a module above `relative_outlier` is named, above
     # `relative_fail` it fails the layers verdict.
@@ -80,7 +86,14 @@ class LayerThresholds:
     relative_fail: float = 10.0
 
     def module_cosine(self, scheme: str | None) -> float:
-        return self.module_cosine_4bit if scheme in FOUR_BIT else self.module_cosine_8bit
+        if scheme in FOUR_BIT:
+            return self.module_cosine_4bit
+        return self.module_cosine_int8 if scheme == "int8" else self.module_cosine_8bit
+
+    def norm_bounds(self, scheme: str | None) -> tuple[float, float]:
+        if scheme in FOUR_BIT:
+            return self.norm_ratio_low_4bit, self.norm_ratio_high_4bit
+        return self.norm_ratio_low, self.norm_ratio_high
 
     def point_cosine(self, scheme: str | None) -> float:
         return self.point_cosine_4bit if scheme in FOUR_BIT else self.point_cosine_8bit
@@ -169,7 +182,8 @@ def point_flagged(d: TensorDiff, kind: str, scheme: str | None, th: LayerThresho
         return False
     if kind == "exactness":
         return d.rel_err > th.exact_point_rel_err
-    return d.cosine < th.point_cosine(scheme) or not th.norm_ratio_low <= d.norm_ratio <= th.norm_ratio_high
+    lo, hi = th.norm_bounds(scheme)
+    return d.cosine < th.point_cosine(scheme) or not lo <= d.norm_ratio <= hi
 
 
 def local_out_of_bounds(d: TensorDiff, kind: str, scheme: str | None, th: LayerThresholds) -> bool:
@@ -177,7 +191,8 @@ def local_out_of_bounds(d: TensorDiff, kind: str, scheme: str | None, th: LayerT
         return True
     if kind == "exactness":
         return d.rel_err > th.exact_local_rel_err
-    return d.cosine < th.module_cosine(scheme) or not th.norm_ratio_low <= d.norm_ratio <= th.norm_ratio_high
+    lo, hi = th.norm_bounds(scheme)
+    return d.cosine < th.module_cosine(scheme) or not lo <= d.norm_ratio <= hi
 
 
 def _point(name: str, kind: str, d: TensorDiff, flagged: bool) -> LayerPoint:
@@ -521,10 +536,11 @@ def layer_verdict(
             v, n = max((_finite_or_inf(p.rel_err), p.name) for p in res)
             add("point_rel_err_max", v, th.exact_point_rel_err, "<=", n, "accumulated vs golden")
         return PartVerdict("layers", diff.against, tuple(checks))
+    lo, hi = th.norm_bounds(scheme)
     v, n = worst(lambda p: p.local_norm_ratio, min)
-    add("local_norm_ratio_min", v, th.norm_ratio_low, ">=", n, "magnitude is never the scheme's cost")
+    add("local_norm_ratio_min", v, lo, ">=", n, "magnitude bound of the scheme")
     v, n = worst(lambda p: p.local_norm_ratio, max)
-    add("local_norm_ratio_max", v, th.norm_ratio_high, "<=", n, "magnitude is never the scheme's cost")
+    add("local_norm_ratio_max", v, hi, "<=", n, "magnitude bound of the scheme")
     v, n = worst(lambda p: p.local_cosine, min)
     add("local_cosine_min", v, th.module_cosine(scheme), ">=", n, f"module budget {scheme or '8-bit'}")
     ranked = rank_modules({p.name: p.local_rel_err for p in replayed}, "accuracy")  # type: ignore[misc]

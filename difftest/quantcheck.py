@@ -206,17 +206,22 @@ def judge_hypotheses(vs_ref: Mapping[str, float], vs_kernel: Mapping[str, float]
 # ---------------------------------------------------------------- HTTP
 
 
+# Rows of the identity sent per /debug/module request: servers cap request bodies (the shim at
+# 8 MiB; an identity of K=1536 in fp32 is 9.4 MiB), so the identity goes in slices of 256 rows.
+IDENTITY_ROWS = 256
+
+
 async def effective_weight(ep: Endpoint, module: str, k: int) -> np.ndarray:
-    """W [N, K] as `ep` computes it: out(I_K) - out(0) = W^T."""
-    eye = write_safetensors({"input": np.eye(k, dtype=np.float32)}, {"module": module})
-    zero = write_safetensors({"input": np.zeros((1, k), np.float32)}, {"module": module})
-    a, b = await asyncio.gather(
-        ep.client.post_bytes("/debug/module", eye), ep.client.post_bytes("/debug/module", zero)
-    )
-    out = read_safetensors(a).value("output").astype(np.float64) - read_safetensors(b).value("output").astype(
-        np.float64
-    )
-    return out.T
+    """W [N, K] as `ep` computes it: out(I_K) - out(0) = W^T, the identity sent in row slices."""
+
+    async def out(x: np.ndarray) -> np.ndarray:
+        raw = await ep.client.post_bytes("/debug/module", write_safetensors({"input": x}, {"module": module}))
+        return read_safetensors(raw).value("output").astype(np.float64)
+
+    eye = np.eye(k, dtype=np.float32)
+    parts = await asyncio.gather(*(out(eye[i : i + IDENTITY_ROWS]) for i in range(0, k, IDENTITY_ROWS)))
+    bias = await out(np.zeros((1, k), np.float32))
+    return (np.concatenate(parts, axis=0) - bias).T
 
 
 async def audit_module(target: Endpoint, reference: Endpoint | None, module: str,

@@ -31,7 +31,7 @@ from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig
 from difftest.conformance import check_pair, probe
-from difftest.errors import InfraError
+from difftest.errors import DifftestError, InfraError
 from difftest.noise import NoiseFloor
 from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
@@ -349,7 +349,12 @@ async def run_async(
             gen = gens[tcfg.name]
             tr.total_requests = len(gen)
             tr.failed_requests = sum(1 for g in gen.values() if g.error)
-            extra = await _whitebox(cfg, tcfg, eps, prompts, tr)
+            try:
+                extra = await _whitebox(cfg, tcfg, eps, prompts, tr)
+            except DifftestError as exc:  # the black-box verdict stands without the white-box part
+                extra = []
+                tr.conformance.setdefault("warnings", []).append(f"white-box diff failed: {exc}")
+                run.warnings.append(f"{tcfg.name}: white-box diff failed: {exc}")
             judge(cfg, tr, floor, extra, _skipped(pairs, tcfg.name))
             if tr.verdict is not None and not tr.verdict.localisation:
                 tr.verdict = dataclasses.replace(tr.verdict, localisation=_localisation_line(tr))

@@ -18,8 +18,8 @@ smollm2-135m vs fp32, 10 prompts x 24 tokens (DESIGN.md):
 | none | (dtype / accumulation order only) | 0.95 / 0.01 / 0.60 |
 | fp8-tensor, fp8-token, fp8-block | fp8-block 91.6% / 0.023 | 0.80 / 0.08 / 0.30 |
 | int8 | (8-bit like fp8) | 0.80 / 0.08 / 0.30 |
-| int4-g128 | 67.9% / 0.44 | 0.55 / 0.90 / 0.10 |
-| mxfp4 | 59.7% / 0.85 | 0.45 / 1.50 / 0.10 |
+| int4-g128 | 67.9% / 0.44 | 0.55 / 0.90 / 0.02 |
+| mxfp4 | 59.7% / 0.85 | 0.45 / 1.50 / 0.02 |
 
 Each budget sits about 2x the measured KL and ~12 points of top-1 under the measurement: room
 for prompt-to-prompt spread (10 prompts) without reaching a broken build — `scale-skipped` in one
@@ -69,10 +69,13 @@ DEFAULT_BUDGETS: dict[str, Budget] = {
     "fp8-token": Budget("fp8-token", **_FP8),
     "fp8-block": Budget("fp8-block", **_FP8),
     "int8": Budget("int8", **_FP8),
+    # 4-bit token match: correct builds measured 10% (int4-g128) and 6.7% (mxfp4) on smollm2 in
+    # fp16 on an H100 (top-1 68.7% / 67.5%): one flip rewrites a 135M model's greedy continuation,
+    # so this only guards against garbage; KL and top-1 do the judging.
     "int4-g128": Budget(
-        "int4-g128", kl_mean_max=0.90, top1_min=0.55, token_match_min=0.10, module_cosine_min=0.995
+        "int4-g128", kl_mean_max=0.90, top1_min=0.55, token_match_min=0.02, module_cosine_min=0.995
     ),
-    "mxfp4": Budget("mxfp4", kl_mean_max=1.50, top1_min=0.45, token_match_min=0.10, module_cosine_min=0.995),
+    "mxfp4": Budget("mxfp4", kl_mean_max=1.50, top1_min=0.45, token_match_min=0.02, module_cosine_min=0.995),
 }
 
 # exactness: limit = max(floor x MARGIN, absolute minimum). The minimums keep a floor measured

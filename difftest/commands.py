@@ -233,22 +233,22 @@ def _threshold_file(path: Path) -> dict[str, dict[str, float]]:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Re-judge (optionally with other thresholds) and re-render from report.json: no servers."""
-    from difftest.noise import NoiseFloor
+    from difftest.config import thresholds_for
     from difftest.report import load_run
-    from difftest.runner import overrides_for
+    from difftest.runner import floor_for_target
     from difftest.verdict import budget_for, judge_target
 
     run = load_run(args.dir)
     if args.thresholds:
         thresholds = _threshold_file(args.thresholds)
-        floor = NoiseFloor.from_dict(run.noise_floor) if run.noise_floor else None
         for t in run.targets:
+            floor = floor_for_target(run.noise_floor, t.golden)
             acc = t.comparison("accuracy")
             if acc is None:
                 raise ConformanceError(f"{t.name}: report has no accuracy comparison to re-judge")
             old = t.verdict
             extra = tuple(p for p in (old.parts if old else ()) if p.part not in ("exactness", "accuracy"))
-            overrides = overrides_for(thresholds, t.scheme)
+            overrides = thresholds_for(thresholds, t.scheme)
             t.verdict = judge_target(
                 t.name, t.expect, t.comparison("exactness"), acc, budget_for(t.scheme, overrides), floor, extra, overrides
             )

@@ -18,6 +18,7 @@ import importlib
 import math
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,14 +92,19 @@ class RunConfig:
         return tuple(out.values())
 
     def thresholds_for(self, scheme: str | None) -> dict[str, float]:
-        """The flat overrides verdict.judge_target takes: [thresholds] merged with [thresholds.<scheme>]."""
-        return {**self.thresholds.get("default", {}), **self.thresholds.get(scheme or "none", {})}
+        return thresholds_for(self.thresholds, scheme)
+
 
     def target(self, name: str) -> TargetConfig:
         for t in self.targets:
             if t.name == name:
                 return t
         raise KeyError(name)
+
+
+def thresholds_for(thresholds: Mapping[str, Mapping[str, float]], scheme: str | None) -> dict[str, float]:
+    """The flat overrides verdict.judge_target takes: [thresholds] merged with [thresholds.<scheme>]."""
+    return {**thresholds.get("default", {}), **thresholds.get(scheme or "none", {})}
 
 
 # ----------------------------------------------------------------------------- locating keys

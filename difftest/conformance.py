@@ -7,9 +7,8 @@ metrics read the logprobs a server gives for *echoed* tokens, and real servers h
 logprobs shifted by a position or computed on another path than generation. So we generate k tokens,
 echo prompt + those tokens with `max_tokens=0`, and trust echo only if the two sets of logprobs agree.
 
-`check_pair(ref, target)` compares the probe texts' tokenizations (ids where both sides expose
-them, token strings otherwise) and vocabulary sizes: a mismatch is a ConformanceError (exit 2)
-naming the first differing probe; a comparison that cannot be made is a warning.
+`check_pair(ref, target)` (pair.py, re-exported here) compares the probe texts' tokenizations
+and vocabulary sizes of two servers: a mismatch is a ConformanceError (exit 2).
 """
 
 from __future__ import annotations
@@ -20,9 +19,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from difftest.check_status import FAIL, NA, OK, WARN, first_diff, short
 from difftest.client import CompletionClient
 from difftest.errors import ConformanceError, RequestRejected, ServerError
+from difftest.pair import PairCheck, check_pair
 from difftest.tokens_view import TokensView, parse_choice
+
+__all__ = [
+    "DEFAULT_PROBES",
+    "FAIL",
+    "NA",
+    "OK",
+    "WARN",
+    "WARNINGS",
+    "Capabilities",
+    "PairCheck",
+    "ProbeTokens",
+    "check_pair",
+    "probe",
+]
 
 DEFAULT_PROBES: tuple[str, ...] = (
     "The quick brown fox jumps over the lazy dog.",  # plain ASCII: the echo alignment probe
@@ -38,7 +53,6 @@ ECHO_GEN_TOKENS = 8
 # The echo bugs this guards against (off-by-one positions, another model path) differ by whole nats.
 ECHO_LOGPROB_TOL = 0.05  # median |echo - generation| logprob, nats
 ECHO_LOGPROB_MAX = 1.0  # and no position off by more than this
-OK, WARN, FAIL, NA = "ok", "warn", "fail", "n/a"
 _TF_OFF = "teacher-forced metrics disabled"
 # Every degraded feature's warning names what it disables (keys are stable for callers and tests).
 WARNINGS = {
@@ -202,7 +216,7 @@ async def _probe_generation(p: _Probe, text: str) -> None:
     if a == b:
         p.check("greedy determinism", OK, "same request twice -> same text")
     else:
-        p.check("greedy determinism", WARN, f"texts differ at char {_first_diff(a, b)}", "nondeterministic")
+        p.check("greedy determinism", WARN, f"texts differ at char {first_diff(a, b)}", "nondeterministic")
 
 
 async def _probe_logprobs(p: _Probe, text: str) -> None:
@@ -301,7 +315,7 @@ def _alignment_problems(view: TokensView, text: str, echoed_text: Any, ids: list
     while "".join(tokens) != text and tokens and tokens[0].startswith("<") and tokens[0].endswith(">"):
         tokens.pop(0)
     if "".join(tokens) != text:
-        problems.append(f"tokens join to {_short(''.join(tokens), 40)!r}, not the prompt")
+        problems.append(f"tokens join to {short(''.join(tokens), 40)!r}, not the prompt")
     if view.logprobs and view.logprobs[0] is not None:
         problems.append("first echoed logprob is not null")
     if any(lp is None for lp in view.logprobs[1:]):
@@ -436,100 +450,6 @@ async def _tokenize(client: CompletionClient, text: str) -> tuple[list[int] | No
     return None, err
 
 
-# ----------------------------------------------------------------------------- pairs
-
-
-@dataclass(frozen=True)
-class PairCheck:
-    ref: str
-    target: str
-    verified_by: str  # "token ids" | "token strings" | "token ids + strings" | "none"
-    probes_compared: int
-    vocab_sizes: tuple[int | None, int | None]
-    teacher_forced: bool  # both sides trust echo: teacher-forced metrics run
-    echo_as_ids: bool  # the reference's generated token ids can be echoed into the target as ids
-    warnings: tuple[str, ...] = ()
-
-    def table(self) -> list[tuple[str, str, str]]:
-        tok = (
-            (OK, f"{self.probes_compared} probes identical by {self.verified_by}")
-            if self.probes_compared
-            else (WARN, "unverifiable")
-        )
-        rows = [("same tokenization", *tok)]
-        va, vb = self.vocab_sizes
-        rows.append(("same vocabulary size", OK if va is not None and vb is not None else NA, f"{va} / {vb}"))
-        rows.append(
-            (
-                "teacher forcing",
-                OK if self.teacher_forced else WARN,
-                "as ids" if self.echo_as_ids else "as text",
-            )
-        )
-        return rows
-
-
-async def check_pair(
-    ref: tuple[CompletionClient, Capabilities], tgt: tuple[CompletionClient, Capabilities]
-) -> PairCheck:
-    (rc, ra), (tc, ta) = ref, tgt
-    warnings: list[str] = []
-    by_text = {t.text: t for t in ta.tokenizations}
-    kinds: set[str] = set()
-    compared = 0
-    for i, a in enumerate(ra.tokenizations):
-        b = by_text.get(a.text)
-        if b is None:
-            continue
-        if a.ids is not None and b.ids is not None:
-            left, right, kind = a.ids, b.ids, "token ids"
-        elif a.strings is not None and b.strings is not None:
-            left, right, kind = a.strings, b.strings, "token strings"
-        else:
-            continue
-        if tuple(left) != tuple(right):
-            j = _first_diff(left, right)
-            lo, hi = max(0, j - 2), j + 3
-            raise ConformanceError(
-                f"tokenizers differ: probe {i} {_short(a.text, 40)!r} first differs at token {j}: "
-                f"{rc.name} gives {list(left[lo:hi])} but {tc.name} gives {list(right[lo:hi])} "
-                f"({len(left)} vs {len(right)} {kind})"
-            )
-        compared += 1
-        kinds.add(kind)
-    if ra.vocab_size is not None and ta.vocab_size is not None and ra.vocab_size != ta.vocab_size:
-        raise ConformanceError(
-            f"vocabulary sizes differ: {rc.name} has {ra.vocab_size}, {tc.name} has {ta.vocab_size}"
-        )
-    if not compared:
-        warnings.append(
-            f"tokenization of {rc.name} and {tc.name} could not be compared (no token ids or echoed tokens "
-            "on both sides): a tokenizer mismatch would show up as garbled diffs"
-        )
-    teacher_forced = ra.teacher_forced and ta.teacher_forced
-    if not teacher_forced:
-        who = [c.name for c, caps in ((rc, ra), (tc, ta)) if not caps.teacher_forced]
-        warnings.append(f"teacher-forced metrics disabled: echo not trusted on {', '.join(who)}")
-    return PairCheck(
-        ref=rc.name,
-        target=tc.name,
-        verified_by=" + ".join(sorted(kinds)) or "none",
-        probes_compared=compared,
-        vocab_sizes=(ra.vocab_size, ta.vocab_size),
-        teacher_forced=teacher_forced,
-        echo_as_ids=bool(ta.int_prompts) and ra.token_id_strings,
-        warnings=tuple(warnings),
-    )
-
-
-def _first_diff(a: Sequence[Any], b: Sequence[Any]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
 def _why(e: Exception) -> str:
     """The server's own words ("HTTP 400: echo is not supported"), without the client's prefix."""
-    return _short(str(getattr(e, "detail", e)))
-
-
-def _short(text: str, n: int = 160) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."
+    return short(str(getattr(e, "detail", e)))

@@ -188,10 +188,12 @@ def _comparisons(
     gens: Mapping[str, Mapping[str, Generation]],
     forced: Mapping[tuple[str, str], Mapping[str, Forced]],
     cfg: RunConfig,
-    floor: NoiseFloor | None,
+    floors: Mapping[str, NoiseFloor],
 ) -> dict[tuple[str, str], Comparison]:
+    """`floors`: baseline name -> its A/A floor (tie margins at divergences come from it)."""
     out = {}
     for pair in pairs:
+        floor = floors.get(pair.baseline)
         ref_f = forced.get((pair.baseline, pair.baseline)) if pair.teacher_forced else None
         tgt_f = forced.get((pair.baseline, pair.target)) if pair.teacher_forced else None
         out[(pair.kind, pair.target)] = build_comparison(
@@ -211,6 +213,49 @@ def _comparisons(
     return out
 
 
+async def _floors(
+    cfg: RunConfig,
+    floor: NoiseFloor | None,
+    eps: Mapping[str, Endpoint],
+    prompts: Sequence[Prompt],
+    gens: Mapping[str, Mapping[str, Generation]],
+    forced: Mapping[tuple[str, str], Mapping[str, Forced]],
+    concurrency: int,
+    progress: Progress,
+) -> dict[str, NoiseFloor]:
+    """Baseline name -> floor: the file's for every baseline, else each golden's in-run A/A."""
+    baselines = {cfg.reference.name} | {t.golden.name for t in cfg.targets if t.golden is not None}
+    if floor is not None:
+        return dict.fromkeys(baselines, floor)
+    from difftest.autofloor import golden_floor
+
+    out = {}
+    for name in sorted({t.golden.name for t in cfg.targets if t.golden is not None}):
+        out[name] = await golden_floor(
+            eps[name], prompts, gens[name], forced.get((name, name)),
+            max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed,
+            concurrency=concurrency, progress=progress,
+        )  # fmt: skip
+    return out
+
+
+def _floor_record(floor: NoiseFloor | None, floors: Mapping[str, NoiseFloor]) -> dict[str, Any] | None:
+    """report.json's noise_floor: the file's floor, or {"in_run": {golden: floor}}."""
+    if floor is not None:
+        return floor.to_dict()
+    return {"in_run": {name: f.to_dict() for name, f in floors.items()}} if floors else None
+
+
+def floor_for_target(record: Mapping[str, Any] | None, golden: str | None) -> NoiseFloor | None:
+    """The floor a target's exactness was judged with, read back from report.json."""
+    if not record:
+        return None
+    if "in_run" in record:
+        data = record["in_run"].get(golden) if golden else None
+        return NoiseFloor.from_dict(data) if data else None
+    return NoiseFloor.from_dict(dict(record))
+
+
 def load_floor(cfg: RunConfig) -> NoiseFloor | None:
     if cfg.run.noise_floor is None:
         return None
@@ -220,11 +265,6 @@ def load_floor(cfg: RunConfig) -> NoiseFloor | None:
 
         raise ConfigError(f"noise floor file {path} does not exist (make it with `difftest noise CONFIG`)")
     return NoiseFloor.from_json(path.read_text())
-
-
-def overrides_for(thresholds: Mapping[str, Mapping[str, float]], scheme: str | None) -> dict[str, float]:
-    """`[thresholds]` tables -> one flat override map: `default` first, the scheme's own on top."""
-    return {**thresholds.get("default", {}), **thresholds.get(scheme or "none", {})}
 
 
 def judge(
@@ -261,7 +301,12 @@ def _skipped(pairs: Sequence[_Pair], target: str) -> dict[str, str]:
 
 
 async def _whitebox(
-    cfg: RunConfig, tcfg: TargetConfig, eps: Mapping[str, Endpoint], prompts: Sequence[Prompt], result: TargetResult
+    cfg: RunConfig,
+    tcfg: TargetConfig,
+    eps: Mapping[str, Endpoint],
+    prompts: Sequence[Prompt],
+    result: TargetResult,
+    slot_baselines: dict[str, Any],
 ) -> list[PartVerdict]:
     """Per-layer diff, localisation, quant audit and batch-slot invariance, where served."""
     parts: list[PartVerdict] = []
@@ -269,7 +314,12 @@ async def _whitebox(
     if cfg.run.batch_slot_check:
         from difftest.invariance import check_batch_slots
 
-        inv = await check_batch_slots(tgt, prompts, max_tokens=min(cfg.run.max_tokens, 16), k=cfg.run.logprobs)
+        base_name = tcfg.golden.name if tcfg.golden is not None else cfg.reference.name
+        slot_args = {"max_tokens": min(cfg.run.max_tokens, 16), "k": cfg.run.logprobs}
+        if base_name not in slot_baselines:
+            slot_baselines[base_name] = await check_batch_slots(eps[base_name], prompts, **slot_args)
+        inv = await check_batch_slots(tgt, prompts, **slot_args)
+        inv.relative_to(slot_baselines[base_name], base_name)
         result.invariance = inv.to_dict()
         parts.append(inv.verdict())
     if cfg.run.whitebox == "off":
@@ -322,18 +372,17 @@ async def run_async(
         with Progress(enabled=opts.progress) as progress:
             gens = await _generate(eps, prompts, cfg, progress)
             forced = await _force_pairs(pairs, eps, prompts, gens, cfg.run.logprobs, progress)
-        comps = _comparisons(pairs, prompts, gens, forced, cfg, floor)
+            floors = await _floors(cfg, floor, eps, prompts, gens, forced, concurrency, progress)
+        comps = _comparisons(pairs, prompts, gens, forced, cfg, floors)
         run = RunResult(
             reference=cfg.reference.name,
             signature=run_signature(cfg, eps, prompts, floor),
-            noise_floor=floor.to_dict() if floor is not None else None,
+            noise_floor=_floor_record(floor, floors),
             started_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         if floor is None:
-            run.warnings.append(
-                "no noise floor file: exactness limits use the built-in minimums "
-                "(measure one with `difftest noise CONFIG` and set run.noise_floor)"
-            )
+            run.signature["noise_floor"] = "in-run A/A of each golden (concurrency 1 vs batched)"
+        slot_baselines: dict[str, Any] = {}  # baseline name -> its own batch-slot variance
         for tcfg in cfg.targets:
             tr = TargetResult(
                 name=tcfg.name,
@@ -350,12 +399,13 @@ async def run_async(
             tr.total_requests = len(gen)
             tr.failed_requests = sum(1 for g in gen.values() if g.error)
             try:
-                extra = await _whitebox(cfg, tcfg, eps, prompts, tr)
+                extra = await _whitebox(cfg, tcfg, eps, prompts, tr, slot_baselines)
             except DifftestError as exc:  # the black-box verdict stands without the white-box part
                 extra = []
                 tr.conformance.setdefault("warnings", []).append(f"white-box diff failed: {exc}")
                 run.warnings.append(f"{tcfg.name}: white-box diff failed: {exc}")
-            judge(cfg, tr, floor, extra, _skipped(pairs, tcfg.name))
+            golden_floor = floors.get(tcfg.golden.name) if tcfg.golden is not None else None
+            judge(cfg, tr, golden_floor, extra, _skipped(pairs, tcfg.name))
             if tr.verdict is not None and not tr.verdict.localisation:
                 tr.verdict = dataclasses.replace(tr.verdict, localisation=_localisation_line(tr))
             run.targets.append(tr)

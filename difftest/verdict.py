@@ -16,8 +16,8 @@ smollm2-135m vs fp32, 10 prompts x 24 tokens (DESIGN.md):
 | scheme | measured, correct: top-1 / KL | budget: top-1 >= / KL <= / token match >= |
 |---|---|---|
 | none | (dtype / accumulation order only) | 0.95 / 0.01 / 0.60 |
-| fp8-tensor, fp8-token, fp8-block | fp8-block 91.6% / 0.023 | 0.80 / 0.08 / 0.30 |
-| int8 | (8-bit like fp8) | 0.80 / 0.08 / 0.30 |
+| fp8-tensor, fp8-token, fp8-block | fp8-block 91.6% / 0.023 | 0.80 / 0.08 / 0.15 |
+| int8 | (8-bit like fp8) | 0.80 / 0.08 / 0.15 |
 | int4-g128 | 67.9% / 0.44 | 0.55 / 0.90 / 0.02 |
 | mxfp4 | 59.7% / 0.85 | 0.45 / 1.50 / 0.02 |
 
@@ -62,7 +62,9 @@ class Budget:
     module_cosine_min: float = 0.999  # module-local cosine, for the white-box part (seeds' default)
 
 
-_FP8 = dict(kl_mean_max=0.08, top1_min=0.80, token_match_min=0.30, module_cosine_min=0.999)
+# 8-bit token match: correct builds measured 29.6% (fp8-block) and 50.4% (fp8-token) on smollm2,
+# fp32 CPU, 10 smoke prompts x 24 tokens (top-1 90%): one flip rewrites a greedy continuation.
+_FP8 = dict(kl_mean_max=0.08, top1_min=0.80, token_match_min=0.15, module_cosine_min=0.999)
 DEFAULT_BUDGETS: dict[str, Budget] = {
     "none": Budget("none", kl_mean_max=0.01, top1_min=0.95, token_match_min=0.60, module_cosine_min=0.9999),
     "fp8-tensor": Budget("fp8-tensor", **_FP8),

@@ -1,0 +1,201 @@
+"""Layer diff, per module: replay over /debug/module (local vs inherited error) and ranking.
+
+Split from layers.py, which re-exports the public names here. Every linear / MoE module gets the
+*baseline's* input on both servers: same input on both sides, so the difference is the module's
+own (local) error, not what it inherited from upstream layers. Replay doubles linear inputs into
+two batch slots, slot 1 holding the tokens rolled by one position: a slot-variant bug (slot 1
+reads slot 0's scale rows) then shows as local error, while a plain duplicate would read
+identical scales and hide it. Ranking (pure) then names the module to blame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from difftest.collect import Endpoint
+from difftest.errors import DifftestError
+from difftest.fp_codes import SafeTensors, read_safetensors, write_safetensors
+from difftest.layer_points import (
+    LEAF_KINDS,
+    Activations,
+    LayerThresholds,
+    fetch_activations,
+    finite_or_inf,
+    layer_of,
+    local_out_of_bounds,
+    sibling_key,
+)
+from difftest.metrics.tensors import TensorDiff, tensor_diff
+from difftest.results import LayerDiff, LayerPoint
+
+
+async def replay(ep: Endpoint, module: str, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    """POST /debug/module: `tensors` holds `input` (+ extras such as top_k_index)."""
+    body = write_safetensors(dict(tensors), {"module": module})
+    out = read_safetensors(await ep.client.post_bytes("/debug/module", body))
+    return np.asarray(out.value("output"), dtype=np.float64)
+
+
+# ---------------------------------------------------------------- ranking (pure)
+
+
+def rank_modules(local: Mapping[str, float], kind: str) -> list[tuple[str, float]]:
+    """Worst first. Exactness: the local rel_err itself. Accuracy: local rel_err divided by the
+    median of its siblings (same role, other layers; all modules when fewer than 3 siblings),
+    i.e. relative to what the scheme costs a module like it. NaN ranks first."""
+    vals = {n: finite_or_inf(v) for n, v in local.items()}
+    if kind == "exactness":
+        scores = dict(vals)
+    else:
+        groups: dict[str, list[float]] = {}
+        for n, v in vals.items():
+            groups.setdefault(sibling_key(n), []).append(v)
+        everyone = [v for v in vals.values() if math.isfinite(v)]
+        scores = {}
+        for n, v in vals.items():
+            peers = [x for x in groups[sibling_key(n)] if math.isfinite(x)]
+            peers = peers if len(peers) >= 3 else everyone
+            med = statistics.median(peers) if peers else 0.0
+            scores[n] = v / med if med > 0 else (math.inf if v > 0 else 0.0)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def choose_guilty(
+    diff: LayerDiff, scheme: str | None, th: LayerThresholds
+) -> tuple[str | None, float | None]:
+    """The module to blame and its rank score: the worst out-of-bounds leaf (linear / MoE
+    experts); a composite (MoE mlp) only when no leaf inside it is out of bounds. Accuracy also
+    names a leaf within budget when it is a clear outlier among its siblings."""
+    replayed = [p for p in diff.points if p.local_rel_err is not None]
+    if not replayed:
+        return None, None
+    leaves = [p for p in replayed if p.kind in LEAF_KINDS]
+    ranked = dict(rank_modules({p.name: p.local_rel_err for p in leaves}, diff.kind))  # type: ignore[misc]
+
+    def oob(p: LayerPoint) -> bool:
+        d = TensorDiff(p.local_cosine, p.local_norm_ratio, math.nan, p.local_rel_err,  # type: ignore[arg-type]
+                       math.nan, _finite(p), 0)  # fmt: skip
+        return local_out_of_bounds(d, diff.kind, scheme, th)
+
+    bad = sorted((p for p in leaves if oob(p)), key=lambda p: -ranked.get(p.name, 0.0))
+    if bad:
+        return bad[0].name, ranked.get(bad[0].name)
+    if diff.kind == "accuracy" and ranked:
+        top, score = max(ranked.items(), key=lambda kv: kv[1])
+        if score >= th.relative_outlier:
+            return top, score
+    composite = sorted((p for p in replayed if p.kind not in LEAF_KINDS and oob(p)), key=lambda p: -finite_or_inf(p.local_rel_err or 0.0))  # fmt: skip
+    return (composite[0].name, None) if composite else (None, None)
+
+
+def _finite(p: LayerPoint) -> bool:
+    vals = (p.local_cosine, p.local_norm_ratio, p.local_rel_err)
+    return all(v is not None and math.isfinite(v) for v in vals)
+
+
+# ---------------------------------------------------------------- replay
+
+
+def replay_plan(base: Activations, config: Mapping[str, Any]) -> list[str]:
+    """Modules to replay: linears and MoE experts with a captured input, plus MoE mlps."""
+    mods = config.get("modules", {})
+    out = []
+    for name, info in mods.items():
+        k = info.get("kind")
+        if f"{name}:input" not in base.st.tensors:
+            continue
+        if k in LEAF_KINDS or (k == "mlp" and info.get("moe")):
+            out.append(name)
+    return out
+
+
+def _extras(st: SafeTensors, name: str) -> dict[str, np.ndarray]:
+    pre = name + ":"
+    return {k[len(pre) :]: st.value(k) for k in st.tensors if k.startswith(pre) and k != pre + "input"}
+
+
+def routing_rescale(base_w: np.ndarray, tgt_w: np.ndarray) -> float:
+    """Ratio of the target's to the baseline's per-token routing-weight sums, when the two sides
+    put routed_scaling_factor in different places (router vs expert combine: both correct, but the
+    experts of one side expect weights without the factor). 1.0 when they agree."""
+    sa, sb = np.asarray(base_w, np.float64).sum(-1), np.asarray(tgt_w, np.float64).sum(-1)
+    ok = np.abs(sa) > 1e-12
+    if not ok.any():
+        return 1.0
+    r = float(np.median(sb[ok] / sa[ok]))
+    return r if math.isfinite(r) and abs(math.log(max(r, 1e-12))) > 0.05 else 1.0
+
+
+async def replay_module(
+    baseline: Endpoint, target: Endpoint, name: str, kind: str, base: Activations, rescale: float = 1.0
+) -> tuple[TensorDiff, float | None]:
+    """(local diff target vs baseline on the baseline's input, slot-1 vs slot-0 rel_err or None)."""
+    x = base.st.value(f"{name}:input").astype(np.float32)
+    extras = _extras(base.st, name)
+    slot = kind == "linear" and x.ndim == 2 and x.shape[0] > 1
+    if slot:
+        x = np.stack([x, np.roll(x, 1, axis=0)])  # [2, T, K]: slot 1 = the tokens rolled by one
+    body = {"input": x, **extras}
+    tbody = dict(body)
+    if "top_k_weights" in extras and rescale != 1.0:  # the target's convention, the baseline keeps its own
+        tbody["top_k_weights"] = (extras["top_k_weights"] * rescale).astype(np.float32)
+    a, b = await asyncio.gather(replay(baseline, name, body), replay(target, name, tbody))
+    d = tensor_diff(a, b)
+    slot_err = None
+    if slot and b.shape[0] == 2:
+        slot_err = tensor_diff(np.roll(b[0], 1, axis=0), b[1]).rel_err
+    return d, slot_err
+
+
+async def replay_all(
+    baseline: Endpoint, target: Endpoint, base: Activations, tgt_cfg: Mapping[str, Any], diff: LayerDiff,
+    th: LayerThresholds,
+) -> None:  # fmt: skip
+    plan = replay_plan(base, tgt_cfg)
+    kinds = {n: tgt_cfg["modules"][n]["kind"] for n in plan}
+    rescale = 1.0
+    experts = [n for n in plan if kinds[n] == "moe"]
+    if experts:
+        try:
+            t_in = await fetch_activations(
+                target, {"tokens": base.token_ids, "layers": experts, "inputs": True}
+            )
+            rescale = routing_rescale(base.st.value(f"{experts[0]}:top_k_weights"),
+                                      t_in.st.value(f"{experts[0]}:top_k_weights"))  # fmt: skip
+        except (DifftestError, KeyError) as exc:
+            diff.warnings.append(f"MoE routing weights of the target unavailable ({exc}); replayed unscaled")
+        if rescale != 1.0:
+            diff.warnings.append(
+                f"the sides apply routed_scaling_factor in different places (routing weights x{rescale:.3g} "
+                "on the target): expert replays get the baseline's weights rescaled to the target's convention"
+            )
+
+    async def one(name: str) -> tuple[str, TensorDiff | None, float | None]:
+        try:
+            d, slot = await replay_module(baseline, target, name, kinds[name], base, rescale)
+        except DifftestError as exc:
+            diff.warnings.append(f"replay of {name} failed: {exc}")
+            return name, None, None
+        return name, d, slot
+
+    by_name = {p.name: p for p in diff.points}
+    for name, d, slot in await asyncio.gather(*(one(n) for n in plan)):
+        if d is None:
+            continue
+        p = by_name.get(name)
+        if p is None:
+            p = LayerPoint(
+                name, layer_of(name), kinds[name], math.nan, math.nan, math.nan, math.nan, math.nan
+            )
+            diff.points.append(p)
+        p.local_cosine, p.local_norm_ratio, p.local_rel_err = d.cosine, d.norm_ratio, d.rel_err
+        if slot is not None and not slot <= th.slot_rel_err:
+            diff.warnings.append(
+                f"{name}: output depends on the batch slot (slot 1 vs slot 0 rel err {slot:.3g})"
+            )

@@ -51,8 +51,8 @@ LOGPROBS_TRIES = (20, 5, 1)
 ECHO_GEN_TOKENS = 8
 # Prefill and decode run different kernels: in fp16/bf16 their logprobs differ by ~1e-2 nats.
 # The echo bugs this guards against (off-by-one positions, another model path) differ by whole nats.
-ECHO_LOGPROB_TOL = 0.05  # median |echo - generation| logprob, nats
-ECHO_LOGPROB_MAX = 1.0  # and no position off by more than this
+ECHO_LOGPROB_TOL = 0.25  # median |echo - generation| logprob (nats): noise, not alignment, under this
+ECHO_LOGPROB_MAX = 2.0  # and no position off by more than this
 _TF_OFF = "teacher-forced metrics disabled"
 # Every degraded feature's warning names what it disables (keys are stable for callers and tests).
 WARNINGS = {
@@ -327,6 +327,12 @@ def _alignment_problems(view: TokensView, text: str, echoed_text: Any, ids: list
     return problems
 
 
+def _median_gap(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
+    """Median |a_i - b_i| over positions where both are known; None when there are none."""
+    gaps = [abs(x - y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    return statistics.median(gaps) if gaps else None
+
+
 async def _probe_echo_consistency(p: _Probe, text: str) -> None:
     """Generate k tokens, echo prompt + them with max_tokens=0, compare the k logprobs."""
     f, name = p.fields, "echo = generation logprobs"
@@ -361,20 +367,20 @@ async def _probe_echo_consistency(p: _Probe, text: str) -> None:
         detail = f"echoed {how} does not re-form the generated tokens"
         p.check(name, WARN, detail, "echo_unverified", why="the continuation re-tokenises differently")
         return
-    diffs = [
-        abs(a - b) if a is not None and b is not None else math.inf
-        for a, b in zip(e.logprobs, g.logprobs, strict=True)
-    ]
+    el, gl = list(e.logprobs), list(g.logprobs)
+    diffs = [abs(a - b) if a is not None and b is not None else math.inf for a, b in zip(el, gl, strict=True)]
     diff = max(diffs)
     typical = statistics.median(diffs)
-    # The typical position decides, not the worst: a misaligned echo (logprobs reported one
-    # position late) moves nearly every position by ~0.6 nats, while a correct quantized fp16
-    # server moves one or two positions by up to ~0.4 nats (measured on an H100: torch goldens
-    # whose prefill and decode GEMMs round differently, per-tensor fp8 scales that depend on the
-    # whole forward pass). The max is kept in the table.
-    ok = typical <= ECHO_LOGPROB_TOL and diff <= ECHO_LOGPROB_MAX
+    # Aligned, not equal: a misaligned echo (logprobs reported one position late / early) lines up
+    # better with the generation shifted by one than unshifted; a correct quantized server only
+    # adds noise (dynamic fp8 activation rounding makes prefill and decode differ: median 0.064
+    # nats for a correct fp8-block golden on CPU fp32, 0.36 max on an H100). So the unshifted
+    # comparison must beat both shifted ones, and its median must stay under a generous bound.
+    shifted = [m for m in (_median_gap(el[1:], gl[:-1]), _median_gap(el[:-1], gl[1:])) if m is not None]
+    ok = typical <= ECHO_LOGPROB_TOL and diff <= ECHO_LOGPROB_MAX and all(typical < x for x in shifted)
     f |= {"echo_consistent": ok, "echo_max_abs_diff": diff}
-    detail = f"median |diff| {typical:.3g}, max {diff:.3g} over {len(g)} tokens (via {how})"
+    best_shift = f", shifted by one {min(shifted):.3g}" if shifted else ""
+    detail = f"median |diff| {typical:.3g}{best_shift}, max {diff:.3g} over {len(g)} tokens (via {how})"
     p.check(
         name, OK if ok else FAIL, detail, None if ok else "echo_inconsistent", diff=diff, tol=ECHO_LOGPROB_TOL
     )

@@ -117,9 +117,11 @@ def compare_views(alone: TokensView, placed: TokensView, placement: str, toleran
     worst = max(diffs) if diffs else 0.0
     if any(math.isnan(d) for d in diffs):
         worst = math.inf
+    # A flip is a tie when the top-1/top-2 margin there is within what the observed perturbation
+    # can bridge: both tokens' logprobs move, so up to twice the largest shift seen on this sequence.
     tie = False
     if first is not None and first < len(alone.positions) and alone.positions[first].top:
-        tie = top_margin(alone.positions[first].top) <= tolerance
+        tie = top_margin(alone.positions[first].top) <= 2 * max(tolerance, worst)
     return SlotResult(placement, first is None, first, worst, tie)
 
 

@@ -64,6 +64,13 @@ class _Pair:
     warnings: list[str] = field(default_factory=list)
 
 
+def _phase(name: str, since: float) -> float:
+    """Log how long a phase took (the progress logger, so it shows without -v); returns now."""
+    now = time.monotonic()
+    logging.getLogger("difftest.progress").info("%s: %.1f s", name, now - since)
+    return now
+
+
 def cache_identity(spec: ServerSpec) -> dict[str, Any]:
     """What identifies a server's answers across runs: its spec without the (random) port."""
     data = dataclasses.asdict(spec)
@@ -369,10 +376,15 @@ async def run_async(
     try:
         pairs = _pairs(cfg)
         await _check_pairs(pairs, eps)
+        _phase("servers up + conformance", started)
         with Progress(enabled=opts.progress) as progress:
+            t = time.monotonic()
             gens = await _generate(eps, prompts, cfg, progress)
+            t = _phase("greedy generation", t)
             forced = await _force_pairs(pairs, eps, prompts, gens, cfg.run.logprobs, progress)
+            t = _phase("teacher forcing", t)
             floors = await _floors(cfg, floor, eps, prompts, gens, forced, concurrency, progress)
+            _phase("noise floor", t)
         comps = _comparisons(pairs, prompts, gens, forced, cfg, floors)
         run = RunResult(
             reference=cfg.reference.name,
@@ -398,12 +410,14 @@ async def run_async(
             gen = gens[tcfg.name]
             tr.total_requests = len(gen)
             tr.failed_requests = sum(1 for g in gen.values() if g.error)
+            t = time.monotonic()
             try:
                 extra = await _whitebox(cfg, tcfg, eps, prompts, tr, slot_baselines)
             except DifftestError as exc:  # the black-box verdict stands without the white-box part
                 extra = []
                 tr.conformance.setdefault("warnings", []).append(f"white-box diff failed: {exc}")
                 run.warnings.append(f"{tcfg.name}: white-box diff failed: {exc}")
+            _phase(f"white-box + batch slots: {tcfg.name}", t)
             golden_floor = floors.get(tcfg.golden.name) if tcfg.golden is not None else None
             judge(cfg, tr, golden_floor, extra, _skipped(pairs, tcfg.name))
             if tr.verdict is not None and not tr.verdict.localisation:

@@ -1,0 +1,104 @@
+"""Batch-slot invariance: hand-worked comparisons, the tie rule, and the baseline-relative verdict."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from fakes import FakeBehaviour, FakeServer
+
+from difftest.collect import Endpoint
+from difftest.conformance import probe
+from difftest.invariance import InvarianceResult, SlotResult, check_batch_slots, compare_views
+from difftest.prompts import Prompt
+from difftest.tokens_view import Position, TokensView
+
+
+def view(tokens: list[int], logprobs: list[float], tops: list[dict[int, float]] | None = None) -> TokensView:
+    tops = tops or [{t: lp} for t, lp in zip(tokens, logprobs, strict=True)]
+    return TokensView(tuple(Position(f"token_id:{t}", t, lp, top, None) for t, lp, top in zip(tokens, logprobs, tops, strict=True)))
+
+
+def test_identical_views_match_exactly() -> None:
+    a = view([1, 2, 3], [-0.1, -0.2, -0.3])
+    r = compare_views(a, a, "slot 1", 0.05)
+    assert r.same_tokens and r.first_difference is None and r.max_logprob_diff == 0.0
+
+
+def test_logprob_shift_is_measured_on_the_common_prefix() -> None:
+    # |-0.1 - -0.13| = 0.03, |-0.2 - -0.1| = 0.1 -> worst 0.1; position 2 differs and is not compared
+    a = view([1, 2, 3], [-0.1, -0.2, -0.3], [{1: -0.1}, {2: -0.2}, {3: -0.3, 9: -1.5}])
+    b = view([1, 2, 9], [-0.13, -0.1, -0.9])
+    r = compare_views(a, b, "slot 1", 0.05)
+    assert not r.same_tokens and r.first_difference == 2
+    assert r.max_logprob_diff == pytest.approx(0.1)
+    # margin at the flip: -0.3 - (-1.5) = 1.2 > 2 x max(0.05, 0.1) = 0.2 -> not a tie
+    assert not r.tie_at_difference
+
+
+def test_flip_within_twice_the_observed_shift_is_a_tie() -> None:
+    # margin -0.60 - (-0.75) = 0.15 <= 2 x 0.1 = 0.2 -> a tie the perturbation can bridge
+    a = view([1, 5], [-0.2, -0.60], [{1: -0.2}, {5: -0.60, 6: -0.75}])
+    b = view([1, 6], [-0.3, -0.70])
+    r = compare_views(a, b, "slot 1", 0.05)
+    assert r.first_difference == 1 and r.tie_at_difference
+
+
+def test_length_difference_is_a_difference() -> None:
+    a = view([1, 2], [-0.1, -0.1])
+    b = view([1], [-0.1])
+    r = compare_views(a, b, "slot 1", 0.05)
+    assert r.first_difference == 1 and not r.same_tokens
+
+
+def test_nan_logprob_is_infinite_difference() -> None:
+    a = view([1], [-0.1])
+    b = view([1], [math.nan])
+    assert compare_views(a, b, "slot 1", 0.05).max_logprob_diff == math.inf
+
+
+def result(diff: float, *, same: bool = True, tie: bool = False) -> InvarianceResult:
+    return InvarianceResult("p", 0.05, [SlotResult("slot 1", same, None if same else 3, diff, tie)])
+
+
+def test_verdict_absolute_when_no_baseline() -> None:
+    assert result(0.04).verdict().passed
+    v = result(0.06).verdict()
+    assert not v.passed and any("slot_logprob_max_diff" in r for r in v.reasons)
+    assert not result(0.0, same=False).verdict().passed
+    assert result(0.0, same=False, tie=True).verdict().passed  # a tie flip is noise
+
+
+def test_verdict_relative_to_the_baselines_own_slot_variance() -> None:
+    # the golden itself moves 0.05 between slots -> limit max(0.05, 3 x 0.05) = 0.15
+    target = result(0.12).relative_to(result(0.05), "golden")
+    assert target.verdict().passed and target.verdict().against == "golden"
+    assert not result(0.2).relative_to(result(0.05), "golden").verdict().passed
+    # token flips are allowed only as often as the golden flips
+    assert not result(0.0, same=False).relative_to(result(0.0), "golden").verdict().passed
+    assert result(0.0, same=False).relative_to(result(0.0, same=False), "golden").verdict().passed
+
+
+def test_skipped_and_errored_placements_never_pass_silently() -> None:
+    v = InvarianceResult("p", 0.05, skipped="no logprobs").verdict()
+    assert v.skipped and not v.checks
+    errs = InvarianceResult("p", 0.05, [SlotResult("slot 1", False, None, 0.0, error="boom")]).verdict()
+    assert errs.skipped == "no batch placement could be measured"
+
+
+async def test_check_batch_slots_on_a_deterministic_fake_passes() -> None:
+    server = FakeServer(FakeBehaviour())
+    async with server.client(name="fake") as client:
+        ep = Endpoint("fake", client, await probe(client))
+        r = await check_batch_slots(ep, [Prompt("p0", "the quick brown fox")], max_tokens=6, k=3)
+    assert r.skipped is None and len(r.slots) == 4
+    assert all(s.same_tokens and s.max_logprob_diff == 0.0 for s in r.slots)
+    assert r.verdict().passed
+
+
+async def test_check_batch_slots_catches_a_server_that_answers_differently() -> None:
+    server = FakeServer(FakeBehaviour(nondeterministic=True))
+    async with server.client(name="fake") as client:
+        ep = Endpoint("fake", client, await probe(client))
+        r = await check_batch_slots(ep, [Prompt("p0", "the quick brown fox")], max_tokens=6, k=3)
+    assert not r.verdict().passed

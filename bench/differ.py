@@ -52,7 +52,7 @@ from difftest.metrics.aggregate import aggregate_prompts  # noqa: E402
 from difftest.progress import Progress  # noqa: E402
 from difftest.prompts import Prompt  # noqa: E402
 from difftest.runner import _force_pairs, _Pair  # noqa: E402  (the runner's own teacher-forcing path)
-from difftest.scoring import build_comparison, score_prompt  # noqa: E402
+from difftest.scoring import build_comparison  # noqa: E402
 
 URL = "http://instant.invalid"
 VOCAB = 512
@@ -74,7 +74,8 @@ class InstantModel:
         self.argmax = top[:, 0].tolist()
         self.top_ids = [set(r) for r in top.tolist()]
         self.top_json = [
-            ", ".join(f'"token_id:{t}": {float(self.lp[r, t])!r}' for t in top[r].tolist()) for r in range(ROWS)
+            ", ".join(f'"token_id:{t}": {float(self.lp[r, t])!r}' for t in top[r].tolist())
+            for r in range(ROWS)
         ]
 
     @staticmethod
@@ -165,7 +166,10 @@ def make_words(seed: int) -> list[str]:
 def make_prompts(n: int, words: list[str], seed: int) -> list[Prompt]:
     rng = np.random.default_rng(seed)
     return [
-        Prompt(id=f"p{i}", prompt="".join(words[t] for t in rng.integers(0, VOCAB, size=int(rng.integers(4, 24)))))
+        Prompt(
+            id=f"p{i}",
+            prompt="".join(words[t] for t in rng.integers(0, VOCAB, size=int(rng.integers(4, 24)))),
+        )
         for i in range(n)
     ]
 
@@ -185,7 +189,10 @@ def _rss_mib() -> float:
 
 
 async def _collect(
-    servers: dict[str, InstantServer], prompts: list[Prompt], args: argparse.Namespace, cache: ResponseCache | None
+    servers: dict[str, InstantServer],
+    prompts: list[Prompt],
+    args: argparse.Namespace,
+    cache: ResponseCache | None,
 ) -> tuple[dict, dict]:
     eps = {}
     for name, srv in servers.items():
@@ -233,11 +240,16 @@ def run_once(n: int, args: argparse.Namespace) -> dict[str, Any]:
     t3 = time.perf_counter()
     if prof:
         prof.disable()
-    missing = [k for k in ("token_match", "kl_mean", "kl_upper_mean", "top1_agreement", "bleu", "chrf")
-               if k not in comp.aggregate] + [k for k in ("token_match", "kl_mean") if k not in comp.ci]
+    missing = [
+        k
+        for k in ("token_match", "kl_mean", "kl_upper_mean", "top1_agreement", "bleu", "chrf")
+        if k not in comp.aggregate
+    ] + [k for k in ("token_match", "kl_mean") if k not in comp.ci]
     if missing or comp.aggregate["failed_requests"]:  # a bench that skipped a metric would flatter the differ
-        raise SystemExit(f"metrics not measured: {missing}; failed: {comp.aggregate['failed_requests']}; "
-                         f"warnings: {comp.warnings[:2]}; e.g. {gens['ref'][prompts[0].id].error}")
+        raise SystemExit(
+            f"metrics not measured: {missing}; failed: {comp.aggregate['failed_requests']}; "
+            f"warnings: {comp.warnings[:2]}; e.g. {gens['ref'][prompts[0].id].error}"
+        )
     out: dict[str, Any] = {
         "prompts": n,
         "requests": sum(s.requests for s in servers.values()),
@@ -248,7 +260,9 @@ def run_once(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "rss_base_mib": rss0,
         "rss_peak_mib": rss1,
         "gc_objects": live,
-        "agg": {k: comp.aggregate[k] for k in ("token_match", "kl_mean", "bleu", "chrf", "tie", "drift", "wrong")},
+        "agg": {
+            k: comp.aggregate[k] for k in ("token_match", "kl_mean", "bleu", "chrf", "tie", "drift", "wrong")
+        },
     }
     out["score_prompts_s"] = max(0.0, out["scoring_s"] - out["aggregate_s"])
     out["e2e_s"] = out["collect_s"] + out["scoring_s"]
@@ -293,7 +307,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(" | ".join(cells))
     for r in rows:
         if "py_peak_mib" in r:
-            print(f"\n{r['prompts']:,} prompts: Python heap peak {r['py_peak_mib']:.0f} MiB; retained at the end:")
+            print(
+                f"\n{r['prompts']:,} prompts: Python heap peak {r['py_peak_mib']:.0f} MiB; retained at the end:"
+            )
             for line in r["retained_top"]:
                 print("   ", line)
     print(
@@ -335,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps({"bench": "differ", "args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"bench": "differ", "args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2
+            )
+        )
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 
-from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force, generate_all, prompt_token_ids
 from difftest.noise import NoiseFloor, floor_from_comparisons
 from difftest.progress import Progress
@@ -37,12 +36,7 @@ async def golden_floor(
     progress: Progress,
 ) -> NoiseFloor:
     """`ep` asked again one request at a time, against its batched answers `batched`."""
-    c = ep.client
-    serial_client = CompletionClient(
-        c.base_url, name=f"{ep.name}@serial", api_key=c._api_key,  # noqa: SLF001 - same server, same key
-        timeout_s=c.timeout_s, max_retries=c.max_retries, concurrency=1,
-    )  # fmt: skip
-    async with serial_client:
+    async with ep.client.sibling(name=f"{ep.name}@serial", concurrency=1) as serial_client:
         serial = Endpoint(ep.name, serial_client, ep.caps)
         task = progress.add(f"A/A {ep.name}", total=2 * len(prompts))
         gens = await generate_all(

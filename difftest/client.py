@@ -91,6 +91,7 @@ class CompletionClient:
         self.offline = offline
         self.cache_identity = dict(cache_identity) if cache_identity is not None else None
         self._api_key = api_key
+        self._transport = transport
         self._backoff = (backoff_base_s, backoff_max_s)
         self._sleep = sleep
         self._sem = asyncio.Semaphore(concurrency)
@@ -109,6 +110,16 @@ class CompletionClient:
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
             follow_redirects=False,
         )
+
+    def sibling(self, *, name: str, concurrency: int) -> CompletionClient:
+        """Another client of the same server (URL, key, transport, timeouts) with its own
+        concurrency and no cache: for asking the server again, e.g. serially for an A/A floor."""
+        return CompletionClient(
+            self.base_url, name=name, api_key=self._api_key, timeout_s=self.timeout_s,
+            max_retries=self.max_retries, concurrency=concurrency,
+            max_response_bytes=self.max_response_bytes, transport=self._transport,
+            backoff_base_s=self._backoff[0], backoff_max_s=self._backoff[1], sleep=self._sleep,
+        )  # fmt: skip
 
     def __repr__(self) -> str:  # never the key
         return f"CompletionClient(name={self.name!r}, base_url={self.base_url!r}, offline={self.offline})"

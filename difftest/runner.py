@@ -236,14 +236,18 @@ async def _floors(
         return dict.fromkeys(baselines, floor)
     from difftest.autofloor import golden_floor
 
-    out = {}
-    for name in sorted({t.golden.name for t in cfg.targets if t.golden is not None}):
-        out[name] = await golden_floor(
-            eps[name], prompts, gens[name], forced.get((name, name)),
-            max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed,
-            concurrency=concurrency, progress=progress,
-        )  # fmt: skip
-    return out
+    names = sorted({t.golden.name for t in cfg.targets if t.golden is not None})
+    floors = await asyncio.gather(  # each golden is its own server: measure them side by side
+        *(
+            golden_floor(
+                eps[name], prompts, gens[name], forced.get((name, name)),
+                max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed,
+                concurrency=concurrency, progress=progress,
+            )  # fmt: skip
+            for name in names
+        )
+    )
+    return dict(zip(names, floors, strict=True))
 
 
 def _floor_record(floor: NoiseFloor | None, floors: Mapping[str, NoiseFloor]) -> dict[str, Any] | None:
@@ -323,10 +327,10 @@ async def _whitebox(
 
         base_name = tcfg.golden.name if tcfg.golden is not None else cfg.reference.name
         slot_args = {"max_tokens": min(cfg.run.max_tokens, 16), "k": cfg.run.logprobs}
-        if base_name not in slot_baselines:
-            slot_baselines[base_name] = await check_batch_slots(eps[base_name], prompts, **slot_args)
+        if base_name not in slot_baselines:  # shared by the targets of one baseline, measured once
+            slot_baselines[base_name] = asyncio.ensure_future(check_batch_slots(eps[base_name], prompts, **slot_args))
         inv = await check_batch_slots(tgt, prompts, **slot_args)
-        inv.relative_to(slot_baselines[base_name], base_name)
+        inv.relative_to(await slot_baselines[base_name], base_name)
         result.invariance = inv.to_dict()
         parts.append(inv.verdict())
     if cfg.run.whitebox == "off":
@@ -394,8 +398,9 @@ async def run_async(
         )
         if floor is None:
             run.signature["noise_floor"] = "in-run A/A of each golden (concurrency 1 vs batched)"
-        slot_baselines: dict[str, Any] = {}  # baseline name -> its own batch-slot variance
-        for tcfg in cfg.targets:
+        slot_baselines: dict[str, Any] = {}  # baseline name -> future of its own batch-slot variance
+
+        async def one_target(tcfg: TargetConfig) -> TargetResult:
             tr = TargetResult(
                 name=tcfg.name,
                 scheme=tcfg.scheme,
@@ -403,13 +408,11 @@ async def run_async(
                 url=running[tcfg.name].url,
                 golden=tcfg.golden.name if tcfg.golden is not None else None,
             )
-            tr.conformance = {"checks": [list(c) for c in eps[tcfg.name].caps.checks], "warnings": list(eps[tcfg.name].caps.warnings)}
-            for kind in ("exactness", "accuracy"):
-                if (kind, tcfg.name) in comps:
-                    tr.comparisons.append(comps[(kind, tcfg.name)])
-            gen = gens[tcfg.name]
-            tr.total_requests = len(gen)
-            tr.failed_requests = sum(1 for g in gen.values() if g.error)
+            caps = eps[tcfg.name].caps
+            tr.conformance = {"checks": [list(c) for c in caps.checks], "warnings": list(caps.warnings)}
+            tr.comparisons = [comps[(kind, tcfg.name)] for kind in ("exactness", "accuracy") if (kind, tcfg.name) in comps]
+            tr.total_requests = len(gens[tcfg.name])
+            tr.failed_requests = sum(1 for g in gens[tcfg.name].values() if g.error)
             t = time.monotonic()
             try:
                 extra = await _whitebox(cfg, tcfg, eps, prompts, tr, slot_baselines)
@@ -422,7 +425,10 @@ async def run_async(
             judge(cfg, tr, golden_floor, extra, _skipped(pairs, tcfg.name))
             if tr.verdict is not None and not tr.verdict.localisation:
                 tr.verdict = dataclasses.replace(tr.verdict, localisation=_localisation_line(tr))
-            run.targets.append(tr)
+            return tr
+
+        # targets are separate servers: their white-box diffs run side by side
+        run.targets = list(await asyncio.gather(*(one_target(t) for t in cfg.targets)))
         run.elapsed_s = time.monotonic() - started
         return run
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from difftest.collect import Forced, Generation
-from difftest.metrics.aggregate import aggregate_prompts, fill_generation, fill_teacher_forced
+from difftest.metrics.aggregate import aggregate_prompts, fill_generation, fill_teacher_forced, gc_paused
 from difftest.metrics.logprobs import PositionLogprobs, teacher_forced_stats
 from difftest.prompts import Prompt
 from difftest.results import Comparison, PromptDiff
@@ -93,18 +93,19 @@ def build_comparison(
     seed: int = 0,
     warnings: Sequence[str] = (),
 ) -> Comparison:
-    diffs = [
-        score_prompt(
-            p,
-            ref_gen[p.id],
-            tgt_gen[p.id],
-            ref_forced=ref_forced.get(p.id) if ref_forced is not None else None,
-            tgt_forced=tgt_forced.get(p.id) if tgt_forced is not None else None,
-            tie_margin=tie_margin,
-            k=k,
-        )
-        for p in prompts
-    ]
+    with gc_paused():  # see gc_paused: millions of small acyclic objects while the responses are live
+        diffs = [
+            score_prompt(
+                p,
+                ref_gen[p.id],
+                tgt_gen[p.id],
+                ref_forced=ref_forced.get(p.id) if ref_forced is not None else None,
+                tgt_forced=tgt_forced.get(p.id) if tgt_forced is not None else None,
+                tie_margin=tie_margin,
+                k=k,
+            )
+            for p in prompts
+        ]
     notes = list(warnings)
     if ref_forced is not None and tgt_forced is not None:
         unforced = [

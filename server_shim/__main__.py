@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-size", type=int, default=32)
     s.add_argument("--log-level", default="info", choices=_LEVELS)
 
+    w = sub.add_parser("prepare", help="build a model's on-disk cache once (before starting several servers)")
+    w.add_argument("--model", required=True, help="preset, HF model folder or .gguf path")
+    w.add_argument("--log-level", default="warning", choices=_LEVELS)
+
     p = sub.add_parser("pair", help="start a reference and its targets from a difftest config")
     p.add_argument("config", help="CONFIG.toml")
     p.add_argument("--log-level", default="info", choices=_LEVELS)
@@ -67,6 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "prepare":
+        from server_shim.models import prepare_model
+
+        try:
+            prepare_model(args.model)
+        except ShimError as exc:
+            print(f"server_shim: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "pair":
         from server_shim.launch import main_pair
 

@@ -124,6 +124,7 @@ def launch_servers(specs: Sequence[ServerSpec], *, log_dir: Path) -> Iterator[di
     previous = _exit_on_sigterm()
     try:
         ports = _pick_ports(specs)
+        _prepare_models(specs, log_dir)
         threads = _cpu_threads_per_shim(specs)
         for spec in specs:
             running[spec.name] = _start(spec, ports.get(spec.name), log_dir, threads)
@@ -226,6 +227,33 @@ def _api_key(spec: ServerSpec) -> str | None:
     return value
 
 
+def _shim_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment of a built-in shim subprocess."""
+    env = {**os.environ, **extra}
+    env["PYTHONUNBUFFERED"] = "1"  # the log tail must show the last words of a dying server
+    # The shim must import from this checkout even when the package is not installed.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _prepare_models(specs: Sequence[ServerSpec], log_dir: Path) -> None:
+    """Build each built-in model's cache once, before several shims of it start side by side.
+
+    A failure here is not fatal: the servers then report the real error themselves, with logs."""
+    import subprocess
+
+    models = sorted({s.model for s in specs if s.kind == "shim" and s.model})
+    for model in models:
+        if sum(1 for s in specs if s.kind == "shim" and s.model == model) < 2:
+            continue
+        with open(log_dir / "prepare.log", "ab") as fh:
+            subprocess.run(
+                [sys.executable, "-m", "server_shim", "prepare", "--model", model],
+                stdout=fh, stderr=subprocess.STDOUT, env=_shim_env({}), check=False,
+            )  # fmt: skip
+
+
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -245,17 +273,13 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
         return RunningServer(spec.name, url, spec, None, None)
     assert port is not None  # _pick_ports gave every started server one
     argv = build_argv(spec, port, key)
-    env = {**os.environ, **spec.env}
+    env = _shim_env(spec.env) if spec.kind == "shim" else {**os.environ, **spec.env}
     if spec.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = env["HIP_VISIBLE_DEVICES"] = spec.gpus
     if spec.kind == "shim":
-        env["PYTHONUNBUFFERED"] = "1"  # the log tail must show the last words of a dying server
         for var in _THREAD_VARS:  # a user's own setting (in env or spec.env) wins
             if threads and var not in env:
                 env[var] = str(threads)
-        # The shim must import from this checkout even when the package is not installed.
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     log_path = log_dir / f"{spec.name}.log"
     shown = " ".join(shlex.quote("***" if key and a == key else a) for a in argv)  # never log a key
     with open(log_path, "wb") as fh:

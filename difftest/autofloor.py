@@ -55,7 +55,9 @@ async def golden_floor(
                 progress.advance(task)
                 return out
 
-            forced = dict(zip((p.id for p in prompts), await asyncio.gather(*(one(p) for p in prompts)), strict=True))
+            forced = dict(
+                zip((p.id for p in prompts), await asyncio.gather(*(one(p) for p in prompts)), strict=True)
+            )
     comp = build_comparison(
         "noise", ep.name, f"{ep.name}@serial", prompts, batched, gens,
         ref_forced=batched_forced, tgt_forced=forced, tie_margin=tie_margin_for(None), k=k, seed=seed,

@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a config: launch servers, compare, judge, report")
     r.add_argument("config", type=Path)
     r.add_argument("-o", "--out", type=Path, help="report folder (default: run.output_dir of the config)")
-    r.add_argument("--resume", action="store_true", help="reuse the folder's response cache: ask only what is missing")
+    r.add_argument(
+        "--resume", action="store_true", help="reuse the folder's response cache: ask only what is missing"
+    )
     r.add_argument("-j", "--concurrency", type=int, help="requests in flight per server")
     r.add_argument("--limit", type=int, help="only the first N prompts")
 
@@ -48,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--golden", help="golden server URL (exactness); default: none")
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", type=Path, action="append", help="prompts .jsonl file (repeatable)")
-    src.add_argument("--prompt", action="append", help="a prompt text (repeatable; '-' reads stdin): side-by-side view")
+    src.add_argument(
+        "--prompt", action="append", help="a prompt text (repeatable; '-' reads stdin): side-by-side view"
+    )
     c.add_argument("--scheme", help="budget to judge accuracy with (e.g. fp8-block)")
     c.add_argument("--max-tokens", type=int, default=32)
     c.add_argument("--logprobs", type=int, default=5)
@@ -63,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("noise", help="measure the reference's A/A noise floor and write it to a file")
     n.add_argument("config", type=Path)
-    n.add_argument("-o", "--out", type=Path, help="floor file (default: run.noise_floor or OUTPUT_DIR/noise-floor.json)")
+    n.add_argument(
+        "-o", "--out", type=Path, help="floor file (default: run.noise_floor or OUTPUT_DIR/noise-floor.json)"
+    )
     n.add_argument("--limit", type=int)
     n.add_argument("--no-restart", action="store_true", help="skip the after-restart repetition")
 

@@ -40,7 +40,9 @@ class Endpoint:
     client: CompletionClient
     caps: Capabilities
 
-    def payload(self, prompt: Any, *, max_tokens: int, k: int, seed: int, echo: bool = False) -> dict[str, Any]:
+    def payload(
+        self, prompt: Any, *, max_tokens: int, k: int, seed: int, echo: bool = False
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "prompt": prompt,
             "max_tokens": max_tokens,
@@ -174,7 +176,9 @@ async def force(
         return Forced(error=f"echo returned {len(view)} positions, fewer than the {n} continuation tokens")
     tail = view.positions[-n:]
     if not _aligned(tail, continuation.view.positions):
-        return Forced(error="echoed tokens do not line up with the continuation (re-tokenisation shifted them)")
+        return Forced(
+            error="echoed tokens do not line up with the continuation (re-tokenisation shifted them)"
+        )
     if any(p.logprob is None or not p.top for p in tail):
         return Forced(error="echo returned no logprobs for the continuation positions")
     return Forced(tuple(tail))

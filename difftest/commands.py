@@ -55,7 +55,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _positive("--limit", args.limit)
     cfg = load_config(args.config)
     out = args.out or cfg.run.output_dir
-    run, problems = execute(cfg, RunOptions(out_dir=out, resume=args.resume, concurrency=args.concurrency, limit=args.limit))
+    run, problems = execute(
+        cfg, RunOptions(out_dir=out, resume=args.resume, concurrency=args.concurrency, limit=args.limit)
+    )
     return _finish(run, out, problems)
 
 
@@ -76,7 +78,9 @@ def compare_config(args: argparse.Namespace) -> RunConfig:
     targets = []
     for i, url in enumerate(args.target):
         name = "target" if len(args.target) == 1 else f"target{i + 1}"
-        targets.append(TargetConfig(server=_url_spec(name, url, args.api_key_env), scheme=args.scheme, golden=golden))
+        targets.append(
+            TargetConfig(server=_url_spec(name, url, args.api_key_env), scheme=args.scheme, golden=golden)
+        )
     settings = RunSettings(
         prompts=tuple(args.prompts or ()),
         max_tokens=args.max_tokens,
@@ -132,11 +136,21 @@ async def _explore(cfg: RunConfig, prompts: list[Prompt]) -> int:
             console.rule(f"{p.id}: {p.prompt[:60]!r}")
             ref_gen = await generate(ref, p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=0)
             for t in cfg.targets:
-                tgt_gen = await generate(eps[t.name], p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=0)
+                tgt_gen = await generate(
+                    eps[t.name], p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=0
+                )
                 if ref_gen.error or tgt_gen.error:
                     console.print(f"request failed: {ref_gen.error or tgt_gen.error}")
                     continue
-                d = score_prompt(p, ref_gen, tgt_gen, ref_forced=None, tgt_forced=None, tie_margin=tie_margin_for(None), k=cfg.run.logprobs)
+                d = score_prompt(
+                    p,
+                    ref_gen,
+                    tgt_gen,
+                    ref_forced=None,
+                    tgt_forced=None,
+                    tie_margin=tie_margin_for(None),
+                    k=cfg.run.logprobs,
+                )
                 render_side_by_side(
                     d.ref_tokens, d.tgt_tokens, d.first_divergence,
                     await _alt_texts(ref, d.ref_alternatives), await _alt_texts(eps[t.name], d.tgt_alternatives),
@@ -197,7 +211,9 @@ def cmd_noise(args: argparse.Namespace) -> int:
     _positive("--limit", args.limit)
     cfg = load_config(args.config)
     out = args.out or cfg.run.noise_floor or (Path(cfg.run.output_dir) / "noise-floor.json")
-    floor = measure_noise(cfg, limit=args.limit, restart=not args.no_restart, log_dir=Path(cfg.run.output_dir) / "noise-logs")
+    floor = measure_noise(
+        cfg, limit=args.limit, restart=not args.no_restart, log_dir=Path(cfg.run.output_dir) / "noise-logs"
+    )
     floor = dataclasses.replace(floor, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(floor.to_json())
@@ -205,7 +221,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     console.print(floor.describe())
     for key in ("kl_mean", "kl_p99", "top1_disagreement", "token_mismatch", "tie_margin"):
         console.print(f"  {key}: {getattr(floor, key)}")
-    console.print(f"written to {out}; set run.noise_floor = \"{out}\" in the config to use it")
+    console.print(f'written to {out}; set run.noise_floor = "{out}" in the config to use it')
     return 0
 
 
@@ -250,7 +266,14 @@ def cmd_report(args: argparse.Namespace) -> int:
             extra = tuple(p for p in (old.parts if old else ()) if p.part not in ("exactness", "accuracy"))
             overrides = thresholds_for(thresholds, t.scheme)
             t.verdict = judge_target(
-                t.name, t.expect, t.comparison("exactness"), acc, budget_for(t.scheme, overrides), floor, extra, overrides
+                t.name,
+                t.expect,
+                t.comparison("exactness"),
+                acc,
+                budget_for(t.scheme, overrides),
+                floor,
+                extra,
+                overrides,
             )
             if old is not None and old.localisation:
                 t.verdict = dataclasses.replace(t.verdict, localisation=old.localisation)

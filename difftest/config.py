@@ -94,7 +94,6 @@ class RunConfig:
     def thresholds_for(self, scheme: str | None) -> dict[str, float]:
         return thresholds_for(self.thresholds, scheme)
 
-
     def target(self, name: str) -> TargetConfig:
         for t in self.targets:
             if t.name == name:

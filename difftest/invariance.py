@@ -69,7 +69,10 @@ class InvarianceResult:
         return sum(1 for s in self.slots if s.error is None and not s.same_tokens and not s.tie_at_difference)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"worst_logprob_diff": self.worst_logprob_diff, "token_failures": self.token_failures}
+        return asdict(self) | {
+            "worst_logprob_diff": self.worst_logprob_diff,
+            "token_failures": self.token_failures,
+        }
 
     def verdict(self) -> PartVerdict:
         if self.skipped:
@@ -155,7 +158,9 @@ async def check_batch_slots(
         choices = sorted(resp["choices"], key=lambda c: c.get("index", 0))
         for slot in (1, 3):
             result.slots.append(
-                compare_views(alone, parse_choice(choices[slot]), f"batch slot {slot} of {len(batch)}", tolerance)
+                compare_views(
+                    alone, parse_choice(choices[slot]), f"batch slot {slot} of {len(batch)}", tolerance
+                )
             )
     except (DifftestError, KeyError, IndexError) as exc:
         result.slots.append(SlotResult("multi-prompt request", False, None, 0.0, error=str(exc)))

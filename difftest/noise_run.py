@@ -81,12 +81,16 @@ def measure_noise(cfg: RunConfig, *, limit: int | None, restart: bool, log_dir: 
         comps.append(_compare("repeat", a, asyncio.run(_one_pass(srv, cfg, prompts, j, a)), prompts, cfg))
         how.append(f"repeat at concurrency {j}")
         if j != 1:
-            comps.append(_compare("concurrency-1", a, asyncio.run(_one_pass(srv, cfg, prompts, 1, a)), prompts, cfg))
+            comps.append(
+                _compare("concurrency-1", a, asyncio.run(_one_pass(srv, cfg, prompts, 1, a)), prompts, cfg)
+            )
             how.append(f"concurrency 1 vs {j}")
     if restart and spec.url is None:
         with launch_servers([spec], log_dir=log_dir / "restart") as running:
             comps.append(
-                _compare("restart", a, asyncio.run(_one_pass(running[spec.name], cfg, prompts, j, a)), prompts, cfg)
+                _compare(
+                    "restart", a, asyncio.run(_one_pass(running[spec.name], cfg, prompts, j, a)), prompts, cfg
+                )
             )
             how.append("after a restart")
     return floor_from_comparisons(comps, reference=spec.name, how=how)

@@ -49,7 +49,9 @@ class Check:
         if self.value is None:
             return f"{self.name} not measured ({self.note or 'missing'})"
         bad = {"<=": ">", ">=": "<"}[self.op] if not self.passed else self.op
-        return f"{self.name} {_fmt(self.value)} {bad} {_fmt(self.limit)}" + (f" ({self.note})" if self.note else "")
+        return f"{self.name} {_fmt(self.value)} {bad} {_fmt(self.limit)}" + (
+            f" ({self.note})" if self.note else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ class TargetVerdict:
     target: str
     expect: str  # "pass" | "fail"
     parts: tuple[PartVerdict, ...]
-    localisation: str | None = None  # "first divergent layer 3, local error in model.layers.3.mlp.down_proj, ..."
+    localisation: str | None = (
+        None  # "first divergent layer 3, local error in model.layers.3.mlp.down_proj, ..."
+    )
     warnings: tuple[str, ...] = ()
 
     @property
@@ -235,7 +239,9 @@ class RunResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResult:
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"report.json schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+            raise ValueError(
+                f"report.json schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+            )
         return _build(cls, data)
 
 
@@ -263,8 +269,6 @@ def _unclean(obj: Any) -> Any:
     if isinstance(obj, str) and obj in ("nan", "inf", "-inf"):
         return float(obj)
     return obj
-
-
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:

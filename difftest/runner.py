@@ -43,6 +43,7 @@ from server_shim.launch import RunningServer, ServerSpec, launch_servers
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class RunOptions:
     out_dir: Path
@@ -130,7 +131,9 @@ async def _check_pairs(pairs: Sequence[_Pair], eps: Mapping[str, Endpoint]) -> N
         pair.as_ids = pc.echo_as_ids
         pair.warnings.extend(pc.warnings)
         if not pc.teacher_forced:
-            pair.warnings.append("teacher-forced metrics disabled for this pair (echo with logprobs not trusted)")
+            pair.warnings.append(
+                "teacher-forced metrics disabled for this pair (echo with logprobs not trusted)"
+            )
 
 
 async def _generate(
@@ -141,7 +144,12 @@ async def _generate(
     results = await asyncio.gather(
         *(
             generate_all(
-                ep, prompts, max_tokens=cfg.run.max_tokens, k=k, seed=cfg.run.seed, on_done=lambda: progress.advance(task)
+                ep,
+                prompts,
+                max_tokens=cfg.run.max_tokens,
+                k=k,
+                seed=cfg.run.seed,
+                on_done=lambda: progress.advance(task),
             )
             for ep in eps.values()
         )
@@ -161,7 +169,9 @@ async def _force_pairs(
     wanted: dict[tuple[str, str], bool] = {}
     for pair in pairs:
         if pair.teacher_forced:
-            wanted[(pair.baseline, pair.baseline)] = wanted.get((pair.baseline, pair.baseline), False) or pair.as_ids
+            wanted[(pair.baseline, pair.baseline)] = (
+                wanted.get((pair.baseline, pair.baseline), False) or pair.as_ids
+            )
             wanted[(pair.baseline, pair.target)] = pair.as_ids
     task = progress.add("teacher-forced", total=len(wanted) * len(prompts))
     ids_cache: dict[tuple[str, str], list[int] | None] = {}
@@ -240,9 +250,15 @@ async def _floors(
     floors = await asyncio.gather(  # each golden is its own server: measure them side by side
         *(
             golden_floor(
-                eps[name], prompts, gens[name], forced.get((name, name)),
-                max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed,
-                concurrency=concurrency, progress=progress,
+                eps[name],
+                prompts,
+                gens[name],
+                forced.get((name, name)),
+                max_tokens=cfg.run.max_tokens,
+                k=cfg.run.logprobs,
+                seed=cfg.run.seed,
+                concurrency=concurrency,
+                progress=progress,
             )  # fmt: skip
             for name in names
         )
@@ -307,7 +323,9 @@ def _skipped(pairs: Sequence[_Pair], target: str) -> dict[str, str]:
     out = {}
     for pair in pairs:
         if pair.target == target and not pair.teacher_forced:
-            out[f"{pair.kind}.teacher_forced"] = "echo with logprobs not supported or not trusted on this pair"
+            out[f"{pair.kind}.teacher_forced"] = (
+                "echo with logprobs not supported or not trusted on this pair"
+            )
     return out
 
 
@@ -328,7 +346,9 @@ async def _whitebox(
         base_name = tcfg.golden.name if tcfg.golden is not None else cfg.reference.name
         slot_args = {"max_tokens": min(cfg.run.max_tokens, 16), "k": cfg.run.logprobs}
         if base_name not in slot_baselines:  # shared by the targets of one baseline, measured once
-            slot_baselines[base_name] = asyncio.ensure_future(check_batch_slots(eps[base_name], prompts, **slot_args))
+            slot_baselines[base_name] = asyncio.ensure_future(
+                check_batch_slots(eps[base_name], prompts, **slot_args)
+            )
         inv = await check_batch_slots(tgt, prompts, **slot_args)
         inv.relative_to(await slot_baselines[base_name], base_name)
         result.invariance = inv.to_dict()
@@ -371,7 +391,11 @@ def _localisation_line(result: TargetResult) -> str | None:
 
 
 async def run_async(
-    cfg: RunConfig, running: Mapping[str, RunningServer], prompts: Sequence[Prompt], opts: RunOptions, cache: ResponseCache
+    cfg: RunConfig,
+    running: Mapping[str, RunningServer],
+    prompts: Sequence[Prompt],
+    opts: RunOptions,
+    cache: ResponseCache,
 ) -> RunResult:
     started = time.monotonic()
     concurrency = opts.concurrency or cfg.run.concurrency
@@ -410,7 +434,9 @@ async def run_async(
             )
             caps = eps[tcfg.name].caps
             tr.conformance = {"checks": [list(c) for c in caps.checks], "warnings": list(caps.warnings)}
-            tr.comparisons = [comps[(kind, tcfg.name)] for kind in ("exactness", "accuracy") if (kind, tcfg.name) in comps]
+            tr.comparisons = [
+                comps[(kind, tcfg.name)] for kind in ("exactness", "accuracy") if (kind, tcfg.name) in comps
+            ]
             tr.total_requests = len(gens[tcfg.name])
             tr.failed_requests = sum(1 for g in gens[tcfg.name].values() if g.error)
             t = time.monotonic()

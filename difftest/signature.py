@@ -51,11 +51,16 @@ def run_signature(
     run = dataclasses.asdict(cfg.run)
     return {
         "config": str(cfg.source) if cfg.source else None,
-        "run": {k: (str(v) if not isinstance(v, int | float | bool | type(None)) else v) for k, v in run.items()},
+        "run": {
+            k: (str(v) if not isinstance(v, int | float | bool | type(None)) else v) for k, v in run.items()
+        },
         "prompts": {"count": len(prompts), "ids": [p.id for p in prompts][:200]},
         "servers": {name: _server(spec) for name, spec in ((s.name, s) for s in cfg.servers())},
         "served_models": {name: ep.caps.model for name, ep in eps.items()},
-        "targets": {t.name: {"scheme": t.scheme, "golden": t.golden.name if t.golden else None, "expect": t.expect} for t in cfg.targets},
+        "targets": {
+            t.name: {"scheme": t.scheme, "golden": t.golden.name if t.golden else None, "expect": t.expect}
+            for t in cfg.targets
+        },
         "thresholds": cfg.thresholds,
         "noise_floor": floor.describe() if floor is not None else "built-in minimums",
         "metrics": signatures(),

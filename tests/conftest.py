@@ -16,3 +16,13 @@ def tiny_llama() -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_moe() -> LoadedModel:
     return load_model("tiny-moe", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama: LoadedModel):  # noqa: ANN201 - a generator fixture
+    """A real Engine over tiny-llama, one per test module (its worker thread is closed after)."""
+    from server_shim.engine import Engine
+
+    eng = Engine(tiny_llama)
+    yield eng
+    eng.close()

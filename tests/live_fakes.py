@@ -26,7 +26,9 @@ def free_port() -> int:
 @contextlib.contextmanager
 def live_fake(behaviour: FakeBehaviour | None = None, *, port: int | None = None) -> Iterator[str]:
     port = port or free_port()
-    config = uvicorn.Config(make_fake_app(behaviour), host="127.0.0.1", port=port, log_level="error", lifespan="off")
+    config = uvicorn.Config(
+        make_fake_app(behaviour), host="127.0.0.1", port=port, log_level="error", lifespan="off"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -8,15 +8,7 @@ import httpx
 import pytest
 
 from server_shim.app import create_app
-from server_shim.engine import Engine
 from server_shim.serve import ServeOptions
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    eng = Engine(tiny_llama)
-    yield eng
-    eng.close()
 
 
 @pytest.fixture

@@ -6,19 +6,11 @@ import httpx
 import pytest
 
 from server_shim.app import create_app
-from server_shim.engine import Engine
 from server_shim.serve import ServeOptions
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GOOD = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 2}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    eng = Engine(tiny_llama)
-    yield eng
-    eng.close()
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ from difftest.conformance import probe
 from difftest.progress import Progress
 from difftest.prompts import Prompt
 
-PROMPTS = [Prompt(f"p{i}", text) for i, text in enumerate(["the quick brown", "1+2+3=", "def f(x):", "a lazy dog"])]
+PROMPTS = [
+    Prompt(f"p{i}", text) for i, text in enumerate(["the quick brown", "1+2+3=", "def f(x):", "a lazy dog"])
+]
 
 
 async def floor_of(behaviour: FakeBehaviour):  # noqa: ANN201

@@ -16,7 +16,12 @@ from difftest.tokens_view import Position, TokensView
 
 def view(tokens: list[int], logprobs: list[float], tops: list[dict[int, float]] | None = None) -> TokensView:
     tops = tops or [{t: lp} for t, lp in zip(tokens, logprobs, strict=True)]
-    return TokensView(tuple(Position(f"token_id:{t}", t, lp, top, None) for t, lp, top in zip(tokens, logprobs, tops, strict=True)))
+    return TokensView(
+        tuple(
+            Position(f"token_id:{t}", t, lp, top, None)
+            for t, lp, top in zip(tokens, logprobs, tops, strict=True)
+        )
+    )
 
 
 def test_identical_views_match_exactly() -> None:

@@ -63,7 +63,9 @@ def write_config(tmp: Path, ref: str, targets: list[dict], *, extra_run: str = "
 def test_identical_servers_pass_and_exit_0(tmp_path: Path) -> None:
     with live_fake() as ref, live_fake() as tgt, live_fake() as gold:
         cfg = write_config(
-            tmp_path, ref, [{"name": "tgt", "url": tgt, "scheme": "none", "golden": {"url": gold, "name": "gold"}}]
+            tmp_path,
+            ref,
+            [{"name": "tgt", "url": tgt, "scheme": "none", "golden": {"url": gold, "name": "gold"}}],
         )
         assert main(["run", str(cfg)]) == 0
     run = load_run(tmp_path / "out")
@@ -92,7 +94,9 @@ def test_wrong_target_fails_with_reasons_exit_1(tmp_path: Path) -> None:
 
 def test_negative_control_expected_to_fail_exit_0(tmp_path: Path) -> None:
     with live_fake() as ref, live_fake(FakeBehaviour(flip_every=2)) as tgt:
-        cfg = write_config(tmp_path, ref, [{"name": "ctrl", "url": tgt, "scheme": "fp8-block", "expect": "fail"}])
+        cfg = write_config(
+            tmp_path, ref, [{"name": "ctrl", "url": tgt, "scheme": "fp8-block", "expect": "fail"}]
+        )
         assert main(["run", str(cfg)]) == 0
 
 
@@ -152,7 +156,9 @@ def test_report_rerenders_offline_with_new_thresholds(tmp_path: Path) -> None:
 def test_compare_without_config(tmp_path: Path) -> None:
     prompts = write_prompts(tmp_path)
     with live_fake() as ref, live_fake() as tgt:
-        code = main(["compare", "--ref", ref, "--target", tgt, "--prompts", str(prompts), "-o", str(tmp_path / "c")])
+        code = main(
+            ["compare", "--ref", ref, "--target", tgt, "--prompts", str(prompts), "-o", str(tmp_path / "c")]
+        )
     assert code == 0
     assert (tmp_path / "c" / "report.md").read_text().count("PASS") >= 1
 
@@ -178,7 +184,17 @@ def test_probe_prints_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
         ["run", "/nonexistent.toml"],
         ["run"],
         ["compare", "--ref", "notaurl", "--target", "http://127.0.0.1:1", "--prompt", "x"],
-        ["compare", "--ref", "http://127.0.0.1:1", "--target", "http://127.0.0.1:1", "--prompt", "x", "--logprobs", "50"],
+        [
+            "compare",
+            "--ref",
+            "http://127.0.0.1:1",
+            "--target",
+            "http://127.0.0.1:1",
+            "--prompt",
+            "x",
+            "--logprobs",
+            "50",
+        ],
         ["report", "/nonexistent-dir"],
         ["frobnicate"],
     ],
@@ -192,7 +208,12 @@ def test_usage_errors_are_one_line_exit_2(argv: list[str], capsys: pytest.Captur
 def test_noise_floor_measured_and_used(tmp_path: Path) -> None:
     with live_fake() as ref, live_fake() as tgt:
         floor_path = tmp_path / "floor.json"
-        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "none"}], extra_run=f'noise_floor = "{floor_path}"')
+        cfg = write_config(
+            tmp_path,
+            ref,
+            [{"name": "t", "url": tgt, "scheme": "none"}],
+            extra_run=f'noise_floor = "{floor_path}"',
+        )
         assert main(["noise", str(cfg)]) == 0
         data = json.loads(floor_path.read_text())
         assert data["schema"] == "difftest-noise-floor" and data["n_comparisons"] >= 2

@@ -297,7 +297,9 @@ def quantize_act(
     # A tensor, not a Python float: on CUDA `t / 448.0` becomes `t * (1/448)`, which rounds
     # differently from the kernels' correctly rounded division (measured: 67% of per-token scales
     # differed at K=4096 on an H100), and the golden must match a correct kernel bit for bit.
-    qmax = torch.tensor(INT8_MAX if scheme == "int8" else fp8_max(fp8_dtype), dtype=torch.float32, device=xf.device)
+    qmax = torch.tensor(
+        INT8_MAX if scheme == "int8" else fp8_max(fp8_dtype), dtype=torch.float32, device=xf.device
+    )
     if scheme == "fp8-tensor":
         s = (xf.abs().amax().clamp_min(_TINY) / qmax).reshape(1, 1)
     elif scheme in ("fp8-token", "int8"):

@@ -49,10 +49,9 @@ from difftest.client import CompletionClient  # noqa: E402
 from difftest.collect import Endpoint, generate_all  # noqa: E402
 from difftest.conformance import Capabilities  # noqa: E402
 from difftest.metrics.aggregate import aggregate_prompts  # noqa: E402
-from difftest.progress import Progress  # noqa: E402
 from difftest.prompts import Prompt  # noqa: E402
-from difftest.runner import _force_pairs, _Pair  # noqa: E402  (the runner's own teacher-forcing path)
-from difftest.scoring import build_comparison  # noqa: E402
+from difftest.runner import CHUNK_PROMPTS, _force_pairs, _forcing_plan, _Pair  # noqa: E402  (the runner's own path)
+from difftest.scoring import finish_comparison, score_prompts  # noqa: E402
 
 URL = "http://instant.invalid"
 VOCAB = 512
@@ -206,8 +205,8 @@ async def _collect(
             *(generate_all(ep, prompts, max_tokens=args.max_tokens, k=args.k, seed=0) for ep in eps.values())
         )
         gens = dict(zip(eps, results, strict=True))
-        pair = _Pair("accuracy", "ref", "tgt", teacher_forced=True, as_ids=True)
-        forced = await _force_pairs([pair], eps, prompts, gens, args.k, Progress(enabled=False))
+        plan = _forcing_plan([_Pair("accuracy", "ref", "tgt", teacher_forced=True, as_ids=True)])
+        forced = await _force_pairs(plan, eps, prompts, gens, args.k, lambda: None)
     finally:
         await asyncio.gather(*(ep.client.aclose() for ep in eps.values()))
     return gens, forced
@@ -226,18 +225,35 @@ def run_once(n: int, args: argparse.Namespace) -> dict[str, Any]:
     prof = cProfile.Profile() if args.profile else None
     if prof:
         prof.enable()
-    t0 = time.perf_counter()
-    gens, forced = asyncio.run(_collect(servers, prompts, args, cache))
-    t1 = time.perf_counter()
-    rf, tf = forced[("ref", "ref")], forced[("ref", "tgt")]
-    comp = build_comparison("accuracy", "ref", "tgt", prompts, gens["ref"], gens["tgt"], ref_forced=rf,
-                            tgt_forced=tf, tie_margin=0.05, k=args.k, seed=0)  # fmt: skip
-    t2 = time.perf_counter()
+    # as the runner does it: per chunk collect, force and score, drop the raw responses; then aggregate
+    collect_s = score_s = 0.0
+    diffs: list = []
+    unforced: list[str] = []
+    first_error = None
+    for start in range(0, n, CHUNK_PROMPTS):
+        chunk = prompts[start : start + CHUNK_PROMPTS]
+        ta = time.perf_counter()
+        gens, forced = asyncio.run(_collect(servers, chunk, args, cache))
+        tb = time.perf_counter()
+        d, u = score_prompts(chunk, gens["ref"], gens["tgt"], ref_forced=forced[("ref", "ref")],
+                             tgt_forced=forced[("ref", "tgt")], tie_margin=0.05, k=args.k)  # fmt: skip
+        diffs += d
+        unforced += u
+        first_error = first_error or gens["ref"][chunk[0].id].error
+        del gens, forced
+        collect_s += tb - ta
+        score_s += time.perf_counter() - tb
+    t0 = 0.0
+    t1 = collect_s
+    tc = time.perf_counter()
+    comp = finish_comparison("accuracy", "ref", "tgt", diffs, unforced=unforced, seed=0)
+    t2 = t1 + score_s + (time.perf_counter() - tc)
     rss1 = _rss_mib()
     live = len(gc.get_objects())  # containers the cyclic GC must scan on every full collection
     # the split: aggregate_prompts again over the same PromptDiffs (same result), timed on its own
+    ta = time.perf_counter()
     aggregate_prompts(comp.prompts, seed=0)
-    t3 = time.perf_counter()
+    aggregate_s = time.perf_counter() - ta
     if prof:
         prof.disable()
     missing = [
@@ -248,7 +264,7 @@ def run_once(n: int, args: argparse.Namespace) -> dict[str, Any]:
     if missing or comp.aggregate["failed_requests"]:  # a bench that skipped a metric would flatter the differ
         raise SystemExit(
             f"metrics not measured: {missing}; failed: {comp.aggregate['failed_requests']}; "
-            f"warnings: {comp.warnings[:2]}; e.g. {gens['ref'][prompts[0].id].error}"
+            f"warnings: {comp.warnings[:2]}; e.g. {first_error}"
         )
     out: dict[str, Any] = {
         "prompts": n,
@@ -256,7 +272,7 @@ def run_once(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "server_s": sum(s.busy_s for s in servers.values()),
         "collect_s": t1 - t0,
         "scoring_s": t2 - t1,  # build_comparison: score_prompt per prompt + aggregate_prompts
-        "aggregate_s": t3 - t2,
+        "aggregate_s": aggregate_s,
         "rss_base_mib": rss0,
         "rss_peak_mib": rss1,
         "gc_objects": live,
@@ -280,7 +296,7 @@ def run_once(n: int, args: argparse.Namespace) -> dict[str, Any]:
         stats = pstats.Stats(prof, stream=sys.stderr)
         stats.sort_stats("cumulative").print_stats(30)
         stats.sort_stats("tottime").print_stats(25)
-    del gens, forced, comp
+    del comp
     if cache is not None:
         cache.close()
     return out

@@ -35,8 +35,8 @@ from difftest.errors import DifftestError, InfraError
 from difftest.noise import NoiseFloor
 from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
-from difftest.results import Comparison, PartVerdict, RunResult, TargetResult
-from difftest.scoring import build_comparison
+from difftest.results import PartVerdict, PromptDiff, RunResult, TargetResult
+from difftest.scoring import finish_comparison, score_prompts
 from difftest.signature import run_signature
 from difftest.verdict import tie_margin_for
 from server_shim.launch import RunningServer, ServerSpec, launch_servers
@@ -63,6 +63,16 @@ class _Pair:
     teacher_forced: bool = True
     as_ids: bool = False
     warnings: list[str] = field(default_factory=list)
+
+
+CHUNK_PROMPTS = 256  # prompts generated, forced and scored together before their raw responses go
+FLOOR_PROMPTS = 64  # prompts of the first chunk the goldens' in-run A/A floor is measured on
+
+
+def _spend(spent: dict[str, float], name: str, since: float) -> float:
+    now = time.monotonic()
+    spent[name] += now - since
+    return now
 
 
 def _phase(name: str, since: float) -> float:
@@ -137,43 +147,37 @@ async def _check_pairs(pairs: Sequence[_Pair], eps: Mapping[str, Endpoint]) -> N
 
 
 async def _generate(
-    eps: Mapping[str, Endpoint], prompts: Sequence[Prompt], cfg: RunConfig, progress: Progress
+    eps: Mapping[str, Endpoint], prompts: Sequence[Prompt], cfg: RunConfig, on_done: Callable[[], None]
 ) -> dict[str, dict[str, Generation]]:
-    task = progress.add("generate", total=len(eps) * len(prompts))
-    k = cfg.run.logprobs
     results = await asyncio.gather(
         *(
-            generate_all(
-                ep,
-                prompts,
-                max_tokens=cfg.run.max_tokens,
-                k=k,
-                seed=cfg.run.seed,
-                on_done=lambda: progress.advance(task),
-            )
+            generate_all(ep, prompts, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed, on_done=on_done)
             for ep in eps.values()
         )
     )
     return dict(zip(eps, results, strict=True))
 
 
+def _forcing_plan(pairs: Sequence[_Pair]) -> dict[tuple[str, str], bool]:
+    """(baseline, side) -> echo as token ids; each baseline's own side is forced once, shared."""
+    wanted: dict[tuple[str, str], bool] = {}
+    for pair in pairs:
+        if pair.teacher_forced:
+            own = (pair.baseline, pair.baseline)
+            wanted[own] = wanted.get(own, False) or pair.as_ids
+            wanted[(pair.baseline, pair.target)] = pair.as_ids
+    return wanted
+
+
 async def _force_pairs(
-    pairs: Sequence[_Pair],
+    plan: Mapping[tuple[str, str], bool],
     eps: Mapping[str, Endpoint],
     prompts: Sequence[Prompt],
     gens: Mapping[str, Mapping[str, Generation]],
     k: int,
-    progress: Progress,
+    on_done: Callable[[], None],
 ) -> dict[tuple[str, str], dict[str, Forced]]:
-    """Teacher forcing: key (baseline, side) -> prompt id -> Forced; baseline sides shared."""
-    wanted: dict[tuple[str, str], bool] = {}
-    for pair in pairs:
-        if pair.teacher_forced:
-            wanted[(pair.baseline, pair.baseline)] = (
-                wanted.get((pair.baseline, pair.baseline), False) or pair.as_ids
-            )
-            wanted[(pair.baseline, pair.target)] = pair.as_ids
-    task = progress.add("teacher-forced", total=len(wanted) * len(prompts))
+    """Teacher forcing: key (baseline, side) -> prompt id -> Forced, for each entry of `plan`."""
     ids_cache: dict[tuple[str, str], list[int] | None] = {}
 
     async def ids_for(baseline: str, p: Prompt) -> list[int] | None:
@@ -189,45 +193,42 @@ async def _force_pairs(
         else:
             pids = await ids_for(baseline, p) if as_ids else None
             out = await force(eps[side], p, cont, prompt_ids=pids, as_ids=as_ids, k=k)
-        progress.advance(task)
+        on_done()
         return out
 
     out: dict[tuple[str, str], dict[str, Forced]] = {}
-    for (baseline, side), as_ids in wanted.items():
+    for (baseline, side), as_ids in plan.items():
         forced = await asyncio.gather(*(one(baseline, side, as_ids, p) for p in prompts))
         out[(baseline, side)] = {p.id: f for p, f in zip(prompts, forced, strict=True)}
     return out
 
 
-def _comparisons(
+def _score_chunk(
     pairs: Sequence[_Pair],
-    prompts: Sequence[Prompt],
+    chunk: Sequence[Prompt],
     gens: Mapping[str, Mapping[str, Generation]],
     forced: Mapping[tuple[str, str], Mapping[str, Forced]],
     cfg: RunConfig,
     floors: Mapping[str, NoiseFloor],
-) -> dict[tuple[str, str], Comparison]:
-    """`floors`: baseline name -> its A/A floor (tie margins at divergences come from it)."""
-    out = {}
+    scored: dict[tuple[str, str], tuple[list[PromptDiff], list[str]]],
+) -> None:
+    """Score one chunk of prompts for every pair into `scored[(kind, target)]` = (diffs, unforced).
+    Tie margins at divergences come from the pair's baseline floor."""
     for pair in pairs:
-        floor = floors.get(pair.baseline)
         ref_f = forced.get((pair.baseline, pair.baseline)) if pair.teacher_forced else None
         tgt_f = forced.get((pair.baseline, pair.target)) if pair.teacher_forced else None
-        out[(pair.kind, pair.target)] = build_comparison(
-            pair.kind,
-            pair.baseline,
-            pair.target,
-            prompts,
+        diffs, unforced = score_prompts(
+            chunk,
             gens[pair.baseline],
             gens[pair.target],
             ref_forced=ref_f,
             tgt_forced=tgt_f,
-            tie_margin=tie_margin_for(floor, cfg.thresholds_for(cfg.target(pair.target).scheme)),
+            tie_margin=tie_margin_for(floors.get(pair.baseline), cfg.thresholds_for(cfg.target(pair.target).scheme)),
             k=cfg.run.logprobs,
-            seed=cfg.run.seed,
-            warnings=pair.warnings,
         )
-    return out
+        acc = scored.setdefault((pair.kind, pair.target), ([], []))
+        acc[0].extend(diffs)
+        acc[1].extend(unforced)
 
 
 async def _floors(
@@ -405,15 +406,42 @@ async def run_async(
         pairs = _pairs(cfg)
         await _check_pairs(pairs, eps)
         _phase("servers up + conformance", started)
+        plan = _forcing_plan(pairs)
+        scored: dict[tuple[str, str], tuple[list[PromptDiff], list[str]]] = {}
+        failed: dict[str, int] = dict.fromkeys((t.name for t in cfg.targets), 0)
+        floors: dict[str, NoiseFloor] | None = None
+        spent = dict.fromkeys(("greedy generation", "teacher forcing", "noise floor", "scoring"), 0.0)
         with Progress(enabled=opts.progress) as progress:
-            t = time.monotonic()
-            gens = await _generate(eps, prompts, cfg, progress)
-            t = _phase("greedy generation", t)
-            forced = await _force_pairs(pairs, eps, prompts, gens, cfg.run.logprobs, progress)
-            t = _phase("teacher forcing", t)
-            floors = await _floors(cfg, floor, eps, prompts, gens, forced, concurrency, progress)
-            _phase("noise floor", t)
-        comps = _comparisons(pairs, prompts, gens, forced, cfg, floors)
+            gen_task = progress.add("generate", total=len(eps) * len(prompts))
+            tf_task = progress.add("teacher-forced", total=len(plan) * len(prompts))
+            # Chunks keep memory bounded: a chunk's raw responses are dropped once it is scored,
+            # only the compact per-prompt results stay (bench/differ.py: ~155 KiB per prompt of
+            # parsed responses otherwise, 3.1 GB at 20k prompts).
+            for start in range(0, len(prompts), CHUNK_PROMPTS):
+                chunk = prompts[start : start + CHUNK_PROMPTS]
+                t = time.monotonic()
+                gens = await _generate(eps, chunk, cfg, lambda: progress.advance(gen_task))
+                t = _spend(spent, "greedy generation", t)
+                forced = await _force_pairs(plan, eps, chunk, gens, cfg.run.logprobs, lambda: progress.advance(tf_task))
+                t = _spend(spent, "teacher forcing", t)
+                if floors is None:  # the goldens' A/A on the first prompts
+                    floors = await _floors(cfg, floor, eps, chunk[:FLOOR_PROMPTS], gens, forced, concurrency, progress)
+                    t = _spend(spent, "noise floor", t)
+                for name in failed:
+                    failed[name] += sum(1 for g in gens[name].values() if g.error)
+                _score_chunk(pairs, chunk, gens, forced, cfg, floors, scored)
+                _spend(spent, "scoring", t)
+                del gens, forced
+        for name, seconds in spent.items():
+            logging.getLogger("difftest.progress").info("%s: %.1f s", name, seconds)
+        floors = floors or {}
+        comps = {}
+        for pair in pairs:
+            diffs, unforced = scored.get((pair.kind, pair.target), ([], []))
+            comps[(pair.kind, pair.target)] = finish_comparison(
+                pair.kind, pair.baseline, pair.target, diffs,
+                unforced=unforced, seed=cfg.run.seed, warnings=pair.warnings,
+            )  # fmt: skip
         run = RunResult(
             reference=cfg.reference.name,
             signature=run_signature(cfg, eps, prompts, floor),
@@ -437,8 +465,8 @@ async def run_async(
             tr.comparisons = [
                 comps[(kind, tcfg.name)] for kind in ("exactness", "accuracy") if (kind, tcfg.name) in comps
             ]
-            tr.total_requests = len(gens[tcfg.name])
-            tr.failed_requests = sum(1 for g in gens[tcfg.name].values() if g.error)
+            tr.total_requests = len(prompts)
+            tr.failed_requests = failed[tcfg.name]
             t = time.monotonic()
             try:
                 extra = await _whitebox(cfg, tcfg, eps, prompts, tr, slot_baselines)

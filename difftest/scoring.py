@@ -78,6 +78,62 @@ def _key(position) -> int | str:
     return position.token_id if position.token_id is not None else position.token
 
 
+def score_prompts(
+    prompts: Sequence[Prompt],
+    ref_gen: Mapping[str, Generation],
+    tgt_gen: Mapping[str, Generation],
+    *,
+    ref_forced: Mapping[str, Forced] | None,
+    tgt_forced: Mapping[str, Forced] | None,
+    tie_margin: float,
+    k: int | None,
+) -> tuple[list[PromptDiff], list[str]]:
+    """Per-prompt results of one chunk, and the prompts whose teacher forcing failed (why)."""
+    with gc_paused():  # see gc_paused: millions of small acyclic objects while the responses are live
+        diffs = [
+            score_prompt(
+                p,
+                ref_gen[p.id],
+                tgt_gen[p.id],
+                ref_forced=ref_forced.get(p.id) if ref_forced is not None else None,
+                tgt_forced=tgt_forced.get(p.id) if tgt_forced is not None else None,
+                tie_margin=tie_margin,
+                k=k,
+            )
+            for p in prompts
+        ]
+    unforced: list[str] = []
+    if ref_forced is not None and tgt_forced is not None:
+        unforced = [
+            f"{p.id}: {(ref_forced[p.id].error or tgt_forced[p.id].error)}"
+            for p in prompts
+            if p.id in ref_forced
+            and p.id in tgt_forced
+            and (ref_forced[p.id].error or tgt_forced[p.id].error)
+        ]
+    return diffs, unforced
+
+
+def finish_comparison(
+    kind: str,
+    baseline: str,
+    target: str,
+    diffs: list[PromptDiff],
+    *,
+    unforced: Sequence[str] = (),
+    seed: int = 0,
+    warnings: Sequence[str] = (),
+) -> Comparison:
+    """Aggregate every chunk's per-prompt results into one Comparison."""
+    notes = list(warnings)
+    if unforced:
+        notes.append(f"teacher-forced metrics missing for {len(unforced)} prompt(s): " + "; ".join(unforced[:3]))
+    agg, ci = aggregate_prompts(diffs, seed=seed)
+    return Comparison(
+        kind=kind, baseline=baseline, target=target, prompts=diffs, aggregate=agg, ci=ci, warnings=notes
+    )
+
+
 def build_comparison(
     kind: str,
     baseline: str,
@@ -93,33 +149,8 @@ def build_comparison(
     seed: int = 0,
     warnings: Sequence[str] = (),
 ) -> Comparison:
-    with gc_paused():  # see gc_paused: millions of small acyclic objects while the responses are live
-        diffs = [
-            score_prompt(
-                p,
-                ref_gen[p.id],
-                tgt_gen[p.id],
-                ref_forced=ref_forced.get(p.id) if ref_forced is not None else None,
-                tgt_forced=tgt_forced.get(p.id) if tgt_forced is not None else None,
-                tie_margin=tie_margin,
-                k=k,
-            )
-            for p in prompts
-        ]
-    notes = list(warnings)
-    if ref_forced is not None and tgt_forced is not None:
-        unforced = [
-            f"{p.id}: {(ref_forced[p.id].error or tgt_forced[p.id].error)}"
-            for p in prompts
-            if p.id in ref_forced
-            and p.id in tgt_forced
-            and (ref_forced[p.id].error or tgt_forced[p.id].error)
-        ]
-        if unforced:
-            notes.append(
-                f"teacher-forced metrics missing for {len(unforced)} prompt(s): " + "; ".join(unforced[:3])
-            )
-    agg, ci = aggregate_prompts(diffs, seed=seed)
-    return Comparison(
-        kind=kind, baseline=baseline, target=target, prompts=diffs, aggregate=agg, ci=ci, warnings=notes
+    """Score and aggregate in one go (all responses in memory): A/A floors, benchmarks."""
+    diffs, unforced = score_prompts(
+        prompts, ref_gen, tgt_gen, ref_forced=ref_forced, tgt_forced=tgt_forced, tie_margin=tie_margin, k=k
     )
+    return finish_comparison(kind, baseline, target, diffs, unforced=unforced, seed=seed, warnings=warnings)

@@ -220,3 +220,19 @@ def test_noise_floor_measured_and_used(tmp_path: Path) -> None:
         assert main(["run", str(cfg)]) == 0
     run = load_run(tmp_path / "out")
     assert run.noise_floor is not None and "noise floor" in run.signature["noise_floor"]
+
+
+def test_chunked_run_gives_the_same_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts processed 2 at a time (raw responses dropped per chunk) score exactly as in one go."""
+    from difftest import runner
+
+    with live_fake() as ref, live_fake(FakeBehaviour(flip_every=3)) as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "fp8-block"}])
+        main(["run", str(cfg), "-o", str(tmp_path / "one")])
+        monkeypatch.setattr(runner, "CHUNK_PROMPTS", 2)
+        main(["run", str(cfg), "-o", str(tmp_path / "chunked")])
+    one = load_run(tmp_path / "one").targets[0].comparison("accuracy")
+    chunked = load_run(tmp_path / "chunked").targets[0].comparison("accuracy")
+    assert one is not None and chunked is not None
+    assert [p.prompt_id for p in chunked.prompts] == [f"p{i}" for i in range(len(PROMPTS))]
+    assert chunked.prompts == one.prompts and chunked.aggregate == one.aggregate

@@ -151,7 +151,14 @@ async def _generate(
 ) -> dict[str, dict[str, Generation]]:
     results = await asyncio.gather(
         *(
-            generate_all(ep, prompts, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed, on_done=on_done)
+            generate_all(
+                ep,
+                prompts,
+                max_tokens=cfg.run.max_tokens,
+                k=cfg.run.logprobs,
+                seed=cfg.run.seed,
+                on_done=on_done,
+            )
             for ep in eps.values()
         )
     )
@@ -223,7 +230,9 @@ def _score_chunk(
             gens[pair.target],
             ref_forced=ref_f,
             tgt_forced=tgt_f,
-            tie_margin=tie_margin_for(floors.get(pair.baseline), cfg.thresholds_for(cfg.target(pair.target).scheme)),
+            tie_margin=tie_margin_for(
+                floors.get(pair.baseline), cfg.thresholds_for(cfg.target(pair.target).scheme)
+            ),
             k=cfg.run.logprobs,
         )
         acc = scored.setdefault((pair.kind, pair.target), ([], []))
@@ -422,10 +431,14 @@ async def run_async(
                 t = time.monotonic()
                 gens = await _generate(eps, chunk, cfg, lambda: progress.advance(gen_task))
                 t = _spend(spent, "greedy generation", t)
-                forced = await _force_pairs(plan, eps, chunk, gens, cfg.run.logprobs, lambda: progress.advance(tf_task))
+                forced = await _force_pairs(
+                    plan, eps, chunk, gens, cfg.run.logprobs, lambda: progress.advance(tf_task)
+                )
                 t = _spend(spent, "teacher forcing", t)
                 if floors is None:  # the goldens' A/A on the first prompts
-                    floors = await _floors(cfg, floor, eps, chunk[:FLOOR_PROMPTS], gens, forced, concurrency, progress)
+                    floors = await _floors(
+                        cfg, floor, eps, chunk[:FLOOR_PROMPTS], gens, forced, concurrency, progress
+                    )
                     t = _spend(spent, "noise floor", t)
                 for name in failed:
                     failed[name] += sum(1 for g in gens[name].values() if g.error)

@@ -127,7 +127,9 @@ def finish_comparison(
     """Aggregate every chunk's per-prompt results into one Comparison."""
     notes = list(warnings)
     if unforced:
-        notes.append(f"teacher-forced metrics missing for {len(unforced)} prompt(s): " + "; ".join(unforced[:3]))
+        notes.append(
+            f"teacher-forced metrics missing for {len(unforced)} prompt(s): " + "; ".join(unforced[:3])
+        )
     agg, ci = aggregate_prompts(diffs, seed=seed)
     return Comparison(
         kind=kind, baseline=baseline, target=target, prompts=diffs, aggregate=agg, ci=ci, warnings=notes

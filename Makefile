@@ -35,6 +35,7 @@ bench: setup
 	$(PY) bench/serve.py
 	$(PY) bench/differ.py
 	$(PY) bench/activations.py
+	$(PY) bench/gemm.py  # GPU only: says so and exits 0 on a CPU machine
 
 lint: setup
 	$(VENV)/bin/ruff check .

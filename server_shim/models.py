@@ -115,10 +115,7 @@ def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", seed: in
         elif path.is_dir() and (path / "config.json").is_file():
             model, tok = _load_hf_folder(path, dt)
         else:
-            raise ModelLoadError(
-                f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}), "
-                "an HF model folder with config.json, or a .gguf file"
-            )
+            raise ModelLoadError(_unknown_model(spec))
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)
     cfg = model.config
@@ -148,6 +145,15 @@ def prepare_model(spec: str) -> None:
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix == ".gguf":
             _gguf_cache(path, _gguf_cache_name(path))
+        elif not (path.is_dir() and (path / "config.json").is_file()):  # an HF folder needs nothing
+            raise ModelLoadError(_unknown_model(spec))
+
+
+def _unknown_model(spec: str) -> str:
+    return (
+        f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}), "
+        "an HF model folder with config.json, or a .gguf file"
+    )
 
 
 # ---------------------------------------------------------------- smollm2 / GGUF

@@ -187,3 +187,13 @@ def test_unwritable_cache_root_is_a_load_error(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(ModelLoadError, match="cannot write the model cache"):
         models._write_atomically(blocker / "m", lambda tmp: None)
+
+
+def test_prepare_refuses_an_unknown_model_and_accepts_presets(tmp_path, monkeypatch) -> None:
+    from server_shim.models import prepare_model
+
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        prepare_model(str(tmp_path / "nope.gguf"))
+    monkeypatch.setenv("DIFFTEST_CACHE_DIR", str(tmp_path / "cache"))
+    prepare_model("tiny-llama")  # builds the shared tokenizer cache
+    assert (tmp_path / "cache" / "smollm2-tokenizer-v1" / "tokenizer_config.json").is_file()

@@ -63,3 +63,22 @@ def test_segment_scores_match_sacrebleu_sentence_api_on_many_segments():
         assert sb == pytest.approx(100.0 if h == r else sacrebleu.sentence_bleu(h, [r]).score, abs=1e-9)
         assert sc == pytest.approx(100.0 if h == r else sacrebleu.sentence_chrf(h, [r]).score, abs=1e-9)
     assert s.bleu == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-12)
+
+
+def test_sliced_statistics_equal_sacrebleus_corpus_scores(monkeypatch) -> None:
+    """Statistics extracted in slices (bounded memory) sum to exactly sacrebleu's corpus scores."""
+    import random
+
+    from sacrebleu import corpus_bleu, corpus_chrf
+
+    from difftest.metrics import text
+
+    monkeypatch.setattr(text, "STATS_SLICE", 7)  # 30 segments: 5 slices, the last one partial
+    rng = random.Random(0)
+    words = "the a fox dog runs over lazy quick brown 1 2 3 def return".split()
+    hyps = [" ".join(rng.choices(words, k=rng.randint(0, 12))) for _ in range(30)]
+    refs = [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(30)]
+    scores = text.text_scores(hyps, refs)
+    assert scores.bleu == corpus_bleu(hyps, [refs]).score
+    assert scores.chrf == corpus_chrf(hyps, [refs]).score
+    assert len(scores.segment_bleu) == len(scores.segment_chrf) == 30

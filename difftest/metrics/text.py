@@ -57,8 +57,8 @@ def text_scores(
         _prime(bleu, chrf)
         nan = float("nan")
         return TextScores(nan, nan, [], [], str(bleu.get_signature()), str(chrf.get_signature()))
-    b_stats = bleu._extract_corpus_statistics(hyps, [refs])
-    c_stats = chrf._extract_corpus_statistics(hyps, [refs])
+    b_stats = _segment_stats(bleu, hyps, refs)
+    c_stats = _segment_stats(chrf, hyps, refs)
     same = [h == r for h, r in zip(hyps, refs, strict=True)]
     return TextScores(
         bleu=float(bleu._aggregate_and_compute(b_stats).score),
@@ -74,6 +74,21 @@ def text_scores(
         bleu_signature=str(bleu.get_signature()),
         chrf_signature=str(chrf.get_signature()),
     )
+
+
+# sacrebleu caches every reference's n-gram counters for the whole call (chrF's character 6-grams:
+# tens of KiB a segment); statistics are per segment, so extracting them in slices gives the same
+# numbers with one slice's cache alive at a time.
+STATS_SLICE = 1024
+
+
+def _segment_stats(metric: BLEU | CHRF, hyps: list[str], refs: list[str]) -> list:
+    stats: list = []
+    for i in range(0, len(hyps), STATS_SLICE):
+        stats.extend(
+            metric._extract_corpus_statistics(hyps[i : i + STATS_SLICE], [refs[i : i + STATS_SLICE]])
+        )
+    return stats
 
 
 def sentence_bleu(hypothesis: str, reference: str, *, tokenize: str = DEFAULT_TOKENIZE) -> float:

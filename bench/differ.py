@@ -330,7 +330,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 print("   ", line)
     print(
         "\ne2e = CompletionClient + collect (generate + teacher-forced echoes) + scoring, servers included;"
-        "\ndiffer = e2e minus the time inside the instant servers' handlers; scoring = build_comparison on"
+        "\ndiffer = e2e minus the time inside the instant servers' handlers; scoring = per-chunk scoring on"
         "\ncollected responses (score_prompt per prompt + aggregate_prompts: BLEU/chrF, bootstrap CIs)."
         "\nRSS growth = peak RSS minus the RSS after imports and server setup, fresh process per row."
     )

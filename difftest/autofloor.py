@@ -12,10 +12,9 @@ minimums stand; on a GPU it measures the real batch noise. It costs one serial p
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 
-from difftest.collect import Endpoint, Forced, Generation, force, generate_all, prompt_token_ids
+from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.noise import NoiseFloor, floor_from_comparisons
 from difftest.progress import Progress
 from difftest.prompts import Prompt
@@ -45,19 +44,10 @@ async def golden_floor(
         forced: dict[str, Forced] | None = None
         if batched_forced is not None:
             as_ids = bool(ep.caps.int_prompts) and ep.caps.token_id_strings
-
-            async def one(p: Prompt) -> Forced:
-                cont = batched[p.id]
-                out = Forced(error=cont.error) if cont.error else None
-                if out is None:
-                    ids = await prompt_token_ids(serial, p.prompt) if as_ids else None
-                    out = await force(serial, p, cont, prompt_ids=ids, as_ids=as_ids and ids is not None, k=k)
-                progress.advance(task)
-                return out
-
-            forced = dict(
-                zip((p.id for p in prompts), await asyncio.gather(*(one(p) for p in prompts)), strict=True)
-            )
+            forced = await force_all(
+                serial, prompts, batched, k=k, as_ids=as_ids,
+                prompt_ids=lambda p: prompt_token_ids(serial, p.prompt), on_done=lambda: progress.advance(task),
+            )  # fmt: skip
     comp = build_comparison(
         "noise", ep.name, f"{ep.name}@serial", prompts, batched, gens,
         ref_forced=batched_forced, tgt_forced=forced, tie_margin=tie_margin_for(None), k=k, seed=seed,

@@ -11,7 +11,6 @@ Every error is one line on stderr, never a traceback (`--debug-traceback` shows 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -125,10 +124,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"difftest: error: {exc}", file=sys.stderr)
             return InfraError.exit_code
         raise
-
-
-def run_coroutine(coro):  # noqa: ANN001, ANN201 - tiny helper shared by commands
-    return asyncio.run(coro)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +182,36 @@ async def force(
     if any(p.logprob is None or not p.top for p in tail):
         return Forced(error="echo returned no logprobs for the continuation positions")
     return Forced(tuple(tail))
+
+
+async def force_all(
+    ep: Endpoint,
+    prompts: Sequence[Prompt],
+    continuations: Mapping[str, Generation],
+    *,
+    k: int,
+    as_ids: bool,
+    prompt_ids: Callable[[Prompt], Awaitable[list[int] | None]],
+    on_done: Callable[[], None] | None = None,
+) -> dict[str, Forced]:
+    """Every prompt's baseline continuation echoed into `ep`: prompt id -> Forced.
+
+    `prompt_ids` gives the prompt's ids on the baseline's tokenizer (asked only when `as_ids`);
+    a prompt whose baseline generation failed is a Forced error, counted, never dropped."""
+
+    async def one(p: Prompt) -> Forced:
+        cont = continuations[p.id]
+        if cont.error:
+            out = Forced(error=f"no baseline continuation ({cont.error})")
+        else:
+            ids = await prompt_ids(p) if as_ids else None
+            out = await force(ep, p, cont, prompt_ids=ids, as_ids=as_ids, k=k)
+        if on_done:
+            on_done()
+        return out
+
+    forced = await asyncio.gather(*(one(p) for p in prompts))
+    return {p.id: f for p, f in zip(prompts, forced, strict=True)}
 
 
 def _aligned(echoed: Sequence[Position], generated: Sequence[Position]) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from difftest.client import CompletionClient
-from difftest.collect import Endpoint, Forced, Generation, force, generate_all, prompt_token_ids
+from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig
 from difftest.conformance import probe
 from difftest.noise import NoiseFloor, floor_from_comparisons
@@ -50,16 +50,10 @@ async def _one_pass(
         gens = await generate_all(ep, prompts, max_tokens=cfg.run.max_tokens, k=k, seed=cfg.run.seed)
         source = base.gens if base is not None else gens
         as_ids = bool(ep.caps.int_prompts) and ep.caps.token_id_strings
-
-        async def one(p: Prompt) -> Forced:
-            cont = source[p.id]
-            if cont.error:
-                return Forced(error=cont.error)
-            ids = await prompt_token_ids(ep, p.prompt) if as_ids else None
-            return await force(ep, p, cont, prompt_ids=ids, as_ids=as_ids and ids is not None, k=k)
-
-        forced = await asyncio.gather(*(one(p) for p in prompts))
-        return _Pass(gens, {p.id: f for p, f in zip(prompts, forced, strict=True)})
+        forced = await force_all(
+            ep, prompts, source, k=k, as_ids=as_ids, prompt_ids=lambda p: prompt_token_ids(ep, p.prompt)
+        )
+        return _Pass(gens, forced)
 
 
 def _compare(name: str, a: _Pass, b: _Pass, prompts: Sequence[Prompt], cfg: RunConfig) -> Comparison:

@@ -15,12 +15,11 @@ dies halfway loses nothing: `--resume` relaunches and only asks what is missing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 from difftest.cache import ResponseCache
 from difftest.client import CompletionClient
-from difftest.collect import Endpoint, Forced, Generation, force, generate_all, prompt_token_ids
+from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig
 from difftest.conformance import check_pair, probe
 from difftest.errors import DifftestError, InfraError
@@ -94,12 +93,6 @@ def cache_identity(spec: ServerSpec) -> dict[str, Any]:
 
 def _api_key(spec: ServerSpec) -> str | None:
     return os.environ.get(spec.api_key_env) if spec.api_key_env else None
-
-
-@contextlib.contextmanager
-def _servers(specs: Sequence[ServerSpec], log_dir: Path) -> Iterator[dict[str, RunningServer]]:
-    with launch_servers(specs, log_dir=log_dir) as running:
-        yield running
 
 
 async def _connect(
@@ -187,27 +180,26 @@ async def _force_pairs(
     """Teacher forcing: key (baseline, side) -> prompt id -> Forced, for each entry of `plan`."""
     ids_cache: dict[tuple[str, str], list[int] | None] = {}
 
-    async def ids_for(baseline: str, p: Prompt) -> list[int] | None:
-        key = (baseline, p.id)
-        if key not in ids_cache:
-            ids_cache[key] = await prompt_token_ids(eps[baseline], p.prompt)
-        return ids_cache[key]
+    def ids_on(baseline: str) -> Callable[[Prompt], Awaitable[list[int] | None]]:
+        async def ids_for(p: Prompt) -> list[int] | None:  # the baseline's ids, shared by its sides
+            if (baseline, p.id) not in ids_cache:
+                ids_cache[(baseline, p.id)] = await prompt_token_ids(eps[baseline], p.prompt)
+            return ids_cache[(baseline, p.id)]
 
-    async def one(baseline: str, side: str, as_ids: bool, p: Prompt) -> Forced:
-        cont = gens[baseline][p.id]
-        if cont.error:
-            out = Forced(error=f"no baseline continuation ({cont.error})")
-        else:
-            pids = await ids_for(baseline, p) if as_ids else None
-            out = await force(eps[side], p, cont, prompt_ids=pids, as_ids=as_ids, k=k)
-        on_done()
-        return out
+        return ids_for
 
-    out: dict[tuple[str, str], dict[str, Forced]] = {}
-    for (baseline, side), as_ids in plan.items():
-        forced = await asyncio.gather(*(one(baseline, side, as_ids, p) for p in prompts))
-        out[(baseline, side)] = {p.id: f for p, f in zip(prompts, forced, strict=True)}
-    return out
+    return {
+        (baseline, side): await force_all(
+            eps[side],
+            prompts,
+            gens[baseline],
+            k=k,
+            as_ids=as_ids,
+            prompt_ids=ids_on(baseline),
+            on_done=on_done,
+        )
+        for (baseline, side), as_ids in plan.items()
+    }
 
 
 def _score_chunk(
@@ -538,7 +530,7 @@ def execute(
     prompts = load_prompts(cfg.run.prompts, limit=opts.limit if opts.limit is not None else cfg.run.limit)
     cache = ResponseCache(cache_path)
     try:
-        with _servers(cfg.servers(), out / "logs") as running:
+        with launch_servers(cfg.servers(), log_dir=out / "logs") as running:
             run = asyncio.run(run_async(cfg, running, prompts, opts, cache))
             problems = infra_problems(run, cfg, running)
     finally:

@@ -10,6 +10,7 @@ page's own controls, read what is visible, collect console errors and take scree
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -134,7 +135,9 @@ class Browser:
             self.errors.append(f"log: {params['entry'].get('text')}")
         self._events.put(msg)
 
-    def call(self, method: str, params: dict[str, Any] | None = None, *, session: bool = False, timeout: float = 60) -> dict[str, Any]:
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, *, session: bool = False, timeout: float = 60
+    ) -> dict[str, Any]:
         self._next += 1
         mid = self._next
         msg: dict[str, Any] = {"id": mid, "method": method, "params": params or {}}
@@ -175,7 +178,12 @@ class Browser:
             session=True,
         )
 
-    def open(self, path: Path, ready: str = "document.body && document.body.dataset.ready === '1'", timeout: float = 120) -> float:
+    def open(
+        self,
+        path: Path,
+        ready: str = "document.body && document.body.dataset.ready === '1'",
+        timeout: float = 120,
+    ) -> float:
         """Navigate to a file and wait until `ready` holds; returns the seconds that took."""
         while not self._events.empty():
             self._events.get_nowait()
@@ -207,17 +215,13 @@ class Browser:
         return Path(path)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(CDPError):
             self.call("Browser.close", timeout=5)
-        except CDPError:
-            pass
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=5)
-        try:
+        with contextlib.suppress(OSError):
             os.close(self._cmd_w)
-        except OSError:
-            pass
         shutil.rmtree(self._profile, ignore_errors=True)

@@ -32,6 +32,7 @@ def _prompts(faulty: bool) -> list[PromptDiff]:
     same = PromptDiff(
         prompt_id="arith",
         prompt="1+2+3=",
+        tags=["math"],
         ref_text=" 6",
         tgt_text=" 6",
         ref_tokens=[" ", "6"],
@@ -57,6 +58,7 @@ def _prompts(faulty: bool) -> list[PromptDiff]:
     capital = PromptDiff(
         prompt_id="capital",
         prompt=XSS_PROMPT,
+        tags=["facts", "<b>html</b>"],
         ref_text="".join(ref_cap),
         tgt_text="".join(tgt_cap),
         ref_tokens=ref_cap,
@@ -84,6 +86,7 @@ def _prompts(faulty: bool) -> list[PromptDiff]:
     chinese = PromptDiff(
         prompt_id="zh",
         prompt="Translate into Chinese:\nHello | world",
+        tags=["translation"],
         ref_text="".join(ref_zh),
         tgt_text="".join(tgt_zh),
         ref_tokens=ref_zh,
@@ -174,9 +177,9 @@ def _layers(against: str, kind: str, fault_layer: int | None) -> LayerDiff:
                 max_abs=3.0 if broken else 2e-3,
                 sqnr_db=4.0 if broken else 54.0,
                 flagged=broken,
-                local_cosine=0.81 if local_broken else 1.0 - 1e-6,
+                local_cosine=0.81 if local_broken else 1.0 - 1e-6 * (1 + i % 3),
                 local_norm_ratio=1.9 if local_broken else 1.0,
-                local_rel_err=0.6 if local_broken else 1e-3,
+                local_rel_err=0.6 if local_broken else 1e-4 * (1 + i % 3),
             )
         )
     points.append(
@@ -240,15 +243,58 @@ def _audit(broken: bool) -> list[dict[str, object]]:
     ]
 
 
+def _layer_parts(golden: str, faulty: bool) -> tuple[PartVerdict, PartVerdict]:
+    """The white-box "layers" parts as difftest.layers.layer_verdict writes them."""
+    worst = "model.layers.3.mlp.down_proj" if faulty else "model.layers.5.mlp.down_proj"
+    exact = PartVerdict(
+        "layers",
+        golden,
+        (
+            Check(
+                "local_rel_err_max",
+                0.6 if faulty else 1e-4,
+                1e-3,
+                "<=",
+                not faulty,
+                note=f"{worst}; module replayed on the golden's input",
+            ),
+            Check(
+                "point_rel_err_max",
+                0.35 if faulty else 1e-3,
+                5e-2,
+                "<=",
+                not faulty,
+                note="model.layers.3; accumulated vs golden",
+            ),
+        ),
+    )
+    acc = PartVerdict(
+        "layers",
+        "reference",
+        (
+            Check(
+                "local_cosine_min",
+                0.81 if faulty else 1.0 - 1e-6,
+                0.995,
+                ">=",
+                not faulty,
+                note=f"{worst}; module budget fp8-block",
+            ),
+        ),
+    )
+    return exact, acc
+
+
 def _target(name: str, *, faulty: bool, expect: str) -> TargetResult:
     golden = f"{name}-golden"
     exact_parts = PartVerdict("exactness", golden, _checks("exactness", faulty))
     acc_parts = PartVerdict("accuracy", "reference", _checks("accuracy", faulty))
+    layers_exact, layers_acc = _layer_parts(golden, faulty)
     inv = PartVerdict("invariance", "", (Check("slot_max_abs_logprob_diff", 0.0, 1e-5, "<=", True),))
     verdict = TargetVerdict(
         target=name,
         expect=expect,
-        parts=(exact_parts, acc_parts, inv),
+        parts=(exact_parts, acc_parts, layers_exact, layers_acc, inv),
         localisation=LOCALISATION if faulty else None,
         warnings=("echoed logprobs checked against generation logprobs",) if faulty else (),
     )

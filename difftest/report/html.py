@@ -35,14 +35,7 @@ from difftest.report.markdown import (
 )
 from difftest.report.page import CSP, CSS, JS
 from difftest.report.plots import Plot, first_screen_spark, run_plots
-from difftest.report.words import (
-    all_checks,
-    failing_checks,
-    label_of,
-    shape_words,
-    skipped_parts,
-    value_words,
-)
+from difftest.report.words import all_checks, failing_checks, kv_rows, label_of, shape_words, skipped_parts
 from difftest.results import Comparison, RunResult, TargetResult
 
 MAX_CARD_CHECKS = 4  # failing checks listed on the first screen per target; the rest further down
@@ -64,7 +57,9 @@ def _table(header: list[str], rows: list[list[str]], num_cols: frozenset[int] = 
     """Cells are HTML already (escaped by the caller)."""
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f'<td class="n">{c}</td>' if i in num_cols else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>"
+        "<tr>"
+        + "".join(f'<td class="n">{c}</td>' if i in num_cols else f"<td>{c}</td>" for i, c in enumerate(r))
+        + "</tr>"
         for r in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -103,7 +98,7 @@ def _card(t: TargetResult) -> str:
     ]
     body: list[str] = []
     if t.verdict is None:
-        body.append('<ul><li>no verdict: the target did not produce results</li></ul>')
+        body.append("<ul><li>no verdict: the target did not produce results</li></ul>")
     elif failing:
         items = [_check_li(w) for w in failing[:MAX_CARD_CHECKS]]
         if len(failing) > MAX_CARD_CHECKS:
@@ -117,9 +112,7 @@ def _card(t: TargetResult) -> str:
         body.append(f'<div class="why">{_e(summary)}</div>')
     ni = [w for w in checks if w.passed and not w.informative]
     if ni:
-        body.append(
-            '<ul class="ni">' + "".join(_check_li(w) for w in ni[:MAX_CARD_CHECKS]) + "</ul>"
-        )
+        body.append('<ul class="ni">' + "".join(_check_li(w) for w in ni[:MAX_CARD_CHECKS]) + "</ul>")
     loc = localisation_line(t)
     if loc and label != "PASS":
         body.append(f'<div class="where"><b>Where:</b> {_e(loc)}</div>')
@@ -209,7 +202,11 @@ def _aggregate_table(c: Comparison) -> str:
         ci = c.ci.get(k)
         ci_s = f"[{fmt_metric(k, ci[0])}, {fmt_metric(k, ci[1])}]" if ci and len(ci) == 2 else NA
         rows.append([_e(k), _e(fmt_metric(k, v)), _e(ci_s)])
-    return _table(["metric", "value", "95% CI"], rows, frozenset({1})) if rows else "<p>no aggregate metrics (n/a)</p>"
+    return (
+        _table(["metric", "value", "95% CI"], rows, frozenset({1}))
+        if rows
+        else "<p>no aggregate metrics (n/a)</p>"
+    )
 
 
 def audit_table(audit: list[dict[str, Any]]) -> str:
@@ -306,7 +303,9 @@ def _explorer(run: RunResult) -> str:
 
 def _target_detail(t: TargetResult) -> str:
     label = label_of(t)
-    out = [f'<h3 id="t-{_e(t.name)}">{badge(label)} {_e(t.name)} <span class="meta">{_expectation(t)}</span></h3>']
+    out = [
+        f'<h3 id="t-{_e(t.name)}">{badge(label)} {_e(t.name)} <span class="meta">{_expectation(t)}</span></h3>'
+    ]
     loc = localisation_line(t)
     if loc and label != "PASS":
         out.append(f'<p class="where"><b>Where:</b> {_e(loc)}</p>')
@@ -317,7 +316,9 @@ def _target_detail(t: TargetResult) -> str:
         f" · failed requests {_e(failed_text(t))}</p>"
     )
     if t.golden is None:
-        out.append("<p><i>No golden: judged on the accuracy budget alone; subtle bugs may hide inside it.</i></p>")
+        out.append(
+            "<p><i>No golden: judged on the accuracy budget alone; subtle bugs may hide inside it.</i></p>"
+        )
     for c in t.comparisons:
         title = "Exactness vs golden" if c.kind == "exactness" else "Accuracy vs reference"
         out.append(f"<h4>{title} <code>{_e(c.baseline)}</code> ({len(c.prompts)} prompts)</h4>")
@@ -334,22 +335,8 @@ def _target_detail(t: TargetResult) -> str:
     return "\n".join(out)
 
 
-def _kv_rows(d: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """Nested dicts as dotted keys, values in words (no JSON, no Python reprs)."""
-    if isinstance(d, dict) and d:
-        out: list[tuple[str, str]] = []
-        for k, v in d.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(v, dict) and v:
-                out.extend(_kv_rows(v, key))
-            else:
-                out.append((key, shape_words(str(k), v)))
-        return out
-    return [(prefix, value_words(d))]
-
-
 def _kv_table(d: dict[str, Any]) -> str:
-    return _table(["setting", "value"], [[_e(k), _e(v)] for k, v in _kv_rows(d)])
+    return _table(["setting", "value"], [[_e(k), _e(v)] for k, v in kv_rows(d)])
 
 
 def render_html(run: RunResult, plots: list[Plot] | None = None) -> str:
@@ -373,7 +360,8 @@ def render_html(run: RunResult, plots: list[Plot] | None = None) -> str:
         "<h2>Signature</h2>",
         _table(
             ["setting", "value"],
-            [[_e(k), _e(v)] for k, v in _kv_rows(run.signature)] + [["schema_version", _e(run.schema_version)]],
+            [[_e(k), _e(v)] for k, v in kv_rows(run.signature)]
+            + [["schema_version", _e(run.schema_version)]],
         ),
         "<h2>Noise floor</h2>",
         _kv_table(run.noise_floor) if run.noise_floor else "<p>no noise floor used (n/a)</p>",

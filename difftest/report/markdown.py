@@ -11,13 +11,13 @@ that every output says "n/a" for a metric that was not measured (None) — never
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from difftest.report.heatmap import layer_grid, text_heatmap
+from difftest.report.words import kv_rows, reasons_in_words, shape_words
 from difftest.results import Comparison, PromptDiff, RunResult, TargetResult
 
 NA = "n/a"
@@ -109,11 +109,9 @@ def verdict_text(t: TargetResult) -> tuple[str, str]:
 
 
 def reasons(t: TargetResult) -> list[str]:
-    if t.verdict is None:
-        return ["no verdict: the target did not produce results"]
-    out = list(t.verdict.reasons)
-    out.extend(f"{p.part}: skipped ({p.skipped})" for p in t.verdict.parts if p.skipped)
-    return out
+    """Why a target is not PASS, in words (difftest.report.words): value vs limit, and where the
+    limit came from."""
+    return reasons_in_words(t)
 
 
 def localisation_line(t: TargetResult) -> str | None:
@@ -156,18 +154,6 @@ def divergence_text(p: PromptDiff) -> str:
     return NA
 
 
-def flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """Nested dicts as dotted keys; lists as JSON; scalars formatted."""
-    if isinstance(d, dict):
-        out: list[tuple[str, str]] = []
-        for k, v in d.items():
-            out.extend(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(d, list | tuple):
-        return [(prefix, json.dumps(d, default=str, ensure_ascii=False))]
-    return [(prefix, fmt_num(d))]
-
-
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -197,13 +183,6 @@ def md_cell(text: Any, limit: int | None = None) -> str:
 def md_code(text: Any) -> str:
     """A name as an inline code span: nothing inside is interpreted, so only backticks go."""
     return "`" + visible(str(text)).replace("`", "'") + "`"
-
-
-def value_text(v: Any) -> str:
-    """One value of a free-form dict (audit row, signature): JSON for containers."""
-    if isinstance(v, dict | list | tuple):
-        return json.dumps(v, default=str, ensure_ascii=False)
-    return fmt_num(v)
 
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -293,11 +272,12 @@ def _prompt_table(c: Comparison) -> list[str]:
 
 
 def _audit_table(audit: list[dict[str, Any]]) -> list[str]:
+    """In words: shapes as `5 × 12`, booleans yes / no, nested values flat (never JSON)."""
     keys: list[str] = []
     for row in audit:
         keys.extend(k for k in row if k not in keys)
-    rows = [[md_cell(value_text(row[k]) if k in row else NA, 60) for k in keys] for row in audit]
-    return md_table([md_cell(k) for k in keys], rows)
+    rows = [[md_cell(shape_words(k, row[k]) if k in row else NA, 60) for k in keys] for row in audit]
+    return md_table([md_cell(k.replace("_", " ")) for k in keys], rows)
 
 
 def _target_section(t: TargetResult) -> list[str]:
@@ -328,7 +308,7 @@ def _target_section(t: TargetResult) -> list[str]:
     if t.invariance:
         out += [
             "Batch-slot invariance: "
-            + ", ".join(f"{md_cell(k)} {md_cell(v)}" for k, v in flatten(t.invariance)),
+            + ", ".join(f"{md_cell(k)} {md_cell(v)}" for k, v in kv_rows(t.invariance)),
             "",
         ]
     return out
@@ -345,13 +325,13 @@ def render_markdown(run: RunResult) -> str:
     out += ["## Per-layer error (log10(1 − cosine))", ""]
     out += ["```text", text_heatmap(grid), "```", ""] if grid else ["_no white-box layer data (n/a)_", ""]
     out += ["## Signature", ""]
-    sig = flatten(run.signature) + [("started_at", run.started_at), ("elapsed_s", fmt_num(run.elapsed_s))]
+    sig = kv_rows(run.signature) + [("started_at", run.started_at), ("elapsed_s", fmt_num(run.elapsed_s))]
     sig.append(("schema_version", str(run.schema_version)))
     out += md_table(["setting", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in sig])
     out += ["", "## Noise floor", ""]
     if run.noise_floor:
         out += md_table(
-            ["metric", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in flatten(run.noise_floor)]
+            ["metric", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in kv_rows(run.noise_floor)]
         )
     else:
         out.append("_no noise floor used (n/a): exactness limits fall back to defaults_")

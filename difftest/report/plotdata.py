@@ -113,7 +113,9 @@ def layer_profile(t: TargetResult, d: LayerDiff) -> LayerProfile | None:
         leaves = [v for p in pts if p.kind in LEAF_KINDS and (v := local_value(p)) is not None]
         local.append(_nanmax(leaves))
         resid = [p for p in pts if p.kind == "residual"]
-        acc.append(point_value(resid[0]) if resid else _nanmax([v for p in pts if (v := point_value(p)) is not None]))
+        acc.append(
+            point_value(resid[0]) if resid else _nanmax([v for p in pts if (v := point_value(p)) is not None])
+        )
     if has_logits:
         local.append(None)
         lg = next(p for p in d.points if p.kind == "logits")
@@ -277,7 +279,9 @@ def sibling_errors(t: TargetResult, d: LayerDiff, max_rows: int = 40) -> Sibling
             limit = (c.limit, c.note.split(";", 1)[-1].strip())
     else:
         c = check_of(part, "local_err_vs_siblings_max")
-        finite = [p.local_rel_err for p in peers if p.local_rel_err is not None and math.isfinite(p.local_rel_err)]
+        finite = [
+            p.local_rel_err for p in peers if p.local_rel_err is not None and math.isfinite(p.local_rel_err)
+        ]
         if c is not None and finite:
             med = float(np.median(finite))
             limit = (c.limit * med, f"{c.limit:g}x the siblings' median {med:.3g}")

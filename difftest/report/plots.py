@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from difftest.report import plotdata as pd
 from difftest.report import svg
+from difftest.report.words import label_of
 from difftest.results import RunResult, TargetResult
 
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -31,8 +32,12 @@ def slug(*parts: str) -> str:
     return "-".join(_SLUG.sub("_", p).strip("_") or "x" for p in parts if p)
 
 
-def _mark_colour(status: str | None) -> str:
-    return svg.BAD if status == "FAIL" else svg.MUTED
+def finding(t: TargetResult, prof: pd.LayerProfile) -> bool:
+    """Is this profile's first divergence a finding? Yes when its "layers" part failed, or when
+    no "layers" part judged it and the target did not pass; a passing target's is noise."""
+    if prof.status is not None:
+        return prof.status == "FAIL"
+    return label_of(t) != "PASS"
 
 
 def layer_plot(t: TargetResult, prof: pd.LayerProfile) -> Plot:
@@ -58,18 +63,33 @@ def layer_plot(t: TargetResult, prof: pd.LayerProfile) -> Plot:
         )
     )
     marks: list[tuple[int, str, str]] = []
-    colour = _mark_colour(prof.status)
+    found = finding(t, prof)
+    colour = svg.BAD if found else svg.MUTED
     if prof.first_divergent is not None:
-        within = "" if prof.status == "FAIL" else " (within limits)"
-        marks.append((prof.first_divergent, f"first divergent layer {prof.xlabels[prof.first_divergent]}{within}", colour))
+        within = "" if found else " (within limits)"
+        marks.append(
+            (
+                prof.first_divergent,
+                f"first divergent layer {prof.xlabels[prof.first_divergent]}{within}",
+                colour,
+            )
+        )
     if prof.guilty is not None and prof.guilty != prof.first_divergent:
         marks.append((prof.guilty, f"guilty module's layer {prof.xlabels[prof.guilty]}", colour))
     sub = f"y: {prof.unit}, log scale"
+    status = prof.status
+    if status is None:  # no "layers" part judged this diff: show the target's verdict, say so
+        status = label_of(t)
+        sub += " · badge: target verdict (layers not judged)"
     if prof.guilty_module:
         sub += f" · guilty: {prof.guilty_module}"
     elif prof.status != "FAIL":
         sub += " · no module out of bounds"
-    where = [f"{name} limit: {lim_[2]}" for name, lim_ in (("local", prof.local_limit), ("accumulated", lim)) if lim_]
+    where = [
+        f"{name} limit: {lim_[2]}"
+        for name, lim_ in (("local", prof.local_limit), ("accumulated", lim))
+        if lim_
+    ]
     caption = (
         f"Per-layer error of {t.name}, {prof.title}: each point is a layer, dashed lines are the limits "
         f"the 'layers' part judged ({'; '.join(where) or 'none for this part'}); red points are out of bounds."
@@ -78,7 +98,7 @@ def layer_plot(t: TargetResult, prof: pd.LayerProfile) -> Plot:
         series,
         prof.xlabels,
         title=f"{t.name} · {prof.title}: per-layer error",
-        status=prof.status,
+        status=status,
         subtitle=sub,
         ylabel=prof.unit,
         marks=marks,
@@ -117,7 +137,12 @@ def ladder_plot(t: TargetResult, kind: str, baseline: str, ladder: pd.Ladder, st
 
 
 def position_plot(
-    t: TargetResult, kind: str, baseline: str, prof: pd.PositionProfile, limit: tuple[float, str] | None, status: str | None
+    t: TargetResult,
+    kind: str,
+    baseline: str,
+    prof: pd.PositionProfile,
+    limit: tuple[float, str] | None,
+    status: str | None,
 ) -> Plot:
     series = [
         svg.Series(
@@ -178,7 +203,11 @@ def target_plots(t: TargetResult) -> list[Plot]:
             out.append(ladder_plot(t, c.kind, c.baseline, ladder, status))
         prof = pd.position_profile(c)
         if prof is not None:
-            out.append(position_plot(t, c.kind, c.baseline, prof, ladder.limits.get("mean") if ladder else None, status))
+            out.append(
+                position_plot(
+                    t, c.kind, c.baseline, prof, ladder.limits.get("mean") if ladder else None, status
+                )
+            )
     for d in t.layers:
         sib = pd.sibling_errors(t, d)
         if sib is not None:
@@ -209,12 +238,13 @@ def first_screen_spark(t: TargetResult) -> tuple[str, str] | None:
     n_layers = len(ys) - (1 if prof.xlabels and prof.xlabels[-1] == "logits" else 0)
     ys = ys[:n_layers] if n_layers > 0 else ys
     mark = prof.guilty if prof.guilty is not None else prof.first_divergent
-    if prof.status != "FAIL":
+    if not finding(t, prof):
         mark = None  # a passing target's first divergence is no finding: nothing marked
     if mark is not None and mark >= len(ys):
         mark = None
     caption = f"per-layer {prof.unit}, {prof.title}"
     if mark is not None:
         caption += f"; layer {prof.xlabels[mark]} marked"
-    chart = svg.sparkline(ys, mark=mark, status=prof.status, limit=prof.spark_limit(), label=caption)
+    status = prof.status or ("FAIL" if mark is not None else None)
+    chart = svg.sparkline(ys, mark=mark, status=status, limit=prof.spark_limit(), label=caption)
     return chart, caption

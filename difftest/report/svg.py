@@ -170,7 +170,9 @@ def line_chart(
 ) -> str:
     """Lines over categorical x positions; each series' limit dashed; `marks` = (x index, label,
     colour) vertical markers (the first divergent layer: red when it fails, grey when within limits)."""
-    left, right, top, bottom = 58, 16, 44 if subtitle else 30, 40
+    legend = len(series) > 1
+    left, right, top = 58, 16, 44 if subtitle else 30
+    bottom = 20 + (14 if xlabel else 0) + (18 if legend else 0)
     n = max(1, len(xlabels))
     pw = width - left - right
     xs = [left + (pw * (i + 0.5) / n) for i in range(n)]
@@ -197,7 +199,7 @@ def line_chart(
             )
     if xlabel:
         out.append(
-            f'<text x="{left + pw / 2:.0f}" y="{height - 6}" text-anchor="middle" fill="#555">{_e(xlabel)}</text>'
+            f'<text x="{left + pw / 2:.0f}" y="{height - bottom + 28}" text-anchor="middle" fill="#555">{_e(xlabel)}</text>'
         )
     for k, (i, lab, colour) in enumerate(marks):
         if 0 <= i < n:
@@ -245,15 +247,13 @@ def line_chart(
                 f'fill="{BAD if bad else s.colour}"><title>{_e(s.name)} {_e(xlabels[i] if i < len(xlabels) else i)}: '
                 f"{fmt(v)}</title></circle>"
             )
-    out += _legend(series, left, height - 2 if not xlabel else height - 22, width - right)
+    out += _legend(series, left, height - 4, width - right)
     return _svg(width, height, out, f"{status + ': ' if status else ''}{title}")
 
 
 def _polyline(path: list[str], s: Series) -> str:
     dash = ' stroke-dasharray="4 3"' if s.dashed else ""
-    return (
-        f'<polyline points="{" ".join(path)}" fill="none" stroke="{s.colour}" stroke-width="1.6"{dash}/>'
-    )
+    return f'<polyline points="{" ".join(path)}" fill="none" stroke="{s.colour}" stroke-width="1.6"{dash}/>'
 
 
 def _legend(series: Sequence[Series], left: float, y: float, right: float) -> list[str]:
@@ -262,7 +262,9 @@ def _legend(series: Sequence[Series], left: float, y: float, right: float) -> li
     out, x = [], left
     for s in series:
         dash = ' stroke-dasharray="4 3"' if s.dashed else ""
-        out.append(f'<line x1="{x}" x2="{x + 16}" y1="{y - 4}" y2="{y - 4}" stroke="{s.colour}" stroke-width="2"{dash}/>')
+        out.append(
+            f'<line x1="{x}" x2="{x + 16}" y1="{y - 4}" y2="{y - 4}" stroke="{s.colour}" stroke-width="2"{dash}/>'
+        )
         out.append(f'<text x="{x + 20}" y="{y}" fill="#333">{_e(s.name)}</text>')
         x += 28 + 6.2 * len(s.name)
         if x > right - 60:
@@ -396,9 +398,13 @@ def sparkline(
     if mark is not None and 0 <= mark < len(ys):
         v = ys[mark]
         y = sc(v) if v is not None and math.isfinite(v) else pad
-        out.append(f'<circle cx="{xs[mark]:.1f}" cy="{y:.1f}" r="3.5" fill="none" stroke="{BAD}" stroke-width="2"/>')
+        out.append(
+            f'<circle cx="{xs[mark]:.1f}" cy="{y:.1f}" r="3.5" fill="none" stroke="{BAD}" stroke-width="2"/>'
+        )
     title = label or "per-layer error"
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" class="spark" viewBox="0 0 {width} {height}" width="{width}" '
-        f'height="{height}" role="img" aria-label="{_e(title)}"><title>{_e(title)}</title>' + "".join(out) + "</svg>"
+        f'height="{height}" role="img" aria-label="{_e(title)}"><title>{_e(title)}</title>'
+        + "".join(out)
+        + "</svg>"
     )

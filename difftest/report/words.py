@@ -96,7 +96,9 @@ class CheckWords:
         if self.source:
             core += f" (limit: {self.source})"
         if not self.informative:
-            core += " — not informative" + (f": {self.why_not_informative}" if self.why_not_informative else "")
+            core += " — not informative" + (
+                f": {self.why_not_informative}" if self.why_not_informative else ""
+            )
         return f"{self.part}: {core}"
 
 
@@ -184,6 +186,35 @@ def _clean_repr(s: str) -> str:
 
 
 def shape_words(key: str, v: Any) -> str:
-    if key.endswith(("shape", "stride")) and isinstance(v, list | tuple) and all(isinstance(x, int) for x in v):
+    if (
+        key.endswith(("shape", "stride"))
+        and isinstance(v, list | tuple)
+        and all(isinstance(x, int) for x in v)
+    ):
         return " × ".join(str(x) for x in v)
     return value_words(v)
+
+
+def kv_rows(d: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested dicts as dotted keys, values in words (no JSON, no Python reprs)."""
+    if isinstance(d, dict) and d:
+        out: list[tuple[str, str]] = []
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v:
+                out.extend(kv_rows(v, key))
+            else:
+                out.append((key, shape_words(str(k), v)))
+        return out
+    return [(prefix, value_words(d))]
+
+
+def reasons_in_words(t: TargetResult) -> list[str]:
+    """Why a target is not PASS: failing checks as sentences, then skipped parts."""
+    if t.verdict is None:
+        return ["no verdict: the target did not produce results"]
+    out = [w.sentence() for w in failing_checks(t)]
+    out += skipped_parts(t)
+    if not any(p.checks for p in t.verdict.parts):
+        out.append("no check could be made (every part skipped)")
+    return out

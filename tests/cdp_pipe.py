@@ -206,9 +206,12 @@ class Browser:
             raise CDPError(f"evaluate failed: {res['exceptionDetails'].get('text')} in {expression[:80]!r}")
         return res.get("result", {}).get("value")
 
-    def screenshot(self, path: Path, *, full_page: bool = False) -> Path:
+    def screenshot(self, path: Path, *, clip: tuple[float, float, float, float] | None = None) -> Path:
+        """A PNG of the viewport, or of `clip` = (x, y, width, height) in page coordinates."""
         params: dict[str, Any] = {"format": "png"}
-        if full_page:
+        if clip is not None:
+            x, y, w, h = clip
+            params["clip"] = {"x": x, "y": y, "width": w, "height": h, "scale": 1}
             params["captureBeyondViewport"] = True
         data = self.call("Page.captureScreenshot", params, session=True)["data"]
         Path(path).write_bytes(base64.b64decode(data))

@@ -395,3 +395,100 @@ def degraded_run() -> RunResult:
         ],
         warnings=["target never-ran: server died during start"],
     )
+
+
+def big_run(n_prompts: int, n_targets: int = 3, *, seed: int = 0) -> RunResult:
+    """A synthetic run at scale: `n_prompts` prompts x `n_targets` targets x 2 comparisons.
+
+    Built directly (no server, no metrics code), deterministic; the last target is a faulted
+    negative control whose prompts diverge more often and whose exactness part fails. Token
+    lists are shared between prompts where they are equal, as a real run's would not be, but the
+    renderers copy what they keep, so the page's size is what a real run of this size gives.
+    """
+    import random
+
+    rng = random.Random(seed)
+    words = [f" w{i}" for i in range(400)]
+    tag_names = ["math", "code", "facts", "translation", "story", "reasoning", "list", "json"]
+    base = [rng.choice(words) for _ in range(24)]
+    ids = [hash(w) % 49152 for w in base]
+    targets = []
+    for k in range(n_targets):
+        name = f"target-{k}"
+        faulty = k == n_targets - 1
+        comps = []
+        for kind, baseline in (("exactness", f"{name}-golden"), ("accuracy", "reference")):
+            prompts = []
+            for i in range(n_prompts):
+                r = rng.random()
+                diverge = r < (0.6 if faulty else 0.15)
+                d = rng.randrange(1, 23) if diverge else None
+                tgt = list(base) if d is None else base[:d] + [rng.choice(words)] + base[d:-1]
+                kl = [rng.random() * (0.3 if faulty else 0.01) for _ in range(24)]
+                prompts.append(
+                    PromptDiff(
+                        prompt_id=f"p{i:05d}",
+                        prompt=f"Prompt number {i}: tell me about item {i * 7919 % 10**6}",
+                        tags=[tag_names[i % len(tag_names)]],
+                        ref_text="".join(base),
+                        tgt_text="".join(tgt),
+                        ref_tokens=base,
+                        tgt_tokens=tgt,
+                        ref_token_ids=ids,
+                        tgt_token_ids=[hash(w) % 49152 for w in tgt],
+                        match_rate=1.0 if d is None else d / 24,
+                        exact=d is None,
+                        common_prefix=24 if d is None else d,
+                        first_divergence=d,
+                        divergence_kind=None if d is None else rng.choice(["TIE", "DRIFT", "WRONG"]),
+                        ref_alternatives={} if d is None else {str(ids[d]): -0.1, str(ids[0]): -2.5},
+                        tgt_alternatives={} if d is None else {str(ids[0]): -0.2, str(ids[d]): -1.5},
+                        garbled=False,
+                        position_kl=kl,
+                        kl_mean=sum(kl) / 24,
+                        kl_lower=0.0,
+                        kl_upper=sum(kl) / 12,
+                        top1_agreement=1.0 - (0.1 if diverge else 0.0),
+                    )
+                )
+            agg = {
+                "kl_mean": sum(p.kl_mean or 0.0 for p in prompts) / n_prompts,
+                "top1_agreement": sum(p.top1_agreement or 0.0 for p in prompts) / n_prompts,
+                "token_match": sum(p.match_rate or 0.0 for p in prompts) / n_prompts,
+            }
+            comps.append(Comparison(kind, baseline, name, prompts=prompts, aggregate=agg))
+        exact_limit = 0.005
+        parts = tuple(
+            PartVerdict(
+                c.kind,
+                c.baseline,
+                (
+                    Check(
+                        "kl_mean",
+                        c.aggregate["kl_mean"],
+                        exact_limit if c.kind == "exactness" else 0.08,
+                        "<=",
+                        c.aggregate["kl_mean"] <= (exact_limit if c.kind == "exactness" else 0.08),
+                        note="noise floor x3" if c.kind == "exactness" else "budget fp8-block",
+                    ),
+                ),
+            )
+            for c in comps
+        )
+        verdict = TargetVerdict(
+            name, "fail" if faulty else "pass", parts, localisation=LOCALISATION if faulty else None
+        )
+        layers = [_layers(f"{name}-golden", "exactness", 3 if faulty else None)]
+        targets.append(
+            TargetResult(
+                name,
+                "fp8-block",
+                "fail" if faulty else "pass",
+                golden=f"{name}-golden",
+                comparisons=comps,
+                layers=layers,
+                verdict=verdict,
+                total_requests=4 * n_prompts,
+            )
+        )
+    return RunResult(reference="reference", targets=targets, elapsed_s=1.0)

@@ -22,7 +22,7 @@ import html
 from typing import Any
 
 from difftest.report import plotdata as pd
-from difftest.report.explorer import default_comparison, explorer_data, script_json
+from difftest.report.explorer import default_comparison, explorer_data, gc_paused, script_json
 from difftest.report.markdown import (
     HEADLINE,
     NA,
@@ -268,7 +268,14 @@ def _plots(plots: list[Plot], run: RunResult) -> str:
             f'<figcaption>{_e(p.caption)} <span class="muted">(plots/{_e(p.slug)}.svg)</span></figcaption></figure>'
             for p in mine
         )
-        out.append(f'<h3>{badge(label_of(t))} {_e(t.name)}</h3><div class="plots">{figs}</div>')
+        label = label_of(t)
+        head = f"{badge(label)} {_e(t.name)} <span class='meta'>({len(mine)} plots)</span>"
+        if label == "PASS":  # collapsed: the plots of a passing target are there to compare with
+            out.append(
+                f'<details class="tplots"><summary><b>{head}</b></summary><div class="plots">{figs}</div></details>'
+            )
+        else:
+            out.append(f'<h3>{head}</h3><div class="plots">{figs}</div>')
     return "".join(out)
 
 
@@ -340,6 +347,11 @@ def _kv_table(d: dict[str, Any]) -> str:
 
 
 def render_html(run: RunResult, plots: list[Plot] | None = None) -> str:
+    with gc_paused():
+        return _render_html(run, plots)
+
+
+def _render_html(run: RunResult, plots: list[Plot] | None) -> str:
     plots = run_plots(run) if plots is None else plots
     tag_tables = "".join(_tag_table(t) for t in run.targets)
     body = [

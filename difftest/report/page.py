@@ -38,6 +38,7 @@ color:var(--mut)}.card .where{background:#fff4e5;border-left:3px solid #e65100;p
 .plots{display:flex;flex-wrap:wrap;gap:10px 18px}.plot{margin:0}.plot figcaption{font-size:12px;color:#555;
 max-width:560px}.plot svg{max-width:100%;height:auto;border:1px solid #eee}
 .warn{color:#8a5a00}
+.tplots{margin:6px 0}.tplots summary{cursor:pointer;font-size:15px;margin:6px 0}
 .ctl{position:sticky;top:0;background:#fff;padding:6px 0;border-bottom:1px solid var(--line);z-index:2;
 display:flex;flex-wrap:wrap;gap:6px 14px;align-items:center}
 .ctl input[type=search]{width:20em}
@@ -101,7 +102,8 @@ function diffView(d,fd){var box=el('div','diff');
 function altTable(title,alts,chosen){var t=el('table'),h=el('tr');
   h.appendChild(el('th','',title));h.appendChild(el('th','','logprob'));t.appendChild(h);
   alts.forEach(function(a){var tr=el('tr',a[0]===chosen?'chosen':'');
-    var td=el('td','tok',a[2]?'\u201c'+vis(a[0])+'\u201d':a[0]);if(!a[2]){td.className='tok muted';}
+    var shown=/^\s+$/.test(a[0])?a[0].replace(/ /g,'\u2423'):a[0];
+    var td=el('td','tok',a[2]?'\u201c'+vis(shown)+'\u201d':a[0]);if(!a[2]){td.className='tok muted';}
     tr.appendChild(td);tr.appendChild(el('td','n',num(a[1])));t.appendChild(tr);});return t;}
 function card(c,rank,r){var p=D.prompts[r[0]],d=r[7]>=0?c.details[r[7]]:null,fd=r[4];
   var box=el('div','prompt'+((r[1]&1)?' f':((r[1]&2)?' d':'')));box.setAttribute('data-id',p[0]);

@@ -29,12 +29,18 @@ _LAYER_IN_NAME = re.compile(r"(?<=layers\.)\d+(?=\.|$)")
 
 
 def part_for(t: TargetResult, name: str, against: str | None = None) -> PartVerdict | None:
-    """The verdict part `name` (against `against` when given: two "layers" parts may exist)."""
+    """The verdict part `name` against `against` (when given).
+
+    The white-box parts are named "layers-exactness" / "layers-accuracy" by the runner (plain
+    "layers" by `difftest.layers.layer_verdict`); `name` "layers-exactness" finds either.
+    """
     if t.verdict is None:
         return None
-    for p in t.verdict.parts:
-        if p.part == name and (against is None or p.against == against or not p.against):
-            return p
+    names = (name, name.split("-", 1)[0]) if name.startswith("layers-") else (name,)
+    for n in names:
+        for p in t.verdict.parts:
+            if p.part == n and (against is None or p.against == against or not p.against):
+                return p
     return None
 
 
@@ -94,7 +100,7 @@ def _deficit(cos: float | None) -> float | None:
 def layer_profile(t: TargetResult, d: LayerDiff) -> LayerProfile | None:
     if not d.points:
         return None
-    part = part_for(t, "layers", d.against)
+    part = part_for(t, f"layers-{d.kind}", d.against)
     exact = d.kind == "exactness"
     layers = sorted({p.layer for p in d.points if p.layer is not None})
     has_logits = any(p.kind == "logits" for p in d.points)
@@ -258,7 +264,7 @@ class Siblings:
     status: str | None
 
 
-def sibling_errors(t: TargetResult, d: LayerDiff, max_rows: int = 40) -> Siblings | None:
+def sibling_errors(t: TargetResult, d: LayerDiff, max_rows: int = 16) -> Siblings | None:
     if not d.guilty_module:
         return None
     role = sibling_role(d.guilty_module)
@@ -271,7 +277,7 @@ def sibling_errors(t: TargetResult, d: LayerDiff, max_rows: int = 40) -> Sibling
         worst = sorted(peers, key=lambda p: -(p.local_rel_err or 0.0))[:max_rows]
         keep = {p.name for p in worst} | {d.guilty_module}
         peers = [p for p in peers if p.name in keep]
-    part = part_for(t, "layers", d.against)
+    part = part_for(t, f"layers-{d.kind}", d.against)
     limit = None
     if d.kind == "exactness":
         c = check_of(part, "local_rel_err_max")

@@ -179,11 +179,13 @@ def line_chart(
     values: list[float] = [v for s in series for v in s.ys if v is not None]
     values += [s.limit.value for s in series if s.limit is not None]
     ys = make_scale(values, height - bottom, top, log=log)
+    zeros = log and any(v is not None and v <= 0 for v in values)
     out = _title(8, title, status, subtitle)
-    for t in ys.ticks:
+    for k, t in enumerate(ys.ticks):
         y = ys(t)
+        lab = ("≤" if zeros and k == 0 else "") + fmt(t)  # zeros (identical) sit on the bottom line
         out.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="{GRID}"/>')
-        out.append(f'<text x="{left - 4}" y="{y + 3.5:.1f}" text-anchor="end" fill="#555">{fmt(t)}</text>')
+        out.append(f'<text x="{left - 4}" y="{y + 3.5:.1f}" text-anchor="end" fill="#555">{lab}</text>')
     if ylabel:
         cy = (top + height - bottom) / 2
         out.append(

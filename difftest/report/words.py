@@ -168,7 +168,9 @@ def value_words(v: Any) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, dict):
-        return ", ".join(f"{k} {value_words(x)}" for k, x in v.items()) or "—"
+        if v and all(isinstance(x, dict) for x in v.values()):  # e.g. per backend: "torch: ...; triton: ..."
+            return "; ".join(f"{k}: {value_words(x)}" for k, x in v.items())
+        return ", ".join(f"{str(k).replace('_', ' ')} {value_words(x)}" for k, x in v.items()) or "—"
     if isinstance(v, list | tuple):
         return ", ".join(value_words(x) for x in v) or "—"
     return _clean_repr(str(v))

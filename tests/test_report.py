@@ -285,48 +285,53 @@ def test_html_tag_breakdown_audit_and_signature_in_words(sample_dir: dict[str, P
     assert "<td>a.jsonl, b.jsonl</td>" in sig and "<td>servers.reference.model</td>" in sig
 
 
-def test_html_inconclusive_and_not_informative_checks_render() -> None:
-    """Fields the verdict model may grow (informative, limit_source, INCONCLUSIVE) render as words."""
-    from dataclasses import dataclass
-
+def _inconclusive_run() -> RunResult:
+    """The PASS target's accuracy part: one undecided check and one not-informative one."""
     from difftest.results import Check, PartVerdict, TargetVerdict
-
-    @dataclass(frozen=True)
-    class FutureCheck(Check):
-        informative: bool = True
-        informative_reason: str = ""
-        limit_source: str = ""
-
-    @dataclass(frozen=True)
-    class FutureVerdict(TargetVerdict):
-        @property
-        def label(self) -> str:
-            return "INCONCLUSIVE"
 
     run = sample_run()
     t = run.targets[0]
-    check = FutureCheck(
+    undecided = Check(
         "kl_mean",
-        0.001,
-        5.0,
+        0.021,
+        0.02,
         "<=",
-        True,
-        note="budget fp8-block",
-        informative=False,
-        informative_reason="a broken target also passes 5.0",
-        limit_source="default budget",
+        False,
+        note="twin p99 x3",
+        decided=False,
+        ci=[0.012, 0.031],
+        prompts_to_decide=140,
     )
-    t.verdict = FutureVerdict(
-        target=t.name, expect="pass", parts=(PartVerdict("accuracy", "reference", (check,)),)
+    wide = Check("top1_agreement", 0.91, 0.2, ">=", True, note="in-run A/A floor x3", informative=False)
+    t.verdict = TargetVerdict(
+        target=t.name, expect="pass", parts=(PartVerdict("accuracy", "reference", (undecided, wide)),)
     )
+    return run
+
+
+def test_html_inconclusive_and_not_informative_checks_render() -> None:
+    run = _inconclusive_run()
+    assert run.targets[0].verdict.label == "INCONCLUSIVE" and run.gate == "INCONCLUSIVE"  # type: ignore[union-attr]
     text = render_html(run)
+    assert 'Gate <span class="badge b-INCONCLUSIVE">INCONCLUSIVE</span> no target contradicts' in text
     card = text[text.index('data-target="fp8-block"') :]
     card = card[: card.index('<div class="sp">')]
     assert '<span class="badge b-INCONCLUSIVE">INCONCLUSIVE</span>' in card
+    assert "expected PASS, got INCONCLUSIVE: undecided" in card
     assert (
-        '<li class="ni">accuracy: mean KL 0.001 &lt;= limit 5 (limit: default budget; budget fp8-block) — '
-        "not informative: a broken target also passes 5.0"
+        '<b>Undecided:</b><ul><li class="t-INCONCLUSIVE">accuracy: mean KL 0.021 vs limit 0.02, '
+        "95% CI [0.012, 0.031] straddles the limit (~140 prompts would decide) (limit: twin p99 x3)</li>"
     ) in card
+    assert (
+        '<li class="ni">accuracy: top-1 agreement 91.0% &gt;= limit 20.0% (limit: in-run A/A floor x3) — '
+        "not informative: a broken target would pass this limit too"
+    ) in card
+    assert "<b>Why:</b>" not in card  # nothing failed
+    md = render_markdown(run)
+    assert "**Gate: INCONCLUSIVE" in md and "undecided: accuracy: mean KL 0.021 vs limit 0.02" in md
+    suites = _suites(render_junit(run))
+    ok = suites["difftest.fp8-block"]
+    assert ok.get("errors") == "1" and ok.get("skipped") == "1" and ok.get("failures") == "0"
 
 
 # ----------------------------------------------------------------------------- junit

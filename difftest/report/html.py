@@ -35,7 +35,18 @@ from difftest.report.markdown import (
 )
 from difftest.report.page import CSP, CSS, JS
 from difftest.report.plots import Plot, first_screen_spark, run_plots
-from difftest.report.words import all_checks, failing_checks, kv_rows, label_of, shape_words, skipped_parts
+from difftest.report.words import (
+    GATE_WORDS,
+    all_checks,
+    expectation_words,
+    failing_checks,
+    gate_of,
+    kv_rows,
+    label_of,
+    open_checks,
+    shape_words,
+    skipped_parts,
+)
 from difftest.results import Comparison, RunResult, TargetResult
 
 MAX_CARD_CHECKS = 4  # failing checks listed on the first screen per target; the rest further down
@@ -69,12 +80,9 @@ def _table(header: list[str], rows: list[list[str]], num_cols: frozenset[int] = 
 
 
 def _expectation(t: TargetResult) -> str:
-    label = label_of(t)
-    if t.verdict is None:
-        return '<span class="unexp">no verdict</span>'
-    if t.verdict.meets_expectation:
-        return f'<span class="ok">expected {_e(t.expect.upper())}: as expected</span>'
-    return f'<span class="unexp">expected {_e(t.expect.upper())}, got {_e(label)}: NOT as expected</span>'
+    words, ok = expectation_words(t)
+    cls = "ok" if ok else ("t-INCONCLUSIVE" if label_of(t) == "INCONCLUSIVE" else "unexp")
+    return f'<span class="{cls}">{_e(words)}</span>'
 
 
 def _check_li(w: Any) -> str:
@@ -83,6 +91,8 @@ def _check_li(w: Any) -> str:
         return f'<li class="ni">{text}<span class="tag">not informative</span></li>'
     if not w.required:
         return f'<li class="ni">{text}<span class="tag">not required</span></li>'
+    if w.undecided:
+        return f'<li class="t-INCONCLUSIVE">{text}</li>'
     return f"<li>{text}</li>"
 
 
@@ -96,21 +106,29 @@ def _card(t: TargetResult) -> str:
         f' <span class="meta">scheme {_e(t.scheme or NA)} · golden {_e(t.golden or "none")}</span>'
         f" · {_expectation(t)}</div>",
     ]
+    undecided = open_checks(t)
     body: list[str] = []
     if t.verdict is None:
         body.append("<ul><li>no verdict: the target did not produce results</li></ul>")
-    elif failing:
-        items = [_check_li(w) for w in failing[:MAX_CARD_CHECKS]]
-        if len(failing) > MAX_CARD_CHECKS:
-            items.append(f'<li class="muted">{len(failing) - MAX_CARD_CHECKS} more failing checks below</li>')
-        body.append('<div class="why"><b>Why:</b><ul>' + "".join(items) + "</ul></div>")
+    elif failing or undecided:
+        for title, ws in (("Why", failing), ("Undecided", undecided)):
+            if not ws:
+                continue
+            items = [_check_li(w) for w in ws[:MAX_CARD_CHECKS]]
+            if len(ws) > MAX_CARD_CHECKS:
+                items.append(f'<li class="muted">{len(ws) - MAX_CARD_CHECKS} more below</li>')
+            body.append(f'<div class="why"><b>{title}:</b><ul>' + "".join(items) + "</ul></div>")
+    elif not any(w.informative for w in checks):
+        body.append(
+            '<div class="why"><b>Why:</b> no informative check: every limit would pass a broken target too</div>'
+        )
     else:
         acc = next((w for w in checks if w.metric == "mean KL" and w.part == "accuracy"), None)
         summary = f"all {len(checks)} checks passed"
         if acc is not None:
             summary += f"; accuracy mean KL {acc.value} ≤ limit {acc.limit} ({acc.source})"
         body.append(f'<div class="why">{_e(summary)}</div>')
-    ni = [w for w in checks if w.passed and not w.informative]
+    ni = [w for w in checks if not w.informative]
     if ni:
         body.append('<ul class="ni">' + "".join(_check_li(w) for w in ni[:MAX_CARD_CHECKS]) + "</ul>")
     loc = localisation_line(t)
@@ -132,8 +150,8 @@ def _card(t: TargetResult) -> str:
 
 
 def _first_screen(run: RunResult) -> str:
-    gate = "PASS" if run.gate_passed else "FAIL"
-    words = "every target as expected" if run.gate_passed else "a target is not as expected"
+    gate = gate_of(run)
+    words = GATE_WORDS.get(gate, "")
     n_prompts = max((len(c.prompts) for t in run.targets for c in t.comparisons), default=0)
     head = (
         f'<p class="gate">Gate {badge(gate)} {_e(words)} · reference <code>{_e(run.reference)}</code>'
@@ -176,10 +194,14 @@ def _verdict_table(run: RunResult) -> str:
 def _checks_table(t: TargetResult) -> str:
     rows = []
     for w in all_checks(t):
-        status = "pass" if w.passed else "FAIL"
         if not w.informative:
-            status += " (not informative)"
-        cls = "t-PASS" if w.passed else "t-FAIL"
+            status, cls = "not informative", "ni"
+        elif w.undecided:
+            status, cls = "undecided", "t-INCONCLUSIVE"
+        elif w.fails:
+            status, cls = "FAIL", "t-FAIL"
+        else:
+            status, cls = "pass", "t-PASS"
         rows.append(
             [
                 _e(w.part),
@@ -378,7 +400,7 @@ def _render_html(run: RunResult, plots: list[Plot] | None) -> str:
         "<h2>Noise floor</h2>",
         _kv_table(run.noise_floor) if run.noise_floor else "<p>no noise floor used (n/a)</p>",
     ]
-    title = f"difftest: {'PASS' if run.gate_passed else 'FAIL'}"
+    title = f"difftest: {gate_of(run)}"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from difftest.report.heatmap import layer_grid, text_heatmap
-from difftest.report.words import kv_rows, reasons_in_words, shape_words
+from difftest.report.words import GATE_WORDS, gate_of, kv_rows, reasons_in_words, shape_words
 from difftest.results import Comparison, PromptDiff, RunResult, TargetResult
 
 NA = "n/a"
@@ -215,8 +215,8 @@ def verdict_rows(run: RunResult) -> list[list[str]]:
 def _verdict_table(run: RunResult) -> list[str]:
     header = ["target", "scheme", "expect", "verdict", "meets expectation", "against"]
     header += [h for h, _ in HEADLINE] + ["failed requests"]
-    gate = "PASS — every target as expected" if run.gate_passed else "FAIL — a target is not as expected"
-    out = [f"**Gate: {gate}**", "", *md_table(header, verdict_rows(run))]
+    gate = gate_of(run)
+    out = [f"**Gate: {gate} — {GATE_WORDS.get(gate, '')}**", "", *md_table(header, verdict_rows(run))]
     return out
 
 

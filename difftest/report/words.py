@@ -1,10 +1,11 @@
 """Checks in words: "exactness: mean KL 0.1994 > limit 0.005 (limit: noise floor 0.0011 x3)".
 
-The verdict's `Check` carries a metric key, a value, a limit, an operator and a note that says
-where the limit came from; people read "mean KL", "top-1 agreement 85.7%", "at
-model.layers.3.mlp.down_proj". This module turns one into the other for every renderer, and
-reads the verdict fields the result model may grow (`informative`, `limit_source`, an
-INCONCLUSIVE label) through `getattr` so that a report renders with and without them.
+The verdict's `Check` carries a metric key, a value, a limit, an operator, a note that says where
+the limit came from, whether it is informative (a broken target would not pass it too) and
+decided (its 95% interval does not straddle the limit); people read "mean KL", "top-1 agreement
+85.7%", "at model.layers.3.mlp.down_proj", "95% CI [0.03, 0.07] straddles the limit". This module
+turns one into the other for every renderer. Fields are read with `getattr` defaults so that a
+report.json from before they existed still renders.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from difftest.results import Check, PartVerdict, TargetResult
+from difftest.results import Check, PartVerdict, RunResult, TargetResult
 
 # check key -> words; a key not listed is shown with underscores as spaces
 METRIC_NAMES = {
@@ -67,6 +68,18 @@ def is_informative(c: Check) -> bool:
     return bool(getattr(c, "informative", True))
 
 
+def check_fails(c: Check) -> bool:
+    """Counts against the target: informative, decided and on the wrong side."""
+    return bool(getattr(c, "fails", not c.passed))
+
+
+def check_undecided(c: Check) -> bool:
+    return bool(getattr(c, "undecided", False))
+
+
+NOT_INFORMATIVE = "a broken target would pass this limit too"
+
+
 @dataclass(frozen=True)
 class CheckWords:
     """One check, ready to print: every field plain text."""
@@ -84,11 +97,21 @@ class CheckWords:
     informative: bool
     why_not_informative: str
     measured: bool
+    fails: bool = False  # counts against the target (informative, decided, wrong side)
+    undecided: bool = False  # informative, but the 95% interval straddles the limit
+    ci: str = ""  # "[0.03, 0.07]" when the check has one
+    prompts_to_decide: int | None = None
 
     def sentence(self) -> str:
         """'exactness: mean KL 0.1994 > limit 0.005 at X (limit: noise floor x3)'."""
         if not self.measured:
             core = f"{self.metric} not measured"
+        elif self.undecided:
+            core = f"{self.metric} {self.value} vs limit {self.limit}"
+            if self.ci:
+                core += f", 95% CI {self.ci} straddles the limit"
+            if self.prompts_to_decide:
+                core += f" (~{self.prompts_to_decide} prompts would decide)"
         else:
             core = f"{self.metric} {self.value} {self.relation} limit {self.limit}"
         if self.where:
@@ -130,9 +153,19 @@ def check_words(part: PartVerdict, c: Check) -> CheckWords:
         passed=c.passed,
         required=c.required,
         informative=is_informative(c),
-        why_not_informative=str(getattr(c, "informative_reason", "") or getattr(c, "why", "") or ""),
+        why_not_informative=str(getattr(c, "informative_reason", "") or NOT_INFORMATIVE),
         measured=c.value is not None,
+        fails=check_fails(c),
+        undecided=check_undecided(c),
+        ci=_ci_text(c.name, getattr(c, "ci", None)),
+        prompts_to_decide=getattr(c, "prompts_to_decide", None),
     )
+
+
+def _ci_text(key: str, ci: Any) -> str:
+    if not ci or len(ci) != 2:
+        return ""
+    return f"[{fmt_value(key, ci[0])}, {fmt_value(key, ci[1])}]"
 
 
 def all_checks(t: TargetResult) -> list[CheckWords]:
@@ -143,8 +176,13 @@ def all_checks(t: TargetResult) -> list[CheckWords]:
 
 def failing_checks(t: TargetResult) -> list[CheckWords]:
     """The checks that decide a FAIL, required first; what a person should read first."""
-    out = [w for w in all_checks(t) if not w.passed]
-    return sorted(out, key=lambda w: (not w.required, not w.informative))
+    out = [w for w in all_checks(t) if w.fails]
+    return sorted(out, key=lambda w: not w.required)
+
+
+def open_checks(t: TargetResult) -> list[CheckWords]:
+    """Informative checks this sample could not decide: why a verdict is INCONCLUSIVE."""
+    return [w for w in all_checks(t) if w.undecided]
 
 
 def skipped_parts(t: TargetResult) -> list[str]:
@@ -216,7 +254,38 @@ def reasons_in_words(t: TargetResult) -> list[str]:
     if t.verdict is None:
         return ["no verdict: the target did not produce results"]
     out = [w.sentence() for w in failing_checks(t)]
+    out += [f"undecided: {w.sentence()}" for w in open_checks(t)]
     out += skipped_parts(t)
-    if not any(p.checks for p in t.verdict.parts):
+    checks = [c for p in t.verdict.parts for c in p.checks]
+    if not checks:
         out.append("no check could be made (every part skipped)")
+    elif not any(is_informative(c) for c in checks):
+        out.append("no informative check could be made: every limit would pass a broken target too")
     return out
+
+
+GATE_WORDS = {
+    "PASS": "every target as expected",
+    "FAIL": "a target is not as expected",
+    "INCONCLUSIVE": "no target contradicts its expectation, but a verdict is undecided (exit 4)",
+}
+
+
+def gate_of(run: RunResult) -> str:
+    """PASS / FAIL / INCONCLUSIVE (RunResult.gate), or PASS / FAIL from an older model."""
+    gate = getattr(run, "gate", None)
+    if isinstance(gate, str):
+        return gate
+    return "PASS" if run.gate_passed else "FAIL"
+
+
+def expectation_words(t: TargetResult) -> tuple[str, bool]:
+    """("expected FAIL: as expected", True) / ("expected PASS, got FAIL: NOT as expected", False)."""
+    if t.verdict is None:
+        return "no verdict", False
+    label = label_of(t)
+    if t.verdict.meets_expectation:
+        return f"expected {t.expect.upper()}: as expected", True
+    if label == "INCONCLUSIVE":
+        return f"expected {t.expect.upper()}, got INCONCLUSIVE: undecided", False
+    return f"expected {t.expect.upper()}, got {label}: NOT as expected", False

@@ -261,3 +261,27 @@ def test_values_in_words() -> None:
     )
     assert value_words("(PosixPath('/p/a.jsonl'), PosixPath('/p/b.jsonl'))") == "/p/a.jsonl, /p/b.jsonl"
     assert value_words(None) == "n/a" and value_words([]) == "—"
+
+
+def test_null_model_drawn_for_scale() -> None:
+    from sample_results import _comparison, _layers
+
+    from difftest.report.html import render_html
+    from difftest.report.plots import run_plots
+
+    run = sample_run()
+    golden = run.targets[1].golden or ""
+    null = _comparison("null", golden, f"{golden}-twin", faulty=False)
+    null.module_noise = 2.5e-4
+    run.nulls = [null]
+    run.null_layers = [_layers(golden, "exactness", None)]
+    plots = {p.slug: p.svg for p in run_plots(run)}
+    ladder = _svg(plots["fp8-block-faulty-kl-ladder-exactness"])
+    assert len(ladder.findall(f".//{SVG_NS}path[@class='ref']")) == 5  # one grey diamond per rung
+    layers = plots["fp8-block-faulty-layers-exactness"]
+    assert "null: rounding twin vs golden" in layers
+    assert "null: rounding twin" not in plots["fp8-block-layers-exactness"]  # another golden
+    text = render_html(run)
+    table = text[text.index('id="null"') :]
+    table = table[: table.index("</table>")]
+    assert f"<code>{golden}-twin</code>" in table and '<td class="n">2.500e-04</td>' in table

@@ -191,6 +191,33 @@ def _verdict_table(run: RunResult) -> str:
     return _table(header + [_e(h) for h, _ in HEADLINE] + ["failed requests"], rows, frozenset(range(6, 12)))
 
 
+def _nulls(run: RunResult) -> str:
+    """The null model behind the exactness limits: each rounding twin against its golden."""
+    nulls = list(getattr(run, "nulls", []) or [])
+    sig = run.signature.get("null") if isinstance(run.signature, dict) else None
+    if not nulls and not sig:
+        return ""
+    out = ['<h2 id="null">Null model (where exactness limits come from)</h2>']
+    if sig:
+        out.append(f"<p>{_e('; '.join(f'{k} {v}' for k, v in kv_rows(sig)))}</p>")
+    if nulls:
+        rows = []
+        for c in nulls:
+            noise = getattr(c, "module_noise", None)
+            rows.append(
+                [f"<code>{_e(c.baseline)}</code>", f"<code>{_e(c.target)}</code>", str(len(c.prompts))]
+                + [_e(x) for x in headline_cells(c)]
+                + [_e(fmt_num(noise))]
+            )
+        header = ["golden", "null (twin)", "prompts"] + [_e(h) for h, _ in HEADLINE] + ["module noise"]
+        out.append(_table(header, rows, frozenset(range(2, len(header)))))
+        out.append(
+            '<p class="muted">Limits are the null\'s upper 95% bound times the margin, never under an absolute '
+            "minimum; the exactness plots show the null as grey.</p>"
+        )
+    return "".join(out)
+
+
 def _checks_table(t: TargetResult) -> str:
     rows = []
     for w in all_checks(t):
@@ -381,6 +408,7 @@ def _render_html(run: RunResult, plots: list[Plot] | None) -> str:
         _first_screen(run),
         "<h2>Headline metrics</h2>",
         _verdict_table(run),
+        _nulls(run),
         '<h2 id="plots">Plots</h2>',
         _plots(plots, run),
     ]

@@ -75,6 +75,7 @@ class LayerProfile:
     guilty: int | None  # index into xlabels of the guilty module's layer
     guilty_module: str | None
     status: str | None  # the "layers" part: PASS / FAIL / None (not judged)
+    null: list[float | None] | None = None  # the null's accumulated error (rounding twin vs golden)
 
     def spark(self) -> list[float | None]:
         """The series a sparkline shows: local error where measured, else accumulated."""
@@ -97,7 +98,25 @@ def _deficit(cos: float | None) -> float | None:
     return None if cos is None else (math.nan if math.isnan(cos) else max(0.0, 1.0 - cos))
 
 
-def layer_profile(t: TargetResult, d: LayerDiff) -> LayerProfile | None:
+def _accumulated(d: LayerDiff, layers: list[int], has_logits: bool, exact: bool) -> list[float | None]:
+    """Per layer, the residual stream after the block (worst of prefill and decode; else any
+    point of the layer); then the logits."""
+
+    def value(p: LayerPoint) -> float | None:
+        return p.rel_err if exact else _deficit(p.cosine)
+
+    out: list[float | None] = []
+    for i in layers:
+        pts = [p for p in d.points if p.layer == i]
+        resid = [v for p in pts if p.kind == "residual" and (v := value(p)) is not None]
+        out.append(_nanmax(resid or [v for p in pts if (v := value(p)) is not None]))
+    if has_logits:
+        out.append(_nanmax([v for p in d.points if p.kind == "logits" and (v := value(p)) is not None]))
+    return out
+
+
+def layer_profile(t: TargetResult, d: LayerDiff, null: LayerDiff | None = None) -> LayerProfile | None:
+    """`null`: the null model's layer diff against the same golden (drawn for scale)."""
     if not d.points:
         return None
     part = part_for(t, f"layers-{d.kind}", d.against)
@@ -109,23 +128,17 @@ def layer_profile(t: TargetResult, d: LayerDiff) -> LayerProfile | None:
     def local_value(p: LayerPoint) -> float | None:
         return p.local_rel_err if exact else _deficit(p.local_cosine)
 
-    def point_value(p: LayerPoint) -> float | None:
-        return p.rel_err if exact else _deficit(p.cosine)
-
     local: list[float | None] = []
-    acc: list[float | None] = []
     for i in layers:
         pts = [p for p in d.points if p.layer == i]
         leaves = [v for p in pts if p.kind in LEAF_KINDS and (v := local_value(p)) is not None]
         local.append(_nanmax(leaves))
-        resid = [p for p in pts if p.kind == "residual"]
-        acc.append(
-            point_value(resid[0]) if resid else _nanmax([v for p in pts if (v := point_value(p)) is not None])
-        )
     if has_logits:
         local.append(None)
-        lg = next(p for p in d.points if p.kind == "logits")
-        acc.append(point_value(lg))
+    acc = _accumulated(d, layers, has_logits, exact)
+    null_acc = None
+    if null is not None and null.points and exact:
+        null_acc = _accumulated(null, layers, has_logits, exact)
 
     def limit(name: str, deficit: bool) -> tuple[float, str, str] | None:
         c = check_of(part, name)
@@ -154,11 +167,17 @@ def layer_profile(t: TargetResult, d: LayerDiff) -> LayerProfile | None:
         guilty=guilty,
         guilty_module=d.guilty_module,
         status=part_status(part),
+        null=null_acc,
     )
 
 
-def layer_profiles(t: TargetResult) -> list[LayerProfile]:
-    return [p for d in t.layers if (p := layer_profile(t, d)) is not None]
+def layer_profiles(t: TargetResult, nulls: Sequence[LayerDiff] = ()) -> list[LayerProfile]:
+    out = []
+    for d in t.layers:
+        null = next((n for n in nulls if n.against == d.against), None) if d.kind == "exactness" else None
+        if (p := layer_profile(t, d, null)) is not None:
+            out.append(p)
+    return out
 
 
 def spark_profile(t: TargetResult) -> LayerProfile | None:
@@ -180,6 +199,7 @@ class Ladder:
     rungs: list[tuple[str, float | None]]  # (label, value) mean, median, p90, p99, max
     limits: dict[str, tuple[float, str]] = field(default_factory=dict)  # rung -> (limit, source)
     n_positions: int = 0
+    null: dict[str, float | None] = field(default_factory=dict)  # the null model's rungs
 
 
 def pooled_kl(c: Comparison) -> np.ndarray:
@@ -187,7 +207,8 @@ def pooled_kl(c: Comparison) -> np.ndarray:
     return np.asarray(vals, dtype=np.float64)
 
 
-def kl_ladder(c: Comparison, part: PartVerdict | None) -> Ladder | None:
+def kl_ladder(c: Comparison, part: PartVerdict | None, null: Comparison | None = None) -> Ladder | None:
+    """`null`: the null model's comparison against the same golden; its rungs come along."""
     pooled = pooled_kl(c)
     mean = c.aggregate.get("kl_mean")
     if pooled.size == 0 and mean is None:
@@ -207,7 +228,10 @@ def kl_ladder(c: Comparison, part: PartVerdict | None) -> Ladder | None:
         ch = check_of(part, name)
         if ch is not None:
             limits[rung] = (ch.limit, ch.note)
-    return Ladder(rungs=rungs, limits=limits, n_positions=int(pooled.size))
+    null_rungs: dict[str, float | None] = {}
+    if null is not None and (nl := kl_ladder(null, None)) is not None:
+        null_rungs = dict(nl.rungs)
+    return Ladder(rungs=rungs, limits=limits, n_positions=int(pooled.size), null=null_rungs)
 
 
 @dataclass

@@ -62,6 +62,8 @@ def layer_plot(t: TargetResult, prof: pd.LayerProfile) -> Plot:
             limit=svg.Limit(lim[0], "<=", f"accumulated limit {svg.fmt(lim[0])}") if lim else None,
         )
     )
+    if prof.null is not None and any(v is not None for v in prof.null):
+        series.append(svg.Series("null: rounding twin vs golden", prof.null, colour="#9e9e9e", dashed=True))
     marks: list[tuple[int, str, str]] = []
     found = finding(t, prof)
     colour = svg.BAD if found else svg.MUTED
@@ -118,9 +120,12 @@ def ladder_plot(t: TargetResult, kind: str, baseline: str, ladder: pd.Ladder, st
                 highlight=lim is not None,
                 limit=svg.Limit(lim[0], "<=") if lim else None,
                 note=f"  (limit {svg.fmt(lim[0])})" if lim else "",
+                ref=ladder.null.get(label),
             )
         )
     sources = "; ".join(f"{r}: {src}" for r, (_, src) in ladder.limits.items()) or "no KL limit on this part"
+    if ladder.null:
+        sources += "; grey diamonds: the null model (rounding twin vs golden) on the same rungs"
     caption = (
         f"KL percentiles of {t.name} vs {baseline} ({kind}) over {ladder.n_positions} generated positions; "
         f"red ticks are the verdict's limits ({sources}). The mean is the mean of per-prompt means (what the check reads)."
@@ -193,12 +198,15 @@ def siblings_plot(t: TargetResult, kind: str, sib: pd.Siblings) -> Plot:
     return Plot(t.name, "siblings", slug(t.name, "siblings", kind), caption, chart)
 
 
-def target_plots(t: TargetResult) -> list[Plot]:
-    out = [layer_plot(t, prof) for prof in pd.layer_profiles(t)]
+def target_plots(t: TargetResult, run: RunResult | None = None) -> list[Plot]:
+    nulls = list(run.nulls) if run is not None else []
+    null_layers = list(run.null_layers) if run is not None else []
+    out = [layer_plot(t, prof) for prof in pd.layer_profiles(t, null_layers)]
     for c in t.comparisons:
         part = pd.part_for(t, c.kind, c.baseline)
         status = pd.part_status(part)
-        ladder = pd.kl_ladder(c, part)
+        null = next((n for n in nulls if n.baseline == c.baseline), None) if c.kind == "exactness" else None
+        ladder = pd.kl_ladder(c, part, null)
         if ladder is not None:
             out.append(ladder_plot(t, c.kind, c.baseline, ladder, status))
         prof = pd.position_profile(c)
@@ -220,7 +228,7 @@ def run_plots(run: RunResult) -> list[Plot]:
     plots: list[Plot] = []
     seen: set[str] = set()
     for t in run.targets:
-        for p in target_plots(t):
+        for p in target_plots(t, run):
             s, k = p.slug, 2
             while s in seen:
                 s, k = f"{p.slug}-{k}", k + 1

@@ -281,6 +281,7 @@ class Bar:
     highlight: bool = False  # drawn bold (the guilty module, the rung a check reads)
     limit: Limit | None = None  # this bar's own limit (drawn as a tick across the bar row)
     note: str = ""
+    ref: float | None = None  # a reference value on the same row (the null model), grey diamond
 
 
 def bar_chart(
@@ -303,6 +304,7 @@ def bar_chart(
     height = top + row_h * len(bars) + (34 if xlabel else 22)
     values = [b.value for b in bars if b.value is not None]
     values += [b.limit.value for b in bars if b.limit is not None]
+    values += [b.ref for b in bars if b.ref is not None and math.isfinite(b.ref)]
     if limit is not None:
         values.append(limit.value)
     xs = make_scale(values, left, width - right, log=log)
@@ -343,6 +345,12 @@ def bar_chart(
             f'fill="{colour}"{stroke}><title>{_e(b.label)}: {fmt(b.value)}</title></rect>'
         )
         out.append(f'<text x="{x1 + 4:.1f}" y="{y + 14}" fill="#222">{fmt(b.value)}{_e(b.note)}</text>')
+        if b.ref is not None and math.isfinite(b.ref):
+            rx, cy = xs(b.ref), y + row_h / 2
+            out.append(
+                f'<path d="M{rx:.1f},{cy - 5:.1f} l5,5 l-5,5 l-5,-5 z" fill="#9e9e9e" stroke="#fff" class="ref">'
+                f"<title>null: {fmt(b.ref)}</title></path>"
+            )
         if b.limit is not None:
             lx = xs(b.limit.value)
             out.append(

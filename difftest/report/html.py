@@ -88,7 +88,7 @@ def _expectation(t: TargetResult) -> str:
 def _check_li(w: Any) -> str:
     text = _e(w.sentence())
     if not w.informative:
-        return f'<li class="ni">{text}<span class="tag">not informative</span></li>'
+        return f'<li class="ni">{text}</li>'  # the sentence says "not informative"
     if not w.required:
         return f'<li class="ni">{text}<span class="tag">not required</span></li>'
     if w.undecided:

@@ -105,7 +105,9 @@ def verdict_text(t: TargetResult) -> tuple[str, str]:
     """(verdict label, meets-expectation) for a target; no verdict reads as such, not as PASS."""
     if t.verdict is None:
         return "NO VERDICT", "NO"
-    return t.verdict.label, "yes" if t.verdict.meets_expectation else "NO"
+    if t.verdict.meets_expectation:
+        return t.verdict.label, "yes"
+    return t.verdict.label, "undecided" if t.verdict.label == "INCONCLUSIVE" else "NO"
 
 
 def reasons(t: TargetResult) -> list[str]:

@@ -23,7 +23,7 @@ code{font-size:12.5px}
 letter-spacing:.02em}
 .b-PASS{background:var(--pass)}.b-FAIL,.b-NO-VERDICT{background:var(--fail)}.b-INCONCLUSIVE{background:var(--inc)}
 .t-PASS{color:var(--pass);font-weight:700}.t-FAIL,.t-NO-VERDICT,.t-NO{color:var(--fail);font-weight:700}
-.t-INCONCLUSIVE{color:var(--inc);font-weight:700}
+.t-INCONCLUSIVE,.t-undecided{color:var(--inc);font-weight:700}
 .gate{font-size:15px;margin:2px 0 8px}.meta{color:var(--mut);font-size:12.5px}
 .cards{display:flex;flex-direction:column;gap:6px}
 .card{border:1px solid var(--line);border-left:6px solid var(--mut);border-radius:4px;padding:6px 10px;

@@ -54,7 +54,9 @@ def render_summary(run: RunResult, console: Console, *, report_dir: Path | None 
                 *[Text(x) for x in headline_cells(c)[1:]],
                 Text(failed_text(t)) if first else Text(""),
                 Text(label, style=_STYLE.get(label, "")) if first else Text(""),
-                Text(meets, style="" if meets == "yes" else "bold red") if first else Text(""),
+                Text(meets, style={"yes": "", "undecided": "bold yellow"}.get(meets, "bold red"))
+                if first
+                else Text(""),
             )
     console.print(table)
     for t in run.targets:

@@ -153,13 +153,19 @@ def check_words(part: PartVerdict, c: Check) -> CheckWords:
         passed=c.passed,
         required=c.required,
         informative=is_informative(c),
-        why_not_informative=str(getattr(c, "informative_reason", "") or NOT_INFORMATIVE),
+        why_not_informative=_why_not_informative(c, source),
         measured=c.value is not None,
         fails=check_fails(c),
         undecided=check_undecided(c),
         ci=_ci_text(c.name, getattr(c, "ci", None)),
         prompts_to_decide=getattr(c, "prompts_to_decide", None),
     )
+
+
+def _why_not_informative(c: Check, source: str) -> str:
+    """The reason, unless the limit's own note already gives it (the verdict writes it there)."""
+    reason = str(getattr(c, "informative_reason", "") or NOT_INFORMATIVE)
+    return "" if "broken target would pass" in source else reason
 
 
 def _ci_text(key: str, ci: Any) -> str:

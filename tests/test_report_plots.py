@@ -279,8 +279,8 @@ def test_null_model_drawn_for_scale() -> None:
     ladder = _svg(plots["fp8-block-faulty-kl-ladder-exactness"])
     assert len(ladder.findall(f".//{SVG_NS}path[@class='ref']")) == 5  # one grey diamond per rung
     layers = plots["fp8-block-faulty-layers-exactness"]
-    assert "null: rounding twin vs golden" in layers
-    assert "null: rounding twin" not in plots["fp8-block-layers-exactness"]  # another golden
+    assert "null (twin vs golden)" in layers
+    assert "null (twin" not in plots["fp8-block-layers-exactness"]  # another golden
     text = render_html(run)
     table = text[text.index('id="null"') :]
     table = table[: table.index("</table>")]

@@ -46,7 +46,7 @@ def layer_plot(t: TargetResult, prof: pd.LayerProfile) -> Plot:
         lim = prof.local_limit
         series.append(
             svg.Series(
-                "module-local (worst module of the layer)",
+                "local (worst module)",
                 prof.local,
                 colour=svg.PALETTE[0],
                 limit=svg.Limit(lim[0], "<=", f"local limit {svg.fmt(lim[0])}") if lim else None,
@@ -55,7 +55,7 @@ def layer_plot(t: TargetResult, prof: pd.LayerProfile) -> Plot:
     lim = prof.accumulated_limit
     series.append(
         svg.Series(
-            "accumulated (residual stream)",
+            "accumulated (residual)",
             prof.accumulated,
             colour=svg.PALETTE[1],
             dashed=True,
@@ -63,7 +63,7 @@ def layer_plot(t: TargetResult, prof: pd.LayerProfile) -> Plot:
         )
     )
     if prof.null is not None and any(v is not None for v in prof.null):
-        series.append(svg.Series("null: rounding twin vs golden", prof.null, colour="#9e9e9e", dashed=True))
+        series.append(svg.Series("null (twin vs golden)", prof.null, colour="#9e9e9e", dashed=True))
     marks: list[tuple[int, str, str]] = []
     found = finding(t, prof)
     colour = svg.BAD if found else svg.MUTED

@@ -263,14 +263,15 @@ def _legend(series: Sequence[Series], left: float, y: float, right: float) -> li
         return []
     out, x = [], left
     for s in series:
+        w = 26 + 5.8 * len(s.name)
+        if x + w > right:  # no room: the caption under the plot names every line anyway
+            break
         dash = ' stroke-dasharray="4 3"' if s.dashed else ""
         out.append(
             f'<line x1="{x}" x2="{x + 16}" y1="{y - 4}" y2="{y - 4}" stroke="{s.colour}" stroke-width="2"{dash}/>'
         )
-        out.append(f'<text x="{x + 20}" y="{y}" fill="#333">{_e(s.name)}</text>')
-        x += 28 + 6.2 * len(s.name)
-        if x > right - 60:
-            break
+        out.append(f'<text x="{x + 20}" y="{y}" fill="#333" font-size="10.5">{_e(s.name)}</text>')
+        x += w + 8
     return out
 
 

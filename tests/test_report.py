@@ -106,6 +106,9 @@ def test_markdown_failing_target_has_localisation_then_reasons(sample_dir: dict[
     # prompts worst first: the WRONG divergence (KL 0.405) before the DRIFT one and the exact match
     assert section.index("5 WRONG") < section.index("2 DRIFT") < section.index("| arith |")
     assert "Quantization audit" in section and "transposed" in section
+    assert "| scale shape |" in section and "| 5 × 12 |" in section and "[5, 12]" not in section
+    tags = section[section.index("#### By prompt tag") :]
+    assert "| facts | 1 | 1/1 | 0.405 | 85.7% |" in tags and r"| \<b\>html\</b\> | 1 |" in tags
     assert "<- first divergent [3] [4]" in md
 
 

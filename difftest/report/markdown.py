@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from difftest.report.heatmap import layer_grid, text_heatmap
+from difftest.report.plotdata import TagRow, tag_rows
 from difftest.report.words import GATE_WORDS, gate_of, kv_rows, reasons_in_words, shape_words
 from difftest.results import Comparison, PromptDiff, RunResult, TargetResult
 
@@ -282,6 +283,32 @@ def _audit_table(audit: list[dict[str, Any]]) -> list[str]:
     return md_table([md_cell(k.replace("_", " ")) for k in keys], rows)
 
 
+def _tag_table(t: TargetResult) -> list[str]:
+    """Per prompt tag (the prompt files' `tags`): prompts, diverged, mean KL and top-1 per part."""
+    comps = [c for c in t.comparisons if any(p.tags for p in c.prompts)]
+    if not comps:
+        return []
+    header = ["tag", "prompts"]
+    per: dict[str, dict[str, TagRow]] = {}
+    for c in comps:
+        header += [f"{c.kind}: diverged", f"{c.kind}: mean KL", f"{c.kind}: top-1"]
+        for r in tag_rows(c.prompts):
+            per.setdefault(r.tag, {})[c.kind] = r
+    rows = []
+    for tag, by_kind in per.items():
+        row = [md_cell(tag), str(next(iter(by_kind.values())).n)]
+        for c in comps:
+            r = by_kind.get(c.kind)
+            ok = r.n - r.failed if r else 0
+            row += (
+                [f"{r.diverged}/{ok}" if ok else NA, fmt_num(r.kl_mean), fmt_num(r.top1, pct=True)]
+                if r
+                else [NA] * 3
+            )
+        rows.append(row)
+    return ["#### By prompt tag", "", *md_table(header, rows), ""]
+
+
 def _target_section(t: TargetResult) -> list[str]:
     label, meets = verdict_text(t)
     out = [f"### {md_cell(t.name)} — {label} (expect {t.expect}, meets expectation: {meets})", ""]
@@ -305,6 +332,7 @@ def _target_section(t: TargetResult) -> list[str]:
             out.append(f"Layers vs {md_code(d.against)} ({d.kind}): {md_cell(d.summary) or NA}")
             out += [f"- ⚠ {md_cell(w)}" for w in d.warnings]
             out.append("")
+    out += _tag_table(t)
     if t.audit:
         out += ["#### Quantization audit", "", *_audit_table(t.audit), ""]
     if t.invariance:

@@ -381,7 +381,9 @@ def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSe
     if whitebox not in WHITEBOX:
         raise ctx.error(where, "whitebox", f"key 'whitebox' must be one of auto, off, on; got {whitebox!r}")
     if values.get("null", "twin") not in NULLS:
-        raise ctx.error(where, "null", f"key 'null' must be one of {', '.join(NULLS)}; got {values['null']!r}")
+        raise ctx.error(
+            where, "null", f"key 'null' must be one of {', '.join(NULLS)}; got {values['null']!r}"
+        )
     # Default output folder: runs/<config name> under the working directory (`-o` overrides).
     values["output_dir"] = (
         (base / values["output_dir"]).resolve() if "output_dir" in values else Path.cwd() / "runs" / stem

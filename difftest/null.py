@@ -107,7 +107,9 @@ class NullModel:
         scaled = observed * margin
         if scaled >= minimum:
             return Limit(scaled, f"{self.source} {observed:.4g} x{margin:g}")
-        return Limit(minimum, f"absolute minimum {minimum:g} ({self.source} {observed:.3g} x{margin:g} is below it)")
+        return Limit(
+            minimum, f"absolute minimum {minimum:g} ({self.source} {observed:.3g} x{margin:g} is below it)"
+        )
 
 
 NO_NULL = NullModel("none", "no null model", "none: absolute minimums only (calibrated on fp32 CPU)")
@@ -135,7 +137,9 @@ def divergence_margins(comp: Comparison) -> list[float]:
     ]
 
 
-def null_from_twin(comp: Comparison, layers: LayerDiff | None = None, *, amplitude: float | None = None) -> NullModel:
+def null_from_twin(
+    comp: Comparison, layers: LayerDiff | None = None, *, amplitude: float | None = None
+) -> NullModel:
     """The null from a golden-vs-twin comparison (and its per-layer diff, where served)."""
     margins = divergence_margins(comp)
     points = [p.rel_err for p in (layers.points if layers else []) if p.kind in ("residual", "logits")]

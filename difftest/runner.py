@@ -474,14 +474,18 @@ async def run_async(
             started_at=started_at,
         )
         run.signature["null"] = _null_signature(cfg, floor)
-        twins = {t.twin.name: t.golden.name for t in cfg.targets if t.twin is not None and t.golden is not None}
+        twins = {
+            t.twin.name: t.golden.name for t in cfg.targets if t.twin is not None and t.golden is not None
+        }
         for twin, golden in twins.items():
             null = comps[("null", twin)]
             dtype = await _dtype(eps[golden])
             null.module_noise = module_tolerance(dtype) if dtype in UNIT_ROUNDOFF else None
             run.nulls.append(null)
         if cfg.run.whitebox != "off" and prompts:
-            found = await asyncio.gather(*(_null_layers(eps[g], eps[t], prompts[0].prompt) for t, g in twins.items()))
+            found = await asyncio.gather(
+                *(_null_layers(eps[g], eps[t], prompts[0].prompt) for t, g in twins.items())
+            )
             run.null_layers = [d for d in found if d is not None]
         slot_baselines: dict[str, Any] = {}  # baseline name -> future of its own batch-slot variance
         carried: dict[str, list[PartVerdict]] = {}
@@ -498,7 +502,9 @@ async def run_async(
             if tr.scheme is None:  # no scheme given: the target's own /debug/config may say it
                 tr.scheme = await _served_scheme(eps[tcfg.name])
                 source = "from the target's /debug/config" if tr.scheme else "none given or served"
-                run.warnings.append(f"{tcfg.name}: accuracy judged with the {tr.scheme or 'none'} budget ({source})")
+                run.warnings.append(
+                    f"{tcfg.name}: accuracy judged with the {tr.scheme or 'none'} budget ({source})"
+                )
             caps = eps[tcfg.name].caps
             tr.conformance = {"checks": [list(c) for c in caps.checks], "warnings": list(caps.warnings)}
             tr.comparisons = [

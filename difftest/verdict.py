@@ -157,7 +157,9 @@ def _interval(comp: Comparison, name: str) -> list[float] | None:
     if name not in comp.ci:
         return None
     if name == "token_match":  # a failed prompt counts as 0, as in the aggregate
-        per_prompt = [p.match_rate if p.error is None and p.match_rate is not None else 0.0 for p in comp.prompts]
+        per_prompt = [
+            p.match_rate if p.error is None and p.match_rate is not None else 0.0 for p in comp.prompts
+        ]
     elif name in ("kl_mean", "top1_agreement"):
         per_prompt = [getattr(p, name) for p in comp.prompts if p.error is None]
         per_prompt = [v for v in per_prompt if v is not None]
@@ -177,7 +179,9 @@ def _prompts_to_decide(n: int, ci: Sequence[float], value: float, limit: float) 
     return max(n + 1, math.ceil(n * (half / gap) ** 2))
 
 
-def _make_check(name: str, value: float | None, limit: Limit, op: str, comp: Comparison | None = None) -> Check:
+def _make_check(
+    name: str, value: float | None, limit: Limit, op: str, comp: Comparison | None = None
+) -> Check:
     assert limit.value is not None  # callers only build checks for set limits
     inf = limit.informative
     if value is None:
@@ -189,7 +193,9 @@ def _make_check(name: str, value: float | None, limit: Limit, op: str, comp: Com
     decided, needed = True, None
     if ci is not None and ci[0] <= limit.value <= ci[1]:
         decided = False
-        needed = _prompts_to_decide(int(comp.aggregate.get("n_prompts", len(comp.prompts))), ci, value, limit.value)  # type: ignore[union-attr]
+        needed = _prompts_to_decide(
+            int(comp.aggregate.get("n_prompts", len(comp.prompts))), ci, value, limit.value
+        )  # type: ignore[union-attr]
     return Check(name, float(value), limit.value, op, passed, True, limit.note, inf, decided, ci, needed)
 
 
@@ -217,7 +223,9 @@ def _part(
             continue
         reason = _skip_reason(skipped, part, group)
         if reason is not None:
-            checks.append(Check(name, None, limit.value, op, True, False, f"skipped: {reason}", informative=False))
+            checks.append(
+                Check(name, None, limit.value, op, True, False, f"skipped: {reason}", informative=False)
+            )
             msg = f"{part}: {group.replace('_', '-')} checks skipped: {reason}"
             if msg not in warnings:
                 warnings.append(msg)

@@ -24,6 +24,7 @@ def nf(**values: float):
     """A null model from an A/A floor file with these values."""
     return null_from_floor(NoiseFloor(**values))
 
+
 FP8 = budget_for("fp8-block")
 
 

@@ -120,7 +120,9 @@ def classify_divergence(
     return classify_from_stats(margin, gap, tie_margin)
 
 
-def divergence_stats(ref_top_logprobs: Mapping[Hashable, float], tgt_token: Hashable) -> tuple[float, float | None]:
+def divergence_stats(
+    ref_top_logprobs: Mapping[Hashable, float], tgt_token: Hashable
+) -> tuple[float, float | None]:
     """The raw numbers a divergence is classified by, measured once and stored:
     (lp1 - lp2, lp1 - lp(t)) — the reference's top-1/top-2 margin and how far below its top-1 it
     rated the target's token t (None when t is not in its top-k)."""

@@ -39,7 +39,6 @@ from difftest.results import LayerDiff, PartVerdict, PromptDiff, RunResult, Targ
 from difftest.scoring import finish_comparison, score_prompts
 from difftest.signature import run_signature
 from server_shim.launch import RunningServer, ServerSpec, launch_servers
-from server_shim.tolerance import UNIT_ROUNDOFF, module_tolerance
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +401,16 @@ async def _served_scheme(ep: Endpoint) -> str | None:
     return scheme if scheme in DEFAULT_BUDGETS else None
 
 
+async def _twin_noise(ep: Endpoint) -> float | None:
+    """The largest per-module noise amplitude a rounding twin reports in /debug/config."""
+    try:
+        cfg = await ep.client.get_json("/debug/config")
+    except DifftestError:
+        return None
+    value = cfg.get("rounding_noise") if isinstance(cfg, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
 async def _dtype(ep: Endpoint) -> str | None:
     """The compute dtype a server reports in /debug/config (cached in its fingerprint)."""
     try:
@@ -479,8 +488,7 @@ async def run_async(
         }
         for twin, golden in twins.items():
             null = comps[("null", twin)]
-            dtype = await _dtype(eps[golden])
-            null.module_noise = module_tolerance(dtype) if dtype in UNIT_ROUNDOFF else None
+            null.module_noise = await _twin_noise(eps[twin])
             run.nulls.append(null)
         if cfg.run.whitebox != "off" and prompts:
             found = await asyncio.gather(

@@ -7,8 +7,7 @@ tiny-llama (tiny-moe for routed-scaling-missing), localised against its golden a
 - correct fp8-block / int8 / int4-g128 targets PASS exactness (torch vs torch; triton in the
   interpreter vs torch); the reference against itself and against its rounding twin flags nothing.
 
-All with the limits `run` uses: the module replay bound is 2 x module_tolerance(float32) = 5e-4
-(difftest.null), the same number that sizes the rounding twin.
+All with the limits `run` uses: the module replay bound of float32, 5e-4 (server_shim.tolerance).
 
 Run with `-s` to see the table of numbers (fault, guilty module, local cos, norm ratio, rel err).
 """
@@ -23,7 +22,6 @@ from difftest.layers import layer_verdict, localise, rank_modules
 from difftest.null import replay_bound
 from difftest.results import LayerDiff
 from server_shim.models import LoadedModel
-from server_shim.tolerance import module_tolerance
 from server_shim.twin import apply_rounding_twin
 
 TH = LayerThresholds(exact_local_rel_err=replay_bound("float32")[0])
@@ -134,7 +132,7 @@ async def test_reference_against_itself_has_zero_flagged_layers() -> None:
 
 async def test_reference_against_its_rounding_twin_has_zero_flagged_layers() -> None:
     twin = build("tiny-llama", "fp8-block")
-    assert apply_rounding_twin(twin.model, module_tolerance("float32")) > 0
+    assert apply_rounding_twin(twin.model, None, dtype="float32") > 0
     async with shim_endpoint("g", model("tiny-llama", "fp8-block")) as g, shim_endpoint("twin", twin) as t:
         diff = await localise(g, t, PROMPT, kind="exactness", thresholds=TH)
     worst = max(p.local_rel_err for p in diff.points if p.local_rel_err is not None)

@@ -1,4 +1,4 @@
-"""Typed errors of the differ, each mapped to an exit code (DESIGN.md "Verdict").
+"""Typed errors of the differ, each mapped to an exit code (docs/design.md "Errors and exit codes").
 
     DifftestError                   base
     ├── UsageError          (2)     bad CLI arguments, bad config, bad prompts file

@@ -10,7 +10,7 @@
          error, not what it inherited from upstream layers. The guilty module is the worst one.
       4. the guilty module's backend (GET /debug/config) and a quant-audit hint (quantcheck)
 
-Two questions, two bounds (DESIGN.md "Two references"):
+Two questions, two bounds (docs/design.md "Two references"):
 - exactness (vs golden): a correct backend differs from its golden only by accumulation order, so
   the bounds are tight absolute ones and the worst local error names the module.
 - accuracy (vs FP16): every quantized module has the scheme's own error, so a module is ranked by

@@ -4,7 +4,7 @@
     difftest layers --ref URL --target URL [--golden URL]
     difftest quant  CONFIG | --target URL [--ref URL]
 
-Exit codes (DESIGN.md): 0 nothing flagged, 1 a target has a flagged point or module, 2 usage,
+Exit codes (docs/design.md "Errors and exit codes"): 0 nothing flagged, 1 a target has a flagged point or module, 2 usage,
 3 infrastructure (from the launcher / client errors, mapped by difftest.cli).
 """
 

@@ -11,7 +11,7 @@ Why process groups: engines fork workers (vLLM's engine core, tokenizer pools). 
 pid we started leaves those holding the GPU and the port, so each server gets its own session
 (`start_new_session=True`) and teardown signals the whole group — SIGTERM, a grace period, SIGKILL.
 
-This module imports no torch (DESIGN.md "Boundaries"): difftest uses it to start servers it
+This module imports no torch (docs/design.md "Boundaries"): difftest uses it to start servers it
 never loads. The TOML -> ServerSpec parser lives in launch_spec.py (re-exported here: difftest.config
 imports it from server_shim.launch); `python -m server_shim pair` needs both, and no difftest.
 """

@@ -1,4 +1,4 @@
-"""DESIGN.md "Boundaries": difftest runs without torch, triton or fastapi (someone comparing two
+"""docs/design.md "Boundaries": difftest runs without torch, triton or fastapi (someone comparing two
 deployed servers installs httpx, numpy, sacrebleu and safetensors only), and the launcher starts
 servers without loading a model."""
 

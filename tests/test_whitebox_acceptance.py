@@ -1,4 +1,4 @@
-"""Issue 6 acceptance, in process: every fault class of DESIGN.md injected into one module of
+"""Issue 6 acceptance, in process: every fault class of docs/design.md "Fault injection" injected into one module of
 tiny-llama (tiny-moe for routed-scaling-missing), localised against its golden and against FP32.
 
 - with a golden: the layers verdict FAILs and the guilty module is the injected one;

@@ -30,6 +30,7 @@ import httpx
 
 from difftest.cache import CacheMiss, ResponseCache
 from difftest.errors import RequestRejected, ServerError
+from server_shim.launch import normalise_url
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class CompletionClient:
         if offline and cache is None:
             raise ValueError("offline=True needs a cache")
         self.name = name
-        self.base_url = _normalise_url(base_url)
+        self.base_url = normalise_url(base_url)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.concurrency = concurrency
@@ -345,11 +346,6 @@ class CompletionClient:
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
-
-
-def _normalise_url(url: str) -> str:
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
 def _as_json(body: bytes, name: str, path: str) -> Any:

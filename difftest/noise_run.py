@@ -23,10 +23,9 @@ from difftest.conformance import probe
 from difftest.noise import NoiseFloor, floor_from_comparisons
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import Comparison
-from difftest.runner import _api_key
 from difftest.scoring import build_comparison
 from difftest.verdict import tie_margin_for
-from server_shim.launch import RunningServer, launch_servers
+from server_shim.launch import RunningServer, api_key_of, launch_servers
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ async def _one_pass(
     srv: RunningServer, cfg: RunConfig, prompts: Sequence[Prompt], concurrency: int, base: _Pass | None
 ) -> _Pass:
     client = CompletionClient(
-        srv.url, name=srv.name, api_key=_api_key(srv.spec), timeout_s=cfg.run.request_timeout_s,
+        srv.url, name=srv.name, api_key=api_key_of(srv.spec), timeout_s=cfg.run.request_timeout_s,
         max_retries=cfg.run.max_retries, concurrency=concurrency,
     )  # fmt: skip
     async with client:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig
 from difftest.conformance import check_pair, probe
-from difftest.errors import DifftestError, InfraError
+from difftest.errors import DifftestError
 from difftest.noise import NoiseFloor
 from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
@@ -38,7 +37,7 @@ from difftest.results import PartVerdict, PromptDiff, RunResult, TargetResult
 from difftest.scoring import finish_comparison, score_prompts
 from difftest.signature import run_signature
 from difftest.verdict import tie_margin_for
-from server_shim.launch import RunningServer, ServerSpec, launch_servers
+from server_shim.launch import RunningServer, ServerSpec, api_key_of, launch_servers
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +90,6 @@ def cache_identity(spec: ServerSpec) -> dict[str, Any]:
     return data
 
 
-def _api_key(spec: ServerSpec) -> str | None:
-    return os.environ.get(spec.api_key_env) if spec.api_key_env else None
-
-
 async def _connect(
     running: Mapping[str, RunningServer], cfg: RunConfig, cache: ResponseCache, concurrency: int
 ) -> dict[str, Endpoint]:
@@ -103,7 +98,7 @@ async def _connect(
         name: CompletionClient(
             srv.url,
             name=name,
-            api_key=_api_key(srv.spec),
+            api_key=api_key_of(srv.spec),
             timeout_s=cfg.run.request_timeout_s,
             max_retries=cfg.run.max_retries,
             concurrency=concurrency,
@@ -513,12 +508,7 @@ def infra_problems(run: RunResult, cfg: RunConfig, running: Mapping[str, Running
     return problems
 
 
-def execute(
-    cfg: RunConfig,
-    opts: RunOptions,
-    *,
-    on_result: Callable[[RunResult, list[str]], None] | None = None,
-) -> tuple[RunResult, list[str]]:
+def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
     """Run end to end; returns the result and the infrastructure problems (exit 3 if any)."""
     out = opts.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -536,11 +526,4 @@ def execute(
     finally:
         cache.close()
     run.warnings.extend(problems)
-    if on_result:
-        on_result(run, problems)
     return run, problems
-
-
-def raise_for_problems(problems: Sequence[str]) -> None:
-    if problems:
-        raise InfraError("; ".join(problems))

@@ -216,7 +216,8 @@ def build_argv(spec: ServerSpec, port: int, api_key: str | None = None) -> list[
     return argv + list(spec.extra_args)
 
 
-def _api_key(spec: ServerSpec) -> str | None:
+def api_key_of(spec: ServerSpec) -> str | None:
+    """The API key a spec names through `api_key_env`; a named variable that is unset is an error."""
     if spec.api_key_env is None:
         return None
     value = os.environ.get(spec.api_key_env)
@@ -267,9 +268,9 @@ def _cpu_threads_per_shim(specs: Sequence[ServerSpec]) -> int:
 def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) -> RunningServer:
     import subprocess  # local: keeps `import server_shim.launch` light for the differ
 
-    key = _api_key(spec)
+    key = api_key_of(spec)
     if spec.kind == "url":
-        url = _normalise_url(spec.url or "")
+        url = normalise_url(spec.url or "")
         return RunningServer(spec.name, url, spec, None, None)
     assert port is not None  # _pick_ports gave every started server one
     argv = build_argv(spec, port, key)
@@ -303,7 +304,7 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
     return RunningServer(spec.name, f"http://{HOST}:{port}", spec, proc.pid, log_path, proc)
 
 
-def _normalise_url(url: str) -> str:
+def normalise_url(url: str) -> str:
     """Base URL without a trailing '/' or '/v1' (users paste OpenAI base_urls)."""
     url = url.rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
@@ -342,7 +343,7 @@ def _wait_healthy(servers: list[RunningServer]) -> None:
 
 
 def _probe(client: httpx.Client, server: RunningServer) -> tuple[bool, str]:
-    key = _api_key(server.spec)
+    key = api_key_of(server.spec)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     answer = "no answer"
     for route in ("/health", "/v1/models"):

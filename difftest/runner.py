@@ -28,7 +28,7 @@ from difftest.cache import ResponseCache
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig
-from difftest.conformance import check_pair, probe
+from difftest.conformance import probe
 from difftest.errors import DifftestError
 from difftest.noise import NoiseFloor
 from difftest.progress import Progress
@@ -36,6 +36,7 @@ from difftest.prompts import Prompt, load_prompts
 from difftest.results import PartVerdict, PromptDiff, RunResult, TargetResult
 from difftest.scoring import finish_comparison, score_prompts
 from difftest.signature import run_signature
+from difftest.tokenizer_check import check_pair
 from difftest.verdict import tie_margin_for
 from server_shim.launch import RunningServer, ServerSpec, api_key_of, launch_servers
 

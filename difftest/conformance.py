@@ -417,12 +417,11 @@ async def _probe_tokenizations(
 
 async def _probe_debug(p: _Probe) -> None:
     try:
-        cfg = await p.client.get_json("/debug/config", retries=0)
+        cfg = await p.client.debug_config(retries=0)
     except (RequestRejected, ServerError) as e:
         p.fields |= {"debug": False, "vocab_size": None}
         p.check("debug protocol", WARN, _why(e), "no_debug")
         return
-    cfg = cfg if isinstance(cfg, dict) else {}
     vocab = cfg.get("vocab_size")
     p.fields |= {"debug": True, "vocab_size": vocab if isinstance(vocab, int) else None}
     detail = ", ".join(f"{k}={cfg[k]}" for k in ("model", "dtype", "device") if k in cfg)
@@ -443,9 +442,9 @@ async def _tokenize(client: CompletionClient, text: str) -> tuple[list[int] | No
     return None, err
 
 
-def _why(e: Exception) -> str:
+def _why(e: RequestRejected | ServerError) -> str:
     """The server's own words ("HTTP 400: echo is not supported"), without the client's prefix."""
-    return short(str(getattr(e, "detail", e)))
+    return short(e.reason)
 
 
 def first_diff(a: Sequence[Any], b: Sequence[Any]) -> int:

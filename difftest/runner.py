@@ -35,10 +35,13 @@ from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import PartVerdict, PromptDiff, RunResult, TargetResult
 from difftest.scoring import finish_comparison, score_prompts
+from difftest.session import cache_identity
 from difftest.signature import run_signature
 from difftest.tokenizer_check import check_pair
 from difftest.verdict import tie_margin_for
-from server_shim.launch import RunningServer, ServerSpec, api_key_of, launch_servers
+from difftest.whitebox.layers import layer_verdict
+from difftest.whitebox.localise import localisation_line, localise_target
+from server_shim.launch import RunningServer, api_key_of, launch_servers
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +82,6 @@ def _phase(name: str, since: float) -> float:
     now = time.monotonic()
     logging.getLogger("difftest.progress").info("%s: %.1f s", name, now - since)
     return now
-
-
-def cache_identity(spec: ServerSpec) -> dict[str, Any]:
-    """What identifies a server's answers across runs: its spec without the (random) port."""
-    data = dataclasses.asdict(spec)
-    data.pop("port", None)
-    data.pop("startup_timeout_s", None)
-    if spec.url is None:
-        data.pop("url", None)
-    return data
 
 
 async def _connect(
@@ -362,30 +355,15 @@ async def _whitebox(
                 "white-box requested but not every side serves the debug protocol"
             )
         return parts
-    from difftest.layers import layer_verdict, localise
-    from difftest.quantcheck import audit_module
-
-    probe_prompt = prompts[0].prompt
-    diffs = []
-    if gold is not None:
-        diffs.append(await localise(gold, tgt, probe_prompt, kind="exactness"))
-    diffs.append(await localise(ref, tgt, probe_prompt, kind="accuracy"))
-    for diff in diffs:
+    # layer diffs vs golden and reference; each module they blame is audited once
+    found = await localise_target(tgt, prompt=prompts[0].prompt, golden=gold, reference=ref)
+    for diff in found.diffs:
         result.layers.append(diff)
         verdict = layer_verdict(diff, scheme=tcfg.scheme)
         # PartVerdict names its part; keep the two layer diffs apart in reasons and junit
         parts.append(dataclasses.replace(verdict, part=f"layers-{diff.kind}"))
-    # `run` audits the modules localisation blamed; `difftest quant` audits every module
-    for module in dict.fromkeys(d.guilty_module for d in diffs if d.guilty_module):
-        result.audit.append(await audit_module(tgt, ref, module))
+    result.audit.extend(found.audit)
     return parts
-
-
-def _localisation_line(result: TargetResult) -> str | None:
-    for ld in result.layers:
-        if ld.guilty_module or ld.first_divergent_layer is not None:
-            return ld.summary
-    return None
 
 
 async def run_async(
@@ -479,7 +457,7 @@ async def run_async(
             golden_floor = floors.get(tcfg.golden.name) if tcfg.golden is not None else None
             judge(cfg, tr, golden_floor, extra, _skipped(pairs, tcfg.name))
             if tr.verdict is not None and not tr.verdict.localisation:
-                tr.verdict = dataclasses.replace(tr.verdict, localisation=_localisation_line(tr))
+                tr.verdict = dataclasses.replace(tr.verdict, localisation=localisation_line(tr.layers))
             return tr
 
         # targets are separate servers: their white-box diffs run side by side

@@ -15,8 +15,10 @@ from __future__ import annotations
 import pytest
 from test_layers import PROMPT, build, shim_endpoint
 
-from difftest.layers import layer_verdict, localise, rank_modules
 from difftest.results import LayerDiff
+from difftest.whitebox.layers import diff_layers, layer_verdict
+from difftest.whitebox.localise import localise_target
+from difftest.whitebox.replay import rank_modules
 from server_shim.models import LoadedModel
 
 # (fault, model, scheme, module). Schemes where the class bites on tiny-llama's 128-wide
@@ -71,8 +73,10 @@ async def test_fault_is_failed_and_localised(fault: str, name: str, scheme: str,
         shim_endpoint("reference", model(name)) as ref,
         shim_endpoint("target", target) as tgt,
     ):
-        exact = await localise(gold, tgt, PROMPT, kind="exactness", decode_steps=1)
-        acc = await localise(ref, tgt, PROMPT, kind="accuracy", decode_steps=1)
+        found = await localise_target(tgt, prompt=PROMPT, golden=gold, reference=ref, decode_steps=1)
+    exact, acc = found.diffs
+    blamed = {d.guilty_module for d in found.diffs if d.guilty_module}
+    assert sorted(r["module"] for r in found.audit) == sorted(blamed)  # one audit per blamed module
     print("\n" + _row(fault, exact, module, _rank(exact, module)))
     print(_row(fault, acc, module, _rank(acc, module)))
     print("   ", exact.summary)
@@ -105,7 +109,7 @@ async def test_correct_target_passes_exactness(scheme: str, backend: str) -> Non
         shim_endpoint("golden", model("tiny-llama", scheme)) as g,
         shim_endpoint("target", target) as t,
     ):
-        diff = await localise(g, t, PROMPT, kind="exactness")
+        diff = await diff_layers(g, t, PROMPT, kind="exactness")
     worst = max(p.local_rel_err for p in diff.points if p.local_rel_err is not None)
     resid = max(p.rel_err for p in diff.points if p.kind in ("residual", "logits"))
     print(
@@ -117,7 +121,7 @@ async def test_correct_target_passes_exactness(scheme: str, backend: str) -> Non
 
 async def test_reference_against_itself_has_zero_flagged_layers() -> None:
     async with shim_endpoint("a", model("tiny-moe")) as a, shim_endpoint("b", model("tiny-moe")) as b:
-        diff = await localise(a, b, PROMPT, kind="exactness")
+        diff = await diff_layers(a, b, PROMPT, kind="exactness")
     assert diff.points and not any(p.flagged for p in diff.points)
     assert diff.first_divergent_layer is None and diff.guilty_module is None
     assert any(p.kind == "moe" and p.local_rel_err == 0.0 for p in diff.points)  # experts replayed too

@@ -1,12 +1,14 @@
-"""Layer diff, per point: the bounds, point names, fetching /debug/activations, and comparing points.
+"""Activations: point names, fetching POST /debug/activations, and comparing two sides per point.
 
-Split from layers.py (which re-exports every public name here and runs the whole diff); replay.py
-builds on it. Everything below the fetch is pure: per point cosine, norm ratio, rel / max-abs
-error and SQNR (difftest.metrics.tensors), judged against LayerThresholds.
+Steps 1-2 of docs/design.md "White-box localisation". Everything below the fetch is pure: per
+point cosine, norm ratio, rel / max-abs error and SQNR (difftest.metrics.tensors), judged against
+`LayerThresholds` (the white-box bounds; they stay here until verdict code is gathered in one
+place). replay.py builds on this module, layers.py runs both for one pair of servers.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -16,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from difftest.collect import Endpoint
-from difftest.fp_codes import SafeTensors, read_safetensors
 from difftest.metrics.tensors import TensorDiff, tensor_diff
 from difftest.results import LayerPoint
+from difftest.whitebox.safetensors import SafeTensors, read_safetensors
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _RESIDUAL = re.compile(r"^(?:.*\.)?layers\.\d+$")
@@ -113,8 +115,6 @@ class Activations:
 
 
 def _json_list(meta: Mapping[str, str], key: str) -> list[Any]:
-    import json
-
     try:
         val = json.loads(meta.get(key, "[]"))
     except ValueError:

@@ -223,9 +223,10 @@ def api_key_of(spec: ServerSpec) -> str | None:
     if spec.api_key_env is None:
         return None
     value = os.environ.get(spec.api_key_env)
-    if not value:
-        raise LaunchError(
-            f"server {spec.name!r}: environment variable {spec.api_key_env} (api_key_env) is not set"
+    if not value:  # the config names a variable this shell lacks: a config mistake, not the server's
+        raise SpecError(
+            f"server {spec.name!r}: environment variable {spec.api_key_env} (api_key_env) is not set",
+            key="api_key_env",
         )
     return value
 

@@ -120,12 +120,13 @@ class Session:
             )  # fmt: skip
             for name, s in self.servers.items()
         }
-        try:
-            caps = await asyncio.gather(*(probe(c) for c in clients.values()))
-        except BaseException:
+        # every probe runs to its end before a failure is raised: no task is left using a closed client
+        found = await asyncio.gather(*(probe(c) for c in clients.values()), return_exceptions=True)
+        failed = next((r for r in found if isinstance(r, BaseException)), None)
+        if failed is not None:
             await asyncio.gather(*(c.aclose() for c in clients.values()))
-            raise
-        self._endpoints = {n: Endpoint(n, clients[n], cap) for n, cap in zip(clients, caps, strict=True)}
+            raise failed
+        self._endpoints = {n: Endpoint(n, clients[n], cap) for n, cap in zip(clients, found, strict=True)}  # type: ignore[arg-type]
 
     async def aclose(self) -> None:
         eps, self._endpoints = self._endpoints, {}

@@ -60,8 +60,12 @@ class Server:
     transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def of_running(cls, srv: RunningServer) -> Server:
-        return cls(srv.name, srv.url, api_key_of(srv.spec), cache_identity(srv.spec))
+    def of_spec(cls, spec: ServerSpec, url: str | None = None) -> Server:
+        """A server as its spec describes it: at `url` where it was launched, else a `url` spec's own."""
+        address = url or spec.url
+        if address is None:
+            raise ValueError(f"server {spec.name!r} has no URL: launch it first")
+        return cls(spec.name, address, api_key_of(spec), cache_identity(spec))
 
 
 def cache_identity(spec: ServerSpec) -> dict[str, Any]:
@@ -87,7 +91,7 @@ class Session:
         cls, running: Mapping[str, RunningServer], options: ClientOptions | None = None
     ) -> Session:
         """The servers `launch_servers` started (or connected to, for `url` specs)."""
-        return cls((Server.of_running(s) for s in running.values()), options)
+        return cls((Server.of_spec(s.spec, s.url) for s in running.values()), options)
 
     @classmethod
     def of_urls(

@@ -68,3 +68,19 @@ def test_a_run_asks_each_server_for_its_debug_config_once(tmp_path: Path) -> Non
     assert code == 0
     for name, app in apps.items():
         assert app.state.fake.requests.count(("GET", "/debug/config")) == 1, name
+
+
+def test_server_of_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server_shim.launch import ServerSpec
+
+    monkeypatch.setenv("DIFFTEST_SESSION_KEY", "k1")
+    remote = ServerSpec(name="r", url="http://r.test/v1", api_key_env="DIFFTEST_SESSION_KEY")
+    s = Server.of_spec(remote)
+    assert (s.url, s.api_key) == ("http://r.test/v1", "k1") and s.cache_identity["url"] == "http://r.test/v1"
+    shim = ServerSpec(name="t", model="tiny-llama", port=1234)
+    launched = Server.of_spec(shim, "http://127.0.0.1:1234")
+    assert (
+        launched.url == "http://127.0.0.1:1234" and "port" not in launched.cache_identity
+    )  # fresh port each run
+    with pytest.raises(ValueError, match="no URL"):
+        Server.of_spec(shim)

@@ -1,4 +1,4 @@
-"""PASS / FAIL per target, in two parts (DESIGN.md "Two references" and "Verdict").
+"""PASS / FAIL per target, in two parts (docs/design.md "Two references" and "Verdicts and null models").
 
 - exactness (target vs its golden: same model and scheme on the reference backend) — limits from
   the null model (difftest.null: the golden's rounding twin, a floor file, or absolute minimums):
@@ -18,7 +18,7 @@ group was skipped with a visible reason (`skipped={"teacher_forced": "no echo"}`
 shows as a non-required "not measured (skipped: ...)" check and a verdict warning.
 
 Default budgets (recalibrate on your model: `difftest noise` / calibration runs). Measured on
-smollm2-135m vs fp32, 10 prompts x 24 tokens (DESIGN.md):
+smollm2-135m vs fp32, 10 prompts x 24 tokens (docs/design.md "Calibration"):
 
 | scheme | measured, correct: top-1 / KL | budget: top-1 >= / KL <= / token match >= |
 |---|---|---|

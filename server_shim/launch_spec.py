@@ -1,7 +1,7 @@
 """TOML -> ServerSpec: the server spec, its validation and the names it is checked against.
 
 Split from launch.py, which re-exports every name here: `difftest.config` and the tests import
-them from `server_shim.launch`. Like launch.py this module imports no torch (DESIGN.md
+them from `server_shim.launch`. Like launch.py this module imports no torch (docs/design.md
 "Boundaries"), so a config is validated without loading a model; it lives in server_shim so that
 `python -m server_shim pair` works without difftest, and `difftest.config` reuses it and adds
 line numbers to its errors.

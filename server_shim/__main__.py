@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from server_shim.errors import ShimError
 
+API_KEY_ENV = "DIFFTEST_SHIM_API_KEY"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 _LEVELS = ("debug", "info", "warning", "error")
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:  # no prefixes: `--api-key` must not mean `--api-key-env`
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the whole usage)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -36,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--batch-invariant", action="store_true", help="serve one sequence at a time: bit-exact")
-    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route")
+    s.add_argument(
+        "--api-key-env",
+        default=API_KEY_ENV,
+        metavar="NAME",
+        help=f"environment variable holding the API key (default {API_KEY_ENV}); when set, every route "
+        "but /health needs `Authorization: Bearer KEY`. Never a flag: argv is public in ps",
+    )
     s.add_argument("--debug", action="store_true", help="enable the /debug/* white-box routes")
     s.add_argument(
         "--quant", default="none", help="none, fp8-tensor, fp8-token, fp8-block, int8, int4-g128, mxfp4"
@@ -52,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted")
     s.add_argument("--max-n", type=int, default=16, help="largest n accepted")
     s.add_argument("--max-batch-size", type=int, default=32)
+    s.add_argument("--max-waiting", type=int, default=256, help="queued sequences before 429")
+    s.add_argument("--max-prompt-chars", type=int, default=2**20, help="longest text prompt accepted")
+    s.add_argument("--max-stop-strings", type=int, default=16, help="most stop strings per request")
+    s.add_argument("--max-stop-chars", type=int, default=1024, help="longest stop string accepted")
+    s.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="largest request body")
     s.add_argument("--log-level", default="info", choices=_LEVELS)
 
     w = sub.add_parser("prepare", help="build a model's on-disk cache once (before starting several servers)")
@@ -90,12 +109,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from server_shim.serve import ServeOptions, run_server
 
+    api_key = os.environ.get(args.api_key_env) or None
+    if args.debug and args.host not in _LOOPBACK and api_key is None:
+        print(
+            f"server_shim: error: --debug on --host {args.host} exposes the model's weights and activations "
+            f"to the network; set an API key in ${args.api_key_env} or bind 127.0.0.1",
+            file=sys.stderr,
+        )
+        return 2
     opts = ServeOptions(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         batch_invariant=args.batch_invariant,
-        api_key=args.api_key,
+        api_key=api_key,
         debug=args.debug,
         quant=args.quant,
         quant_skip=tuple(args.quant_skip),
@@ -107,6 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_tokens_cap=args.max_tokens_cap,
         max_n=args.max_n,
         max_batch_size=args.max_batch_size,
+        max_waiting=args.max_waiting,
+        max_prompt_chars=args.max_prompt_chars,
+        max_stop_strings=args.max_stop_strings,
+        max_stop_chars=args.max_stop_chars,
+        max_body_bytes=args.max_body_bytes,
         host=args.host,
         port=args.port,
     )

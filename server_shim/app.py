@@ -11,20 +11,24 @@ go through one mapping instead of FastAPI's `{"detail": ...}` 422s.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
+import hashlib
+import hmac
 import json
 import logging
-import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server_shim.engine import EngineFailure, RequestHandle, SamplingParams, TokenInfo
+from server_shim.engine import EngineBusy, EngineFailure, RequestHandle, SamplingParams, TokenInfo
 from server_shim.errors import InvalidRequestError
 from server_shim.protocol import (
     CompletionChoice,
@@ -42,6 +46,8 @@ from server_shim.protocol import (
     completion_id,
     error_body,
 )
+from server_shim.wire import parse as _parse
+from server_shim.wire import read_json as _read_json
 
 if TYPE_CHECKING:
     from server_shim.engine import Engine
@@ -56,10 +62,18 @@ def create_app(engine: Engine, opts: ServeOptions) -> FastAPI:
     app = FastAPI(title="server_shim", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.add_middleware(_GuardMiddleware, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes)
-    # The worker thread decodes with the engine's tokenizer; the event loop gets its own copy
-    # (a fast tokenizer is not safe to share between threads while one of them encodes).
-    tokenizer = copy.deepcopy(engine.loaded.tokenizer)
+    # The worker thread decodes with the engine's tokenizer; tokenizing happens on a small pool of
+    # threads with their own copies (a fast tokenizer is not safe to share between threads while one
+    # of them encodes), so a 7 MB prompt never stalls the event loop (/health stays instant).
+    tokenizer = engine.loaded.tokenizer
+    pool = _TokenizerPool(tokenizer)
     model_name = engine.loaded.name
+
+    @app.exception_handler(EngineBusy)
+    async def _busy(_: Request, exc: EngineBusy) -> JSONResponse:
+        resp = _error(429, str(exc), "rate_limit_error", None, "server_busy")
+        resp.headers["Retry-After"] = "1"
+        return resp
 
     @app.exception_handler(InvalidRequestError)
     async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
@@ -78,6 +92,28 @@ def create_app(engine: Engine, opts: ServeOptions) -> FastAPI:
                 code="model_not_found",
                 status_code=404,
                 error_type="NotFoundError",
+            )
+
+    def check_chars(text: str, param: str = "prompt") -> None:
+        if len(text) > opts.max_prompt_chars:
+            raise InvalidRequestError(
+                f"{param} has {len(text)} characters; this server takes at most {opts.max_prompt_chars} "
+                "(--max-prompt-chars)",
+                param=param,
+                code="prompt_too_long",
+            )
+
+    def check_stops(stops: tuple[str, ...]) -> None:
+        if len(stops) > opts.max_stop_strings:
+            raise InvalidRequestError(
+                f"at most {opts.max_stop_strings} stop strings (--max-stop-strings); got {len(stops)}",
+                param="stop",
+            )
+        longest = max((len(x) for x in stops), default=0)
+        if longest > opts.max_stop_chars:
+            raise InvalidRequestError(
+                f"stop strings are at most {opts.max_stop_chars} characters (--max-stop-chars); got {longest}",
+                param="stop",
             )
 
     def check_ids(ids: list[int], param: str) -> None:
@@ -101,8 +137,13 @@ def create_app(engine: Engine, opts: ServeOptions) -> FastAPI:
     async def tokenize(request: Request) -> TokenizeResponse:
         req = _parse(TokenizeRequest, await _read_json(request, opts.max_body_bytes))
         check_model(req.model)
-        ids = tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
-        strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        check_chars(req.prompt)
+
+        def work(tok: Any) -> tuple[list[int], list[str] | None]:
+            ids = tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+            return ids, (tok.convert_ids_to_tokens(ids) if req.return_token_strs else None)
+
+        ids, strs = await pool.run(work)
         return TokenizeResponse(
             count=len(ids), max_model_len=engine.context_length, tokens=ids, token_strs=strs
         )
@@ -112,7 +153,8 @@ def create_app(engine: Engine, opts: ServeOptions) -> FastAPI:
         req = _parse(DetokenizeRequest, await _read_json(request, opts.max_body_bytes))
         check_model(req.model)
         check_ids(req.tokens, "tokens")
-        return DetokenizeResponse(prompt=tokenizer.decode(req.tokens, clean_up_tokenization_spaces=False))
+        text = await pool.run(lambda tok: tok.decode(req.tokens, clean_up_tokenization_spaces=False))
+        return DetokenizeResponse(prompt=text)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
@@ -129,7 +171,14 @@ def create_app(engine: Engine, opts: ServeOptions) -> FastAPI:
             raise InvalidRequestError(f"max_tokens must be <= {opts.max_tokens_cap}", param="max_tokens")
         if req.n > opts.max_n:
             raise InvalidRequestError(f"n must be <= {opts.max_n}", param="n")
-        prompts = _prompt_ids(req.prompt, tokenizer)
+        stops = req.stop_list()
+        check_stops(stops)
+        texts_in = (
+            [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+        )
+        for text in texts_in:
+            check_chars(text)
+        prompts = await pool.run(lambda tok: _prompt_ids(req.prompt, tok))
         for ids in prompts:
             check_ids(ids, "prompt")
             if len(ids) + max_tokens > engine.context_length:
@@ -146,7 +195,7 @@ def create_app(engine: Engine, opts: ServeOptions) -> FastAPI:
             top_p=req.top_p,
             top_k=max(req.top_k or 0, 0),
             seed=req.seed,
-            stop=req.stop_list(),
+            stop=stops,
             logprobs=req.logprobs,
             echo=req.echo,
             ignore_eos=req.ignore_eos,
@@ -161,11 +210,14 @@ def create_app(engine: Engine, opts: ServeOptions) -> FastAPI:
         texts: dict[int, list[str]] = {}
         infos: dict[int, list[TokenInfo]] = {}
         reasons: dict[int, str | None] = {}
-        async for ev in handle.events():
-            texts.setdefault(ev.index, []).append(ev.text)
-            infos.setdefault(ev.index, []).extend(ev.tokens)
-            usage.completion_tokens += 0 if ev.prompt else len(ev.tokens)
-            reasons[ev.index] = ev.finish_reason
+        async with _cancel_on_disconnect(request, handle) as watch:
+            async for ev in handle.events():
+                texts.setdefault(ev.index, []).append(ev.text)
+                infos.setdefault(ev.index, []).extend(ev.tokens)
+                usage.completion_tokens += 0 if ev.prompt else len(ev.tokens)
+                reasons[ev.index] = ev.finish_reason
+        if watch.gone:  # the client went away: nobody reads this (nginx's "client closed request")
+            return Response(status_code=499)
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         choices = [
             CompletionChoice(
@@ -178,8 +230,55 @@ def create_app(engine: Engine, opts: ServeOptions) -> FastAPI:
     if opts.debug:
         from server_shim.debug import create_debug_router
 
-        app.include_router(create_debug_router(engine))
+        app.include_router(create_debug_router(engine, max_body_bytes=opts.max_body_bytes))
     return app
+
+
+class _TokenizerPool:
+    """Tokenizing off the event loop: a few threads, each with its own tokenizer copy."""
+
+    def __init__(self, tokenizer: Any, workers: int = 2) -> None:
+        self._template = tokenizer
+        self._local = threading.local()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenizer")
+
+    def _call(self, fn: Any) -> Any:
+        tok = getattr(self._local, "tok", None)
+        if tok is None:
+            tok = self._local.tok = copy.deepcopy(self._template)
+        return fn(tok)
+
+    async def run(self, fn: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+
+class _cancel_on_disconnect:  # noqa: N801 - used as a context manager
+    """Non-streaming requests: watch the connection while the engine works and cancel the request's
+    sequences when the client goes away (an abandoned request must not keep a batch slot)."""
+
+    def __init__(self, request: Request, handle: RequestHandle) -> None:
+        self.request, self.handle = request, handle
+        self.task: asyncio.Task | None = None
+        self.gone = False
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                logger.info("client went away; cancelling its generation")
+                self.gone = True
+                self.handle.cancel()
+                return
+
+    async def __aenter__(self) -> _cancel_on_disconnect:
+        self.task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
 
 
 class _Formatter:
@@ -268,56 +367,30 @@ def _prompt_ids(prompt: Any, tokenizer: Any) -> list[list[int]]:
     return out
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InvalidRequestError(
-                f"request body exceeds {limit} bytes", code="request_too_large", status_code=413
-            )
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"malformed JSON body: {exc}", code="invalid_json") from exc
-
-
-def _parse(model: type[BaseModel], body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [str(x) for x in err["loc"]]
-        param = loc[0] if loc else None
-        if err["type"] == "extra_forbidden":
-            msg = f"unsupported parameter `{param}`"
-        elif err["type"] == "missing":
-            msg = f"`{param}` is required"
-        elif param == "prompt" and len(exc.errors()) > 1:
-            msg = (
-                "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
-            )
-        else:
-            msg = f"`{'.'.join(loc)}`: {err['msg']}"
-        raise InvalidRequestError(msg, param=param) from None
-
-
 def _error(status: int, message: str, error_type: str, param: str | None, code: str | None) -> JSONResponse:
     return JSONResponse(
         error_body(message, error_type=error_type, param=param, code=code), status_code=status
     )
 
 
+# Open without a key: a load balancer's liveness probe. It answers {"status": "ok"} and nothing else.
+OPEN_PATHS = frozenset({"/health"})
+
+
+def _same_key(got: bytes, want: bytes) -> bool:
+    """Constant time in the key and in how much of it matches: compare fixed-length digests (a
+    plain compare_digest still leaks the expected key's length)."""
+    return hmac.compare_digest(hashlib.sha256(got).digest(), hashlib.sha256(want).digest())
+
+
 class _GuardMiddleware:
-    """Pure ASGI: bearer auth on every route (health too), a body-size cap on Content-Length, and a
+    """Pure ASGI: bearer auth on every route but /health, a body-size cap on Content-Length, and a
     last-resort 500 in the OpenAI shape (with the traceback logged) for our own bugs."""
 
     def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
         self.app = app
         self.api_key = api_key
+        self._want = f"Bearer {api_key}".encode() if api_key is not None else b""
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -325,9 +398,9 @@ class _GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key is not None:
-            auth = headers.get("authorization", "")
-            if not secrets.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
+        if self.api_key is not None and scope.get("path") not in OPEN_PATHS:
+            auth = headers.get("authorization", "").encode("latin-1")
+            if not _same_key(auth, self._want):
                 body = error_body(
                     "missing or wrong API key", error_type="invalid_request_error", code="invalid_api_key"
                 )

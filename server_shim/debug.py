@@ -42,7 +42,8 @@ from server_shim.debug_capture import (  # re-exported: the route and its caller
     list_points,
     module_kind,
 )
-from server_shim.errors import DebugRequestError, QuantConfigError
+from server_shim.errors import DebugRequestError, InvalidRequestError, QuantConfigError
+from server_shim.wire import loads, read_body
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20  # ServeOptions.max_body_bytes: one cap for every route
 _OCTET = "application/octet-stream"
 
 
@@ -191,7 +193,7 @@ def debug_config(loaded: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- HTTP
 
 
-def _error(exc: DebugRequestError) -> JSONResponse:
+def _error(exc: InvalidRequestError) -> JSONResponse:
     body = {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
     return JSONResponse(body, status_code=exc.status_code)
 
@@ -206,10 +208,7 @@ async def _octet(engine: Any, fn: Callable[[], bytes]) -> Response:
 
 
 def _parse_activations(raw: bytes) -> ActivationsRequest:
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DebugRequestError(f"the body is not valid JSON: {exc}", param=None) from None
+    data = loads(raw)  # InvalidRequestError (400) for malformed, too deep, surrogates, huge ints
     if not isinstance(data, dict):
         raise DebugRequestError("the body must be a JSON object", param=None)
     try:
@@ -221,8 +220,12 @@ def _parse_activations(raw: bytes) -> ActivationsRequest:
         raise DebugRequestError(f"{param}: {first['msg']}", param=param) from None
 
 
-def create_debug_router(engine: Any, *, max_response_bytes: int | None = None) -> APIRouter:
-    """The debug routes over `engine.loaded`; the cap defaults to env DIFFTEST_DEBUG_MAX_BYTES or 256 MiB."""
+def create_debug_router(
+    engine: Any, *, max_response_bytes: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> APIRouter:
+    """The debug routes over `engine.loaded`; the response cap defaults to env DIFFTEST_DEBUG_MAX_BYTES
+    or 256 MiB. Bodies are read through wire.read_body, so a chunked upload without Content-Length
+    is cut off at `max_body_bytes` with a 413 naming the cap, not buffered whole."""
     cap = max_response_bytes or int(os.environ.get("DIFFTEST_DEBUG_MAX_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
     router = APIRouter(prefix="/debug")
 
@@ -233,14 +236,17 @@ def create_debug_router(engine: Any, *, max_response_bytes: int | None = None) -
     @router.post("/activations")
     async def activations(request: Request) -> Response:
         try:
-            req = _parse_activations(await request.body())
-        except DebugRequestError as exc:
+            req = _parse_activations(await read_body(request, max_body_bytes))
+        except InvalidRequestError as exc:
             return _error(exc)
         return await _octet(engine, lambda: capture_activations(engine.loaded, req, max_bytes=cap))
 
     @router.post("/module")
     async def module(request: Request) -> Response:
-        raw = await request.body()
+        try:
+            raw = await read_body(request, max_body_bytes)
+        except InvalidRequestError as exc:
+            return _error(exc)
         return await _octet(engine, lambda: replay_module(engine.loaded, raw))
 
     @router.get("/quant/{name:path}")

@@ -35,6 +35,10 @@ class ServeOptions:
     max_tokens_cap: int = 4096
     max_n: int = 16
     max_body_bytes: int = 8 * 2**20
+    max_prompt_chars: int = 2**20
+    max_stop_strings: int = 16
+    max_stop_chars: int = 1024
+    max_waiting: int = 256
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 32
@@ -61,7 +65,12 @@ def build_engine(opts: ServeOptions) -> Engine:
         logger.info(
             "quantized %d modules with %s (backend %s)", len(summary.modules), opts.quant, opts.backend
         )
-    engine = Engine(loaded, batch_invariant=opts.batch_invariant, max_batch_size=opts.max_batch_size)
+    engine = Engine(
+        loaded,
+        batch_invariant=opts.batch_invariant,
+        max_batch_size=opts.max_batch_size,
+        max_waiting=opts.max_waiting,
+    )
     if opts.max_model_len is not None:
         if opts.max_model_len > engine.context_length:
             logger.warning(

@@ -284,9 +284,10 @@ def test_shim_argv_carries_every_option() -> None:
         "--quant fp8-block --backend triton",
         "--quant-skip lm_head --quant-skip model.layers.0.*",
         "--fault scale-transposed@model.layers.1.mlp.down_proj",
-        "--ck-free --batch-invariant --debug --api-key k --max-model-len 512",
+        "--ck-free --batch-invariant --debug --max-model-len 512",
     ):
         assert part in joined
+    assert "k" not in argv  # the key travels by environment (launch._start), never on the command line
     assert "--ck-free" not in build_argv(ServerSpec(name="p", model="m"), 1)
 
 
@@ -431,3 +432,63 @@ def test_two_real_tiny_llama_shims(tmp_path: Path) -> None:
             texts.append(resp.json()["choices"][0]["text"])
         assert texts[0] == texts[1]  # same seeded model, greedy
     assert wait_dead(pids) == []
+
+
+# ----------------------------------------------------------------------------- a launcher that is SIGKILLed
+
+_ORPHAN_PARENT = """
+import sys, time
+from pathlib import Path
+from server_shim.launch import ServerSpec, launch_servers
+cmd = sys.argv[1]
+specs = [ServerSpec(name=n, command=cmd.replace("NAME", n), startup_timeout_s=20) for n in ("a", "b")]
+with launch_servers(specs, log_dir=Path(sys.argv[2])) as servers:
+    print(" ".join(str(s.pid) for s in servers.values()), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_servers_stop_by_themselves_when_the_launcher_is_sigkilled(tmp_path: Path) -> None:
+    """SIGKILL runs no teardown: the kernel's parent-death signal must stop the servers (they used to
+    live on, holding their ports)."""
+    token = f"orphan-{uuid.uuid4().hex[:8]}"
+    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE))} --port {{port}} --name {token}-NAME"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_PARENT, cmd, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        assert sorted(pids) == sorted(p for p in pids_with(token) if p != parent.pid)
+        parent.kill()
+        parent.wait(timeout=10)
+        assert wait_dead(pids, timeout=15) == []
+        assert pids_with(token) == []
+    finally:
+        parent.kill()
+        for pid in pids_with(token):  # only if the test failed: leave nothing behind
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_launched_shim_gets_its_key_by_environment_not_argv(tmp_path: Path, monkeypatch) -> None:
+    """The key is not in /proc/PID/cmdline (readable by every user) nor in the log; /health is open."""
+    key = f"sk-{uuid.uuid4().hex}"
+    monkeypatch.setenv("DIFFTEST_TEST_SHIM_KEY", key)
+    spec = ServerSpec(
+        name="keyed",
+        model="tiny-llama",
+        device="cpu",
+        api_key_env="DIFFTEST_TEST_SHIM_KEY",
+        startup_timeout_s=300,
+    )
+    with launch_servers([spec], log_dir=tmp_path) as servers:
+        server = servers["keyed"]
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        assert key.encode() not in cmdline and b"serve" in cmdline
+        assert httpx.get(server.url + "/health", trust_env=False).status_code == 200
+        assert httpx.get(server.url + "/v1/models", trust_env=False).status_code == 401
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(server.url + "/v1/models", headers=auth, trust_env=False).status_code == 200
+    assert key not in (tmp_path / "keyed.log").read_text()

@@ -12,12 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from server_shim import options
 from server_shim.errors import ShimError
 
-API_KEY_ENV = "DIFFTEST_SHIM_API_KEY"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-_LEVELS = ("debug", "info", "warning", "error")
+_LEVELS = options.LOG_LEVELS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,49 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("serve", help="serve one model")
-    s.add_argument(
-        "--model", required=True, help="preset (smollm2-135m, tiny-llama, tiny-moe), HF folder or .gguf"
-    )
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    s.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    s.add_argument("--batch-invariant", action="store_true", help="serve one sequence at a time: bit-exact")
-    s.add_argument(
-        "--api-key-env",
-        default=API_KEY_ENV,
-        metavar="NAME",
-        help=f"environment variable holding the API key (default {API_KEY_ENV}); when set, every route "
-        "but /health needs `Authorization: Bearer KEY`. Never a flag: argv is public in ps",
-    )
-    s.add_argument("--debug", action="store_true", help="enable the /debug/* white-box routes")
-    s.add_argument(
-        "--quant", default="none", help="none, fp8-tensor, fp8-token, fp8-block, int8, int4-g128, mxfp4"
-    )
-    s.add_argument(
-        "--quant-skip", action="append", default=[], metavar="GLOB", help="modules left unquantized"
-    )
-    s.add_argument("--backend", default="auto", help="auto, torch, triton, vendor")
-    s.add_argument("--ck-free", action="store_true", help="forbid vendor kernels (fall back to Triton)")
-    s.add_argument("--fault", action="append", default=[], metavar="NAME[@GLOB]", help="inject a known bug")
-    s.add_argument(
-        "--rounding-noise",
-        default="0",
-        metavar="auto|A",
-        help="rounding twin: multiply every linear / MoE output by (1 + A*h), h a value hash in [-1, 1); "
-        "auto = the compute dtype's module tolerance (server_shim.tolerance); 0 = off",
-    )
-    s.add_argument("--seed", type=int, default=0, help="seed of the tiny presets' weights")
-    s.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
-    s.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted")
-    s.add_argument("--max-n", type=int, default=16, help="largest n accepted")
-    s.add_argument("--max-batch-size", type=int, default=32)
-    s.add_argument("--max-waiting", type=int, default=256, help="queued sequences before 429")
-    s.add_argument("--max-prompt-chars", type=int, default=2**20, help="longest text prompt accepted")
-    s.add_argument("--max-stop-strings", type=int, default=16, help="most stop strings per request")
-    s.add_argument("--max-stop-chars", type=int, default=1024, help="longest stop string accepted")
-    s.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="largest request body")
-    s.add_argument("--log-level", default="info", choices=_LEVELS)
+    options.add_arguments(s)  # one flag per row of the option table
 
     w = sub.add_parser("prepare", help="build a model's on-disk cache once (before starting several servers)")
     w.add_argument("--model", required=True, help="preset, HF model folder or .gguf path")
@@ -114,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"server_shim: error: --port {args.port} is not a TCP port", file=sys.stderr)
         return 2
-    from server_shim.serve import ServeOptions, run_server
+    from server_shim.serve import run_server
 
     api_key = os.environ.get(args.api_key_env) or None
     if args.debug and args.host not in _LOOPBACK and api_key is None:
@@ -124,32 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    opts = ServeOptions(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        batch_invariant=args.batch_invariant,
-        rounding_noise=args.rounding_noise,
-        api_key=api_key,
-        debug=args.debug,
-        quant=args.quant,
-        quant_skip=tuple(args.quant_skip),
-        backend=args.backend,
-        ck_free=args.ck_free,
-        faults=tuple(args.fault),
-        seed=args.seed,
-        max_model_len=args.max_model_len,
-        max_tokens_cap=args.max_tokens_cap,
-        max_n=args.max_n,
-        max_batch_size=args.max_batch_size,
-        max_waiting=args.max_waiting,
-        max_prompt_chars=args.max_prompt_chars,
-        max_stop_strings=args.max_stop_strings,
-        max_stop_chars=args.max_stop_chars,
-        max_body_bytes=args.max_body_bytes,
-        host=args.host,
-        port=args.port,
-    )
+    opts = options.from_namespace(args, api_key=api_key)
     try:
         run_server(opts)
     except ShimError as exc:

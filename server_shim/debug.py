@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from server_shim import debug_protocol as P
 from server_shim.debug_capture import (  # re-exported: the route and its callers import them from here
     MAX_DECODE_STEPS,
     ActivationsRequest,
@@ -123,11 +124,11 @@ def _find(loaded: Any, name: str) -> tuple[str, torch.nn.Module]:
 
 def replay_module(loaded: Any, body: bytes) -> bytes:
     tensors, meta = parse_safetensors(body)
-    if "module" not in meta:
-        raise DebugRequestError("the safetensors metadata needs a 'module' entry", param="module")
-    kind, mod = _find(loaded, meta["module"])
-    if "input" not in tensors:
-        raise DebugRequestError("the body needs a tensor named 'input'", param="input")
+    if P.META_MODULE not in meta:
+        raise DebugRequestError(f"the safetensors metadata needs a {P.META_MODULE!r} entry", param="module")
+    kind, mod = _find(loaded, meta[P.META_MODULE])
+    if P.INPUT not in tensors:
+        raise DebugRequestError(f"the body needs a tensor named {P.INPUT!r}", param="input")
     if kind in ("block", "attention"):
         raise DebugRequestError(
             f"{meta['module']!r} is a {kind}; it needs rotary embeddings and a mask, so replay its linears instead",
@@ -137,8 +138,8 @@ def replay_module(loaded: Any, body: bytes) -> bytes:
     def to_model(t: torch.Tensor) -> torch.Tensor:
         return t.to(loaded.device, loaded.dtype) if t.is_floating_point() else t.to(loaded.device)
 
-    x = to_model(tensors.pop("input"))
-    backend = meta.get("backend")
+    x = to_model(tensors.pop(P.INPUT))
+    backend = meta.get(P.META_BACKEND)
     if backend is not None and not hasattr(mod, "forward_with_backend"):
         raise DebugRequestError(
             f"module {meta['module']!r} ({kind}) is not quantized: it has no backends to choose from",
@@ -160,8 +161,8 @@ def replay_module(loaded: Any, body: bytes) -> bytes:
         ) from None
     out = out[0] if isinstance(out, (tuple, list)) else out
     return st_save(
-        {"output": out.detach().to("cpu", torch.float32).contiguous()},
-        metadata={"module": meta["module"], "dtype": str(loaded.dtype).removeprefix("torch.")},
+        {P.OUTPUT: out.detach().to("cpu", torch.float32).contiguous()},
+        metadata={P.META_MODULE: meta[P.META_MODULE], P.META_DTYPE: str(loaded.dtype).removeprefix("torch.")},
     )
 
 
@@ -229,13 +230,13 @@ def create_debug_router(
     or 256 MiB. Bodies are read through wire.read_body, so a chunked upload without Content-Length
     is cut off at `max_body_bytes` with a 413 naming the cap, not buffered whole."""
     cap = max_response_bytes or int(os.environ.get("DIFFTEST_DEBUG_MAX_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
-    router = APIRouter(prefix="/debug")
+    router = APIRouter()
 
-    @router.get("/config")
+    @router.get(P.CONFIG)
     async def config() -> Response:
         return JSONResponse(await engine.run_exclusive(lambda: debug_config(engine.loaded)))
 
-    @router.post("/activations")
+    @router.post(P.ACTIVATIONS)
     async def activations(request: Request) -> Response:
         try:
             req = _parse_activations(await read_body(request, max_body_bytes))
@@ -243,7 +244,7 @@ def create_debug_router(
             return _error(exc)
         return await _octet(engine, lambda: capture_activations(engine.loaded, req, max_bytes=cap))
 
-    @router.post("/module")
+    @router.post(P.MODULE)
     async def module(request: Request) -> Response:
         try:
             raw = await read_body(request, max_body_bytes)
@@ -251,7 +252,7 @@ def create_debug_router(
             return _error(exc)
         return await _octet(engine, lambda: replay_module(engine.loaded, raw))
 
-    @router.get("/quant/{name:path}")
+    @router.get(P.QUANT + "{name:path}")
     async def quant(name: str) -> Response:
         return await _octet(engine, lambda: quant_tensors(engine.loaded, name))
 

@@ -11,7 +11,7 @@ Why process groups: engines fork workers (vLLM's engine core, tokenizer pools). 
 pid we started leaves those holding the GPU and the port, so each server gets its own session
 (`start_new_session=True`) and teardown signals the whole group — SIGTERM, a grace period, SIGKILL.
 
-This module imports no torch (DESIGN.md "Boundaries"): difftest uses it to start servers it
+This module imports no torch (docs/design.md, "Boundaries"): difftest uses it to start servers it
 never loads. The TOML -> ServerSpec parser lives in launch_spec.py (re-exported here: difftest.config
 imports it from server_shim.launch); `python -m server_shim pair` needs both, and no difftest.
 """
@@ -53,6 +53,8 @@ from server_shim.launch_spec import (  # re-exported: callers import these from 
     resolve_paths,
     spec_from_table,
 )
+from server_shim.options import API_KEY_ENV as SHIM_API_KEY_ENV
+from server_shim.options import argv_for
 
 __all__ = [
     "BACKENDS",
@@ -81,7 +83,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-SHIM_API_KEY_ENV = "DIFFTEST_SHIM_API_KEY"  # where a launched shim finds its key (server_shim serve)
 TERM_GRACE_S = 10.0  # vLLM needs a few seconds to release the GPU after SIGTERM
 LOG_TAIL_LINES = 30
 _PLACEHOLDERS = ("{port}", "{host}", "{model}", "{api_key}")
@@ -204,16 +205,7 @@ def build_argv(spec: ServerSpec, port: int, api_key: str | None = None) -> list[
             text = text.replace(placeholder, values[placeholder])
         return shlex.split(text) + list(spec.extra_args)
     argv = [sys.executable, "-m", "server_shim", "serve", "--model", str(spec.model), "--port", str(port)]
-    argv += ["--host", HOST, "--dtype", spec.dtype, "--device", spec.device, "--seed", str(spec.seed)]
-    argv += ["--quant", spec.quant, "--backend", spec.backend]
-    for glob in spec.quant_skip:
-        argv += ["--quant-skip", glob]
-    for fault in spec.faults:
-        argv += ["--fault", fault]
-    if spec.rounding_noise:
-        argv += ["--rounding-noise", spec.rounding_noise]
-    argv += [flag for flag, on in (("--ck-free", spec.ck_free), ("--batch-invariant", spec.batch_invariant),
-                                   ("--debug", spec.debug)) if on]  # fmt: skip
+    argv += ["--host", HOST, *argv_for(spec)]
     return argv + list(spec.extra_args)  # the shim's key travels in its environment (see _start)
 
 

@@ -278,15 +278,16 @@ def test_shim_argv_carries_every_option() -> None:
     )
     argv = build_argv(spec, 4321, api_key="k")
     assert argv[:4] == [sys.executable, "-m", "server_shim", "serve"]
-    joined = " ".join(argv[4:])
-    for part in (
-        "--model tiny-llama --port 4321 --host 127.0.0.1 --dtype float32 --device cpu --seed 5",
-        "--quant fp8-block --backend triton",
-        "--quant-skip lm_head --quant-skip model.layers.0.*",
-        "--fault scale-transposed@model.layers.1.mlp.down_proj",
-        "--ck-free --batch-invariant --debug --max-model-len 512",
-    ):
-        assert part in joined
+    pairs = {(a, b) for a, b in zip(argv[4:], argv[5:], strict=False)}
+    for part in [
+        ("--model", "tiny-llama"), ("--port", "4321"), ("--host", "127.0.0.1"), ("--dtype", "float32"),
+        ("--device", "cpu"), ("--seed", "5"), ("--quant", "fp8-block"), ("--backend", "triton"),
+        ("--quant-skip", "lm_head"), ("--quant-skip", "model.layers.0.*"),
+        ("--fault", "scale-transposed@model.layers.1.mlp.down_proj"), ("--max-model-len", "512"),
+    ]:  # fmt: skip
+        assert part in pairs
+    assert {"--ck-free", "--batch-invariant", "--debug"} <= set(argv)
+    assert argv[-2:] == ["--max-model-len", "512"]  # extra_args last
     assert "k" not in argv  # the key travels by environment (launch._start), never on the command line
     assert "--ck-free" not in build_argv(ServerSpec(name="p", model="m"), 1)
 
@@ -492,3 +493,33 @@ def test_launched_shim_gets_its_key_by_environment_not_argv(tmp_path: Path, monk
         auth = {"Authorization": f"Bearer {key}"}
         assert httpx.get(server.url + "/v1/models", headers=auth, trust_env=False).status_code == 200
     assert key not in (tmp_path / "keyed.log").read_text()
+
+
+def test_every_spec_option_reaches_the_shim_flags_it_parses() -> None:
+    """The option table is the one source: every spec key becomes a flag that `serve` parses back
+    to the same value (a row added to options.OPTIONS needs no other launcher change)."""
+    from server_shim.__main__ import build_parser
+    from server_shim.options import BOOLEAN, SPEC_OPTIONS, STRINGS, from_namespace
+
+    samples = {"quant": "int8", "backend": "torch", "faults": ("scale-skipped",), "rounding_noise": "auto"}
+    values = {}
+    for o in SPEC_OPTIONS:
+        if o.name in samples:
+            values[o.name] = samples[o.name]
+        elif o.kind == BOOLEAN:
+            values[o.name] = True
+        elif o.kind == STRINGS:
+            values[o.name] = ("a", "b")
+        elif o.kind == "integer":
+            values[o.name] = 7
+        else:
+            values[o.name] = "x1"
+    spec = ServerSpec(name="s", model="tiny-llama", **values)
+    argv = build_argv(spec, 1234)
+    args = build_parser().parse_args(argv[3:])  # drop `python -m server_shim`
+    opts = from_namespace(args)
+    for name, value in values.items():
+        assert getattr(opts, name) == value, name
+    assert (opts.model, opts.port, opts.host) == ("tiny-llama", 1234, "127.0.0.1")
+    assert set(launch.SPEC_KEYS) >= {o.name for o in SPEC_OPTIONS}
+    assert launch.SHIM_ONLY == tuple(o.name for o in SPEC_OPTIONS)

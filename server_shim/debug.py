@@ -35,6 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from server_shim import debug_protocol as P
+from server_shim import openapi
 from server_shim.debug_capture import (  # re-exported: the route and its callers import them from here
     MAX_DECODE_STEPS,
     ActivationsRequest,
@@ -232,11 +233,13 @@ def create_debug_router(
     cap = max_response_bytes or int(os.environ.get("DIFFTEST_DEBUG_MAX_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
     router = APIRouter()
 
-    @router.get(P.CONFIG)
+    @router.get(P.CONFIG, responses=openapi.ERRORS)
     async def config() -> Response:
         return JSONResponse(await engine.run_exclusive(lambda: debug_config(engine.loaded)))
 
-    @router.post(P.ACTIVATIONS)
+    @router.post(
+        P.ACTIVATIONS, responses=openapi.octet(), openapi_extra=openapi.json_body(ActivationsRequest)
+    )
     async def activations(request: Request) -> Response:
         try:
             req = _parse_activations(await read_body(request, max_body_bytes))
@@ -244,7 +247,7 @@ def create_debug_router(
             return _error(exc)
         return await _octet(engine, lambda: capture_activations(engine.loaded, req, max_bytes=cap))
 
-    @router.post(P.MODULE)
+    @router.post(P.MODULE, responses=openapi.octet(), openapi_extra=openapi.binary_body())
     async def module(request: Request) -> Response:
         try:
             raw = await read_body(request, max_body_bytes)
@@ -252,7 +255,7 @@ def create_debug_router(
             return _error(exc)
         return await _octet(engine, lambda: replay_module(engine.loaded, raw))
 
-    @router.get(P.QUANT + "{name:path}")
+    @router.get(P.QUANT + "{name:path}", responses=openapi.octet())
     async def quant(name: str) -> Response:
         return await _octet(engine, lambda: quant_tensors(engine.loaded, name))
 

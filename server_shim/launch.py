@@ -53,6 +53,8 @@ from server_shim.launch_spec import (  # re-exported: callers import these from 
     resolve_paths,
     spec_from_table,
 )
+from server_shim.options import API_KEY_ENV as SHIM_API_KEY_ENV
+from server_shim.options import argv_for
 
 __all__ = [
     "BACKENDS",
@@ -203,19 +205,8 @@ def build_argv(spec: ServerSpec, port: int, api_key: str | None = None) -> list[
             text = text.replace(placeholder, values[placeholder])
         return shlex.split(text) + list(spec.extra_args)
     argv = [sys.executable, "-m", "server_shim", "serve", "--model", str(spec.model), "--port", str(port)]
-    argv += ["--host", HOST, "--dtype", spec.dtype, "--device", spec.device, "--seed", str(spec.seed)]
-    argv += ["--quant", spec.quant, "--backend", spec.backend]
-    for glob in spec.quant_skip:
-        argv += ["--quant-skip", glob]
-    for fault in spec.faults:
-        argv += ["--fault", fault]
-    if spec.rounding_noise:
-        argv += ["--rounding-noise", spec.rounding_noise]
-    argv += [flag for flag, on in (("--ck-free", spec.ck_free), ("--batch-invariant", spec.batch_invariant),
-                                   ("--debug", spec.debug)) if on]  # fmt: skip
-    if api_key:
-        argv += ["--api-key", api_key]
-    return argv + list(spec.extra_args)
+    argv += ["--host", HOST, *argv_for(spec)]
+    return argv + list(spec.extra_args)  # the shim's key travels in its environment (see _start)
 
 
 def api_key_of(spec: ServerSpec) -> str | None:
@@ -278,6 +269,11 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
     assert port is not None  # _pick_ports gave every started server one
     argv = build_argv(spec, port, key)
     env = _shim_env(spec.env) if spec.kind == "shim" else {**os.environ, **spec.env}
+    if spec.kind == "shim":
+        # By environment, never argv: a command line is readable by every user (ps, /proc/PID/cmdline).
+        env.pop(SHIM_API_KEY_ENV, None)
+        if key:
+            env[SHIM_API_KEY_ENV] = key
     if spec.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = env["HIP_VISIBLE_DEVICES"] = spec.gpus
     if spec.kind == "shim":
@@ -298,6 +294,7 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
                 cwd=spec.cwd,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(),
             )
         except OSError as exc:
             raise LaunchError(
@@ -305,6 +302,36 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
             ) from None
     log.info("started %s (pid %d) on port %d: %s", spec.name, proc.pid, port, shown)
     return RunningServer(spec.name, f"http://{HOST}:{port}", spec, proc.pid, log_path, proc)
+
+
+def _die_with_parent() -> Any:
+    """A preexec_fn asking Linux to SIGTERM the server when its launcher dies, however it dies.
+
+    SIGINT and SIGTERM reach `launch_servers`' teardown; SIGKILL (an OOM kill, a CI runner that gives
+    up) runs no Python, and servers in their own sessions would live on holding GPUs and ports. The
+    kernel's parent-death signal needs no cooperation from the dying process. It fires when the
+    forking *thread* exits, so it is only armed from the main thread (a launcher in a worker thread
+    keeps the old behaviour). None where prctl does not exist (macOS): teardown still covers
+    SIGINT/SIGTERM there."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork: nothing to load in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:  # runs in the child between fork and exec
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def normalise_url(url: str) -> str:

@@ -21,6 +21,7 @@ from difftest.collect import Endpoint
 from difftest.metrics.tensors import TensorDiff, tensor_diff
 from difftest.results import LayerPoint
 from difftest.whitebox.safetensors import SafeTensors, read_safetensors
+from server_shim import debug_protocol as P
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _RESIDUAL = re.compile(r"^(?:.*\.)?layers\.\d+$")
@@ -123,13 +124,13 @@ def _json_list(meta: Mapping[str, str], key: str) -> list[Any]:
 
 
 async def fetch_activations(ep: Endpoint, body: dict[str, Any]) -> Activations:
-    raw = await ep.client.post_bytes("/debug/activations", body)
+    raw = await ep.client.post_bytes(P.ACTIVATIONS, body)
     st = read_safetensors(raw)
     return Activations(
         st,
-        [int(i) for i in _json_list(st.metadata, "token_ids")],
-        [int(i) for i in _json_list(st.metadata, "decode_token_ids")],
-        [str(p) for p in _json_list(st.metadata, "points")],
+        [int(i) for i in _json_list(st.metadata, P.META_TOKEN_IDS)],
+        [int(i) for i in _json_list(st.metadata, P.META_DECODE_TOKEN_IDS)],
+        [str(p) for p in _json_list(st.metadata, P.META_POINTS)],
     )
 
 

@@ -42,6 +42,7 @@ from difftest.whitebox.safetensors import (
     unpack_nibbles,
     write_safetensors,
 )
+from server_shim import debug_protocol as P
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,8 @@ def hypotheses(scheme: str, st: SafeTensors, n: int, k: int) -> dict[str, np.nda
     s = st.value("weight_scale") if scheme != "mxfp4" else st.tensors["weight_scale"]
     s = np.asarray(s).reshape(s.shape[-2:]) if s.ndim >= 2 else np.asarray(s).reshape(1, 1)
     r, c = s.shape
-    order = meta.get("scale_order", "row-major")
-    shuffled = meta.get("scale_shuffled", "false") == "true"
+    order = meta.get(P.META_SCALE_ORDER, "row-major")
+    shuffled = meta.get(P.META_SCALE_SHUFFLED, "false") == "true"
     declared = expected_strides((r, c), order)
     other = expected_strides((r, c), "col-major" if order == "row-major" else "row-major")
     unshuf = np.argsort(shuffle_perm(r))
@@ -224,8 +225,8 @@ async def effective_weight(ep: Endpoint, module: str, k: int) -> np.ndarray:
     """W [N, K] as `ep` computes it: out(I_K) - out(0) = W^T, the identity sent in row slices."""
 
     async def out(x: np.ndarray) -> np.ndarray:
-        raw = await ep.client.post_bytes("/debug/module", write_safetensors({"input": x}, {"module": module}))
-        return read_safetensors(raw).value("output").astype(np.float64)
+        raw = await ep.client.post_bytes(P.MODULE, write_safetensors({P.INPUT: x}, {P.META_MODULE: module}))
+        return read_safetensors(raw).value(P.OUTPUT).astype(np.float64)
 
     eye = np.eye(k, dtype=np.float32)
     parts = await asyncio.gather(*(out(eye[i : i + IDENTITY_ROWS]) for i in range(0, k, IDENTITY_ROWS)))
@@ -251,7 +252,7 @@ async def audit_module(target: Endpoint, reference: Endpoint | None, module: str
         n, k = int(info.get("out_features", 0)), int(info.get("in_features", 0))
         st = await _get_quant(target, module)
         meta = st.metadata
-        if meta.get("scale_order") not in (None, (info.get("scale_layout") or {}).get("order")):
+        if meta.get(P.META_SCALE_ORDER) not in (None, (info.get("scale_layout") or {}).get("order")):
             checks["metadata_order"] = False
         cands = hypotheses(scheme, st, n, k)
         w_eff = await effective_weight(target, module, k)
@@ -289,9 +290,9 @@ async def backend_table(
     x = np.random.default_rng(0).standard_normal((BACKEND_ROWS, k)).astype(np.float32)
 
     async def run(ep: Endpoint, backend: str | None) -> np.ndarray:
-        meta = {"module": module} | ({"backend": backend} if backend else {})
-        raw = await ep.client.post_bytes("/debug/module", write_safetensors({"input": x}, meta))
-        return read_safetensors(raw).value("output").astype(np.float64)
+        meta = {P.META_MODULE: module} | ({P.META_BACKEND: backend} if backend else {})
+        raw = await ep.client.post_bytes(P.MODULE, write_safetensors({P.INPUT: x}, meta))
+        return read_safetensors(raw).value(P.OUTPUT).astype(np.float64)
 
     if reference is not None:
         base, against = await run(reference, None), "reference (fp32/fp16 weights)"
@@ -313,7 +314,7 @@ async def backend_table(
 
 
 async def _get_quant(ep: Endpoint, module: str) -> SafeTensors:
-    raw = await ep.client.get_bytes(f"/debug/quant/{module}")
+    raw = await ep.client.get_bytes(f"{P.QUANT}{module}")
     return read_safetensors(raw)
 
 

@@ -26,9 +26,12 @@ def free_port() -> int:
 @contextlib.contextmanager
 def live_fake(behaviour: FakeBehaviour | None = None, *, port: int | None = None) -> Iterator[str]:
     port = port or free_port()
+    # log_config=None: the server's own errors (a client that hung up) go to `logging`, where pytest
+    # keeps them apart from the stderr of the difftest under test
     config = uvicorn.Config(
-        make_fake_app(behaviour), host="127.0.0.1", port=port, log_level="error", lifespan="off"
-    )
+        make_fake_app(behaviour), host="127.0.0.1", port=port, log_level="error", lifespan="off",
+        log_config=None,
+    )  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

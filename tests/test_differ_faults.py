@@ -1,0 +1,151 @@
+"""Faults the differ survives (issue 10): each broken server behaviour ends in a clear per-prompt
+error naming the server, or exit 2 / 3 as README "Reliability" documents — never a traceback,
+never a PASS built on data the server did not send, NaN always fails."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from fakes import FakeBehaviour, FakeServer
+from live_fakes import live_fake
+from test_runner import PROMPTS, write_config
+
+from difftest.cli import main
+from difftest.collect import Endpoint, generate
+from difftest.conformance import probe
+from difftest.errors import ServerError
+from difftest.prompts import Prompt
+from difftest.report import load_run
+from difftest.tokens_view import TokensView, coverage_problem, nan_positions, parse_choice, parse_logprobs
+
+# ----------------------------------------------------------------------------- pure checks
+
+
+def _view(tokens: list[str], text: str | None) -> TokensView:
+    n = len(tokens)
+    return parse_logprobs(
+        {"tokens": tokens, "token_logprobs": [-0.5] * n, "top_logprobs": [{t: -0.5} for t in tokens]},
+        text=text,
+    )
+
+
+@pytest.mark.parametrize(
+    ("tokens", "text", "max_tokens", "finish", "problem"),
+    [
+        (["a", "b"], "ab", 2, "length", None),
+        ([], "", 2, "stop", None),
+        ([], "abc", 2, "length", "no logprob tokens for 3 characters of text"),
+        (["a"], "ab", 2, "length", 'logprob tokens for max_tokens=2 with finish_reason "length"'),
+        (["a", "b", "c"], "abc", 2, "length", 'logprob tokens for max_tokens=2 with finish_reason "length"'),
+        (["a"], "ab", 2, "stop", "the 1 logprob tokens cover 1 of the 2 characters of text"),
+        (["<0xE6>", "b"], "\u00e6b", 2, "length", None),  # byte pieces prove nothing either way
+        (["token_id:5"], "ab", 2, "stop", None),  # ids: only the count can be checked
+        (["a"], "ab", None, "length", "cover 1 of the 2 characters"),
+    ],
+)  # fmt: skip
+def test_coverage_problem(
+    tokens: list[str], text: str, max_tokens: int | None, finish: str, problem: str | None
+) -> None:
+    found = coverage_problem(_view(tokens, text), max_tokens=max_tokens, finish_reason=finish)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+
+
+def test_token_texts_of_an_empty_view_is_empty_not_a_traceback() -> None:
+    """Zero logprob tokens with non-empty text raised ValueError (zip length) and exit 1."""
+    assert parse_choice({"text": "Hello", "logprobs": {"tokens": []}}).token_texts() == ()
+
+
+def test_nan_positions_are_found_in_logprobs_and_alternatives() -> None:
+    block = {
+        "tokens": ["a", "b", "c"],
+        "token_logprobs": [None, math.nan, -1.0],
+        "top_logprobs": [None, {"b": -0.1}, {"c": -1.0, "d": math.nan}],
+    }
+    assert nan_positions(parse_logprobs(block)) == [1, 2]
+
+
+def test_malformed_block_names_the_server() -> None:
+    choice = {"text": "ab", "logprobs": {"tokens": ["a", "b"], "token_logprobs": [-1.0]}}
+    with pytest.raises(ServerError, match=r"^target-7: malformed logprobs block: token_logprobs has 1"):
+        parse_choice(choice, server="target-7")
+
+
+# ----------------------------------------------------------------------------- per prompt
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        ("half-logprobs", 'tgt: text and logprobs disagree: 4 logprob tokens for max_tokens=8 with finish_reason "length"'),
+        ("no-logprob-tokens", "tgt: text and logprobs disagree: no logprob tokens for"),
+        ("short-logprobs", "tgt: malformed logprobs block: token_logprobs has 7 entries for 8 tokens"),
+        ("http-500", "tgt: POST /v1/completions failed after 2 attempt(s): HTTP 500: Internal Server Error"),
+        ("invalid-json", "tgt: /v1/completions answered a body that is not JSON"),
+        ("no-choices", "tgt: /v1/completions answered 200 without a 'choices' list"),
+        ("truncated-sse", "tgt: /v1/completions answered a body that is not JSON: b'data: "),
+        ("reset", "tgt: POST /v1/completions failed after 2 attempt(s): connection failed (ReadError)"),
+    ],
+)  # fmt: skip
+async def test_one_broken_answer_is_a_per_prompt_error_naming_the_server(fault: str, error: str) -> None:
+    server = FakeServer(FakeBehaviour(fault=fault, fault_match="BROKEN"))
+    async with server.client(name="tgt", max_retries=1) as client:
+        ep = Endpoint("tgt", client, await probe(client))
+        good = await generate(ep, Prompt("p0", "the quick"), max_tokens=8, k=5, seed=0)
+        bad = await generate(ep, Prompt("p1", "BROKEN the quick"), max_tokens=8, k=5, seed=0)
+    assert good.error is None and len(good.view) == 8
+    assert bad.error is not None and error in bad.error, bad.error
+    assert bad.text is None and len(bad.view) == 0  # nothing of a broken answer is scored
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def _target_run(tmp_path: Path, behaviour: FakeBehaviour, **kw: object) -> tuple[int, str]:
+    with live_fake() as ref, live_fake(behaviour) as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "tgt", "url": tgt, "scheme": "fp8-block", **kw}])
+        code = main(["run", str(cfg)])
+    return code, str(tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["half-logprobs", "no-logprob-tokens", "nan-logprobs", "short-logprobs"])
+def test_a_target_whose_logprobs_are_broken_never_passes(
+    tmp_path: Path, fault: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's false PASS: half-covering logprobs and `--scheme fp8-block` exited 0 on token
+    match alone; zero logprob tokens exited 1 with a traceback. Now: exit 2, one line, named."""
+    code, _ = _target_run(tmp_path, FakeBehaviour(fault=fault))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("difftest: error: tgt (http://127.0.0.1:")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["half-logprobs", "no-logprob-tokens", "short-logprobs", "http-500"])
+def test_broken_answers_mid_run_are_per_prompt_errors_exit_3(
+    tmp_path: Path, fault: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = _target_run(tmp_path, FakeBehaviour(fault=fault, fault_match="dog is"))
+    err = capsys.readouterr().err
+    assert code == 3 and "Traceback" not in err
+    acc = load_run(out).targets[0].comparison("accuracy")
+    assert acc is not None
+    errors = {p.prompt_id: p.error for p in acc.prompts if p.error}
+    assert list(errors) == [f"p{PROMPTS.index('the lazy dog is')}"]
+    assert "tgt" in next(iter(errors.values()))
+    assert acc.aggregate["failed_requests"] == 1
+
+
+@pytest.mark.slow
+def test_nan_logprobs_on_one_prompt_fail_the_verdict(tmp_path: Path) -> None:
+    """A NaN mid-run is a numeric bug of the target: the verdict fails (exit 1), never a PASS."""
+    code, out = _target_run(tmp_path, FakeBehaviour(fault="nan-logprobs", fault_match="dog is"))
+    (t,) = load_run(out).targets
+    assert code == 1
+    assert t.verdict is not None and not t.verdict.passed
+    assert any("NaN" in c.note for part in t.verdict.parts for c in part.checks if not c.passed)

@@ -4,13 +4,15 @@ never a PASS built on data the server did not send, NaN always fails."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from pathlib import Path
 
 import pytest
 from fakes import FakeBehaviour, FakeServer
-from live_fakes import live_fake
-from test_runner import PROMPTS, write_config
+from live_fakes import free_port, live_fake, raw_server
+from test_runner import PROMPTS, write_config, write_prompts
 
 from difftest.cli import main
 from difftest.collect import Endpoint, generate
@@ -19,6 +21,18 @@ from difftest.errors import ServerError
 from difftest.prompts import Prompt
 from difftest.report import load_run
 from difftest.tokens_view import TokensView, coverage_problem, nan_positions, parse_choice, parse_logprobs
+
+
+def config(tmp: Path, ref: str, targets: list[dict], **run: object) -> Path:
+    """test_runner's config with some [run] keys set to other values."""
+    path = write_config(tmp, ref, targets)
+    lines = path.read_text().splitlines()
+    for key, value in run.items():
+        lines = [ln for ln in lines if not ln.startswith(f"{key} =")]
+        lines.insert(1, f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
 
 # ----------------------------------------------------------------------------- pure checks
 
@@ -149,3 +163,73 @@ def test_nan_logprobs_on_one_prompt_fail_the_verdict(tmp_path: Path) -> None:
     assert code == 1
     assert t.verdict is not None and not t.verdict.passed
     assert any("NaN" in c.note for part in t.verdict.parts for c in part.checks if not c.passed)
+
+
+# ----------------------------------------------------------------------------- dead or hung servers
+
+
+def _compare(ref: str, tgt: str, tmp_path: Path) -> tuple[int, str]:
+    prompts = write_prompts(tmp_path)
+    argv = ["compare", "--ref", ref, "--target", tgt, "--prompts", str(prompts), "-o", str(tmp_path / "c")]
+    code = main(argv)
+    return code, str(tmp_path / "c")
+
+
+@pytest.mark.timeout(60)  # the old code waited the 600 s health timeout
+@pytest.mark.parametrize(
+    ("broken", "said"),
+    [
+        ("500", "HTTP 500 on /health, HTTP 500 on /v1/models (3 tries)"),
+        ("reset", "connection broken (ReadError"),
+        ("silent", "accepted the connection, no answer within 5s on /health"),
+    ],
+)
+def test_compare_against_a_broken_url_is_exit_3_in_seconds(
+    tmp_path: Path, broken: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with contextlib.ExitStack() as stack:
+        ref = stack.enter_context(live_fake())
+        if broken == "500":
+            tgt = stack.enter_context(live_fake(FakeBehaviour(die_after=0, die_mode="500")))
+        else:
+            tgt = stack.enter_context(raw_server(broken))
+        code, _ = _compare(ref, tgt, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert f"server 'target' at {tgt} is up but broken: " in err and said in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_server_still_starting_is_left_to_the_launcher_wait() -> None:
+    """Connection refused or 503 ("loading") is a server that may still come up: not broken."""
+    from difftest.preflight import check_running
+    from server_shim.launch import ServerSpec
+
+    with live_fake(FakeBehaviour(die_after=0, die_mode="503")) as loading:
+        specs = [
+            ServerSpec(name="a", url=loading),
+            ServerSpec(name="b", url=f"http://127.0.0.1:{free_port()}"),
+        ]
+        check_running(specs, request_timeout_s=1)  # no InfraError
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("behaviour", "said"),
+    [
+        (FakeBehaviour(fault="http-500"), "tgt (http://127.0.0.1:{port}) fails /v1/completions: HTTP 500"),
+        (FakeBehaviour(delay_s=2.0), "tgt (http://127.0.0.1:{port}) fails /v1/completions: timed out after 0.5s"),
+        (FakeBehaviour(fault="invalid-json"), "answered a body that is not JSON"),
+        (FakeBehaviour(fault="no-choices"), "answered 200 without a 'choices' list"),
+    ],
+)  # fmt: skip
+def test_healthy_server_failing_every_completion_is_exit_3_named(
+    tmp_path: Path, behaviour: FakeBehaviour, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Health says yes, every completion fails (or never comes within request_timeout_s)."""
+    with live_fake() as ref, live_fake(behaviour) as tgt:
+        cfg = config(tmp_path, ref, [{"name": "tgt", "url": tgt, "scheme": "none"}], request_timeout_s=0.5)
+        code = main(["run", str(cfg)])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert said.format(port=tgt.rsplit(":", 1)[1]) in err and "Traceback" not in err

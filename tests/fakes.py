@@ -379,7 +379,9 @@ def _build_app(server: FakeServer) -> FastAPI:
             return _error(503, "server is shutting down")
         authorised = request.headers.get("authorization") == f"Bearer {b.api_key}"
         if b.api_key and request.url.path != "/health" and not authorised:
-            return _error(401, "Invalid API key", code="invalid_api_key", kind="authentication_error")
+            # servers do echo the credential they refused: the differ must scrub it from errors
+            got = request.headers.get("authorization", "(none)")
+            return _error(401, f"Invalid API key: {got}", code="invalid_api_key", kind="authentication_error")
         return await call_next(request)
 
     @app.get("/health")

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from difftest.config import RunConfig, RunSettings, TargetConfig, load_config
-from difftest.errors import ConfigError, ConformanceError, UsageError
+from difftest.errors import ConfigError, UsageError
 from difftest.prompts import Prompt
 from difftest.results import RunResult
 from server_shim.launch import ServerSpec
@@ -42,7 +42,12 @@ def _finish(run: RunResult, out: Path, problems: list[str]) -> int:
         for p in problems:
             print(f"difftest: infrastructure: {p}", file=sys.stderr)
         return 3
-    return 0 if run.gate_passed else 1
+    return GATE_EXIT[run.gate]
+
+
+# 0 every verdict as expected, 1 a verdict contradicts its expectation, 4 inconclusive (an
+# undecided check or no informative check, nothing failed): see README "Exit codes".
+GATE_EXIT = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 4}
 
 
 # ----------------------------------------------------------------------------- run
@@ -250,33 +255,20 @@ def _threshold_file(path: Path) -> dict[str, dict[str, float]]:
 def cmd_report(args: argparse.Namespace) -> int:
     """Re-judge (optionally with other thresholds) and re-render from report.json: no servers."""
     from difftest.config import thresholds_for
+    from difftest.judge import rejudge
     from difftest.report import load_run
     from difftest.runner import floor_for_target
-    from difftest.verdict import budget_for, judge_target
 
     run = load_run(args.dir)
     if args.thresholds:
         thresholds = _threshold_file(args.thresholds)
-        for t in run.targets:
-            floor = floor_for_target(run.noise_floor, t.golden)
-            acc = t.comparison("accuracy")
-            if acc is None:
-                raise ConformanceError(f"{t.name}: report has no accuracy comparison to re-judge")
-            old = t.verdict
-            extra = tuple(p for p in (old.parts if old else ()) if p.part not in ("exactness", "accuracy"))
-            overrides = thresholds_for(thresholds, t.scheme)
-            t.verdict = judge_target(
-                t.name,
-                t.expect,
-                t.comparison("exactness"),
-                acc,
-                budget_for(t.scheme, overrides),
-                floor,
-                extra,
-                overrides,
-            )
-            if old is not None and old.localisation:
-                t.verdict = dataclasses.replace(t.verdict, localisation=old.localisation)
+        floor = (
+            floor_for_target(run.noise_floor, None)
+            if run.noise_floor and "in_run" not in run.noise_floor
+            else None
+        )
+        by_scheme = {t.scheme: thresholds_for(thresholds, t.scheme) for t in run.targets}
+        rejudge(run, by_scheme, floor)
         run.signature["thresholds"] = thresholds
         run.signature["rejudged_with"] = str(args.thresholds)
     return _finish(run, args.dir, [])

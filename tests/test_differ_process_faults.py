@@ -19,6 +19,7 @@ from fakes import FakeBehaviour
 from live_fakes import live_fake
 
 from difftest.cli import main
+from difftest.identity import CANARY_PROMPT
 from difftest.report import load_run
 
 ENGINE = Path(__file__).resolve().parent / "fake_engine.py"
@@ -52,7 +53,10 @@ def _config(tmp: Path, ref: dict, tgt: dict, **run: object) -> Path:
 
 
 def _log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The requests a fake engine logged; `run` marks the cacheable ones of the run itself (they
+    carry a seed; the cache identity's canary does too, but is asked fresh on purpose)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r | {"run": r["run"] and r["prompt"] != CANARY_PROMPT} for r in rows]
 
 
 def _cached(db: Path, server: str) -> int:

@@ -6,7 +6,8 @@ SIGKILLed mid-run, servers that must be gone after `difftest run` is interrupted
 
 --sigkill-after N  the process SIGKILLs itself at its N+1-th completions request ...
 --once FILE        ... unless FILE exists (it is created at start): a relaunch then serves on
---request-log F    one JSON line per completions request ({prompt, run}), flushed: what a run asked
+--request-log F    one JSON line per completions request ({prompt, run}) and one more
+                   ({..., answered}) once its answer is sent: what a run asked and got
 --pid-file F       append this process's pid
 --delay S          sleep S seconds before each completions answer (a run slow enough to interrupt)
 --api-key-env NAME require the key held in that environment variable (never on the command line)
@@ -90,7 +91,13 @@ def _logged(app: Any, path: str) -> Any:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await app(scope, replay, send)
+        async def answer(message: dict) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                with open(path, "a") as fh:  # sent in full: the client has it unless it drops it
+                    fh.write(json.dumps(line | {"answered": True}) + "\n")
+
+        await app(scope, replay, answer)
 
     return wrapper
 

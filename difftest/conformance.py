@@ -322,6 +322,13 @@ async def _probe_echo(p: _Probe, text: str) -> None:
             "echo", WARN, f"echo returns {len(view)} tokens, none with a logprob", "echo_no_prompt_logprobs"
         )
         return
+    _check_no_nan(p, view, "echo")
+    joined = "".join(view.tokens)
+    if not view.has_ids and len(joined) < len(text) and text.startswith(joined):  # a part, not a shift
+        raise ConformanceError(
+            f"{p.where}: echoed text and logprobs disagree: the {len(view)} logprob tokens cover "
+            f"{len(joined)} of the {len(text)} characters of the prompt"
+        )
     p.fields["echo_logprobs"] = True
     p.check("echo", OK, f"max_tokens=0 echo, {len(view)} prompt tokens with logprobs")
     problems = _alignment_problems(view, text, choice.get("text"), p.fields.get("_ids0"))

@@ -73,6 +73,7 @@ class FakeBehaviour:
     fault: str | None = None  # a broken completions route, one of FAULTS (the differ's fault tests)
     fault_after: int = 0  # completions requests answered well before the fault starts
     fault_match: str | None = None  # only requests whose prompt text contains this (None: all)
+    fault_echo_only: bool = False  # only echo requests (teacher forcing, conformance's echo checks)
     perturb_noise: float = 0.0  # std of a deterministic per-context noise added to the logits
     flip_every: int = 0  # every k-th generated token is the runner-up instead of the argmax
     debug: bool = False  # serve GET /debug/config
@@ -217,6 +218,8 @@ class FakeServer:
         """Whether this completions request (already counted) gets the behaviour's fault."""
         b = self.behaviour
         if b.fault is None or self.completions_served <= b.fault_after:
+            return False
+        if b.fault_echo_only and not (isinstance(req, dict) and req.get("echo")):
             return False
         if b.fault_match is None:
             return True

@@ -151,6 +151,20 @@ async def test_logprobs_that_are_not_the_text_stop_the_run_naming_the_server(
     assert info.value.exit_code == 2
 
 
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("half-logprobs", "echoed text and logprobs disagree: the 6 logprob tokens cover 19 of the 44 characters"),
+        ("nan-logprobs", r"NaN logprobs in its echo \(positions \[1, 2"),
+        ("short-logprobs", "malformed logprobs block: token_logprobs has 11 entries for 12 tokens"),
+    ],
+)  # fmt: skip
+async def test_echo_whose_logprobs_are_not_the_text_stops_the_run(fault: str, message: str) -> None:
+    """Generation fine, echo broken: teacher forcing used to be switched off quietly ("misaligned")."""
+    with pytest.raises(ConformanceError, match=r"^tgt \(http://fake.invalid\): " + message):
+        await probed(FakeBehaviour(fault=fault, fault_echo_only=True), name="tgt")
+
+
 @pytest.mark.parametrize("fault", ["http-500", "invalid-json", "no-choices", "truncated-sse", "reset"])
 async def test_broken_answers_to_every_request_are_infrastructure(fault: str) -> None:
     with pytest.raises(InfraError, match=r"^tgt \(http://fake.invalid\) fails /v1/completions: ") as info:

@@ -87,21 +87,21 @@ async def _check_one(spec: ServerSpec, timeout_s: float) -> str | None:
     return f"server {spec.name!r} at {url} is up but broken: {said} ({tries} tries)"
 
 
-async def _check_all(specs: Sequence[ServerSpec], timeout_s: float) -> list[str]:
-    found = await asyncio.gather(*(_check_one(s, timeout_s) for s in specs))
-    return [f for f in found if f is not None]
-
-
-def check_running(specs: Sequence[ServerSpec], *, request_timeout_s: float) -> None:
+async def check_running_async(specs: Sequence[ServerSpec], *, request_timeout_s: float) -> None:
     """Raise InfraError (exit 3) if a `url` server answers, but only with failures.
 
     Servers the launcher starts are left to it (their process exiting is what tells). Runs in
     seconds: at most ROUNDS tries of the routes side by side, a hung server one try of
     min(request_timeout_s, 5 s)."""
     urls = [s for s in specs if s.kind == "url"]
-    if not urls:
-        return
     timeout_s = min(request_timeout_s, MAX_CHECK_TIMEOUT_S)
-    problems = asyncio.run(_check_all(urls, timeout_s))
+    found = await asyncio.gather(*(_check_one(s, timeout_s) for s in urls))
+    problems = [f for f in found if f is not None]
     if problems:
         raise InfraError("; ".join(problems))
+
+
+def check_running(specs: Sequence[ServerSpec], *, request_timeout_s: float) -> None:
+    """`check_running_async` for callers outside an event loop."""
+    if any(s.kind == "url" for s in specs):
+        asyncio.run(check_running_async(specs, request_timeout_s=request_timeout_s))

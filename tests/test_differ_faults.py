@@ -243,3 +243,13 @@ def test_healthy_server_failing_every_completion_is_exit_3_named(
     err = capsys.readouterr().err
     assert code == 3, err
     assert said.format(port=tgt.rsplit(":", 1)[1]) in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(60)  # before: 4 x the 120 s request timeout on the first request
+def test_side_by_side_compare_against_a_hung_url_is_exit_3_in_seconds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with live_fake() as ref, raw_server("silent") as tgt:
+        assert main(["compare", "--ref", ref, "--target", tgt, "--prompt", "the quick brown fox"]) == 3
+    err = capsys.readouterr().err
+    assert "server 'target' at " in err and "accepted the connection, no answer within 5s" in err

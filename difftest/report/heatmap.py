@@ -1,8 +1,8 @@
 """The per-layer text heatmap of report.md: layers x (target, comparison), by log10(1 - cosine).
 
 Why log10(1 - cosine): a correct FP8 module sits near cosine 0.9995 and a broken one near 0.93 or
-0.0 (docs/design.md's calibration table); on a linear cosine scale both look "about 1". One decade
-per shading step separates accumulation-order noise (1e-6), scheme rounding (1e-3) and bugs (1e-1).
+0.0 (docs/design.md "Calibration"); on a linear cosine scale both look "about 1". One decade per
+shading step separates accumulation-order noise (1e-6), scheme rounding (1e-3) and bugs (1e-1).
 
 report.html draws the same data as SVG line charts with the limits (difftest.report.plots); the
 hand-written PNG and its pixel font that used to live here are gone: SVG is crisper, has real

@@ -211,7 +211,7 @@ def test_html_first_screen_answers_which_why_where(sample_dir: dict[str, Path]) 
     assert '<svg xmlns="http://www.w3.org/2000/svg" class="spark"' in faulty
     assert 'stroke="#c62828" stroke-width="2"' in faulty and "layer 3 marked" in faulty
     passing = text[text.index('data-target="fp8-block"') : text.index('data-target="fp8-block-faulty"')]
-    assert "all 10 checks passed" in passing and "Where:" not in passing
+    assert "all 10 informative checks passed" in passing and "Where:" not in passing
     assert "marked" not in passing  # nothing circled on a passing target
 
 

@@ -172,12 +172,14 @@ def _explorer_data(run: RunResult, detail_budget: int) -> dict[str, Any]:
 
 
 def default_comparison(data: dict[str, Any], order: Sequence[int]) -> int:
-    """The comparison the explorer opens on: the first failing one of the first target in `order`."""
+    """The comparison the explorer opens on: the first failing (else undecided) one of the
+    first target in `order` that has one."""
     cmps = data["cmps"]
-    for ti in order:
-        for k, c in enumerate(cmps):
-            if c["t"] == ti and c["status"] == "FAIL":
-                return k
+    for status in ("FAIL", "INCONCLUSIVE"):
+        for ti in order:
+            for k, c in enumerate(cmps):
+                if c["t"] == ti and c["status"] == status:
+                    return k
     return 0
 
 

@@ -124,7 +124,8 @@ def _card(t: TargetResult) -> str:
         )
     else:
         acc = next((w for w in checks if w.metric == "mean KL" and w.part == "accuracy"), None)
-        summary = f"all {len(checks)} checks passed"
+        informing = [w for w in checks if w.informative]
+        summary = f"all {len(informing)} informative checks passed"
         if acc is not None:
             summary += f"; accuracy mean KL {acc.value} ≤ limit {acc.limit} ({acc.source})"
         body.append(f'<div class="why">{_e(summary)}</div>')

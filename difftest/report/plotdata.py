@@ -45,12 +45,17 @@ def part_for(t: TargetResult, name: str, against: str | None = None) -> PartVerd
 
 
 def part_status(p: PartVerdict | None) -> str | None:
+    """FAIL (a check fails decisively), INCONCLUSIVE (a check is undecided, or none informs),
+    PASS; None when the part did not run."""
     if p is None or p.skipped or not p.checks:
         return None
-    label = getattr(p, "label", None)  # a model that grows INCONCLUSIVE parts says so itself
-    if isinstance(label, str):
-        return label
-    return "PASS" if p.passed else "FAIL"
+    if not p.passed:
+        return "FAIL"
+    if any(getattr(c, "undecided", False) for c in p.checks):
+        return "INCONCLUSIVE"
+    if not any(getattr(c, "informative", True) for c in p.checks):
+        return "INCONCLUSIVE"
+    return "PASS"
 
 
 def check_of(p: PartVerdict | None, name: str) -> Check | None:

@@ -204,7 +204,7 @@ def target_plots(t: TargetResult, run: RunResult | None = None) -> list[Plot]:
     out = [layer_plot(t, prof) for prof in pd.layer_profiles(t, null_layers)]
     for c in t.comparisons:
         part = pd.part_for(t, c.kind, c.baseline)
-        status = pd.part_status(part)
+        status = pd.part_status(part) or label_of(t)  # no part judged it: the target's verdict
         null = next((n for n in nulls if n.baseline == c.baseline), None) if c.kind == "exactness" else None
         ladder = pd.kl_ladder(c, part, null)
         if ladder is not None:

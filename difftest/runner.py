@@ -384,10 +384,10 @@ async def _served_scheme(ep: Endpoint) -> str | None:
 async def _twin_noise(ep: Endpoint) -> float | None:
     """The largest per-module noise amplitude a rounding twin reports in /debug/config."""
     try:
-        cfg = await ep.client.get_json("/debug/config")
+        cfg = await ep.client.debug_config()  # the probe's copy: no second GET
     except DifftestError:
         return None
-    value = cfg.get("rounding_noise") if isinstance(cfg, dict) else None
+    value = cfg.get("rounding_noise")
     return float(value) if isinstance(value, int | float) else None
 
 

@@ -45,9 +45,10 @@ async def test_a_failed_probe_closes_every_client() -> None:
     assert not session.endpoints
 
 
-def test_of_urls_keeps_the_key_out_of_repr() -> None:
-    s = Session.of_urls({"t": "http://x.test/v1"}, api_key="sekrit")
-    assert "sekrit" not in repr(s.servers) and s.servers["t"].api_key == "sekrit"
+def test_of_urls_keys_and_repr() -> None:
+    s = Session.of_urls({"t": "http://x.test/v1", "r": "http://r.test"}, api_key="sekrit", keys={"r": "own"})
+    assert "sekrit" not in repr(s.servers) and "own" not in repr(s.servers)
+    assert (s.servers["t"].api_key, s.servers["r"].api_key) == ("sekrit", "own")
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from difftest.report.html import render_html
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cdp_pipe import Browser, find_chromium  # noqa: E402
-from sample_results import LOCALISATION, XSS_PROMPT, big_run, sample_run  # noqa: E402
+from sample_results import LOCALISATION, XSS_PROMPT, big_run, degraded_run, sample_run  # noqa: E402
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
@@ -179,6 +179,22 @@ def test_explorer_filters_search_and_alternatives(clean: Browser, failing_report
     assert _shown_ids(b) == []
     info = b.eval("document.querySelector('.pinfo').textContent")
     assert info.startswith("0 of 3 prompts match")
+
+
+def test_degraded_run_renders_without_errors(clean: Browser, tmp_path: Path) -> None:
+    """Failed requests, missing metrics, no layers, a target without a verdict: still a page."""
+    html = write_report(degraded_run(), tmp_path)["html"]
+    clean.open(html)
+    seen = clean.eval(
+        """({cards:document.querySelectorAll('.card').length,
+            gate:document.querySelector('.gate').innerText,
+            first:document.querySelector('#plist .prompt').innerText})"""
+    )
+    assert seen["cards"] == 2 and seen["gate"].startswith("Gate FAIL")
+    assert (
+    assert "failed request: HTTP 500: engine died" in seen["first"]
+    )
+    assert "mean KL n/a" in seen["first"]  # not measured reads n/a, never 0
 
 
 # ----------------------------------------------------------------------------- scale

@@ -36,7 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server_shim.launch import ServerSpec, launch_servers  # noqa: E402
 
-WORDS = "the model server answers every request with tokens and their logprobs while others wait".split()
+WORDS = (
+    "the",
+    "model",
+    "server",
+    "answers",
+    "every",
+    "request",
+    "with",
+    "tokens",
+    "and",
+    "logprobs",
+    "while",
+    "others",
+    "wait",
+)
 MAX_RETRIES_429 = 20
 
 

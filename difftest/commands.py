@@ -262,7 +262,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     run = load_run(args.dir)
     if args.thresholds:
         thresholds = _threshold_file(args.thresholds)
-        floor = floor_for_target(run.noise_floor, None) if run.noise_floor and "in_run" not in run.noise_floor else None
+        floor = (
+            floor_for_target(run.noise_floor, None)
+            if run.noise_floor and "in_run" not in run.noise_floor
+            else None
+        )
         by_scheme = {t.scheme: thresholds_for(thresholds, t.scheme) for t in run.targets}
         rejudge(run, by_scheme, floor)
         run.signature["thresholds"] = thresholds

@@ -191,7 +191,8 @@ class _Ctx:
         line = self.locator.line(table, key)
         where = f"{self.path}:{line}" if line else str(self.path)
         label = _label(table)
-        return ConfigError(f"{where}: {label} {message}" if label else f"{where}: {message}")
+        text = f"{where}: {label} {message}" if label else f"{where}: {message}"
+        return ConfigError(text, path=self.path, line=line, key=key)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -381,7 +382,9 @@ def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSe
     if whitebox not in WHITEBOX:
         raise ctx.error(where, "whitebox", f"key 'whitebox' must be one of auto, off, on; got {whitebox!r}")
     if values.get("null", "twin") not in NULLS:
-        raise ctx.error(where, "null", f"key 'null' must be one of {', '.join(NULLS)}; got {values['null']!r}")
+        raise ctx.error(
+            where, "null", f"key 'null' must be one of {', '.join(NULLS)}; got {values['null']!r}"
+        )
     # Default output folder: runs/<config name> under the working directory (`-o` overrides).
     values["output_dir"] = (
         (base / values["output_dir"]).resolve() if "output_dir" in values else Path.cwd() / "runs" / stem

@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from difftest.layer_points import LayerThresholds
-from difftest.layers import layer_verdict
 from difftest.metrics.aggregate import classify_prompts
 from difftest.noise import NoiseFloor
 from difftest.null import (
@@ -35,11 +33,16 @@ from difftest.null import (
 )
 from difftest.results import PartVerdict, RunResult, TargetResult
 from difftest.verdict import budget_for, judge_target
+from difftest.whitebox.activations import LayerThresholds
+from difftest.whitebox.layers import layer_verdict
+from difftest.whitebox.localise import localisation_line
 
 CARRIED_PARTS = ("invariance",)  # judged when measured (batch placements), carried on re-judge
 
 
-def null_for(run: RunResult, target: TargetResult, floor: NoiseFloor | None, in_run: NoiseFloor | None = None) -> NullModel:
+def null_for(
+    run: RunResult, target: TargetResult, floor: NoiseFloor | None, in_run: NoiseFloor | None = None
+) -> NullModel:
     """The null model `target`'s exactness is judged with."""
     if target.golden is None:
         return NO_NULL
@@ -48,7 +51,9 @@ def null_for(run: RunResult, target: TargetResult, floor: NoiseFloor | None, in_
     return pick_null((twin, layers, twin.module_noise) if twin is not None else None, floor, in_run)
 
 
-def _layer_parts(target: TargetResult, null: NullModel, scheme: str | None, margin: float) -> list[PartVerdict]:
+def _layer_parts(
+    target: TargetResult, null: NullModel, scheme: str | None, margin: float
+) -> list[PartVerdict]:
     bound, bound_note = replay_bound(target.dtype)
     point = exactness_limits(null, margin)["point_rel_err_max"]
     th = LayerThresholds(exact_local_rel_err=bound, exact_point_rel_err=float(point.value or 0.0))
@@ -110,7 +115,7 @@ def judge_one(
         overrides,
         skipped=skipped,
     )
-    localisation = next((d.summary for d in target.layers if d.guilty_module or d.first_divergent_layer is not None), None)
+    localisation = localisation_line(target.layers)
     if localisation is None and old is not None:
         localisation = old.localisation
     if localisation:
@@ -139,4 +144,3 @@ def _group_of(check: str) -> str:
     from difftest.verdict import _CHECKS
 
     return _CHECKS.get(check, ("", check))[1]
-

@@ -11,7 +11,7 @@ Why process groups: engines fork workers (vLLM's engine core, tokenizer pools). 
 pid we started leaves those holding the GPU and the port, so each server gets its own session
 (`start_new_session=True`) and teardown signals the whole group — SIGTERM, a grace period, SIGKILL.
 
-This module imports no torch (docs/design.md, "Boundaries"): difftest uses it to start servers it
+This module imports no torch (docs/design.md "Boundaries"): difftest uses it to start servers it
 never loads. The TOML -> ServerSpec parser lives in launch_spec.py (re-exported here: difftest.config
 imports it from server_shim.launch); `python -m server_shim pair` needs both, and no difftest.
 """
@@ -209,13 +209,15 @@ def build_argv(spec: ServerSpec, port: int, api_key: str | None = None) -> list[
     return argv + list(spec.extra_args)  # the shim's key travels in its environment (see _start)
 
 
-def _api_key(spec: ServerSpec) -> str | None:
+def api_key_of(spec: ServerSpec) -> str | None:
+    """The API key a spec names through `api_key_env`; a named variable that is unset is an error."""
     if spec.api_key_env is None:
         return None
     value = os.environ.get(spec.api_key_env)
-    if not value:
-        raise LaunchError(
-            f"server {spec.name!r}: environment variable {spec.api_key_env} (api_key_env) is not set"
+    if not value:  # the config names a variable this shell lacks: a config mistake, not the server's
+        raise SpecError(
+            f"server {spec.name!r}: environment variable {spec.api_key_env} (api_key_env) is not set",
+            key="api_key_env",
         )
     return value
 
@@ -260,9 +262,9 @@ def _cpu_threads_per_shim(specs: Sequence[ServerSpec]) -> int:
 def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) -> RunningServer:
     import subprocess  # local: keeps `import server_shim.launch` light for the differ
 
-    key = _api_key(spec)
+    key = api_key_of(spec)
     if spec.kind == "url":
-        url = _normalise_url(spec.url or "")
+        url = normalise_url(spec.url or "")
         return RunningServer(spec.name, url, spec, None, None)
     assert port is not None  # _pick_ports gave every started server one
     argv = build_argv(spec, port, key)
@@ -332,7 +334,7 @@ def _die_with_parent() -> Any:
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _normalise_url(url: str) -> str:
+def normalise_url(url: str) -> str:
     """Base URL without a trailing '/' or '/v1' (users paste OpenAI base_urls)."""
     url = url.rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
@@ -371,7 +373,7 @@ def _wait_healthy(servers: list[RunningServer]) -> None:
 
 
 def _probe(client: httpx.Client, server: RunningServer) -> tuple[bool, str]:
-    key = _api_key(server.spec)
+    key = api_key_of(server.spec)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     answer = "no answer"
     for route in ("/health", "/v1/models"):

@@ -61,7 +61,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "rounding_noise", STRING, "0",
         "rounding twin: multiply every linear / MoE output by (1 + A*h), h a value hash in [-1, 1); "
-        "auto = the compute dtype's module tolerance (server_shim.tolerance); 0 = off",
+        "auto = each module's tolerance max(2u, sqrt(K) u_fp32) (server_shim.tolerance); 0 = off",
         spec=True, metavar="auto|A",
     ),
     Option("debug", BOOLEAN, False, "enable the /debug/* white-box routes", spec=True),

@@ -41,11 +41,11 @@ def build_engine(opts: ServeOptions) -> Engine:  # type: ignore[valid-type]
         from server_shim.twin import apply_rounding_twin, resolve_amplitude
 
         try:
-            amplitude = resolve_amplitude(opts.rounding_noise, loaded.dtype)
+            amplitude = resolve_amplitude(opts.rounding_noise)
         except ValueError as exc:
             raise ShimError(str(exc)) from exc
-        apply_rounding_twin(loaded.model, amplitude, seed=opts.seed)
-        loaded.rounding_noise = amplitude
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        loaded.rounding_noise = apply_rounding_twin(loaded.model, amplitude, seed=opts.seed, dtype=dtype)
     engine = Engine(
         loaded,
         batch_invariant=opts.batch_invariant,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import httpx
 import uvicorn
 from fakes import FakeBehaviour, make_fake_app
+from fastapi import FastAPI
 
 
 def free_port() -> int:
@@ -24,10 +25,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_fake(behaviour: FakeBehaviour | None = None, *, port: int | None = None) -> Iterator[str]:
+def live_fake(
+    behaviour: FakeBehaviour | None = None, *, port: int | None = None, app: FastAPI | None = None
+) -> Iterator[str]:
+    """Serve a fake (or `app`, e.g. `make_fake_app(...)` kept to read `app.state.fake.requests`)."""
     port = port or free_port()
     config = uvicorn.Config(
-        make_fake_app(behaviour), host="127.0.0.1", port=port, log_level="error", lifespan="off"
+        app or make_fake_app(behaviour), host="127.0.0.1", port=port, log_level="error", lifespan="off"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -1,7 +1,7 @@
 """Token-level metrics of free-running greedy generation: match rate, prefix, first divergence.
 
 At the first divergence we ask *why* the two sides parted, from the reference's own top-k
-logprobs at that position (DESIGN.md "Metrics"):
+logprobs at that position (docs/design.md "Metrics"):
 
 - TIE   the reference itself could not tell its top choices apart (margin under the noise
         floor), and the target picked one of those near-tied tokens: accumulation-order noise.
@@ -19,7 +19,7 @@ from typing import Literal
 
 DivergenceKind = Literal["TIE", "DRIFT", "WRONG"]
 
-# DESIGN.md: a prompt is garbled when fewer than half of its positions match.
+# docs/design.md "Metrics": a prompt is garbled when fewer than half of its positions match.
 GARBLED_BELOW = 0.5
 
 
@@ -120,7 +120,9 @@ def classify_divergence(
     return classify_from_stats(margin, gap, tie_margin)
 
 
-def divergence_stats(ref_top_logprobs: Mapping[Hashable, float], tgt_token: Hashable) -> tuple[float, float | None]:
+def divergence_stats(
+    ref_top_logprobs: Mapping[Hashable, float], tgt_token: Hashable
+) -> tuple[float, float | None]:
     """The raw numbers a divergence is classified by, measured once and stored:
     (lp1 - lp2, lp1 - lp(t)) — the reference's top-1/top-2 margin and how far below its top-1 it
     rated the target's token t (None when t is not in its top-k)."""

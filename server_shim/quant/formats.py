@@ -20,7 +20,7 @@ shuffled = rows permuted by `shuffle_scales`); `logical_scales` undoes the decla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -173,10 +173,6 @@ def store_scales(logical: Tensor, layout: ScaleLayout) -> Tensor:
 def logical_scales(qw: QuantizedWeight) -> Tensor:
     """Undo the declared layout. col-major needs nothing: strides already say it."""
     return unshuffle_scales(qw.scales) if qw.layout.shuffled else qw.scales
-
-
-def with_layout(qw: QuantizedWeight, layout: ScaleLayout) -> QuantizedWeight:
-    return replace(qw, scales=store_scales(logical_scales(qw), layout), layout=layout)
 
 
 # ---------------------------------------------------------------- weights

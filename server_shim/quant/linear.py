@@ -53,7 +53,7 @@ def load_kernels(device: torch.device) -> ModuleType:
         raise QuantConfigError(f"triton backend unavailable: {e}") from e
     if device.type == "cpu" and _has_compiled_kernels(mod):
         mod = importlib.reload(sys.modules[_KERNELS])
-    if not mod.triton_available(device) or (device.type == "cpu" and _has_compiled_kernels(mod)):
+    if not arch.triton_available(device) or (device.type == "cpu" and _has_compiled_kernels(mod)):
         raise QuantConfigError(f"triton backend cannot run on {arch.device_arch(device)}")
     return mod
 

@@ -1,5 +1,5 @@
 """Quantization audit: are the stored scales what the config declares, and which reading of them
-does the kernel actually compute with?
+does the kernel actually compute with? (Step 5 of docs/design.md "White-box localisation".)
 
 Per quantized module of the target's GET /debug/config:
 - structure checks: weight dtype and shape, scale shape (block / group counts such as
@@ -14,9 +14,12 @@ Per quantized module of the target's GET /debug/config:
   is reported. A hypothesis other than the declared one that reconstructs W_eff clearly better
   is the hint ("scales look transposed"). Identity rows quantize exactly in every activation
   scheme (amax 1 per row / group), so W_eff is the weight path alone.
-- backend table: needs /debug/module to run a module under a chosen backend; the debug protocol
-  has no such selector yet, so the column says so.
+- backend table: the same stored weights run through each backend (metadata `backend` of
+  /debug/module) on one input, against the reference; a backend the device cannot run is listed
+  with the server's reason.
 MoE experts are not linear in their input: their rows get the structure checks only.
+`difftest run` audits the modules localisation blamed, once each (localise.py); `difftest quant`
+audits every quantized module.
 """
 
 from __future__ import annotations
@@ -31,8 +34,14 @@ import numpy as np
 
 from difftest.collect import Endpoint
 from difftest.errors import DifftestError
-from difftest.fp_codes import SafeTensors, decode, read_safetensors, unpack_nibbles, write_safetensors
 from difftest.metrics.tensors import rel_err, tensor_diff
+from difftest.whitebox.safetensors import (
+    SafeTensors,
+    decode,
+    read_safetensors,
+    unpack_nibbles,
+    write_safetensors,
+)
 from server_shim import debug_protocol as P
 
 log = logging.getLogger(__name__)
@@ -227,10 +236,10 @@ async def effective_weight(ep: Endpoint, module: str, k: int) -> np.ndarray:
 
 async def audit_module(target: Endpoint, reference: Endpoint | None, module: str,
                        info: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """One audit row (plain JSON values)."""
+    """One audit row (plain JSON values). `info`: the module's /debug/config entry (default: read
+    from the target's config, which its client fetched once)."""
     if info is None:
-        cfg = await target.client.get_json("/debug/config")
-        info = cfg.get("modules", {}).get(module, {})
+        info = (await target.client.debug_config()).get("modules", {}).get(module, {})
     scheme = str(info.get("scheme"))
     checks = structure_checks(info)
     row: dict[str, Any] = {
@@ -315,7 +324,7 @@ def _round(d: Mapping[str, float]) -> dict[str, float]:
 
 async def audit(target: Endpoint, reference: Endpoint | None) -> list[dict[str, Any]]:
     """Every quantized module of `target`, in config order."""
-    cfg = await target.client.get_json("/debug/config")
+    cfg = await target.client.debug_config()
     rows = []
     for name, info in cfg.get("modules", {}).items():
         if info.get("scheme") in (None, "none") or "scale_shape" not in info:

@@ -1,6 +1,6 @@
-"""Layer diff, per module: replay over /debug/module (local vs inherited error) and ranking.
+"""Replay: local versus inherited error over POST /debug/module, and ranking the modules.
 
-Split from layers.py, which re-exports the public names here. Every linear / MoE module gets the
+Steps 3-4 of docs/design.md "White-box localisation". Every linear / MoE module gets the
 *baseline's* input on both servers: same input on both sides, so the difference is the module's
 own (local) error, not what it inherited from upstream layers. Replay doubles linear inputs into
 two batch slots, slot 1 holding the tokens rolled by one position: a slot-variant bug (slot 1
@@ -20,8 +20,9 @@ import numpy as np
 
 from difftest.collect import Endpoint
 from difftest.errors import DifftestError
-from difftest.fp_codes import SafeTensors, read_safetensors, write_safetensors
-from difftest.layer_points import (
+from difftest.metrics.tensors import TensorDiff, tensor_diff
+from difftest.results import LayerDiff, LayerPoint
+from difftest.whitebox.activations import (
     LEAF_KINDS,
     Activations,
     LayerThresholds,
@@ -31,8 +32,7 @@ from difftest.layer_points import (
     local_out_of_bounds,
     sibling_key,
 )
-from difftest.metrics.tensors import TensorDiff, tensor_diff
-from difftest.results import LayerDiff, LayerPoint
+from difftest.whitebox.safetensors import SafeTensors, read_safetensors, write_safetensors
 from server_shim import debug_protocol as P
 
 

@@ -522,4 +522,4 @@ def test_every_spec_option_reaches_the_shim_flags_it_parses() -> None:
         assert getattr(opts, name) == value, name
     assert (opts.model, opts.port, opts.host) == ("tiny-llama", 1234, "127.0.0.1")
     assert set(launch.SPEC_KEYS) >= {o.name for o in SPEC_OPTIONS}
-    assert launch.SHIM_ONLY == tuple(o.name for o in SPEC_OPTIONS)
+    assert tuple(o.name for o in SPEC_OPTIONS) == launch.SHIM_ONLY

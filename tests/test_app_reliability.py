@@ -278,7 +278,21 @@ async def test_client_that_disconnects_cancels_its_generation(small_engine):
     while not queued[0].handle.cancelled:
         await asyncio.sleep(0.01)
     release.set()
-    await asyncio.wait_for(call, 60)
+    await asyncio.wait_for(call, 300)
     await small_engine.run_exclusive(lambda: None)  # the worker has passed the queue
     assert queued[0].out == []  # not a single token decoded for the abandoned request
     assert small_engine.waiting == 0
+
+
+async def test_seven_megabyte_prompts_are_refused_before_tokenizing_and_health_answers(engine):
+    """The issue's case: 7 MB to /tokenize or /v1/completions used to hold the event loop for 17-31 s.
+    Now the character cap refuses them without tokenizing, and /health is answered meanwhile."""
+    big = "lorem ipsum " * (7 * 2**20 // 12)
+    async with _client(engine) as client:
+        results = await asyncio.gather(
+            client.post("/v1/completions", json={**GOOD, "prompt": big}),
+            client.post("/tokenize", json={"prompt": big}),
+            client.get("/health"),
+        )
+    assert [r.status_code for r in results] == [400, 400, 200]
+    assert all(r.json()["error"]["code"] == "prompt_too_long" for r in results[:2])

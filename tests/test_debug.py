@@ -15,7 +15,8 @@ from fastapi import FastAPI
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from server_shim.debug import create_debug_router, list_points
+from server_shim.debug import create_debug_router
+from server_shim.debug_capture import list_points
 from server_shim.engine import Engine
 from server_shim.models import LoadedModel, load_model
 

@@ -15,17 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_shim import launch
+from server_shim import launch, launch_spec
 from server_shim.errors import LaunchError
-from server_shim.launch import (
-    ServerSpec,
-    SpecError,
-    auto_golden,
-    build_argv,
-    launch_servers,
-    main_pair,
-    spec_from_table,
-)
+from server_shim.launch import build_argv, launch_servers, main_pair
+from server_shim.launch_spec import ServerSpec, SpecError, auto_golden, spec_from_table
 
 FAKE = Path(__file__).with_name("helpers_servers.py")
 ROOT = Path(__file__).resolve().parent.parent
@@ -521,5 +514,5 @@ def test_every_spec_option_reaches_the_shim_flags_it_parses() -> None:
     for name, value in values.items():
         assert getattr(opts, name) == value, name
     assert (opts.model, opts.port, opts.host) == ("tiny-llama", 1234, "127.0.0.1")
-    assert set(launch.SPEC_KEYS) >= {o.name for o in SPEC_OPTIONS}
-    assert tuple(o.name for o in SPEC_OPTIONS) == launch.SHIM_ONLY
+    assert set(launch_spec.SPEC_KEYS) >= {o.name for o in SPEC_OPTIONS}
+    assert tuple(o.name for o in SPEC_OPTIONS) == launch_spec.SHIM_ONLY

@@ -12,7 +12,7 @@ import pytest
 
 from server_shim.app import create_app
 from server_shim.engine import Engine, stop_overlap
-from server_shim.serve import ServeOptions
+from server_shim.options import ServeOptions
 
 GOOD = {"model": "tiny-llama", "prompt": "Hello there", "max_tokens": 3}
 
@@ -296,3 +296,49 @@ async def test_seven_megabyte_prompts_are_refused_before_tokenizing_and_health_a
         )
     assert [r.status_code for r in results] == [400, 400, 200]
     assert all(r.json()["error"]["code"] == "prompt_too_long" for r in results[:2])
+
+
+async def test_streaming_client_that_disconnects_cancels_its_generation(small_engine):
+    """Streamed: the client reads the first chunk and goes away; decoding stops far short of
+    max_tokens (Starlette ends the stream, the serving class's `finally` cancels the sequences)."""
+    app = create_app(small_engine, ServeOptions(model="tiny-llama"))
+    body = httpx.Request(
+        "POST", "http://x", json={**GOOD, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    ).content
+    gone = asyncio.Event()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    chunks: list[bytes] = []
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            chunks.append(message["body"])
+            gone.set()  # the client leaves after the first event
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+    }  # fmt: skip
+    seqs: list = []
+    real_submit = small_engine.submit
+
+    def submit(*args, **kwargs):
+        handle = real_submit(*args, **kwargs)
+        seqs.extend(s for s in small_engine._pending if s.handle is handle)
+        return handle
+
+    small_engine.submit = submit
+    try:
+        await asyncio.wait_for(app(scope, receive, send), 300)
+    finally:
+        del small_engine.submit
+    await small_engine.run_exclusive(lambda: None)  # the worker has passed its next step
+    assert chunks and seqs and seqs[0].handle.cancelled
+    assert len(seqs[0].out) < 1000

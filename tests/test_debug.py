@@ -321,7 +321,7 @@ async def test_real_quantized_moe_experts_replay() -> None:
 
 async def test_through_create_app_with_api_key(tiny_llama: LoadedModel) -> None:
     from server_shim.app import create_app
-    from server_shim.serve import ServeOptions
+    from server_shim.options import ServeOptions
 
     engine = Engine(tiny_llama)
     try:

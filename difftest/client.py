@@ -66,6 +66,7 @@ class CompletionClient:
         name: str,
         api_key: str | None = None,
         timeout_s: float = 120.0,
+        connect_timeout_s: float = 10.0,
         max_retries: int = 3,
         concurrency: int = 8,
         max_response_bytes: int = 64 * MiB,
@@ -78,14 +79,21 @@ class CompletionClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """`cache_identity` replaces the URL in the cache key: pass the launch spec (without its port)
-        for servers started on a fresh port each run, so `--resume` finds their answers again."""
+        for servers started on a fresh port each run, so `--resume` finds their answers again.
+
+        `timeout_s` bounds each attempt of a request, start to last byte (a server that accepts
+        and never answers costs (max_retries + 1) x timeout_s, then a ServerError);
+        `connect_timeout_s` (at most `timeout_s`) bounds opening the connection alone."""
         if concurrency < 1 or max_retries < 0:
             raise ValueError("concurrency must be >= 1 and max_retries >= 0")
+        if not (timeout_s > 0 and connect_timeout_s > 0):
+            raise ValueError("timeout_s and connect_timeout_s must be > 0")
         if offline and cache is None:
             raise ValueError("offline=True needs a cache")
         self.name = name
         self.base_url = normalise_url(base_url)
         self.timeout_s = timeout_s
+        self.connect_timeout_s = min(connect_timeout_s, timeout_s)
         self.max_retries = max_retries
         self.concurrency = concurrency
         self.max_response_bytes = max_response_bytes
@@ -109,7 +117,7 @@ class CompletionClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            timeout=httpx.Timeout(timeout_s),
+            timeout=httpx.Timeout(timeout_s, connect=self.connect_timeout_s),
             transport=transport,
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
             follow_redirects=False,
@@ -120,7 +128,7 @@ class CompletionClient:
         concurrency and no cache: for asking the server again, e.g. serially for an A/A floor."""
         other = CompletionClient(
             self.base_url, name=name, api_key=self._api_key, timeout_s=self.timeout_s,
-            max_retries=self.max_retries, concurrency=concurrency,
+            connect_timeout_s=self.connect_timeout_s, max_retries=self.max_retries, concurrency=concurrency,
             max_response_bytes=self.max_response_bytes, transport=self._transport,
             backoff_base_s=self._backoff[0], backoff_max_s=self._backoff[1], sleep=self._sleep,
         )  # fmt: skip

@@ -124,6 +124,7 @@ async def _explore(cfg: RunConfig, prompts: list[Prompt]) -> int:
     """The quick look: both continuations side by side, first divergence and alternatives."""
     from difftest.cache import ResponseCache
     from difftest.collect import generate
+    from difftest.preflight import check_running_async
     from difftest.report.terminal import render_side_by_side
     from difftest.runner import _connect
     from difftest.scoring import score_prompt
@@ -133,6 +134,7 @@ async def _explore(cfg: RunConfig, prompts: list[Prompt]) -> int:
     console = _console()
     specs = [cfg.reference, *(t.server for t in cfg.targets)]
     running = {s.name: RunningServer(name=s.name, url=s.url, spec=s, pid=None, log_path=None) for s in specs}  # type: ignore[arg-type]
+    await check_running_async(specs, request_timeout_s=cfg.run.request_timeout_s)  # seconds, not minutes
     cache = ResponseCache(":memory:")
     eps = await _connect(running, cfg, cache, cfg.run.concurrency)
     try:

@@ -31,6 +31,7 @@ from difftest.conformance import probe
 from difftest.errors import DifftestError
 from difftest.judge import judge_one
 from difftest.noise import NoiseFloor
+from difftest.preflight import check_running
 from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import LayerDiff, PartVerdict, PromptDiff, RunResult, TargetResult
@@ -552,6 +553,7 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
         for extra in ("-wal", "-shm"):
             Path(str(cache_path) + extra).unlink(missing_ok=True)
     prompts = load_prompts(cfg.run.prompts, limit=opts.limit if opts.limit is not None else cfg.run.limit)
+    check_running(cfg.servers(), request_timeout_s=cfg.run.request_timeout_s)  # seconds, not 600 s
     cache = ResponseCache(cache_path)
     try:
         with launch_servers(cfg.servers(), log_dir=out / "logs") as running:

@@ -93,18 +93,30 @@ class TokensView:
     def token_texts(self) -> tuple[str | None, ...]:
         """Each token's text cut from `text` by the offsets (what "token_id:N" tokens look like)."""
         offs = [p.text_offset for p in self.positions]
+        if not offs:
+            return ()
         if self.text is None or any(o is None for o in offs):
             return tuple(None for _ in offs)
         ends = offs[1:] + [len(self.text)]
         return tuple(self.text[a:b] for a, b in zip(offs, ends, strict=True))  # type: ignore[misc]
 
 
-def parse_choice(choice: Mapping[str, Any]) -> TokensView:
-    """The view of one `choices[i]` of a completions response (empty when it has no logprobs)."""
-    if not isinstance(choice, Mapping):
-        raise UnreadableBody(f"malformed completion choice: expected an object, got {type(choice).__name__}")
-    text = choice.get("text")
-    return parse_logprobs(choice.get("logprobs"), text=text if isinstance(text, str) else None)
+def parse_choice(choice: Mapping[str, Any], *, server: str | None = None) -> TokensView:
+    """The view of one `choices[i]` of a completions response (empty when it has no logprobs).
+
+    `server` names the server in the error of a malformed block: with five servers in a run,
+    "malformed logprobs block" alone does not say whose bug it is."""
+    try:
+        if not isinstance(choice, Mapping):
+            raise UnreadableBody(
+                f"malformed completion choice: expected an object, got {type(choice).__name__}"
+            )
+        text = choice.get("text")
+        return parse_logprobs(choice.get("logprobs"), text=text if isinstance(text, str) else None)
+    except UnreadableBody as exc:
+        if server is None:
+            raise
+        raise UnreadableBody(f"{server}: {exc}", server=server) from None
 
 
 def parse_logprobs(block: Mapping[str, Any] | None, *, text: str | None = None) -> TokensView:
@@ -134,6 +146,44 @@ def parse_logprobs(block: Mapping[str, Any] | None, *, text: str | None = None) 
             )
         )
     return TokensView(tuple(positions), text)
+
+
+def coverage_problem(
+    view: TokensView, *, max_tokens: int | None = None, finish_reason: str | None = None
+) -> str | None:
+    """Why the logprob positions of a *generation* (no echo) cannot be the tokens of its text;
+    None when nothing shows they disagree.
+
+    A server whose logprobs cover part of its text gets judged on the part it chose to show:
+    token match on half a continuation, teacher forcing quietly switched off, a false PASS
+    (issue 10). Three signs, each certain for greedy decoding without stop strings:
+    - text but no positions at all;
+    - `finish_reason == "length"` means exactly `max_tokens` tokens were generated, so that is how
+      many positions there must be;
+    - token strings (not ids) that join to a strict prefix of the text (the rest has no logprobs).
+    Token strings that do not join to the text at all (byte pieces, "▁" markers) prove nothing:
+    conformance's echo alignment check deals with those.
+    """
+    text = view.text
+    n = len(view)
+    if n == 0:
+        return f"no logprob tokens for {len(text)} characters of text" if text else None
+    if finish_reason == "length" and max_tokens is not None and n != max_tokens:
+        return f'{n} logprob tokens for max_tokens={max_tokens} with finish_reason "length"'
+    if text is not None and not view.has_ids:
+        joined = "".join(view.tokens)
+        if len(joined) < len(text) and text.startswith(joined):
+            return f"the {n} logprob tokens cover {len(joined)} of the {len(text)} characters of text"
+    return None
+
+
+def nan_positions(view: TokensView) -> list[int]:
+    """Positions whose logprob or any top alternative is NaN (a broken kernel, never noise)."""
+    return [
+        i
+        for i, p in enumerate(view.positions)
+        if (p.logprob is not None and math.isnan(p.logprob)) or any(math.isnan(v) for v in p.top.values())
+    ]
 
 
 def _list(block: Mapping[str, Any], key: str, n: int | None = None) -> Sequence[Any]:

@@ -95,9 +95,7 @@ def test_wrong_target_fails_with_reasons_exit_1(tmp_path: Path) -> None:
 
 def test_negative_control_expected_to_fail_exit_0(tmp_path: Path) -> None:
     with live_fake() as ref, live_fake(FakeBehaviour(flip_every=2)) as tgt:
-        cfg = write_config(
-            tmp_path, ref, [{"name": "ctrl", "url": tgt, "scheme": "none", "expect": "fail"}]
-        )
+        cfg = write_config(tmp_path, ref, [{"name": "ctrl", "url": tgt, "scheme": "none", "expect": "fail"}])
         assert main(["run", str(cfg)]) == 0
 
 

@@ -90,11 +90,13 @@ async def test_a_batch_that_fails_is_retried_request_by_request(engine, monkeypa
 
 # ----------------------------------------------------------------------------- hostile JSON
 
-NESTED = b'{"model": "tiny-llama", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+NESTED = (
+    b'{"model": "tiny-llama", "prompt": ' + b"[" * 150_000 + b"]" * 150_000 + b"}"
+)  # > THREAD_PARSE_BYTES
 BIG_INT = b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}"
 HOSTILE = {
     "lone surrogate": b'{"model": "tiny-llama", "prompt": "abc \\ud800 def", "max_tokens": 2}',
-    "nested 100000": NESTED,
+    "nested 150000": NESTED,
     "int over 4300 digits": BIG_INT,
     "NaN": b'{"model": "tiny-llama", "prompt": "hi", "temperature": NaN}',
     "overflowing float": b'{"model": "tiny-llama", "prompt": "hi", "temperature": 1e400}',

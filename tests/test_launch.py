@@ -178,7 +178,7 @@ def test_startup_timeout_names_server_and_last_answer(tmp_path: Path) -> None:
     t0 = time.monotonic()
     with pytest.raises(LaunchError, match=r"'slow' .* not healthy after 0.5s \(last answer: Connect"):
         start_and_stop([spec], log_dir=tmp_path)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 25  # gave up at its timeout, not when the server (30 s) came up
     assert pids_with(token_of(spec)) == []
 
 

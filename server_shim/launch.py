@@ -245,6 +245,13 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
         env.pop(SHIM_API_KEY_ENV, None)
         if key:
             env[SHIM_API_KEY_ENV] = key
+    elif key and "{api_key}" in (spec.command or ""):
+        log.warning(
+            "server %s: {api_key} puts the key on a command line, readable by every local user (ps); "
+            "an engine that reads its key from the environment can have it from $%s, which it inherits",
+            spec.name,
+            spec.api_key_env,
+        )
     if spec.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = env["HIP_VISIBLE_DEVICES"] = spec.gpus
     if spec.kind == "shim":

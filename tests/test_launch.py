@@ -209,12 +209,13 @@ def test_health_falls_back_to_v1_models(tmp_path: Path) -> None:
         assert httpx.get(servers["nohealth"].url + "/health", trust_env=False).status_code == 404
 
 
-def test_api_key_from_env_is_used_for_health_and_never_logged(tmp_path: Path, monkeypatch) -> None:
+def test_api_key_from_env_is_used_for_health_and_never_logged(tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.setenv("DIFFTEST_TEST_KEY", "s3cret-key")
     spec = fake("keyed", "--api-key", "{api_key}", api_key_env="DIFFTEST_TEST_KEY")
     with launch_servers([spec], log_dir=tmp_path) as servers:
         assert httpx.get(servers["keyed"].url + "/v1/models", trust_env=False).status_code == 401
     assert "s3cret-key" not in (tmp_path / "keyed.log").read_text()
+    assert "puts the key on a command line" in caplog.text and "s3cret-key" not in caplog.text
     monkeypatch.delenv("DIFFTEST_TEST_KEY")
     with pytest.raises(LaunchError, match="DIFFTEST_TEST_KEY .* is not set"):
         start_and_stop([spec], log_dir=tmp_path)

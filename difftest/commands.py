@@ -19,7 +19,7 @@ from difftest.config import RunConfig, RunSettings, TargetConfig, load_config
 from difftest.errors import ConfigError, UsageError
 from difftest.prompts import Prompt
 from difftest.results import RunResult
-from server_shim.launch import ServerSpec
+from server_shim.launch_spec import ServerSpec
 
 
 def _positive(name: str, value: int | None) -> None:

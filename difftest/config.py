@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from difftest.errors import ConfigError
-from server_shim.launch import (
-    SCHEMES,
+from server_shim.catalog import SCHEMES
+from server_shim.launch_spec import (
     ServerSpec,
     SpecError,
     auto_golden,

@@ -34,7 +34,8 @@ from difftest.client import CompletionClient
 from difftest.collect import Endpoint
 from difftest.conformance import probe
 from difftest.errors import ConformanceError
-from server_shim.launch import RunningServer, ServerSpec, api_key_of
+from server_shim.launch import RunningServer, api_key_of
+from server_shim.launch_spec import ServerSpec
 
 
 @dataclass(frozen=True)

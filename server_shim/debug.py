@@ -36,8 +36,7 @@ from safetensors.torch import save as st_save
 
 from server_shim import debug_protocol as P
 from server_shim import openapi
-from server_shim.debug_capture import (  # re-exported: the route and its callers import them from here
-    MAX_DECODE_STEPS,
+from server_shim.debug_capture import (
     ActivationsRequest,
     capture_activations,
     list_modules,
@@ -49,15 +48,9 @@ from server_shim.wire import loads, read_body
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
-    "MAX_DECODE_STEPS",
-    "ActivationsRequest",
-    "capture_activations",
     "create_debug_router",
     "debug_config",
     "device_arch",
-    "list_modules",
-    "list_points",
-    "module_kind",
     "parse_safetensors",
     "quant_tensors",
     "replay_module",

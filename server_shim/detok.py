@@ -1,6 +1,6 @@
 """Incremental detokenization: per-token pieces of text that concatenate exactly to the decoded text.
 
-Split from engine.py (which re-exports TokenInfo): the engine turns each sampled token into a
+The engine turns each sampled token into a
 piece here, and `decode_prompt` builds the echo of a prompt with its teacher-forced logprobs.
 Pieces that concatenate to the text are what make `text_offset` and streamed chunks line up.
 """

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["Engine", "EngineFailure", "SamplingParams", "SeqEvent", "TokenInfo"]
+__all__ = ["Engine", "EngineBusy", "EngineFailure", "RequestHandle", "SamplingParams", "SeqEvent"]
 
 # How long the worker waits for a burst of requests to finish arriving before it closes a batch.
 _BATCH_WINDOW_S = 0.002

@@ -12,8 +12,8 @@ pid we started leaves those holding the GPU and the port, so each server gets it
 (`start_new_session=True`) and teardown signals the whole group — SIGTERM, a grace period, SIGKILL.
 
 This module imports no torch (docs/design.md "Boundaries"): difftest uses it to start servers it
-never loads. The TOML -> ServerSpec parser lives in launch_spec.py (re-exported here: difftest.config
-imports it from server_shim.launch); `python -m server_shim pair` needs both, and no difftest.
+never loads. The TOML -> ServerSpec parser lives in launch_spec.py; `python -m server_shim pair`
+needs both, and no difftest.
 """
 
 from __future__ import annotations
@@ -36,47 +36,18 @@ from typing import Any
 import httpx
 
 from server_shim.errors import LaunchError
-from server_shim.launch_spec import (  # re-exported: callers import these from server_shim.launch
-    BACKENDS,
-    FAULT_SCHEMES,
-    FAULTS,
-    SCHEMES,
-    SHIM_ONLY,
-    SPEC_KEYS,
-    URL_ALLOWED,
-    ServerSpec,
-    SpecError,
-    auto_golden,
-    check_type,
-    did_you_mean,
-    pair_specs,
-    resolve_paths,
-    spec_from_table,
-)
+from server_shim.launch_spec import ServerSpec, SpecError, pair_specs
 from server_shim.options import API_KEY_ENV as SHIM_API_KEY_ENV
 from server_shim.options import argv_for
 
 __all__ = [
-    "BACKENDS",
-    "FAULTS",
-    "FAULT_SCHEMES",
     "HOST",
-    "SCHEMES",
-    "SHIM_ONLY",
-    "SPEC_KEYS",
-    "URL_ALLOWED",
     "RunningServer",
-    "ServerSpec",
-    "SpecError",
-    "auto_golden",
+    "api_key_of",
     "build_argv",
-    "check_type",
-    "did_you_mean",
     "launch_servers",
     "main_pair",
-    "pair_specs",
-    "resolve_paths",
-    "spec_from_table",
+    "normalise_url",
 ]
 
 
@@ -274,6 +245,13 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
         env.pop(SHIM_API_KEY_ENV, None)
         if key:
             env[SHIM_API_KEY_ENV] = key
+    elif key and "{api_key}" in (spec.command or ""):
+        log.warning(
+            "server %s: {api_key} puts the key on a command line, readable by every local user (ps); "
+            "an engine that reads its key from the environment can have it from $%s, which it inherits",
+            spec.name,
+            spec.api_key_env,
+        )
     if spec.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = env["HIP_VISIBLE_DEVICES"] = spec.gpus
     if spec.kind == "shim":

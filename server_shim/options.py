@@ -40,6 +40,7 @@ class Option:
     metavar: str | None = None
     required: bool = False
     optional: bool = False  # None is a value (no flag given): e.g. no context cap
+    minimum: int | None = None  # integers: the smallest accepted value (argparse refuses less, exit 2)
 
     @property
     def argv_flag(self) -> str:
@@ -72,15 +73,15 @@ OPTIONS: tuple[Option, ...] = (
         "`Authorization: Bearer KEY` (never a flag: a command line is public in ps)",
         metavar="NAME",
     ),
-    Option("max_model_len", INTEGER, None, "cap the context length", optional=True),
-    Option("max_tokens_cap", INTEGER, 4096, "largest max_tokens accepted"),
-    Option("max_n", INTEGER, 16, "largest n accepted"),
-    Option("max_batch_size", INTEGER, 32, "most sequences decoded together"),
-    Option("max_waiting", INTEGER, 256, "sequences queued behind the running batch before requests get 429"),
-    Option("max_body_bytes", INTEGER, 8 * 2**20, "largest request body, on every route (413 past it)"),
-    Option("max_prompt_chars", INTEGER, 2**20, "longest text prompt or message content, in characters"),
-    Option("max_stop_strings", INTEGER, 16, "most stop strings in one request"),
-    Option("max_stop_chars", INTEGER, 1024, "longest stop string, in characters"),
+    Option("max_model_len", INTEGER, None, "cap the context length", optional=True, minimum=1),
+    Option("max_tokens_cap", INTEGER, 4096, "largest max_tokens accepted", minimum=1),
+    Option("max_n", INTEGER, 16, "largest n accepted", minimum=1),
+    Option("max_batch_size", INTEGER, 32, "most sequences decoded together", minimum=1),
+    Option("max_waiting", INTEGER, 256, "sequences queued behind the running batch before requests get 429", minimum=1),
+    Option("max_body_bytes", INTEGER, 8 * 2**20, "largest request body, on every route (413 past it)", minimum=1),
+    Option("max_prompt_chars", INTEGER, 2**20, "longest text prompt or message content, in characters", minimum=1),
+    Option("max_stop_strings", INTEGER, 16, "most stop strings in one request", minimum=1),
+    Option("max_stop_chars", INTEGER, 1024, "longest stop string, in characters", minimum=1),
     Option("log_level", STRING, "info", "log level", choices=LOG_LEVELS),
 )  # fmt: skip
 BY_NAME = {o.name: o for o in OPTIONS}
@@ -113,11 +114,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif o.kind == STRINGS:
             kw.update(action="append", default=[], metavar=o.metavar)
         else:
-            kw.update(type=_PY[o.kind], default=o.default, metavar=o.metavar, choices=o.choices)
+            typ = _at_least(o.minimum, o.argv_flag) if o.minimum is not None else _PY[o.kind]
+            kw.update(type=typ, default=o.default, metavar=o.metavar, choices=o.choices)
             kw["required"] = o.required
         if o.default not in (None, (), False, "") and o.kind != BOOLEAN:
             kw["help"] += f" (default {o.default})"
         parser.add_argument(o.argv_flag, **{k: v for k, v in kw.items() if v is not None})
+
+
+def _at_least(minimum: int, flag: str) -> Any:
+    def parse(text: str) -> int:
+        value = int(text)  # ValueError: argparse reports "invalid ... value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
 def from_namespace(args: argparse.Namespace, api_key: str | None = None) -> Any:

@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from server_shim.engine import RequestHandle, SamplingParams, SeqEvent, TokenInfo
+from server_shim.detok import TokenInfo
+from server_shim.engine import RequestHandle, SamplingParams, SeqEvent
 from server_shim.errors import InvalidRequestError
 from server_shim.protocol import (
     DetokenizeRequest,

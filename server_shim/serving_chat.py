@@ -20,7 +20,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server_shim.engine import RequestHandle, TokenInfo
+from server_shim.detok import TokenInfo
+from server_shim.engine import RequestHandle
 from server_shim.errors import InvalidRequestError
 from server_shim.protocol import (
     ChatChoice,

@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server_shim.engine import EngineFailure, RequestHandle, TokenInfo
+from server_shim.detok import TokenInfo
+from server_shim.engine import EngineFailure, RequestHandle
 from server_shim.errors import InvalidRequestError
 from server_shim.protocol import (
     CompletionChoice,

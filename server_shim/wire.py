@@ -17,6 +17,7 @@ Torch-free: the debug routes and the OpenAI routes share it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
@@ -106,8 +107,16 @@ def _check_text(text: str, param: str | None) -> None:
         ) from None
 
 
+# Bodies above this are parsed on a worker thread: json.loads and the tree walk of an 8 MB body take
+# tens of milliseconds that every other request (and /health) would otherwise wait for.
+THREAD_PARSE_BYTES = 256 * 1024
+
+
 async def read_json(request: Any, limit: int) -> Any:
-    return loads(await read_body(request, limit))
+    raw = await read_body(request, limit)
+    if len(raw) > THREAD_PARSE_BYTES:
+        return await asyncio.to_thread(loads, raw)
+    return loads(raw)
 
 
 def parse(model: type[BaseModel], body: Any) -> Any:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from server_shim.app import create_app
-from server_shim.serve import ServeOptions
+from server_shim.options import ServeOptions
 
 
 @pytest.fixture

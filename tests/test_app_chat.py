@@ -198,3 +198,24 @@ async def test_chat_with_fallback_template_serves(tiny_llama):
         eng.close()
     assert r.status_code == 200
     assert r.json()["choices"][0]["message"]["content"] == comp.json()["choices"][0]["text"]
+
+
+async def test_official_openai_client_parses_chat_with_logprobs_and_stream(engine):
+    openai = pytest.importorskip("openai")
+    app = create_app(engine, ServeOptions(model="tiny-llama", api_key="sk-chat"))
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shim/v1", timeout=60)
+    client = openai.AsyncOpenAI(base_url="http://shim/v1", api_key="sk-chat", http_client=http, max_retries=0)
+    async with http:
+        out = await client.chat.completions.create(
+            model="tiny-llama", messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+        )
+        stream = await client.chat.completions.create(
+            model="tiny-llama", messages=MESSAGES, max_tokens=5, temperature=0, stream=True
+        )
+        chunks = [c async for c in stream]
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert len(choice.logprobs.content) == 5 and all(
+        len(e.top_logprobs) == 2 for e in choice.logprobs.content
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content

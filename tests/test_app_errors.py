@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from server_shim.app import create_app
-from server_shim.serve import ServeOptions
+from server_shim.options import ServeOptions
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -157,3 +157,18 @@ async def test_internal_error_is_500_openai_shaped(client, engine, monkeypatch, 
     assert "simulated bug" not in r.text
     monkeypatch.undo()
     await _still_serves(client)
+
+
+async def test_keys_never_reach_the_log(engine, caplog):
+    """Wrong, right and malformed keys, and a server error: no key text in any log record."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    opts = ServeOptions(model="tiny-llama", api_key=KEY)
+    app = create_app(engine, opts)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shim") as c:
+        for auth in ("Bearer sk-wrong-999", f"Bearer {KEY}", KEY):
+            await c.post("/v1/completions", json=GOOD, headers={"Authorization": auth})
+            await c.get("/v1/models", headers={"Authorization": auth})
+    assert caplog.records  # something was logged (the key is not merely absent because nothing was)
+    assert KEY not in caplog.text and "sk-wrong-999" not in caplog.text

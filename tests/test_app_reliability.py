@@ -12,7 +12,7 @@ import pytest
 
 from server_shim.app import create_app
 from server_shim.engine import Engine, stop_overlap
-from server_shim.serve import ServeOptions
+from server_shim.options import ServeOptions
 
 GOOD = {"model": "tiny-llama", "prompt": "Hello there", "max_tokens": 3}
 
@@ -90,11 +90,13 @@ async def test_a_batch_that_fails_is_retried_request_by_request(engine, monkeypa
 
 # ----------------------------------------------------------------------------- hostile JSON
 
-NESTED = b'{"model": "tiny-llama", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+NESTED = (
+    b'{"model": "tiny-llama", "prompt": ' + b"[" * 150_000 + b"]" * 150_000 + b"}"
+)  # > THREAD_PARSE_BYTES
 BIG_INT = b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}"
 HOSTILE = {
     "lone surrogate": b'{"model": "tiny-llama", "prompt": "abc \\ud800 def", "max_tokens": 2}',
-    "nested 100000": NESTED,
+    "nested 150000": NESTED,
     "int over 4300 digits": BIG_INT,
     "NaN": b'{"model": "tiny-llama", "prompt": "hi", "temperature": NaN}',
     "overflowing float": b'{"model": "tiny-llama", "prompt": "hi", "temperature": 1e400}',
@@ -278,7 +280,67 @@ async def test_client_that_disconnects_cancels_its_generation(small_engine):
     while not queued[0].handle.cancelled:
         await asyncio.sleep(0.01)
     release.set()
-    await asyncio.wait_for(call, 60)
+    await asyncio.wait_for(call, 300)
     await small_engine.run_exclusive(lambda: None)  # the worker has passed the queue
     assert queued[0].out == []  # not a single token decoded for the abandoned request
     assert small_engine.waiting == 0
+
+
+async def test_seven_megabyte_prompts_are_refused_before_tokenizing_and_health_answers(engine):
+    """The issue's case: 7 MB to /tokenize or /v1/completions used to hold the event loop for 17-31 s.
+    Now the character cap refuses them without tokenizing, and /health is answered meanwhile."""
+    big = "lorem ipsum " * (7 * 2**20 // 12)
+    async with _client(engine) as client:
+        results = await asyncio.gather(
+            client.post("/v1/completions", json={**GOOD, "prompt": big}),
+            client.post("/tokenize", json={"prompt": big}),
+            client.get("/health"),
+        )
+    assert [r.status_code for r in results] == [400, 400, 200]
+    assert all(r.json()["error"]["code"] == "prompt_too_long" for r in results[:2])
+
+
+async def test_streaming_client_that_disconnects_cancels_its_generation(small_engine):
+    """Streamed: the client reads the first chunk and goes away; decoding stops far short of
+    max_tokens (Starlette ends the stream, the serving class's `finally` cancels the sequences)."""
+    app = create_app(small_engine, ServeOptions(model="tiny-llama"))
+    body = httpx.Request(
+        "POST", "http://x", json={**GOOD, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    ).content
+    gone = asyncio.Event()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    chunks: list[bytes] = []
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            chunks.append(message["body"])
+            gone.set()  # the client leaves after the first event
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+    }  # fmt: skip
+    seqs: list = []
+    real_submit = small_engine.submit
+
+    def submit(*args, **kwargs):
+        handle = real_submit(*args, **kwargs)
+        seqs.extend(s for s in small_engine._pending if s.handle is handle)
+        return handle
+
+    small_engine.submit = submit
+    try:
+        await asyncio.wait_for(app(scope, receive, send), 300)
+    finally:
+        del small_engine.submit
+    await small_engine.run_exclusive(lambda: None)  # the worker has passed its next step
+    assert chunks and seqs and seqs[0].handle.cancelled
+    assert len(seqs[0].out) < 1000

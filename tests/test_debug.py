@@ -15,7 +15,8 @@ from fastapi import FastAPI
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from server_shim.debug import create_debug_router, list_points
+from server_shim.debug import create_debug_router
+from server_shim.debug_capture import list_points
 from server_shim.engine import Engine
 from server_shim.models import LoadedModel, load_model
 
@@ -320,7 +321,7 @@ async def test_real_quantized_moe_experts_replay() -> None:
 
 async def test_through_create_app_with_api_key(tiny_llama: LoadedModel) -> None:
     from server_shim.app import create_app
-    from server_shim.serve import ServeOptions
+    from server_shim.options import ServeOptions
 
     engine = Engine(tiny_llama)
     try:

@@ -12,7 +12,7 @@ import torch
 
 from server_shim.app import create_app
 from server_shim.engine import Engine, SamplingParams
-from server_shim.serve import ServeOptions
+from server_shim.options import ServeOptions
 
 PROMPTS = [
     "The capital of France is",

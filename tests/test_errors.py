@@ -29,7 +29,8 @@ from difftest.errors import (
     UsageError,
     exit_code_for,
 )
-from server_shim.launch import LaunchError, SpecError
+from server_shim.errors import LaunchError
+from server_shim.launch_spec import SpecError
 
 
 @pytest.mark.parametrize(

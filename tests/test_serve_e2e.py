@@ -32,8 +32,10 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         ("serve", "--model", "x", "--port", "abc"),
         ("frobnicate",),
         ("serve", "--model", "x", "--log-level", "loud"),
+        ("serve", "--model", "x", "--max-waiting", "0"),
+        ("serve", "--model", "x", "--quant", "fp7"),
     ],
-    ids=["no-model", "bad-port", "bad-command", "bad-level"],
+    ids=["no-model", "bad-port", "bad-command", "bad-level", "zero-queue", "bad-scheme"],
 )
 def test_bad_arguments_one_line_exit_2(args):
     r = _cli(*args)

@@ -72,7 +72,7 @@ def test_a_run_asks_each_server_for_its_debug_config_once(tmp_path: Path) -> Non
 
 
 def test_server_of_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    from server_shim.launch import ServerSpec
+    from server_shim.launch_spec import ServerSpec
 
     monkeypatch.setenv("DIFFTEST_SESSION_KEY", "k1")
     remote = ServerSpec(name="r", url="http://r.test/v1", api_key_env="DIFFTEST_SESSION_KEY")

@@ -253,3 +253,19 @@ def test_side_by_side_compare_against_a_hung_url_is_exit_3_in_seconds(
         assert main(["compare", "--ref", ref, "--target", tgt, "--prompt", "the quick brown fox"]) == 3
     err = capsys.readouterr().err
     assert "server 'target' at " in err and "accepted the connection, no answer within 5s" in err
+
+
+def test_an_unset_key_variable_is_exit_2_before_anything_launches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from difftest import runner
+
+    monkeypatch.delenv("DIFFTEST_UNSET_KEY", raising=False)
+    started: list[object] = []
+    monkeypatch.setattr(runner, "launch_servers", lambda *a, **k: started.append(a))
+    cfg = write_config(tmp_path, "http://127.0.0.1:9", [
+        {"name": "tgt", "command": "engine --port {port}", "api_key_env": "DIFFTEST_UNSET_KEY"}])  # fmt: skip
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "server 'tgt': environment variable DIFFTEST_UNSET_KEY (api_key_env) is not set" in err
+    assert started == []

@@ -28,8 +28,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from difftest.errors import UsageError
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     key TEXT PRIMARY KEY,
@@ -43,10 +41,6 @@ CREATE TABLE IF NOT EXISTS servers (
     fingerprint TEXT NOT NULL
 );
 """
-
-
-class CacheMiss(UsageError):
-    """An offline run needed a response (or fingerprint) that the cache does not hold."""
 
 
 def canonical_json(obj: Any) -> str:

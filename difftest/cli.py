@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from difftest.errors import DifftestError, InfraError, UsageError
+from difftest.errors import UsageError, exit_code_for
 
 log = logging.getLogger("difftest")
 
@@ -114,18 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("difftest: interrupted", file=sys.stderr)
         return 130
-    except DifftestError as exc:
-        if traceback:
+    except Exception as exc:  # ours, or the launcher's (server_shim.launch): errors.exit_code_for
+        code = exit_code_for(exc)
+        if code is None or traceback:
             raise
         print(f"difftest: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception as exc:  # a server-side / launch failure from server_shim.launch
-        from server_shim.errors import ShimError
-
-        if isinstance(exc, ShimError) and not traceback:
-            print(f"difftest: error: {exc}", file=sys.stderr)
-            return InfraError.exit_code
-        raise
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

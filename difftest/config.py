@@ -191,7 +191,8 @@ class _Ctx:
         line = self.locator.line(table, key)
         where = f"{self.path}:{line}" if line else str(self.path)
         label = _label(table)
-        return ConfigError(f"{where}: {label} {message}" if label else f"{where}: {message}")
+        text = f"{where}: {label} {message}" if label else f"{where}: {message}"
+        return ConfigError(text, path=self.path, line=line, key=key)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -7,8 +7,8 @@ metrics read the logprobs a server gives for *echoed* tokens, and real servers h
 logprobs shifted by a position or computed on another path than generation. So we generate k tokens,
 echo prompt + those tokens with `max_tokens=0`, and trust echo only if the two sets of logprobs agree.
 
-`check_pair(ref, target)` (pair.py, re-exported here) compares the probe texts' tokenizations
-and vocabulary sizes of two servers: a mismatch is a ConformanceError (exit 2).
+Whether two servers can be compared at all is tokenizer_check.py's question; it reads the probe
+results and the status words defined here.
 """
 
 from __future__ import annotations
@@ -19,25 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from difftest.check_status import FAIL, NA, OK, WARN, first_diff, short
 from difftest.client import CompletionClient
 from difftest.errors import ConformanceError, InfraError, RequestRejected, ServerError
-from difftest.pair import PairCheck, check_pair
 from difftest.tokens_view import TokensView, coverage_problem, nan_positions, parse_choice
 
-__all__ = [
-    "DEFAULT_PROBES",
-    "FAIL",
-    "NA",
-    "OK",
-    "WARN",
-    "WARNINGS",
-    "Capabilities",
-    "PairCheck",
-    "ProbeTokens",
-    "check_pair",
-    "probe",
-]
+# Status words of the conformance tables (probe's, and tokenizer_check's pair table).
+OK, WARN, FAIL, NA = "ok", "warn", "fail", "n/a"
 
 DEFAULT_PROBES: tuple[str, ...] = (
     "The quick brown fox jumps over the lazy dog.",  # plain ASCII: the echo alignment probe
@@ -481,12 +468,11 @@ async def _probe_tokenizations(
 
 async def _probe_debug(p: _Probe) -> None:
     try:
-        cfg = await p.client.get_json("/debug/config", retries=0)
+        cfg = await p.client.debug_config(retries=0)
     except (RequestRejected, ServerError) as e:
         p.fields |= {"debug": False, "vocab_size": None}
         p.check("debug protocol", WARN, _why(e), "no_debug")
         return
-    cfg = cfg if isinstance(cfg, dict) else {}
     vocab = cfg.get("vocab_size")
     p.fields |= {"debug": True, "vocab_size": vocab if isinstance(vocab, int) else None}
     detail = ", ".join(f"{k}={cfg[k]}" for k in ("model", "dtype", "device") if k in cfg)
@@ -507,6 +493,15 @@ async def _tokenize(client: CompletionClient, text: str) -> tuple[list[int] | No
     return None, err
 
 
-def _why(e: Exception) -> str:
+def _why(e: RequestRejected | ServerError) -> str:
     """The server's own words ("HTTP 400: echo is not supported"), without the client's prefix."""
-    return short(str(getattr(e, "detail", e)))
+    return short(e.reason)
+
+
+def first_diff(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Index of the first differing element; the shorter length when one is a prefix of the other."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def short(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from difftest.errors import ServerError
+from difftest.errors import UnreadableBody
 
 _TOKEN_ID = re.compile(r"token_id:(-?\d+)")
 
@@ -108,20 +108,22 @@ def parse_choice(choice: Mapping[str, Any], *, server: str | None = None) -> Tok
     "malformed logprobs block" alone does not say whose bug it is."""
     try:
         if not isinstance(choice, Mapping):
-            raise ServerError(f"malformed completion choice: expected an object, got {type(choice).__name__}")
+            raise UnreadableBody(
+                f"malformed completion choice: expected an object, got {type(choice).__name__}"
+            )
         text = choice.get("text")
         return parse_logprobs(choice.get("logprobs"), text=text if isinstance(text, str) else None)
-    except ServerError as exc:
+    except UnreadableBody as exc:
         if server is None:
             raise
-        raise ServerError(f"{server}: {exc}") from None
+        raise UnreadableBody(f"{server}: {exc}", server=server) from None
 
 
 def parse_logprobs(block: Mapping[str, Any] | None, *, text: str | None = None) -> TokensView:
     if block is None:
         return TokensView((), text)
     if not isinstance(block, Mapping):
-        raise ServerError(f"malformed logprobs block: expected an object, got {type(block).__name__}")
+        raise UnreadableBody(f"malformed logprobs block: expected an object, got {type(block).__name__}")
     tokens = _list(block, "tokens")
     n = len(tokens)
     lps = _list(block, "token_logprobs", n)
@@ -130,7 +132,9 @@ def parse_logprobs(block: Mapping[str, Any] | None, *, text: str | None = None) 
     positions = []
     for i, tok in enumerate(tokens):
         if not isinstance(tok, str):
-            raise ServerError(f"malformed logprobs block: tokens[{i}] is {type(tok).__name__}, not a string")
+            raise UnreadableBody(
+                f"malformed logprobs block: tokens[{i}] is {type(tok).__name__}, not a string"
+            )
         off = offsets[i]
         positions.append(
             Position(
@@ -187,9 +191,9 @@ def _list(block: Mapping[str, Any], key: str, n: int | None = None) -> Sequence[
     if value is None:
         return [] if n is None else [None] * n
     if not isinstance(value, list):
-        raise ServerError(f"malformed logprobs block: {key} is {type(value).__name__}, not a list")
+        raise UnreadableBody(f"malformed logprobs block: {key} is {type(value).__name__}, not a list")
     if n is not None and len(value) != n:
-        raise ServerError(f"malformed logprobs block: {key} has {len(value)} entries for {n} tokens")
+        raise UnreadableBody(f"malformed logprobs block: {key} has {len(value)} entries for {n} tokens")
     return value
 
 
@@ -197,7 +201,7 @@ def _num(value: Any, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ServerError(f"malformed logprobs block: {where} is {value!r}, not a number")
+        raise UnreadableBody(f"malformed logprobs block: {where} is {value!r}, not a number")
     return float(value) if not math.isnan(value) else math.nan
 
 
@@ -210,11 +214,11 @@ def _top(value: Any, i: int) -> Mapping[TopKey, float]:
         try:
             items = [(e["token"], e["logprob"]) for e in value]
         except (TypeError, KeyError) as e:
-            raise ServerError(
+            raise UnreadableBody(
                 f"malformed logprobs block: top_logprobs[{i}] entries lack token/logprob"
             ) from e
     else:
-        raise ServerError(f"malformed logprobs block: top_logprobs[{i}] is {type(value).__name__}")
+        raise UnreadableBody(f"malformed logprobs block: top_logprobs[{i}] is {type(value).__name__}")
     out: dict[TopKey, float] = {}
     for key, lp in items:
         tid = parse_token_id(key) if isinstance(key, str) else None

@@ -4,7 +4,7 @@
     difftest layers --ref URL --target URL [--golden URL]
     difftest quant  CONFIG | --target URL [--ref URL]
 
-Exit codes (DESIGN.md): 0 nothing flagged, 1 a target has a flagged point or module, 2 usage,
+Exit codes (docs/design.md "Errors and exit codes"): 0 nothing flagged, 1 a target has a flagged point or module, 2 usage,
 3 infrastructure (from the launcher / client errors, mapped by difftest.cli).
 """
 
@@ -21,11 +21,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from difftest.client import CompletionClient
 from difftest.collect import Endpoint
-from difftest.conformance import Capabilities
-from difftest.errors import ConformanceError, DifftestError, UsageError
+from difftest.errors import UsageError
 from difftest.results import LayerDiff
+from difftest.session import ClientOptions, Session
+from difftest.whitebox.audit import BACKEND_COSINE_MIN, BACKENDS, audit
+from difftest.whitebox.layers import layer_verdict, scheme_of
+from difftest.whitebox.localise import localise_target
 
 DEFAULT_TIMEOUT_S = 600.0  # a debug call on a big model can take minutes on a CPU
 
@@ -42,17 +44,6 @@ class _Job:
 def _check_url(flag: str, url: str | None) -> None:
     if url is not None and not url.startswith(("http://", "https://")):
         raise UsageError(f"{flag}: {url!r} is not an http(s) URL")
-
-
-async def connect(name: str, url: str, api_key: str | None) -> Endpoint:
-    """A client for a server that must serve the debug protocol (else a conformance error)."""
-    client = CompletionClient(url, name=name, api_key=api_key, timeout_s=DEFAULT_TIMEOUT_S, max_retries=1)
-    try:
-        await client.get_json("/debug/config", retries=0)
-    except DifftestError as exc:
-        await client.aclose()
-        raise ConformanceError(f"{name} ({url}) does not serve the debug protocol: {exc}") from None
-    return Endpoint(name, client, Capabilities(name=name, url=url, model=None, debug=True))
 
 
 def _plan(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], list[_Job], str | None]:
@@ -83,30 +74,27 @@ def _plan(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], list[_Jo
     return [], urls, [job], key_env
 
 
-def _run(args: argparse.Namespace, work: Any) -> int:
-    """Launch (CONFIG) or connect (URLs), then `await work(endpoints, jobs)`."""
-    specs, urls, jobs, key_env = _plan(args)
-    key = os.environ.get(key_env) if key_env else None
+# a debug call on a big model can take minutes on a CPU; retrying one rarely helps
+OPTIONS = ClientOptions(timeout_s=DEFAULT_TIMEOUT_S, max_retries=1, concurrency=4)
 
-    async def go(found: dict[str, str], keys: dict[str, str | None]) -> int:
-        eps: dict[str, Endpoint] = {}
-        try:
-            for name, url in found.items():
-                eps[name] = await connect(name, url, keys.get(name, key))
-            return await work(eps, jobs)
-        finally:
-            await asyncio.gather(*(e.client.aclose() for e in eps.values()))
+
+def _run(args: argparse.Namespace, work: Any) -> int:
+    """Launch (CONFIG) or connect (URLs), probe each server once, then `await work(session, jobs)`."""
+    specs, urls, jobs, key_env = _plan(args)
+
+    async def go(session: Session) -> int:
+        async with session:
+            session.require_debug(*session)
+            return await work(session, jobs)
 
     if not specs:
-        return asyncio.run(go(urls, {}))
+        key = os.environ.get(key_env) if key_env else None
+        return asyncio.run(go(Session.of_urls(urls, api_key=key, options=OPTIONS)))
     from server_shim.launch import launch_servers
 
     out = Path(getattr(args, "out", None) or "runs/whitebox")
     with launch_servers(specs, log_dir=out / "logs") as running:
-        keys = {
-            n: os.environ.get(s.spec.api_key_env) if s.spec.api_key_env else None for n, s in running.items()
-        }
-        return asyncio.run(go({n: s.url for n, s in running.items()}, keys))
+        return asyncio.run(go(Session.of_running(running, OPTIONS)))
 
 
 # ---------------------------------------------------------------- layers
@@ -145,26 +133,22 @@ def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points:
 
 
 def diff_failed(diff: LayerDiff, scheme: str | None = None) -> bool:
-    from difftest.layers import layer_verdict
-
     return any(p.flagged for p in diff.points) or not layer_verdict(diff, scheme=scheme).passed
 
 
 def layers_command(args: argparse.Namespace) -> int:
-    from difftest.layers import localise, scheme_of
-
     console = Console()
     prompt = getattr(args, "prompt", None) or "The capital of France is Paris. The capital of Germany is"
 
-    async def work(eps: dict[str, Endpoint], jobs: Sequence[_Job]) -> int:
+    async def work(session: Session, jobs: Sequence[_Job]) -> int:
         failed = False
         for job in jobs:
-            tgt = eps[job.target]
-            scheme = scheme_of(await tgt.client.get_json("/debug/config"))
-            for base, kind in ((job.golden, "exactness"), (job.reference, "accuracy")):
-                if base is None:
-                    continue
-                diff = await localise(eps[base], tgt, prompt, kind=kind)
+            tgt = session[job.target]
+            scheme = scheme_of(await tgt.client.debug_config())
+            found = await localise_target(
+                tgt, prompt=prompt, golden=_get(session, job.golden), reference=_get(session, job.reference)
+            )
+            for diff in found.diffs:
                 render_layers(diff, job.target, console)
                 failed |= diff_failed(diff, scheme)
         return 1 if failed else 0
@@ -203,8 +187,6 @@ def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) 
     console.print(table)
     with_backends = [r for r in rows if r.get("backends")]
     if with_backends:
-        from difftest.quantcheck import BACKEND_COSINE_MIN, BACKENDS
-
         bt = Table(title=f"backends: cosine vs FP32 on one input (! = under {BACKEND_COSINE_MIN})")
         bt.add_column("module")
         for b in BACKENDS:
@@ -221,16 +203,19 @@ def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) 
         console.print(bt)
 
 
-def quant_command(args: argparse.Namespace) -> int:
-    from difftest.quantcheck import audit
+def _get(session: Session, name: str | None) -> Endpoint | None:
+    return session[name] if name is not None else None
 
+
+def quant_command(args: argparse.Namespace) -> int:
     console = Console()
 
-    async def work(eps: dict[str, Endpoint], jobs: Sequence[_Job]) -> int:
+    async def work(session: Session, jobs: Sequence[_Job]) -> int:
         flagged = False
         for job in jobs:
-            ref = eps.get(job.golden or "") or eps.get(job.reference or "")
-            rows = await audit(eps[job.target], ref)
+            # the kernel's weight against full precision where there is a reference (as `run` does)
+            ref = _get(session, job.reference) or _get(session, job.golden)
+            rows = await audit(session[job.target], ref)
             render_audit(rows, job.target, console)
             flagged |= any(r.get("flagged") for r in rows)
         return 1 if flagged else 0

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import httpx
 import uvicorn
 from fakes import FakeBehaviour, make_fake_app
+from fastapi import FastAPI
 
 
 def free_port() -> int:
@@ -25,12 +26,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_fake(behaviour: FakeBehaviour | None = None, *, port: int | None = None) -> Iterator[str]:
+def live_fake(
+    behaviour: FakeBehaviour | None = None, *, port: int | None = None, app: FastAPI | None = None
+) -> Iterator[str]:
+    """Serve a fake (or `app`, e.g. `make_fake_app(...)` kept to read `app.state.fake.requests`)."""
     port = port or free_port()
     # log_config=None: the server's own errors (a client that hung up) go to `logging`, where pytest
     # keeps them apart from the stderr of the difftest under test
     config = uvicorn.Config(
-        make_fake_app(behaviour), host="127.0.0.1", port=port, log_level="error", lifespan="off",
+        app or make_fake_app(behaviour), host="127.0.0.1", port=port, log_level="error", lifespan="off",
         log_config=None,
     )  # fmt: skip
     server = uvicorn.Server(config)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from fakes import FAKE_URL, FakeServer
 
-from difftest.cache import CacheMiss, ResponseCache, cache_key
+from difftest.cache import ResponseCache, cache_key
 from difftest.client import CompletionClient
-from difftest.errors import RequestRejected, ServerError
+from difftest.errors import CacheMiss, RequestRejected, ServerError
 
 FP = {"name": "ref", "url": "http://a", "models": ["m"]}
 REQ = {"model": "m", "prompt": "1+2=", "max_tokens": 4, "temperature": 0}

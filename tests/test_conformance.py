@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from fakes import QUIRKS, FakeBehaviour, FakeServer
 
-from difftest.conformance import DEFAULT_PROBES, Capabilities, ProbeTokens, check_pair, probe
+from difftest.conformance import DEFAULT_PROBES, Capabilities, ProbeTokens, probe
 from difftest.errors import ConformanceError, InfraError
+from difftest.tokenizer_check import check_pair
 from difftest.tokens_view import parse_choice
 
 

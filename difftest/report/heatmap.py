@@ -1,7 +1,7 @@
 """The per-layer heatmap: layers x (target, comparison), colour by log10(1 - cosine).
 
 Why log10(1 - cosine): a correct FP8 module sits near cosine 0.9995 and a broken one near 0.93 or
-0.0 (DESIGN.md's calibration table); on a linear cosine scale both look "about 1". One decade per
+0.0 (docs/design.md "Calibration"); on a linear cosine scale both look "about 1". One decade per
 colour step separates accumulation-order noise (1e-6), scheme rounding (1e-3) and bugs (1e-1).
 
 The PNG is written with zlib + struct only: difftest's install stays light (no Pillow, no

@@ -41,10 +41,6 @@ def run_to_json(run: RunResult) -> str:
     return json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def write_json(run: RunResult, path: Path) -> Path:
-    return atomic_write_text(path, run_to_json(run))
-
-
 def load_run(path: Path | str) -> RunResult:
     """Read a report.json (or a folder holding one) back into a RunResult.
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from difftest.report.heatmap import layer_grid, text_heatmap
 from difftest.results import Comparison, PromptDiff, RunResult, TargetResult
+from difftest.whitebox.localise import localisation_line as whitebox_localisation_line
 
 NA = "n/a"
 MAX_PROMPT_ROWS = 20  # GitHub step summaries are capped at 1 MiB; the rest is in report.html
@@ -117,23 +118,10 @@ def reasons(t: TargetResult) -> list[str]:
 
 
 def localisation_line(t: TargetResult) -> str | None:
-    """The verdict's localisation, else one built from the first LayerDiff that localised."""
+    """The verdict's localisation, else the sentence of the first LayerDiff that localised."""
     if t.verdict is not None and t.verdict.localisation:
         return t.verdict.localisation
-    for d in t.layers:
-        if d.first_divergent_layer is None and d.guilty_module is None:
-            continue
-        bits = []
-        if d.first_divergent_layer is not None:
-            bits.append(f"first divergent layer {d.first_divergent_layer}")
-        if d.guilty_module:
-            bits.append(f"local error in {d.guilty_module}")
-        if d.guilty_backend:
-            bits.append(f"backend {d.guilty_backend}")
-        if d.audit_hint:
-            bits.append(d.audit_hint)
-        return ", ".join(bits) + f" (vs {d.against})"
-    return None
+    return whitebox_localisation_line(t.layers)
 
 
 def prompt_order(prompts: Iterable[PromptDiff]) -> list[PromptDiff]:

@@ -36,6 +36,11 @@ def score_prompt(
 ) -> PromptDiff:
     diff = PromptDiff(prompt_id=prompt.id, prompt=prompt.prompt)
     errors = [f"baseline: {ref.error}" if ref.error else None, f"target: {tgt.error}" if tgt.error else None]
+    # a teacher-forcing request the server failed counts like a failed generation: no PASS is built
+    # on the prompts that remain (an echo that merely re-tokenises differently is only unmeasured)
+    for side, forced in (("baseline echo", ref_forced), ("target echo", tgt_forced)):
+        if forced is not None and forced.failed:
+            errors.append(f"{side}: {forced.error}")
     if any(errors):
         diff.error = "; ".join(e for e in errors if e)
         diff.ref_text, diff.ref_tokens = ref.text, ref.display_tokens() if ref.error is None else []

@@ -166,6 +166,22 @@ def test_broken_answers_mid_run_are_per_prompt_errors_exit_3(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fault", ["half-logprobs", "http-500", "invalid-json"])
+def test_a_failed_teacher_forcing_request_is_a_failed_prompt_not_a_quiet_gap(
+    tmp_path: Path, fault: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The echo of one prompt's continuation broken: that prompt used to lose only its KL (a
+    warning) and the target PASSed on the other prompts; now it is a failed request (exit 3)."""
+    behaviour = FakeBehaviour(fault=fault, fault_echo_only=True, fault_match="dog is")
+    code, out = _target_run(tmp_path, behaviour)
+    assert code == 3, capsys.readouterr().err
+    acc = load_run(out).targets[0].comparison("accuracy")
+    assert acc is not None and acc.aggregate["failed_requests"] == 1
+    (failed,) = [p for p in acc.prompts if p.error]
+    assert failed.prompt_id == f"p{PROMPTS.index('the lazy dog is')}" and "target echo: " in failed.error
+
+
+@pytest.mark.slow
 def test_nan_logprobs_on_one_prompt_fail_the_verdict(tmp_path: Path) -> None:
     """A NaN mid-run is a numeric bug of the target: the verdict fails (exit 1), never a PASS."""
     code, out = _target_run(tmp_path, FakeBehaviour(fault="nan-logprobs", fault_match="dog is"))

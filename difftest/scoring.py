@@ -35,7 +35,7 @@ def score_prompt(
     tie_margin: float | None = None,
     k: int | None,
 ) -> PromptDiff:
-    diff = PromptDiff(prompt_id=prompt.id, prompt=prompt.prompt)
+    diff = PromptDiff(prompt_id=prompt.id, prompt=prompt.prompt, tags=list(prompt.tags))
     errors = [f"baseline: {ref.error}" if ref.error else None, f"target: {tgt.error}" if tgt.error else None]
     # a teacher-forcing request the server failed counts like a failed generation: no PASS is built
     # on the prompts that remain (an echo that merely re-tokenises differently is only unmeasured)

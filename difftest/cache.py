@@ -17,6 +17,7 @@ answers hold prompts and model output, which are nobody else's business on a sha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -133,7 +134,8 @@ def _create_private(path: Path) -> None:
     try:
         mode = os.fstat(fd).st_mode & 0o777
         if mode & 0o022:
-            os.fchmod(fd, mode & ~0o022)
+            with contextlib.suppress(PermissionError):  # someone else's file: sqlite will say so
+                os.fchmod(fd, mode & ~0o022)
     finally:
         os.close(fd)
 

@@ -91,6 +91,9 @@ class Forced:
 
     positions: tuple[Position, ...] = ()
     error: str | None = None
+    # the server failed the request or sent an answer that cannot be its tokens: the prompt is a
+    # failed request (counted), not one whose teacher-forced metrics are merely unavailable
+    failed: bool = False
 
 
 def _error_text(exc: BaseException) -> str:
@@ -184,20 +187,28 @@ async def force(
         if continuation.text is None:
             return Forced(error="no continuation text to echo")
         body = ep.payload(prompt.prompt + continuation.text, max_tokens=0, k=k, seed=0, echo=True)
+    by_ids = "prompt" in body and isinstance(body["prompt"], list)
     try:
         resp = await ep.client.completions(body)
         view = first_choice(resp, ep.name)[1]
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
-        return Forced(error=_error_text(exc))
-    if len(view) < n:
-        return Forced(error=f"echo returned {len(view)} positions, fewer than the {n} continuation tokens")
+        return Forced(error=_error_text(exc), failed=True)
+    if len(view) < n:  # as text, a re-tokenisation that merges tokens could do this; as ids, never
+        return Forced(
+            error=f"{ep.name}: echo returned {len(view)} positions, fewer than the {n} continuation tokens",
+            failed=by_ids,
+        )
     tail = view.positions[-n:]
     if not _aligned(tail, continuation.view.positions):
+        if by_ids:  # ids in, other ids out: the server changed what it was told to score
+            return Forced(error=f"{ep.name}: echoed token ids differ from the ids sent", failed=True)
         return Forced(
             error="echoed tokens do not line up with the continuation (re-tokenisation shifted them)"
         )
     if any(p.logprob is None or not p.top for p in tail):
-        return Forced(error="echo returned no logprobs for the continuation positions")
+        return Forced(
+            error=f"{ep.name}: echo returned no logprobs for the continuation positions", failed=True
+        )
     return Forced(tuple(tail))
 
 

@@ -1,8 +1,14 @@
 """Conformance: what one server can do, and whether two servers can be compared at all.
 
 `probe(client)` asks a server, feature by feature, what the differ relies on, and turns every
-missing feature into a visible warning that names what it disables. It raises only when the server
-cannot serve completions at all. The check that matters most is the last echo check: teacher-forced
+missing feature into a visible warning that names what it disables. A *broken* feature is no
+missing one: it raises, naming the server —
+- InfraError (exit 3) when completions fail on the server's side (5xx, timeouts, resets, bad bodies);
+- ConformanceError (exit 2) when they are refused (4xx), or when logprobs are not the text's tokens
+  (a block covering part of the generated or echoed text, an empty block beside text, a malformed
+  block, NaN): switching teacher forcing off for such a server judged it on what it chose to show,
+  a false PASS (issue 10).
+The check that matters most is the last echo check: teacher-forced
 metrics read the logprobs a server gives for *echoed* tokens, and real servers have returned echoed
 logprobs shifted by a position or computed on another path than generation. So we generate k tokens,
 echo prompt + those tokens with `max_tokens=0`, and trust echo only if the two sets of logprobs agree.

@@ -7,6 +7,7 @@ answers and is broken: a URL that always answers 500, resets every connection or
 answers made `difftest compare` wait ten minutes before exit 3 (issue 10). `check_running` asks
 each such server's `/health` and `/v1/models` a few times over a few seconds and raises
 `InfraError` (exit 3) naming the server and its answers when every answer is a broken one.
+`check_running` also refuses (exit 2) an `api_key_env` whose variable is not set.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from difftest.errors import InfraError
+from difftest.errors import InfraError, UsageError
 from server_shim.launch import ServerSpec
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,17 @@ async def check_running_async(specs: Sequence[ServerSpec], *, request_timeout_s:
         raise InfraError("; ".join(problems))
 
 
+def check_environment(specs: Sequence[ServerSpec]) -> None:
+    """An `api_key_env` naming an unset variable is a usage error (exit 2) before anything starts;
+    the launcher found it only when it reached that server, after starting the ones before."""
+    missing = [f"server {s.name!r}: environment variable {s.api_key_env} (api_key_env) is not set"
+               for s in specs if s.api_key_env and not os.environ.get(s.api_key_env)]  # fmt: skip
+    if missing:
+        raise UsageError("; ".join(missing))
+
+
 def check_running(specs: Sequence[ServerSpec], *, request_timeout_s: float) -> None:
-    """`check_running_async` for callers outside an event loop."""
+    """Before a run launches anything: `check_environment`, then `check_running_async`."""
+    check_environment(specs)
     if any(s.kind == "url" for s in specs):
         asyncio.run(check_running_async(specs, request_timeout_s=request_timeout_s))

@@ -14,6 +14,7 @@ from difftest.metrics.aggregate import aggregate_prompts, fill_generation, fill_
 from difftest.metrics.logprobs import PositionLogprobs, teacher_forced_stats
 from difftest.prompts import Prompt
 from difftest.results import Comparison, PromptDiff
+from difftest.tokens_view import nan_positions
 
 
 def _comparable_keys(ref: Generation, tgt: Generation) -> tuple[Sequence, Sequence, bool]:
@@ -36,6 +37,17 @@ def score_prompt(
 ) -> PromptDiff:
     diff = PromptDiff(prompt_id=prompt.id, prompt=prompt.prompt, tags=list(prompt.tags))
     errors = [f"baseline: {ref.error}" if ref.error else None, f"target: {tgt.error}" if tgt.error else None]
+    # a teacher-forcing request the server failed counts like a failed generation: no PASS is built
+    # on the prompts that remain (an echo that merely re-tokenises differently is only unmeasured)
+    for side, forced in (("baseline echo", ref_forced), ("target echo", tgt_forced)):
+        if forced is not None and forced.failed:
+            errors.append(f"{side}: {forced.error}")
+    # NaN in a generation's logprobs feeds no verdict metric (those come from teacher forcing, which
+    # may be off or NaN-free): without this the prompt would pass on its tokens. NaN always fails.
+    for side, gen in (("baseline", ref), ("target", tgt)):
+        bad = nan_positions(gen.view) if gen.error is None else []
+        if bad:
+            errors.append(f"{side}: NaN logprobs at generated positions {bad[:8]} (NaN always fails)")
     if any(errors):
         diff.error = "; ".join(e for e in errors if e)
         diff.ref_text, diff.ref_tokens = ref.text, ref.display_tokens() if ref.error is None else []

@@ -42,7 +42,8 @@ from server_shim.launch_spec import ServerSpec
 class ClientOptions:
     """How every client of a session talks to its server."""
 
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # each attempt of a request, start to last byte
+    connect_timeout_s: float = 10.0  # opening a connection (at most timeout_s)
     max_retries: int = 3
     concurrency: int = 8  # requests in flight per server
     cache: ResponseCache | None = None  # the run's response cache (None: every request is asked)
@@ -124,6 +125,7 @@ class Session:
                 name=name,
                 api_key=s.api_key,
                 timeout_s=o.timeout_s,
+                connect_timeout_s=o.connect_timeout_s,
                 max_retries=o.max_retries,
                 concurrency=o.concurrency,
                 transport=s.transport,

@@ -9,13 +9,15 @@ SIGKILLed mid-run, servers that must be gone after `difftest run` is interrupted
 --request-log F    one JSON line per completions request ({prompt, run}) and one more
                    ({..., answered}) once its answer is sent: what a run asked and got
 --pid-file F       append this process's pid
---delay S          sleep S seconds before each completions answer (a run slow enough to interrupt)
+--delay S          sleep S seconds before answering each request of the run itself (those with a
+                   seed): a run slow enough to interrupt, after conformance went at full speed
 --api-key-env NAME require the key held in that environment variable (never on the command line)
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -49,18 +51,18 @@ def main() -> int:
     behaviour = FakeBehaviour(
         die_after=die_after,
         die_mode="sigkill",
-        delay_s=args.delay,
         api_key=os.environ[args.api_key_env] if args.api_key_env else None,
     )
     app: Any = make_fake_app(behaviour)
-    if args.request_log:
-        app = _logged(app, args.request_log)
+    if args.request_log or args.delay:
+        app = _logged(app, args.request_log, args.delay)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="error", lifespan="off")
     return 0
 
 
-def _logged(app: Any, path: str) -> Any:
-    """ASGI wrapper: one line per POST /v1/completions, written before the app answers."""
+def _logged(app: Any, path: str | None, delay_s: float) -> Any:
+    """ASGI wrapper: one line per POST /v1/completions, written before the app answers; the run's
+    own requests (with a seed) wait `delay_s` first."""
 
     async def wrapper(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/v1/completions":
@@ -80,8 +82,11 @@ def _logged(app: Any, path: str) -> Any:
             }  # the differ's run requests carry a seed
         except (ValueError, AttributeError):
             line = {"prompt": None, "run": False}
-        with open(path, "a") as fh:
-            fh.write(json.dumps(line) + "\n")
+        if path:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+        if line["run"] and delay_s:
+            await asyncio.sleep(delay_s)
         replayed = False
 
         async def replay() -> dict:
@@ -93,7 +98,7 @@ def _logged(app: Any, path: str) -> Any:
 
         async def answer(message: dict) -> None:
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
+            if path and message["type"] == "http.response.body" and not message.get("more_body"):
                 with open(path, "a") as fh:  # sent in full: the client has it unless it drops it
                     fh.write(json.dumps(line | {"answered": True}) + "\n")
 

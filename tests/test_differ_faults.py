@@ -166,13 +166,34 @@ def test_broken_answers_mid_run_are_per_prompt_errors_exit_3(
 
 
 @pytest.mark.slow
-def test_nan_logprobs_on_one_prompt_fail_the_verdict(tmp_path: Path) -> None:
-    """A NaN mid-run is a numeric bug of the target: the verdict fails (exit 1), never a PASS."""
-    code, out = _target_run(tmp_path, FakeBehaviour(fault="nan-logprobs", fault_match="dog is"))
+@pytest.mark.parametrize("fault", ["half-logprobs", "http-500", "invalid-json"])
+def test_a_failed_teacher_forcing_request_is_a_failed_prompt_not_a_quiet_gap(
+    tmp_path: Path, fault: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The echo of one prompt's continuation broken: that prompt used to lose only its KL (a
+    warning) and the target PASSed on the other prompts; now it is a failed request (exit 3)."""
+    behaviour = FakeBehaviour(fault=fault, fault_echo_only=True, fault_match="dog is")
+    code, out = _target_run(tmp_path, behaviour)
+    assert code == 3, capsys.readouterr().err
+    acc = load_run(out).targets[0].comparison("accuracy")
+    assert acc is not None and acc.aggregate["failed_requests"] == 1
+    (failed,) = [p for p in acc.prompts if p.error]
+    assert failed.prompt_id == f"p{PROMPTS.index('the lazy dog is')}" and "target echo: " in failed.error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("echo", [True, False], ids=["teacher-forced", "no-echo"])
+def test_nan_logprobs_on_one_prompt_never_pass(tmp_path: Path, echo: bool) -> None:
+    """NaN in a generation mid-run: with teacher forcing off it used to be dropped (exit 0, PASS).
+    Now the prompt is a failed request whatever the pair measures: never a PASS."""
+    behaviour = FakeBehaviour(fault="nan-logprobs", fault_match="dog is", echo=echo)
+    code, out = _target_run(tmp_path, behaviour)
     (t,) = load_run(out).targets
-    assert code == 1
-    assert t.verdict is not None and not t.verdict.passed
-    assert any("NaN" in c.note for part in t.verdict.parts for c in part.checks if not c.passed)
+    assert code == 3 and t.verdict is not None and not t.verdict.passed
+    acc = t.comparison("accuracy")
+    assert acc is not None and acc.aggregate["failed_requests"] == 1
+    (failed,) = [p for p in acc.prompts if p.error]
+    assert "target: NaN logprobs at generated positions [0, 1, 2" in failed.error
 
 
 # ----------------------------------------------------------------------------- dead or hung servers
@@ -253,3 +274,29 @@ def test_side_by_side_compare_against_a_hung_url_is_exit_3_in_seconds(
         assert main(["compare", "--ref", ref, "--target", tgt, "--prompt", "the quick brown fox"]) == 3
     err = capsys.readouterr().err
     assert "server 'target' at " in err and "accepted the connection, no answer within 5s" in err
+
+
+def test_an_unset_key_variable_is_exit_2_before_anything_launches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from difftest import runner
+
+    monkeypatch.delenv("DIFFTEST_UNSET_KEY", raising=False)
+    started: list[object] = []
+    monkeypatch.setattr(runner, "launch_servers", lambda *a, **k: started.append(a))
+    cfg = write_config(tmp_path, "http://127.0.0.1:9", [
+        {"name": "tgt", "command": "engine --port {port}", "api_key_env": "DIFFTEST_UNSET_KEY"}])  # fmt: skip
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "server 'tgt': environment variable DIFFTEST_UNSET_KEY (api_key_env) is not set" in err
+    assert started == []
+
+
+@pytest.mark.slow
+def test_nan_only_in_the_teacher_forced_echo_fails_the_verdict(tmp_path: Path) -> None:
+    """A NaN only where the echo is scored (prefill kernel): KL is NaN, and NaN always fails (exit 1)."""
+    behaviour = FakeBehaviour(fault="nan-logprobs", fault_match="dog is", fault_echo_only=True)
+    code, out = _target_run(tmp_path, behaviour)
+    (t,) = load_run(out).targets
+    assert code == 1 and t.verdict is not None and not t.verdict.passed
+    assert any("NaN" in c.note for part in t.verdict.parts for c in part.checks if not c.passed)

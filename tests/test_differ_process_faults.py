@@ -89,7 +89,9 @@ def test_server_sigkilled_mid_run_exit_3_report_kept_answers_resume_asks_only_mi
         assert "server tgt exited with code -9 during the run" in err and "Traceback" not in err
         first = load_run(tmp_path / "out")  # the report is written
         acc = first.targets[0].comparison("accuracy")
-        assert acc is not None and 0 < acc.aggregate["failed_requests"] < N_PROMPTS
+        assert (
+            acc is not None and acc.aggregate["failed_requests"] > 0
+        )  # teacher forcing into the dead server fails too
         kept = _cached(tmp_path / "out" / "cache.sqlite", "tgt")
         asked_first = _log(log)
         # every answer the engine sent before it died is in the cache: none lost
@@ -126,7 +128,11 @@ def _alive(pids: list[int]) -> list[int]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_leaves_no_server_process(tmp_path: Path, sig: signal.Signals) -> None:
     pids, log = tmp_path / "pids", tmp_path / "requests.jsonl"
-    common = (f"--pid-file {pids}", f"--request-log {log}", "--delay 0.2")
+    common = (
+        f"--pid-file {pids}",
+        f"--request-log {log}",
+        "--delay 1",
+    )  # a run of 20+ s: time to interrupt it
     cfg = _config(
         tmp_path,
         {"name": "ref", "command": _engine(*common)},
@@ -153,8 +159,9 @@ def test_interrupted_run_leaves_no_server_process(tmp_path: Path, sig: signal.Si
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + sig or (sig == signal.SIGINT and proc.returncode == 130)
-    assert b"Traceback" not in err, err.decode()
+    said = f"exit {proc.returncode}; stderr:\n{err.decode(errors='replace')[-3000:]}"
+    assert proc.returncode == 128 + sig, said  # 130 / 143
+    assert b"Traceback" not in err, said
     deadline = time.monotonic() + 10
     while _alive(servers) and time.monotonic() < deadline:
         time.sleep(0.1)

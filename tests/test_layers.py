@@ -208,21 +208,21 @@ async def test_reference_against_itself_has_nothing_flagged(ref_model: LoadedMod
 
 async def test_fault_is_localised_and_cli_exits_1(ref_model: LoadedModel, monkeypatch, capsys) -> None:
     bad = build(scheme="fp8-block", faults=["fnuz-unnormalized@model.layers.2.mlp.up_proj"])
-    from difftest import whitebox_cli
+    from difftest.cli import layers, whitebox
 
     async with shim_endpoint("reference", ref_model) as r, shim_endpoint("target", bad) as t:
         diff = await localise(r, t, PROMPT, kind="accuracy")
         eps = {"reference": r, "target": t}
 
-        async def fake_connect(name: str, url: str, api_key: str | None) -> Endpoint:
+        async def fake_connect(name: str, url: str, api_key: str | None, timeout_s: float = 0) -> Endpoint:
             return eps[name]
 
-        monkeypatch.setattr(whitebox_cli, "connect", fake_connect)
-        monkeypatch.setattr(whitebox_cli.asyncio, "run", _run_in_current_loop)
+        monkeypatch.setattr(whitebox, "connect", fake_connect)
+        monkeypatch.setattr(whitebox.asyncio, "run", _run_in_current_loop)
         args = argparse.Namespace(
             config=None, ref="http://r", target="http://t", golden=None, prompt=PROMPT, api_key_env=None
         )
-        code = await whitebox_cli.layers_command(args)
+        code = await layers.run(args)
     assert diff.guilty_module == "model.layers.2.mlp.up_proj"
     assert diff.audit_hint and "e4m3fnuz" in diff.audit_hint
     assert not layer_verdict(diff, scheme="fp8-block").passed
@@ -236,8 +236,8 @@ def _run_in_current_loop(coro):  # noqa: ANN001, ANN202 - asyncio.run stand-in i
 
 
 def test_cli_usage_errors() -> None:
+    from difftest.cli.layers import run as layers_command
     from difftest.errors import UsageError
-    from difftest.whitebox_cli import layers_command
 
     with pytest.raises(UsageError):
         layers_command(

@@ -131,19 +131,19 @@ async def test_audit_of_correct_and_faulty_targets() -> None:
 async def test_quant_command_flags_a_faulty_target(monkeypatch, capsys) -> None:
     import argparse
 
-    from difftest import whitebox_cli
+    from difftest.cli import quant, whitebox
 
     monkeypatch.setenv("COLUMNS", "400")  # one table row per line
     bad = build(scheme="fp8-block", faults=["scale-skipped@model.layers.0.self_attn.q_proj"])
     async with shim_endpoint("reference", build()) as r, shim_endpoint("target", bad) as t:
         eps = {"reference": r, "target": t}
 
-        async def fake_connect(name: str, url: str, api_key: str | None):  # noqa: ANN202
+        async def fake_connect(name: str, url: str, api_key: str | None, timeout_s: float = 0):  # noqa: ANN202
             return eps[name]
 
-        monkeypatch.setattr(whitebox_cli, "connect", fake_connect)
-        monkeypatch.setattr(whitebox_cli.asyncio, "run", lambda coro: coro)  # already inside a loop
-        code = await whitebox_cli.quant_command(
+        monkeypatch.setattr(whitebox, "connect", fake_connect)
+        monkeypatch.setattr(whitebox.asyncio, "run", lambda coro: coro)  # already inside a loop
+        code = await quant.run(
             argparse.Namespace(config=None, ref="http://r", target="http://t", api_key_env=None)
         )
     out = " ".join(capsys.readouterr().out.split())

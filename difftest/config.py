@@ -80,6 +80,7 @@ class RunConfig:
         default_factory=dict
     )  # scheme|"default" -> metric -> limit
     source: Path | None = None
+    baseline: Path | None = None  # [reference] baseline = "FILE": a recorded reference (difftest record)
 
     def servers(self) -> tuple[ServerSpec, ...]:
         """Every server to start, each once: reference, targets, then goldens (shared ones once)."""
@@ -215,9 +216,13 @@ def parse_config(doc: dict[str, Any], *, text: str, path: Path) -> RunConfig:
     thresholds = _parse_thresholds(ctx, _table(ctx, doc, "thresholds", required=False))
     debug_default = run.whitebox != "off"  # white-box parts need the debug routes on built-in shims
 
-    reference = _server(
-        ctx, ("reference",), _table(ctx, doc, "reference", required=True), "reference", base, debug_default
-    )
+    ref_table = _table(ctx, doc, "reference", required=True)
+    baseline = _baseline(ctx, ref_table, base)
+    if baseline is not None:
+        name = _typed(ctx, ("reference",), "name", ref_table.get("name", "reference"), "string")
+        reference = ServerSpec(name=name, url=baseline.as_uri())
+    else:
+        reference = _server(ctx, ("reference",), ref_table, "reference", base, debug_default)
     raw_targets = doc.get("target", [])
     if isinstance(raw_targets, dict):
         raise ctx.error(("target",), None, "targets are an array of tables: write [[target]], not [target]")
@@ -238,7 +243,23 @@ def parse_config(doc: dict[str, Any], *, text: str, path: Path) -> RunConfig:
                     where, "name", f"server name {spec.name!r} is used twice; names must be unique"
                 )
             owner[spec.name] = spec
-    return RunConfig(run=run, reference=reference, targets=tuple(targets), thresholds=thresholds, source=path)
+    return RunConfig(
+        run=run, reference=reference, targets=tuple(targets), thresholds=thresholds, source=path,
+        baseline=baseline,
+    )  # fmt: skip
+
+
+def _baseline(ctx: _Ctx, table: dict[str, Any], base: Path) -> Path | None:
+    """`[reference] baseline = "FILE"` (with an optional name, nothing else): a recorded reference."""
+    if "baseline" not in table:
+        return None
+    value = _typed(ctx, ("reference",), "baseline", table["baseline"], "string")
+    extra = sorted(k for k in table if k not in ("baseline", "name"))
+    if extra:
+        raise ctx.error(
+            ("reference",), extra[0], f"key {extra[0]!r} cannot go with 'baseline' (a recorded reference)"
+        )
+    return (base / value).resolve()
 
 
 def _table(ctx: _Ctx, doc: dict[str, Any], key: str, *, required: bool) -> dict[str, Any]:

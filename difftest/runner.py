@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from difftest.baseline import REPLAY_URL, Baseline, run_settings
 from difftest.cache import ResponseCache
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
@@ -50,6 +51,7 @@ class RunOptions:
     concurrency: int | None = None
     limit: int | None = None
     progress: bool | None = None  # None: a bar on a terminal, plain lines otherwise
+    baseline: Baseline | None = None  # a recorded reference answers instead of a live one
 
 
 @dataclass
@@ -96,7 +98,11 @@ def _api_key(spec: ServerSpec) -> str | None:
 
 
 async def _connect(
-    running: Mapping[str, RunningServer], cfg: RunConfig, cache: ResponseCache, concurrency: int
+    running: Mapping[str, RunningServer],
+    cfg: RunConfig,
+    cache: ResponseCache,
+    concurrency: int,
+    baseline: Baseline | None = None,
 ) -> dict[str, Endpoint]:
     """A client per server, then conformance probes of all of them side by side."""
     clients = {
@@ -112,6 +118,10 @@ async def _connect(
         )
         for name, srv in running.items()
     }
+    if baseline is not None:  # the recorded reference: same client, answers replayed from the file
+        clients[cfg.reference.name] = CompletionClient(
+            REPLAY_URL, name=cfg.reference.name, concurrency=concurrency, transport=baseline.transport()
+        )
     caps = await asyncio.gather(*(probe(c) for c in clients.values()))
     return {name: Endpoint(name, clients[name], cap) for name, cap in zip(clients, caps, strict=True)}
 
@@ -402,7 +412,7 @@ async def run_async(
     started = time.monotonic()
     concurrency = opts.concurrency or cfg.run.concurrency
     floor = load_floor(cfg)
-    eps = await _connect(running, cfg, cache, concurrency)
+    eps = await _connect(running, cfg, cache, concurrency, opts.baseline)
     try:
         pairs = _pairs(cfg)
         await _check_pairs(pairs, eps)
@@ -527,10 +537,20 @@ def execute(
         cache_path.unlink()
         for extra in ("-wal", "-shm"):
             Path(str(cache_path) + extra).unlink(missing_ok=True)
-    prompts = load_prompts(cfg.run.prompts, limit=opts.limit if opts.limit is not None else cfg.run.limit)
+    limit = opts.limit if opts.limit is not None else cfg.run.limit
+    specs = cfg.servers()
+    if cfg.baseline is not None:  # a recorded reference: checked before any server starts
+        opts = dataclasses.replace(opts, baseline=opts.baseline or Baseline.read(cfg.baseline))
+        specs = tuple(s for s in specs if s.name != cfg.reference.name)
+    if opts.baseline is not None and not cfg.run.prompts:
+        prompts = opts.baseline.prompt_list()[:limit]
+    else:
+        prompts = load_prompts(cfg.run.prompts, limit=limit)
+    if opts.baseline is not None:
+        opts.baseline.check(run_settings(cfg.run), prompts)
     cache = ResponseCache(cache_path)
     try:
-        with launch_servers(cfg.servers(), log_dir=out / "logs") as running:
+        with launch_servers(specs, log_dir=out / "logs") as running:
             run = asyncio.run(run_async(cfg, running, prompts, opts, cache))
             problems = infra_problems(run, cfg, running)
     finally:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from difftest.baseline import Baseline
 from difftest.cli import options as o
 from difftest.cli.outcome import finish
 from difftest.config import RunConfig, RunSettings, TargetConfig
@@ -24,12 +25,19 @@ DEFAULT_TIMEOUT_S = 120.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ref", required=True, metavar="URL", help="reference server URL")
+    ref = p.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--ref", metavar="URL", help="reference server URL")
+    ref.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="a recorded reference (`difftest record`) instead of --ref; its prompts and settings by default",
+    )
     p.add_argument(
         "--target", required=True, action="append", metavar="URL", help="target server URL (repeatable)"
     )
     p.add_argument("--golden", metavar="URL", help="golden server URL, for exactness (default: none)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--prompts", type=Path, action="append", metavar="FILE", help="prompts .jsonl (repeatable)"
     )
@@ -41,11 +49,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--scheme", help="budget to judge accuracy with (e.g. fp8-block; default: none)")
     p.add_argument(
-        "--max-tokens", type=int, default=32, metavar="N", help="tokens generated per prompt (default: 32)"
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help="tokens generated per prompt (default: 32, or the baseline's)",
     )
     p.add_argument(
-        "--logprobs", type=int, default=5, metavar="K", help="top-k logprobs per position, 0..20 (default: 5)"
+        "--logprobs",
+        type=int,
+        metavar="K",
+        help="top-k logprobs per position, 0..20 (default: 5, or the baseline's)",
     )
+    p.add_argument("--seed", type=int, metavar="N", help="request seed (default: 0, or the baseline's)")
     o.add_jobs(p, default=8)
     o.add_out(p, "report (default: runs/compare)", default=Path("runs/compare"))
     o.add_keys(p)
@@ -59,9 +74,13 @@ def url_spec(name: str, url: str, envs: dict[str, str]) -> ServerSpec:
     return ServerSpec(name=name, url=url, api_key_env=o.key_env_for(envs, name))
 
 
-def compare_config(args: argparse.Namespace) -> RunConfig:
+def compare_config(args: argparse.Namespace, baseline: Baseline | None = None) -> RunConfig:
     envs = o.key_envs(args.api_key_env)
-    ref = url_spec("reference", args.ref, envs)
+    if baseline is not None:
+        ref = ServerSpec(name="reference", url=Path(args.baseline).resolve().as_uri())
+    else:
+        ref = url_spec("reference", args.ref, envs)
+    recorded = baseline.settings if baseline is not None else {}
     golden = url_spec("golden", args.golden, envs) if args.golden else None
     targets = []
     for i, url in enumerate(args.target):
@@ -69,14 +88,16 @@ def compare_config(args: argparse.Namespace) -> RunConfig:
         targets.append(TargetConfig(server=url_spec(name, url, envs), scheme=args.scheme, golden=golden))
     settings = RunSettings(
         prompts=tuple(args.prompts or ()),
-        max_tokens=args.max_tokens,
-        logprobs=args.logprobs,
+        max_tokens=args.max_tokens or recorded.get("max_tokens", 32),
+        logprobs=args.logprobs if args.logprobs is not None else recorded.get("logprobs", 5),
+        seed=args.seed if args.seed is not None else recorded.get("seed", 0),
         concurrency=args.concurrency,
         output_dir=args.out,
         limit=args.limit,
         request_timeout_s=args.timeout or DEFAULT_TIMEOUT_S,
     )
-    return RunConfig(run=settings, reference=ref, targets=tuple(targets))
+    base_path = Path(args.baseline) if baseline is not None else None
+    return RunConfig(run=settings, reference=ref, targets=tuple(targets), baseline=base_path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,14 +105,19 @@ def run(args: argparse.Namespace) -> int:
     o.positive("--max-tokens", args.max_tokens)
     o.positive("--timeout", args.timeout)
     o.positive("--limit", args.limit)
-    if not 0 <= args.logprobs <= 20:
+    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
         raise UsageError(f"--logprobs must be in 0..20, got {args.logprobs}")
-    cfg = compare_config(args)
+    baseline = Baseline.read(args.baseline) if args.baseline is not None else None
+    if baseline is None and not (args.prompts or args.prompt):
+        raise UsageError("give --prompts FILE or --prompt TEXT (or --baseline DIR, which holds its prompts)")
+    cfg = compare_config(args, baseline)
     if args.prompt:
+        if baseline is not None:
+            raise UsageError("--prompt (the quick look) needs a live --ref, not a --baseline")
         return asyncio.run(explore(cfg, prompt_texts(args.prompt), as_json=args.json))
     from difftest.runner import RunOptions, execute
 
-    result, problems = execute(cfg, RunOptions(out_dir=args.out))
+    result, problems = execute(cfg, RunOptions(out_dir=args.out, baseline=baseline))
     return finish(result, args.out, problems, as_json=args.json)
 
 

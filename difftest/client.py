@@ -30,6 +30,7 @@ import httpx
 
 from difftest.cache import CacheMiss, ResponseCache
 from difftest.errors import RequestRejected, ServerError
+from difftest.identity import canary_request, canary_summary, changed_parts
 
 log = logging.getLogger(__name__)
 
@@ -244,14 +245,38 @@ class CompletionClient:
                 if self.cache_identity is not None and not self.offline:
                     fp = {k: v for k, v in fp.items() if k != "url"} | {"identity": self.cache_identity}
                 if not self.offline and self.cache is not None:
-                    old = self.cache.server_fingerprint(self.name)
-                    if old is not None and old != fp:
-                        log.warning(
-                            "%s: server fingerprint changed since the cached run; not reusing", self.name
-                        )
+                    fp = await self._with_behaviour(fp)
                     self.cache.remember_server(self.name, fp)
                 self._cache_fp = fp
         return self._cache_fp
+
+    async def _with_behaviour(self, fp: dict) -> dict:
+        """Add the canary's behaviour to `fp`; when the stored fingerprint is the same server (same
+        configuration, canary within tolerance) return the stored one exactly, so cache keys match.
+        A changed server gets new keys: its old answers are never reused (difftest.identity)."""
+        request = canary_request(fp["models"][0] if fp.get("models") else None)
+        try:
+            try:
+                answer = await self.completions(request, use_cache=False)
+            except RequestRejected:  # a server without logprobs still has greedy tokens to compare
+                request.pop("logprobs")
+                answer = await self.completions(request, use_cache=False)
+            fp = fp | {"behaviour": canary_summary(answer)}
+        except (RequestRejected, ServerError) as e:
+            log.warning("%s: canary request failed (%s); cached answers are not reused", self.name, e)
+            fp = fp | {"behaviour": {"error": str(e)}}
+        old = self.cache.server_fingerprint(self.name) if self.cache is not None else None
+        if old is None:
+            return fp
+        changed = changed_parts(old, fp)
+        if not changed:
+            return old
+        log.warning(
+            "%s: server changed since the cached run (%s); its cached answers are not reused",
+            self.name,
+            ", ".join(changed),
+        )
+        return fp
 
     # ------------------------------------------------------------------ transport
     async def _request(

@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto", help="auto, torch, triton, vendor")
     s.add_argument("--ck-free", action="store_true", help="forbid vendor kernels (fall back to Triton)")
     s.add_argument("--fault", action="append", default=[], metavar="NAME[@GLOB]", help="inject a known bug")
+    s.add_argument(
+        "--rounding-noise",
+        default="0",
+        metavar="auto|A",
+        help="rounding twin: multiply every linear / MoE output by (1 + A*h), h a value hash in [-1, 1); "
+        "auto = the compute dtype's module tolerance (server_shim.tolerance); 0 = off",
+    )
     s.add_argument("--seed", type=int, default=0, help="seed of the tiny presets' weights")
     s.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     s.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted")
@@ -95,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=args.dtype,
         device=args.device,
         batch_invariant=args.batch_invariant,
+        rounding_noise=args.rounding_noise,
         api_key=args.api_key,
         debug=args.debug,
         quant=args.quant,

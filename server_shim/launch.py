@@ -209,6 +209,8 @@ def build_argv(spec: ServerSpec, port: int, api_key: str | None = None) -> list[
         argv += ["--quant-skip", glob]
     for fault in spec.faults:
         argv += ["--fault", fault]
+    if spec.rounding_noise:
+        argv += ["--rounding-noise", spec.rounding_noise]
     argv += [flag for flag, on in (("--ck-free", spec.ck_free), ("--batch-invariant", spec.batch_invariant),
                                    ("--debug", spec.debug)) if on]  # fmt: skip
     if api_key:

@@ -76,6 +76,7 @@ class ServerSpec:
     faults: tuple[str, ...] = ()
     ck_free: bool = False
     batch_invariant: bool = False
+    rounding_noise: str = ""  # "" off; "auto" or a number: the rounding twin (server_shim.twin)
     debug: bool = False
     seed: int = 0
     extra_args: tuple[str, ...] = ()
@@ -117,11 +118,11 @@ _STR, _BOOL, _INT, _FLOAT, _STRS, _ENV, _GPUS = (
 SPEC_KEYS: dict[str, str] = {
     "name": _STR, "model": _STR, "command": _STR, "url": _STR, "dtype": _STR, "device": _STR,
     "quant": _STR, "backend": _STR, "quant_skip": _STRS, "faults": _STRS, "ck_free": _BOOL,
-    "batch_invariant": _BOOL, "debug": _BOOL, "seed": _INT, "extra_args": _STRS, "env": _ENV,
+    "batch_invariant": _BOOL, "rounding_noise": _STR, "debug": _BOOL, "seed": _INT, "extra_args": _STRS, "env": _ENV,
     "cwd": _STR, "gpus": _GPUS, "api_key_env": _STR, "port": _INT, "startup_timeout_s": _FLOAT,
 }  # fmt: skip
 SHIM_ONLY = ("dtype", "device", "quant", "backend", "quant_skip", "faults", "ck_free", "batch_invariant",
-             "debug", "seed")  # fmt: skip
+             "rounding_noise", "debug", "seed")  # fmt: skip
 URL_ALLOWED = ("name", "model", "url", "api_key_env", "startup_timeout_s")
 
 

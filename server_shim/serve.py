@@ -30,6 +30,7 @@ class ServeOptions:
     backend: str = "auto"
     ck_free: bool = False
     faults: tuple[str, ...] = ()
+    rounding_noise: str = "0"  # the rounding twin: "auto" or an amplitude (server_shim.twin)
     seed: int = 0
     max_model_len: int | None = None
     max_tokens_cap: int = 4096
@@ -61,6 +62,15 @@ def build_engine(opts: ServeOptions) -> Engine:
         logger.info(
             "quantized %d modules with %s (backend %s)", len(summary.modules), opts.quant, opts.backend
         )
+    if opts.rounding_noise not in ("", "0"):
+        from server_shim.twin import apply_rounding_twin, resolve_amplitude
+
+        try:
+            amplitude = resolve_amplitude(opts.rounding_noise, loaded.dtype)
+        except ValueError as exc:
+            raise ShimError(str(exc)) from exc
+        apply_rounding_twin(loaded.model, amplitude, seed=opts.seed)
+        loaded.rounding_noise = amplitude
     engine = Engine(loaded, batch_invariant=opts.batch_invariant, max_batch_size=opts.max_batch_size)
     if opts.max_model_len is not None:
         if opts.max_model_len > engine.context_length:

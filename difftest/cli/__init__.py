@@ -26,7 +26,7 @@ from difftest.errors import DifftestError, InfraError
 log = logging.getLogger("difftest")
 
 # subcommand -> module under difftest.cli (each has HELP, add_arguments(parser), run(args) -> int)
-COMMANDS = ("run", "compare", "record", "probe", "noise", "report", "layers", "quant")
+COMMANDS = ("run", "compare", "record", "diff", "probe", "noise", "report", "layers", "quant")
 
 
 def _version() -> str:

@@ -98,6 +98,10 @@ def _error_text(exc: BaseException) -> str:
 
 
 async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, seed: int) -> Generation:
+    if ep.caps.api == "chat":
+        from difftest.chat import generate_chat
+
+        return await generate_chat(ep, prompt, max_tokens=max_tokens, k=k, seed=seed)
     tokens = prompt.max_tokens if prompt.max_tokens is not None else max_tokens
     try:
         resp = await ep.client.completions(ep.payload(prompt.prompt, max_tokens=tokens, k=k, seed=seed))

@@ -57,6 +57,7 @@ class RunSettings:
     tokenizer: str | None = None
     whitebox: str = "auto"  # auto: per-layer diff where both sides serve /debug
     batch_slot_check: bool = True
+    endpoint: str = "completions"  # "chat": compare over /v1/chat/completions (difftest.chat)
 
 
 @dataclass(frozen=True)
@@ -352,7 +353,9 @@ _RUN_KEYS: dict[str, tuple[str, float | None, float | None]] = {
     "tokenizer": ("string", None, None),
     "whitebox": ("string", None, None),
     "batch_slot_check": ("boolean", None, None),
+    "endpoint": ("string", None, None),
 }
+ENDPOINTS = ("completions", "chat")
 
 
 def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSettings:
@@ -384,6 +387,9 @@ def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSe
     whitebox = values.get("whitebox", "auto")
     if whitebox not in WHITEBOX:
         raise ctx.error(where, "whitebox", f"key 'whitebox' must be one of auto, off, on; got {whitebox!r}")
+    if values.get("endpoint", "completions") not in ENDPOINTS:
+        got = values["endpoint"]
+        raise ctx.error(where, "endpoint", f"key 'endpoint' must be one of completions, chat; got {got!r}")
     # Default output folder: runs/<config name> under the working directory (`-o` overrides).
     values["output_dir"] = (
         (base / values["output_dir"]).resolve() if "output_dir" in values else Path.cwd() / "runs" / stem

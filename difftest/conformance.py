@@ -108,12 +108,14 @@ class Capabilities:
     tokenizations: tuple[ProbeTokens, ...] = ()
     checks: tuple[tuple[str, str, str], ...] = ()
     warnings: tuple[str, ...] = ()
+    api: str = "completions"  # "chat": generations over /v1/chat/completions (difftest.chat)
 
     @property
     def teacher_forced(self) -> bool:
         """Echoed logprobs can be trusted for teacher-forced metrics."""
         return (
-            self.logprobs_cap >= 1
+            self.api == "completions"
+            and self.logprobs_cap >= 1
             and self.echo_logprobs
             and self.echo_aligned is not False
             and bool(self.echo_consistent)

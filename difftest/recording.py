@@ -46,7 +46,12 @@ async def record_reference(
         concurrency=concurrency, transport=rec,
     )  # fmt: skip
     try:
-        caps = await probe(client)
+        if settings.get("endpoint") == "chat":
+            from difftest.chat import probe_chat
+
+            caps = await probe_chat(client)
+        else:
+            caps = await probe(client)
         ep = Endpoint(name, client, caps)
         k, max_tokens, seed = settings["logprobs"], settings["max_tokens"], settings["seed"]
         variants = sorted({False, bool(caps.token_id_strings)}) if caps.teacher_forced else []
@@ -72,7 +77,7 @@ async def record_reference(
                         ep, chunk, gens, k=k, as_ids=as_ids, prompt_ids=ids_for,
                         on_done=lambda: bar.advance(tf_task),
                     )  # fmt: skip
-        if batch_slot_check:
+        if batch_slot_check and caps.api != "chat":
             from difftest.invariance import check_batch_slots
 
             await check_batch_slots(ep, prompts, max_tokens=min(max_tokens, 16), k=k)

@@ -122,7 +122,11 @@ async def _connect(
         clients[cfg.reference.name] = CompletionClient(
             REPLAY_URL, name=cfg.reference.name, concurrency=concurrency, transport=baseline.transport()
         )
-    caps = await asyncio.gather(*(probe(c) for c in clients.values()))
+    if cfg.run.endpoint == "chat":  # chat-only servers: the chat probe (difftest.chat)
+        from difftest.chat import probe_chat as probe_fn
+    else:
+        probe_fn = probe
+    caps = await asyncio.gather(*(probe_fn(c) for c in clients.values()))
     return {name: Endpoint(name, clients[name], cap) for name, cap in zip(clients, caps, strict=True)}
 
 
@@ -330,15 +334,16 @@ def judge(
     )
 
 
-def _skipped(pairs: Sequence[_Pair], target: str) -> dict[str, str]:
+def _skipped(pairs: Sequence[_Pair], target: str, endpoint: str = "completions") -> dict[str, str]:
     """Groups conformance ruled out for this target, with the visible reason."""
-    out = {}
-    for pair in pairs:
-        if pair.target == target and not pair.teacher_forced:
-            out[f"{pair.kind}.teacher_forced"] = (
-                "echo with logprobs not supported or not trusted on this pair"
-            )
-    return out
+    from difftest.chat import NO_TEACHER_FORCING
+
+    why = (
+        NO_TEACHER_FORCING
+        if endpoint == "chat"
+        else "echo with logprobs not supported or not trusted on this pair"
+    )
+    return {f"{p.kind}.teacher_forced": why for p in pairs if p.target == target and not p.teacher_forced}
 
 
 async def _whitebox(
@@ -352,7 +357,11 @@ async def _whitebox(
     """Per-layer diff, localisation, quant audit and batch-slot invariance, where served."""
     parts: list[PartVerdict] = []
     tgt = eps[tcfg.name]
-    if cfg.run.batch_slot_check:
+    if cfg.run.batch_slot_check and cfg.run.endpoint == "chat":
+        from difftest.chat import NO_BATCH_SLOTS
+
+        result.conformance.setdefault("warnings", []).append(NO_BATCH_SLOTS)
+    elif cfg.run.batch_slot_check:
         from difftest.invariance import check_batch_slots
 
         base_name = tcfg.golden.name if tcfg.golden is not None else cfg.reference.name
@@ -491,7 +500,7 @@ async def run_async(
                 run.warnings.append(f"{tcfg.name}: white-box diff failed: {exc}")
             _phase(f"white-box + batch slots: {tcfg.name}", t)
             golden_floor = floors.get(tcfg.golden.name) if tcfg.golden is not None else None
-            judge(cfg, tr, golden_floor, extra, _skipped(pairs, tcfg.name))
+            judge(cfg, tr, golden_floor, extra, _skipped(pairs, tcfg.name, cfg.run.endpoint))
             if tr.verdict is not None and not tr.verdict.localisation:
                 tr.verdict = dataclasses.replace(tr.verdict, localisation=_localisation_line(tr))
             return tr

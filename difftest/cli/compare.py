@@ -61,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="top-k logprobs per position, 0..20 (default: 5, or the baseline's)",
     )
     p.add_argument("--seed", type=int, metavar="N", help="request seed (default: 0, or the baseline's)")
+    o.add_endpoint(p)
     o.add_jobs(p, default=8)
     o.add_out(p, "report (default: runs/compare)", default=Path("runs/compare"))
     o.add_keys(p)
@@ -91,6 +92,7 @@ def compare_config(args: argparse.Namespace, baseline: Baseline | None = None) -
         max_tokens=args.max_tokens or recorded.get("max_tokens", 32),
         logprobs=args.logprobs if args.logprobs is not None else recorded.get("logprobs", 5),
         seed=args.seed if args.seed is not None else recorded.get("seed", 0),
+        endpoint=args.endpoint or recorded.get("endpoint", "completions"),
         concurrency=args.concurrency,
         output_dir=args.out,
         limit=args.limit,

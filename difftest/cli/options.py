@@ -90,6 +90,15 @@ def add_timeout(p: argparse.ArgumentParser, default_text: str) -> None:
     )
 
 
+def add_endpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoint",
+        choices=("completions", "chat"),
+        help="compare over /v1/completions or /v1/chat/completions (chat: no teacher forcing) "
+        "(default: completions, or the baseline's / config's)",
+    )
+
+
 def add_limit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="use only the first N prompts")
 

@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-batch-slot-check", action="store_true", help="do not record the batch-slot check's answers"
     )
+    o.add_endpoint(p)
     o.add_jobs(p)
     o.add_limit(p)
     o.add_keys(p)
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens or run_cfg.max_tokens,
         "logprobs": run_cfg.logprobs if args.logprobs is None else args.logprobs,
         "seed": run_cfg.seed if args.seed is None else args.seed,
-        "endpoint": getattr(run_cfg, "endpoint", "completions"),
+        "endpoint": args.endpoint or run_cfg.endpoint,
     }
     prompts = load_prompts(args.prompts or run_cfg.prompts, limit=args.limit or run_cfg.limit)
     kw = {

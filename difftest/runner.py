@@ -172,6 +172,18 @@ async def _generate(
     return dict(zip(eps, results, strict=True))
 
 
+def _retokenizer(eps: Mapping[str, Endpoint], pairs: Sequence[_Pair]) -> Any:
+    """Who tokenizes the text of servers that return no tokens (difftest.retokenize); noted per pair."""
+    from difftest import retokenize
+
+    chosen = retokenize.plan(eps, [(p.baseline, p.target) for p in pairs])
+    for pair in pairs:
+        for name in (pair.baseline, pair.target):
+            if name in chosen:
+                pair.warnings.append(retokenize.note(name, chosen[name]))
+    return retokenize.Retokenizer(eps, chosen, [(p.baseline, p.target) for p in pairs])
+
+
 def _forcing_plan(pairs: Sequence[_Pair]) -> dict[tuple[str, str], bool]:
     """(baseline, side) -> echo as token ids; each baseline's own side is forced once, shared."""
     wanted: dict[tuple[str, str], bool] = {}
@@ -224,16 +236,22 @@ def _score_chunk(
     cfg: RunConfig,
     floors: Mapping[str, NoiseFloor],
     scored: dict[tuple[str, str], tuple[list[PromptDiff], list[str]]],
+    retok: Any = None,
 ) -> None:
     """Score one chunk of prompts for every pair into `scored[(kind, target)]` = (diffs, unforced).
     Tie margins at divergences come from the pair's baseline floor."""
     for pair in pairs:
         ref_f = forced.get((pair.baseline, pair.baseline)) if pair.teacher_forced else None
         tgt_f = forced.get((pair.baseline, pair.target)) if pair.teacher_forced else None
+        base_g, tgt_g = (
+            retok.for_pair(gens, pair.baseline, pair.target)
+            if retok
+            else (gens[pair.baseline], gens[pair.target])
+        )
         diffs, unforced = score_prompts(
             chunk,
-            gens[pair.baseline],
-            gens[pair.target],
+            base_g,
+            tgt_g,
             ref_forced=ref_f,
             tgt_forced=tgt_f,
             tie_margin=tie_margin_for(
@@ -426,6 +444,7 @@ async def run_async(
         pairs = _pairs(cfg)
         await _check_pairs(pairs, eps)
         _phase("servers up + conformance", started)
+        retok = _retokenizer(eps, pairs)
         plan = _forcing_plan(pairs)
         scored: dict[tuple[str, str], tuple[list[PromptDiff], list[str]]] = {}
         failed: dict[str, int] = dict.fromkeys((t.name for t in cfg.targets), 0)
@@ -441,6 +460,7 @@ async def run_async(
                 chunk = prompts[start : start + CHUNK_PROMPTS]
                 t = time.monotonic()
                 gens = await _generate(eps, chunk, cfg, lambda: progress.advance(gen_task))
+                await retok.fill(gens)  # token-less servers (no logprobs): tokenized afterwards
                 t = _spend(spent, "greedy generation", t)
                 forced = await _force_pairs(
                     plan, eps, chunk, gens, cfg.run.logprobs, lambda: progress.advance(tf_task)
@@ -453,7 +473,7 @@ async def run_async(
                     t = _spend(spent, "noise floor", t)
                 for name in failed:
                     failed[name] += sum(1 for g in gens[name].values() if g.error)
-                _score_chunk(pairs, chunk, gens, forced, cfg, floors, scored)
+                _score_chunk(pairs, chunk, gens, forced, cfg, floors, scored, retok)
                 _spend(spent, "scoring", t)
                 del gens, forced
         for name, seconds in spent.items():

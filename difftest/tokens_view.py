@@ -93,6 +93,8 @@ class TokensView:
     def token_texts(self) -> tuple[str | None, ...]:
         """Each token's text cut from `text` by the offsets (what "token_id:N" tokens look like)."""
         offs = [p.text_offset for p in self.positions]
+        if not offs:
+            return ()
         if self.text is None or any(o is None for o in offs):
             return tuple(None for _ in offs)
         ends = offs[1:] + [len(self.text)]

@@ -60,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     traceback = "--debug-traceback" in argv
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help and --version: printed, nothing else to do
+            return int(done.code or 0)
         _setup_logging(getattr(args, "verbose", 0) + getattr(args, "verbose_sub", 0))
         module = importlib.import_module(f"difftest.cli.{args.command}")
         return int(module.run(args))

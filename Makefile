@@ -7,7 +7,7 @@ STAMP := $(VENV)/.difftest-setup
 CONFIG ?= configs/default.toml
 OUT ?= runs/default
 
-.PHONY: setup run test test-fast bench lint clean
+.PHONY: setup run test test-fast bench lint clean gpu
 
 setup: $(STAMP)
 
@@ -36,6 +36,12 @@ bench: setup
 	$(PY) bench/differ.py
 	$(PY) bench/activations.py
 	$(PY) bench/gemm.py  # GPU only: says so and exits 0 on a CPU machine
+
+# The GPU gate (needs one CUDA / ROCm GPU): every correct target PASS, both negative controls FAIL,
+# in float16 and in bfloat16. README "On a GPU" holds the numbers.
+gpu: setup
+	$(VENV)/bin/difftest run configs/gpu.toml -o runs/gpu-fp16
+	$(VENV)/bin/difftest run configs/gpu-bf16.toml -o runs/gpu-bf16
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -36,6 +36,7 @@ from server_shim.launch import (
 )
 
 WHITEBOX = ("auto", "off", "on")
+NULLS = ("twin", "aa", "none")  # difftest.null: the golden's rounding twin, in-run A/A, none
 EXPECT = ("pass", "fail")
 TARGET_KEYS = ("scheme", "golden", "expect")
 TOP_KEYS = ("run", "reference", "target", "thresholds")
@@ -58,6 +59,7 @@ class RunSettings:
     whitebox: str = "auto"  # auto: per-layer diff where both sides serve /debug
     batch_slot_check: bool = True
     endpoint: str = "completions"  # "chat": compare over /v1/chat/completions (difftest.chat)
+    null: str = "twin"  # exactness null model: "twin" | "aa" | "none" (difftest.null)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class TargetConfig:
     scheme: str | None = None  # which budget judges accuracy; None: an external target without one
     golden: ServerSpec | None = None  # "auto" is already expanded; None: accuracy only
     expect: str = "pass"  # "fail" marks a negative control
+    twin: ServerSpec | None = None  # the golden's rounding twin (a shim golden, `null = "twin"`)
 
     @property
     def name(self) -> str:
@@ -91,6 +94,9 @@ class RunConfig:
         for t in self.targets:
             if t.golden is not None:
                 out.setdefault(t.golden.name, t.golden)
+        for t in self.targets:
+            if t.twin is not None:
+                out.setdefault(t.twin.name, t.twin)
         return tuple(out.values())
 
     def thresholds_for(self, scheme: str | None) -> dict[str, float]:
@@ -233,6 +239,8 @@ def parse_config(doc: dict[str, Any], *, text: str, path: Path) -> RunConfig:
     goldens: list[ServerSpec] = []
     for i, table in enumerate(raw_targets):
         targets.append(_parse_target(ctx, ("target", i), table, base, debug_default, goldens))
+    if run.null == "twin":
+        targets = [dataclasses.replace(t, twin=_twin_of(t.golden)) for t in targets]
 
     owner: dict[str, ServerSpec] = {reference.name: reference}
     for i, t in enumerate(targets):
@@ -261,6 +269,14 @@ def _baseline(ctx: _Ctx, table: dict[str, Any], base: Path) -> Path | None:
             ("reference",), extra[0], f"key {extra[0]!r} cannot go with 'baseline' (a recorded reference)"
         )
     return (base / value).resolve()
+
+
+def _twin_of(golden: ServerSpec | None) -> ServerSpec | None:
+    """The golden's rounding twin (server_shim.twin); only a built-in shim golden has one. Shared
+    goldens share one twin (same name)."""
+    if golden is None or golden.kind != "shim":
+        return None
+    return dataclasses.replace(golden, name=f"{golden.name}-twin", rounding_noise="auto", port=None)
 
 
 def _table(ctx: _Ctx, doc: dict[str, Any], key: str, *, required: bool) -> dict[str, Any]:
@@ -354,6 +370,7 @@ _RUN_KEYS: dict[str, tuple[str, float | None, float | None]] = {
     "whitebox": ("string", None, None),
     "batch_slot_check": ("boolean", None, None),
     "endpoint": ("string", None, None),
+    "null": ("string", None, None),
 }
 ENDPOINTS = ("completions", "chat")
 
@@ -390,6 +407,10 @@ def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSe
     if values.get("endpoint", "completions") not in ENDPOINTS:
         got = values["endpoint"]
         raise ctx.error(where, "endpoint", f"key 'endpoint' must be one of completions, chat; got {got!r}")
+    if values.get("null", "twin") not in NULLS:
+        raise ctx.error(
+            where, "null", f"key 'null' must be one of {', '.join(NULLS)}; got {values['null']!r}"
+        )
     # Default output folder: runs/<config name> under the working directory (`-o` overrides).
     values["output_dir"] = (
         (base / values["output_dir"]).resolve() if "output_dir" in values else Path.cwd() / "runs" / stem

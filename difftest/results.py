@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: informative / decided checks, INCONCLUSIVE, raw divergence stats, nulls
 
 
 # ----------------------------------------------------------------------------- verdict pieces
@@ -32,7 +32,13 @@ SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class Check:
-    """One threshold test. `value=None` means "not measured": it passes only if `required=False`."""
+    """One threshold test. `value=None` means "not measured": it passes only if `required=False`.
+
+    `informative=False`: the limit is so wide that a broken target would pass it too (a noisy
+    null widened it); the check is shown but decides nothing. `decided=False`: the value's 95%
+    interval straddles the limit, so this sample cannot say which side the target is on;
+    `prompts_to_decide` estimates how many prompts would.
+    """
 
     name: str  # metric key, e.g. "kl_mean"
     value: float | None
@@ -40,18 +46,36 @@ class Check:
     op: str  # "<=" or ">="
     passed: bool
     required: bool = True
-    note: str = ""  # where the limit came from: "noise floor x3", "budget fp8-block", ...
+    note: str = ""  # where the limit came from: "twin p99 x3", "budget fp8-block", ...
+    informative: bool = True
+    decided: bool = True
+    ci: list[float] | None = None  # [low, high] of the value, when it is a mean over prompts
+    prompts_to_decide: int | None = None
 
     def __bool__(self) -> bool:
         return self.passed
+
+    @property
+    def fails(self) -> bool:
+        """Counts against the target: informative, decided, and on the wrong side."""
+        return self.informative and self.decided and not self.passed
+
+    @property
+    def undecided(self) -> bool:
+        return self.informative and not self.decided
 
     def describe(self) -> str:
         if self.value is None:
             return f"{self.name} not measured ({self.note or 'missing'})"
         bad = {"<=": ">", ">=": "<"}[self.op] if not self.passed else self.op
-        return f"{self.name} {_fmt(self.value)} {bad} {_fmt(self.limit)}" + (
-            f" ({self.note})" if self.note else ""
-        )
+        text = f"{self.name} {_fmt(self.value)} {bad} {_fmt(self.limit)}"
+        if self.ci is not None and not self.decided:
+            text += f", 95% CI [{_fmt(self.ci[0])}, {_fmt(self.ci[1])}] straddles the limit"
+            if self.prompts_to_decide is not None:
+                text += f" (~{self.prompts_to_decide} prompts would decide)"
+        if not self.informative:
+            text += " [not informative]"
+        return text + (f" ({self.note})" if self.note else "")
 
 
 @dataclass(frozen=True)
@@ -65,14 +89,24 @@ class PartVerdict:
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return not any(c.fails for c in self.checks)
+
+    @property
+    def informative(self) -> bool:
+        """At least one check here could fail a broken target."""
+        return any(c.informative for c in self.checks)
 
     def __bool__(self) -> bool:
         return self.passed
 
     @property
     def reasons(self) -> list[str]:
-        return [f"{self.part}: {c.describe()}" for c in self.checks if not c.passed]
+        return [f"{self.part}: {c.describe()}" for c in self.checks if c.fails]
+
+    @property
+    def open_questions(self) -> list[str]:
+        """Undecided informative checks: why a verdict is INCONCLUSIVE."""
+        return [f"{self.part}: {c.describe()}" for c in self.checks if c.undecided]
 
 
 @dataclass(frozen=True)
@@ -86,16 +120,27 @@ class TargetVerdict:
     warnings: tuple[str, ...] = ()
 
     @property
-    def passed(self) -> bool:
-        return all(p.passed for p in self.parts) and any(p.checks for p in self.parts)
+    def label(self) -> str:
+        """FAIL: an informative check failed decisively. INCONCLUSIVE: nothing failed, but an
+        informative check is undecided or no check informs at all. PASS otherwise."""
+        if any(not p.passed for p in self.parts):
+            return "FAIL"
+        checks = [c for p in self.parts for c in p.checks]
+        if not any(c.informative for c in checks) or any(c.undecided for c in checks):
+            return "INCONCLUSIVE"
+        return "PASS"
 
     @property
-    def label(self) -> str:
-        return "PASS" if self.passed else "FAIL"
+    def passed(self) -> bool:
+        return self.label == "PASS"
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.label == "INCONCLUSIVE"
 
     @property
     def meets_expectation(self) -> bool:
-        return self.passed == (self.expect == "pass")
+        return self.label == ("PASS" if self.expect == "pass" else "FAIL")
 
     def __bool__(self) -> bool:
         return self.meets_expectation
@@ -105,8 +150,11 @@ class TargetVerdict:
         out: list[str] = []
         for p in self.parts:
             out.extend(p.reasons)
-        if not any(p.checks for p in self.parts):
-            out.append("no check could be made (every part skipped)")
+        if self.label == "INCONCLUSIVE":
+            for p in self.parts:
+                out.extend(f"inconclusive: {q}" for q in p.open_questions)
+            if not any(c.informative for p in self.parts for c in p.checks):
+                out.append("inconclusive: no informative check could be made")
         return out
 
 
@@ -131,7 +179,11 @@ class PromptDiff:
     exact: bool | None = None
     common_prefix: int | None = None
     first_divergence: int | None = None  # token index, None when none
-    divergence_kind: str | None = None  # "TIE" | "DRIFT" | "WRONG"
+    divergence_kind: str | None = None  # "TIE" | "DRIFT" | "WRONG" | "LENGTH": derived at judge time
+    # raw statistics at the first divergence, measured once (the TIE margin is applied when judging):
+    divergence_margin: float | None = None  # reference's top-1 minus top-2 logprob, nats
+    divergence_gap: float | None = None  # reference's top-1 minus its logprob of the target's token
+    # (None: the target's token is not in the reference's top-k)
     ref_alternatives: dict[str, float] = field(default_factory=dict)  # top logprobs at the divergence
     tgt_alternatives: dict[str, float] = field(default_factory=dict)
     garbled: bool | None = None
@@ -158,6 +210,7 @@ class Comparison:
     aggregate: dict[str, float] = field(default_factory=dict)  # see difftest.metrics.aggregate
     ci: dict[str, list[float]] = field(default_factory=dict)  # metric -> [low, high] (bootstrap 95%)
     warnings: list[str] = field(default_factory=list)
+    module_noise: float | None = None  # kind "null": the twin's per-module noise amplitude
 
 
 # ----------------------------------------------------------------------------- white-box results
@@ -205,6 +258,7 @@ class TargetResult:
     expect: str
     url: str = ""
     golden: str | None = None  # server name of the golden, if any
+    dtype: str | None = None  # compute dtype (from /debug/config): sizes the module replay bound
     comparisons: list[Comparison] = field(default_factory=list)
     layers: list[LayerDiff] = field(default_factory=list)
     audit: list[dict[str, Any]] = field(default_factory=list)
@@ -224,6 +278,10 @@ class RunResult:
     targets: list[TargetResult] = field(default_factory=list)
     signature: dict[str, Any] = field(default_factory=dict)
     noise_floor: dict[str, Any] | None = None
+    # the null model: each golden against its rounding twin (black-box and per-layer), from which
+    # exactness limits are derived at judge time (difftest.null)
+    nulls: list[Comparison] = field(default_factory=list)
+    null_layers: list[LayerDiff] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     started_at: str = ""
     elapsed_s: float = 0.0
@@ -232,6 +290,15 @@ class RunResult:
     @property
     def gate_passed(self) -> bool:
         return all(t.verdict is not None and t.verdict.meets_expectation for t in self.targets)
+
+    @property
+    def gate(self) -> str:
+        """FAIL when a verdict contradicts its expectation decisively, else INCONCLUSIVE when one
+        is undecided, else PASS. Exit codes 1 / 4 / 0 (difftest.errors)."""
+        verdicts = [t.verdict for t in self.targets]
+        if any(v is None or (not v.meets_expectation and not v.inconclusive) for v in verdicts):
+            return "FAIL"
+        return "INCONCLUSIVE" if any(v is not None and v.inconclusive for v in verdicts) else "PASS"
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(dataclasses.asdict(self))

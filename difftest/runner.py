@@ -32,14 +32,15 @@ from difftest.collect import Endpoint, Forced, Generation, force_all, generate_a
 from difftest.config import RunConfig, TargetConfig
 from difftest.conformance import check_pair, probe
 from difftest.errors import DifftestError, InfraError
+from difftest.judge import judge_one
 from difftest.noise import NoiseFloor
 from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
-from difftest.results import PartVerdict, PromptDiff, RunResult, TargetResult
+from difftest.results import LayerDiff, PartVerdict, PromptDiff, RunResult, TargetResult
 from difftest.scoring import finish_comparison, score_prompts
 from difftest.signature import run_signature
-from difftest.verdict import tie_margin_for
 from server_shim.launch import RunningServer, ServerSpec, launch_servers
+from server_shim.tolerance import UNIT_ROUNDOFF, module_tolerance
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class RunOptions:
 class _Pair:
     """One (baseline, target) comparison to make."""
 
-    kind: str  # "exactness" | "accuracy"
+    kind: str  # "exactness" | "accuracy" | "null" (a golden against its rounding twin)
     baseline: str
     target: str
     teacher_forced: bool = True
@@ -136,6 +137,8 @@ def _pairs(cfg: RunConfig) -> list[_Pair]:
         if t.golden is not None:
             out.append(_Pair("exactness", t.golden.name, t.name))
         out.append(_Pair("accuracy", cfg.reference.name, t.name))
+    twins = {t.twin.name: t.golden.name for t in cfg.targets if t.twin is not None and t.golden is not None}
+    out.extend(_Pair("null", golden, twin) for twin, golden in twins.items())
     return out
 
 
@@ -234,12 +237,11 @@ def _score_chunk(
     gens: Mapping[str, Mapping[str, Generation]],
     forced: Mapping[tuple[str, str], Mapping[str, Forced]],
     cfg: RunConfig,
-    floors: Mapping[str, NoiseFloor],
     scored: dict[tuple[str, str], tuple[list[PromptDiff], list[str]]],
     retok: Any = None,
 ) -> None:
     """Score one chunk of prompts for every pair into `scored[(kind, target)]` = (diffs, unforced).
-    Tie margins at divergences come from the pair's baseline floor."""
+    Measurement only: divergences are classified when judging (difftest.judge)."""
     for pair in pairs:
         ref_f = forced.get((pair.baseline, pair.baseline)) if pair.teacher_forced else None
         tgt_f = forced.get((pair.baseline, pair.target)) if pair.teacher_forced else None
@@ -254,9 +256,6 @@ def _score_chunk(
             tgt_g,
             ref_forced=ref_f,
             tgt_forced=tgt_f,
-            tie_margin=tie_margin_for(
-                floors.get(pair.baseline), cfg.thresholds_for(cfg.target(pair.target).scheme)
-            ),
             k=cfg.run.logprobs,
         )
         acc = scored.setdefault((pair.kind, pair.target), ([], []))
@@ -274,13 +273,13 @@ async def _floors(
     concurrency: int,
     progress: Progress,
 ) -> dict[str, NoiseFloor]:
-    """Baseline name -> floor: the file's for every baseline, else each golden's in-run A/A."""
-    baselines = {cfg.reference.name} | {t.golden.name for t in cfg.targets if t.golden is not None}
-    if floor is not None:
-        return dict.fromkeys(baselines, floor)
+    """Golden name -> in-run A/A floor, for goldens judged without a twin under `null = "aa"`
+    (a floor file, or a twin, makes this pass unnecessary)."""
+    if floor is not None or cfg.run.null != "aa":
+        return {}
     from difftest.autofloor import golden_floor
 
-    names = sorted({t.golden.name for t in cfg.targets if t.golden is not None})
+    names = sorted({t.golden.name for t in cfg.targets if t.golden is not None and t.twin is None})
     floors = await asyncio.gather(  # each golden is its own server: measure them side by side
         *(
             golden_floor(
@@ -298,6 +297,17 @@ async def _floors(
         )
     )
     return dict(zip(names, floors, strict=True))
+
+
+def _null_signature(cfg: RunConfig, floor: NoiseFloor | None) -> str:
+    """One line for the signature: which null model the exactness limits come from."""
+    if any(t.twin is not None for t in cfg.targets):
+        return "rounding twin of each built-in golden (module tolerance of its dtype)" + (
+            "; floor file for the others" if floor is not None else ""
+        )
+    if floor is not None:
+        return "floor file (difftest noise)"
+    return "in-run A/A of each golden (concurrency 1 vs batched)" if cfg.run.null == "aa" else "none"
 
 
 def _floor_record(floor: NoiseFloor | None, floors: Mapping[str, NoiseFloor]) -> dict[str, Any] | None:
@@ -326,30 +336,6 @@ def load_floor(cfg: RunConfig) -> NoiseFloor | None:
 
         raise ConfigError(f"noise floor file {path} does not exist (make it with `difftest noise CONFIG`)")
     return NoiseFloor.from_json(path.read_text())
-
-
-def judge(
-    cfg: RunConfig,
-    result: TargetResult,
-    floor: NoiseFloor | None,
-    extra: Sequence[PartVerdict],
-    skipped: Mapping[str, str] = {},
-) -> None:
-    from difftest.verdict import budget_for, judge_target
-
-    tcfg = cfg.target(result.name)
-    overrides = cfg.thresholds_for(tcfg.scheme)
-    result.verdict = judge_target(
-        result.name,
-        tcfg.expect,
-        result.comparison("exactness"),
-        result.comparison("accuracy"),  # type: ignore[arg-type]
-        budget_for(tcfg.scheme, overrides),
-        floor,
-        extra,
-        overrides,
-        skipped=skipped,
-    )
 
 
 def _skipped(pairs: Sequence[_Pair], target: str, endpoint: str = "completions") -> dict[str, str]:
@@ -403,30 +389,63 @@ async def _whitebox(
                 "white-box requested but not every side serves the debug protocol"
             )
         return parts
-    from difftest.layers import layer_verdict, localise
+    from difftest.layer_points import LayerThresholds
+    from difftest.layers import localise
+    from difftest.null import replay_bound
     from difftest.quantcheck import audit_module
 
     probe_prompt = prompts[0].prompt
     diffs = []
     if gold is not None:
-        diffs.append(await localise(gold, tgt, probe_prompt, kind="exactness"))
+        bound, _ = replay_bound(result.dtype)
+        th = LayerThresholds(exact_local_rel_err=bound)
+        diffs.append(await localise(gold, tgt, probe_prompt, kind="exactness", thresholds=th))
     diffs.append(await localise(ref, tgt, probe_prompt, kind="accuracy"))
-    for diff in diffs:
-        result.layers.append(diff)
-        verdict = layer_verdict(diff, scheme=tcfg.scheme)
-        # PartVerdict names its part; keep the two layer diffs apart in reasons and junit
-        parts.append(dataclasses.replace(verdict, part=f"layers-{diff.kind}"))
+    result.layers.extend(diffs)  # judged with the rest (difftest.judge)
     # `run` audits the modules localisation blamed; `difftest quant` audits every module
     for module in dict.fromkeys(d.guilty_module for d in diffs if d.guilty_module):
         result.audit.append(await audit_module(tgt, ref, module))
     return parts
 
 
-def _localisation_line(result: TargetResult) -> str | None:
-    for ld in result.layers:
-        if ld.guilty_module or ld.first_divergent_layer is not None:
-            return ld.summary
-    return None
+async def _null_layers(gold: Endpoint, twin: Endpoint, prompt: str) -> LayerDiff | None:
+    """The twin's per-point error against its golden on the white-box prompt: what accumulated
+    residual-stream error a correct kernel's worth of noise reaches (no replay needed)."""
+    from difftest.layer_points import LayerThresholds, compare_points, fetch_activations
+
+    if not (gold.caps.debug and twin.caps.debug):
+        return None
+    req = {"logits": True, "decode_steps": 2}
+    try:
+        base = await fetch_activations(gold, {"prompt": prompt, **req})
+        other = await fetch_activations(twin, {"tokens": base.token_ids, **req})
+    except DifftestError as exc:
+        log.warning("%s: twin layer diff not made: %s", gold.name, exc)
+        return None
+    points, warns = compare_points(base, other, kind="exactness", scheme=None, th=LayerThresholds())
+    return LayerDiff(against=gold.name, kind="null", points=points, warnings=warns)
+
+
+async def _served_scheme(ep: Endpoint) -> str | None:
+    """The quantization scheme a server reports in /debug/config, when it is a known one."""
+    from difftest.verdict import DEFAULT_BUDGETS
+
+    try:
+        fp = await ep.client.fingerprint()
+    except DifftestError:
+        return None
+    cfg = fp.get("debug_config") or {}
+    scheme = cfg.get("scheme") or cfg.get("quant")
+    return scheme if scheme in DEFAULT_BUDGETS else None
+
+
+async def _dtype(ep: Endpoint) -> str | None:
+    """The compute dtype a server reports in /debug/config (cached in its fingerprint)."""
+    try:
+        fp = await ep.client.fingerprint()
+    except DifftestError:
+        return None
+    return (fp.get("debug_config") or {}).get("dtype")
 
 
 async def run_async(
@@ -437,6 +456,7 @@ async def run_async(
     cache: ResponseCache,
 ) -> RunResult:
     started = time.monotonic()
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")  # when the run began, not ended
     concurrency = opts.concurrency or cfg.run.concurrency
     floor = load_floor(cfg)
     eps = await _connect(running, cfg, cache, concurrency, opts.baseline)
@@ -473,7 +493,7 @@ async def run_async(
                     t = _spend(spent, "noise floor", t)
                 for name in failed:
                     failed[name] += sum(1 for g in gens[name].values() if g.error)
-                _score_chunk(pairs, chunk, gens, forced, cfg, floors, scored, retok)
+                _score_chunk(pairs, chunk, gens, forced, cfg, scored, retok)
                 _spend(spent, "scoring", t)
                 del gens, forced
         for name, seconds in spent.items():
@@ -490,11 +510,24 @@ async def run_async(
             reference=cfg.reference.name,
             signature=run_signature(cfg, eps, prompts, floor),
             noise_floor=_floor_record(floor, floors),
-            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            started_at=started_at,
         )
-        if floor is None:
-            run.signature["noise_floor"] = "in-run A/A of each golden (concurrency 1 vs batched)"
+        run.signature["null"] = _null_signature(cfg, floor)
+        twins = {
+            t.twin.name: t.golden.name for t in cfg.targets if t.twin is not None and t.golden is not None
+        }
+        for twin, golden in twins.items():
+            null = comps[("null", twin)]
+            dtype = await _dtype(eps[golden])
+            null.module_noise = module_tolerance(dtype) if dtype in UNIT_ROUNDOFF else None
+            run.nulls.append(null)
+        if cfg.run.whitebox != "off" and prompts:
+            found = await asyncio.gather(
+                *(_null_layers(eps[g], eps[t], prompts[0].prompt) for t, g in twins.items())
+            )
+            run.null_layers = [d for d in found if d is not None]
         slot_baselines: dict[str, Any] = {}  # baseline name -> future of its own batch-slot variance
+        carried: dict[str, list[PartVerdict]] = {}
 
         async def one_target(tcfg: TargetConfig) -> TargetResult:
             tr = TargetResult(
@@ -504,6 +537,13 @@ async def run_async(
                 url=running[tcfg.name].url,
                 golden=tcfg.golden.name if tcfg.golden is not None else None,
             )
+            tr.dtype = await _dtype(eps[tcfg.golden.name] if tcfg.golden is not None else eps[tcfg.name])
+            if tr.scheme is None:  # no scheme given: the target's own /debug/config may say it
+                tr.scheme = await _served_scheme(eps[tcfg.name])
+                source = "from the target's /debug/config" if tr.scheme else "none given or served"
+                run.warnings.append(
+                    f"{tcfg.name}: accuracy judged with the {tr.scheme or 'none'} budget ({source})"
+                )
             caps = eps[tcfg.name].caps
             tr.conformance = {"checks": [list(c) for c in caps.checks], "warnings": list(caps.warnings)}
             tr.comparisons = [
@@ -513,20 +553,22 @@ async def run_async(
             tr.failed_requests = failed[tcfg.name]
             t = time.monotonic()
             try:
-                extra = await _whitebox(cfg, tcfg, eps, prompts, tr, slot_baselines)
+                carried[tcfg.name] = await _whitebox(cfg, tcfg, eps, prompts, tr, slot_baselines)
             except DifftestError as exc:  # the black-box verdict stands without the white-box part
-                extra = []
+                carried[tcfg.name] = []
                 tr.conformance.setdefault("warnings", []).append(f"white-box diff failed: {exc}")
                 run.warnings.append(f"{tcfg.name}: white-box diff failed: {exc}")
             _phase(f"white-box + batch slots: {tcfg.name}", t)
-            golden_floor = floors.get(tcfg.golden.name) if tcfg.golden is not None else None
-            judge(cfg, tr, golden_floor, extra, _skipped(pairs, tcfg.name, cfg.run.endpoint))
-            if tr.verdict is not None and not tr.verdict.localisation:
-                tr.verdict = dataclasses.replace(tr.verdict, localisation=_localisation_line(tr))
             return tr
 
         # targets are separate servers: their white-box diffs run side by side
         run.targets = list(await asyncio.gather(*(one_target(t) for t in cfg.targets)))
+        for tr in run.targets:  # measure first, judge after: every limit from stored statistics
+            judge_one(
+                run, tr, cfg.thresholds_for(tr.scheme), floor=floor,
+                in_run=floors.get(tr.golden) if tr.golden else None,
+                carried=carried[tr.name], skipped=_skipped(pairs, tr.name, cfg.run.endpoint),
+            )  # fmt: skip
         run.elapsed_s = time.monotonic() - started
         return run
     finally:

@@ -31,7 +31,7 @@ def score_prompt(
     *,
     ref_forced: Forced | None,
     tgt_forced: Forced | None,
-    tie_margin: float,
+    tie_margin: float | None = None,
     k: int | None,
 ) -> PromptDiff:
     diff = PromptDiff(prompt_id=prompt.id, prompt=prompt.prompt)
@@ -85,7 +85,7 @@ def score_prompts(
     *,
     ref_forced: Mapping[str, Forced] | None,
     tgt_forced: Mapping[str, Forced] | None,
-    tie_margin: float,
+    tie_margin: float | None = None,
     k: int | None,
 ) -> tuple[list[PromptDiff], list[str]]:
     """Per-prompt results of one chunk, and the prompts whose teacher forcing failed (why)."""
@@ -146,7 +146,7 @@ def build_comparison(
     *,
     ref_forced: Mapping[str, Forced] | None,
     tgt_forced: Mapping[str, Forced] | None,
-    tie_margin: float,
+    tie_margin: float | None = None,
     k: int | None,
     seed: int = 0,
     warnings: Sequence[str] = (),

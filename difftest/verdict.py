@@ -1,11 +1,18 @@
 """PASS / FAIL per target, in two parts (DESIGN.md "Two references" and "Verdict").
 
 - exactness (target vs its golden: same model and scheme on the reference backend) — limits from
-  the A/A noise floor: limit = max(floor x margin, absolute minimum). This is what catches bugs.
+  the null model (difftest.null: the golden's rounding twin, a floor file, or absolute minimums):
+  limit = max(null x margin, absolute minimum); a limit a broken target would pass is marked not
+  informative. This is what catches bugs.
 - accuracy (target vs the FP16 reference) — the scheme's loss against a per-scheme `Budget`.
 
-Every Check's note says where its limit came from ("budget fp8-block", "noise floor 0.0011 x3",
-"absolute minimum 0.005 (no noise floor)", "override [thresholds] accuracy.kl_mean"). Rules:
+Measure first, judge later: this module only reads stored per-prompt statistics and aggregates,
+so `difftest report DIR --thresholds FILE` re-judges offline. A check whose 95% interval
+straddles its limit is undecided; a verdict with an undecided (or no) informative check and no
+decided failure is INCONCLUSIVE (exit 4).
+
+Every Check's note says where its limit came from ("budget fp8-block", "twin 0.0011 x3",
+"absolute minimum 0.005 (none: not measured)", "override [thresholds] accuracy.kl_mean"). Rules:
 NaN always fails; a metric that was not measured is a failing required check, unless its whole
 group was skipped with a visible reason (`skipped={"teacher_forced": "no echo"}`), which then
 shows as a non-required "not measured (skipped: ...)" check and a verdict warning.
@@ -42,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from difftest.errors import ConfigError, UsageError
-from difftest.noise import NoiseFloor
+from difftest.null import MARGIN, NO_NULL, Limit, NullModel, exactness_limits, tie_margin
 from difftest.results import Check, Comparison, PartVerdict, TargetVerdict
 
 
@@ -80,23 +87,6 @@ DEFAULT_BUDGETS: dict[str, Budget] = {
     "mxfp4": Budget("mxfp4", kl_mean_max=1.50, top1_min=0.45, token_match_min=0.02, module_cosine_min=0.995),
 }
 
-# exactness: limit = max(floor x MARGIN, absolute minimum). The minimums keep a floor measured
-# as ~0 (a perfectly deterministic reference) from demanding bit-exactness of another backend,
-# whose accumulation order legitimately moves logits by ~1e-3 and flips near-ties.
-MARGIN = 3.0
-ABS_MIN = {
-    "kl_mean": 0.005,
-    "kl_p99": 0.05,
-    "top1_disagreement": 0.03,
-    # one flipped near-tie re-writes the rest of a greedy continuation, so free-running token
-    # match moves far more than top-1 does under pure accumulation-order noise
-    "token_mismatch": 0.25,
-    "layer_cosine_deficit": 5e-4,
-    "layer_rel_err": 0.03,
-    "layer_norm_dev": 0.01,
-    "tie_margin": 0.05,  # nats; fp16 logit jitter from batch shape is ~1e-2
-}
-
 # check name -> (op, group)  (group is what `skipped` names)
 _CHECKS = {
     "failed_rate": ("<=", "requests"),
@@ -121,12 +111,6 @@ THRESHOLD_KEYS = frozenset(
     | {"margin", "tie_margin"}
     | {f"{part}.{name}" for part in ("exactness", "accuracy") for name in _CHECKS}
 )
-
-
-@dataclass(frozen=True)
-class Limit:
-    value: float | None
-    note: str
 
 
 def budget_for(scheme: str | None, overrides: Mapping[str, float] = {}) -> Budget:
@@ -159,62 +143,60 @@ def _check_overrides(overrides: Mapping[str, float]) -> None:
             raise ConfigError(f"[thresholds] {key} must be a finite number >= 0, got {value!r}")
 
 
-def _from_floor(floor: NoiseFloor | None, attr: str, margin: float) -> tuple[float, str]:
-    """max(floor x margin, absolute minimum) for a 'bigger is noisier' floor metric."""
-    minimum = ABS_MIN[attr]
-    observed = getattr(floor, attr) if floor is not None else None
-    if observed is None:
-        why = "no noise floor" if floor is None else "floor did not measure it"
-        return minimum, f"absolute minimum {minimum:g} ({why})"
-    scaled = observed * margin
-    if scaled >= minimum:
-        return scaled, f"noise floor {observed:.4g} x{margin:g}"
-    return minimum, f"absolute minimum {minimum:g} (noise floor {observed:.3g} x{margin:g} is below it)"
+def tie_margin_for(null: NullModel | None, overrides: Mapping[str, float] = {}) -> float:
+    """The TIE margin (nats) to classify divergences with: override, else from the null."""
+    return tie_margin(null or NO_NULL, overrides)[0]
 
 
-def exactness_limits(floor: NoiseFloor | None, margin: float = MARGIN) -> dict[str, Limit]:
-    """Exactness limits (target vs golden) from the noise floor, keyed by check name.
-
-    Includes the white-box ones (`layer_cosine` >=, `layer_rel_err` <=, `layer_norm_dev` <=)
-    for the per-layer part, and `tie_margin` (nats) for `classify_divergence`.
-    """
-    out: dict[str, Limit] = {}
-    for name, attr in (
-        ("kl_mean", "kl_mean"),
-        ("kl_p99", "kl_p99"),
-        ("layer_rel_err", "layer_rel_err"),
-        ("layer_norm_dev", "layer_norm_dev"),
-        ("tie_margin", "tie_margin"),
-    ):
-        value, note = _from_floor(floor, attr, margin)
-        out[name] = Limit(value, note)
-    for name, attr in (
-        ("top1_agreement", "top1_disagreement"),
-        ("token_match", "token_mismatch"),
-        ("layer_cosine", "layer_cosine_deficit"),
-    ):
-        value, note = _from_floor(floor, attr, margin)
-        out[name] = Limit(1.0 - value, f"1 - {note}")
-    return out
+MIN_PROMPTS_FOR_CI = 5  # under this, the interval is the range of the per-prompt values
 
 
-def tie_margin_for(
-    floor: NoiseFloor | None, overrides: Mapping[str, float] = {}, margin: float = MARGIN
-) -> float:
-    """The TIE margin (nats) to classify divergences with: override, else from the floor."""
-    if "tie_margin" in overrides:
-        return float(overrides["tie_margin"])
-    return float(exactness_limits(floor, float(overrides.get("margin", margin)))["tie_margin"].value or 0.0)
+def _interval(comp: Comparison, name: str) -> list[float] | None:
+    """The value's 95% interval: the bootstrap CI over prompts, or — under MIN_PROMPTS_FOR_CI
+    prompts, where a bootstrap is overconfident — the range of the per-prompt values."""
+    if name not in comp.ci:
+        return None
+    if name == "token_match":  # a failed prompt counts as 0, as in the aggregate
+        per_prompt = [
+            p.match_rate if p.error is None and p.match_rate is not None else 0.0 for p in comp.prompts
+        ]
+    elif name in ("kl_mean", "top1_agreement"):
+        per_prompt = [getattr(p, name) for p in comp.prompts if p.error is None]
+        per_prompt = [v for v in per_prompt if v is not None]
+    else:
+        per_prompt = []
+    if 0 < len(per_prompt) < MIN_PROMPTS_FOR_CI:
+        return [float(min(per_prompt)), float(max(per_prompt))]
+    return [float(comp.ci[name][0]), float(comp.ci[name][1])]
 
 
-def _make_check(name: str, value: float | None, limit: Limit, op: str) -> Check:
+def _prompts_to_decide(n: int, ci: Sequence[float], value: float, limit: float) -> int | None:
+    """Prompts at which the interval (shrinking as 1/sqrt(n)) would clear the limit."""
+    half = (ci[1] - ci[0]) / 2
+    gap = abs(value - limit)
+    if gap == 0 or half == 0:
+        return None
+    return max(n + 1, math.ceil(n * (half / gap) ** 2))
+
+
+def _make_check(
+    name: str, value: float | None, limit: Limit, op: str, comp: Comparison | None = None
+) -> Check:
     assert limit.value is not None  # callers only build checks for set limits
+    inf = limit.informative
     if value is None:
-        return Check(name, None, limit.value, op, False, True, f"{limit.note}; required, missing")
+        return Check(name, None, limit.value, op, False, True, f"{limit.note}; required, missing", inf)
     if math.isnan(value):
-        return Check(name, value, limit.value, op, False, True, f"{limit.note}; NaN always fails")
+        return Check(name, value, limit.value, op, False, True, f"{limit.note}; NaN always fails", inf)
     passed = value <= limit.value if op == "<=" else value >= limit.value
-    return Check(name, float(value), limit.value, op, passed, True, limit.note)
+    ci = _interval(comp, name) if comp is not None else None
+    decided, needed = True, None
+    if ci is not None and ci[0] <= limit.value <= ci[1]:
+        decided = False
+        needed = _prompts_to_decide(
+            int(comp.aggregate.get("n_prompts", len(comp.prompts))), ci, value, limit.value
+        )  # type: ignore[union-attr]
+    return Check(name, float(value), limit.value, op, passed, True, limit.note, inf, decided, ci, needed)
 
 
 def _skip_reason(skipped: Mapping[str, str], part: str, group: str) -> str | None:
@@ -241,12 +223,14 @@ def _part(
             continue
         reason = _skip_reason(skipped, part, group)
         if reason is not None:
-            checks.append(Check(name, None, limit.value, op, True, False, f"skipped: {reason}"))
+            checks.append(
+                Check(name, None, limit.value, op, True, False, f"skipped: {reason}", informative=False)
+            )
             msg = f"{part}: {group.replace('_', '-')} checks skipped: {reason}"
             if msg not in warnings:
                 warnings.append(msg)
             continue
-        checks.append(_make_check(name, comp.aggregate.get(name), limit, op))
+        checks.append(_make_check(name, comp.aggregate.get(name), limit, op, comp))
     return PartVerdict(part=part, against=comp.baseline, checks=tuple(checks))
 
 
@@ -256,18 +240,18 @@ def judge_target(
     exactness: Comparison | None,
     accuracy: Comparison,
     budget: Budget,
-    floor: NoiseFloor | None,
+    null: NullModel | None,
     extra_parts: Sequence[PartVerdict] = (),
     overrides: Mapping[str, float] = {},
     *,
     skipped: Mapping[str, str] = {},
 ) -> TargetVerdict:
-    """Judge one target: exactness (vs golden, from the floor) and accuracy (vs FP16, budget).
+    """Judge one target: exactness (vs golden, limits from the null) and accuracy (vs FP16, budget).
 
     `budget` should come from `budget_for(scheme, overrides)`; bare budget keys in `overrides`
     are applied here too, so passing the default budget with overrides is equivalent.
     `overrides`: `[thresholds]` keys — bare Budget field names (accuracy), `<part>.<check>` for
-    one check's limit (e.g. `exactness.kl_mean`), `margin` (noise-floor multiplier).
+    one check's limit (e.g. `exactness.kl_mean`), `margin` (null-model multiplier).
     `skipped`: group -> visible reason, for groups the run could not measure (conformance said
     so): "teacher_forced", "tokens", "text", "requests", or `<part>.<group>` for one part only.
     `extra_parts`: already-judged parts (white-box layers, batch-slot invariance), appended.
@@ -286,12 +270,10 @@ def judge_target(
         parts.append(PartVerdict(part="exactness", against="", skipped=reason))
         warnings.append(f"exactness skipped: {reason}")
     else:
-        limits = dict(exactness_limits(floor, margin))
+        null = null or NO_NULL
+        limits = {k: v for k, v in exactness_limits(null, margin).items() if k != "point_rel_err_max"}
         limits["failed_rate"] = Limit(budget.failed_rate_max, f"budget {budget.scheme} failed_rate_max")
-        if floor is None:
-            warnings.append(
-                "no noise floor: exactness limits are the absolute minimums (run `difftest noise`)"
-            )
+        warnings.append(f"exactness limits from {null.description}; trust: {null.trust}")
         parts.append(_part("exactness", exactness, limits, overrides, skipped, warnings))
 
     acc_limits: dict[str, Limit] = {}

@@ -183,6 +183,7 @@ def debug_config(loaded: Any) -> dict[str, Any]:
         "arch": device_arch(loaded.device),
         "num_layers": loaded.num_layers,
         "context_length": loaded.context_length,
+        "quant": getattr(loaded, "quant", "none"),  # the scheme (faults are never revealed)
         "rounding_noise": getattr(loaded, "rounding_noise", 0.0),  # > 0: a rounding twin
         "points": list_points(loaded.model),
         "modules": {n: _module_info(k, m) for n, (k, m) in list_modules(loaded.model).items()},

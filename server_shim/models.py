@@ -60,6 +60,7 @@ class LoadedModel:
     eos_token_ids: list[int]
     bos_token_id: int | None
     num_layers: int
+    quant: str = "none"  # the scheme it was quantized with (reported by /debug/config)
     rounding_noise: float = 0.0  # the rounding twin's amplitude (server_shim.twin); 0 = not a twin
 
 

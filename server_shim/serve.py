@@ -59,6 +59,7 @@ def build_engine(opts: ServeOptions) -> Engine:
             faults=opts.faults,
             ck_free=opts.ck_free or None,  # None: the DIFFTEST_CK_FREE environment variable decides
         )
+        loaded.quant = opts.quant
         logger.info(
             "quantized %d modules with %s (backend %s)", len(summary.modules), opts.quant, opts.backend
         )

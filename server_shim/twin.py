@@ -64,7 +64,7 @@ def apply_rounding_twin(model: nn.Module, amplitude: float, seed: int = 0) -> in
     if amplitude <= 0:
         return 0
     count = 0
-    for index, (name, module) in enumerate(model.named_modules()):
+    for index, module in enumerate(model.modules()):
         if not _is_perturbed(module):
             continue
         module_seed = seed * 1_000_003 + index  # modules differ: no shared pattern across layers

@@ -79,7 +79,10 @@ def test_default_config_is_issue5_part12() -> None:
     faulty = by["fp8-block-faulty"]
     assert faulty.server.faults and faulty.golden.faults == ()
     assert faulty.golden is by["fp8-block"].golden  # one golden server for both fp8-block targets
-    assert len(cfg.servers()) == 8
+    # reference, 4 targets, 3 goldens (fp8-block's is shared) and each golden's rounding twin
+    assert len(cfg.servers()) == 11
+    assert faulty.twin == by["fp8-block"].twin and faulty.twin.rounding_noise == "auto"
+    assert faulty.twin.name == "fp8-block-golden-twin" and faulty.twin.backend == "torch"
     assert all(s.debug for s in cfg.servers())  # whitebox = "auto" turns the debug routes on
 
 
@@ -96,7 +99,8 @@ def test_minimal_config_defaults_and_golden_auto(tmp_path: Path) -> None:
     (t,) = cfg.targets
     assert (t.name, t.scheme, t.expect) == ("t", "fp8-block", "pass")
     assert t.golden.name == "t-golden" and t.golden.backend == "torch" and t.golden.quant == "fp8-block"
-    assert [s.name for s in cfg.servers()] == ["reference", "t", "t-golden"]
+    assert [s.name for s in cfg.servers()] == ["reference", "t", "t-golden", "t-golden-twin"]
+    assert run.null == "twin" and t.twin is not None and t.twin.rounding_noise == "auto"
     assert cfg.target("t") is t
 
 
@@ -157,7 +161,9 @@ def test_golden_forms_and_sharing(tmp_path: Path) -> None:
         "a-golden",
         "c-golden",
         "d-ref",
+        "a-golden-twin",  # only a built-in golden has a rounding twin: c's and d's are external
     ]
+    assert c.twin is None and d.twin is None and a.twin == b.twin
 
 
 def test_paths_are_relative_to_the_config_folder(tmp_path: Path) -> None:

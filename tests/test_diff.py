@@ -108,7 +108,7 @@ def test_diff_of_different_prompt_sets_warns(runs: dict[str, Path]) -> None:
 def test_report_to_a_new_folder_leaves_the_original(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
     original = (runs["good1"] / "report.json").read_text()
     strict = tmp_path / "strict.toml"
-    strict.write_text("[thresholds.fp8-block]\ntoken_match_min = 0.9999\n")
+    strict.write_text("[thresholds.fp8-block]\nkl_mean_max = 1e-9\n")
     new = tmp_path / "rejudged"
     assert main(["report", str(runs["good1"]), "--thresholds", str(strict), "-o", str(new), "--json"]) == 1
     summary = json.loads(capsys.readouterr().out)

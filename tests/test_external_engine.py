@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        importlib.util.find_spec("transformers.cli.serving") is None or importlib.util.find_spec("fastapi") is None,
+        importlib.util.find_spec("transformers.cli.serving") is None
+        or importlib.util.find_spec("fastapi") is None,
         reason="transformers[serving] is not installed (make setup installs it with the test extra)",
     ),
 ]

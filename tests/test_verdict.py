@@ -1,4 +1,5 @@
-"""Verdicts: budgets per scheme, limits from the noise floor, NaN / missing / skipped, overrides."""
+"""Verdicts: budgets per scheme, limits from the null model, NaN / missing / skipped, overrides,
+informative checks, INCONCLUSIVE."""
 
 from __future__ import annotations
 
@@ -8,15 +9,21 @@ import pytest
 
 from difftest.errors import ConfigError, UsageError
 from difftest.noise import NoiseFloor
+from difftest.null import exactness_limits, null_from_floor
 from difftest.results import Check, Comparison, PartVerdict
 from difftest.verdict import (
     DEFAULT_BUDGETS,
     THRESHOLD_KEYS,
     budget_for,
-    exactness_limits,
     judge_target,
     tie_margin_for,
 )
+
+
+def nf(**values: float):
+    """A null model from an A/A floor file with these values."""
+    return null_from_floor(NoiseFloor(**values))
+
 
 FP8 = budget_for("fp8-block")
 
@@ -37,7 +44,7 @@ def test_good_target_passes_both_parts():
     assert v.passed and v.label == "PASS" and v.meets_expectation and bool(v)
     assert [p.part for p in v.parts] == ["exactness", "accuracy"]
     assert v.reasons == []
-    assert any("no noise floor" in w for w in v.warnings)
+    assert any("exactness limits from no null model" in w for w in v.warnings)
     notes = {c.name: c.note for c in v.parts[1].checks}
     assert notes["kl_mean"] == "budget fp8-block"
     assert "kl_p99" not in notes  # no default p99 budget until calibrated
@@ -83,31 +90,32 @@ def test_default_budgets_against_design_measurements(scheme, top1, kl, passes):
 
 
 def test_exactness_limits_from_floor_and_absolute_minimums():
-    floor = NoiseFloor(kl_mean=0.002, top1_disagreement=0.02, token_mismatch=0.01, kl_p99=0.001)
+    floor = nf(kl_mean=0.002, top1_disagreement=0.02, token_mismatch=0.01, kl_p99=0.001)
     lim = exactness_limits(floor)
     assert lim["kl_mean"].value == pytest.approx(0.006)  # 3 x .002 > .005
-    assert lim["kl_mean"].note == "noise floor 0.002 x3"
+    assert lim["kl_mean"].note == "floor file 0.002 x3"
     assert lim["top1_agreement"].value == pytest.approx(0.94)  # 1 - 3 x .02
     assert lim["kl_p99"].value == 0.05  # 3 x .001 < absolute minimum .05
-    assert lim["kl_p99"].note == "absolute minimum 0.05 (noise floor 0.001 x3 is below it)"
+    assert lim["kl_p99"].note == "absolute minimum 0.05 (floor file 0.001 x3 is below it)"
     assert lim["token_match"].value == pytest.approx(0.75)  # 1 - max(3 x .01, .25)
-    assert lim["layer_cosine"].value == pytest.approx(1 - 5e-4)
-    assert "floor did not measure it" in lim["layer_cosine"].note
-    assert exactness_limits(None)["kl_mean"].note == "absolute minimum 0.005 (no noise floor)"
+    assert lim["point_rel_err_max"].value == pytest.approx(0.03)
+    assert "not measured" in lim["point_rel_err_max"].note
+    assert exactness_limits(nf())["kl_mean"].note == "absolute minimum 0.005 (floor file: not measured)"
     assert exactness_limits(floor, margin=5)["kl_mean"].value == pytest.approx(0.01)
+    assert all(limit.informative for limit in lim.values())
 
 
 def test_exactness_catches_a_subtle_bug_inside_the_accuracy_budget():
-    floor = NoiseFloor(kl_mean=0.002, top1_disagreement=0.02, token_mismatch=0.05)
+    floor = nf(kl_mean=0.002, top1_disagreement=0.02, token_mismatch=0.05)
     subtle = dict(GOOD_EXACT, kl_mean=0.03, top1_agreement=0.90)  # scale-transposed vs its golden
     v = judge_target(
         "fp8", "pass", comp("exactness", **subtle), comp(**dict(GOOD_ACC, kl_mean=0.05)), FP8, floor
     )
     assert not v.passed
     assert v.parts[1].passed  # accuracy alone would have passed it
-    assert "exactness: kl_mean 0.03 > 0.006 (noise floor 0.002 x3)" in v.reasons
-    assert "exactness: top1_agreement 0.9 < 0.94 (1 - noise floor 0.02 x3)" in v.reasons
-    assert not any("no noise floor" in w for w in v.warnings)
+    assert "exactness: kl_mean 0.03 > 0.006 (floor file 0.002 x3)" in v.reasons
+    assert "exactness: top1_agreement 0.9 < 0.94 (1 - floor file 0.02 x3)" in v.reasons
+    assert any("exactness limits from noise floor" in w for w in v.warnings)
 
 
 def test_nan_always_fails_even_under_a_huge_limit():
@@ -177,7 +185,7 @@ def test_failed_rate_over_the_limit_fails():
 
 
 def test_overrides_by_key():
-    floor = NoiseFloor(kl_mean=0.002)
+    floor = nf(kl_mean=0.002)
     ex = comp("exactness", **dict(GOOD_EXACT, kl_mean=0.03))
     v = judge_target("t", "pass", ex, comp(**GOOD_ACC), FP8, floor, overrides={"exactness.kl_mean": 0.05})
     assert v.passed
@@ -213,7 +221,6 @@ def test_no_golden_and_extra_parts():
 def test_budget_lookup_and_expect_validation():
     assert budget_for(None) == DEFAULT_BUDGETS["none"]
     assert budget_for("int4-g128", {"top1_min": 0.5}).top1_min == 0.5
-    assert budget_for("int8").module_cosine_min == 0.999 and budget_for("mxfp4").module_cosine_min == 0.995
     with pytest.raises(ConfigError, match="unknown scheme 'fp7'"):
         budget_for("fp7")
     with pytest.raises(UsageError, match="expect"):
@@ -222,5 +229,6 @@ def test_budget_lookup_and_expect_validation():
 
 def test_tie_margin_for():
     assert tie_margin_for(None) == 0.05
-    assert tie_margin_for(NoiseFloor(tie_margin=0.1)) == pytest.approx(0.3)
-    assert tie_margin_for(NoiseFloor(tie_margin=0.1), {"tie_margin": 0.02}) == 0.02
+    assert tie_margin_for(nf(tie_margin=0.1)) == pytest.approx(0.1)  # the null's own margins, no x3
+    assert tie_margin_for(nf(tie_margin=0.01)) == 0.05  # never under the absolute minimum
+    assert tie_margin_for(nf(tie_margin=0.1), {"tie_margin": 0.02}) == 0.02

@@ -5,7 +5,10 @@ tiny-llama (tiny-moe for routed-scaling-missing), localised against its golden a
 - without a golden (vs FP32): the injected module ranks first by local error relative to its
   siblings' median (ue8m0-rounding excepted: see UE8M0 below);
 - correct fp8-block / int8 / int4-g128 targets PASS exactness (torch vs torch; triton in the
-  interpreter vs torch); the reference against itself flags nothing.
+  interpreter vs torch); the reference against itself and against its rounding twin flags nothing.
+
+All with the limits `run` uses: the module replay bound is 2 x module_tolerance(float32) = 5e-4
+(difftest.null), the same number that sizes the rounding twin.
 
 Run with `-s` to see the table of numbers (fault, guilty module, local cos, norm ratio, rel err).
 """
@@ -15,9 +18,15 @@ from __future__ import annotations
 import pytest
 from test_layers import PROMPT, build, shim_endpoint
 
+from difftest.layer_points import LayerThresholds
 from difftest.layers import layer_verdict, localise, rank_modules
+from difftest.null import replay_bound
 from difftest.results import LayerDiff
 from server_shim.models import LoadedModel
+from server_shim.tolerance import module_tolerance
+from server_shim.twin import apply_rounding_twin
+
+TH = LayerThresholds(exact_local_rel_err=replay_bound("float32")[0])
 
 # (fault, model, scheme, module). Schemes where the class bites on tiny-llama's 128-wide
 # matrices: fp8-block scales there are 1x1 / 2x1 / 1x2, so a transposed read of them is a no-op;
@@ -71,12 +80,12 @@ async def test_fault_is_failed_and_localised(fault: str, name: str, scheme: str,
         shim_endpoint("reference", model(name)) as ref,
         shim_endpoint("target", target) as tgt,
     ):
-        exact = await localise(gold, tgt, PROMPT, kind="exactness", decode_steps=1)
+        exact = await localise(gold, tgt, PROMPT, kind="exactness", decode_steps=1, thresholds=TH)
         acc = await localise(ref, tgt, PROMPT, kind="accuracy", decode_steps=1)
     print("\n" + _row(fault, exact, module, _rank(exact, module)))
     print(_row(fault, acc, module, _rank(acc, module)))
     print("   ", exact.summary)
-    verdict = layer_verdict(exact)
+    verdict = layer_verdict(exact, TH)
     assert not verdict.passed and any(module in r for r in verdict.reasons), verdict.reasons
     assert exact.guilty_module == module
     assert exact.guilty_backend == "torch"
@@ -105,13 +114,13 @@ async def test_correct_target_passes_exactness(scheme: str, backend: str) -> Non
         shim_endpoint("golden", model("tiny-llama", scheme)) as g,
         shim_endpoint("target", target) as t,
     ):
-        diff = await localise(g, t, PROMPT, kind="exactness")
+        diff = await localise(g, t, PROMPT, kind="exactness", thresholds=TH)
     worst = max(p.local_rel_err for p in diff.points if p.local_rel_err is not None)
     resid = max(p.rel_err for p in diff.points if p.kind in ("residual", "logits"))
     print(
         f"\n{scheme} {backend} vs torch golden: worst local rel err {worst:.3g}, worst residual/logits rel err {resid:.3g}"
     )
-    assert layer_verdict(diff).passed, layer_verdict(diff).reasons
+    assert layer_verdict(diff, TH).passed, layer_verdict(diff, TH).reasons
     assert diff.guilty_module is None and not any(p.flagged for p in diff.points)
 
 
@@ -121,3 +130,14 @@ async def test_reference_against_itself_has_zero_flagged_layers() -> None:
     assert diff.points and not any(p.flagged for p in diff.points)
     assert diff.first_divergent_layer is None and diff.guilty_module is None
     assert any(p.kind == "moe" and p.local_rel_err == 0.0 for p in diff.points)  # experts replayed too
+
+
+async def test_reference_against_its_rounding_twin_has_zero_flagged_layers() -> None:
+    twin = build("tiny-llama", "fp8-block")
+    assert apply_rounding_twin(twin.model, module_tolerance("float32")) > 0
+    async with shim_endpoint("g", model("tiny-llama", "fp8-block")) as g, shim_endpoint("twin", twin) as t:
+        diff = await localise(g, t, PROMPT, kind="exactness", thresholds=TH)
+    worst = max(p.local_rel_err for p in diff.points if p.local_rel_err is not None)
+    assert 0 < worst < TH.exact_local_rel_err  # the twin really differs, and within the bound
+    assert not any(p.flagged for p in diff.points) and diff.guilty_module is None
+    assert layer_verdict(diff, TH).passed

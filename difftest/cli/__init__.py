@@ -6,6 +6,8 @@
     1  a verdict failed (the kernel / build regressed), or a probe check FAILed
     2  usage, config, prompts, baseline or conformance error (nothing was judged)
     3  infrastructure: a server died or failed to start, or the error rate passed the limit
+    4  inconclusive: nothing failed, but a check could not decide (its interval straddles the
+       limit, the sample is too small) or no informative check was left
 
 Every error is one line on stderr ("difftest: error: ..."), never a traceback
 (`--debug-traceback` shows it).

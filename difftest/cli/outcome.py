@@ -9,6 +9,10 @@ from typing import Any
 from difftest.cli.options import console, emit_json
 from difftest.results import RunResult
 
+# 0 every verdict as expected, 1 a verdict contradicts its expectation, 4 inconclusive (an
+# undecided check or no informative check, nothing failed): see README "Exit codes".
+GATE_EXIT = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 4}
+
 
 def run_summary(run: RunResult, out: Path, problems: list[str], code: int) -> dict[str, Any]:
     """The --json result of a run: per target its verdict and reasons; report.json has the rest."""
@@ -30,6 +34,7 @@ def run_summary(run: RunResult, out: Path, problems: list[str], code: int) -> di
         )
     return {
         "exit_code": code,
+        "gate": run.gate,
         "gate_passed": run.gate_passed,
         "report_dir": str(out),
         "report_json": str(Path(out) / "report.json"),
@@ -40,12 +45,12 @@ def run_summary(run: RunResult, out: Path, problems: list[str], code: int) -> di
 
 
 def finish(run: RunResult, out: Path, problems: list[str], *, as_json: bool = False) -> int:
-    """Write the report folder, show the verdicts; exit 3 (infrastructure) beats 1 (verdict)."""
+    """Write the report folder, show the verdicts; exit 3 (infrastructure) beats 1 / 4 (verdict)."""
     from difftest.report import write_report
     from difftest.report.terminal import render_summary
 
     write_report(run, out)
-    code = 3 if problems else 0 if run.gate_passed else 1
+    code = 3 if problems else GATE_EXIT[run.gate]
     if as_json:
         emit_json(run_summary(run, out, problems, code))
     else:

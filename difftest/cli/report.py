@@ -6,13 +6,12 @@ run and its re-judgement can be put side by side (`difftest diff DIR NEWDIR`).""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tomllib
 from pathlib import Path
 
 from difftest.cli import options as o
 from difftest.cli.outcome import finish
-from difftest.errors import ConfigError, ConformanceError, UsageError
+from difftest.errors import ConfigError, UsageError
 
 HELP = "re-judge and re-render a report folder offline (no servers)"
 
@@ -47,9 +46,9 @@ def threshold_file(path: Path) -> dict[str, dict[str, float]]:
 
 def run(args: argparse.Namespace) -> int:
     from difftest.config import thresholds_for
+    from difftest.judge import rejudge
     from difftest.report import load_run
     from difftest.runner import floor_for_target
-    from difftest.verdict import budget_for, judge_target
 
     result = load_run(args.dir)
     out = args.out or args.dir
@@ -58,20 +57,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {args.out}: already holds a report.json (pick a new folder)")
     if args.thresholds:
         thresholds = threshold_file(args.thresholds)
-        for t in result.targets:
-            floor = floor_for_target(result.noise_floor, t.golden)
-            acc = t.comparison("accuracy")
-            if acc is None:
-                raise ConformanceError(f"{t.name}: report has no accuracy comparison to re-judge")
-            old = t.verdict
-            extra = tuple(p for p in (old.parts if old else ()) if p.part not in ("exactness", "accuracy"))
-            overrides = thresholds_for(thresholds, t.scheme)
-            t.verdict = judge_target(
-                t.name, t.expect, t.comparison("exactness"), acc,
-                budget_for(t.scheme, overrides), floor, extra, overrides,
-            )  # fmt: skip
-            if old is not None and old.localisation:
-                t.verdict = dataclasses.replace(t.verdict, localisation=old.localisation)
+        floor = (
+            floor_for_target(result.noise_floor, None)
+            if result.noise_floor and "in_run" not in result.noise_floor
+            else None
+        )
+        by_scheme = {t.scheme: thresholds_for(thresholds, t.scheme) for t in result.targets}
+        rejudge(result, by_scheme, floor)
         result.signature["thresholds"] = thresholds
         result.signature["rejudged_with"] = str(args.thresholds)
     if out != args.dir:

@@ -43,7 +43,7 @@ import numpy as np
 from difftest.metrics.logprobs import TeacherForcedStats
 from difftest.metrics.stats import DEFAULT_RESAMPLES, bootstrap_mean_ci, p99
 from difftest.metrics.text import DEFAULT_TOKENIZE, text_scores
-from difftest.metrics.tokens import classify_divergence, is_garbled, token_match
+from difftest.metrics.tokens import classify_from_stats, divergence_stats, is_garbled, token_match
 from difftest.results import PromptDiff
 
 CI_KEYS = ("token_match", "exact_match", "kl_mean", "kl_upper_mean", "top1_agreement", "dp_mean")
@@ -76,13 +76,15 @@ def fill_generation(
     *,
     ref_top_logprobs: Sequence[Mapping[Hashable, float]] | None,
     tgt_top_logprobs: Sequence[Mapping[Hashable, float]] | None = None,
-    tie_margin: float,
+    tie_margin: float | None = None,
 ) -> None:
     """Fill `prompt`'s free-running fields from the two generated sequences (in place).
 
     `ref_top_logprobs[i]` / `tgt_top_logprobs[i]`: each side's top logprobs at generated position
     i, keyed like the ids. Without the reference's, the divergence is left unclassified (None)
-    rather than guessed. Sentence BLEU / chrF are filled by `aggregate_prompts`, from the same
+    rather than guessed. The raw divergence statistics (margin, gap) are always stored; the
+    TIE / DRIFT / WRONG label only when `tie_margin` is given — the runner classifies at judge
+    time (`classify_prompts`), so a re-judge with other thresholds re-classifies. Sentence BLEU / chrF are filled by `aggregate_prompts`, from the same
     sacrebleu statistics as the corpus scores.
     """
     tm = token_match(ref_ids, tgt_ids)
@@ -95,10 +97,26 @@ def fill_generation(
     if d is not None and d < len(ref_ids) and d < len(tgt_ids):
         ref_top = ref_top_logprobs[d] if ref_top_logprobs and d < len(ref_top_logprobs) else None
         if ref_top:
-            prompt.divergence_kind = classify_divergence(ref_top, ref_ids[d], tgt_ids[d], tie_margin)
+            prompt.divergence_margin, prompt.divergence_gap = divergence_stats(ref_top, tgt_ids[d])
+            if tie_margin is not None:
+                prompt.divergence_kind = classify_from_stats(
+                    prompt.divergence_margin, prompt.divergence_gap, tie_margin
+                )
             prompt.ref_alternatives = {str(k): float(v) for k, v in ref_top.items()}
         if tgt_top_logprobs and d < len(tgt_top_logprobs) and tgt_top_logprobs[d]:
             prompt.tgt_alternatives = {str(k): float(v) for k, v in tgt_top_logprobs[d].items()}
+
+
+def classify_prompts(prompts: Sequence[PromptDiff], tie_margin: float) -> dict[str, float]:
+    """Label every measured divergence TIE / DRIFT / WRONG with `tie_margin` (in place; LENGTH
+    stays); returns the aggregate counts {"tie", "drift", "wrong"}."""
+    counts = {"tie": 0.0, "drift": 0.0, "wrong": 0.0}
+    for p in prompts:
+        if p.error is None and p.divergence_margin is not None and p.divergence_kind != "LENGTH":
+            p.divergence_kind = classify_from_stats(p.divergence_margin, p.divergence_gap, tie_margin)
+        if p.error is None and p.divergence_kind in ("TIE", "DRIFT", "WRONG"):
+            counts[p.divergence_kind.lower()] += 1
+    return counts
 
 
 def fill_teacher_forced(prompt: PromptDiff, stats: TeacherForcedStats | None) -> None:

@@ -116,15 +116,30 @@ def classify_divergence(
         raise ValueError(
             f"cannot classify divergence {ref_token!r} -> {tgt_token!r}: no reference top logprobs"
         )
+    margin, gap = divergence_stats(ref_top_logprobs, tgt_token)
+    return classify_from_stats(margin, gap, tie_margin)
+
+
+def divergence_stats(
+    ref_top_logprobs: Mapping[Hashable, float], tgt_token: Hashable
+) -> tuple[float, float | None]:
+    """The raw numbers a divergence is classified by, measured once and stored:
+    (lp1 - lp2, lp1 - lp(t)) — the reference's top-1/top-2 margin and how far below its top-1 it
+    rated the target's token t (None when t is not in its top-k)."""
+    if not ref_top_logprobs:
+        raise ValueError(f"no reference top logprobs at the divergence to {tgt_token!r}")
+    lp1 = max(ref_top_logprobs.values())
+    gap = float(lp1 - ref_top_logprobs[tgt_token]) if tgt_token in ref_top_logprobs else None
+    return top_margin(ref_top_logprobs), gap
+
+
+def classify_from_stats(margin: float, gap: float | None, tie_margin: float) -> DivergenceKind:
+    """TIE / DRIFT / WRONG from `divergence_stats` (rules in `classify_divergence`)."""
     if not tie_margin >= 0:  # also refuses NaN
         raise ValueError(f"tie_margin must be >= 0, got {tie_margin!r}")
-    lp1 = max(ref_top_logprobs.values())
-    if tgt_token in ref_top_logprobs:
-        lp_t = ref_top_logprobs[tgt_token]
-        if top_margin(ref_top_logprobs) <= tie_margin and lp1 - lp_t <= tie_margin:
-            return "TIE"
-        return "DRIFT"
-    return "WRONG"
+    if gap is None:
+        return "WRONG"
+    return "TIE" if margin <= tie_margin and gap <= tie_margin else "DRIFT"
 
 
 def is_garbled(match_rate: float) -> bool:

@@ -1,0 +1,147 @@
+"""Judge a measured run: every classification and limit derived from stored statistics.
+
+The runner measures (per-prompt statistics, the goldens' twins, layer diffs) and stores them in
+the RunResult; this module turns them into verdicts. It reads nothing but the RunResult and the
+thresholds, so `difftest report DIR --thresholds FILE` re-classifies and re-judges offline with
+exactly the code the run used.
+
+Per target:
+1. the null model: its golden's twin (difftest.null), else the floor file, else the in-run A/A;
+2. TIE / DRIFT / WRONG at every divergence, with the null's TIE margin (exactness) or the floor's
+   (accuracy);
+3. black-box parts (difftest.verdict.judge_target), white-box layer parts with the replay bound
+   from the compute dtype and the accumulated-error bound from the twin's own layer diff;
+4. checks a broken target would pass are marked not informative.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from difftest.layer_points import LayerThresholds
+from difftest.layers import layer_verdict
+from difftest.metrics.aggregate import classify_prompts
+from difftest.noise import NoiseFloor
+from difftest.null import (
+    MARGIN,
+    NO_NULL,
+    NullModel,
+    exactness_limits,
+    informative,
+    pick_null,
+    replay_bound,
+    tie_margin,
+)
+from difftest.results import PartVerdict, RunResult, TargetResult
+from difftest.verdict import budget_for, judge_target
+
+CARRIED_PARTS = ("invariance",)  # judged when measured (batch placements), carried on re-judge
+
+
+def null_for(
+    run: RunResult, target: TargetResult, floor: NoiseFloor | None, in_run: NoiseFloor | None = None
+) -> NullModel:
+    """The null model `target`'s exactness is judged with."""
+    if target.golden is None:
+        return NO_NULL
+    twin = next((c for c in run.nulls if c.baseline == target.golden), None)
+    layers = next((d for d in run.null_layers if d.against == target.golden), None)
+    return pick_null((twin, layers, twin.module_noise) if twin is not None else None, floor, in_run)
+
+
+def _layer_parts(
+    target: TargetResult, null: NullModel, scheme: str | None, margin: float
+) -> list[PartVerdict]:
+    bound, bound_note = replay_bound(target.dtype)
+    point = exactness_limits(null, margin)["point_rel_err_max"]
+    th = LayerThresholds(exact_local_rel_err=bound, exact_point_rel_err=float(point.value or 0.0))
+    parts = []
+    for diff in target.layers:
+        verdict = layer_verdict(diff, th, scheme=scheme)
+        checks = []
+        for c in verdict.checks:
+            if c.name == "local_rel_err_max":
+                c = dataclasses.replace(c, note=f"{c.note}; {bound_note}")
+            elif c.name == "point_rel_err_max":
+                c = dataclasses.replace(c, note=f"{c.note}; {point.note}", informative=point.informative)
+            checks.append(c)
+        parts.append(dataclasses.replace(verdict, part=f"layers-{diff.kind}", checks=tuple(checks)))
+    return parts
+
+
+def _mark_informative(part: PartVerdict) -> PartVerdict:
+    """A carried part's limits (e.g. 3x the golden's slot variance) can be widened past use too."""
+    checks = tuple(
+        c if informative(c.name, c.limit) else dataclasses.replace(
+            c, informative=False, note=f"{c.note}; a broken target would pass this limit"
+        )
+        for c in part.checks
+    )  # fmt: skip
+    return dataclasses.replace(part, checks=checks)
+
+
+def judge_one(
+    run: RunResult,
+    target: TargetResult,
+    overrides: Mapping[str, float],
+    *,
+    floor: NoiseFloor | None = None,
+    in_run: NoiseFloor | None = None,
+    carried: Sequence[PartVerdict] = (),
+    skipped: Mapping[str, str] = {},
+) -> None:
+    """Classify and judge one target in place (sets `target.verdict`)."""
+    margin = float(overrides.get("margin", MARGIN))
+    null = null_for(run, target, floor, in_run)
+    acc_null = pick_null(None, floor)  # the reference's own noise, where a floor file gives it
+    for comp in target.comparisons:
+        tm = tie_margin(null if comp.kind == "exactness" else acc_null, overrides)[0]
+        comp.aggregate.update(classify_prompts(comp.prompts, tm))
+    acc = target.comparison("accuracy")
+    if acc is None:
+        raise ValueError(f"{target.name}: no accuracy comparison to judge")
+    extra = _layer_parts(target, null, target.scheme, margin) + [_mark_informative(p) for p in carried]
+    old = target.verdict
+    target.verdict = judge_target(
+        target.name,
+        target.expect,
+        target.comparison("exactness"),
+        acc,
+        budget_for(target.scheme, overrides),
+        null,
+        extra,
+        overrides,
+        skipped=skipped,
+    )
+    localisation = next(
+        (d.summary for d in target.layers if d.guilty_module or d.first_divergent_layer is not None), None
+    )
+    if localisation is None and old is not None:
+        localisation = old.localisation
+    if localisation:
+        target.verdict = dataclasses.replace(target.verdict, localisation=localisation)
+
+
+def rejudge(run: RunResult, thresholds_for: Mapping[str | None, Mapping[str, float]] | None = None,
+            floor: NoiseFloor | None = None) -> None:  # fmt: skip
+    """Re-judge every target of a stored run (report --thresholds): carried parts and skipped
+    groups kept from the stored verdict."""
+    for t in run.targets:
+        old = t.verdict
+        carried = [p for p in (old.parts if old else ()) if p.part in CARRIED_PARTS]
+        skipped = {
+            f"{p.part}.{g}": c.note.removeprefix("skipped: ")
+            for p in (old.parts if old else ())
+            for c in p.checks
+            if c.note.startswith("skipped: ")
+            for g in [_group_of(c.name)]
+        }
+        overrides = (thresholds_for or {}).get(t.scheme, {}) if thresholds_for else {}
+        judge_one(run, t, overrides, floor=floor, carried=carried, skipped=skipped)
+
+
+def _group_of(check: str) -> str:
+    from difftest.verdict import _CHECKS
+
+    return _CHECKS.get(check, ("", check))[1]

@@ -1,0 +1,241 @@
+"""The null model of exactness: how far "a different but correct implementation" may move.
+
+A target is judged against its golden (same model and scheme on the reference backend). A correct
+kernel still differs from the golden: it sums in another order and rounds differently, and on a
+quantized model each difference can flip an activation's rounding and grow downstream. Limits
+must therefore come from a measurement of that effect *on this model, scheme, dtype and device*:
+
+- **twin** (preferred; built-in goldens): the golden's rounding twin — the same server with every
+  linear / MoE output perturbed by `module_tolerance(dtype)` (server_shim.twin) — compared with the
+  golden like any target. Its black-box statistics and its per-layer errors are the null.
+- **floor file** (`[run] noise_floor`, from `difftest noise`): the reference against itself at
+  other concurrencies / after a restart. Shows batch noise; blind to a kernel that rounds
+  differently but deterministically, so limits from it can be too tight on a GPU.
+- **in-run A/A** (`[run] null = "aa"`): the golden re-asked serially. Measures ~0 for a
+  deterministic golden; the absolute minimums then decide.
+- **none**: absolute minimums only.
+
+Limits are the null's upper 95% bound (its bootstrap interval; p99 for kl_p99; the worst
+residual-stream point for layers) times `margin`, never under an absolute minimum. A limit wider
+than what a broken target would pass (`UNINFORMATIVE`) is reported as not informative: the check
+is shown but decides nothing, and the verdict rests on what still informs (module replay above
+all, whose bound is 2 x module_tolerance: the same one number that sizes the twin).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from difftest.noise import NoiseFloor
+from difftest.results import Comparison, LayerDiff
+from server_shim.tolerance import module_tolerance
+
+MARGIN = 3.0
+
+# Absolute minimums: a null measured as ~0 (a quiet fp32 CPU null) must not demand bit-exactness.
+ABS_MIN = {
+    "kl_mean": 0.005,
+    "kl_p99": 0.05,
+    "top1_disagreement": 0.03,
+    # one flipped near-tie re-writes the rest of a greedy continuation, so free-running token
+    # match moves far more than top-1 does under pure accumulation-order noise
+    "token_mismatch": 0.25,
+    "point_rel_err": 0.03,
+    "tie_margin": 0.05,  # nats
+}
+
+# A limit on the wrong side of these would pass a broken target (fault matrix, smollm2: one module
+# with scale-transposed / fnuz / garbage-gemm costs exactness KL 0.04-0.16 and top-1 5-15 points;
+# scale-skipped KL 17): the check is then not informative.
+UNINFORMATIVE = {
+    "token_match": (">=", 0.25),  # a token-match limit under 0.25 accepts a garbled target
+    "top1_agreement": (">=", 0.25),
+    "kl_mean": ("<=", 1.0),  # nats
+    "kl_p99": ("<=", 10.0),
+    "point_rel_err_max": ("<=", 0.5),
+    "slot_logprob_max_diff": ("<=", 1.0),
+}
+
+REPLAY_FACTOR = 2.0  # module replay bound = REPLAY_FACTOR x module_tolerance(dtype)
+TIE_QUANTILE = 90.0  # the TIE margin: this percentile of the null's own divergence margins
+
+
+@dataclass(frozen=True)
+class Limit:
+    value: float | None
+    note: str
+    informative: bool = True
+
+
+def informative(check: str, limit: float) -> bool:
+    rule = UNINFORMATIVE.get(check)
+    if rule is None:
+        return True
+    op, bound = rule
+    return limit >= bound if op == ">=" else limit <= bound
+
+
+@dataclass(frozen=True)
+class NullModel:
+    """What a correct implementation may differ by, per metric (None: not measured).
+
+    Every value is "bigger is noisier"; `source` and `trust` say where it came from and how far
+    it can be believed, for the report.
+    """
+
+    source: str  # "twin" | "floor file" | "in-run A/A" | "none"
+    description: str
+    trust: str
+    kl_mean: float | None = None
+    kl_p99: float | None = None
+    top1_disagreement: float | None = None
+    token_mismatch: float | None = None
+    tie_margin: float | None = None
+    point_rel_err: float | None = None
+    n_prompts: int = 0
+
+    def limit(self, metric: str, margin: float = MARGIN) -> Limit:
+        """max(null x margin, absolute minimum), with the note saying which won."""
+        minimum = ABS_MIN[metric]
+        observed = getattr(self, metric)
+        if observed is None:
+            return Limit(minimum, f"absolute minimum {minimum:g} ({self.source}: not measured)")
+        scaled = observed * margin
+        if scaled >= minimum:
+            return Limit(scaled, f"{self.source} {observed:.4g} x{margin:g}")
+        return Limit(
+            minimum, f"absolute minimum {minimum:g} ({self.source} {observed:.3g} x{margin:g} is below it)"
+        )
+
+
+NO_NULL = NullModel("none", "no null model", "none: absolute minimums only (calibrated on fp32 CPU)")
+
+
+def _upper(comp: Comparison, key: str) -> float | None:
+    """The upper end of a 'bigger is noisier' aggregate's 95% interval (the value without one)."""
+    if key in comp.ci:
+        return float(comp.ci[key][1])
+    return float(comp.aggregate[key]) if key in comp.aggregate else None
+
+
+def _complement_upper(comp: Comparison, key: str) -> float | None:
+    """1 - the lower end of an agreement's interval: the worst disagreement the sample allows."""
+    if key in comp.ci:
+        return 1.0 - float(comp.ci[key][0])
+    return 1.0 - float(comp.aggregate[key]) if key in comp.aggregate else None
+
+
+def divergence_margins(comp: Comparison) -> list[float]:
+    return [
+        p.divergence_margin
+        for p in comp.prompts
+        if p.error is None and p.divergence_margin is not None and math.isfinite(p.divergence_margin)
+    ]
+
+
+def null_from_twin(
+    comp: Comparison, layers: LayerDiff | None = None, *, amplitude: float | None = None
+) -> NullModel:
+    """The null from a golden-vs-twin comparison (and its per-layer diff, where served)."""
+    margins = divergence_margins(comp)
+    points = [p.rel_err for p in (layers.points if layers else []) if p.kind in ("residual", "logits")]
+    noise = f", module noise {amplitude:.3g}" if amplitude else ""
+    n = int(comp.aggregate.get("n_prompts", len(comp.prompts)))
+    return NullModel(
+        source="twin",
+        description=f"rounding twin of {comp.baseline} ({comp.target}{noise}), {n} prompts",
+        trust="measured: a correct kernel's worth of error in every module, on this hardware",
+        kl_mean=_upper(comp, "kl_mean"),
+        kl_p99=float(comp.aggregate["kl_p99"]) if "kl_p99" in comp.aggregate else None,
+        top1_disagreement=_complement_upper(comp, "top1_agreement"),
+        token_mismatch=_complement_upper(comp, "token_match"),
+        tie_margin=float(np.percentile(margins, TIE_QUANTILE)) if margins else None,
+        point_rel_err=max(points) if points else None,
+        n_prompts=n,
+    )
+
+
+def null_from_floor(floor: NoiseFloor, *, in_run: bool = False) -> NullModel:
+    """The null from an A/A noise floor (a file from `difftest noise`, or the in-run A/A)."""
+    quiet = (floor.kl_mean or 0.0) == 0.0 and (floor.token_mismatch or 0.0) == 0.0
+    trust = (
+        "weak: the server agrees with itself exactly, which says nothing about a different kernel"
+        if quiet
+        else "partial: batch / restart noise of one build; blind to a kernel that rounds differently"
+    )
+    return NullModel(
+        source="in-run A/A" if in_run else "floor file",
+        description=floor.describe(),
+        trust=trust,
+        kl_mean=floor.kl_mean,
+        kl_p99=floor.kl_p99,
+        top1_disagreement=floor.top1_disagreement,
+        token_mismatch=floor.token_mismatch,
+        tie_margin=floor.tie_margin,
+        point_rel_err=floor.layer_rel_err,
+        n_prompts=floor.n_prompts,
+    )
+
+
+def replay_bound(dtype: str | None) -> tuple[float, str]:
+    """Module replay bound: REPLAY_FACTOR x the per-module tolerance of the compute dtype."""
+    name = dtype or "float32"
+    try:
+        tol = module_tolerance(name)
+    except ValueError:
+        name, tol = "float32", module_tolerance("float32")
+    return REPLAY_FACTOR * tol, f"{REPLAY_FACTOR:g} x module tolerance {tol:.3g} ({name})"
+
+
+def tie_margin(null: NullModel, overrides: Mapping[str, float] = {}) -> tuple[float, str]:
+    """The TIE margin (nats): override, else the null's own divergence margins' p90."""
+    if "tie_margin" in overrides:
+        return float(overrides["tie_margin"]), "override [thresholds] tie_margin"
+    if null.tie_margin is None:
+        return ABS_MIN["tie_margin"], f"absolute minimum ({null.source} measured no divergence)"
+    value = max(null.tie_margin, ABS_MIN["tie_margin"])
+    return value, f"p{TIE_QUANTILE:g} of {null.source} divergence margins"
+
+
+def exactness_limits(null: NullModel, margin: float = MARGIN) -> dict[str, Limit]:
+    """Exactness limits (target vs golden), keyed by check name, each marked informative or not."""
+    out: dict[str, Limit] = {}
+    for check, metric, complement in (
+        ("kl_mean", "kl_mean", False),
+        ("kl_p99", "kl_p99", False),
+        ("top1_agreement", "top1_disagreement", True),
+        ("token_match", "token_mismatch", True),
+        ("point_rel_err_max", "point_rel_err", False),
+    ):
+        lim = null.limit(metric, margin)
+        value = 1.0 - lim.value if complement else lim.value  # type: ignore[operator]
+        note = f"1 - {lim.note}" if complement else lim.note
+        ok = informative(check, value)  # type: ignore[arg-type]
+        if not ok:
+            note += "; a broken target would pass this limit"
+        out[check] = Limit(value, note, ok)
+    return out
+
+
+def pick_null(
+    twin: tuple[Comparison, LayerDiff | None, float | None] | None,
+    floor: NoiseFloor | None,
+    in_run: NoiseFloor | None = None,
+) -> NullModel:
+    """The null a target is judged with: its golden's twin, else the floor file, else the
+    in-run A/A, else none."""
+    if twin is not None:
+        return null_from_twin(twin[0], twin[1], amplitude=twin[2])
+    if floor is not None:
+        return null_from_floor(floor)
+    if in_run is not None:
+        return null_from_floor(in_run, in_run=True)
+    return NO_NULL
+
+
+def twins_by_golden(nulls: Sequence[Comparison]) -> dict[str, Comparison]:
+    return {c.baseline: c for c in nulls}

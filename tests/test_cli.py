@@ -164,3 +164,29 @@ def test_piped_tables_are_not_cut(capsys) -> None:
     render_layers(LayerDiff("ref", "accuracy", [point], summary="x"), "target", console())
     out = capsys.readouterr().out
     assert name in out and "0.999123" in out and "…" not in out
+
+
+def test_quick_look_writes_its_json_into_the_out_folder(tmp_path: Path, capsys) -> None:
+    with live_fake() as ref, live_fake() as tgt:
+        argv = ["compare", "--ref", ref, "--target", tgt, "--prompt", "1+2+3=", "-o", str(tmp_path / "look")]
+        assert main(argv) == 0
+    data = json.loads((tmp_path / "look" / "quicklook.json").read_text())
+    assert data["exit_code"] == 0 and data["prompts"][0]["match_rate"] == 1.0
+
+
+def test_run_uses_openai_api_key_for_running_servers(tmp_path: Path, monkeypatch, capsys) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "the quick brown fox"}) + "\n")
+    with live_fake(FakeBehaviour(api_key="sk-k")) as ref, live_fake(FakeBehaviour(api_key="sk-k")) as tgt:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            f'[run]\nprompts = ["{prompts}"]\nmax_tokens = 4\noutput_dir = "{tmp_path / "out"}"\n'
+            f'[reference]\nurl = "{ref}"\n[[target]]\nname = "t"\nurl = "{tgt}"\nscheme = "fp8-block"\n'
+        )
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        assert main(["run", str(cfg)]) in (2, 3)  # 401 without a key
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-k")
+        capsys.readouterr()
+        code = main(["run", str(cfg), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == summary["exit_code"] and summary["targets"][0]["verdict"] in ("PASS", "INCONCLUSIVE")

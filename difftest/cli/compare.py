@@ -22,6 +22,8 @@ from server_shim.launch import ServerSpec
 
 HELP = "compare running servers without a config"
 DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_OUT = Path("runs/compare")
+QUICKLOOK_FILE = "quicklook.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, metavar="N", help="request seed (default: 0, or the baseline's)")
     o.add_endpoint(p)
     o.add_jobs(p, default=8)
-    o.add_out(p, "report (default: runs/compare)", default=Path("runs/compare"))
+    o.add_out(p, "report (default: runs/compare); with --prompt: quicklook.json")
     o.add_keys(p)
     o.add_limit(p)
     o.add_timeout(p, f"{DEFAULT_TIMEOUT_S:g}")
@@ -94,7 +96,7 @@ def compare_config(args: argparse.Namespace, baseline: Baseline | None = None) -
         seed=args.seed if args.seed is not None else recorded.get("seed", 0),
         endpoint=args.endpoint or recorded.get("endpoint", "completions"),
         concurrency=args.concurrency,
-        output_dir=args.out,
+        output_dir=args.out or DEFAULT_OUT,
         limit=args.limit,
         request_timeout_s=args.timeout or DEFAULT_TIMEOUT_S,
     )
@@ -116,11 +118,12 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt:
         if baseline is not None:
             raise UsageError("--prompt (the quick look) needs a live --ref, not a --baseline")
-        return asyncio.run(explore(cfg, prompt_texts(args.prompt), as_json=args.json))
+        return asyncio.run(explore(cfg, prompt_texts(args.prompt), as_json=args.json, out=args.out))
     from difftest.runner import RunOptions, execute
 
-    result, problems = execute(cfg, RunOptions(out_dir=args.out, baseline=baseline))
-    return finish(result, args.out, problems, as_json=args.json)
+    out = args.out or DEFAULT_OUT
+    result, problems = execute(cfg, RunOptions(out_dir=out, baseline=baseline))
+    return finish(result, out, problems, as_json=args.json)
 
 
 def prompt_texts(values: list[str]) -> list[Prompt]:
@@ -130,7 +133,9 @@ def prompt_texts(values: list[str]) -> list[Prompt]:
     return [Prompt(id=f"prompt{i + 1}", prompt=t) for i, t in enumerate(texts)]
 
 
-async def explore(cfg: RunConfig, prompts: list[Prompt], *, as_json: bool = False) -> int:
+async def explore(
+    cfg: RunConfig, prompts: list[Prompt], *, as_json: bool = False, out: Path | None = None
+) -> int:
     """The quick look: continuations side by side, first divergence and alternatives.
 
     Exit 1 when a server's probe marks a check FAIL (the look is then partial), else 0."""
@@ -198,8 +203,15 @@ async def explore(cfg: RunConfig, prompts: list[Prompt], *, as_json: bool = Fals
         await asyncio.gather(*(ep.client.aclose() for ep in eps.values()))
         cache.close()
     code = 1 if failed_checks else 0
+    result = {"exit_code": code, "failed_checks": failed_checks, "prompts": views}
+    if out is not None:
+        import json
+
+        from difftest.report.jsonio import atomic_write_text
+
+        atomic_write_text(Path(out) / QUICKLOOK_FILE, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     if as_json:
-        o.emit_json({"exit_code": code, "failed_checks": failed_checks, "prompts": views})
+        o.emit_json(result)
     else:
         for f in failed_checks:
             con.print(f"FAIL: {f['server']}: {f['check']}: {f['detail']}", style="red")

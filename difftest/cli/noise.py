@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-restart", action="store_true", help="skip the after-restart repetition")
     o.add_jobs(p)
     o.add_timeout(p, "the config's run.request_timeout_s")
+    o.add_keys(p, "for running servers (url) without their own api_key_env")
     o.add_json(p)
 
 

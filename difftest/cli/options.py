@@ -103,14 +103,15 @@ def add_limit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="use only the first N prompts")
 
 
-def add_keys(p: argparse.ArgumentParser) -> None:
+def add_keys(p: argparse.ArgumentParser, scope: str = "") -> None:
     p.add_argument(
         "--api-key-env",
         action="append",
         default=[],
         metavar="[SERVER=]VAR",
         help="environment variable holding the API key; VAR for every server, SERVER=VAR for one "
-        f"(reference, target, golden, ...); repeatable (default: {DEFAULT_KEY_ENV} when set)",
+        f"(reference, target, golden, ...); repeatable (default: {DEFAULT_KEY_ENV} when set)"
+        + (f"; {scope}" if scope else ""),
     )
 
 

@@ -459,8 +459,8 @@ async def _probe_tokenizations(
 
 
 async def _probe_debug(p: _Probe) -> None:
-    try:
-        cfg = await p.client.get_json("/debug/config", retries=0)
+    try:  # one retry: some servers (transformers serve) drop the keep-alive connection after a 500
+        cfg = await p.client.get_json("/debug/config", retries=1)
     except (RequestRejected, ServerError) as e:
         p.fields |= {"debug": False, "vocab_size": None}
         p.check("debug protocol", WARN, _why(e), "no_debug")

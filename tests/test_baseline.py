@@ -217,3 +217,29 @@ def test_baseline_file_holds_what_was_asked(recorded: Path) -> None:
     paths = {json.loads(k)[1] for k in base.exchanges.table}
     assert {"/v1/completions", "/v1/models", "/tokenize"} <= paths
     assert not any(p.startswith("/debug") for p in paths)  # black-box only
+
+
+def test_record_from_a_config_then_run_against_it(tmp_path: Path, capsys) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    with live_fake() as ref, live_fake(FakeBehaviour(flip_every=2)) as bad:
+        cfg = tmp_path / "live.toml"
+        cfg.write_text(
+            f'[run]\nprompts = ["{prompts}"]\nmax_tokens = 8\noutput_dir = "{tmp_path / "live"}"\n'
+            f'[reference]\nname = "ref"\nurl = "{ref}"\n'
+            f'[[target]]\nname = "t"\nurl = "{bad}"\nscheme = "none"\n'
+        )
+        assert main(["record", "--ref", str(cfg), "-o", str(tmp_path / "b"), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["settings"]["max_tokens"] == 8  # the config's
+        live = main(["run", str(cfg)])
+        stored_cfg = tmp_path / "stored.toml"
+        stored_cfg.write_text(
+            cfg.read_text().replace(f'url = "{ref}"', 'baseline = "b"').replace('"live"', '"stored"')
+        )
+        stored = main(["run", str(stored_cfg), "-o", str(tmp_path / "stored")])
+    assert live == stored == 1
+    assert _numbers(tmp_path / "live")[2] == _numbers(tmp_path / "stored")[2]
+    # a baseline key beside server keys is a config error naming the key
+    bad_cfg = tmp_path / "bad.toml"
+    bad_cfg.write_text(stored_cfg.read_text().replace('baseline = "b"', 'baseline = "b"\nmodel = "x"'))
+    assert main(["run", str(bad_cfg)]) == 2
+    assert "'model' cannot go with 'baseline'" in capsys.readouterr().err

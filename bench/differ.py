@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difftest.cache import ResponseCache  # noqa: E402
-from difftest.client import CompletionClient  # noqa: E402
-from difftest.collect import Endpoint, generate_all  # noqa: E402
-from difftest.conformance import Capabilities  # noqa: E402
+from difftest.collect import force_all, generate_all, prompt_token_ids  # noqa: E402
 from difftest.metrics.aggregate import aggregate_prompts  # noqa: E402
 from difftest.prompts import Prompt  # noqa: E402
-from difftest.runner import CHUNK_PROMPTS, _force_pairs, _forcing_plan, _Pair  # noqa: E402  (the runner's own path)
+from difftest.runner import CHUNK_PROMPTS  # noqa: E402  (the runner's chunk size)
 from difftest.scoring import finish_comparison, score_prompts  # noqa: E402
+from difftest.session import ClientOptions, Server, Session  # noqa: E402
 
 URL = "http://instant.invalid"
 VOCAB = 512
@@ -93,7 +93,9 @@ class InstantServer:
         self.requests = 0
 
     def tokenize(self, text: str) -> list[int]:
-        return [self.ids[" " + w] for w in text.split(" ")[1:]]
+        """Our prompts are " word" pieces; any other text (the conformance probes) maps each
+        space-separated piece to a fixed id, so that probing works and stays deterministic."""
+        return [self.ids.get(" " + w, zlib.crc32(w.encode()) % VOCAB) for w in text.split(" ")[1:]]
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         t0 = time.perf_counter()
@@ -173,43 +175,63 @@ def make_prompts(n: int, words: list[str], seed: int) -> list[Prompt]:
     ]
 
 
-def caps(name: str, k: int) -> Capabilities:
-    """What conformance finds on a vLLM-like server (probing is a per-run constant, not benched)."""
-    return Capabilities(
-        name=name, url=URL, model=MODEL, models=(MODEL,), deterministic=True, logprobs_cap=k, echo=True,
-        echo_logprobs=True, echo_aligned=True, echo_consistent=True, token_id_strings=True, tokenize=True,
-        top_logprobs_keys="id", int_prompts=True,
-    )  # fmt: skip
-
-
 # ---------------------------------------------------------------- one measured run
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-async def _collect(
+def session(
+    servers: dict[str, InstantServer], args: argparse.Namespace, cache: ResponseCache | None
+) -> Session:
+    return Session(
+        [Server(name, URL, transport=httpx.MockTransport(srv.handle), cache_identity={"bench": name})
+         for name, srv in servers.items()],
+        ClientOptions(concurrency=args.concurrency, cache=cache),
+    )  # fmt: skip
+
+
+async def _collect_and_score(
     servers: dict[str, InstantServer],
     prompts: list[Prompt],
     args: argparse.Namespace,
     cache: ResponseCache | None,
-) -> tuple[dict, dict]:
-    eps = {}
-    for name, srv in servers.items():
-        client = CompletionClient(
-            URL, name=name, transport=httpx.MockTransport(srv.handle), concurrency=args.concurrency,
-            cache=cache, cache_identity={"bench": name} if cache is not None else None,
-        )  # fmt: skip
-        eps[name] = Endpoint(name, client, caps(name, args.k))
-    try:
-        results = await asyncio.gather(
-            *(generate_all(ep, prompts, max_tokens=args.max_tokens, k=args.k, seed=0) for ep in eps.values())
-        )
-        gens = dict(zip(eps, results, strict=True))
-        plan = _forcing_plan([_Pair("accuracy", "ref", "tgt", teacher_forced=True, as_ids=True)])
-        forced = await _force_pairs(plan, eps, prompts, gens, args.k, lambda: None)
-    finally:
-        await asyncio.gather(*(ep.client.aclose() for ep in eps.values()))
-    return gens, forced
+) -> dict[str, Any]:
+    """As the runner does it: per chunk generate, force and score, drop the raw responses."""
+    out: dict[str, Any] = {"collect_s": 0.0, "score_s": 0.0, "diffs": [], "unforced": [], "first_error": None}
+    async with session(servers, args, cache) as s:
+        ref, tgt = s["ref"], s["tgt"]
+        if not (ref.caps.int_prompts and ref.caps.token_id_strings and ref.caps.logprobs_cap >= args.k):
+            raise SystemExit(
+                f"the instant server lost a feature the runner's fast path needs: {ref.caps.warnings}"
+            )
+        for srv in servers.values():  # probing is a per-run constant: not counted as server time
+            srv.requests, srv.busy_s = 0, 0.0
+        ids: dict[str, list[int] | None] = {}
+
+        async def ref_ids(p: Prompt) -> list[int] | None:  # the baseline's ids, shared by both sides
+            if p.id not in ids:
+                ids[p.id] = await prompt_token_ids(ref, p.prompt)
+            return ids[p.id]
+
+        for start in range(0, len(prompts), CHUNK_PROMPTS):
+            chunk = prompts[start : start + CHUNK_PROMPTS]
+            ta = time.perf_counter()
+            gen = dict(zip(("ref", "tgt"), await asyncio.gather(
+                *(generate_all(ep, chunk, max_tokens=args.max_tokens, k=args.k, seed=0) for ep in (ref, tgt))
+            ), strict=True))  # fmt: skip
+            forced = [await force_all(ep, chunk, gen["ref"], k=args.k, as_ids=True, prompt_ids=ref_ids)
+                      for ep in (ref, tgt)]  # fmt: skip
+            tb = time.perf_counter()
+            d, u = score_prompts(chunk, gen["ref"], gen["tgt"], ref_forced=forced[0], tgt_forced=forced[1],
+                                 tie_margin=0.05, k=args.k)  # fmt: skip
+            out["diffs"] += d
+            out["unforced"] += u
+            out["first_error"] = out["first_error"] or gen["ref"][chunk[0].id].error
+            del gen, forced
+            ids.clear()
+            out["collect_s"] += tb - ta
+            out["score_s"] += time.perf_counter() - tb
+    return out
 
 
 def run_once(n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -225,24 +247,10 @@ def run_once(n: int, args: argparse.Namespace) -> dict[str, Any]:
     prof = cProfile.Profile() if args.profile else None
     if prof:
         prof.enable()
-    # as the runner does it: per chunk collect, force and score, drop the raw responses; then aggregate
-    collect_s = score_s = 0.0
-    diffs: list = []
-    unforced: list[str] = []
-    first_error = None
-    for start in range(0, n, CHUNK_PROMPTS):
-        chunk = prompts[start : start + CHUNK_PROMPTS]
-        ta = time.perf_counter()
-        gens, forced = asyncio.run(_collect(servers, chunk, args, cache))
-        tb = time.perf_counter()
-        d, u = score_prompts(chunk, gens["ref"], gens["tgt"], ref_forced=forced[("ref", "ref")],
-                             tgt_forced=forced[("ref", "tgt")], tie_margin=0.05, k=args.k)  # fmt: skip
-        diffs += d
-        unforced += u
-        first_error = first_error or gens["ref"][chunk[0].id].error
-        del gens, forced
-        collect_s += tb - ta
-        score_s += time.perf_counter() - tb
+    # per chunk collect, force and score, drop the raw responses; then aggregate
+    res = asyncio.run(_collect_and_score(servers, prompts, args, cache))
+    collect_s, score_s, diffs, unforced = res["collect_s"], res["score_s"], res["diffs"], res["unforced"]
+    first_error = res["first_error"]
     t0 = 0.0
     t1 = collect_s
     tc = time.perf_counter()

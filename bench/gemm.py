@@ -235,7 +235,7 @@ def check(dev: torch.device, big: int = 4096) -> list[str]:
         sm = torch._scaled_mm(c.a_tok, c.b_row.T, c.sa_tok, c.sb_row.T, out_dtype=torch.float32)
         print(f"info  _scaled_mm row fp32-out rel err {rel_err(sm, refr):.2e}")
     # e4m3fnuz (the uint8-decoding path on NVIDIA): e4m3fn bits read as fnuz are half the value
-    # (DESIGN's `fnuz-unnormalized`); doubled scales normalize them. fn's -0 is fnuz's NaN code.
+    # (docs/design.md "Fault injection": `fnuz-unnormalized`); doubled scales normalize them. fn's -0 is fnuz's NaN code.
     a8, b8 = c.a_grp.view(torch.uint8).clone(), c.b_blk.view(torch.uint8).clone()
     a8[a8 == 0x80], b8[b8 == 0x80] = 0, 0
     fz = torch.float8_e4m3fnuz

@@ -1,7 +1,7 @@
 """The in-run A/A floor: each golden measured against itself when no noise-floor file is given.
 
-DESIGN.md sets exactness limits from "the golden against itself at other batch widths /
-concurrency" x a margin. Without a floor file the built-in minimums were calibrated on fp32 CPU
+Exactness limits come from the golden against itself at other batch widths / concurrency, times
+a margin (docs/design.md "Two references"). Without a floor file the built-in minimums were calibrated on fp32 CPU
 servers, where batching moves nothing; on a batched fp16 GPU server a correct fp8-block Triton
 target matched its torch golden on only 51% of greedy tokens (H100, smollm2, 10 prompts) while
 every module matched locally to 1e-7 — the golden itself answers differently when batched. So

@@ -4,23 +4,28 @@ A response is keyed by sha256 over (the server's fingerprint, the full request),
 JSON, so a cached answer is reused only for the same request to the same server build. Only
 successful responses are stored: a failed request is retried on resume, never replayed.
 
-Every `put` commits at once (WAL journal): a run killed halfway keeps every answer it got. One
-connection shared under a lock makes the cache safe from threads; async callers call it directly
-(each operation is a single indexed statement, well under a millisecond).
+Every `put` commits at once (WAL journal): a run killed halfway — SIGKILL included — keeps every
+answer it got, and the file opens cleanly afterwards (sqlite replays the committed part of the WAL
+and drops a torn last write). `synchronous=NORMAL` is safe against a killed process; only a power
+loss could cost the last commits, which a resume re-asks. One connection shared under a lock makes
+the cache safe from threads; async callers call it directly (each operation is a single indexed
+statement, well under a millisecond).
+
+The file is created owner-only (0600; sqlite gives its -wal and -shm files the same mode): cached
+answers hold prompts and model output, which are nobody else's business on a shared machine.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from difftest.errors import UsageError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -37,10 +42,6 @@ CREATE TABLE IF NOT EXISTS servers (
 """
 
 
-class CacheMiss(UsageError):
-    """An offline run needed a response (or fingerprint) that the cache does not hold."""
-
-
 def canonical_json(obj: Any) -> str:
     """Sorted keys, no spaces, integral floats as ints (`temperature: 0` == `temperature: 0.0`)."""
     return json.dumps(_canon(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -55,6 +56,8 @@ class ResponseCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if str(path) != ":memory:":
+            _create_private(self.path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -121,6 +124,18 @@ class ResponseCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _create_private(path: Path) -> None:
+    """Create the file 0600 before sqlite does (sqlite would use the umask, often 0644 or 0664),
+    and take away group/other write from an existing one."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o022:
+            os.fchmod(fd, mode & ~0o022)
+    finally:
+        os.close(fd)
 
 
 def _canon(obj: Any) -> Any:

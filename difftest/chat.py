@@ -20,9 +20,19 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from difftest.check_status import FAIL, NA, OK, WARN, first_diff, short
 from difftest.client import CompletionClient
-from difftest.conformance import DEFAULT_PROBES, WARNINGS, Capabilities, ProbeTokens
+from difftest.conformance import (
+    DEFAULT_PROBES,
+    FAIL,
+    NA,
+    OK,
+    WARN,
+    WARNINGS,
+    Capabilities,
+    ProbeTokens,
+    first_diff,
+    short,
+)
 from difftest.errors import ConformanceError, DifftestError, RequestRejected, ServerError
 from difftest.prompts import Prompt
 from difftest.tokens_view import Position, TokensView, parse_token_id
@@ -128,7 +138,8 @@ async def generate_chat(ep: Any, prompt: Prompt, *, max_tokens: int, k: int, see
 
 
 def _why(e: Exception) -> str:
-    return short(str(getattr(e, "detail", e)))
+    """The server's own words, without the client's prefix (as conformance reports them)."""
+    return short(str(getattr(e, "reason", None) or e))
 
 
 async def _ask(client: CompletionClient, body: dict[str, Any], retries: int = 0) -> tuple[dict | None, str]:
@@ -225,7 +236,7 @@ async def probe_chat(
         warnings.append(WARNINGS["no_tokenizations"])
     f["tokenizations"] = tuple(tokenizations)
     try:
-        cfg = await client.get_json("/debug/config", retries=0)
+        cfg = await client.debug_config(retries=1)
     except (RequestRejected, ServerError) as e:
         f |= {"debug": False, "vocab_size": None}
         checks.append(("debug protocol", WARN, _why(e)))

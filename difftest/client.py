@@ -28,9 +28,10 @@ from typing import Any
 
 import httpx
 
-from difftest.cache import CacheMiss, ResponseCache
-from difftest.errors import RequestRejected, ServerError
+from difftest.cache import ResponseCache
+from difftest.errors import CacheMiss, RequestRejected, ServerError, UnreadableBody
 from difftest.identity import canary_request, canary_summary, changed_parts
+from server_shim.launch import normalise_url
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class CompletionClient:
         name: str,
         api_key: str | None = None,
         timeout_s: float = 120.0,
+        connect_timeout_s: float = 10.0,
         max_retries: int = 3,
         concurrency: int = 8,
         max_response_bytes: int = 64 * MiB,
@@ -77,14 +79,21 @@ class CompletionClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """`cache_identity` replaces the URL in the cache key: pass the launch spec (without its port)
-        for servers started on a fresh port each run, so `--resume` finds their answers again."""
+        for servers started on a fresh port each run, so `--resume` finds their answers again.
+
+        `timeout_s` bounds each attempt of a request, start to last byte (a server that accepts
+        and never answers costs (max_retries + 1) x timeout_s, then a ServerError);
+        `connect_timeout_s` (at most `timeout_s`) bounds opening the connection alone."""
         if concurrency < 1 or max_retries < 0:
             raise ValueError("concurrency must be >= 1 and max_retries >= 0")
+        if not (timeout_s > 0 and connect_timeout_s > 0):
+            raise ValueError("timeout_s and connect_timeout_s must be > 0")
         if offline and cache is None:
             raise ValueError("offline=True needs a cache")
         self.name = name
-        self.base_url = _normalise_url(base_url)
+        self.base_url = normalise_url(base_url)
         self.timeout_s = timeout_s
+        self.connect_timeout_s = min(connect_timeout_s, timeout_s)
         self.max_retries = max_retries
         self.concurrency = concurrency
         self.max_response_bytes = max_response_bytes
@@ -99,6 +108,8 @@ class CompletionClient:
         self._fp: dict | None = None
         self._cache_fp: dict | None = None
         self._fp_lock = asyncio.Lock()
+        self._debug_config: dict[str, Any] | None = None
+        self._debug_lock = asyncio.Lock()
         self._requests = self._failures = self._retries = self._hits = 0
         headers = {"User-Agent": "difftest"}
         if api_key:
@@ -106,7 +117,7 @@ class CompletionClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            timeout=httpx.Timeout(timeout_s),
+            timeout=httpx.Timeout(timeout_s, connect=self.connect_timeout_s),
             transport=transport,
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
             follow_redirects=False,
@@ -115,12 +126,14 @@ class CompletionClient:
     def sibling(self, *, name: str, concurrency: int) -> CompletionClient:
         """Another client of the same server (URL, key, transport, timeouts) with its own
         concurrency and no cache: for asking the server again, e.g. serially for an A/A floor."""
-        return CompletionClient(
+        other = CompletionClient(
             self.base_url, name=name, api_key=self._api_key, timeout_s=self.timeout_s,
-            max_retries=self.max_retries, concurrency=concurrency,
+            connect_timeout_s=self.connect_timeout_s, max_retries=self.max_retries, concurrency=concurrency,
             max_response_bytes=self.max_response_bytes, transport=self._transport,
             backoff_base_s=self._backoff[0], backoff_max_s=self._backoff[1], sleep=self._sleep,
         )  # fmt: skip
+        other._debug_config = self._debug_config  # the same server: the same config
+        return other
 
     def __repr__(self) -> str:  # never the key
         return f"CompletionClient(name={self.name!r}, base_url={self.base_url!r}, offline={self.offline})"
@@ -169,13 +182,27 @@ class CompletionClient:
         body = await self._request("POST", "/v1/completions", json_body=dict(payload), retries=retries)
         data = _as_json(body, self.name, "/v1/completions")
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            raise ServerError(f"{self.name}: /v1/completions answered 200 without a 'choices' list")
+            raise UnreadableBody(f"{self.name}: /v1/completions answered 200 without a 'choices' list")
         if cached:
             self.cache.put(fp, payload, data)  # type: ignore[union-attr]
         return data
 
     async def get_json(self, path: str, *, retries: int | None = None) -> Any:
         return _as_json(await self._request("GET", path, retries=retries), self.name, path)
+
+    async def debug_config(self, *, retries: int | None = None) -> dict[str, Any]:
+        """GET /debug/config, asked once per server connection (docs/design.md "The debug
+        protocol"): a server's modules, schemes and backends do not change while it runs, and a
+        restarted server gets a new client. A failure is raised, not remembered."""
+        async with self._debug_lock:
+            if self._debug_config is None:
+                data = await self.get_json("/debug/config", retries=retries)
+                if not isinstance(data, dict):
+                    raise UnreadableBody(
+                        f"{self.name}: /debug/config answered {type(data).__name__}, not an object"
+                    )
+                self._debug_config = data
+        return self._debug_config
 
     async def get_bytes(self, path: str, *, retries: int | None = None) -> bytes:
         """For GET /debug/quant/{module}: a safetensors body."""
@@ -203,7 +230,7 @@ class CompletionClient:
         data = await self.get_json("/v1/models")
         entries = data.get("data") if isinstance(data, dict) else None
         if not isinstance(entries, list):
-            raise ServerError(f"{self.name}: /v1/models answered without a 'data' list")
+            raise UnreadableBody(f"{self.name}: /v1/models answered without a 'data' list")
         return [str(e["id"]) for e in entries if isinstance(e, dict) and "id" in e]
 
     async def fingerprint(self, *, refresh: bool = False) -> dict:
@@ -221,7 +248,11 @@ class CompletionClient:
         fp: dict[str, Any] = {"name": self.name, "url": self.base_url, "models": await self.models()}
         for path in ("/version", "/debug/config"):
             try:
-                data = await self.get_json(path, retries=0)
+                data = await (
+                    self.debug_config(retries=0)
+                    if path == "/debug/config"
+                    else self.get_json(path, retries=0)
+                )
             except (RequestRejected, ServerError) as e:
                 log.debug("%s: %s not available (%s)", self.name, path, e)
                 continue
@@ -315,22 +346,22 @@ class CompletionClient:
                 message = self._scrub(_error_message(body))
                 if status not in _RETRY_STATUS and status < 500:
                     self._failures += 1
-                    rejected = RequestRejected(
+                    raise RequestRejected(
                         f"{self.name}: {method} {path} rejected with HTTP {status}: {message}",
+                        server=self.name,
                         status_code=status,
+                        reason=f"HTTP {status}: {message}",
                         body=_error_body(body, self._scrub),
                     )
-                    rejected.detail = f"HTTP {status}: {message}"  # type: ignore[attr-defined]
-                    raise rejected
                 reason, retry_after = f"HTTP {status}: {message}", headers.get("retry-after")
             if attempt >= budget:
                 self._failures += 1
-                failed = ServerError(
+                raise ServerError(
                     f"{self.name}: {method} {path} failed after {attempt + 1} attempt(s): {reason}",
+                    server=self.name,
                     status_code=status,
+                    reason=reason,
                 )
-                failed.detail = reason  # type: ignore[attr-defined]  # the server's words, no prefix
-                raise failed
             delay = self._delay(attempt, retry_after)
             attempt += 1
             self._retries += 1
@@ -372,16 +403,11 @@ class CompletionClient:
         return text.replace(self._api_key, "***") if self._api_key else text
 
 
-def _normalise_url(url: str) -> str:
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
 def _as_json(body: bytes, name: str, path: str) -> Any:
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ServerError(f"{name}: {path} answered a body that is not JSON: {body[:80]!r}") from e
+        raise UnreadableBody(f"{name}: {path} answered a body that is not JSON: {body[:80]!r}") from e
 
 
 def _error_message(body: bytes) -> str:

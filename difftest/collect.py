@@ -25,9 +25,9 @@ from typing import Any
 
 from difftest.client import CompletionClient
 from difftest.conformance import Capabilities
-from difftest.errors import DifftestError
+from difftest.errors import DifftestError, ServerError
 from difftest.prompts import Prompt
-from difftest.tokens_view import Position, TokensView, parse_choice
+from difftest.tokens_view import Position, TokensView, coverage_problem, parse_choice
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +97,37 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def first_choice(resp: Mapping[str, Any], server: str) -> tuple[Mapping[str, Any], TokensView]:
+    """`choices[0]` of a completions answer and its view; a ServerError naming `server` when the
+    answer has no usable choice (an empty list, a choice without text, a malformed block)."""
+    choices = resp.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise ServerError(f"{server}: /v1/completions answered without any choice")
+    choice = choices[0]
+    view = parse_choice(choice, server=server)
+    if not isinstance(choice.get("text"), str):
+        raise ServerError(f"{server}: /v1/completions answered a choice without text")
+    return choice, view
+
+
 async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, seed: int) -> Generation:
     if ep.caps.api == "chat":
         from difftest.chat import generate_chat
 
         return await generate_chat(ep, prompt, max_tokens=max_tokens, k=k, seed=seed)
     tokens = prompt.max_tokens if prompt.max_tokens is not None else max_tokens
+    payload = ep.payload(prompt.prompt, max_tokens=tokens, k=k, seed=seed)
     try:
-        resp = await ep.client.completions(ep.payload(prompt.prompt, max_tokens=tokens, k=k, seed=seed))
-        choice = resp["choices"][0]
-        view = parse_choice(choice)
+        resp = await ep.client.completions(payload)
+        choice, view = first_choice(resp, ep.name)
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
         log.debug("%s: generation for %s failed: %s", ep.name, prompt.id, exc)
         return Generation(None, TokensView(()), error=_error_text(exc))
-    return Generation(choice.get("text"), view, choice.get("finish_reason"))
+    if "logprobs" in payload:  # the positions must be the text's tokens, or nothing is judged on them
+        problem = coverage_problem(view, max_tokens=tokens, finish_reason=choice.get("finish_reason"))
+        if problem is not None:
+            return Generation(None, TokensView(()), error=f"{ep.name}: text and logprobs disagree: {problem}")
+    return Generation(choice["text"], view, choice.get("finish_reason"))
 
 
 async def generate_all(
@@ -144,7 +161,7 @@ async def prompt_token_ids(ep: Endpoint, text: str) -> list[int] | None:
                 return ids
         if ep.caps.token_id_strings and ep.caps.echo:
             resp = await ep.client.completions(ep.payload(text, max_tokens=0, k=0, seed=0, echo=True))
-            ids = parse_choice(resp["choices"][0]).token_ids
+            ids = first_choice(resp, ep.name)[1].token_ids
             return list(ids) if ids is not None else None
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
         log.debug("%s: tokenising a prompt failed: %s", ep.name, exc)
@@ -173,7 +190,7 @@ async def force(
         body = ep.payload(prompt.prompt + continuation.text, max_tokens=0, k=k, seed=0, echo=True)
     try:
         resp = await ep.client.completions(body)
-        view = parse_choice(resp["choices"][0])
+        view = first_choice(resp, ep.name)[1]
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
         return Forced(error=_error_text(exc))
     if len(view) < n:

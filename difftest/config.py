@@ -193,7 +193,8 @@ class _Ctx:
         line = self.locator.line(table, key)
         where = f"{self.path}:{line}" if line else str(self.path)
         label = _label(table)
-        return ConfigError(f"{where}: {label} {message}" if label else f"{where}: {message}")
+        text = f"{where}: {label} {message}" if label else f"{where}: {message}"
+        return ConfigError(text, path=self.path, line=line, key=key)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -300,7 +301,30 @@ def _server(
         raise ctx.error(where, exc.key, str(exc)) from None
     if spec.kind == "shim" and "debug" not in table:
         spec = dataclasses.replace(spec, debug=debug_default)
-    return resolve_paths(spec, base)
+    spec = resolve_paths(spec, base)
+    _check_launchable(ctx, where, spec, base)
+    return spec
+
+
+# The built-in shim's model presets (server_shim.models.PRESETS; that module imports torch, which
+# the differ never does: tests/test_config.py keeps the two lists equal).
+MODEL_PRESETS = ("smollm2-135m", "tiny-llama", "tiny-moe")
+
+
+def _check_launchable(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec, base: Path) -> None:
+    """Mistakes that used to surface only after servers were launched (exit 3, no config line)."""
+    if spec.kind == "shim" and spec.model not in MODEL_PRESETS and not Path(spec.model or "").exists():
+        raise ctx.error(
+            where, "model",
+            f"model {spec.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing "
+            f"file or folder (looked at {(base / (spec.model or '')).resolve()})",
+        )  # fmt: skip
+    if spec.kind == "command" and spec.port is None and "{port}" not in (spec.command or ""):
+        raise ctx.error(
+            where, "command",
+            "the command has no {port} placeholder: put {port} where the engine takes its port, "
+            "or set 'port' to the port it listens on",
+        )  # fmt: skip
 
 
 def _parse_target(

@@ -7,8 +7,8 @@ metrics read the logprobs a server gives for *echoed* tokens, and real servers h
 logprobs shifted by a position or computed on another path than generation. So we generate k tokens,
 echo prompt + those tokens with `max_tokens=0`, and trust echo only if the two sets of logprobs agree.
 
-`check_pair(ref, target)` (pair.py, re-exported here) compares the probe texts' tokenizations
-and vocabulary sizes of two servers: a mismatch is a ConformanceError (exit 2).
+Whether two servers can be compared at all is tokenizer_check.py's question; it reads the probe
+results and the status words defined here.
 """
 
 from __future__ import annotations
@@ -19,25 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from difftest.check_status import FAIL, NA, OK, WARN, first_diff, short
 from difftest.client import CompletionClient
-from difftest.errors import ConformanceError, RequestRejected, ServerError
-from difftest.pair import PairCheck, check_pair
-from difftest.tokens_view import TokensView, parse_choice
+from difftest.errors import ConformanceError, InfraError, RequestRejected, ServerError
+from difftest.tokens_view import TokensView, coverage_problem, nan_positions, parse_choice
 
-__all__ = [
-    "DEFAULT_PROBES",
-    "FAIL",
-    "NA",
-    "OK",
-    "WARN",
-    "WARNINGS",
-    "Capabilities",
-    "PairCheck",
-    "ProbeTokens",
-    "check_pair",
-    "probe",
-]
+# Status words of the conformance tables (probe's, and tokenizer_check's pair table).
+OK, WARN, FAIL, NA = "ok", "warn", "fail", "n/a"
 
 DEFAULT_PROBES: tuple[str, ...] = (
     "The quick brown fox jumps over the lazy dog.",  # plain ASCII: the echo alignment probe
@@ -144,6 +131,11 @@ class _Probe:
     fields: dict[str, Any] = field(default_factory=dict)
     checks: list[tuple[str, str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    last_error: Exception | None = None  # of the latest `ask` that failed
+
+    @property
+    def where(self) -> str:
+        return f"{self.client.name} ({self.client.base_url})"
 
     def check(self, name: str, status: str, detail: str, warning: str | None = None, **fmt: Any) -> None:
         """One table row; `warning` is a WARNINGS key, formatted with `fmt`."""
@@ -156,9 +148,22 @@ class _Probe:
         if self.fields.get("model"):
             payload = {"model": self.fields["model"]} | payload
         try:
-            return await self.client.completions(payload, use_cache=False, retries=retries), ""
+            resp = await self.client.completions(payload, use_cache=False, retries=retries)
         except (RequestRejected, ServerError) as e:
+            self.last_error = e
             return None, _why(e)
+        if not resp["choices"]:
+            self.last_error = ServerError(f"{self.client.name}: /v1/completions answered no choice")
+            return None, "answered an empty 'choices' list"
+        return resp, ""
+
+    def view(self, resp: dict) -> TokensView:
+        """choices[0] of an answer as a TokensView. A malformed logprobs block is not a missing
+        feature but a broken one: a ConformanceError that names the server."""
+        try:
+            return parse_choice(resp["choices"][0], server=self.client.name)
+        except ServerError as e:
+            raise ConformanceError(f"{self.where}: {str(e).removeprefix(self.client.name + ': ')}") from None
 
 
 async def probe(
@@ -205,10 +210,11 @@ async def _probe_models(p: _Probe) -> None:
 async def _probe_generation(p: _Probe, text: str) -> None:
     req = {"prompt": text, "max_tokens": 16, "temperature": 0}
     first, err = await p.ask(req, retries=p.client.max_retries)
-    choice = first["choices"][0] if first and first["choices"] else None
+    choice = first["choices"][0] if first else None
+    if first is None and isinstance(p.last_error, ServerError):  # 5xx, timeouts, resets, bad bodies
+        raise InfraError(f"{p.where} fails /v1/completions: {err}")
     if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
-        where = f"{p.client.name} ({p.client.base_url})"
-        raise ConformanceError(f"{where} cannot serve /v1/completions: {err or 'answer without text'}")
+        raise ConformanceError(f"{p.where} cannot serve /v1/completions: {err or 'answer without text'}")
     a = choice["text"]
     p.check("completions", OK, f"{len(a)} chars for max_tokens=16")
     second, err = await p.ask(req)
@@ -225,10 +231,15 @@ async def _probe_generation(p: _Probe, text: str) -> None:
 
 async def _probe_logprobs(p: _Probe, text: str) -> None:
     for k in LOGPROBS_TRIES:
-        resp, _ = await p.ask({"prompt": text, "max_tokens": 1, "temperature": 0, "logprobs": k})
+        req = {"prompt": text, "max_tokens": ECHO_GEN_TOKENS, "temperature": 0, "logprobs": k}
+        resp, _ = await p.ask(req)
         if resp is None:
             continue
-        view = parse_choice(resp["choices"][0])
+        if resp["choices"][0].get("logprobs") is None:  # the parameter ignored: not served
+            continue
+        view = p.view(resp)
+        # a block was sent: it must be the text's tokens (an empty one is not a polite "no")
+        _check_logprobs_are_the_text(p, view, resp["choices"][0].get("finish_reason"))
         cap = min(k, view.top_k)  # a server may accept k and silently send fewer
         if cap:
             p.fields |= {"logprobs_cap": cap, "top_logprobs_keys": view.top_keys}
@@ -251,7 +262,7 @@ async def _probe_token_ids(p: _Probe, text: str) -> None:
             "return_tokens_as_token_ids": True,
         }
         resp, err = await p.ask(req)
-        view = parse_choice(resp["choices"][0]) if resp else None
+        view = p.view(resp) if resp else None
         if view is not None and len(view) and view.has_ids:
             f |= {
                 "token_id_strings": True,
@@ -292,7 +303,7 @@ async def _probe_echo(p: _Probe, text: str) -> None:
         return
     p.fields["echo"] = True
     choice = resp["choices"][0]
-    view = parse_choice(choice)
+    view = p.view(resp)
     echoed = choice.get("text")
     if isinstance(echoed, str) and echoed.startswith(text) and len(echoed) > len(text):
         # a server that reads max_tokens=0 as "no limit": not a tokenizer difference, a quirk
@@ -309,6 +320,13 @@ async def _probe_echo(p: _Probe, text: str) -> None:
             "echo", WARN, f"echo returns {len(view)} tokens, none with a logprob", "echo_no_prompt_logprobs"
         )
         return
+    _check_no_nan(p, view, "echo")
+    joined = "".join(view.tokens)
+    if not view.has_ids and len(joined) < len(text) and text.startswith(joined):  # a part, not a shift
+        raise ConformanceError(
+            f"{p.where}: echoed text and logprobs disagree: the {len(view)} logprob tokens cover "
+            f"{len(joined)} of the {len(text)} characters of the prompt"
+        )
     p.fields["echo_logprobs"] = True
     p.check("echo", OK, f"max_tokens=0 echo, {len(view)} prompt tokens with logprobs")
     problems = _alignment_problems(view, text, choice.get("text"), p.fields.get("_ids0"))
@@ -317,6 +335,24 @@ async def _probe_echo(p: _Probe, text: str) -> None:
         p.check("echo aligned", WARN, "; ".join(problems), "echo_misaligned")
     else:
         p.check("echo aligned", OK, "tokens re-form the prompt")
+
+
+def _check_logprobs_are_the_text(p: _Probe, view: TokensView, finish_reason: Any) -> None:
+    """Logprobs that are not the generated text's tokens, or NaN, stop the run (exit 2): judging
+    what a server chose to show, or switching teacher forcing off for it, is a false PASS."""
+    problem = coverage_problem(view, max_tokens=ECHO_GEN_TOKENS, finish_reason=finish_reason)
+    if problem is not None:
+        raise ConformanceError(f"{p.where}: text and logprobs disagree: {problem}")
+    _check_no_nan(p, view, "generation")
+
+
+def _check_no_nan(p: _Probe, view: TokensView, what: str) -> None:
+    bad = nan_positions(view)
+    if bad:
+        raise ConformanceError(
+            f"{p.where}: NaN logprobs in its {what} (positions {short(str(bad), 40)}); "
+            "NaN always fails: a broken kernel, nothing it serves can be judged"
+        )
 
 
 def _alignment_problems(view: TokensView, text: str, echoed_text: Any, ids: list[int] | None) -> list[str]:
@@ -375,11 +411,12 @@ async def _probe_echo_consistency(p: _Probe, text: str) -> None:
     if gen is None:
         p.check(name, WARN, err, "echo_unverified", why="generation with logprobs failed")
         return
-    g = parse_choice(gen["choices"][0])
+    g = p.view(gen)
+    _check_no_nan(p, g, "generation")
     prompt_ids = f.get("_ids0")
     if prompt_ids is None and f["token_id_strings"]:
         echo0, _ = await p.ask({"prompt": text} | echo_req)
-        prompt_ids = list(parse_choice(echo0["choices"][0]).token_ids or ()) if echo0 else None
+        prompt_ids = list(p.view(echo0).token_ids or ()) if echo0 else None
     if f.get("int_prompts") and prompt_ids and g.has_ids:
         prompt: Any = list(prompt_ids) + list(g.token_ids or ())
         how = "token ids"
@@ -389,7 +426,8 @@ async def _probe_echo_consistency(p: _Probe, text: str) -> None:
     if echo is None:
         p.check(name, WARN, err, "echo_unverified", why="echo of the continuation failed")
         return
-    e = parse_choice(echo["choices"][0])[-len(g) :] if len(g) else TokensView(())
+    e = p.view(echo)[-len(g) :] if len(g) else TokensView(())
+    _check_no_nan(p, e, "echo")
     same = e.token_ids == g.token_ids if (e.has_ids and g.has_ids) else e.tokens == g.tokens
     if not len(g) or not same:
         detail = f"echoed {how} does not re-form the generated tokens"
@@ -426,7 +464,7 @@ async def _probe_tokenizations(
         if f.get("echo_logprobs"):
             as_ids = {"return_tokens_as_token_ids": True} if f["token_id_strings"] and ids is None else {}
             resp, err = await p.ask({"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1} | as_ids)
-            view = parse_choice(resp["choices"][0]) if resp else None
+            view = p.view(resp) if resp else None
             if view is not None and f.get("_echo_continues"):
                 view = _prompt_part(view, text)
             if view is None:
@@ -460,12 +498,11 @@ async def _probe_tokenizations(
 
 async def _probe_debug(p: _Probe) -> None:
     try:  # one retry: some servers (transformers serve) drop the keep-alive connection after a 500
-        cfg = await p.client.get_json("/debug/config", retries=1)
+        cfg = await p.client.debug_config(retries=1)
     except (RequestRejected, ServerError) as e:
         p.fields |= {"debug": False, "vocab_size": None}
         p.check("debug protocol", WARN, _why(e), "no_debug")
         return
-    cfg = cfg if isinstance(cfg, dict) else {}
     vocab = cfg.get("vocab_size")
     p.fields |= {"debug": True, "vocab_size": vocab if isinstance(vocab, int) else None}
     detail = ", ".join(f"{k}={cfg[k]}" for k in ("model", "dtype", "device") if k in cfg)
@@ -486,6 +523,15 @@ async def _tokenize(client: CompletionClient, text: str) -> tuple[list[int] | No
     return None, err
 
 
-def _why(e: Exception) -> str:
+def _why(e: RequestRejected | ServerError) -> str:
     """The server's own words ("HTTP 400: echo is not supported"), without the client's prefix."""
-    return short(str(getattr(e, "detail", e)))
+    return short(e.reason)
+
+
+def first_diff(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Index of the first differing element; the shorter length when one is a prefix of the other."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def short(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."

@@ -1,52 +1,132 @@
-"""Typed errors of the differ, each mapped to an exit code (DESIGN.md "Verdict").
+"""Every error the differ raises, one tree; each branch carries its exit code
+(docs/design.md "Errors and exit codes").
 
-    DifftestError                   base
-    ├── UsageError          (2)     bad CLI arguments, bad config, bad prompts file
-    │   └── ConfigError     (2)     a TOML key / type problem, naming the key and line
-    ├── ConformanceError    (2)     the servers cannot be compared (tokenizers differ, no completions)
-    └── InfraError          (3)     a server died, timed out, or the error rate passed the limit
-        └── ServerError     (3)     one request failed for reasons on the server's side
+    DifftestError                       base                                            exit
+    ├── UsageError                      the input is wrong: arguments, files, prompts     2
+    │   ├── ConfigError                 a config key / type / value (.path .line .key)     2
+    │   ├── NoiseFloorError             a noise-floor file that is not one; NaN in an A/A  2
+    │   └── CacheMiss                   offline, and the response cache lacks an answer    2
+    ├── ConformanceError                the servers cannot be compared (tokenizers differ,  2
+    │                                   no completions, no debug protocol where required)
+    ├── RequestRejected                 a server refused a request: HTTP 4xx, not retried  2
+    │                                   (.server .status_code .reason .body)
+    └── InfraError                      a server died, failed to start, or too many        3
+        │                               requests failed
+        └── ServerError                 one request failed on the server's side after its  3
+            │                           retries: 5xx, timeout, lost connection
+            │                           (.server .status_code .reason)
+            └── UnreadableBody          an answer the differ cannot parse (not JSON, not    3
+                                        a safetensors body it can read)
 
-A verdict failure is not an exception: it is exit code 1 from `main()`.
+A verdict failure is not an exception: `main()` returns 1 for it.
+
+Errors raised by the launcher (`server_shim.launch`) are not in this tree — the server package
+never imports the differ — and `exit_code_for` maps them: a server spec that cannot be right
+(`SpecError`, e.g. a `command` without `{port}`) is a config mistake (2), any other error of the
+server package (`LaunchError`: a server failed to start or died) is infrastructure (3).
+
+Attributes hold the facts a caller needs (`reason` is the server's own words, without the
+"name: GET /path failed" prefix of the message); nothing is attached after construction.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+USAGE = 2
+INFRA = 3
+
 
 class DifftestError(Exception):
-    exit_code = 2
+    """Base class; the message is shown to the user as is, on one line."""
+
+    exit_code: int = USAGE
 
 
 class UsageError(DifftestError):
-    exit_code = 2
+    """Bad arguments, a file that is missing or malformed, bad prompts."""
+
+    exit_code = USAGE
 
 
 class ConfigError(UsageError):
-    pass
+    """A config mistake. `path`, `line` and `key` locate it when known (the message says it too)."""
+
+    def __init__(
+        self, message: str, *, path: Path | str | None = None, line: int | None = None, key: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line
+        self.key = key
+
+
+class NoiseFloorError(UsageError):
+    """A floor that cannot be used: not a noise-floor file, or NaN in an A/A comparison."""
+
+
+class CacheMiss(UsageError):
+    """An offline run needed a response (or fingerprint) that the cache does not hold."""
 
 
 class ConformanceError(DifftestError):
-    exit_code = 2
+    """The servers cannot be compared, or one of them cannot do what the command needs."""
 
-
-class InfraError(DifftestError):
-    exit_code = 3
-
-
-class ServerError(InfraError):
-    """A request that failed on the server's side (5xx, connection lost, timeout, bad body)."""
-
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
+    exit_code = USAGE
 
 
 class RequestRejected(DifftestError):
-    """The server answered 4xx: the request itself was refused (not retried)."""
+    """A server answered 4xx: the request itself was refused (never retried)."""
 
-    exit_code = 2
+    exit_code = USAGE
 
-    def __init__(self, message: str, *, status_code: int, body: dict | None = None) -> None:
+    def __init__(
+        self, message: str, *, server: str, status_code: int, reason: str, body: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
+        self.server = server
         self.status_code = status_code
+        self.reason = reason  # "HTTP 400: echo is not supported"
         self.body = body or {}
+
+
+class InfraError(DifftestError):
+    """A server died or failed to start, or the failed-request rate passed the limit."""
+
+    exit_code = INFRA
+
+
+class ServerError(InfraError):
+    """A request that failed on the server's side (5xx, connection lost, timeout) after retries."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        server: str | None = None,
+        status_code: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.server = server
+        self.status_code = status_code
+        self.reason = reason if reason is not None else message
+
+
+class UnreadableBody(ServerError):
+    """A server's answer that the differ cannot parse: not JSON, or not a readable safetensors body."""
+
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The exit code of an error `main()` reports in one line, or None for a bug (a traceback)."""
+    if isinstance(exc, DifftestError):
+        return exc.exit_code
+    from server_shim.errors import ShimError
+    from server_shim.launch_spec import SpecError
+
+    if isinstance(exc, SpecError):
+        return USAGE
+    if isinstance(exc, ShimError):  # LaunchError: a server failed to start or died
+        return INFRA
+    return None

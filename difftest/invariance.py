@@ -148,7 +148,9 @@ async def check_batch_slots(
         return ep.payload(prompt, max_tokens=max_tokens, k=k, seed=0)
 
     try:
-        alone = parse_choice((await ep.client.completions(body(probe.prompt), use_cache=False))["choices"][0])
+        alone = parse_choice(
+            (await ep.client.completions(body(probe.prompt), use_cache=False))["choices"][0], server=ep.name
+        )
     except (DifftestError, KeyError, IndexError) as exc:
         result.skipped = f"the probe prompt alone failed: {exc}"
         return result
@@ -159,7 +161,10 @@ async def check_batch_slots(
         for slot in (1, 3):
             result.slots.append(
                 compare_views(
-                    alone, parse_choice(choices[slot]), f"batch slot {slot} of {len(batch)}", tolerance
+                    alone,
+                    parse_choice(choices[slot], server=ep.name),
+                    f"batch slot {slot} of {len(batch)}",
+                    tolerance,
                 )
             )
     except (DifftestError, KeyError, IndexError) as exc:
@@ -174,6 +179,11 @@ async def check_batch_slots(
             result.slots.append(SlotResult(f"concurrent request {i}", False, None, 0.0, error=str(ans)))
             continue
         result.slots.append(
-            compare_views(alone, parse_choice(ans["choices"][0]), f"concurrent request {i} of 4", tolerance)
+            compare_views(
+                alone,
+                parse_choice(ans["choices"][0], server=ep.name),
+                f"concurrent request {i} of 4",
+                tolerance,
+            )
         )
     return result

@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from difftest.layer_points import LayerThresholds
-from difftest.layers import layer_verdict
 from difftest.metrics.aggregate import classify_prompts
 from difftest.noise import NoiseFloor
 from difftest.null import (
@@ -35,6 +33,9 @@ from difftest.null import (
 )
 from difftest.results import PartVerdict, RunResult, TargetResult
 from difftest.verdict import budget_for, judge_target
+from difftest.whitebox.activations import LayerThresholds
+from difftest.whitebox.layers import layer_verdict
+from difftest.whitebox.localise import localisation_line
 
 CARRIED_PARTS = ("invariance",)  # judged when measured (batch placements), carried on re-judge
 
@@ -114,9 +115,7 @@ def judge_one(
         overrides,
         skipped=skipped,
     )
-    localisation = next(
-        (d.summary for d in target.layers if d.guilty_module or d.first_divergent_layer is not None), None
-    )
+    localisation = localisation_line(target.layers)
     if localisation is None and old is not None:
         localisation = old.localisation
     if localisation:

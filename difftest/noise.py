@@ -19,16 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from difftest.errors import DifftestError
+from difftest.errors import NoiseFloorError
 from difftest.metrics.tokens import top_margin
 from difftest.results import Comparison, LayerDiff
 
 SCHEMA = "difftest-noise-floor"
 VERSION = 1
-
-
-class NoiseFloorError(DifftestError):
-    """A floor that cannot be used: NaN in an A/A run, or a file that is not a floor (exit 2)."""
 
 
 @dataclass(frozen=True)

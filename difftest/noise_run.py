@@ -16,17 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig
-from difftest.conformance import probe
 from difftest.noise import NoiseFloor, floor_from_comparisons
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import Comparison
-from difftest.runner import _api_key
 from difftest.scoring import build_comparison
+from difftest.session import ClientOptions, Session
 from difftest.verdict import tie_margin_for
-from server_shim.launch import RunningServer, launch_servers
+from server_shim.launch import launch_servers
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +35,21 @@ class _Pass:
     forced: dict[str, Forced]  # pass A's continuations echoed into this pass's server
 
 
-async def _one_pass(
-    srv: RunningServer, cfg: RunConfig, prompts: Sequence[Prompt], concurrency: int, base: _Pass | None
-) -> _Pass:
-    client = CompletionClient(
-        srv.url, name=srv.name, api_key=_api_key(srv.spec), timeout_s=cfg.run.request_timeout_s,
-        max_retries=cfg.run.max_retries, concurrency=concurrency,
-    )  # fmt: skip
-    async with client:
-        ep = Endpoint(srv.name, client, await probe(client))
-        k = cfg.run.logprobs
-        gens = await generate_all(ep, prompts, max_tokens=cfg.run.max_tokens, k=k, seed=cfg.run.seed)
-        source = base.gens if base is not None else gens
-        as_ids = bool(ep.caps.int_prompts) and ep.caps.token_id_strings
-        forced = await force_all(
-            ep, prompts, source, k=k, as_ids=as_ids, prompt_ids=lambda p: prompt_token_ids(ep, p.prompt)
-        )
-        return _Pass(gens, forced)
+async def _one_pass(ep: Endpoint, cfg: RunConfig, prompts: Sequence[Prompt], base: _Pass | None) -> _Pass:
+    k = cfg.run.logprobs
+    gens = await generate_all(ep, prompts, max_tokens=cfg.run.max_tokens, k=k, seed=cfg.run.seed)
+    source = base.gens if base is not None else gens
+    as_ids = bool(ep.caps.int_prompts) and ep.caps.token_id_strings
+    forced = await force_all(
+        ep, prompts, source, k=k, as_ids=as_ids, prompt_ids=lambda p: prompt_token_ids(ep, p.prompt)
+    )
+    return _Pass(gens, forced)
+
+
+async def _serial_pass(ep: Endpoint, cfg: RunConfig, prompts: Sequence[Prompt], base: _Pass) -> _Pass:
+    """The same server asked one request at a time (a sibling client: probed once, not again)."""
+    async with ep.client.sibling(name=f"{ep.name}@serial", concurrency=1) as client:
+        return await _one_pass(Endpoint(ep.name, client, ep.caps), cfg, prompts, base)
 
 
 def _compare(name: str, a: _Pass, b: _Pass, prompts: Sequence[Prompt], cfg: RunConfig) -> Comparison:
@@ -63,28 +59,40 @@ def _compare(name: str, a: _Pass, b: _Pass, prompts: Sequence[Prompt], cfg: RunC
     )  # fmt: skip
 
 
+async def _first_server(
+    session: Session, cfg: RunConfig, prompts: Sequence[Prompt]
+) -> tuple[_Pass, list[Comparison], list[str]]:
+    """Pass A, then its repeat and (at another concurrency) a serial pass, on one probed server."""
+    j = cfg.run.concurrency
+    async with session:
+        ep = session[cfg.reference.name]
+        a = await _one_pass(ep, cfg, prompts, None)
+        comps = [_compare("repeat", a, await _one_pass(ep, cfg, prompts, a), prompts, cfg)]
+        how = [f"repeat at concurrency {j}"]
+        if j != 1:
+            comps.append(_compare("concurrency-1", a, await _serial_pass(ep, cfg, prompts, a), prompts, cfg))
+            how.append(f"concurrency 1 vs {j}")
+    return a, comps, how
+
+
+async def _restarted(session: Session, cfg: RunConfig, prompts: Sequence[Prompt], a: _Pass) -> Comparison:
+    async with session:
+        return _compare(
+            "restart", a, await _one_pass(session[cfg.reference.name], cfg, prompts, a), prompts, cfg
+        )
+
+
 def measure_noise(cfg: RunConfig, *, limit: int | None, restart: bool, log_dir: Path) -> NoiseFloor:
     prompts = load_prompts(cfg.run.prompts, limit=limit if limit is not None else cfg.run.limit)
     spec = cfg.reference
-    j = cfg.run.concurrency
-    comps: list[Comparison] = []
-    how: list[str] = []
+    # nothing is cached: the point is to ask the server again
+    options = ClientOptions(
+        timeout_s=cfg.run.request_timeout_s, max_retries=cfg.run.max_retries, concurrency=cfg.run.concurrency
+    )
     with launch_servers([spec], log_dir=log_dir) as running:
-        srv = running[spec.name]
-        a = asyncio.run(_one_pass(srv, cfg, prompts, j, None))
-        comps.append(_compare("repeat", a, asyncio.run(_one_pass(srv, cfg, prompts, j, a)), prompts, cfg))
-        how.append(f"repeat at concurrency {j}")
-        if j != 1:
-            comps.append(
-                _compare("concurrency-1", a, asyncio.run(_one_pass(srv, cfg, prompts, 1, a)), prompts, cfg)
-            )
-            how.append(f"concurrency 1 vs {j}")
-    if restart and spec.url is None:
+        a, comps, how = asyncio.run(_first_server(Session.of_running(running, options), cfg, prompts))
+    if restart and spec.url is None:  # a fresh process: a new session, probed again
         with launch_servers([spec], log_dir=log_dir / "restart") as running:
-            comps.append(
-                _compare(
-                    "restart", a, asyncio.run(_one_pass(running[spec.name], cfg, prompts, j, a)), prompts, cfg
-                )
-            )
+            comps.append(asyncio.run(_restarted(Session.of_running(running, options), cfg, prompts, a)))
             how.append("after a restart")
     return floor_from_comparisons(comps, reference=spec.name, how=how)

@@ -6,8 +6,8 @@ quantized model each difference can flip an activation's rounding and grow downs
 must therefore come from a measurement of that effect *on this model, scheme, dtype and device*:
 
 - **twin** (preferred; built-in goldens): the golden's rounding twin — the same server with every
-  linear / MoE output perturbed by `module_tolerance(dtype)` (server_shim.twin) — compared with the
-  golden like any target. Its black-box statistics and its per-layer errors are the null.
+  linear / MoE output perturbed by `module_tolerance(dtype, K)` (server_shim.twin, .tolerance) —
+  compared with the golden like any target. Its black-box statistics and its per-layer errors are the null.
 - **floor file** (`[run] noise_floor`, from `difftest noise`): the reference against itself at
   other concurrencies / after a restart. Shows batch noise; blind to a kernel that rounds
   differently but deterministically, so limits from it can be too tight on a GPU.
@@ -19,7 +19,7 @@ Limits are the null's upper 95% bound (its bootstrap interval; p99 for kl_p99; t
 residual-stream point for layers) times `margin`, never under an absolute minimum. A limit wider
 than what a broken target would pass (`UNINFORMATIVE`) is reported as not informative: the check
 is shown but decides nothing, and the verdict rests on what still informs (module replay above
-all, whose bound is 2 x module_tolerance: the same one number that sizes the twin).
+all, whose bound is 2 x the module tolerance that sizes the twin, floored for quantization flips).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 
 from difftest.noise import NoiseFloor
 from difftest.results import Comparison, LayerDiff
-from server_shim.tolerance import module_tolerance
+from server_shim import tolerance
 
 MARGIN = 3.0
 
@@ -60,7 +60,6 @@ UNINFORMATIVE = {
     "slot_logprob_max_diff": ("<=", 1.0),
 }
 
-REPLAY_FACTOR = 2.0  # module replay bound = REPLAY_FACTOR x module_tolerance(dtype)
 TIE_QUANTILE = 90.0  # the TIE margin: this percentile of the null's own divergence margins
 
 
@@ -182,13 +181,16 @@ def null_from_floor(floor: NoiseFloor, *, in_run: bool = False) -> NullModel:
 
 
 def replay_bound(dtype: str | None) -> tuple[float, str]:
-    """Module replay bound: REPLAY_FACTOR x the per-module tolerance of the compute dtype."""
+    """Module replay bound of the compute dtype (server_shim.tolerance.replay_bound), with its note."""
     name = dtype or "float32"
     try:
-        tol = module_tolerance(name)
+        bound = tolerance.replay_bound(name)
     except ValueError:
-        name, tol = "float32", module_tolerance("float32")
-    return REPLAY_FACTOR * tol, f"{REPLAY_FACTOR:g} x module tolerance {tol:.3g} ({name})"
+        name, bound = "float32", tolerance.replay_bound("float32")
+    return bound, (
+        f"module replay bound {bound:.3g} ({name}: max(2 x module tolerance {tolerance.module_tolerance(name):.3g}, "
+        f"{tolerance.REPLAY_FLOOR:g}))"
+    )
 
 
 def tie_margin(null: NullModel, overrides: Mapping[str, float] = {}) -> tuple[float, str]:

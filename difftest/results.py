@@ -168,6 +168,7 @@ class PromptDiff:
     prompt_id: str
     prompt: str
     error: str | None = None  # a failed request: counted, shown, never dropped from denominators
+    tags: list[str] = field(default_factory=list)  # the prompt file's `tags` (per-tag breakdown)
     # free-running greedy generation
     ref_text: str | None = None
     tgt_text: str | None = None

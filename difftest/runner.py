@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,17 +29,21 @@ from difftest.cache import ResponseCache
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig
-from difftest.conformance import check_pair, probe
-from difftest.errors import DifftestError, InfraError
+from difftest.conformance import probe
+from difftest.errors import DifftestError
 from difftest.judge import judge_one
 from difftest.noise import NoiseFloor
+from difftest.preflight import check_running
 from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import LayerDiff, PartVerdict, PromptDiff, RunResult, TargetResult
 from difftest.scoring import finish_comparison, score_prompts
+from difftest.session import cache_identity
 from difftest.signature import run_signature
-from server_shim.launch import RunningServer, ServerSpec, launch_servers
-from server_shim.tolerance import UNIT_ROUNDOFF, module_tolerance
+from difftest.tokenizer_check import check_pair
+from difftest.whitebox.activations import LayerThresholds, compare_points, fetch_activations
+from difftest.whitebox.localise import localise_target
+from server_shim.launch import RunningServer, api_key_of, launch_servers
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +87,6 @@ def _phase(name: str, since: float) -> float:
     return now
 
 
-def cache_identity(spec: ServerSpec) -> dict[str, Any]:
-    """What identifies a server's answers across runs: its spec without the (random) port."""
-    data = dataclasses.asdict(spec)
-    data.pop("port", None)
-    data.pop("startup_timeout_s", None)
-    if spec.url is None:
-        data.pop("url", None)
-    return data
-
-
-def _api_key(spec: ServerSpec) -> str | None:
-    return os.environ.get(spec.api_key_env) if spec.api_key_env else None
-
-
 async def _connect(
     running: Mapping[str, RunningServer],
     cfg: RunConfig,
@@ -110,7 +99,7 @@ async def _connect(
         name: CompletionClient(
             srv.url,
             name=name,
-            api_key=_api_key(srv.spec),
+            api_key=api_key_of(srv.spec),
             timeout_s=cfg.run.request_timeout_s,
             max_retries=cfg.run.max_retries,
             concurrency=concurrency,
@@ -389,30 +378,21 @@ async def _whitebox(
                 "white-box requested but not every side serves the debug protocol"
             )
         return parts
-    from difftest.layer_points import LayerThresholds
-    from difftest.layers import localise
     from difftest.null import replay_bound
-    from difftest.quantcheck import audit_module
 
-    probe_prompt = prompts[0].prompt
-    diffs = []
-    if gold is not None:
-        bound, _ = replay_bound(result.dtype)
-        th = LayerThresholds(exact_local_rel_err=bound)
-        diffs.append(await localise(gold, tgt, probe_prompt, kind="exactness", thresholds=th))
-    diffs.append(await localise(ref, tgt, probe_prompt, kind="accuracy"))
-    result.layers.extend(diffs)  # judged with the rest (difftest.judge)
-    # `run` audits the modules localisation blamed; `difftest quant` audits every module
-    for module in dict.fromkeys(d.guilty_module for d in diffs if d.guilty_module):
-        result.audit.append(await audit_module(tgt, ref, module))
+    # exactness: a module replayed on the golden's input may differ by the dtype's replay bound
+    bound, _ = replay_bound(result.dtype)
+    th = LayerThresholds(exact_local_rel_err=bound)
+    # layer diffs vs golden and reference; each module they blame is audited once
+    found = await localise_target(tgt, prompt=prompts[0].prompt, golden=gold, reference=ref, thresholds=th)
+    result.layers.extend(found.diffs)  # judged with the rest (difftest.judge)
+    result.audit.extend(found.audit)
     return parts
 
 
 async def _null_layers(gold: Endpoint, twin: Endpoint, prompt: str) -> LayerDiff | None:
     """The twin's per-point error against its golden on the white-box prompt: what accumulated
     residual-stream error a correct kernel's worth of noise reaches (no replay needed)."""
-    from difftest.layer_points import LayerThresholds, compare_points, fetch_activations
-
     if not (gold.caps.debug and twin.caps.debug):
         return None
     req = {"logits": True, "decode_steps": 2}
@@ -437,6 +417,16 @@ async def _served_scheme(ep: Endpoint) -> str | None:
     cfg = fp.get("debug_config") or {}
     scheme = cfg.get("scheme") or cfg.get("quant")
     return scheme if scheme in DEFAULT_BUDGETS else None
+
+
+async def _twin_noise(ep: Endpoint) -> float | None:
+    """The largest per-module noise amplitude a rounding twin reports in /debug/config."""
+    try:
+        cfg = await ep.client.get_json("/debug/config")
+    except DifftestError:
+        return None
+    value = cfg.get("rounding_noise") if isinstance(cfg, dict) else None
+    return float(value) if isinstance(value, int | float) else None
 
 
 async def _dtype(ep: Endpoint) -> str | None:
@@ -516,10 +506,9 @@ async def run_async(
         twins = {
             t.twin.name: t.golden.name for t in cfg.targets if t.twin is not None and t.golden is not None
         }
-        for twin, golden in twins.items():
+        for twin in twins:
             null = comps[("null", twin)]
-            dtype = await _dtype(eps[golden])
-            null.module_noise = module_tolerance(dtype) if dtype in UNIT_ROUNDOFF else None
+            null.module_noise = await _twin_noise(eps[twin])
             run.nulls.append(null)
         if cfg.run.whitebox != "off" and prompts:
             found = await asyncio.gather(
@@ -594,12 +583,7 @@ def infra_problems(run: RunResult, cfg: RunConfig, running: Mapping[str, Running
     return problems
 
 
-def execute(
-    cfg: RunConfig,
-    opts: RunOptions,
-    *,
-    on_result: Callable[[RunResult, list[str]], None] | None = None,
-) -> tuple[RunResult, list[str]]:
+def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
     """Run end to end; returns the result and the infrastructure problems (exit 3 if any)."""
     out = opts.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -619,6 +603,7 @@ def execute(
         prompts = load_prompts(cfg.run.prompts, limit=limit)
     if opts.baseline is not None:
         opts.baseline.check(run_settings(cfg.run), prompts)
+    check_running(specs, request_timeout_s=cfg.run.request_timeout_s)  # seconds, not 600 s
     cache = ResponseCache(cache_path)
     try:
         with launch_servers(specs, log_dir=out / "logs") as running:
@@ -627,11 +612,4 @@ def execute(
     finally:
         cache.close()
     run.warnings.extend(problems)
-    if on_result:
-        on_result(run, problems)
     return run, problems
-
-
-def raise_for_problems(problems: Sequence[str]) -> None:
-    if problems:
-        raise InfraError("; ".join(problems))

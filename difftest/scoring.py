@@ -34,7 +34,7 @@ def score_prompt(
     tie_margin: float | None = None,
     k: int | None,
 ) -> PromptDiff:
-    diff = PromptDiff(prompt_id=prompt.id, prompt=prompt.prompt)
+    diff = PromptDiff(prompt_id=prompt.id, prompt=prompt.prompt, tags=list(prompt.tags))
     errors = [f"baseline: {ref.error}" if ref.error else None, f"target: {tgt.error}" if tgt.error else None]
     if any(errors):
         diff.error = "; ".join(e for e in errors if e)

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from difftest.errors import ServerError
+from difftest.errors import UnreadableBody
 
 _TOKEN_ID = re.compile(r"token_id:(-?\d+)")
 
@@ -101,19 +101,29 @@ class TokensView:
         return tuple(self.text[a:b] for a, b in zip(offs, ends, strict=True))  # type: ignore[misc]
 
 
-def parse_choice(choice: Mapping[str, Any]) -> TokensView:
-    """The view of one `choices[i]` of a completions response (empty when it has no logprobs)."""
-    if not isinstance(choice, Mapping):
-        raise ServerError(f"malformed completion choice: expected an object, got {type(choice).__name__}")
-    text = choice.get("text")
-    return parse_logprobs(choice.get("logprobs"), text=text if isinstance(text, str) else None)
+def parse_choice(choice: Mapping[str, Any], *, server: str | None = None) -> TokensView:
+    """The view of one `choices[i]` of a completions response (empty when it has no logprobs).
+
+    `server` names the server in the error of a malformed block: with five servers in a run,
+    "malformed logprobs block" alone does not say whose bug it is."""
+    try:
+        if not isinstance(choice, Mapping):
+            raise UnreadableBody(
+                f"malformed completion choice: expected an object, got {type(choice).__name__}"
+            )
+        text = choice.get("text")
+        return parse_logprobs(choice.get("logprobs"), text=text if isinstance(text, str) else None)
+    except UnreadableBody as exc:
+        if server is None:
+            raise
+        raise UnreadableBody(f"{server}: {exc}", server=server) from None
 
 
 def parse_logprobs(block: Mapping[str, Any] | None, *, text: str | None = None) -> TokensView:
     if block is None:
         return TokensView((), text)
     if not isinstance(block, Mapping):
-        raise ServerError(f"malformed logprobs block: expected an object, got {type(block).__name__}")
+        raise UnreadableBody(f"malformed logprobs block: expected an object, got {type(block).__name__}")
     tokens = _list(block, "tokens")
     n = len(tokens)
     lps = _list(block, "token_logprobs", n)
@@ -122,7 +132,9 @@ def parse_logprobs(block: Mapping[str, Any] | None, *, text: str | None = None) 
     positions = []
     for i, tok in enumerate(tokens):
         if not isinstance(tok, str):
-            raise ServerError(f"malformed logprobs block: tokens[{i}] is {type(tok).__name__}, not a string")
+            raise UnreadableBody(
+                f"malformed logprobs block: tokens[{i}] is {type(tok).__name__}, not a string"
+            )
         off = offsets[i]
         positions.append(
             Position(
@@ -136,14 +148,52 @@ def parse_logprobs(block: Mapping[str, Any] | None, *, text: str | None = None) 
     return TokensView(tuple(positions), text)
 
 
+def coverage_problem(
+    view: TokensView, *, max_tokens: int | None = None, finish_reason: str | None = None
+) -> str | None:
+    """Why the logprob positions of a *generation* (no echo) cannot be the tokens of its text;
+    None when nothing shows they disagree.
+
+    A server whose logprobs cover part of its text gets judged on the part it chose to show:
+    token match on half a continuation, teacher forcing quietly switched off, a false PASS
+    (issue 10). Three signs, each certain for greedy decoding without stop strings:
+    - text but no positions at all;
+    - `finish_reason == "length"` means exactly `max_tokens` tokens were generated, so that is how
+      many positions there must be;
+    - token strings (not ids) that join to a strict prefix of the text (the rest has no logprobs).
+    Token strings that do not join to the text at all (byte pieces, "▁" markers) prove nothing:
+    conformance's echo alignment check deals with those.
+    """
+    text = view.text
+    n = len(view)
+    if n == 0:
+        return f"no logprob tokens for {len(text)} characters of text" if text else None
+    if finish_reason == "length" and max_tokens is not None and n != max_tokens:
+        return f'{n} logprob tokens for max_tokens={max_tokens} with finish_reason "length"'
+    if text is not None and not view.has_ids:
+        joined = "".join(view.tokens)
+        if len(joined) < len(text) and text.startswith(joined):
+            return f"the {n} logprob tokens cover {len(joined)} of the {len(text)} characters of text"
+    return None
+
+
+def nan_positions(view: TokensView) -> list[int]:
+    """Positions whose logprob or any top alternative is NaN (a broken kernel, never noise)."""
+    return [
+        i
+        for i, p in enumerate(view.positions)
+        if (p.logprob is not None and math.isnan(p.logprob)) or any(math.isnan(v) for v in p.top.values())
+    ]
+
+
 def _list(block: Mapping[str, Any], key: str, n: int | None = None) -> Sequence[Any]:
     value = block.get(key)
     if value is None:
         return [] if n is None else [None] * n
     if not isinstance(value, list):
-        raise ServerError(f"malformed logprobs block: {key} is {type(value).__name__}, not a list")
+        raise UnreadableBody(f"malformed logprobs block: {key} is {type(value).__name__}, not a list")
     if n is not None and len(value) != n:
-        raise ServerError(f"malformed logprobs block: {key} has {len(value)} entries for {n} tokens")
+        raise UnreadableBody(f"malformed logprobs block: {key} has {len(value)} entries for {n} tokens")
     return value
 
 
@@ -151,7 +201,7 @@ def _num(value: Any, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ServerError(f"malformed logprobs block: {where} is {value!r}, not a number")
+        raise UnreadableBody(f"malformed logprobs block: {where} is {value!r}, not a number")
     return float(value) if not math.isnan(value) else math.nan
 
 
@@ -164,11 +214,11 @@ def _top(value: Any, i: int) -> Mapping[TopKey, float]:
         try:
             items = [(e["token"], e["logprob"]) for e in value]
         except (TypeError, KeyError) as e:
-            raise ServerError(
+            raise UnreadableBody(
                 f"malformed logprobs block: top_logprobs[{i}] entries lack token/logprob"
             ) from e
     else:
-        raise ServerError(f"malformed logprobs block: top_logprobs[{i}] is {type(value).__name__}")
+        raise UnreadableBody(f"malformed logprobs block: top_logprobs[{i}] is {type(value).__name__}")
     out: dict[TopKey, float] = {}
     for key, lp in items:
         tid = parse_token_id(key) if isinstance(key, str) else None

@@ -1,4 +1,4 @@
-"""PASS / FAIL per target, in two parts (DESIGN.md "Two references" and "Verdict").
+"""PASS / FAIL per target, in two parts (docs/design.md "Two references" and "Verdicts and null models").
 
 - exactness (target vs its golden: same model and scheme on the reference backend) — limits from
   the null model (difftest.null: the golden's rounding twin, a floor file, or absolute minimums):
@@ -18,13 +18,13 @@ group was skipped with a visible reason (`skipped={"teacher_forced": "no echo"}`
 shows as a non-required "not measured (skipped: ...)" check and a verdict warning.
 
 Default budgets (recalibrate on your model: `difftest noise` / calibration runs). Measured on
-smollm2-135m vs fp32, 10 prompts x 24 tokens (DESIGN.md):
+smollm2-135m vs fp32, 10 prompts x 24 tokens (docs/design.md "Calibration"):
 
 | scheme | measured, correct: top-1 / KL | budget: top-1 >= / KL <= / token match >= |
 |---|---|---|
 | none | (dtype / accumulation order only) | 0.95 / 0.01 / 0.60 |
-| fp8-tensor, fp8-token, fp8-block | fp8-block 91.6% / 0.023 | 0.80 / 0.08 / 0.15 |
-| int8 | (8-bit like fp8) | 0.80 / 0.08 / 0.15 |
+| fp8-tensor, fp8-token, fp8-block | fp8-block 91.6% / 0.023 | 0.80 / 0.08 / 0.05 |
+| int8 | (8-bit like fp8) | 0.80 / 0.08 / 0.05 |
 | int4-g128 | 67.9% / 0.44 | 0.55 / 0.90 / 0.02 |
 | mxfp4 | 59.7% / 0.85 | 0.45 / 1.50 / 0.02 |
 
@@ -35,8 +35,10 @@ Subtle bugs (`scale-transposed` 86.4% / 0.050, `fnuz-unnormalized` 85.4% / 0.056
 budget: against FP16 one subtle bug costs about what the scheme does, which is why exactness
 exists. `none` is tight: its only differences are dtype and accumulation order, and fp8-block's
 own loss (KL 0.023) is over twice its KL budget, so a secretly quantized "none" fails.
-Token-match budgets are loose: on a 135M model a single flipped token changes the whole greedy
-continuation, so free-running match mostly guards against garbage when echo is unavailable.
+Token-match budgets are garbage guards: on a 135M model a single flipped token changes the whole
+greedy continuation, so free-running match only guards against garbage when echo is unavailable.
+They sit well under the measured values so that the 95% interval of 10 prompts decides them
+(correct fp8-block: 29.6%, interval [0.12, 0.50] — a 0.15 guard left it undecided).
 kl_p99 has no default budget until calibrated (a guess would either never fire or fire on
 correct targets); set `kl_p99_max` in `[thresholds]` to check it.
 """
@@ -66,14 +68,13 @@ class Budget:
     failed_rate_max: float = 0.0
     garbled_rate_max: float | None = None
     bleu_min: float | None = None
-    module_cosine_min: float = 0.999  # module-local cosine, for the white-box part (seeds' default)
 
 
 # 8-bit token match: correct builds measured 29.6% (fp8-block) and 50.4% (fp8-token) on smollm2,
 # fp32 CPU, 10 smoke prompts x 24 tokens (top-1 90%): one flip rewrites a greedy continuation.
-_FP8 = dict(kl_mean_max=0.08, top1_min=0.80, token_match_min=0.15, module_cosine_min=0.999)
+_FP8 = dict(kl_mean_max=0.08, top1_min=0.80, token_match_min=0.05)
 DEFAULT_BUDGETS: dict[str, Budget] = {
-    "none": Budget("none", kl_mean_max=0.01, top1_min=0.95, token_match_min=0.60, module_cosine_min=0.9999),
+    "none": Budget("none", kl_mean_max=0.01, top1_min=0.95, token_match_min=0.60),
     "fp8-tensor": Budget("fp8-tensor", **_FP8),
     "fp8-token": Budget("fp8-token", **_FP8),
     "fp8-block": Budget("fp8-block", **_FP8),
@@ -81,10 +82,8 @@ DEFAULT_BUDGETS: dict[str, Budget] = {
     # 4-bit token match: correct builds measured 10% (int4-g128) and 6.7% (mxfp4) on smollm2 in
     # fp16 on an H100 (top-1 68.7% / 67.5%): one flip rewrites a 135M model's greedy continuation,
     # so this only guards against garbage; KL and top-1 do the judging.
-    "int4-g128": Budget(
-        "int4-g128", kl_mean_max=0.90, top1_min=0.55, token_match_min=0.02, module_cosine_min=0.995
-    ),
-    "mxfp4": Budget("mxfp4", kl_mean_max=1.50, top1_min=0.45, token_match_min=0.02, module_cosine_min=0.995),
+    "int4-g128": Budget("int4-g128", kl_mean_max=0.90, top1_min=0.55, token_match_min=0.02),
+    "mxfp4": Budget("mxfp4", kl_mean_max=1.50, top1_min=0.45, token_match_min=0.02),
 }
 
 # check name -> (op, group)  (group is what `skipped` names)

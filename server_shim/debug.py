@@ -34,6 +34,8 @@ from pydantic import ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from server_shim import debug_protocol as P
+from server_shim import openapi
 from server_shim.debug_capture import (  # re-exported: the route and its callers import them from here
     MAX_DECODE_STEPS,
     ActivationsRequest,
@@ -42,7 +44,8 @@ from server_shim.debug_capture import (  # re-exported: the route and its caller
     list_points,
     module_kind,
 )
-from server_shim.errors import DebugRequestError, QuantConfigError
+from server_shim.errors import DebugRequestError, InvalidRequestError, QuantConfigError
+from server_shim.wire import loads, read_body
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -61,6 +64,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20  # ServeOptions.max_body_bytes: one cap for every route
 _OCTET = "application/octet-stream"
 
 
@@ -121,11 +125,11 @@ def _find(loaded: Any, name: str) -> tuple[str, torch.nn.Module]:
 
 def replay_module(loaded: Any, body: bytes) -> bytes:
     tensors, meta = parse_safetensors(body)
-    if "module" not in meta:
-        raise DebugRequestError("the safetensors metadata needs a 'module' entry", param="module")
-    kind, mod = _find(loaded, meta["module"])
-    if "input" not in tensors:
-        raise DebugRequestError("the body needs a tensor named 'input'", param="input")
+    if P.META_MODULE not in meta:
+        raise DebugRequestError(f"the safetensors metadata needs a {P.META_MODULE!r} entry", param="module")
+    kind, mod = _find(loaded, meta[P.META_MODULE])
+    if P.INPUT not in tensors:
+        raise DebugRequestError(f"the body needs a tensor named {P.INPUT!r}", param="input")
     if kind in ("block", "attention"):
         raise DebugRequestError(
             f"{meta['module']!r} is a {kind}; it needs rotary embeddings and a mask, so replay its linears instead",
@@ -135,8 +139,8 @@ def replay_module(loaded: Any, body: bytes) -> bytes:
     def to_model(t: torch.Tensor) -> torch.Tensor:
         return t.to(loaded.device, loaded.dtype) if t.is_floating_point() else t.to(loaded.device)
 
-    x = to_model(tensors.pop("input"))
-    backend = meta.get("backend")
+    x = to_model(tensors.pop(P.INPUT))
+    backend = meta.get(P.META_BACKEND)
     if backend is not None and not hasattr(mod, "forward_with_backend"):
         raise DebugRequestError(
             f"module {meta['module']!r} ({kind}) is not quantized: it has no backends to choose from",
@@ -158,8 +162,8 @@ def replay_module(loaded: Any, body: bytes) -> bytes:
         ) from None
     out = out[0] if isinstance(out, (tuple, list)) else out
     return st_save(
-        {"output": out.detach().to("cpu", torch.float32).contiguous()},
-        metadata={"module": meta["module"], "dtype": str(loaded.dtype).removeprefix("torch.")},
+        {P.OUTPUT: out.detach().to("cpu", torch.float32).contiguous()},
+        metadata={P.META_MODULE: meta[P.META_MODULE], P.META_DTYPE: str(loaded.dtype).removeprefix("torch.")},
     )
 
 
@@ -193,7 +197,7 @@ def debug_config(loaded: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- HTTP
 
 
-def _error(exc: DebugRequestError) -> JSONResponse:
+def _error(exc: InvalidRequestError) -> JSONResponse:
     body = {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
     return JSONResponse(body, status_code=exc.status_code)
 
@@ -208,10 +212,7 @@ async def _octet(engine: Any, fn: Callable[[], bytes]) -> Response:
 
 
 def _parse_activations(raw: bytes) -> ActivationsRequest:
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DebugRequestError(f"the body is not valid JSON: {exc}", param=None) from None
+    data = loads(raw)  # InvalidRequestError (400) for malformed, too deep, surrogates, huge ints
     if not isinstance(data, dict):
         raise DebugRequestError("the body must be a JSON object", param=None)
     try:
@@ -223,29 +224,38 @@ def _parse_activations(raw: bytes) -> ActivationsRequest:
         raise DebugRequestError(f"{param}: {first['msg']}", param=param) from None
 
 
-def create_debug_router(engine: Any, *, max_response_bytes: int | None = None) -> APIRouter:
-    """The debug routes over `engine.loaded`; the cap defaults to env DIFFTEST_DEBUG_MAX_BYTES or 256 MiB."""
+def create_debug_router(
+    engine: Any, *, max_response_bytes: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> APIRouter:
+    """The debug routes over `engine.loaded`; the response cap defaults to env DIFFTEST_DEBUG_MAX_BYTES
+    or 256 MiB. Bodies are read through wire.read_body, so a chunked upload without Content-Length
+    is cut off at `max_body_bytes` with a 413 naming the cap, not buffered whole."""
     cap = max_response_bytes or int(os.environ.get("DIFFTEST_DEBUG_MAX_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
-    router = APIRouter(prefix="/debug")
+    router = APIRouter()
 
-    @router.get("/config")
+    @router.get(P.CONFIG, responses=openapi.ERRORS)
     async def config() -> Response:
         return JSONResponse(await engine.run_exclusive(lambda: debug_config(engine.loaded)))
 
-    @router.post("/activations")
+    @router.post(
+        P.ACTIVATIONS, responses=openapi.octet(), openapi_extra=openapi.json_body(ActivationsRequest)
+    )
     async def activations(request: Request) -> Response:
         try:
-            req = _parse_activations(await request.body())
-        except DebugRequestError as exc:
+            req = _parse_activations(await read_body(request, max_body_bytes))
+        except InvalidRequestError as exc:
             return _error(exc)
         return await _octet(engine, lambda: capture_activations(engine.loaded, req, max_bytes=cap))
 
-    @router.post("/module")
+    @router.post(P.MODULE, responses=openapi.octet(), openapi_extra=openapi.binary_body())
     async def module(request: Request) -> Response:
-        raw = await request.body()
+        try:
+            raw = await read_body(request, max_body_bytes)
+        except InvalidRequestError as exc:
+            return _error(exc)
         return await _octet(engine, lambda: replay_module(engine.loaded, raw))
 
-    @router.get("/quant/{name:path}")
+    @router.get(P.QUANT + "{name:path}", responses=openapi.octet())
     async def quant(name: str) -> Response:
         return await _octet(engine, lambda: quant_tensors(engine.loaded, name))
 

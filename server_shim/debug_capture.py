@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save as st_save
 
+from server_shim import debug_protocol as P
 from server_shim.errors import DebugRequestError
 
 MAX_DECODE_STEPS = 256
@@ -230,7 +231,7 @@ def capture_activations(loaded: Any, req: ActivationsRequest, *, max_bytes: int)
             for step in range(req.decode_steps):
                 nxt = int(out.logits[0, -1].float().argmax())
                 decoded.append(nxt)
-                cap.prefix, cap.positions, cap.n_tokens = f"decode.{step}.", [0], 1
+                cap.prefix, cap.positions, cap.n_tokens = f"{P.DECODE_PREFIX}{step}.", [0], 1
                 x = torch.tensor([[nxt]], device=loaded.device)
                 out = model(input_ids=x, past_key_values=out.past_key_values, use_cache=True)
                 if want_logits:
@@ -248,17 +249,17 @@ def capture_activations(loaded: Any, req: ActivationsRequest, *, max_bytes: int)
             h.remove()
     # Points in the order their hooks fired in prefill: execution order (q_proj .. o_proj, self_attn,
     # gate_proj .. down_proj, mlp, then the block), which is what "first divergent point" walks.
-    names = [k for k in cap.tensors if ":" not in k and not k.startswith("decode.")]
+    names = [k for k in cap.tensors if ":" not in k and not k.startswith(P.DECODE_PREFIX)]
     meta = {
-        "token_ids": json.dumps(ids),
-        "points": json.dumps(names),
-        "positions": json.dumps(positions),
-        "decode_token_ids": json.dumps(decoded),
-        "decode_steps": str(req.decode_steps),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
+        P.META_TOKEN_IDS: json.dumps(ids),
+        P.META_POINTS: json.dumps(names),
+        P.META_POSITIONS: json.dumps(positions),
+        P.META_DECODE_TOKEN_IDS: json.dumps(decoded),
+        P.META_DECODE_STEPS: str(req.decode_steps),
+        P.META_DTYPE: str(loaded.dtype).removeprefix("torch."),
     }
     if req.inputs:
-        meta["inputs"] = json.dumps(
-            sorted(k for k in cap.tensors if ":" in k and not k.startswith("decode."))
+        meta[P.META_INPUTS] = json.dumps(
+            sorted(k for k in cap.tensors if ":" in k and not k.startswith(P.DECODE_PREFIX))
         )
     return st_save(cap.tensors, metadata=meta)

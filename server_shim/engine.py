@@ -40,10 +40,17 @@ __all__ = ["Engine", "EngineFailure", "SamplingParams", "SeqEvent", "TokenInfo"]
 
 # How long the worker waits for a burst of requests to finish arriving before it closes a batch.
 _BATCH_WINDOW_S = 0.002
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): logits / 1e-39 overflow float32
+# to inf and the softmax to NaN, so a "nearly greedy" request would otherwise fail its sampler.
+SAMPLING_EPS = 1e-5
 
 
 class EngineFailure(RuntimeError):
     """The model worker failed on a batch (a server bug, not a caller error): becomes a 500."""
+
+
+class EngineBusy(RuntimeError):
+    """More sequences are waiting than `max_waiting`: the caller should retry later (HTTP 429)."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +78,15 @@ class SeqEvent:
     prompt: bool = False  # the echo event: tokens are the prompt's
 
 
+_WAKE: Any = object()  # queued by cancel(): lets a waiting `events` see the cancellation
+
+
 class RequestHandle:
     """The async side of one request: events of all its sequences, in the order they happen."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, num_seqs: int) -> None:
         self._loop = loop
-        self._queue: asyncio.Queue[SeqEvent | BaseException] = asyncio.Queue()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._remaining = num_seqs
         self.cancelled = False
 
@@ -84,9 +94,14 @@ class RequestHandle:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     async def events(self) -> AsyncIterator[SeqEvent]:
+        """Events until every sequence finished; ends early (without error) once cancelled."""
         try:
             while self._remaining:
                 item = await self._queue.get()
+                if item is _WAKE:
+                    if self._queue.empty():  # cancelled, and whatever was sent before is consumed
+                        return
+                    continue
                 if isinstance(item, BaseException):
                     raise EngineFailure(f"model worker failed: {item!r}") from item
                 if item.finish_reason is not None:
@@ -97,32 +112,54 @@ class RequestHandle:
             self.cancel()
 
     def cancel(self) -> None:
-        self.cancelled = True
+        """Stop this request's sequences at their next step (any thread); wakes `events`."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, _WAKE)
 
 
 class _Seq:
     """Mutable per-sequence state; touched only by the worker thread."""
 
-    def __init__(self, index: int, prompt: list[int], params: SamplingParams, handle: RequestHandle) -> None:
+    def __init__(
+        self,
+        index: int,
+        prompt: list[int],
+        params: SamplingParams,
+        handle: RequestHandle,
+        generator: torch.Generator | None = None,
+        *,
+        solo: bool = False,
+    ) -> None:
         self.index = index
         self.prompt = prompt
         self.params = params
         self.handle = handle
-        self.generator: torch.Generator | None = None
+        self.generator = generator
         self.out: list[int] = []
         self.detok: IncrementalDetokenizer | None = None
         self.text = ""  # generated text so far, cut at a stop string
         self.released = 0  # chars of self.text already sent
         self.finished = False
+        self.emitted = False  # an event went out: the sequence cannot be re-run from scratch
+        self.solo = solo  # failed inside a shared batch: retried alone to find the culprit
 
 
 class Engine:
     def __init__(
-        self, loaded: LoadedModel, *, batch_invariant: bool = False, max_batch_size: int = 32
+        self,
+        loaded: LoadedModel,
+        *,
+        batch_invariant: bool = False,
+        max_batch_size: int = 32,
+        max_waiting: int = 256,
     ) -> None:
         self.loaded = loaded
         self.batch_invariant = batch_invariant
         self.max_batch_size = 1 if batch_invariant else max_batch_size
+        # Backpressure: sequences queued beyond the running batch. Past it `submit` raises
+        # EngineBusy (HTTP 429 + Retry-After) instead of growing memory and everyone's latency.
+        self.max_waiting = max_waiting
         self.context_length = loaded.context_length
         emb = loaded.model.get_input_embeddings()
         self.vocab_size = int(emb.num_embeddings)
@@ -148,16 +185,27 @@ class Engine:
         for p, prompt in enumerate(prompts):
             for j in range(n):
                 seq = _Seq(p * n + j, list(prompt), params, handle)
-                if params.temperature > 0:
+                if params.temperature >= SAMPLING_EPS:
                     seed = (params.seed + j) if params.seed is not None else self._rng.getrandbits(63)
                     seq.generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
                 seqs.append(seq)
         with self._cond:
             if self._closed:
                 raise EngineFailure("the engine is shut down")
+            waiting = sum(1 for s in self._pending if not s.handle.cancelled)
+            if waiting + len(seqs) > self.max_waiting:
+                raise EngineBusy(
+                    f"{waiting} sequences are waiting (the server's --max-waiting is {self.max_waiting}); "
+                    "retry later"
+                )
             self._pending.extend(seqs)
             self._cond.notify()
         return handle
+
+    @property
+    def waiting(self) -> int:
+        """Sequences queued and not yet in a batch (a snapshot, for /health-like reporting and tests)."""
+        return len(self._pending)
 
     async def run_exclusive(self, fn: Callable[[], T]) -> T:
         """Run fn on the model thread between batches (no batch is in flight while it runs)."""
@@ -206,20 +254,52 @@ class Engine:
                     # first one wakes us, so give the rest a moment before the batch is closed.
                     if self.max_batch_size > 1 and len(self._pending) < self.max_batch_size:
                         self._cond.wait(timeout=_BATCH_WINDOW_S)
-                    while self._pending and len(batch) < self.max_batch_size:
-                        seq = self._pending.popleft()
-                        if not seq.handle.cancelled:
-                            batch.append(seq)
+                    batch = self._take_batch()
             if job is not None:
                 self._run_job(*job)
             elif batch:
                 try:
                     with torch.inference_mode():
                         self._run_batch(batch)
-                except Exception as exc:  # a server bug: fail these requests, keep serving
-                    logger.exception("model worker failed on a batch of %d", len(batch))
-                    for handle in {id(s.handle): s.handle for s in batch}.values():
-                        handle._put(exc)
+                except Exception as exc:
+                    self._isolate_failure(batch, exc)
+
+    def _take_batch(self) -> list[_Seq]:
+        """Up to max_batch_size live sequences, in arrival order; a `solo` one (under suspicion
+        after a shared batch failed) runs alone. Called with the lock held."""
+        batch: list[_Seq] = []
+        while self._pending and len(batch) < self.max_batch_size:
+            seq = self._pending[0]
+            if seq.handle.cancelled:
+                self._pending.popleft()
+                continue
+            if seq.solo and batch and batch[0].handle is not seq.handle:
+                break
+            if batch and batch[0].solo and batch[0].handle is not seq.handle:
+                break
+            batch.append(self._pending.popleft())
+        return batch
+
+    def _isolate_failure(self, batch: list[_Seq], exc: Exception) -> None:
+        """A batch failed (a bug, or an input that breaks the model): one request must not fail its
+        neighbours. With several requests in the batch, every request that has not emitted anything
+        yet is queued again, alone; one that fails alone gets the error (HTTP 500), and one that had
+        already streamed events cannot be replayed and gets it too."""
+        handles = {id(s.handle): s.handle for s in batch}
+        logger.error(
+            "model worker failed on a batch of %d sequences (%d requests): %r", len(batch), len(handles), exc,
+            exc_info=exc if len(handles) == 1 else None,
+        )  # fmt: skip
+        retry: list[_Seq] = []
+        for handle in handles.values():
+            seqs = [s for s in batch if s.handle is handle]
+            if len(handles) > 1 and not any(s.emitted for s in seqs):
+                retry.extend(_Seq(s.index, s.prompt, s.params, handle, s.generator, solo=True) for s in seqs)
+            else:
+                handle._put(exc)
+        if retry:
+            with self._cond:
+                self._pending.extendleft(reversed(retry))
 
     @staticmethod
     def _run_job(fn: Callable[[], Any], fut: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
@@ -264,6 +344,7 @@ class Engine:
             if s.params.echo:
                 rows = logits[i, width - lens[i] : -1] if s.params.logprobs is not None else None
                 infos, text = decode_prompt(tok, s.prompt, rows, s.params.logprobs)
+                s.emitted = True
                 s.handle._put(SeqEvent(s.index, infos, text, prompt=True))
             s.detok = IncrementalDetokenizer(tok, s.prompt)
             if s.params.max_tokens == 0:
@@ -297,8 +378,11 @@ class Engine:
         lp = torch.log_softmax(logits.float(), dim=-1)  # [B, V] float32
         chosen = torch.argmax(lp, dim=-1).tolist()
         for i, s in enumerate(seqs):
-            if s.generator is not None:
-                chosen[i] = self._sample(logits[i].float(), s.params, s.generator)
+            if s.generator is not None and not s.finished:
+                try:
+                    chosen[i] = self._sample(logits[i].float(), s.params, s.generator)
+                except Exception as exc:  # this sequence's sampler only: its neighbours go on
+                    self._fail(s, exc)
         k = max((s.params.logprobs or 0) for s in seqs)
         top_v = top_i = None
         if k > 0:
@@ -312,21 +396,35 @@ class Engine:
         for i, s in enumerate(seqs):
             if s.finished:
                 continue
-            t = chosen[i]
-            s.out.append(t)
-            if s.params.logprobs is not None:
-                kk = s.params.logprobs
-                alts = list(zip(top_i[i][:kk], top_v[i][:kk], strict=True)) if kk else []
-                info = s.detok.push(t, chosen_lp[i], alts)
-            else:
-                info = s.detok.push(t, None, None)
-            if t in self._eos and not s.params.ignore_eos:
-                self._accept(s, info, "stop", add_text=False)  # the EOS piece is not part of the text
-            elif len(s.out) >= s.params.max_tokens or len(s.prompt) + len(s.out) >= self.context_length:
-                self._accept(s, info, "length")
-            else:
-                self._accept(s, info, None)
+            try:
+                self._emit(s, chosen[i], chosen_lp[i] if chosen_lp else None, top_i, top_v, i)
+            except Exception as exc:  # detokenizing / stop matching of one sequence: fail it alone
+                self._fail(s, exc)
         return chosen
+
+    def _emit(self, s: _Seq, t: int, logprob: float | None, top_i: Any, top_v: Any, row: int) -> None:
+        s.out.append(t)
+        if s.params.logprobs is not None:
+            kk = s.params.logprobs
+            alts = list(zip(top_i[row][:kk], top_v[row][:kk], strict=True)) if kk else []
+            info = s.detok.push(t, logprob, alts)
+        else:
+            info = s.detok.push(t, None, None)
+        if t in self._eos and not s.params.ignore_eos:
+            self._accept(s, info, "stop", add_text=False)  # the EOS piece is not part of the text
+        elif len(s.out) >= s.params.max_tokens or len(s.prompt) + len(s.out) >= self.context_length:
+            self._accept(s, info, "length")
+        else:
+            self._accept(s, info, None)
+
+    @staticmethod
+    def _fail(s: _Seq, exc: Exception) -> None:
+        """One sequence failed: its request gets the error (HTTP 500), the batch goes on without it."""
+        logger.error("sequence %d failed: %r", s.index, exc, exc_info=exc)
+        s.finished = True
+        s.emitted = True
+        s.handle._put(exc)  # before cancel's wake-up, so that `events` raises it
+        s.handle.cancel()  # the request's other sequences stop at the next step
 
     @staticmethod
     def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
@@ -340,6 +438,7 @@ class Engine:
         if p.top_p < 1.0:
             sp, si = torch.sort(probs, descending=True)
             drop = sp.cumsum(-1) - sp >= p.top_p  # mass before this token already reached top_p
+            drop[0] = False  # the likeliest token always stays (top_p 1e-46 is 0.0 in float32)
             probs = torch.zeros_like(probs).scatter_(0, si, sp.masked_fill(drop, 0.0))
         return int(torch.multinomial(probs, 1, generator=gen).item())
 
@@ -361,12 +460,27 @@ class Engine:
                 if hits:
                     s.text, reason = s.text[: min(hits)], "stop"
                 elif reason is None:  # hold back a suffix that may still grow into a stop string
-                    hold = max(
-                        (k for x in stops for k in range(1, len(x)) if s.text.endswith(x[:k])), default=0
-                    )
-                    end = len(s.text) - hold
+                    end = len(s.text) - max(stop_overlap(s.text, x) for x in stops)
         end = len(s.text) if end is None else end
         text = s.text[s.released : end]
         s.released = max(s.released, end)
         s.finished = reason is not None
+        s.emitted = True
         s.handle._put(SeqEvent(s.index, (info,) if info is not None else (), text, reason))
+
+
+def stop_overlap(text: str, stop: str) -> int:
+    """The longest k < len(stop) with text ending in stop[:k]: how much text to hold back.
+
+    Only positions where stop holds text's last character can end such a prefix, so this tries
+    those (str.find, in C) instead of every k — a few candidates instead of len(stop) slices per
+    token, which with the caps on stop strings keeps matching cheap on the model thread."""
+    if not text:
+        return 0
+    last, best = text[-1], 0
+    i = stop.find(last, 0, len(stop) - 1)
+    while i >= 0:
+        if text.endswith(stop[: i + 1]):
+            best = i + 1
+        i = stop.find(last, i + 1, len(stop) - 1)
+    return best

@@ -12,7 +12,7 @@ Why process groups: engines fork workers (vLLM's engine core, tokenizer pools). 
 pid we started leaves those holding the GPU and the port, so each server gets its own session
 (`start_new_session=True`) and teardown signals the whole group — SIGTERM, a grace period, SIGKILL.
 
-This module imports no torch (DESIGN.md "Boundaries"): difftest uses it to start servers it
+This module imports no torch (docs/design.md "Boundaries"): difftest uses it to start servers it
 never loads. The TOML -> ServerSpec parser lives in launch_spec.py (re-exported here: difftest.config
 imports it from server_shim.launch); `python -m server_shim pair` needs both, and no difftest.
 """
@@ -54,6 +54,8 @@ from server_shim.launch_spec import (  # re-exported: callers import these from 
     resolve_paths,
     spec_from_table,
 )
+from server_shim.options import API_KEY_ENV as SHIM_API_KEY_ENV
+from server_shim.options import argv_for
 
 __all__ = [
     "BACKENDS",
@@ -205,28 +207,19 @@ def build_argv(spec: ServerSpec, port: int, api_key: str | None = None) -> list[
             text = text.replace(placeholder, values[placeholder])
         return shlex.split(text) + list(spec.extra_args)
     argv = [sys.executable, "-m", "server_shim", "serve", "--model", str(spec.model), "--port", str(port)]
-    argv += ["--host", HOST, "--dtype", spec.dtype, "--device", spec.device, "--seed", str(spec.seed)]
-    argv += ["--quant", spec.quant, "--backend", spec.backend]
-    for glob in spec.quant_skip:
-        argv += ["--quant-skip", glob]
-    for fault in spec.faults:
-        argv += ["--fault", fault]
-    if spec.rounding_noise:
-        argv += ["--rounding-noise", spec.rounding_noise]
-    argv += [flag for flag, on in (("--ck-free", spec.ck_free), ("--batch-invariant", spec.batch_invariant),
-                                   ("--debug", spec.debug)) if on]  # fmt: skip
-    if api_key:
-        argv += ["--api-key", api_key]
-    return argv + list(spec.extra_args)
+    argv += ["--host", HOST, *argv_for(spec)]
+    return argv + list(spec.extra_args)  # the shim's key travels in its environment (see _start)
 
 
-def _api_key(spec: ServerSpec) -> str | None:
+def api_key_of(spec: ServerSpec) -> str | None:
+    """The API key a spec names through `api_key_env`; a named variable that is unset is an error."""
     if spec.api_key_env is None:
         return None
     value = os.environ.get(spec.api_key_env)
-    if not value:
-        raise LaunchError(
-            f"server {spec.name!r}: environment variable {spec.api_key_env} (api_key_env) is not set"
+    if not value:  # the config names a variable this shell lacks: a config mistake, not the server's
+        raise SpecError(
+            f"server {spec.name!r}: environment variable {spec.api_key_env} (api_key_env) is not set",
+            key="api_key_env",
         )
     return value
 
@@ -271,13 +264,18 @@ def _cpu_threads_per_shim(specs: Sequence[ServerSpec]) -> int:
 def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) -> RunningServer:
     import subprocess  # local: keeps `import server_shim.launch` light for the differ
 
-    key = _api_key(spec)
+    key = api_key_of(spec)
     if spec.kind == "url":
-        url = _normalise_url(spec.url or "")
+        url = normalise_url(spec.url or "")
         return RunningServer(spec.name, url, spec, None, None)
     assert port is not None  # _pick_ports gave every started server one
     argv = build_argv(spec, port, key)
     env = _shim_env(spec.env) if spec.kind == "shim" else {**os.environ, **spec.env}
+    if spec.kind == "shim":
+        # By environment, never argv: a command line is readable by every user (ps, /proc/PID/cmdline).
+        env.pop(SHIM_API_KEY_ENV, None)
+        if key:
+            env[SHIM_API_KEY_ENV] = key
     if spec.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = env["HIP_VISIBLE_DEVICES"] = spec.gpus
     if spec.kind == "shim":
@@ -298,6 +296,7 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
                 cwd=spec.cwd,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(),
             )
         except OSError as exc:
             raise LaunchError(
@@ -307,7 +306,37 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
     return RunningServer(spec.name, f"http://{HOST}:{port}", spec, proc.pid, log_path, proc)
 
 
-def _normalise_url(url: str) -> str:
+def _die_with_parent() -> Any:
+    """A preexec_fn asking Linux to SIGTERM the server when its launcher dies, however it dies.
+
+    SIGINT and SIGTERM reach `launch_servers`' teardown; SIGKILL (an OOM kill, a CI runner that gives
+    up) runs no Python, and servers in their own sessions would live on holding GPUs and ports. The
+    kernel's parent-death signal needs no cooperation from the dying process. It fires when the
+    forking *thread* exits, so it is only armed from the main thread (a launcher in a worker thread
+    keeps the old behaviour). None where prctl does not exist (macOS): teardown still covers
+    SIGINT/SIGTERM there."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork: nothing to load in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:  # runs in the child between fork and exec
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def normalise_url(url: str) -> str:
     """Base URL without a trailing '/' or '/v1' (users paste OpenAI base_urls)."""
     url = url.rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
@@ -346,7 +375,7 @@ def _wait_healthy(servers: list[RunningServer]) -> None:
 
 
 def _probe(client: httpx.Client, server: RunningServer) -> tuple[bool, str]:
-    key = _api_key(server.spec)
+    key = api_key_of(server.spec)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     answer = "no answer"
     for route in ("/health", "/v1/models"):

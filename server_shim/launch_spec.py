@@ -1,8 +1,9 @@
 """TOML -> ServerSpec: the server spec, its validation and the names it is checked against.
 
-Split from launch.py, which re-exports every name here: `difftest.config` and the tests import
-them from `server_shim.launch`. Like launch.py this module imports no torch (DESIGN.md
-"Boundaries"), so a config is validated without loading a model; it lives in server_shim so that
+ServerSpec's fields are the launcher's own keys (LAUNCH_KEYS) plus the shim options marked as spec
+keys in the one option table (server_shim.options); the catalogs it checks values against are
+server_shim.catalog's. Like launch.py this module imports no torch (docs/design.md, "Boundaries"),
+so a config is validated without loading a model; it lives in server_shim so that
 `python -m server_shim pair` works without difftest, and `difftest.config` reuses it and adds
 line numbers to its errors.
 """
@@ -13,41 +14,14 @@ import dataclasses
 import difflib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from server_shim.catalog import BACKENDS, FAULT_SCHEMES, FAULTS, SCHEMES
 from server_shim.errors import LaunchError
+from server_shim.options import BOOLEAN, INTEGER, NUMBER, SPEC_OPTIONS, STRING, STRINGS
 
-# Mirrors of server_shim.quant's names, kept here so that validating a config needs no torch.
-# tests/test_config.py checks that they stay equal to the real ones.
-SCHEMES = ("none", "fp8-tensor", "fp8-token", "fp8-block", "int8", "int4-g128", "mxfp4")
-BACKENDS = ("auto", "torch", "triton", "vendor")
-FAULTS = (
-    "garbage-gemm",
-    "scale-transposed",
-    "scale-shuffle-ignored",
-    "scale-skipped",
-    "fnuz-unnormalized",
-    "transpose-noop",
-    "routed-scaling-missing",
-    "ue8m0-rounding",
-    "slot-variant",
-)
-_QUANTIZED = SCHEMES[1:]
-# Schemes in which each bug class can exist (mirror of quant.faults.FAULT_SCHEMES): a config that
-# asks for e.g. scale-transposed on fp8-token is refused here, with its line, not by a dying server.
-FAULT_SCHEMES: dict[str, tuple[str, ...]] = {
-    "garbage-gemm": _QUANTIZED,
-    "scale-transposed": ("fp8-block", "int4-g128", "mxfp4"),
-    "scale-shuffle-ignored": ("fp8-token", "fp8-block", "int8", "int4-g128", "mxfp4"),
-    "scale-skipped": _QUANTIZED,
-    "fnuz-unnormalized": ("fp8-tensor", "fp8-token", "fp8-block"),
-    "transpose-noop": _QUANTIZED,
-    "routed-scaling-missing": _QUANTIZED,
-    "ue8m0-rounding": ("fp8-tensor", "fp8-token", "fp8-block", "int8"),
-    "slot-variant": ("fp8-token", "fp8-block", "int8"),
-}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # becomes a log file name
 
 
@@ -59,34 +33,27 @@ class SpecError(LaunchError):
         self.key = key
 
 
-@dataclass(frozen=True)
-class ServerSpec:
-    """One server to compare. Exactly one of `model` (built-in shim), `command`, `url` decides the
-    kind; with `command` or `url`, `model` is only the id substituted for {model}."""
+_ENV, _GPUS = "env", "gpus"
 
-    name: str
-    model: str | None = None
-    command: str | None = None
-    url: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    quant: str = "none"
-    backend: str = "auto"
-    quant_skip: tuple[str, ...] = ()
-    faults: tuple[str, ...] = ()
-    ck_free: bool = False
-    batch_invariant: bool = False
-    rounding_noise: str = ""  # "" off; "auto" or a number: the rounding twin (server_shim.twin)
-    debug: bool = False
-    seed: int = 0
-    extra_args: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    gpus: str | None = None
-    api_key_env: str | None = None
-    port: int | None = None
-    startup_timeout_s: float = 600.0
+# The launcher's own keys of a server table: (name, kind, default). The shim's options that are also
+# table keys (dtype, quant, faults, ...) come from the one option table (options.SPEC_OPTIONS).
+LAUNCH_KEYS: tuple[tuple[str, str, Any], ...] = (
+    ("name", STRING, None),
+    ("model", STRING, None),  # shim: the model to load; command / url: the id substituted for {model}
+    ("command", STRING, None),
+    ("url", STRING, None),
+    ("extra_args", STRINGS, ()),
+    ("env", _ENV, None),
+    ("cwd", STRING, None),
+    ("gpus", _GPUS, None),
+    ("api_key_env", STRING, None),  # the variable in difftest's environment that holds this server's key
+    ("port", INTEGER, None),
+    ("startup_timeout_s", NUMBER, 600.0),
+)
+_PY = {STRING: str, BOOLEAN: bool, INTEGER: int, NUMBER: float, STRINGS: tuple, _ENV: dict, _GPUS: str}
 
+
+class _SpecMethods:
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
             raise SpecError(f"server name {self.name!r} must be letters, digits, '.', '_' or '-'", key="name")
@@ -103,26 +70,35 @@ class ServerSpec:
         return "command" if self.command is not None else "shim"
 
 
+def _spec_field(name: str, kind: str, default: Any) -> tuple[str, Any, Any]:
+    if kind == _ENV:
+        return name, dict[str, str], field(default_factory=dict)
+    typ = _PY[kind] if default is not None else _PY[kind] | None
+    return name, typ, field(default=default)
+
+
+ServerSpec = dataclasses.make_dataclass(
+    "ServerSpec",
+    [("name", str)]
+    + [_spec_field(n, k, d) for n, k, d in LAUNCH_KEYS[1:]]
+    + [_spec_field(o.name, o.kind, o.default) for o in SPEC_OPTIONS],
+    bases=(_SpecMethods,),
+    frozen=True,
+    namespace={
+        "__module__": __name__,
+        "__doc__": "One server to compare. Exactly one of `model` (built-in shim), `command`, `url` decides "
+        "the kind; with `command` or `url`, `model` is only the id substituted for {model}. Fields: the "
+        "launcher's keys (LAUNCH_KEYS) and the shim options that are table keys (options.SPEC_OPTIONS).",
+    },
+)
+
+
 # ----------------------------------------------------------------------------- TOML -> ServerSpec
 
 # key -> kind of value; "shim" keys apply only to built-in servers.
-_STR, _BOOL, _INT, _FLOAT, _STRS, _ENV, _GPUS = (
-    "string",
-    "boolean",
-    "integer",
-    "number",
-    "strings",
-    "env",
-    "gpus",
-)
-SPEC_KEYS: dict[str, str] = {
-    "name": _STR, "model": _STR, "command": _STR, "url": _STR, "dtype": _STR, "device": _STR,
-    "quant": _STR, "backend": _STR, "quant_skip": _STRS, "faults": _STRS, "ck_free": _BOOL,
-    "batch_invariant": _BOOL, "rounding_noise": _STR, "debug": _BOOL, "seed": _INT, "extra_args": _STRS, "env": _ENV,
-    "cwd": _STR, "gpus": _GPUS, "api_key_env": _STR, "port": _INT, "startup_timeout_s": _FLOAT,
-}  # fmt: skip
-SHIM_ONLY = ("dtype", "device", "quant", "backend", "quant_skip", "faults", "ck_free", "batch_invariant",
-             "rounding_noise", "debug", "seed")  # fmt: skip
+SPEC_KEYS: dict[str, str] = {n: k for n, k, _ in LAUNCH_KEYS} | {o.name: o.kind for o in SPEC_OPTIONS}
+SHIM_ONLY = tuple(o.name for o in SPEC_OPTIONS)
+_STR, _BOOL, _INT, _FLOAT, _STRS = STRING, BOOLEAN, INTEGER, NUMBER, STRINGS
 URL_ALLOWED = ("name", "model", "url", "api_key_env", "startup_timeout_s")
 
 

@@ -1,4 +1,5 @@
-"""Pydantic models of the HTTP wire: OpenAI legacy completions as vLLM serves it, plus tokenize.
+"""Pydantic models of the HTTP wire: OpenAI completions and chat completions as vLLM serves them,
+plus tokenize / detokenize and the error body.
 
 Fields follow the order of the OpenAI API reference; engine extras (vLLM's names) are fenced below
 them. Requests are strict (`"5"` is not an int, `true` is not a number) and forbid unknown fields:
@@ -183,6 +184,147 @@ class DetokenizeRequest(_Request):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# ----------------------------------------------------------------------------- chat completions
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    """One message. Tool and function messages are refused (the shim has no tools); `name` is not
+    declared, so a request that sets it gets a 400 rather than a prompt that silently lacks it."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Request):
+    """POST /v1/chat/completions. https://platform.openai.com/docs/api-reference/chat/create"""
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1)
+    presence_penalty: float = 0.0
+    response_format: dict[str, Any] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    # --- engine extras (vLLM names) -------------------------------------------------------
+    return_tokens_as_token_ids: bool = False
+    top_k: int | None = Field(default=None, ge=-1)
+    ignore_eos: bool = False
+    add_generation_prompt: bool = True
+
+    def unsupported_values(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if self.frequency_penalty != 0.0:
+            out.append(("frequency_penalty", "frequency_penalty is not supported (only 0)"))
+        if self.presence_penalty != 0.0:
+            out.append(("presence_penalty", "presence_penalty is not supported (only 0)"))
+        if self.logit_bias:
+            out.append(("logit_bias", "logit_bias is not supported"))
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            out.append(("response_format", "response_format other than text is not supported"))
+        if self.tools:
+            out.append(("tools", "tools are not supported"))
+        if self.tool_choice not in (None, "none"):
+            out.append(("tool_choice", "tool_choice is not supported (no tools)"))
+        if self.parallel_tool_calls:
+            out.append(("parallel_tool_calls", "parallel_tool_calls is not supported (no tools)"))
+        if self.top_logprobs is not None and not self.logprobs:
+            out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            out.append(("max_completion_tokens", "give max_tokens or max_completion_tokens, not both"))
+        return out
+
+    def stop_list(self) -> tuple[str, ...]:
+        return CompletionRequest.stop_list(self)  # type: ignore[arg-type]
+
+
+class ChatTopLogProb(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogProb(ChatTopLogProb):
+    top_logprobs: list[ChatTopLogProb] = Field(default_factory=list)
+
+
+class ChatLogProbs(BaseModel):
+    content: list[ChatLogProb] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogProbs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+def chat_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=chat_completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogProbs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
 
 
 def error_body(

@@ -7,41 +7,15 @@ they made themselves, and the launcher (launch.py) only ever sees the CLI.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from server_shim.engine import Engine
 from server_shim.errors import ShimError
+from server_shim.options import ServeOptions
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ServeOptions:
-    """Everything `serve` takes (the CLI flags, one to one)."""
-
-    model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_invariant: bool = False
-    api_key: str | None = None
-    debug: bool = False
-    quant: str = "none"
-    quant_skip: tuple[str, ...] = ()
-    backend: str = "auto"
-    ck_free: bool = False
-    faults: tuple[str, ...] = ()
-    rounding_noise: str = "0"  # the rounding twin: "auto" or an amplitude (server_shim.twin)
-    seed: int = 0
-    max_model_len: int | None = None
-    max_tokens_cap: int = 4096
-    max_n: int = 16
-    max_body_bytes: int = 8 * 2**20
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch_size: int = 32
-
-
-def build_engine(opts: ServeOptions) -> Engine:
+def build_engine(opts: ServeOptions) -> Engine:  # type: ignore[valid-type]
     """load_model, then quantize in place when a scheme or a fault asks for it."""
     from server_shim.models import load_model
 
@@ -67,12 +41,17 @@ def build_engine(opts: ServeOptions) -> Engine:
         from server_shim.twin import apply_rounding_twin, resolve_amplitude
 
         try:
-            amplitude = resolve_amplitude(opts.rounding_noise, loaded.dtype)
+            amplitude = resolve_amplitude(opts.rounding_noise)
         except ValueError as exc:
             raise ShimError(str(exc)) from exc
-        apply_rounding_twin(loaded.model, amplitude, seed=opts.seed)
-        loaded.rounding_noise = amplitude
-    engine = Engine(loaded, batch_invariant=opts.batch_invariant, max_batch_size=opts.max_batch_size)
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        loaded.rounding_noise = apply_rounding_twin(loaded.model, amplitude, seed=opts.seed, dtype=dtype)
+    engine = Engine(
+        loaded,
+        batch_invariant=opts.batch_invariant,
+        max_batch_size=opts.max_batch_size,
+        max_waiting=opts.max_waiting,
+    )
     if opts.max_model_len is not None:
         if opts.max_model_len > engine.context_length:
             logger.warning(
@@ -85,7 +64,7 @@ def build_engine(opts: ServeOptions) -> Engine:
     return engine
 
 
-def run_server(opts: ServeOptions) -> None:
+def run_server(opts: ServeOptions) -> None:  # type: ignore[valid-type]
     """Build the engine and serve until interrupted (blocking)."""
     import uvicorn
 

@@ -3,10 +3,10 @@
 Exactness needs a null model for "a different but correct implementation on this hardware". The
 golden asked twice is not one (a deterministic torch golden agrees with itself exactly, and then
 any other correct kernel looks like a bug). The twin is the golden with every linear / MoE output
-multiplied by (1 + a·h), h uniform in [-1, 1): a = `module_tolerance(dtype)` by default, the same
-number that bounds module replay in the differ. Compared with the golden it shows what that much
-per-module error does end to end (token flips, KL, accumulated residual error) on this model,
-scheme, dtype and device — the limits come from it.
+multiplied by (1 + a·h), h uniform in [-1, 1): by default a = `module_tolerance(dtype, K)` for a
+module of reduction length K (server_shim.tolerance), half the differ's module replay bound.
+Compared with the golden it shows what that much per-module error does end to end (token flips,
+KL, accumulated residual error) on this model, scheme, dtype and device; the limits come from it.
 
 h is a hash of each output element's own value and the seed, not a random draw: like a real
 kernel the twin is deterministic and batch-invariant (the same row gives the same answer in any
@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import nn
 
-from server_shim.tolerance import module_tolerance
+from server_shim.tolerance import DEFAULT_K, module_tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -49,30 +49,41 @@ def _is_perturbed(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ in ("QuantLinear", "QuantMoEExperts")
 
 
-def resolve_amplitude(value: str | float, dtype: torch.dtype) -> float:
-    """`auto` -> module_tolerance(dtype); a number -> itself (0 = off)."""
+def _reduction_length(module: nn.Module) -> int:
+    return int(getattr(module, "in_features", None) or DEFAULT_K)
+
+
+def resolve_amplitude(value: str | float) -> float | None:
+    """`auto` -> None (each module's own module_tolerance(dtype, K)); a number -> itself (0 = off)."""
     if isinstance(value, str) and value == "auto":
-        return module_tolerance(str(dtype))
-    amplitude = float(value)
+        return None
+    try:
+        amplitude = float(value)
+    except ValueError:
+        amplitude = -1.0
     if not 0.0 <= amplitude < 1.0:
         raise ValueError(f"--rounding-noise must be 'auto' or a number in [0, 1), got {value!r}")
     return amplitude
 
 
-def apply_rounding_twin(model: nn.Module, amplitude: float, seed: int = 0) -> int:
-    """Hook every linear / MoE module's output; returns how many modules were hooked."""
-    if amplitude <= 0:
-        return 0
-    count = 0
+def apply_rounding_twin(
+    model: nn.Module, amplitude: float | None, seed: int = 0, dtype: str = "float32"
+) -> float:
+    """Hook every linear / MoE module's output with noise of `amplitude` (None: each module's
+    `module_tolerance(dtype, K)`); returns the largest amplitude applied (0: nothing hooked)."""
+    if amplitude is not None and amplitude <= 0:
+        return 0.0
+    largest, count = 0.0, 0
     for index, module in enumerate(model.modules()):
         if not _is_perturbed(module):
             continue
+        a = amplitude if amplitude is not None else module_tolerance(dtype, _reduction_length(module))
         module_seed = seed * 1_000_003 + index  # modules differ: no shared pattern across layers
 
-        def hook(_mod: nn.Module, _inp: object, out: object, s: int = module_seed) -> object:
-            return perturb(out, amplitude, s) if isinstance(out, torch.Tensor) else out
+        def hook(_mod: nn.Module, _inp: object, out: object, s: int = module_seed, a: float = a) -> object:
+            return perturb(out, a, s) if isinstance(out, torch.Tensor) else out
 
         module.register_forward_hook(hook)
-        count += 1
-    logger.info("rounding twin: relative noise %.3g on %d modules", amplitude, count)
-    return count
+        largest, count = max(largest, a), count + 1
+    logger.info("rounding twin: relative noise up to %.3g on %d modules", largest, count)
+    return largest

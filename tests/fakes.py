@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import math
+import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +38,7 @@ from typing import Any
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from difftest.client import CompletionClient
 
@@ -64,16 +68,38 @@ class FakeBehaviour:
     api_key: str | None = None  # required as Bearer when set (401 otherwise)
     delay_s: float = 0.0  # sleep before answering each completions request
     die_after: int | None = None  # after this many completions requests the server is dead ...
-    die_mode: str = "503"  # ... answering "503" to everything, or "connect" (httpx.ConnectError)
+    die_mode: str = "503"  # ... answering "503" (or "500") to everything, "connect" (httpx.ConnectError)
+    # or "sigkill" (the process SIGKILLs itself: only for a fake served in a subprocess)
+    fault: str | None = None  # a broken completions route, one of FAULTS (the differ's fault tests)
+    fault_after: int = 0  # completions requests answered well before the fault starts
+    fault_match: str | None = None  # only requests whose prompt text contains this (None: all)
+    fault_echo_only: bool = False  # only echo requests (teacher forcing, conformance's echo checks)
     perturb_noise: float = 0.0  # std of a deterministic per-context noise added to the logits
     flip_every: int = 0  # every k-th generated token is the runner-up instead of the argmax
     debug: bool = False  # serve GET /debug/config
     version: str | None = "fake-0.1"  # GET /version (None -> 404)
     max_model_len: int = 2048
 
+    def __post_init__(self) -> None:
+        if self.fault is not None and self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}; one of {', '.join(FAULTS)}")
+
     def replace(self, **changes: Any) -> FakeBehaviour:
         return dataclasses.replace(self, **changes)
 
+
+# Broken answers of /v1/completions (`FakeBehaviour.fault`): what servers have really sent.
+FAULTS = {
+    "http-500": "HTTP 500 with an OpenAI error body",
+    "invalid-json": "HTTP 200 whose body is not JSON",
+    "no-choices": "HTTP 200 JSON without a 'choices' list",
+    "half-logprobs": "logprobs cover only the first half of the generated text",
+    "no-logprob-tokens": "a logprobs block with no tokens although the text is not empty",
+    "short-logprobs": "fewer token_logprobs than tokens",
+    "nan-logprobs": "NaN for every logprob (the JSON literal NaN)",
+    "truncated-sse": "an SSE stream cut mid-event, without data: [DONE]",
+    "reset": "the connection reset by the peer (in-process transport only; live: see live_fakes)",
+}
 
 # Behaviours that imitate gaps of real engines (issue 5's list), for parametrized tests.
 QUIRKS: dict[str, FakeBehaviour] = {
@@ -187,6 +213,22 @@ class FakeServer:
     def dead(self) -> bool:
         n = self.behaviour.die_after
         return n is not None and self.completions_served >= n
+
+    def faulty(self, req: Any) -> bool:
+        """Whether this completions request (already counted) gets the behaviour's fault."""
+        b = self.behaviour
+        if b.fault is None or self.completions_served <= b.fault_after:
+            return False
+        if b.fault_echo_only and not (isinstance(req, dict) and req.get("echo")):
+            return False
+        if b.fault_match is None:
+            return True
+        prompt = req.get("prompt") if isinstance(req, dict) else None
+        try:
+            texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in _prompts(prompt)]
+        except (_Reject, TypeError, IndexError):
+            return False
+        return any(b.fault_match in t for t in texts)
 
     def transport(self) -> httpx.AsyncBaseTransport:
         return _FakeTransport(self)
@@ -333,10 +375,16 @@ def _build_app(server: FakeServer) -> FastAPI:
     async def gate(request: Request, call_next: Any) -> Any:
         server.requests.append((request.method, request.url.path))
         if server.dead:
+            if b.die_mode == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if b.die_mode == "500":
+                return _error(500, "Internal Server Error")
             return _error(503, "server is shutting down")
         authorised = request.headers.get("authorization") == f"Bearer {b.api_key}"
         if b.api_key and request.url.path != "/health" and not authorised:
-            return _error(401, "Invalid API key", code="invalid_api_key", kind="authentication_error")
+            # servers do echo the credential they refused: the differ must scrub it from errors
+            got = request.headers.get("authorization", "(none)")
+            return _error(401, f"Invalid API key: {got}", code="invalid_api_key", kind="authentication_error")
         return await call_next(request)
 
     @app.get("/health")
@@ -358,11 +406,13 @@ def _build_app(server: FakeServer) -> FastAPI:
         if b.delay_s:
             await asyncio.sleep(b.delay_s)
         try:
-            return server.completions(await request.json())
+            req = await request.json()
+            answer = server.completions(req)
         except _Reject as e:
             return _error(e.status, e.message, param=e.param)
         except ValueError:
             return _error(400, "body is not valid JSON")
+        return _broken(answer, b.fault) if server.faulty(req) and b.fault else answer
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Any:
@@ -401,6 +451,12 @@ class _FakeTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self.server.dead and self.server.behaviour.die_mode == "connect":
             raise httpx.ConnectError("[fake] connection refused", request=request)
+        if self.server.behaviour.fault == "reset" and request.url.path == "/v1/completions":
+            body = json.loads(await request.aread() or b"null")
+            self.server.completions_served += 1
+            if self.server.faulty(body):
+                raise httpx.ReadError("[fake] connection reset by peer", request=request)
+            self.server.completions_served -= 1  # the app counts it again
         return await self._inner.handle_async_request(request)
 
     async def aclose(self) -> None:
@@ -412,6 +468,41 @@ def _error(status: int, message: str, *, param: str | None = None, code: str | N
     kind = "server_error" if status >= 500 else kind
     body = {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
     return JSONResponse(body, status_code=status)
+
+
+def _broken(answer: dict, fault: str) -> Any:
+    """`answer` as `fault` breaks it."""
+    choice = answer["choices"][0]
+    block = choice.get("logprobs") or {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    if fault == "http-500":
+        return _error(500, "Internal Server Error: CUDA error: an illegal memory access was encountered")
+    if fault == "invalid-json":
+        return Response(b'{"id": "cmpl-1", "choices": [{"text": "oops', media_type="application/json")
+    if fault == "no-choices":
+        return {k: v for k, v in answer.items() if k != "choices"}
+    if fault == "truncated-sse":
+        event = json.dumps(answer)
+        return Response(f"data: {event[: len(event) // 2]}".encode(), media_type="text/event-stream")
+    if fault == "half-logprobs":
+        half = max(1, len(block["tokens"]) // 2)
+        choice["logprobs"] = {key: value[:half] for key, value in block.items()}
+    elif fault == "no-logprob-tokens":
+        choice["logprobs"] = {key: [] for key in block}
+    elif fault == "short-logprobs":
+        choice["logprobs"] = dict(block, token_logprobs=block["token_logprobs"][:-1])
+    elif fault == "nan-logprobs":
+        choice["logprobs"] = dict(
+            block,
+            token_logprobs=[None if lp is None else math.nan for lp in block["token_logprobs"]],
+            top_logprobs=[None if t is None else dict.fromkeys(t, math.nan) for t in block["top_logprobs"]],
+        )
+    # NaN is not JSON, but Python servers send the literal NaN (json.dumps' default)
+    return Response(json.dumps(answer).encode(), media_type="application/json")
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:

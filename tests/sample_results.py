@@ -32,6 +32,7 @@ def _prompts(faulty: bool) -> list[PromptDiff]:
     same = PromptDiff(
         prompt_id="arith",
         prompt="1+2+3=",
+        tags=["math"],
         ref_text=" 6",
         tgt_text=" 6",
         ref_tokens=[" ", "6"],
@@ -57,6 +58,7 @@ def _prompts(faulty: bool) -> list[PromptDiff]:
     capital = PromptDiff(
         prompt_id="capital",
         prompt=XSS_PROMPT,
+        tags=["facts", "<b>html</b>"],
         ref_text="".join(ref_cap),
         tgt_text="".join(tgt_cap),
         ref_tokens=ref_cap,
@@ -84,6 +86,7 @@ def _prompts(faulty: bool) -> list[PromptDiff]:
     chinese = PromptDiff(
         prompt_id="zh",
         prompt="Translate into Chinese:\nHello | world",
+        tags=["translation"],
         ref_text="".join(ref_zh),
         tgt_text="".join(tgt_zh),
         ref_tokens=ref_zh,
@@ -174,9 +177,9 @@ def _layers(against: str, kind: str, fault_layer: int | None) -> LayerDiff:
                 max_abs=3.0 if broken else 2e-3,
                 sqnr_db=4.0 if broken else 54.0,
                 flagged=broken,
-                local_cosine=0.81 if local_broken else 1.0 - 1e-6,
+                local_cosine=0.81 if local_broken else 1.0 - 1e-6 * (1 + i % 3),
                 local_norm_ratio=1.9 if local_broken else 1.0,
-                local_rel_err=0.6 if local_broken else 1e-3,
+                local_rel_err=0.6 if local_broken else 1e-4 * (1 + i % 3),
             )
         )
     points.append(
@@ -240,15 +243,58 @@ def _audit(broken: bool) -> list[dict[str, object]]:
     ]
 
 
+def _layer_parts(golden: str, faulty: bool) -> tuple[PartVerdict, PartVerdict]:
+    """The white-box "layers" parts as difftest.layers.layer_verdict writes them."""
+    worst = "model.layers.3.mlp.down_proj" if faulty else "model.layers.5.mlp.down_proj"
+    exact = PartVerdict(
+        "layers",
+        golden,
+        (
+            Check(
+                "local_rel_err_max",
+                0.6 if faulty else 1e-4,
+                1e-3,
+                "<=",
+                not faulty,
+                note=f"{worst}; module replayed on the golden's input",
+            ),
+            Check(
+                "point_rel_err_max",
+                0.35 if faulty else 1e-3,
+                5e-2,
+                "<=",
+                not faulty,
+                note="model.layers.3; accumulated vs golden",
+            ),
+        ),
+    )
+    acc = PartVerdict(
+        "layers",
+        "reference",
+        (
+            Check(
+                "local_cosine_min",
+                0.81 if faulty else 1.0 - 1e-6,
+                0.995,
+                ">=",
+                not faulty,
+                note=f"{worst}; module budget fp8-block",
+            ),
+        ),
+    )
+    return exact, acc
+
+
 def _target(name: str, *, faulty: bool, expect: str) -> TargetResult:
     golden = f"{name}-golden"
     exact_parts = PartVerdict("exactness", golden, _checks("exactness", faulty))
     acc_parts = PartVerdict("accuracy", "reference", _checks("accuracy", faulty))
+    layers_exact, layers_acc = _layer_parts(golden, faulty)
     inv = PartVerdict("invariance", "", (Check("slot_max_abs_logprob_diff", 0.0, 1e-5, "<=", True),))
     verdict = TargetVerdict(
         target=name,
         expect=expect,
-        parts=(exact_parts, acc_parts, inv),
+        parts=(exact_parts, acc_parts, layers_exact, layers_acc, inv),
         localisation=LOCALISATION if faulty else None,
         warnings=("echoed logprobs checked against generation logprobs",) if faulty else (),
     )
@@ -349,3 +395,100 @@ def degraded_run() -> RunResult:
         ],
         warnings=["target never-ran: server died during start"],
     )
+
+
+def big_run(n_prompts: int, n_targets: int = 3, *, seed: int = 0) -> RunResult:
+    """A synthetic run at scale: `n_prompts` prompts x `n_targets` targets x 2 comparisons.
+
+    Built directly (no server, no metrics code), deterministic; the last target is a faulted
+    negative control whose prompts diverge more often and whose exactness part fails. Token
+    lists are shared between prompts where they are equal, as a real run's would not be, but the
+    renderers copy what they keep, so the page's size is what a real run of this size gives.
+    """
+    import random
+
+    rng = random.Random(seed)
+    words = [f" w{i}" for i in range(400)]
+    tag_names = ["math", "code", "facts", "translation", "story", "reasoning", "list", "json"]
+    base = [rng.choice(words) for _ in range(24)]
+    ids = [hash(w) % 49152 for w in base]
+    targets = []
+    for k in range(n_targets):
+        name = f"target-{k}"
+        faulty = k == n_targets - 1
+        comps = []
+        for kind, baseline in (("exactness", f"{name}-golden"), ("accuracy", "reference")):
+            prompts = []
+            for i in range(n_prompts):
+                r = rng.random()
+                diverge = r < (0.6 if faulty else 0.15)
+                d = rng.randrange(1, 23) if diverge else None
+                tgt = list(base) if d is None else base[:d] + [rng.choice(words)] + base[d:-1]
+                kl = [rng.random() * (0.3 if faulty else 0.01) for _ in range(24)]
+                prompts.append(
+                    PromptDiff(
+                        prompt_id=f"p{i:05d}",
+                        prompt=f"Prompt number {i}: tell me about item {i * 7919 % 10**6}",
+                        tags=[tag_names[i % len(tag_names)]],
+                        ref_text="".join(base),
+                        tgt_text="".join(tgt),
+                        ref_tokens=base,
+                        tgt_tokens=tgt,
+                        ref_token_ids=ids,
+                        tgt_token_ids=[hash(w) % 49152 for w in tgt],
+                        match_rate=1.0 if d is None else d / 24,
+                        exact=d is None,
+                        common_prefix=24 if d is None else d,
+                        first_divergence=d,
+                        divergence_kind=None if d is None else rng.choice(["TIE", "DRIFT", "WRONG"]),
+                        ref_alternatives={} if d is None else {str(ids[d]): -0.1, str(ids[0]): -2.5},
+                        tgt_alternatives={} if d is None else {str(ids[0]): -0.2, str(ids[d]): -1.5},
+                        garbled=False,
+                        position_kl=kl,
+                        kl_mean=sum(kl) / 24,
+                        kl_lower=0.0,
+                        kl_upper=sum(kl) / 12,
+                        top1_agreement=1.0 - (0.1 if diverge else 0.0),
+                    )
+                )
+            agg = {
+                "kl_mean": sum(p.kl_mean or 0.0 for p in prompts) / n_prompts,
+                "top1_agreement": sum(p.top1_agreement or 0.0 for p in prompts) / n_prompts,
+                "token_match": sum(p.match_rate or 0.0 for p in prompts) / n_prompts,
+            }
+            comps.append(Comparison(kind, baseline, name, prompts=prompts, aggregate=agg))
+        exact_limit = 0.005
+        parts = tuple(
+            PartVerdict(
+                c.kind,
+                c.baseline,
+                (
+                    Check(
+                        "kl_mean",
+                        c.aggregate["kl_mean"],
+                        exact_limit if c.kind == "exactness" else 0.08,
+                        "<=",
+                        c.aggregate["kl_mean"] <= (exact_limit if c.kind == "exactness" else 0.08),
+                        note="noise floor x3" if c.kind == "exactness" else "budget fp8-block",
+                    ),
+                ),
+            )
+            for c in comps
+        )
+        verdict = TargetVerdict(
+            name, "fail" if faulty else "pass", parts, localisation=LOCALISATION if faulty else None
+        )
+        layers = [_layers(f"{name}-golden", "exactness", 3 if faulty else None)]
+        targets.append(
+            TargetResult(
+                name,
+                "fp8-block",
+                "fail" if faulty else "pass",
+                golden=f"{name}-golden",
+                comparisons=comps,
+                layers=layers,
+                verdict=verdict,
+                total_requests=4 * n_prompts,
+            )
+        )
+    return RunResult(reference="reference", targets=targets, elapsed_s=1.0)

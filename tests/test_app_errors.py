@@ -116,14 +116,20 @@ async def test_body_too_large(client):
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}],
     ids=["missing", "wrong", "no-bearer"],
 )
-@pytest.mark.parametrize("route", ["/health", "/v1/models", "/v1/completions", "/tokenize", "/nope"])
-async def test_api_key_on_every_route(client, headers, route):
+@pytest.mark.parametrize("route", ["/v1/models", "/v1/completions", "/tokenize", "/detokenize", "/nope"])
+async def test_api_key_on_every_route_but_health(client, headers, route):
     async with httpx.AsyncClient(transport=client._transport, base_url="http://shim") as anon:
-        method = anon.get if route in ("/health", "/v1/models", "/nope") else anon.post
+        method = anon.get if route in ("/v1/models", "/nope") else anon.post
         kwargs = {} if method == anon.get else {"json": GOOD}
         r = await method(route, headers=headers, **kwargs)
     _check_error(r, 401, None, "invalid_api_key")
     await _still_serves(client)
+
+
+async def test_health_is_open_and_reveals_nothing(client):
+    async with httpx.AsyncClient(transport=client._transport, base_url="http://shim") as anon:
+        r = await anon.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
 
 
 async def test_unknown_route_and_method(client):

@@ -1,4 +1,4 @@
-"""DESIGN.md "Boundaries": difftest runs without torch, triton or fastapi (someone comparing two
+"""docs/design.md "Boundaries": difftest runs without torch, triton or fastapi (someone comparing two
 deployed servers installs httpx, numpy, sacrebleu and safetensors only), and the launcher starts
 servers without loading a model."""
 
@@ -19,7 +19,7 @@ def test_every_difftest_module_imports_without_torch_triton_fastapi() -> None:
     modules = sorted(
         m.name for m in pkgutil.walk_packages(difftest.__path__, "difftest.") if m.name != "difftest.__main__"
     )
-    assert "difftest.runner" in modules and "difftest.layers" in modules
+    assert "difftest.runner" in modules and "difftest.whitebox.layers" in modules
     code = BLOCK + f"import importlib\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
     code += "import server_shim.launch, server_shim.launch_spec\nprint('ok')\n"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from fakes import FAKE_URL, FakeServer
 
-from difftest.cache import CacheMiss, ResponseCache, cache_key
+from difftest.cache import ResponseCache, cache_key
 from difftest.client import CompletionClient
-from difftest.errors import RequestRejected, ServerError
+from difftest.errors import CacheMiss, RequestRejected, ServerError
 
 FP = {"name": "ref", "url": "http://a", "models": ["m"]}
 REQ = {"model": "m", "prompt": "1+2=", "max_tokens": 4, "temperature": 0}
@@ -143,3 +149,69 @@ async def test_offline_replays_and_misses_clearly(tmp_path: Path) -> None:
                 await c.completions(prompts(1)[0])
     with pytest.raises(ValueError):
         CompletionClient(FAKE_URL, name="x", offline=True)
+
+
+def test_cache_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)  # the worst case: sqlite alone would create 0666 (world-writable)
+    try:
+        with ResponseCache(tmp_path / "c.sqlite") as cache:
+            cache.put(FP, REQ, RESP)
+            files = sorted(tmp_path.glob("c.sqlite*"))
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
+    finally:
+        os.umask(old)
+    assert {"c.sqlite", "c.sqlite-wal"} <= set(modes)
+    assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+    (tmp_path / "d.sqlite").touch(mode=0o666)  # an existing file loses group/other write
+    os.chmod(tmp_path / "d.sqlite", 0o666)
+    ResponseCache(tmp_path / "d.sqlite").close()
+    assert stat.S_IMODE((tmp_path / "d.sqlite").stat().st_mode) & 0o022 == 0
+
+
+_WRITER = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[2])
+from fakes import FakeServer
+from difftest.cache import ResponseCache
+
+async def main():
+    with ResponseCache(sys.argv[1]) as cache:
+        async with FakeServer().client(name="tgt", cache=cache) as client:
+            for i in range(int(sys.argv[3])):
+                req = {"prompt": f"prompt {i}:", "max_tokens": 3, "logprobs": 2}
+                await client.completions(req)
+                print(i, flush=True)  # after the commit
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_sigkill_mid_write_leaves_a_cache_that_resume_uses(tmp_path: Path) -> None:
+    """A process killed while it writes answers: the cache opens, passes sqlite's integrity check,
+    holds every answer the process reported as written, and a resume asks only for the rest."""
+    path, total = tmp_path / "c.sqlite", 400
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path), str(Path(__file__).parent), str(total)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        reported = [int(child.stdout.readline()) for _ in range(120)]  # type: ignore[union-attr]
+        child.send_signal(signal.SIGKILL)  # mid-run: it keeps writing until the signal lands
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    db.close()
+    with ResponseCache(path) as cache:
+        kept = len(cache)
+        assert kept >= reported[-1] + 1 and kept < total  # nothing reported lost; killed before the end
+        fresh = FakeServer()
+        async with fresh.client(name="tgt", cache=cache) as client:
+            for i in range(total):
+                await client.completions({"prompt": f"prompt {i}:", "max_tokens": 3, "logprobs": 2})
+        # re-asked: only what was missing, plus the identity canary (difftest.identity)
+        assert fresh.completions_served == total - kept + 1
+        assert len(cache) == total

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from test_layers import build, shim_endpoint
+from test_layers import _run_in_current_loop, build, serve_in_process, shim_server
 
 from difftest.cli import build_parser, whitebox
 from difftest.cli import layers as layers_cmd
@@ -18,16 +18,10 @@ FAULT_MODULE = "model.layers.1.mlp.up_proj"
 
 
 async def _run(monkeypatch: Any, command: Any, args: argparse.Namespace) -> int:
-    """The command over fresh in-process servers (the command closes its clients when done)."""
     bad = build(scheme="fp8-block", faults=[f"scale-skipped@{FAULT_MODULE}"])
-    async with shim_endpoint("reference", build()) as r, shim_endpoint("target", bad) as t:
-        eps = {"reference": r, "target": t}
-
-        async def fake_connect(name: str, url: str, api_key: str | None, timeout_s: float = 0):  # noqa: ANN202
-            return eps[name]
-
-        monkeypatch.setattr(whitebox, "connect", fake_connect)
-        monkeypatch.setattr(whitebox.asyncio, "run", lambda coro: coro)  # already inside a loop
+    with shim_server("reference", build()) as (r, _), shim_server("target", bad) as (t, _):
+        serve_in_process(monkeypatch, {"reference": r, "target": t})
+        monkeypatch.setattr(whitebox.asyncio, "run", _run_in_current_loop)  # already inside a loop
         return await command.run(args)  # main() would wrap the coroutine in int()
 
 

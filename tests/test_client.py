@@ -231,3 +231,28 @@ async def test_a_server_that_dies_ends_in_server_error(mode: str) -> None:
             await c.completions(PAYLOAD | {"model": "fake-model"})
         assert (c.requests, c.failures, c.retries) == (3, 1, 2)
     assert info.value.status_code == (503 if mode == "503" else None)
+
+
+@pytest.mark.parametrize("mode", ["silent", "reset"])
+async def test_a_real_socket_that_never_answers_or_resets_is_bounded(mode: str) -> None:
+    """Over a real connection (not a mock transport): a server that accepts and never answers costs
+    (max_retries + 1) x timeout_s, then a ServerError naming the server; a reset is retried too."""
+    from live_fakes import raw_server
+
+    with raw_server(mode) as url:
+        async with CompletionClient(
+            url, name="tgt", timeout_s=0.3, max_retries=1, backoff_base_s=0.001, backoff_max_s=0.002
+        ) as c:
+            with pytest.raises(ServerError) as info:
+                await c.completions(PAYLOAD)
+            assert c.stats().requests == 1 and c.retries == 1 and c.failures == 1
+    said = "timed out after 0.3s" if mode == "silent" else "connection failed"
+    assert str(info.value).startswith("tgt: POST /v1/completions failed after 2 attempt(s): " + said)
+
+
+def test_timeouts_are_settable_and_checked() -> None:
+    c = CompletionClient("http://h", name="s", timeout_s=2.5, connect_timeout_s=30)
+    assert (c.timeout_s, c.connect_timeout_s) == (2.5, 2.5)  # connecting never outlasts the request
+    assert c.sibling(name="s2", concurrency=1).connect_timeout_s == 2.5
+    with pytest.raises(ValueError, match="timeout_s and connect_timeout_s must be > 0"):
+        CompletionClient("http://h", name="s", timeout_s=0)

@@ -321,6 +321,18 @@ ERRORS = [
         "14: [thresholds.exactness] metric 'exactness.kl_meen' is unknown",
     ),
     (MINIMAL + "\n[thresholds.fp8-blok]\nmargin = 2\n", "13: [thresholds] scheme 'fp8-blok' is unknown"),
+    (
+        MINIMAL.replace('model = "tiny-llama"\nquant', 'model = "models/missing.gguf"\nquant'),
+        "9: [[target]] model 'models/missing.gguf' is neither a preset (smollm2-135m, tiny-llama, tiny-moe)",
+    ),
+    (
+        MINIMAL.replace('[reference]\nmodel = "tiny-llama"', '[reference]\nmodel = "tiny-lama"'),
+        "5: [reference] model 'tiny-lama' is neither a preset",
+    ),
+    (
+        MINIMAL.replace('golden = "auto"', 'golden = { command = "engine --serve" }'),
+        "11: [target.golden] the command has no {port} placeholder",
+    ),
 ]
 
 
@@ -370,3 +382,35 @@ def test_launcher_mirrors_match_server_shim_quant() -> None:
     assert launch.BACKENDS == linear.BACKENDS
     assert launch.FAULTS == faults.FAULTS
     assert launch.FAULT_SCHEMES == faults.FAULT_SCHEMES
+
+
+def test_model_presets_match_the_shim() -> None:
+    from difftest.config import MODEL_PRESETS
+
+    models = pytest.importorskip("server_shim.models")
+    assert models.PRESETS == MODEL_PRESETS
+
+
+@pytest.mark.parametrize(
+    ("change", "line"),
+    [
+        (('model = "tiny-llama"\nquant', 'model = "no/such/model"\nquant'), 9),
+        (('model = "tiny-llama"\nquant = "fp8-block"\ngolden = "auto"', 'command = "engine --serve"'), 9),
+    ],
+)
+def test_launch_mistakes_are_exit_2_before_anything_starts(
+    tmp_path: Path, change: tuple[str, str], line: int, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Issue 10: a missing model path exited 3 after launching servers, naming no config line; a
+    command without {port} was exit 3 too."""
+    from difftest import runner
+    from difftest.cli import main
+
+    started: list[object] = []
+    monkeypatch.setattr(runner, "launch_servers", lambda *a, **k: started.append(a))
+    path = write(tmp_path, MINIMAL.replace(*change))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"difftest: error: {path}:{line}: [[target]] ") and err.count("\n") == 1
+    assert started == []

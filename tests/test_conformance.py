@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from fakes import QUIRKS, FakeBehaviour, FakeServer
 
-from difftest.conformance import DEFAULT_PROBES, Capabilities, ProbeTokens, check_pair, probe
-from difftest.errors import ConformanceError
+from difftest.conformance import DEFAULT_PROBES, Capabilities, ProbeTokens, probe
+from difftest.errors import ConformanceError, InfraError
+from difftest.tokenizer_check import check_pair
 from difftest.tokens_view import parse_choice
 
 
@@ -97,11 +98,19 @@ async def test_tokenizer_hint_fills_ids_when_the_server_has_none() -> None:
     )
 
 
-@pytest.mark.parametrize("behaviour", [FakeBehaviour(die_after=0), FakeBehaviour(api_key="k")])
-async def test_no_completions_at_all_is_a_conformance_error(behaviour: FakeBehaviour) -> None:
-    with pytest.raises(ConformanceError, match="cannot serve /v1/completions") as info:
-        await probed(behaviour, max_retries=1)
+async def test_refused_completions_are_a_conformance_error() -> None:
+    with pytest.raises(ConformanceError, match="cannot serve /v1/completions.*HTTP 401") as info:
+        await probed(FakeBehaviour(api_key="k"), max_retries=1)
     assert info.value.exit_code == 2
+
+
+async def test_a_server_failing_every_request_is_infrastructure_exit_3() -> None:
+    """5xx on everything is the server's fault, not a mismatch between servers: exit 3, named."""
+    with pytest.raises(
+        InfraError, match=r"srv \(http://fake.invalid\) fails /v1/completions: HTTP 503"
+    ) as info:
+        await probed(FakeBehaviour(die_after=0), max_retries=1)
+    assert info.value.exit_code == 3
 
 
 async def test_a_key_makes_the_protected_server_work() -> None:
@@ -119,9 +128,49 @@ async def test_a_server_dying_mid_probe_degrades_without_crashing(die_after: int
         assert not caps.teacher_forced
 
 
-async def test_slow_server_past_the_timeout_is_a_conformance_error() -> None:
-    with pytest.raises(ConformanceError, match="timed out"):
+async def test_slow_server_past_the_timeout_is_infrastructure() -> None:
+    with pytest.raises(InfraError, match="timed out after 0.02s"):
         await probed(FakeBehaviour(delay_s=0.5), timeout_s=0.02, max_retries=0)
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("half-logprobs", r'text and logprobs disagree: 4 logprob tokens for max_tokens=8 with finish_reason "length"'),
+        ("no-logprob-tokens", r"text and logprobs disagree: no logprob tokens for \d+ characters of text"),
+        ("short-logprobs", r"malformed logprobs block: token_logprobs has 7 entries for 8 tokens"),
+        ("nan-logprobs", r"NaN logprobs in its generation .*NaN always fails"),
+    ],
+)  # fmt: skip
+async def test_logprobs_that_are_not_the_text_stop_the_run_naming_the_server(
+    fault: str, message: str
+) -> None:
+    """Issue 10: half-covering logprobs used to switch teacher forcing off quietly (a token-match-only
+    PASS), zero logprob tokens with text crashed (exit 1), NaN disabled echo checks silently."""
+    with pytest.raises(ConformanceError, match=r"^tgt \(http://fake.invalid\): " + message) as info:
+        await probed(FakeBehaviour(fault=fault), name="tgt")
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("half-logprobs", "echoed text and logprobs disagree: the 6 logprob tokens cover 19 of the 44 characters"),
+        ("nan-logprobs", r"NaN logprobs in its echo \(positions \[1, 2"),
+        ("short-logprobs", "malformed logprobs block: token_logprobs has 11 entries for 12 tokens"),
+    ],
+)  # fmt: skip
+async def test_echo_whose_logprobs_are_not_the_text_stops_the_run(fault: str, message: str) -> None:
+    """Generation fine, echo broken: teacher forcing used to be switched off quietly ("misaligned")."""
+    with pytest.raises(ConformanceError, match=r"^tgt \(http://fake.invalid\): " + message):
+        await probed(FakeBehaviour(fault=fault, fault_echo_only=True), name="tgt")
+
+
+@pytest.mark.parametrize("fault", ["http-500", "invalid-json", "no-choices", "truncated-sse", "reset"])
+async def test_broken_answers_to_every_request_are_infrastructure(fault: str) -> None:
+    with pytest.raises(InfraError, match=r"^tgt \(http://fake.invalid\) fails /v1/completions: ") as info:
+        await probed(FakeBehaviour(fault=fault), name="tgt", max_retries=1)
+    assert info.value.exit_code == 3
 
 
 # ----------------------------------------------------------------------------- pairs

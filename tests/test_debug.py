@@ -268,7 +268,7 @@ async def test_bad_module_requests(tiny_llama: LoadedModel) -> None:
             assert r.json()["error"]["param"] == param
         bad_json = await c.post("/debug/activations", content=b"{nope")
         not_obj = await c.post("/debug/activations", json=[1, 2])
-    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
+    assert bad_json.status_code == 400 and "malformed JSON" in bad_json.json()["error"]["message"]
     assert not_obj.status_code == 400
 
 

@@ -278,15 +278,17 @@ def test_shim_argv_carries_every_option() -> None:
     )
     argv = build_argv(spec, 4321, api_key="k")
     assert argv[:4] == [sys.executable, "-m", "server_shim", "serve"]
-    joined = " ".join(argv[4:])
-    for part in (
-        "--model tiny-llama --port 4321 --host 127.0.0.1 --dtype float32 --device cpu --seed 5",
-        "--quant fp8-block --backend triton",
-        "--quant-skip lm_head --quant-skip model.layers.0.*",
-        "--fault scale-transposed@model.layers.1.mlp.down_proj",
-        "--ck-free --batch-invariant --debug --api-key k --max-model-len 512",
-    ):
-        assert part in joined
+    pairs = {(a, b) for a, b in zip(argv[4:], argv[5:], strict=False)}
+    for part in [
+        ("--model", "tiny-llama"), ("--port", "4321"), ("--host", "127.0.0.1"), ("--dtype", "float32"),
+        ("--device", "cpu"), ("--seed", "5"), ("--quant", "fp8-block"), ("--backend", "triton"),
+        ("--quant-skip", "lm_head"), ("--quant-skip", "model.layers.0.*"),
+        ("--fault", "scale-transposed@model.layers.1.mlp.down_proj"), ("--max-model-len", "512"),
+    ]:  # fmt: skip
+        assert part in pairs
+    assert {"--ck-free", "--batch-invariant", "--debug"} <= set(argv)
+    assert argv[-2:] == ["--max-model-len", "512"]  # extra_args last
+    assert "k" not in argv  # the key travels by environment (launch._start), never on the command line
     assert "--ck-free" not in build_argv(ServerSpec(name="p", model="m"), 1)
 
 
@@ -431,3 +433,93 @@ def test_two_real_tiny_llama_shims(tmp_path: Path) -> None:
             texts.append(resp.json()["choices"][0]["text"])
         assert texts[0] == texts[1]  # same seeded model, greedy
     assert wait_dead(pids) == []
+
+
+# ----------------------------------------------------------------------------- a launcher that is SIGKILLed
+
+_ORPHAN_PARENT = """
+import sys, time
+from pathlib import Path
+from server_shim.launch import ServerSpec, launch_servers
+cmd = sys.argv[1]
+specs = [ServerSpec(name=n, command=cmd.replace("NAME", n), startup_timeout_s=20) for n in ("a", "b")]
+with launch_servers(specs, log_dir=Path(sys.argv[2])) as servers:
+    print(" ".join(str(s.pid) for s in servers.values()), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_servers_stop_by_themselves_when_the_launcher_is_sigkilled(tmp_path: Path) -> None:
+    """SIGKILL runs no teardown: the kernel's parent-death signal must stop the servers (they used to
+    live on, holding their ports)."""
+    token = f"orphan-{uuid.uuid4().hex[:8]}"
+    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE))} --port {{port}} --name {token}-NAME"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_PARENT, cmd, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        assert sorted(pids) == sorted(p for p in pids_with(token) if p != parent.pid)
+        parent.kill()
+        parent.wait(timeout=10)
+        assert wait_dead(pids, timeout=15) == []
+        assert pids_with(token) == []
+    finally:
+        parent.kill()
+        for pid in pids_with(token):  # only if the test failed: leave nothing behind
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_launched_shim_gets_its_key_by_environment_not_argv(tmp_path: Path, monkeypatch) -> None:
+    """The key is not in /proc/PID/cmdline (readable by every user) nor in the log; /health is open."""
+    key = f"sk-{uuid.uuid4().hex}"
+    monkeypatch.setenv("DIFFTEST_TEST_SHIM_KEY", key)
+    spec = ServerSpec(
+        name="keyed",
+        model="tiny-llama",
+        device="cpu",
+        api_key_env="DIFFTEST_TEST_SHIM_KEY",
+        startup_timeout_s=300,
+    )
+    with launch_servers([spec], log_dir=tmp_path) as servers:
+        server = servers["keyed"]
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        assert key.encode() not in cmdline and b"serve" in cmdline
+        assert httpx.get(server.url + "/health", trust_env=False).status_code == 200
+        assert httpx.get(server.url + "/v1/models", trust_env=False).status_code == 401
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(server.url + "/v1/models", headers=auth, trust_env=False).status_code == 200
+    assert key not in (tmp_path / "keyed.log").read_text()
+
+
+def test_every_spec_option_reaches_the_shim_flags_it_parses() -> None:
+    """The option table is the one source: every spec key becomes a flag that `serve` parses back
+    to the same value (a row added to options.OPTIONS needs no other launcher change)."""
+    from server_shim.__main__ import build_parser
+    from server_shim.options import BOOLEAN, SPEC_OPTIONS, STRINGS, from_namespace
+
+    samples = {"quant": "int8", "backend": "torch", "faults": ("scale-skipped",), "rounding_noise": "auto"}
+    values = {}
+    for o in SPEC_OPTIONS:
+        if o.name in samples:
+            values[o.name] = samples[o.name]
+        elif o.kind == BOOLEAN:
+            values[o.name] = True
+        elif o.kind == STRINGS:
+            values[o.name] = ("a", "b")
+        elif o.kind == "integer":
+            values[o.name] = 7
+        else:
+            values[o.name] = "x1"
+    spec = ServerSpec(name="s", model="tiny-llama", **values)
+    argv = build_argv(spec, 1234)
+    args = build_parser().parse_args(argv[3:])  # drop `python -m server_shim`
+    opts = from_namespace(args)
+    for name, value in values.items():
+        assert getattr(opts, name) == value, name
+    assert (opts.model, opts.port, opts.host) == ("tiny-llama", 1234, "127.0.0.1")
+    assert set(launch.SPEC_KEYS) >= {o.name for o in SPEC_OPTIONS}
+    assert tuple(o.name for o in SPEC_OPTIONS) == launch.SHIM_ONLY

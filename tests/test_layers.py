@@ -1,15 +1,17 @@
-"""difftest.layers: pure parts (bounds, ranking, first divergence, verdict) with hand values, then
-in process: two debug apps over tiny-llama through ASGITransport inside CompletionClient.
+"""difftest.whitebox (activations, replay, layers, localise): pure parts (bounds, ranking, first
+divergence, verdict, the localisation sentence) with hand values, then in process: debug apps over
+tiny-llama through ASGITransport inside CompletionClient.
 
-The app is the debug router on a bare FastAPI over the real Engine (server_shim.serve's
-create_app was not ready when this was written; the routes are the same router)."""
+`shim_endpoint` is the debug router on a bare FastAPI over the real Engine (what the white-box
+functions need); `shim_server` is the whole app (`create_app`, `--debug`) for a Session, which
+probes completions too."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import httpx
 import numpy as np
@@ -19,23 +21,21 @@ from fastapi import FastAPI
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint
 from difftest.conformance import Capabilities
-from difftest.layers import (
-    LayerThresholds,
-    choose_guilty,
-    first_divergence,
-    layer_of,
-    layer_verdict,
-    local_out_of_bounds,
-    localise,
-    point_flagged,
-    point_kind,
-    rank_modules,
-    routing_rescale,
-    sibling_key,
-    summarize,
-)
 from difftest.metrics.tensors import TensorDiff
 from difftest.results import LayerDiff, LayerPoint
+from difftest.session import Server, Session
+from difftest.whitebox.activations import (
+    LayerThresholds,
+    first_divergence,
+    layer_of,
+    local_out_of_bounds,
+    point_flagged,
+    point_kind,
+    sibling_key,
+)
+from difftest.whitebox.layers import layer_verdict
+from difftest.whitebox.localise import localisation_line, localisation_sentence, localise_target
+from difftest.whitebox.replay import choose_guilty, rank_modules, routing_rescale
 from server_shim.models import LoadedModel, load_model
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -72,6 +72,47 @@ async def shim_endpoint(name: str, loaded: LoadedModel) -> AsyncIterator[Endpoin
     finally:
         await client.aclose()
         engine.close()
+
+
+class CountingTransport(httpx.AsyncBaseTransport):
+    """Records (method, path) of every request on its way to the wrapped transport."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.requests: list[tuple[str, str]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append((request.method, request.url.path))
+        return await self.inner.handle_async_request(request)
+
+    def count(self, method: str, path: str) -> int:
+        return self.requests.count((method, path))
+
+
+@contextlib.contextmanager
+def shim_server(name: str, loaded: LoadedModel) -> Iterator[tuple[Server, CountingTransport]]:
+    """The whole shim app with --debug, in process, as a Session's Server (requests counted)."""
+    from server_shim.app import create_app
+    from server_shim.engine import Engine
+    from server_shim.serve import ServeOptions
+
+    engine = Engine(loaded)
+    transport = CountingTransport(
+        httpx.ASGITransport(app=create_app(engine, ServeOptions(model=loaded.name, debug=True)))
+    )
+    try:
+        yield Server(name, f"http://{name}.test", transport=transport), transport
+    finally:
+        engine.close()
+
+
+def serve_in_process(monkeypatch: pytest.MonkeyPatch, servers: dict[str, Server]) -> None:
+    """`Session.of_urls` (what the white-box commands connect with) over in-process servers."""
+
+    def of_urls(cls, urls, *, api_key=None, options=None):  # noqa: ANN001, ANN202
+        return cls([servers[name] for name in urls], options)
+
+    monkeypatch.setattr(Session, "of_urls", classmethod(of_urls))
 
 
 # ---------------------------------------------------------------- pure parts
@@ -162,7 +203,7 @@ def test_first_divergence_and_guilt() -> None:
         "triton",
         "scales look transposed",
     )
-    line = summarize(diff)
+    line = localisation_sentence(diff)
     assert line.startswith(
         "first divergent layer 1, local error in model.layers.1.mlp.down_proj (local cos 0.9"
     )
@@ -170,6 +211,9 @@ def test_first_divergence_and_guilt() -> None:
     verdict = layer_verdict(diff)
     assert not verdict.passed
     assert any("model.layers.1.mlp.down_proj" in r and "local_rel_err_max" in r for r in verdict.reasons)
+    # one producer: a verdict's localisation line is the first localised diff's sentence
+    quiet = LayerDiff(against="ref", kind="accuracy", summary="no divergence vs ref")
+    assert localisation_line([quiet, diff]) == line and localisation_line([quiet]) is None
 
 
 def test_verdict_accuracy_and_skip() -> None:
@@ -197,9 +241,10 @@ def ref_model() -> LoadedModel:
 
 async def test_reference_against_itself_has_nothing_flagged(ref_model: LoadedModel) -> None:
     async with shim_endpoint("a", ref_model) as a, shim_endpoint("b", ref_model) as b:
-        diff = await localise(a, b, PROMPT, kind="exactness")
+        found = await localise_target(b, prompt=PROMPT, golden=a)
+    (diff,) = found.diffs
     assert diff.points and not any(p.flagged for p in diff.points)
-    assert diff.first_divergent_layer is None and diff.guilty_module is None
+    assert diff.first_divergent_layer is None and diff.guilty_module is None and not found.audit
     replayed = [p for p in diff.points if p.local_rel_err is not None]
     assert len(replayed) == 28 and all(p.local_rel_err == 0.0 for p in replayed)  # 7 linears x 4 layers
     assert any(p.name == "decode.model.layers.3" for p in diff.points)  # decode path compared too
@@ -207,28 +252,61 @@ async def test_reference_against_itself_has_nothing_flagged(ref_model: LoadedMod
 
 
 async def test_fault_is_localised_and_cli_exits_1(ref_model: LoadedModel, monkeypatch, capsys) -> None:
-    bad = build(scheme="fp8-block", faults=["fnuz-unnormalized@model.layers.2.mlp.up_proj"])
-    from difftest.cli import layers, whitebox
+    """`difftest layers --ref --golden --target`: the fault is named once per diff, the blamed module
+    is audited once (both diffs blame it), and each server's /debug/config is fetched once."""
+    module = "model.layers.2.mlp.up_proj"
+    bad = build(scheme="fp8-block", faults=[f"fnuz-unnormalized@{module}"])
+    golden = build(scheme="fp8-block")
+    from difftest.cli import layers as layers_cmd
+    from difftest.cli import whitebox as whitebox_cli
 
-    async with shim_endpoint("reference", ref_model) as r, shim_endpoint("target", bad) as t:
-        diff = await localise(r, t, PROMPT, kind="accuracy")
-        eps = {"reference": r, "target": t}
-
-        async def fake_connect(name: str, url: str, api_key: str | None, timeout_s: float = 0) -> Endpoint:
-            return eps[name]
-
-        monkeypatch.setattr(whitebox, "connect", fake_connect)
-        monkeypatch.setattr(whitebox.asyncio, "run", _run_in_current_loop)
+    with (
+        shim_server("reference", ref_model) as (ref, ref_t),
+        shim_server("golden", golden) as (gold, gold_t),
+        shim_server("target", bad) as (tgt, tgt_t),
+    ):
+        serve_in_process(monkeypatch, {"reference": ref, "golden": gold, "target": tgt})
+        monkeypatch.setattr(whitebox_cli.asyncio, "run", _run_in_current_loop)
         args = argparse.Namespace(
-            config=None, ref="http://r", target="http://t", golden=None, prompt=PROMPT, api_key_env=None
+            config=None, ref="http://r", target="http://t", golden="http://g", prompt=PROMPT, api_key_env=None
         )
-        code = await layers.run(args)
-    assert diff.guilty_module == "model.layers.2.mlp.up_proj"
-    assert diff.audit_hint and "e4m3fnuz" in diff.audit_hint
-    assert not layer_verdict(diff, scheme="fp8-block").passed
+        code = await layers_cmd.run(args)
     assert code == 1
-    out = capsys.readouterr().out
-    assert "local error in model.layers.2.mlp.up_proj" in " ".join(out.split())  # rich wraps lines
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    assert out.count(f"local error in {module}") == 2  # vs golden and vs reference
+    assert "e4m3fnuz" in out  # the audit's hint, in both sentences
+    for t in (ref_t, gold_t, tgt_t):
+        assert t.count("GET", "/debug/config") == 1, t.requests
+    assert tgt_t.count("GET", f"/debug/quant/{module}") == 1  # one audit, though two diffs blame it
+    assert not any(m == "GET" and p.startswith("/debug/quant") for m, p in ref_t.requests + gold_t.requests)
+
+
+async def test_layers_command_needs_the_debug_protocol(ref_model: LoadedModel, monkeypatch) -> None:
+    from difftest.cli import layers as layers_cmd
+    from difftest.cli import whitebox as whitebox_cli
+    from difftest.errors import ConformanceError
+    from server_shim.app import create_app
+    from server_shim.engine import Engine
+    from server_shim.serve import ServeOptions
+
+    engine = Engine(ref_model)
+    plain = Server(
+        "target",
+        "http://t.test",
+        transport=httpx.ASGITransport(app=create_app(engine, ServeOptions(model="tiny-llama"))),
+    )
+    try:
+        with shim_server("reference", ref_model) as (ref, _):
+            serve_in_process(monkeypatch, {"reference": ref, "target": plain})
+            monkeypatch.setattr(whitebox_cli.asyncio, "run", _run_in_current_loop)
+            args = argparse.Namespace(
+                config=None, ref="http://r", target="http://t", golden=None, prompt=PROMPT, api_key_env=None
+            )
+            with pytest.raises(ConformanceError, match=r"debug protocol.*target") as info:
+                await layers_cmd.run(args)
+    finally:
+        engine.close()
+    assert info.value.exit_code == 2 and "reference" not in str(info.value)
 
 
 def _run_in_current_loop(coro):  # noqa: ANN001, ANN202 - asyncio.run stand-in inside a running loop

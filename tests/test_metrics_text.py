@@ -75,7 +75,22 @@ def test_sliced_statistics_equal_sacrebleus_corpus_scores(monkeypatch) -> None:
 
     monkeypatch.setattr(text, "STATS_SLICE", 7)  # 30 segments: 5 slices, the last one partial
     rng = random.Random(0)
-    words = "the a fox dog runs over lazy quick brown 1 2 3 def return".split()
+    words = [
+        "the",
+        "a",
+        "fox",
+        "dog",
+        "runs",
+        "over",
+        "lazy",
+        "quick",
+        "brown",
+        "1",
+        "2",
+        "3",
+        "def",
+        "return",
+    ]
     hyps = [" ".join(rng.choices(words, k=rng.randint(0, 12))) for _ in range(30)]
     refs = [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(30)]
     scores = text.text_scores(hyps, refs)

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from difftest.noise import NoiseFloor, NoiseFloorError, floor_from_comparisons
+from difftest.errors import NoiseFloorError
+from difftest.noise import NoiseFloor, floor_from_comparisons
 from difftest.results import Comparison, LayerDiff, LayerPoint, PromptDiff
 
 

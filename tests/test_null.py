@@ -130,6 +130,7 @@ def test_classification_is_derived_at_judge_time() -> None:
 
 def test_replay_bound_by_dtype_and_null_choice() -> None:
     assert replay_bound("float16")[0] == pytest.approx(2 * 2 * 2**-11)
+    assert replay_bound("bfloat16")[0] == pytest.approx(2 * 2 * 2**-8)
     assert replay_bound("float32")[0] == pytest.approx(5e-4)
     assert replay_bound(None)[0] == replay_bound("float32")[0]
     assert pick_null(None, None).source == "none"

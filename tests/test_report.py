@@ -16,7 +16,7 @@ from rich.console import Console
 
 from difftest.errors import UsageError
 from difftest.report import load_run, write_report
-from difftest.report.html import kl_colour, render_html
+from difftest.report.html import render_html
 from difftest.report.jsonio import atomic_write_text
 from difftest.report.junit import render_junit
 from difftest.report.markdown import fmt_num, md_cell, prompt_order, render_markdown
@@ -40,13 +40,38 @@ def _plain(width: int = 140) -> tuple[Console, io.StringIO]:
 # ----------------------------------------------------------------------------- folder
 
 
-def test_write_report_writes_four_files(sample_dir: dict[str, Path]) -> None:
-    assert set(sample_dir) == {"json", "markdown", "html", "junit"}
-    names = {p.name for p in sample_dir.values()}
+def test_write_report_writes_four_files_and_plots(sample_dir: dict[str, Path]) -> None:
+    files = {k for k in sample_dir if not k.startswith("plot:")}
+    assert files == {"json", "markdown", "html", "junit"}
+    names = {sample_dir[k].name for k in files}
     assert names == {"report.json", "report.md", "report.html", "junit.xml"}
+    plots = {k: p for k, p in sample_dir.items() if k.startswith("plot:")}
+    folder = sample_dir["json"].parent
+    assert {p.name for p in (folder / "plots").iterdir()} == {p.name for p in plots.values()}
+    kinds = {k.split(":")[1] for k in plots}
+    for t in ("fp8-block", "fp8-block-faulty"):
+        for part in ("exactness", "accuracy"):
+            assert {f"{t}-layers-{part}", f"{t}-kl-ladder-{part}", f"{t}-kl-position-{part}"} <= kinds
+    # the guilty module against its siblings only where a module was named
+    assert {k for k in kinds if "siblings" in k} == {
+        "fp8-block-faulty-siblings-exactness",
+        "fp8-block-faulty-siblings-accuracy",
+    }
     for p in sample_dir.values():
         assert p.stat().st_size > 100
-    assert not list(sample_dir["json"].parent.glob("*.tmp"))  # atomic writes leave no temporaries
+        # group-readable, never world-writable (mkstemp alone would leave 0600)
+        assert p.stat().st_mode & 0o777 == 0o644, (p, oct(p.stat().st_mode))
+    for p in plots.values():  # standalone SVG files: well-formed XML with the SVG namespace
+        assert ET.parse(p).getroot().tag == "{http://www.w3.org/2000/svg}svg"
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
+
+
+def test_write_report_removes_stale_plots(tmp_path: Path) -> None:
+    write_report(sample_run(), tmp_path)
+    stale = tmp_path / "plots" / "gone-target-layers-exactness.svg"
+    stale.write_text("<svg/>")
+    write_report(degraded_run(), tmp_path)  # no layers, no per-position KL: no plots at all
+    assert not stale.exists() and not list((tmp_path / "plots").glob("*.svg"))
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -70,13 +95,20 @@ def test_markdown_failing_target_has_localisation_then_reasons(sample_dir: dict[
         "> **Localisation:** first divergent layer 3, local error in model.layers.3.mlp.down_proj"
     )
     assert loc < section.index("Reasons:") < section.index("#### Exactness vs golden")
-    assert r"- exactness: kl_mean 0.1994 \> 0.005 (noise floor x3)" in section
+    assert r"- exactness: mean KL 0.1994 \> limit 0.005 (limit: noise floor x3)" in section
+    assert (
+        "- layers vs fp8-block-faulty-golden: worst module-local relative error 0.6 \\> limit 0.001 at "
+        "model.layers.3.mlp.down_proj (limit: module replayed on the golden's input)"
+    ) in section
     # the passing target has no localisation line
     passing = md[md.index("### fp8-block —") : md.index("### fp8-block-faulty")]
     assert "Localisation" not in passing
     # prompts worst first: the WRONG divergence (KL 0.405) before the DRIFT one and the exact match
     assert section.index("5 WRONG") < section.index("2 DRIFT") < section.index("| arith |")
     assert "Quantization audit" in section and "transposed" in section
+    assert "| scale shape |" in section and "| 5 × 12 |" in section and "[5, 12]" not in section
+    tags = section[section.index("#### By prompt tag") :]
+    assert "| facts | 1 | 1/1 | 0.405 | 85.7% |" in tags and r"| \<b\>html\</b\> | 1 |" in tags
     assert "<- first divergent [3] [4]" in md
 
 
@@ -137,41 +169,172 @@ class _Collector(HTMLParser):
             self.titles.append(a["title"] or "")
 
 
+def explorer_json(text: str) -> dict:
+    """The prompt explorer's JSON block of a report.html."""
+    m = re.search(r'<script type="application/json" id="difftest-data">(.*?)</script>', text, re.S)
+    assert m, "no explorer data block"
+    return json.loads(m.group(1))
+
+
 def test_html_escapes_and_is_self_contained(sample_dir: dict[str, Path]) -> None:
     text = sample_dir["html"].read_text()
-    assert '<script>alert("x")' not in text
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; a|b" in text
+    assert '<script>alert("x")' not in text and XSS_PROMPT not in text
+    # the untrusted prompt travels in the JSON block with `<` escaped: no </script> breakout
+    assert '\\u003cscript>alert(\\"x\\")\\u003c/script> & a|b' in text
+    prompts = {p[0]: p[1] for p in explorer_json(text)["prompts"]}
+    assert prompts["capital"] == XSS_PROMPT  # and reads back exactly
+    assert "&lt;b&gt;html&lt;/b&gt;" in text and "<b>html</b>" not in text  # a tag, escaped in HTML
     parser = _Collector()
     parser.feed(text)
-    assert parser.scripts == 1  # only our own inline script
-    assert parser.tags.index("table") < parser.tags.index("h3")  # verdict table first
+    assert parser.scripts == 2  # the JSON block and our own inline script, nothing else
     for src in parser.srcs:
-        assert src.startswith("data:image/png;base64,") or src.startswith("#"), src
-    assert "Content-Security-Policy" in text
-    assert XSS_PROMPT not in text
+        assert src.startswith("#"), src  # no external resource, no data: image either
+    assert "Content-Security-Policy" in text and "default-src 'none'" in text
 
 
-def test_html_tokens_divergence_and_filters(sample_dir: dict[str, Path]) -> None:
+def test_html_first_screen_answers_which_why_where(sample_dir: dict[str, Path]) -> None:
     text = sample_dir["html"].read_text()
-    parser = _Collector()
-    parser.feed(text)
-    div_titles = [t for t in parser.titles if "first divergence (WRONG)" in t]
-    assert div_titles, "the divergent token carries its alternatives in a tooltip"
-    assert "reference top: ' Paris' -0.050, ' Lyon' -4.200" in div_titles[0]
-    assert "target top: ' Lyon' -0.300, ' Paris' -1.600, '<b>' -6.000" in div_titles[0]
-    assert 'class="tk div"' in text
-    assert 'style="background:rgba(220,50,47,0.85)">' in text  # position KL 2.5 nats: full red
-    assert 'id="diffonly"' in text and 'id="worstn"' in text and "function applyFilters" in text
-    # exact matches: 3 prompts x 2 comparisons of the PASS target + 1 x 2 of the faulty one
-    assert text.count('data-diff="0"') == 3 * 2 + 1 * 2 and text.count('data-diff="1"') == 2 * 2
-    assert LOCALISATION in text
+    cards = text.index('id="verdicts"')
+    assert (
+        cards
+        < text.index("<h2>Headline metrics</h2>")
+        < text.index('id="plots"')
+        < text.index('id="prompts"')
+    )
+    faulty = text[text.index('data-target="fp8-block-faulty"') :]
+    faulty = faulty[: faulty.index('<div class="sp">') + 4000]
+    assert '<span class="badge b-FAIL">FAIL</span>' in faulty
+    assert "exactness: mean KL 0.1994 &gt; limit 0.005 (limit: noise floor x3)" in faulty
+    assert "<b>Where:</b> " + LOCALISATION in faulty
+    assert "expected FAIL: as expected" in faulty
+    # sparkline: one line over the 6 layers, layer 3 circled in red
+    assert '<svg xmlns="http://www.w3.org/2000/svg" class="spark"' in faulty
+    assert 'stroke="#c62828" stroke-width="2"' in faulty and "layer 3 marked" in faulty
+    passing = text[text.index('data-target="fp8-block"') : text.index('data-target="fp8-block-faulty"')]
+    assert "all 10 checks passed" in passing and "Where:" not in passing
+    assert "marked" not in passing  # nothing circled on a passing target
 
 
-@pytest.mark.parametrize(
-    ("kl", "expected"), [(None, ""), (1e-4, ""), (0.01, "rgba(220,50,47,0.28)"), (10.0, "0.85")]
-)
-def test_kl_colour(kl: float | None, expected: str) -> None:
-    assert (expected in kl_colour(kl)) if expected else kl_colour(kl) == ""
+def test_html_unexpected_pass_is_loud() -> None:
+    text = render_html(sample_run(fault_expect="pass"))
+    assert "expected PASS, got FAIL: NOT as expected" in text
+    assert 'Gate <span class="badge b-FAIL">FAIL</span>' in text
+
+
+def test_html_explorer_data_worst_first_aligned_alternatives(sample_dir: dict[str, Path]) -> None:
+    data = explorer_json(sample_dir["html"].read_text())
+    assert [c["target"] + "/" + c["kind"] for c in data["cmps"]] == [
+        "fp8-block/exactness",
+        "fp8-block/accuracy",
+        "fp8-block-faulty/exactness",
+        "fp8-block-faulty/accuracy",
+    ]
+    assert sorted(data["tags"]) == ["<b>html</b>", "facts", "math", "translation"]
+    faulty = data["cmps"][2]
+    ids = [data["prompts"][r[0]][0] for r in faulty["rows"]]
+    assert ids == ["capital", "zh", "arith"]  # worst first
+    capital = faulty["details"][faulty["rows"][0][7]]
+    # " Paris" -> " Lyon" is one replace; the rest aligns
+    assert capital["o"] == [[0, 0, 5, 0, 5], [1, 5, 6, 5, 6], [0, 6, 7, 6, 7]]
+    assert capital["ra"][:2] == [[" Paris", -0.05, 1], [" Lyon", -4.2, 1]]  # text, not ids
+    assert capital["k"][5] == 2.5
+    assert faulty["rows"][0][1] == 2 and faulty["rows"][0][5] == "W"  # diverged, WRONG, not garbled
+    assert faulty["status"] == "FAIL" and data["cmps"][0]["status"] == "PASS"
+    # the explorer opens on the failing target's exactness comparison
+    assert 'id="cmp" data-default="2"' in sample_dir["html"].read_text()
+
+
+def test_html_plots_inline_with_limits_and_marks(sample_dir: dict[str, Path]) -> None:
+    text = sample_dir["html"].read_text()
+    figures = re.findall(r'<figure class="plot" data-kind="([\w-]+)" id="plot-([\w.-]+)">', text)
+    svgs = {k.split(":", 1)[1] for k in sample_dir if k.startswith("plot:")}
+    assert {slug for _, slug in figures} == svgs  # every file is inline, and nothing else
+    faulty = text[text.index('id="plot-fp8-block-faulty-layers-exactness"') :]
+    faulty = faulty[: faulty.index("</figure>")]
+    assert '<span class="badge b-FAIL">' not in faulty  # SVG, not HTML badges
+    assert ">FAIL</text>" in faulty and "first divergent layer 3</text>" in faulty
+    assert "local limit 0.001" in faulty and "accumulated limit 0.05" in faulty
+    assert 'stroke="#c62828" stroke-width="1.5" stroke-dasharray="2 2" class="mark"' in faulty
+    passing = text[text.index('id="plot-fp8-block-layers-exactness"') :]
+    passing = passing[: passing.index("</figure>")]
+    assert ">PASS</text>" in passing and "first divergent" not in passing
+
+
+def test_html_grey_mark_for_a_passing_targets_divergence() -> None:
+    run = sample_run()
+    run.targets[0].layers[0].first_divergent_layer = 5  # within limits: not a finding
+    text = render_html(run)
+    passing = text[text.index('id="plot-fp8-block-layers-exactness"') :]
+    passing = passing[: passing.index("</figure>")]
+    assert "first divergent layer 5 (within limits)" in passing
+    assert 'stroke="#999" stroke-width="1.5" stroke-dasharray="2 2" class="mark"' in passing
+
+
+def test_html_tag_breakdown_audit_and_signature_in_words(sample_dir: dict[str, Path]) -> None:
+    text = sample_dir["html"].read_text()
+    tags = text[text.index('id="tags"') : text.index('id="prompts"')]
+    assert "<td>facts</td>" in tags and "<td>translation</td>" in tags and "<td>math</td>" in tags
+    audit = text[text.index('id="t-fp8-block-faulty"') :]
+    audit = audit[audit.index("<h4>Quantization audit</h4>") :]
+    audit = audit[: audit.index("</table>")]
+    assert "5 × 12" in audit and "<th>scale shape</th>" in audit and "[5, 12]" not in audit
+    assert "{" not in audit and "<b>transposed</b>" in audit  # the flagged row in bold
+    run = sample_run()
+    run.signature["prompts"] = "(PosixPath('/data/prompts/smoke.jsonl'),)"
+    run.signature["files"] = ["a.jsonl", "b.jsonl"]
+    sig = render_html(run)
+    sig = sig[sig.index("<h2>Signature</h2>") :]
+    assert "<td>/data/prompts/smoke.jsonl</td>" in sig and "PosixPath" not in sig
+    assert "<td>a.jsonl, b.jsonl</td>" in sig and "<td>servers.reference.model</td>" in sig
+
+
+def _inconclusive_run() -> RunResult:
+    """The PASS target's accuracy part: one undecided check and one not-informative one."""
+    from difftest.results import Check, PartVerdict, TargetVerdict
+
+    run = sample_run()
+    t = run.targets[0]
+    undecided = Check(
+        "kl_mean",
+        0.021,
+        0.02,
+        "<=",
+        False,
+        note="twin p99 x3",
+        decided=False,
+        ci=[0.012, 0.031],
+        prompts_to_decide=140,
+    )
+    wide = Check("top1_agreement", 0.91, 0.2, ">=", True, note="in-run A/A floor x3", informative=False)
+    t.verdict = TargetVerdict(
+        target=t.name, expect="pass", parts=(PartVerdict("accuracy", "reference", (undecided, wide)),)
+    )
+    return run
+
+
+def test_html_inconclusive_and_not_informative_checks_render() -> None:
+    run = _inconclusive_run()
+    assert run.targets[0].verdict.label == "INCONCLUSIVE" and run.gate == "INCONCLUSIVE"  # type: ignore[union-attr]
+    text = render_html(run)
+    assert 'Gate <span class="badge b-INCONCLUSIVE">INCONCLUSIVE</span> no target contradicts' in text
+    card = text[text.index('data-target="fp8-block"') :]
+    card = card[: card.index('<div class="sp">')]
+    assert '<span class="badge b-INCONCLUSIVE">INCONCLUSIVE</span>' in card
+    assert "expected PASS, got INCONCLUSIVE: undecided" in card
+    assert (
+        '<b>Undecided:</b><ul><li class="t-INCONCLUSIVE">accuracy: mean KL 0.021 vs limit 0.02, '
+        "95% CI [0.012, 0.031] straddles the limit (~140 prompts would decide) (limit: twin p99 x3)</li>"
+    ) in card
+    assert (
+        '<li class="ni">accuracy: top-1 agreement 91.0% &gt;= limit 20.0% (limit: in-run A/A floor x3) — '
+        "not informative: a broken target would pass this limit too"
+    ) in card
+    assert "<b>Why:</b>" not in card  # nothing failed
+    md = render_markdown(run)
+    assert "**Gate: INCONCLUSIVE" in md and "undecided: accuracy: mean KL 0.021 vs limit 0.02" in md
+    suites = _suites(render_junit(run))
+    ok = suites["difftest.fp8-block"]
+    assert ok.get("errors") == "1" and ok.get("skipped") == "1" and ok.get("failures") == "0"
 
 
 # ----------------------------------------------------------------------------- junit
@@ -189,19 +352,26 @@ def test_junit_negative_control_meets_expectation(sample_dir: dict[str, Path]) -
     suites = _suites(sample_dir["junit"].read_text())
     assert set(suites) == {"difftest.fp8-block", "difftest.fp8-block-faulty"}
     faulty = suites["difftest.fp8-block-faulty"]
-    # 3 checks x 2 parts + 1 invariance check + "meets expectation"
-    assert faulty.get("tests") == "8" and len(faulty.findall("testcase")) == 8
+    # 3 checks x 2 parts + 2 + 1 layer checks + 1 invariance check + "meets expectation"
+    assert faulty.get("tests") == "11" and len(faulty.findall("testcase")) == 11
     outs = [c.findtext("system-out") or "" for c in faulty.findall("testcase")]
-    assert sum("failed as expected" in o for o in outs) == 4
+    assert sum("failed as expected" in o for o in outs) == 7
 
 
 def test_junit_counts_failures_when_fault_was_expected_to_pass() -> None:
     suites = _suites(render_junit(sample_run(fault_expect="pass")))
     faulty = suites["difftest.fp8-block-faulty"]
     failures = [c for c in faulty.findall("testcase") if c.find("failure") is not None]
-    assert faulty.get("failures") == "5" and len(failures) == 5  # 4 checks + the expectation
+    assert faulty.get("failures") == "8" and len(failures) == 8  # 7 checks + the expectation
     names = {c.get("name") for c in failures}
-    assert names == {"kl_mean", "top1_agreement", "meets expectation (expect pass)"}
+    assert names == {
+        "kl_mean",
+        "top1_agreement",
+        "local_rel_err_max",
+        "point_rel_err_max",
+        "local_cosine_min",
+        "meets expectation (expect pass)",
+    }
     msg = failures[0].find("failure").get("message")  # type: ignore[union-attr]
     assert msg == "kl_mean 0.1994 > 0.005 (noise floor x3)"
     assert suites["difftest.fp8-block"].get("failures") == "0"
@@ -272,11 +442,17 @@ def test_degraded_run_shows_na_not_zero(tmp_path: Path) -> None:
         "| broken | n/a | pass | **FAIL** | NO | accuracy vs `reference` | n/a | n/a | n/a | 50.0% | n/a | 1/2 |"
     )
     assert "| never-ran | int4-g128 | pass | **NO VERDICT** | NO |" in md
-    assert "kl_mean not measured (no echo)" in md and "exactness: skipped (no golden)" in md
+    assert "accuracy: mean KL not measured (limit: no echo)" in md and "exactness: skipped (no golden)" in md
     assert "| p1 | Tell me a story | n/a | n/a | n/a | n/a | n/a | n/a | HTTP 500: engine died |" in md
     assert "no white-box layer data (n/a)" in md and "no noise floor used (n/a)" in md
     html = paths["html"].read_text()
-    assert "failed request: HTTP 500: engine died" in html and "KL n/a" in html
+    data = explorer_json(html)
+    rows = data["cmps"][0]["rows"]
+    assert rows[0][1] & 1 and rows[0][2] is None  # the failed request first, its KL null (n/a), not 0
+    assert data["cmps"][0]["details"][0]["e"] == "baseline: HTTP 500: engine died" or "engine died" in str(
+        data["cmps"][0]["details"][0]
+    )
+    assert "no per-layer data" in html
 
 
 def test_fmt_num() -> None:
@@ -307,7 +483,7 @@ def test_render_summary_plain() -> None:
     assert "\x1b[" not in out  # no escape codes when not a terminal
     assert "0.1994" in out and "[0.05, 0.41]" in out and "85.7%" in out and "0/12" in out
     assert f"localisation: {LOCALISATION}" in " ".join(out.split())
-    assert "exactness: kl_mean 0.1994 > 0.005 (noise floor x3)" in out
+    assert "exactness: mean KL 0.1994 > limit 0.005 (limit: noise floor x3)" in " ".join(out.split())
     assert "gate PASS" in out and "report: /tmp/out/run1" in out
 
 
@@ -350,7 +526,8 @@ def test_side_by_side_identical() -> None:
 
 def test_render_html_without_layers_or_prompts() -> None:
     text = render_html(RunResult(reference="r"))
-    assert "no white-box layer data (n/a)" in text and "<table>" in text
+    assert "no plots: no per-prompt KL and no white-box layer data (n/a)" in text and "<table>" in text
+    assert "no per-prompt results (n/a)" in text
     assert render_markdown(RunResult(reference="r")).startswith("# difftest report")
 
 

@@ -94,3 +94,21 @@ def test_smollm2_answers_paris(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+
+
+def test_debug_on_a_public_host_without_key_refuses_to_start():
+    env = {k: v for k, v in os.environ.items() if k != "DIFFTEST_SHIM_API_KEY"}
+    r = subprocess.run(
+        [sys.executable, "-m", "server_shim", "serve", "--model", "tiny-llama", "--host", "0.0.0.0", "--debug",
+         "--port", str(_free_port())],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "DIFFTEST_SHIM_API_KEY" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_api_key_is_not_a_flag():
+    """A key on the command line is public (ps); the old --api-key flag is gone."""
+    r = _cli("serve", "--model", "tiny-llama", "--api-key", "k")
+    assert r.returncode == 2 and "--api-key" in r.stderr

@@ -34,7 +34,7 @@ def comp(kind: str = "accuracy", **agg: float) -> Comparison:
     )
 
 
-# DESIGN.md: fp8-block correct vs FP16 -> top-1 91.6%, KL 0.023
+# docs/design.md "Calibration": fp8-block correct vs FP16 -> top-1 91.6%, KL 0.023
 GOOD_ACC = dict(failed_rate=0.0, token_match=0.55, kl_mean=0.023, top1_agreement=0.916, kl_p99=0.3)
 GOOD_EXACT = dict(failed_rate=0.0, token_match=0.97, kl_mean=0.001, top1_agreement=0.995, kl_p99=0.02)
 
@@ -51,13 +51,13 @@ def test_good_target_passes_both_parts():
 
 
 def test_scale_skipped_fails_with_the_right_reasons():
-    # DESIGN.md: fp8-block + scale-skipped in one module -> top-1 2.0%, KL 17.2
+    # docs/design.md "Calibration": fp8-block + scale-skipped in one module -> top-1 2.0%, KL 17.2
     bad = dict(GOOD_ACC, kl_mean=17.2, top1_agreement=0.02, token_match=0.01)
     v = judge_target("fp8-bad", "pass", None, comp(**bad), FP8, None)
     assert not v.passed and v.label == "FAIL" and not v.meets_expectation and not bool(v)
     assert "accuracy: kl_mean 17.2 > 0.08 (budget fp8-block)" in v.reasons
     assert "accuracy: top1_agreement 0.02 < 0.8 (budget fp8-block)" in v.reasons
-    assert "accuracy: token_match 0.01 < 0.15 (budget fp8-block)" in v.reasons
+    assert "accuracy: token_match 0.01 < 0.05 (budget fp8-block)" in v.reasons
     # a negative control: expected to fail, so the gate is satisfied
     neg = judge_target("fp8-bad", "fail", None, comp(**bad), FP8, None)
     assert neg.label == "FAIL" and neg.meets_expectation and bool(neg)
@@ -68,7 +68,7 @@ def test_scale_skipped_fails_with_the_right_reasons():
 @pytest.mark.parametrize(
     ("scheme", "top1", "kl", "passes"),
     [
-        # DESIGN.md "Two references" measurements (smollm2-135m, fp32 reference)
+        # docs/design.md "Calibration" measurements (smollm2-135m, fp32 reference)
         ("fp8-block", 0.916, 0.023, True),  # correct
         ("int4-g128", 0.679, 0.44, True),  # correct
         ("mxfp4", 0.597, 0.85, True),  # correct

@@ -1,4 +1,4 @@
-"""Issue 6 acceptance, in process: every fault class of DESIGN.md injected into one module of
+"""Issue 6 acceptance, in process: every fault class of docs/design.md "Fault injection" injected into one module of
 tiny-llama (tiny-moe for routed-scaling-missing), localised against its golden and against FP32.
 
 - with a golden: the layers verdict FAILs and the guilty module is the injected one;
@@ -7,8 +7,7 @@ tiny-llama (tiny-moe for routed-scaling-missing), localised against its golden a
 - correct fp8-block / int8 / int4-g128 targets PASS exactness (torch vs torch; triton in the
   interpreter vs torch); the reference against itself and against its rounding twin flags nothing.
 
-All with the limits `run` uses: the module replay bound is 2 x module_tolerance(float32) = 5e-4
-(difftest.null), the same number that sizes the rounding twin.
+All with the limits `run` uses: the module replay bound of float32, 5e-4 (server_shim.tolerance).
 
 Run with `-s` to see the table of numbers (fault, guilty module, local cos, norm ratio, rel err).
 """
@@ -18,12 +17,13 @@ from __future__ import annotations
 import pytest
 from test_layers import PROMPT, build, shim_endpoint
 
-from difftest.layer_points import LayerThresholds
-from difftest.layers import layer_verdict, localise, rank_modules
 from difftest.null import replay_bound
 from difftest.results import LayerDiff
+from difftest.whitebox.activations import LayerThresholds
+from difftest.whitebox.layers import diff_layers, layer_verdict
+from difftest.whitebox.localise import localise_target
+from difftest.whitebox.replay import rank_modules
 from server_shim.models import LoadedModel
-from server_shim.tolerance import module_tolerance
 from server_shim.twin import apply_rounding_twin
 
 TH = LayerThresholds(exact_local_rel_err=replay_bound("float32")[0])
@@ -80,8 +80,12 @@ async def test_fault_is_failed_and_localised(fault: str, name: str, scheme: str,
         shim_endpoint("reference", model(name)) as ref,
         shim_endpoint("target", target) as tgt,
     ):
-        exact = await localise(gold, tgt, PROMPT, kind="exactness", decode_steps=1, thresholds=TH)
-        acc = await localise(ref, tgt, PROMPT, kind="accuracy", decode_steps=1)
+        found = await localise_target(
+            tgt, prompt=PROMPT, golden=gold, reference=ref, decode_steps=1, thresholds=TH
+        )
+    exact, acc = found.diffs
+    blamed = {d.guilty_module for d in found.diffs if d.guilty_module}
+    assert sorted(r["module"] for r in found.audit) == sorted(blamed)  # one audit per blamed module
     print("\n" + _row(fault, exact, module, _rank(exact, module)))
     print(_row(fault, acc, module, _rank(acc, module)))
     print("   ", exact.summary)
@@ -114,7 +118,7 @@ async def test_correct_target_passes_exactness(scheme: str, backend: str) -> Non
         shim_endpoint("golden", model("tiny-llama", scheme)) as g,
         shim_endpoint("target", target) as t,
     ):
-        diff = await localise(g, t, PROMPT, kind="exactness", thresholds=TH)
+        diff = await diff_layers(g, t, PROMPT, kind="exactness", thresholds=TH)
     worst = max(p.local_rel_err for p in diff.points if p.local_rel_err is not None)
     resid = max(p.rel_err for p in diff.points if p.kind in ("residual", "logits"))
     print(
@@ -126,7 +130,7 @@ async def test_correct_target_passes_exactness(scheme: str, backend: str) -> Non
 
 async def test_reference_against_itself_has_zero_flagged_layers() -> None:
     async with shim_endpoint("a", model("tiny-moe")) as a, shim_endpoint("b", model("tiny-moe")) as b:
-        diff = await localise(a, b, PROMPT, kind="exactness")
+        diff = await diff_layers(a, b, PROMPT, kind="exactness")
     assert diff.points and not any(p.flagged for p in diff.points)
     assert diff.first_divergent_layer is None and diff.guilty_module is None
     assert any(p.kind == "moe" and p.local_rel_err == 0.0 for p in diff.points)  # experts replayed too
@@ -134,9 +138,9 @@ async def test_reference_against_itself_has_zero_flagged_layers() -> None:
 
 async def test_reference_against_its_rounding_twin_has_zero_flagged_layers() -> None:
     twin = build("tiny-llama", "fp8-block")
-    assert apply_rounding_twin(twin.model, module_tolerance("float32")) > 0
+    assert apply_rounding_twin(twin.model, None, dtype="float32") > 0
     async with shim_endpoint("g", model("tiny-llama", "fp8-block")) as g, shim_endpoint("twin", twin) as t:
-        diff = await localise(g, t, PROMPT, kind="exactness", thresholds=TH)
+        diff = await diff_layers(g, t, PROMPT, kind="exactness", thresholds=TH)
     worst = max(p.local_rel_err for p in diff.points if p.local_rel_err is not None)
     assert 0 < worst < TH.exact_local_rel_err  # the twin really differs, and within the bound
     assert not any(p.flagged for p in diff.points) and diff.guilty_module is None

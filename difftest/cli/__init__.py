@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from difftest.cli import options as o
-from difftest.errors import DifftestError, InfraError
+from difftest.errors import exit_code_for
 
 log = logging.getLogger("difftest")
 
@@ -72,18 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("difftest: interrupted", file=sys.stderr)
         return 130
-    except DifftestError as exc:
-        if traceback:
+    except Exception as exc:  # ours, or the launcher's (server_shim.launch): errors.exit_code_for
+        code = exit_code_for(exc)
+        if code is None or traceback:
             raise
         print(f"difftest: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception as exc:  # a server-side / launch failure from server_shim.launch
-        from server_shim.errors import ShimError
-
-        if isinstance(exc, ShimError) and not traceback:
-            print(f"difftest: error: {exc}", file=sys.stderr)
-            return InfraError.exit_code
-        raise
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -140,8 +140,9 @@ async def explore(
 
     Exit 1 when a server's probe marks a check FAIL (the look is then partial), else 0."""
     from difftest.cache import ResponseCache
-    from difftest.check_status import FAIL
     from difftest.collect import generate
+    from difftest.conformance import FAIL
+    from difftest.preflight import check_running_async
     from difftest.report.terminal import render_side_by_side
     from difftest.runner import _connect
     from difftest.scoring import score_prompt
@@ -151,6 +152,7 @@ async def explore(
     con = o.console()
     specs = [cfg.reference, *(t.server for t in cfg.targets)]
     running = {s.name: RunningServer(name=s.name, url=s.url, spec=s, pid=None, log_path=None) for s in specs}  # type: ignore[arg-type]
+    await check_running_async(specs, request_timeout_s=cfg.run.request_timeout_s)  # seconds, not minutes
     cache = ResponseCache(":memory:")
     eps = await _connect(running, cfg, cache, cfg.run.concurrency)
     failed_checks = [

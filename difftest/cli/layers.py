@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from difftest.cli import options as o
-from difftest.cli.whitebox import Job, add_server_arguments, out_dir, run_whitebox
-from difftest.collect import Endpoint
+from difftest.cli.whitebox import Job, add_server_arguments, get, out_dir, run_whitebox
 from difftest.results import LayerDiff
+from difftest.session import Session
 
 HELP = "white-box per-layer diff and localisation"
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -70,7 +70,7 @@ def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points:
 
 
 def diff_failed(diff: LayerDiff, scheme: str | None = None) -> bool:
-    from difftest.layers import layer_verdict
+    from difftest.whitebox.layers import layer_verdict
 
     return any(p.flagged for p in diff.points) or not layer_verdict(diff, scheme=scheme).passed
 
@@ -78,23 +78,24 @@ def diff_failed(diff: LayerDiff, scheme: str | None = None) -> bool:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from difftest.layers import localise, scheme_of
     from difftest.report.jsonio import atomic_write_text
+    from difftest.whitebox.layers import scheme_of
+    from difftest.whitebox.localise import localise_target
 
     con = o.console()
     prompt = getattr(args, "prompt", None) or DEFAULT_PROMPT
     as_json = getattr(args, "json", False)
 
-    async def work(eps: dict[str, Endpoint], jobs: Sequence[Job]) -> int:
+    async def work(session: Session, jobs: Sequence[Job]) -> int:
         failed = False
         found: list[dict[str, Any]] = []
         for job in jobs:
-            tgt = eps[job.target]
-            scheme = scheme_of(await tgt.client.get_json("/debug/config"))
-            for base, kind in ((job.golden, "exactness"), (job.reference, "accuracy")):
-                if base is None:
-                    continue
-                diff = await localise(eps[base], tgt, prompt, kind=kind)
+            tgt = session[job.target]
+            scheme = scheme_of(await tgt.client.debug_config())
+            local = await localise_target(
+                tgt, prompt=prompt, golden=get(session, job.golden), reference=get(session, job.reference)
+            )
+            for diff in local.diffs:
                 bad = diff_failed(diff, scheme)
                 failed |= bad
                 found.append(

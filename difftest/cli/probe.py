@@ -24,9 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from difftest.check_status import FAIL
     from difftest.client import CompletionClient
-    from difftest.conformance import probe
+    from difftest.conformance import FAIL, probe
 
     o.check_url("url", args.url)
     o.positive("--timeout", args.timeout)

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from difftest.cli import options as o
-from difftest.cli.whitebox import Job, add_server_arguments, out_dir, run_whitebox
-from difftest.collect import Endpoint
+from difftest.cli.whitebox import Job, add_server_arguments, get, out_dir, run_whitebox
+from difftest.session import Session
 
 HELP = "quantization audit of each target (scale layouts, backends)"
 RESULT_FILE = "quant.json"
@@ -54,7 +54,7 @@ def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) 
     console.print(table)
     with_backends = [r for r in rows if r.get("backends")]
     if with_backends:
-        from difftest.quantcheck import BACKEND_COSINE_MIN, BACKENDS
+        from difftest.whitebox.audit import BACKEND_COSINE_MIN, BACKENDS
 
         bt = Table(title=f"backends: cosine vs FP32 on one input (! = under {BACKEND_COSINE_MIN})")
         bt.add_column("module", no_wrap=True)
@@ -73,18 +73,19 @@ def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from difftest.quantcheck import audit
     from difftest.report.jsonio import atomic_write_text
+    from difftest.whitebox.audit import audit
 
     con = o.console()
     as_json = getattr(args, "json", False)
 
-    async def work(eps: dict[str, Endpoint], jobs: Sequence[Job]) -> int:
+    async def work(session: Session, jobs: Sequence[Job]) -> int:
         flagged = False
         found: list[dict[str, Any]] = []
         for job in jobs:
-            ref = eps.get(job.golden or "") or eps.get(job.reference or "")
-            rows = await audit(eps[job.target], ref)
+            # the kernel's weight against full precision where there is a reference (as `run` does)
+            ref = get(session, job.reference) or get(session, job.golden)
+            rows = await audit(session[job.target], ref)
             bad = any(r.get("flagged") for r in rows)
             flagged |= bad
             found.append({"target": job.target, "flagged": bad, "modules": rows})

@@ -6,16 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from difftest.cli import options as o
-from difftest.client import CompletionClient
 from difftest.collect import Endpoint
-from difftest.conformance import Capabilities
-from difftest.errors import ConformanceError, DifftestError, UsageError
+from difftest.errors import UsageError
+from difftest.session import ClientOptions, Session
 
 DEFAULT_TIMEOUT_S = 600.0  # a debug call on a big model can take minutes on a CPU
 DEFAULT_OUT = Path("runs/whitebox")
@@ -44,15 +42,8 @@ def add_server_arguments(p: argparse.ArgumentParser, *, golden: bool) -> None:
     o.add_json(p)
 
 
-async def connect(name: str, url: str, api_key: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Endpoint:
-    """A client for a server that must serve the debug protocol (else a conformance error)."""
-    client = CompletionClient(url, name=name, api_key=api_key, timeout_s=timeout_s, max_retries=1)
-    try:
-        await client.get_json("/debug/config", retries=0)
-    except DifftestError as exc:
-        await client.aclose()
-        raise ConformanceError(f"{name} ({url}) does not serve the debug protocol: {exc}") from None
-    return Endpoint(name, client, Capabilities(name=name, url=url, model=None, debug=True))
+def get(session: Session, name: str | None) -> Endpoint | None:
+    return session[name] if name is not None else None
 
 
 def _plan(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], list[Job]]:
@@ -83,31 +74,28 @@ def out_dir(args: argparse.Namespace) -> Path:
     return Path(getattr(args, "out", None) or DEFAULT_OUT)
 
 
-def run_whitebox(
-    args: argparse.Namespace, work: Callable[[dict[str, Endpoint], Sequence[Job]], Awaitable[int]]
-) -> int:
-    """Launch (CONFIG) or connect (URLs), then `await work(endpoints, jobs)`."""
+def run_whitebox(args: argparse.Namespace, work: Callable[[Session, Sequence[Job]], Awaitable[int]]) -> int:
+    """Launch (CONFIG) or connect (URLs), probe each server once, then `await work(session, jobs)`."""
     timeout = getattr(args, "timeout", None) or DEFAULT_TIMEOUT_S
     o.positive("--timeout", timeout)
     specs, urls, jobs = _plan(args)
     envs = o.key_envs(getattr(args, "api_key_env", None) or [])
+    # a debug call on a big model can take minutes on a CPU; retrying one rarely helps
+    options = ClientOptions(timeout_s=timeout, max_retries=1, concurrency=4)
 
-    async def go(found: dict[str, str], keys: dict[str, str | None]) -> int:
-        eps: dict[str, Endpoint] = {}
-        try:
-            for name, url in found.items():
-                eps[name] = await connect(name, url, keys.get(name), timeout)
-            return await work(eps, jobs)
-        finally:
-            await asyncio.gather(*(e.client.aclose() for e in eps.values()))
+    async def go(session: Session) -> int:
+        async with session:
+            session.require_debug(*session)
+            return await work(session, jobs)
 
     if not specs:
-        return asyncio.run(go(urls, {n: o.key_for(envs, n) for n in urls}))
+        session = Session.of_urls(urls, api_key=o.key_for(envs, "*"), options=options)
+        for name, server in list(session.servers.items()):  # per-server keys (--api-key-env NAME=VAR)
+            session.servers[name] = dataclasses.replace(
+                server, api_key=o.key_for(envs, name) or server.api_key
+            )
+        return asyncio.run(go(session))
     from server_shim.launch import launch_servers
 
     with launch_servers(specs, log_dir=out_dir(args) / "logs") as running:
-        keys = {
-            n: os.environ.get(s.spec.api_key_env) if s.spec.api_key_env else o.key_for(envs, n)
-            for n, s in running.items()
-        }
-        return asyncio.run(go({n: s.url for n, s in running.items()}, keys))
+        return asyncio.run(go(Session.of_running(running, options)))

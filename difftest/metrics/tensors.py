@@ -3,7 +3,7 @@
 `a` is the baseline (reference or golden), `b` the target; both are flattened and cast to
 float64 before anything is summed, so a float16 activation cannot overflow a norm.
 
-Cosine alone is blind to magnitude bugs (DESIGN.md: `fnuz-unnormalized` leaves cosine at 0.99955
+Cosine alone is blind to magnitude bugs (docs/design.md "Calibration": `fnuz-unnormalized` leaves cosine at 0.99955
 with a norm ratio of 0.50), so every comparison also reports the norm ratio and relative error.
 
 Non-finite values: if either array holds a NaN or an infinity, every metric is NaN (and

@@ -1,7 +1,7 @@
 """Token-level metrics of free-running greedy generation: match rate, prefix, first divergence.
 
 At the first divergence we ask *why* the two sides parted, from the reference's own top-k
-logprobs at that position (DESIGN.md "Metrics"):
+logprobs at that position (docs/design.md "Metrics"):
 
 - TIE   the reference itself could not tell its top choices apart (margin under the noise
         floor), and the target picked one of those near-tied tokens: accumulation-order noise.
@@ -19,7 +19,7 @@ from typing import Literal
 
 DivergenceKind = Literal["TIE", "DRIFT", "WRONG"]
 
-# DESIGN.md: a prompt is garbled when fewer than half of its positions match.
+# docs/design.md "Metrics": a prompt is garbled when fewer than half of its positions match.
 GARBLED_BELOW = 0.5
 
 

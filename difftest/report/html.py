@@ -1,223 +1,169 @@
-"""report.html: one file, no external resources (inline CSS and JS, the heatmap as a data: URI).
+"""report.html: one self-contained file that answers "which target failed, why, where" first.
+
+Layout, top to bottom:
+1. the gate and, per target, a card: verdict, the failing checks in words (value vs limit and
+   where the limit came from), the localisation sentence, and a per-layer sparkline with the
+   guilty layer marked — the first screen;
+2. the headline table (mean KL with CI, p99 KL, top-1, token match, median first divergence);
+3. plots as inline SVG (difftest.report.plots; the same files are in `plots/`);
+4. the per-tag breakdown (prompt `tags`);
+5. the prompt explorer: worst first, search, filters, pages, rendered by a small inline script
+   from compact JSON (difftest.report.explorer) so that 20 000 prompts stay one light page;
+6. per target: aggregate tables, warnings, the quantization audit; then signature, noise floor.
 
 Prompts and outputs are untrusted — a prompt may well be `<script>...` — so every piece of text
-goes through `html.escape(quote=True)` (`_e`), attributes included, and a Content-Security-Policy
-meta tag forbids fetching anything, so that even a missed escape cannot load a resource.
-
-Per prompt the two continuations are shown token by token, one column per position (reference
-above, target below), so alignment survives wrapping; each target token is shaded by the
-teacher-forced KL at that position, and the first divergence is outlined with both sides' top
-alternatives in its tooltip.
+goes through `html.escape(quote=True)` (`_e`), the JSON block is `<`-escaped, the script writes
+text with `textContent` only, and a Content-Security-Policy forbids fetching anything.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import math
 from typing import Any
 
-from difftest.report.heatmap import VMAX, VMIN, heatmap_png, layer_grid
+from difftest.report import plotdata as pd
+from difftest.report.explorer import default_comparison, explorer_data, gc_paused, script_json
 from difftest.report.markdown import (
     HEADLINE,
     NA,
-    divergence_text,
     failed_text,
-    flatten,
     fmt_metric,
     fmt_num,
     headline_cells,
     localisation_line,
-    prompt_order,
-    reasons,
-    value_text,
     verdict_text,
-    visible,
 )
-from difftest.results import Comparison, PromptDiff, RunResult, TargetResult
+from difftest.report.page import CSP, CSS, JS
+from difftest.report.plots import Plot, first_screen_spark, run_plots
+from difftest.report.words import (
+    GATE_WORDS,
+    all_checks,
+    expectation_words,
+    failing_checks,
+    gate_of,
+    kv_rows,
+    label_of,
+    open_checks,
+    shape_words,
+    skipped_parts,
+)
+from difftest.results import Comparison, RunResult, TargetResult
 
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
-_CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
-th{background:#f3f3f3}.PASS{color:#0a7d28;font-weight:bold}.FAIL{color:#c62828;font-weight:bold}
-.NO{color:#c62828;font-weight:bold}.loc{background:#fff3e0;border-left:4px solid #e65100;padding:6px 10px}
-.warn{color:#8a6d00}.prompt{border:1px solid #ddd;border-radius:4px;margin:8px 0;padding:6px}
-.ph{font-size:13px;color:#444}.toks{display:flex;flex-wrap:wrap;font-family:ui-monospace,monospace;
-font-size:13px;margin-top:4px}.tk{display:inline-flex;flex-direction:column;margin:0 1px 4px 0}
-.tk span{white-space:pre;padding:0 2px;min-width:.6em;min-height:1.3em}.tk .r{color:#555;background:#f7f7f7}
-.tk.lab span{color:#888;font-style:italic}.tk.div{outline:2px solid #c62828}.tk .gap{color:#bbb}
-.err{color:#c62828}pre{white-space:pre-wrap;background:#f7f7f7;padding:4px;margin:2px 0}
-.ctl{position:sticky;top:0;background:#fff;padding:6px 0;border-bottom:1px solid #ddd;z-index:1}
-"""
-_JS = """
-function applyFilters(){
-  var only=document.getElementById('diffonly').checked;
-  var n=parseInt(document.getElementById('worstn').value,10)||0;
-  document.querySelectorAll('.plist').forEach(function(list){
-    var shown=0;
-    list.querySelectorAll('.prompt').forEach(function(p){
-      var ok=!only||p.getAttribute('data-diff')==='1';
-      if(ok&&n>0&&shown>=n){ok=false;}
-      if(ok){shown++;}
-      p.style.display=ok?'':'none';
-    });
-  });
-}
-document.addEventListener('DOMContentLoaded',function(){
-  document.getElementById('diffonly').addEventListener('change',applyFilters);
-  document.getElementById('worstn').addEventListener('input',applyFilters);
-});
-"""
+MAX_CARD_CHECKS = 4  # failing checks listed on the first screen per target; the rest further down
 
 
 def _e(s: Any) -> str:
     return html.escape("" if s is None else str(s), quote=True)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def _cls(label: str) -> str:
+    return label.replace(" ", "-")
+
+
+def badge(label: str) -> str:
+    return f'<span class="badge b-{_cls(label)}">{_e(label)}</span>'
+
+
+def _table(header: list[str], rows: list[list[str]], num_cols: frozenset[int] = frozenset()) -> str:
     """Cells are HTML already (escaped by the caller)."""
     head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="n">{c}</td>' if i in num_cols else f"<td>{c}</td>" for i, c in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def kl_colour(kl: float | None) -> str:
-    """Background for a target token: clear under 1e-3 nats, full red at 1 nat and above."""
-    if kl is None:
-        return ""
-    if math.isnan(kl):
-        return "background:rgba(255,0,255,.6)"
-    alpha = 0.0 if kl <= 1e-3 else min(1.0, (math.log10(kl) + 3) / 3)
-    return f"background:rgba(220,50,47,{0.85 * alpha:.2f})" if alpha > 0 else ""
+# ----------------------------------------------------------------------------- first screen
 
 
-def _alts(alts: dict[str, float]) -> str:
-    return ", ".join(
-        f"{visible(repr(tok))} {lp:.3f}" for tok, lp in sorted(alts.items(), key=lambda kv: -kv[1])
-    )
+def _expectation(t: TargetResult) -> str:
+    words, ok = expectation_words(t)
+    cls = "ok" if ok else ("t-INCONCLUSIVE" if label_of(t) == "INCONCLUSIVE" else "unexp")
+    return f'<span class="{cls}">{_e(words)}</span>'
 
 
-def _tokens(p: PromptDiff) -> str:
-    cells = ['<span class="tk lab"><span class="r">ref</span><span class="t">target</span></span>']
-    n = max(len(p.ref_tokens), len(p.tgt_tokens))
-    for i in range(n):
-        ref = p.ref_tokens[i] if i < len(p.ref_tokens) else None
-        tgt = p.tgt_tokens[i] if i < len(p.tgt_tokens) else None
-        kl = p.position_kl[i] if p.position_kl is not None and i < len(p.position_kl) else None
-        title = f"position {i} · KL {fmt_num(kl)} nats"
-        cls = "tk"
-        if i == p.first_divergence:
-            cls += " div"
-            title += f"\nfirst divergence ({p.divergence_kind or '?'})"
-            title += f"\nreference top: {_alts(p.ref_alternatives) or NA}\ntarget top: {_alts(p.tgt_alternatives) or NA}"
-        r = (
-            f'<span class="r">{_e(visible(ref))}</span>'
-            if ref is not None
-            else '<span class="r gap">∅</span>'
-        )
-        t = (
-            f'<span class="t" style="{kl_colour(kl)}">{_e(visible(tgt))}</span>'
-            if tgt is not None
-            else '<span class="t gap">∅</span>'
-        )
-        cells.append(f'<span class="{cls}" title="{_e(title)}">{r}{t}</span>')
-    return '<div class="toks">' + "".join(cells) + "</div>"
+def _check_li(w: Any) -> str:
+    text = _e(w.sentence())
+    if not w.informative:
+        return f'<li class="ni">{text}</li>'  # the sentence says "not informative"
+    if not w.required:
+        return f'<li class="ni">{text}<span class="tag">not required</span></li>'
+    if w.undecided:
+        return f'<li class="t-INCONCLUSIVE">{text}</li>'
+    return f"<li>{text}</li>"
 
 
-def _prompt(p: PromptDiff, rank: int) -> str:
-    differs = "0" if p.exact is True and p.error is None else "1"
-    head = (
-        f"<b>{_e(p.prompt_id)}</b> · token match {fmt_num(p.match_rate, pct=True)} · "
-        f"first divergence {_e(divergence_text(p))} · KL {fmt_num(p.kl_mean)}"
-        f" [{fmt_num(p.kl_lower)}, {fmt_num(p.kl_upper)}] · top-1 {fmt_num(p.top1_agreement, pct=True)}"
-        f" · BLEU {fmt_num(p.bleu)} · chrF {fmt_num(p.chrf)}"
-        + (" · <b class='warn'>garbled</b>" if p.garbled else "")
-    )
-    body = f"<details><summary>prompt</summary><pre>{_e(p.prompt)}</pre></details>"
-    if p.error:
-        body += f'<div class="err">failed request: {_e(p.error)}</div>'
-    if p.ref_tokens or p.tgt_tokens:
-        body += _tokens(p)
-    elif p.ref_text is not None or p.tgt_text is not None:
-        body += f"<pre>{_e(p.ref_text)}</pre><pre>{_e(p.tgt_text)}</pre>"
-    return f'<div class="prompt" data-diff="{differs}" data-rank="{rank}"><div class="ph">{head}</div>{body}</div>'
-
-
-def _comparison(c: Comparison) -> str:
-    title = "Exactness vs golden" if c.kind == "exactness" else "Accuracy vs reference"
-    out = [f"<h4>{title} <code>{_e(c.baseline)}</code> ({len(c.prompts)} prompts)</h4>"]
-    rows = []
-    for k, v in c.aggregate.items():
-        ci = c.ci.get(k)
-        ci_s = f"[{fmt_metric(k, ci[0])}, {fmt_metric(k, ci[1])}]" if ci and len(ci) == 2 else NA
-        rows.append([_e(k), _e(fmt_metric(k, v)), _e(ci_s)])
-    out.append(_table(["metric", "value", "95% CI"], rows) if rows else "<p>no aggregate metrics (n/a)</p>")
-    out += [f'<p class="warn">⚠ {_e(w)}</p>' for w in c.warnings]
-    out.append(
-        '<div class="plist">'
-        + "".join(_prompt(p, i) for i, p in enumerate(prompt_order(c.prompts)))
-        + "</div>"
-    )
-    return "\n".join(out)
-
-
-def _free_table(rows_in: list[dict[str, Any]]) -> str:
-    keys: list[str] = []
-    for row in rows_in:
-        keys.extend(k for k in row if k not in keys)
-    rows = [[_e(value_text(row[k])) if k in row else NA for k in keys] for row in rows_in]
-    return _table([_e(k) for k in keys], rows)
-
-
-def _target(t: TargetResult) -> str:
-    label, meets = verdict_text(t)
+def _card(t: TargetResult) -> str:
+    label = label_of(t)
+    checks = all_checks(t)
+    failing = failing_checks(t)
     out = [
-        f'<h3 id="t-{_e(t.name)}">{_e(t.name)} — <span class="{label.split()[0]}">{_e(label)}</span>'
-        f" (expect {_e(t.expect)}, meets expectation: {meets})</h3>"
+        f'<div class="card s-{_cls(label)}" data-target="{_e(t.name)}">',
+        f'<div class="head">{badge(label)} <b><a href="#t-{_e(t.name)}">{_e(t.name)}</a></b>'
+        f' <span class="meta">scheme {_e(t.scheme or NA)} · golden {_e(t.golden or "none")}</span>'
+        f" · {_expectation(t)}</div>",
     ]
+    undecided = open_checks(t)
+    body: list[str] = []
+    if t.verdict is None:
+        body.append("<ul><li>no verdict: the target did not produce results</li></ul>")
+    elif failing or undecided:
+        for title, ws in (("Why", failing), ("Undecided", undecided)):
+            if not ws:
+                continue
+            items = [_check_li(w) for w in ws[:MAX_CARD_CHECKS]]
+            if len(ws) > MAX_CARD_CHECKS:
+                items.append(f'<li class="muted">{len(ws) - MAX_CARD_CHECKS} more below</li>')
+            body.append(f'<div class="why"><b>{title}:</b><ul>' + "".join(items) + "</ul></div>")
+    elif not any(w.informative for w in checks):
+        body.append(
+            '<div class="why"><b>Why:</b> no informative check: every limit would pass a broken target too</div>'
+        )
+    else:
+        acc = next((w for w in checks if w.metric == "mean KL" and w.part == "accuracy"), None)
+        summary = f"all {len(checks)} checks passed"
+        if acc is not None:
+            summary += f"; accuracy mean KL {acc.value} ≤ limit {acc.limit} ({acc.source})"
+        body.append(f'<div class="why">{_e(summary)}</div>')
+    ni = [w for w in checks if not w.informative]
+    if ni:
+        body.append('<ul class="ni">' + "".join(_check_li(w) for w in ni[:MAX_CARD_CHECKS]) + "</ul>")
     loc = localisation_line(t)
     if loc and label != "PASS":
-        out.append(f'<p class="loc"><b>Localisation:</b> {_e(loc)}</p>')
-    rs = reasons(t)
-    if rs:
-        out.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in rs) + "</ul>")
-    if t.verdict is not None:
-        out += [f'<p class="warn">⚠ {_e(w)}</p>' for w in t.verdict.warnings]
-    out.append(
-        f"<p>scheme <code>{_e(t.scheme or NA)}</code> · golden <code>{_e(t.golden or 'none')}</code>"
-        f" · failed requests {_e(failed_text(t))}</p>"
+        body.append(f'<div class="where"><b>Where:</b> {_e(loc)}</div>')
+    skipped = skipped_parts(t)
+    if skipped:
+        body.append(f'<div class="muted">{_e("; ".join(skipped))}</div>')
+    spark = first_screen_spark(t)
+    side = (
+        f'<div class="sp">{spark[0]}<div>{_e(spark[1])}</div></div>'
+        if spark
+        else '<div class="sp">no per-layer data</div>'
     )
-    if t.golden is None:
-        out.append(
-            "<p><i>No golden: judged on the accuracy budget alone; subtle bugs may hide inside it.</i></p>"
-        )
-    out += [_comparison(c) for c in t.comparisons]
-    for d in t.layers:
-        if d.summary or d.warnings:
-            out.append(f"<p>Layers vs <code>{_e(d.against)}</code> ({_e(d.kind)}): {_e(d.summary or NA)}</p>")
-            out += [f'<p class="warn">⚠ {_e(w)}</p>' for w in d.warnings]
-    if t.audit:
-        out += ["<h4>Quantization audit</h4>", _free_table(t.audit)]
-    return "\n".join(out)
+    out.append("".join(body) or "<div></div>")
+    out.append(side)
+    out.append("</div>")
+    return "".join(out)
 
 
-def _heatmap(run: RunResult) -> str:
-    grid = layer_grid(run)
-    if grid is None:
-        return "<p>no white-box layer data (n/a)</p>"
-    png = heatmap_png(grid)
-    b64 = base64.b64encode(png).decode("ascii")
-    width = int.from_bytes(png[16:20], "big")  # IHDR width: shown at 2x, pixels kept sharp
-    cols = "".join(f"<li>{_e(name)}</li>" for name in grid.cols)
-    firsts = ", ".join(f"[{j + 1}] layer {_e(lab)}" for j, lab in grid.first_divergent.items()) or "none"
-    return (
-        f'<img alt="per-layer heatmap, log10(1 - cosine)" style="image-rendering:pixelated;width:{2 * width}px" '
-        f'src="data:image/png;base64,{b64}">'
-        f"<p>Rows: layer index (residual stream after the block, else the layer's worst point), "
-        f"L = logits. Colour: log10(1 − cosine) from {VMIN:g} (dark) to {VMAX:g} (yellow); "
-        f"magenta = NaN, grey = not measured; outlined in red: first divergent layer ({firsts}).</p><ol>{cols}</ol>"
+def _first_screen(run: RunResult) -> str:
+    gate = gate_of(run)
+    words = GATE_WORDS.get(gate, "")
+    n_prompts = max((len(c.prompts) for t in run.targets for c in t.comparisons), default=0)
+    head = (
+        f'<p class="gate">Gate {badge(gate)} {_e(words)} · reference <code>{_e(run.reference)}</code>'
+        f" · {len(run.targets)} targets · {n_prompts} prompts · {fmt_num(run.elapsed_s)} s"
+        f'<span class="meta"> · started {_e(run.started_at or NA)}</span></p>'
     )
+    cards = '<div class="cards" id="verdicts">' + "".join(_card(t) for t in run.targets) + "</div>"
+    warns = "".join(f'<p class="warn">⚠ {_e(w)}</p>' for w in run.warnings)
+    return head + cards + warns
+
+
+# ----------------------------------------------------------------------------- tables
 
 
 def _verdict_table(run: RunResult) -> str:
@@ -231,8 +177,8 @@ def _verdict_table(run: RunResult) -> str:
                     f'<a href="#t-{_e(t.name)}">{_e(t.name)}</a>',
                     _e(t.scheme or NA),
                     _e(t.expect),
-                    f'<span class="{label.split()[0]}">{_e(label)}</span>',
-                    f'<span class="{meets}">{meets}</span>',
+                    f'<span class="t-{_cls(label)}">{_e(label)}</span>',
+                    f'<span class="t-{meets}">{meets}</span>',
                 ]
                 if i == 0
                 else [""] * 5
@@ -242,40 +188,251 @@ def _verdict_table(run: RunResult) -> str:
                 own + [against] + [_e(x) for x in headline_cells(c)] + [_e(failed_text(t)) if i == 0 else ""]
             )
     header = ["target", "scheme", "expect", "verdict", "meets expectation", "against"]
-    return _table(header + [_e(h) for h, _ in HEADLINE] + ["failed requests"], rows)
+    return _table(header + [_e(h) for h, _ in HEADLINE] + ["failed requests"], rows, frozenset(range(6, 12)))
 
 
-def render_html(run: RunResult) -> str:
-    gate = "PASS" if run.gate_passed else "FAIL"
+def _nulls(run: RunResult) -> str:
+    """The null model behind the exactness limits: each rounding twin against its golden."""
+    nulls = list(getattr(run, "nulls", []) or [])
+    sig = run.signature.get("null") if isinstance(run.signature, dict) else None
+    if not nulls and not sig:
+        return ""
+    out = ['<h2 id="null">Null model (where exactness limits come from)</h2>']
+    if sig:
+        out.append(f"<p>{_e('; '.join(f'{k} {v}' for k, v in kv_rows(sig)))}</p>")
+    if nulls:
+        rows = []
+        for c in nulls:
+            noise = getattr(c, "module_noise", None)
+            rows.append(
+                [f"<code>{_e(c.baseline)}</code>", f"<code>{_e(c.target)}</code>", str(len(c.prompts))]
+                + [_e(x) for x in headline_cells(c)]
+                + [_e(fmt_num(noise))]
+            )
+        header = ["golden", "null (twin)", "prompts"] + [_e(h) for h, _ in HEADLINE] + ["module noise"]
+        out.append(_table(header, rows, frozenset(range(2, len(header)))))
+        out.append(
+            '<p class="muted">Limits are the null\'s upper 95% bound times the margin, never under an absolute '
+            "minimum; the exactness plots show the null as grey.</p>"
+        )
+    return "".join(out)
+
+
+def _checks_table(t: TargetResult) -> str:
+    rows = []
+    for w in all_checks(t):
+        if not w.informative:
+            status, cls = "not informative", "ni"
+        elif w.undecided:
+            status, cls = "undecided", "t-INCONCLUSIVE"
+        elif w.fails:
+            status, cls = "FAIL", "t-FAIL"
+        else:
+            status, cls = "pass", "t-PASS"
+        rows.append(
+            [
+                _e(w.part),
+                _e(w.metric) + (f" <span class='muted'>at {_e(w.where)}</span>" if w.where else ""),
+                _e(w.value),
+                _e(w.relation),
+                _e(w.limit),
+                _e(w.source),
+                f'<span class="{cls}">{_e(status)}</span>',
+            ]
+        )
+    if not rows:
+        return ""
+    return _table(["part", "check", "value", "", "limit", "limit from", "result"], rows, frozenset({2, 4}))
+
+
+def _aggregate_table(c: Comparison) -> str:
+    rows = []
+    for k, v in c.aggregate.items():
+        ci = c.ci.get(k)
+        ci_s = f"[{fmt_metric(k, ci[0])}, {fmt_metric(k, ci[1])}]" if ci and len(ci) == 2 else NA
+        rows.append([_e(k), _e(fmt_metric(k, v)), _e(ci_s)])
+    return (
+        _table(["metric", "value", "95% CI"], rows, frozenset({1}))
+        if rows
+        else "<p>no aggregate metrics (n/a)</p>"
+    )
+
+
+def audit_table(audit: list[dict[str, Any]]) -> str:
+    """The quantization audit as words: shapes as 5 × 12, booleans yes / no, nested values flat."""
+    keys: list[str] = []
+    for row in audit:
+        keys.extend(k for k in row if k not in keys)
+    rows = []
+    for row in audit:
+        cells = [_e(shape_words(k, row[k])) if k in row else NA for k in keys]
+        flagged = row.get("flagged") is True
+        rows.append([f"<b>{c}</b>" if flagged else c for c in cells])
+    return _table([_e(k.replace("_", " ")) for k in keys], rows)
+
+
+def _tag_table(t: TargetResult) -> str:
+    comps = [c for c in t.comparisons if c.prompts]
+    if not comps or not any(getattr(p, "tags", None) for c in comps for p in c.prompts):
+        return ""
+    by_tag: dict[str, dict[str, pd.TagRow]] = {}
+    for c in comps:
+        for r in pd.tag_rows(c.prompts):
+            by_tag.setdefault(r.tag, {})[c.kind] = r
+    header = ["tag", "prompts", "failed"]
+    for c in comps:
+        header += [f"{_e(c.kind)}: diverged", f"{_e(c.kind)}: mean KL", f"{_e(c.kind)}: top-1"]
+    rows = []
+    for tag, per in by_tag.items():
+        first = next(iter(per.values()))
+        row = [_e(tag), str(first.n), str(first.failed)]
+        for c in comps:
+            r = per.get(c.kind)
+            if r is None:
+                row += [NA] * 3
+                continue
+            ok = r.n - r.failed
+            row += [
+                f"{r.diverged}/{ok}" if ok else NA,
+                _e(fmt_num(r.kl_mean)),
+                _e(fmt_num(r.top1, pct=True)),
+            ]
+        rows.append(row)
+    return f"<h3>{_e(t.name)}</h3>" + _table(header, rows, frozenset(range(1, len(header))))
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _plots(plots: list[Plot], run: RunResult) -> str:
+    if not plots:
+        return "<p>no plots: no per-prompt KL and no white-box layer data (n/a)</p>"
+    out = []
+    for t in run.targets:
+        mine = [p for p in plots if p.target == t.name]
+        if not mine:
+            continue
+        figs = "".join(
+            f'<figure class="plot" data-kind="{_e(p.kind)}" id="plot-{_e(p.slug)}">{p.svg}'
+            f'<figcaption>{_e(p.caption)} <span class="muted">(plots/{_e(p.slug)}.svg)</span></figcaption></figure>'
+            for p in mine
+        )
+        label = label_of(t)
+        head = f"{badge(label)} {_e(t.name)} <span class='meta'>({len(mine)} plots)</span>"
+        if label == "PASS":  # collapsed: the plots of a passing target are there to compare with
+            out.append(
+                f'<details class="tplots"><summary><b>{head}</b></summary><div class="plots">{figs}</div></details>'
+            )
+        else:
+            out.append(f'<h3>{head}</h3><div class="plots">{figs}</div>')
+    return "".join(out)
+
+
+def _explorer(run: RunResult) -> str:
+    data = explorer_data(run)
+    if not data["cmps"]:
+        return "<p>no per-prompt results (n/a)</p>"
+    order = [i for i, t in enumerate(run.targets) if t.verdict is None or not t.verdict.meets_expectation]
+    order += [i for i, t in enumerate(run.targets) if label_of(t) != "PASS"]
+    default = default_comparison(data, order)
+    pager = (
+        '<div class="pager"><button class="prev" type="button">◀ worse</button><span class="pinfo"></span>'
+        '<button class="next" type="button">better ▶</button></div>'
+    )
+    return (
+        '<div class="ctl" id="controls">'
+        f'<label>comparison <select id="cmp" data-default="{default}"></select></label>'
+        '<label>search <input type="search" id="q" placeholder="prompt id, text or tag"></label>'
+        '<label><input type="checkbox" id="f-failed"> failed requests</label>'
+        '<label><input type="checkbox" id="f-div"> diverged</label>'
+        '<label>tag <select id="f-tag"><option value="">any</option></select></label></div>'
+        '<p class="legend muted">Worst first (failed requests, then mean teacher-forced KL). The token '
+        'diff is aligned like <code>diff</code>: <span class="del">struck red</span> only in the reference, '
+        '<span class="ins">green</span> only in the target; a reference token\'s underline is its KL '
+        "(clear &lt; 1e-3 nats, red ≥ 1 nat); the outlined token is the first divergence.</p>"
+        + pager
+        + '<div id="plist"><noscript>The prompt explorer needs JavaScript; every number is in report.json.</noscript></div>'
+        + pager
+        + f'<script type="application/json" id="difftest-data">{script_json(data)}</script>'
+    )
+
+
+def _target_detail(t: TargetResult) -> str:
+    label = label_of(t)
+    out = [
+        f'<h3 id="t-{_e(t.name)}">{badge(label)} {_e(t.name)} <span class="meta">{_expectation(t)}</span></h3>'
+    ]
+    loc = localisation_line(t)
+    if loc and label != "PASS":
+        out.append(f'<p class="where"><b>Where:</b> {_e(loc)}</p>')
+    out.append(_checks_table(t))
+    out += [f'<p class="warn">⚠ {_e(w)}</p>' for w in (t.verdict.warnings if t.verdict else ())]
+    out.append(
+        f"<p>scheme <code>{_e(t.scheme or NA)}</code> · golden <code>{_e(t.golden or 'none')}</code>"
+        f" · failed requests {_e(failed_text(t))}</p>"
+    )
+    if t.golden is None:
+        out.append(
+            "<p><i>No golden: judged on the accuracy budget alone; subtle bugs may hide inside it.</i></p>"
+        )
+    for c in t.comparisons:
+        title = "Exactness vs golden" if c.kind == "exactness" else "Accuracy vs reference"
+        out.append(f"<h4>{title} <code>{_e(c.baseline)}</code> ({len(c.prompts)} prompts)</h4>")
+        out.append(_aggregate_table(c))
+        out += [f'<p class="warn">⚠ {_e(w)}</p>' for w in c.warnings]
+    for d in t.layers:
+        if d.summary or d.warnings:
+            out.append(f"<p>Layers vs <code>{_e(d.against)}</code> ({_e(d.kind)}): {_e(d.summary or NA)}</p>")
+            out += [f'<p class="warn">⚠ {_e(w)}</p>' for w in d.warnings]
+    if t.invariance:
+        out.append("<h4>Batch-slot invariance</h4>" + _kv_table(t.invariance))
+    if t.audit:
+        out += ["<h4>Quantization audit</h4>", audit_table(t.audit)]
+    return "\n".join(out)
+
+
+def _kv_table(d: dict[str, Any]) -> str:
+    return _table(["setting", "value"], [[_e(k), _e(v)] for k, v in kv_rows(d)])
+
+
+def render_html(run: RunResult, plots: list[Plot] | None = None) -> str:
+    with gc_paused():
+        return _render_html(run, plots)
+
+
+def _render_html(run: RunResult, plots: list[Plot] | None) -> str:
+    plots = run_plots(run) if plots is None else plots
+    tag_tables = "".join(_tag_table(t) for t in run.targets)
     body = [
         "<h1>difftest report</h1>",
-        f"<p>Reference <code>{_e(run.reference)}</code> · gate <span class='{gate}'>{gate}</span>"
-        f" · started {_e(run.started_at or NA)} · {fmt_num(run.elapsed_s)} s</p>",
-        "<h2>Verdict</h2>",
+        _first_screen(run),
+        "<h2>Headline metrics</h2>",
         _verdict_table(run),
-        *[f'<p class="warn">⚠ {_e(w)}</p>' for w in run.warnings],
-        '<div class="ctl"><label><input type="checkbox" id="diffonly"> different only</label> · '
-        '<label>worst N <input type="number" id="worstn" min="0" value="0" style="width:5em"></label> '
-        "(0 = all) · target tokens shaded by teacher-forced KL (clear &lt; 1e-3 nats, red ≥ 1 nat); "
-        "the outlined column is the first divergence (hover for alternatives)</div>",
-        "<h2>Targets</h2>",
-        *[_target(t) for t in run.targets],
-        "<h2>Per-layer error</h2>",
-        _heatmap(run),
+        _nulls(run),
+        '<h2 id="plots">Plots</h2>',
+        _plots(plots, run),
+    ]
+    if tag_tables:
+        body += ['<h2 id="tags">By prompt tag</h2>', tag_tables]
+    body += [
+        '<h2 id="prompts">Prompts</h2>',
+        _explorer(run),
+        "<h2>Targets in detail</h2>",
+        *[_target_detail(t) for t in run.targets],
         "<h2>Signature</h2>",
         _table(
             ["setting", "value"],
-            [[_e(k), _e(v)] for k, v in flatten(run.signature)]
+            [[_e(k), _e(v)] for k, v in kv_rows(run.signature)]
             + [["schema_version", _e(run.schema_version)]],
         ),
         "<h2>Noise floor</h2>",
-        _table(["metric", "value"], [[_e(k), _e(v)] for k, v in flatten(run.noise_floor)])
-        if run.noise_floor
-        else "<p>no noise floor used (n/a)</p>",
+        _kv_table(run.noise_floor) if run.noise_floor else "<p>no noise floor used (n/a)</p>",
     ]
+    title = f"difftest: {gate_of(run)}"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-        f"<title>difftest report</title><style>{_CSS}</style><script>{_JS}</script></head>"
-        "<body>\n" + "\n".join(body) + "\n</body></html>\n"
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head>"
+        "<body>\n" + "\n".join(body) + f"\n<script>{JS}</script>\n</body></html>\n"
     )

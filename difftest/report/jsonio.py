@@ -2,7 +2,11 @@
 
 `difftest report DIR` re-renders from this file without a server, so a half-written file (Ctrl-C,
 disk full, a CI job killed mid-write) must never replace a good one: write a temporary file in
-the same folder, fsync, then `os.replace` — atomic on POSIX and Windows.
+the same folder, fsync, then `os.replace` — atomic on POSIX and Windows. Report files are mode
+0644 (readable by the CI user's group and a web server; mkstemp alone would leave them 0600).
+
+Schema: `schema_version` changes when a field changes meaning or goes away; fields added with a
+default (e.g. PromptDiff.tags) keep the version, since older files still load (missing -> default).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any
 from difftest.errors import UsageError
 from difftest.results import SCHEMA_VERSION, RunResult
 
+REPORT_MODE = 0o644  # group-readable, never world-writable
+
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` so that readers see the old file or the new one, never half."""
@@ -27,6 +33,7 @@ def atomic_write_text(path: Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, REPORT_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,10 +46,6 @@ def run_to_json(run: RunResult) -> str:
     data["schema_version"] = SCHEMA_VERSION
     # allow_nan=False: to_dict already stores NaN / inf as strings; a bare NaN would be invalid JSON
     return json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-
-
-def write_json(run: RunResult, path: Path) -> Path:
-    return atomic_write_text(path, run_to_json(run))
 
 
 def load_run(path: Path | str) -> RunResult:

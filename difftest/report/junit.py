@@ -3,7 +3,9 @@
 CI systems count `<failure>` elements, so failures must mean "the gate fails here". A negative
 control (`expect = "fail"`) whose checks fail is the tool working: its failed checks are passing
 testcases (their text says "failed as expected"), and its "meets expectation" testcase fails only
-if the faulted target unexpectedly passed. A part that did not run is `<skipped>`.
+if the faulted target unexpectedly passed. A part that did not run, and a check whose 95% interval
+straddles its limit (undecided), are `<skipped>`; a not-informative check decides nothing and
+passes with a note; an INCONCLUSIVE verdict is an `<error>` (exit 4), neither pass nor failure.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from difftest.report.markdown import localisation_line, reasons
+from difftest.report.words import check_fails, check_undecided, is_informative
 from difftest.results import RunResult, TargetResult
 
 # XML 1.0 forbids most control characters even when escaped; a prompt may carry them.
@@ -53,24 +56,34 @@ def _suite(t: TargetResult) -> tuple[ET.Element, dict[str, int]]:
                 case = _case(suite, f"{cls}.{part.part}", check.name)
                 counts["tests"] += 1
                 text = check.describe()
-                if check.passed:
-                    ET.SubElement(case, "system-out").text = _x(f"ok: {text}")
-                elif negative:
-                    ET.SubElement(case, "system-out").text = _x(
-                        f"failed as expected (negative control): {text}"
-                    )
+                if check_fails(check):
+                    if negative:
+                        ET.SubElement(case, "system-out").text = _x(
+                            f"failed as expected (negative control): {text}"
+                        )
+                    else:
+                        ET.SubElement(case, "failure", {"message": _x(text), "type": "threshold"}).text = _x(
+                            text
+                        )
+                        counts["failures"] += 1
+                elif check_undecided(check):  # neither side: the sample cannot tell
+                    ET.SubElement(case, "skipped", {"message": _x(f"undecided: {text}")})
+                    counts["skipped"] += 1
+                elif not is_informative(check):
+                    ET.SubElement(case, "system-out").text = _x(f"not informative (decides nothing): {text}")
                 else:
-                    ET.SubElement(case, "failure", {"message": _x(text), "type": "threshold"}).text = _x(text)
-                    counts["failures"] += 1
+                    ET.SubElement(case, "system-out").text = _x(f"ok: {text}")
         case = _case(suite, cls, f"meets expectation (expect {t.expect})")
         counts["tests"] += 1
         if not t.verdict.meets_expectation:
             why = reasons(t) or ["every check passed"]
             msg = f"verdict {t.verdict.label}, expected {t.expect.upper()}"
-            ET.SubElement(case, "failure", {"message": _x(msg), "type": "expectation"}).text = _x(
-                msg + "\n" + "\n".join(why) + (f"\nlocalisation: {loc}" if loc else "")
-            )
-            counts["failures"] += 1
+            body = msg + "\n" + "\n".join(why) + (f"\nlocalisation: {loc}" if loc else "")
+            # INCONCLUSIVE is not a pass and not a contradiction: an error (exit 4), not a failure
+            undecided = t.verdict.label == "INCONCLUSIVE"
+            tag, kind = ("error", "inconclusive") if undecided else ("failure", "expectation")
+            ET.SubElement(case, tag, {"message": _x(msg), "type": kind}).text = _x(body)
+            counts["errors" if undecided else "failures"] += 1
     for k, v in counts.items():
         suite.set(k, str(v))
     suite.set("time", "0")

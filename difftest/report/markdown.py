@@ -11,14 +11,16 @@ that every output says "n/a" for a metric that was not measured (None) — never
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from difftest.report.heatmap import layer_grid, text_heatmap
+from difftest.report.plotdata import TagRow, tag_rows
+from difftest.report.words import GATE_WORDS, gate_of, kv_rows, reasons_in_words, shape_words
 from difftest.results import Comparison, PromptDiff, RunResult, TargetResult
+from difftest.whitebox.localise import localisation_line as whitebox_localisation_line
 
 NA = "n/a"
 MAX_PROMPT_ROWS = 20  # GitHub step summaries are capped at 1 MiB; the rest is in report.html
@@ -105,35 +107,22 @@ def verdict_text(t: TargetResult) -> tuple[str, str]:
     """(verdict label, meets-expectation) for a target; no verdict reads as such, not as PASS."""
     if t.verdict is None:
         return "NO VERDICT", "NO"
-    return t.verdict.label, "yes" if t.verdict.meets_expectation else "NO"
+    if t.verdict.meets_expectation:
+        return t.verdict.label, "yes"
+    return t.verdict.label, "undecided" if t.verdict.label == "INCONCLUSIVE" else "NO"
 
 
 def reasons(t: TargetResult) -> list[str]:
-    if t.verdict is None:
-        return ["no verdict: the target did not produce results"]
-    out = list(t.verdict.reasons)
-    out.extend(f"{p.part}: skipped ({p.skipped})" for p in t.verdict.parts if p.skipped)
-    return out
+    """Why a target is not PASS, in words (difftest.report.words): value vs limit, and where the
+    limit came from."""
+    return reasons_in_words(t)
 
 
 def localisation_line(t: TargetResult) -> str | None:
-    """The verdict's localisation, else one built from the first LayerDiff that localised."""
+    """The verdict's localisation, else the sentence of the first LayerDiff that localised."""
     if t.verdict is not None and t.verdict.localisation:
         return t.verdict.localisation
-    for d in t.layers:
-        if d.first_divergent_layer is None and d.guilty_module is None:
-            continue
-        bits = []
-        if d.first_divergent_layer is not None:
-            bits.append(f"first divergent layer {d.first_divergent_layer}")
-        if d.guilty_module:
-            bits.append(f"local error in {d.guilty_module}")
-        if d.guilty_backend:
-            bits.append(f"backend {d.guilty_backend}")
-        if d.audit_hint:
-            bits.append(d.audit_hint)
-        return ", ".join(bits) + f" (vs {d.against})"
-    return None
+    return whitebox_localisation_line(t.layers)
 
 
 def prompt_order(prompts: Iterable[PromptDiff]) -> list[PromptDiff]:
@@ -154,18 +143,6 @@ def divergence_text(p: PromptDiff) -> str:
     if p.exact or (p.match_rate is not None and p.tgt_tokens):
         return "none"
     return NA
-
-
-def flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """Nested dicts as dotted keys; lists as JSON; scalars formatted."""
-    if isinstance(d, dict):
-        out: list[tuple[str, str]] = []
-        for k, v in d.items():
-            out.extend(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(d, list | tuple):
-        return [(prefix, json.dumps(d, default=str, ensure_ascii=False))]
-    return [(prefix, fmt_num(d))]
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -199,13 +176,6 @@ def md_code(text: Any) -> str:
     return "`" + visible(str(text)).replace("`", "'") + "`"
 
 
-def value_text(v: Any) -> str:
-    """One value of a free-form dict (audit row, signature): JSON for containers."""
-    if isinstance(v, dict | list | tuple):
-        return json.dumps(v, default=str, ensure_ascii=False)
-    return fmt_num(v)
-
-
 def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     """Cells must already be escaped (md_cell) or be trusted literals."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -236,8 +206,8 @@ def verdict_rows(run: RunResult) -> list[list[str]]:
 def _verdict_table(run: RunResult) -> list[str]:
     header = ["target", "scheme", "expect", "verdict", "meets expectation", "against"]
     header += [h for h, _ in HEADLINE] + ["failed requests"]
-    gate = "PASS — every target as expected" if run.gate_passed else "FAIL — a target is not as expected"
-    out = [f"**Gate: {gate}**", "", *md_table(header, verdict_rows(run))]
+    gate = gate_of(run)
+    out = [f"**Gate: {gate} — {GATE_WORDS.get(gate, '')}**", "", *md_table(header, verdict_rows(run))]
     return out
 
 
@@ -293,11 +263,38 @@ def _prompt_table(c: Comparison) -> list[str]:
 
 
 def _audit_table(audit: list[dict[str, Any]]) -> list[str]:
+    """In words: shapes as `5 × 12`, booleans yes / no, nested values flat (never JSON)."""
     keys: list[str] = []
     for row in audit:
         keys.extend(k for k in row if k not in keys)
-    rows = [[md_cell(value_text(row[k]) if k in row else NA, 60) for k in keys] for row in audit]
-    return md_table([md_cell(k) for k in keys], rows)
+    rows = [[md_cell(shape_words(k, row[k]) if k in row else NA, 60) for k in keys] for row in audit]
+    return md_table([md_cell(k.replace("_", " ")) for k in keys], rows)
+
+
+def _tag_table(t: TargetResult) -> list[str]:
+    """Per prompt tag (the prompt files' `tags`): prompts, diverged, mean KL and top-1 per part."""
+    comps = [c for c in t.comparisons if any(p.tags for p in c.prompts)]
+    if not comps:
+        return []
+    header = ["tag", "prompts"]
+    per: dict[str, dict[str, TagRow]] = {}
+    for c in comps:
+        header += [f"{c.kind}: diverged", f"{c.kind}: mean KL", f"{c.kind}: top-1"]
+        for r in tag_rows(c.prompts):
+            per.setdefault(r.tag, {})[c.kind] = r
+    rows = []
+    for tag, by_kind in per.items():
+        row = [md_cell(tag), str(next(iter(by_kind.values())).n)]
+        for c in comps:
+            r = by_kind.get(c.kind)
+            ok = r.n - r.failed if r else 0
+            row += (
+                [f"{r.diverged}/{ok}" if ok else NA, fmt_num(r.kl_mean), fmt_num(r.top1, pct=True)]
+                if r
+                else [NA] * 3
+            )
+        rows.append(row)
+    return ["#### By prompt tag", "", *md_table(header, rows), ""]
 
 
 def _target_section(t: TargetResult) -> list[str]:
@@ -323,12 +320,13 @@ def _target_section(t: TargetResult) -> list[str]:
             out.append(f"Layers vs {md_code(d.against)} ({d.kind}): {md_cell(d.summary) or NA}")
             out += [f"- ⚠ {md_cell(w)}" for w in d.warnings]
             out.append("")
+    out += _tag_table(t)
     if t.audit:
         out += ["#### Quantization audit", "", *_audit_table(t.audit), ""]
     if t.invariance:
         out += [
             "Batch-slot invariance: "
-            + ", ".join(f"{md_cell(k)} {md_cell(v)}" for k, v in flatten(t.invariance)),
+            + ", ".join(f"{md_cell(k)} {md_cell(v)}" for k, v in kv_rows(t.invariance)),
             "",
         ]
     return out
@@ -345,13 +343,13 @@ def render_markdown(run: RunResult) -> str:
     out += ["## Per-layer error (log10(1 − cosine))", ""]
     out += ["```text", text_heatmap(grid), "```", ""] if grid else ["_no white-box layer data (n/a)_", ""]
     out += ["## Signature", ""]
-    sig = flatten(run.signature) + [("started_at", run.started_at), ("elapsed_s", fmt_num(run.elapsed_s))]
+    sig = kv_rows(run.signature) + [("started_at", run.started_at), ("elapsed_s", fmt_num(run.elapsed_s))]
     sig.append(("schema_version", str(run.schema_version)))
     out += md_table(["setting", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in sig])
     out += ["", "## Noise floor", ""]
     if run.noise_floor:
         out += md_table(
-            ["metric", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in flatten(run.noise_floor)]
+            ["metric", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in kv_rows(run.noise_floor)]
         )
     else:
         out.append("_no noise floor used (n/a): exactness limits fall back to defaults_")

@@ -25,9 +25,11 @@ from difftest.report.markdown import (
     verdict_text,
     visible,
 )
+from difftest.report.words import GATE_WORDS, expectation_words, gate_of
 from difftest.results import RunResult
 
-_STYLE = {"PASS": "bold green", "FAIL": "bold red", "NO VERDICT": "bold red"}
+_STYLE = {"PASS": "bold green", "FAIL": "bold red", "INCONCLUSIVE": "bold yellow", "NO VERDICT": "bold red"}
+_GATE_STYLE = {"PASS": "bold green", "INCONCLUSIVE": "bold yellow"}
 
 
 def render_summary(run: RunResult, console: Console, *, report_dir: Path | None = None) -> None:
@@ -52,14 +54,16 @@ def render_summary(run: RunResult, console: Console, *, report_dir: Path | None 
                 *[Text(x) for x in headline_cells(c)[1:]],
                 Text(failed_text(t)) if first else Text(""),
                 Text(label, style=_STYLE.get(label, "")) if first else Text(""),
-                Text(meets, style="" if meets == "yes" else "bold red") if first else Text(""),
+                Text(meets, style={"yes": "", "undecided": "bold yellow"}.get(meets, "bold red"))
+                if first
+                else Text(""),
             )
     console.print(table)
     for t in run.targets:
         label, meets = verdict_text(t)
         head = Text(f"{t.name}: ")
         head.append(label, style=_STYLE.get(label, ""))
-        head.append(f" (expect {t.expect}, {'as expected' if meets == 'yes' else 'NOT as expected'})")
+        head.append(f" ({expectation_words(t)[0]})")
         console.print(head)
         for c in t.comparisons:
             console.print(Text(f"  {c.kind} vs {c.baseline}: {len(c.prompts)} prompts"))
@@ -70,8 +74,8 @@ def render_summary(run: RunResult, console: Console, *, report_dir: Path | None 
             console.print(Text(f"  - {r}"))
     for w in run.warnings:
         console.print(Text(f"warning: {w}", style="yellow"))
-    gate = "PASS: every target as expected" if run.gate_passed else "FAIL: a target is not as expected"
-    console.print(Text(f"gate {gate}", style="bold green" if run.gate_passed else "bold red"))
+    gate = gate_of(run)
+    console.print(Text(f"gate {gate}: {GATE_WORDS.get(gate, '')}", style=_GATE_STYLE.get(gate, "bold red")))
     if report_dir is not None:
         console.print(Text(f"report: {report_dir}"))
 

@@ -40,8 +40,8 @@ def triton_available(device: torch.device | str) -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     if torch.device(device).type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1"
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def vendor_supports(scheme: str, device: torch.device | str) -> tuple[bool, str]:

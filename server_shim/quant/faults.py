@@ -29,35 +29,9 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from server_shim.catalog import FAULT_SCHEMES, FAULTS, FP8_SCHEMES, MOE_ONLY  # noqa: F401 - re-read by callers
 from server_shim.errors import QuantConfigError
-from server_shim.quant.formats import FP8_SCHEMES, QuantizedWeight, unshuffle_scales
-
-FAULTS = (
-    "garbage-gemm",
-    "scale-transposed",
-    "scale-shuffle-ignored",
-    "scale-skipped",
-    "fnuz-unnormalized",
-    "transpose-noop",
-    "routed-scaling-missing",
-    "ue8m0-rounding",
-    "slot-variant",
-)
-_ALL = ("fp8-tensor", "fp8-token", "fp8-block", "int8", "int4-g128", "mxfp4")
-# Schemes where each bug class can exist at all: a per-tensor scale has no layout to transpose,
-# a weight-only scheme has no activation scale to round or to read from the wrong slot.
-FAULT_SCHEMES: dict[str, tuple[str, ...]] = {
-    "garbage-gemm": _ALL,
-    "scale-transposed": ("fp8-block", "int4-g128", "mxfp4"),
-    "scale-shuffle-ignored": ("fp8-token", "fp8-block", "int8", "int4-g128", "mxfp4"),
-    "scale-skipped": _ALL,
-    "fnuz-unnormalized": FP8_SCHEMES,
-    "transpose-noop": _ALL,
-    "routed-scaling-missing": _ALL,
-    "ue8m0-rounding": ("fp8-tensor", "fp8-token", "fp8-block", "int8"),
-    "slot-variant": ("fp8-token", "fp8-block", "int8"),
-}
-MOE_ONLY = ("routed-scaling-missing",)
+from server_shim.quant.formats import QuantizedWeight, unshuffle_scales
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,13 @@ shuffled = rows permuted by `shuffle_scales`); `logical_scales` undoes the decla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from server_shim.catalog import FP8_SCHEMES, SCHEMES, WEIGHT_ONLY_SCHEMES  # noqa: F401 - the one catalog
 from server_shim.errors import QuantConfigError
-
-SCHEMES = ("none", "fp8-tensor", "fp8-token", "fp8-block", "int8", "int4-g128", "mxfp4")
-FP8_SCHEMES = ("fp8-tensor", "fp8-token", "fp8-block")
-WEIGHT_ONLY_SCHEMES = ("int4-g128", "mxfp4")
 
 E4M3FN_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max: 1.75 * 2**8
 E4M3FNUZ_MAX = 240.0  # torch.finfo(torch.float8_e4m3fnuz).max: bias 8, no inf, 0x80 is the only NaN
@@ -176,10 +173,6 @@ def store_scales(logical: Tensor, layout: ScaleLayout) -> Tensor:
 def logical_scales(qw: QuantizedWeight) -> Tensor:
     """Undo the declared layout. col-major needs nothing: strides already say it."""
     return unshuffle_scales(qw.scales) if qw.layout.shuffled else qw.scales
-
-
-def with_layout(qw: QuantizedWeight, layout: ScaleLayout) -> QuantizedWeight:
-    return replace(qw, scales=store_scales(logical_scales(qw), layout), layout=layout)
 
 
 # ---------------------------------------------------------------- weights

@@ -51,18 +51,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_available(device: torch.device) -> bool:
-    """GPU with triton, or CPU with the interpreter switched on (TRITON_INTERPRET=1)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    return device.type == "cpu" and _interpreting()
-
-
 def _build() -> SimpleNamespace:
     """Decorate the kernel bodies once; autotune only when compiling for a GPU."""
     global _built

@@ -21,6 +21,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from server_shim import catalog
 from server_shim.errors import QuantConfigError
 from server_shim.quant import arch
 from server_shim.quant import formats as F
@@ -29,7 +30,7 @@ from server_shim.quant.faults import NO_FAULTS, FaultSet, read_act_scale, read_w
 logger = logging.getLogger(__name__)
 
 SCHEMES = F.SCHEMES
-BACKENDS = ("auto", "torch", "triton", "vendor")
+BACKENDS = catalog.BACKENDS
 DEFAULT_SKIP = ("lm_head",)
 _KERNELS = "server_shim.quant.kernels"
 _VENDOR_PATHS = ("fp8-tensor", "fp8-token", "int8")
@@ -52,7 +53,7 @@ def load_kernels(device: torch.device) -> ModuleType:
         raise QuantConfigError(f"triton backend unavailable: {e}") from e
     if device.type == "cpu" and _has_compiled_kernels(mod):
         mod = importlib.reload(sys.modules[_KERNELS])
-    if not mod.triton_available(device) or (device.type == "cpu" and _has_compiled_kernels(mod)):
+    if not arch.triton_available(device) or (device.type == "cpu" and _has_compiled_kernels(mod)):
         raise QuantConfigError(f"triton backend cannot run on {arch.device_arch(device)}")
     return mod
 

@@ -1,5 +1,5 @@
 """Quantization audit: are the stored scales what the config declares, and which reading of them
-does the kernel actually compute with?
+does the kernel actually compute with? (Step 5 of docs/design.md "White-box localisation".)
 
 Per quantized module of the target's GET /debug/config:
 - structure checks: weight dtype and shape, scale shape (block / group counts such as
@@ -14,9 +14,12 @@ Per quantized module of the target's GET /debug/config:
   is reported. A hypothesis other than the declared one that reconstructs W_eff clearly better
   is the hint ("scales look transposed"). Identity rows quantize exactly in every activation
   scheme (amax 1 per row / group), so W_eff is the weight path alone.
-- backend table: needs /debug/module to run a module under a chosen backend; the debug protocol
-  has no such selector yet, so the column says so.
+- backend table: the same stored weights run through each backend (metadata `backend` of
+  /debug/module) on one input, against the reference; a backend the device cannot run is listed
+  with the server's reason.
 MoE experts are not linear in their input: their rows get the structure checks only.
+`difftest run` audits the modules localisation blamed, once each (localise.py); `difftest quant`
+audits every quantized module.
 """
 
 from __future__ import annotations
@@ -31,8 +34,15 @@ import numpy as np
 
 from difftest.collect import Endpoint
 from difftest.errors import DifftestError
-from difftest.fp_codes import SafeTensors, decode, read_safetensors, unpack_nibbles, write_safetensors
 from difftest.metrics.tensors import rel_err, tensor_diff
+from difftest.whitebox.safetensors import (
+    SafeTensors,
+    decode,
+    read_safetensors,
+    unpack_nibbles,
+    write_safetensors,
+)
+from server_shim import debug_protocol as P
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +168,8 @@ def hypotheses(scheme: str, st: SafeTensors, n: int, k: int) -> dict[str, np.nda
     s = st.value("weight_scale") if scheme != "mxfp4" else st.tensors["weight_scale"]
     s = np.asarray(s).reshape(s.shape[-2:]) if s.ndim >= 2 else np.asarray(s).reshape(1, 1)
     r, c = s.shape
-    order = meta.get("scale_order", "row-major")
-    shuffled = meta.get("scale_shuffled", "false") == "true"
+    order = meta.get(P.META_SCALE_ORDER, "row-major")
+    shuffled = meta.get(P.META_SCALE_SHUFFLED, "false") == "true"
     declared = expected_strides((r, c), order)
     other = expected_strides((r, c), "col-major" if order == "row-major" else "row-major")
     unshuf = np.argsort(shuffle_perm(r))
@@ -215,8 +225,8 @@ async def effective_weight(ep: Endpoint, module: str, k: int) -> np.ndarray:
     """W [N, K] as `ep` computes it: out(I_K) - out(0) = W^T, the identity sent in row slices."""
 
     async def out(x: np.ndarray) -> np.ndarray:
-        raw = await ep.client.post_bytes("/debug/module", write_safetensors({"input": x}, {"module": module}))
-        return read_safetensors(raw).value("output").astype(np.float64)
+        raw = await ep.client.post_bytes(P.MODULE, write_safetensors({P.INPUT: x}, {P.META_MODULE: module}))
+        return read_safetensors(raw).value(P.OUTPUT).astype(np.float64)
 
     eye = np.eye(k, dtype=np.float32)
     parts = await asyncio.gather(*(out(eye[i : i + IDENTITY_ROWS]) for i in range(0, k, IDENTITY_ROWS)))
@@ -226,10 +236,10 @@ async def effective_weight(ep: Endpoint, module: str, k: int) -> np.ndarray:
 
 async def audit_module(target: Endpoint, reference: Endpoint | None, module: str,
                        info: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """One audit row (plain JSON values)."""
+    """One audit row (plain JSON values). `info`: the module's /debug/config entry (default: read
+    from the target's config, which its client fetched once)."""
     if info is None:
-        cfg = await target.client.get_json("/debug/config")
-        info = cfg.get("modules", {}).get(module, {})
+        info = (await target.client.debug_config()).get("modules", {}).get(module, {})
     scheme = str(info.get("scheme"))
     checks = structure_checks(info)
     row: dict[str, Any] = {
@@ -242,7 +252,7 @@ async def audit_module(target: Endpoint, reference: Endpoint | None, module: str
         n, k = int(info.get("out_features", 0)), int(info.get("in_features", 0))
         st = await _get_quant(target, module)
         meta = st.metadata
-        if meta.get("scale_order") not in (None, (info.get("scale_layout") or {}).get("order")):
+        if meta.get(P.META_SCALE_ORDER) not in (None, (info.get("scale_layout") or {}).get("order")):
             checks["metadata_order"] = False
         cands = hypotheses(scheme, st, n, k)
         w_eff = await effective_weight(target, module, k)
@@ -280,9 +290,9 @@ async def backend_table(
     x = np.random.default_rng(0).standard_normal((BACKEND_ROWS, k)).astype(np.float32)
 
     async def run(ep: Endpoint, backend: str | None) -> np.ndarray:
-        meta = {"module": module} | ({"backend": backend} if backend else {})
-        raw = await ep.client.post_bytes("/debug/module", write_safetensors({"input": x}, meta))
-        return read_safetensors(raw).value("output").astype(np.float64)
+        meta = {P.META_MODULE: module} | ({P.META_BACKEND: backend} if backend else {})
+        raw = await ep.client.post_bytes(P.MODULE, write_safetensors({P.INPUT: x}, meta))
+        return read_safetensors(raw).value(P.OUTPUT).astype(np.float64)
 
     if reference is not None:
         base, against = await run(reference, None), "reference (fp32/fp16 weights)"
@@ -304,7 +314,7 @@ async def backend_table(
 
 
 async def _get_quant(ep: Endpoint, module: str) -> SafeTensors:
-    raw = await ep.client.get_bytes(f"/debug/quant/{module}")
+    raw = await ep.client.get_bytes(f"{P.QUANT}{module}")
     return read_safetensors(raw)
 
 
@@ -314,7 +324,7 @@ def _round(d: Mapping[str, float]) -> dict[str, float]:
 
 async def audit(target: Endpoint, reference: Endpoint | None) -> list[dict[str, Any]]:
     """Every quantized module of `target`, in config order."""
-    cfg = await target.client.get_json("/debug/config")
+    cfg = await target.client.debug_config()
     rows = []
     for name, info in cfg.get("modules", {}).items():
         if info.get("scheme") in (None, "none") or "scale_shape" not in info:

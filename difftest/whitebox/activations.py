@@ -1,12 +1,14 @@
-"""Layer diff, per point: the bounds, point names, fetching /debug/activations, and comparing points.
+"""Activations: point names, fetching POST /debug/activations, and comparing two sides per point.
 
-Split from layers.py (which re-exports every public name here and runs the whole diff); replay.py
-builds on it. Everything below the fetch is pure: per point cosine, norm ratio, rel / max-abs
-error and SQNR (difftest.metrics.tensors), judged against LayerThresholds.
+Steps 1-2 of docs/design.md "White-box localisation". Everything below the fetch is pure: per
+point cosine, norm ratio, rel / max-abs error and SQNR (difftest.metrics.tensors), judged against
+`LayerThresholds` (the white-box bounds; they stay here until verdict code is gathered in one
+place). replay.py builds on this module, layers.py runs both for one pair of servers.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -16,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from difftest.collect import Endpoint
-from difftest.fp_codes import SafeTensors, read_safetensors
 from difftest.metrics.tensors import TensorDiff, tensor_diff
 from difftest.results import LayerPoint
+from difftest.whitebox.safetensors import SafeTensors, read_safetensors
+from server_shim import debug_protocol as P
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _RESIDUAL = re.compile(r"^(?:.*\.)?layers\.\d+$")
@@ -31,7 +34,7 @@ class LayerThresholds:
     """Bounds of the layer diff. Calibration (tiny-llama, fp32, CPU; tests/test_whitebox_acceptance.py):
     correct triton / torch targets against their torch golden reach point rel_err <= ~1e-4 and
     local rel_err <= ~1e-4 (worst: fp8-block, whose act-quant rounding flips on ties); every fault
-    class in DESIGN.md gives a local rel_err >= 5e-2 except ue8m0-rounding (~1e-2).
+    class in docs/design.md "Fault injection" gives a local rel_err >= 5e-2 except ue8m0-rounding (~1e-2).
     """
 
     # residual / logits vs golden. Not 1e-2: dynamic activation quantization is discontinuous, a
@@ -40,7 +43,7 @@ class LayerThresholds:
     exact_point_rel_err: float = 5e-2
     exact_local_rel_err: float = 1e-3  # one module on identical input vs the golden module
     slot_rel_err: float = 1e-3  # slot 1 (rolled tokens) vs slot 0 of the same target
-    # accuracy vs FP16. DESIGN.md's 0.999 / 0.995 module cosines flag correct smollm2 modules, so
+    # accuracy vs FP16. The usual 0.999 / 0.995 module cosines (docs/design.md "Calibration") flag correct smollm2 modules, so
     # each bound sits under the minimum a correct build measured on smollm2 (bench/calibrate.py,
     # module-local cosine min: fp8-* 0.99888, int8 0.99322, int4-g128 0.9736, mxfp4 0.9849) and
     # the relative ranking does the finding.
@@ -113,8 +116,6 @@ class Activations:
 
 
 def _json_list(meta: Mapping[str, str], key: str) -> list[Any]:
-    import json
-
     try:
         val = json.loads(meta.get(key, "[]"))
     except ValueError:
@@ -123,13 +124,13 @@ def _json_list(meta: Mapping[str, str], key: str) -> list[Any]:
 
 
 async def fetch_activations(ep: Endpoint, body: dict[str, Any]) -> Activations:
-    raw = await ep.client.post_bytes("/debug/activations", body)
+    raw = await ep.client.post_bytes(P.ACTIVATIONS, body)
     st = read_safetensors(raw)
     return Activations(
         st,
-        [int(i) for i in _json_list(st.metadata, "token_ids")],
-        [int(i) for i in _json_list(st.metadata, "decode_token_ids")],
-        [str(p) for p in _json_list(st.metadata, "points")],
+        [int(i) for i in _json_list(st.metadata, P.META_TOKEN_IDS)],
+        [int(i) for i in _json_list(st.metadata, P.META_DECODE_TOKEN_IDS)],
+        [str(p) for p in _json_list(st.metadata, P.META_POINTS)],
     )
 
 

@@ -1,11 +1,13 @@
-"""Numpy decoders of the small float formats, and a safetensors reader that keeps their codes.
+"""The debug protocol's bodies without torch: a safetensors reader and writer, and the small
+float formats' decoders the reader needs.
 
-difftest never imports torch, and `safetensors.numpy` cannot load fp8 tensors (numpy has no fp8
-dtype: it raises KeyError 'F8_E4M3'). The debug routes send quantized weights as fp8, so we read
-the safetensors container ourselves (8-byte little-endian header length, JSON header, raw bytes)
-and keep every 8-bit float as its uint8 *codes*: the quant audit must decode the same bits under
-other interpretations (e4m3fn read as e4m3fnuz is a real bug class), which a decoded float array
-would no longer allow.
+Every tensor the debug routes exchange is a safetensors body (docs/design.md "The debug
+protocol"). difftest never imports torch, and `safetensors.numpy` cannot load fp8 tensors (numpy
+has no fp8 dtype: it raises KeyError 'F8_E4M3'). The routes send quantized weights as fp8, so we
+read the container ourselves (8-byte little-endian header length, JSON header, raw bytes) and keep
+every 8-bit float as its uint8 *codes*: the quant audit must decode the same bits under other
+interpretations (e4m3fn read as e4m3fnuz is a real bug class), which a decoded float array would
+no longer allow. Writing needs no fp8, so it goes through `safetensors.numpy`.
 
 Every format decodes through a 256-entry (or 16-entry) lookup table built once from the bit
 layout, so decoding is one `np.take` and the tables are easy to check against hand values.
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from difftest.errors import DifftestError
+from difftest.errors import UnreadableBody
 
 
 def _e4m3_table(bias: int, *, fnuz: bool) -> np.ndarray:
@@ -96,17 +98,13 @@ class SafeTensors:
         return arr
 
 
-class SafetensorsError(DifftestError):
-    """A server sent a body that is not a safetensors file we can read."""
-
-
 def read_safetensors(body: bytes) -> SafeTensors:
     """Parse a safetensors body (no pickle, no torch). BF16 is widened to float32 exactly."""
     try:
         (n,) = struct.unpack("<Q", body[:8])
         header = json.loads(body[8 : 8 + n])
     except (struct.error, ValueError) as exc:
-        raise SafetensorsError(f"not a safetensors body: {exc}") from None
+        raise UnreadableBody(f"not a safetensors body: {exc}") from None
     meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
     data = memoryview(body)[8 + n :]
     tensors: dict[str, np.ndarray] = {}
@@ -122,7 +120,7 @@ def read_safetensors(body: bytes) -> SafeTensors:
         elif dt in _NUMPY:
             arr = raw.view(_NUMPY[dt]).copy()
         else:
-            raise SafetensorsError(f"tensor {name!r} has dtype {dt}, which difftest cannot read")
+            raise UnreadableBody(f"tensor {name!r} has dtype {dt}, which difftest cannot read")
         tensors[name] = arr.reshape(shape)
         dtypes[name] = dt
     return SafeTensors(tensors, dtypes, meta)

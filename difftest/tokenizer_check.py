@@ -3,20 +3,16 @@
 It compares the probe texts' tokenizations that `conformance.probe` collected on each side (ids
 where both sides expose them, token strings otherwise) and the vocabulary sizes: a mismatch is a
 ConformanceError (exit 2) naming the first differing probe; a comparison that cannot be made is a
-warning. Split from conformance.py, which re-exports PairCheck and check_pair.
+warning. conformance.py probes each server; this module only reads what the probes found.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from difftest.check_status import NA, OK, WARN, first_diff, short
+from difftest.client import CompletionClient
+from difftest.conformance import NA, OK, WARN, Capabilities, first_diff, short
 from difftest.errors import ConformanceError
-
-if TYPE_CHECKING:
-    from difftest.client import CompletionClient
-    from difftest.conformance import Capabilities
 
 
 @dataclass(frozen=True)

@@ -1,115 +1,69 @@
-"""White-box layer diff: per-point tensors, first divergent layer, local vs inherited error.
+"""The per-layer diff of one (baseline, target) pair: first divergent layer and guilty module.
 
-    localise(baseline, target, prompt)
+    diff_layers(baseline, target, prompt, kind=...)
       1. POST /debug/activations on the baseline (the prompt; inputs + logits + decode steps),
          then on the target with the baseline's token ids, so both see the same sequence
-      2. per point: cosine, norm ratio, rel / max-abs error, SQNR (difftest.metrics.tensors)
+      2. per point: cosine, norm ratio, rel / max-abs error, SQNR (activations.py)
          -> flagged points -> the first divergent layer (first flagged residual stream)
       3. replay: every linear / MoE module gets the *baseline's* input through /debug/module on
-         both servers. Same input on both sides, so the difference is the module's own (local)
-         error, not what it inherited from upstream layers. The guilty module is the worst one.
-      4. the guilty module's backend (GET /debug/config) and a quant-audit hint (quantcheck)
+         both servers, so the difference is the module's own (local) error (replay.py)
+      4. the guilty module and its backend, from the target's /debug/config
 
-Two questions, two bounds (DESIGN.md "Two references"):
+The audit of the guilty module and the localisation sentence are localise.py's: a run audits a
+module once however many diffs blame it.
+
+Two questions, two bounds (docs/design.md "Two references"):
 - exactness (vs golden): a correct backend differs from its golden only by accumulation order, so
   the bounds are tight absolute ones and the worst local error names the module.
 - accuracy (vs FP16): every quantized module has the scheme's own error, so a module is ranked by
   its local error relative to the median of its siblings (same role in other layers): a faulty
   module stands out from what the scheme costs its kind even when inside the absolute budget.
   Cosine is blind to magnitude (fnuz x0.5 keeps cosine 0.99955), hence the norm-ratio bound.
-
-Modules: layer_points.py (bounds, point names, fetching, per-point comparison) and replay.py
-(module replay with its two batch slots, ranking); this module runs the whole diff and gives the
-verdict, and re-exports their public names.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from difftest.collect import Endpoint
 from difftest.errors import DifftestError
-from difftest.layer_points import (  # re-exported: callers and tests import them from difftest.layers
-    FOUR_BIT,
+from difftest.results import Check, LayerDiff, PartVerdict
+from difftest.whitebox.activations import (
     LEAF_KINDS,
-    Activations,
     LayerThresholds,
     compare_points,
     fetch_activations,
     finite_or_inf,
     first_divergence,
     layer_of,
-    local_out_of_bounds,
-    point_flagged,
-    point_kind,
-    sibling_key,
 )
-from difftest.replay import (  # re-exported likewise
-    choose_guilty,
-    rank_modules,
-    replay,
-    replay_all,
-    replay_module,
-    replay_plan,
-    routing_rescale,
-)
-from difftest.results import Check, LayerDiff, PartVerdict
-
-__all__ = [
-    "FOUR_BIT",
-    "LEAF_KINDS",
-    "Activations",
-    "LayerThresholds",
-    "choose_guilty",
-    "compare_points",
-    "fetch_activations",
-    "first_divergence",
-    "layer_of",
-    "layer_verdict",
-    "local_out_of_bounds",
-    "localise",
-    "point_flagged",
-    "point_kind",
-    "rank_modules",
-    "replay",
-    "replay_module",
-    "replay_plan",
-    "routing_rescale",
-    "scheme_of",
-    "sibling_key",
-    "summarize",
-]
-
-log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- the whole thing
+from difftest.whitebox.replay import choose_guilty, rank_modules, replay_all
 
 
 def scheme_of(config: Mapping[str, Any]) -> str | None:
+    """The scheme most of a /debug/config's modules run (None: nothing is quantized)."""
     schemes = [
         m.get("scheme") for m in config.get("modules", {}).values() if m.get("scheme") not in (None, "none")
     ]
     return max(set(schemes), key=schemes.count) if schemes else None
 
 
-async def localise(
+async def diff_layers(
     baseline: Endpoint, target: Endpoint, prompt: str, *, kind: str, decode_steps: int = 2,
     thresholds: LayerThresholds | None = None,
 ) -> LayerDiff:  # fmt: skip
-    """Per-layer diff of `target` against `baseline` on one prompt, localised to a module."""
+    """Per-layer diff of `target` against `baseline` on one prompt, down to the guilty module.
+
+    `summary` and `audit_hint` stay empty: localise.py fills them. A side that cannot serve the
+    activations gives a diff with a warning and that summary, never an exception."""
     if kind not in ("exactness", "accuracy"):
         raise ValueError(f"kind must be exactness or accuracy, got {kind!r}")
     th = thresholds or LayerThresholds()
     diff = LayerDiff(against=baseline.name, kind=kind)
     try:
-        base_cfg, tgt_cfg = await asyncio.gather(
-            baseline.client.get_json("/debug/config"), target.client.get_json("/debug/config")
-        )
+        tgt_cfg = await target.client.debug_config()
         req = {"inputs": True, "logits": True, "decode_steps": decode_steps}
         base = await fetch_activations(baseline, {"prompt": prompt, **req})
         tgt = await fetch_activations(target, {"tokens": base.token_ids, **req, "inputs": False})
@@ -123,61 +77,13 @@ async def localise(
     diff.warnings.extend(warns)
     diff.first_divergent_layer, diff.first_divergent_point = first_divergence(diff.points)
     await replay_all(baseline, target, base, tgt_cfg, diff, th)
-    guilty, score = choose_guilty(diff, scheme, th)
+    guilty, _ = choose_guilty(diff, scheme, th)
     diff.guilty_module = guilty
     if guilty and layer_of(guilty) == diff.first_divergent_layer:
         diff.first_divergent_point = guilty
     if guilty:
-        info = tgt_cfg.get("modules", {}).get(guilty, {})
-        diff.guilty_backend = info.get("backend")
-        if info.get("scheme") not in (None, "none") and info.get("kind") == "linear":
-            diff.audit_hint = await _hint(target, baseline, guilty)
-    diff.summary = summarize(diff, score)
+        diff.guilty_backend = tgt_cfg.get("modules", {}).get(guilty, {}).get("backend")
     return diff
-
-
-async def _hint(target: Endpoint, reference: Endpoint, module: str) -> str | None:
-    from difftest.quantcheck import audit_module
-
-    try:
-        row = await audit_module(target, reference, module)
-    except DifftestError as exc:
-        log.info("audit of %s failed: %s", module, exc)
-        return None
-    return row.get("hint") or None
-
-
-def summarize(diff: LayerDiff, score: float | None = None) -> str:
-    bits = []
-    if diff.first_divergent_layer is not None:
-        bits.append(f"first divergent layer {diff.first_divergent_layer}")
-    elif diff.first_divergent_point:
-        bits.append(f"first divergent point {diff.first_divergent_point}")
-    if diff.guilty_module:
-        p = next((q for q in diff.points if q.name == diff.guilty_module), None)
-        detail = ""
-        if p is not None and p.local_cosine is not None:
-            detail = f" (local cos {p.local_cosine:.4g}, norm ratio {p.local_norm_ratio:.2f}, rel err {p.local_rel_err:.3g}"
-            detail += f", {score:.1f}x its siblings' median)" if diff.kind == "accuracy" and score else ")"
-        bits.append(f"local error in {diff.guilty_module}{detail}")
-        if diff.guilty_backend:
-            bits.append(f"backend {diff.guilty_backend}")
-        if diff.audit_hint:
-            bits.append(diff.audit_hint)
-    elif bits:
-        bits.append("no replayed module shows local error (attention core, norm or rotary?)")
-    if not diff.guilty_module and diff.kind == "accuracy":
-        leaves = {
-            p.name: p.local_rel_err
-            for p in diff.points
-            if p.local_rel_err is not None and p.kind in LEAF_KINDS
-        }
-        if leaves:
-            top, s = rank_modules(leaves, "accuracy")[0]  # type: ignore[arg-type]
-            bits.append(
-                f"largest local error relative to its siblings: {top} ({s:.2f}x their median, within budget)"
-            )
-    return ", ".join(bits) if bits else f"no divergence vs {diff.against}"
 
 
 def layer_verdict(

@@ -1,4 +1,4 @@
-"""difftest.fp_codes: lookup-table decoders (hand values, and all 256 codes against torch) and the
+"""difftest.whitebox.safetensors: lookup-table decoders (hand values, and all 256 codes against torch) and the
 torch-free safetensors reader."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from difftest.fp_codes import (
+from difftest.errors import UnreadableBody
+from difftest.whitebox.safetensors import (
     E2M1,
-    SafetensorsError,
     decode,
     read_safetensors,
     unpack_nibbles,
@@ -94,5 +94,5 @@ def test_reader_keeps_fp8_codes_and_widens_bf16() -> None:
 def test_reader_round_trips_the_writer_and_rejects_garbage() -> None:
     st = read_safetensors(write_safetensors({"x": np.arange(6, dtype=np.float32).reshape(2, 3)}, {"k": "v"}))
     assert st.value("x").tolist() == [[0, 1, 2], [3, 4, 5]] and st.metadata == {"k": "v"}
-    with pytest.raises(SafetensorsError):
+    with pytest.raises(UnreadableBody):
         read_safetensors(b"\x01\x02")

@@ -1,6 +1,6 @@
-"""Layer diff, per module: replay over /debug/module (local vs inherited error) and ranking.
+"""Replay: local versus inherited error over POST /debug/module, and ranking the modules.
 
-Split from layers.py, which re-exports the public names here. Every linear / MoE module gets the
+Steps 3-4 of docs/design.md "White-box localisation". Every linear / MoE module gets the
 *baseline's* input on both servers: same input on both sides, so the difference is the module's
 own (local) error, not what it inherited from upstream layers. Replay doubles linear inputs into
 two batch slots, slot 1 holding the tokens rolled by one position: a slot-variant bug (slot 1
@@ -20,8 +20,9 @@ import numpy as np
 
 from difftest.collect import Endpoint
 from difftest.errors import DifftestError
-from difftest.fp_codes import SafeTensors, read_safetensors, write_safetensors
-from difftest.layer_points import (
+from difftest.metrics.tensors import TensorDiff, tensor_diff
+from difftest.results import LayerDiff, LayerPoint
+from difftest.whitebox.activations import (
     LEAF_KINDS,
     Activations,
     LayerThresholds,
@@ -31,15 +32,15 @@ from difftest.layer_points import (
     local_out_of_bounds,
     sibling_key,
 )
-from difftest.metrics.tensors import TensorDiff, tensor_diff
-from difftest.results import LayerDiff, LayerPoint
+from difftest.whitebox.safetensors import SafeTensors, read_safetensors, write_safetensors
+from server_shim import debug_protocol as P
 
 
 async def replay(ep: Endpoint, module: str, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
     """POST /debug/module: `tensors` holds `input` (+ extras such as top_k_index)."""
-    body = write_safetensors(dict(tensors), {"module": module})
-    out = read_safetensors(await ep.client.post_bytes("/debug/module", body))
-    return np.asarray(out.value("output"), dtype=np.float64)
+    body = write_safetensors(dict(tensors), {P.META_MODULE: module})
+    out = read_safetensors(await ep.client.post_bytes(P.MODULE, body))
+    return np.asarray(out.value(P.OUTPUT), dtype=np.float64)
 
 
 # ---------------------------------------------------------------- ranking (pure)
@@ -108,7 +109,7 @@ def replay_plan(base: Activations, config: Mapping[str, Any]) -> list[str]:
     out = []
     for name, info in mods.items():
         k = info.get("kind")
-        if f"{name}:input" not in base.st.tensors:
+        if f"{name}{P.INPUT_SUFFIX}" not in base.st.tensors:
             continue
         if k in LEAF_KINDS or (k == "mlp" and info.get("moe")):
             out.append(name)
@@ -117,7 +118,7 @@ def replay_plan(base: Activations, config: Mapping[str, Any]) -> list[str]:
 
 def _extras(st: SafeTensors, name: str) -> dict[str, np.ndarray]:
     pre = name + ":"
-    return {k[len(pre) :]: st.value(k) for k in st.tensors if k.startswith(pre) and k != pre + "input"}
+    return {k[len(pre) :]: st.value(k) for k in st.tensors if k.startswith(pre) and k != pre + P.INPUT}
 
 
 def routing_rescale(base_w: np.ndarray, tgt_w: np.ndarray) -> float:
@@ -136,12 +137,12 @@ async def replay_module(
     baseline: Endpoint, target: Endpoint, name: str, kind: str, base: Activations, rescale: float = 1.0
 ) -> tuple[TensorDiff, float | None]:
     """(local diff target vs baseline on the baseline's input, slot-1 vs slot-0 rel_err or None)."""
-    x = base.st.value(f"{name}:input").astype(np.float32)
+    x = base.st.value(f"{name}{P.INPUT_SUFFIX}").astype(np.float32)
     extras = _extras(base.st, name)
     slot = kind == "linear" and x.ndim == 2 and x.shape[0] > 1
     if slot:
         x = np.stack([x, np.roll(x, 1, axis=0)])  # [2, T, K]: slot 1 = the tokens rolled by one
-    body = {"input": x, **extras}
+    body = {P.INPUT: x, **extras}
     tbody = dict(body)
     if "top_k_weights" in extras and rescale != 1.0:  # the target's convention, the baseline keeps its own
         tbody["top_k_weights"] = (extras["top_k_weights"] * rescale).astype(np.float32)

@@ -1,4 +1,4 @@
-"""difftest.quantcheck: structure checks, numpy dequantization against server_shim's torch
+"""difftest.whitebox.audit: structure checks, numpy dequantization against server_shim's torch
 reference, hypothesis judging; in process: audits of a correct and of faulty targets."""
 
 from __future__ import annotations
@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save as st_save
-from test_layers import build, shim_endpoint
+from test_layers import _run_in_current_loop, build, serve_in_process, shim_endpoint, shim_server
 
-from difftest.fp_codes import read_safetensors
-from difftest.quantcheck import (
+from difftest.whitebox.audit import (
     audit,
     audit_module,
     expected_scale_shape,
@@ -20,6 +19,7 @@ from difftest.quantcheck import (
     shuffle_perm,
     structure_checks,
 )
+from difftest.whitebox.safetensors import read_safetensors
 from server_shim.quant import formats as F
 from server_shim.quant.linear import _metadata
 
@@ -131,20 +131,17 @@ async def test_audit_of_correct_and_faulty_targets() -> None:
 async def test_quant_command_flags_a_faulty_target(monkeypatch, capsys) -> None:
     import argparse
 
-    from difftest.cli import quant, whitebox
+    from difftest.cli import quant as quant_cmd
+    from difftest.cli import whitebox as whitebox_cli
 
     monkeypatch.setenv("COLUMNS", "400")  # one table row per line
     bad = build(scheme="fp8-block", faults=["scale-skipped@model.layers.0.self_attn.q_proj"])
-    async with shim_endpoint("reference", build()) as r, shim_endpoint("target", bad) as t:
-        eps = {"reference": r, "target": t}
-
-        async def fake_connect(name: str, url: str, api_key: str | None, timeout_s: float = 0):  # noqa: ANN202
-            return eps[name]
-
-        monkeypatch.setattr(whitebox, "connect", fake_connect)
-        monkeypatch.setattr(whitebox.asyncio, "run", lambda coro: coro)  # already inside a loop
-        code = await quant.run(
+    with shim_server("reference", build()) as (r, r_t), shim_server("target", bad) as (t, t_t):
+        serve_in_process(monkeypatch, {"reference": r, "target": t})
+        monkeypatch.setattr(whitebox_cli.asyncio, "run", _run_in_current_loop)
+        code = await quant_cmd.run(
             argparse.Namespace(config=None, ref="http://r", target="http://t", api_key_env=None)
         )
     out = " ".join(capsys.readouterr().out.split())
     assert code == 1 and "scales look skipped" in out and "backends: cosine vs FP32" in out
+    assert r_t.count("GET", "/debug/config") == t_t.count("GET", "/debug/config") == 1

@@ -1,0 +1,297 @@
+"""Checks in words: "exactness: mean KL 0.1994 > limit 0.005 (limit: noise floor 0.0011 x3)".
+
+The verdict's `Check` carries a metric key, a value, a limit, an operator, a note that says where
+the limit came from, whether it is informative (a broken target would not pass it too) and
+decided (its 95% interval does not straddle the limit); people read "mean KL", "top-1 agreement
+85.7%", "at model.layers.3.mlp.down_proj", "95% CI [0.03, 0.07] straddles the limit". This module
+turns one into the other for every renderer. Fields are read with `getattr` defaults so that a
+report.json from before they existed still renders.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from difftest.results import Check, PartVerdict, RunResult, TargetResult
+
+# check key -> words; a key not listed is shown with underscores as spaces
+METRIC_NAMES = {
+    "kl_mean": "mean KL",
+    "kl_p99": "p99 KL",
+    "kl_max": "max KL",
+    "top1_agreement": "top-1 agreement",
+    "token_match": "token match",
+    "failed_rate": "failed requests",
+    "garbled_rate": "garbled prompts",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "local_rel_err_max": "worst module-local relative error",
+    "point_rel_err_max": "worst accumulated relative error",
+    "local_cosine_min": "worst module-local cosine",
+    "local_norm_ratio_min": "smallest module norm ratio",
+    "local_norm_ratio_max": "largest module norm ratio",
+    "local_err_vs_siblings_max": "module error vs its siblings' median",
+    "slot_max_abs_logprob_diff": "batch-slot logprob difference",
+}
+_RATES = ("top1_agreement", "token_match", "failed_rate", "garbled_rate")
+_MODULE = re.compile(r"^[\w.\[\]-]+\.[\w.\[\]-]+$")  # a dotted module name, no spaces
+
+
+def metric_name(key: str) -> str:
+    return METRIC_NAMES.get(key, key.replace("_", " "))
+
+
+def fmt_value(key: str, x: float | None) -> str:
+    """A check's value or limit: rates as percentages, others 4 significant digits."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and math.isnan(x):
+        return "NaN"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if key in _RATES:
+        return f"{100 * x:.1f}%"
+    if x == 0 or 1e-3 <= abs(x) < 1e5:
+        return f"{x:.4g}"
+    return f"{x:.3e}"
+
+
+def label_of(t: TargetResult) -> str:
+    """PASS, FAIL, INCONCLUSIVE (when the model grows it) or NO VERDICT."""
+    return "NO VERDICT" if t.verdict is None else str(t.verdict.label)
+
+
+def is_informative(c: Check) -> bool:
+    return bool(getattr(c, "informative", True))
+
+
+def check_fails(c: Check) -> bool:
+    """Counts against the target: informative, decided and on the wrong side."""
+    return bool(getattr(c, "fails", not c.passed))
+
+
+def check_undecided(c: Check) -> bool:
+    return bool(getattr(c, "undecided", False))
+
+
+NOT_INFORMATIVE = "a broken target would pass this limit too"
+
+
+@dataclass(frozen=True)
+class CheckWords:
+    """One check, ready to print: every field plain text."""
+
+    part: str
+    against: str
+    metric: str  # "mean KL"
+    value: str  # "0.1994"
+    relation: str  # ">" when failing a "<=" check, else the check's own operator
+    limit: str  # "0.005"
+    source: str  # where the limit came from
+    where: str  # module the check points at, "" if none
+    passed: bool
+    required: bool
+    informative: bool
+    why_not_informative: str
+    measured: bool
+    fails: bool = False  # counts against the target (informative, decided, wrong side)
+    undecided: bool = False  # informative, but the 95% interval straddles the limit
+    ci: str = ""  # "[0.03, 0.07]" when the check has one
+    prompts_to_decide: int | None = None
+
+    def sentence(self) -> str:
+        """'exactness: mean KL 0.1994 > limit 0.005 at X (limit: noise floor x3)'."""
+        if not self.measured:
+            core = f"{self.metric} not measured"
+        elif self.undecided:
+            core = f"{self.metric} {self.value} vs limit {self.limit}"
+            if self.ci:
+                core += f", 95% CI {self.ci} straddles the limit"
+            if self.prompts_to_decide:
+                core += f" (~{self.prompts_to_decide} prompts would decide)"
+        else:
+            core = f"{self.metric} {self.value} {self.relation} limit {self.limit}"
+        if self.where:
+            core += f" at {self.where}"
+        if self.source:
+            core += f" (limit: {self.source})"
+        if not self.informative:
+            core += " — not informative" + (
+                f": {self.why_not_informative}" if self.why_not_informative else ""
+            )
+        return f"{self.part}: {core}"
+
+
+def check_words(part: PartVerdict, c: Check) -> CheckWords:
+    source = str(getattr(c, "limit_source", "") or "")
+    note = c.note or ""
+    where = ""
+    pieces = [p.strip() for p in note.split(";")]
+    if pieces and _MODULE.match(pieces[0]):  # white-box checks: "module; where the limit came from"
+        where, pieces = pieces[0], pieces[1:]
+    rest = "; ".join(p for p in pieces if p)
+    if not source:
+        source = rest
+    elif rest and rest not in source:
+        source = f"{source}; {rest}"
+    if c.value is None or (isinstance(c.value, float) and math.isnan(c.value)) or c.passed:
+        relation = c.op
+    else:
+        relation = {"<=": ">", ">=": "<"}.get(c.op, "vs")
+    return CheckWords(
+        part=part.part if not part.against or part.part != "layers" else f"layers vs {part.against}",
+        against=part.against,
+        metric=metric_name(c.name),
+        value=fmt_value(c.name, c.value),
+        relation=relation,
+        limit=fmt_value(c.name, c.limit),
+        source=source,
+        where=where,
+        passed=c.passed,
+        required=c.required,
+        informative=is_informative(c),
+        why_not_informative=_why_not_informative(c, source),
+        measured=c.value is not None,
+        fails=check_fails(c),
+        undecided=check_undecided(c),
+        ci=_ci_text(c.name, getattr(c, "ci", None)),
+        prompts_to_decide=getattr(c, "prompts_to_decide", None),
+    )
+
+
+def _why_not_informative(c: Check, source: str) -> str:
+    """The reason, unless the limit's own note already gives it (the verdict writes it there)."""
+    reason = str(getattr(c, "informative_reason", "") or NOT_INFORMATIVE)
+    return "" if "broken target would pass" in source else reason
+
+
+def _ci_text(key: str, ci: Any) -> str:
+    if not ci or len(ci) != 2:
+        return ""
+    return f"[{fmt_value(key, ci[0])}, {fmt_value(key, ci[1])}]"
+
+
+def all_checks(t: TargetResult) -> list[CheckWords]:
+    if t.verdict is None:
+        return []
+    return [check_words(p, c) for p in t.verdict.parts for c in p.checks]
+
+
+def failing_checks(t: TargetResult) -> list[CheckWords]:
+    """The checks that decide a FAIL, required first; what a person should read first."""
+    out = [w for w in all_checks(t) if w.fails]
+    return sorted(out, key=lambda w: not w.required)
+
+
+def open_checks(t: TargetResult) -> list[CheckWords]:
+    """Informative checks this sample could not decide: why a verdict is INCONCLUSIVE."""
+    return [w for w in all_checks(t) if w.undecided]
+
+
+def skipped_parts(t: TargetResult) -> list[str]:
+    if t.verdict is None:
+        return []
+    return [f"{p.part}: skipped ({p.skipped})" for p in t.verdict.parts if p.skipped]
+
+
+def value_words(v: Any) -> str:
+    """A free-form value (audit cell, signature entry) for people: no JSON, no Python reprs.
+
+    Lists of numbers read "5 × 12" when they are shapes (`*_shape`), else comma-separated;
+    dicts read "key value, key value"; paths are their string; booleans yes / no.
+    """
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return fmt_value("", v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, dict):
+        if v and all(isinstance(x, dict) for x in v.values()):  # e.g. per backend: "torch: ...; triton: ..."
+            return "; ".join(f"{k}: {value_words(x)}" for k, x in v.items())
+        return ", ".join(f"{str(k).replace('_', ' ')} {value_words(x)}" for k, x in v.items()) or "—"
+    if isinstance(v, list | tuple):
+        return ", ".join(value_words(x) for x in v) or "—"
+    return _clean_repr(str(v))
+
+
+_PATH_REPR = re.compile(r"(?:Posix|Windows)?Path\('([^']*)'\)")
+
+
+def _clean_repr(s: str) -> str:
+    """`(PosixPath('a.jsonl'),)` -> `a.jsonl`: a tuple of paths stringified by a producer."""
+    if "Path('" not in s:
+        return s
+    paths = _PATH_REPR.findall(s)
+    return ", ".join(paths) if paths else s
+
+
+def shape_words(key: str, v: Any) -> str:
+    if (
+        key.endswith(("shape", "stride"))
+        and isinstance(v, list | tuple)
+        and all(isinstance(x, int) for x in v)
+    ):
+        return " × ".join(str(x) for x in v)
+    return value_words(v)
+
+
+def kv_rows(d: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested dicts as dotted keys, values in words (no JSON, no Python reprs)."""
+    if isinstance(d, dict) and d:
+        out: list[tuple[str, str]] = []
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v:
+                out.extend(kv_rows(v, key))
+            else:
+                out.append((key, shape_words(str(k), v)))
+        return out
+    return [(prefix, value_words(d))]
+
+
+def reasons_in_words(t: TargetResult) -> list[str]:
+    """Why a target is not PASS: failing checks as sentences, then skipped parts."""
+    if t.verdict is None:
+        return ["no verdict: the target did not produce results"]
+    out = [w.sentence() for w in failing_checks(t)]
+    out += [f"undecided: {w.sentence()}" for w in open_checks(t)]
+    out += skipped_parts(t)
+    checks = [c for p in t.verdict.parts for c in p.checks]
+    if not checks:
+        out.append("no check could be made (every part skipped)")
+    elif not any(is_informative(c) for c in checks):
+        out.append("no informative check could be made: every limit would pass a broken target too")
+    return out
+
+
+GATE_WORDS = {
+    "PASS": "every target as expected",
+    "FAIL": "a target is not as expected",
+    "INCONCLUSIVE": "no target contradicts its expectation, but a verdict is undecided (exit 4)",
+}
+
+
+def gate_of(run: RunResult) -> str:
+    """PASS / FAIL / INCONCLUSIVE (RunResult.gate), or PASS / FAIL from an older model."""
+    gate = getattr(run, "gate", None)
+    if isinstance(gate, str):
+        return gate
+    return "PASS" if run.gate_passed else "FAIL"
+
+
+def expectation_words(t: TargetResult) -> tuple[str, bool]:
+    """("expected FAIL: as expected", True) / ("expected PASS, got FAIL: NOT as expected", False)."""
+    if t.verdict is None:
+        return "no verdict", False
+    label = label_of(t)
+    if t.verdict.meets_expectation:
+        return f"expected {t.expect.upper()}: as expected", True
+    if label == "INCONCLUSIVE":
+        return f"expected {t.expect.upper()}, got INCONCLUSIVE: undecided", False
+    return f"expected {t.expect.upper()}, got {label}: NOT as expected", False

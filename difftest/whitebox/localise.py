@@ -1,0 +1,128 @@
+"""One target's white-box pass, and the localisation sentence (its only producer).
+
+    localise_target(target, golden=..., reference=..., prompt=...)
+      - diff_layers against the golden (exactness) and the reference (accuracy), where given
+      - the audit of every module a diff blamed, once per module however many diffs blame it
+        (an audit replays a module's whole identity matrix: the costliest white-box request)
+      - each diff's `audit_hint` and `summary` (the sentence below)
+
+    localisation_sentence(diff)   "first divergent layer 5, local error in model.layers.5.mlp.down_proj
+                                   (local cos 0.8942, norm ratio 1.17, rel err 0.524), backend torch,
+                                   scales look transposed"
+    localisation_line(diffs)      the sentence of the first diff that localised (a verdict's line)
+
+docs/design.md "White-box localisation" step 6.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from difftest.collect import Endpoint
+from difftest.errors import DifftestError
+from difftest.results import LayerDiff
+from difftest.whitebox.activations import LEAF_KINDS, LayerThresholds
+from difftest.whitebox.audit import audit_module
+from difftest.whitebox.layers import diff_layers
+from difftest.whitebox.replay import rank_modules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TargetLocalisation:
+    """What the white-box pass found for one target."""
+
+    diffs: list[LayerDiff] = field(default_factory=list)  # exactness (vs golden) first, then accuracy
+    audit: list[dict[str, Any]] = field(default_factory=list)  # one row per blamed quantized module
+
+
+async def localise_target(
+    target: Endpoint,
+    *,
+    prompt: str,
+    golden: Endpoint | None = None,
+    reference: Endpoint | None = None,
+    thresholds: LayerThresholds | None = None,
+    decode_steps: int = 2,
+) -> TargetLocalisation:
+    """Layer diffs of `target` against its golden and its reference, audits of the blamed modules.
+
+    The audit compares the kernel's weight with the reference's (full precision) where there is
+    one, else with the golden's."""
+    if golden is None and reference is None:
+        raise ValueError("localise_target needs a golden or a reference")
+    out = TargetLocalisation()
+    for baseline, kind in ((golden, "exactness"), (reference, "accuracy")):
+        if baseline is not None:
+            diff = await diff_layers(
+                baseline, target, prompt, kind=kind, decode_steps=decode_steps, thresholds=thresholds
+            )
+            out.diffs.append(diff)
+    blamed = list(dict.fromkeys(d.guilty_module for d in out.diffs if d.guilty_module))
+    modules = (await target.client.debug_config()).get("modules", {}) if blamed else {}
+    hints: dict[str, str | None] = {}
+    for module in blamed:
+        info = modules.get(module, {})
+        if info.get("scheme") in (None, "none"):  # nothing stored to audit: a full-precision module
+            continue
+        try:
+            row = await audit_module(target, reference or golden, module, info)
+        except DifftestError as exc:
+            log.info("audit of %s failed: %s", module, exc)
+            row = {"module": module, "scheme": info.get("scheme"), "flagged": True, "hint": None,
+                   "notes": [f"audit failed: {exc}"]}  # fmt: skip
+        out.audit.append(row)
+        hints[module] = row.get("hint") or None
+    for diff in out.diffs:
+        if diff.guilty_module:
+            diff.audit_hint = hints.get(diff.guilty_module)
+        diff.summary = diff.summary or localisation_sentence(diff)
+    return out
+
+
+def localisation_sentence(diff: LayerDiff) -> str:
+    """Where `diff` says the target goes wrong, in one sentence (pure)."""
+    bits = []
+    if diff.first_divergent_layer is not None:
+        bits.append(f"first divergent layer {diff.first_divergent_layer}")
+    elif diff.first_divergent_point:
+        bits.append(f"first divergent point {diff.first_divergent_point}")
+    leaves = {
+        p.name: p.local_rel_err for p in diff.points if p.local_rel_err is not None and p.kind in LEAF_KINDS
+    }
+    if diff.guilty_module:
+        p = next((q for q in diff.points if q.name == diff.guilty_module), None)
+        detail = ""
+        if p is not None and p.local_cosine is not None:
+            detail = f" (local cos {p.local_cosine:.4g}, norm ratio {p.local_norm_ratio:.2f}, rel err {p.local_rel_err:.3g}"
+            score = (
+                dict(rank_modules(leaves, "accuracy")).get(diff.guilty_module)
+                if diff.kind == "accuracy"
+                else None
+            )
+            detail += f", {score:.1f}x its siblings' median)" if score else ")"
+        bits.append(f"local error in {diff.guilty_module}{detail}")
+        if diff.guilty_backend:
+            bits.append(f"backend {diff.guilty_backend}")
+        if diff.audit_hint:
+            bits.append(diff.audit_hint)
+    elif bits:
+        bits.append("no replayed module shows local error (attention core, norm or rotary?)")
+    if not diff.guilty_module and diff.kind == "accuracy" and leaves:
+        top, s = rank_modules(leaves, "accuracy")[0]  # type: ignore[arg-type]
+        bits.append(
+            f"largest local error relative to its siblings: {top} ({s:.2f}x their median, within budget)"
+        )
+    return ", ".join(bits) if bits else f"no divergence vs {diff.against}"
+
+
+def localisation_line(diffs: Sequence[LayerDiff]) -> str | None:
+    """The sentence of the first diff that found a divergent layer or a guilty module, else None."""
+    for diff in diffs:
+        if diff.guilty_module or diff.first_divergent_layer is not None:
+            return diff.summary or localisation_sentence(diff)
+    return None

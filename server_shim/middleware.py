@@ -1,0 +1,75 @@
+"""The guard in front of every route (pure ASGI, so it also covers 404s and streamed responses):
+bearer auth on every route but /health, the body-size cap on Content-Length, and a last-resort 500
+in the OpenAI shape (the traceback goes to the log, never to the client) for our own bugs. Keys
+are never logged: only the comparison's outcome is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from server_shim.protocol import error_body
+
+logger = logging.getLogger(__name__)
+
+# Open without a key: a load balancer's liveness probe. It answers {"status": "ok"} and nothing else.
+OPEN_PATHS = frozenset({"/health"})
+
+
+def _same_key(got: bytes, want: bytes) -> bool:
+    """Constant time in the key and in how much of it matches: compare fixed-length digests (a
+    plain compare_digest still leaks the expected key's length)."""
+    return hmac.compare_digest(hashlib.sha256(got).digest(), hashlib.sha256(want).digest())
+
+
+class GuardMiddleware:
+    """Pure ASGI: bearer auth on every route but /health, a body-size cap on Content-Length, and a
+    last-resort 500 in the OpenAI shape (with the traceback logged) for our own bugs."""
+
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key
+        self._want = f"Bearer {api_key}".encode() if api_key is not None else b""
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key is not None and scope.get("path") not in OPEN_PATHS:
+            auth = headers.get("authorization", "").encode("latin-1")
+            if not _same_key(auth, self._want):
+                body = error_body(
+                    "missing or wrong API key", error_type="invalid_request_error", code="invalid_api_key"
+                )
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            body = error_body(
+                f"request body exceeds {self.max_body_bytes} bytes",
+                error_type="invalid_request_error",
+                code="request_too_large",
+            )
+            await JSONResponse(body, status_code=413)(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                body = error_body("internal server error (see the server log)", error_type="server_error")
+                await JSONResponse(body, status_code=500)(scope, receive, send)

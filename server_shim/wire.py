@@ -1,0 +1,134 @@
+"""Request bodies off the wire: read with a size cap, parse as JSON that cannot hurt the server, map
+pydantic errors to one OpenAI-shaped 400.
+
+Every JSON route (the OpenAI ones and /debug/activations) goes through `read_json`, so a body that
+Python's json module chokes on is the caller's 400 wherever it arrives:
+
+- nesting deeper than `MAX_DEPTH` (json.loads raises RecursionError at ~1000 levels; pydantic and
+  the tokenizer have their own limits below that) -> 400;
+- an integer literal over Python's 4 300-digit limit (ValueError) -> 400;
+- `NaN`, `Infinity` and floats that overflow to inf (`1e400`) -> 400: a temperature of inf makes
+  NaN probabilities, and no OpenAI parameter has a use for them;
+- a lone UTF-16 surrogate (`"\\ud800"`) in any string -> 400: the Rust tokenizer cannot take it
+  and it has no UTF-8 form to echo back.
+
+Torch-free: the debug routes and the OpenAI routes share it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from server_shim.errors import InvalidRequestError
+
+MAX_DEPTH = 32  # no request model nests deeper than 4; headroom for chat message content parts
+
+
+def too_large(limit: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"request body exceeds {limit} bytes (the server's --max-body-bytes)",
+        code="request_too_large",
+        status_code=413,
+    )
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """The whole body, refused with a 413 naming the cap as soon as it passes `limit` bytes — also
+    when the client sends it chunked without a Content-Length (the middleware checks that header)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a valid number here")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def loads(raw: bytes) -> Any:
+    """json.loads with every failure mode a 400 (see the module docstring)."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise InvalidRequestError(
+            f"malformed JSON body: nested deeper than {MAX_DEPTH} levels", code="invalid_json"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, the int digit limit, _finite
+        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InvalidRequestError(f"malformed JSON body: {msg}", code="invalid_json") from None
+    check_tree(data)
+    return data
+
+
+def check_tree(data: Any) -> None:
+    """Depth and string check without recursion (the body may be as deep as json.loads allows)."""
+    stack: list[tuple[Any, int, str | None]] = [(data, 0, None)]
+    while stack:
+        node, depth, param = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidRequestError(
+                f"malformed JSON body: nested deeper than {MAX_DEPTH} levels",
+                param=param,
+                code="invalid_json",
+            )
+        if isinstance(node, str):
+            _check_text(node, param)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                _check_text(key, param)
+                stack.append((value, depth + 1, key if depth == 0 else param))
+        elif isinstance(node, list):
+            stack.extend((value, depth + 1, param) for value in node)
+
+
+def _check_text(text: str, param: str | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"string contains a lone UTF-16 surrogate at character {exc.start} (not valid Unicode text)",
+            param=param,
+            code="invalid_unicode",
+        ) from None
+
+
+async def read_json(request: Any, limit: int) -> Any:
+    return loads(await read_body(request, limit))
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    """Validate a parsed body against a request model; the first problem becomes a 400 naming its
+    parameter (FastAPI's own binding would answer 422 with `{"detail": ...}`)."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(x) for x in err["loc"]]
+        param = loc[0] if loc else None
+        if err["type"] == "extra_forbidden":
+            msg = f"unsupported parameter `{'.'.join(loc)}`"
+        elif err["type"] == "missing":
+            msg = f"`{'.'.join(loc)}` is required"
+        elif param == "prompt" and len(exc.errors()) > 1:
+            msg = (
+                "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+            )
+        else:
+            msg = f"`{'.'.join(loc)}`: {err['msg']}"
+        raise InvalidRequestError(msg, param=param) from None

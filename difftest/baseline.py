@@ -263,6 +263,17 @@ class Baseline:
     def transport(self) -> ReplayTransport:
         return ReplayTransport(self.exchanges)
 
+    def provenance(self) -> dict[str, Any]:
+        """What report.json's signature records of the baseline a run was judged against."""
+        return {
+            "file": str(self.path) if self.path else None,
+            "created_at": self.created_at,
+            "reference": self.reference,
+            "settings": self.settings,
+            "prompts": len(self.prompts),
+            "recorded_with": self.signature.get("versions", {}).get("difftest"),
+        }
+
     def describe(self) -> str:
         model = self.reference.get("model") or "unknown model"
         return (

@@ -612,4 +612,6 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
     finally:
         cache.close()
     run.warnings.extend(problems)
+    if opts.baseline is not None:  # where the reference's answers came from
+        run.signature["baseline"] = opts.baseline.provenance()
     return run, problems

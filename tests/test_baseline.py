@@ -133,7 +133,9 @@ def test_config_reference_baseline(tmp_path: Path) -> None:
             f'[[target]]\nname = "t"\nurl = "{tgt}"\nscheme = "fp8-block"\n'
         )
         assert main(["run", str(cfg)]) == 0
+    assert main(["noise", str(cfg)]) == 2  # a recorded reference has no noise to measure
     run = load_run(tmp_path / "out")
+    assert run.signature["baseline"]["prompts"] == len(PROMPTS) and run.signature["baseline"]["created_at"]
     assert run.reference == "stored" and run.targets[0].comparison("accuracy").aggregate["n_prompts"] == len(
         PROMPTS
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 from difftest.cli import options as o
 from difftest.cli.run import with_overrides
 from difftest.config import load_config
+from difftest.errors import UsageError
 
 HELP = "measure the reference's A/A noise floor and write it to OUT/noise-floor.json"
 FLOOR_FILE = "noise-floor.json"
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     o.positive("--concurrency", args.concurrency)
     o.positive("--timeout", args.timeout)
     cfg = with_overrides(load_config(args.config), args)
+    if cfg.baseline is not None:
+        raise UsageError(f"{args.config}: the reference is a recorded baseline; its noise is measured live")
     if args.out is not None:
         path = Path(args.out) / FLOOR_FILE
     elif cfg.run.noise_floor is not None:

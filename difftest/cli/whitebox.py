@@ -55,8 +55,10 @@ def _plan(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], list[Job
         from difftest.config import load_config
 
         cfg = load_config(args.config)
-        specs = [dataclasses.replace(s, debug=True) if s.model else s for s in cfg.servers()]
-        jobs = [Job(t.name, cfg.reference.name, t.golden.name if t.golden else None) for t in cfg.targets]
+        live = [s for s in cfg.servers() if cfg.baseline is None or s.name != cfg.reference.name]
+        specs = [dataclasses.replace(s, debug=True) if s.model else s for s in live]
+        ref = cfg.reference.name if cfg.baseline is None else None  # a recorded baseline has no /debug
+        jobs = [Job(t.name, ref, t.golden.name if t.golden else None) for t in cfg.targets]
         return specs, {}, jobs
     if not args.target:
         raise UsageError("give a CONFIG, or --target URL (with --ref URL and/or --golden URL)")

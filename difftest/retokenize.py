@@ -12,13 +12,16 @@ texts agree. Where the other side's own ids are already canonical its logprobs a
 token's text comes from `/detokenize` (cached per id), so reports show text, not ids. The
 re-tokenized positions carry no logprobs, so TIE/DRIFT classification stays off for them; token
 match, exact match, first divergence and the text metrics run as usual. The report says which
-tokenizer was used.
+tokenizer was used. Where no server of the pair serves /tokenize, both sides are split into words
+(whitespace-led pieces) instead, the same way: "token" match then reads "word match", and the
+report says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -50,11 +53,25 @@ def plan(eps: Mapping[str, Endpoint], pairs: Sequence[tuple[str, str]]) -> dict[
     return out
 
 
+_WORD = re.compile(r"\s*\S+|\s+")
+
+
+def words(gen: Generation) -> Generation:
+    """`gen` split into whitespace-led words (no ids, no logprobs): the tokenizer of last resort."""
+    if gen.error or gen.text is None:
+        return gen
+    positions, offset = [], 0
+    for w in _WORD.findall(gen.text):
+        positions.append(Position(w, None, None, {}, offset))
+        offset += len(w)
+    return replace(gen, view=TokensView(tuple(positions), gen.text))
+
+
 def note(name: str, tokenizer: str | None) -> str:
     if tokenizer is None:
         return (
-            f"{name} returns no tokens (no logprobs) and no server here serves /tokenize: "
-            "token-level metrics of this pair compare nothing; judge by the text metrics"
+            f"{name} returns no tokens (no logprobs) and no server of the pair serves /tokenize: both "
+            "sides are compared word by word (token match reads word match), no TIE/DRIFT classification"
         )
     whose = "its own" if tokenizer == name else f"{tokenizer}'s"
     return (
@@ -72,7 +89,9 @@ class Retokenizer:
     ) -> None:
         self.eps = eps
         self.chosen = {k: v for k, v in chosen.items() if v is not None}
+        self.wordwise = {k for k, v in chosen.items() if v is None}
         self.pairs = [(a, b) for a, b in pairs if a in self.chosen or b in self.chosen]
+        self.word_pairs = [(a, b) for a, b in pairs if a in self.wordwise or b in self.wordwise]
         self._pieces: dict[tuple[str, int], str] = {}
         # (token-less server, partner) -> prompt id -> the partner's generation on the same footing
         self._partner: dict[tuple[str, str], dict[str, Generation]] = {}
@@ -136,6 +155,11 @@ class Retokenizer:
         self, gens: Mapping[str, Mapping[str, Generation]], baseline: str, target: str
     ) -> tuple[Mapping[str, Generation], Mapping[str, Generation]]:
         """The two sides' generations of one pair, on the same tokenizer where one side had none."""
+        if (baseline, target) in self.word_pairs:
+            return (
+                {pid: words(g) for pid, g in gens[baseline].items()},
+                {pid: words(g) for pid, g in gens[target].items()},
+            )
         b = self._partner.get((target, baseline), gens[baseline])
         t = self._partner.get((baseline, target), gens[target])
         return b, t

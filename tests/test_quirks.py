@@ -95,3 +95,20 @@ def test_chat_server_ignoring_logprobs_is_tokenized_by_its_partner(prompts: Path
     run = load_run(tmp_path / "o")
     assert run.targets[0].comparison("accuracy").aggregate["token_match"] == 1.0  # type: ignore[union-attr]
     assert "tokenized with reference's /tokenize" in json.dumps(run.to_dict())
+
+
+@pytest.mark.parametrize(("flip", "code"), [(0, 0), (2, 1)])
+def test_no_tokenizer_anywhere_compares_word_by_word(
+    flip: int, code: int, prompts: Path, tmp_path: Path
+) -> None:
+    ref_app = quirk_app(FakeBehaviour(tokenize=False))
+    tgt_app = quirk_app(
+        FakeBehaviour(tokenize=False, flip_every=flip), ignore_logprobs=True, echo_zero_500=True
+    )
+    with live_app(ref_app) as ref, live_app(tgt_app) as tgt:
+        argv = ["compare", "--ref", ref, "--target", tgt, "--prompts", str(prompts), "--scheme", "none"]
+        assert main([*argv, "--max-tokens", "10", "-o", str(tmp_path / "o")]) == code
+    run = load_run(tmp_path / "o")
+    acc = run.targets[0].comparison("accuracy")
+    assert acc is not None and (acc.aggregate["token_match"] == 1.0) == (code == 0)
+    assert "compared word by word" in json.dumps(run.to_dict())

@@ -46,6 +46,8 @@ def test_one_flag_vocabulary() -> None:
         assert "--api-key-env" in flags[name], name
     for name in ("run", "compare", "record", "noise"):
         assert {"-j", "--concurrency", "--limit"} <= flags[name], name
+    for name in talks_to_servers:
+        assert {"-j", "--concurrency"} <= flags[name], name
     for name in ("run", "compare", "record", "noise", "report", "diff", "layers", "quant"):
         out = next(a for a in subs[name]._actions if "-o" in a.option_strings)
         assert out.metavar == "DIR" and out.option_strings == ["-o", "--out"], name  # -o is a folder

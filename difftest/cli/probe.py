@@ -19,6 +19,7 @@ DEFAULT_TIMEOUT_S = 60.0
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="the server's base URL (http://host:port)")
     o.add_keys(p)
+    o.add_jobs(p, default=4)
     o.add_timeout(p, f"{DEFAULT_TIMEOUT_S:g}")
     o.add_json(p)
 
@@ -29,12 +30,14 @@ def run(args: argparse.Namespace) -> int:
 
     o.check_url("url", args.url)
     o.positive("--timeout", args.timeout)
+    o.positive("--concurrency", args.concurrency)
     key = o.key_for(o.key_envs(args.api_key_env), "server")
 
     async def go() -> Any:
         async with CompletionClient(
-            args.url, name="server", api_key=key, max_retries=1, timeout_s=args.timeout or DEFAULT_TIMEOUT_S
-        ) as client:
+            args.url, name="server", api_key=key, max_retries=1,
+            timeout_s=args.timeout or DEFAULT_TIMEOUT_S, concurrency=args.concurrency,
+        ) as client:  # fmt: skip
             return await probe(client)
 
     caps = asyncio.run(go())

@@ -37,6 +37,7 @@ def add_server_arguments(p: argparse.ArgumentParser, *, golden: bool) -> None:
     if golden:
         p.add_argument("--golden", metavar="URL", help="golden server URL, for exactness (instead of CONFIG)")
     o.add_keys(p)
+    o.add_jobs(p, default=4)
     o.add_out(p, f"launched servers' logs and the JSON result (default: {DEFAULT_OUT})")
     o.add_timeout(p, f"{DEFAULT_TIMEOUT_S:g}")
     o.add_json(p)
@@ -83,7 +84,9 @@ def run_whitebox(args: argparse.Namespace, work: Callable[[Session, Sequence[Job
     specs, urls, jobs = _plan(args)
     envs = o.key_envs(getattr(args, "api_key_env", None) or [])
     # a debug call on a big model can take minutes on a CPU; retrying one rarely helps
-    options = ClientOptions(timeout_s=timeout, max_retries=1, concurrency=4)
+    jobs_n = getattr(args, "concurrency", None) or 4
+    o.positive("--concurrency", jobs_n)
+    options = ClientOptions(timeout_s=timeout, max_retries=1, concurrency=jobs_n)
 
     async def go(session: Session) -> int:
         async with session:

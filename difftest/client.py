@@ -31,6 +31,7 @@ import httpx
 from difftest.cache import ResponseCache
 from difftest.errors import CacheMiss, RequestRejected, ServerError, UnreadableBody
 from difftest.identity import canary_request, canary_summary, changed_parts
+from server_shim import debug_protocol as P
 from server_shim.launch import normalise_url
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class CompletionClient:
         restarted server gets a new client. A failure is raised, not remembered."""
         async with self._debug_lock:
             if self._debug_config is None:
-                data = await self.get_json("/debug/config", retries=retries)
+                data = await self.get_json(P.CONFIG, retries=retries)
                 if not isinstance(data, dict):
                     raise UnreadableBody(
                         f"{self.name}: /debug/config answered {type(data).__name__}, not an object"
@@ -246,12 +247,10 @@ class CompletionClient:
             self._fp = stored
             return dict(stored)
         fp: dict[str, Any] = {"name": self.name, "url": self.base_url, "models": await self.models()}
-        for path in ("/version", "/debug/config"):
+        for path in ("/version", P.CONFIG):
             try:
                 data = await (
-                    self.debug_config(retries=0)
-                    if path == "/debug/config"
-                    else self.get_json(path, retries=0)
+                    self.debug_config(retries=0) if path == P.CONFIG else self.get_json(path, retries=0)
                 )
             except (RequestRejected, ServerError) as e:
                 log.debug("%s: %s not available (%s)", self.name, path, e)

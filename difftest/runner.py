@@ -355,7 +355,7 @@ async def _whitebox(
 
         result.conformance.setdefault("warnings", []).append(NO_BATCH_SLOTS)
     elif cfg.run.batch_slot_check:
-        from difftest.invariance import check_batch_slots
+        from difftest.invariance import check_batch_slots, twin_difference, with_twin
 
         base_name = tcfg.golden.name if tcfg.golden is not None else cfg.reference.name
         slot_args = {"max_tokens": min(cfg.run.max_tokens, 16), "k": cfg.run.logprobs}
@@ -363,8 +363,14 @@ async def _whitebox(
             slot_baselines[base_name] = asyncio.ensure_future(
                 check_batch_slots(eps[base_name], prompts, **slot_args)
             )
+            if tcfg.twin is not None and tcfg.golden is not None:
+                slot_baselines[f"{base_name}~twin"] = asyncio.ensure_future(
+                    twin_difference(eps[base_name], eps[tcfg.twin.name], prompts, **slot_args)
+                )
         inv = await check_batch_slots(tgt, prompts, **slot_args)
         inv.relative_to(await slot_baselines[base_name], base_name)
+        if f"{base_name}~twin" in slot_baselines:
+            with_twin(inv, await slot_baselines[f"{base_name}~twin"])
         result.invariance = inv.to_dict()
         parts.append(inv.verdict())
     if cfg.run.whitebox == "off":
@@ -422,10 +428,10 @@ async def _served_scheme(ep: Endpoint) -> str | None:
 async def _twin_noise(ep: Endpoint) -> float | None:
     """The largest per-module noise amplitude a rounding twin reports in /debug/config."""
     try:
-        cfg = await ep.client.get_json("/debug/config")
+        cfg = await ep.client.debug_config()  # the probe's copy: no second GET
     except DifftestError:
         return None
-    value = cfg.get("rounding_noise") if isinstance(cfg, dict) else None
+    value = cfg.get("rounding_noise")
     return float(value) if isinstance(value, int | float) else None
 
 

@@ -95,10 +95,17 @@ class Session:
 
     @classmethod
     def of_urls(
-        cls, urls: Mapping[str, str], *, api_key: str | None = None, options: ClientOptions | None = None
+        cls,
+        urls: Mapping[str, str],
+        *,
+        api_key: str | None = None,
+        keys: Mapping[str, str | None] | None = None,
+        options: ClientOptions | None = None,
     ) -> Session:
-        """Servers that someone else runs, by name -> base URL (with or without `/v1`)."""
-        return cls((Server(name, url, api_key) for name, url in urls.items()), options)
+        """Servers that someone else runs, by name -> base URL (with or without `/v1`). `keys` gives
+        a server its own API key; the others use `api_key`."""
+        keys = keys or {}
+        return cls((Server(name, url, keys.get(name) or api_key) for name, url in urls.items()), options)
 
     async def __aenter__(self) -> Session:
         await self.open()

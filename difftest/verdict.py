@@ -190,7 +190,7 @@ def _make_check(
     passed = value <= limit.value if op == "<=" else value >= limit.value
     ci = _interval(comp, name) if comp is not None else None
     decided, needed = True, None
-    if ci is not None and ci[0] <= limit.value <= ci[1]:
+    if ci is not None and ci[0] < ci[1] and ci[0] <= limit.value <= ci[1]:  # a point interval decides
         decided = False
         needed = _prompts_to_decide(
             int(comp.aggregate.get("n_prompts", len(comp.prompts))), ci, value, limit.value

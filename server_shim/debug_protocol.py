@@ -1,5 +1,5 @@
 """The /debug/* protocol's names, shared by the shim (server_shim.debug) and the differ
-(difftest.layer_points, replay, quantcheck). Torch-free: the differ imports it without torch.
+(difftest.client, difftest.whitebox). Torch-free: the differ imports it without torch.
 
 Bodies are safetensors; these are the routes, the tensor names and the `__metadata__` keys both
 sides read and write. A key renamed here is renamed on both sides at once.

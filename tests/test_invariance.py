@@ -107,3 +107,26 @@ async def test_check_batch_slots_catches_a_server_that_answers_differently() -> 
         ep = Endpoint("fake", client, await probe(client))
         r = await check_batch_slots(ep, [Prompt("p0", "the quick brown fox")], max_tokens=6, k=3)
     assert not r.verdict().passed
+
+
+def test_twin_widens_the_slot_limits_of_a_batch_variant_but_correct_kernel() -> None:
+    """bf16 on an H200: a correct Triton fp8-block target flipped 2 slot tokens where its cuBLAS
+    golden flipped none. The golden's rounding twin flips the same probe: a flip proves nothing."""
+    from difftest.invariance import InvarianceResult, SlotResult, with_twin
+
+    def result() -> InvarianceResult:
+        r = InvarianceResult("p0", 0.05, slots=[SlotResult("batch slot 1 of 4", False, 3, 0.11),
+                                                 SlotResult("batch slot 3 of 4", True, None, 0.02)])  # fmt: skip
+        r.baseline, r.baseline_worst, r.baseline_token_failures = "golden", 0.0, 0
+        return r
+
+    before = result().verdict()
+    assert not before.passed  # 1 token failure > 0, 0.11 > 0.05
+    after = with_twin(result(), SlotResult("rounding twin of golden", False, 5, 0.06)).verdict()
+    tokens, logprobs = after.checks
+    assert not tokens.informative and tokens.limit == 2.0 and not tokens.fails
+    assert logprobs.limit == pytest.approx(0.18) and logprobs.passed  # 3 x the twin's 0.06
+    assert after.passed
+    # a twin that does not flip the probe leaves the token check informative and strict
+    strict = with_twin(result(), SlotResult("rounding twin of golden", True, None, 0.01)).verdict()
+    assert strict.checks[0].informative and not strict.passed

@@ -109,7 +109,7 @@ def shim_server(name: str, loaded: LoadedModel) -> Iterator[tuple[Server, Counti
 def serve_in_process(monkeypatch: pytest.MonkeyPatch, servers: dict[str, Server]) -> None:
     """`Session.of_urls` (what the white-box commands connect with) over in-process servers."""
 
-    def of_urls(cls, urls, *, api_key=None, options=None):  # noqa: ANN001, ANN202
+    def of_urls(cls, urls, *, api_key=None, keys=None, options=None):  # noqa: ANN001, ANN202
         return cls([servers[name] for name in urls], options)
 
     monkeypatch.setattr(Session, "of_urls", classmethod(of_urls))

@@ -94,11 +94,8 @@ def run_whitebox(args: argparse.Namespace, work: Callable[[Session, Sequence[Job
             return await work(session, jobs)
 
     if not specs:
-        session = Session.of_urls(urls, api_key=o.key_for(envs, "*"), options=options)
-        for name, server in list(session.servers.items()):  # per-server keys (--api-key-env NAME=VAR)
-            session.servers[name] = dataclasses.replace(
-                server, api_key=o.key_for(envs, name) or server.api_key
-            )
+        keys = {name: o.key_for(envs, name) for name in urls}  # per server (--api-key-env NAME=VAR)
+        session = Session.of_urls(urls, api_key=o.key_for(envs, "*"), keys=keys, options=options)
         return asyncio.run(go(session))
     from server_shim.launch import launch_servers
 

@@ -131,7 +131,9 @@ async def generate_chat(ep: Any, prompt: Prompt, *, max_tokens: int, k: int, see
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
         log.debug("%s: chat generation for %s failed: %s", ep.name, prompt.id, exc)
         return Generation(None, TokensView(()), error=f"{type(exc).__name__}: {exc}")
-    return Generation(text, view, choice.get("finish_reason"))
+    from difftest.usage_check import prompt_tokens
+
+    return Generation(text, view, choice.get("finish_reason"), prompt_tokens=prompt_tokens(resp))
 
 
 # ----------------------------------------------------------------------------- probe

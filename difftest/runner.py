@@ -41,6 +41,7 @@ from difftest.scoring import finish_comparison, score_prompts
 from difftest.session import cache_identity
 from difftest.signature import run_signature
 from difftest.tokenizer_check import check_pair
+from difftest.usage_check import PromptCounts
 from difftest.whitebox.activations import LayerThresholds, compare_points, fetch_activations
 from difftest.whitebox.localise import localise_target
 from server_shim.launch import RunningServer, api_key_of, launch_servers
@@ -68,6 +69,7 @@ class _Pair:
     teacher_forced: bool = True
     as_ids: bool = False
     warnings: list[str] = field(default_factory=list)
+    counts: PromptCounts = field(default_factory=PromptCounts)  # usage.prompt_tokens, both sides
 
 
 CHUNK_PROMPTS = 256  # prompts generated, forced and scored together before their raw responses go
@@ -234,6 +236,7 @@ def _score_chunk(
     for pair in pairs:
         ref_f = forced.get((pair.baseline, pair.baseline)) if pair.teacher_forced else None
         tgt_f = forced.get((pair.baseline, pair.target)) if pair.teacher_forced else None
+        pair.counts.add(gens[pair.baseline], gens[pair.target])
         base_g, tgt_g = (
             retok.for_pair(gens, pair.baseline, pair.target)
             if retok
@@ -497,6 +500,8 @@ async def run_async(
         floors = floors or {}
         comps = {}
         for pair in pairs:
+            unverified = any("could not be compared" in w for w in pair.warnings)
+            pair.warnings.extend(pair.counts.notes(pair.baseline, pair.target, unverified=unverified))
             diffs, unforced = scored.get((pair.kind, pair.target), ([], []))
             comps[(pair.kind, pair.target)] = finish_comparison(
                 pair.kind, pair.baseline, pair.target, diffs,

@@ -7,6 +7,7 @@ one thing, the way a real server differs.
     ignore_logprobs    `logprobs` and `return_tokens_as_token_ids` silently ignored (transformers serve)
     echo_zero_500      echo with max_tokens=0 answers 500 (transformers serve)
     zero_unlimited     max_tokens=0 means "no limit": echo continues after the prompt (some engines)
+    chat_prefix        text the chat template puts before every conversation (another template)
 """
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ def _chat_entry(server: FakeServer, token: str, logprob: float | None, top: dict
 
 
 def chat_response(
-    server: FakeServer, body: dict[str, Any], *, ignore_logprobs: bool = False
+    server: FakeServer, body: dict[str, Any], *, ignore_logprobs: bool = False, prefix: str = ""
 ) -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _Reject(400, "messages must be a non-empty list", "messages")
-    req: dict[str, Any] = {"prompt": chat_template(messages), "max_tokens": body.get("max_tokens", 16)}
+    req: dict[str, Any] = {
+        "prompt": prefix + chat_template(messages),
+        "max_tokens": body.get("max_tokens", 16),
+    }
     for key in ("model", "seed", "temperature"):
         if key in body:
             req[key] = body[key]
@@ -95,6 +99,7 @@ def quirk_app(
     ignore_logprobs: bool = False,
     echo_zero_500: bool = False,
     zero_unlimited: bool = False,
+    chat_prefix: str = "",
 ) -> FastAPI:
     server = FakeServer(behaviour)
     app = FastAPI()
@@ -122,7 +127,9 @@ def quirk_app(
         if not chat:
             return _error(404, "Not Found")
         try:
-            return chat_response(server, await request.json(), ignore_logprobs=ignore_logprobs)
+            return chat_response(
+                server, await request.json(), ignore_logprobs=ignore_logprobs, prefix=chat_prefix
+            )
         except _Reject as e:
             return _error(e.status, e.message, param=e.param)
 

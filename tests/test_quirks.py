@@ -112,3 +112,27 @@ def test_no_tokenizer_anywhere_compares_word_by_word(
     acc = run.targets[0].comparison("accuracy")
     assert acc is not None and (acc.aggregate["token_match"] == 1.0) == (code == 0)
     assert "compared word by word" in json.dumps(run.to_dict())
+
+
+def test_another_chat_template_is_named(prompts: Path, tmp_path: Path) -> None:
+    """Same model, but the target's chat template adds a preamble: the model sees other input, and
+    the report says so (usage.prompt_tokens differ by a constant) beside the failing verdict."""
+    tgt_app = quirk_app(completions=False, chat_prefix="system: you are a helpful assistant\n")
+    with live_app(quirk_app(completions=False)) as ref, live_app(tgt_app) as tgt:
+        argv = ["compare", "--ref", ref, "--target", tgt, "--prompts", str(prompts), "--endpoint", "chat"]
+        main([*argv, "--scheme", "none", "--max-tokens", "10", "-o", str(tmp_path / "o")])
+    text = json.dumps(load_run(tmp_path / "o").to_dict())
+    assert "prompt token(s) on every prompt against reference (usage.prompt_tokens)" in text
+
+
+def test_prompt_counts_vouch_for_an_unverifiable_tokenizer(prompts: Path, tmp_path: Path) -> None:
+    kwargs = QUIRKS["transformers_serve_like"][0]
+    with live_app(quirk_app()) as ref, live_app(quirk_app(**kwargs)) as tgt:
+        argv = ["compare", "--ref", ref, "--target", tgt, "--prompts", str(prompts), "--scheme", "none"]
+        assert main([*argv, "--max-tokens", "6", "-o", str(tmp_path / "o")]) == 0
+    text = json.dumps(load_run(tmp_path / "o").to_dict())
+    assert "could not be compared" in text  # the probe had nothing to compare the tokenizers by ...
+    assert (
+        f"prompt token counts (usage.prompt_tokens) of reference and target agree on all {len(PROMPTS)}"
+        in text
+    )

@@ -12,7 +12,7 @@ from difftest.cli.run import with_overrides
 from difftest.config import load_config
 from difftest.errors import UsageError
 
-HELP = "measure the reference's A/A noise floor and write it to OUT/noise-floor.json"
+HELP = "measure the reference's A/A noise floor into DIR/noise-floor.json (-o DIR)"
 FLOOR_FILE = "noise-floor.json"
 
 

@@ -69,8 +69,10 @@ def add_out(p: argparse.ArgumentParser, what: str, default: Path | None = None) 
     p.add_argument("-o", "--out", type=Path, default=default, metavar="DIR", help=f"output folder: {what}")
 
 
-def add_jobs(p: argparse.ArgumentParser, default: int | None = None) -> None:
-    shown = f" (default: {default})" if default else " (default: the config's run.concurrency)"
+def add_jobs(p: argparse.ArgumentParser, default: int | None = None, shown: str = "") -> None:
+    shown = (
+        f" (default: {shown or default})" if shown or default else " (default: the config's run.concurrency)"
+    )
     p.add_argument(
         "-j",
         "--concurrency",

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-batch-slot-check", action="store_true", help="do not record the batch-slot check's answers"
     )
     o.add_endpoint(p)
-    o.add_jobs(p)
+    o.add_jobs(p, shown="8, or the config's run.concurrency")
     o.add_limit(p)
     o.add_keys(p)
     o.add_timeout(p, "120, or the config's run.request_timeout_s")

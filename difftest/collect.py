@@ -72,6 +72,7 @@ class Generation:
     view: TokensView  # the generated positions only
     finish_reason: str | None = None
     error: str | None = None
+    prompt_tokens: int | None = None  # the server's usage.prompt_tokens (difftest.usage_check)
 
     @property
     def keys(self) -> tuple[int, ...] | tuple[str, ...]:
@@ -114,6 +115,10 @@ def first_choice(resp: Mapping[str, Any], server: str) -> tuple[Mapping[str, Any
 
 
 async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, seed: int) -> Generation:
+    if ep.caps.api == "chat":
+        from difftest.chat import generate_chat
+
+        return await generate_chat(ep, prompt, max_tokens=max_tokens, k=k, seed=seed)
     tokens = prompt.max_tokens if prompt.max_tokens is not None else max_tokens
     payload = ep.payload(prompt.prompt, max_tokens=tokens, k=k, seed=seed)
     try:
@@ -126,7 +131,9 @@ async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, see
         problem = coverage_problem(view, max_tokens=tokens, finish_reason=choice.get("finish_reason"))
         if problem is not None:
             return Generation(None, TokensView(()), error=f"{ep.name}: text and logprobs disagree: {problem}")
-    return Generation(choice["text"], view, choice.get("finish_reason"))
+    from difftest.usage_check import prompt_tokens
+
+    return Generation(choice["text"], view, choice.get("finish_reason"), prompt_tokens=prompt_tokens(resp))
 
 
 async def generate_all(

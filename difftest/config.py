@@ -58,6 +58,7 @@ class RunSettings:
     tokenizer: str | None = None
     whitebox: str = "auto"  # auto: per-layer diff where both sides serve /debug
     batch_slot_check: bool = True
+    endpoint: str = "completions"  # "chat": compare over /v1/chat/completions (difftest.chat)
     null: str = "twin"  # exactness null model: "twin" | "aa" | "none" (difftest.null)
 
 
@@ -83,6 +84,7 @@ class RunConfig:
         default_factory=dict
     )  # scheme|"default" -> metric -> limit
     source: Path | None = None
+    baseline: Path | None = None  # [reference] baseline = "FILE": a recorded reference (difftest record)
 
     def servers(self) -> tuple[ServerSpec, ...]:
         """Every server to start, each once: reference, targets, then goldens (shared ones once)."""
@@ -222,9 +224,13 @@ def parse_config(doc: dict[str, Any], *, text: str, path: Path) -> RunConfig:
     thresholds = _parse_thresholds(ctx, _table(ctx, doc, "thresholds", required=False))
     debug_default = run.whitebox != "off"  # white-box parts need the debug routes on built-in shims
 
-    reference = _server(
-        ctx, ("reference",), _table(ctx, doc, "reference", required=True), "reference", base, debug_default
-    )
+    ref_table = _table(ctx, doc, "reference", required=True)
+    baseline = _baseline(ctx, ref_table, base)
+    if baseline is not None:
+        name = _typed(ctx, ("reference",), "name", ref_table.get("name", "reference"), "string")
+        reference = ServerSpec(name=name, url=baseline.as_uri())
+    else:
+        reference = _server(ctx, ("reference",), ref_table, "reference", base, debug_default)
     raw_targets = doc.get("target", [])
     if isinstance(raw_targets, dict):
         raise ctx.error(("target",), None, "targets are an array of tables: write [[target]], not [target]")
@@ -247,7 +253,23 @@ def parse_config(doc: dict[str, Any], *, text: str, path: Path) -> RunConfig:
                     where, "name", f"server name {spec.name!r} is used twice; names must be unique"
                 )
             owner[spec.name] = spec
-    return RunConfig(run=run, reference=reference, targets=tuple(targets), thresholds=thresholds, source=path)
+    return RunConfig(
+        run=run, reference=reference, targets=tuple(targets), thresholds=thresholds, source=path,
+        baseline=baseline,
+    )  # fmt: skip
+
+
+def _baseline(ctx: _Ctx, table: dict[str, Any], base: Path) -> Path | None:
+    """`[reference] baseline = "FILE"` (with an optional name, nothing else): a recorded reference."""
+    if "baseline" not in table:
+        return None
+    value = _typed(ctx, ("reference",), "baseline", table["baseline"], "string")
+    extra = sorted(k for k in table if k not in ("baseline", "name"))
+    if extra:
+        raise ctx.error(
+            ("reference",), extra[0], f"key {extra[0]!r} cannot go with 'baseline' (a recorded reference)"
+        )
+    return (base / value).resolve()
 
 
 def _twin_of(golden: ServerSpec | None) -> ServerSpec | None:
@@ -371,8 +393,10 @@ _RUN_KEYS: dict[str, tuple[str, float | None, float | None]] = {
     "tokenizer": ("string", None, None),
     "whitebox": ("string", None, None),
     "batch_slot_check": ("boolean", None, None),
+    "endpoint": ("string", None, None),
     "null": ("string", None, None),
 }
+ENDPOINTS = ("completions", "chat")
 
 
 def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSettings:
@@ -404,6 +428,9 @@ def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSe
     whitebox = values.get("whitebox", "auto")
     if whitebox not in WHITEBOX:
         raise ctx.error(where, "whitebox", f"key 'whitebox' must be one of auto, off, on; got {whitebox!r}")
+    if values.get("endpoint", "completions") not in ENDPOINTS:
+        got = values["endpoint"]
+        raise ctx.error(where, "endpoint", f"key 'endpoint' must be one of completions, chat; got {got!r}")
     if values.get("null", "twin") not in NULLS:
         raise ctx.error(
             where, "null", f"key 'null' must be one of {', '.join(NULLS)}; got {values['null']!r}"

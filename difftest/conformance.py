@@ -68,6 +68,8 @@ WARNINGS = {
     "no_tokenizations": "probe texts could not be tokenized: tokenizer compatibility unverifiable",
     "tokenizations_failed": "{n} probe tokenization request(s) failed: tokenizer compatibility checked on fewer texts",
     "no_debug": "no debug protocol: white-box checks (layers, quant audit) disabled",
+    "echo_continues": "max_tokens=0 is treated as no limit (echo generates after the prompt): "
+    f"{_TF_OFF}; probe tokenizations cut at the prompt's end",
 }
 
 
@@ -101,12 +103,14 @@ class Capabilities:
     tokenizations: tuple[ProbeTokens, ...] = ()
     checks: tuple[tuple[str, str, str], ...] = ()
     warnings: tuple[str, ...] = ()
+    api: str = "completions"  # "chat": generations over /v1/chat/completions (difftest.chat)
 
     @property
     def teacher_forced(self) -> bool:
         """Echoed logprobs can be trusted for teacher-forced metrics."""
         return (
-            self.logprobs_cap >= 1
+            self.api == "completions"
+            and self.logprobs_cap >= 1
             and self.echo_logprobs
             and self.echo_aligned is not False
             and bool(self.echo_consistent)
@@ -306,6 +310,13 @@ async def _probe_echo(p: _Probe, text: str) -> None:
     p.fields["echo"] = True
     choice = resp["choices"][0]
     view = p.view(resp)
+    echoed = choice.get("text")
+    if isinstance(echoed, str) and echoed.startswith(text) and len(echoed) > len(text):
+        # a server that reads max_tokens=0 as "no limit": not a tokenizer difference, a quirk
+        p.fields |= {"_echo_continues": True, "echo_aligned": False}
+        extra = len(echoed) - len(text)
+        p.check("echo", WARN, f"max_tokens=0 generated {extra} more chars (no limit)", "echo_continues")
+        return
     if not k:
         p.check("echo", OK, "echo works (logprobs not available)")
         return
@@ -367,6 +378,23 @@ def _alignment_problems(view: TokensView, text: str, echoed_text: Any, ids: list
     if isinstance(echoed_text, str) and not echoed_text.startswith(text):
         problems.append("echoed text does not start with the prompt")
     return problems
+
+
+def _prompt_part(view: TokensView, text: str) -> TokensView | None:
+    """The echoed positions that cover `text` (the rest was generated), or None when the tokens
+    cannot be placed: by text offsets where served, else by the token strings' lengths."""
+    offs = [p.text_offset for p in view.positions]
+    if offs and all(o is not None for o in offs):
+        n = sum(1 for o in offs if o < len(text))  # type: ignore[operator]
+        return view[:n]
+    if view.has_ids:
+        return None  # "token_id:N" strings say nothing about length
+    length = 0
+    for i, tok in enumerate(view.tokens):
+        if length >= len(text):
+            return view[:i] if length == len(text) else None
+        length += len(tok)
+    return view if length == len(text) else None
 
 
 def _median_gap(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
@@ -443,8 +471,10 @@ async def _probe_tokenizations(
             as_ids = {"return_tokens_as_token_ids": True} if f["token_id_strings"] and ids is None else {}
             resp, err = await p.ask({"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1} | as_ids)
             view = p.view(resp) if resp else None
+            if view is not None and f.get("_echo_continues"):
+                view = _prompt_part(view, text)
             if view is None:
-                failed.append(err)
+                failed.append(err or "echo went past the prompt and could not be cut at its end")
             elif as_ids and view.has_ids:
                 ids, source = list(view.token_ids or ()), "echo"
             elif not view.has_ids:
@@ -473,8 +503,8 @@ async def _probe_tokenizations(
 
 
 async def _probe_debug(p: _Probe) -> None:
-    try:
-        cfg = await p.client.debug_config(retries=0)
+    try:  # one retry: some servers (transformers serve) drop the keep-alive connection after a 500
+        cfg = await p.client.debug_config(retries=1)
     except (RequestRejected, ServerError) as e:
         p.fields |= {"debug": False, "vocab_size": None}
         p.check("debug protocol", WARN, _why(e), "no_debug")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from difftest.errors import UsageError
 
-KEYS = ("id", "prompt", "max_tokens", "tags")
+KEYS = ("id", "prompt", "max_tokens", "tags", "messages")
+ROLES = ("system", "user", "assistant", "developer")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Prompt:
     max_tokens: int | None = None  # None: the run's max_tokens
     tags: tuple[str, ...] = ()
     source: str = ""  # "file:line", for messages and reports
+    messages: tuple[dict[str, str], ...] = ()  # a chat conversation (`[run] endpoint = "chat"`)
 
 
 def load_prompts(paths: Path | str | Iterable[Path | str], *, limit: int | None = None) -> list[Prompt]:
@@ -69,6 +71,9 @@ def _parse_line(line: str, where: str) -> Prompt:
             close = difflib.get_close_matches(key, KEYS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f" (allowed: {', '.join(KEYS)})"
             raise UsageError(f"{where}: unknown key {key!r}{hint}")
+    messages = _messages(obj.get("messages"), where)
+    if "prompt" not in obj and messages:  # a chat prompt: its text is the conversation, for reports
+        obj = obj | {"prompt": "\n".join(f"{m['role']}: {m['content']}" for m in messages)}
     for key in ("id", "prompt"):
         if key not in obj:
             raise UsageError(f"{where}: missing {key!r}")
@@ -86,4 +91,24 @@ def _parse_line(line: str, where: str) -> Prompt:
     tags = obj.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise UsageError(f"{where}: 'tags' must be a list of strings, got {tags!r}")
-    return Prompt(id=str(pid), prompt=text, max_tokens=max_tokens, tags=tuple(tags), source=where)
+    return Prompt(
+        id=str(pid), prompt=text, max_tokens=max_tokens, tags=tuple(tags), source=where, messages=messages
+    )
+
+
+def _messages(value: object, where: str) -> tuple[dict[str, str], ...]:
+    """`messages`: a non-empty list of {"role", "content"} (strings), as the chat API takes them."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise UsageError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise UsageError(f"{where}: messages[{i}] must be an object with exactly 'role' and 'content'")
+        if m["role"] not in ROLES or not isinstance(m["content"], str):
+            raise UsageError(
+                f"{where}: messages[{i}]: role must be one of {', '.join(ROLES)} and content a string"
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)

@@ -15,6 +15,7 @@ dies halfway loses nothing: `--resume` relaunches and only asks what is missing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from difftest.baseline import REPLAY_URL, Baseline, run_settings
 from difftest.cache import ResponseCache
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
@@ -39,6 +41,7 @@ from difftest.scoring import finish_comparison, score_prompts
 from difftest.session import cache_identity
 from difftest.signature import run_signature
 from difftest.tokenizer_check import check_pair
+from difftest.usage_check import PromptCounts
 from difftest.whitebox.activations import LayerThresholds, compare_points, fetch_activations
 from difftest.whitebox.localise import localise_target
 from server_shim.launch import RunningServer, api_key_of, launch_servers
@@ -53,6 +56,7 @@ class RunOptions:
     concurrency: int | None = None
     limit: int | None = None
     progress: bool | None = None  # None: a bar on a terminal, plain lines otherwise
+    baseline: Baseline | None = None  # a recorded reference answers instead of a live one
 
 
 @dataclass
@@ -65,6 +69,7 @@ class _Pair:
     teacher_forced: bool = True
     as_ids: bool = False
     warnings: list[str] = field(default_factory=list)
+    counts: PromptCounts = field(default_factory=PromptCounts)  # usage.prompt_tokens, both sides
 
 
 CHUNK_PROMPTS = 256  # prompts generated, forced and scored together before their raw responses go
@@ -85,7 +90,11 @@ def _phase(name: str, since: float) -> float:
 
 
 async def _connect(
-    running: Mapping[str, RunningServer], cfg: RunConfig, cache: ResponseCache, concurrency: int
+    running: Mapping[str, RunningServer],
+    cfg: RunConfig,
+    cache: ResponseCache,
+    concurrency: int,
+    baseline: Baseline | None = None,
 ) -> dict[str, Endpoint]:
     """A client per server, then conformance probes of all of them side by side."""
     clients = {
@@ -101,7 +110,15 @@ async def _connect(
         )
         for name, srv in running.items()
     }
-    caps = await asyncio.gather(*(probe(c) for c in clients.values()))
+    if baseline is not None:  # the recorded reference: same client, answers replayed from the file
+        clients[cfg.reference.name] = CompletionClient(
+            REPLAY_URL, name=cfg.reference.name, concurrency=concurrency, transport=baseline.transport()
+        )
+    if cfg.run.endpoint == "chat":  # chat-only servers: the chat probe (difftest.chat)
+        from difftest.chat import probe_chat as probe_fn
+    else:
+        probe_fn = probe
+    caps = await asyncio.gather(*(probe_fn(c) for c in clients.values()))
     return {name: Endpoint(name, clients[name], cap) for name, cap in zip(clients, caps, strict=True)}
 
 
@@ -147,6 +164,18 @@ async def _generate(
         )
     )
     return dict(zip(eps, results, strict=True))
+
+
+def _retokenizer(eps: Mapping[str, Endpoint], pairs: Sequence[_Pair]) -> Any:
+    """Who tokenizes the text of servers that return no tokens (difftest.retokenize); noted per pair."""
+    from difftest import retokenize
+
+    chosen = retokenize.plan(eps, [(p.baseline, p.target) for p in pairs])
+    for pair in pairs:
+        for name in (pair.baseline, pair.target):
+            if name in chosen:
+                pair.warnings.append(retokenize.note(name, chosen[name]))
+    return retokenize.Retokenizer(eps, chosen, [(p.baseline, p.target) for p in pairs])
 
 
 def _forcing_plan(pairs: Sequence[_Pair]) -> dict[tuple[str, str], bool]:
@@ -200,16 +229,23 @@ def _score_chunk(
     forced: Mapping[tuple[str, str], Mapping[str, Forced]],
     cfg: RunConfig,
     scored: dict[tuple[str, str], tuple[list[PromptDiff], list[str]]],
+    retok: Any = None,
 ) -> None:
     """Score one chunk of prompts for every pair into `scored[(kind, target)]` = (diffs, unforced).
     Measurement only: divergences are classified when judging (difftest.judge)."""
     for pair in pairs:
         ref_f = forced.get((pair.baseline, pair.baseline)) if pair.teacher_forced else None
         tgt_f = forced.get((pair.baseline, pair.target)) if pair.teacher_forced else None
+        pair.counts.add(gens[pair.baseline], gens[pair.target])
+        base_g, tgt_g = (
+            retok.for_pair(gens, pair.baseline, pair.target)
+            if retok
+            else (gens[pair.baseline], gens[pair.target])
+        )
         diffs, unforced = score_prompts(
             chunk,
-            gens[pair.baseline],
-            gens[pair.target],
+            base_g,
+            tgt_g,
             ref_forced=ref_f,
             tgt_forced=tgt_f,
             k=cfg.run.logprobs,
@@ -294,15 +330,16 @@ def load_floor(cfg: RunConfig) -> NoiseFloor | None:
     return NoiseFloor.from_json(path.read_text())
 
 
-def _skipped(pairs: Sequence[_Pair], target: str) -> dict[str, str]:
+def _skipped(pairs: Sequence[_Pair], target: str, endpoint: str = "completions") -> dict[str, str]:
     """Groups conformance ruled out for this target, with the visible reason."""
-    out = {}
-    for pair in pairs:
-        if pair.target == target and not pair.teacher_forced:
-            out[f"{pair.kind}.teacher_forced"] = (
-                "echo with logprobs not supported or not trusted on this pair"
-            )
-    return out
+    from difftest.chat import NO_TEACHER_FORCING
+
+    why = (
+        NO_TEACHER_FORCING
+        if endpoint == "chat"
+        else "echo with logprobs not supported or not trusted on this pair"
+    )
+    return {f"{p.kind}.teacher_forced": why for p in pairs if p.target == target and not p.teacher_forced}
 
 
 async def _whitebox(
@@ -316,7 +353,11 @@ async def _whitebox(
     """Per-layer diff, localisation, quant audit and batch-slot invariance, where served."""
     parts: list[PartVerdict] = []
     tgt = eps[tcfg.name]
-    if cfg.run.batch_slot_check:
+    if cfg.run.batch_slot_check and cfg.run.endpoint == "chat":
+        from difftest.chat import NO_BATCH_SLOTS
+
+        result.conformance.setdefault("warnings", []).append(NO_BATCH_SLOTS)
+    elif cfg.run.batch_slot_check:
         from difftest.invariance import check_batch_slots, twin_difference, with_twin
 
         base_name = tcfg.golden.name if tcfg.golden is not None else cfg.reference.name
@@ -417,11 +458,12 @@ async def run_async(
     started_at = datetime.now(UTC).isoformat(timespec="seconds")  # when the run began, not ended
     concurrency = opts.concurrency or cfg.run.concurrency
     floor = load_floor(cfg)
-    eps = await _connect(running, cfg, cache, concurrency)
+    eps = await _connect(running, cfg, cache, concurrency, opts.baseline)
     try:
         pairs = _pairs(cfg)
         await _check_pairs(pairs, eps)
         _phase("servers up + conformance", started)
+        retok = _retokenizer(eps, pairs)
         plan = _forcing_plan(pairs)
         scored: dict[tuple[str, str], tuple[list[PromptDiff], list[str]]] = {}
         failed: dict[str, int] = dict.fromkeys((t.name for t in cfg.targets), 0)
@@ -437,6 +479,7 @@ async def run_async(
                 chunk = prompts[start : start + CHUNK_PROMPTS]
                 t = time.monotonic()
                 gens = await _generate(eps, chunk, cfg, lambda: progress.advance(gen_task))
+                await retok.fill(gens)  # token-less servers (no logprobs): tokenized afterwards
                 t = _spend(spent, "greedy generation", t)
                 forced = await _force_pairs(
                     plan, eps, chunk, gens, cfg.run.logprobs, lambda: progress.advance(tf_task)
@@ -449,7 +492,7 @@ async def run_async(
                     t = _spend(spent, "noise floor", t)
                 for name in failed:
                     failed[name] += sum(1 for g in gens[name].values() if g.error)
-                _score_chunk(pairs, chunk, gens, forced, cfg, scored)
+                _score_chunk(pairs, chunk, gens, forced, cfg, scored, retok)
                 _spend(spent, "scoring", t)
                 del gens, forced
         for name, seconds in spent.items():
@@ -457,6 +500,8 @@ async def run_async(
         floors = floors or {}
         comps = {}
         for pair in pairs:
+            unverified = any("could not be compared" in w for w in pair.warnings)
+            pair.warnings.extend(pair.counts.notes(pair.baseline, pair.target, unverified=unverified))
             diffs, unforced = scored.get((pair.kind, pair.target), ([], []))
             comps[(pair.kind, pair.target)] = finish_comparison(
                 pair.kind, pair.baseline, pair.target, diffs,
@@ -522,7 +567,7 @@ async def run_async(
             judge_one(
                 run, tr, cfg.thresholds_for(tr.scheme), floor=floor,
                 in_run=floors.get(tr.golden) if tr.golden else None,
-                carried=carried[tr.name], skipped=_skipped(pairs, tr.name),
+                carried=carried[tr.name], skipped=_skipped(pairs, tr.name, cfg.run.endpoint),
             )  # fmt: skip
         run.elapsed_s = time.monotonic() - started
         return run
@@ -558,14 +603,26 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
         cache_path.unlink()
         for extra in ("-wal", "-shm"):
             Path(str(cache_path) + extra).unlink(missing_ok=True)
-    prompts = load_prompts(cfg.run.prompts, limit=opts.limit if opts.limit is not None else cfg.run.limit)
-    check_running(cfg.servers(), request_timeout_s=cfg.run.request_timeout_s)  # seconds, not 600 s
+    limit = opts.limit if opts.limit is not None else cfg.run.limit
+    specs = cfg.servers()
+    if cfg.baseline is not None:  # a recorded reference: checked before any server starts
+        opts = dataclasses.replace(opts, baseline=opts.baseline or Baseline.read(cfg.baseline))
+        specs = tuple(s for s in specs if s.name != cfg.reference.name)
+    if opts.baseline is not None and not cfg.run.prompts:
+        prompts = opts.baseline.prompt_list()[:limit]
+    else:
+        prompts = load_prompts(cfg.run.prompts, limit=limit)
+    if opts.baseline is not None:
+        opts.baseline.check(run_settings(cfg.run), prompts)
+    check_running(specs, request_timeout_s=cfg.run.request_timeout_s)  # seconds, not 600 s
     cache = ResponseCache(cache_path)
     try:
-        with launch_servers(cfg.servers(), log_dir=out / "logs") as running:
+        with launch_servers(specs, log_dir=out / "logs") as running:
             run = asyncio.run(run_async(cfg, running, prompts, opts, cache))
             problems = infra_problems(run, cfg, running)
     finally:
         cache.close()
     run.warnings.extend(problems)
+    if opts.baseline is not None:  # where the reference's answers came from
+        run.signature["baseline"] = opts.baseline.provenance()
     return run, problems

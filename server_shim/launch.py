@@ -4,7 +4,8 @@ A server is one of three kinds (`ServerSpec.kind`):
 
     shim      `model` set: our own `python -m server_shim serve ...`, every option as a flag
     command   `command` set: any engine (vLLM, SGLang, llama.cpp, ATOM) from a template with
-              {port}, {host}, {model}, {api_key}; split with shlex and run without a shell
+              {port}, {host}, {model}, {api_key}, {python} (the interpreter running difftest);
+              split with shlex and run without a shell
     url       `url` set: a server that already runs; health-checked, never started or stopped
 
 Why process groups: engines fork workers (vLLM's engine core, tokenizer pools). Killing only the
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 TERM_GRACE_S = 10.0  # vLLM needs a few seconds to release the GPU after SIGTERM
 LOG_TAIL_LINES = 30
-_PLACEHOLDERS = ("{port}", "{host}", "{model}", "{api_key}")
+_PLACEHOLDERS = ("{port}", "{host}", "{model}", "{api_key}", "{python}")
 
 
 @dataclass
@@ -170,6 +171,7 @@ def build_argv(spec: ServerSpec, port: int, api_key: str | None = None) -> list[
             "{host}": HOST,
             "{model}": spec.model or "",
             "{api_key}": api_key or "",
+            "{python}": sys.executable,  # the interpreter running difftest (its venv's packages)
         }
         # Plain replacement, not str.format: engine flags often hold JSON braces.
         for placeholder in _PLACEHOLDERS:

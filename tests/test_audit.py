@@ -131,14 +131,15 @@ async def test_audit_of_correct_and_faulty_targets() -> None:
 async def test_quant_command_flags_a_faulty_target(monkeypatch, capsys) -> None:
     import argparse
 
-    from difftest import whitebox_cli
+    from difftest.cli import quant as quant_cmd
+    from difftest.cli import whitebox as whitebox_cli
 
     monkeypatch.setenv("COLUMNS", "400")  # one table row per line
     bad = build(scheme="fp8-block", faults=["scale-skipped@model.layers.0.self_attn.q_proj"])
     with shim_server("reference", build()) as (r, r_t), shim_server("target", bad) as (t, t_t):
         serve_in_process(monkeypatch, {"reference": r, "target": t})
         monkeypatch.setattr(whitebox_cli.asyncio, "run", _run_in_current_loop)
-        code = await whitebox_cli.quant_command(
+        code = await quant_cmd.run(
             argparse.Namespace(config=None, ref="http://r", target="http://t", api_key_env=None)
         )
     out = " ".join(capsys.readouterr().out.split())

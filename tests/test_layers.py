@@ -109,7 +109,7 @@ def shim_server(name: str, loaded: LoadedModel) -> Iterator[tuple[Server, Counti
 def serve_in_process(monkeypatch: pytest.MonkeyPatch, servers: dict[str, Server]) -> None:
     """`Session.of_urls` (what the white-box commands connect with) over in-process servers."""
 
-    def of_urls(cls, urls, *, api_key=None, options=None):  # noqa: ANN001, ANN202
+    def of_urls(cls, urls, *, api_key=None, keys=None, options=None):  # noqa: ANN001, ANN202
         return cls([servers[name] for name in urls], options)
 
     monkeypatch.setattr(Session, "of_urls", classmethod(of_urls))
@@ -257,7 +257,8 @@ async def test_fault_is_localised_and_cli_exits_1(ref_model: LoadedModel, monkey
     module = "model.layers.2.mlp.up_proj"
     bad = build(scheme="fp8-block", faults=[f"fnuz-unnormalized@{module}"])
     golden = build(scheme="fp8-block")
-    from difftest import whitebox_cli
+    from difftest.cli import layers as layers_cmd
+    from difftest.cli import whitebox as whitebox_cli
 
     with (
         shim_server("reference", ref_model) as (ref, ref_t),
@@ -269,7 +270,7 @@ async def test_fault_is_localised_and_cli_exits_1(ref_model: LoadedModel, monkey
         args = argparse.Namespace(
             config=None, ref="http://r", target="http://t", golden="http://g", prompt=PROMPT, api_key_env=None
         )
-        code = await whitebox_cli.layers_command(args)
+        code = await layers_cmd.run(args)
     assert code == 1
     out = " ".join(capsys.readouterr().out.split())  # rich wraps lines
     assert out.count(f"local error in {module}") == 2  # vs golden and vs reference
@@ -281,7 +282,8 @@ async def test_fault_is_localised_and_cli_exits_1(ref_model: LoadedModel, monkey
 
 
 async def test_layers_command_needs_the_debug_protocol(ref_model: LoadedModel, monkeypatch) -> None:
-    from difftest import whitebox_cli
+    from difftest.cli import layers as layers_cmd
+    from difftest.cli import whitebox as whitebox_cli
     from difftest.errors import ConformanceError
     from server_shim.app import create_app
     from server_shim.engine import Engine
@@ -301,7 +303,7 @@ async def test_layers_command_needs_the_debug_protocol(ref_model: LoadedModel, m
                 config=None, ref="http://r", target="http://t", golden=None, prompt=PROMPT, api_key_env=None
             )
             with pytest.raises(ConformanceError, match=r"debug protocol.*target") as info:
-                await whitebox_cli.layers_command(args)
+                await layers_cmd.run(args)
     finally:
         engine.close()
     assert info.value.exit_code == 2 and "reference" not in str(info.value)
@@ -312,8 +314,8 @@ def _run_in_current_loop(coro):  # noqa: ANN001, ANN202 - asyncio.run stand-in i
 
 
 def test_cli_usage_errors() -> None:
+    from difftest.cli.layers import run as layers_command
     from difftest.errors import UsageError
-    from difftest.whitebox_cli import layers_command
 
     with pytest.raises(UsageError):
         layers_command(

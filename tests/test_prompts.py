@@ -70,7 +70,7 @@ BAD = [
     ('{"id": "a", "prompt": "x", "max_token": 3}', "1: unknown key 'max_token'; did you mean 'max_tokens'?"),
     (
         '{"id": "a", "prompt": "x", "answer": 3}',
-        "1: unknown key 'answer' (allowed: id, prompt, max_tokens, tags)",
+        "1: unknown key 'answer' (allowed: id, prompt, max_tokens, tags, messages)",
     ),
     ('["a", "b"]', "1: expected a JSON object, got list"),
     ('{"id": "a", "prompt": "x",}', "1: invalid JSON: "),

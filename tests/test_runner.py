@@ -172,7 +172,7 @@ def test_compare_single_prompt_side_by_side(capsys: pytest.CaptureFixture[str]) 
 
 def test_probe_prints_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
     with live_fake(FakeBehaviour(echo=False)) as url:
-        assert main(["probe", url]) == 0
+        assert main(["probe", url]) == 1  # echo FAIL is exit 1
     out = capsys.readouterr().out
     assert "echo" in out
 

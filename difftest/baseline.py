@@ -1,0 +1,292 @@
+"""A stored reference: the reference server's answers recorded once, judged against any number of
+targets later (llama-perplexity's `--kl-divergence-base` habit).
+
+Why a recording of HTTP exchanges and not a table of parsed numbers: the pipeline then reads the
+baseline through the very code it reads a live reference with (conformance probe, generation,
+teacher forcing, batch-slot check, scoring), so a baseline gives the same verdict and the same
+numbers as the live reference would — there is no second parser to drift. The recording is made
+by an httpx transport around the live connection (`RecordingTransport`) and answered by another
+(`ReplayTransport`); `CompletionClient` is the same on both.
+
+The file is JSON, gzip-compressed, versioned (`FORMAT`, `VERSION`):
+
+    format, version, created_at
+    reference        name, url and the model it served
+    settings         max_tokens, logprobs, seed, endpoint: what every request depended on
+    prompts          id, prompt, max_tokens (and messages for chat) of every prompt recorded
+    tokenizer        served model, vocabulary size, the probe texts' tokenizations
+    capabilities     the probe's table and fields (what the reference could do)
+    signature        difftest and library versions that recorded it
+    exchanges        [{method, path, body, responses: [{status, content_type, body}]}]
+
+A baseline is black-box only: the debug routes are not recorded (white-box checks need a live
+reference). A run whose prompts, settings or endpoint differ from the recording is refused
+(exit 2) before any server starts; a target whose tokenizer differs is refused by the same pair
+check as with a live reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from difftest.errors import UsageError
+from difftest.prompts import Prompt
+
+log = logging.getLogger(__name__)
+
+FORMAT = "difftest-baseline"
+VERSION = 1
+SUFFIX = ".json.gz"
+SETTINGS_KEYS = ("max_tokens", "logprobs", "seed", "endpoint")
+REPLAY_URL = "http://baseline.invalid"  # the replay transport never opens a socket
+_NOT_RECORDED = b'{"error": {"message": "not recorded in the baseline", "type": "not_found"}}'
+
+
+def request_key(method: str, path: str, content: bytes) -> str:
+    """One key per distinct request: JSON bodies compared by value (key order does not matter)."""
+    body: Any = None
+    if content:
+        try:
+            body = json.loads(content)
+        except ValueError:
+            body = content.decode("latin-1")
+    return json.dumps([method.upper(), path, body], sort_keys=True, separators=(",", ":"))
+
+
+@dataclass
+class Exchanges:
+    """request key -> the responses given to it, in order (a repeated request may differ)."""
+
+    table: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, key: str, status: int, content_type: str, body: bytes) -> None:
+        self.table[key].append({"status": status, "content_type": content_type, "body": body.decode()})
+
+    def to_list(self) -> list[dict[str, Any]]:
+        out = []
+        for key, responses in self.table.items():
+            method, path, body = json.loads(key)
+            out.append({"method": method, "path": path, "body": body, "responses": responses})
+        return out
+
+    @classmethod
+    def from_list(cls, items: Sequence[dict[str, Any]]) -> Exchanges:
+        ex = cls()
+        for item in items:
+            content = b"" if item["body"] is None else json.dumps(item["body"]).encode()
+            ex.table[request_key(item["method"], item["path"], content)] = list(item["responses"])
+        return ex
+
+
+class RecordingTransport(httpx.AsyncBaseTransport):
+    """Forwards to the live server and keeps every exchange; /debug routes are answered 404
+    here (never forwarded) so that the recorded reference is the black-box server it replays as."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport | None = None) -> None:
+        self.inner = inner or httpx.AsyncHTTPTransport()
+        self.exchanges = Exchanges()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        content = await request.aread()
+        if request.url.path.startswith("/debug"):
+            return httpx.Response(404, content=_NOT_RECORDED, headers={"content-type": "application/json"})
+        resp = await self.inner.handle_async_request(request)
+        body = await resp.aread()
+        await resp.aclose()
+        ctype = resp.headers.get("content-type", "application/json")
+        if request.url.path != "/health":
+            self.exchanges.add(
+                request_key(request.method, request.url.path, content), resp.status_code, ctype, body
+            )
+        return httpx.Response(resp.status_code, content=body, headers={"content-type": ctype})
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class ReplayTransport(httpx.AsyncBaseTransport):
+    """Answers from the recording: the n-th identical request gets the n-th recorded answer (the
+    last one again after that); a request never recorded is a 404 naming the baseline."""
+
+    def __init__(self, exchanges: Exchanges) -> None:
+        self.exchanges = exchanges
+        self._seen: dict[str, int] = defaultdict(int)
+        self._lock = asyncio.Lock()
+        self.misses = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        content = await request.aread()
+        key = request_key(request.method, request.url.path, content)
+        responses = self.exchanges.table.get(key)
+        if not responses:
+            self.misses += 1
+            log.debug("baseline: no recorded answer to %s %s", request.method, request.url.path)
+            return httpx.Response(404, content=_NOT_RECORDED, headers={"content-type": "application/json"})
+        async with self._lock:
+            i = min(self._seen[key], len(responses) - 1)
+            self._seen[key] += 1
+        r = responses[i]
+        return httpx.Response(
+            r["status"], content=r["body"].encode(), headers={"content-type": r["content_type"]}
+        )
+
+
+def prompt_record(p: Prompt) -> dict[str, Any]:
+    rec: dict[str, Any] = {"id": p.id, "prompt": p.prompt, "max_tokens": p.max_tokens}
+    messages = getattr(p, "messages", None)
+    if messages:
+        rec["messages"] = [dict(m) for m in messages]
+    return rec
+
+
+@dataclass
+class Baseline:
+    """A recorded reference, as read from (or about to be written to) its file."""
+
+    reference: dict[str, Any]
+    settings: dict[str, Any]
+    prompts: list[dict[str, Any]]
+    exchanges: Exchanges
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    signature: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    path: Path | None = None
+
+    # ------------------------------------------------------------------ file
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "created_at": self.created_at or datetime.now(UTC).isoformat(timespec="seconds"),
+            "reference": self.reference,
+            "settings": self.settings,
+            "prompts": self.prompts,
+            "tokenizer": self.tokenizer,
+            "capabilities": self.capabilities,
+            "signature": self.signature,
+            "exchanges": self.exchanges.to_list(),
+        }
+
+    def write(self, path: Path) -> Path:
+        """Atomically: a half-written baseline never replaces a good one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False, separators=(",", ":"))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def read(cls, path: Path | str) -> Baseline:
+        """The file, checked: a missing, corrupt or foreign file is a one-line UsageError."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / f"baseline{SUFFIX}"
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise UsageError(f"baseline {path} does not exist (make it with `difftest record`)") from None
+        except (OSError, EOFError, ValueError) as exc:
+            raise UsageError(f"baseline {path}: not a gzip-compressed JSON baseline ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UsageError(f"baseline {path}: not a difftest baseline (format {data.get('format')!r})")
+        if data.get("version") != VERSION:
+            raise UsageError(
+                f"baseline {path}: version {data.get('version')!r}, this difftest reads version {VERSION}"
+            )
+        try:
+            return cls(
+                reference=dict(data["reference"]),
+                settings=dict(data["settings"]),
+                prompts=list(data["prompts"]),
+                exchanges=Exchanges.from_list(data["exchanges"]),
+                tokenizer=dict(data.get("tokenizer") or {}),
+                capabilities=dict(data.get("capabilities") or {}),
+                signature=dict(data.get("signature") or {}),
+                created_at=str(data.get("created_at", "")),
+                path=path,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"baseline {path}: malformed ({type(exc).__name__}: {exc})") from None
+
+    # ------------------------------------------------------------------ use
+
+    def prompt_list(self) -> list[Prompt]:
+        from difftest.prompts import Prompt
+
+        out = []
+        for rec in self.prompts:
+            extra = {"messages": tuple(rec["messages"])} if rec.get("messages") else {}
+            out.append(
+                Prompt(
+                    id=rec["id"],
+                    prompt=rec["prompt"],
+                    max_tokens=rec.get("max_tokens"),
+                    source="baseline",
+                    **extra,
+                )
+            )
+        return out
+
+    def check(self, settings: dict[str, Any], prompts: Sequence[Prompt]) -> None:
+        """Refuse (UsageError, exit 2) a run that would ask what the baseline never recorded."""
+        where = f"baseline {self.path}" if self.path else "baseline"
+        for key in SETTINGS_KEYS:
+            mine, theirs = settings.get(key), self.settings.get(key)
+            if mine != theirs:
+                raise UsageError(f"{where} was recorded with {key}={theirs!r}, this run uses {key}={mine!r}")
+        recorded = {rec["id"]: rec for rec in self.prompts}
+        for p in prompts:
+            rec = recorded.get(p.id)
+            if rec is None:
+                raise UsageError(f"{where} has no prompt {p.id!r} ({len(recorded)} prompts recorded)")
+            if prompt_record(p) != {
+                k: v for k, v in rec.items() if k in ("id", "prompt", "max_tokens", "messages")
+            }:
+                raise UsageError(f"{where}: prompt {p.id!r} differs from the recorded one")
+
+    def transport(self) -> ReplayTransport:
+        return ReplayTransport(self.exchanges)
+
+    def provenance(self) -> dict[str, Any]:
+        """What report.json's signature records of the baseline a run was judged against."""
+        return {
+            "file": str(self.path) if self.path else None,
+            "created_at": self.created_at,
+            "reference": self.reference,
+            "settings": self.settings,
+            "prompts": len(self.prompts),
+            "recorded_with": self.signature.get("versions", {}).get("difftest"),
+        }
+
+    def describe(self) -> str:
+        model = self.reference.get("model") or "unknown model"
+        return (
+            f"baseline of {self.reference.get('name')} ({model}, {self.reference.get('url')}), "
+            f"{len(self.prompts)} prompts, recorded {self.created_at}"
+        )
+
+
+def run_settings(run: Any) -> dict[str, Any]:
+    """The settings a baseline must share with a run (from RunSettings)."""
+    return {
+        "max_tokens": run.max_tokens,
+        "logprobs": run.logprobs,
+        "seed": run.seed,
+        "endpoint": getattr(run, "endpoint", "completions"),
+    }

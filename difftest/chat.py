@@ -1,0 +1,268 @@
+"""Comparing servers over `/v1/chat/completions` (`[run] endpoint = "chat"`).
+
+What the chat protocol gives and what it does not:
+
+- free-running greedy continuations, with `logprobs: true, top_logprobs: k` where served (vLLM,
+  SGLang, OpenAI); tokens as strings, or `"token_id:N"` where `return_tokens_as_token_ids` is
+  honoured (vLLM); each token's `bytes`, from which the text offsets are rebuilt;
+- no `echo`: a chat server cannot score a given continuation, so teacher-forced metrics (KL,
+  top-1 agreement on the same tokens) are unavailable, and the report says so;
+- no batching of several prompts in one request: the batch-slot check is skipped.
+
+A prompt is its `messages` (the prompts file's `messages` key), or one user message holding its
+`prompt`. `probe_chat` is the chat counterpart of `conformance.probe`: the same Capabilities, with
+the rows the chat protocol can fill.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from difftest.client import CompletionClient
+from difftest.conformance import (
+    DEFAULT_PROBES,
+    FAIL,
+    NA,
+    OK,
+    WARN,
+    WARNINGS,
+    Capabilities,
+    ProbeTokens,
+    first_diff,
+    short,
+)
+from difftest.errors import ConformanceError, DifftestError, RequestRejected, ServerError
+from difftest.prompts import Prompt
+from difftest.tokens_view import Position, TokensView, parse_token_id
+
+log = logging.getLogger(__name__)
+
+PATH = "/v1/chat/completions"
+LOGPROBS_TRIES = (20, 5, 1)
+NO_TEACHER_FORCING = "teacher forcing unavailable over /v1/chat/completions (the chat protocol has no echo)"
+NO_BATCH_SLOTS = "batch-slot check skipped: /v1/chat/completions takes one conversation per request"
+
+
+def messages_of(prompt: Prompt) -> list[dict[str, Any]]:
+    messages = getattr(prompt, "messages", ())
+    return [dict(m) for m in messages] if messages else [{"role": "user", "content": prompt.prompt}]
+
+
+def chat_payload(caps: Capabilities, prompt: Prompt, *, max_tokens: int, k: int, seed: int) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "messages": messages_of(prompt),
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "seed": seed,
+    }
+    if caps.model:
+        body["model"] = caps.model
+    if k > 0 and caps.logprobs_cap > 0:
+        body |= {"logprobs": True, "top_logprobs": min(k, caps.logprobs_cap)}
+    if caps.token_id_strings:
+        body["return_tokens_as_token_ids"] = True
+    return body
+
+
+def _top_key(token: str) -> int | str:
+    tid = parse_token_id(token)
+    return tid if tid is not None else token
+
+
+def _piece(entry: Mapping[str, Any]) -> str:
+    raw = entry.get("bytes")
+    if isinstance(raw, list) and all(isinstance(b, int) for b in raw):
+        return bytes(raw).decode("utf-8", errors="ignore")
+    tok = entry.get("token")
+    return tok if isinstance(tok, str) and parse_token_id(tok) is None else ""
+
+
+def parse_chat_choice(choice: Mapping[str, Any]) -> tuple[str | None, TokensView]:
+    """(content, view of the generated tokens) of one chat `choices[i]`; an empty view when the
+    server sent no logprobs. Offsets come from each token's `bytes` (chat has no text_offset)."""
+    if not isinstance(choice, Mapping):
+        raise ServerError(f"malformed chat choice: expected an object, got {type(choice).__name__}")
+    message = choice.get("message") or {}
+    content = message.get("content") if isinstance(message, Mapping) else None
+    content = content if isinstance(content, str) else None
+    block = choice.get("logprobs")
+    entries = block.get("content") if isinstance(block, Mapping) else None
+    if not isinstance(entries, list):
+        return content, TokensView((), content)
+    positions, offset = [], 0
+    for e in entries:
+        if not isinstance(e, Mapping) or not isinstance(e.get("token"), str):
+            raise ServerError("malformed chat logprobs entry: expected an object with a 'token'")
+        tops = e.get("top_logprobs") or []
+        top = {
+            _top_key(t["token"]): float(t["logprob"])
+            for t in tops
+            if isinstance(t, Mapping)
+            and isinstance(t.get("token"), str)
+            and isinstance(t.get("logprob"), int | float)
+        }
+        lp = e.get("logprob")
+        positions.append(
+            Position(
+                token=e["token"],
+                token_id=parse_token_id(e["token"]),
+                logprob=float(lp) if isinstance(lp, int | float) else None,
+                top=top,
+                text_offset=offset,
+            )
+        )
+        offset += len(_piece(e))
+    return content, TokensView(tuple(positions), content)
+
+
+async def generate_chat(ep: Any, prompt: Prompt, *, max_tokens: int, k: int, seed: int) -> Any:
+    """collect.generate over the chat route: a Generation, errors as data (never raised)."""
+    from difftest.collect import Generation
+
+    tokens = prompt.max_tokens if prompt.max_tokens is not None else max_tokens
+    try:
+        resp = await ep.client.post_json(
+            PATH, chat_payload(ep.caps, prompt, max_tokens=tokens, k=k, seed=seed)
+        )
+        choice = resp["choices"][0]
+        text, view = parse_chat_choice(choice)
+    except (DifftestError, KeyError, IndexError, TypeError) as exc:
+        log.debug("%s: chat generation for %s failed: %s", ep.name, prompt.id, exc)
+        return Generation(None, TokensView(()), error=f"{type(exc).__name__}: {exc}")
+    from difftest.usage_check import prompt_tokens
+
+    return Generation(text, view, choice.get("finish_reason"), prompt_tokens=prompt_tokens(resp))
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def _why(e: Exception) -> str:
+    """The server's own words, without the client's prefix (as conformance reports them)."""
+    return short(str(getattr(e, "reason", None) or e))
+
+
+async def _ask(client: CompletionClient, body: dict[str, Any], retries: int = 0) -> tuple[dict | None, str]:
+    try:
+        data = await client.post_json(PATH, body, retries=retries)
+    except (RequestRejected, ServerError) as e:
+        return None, _why(e)
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+        return None, "answer without choices"
+    return data, ""
+
+
+async def probe_chat(
+    client: CompletionClient, *, probe_texts: Sequence[str] = DEFAULT_PROBES
+) -> Capabilities:
+    """What a server can do over /v1/chat/completions; raises only when it cannot chat at all."""
+    checks: list[tuple[str, str, str]] = []
+    warnings: list[str] = []
+    f: dict[str, Any] = {}
+    try:
+        models = await client.models()
+    except (RequestRejected, ServerError) as e:
+        models = []
+        checks.append(("models", WARN, _why(e)))
+        warnings.append(WARNINGS["no_models"])
+    else:
+        checks.append(("models", OK if models else WARN, ", ".join(models) or "empty list"))
+    model = models[0] if models else None
+    base = {"model": model} if model else {}
+    msgs = [{"role": "user", "content": probe_texts[0]}]
+    req = base | {"messages": msgs, "max_tokens": 16, "temperature": 0}
+    first, err = await _ask(client, req, retries=client.max_retries)
+    text_a = parse_chat_choice(first["choices"][0])[0] if first else None
+    if text_a is None:
+        raise ConformanceError(
+            f"{client.name} ({client.base_url}) cannot serve {PATH}: {err or 'answer without message content'}"
+        )
+    checks.append(("chat completions", OK, f"{len(text_a)} chars for max_tokens=16"))
+    second, err = await _ask(client, req)
+    text_b = parse_chat_choice(second["choices"][0])[0] if second else None
+    if text_b is None:
+        checks.append(("greedy determinism", WARN, err or "no text"))
+        warnings.append(WARNINGS["determinism_unknown"])
+    else:
+        f["deterministic"] = text_a == text_b
+        if text_a == text_b:
+            checks.append(("greedy determinism", OK, "same request twice -> same text"))
+        else:
+            checks.append(("greedy determinism", WARN, f"texts differ at char {first_diff(text_a, text_b)}"))
+            warnings.append(WARNINGS["nondeterministic"])
+    cap, keys = 0, "none"
+    for k in LOGPROBS_TRIES:
+        resp, _ = await _ask(client, req | {"max_tokens": 1, "logprobs": True, "top_logprobs": k})
+        view = parse_chat_choice(resp["choices"][0])[1] if resp else TokensView(())
+        if len(view) and view.top_k:
+            cap, keys = min(k, view.top_k), view.top_keys
+            break
+    f |= {"logprobs_cap": cap, "top_logprobs_keys": keys}
+    if cap:
+        checks.append(("top_logprobs cap", OK if cap >= 20 else WARN, f"max accepted: {cap}"))
+        if cap < 20:
+            warnings.append(WARNINGS["logprobs_capped"].format(cap=cap))
+    else:
+        checks.append(("top_logprobs cap", FAIL, "no top_logprobs in any answer (ignored or refused)"))
+        warnings.append("no chat logprobs: TIE/DRIFT classification disabled; tokens compared by text")
+    f["token_id_strings"] = False
+    if cap:
+        resp, err = await _ask(
+            client,
+            req | {"max_tokens": 2, "logprobs": True, "top_logprobs": 1, "return_tokens_as_token_ids": True},
+        )
+        view = parse_chat_choice(resp["choices"][0])[1] if resp else None
+        if view is not None and len(view) and view.has_ids:
+            f["token_id_strings"] = True
+            checks.append(("token ids in responses", OK, "tokens as token_id:N"))
+        else:
+            checks.append(("token ids in responses", WARN, err or "flag ignored"))
+    else:
+        checks.append(("token ids in responses", NA, "needs logprobs"))
+    checks.append(("echo", NA, "the chat protocol has no echo"))
+    warnings.append(f"{NO_TEACHER_FORCING}: teacher-forced metrics disabled")
+    tokenizations, failed = [], 0
+    for text in probe_texts:
+        ids = await _tokenize(client, text)
+        failed += ids is None
+        tokenizations.append(
+            ProbeTokens(text, None if ids is None else tuple(ids), None, "tokenize" if ids else "none")
+        )
+    f["tokenize"] = failed < len(probe_texts)
+    if f["tokenize"]:
+        checks.append(("/tokenize", OK, f"{len(probe_texts) - failed} of {len(probe_texts)} probe texts"))
+    else:
+        checks.append(("/tokenize", WARN, "not served"))
+        warnings.append(WARNINGS["no_tokenizations"])
+    f["tokenizations"] = tuple(tokenizations)
+    try:
+        cfg = await client.debug_config(retries=1)
+    except (RequestRejected, ServerError) as e:
+        f |= {"debug": False, "vocab_size": None}
+        checks.append(("debug protocol", WARN, _why(e)))
+        warnings.append(WARNINGS["no_debug"])
+    else:
+        vocab = cfg.get("vocab_size") if isinstance(cfg, dict) else None
+        f |= {"debug": True, "vocab_size": vocab if isinstance(vocab, int) else None}
+        checks.append(("debug protocol", OK, "GET /debug/config 200"))
+    return Capabilities(
+        name=client.name,
+        url=client.base_url,
+        model=model,
+        models=tuple(models),
+        checks=tuple(checks),
+        warnings=tuple(warnings),
+        api="chat",
+        **f,
+    )
+
+
+async def _tokenize(client: CompletionClient, text: str) -> list[int] | None:
+    try:
+        data = await client.post_json("/tokenize", {"prompt": text}, retries=0)
+    except (RequestRejected, ServerError):
+        return None
+    toks = data.get("tokens") if isinstance(data, dict) else None
+    return toks if isinstance(toks, list) and all(isinstance(t, int) for t in toks) else None

@@ -1,0 +1,84 @@
+"""`difftest` command line: one module per subcommand, one flag vocabulary (difftest.cli.options).
+
+`main() -> int` returns the exit code:
+
+    0  every target's verdict is what its `expect` says (probe: no check FAIL)
+    1  a verdict failed (the kernel / build regressed), or a probe check FAILed
+    2  usage, config, prompts, baseline or conformance error (nothing was judged)
+    3  infrastructure: a server died or failed to start, or the error rate passed the limit
+    4  inconclusive: nothing failed, but a check could not decide (its interval straddles the
+       limit, the sample is too small) or no informative check was left
+
+Every error is one line on stderr ("difftest: error: ..."), never a traceback
+(`--debug-traceback` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from difftest.cli import options as o
+from difftest.errors import exit_code_for
+
+log = logging.getLogger("difftest")
+
+# subcommand -> module under difftest.cli (each has HELP, add_arguments(parser), run(args) -> int)
+COMMANDS = ("run", "compare", "record", "diff", "probe", "noise", "report", "layers", "quant")
+
+
+def _version() -> str:
+    try:
+        return version("difftest")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = o.Parser(prog="difftest", description="Differential tester for OpenAI-compatible LLM servers.")
+    p.add_argument("--version", action="version", version=f"difftest {_version()}", help="print the version")
+    o.add_global(p, main=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=o.Parser, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"difftest.cli.{name}")
+        sp = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sp)
+        o.add_global(sp)
+    return p
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # progress lines are the one INFO stream shown by default when not on a terminal
+    logging.getLogger("difftest.progress").setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    traceback = "--debug-traceback" in argv
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help and --version: printed, nothing else to do
+            return int(done.code or 0)
+        _setup_logging(getattr(args, "verbose", 0) + getattr(args, "verbose_sub", 0))
+        module = importlib.import_module(f"difftest.cli.{args.command}")
+        return int(module.run(args))
+    except KeyboardInterrupt:
+        print("difftest: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # ours, or the launcher's (server_shim.launch): errors.exit_code_for
+        code = exit_code_for(exc)
+        if code is None or traceback:
+            raise
+        print(f"difftest: error: {exc}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""`difftest compare`: two (or more) running servers, no config.
+
+difftest compare --ref URL --target URL --prompts FILE      full comparison, report folder
+difftest compare --ref URL --target URL --prompt TEXT       the quick look, side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from difftest.baseline import Baseline
+from difftest.cli import options as o
+from difftest.cli.outcome import finish
+from difftest.config import RunConfig, RunSettings, TargetConfig
+from difftest.errors import UsageError
+from difftest.prompts import Prompt
+from server_shim.launch import ServerSpec
+
+HELP = "compare running servers without a config"
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_OUT = Path("runs/compare")
+QUICKLOOK_FILE = "quicklook.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    ref = p.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--ref", metavar="URL", help="reference server URL")
+    ref.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="a recorded reference (`difftest record`) instead of --ref; its prompts and settings by default",
+    )
+    p.add_argument(
+        "--target", required=True, action="append", metavar="URL", help="target server URL (repeatable)"
+    )
+    p.add_argument("--golden", metavar="URL", help="golden server URL, for exactness (default: none)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--prompts", type=Path, action="append", metavar="FILE", help="prompts .jsonl (repeatable)"
+    )
+    src.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="a prompt text (repeatable; '-' reads stdin): side by side",
+    )
+    p.add_argument("--scheme", help="budget to judge accuracy with (e.g. fp8-block; default: none)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help="tokens generated per prompt (default: 32, or the baseline's)",
+    )
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="K",
+        help="top-k logprobs per position, 0..20 (default: 5, or the baseline's)",
+    )
+    p.add_argument("--seed", type=int, metavar="N", help="request seed (default: 0, or the baseline's)")
+    o.add_endpoint(p)
+    o.add_jobs(p, default=8)
+    o.add_out(p, "report (default: runs/compare); with --prompt: quicklook.json")
+    o.add_keys(p)
+    o.add_limit(p)
+    o.add_timeout(p, f"{DEFAULT_TIMEOUT_S:g}")
+    o.add_json(p)
+
+
+def url_spec(name: str, url: str, envs: dict[str, str]) -> ServerSpec:
+    o.check_url(name, url)
+    return ServerSpec(name=name, url=url, api_key_env=o.key_env_for(envs, name))
+
+
+def compare_config(args: argparse.Namespace, baseline: Baseline | None = None) -> RunConfig:
+    envs = o.key_envs(args.api_key_env)
+    if baseline is not None:
+        ref = ServerSpec(name="reference", url=Path(args.baseline).resolve().as_uri())
+    else:
+        ref = url_spec("reference", args.ref, envs)
+    recorded = baseline.settings if baseline is not None else {}
+    golden = url_spec("golden", args.golden, envs) if args.golden else None
+    targets = []
+    for i, url in enumerate(args.target):
+        name = "target" if len(args.target) == 1 else f"target{i + 1}"
+        targets.append(TargetConfig(server=url_spec(name, url, envs), scheme=args.scheme, golden=golden))
+    settings = RunSettings(
+        prompts=tuple(args.prompts or ()),
+        max_tokens=args.max_tokens or recorded.get("max_tokens", 32),
+        logprobs=args.logprobs if args.logprobs is not None else recorded.get("logprobs", 5),
+        seed=args.seed if args.seed is not None else recorded.get("seed", 0),
+        endpoint=args.endpoint or recorded.get("endpoint", "completions"),
+        concurrency=args.concurrency,
+        output_dir=args.out or DEFAULT_OUT,
+        limit=args.limit,
+        request_timeout_s=args.timeout or DEFAULT_TIMEOUT_S,
+    )
+    base_path = Path(args.baseline) if baseline is not None else None
+    return RunConfig(run=settings, reference=ref, targets=tuple(targets), baseline=base_path)
+
+
+def run(args: argparse.Namespace) -> int:
+    o.positive("--concurrency", args.concurrency)
+    o.positive("--max-tokens", args.max_tokens)
+    o.positive("--timeout", args.timeout)
+    o.positive("--limit", args.limit)
+    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
+        raise UsageError(f"--logprobs must be in 0..20, got {args.logprobs}")
+    baseline = Baseline.read(args.baseline) if args.baseline is not None else None
+    if baseline is None and not (args.prompts or args.prompt):
+        raise UsageError("give --prompts FILE or --prompt TEXT (or --baseline DIR, which holds its prompts)")
+    cfg = compare_config(args, baseline)
+    if args.prompt:
+        if baseline is not None:
+            raise UsageError("--prompt (the quick look) needs a live --ref, not a --baseline")
+        return asyncio.run(explore(cfg, prompt_texts(args.prompt), as_json=args.json, out=args.out))
+    from difftest.runner import RunOptions, execute
+
+    out = args.out or DEFAULT_OUT
+    result, problems = execute(cfg, RunOptions(out_dir=out, baseline=baseline))
+    return finish(result, out, problems, as_json=args.json)
+
+
+def prompt_texts(values: list[str]) -> list[Prompt]:
+    texts = [sys.stdin.read() if v == "-" else v for v in values]
+    if any(not t.strip() for t in texts):
+        raise UsageError("--prompt: empty prompt text")
+    return [Prompt(id=f"prompt{i + 1}", prompt=t) for i, t in enumerate(texts)]
+
+
+async def explore(
+    cfg: RunConfig, prompts: list[Prompt], *, as_json: bool = False, out: Path | None = None
+) -> int:
+    """The quick look: continuations side by side, first divergence and alternatives.
+
+    Exit 1 when a server's probe marks a check FAIL (the look is then partial), else 0."""
+    from difftest.cache import ResponseCache
+    from difftest.collect import generate
+    from difftest.conformance import FAIL
+    from difftest.preflight import check_running_async
+    from difftest.report.terminal import render_side_by_side
+    from difftest.runner import _connect
+    from difftest.scoring import score_prompt
+    from difftest.verdict import tie_margin_for
+    from server_shim.launch import RunningServer
+
+    con = o.console()
+    specs = [cfg.reference, *(t.server for t in cfg.targets)]
+    running = {s.name: RunningServer(name=s.name, url=s.url, spec=s, pid=None, log_path=None) for s in specs}  # type: ignore[arg-type]
+    await check_running_async(specs, request_timeout_s=cfg.run.request_timeout_s)  # seconds, not minutes
+    cache = ResponseCache(":memory:")
+    eps = await _connect(running, cfg, cache, cfg.run.concurrency)
+    failed_checks = [
+        {"server": name, "check": c[0], "detail": c[2]}
+        for name, ep in eps.items()
+        for c in ep.caps.checks
+        if c[1] == FAIL
+    ]
+    views: list[dict[str, Any]] = []
+    try:
+        ref = eps[cfg.reference.name]
+        for p in prompts:
+            if not as_json:
+                con.rule(f"{p.id}: {p.prompt[:60]!r}")
+            ref_gen = await generate(ref, p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=0)
+            for t in cfg.targets:
+                tgt_gen = await generate(
+                    eps[t.name], p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=0
+                )
+                if ref_gen.error or tgt_gen.error:
+                    err = ref_gen.error or tgt_gen.error
+                    views.append({"prompt_id": p.id, "target": t.name, "error": err})
+                    if not as_json:
+                        con.print(f"request failed: {err}")
+                    continue
+                d = score_prompt(
+                    p, ref_gen, tgt_gen, ref_forced=None, tgt_forced=None,
+                    tie_margin=tie_margin_for(None), k=cfg.run.logprobs,
+                )  # fmt: skip
+                ref_alts = await alt_texts(ref, d.ref_alternatives)
+                tgt_alts = await alt_texts(eps[t.name], d.tgt_alternatives)
+                views.append(
+                    {
+                        "prompt_id": p.id, "prompt": p.prompt, "target": t.name,
+                        "ref_text": ref_gen.text, "tgt_text": tgt_gen.text,
+                        "ref_tokens": d.ref_tokens, "tgt_tokens": d.tgt_tokens,
+                        "first_divergence": d.first_divergence, "divergence_kind": d.divergence_kind,
+                        "match_rate": d.match_rate, "ref_alternatives": ref_alts, "tgt_alternatives": tgt_alts,
+                    }
+                )  # fmt: skip
+                if as_json:
+                    continue
+                render_side_by_side(
+                    d.ref_tokens, d.tgt_tokens, d.first_divergence, ref_alts, tgt_alts,
+                    con, ref_label=cfg.reference.name, tgt_label=t.name,
+                )  # fmt: skip
+                if d.divergence_kind:
+                    con.print(f"divergence kind: {d.divergence_kind}")
+    finally:
+        await asyncio.gather(*(ep.client.aclose() for ep in eps.values()))
+        cache.close()
+    code = 1 if failed_checks else 0
+    result = {"exit_code": code, "failed_checks": failed_checks, "prompts": views}
+    if out is not None:
+        import json
+
+        from difftest.report.jsonio import atomic_write_text
+
+        atomic_write_text(Path(out) / QUICKLOOK_FILE, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    if as_json:
+        o.emit_json(result)
+    else:
+        for f in failed_checks:
+            con.print(f"FAIL: {f['server']}: {f['check']}: {f['detail']}", style="red")
+    return code
+
+
+async def alt_texts(ep: Any, alts: dict[str, float]) -> dict[str, float]:
+    """Alternatives keyed by token id -> keyed by token text (via /detokenize where served)."""
+    from difftest.collect import detokenize
+
+    out: dict[str, float] = {}
+    for key, lp in alts.items():
+        text = await detokenize(ep, int(key)) if key.lstrip("-").isdigit() else None
+        out[text if text is not None else key] = lp
+    return out

@@ -1,0 +1,79 @@
+"""`difftest diff RUN_A RUN_B`: what moved between two report folders, and whether beyond noise.
+
+Exit 1 when a target regressed (a metric moved the wrong way beyond noise, or PASS became FAIL),
+else 0."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from difftest.cli import options as o
+
+HELP = "compare two report folders: per target and metric, what moved and whether beyond noise"
+RESULT_FILE = "diff.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_a", type=Path, metavar="RUN_A", help="the earlier report folder (or its report.json)")
+    p.add_argument("run_b", type=Path, metavar="RUN_B", help="the later report folder (or its report.json)")
+    p.add_argument("--all", action="store_true", help="list unchanged metrics too")
+    o.add_out(p, f"{RESULT_FILE} goes there (default: none written)")
+    o.add_json(p)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _ci(ci: tuple[float, float] | None) -> str:
+    return "-" if ci is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
+
+
+def run(args: argparse.Namespace) -> int:
+    from difftest.report import load_run
+    from difftest.report.jsonio import atomic_write_text
+    from difftest.rundiff import diff_runs
+
+    result = diff_runs(
+        load_run(args.run_a), load_run(args.run_b), name_a=str(args.run_a), name_b=str(args.run_b)
+    )
+    code = 1 if result.regressed else 0
+    data = result.to_dict() | {"exit_code": code}
+    if args.out is not None:
+        atomic_write_text(Path(args.out) / RESULT_FILE, json.dumps(data, indent=1) + "\n")
+    if args.json:
+        o.emit_json(data)
+        return code
+    con = o.console()
+    for w in result.warnings:
+        con.print(f"warning: {w}", style="yellow")
+    for t in result.targets:
+        head = f"{t.name}: {t.verdict_a or '-'} -> {t.verdict_b or '-'}"
+        con.print(head + (f" ({t.note})" if t.note else "") + (" REGRESSED" if t.regressed else ""))
+        for c in t.comparisons:
+            table = Table(title=f"{t.name} vs {c.baseline} ({c.kind})")
+            for col in ("metric", "A", "B", "delta", "CI A", "CI B", "beyond noise", "direction"):
+                table.add_column(col, no_wrap=True)
+            for m in c.metrics:
+                if not args.all and m.noise == "unchanged":
+                    continue
+                beyond = {True: "YES", False: "no", None: "?"}[m.beyond_noise]
+                if m.beyond_noise is not None and m.noise != "unchanged":
+                    beyond += f" ({m.noise})"
+                table.add_row(
+                    m.metric, _num(m.a), _num(m.b), _num(m.delta), _ci(m.ci_a), _ci(m.ci_b), beyond,
+                    m.direction.upper() if m.regressed else m.direction,
+                )  # fmt: skip
+            if table.row_count:
+                con.print(table)
+            changed = c.continuations_changed
+            con.print(
+                f"  {len(changed)} of {c.prompts_compared} prompts' continuations changed"
+                + (f": {', '.join(changed[:10])}{' ...' if len(changed) > 10 else ''}" if changed else "")
+            )
+    con.print("regressed" if code else "no regression beyond noise")
+    return code

@@ -1,0 +1,116 @@
+"""`difftest layers`: the white-box per-layer diff and localisation, without the black box.
+
+    difftest layers CONFIG                      launch the config's servers (debug on), localise
+    difftest layers --ref URL --target URL [--golden URL]
+
+Exit 0 nothing flagged, 1 a target has a flagged point or a failed layer verdict, 2 usage,
+3 infrastructure."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from difftest.cli import options as o
+from difftest.cli.whitebox import Job, add_server_arguments, get, out_dir, run_whitebox
+from difftest.results import LayerDiff
+from difftest.session import Session
+
+HELP = "white-box per-layer diff and localisation"
+DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
+RESULT_FILE = "layers.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_server_arguments(p, golden=True)
+    p.add_argument(
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help=f"the prompt the activations are captured on (default: {DEFAULT_PROMPT!r})",
+    )
+    p.add_argument(
+        "--all-points", action="store_true", help="show every capture point, not only flagged ones"
+    )
+
+
+def _fmt(x: float | None, spec: str = ".5g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points: bool = False) -> None:
+    table = Table(title=f"{target} vs {diff.against} ({diff.kind})")
+    for col in (
+        "layer",
+        "point",
+        "cos",
+        "norm ratio",
+        "rel err",
+        "local cos",
+        "local norm",
+        "local rel",
+        "flag",
+    ):
+        table.add_column(col, no_wrap=True)
+    for p in diff.points:
+        if not (all_points or p.flagged or p.kind in ("residual", "logits") or p.name == diff.guilty_module):
+            continue
+        flag = "FLAG" if p.flagged else ("GUILTY" if p.name == diff.guilty_module else "")
+        table.add_row(
+            _fmt(p.layer, "d"), p.name, _fmt(p.cosine, ".6f"), _fmt(p.norm_ratio, ".4f"), _fmt(p.rel_err, ".3g"),
+            _fmt(p.local_cosine, ".6f"), _fmt(p.local_norm_ratio, ".4f"), _fmt(p.local_rel_err, ".3g"), flag,
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"{target} vs {diff.against}: {diff.summary}")
+    for w in diff.warnings:
+        console.print(f"warning: {w}", style="yellow")
+
+
+def diff_failed(diff: LayerDiff, scheme: str | None = None) -> bool:
+    from difftest.whitebox.layers import layer_verdict
+
+    return any(p.flagged for p in diff.points) or not layer_verdict(diff, scheme=scheme).passed
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from difftest.report.jsonio import atomic_write_text
+    from difftest.whitebox.layers import scheme_of
+    from difftest.whitebox.localise import localise_target
+
+    con = o.console()
+    prompt = getattr(args, "prompt", None) or DEFAULT_PROMPT
+    as_json = getattr(args, "json", False)
+
+    async def work(session: Session, jobs: Sequence[Job]) -> int:
+        failed = False
+        found: list[dict[str, Any]] = []
+        for job in jobs:
+            tgt = session[job.target]
+            scheme = scheme_of(await tgt.client.debug_config())
+            local = await localise_target(
+                tgt, prompt=prompt, golden=get(session, job.golden), reference=get(session, job.reference)
+            )
+            for diff in local.diffs:
+                bad = diff_failed(diff, scheme)
+                failed |= bad
+                found.append(
+                    {"target": job.target, "scheme": scheme, "failed": bad} | dataclasses.asdict(diff)
+                )
+                if not as_json:
+                    render_layers(diff, job.target, con, all_points=getattr(args, "all_points", False))
+        code = 1 if failed else 0
+        result = {"exit_code": code, "prompt": prompt, "diffs": found}
+        if getattr(args, "out", None) is not None:
+            import json
+
+            atomic_write_text(out_dir(args) / RESULT_FILE, json.dumps(result, indent=1) + "\n")
+        if as_json:
+            o.emit_json(result)
+        return code
+
+    return run_whitebox(args, work)

@@ -1,0 +1,59 @@
+"""`difftest noise CONFIG`: measure the reference's A/A noise floor into OUT/noise-floor.json."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from datetime import UTC, datetime
+from pathlib import Path
+
+from difftest.cli import options as o
+from difftest.cli.run import with_overrides
+from difftest.config import load_config
+from difftest.errors import UsageError
+
+HELP = "measure the reference's A/A noise floor into DIR/noise-floor.json (-o DIR)"
+FLOOR_FILE = "noise-floor.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="the run's TOML config (its reference is measured)")
+    o.add_out(p, f"{FLOOR_FILE} goes there (default: the folder of run.noise_floor, else run.output_dir)")
+    o.add_limit(p)
+    p.add_argument("--no-restart", action="store_true", help="skip the after-restart repetition")
+    o.add_jobs(p)
+    o.add_timeout(p, "the config's run.request_timeout_s")
+    o.add_keys(p, "for running servers (url) without their own api_key_env")
+    o.add_json(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from difftest.noise_run import measure_noise
+
+    o.positive("--limit", args.limit)
+    o.positive("--concurrency", args.concurrency)
+    o.positive("--timeout", args.timeout)
+    cfg = with_overrides(load_config(args.config), args)
+    if cfg.baseline is not None:
+        raise UsageError(f"{args.config}: the reference is a recorded baseline; its noise is measured live")
+    if args.out is not None:
+        path = Path(args.out) / FLOOR_FILE
+    elif cfg.run.noise_floor is not None:
+        path = Path(cfg.run.noise_floor)
+    else:
+        path = Path(cfg.run.output_dir) / FLOOR_FILE
+    floor = measure_noise(
+        cfg, limit=args.limit, restart=not args.no_restart, log_dir=Path(cfg.run.output_dir) / "noise-logs"
+    )
+    floor = dataclasses.replace(floor, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(floor.to_json())
+    if args.json:
+        o.emit_json({"exit_code": 0, "floor_file": str(path), "floor": floor.to_dict()})
+        return 0
+    con = o.console()
+    con.print(floor.describe())
+    for key in ("kl_mean", "kl_p99", "top1_disagreement", "token_mismatch", "tie_margin"):
+        con.print(f"  {key}: {getattr(floor, key)}")
+    con.print(f'written to {path}; set run.noise_floor = "{path}" in the config to use it')
+    return 0

@@ -1,0 +1,184 @@
+"""The one flag vocabulary every subcommand shares, and the helpers commands print with.
+
+    -o DIR            output folder (always a folder)
+    --json            machine-readable result on stdout instead of tables
+    -j N              requests in flight per server
+    --timeout S       per-request timeout in seconds
+    --api-key-env     [SERVER=]VAR: the API key's environment variable (default OPENAI_API_KEY)
+    -v / -vv          more logging, before or after the subcommand
+    --debug-traceback tracebacks instead of one-line errors
+
+Why one module: the flags mean the same everywhere only if they are defined once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from difftest.errors import UsageError
+
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+PIPED_WIDTH = 240  # a log file or CI step: wide enough that no table cell is cut to "…"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so bad usage is exit 2 with one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sub = self.prog.removeprefix("difftest").strip()
+        raise UsageError(f"{sub}: {message}" if sub else message)
+
+
+class _CountVerbose(argparse.Action):
+    """`-v` counted wherever it appears: the main parser and each subparser add to one total."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, getattr(namespace, self.dest, 0) + 1)
+
+
+def add_global(p: argparse.ArgumentParser, *, main: bool = False) -> None:
+    """-v and --debug-traceback, on the main parser and on every subcommand."""
+    dest = "verbose" if main else "verbose_sub"
+    p.add_argument("-v", "--verbose", dest=dest, action=_CountVerbose, help="more logging (-vv: debug)")
+    p.add_argument(
+        "--debug-traceback",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of an error instead of one line",
+    )
+
+
+def add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json", action="store_true", help="print the result as one JSON document on stdout (no tables)"
+    )
+
+
+def add_out(p: argparse.ArgumentParser, what: str, default: Path | None = None) -> None:
+    p.add_argument("-o", "--out", type=Path, default=default, metavar="DIR", help=f"output folder: {what}")
+
+
+def add_jobs(p: argparse.ArgumentParser, default: int | None = None, shown: str = "") -> None:
+    shown = (
+        f" (default: {shown or default})" if shown or default else " (default: the config's run.concurrency)"
+    )
+    p.add_argument(
+        "-j",
+        "--concurrency",
+        type=int,
+        default=default,
+        metavar="N",
+        help="requests in flight per server" + shown,
+    )
+
+
+def add_timeout(p: argparse.ArgumentParser, default_text: str) -> None:
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"timeout of one request in seconds (default: {default_text})",
+    )
+
+
+def add_endpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoint",
+        choices=("completions", "chat"),
+        help="compare over /v1/completions or /v1/chat/completions (chat: no teacher forcing) "
+        "(default: completions, or the baseline's / config's)",
+    )
+
+
+def add_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, metavar="N", help="use only the first N prompts")
+
+
+def add_keys(p: argparse.ArgumentParser, scope: str = "") -> None:
+    p.add_argument(
+        "--api-key-env",
+        action="append",
+        default=[],
+        metavar="[SERVER=]VAR",
+        help="environment variable holding the API key; VAR for every server, SERVER=VAR for one "
+        f"(reference, target, golden, ...); repeatable (default: {DEFAULT_KEY_ENV} when set)"
+        + (f"; {scope}" if scope else ""),
+    )
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def positive(name: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise UsageError(f"{name} must be > 0, got {value}")
+
+
+def check_url(flag: str, url: str | None) -> None:
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise UsageError(f"{flag}: {url!r} is not an http(s) URL")
+
+
+def key_envs(values: Sequence[str]) -> dict[str, str]:
+    """--api-key-env values -> {server name or "*": variable}; every variable must be set."""
+    out: dict[str, str] = {}
+    for v in values:
+        server, _, var = v.rpartition("=")
+        if not var:
+            raise UsageError(f"--api-key-env {v!r}: give VAR or SERVER=VAR")
+        if var not in os.environ:
+            raise UsageError(f"--api-key-env {v}: environment variable {var} is not set")
+        out[server or "*"] = var
+    return out
+
+
+def key_env_for(envs: dict[str, str], server: str) -> str | None:
+    """The variable to read `server`'s key from: its own, the common one, else OPENAI_API_KEY if set."""
+    if server in envs:
+        return envs[server]
+    if "*" in envs:
+        return envs["*"]
+    return DEFAULT_KEY_ENV if os.environ.get(DEFAULT_KEY_ENV) else None
+
+
+def key_for(envs: dict[str, str], server: str) -> str | None:
+    var = key_env_for(envs, server)
+    return os.environ.get(var) if var else None
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def console() -> Console:
+    """A terminal keeps its width; a pipe, log file or CI step gets wide lines (no cut cells)."""
+    if sys.stdout.isatty():
+        return Console()
+    cols = os.environ.get("COLUMNS", "")
+    return Console(width=max(PIPED_WIDTH, int(cols) if cols.isdigit() else 0))
+
+
+def emit_json(data: Any) -> None:
+    """The --json result: one document on stdout (progress and logs stay on stderr)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    sys.stdout.flush()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

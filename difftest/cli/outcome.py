@@ -1,0 +1,60 @@
+"""What `run`, `compare` and `report` end with: the report folder, the summary, the exit code."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from difftest.cli.options import console, emit_json
+from difftest.results import RunResult
+
+# 0 every verdict as expected, 1 a verdict contradicts its expectation, 4 inconclusive (an
+# undecided check or no informative check, nothing failed): see README "Exit codes".
+GATE_EXIT = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 4}
+
+
+def run_summary(run: RunResult, out: Path, problems: list[str], code: int) -> dict[str, Any]:
+    """The --json result of a run: per target its verdict and reasons; report.json has the rest."""
+    targets = []
+    for t in run.targets:
+        v = t.verdict
+        targets.append(
+            {
+                "name": t.name,
+                "scheme": t.scheme,
+                "expect": t.expect,
+                "verdict": v.label if v is not None else None,
+                "passed": v.passed if v is not None else None,
+                "meets_expectation": v.meets_expectation if v is not None else None,
+                "reasons": v.reasons if v is not None else [],
+                "localisation": v.localisation if v is not None else None,
+                "warnings": list(t.conformance.get("warnings", [])),
+            }
+        )
+    return {
+        "exit_code": code,
+        "gate": run.gate,
+        "gate_passed": run.gate_passed,
+        "report_dir": str(out),
+        "report_json": str(Path(out) / "report.json"),
+        "targets": targets,
+        "infrastructure_problems": problems,
+        "warnings": list(run.warnings),
+    }
+
+
+def finish(run: RunResult, out: Path, problems: list[str], *, as_json: bool = False) -> int:
+    """Write the report folder, show the verdicts; exit 3 (infrastructure) beats 1 / 4 (verdict)."""
+    from difftest.report import write_report
+    from difftest.report.terminal import render_summary
+
+    write_report(run, out)
+    code = 3 if problems else GATE_EXIT[run.gate]
+    if as_json:
+        emit_json(run_summary(run, out, problems, code))
+    else:
+        render_summary(run, console(), report_dir=out)
+    for p in problems:
+        print(f"difftest: infrastructure: {p}", file=sys.stderr)
+    return code

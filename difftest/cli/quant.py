@@ -1,0 +1,102 @@
+"""`difftest quant`: the quantization audit of each target (scale layouts, kernel backends).
+
+    difftest quant CONFIG | --target URL [--ref URL]
+
+Exit 0 nothing flagged, 1 a module flagged, 2 usage, 3 infrastructure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from difftest.cli import options as o
+from difftest.cli.whitebox import Job, add_server_arguments, get, out_dir, run_whitebox
+from difftest.session import Session
+
+HELP = "quantization audit of each target (scale layouts, backends)"
+RESULT_FILE = "quant.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_server_arguments(p, golden=False)
+
+
+def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) -> None:
+    table = Table(title=f"quantization audit of {target}")
+    for col in (
+        "module",
+        "scheme",
+        "backend",
+        "layout",
+        "checks",
+        "best",
+        "hypotheses (rel err vs kernel)",
+        "hint",
+    ):
+        table.add_column(col, no_wrap=col != "hint")
+    for r in rows:
+        checks = r.get("checks") or {}
+        bad = [k for k, ok in checks.items() if not ok]
+        hyp = r.get("kernel_hypotheses") or {}
+        layout = r.get("layout") or {}
+        table.add_row(
+            str(r.get("module")), str(r.get("scheme")), str(r.get("backend")),
+            f"{layout.get('order', '?')}{' shuffled' if layout.get('shuffled') else ''}" if layout else "-",
+            "ok" if not bad else "FAIL " + ",".join(bad), str(r.get("best") or "-"),
+            " ".join(f"{k}={v:.3g}" for k, v in hyp.items()) or "; ".join(r.get("notes") or []) or "-",
+            str(r.get("hint") or ""),
+        )  # fmt: skip
+    console.print(table)
+    with_backends = [r for r in rows if r.get("backends")]
+    if with_backends:
+        from difftest.whitebox.audit import BACKEND_COSINE_MIN, BACKENDS
+
+        bt = Table(title=f"backends: cosine vs FP32 on one input (! = under {BACKEND_COSINE_MIN})")
+        bt.add_column("module", no_wrap=True)
+        for b in BACKENDS:
+            bt.add_column(b, no_wrap=True)
+        for r in with_backends:
+            cells = []
+            for b in BACKENDS:
+                cell = r["backends"].get(b) or {}
+                if not cell.get("available"):
+                    cells.append("n/a")
+                else:
+                    cells.append(f"{cell['cosine']:.5f}{' !' if cell['flagged'] else ''}")
+            bt.add_row(str(r.get("module")), *cells)
+        console.print(bt)
+
+
+def run(args: argparse.Namespace) -> int:
+    from difftest.report.jsonio import atomic_write_text
+    from difftest.whitebox.audit import audit
+
+    con = o.console()
+    as_json = getattr(args, "json", False)
+
+    async def work(session: Session, jobs: Sequence[Job]) -> int:
+        flagged = False
+        found: list[dict[str, Any]] = []
+        for job in jobs:
+            # the kernel's weight against full precision where there is a reference (as `run` does)
+            ref = get(session, job.reference) or get(session, job.golden)
+            rows = await audit(session[job.target], ref)
+            bad = any(r.get("flagged") for r in rows)
+            flagged |= bad
+            found.append({"target": job.target, "flagged": bad, "modules": rows})
+            if not as_json:
+                render_audit(rows, job.target, con)
+        code = 1 if flagged else 0
+        result = {"exit_code": code, "audits": found}
+        if getattr(args, "out", None) is not None:
+            atomic_write_text(out_dir(args) / RESULT_FILE, json.dumps(result, indent=1, default=str) + "\n")
+        if as_json:
+            o.emit_json(result)
+        return code
+
+    return run_whitebox(args, work)

@@ -1,0 +1,133 @@
+"""`difftest record --ref URL|CONFIG -o DIR`: store the reference's answers in DIR/baseline.json.gz,
+to judge targets against later (`compare --baseline DIR`, `[reference] baseline = "DIR"`) without
+running the reference again."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from difftest.cli import options as o
+from difftest.errors import UsageError
+
+HELP = "record the reference's answers once, to judge targets against later without it"
+FILE = "baseline.json.gz"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ref",
+        required=True,
+        metavar="URL|CONFIG",
+        help="reference server URL, or a run config (its reference)",
+    )
+    o.add_out(p, f"{FILE} goes there (default: runs/baseline)", default=Path("runs/baseline"))
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="prompts .jsonl (repeatable; with a URL)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help="tokens generated per prompt (default: 32, or the config's)",
+    )
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="K",
+        help="top-k logprobs per position, 0..20 (default: 5, or the config's)",
+    )
+    p.add_argument("--seed", type=int, metavar="N", help="request seed (default: 0, or the config's)")
+    p.add_argument(
+        "--no-batch-slot-check", action="store_true", help="do not record the batch-slot check's answers"
+    )
+    o.add_endpoint(p)
+    o.add_jobs(p, shown="8, or the config's run.concurrency")
+    o.add_limit(p)
+    o.add_keys(p)
+    o.add_timeout(p, "120, or the config's run.request_timeout_s")
+    o.add_json(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from difftest.prompts import load_prompts
+    from difftest.recording import record
+
+    for flag in ("concurrency", "limit", "timeout", "max_tokens"):
+        o.positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
+    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
+        raise UsageError(f"--logprobs must be in 0..20, got {args.logprobs}")
+    envs = o.key_envs(args.api_key_env)
+    is_url = args.ref.startswith(("http://", "https://"))
+    if is_url:
+        if not args.prompts:
+            raise UsageError("--prompts FILE is needed with a reference URL")
+        from difftest.config import RunSettings
+
+        run_cfg = RunSettings(prompts=tuple(args.prompts))
+        spec = None
+        name = "reference"
+    else:
+        from difftest.cli.run import with_overrides
+        from difftest.config import load_config
+
+        cfg = with_overrides(load_config(args.ref), args)
+        if cfg.baseline is not None:
+            raise UsageError(f"{args.ref}: its reference is already a baseline ({cfg.baseline})")
+        run_cfg, spec, name = cfg.run, cfg.reference, cfg.reference.name
+    settings = {
+        "max_tokens": args.max_tokens or run_cfg.max_tokens,
+        "logprobs": run_cfg.logprobs if args.logprobs is None else args.logprobs,
+        "seed": run_cfg.seed if args.seed is None else args.seed,
+        "endpoint": args.endpoint or run_cfg.endpoint,
+    }
+    prompts = load_prompts(args.prompts or run_cfg.prompts, limit=args.limit or run_cfg.limit)
+    kw = {
+        "timeout_s": args.timeout or run_cfg.request_timeout_s,
+        "max_retries": run_cfg.max_retries,
+        "concurrency": args.concurrency or run_cfg.concurrency,
+        "batch_slot_check": run_cfg.batch_slot_check and not args.no_batch_slot_check,
+    }
+    out = Path(args.out) / FILE
+    if spec is None or spec.kind == "url":
+        url = args.ref if is_url else spec.url  # type: ignore[union-attr]
+        key = o.key_for(envs, name) if spec is None or spec.api_key_env is None else _env(spec.api_key_env)
+        base = record(name, url, prompts, settings, api_key=key, **kw)
+    else:
+        from server_shim.launch import launch_servers
+
+        with launch_servers([spec], log_dir=Path(args.out) / "logs") as running:
+            srv = running[name]
+            key = _env(spec.api_key_env) if spec.api_key_env else o.key_for(envs, name)
+            base = record(name, srv.url, prompts, settings, api_key=key, **kw)
+    base.write(out)
+    failed = base.reference.get("failed_generations", 0)
+    summary = {
+        "exit_code": 3 if failed == len(prompts) else 0,
+        "baseline": str(out),
+        "prompts": len(prompts),
+        "failed_generations": failed,
+        "exchanges": sum(len(r) for r in base.exchanges.table.values()),
+        "settings": settings,
+        "reference": base.reference,
+        "warnings": base.capabilities.get("warnings", []),
+    }
+    if args.json:
+        o.emit_json(summary)
+    else:
+        con = o.console()
+        con.print(f"recorded {len(prompts)} prompts of {name} ({base.reference.get('model')}) to {out}")
+        for w in summary["warnings"]:
+            con.print(f"warning: {w}", style="yellow")
+        con.print(f"judge a target against it: difftest compare --baseline {args.out} --target URL")
+    return int(summary["exit_code"])
+
+
+def _env(var: str) -> str | None:
+    import os
+
+    return os.environ.get(var)

@@ -1,0 +1,71 @@
+"""`difftest report DIR`: re-judge (optionally with other thresholds) and re-render, offline.
+
+With `-o NEWDIR` the re-judged report goes to a new folder and DIR stays as it was, so that a
+run and its re-judgement can be put side by side (`difftest diff DIR NEWDIR`)."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+
+from difftest.cli import options as o
+from difftest.cli.outcome import finish
+from difftest.errors import ConfigError, UsageError
+
+HELP = "re-judge and re-render a report folder offline (no servers)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", type=Path, help="a report folder written by run or compare")
+    p.add_argument(
+        "--thresholds", type=Path, metavar="TOML", help="TOML file with a [thresholds] table to re-judge with"
+    )
+    o.add_out(p, "where the re-judged report goes (default: DIR itself, rewritten)")
+    o.add_json(p)
+
+
+def threshold_file(path: Path) -> dict[str, dict[str, float]]:
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise UsageError(f"--thresholds: {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    table = doc.get("thresholds", doc)
+    out: dict[str, dict[str, float]] = {}
+    for scheme, limits in table.items():
+        if not isinstance(limits, dict):
+            raise ConfigError(f"{path}: [thresholds.{scheme}] must be a table of metric = number")
+        for key, value in limits.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{path}: thresholds.{scheme}.{key} must be a number, got {value!r}")
+        out[scheme] = {k: float(v) for k, v in limits.items()}
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from difftest.config import thresholds_for
+    from difftest.judge import rejudge
+    from difftest.report import load_run
+    from difftest.runner import floor_for_target
+
+    result = load_run(args.dir)
+    out = args.out or args.dir
+    new = args.out is not None and Path(args.out).resolve() != Path(args.dir).resolve()
+    if new and (Path(args.out) / "report.json").exists():
+        raise UsageError(f"-o {args.out}: already holds a report.json (pick a new folder)")
+    if args.thresholds:
+        thresholds = threshold_file(args.thresholds)
+        floor = (
+            floor_for_target(result.noise_floor, None)
+            if result.noise_floor and "in_run" not in result.noise_floor
+            else None
+        )
+        by_scheme = {t.scheme: thresholds_for(thresholds, t.scheme) for t in result.targets}
+        rejudge(result, by_scheme, floor)
+        result.signature["thresholds"] = thresholds
+        result.signature["rejudged_with"] = str(args.thresholds)
+    if out != args.dir:
+        result.signature["rejudged_from"] = str(args.dir)
+    return finish(result, out, [], as_json=args.json)

@@ -1,0 +1,69 @@
+"""`difftest run CONFIG`: launch the config's servers, compare, judge, write the report folder."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from difftest.cli import options as o
+from difftest.cli.outcome import finish
+from difftest.config import RunConfig, load_config
+
+HELP = "run a config: launch servers, compare, judge, report"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="the run's TOML config")
+    o.add_out(p, "report (default: run.output_dir of the config)")
+    p.add_argument(
+        "--resume", action="store_true", help="reuse the folder's response cache: ask only what is missing"
+    )
+    o.add_jobs(p)
+    o.add_limit(p)
+    o.add_timeout(p, "the config's run.request_timeout_s")
+    o.add_keys(p, "for running servers (url) without their own api_key_env")
+    o.add_json(p)
+
+
+def with_overrides(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """The command line's -j / --timeout over the config's values, and API keys (--api-key-env,
+    else OPENAI_API_KEY) for running servers (url) whose table names none."""
+    run = cfg.run
+    if getattr(args, "timeout", None) is not None:
+        run = dataclasses.replace(run, request_timeout_s=args.timeout)
+    if getattr(args, "concurrency", None) is not None:
+        run = dataclasses.replace(run, concurrency=args.concurrency)
+    envs = o.key_envs(getattr(args, "api_key_env", None) or [])
+
+    def keyed(spec: Any) -> Any:
+        if (
+            spec is None
+            or spec.kind != "url"
+            or spec.api_key_env is not None
+            or cfg.baseline is not None
+            and spec is cfg.reference
+        ):
+            return spec
+        var = o.key_env_for(envs, spec.name)
+        return dataclasses.replace(spec, api_key_env=var) if var else spec
+
+    targets = tuple(
+        dataclasses.replace(t, server=keyed(t.server), golden=keyed(t.golden)) for t in cfg.targets
+    )
+    return dataclasses.replace(cfg, run=run, reference=keyed(cfg.reference), targets=targets)
+
+
+def run(args: argparse.Namespace) -> int:
+    from difftest.runner import RunOptions, execute
+
+    o.positive("--concurrency", args.concurrency)
+    o.positive("--limit", args.limit)
+    o.positive("--timeout", args.timeout)
+    cfg = with_overrides(load_config(args.config), args)
+    out = args.out or cfg.run.output_dir
+    result, problems = execute(
+        cfg, RunOptions(out_dir=out, resume=args.resume, concurrency=args.concurrency, limit=args.limit)
+    )
+    return finish(result, out, problems, as_json=args.json)

@@ -1,0 +1,103 @@
+"""Shared by `difftest layers` and `difftest quant`: launch (CONFIG) or connect (URLs) servers that
+serve the debug protocol, then hand the endpoints to the command's work."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from difftest.cli import options as o
+from difftest.collect import Endpoint
+from difftest.errors import UsageError
+from difftest.session import ClientOptions, Session
+
+DEFAULT_TIMEOUT_S = 600.0  # a debug call on a big model can take minutes on a CPU
+DEFAULT_OUT = Path("runs/whitebox")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One target with the servers it is compared against."""
+
+    target: str
+    reference: str | None
+    golden: str | None
+
+
+def add_server_arguments(p: argparse.ArgumentParser, *, golden: bool) -> None:
+    p.add_argument(
+        "config", nargs="?", type=Path, help="a run config: its servers are launched with debug on"
+    )
+    p.add_argument("--ref", metavar="URL", help="reference server URL (instead of CONFIG)")
+    p.add_argument("--target", metavar="URL", help="target server URL (instead of CONFIG)")
+    if golden:
+        p.add_argument("--golden", metavar="URL", help="golden server URL, for exactness (instead of CONFIG)")
+    o.add_keys(p)
+    o.add_jobs(p, default=4)
+    o.add_out(p, f"launched servers' logs and the JSON result (default: {DEFAULT_OUT})")
+    o.add_timeout(p, f"{DEFAULT_TIMEOUT_S:g}")
+    o.add_json(p)
+
+
+def get(session: Session, name: str | None) -> Endpoint | None:
+    return session[name] if name is not None else None
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], list[Job]]:
+    """(specs to launch, urls of running servers, jobs)."""
+    golden = getattr(args, "golden", None)
+    if args.config is not None:
+        if args.ref or args.target or golden:
+            raise UsageError("give a CONFIG or --ref/--target URLs, not both")
+        from difftest.config import load_config
+
+        cfg = load_config(args.config)
+        live = [s for s in cfg.servers() if cfg.baseline is None or s.name != cfg.reference.name]
+        specs = [dataclasses.replace(s, debug=True) if s.model else s for s in live]
+        ref = cfg.reference.name if cfg.baseline is None else None  # a recorded baseline has no /debug
+        jobs = [Job(t.name, ref, t.golden.name if t.golden else None) for t in cfg.targets]
+        return specs, {}, jobs
+    if not args.target:
+        raise UsageError("give a CONFIG, or --target URL (with --ref URL and/or --golden URL)")
+    for flag, url in (("--ref", args.ref), ("--target", args.target), ("--golden", golden)):
+        o.check_url(flag, url)
+    urls = {"target": args.target}
+    if args.ref:
+        urls["reference"] = args.ref
+    if golden:
+        urls["golden"] = golden
+    return [], urls, [Job("target", "reference" if args.ref else None, "golden" if golden else None)]
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "out", None) or DEFAULT_OUT)
+
+
+def run_whitebox(args: argparse.Namespace, work: Callable[[Session, Sequence[Job]], Awaitable[int]]) -> int:
+    """Launch (CONFIG) or connect (URLs), probe each server once, then `await work(session, jobs)`."""
+    timeout = getattr(args, "timeout", None) or DEFAULT_TIMEOUT_S
+    o.positive("--timeout", timeout)
+    specs, urls, jobs = _plan(args)
+    envs = o.key_envs(getattr(args, "api_key_env", None) or [])
+    # a debug call on a big model can take minutes on a CPU; retrying one rarely helps
+    jobs_n = getattr(args, "concurrency", None) or 4
+    o.positive("--concurrency", jobs_n)
+    options = ClientOptions(timeout_s=timeout, max_retries=1, concurrency=jobs_n)
+
+    async def go(session: Session) -> int:
+        async with session:
+            session.require_debug(*session)
+            return await work(session, jobs)
+
+    if not specs:
+        keys = {name: o.key_for(envs, name) for name in urls}  # per server (--api-key-env NAME=VAR)
+        session = Session.of_urls(urls, api_key=o.key_for(envs, "*"), keys=keys, options=options)
+        return asyncio.run(go(session))
+    from server_shim.launch import launch_servers
+
+    with launch_servers(specs, log_dir=out_dir(args) / "logs") as running:
+        return asyncio.run(go(Session.of_running(running, options)))

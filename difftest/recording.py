@@ -1,0 +1,110 @@
+"""`difftest record`: ask the reference everything a run would ask it, through a recording
+transport, and keep the answers as a Baseline (difftest.baseline).
+
+What a run asks the reference, in the runner's order: the conformance probe; the greedy
+continuation of every prompt; its own continuation teacher-forced (echoed back), as text and —
+where the reference returns token ids — as ids too, since which of the two a run uses depends on
+the target; the prompts' token ids for that; the batch-slot check. Nothing else is needed later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from difftest.baseline import Baseline, RecordingTransport, prompt_record
+from difftest.client import CompletionClient
+from difftest.collect import Endpoint, force_all, generate_all, prompt_token_ids
+from difftest.conformance import probe
+from difftest.progress import Progress
+from difftest.prompts import Prompt
+from difftest.signature import versions
+
+log = logging.getLogger(__name__)
+CHUNK_PROMPTS = 256
+
+
+async def record_reference(
+    name: str,
+    url: str,
+    prompts: Sequence[Prompt],
+    settings: dict[str, Any],
+    *,
+    api_key: str | None = None,
+    timeout_s: float = 120.0,
+    max_retries: int = 3,
+    concurrency: int = 8,
+    batch_slot_check: bool = True,
+    progress: bool | None = None,
+    transport: Any = None,
+) -> Baseline:
+    rec = RecordingTransport(transport)
+    client = CompletionClient(
+        url, name=name, api_key=api_key, timeout_s=timeout_s, max_retries=max_retries,
+        concurrency=concurrency, transport=rec,
+    )  # fmt: skip
+    try:
+        if settings.get("endpoint") == "chat":
+            from difftest.chat import probe_chat
+
+            caps = await probe_chat(client)
+        else:
+            caps = await probe(client)
+        ep = Endpoint(name, client, caps)
+        k, max_tokens, seed = settings["logprobs"], settings["max_tokens"], settings["seed"]
+        variants = sorted({False, bool(caps.token_id_strings)}) if caps.teacher_forced else []
+        ids: dict[str, list[int] | None] = {}
+
+        async def ids_for(p: Prompt) -> list[int] | None:
+            if p.id not in ids:
+                ids[p.id] = await prompt_token_ids(ep, p.prompt)
+            return ids[p.id]
+
+        failed = 0
+        with Progress(enabled=progress) as bar:
+            gen_task = bar.add("generate", total=len(prompts))
+            tf_task = bar.add("teacher-forced", total=len(prompts) * len(variants))
+            for start in range(0, len(prompts), CHUNK_PROMPTS):
+                chunk = prompts[start : start + CHUNK_PROMPTS]
+                gens = await generate_all(
+                    ep, chunk, max_tokens=max_tokens, k=k, seed=seed, on_done=lambda: bar.advance(gen_task)
+                )
+                failed += sum(1 for g in gens.values() if g.error)
+                for as_ids in variants:
+                    await force_all(
+                        ep, chunk, gens, k=k, as_ids=as_ids, prompt_ids=ids_for,
+                        on_done=lambda: bar.advance(tf_task),
+                    )  # fmt: skip
+        if batch_slot_check and caps.api != "chat":
+            from difftest.invariance import check_batch_slots
+
+            await check_batch_slots(ep, prompts, max_tokens=min(max_tokens, 16), k=k)
+    finally:
+        await client.aclose()
+    if failed:
+        log.warning(
+            "%s: %d of %d generations failed; they are recorded as failures", name, failed, len(prompts)
+        )
+    return Baseline(
+        reference={"name": name, "url": url, "model": caps.model, "failed_generations": failed},
+        settings=dict(settings),
+        prompts=[prompt_record(p) for p in prompts],
+        exchanges=rec.exchanges,
+        tokenizer={
+            "model": caps.model,
+            "vocab_size": caps.vocab_size,
+            "token_ids": caps.token_ids,
+            "probe_tokenizations": [
+                {"text": t.text, "ids": t.ids, "strings": t.strings, "source": t.source}
+                for t in caps.tokenizations
+            ],
+        },
+        capabilities={"checks": [list(c) for c in caps.checks], "warnings": list(caps.warnings)},
+        signature={"versions": versions(), "batch_slot_check": batch_slot_check},
+    )
+
+
+def record(name: str, url: str, prompts: Sequence[Prompt], settings: dict[str, Any], **kw: Any) -> Baseline:
+    return asyncio.run(record_reference(name, url, prompts, settings, **kw))

@@ -1,0 +1,233 @@
+"""Run-to-run comparison (`difftest diff RUN_A RUN_B`): per target and metric, what moved between
+two report.json files and whether the move is beyond noise. Pure functions of two RunResults.
+
+"Beyond noise", per metric, from what each report stored:
+
+- both runs have a bootstrap 95% interval for the metric: the move counts when the two intervals
+  are disjoint (conservative: two independent 95% intervals are disjoint by chance in well under
+  1% of runs, so a flagged move is worth a look);
+- otherwise, where a noise floor bounds the metric (report.json's `noise_floor`: the A/A spread of
+  kl_mean, kl_p99, top-1 disagreement, token mismatch), the move counts when it exceeds the floor;
+- otherwise it is unknown (None): the report holds nothing to tell noise from a change.
+
+A metric's direction says whether a move is a regression: lower is better for divergences and
+error rates, higher for agreement and text similarity, closer to zero for a signed bias (dp_mean);
+counts (n_prompts, tie) have none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from difftest.results import Comparison, RunResult, TargetResult
+
+HIGHER_IS_BETTER = frozenset(
+    {"token_match", "exact_match", "top1_agreement", "bleu", "chrf", "median_first_divergence"}
+)
+LOWER_IS_BETTER = frozenset(
+    {
+        "kl_mean", "kl_lower_mean", "kl_upper_mean", "kl_p99", "dp_rms",
+        "garbled_rate", "failed_rate", "failed_requests", "drift", "wrong",
+    }
+)  # fmt: skip
+CLOSER_TO_ZERO_IS_BETTER = frozenset({"dp_mean"})  # signed: a bias either way is worse
+# metric -> the noise floor field that bounds its run-to-run spread
+FLOOR_FIELDS = {
+    "kl_mean": "kl_mean",
+    "kl_upper_mean": "kl_mean",
+    "kl_p99": "kl_p99",
+    "top1_agreement": "top1_disagreement",
+    "token_match": "token_mismatch",
+}
+REL_EQUAL = 1e-12  # two numbers this close are the same number printed twice
+
+
+@dataclass(frozen=True)
+class MetricMove:
+    metric: str
+    a: float | None
+    b: float | None
+    delta: float | None
+    ci_a: tuple[float, float] | None
+    ci_b: tuple[float, float] | None
+    noise: str  # how beyond_noise was decided: "ci" | "floor" | "none" | "unchanged" | "missing"
+    beyond_noise: bool | None
+    direction: str  # "better" | "worse" | "neutral" | ""
+
+    @property
+    def regressed(self) -> bool:
+        return bool(self.beyond_noise) and self.direction == "worse"
+
+
+@dataclass
+class ComparisonDiff:
+    kind: str  # "exactness" | "accuracy"
+    baseline: str
+    metrics: list[MetricMove] = field(default_factory=list)
+    prompts_compared: int = 0
+    continuations_changed: list[str] = field(default_factory=list)  # prompt ids whose target output moved
+
+
+@dataclass
+class TargetDiff:
+    name: str
+    verdict_a: str | None
+    verdict_b: str | None
+    comparisons: list[ComparisonDiff] = field(default_factory=list)
+    note: str = ""  # "only in A", "only in B"
+
+    @property
+    def verdict_changed(self) -> bool:
+        return self.verdict_a != self.verdict_b
+
+    @property
+    def regressed(self) -> bool:
+        went_bad = self.verdict_a == "PASS" and self.verdict_b == "FAIL"
+        return went_bad or any(m.regressed for c in self.comparisons for m in c.metrics)
+
+
+@dataclass
+class RunDiff:
+    a: str
+    b: str
+    targets: list[TargetDiff] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def regressed(self) -> bool:
+        return any(t.regressed for t in self.targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["regressed"] = self.regressed
+        for t, td in zip(out["targets"], self.targets, strict=True):
+            t["verdict_changed"], t["regressed"] = td.verdict_changed, td.regressed
+            for c, cd in zip(t["comparisons"], td.comparisons, strict=True):
+                for m, md in zip(c["metrics"], cd.metrics, strict=True):
+                    m["regressed"] = md.regressed
+        return _finite(out)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN / inf: as strings, as in report.json."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def direction(metric: str, a: float, b: float) -> str:
+    delta = b - a
+    if metric in CLOSER_TO_ZERO_IS_BETTER:
+        return "better" if abs(b) < abs(a) else "worse"
+    if metric in HIGHER_IS_BETTER:
+        return "better" if delta > 0 else "worse"
+    if metric in LOWER_IS_BETTER:
+        return "better" if delta < 0 else "worse"
+    return "neutral"
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def _ci(c: Comparison, metric: str) -> tuple[float, float] | None:
+    ci = c.ci.get(metric)
+    if not ci or len(ci) != 2 or any(_number(v) is None or math.isnan(v) for v in ci):
+        return None
+    return float(ci[0]), float(ci[1])
+
+
+def floor_spread(floor: Mapping[str, Any] | None, metric: str) -> float | None:
+    """The noise floor's spread for `metric`, when report.json stored a floor that bounds it.
+    An in-run floor ({"in_run": {golden: floor}}) counts with its largest value (the loosest)."""
+    if not floor or metric not in FLOOR_FIELDS:
+        return None
+    floors = list(floor["in_run"].values()) if "in_run" in floor else [floor]
+    values = [_number(f.get(FLOOR_FIELDS[metric])) for f in floors if isinstance(f, Mapping)]
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return max(values) if values else None
+
+
+def metric_move(metric: str, ca: Comparison, cb: Comparison, floor: float | None) -> MetricMove:
+    a, b = _number(ca.aggregate.get(metric)), _number(cb.aggregate.get(metric))
+    ci_a, ci_b = _ci(ca, metric), _ci(cb, metric)
+    if a is None or b is None or math.isnan(a) or math.isnan(b):
+        return MetricMove(metric, a, b, None, ci_a, ci_b, "missing", None, "")
+    delta = b - a
+    if abs(delta) <= REL_EQUAL * max(1.0, abs(a), abs(b)):
+        return MetricMove(metric, a, b, 0.0, ci_a, ci_b, "unchanged", False, "")
+    how, beyond = "none", None
+    if ci_a is not None and ci_b is not None:
+        how, beyond = "ci", ci_a[1] < ci_b[0] or ci_b[1] < ci_a[0]
+    elif floor is not None:
+        how, beyond = "floor", abs(delta) > floor
+    return MetricMove(metric, a, b, delta, ci_a, ci_b, how, beyond, direction(metric, a, b))
+
+
+def _changed_prompts(ca: Comparison, cb: Comparison) -> tuple[int, list[str]]:
+    """Prompts in both runs, and those whose target continuation differs between them."""
+    by_id = {p.prompt_id: p for p in ca.prompts}
+    both, changed = 0, []
+    for p in cb.prompts:
+        q = by_id.get(p.prompt_id)
+        if q is None:
+            continue
+        both += 1
+        if (q.tgt_token_ids, q.tgt_text, q.error) != (p.tgt_token_ids, p.tgt_text, p.error):
+            changed.append(p.prompt_id)
+    return both, changed
+
+
+def _target(
+    ta: TargetResult | None, tb: TargetResult | None, floor_b: Mapping[str, Any] | None
+) -> TargetDiff:
+    name = (ta or tb).name  # type: ignore[union-attr]
+    label = lambda t: t.verdict.label if t is not None and t.verdict is not None else None  # noqa: E731
+    out = TargetDiff(name, label(ta), label(tb))
+    if ta is None or tb is None:
+        out.note = "only in B" if ta is None else "only in A"
+        return out
+    for ca in ta.comparisons:
+        cb = tb.comparison(ca.kind)
+        if cb is None:
+            continue
+        cd = ComparisonDiff(ca.kind, cb.baseline)
+        keys = list(dict.fromkeys([*ca.aggregate, *cb.aggregate]))
+        floor = floor_b if ca.kind == "exactness" else None  # floors bound the golden's A/A spread
+        cd.metrics = [metric_move(k, ca, cb, floor_spread(floor, k)) for k in keys]
+        cd.prompts_compared, cd.continuations_changed = _changed_prompts(ca, cb)
+        out.comparisons.append(cd)
+    return out
+
+
+def _settings_warnings(a: RunResult, b: RunResult) -> list[str]:
+    warnings = []
+    ra, rb = a.signature.get("run", {}), b.signature.get("run", {})
+    for key in ("max_tokens", "logprobs", "seed", "endpoint"):
+        if ra.get(key) != rb.get(key):
+            warnings.append(
+                f"runs differ in {key} ({ra.get(key)!r} vs {rb.get(key)!r}): moves may be the settings"
+            )
+    pa, pb = a.signature.get("prompts", {}), b.signature.get("prompts", {})
+    if pa.get("count") != pb.get("count") or pa.get("ids") != pb.get("ids"):
+        warnings.append(
+            f"runs used different prompts ({pa.get('count')} vs {pb.get('count')}): compare like with like"
+        )
+    return warnings
+
+
+def diff_runs(a: RunResult, b: RunResult, *, name_a: str = "A", name_b: str = "B") -> RunDiff:
+    out = RunDiff(name_a, name_b, warnings=_settings_warnings(a, b))
+    by_a = {t.name: t for t in a.targets}
+    by_b = {t.name: t for t in b.targets}
+    floor = b.noise_floor or a.noise_floor
+    for name in dict.fromkeys([*by_a, *by_b]):
+        out.targets.append(_target(by_a.get(name), by_b.get(name), floor))
+    return out

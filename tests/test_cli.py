@@ -1,0 +1,194 @@
+"""CLI conventions (issue 12): every option documented, one flag vocabulary, --version, -v anywhere,
+one-line errors without a doubled prefix, API keys (OPENAI_API_KEY and per server), --timeout,
+exit codes that reflect FAIL, and --json output that parses, for every command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pytest
+from fakes import FakeBehaviour
+from live_fakes import live_fake
+
+from difftest.cli import COMMANDS, build_parser, main
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    parser = build_parser()
+    subs = _subparsers(parser)
+    assert set(subs) == set(COMMANDS)
+    undocumented = [
+        f"{name} {'/'.join(a.option_strings) or a.dest}"
+        for name, p in [("difftest", parser), *subs.items()]
+        for a in p._actions
+        if not isinstance(a, argparse._SubParsersAction) and not (a.help and a.help.strip())
+    ]
+    assert undocumented == []
+
+
+def test_one_flag_vocabulary() -> None:
+    subs = _subparsers(build_parser())
+    flags = {name: {s for a in p._actions for s in a.option_strings} for name, p in subs.items()}
+    for name, have in flags.items():
+        assert {"--json", "-v", "--debug-traceback"} <= have, name
+    talks_to_servers = ("run", "compare", "record", "probe", "noise", "layers", "quant")
+    for name in talks_to_servers:
+        assert "--timeout" in flags[name], name
+    for name in ("compare", "record", "probe", "layers", "quant"):
+        assert "--api-key-env" in flags[name], name
+    for name in ("run", "compare", "record", "noise"):
+        assert {"-j", "--concurrency", "--limit"} <= flags[name], name
+    for name in talks_to_servers:
+        assert {"-j", "--concurrency"} <= flags[name], name
+    for name in ("run", "compare", "record", "noise", "report", "diff", "layers", "quant"):
+        out = next(a for a in subs[name]._actions if "-o" in a.option_strings)
+        assert out.metavar == "DIR" and out.option_strings == ["-o", "--out"], name  # -o is a folder
+
+
+def test_version_and_help_exit_0(capsys) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("difftest ")
+    for name in COMMANDS:
+        assert main([name, "--help"]) == 0
+        assert "--json" in capsys.readouterr().out
+
+
+def test_verbose_counts_anywhere() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["-v", "probe", "http://x", "-v"])
+    assert args.verbose + args.verbose_sub == 2
+    args = parser.parse_args(["probe", "http://x", "-vv"])
+    assert getattr(args, "verbose", 0) + args.verbose_sub == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (
+            ["compare", "--target", "http://x", "--prompt", "a"],
+            "compare: one of the arguments --ref --baseline",
+        ),
+        (["frobnicate"], "invalid choice"),
+        (["probe", "ftp://x"], "'ftp://x' is not an http(s) URL"),
+        (["compare", "--ref", "http://x", "--target", "http://y"], "give --prompts FILE or --prompt TEXT"),
+        (["probe", "http://x", "--api-key-env", "NOPE_NOT_SET_123"], "NOPE_NOT_SET_123 is not set"),
+        (["probe", "http://x", "--timeout", "0"], "--timeout must be > 0"),
+    ],
+)
+def test_errors_are_one_line_with_one_prefix(argv: list[str], words: str, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("difftest: error: ") and words in err
+    assert "error: difftest" not in err
+
+
+def test_openai_api_key_is_the_default_key(monkeypatch, capsys) -> None:
+    with live_fake(FakeBehaviour(api_key="sk-secret")) as url:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        assert main(["probe", url, "--json"]) == 2  # 401: no key
+        assert "401" in capsys.readouterr().err
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+        assert main(["probe", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["exit_code"] == 0
+
+
+def test_per_server_keys(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setenv("KEY_A", "sk-a")
+    monkeypatch.setenv("KEY_B", "sk-b")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with live_fake(FakeBehaviour(api_key="sk-a")) as ref, live_fake(FakeBehaviour(api_key="sk-b")) as tgt:
+        argv = ["compare", "--ref", ref, "--target", tgt, "--prompt", "the quick brown fox", "--json"]
+        assert main([*argv, "--api-key-env", "reference=KEY_A", "--api-key-env", "target=KEY_B"]) == 0
+        assert json.loads(capsys.readouterr().out)["prompts"][0]["match_rate"] == 1.0
+        assert main([*argv, "--api-key-env", "KEY_A"]) == 2  # one key for both: the target refuses it
+    assert "401" in capsys.readouterr().err
+
+
+def test_timeout_is_honoured(capsys) -> None:
+    with live_fake(FakeBehaviour(delay_s=3.0)) as url:
+        start = time.monotonic()
+        code = main(["probe", url, "--timeout", "0.3"])
+        took = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert code in (2, 3) and "timed out after 0.3s" in err and took < 3.0
+
+
+def test_quick_look_json_and_exit_code(capsys) -> None:
+    with live_fake() as ref, live_fake(FakeBehaviour(echo=False, flip_every=2)) as tgt:
+        code = main(["compare", "--ref", ref, "--target", tgt, "--prompt", "the quick brown fox", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1 == data["exit_code"]  # the target's probe marks echo FAIL
+    assert data["failed_checks"] == [
+        {"server": "target", "check": "echo", "detail": "HTTP 400: echo is not supported"}
+    ]
+    (view,) = data["prompts"]
+    assert view["first_divergence"] == 1 and view["ref_tokens"][0] == view["tgt_tokens"][0]
+
+
+def test_run_and_noise_json(tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(["a b", "1+1="]))
+    )
+    with live_fake() as ref, live_fake() as tgt:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            f'[run]\nprompts = ["{prompts}"]\nmax_tokens = 6\noutput_dir = "{tmp_path / "out"}"\n'
+            f'[reference]\nurl = "{ref}"\n[[target]]\nname = "t"\nurl = "{tgt}"\nscheme = "fp8-block"\n'
+        )
+        assert main(["run", str(cfg), "--json", "-j", "2", "--timeout", "30"]) == 0
+        run = json.loads(capsys.readouterr().out)
+        assert run["gate_passed"] and run["targets"][0]["verdict"] == "PASS"
+        assert main(["noise", str(cfg), "--json", "--no-restart", "-o", str(tmp_path / "floor")]) == 0
+    noise = json.loads(capsys.readouterr().out)
+    assert noise["floor_file"] == str(tmp_path / "floor" / "noise-floor.json")  # -o is a folder
+    assert Path(noise["floor_file"]).is_file() and noise["floor"]["schema"] == "difftest-noise-floor"
+    signature = json.loads((tmp_path / "out" / "report.json").read_text())["signature"]["run"]
+    assert signature["concurrency"] == 2 and signature["request_timeout_s"] == 30
+
+
+def test_piped_tables_are_not_cut(capsys) -> None:
+    from difftest.cli.layers import render_layers
+    from difftest.cli.options import console
+    from difftest.results import LayerDiff, LayerPoint
+
+    name = "model.layers.17.self_attn.some_really_long_module_name.q_proj"
+    point = LayerPoint(name, 17, "linear", 0.99912345, 1.0012, 3.3e-3, 0.1, 40.0, flagged=True,
+                       local_cosine=0.99987654, local_norm_ratio=1.0001, local_rel_err=1.2e-4)  # fmt: skip
+    render_layers(LayerDiff("ref", "accuracy", [point], summary="x"), "target", console())
+    out = capsys.readouterr().out
+    assert name in out and "0.999123" in out and "…" not in out
+
+
+def test_quick_look_writes_its_json_into_the_out_folder(tmp_path: Path, capsys) -> None:
+    with live_fake() as ref, live_fake() as tgt:
+        argv = ["compare", "--ref", ref, "--target", tgt, "--prompt", "1+2+3=", "-o", str(tmp_path / "look")]
+        assert main(argv) == 0
+    data = json.loads((tmp_path / "look" / "quicklook.json").read_text())
+    assert data["exit_code"] == 0 and data["prompts"][0]["match_rate"] == 1.0
+
+
+def test_run_uses_openai_api_key_for_running_servers(tmp_path: Path, monkeypatch, capsys) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "the quick brown fox"}) + "\n")
+    with live_fake(FakeBehaviour(api_key="sk-k")) as ref, live_fake(FakeBehaviour(api_key="sk-k")) as tgt:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            f'[run]\nprompts = ["{prompts}"]\nmax_tokens = 4\noutput_dir = "{tmp_path / "out"}"\n'
+            f'[reference]\nurl = "{ref}"\n[[target]]\nname = "t"\nurl = "{tgt}"\nscheme = "fp8-block"\n'
+        )
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        assert main(["run", str(cfg)]) in (2, 3)  # 401 without a key
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-k")
+        capsys.readouterr()
+        code = main(["run", str(cfg), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == summary["exit_code"] and summary["targets"][0]["verdict"] in ("PASS", "INCONCLUSIVE")

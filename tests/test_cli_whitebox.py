@@ -1,0 +1,43 @@
+"""`difftest layers --json` and `difftest quant --json`: parseable results, exit codes, and the
+JSON file in the -o folder (in-process tiny-llama shims behind the debug protocol)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from test_layers import _run_in_current_loop, build, serve_in_process, shim_server
+
+from difftest.cli import build_parser, whitebox
+from difftest.cli import layers as layers_cmd
+from difftest.cli import quant as quant_cmd
+
+FAULT_MODULE = "model.layers.1.mlp.up_proj"
+
+
+async def _run(monkeypatch: Any, command: Any, args: argparse.Namespace) -> int:
+    bad = build(scheme="fp8-block", faults=[f"scale-skipped@{FAULT_MODULE}"])
+    with shim_server("reference", build()) as (r, _), shim_server("target", bad) as (t, _):
+        serve_in_process(monkeypatch, {"reference": r, "target": t})
+        monkeypatch.setattr(whitebox.asyncio, "run", _run_in_current_loop)  # already inside a loop
+        return await command.run(args)  # main() would wrap the coroutine in int()
+
+
+async def test_layers_and_quant_json(monkeypatch, tmp_path: Path, capsys) -> None:
+    parse = build_parser().parse_args
+    argv = ["--ref", "http://r", "--target", "http://t", "--json"]
+    layers_code = await _run(monkeypatch, layers_cmd, parse(["layers", *argv, "-o", str(tmp_path / "l")]))
+    layers = json.loads(capsys.readouterr().out)
+    quant_code = await _run(monkeypatch, quant_cmd, parse(["quant", *argv]))
+    quant = json.loads(capsys.readouterr().out)
+    assert layers_code == layers["exit_code"] == 1
+    (diff,) = layers["diffs"]
+    assert diff["target"] == "target" and diff["kind"] == "accuracy" and diff["failed"]
+    assert diff["guilty_module"] == FAULT_MODULE and any(p["flagged"] for p in diff["points"])
+    assert json.loads((tmp_path / "l" / "layers.json").read_text()) == layers
+    assert quant_code == quant["exit_code"] == 1
+    (audit,) = quant["audits"]
+    flagged = [m for m in audit["modules"] if m.get("flagged")]
+    assert audit["flagged"] and [m["module"] for m in flagged] == [FAULT_MODULE]

@@ -1,0 +1,122 @@
+"""`difftest diff RUN_A RUN_B` (what moved, beyond noise or not) and `report DIR -o NEWDIR`
+(re-judged into a new folder, the original untouched)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fakes import FakeBehaviour
+from live_fakes import live_fake
+
+from difftest.cli import main
+from difftest.report import load_run
+from difftest.results import Comparison
+from difftest.rundiff import diff_runs, floor_spread, metric_move
+
+PROMPTS = ["1+2+3=", "the quick brown fox", "def add(a, b):", "the lazy dog is", "a fox jumps over", "2+2="]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three report folders: a good target twice (same server, two runs) and a faulty one."""
+    tmp = tmp_path_factory.mktemp("runs")
+    prompts = tmp / "p.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(PROMPTS))
+    )
+    out = {name: tmp / name for name in ("good1", "good2", "bad")}
+    with (
+        live_fake() as ref,
+        live_fake() as good,
+        live_fake(FakeBehaviour(flip_every=2)) as bad,
+    ):
+        for name, tgt in (("good1", good), ("good2", good), ("bad", bad)):
+            argv = [
+                "compare",
+                "--ref",
+                ref,
+                "--target",
+                tgt,
+                "--prompts",
+                str(prompts),
+                "--scheme",
+                "none",
+            ]
+            main([*argv, "--max-tokens", "12", "-o", str(out[name])])
+    return out
+
+
+def test_same_server_twice_moves_nothing(runs: dict[str, Path], capsys) -> None:
+    assert main(["diff", str(runs["good1"]), str(runs["good2"]), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["exit_code"] == 0 and not data["regressed"] and data["warnings"] == []
+    (t,) = data["targets"]
+    assert t["verdict_a"] == t["verdict_b"] == "PASS" and not t["verdict_changed"]
+    acc = next(c for c in t["comparisons"] if c["kind"] == "accuracy")
+    assert acc["prompts_compared"] == len(PROMPTS) and acc["continuations_changed"] == []
+    assert all(not m["beyond_noise"] for m in acc["metrics"])
+
+
+def test_faulty_build_is_a_regression_beyond_noise(runs: dict[str, Path], capsys) -> None:
+    assert main(["diff", str(runs["good1"]), str(runs["bad"]), "-o", str(runs["bad"] / "d")]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "PASS -> FAIL REGRESSED" in out and "token_match" in out and "YES (ci)" in out
+    data = json.loads((runs["bad"] / "d" / "diff.json").read_text())
+    moves = {m["metric"]: m for m in data["targets"][0]["comparisons"][0]["metrics"]}
+    tm = moves["token_match"]
+    assert tm["delta"] < 0 and tm["beyond_noise"] and tm["noise"] == "ci" and tm["regressed"]
+    assert tm["ci_a"][0] > tm["ci_b"][1]  # disjoint intervals: that is what "beyond noise" means here
+    assert len(data["targets"][0]["comparisons"][0]["continuations_changed"]) > 0
+
+
+def test_reverse_direction_is_an_improvement(runs: dict[str, Path]) -> None:
+    d = diff_runs(load_run(runs["bad"]), load_run(runs["good1"]))
+    t = d.targets[0]
+    assert (t.verdict_a, t.verdict_b) == ("FAIL", "PASS") and not d.regressed
+    moves = {m.metric: m for m in t.comparisons[0].metrics}
+    assert moves["token_match"].beyond_noise and moves["token_match"].direction == "better"
+    assert moves["kl_mean"].noise == "unchanged"  # both fakes keep the reference's logprobs
+
+
+def _comp(value: float, ci: list[float] | None = None) -> Comparison:
+    return Comparison(
+        "exactness", "golden", "t", aggregate={"kl_mean": value}, ci={"kl_mean": ci} if ci else {}
+    )
+
+
+def test_metric_move_rules() -> None:
+    assert (
+        metric_move("kl_mean", _comp(0.1, [0.05, 0.15]), _comp(0.12, [0.08, 0.2]), None).beyond_noise is False
+    )
+    assert metric_move("kl_mean", _comp(0.1, [0.05, 0.15]), _comp(0.3, [0.2, 0.4]), None).regressed
+    assert metric_move("kl_mean", _comp(0.1), _comp(0.3), None).beyond_noise is None  # nothing to judge by
+    assert metric_move("kl_mean", _comp(0.1), _comp(0.3), 0.05).noise == "floor"
+    assert not metric_move("kl_mean", _comp(0.1), _comp(0.12), 0.05).beyond_noise
+    floor = {"in_run": {"g1": {"kl_mean": 0.01}, "g2": {"kl_mean": 0.03}}}
+    assert floor_spread(floor, "kl_mean") == 0.03 and floor_spread(floor, "bleu") is None
+
+
+def test_diff_of_different_prompt_sets_warns(runs: dict[str, Path]) -> None:
+    a, b = load_run(runs["good1"]), load_run(runs["good2"])
+    b.signature["prompts"] = {"count": 2, "ids": ["p0", "p1"]}
+    assert any("different prompts" in w for w in diff_runs(a, b).warnings)
+
+
+def test_report_to_a_new_folder_leaves_the_original(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    original = (runs["good1"] / "report.json").read_text()
+    strict = tmp_path / "strict.toml"
+    strict.write_text("[thresholds.none]\ntoken_match_min = 1.01\n")
+    new = tmp_path / "rejudged"
+    assert main(["report", str(runs["good1"]), "--thresholds", str(strict), "-o", str(new), "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["report_dir"] == str(new) and summary["targets"][0]["verdict"] == "FAIL"
+    assert (runs["good1"] / "report.json").read_text() == original
+    assert {p.name for p in new.iterdir()} >= {"report.json", "report.md", "report.html", "junit.xml"}
+    assert load_run(new).signature["rejudged_from"] == str(runs["good1"])
+    # and diff says what the re-judgement changed
+    assert main(["diff", str(runs["good1"]), str(new), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["targets"][0]["verdict_changed"]
+    # a folder that already holds a report is not overwritten
+    assert main(["report", str(runs["good1"]), "-o", str(new)]) == 2

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import httpx
 
 from difftest.errors import InfraError, UsageError
-from server_shim.launch import ServerSpec
+from server_shim.launch_spec import ServerSpec
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from difftest.cli.outcome import finish
 from difftest.config import RunConfig, RunSettings, TargetConfig
 from difftest.errors import UsageError
 from difftest.prompts import Prompt
-from server_shim.launch import ServerSpec
+from server_shim.launch_spec import ServerSpec
 
 HELP = "compare running servers without a config"
 DEFAULT_TIMEOUT_S = 120.0

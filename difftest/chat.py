@@ -117,23 +117,21 @@ def parse_chat_choice(choice: Mapping[str, Any]) -> tuple[str | None, TokensView
     return content, TokensView(tuple(positions), content)
 
 
-async def generate_chat(ep: Any, prompt: Prompt, *, max_tokens: int, k: int, seed: int) -> Any:
-    """collect.generate over the chat route: a Generation, errors as data (never raised)."""
-    from difftest.collect import Generation
+CHAT_ERRORS = (DifftestError, KeyError, IndexError, TypeError)  # what a broken chat answer raises
+
+
+async def generate_chat(
+    ep: Any, prompt: Prompt, *, max_tokens: int, k: int, seed: int
+) -> tuple[str, TokensView, str | None, int | None]:
+    """One greedy chat continuation: (text, generated positions, finish_reason, usage.prompt_tokens).
+    Raises one of CHAT_ERRORS; collect.generate turns them into a failed Generation."""
+    from difftest.tokens_view import prompt_tokens
 
     tokens = prompt.max_tokens if prompt.max_tokens is not None else max_tokens
-    try:
-        resp = await ep.client.post_json(
-            PATH, chat_payload(ep.caps, prompt, max_tokens=tokens, k=k, seed=seed)
-        )
-        choice = resp["choices"][0]
-        text, view = parse_chat_choice(choice)
-    except (DifftestError, KeyError, IndexError, TypeError) as exc:
-        log.debug("%s: chat generation for %s failed: %s", ep.name, prompt.id, exc)
-        return Generation(None, TokensView(()), error=f"{type(exc).__name__}: {exc}")
-    from difftest.usage_check import prompt_tokens
-
-    return Generation(text, view, choice.get("finish_reason"), prompt_tokens=prompt_tokens(resp))
+    resp = await ep.client.post_json(PATH, chat_payload(ep.caps, prompt, max_tokens=tokens, k=k, seed=seed))
+    choice = resp["choices"][0]
+    text, view = parse_chat_choice(choice)
+    return text, view, choice.get("finish_reason"), prompt_tokens(resp)
 
 
 # ----------------------------------------------------------------------------- probe

@@ -116,9 +116,14 @@ def first_choice(resp: Mapping[str, Any], server: str) -> tuple[Mapping[str, Any
 
 async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, seed: int) -> Generation:
     if ep.caps.api == "chat":
-        from difftest.chat import generate_chat
+        from difftest.chat import CHAT_ERRORS, generate_chat
 
-        return await generate_chat(ep, prompt, max_tokens=max_tokens, k=k, seed=seed)
+        try:
+            text, view, finish, used = await generate_chat(ep, prompt, max_tokens=max_tokens, k=k, seed=seed)
+        except CHAT_ERRORS as exc:
+            log.debug("%s: chat generation for %s failed: %s", ep.name, prompt.id, exc)
+            return Generation(None, TokensView(()), error=f"{type(exc).__name__}: {exc}")
+        return Generation(text, view, finish, prompt_tokens=used)
     tokens = prompt.max_tokens if prompt.max_tokens is not None else max_tokens
     payload = ep.payload(prompt.prompt, max_tokens=tokens, k=k, seed=seed)
     try:
@@ -131,7 +136,7 @@ async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, see
         problem = coverage_problem(view, max_tokens=tokens, finish_reason=choice.get("finish_reason"))
         if problem is not None:
             return Generation(None, TokensView(()), error=f"{ep.name}: text and logprobs disagree: {problem}")
-    from difftest.usage_check import prompt_tokens
+    from difftest.tokens_view import prompt_tokens
 
     return Generation(choice["text"], view, choice.get("finish_reason"), prompt_tokens=prompt_tokens(resp))
 

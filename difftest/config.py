@@ -446,6 +446,31 @@ def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSe
     return RunSettings(**values)
 
 
+def load_thresholds(path: Path) -> dict[str, dict[str, float]]:
+    """A thresholds file for `difftest report --thresholds`: the same `[thresholds]` table (and
+    the same checks, errors naming file, line and key) as a run config; a file that is only the
+    table's body (`kl_mean_max = 0.05`, `[fp8-block]`) is read as that table."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--thresholds: {path} does not exist", path=path) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read thresholds: {exc.strerror or exc}", path=path) from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}", path=path) from None
+    ctx = _Ctx(path, text)
+    if "thresholds" in doc:
+        unknown = sorted(set(doc) - {"thresholds"})
+        if unknown:
+            raise ctx.error(
+                (), unknown[0], f"a thresholds file holds only [thresholds]; {unknown[0]!r} is not one"
+            )
+        return _parse_thresholds(ctx, _table(ctx, doc, "thresholds", required=True))
+    return _parse_thresholds(ctx, doc)
+
+
 def _parse_thresholds(ctx: _Ctx, table: dict[str, Any]) -> dict[str, dict[str, float]]:
     """`[thresholds]` -> {"default" | scheme: {metric: limit}}. Dotted metric names
     (`exactness.kl_mean = 0.01`) arrive from tomllib as nested tables and are flattened back."""

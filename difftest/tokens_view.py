@@ -226,3 +226,11 @@ def _top(value: Any, i: int) -> Mapping[TopKey, float]:
         if num is not None:
             out[tid if tid is not None else str(key)] = num
     return out
+
+
+def prompt_tokens(resp: Any) -> int | None:
+    """`usage.prompt_tokens` of a completions / chat answer, where the server sent it
+    (difftest.usage_check compares them between the two sides of a pair)."""
+    usage = resp.get("usage") if isinstance(resp, dict) else None
+    n = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None

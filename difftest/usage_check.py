@@ -11,16 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from difftest.collect import Generation
-
-
-def prompt_tokens(resp: Any) -> int | None:
-    """`usage.prompt_tokens` of a completions / chat answer, where the server sent it."""
-    usage = resp.get("usage") if isinstance(resp, dict) else None
-    n = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 @dataclass

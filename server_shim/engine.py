@@ -204,8 +204,10 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        """Sequences queued and not yet in a batch (a snapshot, for /health-like reporting and tests)."""
-        return len(self._pending)
+        """Live sequences queued and not yet in a batch (a snapshot, for reporting and tests). A
+        cancelled one still in the deque is not waiting: the worker drops it unrun."""
+        with self._cond:
+            return sum(1 for s in self._pending if not s.handle.cancelled)
 
     async def run_exclusive(self, fn: Callable[[], T]) -> T:
         """Run fn on the model thread between batches (no batch is in flight while it runs)."""

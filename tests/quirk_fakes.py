@@ -13,16 +13,12 @@ one thing, the way a real server differs.
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
-import uvicorn
 from fakes import FakeBehaviour, FakeServer, _error, _Reject
 from fastapi import FastAPI, Request
-from live_fakes import free_port
+from live_fakes import live_fake
 
 ZERO_UNLIMITED_TOKENS = 12
 
@@ -141,25 +137,5 @@ def quirk_app(
 @contextlib.contextmanager
 def live_app(app: FastAPI) -> Iterator[str]:
     """Any ASGI app on a free loopback port, in a thread; stopped on exit."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("fake server did not start")
-        time.sleep(0.02)
-    try:
+    with live_fake(app=app) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

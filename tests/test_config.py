@@ -401,3 +401,25 @@ def test_launch_mistakes_are_exit_2_before_anything_starts(
     err = capsys.readouterr().err
     assert err.startswith(f"difftest: error: {path}:{line}: [[target]] ") and err.count("\n") == 1
     assert started == []
+
+
+def test_thresholds_file_is_parsed_like_the_config(tmp_path: Path) -> None:
+    """`report --thresholds` used its own dialect: it refused the documented `[thresholds]
+    kl_mean_max = ...` form and accepted the typo `kl_mean_maxx`. One parser now."""
+    from difftest.config import load_thresholds
+
+    f = tmp_path / "t.toml"
+    f.write_text(
+        "[thresholds]\nkl_mean_max = 0.05\nexactness.kl_mean = 0.01\n[thresholds.fp8-block]\ntop1_min = 0.7\n"
+    )
+    assert load_thresholds(f) == {
+        "default": {"kl_mean_max": 0.05, "exactness.kl_mean": 0.01},
+        "fp8-block": {"top1_min": 0.7},
+    }
+    f.write_text("[fp8-block]\ntoken_match_min = 0.999\n")  # the table's body alone
+    assert load_thresholds(f) == {"fp8-block": {"token_match_min": 0.999}}
+    f.write_text("[thresholds]\nkl_mean_maxx = 0.05\n")
+    with pytest.raises(ConfigError, match=r"t\.toml:2.*kl_mean_maxx.*did you mean 'kl_mean_max'"):
+        load_thresholds(f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_thresholds(tmp_path / "missing.toml")

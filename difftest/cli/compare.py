@@ -50,19 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a prompt text (repeatable; '-' reads stdin): side by side",
     )
     p.add_argument("--scheme", help="budget to judge accuracy with (e.g. fp8-block; default: none)")
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        metavar="N",
-        help="tokens generated per prompt (default: 32, or the baseline's)",
-    )
-    p.add_argument(
-        "--logprobs",
-        type=int,
-        metavar="K",
-        help="top-k logprobs per position, 0..20 (default: 5, or the baseline's)",
-    )
-    p.add_argument("--seed", type=int, metavar="N", help="request seed (default: 0, or the baseline's)")
+    o.add_generation(p, defaults_from="baseline")
     o.add_endpoint(p)
     o.add_jobs(p, default=8)
     o.add_out(p, "report (default: runs/compare); with --prompt: quicklook.json")

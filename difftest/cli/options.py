@@ -101,6 +101,25 @@ def add_endpoint(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_generation(p: argparse.ArgumentParser, *, defaults_from: str) -> None:
+    """--max-tokens, --logprobs, --seed: unset ones come from `defaults_from` (a config, a baseline)."""
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help=f"tokens generated per prompt (default: 32, or the {defaults_from}'s)",
+    )
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="K",
+        help=f"top-k logprobs per position, 0..20 (default: 5, or the {defaults_from}'s)",
+    )
+    p.add_argument(
+        "--seed", type=int, metavar="N", help=f"request seed (default: 0, or the {defaults_from}'s)"
+    )
+
+
 def add_limit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="use only the first N prompts")
 

@@ -29,19 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="prompts .jsonl (repeatable; with a URL)",
     )
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        metavar="N",
-        help="tokens generated per prompt (default: 32, or the config's)",
-    )
-    p.add_argument(
-        "--logprobs",
-        type=int,
-        metavar="K",
-        help="top-k logprobs per position, 0..20 (default: 5, or the config's)",
-    )
-    p.add_argument("--seed", type=int, metavar="N", help="request seed (default: 0, or the config's)")
+    o.add_generation(p, defaults_from="config")
     p.add_argument(
         "--no-batch-slot-check", action="store_true", help="do not record the batch-slot check's answers"
     )

@@ -6,12 +6,11 @@ run and its re-judgement can be put side by side (`difftest diff DIR NEWDIR`).""
 from __future__ import annotations
 
 import argparse
-import tomllib
 from pathlib import Path
 
 from difftest.cli import options as o
 from difftest.cli.outcome import finish
-from difftest.errors import ConfigError, UsageError
+from difftest.errors import UsageError
 
 HELP = "re-judge and re-render a report folder offline (no servers)"
 
@@ -26,22 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def threshold_file(path: Path) -> dict[str, dict[str, float]]:
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise UsageError(f"--thresholds: {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    table = doc.get("thresholds", doc)
-    out: dict[str, dict[str, float]] = {}
-    for scheme, limits in table.items():
-        if not isinstance(limits, dict):
-            raise ConfigError(f"{path}: [thresholds.{scheme}] must be a table of metric = number")
-        for key, value in limits.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"{path}: thresholds.{scheme}.{key} must be a number, got {value!r}")
-        out[scheme] = {k: float(v) for k, v in limits.items()}
-    return out
+    """The run config's own [thresholds] parser (difftest.config.load_thresholds): one dialect."""
+    from difftest.config import load_thresholds
+
+    return load_thresholds(path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,13 +14,12 @@ flags: 1 failed request, 2 diverged, 4 looks garbled (difftest.report.tokendiff.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
+from difftest.metrics.aggregate import gc_paused  # the same reason: millions of acyclic objects
 from difftest.report.markdown import prompt_order
 from difftest.report.plotdata import part_for, part_status
 from difftest.report.tokendiff import Vocab, alternatives, looks_garbled, prompt_alignment
@@ -131,20 +130,6 @@ def _comparison(
         "rows": rows,
         "details": details,
     }
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """The cyclic GC off while building ~a million small acyclic objects (20 000 prompts x 6
-    comparisons): each automatic collection rescans the whole live run, which made rendering
-    several times slower; refcounting frees everything here anyway."""
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
 
 
 def explorer_data(run: RunResult, detail_budget: int = DETAIL_BUDGET) -> dict[str, Any]:

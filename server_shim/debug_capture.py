@@ -1,6 +1,6 @@
 """POST /debug/activations: which points a model has, and capturing their tensors with hooks.
 
-Split from debug.py (which re-exports these names and serves the route). Point names are HF module
+Used by debug.py, which serves the route. Point names are HF module
 names, identical on every side because quantization swaps modules in place (debug.py's docstring
 lists them); `list_modules` / `list_points` decide them, `capture_activations` runs prefill and
 greedy decode steps with forward hooks that keep the requested rows as float32 on the CPU.

@@ -69,16 +69,18 @@ def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points:
         console.print(f"warning: {w}", style="yellow")
 
 
-def diff_failed(diff: LayerDiff, scheme: str | None = None) -> bool:
+def diff_failed(diff: LayerDiff, scheme: str | None = None, thresholds: Any = None) -> bool:
     from difftest.whitebox.layers import layer_verdict
 
-    return any(p.flagged for p in diff.points) or not layer_verdict(diff, scheme=scheme).passed
+    return any(p.flagged for p in diff.points) or not layer_verdict(diff, thresholds, scheme=scheme).passed
 
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from difftest.null import replay_bound
     from difftest.report.jsonio import atomic_write_text
+    from difftest.whitebox.activations import LayerThresholds
     from difftest.whitebox.layers import scheme_of
     from difftest.whitebox.localise import localise_target
 
@@ -91,12 +93,16 @@ def run(args: argparse.Namespace) -> int:
         found: list[dict[str, Any]] = []
         for job in jobs:
             tgt = session[job.target]
-            scheme = scheme_of(await tgt.client.debug_config())
+            config = await tgt.client.debug_config()
+            scheme = scheme_of(config)
+            # the module replay bound of the target's compute dtype, as `run` uses (difftest.null)
+            th = LayerThresholds(exact_local_rel_err=replay_bound((config or {}).get("dtype"))[0])
             local = await localise_target(
-                tgt, prompt=prompt, golden=get(session, job.golden), reference=get(session, job.reference)
-            )
+                tgt, prompt=prompt, golden=get(session, job.golden), reference=get(session, job.reference),
+                thresholds=th,
+            )  # fmt: skip
             for diff in local.diffs:
-                bad = diff_failed(diff, scheme)
+                bad = diff_failed(diff, scheme, th)
                 failed |= bad
                 found.append(
                     {"target": job.target, "scheme": scheme, "failed": bad} | dataclasses.asdict(diff)

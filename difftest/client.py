@@ -48,6 +48,7 @@ _FINGERPRINT_CONFIG_KEYS = (
     "scheme",
     "backend",
     "batch_invariant",
+    "rounding_noise",  # a rounding twin (server_shim.twin) is another server than its golden
 )
 
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from difftest.metrics.aggregate import classify_prompts
 from difftest.noise import NoiseFloor
 from difftest.null import (
     MARGIN,
     NO_NULL,
+    UNINFORMATIVE_NOTE,
     NullModel,
     exactness_limits,
     informative,
@@ -75,7 +77,7 @@ def _mark_informative(part: PartVerdict) -> PartVerdict:
     """A carried part's limits (e.g. 3x the golden's slot variance) can be widened past use too."""
     checks = tuple(
         c if informative(c.name, c.limit) else dataclasses.replace(
-            c, informative=False, note=f"{c.note}; a broken target would pass this limit"
+            c, informative=False, note=c.note + UNINFORMATIVE_NOTE
         )
         for c in part.checks
     )  # fmt: skip
@@ -122,10 +124,22 @@ def judge_one(
         target.verdict = dataclasses.replace(target.verdict, localisation=localisation)
 
 
-def rejudge(run: RunResult, thresholds_for: Mapping[str | None, Mapping[str, float]] | None = None,
-            floor: NoiseFloor | None = None) -> None:  # fmt: skip
-    """Re-judge every target of a stored run (report --thresholds): carried parts and skipped
-    groups kept from the stored verdict."""
+def floor_for_target(record: Mapping[str, Any] | None, golden: str | None) -> NoiseFloor | None:
+    """The floor file, or `golden`'s in-run A/A, that report.json's `noise_floor` records."""
+    if not record:
+        return None
+    if "in_run" in record:
+        data = record["in_run"].get(golden) if golden else None
+        return NoiseFloor.from_dict(data) if data else None
+    return NoiseFloor.from_dict(dict(record))
+
+
+def rejudge(run: RunResult, thresholds_for: Mapping[str | None, Mapping[str, float]] | None = None) -> None:
+    """Re-judge every target of a stored run (report --thresholds) with the nulls the run used
+    (twins, floor file, in-run A/A, all from report.json); carried parts and skipped groups kept
+    from the stored verdict."""
+    in_run = bool(run.noise_floor) and "in_run" in run.noise_floor  # type: ignore[operator]
+    floor = None if in_run else floor_for_target(run.noise_floor, None)
     for t in run.targets:
         old = t.verdict
         carried = [p for p in (old.parts if old else ()) if p.part in CARRIED_PARTS]
@@ -136,8 +150,9 @@ def rejudge(run: RunResult, thresholds_for: Mapping[str | None, Mapping[str, flo
             if c.note.startswith("skipped: ")
             for g in [_group_of(c.name)]
         }
-        overrides = (thresholds_for or {}).get(t.scheme, {}) if thresholds_for else {}
-        judge_one(run, t, overrides, floor=floor, carried=carried, skipped=skipped)
+        overrides = (thresholds_for or {}).get(t.scheme, {})
+        golden_floor = floor_for_target(run.noise_floor, t.golden) if in_run else None
+        judge_one(run, t, overrides, floor=floor, in_run=golden_floor, carried=carried, skipped=skipped)
 
 
 def _group_of(check: str) -> str:

@@ -60,6 +60,7 @@ UNINFORMATIVE = {
     "slot_logprob_max_diff": ("<=", 1.0),
 }
 
+UNINFORMATIVE_NOTE = "; a broken target would pass this limit"  # appended to such a limit's note
 TIE_QUANTILE = 90.0  # the TIE margin: this percentile of the null's own divergence margins
 
 
@@ -218,7 +219,7 @@ def exactness_limits(null: NullModel, margin: float = MARGIN) -> dict[str, Limit
         note = f"1 - {lim.note}" if complement else lim.note
         ok = informative(check, value)  # type: ignore[arg-type]
         if not ok:
-            note += "; a broken target would pass this limit"
+            note += UNINFORMATIVE_NOTE
         out[check] = Limit(value, note, ok)
     return out
 

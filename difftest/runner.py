@@ -309,16 +309,6 @@ def _floor_record(floor: NoiseFloor | None, floors: Mapping[str, NoiseFloor]) ->
     return {"in_run": {name: f.to_dict() for name, f in floors.items()}} if floors else None
 
 
-def floor_for_target(record: Mapping[str, Any] | None, golden: str | None) -> NoiseFloor | None:
-    """The floor a target's exactness was judged with, read back from report.json."""
-    if not record:
-        return None
-    if "in_run" in record:
-        data = record["in_run"].get(golden) if golden else None
-        return NoiseFloor.from_dict(data) if data else None
-    return NoiseFloor.from_dict(dict(record))
-
-
 def load_floor(cfg: RunConfig) -> NoiseFloor | None:
     if cfg.run.noise_floor is None:
         return None
@@ -415,36 +405,22 @@ async def _null_layers(gold: Endpoint, twin: Endpoint, prompt: str) -> LayerDiff
     return LayerDiff(against=gold.name, kind="null", points=points, warnings=warns)
 
 
+async def _served(ep: Endpoint, key: str) -> Any:
+    """One value a server reports in /debug/config (its fingerprint keeps them: no second GET);
+    None where it serves no debug protocol or does not say."""
+    try:
+        fp = await ep.client.fingerprint()
+    except DifftestError:
+        return None
+    return (fp.get("debug_config") or {}).get(key)
+
+
 async def _served_scheme(ep: Endpoint) -> str | None:
-    """The quantization scheme a server reports in /debug/config, when it is a known one."""
+    """The quantization scheme a server reports, when it is a known one."""
     from difftest.verdict import DEFAULT_BUDGETS
 
-    try:
-        fp = await ep.client.fingerprint()
-    except DifftestError:
-        return None
-    cfg = fp.get("debug_config") or {}
-    scheme = cfg.get("scheme") or cfg.get("quant")
+    scheme = await _served(ep, "scheme") or await _served(ep, "quant")
     return scheme if scheme in DEFAULT_BUDGETS else None
-
-
-async def _twin_noise(ep: Endpoint) -> float | None:
-    """The largest per-module noise amplitude a rounding twin reports in /debug/config."""
-    try:
-        cfg = await ep.client.debug_config()  # the probe's copy: no second GET
-    except DifftestError:
-        return None
-    value = cfg.get("rounding_noise")
-    return float(value) if isinstance(value, int | float) else None
-
-
-async def _dtype(ep: Endpoint) -> str | None:
-    """The compute dtype a server reports in /debug/config (cached in its fingerprint)."""
-    try:
-        fp = await ep.client.fingerprint()
-    except DifftestError:
-        return None
-    return (fp.get("debug_config") or {}).get("dtype")
 
 
 async def run_async(
@@ -519,7 +495,8 @@ async def run_async(
         }
         for twin in twins:
             null = comps[("null", twin)]
-            null.module_noise = await _twin_noise(eps[twin])
+            noise = await _served(eps[twin], "rounding_noise")  # the twin's largest amplitude
+            null.module_noise = float(noise) if isinstance(noise, int | float) else None
             run.nulls.append(null)
         if cfg.run.whitebox != "off" and prompts:
             found = await asyncio.gather(
@@ -537,7 +514,9 @@ async def run_async(
                 url=running[tcfg.name].url,
                 golden=tcfg.golden.name if tcfg.golden is not None else None,
             )
-            tr.dtype = await _dtype(eps[tcfg.golden.name] if tcfg.golden is not None else eps[tcfg.name])
+            tr.dtype = await _served(
+                eps[tcfg.golden.name] if tcfg.golden is not None else eps[tcfg.name], "dtype"
+            )
             if tr.scheme is None:  # no scheme given: the target's own /debug/config may say it
                 tr.scheme = await _served_scheme(eps[tcfg.name])
                 source = "from the target's /debug/config" if tr.scheme else "none given or served"

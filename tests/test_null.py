@@ -135,3 +135,18 @@ def test_replay_bound_by_dtype_and_null_choice() -> None:
     assert replay_bound(None)[0] == replay_bound("float32")[0]
     assert pick_null(None, None).source == "none"
     assert pick_null(None, NoiseFloor(kl_mean=0.0, token_mismatch=0.0)).trust.startswith("weak")
+
+
+def test_rejudge_uses_the_in_run_floor_the_run_recorded() -> None:
+    """`report --thresholds` re-judges with the nulls the run used: a `null = "aa"` run's in-run
+    A/A floor is read back per golden from report.json, not replaced by absolute minimums."""
+    from difftest.judge import rejudge
+
+    floor = NoiseFloor(kl_mean=0.004, reference="g")
+    agg = {"failed_rate": 0.0, "token_match": 1.0, "kl_mean": 0.001, "top1_agreement": 1.0}
+    t = TargetResult(name="t", scheme="fp8-block", expect="pass", golden="g", comparisons=[
+        Comparison("exactness", "g", "t", aggregate=dict(agg)), Comparison("accuracy", "ref", "t", aggregate=dict(agg))])  # fmt: skip
+    run = RunResult(reference="ref", targets=[t], noise_floor={"in_run": {"g": floor.to_dict()}})
+    rejudge(run, {"fp8-block": {}})
+    kl = next(c for c in t.verdict.parts[0].checks if c.name == "kl_mean")  # type: ignore[union-attr]
+    assert kl.limit == pytest.approx(0.012) and kl.note == "in-run A/A 0.004 x3"

@@ -35,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
     from difftest.config import thresholds_for
     from difftest.judge import rejudge
     from difftest.report import load_run
-    from difftest.runner import floor_for_target
 
     result = load_run(args.dir)
     out = args.out or args.dir
@@ -44,13 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {args.out}: already holds a report.json (pick a new folder)")
     if args.thresholds:
         thresholds = threshold_file(args.thresholds)
-        floor = (
-            floor_for_target(result.noise_floor, None)
-            if result.noise_floor and "in_run" not in result.noise_floor
-            else None
-        )
         by_scheme = {t.scheme: thresholds_for(thresholds, t.scheme) for t in result.targets}
-        rejudge(result, by_scheme, floor)
+        rejudge(result, by_scheme)
         result.signature["thresholds"] = thresholds
         result.signature["rejudged_with"] = str(args.thresholds)
     if out != args.dir:

@@ -353,17 +353,17 @@ async def _whitebox(
         base_name = tcfg.golden.name if tcfg.golden is not None else cfg.reference.name
         slot_args = {"max_tokens": min(cfg.run.max_tokens, 16), "k": cfg.run.logprobs}
         if base_name not in slot_baselines:  # shared by the targets of one baseline, measured once
-            slot_baselines[base_name] = asyncio.ensure_future(
-                check_batch_slots(eps[base_name], prompts, **slot_args)
-            )
-            if tcfg.twin is not None and tcfg.golden is not None:
-                slot_baselines[f"{base_name}~twin"] = asyncio.ensure_future(
-                    twin_difference(eps[base_name], eps[tcfg.twin.name], prompts, **slot_args)
-                )
+            twin = eps[tcfg.twin.name] if tcfg.twin is not None and tcfg.golden is not None else None
+
+            async def measure(base: Endpoint = eps[base_name], twin: Endpoint | None = twin) -> tuple:
+                own = await check_batch_slots(base, prompts, **slot_args)
+                null = await twin_difference(base, twin, prompts, **slot_args) if twin else None
+                return own, null
+
+            slot_baselines[base_name] = asyncio.ensure_future(measure())
         inv = await check_batch_slots(tgt, prompts, **slot_args)
-        inv.relative_to(await slot_baselines[base_name], base_name)
-        if f"{base_name}~twin" in slot_baselines:
-            with_twin(inv, await slot_baselines[f"{base_name}~twin"])
+        own, null = await slot_baselines[base_name]
+        with_twin(inv.relative_to(own, base_name), null)
         result.invariance = inv.to_dict()
         parts.append(inv.verdict())
     if cfg.run.whitebox == "off":
@@ -503,7 +503,8 @@ async def run_async(
                 *(_null_layers(eps[g], eps[t], prompts[0].prompt) for t, g in twins.items())
             )
             run.null_layers = [d for d in found if d is not None]
-        slot_baselines: dict[str, Any] = {}  # baseline name -> future of its own batch-slot variance
+        # baseline name -> future of (its own batch-slot variance, its twin's difference on the probe)
+        slot_baselines: dict[str, Any] = {}
         carried: dict[str, list[PartVerdict]] = {}
 
         async def one_target(tcfg: TargetConfig) -> TargetResult:

@@ -238,7 +238,8 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
     monkeypatch.setattr(tuning, "REJECTED", [])
     tuner = tuning.Tuner()
     assert tuner.pick("key", cands, run, tune=True) == cands[2]
-    assert tuning.REJECTED == [{"key": "key", "config": cands[1].name, "reference": cands[0].name}]
+    rejected = tuning.REJECTED
+    assert rejected == [{"key": "key", "config": cands[1].name, "reference": cands[0].name}]
     n = len(current)
     assert tuner.pick("key", cands, run, tune=True) == cands[2] and len(current) == n  # cached: no runs
     assert tuning.Tuner().pick("key", cands, run, tune=True) == cands[2] and len(current) == n  # from disk

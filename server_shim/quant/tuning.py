@@ -34,8 +34,6 @@ from pathlib import Path
 
 import torch
 
-from server_shim.quant import arch
-
 logger = logging.getLogger(__name__)
 
 

@@ -49,7 +49,7 @@ def _workspace(splits: int, M: int, N: int, dtype: torch.dtype, out: torch.Tenso
 def _reduce(k: SimpleNamespace, ws: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
             bias: torch.Tensor | None, sa0: int, sb0: int, am: int, bmode: int, acc_int: bool) -> None:  # fmt: skip
     splits, M, N = ws.shape
-    bm, bn = min(tuning._pow2(M), 16), 128
+    bm, bn = min(max(tuning._pow2(M), 8), 16), 128  # no 1-row blocks: not every triton lays them out
     k.reduce[(_cdiv(M, bm), _cdiv(N, bn))](
         ws, out, a_scale, b_scale, bias if bias is not None else out, M, N, splits,
         out.stride(0), out.stride(1), sa0, sb0,

@@ -214,14 +214,13 @@ def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
     x's even and odd columns meet the low and high nibbles in two dots of BLOCK_K/2 each. Split-K
     as in `_mm8_kernel` (K_PER a multiple of BLOCK_K and of GROUP when GROUP >= BLOCK_K).
     """
-    HALF: tl.constexpr = BLOCK_K // 2
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = offs_m % M
     rn = offs_n % N
-    offs_j = tl.arange(0, HALF)
+    offs_j = tl.arange(0, BLOCK_K // 2)
     k_lo = pid_k * K_PER
     k_hi = tl.minimum(k_lo + K_PER, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -251,7 +250,7 @@ def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
             acc = tl.dot(xe, tl.trans(_cast_out(we, xe.dtype)), acc)
             acc = tl.dot(xo, tl.trans(_cast_out(wo, xo.dtype)), acc)
         x_ptrs += BLOCK_K * sxk
-        w_ptrs += HALF * swk
+        w_ptrs += (BLOCK_K // 2) * swk
     if SPLIT_OUT:
         _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
     else:
@@ -262,17 +261,16 @@ def _wonly_dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, swk, ssn, ssg, 
                           FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr):  # fmt: skip
     """Expand 4-bit weights [N, K/2] to o [N, K] in o's dtype (the large-M path's first pass)."""
-    HALF: tl.constexpr = BLOCK_K // 2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    offs_j = tl.arange(0, HALF)
+    offs_j = tl.arange(0, BLOCK_K // 2)
     ke = k0 + 2 * offs_j
     rn = offs_n % N
     kc = tl.minimum(ke, K - 1)
     byte = tl.load(w_ptr + rn[:, None] * swn + (kc // 2)[None, :] * swk)
     we, wo = _dequant_pair(byte, s_ptr, z_ptr, rn, kc, k0, ssn, ssg, szn, szg, FORMAT, GROUP, BLOCK_K)
-    dst = o_ptr.dtype.element_ty
-    w = tl.interleave(_cast_out(we, dst), _cast_out(wo, dst))  # [BN, BK], even k first
+    # [BN, BK], even k first
+    w = tl.interleave(_cast_out(we, o_ptr.dtype.element_ty), _cast_out(wo, o_ptr.dtype.element_ty))
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     tl.store(o_ptr + offs_n[:, None] * son + offs_k[None, :] * sok, w, mask=mask)

@@ -170,6 +170,21 @@ def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     assert rel(out, x.double() @ w.T) < 1e-6
 
 
+@pytest.mark.parametrize("cfg", [TILE, DEQ], ids=["tile", "deq"])
+def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None:
+    # fp16 is cast correctly by the interpreter too, so this runs the GPU's plain `.to()` rounding
+    force(cfg)
+    g = torch.Generator().manual_seed(19)
+    M, N, Kd = 2, 64, 256
+    x = torch.randn(M, Kd, generator=g).to(torch.float16)
+    q = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
+    scales = torch.rand(N, 2, generator=g) * 0.1 + 0.01
+    zeros = torch.randint(0, 16, (N, 2), dtype=torch.uint8, generator=g)
+    out = K.int4_gemm(x, pack(q), scales, zeros, out_dtype=torch.float32)
+    w = ((q.double() - expand(zeros, N, Kd, 1, 128)) * expand(scales, N, Kd, 1, 128)).float().half()
+    assert rel(out, x.double() @ w.double().T) < 1e-6
+
+
 @pytest.mark.parametrize("cfg", [TILE, SPLIT, GEMV, DEQ], ids=["tile", "split3", "gemv-split2", "deq"])
 def test_mxfp4_paths(force, cfg: tuning.Cfg) -> None:
     force(cfg)

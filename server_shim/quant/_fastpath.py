@@ -101,6 +101,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
     fam = family(k, x.device)
     key = f"{fam}|wonly|{x.dtype}|f{fmt}g{group}|m{tuning.m_bucket(M)}|n{N}|k{K}"
     sarg = (scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1))
+    emulate = k.interp and x.dtype == torch.bfloat16  # only the interpreter's bf16 cast is wrong
 
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         bias_arg = bias if bias is not None else out
@@ -108,7 +109,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             wd = torch.empty(N, K, dtype=x.dtype, device=x.device)
             k.deq[(_cdiv(N, _DEQ_BN), _cdiv(K, _DEQ_BK))](
                 w, scales, zeros, wd, N, K, w.stride(0), w.stride(1), *sarg, wd.stride(0), wd.stride(1),
-                FORMAT=fmt, GROUP=group, BLOCK_N=_DEQ_BN, BLOCK_K=_DEQ_BK, num_warps=4,
+                FORMAT=fmt, GROUP=group, EMULATE_RNE=emulate, BLOCK_N=_DEQ_BN, BLOCK_K=_DEQ_BK, num_warps=4,
             )  # fmt: skip
             k.mm16[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn),)](
                 x, wd, out, bias_arg, M, N, K, x.stride(0), x.stride(1), wd.stride(0), wd.stride(1),
@@ -122,7 +123,8 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
         k.wonly_fast[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn), splits)](
             x, w, out, ws, scales, zeros, bias_arg, M, N, K, kper,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *sarg,
-            FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee, SPLIT_OUT=splits > 1,
+            FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee, EMULATE_RNE=emulate,
+            SPLIT_OUT=splits > 1,
             EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=8,
             num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip

@@ -86,19 +86,35 @@ def _e8m0_to_f32(e):
 
 
 def _e2m1_to_f32(q):
-    """4-bit e2m1 code (bit 3 = sign) -> fp32 value, by bit assembly: (1 + m/2) * 2**(e-1)."""
+    """4-bit e2m1 code (bit 3 = sign) -> fp32, by bit assembly, no int-to-float conversion (a
+    quarter-rate instruction): magnitude code i >= 2 is (i << 22) + bits(0.5), i.e. exponent
+    i >> 1, mantissa i & 1; codes 0 and 1 (0 and the subnormal 0.5) are patched in."""
     idx = q & 7
-    ex = idx >> 1
-    mant = idx & 1
-    mag = ((ex + 126) << 23 | (mant << 22)).to(tl.float32, bitcast=True)
-    mag = tl.where(ex == 0, mant.to(tl.float32) * 0.5, mag)
-    return tl.where(q >= 8, -mag, mag)
+    bits = (idx << 22) + 0x3F000000
+    bits = tl.where(idx < 2, (0 - idx) & 0x3F000000, bits)
+    return (bits | ((q & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+def _nibble_f32(v):
+    """An integer 0..15 -> fp32 without a conversion instruction: 2**23 + v, minus 2**23 (exact)."""
+    return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+def _to_operand(x, DST: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """fp32 -> the dot operand dtype, round to nearest even. The hardware cast does that on a GPU;
+    the interpreter's cast does not (see _triton_kernels.py), so there the rounding is emulated."""
+    if EMULATE_RNE:  # noqa: SIM108 - a statement-level constexpr branch compiles on every triton
+        x = _cast_out(x, DST)
+    else:
+        x = x.to(DST)
+    return x
 
 
 def _dequant_pair(byte, s_ptr, z_ptr, rn, ke, k0, ssn, ssg, szn, szg,
                   FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """One [BN, BK/2] byte tile -> (w at even k, w at odd k), fp32. GROUP is even, so a byte's two
-    nibbles share a group. `ke` are the even k of the tile, clamped into range by the caller."""
+    nibbles share a group. `ke` are the even k of the tile, clamped into range by the caller.
+    int4: (q - zero) * scale in fp32, the reference's own two roundings, so bit-identical to it."""
     b = byte.to(tl.int32)
     lo = b & 15
     hi = (b >> 4) & 15
@@ -114,8 +130,8 @@ def _dequant_pair(byte, s_ptr, z_ptr, rn, ke, k0, ssn, ssg, szn, szg,
             z = tl.load(z_ptr + rn[:, None] * szn + g * szg).to(tl.float32)
     if FORMAT == 0:
         s = s.to(tl.float32)
-        we = (lo.to(tl.float32) - z) * s
-        wo = (hi.to(tl.float32) - z) * s
+        we = (_nibble_f32(lo) - z) * s
+        wo = (_nibble_f32(hi) - z) * s
     else:
         sc = _e8m0_to_f32(s)
         we = _e2m1_to_f32(lo) * sc
@@ -206,7 +222,7 @@ def _splitk_reduce_kernel(ws_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, SPLIT, 
 def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                   sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
                   FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
-                  SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                  EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
     """Weight-only GEMM/GEMV, 4-bit weights (byte k//2, low nibble = even k) unpacked per tile.
 
@@ -241,14 +257,14 @@ def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
             we, wo = _dequant_pair(byte, s_ptr, z_ptr, rn, kc, k0, ssn, ssg, szn, szg, FORMAT, GROUP, BLOCK_K)
             we = tl.where((ke < K)[None, :], we, 0.0)
             wo = tl.where((ke + 1 < K)[None, :], wo, 0.0)
+        we = _to_operand(we, xe.dtype, EMULATE_RNE)
+        wo = _to_operand(wo, xo.dtype, EMULATE_RNE)
         if DOT_IEEE:  # fp32 x; or bf16 x in the interpreter, whose bf16 tl.dot is broken
-            acc = tl.dot(xe.to(tl.float32), tl.trans(_cast_out(we, xe.dtype).to(tl.float32)), acc,
-                         input_precision="ieee")  # fmt: skip
-            acc = tl.dot(xo.to(tl.float32), tl.trans(_cast_out(wo, xo.dtype).to(tl.float32)), acc,
-                         input_precision="ieee")  # fmt: skip
+            acc = tl.dot(xe.to(tl.float32), tl.trans(we.to(tl.float32)), acc, input_precision="ieee")
+            acc = tl.dot(xo.to(tl.float32), tl.trans(wo.to(tl.float32)), acc, input_precision="ieee")
         else:
-            acc = tl.dot(xe, tl.trans(_cast_out(we, xe.dtype)), acc)
-            acc = tl.dot(xo, tl.trans(_cast_out(wo, xo.dtype)), acc)
+            acc = tl.dot(xe, tl.trans(we), acc)
+            acc = tl.dot(xo, tl.trans(wo), acc)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += (BLOCK_K // 2) * swk
     if SPLIT_OUT:
@@ -258,8 +274,8 @@ def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
 
 
 def _wonly_dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, swk, ssn, ssg, szn, szg, son, sok,
-                          FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):  # fmt: skip
+                          FORMAT: tl.constexpr, GROUP: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Expand 4-bit weights [N, K/2] to o [N, K] in o's dtype (the large-M path's first pass)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
@@ -270,7 +286,8 @@ def _wonly_dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, swk, ssn, ssg, 
     byte = tl.load(w_ptr + rn[:, None] * swn + (kc // 2)[None, :] * swk)
     we, wo = _dequant_pair(byte, s_ptr, z_ptr, rn, kc, k0, ssn, ssg, szn, szg, FORMAT, GROUP, BLOCK_K)
     # [BN, BK], even k first
-    w = tl.interleave(_cast_out(we, o_ptr.dtype.element_ty), _cast_out(wo, o_ptr.dtype.element_ty))
+    w = tl.interleave(_to_operand(we, o_ptr.dtype.element_ty, EMULATE_RNE),
+                      _to_operand(wo, o_ptr.dtype.element_ty, EMULATE_RNE))  # fmt: skip
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     tl.store(o_ptr + offs_n[:, None] * son + offs_k[None, :] * sok, w, mask=mask)
@@ -307,6 +324,7 @@ def _mm16_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, sam, sak, sbn, sbk, scm
     _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 
-HELPERS = ("_scale_out", "_kstep_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_dequant_pair")
+HELPERS = ("_scale_out", "_kstep_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
+           "_to_operand", "_dequant_pair")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = ("_mm8_kernel", "_splitk_reduce_kernel", "_wonly_kernel", "_wonly_dequant_kernel", "_mm16_kernel")

@@ -110,10 +110,13 @@ def run_pool(run: Run, jobs: list[tuple], workers: int, deadline: float) -> None
             for cfg, err in res["results"].items():
                 run.check(f"{impl} {name} {M}x{N}x{Kd} {cfg}", err, C.tol(name))
     except cf.TimeoutError:
-        print("config checks: out of time, going on with what finished", flush=True)
+        print("config checks: out of time, stopping the workers, going on with what finished", flush=True)
         run.data["fails"].append("config checks timed out")
-    finally:
+        for proc in list(getattr(pool, "_processes", {}).values()):  # they would skew the timings
+            proc.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
+    else:
+        pool.shutdown(wait=True)
     run.save()
 
 

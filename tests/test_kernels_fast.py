@@ -252,16 +252,20 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
     monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", str(tmp_path / "tune.json"))
     monkeypatch.setattr(tuning, "REJECTED", [])
     tuner = tuning.Tuner()
-    assert tuner.pick("key", cands, run, tune=True) == cands[2]
+    assert tuner.pick("key", lambda: cands, run, tune=True) == cands[2]
     rejected = tuning.REJECTED
     assert rejected == [{"key": "key", "config": cands[1].name, "reference": cands[0].name}]
     n = len(current)
-    assert tuner.pick("key", cands, run, tune=True) == cands[2] and len(current) == n  # cached: no runs
-    assert tuning.Tuner().pick("key", cands, run, tune=True) == cands[2] and len(current) == n  # from disk
+    assert (
+        tuner.pick("key", lambda: cands, run, tune=True) == cands[2] and len(current) == n
+    )  # cached: no runs
+    assert (
+        tuning.Tuner().pick("key", lambda: cands, run, tune=True) == cands[2] and len(current) == n
+    )  # from disk
     # inside a CUDA graph capture an unseen key never tunes: the first (default) config, uncached
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert tuner.pick("other", cands, run, tune=True) == cands[0] and len(current) == n
-    assert tuner.pick("key", cands, run, tune=False) == cands[0]  # interpreter: no tuning at all
+    assert tuner.pick("other", lambda: cands, run, tune=True) == cands[0] and len(current) == n
+    assert tuner.pick("key", lambda: cands, run, tune=False) == cands[0]  # interpreter: no tuning at all
 
 
 # ----------------------------------------------------------------------------- faults inside the paths

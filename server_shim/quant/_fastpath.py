@@ -69,7 +69,9 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     def tiles(cfg: tuning.Cfg) -> tuning.Cfg:  # block mode: one K tile inside one scale group
         return replace(cfg, bk=min(cfg.bk, group)) if blocked else cfg
 
-    cands = list(dict.fromkeys(tiles(c) for c in tuning.candidates(fam, "mm8", M, N, K)))
+    def cands() -> list[tuning.Cfg]:
+        return list(dict.fromkeys(tiles(c) for c in tuning.candidates(fam, "mm8", M, N, K)))
+
     key = (f"{fam}|mm8|{a.dtype}|a{am}b{bmode}g{group}d{decode}f{int(fast_acc)}|"
            f"m{tuning.m_bucket(M)}|n{N}|k{K}")  # fmt: skip
 
@@ -132,4 +134,5 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
         return out
 
-    return run(tuning.TUNER.pick(key, tuning.candidates(fam, "wonly", M, N, K), run, tune=not k.interp))
+    cands = lambda: tuning.candidates(fam, "wonly", M, N, K)  # noqa: E731
+    return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))

@@ -80,7 +80,7 @@ _HOPPER = {
         "mid": _t("tile", (64, 128, 128, 4, 3), (64, 64, 128, 4, 4), (128, 128, 128, 8, 3),
                   (32, 64, 128, 4, 4, 2), (64, 64, 128, 4, 4, 4)),
         "large": _t("tile", (128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (64, 128, 128, 4, 3),
-                    (64, 256, 128, 4, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4)),
+                    (64, 256, 128, 4, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 256, 128, 8, 4)),
     },
     "wonly": {
         "small": _t("tile", (16, 32, 256, 4, 4), (16, 16, 256, 4, 4), (16, 64, 256, 4, 3, 4),
@@ -142,7 +142,8 @@ class Tuner:
     """Picks and caches one config per key; see the module docstring for the rules."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, str] = {}
+        self._cache: dict[str, str] = {}  # key -> config name (as on disk)
+        self._parsed: dict[str, Cfg] = {}
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self._disk_loaded = False
@@ -150,18 +151,28 @@ class Tuner:
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._parsed.clear()
             CHOSEN.clear()
 
-    def pick(self, key: str, cands: list[Cfg], run: Callable[[Cfg], torch.Tensor], *, tune: bool) -> Cfg:
-        """The config for `key`. `run(cfg)` launches the op with cfg and returns its output tensor.
+    def pick(self, key: str, candidates: Callable[[], list[Cfg]], run: Callable[[Cfg], torch.Tensor], *,
+             tune: bool) -> Cfg:  # fmt: skip
+        """The config for `key`. `candidates()` lists them (called only on a cache miss: a hit costs
+        one dict lookup); `run(cfg)` launches the op with cfg and returns its output tensor.
         tune=False (interpreter, CPU): the first candidate, no timing."""
         if FORCE is not None:
             return FORCE
-        if not tune or len(cands) == 1:
-            return cands[0]
+        if not tune:
+            return candidates()[0]
+        hit = self._parsed.get(key)
+        if hit is not None:
+            return hit
         name = self._cache.get(key) or self._from_disk(key)
         if name is not None:
-            return Cfg.parse(name)
+            self._parsed[key] = Cfg.parse(name)
+            return self._parsed[key]
+        cands = candidates()
+        if len(cands) == 1:
+            return cands[0]
         if torch.cuda.is_current_stream_capturing():
             if key not in self._warned:
                 self._warned.add(key)

@@ -55,6 +55,7 @@ class Run:
         self.out, self.t0 = out, time.time()
         self.data: dict = {"meta": {}, "checks": [], "rows": [], "fails": []}
         self.lock = threading.Lock()
+        self.workers: list = []  # the pool's processes, stopped by the watchdog too
 
     def check(self, what: str, err: float | str, limit: float, vendor: bool = False) -> None:
         ok = isinstance(err, float) and err <= limit
@@ -99,6 +100,7 @@ def run_pool(run: Run, jobs: list[tuple], workers: int, deadline: float) -> None
     print(f"config checks: {len(jobs)} jobs in {workers} worker processes", flush=True)
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
     futs = {pool.submit(C.check_configs, *j): j for j in jobs}
+    run.workers = list(getattr(pool, "_processes", {}).values())
     try:
         for fut in cf.as_completed(futs, timeout=max(10.0, deadline - run.elapsed())):
             name, M, N, Kd, _, impl = futs[fut]
@@ -278,6 +280,8 @@ def _watchdog(run: Run, budget: float) -> None:
     def fire() -> None:
         print(f"\nWATCHDOG: {budget:.0f} s budget spent; writing partial results and exiting", flush=True)
         run.data["fails"].append("watchdog: budget exceeded")
+        for proc in run.workers:
+            proc.terminate()
         try:
             run.save()
         finally:

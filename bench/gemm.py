@@ -103,7 +103,7 @@ def run_pool(run: Run, jobs: list[tuple], workers: int, deadline: float) -> None
     run.workers = list(getattr(pool, "_processes", {}).values())
     try:
         for fut in cf.as_completed(futs, timeout=max(10.0, deadline - run.elapsed())):
-            name, M, N, Kd, _, impl = futs[fut]
+            name, M, N, Kd, _, impl = futs[fut][:6]
             try:
                 res = fut.result()
             except Exception as e:  # a crashed worker: the main process still checks what it times

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench/gemm.py needs a CUDA or ROCm GPU; none is visible (CPU-only torch or no device).",
             file=sys.stderr,
         )
-        return 2
+        return 0  # `make bench` runs it everywhere: no GPU is nothing to time, not a failure
     import triton
 
     _watchdog(run, args.budget)

@@ -128,7 +128,7 @@ class Case:
         if hasattr(torch, "_scaled_mm"):
             bt, br = self.b_ten.T, self.b_row.T  # column-major [K, N], as cuBLASLt wants
             st, sbt = self.sa_ten.reshape(()), self.sb_ten.reshape(())
-            sat = self.sa_tok.contiguous()
+            sat = self.sa_tok.reshape(-1)[:, None]  # [M, 1] with stride(1) == 1, as _scaled_mm checks
             f["_scaled_mm tensor"] = lambda: torch._scaled_mm(self.a_ten, bt, st, sbt, out_dtype=bf)
             f["_scaled_mm row"] = lambda: torch._scaled_mm(self.a_tok, br, sat, self.sb_row.T, out_dtype=bf)
             if fastacc:

@@ -246,7 +246,7 @@ def quantize_act_fp8(
     """Dynamic fp8 quantization of activations [M, K]: per token (group None) or per 1 x group.
 
     scale = max(amax, 1e-12) / fp8_max (fp32, correctly rounded), q = rne(clamp(x / scale)):
-    returns (q [M, K] in fp8_dtype, scale [M, 1] or [M, ceil(K / group)] with strides (1, M)).
+    returns (q [M, K] in fp8_dtype, scale [M, 1], or [M, ceil(K / group)] with strides (1, M)).
     """
     _check_2d("x", x, (torch.float32, torch.bfloat16, torch.float16))
     if fp8_dtype not in FP8_MAX:
@@ -259,8 +259,13 @@ def quantize_act_fp8(
     G = 1 if group is None else _cdiv(K, gk)
     q = torch.empty(M, K, dtype=fp8_dtype, device=x.device)
     # M-contiguous ([G, M] storage seen as [M, G]): the GEMM reads one K group's scales for a
-    # tile of rows per K step, a coalesced load this way
-    scale = torch.empty(G, M, dtype=torch.float32, device=x.device).t()
+    # tile of rows per K step, a coalesced load this way. One group: a plain [M, 1] (stride 1 both
+    # ways, as torch._scaled_mm insists).
+    scale = (
+        torch.empty(G, M, dtype=torch.float32, device=x.device).t()
+        if G > 1
+        else x.new_empty(M, 1, dtype=torch.float32)
+    )
     if M == 0 or K == 0:
         return q, scale.fill_(AMAX_FLOOR / FP8_MAX[fp8_dtype])
     native = _fp8_native(x.device, fp8_dtype)

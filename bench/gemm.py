@@ -57,14 +57,19 @@ class Run:
         self.lock = threading.Lock()
         self.workers: list = []  # the pool's processes, stopped by the watchdog too
 
-    def check(self, what: str, err: float | str, limit: float, vendor: bool = False) -> None:
+    def check(
+        self, what: str, err: float | str, limit: float, vendor: bool = False, quiet: bool = False
+    ) -> bool:
+        """Record one check; print it unless quiet and passed (FAIL rows are always printed)."""
         ok = isinstance(err, float) and err <= limit
         status = "ok" if ok else ("vendor-fail" if vendor else "FAIL")
         shown = f"rel err {err:.2e} (tol {limit:.0e})" if isinstance(err, float) else str(err)[:160]
-        print(f"check {what:<62} {shown} {status}", flush=True)
+        if not (ok and quiet):
+            print(f"check {what:<62} {shown} {status}", flush=True)
         self.data["checks"].append({"what": what, "err": err, "tol": limit, "ok": ok})
         if not ok and not vendor:
             self.data["fails"].append(what)
+        return ok
 
     def elapsed(self) -> float:
         return time.time() - self.t0
@@ -109,8 +114,11 @@ def run_pool(run: Run, jobs: list[tuple], workers: int, deadline: float) -> None
             except Exception as e:  # a crashed worker: the main process still checks what it times
                 run.check(f"{impl} {name} {M}x{N}x{Kd} (worker)", f"{type(e).__name__}: {e}", 0.0)
                 continue
-            for cfg, err in res["results"].items():
-                run.check(f"{impl} {name} {M}x{N}x{Kd} {cfg}", err, C.tol(name))
+            oks = [run.check(f"{impl} {name} {M}x{N}x{Kd} {cfg}", err, C.tol(name), quiet=True)
+                   for cfg, err in res["results"].items()]  # fmt: skip
+            errs = [e for e in res["results"].values() if isinstance(e, float)]
+            print(f"checked {impl} {name} {M}x{N}x{Kd}: {sum(oks)}/{len(oks)} configs ok, max rel err "
+                  f"{max(errs, default=float('nan')):.1e} ({res['s']:.0f} s)", flush=True)  # fmt: skip
     except cf.TimeoutError:
         print("config checks: out of time, stopping the workers, going on with what finished", flush=True)
         run.data["fails"].append("config checks timed out")
@@ -337,14 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     exact_checks(run, dev, big=4096)
     print(f"[{run.elapsed():.0f} s] timing", flush=True)
     bench(run, shapes, dev, args)
+    for key, v in sorted(tuning.CHOSEN.items()):
+        print(f"tuned {key}: {v['config']}")
     table = markdown(run.data["rows"])
     print(f"\n## GEMM benchmark on {name}\n\n{table}\n")
     run.data["targets"] = targets(run.data["rows"])
     for t in run.data["targets"]:
         print(f"target {t['shape']:>14} {t['what']:<44} >= {t['goal']:.2f}x: {_fmt(t['ratio'])} "
               f"{'PASS' if t['ok'] else 'MISS'}")  # fmt: skip
-    for key, v in sorted(tuning.CHOSEN.items()):
-        print(f"tuned {key}: {v['config']}")
     for r in tuning.REJECTED:
         print(f"FAIL tuner rejected {r['config']} for {r['key']} (disagrees with {r['reference']})")
         run.data["fails"].append(f"tuner rejected {r['config']} for {r['key']}")

@@ -105,6 +105,21 @@ def test_fp8_row_tensor_paths_and_bf16_out(force, cfg: tuning.Cfg, mode: str) ->
     assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()  # one bf16 rounding
 
 
+@pytest.mark.parametrize("cfg", [TILE, SPLIT], ids=["tile", "split3"])
+@pytest.mark.parametrize(("amode", "bmode"), [("block", "row"), ("tensor", "block")])
+def test_fp8_mixed_block_and_row_tensor_scales(force, cfg: tuning.Cfg, amode: str, bmode: str) -> None:
+    force(cfg)
+    M, N, Kd = 3, 130, 300
+    a, b = fp8_data((M, Kd), FN, 20), fp8_data((N, Kd), FN, 21)
+    g = torch.Generator().manual_seed(22)
+    sa = torch.rand(M, 3, generator=g) + 0.01 if amode == "block" else torch.tensor([0.02])
+    sb = torch.rand(2, 3, generator=g) + 0.01 if bmode == "block" else torch.rand(N, 1, generator=g) + 0.01
+    out = K.fp8_gemm(a, sa, b, sb, a_scale_mode=amode, b_scale_mode=bmode, out_dtype=torch.float32)
+    ea = expand(sa, M, Kd, 1, 128) if amode == "block" else sa.double()
+    eb = expand(sb, N, Kd, 128, 128) if bmode == "block" else sb.double()
+    assert rel(out, (a.double() * ea) @ (b.double() * eb).T) < 1e-6
+
+
 def test_fp8_decode_path_with_split(force, monkeypatch: pytest.MonkeyPatch) -> None:
     force(SPLIT)
     monkeypatch.setattr(K, "_fp8_native", lambda device, dtype: False)

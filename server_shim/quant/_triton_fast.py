@@ -52,24 +52,15 @@ def _scale_out(acc, as_ptr, bs_ptr, rm, rn, sas0, sbs0, A_MODE: tl.constexpr, B_
     return out
 
 
-def _kstep_scale(as_ptr, bs_ptr, rm, rn, pid_n, kb, sas0, sas1, sbs0, sbs1,
-                 A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr,
-                 BLOCK_N: tl.constexpr):  # fmt: skip
-    """The block scale of K group `kb` for this tile: [BM, 1] x (scalar or [1, BN]).
-
-    When GROUP % BLOCK_N == 0 the tile's columns share one weight block (its first column is < N
-    even when the last tile wraps), so the weight scale is one scalar load per K step.
-    """
-    if B_MODE == 2:
-        if GROUP % BLOCK_N == 0:
-            s = tl.load(bs_ptr + ((pid_n * BLOCK_N) // GROUP) * sbs0 + kb * sbs1)
-        else:
-            s = tl.load(bs_ptr + (rn // GROUP) * sbs0 + kb * sbs1)[None, :]
-        if A_MODE == 2:
-            s = tl.load(as_ptr + rm * sas0 + kb * sas1)[:, None] * s
+def _b_block_scale(bs_ptr, rn, pid_n, kb, sbs0, sbs1, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The weight-block scales of K group `kb` for this tile's columns: a scalar when GROUP %
+    BLOCK_N == 0 (the tile lies in one block; its first column is < N even when it wraps), else
+    [1, BLOCK_N]."""
+    if GROUP % BLOCK_N == 0:
+        sb = tl.load(bs_ptr + ((pid_n * BLOCK_N) // GROUP) * sbs0 + kb * sbs1)
     else:
-        s = tl.load(as_ptr + rm * sas0 + kb * sas1)[:, None]
-    return s  # one return: a return inside a constexpr branch is not safe in every triton
+        sb = tl.load(bs_ptr + (rn // GROUP) * sbs0 + kb * sbs1)[None, :]
+    return sb
 
 
 def _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N):
@@ -167,6 +158,13 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # block scales of the first K step; each step then loads the next step's before it uses its
+    # own (Triton's pipeliner stages only the dot operands' loads: this hides the scales' latency).
+    # a's and b's are carried apart: their [BM, BN] product would double the tile's registers.
+    if A_MODE == 2:
+        sa = tl.load(as_ptr + rm * sas0 + (k_lo // GROUP) * sas1)[:, None]
+    if B_MODE == 2:
+        sb = _b_block_scale(bs_ptr, rn, pid_n, k_lo // GROUP, sbs0, sbs1, GROUP, BLOCK_N)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -179,9 +177,22 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
             a = _fp8_bits_to_f16(a, DECODE == 2)
             b = _fp8_bits_to_f16(b, DECODE == 2)
         if A_MODE == 2 or B_MODE == 2:
-            s = _kstep_scale(as_ptr, bs_ptr, rm, rn, pid_n, k0 // GROUP, sas0, sas1, sbs0, sbs1,
-                             A_MODE, B_MODE, GROUP, BLOCK_N)  # fmt: skip
-            acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32) * s
+            part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+            kn = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP  # the last step reloads a valid group, unused
+            if A_MODE == 2:
+                sa_next = tl.load(as_ptr + rm * sas0 + kn * sas1)[:, None]
+            if B_MODE == 2:
+                sb_next = _b_block_scale(bs_ptr, rn, pid_n, kn, sbs0, sbs1, GROUP, BLOCK_N)
+            if A_MODE == 2 and B_MODE == 2:
+                acc += part * (sa * sb)
+            elif A_MODE == 2:
+                acc += part * sa
+            else:
+                acc += part * sb
+            if A_MODE == 2:
+                sa = sa_next
+            if B_MODE == 2:
+                sb = sb_next
         elif ACC_INT:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         elif FAST_ACC or DECODE != 0:
@@ -324,7 +335,7 @@ def _mm16_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, sam, sak, sbn, sbk, scm
     _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 
-HELPERS = ("_scale_out", "_kstep_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
+HELPERS = ("_scale_out", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_dequant_pair")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = ("_mm8_kernel", "_splitk_reduce_kernel", "_wonly_kernel", "_wonly_dequant_kernel", "_mm16_kernel")

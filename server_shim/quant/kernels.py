@@ -13,8 +13,11 @@ helpers -- tl.max, tl.zeros -- are decorated then); a late switch gets a clear Q
 (quant/linear.py's `load_kernels` reloads triton.language to allow it). The choice made at the
 first kernel call is then fixed for the process.
 
-_triton_kernels.py also holds the autotune tables, and its docstring lists what the interpreter
-gets wrong and how the bodies cope.
+Two sets of kernel bodies: _triton_fast.py (the default: split-K GEMV paths for small M, block-scaled
+fp8 tiles, 4-bit tile unpacking and dequantize-then-GEMM; launched by _fastpath.py with one config
+per shape from quant/tuning.py) and _triton_kernels.py (the legacy bodies under triton.autotune,
+selected with DIFFTEST_TRITON_KERNELS=legacy). _triton_kernels.py's docstring lists what the
+interpreter gets wrong and how both sets cope.
 """
 
 from __future__ import annotations

@@ -222,10 +222,15 @@ def test_legacy_switch_and_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = fp8_data((3, 256), FN, 16), fp8_data((40, 256), FN, 17)
     sa, sb = torch.rand(3, 2) + 0.01, torch.rand(1, 2) + 0.01
     args = dict(a_scale_mode="block", b_scale_mode="block", out_dtype=torch.float32)
+    g = torch.Generator().manual_seed(23)
+    x, q = torch.randn(3, 256, generator=g), torch.randint(0, 16, (40, 256), dtype=torch.uint8, generator=g)
+    s4, z4 = torch.rand(40, 2, generator=g) * 0.1 + 0.01, torch.full((40, 2), 8, dtype=torch.uint8)
     fast = K.fp8_gemm(a, sa, b, sb, **args)
+    fast4 = K.int4_gemm(x, pack(q), s4, z4, out_dtype=torch.float32)
     monkeypatch.setenv("DIFFTEST_TRITON_KERNELS", "legacy")
     assert K.impl() == "legacy"
     assert rel(K.fp8_gemm(a, sa, b, sb, **args), fast) < 1e-6
+    assert rel(K.int4_gemm(x, pack(q), s4, z4, out_dtype=torch.float32), fast4) < 1e-6
     monkeypatch.setenv("DIFFTEST_TRITON_KERNELS", "turbo")
     with pytest.raises(QuantConfigError, match="DIFFTEST_TRITON_KERNELS"):
         K.fp8_gemm(a, sa, b, sb, **args)

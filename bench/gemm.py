@@ -114,8 +114,13 @@ def run_pool(run: Run, jobs: list[tuple], workers: int, deadline: float) -> None
             except Exception as e:  # a crashed worker: the main process still checks what it times
                 run.check(f"{impl} {name} {M}x{N}x{Kd} (worker)", f"{type(e).__name__}: {e}", 0.0)
                 continue
+            results = res["results"]
+            for cfg in [c for c, e in results.items() if isinstance(e, str) and _no_fit(e)]:
+                print(
+                    f"skip  {impl} {name} {M}x{N}x{Kd} {cfg}: does not fit this GPU ({results.pop(cfg)[:80]})"
+                )
             oks = [run.check(f"{impl} {name} {M}x{N}x{Kd} {cfg}", err, C.tol(name), quiet=True)
-                   for cfg, err in res["results"].items()]  # fmt: skip
+                   for cfg, err in results.items()]  # fmt: skip
             errs = [e for e in res["results"].values() if isinstance(e, float)]
             print(f"checked {impl} {name} {M}x{N}x{Kd}: {sum(oks)}/{len(oks)} configs ok, max rel err "
                   f"{max(errs, default=float('nan')):.1e} ({res['s']:.0f} s)", flush=True)  # fmt: skip
@@ -128,6 +133,11 @@ def run_pool(run: Run, jobs: list[tuple], workers: int, deadline: float) -> None
     else:
         pool.shutdown(wait=True)
     run.save()
+
+
+def _no_fit(err: str) -> bool:
+    """A config that needs more shared memory / registers than this GPU has: the tuner skips it too."""
+    return "OutOfResources" in err or "out of resource" in err.lower()
 
 
 # ----------------------------------------------------------------------------- 2. exactness checks

@@ -227,8 +227,12 @@ def bench(run: Run, shapes: list[tuple[int, int, int]], dev: torch.device, args:
                 run.check(f"{name} {M}x{N}x{Kd} (as timed)", C.rel_err(got, c.reference(refname)), C.tol(refname),
                           vendor=not name.startswith(("triton", "legacy")))  # fmt: skip
                 ms = _time(fn)
-            except Exception as e:  # record and go on: _scaled_mm has shape limits
-                print(f"  {name} {M}x{N}x{Kd}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            except Exception as e:  # record and go on (_scaled_mm has shape limits: not our failure)
+                ours = name.startswith(("triton", "legacy"))
+                print(f"{'FAIL' if ours else 'skip'}  {name} {M}x{N}x{Kd}: {type(e).__name__}: {str(e)[:160]}",
+                      flush=True)  # fmt: skip
+                if ours:
+                    run.data["fails"].append(f"{name} {M}x{N}x{Kd}: {type(e).__name__}")
                 continue
             row["ms"][name] = ms
             row["tflops"][name] = 2 * M * N * Kd / ms / 1e9

@@ -9,8 +9,8 @@ and exits 3):
    (quant/tuning.py's lists for this GPU) runs pinned at every timed shape and at two odd ones
    (masks, partial tiles), and is compared with a float64 reference; a wrong config is a FAIL row.
    The workers also leave every compiled kernel in Triton's cache, so step 3 does not compile.
-2. Exactness checks in this process: fp32 outputs (promoted fp8 accumulation, swapped block-scale
-   strides, bias, e4m3fnuz), and the activation-quantization kernel bit for bit.
+2. Exactness checks (in the pool as well): fp32 outputs (promoted fp8 accumulation, swapped
+   block-scale strides, bias, e4m3fnuz), and the activation-quantization kernel bit for bit.
 3. Timing at 4096^3, 1024x4096x4096, 16x4096x4096, 1x4096x4096 (--full adds more): torch bf16,
    `torch._scaled_mm`, every Triton kernel through the shim's own dispatch (the tuner picks
    and caches a config at the first call, which is then checked against float64 again), and the
@@ -51,8 +51,8 @@ FN = C.FN
 class Run:
     """Everything measured so far; `save` writes it (also from the watchdog, mid-run)."""
 
-    def __init__(self, out: Path | None) -> None:
-        self.out, self.t0 = out, time.time()
+    def __init__(self, out: Path | None, echo: bool = True) -> None:
+        self.out, self.t0, self.echo = out, time.time(), echo
         self.data: dict = {"meta": {}, "checks": [], "rows": [], "fails": []}
         self.lock = threading.Lock()
         self.workers: list = []  # the pool's processes, stopped by the watchdog too
@@ -64,7 +64,7 @@ class Run:
         ok = isinstance(err, float) and err <= limit
         status = "ok" if ok else ("vendor-fail" if vendor else "FAIL")
         shown = f"rel err {err:.2e} (tol {limit:.0e})" if isinstance(err, float) else str(err)[:160]
-        if not (ok and quiet):
+        if self.echo and not (ok and quiet):
             print(f"check {what:<62} {shown} {status}", flush=True)
         self.data["checks"].append({"what": what, "err": err, "tol": limit, "ok": ok})
         if not ok and not vendor:
@@ -104,10 +104,18 @@ def run_pool(run: Run, jobs: list[tuple], workers: int, deadline: float) -> None
 
     print(f"config checks: {len(jobs)} jobs in {workers} worker processes", flush=True)
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-    futs = {pool.submit(C.check_configs, *j): j for j in jobs}
+    futs = {pool.submit(exact_job, 4096): ("exact",)}  # first: it compiles a dozen kernels itself
+    futs.update({pool.submit(C.check_configs, *j): j for j in jobs})
     run.workers = list(getattr(pool, "_processes", {}).values())
     try:
         for fut in cf.as_completed(futs, timeout=max(10.0, deadline - run.elapsed())):
+            if futs[fut] == ("exact",):
+                try:
+                    for c in fut.result():
+                        run.check(c["what"], c["err"], c["tol"])
+                except Exception as e:
+                    run.check("exactness checks (worker)", f"{type(e).__name__}: {e}", 0.0)
+                continue
             name, M, N, Kd, _, impl = futs[fut][:6]
             try:
                 res = fut.result()
@@ -141,6 +149,13 @@ def _no_fit(err: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- 2. exactness checks
+def exact_job(big: int, device: str = "cuda") -> list[dict]:
+    """Worker: the exactness checks, returned as check records for the main process."""
+    rec = Run(None, echo=False)
+    exact_checks(rec, torch.device(device), big)
+    return rec.data["checks"]
+
+
 def exact_checks(run: Run, dev: torch.device, big: int) -> None:
     x = torch.randn(64, big, device=dev) * 3
     for grp in (None, 128):
@@ -353,10 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {name} ({arch.gemm_family(dev)}), torch {torch.__version__}, triton {triton.__version__}, "
           f"kernels {K.impl()}", flush=True)  # fmt: skip
     shapes = SHAPES + (FULL if args.full else [])
-    if args.workers > 0:
+    if args.workers > 0:  # the exactness checks run in the pool too
         run_pool(run, config_jobs(dev, shapes, not args.no_legacy), args.workers, args.budget * 0.5)
-    print(f"[{run.elapsed():.0f} s] exactness checks", flush=True)
-    exact_checks(run, dev, big=4096)
+    else:
+        print(f"[{run.elapsed():.0f} s] exactness checks", flush=True)
+        exact_checks(run, dev, big=4096)
     print(f"[{run.elapsed():.0f} s] timing", flush=True)
     bench(run, shapes, dev, args)
     for key, v in sorted(tuning.CHOSEN.items()):

@@ -267,7 +267,9 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), speed[current[-1].name])[1])
+    monkeypatch.setattr(
+        triton.testing, "do_bench_cudagraph", lambda fn, **kw: (fn(), speed[current[-1].name])[1]
+    )
     monkeypatch.setattr(tuning.Tuner, "_prefix", lambda self: "dev|tv|")
     monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", str(tmp_path / "tune.json"))
     monkeypatch.setattr(tuning, "REJECTED", [])

@@ -1,7 +1,7 @@
 """Per-shape kernel configs for the fast Triton kernels: short candidate lists, timed once, cached.
 
 One config per key = (arch family, kernel, variant, M bucket, N, K). The first call with a new key
-times every candidate (triton.testing.do_bench, a few ms each, plus one compile per tile shape),
+times every candidate (CUDA-graph replays, see `_time`; a few ms each, plus one compile per tile),
 keeps the fastest, and every later call with that key reuses it: no timing, no host sync, nothing
 that depends on allocations -- so a CUDA graph engine that warms each shape up eagerly before
 capture replays exactly what it warmed. Inside a stream capture an unseen key never tunes (that
@@ -188,7 +188,6 @@ class Tuner:
             return Cfg.parse(self._cache[key])
 
     def _tune(self, key: str, cands: list[Cfg], run: Callable[[Cfg], torch.Tensor]) -> Cfg:
-        import triton.testing
 
         ref: torch.Tensor | None = None
         times: dict[str, float] = {}
@@ -209,7 +208,7 @@ class Tuner:
                     "triton config %s for %s disagrees with %s: rejected", cfg.name, key, cands[0].name
                 )
                 continue
-            times[cfg.name] = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=3, rep=12) * 1e3
+            times[cfg.name] = _time(lambda cfg=cfg: run(cfg)) * 1e3
         if not times:
             raise RuntimeError(f"no triton config runs for {key}: {[c.name for c in cands]}")
         best = min(times, key=times.__getitem__)
@@ -252,6 +251,22 @@ class Tuner:
             tmp.replace(path)
         except (OSError, ValueError) as e:
             logger.warning("cannot write the triton config cache %s: %s", path, e)
+
+
+def _time(fn: Callable[[], object]) -> float:
+    """Milliseconds per call of fn, from CUDA-graph replays: what a served step (graph replay) pays.
+    Eager timing would measure Triton's Python launch cost (tens of us) at small shapes, where the
+    kernels take a few us, and so pick the config with the fewest launches, never a split-K one.
+    Falls back to eager timing when fn cannot be captured."""
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=5))
+    except Exception as e:  # noqa: BLE001 - any capture failure: time eagerly instead
+        logger.info("graph timing failed (%s): timing eagerly", str(e).splitlines()[0:1])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return float(triton.testing.do_bench(fn, warmup=3, rep=12))
 
 
 def agree(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-2) -> bool:

@@ -33,6 +33,10 @@ TILE = tuning.Cfg("tile", 16, 64, 128, 4, 1)
 SPLIT = tuning.Cfg("tile", 16, 32, 64, 4, 1, 3)
 GEMV = tuning.Cfg("tile", 16, 16, 128, 4, 1, 2)
 DEQ = tuning.Cfg("deq", 16, 64, 64, 4, 1)
+# the dot-free M <= 4 kernels (2-row blocks + split-K; 4-row blocks, narrow K tiles) and the w4a16 one
+DOTLESS = tuning.Cfg("gemv", 2, 16, 128, 4, 1, 2)
+DOTLESS4 = tuning.Cfg("gemv", 4, 8, 64, 4, 1)
+FUSED = tuning.Cfg("fused", 16, 32, 64, 4, 1, 2)
 
 
 @pytest.fixture
@@ -63,7 +67,11 @@ def pack(q: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- 8-bit operands
-@pytest.mark.parametrize("cfg", [TILE, SPLIT, GEMV], ids=["tile", "split3", "gemv-split2"])
+@pytest.mark.parametrize(
+    "cfg",
+    [TILE, SPLIT, GEMV, DOTLESS, DOTLESS4],
+    ids=["tile", "split3", "gemv-split2", "dotless", "dotless4"],
+)
 @pytest.mark.parametrize("Kd", [256, 300])
 def test_fp8_block_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     force(cfg)
@@ -89,7 +97,7 @@ def test_fp8_block_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     assert rel(out, ref) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", [TILE, SPLIT], ids=["tile", "split3"])
+@pytest.mark.parametrize("cfg", [TILE, SPLIT, DOTLESS], ids=["tile", "split3", "dotless"])
 @pytest.mark.parametrize("mode", ["row", "tensor"])
 def test_fp8_row_tensor_paths_and_bf16_out(force, cfg: tuning.Cfg, mode: str) -> None:
     force(cfg)
@@ -105,7 +113,7 @@ def test_fp8_row_tensor_paths_and_bf16_out(force, cfg: tuning.Cfg, mode: str) ->
     assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()  # one bf16 rounding
 
 
-@pytest.mark.parametrize("cfg", [TILE, SPLIT], ids=["tile", "split3"])
+@pytest.mark.parametrize("cfg", [TILE, SPLIT, DOTLESS4], ids=["tile", "split3", "dotless4"])
 @pytest.mark.parametrize(("amode", "bmode"), [("block", "row"), ("tensor", "block")])
 def test_fp8_mixed_block_and_row_tensor_scales(force, cfg: tuning.Cfg, amode: str, bmode: str) -> None:
     force(cfg)
@@ -120,8 +128,9 @@ def test_fp8_mixed_block_and_row_tensor_scales(force, cfg: tuning.Cfg, amode: st
     assert rel(out, (a.double() * ea) @ (b.double() * eb).T) < 1e-6
 
 
-def test_fp8_decode_path_with_split(force, monkeypatch: pytest.MonkeyPatch) -> None:
-    force(SPLIT)
+@pytest.mark.parametrize("cfg", [SPLIT, DOTLESS], ids=["split3", "dotless"])
+def test_fp8_decode_path_with_split(force, monkeypatch: pytest.MonkeyPatch, cfg: tuning.Cfg) -> None:
+    force(cfg)
     monkeypatch.setattr(K, "_fp8_native", lambda device, dtype: False)
     M, N, Kd = 2, 40, 256
     a, b = fp8_data((M, Kd), FNUZ, 8), fp8_data((N, Kd), FNUZ, 9)
@@ -130,7 +139,9 @@ def test_fp8_decode_path_with_split(force, monkeypatch: pytest.MonkeyPatch) -> N
     assert rel(out, (a.double() * 0.01) @ (b.double() * expand(sb, N, Kd, 128, 128)).T) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", [TILE, SPLIT], ids=["tile", "split3"])
+@pytest.mark.parametrize(
+    "cfg", [TILE, SPLIT, DOTLESS, DOTLESS4], ids=["tile", "split3", "dotless", "dotless4"]
+)
 def test_int8_paths_are_exact_integer_sums(force, cfg: tuning.Cfg) -> None:
     force(cfg)
     g = torch.Generator().manual_seed(10)
@@ -143,8 +154,9 @@ def test_int8_paths_are_exact_integer_sums(force, cfg: tuning.Cfg) -> None:
     assert torch.equal(out, (acc.float() * sa * sb.T))
 
 
-def test_split_k_is_deterministic(force) -> None:
-    force(SPLIT)
+@pytest.mark.parametrize("cfg", [SPLIT, DOTLESS], ids=["split3", "dotless"])
+def test_split_k_is_deterministic(force, cfg: tuning.Cfg) -> None:
+    force(cfg)
     a, b = fp8_data((4, 384), FN, 11), fp8_data((64, 384), FN, 12)
     sa, sb = torch.rand(4, 3) + 0.01, torch.rand(1, 3) + 0.01
     runs = [K.fp8_gemm(a, sa, b, sb, a_scale_mode="block", b_scale_mode="block", out_dtype=torch.float32)
@@ -157,7 +169,11 @@ def _int4_ref(x, q, scales, zeros, N, Kd):
     return x.double() @ ((q.double() - expand(zeros, N, Kd, 1, 128)) * expand(scales, N, Kd, 1, 128)).T
 
 
-@pytest.mark.parametrize("cfg", [TILE, SPLIT, GEMV, DEQ], ids=["tile", "split3", "gemv-split2", "deq"])
+@pytest.mark.parametrize(
+    "cfg",
+    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED],
+    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused"],
+)
 @pytest.mark.parametrize("Kd", [256, 201])
 def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     force(cfg)
@@ -172,7 +188,9 @@ def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     assert rel(out, _int4_ref(x, q, scales, zeros, N, Kd) + bias.double()) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", [TILE, SPLIT, DEQ], ids=["tile", "split3", "deq"])
+@pytest.mark.parametrize(
+    "cfg", [TILE, SPLIT, DEQ, DOTLESS, FUSED], ids=["tile", "split3", "deq", "dotless", "fused"]
+)
 def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     force(cfg)
     g = torch.Generator().manual_seed(14)
@@ -185,7 +203,7 @@ def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     assert rel(out, x.double() @ w.T) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", [TILE, DEQ], ids=["tile", "deq"])
+@pytest.mark.parametrize("cfg", [TILE, DEQ, DOTLESS, FUSED], ids=["tile", "deq", "dotless", "fused"])
 def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None:
     # fp16 is cast correctly by the interpreter too, so this runs the GPU's plain `.to()` rounding
     force(cfg)
@@ -200,7 +218,11 @@ def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None
     assert rel(out, x.double() @ w.double().T) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", [TILE, SPLIT, GEMV, DEQ], ids=["tile", "split3", "gemv-split2", "deq"])
+@pytest.mark.parametrize(
+    "cfg",
+    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED],
+    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused"],
+)
 def test_mxfp4_paths(force, cfg: tuning.Cfg) -> None:
     force(cfg)
     g = torch.Generator().manual_seed(15)
@@ -245,6 +267,11 @@ def test_buckets_configs_and_agreement() -> None:
                 assert cands and all(tuning.Cfg.parse(c.name) == c for c in cands), (fam, kind, cls)
                 if cls == "small":  # GEMV shapes: 16-row tiles
                     assert all(c.bm == 16 for c in cands)
+    gemv = tuning.candidates("hopper", "mm8", 1, 4096, 4096)
+    assert {c.path for c in gemv} == {"tile", "gemv"} and all(c.bm <= 4 for c in gemv if c.path == "gemv")
+    assert all(c.path != "gemv" for c in tuning.candidates("hopper", "wonly", 2, 4096, 4096))
+    swz = tuning.Cfg("tile", 256, 128, 128, 8, 3, 1, 16)
+    assert tuning.Cfg.parse(swz.name) == swz and swz.name.endswith(":g16")
     ref = torch.tensor([1.0, float("nan"), float("inf"), 4.0])
     assert tuning.agree(ref * (1 + 1e-4), ref)
     assert not tuning.agree(torch.tensor([1.0, float("nan"), -float("inf"), 4.0]), ref)
@@ -296,10 +323,10 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
     [("fp8-block", "scale-transposed"), ("fp8-block", "slot-variant"), ("fp8-token", "garbage-gemm"),
      ("int4-g128", "scale-transposed"), ("mxfp4", "scale-skipped"), ("int8", "ue8m0-rounding")],
 )  # fmt: skip
-@pytest.mark.parametrize("cfg", [SPLIT, DEQ], ids=["split3", "deq"])
+@pytest.mark.parametrize("cfg", [SPLIT, DEQ, DOTLESS, FUSED], ids=["split3", "deq", "dotless", "fused"])
 def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
-    if cfg.path == "deq" and scheme not in F.WEIGHT_ONLY_SCHEMES:
-        pytest.skip("the dequantize-then-GEMM path is weight-only")
+    if cfg.path in ("deq", "fused") and scheme not in F.WEIGHT_ONLY_SCHEMES:
+        pytest.skip(f"the {cfg.path} path is weight-only")
     force(cfg)
     g = torch.Generator().manual_seed(18)
     w = torch.randn(256, 384, generator=g) * 0.02 * (1 + 3 * torch.rand(256, 1, generator=g))

@@ -58,6 +58,20 @@ def _reduce(k: SimpleNamespace, ws: torch.Tensor, out: torch.Tensor, a_scale: to
     )  # fmt: skip
 
 
+def _launch_mm8(k: SimpleNamespace, grid: tuple[int, int], cfg: tuning.Cfg, a: torch.Tensor, b: torch.Tensor,
+                out: torch.Tensor, ws: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                bias: torch.Tensor | None, M: int, N: int, K: int, kper: int, sa: tuple[int, int],
+                sb: tuple[int, int], *, am: int, bmode: int, group: int, acc_int: bool, decode: int,
+                fast_acc: bool) -> None:  # fmt: skip
+    k.mm8[grid](
+        a, b, out, ws, a_scale, b_scale, bias if bias is not None else out, M, N, K, kper,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb,
+        A_MODE=am, B_MODE=bmode, GROUP=group, HAS_BIAS=bias is not None, ACC_INT=acc_int, DECODE=decode,
+        FAST_ACC=fast_acc, SPLIT_OUT=ws is not out, EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
+        BLOCK_K=cfg.bk, GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+
+
 def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor,
         b_scale: torch.Tensor, bias: torch.Tensor | None, sa: tuple[int, int], sb: tuple[int, int], *,
         am: int, bmode: int, group: int, acc_int: bool, decode: int, fast_acc: bool) -> torch.Tensor:  # fmt: skip
@@ -80,13 +94,17 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
         kper, splits = _splits(K, cfg.bk, cfg.split)
         ws = _workspace(splits, M, N, torch.int32 if acc_int else torch.float32, out)
         grid = (_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn), splits)
-        k.mm8[grid](
-            a, b, out, ws, a_scale, b_scale, bias if bias is not None else out, M, N, K, kper,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb,
-            A_MODE=am, B_MODE=bmode, GROUP=group, HAS_BIAS=bias is not None, ACC_INT=acc_int, DECODE=decode,
-            FAST_ACC=fast_acc, SPLIT_OUT=splits > 1, EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
-            BLOCK_K=cfg.bk, GROUP_M=8, num_warps=cfg.warps, num_stages=cfg.stages,
-        )  # fmt: skip
+        if cfg.path == "gemv":
+            k.gemv8[grid](
+                a, b, out, ws, a_scale, b_scale, bias if bias is not None else out, M, N, K, kper,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb,
+                A_MODE=am, B_MODE=bmode, GROUP=group, HAS_BIAS=bias is not None, ACC_INT=acc_int, DECODE=decode,
+                SPLIT_OUT=splits > 1, EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk,
+                num_warps=cfg.warps, num_stages=cfg.stages,
+            )  # fmt: skip
+        else:
+            _launch_mm8(k, grid, cfg, a, b, out, ws, a_scale, b_scale, bias, M, N, K, kper, sa, sb, am=am,
+                        bmode=bmode, group=group, acc_int=acc_int, decode=decode, fast_acc=fast_acc)  # fmt: skip
         if splits > 1:
             # block scales were applied per K tile: the reduction applies tensor/row ones only
             _reduce(k, ws, out, a_scale, b_scale, bias, sa[0], sb[0], am, bmode, acc_int)
@@ -116,18 +134,30 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             k.mm16[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn),)](
                 x, wd, out, bias_arg, M, N, K, x.stride(0), x.stride(1), wd.stride(0), wd.stride(1),
                 out.stride(0), out.stride(1), HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee,
-                EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=8,
+                EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group_m,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )  # fmt: skip
             return out
         kper, splits = _splits(K, cfg.bk, cfg.split)
         ws = _workspace(splits, M, N, torch.float32, out)
-        k.wonly_fast[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn), splits)](
+        if cfg.path == "gemv":
+            k.gemv4[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn), splits)](
+                x, w, out, ws, scales, zeros, bias_arg, M, N, K, kper,
+                x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *sarg,
+                FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, EMULATE_RNE=emulate, SPLIT_OUT=splits > 1,
+                EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk,
+                num_warps=cfg.warps, num_stages=cfg.stages,
+            )  # fmt: skip
+            if splits > 1:
+                _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
+            return out
+        kern = k.wonly_fused if cfg.path == "fused" else k.wonly_fast
+        kern[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn), splits)](
             x, w, out, ws, scales, zeros, bias_arg, M, N, K, kper,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *sarg,
             FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee, EMULATE_RNE=emulate,
             SPLIT_OUT=splits > 1,
-            EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=8,
+            EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group_m,
             num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
         if splits > 1:

@@ -238,8 +238,9 @@ def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
     """Weight-only GEMM/GEMV, 4-bit weights (byte k//2, low nibble = even k) unpacked per tile.
 
     FORMAT 0: int4 asymmetric, w = (q - zero) * scale; FORMAT 1: mxfp4, w = e2m1(q) * 2**(e - 127).
-    x's even and odd columns meet the low and high nibbles in two dots of BLOCK_K/2 each. Split-K
-    as in `_mm8_kernel` (K_PER a multiple of BLOCK_K and of GROUP when GROUP >= BLOCK_K).
+    x's even and odd columns meet the low and high nibbles in two dots of BLOCK_K/2 each
+    (`_wonly_fused_kernel` is the one-dot form). Split-K as in `_mm8_kernel` (K_PER a multiple of
+    BLOCK_K and of GROUP when GROUP >= BLOCK_K).
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -276,6 +277,53 @@ def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
         else:
             acc = tl.dot(xe, tl.trans(we), acc)
             acc = tl.dot(xo, tl.trans(wo), acc)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += (BLOCK_K // 2) * swk
+    if SPLIT_OUT:
+        _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
+    else:
+        _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+
+
+def _wonly_fused_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
+                 sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
+                 FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
+                 EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    """`_wonly_kernel` (same arguments) as w4a16: the two nibble planes are interleaved in registers
+    back to [BN, BK] and meet one K-contiguous x tile in one dot per K step (x's loads coalesced
+    and pipelined, one dot of depth BLOCK_K instead of two strided half-depth ones)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = offs_m % M
+    rn = offs_n % N
+    offs_j = tl.arange(0, BLOCK_K // 2)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_ptrs = x_ptr + rm[:, None] * sxm + (k_lo + offs_k)[None, :] * sxk
+    w_ptrs = w_ptr + rn[:, None] * swn + (k_lo // 2 + offs_j)[None, :] * swk
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ke = k0 + 2 * offs_j
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            byte = tl.load(w_ptrs)
+            we, wo = _dequant_pair(byte, s_ptr, z_ptr, rn, ke, k0, ssn, ssg, szn, szg, FORMAT, GROUP, BLOCK_K)
+        else:
+            x = tl.load(x_ptrs, mask=((k0 + offs_k) < K)[None, :], other=0.0)
+            byte = tl.load(w_ptrs, mask=(ke < K)[None, :], other=0)
+            kc = tl.minimum(ke, K - 1)
+            we, wo = _dequant_pair(byte, s_ptr, z_ptr, rn, kc, k0, ssn, ssg, szn, szg, FORMAT, GROUP, BLOCK_K)
+            we = tl.where((ke < K)[None, :], we, 0.0)
+            wo = tl.where((ke + 1 < K)[None, :], wo, 0.0)
+        w = tl.interleave(_to_operand(we, x.dtype, EMULATE_RNE), _to_operand(wo, x.dtype, EMULATE_RNE))
+        if DOT_IEEE:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += (BLOCK_K // 2) * swk
     if SPLIT_OUT:
@@ -335,7 +383,152 @@ def _mm16_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, sam, sak, sbn, sbk, scm
     _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 
+def _gemv_operand(v, ACC_INT: tl.constexpr, DECODE: tl.constexpr):
+    """An 8-bit tile (fp8, int8 or fp8 bits) -> the GEMV's multiply type: int32 (exact int8 products
+    and sums) or fp32 (exact fp8 products)."""
+    if ACC_INT:
+        r = v.to(tl.int32)
+    elif DECODE != 0:
+        r = _fp8_bits_to_f16(v, DECODE == 2).to(tl.float32)
+    else:
+        r = v.to(tl.float32)
+    return r
+
+
+def _gemv8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, K_PER,
+                  sam, sak, sbn, sbk, scm, scn, sas0, sas1, sbs0, sbs1,
+                  A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  ACC_INT: tl.constexpr, DECODE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The M <= 4 form of `_mm8_kernel` (same arguments, same split-K contract): no tl.dot.
+
+    A 16-row MMA tile wastes 15/16 of its work on one token and, with the 16 x 64 tiles a dot wants,
+    leaves too few programs to keep HBM busy. Here each program owns BLOCK_N (8..32) weight rows,
+    reads them once as wide K-contiguous vectors, and for each of its BLOCK_M activation rows
+    multiplies and sums along K on the CUDA cores (fp32: fp8 products are exact; int32 for int8).
+    Block scales multiply each K tile's partial (BLOCK_K divides GROUP), as in `_mm8_kernel`.
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    rm = offs_m % M
+    rn = offs_n % N
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    offs_k = tl.arange(0, BLOCK_K)
+    b_ptrs = b_ptr + rn[:, None] * sbn + (k_lo + offs_k)[None, :] * sbk  # [BLOCK_N, BLOCK_K], K contiguous
+    if ACC_INT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:  # noqa: SIM108 - a statement-level constexpr branch compiles on every triton
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=(kk < K)[None, :], other=0.0)
+        w = _gemv_operand(b, ACC_INT, DECODE)
+        if ACC_INT:
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        else:
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(BLOCK_M):
+            row = pid_m * BLOCK_M + i
+            if row < M:
+                a_row = a_ptr + row * sam + kk * sak
+                if EVEN_K:  # noqa: SIM108
+                    a = tl.load(a_row)
+                else:
+                    a = tl.load(a_row, mask=kk < K, other=0.0)
+                s = tl.sum(w * _gemv_operand(a, ACC_INT, DECODE)[None, :], axis=1)
+                part = tl.where(rows[:, None] == i, s[None, :], part)
+        if A_MODE == 2 or B_MODE == 2:
+            kb = k0 // GROUP
+            if A_MODE == 2:
+                part = part * tl.load(as_ptr + rm * sas0 + kb * sas1)[:, None]
+            if B_MODE == 2:
+                part = part * tl.load(bs_ptr + (rn // GROUP) * sbs0 + kb * sbs1)[None, :]
+        acc += part
+        b_ptrs += BLOCK_K * sbk
+    if SPLIT_OUT:
+        _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
+    else:
+        out = _scale_out(acc, as_ptr, bs_ptr, rm, rn, sas0, sbs0, A_MODE, B_MODE)
+        _epilogue(out, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+
+
+def _gemv4_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
+                  sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
+                  FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The M <= 4 form of `_wonly_kernel` (same arguments, same split-K contract): no tl.dot.
+
+    Each program reads its BLOCK_N packed weight rows once ([BLOCK_N, BLOCK_K/2] bytes, K
+    contiguous), dequantizes them as `_dequant_pair` does (rounded once to x's dtype, as the
+    reference), and multiplies-and-sums against each activation row's even and odd columns.
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    rn = offs_n % N
+    offs_j = tl.arange(0, BLOCK_K // 2)
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_ptrs = w_ptr + rn[:, None] * swn + (k_lo // 2 + offs_j)[None, :] * swk
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ke = k0 + 2 * offs_j
+        if EVEN_K:
+            byte = tl.load(w_ptrs)
+            we, wo = _dequant_pair(byte, s_ptr, z_ptr, rn, ke, k0, ssn, ssg, szn, szg, FORMAT, GROUP, BLOCK_K)
+        else:
+            byte = tl.load(w_ptrs, mask=(ke < K)[None, :], other=0)
+            kc = tl.minimum(ke, K - 1)
+            we, wo = _dequant_pair(byte, s_ptr, z_ptr, rn, kc, k0, ssn, ssg, szn, szg, FORMAT, GROUP, BLOCK_K)
+            we = tl.where((ke < K)[None, :], we, 0.0)
+            wo = tl.where((ke + 1 < K)[None, :], wo, 0.0)
+        we = _to_operand(we, x_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32)
+        wo = _to_operand(wo, x_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32)
+        for i in tl.static_range(BLOCK_M):
+            row = pid_m * BLOCK_M + i
+            if row < M:
+                x_row = x_ptr + row * sxm + ke * sxk
+                if EVEN_K:
+                    xe = tl.load(x_row).to(tl.float32)
+                    xo = tl.load(x_row + sxk).to(tl.float32)
+                else:
+                    xe = tl.load(x_row, mask=ke < K, other=0.0).to(tl.float32)
+                    xo = tl.load(x_row + sxk, mask=ke + 1 < K, other=0.0).to(tl.float32)
+                s = tl.sum(we * xe[None, :] + wo * xo[None, :], axis=1)
+                acc = tl.where(rows[:, None] == i, acc + s[None, :], acc)
+        w_ptrs += (BLOCK_K // 2) * swk
+    if SPLIT_OUT:
+        _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
+    else:
+        _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+
+
 HELPERS = ("_scale_out", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
-           "_to_operand", "_dequant_pair")  # fmt: skip
+           "_to_operand", "_dequant_pair", "_gemv_operand")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
-KERNELS = ("_mm8_kernel", "_splitk_reduce_kernel", "_wonly_kernel", "_wonly_dequant_kernel", "_mm16_kernel")
+KERNELS = (
+    "_mm8_kernel",
+    "_splitk_reduce_kernel",
+    "_wonly_kernel",
+    "_wonly_dequant_kernel",
+    "_mm16_kernel",
+    "_gemv8_kernel",
+    "_gemv4_kernel",
+    "_wonly_fused_kernel",
+)

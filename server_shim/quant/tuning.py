@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Cfg:
     """path "tile": one kernel (split-K when split > 1, then a reduction pass); "deq": dequantize the
-    4-bit weight to x's dtype, then a plain 16-bit GEMM (bm, bn, bk are that GEMM's tiles)."""
+    4-bit weight to x's dtype, then a plain 16-bit GEMM (bm, bn, bk are that GEMM's tiles);
+    "fused": 4-bit weights unpacked in registers, interleaved and fed to one dot per K tile against
+    K-contiguous x (w4a16); "gemv": the tl.dot-free M <= 4 kernels (bm is 2 or 4 rows)."""
 
     path: str
     bm: int
@@ -49,16 +51,18 @@ class Cfg:
     warps: int
     stages: int
     split: int = 1
+    group_m: int = 8  # tile-order swizzle of the dot kernels (programs per column group)
 
     @property
     def name(self) -> str:
-        return f"{self.path}:{self.bm}x{self.bn}x{self.bk}:w{self.warps}:s{self.stages}:k{self.split}"
+        g = f":g{self.group_m}" if self.group_m != 8 else ""
+        return f"{self.path}:{self.bm}x{self.bn}x{self.bk}:w{self.warps}:s{self.stages}:k{self.split}{g}"
 
     @classmethod
     def parse(cls, name: str) -> Cfg:
-        path, tiles, w, s, k = name.split(":")
+        path, tiles, w, s, k, *g = name.split(":")
         bm, bn, bk = (int(v) for v in tiles.split("x"))
-        return cls(path, bm, bn, bk, int(w[1:]), int(s[1:]), int(k[1:]))
+        return cls(path, bm, bn, bk, int(w[1:]), int(s[1:]), int(k[1:]), int(g[0][1:]) if g else 8)
 
 
 def m_bucket(m: int) -> int:
@@ -72,7 +76,15 @@ def _t(path: str, *rows: tuple[int, ...]) -> list[Cfg]:
     return [Cfg(path, *r) for r in rows]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, split]); the first entry of each list is the default.
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, split[, group_m]]); the first entry of each list is
+# the default. "gemv" lists are added for M = 1 (bucket 1) only: 8..32 weight rows per program, 256+
+# programs at N = 4096, wide K vectors (BLOCK_K bytes per row and step for 8-bit, BLOCK_K/2 for 4-bit).
+_GEMV = {
+    "mm8": _t("gemv", (2, 16, 256, 4, 1), (2, 16, 512, 4, 1), (2, 8, 512, 4, 1), (2, 16, 256, 4, 1, 2),
+              (2, 32, 256, 4, 1, 2), (2, 32, 512, 8, 1, 4), (2, 16, 256, 4, 3, 2)),
+    "wonly": _t("gemv", (2, 16, 512, 4, 1), (2, 16, 1024, 4, 1), (2, 8, 1024, 4, 1), (2, 16, 512, 4, 1, 2),
+                (2, 32, 512, 4, 1, 2), (2, 32, 1024, 8, 1, 4), (2, 16, 256, 4, 3, 4)),
+}  # fmt: skip
 _HOPPER = {
     "mm8": {
         # M <= 16 is a read of the weight: the lists span 64 .. 1024 programs at N = K = 4096
@@ -82,16 +94,23 @@ _HOPPER = {
         "mid": _t("tile", (64, 128, 128, 4, 3), (64, 64, 128, 4, 4), (128, 128, 128, 8, 3),
                   (32, 64, 128, 4, 4, 2), (64, 64, 128, 4, 4, 4)),
         "large": _t("tile", (128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (64, 128, 128, 4, 3),
-                    (64, 256, 128, 4, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 256, 128, 8, 4)),
+                    (64, 256, 128, 4, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 256, 128, 8, 4),
+                    (256, 128, 128, 8, 3, 1, 16), (256, 128, 128, 8, 3, 1, 4), (128, 128, 128, 8, 3),
+                    (64, 128, 128, 4, 4), (64, 128, 128, 4, 5), (128, 128, 64, 8, 4)),
     },
     "wonly": {
         "small": _t("tile", (16, 32, 256, 4, 4), (16, 16, 256, 4, 4), (16, 64, 256, 4, 3, 4),
                     (16, 64, 256, 8, 3, 4), (16, 32, 256, 4, 4, 4), (16, 64, 128, 4, 4, 8),
-                    (16, 32, 128, 4, 4, 8), (16, 32, 512, 4, 3, 2)),
+                    (16, 32, 128, 4, 4, 8), (16, 32, 512, 4, 3, 2))
+        + _t("fused", (16, 64, 128, 4, 4, 4), (16, 32, 256, 4, 3, 4), (16, 64, 256, 4, 3, 2),
+             (16, 128, 128, 4, 3, 4), (16, 32, 128, 4, 4, 8), (16, 64, 128, 4, 4, 8)),
         "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2), (64, 128, 128, 4, 3),
-                  (128, 128, 128, 8, 3), (64, 64, 128, 4, 3, 4)) + _t("deq", (128, 128, 64, 4, 4)),
+                  (128, 128, 128, 8, 3), (64, 64, 128, 4, 3, 4)) + _t("deq", (128, 128, 64, 4, 4))
+        + _t("fused", (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3)),
         "large": _t("deq", (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4))
-        + _t("tile", (128, 128, 128, 8, 3)),
+        + _t("tile", (128, 128, 128, 8, 3))
+        + _t("fused", (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+             (128, 128, 128, 8, 3)),
     },
 }  # fmt: skip
 _AMPERE = {
@@ -133,7 +152,7 @@ def candidates(family: str, kind: str, m: int, n: int, k: int) -> list[Cfg]:
         return [Cfg("tile", bm, bn, 128, 4, 1)]
     table = TABLES.get(family, _AMPERE)[kind]
     cls = "small" if m <= 16 else "mid" if m <= 256 else "large"
-    return list(table[cls])
+    return list(table[cls]) + (_GEMV[kind] if m == 1 else [])
 
 
 def _pow2(n: int) -> int:

@@ -43,7 +43,7 @@ from server_shim.quant import kernels as K  # noqa: E402
 
 SHAPES = [(4096, 4096, 4096), (16, 4096, 4096), (1, 4096, 4096), (1024, 4096, 4096)]  # most important first
 FULL = [(128, 4096, 4096), *((m, n, k) for m in (16, 1024) for (k, n) in ((576, 1536), (1536, 576)))]
-ODD = [(3, 130, 200), (33, 1000, 1100)]  # masks, partial tiles, wrapped rows
+ODD = [(3, 130, 200), (33, 1000, 1100), (1, 130, 200)]  # masks, partial tiles, wrapped rows; M=1: GEMV
 LEGACY = ("triton fp8 block", "triton int4-g128")
 FN = C.FN
 
@@ -90,8 +90,9 @@ def config_jobs(dev: torch.device, shapes: list[tuple[int, int, int]], legacy: b
     for M, N, Kd in shapes + ODD:
         for name, kind in C.TRITON.items():
             cands = tuning.candidates(fam, kind, M, N, Kd)
-            if (M, N, Kd) in ODD:  # the default and one split config are enough for the masks
-                cands = cands[:1] + [c for c in cands if c.split > 1][:1]
+            if (M, N, Kd) in ODD:  # the default, one split config and each other path's first: the masks
+                firsts = [next(c for c in cands if c.path == p) for p in dict.fromkeys(c.path for c in cands)]
+                cands = list(dict.fromkeys(cands[:1] + [c for c in cands if c.split > 1][:1] + firsts))
             jobs.append((name, M, N, Kd, [c.name for c in cands], "fast"))
             if legacy and name in LEGACY and (M, N, Kd) in shapes[:3]:
                 jobs.append((name, M, N, Kd, ["autotune"], "legacy"))

@@ -34,6 +34,8 @@ _epilogue: Any = None
 _tile_ids: Any = None
 _fp8_bits_to_f16: Any = None
 
+GROUP_BCAST: Any = None  # tl.constexpr, set by _build() (env DIFFTEST_TRITON_GROUP_BCAST, default on)
+
 SHARED = ("_cast_out", "_epilogue", "_tile_ids", "_fp8_bits_to_f16")
 
 
@@ -101,6 +103,12 @@ def _to_operand(x, DST: tl.constexpr, EMULATE_RNE: tl.constexpr):
     return x
 
 
+def _per_group(v, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BN, BLOCK_K/GROUP] per-group values -> [BN, BLOCK_K/2], one per byte (GROUP/2 bytes each)."""
+    v = tl.broadcast_to(v[:, :, None], (v.shape[0], BLOCK_K // GROUP, GROUP // 2))
+    return tl.reshape(v, (v.shape[0], BLOCK_K // 2))
+
+
 def _dequant_pair(byte, s_ptr, z_ptr, rn, ke, k0, ssn, ssg, szn, szg,
                   FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """One [BN, BK/2] byte tile -> (w at even k, w at odd k), fp32. GROUP is even, so a byte's two
@@ -114,6 +122,16 @@ def _dequant_pair(byte, s_ptr, z_ptr, rn, ke, k0, ssn, ssg, szn, szg,
         s = tl.load(s_ptr + rn * ssn + g * ssg)[:, None]
         if FORMAT == 0:
             z = tl.load(z_ptr + rn * szn + g * szg).to(tl.float32)[:, None]
+    elif GROUP_BCAST and BLOCK_K % GROUP == 0:
+        # several whole groups per tile (mxfp4: 32; int4 under wide GEMV tiles): load each row's
+        # BLOCK_K/GROUP scales once and broadcast them over their GROUP/2 bytes, instead of one
+        # gathered load per element (which made the load units, not HBM, the limit). The last
+        # group is clamped as `ke` is.
+        gi = tl.minimum(k0 // GROUP + tl.arange(0, BLOCK_K // GROUP), tl.max(ke) // GROUP)
+        s = _per_group(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg), GROUP, BLOCK_K)
+        if FORMAT == 0:
+            z = _per_group(tl.load(z_ptr + rn[:, None] * szn + gi[None, :] * szg), GROUP, BLOCK_K)
+            z = z.to(tl.float32)
     else:
         g = (ke // GROUP)[None, :]
         s = tl.load(s_ptr + rn[:, None] * ssn + g * ssg)
@@ -520,7 +538,7 @@ def _gemv4_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
 
 
 HELPERS = ("_scale_out", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
-           "_to_operand", "_dequant_pair", "_gemv_operand")  # fmt: skip
+           "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

@@ -85,6 +85,9 @@ def _build() -> SimpleNamespace:
             setattr(_src, name, triton.jit(fn))
         # the fast bodies share the legacy helpers: the same decorated functions, set on both modules
         _fast.tl = language
+        # DIFFTEST_TRITON_GROUP_BCAST=0: the per-element scale gathers of 4-bit tiles spanning several
+        # groups instead of the broadcast (a fallback should a triton build not lower that reshape)
+        _fast.GROUP_BCAST = language.constexpr(os.environ.get("DIFFTEST_TRITON_GROUP_BCAST", "1") != "0")
         for name in _fast.SHARED:
             setattr(_fast, name, getattr(_src, name))
         for name, fn in _fast.PLAIN_HELPERS.items():

@@ -12,9 +12,14 @@ What makes them faster than the legacy bodies (numbers: bench/gemm.py on an H200
 - Block-scaled fp8 (DeepSeek-V3): one K tile lies inside one 128-group, so its fp32 partial is
   scaled once (`acc += dot * s`); the weight-block scale is a scalar per tile when BLOCK_N divides
   128, and activation scales are written M-contiguous by the quantization kernel (coalesced).
-- 4-bit weights: whole [BLOCK_N, BLOCK_K/2] byte tiles are unpacked with shifts and masks; the
+- M = 1 (`_gemv8_kernel`, `_gemv4_kernel`): no tl.dot, whose 16-row tile wastes 15/16 of its
+  work and whose tile shapes leave too few programs; each program reads 4..32 weight rows as wide
+  K-contiguous vectors and multiplies-and-sums on the CUDA cores, fp32 (int32 for int8).
+- 4-bit weights: whole [BLOCK_N, BLOCK_K/2] byte tiles are unpacked with shifts and masks; a tile
+  spanning several scale groups loads each group's scale once and broadcasts it; the
   low nibbles (even k) and high nibbles (odd k) feed two dots against the even and odd columns of
-  x, so no interleave is needed in the hot loop. For large M, `_wonly_dequant_kernel` expands
+  x, so no interleave is needed in the hot loop; `_wonly_fused_kernel` (w4a16) interleaves them
+  back in registers for one dot against K-contiguous x. For large M, `_wonly_dequant_kernel` expands
   the weight once to x's dtype (`tl.interleave` keeps the stores contiguous) and `_mm16_kernel`
   runs a plain tensor-core GEMM on it.
 Numerics are those of the legacy bodies: fp32 accumulation (int32 for int8), fp8 products

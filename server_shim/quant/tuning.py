@@ -16,7 +16,8 @@ Why only a few configs: each distinct tile shape is one Triton compile (~1 s), p
 call. The lists are the shapes known to work on each family: for Hopper the Triton matmul
 tutorials' fp8 / fp16 tiles (128x256x128 with 8 warps, 3 stages; 64x128x128 with 4 warps as
 vLLM's block-fp8 configs favour, several CTAs per SM overlapping one another's scaling), and
-split-K / narrow-N GEMV tiles for M <= 16, where HBM bandwidth is all that counts.
+split-K / narrow-N tiles for M <= 16 and the dot-free GEMV kernels for M = 1, where HBM bandwidth
+is all that counts (timed as CUDA-graph replays, see `_time`: eager timing would measure launches).
 
 Env: DIFFTEST_TRITON_TUNE_CACHE=path.json keeps the choices on disk (per device name and triton
 version), so a second process -- the other half of an A/A pair -- replays the same configs.

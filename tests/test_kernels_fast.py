@@ -97,7 +97,11 @@ def test_fp8_block_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     assert rel(out, ref) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", [TILE, SPLIT, DOTLESS], ids=["tile", "split3", "dotless"])
+@pytest.mark.parametrize(
+    "cfg",
+    [TILE, SPLIT, DOTLESS, tuning.Cfg("tile", 16, 32, 256, 4, 1)],
+    ids=["tile", "split3", "dotless", "k256-promote128"],
+)
 @pytest.mark.parametrize("mode", ["row", "tensor"])
 def test_fp8_row_tensor_paths_and_bf16_out(force, cfg: tuning.Cfg, mode: str) -> None:
     force(cfg)

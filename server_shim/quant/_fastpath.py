@@ -68,7 +68,8 @@ def _launch_mm8(k: SimpleNamespace, grid: tuple[int, int], cfg: tuning.Cfg, a: t
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb,
         A_MODE=am, B_MODE=bmode, GROUP=group, HAS_BIAS=bias is not None, ACC_INT=acc_int, DECODE=decode,
         FAST_ACC=fast_acc, SPLIT_OUT=ws is not out, EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
-        BLOCK_K=cfg.bk, GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
+        BLOCK_K=cfg.bk, GROUP_M=cfg.group_m, PROMOTE=min(cfg.bk, 128), num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )  # fmt: skip
 
 

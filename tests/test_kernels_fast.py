@@ -33,9 +33,9 @@ TILE = tuning.Cfg("tile", 16, 64, 128, 4, 1)
 SPLIT = tuning.Cfg("tile", 16, 32, 64, 4, 1, 3)
 GEMV = tuning.Cfg("tile", 16, 16, 128, 4, 1, 2)
 DEQ = tuning.Cfg("deq", 16, 64, 64, 4, 1)
-# the dot-free M <= 4 kernels (2-row blocks + split-K; 4-row blocks, narrow K tiles) and the w4a16 one
-DOTLESS = tuning.Cfg("gemv", 2, 64, 128, 4, 1, 2)
-DOTLESS4 = tuning.Cfg("gemv", 4, 32, 64, 4, 1)
+# the dot-free M = 1 kernels (a row per program; split-K, or narrow K tiles) and the w4a16 one
+DOTLESS = tuning.Cfg("gemv", 1, 64, 128, 4, 1, 2)
+DOTLESS4 = tuning.Cfg("gemv", 1, 32, 64, 4, 1)
 FUSED = tuning.Cfg("fused", 16, 32, 64, 4, 1, 2)
 
 
@@ -272,7 +272,7 @@ def test_buckets_configs_and_agreement() -> None:
                 if cls == "small":  # GEMV shapes: 16-row tiles
                     assert all(c.bm == 16 for c in cands)
     gemv = tuning.candidates("hopper", "mm8", 1, 4096, 4096)
-    assert {c.path for c in gemv} == {"tile", "gemv"} and all(c.bm <= 4 for c in gemv if c.path == "gemv")
+    assert {c.path for c in gemv} == {"tile", "gemv"} and all(c.bm == 1 for c in gemv if c.path == "gemv")
     assert all(c.path != "gemv" for c in tuning.candidates("hopper", "wonly", 2, 4096, 4096))
     swz = tuning.Cfg("tile", 256, 128, 128, 8, 3, 1, 16)
     assert tuning.Cfg.parse(swz.name) == swz and swz.name.endswith(":g16")

@@ -95,12 +95,12 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
         kper, splits = _splits(K, cfg.bk, cfg.split)
         ws = _workspace(splits, M, N, torch.int32 if acc_int else torch.float32, out)
         grid = (_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn), splits)
-        if cfg.path == "gemv":
-            k.gemv8[grid](
+        if cfg.path == "gemv":  # one activation row per program (grid z); bm is 1
+            k.gemv8[(_cdiv(N, cfg.bn), splits, M)](
                 a, b, out, ws, a_scale, b_scale, bias if bias is not None else out, M, N, K, kper,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb,
                 A_MODE=am, B_MODE=bmode, GROUP=group, HAS_BIAS=bias is not None, ACC_INT=acc_int, DECODE=decode,
-                SPLIT_OUT=splits > 1, EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk,
+                SPLIT_OUT=splits > 1, EVEN_K=K % cfg.bk == 0, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )  # fmt: skip
         else:
@@ -142,11 +142,11 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
         kper, splits = _splits(K, cfg.bk, cfg.split)
         ws = _workspace(splits, M, N, torch.float32, out)
         if cfg.path == "gemv":
-            k.gemv4[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn), splits)](
+            k.gemv4[(_cdiv(N, cfg.bn), splits, M)](
                 x, w, out, ws, scales, zeros, bias_arg, M, N, K, kper,
                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *sarg,
                 FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, EMULATE_RNE=emulate, SPLIT_OUT=splits > 1,
-                EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk,
+                EVEN_K=K % cfg.bk == 0, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )  # fmt: skip
             if splits > 1:

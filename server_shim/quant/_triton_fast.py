@@ -14,7 +14,8 @@ What makes them faster than the legacy bodies (numbers: bench/gemm.py on an H200
   128, and activation scales are written M-contiguous by the quantization kernel (coalesced).
 - M = 1 (`_gemv8_kernel`, `_gemv4_kernel`): no tl.dot, whose 16-row tile wastes 15/16 of its
   work and whose tile shapes leave too few programs; each program reads 4..32 weight rows as wide
-  K-contiguous vectors and multiplies-and-sums on the CUDA cores, fp32 (int32 for int8).
+  K-contiguous vectors (the next tile prefetched) and multiply-accumulates elementwise on the CUDA
+  cores, fp32 (int32 for int8), reducing along K once at the end.
 - 4-bit weights: whole [BLOCK_N, BLOCK_K/2] byte tiles are unpacked with shifts and masks; a tile
   spanning several scale groups loads each group's scale once and broadcasts it; the
   low nibbles (even k) and high nibbles (odd k) feed two dots against the even and odd columns of
@@ -422,132 +423,143 @@ def _gemv_operand(v, ACC_INT: tl.constexpr, DECODE: tl.constexpr):
     return r
 
 
+def _gemv_store(acc, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT: tl.constexpr,
+                HAS_BIAS: tl.constexpr):  # fmt: skip
+    """One output row segment [BLOCK_N] (already scaled): the split-K workspace, or bias + cast + store."""
+    nmask = offs_n < N
+    if SPLIT_OUT:
+        tl.store(ws_ptr + (pid_k.to(tl.int64) * M + row) * N + offs_n, acc, mask=nmask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(c_ptr + row * scm + offs_n * scn, _cast_out(acc, c_ptr.dtype.element_ty), mask=nmask)
+
+
 def _gemv8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, K_PER,
                   sam, sak, sbn, sbk, scm, scn, sas0, sas1, sbs0, sbs1,
                   A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                   ACC_INT: tl.constexpr, DECODE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """The M <= 4 form of `_mm8_kernel` (same arguments, same split-K contract): no tl.dot.
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The M = 1 form of `_mm8_kernel` (same arguments, same split-K contract): no tl.dot.
 
-    A 16-row MMA tile wastes 15/16 of its work on one token and, with the 16 x 64 tiles a dot wants,
-    leaves too few programs to keep HBM busy. Here each program owns BLOCK_N (8..32) weight rows,
-    reads them once as wide K-contiguous vectors, and for each of its BLOCK_M activation rows
-    multiplies and sums along K on the CUDA cores (fp32: fp8 products are exact; int32 for int8).
-    Block scales multiply each K tile's partial (BLOCK_K divides GROUP), as in `_mm8_kernel`.
+    A 16-row MMA tile wastes 15/16 of its work on one token and, with the tile shapes a dot wants,
+    leaves too few programs to keep HBM busy. Grid (N / BLOCK_N, splits, M): each program owns
+    BLOCK_N (4..32) weight rows of one activation row, reads them once as wide K-contiguous
+    vectors, prefetching the next K tile into registers before it works on this one (Triton's
+    pipeliner stages only dot operands), and multiplies-accumulates elementwise on the CUDA cores
+    into a [BLOCK_N, BLOCK_K] accumulator (fp32: fp8 products are exact; int32 for int8) that is
+    reduced once at the end -- no cross-warp reduction inside the loop. Block scales multiply each
+    K tile's products (BLOCK_K divides GROUP), as `_mm8_kernel` scales each tile's partial.
     """
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
-    rm = offs_m % M
     rn = offs_n % N
     k_lo = pid_k * K_PER
     k_hi = tl.minimum(k_lo + K_PER, K)
     offs_k = tl.arange(0, BLOCK_K)
-    b_ptrs = b_ptr + rn[:, None] * sbn + (k_lo + offs_k)[None, :] * sbk  # [BLOCK_N, BLOCK_K], K contiguous
+    b_rows = b_ptr + rn[:, None] * sbn
+    a_row = a_ptr + row * sam
     if ACC_INT:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    kk = k_lo + offs_k
+    if EVEN_K:  # noqa: SIM108 - a statement-level constexpr branch compiles on every triton
+        b = tl.load(b_rows + kk[None, :] * sbk)
+    else:
+        b = tl.load(b_rows + kk[None, :] * sbk, mask=(kk < K)[None, :], other=0.0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
-        if EVEN_K:  # noqa: SIM108 - a statement-level constexpr branch compiles on every triton
-            b = tl.load(b_ptrs)
+        # the next tile's bytes (clamped into range; the last prefetch is loaded and unused)
+        if EVEN_K:
+            kn = tl.minimum(k0 + BLOCK_K, K - BLOCK_K) + offs_k
+            b_next = tl.load(b_rows + kn[None, :] * sbk)
+            a = tl.load(a_row + kk * sak)
         else:
-            b = tl.load(b_ptrs, mask=(kk < K)[None, :], other=0.0)
-        w = _gemv_operand(b, ACC_INT, DECODE)
-        if ACC_INT:
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        else:
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for i in tl.static_range(BLOCK_M):
-            row = pid_m * BLOCK_M + i
-            if row < M:
-                a_row = a_ptr + row * sam + kk * sak
-                if EVEN_K:  # noqa: SIM108
-                    a = tl.load(a_row)
-                else:
-                    a = tl.load(a_row, mask=kk < K, other=0.0)
-                s = tl.sum(w * _gemv_operand(a, ACC_INT, DECODE)[None, :], axis=1)
-                part = tl.where(rows[:, None] == i, s[None, :], part)
-        if A_MODE == 2 or B_MODE == 2:
-            kb = k0 // GROUP
-            if A_MODE == 2:
-                part = part * tl.load(as_ptr + rm * sas0 + kb * sas1)[:, None]
-            if B_MODE == 2:
-                part = part * tl.load(bs_ptr + (rn // GROUP) * sbs0 + kb * sbs1)[None, :]
-        acc += part
-        b_ptrs += BLOCK_K * sbk
-    if SPLIT_OUT:
-        _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
-    else:
-        out = _scale_out(acc, as_ptr, bs_ptr, rm, rn, sas0, sbs0, A_MODE, B_MODE)
-        _epilogue(out, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+            kn = k0 + BLOCK_K + offs_k
+            b_next = tl.load(b_rows + kn[None, :] * sbk, mask=(kn < K)[None, :], other=0.0)
+            a = tl.load(a_row + kk * sak, mask=kk < K, other=0.0)
+        av = _gemv_operand(a, ACC_INT, DECODE)
+        if A_MODE == 2:
+            av = av * tl.load(as_ptr + row * sas0 + (k0 // GROUP) * sas1)
+        prod = _gemv_operand(b, ACC_INT, DECODE) * av[None, :]
+        if B_MODE == 2:
+            prod = prod * tl.load(bs_ptr + (rn // GROUP) * sbs0 + (k0 // GROUP) * sbs1)[:, None]
+        acc += prod
+        b = b_next
+    out = tl.sum(acc, axis=1)
+    if not SPLIT_OUT:  # tensor / row scales (block ones were applied per K tile)
+        out = out.to(tl.float32)
+        if A_MODE == 0:
+            out = out * tl.load(as_ptr)
+        elif A_MODE == 1:
+            out = out * tl.load(as_ptr + row * sas0)
+        if B_MODE == 0:
+            out = out * tl.load(bs_ptr)
+        elif B_MODE == 1:
+            out = out * tl.load(bs_ptr + rn * sbs0)
+    _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
 
 
 def _gemv4_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                   sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
                   FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                   EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """The M <= 4 form of `_wonly_kernel` (same arguments, same split-K contract): no tl.dot.
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The M = 1 form of `_wonly_kernel` (same arguments, same split-K contract): no tl.dot.
 
-    Each program reads its BLOCK_N packed weight rows once ([BLOCK_N, BLOCK_K/2] bytes, K
-    contiguous), dequantizes them as `_dequant_pair` does (rounded once to x's dtype, as the
-    reference), and multiplies-and-sums against each activation row's even and odd columns.
+    Grid and loop as `_gemv8_kernel`: each program reads its BLOCK_N packed weight rows once
+    ([BLOCK_N, BLOCK_K/2] bytes per step, K contiguous, the next step's bytes prefetched),
+    dequantizes them as `_dequant_pair` does (rounded once to x's dtype, as the reference), and
+    accumulates their products with the activation row's even and odd columns elementwise.
     """
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
     rn = offs_n % N
     offs_j = tl.arange(0, BLOCK_K // 2)
     k_lo = pid_k * K_PER
     k_hi = tl.minimum(k_lo + K_PER, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    w_ptrs = w_ptr + rn[:, None] * swn + (k_lo // 2 + offs_j)[None, :] * swk
+    w_rows = w_ptr + rn[:, None] * swn
+    x_row = x_ptr + row * sxm
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
+    ke = k_lo + 2 * offs_j
+    # byte offsets as (scalar // 2) + arange: provably contiguous, so the loads are vectorized
+    if EVEN_K:  # noqa: SIM108
+        byte = tl.load(w_rows + (k_lo // 2 + offs_j)[None, :] * swk)
+    else:
+        byte = tl.load(w_rows + (k_lo // 2 + offs_j)[None, :] * swk, mask=(ke < K)[None, :], other=0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ke = k0 + 2 * offs_j
         if EVEN_K:
-            byte = tl.load(w_ptrs)
+            kn = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
+            byte_next = tl.load(w_rows + (kn // 2 + offs_j)[None, :] * swk)
+            xe = tl.load(x_row + ke * sxk).to(tl.float32)
+            xo = tl.load(x_row + (ke + 1) * sxk).to(tl.float32)
             we, wo = _dequant_pair(byte, s_ptr, z_ptr, rn, ke, k0, ssn, ssg, szn, szg, FORMAT, GROUP, BLOCK_K)
         else:
-            byte = tl.load(w_ptrs, mask=(ke < K)[None, :], other=0)
+            kn = k0 + BLOCK_K + 2 * offs_j
+            byte_next = tl.load(w_rows + ((k0 + BLOCK_K) // 2 + offs_j)[None, :] * swk, mask=(kn < K)[None, :],
+                                other=0)  # fmt: skip
+            xe = tl.load(x_row + ke * sxk, mask=ke < K, other=0.0).to(tl.float32)
+            xo = tl.load(x_row + (ke + 1) * sxk, mask=ke + 1 < K, other=0.0).to(tl.float32)
             kc = tl.minimum(ke, K - 1)
             we, wo = _dequant_pair(byte, s_ptr, z_ptr, rn, kc, k0, ssn, ssg, szn, szg, FORMAT, GROUP, BLOCK_K)
             we = tl.where((ke < K)[None, :], we, 0.0)
             wo = tl.where((ke + 1 < K)[None, :], wo, 0.0)
         we = _to_operand(we, x_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32)
         wo = _to_operand(wo, x_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32)
-        for i in tl.static_range(BLOCK_M):
-            row = pid_m * BLOCK_M + i
-            if row < M:
-                x_row = x_ptr + row * sxm + ke * sxk
-                if EVEN_K:
-                    xe = tl.load(x_row).to(tl.float32)
-                    xo = tl.load(x_row + sxk).to(tl.float32)
-                else:
-                    xe = tl.load(x_row, mask=ke < K, other=0.0).to(tl.float32)
-                    xo = tl.load(x_row + sxk, mask=ke + 1 < K, other=0.0).to(tl.float32)
-                s = tl.sum(we * xe[None, :] + wo * xo[None, :], axis=1)
-                acc = tl.where(rows[:, None] == i, acc + s[None, :], acc)
-        w_ptrs += (BLOCK_K // 2) * swk
-    if SPLIT_OUT:
-        _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
-    else:
-        _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+        acc += we * xe[None, :] + wo * xo[None, :]
+        byte = byte_next
+    _gemv_store(tl.sum(acc, axis=1), c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT,
+                HAS_BIAS)  # fmt: skip
 
 
 HELPERS = ("_scale_out", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
-           "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand")  # fmt: skip
+           "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

@@ -43,7 +43,7 @@ class Cfg:
     """path "tile": one kernel (split-K when split > 1, then a reduction pass); "deq": dequantize the
     4-bit weight to x's dtype, then a plain 16-bit GEMM (bm, bn, bk are that GEMM's tiles);
     "fused": 4-bit weights unpacked in registers, interleaved and fed to one dot per K tile against
-    K-contiguous x (w4a16); "gemv": the tl.dot-free M <= 4 kernels (bm is 2 or 4 rows)."""
+    K-contiguous x (w4a16); "gemv": the tl.dot-free M = 1 kernels (bm is 1: a row per program)."""
 
     path: str
     bm: int
@@ -80,11 +80,11 @@ def _t(path: str, *rows: tuple[int, ...]) -> list[Cfg]:
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, split[, group_m]]); the first entry of each list is
 # the default. "gemv" lists are added for M = 1 (bucket 1) only: 8..32 weight rows per program, 256+
 # programs at N = 4096, wide K vectors (BLOCK_K bytes per row and step for 8-bit, BLOCK_K/2 for 4-bit).
-_GEMV = {  # HBM wants ~4 MB in flight: 1000+ programs of 2-8 KB loads, or split-K when N is narrow
-    "mm8": _t("gemv", (2, 16, 256, 4, 1, 4), (2, 8, 256, 4, 1, 4), (2, 4, 1024, 4, 1), (2, 8, 512, 4, 1),
-              (2, 16, 512, 4, 1, 2), (2, 32, 256, 4, 1, 4), (2, 16, 256, 4, 3, 4)),
-    "wonly": _t("gemv", (2, 16, 512, 4, 1, 2), (2, 8, 1024, 4, 1, 2), (2, 8, 512, 4, 1, 4), (2, 4, 1024, 4, 1),
-                (2, 8, 1024, 4, 1), (2, 16, 512, 4, 1, 4), (2, 32, 512, 8, 1, 4)),
+_GEMV = {  # HBM wants ~4 MB in flight: 1000+ programs of 2-8 KB tiles (plus one prefetched), or split-K
+    "mm8": _t("gemv", (1, 16, 256, 4, 1, 4), (1, 8, 256, 4, 1, 4), (1, 4, 512, 4, 1), (1, 8, 512, 4, 1),
+              (1, 16, 256, 4, 1, 2), (1, 32, 256, 8, 1, 4), (1, 8, 512, 4, 1, 2)),
+    "wonly": _t("gemv", (1, 16, 512, 4, 1, 2), (1, 8, 512, 4, 1, 4), (1, 8, 1024, 4, 1, 2), (1, 4, 1024, 4, 1),
+                (1, 8, 1024, 4, 1), (1, 16, 512, 4, 1, 4), (1, 32, 512, 8, 1, 4)),
 }  # fmt: skip
 _HOPPER = {
     "mm8": {

@@ -1,0 +1,157 @@
+"""Compile the fast GEMM kernels for Hopper (sm90) on a machine without a GPU, before a GPU run.
+
+    python bench/sm90_compile.py [--m 1 16 4096] [--only gemv fused]
+
+For every Hopper candidate config in quant/tuning.py (N = K = 4096; fp8 tensor and block, int8
+row, int4-g128 and mxfp4 with bf16 activations) this compiles the kernel the config selects down
+to a cubin (Triton's own ptxas), with the specializations the JIT would make on a GPU (16-byte
+aligned pointers, strides of 1, M = 1), and prints registers, spills, shared memory and ptxas's
+"wgmma serialized" warnings. A config that does not compile is a FAIL row and exit status 1: the
+lowering errors a GPU run could only report, found at no GPU time. Register counts and the
+warnings are those of this machine's Triton, which may differ from the GPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server_shim.quant import kernels as K  # noqa: E402
+from server_shim.quant import tuning  # noqa: E402
+
+ONES = {"sak", "sbk", "sxk", "swk", "scn", "sas1", "sbs1", "ssg", "szg"}  # unit strides: JIT constexprs
+DIV16 = {"N", "K", "K_PER", "sam", "sbn", "scm", "sxm", "swn"}  # multiples of 16 at N = K = 4096
+# (name, kind, pointer types, fixed constexprs)
+P8 = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "as_ptr": "*fp32", "bs_ptr": "*fp32"}
+P4 = {"x_ptr": "*bf16", "w_ptr": "*u8", "c_ptr": "*bf16", "z_ptr": "*u8", "ws_ptr": "*fp32"}
+VARIANTS = [
+    ("fp8 tensor", "mm8", P8, dict(A_MODE=0, B_MODE=0, GROUP=128, ACC_INT=False)),
+    ("fp8 block", "mm8", P8, dict(A_MODE=2, B_MODE=2, GROUP=128, ACC_INT=False)),
+    ("int8 row", "mm8", {**P8, "a_ptr": "*i8", "b_ptr": "*i8"}, dict(A_MODE=1, B_MODE=1, GROUP=128, ACC_INT=True)),
+    ("int4-g128", "wonly", {**P4, "s_ptr": "*fp32"}, dict(FORMAT=0, GROUP=128)),
+    ("mxfp4", "wonly", {**P4, "s_ptr": "*u8"}, dict(FORMAT=1, GROUP=32)),
+]  # fmt: skip
+
+
+def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tuple[object, dict]:
+    """The kernel `cfg` launches and its constexprs, as _fastpath.py passes them."""
+    split = cfg.split > 1
+    if kind == "mm8":
+        bk = min(cfg.bk, fixed["GROUP"]) if fixed["A_MODE"] == 2 else cfg.bk
+        common = dict(
+            fixed, HAS_BIAS=False, DECODE=0, SPLIT_OUT=split, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=bk
+        )
+        if cfg.path == "gemv":
+            return k.gemv8, common
+        return k.mm8, dict(common, FAST_ACC=False, BLOCK_M=cfg.bm, GROUP_M=cfg.group_m, PROMOTE=min(bk, 128))
+    common = dict(fixed, HAS_BIAS=False, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk)
+    if cfg.path == "gemv":
+        return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
+    if cfg.path == "deq":  # the GEMM half (main() gives it bf16 operands); the dequantization pass is fixed
+        return k.mm16, dict(HAS_BIAS=False, DOT_IEEE=False, EVEN_K=True, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
+                            BLOCK_K=cfg.bk, GROUP_M=cfg.group_m)  # fmt: skip
+    kern = k.wonly_fused if cfg.path == "fused" else k.wonly_fast
+    return kern, dict(common, DOT_IEEE=False, EMULATE_RNE=False, SPLIT_OUT=split, BLOCK_M=cfg.bm,
+                      GROUP_M=cfg.group_m)  # fmt: skip
+
+
+def compile_one(fn, ptrs: dict, consts: dict, warps: int, stages: int, m: int) -> str:
+    """Compile for sm90; ptxas's register / spill line and its wgmma warnings, or raise."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    consts = dict(consts)
+    for n in names:
+        if n in ONES or (n == "M" and m == 1):
+            consts[n] = 1
+    sig, attrs = {}, {}
+    for i, n in enumerate(names):
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            default = (
+                "*bf16" if n == "bias_ptr" else "*i32" if n == "ws_ptr" and consts.get("ACC_INT") else "*fp32"
+            )
+            sig[n] = ptrs.get(n, default)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[n] = "i32"
+            if n in DIV16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(
+        fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs
+    )
+    ck = triton.compile(
+        src, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps, "num_stages": stages}
+    )
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ptxas = next((p for p in (bindir / "ptxas-blackwell", bindir / "ptxas") if p.exists()), None)
+    if ptxas is None:
+        return f"smem {ck.metadata.shared} (no ptxas for details)"
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "k.ptx").write_text(ck.asm["ptx"])
+        r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    serial = " wgmma-serialized" if "C7514" in r.stderr else ""
+    return (f"regs {regs.group(1) if regs else '?'} spill {spill.group(1) if spill else '?'} B "
+            f"smem {ck.metadata.shared}{serial}")  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 4096], help="M values (default 1 16 4096)")
+    ap.add_argument("--only", nargs="+", default=None, help="only these config paths (tile gemv fused deq)")
+    args = ap.parse_args()
+    k = K._build()
+    fails, seen = 0, set()
+    for label, kind, ptrs, fixed in VARIANTS:
+        for m in args.m:
+            for cfg in tuning.candidates("hopper", kind, m, 4096, 4096):
+                if args.only and cfg.path not in args.only:
+                    continue
+                fn, consts = kernel_and_consts(k, kind, cfg, fixed, m)
+                if cfg.path == "deq":
+                    ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16"}
+                key = (
+                    fn,
+                    tuple(sorted(consts.items())),
+                    cfg.warps,
+                    cfg.stages,
+                    m == 1,
+                    tuple(sorted(ptrs.items())),
+                )
+                if key in seen:
+                    continue
+                seen.add(key)
+                t0 = time.time()
+                try:
+                    info = compile_one(fn, ptrs, consts, cfg.warps, cfg.stages, m)
+                    print(
+                        f"ok   {label:10} M={m:<5} {cfg.name:32} {info} ({time.time() - t0:.1f} s)",
+                        flush=True,
+                    )
+                except Exception as e:  # the row says what failed; the exit status says that one did
+                    fails += 1
+                    msg = str(e).strip().splitlines()
+                    print(
+                        f"FAIL {label:10} M={m:<5} {cfg.name:32} {type(e).__name__}: {msg[0] if msg else ''}"
+                    )
+    print(f"{len(seen)} kernels compiled for sm90, {fails} failed")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -144,9 +144,12 @@ def _dequant_pair(byte, s_ptr, z_ptr, rn, ke, k0, ssn, ssg, szn, szg,
         if FORMAT == 0:
             z = tl.load(z_ptr + rn[:, None] * szn + g * szg).to(tl.float32)
     if FORMAT == 0:
+        # q - z as (2**23 + q) - (2**23 + z): both sides exact integers below 2**24, so the same
+        # value as _nibble_f32(q) - z with the 2**23 folded into z (once per row when z is per row)
         s = s.to(tl.float32)
-        we = (_nibble_f32(lo) - z) * s
-        wo = (_nibble_f32(hi) - z) * s
+        zb = z + 8388608.0
+        we = ((lo | 0x4B000000).to(tl.float32, bitcast=True) - zb) * s
+        wo = ((hi | 0x4B000000).to(tl.float32, bitcast=True) - zb) * s
     else:
         sc = _e8m0_to_f32(s)
         we = _e2m1_to_f32(lo) * sc

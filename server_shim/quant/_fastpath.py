@@ -114,6 +114,15 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))
 
 
+def _blas_ok(x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """torch.mm / addmm can write `out` with the Triton epilogue's numbers: one dtype throughout
+    (fp32 accumulation, one rounding at the store; a bias of another dtype would be rounded first)."""
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return (
+        out.dtype == x.dtype and out.is_contiguous() and (bias is None or bias.dtype == x.dtype) and not tf32
+    )
+
+
 def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
           zeros: torch.Tensor, bias: torch.Tensor | None, *, fmt: int, group: int,
           dot_ieee: bool) -> torch.Tensor:  # fmt: skip
@@ -126,12 +135,24 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
 
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         bias_arg = bias if bias is not None else out
-        if cfg.path == "deq":
-            wd = torch.empty(N, K, dtype=x.dtype, device=x.device)
+        if cfg.path == "gemvg" and not (group & (group - 1) == 0 and 2 <= group <= 256):
+            cfg = replace(cfg, path="gemv")  # group-shaped tiles need a power-of-two group
+        if cfg.path == "gemvg":
+            cfg = replace(cfg, bk=max(cfg.bk, group))
+        if cfg.path == "deqb" and not _blas_ok(x, out, bias):
+            cfg = replace(cfg, path="deq")
+        if cfg.path in ("deq", "deqb"):
+            wd = torch.empty(N, K, dtype=x.dtype, device=x.device)  # per call: never a cached weight
             k.deq[(_cdiv(N, _DEQ_BN), _cdiv(K, _DEQ_BK))](
                 w, scales, zeros, wd, N, K, w.stride(0), w.stride(1), *sarg, wd.stride(0), wd.stride(1),
                 FORMAT=fmt, GROUP=group, EMULATE_RNE=emulate, BLOCK_N=_DEQ_BN, BLOCK_K=_DEQ_BK, num_warps=4,
             )  # fmt: skip
+            if cfg.path == "deqb":  # the vendor GEMM on the Triton-dequantized weight
+                if bias is None:
+                    torch.mm(x, wd.t(), out=out)
+                else:
+                    torch.addmm(bias, x, wd.t(), out=out)
+                return out
             k.mm16[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn),)](
                 x, wd, out, bias_arg, M, N, K, x.stride(0), x.stride(1), wd.stride(0), wd.stride(1),
                 out.stride(0), out.stride(1), HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee,
@@ -141,8 +162,8 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             return out
         kper, splits = _splits(K, cfg.bk, cfg.split)
         ws = _workspace(splits, M, N, torch.float32, out)
-        if cfg.path == "gemv":
-            k.gemv4[(_cdiv(N, cfg.bn), splits, M)](
+        if cfg.path in ("gemv", "gemvg"):
+            (k.gemv4g if cfg.path == "gemvg" else k.gemv4)[(_cdiv(N, cfg.bn), splits, M)](
                 x, w, out, ws, scales, zeros, bias_arg, M, N, K, kper,
                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *sarg,
                 FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, EMULATE_RNE=emulate, SPLIT_OUT=splits > 1,

@@ -561,8 +561,96 @@ def _gemv4_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
                 HAS_BIAS)  # fmt: skip
 
 
+def _e2m1_to_f32_h(q):
+    """4-bit e2m1 code -> fp32 value * 2**-14 in four integer ops and one conversion: e2m1's 3
+    magnitude bits dropped into an fp16's low exponent and top mantissa bits are that value scaled
+    by 2**-14 (code 1, e2m1's subnormal 0.5, lands on fp16's subnormal 2**-15), and fp16 -> fp32 is
+    exact. The caller multiplies 2**14 back in once per group, with the group's power-of-two scale."""
+    h = ((q & 7) << 9) | ((q & 8) << 12)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+def _gemv4g_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
+                   sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
+                   FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """`_gemv4_kernel` (same arguments and split-K contract) on group-shaped tiles: cheaper unpacking.
+
+    The K tile is BLOCK_K / GROUP whole scale groups (BLOCK_K % GROUP == 0, GROUP a power of two):
+    bytes are loaded as [BLOCK_N, groups, GROUP/2], so each row's scale (and zero) is a
+    [BLOCK_N, groups, 1] value that broadcasts along the last axis in registers -- no per-byte
+    gather and no reshape of a broadcast (which costs a trip through shared memory).
+    int4: the weight is dequantized and rounded to x's dtype per element as `_dequant_pair` does
+    (the reference's numerics), accumulated elementwise, reduced once at the end.
+    mxfp4: a weight is e2m1(q) * 2**e exactly in any 16-bit dtype, so the per-element work is the
+    decode (`_e2m1_to_f32_h`) and one FMA; each group's products are summed in fp32 (in-thread:
+    a group is 16 contiguous bytes) and scaled once by 2**(e - 127 + 14), an exact power of two.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    offs_g = tl.arange(0, BLOCK_K // GROUP)
+    jb = offs_g[:, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :]  # [groups, GROUP/2] byte index
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    w_rows = w_ptr + rn[:, None, None] * swn
+    x_row = x_ptr + row * sxm
+    s_rows = s_ptr + rn[:, None] * ssn
+    z_rows = z_ptr + rn[:, None] * szn
+    if FORMAT == 0:
+        acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP, GROUP // 2], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP], dtype=tl.float32)
+    ke = (k_lo + 2 * jb)[None, :, :]
+    if EVEN_K:  # noqa: SIM108
+        byte = tl.load(w_rows + (k_lo // 2 + jb)[None, :, :] * swk)
+    else:
+        byte = tl.load(w_rows + (k_lo // 2 + jb)[None, :, :] * swk, mask=ke < K, other=0)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ke = (k0 + 2 * jb)[None, :, :]
+        gi = k0 // GROUP + offs_g
+        if EVEN_K:
+            kn = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
+            byte_next = tl.load(w_rows + (kn // 2 + jb)[None, :, :] * swk)
+            xe = tl.load(x_row + ke * sxk).to(tl.float32)
+            xo = tl.load(x_row + (ke + 1) * sxk).to(tl.float32)
+        else:
+            kn = k0 + BLOCK_K + 2 * jb[None, :, :]
+            byte_next = tl.load(w_rows + ((k0 + BLOCK_K) // 2 + jb)[None, :, :] * swk, mask=kn < K, other=0)
+            xe = tl.load(x_row + ke * sxk, mask=ke < K, other=0.0).to(tl.float32)
+            xo = tl.load(x_row + (ke + 1) * sxk, mask=ke + 1 < K, other=0.0).to(tl.float32)
+            gi = tl.minimum(gi, (K - 1) // GROUP)  # a group past K: a valid one, its x are 0
+        b = byte.to(tl.int32)
+        lo = b & 15
+        hi = (b >> 4) & 15
+        s = tl.load(s_rows + gi[None, :] * ssg)
+        if FORMAT == 0:
+            s3 = s.to(tl.float32)[:, :, None]
+            zb = (tl.load(z_rows + gi[None, :] * szg).to(tl.float32) + 8388608.0)[:, :, None]
+            we = ((lo | 0x4B000000).to(tl.float32, bitcast=True) - zb) * s3
+            wo = ((hi | 0x4B000000).to(tl.float32, bitcast=True) - zb) * s3
+            if not EVEN_K:
+                we = tl.where(ke < K, we, 0.0)
+                wo = tl.where(ke + 1 < K, wo, 0.0)
+            we = _to_operand(we, x_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32)
+            wo = _to_operand(wo, x_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32)
+            acc += we * xe + wo * xo
+        else:
+            part = tl.sum(_e2m1_to_f32_h(lo) * xe + _e2m1_to_f32_h(hi) * xo, axis=2)
+            acc += (part * 16384.0) * _e8m0_to_f32(s)
+        byte = byte_next
+    if FORMAT == 0:  # noqa: SIM108 - a statement-level constexpr branch compiles on every triton
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    else:
+        out = tl.sum(acc, axis=1)
+    _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
+
+
 HELPERS = ("_scale_out", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
-           "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store")  # fmt: skip
+           "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",
@@ -573,4 +661,5 @@ KERNELS = (
     "_gemv8_kernel",
     "_gemv4_kernel",
     "_wonly_fused_kernel",
+    "_gemv4g_kernel",
 )

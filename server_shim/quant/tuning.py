@@ -41,9 +41,14 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Cfg:
     """path "tile": one kernel (split-K when split > 1, then a reduction pass); "deq": dequantize the
-    4-bit weight to x's dtype, then a plain 16-bit GEMM (bm, bn, bk are that GEMM's tiles);
+    4-bit weight to x's dtype, then a plain 16-bit GEMM (bm, bn, bk are that GEMM's tiles); "deqb":
+    the same dequantization (a fresh buffer per call), then torch.mm -- cuBLAS / hipBLAS, which
+    beats a Triton 16-bit GEMM at large M (tiles unused; "deq" where out's or bias's dtype is not
+    x's, or fp32 x would run as TF32);
     "fused": 4-bit weights unpacked in registers, interleaved and fed to one dot per K tile against
-    K-contiguous x (w4a16); "gemv": the tl.dot-free M = 1 kernels (bm is 1: a row per program)."""
+    K-contiguous x (w4a16); "gemv": the tl.dot-free M = 1 kernels (bm is 1: a row per program);
+    "gemvg": the 4-bit one on group-shaped tiles (`_gemv4g_kernel`; bk rounded up to the group,
+    "gemv" for a group that is not a power of two up to 256)."""
 
     path: str
     bm: int
@@ -83,7 +88,9 @@ def _t(path: str, *rows: tuple[int, ...]) -> list[Cfg]:
 _GEMV = {  # HBM wants ~4 MB in flight: 1000+ programs of 2-8 KB tiles (plus one prefetched), or split-K
     "mm8": _t("gemv", (1, 16, 256, 4, 1, 4), (1, 8, 256, 4, 1, 4), (1, 4, 512, 4, 1), (1, 8, 512, 4, 1),
               (1, 16, 256, 4, 1, 2), (1, 32, 256, 8, 1, 4), (1, 8, 512, 4, 1, 2)),
-    "wonly": _t("gemv", (1, 8, 512, 4, 1, 4), (1, 16, 512, 8, 1, 2), (1, 8, 1024, 8, 1, 2), (1, 4, 1024, 4, 1),
+    "wonly": _t("gemvg", (1, 8, 1024, 4, 1), (1, 16, 512, 4, 1), (1, 8, 512, 4, 1, 2), (1, 4, 1024, 4, 1),
+                (1, 16, 1024, 8, 1), (1, 8, 512, 4, 1))
+    + _t("gemv", (1, 8, 512, 4, 1, 4), (1, 16, 512, 8, 1, 2), (1, 8, 1024, 8, 1, 2), (1, 4, 1024, 4, 1),
                 (1, 8, 512, 4, 1, 2), (1, 16, 256, 4, 1, 4), (1, 32, 512, 8, 1, 4)),
 }  # fmt: skip
 _HOPPER = {
@@ -108,10 +115,10 @@ _HOPPER = {
              (16, 128, 128, 4, 3, 4), (16, 32, 128, 4, 4, 8), (16, 64, 128, 4, 4, 8)),
         "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2), (64, 128, 128, 4, 3),
                   (128, 128, 128, 8, 3), (64, 64, 128, 4, 3, 4)) + _t("deq", (128, 128, 64, 4, 4), (128, 256, 64, 8, 3))
-        + _t("fused", (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3)),
+        + _t("deqb", (128, 128, 64, 4, 1)) + _t("fused", (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3)),
         "large": _t("deq", (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
                     (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 256, 64, 8, 3, 1, 16), (128, 128, 64, 4, 5))
-        + _t("tile", (128, 128, 128, 8, 3))
+        + _t("tile", (128, 128, 128, 8, 3)) + _t("deqb", (128, 128, 64, 4, 1))
         + _t("fused", (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
              (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)),
     },
@@ -125,7 +132,8 @@ _AMPERE = {
     "wonly": {
         "small": _HOPPER["wonly"]["small"],
         "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2)) + _t("deq", (128, 128, 32, 4, 4)),
-        "large": _t("deq", (128, 128, 32, 4, 4), (128, 256, 32, 8, 3)) + _t("tile", (128, 64, 128, 4, 3)),
+        "large": _t("deq", (128, 128, 32, 4, 4), (128, 256, 32, 8, 3)) + _t("tile", (128, 64, 128, 4, 3))
+        + _t("deqb", (128, 128, 32, 4, 1)),
     },
 }  # fmt: skip
 _CDNA = {  # AMD: the stream pipeliner wants num_stages 2; MFMA likes wide K tiles

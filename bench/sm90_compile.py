@@ -56,7 +56,11 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     common = dict(fixed, HAS_BIAS=False, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk)
     if cfg.path == "gemv":
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
-    if cfg.path == "deq":  # the GEMM half (main() gives it bf16 operands); the dequantization pass is fixed
+    if cfg.path == "gemvg":
+        return k.gemv4g, dict(common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split)
+    if (
+        cfg.path in ("deq", "deqb")
+    ):  # deqb's GEMM is torch.mm: compiled here as deq's, harmlessly  # the GEMM half (main() gives it bf16 operands); the dequantization pass is fixed
         return k.mm16, dict(HAS_BIAS=False, DOT_IEEE=False, EVEN_K=True, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
                             BLOCK_K=cfg.bk, GROUP_M=cfg.group_m)  # fmt: skip
     kern = k.wonly_fused if cfg.path == "fused" else k.wonly_fast
@@ -113,7 +117,9 @@ def compile_one(fn, ptrs: dict, consts: dict, warps: int, stages: int, m: int) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 4096], help="M values (default 1 16 4096)")
-    ap.add_argument("--only", nargs="+", default=None, help="only these config paths (tile gemv fused deq)")
+    ap.add_argument(
+        "--only", nargs="+", default=None, help="only these config paths (tile gemv gemvg fused deq)"
+    )
     args = ap.parse_args()
     k = K._build()
     fails, seen = 0, set()
@@ -123,7 +129,7 @@ def main() -> int:
                 if args.only and cfg.path not in args.only:
                     continue
                 fn, consts = kernel_and_consts(k, kind, cfg, fixed, m)
-                if cfg.path == "deq":
+                if cfg.path in ("deq", "deqb"):
                     ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16"}
                 key = (
                     fn,

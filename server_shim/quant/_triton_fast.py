@@ -41,6 +41,7 @@ _tile_ids: Any = None
 _fp8_bits_to_f16: Any = None
 
 GROUP_BCAST: Any = None  # tl.constexpr, set by _build() (env DIFFTEST_TRITON_GROUP_BCAST, default on)
+E2M1_F16: Any = None  # tl.constexpr, set by _build() (env DIFFTEST_TRITON_E2M1_F16, default on)
 
 SHARED = ("_cast_out", "_epilogue", "_tile_ids", "_fp8_bits_to_f16")
 
@@ -150,6 +151,10 @@ def _dequant_pair(byte, s_ptr, z_ptr, rn, ke, k0, ssn, ssg, szn, szg,
         zb = z + 8388608.0
         we = ((lo | 0x4B000000).to(tl.float32, bitcast=True) - zb) * s
         wo = ((hi | 0x4B000000).to(tl.float32, bitcast=True) - zb) * s
+    elif E2M1_F16:  # the value * 2**-14 in fewer instructions; both products exact (powers of two)
+        sc = _e8m0_to_f32(s)
+        we = (_e2m1_to_f32_h(lo) * 16384.0) * sc
+        wo = (_e2m1_to_f32_h(hi) * 16384.0) * sc
     else:
         sc = _e8m0_to_f32(s)
         we = _e2m1_to_f32(lo) * sc
@@ -583,9 +588,11 @@ def _gemv4g_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     gather and no reshape of a broadcast (which costs a trip through shared memory).
     int4: the weight is dequantized and rounded to x's dtype per element as `_dequant_pair` does
     (the reference's numerics), accumulated elementwise, reduced once at the end.
-    mxfp4: a weight is e2m1(q) * 2**e exactly in any 16-bit dtype, so the per-element work is the
-    decode (`_e2m1_to_f32_h`) and one FMA; each group's products are summed in fp32 (in-thread:
-    a group is 16 contiguous bytes) and scaled once by 2**(e - 127 + 14), an exact power of two.
+    mxfp4: a weight is e2m1(q) * 2**e exactly in any 16-bit dtype, so no rounding step: the cheap
+    decode (`_e2m1_to_f32_h`, the value times 2**-14), a multiply by the group's 2**(e - 127) and
+    an FMA per element; the 2**14 is multiplied back once per output (exact: a power of two; a
+    per-step sum over each group instead costs shuffles, a group spanning several threads).
+    Both accumulate elementwise and reduce once at the end.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -600,10 +607,7 @@ def _gemv4g_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     x_row = x_ptr + row * sxm
     s_rows = s_ptr + rn[:, None] * ssn
     z_rows = z_ptr + rn[:, None] * szn
-    if FORMAT == 0:
-        acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP, GROUP // 2], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP, GROUP // 2], dtype=tl.float32)
     ke = (k_lo + 2 * jb)[None, :, :]
     if EVEN_K:  # noqa: SIM108
         byte = tl.load(w_rows + (k_lo // 2 + jb)[None, :, :] * swk)
@@ -639,13 +643,15 @@ def _gemv4g_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
             wo = _to_operand(wo, x_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32)
             acc += we * xe + wo * xo
         else:
-            part = tl.sum(_e2m1_to_f32_h(lo) * xe + _e2m1_to_f32_h(hi) * xo, axis=2)
-            acc += (part * 16384.0) * _e8m0_to_f32(s)
+            sc = _e8m0_to_f32(s)[:, :, None]
+            if E2M1_F16:
+                acc += (_e2m1_to_f32_h(lo) * xe + _e2m1_to_f32_h(hi) * xo) * sc
+            else:
+                acc += (_e2m1_to_f32(lo) * xe + _e2m1_to_f32(hi) * xo) * sc
         byte = byte_next
-    if FORMAT == 0:  # noqa: SIM108 - a statement-level constexpr branch compiles on every triton
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    else:
-        out = tl.sum(acc, axis=1)
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if FORMAT == 1 and E2M1_F16:
+        out = out * 16384.0
     _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
 
 

@@ -88,6 +88,8 @@ def _build() -> SimpleNamespace:
         # DIFFTEST_TRITON_GROUP_BCAST=0: the per-element scale gathers of 4-bit tiles spanning several
         # groups instead of the broadcast (a fallback should a triton build not lower that reshape)
         _fast.GROUP_BCAST = language.constexpr(os.environ.get("DIFFTEST_TRITON_GROUP_BCAST", "1") != "0")
+        # DIFFTEST_TRITON_E2M1_F16=0: mxfp4 codes decoded by fp32 bit assembly (the previous, longer way)
+        _fast.E2M1_F16 = language.constexpr(os.environ.get("DIFFTEST_TRITON_E2M1_F16", "1") != "0")
         for name in _fast.SHARED:
             setattr(_fast, name, getattr(_src, name))
         for name, fn in _fast.PLAIN_HELPERS.items():

@@ -56,6 +56,8 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     common = dict(fixed, HAS_BIAS=False, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk)
     if cfg.path == "gemv":
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
+    if cfg.path == "gemvw":  # main() gives it int32 words
+        return k.gemv4w, dict(common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split)
     if cfg.path == "gemvg":
         return k.gemv4g, dict(common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split)
     if (
@@ -118,7 +120,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 4096], help="M values (default 1 16 4096)")
     ap.add_argument(
-        "--only", nargs="+", default=None, help="only these config paths (tile gemv gemvg fused deq)"
+        "--only", nargs="+", default=None, help="only these config paths (tile gemv gemvg gemvw fused deq)"
     )
     args = ap.parse_args()
     k = K._build()
@@ -129,22 +131,25 @@ def main() -> int:
                 if args.only and cfg.path not in args.only:
                     continue
                 fn, consts = kernel_and_consts(k, kind, cfg, fixed, m)
+                cptrs = ptrs  # this config's pointer types (the variant's, unless its kernel differs)
+                if cfg.path == "gemvw":
+                    cptrs = {**ptrs, "w_ptr": "*i32"}
                 if cfg.path in ("deq", "deqb"):
-                    ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16"}
+                    cptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16"}
                 key = (
                     fn,
                     tuple(sorted(consts.items())),
                     cfg.warps,
                     cfg.stages,
                     m == 1,
-                    tuple(sorted(ptrs.items())),
+                    tuple(sorted(cptrs.items())),
                 )
                 if key in seen:
                     continue
                 seen.add(key)
                 t0 = time.time()
                 try:
-                    info = compile_one(fn, ptrs, consts, cfg.warps, cfg.stages, m)
+                    info = compile_one(fn, cptrs, consts, cfg.warps, cfg.stages, m)
                     print(
                         f"ok   {label:10} M={m:<5} {cfg.name:32} {info} ({time.time() - t0:.1f} s)",
                         flush=True,

@@ -39,6 +39,7 @@ DOTLESS4 = tuning.Cfg("gemv", 1, 32, 64, 4, 1)
 FUSED = tuning.Cfg("fused", 16, 32, 64, 4, 1, 2)
 # the group-shaped 4-bit GEMV (split-K; bk below a group is rounded up to it) and dequantize + torch.mm
 GEMVG = tuning.Cfg("gemvg", 1, 16, 64, 4, 1, 2)
+GEMVW = tuning.Cfg("gemvw", 1, 16, 256, 4, 1, 2)
 DEQB = tuning.Cfg("deqb", 16, 64, 64, 4, 1)
 
 
@@ -178,8 +179,8 @@ def _int4_ref(x, q, scales, zeros, N, Kd):
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, DEQB],
-    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused", "gemvg", "deqb"],
+    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, DEQB],
+    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused", "gemvg", "gemvw", "deqb"],
 )
 @pytest.mark.parametrize("Kd", [256, 201])
 def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
@@ -197,8 +198,8 @@ def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, DEQB],
-    ids=["tile", "split3", "deq", "dotless", "fused", "gemvg", "deqb"],
+    [TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, DEQB],
+    ids=["tile", "split3", "deq", "dotless", "fused", "gemvg", "gemvw", "deqb"],
 )
 def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     force(cfg)
@@ -213,7 +214,9 @@ def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
 
 
 @pytest.mark.parametrize(
-    "cfg", [TILE, DEQ, DOTLESS, FUSED, GEMVG], ids=["tile", "deq", "dotless", "fused", "gemvg"]
+    "cfg",
+    [TILE, DEQ, DOTLESS, FUSED, GEMVG, GEMVW],
+    ids=["tile", "deq", "dotless", "fused", "gemvg", "gemvw"],
 )
 def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None:
     # fp16 is cast correctly by the interpreter too, so this runs the GPU's plain `.to()` rounding
@@ -231,8 +234,8 @@ def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, DEQB],
-    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused", "gemvg", "deqb"],
+    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, DEQB],
+    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused", "gemvg", "gemvw", "deqb"],
 )
 def test_mxfp4_paths(force, cfg: tuning.Cfg) -> None:
     force(cfg)
@@ -336,11 +339,11 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
 )  # fmt: skip
 @pytest.mark.parametrize(
     "cfg",
-    [SPLIT, DEQ, DOTLESS, FUSED, GEMVG, DEQB],
-    ids=["split3", "deq", "dotless", "fused", "gemvg", "deqb"],
+    [SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, DEQB],
+    ids=["split3", "deq", "dotless", "fused", "gemvg", "gemvw", "deqb"],
 )
 def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
-    if cfg.path in ("deq", "fused", "gemvg", "deqb") and scheme not in F.WEIGHT_ONLY_SCHEMES:
+    if cfg.path in ("deq", "fused", "gemvg", "gemvw", "deqb") and scheme not in F.WEIGHT_ONLY_SCHEMES:
         pytest.skip(f"the {cfg.path} path is weight-only")
     force(cfg)
     g = torch.Generator().manual_seed(18)

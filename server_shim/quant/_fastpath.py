@@ -114,6 +114,20 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))
 
 
+def _words(w: torch.Tensor, K: int, group: int) -> torch.Tensor | None:
+    """The packed 4-bit weight [N, K/2] as int32 words [N, K/8] for `_gemv4w_kernel`, or None where
+    that view does not exist (K % 8, a row not 4-byte aligned, a non-unit byte stride) or the group is
+    not a power of two from 8 to 256 (the kernel's group-shaped word tiles)."""
+    if K % 8 or not (group & (group - 1) == 0 and 8 <= group <= 256) or w.stride(1) != 1:
+        return None
+    if w.stride(0) % 4 or w.storage_offset() % 4 or w.shape[1] % 4:
+        return None
+    try:
+        return w.view(torch.int32)
+    except RuntimeError:
+        return None
+
+
 def _blas_ok(x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """torch.mm / addmm can write `out` with the Triton epilogue's numbers: one dtype throughout
     (fp32 accumulation, one rounding at the store; a bias of another dtype would be rounded first)."""
@@ -135,9 +149,14 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
 
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         bias_arg = bias if bias is not None else out
+        wk = w
+        if cfg.path == "gemvw":
+            wk = _words(w, K, group)
+            if wk is None:
+                wk, cfg = w, replace(cfg, path="gemvg")
         if cfg.path == "gemvg" and not (group & (group - 1) == 0 and 2 <= group <= 256):
             cfg = replace(cfg, path="gemv")  # group-shaped tiles need a power-of-two group
-        if cfg.path == "gemvg":
+        if cfg.path in ("gemvg", "gemvw"):
             cfg = replace(cfg, bk=max(cfg.bk, group))
         if cfg.path == "deqb" and not _blas_ok(x, out, bias):
             cfg = replace(cfg, path="deq")
@@ -162,10 +181,11 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             return out
         kper, splits = _splits(K, cfg.bk, cfg.split)
         ws = _workspace(splits, M, N, torch.float32, out)
-        if cfg.path in ("gemv", "gemvg"):
-            (k.gemv4g if cfg.path == "gemvg" else k.gemv4)[(_cdiv(N, cfg.bn), splits, M)](
-                x, w, out, ws, scales, zeros, bias_arg, M, N, K, kper,
-                x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *sarg,
+        if cfg.path in ("gemv", "gemvg", "gemvw"):
+            kern = {"gemv": k.gemv4, "gemvg": k.gemv4g, "gemvw": k.gemv4w}[cfg.path]
+            kern[(_cdiv(N, cfg.bn), splits, M)](
+                x, wk, out, ws, scales, zeros, bias_arg, M, N, K, kper,
+                x.stride(0), x.stride(1), wk.stride(0), wk.stride(1), out.stride(0), out.stride(1), *sarg,
                 FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, EMULATE_RNE=emulate, SPLIT_OUT=splits > 1,
                 EVEN_K=K % cfg.bk == 0, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk,
                 num_warps=cfg.warps, num_stages=cfg.stages,

@@ -641,7 +641,7 @@ def _gemv4g_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
                 wo = tl.where(ke + 1 < K, wo, 0.0)
             we = _to_operand(we, x_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32)
             wo = _to_operand(wo, x_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32)
-            acc += we * xe + wo * xo
+            acc = acc + we * xe + wo * xo  # two FMAs, not a multiply, an FMA and an add
         else:
             sc = _e8m0_to_f32(s)[:, :, None]
             if E2M1_F16:
@@ -649,6 +649,72 @@ def _gemv4g_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
             else:
                 acc += (_e2m1_to_f32(lo) * xe + _e2m1_to_f32(hi) * xo) * sc
         byte = byte_next
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if FORMAT == 1 and E2M1_F16:
+        out = out * 16384.0
+    _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
+
+
+def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
+                   sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
+                   FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """`_gemv4g_kernel` on 32-bit words: w_ptr is the packed weight viewed as int32 [N, K/8] (K % 8
+    == 0; strides in words), so nibble j of word i is k = 8i + j (little-endian bytes, low nibble
+    first). Each nibble is one shift and one mask of a word already in a register -- no per-byte
+    extraction -- and meets its own x plane (x at k = 8i + j). Same numerics as `_gemv4g_kernel`."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    offs_g = tl.arange(0, BLOCK_K // GROUP)
+    jw = offs_g[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]  # [groups, GROUP/8] words
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    w_rows = w_ptr + rn[:, None, None] * swn
+    x_row = x_ptr + row * sxm
+    s_rows = s_ptr + rn[:, None] * ssn
+    z_rows = z_ptr + rn[:, None] * szn
+    acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP, GROUP // 8], dtype=tl.float32)
+    kw = (k_lo + 8 * jw)[None, :, :]
+    if EVEN_K:  # noqa: SIM108
+        word = tl.load(w_rows + (k_lo // 8 + jw)[None, :, :] * swk)
+    else:
+        word = tl.load(w_rows + (k_lo // 8 + jw)[None, :, :] * swk, mask=kw < K, other=0)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kw = (k0 + 8 * jw)[None, :, :]
+        gi = k0 // GROUP + offs_g
+        if EVEN_K:
+            kn = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
+            word_next = tl.load(w_rows + (kn // 8 + jw)[None, :, :] * swk)
+        else:
+            kn = k0 + BLOCK_K + 8 * jw[None, :, :]
+            word_next = tl.load(w_rows + ((k0 + BLOCK_K) // 8 + jw)[None, :, :] * swk, mask=kn < K, other=0)
+            gi = tl.minimum(gi, (K - 1) // GROUP)
+        s = tl.load(s_rows + gi[None, :] * ssg)
+        if FORMAT == 0:
+            s3 = s.to(tl.float32)[:, :, None]
+            zb = (tl.load(z_rows + gi[None, :] * szg).to(tl.float32) + 8388608.0)[:, :, None]
+        else:
+            s3 = _e8m0_to_f32(s)[:, :, None]
+        for j in tl.static_range(8):
+            if EVEN_K:
+                xj = tl.load(x_row + (kw + j) * sxk).to(tl.float32)
+            else:
+                xj = tl.load(x_row + (kw + j) * sxk, mask=kw < K, other=0.0).to(tl.float32)
+            q = (word >> (4 * j)) & 15
+            if FORMAT == 0:
+                wv = ((q | 0x4B000000).to(tl.float32, bitcast=True) - zb) * s3
+                if not EVEN_K:
+                    wv = tl.where(kw < K, wv, 0.0)
+                acc += _to_operand(wv, x_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32) * xj
+            elif E2M1_F16:
+                acc += (_e2m1_to_f32_h(q) * xj) * s3
+            else:
+                acc += (_e2m1_to_f32(q) * xj) * s3
+        word = word_next
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if FORMAT == 1 and E2M1_F16:
         out = out * 16384.0
@@ -668,4 +734,5 @@ KERNELS = (
     "_gemv4_kernel",
     "_wonly_fused_kernel",
     "_gemv4g_kernel",
+    "_gemv4w_kernel",
 )

@@ -48,7 +48,8 @@ class Cfg:
     "fused": 4-bit weights unpacked in registers, interleaved and fed to one dot per K tile against
     K-contiguous x (w4a16); "gemv": the tl.dot-free M = 1 kernels (bm is 1: a row per program);
     "gemvg": the 4-bit one on group-shaped tiles (`_gemv4g_kernel`; bk rounded up to the group,
-    "gemv" for a group that is not a power of two up to 256)."""
+    "gemv" for a group that is not a power of two up to 256); "gemvw": the same on int32 words of
+    8 nibbles (`_gemv4w_kernel`; "gemvg" where K % 8 or the word view does not fit)."""
 
     path: str
     bm: int
@@ -88,8 +89,8 @@ def _t(path: str, *rows: tuple[int, ...]) -> list[Cfg]:
 _GEMV = {  # HBM wants ~4 MB in flight: 1000+ programs of 2-8 KB tiles (plus one prefetched), or split-K
     "mm8": _t("gemv", (1, 16, 256, 4, 1, 4), (1, 8, 256, 4, 1, 4), (1, 4, 512, 4, 1), (1, 8, 512, 4, 1),
               (1, 16, 256, 4, 1, 2), (1, 32, 256, 8, 1, 4), (1, 8, 512, 4, 1, 2)),
-    "wonly": _t("gemvg", (1, 8, 1024, 4, 1), (1, 16, 512, 4, 1), (1, 8, 512, 4, 1, 2), (1, 4, 1024, 4, 1),
-                (1, 16, 1024, 8, 1), (1, 8, 512, 4, 1))
+    "wonly": _t("gemvw", (1, 8, 1024, 4, 1), (1, 16, 1024, 4, 1), (1, 8, 2048, 4, 1), (1, 4, 2048, 4, 1))
+    + _t("gemvg", (1, 8, 1024, 4, 1), (1, 16, 512, 4, 1), (1, 8, 512, 4, 1, 2), (1, 4, 1024, 4, 1))
     + _t("gemv", (1, 8, 512, 4, 1, 4), (1, 16, 512, 8, 1, 2), (1, 8, 1024, 8, 1, 2), (1, 4, 1024, 4, 1),
                 (1, 8, 512, 4, 1, 2), (1, 16, 256, 4, 1, 4), (1, 32, 512, 8, 1, 4)),
 }  # fmt: skip

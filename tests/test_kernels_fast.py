@@ -196,6 +196,22 @@ def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     assert rel(out, _int4_ref(x, q, scales, zeros, N, Kd) + bias.double()) < 1e-6
 
 
+def test_int4_word_gemv_ragged_k_and_fallbacks(force) -> None:
+    # K = 200: the words past K masked; K = 204 (K % 8 != 0, rows not whole words) falls back to the
+    # byte kernel; group 64: four groups per 256-wide tile
+    force(GEMVW)
+    g = torch.Generator().manual_seed(31)
+    for Kd, gs in ((200, 128), (204, 128), (200, 64)):
+        M, N, G = 2, 24, -(-Kd // gs)
+        x = torch.randn(M, Kd, generator=g)
+        q = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
+        scales = torch.rand(N, G, generator=g) * 0.1 + 0.01
+        zeros = torch.randint(0, 16, (N, G), dtype=torch.uint8, generator=g)
+        out = K.int4_gemm(x, pack(q), scales, zeros, group=gs, out_dtype=torch.float32)
+        w = (q.double() - expand(zeros, N, Kd, 1, gs)) * expand(scales, N, Kd, 1, gs)
+        assert rel(out, x.double() @ w.T) < 1e-6
+
+
 @pytest.mark.parametrize(
     "cfg",
     [TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, DEQB],

@@ -22,7 +22,11 @@ What makes them faster than the legacy bodies (numbers: bench/gemm.py on an H200
   x, so no interleave is needed in the hot loop; `_wonly_fused_kernel` (w4a16) interleaves them
   back in registers for one dot against K-contiguous x. For large M, `_wonly_dequant_kernel` expands
   the weight once to x's dtype (`tl.interleave` keeps the stores contiguous) and `_mm16_kernel`
-  runs a plain tensor-core GEMM on it.
+  (or torch.mm, the "deqb" path: cuBLAS is faster than a Triton 16-bit GEMM) runs the GEMM on it.
+- 4-bit GEMV is bound by unpacking instructions, not HBM: `_gemv4g_kernel` shapes its tiles as
+  whole scale groups (scales broadcast in registers, no reshape), `_gemv4w_kernel` reads int32
+  words of 8 nibbles (a shift and a mask per nibble), and mxfp4 codes decode through fp16 bits
+  (`_e2m1_to_f32_h`: no fp32 bit assembly, exact).
 Numerics are those of the legacy bodies: fp32 accumulation (int32 for int8), fp8 products
 promoted to fp32 every BLOCK_K (FAST_ACC off), 4-bit weights dequantized in fp32 and rounded once
 to x's dtype; see _triton_kernels.py's docstring for the interpreter workarounds they share.

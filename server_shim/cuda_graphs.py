@@ -109,6 +109,7 @@ class DecodeGraphs:
             self._body(rows, kv_len)  # warm-up on the capture stream (idempotent cache writes)
         torch.cuda.current_stream(self._device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+        # thread_local: the event loop's thread may touch CUDA state (it never should) without breaking us
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
             outs = self._body(rows, kv_len)
         return graph, outs

@@ -69,7 +69,10 @@ class ModelRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         params = inspect.signature(self.base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.cache = SlotKVCache(self.device, self.dtype)
+        # On a GPU, room for every row up front (growing re-captures graphs); on the CPU, memory
+        # follows use (several shims of a `make run` share one machine).
+        slots, positions = (max_rows, 256) if self.device.type == "cuda" else (1, 64)
+        self.cache = SlotKVCache(self.device, self.dtype, slots, positions)
         self.max_rows = max_rows
         dev = self.device
         # row r: (input id, position, cache column written); [rows, 3] so a prefix of rows is contiguous

@@ -47,6 +47,7 @@ from server_shim.engine_types import (
     Seq,
     SeqEvent,
 )
+from server_shim.fast_decode import backend_decoder
 from server_shim.model_runner import DecodeStep, ModelRunner
 from server_shim.scheduler import bucket, default_buckets, lowest_free, plan_prefill, pow2_at_least
 
@@ -70,6 +71,10 @@ _BATCH_WINDOW_S = 0.002
 # autotuning, graph captures, oneDNN setup) are paid for a handful of shapes, not hundreds.
 _MIN_KV = 64
 _MIN_CHUNK_COLS = 16
+# On a GPU an eager prefill forward costs ~10 ms of kernel launches whatever its size, while a
+# replayed decode step costs ~3: prompts that arrive one by one while others decode are gathered
+# for up to this many steps (or until half a chunk waits) and prefilled together.
+_PREFILL_EVERY = 8
 
 Entry = tuple[Seq, int, float | None, list[tuple[int, float]] | None, str | None]
 
@@ -115,6 +120,7 @@ class Engine:
         self._eos = set(loaded.eos_token_ids)
         pad = loaded.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None and 0 <= pad < self.vocab_size else 0
+        self._decoder = backend_decoder(loaded.tokenizer)  # detokenizing, without transformers' overhead
         cuda = loaded.device.type == "cuda"
         self._pad_shapes = cuda
         if buckets is None and cuda:
@@ -130,6 +136,7 @@ class Engine:
         self.stats = EngineStats()
         self._slots: list[Seq | None] = [None] * self.max_batch_size
         self._arrivals = 0
+        self._prefill_skips = 0  # decode steps run since prompts started waiting for a prefill
         self._inflight: tuple[DecodeStep, list[Seq | None], float] | None = None
         self._cond = threading.Condition()
         self._pending: deque[Seq] = deque()
@@ -296,6 +303,8 @@ class Engine:
             (s for s in self._slots if s is not None and not s.finished and s.cached < len(s.prompt)),
             key=lambda s: s.arrival,
         )
+        if not todo or not self._prefill_due(todo):
+            return []
         items = plan_prefill(todo, self.prefill_chunk)
         if not items:
             return []
@@ -354,6 +363,21 @@ class Engine:
                     entries.append(entry)
         return entries
 
+    def _prefill_due(self, todo: list[Seq]) -> bool:
+        """Prefill now, or gather more prompts first (GPU only, and only while others decode)."""
+        decoding = any(s is not None and not s.finished and s.out for s in self._slots)
+        waiting = sum(len(s.prompt) - s.cached for s in todo)
+        if (
+            not self._pad_shapes
+            or not decoding
+            or self._prefill_skips >= _PREFILL_EVERY
+            or waiting >= self.prefill_chunk // 2
+        ):
+            self._prefill_skips = 0
+            return True
+        self._prefill_skips += 1
+        return False
+
     def _prefill_failed(self, items: list, exc: Exception) -> None:
         """A chunk failed (a bug, or an input that breaks the model): one request must not fail
         its neighbours. With several requests in the chunk, each one's prefill is redone alone
@@ -372,7 +396,7 @@ class Engine:
 
     def _finish_prompt(self, s: Seq, rows: list[torch.Tensor] | None) -> None:
         """The whole prompt is in the cache (or needs no forward): echo it, start detokenizing."""
-        tok = self.loaded.tokenizer
+        tok = self._decoder
         try:
             if s.params.echo:
                 logits = torch.cat(rows) if rows and s.params.logprobs is not None else None

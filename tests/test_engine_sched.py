@@ -320,3 +320,36 @@ def test_cpu_engine_has_no_graphs(tiny_llama) -> None:
         assert eng.runner.graphs is None and not eng.cuda_graphs
     finally:
         eng.close()
+
+
+def test_gpu_shapes_on_the_cpu_equal_hf_generate(tiny_llama) -> None:
+    """What a GPU engine does to shapes, run on the CPU: prefill rows and columns padded to powers
+    of two (idle rows in the scratch slot), decode rows padded to buckets, prompts that arrive
+    while others decode gathered for a few steps. None of it may change a token."""
+    tok = tiny_llama.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    eng = Engine(tiny_llama, max_batch_size=3, buckets=(1, 2, 4), prefill_chunk=8)
+    eng._pad_shapes = True  # as on CUDA
+    params = [SamplingParams(max_tokens=2 + 5 * i, ignore_eos=True) for i in range(len(ids))]
+    try:
+        got = _run(eng, ids, params)
+        stats = eng.stats
+    finally:
+        eng.close()
+    for p, sp, g in zip(ids, params, got, strict=True):
+        assert g == _hf_greedy(tiny_llama, p, sp.max_tokens)
+    assert stats.decode_padded_rows > stats.decode_rows
+
+
+def test_fast_decode_gives_the_same_pieces(tiny_llama) -> None:
+    from server_shim.detok import IncrementalDetokenizer
+    from server_shim.fast_decode import BackendDecoder, backend_decoder
+
+    tok = tiny_llama.tokenizer
+    fast = backend_decoder(tok)
+    assert isinstance(fast, BackendDecoder)
+    ids = tok("héllo 日本 wörld <|im_start|> ok")["input_ids"] + [0, 1, 2, 49151, 300, 12000]
+    a, b = IncrementalDetokenizer(tok, ids[:3]), IncrementalDetokenizer(fast, ids[:3])
+    for t in ids[3:]:
+        assert a.push(t, -1.0, [(7, -2.0), (t, -1.0)]) == b.push(t, -1.0, [(7, -2.0), (t, -1.0)])
+    assert a.flush() == b.flush()

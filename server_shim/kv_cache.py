@@ -133,12 +133,15 @@ class SlotKVCache(_HFCache):  # type: ignore[misc,valid-type]
         return f"SlotKVCache(slots={self.slots}, positions={self.positions}, layers={len(self.k)})"
 
 
-def additive_mask(pos: Tensor, kv_len: int, dtype: torch.dtype, arange: Tensor) -> Tensor:
-    """[B, 1, T, kv_len] additive mask (0 or dtype min): row b's query t sees positions <= pos[b, t].
+def attention_mask(pos: Tensor, kv_len: int, dtype: torch.dtype | None, arange: Tensor) -> Tensor:
+    """[B, 1, T, kv_len]: row b's query t sees positions <= pos[b, t]. dtype None: a boolean mask
+    (SDPA takes it as is); else additive (0 or dtype min), for attention code that adds the mask.
 
     Built on the device from the position tensor, so a captured graph rebuilds it on every replay.
     `arange` is a preallocated arange(>= kv_len) on the device (no allocation from host data)."""
     seen = arange[:kv_len].view(1, 1, kv_len) <= pos.unsqueeze(-1)  # [B, T, kv_len]
+    if dtype is None:
+        return seen.unsqueeze(1)
     zero = torch.zeros((), dtype=dtype, device=pos.device)
     low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=pos.device)
     return torch.where(seen, zero, low).unsqueeze(1)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from server_shim.cuda_graphs import DecodeGraphs
-from server_shim.kv_cache import CachePlan, SlotKVCache, additive_mask
+from server_shim.kv_cache import CachePlan, SlotKVCache, attention_mask
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ class ModelRunner:
         self.vocab = int(model.get_input_embeddings().num_embeddings)
         self.k = min(TOP_K, self.vocab)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        # SDPA takes a boolean mask as is; an additive float mask over the cache's strided views hit a
+        # slow CPU path (8 ms instead of 30 us per call, torch 2.13). Eager attention adds the mask.
+        sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        self._mask_dtype = None if sdpa else self.dtype
         params = inspect.signature(self.base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         # On a GPU, room for every row up front (growing re-captures graphs); on the CPU, memory
@@ -98,7 +102,7 @@ class ModelRunner:
 
     def _hidden(self, ids: Tensor, pos: Tensor, plan: CachePlan) -> Tensor:
         self.cache.plan = plan
-        mask = additive_mask(pos, plan.kv_len, self.dtype, self._arange)
+        mask = attention_mask(pos, plan.kv_len, self._mask_dtype, self._arange)
         out = self.base(
             input_ids=ids,
             attention_mask=mask,

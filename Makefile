@@ -7,7 +7,7 @@ STAMP := $(VENV)/.difftest-setup
 CONFIG ?= configs/default.toml
 OUT ?= runs/default
 
-.PHONY: setup run test test-fast bench lint clean gpu
+.PHONY: setup run test test-fast bench lint clean gpu gpu-faults
 
 setup: $(STAMP)
 
@@ -42,6 +42,13 @@ bench: setup
 gpu: setup
 	$(VENV)/bin/difftest run configs/gpu.toml -o runs/gpu-fp16
 	$(VENV)/bin/difftest run configs/gpu-bf16.toml -o runs/gpu-bf16
+
+# Every fault class inside the GPU kernels: each faulty target FAILs and is localised (smollm2 in
+# float16), then the in-process acceptance matrix (tiny models, the MoE class too) on the GPU.
+gpu-faults: setup
+	$(VENV)/bin/difftest run configs/gpu-faults.toml -o runs/gpu-faults
+	DIFFTEST_TEST_DEVICE=cuda DIFFTEST_TEST_DTYPE=float16 DIFFTEST_TEST_BACKEND=triton \
+		$(PY) -m pytest -q -s tests/test_whitebox_acceptance.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import httpx
@@ -40,6 +41,11 @@ from server_shim.models import LoadedModel, load_model
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 TH = LayerThresholds()
+# Where the in-process models run. CI: CPU float32. On a GPU, e.g. DIFFTEST_TEST_DEVICE=cuda
+# DIFFTEST_TEST_DTYPE=float16 DIFFTEST_TEST_BACKEND=triton, test_whitebox_acceptance.py repeats the
+# fault-class acceptance inside the GPU kernels.
+DEVICE = os.environ.get("DIFFTEST_TEST_DEVICE", "cpu")
+DTYPE = os.environ.get("DIFFTEST_TEST_DTYPE", "float32")
 
 
 # ---------------------------------------------------------------- in-process servers (shared)
@@ -48,7 +54,7 @@ TH = LayerThresholds()
 def build(
     model: str = "tiny-llama", scheme: str = "none", backend: str = "torch", faults: Sequence[str] = ()
 ) -> LoadedModel:
-    lm = load_model(model, dtype="float32", device="cpu")
+    lm = load_model(model, dtype=DTYPE, device=DEVICE)
     if scheme != "none":
         from server_shim.quant.linear import quantize_model
 

@@ -7,15 +7,18 @@ tiny-llama (tiny-moe for routed-scaling-missing), localised against its golden a
 - correct fp8-block / int8 / int4-g128 targets PASS exactness (torch vs torch; triton in the
   interpreter vs torch); the reference against itself and against its rounding twin flags nothing.
 
-All with the limits `run` uses: the module replay bound of float32, 5e-4 (server_shim.tolerance).
+All with the limits `run` uses: the module replay bound of the dtype (float32: 5e-4; server_shim.tolerance).
+CI runs it on CPU in float32; the env variables of test_layers.py run it on a GPU.
 
 Run with `-s` to see the table of numbers (fault, guilty module, local cos, norm ratio, rel err).
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
-from test_layers import PROMPT, build, shim_endpoint
+from test_layers import DTYPE, PROMPT, build, shim_endpoint
 
 from difftest.null import replay_bound
 from difftest.results import LayerDiff
@@ -26,7 +29,9 @@ from difftest.whitebox.replay import rank_modules
 from server_shim.models import LoadedModel
 from server_shim.twin import apply_rounding_twin
 
-TH = LayerThresholds(exact_local_rel_err=replay_bound("float32")[0])
+TH = LayerThresholds(exact_local_rel_err=replay_bound(DTYPE)[0])
+# The backend the faulty targets run on (their goldens are torch): triton on a GPU.
+FAULT_BACKEND = os.environ.get("DIFFTEST_TEST_BACKEND", "torch")
 
 # (fault, model, scheme, module). Schemes where the class bites on tiny-llama's 128-wide
 # matrices: fp8-block scales there are 1x1 / 2x1 / 1x2, so a transposed read of them is a no-op;
@@ -74,7 +79,7 @@ def _rank(diff: LayerDiff, module: str) -> int:
 
 @pytest.mark.parametrize(("fault", "name", "scheme", "module"), CASES, ids=[c[0] for c in CASES])
 async def test_fault_is_failed_and_localised(fault: str, name: str, scheme: str, module: str) -> None:
-    target = build(name, scheme, faults=[f"{fault}@{module}"])
+    target = build(name, scheme, backend=FAULT_BACKEND, faults=[f"{fault}@{module}"])
     async with (
         shim_endpoint("golden", model(name, scheme)) as gold,
         shim_endpoint("reference", model(name)) as ref,
@@ -92,7 +97,7 @@ async def test_fault_is_failed_and_localised(fault: str, name: str, scheme: str,
     verdict = layer_verdict(exact, TH)
     assert not verdict.passed and any(module in r for r in verdict.reasons), verdict.reasons
     assert exact.guilty_module == module
-    assert exact.guilty_backend == "torch"
+    assert exact.guilty_backend == FAULT_BACKEND
     assert module in exact.summary
     if fault == UE8M0:
         # inside the scheme's own error vs FP32 (see UE8M0): nothing else may be blamed either
@@ -138,7 +143,7 @@ async def test_reference_against_itself_has_zero_flagged_layers() -> None:
 
 async def test_reference_against_its_rounding_twin_has_zero_flagged_layers() -> None:
     twin = build("tiny-llama", "fp8-block")
-    assert apply_rounding_twin(twin.model, None, dtype="float32") > 0
+    assert apply_rounding_twin(twin.model, None, dtype=DTYPE) > 0
     async with shim_endpoint("g", model("tiny-llama", "fp8-block")) as g, shim_endpoint("twin", twin) as t:
         diff = await diff_layers(g, t, PROMPT, kind="exactness", thresholds=TH)
     worst = max(p.local_rel_err for p in diff.points if p.local_rel_err is not None)

@@ -34,6 +34,22 @@ def fp8_dtype_for(device: torch.device | str) -> torch.dtype:
     return torch.float8_e4m3fnuz if device_arch(device) == "gfx942" else torch.float8_e4m3fn
 
 
+def gemm_family(device: torch.device | str) -> str:
+    """The tile-table family of quant/tuning.py for this device, derived from `device_arch`:
+    "hopper" (sm90+: wgmma, 228 KiB shared memory), "cdna" (gfx9xx: MFMA, stream pipeliner with
+    num_stages 2), "ampere" (other CUDA GPUs: mma.sync, smaller shared memory), "cpu" (interpreter)."""
+    return _family(device_arch(device))
+
+
+@functools.cache
+def _family(name: str) -> str:
+    if name.startswith("gfx"):
+        return "cdna"
+    if name.startswith("sm") and name[2:].isdigit():
+        return "hopper" if int(name[2:]) >= 90 else "ampere"
+    return "cpu" if name == "cpu" else "ampere"
+
+
 def triton_available(device: torch.device | str) -> bool:
     """Triton can run here: a GPU with triton installed, or CPU with the interpreter switched on
     (TRITON_INTERPRET=1 is read when a kernel is decorated, so it must be set before import)."""

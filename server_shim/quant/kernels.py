@@ -13,8 +13,11 @@ helpers -- tl.max, tl.zeros -- are decorated then); a late switch gets a clear Q
 (quant/linear.py's `load_kernels` reloads triton.language to allow it). The choice made at the
 first kernel call is then fixed for the process.
 
-_triton_kernels.py also holds the autotune tables, and its docstring lists what the interpreter
-gets wrong and how the bodies cope.
+Two sets of kernel bodies: _triton_fast.py (the default: split-K GEMV paths for small M, block-scaled
+fp8 tiles, 4-bit tile unpacking and dequantize-then-GEMM; launched by _fastpath.py with one config
+per shape from quant/tuning.py) and _triton_kernels.py (the legacy bodies under triton.autotune,
+selected with DIFFTEST_TRITON_KERNELS=legacy). _triton_kernels.py's docstring lists what the
+interpreter gets wrong and how both sets cope.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Any
 import torch
 
 from server_shim.errors import QuantConfigError
+from server_shim.quant import _fastpath
+from server_shim.quant import _triton_fast as _fast
 from server_shim.quant import _triton_kernels as _src
 
 logger = logging.getLogger(__name__)
@@ -43,8 +48,22 @@ _SCALE_MODES = {"tensor": 0, "row": 1, "block": 2}
 # `_scaled_mm(use_fast_accum=False)`; True: the fast, imprecise accumulation. Tensor/row modes only.
 FP8_FAST_ACCUM = False
 
+# "fast" (_triton_fast.py, configs from quant/tuning.py) or "legacy" (_triton_kernels.py, the
+# pre-tuning kernels under triton.autotune): None reads env DIFFTEST_TRITON_KERNELS (default fast).
+# Both stay built in one process, so bench/gemm.py times them side by side and a fast kernel that
+# misbehaves on some GPU can be switched off without a code change.
+KERNEL_IMPL: str | None = None
+IMPLS = ("fast", "legacy")
+
 _lock = threading.Lock()
 _built: SimpleNamespace | None = None
+
+
+def impl() -> str:
+    name = KERNEL_IMPL or os.environ.get("DIFFTEST_TRITON_KERNELS", "") or "fast"
+    if name not in IMPLS:
+        raise _fail(f"DIFFTEST_TRITON_KERNELS must be one of {list(IMPLS)}, got {name!r}")
+    return name
 
 
 def _interpreting() -> bool:
@@ -64,6 +83,13 @@ def _build() -> SimpleNamespace:
         _src.tl = language
         for name, fn in _src.PLAIN_HELPERS.items():
             setattr(_src, name, triton.jit(fn))
+        # the fast bodies share the legacy helpers: the same decorated functions, set on both modules
+        _fast.tl = language
+        for name in _fast.SHARED:
+            setattr(_fast, name, getattr(_src, name))
+        for name, fn in _fast.PLAIN_HELPERS.items():
+            setattr(_fast, name, triton.jit(fn))
+        fast = {name: triton.jit(getattr(_fast, name)) for name in _fast.KERNELS}
         interp = _interpreting()
         quant = triton.jit(_src._quant_act_kernel)
         gemm = triton.jit(_src._scaled_gemm_kernel)
@@ -84,7 +110,11 @@ def _build() -> SimpleNamespace:
                 prune_configs_by=prune,
                 do_bench=bench,
             )(wonly)
-        _built = SimpleNamespace(quant=quant, gemm=gemm, wonly=wonly, interp=interp, triton=triton)
+        _built = SimpleNamespace(
+            quant=quant, gemm=gemm, wonly=wonly, interp=interp, triton=triton,
+            mm8=fast["_mm8_kernel"], reduce=fast["_splitk_reduce_kernel"], wonly_fast=fast["_wonly_kernel"],
+            deq=fast["_wonly_dequant_kernel"], mm16=fast["_mm16_kernel"],
+        )  # fmt: skip
         logger.info("triton kernels built (%s)", "interpreter" if interp else "compiled, autotuned")
         return _built
 
@@ -219,7 +249,7 @@ def quantize_act_fp8(
     """Dynamic fp8 quantization of activations [M, K]: per token (group None) or per 1 x group.
 
     scale = max(amax, 1e-12) / fp8_max (fp32, correctly rounded), q = rne(clamp(x / scale)):
-    returns (q [M, K] in fp8_dtype, scale [M, 1] or [M, ceil(K / group)] row-major).
+    returns (q [M, K] in fp8_dtype, scale [M, 1], or [M, ceil(K / group)] with strides (1, M)).
     """
     _check_2d("x", x, (torch.float32, torch.bfloat16, torch.float16))
     if fp8_dtype not in FP8_MAX:
@@ -231,7 +261,14 @@ def quantize_act_fp8(
     gk = K if group is None else int(group)
     G = 1 if group is None else _cdiv(K, gk)
     q = torch.empty(M, K, dtype=fp8_dtype, device=x.device)
-    scale = torch.empty(M, G, dtype=torch.float32, device=x.device)
+    # M-contiguous ([G, M] storage seen as [M, G]): the GEMM reads one K group's scales for a
+    # tile of rows per K step, a coalesced load this way. One group: a plain [M, 1] (stride 1 both
+    # ways, as torch._scaled_mm insists).
+    scale = (
+        torch.empty(G, M, dtype=torch.float32, device=x.device).t()
+        if G > 1
+        else x.new_empty(M, 1, dtype=torch.float32)
+    )
     if M == 0 or K == 0:
         return q, scale.fill_(AMAX_FLOOR / FP8_MAX[fp8_dtype])
     native = _fp8_native(x.device, fp8_dtype)
@@ -292,6 +329,9 @@ def fp8_gemm(
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb)  # fmt: skip
     meta = dict(A_MODE=am, B_MODE=bmode, GROUP=block, HAS_BIAS=bias is not None, ACC_INT=False, DECODE=decode,
                 FAST_ACC=FP8_FAST_ACCUM)  # fmt: skip
+    if impl() == "fast":
+        return _fastpath.mm8(k, av, bv, out, a_scale, b_scale, bias, sa, sb, am=am, bmode=bmode, group=block,
+                             acc_int=False, decode=decode, fast_acc=FP8_FAST_ACCUM)  # fmt: skip
     # the interpreter runs the two-tile (KSTEPS=2) block loop, so CPU tests cover that path too
     _launch(
         k,
@@ -329,6 +369,9 @@ def int8_gemm(
         return _empty_result(out, bias)
     args = (a, b, out, a_scale, b_scale, bias if bias is not None else out, M, N, K, min(_next_pow2(M), 4096),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb)  # fmt: skip
+    if impl() == "fast":
+        return _fastpath.mm8(k, a, b, out, a_scale, b_scale, bias, sa, sb, am=1, bmode=1, group=128,
+                             acc_int=True, decode=0, fast_acc=False)  # fmt: skip
     meta = dict(
         A_MODE=1, B_MODE=1, GROUP=128, HAS_BIAS=bias is not None, ACC_INT=True, DECODE=0, FAST_ACC=False
     )
@@ -373,6 +416,8 @@ def _wonly(
             scales.stride(0), scales.stride(1), z.stride(0), z.stride(1))  # fmt: skip
     # the interpreter multiplies bf16 operands as raw bits: route bf16 through an exact fp32 dot there
     dot_ieee = x.dtype == torch.float32 or (k.interp and x.dtype == torch.bfloat16)
+    if impl() == "fast" and group % 2 == 0:  # odd groups split a byte's nibbles: legacy kernel only
+        return _fastpath.wonly(k, x, qweight, out, scales, z, bias, fmt=fmt, group=group, dot_ieee=dot_ieee)
     meta = dict(FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee)
     _launch(k, k.wonly, M, N, args, meta, cpu_bk=128)
     return out

@@ -1,0 +1,208 @@
+"""Operands, callables and float64 references of bench/gemm.py, plus its config-check worker.
+
+`Case(M, N, K)` quantizes one random problem every way once; `fns()` are the timed callables
+(bf16 outputs, as a model runs them), `references()` the float64 results they must match.
+`check_configs` runs in worker processes: it pins each candidate config in turn
+(quant/tuning.FORCE), checks its output against the reference, and -- the point of running it
+in a pool -- leaves every compiled kernel in Triton's on-disk cache, so the main process's tuner
+loads binaries instead of compiling ~100 of them one after another.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server_shim.quant import kernels as K  # noqa: E402
+from server_shim.quant import tuning  # noqa: E402
+
+FN = torch.float8_e4m3fn
+# the Triton kernels a check or timing row names, and the key under which tuning.py lists their configs
+TRITON = {
+    "triton fp8 tensor": "mm8", "triton fp8 row": "mm8", "triton fp8 block": "mm8", "triton int8": "mm8",
+    "triton int4-g128": "wonly", "triton mxfp4": "wonly",
+}  # fmt: skip
+FASTACC = ("triton fp8 tensor fastacc", "triton fp8 row fastacc", "_scaled_mm tensor fastacc")
+
+
+def quant_weight_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / 448.0
+    return (w / s).clamp(-448, 448).to(FN), s.float()
+
+
+def quant_weight_blocks(w: torch.Tensor, blk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    N, Kd = w.shape
+    nb, kb = -(-N // blk), -(-Kd // blk)
+    wp = torch.nn.functional.pad(w, (0, kb * blk - Kd, 0, nb * blk - N)).view(nb, blk, kb, blk)
+    s = wp.abs().amax((1, 3)).clamp(min=1e-12) / 448.0  # [nb, kb]
+    q = (wp / s[:, None, :, None]).clamp(-448, 448).to(FN).view(nb * blk, kb * blk)[:N, :Kd]
+    return q.contiguous(), s.float().contiguous()
+
+
+def expand(s: torch.Tensor, rows: int, cols: int, rb: int, cb: int) -> torch.Tensor:
+    return s.double().repeat_interleave(rb, 0).repeat_interleave(cb, 1)[:rows, :cols]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    if q.shape[1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def with_impl(fn: Callable[[], torch.Tensor], impl: str) -> Callable[[], torch.Tensor]:
+    """The same call through the legacy or the fast kernels (a CUDA graph captures what it launches)."""
+
+    def run() -> torch.Tensor:
+        K.KERNEL_IMPL = impl
+        try:
+            return fn()
+        finally:
+            K.KERNEL_IMPL = None
+
+    return run
+
+
+def _fast(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The same call with Hopper's fast (never promoted) fp8 accumulation."""
+
+    def run() -> torch.Tensor:
+        K.FP8_FAST_ACCUM = True
+        try:
+            return fn()
+        finally:
+            K.FP8_FAST_ACCUM = False
+
+    return run
+
+
+def tol(name: str) -> float:
+    """bf16 outputs: one rounding (2**-9 relative, ~1e-3 norm-wise) plus fp32 accumulation noise;
+    fast accumulation adds Hopper's ~14-bit fp8 accumulator over the whole K."""
+    return 8e-3 if name in FASTACC else 4e-3
+
+
+class Case:
+    """All operands of one (M, N, K), quantized once; `fns` are the timed callables."""
+
+    def __init__(self, M: int, N: int, Kd: int, dev: torch.device) -> None:
+        g = torch.Generator(device=dev).manual_seed(M * 7 + N * 3 + Kd)
+        self.M, self.N, self.K = M, N, Kd
+        self.x = torch.randn(M, Kd, device=dev, generator=g).to(torch.bfloat16)
+        w = torch.randn(N, Kd, device=dev, generator=g) * 0.05
+        self.w_bf16 = w.to(torch.bfloat16)
+        self.a_tok, self.sa_tok = K.quantize_act_fp8(self.x, group=None, fp8_dtype=FN)
+        self.a_grp, self.sa_grp = K.quantize_act_fp8(self.x, group=128, fp8_dtype=FN)
+        self.sa_ten = (self.x.float().abs().amax().clamp(min=1e-12) / 448.0).reshape(1)
+        self.a_ten = (self.x.float() / self.sa_ten).clamp(-448, 448).to(FN)
+        self.b_row, self.sb_row = quant_weight_rows(w)
+        self.sb_ten = (w.abs().amax() / 448.0).reshape(1).float()
+        self.b_ten = (w / self.sb_ten).to(FN)
+        self.b_blk, self.sb_blk = quant_weight_blocks(w)
+        xi = self.x.float()
+        self.sa_i8 = xi.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127.0
+        self.a_i8 = (xi / self.sa_i8).round().clamp(-127, 127).to(torch.int8)
+        self.sb_i8 = w.abs().amax(1, keepdim=True) / 127.0
+        self.b_i8 = (w / self.sb_i8).round().clamp(-127, 127).to(torch.int8)
+        G = -(-Kd // 128)
+        self.q4 = torch.randint(0, 16, (N, Kd), device=dev, dtype=torch.uint8, generator=g)
+        self.s4 = torch.rand(N, G, device=dev, generator=g) * 0.01 + 1e-3
+        self.z4 = torch.randint(0, 16, (N, G), device=dev, dtype=torch.uint8, generator=g)
+        self.qm = torch.randint(0, 16, (N, Kd), device=dev, dtype=torch.uint8, generator=g)
+        self.em = torch.randint(118, 124, (N, -(-Kd // 32)), device=dev, dtype=torch.uint8, generator=g)
+        self.p4, self.pm = pack(self.q4), pack(self.qm)
+
+    def fns(self, fastacc: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
+        bf = torch.bfloat16
+        f: dict[str, Callable[[], torch.Tensor]] = {"torch bf16": lambda: self.x @ self.w_bf16.T}
+        if hasattr(torch, "_scaled_mm"):
+            bt, br = self.b_ten.T, self.b_row.T  # column-major [K, N], as cuBLASLt wants
+            st, sbt = self.sa_ten.reshape(()), self.sb_ten.reshape(())
+            sat = self.sa_tok.reshape(-1)[:, None]  # [M, 1] with stride(1) == 1, as _scaled_mm checks
+            f["_scaled_mm tensor"] = lambda: torch._scaled_mm(self.a_ten, bt, st, sbt, out_dtype=bf)
+            f["_scaled_mm row"] = lambda: torch._scaled_mm(self.a_tok, br, sat, self.sb_row.T, out_dtype=bf)
+            if fastacc:
+                f["_scaled_mm tensor fastacc"] = lambda: torch._scaled_mm(
+                    self.a_ten, bt, st, sbt, out_dtype=bf, use_fast_accum=True
+                )
+        f["triton fp8 tensor"] = lambda: K.fp8_gemm(
+            self.a_ten, self.sa_ten, self.b_ten, self.sb_ten, a_scale_mode="tensor", b_scale_mode="tensor",
+            out_dtype=bf)  # fmt: skip
+        f["triton fp8 row"] = lambda: K.fp8_gemm(
+            self.a_tok, self.sa_tok, self.b_row, self.sb_row, a_scale_mode="row", b_scale_mode="row",
+            out_dtype=bf)  # fmt: skip
+        f["triton fp8 block"] = lambda: K.fp8_gemm(
+            self.a_grp, self.sa_grp, self.b_blk, self.sb_blk, a_scale_mode="block", b_scale_mode="block",
+            out_dtype=bf)  # fmt: skip
+        if fastacc:
+            f["triton fp8 tensor fastacc"] = _fast(f["triton fp8 tensor"])
+            f["triton fp8 row fastacc"] = _fast(f["triton fp8 row"])
+        f["triton int8"] = lambda: K.int8_gemm(self.a_i8, self.sa_i8, self.b_i8, self.sb_i8, out_dtype=bf)
+        f["triton int4-g128"] = lambda: K.int4_gemm(self.x, self.p4, self.s4, self.z4, out_dtype=bf)
+        f["triton mxfp4"] = lambda: K.mxfp4_gemm(self.x, self.pm, self.em, out_dtype=bf)
+        return f
+
+    def reference(self, name: str) -> torch.Tensor:
+        """float64 result of the callable `name` (its operands dequantized exactly)."""
+        M, N, Kd = self.M, self.N, self.K
+        base = name.removesuffix(" fastacc").removeprefix("triton ").removeprefix("_scaled_mm ")
+        if name == "torch bf16":
+            return self.x.double() @ self.w_bf16.double().T
+        if base in ("tensor", "fp8 tensor"):
+            return (self.a_ten.double() * self.sa_ten.double()) @ (self.b_ten.double() * self.sb_ten).T
+        if base in ("row", "fp8 row"):
+            return (self.a_tok.double() * self.sa_tok) @ (self.b_row.double() * self.sb_row).T
+        if base == "fp8 block":
+            return (self.a_grp.double() * expand(self.sa_grp, M, Kd, 1, 128)) @ (
+                self.b_blk.double() * expand(self.sb_blk, N, Kd, 128, 128)
+            ).T
+        if base == "int8":
+            return (self.a_i8.double() @ self.b_i8.double().T) * self.sa_i8.double() * self.sb_i8.double().T
+        if base == "int4-g128":
+            w4 = (self.q4.double() - expand(self.z4, N, Kd, 1, 128)) * expand(self.s4, N, Kd, 1, 128)
+            return self.x.double() @ w4.to(torch.bfloat16).double().T  # bf16 weights meet the tensor cores
+        if base == "mxfp4":
+            grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64, device=self.x.device)
+            wm = grid[(self.qm & 7).long()] * torch.where(self.qm >= 8, -1.0, 1.0).double()
+            wm = wm * expand(torch.exp2(self.em.double() - 127), N, Kd, 1, 32)
+            return self.x.double() @ wm.to(torch.bfloat16).double().T
+        raise KeyError(name)
+
+
+def check_configs(
+    name: str, M: int, N: int, Kd: int, cfgs: list[str], impl: str = "fast", device: str = "cuda"
+) -> dict:
+    """Worker: run `name` at M x N x K under each pinned config (or once through the legacy
+    autotuner), returning {config: rel err or error text} and the seconds it took."""
+    t0 = time.time()
+    dev = torch.device(device)
+    c = Case(M, N, Kd, dev)
+    fn = c.fns()[name]
+    ref = c.reference(name)
+    out: dict[str, float | str] = {}
+    for cfg in cfgs:
+        try:
+            if impl == "legacy":
+                got = with_impl(fn, "legacy")()
+            else:
+                tuning.FORCE = tuning.Cfg.parse(cfg)
+                got = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            out[cfg] = rel_err(got, ref)
+        except Exception as e:  # reported as a FAIL row by the caller
+            out[cfg] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        finally:
+            tuning.FORCE = None
+    return {"name": name, "M": M, "N": N, "K": Kd, "impl": impl, "results": out, "s": time.time() - t0,
+            "pid": os.getpid()}  # fmt: skip

@@ -1,0 +1,138 @@
+"""Launchers of the fast kernels (_triton_fast.py): config choice, split-K workspace, second pass.
+
+kernels.py validates the inputs and calls `mm8` / `wonly` with tensors that are known good; these
+pick a config through quant/tuning.py (timed once per key, see there), allocate the split-K
+workspace (a plain torch.empty: inside a CUDA graph capture it comes from the graph's pool) and
+launch. Nothing here syncs the host or reads a tensor's values.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from types import SimpleNamespace
+
+import torch
+
+from server_shim.quant import arch, tuning
+
+# the dequantization pass of the "deq" path: [32 rows, 256 k] per program
+_DEQ_BN, _DEQ_BK = 32, 256
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _family_of(device_key: str) -> str:
+    return arch.gemm_family(device_key)
+
+
+def family(k: SimpleNamespace, device: torch.device) -> str:
+    if k.interp:
+        return "cpu"
+    return _family_of(f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}")
+
+
+def _splits(K: int, bk: int, split: int) -> tuple[int, int]:
+    """(K_PER, number of splits): each split a whole number of K tiles, no split left empty."""
+    kper = _cdiv(_cdiv(K, max(split, 1)), bk) * bk
+    return kper, _cdiv(K, kper)
+
+
+def _workspace(splits: int, M: int, N: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+    """The split-K partials [splits, M, N]; without a split the kernel never touches it (out stands in)."""
+    return torch.empty(splits, M, N, dtype=dtype, device=out.device) if splits > 1 else out
+
+
+def _reduce(k: SimpleNamespace, ws: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+            bias: torch.Tensor | None, sa0: int, sb0: int, am: int, bmode: int, acc_int: bool) -> None:  # fmt: skip
+    splits, M, N = ws.shape
+    bm, bn = min(max(tuning._pow2(M), 8), 16), 128  # no 1-row blocks: not every triton lays them out
+    k.reduce[(_cdiv(M, bm), _cdiv(N, bn))](
+        ws, out, a_scale, b_scale, bias if bias is not None else out, M, N, splits,
+        out.stride(0), out.stride(1), sa0, sb0,
+        A_MODE=am, B_MODE=bmode, HAS_BIAS=bias is not None, ACC_INT=acc_int, BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=4,
+    )  # fmt: skip
+
+
+def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor,
+        b_scale: torch.Tensor, bias: torch.Tensor | None, sa: tuple[int, int], sb: tuple[int, int], *,
+        am: int, bmode: int, group: int, acc_int: bool, decode: int, fast_acc: bool) -> torch.Tensor:  # fmt: skip
+    """out = (a * sa) @ (b * sb)^T through `_mm8_kernel` (a, b: fp8 / int8 / uint8 bits)."""
+    (M, K), N = a.shape, b.shape[0]
+    fam = family(k, a.device)
+    blocked = 2 in (am, bmode)
+
+    def tiles(cfg: tuning.Cfg) -> tuning.Cfg:  # block mode: one K tile inside one scale group
+        return replace(cfg, bk=min(cfg.bk, group)) if blocked else cfg
+
+    def cands() -> list[tuning.Cfg]:
+        return list(dict.fromkeys(tiles(c) for c in tuning.candidates(fam, "mm8", M, N, K)))
+
+    key = (f"{fam}|mm8|{a.dtype}|a{am}b{bmode}g{group}d{decode}f{int(fast_acc)}|"
+           f"m{tuning.m_bucket(M)}|n{N}|k{K}")  # fmt: skip
+
+    def run(cfg: tuning.Cfg) -> torch.Tensor:
+        cfg = tiles(cfg)
+        kper, splits = _splits(K, cfg.bk, cfg.split)
+        ws = _workspace(splits, M, N, torch.int32 if acc_int else torch.float32, out)
+        grid = (_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn), splits)
+        k.mm8[grid](
+            a, b, out, ws, a_scale, b_scale, bias if bias is not None else out, M, N, K, kper,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb,
+            A_MODE=am, B_MODE=bmode, GROUP=group, HAS_BIAS=bias is not None, ACC_INT=acc_int, DECODE=decode,
+            FAST_ACC=fast_acc, SPLIT_OUT=splits > 1, EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
+            BLOCK_K=cfg.bk, GROUP_M=8, num_warps=cfg.warps, num_stages=cfg.stages,
+        )  # fmt: skip
+        if splits > 1:
+            # block scales were applied per K tile: the reduction applies tensor/row ones only
+            _reduce(k, ws, out, a_scale, b_scale, bias, sa[0], sb[0], am, bmode, acc_int)
+        return out
+
+    return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))
+
+
+def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
+          zeros: torch.Tensor, bias: torch.Tensor | None, *, fmt: int, group: int,
+          dot_ieee: bool) -> torch.Tensor:  # fmt: skip
+    """out = x @ dequant(w)^T for packed 4-bit w [N, ceil(K/2)] (group even: a byte's nibbles share it)."""
+    (M, K), N = x.shape, w.shape[0]
+    fam = family(k, x.device)
+    key = f"{fam}|wonly|{x.dtype}|f{fmt}g{group}|m{tuning.m_bucket(M)}|n{N}|k{K}"
+    sarg = (scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1))
+    emulate = k.interp and x.dtype == torch.bfloat16  # only the interpreter's bf16 cast is wrong
+
+    def run(cfg: tuning.Cfg) -> torch.Tensor:
+        bias_arg = bias if bias is not None else out
+        if cfg.path == "deq":
+            wd = torch.empty(N, K, dtype=x.dtype, device=x.device)
+            k.deq[(_cdiv(N, _DEQ_BN), _cdiv(K, _DEQ_BK))](
+                w, scales, zeros, wd, N, K, w.stride(0), w.stride(1), *sarg, wd.stride(0), wd.stride(1),
+                FORMAT=fmt, GROUP=group, EMULATE_RNE=emulate, BLOCK_N=_DEQ_BN, BLOCK_K=_DEQ_BK, num_warps=4,
+            )  # fmt: skip
+            k.mm16[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn),)](
+                x, wd, out, bias_arg, M, N, K, x.stride(0), x.stride(1), wd.stride(0), wd.stride(1),
+                out.stride(0), out.stride(1), HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee,
+                EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=8,
+                num_warps=cfg.warps, num_stages=cfg.stages,
+            )  # fmt: skip
+            return out
+        kper, splits = _splits(K, cfg.bk, cfg.split)
+        ws = _workspace(splits, M, N, torch.float32, out)
+        k.wonly_fast[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn), splits)](
+            x, w, out, ws, scales, zeros, bias_arg, M, N, K, kper,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *sarg,
+            FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee, EMULATE_RNE=emulate,
+            SPLIT_OUT=splits > 1,
+            EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=8,
+            num_warps=cfg.warps, num_stages=cfg.stages,
+        )  # fmt: skip
+        if splits > 1:
+            _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
+        return out
+
+    cands = lambda: tuning.candidates(fam, "wonly", M, N, K)  # noqa: E731
+    return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))

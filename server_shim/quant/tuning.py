@@ -1,0 +1,272 @@
+"""Per-shape kernel configs for the fast Triton kernels: short candidate lists, timed once, cached.
+
+One config per key = (arch family, kernel, variant, M bucket, N, K). The first call with a new key
+times every candidate (triton.testing.do_bench, a few ms each, plus one compile per tile shape),
+keeps the fastest, and every later call with that key reuses it: no timing, no host sync, nothing
+that depends on allocations -- so a CUDA graph engine that warms each shape up eagerly before
+capture replays exactly what it warmed. Inside a stream capture an unseen key never tunes (that
+would sync a capturing stream): it takes the list's first, heuristic config, uncached, and warns.
+M buckets (1, 16, 64, 256, 1024, 4096+) keep the choice stable within a bucket.
+
+Each candidate's output is checked against the first candidate's before it may win: a config
+whose numbers disagree (a wrong tile or split path on some GPU) is rejected loudly (logged as an
+error and listed in `REJECTED`, which bench/gemm.py prints as a FAIL row), never served.
+
+Why only a few configs: each distinct tile shape is one Triton compile (~1 s), paid at the first
+call. The lists are the shapes known to work on each family: for Hopper the Triton matmul
+tutorials' fp8 / fp16 tiles (128x256x128 with 8 warps, 3 stages; 64x128x128 with 4 warps as
+vLLM's block-fp8 configs favour, several CTAs per SM overlapping one another's scaling), and
+split-K / narrow-N GEMV tiles for M <= 16, where HBM bandwidth is all that counts.
+
+Env: DIFFTEST_TRITON_TUNE_CACHE=path.json keeps the choices on disk (per device name and triton
+version), so a second process -- the other half of an A/A pair -- replays the same configs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cfg:
+    """path "tile": one kernel (split-K when split > 1, then a reduction pass); "deq": dequantize the
+    4-bit weight to x's dtype, then a plain 16-bit GEMM (bm, bn, bk are that GEMM's tiles)."""
+
+    path: str
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+    split: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}:{self.bm}x{self.bn}x{self.bk}:w{self.warps}:s{self.stages}:k{self.split}"
+
+    @classmethod
+    def parse(cls, name: str) -> Cfg:
+        path, tiles, w, s, k = name.split(":")
+        bm, bn, bk = (int(v) for v in tiles.split("x"))
+        return cls(path, bm, bn, bk, int(w[1:]), int(s[1:]), int(k[1:]))
+
+
+def m_bucket(m: int) -> int:
+    for b in (1, 16, 64, 256, 1024):
+        if m <= b:
+            return b
+    return 4096
+
+
+def _t(path: str, *rows: tuple[int, ...]) -> list[Cfg]:
+    return [Cfg(path, *r) for r in rows]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, split]); the first entry of each list is the default.
+_HOPPER = {
+    "mm8": {
+        # M <= 16 is a read of the weight: the lists span 64 .. 1024 programs at N = K = 4096
+        "small": _t("tile", (16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 32, 128, 4, 4, 2),
+                    (16, 64, 256, 4, 3, 4), (16, 32, 128, 4, 4, 4), (16, 64, 128, 4, 4, 8),
+                    (16, 32, 128, 4, 3, 8)),
+        "mid": _t("tile", (64, 128, 128, 4, 3), (64, 64, 128, 4, 4), (128, 128, 128, 8, 3),
+                  (32, 64, 128, 4, 4, 2), (64, 64, 128, 4, 4, 4)),
+        "large": _t("tile", (128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (64, 128, 128, 4, 3),
+                    (64, 256, 128, 4, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 256, 128, 8, 4)),
+    },
+    "wonly": {
+        "small": _t("tile", (16, 32, 256, 4, 4), (16, 16, 256, 4, 4), (16, 64, 256, 4, 3, 4),
+                    (16, 64, 256, 8, 3, 4), (16, 32, 256, 4, 4, 4), (16, 64, 128, 4, 4, 8),
+                    (16, 32, 128, 4, 4, 8), (16, 32, 512, 4, 3, 2)),
+        "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2), (64, 128, 128, 4, 3),
+                  (128, 128, 128, 8, 3), (64, 64, 128, 4, 3, 4)) + _t("deq", (128, 128, 64, 4, 4)),
+        "large": _t("deq", (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4))
+        + _t("tile", (128, 128, 128, 8, 3)),
+    },
+}  # fmt: skip
+_AMPERE = {
+    "mm8": {
+        "small": _HOPPER["mm8"]["small"],
+        "mid": _t("tile", (64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (32, 64, 128, 4, 3, 2)),
+        "large": _t("tile", (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3)),
+    },
+    "wonly": {
+        "small": _HOPPER["wonly"]["small"],
+        "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2)) + _t("deq", (128, 128, 32, 4, 4)),
+        "large": _t("deq", (128, 128, 32, 4, 4), (128, 256, 32, 8, 3)) + _t("tile", (128, 64, 128, 4, 3)),
+    },
+}  # fmt: skip
+_CDNA = {  # AMD: the stream pipeliner wants num_stages 2; MFMA likes wide K tiles
+    "mm8": {
+        "small": _t("tile", (16, 64, 128, 4, 2), (16, 64, 256, 4, 2, 4), (16, 128, 128, 4, 2, 8)),
+        "mid": _t("tile", (64, 128, 128, 4, 2), (128, 128, 128, 8, 2)),
+        "large": _t("tile", (256, 256, 128, 8, 2), (128, 128, 128, 4, 2), (256, 128, 128, 8, 2)),
+    },
+    "wonly": {
+        "small": _t("tile", (16, 64, 256, 4, 2), (16, 64, 256, 4, 2, 4), (16, 128, 256, 8, 2, 8)),
+        "mid": _t("tile", (64, 64, 128, 4, 2)) + _t("deq", (128, 128, 64, 4, 2)),
+        "large": _t("deq", (256, 256, 64, 8, 2), (128, 128, 64, 4, 2)) + _t("tile", (128, 128, 128, 8, 2)),
+    },
+}  # fmt: skip
+TABLES = {"hopper": _HOPPER, "ampere": _AMPERE, "cdna": _CDNA}
+
+# Tests pin one config for the interpreter (monkeypatch): None = the interpreter's default below.
+FORCE: Cfg | None = None
+REJECTED: list[dict] = []  # configs whose numbers disagreed with the default's (see module doc)
+CHOSEN: dict[str, dict] = {}  # key -> {"config", "us": {name: time}} for every tuned key
+
+
+def candidates(family: str, kind: str, m: int, n: int, k: int) -> list[Cfg]:
+    """The candidate configs of `kind` ("mm8" | "wonly") for an M x N x K problem on `family`."""
+    if family == "cpu":  # the interpreter: one program covers a small problem; cost is per op
+        bm, bn = min(max(_pow2(m), 16), 64), min(max(_pow2(n), 16), 128)
+        return [Cfg("tile", bm, bn, 128, 4, 1)]
+    table = TABLES.get(family, _AMPERE)[kind]
+    cls = "small" if m <= 16 else "mid" if m <= 256 else "large"
+    return list(table[cls])
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class Tuner:
+    """Picks and caches one config per key; see the module docstring for the rules."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, str] = {}  # key -> config name (as on disk)
+        self._parsed: dict[str, Cfg] = {}
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+        self._disk_loaded = False
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._parsed.clear()
+            CHOSEN.clear()
+
+    def pick(self, key: str, candidates: Callable[[], list[Cfg]], run: Callable[[Cfg], torch.Tensor], *,
+             tune: bool) -> Cfg:  # fmt: skip
+        """The config for `key`. `candidates()` lists them (called only on a cache miss: a hit costs
+        one dict lookup); `run(cfg)` launches the op with cfg and returns its output tensor.
+        tune=False (interpreter, CPU): the first candidate, no timing."""
+        if FORCE is not None:
+            return FORCE
+        if not tune:
+            return candidates()[0]
+        hit = self._parsed.get(key)
+        if hit is not None:
+            return hit
+        name = self._cache.get(key) or self._from_disk(key)
+        if name is not None:
+            self._parsed[key] = Cfg.parse(name)
+            return self._parsed[key]
+        cands = candidates()
+        if len(cands) == 1:
+            return cands[0]
+        if torch.cuda.is_current_stream_capturing():
+            if key not in self._warned:
+                self._warned.add(key)
+                logger.warning("triton config for %s not tuned before CUDA graph capture: using %s",
+                               key, cands[0].name)  # fmt: skip
+            return cands[0]
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = self._tune(key, cands, run).name
+                self._to_disk(key, self._cache[key])
+            return Cfg.parse(self._cache[key])
+
+    def _tune(self, key: str, cands: list[Cfg], run: Callable[[Cfg], torch.Tensor]) -> Cfg:
+        import triton.testing
+
+        ref: torch.Tensor | None = None
+        times: dict[str, float] = {}
+        for cfg in cands:
+            try:
+                out = run(cfg)
+                torch.cuda.synchronize()
+            except Exception as e:  # e.g. out of shared memory on this GPU: not a candidate here
+                logger.info(
+                    "triton config %s for %s does not run: %s", cfg.name, key, str(e).splitlines()[0:1]
+                )
+                continue
+            if ref is None:
+                ref = out.detach().clone()
+            elif not agree(out, ref):
+                REJECTED.append({"key": key, "config": cfg.name, "reference": cands[0].name})
+                logger.error(
+                    "triton config %s for %s disagrees with %s: rejected", cfg.name, key, cands[0].name
+                )
+                continue
+            times[cfg.name] = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=3, rep=12) * 1e3
+        if not times:
+            raise RuntimeError(f"no triton config runs for {key}: {[c.name for c in cands]}")
+        best = min(times, key=times.__getitem__)
+        CHOSEN[key] = {"config": best, "us": {n: round(t, 2) for n, t in times.items()}}
+        logger.info("triton config for %s: %s (%.1f us of %d timed)", key, best, times[best], len(times))
+        return Cfg.parse(best)
+
+    # -- disk cache: {"<device> | <triton version> | key": config name}
+    def _disk_path(self) -> Path | None:
+        p = os.environ.get("DIFFTEST_TRITON_TUNE_CACHE", "")
+        return Path(p) if p else None
+
+    def _prefix(self) -> str:
+        import triton
+
+        return f"{torch.cuda.get_device_name()}|{triton.__version__}|"
+
+    def _from_disk(self, key: str) -> str | None:
+        path = self._disk_path()
+        if path is None or self._disk_loaded:
+            return None
+        self._disk_loaded = True
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        pre = self._prefix()
+        self._cache.update({k[len(pre) :]: v for k, v in saved.items() if k.startswith(pre)})
+        return self._cache.get(key)
+
+    def _to_disk(self, key: str, name: str) -> None:
+        path = self._disk_path()
+        if path is None:
+            return
+        try:
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            saved[self._prefix() + key] = name
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
+            tmp.replace(path)
+        except (OSError, ValueError) as e:
+            logger.warning("cannot write the triton config cache %s: %s", path, e)
+
+
+def agree(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-2) -> bool:
+    """Same NaN/inf pattern, and the finite values within rtol of ref's norm (different K splits
+    and tiles round differently; a wrong kernel is off by O(1))."""
+    o, r = out.double(), ref.double()
+    fin = torch.isfinite(r)
+    if not torch.equal(fin, torch.isfinite(o)) or not torch.equal(_code(o[~fin]), _code(r[~fin])):
+        return False
+    d, n = (o[fin] - r[fin]).norm(), r[fin].norm()
+    return bool(d <= rtol * n) if n > 0 else bool(d == 0)
+
+
+def _code(t: torch.Tensor) -> torch.Tensor:
+    return t.nan_to_num(0.0, 1.0, -1.0)  # NaN 0, +inf 1, -inf -1
+
+
+TUNER = Tuner()

@@ -1,0 +1,313 @@
+"""The fast kernels' paths in the interpreter: every tile / split-K / GEMV / dequantize-then-GEMM
+path pinned through `tuning.FORCE`, against float64 references; the deterministic split-K
+reduction; the legacy switch; the tuner's choice, rejection and caches; faults inside the paths.
+
+On a GPU the tuner picks among these paths per shape; here each is forced in turn so that all of
+them run under TRITON_INTERPRET=1 at tiny shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any triton import (see tests/test_kernels.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from server_shim.errors import QuantConfigError  # noqa: E402
+from server_shim.quant import formats as F  # noqa: E402
+from server_shim.quant import kernels as K  # noqa: E402
+from server_shim.quant import tuning  # noqa: E402
+from server_shim.quant.faults import FaultSet  # noqa: E402
+from server_shim.quant.linear import quant_matmul  # noqa: E402
+
+pytest.importorskip("triton")
+
+FN, FNUZ = torch.float8_e4m3fn, torch.float8_e4m3fnuz
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+
+# the paths: one fused tile program per output tile; split-K (two / three K ranges, then the
+# reduction pass) with a GEMV-shaped tile; dequantize-then-GEMM (weight-only only)
+TILE = tuning.Cfg("tile", 16, 64, 128, 4, 1)
+SPLIT = tuning.Cfg("tile", 16, 32, 64, 4, 1, 3)
+GEMV = tuning.Cfg("tile", 16, 16, 128, 4, 1, 2)
+DEQ = tuning.Cfg("deq", 16, 64, 64, 4, 1)
+
+
+@pytest.fixture
+def force(monkeypatch: pytest.MonkeyPatch):
+    def pin(cfg: tuning.Cfg | None) -> None:
+        monkeypatch.setattr(tuning, "FORCE", cfg)
+
+    return pin
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def expand(s: torch.Tensor, rows: int, cols: int, rb: int, cb: int) -> torch.Tensor:
+    return s.double().repeat_interleave(rb, 0).repeat_interleave(cb, 1)[:rows, :cols]
+
+
+def fp8_data(shape: tuple[int, int], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 40).clamp(-200, 200).to(dtype)
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    if q.shape[1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+# ----------------------------------------------------------------------------- 8-bit operands
+@pytest.mark.parametrize("cfg", [TILE, SPLIT, GEMV], ids=["tile", "split3", "gemv-split2"])
+@pytest.mark.parametrize("Kd", [256, 300])
+def test_fp8_block_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
+    force(cfg)
+    M, N = 3, 130
+    a, b = fp8_data((M, Kd), FN, 1), fp8_data((N, Kd), FN, 2)
+    g = torch.Generator().manual_seed(3)
+    G = -(-Kd // 128)
+    sa, sb = torch.rand(M, G, generator=g) + 0.01, torch.rand(2, G, generator=g) + 0.01
+    bias = torch.randn(N, generator=g)
+    out = K.fp8_gemm(
+        a, sa, b, sb, a_scale_mode="block", b_scale_mode="block", out_dtype=torch.float32, bias=bias
+    )
+    ref = (a.double() * expand(sa, M, Kd, 1, 128)) @ (
+        b.double() * expand(sb, N, Kd, 128, 128)
+    ).T + bias.double()
+    assert rel(out, ref) < 1e-6
+    # swapped strides read the transposed grid (`scale-transposed`) on every path
+    sq = torch.rand(G, G, generator=g) + 0.01
+    b2 = fp8_data((128 * G, Kd), FN, 4)
+    out = K.fp8_gemm(a, sa, b2, sq, a_scale_mode="block", b_scale_mode="block",
+                     b_scale_strides=(sq.stride(1), sq.stride(0)), out_dtype=torch.float32)  # fmt: skip
+    ref = (a.double() * expand(sa, M, Kd, 1, 128)) @ (b2.double() * expand(sq.T, 128 * G, Kd, 128, 128)).T
+    assert rel(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("cfg", [TILE, SPLIT], ids=["tile", "split3"])
+@pytest.mark.parametrize("mode", ["row", "tensor"])
+def test_fp8_row_tensor_paths_and_bf16_out(force, cfg: tuning.Cfg, mode: str) -> None:
+    force(cfg)
+    M, N, Kd = 5, 72, 200
+    a, b = fp8_data((M, Kd), FNUZ, 5), fp8_data((N, Kd), FNUZ, 6)
+    g = torch.Generator().manual_seed(7)
+    sa = torch.rand(M, 1, generator=g) + 0.01 if mode == "row" else torch.tensor([0.02])
+    sb = torch.rand(N, 1, generator=g) + 0.01 if mode == "row" else torch.tensor([0.03])
+    ref = (a.double() * sa.double()) @ (b.double() * sb.double().reshape(-1, 1)).T
+    out = K.fp8_gemm(a, sa, b, sb, a_scale_mode=mode, b_scale_mode=mode, out_dtype=torch.float32)
+    assert rel(out, ref) < 1e-6
+    out = K.fp8_gemm(a, sa, b, sb, a_scale_mode=mode, b_scale_mode=mode, out_dtype=torch.bfloat16)
+    assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()  # one bf16 rounding
+
+
+@pytest.mark.parametrize("cfg", [TILE, SPLIT], ids=["tile", "split3"])
+@pytest.mark.parametrize(("amode", "bmode"), [("block", "row"), ("tensor", "block")])
+def test_fp8_mixed_block_and_row_tensor_scales(force, cfg: tuning.Cfg, amode: str, bmode: str) -> None:
+    force(cfg)
+    M, N, Kd = 3, 130, 300
+    a, b = fp8_data((M, Kd), FN, 20), fp8_data((N, Kd), FN, 21)
+    g = torch.Generator().manual_seed(22)
+    sa = torch.rand(M, 3, generator=g) + 0.01 if amode == "block" else torch.tensor([0.02])
+    sb = torch.rand(2, 3, generator=g) + 0.01 if bmode == "block" else torch.rand(N, 1, generator=g) + 0.01
+    out = K.fp8_gemm(a, sa, b, sb, a_scale_mode=amode, b_scale_mode=bmode, out_dtype=torch.float32)
+    ea = expand(sa, M, Kd, 1, 128) if amode == "block" else sa.double()
+    eb = expand(sb, N, Kd, 128, 128) if bmode == "block" else sb.double()
+    assert rel(out, (a.double() * ea) @ (b.double() * eb).T) < 1e-6
+
+
+def test_fp8_decode_path_with_split(force, monkeypatch: pytest.MonkeyPatch) -> None:
+    force(SPLIT)
+    monkeypatch.setattr(K, "_fp8_native", lambda device, dtype: False)
+    M, N, Kd = 2, 40, 256
+    a, b = fp8_data((M, Kd), FNUZ, 8), fp8_data((N, Kd), FNUZ, 9)
+    sa, sb = torch.full((M, 2), 0.01), torch.tensor([[0.02, 0.03]])
+    out = K.fp8_gemm(a, sa, b, sb, a_scale_mode="block", b_scale_mode="block", out_dtype=torch.float32)
+    assert rel(out, (a.double() * 0.01) @ (b.double() * expand(sb, N, Kd, 128, 128)).T) < 1e-6
+
+
+@pytest.mark.parametrize("cfg", [TILE, SPLIT], ids=["tile", "split3"])
+def test_int8_paths_are_exact_integer_sums(force, cfg: tuning.Cfg) -> None:
+    force(cfg)
+    g = torch.Generator().manual_seed(10)
+    M, N, Kd = 3, 72, 300
+    a = torch.randint(-127, 128, (M, Kd), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (N, Kd), dtype=torch.int8, generator=g)
+    sa, sb = torch.rand(M, 1, generator=g) * 1e-2, torch.rand(N, 1, generator=g) * 1e-2
+    out = K.int8_gemm(a, sa, b, sb, out_dtype=torch.float32)
+    acc = a.double() @ b.double().T  # int32 partials summed as int32: the same integers
+    assert torch.equal(out, (acc.float() * sa * sb.T))
+
+
+def test_split_k_is_deterministic(force) -> None:
+    force(SPLIT)
+    a, b = fp8_data((4, 384), FN, 11), fp8_data((64, 384), FN, 12)
+    sa, sb = torch.rand(4, 3) + 0.01, torch.rand(1, 3) + 0.01
+    runs = [K.fp8_gemm(a, sa, b, sb, a_scale_mode="block", b_scale_mode="block", out_dtype=torch.float32)
+            for _ in range(2)]  # fmt: skip
+    assert torch.equal(runs[0], runs[1])
+
+
+# ----------------------------------------------------------------------------- 4-bit weights
+def _int4_ref(x, q, scales, zeros, N, Kd):
+    return x.double() @ ((q.double() - expand(zeros, N, Kd, 1, 128)) * expand(scales, N, Kd, 1, 128)).T
+
+
+@pytest.mark.parametrize("cfg", [TILE, SPLIT, GEMV, DEQ], ids=["tile", "split3", "gemv-split2", "deq"])
+@pytest.mark.parametrize("Kd", [256, 201])
+def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
+    force(cfg)
+    g = torch.Generator().manual_seed(13)
+    M, N, G = 3, 72, -(-Kd // 128)
+    x = torch.randn(M, Kd, generator=g)
+    q = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
+    scales = torch.rand(N, G, generator=g) * 0.1 + 0.01
+    zeros = torch.randint(0, 16, (N, G), dtype=torch.uint8, generator=g)
+    bias = torch.randn(N, generator=g)
+    out = K.int4_gemm(x, pack(q), scales, zeros, out_dtype=torch.float32, bias=bias)
+    assert rel(out, _int4_ref(x, q, scales, zeros, N, Kd) + bias.double()) < 1e-6
+
+
+@pytest.mark.parametrize("cfg", [TILE, SPLIT, DEQ], ids=["tile", "split3", "deq"])
+def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
+    force(cfg)
+    g = torch.Generator().manual_seed(14)
+    M, N, Kd = 2, 64, 256
+    x = torch.randn(M, Kd, generator=g).to(torch.bfloat16)
+    q = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
+    scales, zeros = torch.rand(N, 2, generator=g) * 0.1 + 0.01, torch.full((N, 2), 8, dtype=torch.uint8)
+    out = K.int4_gemm(x, pack(q), scales, zeros, out_dtype=torch.float32)
+    w = ((q.double() - 8) * expand(scales, N, Kd, 1, 128)).to(torch.bfloat16).double()
+    assert rel(out, x.double() @ w.T) < 1e-6
+
+
+@pytest.mark.parametrize("cfg", [TILE, DEQ], ids=["tile", "deq"])
+def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None:
+    # fp16 is cast correctly by the interpreter too, so this runs the GPU's plain `.to()` rounding
+    force(cfg)
+    g = torch.Generator().manual_seed(19)
+    M, N, Kd = 2, 64, 256
+    x = torch.randn(M, Kd, generator=g).to(torch.float16)
+    q = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
+    scales = torch.rand(N, 2, generator=g) * 0.1 + 0.01
+    zeros = torch.randint(0, 16, (N, 2), dtype=torch.uint8, generator=g)
+    out = K.int4_gemm(x, pack(q), scales, zeros, out_dtype=torch.float32)
+    w = ((q.double() - expand(zeros, N, Kd, 1, 128)) * expand(scales, N, Kd, 1, 128)).float().half()
+    assert rel(out, x.double() @ w.double().T) < 1e-6
+
+
+@pytest.mark.parametrize("cfg", [TILE, SPLIT, GEMV, DEQ], ids=["tile", "split3", "gemv-split2", "deq"])
+def test_mxfp4_paths(force, cfg: tuning.Cfg) -> None:
+    force(cfg)
+    g = torch.Generator().manual_seed(15)
+    M, N, Kd = 3, 40, 232  # 7 full groups of 32 and a partial one of 8
+    x = torch.randn(M, Kd, generator=g)
+    q = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
+    e = torch.randint(118, 136, (N, 8), dtype=torch.uint8, generator=g)
+    out = K.mxfp4_gemm(x, pack(q), e, out_dtype=torch.float32)
+    w = (
+        E2M1[(q & 7).long()]
+        * torch.where(q >= 8, -1.0, 1.0).double()
+        * expand(torch.exp2(e.double() - 127), N, Kd, 1, 32)
+    )
+    assert rel(out, x.double() @ w.T) < 1e-6
+
+
+# ----------------------------------------------------------------------------- switch + tuner
+def test_legacy_switch_and_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = fp8_data((3, 256), FN, 16), fp8_data((40, 256), FN, 17)
+    sa, sb = torch.rand(3, 2) + 0.01, torch.rand(1, 2) + 0.01
+    args = dict(a_scale_mode="block", b_scale_mode="block", out_dtype=torch.float32)
+    g = torch.Generator().manual_seed(23)
+    x, q = torch.randn(3, 256, generator=g), torch.randint(0, 16, (40, 256), dtype=torch.uint8, generator=g)
+    s4, z4 = torch.rand(40, 2, generator=g) * 0.1 + 0.01, torch.full((40, 2), 8, dtype=torch.uint8)
+    fast = K.fp8_gemm(a, sa, b, sb, **args)
+    fast4 = K.int4_gemm(x, pack(q), s4, z4, out_dtype=torch.float32)
+    monkeypatch.setenv("DIFFTEST_TRITON_KERNELS", "legacy")
+    assert K.impl() == "legacy"
+    assert rel(K.fp8_gemm(a, sa, b, sb, **args), fast) < 1e-6
+    assert rel(K.int4_gemm(x, pack(q), s4, z4, out_dtype=torch.float32), fast4) < 1e-6
+    monkeypatch.setenv("DIFFTEST_TRITON_KERNELS", "turbo")
+    with pytest.raises(QuantConfigError, match="DIFFTEST_TRITON_KERNELS"):
+        K.fp8_gemm(a, sa, b, sb, **args)
+
+
+def test_buckets_configs_and_agreement() -> None:
+    assert [tuning.m_bucket(m) for m in (1, 2, 16, 17, 100, 256, 1000, 4096, 9000)] == [
+        1, 16, 16, 64, 256, 256, 1024, 4096, 4096]  # fmt: skip
+    for fam, tables in tuning.TABLES.items():
+        for kind, classes in tables.items():
+            for cls, cands in classes.items():
+                assert cands and all(tuning.Cfg.parse(c.name) == c for c in cands), (fam, kind, cls)
+                if cls == "small":  # GEMV shapes: 16-row tiles
+                    assert all(c.bm == 16 for c in cands)
+    ref = torch.tensor([1.0, float("nan"), float("inf"), 4.0])
+    assert tuning.agree(ref * (1 + 1e-4), ref)
+    assert not tuning.agree(torch.tensor([1.0, float("nan"), -float("inf"), 4.0]), ref)
+    assert not tuning.agree(torch.tensor([1.0, 0.0, float("inf"), 4.0]), ref)
+    assert not tuning.agree(ref * 1.5, ref)
+
+
+def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import triton.testing
+
+    cands = [tuning.Cfg("tile", 16, 32, 128, 4, 3), tuning.Cfg("tile", 16, 64, 128, 4, 3),
+             tuning.Cfg("tile", 16, 64, 128, 4, 3, 4)]  # fmt: skip
+    speed = {cands[0].name: 3.0, cands[1].name: 1.0, cands[2].name: 2.0}
+    current: list[tuning.Cfg] = []
+    good = torch.arange(8.0)
+
+    def run(cfg: tuning.Cfg) -> torch.Tensor:
+        current.append(cfg)
+        return good * 3 if cfg == cands[1] else good  # the fastest config computes garbage
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), speed[current[-1].name])[1])
+    monkeypatch.setattr(tuning.Tuner, "_prefix", lambda self: "dev|tv|")
+    monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.setattr(tuning, "REJECTED", [])
+    tuner = tuning.Tuner()
+    assert tuner.pick("key", lambda: cands, run, tune=True) == cands[2]
+    rejected = tuning.REJECTED
+    assert rejected == [{"key": "key", "config": cands[1].name, "reference": cands[0].name}]
+    n = len(current)
+    assert (
+        tuner.pick("key", lambda: cands, run, tune=True) == cands[2] and len(current) == n
+    )  # cached: no runs
+    assert (
+        tuning.Tuner().pick("key", lambda: cands, run, tune=True) == cands[2] and len(current) == n
+    )  # from disk
+    # inside a CUDA graph capture an unseen key never tunes: the first (default) config, uncached
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tuner.pick("other", lambda: cands, run, tune=True) == cands[0] and len(current) == n
+    assert tuner.pick("key", lambda: cands, run, tune=False) == cands[0]  # interpreter: no tuning at all
+
+
+# ----------------------------------------------------------------------------- faults inside the paths
+@pytest.mark.parametrize(
+    ("scheme", "fault"),
+    [("fp8-block", "scale-transposed"), ("fp8-block", "slot-variant"), ("fp8-token", "garbage-gemm"),
+     ("int4-g128", "scale-transposed"), ("mxfp4", "scale-skipped"), ("int8", "ue8m0-rounding")],
+)  # fmt: skip
+@pytest.mark.parametrize("cfg", [SPLIT, DEQ], ids=["split3", "deq"])
+def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
+    if cfg.path == "deq" and scheme not in F.WEIGHT_ONLY_SCHEMES:
+        pytest.skip("the dequantize-then-GEMM path is weight-only")
+    force(cfg)
+    g = torch.Generator().manual_seed(18)
+    w = torch.randn(256, 384, generator=g) * 0.02 * (1 + 3 * torch.rand(256, 1, generator=g))
+    x = torch.randn(4, 384, generator=g) * (1 + 5 * torch.rand(4, 1, generator=g))
+    qw = F.quantize_weight(w, scheme)
+    fs = FaultSet(**{fault.replace("-", "_"): True})
+    faulty_triton, faulty_torch = (
+        quant_matmul(x, qw, None, "triton", fs),
+        quant_matmul(x, qw, None, "torch", fs),
+    )
+    golden = quant_matmul(x, qw, None, "torch")
+    assert rel(faulty_triton, faulty_torch) < 1e-5  # the same bug, bit for bit up to summation order
+    assert rel(faulty_triton, golden) > 1e-4  # and it is a bug

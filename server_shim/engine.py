@@ -46,6 +46,7 @@ from server_shim.engine_types import (
     SamplingParams,
     Seq,
     SeqEvent,
+    batched_sends,
 )
 from server_shim.fast_decode import backend_decoder
 from server_shim.model_runner import DecodeStep, ModelRunner
@@ -248,7 +249,7 @@ class Engine:
             if job is not None:
                 self._run_job(*job)
                 continue
-            with torch.inference_mode():
+            with torch.inference_mode(), batched_sends():
                 self._iteration(admitted)
 
     def _admit(self) -> list[Seq]:

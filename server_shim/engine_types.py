@@ -8,7 +8,9 @@ by server_shim.engine.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +60,41 @@ class SeqEvent:
 
 _WAKE: Any = object()  # queued by cancel(): lets a waiting `events` see the cancellation
 
+# Events the model thread sends during one engine iteration, per event loop, delivered with one
+# call_soon_threadsafe each at its end (`batched_sends`): one wake-up of the event loop per step
+# instead of one per token (each is a syscall, and a GIL hand-off the step pays for).
+_OUTBOX = threading.local()
+
+
+def _send(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: Any) -> None:
+    box = getattr(_OUTBOX, "items", None)
+    if box is None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    else:
+        box.append((loop, queue, item))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+@contextlib.contextmanager
+def batched_sends() -> Iterator[None]:
+    """Within the block, this thread's sends to request handles are held and then delivered in
+    order, one callback per event loop (a closed loop's share is dropped: nobody listens)."""
+    _OUTBOX.items = []
+    try:
+        yield
+    finally:
+        items, _OUTBOX.items = _OUTBOX.items, None
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for loop, queue, item in items:
+            by_loop.setdefault(loop, []).append((queue, item))
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(_put_all, batch)
+
 
 class RequestHandle:
     """The async side of one request: events of all its sequences, in the order they happen."""
@@ -69,7 +106,7 @@ class RequestHandle:
         self.cancelled = False
 
     def _put(self, item: SeqEvent | BaseException) -> None:  # worker thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        _send(self._loop, self._queue, item)
 
     async def events(self) -> AsyncIterator[SeqEvent]:
         """Events until every sequence finished; ends early (without error) once cancelled."""
@@ -93,7 +130,7 @@ class RequestHandle:
         """Stop this request's sequences at their next step (any thread); wakes `events`."""
         if not self.cancelled:
             self.cancelled = True
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _WAKE)
+            _send(self._loop, self._queue, _WAKE)  # after this thread's held sends, in order
 
 
 class Seq:

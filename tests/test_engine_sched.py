@@ -353,3 +353,31 @@ def test_fast_decode_gives_the_same_pieces(tiny_llama) -> None:
     for t in ids[3:]:
         assert a.push(t, -1.0, [(7, -2.0), (t, -1.0)]) == b.push(t, -1.0, [(7, -2.0), (t, -1.0)])
     assert a.flush() == b.flush()
+
+
+def test_batched_sends_keep_order_across_an_error_and_its_cancel() -> None:
+    """The model thread holds its sends for a step; an error followed by the cancel that wakes
+    `events` must still arrive in that order, or the request would end silently instead of 500."""
+    import threading
+
+    from server_shim.engine_types import RequestHandle, SeqEvent, batched_sends
+
+    async def go() -> list:
+        handle = RequestHandle(asyncio.get_running_loop(), 2)
+
+        def worker() -> None:
+            with batched_sends():
+                handle._put(SeqEvent(0, (), "a"))
+                handle._put(RuntimeError("boom"))
+                handle.cancel()
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        seen: list = []
+        with pytest.raises(EngineFailure, match="boom"):
+            async for ev in handle.events():
+                seen.append(ev.text)
+        return seen
+
+    assert asyncio.run(go()) == ["a"]

@@ -11,6 +11,13 @@ server must cancel them (its RSS and the following requests' latency show whethe
 
     python bench/load.py [--clients 32] [--requests 400] [--max-seconds 120] [--model tiny-llama]
                          [--max-waiting 256] [--abandon 16] [--json PATH]
+
+`--mode throughput` measures the engine over HTTP instead: N clients each send `--per-client`
+greedy completions of exactly `--tokens` tokens (EOS ignored), once without logprobs and once
+with `logprobs=5`; completion tokens/s, p50/p99 latency, and HF `generate` at batch N on the same
+model and device, in the same run (the ratio is what to compare across machines):
+
+    python bench/load.py --mode throughput --model smollm2-135m --device cuda --clients 32 --tokens 128
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server_shim.launch import ServerSpec, launch_servers  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import BASE  # noqa: E402 - bench/serve.py, the same prompts
 
 WORDS = (
     "the",
@@ -153,6 +163,83 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
+async def fixed_load(url: str, model: str, clients: int, per_client: int, tokens: int,
+                     logprobs: int | None) -> tuple[Tally, float]:  # fmt: skip
+    """N clients, each `per_client` greedy completions of exactly `tokens` tokens, back to back."""
+    tally = Tally()
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, trust_env=False) as client:
+
+        async def worker(c: int) -> None:
+            for r in range(per_client):
+                body = {"model": model, "prompt": BASE[(c + r) % len(BASE)], "max_tokens": tokens,
+                        "temperature": 0, "ignore_eos": True}  # fmt: skip
+                if logprobs is not None:
+                    body["logprobs"] = logprobs
+                await one(client, "/v1/completions", body, tally)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in range(clients)))
+        elapsed = time.perf_counter() - t0
+    return tally, elapsed
+
+
+def throughput(args: argparse.Namespace, console: Console) -> int:
+    """--mode throughput: the engine over HTTP, logprobs off and on, against HF generate."""
+    from serve import bench_hf, prompts  # torch only in this mode
+
+    spec = ServerSpec(
+        name="load", model=args.model, device=args.device, dtype=args.dtype, startup_timeout_s=600,
+        no_cuda_graphs=args.no_cuda_graphs,
+        extra_args=("--max-waiting", str(max(args.max_waiting, args.clients * 2)), "--log-level", "warning",
+                    "--max-batch-size", str(max(args.clients, 32))),
+    )  # fmt: skip
+    rows = []
+    failed = 0
+    with tempfile.TemporaryDirectory() as logs, launch_servers([spec], log_dir=Path(logs)) as servers:
+        server = servers["load"]
+        for lp in (None, 5):
+            # untimed round of the same shape first: graph captures and autotuning are not measured
+            asyncio.run(fixed_load(server.url, args.model, args.clients, 1, args.tokens, lp))
+            tally, elapsed = asyncio.run(
+                fixed_load(server.url, args.model, args.clients, args.per_client, args.tokens, lp)
+            )
+            failed += sum(v for k, v in tally.status.items() if k != 200) + sum(tally.errors.values())
+            rows.append({
+                "clients": args.clients, "logprobs": lp, "tokens": args.tokens, "requests": sum(tally.status.values()),
+                "tok_s": round(tally.tokens / elapsed, 1), "p50_s": round(pct(tally.latencies, 0.5), 3),
+                "p99_s": round(pct(tally.latencies, 0.99), 3), "status": dict(tally.status),
+            })  # fmt: skip
+    hf = None
+    if not args.no_hf:
+        from server_shim.models import load_model
+
+        loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+        bench_hf(loaded, prompts(2), 4)  # warm-up
+        hf = round(bench_hf(loaded, prompts(args.clients), args.tokens), 1)
+    table = Table(
+        title=f"bench/load.py --mode throughput: {args.model} on {args.device}, {args.tokens} tokens"
+    )
+    for col in (
+        "clients",
+        "logprobs",
+        "HTTP tok/s",
+        "p50 s",
+        "p99 s",
+        f"HF generate tok/s (batch {args.clients})",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["clients"]), str(r["logprobs"]), str(r["tok_s"]), str(r["p50_s"]), str(r["p99_s"]), str(hf)
+        )
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"mode": "throughput", "model": args.model, "device": args.device,
+                                         "rows": rows, "hf_tok_s": hf}, indent=2) + "\n")  # fmt: skip
+    return 1 if failed else 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-llama", help="a shim preset (tiny-llama: random weights, fast)")
@@ -163,10 +250,21 @@ def main() -> int:
     p.add_argument("--abandon", type=int, default=16, help="long requests started and dropped (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--mode", choices=("mixed", "throughput"), default="mixed")
+    p.add_argument(
+        "--device", default="cpu", help="the shim's device (and HF generate's, in throughput mode)"
+    )
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--tokens", type=int, default=64, help="throughput mode: tokens per completion")
+    p.add_argument("--per-client", type=int, default=4, help="throughput mode: requests per client")
+    p.add_argument("--no-hf", action="store_true", help="throughput mode: skip the HF generate baseline")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="the shim decodes eagerly")
     args = p.parse_args()
     console = Console()
+    if args.mode == "throughput":
+        return throughput(args, console)
     spec = ServerSpec(
-        name="load", model=args.model, device="cpu", startup_timeout_s=300,
+        name="load", model=args.model, device=args.device, dtype=args.dtype, startup_timeout_s=300,
         extra_args=("--max-waiting", str(args.max_waiting), "--log-level", "warning"),
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as logs, launch_servers([spec], log_dir=Path(logs)) as servers:

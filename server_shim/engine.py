@@ -1,18 +1,24 @@
-"""Model runner: one worker thread that batches requests, prefills, decodes with a KV cache, samples.
+"""The engine: one model thread that admits requests into KV-cache slots, prefills their prompts in
+chunks and decodes every generating slot together, step after step (continuous batching).
 
 Why one thread: torch calls release the GIL, so the event loop stays responsive while the model
 runs, and a single owner of the model means no locks around the KV cache or the hooks that the
-debug routes install (`run_exclusive` runs them between batches).
+debug routes install (`run_exclusive` runs them between steps, with no step in flight).
 
-Batching is static: the worker takes every pending sequence (up to `max_batch_size`), left-pads
-them into one batch (attention mask + position ids from the mask, so padding changes no real
-token's position) and decodes until all of them finish; finished rows are dropped from the cache.
-Batched matmuls round differently from single-row ones, so results can differ from serial ones
-in the last bits; `batch_invariant=True` serves one sequence at a time for bit-exact answers.
+One iteration of the loop (docs/design.md, "Engine"):
+  1. collect the decode step launched last time (one small D2H copy) and pick each row's token:
+     argmax on the device, or the sequence's own seeded sampler on the CPU;
+  2. admit waiting sequences into free slots, run one prefill chunk (a token budget shared by the
+     sequences still reading their prompts); a prompt that completes yields its first token;
+  3. launch the next decode step over every generating slot: eagerly, or as a CUDA graph replay
+     (model_runner.py, cuda_graphs.py);
+  4. while the device works, detokenize and stop-match the tokens of steps 1-2 and send events.
+A finished sequence frees its slot at once; the next waiting one takes it before the next step.
 
-Logprobs are float32 `log_softmax` of the raw logits (before temperature / top-p), as vLLM
-reports them. Text is built from per-token pieces (IncrementalDetokenizer, detok.py) that
-concatenate exactly to it, so `text_offset` and streamed chunks line up with the text.
+Batched matmuls round differently from single-row ones, so batched results can differ from
+serial ones in the last bits; `batch_invariant=True` serves one sequence at a time (one slot),
+bit-exact. Logprobs are float32 `log_softmax` of the raw logits (before temperature / top-p), as
+vLLM reports them; greedy ties go to the lowest token id.
 """
 
 from __future__ import annotations
@@ -22,13 +28,28 @@ import logging
 import random
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from server_shim.detok import IncrementalDetokenizer, TokenInfo, decode_prompt
+from server_shim.cuda_graphs import graphs_wanted
+from server_shim.engine_output import accept, stop_overlap
+from server_shim.engine_steps import EngineSteps, Entry
+from server_shim.engine_types import (
+    SAMPLING_EPS,
+    EngineBusy,
+    EngineFailure,
+    RequestHandle,
+    SamplingParams,
+    Seq,
+    SeqEvent,
+    batched_sends,
+)
+from server_shim.fast_decode import backend_decoder
+from server_shim.model_runner import DecodeStep, ModelRunner
+from server_shim.scheduler import default_buckets, lowest_free
 
 if TYPE_CHECKING:
     from server_shim.models import LoadedModel
@@ -36,116 +57,34 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["Engine", "EngineBusy", "EngineFailure", "RequestHandle", "SamplingParams", "SeqEvent"]
+__all__ = [
+    "SAMPLING_EPS", "Engine", "EngineBusy", "EngineFailure", "EngineStats", "RequestHandle", "SamplingParams",
+    "SeqEvent", "stop_overlap",
+]  # fmt: skip
 
-# How long the worker waits for a burst of requests to finish arriving before it closes a batch.
+_Seq = Seq  # the old private name, kept for callers that built retries by hand
+
+# How long an idle worker waits for a burst of requests to finish arriving before it starts: the
+# burst then shares its first prefill chunk, and its sequences take neighbouring slots.
 _BATCH_WINDOW_S = 0.002
-# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): logits / 1e-39 overflow float32
-# to inf and the softmax to NaN, so a "nearly greedy" request would otherwise fail its sampler.
-SAMPLING_EPS = 1e-5
 
 
-class EngineFailure(RuntimeError):
-    """The model worker failed on a batch (a server bug, not a caller error): becomes a 500."""
+@dataclass
+class EngineStats:
+    """Counters since start (read by the benches; no effect on serving)."""
+
+    prefill_chunks: int = 0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # real sequences summed over steps (padding rows not counted)
+    decode_padded_rows: int = 0  # rows launched, padding included
+    decode_seconds: float = 0.0  # wall time from a step's launch to its collection
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
-class EngineBusy(RuntimeError):
-    """More sequences are waiting than `max_waiting`: the caller should retry later (HTTP 429)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy (argmax; ties go to the lowest token id)
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # number of alternatives; None = no logprobs
-    echo: bool = False
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class SeqEvent:
-    """What one sequence (one choice) produced in one step. `text` is the text released by this step:
-    stop strings cut it, and a suffix that might still become a stop string is held back."""
-
-    index: int
-    tokens: tuple[TokenInfo, ...]
-    text: str
-    finish_reason: str | None = None
-    prompt: bool = False  # the echo event: tokens are the prompt's
-
-
-_WAKE: Any = object()  # queued by cancel(): lets a waiting `events` see the cancellation
-
-
-class RequestHandle:
-    """The async side of one request: events of all its sequences, in the order they happen."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, num_seqs: int) -> None:
-        self._loop = loop
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._remaining = num_seqs
-        self.cancelled = False
-
-    def _put(self, item: SeqEvent | BaseException) -> None:  # worker thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
-    async def events(self) -> AsyncIterator[SeqEvent]:
-        """Events until every sequence finished; ends early (without error) once cancelled."""
-        try:
-            while self._remaining:
-                item = await self._queue.get()
-                if item is _WAKE:
-                    if self._queue.empty():  # cancelled, and whatever was sent before is consumed
-                        return
-                    continue
-                if isinstance(item, BaseException):
-                    raise EngineFailure(f"model worker failed: {item!r}") from item
-                if item.finish_reason is not None:
-                    self._remaining -= 1
-                yield item
-        finally:
-            # A client that went away (or an error) stops its sequences at the next step.
-            self.cancel()
-
-    def cancel(self) -> None:
-        """Stop this request's sequences at their next step (any thread); wakes `events`."""
-        if not self.cancelled:
-            self.cancelled = True
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _WAKE)
-
-
-class _Seq:
-    """Mutable per-sequence state; touched only by the worker thread."""
-
-    def __init__(
-        self,
-        index: int,
-        prompt: list[int],
-        params: SamplingParams,
-        handle: RequestHandle,
-        generator: torch.Generator | None = None,
-        *,
-        solo: bool = False,
-    ) -> None:
-        self.index = index
-        self.prompt = prompt
-        self.params = params
-        self.handle = handle
-        self.generator = generator
-        self.out: list[int] = []
-        self.detok: IncrementalDetokenizer | None = None
-        self.text = ""  # generated text so far, cut at a stop string
-        self.released = 0  # chars of self.text already sent
-        self.finished = False
-        self.emitted = False  # an event went out: the sequence cannot be re-run from scratch
-        self.solo = solo  # failed inside a shared batch: retried alone to find the culprit
-
-
-class Engine:
+class Engine(EngineSteps):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -153,26 +92,54 @@ class Engine:
         batch_invariant: bool = False,
         max_batch_size: int = 32,
         max_waiting: int = 256,
+        cuda_graphs: bool | None = None,
+        buckets: Sequence[int] | None = None,
+        prefill_chunk: int | None = None,
     ) -> None:
+        """cuda_graphs: None = on for CUDA unless DIFFTEST_CUDA_GRAPHS=0. buckets: decode row
+        counts (default 1, 2, 4, ... on CUDA, exact counts on the CPU). prefill_chunk: prompt
+        tokens per prefill forward (default 2048 on CUDA, 512 on the CPU)."""
         self.loaded = loaded
         self.batch_invariant = batch_invariant
         self.max_batch_size = 1 if batch_invariant else max_batch_size
-        # Backpressure: sequences queued beyond the running batch. Past it `submit` raises
+        # Backpressure: sequences queued beyond the running ones. Past it `submit` raises
         # EngineBusy (HTTP 429 + Retry-After) instead of growing memory and everyone's latency.
         self.max_waiting = max_waiting
         self.context_length = loaded.context_length
-        emb = loaded.model.get_input_embeddings()
-        self.vocab_size = int(emb.num_embeddings)
+        self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         self._eos = set(loaded.eos_token_ids)
         pad = loaded.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None and 0 <= pad < self.vocab_size else 0
+        self._decoder = backend_decoder(loaded.tokenizer)  # detokenizing, without transformers' overhead
+        cuda = loaded.device.type == "cuda"
+        self._pad_shapes = cuda
+        if buckets is None and cuda:
+            buckets = default_buckets(self.max_batch_size)
+        self.buckets = tuple(sorted({b for b in buckets if b >= 1})) if buckets else None
+        if self.buckets and self.buckets[-1] < self.max_batch_size:
+            self.buckets = (*self.buckets, self.max_batch_size)
+        self.prefill_chunk = max(1, prefill_chunk or (2048 if cuda else 512))
+        max_rows = max(self.max_batch_size, self.buckets[-1] if self.buckets else 1)
+        self.runner = ModelRunner(
+            loaded, max_rows=max_rows, cuda_graphs=graphs_wanted(loaded.device, cuda_graphs)
+        )
+        self.stats = EngineStats()
+        self._slots: list[Seq | None] = [None] * self.max_batch_size
+        self._arrivals = 0
+        self._prefill_skips = 0  # decode steps run since prompts started waiting for a prefill
+        self._inflight: tuple[DecodeStep, list[Seq | None], float] | None = None
         self._cond = threading.Condition()
-        self._pending: deque[_Seq] = deque()
+        self._pending: deque[Seq] = deque()
         self._exclusive: deque[tuple[Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop]] = deque()
         self._closed = False
         self._rng = random.SystemRandom()
         self._thread = threading.Thread(target=self._worker, name="model-worker", daemon=True)
         self._thread.start()
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps are (still) replayed as CUDA graphs."""
+        return self.runner.graphs is not None and self.runner.graphs.enabled
 
     # ------------------------------------------------------------------ async API (event loop)
 
@@ -184,7 +151,7 @@ class Engine:
         seqs = []
         for p, prompt in enumerate(prompts):
             for j in range(n):
-                seq = _Seq(p * n + j, list(prompt), params, handle)
+                seq = Seq(p * n + j, list(prompt), params, handle)
                 if params.temperature >= SAMPLING_EPS:
                     seed = (params.seed + j) if params.seed is not None else self._rng.getrandbits(63)
                     seq.generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
@@ -204,13 +171,13 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        """Live sequences queued and not yet in a batch (a snapshot, for reporting and tests). A
+        """Live sequences queued and not yet admitted (a snapshot, for reporting and tests). A
         cancelled one still in the deque is not waiting: the worker drops it unrun."""
         with self._cond:
             return sum(1 for s in self._pending if not s.handle.cancelled)
 
     async def run_exclusive(self, fn: Callable[[], T]) -> T:
-        """Run fn on the model thread between batches (no batch is in flight while it runs)."""
+        """Run fn on the model thread between steps (no step is in flight while it runs)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         with self._cond:
@@ -233,75 +200,165 @@ class Engine:
             self._loop_forever()
         except BaseException as exc:  # never leave callers waiting on a dead thread
             logger.exception("model worker died")
-            with self._cond:
-                self._closed = True
-                pending, self._pending = list(self._pending), deque()
-            for seq in pending:
-                seq.handle._put(exc)
+            self._abandon(exc)
+        else:
+            self._abandon(EngineFailure("the engine is shut down"))
+
+    def _abandon(self, exc: BaseException) -> None:
+        with self._cond:
+            self._closed = True
+            pending, self._pending = list(self._pending), deque()
+        live = [s for s in self._slots if s is not None and not s.finished]
+        for handle in {id(s.handle): s.handle for s in pending + live}.values():
+            handle._put(exc)
+
+    def _busy(self) -> bool:
+        return self._inflight is not None or any(s is not None for s in self._slots)
 
     def _loop_forever(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             job = None
-            batch: list[_Seq] = []
+            admitted: list[Seq] = []
             with self._cond:
-                while not self._closed and not self._pending and not self._exclusive:
+                while not self._closed and not self._pending and not self._exclusive and not self._busy():
                     self._cond.wait()
                 if self._closed:
                     return
-                if self._exclusive:
+                if self._exclusive and self._inflight is None:
                     job = self._exclusive.popleft()
                 else:
-                    # Requests that arrive together (a client's burst) should share one batch: the
-                    # first one wakes us, so give the rest a moment before the batch is closed.
-                    if self.max_batch_size > 1 and len(self._pending) < self.max_batch_size:
-                        self._cond.wait(timeout=_BATCH_WINDOW_S)
-                    batch = self._take_batch()
+                    if (
+                        not self._busy()
+                        and self.max_batch_size > 1
+                        and len(self._pending) < self.max_batch_size
+                    ):
+                        self._cond.wait(timeout=_BATCH_WINDOW_S)  # let a burst finish arriving
+                    admitted = self._admit()
             if job is not None:
                 self._run_job(*job)
-            elif batch:
-                try:
-                    with torch.inference_mode():
-                        self._run_batch(batch)
-                except Exception as exc:
-                    self._isolate_failure(batch, exc)
+                continue
+            with torch.inference_mode(), batched_sends():
+                self._iteration(admitted)
 
-    def _take_batch(self) -> list[_Seq]:
-        """Up to max_batch_size live sequences, in arrival order; a `solo` one (under suspicion
-        after a shared batch failed) runs alone. Called with the lock held."""
-        batch: list[_Seq] = []
-        while self._pending and len(batch) < self.max_batch_size:
-            seq = self._pending[0]
-            if seq.handle.cancelled:
+    def _admit(self) -> list[Seq]:
+        """Waiting sequences into free slots, in arrival order (lock held). A request with
+        max_tokens 0 and no prompt logprobs needs no forward and takes no slot."""
+        out: list[Seq] = []
+        while self._pending:
+            s = self._pending[0]
+            if s.handle.cancelled:
                 self._pending.popleft()
                 continue
-            if seq.solo and batch and batch[0].handle is not seq.handle:
+            if s.params.max_tokens == 0 and not (s.params.echo and s.params.logprobs is not None):
+                out.append(self._pending.popleft())
+                continue
+            slot = lowest_free(self._slots)
+            if slot is None:
                 break
-            if batch and batch[0].solo and batch[0].handle is not seq.handle:
-                break
-            batch.append(self._pending.popleft())
-        return batch
+            self._pending.popleft()
+            s.slot, s.arrival = slot, self._arrivals
+            self._arrivals += 1
+            self._slots[slot] = s
+            out.append(s)
+        return out
 
-    def _isolate_failure(self, batch: list[_Seq], exc: Exception) -> None:
-        """A batch failed (a bug, or an input that breaks the model): one request must not fail its
-        neighbours. With several requests in the batch, every request that has not emitted anything
-        yet is queued again, alone; one that fails alone gets the error (HTTP 500), and one that had
-        already streamed events cannot be replayed and gets it too."""
-        handles = {id(s.handle): s.handle for s in batch}
-        logger.error(
-            "model worker failed on a batch of %d sequences (%d requests): %r", len(batch), len(handles), exc,
-            exc_info=exc if len(handles) == 1 else None,
-        )  # fmt: skip
-        retry: list[_Seq] = []
-        for handle in handles.values():
-            seqs = [s for s in batch if s.handle is handle]
-            if len(handles) > 1 and not any(s.emitted for s in seqs):
-                retry.extend(_Seq(s.index, s.prompt, s.params, handle, s.generator, solo=True) for s in seqs)
+    def _iteration(self, admitted: list[Seq]) -> None:
+        entries: list[Entry] = []
+        for s in admitted:
+            if s.slot is None:  # max_tokens 0, nothing to compute: echo and finish
+                self._finish_prompt(s, None)
+        if self._inflight is not None:
+            step, rows, t0 = self._inflight
+            self._inflight = None
+            entries += self._collect(step, rows, t0)
+        for s in self._slots:  # a client that went away: its slot is free for the next one
+            if s is not None and s.handle.cancelled:
+                s.finished = True
+                self._release(s)
+        entries += self._prefill_chunk()
+        if not self._exclusive:  # a debug job waits: leave no step in flight
+            entries += self._launch()
+        for entry in entries:
+            self._deliver(*entry)
+
+    # ------------------------------------------------------------------ tokens -> events
+
+    def _decide(self, s: Seq, row: list[float], lp_row: torch.Tensor | None) -> Entry | None:
+        """Pick the token of one row (argmax, or the sequence's seeded sampler) and decide whether
+        it ends the sequence; the event goes out later (`_deliver`)."""
+        p = s.params
+        if s.generator is not None:
+            try:
+                t = self._sample(lp_row, p, s.generator)
+                logprob = float(lp_row[t])
+            except Exception as exc:  # this sequence's sampler only: its neighbours go on
+                self._fail(s, exc)
+                return None
+        else:
+            t, logprob = int(row[0]), row[1]
+        alts = None
+        if p.logprobs is not None:
+            alts = [(int(row[3 + 2 * j]), row[2 + 2 * j]) for j in range(p.logprobs)]
+        s.out.append(t)
+        reason = None
+        if t in self._eos and not p.ignore_eos:
+            reason = "eos"
+        elif len(s.out) >= p.max_tokens or len(s.prompt) + len(s.out) >= self.context_length:
+            reason = "length"
+        if reason is not None:
+            s.finished = True  # no further step; its event still goes out
+            self._release(s)
+        return s, t, (logprob if p.logprobs is not None else None), alts, reason
+
+    def _deliver(self, s: Seq, t: int, logprob: float | None, alts: Any, reason: str | None) -> None:
+        if s.handle.cancelled and reason is None:
+            s.finished = True
+            self._release(s)
+            return
+        try:
+            info = s.detok.push(t, logprob, alts)
+            if reason == "eos":
+                accept(s, info, "stop", add_text=False)  # the EOS piece is not part of the text
             else:
-                handle._put(exc)
-        if retry:
-            with self._cond:
-                self._pending.extendleft(reversed(retry))
+                accept(s, info, reason)
+        except Exception as exc:  # detokenizing / stop matching of one sequence: fail it alone
+            self._fail(s, exc)
+        if s.finished:
+            self._release(s)
+
+    def _release(self, s: Seq) -> None:
+        if s.slot is not None and self._slots[s.slot] is s:
+            self._slots[s.slot] = None
+        s.slot = None
+
+    def _fail(self, s: Seq, exc: Exception) -> None:
+        """One sequence failed: its request gets the error (HTTP 500), the others go on."""
+        logger.error("sequence %d failed: %r", s.index, exc, exc_info=exc)
+        s.finished = True
+        s.emitted = True
+        self._release(s)
+        s.handle._put(exc)  # before cancel's wake-up, so that `events` raises it
+        s.handle.cancel()  # the request's other sequences stop at the next step
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+        """Temperature, then top-k, then top-p (nucleus: the smallest set whose mass reaches top_p),
+        sampled on the CPU with the sequence's own generator so a seed means the same draw anywhere.
+        `logits` may be log-probs: softmax is shift-invariant."""
+        x = (logits.float() / p.temperature).cpu()
+        if 0 < p.top_k < x.numel():
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        probs = torch.softmax(x, dim=-1)
+        if p.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            drop = sp.cumsum(-1) - sp >= p.top_p  # mass before this token already reached top_p
+            drop[0] = False  # the likeliest token always stays (top_p 1e-46 is 0.0 in float32)
+            probs = torch.zeros_like(probs).scatter_(0, si, sp.masked_fill(drop, 0.0))
+        return int(torch.multinomial(probs, 1, generator=gen).item())
+
+    # ------------------------------------------------------------------ exclusive jobs
 
     @staticmethod
     def _run_job(fn: Callable[[], Any], fut: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
@@ -315,174 +372,3 @@ class Engine:
             loop.call_soon_threadsafe(settle, False, exc)
         else:
             loop.call_soon_threadsafe(settle, True, result)
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, keep: int):
-        out = self.loaded.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        )
-        return out.logits, out.past_key_values
-
-    def _run_batch(self, seqs: list[_Seq]) -> None:
-        dev = self.loaded.device
-        tok = self.loaded.tokenizer
-        lens = [len(s.prompt) for s in seqs]
-        width = max(lens)
-        ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):  # left padding: every row's last prompt token is at column -1
-            ids[i, width - lens[i] :] = torch.tensor(s.prompt)
-            mask[i, width - lens[i] :] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        prompt_lp = any(s.params.echo and s.params.logprobs is not None for s in seqs)
-        logits, cache = self._forward(ids, mask, pos, None, 0 if prompt_lp else 1)  # [B, width|1, V]
-
-        for i, s in enumerate(seqs):
-            if s.params.echo:
-                rows = logits[i, width - lens[i] : -1] if s.params.logprobs is not None else None
-                infos, text = decode_prompt(tok, s.prompt, rows, s.params.logprobs)
-                s.emitted = True
-                s.handle._put(SeqEvent(s.index, infos, text, prompt=True))
-            s.detok = IncrementalDetokenizer(tok, s.prompt)
-            if s.params.max_tokens == 0:
-                self._accept(s, None, "length")
-
-        last = logits[:, -1, :]  # [B, V]
-        alive = [i for i, s in enumerate(seqs) if not s.finished]
-        next_pos = pos[:, -1]
-        while True:
-            if len(alive) < len(seqs) or any(s.handle.cancelled for s in seqs):
-                keep = [i for i in alive if not seqs[i].handle.cancelled]
-                if not keep:
-                    return
-                if len(keep) < len(seqs):
-                    idx = torch.tensor(keep, device=dev)
-                    cache.batch_select_indices(idx)
-                    last, mask, next_pos = last[idx], mask[idx], next_pos[idx]
-                    seqs = [seqs[i] for i in keep]
-            chosen = self._step(seqs, last)
-            alive = [i for i, s in enumerate(seqs) if not s.finished]
-            if not alive:
-                return
-            next_pos = next_pos + 1
-            mask = torch.cat([mask, mask.new_ones((len(seqs), 1))], dim=1)
-            step_ids = torch.tensor(chosen, dtype=torch.long, device=dev).unsqueeze(1)
-            logits, cache = self._forward(step_ids, mask, next_pos.unsqueeze(1), cache, 1)
-            last = logits[:, -1, :]
-
-    def _step(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        """Pick one token per row of logits [B, V], emit its event; returns the chosen ids."""
-        lp = torch.log_softmax(logits.float(), dim=-1)  # [B, V] float32
-        chosen = torch.argmax(lp, dim=-1).tolist()
-        for i, s in enumerate(seqs):
-            if s.generator is not None and not s.finished:
-                try:
-                    chosen[i] = self._sample(logits[i].float(), s.params, s.generator)
-                except Exception as exc:  # this sequence's sampler only: its neighbours go on
-                    self._fail(s, exc)
-        k = max((s.params.logprobs or 0) for s in seqs)
-        top_v = top_i = None
-        if k > 0:
-            top_v, top_i = (t.tolist() for t in torch.topk(lp, k, dim=-1))
-        wanted = [s.params.logprobs is not None for s in seqs]
-        chosen_lp = (
-            lp.gather(1, torch.tensor(chosen, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
-            if any(wanted)
-            else None
-        )
-        for i, s in enumerate(seqs):
-            if s.finished:
-                continue
-            try:
-                self._emit(s, chosen[i], chosen_lp[i] if chosen_lp else None, top_i, top_v, i)
-            except Exception as exc:  # detokenizing / stop matching of one sequence: fail it alone
-                self._fail(s, exc)
-        return chosen
-
-    def _emit(self, s: _Seq, t: int, logprob: float | None, top_i: Any, top_v: Any, row: int) -> None:
-        s.out.append(t)
-        if s.params.logprobs is not None:
-            kk = s.params.logprobs
-            alts = list(zip(top_i[row][:kk], top_v[row][:kk], strict=True)) if kk else []
-            info = s.detok.push(t, logprob, alts)
-        else:
-            info = s.detok.push(t, None, None)
-        if t in self._eos and not s.params.ignore_eos:
-            self._accept(s, info, "stop", add_text=False)  # the EOS piece is not part of the text
-        elif len(s.out) >= s.params.max_tokens or len(s.prompt) + len(s.out) >= self.context_length:
-            self._accept(s, info, "length")
-        else:
-            self._accept(s, info, None)
-
-    @staticmethod
-    def _fail(s: _Seq, exc: Exception) -> None:
-        """One sequence failed: its request gets the error (HTTP 500), the batch goes on without it."""
-        logger.error("sequence %d failed: %r", s.index, exc, exc_info=exc)
-        s.finished = True
-        s.emitted = True
-        s.handle._put(exc)  # before cancel's wake-up, so that `events` raises it
-        s.handle.cancel()  # the request's other sequences stop at the next step
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-        """Temperature, then top-k, then top-p (nucleus: the smallest set whose mass reaches top_p),
-        sampled on the CPU with the sequence's own generator so a seed means the same draw anywhere."""
-        x = (logits / p.temperature).cpu()
-        if 0 < p.top_k < x.numel():
-            kth = torch.topk(x, p.top_k).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        probs = torch.softmax(x, dim=-1)
-        if p.top_p < 1.0:
-            sp, si = torch.sort(probs, descending=True)
-            drop = sp.cumsum(-1) - sp >= p.top_p  # mass before this token already reached top_p
-            drop[0] = False  # the likeliest token always stays (top_p 1e-46 is 0.0 in float32)
-            probs = torch.zeros_like(probs).scatter_(0, si, sp.masked_fill(drop, 0.0))
-        return int(torch.multinomial(probs, 1, generator=gen).item())
-
-    @staticmethod
-    def _accept(s: _Seq, info: TokenInfo | None, reason: str | None, add_text: bool = True) -> None:
-        """Add a token's piece to the text, cut at the first stop string, emit the event."""
-        if reason is not None and info is not None and add_text:
-            rest = s.detok.flush()
-            if rest:
-                info = TokenInfo(info.token_id, info.text + rest, info.logprob, info.top)
-        end = None
-        if info is not None and add_text:
-            before = len(s.text)
-            s.text += info.text
-            stops = s.params.stop
-            if stops:
-                start = max(0, before - max(len(x) for x in stops) + 1)
-                hits = [h for h in (s.text.find(x, start) for x in stops) if h >= 0]
-                if hits:
-                    s.text, reason = s.text[: min(hits)], "stop"
-                elif reason is None:  # hold back a suffix that may still grow into a stop string
-                    end = len(s.text) - max(stop_overlap(s.text, x) for x in stops)
-        end = len(s.text) if end is None else end
-        text = s.text[s.released : end]
-        s.released = max(s.released, end)
-        s.finished = reason is not None
-        s.emitted = True
-        s.handle._put(SeqEvent(s.index, (info,) if info is not None else (), text, reason))
-
-
-def stop_overlap(text: str, stop: str) -> int:
-    """The longest k < len(stop) with text ending in stop[:k]: how much text to hold back.
-
-    Only positions where stop holds text's last character can end such a prefix, so this tries
-    those (str.find, in C) instead of every k — a few candidates instead of len(stop) slices per
-    token, which with the caps on stop strings keeps matching cheap on the model thread."""
-    if not text:
-        return 0
-    last, best = text[-1], 0
-    i = stop.find(last, 0, len(stop) - 1)
-    while i >= 0:
-        if text.endswith(stop[: i + 1]):
-            best = i + 1
-        i = stop.find(last, i + 1, len(stop) - 1)
-    return best

@@ -76,7 +76,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_model_len", INTEGER, None, "cap the context length", optional=True, minimum=1),
     Option("max_tokens_cap", INTEGER, 4096, "largest max_tokens accepted", minimum=1),
     Option("max_n", INTEGER, 16, "largest n accepted", minimum=1),
-    Option("max_batch_size", INTEGER, 32, "most sequences decoded together", minimum=1),
+    Option("max_batch_size", INTEGER, 32, "most sequences decoded together (KV-cache slots)", minimum=1),
+    Option(
+        "no_cuda_graphs", BOOLEAN, False,
+        "decode eagerly on CUDA instead of replaying captured CUDA graphs (also: DIFFTEST_CUDA_GRAPHS=0)",
+        spec=True,
+    ),
     Option("max_waiting", INTEGER, 256, "sequences queued behind the running batch before requests get 429", minimum=1),
     Option("max_body_bytes", INTEGER, 8 * 2**20, "largest request body, on every route (413 past it)", minimum=1),
     Option("max_prompt_chars", INTEGER, 2**20, "longest text prompt or message content, in characters", minimum=1),

@@ -51,6 +51,7 @@ def build_engine(opts: ServeOptions) -> Engine:  # type: ignore[valid-type]
         batch_invariant=opts.batch_invariant,
         max_batch_size=opts.max_batch_size,
         max_waiting=opts.max_waiting,
+        cuda_graphs=False if opts.no_cuda_graphs else None,  # None: on for CUDA unless the env says 0
     )
     if opts.max_model_len is not None:
         if opts.max_model_len > engine.context_length:

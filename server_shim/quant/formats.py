@@ -19,6 +19,7 @@ shuffled = rows permuted by `shuffle_scales`); `logical_scales` undoes the decla
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -100,8 +101,15 @@ def round_scale_pow2_up(scale: Tensor) -> Tensor:
     return torch.exp2(torch.ceil(torch.log2(scale.clamp_min(_TINY))))
 
 
+@functools.cache
+def _e2m1_grid(device: torch.device) -> Tensor:
+    """The grid on `device`, built once: a host-to-device copy per call would synchronise, which a
+    CUDA-graph capture of the decode step forbids."""
+    return torch.tensor(E2M1_GRID, dtype=torch.float32, device=device)
+
+
 def e2m1_decode(codes: Tensor) -> Tensor:
-    grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=codes.device)
+    grid = _e2m1_grid(codes.device)
     c = codes.to(torch.int64)
     mag = grid[c & 7]
     return torch.where((c & 8) != 0, -mag, mag)
@@ -109,7 +117,7 @@ def e2m1_decode(codes: Tensor) -> Tensor:
 
 def e2m1_encode(v: Tensor) -> Tensor:
     """fp32 -> 4-bit codes, round to nearest, ties to even code, saturating at +-6."""
-    grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=v.device)
+    grid = _e2m1_grid(v.device)
     mids = (grid[1:] + grid[:-1]) / 2
     a = v.abs().clamp(max=E2M1_GRID[-1])
     idx = torch.bucketize(a, mids)  # a == mids[i] -> i (the lower neighbour)
@@ -290,8 +298,9 @@ def quantize_act(
     # A tensor, not a Python float: on CUDA `t / 448.0` becomes `t * (1/448)`, which rounds
     # differently from the kernels' correctly rounded division (measured: 67% of per-token scales
     # differed at K=4096 on an H100), and the golden must match a correct kernel bit for bit.
-    qmax = torch.tensor(
-        INT8_MAX if scheme == "int8" else fp8_max(fp8_dtype), dtype=torch.float32, device=xf.device
+    # torch.full, not torch.tensor: a fill kernel, no host-to-device copy (capturable in a CUDA graph).
+    qmax = torch.full(
+        (), INT8_MAX if scheme == "int8" else fp8_max(fp8_dtype), dtype=torch.float32, device=xf.device
     )
     if scheme == "fp8-tensor":
         s = (xf.abs().amax().clamp_min(_TINY) / qmax).reshape(1, 1)

@@ -60,9 +60,10 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         return k.gemv4w, dict(common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split)
     if cfg.path == "gemvg":
         return k.gemv4g, dict(common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split)
-    if (
-        cfg.path in ("deq", "deqb")
-    ):  # deqb's GEMM is torch.mm: compiled here as deq's, harmlessly  # the GEMM half (main() gives it bf16 operands); the dequantization pass is fixed
+    if cfg.path == "deqb":  # its GEMM is torch.mm; its tiles are the dequantization kernel's
+        return k.deq, dict(FORMAT=fixed["FORMAT"], GROUP=fixed["GROUP"], EMULATE_RNE=False, BLOCK_N=cfg.bn,
+                           BLOCK_K=cfg.bk)  # fmt: skip
+    if cfg.path == "deq":  # the GEMM half (main() gives it bf16 operands); the dequantization pass is fixed
         return k.mm16, dict(HAS_BIAS=False, DOT_IEEE=False, EVEN_K=True, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
                             BLOCK_K=cfg.bk, GROUP_M=cfg.group_m)  # fmt: skip
     kern = k.wonly_fused if cfg.path == "fused" else k.wonly_fast
@@ -120,7 +121,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 4096], help="M values (default 1 16 4096)")
     ap.add_argument(
-        "--only", nargs="+", default=None, help="only these config paths (tile gemv gemvg gemvw fused deq)"
+        "--only",
+        nargs="+",
+        default=None,
+        help="only these config paths (tile gemv gemvg gemvw fused deq deqb)",
     )
     args = ap.parse_args()
     k = K._build()
@@ -134,7 +138,9 @@ def main() -> int:
                 cptrs = ptrs  # this config's pointer types (the variant's, unless its kernel differs)
                 if cfg.path == "gemvw":
                     cptrs = {**ptrs, "w_ptr": "*i32"}
-                if cfg.path in ("deq", "deqb"):
+                if cfg.path == "deqb":
+                    cptrs = {**ptrs, "o_ptr": "*bf16"}
+                if cfg.path == "deq":
                     cptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16"}
                 key = (
                     fn,

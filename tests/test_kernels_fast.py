@@ -40,7 +40,7 @@ FUSED = tuning.Cfg("fused", 16, 32, 64, 4, 1, 2)
 # the group-shaped 4-bit GEMV (split-K; bk below a group is rounded up to it) and dequantize + torch.mm
 GEMVG = tuning.Cfg("gemvg", 1, 16, 64, 4, 1, 2)
 GEMVW = tuning.Cfg("gemvw", 1, 16, 256, 4, 1, 2)
-DEQB = tuning.Cfg("deqb", 16, 64, 64, 4, 1)
+DEQB = tuning.Cfg("deqb", 1, 32, 64, 4, 1)  # dequantization tiles 32 x 64
 
 
 @pytest.fixture

@@ -161,10 +161,12 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
         if cfg.path == "deqb" and not _blas_ok(x, out, bias):
             cfg = replace(cfg, path="deq")
         if cfg.path in ("deq", "deqb"):
+            # deqb's own tiles are those of the dequantization (its GEMM is torch.mm's)
+            dbn, dbk, dw = (cfg.bn, cfg.bk, cfg.warps) if cfg.path == "deqb" else (_DEQ_BN, _DEQ_BK, 4)
             wd = torch.empty(N, K, dtype=x.dtype, device=x.device)  # per call: never a cached weight
-            k.deq[(_cdiv(N, _DEQ_BN), _cdiv(K, _DEQ_BK))](
+            k.deq[(_cdiv(N, dbn), _cdiv(K, dbk))](
                 w, scales, zeros, wd, N, K, w.stride(0), w.stride(1), *sarg, wd.stride(0), wd.stride(1),
-                FORMAT=fmt, GROUP=group, EMULATE_RNE=emulate, BLOCK_N=_DEQ_BN, BLOCK_K=_DEQ_BK, num_warps=4,
+                FORMAT=fmt, GROUP=group, EMULATE_RNE=emulate, BLOCK_N=dbn, BLOCK_K=dbk, num_warps=dw,
             )  # fmt: skip
             if cfg.path == "deqb":  # the vendor GEMM on the Triton-dequantized weight
                 if bias is None:

@@ -43,8 +43,8 @@ class Cfg:
     """path "tile": one kernel (split-K when split > 1, then a reduction pass); "deq": dequantize the
     4-bit weight to x's dtype, then a plain 16-bit GEMM (bm, bn, bk are that GEMM's tiles); "deqb":
     the same dequantization (a fresh buffer per call), then torch.mm -- cuBLAS / hipBLAS, which
-    beats a Triton 16-bit GEMM at large M (tiles unused; "deq" where out's or bias's dtype is not
-    x's, or fp32 x would run as TF32);
+    beats a Triton 16-bit GEMM at large M (bn, bk, warps: the dequantization's tiles; "deq" where
+    out's or bias's dtype is not x's, or fp32 x would run as TF32);
     "fused": 4-bit weights unpacked in registers, interleaved and fed to one dot per K tile against
     K-contiguous x (w4a16); "gemv": the tl.dot-free M = 1 kernels (bm is 1: a row per program);
     "gemvg": the 4-bit one on group-shaped tiles (`_gemv4g_kernel`; bk rounded up to the group,
@@ -117,10 +117,10 @@ _HOPPER = {
              (16, 128, 256, 8, 3, 4)),
         "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2), (64, 128, 128, 4, 3),
                   (128, 128, 128, 8, 3), (64, 64, 128, 4, 3, 4)) + _t("deq", (128, 128, 64, 4, 4), (128, 256, 64, 8, 3))
-        + _t("deqb", (128, 128, 64, 4, 1)) + _t("fused", (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3)),
+        + _t("deqb", (1, 32, 256, 4, 1), (1, 64, 128, 4, 1)) + _t("fused", (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3)),
         "large": _t("deq", (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
                     (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 256, 64, 8, 3, 1, 16), (128, 128, 64, 4, 5))
-        + _t("tile", (128, 128, 128, 8, 3)) + _t("deqb", (128, 128, 64, 4, 1))
+        + _t("tile", (128, 128, 128, 8, 3)) + _t("deqb", (1, 32, 256, 4, 1), (1, 64, 128, 4, 1), (1, 16, 512, 4, 1))
         + _t("fused", (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
              (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)),
     },
@@ -135,7 +135,7 @@ _AMPERE = {
         "small": _HOPPER["wonly"]["small"],
         "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2)) + _t("deq", (128, 128, 32, 4, 4)),
         "large": _t("deq", (128, 128, 32, 4, 4), (128, 256, 32, 8, 3)) + _t("tile", (128, 64, 128, 4, 3))
-        + _t("deqb", (128, 128, 32, 4, 1)),
+        + _t("deqb", (1, 32, 256, 4, 1)),
     },
 }  # fmt: skip
 _CDNA = {  # AMD: the stream pipeliner wants num_stages 2; MFMA likes wide K tiles

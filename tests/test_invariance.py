@@ -130,3 +130,28 @@ def test_twin_widens_the_slot_limits_of_a_batch_variant_but_correct_kernel() -> 
     # a twin that does not flip the probe leaves the token check informative and strict
     strict = with_twin(result(), SlotResult("rounding twin of golden", True, None, 0.01)).verdict()
     assert strict.checks[0].informative and not strict.passed
+
+
+def test_slot_flips_within_the_nulls_tie_margin_are_ties() -> None:
+    """bf16 on an H200, new engine: a correct Triton fp8-block target flipped the probe in 4
+    placements (M=1 runs a GEMV, M=4 a tile: other rounding) while its twin happened not to flip
+    that one probe. The twin's TIE margin, from all 30 prompts, judges the flip instead."""
+    from difftest.invariance import with_twin
+
+    def result() -> InvarianceResult:
+        slots = [
+            SlotResult("batch slot 1 of 4", False, 3, 0.02, margin_at_difference=0.08),
+            SlotResult("concurrent request 1 of 4", False, 5, 0.02, margin_at_difference=0.30),
+        ]
+        r = InvarianceResult("p0", 0.05, slots=slots)
+        r.baseline, r.baseline_worst, r.baseline_token_failures = "golden", 0.0, 0
+        return r
+
+    twin = SlotResult("rounding twin of golden", True, None, 0.01)  # the twin does not flip this probe
+    assert with_twin(result(), twin).token_failures == 2  # without a margin: both flips count
+    judged = with_twin(result(), twin, tie_margin=0.12)
+    assert judged.token_failures == 1  # 0.08 <= 0.12 is a tie; 0.30 is not
+    tokens = judged.verdict().checks[0]
+    assert tokens.informative and tokens.value == 1.0 and not tokens.passed
+    assert "TIE margin 0.12" in tokens.note
+    assert with_twin(result(), twin, tie_margin=0.5).verdict().passed  # both within: no evidence

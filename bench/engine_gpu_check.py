@@ -166,7 +166,12 @@ def http(args: argparse.Namespace, out: Path, remaining: float) -> bool:
     cmd = [sys.executable, str(ROOT / "bench" / "load.py"), "--mode", "throughput", "--model", args.model,
            "--device", args.device, "--dtype", args.dtype, "--clients", "32", "--tokens", "128",
            "--per-client", "4", "--json", str(out)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # prepend, never replace: packages may live on the caller's PYTHONPATH (on the H200 the web
+    # stack did, and the load server died with "No module named uvicorn")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     # its own process group: on a timeout the launched server goes down with it, not left holding the GPU
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)  # fmt: skip

@@ -106,25 +106,8 @@ def test_baseline_judges_like_the_live_reference(tmp_path: Path, target: FakeBeh
     assert (live == 0) == (target.flip_every == 0)  # an agreeing target passes, a flipping one fails
 
 
-def test_config_reference_baseline(tmp_path: Path) -> None:
-    prompts = write_prompts(tmp_path / "p.jsonl")
-    with live_fake() as ref:
-        assert (
-            main(
-                [
-                    "record",
-                    "--ref",
-                    ref,
-                    "--prompts",
-                    str(prompts),
-                    "--max-tokens",
-                    "8",
-                    "-o",
-                    str(tmp_path / "b"),
-                ]
-            )
-            == 0
-        )
+def test_config_reference_baseline(tmp_path: Path, recorded: Path) -> None:
+    prompts = tmp_path / "p.jsonl"  # written by the `recorded` fixture, which recorded them into "b"
     with live_fake() as tgt:
         cfg = tmp_path / "c.toml"
         cfg.write_text(

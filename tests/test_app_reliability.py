@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -214,6 +215,28 @@ def small_engine(tiny_llama):
     eng.close()
 
 
+def _raw_completion(body: dict) -> tuple[dict, Callable[[], Awaitable[dict]], asyncio.Event]:
+    """A POST /v1/completions as raw ASGI: (scope, receive, gone). `receive` hands over the body,
+    then waits until `gone` is set and reports the client's disconnect."""
+    content = httpx.Request("POST", "http://x", json=body).content
+    messages = [{"type": "http.request", "body": content, "more_body": False}]
+    gone = asyncio.Event()
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+    }  # fmt: skip
+    return scope, receive, gone
+
+
 async def _hold_worker(engine: Engine) -> threading.Event:
     """Occupy the model thread until the returned event is set (queued requests stay queued)."""
     release, started = threading.Event(), threading.Event()
@@ -251,26 +274,12 @@ async def test_client_that_disconnects_cancels_its_generation(small_engine):
     """Raw ASGI: the request is queued behind a busy worker, the client disconnects, and the worker
     never decodes for it once free."""
     app = create_app(small_engine, ServeOptions(model="tiny-llama"))
-    body = httpx.Request("POST", "http://x", json={**GOOD, "max_tokens": 200}).content
-    gone = asyncio.Event()
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    scope, receive, gone = _raw_completion({**GOOD, "max_tokens": 200})
     sent: list[dict] = []
-
-    async def receive() -> dict:
-        if messages:
-            return messages.pop(0)
-        await gone.wait()
-        return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
-    }  # fmt: skip
     release = await _hold_worker(small_engine)
     call = asyncio.create_task(app(scope, receive, send))
     while small_engine.waiting < 1:
@@ -304,30 +313,14 @@ async def test_streaming_client_that_disconnects_cancels_its_generation(small_en
     """Streamed: the client reads the first chunk and goes away; decoding stops far short of
     max_tokens (Starlette ends the stream, the serving class's `finally` cancels the sequences)."""
     app = create_app(small_engine, ServeOptions(model="tiny-llama"))
-    body = httpx.Request(
-        "POST", "http://x", json={**GOOD, "max_tokens": 1000, "ignore_eos": True, "stream": True}
-    ).content
-    gone = asyncio.Event()
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    scope, receive, gone = _raw_completion({**GOOD, "max_tokens": 1000, "ignore_eos": True, "stream": True})
     chunks: list[bytes] = []
-
-    async def receive() -> dict:
-        if messages:
-            return messages.pop(0)
-        await gone.wait()
-        return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
             chunks.append(message["body"])
             gone.set()  # the client leaves after the first event
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
-    }  # fmt: skip
     seqs: list = []
     real_submit = small_engine.submit
 

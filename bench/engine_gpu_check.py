@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from serve import bench_engine, bench_hf, prompts  # noqa: E402
 
 from server_shim.engine import Engine, SamplingParams  # noqa: E402
+from server_shim.launch import shim_env  # noqa: E402
 from server_shim.models import load_model  # noqa: E402
 
 RESULT: dict = {"checks": {}, "throughput": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -166,12 +167,9 @@ def http(args: argparse.Namespace, out: Path, remaining: float) -> bool:
     cmd = [sys.executable, str(ROOT / "bench" / "load.py"), "--mode", "throughput", "--model", args.model,
            "--device", args.device, "--dtype", args.dtype, "--clients", "32", "--tokens", "128",
            "--per-client", "4", "--json", str(out)]  # fmt: skip
-    # prepend, never replace: packages may live on the caller's PYTHONPATH (on the H200 the web
-    # stack did, and the load server died with "No module named uvicorn")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-    }
+    # the launcher's environment: this checkout prepended to PYTHONPATH, never replacing it (on the
+    # H200 the web stack lived there, and the load server died with "No module named uvicorn")
+    env = shim_env({})
     # its own process group: on a timeout the launched server goes down with it, not left holding the GPU
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)  # fmt: skip

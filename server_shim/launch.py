@@ -195,7 +195,7 @@ def api_key_of(spec: ServerSpec) -> str | None:
     return value
 
 
-def _shim_env(extra: dict[str, str]) -> dict[str, str]:
+def shim_env(extra: dict[str, str]) -> dict[str, str]:
     """The environment of a built-in shim subprocess."""
     env = {**os.environ, **extra}
     env["PYTHONUNBUFFERED"] = "1"  # the log tail must show the last words of a dying server
@@ -218,7 +218,7 @@ def _prepare_models(specs: Sequence[ServerSpec], log_dir: Path) -> None:
         with open(log_dir / "prepare.log", "ab") as fh:
             subprocess.run(
                 [sys.executable, "-m", "server_shim", "prepare", "--model", model],
-                stdout=fh, stderr=subprocess.STDOUT, env=_shim_env({}), check=False,
+                stdout=fh, stderr=subprocess.STDOUT, env=shim_env({}), check=False,
             )  # fmt: skip
 
 
@@ -241,7 +241,7 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
         return RunningServer(spec.name, url, spec, None, None)
     assert port is not None  # _pick_ports gave every started server one
     argv = build_argv(spec, port, key)
-    env = _shim_env(spec.env) if spec.kind == "shim" else {**os.environ, **spec.env}
+    env = shim_env(spec.env) if spec.kind == "shim" else {**os.environ, **spec.env}
     if spec.kind == "shim":
         # By environment, never argv: a command line is readable by every user (ps, /proc/PID/cmdline).
         env.pop(SHIM_API_KEY_ENV, None)

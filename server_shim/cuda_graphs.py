@@ -9,6 +9,12 @@ KV cache is unchanged by it), captures, then replays. From the third call on: re
 A capture that fails (a host sync somewhere in the model's forward, an op that cannot be
 captured) switches graphs off for this engine, loudly, and the step runs eagerly: the numbers
 stay right, only slower. `DIFFTEST_CUDA_GRAPHS=0` or `--no-cuda-graphs` never tries.
+
+One process may hold several engines on one GPU (the in-process tests do). A capture there must
+not overlap another engine's device work: on an H200 a module replay in one engine failed with
+"operation not permitted when stream is capturing" while another engine's capture (an MoE model,
+whose routing syncs with the host) was being abandoned. `device_lock` serialises them; with one
+engine per process (every server) it is never contended.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -23,11 +30,24 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DecodeGraphs", "graphs_wanted"]
+__all__ = ["DecodeGraphs", "device_lock", "graphs_wanted"]
 
 ENV = "DIFFTEST_CUDA_GRAPHS"
 
 Body = Callable[[int, int], tuple[Tensor, Tensor]]
+
+_device_locks: dict[int, threading.RLock] = {}
+_locks_guard = threading.Lock()
+
+
+def device_lock(device: torch.device) -> contextlib.AbstractContextManager:
+    """The process-wide lock of one CUDA device (re-entrant: a step that captures holds it
+    twice); a no-op context elsewhere, where nothing is captured."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _locks_guard:
+        return _device_locks.setdefault(index, threading.RLock())
 
 
 def graphs_wanted(device: torch.device, option: bool | None = None) -> bool:
@@ -109,7 +129,11 @@ class DecodeGraphs:
             self._body(rows, kv_len)  # warm-up on the capture stream (idempotent cache writes)
         torch.cuda.current_stream(self._device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        # device_lock: no other engine of this process works on the device during the capture;
         # thread_local: the event loop's thread may touch CUDA state (it never should) without breaking us
-        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+        with (
+            device_lock(self._device),
+            torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"),
+        ):
             outs = self._body(rows, kv_len)
         return graph, outs

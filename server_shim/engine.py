@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from server_shim.cuda_graphs import graphs_wanted
+from server_shim.cuda_graphs import device_lock, graphs_wanted
 from server_shim.engine_output import accept, stop_overlap
 from server_shim.engine_steps import EngineSteps, Entry
 from server_shim.engine_types import (
@@ -236,9 +236,10 @@ class Engine(EngineSteps):
                         self._cond.wait(timeout=_BATCH_WINDOW_S)  # let a burst finish arriving
                     admitted = self._admit()
             if job is not None:
-                self._run_job(*job)
+                with device_lock(self.loaded.device):
+                    self._run_job(*job)
                 continue
-            with torch.inference_mode(), batched_sends():
+            with device_lock(self.loaded.device), torch.inference_mode(), batched_sends():
                 self._iteration(admitted)
 
     def _admit(self) -> list[Seq]:

@@ -6,12 +6,15 @@ back to eager). The GPU itself is checked by bench/engine_gpu_check.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 
 import pytest
 import torch
 
 from server_shim import cuda_graphs
-from server_shim.cuda_graphs import DecodeGraphs, graphs_wanted
+from server_shim import engine as engine_module
+from server_shim.cuda_graphs import DecodeGraphs, device_lock, graphs_wanted
 from server_shim.engine import Engine, EngineFailure, SamplingParams
 from server_shim.kv_cache import SlotKVCache
 from server_shim.scheduler import bucket, default_buckets, lowest_free, plan_prefill, pow2_at_least
@@ -312,6 +315,46 @@ def test_graphs_wanted(device, option, env, want, monkeypatch) -> None:
     else:
         monkeypatch.setenv(cuda_graphs.ENV, env)
     assert graphs_wanted(torch.device(device), option) is want
+
+
+def test_device_lock_is_one_reentrant_lock_per_cuda_device() -> None:
+    """No torch.cuda call is needed: an explicit index names the device."""
+    assert isinstance(device_lock(torch.device("cpu")), contextlib.nullcontext)
+    lock = device_lock(torch.device("cuda", 0))
+    assert lock is device_lock(torch.device("cuda:0")) and lock is not device_lock(torch.device("cuda", 1))
+    with lock, lock:  # re-entrant: a step that captures takes it twice
+        assert not _free_in_another_thread(lock)
+    assert _free_in_another_thread(lock)
+
+
+def _free_in_another_thread(lock) -> bool:  # noqa: ANN001
+    got: list[bool] = []
+    t = threading.Thread(target=lambda: got.append(lock.acquire(blocking=False) and (lock.release() or True)))
+    t.start()
+    t.join()
+    return got[0]
+
+
+def test_engine_steps_and_jobs_hold_the_device_lock(tiny_llama, monkeypatch) -> None:
+    """Every step and every exclusive job runs under the device's lock, on the engine's worker."""
+    held: list[tuple[str, str]] = []
+
+    @contextlib.contextmanager
+    def recording(device):  # noqa: ANN001, ANN202
+        held.append((str(device), threading.current_thread().name))
+        yield
+
+    monkeypatch.setattr(engine_module, "device_lock", recording)
+    eng = Engine(tiny_llama)
+    try:
+        ids = [tiny_llama.tokenizer(PROMPTS[0])["input_ids"]]
+        assert len(_run(eng, ids, [SamplingParams(max_tokens=3, ignore_eos=True)])[0]) == 3
+        steps = len(held)
+        assert asyncio.run(eng.run_exclusive(lambda: 7)) == 7
+    finally:
+        eng.close()
+    assert steps >= 3 and len(held) == steps + 1
+    assert set(held) == {("cpu", "model-worker")}
 
 
 def test_cpu_engine_has_no_graphs(tiny_llama) -> None:

@@ -152,6 +152,18 @@ def compile_attention() -> int:
             fails += 1
             msg = str(e).strip().splitlines()
             print(f"FAIL decode-attn {label:14} {type(e).__name__}: {msg[0] if msg else ''}")
+    for dt in ("fp16", "bf16"):
+        t0 = time.time()
+        try:
+            ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "o_ptr": f"*{dt}"}
+            consts = {"BLOCK": 1024}  # SmolLM2's hidden 576
+            info = compile_one(fused_kernels._build().rmsnorm, ptrs, consts, 4, 1, 0, scalars={"eps": "fp32"},
+                               div16={"sx", "so", "N"})  # fmt: skip
+            print(f"ok   rmsnorm     {dt:14} {info} ({time.time() - t0:.1f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            fails += 1
+            msg = str(e).strip().splitlines()
+            print(f"FAIL rmsnorm     {dt:14} {type(e).__name__}: {msg[0] if msg else ''}")
     return fails
 
 
@@ -164,10 +176,14 @@ def main() -> int:
         default=None,
         help="only these config paths (tile gemv gemvg gemvw fused deq deqb)",
     )
-    ap.add_argument("--attention", action="store_true", help="only the fused decode attention kernel")
+    ap.add_argument(
+        "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm)"
+    )
     args = ap.parse_args()
     fails = compile_attention()
-    print(f"fused decode attention: {len(attention_variants())} variants compiled for sm90, {fails} failed")
+    print(
+        f"fused decode: {len(attention_variants())} attention + 2 RMSNorm variants compiled for sm90, {fails} failed"
+    )
     if args.attention:
         return 1 if fails else 0
     k = K._build()

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +39,12 @@ from server_shim import fused_kernels
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ENV", "NAME", "DecodeContext", "active", "base_implementation", "decode_context", "fused_wanted",
-    "install", "self_check", "uninstall",
+    "ENV", "NAME", "NORM_ENV", "DecodeContext", "active", "base_implementation", "decode_context",
+    "fused_wanted", "install", "install_norms", "norms_wanted", "self_check", "uninstall",
 ]  # fmt: skip
 
 ENV = "DIFFTEST_FUSED_DECODE"
+NORM_ENV = "DIFFTEST_FUSED_NORM"
 NAME = "difftest_decode"
 # registered name -> the implementation it falls back to (and that it replaces in the config)
 NAMES = {NAME: "sdpa", NAME + "_eager": "eager"}
@@ -195,10 +197,60 @@ def install(model: torch.nn.Module) -> bool:
 
 
 def uninstall(model: torch.nn.Module) -> None:
+    """Undo `install` and `install_norms` (the tests share one loaded model)."""
     for cfg in _configs(model):
         impl = cfg._attn_implementation_internal
         if impl in NAMES:
             cfg._attn_implementation_internal = NAMES[impl]
+    for m in model.modules():
+        if getattr(m.__dict__.get("forward"), "__func__", None) is _norm_forward:
+            del m.forward
+
+
+# ---------------------------------------------------------------------------------- RMSNorm
+
+
+def norms_wanted() -> bool:
+    """The norm half of the path (on with it unless DIFFTEST_FUSED_NORM=0: a switch of its own, so
+    that a misbehaving norm kernel on a GPU does not take the attention kernel down with it)."""
+    return os.environ.get(NORM_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _norm_forward(self: torch.nn.Module, hidden_states: Tensor) -> Tensor:
+    """A LlamaRMSNorm-shaped module's forward: the kernel in decode steps, the class's own elsewhere."""
+    w = self.weight
+    if active() is not None and hidden_states.dtype == w.dtype and hidden_states.is_contiguous():
+        return fused_kernels.rms_norm(hidden_states, w, self.variance_epsilon)
+    return type(self).forward(self, hidden_states)
+
+
+def _llama_norm_code() -> tuple:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    c = LlamaRMSNorm.forward.__code__
+    return c.co_code, c.co_consts, c.co_names, c.co_varnames
+
+
+def install_norms(model: torch.nn.Module) -> int:
+    """Route every norm module whose forward is LlamaRMSNorm's (the same bytecode: Llama's and the
+    copies in Qwen2, Mistral, DeepSeek ... modeling files; not Gemma's 1 + weight) through
+    `_norm_forward`, as an instance attribute: module names, hooks and `__call__` stay as they
+    were. Returns how many modules now take it."""
+    want = _llama_norm_code()
+    n = 0
+    for m in model.modules():
+        fwd = getattr(type(m), "forward", None)
+        code = getattr(fwd, "__code__", None)
+        if code is None or not isinstance(getattr(m, "weight", None), torch.Tensor):
+            continue
+        if (code.co_code, code.co_consts, code.co_names, code.co_varnames) != want:
+            continue
+        if not hasattr(m, "variance_epsilon"):
+            continue
+        if "forward" not in m.__dict__:
+            m.forward = types.MethodType(_norm_forward, m)
+        n += 1
+    return n
 
 
 def base_implementation(config: Any) -> str | None:
@@ -207,7 +259,7 @@ def base_implementation(config: Any) -> str | None:
     return NAMES.get(impl, impl) if isinstance(impl, str) else impl
 
 
-def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
+def self_check(device: torch.device, dtype: torch.dtype, norms: bool = True) -> str | None:
     """Run the kernel once at small ragged GQA shapes against torch; None when it agrees, else why
     not (a compile error on this GPU, a wrong number). The runner decodes plainly on a failure."""
     gen = torch.Generator().manual_seed(0)
@@ -216,14 +268,23 @@ def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
     k = torch.randn((b + 1, hkv, s + 1, d), generator=gen).to(device=device, dtype=dtype)[:b, :, :s]
     v = torch.randn((b + 1, hkv, s + 1, d), generator=gen).to(device=device, dtype=dtype)[:b, :, :s]
     pos = torch.tensor([[0, 0, 0], [40, 0, 0], [79, 0, 0]], device=device)[:, 0]
+    x = torch.randn((2, 3, 576), generator=gen).to(device=device, dtype=dtype)
+    w = (1 + torch.randn((576,), generator=gen) / 4).to(device=device, dtype=dtype)
     try:
         got = fused_kernels.decode_attention(q, k, v, pos, d**-0.5).float()
         want = fused_kernels.reference_decode_attention(q, k, v, pos, d**-0.5).float()
+        xf = x.float()
+        norm_want = (w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)).float()
+        norm_got = fused_kernels.rms_norm(x, w, 1e-5).float() if norms else norm_want
     except Exception as exc:  # noqa: BLE001 - any failure: reported, decode stays plain
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-    err = (got - want).abs().max().item()
     # outputs are averages of N(0, 1) values: 16-bit storage rounds them by ~2**-11 relative
     tol = 1e-5 if dtype == torch.float32 else 1e-2
+    err = (got - want).abs().max().item()
     if not err <= tol:  # also catches NaN
         return f"decode attention differs from torch by {err:.3g} (tolerance {tol:g})"
+    # the norm: O(1) outputs, one 16-bit rounding apart at most where fp32 sums differ in order
+    err = (norm_got - norm_want).abs().max().item()
+    if not err <= 4 * tol:
+        return f"RMSNorm kernel differs from torch by {err:.3g} (tolerance {4 * tol:g})"
     return None

@@ -1,4 +1,5 @@
-"""Triton kernels of the fused decode path (fused_decode.py): decode attention over the slot cache.
+"""Triton kernels of the fused decode path (fused_decode.py): decode attention over the slot cache,
+and LlamaRMSNorm's forward in one kernel.
 
 `decode_attention`: one query token per row, attending to positions 0..pos[row] of that row's keys
 and values (a row's length comes from its position; no mask tensor is read). GQA without
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["decode_attention", "interpreting", "reference_decode_attention"]
+__all__ = ["decode_attention", "interpreting", "reference_decode_attention", "rms_norm"]
 
 tl: Any = None  # bound to triton.language by _build(); the kernel body resolves it at compile time
 
@@ -79,6 +80,19 @@ def _decode_attn_kernel(
     tl.store(o_ptr + row * sob + head * soh + dv * sod, out.to(o_ptr.dtype.element_ty), mask=dv < D_V)
 
 
+def _rmsnorm_kernel(x_ptr, w_ptr, o_ptr, sx, so, N, eps, BLOCK: tl.constexpr):
+    """LlamaRMSNorm's forward for one row: float32 x, mean of squares, rsqrt(var + eps), cast back
+    to the input dtype, then weight times that (both in the input dtype: a float32 product rounded once)."""
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    m = c < N
+    x = tl.load(x_ptr + row * sx + c, mask=m, other=0.0).to(tl.float32)
+    var = tl.sum(x * x, axis=0) / N
+    y = (x * tl.rsqrt(var + eps)).to(o_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + row * so + c, (w * y.to(tl.float32)).to(o_ptr.dtype.element_ty), mask=m)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -98,7 +112,9 @@ def _build() -> SimpleNamespace:
         import triton.language as language
 
         tl = language
-        _built[interp] = SimpleNamespace(attn=triton.jit(_decode_attn_kernel), interp=interp)
+        _built[interp] = SimpleNamespace(
+            attn=triton.jit(_decode_attn_kernel), rmsnorm=triton.jit(_rmsnorm_kernel), interp=interp
+        )
         return _built[interp]
 
 
@@ -130,6 +146,24 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float)
         GROUP=hq // hkv, D_QK=dqk, D_V=dv, BLOCK_DK=bdk, BLOCK_DV=bdv, BLOCK_N=block_n,
         num_warps=4,
     )  # fmt: skip
+    return out
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """LlamaRMSNorm(x) for a contiguous x [..., H] and a weight [H] of x's dtype, in one kernel."""
+    h = x.shape[-1]
+    if weight.shape != (h,) or weight.dtype != x.dtype or not x.is_contiguous() or not weight.is_contiguous():
+        raise ValueError(
+            f"rms_norm: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+        )
+    rows = x.numel() // h if h else 0
+    out = torch.empty_like(x)
+    if rows == 0:
+        return out
+    block = _pow2(max(h, 16))
+    _build().rmsnorm[(rows,)](
+        x, weight, out, h, h, h, float(eps), BLOCK=block, num_warps=max(1, min(8, block // 256))
+    )
     return out
 
 

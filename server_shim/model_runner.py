@@ -91,13 +91,15 @@ class ModelRunner:
         self._host_out = torch.zeros(max_rows * (2 + 2 * self.k), dtype=torch.float32, pin_memory=pin)
         self.graphs = DecodeGraphs(self._decode_body, dev) if cuda_graphs and dev.type == "cuda" else None
         self.fused_error: str | None = None  # why fused decode was asked for and is not used
+        norms = fused and fused_decode.norms_wanted()
         if fused and dev.type == "cuda":
-            self.fused_error = fused_decode.self_check(dev, self.dtype)
+            self.fused_error = fused_decode.self_check(dev, self.dtype, norms)
         if fused and self.fused_error is None and not fused_decode.install(model):
             self.fused_error = "the model's attention is neither sdpa nor eager"
         if self.fused_error is not None:
             logger.error("fused decode switched off, decoding plainly: %s", self.fused_error)
         self.fused = fused and self.fused_error is None
+        self.fused_norms = fused_decode.install_norms(model) if self.fused and norms else 0
         self.fused_calls = 0  # decode-attention launches from Python (graph replays not counted)
 
     # ------------------------------------------------------------------ capacity

@@ -59,6 +59,19 @@ def test_kernel_matches_masked_sdpa(hq: int, hkv: int, dqk: int, dv: int, kv_len
     assert torch.equal(got[0, 0], v[0, torch.arange(hq) // (hq // hkv), 0])
 
 
+def test_rms_norm_kernel_matches_llama_rmsnorm() -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(3)
+    norm = LlamaRMSNorm(72, eps=1e-5)  # not a power of two: the masked tail
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(72, generator=gen) / 4)
+    x = torch.randn((3, 2, 72), generator=gen) * 3
+    got = fused_kernels.rms_norm(x, norm.weight.detach(), norm.variance_epsilon)
+    # float32: the mean of squares summed in another order, rsqrt of the same value: ulps apart
+    torch.testing.assert_close(got, norm(x).detach(), atol=1e-6, rtol=1e-6)
+
+
 def test_function_falls_back_outside_decode() -> None:
     """Prefill (several query tokens), or no decode context, or another row count: the original
     implementation with the same arguments, and no kernel launch."""
@@ -118,6 +131,7 @@ def test_engine_fused_greedy_tokens_match_plain(tiny_llama) -> None:  # noqa: AN
         assert fused.runner.fused and not plain.runner.fused
         assert model.config._attn_implementation == fused_decode.NAME  # installed while in use
         assert fused.runner.fused_calls >= 4 * model.config.num_hidden_layers  # 4 decode steps, every layer
+        assert fused.runner.fused_norms == 2 * model.config.num_hidden_layers + 1  # every RMSNorm
         assert got == want
         assert plain.runner._mask_dtype == fused.runner._mask_dtype  # the plain path kept its mask
     finally:
@@ -125,6 +139,7 @@ def test_engine_fused_greedy_tokens_match_plain(tiny_llama) -> None:  # noqa: AN
         fused.close()
         fused_decode.uninstall(model)  # the session's model is shared: leave it as loaded
     assert model.config._attn_implementation == before
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 def test_switch_off_by_default(monkeypatch: pytest.MonkeyPatch, engine: Engine) -> None:

@@ -1,6 +1,9 @@
 """Compile the fast GEMM kernels for Hopper (sm90) on a machine without a GPU, before a GPU run.
 
-    python bench/sm90_compile.py [--m 1 16 4096] [--only gemv fused]
+    python bench/sm90_compile.py [--m 1 16 4096] [--only gemv fused] [--attention]
+
+First the fused decode kernels (server_shim/fused_kernels.py: decode attention at SmolLM2's and
+an MLA model's head shapes, RMSNorm; fp16 and bf16; `--attention`: only these), then the GEMMs.
 
 For every Hopper candidate config in quant/tuning.py (N = K = 4096; fp8 tensor and block, int8
 row, int4-g128 and mxfp4 with bf16 activations) this compiles the kernel the config selects down

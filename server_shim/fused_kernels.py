@@ -63,17 +63,17 @@ def _decode_attn_kernel(
             mask=valid[:, None] & (dk[None, :] < D_QK),
             other=0.0,
         ).to(tl.float32)
+        v = tl.load(  # issued before the scores need k: both loads in flight together
+            v_base + n[:, None] * svn + dv[None, :] * svd,
+            mask=valid[:, None] & (dv[None, :] < D_V),
+            other=0.0,
+        ).to(tl.float32)
         s = tl.sum(k * q[None, :], axis=1) * scale
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: every block holds one valid key
         alpha = tl.exp(m_i - m_new)  # 0 on the first block (m_i = -inf)
         w = tl.exp(s - m_new)  # 0 where invalid
         l_i = l_i * alpha + tl.sum(w, axis=0)
-        v = tl.load(
-            v_base + n[:, None] * svn + dv[None, :] * svd,
-            mask=valid[:, None] & (dv[None, :] < D_V),
-            other=0.0,
-        ).to(tl.float32)
         acc = acc * alpha + tl.sum(w[:, None] * v, axis=0)
         m_i = m_new
     out = acc / l_i

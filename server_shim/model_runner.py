@@ -92,7 +92,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self._decode_body, dev) if cuda_graphs and dev.type == "cuda" else None
         self.fused_error: str | None = None  # why fused decode was asked for and is not used
         norms = fused and fused_decode.norms_wanted()
-        if fused and dev.type == "cuda":
+        if fused:  # a compile error or a wrong number on this device: plain decode, said loudly
             self.fused_error = fused_decode.self_check(dev, self.dtype, norms)
         if fused and self.fused_error is None and not fused_decode.install(model):
             self.fused_error = "the model's attention is neither sdpa nor eager"

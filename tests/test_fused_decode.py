@@ -142,6 +142,21 @@ def test_engine_fused_greedy_tokens_match_plain(tiny_llama) -> None:  # noqa: AN
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_self_check_and_the_runner_falling_back(monkeypatch: pytest.MonkeyPatch, tiny_llama) -> None:  # noqa: ANN001
+    assert fused_decode.self_check(torch.device("cpu"), torch.float32) is None
+    real = fused_kernels.rms_norm
+    monkeypatch.setattr(fused_kernels, "rms_norm", lambda x, w, eps: real(x, w, eps) * 1.01)
+    assert "RMSNorm" in (fused_decode.self_check(torch.device("cpu"), torch.float32) or "")
+    # a failed self-check: the engine decodes plainly and leaves the model as loaded
+    monkeypatch.setattr(fused_decode, "self_check", lambda *a: "boom")
+    eng = Engine(tiny_llama, fused_decode=True)
+    try:
+        assert not eng.runner.fused and eng.runner.fused_error == "boom" and eng.runner.fused_norms == 0
+        assert tiny_llama.model.config._attn_implementation not in fused_decode.NAMES
+    finally:
+        eng.close()
+
+
 def test_switch_off_by_default(monkeypatch: pytest.MonkeyPatch, engine: Engine) -> None:
     monkeypatch.delenv(fused_decode.ENV, raising=False)
     assert not fused_decode.fused_wanted(torch.device("cpu"))

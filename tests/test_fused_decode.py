@@ -123,6 +123,10 @@ def test_engine_fused_greedy_tokens_match_plain(tiny_llama) -> None:  # noqa: AN
     prompts = [[1, 5, 9, 200, 33], [1, 77, 8], [1, 400, 401, 402, 403, 404, 405, 406, 407, 3000]]
     model = tiny_llama.model
     before = model.config._attn_implementation
+    batch = torch.tensor([[1, 5, 9, 200, 33], [2, 2, 1, 77, 8]])  # left padding: HF builds its own mask
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        direct = model(input_ids=batch, attention_mask=mask).logits  # what debug capture / HF generate run
     plain = Engine(tiny_llama, fused_decode=False)
     fused = Engine(tiny_llama, fused_decode=True)
     try:
@@ -134,6 +138,10 @@ def test_engine_fused_greedy_tokens_match_plain(tiny_llama) -> None:  # noqa: AN
         assert fused.runner.fused_norms == 2 * model.config.num_hidden_layers + 1  # every RMSNorm
         assert got == want
         assert plain.runner._mask_dtype == fused.runner._mask_dtype  # the plain path kept its mask
+        with torch.no_grad():  # outside the engine's decode steps the installed model is the same model
+            torch.testing.assert_close(
+                model(input_ids=batch, attention_mask=mask).logits, direct, atol=0, rtol=0
+            )
     finally:
         plain.close()
         fused.close()

@@ -136,6 +136,12 @@ def graph_vs_eager(name: str, loaded, max_batch: int, fused: bool = False) -> bo
                 "replays": replayed,
             }
             ok_all &= ok
+        if fused:  # the function may decline every call (an unexpected kwarg, dtype): then it is plain
+            calls = {"graph": graph.runner.fused_calls, "eager": eager.runner.fused_calls}
+            launched = min(calls.values()) > 0
+            banner(f"{name} kernel launched", launched, f"decode-attention launches from Python: {calls}")
+            RESULT["checks"][f"{name}: kernel launched"] = {"pass": launched, **calls}
+            ok_all &= launched
         RESULT["checks"][f"{name}: graph stats"] = graph_stats(graph)
         gs = graph_stats(graph)
         if gs.get("graphs") and not gs.get("enabled"):

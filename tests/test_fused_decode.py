@@ -176,3 +176,28 @@ def test_switch_off_by_default(monkeypatch: pytest.MonkeyPatch, engine: Engine) 
     assert not fused_decode.fused_wanted(torch.device("cpu"), False)  # the option wins
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not fused_decode.fused_wanted(torch.device("cpu"))  # a CPU server: no Triton, plain
+
+
+def test_eager_models_fall_back_to_their_own_eager_attention() -> None:
+    """A model loaded with eager attention gets `difftest_decode_eager`, whose fallback is the
+    modeling file's own eager_attention_forward (additive masks, as the runner gives eager models)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama import modeling_llama
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    assert fused_decode.install(model) and model.config._attn_implementation == fused_decode.NAME + "_eager"
+    assert fused_decode.base_implementation(model.config) == "eager"
+    attn = model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn((2, h, 3, 8), generator=gen) for h in (4, 2, 2))
+    mask = torch.zeros((2, 1, 3, 3)).masked_fill(torch.ones(3, 3, dtype=torch.bool).triu(1), float("-inf"))
+    got, _ = ALL_ATTENTION_FUNCTIONS[fused_decode.NAME + "_eager"](
+        attn, q, k, v, mask, scaling=0.3, dropout=0.0
+    )
+    want, _ = modeling_llama.eager_attention_forward(attn, q, k, v, mask, scaling=0.3, dropout=0.0)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    fused_decode.uninstall(model)
+    assert model.config._attn_implementation == "eager"

@@ -15,6 +15,10 @@ Decode steps take `rows` = a bucket size and read the cache rows 0..rows-1 as th
 themselves; `kv_len` = a bucket of the longest position. With the same rows and kv_len, the
 eager body and its captured graph launch the same kernels on the same shapes, so their greedy
 tokens are the same (checked on a GPU by bench/engine_gpu_check.py).
+
+With `fused` (off by default), the decode body runs inside `fused_decode.decode_context`: the
+attention modules' registered function takes one Triton kernel that reads each row's position
+from the static input, and RMSNorm modules one kernel each; prefill stays on HF's attention.
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ class DecodeStep:
 
 class ModelRunner:
     def __init__(self, loaded, *, max_rows: int, cuda_graphs: bool, fused: bool = False) -> None:  # noqa: ANN001
-        """fused: decode steps attend through fused_decode.py's kernel (the caller asked
-        `fused_decode.fused_wanted`); a failed self-check on the GPU leaves them plain, loudly."""
+        """fused: decode steps attend (and RMSNorm) through fused_decode.py's kernels (the caller
+        asked `fused_decode.fused_wanted`); a failed self-check on the device leaves them plain, loudly."""
         model = loaded.model
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.lm_head = model.get_output_embeddings()
@@ -100,6 +104,10 @@ class ModelRunner:
             logger.error("fused decode switched off, decoding plainly: %s", self.fused_error)
         self.fused = fused and self.fused_error is None
         self.fused_norms = fused_decode.install_norms(model) if self.fused and norms else 0
+        if self.fused:
+            logger.info(
+                "fused decode on: decode attention in one kernel, %d RMSNorm modules fused", self.fused_norms
+            )
         self.fused_calls = 0  # decode-attention launches from Python (graph replays not counted)
 
     # ------------------------------------------------------------------ capacity

@@ -14,6 +14,13 @@ routes' forwards, sliding windows, soft-capping, sinks) runs the original implem
 same arguments. The projections, norms, hooks, quantized linears, faults and the rounding twin
 are untouched: they live in the modules, not in the attention function.
 
+Two more pieces ride on the same context, each with a switch of its own: LlamaRMSNorm-shaped norm
+modules take one kernel (`install_norms`, DIFFTEST_FUSED_NORM=0 keeps HF's), and the modeling
+files' rotate-half `apply_rotary_pos_emb` -- a module-level function the attention forward looks
+up in its module's globals on every call -- is swapped for a wrapper that applies the rotation to
+q and k in one kernel at decode shapes and calls the original with the same arguments otherwise
+(`install_rope`, DIFFTEST_FUSED_ROPE=0 keeps HF's).
+
 Rounding: the kernel accumulates in float32 and rounds once, where SDPA rounds its own way; greedy
 tokens may therefore differ from the plain path's in a near-tie (bench/engine_gpu_check.py
 --fused reports the match rate). Graph and eager steps launch the same kernel, so they agree.
@@ -22,6 +29,7 @@ tokens may therefore differ from the plain path's in a near-tie (bench/engine_gp
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -39,12 +47,14 @@ from server_shim import fused_kernels
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ENV", "NAME", "NORM_ENV", "DecodeContext", "active", "base_implementation", "decode_context",
-    "fused_wanted", "install", "install_norms", "norms_wanted", "self_check", "uninstall",
+    "ENV", "NAME", "NORM_ENV", "ROPE_ENV", "DecodeContext", "active", "base_implementation", "decode_context",
+    "fused_wanted", "install", "install_norms", "install_rope", "norms_wanted", "rope_wanted", "self_check",
+    "uninstall",
 ]  # fmt: skip
 
 ENV = "DIFFTEST_FUSED_DECODE"
 NORM_ENV = "DIFFTEST_FUSED_NORM"
+ROPE_ENV = "DIFFTEST_FUSED_ROPE"
 NAME = "difftest_decode"
 # registered name -> the implementation it falls back to (and that it replaces in the config)
 NAMES = {NAME: "sdpa", NAME + "_eager": "eager"}
@@ -78,12 +88,15 @@ def fused_wanted(device: torch.device, option: bool | None = None) -> bool:
 class DecodeContext:
     """One decode step of the runner: `rows` rows (row = cache slot), `kv_len` positions read,
     `pos` [rows] each row's position (a view into the runner's static input: a captured graph
-    reads it on every replay). `calls` counts kernel launches from Python (a capture counts once)."""
+    reads it on every replay); `rope`: the rotary wrapper may take its kernel. `calls` and
+    `rope_calls` count attention / rotary kernel launches from Python (a capture counts once)."""
 
     rows: int
     kv_len: int
     pos: Tensor
+    rope: bool = False
     calls: int = 0
+    rope_calls: int = 0
 
 
 _local = threading.local()
@@ -94,9 +107,9 @@ def active() -> DecodeContext | None:
 
 
 @contextlib.contextmanager
-def decode_context(rows: int, kv_len: int, pos: Tensor) -> Iterator[DecodeContext]:
-    """Decode steps of this thread inside the block take the kernel (one engine = one thread)."""
-    ctx = DecodeContext(rows, kv_len, pos)
+def decode_context(rows: int, kv_len: int, pos: Tensor, rope: bool = False) -> Iterator[DecodeContext]:
+    """Decode steps of this thread inside the block take the kernels (one engine = one thread)."""
+    ctx = DecodeContext(rows, kv_len, pos, rope)
     prev, _local.ctx = active(), ctx
     try:
         yield ctx
@@ -197,7 +210,9 @@ def install(model: torch.nn.Module) -> bool:
 
 
 def uninstall(model: torch.nn.Module) -> None:
-    """Undo `install` and `install_norms` (the tests share one loaded model)."""
+    """Undo `install`, `install_norms` and `install_rope` (idempotent; the tests share one loaded
+    model). The rotary swap is per modeling file: undoing it for this model undoes it for every
+    model of that file in the process (they then rotate plainly; nothing else changes)."""
     for cfg in _configs(model):
         impl = cfg._attn_implementation_internal
         if impl in NAMES:
@@ -205,6 +220,10 @@ def uninstall(model: torch.nn.Module) -> None:
     for m in model.modules():
         if getattr(m.__dict__.get("forward"), "__func__", None) is _norm_forward:
             del m.forward
+    for mod in _modeling_modules(model):
+        fn = vars(mod).get(_ROPE_NAME)
+        if getattr(fn, _ROPE_MARK, False):
+            setattr(mod, _ROPE_NAME, fn.__wrapped__)
 
 
 # ---------------------------------------------------------------------------------- RMSNorm
@@ -253,14 +272,106 @@ def install_norms(model: torch.nn.Module) -> int:
     return n
 
 
+# ---------------------------------------------------------------------------------- rotary
+
+_ROPE_NAME = "apply_rotary_pos_emb"
+_ROPE_MARK = "_difftest_fused_rope"  # set on the wrapper; its __wrapped__ is the original
+
+
+def rope_wanted() -> bool:
+    """The rotary half of the path (on with it unless DIFFTEST_FUSED_ROPE=0: its own switch, as the norm's)."""
+    return os.environ.get(ROPE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _code_key(fn: Any) -> tuple | None:
+    """What makes two functions the same function: bytecode, constants (less the docstring),
+    names, variables, defaults."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    consts = code.co_consts
+    if consts and fn.__doc__ is not None and consts[0] == fn.__doc__:
+        consts = consts[1:]
+    return code.co_code, consts, code.co_names, code.co_varnames, code.co_argcount, fn.__defaults__
+
+
+def _llama_rope_keys() -> tuple[tuple | None, tuple | None]:
+    from transformers.models.llama import modeling_llama
+
+    return _code_key(modeling_llama.apply_rotary_pos_emb), _code_key(modeling_llama.rotate_half)
+
+
+def _modeling_modules(model: torch.nn.Module) -> list[types.ModuleType]:
+    names = {type(m).__module__ for m in model.modules()}
+    return [sys.modules[n] for n in sorted(names) if n in sys.modules]
+
+
+def _rope_applies(ctx: DecodeContext, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, args: tuple, kwargs: dict) -> bool:  # fmt: skip
+    """A decode step's call with HF's [B, heads, 1, D] layout and cos / sin [B or 1, 1, D]."""
+    if len(args) > 1 or set(kwargs) - {"unsqueeze_dim"}:
+        return False
+    unsqueeze = args[0] if args else kwargs.get("unsqueeze_dim", 1)
+    if unsqueeze != 1 or not all(isinstance(x, Tensor) for x in (q, k, cos, sin)):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
+        return False
+    b, _, t, d = q.shape
+    return (
+        t == 1
+        and b == ctx.rows
+        and (k.shape[0], k.shape[2], k.shape[3]) == (b, t, d)
+        and d % 2 == 0
+        and cos.shape[0] in (1, b)
+        and tuple(cos.shape[1:]) == (t, d)
+        and q.dtype == k.dtype == cos.dtype == sin.dtype
+        and q.device == k.device == cos.device == sin.device
+    )
+
+
+def _make_rope(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(
+        q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        ctx = active()
+        if ctx is not None and ctx.rope and _rope_applies(ctx, q, k, cos, sin, args, kwargs):
+            ctx.rope_calls += 1
+            return fused_kernels.rotary(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    setattr(apply_rotary_pos_emb, _ROPE_MARK, True)
+    return apply_rotary_pos_emb
+
+
+def install_rope(model: torch.nn.Module) -> int:
+    """Swap `apply_rotary_pos_emb` in the modeling files of the model's modules for the wrapper
+    (idempotent), where it is Llama's rotate-half function (the same bytecode, and the file's
+    `rotate_half` Llama's too: Qwen2, Mistral, Gemma, DeepSeek-V3 ... copy it). Files with their own
+    rotary (interleaved, partial inside the function, a float32 upcast) keep it; so does every other
+    function of a file (DeepSeek-V3's MLA with rope_interleave calls `apply_rotary_pos_emb_interleave`,
+    never the swapped one). Returns how many files now have the wrapper."""
+    rope_key, half_key = _llama_rope_keys()
+    n = 0
+    for mod in _modeling_modules(model):
+        fn = vars(mod).get(_ROPE_NAME)
+        if getattr(fn, _ROPE_MARK, False):
+            n += 1
+            continue
+        if fn is None or _code_key(fn) != rope_key or _code_key(vars(mod).get("rotate_half")) != half_key:
+            continue
+        setattr(mod, _ROPE_NAME, _make_rope(fn))
+        n += 1
+    return n
+
+
 def base_implementation(config: Any) -> str | None:
     """The implementation a config had before `install` (what its masks and fallbacks are)."""
     impl = getattr(config, "_attn_implementation", None)
     return NAMES.get(impl, impl) if isinstance(impl, str) else impl
 
 
-def self_check(device: torch.device, dtype: torch.dtype, norms: bool = True) -> str | None:
-    """Run the kernel once at small ragged GQA shapes against torch; None when it agrees, else why
+def self_check(device: torch.device, dtype: torch.dtype, norms: bool = True, rope: bool = True) -> str | None:
+    """Run the kernels once at small ragged GQA shapes against torch; None when they agree, else why
     not (a compile error on this GPU, a wrong number). The runner decodes plainly on a failure."""
     gen = torch.Generator().manual_seed(0)
     b, hq, hkv, s, d = 3, 6, 2, 80, 64
@@ -270,18 +381,31 @@ def self_check(device: torch.device, dtype: torch.dtype, norms: bool = True) -> 
     pos = torch.tensor([[0, 0, 0], [40, 0, 0], [79, 0, 0]], device=device)[:, 0]
     x = torch.randn((2, 3, 576), generator=gen).to(device=device, dtype=dtype)
     w = (1 + torch.randn((576,), generator=gen) / 4).to(device=device, dtype=dtype)
+    # rotary as the attention forward hands it over: q and k transposed views of [B, 1, heads, D]
+    rq = torch.randn((b, 1, hq, d), generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+    rk = torch.randn((b, 1, hkv, d), generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+    angle = torch.rand((b, 1, d // 2), generator=gen) * 6.3
+    cos = torch.cat((angle.cos(), angle.cos()), dim=-1).to(device=device, dtype=dtype)
+    sin = torch.cat((angle.sin(), angle.sin()), dim=-1).to(device=device, dtype=dtype)
     try:
         got = fused_kernels.decode_attention(q, k, v, pos, d**-0.5).float()
         want = fused_kernels.reference_decode_attention(q, k, v, pos, d**-0.5).float()
         xf = x.float()
         norm_want = (w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)).float()
         norm_got = fused_kernels.rms_norm(x, w, 1e-5).float() if norms else norm_want
+        rope_want = torch.cat(fused_kernels.reference_rotary(rq, rk, cos, sin), dim=1).float()
+        rope_got = torch.cat(fused_kernels.rotary(rq, rk, cos, sin), dim=1).float() if rope else rope_want
     except Exception as exc:  # noqa: BLE001 - any failure: reported, decode stays plain
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     # both sides round float32 results once to the model dtype: at most one ulp apart (2**-8
     # relative in bf16) where their float32 sums, in different orders, straddle a rounding boundary
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for what, a, b in (("decode attention", got, want), ("RMSNorm", norm_got, norm_want)):
+    checks = (
+        ("decode attention", got, want),
+        ("RMSNorm", norm_got, norm_want),
+        ("rotary", rope_got, rope_want),
+    )
+    for what, a, b in checks:
         err = ((a - b).abs() / b.abs().clamp(min=1.0)).max().item()
         if not err <= tol:  # also catches NaN
             return f"{what} kernel differs from torch by {err:.3g} relative (tolerance {tol:g})"

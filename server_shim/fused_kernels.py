@@ -1,5 +1,5 @@
 """Triton kernels of the fused decode path (fused_decode.py): decode attention over the slot cache,
-and LlamaRMSNorm's forward in one kernel.
+LlamaRMSNorm's forward in one kernel, and rotate-half rotary embedding of q and k in one kernel.
 
 `decode_attention`: one query token per row, attending to positions 0..pos[row] of that row's keys
 and values (a row's length comes from its position; no mask tensor is read). GQA without
@@ -27,7 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["decode_attention", "interpreting", "reference_decode_attention", "rms_norm"]
+__all__ = [
+    "decode_attention",
+    "interpreting",
+    "reference_decode_attention",
+    "reference_rotary",
+    "rms_norm",
+    "rotary",
+]
 
 tl: Any = None  # bound to triton.language by _build(); the kernel body resolves it at compile time
 
@@ -93,6 +100,52 @@ def _rmsnorm_kernel(x_ptr, w_ptr, o_ptr, sx, so, N, eps, BLOCK: tl.constexpr):
     tl.store(o_ptr + row * so + c, (w * y.to(tl.float32)).to(o_ptr.dtype.element_ty), mask=m)
 
 
+def _rotary_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, sob, soh, sot, sod, spb, sph, spt, spd,
+    scb, sct, scd, ssb, sst, ssd,
+    T, HQ, HK,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    """HF's apply_rotary_pos_emb (unsqueeze_dim=1) for one token (b, t) and BLOCK_H heads of q and
+    k together: heads 0..HQ-1 are q's, HQ..HQ+HK-1 k's (masked loads and stores pick the tensor,
+    no branch). out = x * cos + rotate_half(x) * sin, i.e. out[:h] = x1*c1 - x2*s1 and
+    out[h:] = x2*c2 + x1*s2 with x1, x2 the halves, in float32, cast once."""
+    r = tl.program_id(0)
+    b = r // T
+    t = r % T
+    hv = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    c = tl.arange(0, BLOCK_HALF)
+    cm = c < HALF
+    is_q = hv < HQ
+    is_k = (hv >= HQ) & (hv < HQ + HK)
+    qh = tl.minimum(hv, HQ - 1)
+    kh = tl.maximum(hv - HQ, 0)
+    mq = is_q[:, None] & cm[None, :]
+    mk = is_k[:, None] & cm[None, :]
+    c1 = tl.load(cos_ptr + b * scb + t * sct + c * scd, mask=cm, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + b * scb + t * sct + (c + HALF) * scd, mask=cm, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + b * ssb + t * sst + c * ssd, mask=cm, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + b * ssb + t * sst + (c + HALF) * ssd, mask=cm, other=0.0).to(tl.float32)[None, :]
+    q_at = q_ptr + b * sqb + t * sqt + qh[:, None] * sqh
+    k_at = k_ptr + b * skb + t * skt + kh[:, None] * skh
+    # a head is q's or k's: one of each pair of loads is masked off (reads nothing, gives 0)
+    x1 = tl.load(q_at + c[None, :] * sqd, mask=mq, other=0.0).to(tl.float32) + tl.load(
+        k_at + c[None, :] * skd, mask=mk, other=0.0
+    ).to(tl.float32)
+    x2 = tl.load(q_at + (c[None, :] + HALF) * sqd, mask=mq, other=0.0).to(tl.float32) + tl.load(
+        k_at + (c[None, :] + HALF) * skd, mask=mk, other=0.0
+    ).to(tl.float32)
+    o1 = (x1 * c1 - x2 * s1).to(qo_ptr.dtype.element_ty)
+    o2 = (x2 * c2 + x1 * s2).to(qo_ptr.dtype.element_ty)
+    qo_at = qo_ptr + b * sob + t * sot + qh[:, None] * soh
+    ko_at = ko_ptr + b * spb + t * spt + kh[:, None] * sph
+    tl.store(qo_at + c[None, :] * sod, o1, mask=mq)
+    tl.store(qo_at + (c[None, :] + HALF) * sod, o2, mask=mq)
+    tl.store(ko_at + c[None, :] * spd, o1, mask=mk)
+    tl.store(ko_at + (c[None, :] + HALF) * spd, o2, mask=mk)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -113,7 +166,10 @@ def _build() -> SimpleNamespace:
 
         tl = language
         _built[interp] = SimpleNamespace(
-            attn=triton.jit(_decode_attn_kernel), rmsnorm=triton.jit(_rmsnorm_kernel), interp=interp
+            attn=triton.jit(_decode_attn_kernel),
+            rmsnorm=triton.jit(_rmsnorm_kernel),
+            rotary=triton.jit(_rotary_kernel),
+            interp=interp,
         )
         return _built[interp]
 
@@ -165,6 +221,49 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         x, weight, out, h, h, h, float(eps), BLOCK=block, num_warps=max(1, min(8, block // 256))
     )
     return out
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """HF's `apply_rotary_pos_emb(q, k, cos, sin)` (rotate-half, unsqueeze_dim=1) in one launch:
+    q [B, Hq, T, D], k [B, Hk, T, D], cos / sin [B or 1, T, D], all of one dtype, D even, any
+    strides. Returns new (q, k) with q's and k's strides (HF's sum can come out in another layout:
+    the same values; what reads them -- the cache update, the attention kernel -- takes any strides)."""
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    dtypes = {q.dtype, k.dtype, cos.dtype, sin.dtype}
+    if (
+        k.dim() != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (b, t, d) or d % 2 or len(dtypes) != 1
+        or cos.dim() != 3 or cos.shape != sin.shape or cos.shape[0] not in (1, b) or tuple(cos.shape[1:]) != (t, d)
+    ):  # fmt: skip
+        raise ValueError(
+            f"rotary: q {tuple(q.shape)} k {tuple(k.shape)} cos {tuple(cos.shape)} sin {tuple(sin.shape)}"
+            f" dtypes {sorted(map(str, dtypes))}"
+        )
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    if q.numel() == 0 and k.numel() == 0:
+        return qo, ko
+    cos, sin = cos.expand(b, t, d), sin.expand(b, t, d)  # a batch of 1: stride 0
+    half = d // 2
+    bhalf = _pow2(half)
+    block_h = min(_pow2(hq + hk), max(1, 2048 // bhalf))  # a [BLOCK_H, HALF] tile of <= 2048 floats
+    grid = (b * t, -(-(hq + hk) // block_h))
+    _build().rotary[grid](
+        q, k, qo, ko, cos, sin,
+        *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *cos.stride(), *sin.stride(),
+        t, hq, hk, HALF=half, BLOCK_H=block_h, BLOCK_HALF=bhalf, num_warps=4 if block_h * bhalf >= 1024 else 1,
+    )  # fmt: skip
+    return qo, ko
+
+
+def reference_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """What `rotary` computes, in torch: HF's formula in float32, rounded once."""
+
+    def rot(x: Tensor) -> Tensor:
+        x, c, s = x.float(), cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+        h = x.shape[-1] // 2
+        return (x * c + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * s).to(q.dtype)
+
+    return rot(q), rot(k)
 
 
 def reference_decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float) -> Tensor:

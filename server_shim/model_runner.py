@@ -18,7 +18,8 @@ tokens are the same (checked on a GPU by bench/engine_gpu_check.py).
 
 With `fused` (off by default), the decode body runs inside `fused_decode.decode_context`: the
 attention modules' registered function takes one Triton kernel that reads each row's position
-from the static input, and RMSNorm modules one kernel each; prefill stays on HF's attention.
+from the static input, RMSNorm modules one kernel each, and the modeling file's rotate-half
+`apply_rotary_pos_emb` one kernel for q and k; prefill stays on HF's attention and rotary.
 """
 
 from __future__ import annotations
@@ -96,19 +97,25 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self._decode_body, dev) if cuda_graphs and dev.type == "cuda" else None
         self.fused_error: str | None = None  # why fused decode was asked for and is not used
         norms = fused and fused_decode.norms_wanted()
+        rope = fused and fused_decode.rope_wanted()
         if fused:  # a compile error or a wrong number on this device: plain decode, said loudly
-            self.fused_error = fused_decode.self_check(dev, self.dtype, norms)
+            self.fused_error = fused_decode.self_check(dev, self.dtype, norms, rope)
         if fused and self.fused_error is None and not fused_decode.install(model):
             self.fused_error = "the model's attention is neither sdpa nor eager"
         if self.fused_error is not None:
             logger.error("fused decode switched off, decoding plainly: %s", self.fused_error)
         self.fused = fused and self.fused_error is None
         self.fused_norms = fused_decode.install_norms(model) if self.fused and norms else 0
+        # modeling files whose apply_rotary_pos_emb now takes the rotary kernel in decode steps
+        self.fused_rope = fused_decode.install_rope(model) if self.fused and rope else 0
         if self.fused:
             logger.info(
-                "fused decode on: decode attention in one kernel, %d RMSNorm modules fused", self.fused_norms
+                "fused decode on: decode attention in one kernel, %d RMSNorm modules fused, rotary %s",
+                self.fused_norms,
+                "fused" if self.fused_rope else "HF's",
             )
         self.fused_calls = 0  # decode-attention launches from Python (graph replays not counted)
+        self.fused_rope_calls = 0  # rotary launches from Python, likewise
 
     # ------------------------------------------------------------------ capacity
 
@@ -174,9 +181,10 @@ class ModelRunner:
         plan = CachePlan(self._rows[:rows], write, None, kv_len)
         if not self.fused:
             return self.head(self._hidden(ids, pos, plan)[:, -1])
-        with fused_decode.decode_context(rows, kv_len, self._in[:rows, 1]) as ctx:
+        with fused_decode.decode_context(rows, kv_len, self._in[:rows, 1], rope=self.fused_rope > 0) as ctx:
             hidden = self._hidden(ids, pos, plan)
         self.fused_calls += ctx.calls
+        self.fused_rope_calls += ctx.rope_calls
         return self.head(hidden[:, -1])
 
     def decode(self, ids: Tensor, pos: Tensor, write_pos: Tensor, kv_len: int, cols: int) -> DecodeStep:

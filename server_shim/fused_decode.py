@@ -298,7 +298,10 @@ def _code_key(fn: Any) -> tuple | None:
 def _llama_rope_keys() -> tuple[tuple | None, tuple | None]:
     from transformers.models.llama import modeling_llama
 
-    return _code_key(modeling_llama.apply_rotary_pos_emb), _code_key(modeling_llama.rotate_half)
+    fn = modeling_llama.apply_rotary_pos_emb
+    if getattr(fn, _ROPE_MARK, False):  # Llama's own file already swapped: compare with its original
+        fn = fn.__wrapped__
+    return _code_key(fn), _code_key(modeling_llama.rotate_half)
 
 
 def _modeling_modules(model: torch.nn.Module) -> list[types.ModuleType]:

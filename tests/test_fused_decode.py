@@ -1,6 +1,6 @@
 """The fused decode path (server_shim/fused_decode.py, fused_kernels.py) on CPU, through Triton's
-interpreter at tiny shapes: the kernel against SDPA with the engine's mask, the attention
-function's fallbacks, greedy tokens of an engine with the path on against one without, and the
+interpreter at tiny shapes: the kernels against SDPA with the engine's mask, LlamaRMSNorm and HF's
+apply_rotary_pos_emb, the attention function's and the rotary wrapper's fallbacks, greedy tokens of an engine with the path on against one without, and the
 switch being off unless asked for. Speed is bench/engine_gpu_check.py --fused's business."""
 
 from __future__ import annotations
@@ -72,6 +72,108 @@ def test_rms_norm_kernel_matches_llama_rmsnorm() -> None:
     torch.testing.assert_close(got, norm(x).detach(), atol=1e-6, rtol=1e-6)
 
 
+def _rope_inputs(b, hq, hk, t, d, dtype=torch.float32, seed=0):  # noqa: ANN001, ANN202
+    """q, k as the attention forward makes them (transposed views of [B, T, heads, D]), cos / sin
+    as the rotary embedding does (the angles twice over)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn((b, t, hq, d), generator=gen).to(dtype).transpose(1, 2)
+    k = torch.randn((b, t, hk, d), generator=gen).to(dtype).transpose(1, 2)
+    angle = torch.rand((b, t, d // 2), generator=gen) * 50
+    return q, k, torch.cat((angle.cos(),) * 2, -1).to(dtype), torch.cat((angle.sin(),) * 2, -1).to(dtype)
+
+
+@pytest.mark.parametrize(("b", "hq", "hk", "t", "d"), [(3, 6, 2, 1, 16), (2, 4, 4, 3, 24), (1, 5, 1, 2, 10)])
+def test_rotary_kernel_matches_hf(b: int, hq: int, hk: int, t: int, d: int) -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k, cos, sin = _rope_inputs(b, hq, hk, t, d, seed=b * 10 + d)
+    got_q, got_k = fused_kernels.rotary(q, k, cos, sin)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    # float32: the same products and sums (rotate_half's minus is exact); FMA contraction on a GPU
+    # could move the last bit, the interpreter does not: equal here within a float32 ulp or two
+    torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=1e-6)
+    # cos / sin of one batch row for all (stride 0), as position ids of batch 1 give them
+    one_q, one_k = fused_kernels.rotary(q, k, cos[:1], sin[:1])
+    torch.testing.assert_close(
+        (one_q, one_k), apply_rotary_pos_emb(q, k, cos[:1], sin[:1]), atol=1e-6, rtol=1e-6
+    )
+    # float16: float32 math rounded once -- exactly the float32 formula cast, where HF rounds thrice
+    h = tuple(x.half() for x in (q, k, cos, sin))
+    assert all(
+        torch.equal(a, r)
+        for a, r in zip(fused_kernels.rotary(*h), fused_kernels.reference_rotary(*h), strict=True)
+    )
+
+
+def test_rope_wrapper_install_dispatch_uninstall(tiny_moe) -> None:  # noqa: ANN001
+    """install_rope swaps Llama's function for the wrapper (idempotent) and uninstall restores it;
+    the wrapper takes the kernel only in a decode context with rope on and at decode shapes;
+    DeepSeek-V3 (tiny-moe) gets it only for its standard function, not its interleaved one, and
+    other rotary functions (Phi-3's partial rotary) are left alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+    from transformers.models.llama import modeling_llama
+    from transformers.models.phi3 import modeling_phi3
+
+    original = modeling_llama.apply_rotary_pos_emb
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    phi = type("Phi3Like", (torch.nn.Module,), {"__module__": modeling_phi3.__name__})()
+    phi_rope, ds_rope, ds_interleave = (
+        modeling_phi3.apply_rotary_pos_emb,
+        ds.apply_rotary_pos_emb,
+        ds.apply_rotary_pos_emb_interleave,
+    )
+    try:
+        assert fused_decode.install_rope(model) == 1 and fused_decode.install_rope(model) == 1
+        wrapper = modeling_llama.apply_rotary_pos_emb
+        assert wrapper is not original and wrapper.__wrapped__ is original  # not wrapped twice
+        assert fused_decode.install_rope(phi) == 0 and modeling_phi3.apply_rotary_pos_emb is phi_rope
+        assert fused_decode.install_rope(tiny_moe.model) == 1
+        assert ds.apply_rotary_pos_emb is not ds_rope and ds.apply_rotary_pos_emb_interleave is ds_interleave
+
+        q, k, cos, sin = _rope_inputs(2, 4, 2, 1, 8)
+        want = original(q, k, cos, sin)
+        pos = torch.zeros(2, dtype=torch.long)
+        assert all(
+            torch.equal(a, b) for a, b in zip(wrapper(q, k, cos, sin), want, strict=True)
+        )  # no context
+        with fused_decode.decode_context(2, 4, pos) as ctx:  # rope off in this context
+            wrapper(q, k, cos, sin)
+        assert ctx.rope_calls == 0
+        with fused_decode.decode_context(2, 4, pos, rope=True) as ctx:
+            qp, kp, cp, sp = _rope_inputs(2, 4, 2, 3, 8)
+            assert all(
+                torch.equal(a, b)
+                for a, b in zip(wrapper(qp, kp, cp, sp), original(qp, kp, cp, sp), strict=True)
+            )
+            wrapper(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=2)  # another layout
+            wrapper(q[:1], k[:1], cos[:1], sin[:1])  # 1 row, the step has 2
+            assert ctx.rope_calls == 0
+            got = wrapper(q, k, cos, sin)
+            assert ctx.rope_calls == 1
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+            # MLA's standard (non-interleaved) call: the rotary slice of q, one shared k head
+            full_q = torch.randn((2, 1, 4, 12)).transpose(1, 2)
+            latent = torch.randn((2, 1, 20))
+            q_rot, k_rot = full_q[..., 4:], latent[..., 12:].view(2, 1, 1, 8)
+            torch.testing.assert_close(
+                ds.apply_rotary_pos_emb(q_rot, k_rot, cos, sin),
+                ds_rope(q_rot, k_rot, cos, sin),
+                atol=1e-6,
+                rtol=1e-6,
+            )
+            assert ctx.rope_calls == 2
+    finally:
+        fused_decode.uninstall(model)
+        fused_decode.uninstall(model)  # idempotent
+        fused_decode.uninstall(tiny_moe.model)
+    assert modeling_llama.apply_rotary_pos_emb is original
+    assert ds.apply_rotary_pos_emb is ds_rope and ds.apply_rotary_pos_emb_interleave is ds_interleave
+
+
 def test_function_falls_back_outside_decode() -> None:
     """Prefill (several query tokens), or no decode context, or another row count: the original
     implementation with the same arguments, and no kernel launch."""
@@ -119,7 +221,10 @@ def _greedy(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]
 
 def test_engine_fused_greedy_tokens_match_plain(tiny_llama) -> None:  # noqa: ANN001
     """tiny-llama, three prompts of different lengths decoded together (ragged rows), float32:
-    the fused engine's greedy tokens equal the plain engine's, and the kernel really ran."""
+    the fused engine's greedy tokens equal the plain engine's, and the kernels really ran."""
+    from transformers.models.llama import modeling_llama
+
+    original_rope = modeling_llama.apply_rotary_pos_emb
     prompts = [[1, 5, 9, 200, 33], [1, 77, 8], [1, 400, 401, 402, 403, 404, 405, 406, 407, 3000]]
     model = tiny_llama.model
     before = model.config._attn_implementation
@@ -136,6 +241,8 @@ def test_engine_fused_greedy_tokens_match_plain(tiny_llama) -> None:  # noqa: AN
         assert model.config._attn_implementation == fused_decode.NAME  # installed while in use
         assert fused.runner.fused_calls >= 4 * model.config.num_hidden_layers  # 4 decode steps, every layer
         assert fused.runner.fused_norms == 2 * model.config.num_hidden_layers + 1  # every RMSNorm
+        assert fused.runner.fused_rope == 1 and modeling_llama.apply_rotary_pos_emb is not original_rope
+        assert fused.runner.fused_rope_calls >= 4 * model.config.num_hidden_layers  # the rotary kernel too
         assert got == want
         assert plain.runner._mask_dtype == fused.runner._mask_dtype  # the plain path kept its mask
         with torch.no_grad():  # outside the engine's decode steps the installed model is the same model
@@ -148,6 +255,7 @@ def test_engine_fused_greedy_tokens_match_plain(tiny_llama) -> None:  # noqa: AN
         fused_decode.uninstall(model)  # the session's model is shared: leave it as loaded
     assert model.config._attn_implementation == before
     assert not any("forward" in m.__dict__ for m in model.modules())
+    assert modeling_llama.apply_rotary_pos_emb is original_rope
 
 
 def test_self_check_and_the_runner_falling_back(monkeypatch: pytest.MonkeyPatch, tiny_llama) -> None:  # noqa: ANN001
@@ -155,6 +263,13 @@ def test_self_check_and_the_runner_falling_back(monkeypatch: pytest.MonkeyPatch,
     real = fused_kernels.rms_norm
     monkeypatch.setattr(fused_kernels, "rms_norm", lambda x, w, eps: real(x, w, eps) * 1.01)
     assert "RMSNorm" in (fused_decode.self_check(torch.device("cpu"), torch.float32) or "")
+    monkeypatch.setattr(fused_kernels, "rms_norm", real)
+    real_rope = fused_kernels.rotary
+    monkeypatch.setattr(fused_kernels, "rotary", lambda *a: tuple(x * 1.01 for x in real_rope(*a)))
+    assert "rotary" in (fused_decode.self_check(torch.device("cpu"), torch.float32) or "")
+    assert fused_decode.self_check(torch.device("cpu"), torch.float32, rope=False) is None  # rotary not asked
+    monkeypatch.setenv(fused_decode.ROPE_ENV, "0")
+    assert not fused_decode.rope_wanted() and fused_decode.norms_wanted()
     # a failed self-check: the engine decodes plainly and leaves the model as loaded
     monkeypatch.setattr(fused_decode, "self_check", lambda *a: "boom")
     eng = Engine(tiny_llama, fused_decode=True)

@@ -3,7 +3,8 @@
     python bench/sm90_compile.py [--m 1 16 4096] [--only gemv fused] [--attention]
 
 First the fused decode kernels (server_shim/fused_kernels.py: decode attention at SmolLM2's and
-an MLA model's head shapes, RMSNorm; fp16 and bf16; `--attention`: only these), then the GEMMs.
+an MLA model's head shapes, RMSNorm, rotary at SmolLM2's and a Llama-8B's heads; fp16 and bf16;
+`--attention`: only these), then the GEMMs.
 
 For every Hopper candidate config in quant/tuning.py (N = K = 4096; fp8 tensor and block, int8
 row, int4-g128 and mxfp4 with bf16 activations) this compiles the kernel the config selects down
@@ -167,7 +168,37 @@ def compile_attention() -> int:
             fails += 1
             msg = str(e).strip().splitlines()
             print(f"FAIL rmsnorm     {dt:14} {type(e).__name__}: {msg[0] if msg else ''}")
+    for label, ptrs, consts, div16 in rotary_variants():
+        t0 = time.time()
+        try:
+            info = compile_one(
+                fused_kernels._build().rotary, ptrs, consts, consts.pop("warps"), 1, 0, div16=div16
+            )
+            print(f"ok   rotary      {label:14} {info} ({time.time() - t0:.1f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            fails += 1
+            msg = str(e).strip().splitlines()
+            print(f"FAIL rotary      {label:14} {type(e).__name__}: {msg[0] if msg else ''}")
     return fails
+
+
+def rotary_variants() -> list[tuple[str, dict, dict, set]]:
+    """fused_kernels.rotary at a decode step (T = 1, a constexpr to the JIT) for SmolLM2-135M's heads
+    (9 q + 3 k, dim 64) and a Llama-3-8B's (32 + 8, dim 128), fp16 and bf16; the strides of the
+    attention forward's transposed views (unit last-dim strides: constexprs to the JIT)."""
+    out = []
+    for dt in ("fp16", "bf16"):
+        ptrs = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "cos_ptr", "sin_ptr")}
+        for label, hq, hk, d in (("smollm2", 9, 3, 64), ("llama8b", 32, 8, 128)):
+            half = d // 2
+            bhalf = 1 << (half - 1).bit_length()
+            block_h = min(1 << (hq + hk - 1).bit_length(), max(1, 2048 // bhalf))
+            consts = dict(HALF=half, BLOCK_H=block_h, BLOCK_HALF=bhalf, T=1, sqd=1, skd=1, sod=1, spd=1,
+                          scd=1, ssd=1, warps=4 if block_h * bhalf >= 1024 else 1)  # fmt: skip
+            div16 = {"sqb", "sqh", "sqt", "skb", "skh", "skt", "sob", "soh", "sot", "spb", "sph", "spt",
+                     "scb", "sct", "ssb", "sst"}  # fmt: skip
+            out.append((f"{label} {dt}", ptrs, consts, div16))
+    return out
 
 
 def main() -> int:
@@ -180,12 +211,13 @@ def main() -> int:
         help="only these config paths (tile gemv gemvg gemvw fused deq deqb)",
     )
     ap.add_argument(
-        "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm)"
+        "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm, rotary)"
     )
     args = ap.parse_args()
     fails = compile_attention()
     print(
-        f"fused decode: {len(attention_variants())} attention + 2 RMSNorm variants compiled for sm90, {fails} failed"
+        f"fused decode: {len(attention_variants())} attention + 2 RMSNorm + {len(rotary_variants())} rotary"
+        f" variants compiled for sm90, {fails} failed"
     )
     if args.attention:
         return 1 if fails else 0

@@ -20,7 +20,8 @@ Fallback if graphs fail on the device: serve with `--no-cuda-graphs` or DIFFTEST
 `--fused` runs only the fused-decode comparison (server_shim/fused_decode.py; about a minute):
   a. the kernel's self-check passed on the device (else FAIL: the engine would decode plainly);
   b. with the path on, graph == eager greedy tokens in every composition (must hold: both launch
-     the same kernel) and graphs replayed;
+     the same kernels) and graphs replayed; the attention kernel launched, and the rotary kernel
+     too where the model's rotary was swapped (DIFFTEST_FUSED_ROPE=0 keeps HF's);
   c. fused vs plain greedy tokens, 32 prompts x 64 tokens with logprobs: sequences identical,
      mean common prefix, and the largest |logprob| difference while they agree (reported; the
      kernel rounds differently, so not required equal; FAIL only when the prefix is under half
@@ -138,8 +139,10 @@ def graph_vs_eager(name: str, loaded, max_batch: int, fused: bool = False) -> bo
             ok_all &= ok
         if fused:  # the function may decline every call (an unexpected kwarg, dtype): then it is plain
             calls = {"graph": graph.runner.fused_calls, "eager": eager.runner.fused_calls}
-            launched = min(calls.values()) > 0
-            banner(f"{name} kernel launched", launched, f"decode-attention launches from Python: {calls}")
+            rope = {"graph": graph.runner.fused_rope_calls, "eager": eager.runner.fused_rope_calls}
+            launched = min(calls.values()) > 0 and (min(rope.values()) > 0 or not graph.runner.fused_rope)
+            calls.update({"rope_" + k: v for k, v in rope.items()}, rope_swapped=graph.runner.fused_rope)
+            banner(f"{name} kernel launched", launched, f"attention / rotary launches from Python: {calls}")
             RESULT["checks"][f"{name}: kernel launched"] = {"pass": launched, **calls}
             ok_all &= launched
         RESULT["checks"][f"{name}: graph stats"] = graph_stats(graph)
@@ -248,7 +251,10 @@ def fused_throughput(loaded, batches: list[int], tokens: int, deadline: float) -
             print(f"{b:>5}  {p['tok_s']:>11.1f}  {p['ms_step']:>7.2f}  {f['tok_s']:>11.1f}  {f['ms_step']:>7.2f}  "
                   f"{f['tok_s'] / p['tok_s']:>6.2f}x", flush=True)  # fmt: skip
         RESULT["fused_graph_stats"] = graph_stats(engines["fused"])
-        RESULT["fused_kernel_calls"] = engines["fused"].runner.fused_calls
+        RESULT["fused_kernel_calls"] = {
+            "attention": engines["fused"].runner.fused_calls,
+            "rotary": engines["fused"].runner.fused_rope_calls,
+        }
     finally:
         for eng in engines.values():
             eng.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -285,7 +286,9 @@ def rope_wanted() -> bool:
 
 def _code_key(fn: Any) -> tuple | None:
     """What makes two functions the same function: bytecode, constants (less the docstring),
-    names, variables, defaults."""
+    names, variables, defaults -- of the function under any decorator that says what it wraps
+    (ours; transformers' hub-kernel one where the `kernels` package is installed). None: no code."""
+    fn = inspect.unwrap(fn) if callable(fn) else fn
     code = getattr(fn, "__code__", None)
     if code is None:
         return None
@@ -298,10 +301,7 @@ def _code_key(fn: Any) -> tuple | None:
 def _llama_rope_keys() -> tuple[tuple | None, tuple | None]:
     from transformers.models.llama import modeling_llama
 
-    fn = modeling_llama.apply_rotary_pos_emb
-    if getattr(fn, _ROPE_MARK, False):  # Llama's own file already swapped: compare with its original
-        fn = fn.__wrapped__
-    return _code_key(fn), _code_key(modeling_llama.rotate_half)
+    return _code_key(modeling_llama.apply_rotary_pos_emb), _code_key(modeling_llama.rotate_half)
 
 
 def _modeling_modules(model: torch.nn.Module) -> list[types.ModuleType]:
@@ -354,6 +354,9 @@ def install_rope(model: torch.nn.Module) -> int:
     function of a file (DeepSeek-V3's MLA with rope_interleave calls `apply_rotary_pos_emb_interleave`,
     never the swapped one). Returns how many files now have the wrapper."""
     rope_key, half_key = _llama_rope_keys()
+    if rope_key is None or half_key is None:  # Llama's is no plain function here: nothing to compare with
+        logger.warning("fused rotary: transformers' Llama rotary is not a plain function: HF's rotary kept")
+        return 0
     n = 0
     for mod in _modeling_modules(model):
         fn = vars(mod).get(_ROPE_NAME)

@@ -77,11 +77,11 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
 
 def compile_one(
     fn, ptrs: dict, consts: dict, warps: int, stages: int, m: int, scalars: dict | None = None,
-    div16: set | None = None,
+    div16: set | None = None, options: dict | None = None,
 ) -> str:  # fmt: skip
     """Compile for sm90; ptxas's register / spill line and its wgmma warnings, or raise.
     scalars: non-pointer arguments that are not i32 (name -> type); div16: arguments the JIT would
-    see as multiples of 16 (default DIV16)."""
+    see as multiples of 16 (default DIV16); options: more compile options, as the launch passes them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -109,7 +109,9 @@ def compile_one(
         fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs
     )
     ck = triton.compile(
-        src, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps, "num_stages": stages}
+        src,
+        target=GPUTarget("cuda", 90, 128),
+        options={"num_warps": warps, "num_stages": stages, **(options or {})},
     )
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     ptxas = next((p for p in (bindir / "ptxas-blackwell", bindir / "ptxas") if p.exists()), None)
@@ -172,7 +174,14 @@ def compile_attention() -> int:
         t0 = time.time()
         try:
             info = compile_one(
-                fused_kernels._build().rotary, ptrs, consts, consts.pop("warps"), 1, 0, div16=div16
+                fused_kernels._build().rotary,
+                ptrs,
+                consts,
+                consts.pop("warps"),
+                1,
+                0,
+                div16=div16,
+                options={"enable_fp_fusion": False},  # as fused_kernels.rotary launches it
             )
             print(f"ok   rotary      {label:14} {info} ({time.time() - t0:.1f} s)", flush=True)
         except Exception as e:  # noqa: BLE001

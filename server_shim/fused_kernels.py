@@ -251,6 +251,7 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
         q, k, qo, ko, cos, sin,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *cos.stride(), *sin.stride(),
         t, hq, hk, HALF=half, BLOCK_H=block_h, BLOCK_HALF=bhalf, num_warps=4 if block_h * bhalf >= 1024 else 1,
+        enable_fp_fusion=False,  # no FMA: float32 models get HF's roundings bit for bit
     )  # fmt: skip
     return qo, ko
 

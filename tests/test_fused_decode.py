@@ -89,15 +89,13 @@ def test_rotary_kernel_matches_hf(b: int, hq: int, hk: int, t: int, d: int) -> N
     q, k, cos, sin = _rope_inputs(b, hq, hk, t, d, seed=b * 10 + d)
     got_q, got_k = fused_kernels.rotary(q, k, cos, sin)
     want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
-    # float32: the same products and sums (rotate_half's minus is exact); FMA contraction on a GPU
-    # could move the last bit, the interpreter does not: equal here within a float32 ulp or two
-    torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=1e-6)
+    # float32: the same products, difference and sum as HF's (rotate_half's minus is exact; the
+    # kernel launches without FMA contraction): bit for bit
+    torch.testing.assert_close(got_q, want_q, atol=0, rtol=0)
+    torch.testing.assert_close(got_k, want_k, atol=0, rtol=0)
     # cos / sin of one batch row for all (stride 0), as position ids of batch 1 give them
     one_q, one_k = fused_kernels.rotary(q, k, cos[:1], sin[:1])
-    torch.testing.assert_close(
-        (one_q, one_k), apply_rotary_pos_emb(q, k, cos[:1], sin[:1]), atol=1e-6, rtol=1e-6
-    )
+    torch.testing.assert_close((one_q, one_k), apply_rotary_pos_emb(q, k, cos[:1], sin[:1]), atol=0, rtol=0)
     # float16: float32 math rounded once -- exactly the float32 formula cast, where HF rounds thrice
     h = tuple(x.half() for x in (q, k, cos, sin))
     assert all(

@@ -731,7 +731,8 @@ def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 # 16-bit float, so nothing is rounded per weight and the scale is applied once per group and
 # output instead of once per weight. int4's zero point is a correction: the weight operand is
 # 16 + q (the nibble dropped into the mantissa of 16.0, no int-to-float conversion), and
-# dot(x, q - z) = dot(x, 16 + q) - (16 + z) * sum(x_g). Numerically this is the golden's own
+# dot(x, q - z) = dot(x, 16 + q) - (16 + z) * sum(x_g) (the tile kernel: a second dot of x with
+# the constant -(16 + z); the GEMV: a running sum of x per word). Numerically this is the golden's own
 # math without its per-weight rounding to x's dtype: it differs from it at the weights'
 # unit-roundoff level (bench/gemm.py checks it against the float64 of the unrounded weights).
 def _nib_operand(q, DT: tl.constexpr):
@@ -805,8 +806,11 @@ def _wonly_fac_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N,
                 g = tl.minimum(g, (K - 1) // GROUP)  # a group past K: a valid one; its x are 0
             s = tl.load(s_rows + g * ssg)
             part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            if FORMAT == 0:
-                xs = tl.zeros([BLOCK_M], dtype=tl.float32)
+            if FORMAT == 0:  # -(16 + z) as a dot operand (an integer <= 31: exact in any float)
+                zz = tl.load(z_rows + g * szg).to(tl.float32) + 16.0
+                negz = tl.broadcast_to((0.0 - zz)[:, None], (BLOCK_N, GROUP // PLANES)).to(
+                    x_ptr.dtype.element_ty
+                )
             for j in tl.static_range(PLANES):
                 q = (e >> (4 * j)) & 15
                 if FORMAT == 0:
@@ -817,15 +821,16 @@ def _wonly_fac_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N,
                     xt = tl.load(x_cols + (kk + j)[:, None] * sxk)  # [depth, BLOCK_M]: x^T
                 else:
                     xt = tl.load(x_cols + (kk + j)[:, None] * sxk, mask=(kk + j < K)[:, None], other=0.0)
-                if FORMAT == 0:
-                    xs += tl.sum(xt.to(tl.float32), axis=0)
                 if DOT_IEEE:  # fp32 x; or bf16 x in the interpreter, whose bf16 tl.dot is broken
                     part = tl.dot(wv.to(tl.float32), xt.to(tl.float32), part, input_precision="ieee")
+                    if FORMAT == 0:
+                        part = tl.dot(negz.to(tl.float32), xt.to(tl.float32), part, input_precision="ieee")
                 else:
                     part = tl.dot(wv, xt, part)
+                    if FORMAT == 0:  # the zero point: a second MMA on the same x, no per-weight op
+                        part = tl.dot(negz, xt, part)
             if FORMAT == 0:
-                zz = tl.load(z_rows + g * szg).to(tl.float32) + 16.0
-                acc += (part - zz[:, None] * xs[None, :]) * s.to(tl.float32)[:, None]
+                acc += part * s.to(tl.float32)[:, None]
             else:
                 acc += part * _e8m0_to_f32(s)[:, None]
     out = tl.trans(acc)

@@ -59,12 +59,18 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
             return k.gemv8, common
         return k.mm8, dict(common, FAST_ACC=False, BLOCK_M=cfg.bm, GROUP_M=cfg.group_m, PROMOTE=min(bk, 128))
     fixed = {n: v for n, v in fixed.items() if n != "FACTORED"}
-    if cfg.path in ("ftile", "fgemv"):  # as _fastpath._factored: whole groups per step; words or bytes
+    if cfg.path in (
+        "ftile",
+        "ftilej",
+        "fgemv",
+    ):  # as _fastpath._factored: whole groups per step; words or bytes
         bk = -(-max(cfg.bk, fixed["GROUP"]) // fixed["GROUP"]) * fixed["GROUP"]
         fac = dict(fixed, HAS_BIAS=False, SPLIT_OUT=split, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=bk)
         if cfg.path == "fgemv":
             return k.gemv4f, fac
-        return k.wonly_fac, dict(fac, DOT_IEEE=False, PLANES=planes(fixed["GROUP"]), BLOCK_M=cfg.bm)
+        return k.wonly_fac, dict(
+            fac, DOT_IEEE=False, PLANES=planes(fixed["GROUP"]), BLOCK_M=cfg.bm, JOIN=cfg.path == "ftilej"
+        )
     common = dict(fixed, HAS_BIAS=False, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk)
     if cfg.path == "gemv":
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
@@ -162,7 +168,7 @@ def main() -> int:
         "--only",
         nargs="+",
         default=None,
-        help="only these config paths (tile gemv gemvg gemvw fused deq deqb ftile fgemv)",
+        help="only these config paths (tile gemv gemvg gemvw fused deq deqb ftile ftilej fgemv)",
     )
     args = ap.parse_args()
     k = K._build()
@@ -181,7 +187,9 @@ def main() -> int:
                     continue
                 fn, consts = kernel_and_consts(k, kind, cfg, fixed, m)
                 cptrs = ptrs  # this config's pointer types (the variant's, unless its kernel differs)
-                if cfg.path in ("gemvw", "fgemv") or (cfg.path == "ftile" and planes(fixed["GROUP"]) == 8):
+                if cfg.path in ("gemvw", "fgemv") or (
+                    cfg.path in ("ftile", "ftilej") and planes(fixed["GROUP"]) == 8
+                ):
                     cptrs = {**ptrs, "w_ptr": "*i32"}
                 if cfg.path == "deqb":
                     cptrs = {**ptrs, "o_ptr": "*bf16"}

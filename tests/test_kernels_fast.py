@@ -45,6 +45,7 @@ DEQB = tuning.Cfg("deqb", 1, 32, 64, 4, 1)  # dequantization tiles 32 x 64
 # int4 as int32 words, mxfp4 as bytes), the same with several groups per K step, and the GEMV
 FTILE = tuning.Cfg("ftile", 16, 64, 128, 4, 1, 2)
 FTILE_WIDE = tuning.Cfg("ftile", 16, 32, 256, 4, 1)
+FTILEJ = tuning.Cfg("ftilej", 16, 32, 256, 4, 1, 2)  # the planes joined back to k order: one dot per group
 FGEMV = tuning.Cfg("fgemv", 1, 32, 256, 4, 1, 2)
 
 
@@ -388,7 +389,7 @@ def _mx_ref(x: torch.Tensor, q: torch.Tensor, e: torch.Tensor, N: int, Kd: int) 
 
 
 @pytest.mark.parametrize(
-    "cfg", [FTILE, FTILE_WIDE, FGEMV], ids=["ftile-split2", "ftile-wide", "fgemv-split2"]
+    "cfg", [FTILE, FTILE_WIDE, FTILEJ, FGEMV], ids=["ftile-split2", "ftile-wide", "ftilej", "fgemv-split2"]
 )
 @pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
 def test_factored_kernels_match_the_factored_math_in_float64(force, cfg: tuning.Cfg, scheme: str) -> None:
@@ -448,7 +449,7 @@ def test_factored_switch_is_off_by_default_and_on_with_the_env(monkeypatch: pyte
     assert tuning.candidates("hopper", "wonly", 16, 4096, 4096)[0].path != "ftile"  # never the default
     assert not {c.path for c in tuning.candidates("hopper", "mm8", 1, 4096, 4096)} & {"ftile", "fgemv"}
     monkeypatch.setattr(tuning, "FACTORED", "only")  # what bench/gemm.py times as rows of their own
-    assert paths(16) == {"ftile"} and paths(1) == {"ftile", "fgemv"}
+    assert paths(16) == {"ftile", "ftilej"} and paths(1) == {"ftile", "ftilej", "fgemv"}
     monkeypatch.setattr(tuning, "FACTORED", None)
     monkeypatch.setenv(tuning.FACTORED_ENV, "0")
     assert tuning.factored_mode() == "off"
@@ -480,7 +481,7 @@ def test_factored_switch_is_off_by_default_and_on_with_the_env(monkeypatch: pyte
     assert rel(out, x.double() @ w.T) < 1e-6 and rel(out, rounded) > 1e-5  # on: the unrounded weights
 
 
-@pytest.mark.parametrize("cfg", [FTILE, FGEMV], ids=["ftile", "fgemv"])
+@pytest.mark.parametrize("cfg", [FTILE, FTILEJ, FGEMV], ids=["ftile", "ftilej", "fgemv"])
 @pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
 def test_every_4bit_fault_reproduces_in_the_factored_kernels(force, scheme: str, cfg: tuning.Cfg) -> None:
     """Every non-MoE fault of the scheme (the 4-bit fast kernels' classes, scale-transposed and
@@ -489,8 +490,8 @@ def test_every_4bit_fault_reproduces_in_the_factored_kernels(force, scheme: str,
 
     force(cfg)
     g = torch.Generator().manual_seed(44)
-    w = torch.randn(64, 384, generator=g) * 0.02 * (1 + 3 * torch.rand(64, 1, generator=g))
-    x = torch.randn(2, 384, generator=g) * (1 + 5 * torch.rand(2, 1, generator=g))
+    w = torch.randn(32, 256, generator=g) * 0.02 * (1 + 3 * torch.rand(32, 1, generator=g))
+    x = torch.randn(2, 256, generator=g) * (1 + 5 * torch.rand(2, 1, generator=g))
     faults = [f for f, schemes in FAULT_SCHEMES.items() if scheme in schemes and f not in MOE_ONLY]
     assert len(faults) >= 4
     for fault in faults:

@@ -151,7 +151,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
 
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         bias_arg = bias if bias is not None else out
-        if cfg.path in ("ftile", "fgemv"):
+        if cfg.path in ("ftile", "ftilej", "fgemv"):
             done = _factored(
                 k, cfg, x, w, out, scales, zeros, bias, sarg, fmt=fmt, group=group, dot_ieee=dot_ieee
             )
@@ -225,7 +225,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
 def _factored(k: SimpleNamespace, cfg: tuning.Cfg, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
               scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, sarg: tuple[int, ...], *,
               fmt: int, group: int, dot_ieee: bool) -> torch.Tensor | None:  # fmt: skip
-    """Launch a factored 4-bit config ("ftile" / "fgemv", see _triton_fast.py); None where the
+    """Launch a factored 4-bit config ("ftile" / "ftilej" / "fgemv", see _triton_fast.py); None where the
     weight's layout does not fit it: fgemv needs the int32 word view (`_words`); ftile reads
     words when a group is >= 128 nibbles (a plane of 16 words, the dot's least depth), else bytes
     when it is >= 32, and needs a power-of-two plane."""
@@ -255,7 +255,7 @@ def _factored(k: SimpleNamespace, cfg: tuning.Cfg, x: torch.Tensor, w: torch.Ten
         k.wonly_fac[(_cdiv(N, cfg.bn), splits, _cdiv(M, cfg.bm))](
             *args, FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee, SPLIT_OUT=splits > 1,
             EVEN_K=K % bk == 0, PLANES=planes, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=bk,
-            num_warps=cfg.warps, num_stages=cfg.stages,
+            JOIN=cfg.path == "ftilej", num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
     if splits > 1:
         _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)

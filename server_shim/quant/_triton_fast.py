@@ -762,11 +762,30 @@ def _e2m1_operand(q, DT: tl.constexpr):
     return v
 
 
+def _fac_plane(e, J: tl.constexpr, FORMAT: tl.constexpr, DT: tl.constexpr):
+    """Nibble plane J of the elements `e` (int32) as a dot operand of dtype DT: int4 16 + q, mxfp4 e2m1(q)."""
+    q = (e >> (4 * J)) & 15
+    if FORMAT == 0:  # noqa: SIM108
+        v = _nib_operand(q, DT)
+    else:
+        v = _e2m1_operand(q, DT)
+    return v
+
+
+def _fac_dot(a, b, acc, DOT_IEEE: tl.constexpr):
+    """acc + a @ b: fp32 x, or bf16 x in the interpreter (whose bf16 tl.dot is broken), in an exact fp32 dot."""
+    if DOT_IEEE:  # noqa: SIM108
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
 def _wonly_fac_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                       sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
                       FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
                       SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, PLANES: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN: tl.constexpr = False):  # fmt: skip
     """Factored 4-bit GEMM for small M (<= BLOCK_M = 16): the weight is the dot's left operand.
 
     out^T tile [BLOCK_N, BLOCK_M] = W_tile @ x^T ("swap AB"): the weight rows fill the MMA's large
@@ -777,6 +796,9 @@ def _wonly_fac_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N,
     the dot's depth (>= 16) -- meets x at those k, so the nibbles are never interleaved. Grid
     (N / BLOCK_N, splits, M / BLOCK_M); split-K as `_wonly_kernel` (K_PER a multiple of BLOCK_K,
     BLOCK_K a multiple of GROUP). Weights past K are read as zeros and meet x masked to 0.
+    JOIN ("ftilej"): the planes are joined back in registers to [BLOCK_N, GROUP] in k order (a
+    tree of tl.join, no data movement inside a thread) for one dot per group against one
+    K-contiguous x tile -- one operand staging and one MMA chain per group instead of one per plane.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -808,27 +830,43 @@ def _wonly_fac_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N,
             part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             if FORMAT == 0:  # -(16 + z) as a dot operand (an integer <= 31: exact in any float)
                 zz = tl.load(z_rows + g * szg).to(tl.float32) + 16.0
-                negz = tl.broadcast_to((0.0 - zz)[:, None], (BLOCK_N, GROUP // PLANES)).to(
-                    x_ptr.dtype.element_ty
-                )
-            for j in tl.static_range(PLANES):
-                q = (e >> (4 * j)) & 15
-                if FORMAT == 0:
-                    wv = _nib_operand(q, x_ptr.dtype.element_ty)
+                negz = tl.broadcast_to((0.0 - zz)[:, None], (BLOCK_N, GROUP // PLANES if not JOIN else GROUP))
+                negz = negz.to(x_ptr.dtype.element_ty)
+            if JOIN:
+                # planes j = 0..7 joined so that the flattened index is PLANES * i + j: the last
+                # join takes the even planes first, the one inside it j mod 4 in {0, 1} first, ...
+                if PLANES == 8:
+                    wv = tl.join(
+                        tl.join(tl.join(_fac_plane(e, 0, FORMAT, x_ptr.dtype.element_ty),
+                                        _fac_plane(e, 4, FORMAT, x_ptr.dtype.element_ty)),
+                                tl.join(_fac_plane(e, 2, FORMAT, x_ptr.dtype.element_ty),
+                                        _fac_plane(e, 6, FORMAT, x_ptr.dtype.element_ty))),
+                        tl.join(tl.join(_fac_plane(e, 1, FORMAT, x_ptr.dtype.element_ty),
+                                        _fac_plane(e, 5, FORMAT, x_ptr.dtype.element_ty)),
+                                tl.join(_fac_plane(e, 3, FORMAT, x_ptr.dtype.element_ty),
+                                        _fac_plane(e, 7, FORMAT, x_ptr.dtype.element_ty))))  # fmt: skip
                 else:
-                    wv = _e2m1_operand(q, x_ptr.dtype.element_ty)
+                    wv = tl.join(_fac_plane(e, 0, FORMAT, x_ptr.dtype.element_ty),
+                                 _fac_plane(e, 1, FORMAT, x_ptr.dtype.element_ty))  # fmt: skip
+                wv = tl.reshape(wv, (BLOCK_N, GROUP))
+                kx = kg + tl.arange(0, GROUP)
                 if EVEN_K:
-                    xt = tl.load(x_cols + (kk + j)[:, None] * sxk)  # [depth, BLOCK_M]: x^T
+                    xt = tl.load(x_cols + kx[:, None] * sxk)  # [GROUP, BLOCK_M]: x^T, k order
                 else:
-                    xt = tl.load(x_cols + (kk + j)[:, None] * sxk, mask=(kk + j < K)[:, None], other=0.0)
-                if DOT_IEEE:  # fp32 x; or bf16 x in the interpreter, whose bf16 tl.dot is broken
-                    part = tl.dot(wv.to(tl.float32), xt.to(tl.float32), part, input_precision="ieee")
-                    if FORMAT == 0:
-                        part = tl.dot(negz.to(tl.float32), xt.to(tl.float32), part, input_precision="ieee")
-                else:
-                    part = tl.dot(wv, xt, part)
+                    xt = tl.load(x_cols + kx[:, None] * sxk, mask=(kx < K)[:, None], other=0.0)
+                part = _fac_dot(wv, xt, part, DOT_IEEE)
+                if FORMAT == 0:  # the zero point: a second MMA on the same x, no per-weight op
+                    part = _fac_dot(negz, xt, part, DOT_IEEE)
+            else:
+                for j in tl.static_range(PLANES):
+                    wv = _fac_plane(e, j, FORMAT, x_ptr.dtype.element_ty)
+                    if EVEN_K:
+                        xt = tl.load(x_cols + (kk + j)[:, None] * sxk)  # [depth, BLOCK_M]: x^T
+                    else:
+                        xt = tl.load(x_cols + (kk + j)[:, None] * sxk, mask=(kk + j < K)[:, None], other=0.0)
+                    part = _fac_dot(wv, xt, part, DOT_IEEE)
                     if FORMAT == 0:  # the zero point: a second MMA on the same x, no per-weight op
-                        part = tl.dot(negz, xt, part)
+                        part = _fac_dot(negz, xt, part, DOT_IEEE)
             if FORMAT == 0:
                 acc += part * s.to(tl.float32)[:, None]
             else:
@@ -911,7 +949,7 @@ def _gemv4f_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 
 HELPERS = ("_scale_out", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
-           "_nib_operand", "_e2m1_operand")  # fmt: skip
+           "_nib_operand", "_e2m1_operand", "_fac_plane", "_fac_dot")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

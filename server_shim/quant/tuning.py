@@ -50,8 +50,9 @@ class Cfg:
     "gemvg": the 4-bit one on group-shaped tiles (`_gemv4g_kernel`; bk rounded up to the group,
     "gemv" for a group that is not a power of two up to 256); "gemvw": the same on int32 words of
     8 nibbles (`_gemv4w_kernel`; "gemvg" where K % 8 or the word view does not fit);
-    "ftile" / "fgemv": the factored 4-bit kernels (see FACTORED below; "fused" / "gemvw" where
-    their layout does not fit)."""
+    "ftile" / "ftilej" / "fgemv": the factored 4-bit kernels (see FACTORED below; "ftilej" joins
+    the nibble planes back to k order for one dot per group; "fused" / "gemvw" where their layout
+    does not fit)."""
 
     path: str
     bm: int
@@ -155,7 +156,8 @@ _CDNA = {  # AMD: the stream pipeliner wants num_stages 2; MFMA likes wide K til
 TABLES = {"hopper": _HOPPER, "ampere": _AMPERE, "cdna": _CDNA}
 
 # The factored 4-bit kernels (_triton_fast.py `_wonly_fac_kernel` "ftile", `_gemv4f_kernel` "fgemv"),
-# M <= 16 only. Not yet measured on a GPU, so the tuner sees them only when env
+# plus "ftilej", the same tile with its planes joined back to k order (one dot per group), M <= 16
+# only. Not yet measured on a GPU, so the tuner sees them only when env
 # DIFFTEST_TRITON_FACTORED_4BIT=1 (then they join the lists; the tuner times and checks them like
 # the others), or when FACTORED says so ("only": nothing else, which is how bench/gemm.py times
 # them as rows of their own). "ftile" tiles are [16 activation rows, bn weight rows, bk]: bn >= 64
@@ -163,8 +165,9 @@ TABLES = {"hopper": _HOPPER, "ampere": _AMPERE, "cdna": _CDNA}
 FACTORED_ENV = "DIFFTEST_TRITON_FACTORED_4BIT"
 FACTORED: str | None = None  # None: the env decides ("on" when set and not 0); else "off" | "on" | "only"
 _FACTORED_SMALL = _t("ftile", (16, 64, 128, 4, 3, 4), (16, 64, 128, 4, 3, 8), (16, 128, 128, 4, 3, 4),
-                     (16, 128, 128, 8, 3, 8), (16, 64, 256, 4, 3, 4), (16, 128, 256, 8, 3, 2),
-                     (16, 256, 128, 8, 3, 4), (16, 64, 128, 4, 4, 16))  # fmt: skip
+                     (16, 128, 128, 8, 3, 8), (16, 128, 256, 8, 3, 2), (16, 64, 128, 4, 4, 16)) + _t(
+    "ftilej", (16, 64, 128, 4, 3, 4), (16, 128, 128, 4, 3, 4), (16, 128, 128, 8, 3, 8), (16, 64, 256, 4, 3, 8),
+    (16, 256, 128, 8, 3, 4))  # fmt: skip
 _FACTORED_GEMV = _t("fgemv", (1, 8, 1024, 4, 1), (1, 16, 1024, 4, 1), (1, 8, 2048, 4, 1), (1, 32, 512, 4, 1),
                     (1, 16, 512, 4, 1, 2), (1, 64, 256, 8, 1, 4), (1, 32, 1024, 8, 1, 2))  # fmt: skip
 

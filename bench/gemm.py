@@ -393,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     names = tuple(n for n in FACTORED_ROWS if n in C.TRITON) if args.factored else None
     if args.workers > 0:  # the exactness checks run in the pool too
         jobs = config_jobs(dev, shapes, not args.no_legacy, names)
-        run_pool(run, jobs, args.workers, args.budget * 0.5, exact=not args.factored)
+        run_pool(
+            run, jobs, args.workers, args.budget * (0.6 if args.factored else 0.5), exact=not args.factored
+        )
     elif not args.factored:
         print(f"[{run.elapsed():.0f} s] exactness checks", flush=True)
         exact_checks(run, dev, big=4096)

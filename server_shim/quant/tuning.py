@@ -164,10 +164,10 @@ TABLES = {"hopper": _HOPPER, "ampere": _AMPERE, "cdna": _CDNA}
 # fills the MMA's large dimension with weight rows; bk is rounded up to a multiple of the group.
 FACTORED_ENV = "DIFFTEST_TRITON_FACTORED_4BIT"
 FACTORED: str | None = None  # None: the env decides ("on" when set and not 0); else "off" | "on" | "only"
-_FACTORED_SMALL = _t("ftile", (16, 64, 128, 4, 3, 4), (16, 64, 128, 4, 3, 8), (16, 128, 128, 4, 3, 4),
-                     (16, 128, 128, 8, 3, 8), (16, 128, 256, 8, 3, 2), (16, 64, 128, 4, 4, 16)) + _t(
-    "ftilej", (16, 64, 128, 4, 3, 4), (16, 128, 128, 4, 3, 4), (16, 128, 128, 8, 3, 8), (16, 64, 256, 4, 3, 8),
-    (16, 256, 128, 8, 3, 4))  # fmt: skip
+_FACTORED_SMALL = _t("ftilej", (16, 64, 128, 4, 3, 4), (16, 128, 128, 4, 3, 4), (16, 128, 128, 8, 3, 8),
+                     (16, 64, 256, 4, 3, 8), (16, 256, 128, 8, 3, 4)) + _t(
+    "ftile", (16, 64, 128, 4, 3, 4), (16, 64, 128, 4, 3, 8), (16, 128, 128, 4, 3, 4), (16, 128, 128, 8, 3, 8),
+    (16, 128, 256, 8, 3, 2), (16, 64, 128, 4, 4, 16))  # fmt: skip
 _FACTORED_GEMV = _t("fgemv", (1, 8, 1024, 4, 1), (1, 16, 1024, 4, 1), (1, 8, 2048, 4, 1), (1, 32, 512, 4, 1),
                     (1, 16, 512, 4, 1, 2), (1, 64, 256, 8, 1, 4), (1, 32, 1024, 8, 1, 2))  # fmt: skip
 

@@ -732,7 +732,7 @@ def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 # output instead of once per weight. int4's zero point is a correction: the weight operand is
 # 16 + q (the nibble dropped into the mantissa of 16.0, no int-to-float conversion), and
 # dot(x, q - z) = dot(x, 16 + q) - (16 + z) * sum(x_g) (the tile kernel: a second dot of x with
-# the constant -(16 + z); the GEMV: a running sum of x per word). Numerically this is the golden's own
+# the constant -(16 + z); the GEMV: a second pass over the groups' x sums). Numerically this is the golden's own
 # math without its per-weight rounding to x's dtype: it differs from it at the weights'
 # unit-roundoff level (bench/gemm.py checks it against the float64 of the unrounded weights).
 def _nib_operand(q, DT: tl.constexpr):
@@ -886,10 +886,10 @@ def _gemv4f_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     """Factored `_gemv4w_kernel` (same arguments, int32 words, split-K contract; no rounding flag).
 
     Per nibble: a shift, a mask-or (int4: 16 + q as fp32 bits, `_nib_operand`) and an FMA with its
-    x into a per-word accumulator; per word and K step (8 nibbles of one group): int4
-    acc += (sum_j x_j (16 + q_j) - (16 + z) sum_j x_j) * s, mxfp4 acc += (sum_j x_j e2m1_j) * 2**e
-    -- the zero point and the scale once per 8 weights instead of once per weight. Reduced once
-    at the end, as `_gemv4w_kernel`."""
+    x into a per-word accumulator; per word and K step (8 nibbles of one group): the scale, int4
+    acc += s * sum_j x_j (16 + q_j), mxfp4 acc += 2**e * sum_j x_j e2m1_j -- once per 8 weights
+    instead of once per weight. Reduced once at the end, as `_gemv4w_kernel`; int4's zero point
+    (and the 16) then leave in a second, short pass over the same groups: sum_g s (16 + z) sum x."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
@@ -921,7 +921,6 @@ def _gemv4f_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
             gi = tl.minimum(gi, (K - 1) // GROUP)
         s = tl.load(s_rows + gi[None, :] * ssg)
         accw = tl.zeros([BLOCK_N, BLOCK_K // GROUP, GROUP // 8], dtype=tl.float32)
-        xw = tl.zeros([1, BLOCK_K // GROUP, GROUP // 8], dtype=tl.float32)
         for j in tl.static_range(8):
             if EVEN_K:
                 xj = tl.load(x_row + (kw + j) * sxk).to(tl.float32)
@@ -930,18 +929,32 @@ def _gemv4f_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
             q = (word >> (4 * j)) & 15
             if FORMAT == 0:
                 accw += _nib_operand(q, tl.float32) * xj
-                xw += xj
             elif E2M1_F16:
                 accw += _e2m1_to_f32_h(q) * xj
             else:
                 accw += _e2m1_to_f32(q) * xj
         if FORMAT == 0:
-            zz = (tl.load(z_rows + gi[None, :] * szg).to(tl.float32) + 16.0)[:, :, None]
-            acc += (accw - zz * xw) * s.to(tl.float32)[:, :, None]
+            acc += accw * s.to(tl.float32)[:, :, None]
         else:
             acc += accw * _e8m0_to_f32(s)[:, :, None]
         word = word_next
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if FORMAT == 0:
+        # the zero points, once per group and row: out -= sum_g s_g (16 + z_g) sum_{k in g} x_k, over
+        # the same K range (x re-read from cache as [groups, GROUP] tiles: one reduction per step)
+        offs_x = tl.arange(0, GROUP)
+        corr = tl.zeros([BLOCK_N, BLOCK_K // GROUP], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            gi = k0 // GROUP + offs_g
+            kx = k0 + offs_g[:, None] * GROUP + offs_x[None, :]
+            if EVEN_K:
+                xs = tl.sum(tl.load(x_row + kx * sxk).to(tl.float32), axis=1)
+            else:
+                xs = tl.sum(tl.load(x_row + kx * sxk, mask=kx < K, other=0.0).to(tl.float32), axis=1)
+                gi = tl.minimum(gi, (K - 1) // GROUP)  # a group past K: a valid one; its x sum is 0
+            zz = tl.load(z_rows + gi[None, :] * szg).to(tl.float32) + 16.0
+            corr += tl.load(s_rows + gi[None, :] * ssg).to(tl.float32) * zz * xs[None, :]
+        out = out - tl.sum(corr, axis=1)
     if FORMAT == 1 and E2M1_F16:
         out = out * 16384.0
     _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)

@@ -16,6 +16,17 @@ Parts, each recorded in the JSON as soon as it is done (a timeout keeps what was
   4. HTTP (bench/load.py --mode throughput, 32 clients, logprobs off and 5), unless --no-http.
 Exit code 0 = every check passed, 1 = a check failed, 2 = no CUDA device, 3 = timed out.
 Fallback if graphs fail on the device: serve with `--no-cuda-graphs` or DIFFTEST_CUDA_GRAPHS=0.
+
+`--fused` runs only the fused-decode comparison (server_shim/fused_decode.py; about a minute):
+  a. the kernel's self-check passed on the device (else FAIL: the engine would decode plainly);
+  b. with the path on, graph == eager greedy tokens in every composition (must hold: both launch
+     the same kernel) and graphs replayed;
+  c. fused vs plain greedy tokens, 32 prompts x 64 tokens with logprobs: sequences identical,
+     mean common prefix, and the largest |logprob| difference while they agree (reported; the
+     kernel rounds differently, so not required equal; FAIL only when the prefix is under half
+     or a logprob differs by more than 1 nat: numbers that wrong mean a broken kernel);
+  d. tok/s and ms/step at batch 1/32/128, plain graph engine vs fused graph engine.
+Fallback if the fused path misbehaves: leave DIFFTEST_FUSED_DECODE unset (it is off by default).
 `--device cpu --model tiny-llama` runs the same flow on a CPU (graph and eager are both eager).
 """
 
@@ -95,11 +106,15 @@ def run_mixed(engine: Engine, ids: list[list[int]], params: list[SamplingParams]
     return asyncio.run(go())
 
 
-def graph_vs_eager(name: str, loaded, max_batch: int) -> bool:  # noqa: ANN001 - LoadedModel
-    graph = Engine(loaded, max_batch_size=max_batch, cuda_graphs=True)
-    eager = Engine(loaded, max_batch_size=max_batch, cuda_graphs=False)
+def graph_vs_eager(name: str, loaded, max_batch: int, fused: bool = False) -> bool:  # noqa: ANN001
+    graph = Engine(loaded, max_batch_size=max_batch, cuda_graphs=True, fused_decode=fused)
+    eager = Engine(loaded, max_batch_size=max_batch, cuda_graphs=False, fused_decode=fused)
     ok_all = True
     try:
+        if fused and not (graph.runner.fused and eager.runner.fused):
+            banner(f"{name} fused path on", False, f"switched off: {graph.runner.fused_error}")
+            RESULT["checks"][f"{name}: fused path on"] = {"pass": False, "error": graph.runner.fused_error}
+            return False
         for comp, ids, params in compositions(loaded.tokenizer):
             run_mixed(graph, ids, params)  # first calls eager, second captures
             before = graph.runner.graphs.replays if graph.runner.graphs else 0
@@ -121,6 +136,12 @@ def graph_vs_eager(name: str, loaded, max_batch: int) -> bool:  # noqa: ANN001 -
                 "replays": replayed,
             }
             ok_all &= ok
+        if fused:  # the function may decline every call (an unexpected kwarg, dtype): then it is plain
+            calls = {"graph": graph.runner.fused_calls, "eager": eager.runner.fused_calls}
+            launched = min(calls.values()) > 0
+            banner(f"{name} kernel launched", launched, f"decode-attention launches from Python: {calls}")
+            RESULT["checks"][f"{name}: kernel launched"] = {"pass": launched, **calls}
+            ok_all &= launched
         RESULT["checks"][f"{name}: graph stats"] = graph_stats(graph)
         gs = graph_stats(graph)
         if gs.get("graphs") and not gs.get("enabled"):
@@ -161,6 +182,89 @@ def throughput(loaded, batches: list[int], tokens: int, deadline: float, hf: boo
     finally:
         for eng in engines.values():
             eng.close()
+
+
+def run_detail(engine: Engine, ids: list[list[int]], tokens: int) -> list[list[tuple[int, float]]]:
+    """Greedy (token id, logprob) per generated token, every prompt submitted together."""
+    import asyncio
+
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True, logprobs=1)
+
+    async def go() -> list[list[tuple[int, float]]]:
+        handles = [engine.submit([p], params) for p in ids]
+
+        async def drain(h) -> list[tuple[int, float]]:  # noqa: ANN001
+            return [(t.token_id, t.logprob) async for ev in h.events() if not ev.prompt for t in ev.tokens]
+
+        return list(await asyncio.gather(*(drain(h) for h in handles)))
+
+    return asyncio.run(go())
+
+
+def fused_vs_plain(loaded, tokens: int) -> bool:  # noqa: ANN001 - LoadedModel
+    """Greedy tokens and logprobs of the fused graph engine against the plain one (reported)."""
+    ids = [loaded.tokenizer(t)["input_ids"] for t in prompts(32)]
+    got: dict[str, list] = {}
+    for mode in ("plain", "fused"):
+        eng = Engine(loaded, max_batch_size=32, cuda_graphs=True, fused_decode=(mode == "fused"))
+        try:
+            run_detail(eng, ids, 4)  # first calls eager, captures
+            got[mode] = run_detail(eng, ids, tokens)
+        finally:
+            eng.close()
+    same, prefix, lp_diff = 0, [], 0.0
+    for a, b in zip(got["plain"], got["fused"], strict=True):
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x[0] != y[0]), len(a))
+        same += n == len(a)
+        prefix.append(n / len(a))
+        lp_diff = max([lp_diff] + [abs(x[1] - y[1]) for x, y in zip(a[:n], b[:n], strict=True)])
+    mean_prefix = sum(prefix) / len(prefix)
+    ok = mean_prefix >= 0.5 and lp_diff <= 1.0
+    detail = (f"{same}/{len(ids)} sequences identical over {tokens} tokens, mean common prefix "
+              f"{100 * mean_prefix:.1f}%, max |logprob diff| while equal {lp_diff:.3g}")  # fmt: skip
+    banner("fused vs plain greedy tokens (reported; rounding differs)", ok, detail)
+    RESULT["checks"]["fused vs plain tokens"] = {"pass": ok, "identical": same, "of": len(ids),
+                                                 "mean_prefix": mean_prefix, "max_logprob_diff": lp_diff}  # fmt: skip
+    return ok
+
+
+def fused_throughput(loaded, batches: list[int], tokens: int, deadline: float) -> None:  # noqa: ANN001
+    engines = {m: Engine(loaded, max_batch_size=max(batches), cuda_graphs=True, fused_decode=(m == "fused"))
+               for m in ("plain", "fused")}  # fmt: skip
+    print(
+        f"{'batch':>5}  {'plain tok/s':>11}  {'ms/step':>7}  {'fused tok/s':>11}  {'ms/step':>7}  {'speedup':>7}"
+    )
+    rows = RESULT.setdefault("fused_throughput", [])
+    try:
+        for b in batches:
+            if time.monotonic() > deadline:
+                print(f"(time budget spent: batch {b} and later skipped)")
+                break
+            row: dict = {"batch": b}
+            for m, eng in engines.items():
+                row[m] = bench_engine(eng, prompts(b), tokens, None)
+            rows.append(row)
+            p, f = row["plain"], row["fused"]
+            print(f"{b:>5}  {p['tok_s']:>11.1f}  {p['ms_step']:>7.2f}  {f['tok_s']:>11.1f}  {f['ms_step']:>7.2f}  "
+                  f"{f['tok_s'] / p['tok_s']:>6.2f}x", flush=True)  # fmt: skip
+        RESULT["fused_graph_stats"] = graph_stats(engines["fused"])
+        RESULT["fused_kernel_calls"] = engines["fused"].runner.fused_calls
+    finally:
+        for eng in engines.values():
+            eng.close()
+
+
+def fused_part(args: argparse.Namespace, loaded, end: float) -> bool:  # noqa: ANN001
+    """--fused: a-d of the module docstring."""
+    name = "fused " + ("fp16" if args.dtype == "float16" else args.dtype)
+    ok = graph_vs_eager(name, loaded, 32, fused=True)
+    save(args.out)
+    if not ok and RESULT["checks"].get(f"{name}: fused path on", {}).get("pass") is False:
+        return False  # the path is off on this device: nothing more to compare
+    ok &= fused_vs_plain(loaded, min(64, args.tokens))
+    save(args.out)
+    fused_throughput(loaded, [int(b) for b in args.fused_batches.split(",")], args.tokens, end - 10)
+    return ok
 
 
 def http(args: argparse.Namespace, out: Path, remaining: float) -> bool:
@@ -204,6 +308,8 @@ def main() -> int:
     ap.add_argument("--no-quant", action="store_true", help="skip the int8 / Triton part")
     ap.add_argument("--no-http", action="store_true", help="skip the HTTP part")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    ap.add_argument("--fused", action="store_true", help="only the fused-decode comparison (docstring: a-d)")
+    ap.add_argument("--fused-batches", default="1,32,128", help="batch sizes of --fused's throughput part")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: nothing to check (use --device cpu --model tiny-llama for a dry run)")
@@ -230,6 +336,9 @@ def main() -> int:
             f"{args.model} {args.dtype} on {loaded.device} loaded in {time.monotonic() - t0:.1f} s",
             flush=True,
         )
+        if args.fused:
+            ok &= fused_part(args, loaded, end)
+            return finish(args, t0, 0 if ok else 1)
         ok &= graph_vs_eager("fp16" if args.dtype == "float16" else args.dtype, loaded, 32)
         save(args.out)
         batches = [int(b) for b in args.batches.split(",")]
@@ -296,9 +405,9 @@ def finish(args: argparse.Namespace, t0: float, code: int) -> int:
     for name, check in RESULT["checks"].items():
         if "pass" in check:
             print(f"  {'PASS' if check['pass'] else 'FAIL'}  {name}")
-    for part in ("throughput_graph_stats",):
+    for part in ("throughput_graph_stats", "fused_graph_stats", "fused_kernel_calls"):
         if part in RESULT:
-            print(f"  graphs (fp16 throughput engine): {RESULT[part]}")
+            print(f"  {part}: {RESULT[part]}")
     if "quant" in RESULT:
         print(
             f"  int8/triton: {RESULT['quant'].get('graph_stats') or RESULT['checks'].get('int8/triton: graph stats')}"

@@ -1,6 +1,9 @@
 """Compile the fast GEMM kernels for Hopper (sm90) on a machine without a GPU, before a GPU run.
 
-    python bench/sm90_compile.py [--m 1 16 4096] [--only gemv fused]
+    python bench/sm90_compile.py [--m 1 16 4096] [--only gemv fused] [--attention]
+
+First the fused decode kernels (server_shim/fused_kernels.py: decode attention at SmolLM2's and
+an MLA model's head shapes, RMSNorm; fp16 and bf16; `--attention`: only these), then the GEMMs.
 
 For every Hopper candidate config in quant/tuning.py (N = K = 4096; fp8 tensor and block, int8
 row, int4-g128 and mxfp4 with bf16 activations, and the factored 4-bit kernels' own lists at
@@ -114,8 +117,13 @@ def sass_ops(cubin: Path) -> str:
     return f" sass {len(ops)} (cvt {conv}, mma {mma})"
 
 
-def compile_one(fn, ptrs: dict, consts: dict, warps: int, stages: int, m: int) -> str:
-    """Compile for sm90; ptxas's register / spill line and its wgmma warnings, or raise."""
+def compile_one(
+    fn, ptrs: dict, consts: dict, warps: int, stages: int, m: int, scalars: dict | None = None,
+    div16: set | None = None,
+) -> str:  # fmt: skip
+    """Compile for sm90; ptxas's register / spill line and its wgmma warnings, or raise.
+    scalars: non-pointer arguments that are not i32 (name -> type); div16: arguments the JIT would
+    see as multiples of 16 (default DIV16)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -136,8 +144,8 @@ def compile_one(fn, ptrs: dict, consts: dict, warps: int, stages: int, m: int) -
             sig[n] = ptrs.get(n, default)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[n] = "i32"
-            if n in DIV16:
+            sig[n] = (scalars or {}).get(n, "i32")
+            if n in (DIV16 if div16 is None else div16):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs
@@ -161,6 +169,51 @@ def compile_one(fn, ptrs: dict, consts: dict, warps: int, stages: int, m: int) -
             f"smem {ck.metadata.shared}{serial}{ops}")  # fmt: skip
 
 
+def attention_variants() -> list[tuple[str, dict, dict, set]]:
+    """fused_kernels.decode_attention at SmolLM2-135M's shapes (9 query / 3 kv heads, dim 64) and
+    tiny-moe's MLA (dims 48 / 32), fp16 and bf16; the strides as the slot cache gives them."""
+    out = []
+    for dt in ("fp16", "bf16"):
+        ptrs = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{dt}", "pos_ptr": "*i64"}
+        for label, dqk, dv, group in (("smollm2", 64, 64, 3), ("mla", 48, 32, 1)):
+            bdk, bdv = 1 << (max(dqk, 16) - 1).bit_length(), 1 << (max(dv, 16) - 1).bit_length()
+            consts = dict(GROUP=group, D_QK=dqk, D_V=dv, BLOCK_DK=bdk, BLOCK_DV=bdv,
+                          BLOCK_N=max(16, min(64, 4096 // max(bdk, bdv))), sqd=1, skd=1, svd=1, sod=1)  # fmt: skip
+            div16 = {"sqb", "sqh", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "kv_len"}
+            out.append((f"{label} {dt}", ptrs, consts, div16))
+    return out
+
+
+def compile_attention() -> int:
+    """Compile the fused decode attention kernel for sm90; the number of failures."""
+    from server_shim import fused_kernels
+
+    fn = fused_kernels._build().attn
+    fails = 0
+    for label, ptrs, consts, div16 in attention_variants():
+        t0 = time.time()
+        try:
+            info = compile_one(fn, ptrs, consts, 4, 1, 0, scalars={"scale": "fp32"}, div16=div16)
+            print(f"ok   decode-attn {label:14} {info} ({time.time() - t0:.1f} s)", flush=True)
+        except Exception as e:  # the row says what failed; the exit status says that one did
+            fails += 1
+            msg = str(e).strip().splitlines()
+            print(f"FAIL decode-attn {label:14} {type(e).__name__}: {msg[0] if msg else ''}")
+    for dt in ("fp16", "bf16"):
+        t0 = time.time()
+        try:
+            ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "o_ptr": f"*{dt}"}
+            consts = {"BLOCK": 1024}  # SmolLM2's hidden 576
+            info = compile_one(fused_kernels._build().rmsnorm, ptrs, consts, 4, 1, 0, scalars={"eps": "fp32"},
+                               div16={"sx", "so", "N"})  # fmt: skip
+            print(f"ok   rmsnorm     {dt:14} {info} ({time.time() - t0:.1f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            fails += 1
+            msg = str(e).strip().splitlines()
+            print(f"FAIL rmsnorm     {dt:14} {type(e).__name__}: {msg[0] if msg else ''}")
+    return fails
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 4096], help="M values (default 1 16 4096)")
@@ -170,9 +223,18 @@ def main() -> int:
         default=None,
         help="only these config paths (tile gemv gemvg gemvw fused deq deqb ftile ftilej fgemv)",
     )
+    ap.add_argument(
+        "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm)"
+    )
     args = ap.parse_args()
+    fails = compile_attention()
+    print(
+        f"fused decode: {len(attention_variants())} attention + 2 RMSNorm variants compiled for sm90, {fails} failed"
+    )
+    if args.attention:
+        return 1 if fails else 0
     k = K._build()
-    fails, seen = 0, set()
+    seen: set = set()
     for label, kind, ptrs, fixed in VARIANTS:
         for m in args.m:
             tuning.FACTORED = "only" if fixed.get("FACTORED") else "off"
@@ -219,7 +281,7 @@ def main() -> int:
                     print(
                         f"FAIL {label:10} M={m:<5} {cfg.name:32} {type(e).__name__}: {msg[0] if msg else ''}"
                     )
-    print(f"{len(seen)} kernels compiled for sm90, {fails} failed")
+    print(f"{len(seen)} GEMM kernels compiled for sm90 (+ decode attention), {fails} failed in all")
     return 1 if fails else 0
 
 

@@ -48,6 +48,7 @@ from server_shim.engine_types import (
     batched_sends,
 )
 from server_shim.fast_decode import backend_decoder
+from server_shim.fused_decode import fused_wanted
 from server_shim.model_runner import DecodeStep, ModelRunner
 from server_shim.scheduler import default_buckets, lowest_free
 
@@ -95,10 +96,12 @@ class Engine(EngineSteps):
         cuda_graphs: bool | None = None,
         buckets: Sequence[int] | None = None,
         prefill_chunk: int | None = None,
+        fused_decode: bool | None = None,
     ) -> None:
         """cuda_graphs: None = on for CUDA unless DIFFTEST_CUDA_GRAPHS=0. buckets: decode row
         counts (default 1, 2, 4, ... on CUDA, exact counts on the CPU). prefill_chunk: prompt
-        tokens per prefill forward (default 2048 on CUDA, 512 on the CPU)."""
+        tokens per prefill forward (default 2048 on CUDA, 512 on the CPU). fused_decode: None =
+        off unless DIFFTEST_FUSED_DECODE=1 (fused_decode.py: decode attention in one Triton kernel)."""
         self.loaded = loaded
         self.batch_invariant = batch_invariant
         self.max_batch_size = 1 if batch_invariant else max_batch_size
@@ -121,7 +124,10 @@ class Engine(EngineSteps):
         self.prefill_chunk = max(1, prefill_chunk or (2048 if cuda else 512))
         max_rows = max(self.max_batch_size, self.buckets[-1] if self.buckets else 1)
         self.runner = ModelRunner(
-            loaded, max_rows=max_rows, cuda_graphs=graphs_wanted(loaded.device, cuda_graphs)
+            loaded,
+            max_rows=max_rows,
+            cuda_graphs=graphs_wanted(loaded.device, cuda_graphs),
+            fused=fused_wanted(loaded.device, fused_decode),
         )
         self.stats = EngineStats()
         self._slots: list[Seq | None] = [None] * self.max_batch_size

@@ -15,6 +15,10 @@ Decode steps take `rows` = a bucket size and read the cache rows 0..rows-1 as th
 themselves; `kv_len` = a bucket of the longest position. With the same rows and kv_len, the
 eager body and its captured graph launch the same kernels on the same shapes, so their greedy
 tokens are the same (checked on a GPU by bench/engine_gpu_check.py).
+
+With `fused` (off by default), the decode body runs inside `fused_decode.decode_context`: the
+attention modules' registered function takes one Triton kernel that reads each row's position
+from the static input, and RMSNorm modules one kernel each; prefill stays on HF's attention.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from server_shim import fused_decode
 from server_shim.cuda_graphs import DecodeGraphs
 from server_shim.kv_cache import CachePlan, SlotKVCache, attention_mask
 
@@ -58,7 +63,9 @@ class DecodeStep:
 
 
 class ModelRunner:
-    def __init__(self, loaded, *, max_rows: int, cuda_graphs: bool) -> None:  # noqa: ANN001 - LoadedModel
+    def __init__(self, loaded, *, max_rows: int, cuda_graphs: bool, fused: bool = False) -> None:  # noqa: ANN001
+        """fused: decode steps attend (and RMSNorm) through fused_decode.py's kernels (the caller
+        asked `fused_decode.fused_wanted`); a failed self-check on the device leaves them plain, loudly."""
         model = loaded.model
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.lm_head = model.get_output_embeddings()
@@ -69,7 +76,7 @@ class ModelRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         # SDPA takes a boolean mask as is; an additive float mask over the cache's strided views hit a
         # slow CPU path (8 ms instead of 30 us per call, torch 2.13). Eager attention adds the mask.
-        sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        sdpa = fused_decode.base_implementation(model.config) == "sdpa"  # as loaded, fused or not
         self._mask_dtype = None if sdpa else self.dtype
         params = inspect.signature(self.base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -87,6 +94,21 @@ class ModelRunner:
         self._host_in = torch.zeros((max_rows, 3), dtype=torch.long, pin_memory=pin)
         self._host_out = torch.zeros(max_rows * (2 + 2 * self.k), dtype=torch.float32, pin_memory=pin)
         self.graphs = DecodeGraphs(self._decode_body, dev) if cuda_graphs and dev.type == "cuda" else None
+        self.fused_error: str | None = None  # why fused decode was asked for and is not used
+        norms = fused and fused_decode.norms_wanted()
+        if fused:  # a compile error or a wrong number on this device: plain decode, said loudly
+            self.fused_error = fused_decode.self_check(dev, self.dtype, norms)
+        if fused and self.fused_error is None and not fused_decode.install(model):
+            self.fused_error = "the model's attention is neither sdpa nor eager"
+        if self.fused_error is not None:
+            logger.error("fused decode switched off, decoding plainly: %s", self.fused_error)
+        self.fused = fused and self.fused_error is None
+        self.fused_norms = fused_decode.install_norms(model) if self.fused and norms else 0
+        if self.fused:
+            logger.info(
+                "fused decode on: decode attention in one kernel, %d RMSNorm modules fused", self.fused_norms
+            )
+        self.fused_calls = 0  # decode-attention launches from Python (graph replays not counted)
 
     # ------------------------------------------------------------------ capacity
 
@@ -150,7 +172,11 @@ class ModelRunner:
     def _decode_body(self, rows: int, kv_len: int) -> tuple[Tensor, Tensor]:
         ids, pos, write = self._in[:rows, 0:1], self._in[:rows, 1:2], self._in[:rows, 2:3]  # [rows, 1]
         plan = CachePlan(self._rows[:rows], write, None, kv_len)
-        hidden = self._hidden(ids, pos, plan)
+        if not self.fused:
+            return self.head(self._hidden(ids, pos, plan)[:, -1])
+        with fused_decode.decode_context(rows, kv_len, self._in[:rows, 1]) as ctx:
+            hidden = self._hidden(ids, pos, plan)
+        self.fused_calls += ctx.calls
         return self.head(hidden[:, -1])
 
     def decode(self, ids: Tensor, pos: Tensor, write_pos: Tensor, kv_len: int, cols: int) -> DecodeStep:

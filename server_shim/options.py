@@ -82,6 +82,10 @@ OPTIONS: tuple[Option, ...] = (
         "decode eagerly on CUDA instead of replaying captured CUDA graphs (also: DIFFTEST_CUDA_GRAPHS=0)",
         spec=True,
     ),
+    Option(
+        "fused_decode", BOOLEAN, False,
+        "CUDA decode steps attend through one Triton kernel (experimental, also: DIFFTEST_FUSED_DECODE=1)",
+    ),
     Option("max_waiting", INTEGER, 256, "sequences queued behind the running batch before requests get 429", minimum=1),
     Option("max_body_bytes", INTEGER, 8 * 2**20, "largest request body, on every route (413 past it)", minimum=1),
     Option("max_prompt_chars", INTEGER, 2**20, "longest text prompt or message content, in characters", minimum=1),

@@ -26,12 +26,13 @@ from difftest.report.explorer import default_comparison, explorer_data, gc_pause
 from difftest.report.markdown import (
     HEADLINE,
     NA,
+    VERDICT_HEADER,
     failed_text,
     fmt_metric,
     fmt_num,
     headline_cells,
     localisation_line,
-    verdict_text,
+    verdict_row_parts,
 )
 from difftest.report.page import CSP, CSS, JS
 from difftest.report.plots import Plot, first_screen_spark, run_plots
@@ -169,27 +170,24 @@ def _first_screen(run: RunResult) -> str:
 
 def _verdict_table(run: RunResult) -> str:
     rows = []
-    for t in run.targets:
-        label, meets = verdict_text(t)
-        comps: list[Comparison | None] = list(t.comparisons) or [None]
-        for i, c in enumerate(comps):
-            own = (
-                [
-                    f'<a href="#t-{_e(t.name)}">{_e(t.name)}</a>',
-                    _e(t.scheme or NA),
-                    _e(t.expect),
-                    f'<span class="t-{_cls(label)}">{_e(label)}</span>',
-                    f'<span class="t-{meets}">{meets}</span>',
-                ]
-                if i == 0
-                else [""] * 5
-            )
-            against = f"{_e(c.kind)} vs <code>{_e(c.baseline)}</code>" if c else NA
-            rows.append(
-                own + [against] + [_e(x) for x in headline_cells(c)] + [_e(failed_text(t)) if i == 0 else ""]
-            )
-    header = ["target", "scheme", "expect", "verdict", "meets expectation", "against"]
-    return _table(header + [_e(h) for h, _ in HEADLINE] + ["failed requests"], rows, frozenset(range(6, 12)))
+    for t, label, meets, i, c in verdict_row_parts(run):
+        own = (
+            [
+                f'<a href="#t-{_e(t.name)}">{_e(t.name)}</a>',
+                _e(t.scheme or NA),
+                _e(t.expect),
+                f'<span class="t-{_cls(label)}">{_e(label)}</span>',
+                f'<span class="t-{meets}">{meets}</span>',
+            ]
+            if i == 0
+            else [""] * 5
+        )
+        against = f"{_e(c.kind)} vs <code>{_e(c.baseline)}</code>" if c else NA
+        rows.append(
+            own + [against] + [_e(x) for x in headline_cells(c)] + [_e(failed_text(t)) if i == 0 else ""]
+        )
+    header = [*VERDICT_HEADER, *(_e(h) for h, _ in HEADLINE), "failed requests"]
+    return _table(header, rows, frozenset(range(6, 12)))
 
 
 def _nulls(run: RunResult) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from difftest.report.heatmap import layer_grid, text_heatmap
@@ -186,26 +186,34 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 # ----------------------------------------------------------------------------- sections
 
 
+VERDICT_HEADER = ["target", "scheme", "expect", "verdict", "meets expectation", "against"]
+
+
+def verdict_row_parts(run: RunResult) -> Iterator[tuple[TargetResult, str, str, int, Comparison | None]]:
+    """(target, verdict label, meets expectation, index, comparison): one per target and
+    comparison (one with None where a target has none); both report formats render these."""
+    for t in run.targets:
+        label, meets = verdict_text(t)
+        for i, c in enumerate(list(t.comparisons) or [None]):
+            yield t, label, meets, i, c
+
+
 def verdict_rows(run: RunResult) -> list[list[str]]:
     """One row per target and comparison; the target's own columns only on its first row."""
     rows = []
-    for t in run.targets:
-        label, meets = verdict_text(t)
-        comps: list[Comparison | None] = list(t.comparisons) or [None]
-        for i, c in enumerate(comps):
-            own = (
-                [md_cell(t.name), md_cell(t.scheme or NA), t.expect, f"**{label}**", meets]
-                if i == 0
-                else [""] * 5
-            )
-            against = f"{c.kind} vs {md_code(c.baseline)}" if c else NA
-            rows.append(own + [against] + headline_cells(c) + [failed_text(t) if i == 0 else ""])
+    for t, label, meets, i, c in verdict_row_parts(run):
+        own = (
+            [md_cell(t.name), md_cell(t.scheme or NA), t.expect, f"**{label}**", meets]
+            if i == 0
+            else [""] * 5
+        )
+        against = f"{c.kind} vs {md_code(c.baseline)}" if c else NA
+        rows.append(own + [against] + headline_cells(c) + [failed_text(t) if i == 0 else ""])
     return rows
 
 
 def _verdict_table(run: RunResult) -> list[str]:
-    header = ["target", "scheme", "expect", "verdict", "meets expectation", "against"]
-    header += [h for h, _ in HEADLINE] + ["failed requests"]
+    header = [*VERDICT_HEADER, *(h for h, _ in HEADLINE), "failed requests"]
     gate = gate_of(run)
     out = [f"**Gate: {gate} — {GATE_WORDS.get(gate, '')}**", "", *md_table(header, verdict_rows(run))]
     return out

@@ -1,0 +1,288 @@
+"""The fused decode path: decode steps attend through one Triton kernel (fused_kernels.py) instead
+of HF's mask + GQA expansion + SDPA chain. Off unless asked for: `DIFFTEST_FUSED_DECODE=1` or
+`serve --fused-decode`, on CUDA (on CPU only where Triton's interpreter is on: the tests).
+
+How it hooks in without touching the model's modules: transformers' attention modules look their
+attention function up by `config._attn_implementation` in `ALL_ATTENTION_FUNCTIONS` on every
+forward, after `cache.update(...)` has handed them the cache's keys and values. `install` registers
+`difftest_decode` (falling back to `sdpa`) and `difftest_decode_eager` (falling back to the
+modeling file's own `eager_attention_forward`) and points the model's configs at the one matching
+their implementation. The function takes the kernel only inside `decode_context` -- which the
+model runner opens around its decode step, with each row's position -- and only for one query
+token per row over exactly those rows; everything else (prefill chunks, HF `generate`, the debug
+routes' forwards, sliding windows, soft-capping, sinks) runs the original implementation with the
+same arguments. The projections, norms, hooks, quantized linears, faults and the rounding twin
+are untouched: they live in the modules, not in the attention function.
+
+Rounding: the kernel accumulates in float32 and rounds once, where SDPA rounds its own way; greedy
+tokens may therefore differ from the plain path's in a near-tie (bench/engine_gpu_check.py
+--fused reports the match rate). Graph and eager steps launch the same kernel, so they agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from server_shim import fused_kernels
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ENV", "NAME", "NORM_ENV", "DecodeContext", "active", "base_implementation", "decode_context",
+    "fused_wanted", "install", "install_norms", "norms_wanted", "self_check", "uninstall",
+]  # fmt: skip
+
+ENV = "DIFFTEST_FUSED_DECODE"
+NORM_ENV = "DIFFTEST_FUSED_NORM"
+NAME = "difftest_decode"
+# registered name -> the implementation it falls back to (and that it replaces in the config)
+NAMES = {NAME: "sdpa", NAME + "_eager": "eager"}
+_FOR = {fallback: name for name, fallback in NAMES.items()}
+# attention kwargs that change what attention computes: their presence means "not ours"
+_UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias", "attn_logit_softcapping")
+
+
+def fused_wanted(device: torch.device, option: bool | None = None) -> bool:
+    """On when the option (or, when it is None, `DIFFTEST_FUSED_DECODE=1`) asks for it and Triton
+    can run on the device: a CUDA GPU, or the CPU with TRITON_INTERPRET=1 (tests only)."""
+    want = (
+        option
+        if option is not None
+        else os.environ.get(ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    )
+    if not want:
+        return False
+    from server_shim.quant.arch import triton_available
+
+    if not triton_available(device):
+        logger.warning("fused decode asked for, but Triton cannot run on %s: plain decode", device)
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------- context
+
+
+@dataclass
+class DecodeContext:
+    """One decode step of the runner: `rows` rows (row = cache slot), `kv_len` positions read,
+    `pos` [rows] each row's position (a view into the runner's static input: a captured graph
+    reads it on every replay). `calls` counts kernel launches from Python (a capture counts once)."""
+
+    rows: int
+    kv_len: int
+    pos: Tensor
+    calls: int = 0
+
+
+_local = threading.local()
+
+
+def active() -> DecodeContext | None:
+    return getattr(_local, "ctx", None)
+
+
+@contextlib.contextmanager
+def decode_context(rows: int, kv_len: int, pos: Tensor) -> Iterator[DecodeContext]:
+    """Decode steps of this thread inside the block take the kernel (one engine = one thread)."""
+    ctx = DecodeContext(rows, kv_len, pos)
+    prev, _local.ctx = active(), ctx
+    try:
+        yield ctx
+    finally:
+        _local.ctx = prev
+
+
+# ---------------------------------------------------------------------------------- the function
+
+
+def _fallback(name: str, module: torch.nn.Module) -> Callable[..., Any]:
+    impl = NAMES[name]
+    if impl == "eager":  # the model's own eager attention lives in its modeling file
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise RuntimeError(f"{type(module).__name__}: no eager_attention_forward to fall back to")
+        return fn
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _applies(ctx: DecodeContext | None, query: Tensor, key: Tensor, value: Tensor, kwargs: dict) -> bool:
+    if ctx is None or query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return False
+    b, hq, t, d = query.shape
+    return (
+        t == 1
+        and b == ctx.rows
+        and key.shape[0] == b
+        and value.shape[:3] == key.shape[:3]
+        and key.shape[2] == ctx.kv_len
+        and key.shape[3] == d
+        and hq % key.shape[1] == 0
+        and query.dtype == key.dtype == value.dtype
+        and query.device == key.device
+        and not kwargs.get("output_attentions")
+        and all(kwargs.get(k) is None for k in _UNSUPPORTED)
+    )
+
+
+def _make(name: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    def attention(
+        module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        ctx = active()
+        if getattr(module, "is_causal", True) and _applies(ctx, query, key, value, kwargs):
+            scaling = kwargs.get("scaling")
+            scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+            ctx.calls += 1  # type: ignore[union-attr]
+            return fused_kernels.decode_attention(query, key, value, ctx.pos, scale), None  # type: ignore[union-attr]
+        return _fallback(name, module)(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = attention.__qualname__ = name
+    return attention
+
+
+def _register() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for name, impl in NAMES.items():
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            ALL_ATTENTION_FUNCTIONS.register(name, _make(name))
+        # masks the model builds itself (HF generate, a 2-D mask) are the fallback's masks
+        if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+
+
+# ---------------------------------------------------------------------------------- install
+
+
+def _configs(model: torch.nn.Module) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            seen.setdefault(id(cfg), cfg)
+    return list(seen.values())
+
+
+def install(model: torch.nn.Module) -> bool:
+    """Point the model's configs at the fused functions (idempotent); False when none of its
+    configs uses sdpa or eager attention (then nothing changes and decode stays plain)."""
+    _register()
+    changed = False
+    for cfg in _configs(model):
+        impl = cfg._attn_implementation_internal
+        if impl in NAMES:
+            changed = True
+        elif impl in _FOR:
+            cfg._attn_implementation_internal = _FOR[impl]  # this config only: sub-configs are visited too
+            changed = True
+    if not changed:
+        logger.warning("fused decode: no sdpa/eager attention in %s: plain decode", type(model).__name__)
+    return changed
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Undo `install` and `install_norms` (the tests share one loaded model)."""
+    for cfg in _configs(model):
+        impl = cfg._attn_implementation_internal
+        if impl in NAMES:
+            cfg._attn_implementation_internal = NAMES[impl]
+    for m in model.modules():
+        if getattr(m.__dict__.get("forward"), "__func__", None) is _norm_forward:
+            del m.forward
+
+
+# ---------------------------------------------------------------------------------- RMSNorm
+
+
+def norms_wanted() -> bool:
+    """The norm half of the path (on with it unless DIFFTEST_FUSED_NORM=0: a switch of its own, so
+    that a misbehaving norm kernel on a GPU does not take the attention kernel down with it)."""
+    return os.environ.get(NORM_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _norm_forward(self: torch.nn.Module, hidden_states: Tensor) -> Tensor:
+    """A LlamaRMSNorm-shaped module's forward: the kernel in decode steps, the class's own elsewhere."""
+    w = self.weight
+    if active() is not None and hidden_states.dtype == w.dtype and hidden_states.is_contiguous():
+        return fused_kernels.rms_norm(hidden_states, w, self.variance_epsilon)
+    return type(self).forward(self, hidden_states)
+
+
+def _llama_norm_code() -> tuple:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    c = LlamaRMSNorm.forward.__code__
+    return c.co_code, c.co_consts, c.co_names, c.co_varnames
+
+
+def install_norms(model: torch.nn.Module) -> int:
+    """Route every norm module whose forward is LlamaRMSNorm's (the same bytecode: Llama's and the
+    copies in Qwen2, Mistral, DeepSeek ... modeling files; not Gemma's 1 + weight) through
+    `_norm_forward`, as an instance attribute: module names, hooks and `__call__` stay as they
+    were. Returns how many modules now take it."""
+    want = _llama_norm_code()
+    n = 0
+    for m in model.modules():
+        fwd = getattr(type(m), "forward", None)
+        code = getattr(fwd, "__code__", None)
+        if code is None or not isinstance(getattr(m, "weight", None), torch.Tensor):
+            continue
+        if (code.co_code, code.co_consts, code.co_names, code.co_varnames) != want:
+            continue
+        if not hasattr(m, "variance_epsilon"):
+            continue
+        if "forward" not in m.__dict__:
+            m.forward = types.MethodType(_norm_forward, m)
+        n += 1
+    return n
+
+
+def base_implementation(config: Any) -> str | None:
+    """The implementation a config had before `install` (what its masks and fallbacks are)."""
+    impl = getattr(config, "_attn_implementation", None)
+    return NAMES.get(impl, impl) if isinstance(impl, str) else impl
+
+
+def self_check(device: torch.device, dtype: torch.dtype, norms: bool = True) -> str | None:
+    """Run the kernel once at small ragged GQA shapes against torch; None when it agrees, else why
+    not (a compile error on this GPU, a wrong number). The runner decodes plainly on a failure."""
+    gen = torch.Generator().manual_seed(0)
+    b, hq, hkv, s, d = 3, 6, 2, 80, 64
+    q = torch.randn((b, hq, 1, d), generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn((b + 1, hkv, s + 1, d), generator=gen).to(device=device, dtype=dtype)[:b, :, :s]
+    v = torch.randn((b + 1, hkv, s + 1, d), generator=gen).to(device=device, dtype=dtype)[:b, :, :s]
+    pos = torch.tensor([[0, 0, 0], [40, 0, 0], [79, 0, 0]], device=device)[:, 0]
+    x = torch.randn((2, 3, 576), generator=gen).to(device=device, dtype=dtype)
+    w = (1 + torch.randn((576,), generator=gen) / 4).to(device=device, dtype=dtype)
+    try:
+        got = fused_kernels.decode_attention(q, k, v, pos, d**-0.5).float()
+        want = fused_kernels.reference_decode_attention(q, k, v, pos, d**-0.5).float()
+        xf = x.float()
+        norm_want = (w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)).float()
+        norm_got = fused_kernels.rms_norm(x, w, 1e-5).float() if norms else norm_want
+    except Exception as exc:  # noqa: BLE001 - any failure: reported, decode stays plain
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    # both sides round float32 results once to the model dtype: at most one ulp apart (2**-8
+    # relative in bf16) where their float32 sums, in different orders, straddle a rounding boundary
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for what, a, b in (("decode attention", got, want), ("RMSNorm", norm_got, norm_want)):
+        err = ((a - b).abs() / b.abs().clamp(min=1.0)).max().item()
+        if not err <= tol:  # also catches NaN
+            return f"{what} kernel differs from torch by {err:.3g} relative (tolerance {tol:g})"
+    return None

@@ -749,13 +749,14 @@ def _nib_operand(q, DT: tl.constexpr):
 
 def _e2m1_operand(q, DT: tl.constexpr):
     """A 4-bit e2m1 code -> its value in dtype DT, exactly, by bits (`_e2m1_to_f32`'s assembly in
-    16 bits): magnitude code i >= 2 is (i << MANT-1) + bits(0.5); codes 0 and 1 are patched in."""
+    16 bits): magnitude code i >= 2 is (i << MANT-1) + bits(0.5); codes 0 and 1 (0 and 0.5) are
+    i * bits(0.5), which is the smaller of the two exactly for i < 2 -- a min, no compare-select."""
     idx = q & 7
     if DT == tl.bfloat16:  # noqa: SIM300
-        b = tl.where(idx < 2, (0 - idx) & 0x3F00, (idx << 6) + 0x3F00) | ((q & 8) << 12)
+        b = tl.minimum((idx << 6) + 0x3F00, idx * 0x3F00) | ((q & 8) << 12)
         v = b.to(tl.int16).to(tl.bfloat16, bitcast=True)
     elif DT == tl.float16:  # noqa: SIM300
-        b = tl.where(idx < 2, (0 - idx) & 0x3800, (idx << 9) + 0x3800) | ((q & 8) << 12)
+        b = tl.minimum((idx << 9) + 0x3800, idx * 0x3800) | ((q & 8) << 12)
         v = b.to(tl.int16).to(tl.float16, bitcast=True)
     else:
         v = _e2m1_to_f32(q)

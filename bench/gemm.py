@@ -1,6 +1,7 @@
 """GEMM benchmark (GPU): the Triton kernels of server_shim/quant/kernels.py against torch.
 
     python bench/gemm.py [--out PATH] [--budget 230] [--full] [--fastacc] [--no-legacy] [--workers N]
+    python bench/gemm.py --factored --budget 110 --out PATH   # the factored 4-bit kernels, M <= 16 (~1.5 min)
     python bench/gemm.py --device cpu        # the checks at small sizes under the Triton interpreter
 
 One command, in this order, and never longer than --budget seconds (a watchdog writes what it has
@@ -14,8 +15,11 @@ and exits 3):
 3. Timing at 4096^3, 1024x4096x4096, 16x4096x4096, 1x4096x4096 (--full adds more): torch bf16,
    `torch._scaled_mm`, every Triton kernel through the shim's own dispatch (the tuner picks
    and caches a config at the first call, which is then checked against float64 again), and the
-   legacy kernels (DIFFTEST_TRITON_KERNELS=legacy) for fp8-block and int4. Medians of CUDA-graph
-   replays (do_bench_cudagraph), so Python launch cost is not counted.
+   legacy kernels (DIFFTEST_TRITON_KERNELS=legacy) for fp8-block and int4, and at M <= 16 the
+   factored 4-bit kernels as rows of their own ("... factored": the dispatch with only their configs,
+   checked against the float64 of the unrounded weights; serving uses them only with
+   DIFFTEST_TRITON_FACTORED_4BIT=1). Medians of CUDA-graph replays (do_bench_cudagraph), so Python
+   launch cost is not counted.
 Then a TFLOP/s table, ratios to bf16 and to `_scaled_mm`, the issue's targets (PASS / MISS), and
 JSON (--out). Exit status 1 if any check failed.
 """
@@ -45,6 +49,9 @@ SHAPES = [(4096, 4096, 4096), (16, 4096, 4096), (1, 4096, 4096), (1024, 4096, 40
 FULL = [(128, 4096, 4096), *((m, n, k) for m in (16, 1024) for (k, n) in ((576, 1536), (1536, 576)))]
 ODD = [(3, 130, 200), (33, 1000, 1100), (1, 130, 200)]  # masks, partial tiles, wrapped rows; M=1: GEMV
 LEGACY = ("triton fp8 block", "triton int4-g128")
+CHUNK = 6  # configs per config-check job
+# --factored: what the factored 4-bit kernels' first measurement needs (M <= 16 shapes only)
+FACTORED_ROWS = ("torch bf16", "triton int4-g128", "triton mxfp4", *C.FACTORED)
 FN = C.FN
 
 
@@ -84,28 +91,35 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- 1. config checks (pool)
-def config_jobs(dev: torch.device, shapes: list[tuple[int, int, int]], legacy: bool) -> list[tuple]:
+def config_jobs(dev: torch.device, shapes: list[tuple[int, int, int]], legacy: bool,
+                names: tuple[str, ...] | None = None) -> list[tuple]:  # fmt: skip
     fam = arch.gemm_family(dev)
     jobs = []
     for M, N, Kd in shapes + ODD:
-        for name, kind in C.TRITON.items():
-            cands = tuning.candidates(fam, kind, M, N, Kd)
+        for name in C.TRITON:
+            cands = C.candidates(name, fam, M, N, Kd)
+            if not cands or (names is not None and name not in names):
+                continue
             if (M, N, Kd) in ODD:  # the default, one split config and each other path's first: the masks
                 firsts = [next(c for c in cands if c.path == p) for p in dict.fromkeys(c.path for c in cands)]
                 cands = list(dict.fromkeys(cands[:1] + [c for c in cands if c.split > 1][:1] + firsts))
-            jobs.append((name, M, N, Kd, [c.name for c in cands], "fast"))
+            # a few configs per job: a long list (27 at M = 1) would leave one worker compiling alone
+            jobs += [
+                (name, M, N, Kd, [c.name for c in cands[i : i + CHUNK]], "fast")
+                for i in range(0, len(cands), CHUNK)
+            ]
             if legacy and name in LEGACY and (M, N, Kd) in shapes[:3]:
                 jobs.append((name, M, N, Kd, ["autotune"], "legacy"))
     return jobs
 
 
-def run_pool(run: Run, jobs: list[tuple], workers: int, deadline: float) -> None:
+def run_pool(run: Run, jobs: list[tuple], workers: int, deadline: float, exact: bool = True) -> None:
     import concurrent.futures as cf
     import multiprocessing as mp
 
     print(f"config checks: {len(jobs)} jobs in {workers} worker processes", flush=True)
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-    futs = {pool.submit(exact_job, 4096): ("exact",)}  # first: it compiles a dozen kernels itself
+    futs = {pool.submit(exact_job, 4096): ("exact",)} if exact else {}  # first: it compiles a dozen kernels
     futs.update({pool.submit(C.check_configs, *j): j for j in jobs})
     run.workers = list(getattr(pool, "_processes", {}).values())
     try:
@@ -232,6 +246,8 @@ def bench(run: Run, shapes: list[tuple[int, int, int]], dev: torch.device, args:
             continue
         c = C.Case(M, N, Kd, dev)
         fns = c.fns(args.fastacc)
+        if args.factored:  # the 4-bit rows only: bf16, the default kernels and the factored ones
+            fns = {n: f for n, f in fns.items() if n in FACTORED_ROWS}
         if not args.no_legacy and (M, N, Kd) in SHAPES[:3]:
             fns.update({f"legacy {n.removeprefix('triton ')}": C.with_impl(fns[n], "legacy") for n in LEGACY})
         row: dict = {"M": M, "N": N, "K": Kd, "ms": {}, "tflops": {}}
@@ -305,7 +321,7 @@ def targets(rows: list[dict]) -> list[dict]:
         want(s, "triton fp8 tensor", "_scaled_mm tensor", 0.9)
         want(s, "triton fp8 row", "_scaled_mm row", 0.9)
     for s in ((16, 4096, 4096), (1, 4096, 4096)):
-        for n in ("triton int4-g128", "triton mxfp4"):
+        for n in ("triton int4-g128", "triton mxfp4", *C.FACTORED):
             want(s, n, "torch bf16", 1.5)
         for n in ("triton fp8 tensor", "triton fp8 row", "triton fp8 block", "triton int8"):
             want(s, n, "torch bf16", 1.0)
@@ -339,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="also M=128 and the smollm2 shapes")
     p.add_argument("--fastacc", action="store_true", help="also time fast (unpromoted) fp8 accumulation")
     p.add_argument("--no-legacy", action="store_true", help="do not time the legacy kernels")
+    p.add_argument("--factored", action="store_true",
+                   help="only M <= 16 and the 4-bit rows (bf16, int4-g128, mxfp4, their factored kernels); "
+                        "no legacy kernels, no fp8/int8 exactness checks")  # fmt: skip
     p.add_argument(
         "--workers", type=int, default=min(12, os.cpu_count() or 4), help="config-check processes (0: none)"
     )
@@ -369,9 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {name} ({arch.gemm_family(dev)}), torch {torch.__version__}, triton {triton.__version__}, "
           f"kernels {K.impl()}", flush=True)  # fmt: skip
     shapes = SHAPES + (FULL if args.full else [])
+    if args.factored:
+        shapes, args.no_legacy = [s for s in shapes if s[0] <= 16], True
+    names = tuple(n for n in FACTORED_ROWS if n in C.TRITON) if args.factored else None
     if args.workers > 0:  # the exactness checks run in the pool too
-        run_pool(run, config_jobs(dev, shapes, not args.no_legacy), args.workers, args.budget * 0.5)
-    else:
+        jobs = config_jobs(dev, shapes, not args.no_legacy, names)
+        run_pool(
+            run, jobs, args.workers, args.budget * (0.6 if args.factored else 0.5), exact=not args.factored
+        )
+    elif not args.factored:
         print(f"[{run.elapsed():.0f} s] exactness checks", flush=True)
         exact_checks(run, dev, big=4096)
     print(f"[{run.elapsed():.0f} s] timing", flush=True)

@@ -7,10 +7,12 @@ an MLA model's head shapes, RMSNorm, rotary at SmolLM2's and a Llama-8B's heads;
 `--attention`: only these), then the GEMMs.
 
 For every Hopper candidate config in quant/tuning.py (N = K = 4096; fp8 tensor and block, int8
-row, int4-g128 and mxfp4 with bf16 activations) this compiles the kernel the config selects down
+row, int4-g128 and mxfp4 with bf16 activations, and the factored 4-bit kernels' own lists at
+M <= 16, which serving uses only with DIFFTEST_TRITON_FACTORED_4BIT=1) this compiles the kernel the config selects down
 to a cubin (Triton's own ptxas), with the specializations the JIT would make on a GPU (16-byte
 aligned pointers, strides of 1, M = 1), and prints registers, spills, shared memory and ptxas's
-"wgmma serialized" warnings. A config that does not compile is a FAIL row and exit status 1: the
+"wgmma serialized" warnings, and the static SASS instruction count (conversions, MMAs) as a
+rough proxy of the unpacking cost. A config that does not compile is a FAIL row and exit status 1: the
 lowering errors a GPU run could only report, found at no GPU time. Register counts and the
 warnings are those of this machine's Triton, which may differ from the GPU's.
 """
@@ -43,6 +45,9 @@ VARIANTS = [
     ("int8 row", "mm8", {**P8, "a_ptr": "*i8", "b_ptr": "*i8"}, dict(A_MODE=1, B_MODE=1, GROUP=128, ACC_INT=True)),
     ("int4-g128", "wonly", {**P4, "s_ptr": "*fp32"}, dict(FORMAT=0, GROUP=128)),
     ("mxfp4", "wonly", {**P4, "s_ptr": "*u8"}, dict(FORMAT=1, GROUP=32)),
+    # the factored kernels (tuning.FACTORED "only": their own lists, M <= 16; off by default when serving)
+    ("int4 fac", "wonly", {**P4, "s_ptr": "*fp32"}, dict(FORMAT=0, GROUP=128, FACTORED=True)),
+    ("mxfp4 fac", "wonly", {**P4, "s_ptr": "*u8"}, dict(FORMAT=1, GROUP=32, FACTORED=True)),
 ]  # fmt: skip
 
 
@@ -57,6 +62,19 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         if cfg.path == "gemv":
             return k.gemv8, common
         return k.mm8, dict(common, FAST_ACC=False, BLOCK_M=cfg.bm, GROUP_M=cfg.group_m, PROMOTE=min(bk, 128))
+    fixed = {n: v for n, v in fixed.items() if n != "FACTORED"}
+    if cfg.path in (
+        "ftile",
+        "ftilej",
+        "fgemv",
+    ):  # as _fastpath._factored: whole groups per step; words or bytes
+        bk = -(-max(cfg.bk, fixed["GROUP"]) // fixed["GROUP"]) * fixed["GROUP"]
+        fac = dict(fixed, HAS_BIAS=False, SPLIT_OUT=split, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=bk)
+        if cfg.path == "fgemv":
+            return k.gemv4f, fac
+        return k.wonly_fac, dict(
+            fac, DOT_IEEE=False, PLANES=planes(fixed["GROUP"]), BLOCK_M=cfg.bm, JOIN=cfg.path == "ftilej"
+        )
     common = dict(fixed, HAS_BIAS=False, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk)
     if cfg.path == "gemv":
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
@@ -73,6 +91,31 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     kern = k.wonly_fused if cfg.path == "fused" else k.wonly_fast
     return kern, dict(common, DOT_IEEE=False, EMULATE_RNE=False, SPLIT_OUT=split, BLOCK_M=cfg.bm,
                       GROUP_M=cfg.group_m)  # fmt: skip
+
+
+def planes(group: int) -> int:
+    """Nibbles per element the factored tile kernel reads: int32 words when a group is >= 128."""
+    return 8 if group // 8 >= 16 else 2
+
+
+def sass_ops(cubin: Path) -> str:
+    """The static SASS instruction count and the integer / conversion / MMA share (cuobjdump), a
+    rough proxy of the unpacking cost; empty when cuobjdump is missing or fails."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return ""
+    try:
+        r = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", r.stdout)
+    if not ops:
+        return ""
+    conv = sum(o in ("F2F", "I2F", "F2I", "I2FP", "F2FP") for o in ops)
+    mma = sum(o.startswith(("HMMA", "HGMMA", "WGMMA")) for o in ops)
+    return f" sass {len(ops)} (cvt {conv}, mma {mma})"
 
 
 def compile_one(
@@ -121,11 +164,12 @@ def compile_one(
         (Path(d) / "k.ptx").write_text(ck.asm["ptx"])
         r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
                            capture_output=True, text=True, timeout=120)  # fmt: skip
+        ops = sass_ops(Path(d) / "k.cubin") if r.returncode == 0 else ""
     regs = re.search(r"Used (\d+) registers", r.stderr)
     spill = re.search(r"(\d+) bytes spill stores", r.stderr)
     serial = " wgmma-serialized" if "C7514" in r.stderr else ""
     return (f"regs {regs.group(1) if regs else '?'} spill {spill.group(1) if spill else '?'} B "
-            f"smem {ck.metadata.shared}{serial}")  # fmt: skip
+            f"smem {ck.metadata.shared}{serial}{ops}")  # fmt: skip
 
 
 def attention_variants() -> list[tuple[str, dict, dict, set]]:
@@ -217,7 +261,7 @@ def main() -> int:
         "--only",
         nargs="+",
         default=None,
-        help="only these config paths (tile gemv gemvg gemvw fused deq deqb)",
+        help="only these config paths (tile gemv gemvg gemvw fused deq deqb ftile ftilej fgemv)",
     )
     ap.add_argument(
         "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm, rotary)"
@@ -234,12 +278,21 @@ def main() -> int:
     seen: set = set()
     for label, kind, ptrs, fixed in VARIANTS:
         for m in args.m:
-            for cfg in tuning.candidates("hopper", kind, m, 4096, 4096):
+            tuning.FACTORED = "only" if fixed.get("FACTORED") else "off"
+            cands = (
+                tuning.candidates("hopper", kind, m, 4096, 4096)
+                if m <= 16 or not fixed.get("FACTORED")
+                else []
+            )
+            tuning.FACTORED = None
+            for cfg in cands:
                 if args.only and cfg.path not in args.only:
                     continue
                 fn, consts = kernel_and_consts(k, kind, cfg, fixed, m)
                 cptrs = ptrs  # this config's pointer types (the variant's, unless its kernel differs)
-                if cfg.path == "gemvw":
+                if cfg.path in ("gemvw", "fgemv") or (
+                    cfg.path in ("ftile", "ftilej") and planes(fixed["GROUP"]) == 8
+                ):
                     cptrs = {**ptrs, "w_ptr": "*i32"}
                 if cfg.path == "deqb":
                     cptrs = {**ptrs, "o_ptr": "*bf16"}

@@ -725,8 +725,245 @@ def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
 
 
+# ----------------------------------------------------------------------------- factored 4-bit (opt-in)
+# DIFFTEST_TRITON_FACTORED_4BIT=1 lets the tuner choose these (quant/tuning.py); off by default.
+# For each K group g: acc += scale_g * dot(x_g, q_g), q_g the raw nibble values, exact in any
+# 16-bit float, so nothing is rounded per weight and the scale is applied once per group and
+# output instead of once per weight. int4's zero point is a correction: the weight operand is
+# 16 + q (the nibble dropped into the mantissa of 16.0, no int-to-float conversion), and
+# dot(x, q - z) = dot(x, 16 + q) - (16 + z) * sum(x_g) (the tile kernel: a second dot of x with
+# the constant -(16 + z); the GEMV: a second pass over the groups' x sums). Numerically this is the golden's own
+# math without its per-weight rounding to x's dtype: it differs from it at the weights'
+# unit-roundoff level (bench/gemm.py checks it against the float64 of the unrounded weights).
+def _nib_operand(q, DT: tl.constexpr):
+    """A nibble 0..15 (int32) -> 16 + q in dtype DT, exactly, by bits: q in the mantissa of 16.0
+    (bf16 0x4180, unit 2**-3; fp16 0x4C00, unit 2**-6; fp32 0x41800000, unit 2**-19)."""
+    if DT == tl.bfloat16:  # noqa: SIM300
+        v = ((q << 3) | 0x4180).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif DT == tl.float16:  # noqa: SIM300
+        v = ((q << 6) | 0x4C00).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        v = ((q << 19) | 0x41800000).to(tl.float32, bitcast=True)
+    return v
+
+
+def _e2m1_operand(q, DT: tl.constexpr):
+    """A 4-bit e2m1 code -> its value in dtype DT, exactly, by bits (`_e2m1_to_f32`'s assembly in
+    16 bits): magnitude code i >= 2 is (i << MANT-1) + bits(0.5); codes 0 and 1 (0 and 0.5) are
+    i * bits(0.5), which is the smaller of the two exactly for i < 2 -- a min, no compare-select."""
+    idx = q & 7
+    if DT == tl.bfloat16:  # noqa: SIM300
+        b = tl.minimum((idx << 6) + 0x3F00, idx * 0x3F00) | ((q & 8) << 12)
+        v = b.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif DT == tl.float16:  # noqa: SIM300
+        b = tl.minimum((idx << 9) + 0x3800, idx * 0x3800) | ((q & 8) << 12)
+        v = b.to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        v = _e2m1_to_f32(q)
+    return v
+
+
+def _fac_plane(e, J: tl.constexpr, FORMAT: tl.constexpr, DT: tl.constexpr):
+    """Nibble plane J of the elements `e` (int32) as a dot operand of dtype DT: int4 16 + q, mxfp4 e2m1(q)."""
+    q = (e >> (4 * J)) & 15
+    if FORMAT == 0:  # noqa: SIM108
+        v = _nib_operand(q, DT)
+    else:
+        v = _e2m1_operand(q, DT)
+    return v
+
+
+def _fac_dot(a, b, acc, DOT_IEEE: tl.constexpr):
+    """acc + a @ b: fp32 x, or bf16 x in the interpreter (whose bf16 tl.dot is broken), in an exact fp32 dot."""
+    if DOT_IEEE:  # noqa: SIM108
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+def _wonly_fac_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
+                      sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
+                      FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
+                      SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, PLANES: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN: tl.constexpr = False):  # fmt: skip
+    """Factored 4-bit GEMM for small M (<= BLOCK_M = 16): the weight is the dot's left operand.
+
+    out^T tile [BLOCK_N, BLOCK_M] = W_tile @ x^T ("swap AB"): the weight rows fill the MMA's large
+    dimension (a 16-row activation tile would waste it), and the unpacked weight feeds the dot
+    from registers. w_ptr holds PLANES nibbles per element: int32 words (PLANES 8, the packed
+    weight viewed as [N, K/8]) or bytes (PLANES 2); nibble j of element i is k = PLANES * i + j
+    (little-endian, low nibble first). Plane j of one group -- [BLOCK_N, GROUP / PLANES] nibbles,
+    the dot's depth (>= 16) -- meets x at those k, so the nibbles are never interleaved. Grid
+    (N / BLOCK_N, splits, M / BLOCK_M); split-K as `_wonly_kernel` (K_PER a multiple of BLOCK_K,
+    BLOCK_K a multiple of GROUP). Weights past K are read as zeros and meet x masked to 0.
+    JOIN ("ftilej"): the planes are joined back in registers to [BLOCK_N, GROUP] in k order (a
+    tree of tl.join, no data movement inside a thread) for one dot per group against one
+    K-contiguous x tile -- one operand staging and one MMA chain per group instead of one per plane.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = offs_m % M
+    rn = offs_n % N
+    offs_d = tl.arange(0, GROUP // PLANES)
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    w_rows = w_ptr + rn[:, None] * swn
+    x_cols = x_ptr + rm[None, :] * sxm
+    s_rows = s_ptr + rn * ssn
+    z_rows = z_ptr + rn * szn
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        for gg in tl.static_range(BLOCK_K // GROUP):
+            kg = k0 + gg * GROUP
+            kk = kg + PLANES * offs_d  # the k of each element's nibble 0
+            g = kg // GROUP
+            if EVEN_K:
+                e = tl.load(w_rows + (kg // PLANES + offs_d)[None, :] * swk).to(tl.int32)
+            else:
+                e = tl.load(w_rows + (kg // PLANES + offs_d)[None, :] * swk, mask=(kk < K)[None, :], other=0)
+                e = e.to(tl.int32)
+                g = tl.minimum(g, (K - 1) // GROUP)  # a group past K: a valid one; its x are 0
+            s = tl.load(s_rows + g * ssg)
+            part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            if FORMAT == 0:  # -(16 + z) as a dot operand (an integer <= 31: exact in any float)
+                zz = tl.load(z_rows + g * szg).to(tl.float32) + 16.0
+                negz = tl.broadcast_to((0.0 - zz)[:, None], (BLOCK_N, GROUP // PLANES if not JOIN else GROUP))
+                negz = negz.to(x_ptr.dtype.element_ty)
+            if JOIN:
+                # planes j = 0..7 joined so that the flattened index is PLANES * i + j: the last
+                # join takes the even planes first, the one inside it j mod 4 in {0, 1} first, ...
+                if PLANES == 8:
+                    wv = tl.join(
+                        tl.join(tl.join(_fac_plane(e, 0, FORMAT, x_ptr.dtype.element_ty),
+                                        _fac_plane(e, 4, FORMAT, x_ptr.dtype.element_ty)),
+                                tl.join(_fac_plane(e, 2, FORMAT, x_ptr.dtype.element_ty),
+                                        _fac_plane(e, 6, FORMAT, x_ptr.dtype.element_ty))),
+                        tl.join(tl.join(_fac_plane(e, 1, FORMAT, x_ptr.dtype.element_ty),
+                                        _fac_plane(e, 5, FORMAT, x_ptr.dtype.element_ty)),
+                                tl.join(_fac_plane(e, 3, FORMAT, x_ptr.dtype.element_ty),
+                                        _fac_plane(e, 7, FORMAT, x_ptr.dtype.element_ty))))  # fmt: skip
+                else:
+                    wv = tl.join(_fac_plane(e, 0, FORMAT, x_ptr.dtype.element_ty),
+                                 _fac_plane(e, 1, FORMAT, x_ptr.dtype.element_ty))  # fmt: skip
+                wv = tl.reshape(wv, (BLOCK_N, GROUP))
+                kx = kg + tl.arange(0, GROUP)
+                if EVEN_K:
+                    xt = tl.load(x_cols + kx[:, None] * sxk)  # [GROUP, BLOCK_M]: x^T, k order
+                else:
+                    xt = tl.load(x_cols + kx[:, None] * sxk, mask=(kx < K)[:, None], other=0.0)
+                part = _fac_dot(wv, xt, part, DOT_IEEE)
+                if FORMAT == 0:  # the zero point: a second MMA on the same x, no per-weight op
+                    part = _fac_dot(negz, xt, part, DOT_IEEE)
+            else:
+                for j in tl.static_range(PLANES):
+                    wv = _fac_plane(e, j, FORMAT, x_ptr.dtype.element_ty)
+                    if EVEN_K:
+                        xt = tl.load(x_cols + (kk + j)[:, None] * sxk)  # [depth, BLOCK_M]: x^T
+                    else:
+                        xt = tl.load(x_cols + (kk + j)[:, None] * sxk, mask=(kk + j < K)[:, None], other=0.0)
+                    part = _fac_dot(wv, xt, part, DOT_IEEE)
+                    if FORMAT == 0:  # the zero point: a second MMA on the same x, no per-weight op
+                        part = _fac_dot(negz, xt, part, DOT_IEEE)
+            if FORMAT == 0:
+                acc += part * s.to(tl.float32)[:, None]
+            else:
+                acc += part * _e8m0_to_f32(s)[:, None]
+    out = tl.trans(acc)
+    if SPLIT_OUT:
+        _split_store(out, ws_ptr, pid_k, offs_m, offs_n, M, N)
+    else:
+        _epilogue(out, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+
+
+def _gemv4f_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
+                   sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
+                   FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):  # fmt: skip
+    """Factored `_gemv4w_kernel` (same arguments, int32 words, split-K contract; no rounding flag).
+
+    Per nibble: a shift, a mask-or (int4: 16 + q as fp32 bits, `_nib_operand`) and an FMA with its
+    x into a per-word accumulator; per word and K step (8 nibbles of one group): the scale, int4
+    acc += s * sum_j x_j (16 + q_j), mxfp4 acc += 2**e * sum_j x_j e2m1_j -- once per 8 weights
+    instead of once per weight. Reduced once at the end, as `_gemv4w_kernel`; int4's zero point
+    (and the 16) then leave in a second, short pass over the same groups: sum_g s (16 + z) sum x."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    offs_g = tl.arange(0, BLOCK_K // GROUP)
+    jw = offs_g[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]  # [groups, GROUP/8] words
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    w_rows = w_ptr + rn[:, None, None] * swn
+    x_row = x_ptr + row * sxm
+    s_rows = s_ptr + rn[:, None] * ssn
+    z_rows = z_ptr + rn[:, None] * szn
+    acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP, GROUP // 8], dtype=tl.float32)
+    kw = (k_lo + 8 * jw)[None, :, :]
+    if EVEN_K:  # noqa: SIM108
+        word = tl.load(w_rows + (k_lo // 8 + jw)[None, :, :] * swk)
+    else:
+        word = tl.load(w_rows + (k_lo // 8 + jw)[None, :, :] * swk, mask=kw < K, other=0)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kw = (k0 + 8 * jw)[None, :, :]
+        gi = k0 // GROUP + offs_g
+        if EVEN_K:
+            kn = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
+            word_next = tl.load(w_rows + (kn // 8 + jw)[None, :, :] * swk)
+        else:
+            kn = k0 + BLOCK_K + 8 * jw[None, :, :]
+            word_next = tl.load(w_rows + ((k0 + BLOCK_K) // 8 + jw)[None, :, :] * swk, mask=kn < K, other=0)
+            gi = tl.minimum(gi, (K - 1) // GROUP)
+        s = tl.load(s_rows + gi[None, :] * ssg)
+        accw = tl.zeros([BLOCK_N, BLOCK_K // GROUP, GROUP // 8], dtype=tl.float32)
+        for j in tl.static_range(8):
+            if EVEN_K:
+                xj = tl.load(x_row + (kw + j) * sxk).to(tl.float32)
+            else:
+                xj = tl.load(x_row + (kw + j) * sxk, mask=kw < K, other=0.0).to(tl.float32)
+            q = (word >> (4 * j)) & 15
+            if FORMAT == 0:
+                accw += _nib_operand(q, tl.float32) * xj
+            elif E2M1_F16:
+                accw += _e2m1_to_f32_h(q) * xj
+            else:
+                accw += _e2m1_to_f32(q) * xj
+        if FORMAT == 0:
+            acc += accw * s.to(tl.float32)[:, :, None]
+        else:
+            acc += accw * _e8m0_to_f32(s)[:, :, None]
+        word = word_next
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if FORMAT == 0:
+        # the zero points, once per group and row: out -= sum_g s_g (16 + z_g) sum_{k in g} x_k, over
+        # the same K range (x re-read from cache as [groups, GROUP] tiles: one reduction per step)
+        offs_x = tl.arange(0, GROUP)
+        corr = tl.zeros([BLOCK_N, BLOCK_K // GROUP], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            gi = k0 // GROUP + offs_g
+            kx = k0 + offs_g[:, None] * GROUP + offs_x[None, :]
+            if EVEN_K:
+                xs = tl.sum(tl.load(x_row + kx * sxk).to(tl.float32), axis=1)
+            else:
+                xs = tl.sum(tl.load(x_row + kx * sxk, mask=kx < K, other=0.0).to(tl.float32), axis=1)
+                gi = tl.minimum(gi, (K - 1) // GROUP)  # a group past K: a valid one; its x sum is 0
+            zz = tl.load(z_rows + gi[None, :] * szg).to(tl.float32) + 16.0
+            corr += tl.load(s_rows + gi[None, :] * ssg).to(tl.float32) * zz * xs[None, :]
+        out = out - tl.sum(corr, axis=1)
+    if FORMAT == 1 and E2M1_F16:
+        out = out * 16384.0
+    _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
+
+
 HELPERS = ("_scale_out", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
-           "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h")  # fmt: skip
+           "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
+           "_nib_operand", "_e2m1_operand", "_fac_plane", "_fac_dot")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",
@@ -739,4 +976,6 @@ KERNELS = (
     "_wonly_fused_kernel",
     "_gemv4g_kernel",
     "_gemv4w_kernel",
+    "_wonly_fac_kernel",
+    "_gemv4f_kernel",
 )

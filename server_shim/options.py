@@ -84,7 +84,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "fused_decode", BOOLEAN, False,
-        "CUDA decode steps attend through one Triton kernel (experimental, also: DIFFTEST_FUSED_DECODE=1)",
+        "CUDA decode steps run attention, RMSNorm and rotary as one Triton kernel each (experimental, also: DIFFTEST_FUSED_DECODE=1)",
     ),
     Option("max_waiting", INTEGER, 256, "sequences queued behind the running batch before requests get 429", minimum=1),
     Option("max_body_bytes", INTEGER, 8 * 2**20, "largest request body, on every route (413 past it)", minimum=1),

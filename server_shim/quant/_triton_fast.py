@@ -659,6 +659,20 @@ def _gemv4g_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
 
 
+def _gemv4w_words(w_rows, k0, jw, K, swk, EVEN_K: tl.constexpr):
+    """The int32 words of K step k0 ([BLOCK_N, groups, GROUP/8]); past K: 0 (EVEN_K: never)."""
+    if EVEN_K:
+        return tl.load(w_rows + (k0 // 8 + jw)[None, :, :] * swk)
+    return tl.load(w_rows + (k0 // 8 + jw)[None, :, :] * swk, mask=(k0 + 8 * jw)[None, :, :] < K, other=0)
+
+
+def _gemv4w_x(x_row, k, inside, sxk, EVEN_K: tl.constexpr):
+    """x at k as float32, 0 where not `inside` (EVEN_K: every k is)."""
+    if EVEN_K:
+        return tl.load(x_row + k * sxk).to(tl.float32)
+    return tl.load(x_row + k * sxk, mask=inside, other=0.0).to(tl.float32)
+
+
 def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                    sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
                    FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -682,20 +696,14 @@ def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     s_rows = s_ptr + rn[:, None] * ssn
     z_rows = z_ptr + rn[:, None] * szn
     acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP, GROUP // 8], dtype=tl.float32)
-    kw = (k_lo + 8 * jw)[None, :, :]
-    if EVEN_K:  # noqa: SIM108
-        word = tl.load(w_rows + (k_lo // 8 + jw)[None, :, :] * swk)
-    else:
-        word = tl.load(w_rows + (k_lo // 8 + jw)[None, :, :] * swk, mask=kw < K, other=0)
+    word = _gemv4w_words(w_rows, k_lo, jw, K, swk, EVEN_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kw = (k0 + 8 * jw)[None, :, :]
         gi = k0 // GROUP + offs_g
-        if EVEN_K:
-            kn = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
-            word_next = tl.load(w_rows + (kn // 8 + jw)[None, :, :] * swk)
+        if EVEN_K:  # the next step's words, loaded a step ahead (the last step reloads its own)
+            word_next = _gemv4w_words(w_rows, tl.minimum(k0 + BLOCK_K, K - BLOCK_K), jw, K, swk, EVEN_K)
         else:
-            kn = k0 + BLOCK_K + 8 * jw[None, :, :]
-            word_next = tl.load(w_rows + ((k0 + BLOCK_K) // 8 + jw)[None, :, :] * swk, mask=kn < K, other=0)
+            word_next = _gemv4w_words(w_rows, k0 + BLOCK_K, jw, K, swk, EVEN_K)
             gi = tl.minimum(gi, (K - 1) // GROUP)
         s = tl.load(s_rows + gi[None, :] * ssg)
         if FORMAT == 0:
@@ -704,10 +712,7 @@ def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
         else:
             s3 = _e8m0_to_f32(s)[:, :, None]
         for j in tl.static_range(8):
-            if EVEN_K:
-                xj = tl.load(x_row + (kw + j) * sxk).to(tl.float32)
-            else:
-                xj = tl.load(x_row + (kw + j) * sxk, mask=kw < K, other=0.0).to(tl.float32)
+            xj = _gemv4w_x(x_row, kw + j, kw < K, sxk, EVEN_K)
             q = (word >> (4 * j)) & 15
             if FORMAT == 0:
                 wv = ((q | 0x4B000000).to(tl.float32, bitcast=True) - zb) * s3
@@ -905,28 +910,19 @@ def _gemv4f_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     s_rows = s_ptr + rn[:, None] * ssn
     z_rows = z_ptr + rn[:, None] * szn
     acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP, GROUP // 8], dtype=tl.float32)
-    kw = (k_lo + 8 * jw)[None, :, :]
-    if EVEN_K:  # noqa: SIM108
-        word = tl.load(w_rows + (k_lo // 8 + jw)[None, :, :] * swk)
-    else:
-        word = tl.load(w_rows + (k_lo // 8 + jw)[None, :, :] * swk, mask=kw < K, other=0)
+    word = _gemv4w_words(w_rows, k_lo, jw, K, swk, EVEN_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kw = (k0 + 8 * jw)[None, :, :]
         gi = k0 // GROUP + offs_g
-        if EVEN_K:
-            kn = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
-            word_next = tl.load(w_rows + (kn // 8 + jw)[None, :, :] * swk)
+        if EVEN_K:  # the next step's words, loaded a step ahead (the last step reloads its own)
+            word_next = _gemv4w_words(w_rows, tl.minimum(k0 + BLOCK_K, K - BLOCK_K), jw, K, swk, EVEN_K)
         else:
-            kn = k0 + BLOCK_K + 8 * jw[None, :, :]
-            word_next = tl.load(w_rows + ((k0 + BLOCK_K) // 8 + jw)[None, :, :] * swk, mask=kn < K, other=0)
+            word_next = _gemv4w_words(w_rows, k0 + BLOCK_K, jw, K, swk, EVEN_K)
             gi = tl.minimum(gi, (K - 1) // GROUP)
         s = tl.load(s_rows + gi[None, :] * ssg)
         accw = tl.zeros([BLOCK_N, BLOCK_K // GROUP, GROUP // 8], dtype=tl.float32)
         for j in tl.static_range(8):
-            if EVEN_K:
-                xj = tl.load(x_row + (kw + j) * sxk).to(tl.float32)
-            else:
-                xj = tl.load(x_row + (kw + j) * sxk, mask=kw < K, other=0.0).to(tl.float32)
+            xj = _gemv4w_x(x_row, kw + j, kw < K, sxk, EVEN_K)
             q = (word >> (4 * j)) & 15
             if FORMAT == 0:
                 accw += _nib_operand(q, tl.float32) * xj
@@ -963,7 +959,7 @@ def _gemv4f_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 
 HELPERS = ("_scale_out", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
-           "_nib_operand", "_e2m1_operand", "_fac_plane", "_fac_dot")  # fmt: skip
+           "_nib_operand", "_e2m1_operand", "_fac_plane", "_fac_dot", "_gemv4w_words", "_gemv4w_x")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

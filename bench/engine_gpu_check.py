@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,6 +62,17 @@ RESULT: dict = {"checks": {}, "throughput": [], "started": time.strftime("%Y-%m-
 
 class Timeout(Exception):
     pass
+
+
+def timed_batches(
+    engines: dict[str, Engine], batches: list[int], tokens: int, deadline: float
+) -> Iterator[dict]:
+    """A row per batch size, every engine's tok/s and ms/step in it, until the time budget is spent."""
+    for b in batches:
+        if time.monotonic() > deadline:
+            print(f"(time budget spent: batch {b} and later skipped)")
+            return
+        yield {"batch": b, **{m: bench_engine(eng, prompts(b), tokens, None) for m, eng in engines.items()}}
 
 
 def save(path: Path) -> None:
@@ -165,13 +177,8 @@ def throughput(loaded, batches: list[int], tokens: int, deadline: float, hf: boo
     try:
         if hf:
             bench_hf(loaded, prompts(2), 4)
-        for b in batches:
-            if time.monotonic() > deadline:
-                print(f"(time budget spent: batch {b} and later skipped)")
-                break
-            row: dict = {"batch": b}
-            for m, eng in engines.items():
-                row[m] = bench_engine(eng, prompts(b), tokens, None)
+        for row in timed_batches(engines, batches, tokens, deadline):
+            b = row["batch"]
             row["hf_tok_s"] = bench_hf(loaded, prompts(b), tokens) if hf else None
             RESULT["throughput"].append(row)
             g, e = row["graph"], row["eager"]
@@ -239,13 +246,8 @@ def fused_throughput(loaded, batches: list[int], tokens: int, deadline: float) -
     )
     rows = RESULT.setdefault("fused_throughput", [])
     try:
-        for b in batches:
-            if time.monotonic() > deadline:
-                print(f"(time budget spent: batch {b} and later skipped)")
-                break
-            row: dict = {"batch": b}
-            for m, eng in engines.items():
-                row[m] = bench_engine(eng, prompts(b), tokens, None)
+        for row in timed_batches(engines, batches, tokens, deadline):
+            b = row["batch"]
             rows.append(row)
             p, f = row["plain"], row["fused"]
             print(f"{b:>5}  {p['tok_s']:>11.1f}  {p['ms_step']:>7.2f}  {f['tok_s']:>11.1f}  {f['ms_step']:>7.2f}  "

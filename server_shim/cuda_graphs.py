@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from server_shim.switches import env_switch
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def graphs_wanted(device: torch.device, option: bool | None = None) -> bool:
         return False
     if option is not None:
         return option
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_switch(ENV, True)
 
 
 class DecodeGraphs:

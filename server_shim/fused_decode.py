@@ -32,7 +32,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import os
 import sys
 import threading
 import types
@@ -44,6 +43,8 @@ import torch
 from torch import Tensor
 
 from server_shim import fused_kernels
+from server_shim.quant.arch import triton_available
+from server_shim.switches import env_switch
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +68,9 @@ _UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias", 
 def fused_wanted(device: torch.device, option: bool | None = None) -> bool:
     """On when the option (or, when it is None, `DIFFTEST_FUSED_DECODE=1`) asks for it and Triton
     can run on the device: a CUDA GPU, or the CPU with TRITON_INTERPRET=1 (tests only)."""
-    want = (
-        option
-        if option is not None
-        else os.environ.get(ENV, "0").strip().lower() in ("1", "true", "yes", "on")
-    )
+    want = option if option is not None else env_switch(ENV, False)
     if not want:
         return False
-    from server_shim.quant.arch import triton_available
-
     if not triton_available(device):
         logger.warning("fused decode asked for, but Triton cannot run on %s: plain decode", device)
         return False
@@ -233,7 +228,7 @@ def uninstall(model: torch.nn.Module) -> None:
 def norms_wanted() -> bool:
     """The norm half of the path (on with it unless DIFFTEST_FUSED_NORM=0: a switch of its own, so
     that a misbehaving norm kernel on a GPU does not take the attention kernel down with it)."""
-    return os.environ.get(NORM_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_switch(NORM_ENV, True)
 
 
 def _norm_forward(self: torch.nn.Module, hidden_states: Tensor) -> Tensor:
@@ -244,28 +239,21 @@ def _norm_forward(self: torch.nn.Module, hidden_states: Tensor) -> Tensor:
     return type(self).forward(self, hidden_states)
 
 
-def _llama_norm_code() -> tuple:
+def install_norms(model: torch.nn.Module) -> int:
+    """Route every norm module whose forward is LlamaRMSNorm's (the same function by `_code_key`, as
+    for rotary: Llama's and the copies in Qwen2, Mistral, DeepSeek ... modeling files; not Gemma's
+    1 + weight) through `_norm_forward`, as an instance attribute: module names, hooks and
+    `__call__` stay as they were. Returns how many modules now take it."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    c = LlamaRMSNorm.forward.__code__
-    return c.co_code, c.co_consts, c.co_names, c.co_varnames
-
-
-def install_norms(model: torch.nn.Module) -> int:
-    """Route every norm module whose forward is LlamaRMSNorm's (the same bytecode: Llama's and the
-    copies in Qwen2, Mistral, DeepSeek ... modeling files; not Gemma's 1 + weight) through
-    `_norm_forward`, as an instance attribute: module names, hooks and `__call__` stay as they
-    were. Returns how many modules now take it."""
-    want = _llama_norm_code()
+    want = _code_key(LlamaRMSNorm.forward)
+    if want is None:
+        return 0
     n = 0
     for m in model.modules():
-        fwd = getattr(type(m), "forward", None)
-        code = getattr(fwd, "__code__", None)
-        if code is None or not isinstance(getattr(m, "weight", None), torch.Tensor):
+        if not isinstance(getattr(m, "weight", None), torch.Tensor) or not hasattr(m, "variance_epsilon"):
             continue
-        if (code.co_code, code.co_consts, code.co_names, code.co_varnames) != want:
-            continue
-        if not hasattr(m, "variance_epsilon"):
+        if _code_key(getattr(type(m), "forward", None)) != want:
             continue
         if "forward" not in m.__dict__:
             m.forward = types.MethodType(_norm_forward, m)
@@ -281,7 +269,7 @@ _ROPE_MARK = "_difftest_fused_rope"  # set on the wrapper; its __wrapped__ is th
 
 def rope_wanted() -> bool:
     """The rotary half of the path (on with it unless DIFFTEST_FUSED_ROPE=0: its own switch, as the norm's)."""
-    return os.environ.get(ROPE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_switch(ROPE_ENV, True)
 
 
 def _code_key(fn: Any) -> tuple | None:

@@ -19,7 +19,6 @@ that `_build()` decorates on first use, once per mode.
 
 from __future__ import annotations
 
-import os
 import threading
 from types import SimpleNamespace
 from typing import Any
@@ -27,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from server_shim.quant.arch import triton_interpreting
+
 __all__ = [
     "decode_attention",
-    "interpreting",
     "reference_decode_attention",
     "reference_rotary",
     "rms_norm",
@@ -146,14 +146,10 @@ def _rotary_kernel(
     tl.store(ko_at + (c[None, :] + HALF) * spd, o2, mask=mk)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _build() -> SimpleNamespace:
     """Decorate the kernel for this process's mode (compiled, or interpreted on CPU tensors)."""
     global tl
-    interp = interpreting()
+    interp = triton_interpreting()
     with _lock:
         if interp in _built:
             return _built[interp]

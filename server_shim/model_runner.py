@@ -65,7 +65,7 @@ class DecodeStep:
 
 class ModelRunner:
     def __init__(self, loaded, *, max_rows: int, cuda_graphs: bool, fused: bool = False) -> None:  # noqa: ANN001
-        """fused: decode steps attend (and RMSNorm) through fused_decode.py's kernels (the caller
+        """fused: decode steps run attention, RMSNorm and rotary through fused_decode.py's kernels (the caller
         asked `fused_decode.fused_wanted`); a failed self-check on the device leaves them plain, loudly."""
         model = loaded.model
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model

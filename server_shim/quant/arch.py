@@ -57,7 +57,12 @@ def triton_available(device: torch.device | str) -> bool:
         return False
     if torch.device(device).type == "cuda":
         return torch.cuda.is_available()
-    return torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return torch.device(device).type == "cpu" and triton_interpreting()
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET is on: kernels run in Triton's interpreter, on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def vendor_supports(scheme: str, device: torch.device | str) -> tuple[bool, str]:

@@ -34,6 +34,7 @@ from server_shim.errors import QuantConfigError
 from server_shim.quant import _fastpath
 from server_shim.quant import _triton_fast as _fast
 from server_shim.quant import _triton_kernels as _src
+from server_shim.quant.arch import triton_interpreting
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ def impl() -> str:
     return name
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _build() -> SimpleNamespace:
     """Decorate the kernel bodies once; autotune only when compiling for a GPU."""
     global _built
@@ -95,7 +92,7 @@ def _build() -> SimpleNamespace:
         for name, fn in _fast.PLAIN_HELPERS.items():
             setattr(_fast, name, triton.jit(fn))
         fast = {name: triton.jit(getattr(_fast, name)) for name in _fast.KERNELS}
-        interp = _interpreting()
+        interp = triton_interpreting()
         quant = triton.jit(_src._quant_act_kernel)
         gemm = triton.jit(_src._scaled_gemm_kernel)
         wonly = triton.jit(_src._wonly_gemm_kernel)
@@ -149,7 +146,7 @@ def _ready(*tensors: torch.Tensor | None) -> SimpleNamespace:
         )
     if dev.type not in ("cpu", "cuda"):
         raise _fail(f"triton kernels run on cuda/rocm or cpu (interpreter), not {dev.type}")
-    if dev.type == "cpu" and not _interpreting():
+    if dev.type == "cpu" and not triton_interpreting():
         raise _fail("triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is first imported")
     if dev.type == "cpu":
         import triton.language.standard as std

@@ -125,18 +125,25 @@ class EngineSteps:
         self._prefill_skips += 1
         return False
 
+    def _failed_alone(self, seqs: list[Seq], what: str, exc: Exception) -> bool:
+        """Log a forward over `seqs` that raised; when they all belong to one request there is no
+        neighbour to shield, so that request gets the error here (True)."""
+        requests = len({id(s.handle) for s in seqs})
+        logger.error(
+            "model worker failed on %s of %d sequences (%d requests): %r", what, len(seqs), requests, exc,
+            exc_info=exc if requests == 1 else None,
+        )  # fmt: skip
+        if requests != 1:
+            return False
+        for s in seqs:
+            self._fail(s, exc)
+        return True
+
     def _prefill_failed(self, items: list, exc: Exception) -> None:
         """A chunk failed (a bug, or an input that breaks the model): one request must not fail
         its neighbours. With several requests in the chunk, each one's prefill is redone alone
         (re-writing the same cache cells is harmless); one that fails alone gets the error."""
-        handles = {id(it.seq.handle): it.seq.handle for it in items}
-        logger.error(
-            "model worker failed on a prefill chunk of %d sequences (%d requests): %r", len(items), len(handles), exc,
-            exc_info=exc if len(handles) == 1 else None,
-        )  # fmt: skip
-        if len(handles) == 1:
-            for it in items:
-                self._fail(it.seq, exc)
+        if self._failed_alone([it.seq for it in items], "a prefill chunk", exc):
             return
         for it in items:
             it.seq.solo, it.seq.cached, it.seq.prompt_logits = True, 0, []
@@ -228,17 +235,10 @@ class EngineSteps:
     def _decode_failed(self, live: list[Seq], exc: Exception) -> list[Entry]:
         """A decode step failed: each request's rows run again alone (a step's cache writes are
         idempotent); a request that fails alone, or that was alone, gets the error."""
-        handles = {id(s.handle): s.handle for s in live}
-        logger.error(
-            "model worker failed on a decode step of %d sequences (%d requests): %r", len(live), len(handles), exc,
-            exc_info=exc if len(handles) == 1 else None,
-        )  # fmt: skip
-        if len(handles) == 1:
-            for s in live:
-                self._fail(s, exc)
+        if self._failed_alone(live, "a decode step", exc):
             return []
         entries: list[Entry] = []
-        for handle in handles.values():
+        for handle in {id(s.handle): s.handle for s in live}.values():
             mine = [s for s in live if s.handle is handle]
             try:
                 step, rows, t0 = self._decode(mine)

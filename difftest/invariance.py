@@ -59,6 +59,7 @@ class InvarianceResult:
     baseline: str = ""
     baseline_worst: float | None = None
     baseline_token_failures: int = 0
+    baseline_draws: int = 0  # how many slot checks of the baseline (and its twin) set the two above
     # the golden against its rounding twin on the same probe (difftest.null): what a correct
     # kernel's worth of per-module rounding moves it. A correct kernel whose rounding depends on
     # the batch shape (most GPU GEMMs pick tiles by M) moves between slots by that much.
@@ -76,6 +77,10 @@ class InvarianceResult:
             return True
         m = s.margin_at_difference
         return self.tie_margin is not None and m is not None and m <= self.tie_margin
+
+    @property
+    def _draws(self) -> str:
+        return f" (worst of {self.baseline_draws} draws)" if self.baseline_draws > 1 else ""
 
     @property
     def worst_logprob_diff(self) -> float:
@@ -100,12 +105,15 @@ class InvarianceResult:
             return PartVerdict("invariance", "", (), skipped="no batch placement could be measured")
         limit, note = self.tolerance, "chosen-token logprob vs slot 0"
         if self.baseline_worst is not None and 3 * self.baseline_worst > limit:
-            limit, note = 3 * self.baseline_worst, f"{note}; 3x {self.baseline}'s own slot variance"
+            limit, note = (
+                3 * self.baseline_worst,
+                f"{note}; 3x {self.baseline}'s own slot variance{self._draws}",
+            )
         if self.twin_logprob_diff is not None and 3 * self.twin_logprob_diff > limit:
             limit, note = 3 * self.twin_logprob_diff, f"{note}; 3x the twin's difference from {self.baseline}"
         tokens_allowed = self.baseline_token_failures
         token_note = f"same prompt at {len(measured)} batch placements" + (
-            f"; {self.baseline} itself: {tokens_allowed}" if self.baseline else ""
+            f"; {self.baseline} itself: {tokens_allowed}{self._draws}" if self.baseline else ""
         )
         if self.tie_margin is not None:
             token_note += f"; flips within the null's TIE margin {self.tie_margin:.3g} nats are ties"
@@ -121,13 +129,20 @@ class InvarianceResult:
         )  # fmt: skip
         return PartVerdict("invariance", self.baseline, checks)
 
-    def relative_to(self, baseline: InvarianceResult, name: str) -> InvarianceResult:
-        """This target's result judged against server `name`'s own slot variance `baseline`."""
-        if baseline.skipped or not any(s.error is None for s in baseline.slots):
+    def relative_to(self, name: str, *draws: InvarianceResult) -> InvarianceResult:
+        """This target's result judged against the worst of `draws`: baseline server `name`'s own
+        slot variance measured more than once (and on its rounding twin, the same scheme). The
+        variance is a max over placements whose batch neighbours depend on timing, and under
+        per-tensor activation scales the neighbours change the probe's quantization grid: one draw
+        of that max is a weak null (measured: a correct fp8-tensor target in bfloat16 moved 0.65
+        nats where its golden's one draw moved 0.11)."""
+        measured = [d for d in draws if not d.skipped and any(s.error is None for s in d.slots)]
+        if not measured:
             return self
         self.baseline = name
-        self.baseline_worst = baseline.worst_logprob_diff
-        self.baseline_token_failures = baseline.token_failures
+        self.baseline_worst = max(d.worst_logprob_diff for d in measured)
+        self.baseline_token_failures = max(d.token_failures for d in measured)
+        self.baseline_draws = len(measured)
         return self
 
 

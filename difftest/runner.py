@@ -75,6 +75,7 @@ class _Pair:
 
 CHUNK_PROMPTS = 256  # prompts generated, forced and scored together before their raw responses go
 FLOOR_PROMPTS = 64  # prompts of the first chunk the goldens' in-run A/A floor is measured on
+SLOT_BASELINE_DRAWS = 2  # the baseline's own batch-slot checks a target's slot variance is judged against
 
 
 def _spend(spent: dict[str, float], name: str, since: float) -> float:
@@ -361,7 +362,13 @@ async def _whitebox(
             twin = eps[tcfg.twin.name] if tcfg.twin is not None and tcfg.golden is not None else None
 
             async def measure(base: Endpoint = eps[base_name], twin: Endpoint | None = twin) -> tuple:
-                own = await check_batch_slots(base, prompts, **slot_args)
+                # the baseline's own slot variance, drawn twice (one after the other: each draw's
+                # placements are the other's batch neighbours otherwise) and once on its twin
+                own = [
+                    await check_batch_slots(base, prompts, **slot_args) for _ in range(SLOT_BASELINE_DRAWS)
+                ]
+                if twin is not None:
+                    own.append(await check_batch_slots(twin, prompts, **slot_args))
                 twin_slots = await twin_difference(base, twin, prompts, **slot_args) if twin else None
                 return own, twin_slots
 
@@ -369,7 +376,7 @@ async def _whitebox(
         inv = await check_batch_slots(tgt, prompts, **slot_args)
         own, twin_slots = await slot_baselines[base_name]
         margin = tie_margin(null, overrides)[0] if twin_slots else None
-        with_twin(inv.relative_to(own, base_name), twin_slots, margin)
+        with_twin(inv.relative_to(base_name, *own), twin_slots, margin)
         result.invariance = inv.to_dict()
         parts.append(inv.verdict())
     if cfg.run.whitebox == "off":

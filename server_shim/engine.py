@@ -101,7 +101,8 @@ class Engine(EngineSteps):
         """cuda_graphs: None = on for CUDA unless DIFFTEST_CUDA_GRAPHS=0. buckets: decode row
         counts (default 1, 2, 4, ... on CUDA, exact counts on the CPU). prefill_chunk: prompt
         tokens per prefill forward (default 2048 on CUDA, 512 on the CPU). fused_decode: None =
-        off unless DIFFTEST_FUSED_DECODE=1 (fused_decode.py: decode attention in one Triton kernel)."""
+        on for CUDA unless DIFFTEST_FUSED_DECODE=0 (fused_decode.py: decode attention, norms and rotary
+        in one Triton kernel each)."""
         self.loaded = loaded
         self.batch_invariant = batch_invariant
         self.max_batch_size = 1 if batch_invariant else max_batch_size

@@ -16,7 +16,7 @@ themselves; `kv_len` = a bucket of the longest position. With the same rows and 
 eager body and its captured graph launch the same kernels on the same shapes, so their greedy
 tokens are the same (checked on a GPU by bench/engine_gpu_check.py).
 
-With `fused` (off by default), the decode body runs inside `fused_decode.decode_context`: the
+With `fused` (on by default on a GPU), the decode body runs inside `fused_decode.decode_context`: the
 attention modules' registered function takes one Triton kernel that reads each row's position
 from the static input, RMSNorm modules one kernel each, and the modeling file's rotate-half
 `apply_rotary_pos_emb` one kernel for q and k; prefill stays on HF's attention and rotary.

@@ -83,8 +83,9 @@ OPTIONS: tuple[Option, ...] = (
         spec=True,
     ),
     Option(
-        "fused_decode", BOOLEAN, False,
-        "CUDA decode steps run attention, RMSNorm and rotary as one Triton kernel each (experimental, also: DIFFTEST_FUSED_DECODE=1)",
+        "no_fused_decode", BOOLEAN, False,
+        "decode on a GPU through the model's own attention, RMSNorm and rotary instead of one Triton kernel each (also: DIFFTEST_FUSED_DECODE=0)",
+        spec=True,
     ),
     Option("max_waiting", INTEGER, 256, "sequences queued behind the running batch before requests get 429", minimum=1),
     Option("max_body_bytes", INTEGER, 8 * 2**20, "largest request body, on every route (413 past it)", minimum=1),

@@ -52,7 +52,7 @@ def build_engine(opts: ServeOptions) -> Engine:  # type: ignore[valid-type]
         max_batch_size=opts.max_batch_size,
         max_waiting=opts.max_waiting,
         cuda_graphs=False if opts.no_cuda_graphs else None,  # None: on for CUDA unless the env says 0
-        fused_decode=True if opts.fused_decode else None,  # None: off unless DIFFTEST_FUSED_DECODE=1
+        fused_decode=False if opts.no_fused_decode else None,  # None: on for CUDA unless the env says 0
     )
     if opts.max_model_len is not None:
         if opts.max_model_len > engine.context_length:

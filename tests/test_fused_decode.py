@@ -278,17 +278,39 @@ def test_self_check_and_the_runner_falling_back(monkeypatch: pytest.MonkeyPatch,
         eng.close()
 
 
-def test_switch_off_by_default(monkeypatch: pytest.MonkeyPatch, engine: Engine) -> None:
+def test_switch_on_for_gpus_off_for_the_cpu(monkeypatch: pytest.MonkeyPatch, engine: Engine) -> None:
+    """Default: on where a GPU runs Triton (measured faster, graph == eager), off on the CPU, where
+    Triton only interprets; the env and the option override it."""
     monkeypatch.delenv(fused_decode.ENV, raising=False)
     assert not fused_decode.fused_wanted(torch.device("cpu"))
-    assert not fused_decode.fused_wanted(torch.device("cuda"))  # decided before any CUDA query
-    assert BY_NAME["fused_decode"].default is False
-    assert not engine.runner.fused  # conftest's engine: built with defaults
+    monkeypatch.setattr(fused_decode, "triton_available", lambda device: True)  # as on a GPU box
+    assert fused_decode.fused_wanted(torch.device("cuda"))
+    assert not fused_decode.fused_wanted(torch.device("cuda"), False)  # serve --no-fused-decode
+    monkeypatch.setenv(fused_decode.ENV, "0")
+    assert not fused_decode.fused_wanted(torch.device("cuda"))
+    monkeypatch.undo()
+    monkeypatch.delenv(fused_decode.ENV, raising=False)
+    assert BY_NAME["no_fused_decode"].default is False and BY_NAME["no_fused_decode"].spec
+    assert not engine.runner.fused  # conftest's engine: built with defaults, on the CPU
     monkeypatch.setenv(fused_decode.ENV, "1")
     assert fused_decode.fused_wanted(torch.device("cpu"))  # TRITON_INTERPRET=1 here
     assert not fused_decode.fused_wanted(torch.device("cpu"), False)  # the option wins
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not fused_decode.fused_wanted(torch.device("cpu"))  # a CPU server: no Triton, plain
+    if not torch.cuda.is_available():
+        monkeypatch.delenv(fused_decode.ENV, raising=False)
+        assert not fused_decode.fused_wanted(torch.device("cuda"))  # asked by default, no GPU: plain
+
+
+def test_serve_flag_turns_it_off() -> None:
+    import argparse
+
+    from server_shim.options import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--model", "m", "--no-fused-decode"]).no_fused_decode is True
+    assert parser.parse_args(["--model", "m"]).no_fused_decode is False
 
 
 def test_eager_models_fall_back_to_their_own_eager_attention() -> None:

@@ -76,12 +76,30 @@ def test_verdict_absolute_when_no_baseline() -> None:
 
 def test_verdict_relative_to_the_baselines_own_slot_variance() -> None:
     # the golden itself moves 0.05 between slots -> limit max(0.05, 3 x 0.05) = 0.15
-    target = result(0.12).relative_to(result(0.05), "golden")
+    target = result(0.12).relative_to("golden", result(0.05))
     assert target.verdict().passed and target.verdict().against == "golden"
-    assert not result(0.2).relative_to(result(0.05), "golden").verdict().passed
+    assert not result(0.2).relative_to("golden", result(0.05)).verdict().passed
     # token flips are allowed only as often as the golden flips
-    assert not result(0.0, same=False).relative_to(result(0.0), "golden").verdict().passed
-    assert result(0.0, same=False).relative_to(result(0.0, same=False), "golden").verdict().passed
+    assert not result(0.0, same=False).relative_to("golden", result(0.0)).verdict().passed
+    assert result(0.0, same=False).relative_to("golden", result(0.0, same=False)).verdict().passed
+
+
+def test_the_baseline_variance_is_the_worst_of_its_draws() -> None:
+    """A max over placements whose neighbours depend on timing: one draw is a weak null. Draws
+    0.05, 0.11 (golden again) and 0.02 (its twin) -> limit 3 x 0.11 = 0.33, said in the note."""
+    draws = (result(0.05), result(0.11), result(0.02))
+    target = result(0.3).relative_to("golden", *draws)
+    assert target.baseline_worst == 0.11 and target.baseline_draws == 3
+    check = next(c for c in target.verdict().checks if c.name == "slot_logprob_max_diff")
+    assert check.limit == pytest.approx(0.33) and check.passed and "worst of 3 draws" in check.note
+    assert not result(0.34).relative_to("golden", *draws).verdict().passed
+    # one draw that flipped its one placement allows one flip; skipped / failed draws count nothing
+    flips = result(0.0, same=False).relative_to("golden", result(0.0), result(0.0, same=False))
+    assert flips.verdict().passed and flips.baseline_token_failures == 1
+    failed = InvarianceResult("p", 0.05, [SlotResult("slot 1", False, None, 9.0, error="boom")])
+    lone = result(0.2).relative_to("golden", result(0.05), failed, InvarianceResult("p", 0.05, skipped="x"))
+    assert lone.baseline_draws == 1 and not lone.verdict().passed  # 0.2 > 3 x 0.05
+    assert result(0.2).relative_to("golden").baseline == ""  # nothing measured: judged alone
 
 
 def test_skipped_and_errored_placements_never_pass_silently() -> None:

@@ -60,6 +60,8 @@ class InvarianceResult:
     baseline_worst: float | None = None
     baseline_token_failures: int = 0
     baseline_draws: int = 0  # how many slot checks of the baseline (and its twin) set the two above
+    baseline_draw_worst: list[float] = field(default_factory=list)  # each draw's worst logprob move
+    baseline_draw_flips: list[int] = field(default_factory=list)  # each draw's flips outside the TIE margin
     # the golden against its rounding twin on the same probe (difftest.null): what a correct
     # kernel's worth of per-module rounding moves it. A correct kernel whose rounding depends on
     # the batch shape (most GPU GEMMs pick tiles by M) moves between slots by that much.
@@ -89,7 +91,12 @@ class InvarianceResult:
 
     @property
     def token_failures(self) -> int:
-        return sum(1 for s in self.slots if s.error is None and not s.same_tokens and not self.is_tie(s))
+        return self.flips(self.slots)
+
+    def flips(self, slots: Sequence[SlotResult]) -> int:
+        """Placements of `slots` whose tokens differ from slot 0 outside a tie, by this result's
+        TIE margin: the target's and its baseline's flips are counted by one rule."""
+        return sum(1 for s in slots if s.error is None and not s.same_tokens and not self.is_tie(s))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {
@@ -121,6 +128,9 @@ class InvarianceResult:
         if self.twin_flips_tokens:  # a correct kernel's worth of rounding already flips this probe
             tokens_allowed, informative = len(measured), False
             token_note += "; the rounding twin flips this probe's tokens: a flip proves nothing"
+        elif tokens_allowed >= len(measured):  # the baseline flips every placement: cannot fail
+            informative = False
+            token_note += f"; {self.baseline} flips every placement itself: a flip proves nothing"
         checks = (
             Check("slot_token_mismatches", float(self.token_failures), float(tokens_allowed), "<=",
                   self.token_failures <= tokens_allowed, note=token_note, informative=informative),
@@ -135,14 +145,17 @@ class InvarianceResult:
         variance is a max over placements whose batch neighbours depend on timing, and under
         per-tensor activation scales the neighbours change the probe's quantization grid: one draw
         of that max is a weak null (measured: a correct fp8-tensor target in bfloat16 moved 0.65
-        nats where its golden's one draw moved 0.11)."""
+        nats where its golden's one draw moved 0.11). Call it after `with_twin`: the draws' flips
+        are counted with the TIE margin, like the target's."""
         measured = [d for d in draws if not d.skipped and any(s.error is None for s in d.slots)]
         if not measured:
             return self
         self.baseline = name
-        self.baseline_worst = max(d.worst_logprob_diff for d in measured)
-        self.baseline_token_failures = max(d.token_failures for d in measured)
         self.baseline_draws = len(measured)
+        self.baseline_draw_worst = [d.worst_logprob_diff for d in measured]
+        self.baseline_draw_flips = [self.flips(d.slots) for d in measured]
+        self.baseline_worst = max(self.baseline_draw_worst)
+        self.baseline_token_failures = max(self.baseline_draw_flips)
         return self
 
 

@@ -376,7 +376,7 @@ async def _whitebox(
         inv = await check_batch_slots(tgt, prompts, **slot_args)
         own, twin_slots = await slot_baselines[base_name]
         margin = tie_margin(null, overrides)[0] if twin_slots else None
-        with_twin(inv.relative_to(base_name, *own), twin_slots, margin)
+        with_twin(inv, twin_slots, margin).relative_to(base_name, *own)  # draws' flips by the TIE margin
         result.invariance = inv.to_dict()
         parts.append(inv.verdict())
     if cfg.run.whitebox == "off":

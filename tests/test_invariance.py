@@ -102,6 +102,30 @@ def test_the_baseline_variance_is_the_worst_of_its_draws() -> None:
     assert result(0.2).relative_to("golden").baseline == ""  # nothing measured: judged alone
 
 
+def test_baseline_flips_are_counted_by_the_targets_tie_rule() -> None:
+    """The golden's flips at a margin within the TIE margin are ties for it too: they must not
+    widen the target's allowance (measured on an H200: a bf16 fp8-tensor golden flipped 2-4 of 4
+    placements per draw, which allowed a target every flip)."""
+
+    def flipped(margin: float) -> InvarianceResult:
+        slots = [SlotResult(f"slot {i}", False, 3, 0.0, margin_at_difference=margin) for i in (1, 3)]
+        return InvarianceResult("p", 0.05, slots)
+
+    target = flipped(0.9)  # the target flips both placements at a wide margin: a real flip
+    target.tie_margin = 0.5
+    thin = target.relative_to("golden", flipped(0.1), flipped(0.2))
+    assert thin.baseline_draw_flips == [0, 0] and thin.baseline_token_failures == 0
+    check = next(c for c in thin.verdict().checks if c.name == "slot_token_mismatches")
+    assert check.value == 2 and check.limit == 0 and not check.passed and check.informative
+    # a baseline that flips every placement outside the margin: the check cannot fail -> not informative
+    wide = flipped(0.9)
+    wide.tie_margin = 0.5
+    wide.relative_to("golden", flipped(0.1), flipped(0.7))
+    check = next(c for c in wide.verdict().checks if c.name == "slot_token_mismatches")
+    assert wide.baseline_draw_flips == [0, 2] and check.passed and not check.informative
+    assert "flips every placement itself" in check.note
+
+
 def test_skipped_and_errored_placements_never_pass_silently() -> None:
     v = InvarianceResult("p", 0.05, skipped="no logprobs").verdict()
     assert v.skipped and not v.checks

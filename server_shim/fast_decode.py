@@ -3,9 +3,9 @@
 Every generated token is decoded a few times (its piece, and one per top-k alternative:
 detok.py). Through transformers' `decode` / `batch_decode` each call costs ~20 us of Python
 argument handling around a ~5 us Rust call; at batch 128 that alone is several ms per step, more
-than the GPU's step. `tokenizers.Tokenizer.decode_batch` gives the same strings for a fast
-tokenizer with `clean_up_tokenization_spaces=False` (what detok.py asks for); `backend_decoder`
-checks that on probe ids at start and otherwise keeps the HF tokenizer.
+than the GPU's step. `tokenizers.Tokenizer.decode` gives the same strings for a fast tokenizer
+with `clean_up_tokenization_spaces=False` (what detok.py asks for); `backend_decoder` checks that
+on probe ids at start and otherwise keeps the HF tokenizer.
 """
 
 from __future__ import annotations
@@ -35,13 +35,17 @@ class BackendDecoder:
         clean_up_tokenization_spaces: bool = False,
     ) -> list[str]:
         assert not clean_up_tokenization_spaces
-        return self._backend.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+        # one `decode` per sequence, not `decode_batch`: that one fans the few short sequences of a
+        # token's piece and alternatives out over rayon's thread pool, whose wake-ups cost more than
+        # the decoding (bench/detok.py: 2x slower idle, 4-6x with another process on the cores)
+        decode = self._backend.decode
+        return [decode(ids, skip_special_tokens=skip_special_tokens) for ids in seqs]
 
 
 def backend_decoder(tokenizer: Any) -> Any:
     """A BackendDecoder when it decodes probe ids exactly as `tokenizer` does, else `tokenizer`."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not hasattr(backend, "decode_batch"):
+    if backend is None or not hasattr(backend, "decode"):
         return tokenizer
     fast = BackendDecoder(backend)
     vocab = int(getattr(tokenizer, "vocab_size", 0) or 0) + len(

@@ -1,6 +1,6 @@
 """The /debug/* routes: white-box access to one model for the layer differ and the quant audit.
 
-    GET  /debug/config            what runs where: dtype, device, arch, every module's kind (+ quant info)
+    GET  /debug/config            what runs where: dtype, device, arch, decode path, every module's kind (+ quant info)
     POST /debug/activations       per-point tensors of one sequence (prefill and N greedy decode steps)
     POST /debug/module            replay one module on a caller-supplied input (local vs inherited error)
     GET  /debug/quant/{module}    a quantized module's stored weight, scales and declared layout
@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "create_debug_router",
     "debug_config",
+    "decode_path",
     "device_arch",
     "parse_safetensors",
     "quant_tensors",
@@ -172,7 +173,17 @@ def quant_tensors(loaded: Any, name: str) -> bytes:
     return st_save(tensors, metadata={str(k): str(v) for k, v in mod.stored_metadata().items()})
 
 
-def debug_config(loaded: Any) -> dict[str, Any]:
+def decode_path(engine: Any) -> dict[str, bool]:
+    """How the engine's decode steps run. The paths round differently, so a server restarted on
+    another one is another build: /debug/config says it, and `--resume` (identity.py) sees it."""
+    runner = getattr(engine, "runner", None)
+    return {
+        "cuda_graphs": getattr(runner, "graphs", None) is not None,
+        "fused": bool(getattr(runner, "fused", False)),
+    }
+
+
+def debug_config(loaded: Any, engine: Any = None) -> dict[str, Any]:
     return {
         "model": loaded.name,
         "dtype": str(loaded.dtype).removeprefix("torch."),
@@ -182,6 +193,7 @@ def debug_config(loaded: Any) -> dict[str, Any]:
         "context_length": loaded.context_length,
         "quant": getattr(loaded, "quant", "none"),  # the scheme (faults are never revealed)
         "rounding_noise": getattr(loaded, "rounding_noise", 0.0),  # > 0: a rounding twin
+        "decode": decode_path(engine),
         "points": list_points(loaded.model),
         "modules": {n: _module_info(k, m) for n, (k, m) in list_modules(loaded.model).items()},
     }
@@ -228,7 +240,7 @@ def create_debug_router(
 
     @router.get(P.CONFIG, responses=openapi.ERRORS)
     async def config() -> Response:
-        return JSONResponse(await engine.run_exclusive(lambda: debug_config(engine.loaded)))
+        return JSONResponse(await engine.run_exclusive(lambda: debug_config(engine.loaded, engine)))
 
     @router.post(
         P.ACTIVATIONS, responses=openapi.octet(), openapi_extra=openapi.json_body(ActivationsRequest)

@@ -170,6 +170,7 @@ async def test_config(tiny_moe: LoadedModel) -> None:
     cfg = r.json()
     assert cfg["model"] == "tiny-moe" and cfg["dtype"] == "float32" and cfg["num_layers"] == 4
     assert cfg["arch"] == "cpu"
+    assert cfg["decode"] == {"cuda_graphs": False, "fused": False}  # the CPU: eager, HF's attention
     mods = cfg["modules"]
     assert mods["model.layers.0"]["kind"] == "block"
     assert mods["model.layers.1.self_attn"]["kind"] == "attention"

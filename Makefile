@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/serve.py
 	$(PY) bench/differ.py
 	$(PY) bench/activations.py
+	$(PY) bench/detok.py --busy 1
 	$(PY) bench/gemm.py  # GPU only: says so and exits 0 on a CPU machine
 
 # The GPU gate (needs one CUDA / ROCm GPU): every correct target PASS, both negative controls FAIL,

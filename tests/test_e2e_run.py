@@ -33,6 +33,13 @@ def test_ci_small_config_passes_its_gate(tmp_path: Path) -> None:
     assert "gate PASS" in proc.stdout
     skipped = next(t for t in report["targets"] if t["name"] == "fp8-block-skipped")
     assert any("scales look skipped" in (d.get("summary") or "") for d in skipped["layers"])
+    # the batch-slot check is judged against three draws of the golden's own slot variance
+    # (twice the golden, once its twin), each reported; the limit is the worst of them
+    for t in report["targets"]:
+        inv = t["invariance"]
+        assert inv["baseline"] == "fp8-block-golden" and inv["baseline_draws"] == 3
+        assert len(inv["baseline_draw_worst"]) == len(inv["baseline_draw_flips"]) == 3
+        assert inv["baseline_worst"] == max(inv["baseline_draw_worst"])
     for name in ("report.md", "report.html", "junit.xml"):
         assert (out / name).stat().st_size > 0
 

@@ -50,7 +50,6 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "create_debug_router",
     "debug_config",
-    "decode_path",
     "device_arch",
     "parse_safetensors",
     "quant_tensors",
@@ -173,17 +172,10 @@ def quant_tensors(loaded: Any, name: str) -> bytes:
     return st_save(tensors, metadata={str(k): str(v) for k, v in mod.stored_metadata().items()})
 
 
-def decode_path(engine: Any) -> dict[str, bool]:
-    """How the engine's decode steps run. The paths round differently, so a server restarted on
-    another one is another build: /debug/config says it, and `--resume` (identity.py) sees it."""
-    runner = getattr(engine, "runner", None)
-    return {
-        "cuda_graphs": getattr(runner, "graphs", None) is not None,
-        "fused": bool(getattr(runner, "fused", False)),
-    }
-
-
-def debug_config(loaded: Any, engine: Any = None) -> dict[str, Any]:
+def debug_config(engine: Any) -> dict[str, Any]:
+    """`decode` says how the engine's decode steps run: the paths round differently, so a server
+    restarted on another one is another build, and `--resume` (identity.py) sees it."""
+    loaded = engine.loaded
     return {
         "model": loaded.name,
         "dtype": str(loaded.dtype).removeprefix("torch."),
@@ -193,7 +185,7 @@ def debug_config(loaded: Any, engine: Any = None) -> dict[str, Any]:
         "context_length": loaded.context_length,
         "quant": getattr(loaded, "quant", "none"),  # the scheme (faults are never revealed)
         "rounding_noise": getattr(loaded, "rounding_noise", 0.0),  # > 0: a rounding twin
-        "decode": decode_path(engine),
+        "decode": {"cuda_graphs": engine.runner.graphs is not None, "fused": engine.runner.fused},
         "points": list_points(loaded.model),
         "modules": {n: _module_info(k, m) for n, (k, m) in list_modules(loaded.model).items()},
     }
@@ -240,7 +232,7 @@ def create_debug_router(
 
     @router.get(P.CONFIG, responses=openapi.ERRORS)
     async def config() -> Response:
-        return JSONResponse(await engine.run_exclusive(lambda: debug_config(engine.loaded, engine)))
+        return JSONResponse(await engine.run_exclusive(lambda: debug_config(engine)))
 
     @router.post(
         P.ACTIVATIONS, responses=openapi.octet(), openapi_extra=openapi.json_body(ActivationsRequest)

@@ -673,6 +673,19 @@ def _gemv4w_x(x_row, k, inside, sxk, EVEN_K: tl.constexpr):
     return tl.load(x_row + k * sxk, mask=inside, other=0.0).to(tl.float32)
 
 
+def _gemv4w_next(w_rows, k0, jw, offs_g, K, swk, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):  # fmt: skip
+    """The next K step's words, loaded a step ahead (EVEN_K: the last step reloads its own), and
+    this step's group indices (clamped inside K where K is ragged)."""
+    gi = k0 // GROUP + offs_g
+    if EVEN_K:
+        word_next = _gemv4w_words(w_rows, tl.minimum(k0 + BLOCK_K, K - BLOCK_K), jw, K, swk, EVEN_K)
+    else:
+        word_next = _gemv4w_words(w_rows, k0 + BLOCK_K, jw, K, swk, EVEN_K)
+        gi = tl.minimum(gi, (K - 1) // GROUP)
+    return word_next, gi
+
+
 def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                    sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
                    FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -699,12 +712,7 @@ def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     word = _gemv4w_words(w_rows, k_lo, jw, K, swk, EVEN_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kw = (k0 + 8 * jw)[None, :, :]
-        gi = k0 // GROUP + offs_g
-        if EVEN_K:  # the next step's words, loaded a step ahead (the last step reloads its own)
-            word_next = _gemv4w_words(w_rows, tl.minimum(k0 + BLOCK_K, K - BLOCK_K), jw, K, swk, EVEN_K)
-        else:
-            word_next = _gemv4w_words(w_rows, k0 + BLOCK_K, jw, K, swk, EVEN_K)
-            gi = tl.minimum(gi, (K - 1) // GROUP)
+        word_next, gi = _gemv4w_next(w_rows, k0, jw, offs_g, K, swk, GROUP, BLOCK_K, EVEN_K)
         s = tl.load(s_rows + gi[None, :] * ssg)
         if FORMAT == 0:
             s3 = s.to(tl.float32)[:, :, None]
@@ -913,12 +921,7 @@ def _gemv4f_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     word = _gemv4w_words(w_rows, k_lo, jw, K, swk, EVEN_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kw = (k0 + 8 * jw)[None, :, :]
-        gi = k0 // GROUP + offs_g
-        if EVEN_K:  # the next step's words, loaded a step ahead (the last step reloads its own)
-            word_next = _gemv4w_words(w_rows, tl.minimum(k0 + BLOCK_K, K - BLOCK_K), jw, K, swk, EVEN_K)
-        else:
-            word_next = _gemv4w_words(w_rows, k0 + BLOCK_K, jw, K, swk, EVEN_K)
-            gi = tl.minimum(gi, (K - 1) // GROUP)
+        word_next, gi = _gemv4w_next(w_rows, k0, jw, offs_g, K, swk, GROUP, BLOCK_K, EVEN_K)
         s = tl.load(s_rows + gi[None, :] * ssg)
         accw = tl.zeros([BLOCK_N, BLOCK_K // GROUP, GROUP // 8], dtype=tl.float32)
         for j in tl.static_range(8):
@@ -959,7 +962,7 @@ def _gemv4f_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 
 HELPERS = ("_scale_out", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
-           "_nib_operand", "_e2m1_operand", "_fac_plane", "_fac_dot", "_gemv4w_words", "_gemv4w_x")  # fmt: skip
+           "_nib_operand", "_e2m1_operand", "_fac_plane", "_fac_dot", "_gemv4w_words", "_gemv4w_x", "_gemv4w_next")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

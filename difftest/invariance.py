@@ -57,11 +57,10 @@ class InvarianceResult:
     # the same probe on the baseline (golden, else reference): its own slot variance is noise of
     # the serving stack (fp16 GEMMs pick other kernels per batch shape), not the target's bug
     baseline: str = ""
-    baseline_worst: float | None = None
-    baseline_token_failures: int = 0
-    baseline_draws: int = 0  # how many slot checks of the baseline (and its twin) set the two above
-    baseline_draw_worst: list[float] = field(default_factory=list)  # each draw's worst logprob move
-    baseline_draw_flips: list[int] = field(default_factory=list)  # each draw's flips outside the TIE margin
+    # one entry per slot check of the baseline (and of its twin): its worst logprob move, and its
+    # flips outside the TIE margin; the target is judged against the worst of them
+    baseline_draw_worst: list[float] = field(default_factory=list)
+    baseline_draw_flips: list[int] = field(default_factory=list)
     # the golden against its rounding twin on the same probe (difftest.null): what a correct
     # kernel's worth of per-module rounding moves it. A correct kernel whose rounding depends on
     # the batch shape (most GPU GEMMs pick tiles by M) moves between slots by that much.
@@ -79,6 +78,18 @@ class InvarianceResult:
             return True
         m = s.margin_at_difference
         return self.tie_margin is not None and m is not None and m <= self.tie_margin
+
+    @property
+    def baseline_draws(self) -> int:
+        return len(self.baseline_draw_worst)
+
+    @property
+    def baseline_worst(self) -> float | None:
+        return max(self.baseline_draw_worst, default=None)
+
+    @property
+    def baseline_token_failures(self) -> int:
+        return max(self.baseline_draw_flips, default=0)
 
     @property
     def _draws(self) -> str:
@@ -102,6 +113,9 @@ class InvarianceResult:
         return asdict(self) | {
             "worst_logprob_diff": self.worst_logprob_diff,
             "token_failures": self.token_failures,
+            "baseline_draws": self.baseline_draws,
+            "baseline_worst": self.baseline_worst,
+            "baseline_token_failures": self.baseline_token_failures,
         }
 
     def verdict(self) -> PartVerdict:
@@ -151,11 +165,8 @@ class InvarianceResult:
         if not measured:
             return self
         self.baseline = name
-        self.baseline_draws = len(measured)
         self.baseline_draw_worst = [d.worst_logprob_diff for d in measured]
         self.baseline_draw_flips = [self.flips(d.slots) for d in measured]
-        self.baseline_worst = max(self.baseline_draw_worst)
-        self.baseline_token_failures = max(self.baseline_draw_flips)
         return self
 
 

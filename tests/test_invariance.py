@@ -159,7 +159,7 @@ def test_twin_widens_the_slot_limits_of_a_batch_variant_but_correct_kernel() -> 
     def result() -> InvarianceResult:
         r = InvarianceResult("p0", 0.05, slots=[SlotResult("batch slot 1 of 4", False, 3, 0.11),
                                                  SlotResult("batch slot 3 of 4", True, None, 0.02)])  # fmt: skip
-        r.baseline, r.baseline_worst, r.baseline_token_failures = "golden", 0.0, 0
+        r.baseline, r.baseline_draw_worst, r.baseline_draw_flips = "golden", [0.0], [0]
         return r
 
     before = result().verdict()
@@ -186,7 +186,7 @@ def test_slot_flips_within_the_nulls_tie_margin_are_ties() -> None:
             SlotResult("concurrent request 1 of 4", False, 5, 0.02, margin_at_difference=0.30),
         ]
         r = InvarianceResult("p0", 0.05, slots=slots)
-        r.baseline, r.baseline_worst, r.baseline_token_failures = "golden", 0.0, 0
+        r.baseline, r.baseline_draw_worst, r.baseline_draw_flips = "golden", [0.0], [0]
         return r
 
     twin = SlotResult("rounding twin of golden", True, None, 0.01)  # the twin does not flip this probe

@@ -453,6 +453,8 @@ def test_factored_switch_is_off_by_default_and_on_with_the_env(monkeypatch: pyte
     monkeypatch.setattr(tuning, "FACTORED", None)
     monkeypatch.setenv(tuning.FACTORED_ENV, "0")
     assert tuning.factored_mode() == "off"
+    monkeypatch.setenv(tuning.FACTORED_ENV, "off")  # the shim's one switch rule: off means off
+    assert tuning.factored_mode() == "off"
     # the dispatch: the choice is cached under its own key (never served once the switch is off) and
     # a factored candidate the tuner picks runs the factored kernel (here: the cpu list's last one)
     seen: list[tuple[str, list[tuning.Cfg]]] = []

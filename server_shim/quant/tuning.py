@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from server_shim.switches import env_switch
+
 logger = logging.getLogger(__name__)
 
 
@@ -157,8 +159,9 @@ TABLES = {"hopper": _HOPPER, "ampere": _AMPERE, "cdna": _CDNA}
 
 # The factored 4-bit kernels (_triton_fast.py `_wonly_fac_kernel` "ftile", `_gemv4f_kernel` "fgemv"),
 # plus "ftilej", the same tile with its planes joined back to k order (one dot per group), M <= 16
-# only. Not yet measured on a GPU, so the tuner sees them only when env
-# DIFFTEST_TRITON_FACTORED_4BIT=1 (then they join the lists; the tuner times and checks them like
+# only. Measured on an H200 (README, GEMM kernels) slower than the unfactored ones, so the tuner
+# sees them only when env DIFFTEST_TRITON_FACTORED_4BIT=1 (read by switches.env_switch, as every
+# on/off switch of the shim; then they join the lists; the tuner times and checks them like
 # the others), or when FACTORED says so ("only": nothing else, which is how bench/gemm.py times
 # them as rows of their own). "ftile" tiles are [16 activation rows, bn weight rows, bk]: bn >= 64
 # fills the MMA's large dimension with weight rows; bk is rounded up to a multiple of the group.
@@ -174,11 +177,7 @@ _FACTORED_GEMV = _t("fgemv", (1, 8, 1024, 4, 1), (1, 16, 1024, 4, 1), (1, 8, 204
 
 def factored_mode() -> str:
     """ "off" (the default), "on" or "only"; see FACTORED."""
-    mode = (
-        FACTORED
-        if FACTORED is not None
-        else ("on" if os.environ.get(FACTORED_ENV, "0") not in ("", "0") else "off")
-    )
+    mode = FACTORED if FACTORED is not None else ("on" if env_switch(FACTORED_ENV, False) else "off")
     if mode not in ("off", "on", "only"):
         raise ValueError(f"tuning.FACTORED must be off, on or only, got {mode!r}")
     return mode

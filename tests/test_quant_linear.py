@@ -93,6 +93,12 @@ def test_backend_policy_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(QuantConfigError, match="ck-free"):
         quantize_model(model, scheme="int8", backend="vendor")
     assert isinstance(model[0], nn.Linear)  # nothing swapped when the config is refused
+    from server_shim.quant.linear import ck_free_from_env
+
+    for value, want in (("true", True), ("on", True), ("0", False), ("off", False)):  # env_switch's rule
+        monkeypatch.setenv("DIFFTEST_CK_FREE", value)
+        assert ck_free_from_env(None) is want
+    assert ck_free_from_env(False) is False  # an explicit option wins over the environment
 
 
 def test_quantize_model_swaps_in_place_keeping_names(tiny_llama: LoadedModel) -> None:

@@ -35,6 +35,7 @@ from server_shim.quant import _fastpath
 from server_shim.quant import _triton_fast as _fast
 from server_shim.quant import _triton_kernels as _src
 from server_shim.quant.arch import triton_interpreting
+from server_shim.switches import env_switch
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +85,9 @@ def _build() -> SimpleNamespace:
         _fast.tl = language
         # DIFFTEST_TRITON_GROUP_BCAST=0: the per-element scale gathers of 4-bit tiles spanning several
         # groups instead of the broadcast (a fallback should a triton build not lower that reshape)
-        _fast.GROUP_BCAST = language.constexpr(os.environ.get("DIFFTEST_TRITON_GROUP_BCAST", "1") != "0")
+        _fast.GROUP_BCAST = language.constexpr(env_switch("DIFFTEST_TRITON_GROUP_BCAST", True))
         # DIFFTEST_TRITON_E2M1_F16=0: mxfp4 codes decoded by fp32 bit assembly (the previous, longer way)
-        _fast.E2M1_F16 = language.constexpr(os.environ.get("DIFFTEST_TRITON_E2M1_F16", "1") != "0")
+        _fast.E2M1_F16 = language.constexpr(env_switch("DIFFTEST_TRITON_E2M1_F16", True))
         for name in _fast.SHARED:
             setattr(_fast, name, getattr(_src, name))
         for name, fn in _fast.PLAIN_HELPERS.items():

@@ -26,6 +26,7 @@ from server_shim.errors import QuantConfigError
 from server_shim.quant import arch
 from server_shim.quant import formats as F
 from server_shim.quant.faults import NO_FAULTS, FaultSet, read_act_scale, read_weight, resolve_faults
+from server_shim.switches import env_switch
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ _VENDOR_PATHS = ("fp8-tensor", "fp8-token", "int8")
 
 
 def ck_free_from_env(ck_free: bool | None) -> bool:
-    return ck_free if ck_free is not None else os.environ.get("DIFFTEST_CK_FREE", "") == "1"
+    return ck_free if ck_free is not None else env_switch("DIFFTEST_CK_FREE", False)
 
 
 def load_kernels(device: torch.device) -> ModuleType:

@@ -27,7 +27,7 @@ Fallback if graphs fail on the device: serve with `--no-cuda-graphs` or DIFFTEST
      kernel rounds differently, so not required equal; FAIL only when the prefix is under half
      or a logprob differs by more than 1 nat: numbers that wrong mean a broken kernel);
   d. tok/s and ms/step at batch 1/32/128, plain graph engine vs fused graph engine.
-Fallback if the fused path misbehaves: leave DIFFTEST_FUSED_DECODE unset (it is off by default).
+Fallback if the fused path misbehaves: serve with `--no-fused-decode` or DIFFTEST_FUSED_DECODE=0 (it is on by default on a GPU).
 `--device cpu --model tiny-llama` runs the same flow on a CPU (graph and eager are both eager).
 """
 

@@ -402,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{run.elapsed():.0f} s] timing", flush=True)
     bench(run, shapes, dev, args)
     for key, v in sorted(tuning.CHOSEN.items()):
-        print(f"tuned {key}: {v['config']}")
+        timed = ", ".join(f"{n} {us:.1f}" for n, us in sorted(v["us"].items(), key=lambda kv: kv[1])[:6])
+        print(f"tuned {key}: {v['config']} (us, fastest first: {timed})")
+    run.data["tuned"] = tuning.CHOSEN  # every timed candidate per key, for the next round of tile lists
     table = markdown(run.data["rows"])
     print(f"\n## GEMM benchmark on {name}\n\n{table}\n")
     run.data["targets"] = targets(run.data["rows"])

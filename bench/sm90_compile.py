@@ -61,7 +61,10 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         )
         if cfg.path == "gemv":
             return k.gemv8, common
-        return k.mm8, dict(common, FAST_ACC=False, BLOCK_M=cfg.bm, GROUP_M=cfg.group_m, PROMOTE=min(bk, 128))
+        if cfg.path == "lag" and fixed["ACC_INT"]:
+            return None, {}  # int8 never runs "lag" configs (_fastpath.mm8 drops them)
+        return k.mm8, dict(common, FAST_ACC=False, BLOCK_M=cfg.bm, GROUP_M=cfg.group_m, PROMOTE=min(bk, 128),
+                           LAG=cfg.path == "lag")
     fixed = {n: v for n, v in fixed.items() if n != "FACTORED"}
     if cfg.path in (
         "ftile",
@@ -78,8 +81,8 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     common = dict(fixed, HAS_BIAS=False, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk)
     if cfg.path == "gemv":
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
-    if cfg.path == "gemvw":  # main() gives it int32 words
-        return k.gemv4w, dict(common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split)
+    if cfg.path in ("gemvw", "gemvx"):  # main() gives it int32 words
+        return k.gemv4w if cfg.path == "gemvw" else k.gemv4x, dict(common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split)
     if cfg.path == "gemvg":
         return k.gemv4g, dict(common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split)
     if cfg.path == "deqb":  # its GEMM is torch.mm; its tiles are the dequantization kernel's
@@ -289,8 +292,10 @@ def main() -> int:
                 if args.only and cfg.path not in args.only:
                     continue
                 fn, consts = kernel_and_consts(k, kind, cfg, fixed, m)
+                if fn is None:
+                    continue
                 cptrs = ptrs  # this config's pointer types (the variant's, unless its kernel differs)
-                if cfg.path in ("gemvw", "fgemv") or (
+                if cfg.path in ("gemvw", "gemvx", "fgemv") or (
                     cfg.path in ("ftile", "ftilej") and planes(fixed["GROUP"]) == 8
                 ):
                     cptrs = {**ptrs, "w_ptr": "*i32"}

@@ -40,6 +40,9 @@ FUSED = tuning.Cfg("fused", 16, 32, 64, 4, 1, 2)
 # the group-shaped 4-bit GEMV (split-K; bk below a group is rounded up to it) and dequantize + torch.mm
 GEMVG = tuning.Cfg("gemvg", 1, 16, 64, 4, 1, 2)
 GEMVW = tuning.Cfg("gemvw", 1, 16, 256, 4, 1, 2)
+GEMVX = tuning.Cfg("gemvx", 1, 8, 256, 4, 1, 2)  # x read once per step as whole words' k, split in registers
+LAG = tuning.Cfg("lag", 16, 32, 128, 4, 1, 2)  # fp8 partials added one K step late
+LAG_BIG_K = tuning.Cfg("lag", 16, 64, 256, 4, 1)  # BLOCK_K 256: promoted every 128 inside the step
 DEQB = tuning.Cfg("deqb", 1, 32, 64, 4, 1)  # dequantization tiles 32 x 64
 # the factored 4-bit kernels (opt-in, DIFFTEST_TRITON_FACTORED_4BIT=1): the swap-AB tile (split-K;
 # int4 as int32 words, mxfp4 as bytes), the same with several groups per K step, and the GEMV
@@ -79,8 +82,8 @@ def pack(q: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- 8-bit operands
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, GEMV],
-    ids=["tile", "split3", "gemv-split2"],
+    [TILE, SPLIT, GEMV, LAG],
+    ids=["tile", "split3", "gemv-split2", "lag-split2"],
 )
 @pytest.mark.parametrize("Kd", [256, 300])
 def test_fp8_block_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
@@ -109,8 +112,8 @@ def test_fp8_block_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, DOTLESS, tuning.Cfg("tile", 16, 32, 256, 4, 1)],
-    ids=["tile", "split3", "dotless", "k256-promote128"],
+    [TILE, SPLIT, DOTLESS, tuning.Cfg("tile", 16, 32, 256, 4, 1), LAG, LAG_BIG_K],
+    ids=["tile", "split3", "dotless", "k256-promote128", "lag-split2", "lag-k256"],
 )
 @pytest.mark.parametrize("mode", ["row", "tensor"])
 def test_fp8_row_tensor_paths_and_bf16_out(force, cfg: tuning.Cfg, mode: str) -> None:
@@ -185,8 +188,8 @@ def _int4_ref(x, q, scales, zeros, N, Kd):
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, DEQB],
-    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused", "gemvg", "gemvw", "deqb"],
+    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, DEQB],
+    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused", "gemvg", "gemvw", "gemvx", "deqb"],
 )
 @pytest.mark.parametrize("Kd", [256, 201])
 def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
@@ -220,8 +223,8 @@ def test_int4_word_gemv_ragged_k_and_fallbacks(force) -> None:
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, DEQB],
-    ids=["tile", "split3", "deq", "dotless", "fused", "gemvg", "gemvw", "deqb"],
+    [TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, DEQB],
+    ids=["tile", "split3", "deq", "dotless", "fused", "gemvg", "gemvw", "gemvx", "deqb"],
 )
 def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     force(cfg)
@@ -237,8 +240,8 @@ def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, DEQ, DOTLESS, FUSED, GEMVG, GEMVW],
-    ids=["tile", "deq", "dotless", "fused", "gemvg", "gemvw"],
+    [TILE, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX],
+    ids=["tile", "deq", "dotless", "fused", "gemvg", "gemvw", "gemvx"],
 )
 def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None:
     # fp16 is cast correctly by the interpreter too, so this runs the GPU's plain `.to()` rounding
@@ -256,8 +259,8 @@ def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, DEQB],
-    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused", "gemvg", "gemvw", "deqb"],
+    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, DEQB],
+    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused", "gemvg", "gemvw", "gemvx", "deqb"],
 )
 def test_mxfp4_paths(force, cfg: tuning.Cfg) -> None:
     force(cfg)
@@ -361,12 +364,14 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
 )  # fmt: skip
 @pytest.mark.parametrize(
     "cfg",
-    [SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, DEQB],
-    ids=["split3", "deq", "dotless", "fused", "gemvg", "gemvw", "deqb"],
+    [SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, DEQB, LAG],
+    ids=["split3", "deq", "dotless", "fused", "gemvg", "gemvw", "gemvx", "deqb", "lag"],
 )
 def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
-    if cfg.path in ("deq", "fused", "gemvg", "gemvw", "deqb") and scheme not in F.WEIGHT_ONLY_SCHEMES:
+    if cfg.path in ("deq", "fused", "gemvg", "gemvw", "gemvx", "deqb") and scheme not in F.WEIGHT_ONLY_SCHEMES:
         pytest.skip(f"the {cfg.path} path is weight-only")
+    if cfg.path == "lag" and scheme in F.WEIGHT_ONLY_SCHEMES:
+        pytest.skip("the lag path is the 8-bit GEMM's")
     force(cfg)
     g = torch.Generator().manual_seed(18)
     w = torch.randn(256, 384, generator=g) * 0.02 * (1 + 3 * torch.rand(256, 1, generator=g))

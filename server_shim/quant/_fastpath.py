@@ -58,6 +58,12 @@ def _reduce(k: SimpleNamespace, ws: torch.Tensor, out: torch.Tensor, a_scale: to
     )  # fmt: skip
 
 
+def _lag_ok(acc_int: bool, fast_acc: bool, decode: int) -> bool:
+    """Whether "lag" configs mean anything: they change only fp8's promoted accumulation (int8's is
+    exact in int32, fast and decoded fp8 accumulate in the MMA), elsewhere they would be "tile" twice."""
+    return not (acc_int or fast_acc or decode != 0)
+
+
 def _launch_mm8(k: SimpleNamespace, grid: tuple[int, int], cfg: tuning.Cfg, a: torch.Tensor, b: torch.Tensor,
                 out: torch.Tensor, ws: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                 bias: torch.Tensor | None, M: int, N: int, K: int, kper: int, sa: tuple[int, int],
@@ -68,7 +74,8 @@ def _launch_mm8(k: SimpleNamespace, grid: tuple[int, int], cfg: tuning.Cfg, a: t
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb,
         A_MODE=am, B_MODE=bmode, GROUP=group, HAS_BIAS=bias is not None, ACC_INT=acc_int, DECODE=decode,
         FAST_ACC=fast_acc, SPLIT_OUT=ws is not out, EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
-        BLOCK_K=cfg.bk, GROUP_M=cfg.group_m, PROMOTE=min(cfg.bk, 128), num_warps=cfg.warps,
+        BLOCK_K=cfg.bk, GROUP_M=cfg.group_m, PROMOTE=min(cfg.bk, 128), LAG=cfg.path == "lag" and _lag_ok(acc_int, fast_acc, decode),
+        num_warps=cfg.warps,
         num_stages=cfg.stages,
     )  # fmt: skip
 
@@ -84,8 +91,11 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     def tiles(cfg: tuning.Cfg) -> tuning.Cfg:  # block mode: one K tile inside one scale group
         return replace(cfg, bk=min(cfg.bk, group)) if blocked else cfg
 
+    lag_ok = _lag_ok(acc_int, fast_acc, decode)
+
     def cands() -> list[tuning.Cfg]:
-        return list(dict.fromkeys(tiles(c) for c in tuning.candidates(fam, "mm8", M, N, K)))
+        cs = tuning.candidates(fam, "mm8", M, N, K)
+        return list(dict.fromkeys(tiles(c) for c in cs if lag_ok or c.path != "lag"))
 
     key = (f"{fam}|mm8|{a.dtype}|a{am}b{bmode}g{group}d{decode}f{int(fast_acc)}|"
            f"m{tuning.m_bucket(M)}|n{N}|k{K}")  # fmt: skip
@@ -160,13 +170,13 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             # the layout does not fit (K % 8, alignment, group): the unfactored kernel of that shape
             cfg = replace(cfg, path="gemvw" if cfg.path == "fgemv" else "fused")
         wk = w
-        if cfg.path == "gemvw":
+        if cfg.path in ("gemvw", "gemvx"):
             wk = _words(w, K, group)
             if wk is None:
                 wk, cfg = w, replace(cfg, path="gemvg")
         if cfg.path == "gemvg" and not (group & (group - 1) == 0 and 2 <= group <= 256):
             cfg = replace(cfg, path="gemv")  # group-shaped tiles need a power-of-two group
-        if cfg.path in ("gemvg", "gemvw"):
+        if cfg.path in ("gemvg", "gemvw", "gemvx"):
             cfg = replace(cfg, bk=max(cfg.bk, group))
         if cfg.path == "deqb" and not _blas_ok(x, out, bias):
             cfg = replace(cfg, path="deq")
@@ -193,8 +203,8 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             return out
         kper, splits = _splits(K, cfg.bk, cfg.split)
         ws = _workspace(splits, M, N, torch.float32, out)
-        if cfg.path in ("gemv", "gemvg", "gemvw"):
-            kern = {"gemv": k.gemv4, "gemvg": k.gemv4g, "gemvw": k.gemv4w}[cfg.path]
+        if cfg.path in ("gemv", "gemvg", "gemvw", "gemvx"):
+            kern = {"gemv": k.gemv4, "gemvg": k.gemv4g, "gemvw": k.gemv4w, "gemvx": k.gemv4x}[cfg.path]
             kern[(_cdiv(N, cfg.bn), splits, M)](
                 x, wk, out, ws, scales, zeros, bias_arg, M, N, K, kper,
                 x.stride(0), x.stride(1), wk.stride(0), wk.stride(1), out.stride(0), out.stride(1), *sarg,

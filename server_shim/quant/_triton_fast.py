@@ -65,6 +65,17 @@ def _scale_out(acc, as_ptr, bs_ptr, rm, rn, sas0, sbs0, A_MODE: tl.constexpr, B_
     return out
 
 
+def _block_scaled(part, sa, sb, A_MODE: tl.constexpr, B_MODE: tl.constexpr):
+    """A block-mode K step's fp32 partial times its scales (a's [BM, 1], b's scalar or [1, BN])."""
+    if A_MODE == 2 and B_MODE == 2:
+        out = part * (sa * sb)
+    elif A_MODE == 2:
+        out = part * sa
+    else:
+        out = part * sb
+    return out
+
+
 def _b_block_scale(bs_ptr, rn, pid_n, kb, sbs0, sbs1, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """The weight-block scales of K group `kb` for this tile's columns: a scalar when GROUP %
     BLOCK_N == 0 (the tile lies in one block; its first column is < N even when it wraps), else
@@ -173,11 +184,15 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
                 ACC_INT: tl.constexpr, DECODE: tl.constexpr, FAST_ACC: tl.constexpr,
                 SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                PROMOTE: tl.constexpr = 128):  # fmt: skip
+                PROMOTE: tl.constexpr = 128, LAG: tl.constexpr = False):  # fmt: skip
     """C = (A * sa) @ (B * sb)^T, fp8 (fp32 acc) or int8 (int32 acc); modes 0 tensor, 1 row, 2 block.
 
     fp8 products are promoted to the fp32 accumulator every PROMOTE = min(BLOCK_K, 128) of K
     (FAST_ACC off): a 256-deep K tile halves the loop's per-step overhead at the same numerics.
+    LAG (fp8, FAST_ACC off; the "lag" configs): each K step's partial product is added to the
+    accumulator one step later, so those adds run while the next step's MMAs do -- with the add
+    right after its own MMA (Triton's promotion, or block mode's scaled add), the tensor cores
+    wait for it every step. Same products, same fp32 sums in the same order.
 
     program_id(1) is the K split: it covers [pid_k * K_PER, +K_PER) (K_PER a multiple of
     BLOCK_K, and of GROUP in block mode); with SPLIT_OUT it writes its unscaled (tensor/row) or
@@ -205,6 +220,8 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
         sa = tl.load(as_ptr + rm * sas0 + (k_lo // GROUP) * sas1)[:, None]
     if B_MODE == 2:
         sb = _b_block_scale(bs_ptr, rn, pid_n, k_lo // GROUP, sbs0, sbs1, GROUP, BLOCK_N)
+    if LAG:  # the previous step's partial (zero before the first step), already scaled in block mode
+        prev = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -223,12 +240,11 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
                 sa_next = tl.load(as_ptr + rm * sas0 + kn * sas1)[:, None]
             if B_MODE == 2:
                 sb_next = _b_block_scale(bs_ptr, rn, pid_n, kn, sbs0, sbs1, GROUP, BLOCK_N)
-            if A_MODE == 2 and B_MODE == 2:
-                acc += part * (sa * sb)
-            elif A_MODE == 2:
-                acc += part * sa
+            if LAG:
+                acc += prev
+                prev = _block_scaled(part, sa, sb, A_MODE, B_MODE)
             else:
-                acc += part * sb
+                acc += _block_scaled(part, sa, sb, A_MODE, B_MODE)
             if A_MODE == 2:
                 sa = sa_next
             if B_MODE == 2:
@@ -237,10 +253,16 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         elif FAST_ACC or DECODE != 0:
             acc = tl.dot(a, tl.trans(b), acc)
+        elif LAG:
+            part = tl.dot(a, tl.trans(b), max_num_imprecise_acc=PROMOTE)
+            acc += prev
+            prev = part
         else:
             acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=PROMOTE)
         a_ptrs += BLOCK_K * sak
         b_ptrs += BLOCK_K * sbk
+    if LAG:
+        acc += prev
     if SPLIT_OUT:
         _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
     else:
@@ -738,6 +760,90 @@ def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
 
 
+def _gemv4x_planes(xv, G: tl.constexpr, W: tl.constexpr):
+    """x [G, W, 8] (8 consecutive k per word) -> its 8 planes [G, W], plane j at k = 8 * word + j, by a
+    tree of tl.split (register moves inside a thread, no shared memory)."""
+    a, b = tl.split(tl.reshape(xv, (G, W, 4, 2)))  # x[2m], x[2m + 1]
+    a0, a1 = tl.split(tl.reshape(a, (G, W, 2, 2)))  # x[4p], x[4p + 2]
+    b0, b1 = tl.split(tl.reshape(b, (G, W, 2, 2)))  # x[4p + 1], x[4p + 3]
+    x0, x4 = tl.split(a0)
+    x2, x6 = tl.split(a1)
+    x1, x5 = tl.split(b0)
+    x3, x7 = tl.split(b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+def _gemv4x_term(word, xj, J: tl.constexpr, s3, zb, FORMAT: tl.constexpr, DT: tl.constexpr,
+                 EMULATE_RNE: tl.constexpr):  # fmt: skip
+    """Nibble J of every word times its x plane: `_gemv4w_kernel`'s per-plane product."""
+    q = (word >> (4 * J)) & 15
+    if FORMAT == 0:
+        wv = ((q | 0x4B000000).to(tl.float32, bitcast=True) - zb) * s3
+        t = _to_operand(wv, DT, EMULATE_RNE).to(tl.float32) * xj[None, :, :]
+    elif E2M1_F16:
+        t = (_e2m1_to_f32_h(q) * xj[None, :, :]) * s3
+    else:
+        t = (_e2m1_to_f32(q) * xj[None, :, :]) * s3
+    return t
+
+
+def _gemv4x_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
+                   sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
+                   FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """`_gemv4w_kernel` (same arguments, int32 words, same numerics) with x read once per K step as
+    [groups, GROUP/8, 8] -- 8 consecutive k per word, 16-byte loads, prefetched a step ahead like
+    the words -- and split into its 8 nibble planes in registers, where `_gemv4w_kernel` gathers
+    each plane with stride-8 loads inside the loop, one L2 round trip per plane on the critical path."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    G: tl.constexpr = BLOCK_K // GROUP
+    W: tl.constexpr = GROUP // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    offs_g = tl.arange(0, G)
+    jw = offs_g[:, None] * W + tl.arange(0, W)[None, :]  # [groups, GROUP/8] words
+    kx = 8 * jw[:, :, None] + tl.arange(0, 8)[None, None, :]  # [groups, GROUP/8, 8]: the k of each nibble
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    w_rows = w_ptr + rn[:, None, None] * swn
+    x_row = x_ptr + row * sxm
+    s_rows = s_ptr + rn[:, None] * ssn
+    z_rows = z_ptr + rn[:, None] * szn
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N, G, W], dtype=tl.float32)
+    word = _gemv4w_words(w_rows, k_lo, jw, K, swk, EVEN_K)
+    xv = _gemv4w_x(x_row, k_lo + kx, k_lo + kx < K, sxk, EVEN_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        word_next, gi = _gemv4w_next(w_rows, k0, jw, offs_g, K, swk, GROUP, BLOCK_K, EVEN_K)
+        kn = tl.minimum(k0 + BLOCK_K, K - BLOCK_K) if EVEN_K else k0 + BLOCK_K
+        x_next = _gemv4w_x(x_row, kn + kx, kn + kx < K, sxk, EVEN_K)
+        s = tl.load(s_rows + gi[None, :] * ssg)
+        zb = s  # unused by mxfp4
+        if FORMAT == 0:
+            s3 = s.to(tl.float32)[:, :, None]
+            zb = (tl.load(z_rows + gi[None, :] * szg).to(tl.float32) + 8388608.0)[:, :, None]
+        else:
+            s3 = _e8m0_to_f32(s)[:, :, None]
+        x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4x_planes(xv, G, W)
+        acc += _gemv4x_term(word, x0, 0, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x1, 1, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x2, 2, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x3, 3, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x4, 4, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x5, 5, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x6, 6, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x7, 7, s3, zb, FORMAT, DT, EMULATE_RNE)
+        word = word_next
+        xv = x_next
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if FORMAT == 1 and E2M1_F16:
+        out = out * 16384.0
+    _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
+
+
 # ----------------------------------------------------------------------------- factored 4-bit (opt-in)
 # DIFFTEST_TRITON_FACTORED_4BIT=1 lets the tuner choose these (quant/tuning.py); off by default.
 # For each K group g: acc += scale_g * dot(x_g, q_g), q_g the raw nibble values, exact in any
@@ -960,9 +1066,10 @@ def _gemv4f_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
 
 
-HELPERS = ("_scale_out", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
+HELPERS = ("_scale_out", "_block_scaled", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
-           "_nib_operand", "_e2m1_operand", "_fac_plane", "_fac_dot", "_gemv4w_words", "_gemv4w_x", "_gemv4w_next")  # fmt: skip
+           "_nib_operand", "_e2m1_operand", "_fac_plane", "_fac_dot", "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
+           "_gemv4x_planes", "_gemv4x_term")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",
@@ -975,6 +1082,7 @@ KERNELS = (
     "_wonly_fused_kernel",
     "_gemv4g_kernel",
     "_gemv4w_kernel",
+    "_gemv4x_kernel",
     "_wonly_fac_kernel",
     "_gemv4f_kernel",
 )

@@ -63,8 +63,14 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
             return k.gemv8, common
         if cfg.path == "lag" and fixed["ACC_INT"]:
             return None, {}  # int8 never runs "lag" configs (_fastpath.mm8 drops them)
-        return k.mm8, dict(common, FAST_ACC=False, BLOCK_M=cfg.bm, GROUP_M=cfg.group_m, PROMOTE=min(bk, 128),
-                           LAG=cfg.path == "lag")
+        return k.mm8, dict(
+            common,
+            FAST_ACC=False,
+            BLOCK_M=cfg.bm,
+            GROUP_M=cfg.group_m,
+            PROMOTE=min(bk, 128),
+            LAG=cfg.path == "lag",
+        )
     fixed = {n: v for n, v in fixed.items() if n != "FACTORED"}
     if cfg.path in (
         "ftile",
@@ -82,7 +88,9 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     if cfg.path == "gemv":
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
     if cfg.path in ("gemvw", "gemvx"):  # main() gives it int32 words
-        return k.gemv4w if cfg.path == "gemvw" else k.gemv4x, dict(common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split)
+        return k.gemv4w if cfg.path == "gemvw" else k.gemv4x, dict(
+            common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split
+        )
     if cfg.path == "gemvg":
         return k.gemv4g, dict(common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split)
     if cfg.path == "deqb":  # its GEMM is torch.mm; its tiles are the dequantization kernel's

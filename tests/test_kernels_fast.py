@@ -189,7 +189,19 @@ def _int4_ref(x, q, scales, zeros, N, Kd):
 @pytest.mark.parametrize(
     "cfg",
     [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, DEQB],
-    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused", "gemvg", "gemvw", "gemvx", "deqb"],
+    ids=[
+        "tile",
+        "split3",
+        "gemv-split2",
+        "deq",
+        "dotless",
+        "dotless4",
+        "fused",
+        "gemvg",
+        "gemvw",
+        "gemvx",
+        "deqb",
+    ],
 )
 @pytest.mark.parametrize("Kd", [256, 201])
 def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
@@ -260,7 +272,19 @@ def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None
 @pytest.mark.parametrize(
     "cfg",
     [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, DEQB],
-    ids=["tile", "split3", "gemv-split2", "deq", "dotless", "dotless4", "fused", "gemvg", "gemvw", "gemvx", "deqb"],
+    ids=[
+        "tile",
+        "split3",
+        "gemv-split2",
+        "deq",
+        "dotless",
+        "dotless4",
+        "fused",
+        "gemvg",
+        "gemvw",
+        "gemvx",
+        "deqb",
+    ],
 )
 def test_mxfp4_paths(force, cfg: tuning.Cfg) -> None:
     force(cfg)
@@ -368,7 +392,10 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
     ids=["split3", "deq", "dotless", "fused", "gemvg", "gemvw", "gemvx", "deqb", "lag"],
 )
 def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
-    if cfg.path in ("deq", "fused", "gemvg", "gemvw", "gemvx", "deqb") and scheme not in F.WEIGHT_ONLY_SCHEMES:
+    if (
+        cfg.path in ("deq", "fused", "gemvg", "gemvw", "gemvx", "deqb")
+        and scheme not in F.WEIGHT_ONLY_SCHEMES
+    ):
         pytest.skip(f"the {cfg.path} path is weight-only")
     if cfg.path == "lag" and scheme in F.WEIGHT_ONLY_SCHEMES:
         pytest.skip("the lag path is the 8-bit GEMM's")

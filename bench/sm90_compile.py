@@ -38,7 +38,7 @@ ONES = {"sak", "sbk", "sxk", "swk", "scn", "sas1", "sbs1", "ssg", "szg"}  # unit
 DIV16 = {"N", "K", "K_PER", "sam", "sbn", "scm", "sxm", "swn"}  # multiples of 16 at N = K = 4096
 # (name, kind, pointer types, fixed constexprs)
 P8 = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "as_ptr": "*fp32", "bs_ptr": "*fp32"}
-P4 = {"x_ptr": "*bf16", "w_ptr": "*u8", "c_ptr": "*bf16", "z_ptr": "*u8", "ws_ptr": "*fp32"}
+P4 = {"x_ptr": "*bf16", "w_ptr": "*u8", "c_ptr": "*bf16", "z_ptr": "*u8", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
 VARIANTS = [
     ("fp8 tensor", "mm8", P8, dict(A_MODE=0, B_MODE=0, GROUP=128, ACC_INT=False)),
     ("fp8 block", "mm8", P8, dict(A_MODE=2, B_MODE=2, GROUP=128, ACC_INT=False)),
@@ -99,9 +99,9 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     if cfg.path == "deq":  # the GEMM half (main() gives it bf16 operands); the dequantization pass is fixed
         return k.mm16, dict(HAS_BIAS=False, DOT_IEEE=False, EVEN_K=True, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
                             BLOCK_K=cfg.bk, GROUP_M=cfg.group_m)  # fmt: skip
-    kern = k.wonly_fused if cfg.path == "fused" else k.wonly_fast
+    kern = k.wonly_fused if cfg.path in ("fused", "fusedk") else k.wonly_fast
     return kern, dict(common, DOT_IEEE=False, EMULATE_RNE=False, SPLIT_OUT=split, BLOCK_M=cfg.bm,
-                      GROUP_M=cfg.group_m)  # fmt: skip
+                      GROUP_M=cfg.group_m, SPLIT_FIN=split and cfg.path in ("fusedk", "tilek"))  # fmt: skip
 
 
 def planes(group: int) -> int:

@@ -41,6 +41,8 @@ FUSED = tuning.Cfg("fused", 16, 32, 64, 4, 1, 2)
 GEMVG = tuning.Cfg("gemvg", 1, 16, 64, 4, 1, 2)
 GEMVW = tuning.Cfg("gemvw", 1, 16, 256, 4, 1, 2)
 GEMVX = tuning.Cfg("gemvx", 1, 8, 256, 4, 1, 2)  # x read once per step as whole words' k, split in registers
+FUSEDK = tuning.Cfg("fusedk", 16, 32, 64, 4, 1, 3)  # splits that reduce themselves on counters
+TILEK = tuning.Cfg("tilek", 16, 64, 64, 4, 1, 2)
 LAG = tuning.Cfg("lag", 16, 32, 128, 4, 1, 2)  # fp8 partials added one K step late
 LAG_BIG_K = tuning.Cfg("lag", 16, 64, 256, 4, 1)  # BLOCK_K 256: promoted every 128 inside the step
 DEQB = tuning.Cfg("deqb", 1, 32, 64, 4, 1)  # dequantization tiles 32 x 64
@@ -188,7 +190,7 @@ def _int4_ref(x, q, scales, zeros, N, Kd):
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, DEQB],
+    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, DEQB, FUSEDK, TILEK],
     ids=[
         "tile",
         "split3",
@@ -201,6 +203,8 @@ def _int4_ref(x, q, scales, zeros, N, Kd):
         "gemvw",
         "gemvx",
         "deqb",
+        "fusedk-split3",
+        "tilek-split2",
     ],
 )
 @pytest.mark.parametrize("Kd", [256, 201])
@@ -235,8 +239,20 @@ def test_int4_word_gemv_ragged_k_and_fallbacks(force) -> None:
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, DEQB],
-    ids=["tile", "split3", "deq", "dotless", "fused", "gemvg", "gemvw", "gemvx", "deqb"],
+    [TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, DEQB, FUSEDK, TILEK],
+    ids=[
+        "tile",
+        "split3",
+        "deq",
+        "dotless",
+        "fused",
+        "gemvg",
+        "gemvw",
+        "gemvx",
+        "deqb",
+        "fusedk-split3",
+        "tilek-split2",
+    ],
 )
 def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     force(cfg)
@@ -271,7 +287,7 @@ def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, DEQB],
+    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, DEQB, FUSEDK, TILEK],
     ids=[
         "tile",
         "split3",
@@ -284,6 +300,8 @@ def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None
         "gemvw",
         "gemvx",
         "deqb",
+        "fusedk-split3",
+        "tilek-split2",
     ],
 )
 def test_mxfp4_paths(force, cfg: tuning.Cfg) -> None:
@@ -380,6 +398,27 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
     assert tuner.pick("key", lambda: cands, run, tune=False) == cands[0]  # interpreter: no tuning at all
 
 
+def test_self_reducing_splits_are_deterministic_and_leave_their_counters_zero(force) -> None:
+    """`_split_finish`: the last split to arrive sums every partial in split order, so repeated runs
+    give the same bits as each other and the two-kernel reduction's sum; the counters end at 0."""
+    from server_shim.quant import _fastpath
+
+    g = torch.Generator().manual_seed(41)
+    M, N, Kd = 5, 96, 512
+    x = torch.randn(M, Kd, generator=g)
+    q = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
+    scales = torch.rand(N, 4, generator=g) * 0.1 + 0.01
+    zeros = torch.randint(0, 16, (N, 4), dtype=torch.uint8, generator=g)
+    force(tuning.Cfg("fusedk", 16, 32, 64, 4, 1, 4))
+    runs = [K.int4_gemm(x, pack(q), scales, zeros, out_dtype=torch.float32) for _ in range(2)]
+    force(tuning.Cfg("fused", 16, 32, 64, 4, 1, 4))  # the same splits, reduced by the second kernel
+    two_pass = K.int4_gemm(x, pack(q), scales, zeros, out_dtype=torch.float32)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], two_pass)
+    assert rel(runs[0], _int4_ref(x, q, scales, zeros, N, Kd)) < 1e-6
+    counters = _fastpath._COUNTERS["cpu"]
+    assert counters.numel() >= 3 and int(counters.abs().sum()) == 0
+
+
 # ----------------------------------------------------------------------------- faults inside the paths
 @pytest.mark.parametrize(
     ("scheme", "fault"),
@@ -388,12 +427,12 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
 )  # fmt: skip
 @pytest.mark.parametrize(
     "cfg",
-    [SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, DEQB, LAG],
-    ids=["split3", "deq", "dotless", "fused", "gemvg", "gemvw", "gemvx", "deqb", "lag"],
+    [SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, DEQB, LAG, FUSEDK],
+    ids=["split3", "deq", "dotless", "fused", "gemvg", "gemvw", "gemvx", "deqb", "lag", "fusedk-split3"],
 )
 def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
     if (
-        cfg.path in ("deq", "fused", "gemvg", "gemvw", "gemvx", "deqb")
+        cfg.path in ("deq", "fused", "fusedk", "gemvg", "gemvw", "gemvx", "deqb")
         and scheme not in F.WEIGHT_ONLY_SCHEMES
     ):
         pytest.skip(f"the {cfg.path} path is weight-only")

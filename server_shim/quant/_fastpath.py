@@ -9,6 +9,7 @@ launch. Nothing here syncs the host or reads a tensor's values.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -56,6 +57,26 @@ def _reduce(k: SimpleNamespace, ws: torch.Tensor, out: torch.Tensor, a_scale: to
         A_MODE=am, B_MODE=bmode, HAS_BIAS=bias is not None, ACC_INT=acc_int, BLOCK_M=bm, BLOCK_N=bn,
         num_warps=4,
     )  # fmt: skip
+
+
+_COUNTERS: dict[str, torch.Tensor] = {}
+_COUNTERS_LOCK = threading.Lock()
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """Zeroed int32 counters for `_split_finish`, one per output tile, kept per device and stream: every launch
+    leaves them zero again. None inside a CUDA graph capture when the buffer would have to grow (a
+    buffer allocated there lives in the graph's pool): the caller then reduces in a second kernel.
+    One buffer per device and stream: the launches that share one run one after another."""
+    key = f"{device}|{torch.cuda.current_stream(device).stream_id}" if device.type == "cuda" else str(device)
+    with _COUNTERS_LOCK:
+        buf = _COUNTERS.get(key)
+        if buf is None or buf.numel() < tiles:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            buf = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+            _COUNTERS[key] = buf
+        return buf
 
 
 def _lag_ok(acc_int: bool, fast_acc: bool, decode: int) -> bool:
@@ -215,16 +236,20 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             if splits > 1:
                 _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
             return out
-        kern = k.wonly_fused if cfg.path == "fused" else k.wonly_fast
-        kern[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn), splits)](
+        kern = k.wonly_fused if cfg.path in ("fused", "fusedk") else k.wonly_fast
+        tiles = _cdiv(M, cfg.bm) * _cdiv(N, cfg.bn)
+        # "fusedk" / "tilek": the splits reduce themselves on per-tile counters (no second kernel)
+        counters = _counters(out.device, tiles) if splits > 1 and cfg.path in ("fusedk", "tilek") else None
+        kern[(tiles, splits)](
             x, w, out, ws, scales, zeros, bias_arg, M, N, K, kper,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *sarg,
+            counters if counters is not None else ws, splits,
             FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee, EMULATE_RNE=emulate,
-            SPLIT_OUT=splits > 1,
+            SPLIT_OUT=splits > 1, SPLIT_FIN=counters is not None,
             EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group_m,
             num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
-        if splits > 1:
+        if splits > 1 and counters is None:
             _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
         return out
 

@@ -94,6 +94,27 @@ def _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N):
     tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
 
+def _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Split-K without a second kernel: each split writes its partial, counts itself in on its
+    tile's counter (cnt_ptr[program_id(0)], release/acquire), and the last to arrive sums all
+    SPLIT partials in split order -- the same order whichever split comes last, so the same bits
+    on every run -- finishes the tile (bias, cast, store) and zeroes the counter for the next launch."""
+    _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
+    tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+    tile = tl.program_id(0)
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT - 1:
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for _ in range(0, SPLIT):
+            total += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # past L1: other SMs wrote it
+            ptrs += M * N
+        tl.atomic_xchg(cnt_ptr + tile, 0)
+        _epilogue(total, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+
+
 def _e8m0_to_f32(e):
     e = e.to(tl.int32)
     bits = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23))
@@ -293,10 +314,11 @@ def _splitk_reduce_kernel(ws_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, SPLIT, 
 
 
 def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
-                  sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
+                  sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg, cnt_ptr, SPLIT,
                   FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
                   EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                  SPLIT_FIN: tl.constexpr = False):  # fmt: skip
     """Weight-only GEMM/GEMV, 4-bit weights (byte k//2, low nibble = even k) unpacked per tile.
 
     FORMAT 0: int4 asymmetric, w = (q - zero) * scale; FORMAT 1: mxfp4, w = e2m1(q) * 2**(e - 127).
@@ -341,20 +363,26 @@ def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
             acc = tl.dot(xo, tl.trans(wo), acc)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += (BLOCK_K // 2) * swk
-    if SPLIT_OUT:
+    if SPLIT_FIN:  # the splits reduce themselves (`_split_finish`; "tilek" configs)
+        _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
+                      BLOCK_M, BLOCK_N)  # fmt: skip
+    elif SPLIT_OUT:
         _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
     else:
         _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 
 def _wonly_fused_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
-                 sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
+                 sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg, cnt_ptr, SPLIT,
                  FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
                  EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 SPLIT_FIN: tl.constexpr = False):  # fmt: skip
     """`_wonly_kernel` (same arguments) as w4a16: the two nibble planes are interleaved in registers
     back to [BN, BK] and meet one K-contiguous x tile in one dot per K step (x's loads coalesced
-    and pipelined, one dot of depth BLOCK_K instead of two strided half-depth ones)."""
+    and pipelined, one dot of depth BLOCK_K instead of two strided half-depth ones).
+    SPLIT_FIN (with SPLIT_OUT; "fusedk" configs): the splits reduce themselves (`_split_finish`,
+    SPLIT splits, one int32 counter per output tile at cnt_ptr) instead of a second kernel."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -388,7 +416,10 @@ def _wonly_fused_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
             acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += (BLOCK_K // 2) * swk
-    if SPLIT_OUT:
+    if SPLIT_FIN:
+        _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
+                      BLOCK_M, BLOCK_N)  # fmt: skip
+    elif SPLIT_OUT:
         _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
     else:
         _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
@@ -1066,7 +1097,7 @@ def _gemv4f_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
 
 
-HELPERS = ("_scale_out", "_block_scaled", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
+HELPERS = ("_scale_out", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_nib_operand", "_e2m1_operand", "_fac_plane", "_fac_dot", "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
            "_gemv4x_planes", "_gemv4x_term")  # fmt: skip

@@ -38,7 +38,14 @@ ONES = {"sak", "sbk", "sxk", "swk", "scn", "sas1", "sbs1", "ssg", "szg"}  # unit
 DIV16 = {"N", "K", "K_PER", "sam", "sbn", "scm", "sxm", "swn"}  # multiples of 16 at N = K = 4096
 # (name, kind, pointer types, fixed constexprs)
 P8 = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "as_ptr": "*fp32", "bs_ptr": "*fp32"}
-P4 = {"x_ptr": "*bf16", "w_ptr": "*u8", "c_ptr": "*bf16", "z_ptr": "*u8", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+P4 = {
+    "x_ptr": "*bf16",
+    "w_ptr": "*u8",
+    "c_ptr": "*bf16",
+    "z_ptr": "*u8",
+    "ws_ptr": "*fp32",
+    "cnt_ptr": "*i32",
+}
 VARIANTS = [
     ("fp8 tensor", "mm8", P8, dict(A_MODE=0, B_MODE=0, GROUP=128, ACC_INT=False)),
     ("fp8 block", "mm8", P8, dict(A_MODE=2, B_MODE=2, GROUP=128, ACC_INT=False)),
@@ -87,8 +94,8 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     common = dict(fixed, HAS_BIAS=False, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk)
     if cfg.path == "gemv":
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
-    if cfg.path in ("gemvw", "gemvx"):  # main() gives it int32 words
-        return k.gemv4w if cfg.path == "gemvw" else k.gemv4x, dict(
+    if cfg.path in ("gemvw", "gemvx", "gemvr"):  # main() gives it int32 words
+        return {"gemvw": k.gemv4w, "gemvx": k.gemv4x, "gemvr": k.gemv4r}[cfg.path], dict(
             common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split
         )
     if cfg.path == "gemvg":
@@ -303,7 +310,7 @@ def main() -> int:
                 if fn is None:
                     continue
                 cptrs = ptrs  # this config's pointer types (the variant's, unless its kernel differs)
-                if cfg.path in ("gemvw", "gemvx", "fgemv") or (
+                if cfg.path in ("gemvw", "gemvx", "gemvr", "fgemv") or (
                     cfg.path in ("ftile", "ftilej") and planes(fixed["GROUP"]) == 8
                 ):
                     cptrs = {**ptrs, "w_ptr": "*i32"}

@@ -43,6 +43,7 @@ GEMVW = tuning.Cfg("gemvw", 1, 16, 256, 4, 1, 2)
 GEMVX = tuning.Cfg("gemvx", 1, 8, 256, 4, 1, 2)  # x read once per step as whole words' k, split in registers
 FUSEDK = tuning.Cfg("fusedk", 16, 32, 64, 4, 1, 3)  # splits that reduce themselves on counters
 TILEK = tuning.Cfg("tilek", 16, 64, 64, 4, 1, 2)
+GEMVR = tuning.Cfg("gemvr", 1, 1, 256, 4, 1, 2)  # one weight row per program
 LAG = tuning.Cfg("lag", 16, 32, 128, 4, 1, 2)  # fp8 partials added one K step late
 LAG_BIG_K = tuning.Cfg("lag", 16, 64, 256, 4, 1)  # BLOCK_K 256: promoted every 128 inside the step
 DEQB = tuning.Cfg("deqb", 1, 32, 64, 4, 1)  # dequantization tiles 32 x 64
@@ -190,7 +191,7 @@ def _int4_ref(x, q, scales, zeros, N, Kd):
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, DEQB, FUSEDK, TILEK],
+    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, FUSEDK, TILEK],
     ids=[
         "tile",
         "split3",
@@ -202,6 +203,7 @@ def _int4_ref(x, q, scales, zeros, N, Kd):
         "gemvg",
         "gemvw",
         "gemvx",
+        "gemvr-split2",
         "deqb",
         "fusedk-split3",
         "tilek-split2",
@@ -221,10 +223,11 @@ def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     assert rel(out, _int4_ref(x, q, scales, zeros, N, Kd) + bias.double()) < 1e-6
 
 
-def test_int4_word_gemv_ragged_k_and_fallbacks(force) -> None:
+@pytest.mark.parametrize("cfg", [GEMVW, GEMVX, GEMVR], ids=["gemvw", "gemvx", "gemvr"])
+def test_int4_word_gemv_ragged_k_and_fallbacks(force, cfg: tuning.Cfg) -> None:
     # K = 200: the words past K masked; K = 204 (K % 8 != 0, rows not whole words) falls back to the
     # byte kernel; group 64: four groups per 256-wide tile
-    force(GEMVW)
+    force(cfg)
     g = torch.Generator().manual_seed(31)
     for Kd, gs in ((200, 128), (204, 128), (200, 64)):
         M, N, G = 2, 24, -(-Kd // gs)
@@ -239,7 +242,7 @@ def test_int4_word_gemv_ragged_k_and_fallbacks(force) -> None:
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, DEQB, FUSEDK, TILEK],
+    [TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, FUSEDK, TILEK],
     ids=[
         "tile",
         "split3",
@@ -249,6 +252,7 @@ def test_int4_word_gemv_ragged_k_and_fallbacks(force) -> None:
         "gemvg",
         "gemvw",
         "gemvx",
+        "gemvr-split2",
         "deqb",
         "fusedk-split3",
         "tilek-split2",
@@ -287,7 +291,7 @@ def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None
 
 @pytest.mark.parametrize(
     "cfg",
-    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, DEQB, FUSEDK, TILEK],
+    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, FUSEDK, TILEK],
     ids=[
         "tile",
         "split3",
@@ -299,6 +303,7 @@ def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None
         "gemvg",
         "gemvw",
         "gemvx",
+        "gemvr-split2",
         "deqb",
         "fusedk-split3",
         "tilek-split2",
@@ -427,12 +432,24 @@ def test_self_reducing_splits_are_deterministic_and_leave_their_counters_zero(fo
 )  # fmt: skip
 @pytest.mark.parametrize(
     "cfg",
-    [SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, DEQB, LAG, FUSEDK],
-    ids=["split3", "deq", "dotless", "fused", "gemvg", "gemvw", "gemvx", "deqb", "lag", "fusedk-split3"],
+    [SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, LAG, FUSEDK],
+    ids=[
+        "split3",
+        "deq",
+        "dotless",
+        "fused",
+        "gemvg",
+        "gemvw",
+        "gemvx",
+        "gemvr-split2",
+        "deqb",
+        "lag",
+        "fusedk-split3",
+    ],
 )
 def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
     if (
-        cfg.path in ("deq", "fused", "fusedk", "gemvg", "gemvw", "gemvx", "deqb")
+        cfg.path in ("deq", "fused", "fusedk", "gemvg", "gemvw", "gemvx", "gemvr", "deqb")
         and scheme not in F.WEIGHT_ONLY_SCHEMES
     ):
         pytest.skip(f"the {cfg.path} path is weight-only")

@@ -191,14 +191,14 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             # the layout does not fit (K % 8, alignment, group): the unfactored kernel of that shape
             cfg = replace(cfg, path="gemvw" if cfg.path == "fgemv" else "fused")
         wk = w
-        if cfg.path in ("gemvw", "gemvx"):
+        if cfg.path in ("gemvw", "gemvx", "gemvr"):
             wk = _words(w, K, group)
             if wk is None:
                 wk, cfg = w, replace(cfg, path="gemvg")
         if cfg.path == "gemvg" and not (group & (group - 1) == 0 and 2 <= group <= 256):
             cfg = replace(cfg, path="gemv")  # group-shaped tiles need a power-of-two group
-        if cfg.path in ("gemvg", "gemvw", "gemvx"):
-            cfg = replace(cfg, bk=max(cfg.bk, group))
+        if cfg.path in ("gemvg", "gemvw", "gemvx", "gemvr"):
+            cfg = replace(cfg, bk=max(cfg.bk, group), bn=1 if cfg.path == "gemvr" else cfg.bn)
         if cfg.path == "deqb" and not _blas_ok(x, out, bias):
             cfg = replace(cfg, path="deq")
         if cfg.path in ("deq", "deqb"):
@@ -224,8 +224,14 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             return out
         kper, splits = _splits(K, cfg.bk, cfg.split)
         ws = _workspace(splits, M, N, torch.float32, out)
-        if cfg.path in ("gemv", "gemvg", "gemvw", "gemvx"):
-            kern = {"gemv": k.gemv4, "gemvg": k.gemv4g, "gemvw": k.gemv4w, "gemvx": k.gemv4x}[cfg.path]
+        if cfg.path in ("gemv", "gemvg", "gemvw", "gemvx", "gemvr"):
+            kern = {
+                "gemv": k.gemv4,
+                "gemvg": k.gemv4g,
+                "gemvw": k.gemv4w,
+                "gemvx": k.gemv4x,
+                "gemvr": k.gemv4r,
+            }[cfg.path]
             kern[(_cdiv(N, cfg.bn), splits, M)](
                 x, wk, out, ws, scales, zeros, bias_arg, M, N, K, kper,
                 x.stride(0), x.stride(1), wk.stride(0), wk.stride(1), out.stride(0), out.stride(1), *sarg,

@@ -791,12 +791,12 @@ def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
 
 
-def _gemv4x_planes(xv, G: tl.constexpr, W: tl.constexpr):
-    """x [G, W, 8] (8 consecutive k per word) -> its 8 planes [G, W], plane j at k = 8 * word + j, by a
-    tree of tl.split (register moves inside a thread, no shared memory)."""
-    a, b = tl.split(tl.reshape(xv, (G, W, 4, 2)))  # x[2m], x[2m + 1]
-    a0, a1 = tl.split(tl.reshape(a, (G, W, 2, 2)))  # x[4p], x[4p + 2]
-    b0, b1 = tl.split(tl.reshape(b, (G, W, 2, 2)))  # x[4p + 1], x[4p + 3]
+def _gemv4x_planes(xv, D0: tl.constexpr, D1: tl.constexpr):
+    """x [D0, D1, 8] (8 consecutive k per word) -> its 8 planes [D0, D1], plane j at k = 8 * word + j,
+    by a tree of tl.split (register moves inside a thread, no shared memory)."""
+    a, b = tl.split(tl.reshape(xv, (D0, D1, 4, 2)))  # x[2m], x[2m + 1]
+    a0, a1 = tl.split(tl.reshape(a, (D0, D1, 2, 2)))  # x[4p], x[4p + 2]
+    b0, b1 = tl.split(tl.reshape(b, (D0, D1, 2, 2)))  # x[4p + 1], x[4p + 3]
     x0, x4 = tl.split(a0)
     x2, x6 = tl.split(a1)
     x1, x5 = tl.split(b0)
@@ -806,15 +806,16 @@ def _gemv4x_planes(xv, G: tl.constexpr, W: tl.constexpr):
 
 def _gemv4x_term(word, xj, J: tl.constexpr, s3, zb, FORMAT: tl.constexpr, DT: tl.constexpr,
                  EMULATE_RNE: tl.constexpr):  # fmt: skip
-    """Nibble J of every word times its x plane: `_gemv4w_kernel`'s per-plane product."""
+    """Nibble J of every word times its x plane (broadcastable to the words): `_gemv4w_kernel`'s
+    per-plane product."""
     q = (word >> (4 * J)) & 15
     if FORMAT == 0:
         wv = ((q | 0x4B000000).to(tl.float32, bitcast=True) - zb) * s3
-        t = _to_operand(wv, DT, EMULATE_RNE).to(tl.float32) * xj[None, :, :]
+        t = _to_operand(wv, DT, EMULATE_RNE).to(tl.float32) * xj
     elif E2M1_F16:
-        t = (_e2m1_to_f32_h(q) * xj[None, :, :]) * s3
+        t = (_e2m1_to_f32_h(q) * xj) * s3
     else:
-        t = (_e2m1_to_f32(q) * xj[None, :, :]) * s3
+        t = (_e2m1_to_f32(q) * xj) * s3
     return t
 
 
@@ -859,6 +860,65 @@ def _gemv4x_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
         else:
             s3 = _e8m0_to_f32(s)[:, :, None]
         x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4x_planes(xv, G, W)
+        acc += _gemv4x_term(word, x0[None, :, :], 0, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x1[None, :, :], 1, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x2[None, :, :], 2, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x3[None, :, :], 3, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x4[None, :, :], 4, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x5[None, :, :], 5, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x6[None, :, :], 6, s3, zb, FORMAT, DT, EMULATE_RNE)
+        acc += _gemv4x_term(word, x7[None, :, :], 7, s3, zb, FORMAT, DT, EMULATE_RNE)
+        word = word_next
+        xv = x_next
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if FORMAT == 1 and E2M1_F16:
+        out = out * 16384.0
+    _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
+
+
+def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
+                   sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
+                   FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """`_gemv4x_kernel` (same arguments, int32 words, same numerics) for one weight row per program
+    (BLOCK_N is 1; grid (N, splits, M)): no row axis to broadcast x over, so its nibble planes and
+    the words can share one register layout -- no trip through shared memory at all. The words are
+    indexed [GROUP/8, groups] in an odd-stride order inside each group ((w * 5) % (GROUP/8), a
+    permutation) so that Triton gives each thread one word, as each thread holds one word's 8 x;
+    a warp's loads still cover whole 64-byte runs. A row's K tile is loaded at once (many small
+    programs keep HBM busy: every load is issued before the first use)."""
+    n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    G: tl.constexpr = BLOCK_K // GROUP
+    W: tl.constexpr = GROUP // 8
+    ow = ((tl.arange(0, W) * 5) % W)[:, None]
+    og = tl.arange(0, G)
+    jw = og[None, :] * W + ow  # [GROUP/8, groups]: word index inside the K tile
+    kx = 8 * jw[:, :, None] + tl.arange(0, 8)[None, None, :]  # [GROUP/8, groups, 8]: k of each nibble
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    w_row = w_ptr + n * swn
+    x_row = x_ptr + row * sxm
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    acc = tl.zeros([W, G], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        gi = k0 // GROUP + og
+        if EVEN_K:
+            word = tl.load(w_row + (k0 // 8 + jw) * swk)
+        else:
+            word = tl.load(w_row + (k0 // 8 + jw) * swk, mask=k0 + 8 * jw < K, other=0)
+            gi = tl.minimum(gi, (K - 1) // GROUP)  # a group past K: a valid one, its x are 0
+        xv = _gemv4w_x(x_row, k0 + kx, k0 + kx < K, sxk, EVEN_K)
+        s = tl.load(s_ptr + n * ssn + gi * ssg)[None, :]
+        zb = s  # unused by mxfp4
+        if FORMAT == 0:
+            s3 = s.to(tl.float32)
+            zb = tl.load(z_ptr + n * szn + gi * szg).to(tl.float32)[None, :] + 8388608.0
+        else:
+            s3 = _e8m0_to_f32(s)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4x_planes(xv, W, G)
         acc += _gemv4x_term(word, x0, 0, s3, zb, FORMAT, DT, EMULATE_RNE)
         acc += _gemv4x_term(word, x1, 1, s3, zb, FORMAT, DT, EMULATE_RNE)
         acc += _gemv4x_term(word, x2, 2, s3, zb, FORMAT, DT, EMULATE_RNE)
@@ -867,12 +927,13 @@ def _gemv4x_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
         acc += _gemv4x_term(word, x5, 5, s3, zb, FORMAT, DT, EMULATE_RNE)
         acc += _gemv4x_term(word, x6, 6, s3, zb, FORMAT, DT, EMULATE_RNE)
         acc += _gemv4x_term(word, x7, 7, s3, zb, FORMAT, DT, EMULATE_RNE)
-        word = word_next
-        xv = x_next
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    out = tl.sum(tl.sum(acc, axis=1), axis=0)
     if FORMAT == 1 and E2M1_F16:
         out = out * 16384.0
-    _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
+    # one output element: a 1-wide row segment for the shared store helper
+    offs_n = n + tl.arange(0, 1)
+    _gemv_store(tl.zeros([1], dtype=tl.float32) + out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn,
+                SPLIT_OUT, HAS_BIAS)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- factored 4-bit (opt-in)
@@ -1114,6 +1175,7 @@ KERNELS = (
     "_gemv4g_kernel",
     "_gemv4w_kernel",
     "_gemv4x_kernel",
+    "_gemv4r_kernel",
     "_wonly_fac_kernel",
     "_gemv4f_kernel",
 )

@@ -52,6 +52,11 @@ class Cfg:
     "gemvg": the 4-bit one on group-shaped tiles (`_gemv4g_kernel`; bk rounded up to the group,
     "gemv" for a group that is not a power of two up to 256); "gemvw": the same on int32 words of
     8 nibbles (`_gemv4w_kernel`; "gemvg" where K % 8 or the word view does not fit);
+    "gemvx": "gemvw" with x read once per K step as whole words' 8 k and split into the nibble planes
+    in registers ("gemvg" where the word view does not fit); "fusedk" / "tilek": "fused" / "tile" whose
+    K splits reduce themselves (the last split to finish sums the partials in split order on a
+    per-tile counter) instead of a second kernel; "lag": the fp8 tile with each K step's promoted
+    partial added one step late (8-bit GEMM; int8 and fast-accumulation fp8 never see it);
     "ftile" / "ftilej" / "fgemv": the factored 4-bit kernels (see FACTORED below; "ftilej" joins
     the nibble planes back to k order for one dot per group; "fused" / "gemvw" where their layout
     does not fit)."""
@@ -97,6 +102,8 @@ _GEMV = {  # HBM wants ~4 MB in flight: 1000+ programs of 2-8 KB tiles (plus one
     "wonly": _t("gemvw", (1, 8, 1024, 4, 1), (1, 16, 1024, 4, 1), (1, 8, 2048, 4, 1), (1, 4, 2048, 4, 1))
     + _t("gemvx", (1, 8, 1024, 4, 1), (1, 4, 1024, 4, 1), (1, 8, 512, 4, 1), (1, 16, 512, 4, 1), (1, 4, 2048, 4, 1),
          (1, 8, 1024, 8, 1), (1, 2, 2048, 4, 1), (1, 8, 512, 4, 1, 2))
+    + _t("gemvr", (1, 1, 4096, 4, 1), (1, 1, 4096, 2, 1), (1, 1, 2048, 2, 1), (1, 1, 2048, 4, 1), (1, 1, 1024, 1, 1),
+         (1, 1, 4096, 8, 1), (1, 1, 8192, 4, 1), (1, 1, 1024, 2, 1))
     + _t("gemvg", (1, 8, 1024, 4, 1), (1, 16, 512, 4, 1), (1, 8, 512, 4, 1, 2), (1, 4, 1024, 4, 1))
     + _t("gemv", (1, 8, 512, 4, 1, 4), (1, 16, 512, 8, 1, 2), (1, 8, 1024, 8, 1, 2), (1, 4, 1024, 4, 1),
                 (1, 8, 512, 4, 1, 2), (1, 16, 256, 4, 1, 4), (1, 32, 512, 8, 1, 4)),

@@ -237,6 +237,8 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
     # block scales of the first K step; each step then loads the next step's before it uses its
     # own (Triton's pipeliner stages only the dot operands' loads: this hides the scales' latency).
     # a's and b's are carried apart: their [BM, BN] product would double the tile's registers.
+    sa = 1.0  # a mode that is not block scaled passes 1.0 to _block_scaled, which ignores it
+    sb = 1.0
     if A_MODE == 2:
         sa = tl.load(as_ptr + rm * sas0 + (k_lo // GROUP) * sas1)[:, None]
     if B_MODE == 2:

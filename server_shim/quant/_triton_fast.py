@@ -26,7 +26,14 @@ What makes them faster than the legacy bodies (numbers: bench/gemm.py on an H200
 - 4-bit GEMV is bound by unpacking instructions, not HBM: `_gemv4g_kernel` shapes its tiles as
   whole scale groups (scales broadcast in registers, no reshape), `_gemv4w_kernel` reads int32
   words of 8 nibbles (a shift and a mask per nibble), and mxfp4 codes decode through fp16 bits
-  (`_e2m1_to_f32_h`: no fp32 bit assembly, exact).
+  (`_e2m1_to_f32_h`: no fp32 bit assembly, exact). `_gemv4x_kernel` reads x once per K step as
+  whole words' 8 k (16-byte loads, prefetched) and splits the nibble planes in registers;
+  `_gemv4r_kernel` takes one weight row per program so that the words and x's planes share one
+  register layout (no shared memory at all).
+- fp8 "lag" tiles (`_mm8_kernel` LAG): the promoted partial of each K step is added one step late,
+  so the adds run beside the next step's MMAs instead of between them.
+- Self-reducing split-K (`_split_finish`, the 4-bit tiles' SPLIT_FIN): the split that arrives last
+  on its tile's counter sums all partials in split order, so no second kernel is launched.
 Numerics are those of the legacy bodies: fp32 accumulation (int32 for int8), fp8 products
 promoted to fp32 every BLOCK_K (FAST_ACC off), 4-bit weights dequantized in fp32 and rounded once
 to x's dtype; see _triton_kernels.py's docstring for the interpreter workarounds they share.

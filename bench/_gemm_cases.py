@@ -28,11 +28,7 @@ FN = torch.float8_e4m3fn
 TRITON = {
     "triton fp8 tensor": "mm8", "triton fp8 row": "mm8", "triton fp8 block": "mm8", "triton int8": "mm8",
     "triton int4-g128": "wonly", "triton mxfp4": "wonly",
-    "triton int4-g128 factored": "wonly", "triton mxfp4 factored": "wonly",
 }  # fmt: skip
-# the factored 4-bit kernels (M <= 16; off by default when serving, see quant/tuning.FACTORED): rows of
-# their own, run through the same dispatch with only the factored configs as candidates
-FACTORED = ("triton int4-g128 factored", "triton mxfp4 factored")
 FASTACC = ("triton fp8 tensor fastacc", "triton fp8 row fastacc", "_scaled_mm tensor fastacc")
 
 
@@ -77,29 +73,8 @@ def with_impl(fn: Callable[[], torch.Tensor], impl: str) -> Callable[[], torch.T
     return run
 
 
-def factored(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """The same call with only the factored 4-bit configs as the tuner's candidates."""
-
-    def run() -> torch.Tensor:
-        tuning.FACTORED = "only"
-        try:
-            return fn()
-        finally:
-            tuning.FACTORED = None
-
-    return run
-
-
 def candidates(name: str, family: str, M: int, N: int, Kd: int) -> list[tuning.Cfg]:
     """The configs a check or timing row of `name` chooses among (none: the row does not exist)."""
-    if name in FACTORED:
-        if M > 16:
-            return []
-        tuning.FACTORED = "only"
-        try:
-            return tuning.candidates(family, TRITON[name], M, N, Kd)
-        finally:
-            tuning.FACTORED = None
     return tuning.candidates(family, TRITON[name], M, N, Kd)
 
 
@@ -180,9 +155,6 @@ class Case:
         f["triton int8"] = lambda: K.int8_gemm(self.a_i8, self.sa_i8, self.b_i8, self.sb_i8, out_dtype=bf)
         f["triton int4-g128"] = lambda: K.int4_gemm(self.x, self.p4, self.s4, self.z4, out_dtype=bf)
         f["triton mxfp4"] = lambda: K.mxfp4_gemm(self.x, self.pm, self.em, out_dtype=bf)
-        if self.M <= 16:
-            f["triton int4-g128 factored"] = factored(f["triton int4-g128"])
-            f["triton mxfp4 factored"] = factored(f["triton mxfp4"])
         return f
 
     def reference(self, name: str) -> torch.Tensor:
@@ -201,13 +173,9 @@ class Case:
             ).T
         if base == "int8":
             return (self.a_i8.double() @ self.b_i8.double().T) * self.sa_i8.double() * self.sb_i8.double().T
-        # the factored kernels never round a weight: the float64 of the unrounded weights
-        fac = base.endswith(" factored")
-        base = base.removesuffix(" factored")
         if base == "int4-g128":
             w4 = (self.q4.double() - expand(self.z4, N, Kd, 1, 128)) * expand(self.s4, N, Kd, 1, 128)
-            if not fac:
-                w4 = w4.to(torch.bfloat16).double()  # bf16 weights meet the tensor cores
+            w4 = w4.to(torch.bfloat16).double()  # bf16 weights meet the tensor cores
             return self.x.double() @ w4.T
         if base == "mxfp4":
             grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64, device=self.x.device)

@@ -1,7 +1,7 @@
 """GEMM benchmark (GPU): the Triton kernels of server_shim/quant/kernels.py against torch.
 
     python bench/gemm.py [--out PATH] [--budget 230] [--full] [--fastacc] [--no-legacy] [--workers N]
-    python bench/gemm.py --factored --budget 110 --out PATH   # the factored 4-bit kernels, M <= 16 (~1.5 min)
+    python bench/gemm.py --small-4bit --budget 110 --out PATH   # only the 4-bit rows at M <= 16 (~1.5 min)
     python bench/gemm.py --device cpu        # the checks at small sizes under the Triton interpreter
 
 One command, in this order, and never longer than --budget seconds (a watchdog writes what it has
@@ -15,11 +15,9 @@ and exits 3):
 3. Timing at 4096^3, 1024x4096x4096, 16x4096x4096, 1x4096x4096 (--full adds more): torch bf16,
    `torch._scaled_mm`, every Triton kernel through the shim's own dispatch (the tuner picks
    and caches a config at the first call, which is then checked against float64 again), and the
-   legacy kernels (DIFFTEST_TRITON_KERNELS=legacy) for fp8-block and int4, and at M <= 16 the
-   factored 4-bit kernels as rows of their own ("... factored": the dispatch with only their configs,
-   checked against the float64 of the unrounded weights; serving uses them only with
-   DIFFTEST_TRITON_FACTORED_4BIT=1). Medians of CUDA-graph replays (do_bench_cudagraph), so Python
-   launch cost is not counted.
+   legacy kernels (DIFFTEST_TRITON_KERNELS=legacy) for fp8-block and int4. Medians of CUDA-graph
+   replays (do_bench_cudagraph), so Python launch cost is not counted; every candidate's time per
+   tuned key is printed ("tuned ...") and kept in the JSON ("tuned").
 Then a TFLOP/s table, ratios to bf16 and to `_scaled_mm`, the issue's targets (PASS / MISS), and
 JSON (--out). Exit status 1 if any check failed.
 """
@@ -50,8 +48,8 @@ FULL = [(128, 4096, 4096), *((m, n, k) for m in (16, 1024) for (k, n) in ((576, 
 ODD = [(3, 130, 200), (33, 1000, 1100), (1, 130, 200)]  # masks, partial tiles, wrapped rows; M=1: GEMV
 LEGACY = ("triton fp8 block", "triton int4-g128")
 CHUNK = 6  # configs per config-check job
-# --factored: what the factored 4-bit kernels' first measurement needs (M <= 16 shapes only)
-FACTORED_ROWS = ("torch bf16", "triton int4-g128", "triton mxfp4", *C.FACTORED)
+# --small-4bit: the 4-bit decode case alone (M <= 16 shapes only)
+SMALL_4BIT_ROWS = ("torch bf16", "triton int4-g128", "triton mxfp4")
 FN = C.FN
 
 
@@ -246,8 +244,8 @@ def bench(run: Run, shapes: list[tuple[int, int, int]], dev: torch.device, args:
             continue
         c = C.Case(M, N, Kd, dev)
         fns = c.fns(args.fastacc)
-        if args.factored:  # the 4-bit rows only: bf16, the default kernels and the factored ones
-            fns = {n: f for n, f in fns.items() if n in FACTORED_ROWS}
+        if args.small_4bit:  # the 4-bit rows only, and bf16 to compare with
+            fns = {n: f for n, f in fns.items() if n in SMALL_4BIT_ROWS}
         if not args.no_legacy and (M, N, Kd) in SHAPES[:3]:
             fns.update({f"legacy {n.removeprefix('triton ')}": C.with_impl(fns[n], "legacy") for n in LEGACY})
         row: dict = {"M": M, "N": N, "K": Kd, "ms": {}, "tflops": {}}
@@ -321,7 +319,7 @@ def targets(rows: list[dict]) -> list[dict]:
         want(s, "triton fp8 tensor", "_scaled_mm tensor", 0.9)
         want(s, "triton fp8 row", "_scaled_mm row", 0.9)
     for s in ((16, 4096, 4096), (1, 4096, 4096)):
-        for n in ("triton int4-g128", "triton mxfp4", *C.FACTORED):
+        for n in ("triton int4-g128", "triton mxfp4"):
             want(s, n, "torch bf16", 1.5)
         for n in ("triton fp8 tensor", "triton fp8 row", "triton fp8 block", "triton int8"):
             want(s, n, "torch bf16", 1.0)
@@ -355,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="also M=128 and the smollm2 shapes")
     p.add_argument("--fastacc", action="store_true", help="also time fast (unpromoted) fp8 accumulation")
     p.add_argument("--no-legacy", action="store_true", help="do not time the legacy kernels")
-    p.add_argument("--factored", action="store_true",
-                   help="only M <= 16 and the 4-bit rows (bf16, int4-g128, mxfp4, their factored kernels); "
+    p.add_argument("--small-4bit", action="store_true",
+                   help="only M <= 16 and the 4-bit rows (bf16, int4-g128, mxfp4); "
                         "no legacy kernels, no fp8/int8 exactness checks")  # fmt: skip
     p.add_argument(
         "--workers", type=int, default=min(12, os.cpu_count() or 4), help="config-check processes (0: none)"
@@ -388,15 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {name} ({arch.gemm_family(dev)}), torch {torch.__version__}, triton {triton.__version__}, "
           f"kernels {K.impl()}", flush=True)  # fmt: skip
     shapes = SHAPES + (FULL if args.full else [])
-    if args.factored:
+    if args.small_4bit:
         shapes, args.no_legacy = [s for s in shapes if s[0] <= 16], True
-    names = tuple(n for n in FACTORED_ROWS if n in C.TRITON) if args.factored else None
+    names = tuple(n for n in SMALL_4BIT_ROWS if n in C.TRITON) if args.small_4bit else None
     if args.workers > 0:  # the exactness checks run in the pool too
         jobs = config_jobs(dev, shapes, not args.no_legacy, names)
         run_pool(
-            run, jobs, args.workers, args.budget * (0.6 if args.factored else 0.5), exact=not args.factored
+            run,
+            jobs,
+            args.workers,
+            args.budget * (0.6 if args.small_4bit else 0.5),
+            exact=not args.small_4bit,
         )
-    elif not args.factored:
+    elif not args.small_4bit:
         print(f"[{run.elapsed():.0f} s] exactness checks", flush=True)
         exact_checks(run, dev, big=4096)
     print(f"[{run.elapsed():.0f} s] timing", flush=True)

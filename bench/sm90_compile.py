@@ -7,8 +7,7 @@ an MLA model's head shapes, RMSNorm, rotary at SmolLM2's and a Llama-8B's heads;
 `--attention`: only these), then the GEMMs.
 
 For every Hopper candidate config in quant/tuning.py (N = K = 4096; fp8 tensor and block, int8
-row, int4-g128 and mxfp4 with bf16 activations, and the factored 4-bit kernels' own lists at
-M <= 16, which serving uses only with DIFFTEST_TRITON_FACTORED_4BIT=1) this compiles the kernel the config selects down
+row, int4-g128 and mxfp4 with bf16 activations) this compiles the kernel the config selects down
 to a cubin (Triton's own ptxas), with the specializations the JIT would make on a GPU (16-byte
 aligned pointers, strides of 1, M = 1), and prints registers, spills, shared memory and ptxas's
 "wgmma serialized" warnings, and the static SASS instruction count (conversions, MMAs) as a
@@ -52,9 +51,6 @@ VARIANTS = [
     ("int8 row", "mm8", {**P8, "a_ptr": "*i8", "b_ptr": "*i8"}, dict(A_MODE=1, B_MODE=1, GROUP=128, ACC_INT=True)),
     ("int4-g128", "wonly", {**P4, "s_ptr": "*fp32"}, dict(FORMAT=0, GROUP=128)),
     ("mxfp4", "wonly", {**P4, "s_ptr": "*u8"}, dict(FORMAT=1, GROUP=32)),
-    # the factored kernels (tuning.FACTORED "only": their own lists, M <= 16; off by default when serving)
-    ("int4 fac", "wonly", {**P4, "s_ptr": "*fp32"}, dict(FORMAT=0, GROUP=128, FACTORED=True)),
-    ("mxfp4 fac", "wonly", {**P4, "s_ptr": "*u8"}, dict(FORMAT=1, GROUP=32, FACTORED=True)),
 ]  # fmt: skip
 
 
@@ -78,19 +74,6 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
             PROMOTE=min(bk, 128),
             LAG=cfg.path == "lag",
         )
-    fixed = {n: v for n, v in fixed.items() if n != "FACTORED"}
-    if cfg.path in (
-        "ftile",
-        "ftilej",
-        "fgemv",
-    ):  # as _fastpath._factored: whole groups per step; words or bytes
-        bk = -(-max(cfg.bk, fixed["GROUP"]) // fixed["GROUP"]) * fixed["GROUP"]
-        fac = dict(fixed, HAS_BIAS=False, SPLIT_OUT=split, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=bk)
-        if cfg.path == "fgemv":
-            return k.gemv4f, fac
-        return k.wonly_fac, dict(
-            fac, DOT_IEEE=False, PLANES=planes(fixed["GROUP"]), BLOCK_M=cfg.bm, JOIN=cfg.path == "ftilej"
-        )
     common = dict(fixed, HAS_BIAS=False, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk)
     if cfg.path == "gemv":
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
@@ -109,11 +92,6 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     kern = k.wonly_fused if cfg.path in ("fused", "fusedk") else k.wonly_fast
     return kern, dict(common, DOT_IEEE=False, EMULATE_RNE=False, SPLIT_OUT=split, BLOCK_M=cfg.bm,
                       GROUP_M=cfg.group_m, SPLIT_FIN=split and cfg.path in ("fusedk", "tilek"))  # fmt: skip
-
-
-def planes(group: int) -> int:
-    """Nibbles per element the factored tile kernel reads: int32 words when a group is >= 128."""
-    return 8 if group // 8 >= 16 else 2
 
 
 def sass_ops(cubin: Path) -> str:
@@ -279,7 +257,7 @@ def main() -> int:
         "--only",
         nargs="+",
         default=None,
-        help="only these config paths (tile gemv gemvg gemvw fused deq deqb ftile ftilej fgemv)",
+        help="only these config paths (tile lag gemv gemvg gemvw gemvx gemvr fused fusedk tilek deq deqb)",
     )
     ap.add_argument(
         "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm, rotary)"
@@ -296,13 +274,7 @@ def main() -> int:
     seen: set = set()
     for label, kind, ptrs, fixed in VARIANTS:
         for m in args.m:
-            tuning.FACTORED = "only" if fixed.get("FACTORED") else "off"
-            cands = (
-                tuning.candidates("hopper", kind, m, 4096, 4096)
-                if m <= 16 or not fixed.get("FACTORED")
-                else []
-            )
-            tuning.FACTORED = None
+            cands = tuning.candidates("hopper", kind, m, 4096, 4096)
             for cfg in cands:
                 if args.only and cfg.path not in args.only:
                     continue
@@ -310,9 +282,7 @@ def main() -> int:
                 if fn is None:
                     continue
                 cptrs = ptrs  # this config's pointer types (the variant's, unless its kernel differs)
-                if cfg.path in ("gemvw", "gemvx", "gemvr", "fgemv") or (
-                    cfg.path in ("ftile", "ftilej") and planes(fixed["GROUP"]) == 8
-                ):
+                if cfg.path in ("gemvw", "gemvx", "gemvr"):
                     cptrs = {**ptrs, "w_ptr": "*i32"}
                 if cfg.path == "deqb":
                     cptrs = {**ptrs, "o_ptr": "*bf16"}

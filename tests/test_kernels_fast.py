@@ -47,12 +47,6 @@ GEMVR = tuning.Cfg("gemvr", 1, 1, 256, 4, 1, 2)  # one weight row per program
 LAG = tuning.Cfg("lag", 16, 32, 128, 4, 1, 2)  # fp8 partials added one K step late
 LAG_BIG_K = tuning.Cfg("lag", 16, 64, 256, 4, 1)  # BLOCK_K 256: promoted every 128 inside the step
 DEQB = tuning.Cfg("deqb", 1, 32, 64, 4, 1)  # dequantization tiles 32 x 64
-# the factored 4-bit kernels (opt-in, DIFFTEST_TRITON_FACTORED_4BIT=1): the swap-AB tile (split-K;
-# int4 as int32 words, mxfp4 as bytes), the same with several groups per K step, and the GEMV
-FTILE = tuning.Cfg("ftile", 16, 64, 128, 4, 1, 2)
-FTILE_WIDE = tuning.Cfg("ftile", 16, 32, 256, 4, 1)
-FTILEJ = tuning.Cfg("ftilej", 16, 32, 256, 4, 1, 2)  # the planes joined back to k order: one dot per group
-FGEMV = tuning.Cfg("fgemv", 1, 32, 256, 4, 1, 2)
 
 
 @pytest.fixture
@@ -484,118 +478,19 @@ def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str,
     assert rel(faulty_triton, golden) > 1e-4  # and it is a bug
 
 
-# ----------------------------------------------------------------------------- factored 4-bit (opt-in)
-def _mx_ref(x: torch.Tensor, q: torch.Tensor, e: torch.Tensor, N: int, Kd: int) -> torch.Tensor:
-    w = E2M1[(q & 7).long()] * torch.where(q >= 8, -1.0, 1.0).double()
-    return x.double() @ (w * expand(torch.exp2(e.double() - 127), N, Kd, 1, 32)).T
-
-
-@pytest.mark.parametrize(
-    "cfg", [FTILE, FTILE_WIDE, FTILEJ, FGEMV], ids=["ftile-split2", "ftile-wide", "ftilej", "fgemv-split2"]
-)
+# ----------------------------------------------------------------------------- every 4-bit fault
+@pytest.mark.parametrize("cfg", [FUSEDK, GEMVX, GEMVR], ids=["fusedk-split3", "gemvx", "gemvr-split2"])
 @pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
-def test_factored_kernels_match_the_factored_math_in_float64(force, cfg: tuning.Cfg, scheme: str) -> None:
-    """The factored math in float64 (unrounded weights, one scale per group): within fp32
-    accumulation noise, for bf16 and fp16 activations, whole and ragged K (K = 200: a partial
-    group and K step; K = 132: K % 8 != 0, so int4's tile reads bytes instead of words and the
-    GEMV falls back to the unfactored byte kernel, which rounds each weight to x's dtype)."""
-    force(cfg)
-    g = torch.Generator().manual_seed(41)
-    for M, N, Kd, dt in (
-        (3, 40, 256, torch.bfloat16),
-        (1, 24, 200, torch.float16),
-        (2, 16, 132, torch.bfloat16),
-    ):
-        x = torch.randn(M, Kd, generator=g).to(dt)
-        q = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
-        fallback = cfg.path == "fgemv" and Kd % 8 != 0
-        if scheme == "int4-g128":
-            G = -(-Kd // 128)
-            s, z = (
-                torch.rand(N, G, generator=g) * 0.1 + 0.01,
-                torch.randint(0, 16, (N, G), dtype=torch.uint8, generator=g),
-            )
-            out = K.int4_gemm(x, pack(q), s, z, out_dtype=torch.float32)
-            w = (q.double() - expand(z, N, Kd, 1, 128)) * expand(s, N, Kd, 1, 128)
-            ref = x.double() @ (w.to(dt).double() if fallback else w).T
-        else:  # mxfp4 weights are exact in x's dtype: rounded or not, one reference
-            e = torch.randint(118, 136, (N, -(-Kd // 32)), dtype=torch.uint8, generator=g)
-            out = K.mxfp4_gemm(x, pack(q), e, out_dtype=torch.float32)
-            ref = _mx_ref(x, q, e, N, Kd)
-        assert rel(out, ref) < 1e-6, (M, N, Kd, dt)
-
-
-@pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
-def test_factored_tile_matches_the_golden(force, scheme: str) -> None:
-    """Against the golden (torch backend: fp32 dequantized weights) through the shim's own read
-    path: fp32 activations agree to fp32 noise, bf16 ones to the two outputs' bf16 roundings."""
-    force(FTILE)
-    g = torch.Generator().manual_seed(42)
-    qw = F.quantize_weight(torch.randn(48, 256, generator=g) * 0.02, scheme)
-    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-8)):
-        x = torch.randn(5, 256, generator=g).to(dt)
-        assert rel(quant_matmul(x, qw, None, "triton"), quant_matmul(x, qw, None, "torch")) < tol, dt
-
-
-def test_factored_switch_is_off_by_default_and_on_with_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    def paths(m: int) -> set[str]:
-        return {c.path for c in tuning.candidates("hopper", "wonly", m, 4096, 4096)}
-
-    monkeypatch.delenv(tuning.FACTORED_ENV, raising=False)
-    monkeypatch.setattr(tuning, "FACTORED", None)
-    assert tuning.factored_mode() == "off" and not paths(16) & {"ftile", "fgemv"} and "fgemv" not in paths(1)
-    monkeypatch.setenv(tuning.FACTORED_ENV, "1")
-    assert tuning.factored_mode() == "on"
-    assert {"ftile", "fused"} <= paths(16) and {"ftile", "fgemv", "gemvw"} <= paths(1)
-    assert not paths(17) & {"ftile", "fgemv"}  # M <= 16 only
-    assert tuning.candidates("hopper", "wonly", 16, 4096, 4096)[0].path != "ftile"  # never the default
-    assert not {c.path for c in tuning.candidates("hopper", "mm8", 1, 4096, 4096)} & {"ftile", "fgemv"}
-    monkeypatch.setattr(tuning, "FACTORED", "only")  # what bench/gemm.py times as rows of their own
-    assert paths(16) == {"ftile", "ftilej"} and paths(1) == {"ftile", "ftilej", "fgemv"}
-    monkeypatch.setattr(tuning, "FACTORED", None)
-    monkeypatch.setenv(tuning.FACTORED_ENV, "0")
-    assert tuning.factored_mode() == "off"
-    monkeypatch.setenv(tuning.FACTORED_ENV, "off")  # the shim's one switch rule: off means off
-    assert tuning.factored_mode() == "off"
-    # the dispatch: the choice is cached under its own key (never served once the switch is off) and
-    # a factored candidate the tuner picks runs the factored kernel (here: the cpu list's last one)
-    seen: list[tuple[str, list[tuning.Cfg]]] = []
-
-    def pick(key, candidates, run, *, tune):
-        seen.append((key, candidates()))
-        return candidates()[-1]
-
-    monkeypatch.setattr(tuning.TUNER, "pick", pick)
-    g = torch.Generator().manual_seed(43)
-    x, q = (
-        torch.randn(2, 256, generator=g).to(torch.bfloat16),
-        torch.randint(0, 16, (40, 256), dtype=torch.uint8, generator=g),
-    )
-    s, z = (
-        torch.rand(40, 2, generator=g) * 0.1 + 0.01,
-        torch.randint(0, 16, (40, 2), dtype=torch.uint8, generator=g),
-    )
-    w = (q.double() - expand(z, 40, 256, 1, 128)) * expand(s, 40, 256, 1, 128)
-    rounded = x.double() @ w.to(torch.bfloat16).double().T
-    assert rel(K.int4_gemm(x, pack(q), s, z, out_dtype=torch.float32), rounded) < 1e-6  # off: weights rounded
-    assert "fac" not in seen[-1][0] and all(c.path != "ftile" for c in seen[-1][1])
-    monkeypatch.setenv(tuning.FACTORED_ENV, "1")
-    out = K.int4_gemm(x, pack(q), s, z, out_dtype=torch.float32)
-    assert seen[-1][0].endswith("|fac-on") and seen[-1][1][-1].path == "ftile"
-    assert rel(out, x.double() @ w.T) < 1e-6 and rel(out, rounded) > 1e-5  # on: the unrounded weights
-
-
-@pytest.mark.parametrize("cfg", [FTILE, FTILEJ, FGEMV], ids=["ftile", "ftilej", "fgemv"])
-@pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
-def test_every_4bit_fault_reproduces_in_the_factored_kernels(force, scheme: str, cfg: tuning.Cfg) -> None:
-    """Every non-MoE fault of the scheme (the 4-bit fast kernels' classes, scale-transposed and
-    scale-skipped among them): the factored kernel shows the torch backend's bug, not the golden."""
+def test_every_4bit_fault_reproduces_in_the_fast_kernels(force, scheme: str, cfg: tuning.Cfg) -> None:
+    """Every non-MoE fault of the scheme (the 4-bit kernels' classes, scale-transposed and
+    scale-skipped among them): the kernel shows the torch backend's bug, not the golden."""
     from server_shim.catalog import FAULT_SCHEMES, MOE_ONLY
 
     force(cfg)
     g = torch.Generator().manual_seed(44)
     w = torch.randn(32, 256, generator=g) * 0.02 * (1 + 3 * torch.rand(32, 1, generator=g))
     x = torch.randn(2, 256, generator=g) * (1 + 5 * torch.rand(2, 1, generator=g))
+    x = x[:1] if cfg.bm == 1 else x  # the GEMVs serve M = 1
     faults = [f for f, schemes in FAULT_SCHEMES.items() if scheme in schemes and f not in MOE_ONLY]
     assert len(faults) >= 4
     for fault in faults:
@@ -604,3 +499,12 @@ def test_every_4bit_fault_reproduces_in_the_factored_kernels(force, scheme: str,
         faulty = quant_matmul(x, qw, None, "triton", fs)
         assert rel(faulty, quant_matmul(x, qw, None, "torch", fs)) < 1e-5, fault  # the same bug
         assert rel(faulty, quant_matmul(x, qw, None, "torch")) > 1e-4, fault  # and it is a bug
+
+
+def test_removed_factored_switch_is_an_error_not_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIFFTEST_TRITON_FACTORED_4BIT", "1")
+    monkeypatch.setattr(K, "_built", None)
+    with pytest.raises(QuantConfigError, match="DIFFTEST_TRITON_FACTORED_4BIT is no longer supported"):
+        K._build()
+    monkeypatch.setenv("DIFFTEST_TRITON_FACTORED_4BIT", "0")  # off: nothing to refuse
+    assert K._build().gemv4r is not None

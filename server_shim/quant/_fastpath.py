@@ -175,21 +175,11 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
     (M, K), N = x.shape, w.shape[0]
     fam = family(k, x.device)
     key = f"{fam}|wonly|{x.dtype}|f{fmt}g{group}|m{tuning.m_bucket(M)}|n{N}|k{K}"
-    if M <= 16 and tuning.factored_mode() != "off":  # its own cache entry: never served with the switch off
-        key += f"|fac-{tuning.factored_mode()}"
     sarg = (scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1))
     emulate = k.interp and x.dtype == torch.bfloat16  # only the interpreter's bf16 cast is wrong
 
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         bias_arg = bias if bias is not None else out
-        if cfg.path in ("ftile", "ftilej", "fgemv"):
-            done = _factored(
-                k, cfg, x, w, out, scales, zeros, bias, sarg, fmt=fmt, group=group, dot_ieee=dot_ieee
-            )
-            if done is not None:
-                return done
-            # the layout does not fit (K % 8, alignment, group): the unfactored kernel of that shape
-            cfg = replace(cfg, path="gemvw" if cfg.path == "fgemv" else "fused")
         wk = w
         if cfg.path in ("gemvw", "gemvx", "gemvr"):
             wk = _words(w, K, group)
@@ -261,43 +251,3 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
 
     cands = lambda: tuning.candidates(fam, "wonly", M, N, K)  # noqa: E731
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))
-
-
-def _factored(k: SimpleNamespace, cfg: tuning.Cfg, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
-              scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, sarg: tuple[int, ...], *,
-              fmt: int, group: int, dot_ieee: bool) -> torch.Tensor | None:  # fmt: skip
-    """Launch a factored 4-bit config ("ftile" / "ftilej" / "fgemv", see _triton_fast.py); None where the
-    weight's layout does not fit it: fgemv needs the int32 word view (`_words`); ftile reads
-    words when a group is >= 128 nibbles (a plane of 16 words, the dot's least depth), else bytes
-    when it is >= 32, and needs a power-of-two plane."""
-    (M, K), N = x.shape, w.shape[0]
-    words = _words(w, K, group)
-    if cfg.path == "fgemv":
-        if words is None:
-            return None
-        wk, planes = words, 8
-    elif words is not None and group // 8 >= 16:
-        wk, planes = words, 8
-    elif group % 2 == 0 and group // 2 >= 16 and (group // 2) & (group // 2 - 1) == 0:
-        wk, planes = w, 2
-    else:
-        return None
-    bk = _cdiv(max(cfg.bk, group), group) * group  # whole groups per K step
-    kper, splits = _splits(K, bk, cfg.split)
-    ws = _workspace(splits, M, N, torch.float32, out)
-    args = (x, wk, out, ws, scales, zeros, bias if bias is not None else out, M, N, K, kper,
-            x.stride(0), x.stride(1), wk.stride(0), wk.stride(1), out.stride(0), out.stride(1), *sarg)  # fmt: skip
-    if cfg.path == "fgemv":
-        k.gemv4f[(_cdiv(N, cfg.bn), splits, M)](
-            *args, FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, SPLIT_OUT=splits > 1,
-            EVEN_K=K % bk == 0, BLOCK_N=cfg.bn, BLOCK_K=bk, num_warps=cfg.warps, num_stages=cfg.stages,
-        )  # fmt: skip
-    else:
-        k.wonly_fac[(_cdiv(N, cfg.bn), splits, _cdiv(M, cfg.bm))](
-            *args, FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee, SPLIT_OUT=splits > 1,
-            EVEN_K=K % bk == 0, PLANES=planes, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=bk,
-            JOIN=cfg.path == "ftilej", num_warps=cfg.warps, num_stages=cfg.stages,
-        )  # fmt: skip
-    if splits > 1:
-        _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
-    return out

@@ -35,8 +35,6 @@ from pathlib import Path
 
 import torch
 
-from server_shim.switches import env_switch
-
 logger = logging.getLogger(__name__)
 
 
@@ -53,13 +51,11 @@ class Cfg:
     "gemv" for a group that is not a power of two up to 256); "gemvw": the same on int32 words of
     8 nibbles (`_gemv4w_kernel`; "gemvg" where K % 8 or the word view does not fit);
     "gemvx": "gemvw" with x read once per K step as whole words' 8 k and split into the nibble planes
-    in registers ("gemvg" where the word view does not fit); "fusedk" / "tilek": "fused" / "tile" whose
+    in registers; "gemvr": one weight row per program, words and x planes in one register layout
+    (both "gemvg" where the word view does not fit); "fusedk" / "tilek": "fused" / "tile" whose
     K splits reduce themselves (the last split to finish sums the partials in split order on a
     per-tile counter) instead of a second kernel; "lag": the fp8 tile with each K step's promoted
-    partial added one step late (8-bit GEMM; int8 and fast-accumulation fp8 never see it);
-    "ftile" / "ftilej" / "fgemv": the factored 4-bit kernels (see FACTORED below; "ftilej" joins
-    the nibble planes back to k order for one dot per group; "fused" / "gemvw" where their layout
-    does not fit)."""
+    partial added one step late (8-bit GEMM; int8 and fast-accumulation fp8 never see it)."""
 
     path: str
     bm: int
@@ -176,41 +172,6 @@ _CDNA = {  # AMD: the stream pipeliner wants num_stages 2; MFMA likes wide K til
 }  # fmt: skip
 TABLES = {"hopper": _HOPPER, "ampere": _AMPERE, "cdna": _CDNA}
 
-# The factored 4-bit kernels (_triton_fast.py `_wonly_fac_kernel` "ftile", `_gemv4f_kernel` "fgemv"),
-# plus "ftilej", the same tile with its planes joined back to k order (one dot per group), M <= 16
-# only. Measured on an H200 (README, GEMM kernels) slower than the unfactored ones, so the tuner
-# sees them only when env DIFFTEST_TRITON_FACTORED_4BIT=1 (read by switches.env_switch, as every
-# on/off switch of the shim; then they join the lists; the tuner times and checks them like
-# the others), or when FACTORED says so ("only": nothing else, which is how bench/gemm.py times
-# them as rows of their own). "ftile" tiles are [16 activation rows, bn weight rows, bk]: bn >= 64
-# fills the MMA's large dimension with weight rows; bk is rounded up to a multiple of the group.
-FACTORED_ENV = "DIFFTEST_TRITON_FACTORED_4BIT"
-FACTORED: str | None = None  # None: the env decides ("on" when set and not 0); else "off" | "on" | "only"
-_FACTORED_SMALL = _t("ftilej", (16, 64, 128, 4, 3, 4), (16, 128, 128, 4, 3, 4), (16, 128, 128, 8, 3, 8),
-                     (16, 64, 256, 4, 3, 8), (16, 256, 128, 8, 3, 4)) + _t(
-    "ftile", (16, 64, 128, 4, 3, 4), (16, 64, 128, 4, 3, 8), (16, 128, 128, 4, 3, 4), (16, 128, 128, 8, 3, 8),
-    (16, 128, 256, 8, 3, 2), (16, 64, 128, 4, 4, 16))  # fmt: skip
-_FACTORED_GEMV = _t("fgemv", (1, 8, 1024, 4, 1), (1, 16, 1024, 4, 1), (1, 8, 2048, 4, 1), (1, 32, 512, 4, 1),
-                    (1, 16, 512, 4, 1, 2), (1, 64, 256, 8, 1, 4), (1, 32, 1024, 8, 1, 2))  # fmt: skip
-
-
-def factored_mode() -> str:
-    """ "off" (the default), "on" or "only"; see FACTORED."""
-    mode = FACTORED if FACTORED is not None else ("on" if env_switch(FACTORED_ENV, False) else "off")
-    if mode not in ("off", "on", "only"):
-        raise ValueError(f"tuning.FACTORED must be off, on or only, got {mode!r}")
-    return mode
-
-
-def _factored(family: str, m: int, n: int) -> list[Cfg]:
-    if family == "cpu":  # the interpreter: one program column, as the other cpu default
-        return [Cfg("ftile", 16, min(max(_pow2(n), 16), 128), 128, 4, 1)]
-    cands = _FACTORED_SMALL + (_FACTORED_GEMV if m == 1 else [])
-    if family == "cdna":  # the stream pipeliner wants num_stages 2
-        cands = [Cfg(c.path, c.bm, c.bn, c.bk, c.warps, min(c.stages, 2), c.split) for c in cands]
-    return cands
-
-
 # Tests pin one config for the interpreter (monkeypatch): None = the interpreter's default below.
 FORCE: Cfg | None = None
 REJECTED: list[dict] = []  # configs whose numbers disagreed with the default's (see module doc)
@@ -218,19 +179,13 @@ CHOSEN: dict[str, dict] = {}  # key -> {"config", "us": {name: time}} for every 
 
 
 def candidates(family: str, kind: str, m: int, n: int, k: int) -> list[Cfg]:
-    """The candidate configs of `kind` ("mm8" | "wonly") for an M x N x K problem on `family`
-    (for "wonly" at M <= 16 with the factored kernels as `factored_mode()` says)."""
-    mode = factored_mode() if kind == "wonly" and m <= 16 else "off"
-    if mode == "only":
-        return _factored(family, m, n)
+    """The candidate configs of `kind` ("mm8" | "wonly") for an M x N x K problem on `family`."""
     if family == "cpu":  # the interpreter: one program covers a small problem; cost is per op
         bm, bn = min(max(_pow2(m), 16), 64), min(max(_pow2(n), 16), 128)
-        base = [Cfg("tile", bm, bn, 128, 4, 1)]
-    else:
-        table = TABLES.get(family, _AMPERE)[kind]
-        cls = "small" if m <= 16 else "mid" if m <= 256 else "large"
-        base = list(table[cls]) + (_GEMV[kind] if m == 1 else [])
-    return base + (_factored(family, m, n) if mode == "on" else [])
+        return [Cfg("tile", bm, bn, 128, 4, 1)]
+    table = TABLES.get(family, _AMPERE)[kind]
+    cls = "small" if m <= 16 else "mid" if m <= 256 else "large"
+    return list(table[cls]) + (_GEMV[kind] if m == 1 else [])
 
 
 def _pow2(n: int) -> int:

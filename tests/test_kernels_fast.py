@@ -397,6 +397,64 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
     assert tuner.pick("key", lambda: cands, run, tune=False) == cands[0]  # interpreter: no tuning at all
 
 
+def test_stored_choices_persist_by_default_and_stale_ones_are_retuned(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """The disk cache: on by default under the model cache, keyed by the kernel sources' hash; a
+    stored name that is not a candidate any more is retuned; "0" keeps choices in memory only."""
+    import json
+
+    import triton.testing
+
+    cands = [tuning.Cfg("tile", 16, 32, 128, 4, 3), tuning.Cfg("tile", 16, 64, 128, 4, 3)]
+    speed = {cands[0].name: 2.0, cands[1].name: 1.0}
+    runs: list[tuning.Cfg] = []
+
+    def run(cfg: tuning.Cfg) -> torch.Tensor:
+        runs.append(cfg)
+        return torch.arange(4.0)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(
+        triton.testing, "do_bench_cudagraph", lambda fn, **kw: (fn(), speed[runs[-1].name])[1]
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "dev")
+    monkeypatch.delenv("DIFFTEST_TRITON_TUNE_CACHE", raising=False)
+    monkeypatch.setenv("DIFFTEST_CACHE_DIR", str(tmp_path / "cache"))
+    assert tuning.Tuner().pick("k", lambda: cands, run, tune=True) == cands[1]
+    path = tmp_path / "cache" / "triton-tune.json"
+    stored = json.loads(path.read_text())
+    (entry,) = stored
+    assert entry.endswith(f"|{tuning.kernel_sources_hash()}|k") and stored[entry] == cands[1].name
+    n = len(runs)
+    assert tuning.Tuner().pick("k", lambda: cands, run, tune=True) == cands[1] and len(runs) == n  # replayed
+    # other kernels' lists (the stored name is no candidate now): tuned again, the file updated
+    other = [tuning.Cfg("tile", 16, 32, 128, 4, 3), tuning.Cfg("gemv", 1, 8, 512, 4, 1)]
+    speed[other[1].name] = 0.5
+    assert tuning.Tuner().pick("k", lambda: other, run, tune=True) == other[1] and len(runs) > n
+    assert json.loads(path.read_text())[entry] == other[1].name
+    # another kernel build (hash) never sees these entries
+    monkeypatch.setattr(tuning, "kernel_sources_hash", lambda: "feedfacecafe")
+    n = len(runs)
+    assert tuning.Tuner().pick("k", lambda: other, run, tune=True) == other[1] and len(runs) > n
+    # a corrupt file is ignored (warned), then rewritten
+    path.write_text("{not json")
+    assert tuning.Tuner().pick("k", lambda: cands, run, tune=True) == cands[1]
+    assert len(json.loads(path.read_text())) == 1
+    # "0": memory only, nothing read or written
+    path.unlink()
+    monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", "0")
+    assert tuning.Tuner().pick("k", lambda: cands, run, tune=True) == cands[1] and not path.exists()
+    # clear() forgets the stored choices too: the next pick tunes again
+    monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", str(path))
+    tuner = tuning.Tuner()
+    tuner.pick("k", lambda: cands, run, tune=True)
+    tuner.clear()
+    n = len(runs)
+    assert tuner.pick("k", lambda: cands, run, tune=True) == cands[1] and len(runs) > n
+
+
 def test_self_reducing_splits_are_deterministic_and_leave_their_counters_zero(force) -> None:
     """`_split_finish`: the last split to arrive sums every partial in split order, so repeated runs
     give the same bits as each other and the two-kernel reduction's sum; the counters end at 0."""

@@ -19,12 +19,20 @@ vLLM's block-fp8 configs favour, several CTAs per SM overlapping one another's s
 split-K / narrow-N tiles for M <= 16 and the dot-free GEMV kernels for M = 1, where HBM bandwidth
 is all that counts (timed as CUDA-graph replays, see `_time`: eager timing would measure launches).
 
-Env: DIFFTEST_TRITON_TUNE_CACHE=path.json keeps the choices on disk (per device name and triton
-version), so a second process -- the other half of an A/A pair -- replays the same configs.
+The choices persist on disk, in `triton-tune.json` under the model cache (DIFFTEST_CACHE_DIR,
+else ~/.cache/difftest/models): tuning the 64 keys of one small model's five schemes took 2 min on
+an H200 (the 4-bit lists are long), which every server start would pay again at its first
+requests. Entries are keyed by device name, Triton version and a hash of the kernel sources, and
+a stored name that is not among the key's current candidates is retuned, not trusted -- so a
+kernel change or another GPU never replays a stale choice. DIFFTEST_TRITON_TUNE_CACHE=path.json
+puts the file elsewhere (the other half of an A/A pair then replays the same configs);
+DIFFTEST_TRITON_TUNE_CACHE=0 keeps the choices in memory only.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -200,10 +208,12 @@ class Tuner:
         self._parsed: dict[str, Cfg] = {}
         self._lock = threading.Lock()
         self._warned: set[str] = set()
-        self._disk_loaded = False
+        self._disk: dict[str, str] | None = None  # the file's entries for this device, loaded once
 
     def clear(self) -> None:
+        """Forget every choice in this process, the stored ones too (the next calls tune afresh)."""
         with self._lock:
+            self._disk = {}
             self._cache.clear()
             self._parsed.clear()
             CHOSEN.clear()
@@ -220,11 +230,18 @@ class Tuner:
         hit = self._parsed.get(key)
         if hit is not None:
             return hit
-        name = self._cache.get(key) or self._from_disk(key)
+        name = self._cache.get(key)
+        cands: list[Cfg] | None = None
+        if name is None and (stored := self._from_disk(key)) is not None:
+            cands = candidates()
+            if stored in {c.name for c in cands}:
+                name = self._cache[key] = stored
+            else:  # written by other kernels' lists: retune rather than replay a config that no longer exists
+                logger.info("stored triton config %s for %s is not a candidate now: retuning", stored, key)
         if name is not None:
             self._parsed[key] = Cfg.parse(name)
             return self._parsed[key]
-        cands = candidates()
+        cands = cands if cands is not None else candidates()
         if len(cands) == 1:
             return cands[0]
         if torch.cuda.is_current_stream_capturing():
@@ -268,41 +285,66 @@ class Tuner:
         logger.info("triton config for %s: %s (%.1f us of %d timed)", key, best, times[best], len(times))
         return Cfg.parse(best)
 
-    # -- disk cache: {"<device> | <triton version> | key": config name}
+    # -- disk cache: {"<device>|<triton version>|<kernel sources hash>|key": config name}
     def _disk_path(self) -> Path | None:
         p = os.environ.get("DIFFTEST_TRITON_TUNE_CACHE", "")
-        return Path(p) if p else None
+        if p.lower() in ("0", "off", "false", "no"):
+            return None
+        if p:
+            return Path(p)
+        from server_shim.models import cache_root
+
+        return cache_root() / "triton-tune.json"
 
     def _prefix(self) -> str:
         import triton
 
-        return f"{torch.cuda.get_device_name()}|{triton.__version__}|"
+        return f"{torch.cuda.get_device_name()}|{triton.__version__}|{kernel_sources_hash()}|"
 
     def _from_disk(self, key: str) -> str | None:
-        path = self._disk_path()
-        if path is None or self._disk_loaded:
-            return None
-        self._disk_loaded = True
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        pre = self._prefix()
-        self._cache.update({k[len(pre) :]: v for k, v in saved.items() if k.startswith(pre)})
-        return self._cache.get(key)
+        if self._disk is None:
+            self._disk = {}
+            path = self._disk_path()
+            try:
+                saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+            except (OSError, ValueError) as e:
+                logger.warning("ignoring the triton config cache %s: %s", path, e)
+                saved = {}
+            pre = self._prefix()
+            if isinstance(saved, dict):
+                self._disk = {
+                    k[len(pre) :]: v for k, v in saved.items() if k.startswith(pre) and isinstance(v, str)
+                }
+        return self._disk.get(key)
 
     def _to_disk(self, key: str, name: str) -> None:
         path = self._disk_path()
         if path is None:
             return
         try:
-            saved = json.loads(path.read_text()) if path.exists() else {}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # merge: another server process may have added its keys since
+                saved = json.loads(path.read_text()) if path.is_file() else {}
+            except ValueError:
+                saved = {}
+            saved = saved if isinstance(saved, dict) else {}
             saved[self._prefix() + key] = name
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: no torn writes
             tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
             tmp.replace(path)
-        except (OSError, ValueError) as e:
+        except OSError as e:
             logger.warning("cannot write the triton config cache %s: %s", path, e)
+
+
+@functools.cache
+def kernel_sources_hash() -> str:
+    """12 hex digits over the fast kernels' sources and this file's candidate lists: stored choices
+    from other kernels (another checkout, an older release) are never replayed."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in ("_triton_fast.py", "_fastpath.py", "kernels.py", "tuning.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _time(fn: Callable[[], object]) -> float:

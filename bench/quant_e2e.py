@@ -94,11 +94,16 @@ def main() -> int:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
+    ap.add_argument("--schemes", default="", help="comma-separated schemes to run (default: every one)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
         plan = targets(args.config)
+        wanted = [x for x in args.schemes.split(",") if x]
+        if unknown := set(wanted) - {scheme for scheme, _ in plan}:
+            raise ValueError(f"--schemes: not a quantized target of {args.config}: {sorted(unknown)}")
+        plan = [t for t in plan if not wanted or t[0] in wanted]
     except (ValueError, OSError, KeyError, tomllib.TOMLDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,6 +47,14 @@ GEMVR = tuning.Cfg("gemvr", 1, 1, 256, 4, 1, 2)  # one weight row per program
 LAG = tuning.Cfg("lag", 16, 32, 128, 4, 1, 2)  # fp8 partials added one K step late
 LAG_BIG_K = tuning.Cfg("lag", 16, 64, 256, 4, 1)  # BLOCK_K 256: promoted every 128 inside the step
 DEQB = tuning.Cfg("deqb", 1, 32, 64, 4, 1)  # dequantization tiles 32 x 64
+PATH_IDS = {TILE: "tile", SPLIT: "split3", GEMV: "gemv-split2", DEQ: "deq", DOTLESS: "dotless",
+            DOTLESS4: "dotless4", FUSED: "fused", GEMVG: "gemvg", GEMVW: "gemvw", GEMVX: "gemvx",
+            GEMVR: "gemvr-split2", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag"}  # fmt: skip
+
+
+def paths(*cfgs: tuning.Cfg) -> list:
+    """pytest params of pinned configs, each named by PATH_IDS (else by its path)."""
+    return [pytest.param(c, id=PATH_IDS.get(c, c.path)) for c in cfgs]
 
 
 @pytest.fixture
@@ -77,11 +85,7 @@ def pack(q: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- 8-bit operands
-@pytest.mark.parametrize(
-    "cfg",
-    [TILE, SPLIT, GEMV, LAG],
-    ids=["tile", "split3", "gemv-split2", "lag-split2"],
-)
+@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, GEMV, LAG))
 @pytest.mark.parametrize("Kd", [256, 300])
 def test_fp8_block_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     force(cfg)
@@ -108,9 +112,7 @@ def test_fp8_block_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "cfg",
-    [TILE, SPLIT, DOTLESS, tuning.Cfg("tile", 16, 32, 256, 4, 1), LAG, LAG_BIG_K],
-    ids=["tile", "split3", "dotless", "k256-promote128", "lag-split2", "lag-k256"],
+    "cfg", paths(TILE, SPLIT, DOTLESS, tuning.Cfg("tile", 16, 32, 256, 4, 1), LAG, LAG_BIG_K)
 )
 @pytest.mark.parametrize("mode", ["row", "tensor"])
 def test_fp8_row_tensor_paths_and_bf16_out(force, cfg: tuning.Cfg, mode: str) -> None:
@@ -127,7 +129,7 @@ def test_fp8_row_tensor_paths_and_bf16_out(force, cfg: tuning.Cfg, mode: str) ->
     assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()  # one bf16 rounding
 
 
-@pytest.mark.parametrize("cfg", [TILE, SPLIT, DOTLESS4], ids=["tile", "split3", "dotless4"])
+@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, DOTLESS4))
 @pytest.mark.parametrize(("amode", "bmode"), [("block", "row"), ("tensor", "block")])
 def test_fp8_mixed_block_and_row_tensor_scales(force, cfg: tuning.Cfg, amode: str, bmode: str) -> None:
     force(cfg)
@@ -142,7 +144,7 @@ def test_fp8_mixed_block_and_row_tensor_scales(force, cfg: tuning.Cfg, amode: st
     assert rel(out, (a.double() * ea) @ (b.double() * eb).T) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", [SPLIT, DOTLESS], ids=["split3", "dotless"])
+@pytest.mark.parametrize("cfg", paths(SPLIT, DOTLESS))
 def test_fp8_decode_path_with_split(force, monkeypatch: pytest.MonkeyPatch, cfg: tuning.Cfg) -> None:
     force(cfg)
     monkeypatch.setattr(K, "_fp8_native", lambda device, dtype: False)
@@ -153,9 +155,7 @@ def test_fp8_decode_path_with_split(force, monkeypatch: pytest.MonkeyPatch, cfg:
     assert rel(out, (a.double() * 0.01) @ (b.double() * expand(sb, N, Kd, 128, 128)).T) < 1e-6
 
 
-@pytest.mark.parametrize(
-    "cfg", [TILE, SPLIT, DOTLESS, DOTLESS4], ids=["tile", "split3", "dotless", "dotless4"]
-)
+@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, DOTLESS, DOTLESS4))
 def test_int8_paths_are_exact_integer_sums(force, cfg: tuning.Cfg) -> None:
     force(cfg)
     g = torch.Generator().manual_seed(10)
@@ -168,7 +168,7 @@ def test_int8_paths_are_exact_integer_sums(force, cfg: tuning.Cfg) -> None:
     assert torch.equal(out, (acc.float() * sa * sb.T))
 
 
-@pytest.mark.parametrize("cfg", [SPLIT, DOTLESS], ids=["split3", "dotless"])
+@pytest.mark.parametrize("cfg", paths(SPLIT, DOTLESS))
 def test_split_k_is_deterministic(force, cfg: tuning.Cfg) -> None:
     force(cfg)
     a, b = fp8_data((4, 384), FN, 11), fp8_data((64, 384), FN, 12)
@@ -179,30 +179,30 @@ def test_split_k_is_deterministic(force, cfg: tuning.Cfg) -> None:
 
 
 # ----------------------------------------------------------------------------- 4-bit weights
+# every path of the 4-bit GEMM, pinned (the int4 and mxfp4 tests run each)
+FOUR_BIT_PATHS = [
+    TILE,
+    SPLIT,
+    GEMV,
+    DEQ,
+    DOTLESS,
+    DOTLESS4,
+    FUSED,
+    GEMVG,
+    GEMVW,
+    GEMVX,
+    GEMVR,
+    DEQB,
+    FUSEDK,
+    TILEK,
+]
+
+
 def _int4_ref(x, q, scales, zeros, N, Kd):
     return x.double() @ ((q.double() - expand(zeros, N, Kd, 1, 128)) * expand(scales, N, Kd, 1, 128)).T
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, FUSEDK, TILEK],
-    ids=[
-        "tile",
-        "split3",
-        "gemv-split2",
-        "deq",
-        "dotless",
-        "dotless4",
-        "fused",
-        "gemvg",
-        "gemvw",
-        "gemvx",
-        "gemvr-split2",
-        "deqb",
-        "fusedk-split3",
-        "tilek-split2",
-    ],
-)
+@pytest.mark.parametrize("cfg", paths(*FOUR_BIT_PATHS))
 @pytest.mark.parametrize("Kd", [256, 201])
 def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     force(cfg)
@@ -217,7 +217,7 @@ def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     assert rel(out, _int4_ref(x, q, scales, zeros, N, Kd) + bias.double()) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", [GEMVW, GEMVX, GEMVR], ids=["gemvw", "gemvx", "gemvr"])
+@pytest.mark.parametrize("cfg", paths(GEMVW, GEMVX, GEMVR))
 def test_int4_word_gemv_ragged_k_and_fallbacks(force, cfg: tuning.Cfg) -> None:
     # K = 200: the words past K masked; K = 204 (K % 8 != 0, rows not whole words) falls back to the
     # byte kernel; group 64: four groups per 256-wide tile
@@ -235,22 +235,7 @@ def test_int4_word_gemv_ragged_k_and_fallbacks(force, cfg: tuning.Cfg) -> None:
 
 
 @pytest.mark.parametrize(
-    "cfg",
-    [TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, FUSEDK, TILEK],
-    ids=[
-        "tile",
-        "split3",
-        "deq",
-        "dotless",
-        "fused",
-        "gemvg",
-        "gemvw",
-        "gemvx",
-        "gemvr-split2",
-        "deqb",
-        "fusedk-split3",
-        "tilek-split2",
-    ],
+    "cfg", paths(TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, FUSEDK, TILEK)
 )
 def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     force(cfg)
@@ -264,11 +249,7 @@ def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     assert rel(out, x.double() @ w.T) < 1e-6
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [TILE, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX],
-    ids=["tile", "deq", "dotless", "fused", "gemvg", "gemvw", "gemvx"],
-)
+@pytest.mark.parametrize("cfg", paths(TILE, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX))
 def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None:
     # fp16 is cast correctly by the interpreter too, so this runs the GPU's plain `.to()` rounding
     force(cfg)
@@ -283,26 +264,7 @@ def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None
     assert rel(out, x.double() @ w.double().T) < 1e-6
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [TILE, SPLIT, GEMV, DEQ, DOTLESS, DOTLESS4, FUSED, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, FUSEDK, TILEK],
-    ids=[
-        "tile",
-        "split3",
-        "gemv-split2",
-        "deq",
-        "dotless",
-        "dotless4",
-        "fused",
-        "gemvg",
-        "gemvw",
-        "gemvx",
-        "gemvr-split2",
-        "deqb",
-        "fusedk-split3",
-        "tilek-split2",
-    ],
-)
+@pytest.mark.parametrize("cfg", paths(*FOUR_BIT_PATHS))
 def test_mxfp4_paths(force, cfg: tuning.Cfg) -> None:
     force(cfg)
     g = torch.Generator().manual_seed(15)
@@ -484,7 +446,7 @@ def test_self_reducing_splits_are_deterministic_and_leave_their_counters_zero(fo
 )  # fmt: skip
 @pytest.mark.parametrize(
     "cfg",
-    [
+    paths(
         SPLIT,
         DEQ,
         DOTLESS,
@@ -496,20 +458,7 @@ def test_self_reducing_splits_are_deterministic_and_leave_their_counters_zero(fo
         DEQB,
         LAG,
         FUSEDK,
-    ],
-    ids=[
-        "split3",
-        "deq",
-        "dotless",
-        "fused",
-        "gemvg",
-        "gemvw",
-        "gemvx",
-        "gemvr",
-        "deqb",
-        "lag",
-        "fusedk-split3",
-    ],
+    ),
 )
 def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
     if (
@@ -537,7 +486,7 @@ def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str,
 
 
 # ----------------------------------------------------------------------------- every 4-bit fault
-@pytest.mark.parametrize("cfg", [FUSEDK, GEMVX, GEMVR], ids=["fusedk-split3", "gemvx", "gemvr-split2"])
+@pytest.mark.parametrize("cfg", paths(FUSEDK, GEMVX, GEMVR))
 @pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
 def test_every_4bit_fault_reproduces_in_the_fast_kernels(force, scheme: str, cfg: tuning.Cfg) -> None:
     """Every non-MoE fault of the scheme (the 4-bit kernels' classes, scale-transposed and

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _gemm_cases as C  # noqa: E402
 
 from server_shim.quant import arch, tuning  # noqa: E402
+from server_shim.quant import formats as F  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
 
 SHAPES = [(4096, 4096, 4096), (16, 4096, 4096), (1, 4096, 4096), (1024, 4096, 4096)]  # most important first
@@ -183,6 +184,10 @@ def exact_checks(run: Run, dev: torch.device, big: int) -> None:
         qr = torch.where(qr.view(torch.uint8) == 0x80, 0, qr.view(torch.uint8))  # no -0 (fnuz NaN code)
         diff = (s != sr).float().mean().item() + (q.view(torch.uint8) != qr).float().mean().item()
         run.check(f"quantize_act_fp8 group={grp} bit-exact", diff, 0.0)
+    q8, s8 = K.quantize_act_int8(x)  # per token, against the torch golden's own quantization
+    q8r, s8r = F.quantize_act(x, "int8")
+    diff = (s8 != s8r).float().mean().item() + (q8 != q8r).float().mean().item()
+    run.check("quantize_act_int8 bit-exact", diff, 0.0)
     # one pinned config per path (a tuned one would compile a whole list here, serially): the
     # default large-tile path and a split-K path, with fp32 outputs that show accumulation errors
     fam = "cpu" if dev.type == "cpu" else arch.gemm_family(dev)

@@ -55,6 +55,36 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def graph_stats(engine: Engine) -> dict:
+    """Were the decode steps graph replays? (captures, replays, eager steps; an error turns them off)"""
+    g = engine.runner.graphs
+    if g is None:
+        return {"graphs": False}
+    return {"graphs": g.enabled, "error": g.error, "captures": g.captures, "replays": g.replays,
+            "eager_steps": g.eager_steps}  # fmt: skip
+
+
+def profile_steps(engine: Engine, batch: int, tokens: int) -> dict:
+    """GPU kernels per decode step and the GPU's busy time per step (torch.profiler): where a step's
+    wall time goes -- kernels back to back (busy ~ wall) or gaps between them (launch / host bound)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = [engine.loaded.tokenizer(t)["input_ids"] for t in prompts(batch)]
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    steps0 = engine.stats.decode_steps
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_engine(engine, ids, params)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    steps = max(engine.stats.decode_steps - steps0, 1)
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    return {"kernels_per_step": round(len(kernels) / steps, 1), "gpu_busy_us_per_step": round(busy / steps, 1),
+            "wall_us_per_step_profiled": round(1e6 * wall / steps, 1)}  # fmt: skip
+
+
 def measure(args: argparse.Namespace, scheme: str, backend: str, reference: list[int] | None) -> dict:
     """Load, quantize, serve; greedy prefix vs the reference, then tok/s per batch size."""
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -78,6 +108,9 @@ def measure(args: argparse.Namespace, scheme: str, backend: str, reference: list
         for b in args.batches:
             r = bench_engine(engine, prompts(b), args.tokens, None)
             row[f"b{b}_tok_s"], row[f"b{b}_ms_step"] = r["tok_s"], r["ms_step"]
+        row["graph_stats"] = graph_stats(engine)
+        if args.profile and args.device == "cuda":
+            row["profile_b1"] = profile_steps(engine, 1, args.tokens)
     finally:
         engine.close()
     del loaded
@@ -94,6 +127,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
+    ap.add_argument("--profile", action="store_true", help="also kernels and GPU busy time per step, batch 1")
     ap.add_argument("--schemes", default="", help="comma-separated schemes to run (default: every one)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -139,6 +173,9 @@ def main() -> int:
     for r in rows:
         print(f"{r['scheme']:<12} {r['backend']:<8} {r['impl']:<8} " +
               " ".join(f"{r[c]:>11.1f}" for c in cols) + f"  {r.get('prefix_vs_fp', '-'):>13}  {r['first_request_s']:>6.1f} s")  # fmt: skip
+    for r in rows:
+        if "profile_b1" in r or not r["graph_stats"].get("graphs"):
+            print(f"{r['scheme']:<12} {r['impl']:<8} graphs {r['graph_stats']}  {r.get('profile_b1', '')}")
     for i, r in enumerate(rows):
         if r["impl"] == "fast" and i and rows[i - 1]["impl"] == "legacy":
             gains = ", ".join(f"batch {c[1:-6]} {r[c] / rows[i - 1][c]:.2f}x" for c in cols)

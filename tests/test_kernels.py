@@ -97,6 +97,29 @@ def test_quantize_act_rounds_with_carry_and_ties_to_even() -> None:
     assert q.float().tolist() == [[448.0, 32.0, -8.0, 16.0, 20.0, 0.00390625, 0.0]]
 
 
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_act_int8_is_the_reference_bit_for_bit(xdtype: torch.dtype) -> None:
+    """The int8 act-quant kernel against formats.quantize_act: scales and codes identical, ties
+    to even (x / s = 2.5 -> 2, 3.5 -> 4, -0.5 -> 0), the amax row at +-127, a zero row."""
+    from server_shim.quant import formats as F
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 300, generator=g) * 4).to(xdtype)
+    x[1] = 0  # all-zero row: the amax floor keeps the scale finite
+    x[2, :4] = torch.tensor([127.0, 2.5, 3.5, -0.5])  # scale exactly 1: the ties land on x / s
+    x[2, 4:] = 0
+    q, s = K.quantize_act_int8(x)
+    qr, sr = F.quantize_act(x, "int8")
+    assert q.dtype == torch.int8 and q.shape == (6, 300) and s.shape == (6, 1) and s.dtype == torch.float32
+    assert torch.equal(s, sr) and torch.equal(q, qr)
+    assert q[2, :4].tolist() == [127, 2, 4, 0] and int(q.abs().max()) == 127 and not q[1].any()
+    # K larger than one interpreter block: the amax loop and the store loop both step
+    x = torch.randn(3, 5000, generator=g).to(xdtype)
+    q, s = K.quantize_act_int8(x)
+    qr, sr = F.quantize_act(x, "int8")
+    assert torch.equal(s, sr) and torch.equal(q, qr)
+
+
 @pytest.mark.parametrize("dtype", [FN, FNUZ])
 def test_quantize_act_encode_path_matches(dtype: torch.dtype, decode_path: None) -> None:
     x = torch.randn(3, 200, generator=torch.Generator().manual_seed(2)) * 5

@@ -137,8 +137,11 @@ def _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS: tl
 # ----------------------------------------------------------------------------- kernels
 def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, GROUP_K, sxm, sxk, sqm, sqk, ssm, ssg,
                       FP8_MAX: tl.constexpr, FNUZ: tl.constexpr, AMAX_FLOOR: tl.constexpr,
-                      ENCODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """One program per (BLOCK_M rows, one K group); per-token mode is one group of width K."""
+                      ENCODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                      INT8: tl.constexpr = False):  # fmt: skip
+    """One program per (BLOCK_M rows, one K group); per-token mode is one group of width K.
+    INT8: q = rne(clamp(x / scale, -FP8_MAX, FP8_MAX)) as int8 (FP8_MAX is then 127), torch's
+    `round(x / s).clamp(-127, 127)`: the bounds are integers, so clamping first changes nothing."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     g = tl.program_id(1)
     k_start = g * GROUP_K
@@ -159,7 +162,12 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, GROUP_K, sxm, sxk, sqm, sqk, ss
         mask = mm[:, None] & (offs_k < k_end)[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk, mask=mask, other=0.0)
         y = tl.math.div_rn(x.to(tl.float32), tl.broadcast_to(scale[:, None], [BLOCK_M, BLOCK_K]))
-        y = _round_to_fp8_grid(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX), FNUZ)
+        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        if INT8:  # noqa: SIM108 - a constexpr branch: Triton compiles only the taken side
+            # round half to even: adding 1.5 * 2**23 leaves no fraction bits in fp32 (|y| <= 127)
+            y = (y + 12582912.0) - 12582912.0
+        else:
+            y = _round_to_fp8_grid(y, FNUZ)
         if ENCODE:  # no native fp8 on this GPU: q is a uint8 view, store the bytes
             y = _fp8_grid_to_bits(y, FNUZ)
         tl.store(

@@ -199,7 +199,10 @@ def _triton(x2, lead, qw, data, scales, zeros, bias, fs) -> Tensor:
     if qw.scheme == "mxfp4":
         return k.mxfp4_gemm(x2, data.contiguous(), scales, out_dtype=out_dtype, bias=bias)
     if qw.scheme == "int8":
-        xq, xs = F.quantize_act(x2, "int8", pow2_scales=fs.ue8m0_rounding)  # no int8 act kernel
+        if fs.ue8m0_rounding:  # the act-quant kernel rounds no scale to a power of two
+            xq, xs = F.quantize_act(x2, "int8", pow2_scales=True)
+        else:
+            xq, xs = k.quantize_act_int8(x2)
         xs = read_act_scale(xs, lead, fs)
         return k.int8_gemm(xq, xs, data.contiguous(), scales.contiguous(), out_dtype=out_dtype, bias=bias)
     fp8 = qw.fp8_dtype or torch.float8_e4m3fn

@@ -54,6 +54,13 @@ def build_engine(opts: ServeOptions) -> Engine:  # type: ignore[valid-type]
         cuda_graphs=False if opts.no_cuda_graphs else None,  # None: on for CUDA unless the env says 0
         fused_decode=False if opts.no_fused_decode else None,  # None: on for CUDA unless the env says 0
     )
+    if opts.quant != "none":
+        from server_shim.quant.warmup import warm_m_sizes, warm_up
+
+        rows = max(engine.max_batch_size, *(engine.buckets or (1,)))
+        warm_up(
+            loaded.model, warm_m_sizes(rows, engine.prefill_chunk), dtype=loaded.dtype, device=loaded.device
+        )
     if opts.max_model_len is not None:
         if opts.max_model_len > engine.context_length:
             logger.warning(

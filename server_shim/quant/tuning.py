@@ -86,8 +86,11 @@ class Cfg:
         return cls(path, bm, bn, bk, int(w[1:]), int(s[1:]), int(k[1:]), int(g[0][1:]) if g else 8)
 
 
+M_BUCKETS = (1, 16, 64, 256, 1024)  # then 4096: every larger M
+
+
 def m_bucket(m: int) -> int:
-    for b in (1, 16, 64, 256, 1024):
+    for b in M_BUCKETS:
         if m <= b:
             return b
     return 4096

@@ -1,0 +1,98 @@
+"""The Triton GEMM warm-up before serving (server_shim/quant/warmup.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from server_shim.quant import warmup
+from server_shim.quant.linear import QuantLinear, quantize_model
+
+
+@pytest.mark.parametrize(
+    ("max_rows", "chunk", "sizes"),
+    [
+        (32, 2048, [1, 16, 64, 256, 1024, 2048]),  # the CUDA engine's defaults
+        (32, 32, [1, 16, 32]),  # 32 runs in bucket 64: tuned at 32, the size it will run
+        (16, 1, [1, 16]),
+        (1, 1, [1]),
+        (8, 100_000, [1, 16, 64, 256, 1024, 4096]),  # every M above 1024 shares the last bucket
+    ],
+)
+def test_one_size_per_bucket_up_to_the_largest_forward(max_rows: int, chunk: int, sizes: list[int]) -> None:
+    assert warmup.warm_m_sizes(max_rows, chunk) == sizes
+
+
+def _int8_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32, bias=False))
+    quantize_model(model, scheme="int8", backend="triton")
+    return model
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, float]]:
+    calls: list[tuple[int, int, float]] = []
+    forward = QuantLinear.forward
+
+    def spy(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        calls.append((self.in_features, x.shape[0], float(x.abs().amax())))
+        return forward(self, x)
+
+    monkeypatch.setattr(QuantLinear, "forward", spy)
+    return calls
+
+
+def test_every_triton_linear_runs_at_every_size_with_random_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _int8_model()
+    calls = _spy(monkeypatch)
+    # on the CPU the tuner never times (the interpreter takes the first config): nothing to warm
+    assert warmup.warm_up(model, [1, 3], dtype=torch.float32, device=torch.device("cpu")) == 0 and not calls
+    monkeypatch.setattr(warmup, "tuning_active", lambda device: True)
+    assert warmup.warm_up(model, [1, 3], dtype=torch.float32, device=torch.device("cpu")) == 2
+    assert sorted((k, m) for k, m, _ in calls) == [(48, 1), (48, 3), (64, 1), (64, 3)]
+    assert all(amax > 0 for *_, amax in calls)  # zeros would let any config agree with the first
+    calls.clear()
+    monkeypatch.setenv(warmup.ENV, "0")
+    assert warmup.warm_up(model, [1], dtype=torch.float32, device=torch.device("cpu")) == 0 and not calls
+
+
+def test_build_engine_warms_up_at_the_engines_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server_shim.options import ServeOptions
+    from server_shim.serve import build_engine
+
+    seen: list[tuple[int, list[int]]] = []
+    monkeypatch.setattr(
+        warmup,
+        "warm_up",
+        lambda model, sizes, **kw: seen.append((len(warmup.triton_linears(model)), sizes)) or 0,
+    )
+    opts = ServeOptions(model="tiny-llama", quant="int8", backend="triton", device="cpu", max_batch_size=4)
+    engine = build_engine(opts)
+    try:
+        assert seen == [
+            (len(warmup.triton_linears(engine.loaded.model)), warmup.warm_m_sizes(4, engine.prefill_chunk))
+        ]
+        assert seen[0][0] > 0
+    finally:
+        engine.close()
+    seen.clear()
+    engine = build_engine(ServeOptions(model="tiny-llama", device="cpu"))  # not quantized: nothing to tune
+    engine.close()
+    assert not seen
+
+
+def test_out_of_memory_at_a_size_drops_it_and_larger_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _int8_model()
+    rows_seen: list[int] = []
+
+    def forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        rows_seen.append(x.shape[0])
+        if x.shape[0] >= 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return torch.zeros(x.shape[0], self.out_features)
+
+    monkeypatch.setattr(QuantLinear, "forward", forward)
+    monkeypatch.setattr(warmup, "tuning_active", lambda device: True)
+    assert warmup.warm_up(model, [1, 3, 5], dtype=torch.float32, device=torch.device("cpu")) == 2
+    assert rows_seen == [1, 3, 1]  # the second linear never tries 3 or 5 again

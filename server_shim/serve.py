@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 def build_engine(opts: ServeOptions) -> Engine:  # type: ignore[valid-type]
     """load_model, then quantize in place when a scheme or a fault asks for it."""
     from server_shim.models import load_model
+    from server_shim.switches import check_switches
 
+    check_switches()  # a mistyped on/off variable stops the server here, not at a first request
     if opts.max_model_len is not None and opts.max_model_len < 1:
         raise ShimError(f"--max-model-len must be >= 1, got {opts.max_model_len}")
     loaded = load_model(opts.model, dtype=opts.dtype, device=opts.device, seed=opts.seed)

@@ -44,6 +44,24 @@ def test_bad_arguments_one_line_exit_2(args):
     assert "Traceback" not in r.stderr
 
 
+def test_mistyped_switch_stops_the_server_one_line_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DIFFTEST_CK_FREE=enabled is neither on nor off: refused before any model loads, never the default."""
+    monkeypatch.setenv("DIFFTEST_CK_FREE", "enabled")
+    r = _cli(
+        "serve",
+        "--model",
+        "tiny-llama",
+        "--device",
+        "cpu",
+        "--port",
+        str(_free_port()),
+        "--log-level",
+        "error",
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "DIFFTEST_CK_FREE='enabled' is neither on" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_unknown_model_one_line_exit_2():
     r = _cli("serve", "--model", "/no/such/model", "--port", str(_free_port()), "--log-level", "error")
     assert r.returncode == 2

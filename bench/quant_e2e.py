@@ -1,7 +1,8 @@
 """End to end: the quantized targets of configs/gpu.toml in the shim's engine, legacy vs tuned kernels.
 
-    python bench/quant_e2e.py --out quant_e2e.json           # GPU, about 3 min on an H200
-    python bench/quant_e2e.py --device cpu --model tiny-llama --batches 2 --tokens 4   # smoke run
+    python bench/quant_e2e.py --out quant_e2e.json           # GPU: ~7.5 min cold, ~2.5 with stored configs
+    python bench/quant_e2e.py --model HF_FOLDER --profile     # + kernels / GPU-busy time per decode step
+    python bench/quant_e2e.py --device cpu --model tiny-llama --dtype float32 --batches 2 --tokens 4  # smoke
 
 For every quantized target of the config (scheme + backend), the model is loaded, quantized and
 served by an Engine (CUDA graphs on a GPU), and greedy decoding is timed at each batch size
@@ -10,7 +11,8 @@ the pre-tuning kernels (DIFFTEST_TRITON_KERNELS=legacy) and with the tuned ones 
 the ratio is the end-to-end gain of the kernel work on the same model in the same process; the
 unquantized model is the baseline. Before timing, each quantized engine's first greedy tokens are
 compared with the unquantized model's at batch 1 (reported: quantization may legitimately change a
-near-tie, but a kernel that returns garbage does not share a prefix).
+near-tie, but a kernel that returns garbage does not share a prefix). The engines are built
+directly, without `serve`'s kernel warm-up, so "first request" includes any tuning not stored yet.
 """
 
 from __future__ import annotations

@@ -96,3 +96,56 @@ def test_out_of_memory_at_a_size_drops_it_and_larger_ones(monkeypatch: pytest.Mo
     monkeypatch.setattr(warmup, "tuning_active", lambda device: True)
     assert warmup.warm_up(model, [1, 3, 5], dtype=torch.float32, device=torch.device("cpu")) == 2
     assert rows_seen == [1, 3, 1]  # the second linear never tries 3 or 5 again
+
+
+def test_one_warm_up_at_a_time_then_stored_choices_are_reread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """Servers side by side: a warm-up waits while another holds the tuning lock, and rereads the
+    stored choices once it has it (so it replays what the other one tuned)."""
+    import threading
+
+    from server_shim.quant import tuning
+
+    monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.setattr(warmup, "tuning_active", lambda device: True)
+    model = _int8_model()
+    order: list[str] = []
+    forward = QuantLinear.forward
+    monkeypatch.setattr(
+        QuantLinear, "forward", lambda self, x: (order.append("forward"), forward(self, x))[1]
+    )
+    reload = tuning.TUNER.reload_disk
+    monkeypatch.setattr(tuning.TUNER, "reload_disk", lambda: (order.append("reload"), reload())[1])
+    held, release = threading.Event(), threading.Event()
+
+    def other_server() -> None:
+        with warmup.tuning_lock():
+            held.set()
+            release.wait(10)
+            order.append("other done")
+
+    t = threading.Thread(target=other_server)
+    t.start()
+    assert held.wait(10)
+    worker = threading.Thread(
+        target=warmup.warm_up,
+        args=(model, [1]),
+        kwargs={"dtype": torch.float32, "device": torch.device("cpu")},
+    )
+    worker.start()
+    worker.join(0.5)
+    assert worker.is_alive() and order == []  # waiting for the lock
+    release.set()
+    t.join(10)
+    worker.join(60)
+    assert order[:2] == ["other done", "reload"] and order.count("forward") == 2
+    assert (tmp_path / "tune.json.lock").exists()
+
+
+def test_an_unwritable_cache_does_not_stop_the_warm_up(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", str(blocker / "tune.json"))  # its folder is a file
+    with warmup.tuning_lock():
+        pass

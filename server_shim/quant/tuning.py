@@ -213,6 +213,11 @@ class Tuner:
         self._warned: set[str] = set()
         self._disk: dict[str, str] | None = None  # the file's entries for this device, loaded once
 
+    def reload_disk(self) -> None:
+        """Read the stored choices again at the next miss (another process may have added some)."""
+        with self._lock:
+            self._disk = None
+
     def clear(self) -> None:
         """Forget every choice in this process, the stored ones too (the next calls tune afresh)."""
         with self._lock:
@@ -289,7 +294,8 @@ class Tuner:
         return Cfg.parse(best)
 
     # -- disk cache: {"<device>|<triton version>|<kernel sources hash>|key": config name}
-    def _disk_path(self) -> Path | None:
+    def disk_path(self) -> Path | None:
+        """Where the choices are stored (None: memory only)."""
         p = os.environ.get("DIFFTEST_TRITON_TUNE_CACHE", "")
         if p.lower() in ("0", "off", "false", "no"):
             return None
@@ -307,7 +313,7 @@ class Tuner:
     def _from_disk(self, key: str) -> str | None:
         if self._disk is None:
             self._disk = {}
-            path = self._disk_path()
+            path = self.disk_path()
             try:
                 saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
             except (OSError, ValueError) as e:
@@ -321,7 +327,7 @@ class Tuner:
         return self._disk.get(key)
 
     def _to_disk(self, key: str, name: str) -> None:
-        path = self._disk_path()
+        path = self.disk_path()
         if path is None:
             return
         try:

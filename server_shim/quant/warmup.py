@@ -14,8 +14,11 @@ DIFFTEST_TRITON_WARMUP=0 skips it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -52,7 +55,8 @@ def warm_up(model: nn.Module, m_sizes: list[int], *, dtype: torch.dtype, device:
 
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.monotonic()
-    with torch.inference_mode():
+    with tuning_lock(), torch.inference_mode():
+        tuning.TUNER.reload_disk()  # what a server that tuned before us stored: replayed, not retuned
         for mod in tqdm(mods, desc="tuning Triton GEMMs", unit="linear", disable=None):
             for rows in m_sizes:
                 try:
@@ -69,6 +73,34 @@ def warm_up(model: nn.Module, m_sizes: list[int], *, dtype: torch.dtype, device:
         "Triton GEMMs tuned for %d linears at M = %s in %.1f s", len(mods), m_sizes, time.monotonic() - t0
     )
     return len(mods)
+
+
+@contextlib.contextmanager
+def tuning_lock() -> Iterator[None]:
+    """One warm-up at a time per stored-choices file: servers started side by side on one GPU
+    (configs/gpu.toml starts eight) would otherwise time their candidates against one another's
+    kernels, and the noisy picks would be stored for good. The others wait, then replay."""
+    path = tuning.TUNER.disk_path()
+    if path is None:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115 - closed below
+    except OSError as e:  # a read-only cache: tune unserialised rather than not start
+        logger.warning("cannot lock %s (%s): tuning without waiting for other servers", path, e)
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another server is tuning Triton GEMMs (%s): waiting for it", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def tuning_active(device: torch.device) -> bool:

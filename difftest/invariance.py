@@ -46,6 +46,10 @@ class SlotResult:
     tie_at_difference: bool = False
     error: str | None = None
     margin_at_difference: float | None = None  # the probe alone: top-1/top-2 logprob margin at the flip
+    # concurrent requests: the batch neighbours are whatever else the server runs at that moment
+    # (timing), so under per-tensor activation scales the probe's quantization grid differs per
+    # draw; batch slots: the same neighbours every time
+    timing_dependent: bool = False
 
 
 @dataclass
@@ -74,10 +78,22 @@ class InvarianceResult:
     tie_margin: float | None = None
 
     def is_tie(self, s: SlotResult) -> bool:
+        """A flip that proves nothing: within the probe's own shift (`compare_views`), the null's
+        TIE margin, or -- in a timing-dependent placement -- twice the baseline's worst move under
+        the same placements (both logprobs at the flip move: the gap moves by up to twice that).
+        Measured on an H200 in float16: a correct fp8-tensor target (per-tensor activation scales,
+        so its concurrent neighbours change its grid) flipped two concurrent placements at a margin
+        of 0.625 nats, over the TIE margin 0.531 but within 2 x its golden's worst move 0.333,
+        while its golden, three draws, never flipped there. Batch slots keep the strict rule: their
+        neighbours are fixed, and a slot-dependent kernel flips there."""
         if s.tie_at_difference:
             return True
         m = s.margin_at_difference
-        return self.tie_margin is not None and m is not None and m <= self.tie_margin
+        if m is None:
+            return False
+        if self.tie_margin is not None and m <= self.tie_margin:
+            return True
+        return s.timing_dependent and self.baseline_worst is not None and m <= 2 * self.baseline_worst
 
     @property
     def baseline_draws(self) -> int:
@@ -138,6 +154,11 @@ class InvarianceResult:
         )
         if self.tie_margin is not None:
             token_note += f"; flips within the null's TIE margin {self.tie_margin:.3g} nats are ties"
+        if self.baseline_worst is not None and any(s.timing_dependent for s in measured):
+            token_note += (
+                f"; in concurrent placements also flips within 2x {self.baseline}'s worst move"
+                f" ({2 * self.baseline_worst:.3g} nats)"
+            )
         informative = True
         if self.twin_flips_tokens:  # a correct kernel's worth of rounding already flips this probe
             tokens_allowed, informative = len(measured), False
@@ -278,14 +299,13 @@ async def check_batch_slots(
     for i in (1, 3):
         ans = answers[i]
         if isinstance(ans, BaseException):
-            result.slots.append(SlotResult(f"concurrent request {i}", False, None, 0.0, error=str(ans)))
-            continue
-        result.slots.append(
-            compare_views(
-                alone,
-                parse_choice(ans["choices"][0], server=ep.name),
-                f"concurrent request {i} of 4",
-                tolerance,
+            result.slots.append(
+                SlotResult(f"concurrent request {i}", False, None, 0.0, error=str(ans), timing_dependent=True)
             )
+            continue
+        placed = compare_views(
+            alone, parse_choice(ans["choices"][0], server=ep.name), f"concurrent request {i} of 4", tolerance
         )
+        placed.timing_dependent = True
+        result.slots.append(placed)
     return result

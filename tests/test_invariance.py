@@ -197,3 +197,41 @@ def test_slot_flips_within_the_nulls_tie_margin_are_ties() -> None:
     assert tokens.informative and tokens.value == 1.0 and not tokens.passed
     assert "TIE margin 0.12" in tokens.note
     assert with_twin(result(), twin, tie_margin=0.5).verdict().passed  # both within: no evidence
+
+
+def test_concurrent_flips_within_twice_the_baselines_worst_move_are_ties() -> None:
+    """The H200 float16 gate's false alarm, in numbers: a correct fp8-tensor target flipped both
+    concurrent placements at a margin of 0.625 (TIE margin 0.531); its golden moved up to 0.333
+    there without flipping. 0.625 <= 2 x 0.333 = 0.666: ties. The same flips in batch slots
+    (fixed neighbours) still count, and a concurrent flip wider than 0.666 counts too."""
+
+    def target(placement: str, margin: float, timing: bool) -> InvarianceResult:
+        slots = [
+            SlotResult(
+                f"{placement} {i} of 4", False, 9, 0.18, margin_at_difference=margin, timing_dependent=timing
+            )
+            for i in (1, 3)
+        ]
+        r = InvarianceResult("arith-sum", 0.05, slots, tie_margin=0.531)
+        return r.relative_to("golden", result(0.284), result(0.330), result(0.333))
+
+    concurrent = target("concurrent request", 0.625, True)
+    tokens = concurrent.verdict().checks[0]
+    assert concurrent.token_failures == 0 and tokens.passed and tokens.informative
+    assert "2x golden's worst move (0.666 nats)" in tokens.note
+    slot = target("batch slot", 0.625, False)
+    assert slot.token_failures == 2 and not slot.verdict().passed
+    wide = target("concurrent request", 0.70, True)
+    assert wide.token_failures == 2 and not wide.verdict().passed
+    alone = InvarianceResult("p", 0.05, [SlotResult("concurrent request 1 of 4", False, 9, 0.1,
+                                                    margin_at_difference=0.2, timing_dependent=True)])  # fmt: skip
+    assert alone.token_failures == 1  # no baseline measured: no allowance
+
+
+async def test_check_batch_slots_marks_concurrent_placements_timing_dependent() -> None:
+    async with FakeServer(FakeBehaviour()).client(name="fake") as client:
+        ep = Endpoint("fake", client, await probe(client))
+        r = await check_batch_slots(ep, [Prompt("p0", "the quick brown fox")], max_tokens=4, k=3)
+    flags = {s.placement: s.timing_dependent for s in r.slots}
+    assert flags == {"batch slot 1 of 4": False, "batch slot 3 of 4": False,
+                     "concurrent request 1 of 4": True, "concurrent request 3 of 4": True}  # fmt: skip

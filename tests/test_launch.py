@@ -182,6 +182,30 @@ def test_startup_timeout_names_server_and_last_answer(tmp_path: Path) -> None:
     assert pids_with(token_of(spec)) == []
 
 
+def test_startup_missed_only_without_log_progress_or_past_the_stretch() -> None:
+    """Timeout 10 s, stretch 3x: at 12 s a launch whose logs grew 1 s ago is still starting; one
+    silent for 11 s is not; at 31 s even a busy one has missed it."""
+    missed = launch._startup_missed
+    assert launch.STARTUP_STRETCH == 3.0
+    assert not missed(10.0, now=9.0, start=0.0, progress_at=0.0)  # inside the timeout
+    assert not missed(10.0, now=12.0, start=0.0, progress_at=11.0)  # past it, but progressing
+    assert missed(10.0, now=12.0, start=0.0, progress_at=1.0)  # past it, silent for 11 s
+    assert missed(10.0, now=31.0, start=0.0, progress_at=30.5)  # past 3 x 10 s: busy or not
+
+
+def test_a_server_whose_log_grows_gets_more_than_its_startup_timeout(tmp_path: Path) -> None:
+    """A server that logs progress for 2 s (a GEMM warm-up) and never answers: with a 1 s timeout it
+    is given up on only once its log has been silent for 1 s, not at 1 s."""
+    cmd = "bash -c 'for i in 1 2 3 4 5 6 7 8 9 10; do echo tuned config $i; sleep 0.2; done; sleep 30' {port}"
+    spec = ServerSpec(name="tuning", command=cmd, startup_timeout_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(
+        LaunchError, match=r"'tuning' .* not healthy after 1s \(last answer: .*logs last grew"
+    ):
+        start_and_stop([spec], log_dir=tmp_path)
+    assert 2.0 <= time.monotonic() - t0 < 20  # past its 1 s while the log grew; then gave up
+
+
 def test_missing_executable_is_a_launch_error(tmp_path: Path) -> None:
     spec = ServerSpec(name="nope", command="/nonexistent/engine --port {port}")
     with pytest.raises(LaunchError, match="'nope': cannot run '/nonexistent/engine'"):

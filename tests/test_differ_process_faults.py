@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeBehaviour
+from interrupts import default_sigint
 from live_fakes import live_fake
 
 from difftest.cli import main
@@ -144,7 +145,7 @@ def test_interrupted_run_leaves_no_server_process(tmp_path: Path, sig: signal.Si
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "difftest", "run", str(cfg)], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60

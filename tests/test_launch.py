@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from interrupts import default_sigint
 
 from server_shim import launch, launch_spec
 from server_shim.errors import LaunchError
@@ -412,7 +413,7 @@ def test_main_pair_serves_until_ctrl_c_or_sigterm(tmp_path: Path, sig: signal.Si
     code = f"import sys; from server_shim.launch import main_pair; sys.exit(main_pair({str(path)!r}))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=default_sigint,
     )  # fmt: skip
     lines = []
     for line in proc.stdout:

@@ -323,13 +323,11 @@ def normalise_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def _log_bytes(servers: Sequence[RunningServer]) -> int:
-    total = 0
-    for server in servers:
-        if server.log_path is not None:
-            with contextlib.suppress(OSError):
-                total += server.log_path.stat().st_size
-    return total
+def _log_size(server: RunningServer) -> int:
+    if server.log_path is not None:
+        with contextlib.suppress(OSError):
+            return server.log_path.stat().st_size
+    return 0
 
 
 def _wait_healthy(servers: list[RunningServer]) -> None:
@@ -339,15 +337,16 @@ def _wait_healthy(servers: list[RunningServer]) -> None:
     has written to its log for that long either (hard limit: STARTUP_STRETCH times the timeout).
     Why: quantized shim servers tune their GEMMs before /health, one at a time on a shared lock
     (quant/warmup.py); a server queued behind the others waits silently while they log each tuned
-    config. Measured on an H200, cold, configs/gpu.toml: the sixth Triton server was healthy 358 s
-    after it started, against 600 s; a larger model or more schemes would pass 600 s with every
-    server busy, none stuck.
+    config. Measured on an H200, cold, configs/gpu.toml: the sixth Triton server's warm-up (its wait
+    for the lock included) ended 359 s after it began, against 600 s; a larger model or more schemes
+    would pass 600 s with every server busy, none stuck.
     """
     start = time.monotonic()
     pending = {s.name: s for s in servers}
     last: dict[str, str] = {}
     delay = 0.1
-    logged, progress_at = _log_bytes(servers), start
+    logged = {s.name: _log_size(s) for s in servers}
+    progress_at = start
     with httpx.Client(timeout=httpx.Timeout(5.0, connect=2.0), trust_env=False) as client:
         while pending:
             for name, server in list(pending.items()):
@@ -365,17 +364,19 @@ def _wait_healthy(servers: list[RunningServer]) -> None:
                     where = (
                         f"; last lines of {server.log_path}:\n{server.log_tail()}" if server.log_path else ""
                     )
+                    now = time.monotonic()
                     raise LaunchError(
                         f"server {name!r} at {server.url} not healthy after {server.spec.startup_timeout_s:g}s "
-                        f"(last answer: {last[name]}; waited {time.monotonic() - start:.0f}s, the starting servers' "
-                        f"logs last grew {time.monotonic() - progress_at:.0f}s ago){where}"
+                        f"(last answer: {last[name]}; waited {now - start:.0f}s, the starting servers' "
+                        f"logs last grew {now - progress_at:.0f}s ago){where}"
                     )
             if pending:
                 time.sleep(delay)
                 delay = min(delay * 1.5, 1.0)
-                now_logged = _log_bytes(list(pending.values()))
-                if now_logged != logged:
-                    logged, progress_at = now_logged, time.monotonic()
+                grown = {n: size for n, srv in pending.items() if (size := _log_size(srv)) > logged[n]}
+                if grown:  # only a server still starting counts: a healthy one's log is not progress
+                    logged.update(grown)
+                    progress_at = time.monotonic()
 
 
 def _startup_missed(timeout: float, now: float, start: float, progress_at: float) -> bool:

@@ -143,9 +143,13 @@ def test_one_warm_up_at_a_time_then_stored_choices_are_reread(
     assert (tmp_path / "tune.json.lock").exists()
 
 
-def test_an_unwritable_cache_does_not_stop_the_warm_up(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_an_unwritable_cache_does_not_stop_the_warm_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", str(blocker / "tune.json"))  # its folder is a file
-    with warmup.tuning_lock():
-        pass
+    entered = False
+    with caplog.at_level("WARNING", logger=warmup.logger.name), warmup.tuning_lock():
+        entered = True
+    assert entered and "tuning without waiting for other servers" in caplog.text

@@ -472,11 +472,10 @@ def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str,
     g = torch.Generator().manual_seed(18)
     w = torch.randn(256, 384, generator=g) * 0.02 * (1 + 3 * torch.rand(256, 1, generator=g))
     x = torch.randn(4, 384, generator=g) * (1 + 5 * torch.rand(4, 1, generator=g))
-    if cfg.path in ("gemvg", "gemvw", "gemvx", "gemvr"):  # the M = 1 kernels: one row, fewer weight rows
-        x, w = (
-            x[:1],
-            w[:64],
-        )  # (the interpreter runs a program per row and N block; 64 x 384 still spans 3 groups)
+    if cfg.path in ("gemvg", "gemvw", "gemvx", "gemvr"):
+        # the M = 1 kernels: one row and fewer weight rows (the interpreter runs a program per row
+        # and N block); 64 x 384 still spans 3 groups
+        x, w = x[:1], w[:64]
     qw = F.quantize_weight(w, scheme)
     fs = FaultSet(**{fault.replace("-", "_"): True})
     faulty_triton, faulty_torch = (
@@ -489,10 +488,9 @@ def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str,
 
 
 # ----------------------------------------------------------------------------- every 4-bit fault
-@pytest.mark.parametrize("cfg", paths(FUSEDK, GEMVX, tuning.Cfg("gemvr", 1, 1, 256, 4, 1)))  # gemvr unsplit:
-@pytest.mark.parametrize(
-    "scheme", ["int4-g128", "mxfp4"]
-)  # the interpreter's slowest path; splits tested above
+# gemvr unsplit: the interpreter's slowest path; its splits are tested above
+@pytest.mark.parametrize("cfg", paths(FUSEDK, GEMVX, tuning.Cfg("gemvr", 1, 1, 256, 4, 1)))
+@pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
 def test_every_4bit_fault_reproduces_in_the_fast_kernels(force, scheme: str, cfg: tuning.Cfg) -> None:
     """Every non-MoE fault of the scheme (the 4-bit kernels' classes, scale-transposed and
     scale-skipped among them): the kernel shows the torch backend's bug, not the golden."""

@@ -48,7 +48,9 @@ from server_shim.quant import kernels as K  # noqa: E402
 
 SHAPES = [(4096, 4096, 4096), (16, 4096, 4096), (1, 4096, 4096), (1024, 4096, 4096)]  # most important first
 FULL = [(128, 4096, 4096), *((m, n, k) for m in (16, 1024) for (k, n) in ((576, 1536), (1536, 576)))]
-ODD = [(3, 130, 200), (33, 1000, 1100), (1, 130, 200)]  # masks, partial tiles, wrapped rows; M=1: GEMV
+# masks, partial tiles, wrapped rows; M=1: GEMV; 300 x 1000 x 1104: partial tiles of the "tma" path
+# (its 8-bit rows must be 16-byte aligned: K = 200 and 1100 take the pointer tile instead)
+ODD = [(3, 130, 200), (33, 1000, 1100), (1, 130, 200), (300, 1000, 1104)]
 LEGACY = ("triton fp8 block", "triton int4-g128")
 CHUNK = 6  # configs per config-check job
 # --small-4bit: the 4-bit decode case alone (M <= 16 shapes only)

@@ -64,6 +64,9 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         )
         if cfg.path == "gemv":
             return k.gemv8, common
+        if cfg.path == "tma":  # operands through tensor descriptors (main() types them); never split
+            tma = dict(fixed, HAS_BIAS=False, FAST_ACC=False, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=bk)
+            return k.mm8_tma, dict(tma, GROUP_M=cfg.group_m, PROMOTE=min(bk, 128))
         if cfg.path == "lag" and fixed["ACC_INT"]:
             return None, {}  # int8 never runs "lag" configs (_fastpath.mm8 drops them)
         return k.mm8, dict(
@@ -257,7 +260,7 @@ def main() -> int:
         "--only",
         nargs="+",
         default=None,
-        help="only these config paths (tile lag gemv gemvg gemvw gemvx gemvr fused fusedk tilek deq deqb)",
+        help="only these config paths (tile lag tma gemv gemvg gemvw gemvx gemvr fused fusedk tilek deq deqb)",
     )
     ap.add_argument(
         "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm, rotary)"
@@ -288,6 +291,11 @@ def main() -> int:
                     cptrs = {**ptrs, "o_ptr": "*bf16"}
                 if cfg.path == "deq":
                     cptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16"}
+                scalars = None
+                if cfg.path == "tma":  # the descriptors' types: element type and block shape
+                    el, bk = ptrs["a_ptr"][1:], consts["BLOCK_K"]
+                    scalars = {"a_desc": f"tensordesc<{el}[{cfg.bm}, {bk}]>",
+                               "b_desc": f"tensordesc<{el}[{cfg.bn}, {bk}]>"}  # fmt: skip
                 key = (
                     fn,
                     tuple(sorted(consts.items())),
@@ -301,7 +309,7 @@ def main() -> int:
                 seen.add(key)
                 t0 = time.time()
                 try:
-                    info = compile_one(fn, cptrs, consts, cfg.warps, cfg.stages, m)
+                    info = compile_one(fn, cptrs, consts, cfg.warps, cfg.stages, m, scalars)
                     print(
                         f"ok   {label:10} M={m:<5} {cfg.name:32} {info} ({time.time() - t0:.1f} s)",
                         flush=True,

@@ -47,9 +47,11 @@ GEMVR = tuning.Cfg("gemvr", 1, 1, 256, 4, 1, 2)  # one weight row per program
 LAG = tuning.Cfg("lag", 16, 32, 128, 4, 1, 2)  # fp8 partials added one K step late
 LAG_BIG_K = tuning.Cfg("lag", 16, 64, 256, 4, 1)  # BLOCK_K 256: promoted every 128 inside the step
 DEQB = tuning.Cfg("deqb", 1, 32, 64, 4, 1)  # dequantization tiles 32 x 64
+TMA = tuning.Cfg("tma", 16, 64, 128, 4, 1)  # 8-bit operands read through tensor descriptors
 PATH_IDS = {TILE: "tile", SPLIT: "split3", GEMV: "gemv-split2", DEQ: "deq", DOTLESS: "dotless",
             DOTLESS4: "dotless4", FUSED: "fused", GEMVG: "gemvg", GEMVW: "gemvw", GEMVX: "gemvx",
-            GEMVR: "gemvr-split2", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag"}  # fmt: skip
+            GEMVR: "gemvr-split2", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag",
+            TMA: "tma"}  # fmt: skip
 
 
 def paths(*cfgs: tuning.Cfg) -> list:
@@ -85,7 +87,7 @@ def pack(q: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- 8-bit operands
-@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, GEMV, LAG))
+@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, GEMV, LAG, TMA))
 @pytest.mark.parametrize("Kd", [256, 300])
 def test_fp8_block_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     force(cfg)
@@ -112,7 +114,7 @@ def test_fp8_block_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "cfg", paths(TILE, SPLIT, DOTLESS, tuning.Cfg("tile", 16, 32, 256, 4, 1), LAG, LAG_BIG_K)
+    "cfg", paths(TILE, SPLIT, DOTLESS, tuning.Cfg("tile", 16, 32, 256, 4, 1), LAG, LAG_BIG_K, TMA)
 )
 @pytest.mark.parametrize("mode", ["row", "tensor"])
 def test_fp8_row_tensor_paths_and_bf16_out(force, cfg: tuning.Cfg, mode: str) -> None:
@@ -129,7 +131,7 @@ def test_fp8_row_tensor_paths_and_bf16_out(force, cfg: tuning.Cfg, mode: str) ->
     assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()  # one bf16 rounding
 
 
-@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, DOTLESS4))
+@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, DOTLESS4, TMA))
 @pytest.mark.parametrize(("amode", "bmode"), [("block", "row"), ("tensor", "block")])
 def test_fp8_mixed_block_and_row_tensor_scales(force, cfg: tuning.Cfg, amode: str, bmode: str) -> None:
     force(cfg)
@@ -155,7 +157,7 @@ def test_fp8_decode_path_with_split(force, monkeypatch: pytest.MonkeyPatch, cfg:
     assert rel(out, (a.double() * 0.01) @ (b.double() * expand(sb, N, Kd, 128, 128)).T) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, DOTLESS, DOTLESS4))
+@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, DOTLESS, DOTLESS4, TMA))
 def test_int8_paths_are_exact_integer_sums(force, cfg: tuning.Cfg) -> None:
     force(cfg)
     g = torch.Generator().manual_seed(10)
@@ -438,6 +440,47 @@ def test_self_reducing_splits_are_deterministic_and_leave_their_counters_zero(fo
     assert counters.numel() >= 3 and int(counters.abs().sum()) == 0
 
 
+class _LaunchSpy:
+    """Stands in for a built kernel: counts `kernel[grid](...)` launches and runs the real one."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_tma_path_runs_where_descriptors_fit_and_falls_back_where_not(force, monkeypatch) -> None:
+    """The "tma" config reads through tensor descriptors only when both operands' rows are 16-byte
+    aligned native 8-bit; otherwise (K = 200 fp8 rows, decoded fp8 bits) it runs the pointer tile
+    with the same numbers, and the tuner never lists it (no duplicate timings)."""
+    from server_shim.quant import _fastpath
+
+    if _fastpath._descriptor_type() is None:
+        pytest.skip("this triton has no host tensor descriptors")
+    force(TMA)
+    built = K._build()
+    spy = _LaunchSpy(built.mm8_tma)
+    monkeypatch.setattr(built, "mm8_tma", spy)
+    g = torch.Generator().manual_seed(31)
+    for Kd, launched in ((256, 1), (200, 0)):
+        a, b = fp8_data((5, Kd), FN, 32), fp8_data((40, Kd), FN, 33)
+        sa, sb = torch.rand(5, 1, generator=g) + 0.01, torch.rand(40, 1, generator=g) + 0.01
+        before = spy.launches
+        out = K.fp8_gemm(a, sa, b, sb, a_scale_mode="row", b_scale_mode="row", out_dtype=torch.float32)
+        assert spy.launches - before == launched, Kd
+        assert rel(out, (a.double() * sa.double()) @ (b.double() * sb.double()).T) < 1e-6
+    # views of 272-byte rows: 16 bytes in is aligned, 8 bytes in is not; 264-byte rows are not
+    wide, a = fp8_data((40, 272), FN, 34), fp8_data((5, 256), FN, 35)
+    assert _fastpath._tma_ok(a, wide[:, 16:], 0)
+    assert not _fastpath._tma_ok(a, wide[:, 8:264], 0)
+    assert not _fastpath._tma_ok(a, fp8_data((40, 264), FN, 36), 0)
+    assert not _fastpath._tma_ok(a, wide[:, 16:], 1)  # decoded fp8 bits
+    kept = [c.path for c in tuning.candidates("hopper", "mm8", 4096, 4096, 4096)]
+    assert "tma" in kept
+
+
 # ----------------------------------------------------------------------------- faults inside the paths
 @pytest.mark.parametrize(
     ("scheme", "fault"),
@@ -458,6 +501,7 @@ def test_self_reducing_splits_are_deterministic_and_leave_their_counters_zero(fo
         DEQB,
         LAG,
         FUSEDK,
+        TMA,
     ),
 )
 def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
@@ -466,8 +510,8 @@ def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str,
         and scheme not in F.WEIGHT_ONLY_SCHEMES
     ):
         pytest.skip(f"the {cfg.path} path is weight-only")
-    if cfg.path == "lag" and scheme in F.WEIGHT_ONLY_SCHEMES:
-        pytest.skip("the lag path is the 8-bit GEMM's")
+    if cfg.path in ("lag", "tma") and scheme in F.WEIGHT_ONLY_SCHEMES:
+        pytest.skip(f"the {cfg.path} path is the 8-bit GEMM's")
     force(cfg)
     g = torch.Generator().manual_seed(18)
     w = torch.randn(256, 384, generator=g) * 0.02 * (1 + 3 * torch.rand(256, 1, generator=g))

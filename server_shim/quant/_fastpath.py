@@ -85,6 +85,39 @@ def _lag_ok(acc_int: bool, fast_acc: bool, decode: int) -> bool:
     return not (acc_int or fast_acc or decode != 0)
 
 
+@functools.cache
+def _descriptor_type() -> type | None:
+    """Triton's host-side tensor descriptor (triton >= 3.4), or None on an older triton."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def _tma_ok(a: torch.Tensor, b: torch.Tensor, decode: int) -> bool:
+    """Whether the "tma" configs can read a and b through tensor descriptors: native 8-bit operands
+    (not decoded fp8 bits), K contiguous, rows and base 16-byte aligned (the copy engine's rules)."""
+    if decode != 0 or _descriptor_type() is None:
+        return False
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
+
+
+def _launch_mm8_tma(k: SimpleNamespace, cfg: tuning.Cfg, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                    a_scale: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None, M: int, N: int,
+                    K: int, sa: tuple[int, int], sb: tuple[int, int], *, am: int, bmode: int, group: int,
+                    acc_int: bool, fast_acc: bool) -> None:  # fmt: skip
+    desc = _descriptor_type()
+    assert desc is not None  # _tma_ok said so
+    k.mm8_tma[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn),)](
+        desc.from_tensor(a, [cfg.bm, cfg.bk]), desc.from_tensor(b, [cfg.bn, cfg.bk]), out, a_scale, b_scale,
+        bias if bias is not None else out, M, N, K, out.stride(0), out.stride(1), *sa, *sb,
+        A_MODE=am, B_MODE=bmode, GROUP=group, HAS_BIAS=bias is not None, ACC_INT=acc_int, FAST_ACC=fast_acc,
+        BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group_m, PROMOTE=min(cfg.bk, 128),
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+
+
 def _launch_mm8(k: SimpleNamespace, grid: tuple[int, int], cfg: tuning.Cfg, a: torch.Tensor, b: torch.Tensor,
                 out: torch.Tensor, ws: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                 bias: torch.Tensor | None, M: int, N: int, K: int, kper: int, sa: tuple[int, int],
@@ -113,16 +146,25 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
         return replace(cfg, bk=min(cfg.bk, group)) if blocked else cfg
 
     lag_ok = _lag_ok(acc_int, fast_acc, decode)
+    tma_ok = _tma_ok(a, b, decode)
 
     def cands() -> list[tuning.Cfg]:
         cs = tuning.candidates(fam, "mm8", M, N, K)
-        return list(dict.fromkeys(tiles(c) for c in cs if lag_ok or c.path != "lag"))
+        cs = [c for c in cs if (lag_ok or c.path != "lag") and (tma_ok or c.path != "tma")]
+        return list(dict.fromkeys(tiles(c) for c in cs))
 
     key = (f"{fam}|mm8|{a.dtype}|a{am}b{bmode}g{group}d{decode}f{int(fast_acc)}|"
            f"m{tuning.m_bucket(M)}|n{N}|k{K}")  # fmt: skip
 
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         cfg = tiles(cfg)
+        if cfg.path == "tma":
+            if tma_ok:  # one program per output tile, no split
+                _launch_mm8_tma(k, cfg, a, b, out, a_scale, b_scale, bias, M, N, K, sa, sb, am=am, bmode=bmode,
+                                group=group, acc_int=acc_int, fast_acc=fast_acc)  # fmt: skip
+                return out
+            # a pinned (FORCE) or stored "tma" config on unaligned operands: the pointer tile, same sums
+            cfg = replace(cfg, path="tile", split=1)
         kper, splits = _splits(K, cfg.bk, cfg.split)
         ws = _workspace(splits, M, N, torch.int32 if acc_int else torch.float32, out)
         grid = (_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn), splits)

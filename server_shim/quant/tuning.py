@@ -63,7 +63,9 @@ class Cfg:
     (both "gemvg" where the word view does not fit); "fusedk" / "tilek": "fused" / "tile" whose
     K splits reduce themselves (the last split to finish sums the partials in split order on a
     per-tile counter) instead of a second kernel; "lag": the fp8 tile with each K step's promoted
-    partial added one step late (8-bit GEMM; int8 and fast-accumulation fp8 never see it)."""
+    partial added one step late (8-bit GEMM; int8 and fast-accumulation fp8 never see it); "tma": the
+    8-bit tile with its operands read through tensor descriptors (Hopper's bulk tensor copies; no
+    split; only where the operands are 16-byte aligned native 8-bit, else it runs as "tile")."""
 
     path: str
     bm: int
@@ -124,14 +126,18 @@ _HOPPER = {
                     (16, 16, 256, 4, 4), (16, 32, 512, 4, 3, 2)),
         "mid": _t("tile", (64, 128, 128, 4, 3), (64, 64, 128, 4, 4), (128, 128, 128, 8, 3),
                   (32, 64, 128, 4, 4, 2), (64, 64, 128, 4, 4, 4))
-        + _t("lag", (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 64, 128, 4, 4)),
+        + _t("lag", (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 64, 128, 4, 4))
+        + _t("tma", (64, 128, 128, 4, 4), (128, 128, 128, 8, 4)),
         "large": _t("tile", (128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (64, 128, 128, 4, 3),
                     (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 256, 128, 8, 4),
                     (256, 128, 128, 8, 3, 1, 16), (256, 128, 128, 8, 3, 1, 4), (128, 128, 128, 8, 3),
                     (64, 128, 128, 4, 4), (64, 128, 128, 4, 5), (128, 128, 64, 8, 4), (128, 128, 256, 8, 3),
                     (256, 128, 256, 8, 2), (128, 256, 256, 8, 2))
         + _t("lag", (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (64, 128, 128, 4, 3), (64, 128, 128, 4, 4),
-             (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 128, 8, 3, 1, 16)),
+             (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 128, 8, 3, 1, 16))
+        # TMA: the 256-row tile for tensor / row scales, 128 x 128 x 128 with 4 stages for block scales
+        + _t("tma", (256, 128, 128, 8, 3, 1, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
+             (128, 256, 128, 8, 3), (128, 128, 128, 8, 5), (64, 128, 128, 4, 3, 1, 16)),
     },
     "wonly": {
         "small": _t("tile", (16, 32, 256, 4, 4), (16, 64, 256, 4, 3, 4), (16, 64, 128, 4, 4, 8),

@@ -64,8 +64,10 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         )
         if cfg.path == "gemv":
             return k.gemv8, common
-        if cfg.path == "tma":  # operands through tensor descriptors (main() types them); never split
+        if cfg.path in ("tma", "tmap"):  # operands through tensor descriptors (main() types them); never split
             tma = dict(fixed, HAS_BIAS=False, FAST_ACC=False, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=bk)
+            if cfg.path == "tmap":  # persistent: an H200's 132 programs
+                return k.mm8_tmap, dict(tma, GROUP_M=cfg.group_m, PROMOTE=min(bk, 128), PROGRAMS=132)
             return k.mm8_tma, dict(tma, GROUP_M=cfg.group_m, PROMOTE=min(bk, 128))
         if cfg.path == "lag" and fixed["ACC_INT"]:
             return None, {}  # int8 never runs "lag" configs (_fastpath.mm8 drops them)
@@ -260,7 +262,7 @@ def main() -> int:
         "--only",
         nargs="+",
         default=None,
-        help="only these config paths (tile lag tma gemv gemvg gemvw gemvx gemvr fused fusedk tilek deq deqb)",
+        help="only these config paths (tile lag tma tmap gemv gemvg gemvw gemvx gemvr fused fusedk tilek deq deqb)",
     )
     ap.add_argument(
         "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm, rotary)"
@@ -292,10 +294,11 @@ def main() -> int:
                 if cfg.path == "deq":
                     cptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16"}
                 scalars = None
-                if cfg.path == "tma":  # the descriptors' types: element type and block shape
+                if cfg.path in ("tma", "tmap"):  # the descriptors' types: element type and block shape
                     el, bk = ptrs["a_ptr"][1:], consts["BLOCK_K"]
                     scalars = {"a_desc": f"tensordesc<{el}[{cfg.bm}, {bk}]>",
-                               "b_desc": f"tensordesc<{el}[{cfg.bn}, {bk}]>"}  # fmt: skip
+                               "b_desc": f"tensordesc<{el}[{cfg.bn}, {bk}]>",
+                               "c_desc": f"tensordesc<bf16[{cfg.bm}, {cfg.bn}]>"}  # fmt: skip
                 key = (
                     fn,
                     tuple(sorted(consts.items())),

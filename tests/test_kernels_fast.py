@@ -48,10 +48,11 @@ LAG = tuning.Cfg("lag", 16, 32, 128, 4, 1, 2)  # fp8 partials added one K step l
 LAG_BIG_K = tuning.Cfg("lag", 16, 64, 256, 4, 1)  # BLOCK_K 256: promoted every 128 inside the step
 DEQB = tuning.Cfg("deqb", 1, 32, 64, 4, 1)  # dequantization tiles 32 x 64
 TMA = tuning.Cfg("tma", 16, 64, 128, 4, 1)  # 8-bit operands read through tensor descriptors
+TMAP = tuning.Cfg("tmap", 16, 32, 128, 4, 1)  # the same, persistent (2 programs here), stored by descriptor
 PATH_IDS = {TILE: "tile", SPLIT: "split3", GEMV: "gemv-split2", DEQ: "deq", DOTLESS: "dotless",
             DOTLESS4: "dotless4", FUSED: "fused", GEMVG: "gemvg", GEMVW: "gemvw", GEMVX: "gemvx",
             GEMVR: "gemvr-split2", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag",
-            TMA: "tma"}  # fmt: skip
+            TMA: "tma", TMAP: "tmap"}  # fmt: skip
 
 
 def paths(*cfgs: tuning.Cfg) -> list:
@@ -87,7 +88,7 @@ def pack(q: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- 8-bit operands
-@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, GEMV, LAG, TMA))
+@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, GEMV, LAG, TMA, TMAP))
 @pytest.mark.parametrize("Kd", [256, 300])
 def test_fp8_block_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     force(cfg)
@@ -157,7 +158,7 @@ def test_fp8_decode_path_with_split(force, monkeypatch: pytest.MonkeyPatch, cfg:
     assert rel(out, (a.double() * 0.01) @ (b.double() * expand(sb, N, Kd, 128, 128)).T) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, DOTLESS, DOTLESS4, TMA))
+@pytest.mark.parametrize("cfg", paths(TILE, SPLIT, DOTLESS, DOTLESS4, TMA, TMAP))
 def test_int8_paths_are_exact_integer_sums(force, cfg: tuning.Cfg) -> None:
     force(cfg)
     g = torch.Generator().manual_seed(10)
@@ -478,7 +479,45 @@ def test_tma_path_runs_where_descriptors_fit_and_falls_back_where_not(force, mon
     assert not _fastpath._tma_ok(a, fp8_data((40, 264), FN, 36), 0)
     assert not _fastpath._tma_ok(a, wide[:, 16:], 1)  # decoded fp8 bits
     kept = [c.path for c in tuning.candidates("hopper", "mm8", 4096, 4096, 4096)]
-    assert "tma" in kept
+    assert "tma" in kept and "tmap" in kept
+
+
+@pytest.mark.parametrize(("amode", "out_dtype"), [("row", torch.float32), ("block", torch.bfloat16)])
+def test_persistent_tma_path_walks_tiles_and_stores_by_descriptor(force, monkeypatch, amode: str,
+                                                                  out_dtype: torch.dtype) -> None:  # fmt: skip
+    """"tmap": 2 programs walk 3 x 5 tiles (partial ones at M = 37, N = 136) and store through a
+    descriptor, bias and one rounding included; an output whose rows are not 16-byte aligned
+    (N = 130: 520 / 260 bytes) is stored by the non-persistent "tma" kernel instead."""
+    from server_shim.quant import _fastpath
+
+    if _fastpath._descriptor_type() is None:
+        pytest.skip("this triton has no host tensor descriptors")
+    force(TMAP)
+    built = K._build()
+    spies = {name: _LaunchSpy(getattr(built, name)) for name in ("mm8_tma", "mm8_tmap")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(built, name, spy)
+    g = torch.Generator().manual_seed(41)
+    for N, kernel in ((136, "mm8_tmap"), (130, "mm8_tma")):
+        M, Kd = 37, 256
+        a, b = fp8_data((M, Kd), FN, 42), fp8_data((N, Kd), FN, 43)
+        if amode == "row":
+            sa, sb = torch.rand(M, 1, generator=g) + 0.01, torch.rand(N, 1, generator=g) + 0.01
+            ea, eb = sa.double(), sb.double()
+        else:
+            sa, sb = torch.rand(M, 2, generator=g) + 0.01, torch.rand(2, 2, generator=g) + 0.01
+            ea, eb = expand(sa, M, Kd, 1, 128), expand(sb, N, Kd, 128, 128)
+        bias = torch.randn(N, generator=g)
+        before = {n: s.launches for n, s in spies.items()}
+        out = K.fp8_gemm(a, sa, b, sb, a_scale_mode=amode, b_scale_mode=amode, out_dtype=out_dtype, bias=bias)
+        assert {n: s.launches - before[n] for n, s in spies.items()} == {
+            n: int(n == kernel) for n in spies
+        }, N
+        ref = (a.double() * ea) @ (b.double() * eb).T + bias.double()
+        if out_dtype == torch.float32:
+            assert rel(out, ref) < 1e-6
+        else:  # one bf16 rounding
+            assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()
 
 
 # ----------------------------------------------------------------------------- faults inside the paths
@@ -502,6 +541,7 @@ def test_tma_path_runs_where_descriptors_fit_and_falls_back_where_not(force, mon
         LAG,
         FUSEDK,
         TMA,
+        TMAP,
     ),
 )
 def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
@@ -510,7 +550,7 @@ def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str,
         and scheme not in F.WEIGHT_ONLY_SCHEMES
     ):
         pytest.skip(f"the {cfg.path} path is weight-only")
-    if cfg.path in ("lag", "tma") and scheme in F.WEIGHT_ONLY_SCHEMES:
+    if cfg.path in ("lag", "tma", "tmap") and scheme in F.WEIGHT_ONLY_SCHEMES:
         pytest.skip(f"the {cfg.path} path is the 8-bit GEMM's")
     force(cfg)
     g = torch.Generator().manual_seed(18)

@@ -103,19 +103,43 @@ def _tma_ok(a: torch.Tensor, b: torch.Tensor, decode: int) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
 
 
+def _tma_store_ok(out: torch.Tensor) -> bool:
+    """Whether "tmap" can store `out` through a descriptor: rows contiguous and 16-byte aligned."""
+    return out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
+
+
+@functools.cache
+def _programs(device_key: str) -> int:
+    """The persistent grid of "tmap": one program per multiprocessor (2 under the interpreter, so
+    that its tests walk several tiles per program)."""
+    if not device_key.startswith("cuda"):
+        return 2
+    return torch.cuda.get_device_properties(torch.device(device_key)).multi_processor_count
+
+
 def _launch_mm8_tma(k: SimpleNamespace, cfg: tuning.Cfg, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                     a_scale: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None, M: int, N: int,
                     K: int, sa: tuple[int, int], sb: tuple[int, int], *, am: int, bmode: int, group: int,
                     acc_int: bool, fast_acc: bool) -> None:  # fmt: skip
     desc = _descriptor_type()
     assert desc is not None  # _tma_ok said so
-    k.mm8_tma[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn),)](
-        desc.from_tensor(a, [cfg.bm, cfg.bk]), desc.from_tensor(b, [cfg.bn, cfg.bk]), out, a_scale, b_scale,
-        bias if bias is not None else out, M, N, K, out.stride(0), out.stride(1), *sa, *sb,
+    ad, bd = desc.from_tensor(a, [cfg.bm, cfg.bk]), desc.from_tensor(b, [cfg.bn, cfg.bk])
+    meta = dict(
         A_MODE=am, B_MODE=bmode, GROUP=group, HAS_BIAS=bias is not None, ACC_INT=acc_int, FAST_ACC=fast_acc,
         BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group_m, PROMOTE=min(cfg.bk, 128),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
+    bias_arg = bias if bias is not None else out
+    if cfg.path == "tmap":  # persistent: one program per multiprocessor, tiles stored by descriptor
+        programs = _programs(str(out.device) if out.device.type != "cuda" else f"cuda:{out.device.index or 0}")
+        k.mm8_tmap[(programs,)](
+            ad, bd, desc.from_tensor(out, [cfg.bm, cfg.bn]), a_scale, b_scale, bias_arg, M, N, K, *sa, *sb,
+            PROGRAMS=programs, **meta,
+        )  # fmt: skip
+        return
+    k.mm8_tma[(_cdiv(M, cfg.bm) * _cdiv(N, cfg.bn),)](
+        ad, bd, out, a_scale, b_scale, bias_arg, M, N, K, out.stride(0), out.stride(1), *sa, *sb, **meta
+    )
 
 
 def _launch_mm8(k: SimpleNamespace, grid: tuple[int, int], cfg: tuning.Cfg, a: torch.Tensor, b: torch.Tensor,
@@ -147,10 +171,12 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
 
     lag_ok = _lag_ok(acc_int, fast_acc, decode)
     tma_ok = _tma_ok(a, b, decode)
+    tmap_ok = tma_ok and _tma_store_ok(out)
 
     def cands() -> list[tuning.Cfg]:
         cs = tuning.candidates(fam, "mm8", M, N, K)
         cs = [c for c in cs if (lag_ok or c.path != "lag") and (tma_ok or c.path != "tma")]
+        cs = [c for c in cs if tmap_ok or c.path != "tmap"]
         return list(dict.fromkeys(tiles(c) for c in cs))
 
     key = (f"{fam}|mm8|{a.dtype}|a{am}b{bmode}g{group}d{decode}f{int(fast_acc)}|"
@@ -158,8 +184,10 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
 
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         cfg = tiles(cfg)
-        if cfg.path == "tma":
-            if tma_ok:  # one program per output tile, no split
+        if cfg.path == "tmap" and not tmap_ok:  # out's rows cannot take a descriptor store
+            cfg = replace(cfg, path="tma")
+        if cfg.path in ("tma", "tmap"):
+            if tma_ok:  # no split
                 _launch_mm8_tma(k, cfg, a, b, out, a_scale, b_scale, bias, M, N, K, sa, sb, am=am, bmode=bmode,
                                 group=group, acc_int=acc_int, fast_acc=fast_acc)  # fmt: skip
                 return out

@@ -65,7 +65,9 @@ class Cfg:
     per-tile counter) instead of a second kernel; "lag": the fp8 tile with each K step's promoted
     partial added one step late (8-bit GEMM; int8 and fast-accumulation fp8 never see it); "tma": the
     8-bit tile with its operands read through tensor descriptors (Hopper's bulk tensor copies; no
-    split; only where the operands are 16-byte aligned native 8-bit, else it runs as "tile")."""
+    split; only where the operands are 16-byte aligned native 8-bit, else it runs as "tile"); "tmap":
+    "tma" as a persistent grid (a program per multiprocessor) storing its tiles by descriptor too
+    ("tma" where out's rows are not 16-byte aligned)."""
 
     path: str
     bm: int
@@ -137,7 +139,8 @@ _HOPPER = {
              (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 128, 8, 3, 1, 16))
         # TMA: the 256-row tile for tensor / row scales, 128 x 128 x 128 with 4 stages for block scales
         + _t("tma", (256, 128, 128, 8, 3, 1, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
-             (128, 256, 128, 8, 3), (128, 128, 128, 8, 5), (64, 128, 128, 4, 3, 1, 16)),
+             (128, 256, 128, 8, 3), (128, 128, 128, 8, 5), (64, 128, 128, 4, 3, 1, 16))
+        + _t("tmap", (256, 128, 128, 8, 3, 1, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4)),
     },
     "wonly": {
         "small": _t("tile", (16, 32, 256, 4, 4), (16, 64, 256, 4, 3, 4), (16, 64, 128, 4, 4, 8),

@@ -485,7 +485,7 @@ def test_tma_path_runs_where_descriptors_fit_and_falls_back_where_not(force, mon
 @pytest.mark.parametrize(("amode", "out_dtype"), [("row", torch.float32), ("block", torch.bfloat16)])
 def test_persistent_tma_path_walks_tiles_and_stores_by_descriptor(force, monkeypatch, amode: str,
                                                                   out_dtype: torch.dtype) -> None:  # fmt: skip
-    """"tmap": 2 programs walk 3 x 5 tiles (partial ones at M = 37, N = 136) and store through a
+    """ "tmap": 2 programs walk 3 x 5 tiles (partial ones at M = 37, N = 136) and store through a
     descriptor, bias and one rounding included; an output whose rows are not 16-byte aligned
     (N = 130: 520 / 260 bytes) is stored by the non-persistent "tma" kernel instead."""
     from server_shim.quant import _fastpath

@@ -30,10 +30,17 @@ def _family_of(device_key: str) -> str:
     return arch.gemm_family(device_key)
 
 
+def _device_key(device: torch.device) -> str:
+    """ "cuda:N" (the current device where the index is unset), else the device type."""
+    if device.type != "cuda":
+        return device.type
+    return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+
+
 def family(k: SimpleNamespace, device: torch.device) -> str:
     if k.interp:
         return "cpu"
-    return _family_of(f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}")
+    return _family_of(_device_key(device))
 
 
 def _splits(K: int, bk: int, split: int) -> tuple[int, int]:
@@ -131,7 +138,7 @@ def _launch_mm8_tma(k: SimpleNamespace, cfg: tuning.Cfg, a: torch.Tensor, b: tor
     )  # fmt: skip
     bias_arg = bias if bias is not None else out
     if cfg.path == "tmap":  # persistent: one program per multiprocessor, tiles stored by descriptor
-        programs = _programs(str(out.device) if out.device.type != "cuda" else f"cuda:{out.device.index or 0}")
+        programs = _programs(_device_key(out.device))
         k.mm8_tmap[(programs,)](
             ad, bd, desc.from_tensor(out, [cfg.bm, cfg.bn]), a_scale, b_scale, bias_arg, M, N, K, *sa, *sb,
             PROGRAMS=programs, **meta,

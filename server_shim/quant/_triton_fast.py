@@ -97,6 +97,19 @@ def _b_block_scale(bs_ptr, rn, pid_n, kb, sbs0, sbs1, GROUP: tl.constexpr, BLOCK
     return sb
 
 
+def _block_scales(as_ptr, bs_ptr, rm, rn, pid_n, kb, sas0, sas1, sbs0, sbs1, A_MODE: tl.constexpr,
+                  B_MODE: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """K group kb's block scales for this tile: a's [BM, 1] and b's (`_b_block_scale`); 1.0 for a
+    side that is not block scaled (`_block_scaled` ignores it)."""
+    sa = 1.0
+    sb = 1.0
+    if A_MODE == 2:
+        sa = tl.load(as_ptr + rm * sas0 + kb * sas1)[:, None]
+    if B_MODE == 2:
+        sb = _b_block_scale(bs_ptr, rn, pid_n, kb, sbs0, sbs1, GROUP, BLOCK_N)
+    return sa, sb
+
+
 def _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N):
     """Write one split's partial [BM, BN] to the workspace [SPLIT, M, N] (contiguous)."""
     base = ws_ptr + pid_k.to(tl.int64) * M * N
@@ -247,12 +260,8 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
     # block scales of the first K step; each step then loads the next step's before it uses its
     # own (Triton's pipeliner stages only the dot operands' loads: this hides the scales' latency).
     # a's and b's are carried apart: their [BM, BN] product would double the tile's registers.
-    sa = 1.0  # a mode that is not block scaled passes 1.0 to _block_scaled, which ignores it
-    sb = 1.0
-    if A_MODE == 2:
-        sa = tl.load(as_ptr + rm * sas0 + (k_lo // GROUP) * sas1)[:, None]
-    if B_MODE == 2:
-        sb = _b_block_scale(bs_ptr, rn, pid_n, k_lo // GROUP, sbs0, sbs1, GROUP, BLOCK_N)
+    sa, sb = _block_scales(as_ptr, bs_ptr, rm, rn, pid_n, k_lo // GROUP, sas0, sas1, sbs0, sbs1, A_MODE, B_MODE,
+                           GROUP, BLOCK_N)  # fmt: skip
     if LAG:  # the previous step's partial (zero before the first step), already scaled in block mode
         prev = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -269,10 +278,8 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
         if A_MODE == 2 or B_MODE == 2:
             part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
             kn = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP  # the last step reloads a valid group, unused
-            if A_MODE == 2:
-                sa_next = tl.load(as_ptr + rm * sas0 + kn * sas1)[:, None]
-            if B_MODE == 2:
-                sb_next = _b_block_scale(bs_ptr, rn, pid_n, kn, sbs0, sbs1, GROUP, BLOCK_N)
+            sa_next, sb_next = _block_scales(as_ptr, bs_ptr, rm, rn, pid_n, kn, sas0, sas1, sbs0, sbs1, A_MODE,
+                                             B_MODE, GROUP, BLOCK_N)  # fmt: skip
             if LAG:
                 acc += prev
                 prev = _block_scaled(part, sa, sb, A_MODE, B_MODE)
@@ -303,31 +310,32 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
         _epilogue(out, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 
-def _tma_tile_acc(a_desc, b_desc, as_ptr, bs_ptr, pid_n, off_m, off_n, rm, rn, K, sas0, sas1, sbs0, sbs1,
-                  A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr, ACC_INT: tl.constexpr,
-                  FAST_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  PROMOTE: tl.constexpr):  # fmt: skip
-    """One output tile's K loop of the "tma" kernels: the accumulator before tensor / row scales."""
+def _tma_tile(a_desc, b_desc, as_ptr, bs_ptr, pid_m, pid_n, M, N, K, sas0, sas1, sbs0, sbs1,
+              A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr, ACC_INT: tl.constexpr,
+              FAST_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              PROMOTE: tl.constexpr):  # fmt: skip
+    """One output tile of the "tma" kernels, scaled, fp32 (before bias and cast), and its rows and columns."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = offs_m % M
+    rn = offs_n % N
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
     if ACC_INT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    sa = 1.0  # block scales of the current K step, the next step's loaded before these are used
-    sb = 1.0
-    if A_MODE == 2:
-        sa = tl.load(as_ptr + rm * sas0)[:, None]
-    if B_MODE == 2:
-        sb = _b_block_scale(bs_ptr, rn, pid_n, 0, sbs0, sbs1, GROUP, BLOCK_N)
+    # block scales of the current K step; the next step's are loaded before these are used
+    sa, sb = _block_scales(as_ptr, bs_ptr, rm, rn, pid_n, 0, sas0, sas1, sbs0, sbs1, A_MODE, B_MODE, GROUP,
+                           BLOCK_N)  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
         a = a_desc.load([off_m, k0])
         b = b_desc.load([off_n, k0])
         if A_MODE == 2 or B_MODE == 2:
             part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
             kn = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP
-            if A_MODE == 2:
-                sa_next = tl.load(as_ptr + rm * sas0 + kn * sas1)[:, None]
-            if B_MODE == 2:
-                sb_next = _b_block_scale(bs_ptr, rn, pid_n, kn, sbs0, sbs1, GROUP, BLOCK_N)
+            sa_next, sb_next = _block_scales(as_ptr, bs_ptr, rm, rn, pid_n, kn, sas0, sas1, sbs0, sbs1, A_MODE,
+                                             B_MODE, GROUP, BLOCK_N)  # fmt: skip
             acc += _block_scaled(part, sa, sb, A_MODE, B_MODE)
             if A_MODE == 2:
                 sa = sa_next
@@ -339,7 +347,7 @@ def _tma_tile_acc(a_desc, b_desc, as_ptr, bs_ptr, pid_n, off_m, off_n, rm, rn, K
             acc = tl.dot(a, tl.trans(b), acc)
         else:
             acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=PROMOTE)
-    return acc
+    return _scale_out(acc, as_ptr, bs_ptr, rm, rn, sas0, sbs0, A_MODE, B_MODE), offs_m, offs_n
 
 
 def _mm8_tma_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, scm, scn, sas0, sas1, sbs0, sbs1,
@@ -354,26 +362,22 @@ def _mm8_tma_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, sc
     need no masks. Same sums in the same order as `_mm8_kernel`'s tile path; no split-K, no
     decoded fp8 bits, no lag (the launcher falls back to "tile" where descriptors cannot be made)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = offs_m % M
-    rn = offs_n % N
-    acc = _tma_tile_acc(a_desc, b_desc, as_ptr, bs_ptr, pid_n, pid_m * BLOCK_M, pid_n * BLOCK_N, rm, rn, K,
-                        sas0, sas1, sbs0, sbs1, A_MODE, B_MODE, GROUP, ACC_INT, FAST_ACC, BLOCK_M, BLOCK_N,
-                        BLOCK_K, PROMOTE)  # fmt: skip
-    out = _scale_out(acc, as_ptr, bs_ptr, rm, rn, sas0, sbs0, A_MODE, B_MODE)
+    out, offs_m, offs_n = _tma_tile(a_desc, b_desc, as_ptr, bs_ptr, pid_m, pid_n, M, N, K, sas0, sas1, sbs0, sbs1,
+                                    A_MODE, B_MODE, GROUP, ACC_INT, FAST_ACC, BLOCK_M, BLOCK_N, BLOCK_K,
+                                    PROMOTE)  # fmt: skip
     _epilogue(out, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 
 def _mm8_tmap_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, bias_ptr, M, N, K, sas0, sas1, sbs0, sbs1,
-                     PROGRAMS: tl.constexpr, A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     ACC_INT: tl.constexpr, FAST_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PROGRAMS: tl.constexpr, A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, FAST_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr = 128):  # fmt: skip
     """`_mm8_tma_kernel` as a persistent grid (the "tmap" configs): PROGRAMS programs (one per
-    multiprocessor, a constant per device: one compile) walk the output tiles in `_tile_ids` order, and each tile leaves through a
-    descriptor store (the copy engine writes it while the next tile's loads and MMAs start; the
-    flattened loop lets the pipeliner prefetch across tiles). 3% more than "tma" at 4096^3 on an
-    H200 for tensor / row scales (1023 against 993 TFLOP/s); the same sums, one rounding at the store."""
+    multiprocessor, a constant per device: one compile) walk the output tiles in `_tile_ids`
+    order, and each tile leaves through a descriptor store (the copy engine writes it while the
+    next tile's loads and MMAs start; the flattened loop lets the pipeliner prefetch across tiles).
+    3% more than "tma" at 4096^3 on an H200 for tensor / row scales in a standalone sweep (1023
+    against 993 TFLOP/s); the same sums, one rounding at the store."""
     num_n = tl.cdiv(N, BLOCK_N)
     tiles = tl.cdiv(M, BLOCK_M) * num_n
     for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
@@ -382,14 +386,9 @@ def _mm8_tmap_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, bias_ptr, M, N, K, 
         size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
         pid_m = first_m + (tile % per_group) % size_m
         pid_n = (tile % per_group) // size_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = offs_m % M
-        rn = offs_n % N
-        acc = _tma_tile_acc(a_desc, b_desc, as_ptr, bs_ptr, pid_n, pid_m * BLOCK_M, pid_n * BLOCK_N, rm, rn, K,
-                            sas0, sas1, sbs0, sbs1, A_MODE, B_MODE, GROUP, ACC_INT, FAST_ACC, BLOCK_M, BLOCK_N,
-                            BLOCK_K, PROMOTE)  # fmt: skip
-        out = _scale_out(acc, as_ptr, bs_ptr, rm, rn, sas0, sbs0, A_MODE, B_MODE)
+        out, offs_m, offs_n = _tma_tile(a_desc, b_desc, as_ptr, bs_ptr, pid_m, pid_n, M, N, K, sas0, sas1, sbs0,
+                                        sbs1, A_MODE, B_MODE, GROUP, ACC_INT, FAST_ACC, BLOCK_M, BLOCK_N, BLOCK_K,
+                                        PROMOTE)  # fmt: skip
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], _cast_out(out, c_desc.dtype))  # clipped at M, N
@@ -1040,7 +1039,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
                 SPLIT_OUT, HAS_BIAS)  # fmt: skip
 
 
-HELPERS = ("_scale_out", "_tma_tile_acc", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
+HELPERS = ("_scale_out", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
            "_gemv4x_planes", "_gemv4x_term")  # fmt: skip

@@ -274,11 +274,28 @@ def rope_wanted() -> bool:
     return env_switch(ROPE_ENV, True)
 
 
+def _plain_function(fn: Any) -> Any:
+    """The Python function behind fn: unwrapped from decorators that name what they wrap, and from
+    the module that `kernels` (0.19+, installed with transformers' serving extra) makes of a
+    function decorated with `use_kernel_forward_from_hub`: transformers 5.25's modeling files hold
+    such an `nn.Module` under `apply_rotary_pos_emb`, whose forward calls the original, kept in its
+    closure as `func`."""
+    fn = inspect.unwrap(fn) if callable(fn) else fn
+    if isinstance(fn, torch.nn.Module) and hasattr(type(fn), "kernel_layer_name"):
+        try:
+            inner = inspect.getclosurevars(type(fn).forward).nonlocals.get("func")
+        except TypeError:  # a forward that is no plain function
+            inner = None
+        if callable(inner):
+            fn = inspect.unwrap(inner)
+    return fn
+
+
 def _code_key(fn: Any) -> tuple | None:
     """What makes two functions the same function: bytecode, constants (less the docstring),
     names, variables, defaults -- of the function under any decorator that says what it wraps
     (ours; transformers' hub-kernel one where the `kernels` package is installed). None: no code."""
-    fn = inspect.unwrap(fn) if callable(fn) else fn
+    fn = _plain_function(fn)
     code = getattr(fn, "__code__", None)
     if code is None:
         return None
@@ -322,7 +339,8 @@ def _rope_applies(ctx: DecodeContext, q: Tensor, k: Tensor, cos: Tensor, sin: Te
 
 
 def _make_rope(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
+    # updated=(): a hub-kernel module's attributes (its parameters, hooks) stay off the wrapper
+    @functools.wraps(original, updated=())
     def apply_rotary_pos_emb(
         q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any, **kwargs: Any
     ) -> Any:

@@ -172,6 +172,34 @@ def test_rope_wrapper_install_dispatch_uninstall(tiny_moe) -> None:  # noqa: ANN
     assert ds.apply_rotary_pos_emb is ds_rope and ds.apply_rotary_pos_emb_interleave is ds_interleave
 
 
+def test_hub_kernel_module_is_seen_through_to_its_function() -> None:
+    """transformers 5.25 with `kernels` 0.19 holds `apply_rotary_pos_emb` as an nn.Module whose
+    forward calls the original from its closure; the rotary swap must recognise Llama's function
+    inside it (else the fused rotary silently never installs), and not mistake another for it."""
+
+    def rope(q, k, cos, sin, unsqueeze_dim=1):  # noqa: ANN001, ANN202 - a stand-in original
+        return q * cos, k * sin
+
+    def hub_module(func):  # noqa: ANN001, ANN202 - the shape of kernels' _create_func_module
+        class Func(torch.nn.Module):
+            kernel_layer_name = "RotaryEmbedding"
+
+            def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                return func(*args, **kwargs)
+
+        return Func()
+
+    wrapped = hub_module(rope)
+    assert fused_decode._plain_function(wrapped) is rope
+    assert fused_decode._code_key(wrapped) == fused_decode._code_key(rope) is not None
+    other = hub_module(lambda q, k, cos, sin: (q, k))
+    assert fused_decode._code_key(other) != fused_decode._code_key(rope)
+    plain_module = torch.nn.Linear(2, 2)  # a module that is no hub kernel: no code to compare
+    assert fused_decode._code_key(plain_module) is None
+    wrapper = fused_decode._make_rope(wrapped)  # the swap keeps the module itself to call and restore
+    assert wrapper.__wrapped__ is wrapped and "_parameters" not in vars(wrapper)
+
+
 def test_function_falls_back_outside_decode() -> None:
     """Prefill (several query tokens), or no decode context, or another row count: the original
     implementation with the same arguments, and no kernel launch."""

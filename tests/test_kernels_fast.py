@@ -482,7 +482,9 @@ def test_tma_path_runs_where_descriptors_fit_and_falls_back_where_not(force, mon
     assert "tma" in kept and "tmap" in kept
 
 
-@pytest.mark.parametrize(("amode", "out_dtype"), [("row", torch.float32), ("block", torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("amode", "out_dtype"), [("row", torch.float32), ("block", torch.bfloat16), ("tensor", torch.float16)]
+)
 def test_persistent_tma_path_walks_tiles_and_stores_by_descriptor(force, monkeypatch, amode: str,
                                                                   out_dtype: torch.dtype) -> None:  # fmt: skip
     """ "tmap": 2 programs walk 3 x 5 tiles (partial ones at M = 37, N = 136) and store through a
@@ -504,6 +506,9 @@ def test_persistent_tma_path_walks_tiles_and_stores_by_descriptor(force, monkeyp
         if amode == "row":
             sa, sb = torch.rand(M, 1, generator=g) + 0.01, torch.rand(N, 1, generator=g) + 0.01
             ea, eb = sa.double(), sb.double()
+        elif amode == "tensor":
+            sa, sb = torch.tensor([0.02]), torch.tensor([0.03])
+            ea, eb = sa.double(), sb.double()
         else:
             sa, sb = torch.rand(M, 2, generator=g) + 0.01, torch.rand(2, 2, generator=g) + 0.01
             ea, eb = expand(sa, M, Kd, 1, 128), expand(sb, N, Kd, 128, 128)
@@ -516,8 +521,9 @@ def test_persistent_tma_path_walks_tiles_and_stores_by_descriptor(force, monkeyp
         ref = (a.double() * ea) @ (b.double() * eb).T + bias.double()
         if out_dtype == torch.float32:
             assert rel(out, ref) < 1e-6
-        else:  # one bf16 rounding
-            assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()
+        else:  # one rounding to bf16 (8 significant bits) or fp16 (11)
+            ulp = 2**-8 if out_dtype == torch.bfloat16 else 2**-11
+            assert ((out.double() - ref).abs() <= ref.abs() * ulp + 1e-6).all()
 
 
 # ----------------------------------------------------------------------------- faults inside the paths

@@ -65,10 +65,11 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         if cfg.path == "gemv":
             return k.gemv8, common
         if cfg.path in ("tma", "tmap"):  # operands through descriptors (main() types them); no split
-            tma = dict(fixed, HAS_BIAS=False, FAST_ACC=False, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=bk)
+            tma = dict(fixed, HAS_BIAS=False, FAST_ACC=False, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=bk,
+                       GROUP_M=cfg.group_m, PROMOTE=min(bk, 128))  # fmt: skip
             if cfg.path == "tmap":  # persistent: an H200's 132 programs
-                return k.mm8_tmap, dict(tma, GROUP_M=cfg.group_m, PROMOTE=min(bk, 128), PROGRAMS=132)
-            return k.mm8_tma, dict(tma, GROUP_M=cfg.group_m, PROMOTE=min(bk, 128))
+                return k.mm8_tmap, dict(tma, PROGRAMS=132)
+            return k.mm8_tma, tma
         if cfg.path == "lag" and fixed["ACC_INT"]:
             return None, {}  # int8 never runs "lag" configs (_fastpath.mm8 drops them)
         return k.mm8, dict(

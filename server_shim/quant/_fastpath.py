@@ -102,17 +102,16 @@ def _descriptor_type() -> type | None:
     return TensorDescriptor
 
 
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """The copy engine's rules for a 2-D tensor descriptor: rows contiguous, the row stride and the
+    base 16-byte aligned."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 def _tma_ok(a: torch.Tensor, b: torch.Tensor, decode: int) -> bool:
     """Whether the "tma" configs can read a and b through tensor descriptors: native 8-bit operands
-    (not decoded fp8 bits), K contiguous, rows and base 16-byte aligned (the copy engine's rules)."""
-    if decode != 0 or _descriptor_type() is None:
-        return False
-    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
-
-
-def _tma_store_ok(out: torch.Tensor) -> bool:
-    """Whether "tmap" can store `out` through a descriptor: rows contiguous and 16-byte aligned."""
-    return out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
+    (not decoded fp8 bits) that `_descriptor_ok` accepts, on a triton that has descriptors."""
+    return decode == 0 and _descriptor_type() is not None and _descriptor_ok(a) and _descriptor_ok(b)
 
 
 @functools.cache
@@ -178,7 +177,7 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
 
     lag_ok = _lag_ok(acc_int, fast_acc, decode)
     tma_ok = _tma_ok(a, b, decode)
-    tmap_ok = tma_ok and _tma_store_ok(out)
+    tmap_ok = tma_ok and _descriptor_ok(out)  # "tmap" also stores out through a descriptor
 
     def cands() -> list[tuning.Cfg]:
         cs = tuning.candidates(fam, "mm8", M, N, K)

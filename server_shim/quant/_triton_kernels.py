@@ -114,8 +114,13 @@ def _fp8_grid_to_bits(r, FNUZ: tl.constexpr):
 
 
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped program order (Triton matmul tutorial): GROUP_M row-tiles share B tiles in L2."""
-    pid = tl.program_id(0)
+    """This program's output tile, in `_tile_of`'s grouped order."""
+    return _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile number pid -> (row tile, column tile) in grouped order (Triton matmul tutorial): GROUP_M
+    row-tiles share B tiles in L2. A persistent kernel walks its tile numbers through this too."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -319,6 +324,7 @@ HELPERS = (
     "_fp8_bits_to_f16",
     "_fp8_grid_to_bits",
     "_tile_ids",
+    "_tile_of",
     "_epilogue",
 )
 # the undecorated helpers, captured before any _build() rebinds the names above

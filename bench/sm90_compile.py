@@ -95,9 +95,13 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     if cfg.path == "deq":  # the GEMM half (main() gives it bf16 operands); the dequantization pass is fixed
         return k.mm16, dict(HAS_BIAS=False, DOT_IEEE=False, EVEN_K=True, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
                             BLOCK_K=cfg.bk, GROUP_M=cfg.group_m)  # fmt: skip
-    kern = k.wonly_fused if cfg.path in ("fused", "fusedk") else k.wonly_fast
-    return kern, dict(common, DOT_IEEE=False, EMULATE_RNE=False, SPLIT_OUT=split, BLOCK_M=cfg.bm,
-                      GROUP_M=cfg.group_m, SPLIT_FIN=split and cfg.path in ("fusedk", "tilek"))  # fmt: skip
+    if cfg.path in ("words", "wordsk") and (fixed["GROUP"] % cfg.bk if fixed["FORMAT"] == 0 else cfg.bk % fixed["GROUP"]):
+        return None, {}  # a tile the words do not fit: _fastpath runs it as "fused" (compiled there)
+    kern = {"fused": k.wonly_fused, "fusedk": k.wonly_fused, "words": k.wonly_words, "wordsk": k.wonly_words}
+    return kern.get(cfg.path, k.wonly_fast), dict(
+        common, DOT_IEEE=False, EMULATE_RNE=False, SPLIT_OUT=split, BLOCK_M=cfg.bm, GROUP_M=cfg.group_m,
+        SPLIT_FIN=split and cfg.path in ("fusedk", "wordsk", "tilek"),
+    )
 
 
 def sass_ops(cubin: Path) -> str:
@@ -263,7 +267,7 @@ def main() -> int:
         "--only",
         nargs="+",
         default=None,
-        help="only these config paths (tile lag tma tmap gemv gemvg gemvw gemvx gemvr fused fusedk tilek deq deqb)",
+        help="only these config paths (tile lag tma tmap gemv gemvg gemvw gemvx gemvr fused fusedk words wordsk tilek deq deqb)",
     )
     ap.add_argument(
         "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm, rotary)"
@@ -288,7 +292,7 @@ def main() -> int:
                 if fn is None:
                     continue
                 cptrs = ptrs  # this config's pointer types (the variant's, unless its kernel differs)
-                if cfg.path in ("gemvw", "gemvx", "gemvr"):
+                if cfg.path in ("gemvw", "gemvx", "gemvr", "words", "wordsk"):
                     cptrs = {**ptrs, "w_ptr": "*i32"}
                 if cfg.path == "deqb":
                     cptrs = {**ptrs, "o_ptr": "*bf16"}

@@ -37,6 +37,9 @@ DEQ = tuning.Cfg("deq", 16, 64, 64, 4, 1)
 DOTLESS = tuning.Cfg("gemv", 1, 64, 128, 4, 1, 2)
 DOTLESS4 = tuning.Cfg("gemv", 1, 32, 64, 4, 1)
 FUSED = tuning.Cfg("fused", 16, 32, 64, 4, 1, 2)
+# the same on whole int32 words (nibble planes dequantized in place); its self-reducing splits
+WORDS = tuning.Cfg("words", 16, 32, 64, 4, 1, 2)
+WORDSK = tuning.Cfg("wordsk", 16, 32, 64, 4, 1, 3)
 # the group-shaped 4-bit GEMV (split-K; bk below a group is rounded up to it) and dequantize + torch.mm
 GEMVG = tuning.Cfg("gemvg", 1, 16, 64, 4, 1, 2)
 GEMVW = tuning.Cfg("gemvw", 1, 16, 256, 4, 1, 2)
@@ -52,7 +55,7 @@ TMAP = tuning.Cfg("tmap", 16, 32, 128, 4, 1)  # the same, persistent (2 programs
 PATH_IDS = {TILE: "tile", SPLIT: "split3", GEMV: "gemv-split2", DEQ: "deq", DOTLESS: "dotless",
             DOTLESS4: "dotless4", FUSED: "fused", GEMVG: "gemvg", GEMVW: "gemvw", GEMVX: "gemvx",
             GEMVR: "gemvr-split2", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag",
-            TMA: "tma", TMAP: "tmap"}  # fmt: skip
+            TMA: "tma", TMAP: "tmap", WORDS: "words-split2", WORDSK: "wordsk-split3"}  # fmt: skip
 
 
 def paths(*cfgs: tuning.Cfg) -> list:
@@ -191,6 +194,8 @@ FOUR_BIT_PATHS = [
     DOTLESS,
     DOTLESS4,
     FUSED,
+    WORDS,
+    WORDSK,
     GEMVG,
     GEMVW,
     GEMVX,
@@ -238,7 +243,7 @@ def test_int4_word_gemv_ragged_k_and_fallbacks(force, cfg: tuning.Cfg) -> None:
 
 
 @pytest.mark.parametrize(
-    "cfg", paths(TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, FUSEDK, TILEK)
+    "cfg", paths(TILE, SPLIT, DEQ, DOTLESS, FUSED, WORDS, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, FUSEDK, TILEK)
 )
 def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     force(cfg)
@@ -252,7 +257,7 @@ def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     assert rel(out, x.double() @ w.T) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", paths(TILE, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX))
+@pytest.mark.parametrize("cfg", paths(TILE, DEQ, DOTLESS, FUSED, WORDS, GEMVG, GEMVW, GEMVX))
 def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None:
     # fp16 is cast correctly by the interpreter too, so this runs the GPU's plain `.to()` rounding
     force(cfg)
@@ -482,6 +487,27 @@ def test_tma_path_runs_where_descriptors_fit_and_falls_back_where_not(force, mon
     assert "tma" in kept and "tmap" in kept
 
 
+@pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
+def test_words_path_runs_where_words_fit_and_falls_back_where_not(force, monkeypatch, scheme: str) -> None:
+    """"words" reads int32 words where the packed rows are whole words and its K tile fits the
+    groups (int4: inside one, mxfp4: whole ones); K = 200 (a ragged last tile, masked), 204 (not
+    whole words) and a 32-wide tile for int4 (below 64: planes too narrow) run the byte kernel,
+    with the same numbers either way."""
+    built = K._build()
+    spy = _LaunchSpy(built.wonly_words)
+    monkeypatch.setattr(built, "wonly_words", spy)
+    g = torch.Generator().manual_seed(51)
+    for Kd, bk, launched in ((256, 64, 1), (200, 64, 1), (204, 64, 0), (256, 32, 0)):
+        force(tuning.Cfg("words", 16, 32, bk, 4, 1, 2))
+        w = torch.randn(40, Kd, generator=g) * 0.02
+        x = torch.randn(3, Kd, generator=g)
+        qw = F.quantize_weight(w, scheme)
+        before = spy.launches
+        got = quant_matmul(x, qw, None, "triton", FaultSet())
+        assert spy.launches - before == launched, (Kd, bk)
+        assert rel(got, x.double() @ F.dequantize(qw).double().T) < 1e-6, (Kd, bk)
+
+
 @pytest.mark.parametrize(
     ("amode", "out_dtype"), [("row", torch.float32), ("block", torch.bfloat16), ("tensor", torch.float16)]
 )
@@ -546,13 +572,14 @@ def test_persistent_tma_path_walks_tiles_and_stores_by_descriptor(force, monkeyp
         DEQB,
         LAG,
         FUSEDK,
+        WORDS,
         TMA,
         TMAP,
     ),
 )
 def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
     if (
-        cfg.path in ("deq", "fused", "fusedk", "gemvg", "gemvw", "gemvx", "gemvr", "deqb")
+        cfg.path in ("deq", "fused", "fusedk", "words", "gemvg", "gemvw", "gemvx", "gemvr", "deqb")
         and scheme not in F.WEIGHT_ONLY_SCHEMES
     ):
         pytest.skip(f"the {cfg.path} path is weight-only")
@@ -579,7 +606,7 @@ def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str,
 
 # ----------------------------------------------------------------------------- every 4-bit fault
 # gemvr unsplit: the interpreter's slowest path; its splits are tested above
-@pytest.mark.parametrize("cfg", paths(FUSEDK, GEMVX, tuning.Cfg("gemvr", 1, 1, 256, 4, 1)))
+@pytest.mark.parametrize("cfg", paths(FUSEDK, WORDSK, GEMVX, tuning.Cfg("gemvr", 1, 1, 256, 4, 1)))
 @pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
 def test_every_4bit_fault_reproduces_in_the_fast_kernels(force, scheme: str, cfg: tuning.Cfg) -> None:
     """Every non-MoE fault of the scheme (the 4-bit kernels' classes, scale-transposed and

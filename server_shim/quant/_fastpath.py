@@ -235,6 +235,12 @@ def _words(w: torch.Tensor, K: int, group: int) -> torch.Tensor | None:
         return None
 
 
+def _words_tile(cfg: tuning.Cfg, fmt: int, group: int) -> bool:
+    """Whether `_wonly_words_kernel` takes cfg's K tile: int4 tiles inside one group, mxfp4 tiles of
+    whole groups, and at least 64 wide (8 planes of 8 words)."""
+    return cfg.bk >= 64 and (group % cfg.bk == 0 if fmt == 0 else cfg.bk % group == 0)
+
+
 def _blas_ok(x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """torch.mm / addmm can write `out` with the Triton epilogue's numbers: one dtype throughout
     (fp32 accumulation, one rounding at the store; a bias of another dtype would be rounded first)."""
@@ -261,6 +267,10 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             wk = _words(w, K, group)
             if wk is None:
                 wk, cfg = w, replace(cfg, path="gemvg")
+        if cfg.path in ("words", "wordsk"):
+            wk = _words(w, K, group) if _words_tile(cfg, fmt, group) else None
+            if wk is None:
+                wk, cfg = w, replace(cfg, path="fused" if cfg.path == "words" else "fusedk")
         if cfg.path == "gemvg" and not (group & (group - 1) == 0 and 2 <= group <= 256):
             cfg = replace(cfg, path="gemv")  # group-shaped tiles need a power-of-two group
         if cfg.path in ("gemvg", "gemvw", "gemvx", "gemvr"):
@@ -308,13 +318,15 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             if splits > 1:
                 _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
             return out
-        kern = k.wonly_fused if cfg.path in ("fused", "fusedk") else k.wonly_fast
+        kern = {"fused": k.wonly_fused, "fusedk": k.wonly_fused, "words": k.wonly_words, "wordsk": k.wonly_words}
+        kern = kern.get(cfg.path, k.wonly_fast)
         tiles = _cdiv(M, cfg.bm) * _cdiv(N, cfg.bn)
-        # "fusedk" / "tilek": the splits reduce themselves on per-tile counters (no second kernel)
-        counters = _counters(out.device, tiles) if splits > 1 and cfg.path in ("fusedk", "tilek") else None
+        # "fusedk" / "wordsk" / "tilek": the splits reduce themselves on per-tile counters (no second kernel)
+        self_reducing = cfg.path in ("fusedk", "wordsk", "tilek")
+        counters = _counters(out.device, tiles) if splits > 1 and self_reducing else None
         kern[(tiles, splits)](
-            x, w, out, ws, scales, zeros, bias_arg, M, N, K, kper,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *sarg,
+            x, wk, out, ws, scales, zeros, bias_arg, M, N, K, kper,
+            x.stride(0), x.stride(1), wk.stride(0), wk.stride(1), out.stride(0), out.stride(1), *sarg,
             counters if counters is not None else ws, splits,
             FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee, EMULATE_RNE=emulate,
             SPLIT_OUT=splits > 1, SPLIT_FIN=counters is not None,
@@ -325,5 +337,10 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
         return out
 
-    cands = lambda: tuning.candidates(fam, "wonly", M, N, K)  # noqa: E731
+    words_ok = _words(w, K, group) is not None
+
+    def cands() -> list[tuning.Cfg]:  # "words" tiles that would run as "fused" are not timed twice
+        cs = tuning.candidates(fam, "wonly", M, N, K)
+        return [c for c in cs if c.path not in ("words", "wordsk") or (words_ok and _words_tile(c, fmt, group))]
+
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))

@@ -524,6 +524,104 @@ def _wonly_fused_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
         _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 
+def _word_plane(word, I: tl.constexpr, zb, s, FORMAT: tl.constexpr, DT: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """Nibble I of every int32 word (k = 8 * word + I), dequantized and rounded once to DT.
+    int4: the word's 16-bit half holding the nibble is or-ed with fp32's 2**23 exponent bits (once
+    per half, shared by its four nibbles), and one and per nibble keeps those bits and the nibble
+    where it lies: 2**23 + q * 16**(I % 4), with no shift and no second constant per nibble (which
+    ptxas would spend an instruction materializing). `zb` and `s` are that position's
+    2**23 + z * 16**(I % 4) and s * 16**-(I % 4) (_word_scales): the difference (q - z) * 16**(I % 4)
+    is exact, and the product the reference's (q - z) * s, bit for bit."""
+    if FORMAT == 0:
+        t = (word >> (16 * (I // 4))) | 0x4B000000
+        v = t & (0x4B000000 | (15 << (4 * (I % 4))))
+        w = (v.to(tl.float32, bitcast=True) - zb) * s
+    elif E2M1_F16:
+        w = (_e2m1_to_f32_h((word >> (4 * I)) & 15) * 16384.0) * s
+    else:
+        w = _e2m1_to_f32((word >> (4 * I)) & 15) * s
+    return _to_operand(w, DT, EMULATE_RNE)
+
+
+def _word_scales(s_ptr, z_ptr, rn, k0, ssn, ssg, szn, szg, FORMAT: tl.constexpr, GROUP: tl.constexpr,
+                 BLOCK_K: tl.constexpr):  # fmt: skip
+    """One K step's scales for `_word_plane`, broadcastable to the [BN, BK/8] words: int4 (the tile
+    inside one group) per row, as (2**23 + z * 16**p, s * 16**-p) for the nibble positions p = 0..3;
+    mxfp4 (whole groups per tile) per row and word, the same value for all four."""
+    if FORMAT == 0:
+        g = k0 // GROUP
+        s = tl.load(s_ptr + rn * ssn + g * ssg).to(tl.float32)[:, None]
+        z = tl.load(z_ptr + rn * szn + g * szg).to(tl.float32)[:, None]
+        out = (z + 8388608.0, s, z * 16.0 + 8388608.0, s * 0.0625, z * 256.0 + 8388608.0, s * 0.00390625,
+               z * 4096.0 + 8388608.0, s * 0.000244140625)  # fmt: skip
+    else:
+        gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        sc = _e8m0_to_f32(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg))  # [BN, groups]
+        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (sc.shape[0], BLOCK_K // GROUP, GROUP // 8)),
+                        (sc.shape[0], BLOCK_K // 8))  # fmt: skip
+        out = (sc, sc, sc, sc, sc, sc, sc, sc)
+    return out
+
+
+def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
+                        sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg, cnt_ptr, SPLIT,
+                        FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
+                        EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                        SPLIT_FIN: tl.constexpr = False):  # fmt: skip
+    """`_wonly_fused_kernel` (same arguments; w as int32 words [N, K/8], K % 8 == 0) reading whole
+    words: the 8 nibble planes are dequantized where they lie (`_word_plane`) and joined back into
+    K order, 8 consecutive k per thread, which is how the MMA's operand holds them. int4 tiles lie
+    inside one group (GROUP % BLOCK_K == 0), mxfp4 tiles span whole groups."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = offs_m % M
+    rn = offs_n % N
+    offs_j = tl.arange(0, BLOCK_K // 8)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_ptrs = x_ptr + rm[:, None] * sxm + (k_lo + offs_k)[None, :] * sxk
+    w_ptrs = w_ptr + rn[:, None] * swn + (k_lo // 8 + offs_j)[None, :] * swk
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            word = tl.load(w_ptrs)
+        else:  # past K: x is 0, so the words there (0, dequantized to -z * s) add nothing
+            x = tl.load(x_ptrs, mask=((k0 + offs_k) < K)[None, :], other=0.0)
+            word = tl.load(w_ptrs, mask=((k0 + 8 * offs_j) < K)[None, :], other=0)
+        z0, s0, z1, s1, z2, s2, z3, s3 = _word_scales(s_ptr, z_ptr, rn, tl.minimum(k0, K - 1), ssn, ssg, szn, szg,
+                                                      FORMAT, GROUP, BLOCK_K)  # fmt: skip
+        p0 = _word_plane(word, 0, z0, s0, FORMAT, DT, EMULATE_RNE)
+        p1 = _word_plane(word, 1, z1, s1, FORMAT, DT, EMULATE_RNE)
+        p2 = _word_plane(word, 2, z2, s2, FORMAT, DT, EMULATE_RNE)
+        p3 = _word_plane(word, 3, z3, s3, FORMAT, DT, EMULATE_RNE)
+        p4 = _word_plane(word, 4, z0, s0, FORMAT, DT, EMULATE_RNE)
+        p5 = _word_plane(word, 5, z1, s1, FORMAT, DT, EMULATE_RNE)
+        p6 = _word_plane(word, 6, z2, s2, FORMAT, DT, EMULATE_RNE)
+        p7 = _word_plane(word, 7, z3, s3, FORMAT, DT, EMULATE_RNE)
+        # [BN, BK/8, 2, 2, 2] indexed (j, c, b, a) holds plane 4c + 2b + a: k = 8j + 4c + 2b + a
+        w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        if DOT_IEEE:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += (BLOCK_K // 8) * swk
+    if SPLIT_FIN:
+        _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
+                      BLOCK_M, BLOCK_N)  # fmt: skip
+    elif SPLIT_OUT:
+        _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
+    else:
+        _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+
+
 def _wonly_dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, swk, ssn, ssg, szn, szg, son, sok,
                           FORMAT: tl.constexpr, GROUP: tl.constexpr, EMULATE_RNE: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
@@ -1038,7 +1136,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 HELPERS = ("_scale_out", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
-           "_gemv4x_planes", "_gemv4x_term")  # fmt: skip
+           "_gemv4x_planes", "_gemv4x_term", "_word_plane", "_word_scales")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",
@@ -1051,6 +1149,7 @@ KERNELS = (
     "_gemv8_kernel",
     "_gemv4_kernel",
     "_wonly_fused_kernel",
+    "_wonly_words_kernel",
     "_gemv4g_kernel",
     "_gemv4w_kernel",
     "_gemv4x_kernel",

@@ -30,8 +30,8 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from server_shim.quant import _fastpath, tuning  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
-from server_shim.quant import tuning  # noqa: E402
 
 ONES = {"sak", "sbk", "sxk", "swk", "scn", "sas1", "sbs1", "ssg", "szg"}  # unit strides: JIT constexprs
 DIV16 = {"N", "K", "K_PER", "sam", "sbn", "scm", "sxm", "swn"}  # multiples of 16 at N = K = 4096
@@ -95,13 +95,12 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     if cfg.path == "deq":  # the GEMM half (main() gives it bf16 operands); the dequantization pass is fixed
         return k.mm16, dict(HAS_BIAS=False, DOT_IEEE=False, EVEN_K=True, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
                             BLOCK_K=cfg.bk, GROUP_M=cfg.group_m)  # fmt: skip
-    if cfg.path in ("words", "wordsk") and (fixed["GROUP"] % cfg.bk if fixed["FORMAT"] == 0 else cfg.bk % fixed["GROUP"]):
+    if cfg.path in ("words", "wordsk") and not _fastpath.words_tile(cfg, fixed["FORMAT"], fixed["GROUP"]):
         return None, {}  # a tile the words do not fit: _fastpath runs it as "fused" (compiled there)
-    kern = {"fused": k.wonly_fused, "fusedk": k.wonly_fused, "words": k.wonly_words, "wordsk": k.wonly_words}
-    return kern.get(cfg.path, k.wonly_fast), dict(
+    return _fastpath.wonly_tile_kernel(k, cfg.path), dict(
         common, DOT_IEEE=False, EMULATE_RNE=False, SPLIT_OUT=split, BLOCK_M=cfg.bm, GROUP_M=cfg.group_m,
         SPLIT_FIN=split and cfg.path in ("fusedk", "wordsk", "tilek"),
-    )
+    )  # fmt: skip
 
 
 def sass_ops(cubin: Path) -> str:

@@ -489,7 +489,7 @@ def test_tma_path_runs_where_descriptors_fit_and_falls_back_where_not(force, mon
 
 @pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
 def test_words_path_runs_where_words_fit_and_falls_back_where_not(force, monkeypatch, scheme: str) -> None:
-    """"words" reads int32 words where the packed rows are whole words and its K tile fits the
+    """ "words" reads int32 words where the packed rows are whole words and its K tile fits the
     groups (int4: inside one, mxfp4: whole ones); K = 200 (a ragged last tile, masked), 204 (not
     whole words) and a 32-wide tile for int4 (below 64: planes too narrow) run the byte kernel,
     with the same numbers either way."""

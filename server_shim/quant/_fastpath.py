@@ -12,6 +12,7 @@ import functools
 import threading
 from dataclasses import replace
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -235,7 +236,14 @@ def _words(w: torch.Tensor, K: int, group: int) -> torch.Tensor | None:
         return None
 
 
-def _words_tile(cfg: tuning.Cfg, fmt: int, group: int) -> bool:
+def wonly_tile_kernel(k: SimpleNamespace, path: str) -> Any:
+    """The 4-bit tl.dot kernel a "tile" / "tilek" / "fused" / "fusedk" / "words" / "wordsk" config launches."""
+    if path in ("fused", "fusedk"):
+        return k.wonly_fused
+    return k.wonly_words if path in ("words", "wordsk") else k.wonly_fast
+
+
+def words_tile(cfg: tuning.Cfg, fmt: int, group: int) -> bool:
     """Whether `_wonly_words_kernel` takes cfg's K tile: int4 tiles inside one group, mxfp4 tiles of
     whole groups, and at least 64 wide (8 planes of 8 words)."""
     return cfg.bk >= 64 and (group % cfg.bk == 0 if fmt == 0 else cfg.bk % group == 0)
@@ -268,7 +276,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             if wk is None:
                 wk, cfg = w, replace(cfg, path="gemvg")
         if cfg.path in ("words", "wordsk"):
-            wk = _words(w, K, group) if _words_tile(cfg, fmt, group) else None
+            wk = _words(w, K, group) if words_tile(cfg, fmt, group) else None
             if wk is None:
                 wk, cfg = w, replace(cfg, path="fused" if cfg.path == "words" else "fusedk")
         if cfg.path == "gemvg" and not (group & (group - 1) == 0 and 2 <= group <= 256):
@@ -318,8 +326,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             if splits > 1:
                 _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
             return out
-        kern = {"fused": k.wonly_fused, "fusedk": k.wonly_fused, "words": k.wonly_words, "wordsk": k.wonly_words}
-        kern = kern.get(cfg.path, k.wonly_fast)
+        kern = wonly_tile_kernel(k, cfg.path)
         tiles = _cdiv(M, cfg.bm) * _cdiv(N, cfg.bn)
         # "fusedk" / "wordsk" / "tilek": the splits reduce themselves on per-tile counters (no second kernel)
         self_reducing = cfg.path in ("fusedk", "wordsk", "tilek")
@@ -340,7 +347,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
     words_ok = _words(w, K, group) is not None
 
     def cands() -> list[tuning.Cfg]:  # "words" tiles that would run as "fused" are not timed twice
-        cs = tuning.candidates(fam, "wonly", M, N, K)
-        return [c for c in cs if c.path not in ("words", "wordsk") or (words_ok and _words_tile(c, fmt, group))]
+        fits = lambda c: c.path not in ("words", "wordsk") or (words_ok and words_tile(c, fmt, group))  # noqa: E731
+        return [c for c in tuning.candidates(fam, "wonly", M, N, K) if fits(c)]
 
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))

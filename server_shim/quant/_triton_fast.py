@@ -30,6 +30,10 @@ What makes them faster than the legacy bodies (numbers: bench/gemm.py on an H200
   whole words' 8 k (16-byte loads, prefetched) and splits the nibble planes in registers;
   `_gemv4r_kernel` takes one weight row per program so that the words and x's planes share one
   register layout (no shared memory at all).
+- 4-bit at M <= 16 on int32 words (`_wonly_words_kernel`): each nibble is dequantized where it lies
+  in its word (an or per 16-bit half, then one and per nibble: no shifts, no byte unpacking, no
+  interleave) and the 8 planes are joined back into K order so that a thread holds 8 consecutive k,
+  which is the MMA operand's own layout: the unpacked tile never passes through shared memory.
 - fp8 "lag" tiles (`_mm8_kernel` LAG): the promoted partial of each K step is added one step late,
   so the adds run beside the next step's MMAs instead of between them.
 - "tma" tiles (`_mm8_tma_kernel`, Hopper): the 8-bit operands are read through tensor descriptors,
@@ -524,22 +528,24 @@ def _wonly_fused_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
         _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 
-def _word_plane(word, I: tl.constexpr, zb, s, FORMAT: tl.constexpr, DT: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """Nibble I of every int32 word (k = 8 * word + I), dequantized and rounded once to DT.
+def _word_plane(
+    word, J: tl.constexpr, zb, s, FORMAT: tl.constexpr, DT: tl.constexpr, EMULATE_RNE: tl.constexpr
+):
+    """Nibble J of every int32 word (k = 8 * word + J), dequantized and rounded once to DT.
     int4: the word's 16-bit half holding the nibble is or-ed with fp32's 2**23 exponent bits (once
     per half, shared by its four nibbles), and one and per nibble keeps those bits and the nibble
-    where it lies: 2**23 + q * 16**(I % 4), with no shift and no second constant per nibble (which
+    where it lies: 2**23 + q * 16**(J % 4), with no shift and no second constant per nibble (which
     ptxas would spend an instruction materializing). `zb` and `s` are that position's
-    2**23 + z * 16**(I % 4) and s * 16**-(I % 4) (_word_scales): the difference (q - z) * 16**(I % 4)
+    2**23 + z * 16**(J % 4) and s * 16**-(J % 4) (_word_scales): the difference (q - z) * 16**(J % 4)
     is exact, and the product the reference's (q - z) * s, bit for bit."""
     if FORMAT == 0:
-        t = (word >> (16 * (I // 4))) | 0x4B000000
-        v = t & (0x4B000000 | (15 << (4 * (I % 4))))
+        t = (word >> (16 * (J // 4))) | 0x4B000000
+        v = t & (0x4B000000 | (15 << (4 * (J % 4))))
         w = (v.to(tl.float32, bitcast=True) - zb) * s
     elif E2M1_F16:
-        w = (_e2m1_to_f32_h((word >> (4 * I)) & 15) * 16384.0) * s
+        w = (_e2m1_to_f32_h((word >> (4 * J)) & 15) * 16384.0) * s
     else:
-        w = _e2m1_to_f32((word >> (4 * I)) & 15) * s
+        w = _e2m1_to_f32((word >> (4 * J)) & 15) * s
     return _to_operand(w, DT, EMULATE_RNE)
 
 
@@ -547,7 +553,9 @@ def _word_scales(s_ptr, z_ptr, rn, k0, ssn, ssg, szn, szg, FORMAT: tl.constexpr,
                  BLOCK_K: tl.constexpr):  # fmt: skip
     """One K step's scales for `_word_plane`, broadcastable to the [BN, BK/8] words: int4 (the tile
     inside one group) per row, as (2**23 + z * 16**p, s * 16**-p) for the nibble positions p = 0..3;
-    mxfp4 (whole groups per tile) per row and word, the same value for all four."""
+    mxfp4 (whole groups per tile) per row and word, the same value for all four. s * 16**-p is exact
+    for every scale from 2**-114 up (quantize_weight floors its scales at 1e-12 / 15); a smaller one
+    falls into fp32's subnormals there, and its weights (below 1e-33) may round one step apart."""
     if FORMAT == 0:
         g = k0 // GROUP
         s = tl.load(s_ptr + rn * ssn + g * ssg).to(tl.float32)[:, None]

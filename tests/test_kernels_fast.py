@@ -508,6 +508,35 @@ def test_words_path_runs_where_words_fit_and_falls_back_where_not(force, monkeyp
         assert rel(got, x.double() @ F.dequantize(qw).double().T) < 1e-6, (Kd, bk)
 
 
+def test_words_configs_are_timed_only_where_they_run(monkeypatch) -> None:
+    """The tuner's 4-bit list on Hopper keeps the "words" configs whose K tile the words fit
+    (int4-g128: 64 and 128, mxfp4: whole 32-groups) and drops them where they would run as "fused"
+    (K = 204: no int32 word view), so no config is timed twice under two names."""
+    from server_shim.quant import _fastpath
+
+    listed: dict[tuple, list[tuning.Cfg]] = {}
+
+    def pick(key, candidates, run, *, tune):  # record the list; run its default on the interpreter
+        cs = candidates()
+        listed[key_of] = cs
+        return cs[0]
+
+    monkeypatch.setattr(tuning.TUNER, "pick", pick)
+    monkeypatch.setattr(_fastpath, "family", lambda k, device: "hopper")
+    g = torch.Generator().manual_seed(52)
+    for scheme in ("int4-g128", "mxfp4"):
+        for Kd in (256, 204):
+            key_of = (scheme, Kd)
+            qw = F.quantize_weight(torch.randn(24, Kd, generator=g) * 0.02, scheme)
+            quant_matmul(torch.randn(2, Kd, generator=g), qw, None, "triton", FaultSet())
+    words = {k: [c for c in cs if c.path in ("words", "wordsk")] for k, cs in listed.items()}
+    assert words[("int4-g128", 204)] == [] and words[("mxfp4", 204)] == []
+    assert words[("int4-g128", 256)] and all(c.bk in (64, 128) for c in words[("int4-g128", 256)])
+    assert any(c.bk == 256 for c in words[("mxfp4", 256)])  # whole groups: wider tiles too
+    hopper = [c for c in tuning.candidates("hopper", "wonly", 16, 24, 256) if c.path in ("words", "wordsk")]
+    assert len(words[("mxfp4", 256)]) == len(hopper) > len(words[("int4-g128", 256)])
+
+
 @pytest.mark.parametrize(
     ("amode", "out_dtype"), [("row", torch.float32), ("block", torch.bfloat16), ("tensor", torch.float16)]
 )

@@ -247,14 +247,7 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
     BLOCK_K, and of GROUP in block mode); with SPLIT_OUT it writes its unscaled (tensor/row) or
     block-scaled partial to ws for `_splitk_reduce_kernel`, else it finishes the tile itself.
     """
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = offs_m % M  # wrapped rows/cols keep every load in bounds; the stores are masked
-    rn = offs_n % N
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
+    pid_n, pid_k, offs_m, offs_n, rm, rn, k_lo, k_hi = _split_tile(M, N, K, K_PER, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * sam + (k_lo + offs_k)[None, :] * sak
     b_ptrs = b_ptr + rn[:, None] * sbn + (k_lo + offs_k)[None, :] * sbk  # [BLOCK_N, BLOCK_K], K contiguous
@@ -416,6 +409,42 @@ def _splitk_reduce_kernel(ws_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, SPLIT, 
     _epilogue(out, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 
+def _split_tile(M, N, K, K_PER, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile and K range (program_id(1) is the split): its column-tile index and
+    split, its rows and columns, those wrapped into range (every load stays in bounds; the stores
+    are masked), and [k_lo, k_hi)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = pid_k * K_PER
+    return pid_n, pid_k, offs_m, offs_n, offs_m % M, offs_n % N, k_lo, tl.minimum(k_lo + K_PER, K)
+
+
+def _w16_dot(x, w, acc, DOT_IEEE: tl.constexpr):
+    """acc + x [BM, BK] @ w [BN, BK]^T, w already in x's dtype; DOT_IEEE: in fp32 (fp32 x, or bf16 x
+    in the interpreter, whose bf16 tl.dot is broken)."""
+    if DOT_IEEE:
+        acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+def _wonly_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn,
+                  HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, SPLIT_FIN: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):  # fmt: skip
+    """A 4-bit tile's end: its splits reduce themselves (SPLIT_FIN, `_split_finish`), or it leaves its
+    partial for the reduction kernel (SPLIT_OUT), or it is the whole sum (bias, cast, store)."""
+    if SPLIT_FIN:
+        _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
+                      BLOCK_M, BLOCK_N)  # fmt: skip
+    elif SPLIT_OUT:
+        _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
+    else:
+        _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+
+
 def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                   sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg, cnt_ptr, SPLIT,
                   FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
@@ -429,15 +458,8 @@ def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
     (`_wonly_fused_kernel` is the one-dot form). Split-K as in `_mm8_kernel` (K_PER a multiple of
     BLOCK_K and of GROUP when GROUP >= BLOCK_K).
     """
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = offs_m % M
-    rn = offs_n % N
+    pid_n, pid_k, offs_m, offs_n, rm, rn, k_lo, k_hi = _split_tile(M, N, K, K_PER, BLOCK_M, BLOCK_N, GROUP_M)
     offs_j = tl.arange(0, BLOCK_K // 2)
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_ptrs = x_ptr + rm[:, None] * sxm + (k_lo + 2 * offs_j)[None, :] * sxk
     w_ptrs = w_ptr + rn[:, None] * swn + (k_lo // 2 + offs_j)[None, :] * swk
@@ -466,13 +488,8 @@ def _wonly_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
             acc = tl.dot(xo, tl.trans(wo), acc)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += (BLOCK_K // 2) * swk
-    if SPLIT_FIN:  # the splits reduce themselves (`_split_finish`; "tilek" configs)
-        _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
-                      BLOCK_M, BLOCK_N)  # fmt: skip
-    elif SPLIT_OUT:
-        _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
-    else:
-        _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+    _wonly_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
+                  SPLIT_OUT, SPLIT_FIN, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 def _wonly_fused_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
@@ -486,16 +503,9 @@ def _wonly_fused_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
     and pipelined, one dot of depth BLOCK_K instead of two strided half-depth ones).
     SPLIT_FIN (with SPLIT_OUT; "fusedk" configs): the splits reduce themselves (`_split_finish`,
     SPLIT splits, one int32 counter per output tile at cnt_ptr) instead of a second kernel."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = offs_m % M
-    rn = offs_n % N
+    pid_n, pid_k, offs_m, offs_n, rm, rn, k_lo, k_hi = _split_tile(M, N, K, K_PER, BLOCK_M, BLOCK_N, GROUP_M)
     offs_j = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_ptrs = x_ptr + rm[:, None] * sxm + (k_lo + offs_k)[None, :] * sxk
     w_ptrs = w_ptr + rn[:, None] * swn + (k_lo // 2 + offs_j)[None, :] * swk
@@ -513,19 +523,11 @@ def _wonly_fused_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
             we = tl.where((ke < K)[None, :], we, 0.0)
             wo = tl.where((ke + 1 < K)[None, :], wo, 0.0)
         w = tl.interleave(_to_operand(we, x.dtype, EMULATE_RNE), _to_operand(wo, x.dtype, EMULATE_RNE))
-        if DOT_IEEE:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
+        acc = _w16_dot(x, w, acc, DOT_IEEE)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += (BLOCK_K // 2) * swk
-    if SPLIT_FIN:
-        _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
-                      BLOCK_M, BLOCK_N)  # fmt: skip
-    elif SPLIT_OUT:
-        _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
-    else:
-        _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+    _wonly_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
+                  SPLIT_OUT, SPLIT_FIN, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 def _word_plane(
@@ -581,16 +583,9 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
     words: the 8 nibble planes are dequantized where they lie (`_word_plane`) and joined back into
     K order, 8 consecutive k per thread, which is how the MMA's operand holds them. int4 tiles lie
     inside one group (GROUP % BLOCK_K == 0), mxfp4 tiles span whole groups."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = offs_m % M
-    rn = offs_n % N
+    pid_n, pid_k, offs_m, offs_n, rm, rn, k_lo, k_hi = _split_tile(M, N, K, K_PER, BLOCK_M, BLOCK_N, GROUP_M)
     offs_j = tl.arange(0, BLOCK_K // 8)
     offs_k = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_ptrs = x_ptr + rm[:, None] * sxm + (k_lo + offs_k)[None, :] * sxk
@@ -615,19 +610,11 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
         # [BN, BK/8, 2, 2, 2] indexed (j, c, b, a) holds plane 4c + 2b + a: k = 8j + 4c + 2b + a
         w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-        if DOT_IEEE:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
+        acc = _w16_dot(x, w, acc, DOT_IEEE)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += (BLOCK_K // 8) * swk
-    if SPLIT_FIN:
-        _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
-                      BLOCK_M, BLOCK_N)  # fmt: skip
-    elif SPLIT_OUT:
-        _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
-    else:
-        _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
+    _wonly_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
+                  SPLIT_OUT, SPLIT_FIN, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 def _wonly_dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, swk, ssn, ssg, szn, szg, son, sok,
@@ -1144,7 +1131,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 HELPERS = ("_scale_out", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
-           "_gemv4x_planes", "_gemv4x_term", "_word_plane", "_word_scales")  # fmt: skip
+           "_gemv4x_planes", "_gemv4x_term", "_word_plane", "_word_scales", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

@@ -40,6 +40,7 @@ FUSED = tuning.Cfg("fused", 16, 32, 64, 4, 1, 2)
 # the same on whole int32 words (nibble planes dequantized in place); its self-reducing splits
 WORDS = tuning.Cfg("words", 16, 32, 64, 4, 1, 2)
 WORDSK = tuning.Cfg("wordsk", 16, 32, 64, 4, 1, 3)
+WORDS32 = tuning.Cfg("wordsk", 32, 32, 128, 4, 1, 2)  # the mid-M tile: 32 rows, a whole int4 group per step
 # the group-shaped 4-bit GEMV (split-K; bk below a group is rounded up to it) and dequantize + torch.mm
 GEMVG = tuning.Cfg("gemvg", 1, 16, 64, 4, 1, 2)
 GEMVW = tuning.Cfg("gemvw", 1, 16, 256, 4, 1, 2)
@@ -55,7 +56,8 @@ TMAP = tuning.Cfg("tmap", 16, 32, 128, 4, 1)  # the same, persistent (2 programs
 PATH_IDS = {TILE: "tile", SPLIT: "split3", GEMV: "gemv-split2", DEQ: "deq", DOTLESS: "dotless",
             DOTLESS4: "dotless4", FUSED: "fused", GEMVG: "gemvg", GEMVW: "gemvw", GEMVX: "gemvx",
             GEMVR: "gemvr-split2", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag",
-            TMA: "tma", TMAP: "tmap", WORDS: "words-split2", WORDSK: "wordsk-split3"}  # fmt: skip
+            TMA: "tma", TMAP: "tmap", WORDS: "words-split2", WORDSK: "wordsk-split3",
+            WORDS32: "wordsk-32rows"}  # fmt: skip
 
 
 def paths(*cfgs: tuning.Cfg) -> list:
@@ -196,6 +198,7 @@ FOUR_BIT_PATHS = [
     FUSED,
     WORDS,
     WORDSK,
+    WORDS32,
     GEMVG,
     GEMVW,
     GEMVX,

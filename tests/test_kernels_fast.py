@@ -511,6 +511,30 @@ def test_words_path_runs_where_words_fit_and_falls_back_where_not(force, monkeyp
         assert rel(got, x.double() @ F.dequantize(qw).double().T) < 1e-6, (Kd, bk)
 
 
+@pytest.mark.parametrize("cfg", paths(WORDS, WORDS32, FUSED))
+def test_ragged_mxfp4_tile_reads_no_scale_past_k(force, cfg: tuning.Cfg) -> None:
+    """K = 200 with 32-groups: the last K tile covers groups past the 7th that do not exist. The
+    scales are a view whose next column (in memory, the next row's first group's neighbour) holds
+    e8m0 255, a NaN scale: read by mistake, it would turn the masked zeros into NaN."""
+    force(cfg)
+    g = torch.Generator().manual_seed(53)
+    N, Kd, G = 24, 200, 7
+    codes = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    buf = torch.full((N, G + 2), 255, dtype=torch.uint8)
+    buf[:, :G] = torch.randint(120, 134, (N, G), dtype=torch.uint8, generator=g)
+    scales = buf[:, :G]
+    x = torch.randn(3, Kd, generator=g)
+    out = K.mxfp4_gemm(x, packed, scales, out_dtype=torch.float32)
+    w = (
+        E2M1[(codes & 7).long()]
+        * (1 - 2 * (codes >> 3).double())
+        * torch.exp2(scales.double().repeat_interleave(32, dim=1)[:, :Kd] - 127)
+    )
+    assert torch.isfinite(out).all()
+    assert rel(out, x.double() @ w.T) < 1e-6
+
+
 def test_words_configs_are_timed_only_where_they_run(monkeypatch) -> None:
     """The tuner's 4-bit list on Hopper keeps the "words" configs whose K tile the words fit
     (int4-g128: 64 and 128, mxfp4: whole 32-groups) and drops them where they would run as "fused"

@@ -344,9 +344,8 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
         return out
 
-    words_ok = _words(w, K, group) is not None
-
     def cands() -> list[tuning.Cfg]:  # "words" tiles that would run as "fused" are not timed twice
+        words_ok = _words(w, K, group) is not None
         fits = lambda c: c.path not in ("words", "wordsk") or (words_ok and words_tile(c, fmt, group))  # noqa: E731
         return [c for c in tuning.candidates(fam, "wonly", M, N, K) if fits(c)]
 

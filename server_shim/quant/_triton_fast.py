@@ -30,7 +30,7 @@ What makes them faster than the legacy bodies (numbers: bench/gemm.py on an H200
   whole words' 8 k (16-byte loads, prefetched) and splits the nibble planes in registers;
   `_gemv4r_kernel` takes one weight row per program so that the words and x's planes share one
   register layout (no shared memory at all).
-- 4-bit at M <= 16 on int32 words (`_wonly_words_kernel`): each nibble is dequantized where it lies
+- 4-bit at 1 < M <= 256 on int32 words (`_wonly_words_kernel`): each nibble is dequantized where it lies
   in its word (an or per 16-bit half, then one and per nibble: no shifts, no byte unpacking, no
   interleave) and the 8 planes are joined back into K order so that a thread holds 8 consecutive k,
   which is the MMA operand's own layout: the unpacked tile never passes through shared memory.
@@ -551,7 +551,7 @@ def _word_plane(
     return _to_operand(w, DT, EMULATE_RNE)
 
 
-def _word_scales(s_ptr, z_ptr, rn, k0, ssn, ssg, szn, szg, FORMAT: tl.constexpr, GROUP: tl.constexpr,
+def _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT: tl.constexpr, GROUP: tl.constexpr,
                  BLOCK_K: tl.constexpr):  # fmt: skip
     """One K step's scales for `_word_plane`, broadcastable to the [BN, BK/8] words: int4 (the tile
     inside one group) per row, as (2**23 + z * 16**p, s * 16**-p) for the nibble positions p = 0..3;
@@ -565,7 +565,8 @@ def _word_scales(s_ptr, z_ptr, rn, k0, ssn, ssg, szn, szg, FORMAT: tl.constexpr,
         out = (z + 8388608.0, s, z * 16.0 + 8388608.0, s * 0.0625, z * 256.0 + 8388608.0, s * 0.00390625,
                z * 4096.0 + 8388608.0, s * 0.000244140625)  # fmt: skip
     else:
-        gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        # the last tile's groups past K (its words there are 0 and meet x's zeros) read the last one
+        gi = tl.minimum(k0 // GROUP + tl.arange(0, BLOCK_K // GROUP), (K - 1) // GROUP)
         sc = _e8m0_to_f32(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg))  # [BN, groups]
         sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (sc.shape[0], BLOCK_K // GROUP, GROUP // 8)),
                         (sc.shape[0], BLOCK_K // 8))  # fmt: skip
@@ -597,7 +598,7 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
         else:  # past K: x is 0, so the words there (0, dequantized to -z * s) add nothing
             x = tl.load(x_ptrs, mask=((k0 + offs_k) < K)[None, :], other=0.0)
             word = tl.load(w_ptrs, mask=((k0 + 8 * offs_j) < K)[None, :], other=0)
-        z0, s0, z1, s1, z2, s2, z3, s3 = _word_scales(s_ptr, z_ptr, rn, tl.minimum(k0, K - 1), ssn, ssg, szn, szg,
+        z0, s0, z1, s1, z2, s2, z3, s3 = _word_scales(s_ptr, z_ptr, rn, tl.minimum(k0, K - 1), K, ssn, ssg, szn, szg,
                                                       FORMAT, GROUP, BLOCK_K)  # fmt: skip
         p0 = _word_plane(word, 0, z0, s0, FORMAT, DT, EMULATE_RNE)
         p1 = _word_plane(word, 1, z1, s1, FORMAT, DT, EMULATE_RNE)

@@ -552,7 +552,7 @@ def _word_plane(
 
 
 def _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT: tl.constexpr, GROUP: tl.constexpr,
-                 BLOCK_K: tl.constexpr):  # fmt: skip
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
     """One K step's scales for `_word_plane`, broadcastable to the [BN, BK/8] words: int4 (the tile
     inside one group) per row, as (2**23 + z * 16**p, s * 16**-p) for the nibble positions p = 0..3;
     mxfp4 (whole groups per tile) per row and word, the same value for all four. s * 16**-p is exact
@@ -565,8 +565,9 @@ def _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT: tl.constex
         out = (z + 8388608.0, s, z * 16.0 + 8388608.0, s * 0.0625, z * 256.0 + 8388608.0, s * 0.00390625,
                z * 4096.0 + 8388608.0, s * 0.000244140625)  # fmt: skip
     else:
-        # the last tile's groups past K (its words there are 0 and meet x's zeros) read the last one
-        gi = tl.minimum(k0 // GROUP + tl.arange(0, BLOCK_K // GROUP), (K - 1) // GROUP)
+        gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        if not EVEN_K:  # the last tile's groups past K (words 0 there, meeting x's zeros) read the last one
+            gi = tl.minimum(gi, (K - 1) // GROUP)
         sc = _e8m0_to_f32(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg))  # [BN, groups]
         sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (sc.shape[0], BLOCK_K // GROUP, GROUP // 8)),
                         (sc.shape[0], BLOCK_K // 8))  # fmt: skip
@@ -598,8 +599,8 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
         else:  # past K: x is 0, so the words there (0, dequantized to -z * s) add nothing
             x = tl.load(x_ptrs, mask=((k0 + offs_k) < K)[None, :], other=0.0)
             word = tl.load(w_ptrs, mask=((k0 + 8 * offs_j) < K)[None, :], other=0)
-        z0, s0, z1, s1, z2, s2, z3, s3 = _word_scales(s_ptr, z_ptr, rn, tl.minimum(k0, K - 1), K, ssn, ssg, szn, szg,
-                                                      FORMAT, GROUP, BLOCK_K)  # fmt: skip
+        z0, s0, z1, s1, z2, s2, z3, s3 = _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT, GROUP,
+                                                      BLOCK_K, EVEN_K)  # fmt: skip
         p0 = _word_plane(word, 0, z0, s0, FORMAT, DT, EMULATE_RNE)
         p1 = _word_plane(word, 1, z1, s1, FORMAT, DT, EMULATE_RNE)
         p2 = _word_plane(word, 2, z2, s2, FORMAT, DT, EMULATE_RNE)

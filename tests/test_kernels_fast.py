@@ -535,6 +535,19 @@ def test_ragged_mxfp4_tile_reads_no_scale_past_k(force, cfg: tuning.Cfg) -> None
     assert rel(out, x.double() @ w.T) < 1e-6
 
 
+def test_a_config_of_unknown_path_or_shape_is_refused() -> None:
+    """The dispatch runs any path it does not name as its default kernel: a config must not carry one."""
+    assert tuning.Cfg.parse("wordsk:16x64x128:w4:s4:k4:g16") == tuning.Cfg("wordsk", 16, 64, 128, 4, 4, 4, 16)
+    with pytest.raises(ValueError, match="unknown triton config path 'word'"):
+        tuning.Cfg.parse("word:16x64x128:w4:s4:k4")
+    with pytest.raises(ValueError, match="not a triton config name"):
+        tuning.Cfg.parse("wordsk:16x64x128")
+    every = {
+        c.path for t in tuning.TABLES.values() for kind in t.values() for cs in kind.values() for c in cs
+    }
+    assert every <= tuning.PATHS and {c.path for cs in tuning._GEMV.values() for c in cs} <= tuning.PATHS
+
+
 def test_words_configs_are_timed_only_where_they_run(monkeypatch) -> None:
     """The tuner's 4-bit list on Hopper keeps the "words" configs whose K tile the words fit
     (int4-g128: 64 and 128, mxfp4: whole 32-groups) and drops them where they would run as "fused"

@@ -80,6 +80,11 @@ class Cfg:
     split: int = 1
     group_m: int = 8  # tile-order swizzle of the dot kernels (programs per column group)
 
+    def __post_init__(self) -> None:
+        # the dispatch would run an unknown path as its default kernel: a pinned or typed name must not
+        if self.path not in PATHS:
+            raise ValueError(f"unknown triton config path {self.path!r} (known: {' '.join(sorted(PATHS))})")
+
     @property
     def name(self) -> str:
         g = f":g{self.group_m}" if self.group_m != 8 else ""
@@ -87,10 +92,17 @@ class Cfg:
 
     @classmethod
     def parse(cls, name: str) -> Cfg:
-        path, tiles, w, s, k, *g = name.split(":")
+        """A config from its name (`Cfg.name`); ValueError for anything else."""
+        try:
+            path, tiles, w, s, k, *g = name.split(":")
+        except ValueError:
+            raise ValueError(f"not a triton config name: {name!r} (path:BMxBNxBK:wW:sS:kK[:gG])") from None
         bm, bn, bk = (int(v) for v in tiles.split("x"))
         return cls(path, bm, bn, bk, int(w[1:]), int(s[1:]), int(k[1:]), int(g[0][1:]) if g else 8)
 
+
+PATHS = frozenset(("tile", "tilek", "lag", "tma", "tmap", "deq", "deqb", "fused", "fusedk", "words", "wordsk",
+                   "gemv", "gemvg", "gemvw", "gemvx", "gemvr"))  # fmt: skip
 
 M_BUCKETS = (1, 16, 64, 256, 1024)  # then 4096: every larger M
 

@@ -1,0 +1,165 @@
+"""Every 4-bit GEMM config pinned, checked against float64, timed: where the tuner's choice comes from.
+
+    python bench/wonly_sweep.py [--m 16 32 64] [--n 4096] [--k 4096] [--paths words wordsk fused]
+    python bench/wonly_sweep.py --m 16 --configs wordsk:16x64x128:w4:s4:k4 --ncu   # one launch per config
+    python bench/wonly_sweep.py --device cpu          # the checks at small sizes, Triton interpreter
+
+For each M and scheme (int4-g128, mxfp4; bf16 activations) the candidates quant/tuning.py lists for
+this GPU's family (or --configs) run pinned through the shim's own dispatch (`tuning.FORCE`), each
+compared with the float64 product of the golden dequantization first: a config over tolerance is a
+FAIL row and exit status 1. Then medians of CUDA-graph replays, fastest first, beside torch bf16 and
+a floor: reading the packed weight once with as many programs as it takes (HBM alone, no math).
+`bench/gemm.py` times only the tuner's winner per shape; this shows the whole field, which is what
+README's GEMM section quotes for the 4-bit tiles. --ncu runs each config a few times untimed, for
+`ncu -k regex:wonly python bench/wonly_sweep.py --ncu ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SCHEMES = ("int4-g128", "mxfp4")
+TOL = 4e-3  # bf16 output: one rounding (~1e-3 norm-wise) plus fp32 accumulation order
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--m", type=int, nargs="+", default=[16], help="M values (default 16)")
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
+    p.add_argument(
+        "--paths", nargs="+", default=None, help="only the candidates of these paths (words fused ...)"
+    )
+    p.add_argument(
+        "--configs", nargs="+", default=None, help="these config names instead of the tuner's list"
+    )
+    p.add_argument("--ncu", action="store_true", help="no timing: each config a few launches, for a profiler")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: check the configs at 8 x 64 x 256 under the Triton interpreter, no timing")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def _time_us(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=60, quantiles=[0.5])) * 1000.0
+
+
+def _floor_us(packed: torch.Tensor) -> float:
+    """Reading the packed weight once (int32 words summed per program): HBM's share of any 4-bit GEMM."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _read(p, o, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for i in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+            acc += tl.load(p + i + tl.arange(0, BLOCK), mask=i + tl.arange(0, BLOCK) < n, other=0)
+        tl.store(o + pid, tl.sum(acc))
+
+    words = packed.reshape(-1).view(torch.int32)
+    sink = torch.empty(1024, dtype=torch.int32, device=packed.device)
+    return min(
+        _time_us(lambda p=p: _read[(p,)](words, sink, words.numel(), BLOCK=1024)) for p in (264, 528, 1024)
+    )
+
+
+def sweep(
+    M: int, N: int, Kd: int, scheme: str, names: list[str], dev: torch.device, timed: bool
+) -> list[dict]:
+    """One row per config: its error against float64 and, when timed, its median µs."""
+    from server_shim.quant import formats as F
+    from server_shim.quant import kernels as K
+    from server_shim.quant import tuning
+
+    g = torch.Generator(device=dev).manual_seed(M * 7 + N * 3 + Kd)
+    x = torch.randn(M, Kd, device=dev, generator=g).to(torch.bfloat16)
+    qw = F.quantize_weight(torch.randn(N, Kd, device=dev, generator=g) * 0.02, scheme)
+    ref = x.double() @ F.dequantize(qw).to(torch.bfloat16).double().T
+    if scheme == "int4-g128":
+        fn = lambda: K.int4_gemm(x, qw.data, qw.scales, qw.zeros, out_dtype=torch.bfloat16)  # noqa: E731
+    else:
+        fn = lambda: K.mxfp4_gemm(x, qw.data, qw.scales, out_dtype=torch.bfloat16)  # noqa: E731
+    rows = []
+    try:
+        for name in names:
+            tuning.FORCE = tuning.Cfg.parse(name)
+            err = float((fn().double() - ref).norm() / ref.norm())
+            row = {"scheme": scheme, "M": M, "config": name, "err": err, "ok": err < TOL, "us": None}
+            if timed and row["ok"]:
+                row["us"] = _time_us(fn)
+            elif dev.type == "cuda":  # --ncu: a few plain launches for the profiler to catch
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+            rows.append(row)
+    finally:
+        tuning.FORCE = None
+    return rows
+
+
+def _names(args: argparse.Namespace, family: str, M: int, N: int, Kd: int) -> list[str]:
+    from server_shim.quant import tuning
+
+    if args.configs:
+        return [tuning.Cfg.parse(name).name for name in args.configs]  # ValueError: not a config
+    cands = tuning.candidates(family, "wonly", M, N, Kd)
+    return [c.name for c in cands if args.paths is None or c.path in args.paths]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first built
+        dev, family, shapes = torch.device("cpu"), "hopper", [(8, 64, 256)]
+    elif not torch.cuda.is_available():
+        print(
+            "bench/wonly_sweep.py needs a CUDA or ROCm GPU (or --device cpu); none is visible.",
+            file=sys.stderr,
+        )
+        return 0
+    else:
+        from server_shim.quant import arch
+
+        dev = torch.device("cuda")
+        family, shapes = arch.gemm_family(dev), [(m, args.n, args.k) for m in args.m]
+    os.environ.setdefault("DIFFTEST_TRITON_TUNE_CACHE", "0")
+    timed = dev.type == "cuda" and not args.ncu
+    try:
+        names = {shape: _names(args, family, *shape) for shape in shapes}
+    except ValueError as e:
+        print(f"wonly_sweep: {e}", file=sys.stderr)
+        return 2
+    fails = 0
+    for M, N, Kd in shapes:
+        if timed:
+            g = torch.Generator(device=dev).manual_seed(0)
+            a = torch.randn(M, Kd, device=dev, generator=g).to(torch.bfloat16)
+            b = torch.randn(N, Kd, device=dev, generator=g).to(torch.bfloat16)
+            packed = torch.randint(0, 255, (N, Kd // 2), device=dev, dtype=torch.uint8, generator=g)
+            print(f"{M}x{N}x{Kd}: torch bf16 {_time_us(lambda a=a, b=b: a @ b.T):.2f} us, "
+                  f"read of the packed weight {_floor_us(packed):.2f} us", flush=True)  # fmt: skip
+        for scheme in args.schemes:
+            rows = sweep(M, N, Kd, scheme, names[(M, N, Kd)], dev, timed)
+            rows.sort(key=lambda r: (not r["ok"], r["us"] if r["us"] is not None else 0.0))
+            for r in rows:
+                us = f"{r['us']:8.2f} us" if r["us"] is not None else "       -   "
+                print(f"{'ok  ' if r['ok'] else 'FAIL'} {scheme:10} M={M:<5} {r['config']:34} {us}  "
+                      f"rel err {r['err']:.1e}", flush=True)  # fmt: skip
+                fails += not r["ok"]
+    print("all checks passed" if not fails else f"{fails} configs FAILED their float64 check")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -91,6 +91,17 @@ def _fast(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     return run
 
 
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median ms of CUDA-graph replays: a launch's Python cost (validation, dispatch, argument
+    binding: tens of us) is not the kernel's, and at small shapes it would swamp it."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=40, quantiles=[0.5])
+    except Exception:  # a callable that cannot be captured
+        return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=[0.5])
+
+
 def tol(name: str) -> float:
     """bf16 outputs: one rounding (2**-9 relative, ~1e-3 norm-wise) plus fp32 accumulation noise;
     fast accumulation adds Hopper's ~14-bit fp8 accumulator over the whole K."""

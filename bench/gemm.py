@@ -30,7 +30,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -234,17 +233,6 @@ def _exact_gemms(run: Run, dev: torch.device, M: int, big: int, cfg: str, fnuz: 
 
 
 # ----------------------------------------------------------------------------- 3. timing
-def _time(fn: Callable[[], object]) -> float:
-    """Median ms of CUDA-graph replays: a launch's Python cost (validation, dispatch, argument
-    binding: tens of us) is not the kernel's, and at small shapes it would swamp it."""
-    import triton.testing
-
-    try:
-        return triton.testing.do_bench_cudagraph(fn, rep=40, quantiles=[0.5])
-    except Exception:  # a callable that cannot be captured
-        return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=[0.5])
-
-
 def bench(run: Run, shapes: list[tuple[int, int, int]], dev: torch.device, args: argparse.Namespace) -> None:
     for M, N, Kd in shapes:
         if run.elapsed() > args.budget * 0.85:
@@ -265,7 +253,7 @@ def bench(run: Run, shapes: list[tuple[int, int, int]], dev: torch.device, args:
                 refname = name.replace("legacy ", "triton ")
                 run.check(f"{name} {M}x{N}x{Kd} (as timed)", C.rel_err(got, c.reference(refname)), C.tol(refname),
                           vendor=not name.startswith(("triton", "legacy")))  # fmt: skip
-                ms = _time(fn)
+                ms = C.time_ms(fn)
             except Exception as e:  # record and go on (_scaled_mm has shape limits: not our failure)
                 ours = name.startswith(("triton", "legacy"))
                 print(f"{'FAIL' if ours else 'skip'}  {name} {M}x{N}x{Kd}: {type(e).__name__}: {str(e)[:160]}",
@@ -276,7 +264,7 @@ def bench(run: Run, shapes: list[tuple[int, int, int]], dev: torch.device, args:
             row["ms"][name] = ms
             row["tflops"][name] = 2 * M * N * Kd / ms / 1e9
         for name, grp in (("quant per-token", None), ("quant 1x128", 128)):
-            row["ms"][name] = _time(lambda grp=grp, x=c.x: K.quantize_act_fp8(x, group=grp, fp8_dtype=FN))
+            row["ms"][name] = C.time_ms(lambda grp=grp, x=c.x: K.quantize_act_fp8(x, group=grp, fp8_dtype=FN))
         print(f"{M}x{N}x{Kd}: " + ", ".join(f"{k} {v:.1f}" for k, v in row["tflops"].items()), flush=True)
         run.data["rows"].append(row)
         run.save()

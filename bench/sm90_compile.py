@@ -99,7 +99,7 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         return None, {}  # a tile the words do not fit: _fastpath runs it as "fused" (compiled there)
     return _fastpath.wonly_tile_kernel(k, cfg.path), dict(
         common, DOT_IEEE=False, EMULATE_RNE=False, SPLIT_OUT=split, BLOCK_M=cfg.bm, GROUP_M=cfg.group_m,
-        SPLIT_FIN=split and cfg.path in ("fusedk", "wordsk", "tilek"),
+        SPLIT_FIN=split and cfg.path in _fastpath.SELF_REDUCING,
     )  # fmt: skip
 
 

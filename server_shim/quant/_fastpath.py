@@ -236,6 +236,10 @@ def _words(w: torch.Tensor, K: int, group: int) -> torch.Tensor | None:
         return None
 
 
+# the 4-bit tile paths whose K splits sum themselves (_split_finish)
+SELF_REDUCING = ("fusedk", "wordsk", "tilek")
+
+
 def wonly_tile_kernel(k: SimpleNamespace, path: str) -> Any:
     """The 4-bit tl.dot kernel a "tile" / "tilek" / "fused" / "fusedk" / "words" / "wordsk" config launches."""
     if path in ("fused", "fusedk"):
@@ -328,9 +332,8 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             return out
         kern = wonly_tile_kernel(k, cfg.path)
         tiles = _cdiv(M, cfg.bm) * _cdiv(N, cfg.bn)
-        # "fusedk" / "wordsk" / "tilek": the splits reduce themselves on per-tile counters (no second kernel)
-        self_reducing = cfg.path in ("fusedk", "wordsk", "tilek")
-        counters = _counters(out.device, tiles) if splits > 1 and self_reducing else None
+        # the splits reduce themselves on per-tile counters (no second kernel)
+        counters = _counters(out.device, tiles) if splits > 1 and cfg.path in SELF_REDUCING else None
         kern[(tiles, splits)](
             x, wk, out, ws, scales, zeros, bias_arg, M, N, K, kper,
             x.stride(0), x.stride(1), wk.stride(0), wk.stride(1), out.stride(0), out.stride(1), *sarg,

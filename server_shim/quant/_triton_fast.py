@@ -174,10 +174,11 @@ def _to_operand(x, DST: tl.constexpr, EMULATE_RNE: tl.constexpr):
     return x
 
 
-def _per_group(v, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BN, BLOCK_K/GROUP] per-group values -> [BN, BLOCK_K/2], one per byte (GROUP/2 bytes each)."""
-    v = tl.broadcast_to(v[:, :, None], (v.shape[0], BLOCK_K // GROUP, GROUP // 2))
-    return tl.reshape(v, (v.shape[0], BLOCK_K // 2))
+def _per_group(v, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, UNIT: tl.constexpr = 2):
+    """[BN, BLOCK_K/GROUP] per-group values -> [BN, BLOCK_K/UNIT], one per byte (UNIT 2: GROUP/2
+    bytes each) or per int32 word (UNIT 8: GROUP/8 words each)."""
+    v = tl.broadcast_to(v[:, :, None], (v.shape[0], BLOCK_K // GROUP, GROUP // UNIT))
+    return tl.reshape(v, (v.shape[0], BLOCK_K // UNIT))
 
 
 def _dequant_pair(byte, s_ptr, z_ptr, rn, ke, k0, ssn, ssg, szn, szg,
@@ -568,9 +569,9 @@ def _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT: tl.constex
         gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
         if not EVEN_K:  # the last tile's groups past K (words 0 there, meeting x's zeros) read the last one
             gi = tl.minimum(gi, (K - 1) // GROUP)
-        sc = _e8m0_to_f32(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg))  # [BN, groups]
-        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (sc.shape[0], BLOCK_K // GROUP, GROUP // 8)),
-                        (sc.shape[0], BLOCK_K // 8))  # fmt: skip
+        sc = _per_group(
+            _e8m0_to_f32(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg)), GROUP, BLOCK_K, 8
+        )
         out = (sc, sc, sc, sc, sc, sc, sc, sc)
     return out
 

@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _gemm_cases as C  # noqa: E402
 
+from server_shim.quant import tuning  # noqa: E402
+
 SCHEMES = ("int4-g128", "mxfp4")
 
 
@@ -39,9 +41,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
-    p.add_argument(
-        "--paths", nargs="+", default=None, help="only the candidates of these paths (words fused ...)"
-    )
+    p.add_argument("--paths", nargs="+", default=None, choices=sorted(tuning.PATHS),
+                   help="only the candidates of these paths (words fused ...)")  # fmt: skip
     p.add_argument(
         "--configs", nargs="+", default=None, help="these config names instead of the tuner's list"
     )
@@ -88,7 +89,6 @@ def sweep(
     """One row per config: its error against float64 and, when timed, its median µs."""
     from server_shim.quant import formats as F
     from server_shim.quant import kernels as K
-    from server_shim.quant import tuning
 
     g = torch.Generator(device=dev).manual_seed(M * 7 + N * 3 + Kd)
     x = torch.randn(M, Kd, device=dev, generator=g).to(torch.bfloat16)
@@ -124,8 +124,6 @@ def sweep(
 
 
 def _names(args: argparse.Namespace, family: str, M: int, N: int, Kd: int) -> list[str]:
-    from server_shim.quant import tuning
-
     if args.configs:
         return [tuning.Cfg.parse(name).name for name in args.configs]  # ValueError: not a config
     cands = tuning.candidates(family, "wonly", M, N, Kd)

@@ -38,3 +38,9 @@ def test_a_config_name_that_is_no_config_is_a_one_line_error() -> None:
     assert r.stderr.strip().splitlines() == ["wonly_sweep: unknown triton config path 'nosuchpath' (known: "
                                              + " ".join(sorted(tuning.PATHS)) + ")"]  # fmt: skip
     assert "ok " not in r.stdout
+
+
+def test_an_unknown_path_filter_is_refused_not_an_empty_sweep() -> None:
+    r = _sweep("--paths", "word")
+    assert r.returncode == 2 and "invalid choice: 'word'" in r.stderr
+    assert "all checks passed" not in r.stdout

@@ -13,6 +13,9 @@ unquantized model is the baseline. Before timing, each quantized engine's first 
 compared with the unquantized model's at batch 1 (reported: quantization may legitimately change a
 near-tie, but a kernel that returns garbage does not share a prefix). The engines are built
 directly, without `serve`'s kernel warm-up, so "first request" includes any tuning not stored yet.
+For each tuned Triton target the JSON lists the config every GEMM key ran ("triton_configs"), with
+the tuner's per-candidate timings where it timed them in this run: a slow target is traced to its
+choices from one run.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from serve import bench_engine, prompts, run_engine  # noqa: E402
 
 from server_shim.engine import Engine, SamplingParams  # noqa: E402
 from server_shim.models import load_model  # noqa: E402
-from server_shim.quant import kernels  # noqa: E402
+from server_shim.quant import kernels, tuning  # noqa: E402
 from server_shim.quant.linear import quantize_model  # noqa: E402
 
 
@@ -98,6 +101,7 @@ def measure(args: argparse.Namespace, scheme: str, backend: str, reference: list
     engine = Engine(
         loaded, max_batch_size=max(args.batches), cuda_graphs=None if args.device == "cuda" else False
     )
+    seen = set(tuning.TUNER.used)
     try:
         tok = loaded.tokenizer
         params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
@@ -111,6 +115,12 @@ def measure(args: argparse.Namespace, scheme: str, backend: str, reference: list
             r = bench_engine(engine, prompts(b), args.tokens, None)
             row[f"b{b}_tok_s"], row[f"b{b}_ms_step"] = r["tok_s"], r["ms_step"]
         row["graph_stats"] = graph_stats(engine)
+        if (
+            row["impl"] == "fast"
+        ):  # the config each of its GEMM keys ran, with the tuner's timings where it timed
+            used = {k: v for k, v in tuning.TUNER.used.items() if k not in seen}
+            row["triton_configs"] = {k: {"config": v, "tuned_us": tuning.CHOSEN.get(k, {}).get("us")}
+                                     for k, v in sorted(used.items())}  # fmt: skip
         if args.profile and args.device == "cuda":
             row["profile_b1"] = profile_steps(engine, 1, args.tokens)
     finally:

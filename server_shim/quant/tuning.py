@@ -245,6 +245,9 @@ class Tuner:
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self._disk: dict[str, str] | None = None  # the file's entries for this device, loaded once
+        # key -> the config its first call in this process ran (tuned, stored, default or pinned):
+        # what a benchmark reports beside its numbers, so a slow run can be traced to its choices
+        self.used: dict[str, str] = {}
 
     def reload_disk(self) -> None:
         """Read the stored choices again at the next miss (another process may have added some)."""
@@ -257,13 +260,21 @@ class Tuner:
             self._disk = {}
             self._cache.clear()
             self._parsed.clear()
+            self.used.clear()
             CHOSEN.clear()
 
     def pick(self, key: str, candidates: Callable[[], list[Cfg]], run: Callable[[Cfg], torch.Tensor], *,
              tune: bool) -> Cfg:  # fmt: skip
         """The config for `key`. `candidates()` lists them (called only on a cache miss: a hit costs
-        one dict lookup); `run(cfg)` launches the op with cfg and returns its output tensor.
+        two dict lookups); `run(cfg)` launches the op with cfg and returns its output tensor.
         tune=False (interpreter, CPU): the first candidate, no timing."""
+        cfg = self._pick(key, candidates, run, tune=tune)
+        if key not in self.used:
+            self.used[key] = cfg.name
+        return cfg
+
+    def _pick(self, key: str, candidates: Callable[[], list[Cfg]], run: Callable[[Cfg], torch.Tensor], *,
+              tune: bool) -> Cfg:  # fmt: skip
         if FORCE is not None:
             return FORCE
         if not tune:

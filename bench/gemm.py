@@ -46,11 +46,14 @@ from server_shim.quant import formats as F  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
 
 SHAPES = [(4096, 4096, 4096), (16, 4096, 4096), (1, 4096, 4096), (1024, 4096, 4096)]  # most important first
-FULL = [(128, 4096, 4096), *((m, n, k) for m in (16, 1024) for (k, n) in ((576, 1536), (1536, 576)))]
+# --full: M = 128, and smollm2's GEMMs (gate / up, down; at decode M = 1 also q / o and k / v, where the
+# legacy kernels are timed too: batch-1 decode is where a tuned target can lose end to end)
+FULL = [(128, 4096, 4096), *((m, n, k) for m in (1, 16, 1024) for (k, n) in ((576, 1536), (1536, 576)))]
+FULL += [(1, 576, 576), (1, 192, 576)]
 # masks, partial tiles, wrapped rows; M=1: GEMV; 300 x 1000 x 1104: partial tiles of the "tma" path
 # (its 8-bit rows must be 16-byte aligned: K = 200 and 1100 take the pointer tile instead)
 ODD = [(3, 130, 200), (33, 1000, 1100), (1, 130, 200), (300, 1000, 1104)]
-LEGACY = ("triton fp8 block", "triton int4-g128")
+LEGACY = ("triton fp8 block", "triton int8", "triton int4-g128")
 CHUNK = 6  # configs per config-check job
 # --small-4bit: the 4-bit decode case alone (M <= 16 shapes only)
 SMALL_4BIT_ROWS = ("torch bf16", "triton int4-g128", "triton mxfp4")
@@ -243,7 +246,7 @@ def bench(run: Run, shapes: list[tuple[int, int, int]], dev: torch.device, args:
         fns = c.fns(args.fastacc)
         if args.small_4bit:  # the 4-bit rows only, and bf16 to compare with
             fns = {n: f for n, f in fns.items() if n in SMALL_4BIT_ROWS}
-        if not args.no_legacy and (M, N, Kd) in SHAPES[:3]:
+        if not args.no_legacy and ((M, N, Kd) in SHAPES[:3] or (M == 1 and (M, N, Kd) in FULL)):
             fns.update({f"legacy {n.removeprefix('triton ')}": C.with_impl(fns[n], "legacy") for n in LEGACY})
         row: dict = {"M": M, "N": N, "K": Kd, "ms": {}, "tflops": {}}
         for name, fn in fns.items():
@@ -347,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--budget", type=float, default=230.0, help="hard wall-clock limit in seconds (default 230)"
     )
-    p.add_argument("--full", action="store_true", help="also M=128 and the smollm2 shapes")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="also M=128 and the smollm2 shapes (M = 1, 16, 1024; the legacy kernels too at M = 1)",
+    )
     p.add_argument("--fastacc", action="store_true", help="also time fast (unpromoted) fp8 accumulation")
     p.add_argument("--no-legacy", action="store_true", help="do not time the legacy kernels")
     p.add_argument("--small-4bit", action="store_true",

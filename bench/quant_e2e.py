@@ -115,9 +115,8 @@ def measure(args: argparse.Namespace, scheme: str, backend: str, reference: list
             r = bench_engine(engine, prompts(b), args.tokens, None)
             row[f"b{b}_tok_s"], row[f"b{b}_ms_step"] = r["tok_s"], r["ms_step"]
         row["graph_stats"] = graph_stats(engine)
-        if (
-            row["impl"] == "fast"
-        ):  # the config each of its GEMM keys ran, with the tuner's timings where it timed
+        # the config each of its GEMM keys ran, with the tuner's timings where it timed them
+        if row["impl"] == "fast":
             used = {k: v for k, v in tuning.TUNER.used.items() if k not in seen}
             row["triton_configs"] = {k: {"config": v, "tuned_us": tuning.CHOSEN.get(k, {}).get("us")}
                                      for k, v in sorted(used.items())}  # fmt: skip

@@ -95,7 +95,7 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     if cfg.path == "deq":  # the GEMM half (main() gives it bf16 operands); the dequantization pass is fixed
         return k.mm16, dict(HAS_BIAS=False, DOT_IEEE=False, EVEN_K=True, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
                             BLOCK_K=cfg.bk, GROUP_M=cfg.group_m)  # fmt: skip
-    if cfg.path in ("words", "wordsk") and not _fastpath.words_tile(cfg, fixed["FORMAT"], fixed["GROUP"]):
+    if cfg.path in _fastpath.WORD_PATHS and not _fastpath.words_tile(cfg, fixed["FORMAT"], fixed["GROUP"]):
         return None, {}  # a tile the words do not fit: _fastpath runs it as "fused" (compiled there)
     return _fastpath.wonly_tile_kernel(k, cfg.path), dict(
         common, DOT_IEEE=False, EMULATE_RNE=False, SPLIT_OUT=split, BLOCK_M=cfg.bm, GROUP_M=cfg.group_m,

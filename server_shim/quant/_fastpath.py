@@ -238,13 +238,15 @@ def _words(w: torch.Tensor, K: int, group: int) -> torch.Tensor | None:
 
 # the 4-bit tile paths whose K splits sum themselves (_split_finish)
 SELF_REDUCING = ("fusedk", "wordsk", "tilek")
+# the 4-bit tile paths on int32 words (`_wonly_words_kernel`), where `words_tile` says they fit
+WORD_PATHS = ("words", "wordsk")
 
 
 def wonly_tile_kernel(k: SimpleNamespace, path: str) -> Any:
     """The 4-bit tl.dot kernel a "tile" / "tilek" / "fused" / "fusedk" / "words" / "wordsk" config launches."""
     if path in ("fused", "fusedk"):
         return k.wonly_fused
-    return k.wonly_words if path in ("words", "wordsk") else k.wonly_fast
+    return k.wonly_words if path in WORD_PATHS else k.wonly_fast
 
 
 def words_tile(cfg: tuning.Cfg, fmt: int, group: int) -> bool:
@@ -279,7 +281,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             wk = _words(w, K, group)
             if wk is None:
                 wk, cfg = w, replace(cfg, path="gemvg")
-        if cfg.path in ("words", "wordsk"):
+        if cfg.path in WORD_PATHS:
             wk = _words(w, K, group) if words_tile(cfg, fmt, group) else None
             if wk is None:
                 wk, cfg = w, replace(cfg, path="fused" if cfg.path == "words" else "fusedk")
@@ -349,7 +351,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
 
     def cands() -> list[tuning.Cfg]:  # "words" tiles that would run as "fused" are not timed twice
         words_ok = _words(w, K, group) is not None
-        fits = lambda c: c.path not in ("words", "wordsk") or (words_ok and words_tile(c, fmt, group))  # noqa: E731
+        fits = lambda c: c.path not in WORD_PATHS or (words_ok and words_tile(c, fmt, group))  # noqa: E731
         return [c for c in tuning.candidates(fam, "wonly", M, N, K) if fits(c)]
 
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))

@@ -48,6 +48,7 @@ GEMVX = tuning.Cfg("gemvx", 1, 8, 256, 4, 1, 2)  # x read once per step as whole
 FUSEDK = tuning.Cfg("fusedk", 16, 32, 64, 4, 1, 3)  # splits that reduce themselves on counters
 TILEK = tuning.Cfg("tilek", 16, 64, 64, 4, 1, 2)
 GEMVR = tuning.Cfg("gemvr", 1, 1, 256, 4, 1, 2)  # one weight row per program
+GEMVF = tuning.Cfg("gemvf", 1, 1, 256, 4, 1, 2)  # gemvr factored: scales once per word, halves side by side
 LAG = tuning.Cfg("lag", 16, 32, 128, 4, 1, 2)  # fp8 partials added one K step late
 LAG_BIG_K = tuning.Cfg("lag", 16, 64, 256, 4, 1)  # BLOCK_K 256: promoted every 128 inside the step
 DEQB = tuning.Cfg("deqb", 1, 32, 64, 4, 1)  # dequantization tiles 32 x 64
@@ -55,7 +56,7 @@ TMA = tuning.Cfg("tma", 16, 64, 128, 4, 1)  # 8-bit operands read through tensor
 TMAP = tuning.Cfg("tmap", 16, 32, 128, 4, 1)  # the same, persistent (2 programs here), stored by descriptor
 PATH_IDS = {TILE: "tile", SPLIT: "split3", GEMV: "gemv-split2", DEQ: "deq", DOTLESS: "dotless",
             DOTLESS4: "dotless4", FUSED: "fused", GEMVG: "gemvg", GEMVW: "gemvw", GEMVX: "gemvx",
-            GEMVR: "gemvr-split2", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag",
+            GEMVR: "gemvr-split2", GEMVF: "gemvf-split2", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag",
             TMA: "tma", TMAP: "tmap", WORDS: "words-split2", WORDSK: "wordsk-split3",
             WORDS32: "wordsk-32rows"}  # fmt: skip
 
@@ -203,6 +204,7 @@ FOUR_BIT_PATHS = [
     GEMVW,
     GEMVX,
     GEMVR,
+    GEMVF,
     DEQB,
     FUSEDK,
     TILEK,
@@ -228,7 +230,7 @@ def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     assert rel(out, _int4_ref(x, q, scales, zeros, N, Kd) + bias.double()) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", paths(GEMVW, GEMVX, GEMVR))
+@pytest.mark.parametrize("cfg", paths(GEMVW, GEMVX, GEMVR, GEMVF))
 def test_int4_word_gemv_ragged_k_and_fallbacks(force, cfg: tuning.Cfg) -> None:
     # K = 200: the words past K masked; K = 204 (K % 8 != 0, rows not whole words) falls back to the
     # byte kernel; group 64: four groups per 256-wide tile
@@ -258,6 +260,30 @@ def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     out = K.int4_gemm(x, pack(q), scales, zeros, out_dtype=torch.float32)
     w = ((q.double() - 8) * expand(scales, N, Kd, 1, 128)).to(torch.bfloat16).double()
     assert rel(out, x.double() @ w.T) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
+def test_factored_gemv_is_the_unrounded_product(force, scheme: str, dtype: torch.dtype) -> None:
+    """gemvf multiplies the exact dequantized weight, as the torch backend does (fp32, no rounding
+    to x's dtype first): within fp32 summation of the float64 product, and -- for int4 in bf16,
+    where rounding the weight moves the output ~1e-3 -- measurably not the rounded one."""
+    force(tuning.Cfg("gemvf", 1, 1, 256, 4, 1))
+    g = torch.Generator().manual_seed(21)
+    N, Kd = 64, 512
+    x = torch.randn(1, Kd, generator=g).to(dtype)
+    w = torch.randn(N, Kd, generator=g) * 0.02
+    qw = F.quantize_weight(w, scheme)
+    exact = x.double() @ F.dequantize(qw).double().T
+    scales = F.logical_scales(qw)
+    if scheme == "int4-g128":
+        out = K.int4_gemm(x, qw.data, scales, qw.zeros, out_dtype=torch.float32)
+    else:
+        out = K.mxfp4_gemm(x, qw.data, scales, out_dtype=torch.float32)
+    assert rel(out, exact) < 1e-6
+    rounded = x.double() @ F.dequantize(qw).to(dtype).double().T
+    if scheme == "int4-g128" and dtype == torch.bfloat16:
+        assert rel(out, rounded) > 1e-4  # the case tells the two apart
 
 
 @pytest.mark.parametrize("cfg", paths(TILE, DEQ, DOTLESS, FUSED, WORDS, GEMVG, GEMVW, GEMVX))
@@ -638,6 +664,7 @@ def test_persistent_tma_path_walks_tiles_and_stores_by_descriptor(force, monkeyp
         GEMVW,
         GEMVX,
         tuning.Cfg("gemvr", 1, 1, 512, 4, 1),
+        tuning.Cfg("gemvf", 1, 1, 512, 4, 1),
         DEQB,
         LAG,
         FUSEDK,
@@ -648,7 +675,7 @@ def test_persistent_tma_path_walks_tiles_and_stores_by_descriptor(force, monkeyp
 )
 def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str, cfg: tuning.Cfg) -> None:
     if (
-        cfg.path in ("deq", "fused", "fusedk", "words", "gemvg", "gemvw", "gemvx", "gemvr", "deqb")
+        cfg.path in ("deq", "fused", "fusedk", "words", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "deqb")
         and scheme not in F.WEIGHT_ONLY_SCHEMES
     ):
         pytest.skip(f"the {cfg.path} path is weight-only")
@@ -658,7 +685,7 @@ def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str,
     g = torch.Generator().manual_seed(18)
     w = torch.randn(256, 384, generator=g) * 0.02 * (1 + 3 * torch.rand(256, 1, generator=g))
     x = torch.randn(4, 384, generator=g) * (1 + 5 * torch.rand(4, 1, generator=g))
-    if cfg.path in ("gemvg", "gemvw", "gemvx", "gemvr"):
+    if cfg.path in ("gemvg", "gemvw", "gemvx", "gemvr", "gemvf"):
         # the M = 1 kernels: one row and fewer weight rows (the interpreter runs a program per row
         # and N block); 64 x 384 still spans 3 groups
         x, w = x[:1], w[:64]
@@ -675,7 +702,10 @@ def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str,
 
 # ----------------------------------------------------------------------------- every 4-bit fault
 # gemvr unsplit: the interpreter's slowest path; its splits are tested above
-@pytest.mark.parametrize("cfg", paths(FUSEDK, WORDSK, GEMVX, tuning.Cfg("gemvr", 1, 1, 256, 4, 1)))
+@pytest.mark.parametrize(
+    "cfg",
+    paths(FUSEDK, WORDSK, GEMVX, tuning.Cfg("gemvr", 1, 1, 256, 4, 1), tuning.Cfg("gemvf", 1, 1, 256, 4, 1)),
+)
 @pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
 def test_every_4bit_fault_reproduces_in_the_fast_kernels(force, scheme: str, cfg: tuning.Cfg) -> None:
     """Every non-MoE fault of the scheme (the 4-bit kernels' classes, scale-transposed and

@@ -277,7 +277,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         bias_arg = bias if bias is not None else out
         wk = w
-        if cfg.path in ("gemvw", "gemvx", "gemvr"):
+        if cfg.path in ("gemvw", "gemvx", "gemvr", "gemvf"):
             wk = _words(w, K, group)
             if wk is None:
                 wk, cfg = w, replace(cfg, path="gemvg")
@@ -287,8 +287,8 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
                 wk, cfg = w, replace(cfg, path="fused" if cfg.path == "words" else "fusedk")
         if cfg.path == "gemvg" and not (group & (group - 1) == 0 and 2 <= group <= 256):
             cfg = replace(cfg, path="gemv")  # group-shaped tiles need a power-of-two group
-        if cfg.path in ("gemvg", "gemvw", "gemvx", "gemvr"):
-            cfg = replace(cfg, bk=max(cfg.bk, group), bn=1 if cfg.path == "gemvr" else cfg.bn)
+        if cfg.path in ("gemvg", "gemvw", "gemvx", "gemvr", "gemvf"):
+            cfg = replace(cfg, bk=max(cfg.bk, group), bn=1 if cfg.path in ("gemvr", "gemvf") else cfg.bn)
         if cfg.path == "deqb" and not _blas_ok(x, out, bias):
             cfg = replace(cfg, path="deq")
         if cfg.path in ("deq", "deqb"):
@@ -314,20 +314,22 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             return out
         kper, splits = _splits(K, cfg.bk, cfg.split)
         ws = _workspace(splits, M, N, torch.float32, out)
-        if cfg.path in ("gemv", "gemvg", "gemvw", "gemvx", "gemvr"):
+        if cfg.path in ("gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf"):
             kern = {
                 "gemv": k.gemv4,
                 "gemvg": k.gemv4g,
                 "gemvw": k.gemv4w,
                 "gemvx": k.gemv4x,
                 "gemvr": k.gemv4r,
+                "gemvf": k.gemv4r,
             }[cfg.path]
+            factored = {"FACTORED": True} if cfg.path == "gemvf" else {}
             kern[(_cdiv(N, cfg.bn), splits, M)](
                 x, wk, out, ws, scales, zeros, bias_arg, M, N, K, kper,
                 x.stride(0), x.stride(1), wk.stride(0), wk.stride(1), out.stride(0), out.stride(1), *sarg,
                 FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, EMULATE_RNE=emulate, SPLIT_OUT=splits > 1,
                 EVEN_K=K % cfg.bk == 0, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk,
-                num_warps=cfg.warps, num_stages=cfg.stages,
+                num_warps=cfg.warps, num_stages=cfg.stages, **factored,
             )  # fmt: skip
             if splits > 1:
                 _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)

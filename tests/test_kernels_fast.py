@@ -734,3 +734,85 @@ def test_removed_factored_switch_is_an_error_not_ignored(monkeypatch: pytest.Mon
         K._build()
     monkeypatch.setenv("DIFFTEST_TRITON_FACTORED_4BIT", "0")  # off: nothing to refuse
     assert K._build().gemv4r is not None
+
+
+# ----------------------------------------------------------------------------- act-quant inside the GEMV
+def _dynamic(
+    kind: str, x: torch.Tensor, b: torch.Tensor, bs: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    if kind == "int8":
+        return K.int8_gemm_dynamic(x, b, bs, out_dtype=torch.float32, bias=bias)
+    return K.fp8_block_gemm_dynamic(x, b, bs, block=64, out_dtype=torch.float32, bias=bias)
+
+
+def _two_kernels(
+    kind: str, x: torch.Tensor, b: torch.Tensor, bs: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    if kind == "int8":
+        q, s = K.quantize_act_int8(x)
+        return K.int8_gemm(q, s, b, bs, out_dtype=torch.float32, bias=bias)
+    q, s = K.quantize_act_fp8(x, group=64, fp8_dtype=b.dtype)
+    return K.fp8_gemm(q, s, b, bs, a_scale_mode="block", b_scale_mode="block", block=64, out_dtype=torch.float32,
+                      bias=bias)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["int8", "e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "cfg", paths(tuning.Cfg("gemv", 1, 16, 128, 4, 1), tuning.Cfg("gemv", 1, 8, 64, 4, 1, 3))
+)
+def test_act_quant_inside_the_gemv_is_the_two_kernels_bit_for_bit(
+    force, monkeypatch, cfg: tuning.Cfg, dtype: torch.dtype, kind: str
+) -> None:
+    """One token: one GEMV launch, no act-quant kernel, and the very numbers of the act-quant
+    kernel + the GEMM on the same config (int8 per token, split 3: the reduction reads the scale
+    the GEMV wrote; fp8 per 1 x 64 block); K = 200 is ragged. Two tokens take the two kernels."""
+    force(cfg)
+    built = K._build()
+    spies = {name: _LaunchSpy(getattr(built, name)) for name in ("gemv8", "quant")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(built, name, spy)
+    g = torch.Generator().manual_seed(47)
+    for Kd, N in ((256, 40), (200, 24)):
+        x = (torch.randn(1, Kd, generator=g) * 3).to(dtype)
+        x[0, 7] = -11.5  # the amax, negative
+        x[0, 64:128] = 0.0  # an all-zero group: the floor's scale
+        if kind == "int8":
+            b, bs = (
+                torch.randint(-127, 128, (N, Kd), dtype=torch.int8, generator=g),
+                torch.rand(N, 1, generator=g),
+            )
+        else:
+            b = fp8_data((N, Kd), getattr(torch, f"float8_{kind}"), 49)
+            bs = torch.rand(-(-N // 64), -(-Kd // 64), generator=g)
+        bs, bias = bs + 0.01, torch.randn(N, generator=g)
+        before = {n: s.launches for n, s in spies.items()}
+        fused = _dynamic(kind, x, b, bs, bias)
+        assert {n: s.launches - before[n] for n, s in spies.items()} == {"gemv8": 1, "quant": 0}
+        assert torch.equal(fused, _two_kernels(kind, x, b, bs, bias))
+        two = torch.cat([x, x * 0.5])
+        before = {n: s.launches for n, s in spies.items()}
+        out2 = _dynamic(kind, two, b, bs, bias)
+        assert spies["quant"].launches - before["quant"] == 1
+        assert torch.equal(out2[0], fused[0])
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8-block"])
+def test_faults_reproduce_with_the_act_quant_inside_the_gemv(force, scheme: str) -> None:
+    """Batch-1 decode takes the fused GEMV: every fault of the scheme the torch backend shows at
+    one token, the Triton target shows too (slot-variant has no other slot at one token)."""
+    from server_shim.catalog import FAULT_SCHEMES, MOE_ONLY
+
+    force(tuning.Cfg("gemv", 1, 8, 128, 4, 1, 2))
+    g = torch.Generator().manual_seed(48)
+    w = torch.randn(256, 384, generator=g) * 0.02 * (1 + 3 * torch.rand(256, 1, generator=g))
+    x = torch.randn(1, 384, generator=g) * 4
+    faults = [f for f, schemes in FAULT_SCHEMES.items() if scheme in schemes and f not in MOE_ONLY]
+    shown = 0
+    for fault in faults:
+        qw = F.quantize_weight(w, scheme, layout=F.ScaleLayout("row-major", fault == "scale-shuffle-ignored"))
+        fs = FaultSet(**{fault.replace("-", "_"): True})
+        faulty, faulty_torch = quant_matmul(x, qw, None, "triton", fs), quant_matmul(x, qw, None, "torch", fs)
+        assert rel(faulty, faulty_torch) < 1e-5, fault  # the same numbers, bug or not
+        shown += rel(faulty_torch, quant_matmul(x, qw, None, "torch")) > 1e-4
+    assert len(faults) >= 5 and shown >= len(faults) - 1

@@ -222,6 +222,41 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))
 
 
+def mm8_act(k: SimpleNamespace, x: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor,
+            b_scale: torch.Tensor, bias: torch.Tensor | None, sb: tuple[int, int], *, am: int, bmode: int, group: int,
+            qmax: float, fnuz: bool, acc_int: bool, decode: int, amax_floor: float) -> torch.Tensor:  # fmt: skip
+    """out = (q(x) * sa) @ (b * sb)^T for one-token rows, the activation x quantized inside the GEMV
+    (`_gemv8_kernel` QUANT_A): per token (am 1; a_scale [M, 1] fp32 receives the scales) or per
+    1 x group block (am 2; a K tile is a group)."""
+    (M, K), N = x.shape, b.shape[0]
+    fam = family(k, x.device)
+    key = f"{fam}|mm8q|{x.dtype}|{b.dtype}|a{am}b{bmode}g{group}d{decode}|m{tuning.m_bucket(M)}|n{N}|k{K}"
+
+    def run(cfg: tuning.Cfg) -> torch.Tensor:
+        if cfg.path != "gemv":  # a pinned (FORCE) tile config: this kernel exists as a GEMV only
+            cfg = tuning.gemv_candidates("mm8")[0]
+        if am == 2:
+            cfg = replace(cfg, bk=group)
+        kper, splits = _splits(K, cfg.bk, cfg.split)
+        ws = _workspace(splits, M, N, torch.int32 if acc_int else torch.float32, out)
+        k.gemv8[(_cdiv(N, cfg.bn), splits, M)](
+            x, b, out, ws, a_scale, b_scale, bias if bias is not None else out, M, N, K, kper,
+            x.stride(0), x.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            a_scale.stride(0), a_scale.stride(1), *sb,
+            A_MODE=am, B_MODE=bmode, GROUP=group, HAS_BIAS=bias is not None, ACC_INT=acc_int, DECODE=decode,
+            SPLIT_OUT=splits > 1, EVEN_K=K % cfg.bk == 0, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, QUANT_A=True,
+            QMAX=qmax, FNUZ=fnuz, AMAX_FLOOR=amax_floor, num_warps=cfg.warps, num_stages=cfg.stages,
+        )  # fmt: skip
+        if splits > 1:  # block scales were applied per K tile; a per-token scale is in a_scale
+            _reduce(k, ws, out, a_scale, b_scale, bias, a_scale.stride(0), sb[0], am, bmode, acc_int)
+        return out
+
+    cands = lambda: list(
+        dict.fromkeys(replace(c, bk=group) if am == 2 else c for c in tuning.gemv_candidates("mm8"))
+    )
+    return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))
+
+
 def _words(w: torch.Tensor, K: int, group: int) -> torch.Tensor | None:
     """The packed 4-bit weight [N, K/2] as int32 words [N, K/8] for `_gemv4w_kernel`, or None where
     that view does not exist (K % 8, a row not 4-byte aligned, a non-unit byte stride) or the group is

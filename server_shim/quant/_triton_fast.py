@@ -62,7 +62,7 @@ _fp8_bits_to_f16: Any = None
 GROUP_BCAST: Any = None  # tl.constexpr, set by _build() (env DIFFTEST_TRITON_GROUP_BCAST, default on)
 E2M1_F16: Any = None  # tl.constexpr, set by _build() (env DIFFTEST_TRITON_E2M1_F16, default on)
 
-SHARED = ("_cast_out", "_epilogue", "_tile_ids", "_tile_of", "_fp8_bits_to_f16")
+SHARED = ("_cast_out", "_epilogue", "_tile_ids", "_tile_of", "_fp8_bits_to_f16", "_round_to_fp8_grid")
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -695,11 +695,41 @@ def _gemv_store(acc, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn
         tl.store(c_ptr + row * scm + offs_n * scn, _cast_out(acc, c_ptr.dtype.element_ty), mask=nmask)
 
 
+def _act_scale(amax, QMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+    """`_quant_act_kernel`'s scale from a group's amax: max(amax, floor) / QMAX, correctly rounded."""
+    m = tl.maximum(amax, AMAX_FLOOR)
+    return tl.sum(tl.math.div_rn(tl.zeros([1], dtype=tl.float32) + m, tl.full([1], QMAX, tl.float32)), axis=0)
+
+
+def _row_amax(a_row, K, sak, BLOCK_K: tl.constexpr):
+    """max |x| over one activation row (a max: its order of evaluation cannot change it)."""
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(a_row + (k0 + offs) * sak, mask=k0 + offs < K, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    return tl.max(amax, axis=0)
+
+
+def _act_quantized(x, scale, QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.constexpr):
+    """x -> `_quant_act_kernel`'s q = rne(clamp(x / scale)): int32 for int8, the e4m3 grid value
+    (fp32, exact) for fp8 -- what the GEMV would have read back from the stored q."""
+    y = tl.math.div_rn(x.to(tl.float32), tl.zeros(x.shape, dtype=tl.float32) + scale)
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    if INT8:
+        r = ((y + 12582912.0) - 12582912.0).to(tl.int32)
+    else:
+        r = _round_to_fp8_grid(y, FNUZ)
+    return r
+
+
 def _gemv8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, K_PER,
                   sam, sak, sbn, sbk, scm, scn, sas0, sas1, sbs0, sbs1,
                   A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                   ACC_INT: tl.constexpr, DECODE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT_A: tl.constexpr = False,
+                  QMAX: tl.constexpr = 127.0, FNUZ: tl.constexpr = False,
+                  AMAX_FLOOR: tl.constexpr = 0.0):  # fmt: skip
     """The M = 1 form of `_mm8_kernel` (same arguments, same split-K contract): no tl.dot.
 
     A 16-row MMA tile wastes 15/16 of its work on one token and, with the tile shapes a dot wants,
@@ -710,6 +740,13 @@ def _gemv8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K
     into a [BLOCK_N, BLOCK_K] accumulator (fp32: fp8 products are exact; int32 for int8) that is
     reduced once at the end -- no cross-warp reduction inside the loop. Block scales multiply each
     K tile's products (BLOCK_K divides GROUP), as `_mm8_kernel` scales each tile's partial.
+
+    QUANT_A: a is the unquantized activation row, quantized here as `_quant_act_kernel` does it,
+    bit for bit (scale = max(amax, floor) / QMAX correctly rounded, q = rne(clamp(x / scale))):
+    one kernel per linear instead of two, which at batch 1 is most of the gain (a decode step is
+    bound by its kernel count). A_MODE 1 (int8 per token): every program reads the whole row for
+    the amax (K values, from L2) and writes the scale to as_ptr for the split-K reduction; A_MODE 2
+    (fp8, 1 x GROUP blocks, BLOCK_K == GROUP): each K tile is one group, its own amax.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -725,6 +762,11 @@ def _gemv8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    a_scale = 1.0
+    if QUANT_A and A_MODE == 1:
+        a_scale = _act_scale(_row_amax(a_row, K, sak, BLOCK_K), QMAX, AMAX_FLOOR)
+        if (pid_n == 0) & (pid_k == 0):
+            tl.store(as_ptr + row * sas0, a_scale)
     kk = k_lo + offs_k
     if EVEN_K:  # noqa: SIM108 - a statement-level constexpr branch compiles on every triton
         b = tl.load(b_rows + kk[None, :] * sbk)
@@ -741,8 +783,14 @@ def _gemv8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K
             kn = k0 + BLOCK_K + offs_k
             b_next = tl.load(b_rows + kn[None, :] * sbk, mask=(kn < K)[None, :], other=0.0)
             a = tl.load(a_row + kk * sak, mask=kk < K, other=0.0)
-        av = _gemv_operand(a, ACC_INT, DECODE)
-        if A_MODE == 2:
+        if QUANT_A and A_MODE == 2:  # this tile is one scale group
+            a_scale = _act_scale(tl.max(tl.abs(a.to(tl.float32)), axis=0), QMAX, AMAX_FLOOR)
+            av = _act_quantized(a, a_scale, QMAX, ACC_INT, FNUZ) * a_scale
+        elif QUANT_A:
+            av = _act_quantized(a, a_scale, QMAX, ACC_INT, FNUZ)
+        else:
+            av = _gemv_operand(a, ACC_INT, DECODE)
+        if A_MODE == 2 and not QUANT_A:
             av = av * tl.load(as_ptr + row * sas0 + (k0 // GROUP) * sas1)
         prod = _gemv_operand(b, ACC_INT, DECODE) * av[None, :]
         if B_MODE == 2:
@@ -752,7 +800,9 @@ def _gemv8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K
     out = tl.sum(acc, axis=1)
     if not SPLIT_OUT:  # tensor / row scales (block ones were applied per K tile)
         out = out.to(tl.float32)
-        if A_MODE == 0:
+        if QUANT_A and A_MODE == 1:
+            out = out * a_scale
+        elif A_MODE == 0:
             out = out * tl.load(as_ptr)
         elif A_MODE == 1:
             out = out * tl.load(as_ptr + row * sas0)
@@ -1195,7 +1245,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
                 SPLIT_OUT, HAS_BIAS)  # fmt: skip
 
 
-HELPERS = ("_scale_out", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
+HELPERS = ("_scale_out", "_act_scale", "_row_amax", "_act_quantized", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
            "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_word_plane", "_word_scales", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip

@@ -410,6 +410,65 @@ def int8_gemm(
     return out
 
 
+def int8_gemm_dynamic(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    *,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """w8a8 from the unquantized activation: x [M, K] quantized per token (`quantize_act_int8`, bit
+    for bit), then `int8_gemm`. One token (a batch-1 decode step) with the fast kernels: one kernel,
+    the quantization inside the GEMV; otherwise the two kernels."""
+    _check_2d("x", x, (torch.float32, torch.bfloat16, torch.float16))
+    _check_2d("b", b, (torch.int8,))
+    if x.shape[1] != b.shape[1]:
+        raise _fail(f"K mismatch: x {tuple(x.shape)} vs b {tuple(b.shape)}")
+    (M, K), N = x.shape, b.shape[0]
+    if impl() != "fast" or M != 1 or N == 0 or K == 0:
+        q, s = quantize_act_int8(x)
+        return int8_gemm(q, s, b, b_scale, out_dtype=out_dtype, bias=bias)
+    k = _ready(x, b, b_scale, bias)
+    sb = _scale_strides(b_scale, 1, N, 1, "b_scale")
+    out = _out(M, N, out_dtype, bias, x.device)
+    a_scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    return _fastpath.mm8_act(k, x, b, out, a_scale, b_scale, bias, sb, am=1, bmode=1, group=128,
+                             qmax=float(INT8_MAX), fnuz=False, acc_int=True, decode=0,
+                             amax_floor=AMAX_FLOOR)  # fmt: skip
+
+
+def fp8_block_gemm_dynamic(
+    x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, *, b_scale_strides: tuple[int, int] | None = None,
+    block: int = 128, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """DeepSeek-style fp8 from the unquantized activation: x [M, K] quantized per 1 x block group
+    (`quantize_act_fp8`, bit for bit, in b's fp8 format), then `fp8_gemm` in block mode. One
+    token with the fast kernels: one kernel, the quantization inside the GEMV; else the two."""
+    _check_2d("x", x, (torch.float32, torch.bfloat16, torch.float16))
+    _check_2d("b", b, tuple(FP8_MAX))
+    if x.shape[1] != b.shape[1]:
+        raise _fail(f"K mismatch: x {tuple(x.shape)} vs b {tuple(b.shape)}")
+    if block < 16 or block & (block - 1):
+        raise _fail(f"block must be a power of two >= 16, got {block}")
+    (M, K), N = x.shape, b.shape[0]
+    if impl() != "fast" or M != 1 or N == 0 or K == 0:
+        q, s = quantize_act_fp8(x, group=block, fp8_dtype=b.dtype)
+        return fp8_gemm(q, s, b, b_scale, a_scale_mode="block", b_scale_mode="block",
+                        b_scale_strides=b_scale_strides, block=block, out_dtype=out_dtype, bias=bias)  # fmt: skip
+    k = _ready(x, b, b_scale, bias)
+    sb = _scale_strides(b_scale, 2, _cdiv(N, block), _cdiv(K, block), "b_scale", b_scale_strides)
+    out = _out(M, N, out_dtype, bias, x.device)
+    native = _fp8_native(x.device, b.dtype)
+    decode = 0 if native else (2 if b.dtype == torch.float8_e4m3fnuz else 1)
+    a_scale = torch.empty(
+        M, 1, dtype=torch.float32, device=x.device
+    )  # unused: block scales stay in the kernel
+    return _fastpath.mm8_act(k, x, b if native else b.view(torch.uint8), out, a_scale, b_scale, bias, sb, am=2,
+                             bmode=2, group=block, qmax=FP8_MAX[b.dtype], fnuz=b.dtype == torch.float8_e4m3fnuz,
+                             acc_int=False, decode=decode, amax_floor=AMAX_FLOOR)  # fmt: skip
+
+
 def _wonly(
     x: torch.Tensor,
     qweight: torch.Tensor,

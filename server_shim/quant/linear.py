@@ -199,6 +199,11 @@ def _triton(x2, lead, qw, data, scales, zeros, bias, fs) -> Tensor:
     if qw.scheme == "mxfp4":
         return k.mxfp4_gemm(x2, data.contiguous(), scales, out_dtype=out_dtype, bias=bias)
     if qw.scheme == "int8":
+        if x2.shape[0] == 1 and not fs.ue8m0_rounding:
+            # one token: quantized inside the GEMV (a slot-variant scale read has no other slot to read)
+            return k.int8_gemm_dynamic(
+                x2, data.contiguous(), scales.contiguous(), out_dtype=out_dtype, bias=bias
+            )
         if fs.ue8m0_rounding:  # the act-quant kernel rounds no scale to a power of two
             xq, xs = F.quantize_act(x2, "int8", pow2_scales=True)
         else:
@@ -207,6 +212,11 @@ def _triton(x2, lead, qw, data, scales, zeros, bias, fs) -> Tensor:
         return k.int8_gemm(xq, xs, data.contiguous(), scales.contiguous(), out_dtype=out_dtype, bias=bias)
     fp8 = qw.fp8_dtype or torch.float8_e4m3fn
     mode = {"fp8-tensor": "tensor", "fp8-token": "row", "fp8-block": "block"}[qw.scheme]
+    if mode == "block" and x2.shape[0] == 1 and not fs.ue8m0_rounding:  # one token: quantized in the GEMV
+        return k.fp8_block_gemm_dynamic(
+            x2, data.contiguous(), scales, b_scale_strides=tuple(scales.stride()), block=F.FP8_BLOCK,
+            out_dtype=out_dtype, bias=bias,
+        )  # fmt: skip
     if fs.ue8m0_rounding or mode == "tensor":  # the act-quant kernel does groups and tokens only
         xq, xs = F.quantize_act(x2, qw.scheme, fp8_dtype=fp8, pow2_scales=fs.ue8m0_rounding)
     else:

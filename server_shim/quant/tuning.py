@@ -235,6 +235,11 @@ def candidates(family: str, kind: str, m: int, n: int, k: int) -> list[Cfg]:
     return list(table[cls]) + (_GEMV[kind] if m == 1 else [])
 
 
+def gemv_candidates(kind: str) -> list[Cfg]:
+    """Only the M = 1 GEMV configs of `kind`: for kernels that exist in GEMV form alone."""
+    return list(_GEMV[kind])
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

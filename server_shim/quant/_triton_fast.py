@@ -41,9 +41,12 @@ What makes them faster than the legacy bodies (numbers: bench/gemm.py on an H200
   "tmap" (`_mm8_tmap_kernel`) runs them as a persistent grid whose tiles leave by descriptor store.
 - Self-reducing split-K (`_split_finish`, the 4-bit tiles' SPLIT_FIN): the split that arrives last
   on its tile's counter sums all partials in split order, so no second kernel is launched.
+- One-token activation quantization inside the 8-bit GEMV (`_gemv8_kernel` QUANT_A): int8 per
+  token and fp8 per 1 x 128 block, bit for bit the act-quant kernel's, one launch per linear.
 Numerics are those of the legacy bodies: fp32 accumulation (int32 for int8), fp8 products
 promoted to fp32 every BLOCK_K (FAST_ACC off), 4-bit weights dequantized in fp32 and rounded once
-to x's dtype; see _triton_kernels.py's docstring for the interpreter workarounds they share.
+to x's dtype -- except "gemvf", which multiplies the exact fp32 weight as the torch backend does;
+see _triton_kernels.py's docstring for the interpreter workarounds they share.
 """
 
 from __future__ import annotations
@@ -51,13 +54,14 @@ from __future__ import annotations
 from typing import Any
 
 # bound to triton.language by kernels._build(); the shared helpers (_cast_out, _epilogue, _tile_ids,
-# _tile_of, _fp8_bits_to_f16) are set on this module by _build() too, decorated once for both modules
+# _tile_of, _fp8_bits_to_f16, _round_to_fp8_grid) are set on this module by _build() too, decorated once for both modules
 tl: Any = None
 _cast_out: Any = None
 _epilogue: Any = None
 _tile_ids: Any = None
 _tile_of: Any = None
 _fp8_bits_to_f16: Any = None
+_round_to_fp8_grid: Any = None
 
 GROUP_BCAST: Any = None  # tl.constexpr, set by _build() (env DIFFTEST_TRITON_GROUP_BCAST, default on)
 E2M1_F16: Any = None  # tl.constexpr, set by _build() (env DIFFTEST_TRITON_E2M1_F16, default on)
@@ -716,7 +720,7 @@ def _act_quantized(x, scale, QMAX: tl.constexpr, INT8: tl.constexpr, FNUZ: tl.co
     (fp32, exact) for fp8 -- what the GEMV would have read back from the stored q."""
     y = tl.math.div_rn(x.to(tl.float32), tl.zeros(x.shape, dtype=tl.float32) + scale)
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-    if INT8:
+    if INT8:  # noqa: SIM108 - a constexpr branch: Triton compiles only the taken side
         r = ((y + 12582912.0) - 12582912.0).to(tl.int32)
     else:
         r = _round_to_fp8_grid(y, FNUZ)

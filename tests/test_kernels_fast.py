@@ -816,3 +816,27 @@ def test_faults_reproduce_with_the_act_quant_inside_the_gemv(force, scheme: str)
         assert rel(faulty, faulty_torch) < 1e-5, fault  # the same numbers, bug or not
         shown += rel(faulty_torch, quant_matmul(x, qw, None, "torch")) > 1e-4
     assert len(faults) >= 5 and shown >= len(faults) - 1
+
+
+def test_unfused_candidate_runs_the_two_kernels(monkeypatch) -> None:
+    """ "quant2", the tuner's alternative to the fused GEMV (chosen where the in-kernel division
+    costs more than the launch it saves): the act-quant kernel, then the GEMM's own choice."""
+    built = K._build()
+    spy = _LaunchSpy(built.quant)
+    monkeypatch.setattr(built, "quant", spy)
+    real = tuning.TUNER._pick
+    monkeypatch.setattr(
+        tuning.TUNER,
+        "_pick",
+        lambda key, cands, run, tune: tuning.QUANT2 if "|mm8q|" in key else real(key, cands, run, tune=tune),
+    )
+    g = torch.Generator().manual_seed(50)
+    x = torch.randn(1, 256, generator=g).to(torch.bfloat16)
+    b, bs = (
+        torch.randint(-127, 128, (24, 256), dtype=torch.int8, generator=g),
+        torch.rand(24, 1, generator=g) + 0.01,
+    )
+    out = K.int8_gemm_dynamic(x, b, bs, out_dtype=torch.float32)
+    assert spy.launches == 1
+    q, s = K.quantize_act_int8(x)
+    assert torch.equal(out, K.int8_gemm(q, s, b, bs, out_dtype=torch.float32))

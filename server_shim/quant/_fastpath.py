@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -224,17 +225,20 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
 
 def mm8_act(k: SimpleNamespace, x: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor,
             b_scale: torch.Tensor, bias: torch.Tensor | None, sb: tuple[int, int], *, am: int, bmode: int, group: int,
-            qmax: float, fnuz: bool, acc_int: bool, decode: int, amax_floor: float) -> torch.Tensor:  # fmt: skip
+            qmax: float, fnuz: bool, acc_int: bool, decode: int, amax_floor: float,
+            two_kernels: Callable[[], torch.Tensor]) -> torch.Tensor:  # fmt: skip
     """out = (q(x) * sa) @ (b * sb)^T for one-token rows, the activation x quantized inside the GEMV
     (`_gemv8_kernel` QUANT_A): per token (am 1; a_scale [M, 1] fp32 receives the scales) or per
-    1 x group block (am 2; a K tile is a group)."""
+    1 x group block (am 2; a K tile is a group). The tuner also times "quant2" -- `two_kernels`,
+    the act-quant kernel and then the GEMM's own tuned choice: where K is long the fused
+    quantization (a division per element) costs more than the launch it saves, and it says so."""
     (M, K), N = x.shape, b.shape[0]
     fam = family(k, x.device)
     key = f"{fam}|mm8q|{x.dtype}|{b.dtype}|a{am}b{bmode}g{group}d{decode}|m{tuning.m_bucket(M)}|n{N}|k{K}"
 
     def run(cfg: tuning.Cfg) -> torch.Tensor:
-        if cfg.path != "gemv":  # a pinned (FORCE) tile config: this kernel exists as a GEMV only
-            cfg = tuning.gemv_candidates("mm8")[0]
+        if cfg.path != "gemv":  # "quant2", or a pinned (FORCE) tile config: the two kernels
+            return two_kernels()
         if am == 2:
             cfg = replace(cfg, bk=group)
         kper, splits = _splits(K, cfg.bk, cfg.split)
@@ -251,9 +255,10 @@ def mm8_act(k: SimpleNamespace, x: torch.Tensor, b: torch.Tensor, out: torch.Ten
             _reduce(k, ws, out, a_scale, b_scale, bias, a_scale.stride(0), sb[0], am, bmode, acc_int)
         return out
 
-    cands = lambda: list(
-        dict.fromkeys(replace(c, bk=group) if am == 2 else c for c in tuning.gemv_candidates("mm8"))
-    )
+    def cands() -> list[tuning.Cfg]:
+        gemvs = [replace(c, bk=group) if am == 2 else c for c in tuning.gemv_candidates("mm8")]
+        return list(dict.fromkeys(gemvs)) + [tuning.QUANT2]
+
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))
 
 

@@ -426,16 +426,20 @@ def int8_gemm_dynamic(
     if x.shape[1] != b.shape[1]:
         raise _fail(f"K mismatch: x {tuple(x.shape)} vs b {tuple(b.shape)}")
     (M, K), N = x.shape, b.shape[0]
-    if impl() != "fast" or M != 1 or N == 0 or K == 0:
+
+    def two_kernels() -> torch.Tensor:
         q, s = quantize_act_int8(x)
         return int8_gemm(q, s, b, b_scale, out_dtype=out_dtype, bias=bias)
+
+    if impl() != "fast" or M != 1 or N == 0 or K == 0:
+        return two_kernels()
     k = _ready(x, b, b_scale, bias)
     sb = _scale_strides(b_scale, 1, N, 1, "b_scale")
     out = _out(M, N, out_dtype, bias, x.device)
     a_scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
     return _fastpath.mm8_act(k, x, b, out, a_scale, b_scale, bias, sb, am=1, bmode=1, group=128,
-                             qmax=float(INT8_MAX), fnuz=False, acc_int=True, decode=0,
-                             amax_floor=AMAX_FLOOR)  # fmt: skip
+                             qmax=float(INT8_MAX), fnuz=False, acc_int=True, decode=0, amax_floor=AMAX_FLOOR,
+                             two_kernels=two_kernels)  # fmt: skip
 
 
 def fp8_block_gemm_dynamic(
@@ -452,10 +456,14 @@ def fp8_block_gemm_dynamic(
     if block < 16 or block & (block - 1):
         raise _fail(f"block must be a power of two >= 16, got {block}")
     (M, K), N = x.shape, b.shape[0]
-    if impl() != "fast" or M != 1 or N == 0 or K == 0:
+
+    def two_kernels() -> torch.Tensor:
         q, s = quantize_act_fp8(x, group=block, fp8_dtype=b.dtype)
         return fp8_gemm(q, s, b, b_scale, a_scale_mode="block", b_scale_mode="block",
                         b_scale_strides=b_scale_strides, block=block, out_dtype=out_dtype, bias=bias)  # fmt: skip
+
+    if impl() != "fast" or M != 1 or N == 0 or K == 0:
+        return two_kernels()
     k = _ready(x, b, b_scale, bias)
     sb = _scale_strides(b_scale, 2, _cdiv(N, block), _cdiv(K, block), "b_scale", b_scale_strides)
     out = _out(M, N, out_dtype, bias, x.device)
@@ -466,7 +474,8 @@ def fp8_block_gemm_dynamic(
     )  # unused: block scales stay in the kernel
     return _fastpath.mm8_act(k, x, b if native else b.view(torch.uint8), out, a_scale, b_scale, bias, sb, am=2,
                              bmode=2, group=block, qmax=FP8_MAX[b.dtype], fnuz=b.dtype == torch.float8_e4m3fnuz,
-                             acc_int=False, decode=decode, amax_floor=AMAX_FLOOR)  # fmt: skip
+                             acc_int=False, decode=decode, amax_floor=AMAX_FLOOR,
+                             two_kernels=two_kernels)  # fmt: skip
 
 
 def _wonly(

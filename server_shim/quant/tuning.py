@@ -70,7 +70,8 @@ class Cfg:
     8-bit tile with its operands read through tensor descriptors (Hopper's bulk tensor copies; no
     split; only where the operands are 16-byte aligned native 8-bit, else it runs as "tile"); "tmap":
     "tma" as a persistent grid (a program per multiprocessor) storing its tiles by descriptor too
-    ("tma" where out's rows are not 16-byte aligned)."""
+    ("tma" where out's rows are not 16-byte aligned); "quant2": for a one-token 8-bit GEMM whose
+    activation can be quantized inside the GEMV, the act-quant kernel and the GEMM instead."""
 
     path: str
     bm: int
@@ -103,7 +104,7 @@ class Cfg:
 
 
 PATHS = frozenset(("tile", "tilek", "lag", "tma", "tmap", "deq", "deqb", "fused", "fusedk", "words", "wordsk",
-                   "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf"))  # fmt: skip
+                   "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "quant2"))  # fmt: skip
 
 M_BUCKETS = (1, 16, 64, 256, 1024)  # then 4096: every larger M
 
@@ -235,6 +236,11 @@ def candidates(family: str, kind: str, m: int, n: int, k: int) -> list[Cfg]:
     return list(table[cls]) + (_GEMV[kind] if m == 1 else [])
 
 
+# one-token 8-bit GEMMs with the activation quantization inside the GEMV (_fastpath.mm8_act): this
+# candidate is "not fused" -- the act-quant kernel, then the GEMM's own tuned choice (tiles unused)
+QUANT2 = Cfg("quant2", 1, 1, 1, 1, 1)
+
+
 def gemv_candidates(kind: str) -> list[Cfg]:
     """Only the M = 1 GEMV configs of `kind`: for kernels that exist in GEMV form alone."""
     return list(_GEMV[kind])
@@ -250,7 +256,9 @@ class Tuner:
     def __init__(self) -> None:
         self._cache: dict[str, str] = {}  # key -> config name (as on disk)
         self._parsed: dict[str, Cfg] = {}
-        self._lock = threading.Lock()
+        self._lock = (
+            threading.RLock()
+        )  # re-entrant: a candidate may run ops of other keys (mm8_act's "quant2")
         self._warned: set[str] = set()
         self._disk: dict[str, str] | None = None  # the file's entries for this device, loaded once
         # key -> the config its first call in this process ran (tuned, stored, default or pinned):

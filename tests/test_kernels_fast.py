@@ -267,23 +267,27 @@ def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
 def test_factored_gemv_is_the_unrounded_product(force, scheme: str, dtype: torch.dtype) -> None:
     """gemvf multiplies the exact dequantized weight, as the torch backend does (fp32, no rounding
     to x's dtype first): within fp32 summation of the float64 product, and -- for int4 in bf16,
-    where rounding the weight moves the output ~1e-3 -- measurably not the rounded one."""
+    where rounding the weight moves the output ~1e-3 -- measurably not the rounded one. bf16 x is
+    read as int32 pairs (K = 200: the last word's pairs masked; x a column slice: 16-bit reads)."""
     force(tuning.Cfg("gemvf", 1, 1, 256, 4, 1))
     g = torch.Generator().manual_seed(21)
-    N, Kd = 64, 512
-    x = torch.randn(1, Kd, generator=g).to(dtype)
-    w = torch.randn(N, Kd, generator=g) * 0.02
-    qw = F.quantize_weight(w, scheme)
-    exact = x.double() @ F.dequantize(qw).double().T
-    scales = F.logical_scales(qw)
-    if scheme == "int4-g128":
-        out = K.int4_gemm(x, qw.data, scales, qw.zeros, out_dtype=torch.float32)
-    else:
-        out = K.mxfp4_gemm(x, qw.data, scales, out_dtype=torch.float32)
-    assert rel(out, exact) < 1e-6
-    rounded = x.double() @ F.dequantize(qw).to(dtype).double().T
-    if scheme == "int4-g128" and dtype == torch.bfloat16:
-        assert rel(out, rounded) > 1e-4  # the case tells the two apart
+    for Kd, sliced in ((512, False), (200, False), (200, True)):
+        N = 64
+        x = torch.randn(1, Kd, generator=g).to(dtype)
+        if sliced:  # an odd element offset: not 4-byte aligned, so no pair reads
+            x = torch.randn(1, Kd + 1, generator=g).to(dtype)[:, 1:]
+        w = torch.randn(N, Kd, generator=g) * 0.02
+        qw = F.quantize_weight(w, scheme)
+        exact = x.double() @ F.dequantize(qw).double().T
+        scales = F.logical_scales(qw)
+        if scheme == "int4-g128":
+            out = K.int4_gemm(x, qw.data, scales, qw.zeros, out_dtype=torch.float32)
+        else:
+            out = K.mxfp4_gemm(x, qw.data, scales, out_dtype=torch.float32)
+        assert rel(out, exact) < 1e-6, (Kd, sliced)
+        rounded = x.double() @ F.dequantize(qw).to(dtype).double().T
+        if scheme == "int4-g128" and dtype == torch.bfloat16:
+            assert rel(out, rounded) > 1e-4  # the case tells the two apart
 
 
 @pytest.mark.parametrize("cfg", paths(TILE, DEQ, DOTLESS, FUSED, WORDS, GEMVG, GEMVW, GEMVX))

@@ -262,6 +262,11 @@ def mm8_act(k: SimpleNamespace, x: torch.Tensor, b: torch.Tensor, out: torch.Ten
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))
 
 
+def _bf16_pairs(x: torch.Tensor) -> bool:
+    """Whether bf16 x can be read as int32 pairs (`_bf16_pair_planes`): unit stride, 4-byte aligned rows."""
+    return x.dtype == torch.bfloat16 and x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0
+
+
 def _words(w: torch.Tensor, K: int, group: int) -> torch.Tensor | None:
     """The packed 4-bit weight [N, K/2] as int32 words [N, K/8] for `_gemv4w_kernel`, or None where
     that view does not exist (K % 8, a row not 4-byte aligned, a non-unit byte stride) or the group is
@@ -363,7 +368,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
                 "gemvr": k.gemv4r,
                 "gemvf": k.gemv4r,
             }[cfg.path]
-            factored = {"FACTORED": True} if cfg.path == "gemvf" else {}
+            factored = {"FACTORED": True, "X_PAIRS": _bf16_pairs(x)} if cfg.path == "gemvf" else {}
             kern[(_cdiv(N, cfg.bn), splits, M)](
                 x, wk, out, ws, scales, zeros, bias_arg, M, N, K, kper,
                 x.stride(0), x.stride(1), wk.stride(0), wk.stride(1), out.stride(0), out.stride(1), *sarg,

@@ -1068,6 +1068,27 @@ def _gemv4x_term(word, xj, J: tl.constexpr, s3, zb, FORMAT: tl.constexpr, DT: tl
     return t
 
 
+def _bf16_pair_planes(x_row, k0, jw, K, EVEN_K: tl.constexpr):
+    """The 8 x planes [GROUP/8, groups] of the words `jw` as fp32, from bf16 x (unit stride, 4-byte
+    aligned) read as int32 pairs: a pair's low bf16 is its fp32 shifted up 16 bits, its high one
+    the pair with the low half cleared -- one op per value, where the 16-bit loads cost a byte
+    permute and a shift."""
+    xp = x_row.to(tl.pointer_type(tl.int32)) + k0 // 2
+    j = 4 * jw[:, :, None] + tl.arange(0, 4)[None, None, :]  # [GROUP/8, groups, 4]: pair index
+    if EVEN_K:  # noqa: SIM108
+        pr = tl.load(xp + j)
+    else:
+        pr = tl.load(xp + j, mask=k0 + 2 * j < K, other=0)  # K % 8 == 0 (words): whole pairs
+    a, b = tl.split(tl.reshape(pr, (pr.shape[0], pr.shape[1], 2, 2)))  # pairs 0, 2 | 1, 3
+    p0, p2 = tl.split(a)
+    p1, p3 = tl.split(b)
+    hi: tl.constexpr = -65536  # 0xFFFF0000
+    return ((p0 << 16).to(tl.float32, bitcast=True), (p0 & hi).to(tl.float32, bitcast=True),
+            (p1 << 16).to(tl.float32, bitcast=True), (p1 & hi).to(tl.float32, bitcast=True),
+            (p2 << 16).to(tl.float32, bitcast=True), (p2 & hi).to(tl.float32, bitcast=True),
+            (p3 << 16).to(tl.float32, bitcast=True), (p3 & hi).to(tl.float32, bitcast=True))  # fmt: skip
+
+
 def _gemv4h_nib(h, P: tl.constexpr, zf):
     """Nibble P of a 16-bit half or-ed with fp32's 2**23 exponent (h) -> q - z exactly, in two
     ops: the and leaves 2**23 + q * 16**P; times 16**-P (exact) minus 2**(23 - 4P) + z (exact
@@ -1181,7 +1202,8 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
                    sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
                    FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                    EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FACTORED: tl.constexpr = False):  # fmt: skip
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FACTORED: tl.constexpr = False,
+                   X_PAIRS: tl.constexpr = False):  # fmt: skip
     """`_gemv4x_kernel` (same arguments, int32 words, same numerics) for one weight row per program
     (BLOCK_N is 1; grid (N, splits, M)): no row axis to broadcast x over, so its nibble planes and
     the words can share one register layout -- no trip through shared memory at all. The words are
@@ -1218,7 +1240,8 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
         else:
             word = tl.load(w_row + (k0 // 8 + jw) * swk, mask=k0 + 8 * jw < K, other=0)
             gi = tl.minimum(gi, (K - 1) // GROUP)  # a group past K: a valid one, its x are 0
-        xv = _gemv4w_x(x_row, k0 + kx, k0 + kx < K, sxk, EVEN_K)
+        if not X_PAIRS:
+            xv = _gemv4w_x(x_row, k0 + kx, k0 + kx < K, sxk, EVEN_K)
         s = tl.load(s_ptr + n * ssn + gi * ssg)[None, :]
         zb = s  # unused by mxfp4
         if FORMAT == 0:
@@ -1226,7 +1249,10 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
             zb = tl.load(z_ptr + n * szn + gi * szg).to(tl.float32)[None, :] + 8388608.0
         else:
             s3 = _e8m0_to_f32(s)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4x_planes(xv, W, G)
+        if X_PAIRS:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _bf16_pair_planes(x_row, k0, jw, K, EVEN_K)
+        else:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4x_planes(xv, W, G)
         if FACTORED:
             acc += s3 * _gemv4h_word(word, x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32),
                                      x3.to(tl.float32), x4.to(tl.float32), x5.to(tl.float32),
@@ -1252,7 +1278,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 HELPERS = ("_scale_out", "_act_scale", "_row_amax", "_act_quantized", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
-           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_word_plane", "_word_scales", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
+           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pair_planes", "_word_plane", "_word_scales", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

@@ -19,6 +19,7 @@ warnings are those of this machine's Triton, which may differ from the GPU's.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -49,6 +50,11 @@ VARIANTS = [
     ("fp8 tensor", "mm8", P8, dict(A_MODE=0, B_MODE=0, GROUP=128, ACC_INT=False)),
     ("fp8 block", "mm8", P8, dict(A_MODE=2, B_MODE=2, GROUP=128, ACC_INT=False)),
     ("int8 row", "mm8", {**P8, "a_ptr": "*i8", "b_ptr": "*i8"}, dict(A_MODE=1, B_MODE=1, GROUP=128, ACC_INT=True)),
+    # one token, the activation quantized inside the GEMV (_fastpath.mm8_act): its GEMV configs only
+    ("int8 act", "mm8", {**P8, "a_ptr": "*bf16", "b_ptr": "*i8"},
+     dict(A_MODE=1, B_MODE=1, GROUP=128, ACC_INT=True, QUANT_A=True, QMAX=127.0, AMAX_FLOOR=1e-12)),
+    ("fp8 blk act", "mm8", {**P8, "a_ptr": "*bf16"},
+     dict(A_MODE=2, B_MODE=2, GROUP=128, ACC_INT=False, QUANT_A=True, QMAX=448.0, AMAX_FLOOR=1e-12)),
     ("int4-g128", "wonly", {**P4, "s_ptr": "*fp32"}, dict(FORMAT=0, GROUP=128)),
     ("mxfp4", "wonly", {**P4, "s_ptr": "*u8"}, dict(FORMAT=1, GROUP=32)),
 ]  # fmt: skip
@@ -57,6 +63,8 @@ VARIANTS = [
 def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tuple[object, dict]:
     """The kernel `cfg` launches and its constexprs, as _fastpath.py passes them."""
     split = cfg.split > 1
+    if fixed.get("QUANT_A") and (cfg.path != "gemv" or m != 1):
+        return None, {}  # the fused act-quant exists as a one-token GEMV only
     if kind == "mm8":
         bk = min(cfg.bk, fixed["GROUP"]) if fixed["A_MODE"] == 2 else cfg.bk
         common = dict(
@@ -85,7 +93,7 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
     if cfg.path in ("gemvw", "gemvx", "gemvr", "gemvf"):  # main() gives it int32 words
         kern = {"gemvw": k.gemv4w, "gemvx": k.gemv4x, "gemvr": k.gemv4r, "gemvf": k.gemv4r}[cfg.path]
-        extra = {"FACTORED": True} if cfg.path == "gemvf" else {}
+        extra = {"FACTORED": True, "X_PAIRS": True} if cfg.path == "gemvf" else {}  # bf16 x, aligned
         return kern, dict(
             common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split, **extra
         )
@@ -138,6 +146,9 @@ def compile_one(
 
     names = fn.arg_names
     consts = dict(consts)
+    for param in fn.params:  # a constexpr left at its default: the JIT specializes on that value too
+        if param.is_constexpr and param.name not in consts and param.default is not inspect.Parameter.empty:
+            consts[param.name] = param.default
     for n in names:
         if n in ONES or (n == "M" and m == 1):
             consts[n] = 1

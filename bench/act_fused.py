@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             err = ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
             ok = torch.equal(got, want) if kind == "int8" else err < 4e-3
             failed += not ok
+            wdt = "|torch.int8|" if kind == "int8" else "|torch.float8"  # the row's own scheme's key
             chose = [
-                v for key, v in tuning.TUNER.used.items() if "|mm8q|" in key and key.endswith(f"|n{n}|k{k}")
-            ]
+                v for key, v in tuning.TUNER.used.items() if "|mm8q|" in key and wdt in key and key.endswith(f"|n{n}|k{k}")
+            ]  # fmt: skip
             t_f, t_t = C.time_ms(fused) * 1e3, C.time_ms(two) * 1e3
             rows.append(
                 dict(scheme=kind, n=n, k=k, one_token_us=t_f, two_us=t_t, rel_err=err, ok=ok, chose=chose)

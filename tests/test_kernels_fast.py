@@ -490,6 +490,15 @@ class _LaunchSpy:
         return self.kernel[grid]
 
 
+def _spy_on(monkeypatch: pytest.MonkeyPatch, *names: str) -> dict[str, _LaunchSpy]:
+    """The built kernels `names`, each replaced by a launch-counting spy for the test."""
+    built = K._build()
+    spies = {name: _LaunchSpy(getattr(built, name)) for name in names}
+    for name, spy in spies.items():
+        monkeypatch.setattr(built, name, spy)
+    return spies
+
+
 def test_tma_path_runs_where_descriptors_fit_and_falls_back_where_not(force, monkeypatch) -> None:
     """The "tma" config reads through tensor descriptors only when both operands' rows are 16-byte
     aligned native 8-bit; otherwise (K = 200 fp8 rows, decoded fp8 bits) it runs the pointer tile
@@ -499,9 +508,7 @@ def test_tma_path_runs_where_descriptors_fit_and_falls_back_where_not(force, mon
     if _fastpath._descriptor_type() is None:
         pytest.skip("this triton has no host tensor descriptors")
     force(TMA)
-    built = K._build()
-    spy = _LaunchSpy(built.mm8_tma)
-    monkeypatch.setattr(built, "mm8_tma", spy)
+    spy = _spy_on(monkeypatch, "mm8_tma")["mm8_tma"]
     g = torch.Generator().manual_seed(31)
     for Kd, launched in ((256, 1), (200, 0)):
         a, b = fp8_data((5, Kd), FN, 32), fp8_data((40, Kd), FN, 33)
@@ -526,9 +533,7 @@ def test_words_path_runs_where_words_fit_and_falls_back_where_not(force, monkeyp
     groups (int4: inside one, mxfp4: whole ones); K = 200 (a ragged last tile, masked), 204 (not
     whole words) and a 32-wide tile for int4 (below 64: planes too narrow) run the byte kernel,
     with the same numbers either way."""
-    built = K._build()
-    spy = _LaunchSpy(built.wonly_words)
-    monkeypatch.setattr(built, "wonly_words", spy)
+    spy = _spy_on(monkeypatch, "wonly_words")["wonly_words"]
     g = torch.Generator().manual_seed(51)
     for Kd, bk, launched in ((256, 64, 1), (200, 64, 1), (204, 64, 0), (256, 32, 0)):
         force(tuning.Cfg("words", 16, 32, bk, 4, 1, 2))
@@ -620,10 +625,7 @@ def test_persistent_tma_path_walks_tiles_and_stores_by_descriptor(force, monkeyp
     if _fastpath._descriptor_type() is None:
         pytest.skip("this triton has no host tensor descriptors")
     force(TMAP)
-    built = K._build()
-    spies = {name: _LaunchSpy(getattr(built, name)) for name in ("mm8_tma", "mm8_tmap")}
-    for name, spy in spies.items():
-        monkeypatch.setattr(built, name, spy)
+    spies = _spy_on(monkeypatch, "mm8_tma", "mm8_tmap")
     g = torch.Generator().manual_seed(41)
     for N, kernel in ((136, "mm8_tmap"), (130, "mm8_tma")):
         M, Kd = 37, 256
@@ -772,10 +774,7 @@ def test_act_quant_inside_the_gemv_is_the_two_kernels_bit_for_bit(
     kernel + the GEMM on the same config (int8 per token, split 3: the reduction reads the scale
     the GEMV wrote; fp8 per 1 x 64 block); K = 200 is ragged. Two tokens take the two kernels."""
     force(cfg)
-    built = K._build()
-    spies = {name: _LaunchSpy(getattr(built, name)) for name in ("gemv8", "quant")}
-    for name, spy in spies.items():
-        monkeypatch.setattr(built, name, spy)
+    spies = _spy_on(monkeypatch, "gemv8", "quant")
     g = torch.Generator().manual_seed(47)
     for Kd, N in ((256, 40), (200, 24)):
         x = (torch.randn(1, Kd, generator=g) * 3).to(dtype)
@@ -825,9 +824,7 @@ def test_faults_reproduce_with_the_act_quant_inside_the_gemv(force, scheme: str)
 def test_unfused_candidate_runs_the_two_kernels(monkeypatch) -> None:
     """ "quant2", the tuner's alternative to the fused GEMV (chosen where the in-kernel division
     costs more than the launch it saves): the act-quant kernel, then the GEMM's own choice."""
-    built = K._build()
-    spy = _LaunchSpy(built.quant)
-    monkeypatch.setattr(built, "quant", spy)
+    spy = _spy_on(monkeypatch, "quant")["quant"]
     real = tuning.TUNER._pick
     monkeypatch.setattr(
         tuning.TUNER,

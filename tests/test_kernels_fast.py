@@ -49,6 +49,7 @@ FUSEDK = tuning.Cfg("fusedk", 16, 32, 64, 4, 1, 3)  # splits that reduce themsel
 TILEK = tuning.Cfg("tilek", 16, 64, 64, 4, 1, 2)
 GEMVR = tuning.Cfg("gemvr", 1, 1, 256, 4, 1, 2)  # one weight row per program
 GEMVF = tuning.Cfg("gemvf", 1, 1, 256, 4, 1, 2)  # gemvr factored: scales once per word, halves side by side
+GEMVF2 = tuning.Cfg("gemvf", 1, 2, 256, 2, 1)  # two rows per program sharing the x planes
 LAG = tuning.Cfg("lag", 16, 32, 128, 4, 1, 2)  # fp8 partials added one K step late
 LAG_BIG_K = tuning.Cfg("lag", 16, 64, 256, 4, 1)  # BLOCK_K 256: promoted every 128 inside the step
 DEQB = tuning.Cfg("deqb", 1, 32, 64, 4, 1)  # dequantization tiles 32 x 64
@@ -56,7 +57,7 @@ TMA = tuning.Cfg("tma", 16, 64, 128, 4, 1)  # 8-bit operands read through tensor
 TMAP = tuning.Cfg("tmap", 16, 32, 128, 4, 1)  # the same, persistent (2 programs here), stored by descriptor
 PATH_IDS = {TILE: "tile", SPLIT: "split3", GEMV: "gemv-split2", DEQ: "deq", DOTLESS: "dotless",
             DOTLESS4: "dotless4", FUSED: "fused", GEMVG: "gemvg", GEMVW: "gemvw", GEMVX: "gemvx",
-            GEMVR: "gemvr-split2", GEMVF: "gemvf-split2", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag",
+            GEMVR: "gemvr-split2", GEMVF: "gemvf-split2", GEMVF2: "gemvf-2rows", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag",
             TMA: "tma", TMAP: "tmap", WORDS: "words-split2", WORDSK: "wordsk-split3",
             WORDS32: "wordsk-32rows"}  # fmt: skip
 
@@ -205,6 +206,7 @@ FOUR_BIT_PATHS = [
     GEMVX,
     GEMVR,
     GEMVF,
+    GEMVF2,
     DEQB,
     FUSEDK,
     TILEK,
@@ -230,7 +232,7 @@ def test_int4_paths(force, cfg: tuning.Cfg, Kd: int) -> None:
     assert rel(out, _int4_ref(x, q, scales, zeros, N, Kd) + bias.double()) < 1e-6
 
 
-@pytest.mark.parametrize("cfg", paths(GEMVW, GEMVX, GEMVR, GEMVF))
+@pytest.mark.parametrize("cfg", paths(GEMVW, GEMVX, GEMVR, GEMVF, GEMVF2))
 def test_int4_word_gemv_ragged_k_and_fallbacks(force, cfg: tuning.Cfg) -> None:
     # K = 200: the words past K masked; K = 204 (K % 8 != 0, rows not whole words) falls back to the
     # byte kernel; group 64: four groups per 256-wide tile
@@ -288,6 +290,20 @@ def test_factored_gemv_is_the_unrounded_product(force, scheme: str, dtype: torch
         rounded = x.double() @ F.dequantize(qw).to(dtype).double().T
         if scheme == "int4-g128" and dtype == torch.bfloat16:
             assert rel(out, rounded) > 1e-4  # the case tells the two apart
+
+
+@pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
+def test_two_row_gemvf_covers_an_odd_n(force, scheme: str) -> None:
+    """gemvf with two rows per program: N = 23 leaves the last program one row (its second row
+    clamped, computed, not stored); every output is the float64 product, none is skipped or doubled."""
+    force(GEMVF2)
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(1, 256, generator=g).to(torch.bfloat16)
+    qw = F.quantize_weight(torch.randn(23, 256, generator=g) * 0.02, scheme)
+    out = quant_matmul(x.float(), qw, None, "triton")
+    exact = x.double() @ F.dequantize(qw).double().T
+    assert out.shape == (1, 23) and rel(out, exact) < 1e-6
+    assert (out.double() - exact).abs().max() < 1e-4 * exact.abs().max()  # the last row too
 
 
 @pytest.mark.parametrize("cfg", paths(TILE, DEQ, DOTLESS, FUSED, WORDS, GEMVG, GEMVW, GEMVX))

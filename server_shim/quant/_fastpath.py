@@ -333,7 +333,8 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
         if cfg.path == "gemvg" and not (group & (group - 1) == 0 and 2 <= group <= 256):
             cfg = replace(cfg, path="gemv")  # group-shaped tiles need a power-of-two group
         if cfg.path in ("gemvg", "gemvw", "gemvx", "gemvr", "gemvf"):
-            cfg = replace(cfg, bk=max(cfg.bk, group), bn=1 if cfg.path in ("gemvr", "gemvf") else cfg.bn)
+            rows = {"gemvr": 1, "gemvf": 2 if cfg.bn == 2 else 1}.get(cfg.path, cfg.bn)  # rows per program
+            cfg = replace(cfg, bk=max(cfg.bk, group), bn=rows)
         if cfg.path == "deqb" and not _blas_ok(x, out, bias):
             cfg = replace(cfg, path="deq")
         if cfg.path in ("deq", "deqb"):

@@ -1245,7 +1245,8 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     the rounded kernels differ from by up to half an ulp of x's dtype per weight. X_PAIRS: bf16 x
     read as int32 pairs (`_bf16_pair_planes`). sm90 SASS per 64 nibbles of a 2-warp tile: int4
     383 against 658 unfactored, mxfp4 408 against 642."""
-    n = tl.program_id(0)
+    tl.static_assert(BLOCK_N == 1 or (BLOCK_N == 2 and FACTORED), "two rows per program: gemvf only")
+    n = tl.program_id(0) * BLOCK_N
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
     G: tl.constexpr = BLOCK_K // GROUP
@@ -1260,6 +1261,8 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     x_row = x_ptr + row * sxm
     DT: tl.constexpr = x_ptr.dtype.element_ty
     acc = tl.zeros([W, G], dtype=tl.float32)
+    acc1 = tl.zeros([W, G], dtype=tl.float32)  # BLOCK_N 2: the second row's (sharing the x planes)
+    n1 = tl.minimum(n + 1, N - 1)  # an odd N's last program: its second row is the first, not stored
     for k0 in range(k_lo, k_hi, BLOCK_K):
         # (loading the next step's words and x before this step's math measured slower on an H200:
         # int4 7.0 against 6.6 us at 4096^2, the loop-carried copies costing more than they hide)
@@ -1276,9 +1279,16 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
         else:
             x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4x_planes(xs, W, G)
         if FACTORED:
-            acc += s3 * _gemv4h_word(word, x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32),
-                                     x3.to(tl.float32), x4.to(tl.float32), x5.to(tl.float32),
-                                     x6.to(tl.float32), x7.to(tl.float32), z.to(tl.float32), FORMAT)  # fmt: skip
+            x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
+            x4, x5, x6, x7 = x4.to(tl.float32), x5.to(tl.float32), x6.to(tl.float32), x7.to(tl.float32)
+            acc += s3 * _gemv4h_word(word, x0, x1, x2, x3, x4, x5, x6, x7, z.to(tl.float32), FORMAT)
+            if (
+                BLOCK_N == 2
+            ):  # the second row's words, scales and zeros (its x loads are the first's: dropped)
+                word1, _, s1, z1 = _gemv4r_loads(w_ptr + n1 * swn, x_row, s_ptr, z_ptr, n1, k0, jw, kx, og, K, swk,
+                                                 sxk, ssn, ssg, szn, szg, FORMAT, GROUP, EVEN_K, X_PAIRS)  # fmt: skip
+                t1 = s1.to(tl.float32) if FORMAT == 0 else _e8m0_to_f32(s1)
+                acc1 += t1 * _gemv4h_word(word1, x0, x1, x2, x3, x4, x5, x6, x7, z1.to(tl.float32), FORMAT)
         else:
             acc += _gemv4x_term(word, x0, 0, s3, zb, FORMAT, DT, EMULATE_RNE)
             acc += _gemv4x_term(word, x1, 1, s3, zb, FORMAT, DT, EMULATE_RNE)
@@ -1289,12 +1299,17 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
             acc += _gemv4x_term(word, x6, 6, s3, zb, FORMAT, DT, EMULATE_RNE)
             acc += _gemv4x_term(word, x7, 7, s3, zb, FORMAT, DT, EMULATE_RNE)
     out = tl.sum(tl.sum(acc, axis=1), axis=0)
+    out1 = tl.sum(tl.sum(acc1, axis=1), axis=0)
     if FORMAT == 1 and (E2M1_F16 or FACTORED):
         out = out * 16384.0
-    # one output element: a 1-wide row segment for the shared store helper
+        out1 = out1 * 16384.0
+    # one output element per row: a 1-wide row segment for the shared store helper (masked past N)
     offs_n = n + tl.arange(0, 1)
     _gemv_store(tl.zeros([1], dtype=tl.float32) + out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn,
                 SPLIT_OUT, HAS_BIAS)  # fmt: skip
+    if BLOCK_N == 2:
+        _gemv_store(tl.zeros([1], dtype=tl.float32) + out1, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n + 1, M, N,
+                    scm, scn, SPLIT_OUT, HAS_BIAS)  # fmt: skip
 
 
 HELPERS = ("_scale_out", "_act_scale", "_row_amax", "_act_quantized", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",

@@ -61,7 +61,8 @@ class Cfg:
     "gemvx": "gemvw" with x read once per K step as whole words' 8 k and split into the nibble planes
     in registers; "gemvr": one weight row per program, words and x planes in one register layout;
     "gemvf": "gemvr" factored -- the exact dequantized weight times x in fp32, the group's scale
-    once per word, two nibbles per integer op (all three "gemvg" where the word view does not fit); "words": "fused" on int32 words, each nibble
+    once per word, two nibbles per integer op; bn 2: two rows per program sharing x's planes (all
+    three "gemvg" where the word view does not fit); "words": "fused" on int32 words, each nibble
     dequantized where it lies in its word (`_wonly_words_kernel`; "fused" where the word view or the
     K tile does not fit); "fusedk" / "wordsk" / "tilek": "fused" / "words" / "tile" whose
     K splits reduce themselves (the last split to finish sums the partials in split order on a
@@ -130,7 +131,7 @@ _GEMV = {  # HBM wants ~4 MB in flight: 1000+ programs of 2-8 KB tiles (plus one
     + _t("gemvx", (1, 8, 1024, 4, 1), (1, 4, 1024, 4, 1), (1, 8, 512, 4, 1), (1, 16, 512, 4, 1), (1, 4, 2048, 4, 1),
          (1, 8, 1024, 8, 1), (1, 2, 2048, 4, 1), (1, 8, 512, 4, 1, 2))
     + _t("gemvf", (1, 1, 4096, 2, 1), (1, 1, 2048, 2, 1), (1, 1, 1024, 2, 1), (1, 1, 4096, 4, 1), (1, 1, 2048, 4, 1),
-         (1, 1, 1024, 1, 1))
+         (1, 1, 1024, 1, 1), (1, 2, 1024, 1, 1), (1, 2, 2048, 2, 1), (1, 2, 1024, 2, 1))
     + _t("gemvr", (1, 1, 4096, 4, 1), (1, 1, 4096, 2, 1), (1, 1, 2048, 2, 1), (1, 1, 2048, 4, 1), (1, 1, 1024, 1, 1),
          (1, 1, 4096, 8, 1), (1, 1, 8192, 4, 1), (1, 1, 1024, 2, 1))
     + _t("gemvg", (1, 8, 1024, 4, 1), (1, 16, 512, 4, 1), (1, 8, 512, 4, 1, 2), (1, 4, 1024, 4, 1))

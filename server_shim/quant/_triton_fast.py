@@ -1115,6 +1115,15 @@ def _gemv4r_loads(w_row, x_row, s_ptr, z_ptr, n, k0, jw, kx, og, K, swk, sxk, ss
     return word, xs, s, z
 
 
+def _gemv4r_scale(s, FORMAT: tl.constexpr):
+    """A group's stored scale as the fp32 multiplier: int4's as it is, mxfp4's e8m0 decoded."""
+    if FORMAT == 0:  # noqa: SIM108
+        r = s.to(tl.float32)
+    else:
+        r = _e8m0_to_f32(s)
+    return r
+
+
 def _gemv4h_nib(h, P: tl.constexpr, zf):
     """Nibble P of a 16-bit half or-ed with fp32's 2**23 exponent (h) -> q - z exactly, in two
     ops: the and leaves 2**23 + q * 16**P; times 16**-P (exact) minus 2**(23 - 4P) + z (exact
@@ -1231,7 +1240,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FACTORED: tl.constexpr = False,
                    X_PAIRS: tl.constexpr = False):  # fmt: skip
     """`_gemv4x_kernel` (same arguments, int32 words, same numerics) for one weight row per program
-    (BLOCK_N is 1; grid (N, splits, M)): no row axis to broadcast x over, so its nibble planes and
+    (BLOCK_N is 1, or 2 for gemvf below; grid (N / BLOCK_N, splits, M)): no row axis to broadcast x over, so its nibble planes and
     the words can share one register layout -- no trip through shared memory at all. The words are
     indexed [GROUP/8, groups] in an odd-stride order inside each group ((w * 5) % (GROUP/8), a
     permutation) so that Triton gives each thread one word, as each thread holds one word's 8 x;
@@ -1244,7 +1253,8 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     no rounding of the weight to x's dtype -- the torch backend's numbers (its fp32 weight), which
     the rounded kernels differ from by up to half an ulp of x's dtype per weight. X_PAIRS: bf16 x
     read as int32 pairs (`_bf16_pair_planes`). sm90 SASS per 64 nibbles of a 2-warp tile: int4
-    383 against 658 unfactored, mxfp4 408 against 642."""
+    383 against 658 unfactored, mxfp4 408 against 642. BLOCK_N 2: a second weight row shares the
+    x planes (its own words, scales and zeros; an odd N's last program stores one row)."""
     tl.static_assert(BLOCK_N == 1 or (BLOCK_N == 2 and FACTORED), "two rows per program: gemvf only")
     n = tl.program_id(0) * BLOCK_N
     pid_k = tl.program_id(1)
@@ -1268,27 +1278,20 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
         # int4 7.0 against 6.6 us at 4096^2, the loop-carried copies costing more than they hide)
         word, xs, s, z = _gemv4r_loads(w_row, x_row, s_ptr, z_ptr, n, k0, jw, kx, og, K, swk, sxk, ssn, ssg, szn,
                                        szg, FORMAT, GROUP, EVEN_K, X_PAIRS)  # fmt: skip
-        zb = s  # unused by mxfp4
-        if FORMAT == 0:
-            s3 = s.to(tl.float32)
-            zb = z.to(tl.float32) + 8388608.0
-        else:
-            s3 = _e8m0_to_f32(s)
+        s3 = _gemv4r_scale(s, FORMAT)
+        zb = z.to(tl.float32) + 8388608.0  # int4's zero points (mxfp4: unused)
         if X_PAIRS:
             x0, x1, x2, x3, x4, x5, x6, x7 = _bf16_pair_planes(xs)
         else:
             x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4x_planes(xs, W, G)
-        if FACTORED:
-            x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
-            x4, x5, x6, x7 = x4.to(tl.float32), x5.to(tl.float32), x6.to(tl.float32), x7.to(tl.float32)
+        if FACTORED:  # the x planes are fp32 already (16-bit x is widened where it is loaded)
             acc += s3 * _gemv4h_word(word, x0, x1, x2, x3, x4, x5, x6, x7, z.to(tl.float32), FORMAT)
-            if (
-                BLOCK_N == 2
-            ):  # the second row's words, scales and zeros (its x loads are the first's: dropped)
+            if BLOCK_N == 2:
+                # the second row's words, scales and zeros (its x loads are the first's: dropped)
                 word1, _, s1, z1 = _gemv4r_loads(w_ptr + n1 * swn, x_row, s_ptr, z_ptr, n1, k0, jw, kx, og, K, swk,
                                                  sxk, ssn, ssg, szn, szg, FORMAT, GROUP, EVEN_K, X_PAIRS)  # fmt: skip
-                t1 = s1.to(tl.float32) if FORMAT == 0 else _e8m0_to_f32(s1)
-                acc1 += t1 * _gemv4h_word(word1, x0, x1, x2, x3, x4, x5, x6, x7, z1.to(tl.float32), FORMAT)
+                acc1 += _gemv4r_scale(s1, FORMAT) * _gemv4h_word(word1, x0, x1, x2, x3, x4, x5, x6, x7,
+                                                                 z1.to(tl.float32), FORMAT)  # fmt: skip
         else:
             acc += _gemv4x_term(word, x0, 0, s3, zb, FORMAT, DT, EMULATE_RNE)
             acc += _gemv4x_term(word, x1, 1, s3, zb, FORMAT, DT, EMULATE_RNE)
@@ -1315,7 +1318,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 HELPERS = ("_scale_out", "_act_scale", "_row_amax", "_act_quantized", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
-           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_word_plane", "_word_scales", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
+           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_word_scales", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

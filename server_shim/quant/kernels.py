@@ -469,9 +469,9 @@ def fp8_block_gemm_dynamic(
     out = _out(M, N, out_dtype, bias, x.device)
     native = _fp8_native(x.device, b.dtype)
     decode = 0 if native else (2 if b.dtype == torch.float8_e4m3fnuz else 1)
-    # unused in block mode (the group scales never leave the kernel), but the launch takes a tensor
-    a_scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
-    return _fastpath.mm8_act(k, x, b if native else b.view(torch.uint8), out, a_scale, b_scale, bias, sb, am=2,
+    # block mode never reads or writes the per-token scale buffer (the group scales stay in the
+    # kernel): b_scale stands in for it, no allocation per call on the decode path
+    return _fastpath.mm8_act(k, x, b if native else b.view(torch.uint8), out, b_scale, b_scale, bias, sb, am=2,
                              bmode=2, group=block, qmax=FP8_MAX[b.dtype], fnuz=b.dtype == torch.float8_e4m3fnuz,
                              acc_int=False, decode=decode, amax_floor=AMAX_FLOOR,
                              two_kernels=two_kernels)  # fmt: skip

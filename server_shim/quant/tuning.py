@@ -257,9 +257,8 @@ class Tuner:
     def __init__(self) -> None:
         self._cache: dict[str, str] = {}  # key -> config name (as on disk)
         self._parsed: dict[str, Cfg] = {}
-        self._lock = (
-            threading.RLock()
-        )  # re-entrant: a candidate may run ops of other keys (mm8_act's "quant2")
+        # re-entrant: a candidate may run ops of other keys (mm8_act's "quant2" runs mm8's)
+        self._lock = threading.RLock()
         self._warned: set[str] = set()
         self._disk: dict[str, str] | None = None  # the file's entries for this device, loaded once
         # key -> the config its first call in this process ran (tuned, stored, default or pinned):

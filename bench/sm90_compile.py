@@ -91,8 +91,8 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     common = dict(fixed, HAS_BIAS=False, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk)
     if cfg.path == "gemv":
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
-    if cfg.path in ("gemvw", "gemvx", "gemvr", "gemvf"):  # main() gives it int32 words
-        kern = {"gemvw": k.gemv4w, "gemvx": k.gemv4x, "gemvr": k.gemv4r, "gemvf": k.gemv4r}[cfg.path]
+    if cfg.path in _fastpath.WORD_GEMVS:  # main() gives it int32 words
+        kern = _fastpath.gemv4_kernel(k, cfg.path)
         extra = {"FACTORED": True, "X_PAIRS": True} if cfg.path == "gemvf" else {}  # bf16 x, aligned
         return kern, dict(
             common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split, **extra
@@ -304,7 +304,7 @@ def main() -> int:
                 if fn is None:
                     continue
                 cptrs = ptrs  # this config's pointer types (the variant's, unless its kernel differs)
-                if cfg.path in ("gemvw", "gemvx", "gemvr", "gemvf", "words", "wordsk"):
+                if cfg.path in _fastpath.WORD_GEMVS + _fastpath.WORD_PATHS:
                     cptrs = {**ptrs, "w_ptr": "*i32"}
                 if cfg.path == "deqb":
                     cptrs = {**ptrs, "o_ptr": "*bf16"}

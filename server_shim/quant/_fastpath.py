@@ -285,6 +285,14 @@ def _words(w: torch.Tensor, K: int, group: int) -> torch.Tensor | None:
 SELF_REDUCING = ("fusedk", "wordsk", "tilek")
 # the 4-bit tile paths on int32 words (`_wonly_words_kernel`), where `words_tile` says they fit
 WORD_PATHS = ("words", "wordsk")
+# the 4-bit M = 1 GEMVs on int32 words ("gemvg" where the word view does not fit)
+WORD_GEMVS = ("gemvw", "gemvx", "gemvr", "gemvf")
+
+
+def gemv4_kernel(k: SimpleNamespace, path: str) -> Any:
+    """The 4-bit GEMV a "gemv" / "gemvg" / word GEMV config launches ("gemvf" is "gemvr" FACTORED)."""
+    return {"gemv": k.gemv4, "gemvg": k.gemv4g, "gemvw": k.gemv4w, "gemvx": k.gemv4x, "gemvr": k.gemv4r,
+            "gemvf": k.gemv4r}[path]  # fmt: skip
 
 
 def wonly_tile_kernel(k: SimpleNamespace, path: str) -> Any:
@@ -322,7 +330,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         bias_arg = bias if bias is not None else out
         wk = w
-        if cfg.path in ("gemvw", "gemvx", "gemvr", "gemvf"):
+        if cfg.path in WORD_GEMVS:
             wk = _words(w, K, group)
             if wk is None:
                 wk, cfg = w, replace(cfg, path="gemvg")
@@ -332,7 +340,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
                 wk, cfg = w, replace(cfg, path="fused" if cfg.path == "words" else "fusedk")
         if cfg.path == "gemvg" and not (group & (group - 1) == 0 and 2 <= group <= 256):
             cfg = replace(cfg, path="gemv")  # group-shaped tiles need a power-of-two group
-        if cfg.path in ("gemvg", "gemvw", "gemvx", "gemvr", "gemvf"):
+        if cfg.path == "gemvg" or cfg.path in WORD_GEMVS:
             rows = {"gemvr": 1, "gemvf": 2 if cfg.bn == 2 else 1}.get(cfg.path, cfg.bn)  # rows per program
             cfg = replace(cfg, bk=max(cfg.bk, group), bn=rows)
         if cfg.path == "deqb" and not _blas_ok(x, out, bias):
@@ -360,15 +368,8 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             return out
         kper, splits = _splits(K, cfg.bk, cfg.split)
         ws = _workspace(splits, M, N, torch.float32, out)
-        if cfg.path in ("gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf"):
-            kern = {
-                "gemv": k.gemv4,
-                "gemvg": k.gemv4g,
-                "gemvw": k.gemv4w,
-                "gemvx": k.gemv4x,
-                "gemvr": k.gemv4r,
-                "gemvf": k.gemv4r,
-            }[cfg.path]
+        if cfg.path in ("gemv", "gemvg", *WORD_GEMVS):
+            kern = gemv4_kernel(k, cfg.path)
             factored = {"FACTORED": True, "X_PAIRS": _bf16_pairs(x)} if cfg.path == "gemvf" else {}
             kern[(_cdiv(N, cfg.bn), splits, M)](
                 x, wk, out, ws, scales, zeros, bias_arg, M, N, K, kper,

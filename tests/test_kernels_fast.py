@@ -857,3 +857,17 @@ def test_unfused_candidate_runs_the_two_kernels(monkeypatch) -> None:
     assert spy.launches == 1
     q, s = K.quantize_act_int8(x)
     assert torch.equal(out, K.int8_gemm(q, s, b, bs, out_dtype=torch.float32))
+
+
+def test_one_token_entry_points_refuse_bad_input() -> None:
+    """The act-quant-inside entry points say what is wrong, as the other kernel wrappers do."""
+    x, b8 = torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8)
+    bf8, bs = torch.zeros(8, 64, dtype=torch.float8_e4m3fn), torch.ones(1, 1)
+    with pytest.raises(QuantConfigError, match="K mismatch"):
+        K.int8_gemm_dynamic(torch.randn(1, 32), b8, torch.ones(8, 1), out_dtype=torch.float32)
+    with pytest.raises(QuantConfigError, match="x must be a 2-D tensor"):
+        K.int8_gemm_dynamic(x.to(torch.int32), b8, torch.ones(8, 1), out_dtype=torch.float32)
+    with pytest.raises(QuantConfigError, match="block must be a power of two"):
+        K.fp8_block_gemm_dynamic(x, bf8, bs, block=48, out_dtype=torch.float32)
+    with pytest.raises(QuantConfigError, match="b must be a 2-D tensor"):
+        K.fp8_block_gemm_dynamic(x, b8, bs, block=64, out_dtype=torch.float32)

@@ -4,7 +4,7 @@
     python bench/wonly_sweep.py --m 16 --configs wordsk:16x64x128:w4:s4:k4 --ncu   # one launch per config
     python bench/wonly_sweep.py --device cpu          # the checks at small sizes, Triton interpreter
 
-For each M and scheme (int4-g128, mxfp4; bf16 activations) the candidates quant/tuning.py lists for
+For each M and scheme (int4-g128, mxfp4; bf16 activations, or --dtype fp16) the candidates quant/tuning.py lists for
 this GPU's family (or --configs) run pinned through the shim's own dispatch (`tuning.FORCE`), each
 compared with the float64 product of the golden dequantization first: a config over tolerance is a
 FAIL row and exit status 1. Then medians of CUDA-graph replays, fastest first, beside torch bf16 and
@@ -46,6 +46,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--configs", nargs="+", default=None, help="these config names instead of the tuner's list"
     )
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="the activations' dtype")
     p.add_argument("--ncu", action="store_true", help="no timing: each config a few launches, for a profiler")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: check the configs at 8 x 64 x 256 under the Triton interpreter, no timing")  # fmt: skip
@@ -84,20 +85,27 @@ def _floor_us(packed: torch.Tensor) -> float:
 
 
 def sweep(
-    M: int, N: int, Kd: int, scheme: str, names: list[str], dev: torch.device, timed: bool
+    M: int,
+    N: int,
+    Kd: int,
+    scheme: str,
+    names: list[str],
+    dev: torch.device,
+    timed: bool,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> list[dict]:
     """One row per config: its error against float64 and, when timed, its median µs."""
     from server_shim.quant import formats as F
     from server_shim.quant import kernels as K
 
     g = torch.Generator(device=dev).manual_seed(M * 7 + N * 3 + Kd)
-    x = torch.randn(M, Kd, device=dev, generator=g).to(torch.bfloat16)
+    x = torch.randn(M, Kd, device=dev, generator=g).to(dtype)
     qw = F.quantize_weight(torch.randn(N, Kd, device=dev, generator=g) * 0.02, scheme)
-    ref = x.double() @ F.dequantize(qw).to(torch.bfloat16).double().T
+    ref = x.double() @ F.dequantize(qw).to(dtype).double().T
     if scheme == "int4-g128":
-        fn = lambda: K.int4_gemm(x, qw.data, qw.scales, qw.zeros, out_dtype=torch.bfloat16)  # noqa: E731
+        fn = lambda: K.int4_gemm(x, qw.data, qw.scales, qw.zeros, out_dtype=dtype)  # noqa: E731
     else:
-        fn = lambda: K.mxfp4_gemm(x, qw.data, qw.scales, out_dtype=torch.bfloat16)  # noqa: E731
+        fn = lambda: K.mxfp4_gemm(x, qw.data, qw.scales, out_dtype=dtype)  # noqa: E731
     rows = []
     try:
         for name in names:
@@ -153,17 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"wonly_sweep: {e}", file=sys.stderr)
         return 2
-    fails = 0
+    fails, dtype = 0, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     for M, N, Kd in shapes:
         if timed:
             g = torch.Generator(device=dev).manual_seed(0)
-            a = torch.randn(M, Kd, device=dev, generator=g).to(torch.bfloat16)
-            b = torch.randn(N, Kd, device=dev, generator=g).to(torch.bfloat16)
+            a = torch.randn(M, Kd, device=dev, generator=g).to(dtype)
+            b = torch.randn(N, Kd, device=dev, generator=g).to(dtype)
             packed = torch.randint(0, 255, (N, -(-Kd // 8) * 4), device=dev, dtype=torch.uint8, generator=g)
-            print(f"{M}x{N}x{Kd}: torch bf16 {_time_us(lambda a=a, b=b: a @ b.T):.2f} us, "
+            print(f"{M}x{N}x{Kd}: torch {args.dtype} {_time_us(lambda a=a, b=b: a @ b.T):.2f} us, "
                   f"read of the packed weight {_floor_us(packed):.2f} us", flush=True)  # fmt: skip
         for scheme in args.schemes:
-            rows = sweep(M, N, Kd, scheme, names[(M, N, Kd)], dev, timed)
+            rows = sweep(M, N, Kd, scheme, names[(M, N, Kd)], dev, timed, dtype)
             rows.sort(key=lambda r: (not r["ok"], r["us"] if r["us"] is not None else 0.0))
             for r in rows:
                 us = f"{r['us']:8.2f} us" if r["us"] is not None else "       -   "

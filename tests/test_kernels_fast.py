@@ -250,7 +250,7 @@ def test_int4_word_gemv_ragged_k_and_fallbacks(force, cfg: tuning.Cfg) -> None:
 
 
 @pytest.mark.parametrize(
-    "cfg", paths(TILE, SPLIT, DEQ, DOTLESS, FUSED, WORDS, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, FUSEDK, TILEK)
+    "cfg", paths(TILE, SPLIT, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX, GEMVR, DEQB, FUSEDK, TILEK)
 )
 def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     force(cfg)
@@ -265,19 +265,30 @@ def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
-def test_factored_gemv_is_the_unrounded_product(force, scheme: str, dtype: torch.dtype) -> None:
-    """gemvf multiplies the exact dequantized weight, as the torch backend does (fp32, no rounding
-    to x's dtype first): within fp32 summation of the float64 product, and -- for int4 in bf16,
-    where rounding the weight moves the output ~1e-3 -- measurably not the rounded one. bf16 x is
-    read as int32 pairs (K = 200: the last word's pairs masked; x a column slice: 16-bit reads)."""
-    force(tuning.Cfg("gemvf", 1, 1, 256, 4, 1))
+@pytest.mark.parametrize(
+    "scheme, cfg",
+    [pytest.param(s, tuning.Cfg("gemvf", 1, 1, 256, 4, 1), id=f"{s}-gemvf") for s in ("int4-g128", "mxfp4")]
+    + [
+        pytest.param("int4-g128", c, id=f"int4-g128-{i}")
+        for c, i in PATH_IDS.items()
+        if c in (WORDS, WORDSK, WORDS32)
+    ],
+)
+def test_factored_4bit_is_the_unrounded_product(
+    force, scheme: str, cfg: tuning.Cfg, dtype: torch.dtype
+) -> None:
+    """gemvf and int4's word tiles multiply the exact dequantized weight, as the torch backend does
+    (no rounding to x's dtype first; the word tiles put the integers q - z in the dot and scale its
+    fp32 partial): within fp32 summation of the float64 product, and -- for int4 in bf16, where
+    rounding the weight moves the output ~1e-3 -- measurably not the rounded one. bf16 x is read
+    as int32 pairs by gemvf (K = 200: the last word's pairs masked; x a column slice: 16-bit reads)."""
+    force(cfg)
     g = torch.Generator().manual_seed(21)
     for Kd, sliced in ((512, False), (200, False), (200, True)):
         N = 64
-        x = torch.randn(1, Kd, generator=g).to(dtype)
+        x = torch.randn(cfg.bm + 2 if cfg.bm > 1 else 1, Kd, generator=g).to(dtype)
         if sliced:  # an odd element offset: not 4-byte aligned, so no pair reads
-            x = torch.randn(1, Kd + 1, generator=g).to(dtype)[:, 1:]
+            x = torch.randn(x.shape[0], Kd + 1, generator=g).to(dtype)[:, 1:]
         w = torch.randn(N, Kd, generator=g) * 0.02
         qw = F.quantize_weight(w, scheme)
         exact = x.double() @ F.dequantize(qw).double().T
@@ -306,7 +317,7 @@ def test_two_row_gemvf_covers_an_odd_n(force, scheme: str) -> None:
     assert (out.double() - exact).abs().max() < 1e-4 * exact.abs().max()  # the last row too
 
 
-@pytest.mark.parametrize("cfg", paths(TILE, DEQ, DOTLESS, FUSED, WORDS, GEMVG, GEMVW, GEMVX))
+@pytest.mark.parametrize("cfg", paths(TILE, DEQ, DOTLESS, FUSED, GEMVG, GEMVW, GEMVX))
 def test_fp16_activations_take_the_hardware_cast(force, cfg: tuning.Cfg) -> None:
     # fp16 is cast correctly by the interpreter too, so this runs the GPU's plain `.to()` rounding
     force(cfg)

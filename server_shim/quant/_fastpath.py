@@ -302,6 +302,12 @@ def wonly_tile_kernel(k: SimpleNamespace, path: str) -> Any:
     return k.wonly_words if path in WORD_PATHS else k.wonly_fast
 
 
+def ptx_planes(fam: str, dtype: torch.dtype) -> bool:
+    """Whether `_int4_planes` may use its inline PTX: an NVIDIA family (arch.gemm_family names it)
+    and a 16-bit x (the packed fma is fp16x2 / bf16x2)."""
+    return fam in ("hopper", "ampere") and dtype in (torch.float16, torch.bfloat16)
+
+
 def words_tile(cfg: tuning.Cfg, fmt: int, group: int) -> bool:
     """Whether `_wonly_words_kernel` takes cfg's K tile: int4 tiles inside one group, mxfp4 tiles of
     whole groups, and at least 64 wide (8 planes of 8 words)."""
@@ -382,6 +388,8 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
                 _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
             return out
         kern = wonly_tile_kernel(k, cfg.path)
+        # int4 words on an NVIDIA GPU with 16-bit x: two nibbles per instruction in inline PTX
+        words_ptx = {"PTX": ptx_planes(fam, x.dtype)} if cfg.path in WORD_PATHS else {}
         tiles = _cdiv(M, cfg.bm) * _cdiv(N, cfg.bn)
         # the splits reduce themselves on per-tile counters (no second kernel)
         counters = _counters(out.device, tiles) if splits > 1 and cfg.path in SELF_REDUCING else None
@@ -392,7 +400,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee, EMULATE_RNE=emulate,
             SPLIT_OUT=splits > 1, SPLIT_FIN=counters is not None,
             EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group_m,
-            num_warps=cfg.warps, num_stages=cfg.stages,
+            num_warps=cfg.warps, num_stages=cfg.stages, **words_ptx,
         )  # fmt: skip
         if splits > 1 and counters is None:
             _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)

@@ -65,6 +65,63 @@ _round_to_fp8_grid: Any = None
 
 GROUP_BCAST: Any = None  # tl.constexpr, set by _build() (env DIFFTEST_TRITON_GROUP_BCAST, default on)
 E2M1_F16: Any = None  # tl.constexpr, set by _build() (env DIFFTEST_TRITON_E2M1_F16, default on)
+# tl.constexpr PTX strings of `_int4_planes` (fp16 / bf16), set by _build() from `planes_ptx`
+PLANES_F16: Any = None
+PLANES_BF16: Any = None
+
+
+MX_PLANES_F16: Any = None
+MX_PLANES_BF16: Any = None
+
+
+def mx_planes_ptx(bf16: bool) -> str:
+    """`_mx_planes`'s PTX: $8 a word of 8 e2m1 codes, $9 (and fp16's $10) the group scale as one
+    (two) power-of-two factors in both 16-bit halves; $0..$7 the codes' values times the factors.
+    Two byte permutes look the 3-bit magnitudes of four codes up in 8-byte tables (the high and the
+    low bytes of the 16-bit values; fp16's low bytes are all 0), one permute per pair of codes
+    assembles their two values, one more brings their sign bits, one lop3 merges them and one
+    packed fma per factor scales them (exact but for under- / overflow, where the rounding is that
+    of the fp32 product cast to x's dtype)."""
+    if bf16:  # 0, 0.5, 1, 1.5 | 2, 3, 4, 6 as bf16: 0x0000 0x3F00 0x3F80 0x3FC0 | 0x4000 0x4040 0x4080 0x40C0
+        tables = (
+            "mov.b32 h0, 0x3F3F3F00; mov.b32 h1, 0x40404040; mov.b32 l0, 0xC0800000; mov.b32 l1, 0xC0804000;"
+        )
+        pair, looks, sel, factors = (
+            "bf16x2",
+            "prmt.b32 la, l0, l1, m; prmt.b32 lb, l0, l1, u;",
+            (0x5140, 0x7362),
+            1,
+        )
+    else:  # fp16: 0x0000 0x3800 0x3C00 0x3E00 | 0x4000 0x4200 0x4400 0x4600: the low bytes from a zero
+        tables = "mov.b32 h0, 0x3E3C3800; mov.b32 h1, 0x46444240; mov.b32 la, 0; mov.b32 lb, 0;"
+        pair, looks, sel, factors = "f16x2", "", (0x5040, 0x7060), 2
+    lines = [
+        "{ .reg .b32 m, u, h0, h1, l0, l1, ha, hb, la, lb, s4, p, g, z;",
+        tables,
+        "and.b32 m, $8, 0x77777777; shr.u32 u, m, 16; shl.b32 s4, $8, 4; mov.b32 z, 0x80008000;",
+        "prmt.b32 ha, h0, h1, m; prmt.b32 hb, h0, h1, u;" + looks,
+    ]
+    for b in range(4):  # the word's byte b: codes 2b (sign at bit 3, bit 7 of s4's byte) and 2b + 1 (bit 7)
+        lo, hi = ("la", "ha") if b < 2 else ("lb", "hb")
+        # each factor by an fma with -0 added: a zero keeps its sign
+        scale = " ".join(f"fma.rn.{pair} p, p, ${9 + f}, z;" for f in range(factors))
+        lines.append(
+            f"prmt.b32 p, {lo}, {hi}, {sel[b % 2]:#06x}; prmt.b32 g, s4, $8, {(b << 4) | ((4 + b) << 12):#06x}; "
+            f"lop3.b32 p, g, z, p, 0xEA; {scale} mov.b32 {{${2 * b}, ${2 * b + 1}}}, p;"
+        )
+    return "\n".join(lines) + "\n}"
+
+
+def planes_ptx(magic: int, one: int, pair: str) -> str:
+    """`_int4_planes`'s PTX: $8 a word of 8 nibbles, $9 -(magic + z) in both 16-bit halves; $0..$7
+    the nibbles' q - z. `magic` is 2**10 (fp16) / 2**7 (bf16) as 16-bit bits, `one` 1.0's bits."""
+    body = "\n".join(
+        f"prmt.b32 p, $8, t, 0x{0x400 + 0x101 * b:04x}; lop3.b32 p, p, 0x000F000F, {magic * 0x10001:#010x}, 0xEA; "
+        f"fma.rn.{pair} p, p, o, $9; mov.b32 {{${2 * b}, ${2 * b + 1}}}, p;"
+        for b in range(4)
+    )
+    return f"{{ .reg .b32 t, p, o; shr.u32 t, $8, 4; mov.b32 o, {one * 0x10001:#010x};\n" + body + "\n}"
+
 
 SHARED = ("_cast_out", "_epilogue", "_tile_ids", "_tile_of", "_fp8_bits_to_f16", "_round_to_fp8_grid")
 
@@ -580,12 +637,80 @@ def _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT: tl.constex
     return out
 
 
+def _nibble_bits(word, SHIFT: tl.constexpr):
+    """The nibble at bit SHIFT of int32 words as the fp32 2**23 + q."""
+    return (((word >> SHIFT) & 15) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+def _int4_planes(word, z, DT: tl.constexpr, PTX: tl.constexpr):
+    """The 8 nibble planes of int32 words [BN, BK/8] as the exact integers q - z in DT, z the row's
+    zero point [BN, 1]: no scale and no rounding, the scale multiplies the dot's fp32 partial.
+    PTX (NVIDIA, fp16 / bf16 DT): two nibbles per instruction. A byte permute puts nibbles 2b and
+    2b + 1 in the low bits of the two 16-bit halves (the second from the word shifted by 4), one
+    lop3 masks them and ors in the bits of 2**10 (fp16) / 2**7 (bf16), which makes each half
+    exactly that power plus q, and one packed fma subtracts the power plus z: 13 instructions per
+    word of 8 nibbles. Elsewhere (the interpreter, AMD, fp32 x) the same integers by shift and mask."""
+    if PTX:
+        zi = tl.broadcast_to(z.to(tl.int32), word.shape)
+        if DT == tl.bfloat16:  # noqa: SIM300 - -(2**7 + z) in both halves, exact for z < 2**7 (zeros: 0..15)
+            nz = (zi | 0xC300) | ((zi | 0xC300) << 16)
+            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+                PLANES_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, nz], (tl.bfloat16,) * 8, True, 1
+            )
+        else:  # fp16: -(2**10 + z)
+            nz = (zi | 0xE400) | ((zi | 0xE400) << 16)
+            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+                PLANES_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, nz], (tl.float16,) * 8, True, 1
+            )
+    else:  # (2**23 + q) - (2**23 + z) in fp32, exact, then DT (exact: |q - z| < 2**8)
+        zb = z.to(tl.float32) + 8388608.0
+        p0 = (_nibble_bits(word, 0) - zb).to(DT)
+        p1 = (_nibble_bits(word, 4) - zb).to(DT)
+        p2 = (_nibble_bits(word, 8) - zb).to(DT)
+        p3 = (_nibble_bits(word, 12) - zb).to(DT)
+        p4 = (_nibble_bits(word, 16) - zb).to(DT)
+        p5 = (_nibble_bits(word, 20) - zb).to(DT)
+        p6 = (_nibble_bits(word, 24) - zb).to(DT)
+        p7 = (_nibble_bits(word, 28) - zb).to(DT)
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+def _mx_scale_pairs(e, DT: tl.constexpr):
+    """e8m0 codes -> the group scale 2**(e - 127) as `mx_planes_ptx` takes it: 16-bit powers of two
+    in both halves of an int32. bf16 holds every one (e 0 as its subnormal, 255 as NaN): one factor;
+    fp16 two, 2**a with a clamped into fp16's normal range and the rest (0 below 2**-24, capped at 2**15)."""
+    if DT == tl.bfloat16:  # noqa: SIM300 - DT is a constexpr: its == compares dtypes
+        f1 = tl.where(e == 0, 0x40, tl.where(e == 255, 0x7FC0, e << 7))
+        f2 = f1
+    else:
+        x = e - 127
+        a = tl.minimum(tl.maximum(x, -14), 15)
+        b = tl.minimum(x - a, 15)
+        f1 = (a + 15) << 10
+        f2 = tl.where(b < -24, 0, tl.where(b < -14, 1 << (b + 24), (b + 15) << 10))
+    return f1 | (f1 << 16), f2 | (f2 << 16)
+
+
+def _mx_planes(word, f1, f2, DT: tl.constexpr):
+    """The 8 e2m1 planes of int32 words [BN, BK/8] times their group's scale (`_mx_scale_pairs`, per
+    word), in DT, by `mx_planes_ptx` (NVIDIA, fp16 / bf16 DT)."""
+    if DT == tl.bfloat16:  # noqa: SIM300 - DT is a constexpr: its == compares dtypes
+        p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+            MX_PLANES_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, f1], (tl.bfloat16,) * 8, True, 1
+        )
+    else:
+        p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+            MX_PLANES_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [word, f1, f2], (tl.float16,) * 8, True, 1
+        )
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
 def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                         sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg, cnt_ptr, SPLIT,
                         FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
                         EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                        SPLIT_FIN: tl.constexpr = False):  # fmt: skip
+                        SPLIT_FIN: tl.constexpr = False, PTX: tl.constexpr = False):  # fmt: skip
     """`_wonly_fused_kernel` (same arguments; w as int32 words [N, K/8], K % 8 == 0) reading whole
     words: the 8 nibble planes are dequantized where they lie (`_word_plane`) and joined back into
     K order, 8 consecutive k per thread, which is how the MMA's operand holds them. int4 tiles lie
@@ -597,6 +722,9 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_ptrs = x_ptr + rm[:, None] * sxm + (k_lo + offs_k)[None, :] * sxk
     w_ptrs = w_ptr + rn[:, None] * swn + (k_lo // 8 + offs_j)[None, :] * swk
+    if FORMAT == 0:  # int4: each step's scales and zeros are loaded one step ahead (no pipeliner takes them)
+        s_next = tl.load(s_ptr + rn * ssn + (k_lo // GROUP) * ssg)
+        z_next = tl.load(z_ptr + rn * szn + (k_lo // GROUP) * szg)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -604,20 +732,38 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
         else:  # past K: x is 0, so the words there (0, dequantized to -z * s) add nothing
             x = tl.load(x_ptrs, mask=((k0 + offs_k) < K)[None, :], other=0.0)
             word = tl.load(w_ptrs, mask=((k0 + 8 * offs_j) < K)[None, :], other=0)
-        z0, s0, z1, s1, z2, s2, z3, s3 = _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT, GROUP,
-                                                      BLOCK_K, EVEN_K)  # fmt: skip
-        p0 = _word_plane(word, 0, z0, s0, FORMAT, DT, EMULATE_RNE)
-        p1 = _word_plane(word, 1, z1, s1, FORMAT, DT, EMULATE_RNE)
-        p2 = _word_plane(word, 2, z2, s2, FORMAT, DT, EMULATE_RNE)
-        p3 = _word_plane(word, 3, z3, s3, FORMAT, DT, EMULATE_RNE)
-        p4 = _word_plane(word, 4, z0, s0, FORMAT, DT, EMULATE_RNE)
-        p5 = _word_plane(word, 5, z1, s1, FORMAT, DT, EMULATE_RNE)
-        p6 = _word_plane(word, 6, z2, s2, FORMAT, DT, EMULATE_RNE)
-        p7 = _word_plane(word, 7, z3, s3, FORMAT, DT, EMULATE_RNE)
+        if FORMAT == 0:  # the tile inside one group: the exact q - z in the dot, its row scale after it
+            s = s_next.to(tl.float32)
+            z = z_next[:, None]
+            g = tl.minimum((k0 + BLOCK_K) // GROUP, (K - 1) // GROUP)  # past the last: reread, unused
+            s_next = tl.load(s_ptr + rn * ssn + g * ssg)
+            z_next = tl.load(z_ptr + rn * szn + g * szg)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(word, z, DT, PTX)
+        elif PTX:  # mxfp4 on NVIDIA: the scaled values straight from the codes, two per instruction
+            gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+            if not EVEN_K:
+                gi = tl.minimum(gi, (K - 1) // GROUP)
+            f1, f2 = _mx_scale_pairs(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg).to(tl.int32), DT)
+            f1 = _per_group(f1, GROUP, BLOCK_K, 8)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _mx_planes(word, f1, _per_group(f2, GROUP, BLOCK_K, 8), DT)
+        else:
+            z0, s0, z1, s1, z2, s2, z3, s3 = _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT,
+                                                          GROUP, BLOCK_K, EVEN_K)  # fmt: skip
+            p0 = _word_plane(word, 0, z0, s0, FORMAT, DT, EMULATE_RNE)
+            p1 = _word_plane(word, 1, z1, s1, FORMAT, DT, EMULATE_RNE)
+            p2 = _word_plane(word, 2, z2, s2, FORMAT, DT, EMULATE_RNE)
+            p3 = _word_plane(word, 3, z3, s3, FORMAT, DT, EMULATE_RNE)
+            p4 = _word_plane(word, 4, z0, s0, FORMAT, DT, EMULATE_RNE)
+            p5 = _word_plane(word, 5, z1, s1, FORMAT, DT, EMULATE_RNE)
+            p6 = _word_plane(word, 6, z2, s2, FORMAT, DT, EMULATE_RNE)
+            p7 = _word_plane(word, 7, z3, s3, FORMAT, DT, EMULATE_RNE)
         # [BN, BK/8, 2, 2, 2] indexed (j, c, b, a) holds plane 4c + 2b + a: k = 8j + 4c + 2b + a
         w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-        acc = _w16_dot(x, w, acc, DOT_IEEE)
+        if FORMAT == 0:
+            acc += _w16_dot(x, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_IEEE) * s[None, :]
+        else:
+            acc = _w16_dot(x, w, acc, DOT_IEEE)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += (BLOCK_K // 8) * swk
     _wonly_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
@@ -1318,7 +1464,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 HELPERS = ("_scale_out", "_act_scale", "_row_amax", "_act_quantized", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
-           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_word_scales", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
+           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_word_scales", "_nibble_bits", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

@@ -57,6 +57,9 @@ VARIANTS = [
      dict(A_MODE=2, B_MODE=2, GROUP=128, ACC_INT=False, QUANT_A=True, QMAX=448.0, AMAX_FLOOR=1e-12)),
     ("int4-g128", "wonly", {**P4, "s_ptr": "*fp32"}, dict(FORMAT=0, GROUP=128)),
     ("mxfp4", "wonly", {**P4, "s_ptr": "*u8"}, dict(FORMAT=1, GROUP=32)),
+    # fp16 x (the shim's models): its own inline PTX in the int32-word tiles ("words" / "wordsk")
+    ("int4 fp16", "wonly", {**P4, "x_ptr": "*fp16", "c_ptr": "*fp16", "s_ptr": "*fp32"}, dict(FORMAT=0, GROUP=128)),
+    ("mxfp4 fp16", "wonly", {**P4, "x_ptr": "*fp16", "c_ptr": "*fp16", "s_ptr": "*u8"}, dict(FORMAT=1, GROUP=32)),
 ]  # fmt: skip
 
 
@@ -301,6 +304,8 @@ def main() -> int:
             for cfg in cands:
                 if args.only and cfg.path not in args.only:
                     continue
+                if "fp16" in label and cfg.path not in _fastpath.WORD_PATHS:
+                    continue  # fp16 x changes only the word tiles' code (their PTX)
                 fn, consts = kernel_and_consts(k, kind, cfg, fixed, m)
                 if fn is None:
                     continue

@@ -642,6 +642,15 @@ def _nibble_bits(word, SHIFT: tl.constexpr):
     return (((word >> SHIFT) & 15) | 0x4B000000).to(tl.float32, bitcast=True)
 
 
+def _int4_zero_pairs(z, DT: tl.constexpr):
+    """Zero points (uint8) -> `planes_ptx`'s $9: -(2**7 + z) as bf16 / -(2**10 + z) as fp16 in both
+    16-bit halves of an int32 (the power's bits or-ed with z: exact for z below 2**7 / 2**10; int4
+    zeros are 0..15)."""
+    zi = z.to(tl.int32)
+    h = zi | (0xC300 if DT == tl.bfloat16 else 0xE400)  # noqa: SIM300 - DT is a constexpr: its == compares dtypes
+    return h | (h << 16)
+
+
 def _int4_planes(word, z, DT: tl.constexpr, PTX: tl.constexpr):
     """The 8 nibble planes of int32 words [BN, BK/8] as the exact integers q - z in DT, z the row's
     zero point [BN, 1]: no scale and no rounding, the scale multiplies the dot's fp32 partial.
@@ -651,14 +660,12 @@ def _int4_planes(word, z, DT: tl.constexpr, PTX: tl.constexpr):
     exactly that power plus q, and one packed fma subtracts the power plus z: 13 instructions per
     word of 8 nibbles. Elsewhere (the interpreter, AMD, fp32 x) the same integers by shift and mask."""
     if PTX:
-        zi = tl.broadcast_to(z.to(tl.int32), word.shape)
-        if DT == tl.bfloat16:  # noqa: SIM300 - -(2**7 + z) in both halves, exact for z < 2**7 (zeros: 0..15)
-            nz = (zi | 0xC300) | ((zi | 0xC300) << 16)
+        nz = tl.broadcast_to(_int4_zero_pairs(z, DT), word.shape)
+        if DT == tl.bfloat16:  # noqa: SIM300 - DT is a constexpr: its == compares dtypes
             p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
                 PLANES_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, nz], (tl.bfloat16,) * 8, True, 1
             )
-        else:  # fp16: -(2**10 + z)
-            nz = (zi | 0xE400) | ((zi | 0xE400) << 16)
+        else:
             p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
                 PLANES_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, nz], (tl.float16,) * 8, True, 1
             )
@@ -1464,7 +1471,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 HELPERS = ("_scale_out", "_act_scale", "_row_amax", "_act_quantized", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
-           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_word_scales", "_nibble_bits", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
+           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_word_scales", "_nibble_bits", "_int4_zero_pairs", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

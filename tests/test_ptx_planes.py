@@ -1,0 +1,96 @@
+"""The 4-bit word tiles' inline PTX, which CI cannot run on a GPU: its strings executed by
+tests/ptx_emu.py against the formats' own decoding (every nibble / code, zero point and scale
+exponent, fp16 and bf16), and the kernels that embed it compiled for sm90 by ptxas."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any triton import (see tests/test_kernels.py)
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import ptx_emu  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from server_shim.quant import _triton_fast as fast  # noqa: E402
+from server_shim.quant import formats as F  # noqa: E402
+from server_shim.quant import kernels as K  # noqa: E402
+
+triton = pytest.importorskip("triton")
+tl = triton.language
+ROOT = Path(__file__).resolve().parents[1]
+HALF = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _pairs_kernel(z_ptr, e_ptr, nz_ptr, f1_ptr, f2_ptr, N: tl.constexpr, DT: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(nz_ptr + o, fast._int4_zero_pairs(tl.load(z_ptr + o), DT))
+    f1, f2 = fast._mx_scale_pairs(tl.load(e_ptr + o), DT)
+    tl.store(f1_ptr + o, f1)
+    tl.store(f2_ptr + o, f2)
+
+
+def _operands(dtype: torch.dtype) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """Zero points 0..15 and e8m0 codes 0..255 with the kernel's own $9 / $10 operands for them."""
+    K._build()  # decorates the helpers the kernel calls
+    z = torch.arange(256, dtype=torch.uint8) % 16
+    e = torch.arange(256, dtype=torch.int32)
+    nz, f1, f2 = (torch.empty(256, dtype=torch.int32) for _ in range(3))
+    triton.jit(_pairs_kernel)[(1,)](z, e, nz, f1, f2, N=256, DT=HALF[dtype])
+    return z.tolist(), e.tolist(), nz.tolist(), f1.tolist(), f2.tolist()
+
+
+def _as_half(bits: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor([b - 0x10000 if b & 0x8000 else b for b in bits], dtype=torch.int16).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_planes_are_q_minus_z(dtype: torch.dtype) -> None:
+    asm = fast.planes_ptx(*((0x4300, 0x3F80, "bf16x2") if dtype == torch.bfloat16 else (0x6400, 0x3C00, "f16x2")))
+    z, _, nz, _, _ = _operands(dtype)
+    g = torch.Generator().manual_seed(5)
+    words = [0x76543210, 0xFEDCBA98, 0x0F0F0F0F, 0xF0F0F0F0] + torch.randint(0, 2**32, (28,), generator=g).tolist()
+    for i, word in enumerate(words):
+        for zi in (i % 16, 0, 15):
+            got = _as_half(ptx_emu.run(asm, {8: word, 9: nz[zi]}, 8), dtype).double()
+            want = torch.tensor([((word >> (4 * j)) & 15) - z[zi] for j in range(8)], dtype=torch.float64)
+            assert torch.equal(got, want), (hex(word), zi, got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mxfp4_planes_are_the_scaled_codes(dtype: torch.dtype) -> None:
+    """Every code in every nibble position, every scale exponent: bit for bit the exact value
+    e2m1 * 2**(e - 127) cast to x's dtype (fp16: overflow to inf, subnormals rounded once) -- but
+    e = 255 (NaN) in fp16, which the kernel does not represent (it never occurs: quantize_weight's
+    scales are finite)."""
+    asm = fast.mx_planes_ptx(bf16=dtype == torch.bfloat16)
+    _, e, _, f1, f2 = _operands(dtype)
+    words = [0x76543210, 0xFEDCBA98, 0x1A2B3C4D, 0x0F870F87, 0xF078F078, 0x9E8F0716]  # signs: same, alternating, mixed
+    for code in e[: 255 if dtype == torch.float16 else 256]:
+        scale = F.e8m0_decode(torch.tensor([code], dtype=torch.uint8)).double()
+        for word in words:
+            got = _as_half(ptx_emu.run(asm, {8: word, 9: f1[code], 10: f2[code]}, 8), dtype)
+            codes = torch.tensor([(word >> (4 * j)) & 15 for j in range(8)], dtype=torch.uint8)
+            want = (F.e2m1_decode(codes).double() * scale).to(dtype)
+            same = torch.equal(got.view(torch.int16), want.view(torch.int16)) or (
+                torch.isnan(want).all() and torch.isnan(got).all()
+            )
+            assert same, (code, hex(word), got, want)
+
+
+def test_word_tiles_compile_for_sm90() -> None:
+    """ptxas (shipped in the triton wheel) assembles the word tiles' PTX for fp16 and bf16 x."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, "bench/sm90_compile.py", "--m", "16", "--only", "words"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if "no ptxas" in r.stdout:
+        pytest.skip("this triton build ships no ptxas")
+    assert r.returncode == 0 and "0 failed in all" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    for label in ("int4-g128", "mxfp4", "int4 fp16", "mxfp4 fp16"):
+        assert f"ok   {label:10} M=16" in r.stdout, label

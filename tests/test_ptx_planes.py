@@ -50,10 +50,14 @@ def _as_half(bits: list[int], dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_planes_are_q_minus_z(dtype: torch.dtype) -> None:
-    asm = fast.planes_ptx(*((0x4300, 0x3F80, "bf16x2") if dtype == torch.bfloat16 else (0x6400, 0x3C00, "f16x2")))
+    asm = fast.planes_ptx(
+        *((0x4300, 0x3F80, "bf16x2") if dtype == torch.bfloat16 else (0x6400, 0x3C00, "f16x2"))
+    )
     z, _, nz, _, _ = _operands(dtype)
     g = torch.Generator().manual_seed(5)
-    words = [0x76543210, 0xFEDCBA98, 0x0F0F0F0F, 0xF0F0F0F0] + torch.randint(0, 2**32, (28,), generator=g).tolist()
+    words = [0x76543210, 0xFEDCBA98, 0x0F0F0F0F, 0xF0F0F0F0] + torch.randint(
+        0, 2**32, (28,), generator=g
+    ).tolist()
     for i, word in enumerate(words):
         for zi in (i % 16, 0, 15):
             got = _as_half(ptx_emu.run(asm, {8: word, 9: nz[zi]}, 8), dtype).double()
@@ -69,7 +73,14 @@ def test_mxfp4_planes_are_the_scaled_codes(dtype: torch.dtype) -> None:
     scales are finite)."""
     asm = fast.mx_planes_ptx(bf16=dtype == torch.bfloat16)
     _, e, _, f1, f2 = _operands(dtype)
-    words = [0x76543210, 0xFEDCBA98, 0x1A2B3C4D, 0x0F870F87, 0xF078F078, 0x9E8F0716]  # signs: same, alternating, mixed
+    words = [
+        0x76543210,
+        0xFEDCBA98,
+        0x1A2B3C4D,
+        0x0F870F87,
+        0xF078F078,
+        0x9E8F0716,
+    ]  # signs: same, alternating, mixed
     for code in e[: 255 if dtype == torch.float16 else 256]:
         scale = F.e8m0_decode(torch.tensor([code], dtype=torch.uint8)).double()
         for word in words:

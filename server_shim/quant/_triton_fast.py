@@ -721,60 +721,66 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
     """`_wonly_fused_kernel` (same arguments; w as int32 words [N, K/8], K % 8 == 0) reading whole
     words: the 8 nibble planes are dequantized where they lie (`_word_plane`) and joined back into
     K order, 8 consecutive k per thread, which is how the MMA's operand holds them. int4 tiles lie
-    inside one group (GROUP % BLOCK_K == 0), mxfp4 tiles span whole groups."""
+    inside one group (GROUP % BLOCK_K == 0), mxfp4 tiles span whole groups. PTX: the planes by
+    `_int4_planes` / `_mx_planes`'s inline PTX (an NVIDIA GPU, 16-bit x)."""
     pid_n, pid_k, offs_m, offs_n, rm, rn, k_lo, k_hi = _split_tile(M, N, K, K_PER, BLOCK_M, BLOCK_N, GROUP_M)
     offs_j = tl.arange(0, BLOCK_K // 8)
     offs_k = tl.arange(0, BLOCK_K)
-    DT: tl.constexpr = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_ptrs = x_ptr + rm[:, None] * sxm + (k_lo + offs_k)[None, :] * sxk
     w_ptrs = w_ptr + rn[:, None] * swn + (k_lo // 8 + offs_j)[None, :] * swk
-    if FORMAT == 0:  # int4: each step's scales and zeros are loaded one step ahead (no pipeliner takes them)
-        s_next = tl.load(s_ptr + rn * ssn + (k_lo // GROUP) * ssg)
-        z_next = tl.load(z_ptr + rn * szn + (k_lo // GROUP) * szg)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            word = tl.load(w_ptrs)
-        else:  # past K: x is 0, so the words there (0, dequantized to -z * s) add nothing
-            x = tl.load(x_ptrs, mask=((k0 + offs_k) < K)[None, :], other=0.0)
-            word = tl.load(w_ptrs, mask=((k0 + 8 * offs_j) < K)[None, :], other=0)
-        if FORMAT == 0:  # the tile inside one group: the exact q - z in the dot, its row scale after it
-            s = s_next.to(tl.float32)
-            z = z_next[:, None]
-            g = tl.minimum((k0 + BLOCK_K) // GROUP, (K - 1) // GROUP)  # past the last: reread, unused
-            s_next = tl.load(s_ptr + rn * ssn + g * ssg)
-            z_next = tl.load(z_ptr + rn * szn + g * szg)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(word, z, DT, PTX)
-        elif PTX:  # mxfp4 on NVIDIA: the scaled values straight from the codes, two per instruction
-            gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-            if not EVEN_K:
-                gi = tl.minimum(gi, (K - 1) // GROUP)
-            f1, f2 = _mx_scale_pairs(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg).to(tl.int32), DT)
-            f1 = _per_group(f1, GROUP, BLOCK_K, 8)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _mx_planes(word, f1, _per_group(f2, GROUP, BLOCK_K, 8), DT)
-        else:
-            z0, s0, z1, s1, z2, s2, z3, s3 = _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT,
-                                                          GROUP, BLOCK_K, EVEN_K)  # fmt: skip
-            p0 = _word_plane(word, 0, z0, s0, FORMAT, DT, EMULATE_RNE)
-            p1 = _word_plane(word, 1, z1, s1, FORMAT, DT, EMULATE_RNE)
-            p2 = _word_plane(word, 2, z2, s2, FORMAT, DT, EMULATE_RNE)
-            p3 = _word_plane(word, 3, z3, s3, FORMAT, DT, EMULATE_RNE)
-            p4 = _word_plane(word, 4, z0, s0, FORMAT, DT, EMULATE_RNE)
-            p5 = _word_plane(word, 5, z1, s1, FORMAT, DT, EMULATE_RNE)
-            p6 = _word_plane(word, 6, z2, s2, FORMAT, DT, EMULATE_RNE)
-            p7 = _word_plane(word, 7, z3, s3, FORMAT, DT, EMULATE_RNE)
-        # [BN, BK/8, 2, 2, 2] indexed (j, c, b, a) holds plane 4c + 2b + a: k = 8j + 4c + 2b + a
-        w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-        if FORMAT == 0:
-            acc += _w16_dot(x, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_IEEE) * s[None, :]
-        else:
-            acc = _w16_dot(x, w, acc, DOT_IEEE)
+        acc = _words_step(acc, x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z_ptr, K, ssn, ssg, szn, szg, FORMAT,
+                          GROUP, DOT_IEEE, EMULATE_RNE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PTX)  # fmt: skip
         x_ptrs += BLOCK_K * sxk
         w_ptrs += (BLOCK_K // 8) * swk
     _wonly_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
                   SPLIT_OUT, SPLIT_FIN, BLOCK_M, BLOCK_N)  # fmt: skip
+
+
+def _words_step(acc, x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z_ptr, K, ssn, ssg, szn, szg,
+                FORMAT: tl.constexpr, GROUP: tl.constexpr, DOT_IEEE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PTX: tl.constexpr):  # fmt: skip
+    """One K step of `_wonly_words_kernel`: acc plus x's [BM, BK] tile times the step's dequantized words."""
+    DT: tl.constexpr = x_ptrs.dtype.element_ty
+    if EVEN_K:
+        x = tl.load(x_ptrs)
+        word = tl.load(w_ptrs)
+    else:  # past K: x is 0, so the words there (0, dequantized to -z * s) add nothing
+        x = tl.load(x_ptrs, mask=((k0 + offs_k) < K)[None, :], other=0.0)
+        word = tl.load(w_ptrs, mask=((k0 + 8 * offs_j) < K)[None, :], other=0)
+    if FORMAT == 0:  # the tile inside one group: the exact q - z in the dot, its row scale after it
+        g = k0 // GROUP
+        s = tl.load(s_ptr + rn * ssn + g * ssg).to(tl.float32)
+        z = tl.load(z_ptr + rn * szn + g * szg)[:, None]
+        p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(word, z, DT, PTX)
+    elif PTX:  # mxfp4 on NVIDIA: the scaled values straight from the codes, two per instruction
+        gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        if not EVEN_K:
+            gi = tl.minimum(gi, (K - 1) // GROUP)
+        f1, f2 = _mx_scale_pairs(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg).to(tl.int32), DT)
+        f1 = _per_group(f1, GROUP, BLOCK_K, 8)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _mx_planes(word, f1, _per_group(f2, GROUP, BLOCK_K, 8), DT)
+    else:
+        z0, s0, z1, s1, z2, s2, z3, s3 = _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT,
+                                                      GROUP, BLOCK_K, EVEN_K)  # fmt: skip
+        p0 = _word_plane(word, 0, z0, s0, FORMAT, DT, EMULATE_RNE)
+        p1 = _word_plane(word, 1, z1, s1, FORMAT, DT, EMULATE_RNE)
+        p2 = _word_plane(word, 2, z2, s2, FORMAT, DT, EMULATE_RNE)
+        p3 = _word_plane(word, 3, z3, s3, FORMAT, DT, EMULATE_RNE)
+        p4 = _word_plane(word, 4, z0, s0, FORMAT, DT, EMULATE_RNE)
+        p5 = _word_plane(word, 5, z1, s1, FORMAT, DT, EMULATE_RNE)
+        p6 = _word_plane(word, 6, z2, s2, FORMAT, DT, EMULATE_RNE)
+        p7 = _word_plane(word, 7, z3, s3, FORMAT, DT, EMULATE_RNE)
+    # [BN, BK/8, 2, 2, 2] indexed (j, c, b, a) holds plane 4c + 2b + a: k = 8j + 4c + 2b + a
+    w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+    if FORMAT == 0:
+        acc += _w16_dot(x, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_IEEE) * s[None, :]
+    else:
+        acc = _w16_dot(x, w, acc, DOT_IEEE)
+    return acc
 
 
 def _wonly_dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, swk, ssn, ssg, szn, szg, son, sok,
@@ -1471,7 +1477,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 HELPERS = ("_scale_out", "_act_scale", "_row_amax", "_act_quantized", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
-           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_word_scales", "_nibble_bits", "_int4_zero_pairs", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
+           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_word_scales", "_nibble_bits", "_words_step", "_int4_zero_pairs", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

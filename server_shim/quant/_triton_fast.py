@@ -592,49 +592,24 @@ def _wonly_fused_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
                   SPLIT_OUT, SPLIT_FIN, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
-def _word_plane(
-    word, J: tl.constexpr, zb, s, FORMAT: tl.constexpr, DT: tl.constexpr, EMULATE_RNE: tl.constexpr
-):
-    """Nibble J of every int32 word (k = 8 * word + J), dequantized and rounded once to DT.
-    int4: the word's 16-bit half holding the nibble is or-ed with fp32's 2**23 exponent bits (once
-    per half, shared by its four nibbles), and one and per nibble keeps those bits and the nibble
-    where it lies: 2**23 + q * 16**(J % 4), with no shift and no second constant per nibble (which
-    ptxas would spend an instruction materializing). `zb` and `s` are that position's
-    2**23 + z * 16**(J % 4) and s * 16**-(J % 4) (_word_scales): the difference (q - z) * 16**(J % 4)
-    is exact, and the product the reference's (q - z) * s, bit for bit."""
-    if FORMAT == 0:
-        t = (word >> (16 * (J // 4))) | 0x4B000000
-        v = t & (0x4B000000 | (15 << (4 * (J % 4))))
-        w = (v.to(tl.float32, bitcast=True) - zb) * s
-    elif E2M1_F16:
+def _word_plane(word, J: tl.constexpr, s, DT: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """mxfp4 code J of every int32 word (k = 8 * word + J) times its group's scale `s` (`_mx_word_scales`),
+    in fp32 (exact), rounded once to DT: the word tiles' mxfp4 planes without inline PTX."""
+    if E2M1_F16:  # noqa: SIM108 - a statement-level constexpr branch compiles on every triton
         w = (_e2m1_to_f32_h((word >> (4 * J)) & 15) * 16384.0) * s
     else:
         w = _e2m1_to_f32((word >> (4 * J)) & 15) * s
     return _to_operand(w, DT, EMULATE_RNE)
 
 
-def _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT: tl.constexpr, GROUP: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
-    """One K step's scales for `_word_plane`, broadcastable to the [BN, BK/8] words: int4 (the tile
-    inside one group) per row, as (2**23 + z * 16**p, s * 16**-p) for the nibble positions p = 0..3;
-    mxfp4 (whole groups per tile) per row and word, the same value for all four. s * 16**-p is exact
-    for every scale from 2**-114 up (quantize_weight floors its scales at 1e-12 / 15); a smaller one
-    falls into fp32's subnormals there, and its weights (below 1e-33) may round one step apart."""
-    if FORMAT == 0:
-        g = k0 // GROUP
-        s = tl.load(s_ptr + rn * ssn + g * ssg).to(tl.float32)[:, None]
-        z = tl.load(z_ptr + rn * szn + g * szg).to(tl.float32)[:, None]
-        out = (z + 8388608.0, s, z * 16.0 + 8388608.0, s * 0.0625, z * 256.0 + 8388608.0, s * 0.00390625,
-               z * 4096.0 + 8388608.0, s * 0.000244140625)  # fmt: skip
-    else:
-        gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-        if not EVEN_K:  # the last tile's groups past K (words 0 there, meeting x's zeros) read the last one
-            gi = tl.minimum(gi, (K - 1) // GROUP)
-        sc = _per_group(
-            _e8m0_to_f32(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg)), GROUP, BLOCK_K, 8
-        )
-        out = (sc, sc, sc, sc, sc, sc, sc, sc)
-    return out
+def _mx_word_scales(
+    s_ptr, rn, k0, K, ssn, ssg, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr
+):
+    """One K step's mxfp4 scales as fp32, per row and int32 word ([BN, BK/8]; whole groups per tile)."""
+    gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+    if not EVEN_K:  # the last tile's groups past K (words 0 there, meeting x's zeros) read the last one
+        gi = tl.minimum(gi, (K - 1) // GROUP)
+    return _per_group(_e8m0_to_f32(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg)), GROUP, BLOCK_K, 8)
 
 
 def _nibble_bits(word, SHIFT: tl.constexpr):
@@ -730,19 +705,28 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
     x_ptrs = x_ptr + rm[:, None] * sxm + (k_lo + offs_k)[None, :] * sxk
     w_ptrs = w_ptr + rn[:, None] * swn + (k_lo // 8 + offs_j)[None, :] * swk
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        acc = _words_step(acc, x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z_ptr, K, ssn, ssg, szn, szg, FORMAT,
-                          GROUP, DOT_IEEE, EMULATE_RNE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PTX)  # fmt: skip
+        if FORMAT == 0:  # the tile inside one group: the exact q - z in the dots, the row scale after them
+            s = tl.load(s_ptr + rn * ssn + (k0 // GROUP) * ssg).to(tl.float32)
+            z = tl.load(z_ptr + rn * szn + (k0 // GROUP) * szg)[:, None]
+        else:
+            s = 1.0
+            z = 0
+        part = _words_part(x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z, K, ssn, ssg, FORMAT, GROUP, DOT_IEEE,
+                           EMULATE_RNE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PTX)  # fmt: skip
+        acc += part * s[None, :] if FORMAT == 0 else part
         x_ptrs += BLOCK_K * sxk
         w_ptrs += (BLOCK_K // 8) * swk
     _wonly_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
                   SPLIT_OUT, SPLIT_FIN, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
-def _words_step(acc, x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z_ptr, K, ssn, ssg, szn, szg,
+def _words_part(x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z, K, ssn, ssg,
                 FORMAT: tl.constexpr, GROUP: tl.constexpr, DOT_IEEE: tl.constexpr, EMULATE_RNE: tl.constexpr,
                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PTX: tl.constexpr):  # fmt: skip
-    """One K step of `_wonly_words_kernel`: acc plus x's [BM, BK] tile times the step's dequantized words."""
+    """One K step of `_wonly_words_kernel`: x's [BM, BK] tile times the step's dequantized words, from a
+    zero accumulator (int4's row scale multiplies it after; splitting a step into two or four such
+    parts, independent MMA chains, measured 7-30% slower on an H200)."""
     DT: tl.constexpr = x_ptrs.dtype.element_ty
     if EVEN_K:
         x = tl.load(x_ptrs)
@@ -750,10 +734,7 @@ def _words_step(acc, x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z_ptr, K, ss
     else:  # past K: x is 0, so the words there (0, dequantized to -z * s) add nothing
         x = tl.load(x_ptrs, mask=((k0 + offs_k) < K)[None, :], other=0.0)
         word = tl.load(w_ptrs, mask=((k0 + 8 * offs_j) < K)[None, :], other=0)
-    if FORMAT == 0:  # the tile inside one group: the exact q - z in the dot, its row scale after it
-        g = k0 // GROUP
-        s = tl.load(s_ptr + rn * ssn + g * ssg).to(tl.float32)
-        z = tl.load(z_ptr + rn * szn + g * szg)[:, None]
+    if FORMAT == 0:  # int4: z the rows' zero points [BN, 1]; the caller scales the part
         p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(word, z, DT, PTX)
     elif PTX:  # mxfp4 on NVIDIA: the scaled values straight from the codes, two per instruction
         gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
@@ -763,24 +744,19 @@ def _words_step(acc, x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z_ptr, K, ss
         f1 = _per_group(f1, GROUP, BLOCK_K, 8)
         p0, p1, p2, p3, p4, p5, p6, p7 = _mx_planes(word, f1, _per_group(f2, GROUP, BLOCK_K, 8), DT)
     else:
-        z0, s0, z1, s1, z2, s2, z3, s3 = _word_scales(s_ptr, z_ptr, rn, k0, K, ssn, ssg, szn, szg, FORMAT,
-                                                      GROUP, BLOCK_K, EVEN_K)  # fmt: skip
-        p0 = _word_plane(word, 0, z0, s0, FORMAT, DT, EMULATE_RNE)
-        p1 = _word_plane(word, 1, z1, s1, FORMAT, DT, EMULATE_RNE)
-        p2 = _word_plane(word, 2, z2, s2, FORMAT, DT, EMULATE_RNE)
-        p3 = _word_plane(word, 3, z3, s3, FORMAT, DT, EMULATE_RNE)
-        p4 = _word_plane(word, 4, z0, s0, FORMAT, DT, EMULATE_RNE)
-        p5 = _word_plane(word, 5, z1, s1, FORMAT, DT, EMULATE_RNE)
-        p6 = _word_plane(word, 6, z2, s2, FORMAT, DT, EMULATE_RNE)
-        p7 = _word_plane(word, 7, z3, s3, FORMAT, DT, EMULATE_RNE)
+        sc = _mx_word_scales(s_ptr, rn, k0, K, ssn, ssg, GROUP, BLOCK_K, EVEN_K)
+        p0 = _word_plane(word, 0, sc, DT, EMULATE_RNE)
+        p1 = _word_plane(word, 1, sc, DT, EMULATE_RNE)
+        p2 = _word_plane(word, 2, sc, DT, EMULATE_RNE)
+        p3 = _word_plane(word, 3, sc, DT, EMULATE_RNE)
+        p4 = _word_plane(word, 4, sc, DT, EMULATE_RNE)
+        p5 = _word_plane(word, 5, sc, DT, EMULATE_RNE)
+        p6 = _word_plane(word, 6, sc, DT, EMULATE_RNE)
+        p7 = _word_plane(word, 7, sc, DT, EMULATE_RNE)
     # [BN, BK/8, 2, 2, 2] indexed (j, c, b, a) holds plane 4c + 2b + a: k = 8j + 4c + 2b + a
     w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
     w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-    if FORMAT == 0:
-        acc += _w16_dot(x, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_IEEE) * s[None, :]
-    else:
-        acc = _w16_dot(x, w, acc, DOT_IEEE)
-    return acc
+    return _w16_dot(x, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_IEEE)
 
 
 def _wonly_dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, swk, ssn, ssg, szn, szg, son, sok,
@@ -1477,7 +1453,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 HELPERS = ("_scale_out", "_act_scale", "_row_amax", "_act_quantized", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
-           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_word_scales", "_nibble_bits", "_words_step", "_int4_zero_pairs", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
+           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_mx_word_scales", "_nibble_bits", "_words_part", "_int4_zero_pairs", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

@@ -105,3 +105,15 @@ def test_word_tiles_compile_for_sm90() -> None:
     assert r.returncode == 0 and "0 failed in all" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     for label in ("int4-g128", "mxfp4", "int4 fp16", "mxfp4 fp16"):
         assert f"ok   {label:10} M=16" in r.stdout, label
+
+
+def test_the_inline_ptx_is_chosen_only_where_it_runs() -> None:
+    """NVIDIA only, with the packed 16-bit fma of x's dtype (bf16x2 from sm80, fp16x2 from sm53):
+    never ROCm, the CPU interpreter or fp32 x, which take the plain-Triton planes."""
+    from server_shim.quant.arch import _packed_half_ptx
+
+    assert _packed_half_ptx("sm90", torch.bfloat16) and _packed_half_ptx("sm80", torch.bfloat16)
+    assert _packed_half_ptx("sm100", torch.float16) and _packed_half_ptx("sm75", torch.float16)
+    assert not _packed_half_ptx("sm75", torch.bfloat16)
+    assert not _packed_half_ptx("sm90", torch.float32)
+    assert not _packed_half_ptx("gfx942", torch.bfloat16) and not _packed_half_ptx("cpu", torch.float16)

@@ -302,10 +302,10 @@ def wonly_tile_kernel(k: SimpleNamespace, path: str) -> Any:
     return k.wonly_words if path in WORD_PATHS else k.wonly_fast
 
 
-def ptx_planes(fam: str, dtype: torch.dtype) -> bool:
-    """Whether `_int4_planes` may use its inline PTX: an NVIDIA family (arch.gemm_family names it)
-    and a 16-bit x (the packed fma is fp16x2 / bf16x2)."""
-    return fam in ("hopper", "ampere") and dtype in (torch.float16, torch.bfloat16)
+def ptx_planes(k: SimpleNamespace, x: torch.Tensor) -> bool:
+    """Whether the word tiles may dequantize with their inline PTX (`_int4_planes` / `_mx_planes`):
+    compiled for an NVIDIA GPU that has x's packed 16-bit fma (arch.packed_half_ptx names it)."""
+    return not k.interp and x.is_cuda and arch.packed_half_ptx(_device_key(x.device), x.dtype)
 
 
 def words_tile(cfg: tuning.Cfg, fmt: int, group: int) -> bool:
@@ -389,7 +389,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             return out
         kern = wonly_tile_kernel(k, cfg.path)
         # int4 words on an NVIDIA GPU with 16-bit x: two nibbles per instruction in inline PTX
-        words_ptx = {"PTX": ptx_planes(fam, x.dtype)} if cfg.path in WORD_PATHS else {}
+        words_ptx = {"PTX": ptx_planes(k, x)} if cfg.path in WORD_PATHS else {}
         tiles = _cdiv(M, cfg.bm) * _cdiv(N, cfg.bn)
         # the splits reduce themselves on per-tile counters (no second kernel)
         counters = _counters(out.device, tiles) if splits > 1 and cfg.path in SELF_REDUCING else None

@@ -41,6 +41,19 @@ def gemm_family(device: torch.device | str) -> str:
     return _family(device_arch(device))
 
 
+def packed_half_ptx(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether inline PTX with packed 16-bit fmas of `dtype` runs here (the 4-bit word tiles'
+    dequantization): an NVIDIA GPU, sm53+ for fp16x2, sm80+ for bf16x2; never ROCm or the interpreter."""
+    return _packed_half_ptx(device_arch(device), dtype)
+
+
+@functools.cache
+def _packed_half_ptx(name: str, dtype: torch.dtype) -> bool:
+    if not (name.startswith("sm") and name[2:].isdigit()):
+        return False
+    return int(name[2:]) >= {torch.float16: 53, torch.bfloat16: 80}.get(dtype, 10**6)
+
+
 @functools.cache
 def _family(name: str) -> str:
     if name.startswith("gfx"):

@@ -117,3 +117,13 @@ def test_the_inline_ptx_is_chosen_only_where_it_runs() -> None:
     assert not _packed_half_ptx("sm75", torch.bfloat16)
     assert not _packed_half_ptx("sm90", torch.float32)
     assert not _packed_half_ptx("gfx942", torch.bfloat16) and not _packed_half_ptx("cpu", torch.float16)
+
+
+def test_word_tiles_check_runs_on_cpu() -> None:
+    """bench/word_tiles_check.py's float64 checks pass under the interpreter (the GPU run is the same
+    script with the PTX planes)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "bench/word_tiles_check.py", "--device", "cpu"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0 and "all match float64" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("ok   ") == 18 and "FAIL" not in r.stdout  # 2 dtypes x 3 configs x 3 shape-schemes

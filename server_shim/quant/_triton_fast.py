@@ -698,9 +698,10 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         SPLIT_FIN: tl.constexpr = False, PTX: tl.constexpr = False):  # fmt: skip
     """`_wonly_fused_kernel` (same arguments; w as int32 words [N, K/8], K % 8 == 0) reading whole
-    words: the 8 nibble planes are dequantized where they lie (`_word_plane`) and joined back into
+    words: the 8 nibble planes are dequantized where they lie (`_words_part`) and joined back into
     K order, 8 consecutive k per thread, which is how the MMA's operand holds them. int4 tiles lie
-    inside one group (GROUP % BLOCK_K == 0), mxfp4 tiles span whole groups. PTX: the planes by
+    inside one group (GROUP % BLOCK_K == 0): their dots run on the exact q - z and each step's
+    partial is multiplied by the row scale; mxfp4 tiles span whole groups. PTX: the planes by
     `_int4_planes` / `_mx_planes`'s inline PTX (an NVIDIA GPU, 16-bit x)."""
     pid_n, pid_k, offs_m, offs_n, rm, rn, k_lo, k_hi = _split_tile(M, N, K, K_PER, BLOCK_M, BLOCK_N, GROUP_M)
     offs_j = tl.arange(0, BLOCK_K // 8)
@@ -712,7 +713,7 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
         if FORMAT == 0:  # the tile inside one group: the exact q - z in the dots, the row scale after them
             s = tl.load(s_ptr + rn * ssn + (k0 // GROUP) * ssg).to(tl.float32)
             z = tl.load(z_ptr + rn * szn + (k0 // GROUP) * szg)[:, None]
-        else:
+        else:  # mxfp4: the scales enter the planes (unused here)
             s = 1.0
             z = 0
         part = _words_part(x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z, K, ssn, ssg, FORMAT, GROUP, DOT_IEEE,

@@ -127,3 +127,29 @@ def test_word_tiles_check_runs_on_cpu() -> None:
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0 and "all match float64" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("ok   ") == 18 and "FAIL" not in r.stdout  # 2 dtypes x 3 configs x 3 shape-schemes
+
+
+def test_the_ptx_switch_turns_the_inline_ptx_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DIFFTEST_TRITON_PTX=0 sends an NVIDIA GPU to the plain-Triton planes; any other value than an
+    on / off word stops the build (never read as the default)."""
+    from types import SimpleNamespace
+
+    from server_shim.quant import _fastpath, arch
+    from server_shim.switches import SwitchError
+
+    monkeypatch.setattr(arch, "packed_half_ptx", lambda device, dtype: True)  # as on an H200
+    cuda = torch.device("cuda:0")
+    assert _fastpath.ptx_planes(SimpleNamespace(ptx=True, interp=False), cuda, torch.bfloat16)
+    assert not _fastpath.ptx_planes(SimpleNamespace(ptx=False, interp=False), cuda, torch.bfloat16)
+    assert not _fastpath.ptx_planes(SimpleNamespace(ptx=True, interp=True), cuda, torch.bfloat16)
+    assert not _fastpath.ptx_planes(
+        SimpleNamespace(ptx=True, interp=False), torch.device("cpu"), torch.bfloat16
+    )
+    for value, want in (("0", False), ("off", False), ("1", True), ("", True)):
+        monkeypatch.setenv("DIFFTEST_TRITON_PTX", value)
+        monkeypatch.setattr(K, "_built", None)
+        assert K._build().ptx is want, value
+    monkeypatch.setenv("DIFFTEST_TRITON_PTX", "nvidia")
+    monkeypatch.setattr(K, "_built", None)
+    with pytest.raises(SwitchError, match="DIFFTEST_TRITON_PTX"):
+        K._build()

@@ -302,10 +302,13 @@ def wonly_tile_kernel(k: SimpleNamespace, path: str) -> Any:
     return k.wonly_words if path in WORD_PATHS else k.wonly_fast
 
 
-def ptx_planes(k: SimpleNamespace, x: torch.Tensor) -> bool:
+def ptx_planes(k: SimpleNamespace, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the word tiles may dequantize with their inline PTX (`_int4_planes` / `_mx_planes`):
-    compiled for an NVIDIA GPU that has x's packed 16-bit fma (arch.packed_half_ptx names it)."""
-    return not k.interp and x.is_cuda and arch.packed_half_ptx(_device_key(x.device), x.dtype)
+    compiled for an NVIDIA GPU that has the packed 16-bit fma of x's dtype (arch.packed_half_ptx
+    names it), unless DIFFTEST_TRITON_PTX=0 (k.ptx)."""
+    return (
+        k.ptx and not k.interp and device.type == "cuda" and arch.packed_half_ptx(_device_key(device), dtype)
+    )
 
 
 def words_tile(cfg: tuning.Cfg, fmt: int, group: int) -> bool:
@@ -389,7 +392,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             return out
         kern = wonly_tile_kernel(k, cfg.path)
         # int4 words on an NVIDIA GPU with 16-bit x: two nibbles per instruction in inline PTX
-        words_ptx = {"PTX": ptx_planes(k, x)} if cfg.path in WORD_PATHS else {}
+        words_ptx = {"PTX": ptx_planes(k, x.device, x.dtype)} if cfg.path in WORD_PATHS else {}
         tiles = _cdiv(M, cfg.bm) * _cdiv(N, cfg.bn)
         # the splits reduce themselves on per-tile counters (no second kernel)
         counters = _counters(out.device, tiles) if splits > 1 and cfg.path in SELF_REDUCING else None

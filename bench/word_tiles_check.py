@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _gemm_cases import rel_err  # noqa: E402
 
 CONFIGS = ("wordsk:16x64x128:w4:s4:k4", "words:16x64x64:w4:s3:k1", "wordsk:64x64x128:w4:s3:k2")
 GPU_SHAPES = ((16, 4096, 4096), (5, 300, 1000), (64, 256, 512), (3, 96, 264))
 CPU_SHAPES = ((3, 40, 264), (17, 64, 256))
 TOL = 1e-6
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
 
 
 def _extremes(
@@ -49,7 +48,7 @@ def _extremes(
     ref = x.float() @ F.dequantize(qw).to(dtype).float().T
     same = torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.equal(torch.isnan(out), torch.isnan(ref))
     fin = torch.isfinite(ref)
-    return same, _rel(out[fin], ref[fin])
+    return same, rel_err(out[fin], ref[fin])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                             )
                         else:
                             out = K.mxfp4_gemm(x, qw.data, F.logical_scales(qw), out_dtype=torch.float32)
-                        err = _rel(out, exact)
+                        err = rel_err(out, exact)
                         line = f"{scheme:10} {str(dtype):15} {M}x{N}x{Kd} {cfg:28} rel {err:.1e}"
                         if scheme == "mxfp4":
                             same, ext = _extremes(x, (N, Kd), dtype, g)

@@ -18,9 +18,13 @@ MASK = 0xFFFFFFFF
 _HALF = {"bf16x2": torch.bfloat16, "f16x2": torch.float16}
 
 
+def as_half(bits: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """16-bit patterns (0..0xFFFF) as a tensor of `dtype` (fp16 / bf16)."""
+    return torch.tensor([b - 0x10000 if b & 0x8000 else b for b in bits], dtype=torch.int16).view(dtype)
+
+
 def _half_value(bits: int, kind: str) -> float:
-    signed = bits - 0x10000 if bits & 0x8000 else bits
-    return torch.tensor([signed], dtype=torch.int16).view(_HALF[kind]).double().item()
+    return as_half([bits], _HALF[kind]).double().item()
 
 
 def _half_bits(value: float, kind: str) -> int:

@@ -44,15 +44,9 @@ def _operands(dtype: torch.dtype) -> tuple[list[int], list[int], list[int], list
     return z.tolist(), e.tolist(), nz.tolist(), f1.tolist(), f2.tolist()
 
 
-def _as_half(bits: list[int], dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor([b - 0x10000 if b & 0x8000 else b for b in bits], dtype=torch.int16).view(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_planes_are_q_minus_z(dtype: torch.dtype) -> None:
-    asm = fast.planes_ptx(
-        *((0x4300, 0x3F80, "bf16x2") if dtype == torch.bfloat16 else (0x6400, 0x3C00, "f16x2"))
-    )
+    asm = fast.planes_ptx(bf16=dtype == torch.bfloat16)
     z, _, nz, _, _ = _operands(dtype)
     g = torch.Generator().manual_seed(5)
     words = [0x76543210, 0xFEDCBA98, 0x0F0F0F0F, 0xF0F0F0F0] + torch.randint(
@@ -60,7 +54,7 @@ def test_int4_planes_are_q_minus_z(dtype: torch.dtype) -> None:
     ).tolist()
     for i, word in enumerate(words):
         for zi in (i % 16, 0, 15):
-            got = _as_half(ptx_emu.run(asm, {8: word, 9: nz[zi]}, 8), dtype).double()
+            got = ptx_emu.as_half(ptx_emu.run(asm, {8: word, 9: nz[zi]}, 8), dtype).double()
             want = torch.tensor([((word >> (4 * j)) & 15) - z[zi] for j in range(8)], dtype=torch.float64)
             assert torch.equal(got, want), (hex(word), zi, got, want)
 
@@ -84,7 +78,7 @@ def test_mxfp4_planes_are_the_scaled_codes(dtype: torch.dtype) -> None:
     for code in e[: 255 if dtype == torch.float16 else 256]:
         scale = F.e8m0_decode(torch.tensor([code], dtype=torch.uint8)).double()
         for word in words:
-            got = _as_half(ptx_emu.run(asm, {8: word, 9: f1[code], 10: f2[code]}, 8), dtype)
+            got = ptx_emu.as_half(ptx_emu.run(asm, {8: word, 9: f1[code], 10: f2[code]}, 8), dtype)
             codes = torch.tensor([(word >> (4 * j)) & 15 for j in range(8)], dtype=torch.uint8)
             want = (F.e2m1_decode(codes).double() * scale).to(dtype)
             same = torch.equal(got.view(torch.int16), want.view(torch.int16)) or (

@@ -116,9 +116,10 @@ def mx_planes_ptx(bf16: bool) -> str:
     return "\n".join(lines) + "\n}"
 
 
-def planes_ptx(magic: int, one: int, pair: str) -> str:
-    """`_int4_planes`'s PTX: $8 a word of 8 nibbles, $9 -(magic + z) in both 16-bit halves; $0..$7
-    the nibbles' q - z. `magic` is 2**10 (fp16) / 2**7 (bf16) as 16-bit bits, `one` 1.0's bits."""
+def planes_ptx(bf16: bool) -> str:
+    """`_int4_planes`'s PTX: $8 a word of 8 nibbles, $9 -(magic + z) in both 16-bit halves
+    (`_int4_zero_pairs`); $0..$7 the nibbles' q - z. The magic is 2**7 (bf16) / 2**10 (fp16)."""
+    magic, one, pair = (0x4300, 0x3F80, "bf16x2") if bf16 else (0x6400, 0x3C00, "f16x2")
     body = "\n".join(
         f"prmt.b32 p, $8, t, 0x{0x400 + 0x101 * b:04x}; lop3.b32 p, p, 0x000F000F, {magic * 0x10001:#010x}, 0xEA; "
         f"fma.rn.{pair} p, p, o, $9; mov.b32 {{${2 * b}, ${2 * b + 1}}}, p;"
@@ -663,11 +664,13 @@ def _int4_planes(word, z, DT: tl.constexpr, PTX: tl.constexpr):
 
 def _mx_scale_pairs(e, DT: tl.constexpr):
     """e8m0 codes -> the group scale 2**(e - 127) as `mx_planes_ptx` takes it: 16-bit powers of two
-    in both halves of an int32. bf16 holds every one (e 0 as its subnormal, 255 as NaN): one factor;
-    fp16 two, 2**a with a clamped into fp16's normal range and the rest (0 below 2**-24, capped at 2**15)."""
+    in both halves of an int32, as two factors whose product is the scale. bf16 holds every one in
+    the first (e 0 as its subnormal, 255 as NaN; the second is 1.0, which its PTX does not read);
+    fp16 needs both: 2**a with a clamped into fp16's normal range, and the rest (0 below 2**-24,
+    capped at 2**15)."""
     if DT == tl.bfloat16:  # noqa: SIM300 - DT is a constexpr: its == compares dtypes
         f1 = tl.where(e == 0, 0x40, tl.where(e == 255, 0x7FC0, e << 7))
-        f2 = f1
+        f2 = tl.full(e.shape, 0x3F80, tl.int32)
     else:
         x = e - 127
         a = tl.minimum(tl.maximum(x, -14), 15)

@@ -93,8 +93,8 @@ def _build() -> SimpleNamespace:
         _fast.GROUP_BCAST = language.constexpr(env_switch("DIFFTEST_TRITON_GROUP_BCAST", True))
         # DIFFTEST_TRITON_E2M1_F16=0: mxfp4 codes decoded by fp32 bit assembly (the previous, longer way)
         _fast.E2M1_F16 = language.constexpr(env_switch("DIFFTEST_TRITON_E2M1_F16", True))
-        _fast.PLANES_F16 = language.constexpr(_fast.planes_ptx(0x6400, 0x3C00, "f16x2"))
-        _fast.PLANES_BF16 = language.constexpr(_fast.planes_ptx(0x4300, 0x3F80, "bf16x2"))
+        _fast.PLANES_F16 = language.constexpr(_fast.planes_ptx(bf16=False))
+        _fast.PLANES_BF16 = language.constexpr(_fast.planes_ptx(bf16=True))
         _fast.MX_PLANES_F16 = language.constexpr(_fast.mx_planes_ptx(bf16=False))
         _fast.MX_PLANES_BF16 = language.constexpr(_fast.mx_planes_ptx(bf16=True))
         for name in _fast.SHARED:

@@ -49,9 +49,11 @@ gpu: setup
 	$(VENV)/bin/difftest run configs/gpu.toml -o runs/gpu-fp16
 	$(VENV)/bin/difftest run configs/gpu-bf16.toml -o runs/gpu-bf16
 
-# Every fault class inside the GPU kernels: each faulty target FAILs and is localised (smollm2 in
-# float16), then the in-process acceptance matrix (tiny models, the MoE class too) on the GPU.
+# Every fault class inside the GPU kernels: each fault through every pinned fast-kernel path (bf16 and
+# fp16, about 2 min), each faulty target FAILs and is localised (smollm2 in float16), then the
+# in-process acceptance matrix (tiny models, the MoE class too) on the GPU.
 gpu-faults: setup
+	$(PY) bench/fault_kernels_check.py
 	$(VENV)/bin/difftest run configs/gpu-faults.toml -o runs/gpu-faults
 	DIFFTEST_TEST_DEVICE=cuda DIFFTEST_TEST_DTYPE=float16 DIFFTEST_TEST_BACKEND=triton \
 		$(PY) -m pytest -q -s tests/test_whitebox_acceptance.py

@@ -131,7 +131,9 @@ def test_the_ptx_switch_turns_the_inline_ptx_off(monkeypatch: pytest.MonkeyPatch
     from server_shim.quant import _fastpath, arch
     from server_shim.switches import SwitchError
 
-    monkeypatch.setattr(arch, "packed_half_ptx", lambda device, dtype: True)  # as on an H200
+    asked: list[tuple[str, torch.dtype]] = []
+    monkeypatch.setattr(arch, "packed_half_ptx", lambda device, dtype: asked.append((device, dtype)) or True)
+    _fastpath._packed_half_ptx_of.cache_clear()  # as on an H200, from here
     cuda = torch.device("cuda:0")
     assert _fastpath.ptx_planes(SimpleNamespace(ptx=True, interp=False), cuda, torch.bfloat16)
     assert not _fastpath.ptx_planes(SimpleNamespace(ptx=False, interp=False), cuda, torch.bfloat16)
@@ -139,6 +141,10 @@ def test_the_ptx_switch_turns_the_inline_ptx_off(monkeypatch: pytest.MonkeyPatch
     assert not _fastpath.ptx_planes(
         SimpleNamespace(ptx=True, interp=False), torch.device("cpu"), torch.bfloat16
     )
+    # the device's properties are read once per device and dtype, not on every launch
+    assert _fastpath.ptx_planes(SimpleNamespace(ptx=True, interp=False), cuda, torch.bfloat16)
+    assert asked == [("cuda:0", torch.bfloat16)]
+    _fastpath._packed_half_ptx_of.cache_clear()  # no fake answer left behind for other tests
     for value, want in (("0", False), ("off", False), ("1", True), ("", True)):
         monkeypatch.setenv("DIFFTEST_TRITON_PTX", value)
         monkeypatch.setattr(K, "_built", None)

@@ -32,6 +32,13 @@ def _family_of(device_key: str) -> str:
     return arch.gemm_family(device_key)
 
 
+@functools.cache
+def _packed_half_ptx_of(device_key: str, dtype: torch.dtype) -> bool:
+    """arch.packed_half_ptx once per device and dtype: it reads the device's properties, which an
+    eager 4-bit call would otherwise pay on every launch."""
+    return arch.packed_half_ptx(device_key, dtype)
+
+
 def _device_key(device: torch.device) -> str:
     """ "cuda:N" (the current device where the index is unset), else the device type."""
     if device.type != "cuda":
@@ -307,7 +314,7 @@ def ptx_planes(k: SimpleNamespace, device: torch.device, dtype: torch.dtype) -> 
     compiled for an NVIDIA GPU that has the packed 16-bit fma of x's dtype (arch.packed_half_ptx
     names it), unless DIFFTEST_TRITON_PTX=0 (k.ptx)."""
     return (
-        k.ptx and not k.interp and device.type == "cuda" and arch.packed_half_ptx(_device_key(device), dtype)
+        k.ptx and not k.interp and device.type == "cuda" and _packed_half_ptx_of(_device_key(device), dtype)
     )
 
 

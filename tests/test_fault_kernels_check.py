@@ -3,21 +3,14 @@ scheme reproduced by the pinned fast kernels, one line each), and a bad argument
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench_scripts import run_cpu
 
 
 def _check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "fault_kernels_check.py"), "--device", "cpu", *args],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    return run_cpu("fault_kernels_check.py", *args)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from pathlib import Path  # noqa: E402
 import ptx_emu  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from bench_scripts import run_cpu  # noqa: E402
 
 from server_shim.quant import _triton_fast as fast  # noqa: E402
 from server_shim.quant import formats as F  # noqa: E402
@@ -116,9 +117,7 @@ def test_the_inline_ptx_is_chosen_only_where_it_runs() -> None:
 def test_word_tiles_check_runs_on_cpu() -> None:
     """bench/word_tiles_check.py's float64 checks pass under the interpreter (the GPU run is the same
     script with the PTX planes)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "bench/word_tiles_check.py", "--device", "cpu"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = run_cpu("word_tiles_check.py")
     assert r.returncode == 0 and "all match float64" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("ok   ") == 18 and "FAIL" not in r.stdout  # 2 dtypes x 3 configs x 3 shape-schemes
 

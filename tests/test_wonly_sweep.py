@@ -4,21 +4,15 @@ with exit status 1 -- the check the GPU sweep runs before it times anything."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
+
+from bench_scripts import run_cpu
 
 from server_shim.quant import tuning
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _sweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "wonly_sweep.py"), "--device", "cpu", *args],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    return run_cpu("wonly_sweep.py", *args)
 
 
 def test_every_hopper_4bit_candidate_passes_its_float64_check() -> None:

@@ -57,11 +57,13 @@ from __future__ import annotations
 
 from typing import Any
 
-# bound to triton.language by kernels._build(); the shared helpers (_cast_out, _epilogue, _tile_ids,
-# _tile_of, _fp8_bits_to_f16, _round_to_fp8_grid) are set on this module by _build() too, decorated once for both modules
+# bound to triton.language by kernels._build(); the shared helpers (SHARED below: _cast_out, _epilogue, _scale_out,
+# _tile_ids, _tile_of, _fp8_bits_to_f16, _round_to_fp8_grid) are set on this module by _build() too, decorated once
+# for both modules
 tl: Any = None
 _cast_out: Any = None
 _epilogue: Any = None
+_scale_out: Any = None
 _tile_ids: Any = None
 _tile_of: Any = None
 _fp8_bits_to_f16: Any = None
@@ -128,24 +130,18 @@ def planes_ptx(bf16: bool) -> str:
     return f"{{ .reg .b32 t, p, o; shr.u32 t, $8, 4; mov.b32 o, {one * 0x10001:#010x};\n" + body + "\n}"
 
 
-SHARED = ("_cast_out", "_epilogue", "_tile_ids", "_tile_of", "_fp8_bits_to_f16", "_round_to_fp8_grid")
+SHARED = (
+    "_cast_out",
+    "_epilogue",
+    "_scale_out",
+    "_tile_ids",
+    "_tile_of",
+    "_fp8_bits_to_f16",
+    "_round_to_fp8_grid",
+)
 
 
 # ----------------------------------------------------------------------------- jit helpers
-def _scale_out(acc, as_ptr, bs_ptr, rm, rn, sas0, sbs0, A_MODE: tl.constexpr, B_MODE: tl.constexpr):
-    """Tensor (0) / row (1) scales after the K loop; block (2) scales were applied per K tile."""
-    out = acc.to(tl.float32)
-    if A_MODE == 0:
-        out = out * tl.load(as_ptr)
-    elif A_MODE == 1:
-        out = out * tl.load(as_ptr + rm * sas0)[:, None]
-    if B_MODE == 0:
-        out = out * tl.load(bs_ptr)
-    elif B_MODE == 1:
-        out = out * tl.load(bs_ptr + rn * sbs0)[None, :]
-    return out
-
-
 def _block_scaled(part, sa, sb, A_MODE: tl.constexpr, B_MODE: tl.constexpr):
     """A block-mode K step's fp32 partial times its scales (a's [BM, 1], b's scalar or [1, BN])."""
     if A_MODE == 2 and B_MODE == 2:
@@ -1458,7 +1454,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
                     scm, scn, SPLIT_OUT, HAS_BIAS)  # fmt: skip
 
 
-HELPERS = ("_scale_out", "_act_scale", "_row_amax", "_act_quantized", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
+HELPERS = ("_act_scale", "_row_amax", "_act_quantized", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
            "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_mx_word_scales", "_nibble_bits", "_words_part", "_int4_zero_pairs", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip

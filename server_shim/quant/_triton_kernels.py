@@ -131,6 +131,20 @@ def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     return pid_m, pid_n
 
 
+def _scale_out(acc, as_ptr, bs_ptr, rm, rn, sas0, sbs0, A_MODE: tl.constexpr, B_MODE: tl.constexpr):
+    """Tensor (0) / row (1) scales after the K loop; block (2) scales were applied per K tile."""
+    out = acc.to(tl.float32)
+    if A_MODE == 0:
+        out = out * tl.load(as_ptr)
+    elif A_MODE == 1:
+        out = out * tl.load(as_ptr + rm * sas0)[:, None]
+    if B_MODE == 0:
+        out = out * tl.load(bs_ptr)
+    elif B_MODE == 1:
+        out = out * tl.load(bs_ptr + rn * sbs0)[None, :]
+    return out
+
+
 def _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -256,15 +270,7 @@ def _scaled_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
             acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
         a_ptrs += BLOCK_K * KSTEPS * sak
         b_ptrs += BLOCK_K * KSTEPS * sbk
-    out = acc.to(tl.float32)
-    if A_MODE == 0:
-        out = out * tl.load(as_ptr)
-    elif A_MODE == 1:
-        out = out * tl.load(as_ptr + rm * sas0)[:, None]
-    if B_MODE == 0:
-        out = out * tl.load(bs_ptr)
-    elif B_MODE == 1:
-        out = out * tl.load(bs_ptr + rn * sbs0)[None, :]
+    out = _scale_out(acc, as_ptr, bs_ptr, rm, rn, sas0, sbs0, A_MODE, B_MODE)
     _epilogue(out, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 
@@ -326,6 +332,7 @@ HELPERS = (
     "_tile_ids",
     "_tile_of",
     "_epilogue",
+    "_scale_out",
 )
 # the undecorated helpers, captured before any _build() rebinds the names above
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}

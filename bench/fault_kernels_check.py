@@ -96,12 +96,11 @@ def check(
             layout = F.ScaleLayout("row-major", fault == "scale-shuffle-ignored")
             qw = F.quantize_weight(w, scheme, layout=layout)
             fs = FaultSet(**{fault.replace("-", "_"): True})
-            noise = distance(
-                quant_matmul(x, qw, None, "triton", NO_FAULTS), quant_matmul(x, qw, None, "torch")
-            )
+            golden = quant_matmul(x, qw, None, "torch")
+            noise = distance(quant_matmul(x, qw, None, "triton", NO_FAULTS), golden)
             faulty_torch = quant_matmul(x, qw, None, "torch", fs)
             same = distance(quant_matmul(x, qw, None, "triton", fs), faulty_torch)
-            bug = distance(faulty_torch, quant_matmul(x, qw, None, "torch"))
+            bug = distance(faulty_torch, golden)
             # the clean backends' own distance, and a tenth of an ulp of x's dtype: where they agree
             # bit for bit, a fault's other scales can still flip an output's last bit
             tol = 3 * noise + 0.1 * torch.finfo(dtype).eps

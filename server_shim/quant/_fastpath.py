@@ -398,7 +398,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
                 _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
             return out
         kern = wonly_tile_kernel(k, cfg.path)
-        # int4 words on an NVIDIA GPU with 16-bit x: two nibbles per instruction in inline PTX
+        # the word tiles (int4, mxfp4) on an NVIDIA GPU with 16-bit x: their planes in inline PTX
         words_ptx = {"PTX": ptx_planes(k, x.device, x.dtype)} if cfg.path in WORD_PATHS else {}
         tiles = _cdiv(M, cfg.bm) * _cdiv(N, cfg.bn)
         # the splits reduce themselves on per-tile counters (no second kernel)

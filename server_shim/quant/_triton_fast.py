@@ -71,11 +71,10 @@ _round_to_fp8_grid: Any = None
 
 GROUP_BCAST: Any = None  # tl.constexpr, set by _build() (env DIFFTEST_TRITON_GROUP_BCAST, default on)
 E2M1_F16: Any = None  # tl.constexpr, set by _build() (env DIFFTEST_TRITON_E2M1_F16, default on)
-# tl.constexpr PTX strings of `_int4_planes` (fp16 / bf16), set by _build() from `planes_ptx`
+# tl.constexpr PTX strings of `_int4_planes` / `_mx_planes` (fp16 / bf16), set by _build() from
+# `planes_ptx` / `mx_planes_ptx`
 PLANES_F16: Any = None
 PLANES_BF16: Any = None
-
-
 MX_PLANES_F16: Any = None
 MX_PLANES_BF16: Any = None
 
@@ -603,14 +602,22 @@ def _word_plane(word, J: tl.constexpr, s, DT: tl.constexpr, EMULATE_RNE: tl.cons
     return _to_operand(w, DT, EMULATE_RNE)
 
 
-def _mx_word_scales(
+def _mx_group_codes(
     s_ptr, rn, k0, K, ssn, ssg, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr
 ):
-    """One K step's mxfp4 scales as fp32, per row and int32 word ([BN, BK/8]; whole groups per tile)."""
+    """One K step's mxfp4 e8m0 codes, per row and group ([BN, BK/GROUP]; whole groups per tile)."""
     gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
     if not EVEN_K:  # the last tile's groups past K (words 0 there, meeting x's zeros) read the last one
         gi = tl.minimum(gi, (K - 1) // GROUP)
-    return _per_group(_e8m0_to_f32(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg)), GROUP, BLOCK_K, 8)
+    return tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg)
+
+
+def _mx_word_scales(
+    s_ptr, rn, k0, K, ssn, ssg, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr
+):
+    """One K step's mxfp4 scales as fp32, per row and int32 word ([BN, BK/8])."""
+    codes = _mx_group_codes(s_ptr, rn, k0, K, ssn, ssg, GROUP, BLOCK_K, EVEN_K)
+    return _per_group(_e8m0_to_f32(codes), GROUP, BLOCK_K, 8)
 
 
 def _nibble_bits(word, SHIFT: tl.constexpr):
@@ -741,10 +748,8 @@ def _words_part(x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z, K, ssn, ssg,
     if FORMAT == 0:  # int4: z the rows' zero points [BN, 1]; the caller scales the part
         p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(word, z, DT, PTX)
     elif PTX:  # mxfp4 on NVIDIA: the scaled values straight from the codes, two per instruction
-        gi = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-        if not EVEN_K:
-            gi = tl.minimum(gi, (K - 1) // GROUP)
-        f1, f2 = _mx_scale_pairs(tl.load(s_ptr + rn[:, None] * ssn + gi[None, :] * ssg).to(tl.int32), DT)
+        codes = _mx_group_codes(s_ptr, rn, k0, K, ssn, ssg, GROUP, BLOCK_K, EVEN_K)
+        f1, f2 = _mx_scale_pairs(codes.to(tl.int32), DT)
         f1 = _per_group(f1, GROUP, BLOCK_K, 8)
         p0, p1, p2, p3, p4, p5, p6, p7 = _mx_planes(word, f1, _per_group(f2, GROUP, BLOCK_K, 8), DT)
     else:
@@ -1457,7 +1462,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
 HELPERS = ("_act_scale", "_row_amax", "_act_quantized", "_tma_tile", "_block_scales", "_block_scaled", "_split_finish", "_b_block_scale", "_split_store", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32",
            "_to_operand", "_per_group", "_dequant_pair", "_gemv_operand", "_gemv_store", "_e2m1_to_f32_h",
            "_gemv4w_words", "_gemv4w_x", "_gemv4w_next",
-           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_mx_word_scales", "_nibble_bits", "_words_part", "_int4_zero_pairs", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
+           "_gemv4x_planes", "_gemv4x_term", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_word_plane", "_mx_group_codes", "_mx_word_scales", "_nibble_bits", "_words_part", "_int4_zero_pairs", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_w16_dot", "_wonly_finish", "_split_tile")  # fmt: skip
 PLAIN_HELPERS = {name: globals()[name] for name in HELPERS}
 KERNELS = (
     "_mm8_kernel",

@@ -35,7 +35,8 @@ def _check_error(r: httpx.Response, status: int, param: str | None, code: str | 
 
 
 async def _still_serves(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/completions", json=GOOD)
+    # ignore_eos: the random tiny model samples its EOS within 2 tokens now and then ("stop", a flake)
+    r = await client.post("/v1/completions", json={**GOOD, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
 
 

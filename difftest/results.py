@@ -233,6 +233,10 @@ class LayerPoint:
     local_cosine: float | None = None  # replayed on the baseline's input (local error)
     local_norm_ratio: float | None = None
     local_rel_err: float | None = None
+    # replay of a linear in two batch slots: the target's slot 1 (tokens rolled by one) against its
+    # own slot 0, rolled back; above LayerThresholds.slot_rel_err the output depends on the slot
+    slot_rel_err: float | None = None
+    slot_dependent: bool = False
 
 
 @dataclass

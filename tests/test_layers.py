@@ -36,7 +36,7 @@ from difftest.whitebox.activations import (
 )
 from difftest.whitebox.layers import layer_verdict
 from difftest.whitebox.localise import localisation_line, localisation_sentence, localise_target
-from difftest.whitebox.replay import choose_guilty, rank_modules, routing_rescale
+from difftest.whitebox.replay import choose_guilty, rank_modules, routing_rescale, slot_note
 from server_shim.models import LoadedModel, load_model
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -182,6 +182,30 @@ def test_routing_rescale() -> None:
 
 def _p(name: str, kind: str, rel: float = 0.0, flagged: bool = False, **local: float) -> LayerPoint:
     return LayerPoint(name, layer_of(name), kind, 1.0, 1.0, rel, rel, 0.0, flagged, **local)
+
+
+def test_slot_note_and_sentence_summarise_slot_dependence() -> None:
+    """One line for all slot-dependent modules (a slot-variant kernel is in every module of its
+    scheme: one warning each buried the report in 210 lines), and the sentence says it of the
+    guilty module with the count."""
+    pts = [_p(f"model.layers.{i}.mlp.up_proj", "linear", local_cosine=0.9, local_norm_ratio=1.0,
+              local_rel_err=0.1 * (i + 1)) for i in range(5)]  # fmt: skip
+    pts.append(_p("model.layers.0", "residual", 1e-6))
+    for i, p in enumerate(pts[:5]):
+        p.slot_rel_err = 0.0 if i == 0 else 0.25 * i  # 0.25, 0.5, 0.75, 1.0
+        p.slot_dependent = i > 0
+    diff = LayerDiff(against="g", kind="exactness", points=pts, guilty_module="model.layers.4.mlp.up_proj")
+    assert slot_note(diff, named=2) == (
+        "output depends on the batch slot in 4 of 5 linears replayed in two slots (model.layers.1.mlp.up_proj, "
+        "model.layers.2.mlp.up_proj and 2 more; worst slot 1 vs slot 0 rel err 1 in model.layers.4.mlp.up_proj)"
+    )
+    assert localisation_sentence(diff).endswith(
+        "rel err 0.5), its output depends on the batch slot (slot 1 vs slot 0 rel err 1; so do 4 of 5 linears "
+        "replayed in two slots)"
+    )
+    for p in pts:
+        p.slot_dependent = False
+    assert slot_note(diff) is None and "batch slot" not in localisation_sentence(diff)
 
 
 def test_first_divergence_and_guilt() -> None:

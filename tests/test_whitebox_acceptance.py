@@ -162,3 +162,26 @@ async def test_reference_against_its_rounding_twin_has_zero_flagged_layers() -> 
     assert 0 < worst < TH.exact_local_rel_err  # the twin really differs, and within the bound
     assert not any(p.flagged for p in diff.points) and diff.guilty_module is None
     assert layer_verdict(diff, th).passed
+
+
+async def test_slot_variant_is_named_as_such_not_as_a_layout() -> None:
+    """fp8-block slot-variant in a K = 256 module (two scale groups per row): the sentence names the
+    slot dependence, and the audit, which reads the weight in one batch slot, finds the declared
+    layout. Read as 256 slots, the identity's rows met slot 0's group scales and the audit blamed
+    "no layout hypothesis (wrong kernel for the arch?)" (smollm2 on an H200, 2026-12-04)."""
+    module = "model.layers.0.mlp.down_proj"
+    target = build("tiny-llama", "fp8-block", backend=FAULT_BACKEND, faults=[f"slot-variant@{module}"])
+    async with (
+        shim_endpoint("golden", model("tiny-llama", "fp8-block")) as gold,
+        shim_endpoint("target", target) as tgt,
+    ):
+        found = await localise_target(tgt, prompt=PROMPT, golden=gold, decode_steps=1, thresholds=TH)
+    (exact,) = found.diffs
+    assert exact.guilty_module == module
+    point = next(p for p in exact.points if p.name == module)
+    assert point.slot_dependent and point.slot_rel_err > 10 * TH.slot_rel_err
+    assert [p.name for p in exact.points if p.slot_dependent] == [module]
+    assert "its output depends on the batch slot" in exact.summary and "so do 1 of " in exact.summary
+    (row,) = found.audit
+    assert not row.get("hint"), row  # the weight itself is the declared one
+    assert any(w.startswith("output depends on the batch slot in 1 of ") for w in exact.warnings)

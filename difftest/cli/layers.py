@@ -59,6 +59,7 @@ def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points:
         if not (all_points or p.flagged or p.kind in ("residual", "logits") or p.name == diff.guilty_module):
             continue
         flag = "FLAG" if p.flagged else ("GUILTY" if p.name == diff.guilty_module else "")
+        flag += " SLOT" if p.slot_dependent else ""  # its output depends on the batch slot
         table.add_row(
             _fmt(p.layer, "d"), p.name, _fmt(p.cosine, ".6f"), _fmt(p.norm_ratio, ".4f"), _fmt(p.rel_err, ".3g"),
             _fmt(p.local_cosine, ".6f"), _fmt(p.local_norm_ratio, ".4f"), _fmt(p.local_rel_err, ".3g"), flag,

@@ -222,11 +222,18 @@ IDENTITY_ROWS = 256
 
 
 async def effective_weight(ep: Endpoint, module: str, k: int) -> np.ndarray:
-    """W [N, K] as `ep` computes it: out(I_K) - out(0) = W^T, the identity sent in row slices."""
+    """W [N, K] as `ep` computes it: out(I_K) - out(0) = W^T, the identity sent in row slices.
+
+    Each slice goes as one batch slot of `rows` tokens ([1, rows, K]): a 2-D input's rows are batch
+    slots to a kernel, and a kernel that reads slot 0's scale rows for the others (slot-variant)
+    would then turn the identity into garbage and the weight into "no layout hypothesis". The
+    slot dependence is the replay's finding (two slots); the audit asks what the weight is."""
 
     async def out(x: np.ndarray) -> np.ndarray:
-        raw = await ep.client.post_bytes(P.MODULE, write_safetensors({P.INPUT: x}, {P.META_MODULE: module}))
-        return read_safetensors(raw).value(P.OUTPUT).astype(np.float64)
+        body = write_safetensors({P.INPUT: x[None]}, {P.META_MODULE: module})
+        raw = await ep.client.post_bytes(P.MODULE, body)
+        y = read_safetensors(raw).value(P.OUTPUT).astype(np.float64)
+        return y.reshape(x.shape[0], -1)
 
     eye = np.eye(k, dtype=np.float32)
     parts = await asyncio.gather(*(out(eye[i : i + IDENTITY_ROWS]) for i in range(0, k, IDENTITY_ROWS)))

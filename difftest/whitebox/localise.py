@@ -23,7 +23,7 @@ from typing import Any
 
 from difftest.collect import Endpoint
 from difftest.errors import DifftestError
-from difftest.results import LayerDiff
+from difftest.results import LayerDiff, LayerPoint
 from difftest.whitebox.activations import LEAF_KINDS, LayerThresholds
 from difftest.whitebox.audit import audit_module
 from difftest.whitebox.layers import diff_layers
@@ -110,6 +110,8 @@ def localisation_sentence(diff: LayerDiff) -> str:
             bits.append(f"backend {diff.guilty_backend}")
         if diff.audit_hint:
             bits.append(diff.audit_hint)
+        if p is not None and p.slot_dependent:
+            bits.append(_slot_clause(diff, p))
     elif bits:
         bits.append("no replayed module shows local error (attention core, norm or rotary?)")
     if not diff.guilty_module and diff.kind == "accuracy" and leaves:
@@ -118,6 +120,17 @@ def localisation_sentence(diff: LayerDiff) -> str:
             f"largest local error relative to its siblings: {top} ({s:.2f}x their median, within budget)"
         )
     return ", ".join(bits) if bits else f"no divergence vs {diff.against}"
+
+
+def _slot_clause(diff: LayerDiff, p: LayerPoint) -> str:
+    """The guilty module's batch-slot dependence, and how far it reaches: a kernel that reads slot 0's
+    scale rows for the other slots is usually wrong in every module of its scheme."""
+    bad = sum(q.slot_dependent for q in diff.points)
+    tried = sum(q.slot_rel_err is not None for q in diff.points)
+    return (
+        f"its output depends on the batch slot (slot 1 vs slot 0 rel err {p.slot_rel_err:.3g}; "
+        f"so do {bad} of {tried} linears replayed in two slots)"
+    )
 
 
 def localisation_line(diffs: Sequence[LayerDiff]) -> str | None:

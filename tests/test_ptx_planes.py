@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from bench_scripts import run_cpu  # noqa: E402
 
+from server_shim.quant import _fast_w4 as w4  # noqa: E402
 from server_shim.quant import _triton_fast as fast  # noqa: E402
 from server_shim.quant import formats as F  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
@@ -29,8 +30,8 @@ HALF = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 def _pairs_kernel(z_ptr, e_ptr, nz_ptr, f1_ptr, f2_ptr, N: tl.constexpr, DT: tl.constexpr):
     o = tl.arange(0, N)
-    tl.store(nz_ptr + o, fast._int4_zero_pairs(tl.load(z_ptr + o), DT))
-    f1, f2 = fast._mx_scale_pairs(tl.load(e_ptr + o), DT)
+    tl.store(nz_ptr + o, w4._int4_zero_pairs(tl.load(z_ptr + o), DT))
+    f1, f2 = w4._mx_scale_pairs(tl.load(e_ptr + o), DT)
     tl.store(f1_ptr + o, f1)
     tl.store(f2_ptr + o, f2)
 

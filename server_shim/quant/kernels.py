@@ -86,22 +86,23 @@ def _build() -> SimpleNamespace:
         _src.tl = language
         for name, fn in _src.PLAIN_HELPERS.items():
             setattr(_src, name, triton.jit(fn))
-        # the fast bodies share the legacy helpers: the same decorated functions, set on both modules
-        _fast.tl = language
-        # DIFFTEST_TRITON_GROUP_BCAST=0: the per-element scale gathers of 4-bit tiles spanning several
-        # groups instead of the broadcast (a fallback should a triton build not lower that reshape)
-        _fast.GROUP_BCAST = language.constexpr(env_switch("DIFFTEST_TRITON_GROUP_BCAST", True))
-        # DIFFTEST_TRITON_E2M1_F16=0: mxfp4 codes decoded by fp32 bit assembly (the previous, longer way)
-        _fast.E2M1_F16 = language.constexpr(env_switch("DIFFTEST_TRITON_E2M1_F16", True))
-        _fast.PLANES_F16 = language.constexpr(_fast.planes_ptx(bf16=False))
-        _fast.PLANES_BF16 = language.constexpr(_fast.planes_ptx(bf16=True))
-        _fast.MX_PLANES_F16 = language.constexpr(_fast.mx_planes_ptx(bf16=False))
-        _fast.MX_PLANES_BF16 = language.constexpr(_fast.mx_planes_ptx(bf16=True))
-        for name in _fast.SHARED:
-            setattr(_fast, name, getattr(_src, name))
-        for name, fn in _fast.PLAIN_HELPERS.items():
-            setattr(_fast, name, triton.jit(fn))
-        fast = {name: triton.jit(getattr(_fast, name)) for name in _fast.KERNELS}
+        # the fast bodies share the legacy helpers: the same decorated functions, set in their modules too
+        fast = _fast.bind(
+            language,
+            triton.jit,
+            {
+                **{name: getattr(_src, name) for name in _fast.SHARED},
+                # DIFFTEST_TRITON_GROUP_BCAST=0: the per-element scale gathers of 4-bit tiles spanning
+                # several groups instead of the broadcast (should a triton build not lower that reshape)
+                "GROUP_BCAST": language.constexpr(env_switch("DIFFTEST_TRITON_GROUP_BCAST", True)),
+                # DIFFTEST_TRITON_E2M1_F16=0: mxfp4 codes decoded by fp32 bit assembly (the previous, longer way)
+                "E2M1_F16": language.constexpr(env_switch("DIFFTEST_TRITON_E2M1_F16", True)),
+                "PLANES_F16": language.constexpr(_fast.planes_ptx(bf16=False)),
+                "PLANES_BF16": language.constexpr(_fast.planes_ptx(bf16=True)),
+                "MX_PLANES_F16": language.constexpr(_fast.mx_planes_ptx(bf16=False)),
+                "MX_PLANES_BF16": language.constexpr(_fast.mx_planes_ptx(bf16=True)),
+            },
+        )
         interp = triton_interpreting()
         quant = triton.jit(_src._quant_act_kernel)
         gemm = triton.jit(_src._scaled_gemm_kernel)

@@ -398,13 +398,17 @@ class Tuner:
             logger.warning("cannot write the triton config cache %s: %s", path, e)
 
 
+# the fast kernels' bodies (_triton_fast.MODULES), named here so that hashing them imports nothing
+FAST_BODIES = ("_fast_common.py", "_fast_mm8.py", "_fast_w4.py", "_fast_gemv4.py")
+
+
 @functools.cache
 def kernel_sources_hash() -> str:
     """12 hex digits over the fast kernels' sources and this file's candidate lists: stored choices
     from other kernels (another checkout, an older release) are never replayed."""
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in ("_triton_fast.py", "_fastpath.py", "kernels.py", "tuning.py"):
+    for name in ("_triton_fast.py", *FAST_BODIES, "_fastpath.py", "kernels.py", "tuning.py"):
         digest.update((here / name).read_bytes())
     return digest.hexdigest()[:12]
 

@@ -1,9 +1,7 @@
 """What more than one family of the fast kernels uses: split-K partials and their self-reduction, the
 4-bit decoders (nibbles, e2m1, e8m0) and dequantization of a byte tile, the GEMVs' store.
 
-Plain functions, as _triton_fast.py explains: this module imports no triton; _triton_fast.bind()
-sets `tl`, the shared helpers and the constexpr switches here and replaces each helper by its
-jitted self.
+Plain bodies: _triton_fast.bind() makes them kernels.
 """
 
 from __future__ import annotations

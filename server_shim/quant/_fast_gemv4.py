@@ -2,14 +2,12 @@
 `_gemv4x_kernel`), and one weight row per program with the products factored (`_gemv4r_kernel`:
 "gemvr" / "gemvf").
 
-Plain functions, as _triton_fast.py explains: this module imports no triton; _triton_fast.bind()
-sets `tl`, the shared helpers and the constexpr switches here and replaces each helper by its
-jitted self.
+Plain bodies: _triton_fast.bind() makes them kernels.
 """
 
 from __future__ import annotations
 
-# placeholders and plain helpers: _triton_fast.bind() rebinds every one of them in this module
+# placeholders and plain helpers, each rebound here by bind()
 from server_shim.quant._fast_common import (
     E2M1_F16,
     _dequant_pair,

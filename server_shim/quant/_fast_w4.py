@@ -3,14 +3,12 @@
 (`_wonly_words_kernel`, `planes_ptx`, `mx_planes_ptx`), and dequantize-then-GEMM for large M
 (`_wonly_dequant_kernel`, `_mm16_kernel`).
 
-Plain functions, as _triton_fast.py explains: this module imports no triton; _triton_fast.bind()
-sets `tl`, the shared helpers and the constexpr switches here and replaces each helper by its
-jitted self.
+Plain bodies: _triton_fast.bind() makes them kernels.
 """
 
 from __future__ import annotations
 
-# placeholders and plain helpers: _triton_fast.bind() rebinds every one of them in this module
+# placeholders and plain helpers, each rebound here by bind()
 from server_shim.quant._fast_common import (
     E2M1_F16,
     MX_PLANES_BF16,

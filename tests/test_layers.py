@@ -36,7 +36,7 @@ from difftest.whitebox.activations import (
 )
 from difftest.whitebox.layers import layer_verdict
 from difftest.whitebox.localise import localisation_line, localisation_sentence, localise_target
-from difftest.whitebox.replay import choose_guilty, rank_modules, routing_rescale, slot_note
+from difftest.whitebox.replay import choose_guilty, rank_modules, routing_rescale, slot_dependent, slot_note
 from server_shim.models import LoadedModel, load_model
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -206,6 +206,44 @@ def test_slot_note_and_sentence_summarise_slot_dependence() -> None:
     for p in pts:
         p.slot_dependent = False
     assert slot_note(diff) is None and "batch slot" not in localisation_sentence(diff)
+
+
+def test_slot_dependent_bounds() -> None:
+    th = LayerThresholds(slot_rel_err=1e-3)
+    assert [slot_dependent(v, th) for v in (None, 0.0, 1e-3, 1.1e-3, math.inf, math.nan)] == [
+        False, False, False, True, True, False,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("poison", "expected"),
+    [(None, 0.0), ("slot1", math.inf), ("both", math.nan)],
+    ids=["clean", "slot1-nonfinite", "both-nonfinite"],
+)
+async def test_replay_module_slot_error_with_nonfinite_outputs(
+    monkeypatch: pytest.MonkeyPatch, poison: str | None, expected: float
+) -> None:
+    """A non-finite output in one slot only is a slot dependence (+inf); in both slots it says
+    nothing about the slot (NaN, and the module's own error reports it)."""
+    from difftest.whitebox import replay as R
+    from difftest.whitebox.activations import Activations
+    from difftest.whitebox.safetensors import read_safetensors, write_safetensors
+    from server_shim import debug_protocol as P
+
+    name = "model.layers.0.mlp.up_proj"
+    x = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    st = read_safetensors(write_safetensors({f"{name}{P.INPUT_SUFFIX}": x}, {}))
+    w = np.linspace(-1, 1, 8).reshape(2, 4)
+
+    async def fake_replay(ep: object, module: str, tensors: dict) -> np.ndarray:
+        out = tensors[P.INPUT].astype(np.float64) @ w.T  # [2 slots, T, N]
+        if ep == "target" and poison:
+            out[1 if poison == "slot1" else slice(None), 0, 0] = np.inf
+        return out
+
+    monkeypatch.setattr(R, "replay", fake_replay)
+    _, slot = await R.replay_module("base", "target", name, "linear", Activations(st, [], [], []))  # type: ignore[arg-type]
+    assert slot == expected or (math.isnan(expected) and math.isnan(slot))
 
 
 def test_first_divergence_and_guilt() -> None:

@@ -151,6 +151,8 @@ async def replay_module(
     slot_err = None
     if slot and b.shape[0] == 2:
         slot_err = tensor_diff(np.roll(b[0], 1, axis=0), b[1]).rel_err
+        if math.isnan(slot_err) and bool(np.isfinite(b[0]).all()) != bool(np.isfinite(b[1]).all()):
+            slot_err = math.inf  # one slot finite, the other not: that is a slot dependence
     return d, slot_err
 
 
@@ -197,10 +199,17 @@ async def replay_all(
             diff.points.append(p)
         p.local_cosine, p.local_norm_ratio, p.local_rel_err = d.cosine, d.norm_ratio, d.rel_err
         p.slot_rel_err = slot
-        p.slot_dependent = slot is not None and not slot <= th.slot_rel_err
+        p.slot_dependent = slot_dependent(slot, th)
     note = slot_note(diff)
     if note:
         diff.warnings.append(note)
+
+
+def slot_dependent(slot_rel_err: float | None, th: LayerThresholds) -> bool:
+    """Slot 1 against slot 0 out of bounds (pure). NaN -- non-finite outputs in both slots, which the
+    module's local error already reports -- says nothing about the slot: not dependent. +inf (one
+    slot finite and the other not, or slot 0 all zeros and slot 1 not) is."""
+    return slot_rel_err is not None and not math.isnan(slot_rel_err) and slot_rel_err > th.slot_rel_err
 
 
 def slot_note(diff: LayerDiff, named: int = 3) -> str | None:

@@ -15,6 +15,7 @@ from difftest.whitebox.audit import (
     expected_scale_shape,
     hypotheses,
     judge_hypotheses,
+    pow2_act_factor,
     reread,
     shuffle_perm,
     structure_checks,
@@ -86,6 +87,18 @@ def test_numpy_dequantize_equals_the_torch_reference(scheme: str) -> None:
     assert "unit-scales" in h
     if scheme != "fp8-tensor":  # one scale has no rows to shuffle
         assert float(np.abs(h["shuffle-toggled"] - h["declared"]).max()) > 0
+
+
+def test_pow2_act_factor_by_hand() -> None:
+    # 45/64 / 448 = 2**-9.32 -> scale 2**-9 -> 360, between e4m3's 352 and 384 (step 32): 352
+    assert pow2_act_factor("e4m3fn", 45 / 64) == 352 / 360
+    # e4m3fnuz (qmax 240): 2**-8.42 -> 2**-8 -> 180, between 176 and 192 (step 16): 176
+    assert pow2_act_factor("e4m3fnuz", 45 / 64) == 176 / 180
+    # an identity of ones is blind: 1 / 448 -> 2**-8 -> 256, an e4m3 value
+    assert pow2_act_factor("e4m3fn", 1.0) == 1.0
+    # a tie goes to the even code (round to nearest even): 0.71875 * 2**9 = 368, half way between
+    # 352 (code 0x7B, mantissa 011) and 384 (0x7C, mantissa 100) -> 384
+    assert pow2_act_factor("e4m3fn", 0.71875) == 384 / 368
 
 
 def test_judge_hypotheses() -> None:

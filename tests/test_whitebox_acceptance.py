@@ -24,6 +24,7 @@ from test_layers import DTYPE, PROMPT, build, shim_endpoint
 from difftest.null import MARGIN, replay_bound
 from difftest.results import LayerDiff
 from difftest.whitebox.activations import LayerThresholds
+from difftest.whitebox.audit import HINTS
 from difftest.whitebox.layers import diff_layers, layer_verdict
 from difftest.whitebox.localise import localise_target
 from difftest.whitebox.replay import rank_modules
@@ -100,6 +101,8 @@ async def test_fault_is_failed_and_localised(fault: str, name: str, scheme: str,
     assert exact.guilty_module == module
     assert exact.guilty_backend == FAULT_BACKEND
     assert module in exact.summary
+    # the audit names ue8m0 (activation scales rounded to powers of two) and nothing else as it
+    assert (exact.audit_hint == HINTS["act-scales-pow2"]) == (fault == UE8M0), exact.audit_hint
     if fault == UE8M0:
         # inside the scheme's own error vs FP32 (see UE8M0): nothing else may be blamed either
         assert acc.guilty_module in (None, module)

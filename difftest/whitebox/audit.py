@@ -12,8 +12,11 @@ Per quantized module of the target's GET /debug/config:
   declared layout, transposed scale strides, shuffle toggled, unit scales, fp8 bits read as the
   other fp8 flavour, weight memory read transposed -- and each one's relative error against both
   is reported. A hypothesis other than the declared one that reconstructs W_eff clearly better
-  is the hint ("scales look transposed"). Identity rows quantize exactly in every activation
-  scheme (amax 1 per row / group), so W_eff is the weight path alone.
+  is the hint ("scales look transposed"). The identity is scaled by PROBE = 45/64: a one-hot row
+  quantizes exactly with its exact activation scale in every scheme (x / s = qmax), so W_eff is the
+  weight path alone; with a scale rounded up to a power of two (ue8m0), fp8 codes it as 352 / 360
+  of itself, and that reading is one more hypothesis. (An identity of ones is blind to it: 1.0 /
+  2**-8 = 256 is an e4m3 value.)
 - backend table: the same stored weights run through each backend (metadata `backend` of
   /debug/module) on one input, against the reference; a backend the device cannot run is listed
   with the server's reason.
@@ -52,6 +55,10 @@ EXPLAINED = 0.05  # a hypothesis "reconstructs" the kernel's weight within 5% re
 BACKENDS = ("torch", "triton", "vendor")
 BACKEND_COSINE_MIN = 0.999  # issue 6: a backend under this against FP32 is flagged (informative)
 BACKEND_ROWS = 4  # few rows: the Triton interpreter on CPU pays per program, not per FLOP
+# The identity's value (see the docstring): exact in fp32 / fp16 / bf16, off the e4m3 grid after a
+# power-of-two scale (45/64 * 2**9 = 360, between 352 and 384; e4m3fnuz: 180, between 176 and 192).
+PROBE = 45 / 64
+FP8_QMAX = {"e4m3fn": 448.0, "e4m3fnuz": 240.0}
 WEIGHT_DTYPES = {
     "fp8-tensor": ("float8_e4m3fn", "float8_e4m3fnuz"), "fp8-token": ("float8_e4m3fn", "float8_e4m3fnuz"),
     "fp8-block": ("float8_e4m3fn", "float8_e4m3fnuz"), "int8": ("int8",), "int4-g128": ("uint8",), "mxfp4": ("uint8",),
@@ -62,6 +69,7 @@ HINTS = {
     "unit-scales": "scales look skipped (read as 1)",
     "fnuz-unnormalized": "fp8 looks read as e4m3fnuz without normalisation (x0.5)",
     "weight-transposed": "weight looks read transposed (a transpose that did nothing)",
+    "act-scales-pow2": "activation scales look rounded up to powers of two (ue8m0)",
 }
 
 
@@ -147,7 +155,7 @@ def dequantize(scheme: str, st: SafeTensors, n: int, k: int, *, scales: np.ndarr
     w = st.tensors["weight"] if weight_codes is None else weight_codes
     s = np.asarray(st.value("weight_scale") if scales is None else scales)
     if scheme in ("fp8-tensor", "fp8-token", "fp8-block"):
-        fmt = fp8_format or {"F8_E4M3FNUZ": "e4m3fnuz"}.get(st.dtypes["weight"], "e4m3fn")
+        fmt = fp8_format or fp8_flavour(st.dtypes["weight"])
         d = decode(w, fmt).astype(np.float64)
         return d * (_expand(s, BLOCK, BLOCK, n, k) if scheme == "fp8-block" else s.astype(np.float64))
     if scheme == "int8":
@@ -188,6 +196,7 @@ def hypotheses(scheme: str, st: SafeTensors, n: int, k: int) -> dict[str, np.nda
             out["fnuz-unnormalized"] = out["declared"] / 2.0
         else:
             out["fnuz-unnormalized"] = dequantize(scheme, st, n, k, scales=logical, fp8_format="e4m3fnuz")
+        out["act-scales-pow2"] = out["declared"] * pow2_act_factor(fp8_flavour(dt), PROBE)
     raw = st.tensors["weight"]
     rows, cols = raw.shape[-2:]
     if rows > 1 and cols > 1:  # [N, K] memory read as if it were the transposed copy
@@ -196,6 +205,24 @@ def hypotheses(scheme: str, st: SafeTensors, n: int, k: int) -> dict[str, np.nda
             scheme, st, n, k, scales=logical, weight_codes=np.ascontiguousarray(flipped)
         )
     return out
+
+
+def fp8_flavour(safetensors_dtype: str) -> str:
+    """The fp8 format of a stored weight dtype (activations are quantized to the same flavour)."""
+    return "e4m3fnuz" if safetensors_dtype == "F8_E4M3FNUZ" else "e4m3fn"
+
+
+def pow2_act_factor(fmt: str, value: float) -> float:
+    """What a one-hot row of `value` comes back as, relative to itself, when its fp8 activation scale
+    is rounded up to a power of two (pure): 2**ceil(log2(value / qmax)), the value coded to the
+    nearest `fmt` number (ties to the even code), decoded."""
+    scale = 2.0 ** math.ceil(math.log2(value / FP8_QMAX[fmt]))
+    grid = decode(np.arange(128, dtype=np.uint8), fmt).astype(np.float64)  # the non-negative codes
+    grid = grid[np.isfinite(grid)]
+    dist = np.abs(grid - value / scale)
+    ties = np.flatnonzero(dist == dist.min())
+    code = int(ties[0] if len(ties) == 1 or ties[0] % 2 == 0 else ties[1])
+    return float(grid[code] * scale / value)
 
 
 def judge_hypotheses(vs_ref: Mapping[str, float], vs_kernel: Mapping[str, float]) -> tuple[str, str | None]:
@@ -222,7 +249,7 @@ IDENTITY_ROWS = 256
 
 
 async def effective_weight(ep: Endpoint, module: str, k: int) -> np.ndarray:
-    """W [N, K] as `ep` computes it: out(I_K) - out(0) = W^T, the identity sent in row slices.
+    """W [N, K] as `ep` computes it: (out(c I_K) - out(0)) / c = W^T (c = PROBE), in row slices.
 
     Each slice goes as one batch slot of `rows` tokens ([1, rows, K]): a 2-D input's rows are batch
     slots to a kernel, and a kernel that reads slot 0's scale rows for the others (slot-variant)
@@ -235,10 +262,10 @@ async def effective_weight(ep: Endpoint, module: str, k: int) -> np.ndarray:
         y = read_safetensors(raw).value(P.OUTPUT).astype(np.float64)
         return y.reshape(x.shape[0], -1)
 
-    eye = np.eye(k, dtype=np.float32)
+    eye = np.eye(k, dtype=np.float32) * np.float32(PROBE)
     parts = await asyncio.gather(*(out(eye[i : i + IDENTITY_ROWS]) for i in range(0, k, IDENTITY_ROWS)))
     bias = await out(np.zeros((1, k), np.float32))
-    return (np.concatenate(parts, axis=0) - bias).T
+    return (np.concatenate(parts, axis=0) - bias).T / PROBE
 
 
 async def audit_module(target: Endpoint, reference: Endpoint | None, module: str,

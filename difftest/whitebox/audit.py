@@ -221,7 +221,7 @@ def pow2_act_factor(fmt: str, value: float) -> float:
     grid = grid[np.isfinite(grid)]
     dist = np.abs(grid - value / scale)
     ties = np.flatnonzero(dist == dist.min())
-    code = int(ties[0] if len(ties) == 1 or ties[0] % 2 == 0 else ties[1])
+    code = int(ties[0] if ties[0] % 2 == 0 else ties[-1])  # two ties are adjacent codes: one is even
     return float(grid[code] * scale / value)
 
 

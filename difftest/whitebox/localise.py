@@ -27,7 +27,7 @@ from difftest.results import LayerDiff, LayerPoint
 from difftest.whitebox.activations import LEAF_KINDS, LayerThresholds
 from difftest.whitebox.audit import audit_module
 from difftest.whitebox.layers import diff_layers
-from difftest.whitebox.replay import rank_modules
+from difftest.whitebox.replay import rank_modules, slot_reach
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +125,9 @@ def localisation_sentence(diff: LayerDiff) -> str:
 def _slot_clause(diff: LayerDiff, p: LayerPoint) -> str:
     """The guilty module's batch-slot dependence, and how far it reaches: a kernel that reads slot 0's
     scale rows for the other slots is usually wrong in every module of its scheme."""
-    bad = sum(q.slot_dependent for q in diff.points)
-    tried = sum(q.slot_rel_err is not None for q in diff.points)
     return (
         f"its output depends on the batch slot (slot 1 vs slot 0 rel err {p.slot_rel_err:.3g}; "
-        f"so do {bad} of {tried} linears replayed in two slots)"
+        f"so do {slot_reach(diff)})"
     )
 
 

@@ -37,6 +37,21 @@ class StreamOptions(_Request):
 Prompt = str | list[str] | list[int] | list[list[int]]
 
 
+def _unsupported_logit_shaping(
+    frequency_penalty: float, presence_penalty: float, logit_bias: dict[str, float] | None
+) -> list[tuple[str, str]]:
+    """(param, why) for the logit-shaping parameters both endpoints accept but the shim does not
+    implement: each would change the answer, so a non-default value must be refused, not dropped."""
+    out: list[tuple[str, str]] = []
+    if frequency_penalty != 0.0:
+        out.append(("frequency_penalty", "frequency_penalty is not supported (only 0)"))
+    if presence_penalty != 0.0:
+        out.append(("presence_penalty", "presence_penalty is not supported (only 0)"))
+    if logit_bias:
+        out.append(("logit_bias", "logit_bias is not supported"))
+    return out
+
+
 class CompletionRequest(_Request):
     """POST /v1/completions. https://platform.openai.com/docs/api-reference/completions/create"""
 
@@ -72,12 +87,7 @@ class CompletionRequest(_Request):
         out: list[tuple[str, str]] = []
         if self.best_of is not None and self.best_of != self.n:
             out.append(("best_of", "best_of other than n is not supported"))
-        if self.frequency_penalty != 0.0:
-            out.append(("frequency_penalty", "frequency_penalty is not supported (only 0)"))
-        if self.presence_penalty != 0.0:
-            out.append(("presence_penalty", "presence_penalty is not supported (only 0)"))
-        if self.logit_bias:
-            out.append(("logit_bias", "logit_bias is not supported"))
+        out += _unsupported_logit_shaping(self.frequency_penalty, self.presence_penalty, self.logit_bias)
         if self.suffix:
             out.append(("suffix", "suffix is not supported"))
         return out
@@ -238,13 +248,7 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: bool = True
 
     def unsupported_values(self) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        if self.frequency_penalty != 0.0:
-            out.append(("frequency_penalty", "frequency_penalty is not supported (only 0)"))
-        if self.presence_penalty != 0.0:
-            out.append(("presence_penalty", "presence_penalty is not supported (only 0)"))
-        if self.logit_bias:
-            out.append(("logit_bias", "logit_bias is not supported"))
+        out = _unsupported_logit_shaping(self.frequency_penalty, self.presence_penalty, self.logit_bias)
         if self.response_format is not None and self.response_format != {"type": "text"}:
             out.append(("response_format", "response_format other than text is not supported"))
         if self.tools:

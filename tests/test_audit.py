@@ -16,6 +16,7 @@ from difftest.whitebox.audit import (
     hypotheses,
     judge_hypotheses,
     pow2_act_factor,
+    probe_value,
     reread,
     shuffle_perm,
     structure_checks,
@@ -99,6 +100,31 @@ def test_pow2_act_factor_by_hand() -> None:
     # a tie goes to the even code (round to nearest even): 0.71875 * 2**9 = 368, half way between
     # 352 (code 0x7B, mantissa 011) and 384 (0x7C, mantissa 100) -> 384
     assert pow2_act_factor("e4m3fn", 0.71875) == 384 / 368
+    # int8 (qmax 127): 45/64 / 127 = 2**-7.50 -> 2**-7 -> 90, an integer: blind
+    assert pow2_act_factor("int8", 45 / 64) == 1.0
+    # 1031/2048 / 127 = 2**-7.98 -> 2**-7 -> 64.4375 -> 64
+    assert pow2_act_factor("int8", 1031 / 2048) == 64 / 64.4375
+    # a tie goes to the even integer: 181/256 * 2**7 = 90.5 -> 90; 183/256 -> 91.5 -> 92
+    assert pow2_act_factor("int8", 181 / 256) == 90 / 90.5
+    assert pow2_act_factor("int8", 183 / 256) == 92 / 91.5
+
+
+def test_probe_value_is_exact_in_every_dtype_it_is_sent_in() -> None:
+    wide = probe_value("int8", ["float32", "float16"])
+    assert wide == 1031 / 2048 and torch.tensor(wide, dtype=torch.float16).item() == wide
+    assert torch.tensor(wide, dtype=torch.bfloat16).item() != wide  # why bf16 keeps PROBE
+    for scheme, dtypes in [("int8", ["float16", "bfloat16"]), ("int8", ["float16", None]), ("int8", []),
+                           ("fp8-block", ["float32"]), ("int4-g128", ["float16"])]:  # fmt: skip
+        p = probe_value(scheme, dtypes)
+        assert p == 45 / 64 and torch.tensor(p, dtype=torch.bfloat16).item() == p
+
+
+def test_int8_pow2_hypothesis_only_where_the_probe_can_show_it() -> None:
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    st = read_safetensors(_stored("int8", w)[1])
+    assert "act-scales-pow2" not in hypotheses("int8", st, 64, 128)  # PROBE: the factor is 1
+    h = hypotheses("int8", st, 64, 128, probe_value("int8", ["float32"]))
+    np.testing.assert_allclose(h["act-scales-pow2"], h["declared"] * (64 / 64.4375), rtol=1e-12)
 
 
 def test_judge_hypotheses() -> None:

@@ -16,7 +16,8 @@ Per quantized module of the target's GET /debug/config:
   quantizes exactly with its exact activation scale in every scheme (x / s = qmax), so W_eff is the
   weight path alone; with a scale rounded up to a power of two (ue8m0), fp8 codes it as 352 / 360
   of itself, and that reading is one more hypothesis. (An identity of ones is blind to it: 1.0 /
-  2**-8 = 256 is an e4m3 value.)
+  2**-8 = 256 is an e4m3 value.) int8 needs a probe with more significant bits (`probe_value`):
+  where both servers compute in fp16 / fp32 it gets one, and the same hypothesis; in bf16 it cannot.
 - backend table: the same stored weights run through each backend (metadata `backend` of
   /debug/module) on one input, against the reference; a backend the device cannot run is listed
   with the server's reason.
@@ -30,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,7 +59,13 @@ BACKEND_ROWS = 4  # few rows: the Triton interpreter on CPU pays per program, no
 # The identity's value (see the docstring): exact in fp32 / fp16 / bf16, off the e4m3 grid after a
 # power-of-two scale (45/64 * 2**9 = 360, between 352 and 384; e4m3fnuz: 180, between 176 and 192).
 PROBE = 45 / 64
+# int8's: an integer grid shows a power-of-two scale only through a fraction, which takes more
+# significant bits than bf16 has without being a tie (8 bits: x.5 only). 1031/2048 (11 bits: exact
+# in fp16 / fp32) over 2**-7 is 64.4375, coded as 64 (x0.9932); with its exact scale it is 127.
+PROBE_INT8 = 1031 / 2048
+WIDE_DTYPES = ("float16", "float32")  # the compute dtypes PROBE_INT8 is exact in
 FP8_QMAX = {"e4m3fn": 448.0, "e4m3fnuz": 240.0}
+INT8_QMAX = 127.0
 WEIGHT_DTYPES = {
     "fp8-tensor": ("float8_e4m3fn", "float8_e4m3fnuz"), "fp8-token": ("float8_e4m3fn", "float8_e4m3fnuz"),
     "fp8-block": ("float8_e4m3fn", "float8_e4m3fnuz"), "int8": ("int8",), "int4-g128": ("uint8",), "mxfp4": ("uint8",),
@@ -170,8 +177,17 @@ def dequantize(scheme: str, st: SafeTensors, n: int, k: int, *, scales: np.ndarr
     raise ValueError(f"cannot dequantize scheme {scheme!r}")
 
 
-def hypotheses(scheme: str, st: SafeTensors, n: int, k: int) -> dict[str, np.ndarray]:
-    """Every reading of the stored tensors that a real bug class produces, keyed by name."""
+def probe_value(scheme: str, dtypes: Sequence[str | None]) -> float:
+    """The identity's value for a module of `scheme` measured on servers computing in `dtypes`
+    (an unknown dtype: None): PROBE_INT8 for int8 where every one is fp16 / fp32, else PROBE."""
+    if scheme == "int8" and dtypes and all(d in WIDE_DTYPES for d in dtypes):
+        return PROBE_INT8
+    return PROBE
+
+
+def hypotheses(scheme: str, st: SafeTensors, n: int, k: int, probe: float = PROBE) -> dict[str, np.ndarray]:
+    """Every reading of the stored tensors that a real bug class produces, keyed by name (`probe`:
+    the identity's value, which the pow2 activation-scale reading depends on)."""
     meta = st.metadata
     s = st.value("weight_scale") if scheme != "mxfp4" else st.tensors["weight_scale"]
     s = np.asarray(s).reshape(s.shape[-2:]) if s.ndim >= 2 else np.asarray(s).reshape(1, 1)
@@ -196,7 +212,9 @@ def hypotheses(scheme: str, st: SafeTensors, n: int, k: int) -> dict[str, np.nda
             out["fnuz-unnormalized"] = out["declared"] / 2.0
         else:
             out["fnuz-unnormalized"] = dequantize(scheme, st, n, k, scales=logical, fp8_format="e4m3fnuz")
-        out["act-scales-pow2"] = out["declared"] * pow2_act_factor(fp8_flavour(dt), PROBE)
+        out["act-scales-pow2"] = out["declared"] * pow2_act_factor(fp8_flavour(dt), probe)
+    elif scheme == "int8" and pow2_act_factor("int8", probe) != 1.0:  # PROBE: 90 exactly, no trace
+        out["act-scales-pow2"] = out["declared"] * pow2_act_factor("int8", probe)
     raw = st.tensors["weight"]
     rows, cols = raw.shape[-2:]
     if rows > 1 and cols > 1:  # [N, K] memory read as if it were the transposed copy
@@ -213,10 +231,12 @@ def fp8_flavour(safetensors_dtype: str) -> str:
 
 
 def pow2_act_factor(fmt: str, value: float) -> float:
-    """What a one-hot row of `value` comes back as, relative to itself, when its fp8 activation scale
+    """What a one-hot row of `value` comes back as, relative to itself, when its activation scale
     is rounded up to a power of two (pure): 2**ceil(log2(value / qmax)), the value coded to the
-    nearest `fmt` number (ties to the even code), decoded."""
-    scale = 2.0 ** math.ceil(math.log2(value / FP8_QMAX[fmt]))
+    nearest `fmt` number (an fp8 flavour, or "int8": the integers; ties to the even code), decoded."""
+    scale = 2.0 ** math.ceil(math.log2(value / (INT8_QMAX if fmt == "int8" else FP8_QMAX[fmt])))
+    if fmt == "int8":
+        return float(np.round(value / scale) * scale / value)  # numpy and torch round ties to even
     grid = decode(np.arange(128, dtype=np.uint8), fmt).astype(np.float64)  # the non-negative codes
     grid = grid[np.isfinite(grid)]
     dist = np.abs(grid - value / scale)
@@ -248,8 +268,8 @@ def judge_hypotheses(vs_ref: Mapping[str, float], vs_kernel: Mapping[str, float]
 IDENTITY_ROWS = 256
 
 
-async def effective_weight(ep: Endpoint, module: str, k: int) -> np.ndarray:
-    """W [N, K] as `ep` computes it: (out(c I_K) - out(0)) / c = W^T (c = PROBE), in row slices.
+async def effective_weight(ep: Endpoint, module: str, k: int, probe: float = PROBE) -> np.ndarray:
+    """W [N, K] as `ep` computes it: (out(c I_K) - out(0)) / c = W^T (c = probe), in row slices.
 
     Each slice goes as one batch slot of `rows` tokens ([1, rows, K]): a 2-D input's rows are batch
     slots to a kernel, and a kernel that reads slot 0's scale rows for the others (slot-variant)
@@ -262,10 +282,10 @@ async def effective_weight(ep: Endpoint, module: str, k: int) -> np.ndarray:
         y = read_safetensors(raw).value(P.OUTPUT).astype(np.float64)
         return y.reshape(x.shape[0], -1)
 
-    eye = np.eye(k, dtype=np.float32) * np.float32(PROBE)
+    eye = np.eye(k, dtype=np.float32) * np.float32(probe)
     parts = await asyncio.gather(*(out(eye[i : i + IDENTITY_ROWS]) for i in range(0, k, IDENTITY_ROWS)))
     bias = await out(np.zeros((1, k), np.float32))
-    return (np.concatenate(parts, axis=0) - bias).T / PROBE
+    return (np.concatenate(parts, axis=0) - bias).T / probe
 
 
 async def audit_module(target: Endpoint, reference: Endpoint | None, module: str,
@@ -288,13 +308,15 @@ async def audit_module(target: Endpoint, reference: Endpoint | None, module: str
         meta = st.metadata
         if meta.get(P.META_SCALE_ORDER) not in (None, (info.get("scale_layout") or {}).get("order")):
             checks["metadata_order"] = False
-        cands = hypotheses(scheme, st, n, k)
-        w_eff = await effective_weight(target, module, k)
+        servers = [target] if reference is None else [target, reference]
+        probe = probe_value(scheme, [await _compute_dtype(ep) for ep in servers])
+        cands = hypotheses(scheme, st, n, k, probe)
+        w_eff = await effective_weight(target, module, k, probe)
         vs_kernel = {h: rel_err(w_eff, w) for h, w in cands.items()}
         vs_ref: dict[str, float] = {}
         if reference is not None:
             try:
-                w_ref = await effective_weight(reference, module, k)
+                w_ref = await effective_weight(reference, module, k, probe)
                 vs_ref = {h: rel_err(w_ref, w) for h, w in cands.items()}
             except DifftestError as exc:
                 notes.append(f"reference weight unavailable: {exc}")
@@ -345,6 +367,16 @@ async def backend_table(
             "max_abs": float(f"{diff.max_abs_err:.4g}"), "flagged": not diff.cosine >= BACKEND_COSINE_MIN,
         }  # fmt: skip
     return table
+
+
+async def _compute_dtype(ep: Endpoint) -> str | None:
+    """The server's compute dtype from /debug/config ("float16", ...), None where it says none or
+    cannot be asked (then the probe is the one exact in every dtype)."""
+    try:
+        dtype = (await ep.client.debug_config()).get("dtype")
+    except DifftestError:
+        return None
+    return dtype if isinstance(dtype, str) else None
 
 
 async def _get_quant(ep: Endpoint, module: str) -> SafeTensors:

@@ -54,6 +54,11 @@ CASES = [
 # depend on the scale. Measured: local rel err 0.036 vs golden (36x the 1e-3 bound: it FAILs),
 # but vs FP32 0.038 against a sibling median of ~0.035: not separable from the scheme's own error.
 UE8M0 = "ue8m0-rounding"
+# int8's ue8m0 moves its module by ~1.1% (local rel err 0.0109 in float16 and float32): over the
+# float16 / float32 replay bounds, under bfloat16's (0.0156; 0.0122 measured on an H200, Triton).
+INT8_UE8M0_BF16 = (
+    "int8 ue8m0 (local rel err ~0.012) lies inside the bfloat16 replay bound 0.0156: not a failure there"
+)
 _models: dict[tuple[str, str], LoadedModel] = {}
 
 
@@ -86,6 +91,8 @@ def _rank(diff: LayerDiff, module: str) -> int:
     ids=[c[0] if c[0] != UE8M0 else f"{c[0]}-{c[2]}" for c in CASES],
 )
 async def test_fault_is_failed_and_localised(fault: str, name: str, scheme: str, module: str) -> None:
+    if fault == UE8M0 and scheme == "int8" and DTYPE == "bfloat16":
+        pytest.skip(INT8_UE8M0_BF16)
     target = build(name, scheme, backend=FAULT_BACKEND, faults=[f"{fault}@{module}"])
     async with (
         shim_endpoint("golden", model(name, scheme)) as gold,

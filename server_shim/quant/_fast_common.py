@@ -171,5 +171,30 @@ def _e2m1_to_f32_h(q):
     return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-HELPERS = ("_split_store", "_split_finish", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32", "_to_operand", "_per_group", "_dequant_pair", "_split_tile", "_gemv_store", "_e2m1_to_f32_h")  # fmt: skip
+def _load_k_tiles(a_ptrs, b_ptrs, k0, offs_k, K, EVEN_K: tl.constexpr):
+    """A K step's a [BM, BK] and b [BN, BK] tiles (K along axis 1); past K: 0 (EVEN_K: nothing is)."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    else:
+        kmask = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[None, :], other=0.0)
+    return a, b
+
+
+def _gemv_place(N, K, K_PER, BLOCK_N: tl.constexpr):
+    """A GEMV program's place in its grid (BLOCK_N outputs, K split, x row): (x row, split, its
+    output columns, those wrapped inside N for loads, the split's K range [k_lo, k_hi))."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    return row, pid_k, offs_n, rn, k_lo, k_hi
+
+
+HELPERS = ("_gemv_place", "_load_k_tiles", "_split_store", "_split_finish", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32", "_to_operand", "_per_group", "_dequant_pair", "_split_tile", "_gemv_store", "_e2m1_to_f32_h")  # fmt: skip
 KERNELS = ()  # fmt: skip

@@ -14,6 +14,7 @@ from server_shim.quant._fast_common import (
     _e2m1_to_f32,
     _e2m1_to_f32_h,
     _e8m0_to_f32,
+    _gemv_place,
     _gemv_store,
     _to_operand,
     tl,
@@ -32,14 +33,8 @@ def _gemv4_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, 
     dequantizes them as `_dequant_pair` does (rounded once to x's dtype, as the reference), and
     accumulates their products with the activation row's even and odd columns elementwise.
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n % N
+    row, pid_k, offs_n, rn, k_lo, k_hi = _gemv_place(N, K, K_PER, BLOCK_N)
     offs_j = tl.arange(0, BLOCK_K // 2)
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
     w_rows = w_ptr + rn[:, None] * swn
     x_row = x_ptr + row * sxm
     acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
@@ -94,15 +89,9 @@ def _gemv4g_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     per-step sum over each group instead costs shuffles, a group spanning several threads).
     Both accumulate elementwise and reduce once at the end.
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n % N
+    row, pid_k, offs_n, rn, k_lo, k_hi = _gemv_place(N, K, K_PER, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_K // GROUP)
     jb = offs_g[:, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :]  # [groups, GROUP/2] byte index
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
     w_rows = w_ptr + rn[:, None, None] * swn
     x_row = x_ptr + row * sxm
     s_rows = s_ptr + rn[:, None] * ssn
@@ -149,6 +138,15 @@ def _gemv4g_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
             else:
                 acc += (_e2m1_to_f32(lo) * xe + _e2m1_to_f32(hi) * xo) * sc
         byte = byte_next
+    _gemv4_store(
+        acc, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, FORMAT, SPLIT_OUT, HAS_BIAS
+    )
+
+
+def _gemv4_store(acc, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, FORMAT: tl.constexpr,
+                 SPLIT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """A group-shaped tile's [BLOCK_N, groups, words] sums reduced to its outputs and stored
+    (mxfp4 decoded through fp16 bits: times the 2**14 those leave out, once per output)."""
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if FORMAT == 1 and E2M1_F16:
         out = out * 16384.0
@@ -191,15 +189,9 @@ def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     == 0; strides in words), so nibble j of word i is k = 8i + j (little-endian bytes, low nibble
     first). Each nibble is one shift and one mask of a word already in a register -- no per-byte
     extraction -- and meets its own x plane (x at k = 8i + j). Same numerics as `_gemv4g_kernel`."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n % N
+    row, pid_k, offs_n, rn, k_lo, k_hi = _gemv_place(N, K, K_PER, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_K // GROUP)
     jw = offs_g[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]  # [groups, GROUP/8] words
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
     w_rows = w_ptr + rn[:, None, None] * swn
     x_row = x_ptr + row * sxm
     s_rows = s_ptr + rn[:, None] * ssn
@@ -228,10 +220,9 @@ def _gemv4w_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
             else:
                 acc += (_e2m1_to_f32(q) * xj) * s3
         word = word_next
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if FORMAT == 1 and E2M1_F16:
-        out = out * 16384.0
-    _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
+    _gemv4_store(
+        acc, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, FORMAT, SPLIT_OUT, HAS_BIAS
+    )
 
 
 def _gemv4x_planes(xv, D0: tl.constexpr, D1: tl.constexpr):
@@ -379,18 +370,12 @@ def _gemv4x_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
     [groups, GROUP/8, 8] -- 8 consecutive k per word, 16-byte loads, prefetched a step ahead like
     the words -- and split into its 8 nibble planes in registers, where `_gemv4w_kernel` gathers
     each plane with stride-8 loads inside the loop, one L2 round trip per plane on the critical path."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row = tl.program_id(2)
+    row, pid_k, offs_n, rn, k_lo, k_hi = _gemv_place(N, K, K_PER, BLOCK_N)
     G: tl.constexpr = BLOCK_K // GROUP
     W: tl.constexpr = GROUP // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n % N
     offs_g = tl.arange(0, G)
     jw = offs_g[:, None] * W + tl.arange(0, W)[None, :]  # [groups, GROUP/8] words
     kx = 8 * jw[:, :, None] + tl.arange(0, 8)[None, None, :]  # [groups, GROUP/8, 8]: the k of each nibble
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
     w_rows = w_ptr + rn[:, None, None] * swn
     x_row = x_ptr + row * sxm
     s_rows = s_ptr + rn[:, None] * ssn
@@ -421,10 +406,9 @@ def _gemv4x_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
         acc += _gemv4x_term(word, x7[None, :, :], 7, s3, zb, FORMAT, DT, EMULATE_RNE)
         word = word_next
         xv = x_next
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if FORMAT == 1 and E2M1_F16:
-        out = out * 16384.0
-    _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
+    _gemv4_store(
+        acc, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, FORMAT, SPLIT_OUT, HAS_BIAS
+    )
 
 
 def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
@@ -509,5 +493,5 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
                     scm, scn, SPLIT_OUT, HAS_BIAS)  # fmt: skip
 
 
-HELPERS = ("_gemv4w_words", "_gemv4w_x", "_gemv4w_next", "_gemv4x_planes", "_gemv4x_term", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word")  # fmt: skip
+HELPERS = ("_gemv4_store", "_gemv4w_words", "_gemv4w_x", "_gemv4w_next", "_gemv4x_planes", "_gemv4x_term", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word")  # fmt: skip
 KERNELS = ("_gemv4_kernel", "_gemv4g_kernel", "_gemv4w_kernel", "_gemv4x_kernel", "_gemv4r_kernel")  # fmt: skip

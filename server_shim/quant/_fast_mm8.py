@@ -12,7 +12,9 @@ from server_shim.quant._fast_common import (
     _cast_out,
     _epilogue,
     _fp8_bits_to_f16,
+    _gemv_place,
     _gemv_store,
+    _load_k_tiles,
     _round_to_fp8_grid,
     _scale_out,
     _split_store,
@@ -59,6 +61,29 @@ def _block_scales(as_ptr, bs_ptr, rm, rn, pid_n, kb, sas0, sas1, sbs0, sbs1, A_M
     return sa, sb
 
 
+def _block_step(a, b, acc, prev, sa, sb, as_ptr, bs_ptr, rm, rn, pid_n, k0, K, sas0, sas1, sbs0, sbs1,
+                A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, LAG: tl.constexpr):  # fmt: skip
+    """One block-mode K step -> (acc, prev, sa, sb): its fp32 partial times this step's scales
+    added to acc (LAG: kept as prev, and the previous step's added while this step's MMAs run),
+    and the next step's scales, loaded before these are used (Triton's pipeliner stages only the
+    dot operands' loads: this hides the scales' latency; the last step reloads a valid group)."""
+    part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+    kn = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP
+    sa_next, sb_next = _block_scales(as_ptr, bs_ptr, rm, rn, pid_n, kn, sas0, sas1, sbs0, sbs1, A_MODE, B_MODE,
+                                     GROUP, BLOCK_N)  # fmt: skip
+    if LAG:
+        acc += prev
+        prev = _block_scaled(part, sa, sb, A_MODE, B_MODE)
+    else:
+        acc += _block_scaled(part, sa, sb, A_MODE, B_MODE)
+    if A_MODE == 2:
+        sa = sa_next
+    if B_MODE == 2:
+        sb = sb_next
+    return acc, prev, sa, sb
+
+
 # ----------------------------------------------------------------------------- kernels
 def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, K_PER,
                 sam, sak, sbn, sbk, scm, scn, sas0, sas1, sbs0, sbs1,
@@ -88,38 +113,24 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # block scales of the first K step; each step then loads the next step's before it uses its
-    # own (Triton's pipeliner stages only the dot operands' loads: this hides the scales' latency).
+    # block scales of the first K step; each step then loads the next step's (`_block_step`).
     # a's and b's are carried apart: their [BM, BN] product would double the tile's registers.
     sa, sb = _block_scales(as_ptr, bs_ptr, rm, rn, pid_n, k_lo // GROUP, sas0, sas1, sbs0, sbs1, A_MODE, B_MODE,
                            GROUP, BLOCK_N)  # fmt: skip
     if LAG:  # the previous step's partial (zero before the first step), already scaled in block mode
         prev = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            kmask = (k0 + offs_k) < K
-            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kmask[None, :], other=0.0)
+        a, b = _load_k_tiles(a_ptrs, b_ptrs, k0, offs_k, K, EVEN_K)
         if DECODE != 0:
             a = _fp8_bits_to_f16(a, DECODE == 2)
             b = _fp8_bits_to_f16(b, DECODE == 2)
         if A_MODE == 2 or B_MODE == 2:
-            part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
-            kn = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP  # the last step reloads a valid group, unused
-            sa_next, sb_next = _block_scales(as_ptr, bs_ptr, rm, rn, pid_n, kn, sas0, sas1, sbs0, sbs1, A_MODE,
-                                             B_MODE, GROUP, BLOCK_N)  # fmt: skip
             if LAG:
-                acc += prev
-                prev = _block_scaled(part, sa, sb, A_MODE, B_MODE)
+                acc, prev, sa, sb = _block_step(a, b, acc, prev, sa, sb, as_ptr, bs_ptr, rm, rn, pid_n, k0, K, sas0,
+                                                sas1, sbs0, sbs1, A_MODE, B_MODE, GROUP, BLOCK_N, BLOCK_K, True)  # fmt: skip
             else:
-                acc += _block_scaled(part, sa, sb, A_MODE, B_MODE)
-            if A_MODE == 2:
-                sa = sa_next
-            if B_MODE == 2:
-                sb = sb_next
+                acc, _, sa, sb = _block_step(a, b, acc, acc, sa, sb, as_ptr, bs_ptr, rm, rn, pid_n, k0, K, sas0, sas1,
+                                             sbs0, sbs1, A_MODE, B_MODE, GROUP, BLOCK_N, BLOCK_K, False)  # fmt: skip
         elif ACC_INT:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         elif FAST_ACC or DECODE != 0:
@@ -163,15 +174,8 @@ def _tma_tile(a_desc, b_desc, as_ptr, bs_ptr, pid_m, pid_n, M, N, K, sas0, sas1,
         a = a_desc.load([off_m, k0])
         b = b_desc.load([off_n, k0])
         if A_MODE == 2 or B_MODE == 2:
-            part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
-            kn = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP
-            sa_next, sb_next = _block_scales(as_ptr, bs_ptr, rm, rn, pid_n, kn, sas0, sas1, sbs0, sbs1, A_MODE,
-                                             B_MODE, GROUP, BLOCK_N)  # fmt: skip
-            acc += _block_scaled(part, sa, sb, A_MODE, B_MODE)
-            if A_MODE == 2:
-                sa = sa_next
-            if B_MODE == 2:
-                sb = sb_next
+            acc, _, sa, sb = _block_step(a, b, acc, acc, sa, sb, as_ptr, bs_ptr, rm, rn, pid_n, k0, K, sas0, sas1,
+                                         sbs0, sbs1, A_MODE, B_MODE, GROUP, BLOCK_N, BLOCK_K, False)  # fmt: skip
         elif ACC_INT:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         elif FAST_ACC:
@@ -307,13 +311,7 @@ def _gemv8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K
     the amax (K values, from L2) and writes the scale to as_ptr for the split-K reduction; A_MODE 2
     (fp8, 1 x GROUP blocks, BLOCK_K == GROUP): each K tile is one group, its own amax.
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n % N
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
+    row, pid_k, offs_n, rn, k_lo, k_hi = _gemv_place(N, K, K_PER, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     b_rows = b_ptr + rn[:, None] * sbn
     a_row = a_ptr + row * sam
@@ -324,7 +322,7 @@ def _gemv8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K
     a_scale = 1.0
     if QUANT_A and A_MODE == 1:
         a_scale = _act_scale(_row_amax(a_row, K, sak, BLOCK_K), QMAX, AMAX_FLOOR)
-        if (pid_n == 0) & (pid_k == 0):
+        if (tl.program_id(0) == 0) & (pid_k == 0):  # once per row: its first column tile's first split
             tl.store(as_ptr + row * sas0, a_scale)
     kk = k_lo + offs_k
     if EVEN_K:  # noqa: SIM108 - a statement-level constexpr branch compiles on every triton
@@ -372,5 +370,5 @@ def _gemv8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K
     _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
 
 
-HELPERS = ("_block_scaled", "_b_block_scale", "_block_scales", "_tma_tile", "_gemv_operand", "_act_scale", "_row_amax", "_act_quantized")  # fmt: skip
+HELPERS = ("_block_scaled", "_b_block_scale", "_block_scales", "_block_step", "_tma_tile", "_gemv_operand", "_act_scale", "_row_amax", "_act_quantized")  # fmt: skip
 KERNELS = ("_mm8_kernel", "_mm8_tma_kernel", "_mm8_tmap_kernel", "_splitk_reduce_kernel", "_gemv8_kernel")  # fmt: skip

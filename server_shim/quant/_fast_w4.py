@@ -20,6 +20,7 @@ from server_shim.quant._fast_common import (
     _e2m1_to_f32_h,
     _e8m0_to_f32,
     _epilogue,
+    _load_k_tiles,
     _per_group,
     _split_finish,
     _split_store,
@@ -400,13 +401,7 @@ def _mm16_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, sam, sak, sbn, sbk, scm
     b_ptrs = b_ptr + rn[:, None] * sbn + offs_k[None, :] * sbk
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            kmask = (k0 + offs_k) < K
-            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kmask[None, :], other=0.0)
+        a, b = _load_k_tiles(a_ptrs, b_ptrs, k0, offs_k, K, EVEN_K)
         if DOT_IEEE:
             acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
         else:

@@ -213,8 +213,9 @@ def hypotheses(scheme: str, st: SafeTensors, n: int, k: int, probe: float = PROB
         else:
             out["fnuz-unnormalized"] = dequantize(scheme, st, n, k, scales=logical, fp8_format="e4m3fnuz")
         out["act-scales-pow2"] = out["declared"] * pow2_act_factor(fp8_flavour(dt), probe)
-    elif scheme == "int8" and pow2_act_factor("int8", probe) != 1.0:  # PROBE: 90 exactly, no trace
-        out["act-scales-pow2"] = out["declared"] * pow2_act_factor("int8", probe)
+    # int8 at PROBE: exactly 90 after a power-of-two scale, no trace (factor 1)
+    elif scheme == "int8" and (factor := pow2_act_factor("int8", probe)) != 1.0:
+        out["act-scales-pow2"] = out["declared"] * factor
     raw = st.tensors["weight"]
     rows, cols = raw.shape[-2:]
     if rows > 1 and cols > 1:  # [N, K] memory read as if it were the transposed copy

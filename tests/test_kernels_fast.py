@@ -41,6 +41,9 @@ FUSED = tuning.Cfg("fused", 16, 32, 64, 4, 1, 2)
 WORDS = tuning.Cfg("words", 16, 32, 64, 4, 1, 2)
 WORDSK = tuning.Cfg("wordsk", 16, 32, 64, 4, 1, 3)
 WORDS32 = tuning.Cfg("wordsk", 32, 32, 128, 4, 1, 2)  # the mid-M tile: 32 rows, a whole int4 group per step
+# a K step per warp as one batched dot: 2 steps side by side, split in two; 4 steps (past K at K = 256)
+WORDSB = tuning.Cfg("wordsb", 16, 32, 64, 2, 1, 2)
+WORDSB4 = tuning.Cfg("wordsb", 16, 16, 128, 4, 1)
 # the group-shaped 4-bit GEMV (split-K; bk below a group is rounded up to it) and dequantize + torch.mm
 GEMVG = tuning.Cfg("gemvg", 1, 16, 64, 4, 1, 2)
 GEMVW = tuning.Cfg("gemvw", 1, 16, 256, 4, 1, 2)
@@ -59,7 +62,7 @@ PATH_IDS = {TILE: "tile", SPLIT: "split3", GEMV: "gemv-split2", DEQ: "deq", DOTL
             DOTLESS4: "dotless4", FUSED: "fused", GEMVG: "gemvg", GEMVW: "gemvw", GEMVX: "gemvx",
             GEMVR: "gemvr-split2", GEMVF: "gemvf-split2", GEMVF2: "gemvf-2rows", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag",
             TMA: "tma", TMAP: "tmap", WORDS: "words-split2", WORDSK: "wordsk-split3",
-            WORDS32: "wordsk-32rows"}  # fmt: skip
+            WORDS32: "wordsk-32rows", WORDSB: "wordsb-split2", WORDSB4: "wordsb-4steps"}  # fmt: skip
 
 
 def paths(*cfgs: tuning.Cfg) -> list:
@@ -201,6 +204,8 @@ FOUR_BIT_PATHS = [
     WORDS,
     WORDSK,
     WORDS32,
+    WORDSB,
+    WORDSB4,
     GEMVG,
     GEMVW,
     GEMVX,
@@ -271,7 +276,7 @@ def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     + [
         pytest.param("int4-g128", c, id=f"int4-g128-{i}")
         for c, i in PATH_IDS.items()
-        if c in (WORDS, WORDSK, WORDS32)
+        if c in (WORDS, WORDSK, WORDS32, WORDSB, WORDSB4)
     ],
 )
 def test_factored_4bit_is_the_unrounded_product(
@@ -573,7 +578,7 @@ def test_words_path_runs_where_words_fit_and_falls_back_where_not(force, monkeyp
         assert rel(got, x.double() @ F.dequantize(qw).double().T) < 1e-6, (Kd, bk)
 
 
-@pytest.mark.parametrize("cfg", paths(WORDS, WORDS32, FUSED))
+@pytest.mark.parametrize("cfg", paths(WORDS, WORDS32, WORDSB4, FUSED))
 def test_ragged_mxfp4_tile_reads_no_scale_past_k(force, cfg: tuning.Cfg) -> None:
     """K = 200 with 32-groups: the last K tile covers groups past the 7th that do not exist. The
     scales are a view whose next column (in memory, the next row's first group's neighbour) holds
@@ -631,11 +636,11 @@ def test_words_configs_are_timed_only_where_they_run(monkeypatch) -> None:
             key_of = (scheme, Kd)
             qw = F.quantize_weight(torch.randn(24, Kd, generator=g) * 0.02, scheme)
             quant_matmul(torch.randn(2, Kd, generator=g), qw, None, "triton", FaultSet())
-    words = {k: [c for c in cs if c.path in ("words", "wordsk")] for k, cs in listed.items()}
+    words = {k: [c for c in cs if c.path in _fastpath.WORD_PATHS] for k, cs in listed.items()}
     assert words[("int4-g128", 204)] == [] and words[("mxfp4", 204)] == []
     assert words[("int4-g128", 256)] and all(c.bk in (64, 128) for c in words[("int4-g128", 256)])
     assert any(c.bk == 256 for c in words[("mxfp4", 256)])  # whole groups: wider tiles too
-    hopper = [c for c in tuning.candidates("hopper", "wonly", 16, 24, 256) if c.path in ("words", "wordsk")]
+    hopper = [c for c in tuning.candidates("hopper", "wonly", 16, 24, 256) if c.path in _fastpath.WORD_PATHS]
     assert len(words[("mxfp4", 256)]) == len(hopper) > len(words[("int4-g128", 256)])
 
 
@@ -737,7 +742,14 @@ def test_faults_reproduce_in_split_and_deq_paths(force, scheme: str, fault: str,
 # gemvr unsplit: the interpreter's slowest path; its splits are tested above
 @pytest.mark.parametrize(
     "cfg",
-    paths(FUSEDK, WORDSK, GEMVX, tuning.Cfg("gemvr", 1, 1, 256, 4, 1), tuning.Cfg("gemvf", 1, 1, 256, 4, 1)),
+    paths(
+        FUSEDK,
+        WORDSK,
+        WORDSB,
+        GEMVX,
+        tuning.Cfg("gemvr", 1, 1, 256, 4, 1),
+        tuning.Cfg("gemvf", 1, 1, 256, 4, 1),
+    ),
 )
 @pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
 def test_every_4bit_fault_reproduces_in_the_fast_kernels(force, scheme: str, cfg: tuning.Cfg) -> None:

@@ -289,9 +289,9 @@ def _words(w: torch.Tensor, K: int, group: int) -> torch.Tensor | None:
 
 
 # the 4-bit tile paths whose K splits sum themselves (_split_finish)
-SELF_REDUCING = ("fusedk", "wordsk", "tilek")
+SELF_REDUCING = ("fusedk", "wordsk", "wordsb", "tilek")
 # the 4-bit tile paths on int32 words (`_wonly_words_kernel`), where `words_tile` says they fit
-WORD_PATHS = ("words", "wordsk")
+WORD_PATHS = ("words", "wordsk", "wordsb")
 # the 4-bit M = 1 GEMVs on int32 words ("gemvg" where the word view does not fit)
 WORD_GEMVS = ("gemvw", "gemvx", "gemvr", "gemvf")
 
@@ -303,9 +303,12 @@ def gemv4_kernel(k: SimpleNamespace, path: str) -> Any:
 
 
 def wonly_tile_kernel(k: SimpleNamespace, path: str) -> Any:
-    """The 4-bit tl.dot kernel a "tile" / "tilek" / "fused" / "fusedk" / "words" / "wordsk" config launches."""
+    """The 4-bit tl.dot kernel a "tile" / "tilek" / "fused" / "fusedk" / "words" / "wordsk" / "wordsb"
+    config launches."""
     if path in ("fused", "fusedk"):
         return k.wonly_fused
+    if path == "wordsb":
+        return k.wonly_wordsb
     return k.wonly_words if path in WORD_PATHS else k.wonly_fast
 
 
@@ -353,7 +356,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
         if cfg.path in WORD_PATHS:
             wk = _words(w, K, group) if words_tile(cfg, fmt, group) else None
             if wk is None:
-                wk, cfg = w, replace(cfg, path="fused" if cfg.path == "words" else "fusedk")
+                wk, cfg = w, replace(cfg, path="fused" if cfg.path == "words" else "fusedk")  # wordsk, wordsb
         if cfg.path == "gemvg" and not (group & (group - 1) == 0 and 2 <= group <= 256):
             cfg = replace(cfg, path="gemv")  # group-shaped tiles need a power-of-two group
         if cfg.path == "gemvg" or cfg.path in WORD_GEMVS:
@@ -382,7 +385,9 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )  # fmt: skip
             return out
-        kper, splits = _splits(K, cfg.bk, cfg.split)
+        # "wordsb" runs num_warps K tiles per loop step: its splits are whole steps
+        step = cfg.bk * (cfg.warps if cfg.path == "wordsb" else 1)
+        kper, splits = _splits(K, step, cfg.split)
         ws = _workspace(splits, M, N, torch.float32, out)
         if cfg.path in ("gemv", "gemvg", *WORD_GEMVS):
             kern = gemv4_kernel(k, cfg.path)
@@ -400,6 +405,8 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
         kern = wonly_tile_kernel(k, cfg.path)
         # the word tiles (int4, mxfp4) on an NVIDIA GPU with 16-bit x: their planes in inline PTX
         words_ptx = {"PTX": ptx_planes(k, x.device, x.dtype)} if cfg.path in WORD_PATHS else {}
+        if cfg.path == "wordsb":
+            words_ptx["SUB"] = cfg.warps
         tiles = _cdiv(M, cfg.bm) * _cdiv(N, cfg.bn)
         # the splits reduce themselves on per-tile counters (no second kernel)
         counters = _counters(out.device, tiles) if splits > 1 and cfg.path in SELF_REDUCING else None
@@ -409,7 +416,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             counters if counters is not None else ws, splits,
             FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None, DOT_IEEE=dot_ieee, EMULATE_RNE=emulate,
             SPLIT_OUT=splits > 1, SPLIT_FIN=counters is not None,
-            EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group_m,
+            EVEN_K=K % step == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group_m,
             num_warps=cfg.warps, num_stages=cfg.stages, **words_ptx,
         )  # fmt: skip
         if splits > 1 and counters is None:

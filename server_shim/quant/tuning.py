@@ -64,7 +64,9 @@ class Cfg:
     once per word, two nibbles per integer op; bn 2: two rows per program sharing x's planes (all
     three "gemvg" where the word view does not fit); "words": "fused" on int32 words, each nibble
     dequantized where it lies in its word (`_wonly_words_kernel`; "fused" where the word view or the
-    K tile does not fit); "fusedk" / "wordsk" / "tilek": "fused" / "words" / "tile" whose
+    K tile does not fit); "wordsb": "words" with a K step per warp, num_warps steps side by side as one batched dot
+    (`_wonly_wordsb_kernel`), its splits reducing themselves as "wordsk"'s;
+    "fusedk" / "wordsk" / "tilek": "fused" / "words" / "tile" whose
     K splits reduce themselves (the last split to finish sums the partials in split order on a
     per-tile counter) instead of a second kernel; "lag": the fp8 tile with each K step's promoted
     partial added one step late (8-bit GEMM; int8 and fast-accumulation fp8 never see it); "tma": the
@@ -105,7 +107,7 @@ class Cfg:
 
 
 PATHS = frozenset(("tile", "tilek", "lag", "tma", "tmap", "deq", "deqb", "fused", "fusedk", "words", "wordsk",
-                   "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "quant2"))  # fmt: skip
+                   "wordsb", "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "quant2"))  # fmt: skip
 
 M_BUCKETS = (1, 16, 64, 256, 1024)  # then 4096: every larger M
 
@@ -171,6 +173,10 @@ _HOPPER = {
         "small": _t("wordsk", (16, 64, 128, 4, 4, 4), (16, 64, 128, 4, 3, 4), (16, 32, 128, 2, 4, 4),
                     (16, 64, 128, 4, 4, 8), (16, 64, 64, 4, 4, 4), (16, 128, 128, 8, 3, 4))
         + _t("words", (16, 64, 128, 4, 4, 4), (16, 64, 256, 4, 3, 4))
+        # a K step per warp (`_wonly_wordsb_kernel`): on an H200 (2026-12-04, 16 x 4096 x 4096, pinned) int4-g128
+        # 9.05 us against 10.61 for the best "wordsk" above, mxfp4 10.04 against 10.19; 32- and 64-wide
+        # tiles, 2 or 8 warps and splits were all slower (10.8-36 us)
+        + _t("wordsb", (16, 16, 128, 4, 3), (16, 16, 128, 4, 2), (16, 16, 128, 4, 4), (16, 16, 64, 4, 3))
         + _t("fusedk", (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8), (16, 32, 256, 4, 3, 8), (16, 64, 128, 4, 4, 4)),
         "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2), (64, 128, 128, 4, 3),
                   (128, 128, 128, 8, 3), (64, 64, 128, 4, 3, 4)) + _t("deq", (128, 128, 64, 4, 4), (128, 256, 64, 8, 3))

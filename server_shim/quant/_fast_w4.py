@@ -382,8 +382,11 @@ def _wonly_wordsb_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M,
     one batched dot [SUB, BM, BK] x [SUB, BK, BN] whose SUB partials are summed once at the end.
     Triton gives a 3-d dot's batch dimension to the warps: with SUB = num_warps each warp
     dequantizes and multiplies a K step of its own, where the 2-d tile spreads one step's columns
-    over all warps (an H200 at 16 x 4096 x 4096, int4-g128: 8.7 against 10.5 us, fewer
-    instructions per word and no warp waiting on another's share of a step). EVEN_K: K_PER and K
+    over all warps (an H200 at 16 x 4096 x 4096: int4-g128 9.0 against 10.6 us, mxfp4 10.3 against
+    11.6: the same ~32 SASS instructions per word, but 16-wide tiles, too narrow to spread over 4
+    warps in 2-d, give enough programs without splitting K: no partials to write and sum).
+    The scales and zero points are loaded [SUB, BN] and expanded: loaded as [SUB, BN, 1] directly,
+    the 32-wide tile's weights went through shared memory (21 against 9.6 us). EVEN_K: K_PER and K
     are multiples of SUB * BLOCK_K (else the steps past K read zeros: x 0 there adds nothing)."""
     pid_n, pid_k, offs_m, offs_n, rm, rn, k_lo, k_hi = _split_tile(M, N, K, K_PER, BLOCK_M, BLOCK_N, GROUP_M)
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -391,7 +394,7 @@ def _wonly_wordsb_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M,
     offs_k = tl.arange(0, BLOCK_K)[None, None, :]
     offs_j = tl.arange(0, BLOCK_K // 8)[None, None, :]
     x_ptrs = x_ptr + rm[None, :, None] * sxm + (k_lo + ks + offs_k) * sxk
-    w_ptrs = w_ptr + rn[None, :, None] * swn + ((k_lo + ks) // 8 + offs_j) * swk
+    w_ptrs = w_ptr + rn[None, :, None] * swn + (k_lo // 8 + ks // 8 + offs_j) * swk
     acc = tl.zeros([SUB, BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, SUB * BLOCK_K):
         kk = k0 + ks
@@ -402,9 +405,9 @@ def _wonly_wordsb_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M,
             x = tl.load(x_ptrs, mask=(kk + offs_k) < K, other=0.0)
             word = tl.load(w_ptrs, mask=(kk + 8 * offs_j) < K, other=0)
         if FORMAT == 0:  # each sub-step inside one group: the exact q - z in the dot, the row scale after it
-            g = tl.minimum(kk, K - 1) // GROUP
-            s = tl.load(s_ptr + rn[None, None, :] * ssn + g * ssg).to(tl.float32)
-            z = tl.load(z_ptr + rn[None, :, None] * szn + g * szg)
+            g = tl.minimum(k0 + tl.arange(0, SUB) * BLOCK_K, K - 1)[:, None] // GROUP  # [SUB, 1]
+            s = tl.load(s_ptr + rn[None, :] * ssn + g * ssg).to(tl.float32)[:, None, :]
+            z = tl.load(z_ptr + rn[None, :] * szn + g * szg)[:, :, None]
             p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(word, z, DT, PTX)
         else:  # mxfp4: whole groups per sub-step, the scales inside the planes
             gi = tl.minimum(kk // GROUP + tl.arange(0, BLOCK_K // GROUP)[None, None, :], (K - 1) // GROUP)

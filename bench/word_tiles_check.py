@@ -3,7 +3,7 @@
     python bench/word_tiles_check.py                # GPU: fp16 and bf16 x, the inline-PTX planes
     python bench/word_tiles_check.py --device cpu   # the interpreter's plain-Triton planes, small shapes
 
-"words" / "wordsk" configs are pinned (`tuning.FORCE`) on square and odd shapes, int4-g128 and
+"words" / "wordsk" / "wordsb" configs are pinned (`tuning.FORCE`) on square and odd shapes, int4-g128 and
 mxfp4, and compared with x @ dequantize(w)^T in float64: int4's tiles multiply the exact weight
 (relative error ~1e-7 expected), mxfp4's values are exact in x's dtype. mxfp4 also runs random codes
 under scales from 2**-127 to 2**20, where fp16 saturates: the kernel must give the reference's
@@ -26,7 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _gemm_cases import rel_err  # noqa: E402
 
-CONFIGS = ("wordsk:16x64x128:w4:s4:k4", "words:16x64x64:w4:s3:k1", "wordsk:64x64x128:w4:s3:k2")
+CONFIGS = (
+    "wordsk:16x64x128:w4:s4:k4",
+    "words:16x64x64:w4:s3:k1",
+    "wordsk:64x64x128:w4:s3:k2",
+    "wordsb:16x16x128:w4:s3:k1",
+    "wordsb:16x32x64:w2:s3:k2",
+)
 GPU_SHAPES = ((16, 4096, 4096), (5, 300, 1000), (64, 256, 512), (3, 96, 264))
 CPU_SHAPES = ((3, 40, 264), (17, 64, 256))
 # fp32 accumulation over K = 4096 in the kernel's order (unsplit 64-wide tiles: 64 partial adds) is

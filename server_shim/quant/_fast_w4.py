@@ -200,6 +200,25 @@ def _word_plane(word, J: tl.constexpr, s, DT: tl.constexpr, EMULATE_RNE: tl.cons
     return _to_operand(w, DT, EMULATE_RNE)
 
 
+def _mx_word_planes(word, sc, DT: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """The 8 mxfp4 planes of int32 words times their per-word scales `sc`, without inline PTX."""
+    p0 = _word_plane(word, 0, sc, DT, EMULATE_RNE)
+    p1 = _word_plane(word, 1, sc, DT, EMULATE_RNE)
+    p2 = _word_plane(word, 2, sc, DT, EMULATE_RNE)
+    p3 = _word_plane(word, 3, sc, DT, EMULATE_RNE)
+    p4 = _word_plane(word, 4, sc, DT, EMULATE_RNE)
+    p5 = _word_plane(word, 5, sc, DT, EMULATE_RNE)
+    p6 = _word_plane(word, 6, sc, DT, EMULATE_RNE)
+    p7 = _word_plane(word, 7, sc, DT, EMULATE_RNE)
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+def _k_order(p0, p1, p2, p3, p4, p5, p6, p7):
+    """A word tile's 8 planes [..., BK/8] joined back into K order: [..., BK/8, 2, 2, 2] indexed
+    (j, c, b, a) holds plane 4c + 2b + a, so that reshaped to [..., BK] element k = 8j + 4c + 2b + a."""
+    return tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+
+
 def _mx_group_codes(
     s_ptr, rn, k0, K, ssn, ssg, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr
 ):
@@ -352,17 +371,8 @@ def _words_part(x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z, K, ssn, ssg,
         p0, p1, p2, p3, p4, p5, p6, p7 = _mx_planes(word, f1, _per_group(f2, GROUP, BLOCK_K, 8), DT)
     else:
         sc = _mx_word_scales(s_ptr, rn, k0, K, ssn, ssg, GROUP, BLOCK_K, EVEN_K)
-        p0 = _word_plane(word, 0, sc, DT, EMULATE_RNE)
-        p1 = _word_plane(word, 1, sc, DT, EMULATE_RNE)
-        p2 = _word_plane(word, 2, sc, DT, EMULATE_RNE)
-        p3 = _word_plane(word, 3, sc, DT, EMULATE_RNE)
-        p4 = _word_plane(word, 4, sc, DT, EMULATE_RNE)
-        p5 = _word_plane(word, 5, sc, DT, EMULATE_RNE)
-        p6 = _word_plane(word, 6, sc, DT, EMULATE_RNE)
-        p7 = _word_plane(word, 7, sc, DT, EMULATE_RNE)
-    # [BN, BK/8, 2, 2, 2] indexed (j, c, b, a) holds plane 4c + 2b + a: k = 8j + 4c + 2b + a
-    w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
-    w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        p0, p1, p2, p3, p4, p5, p6, p7 = _mx_word_planes(word, sc, DT, EMULATE_RNE)
+    w = tl.reshape(_k_order(p0, p1, p2, p3, p4, p5, p6, p7), (BLOCK_N, BLOCK_K))
     return _w16_dot(x, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_IEEE)
 
 
@@ -418,17 +428,10 @@ def _wonly_wordsb_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M,
                                                             _per_group3(f2, GROUP, BLOCK_K), DT)  # fmt: skip
             else:
                 sc = _per_group3(_e8m0_to_f32(codes), GROUP, BLOCK_K)
-                p0 = _word_plane(word, 0, sc, DT, EMULATE_RNE)
-                p1 = _word_plane(word, 1, sc, DT, EMULATE_RNE)
-                p2 = _word_plane(word, 2, sc, DT, EMULATE_RNE)
-                p3 = _word_plane(word, 3, sc, DT, EMULATE_RNE)
-                p4 = _word_plane(word, 4, sc, DT, EMULATE_RNE)
-                p5 = _word_plane(word, 5, sc, DT, EMULATE_RNE)
-                p6 = _word_plane(word, 6, sc, DT, EMULATE_RNE)
-                p7 = _word_plane(word, 7, sc, DT, EMULATE_RNE)
-        # as `_words_part`: plane 4c + 2b + a at k = 8j + 4c + 2b + a
-        w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
-        w = tl.permute(tl.reshape(w, (SUB, BLOCK_N, BLOCK_K)), (0, 2, 1))
+                p0, p1, p2, p3, p4, p5, p6, p7 = _mx_word_planes(word, sc, DT, EMULATE_RNE)
+        w = tl.permute(
+            tl.reshape(_k_order(p0, p1, p2, p3, p4, p5, p6, p7), (SUB, BLOCK_N, BLOCK_K)), (0, 2, 1)
+        )
         if DOT_IEEE:
             part = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
@@ -485,5 +488,5 @@ def _mm16_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, sam, sak, sbn, sbk, scm
     _epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 
-HELPERS = ("_w16_dot", "_wonly_finish", "_word_plane", "_mx_group_codes", "_mx_word_scales", "_nibble_bits", "_int4_zero_pairs", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_words_part", "_per_group3")  # fmt: skip
+HELPERS = ("_w16_dot", "_wonly_finish", "_word_plane", "_mx_group_codes", "_mx_word_scales", "_nibble_bits", "_int4_zero_pairs", "_int4_planes", "_mx_scale_pairs", "_mx_planes", "_words_part", "_per_group3", "_mx_word_planes", "_k_order")  # fmt: skip
 KERNELS = ("_wonly_kernel", "_wonly_fused_kernel", "_wonly_words_kernel", "_wonly_wordsb_kernel", "_wonly_dequant_kernel", "_mm16_kernel")  # fmt: skip

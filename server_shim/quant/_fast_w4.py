@@ -389,7 +389,9 @@ def _wonly_wordsb_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          SPLIT_FIN: tl.constexpr = False, PTX: tl.constexpr = False, SUB: tl.constexpr = 4):  # fmt: skip
     """`_wonly_words_kernel` (same arguments and tiles) with SUB consecutive K steps side by side, as
-    one batched dot [SUB, BM, BK] x [SUB, BK, BN] whose SUB partials are summed once at the end.
+    one batched dot whose SUB partials are summed once at the end, the weights as the MMA's first
+    operand ([SUB, BN, BK] x [SUB, BK, BM], the product transposed: 239 instead of 252 instructions
+    per K step, x's operand then needing fewer register moves; 3-7% faster on an H200).
     Triton gives a 3-d dot's batch dimension to the warps: with SUB = num_warps each warp
     dequantizes and multiplies a K step of its own, where the 2-d tile spreads one step's columns
     over all warps (an H200 at 16 x 4096 x 4096: int4-g128 9.0 against 10.6 us, mxfp4 10.3 against
@@ -405,7 +407,7 @@ def _wonly_wordsb_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M,
     offs_j = tl.arange(0, BLOCK_K // 8)[None, None, :]
     x_ptrs = x_ptr + rm[None, :, None] * sxm + (k_lo + ks + offs_k) * sxk
     w_ptrs = w_ptr + rn[None, :, None] * swn + (k_lo // 8 + ks // 8 + offs_j) * swk
-    acc = tl.zeros([SUB, BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([SUB, BLOCK_N, BLOCK_M], dtype=tl.float32)  # transposed: the weights are the MMA's A
     for k0 in range(k_lo, k_hi, SUB * BLOCK_K):
         kk = k0 + ks
         if EVEN_K:
@@ -416,7 +418,7 @@ def _wonly_wordsb_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M,
             word = tl.load(w_ptrs, mask=(kk + 8 * offs_j) < K, other=0)
         if FORMAT == 0:  # each sub-step inside one group: the exact q - z in the dot, the row scale after it
             g = tl.minimum(k0 + tl.arange(0, SUB) * BLOCK_K, K - 1)[:, None] // GROUP  # [SUB, 1]
-            s = tl.load(s_ptr + rn[None, :] * ssn + g * ssg).to(tl.float32)[:, None, :]
+            s = tl.load(s_ptr + rn[None, :] * ssn + g * ssg).to(tl.float32)[:, :, None]
             z = tl.load(z_ptr + rn[None, :] * szn + g * szg)[:, :, None]
             p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(word, z, DT, PTX)
         else:  # mxfp4: whole groups per sub-step, the scales inside the planes
@@ -429,17 +431,16 @@ def _wonly_wordsb_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M,
             else:
                 sc = _per_group3(_e8m0_to_f32(codes), GROUP, BLOCK_K)
                 p0, p1, p2, p3, p4, p5, p6, p7 = _mx_word_planes(word, sc, DT, EMULATE_RNE)
-        w = tl.permute(
-            tl.reshape(_k_order(p0, p1, p2, p3, p4, p5, p6, p7), (SUB, BLOCK_N, BLOCK_K)), (0, 2, 1)
-        )
+        w = tl.reshape(_k_order(p0, p1, p2, p3, p4, p5, p6, p7), (SUB, BLOCK_N, BLOCK_K))
+        xt = tl.permute(x, (0, 2, 1))
         if DOT_IEEE:
-            part = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
         else:
-            part = tl.dot(x, w)
+            part = tl.dot(w, xt)
         acc += part * s if FORMAT == 0 else part
         x_ptrs += SUB * BLOCK_K * sxk
         w_ptrs += (SUB * BLOCK_K // 8) * swk
-    _wonly_finish(tl.sum(acc, axis=0), ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm,
+    _wonly_finish(tl.trans(tl.sum(acc, axis=0)), ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm,
                   scn, HAS_BIAS, SPLIT_OUT, SPLIT_FIN, BLOCK_M, BLOCK_N)  # fmt: skip
 
 

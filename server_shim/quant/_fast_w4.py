@@ -390,13 +390,13 @@ def _wonly_wordsb_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M,
                          SPLIT_FIN: tl.constexpr = False, PTX: tl.constexpr = False, SUB: tl.constexpr = 4):  # fmt: skip
     """`_wonly_words_kernel` (same arguments and tiles) with SUB consecutive K steps side by side, as
     one batched dot whose SUB partials are summed once at the end, the weights as the MMA's first
-    operand ([SUB, BN, BK] x [SUB, BK, BM], the product transposed: 239 instead of 252 instructions
-    per K step, x's operand then needing fewer register moves; 3-7% faster on an H200).
+    operand ([SUB, BN, BK] x [SUB, BK, BM], the product transposed: int4 239 instead of 257 sm90
+    instructions per K step, x's operand then needing fewer register moves; 3% faster on an H200).
     Triton gives a 3-d dot's batch dimension to the warps: with SUB = num_warps each warp
     dequantizes and multiplies a K step of its own, where the 2-d tile spreads one step's columns
-    over all warps (an H200 at 16 x 4096 x 4096: int4-g128 9.0 against 10.6 us, mxfp4 10.3 against
-    11.6: the same ~32 SASS instructions per word, but 16-wide tiles, too narrow to spread over 4
-    warps in 2-d, give enough programs without splitting K: no partials to write and sum).
+    over all warps (an H200 at 16 x 4096 x 4096: int4-g128 8.7 against 10.6 us, mxfp4 10.3 against
+    11.6: about the same SASS per word, but 16-wide tiles, too narrow to spread over 4 warps in 2-d,
+    give enough programs without splitting K: no partials to write and sum).
     The scales and zero points are loaded [SUB, BN] and expanded: loaded as [SUB, BN, 1] directly,
     the 32-wide tile's weights went through shared memory (21 against 9.6 us). EVEN_K: K_PER and K
     are multiples of SUB * BLOCK_K (else the steps past K read zeros: x 0 there adds nothing)."""

@@ -174,8 +174,8 @@ _HOPPER = {
                     (16, 64, 128, 4, 4, 8), (16, 64, 64, 4, 4, 4), (16, 128, 128, 8, 3, 4))
         + _t("words", (16, 64, 128, 4, 4, 4), (16, 64, 256, 4, 3, 4))
         # a K step per warp (`_wonly_wordsb_kernel`): on an H200 (2026-12-04, 16 x 4096 x 4096, pinned) int4-g128
-        # 9.0 us against 10.6 for the best "wordsk" above, mxfp4 10.3 against 11.6; 64-wide tiles, 2 or 8
-        # warps and splits were all slower (10.6-21 us)
+        # 8.7 us against 10.6 for the best "wordsk" above, mxfp4 10.3 against 11.6; 64-wide tiles, 2 or 8
+        # warps and splits were all slower (10.6-21 us). Not at M > 16: slower at 64, which shares the key.
         + _t("wordsb", (16, 16, 128, 4, 3), (16, 16, 128, 4, 4), (16, 16, 64, 4, 3), (16, 32, 128, 4, 3))
         + _t("fusedk", (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8), (16, 32, 256, 4, 3, 8), (16, 64, 128, 4, 4, 4)),
         "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2), (64, 128, 128, 4, 3),

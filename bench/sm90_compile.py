@@ -114,7 +114,7 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         common, DOT_IEEE=False, EMULATE_RNE=False, SPLIT_OUT=split, BLOCK_M=cfg.bm, GROUP_M=cfg.group_m,
         SPLIT_FIN=split and cfg.path in _fastpath.SELF_REDUCING,
         **({"PTX": True} if cfg.path in _fastpath.WORD_PATHS else {}),  # fp16 / bf16 x on sm90
-        **({"SUB": cfg.warps} if cfg.path == "wordsb" else {}),  # a K step per warp
+        **({"SUB": cfg.k_steps} if cfg.path == "wordsb" else {}),  # a K step per warp
     )  # fmt: skip
 
 

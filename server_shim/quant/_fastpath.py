@@ -385,8 +385,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )  # fmt: skip
             return out
-        # "wordsb" runs num_warps K tiles per loop step: its splits are whole steps
-        step = cfg.bk * (cfg.warps if cfg.path == "wordsb" else 1)
+        step = cfg.bk * cfg.k_steps  # splits are whole loop steps
         kper, splits = _splits(K, step, cfg.split)
         ws = _workspace(splits, M, N, torch.float32, out)
         if cfg.path in ("gemv", "gemvg", *WORD_GEMVS):
@@ -406,7 +405,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
         # the word tiles (int4, mxfp4) on an NVIDIA GPU with 16-bit x: their planes in inline PTX
         words_ptx = {"PTX": ptx_planes(k, x.device, x.dtype)} if cfg.path in WORD_PATHS else {}
         if cfg.path == "wordsb":
-            words_ptx["SUB"] = cfg.warps
+            words_ptx["SUB"] = cfg.k_steps
         tiles = _cdiv(M, cfg.bm) * _cdiv(N, cfg.bn)
         # the splits reduce themselves on per-tile counters (no second kernel)
         counters = _counters(out.device, tiles) if splits > 1 and cfg.path in SELF_REDUCING else None

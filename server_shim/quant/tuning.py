@@ -95,6 +95,11 @@ class Cfg:
         g = f":g{self.group_m}" if self.group_m != 8 else ""
         return f"{self.path}:{self.bm}x{self.bn}x{self.bk}:w{self.warps}:s{self.stages}:k{self.split}{g}"
 
+    @property
+    def k_steps(self) -> int:
+        """K tiles the kernel runs side by side in one loop step: "wordsb" one per warp (its SUB), else 1."""
+        return self.warps if self.path == "wordsb" else 1
+
     @classmethod
     def parse(cls, name: str) -> Cfg:
         """A config from its name (`Cfg.name`); ValueError for anything else."""

@@ -330,8 +330,13 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
     offs_j = tl.arange(0, BLOCK_K // 8)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    x_ptrs = x_ptr + rm[:, None] * sxm + (k_lo + offs_k)[None, :] * sxk
-    w_ptrs = w_ptr + rn[:, None] * swn + (k_lo // 8 + offs_j)[None, :] * swk
+    # x's rows unwrapped and masked (rm's wrap hides that they are affine: one copy address each,
+    # 3-7% slower on an H200)
+    x_ptrs = x_ptr + offs_m[:, None] * sxm + (k_lo + offs_k)[None, :] * sxk
+    x_rows = (offs_m < M)[:, None]
+    # K_PER is whole K tiles of >= 64: the words' offset is a multiple of 8 (16-byte copies; unsaid,
+    # Triton proves only k_lo's 16 and copies 8 bytes at a time)
+    w_ptrs = w_ptr + rn[:, None] * swn + (tl.multiple_of(k_lo // 8, 8) + offs_j)[None, :] * swk
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if FORMAT == 0:  # the tile inside one group: the exact q - z in the dots, the row scale after them
             s = tl.load(s_ptr + rn * ssn + (k0 // GROUP) * ssg).to(tl.float32)
@@ -339,8 +344,8 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
         else:  # mxfp4: the scales enter the planes (unused here)
             s = 1.0
             z = 0
-        part = _words_part(x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z, K, ssn, ssg, FORMAT, GROUP, DOT_IEEE,
-                           EMULATE_RNE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PTX)  # fmt: skip
+        part = _words_part(x_ptrs, x_rows, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z, K, ssn, ssg, FORMAT, GROUP,
+                           DOT_IEEE, EMULATE_RNE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PTX)  # fmt: skip
         acc += part * s[None, :] if FORMAT == 0 else part
         x_ptrs += BLOCK_K * sxk
         w_ptrs += (BLOCK_K // 8) * swk
@@ -348,19 +353,19 @@ def _wonly_words_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, 
                   SPLIT_OUT, SPLIT_FIN, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
-def _words_part(x_ptrs, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z, K, ssn, ssg,
+def _words_part(x_ptrs, x_rows, w_ptrs, k0, offs_j, offs_k, rn, s_ptr, z, K, ssn, ssg,
                 FORMAT: tl.constexpr, GROUP: tl.constexpr, DOT_IEEE: tl.constexpr, EMULATE_RNE: tl.constexpr,
                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PTX: tl.constexpr):  # fmt: skip
     """One K step of `_wonly_words_kernel`: x's [BM, BK] tile times the step's dequantized words, from a
     zero accumulator (int4's row scale multiplies it after; splitting a step into two or four such
-    parts, independent MMA chains, measured 7-30% slower on an H200)."""
+    parts, independent MMA chains, measured 7-30% slower on an H200). x_rows [BM, 1]: the rows below M."""
     DT: tl.constexpr = x_ptrs.dtype.element_ty
     if EVEN_K:
-        x = tl.load(x_ptrs)
+        x = tl.load(x_ptrs, mask=x_rows, other=0.0)
         word = tl.load(w_ptrs)
     else:  # past K: x is 0, so the words there (0, dequantized to -z * s) add nothing
-        x = tl.load(x_ptrs, mask=((k0 + offs_k) < K)[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=x_rows & ((k0 + offs_k) < K)[None, :], other=0.0)
         word = tl.load(w_ptrs, mask=((k0 + 8 * offs_j) < K)[None, :], other=0)
     if FORMAT == 0:  # int4: z the rows' zero points [BN, 1]; the caller scales the part
         p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(word, z, DT, PTX)
@@ -405,16 +410,18 @@ def _wonly_wordsb_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M,
     ks = tl.arange(0, SUB)[:, None, None] * BLOCK_K  # each sub-step's offset [SUB, 1, 1]
     offs_k = tl.arange(0, BLOCK_K)[None, None, :]
     offs_j = tl.arange(0, BLOCK_K // 8)[None, None, :]
-    x_ptrs = x_ptr + rm[None, :, None] * sxm + (k_lo + ks + offs_k) * sxk
-    w_ptrs = w_ptr + rn[None, :, None] * swn + (k_lo // 8 + ks // 8 + offs_j) * swk
+    x_ptrs = x_ptr + offs_m[None, :, None] * sxm + (k_lo + ks + offs_k) * sxk  # unwrapped, as words'
+    x_rows = (offs_m < M)[None, :, None]
+    kw_lo = tl.multiple_of(k_lo // 8, 8)  # as words'
+    w_ptrs = w_ptr + rn[None, :, None] * swn + (kw_lo + ks // 8 + offs_j) * swk
     acc = tl.zeros([SUB, BLOCK_N, BLOCK_M], dtype=tl.float32)  # transposed: the weights are the MMA's A
     for k0 in range(k_lo, k_hi, SUB * BLOCK_K):
         kk = k0 + ks
         if EVEN_K:
-            x = tl.load(x_ptrs)
+            x = tl.load(x_ptrs, mask=x_rows, other=0.0)
             word = tl.load(w_ptrs)
         else:
-            x = tl.load(x_ptrs, mask=(kk + offs_k) < K, other=0.0)
+            x = tl.load(x_ptrs, mask=x_rows & ((kk + offs_k) < K), other=0.0)
             word = tl.load(w_ptrs, mask=(kk + 8 * offs_j) < K, other=0)
         if FORMAT == 0:  # each sub-step inside one group: the exact q - z in the dot, the row scale after it
             g = tl.minimum(k0 + tl.arange(0, SUB) * BLOCK_K, K - 1)[:, None] // GROUP  # [SUB, 1]

@@ -399,8 +399,8 @@ def _wonly_wordsb_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M,
     instructions per K step, x's operand then needing fewer register moves; 3% faster on an H200).
     Triton gives a 3-d dot's batch dimension to the warps: with SUB = num_warps each warp
     dequantizes and multiplies a K step of its own, where the 2-d tile spreads one step's columns
-    over all warps (an H200 at 16 x 4096 x 4096: int4-g128 8.7 against 10.6 us, mxfp4 10.3 against
-    11.6: about the same SASS per word, but 16-wide tiles, too narrow to spread over 4 warps in 2-d,
+    over all warps (an H200 at 16 x 4096 x 4096: int4-g128 8.3 against 10.3 us, mxfp4 9.3-9.5 against
+    11.2: about the same SASS per word, but 16-wide tiles, too narrow to spread over 4 warps in 2-d,
     give enough programs without splitting K: no partials to write and sum).
     The scales and zero points are loaded [SUB, BN] and expanded: loaded as [SUB, BN, 1] directly,
     the 32-wide tile's weights went through shared memory (21 against 9.6 us). EVEN_K: K_PER and K

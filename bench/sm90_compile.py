@@ -1,6 +1,6 @@
 """Compile the fast GEMM kernels for Hopper (sm90) on a machine without a GPU, before a GPU run.
 
-    python bench/sm90_compile.py [--m 1 16 4096] [--only gemv fused] [--attention]
+    python bench/sm90_compile.py [--m 1 16 32 4096] [--only gemv fused] [--attention]
 
 First the fused decode kernels (server_shim/fused_kernels.py: decode attention at SmolLM2's and
 an MLA model's head shapes, RMSNorm, rotary at SmolLM2's and a Llama-8B's heads; fp16 and bf16;
@@ -279,7 +279,9 @@ def rotary_variants() -> list[tuple[str, dict, dict, set]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 4096], help="M values (default 1 16 4096)")
+    ap.add_argument(
+        "--m", type=int, nargs="+", default=[1, 16, 32, 4096], help="M values (default 1 16 32 4096)"
+    )
     ap.add_argument(
         "--only",
         nargs="+",

@@ -44,6 +44,7 @@ WORDS32 = tuning.Cfg("wordsk", 32, 32, 128, 4, 1, 2)  # the mid-M tile: 32 rows,
 # a K step per warp as one batched dot: 2 steps side by side, split in two; 4 steps (past K at K = 256)
 WORDSB = tuning.Cfg("wordsb", 16, 32, 64, 2, 1, 2)
 WORDSB4 = tuning.Cfg("wordsb", 16, 16, 128, 4, 1)
+WORDSB32 = tuning.Cfg("wordsb", 32, 16, 64, 2, 1)  # the 17..32-row bucket's tile (x rows masked past M)
 # the group-shaped 4-bit GEMV (split-K; bk below a group is rounded up to it) and dequantize + torch.mm
 GEMVG = tuning.Cfg("gemvg", 1, 16, 64, 4, 1, 2)
 GEMVW = tuning.Cfg("gemvw", 1, 16, 256, 4, 1, 2)
@@ -62,7 +63,8 @@ PATH_IDS = {TILE: "tile", SPLIT: "split3", GEMV: "gemv-split2", DEQ: "deq", DOTL
             DOTLESS4: "dotless4", FUSED: "fused", GEMVG: "gemvg", GEMVW: "gemvw", GEMVX: "gemvx",
             GEMVR: "gemvr-split2", GEMVF: "gemvf-split2", GEMVF2: "gemvf-2rows", DEQB: "deqb", FUSEDK: "fusedk-split3", TILEK: "tilek-split2", LAG: "lag",
             TMA: "tma", TMAP: "tmap", WORDS: "words-split2", WORDSK: "wordsk-split3",
-            WORDS32: "wordsk-32rows", WORDSB: "wordsb-split2", WORDSB4: "wordsb-4steps"}  # fmt: skip
+            WORDS32: "wordsk-32rows", WORDSB: "wordsb-split2", WORDSB4: "wordsb-4steps",
+            WORDSB32: "wordsb-32rows"}  # fmt: skip
 
 
 def paths(*cfgs: tuning.Cfg) -> list:
@@ -206,6 +208,7 @@ FOUR_BIT_PATHS = [
     WORDS32,
     WORDSB,
     WORDSB4,
+    WORDSB32,
     GEMVG,
     GEMVW,
     GEMVX,
@@ -276,7 +279,7 @@ def test_int4_bf16_rounds_weights_once(force, cfg: tuning.Cfg) -> None:
     + [
         pytest.param("int4-g128", c, id=f"int4-g128-{i}")
         for c, i in PATH_IDS.items()
-        if c in (WORDS, WORDSK, WORDS32, WORDSB, WORDSB4)
+        if c in (WORDS, WORDSK, WORDS32, WORDSB, WORDSB4, WORDSB32)
     ],
 )
 def test_factored_4bit_is_the_unrounded_product(
@@ -374,8 +377,8 @@ def test_legacy_switch_and_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_buckets_configs_and_agreement() -> None:
-    assert [tuning.m_bucket(m) for m in (1, 2, 16, 17, 100, 256, 1000, 4096, 9000)] == [
-        1, 16, 16, 64, 256, 256, 1024, 4096, 4096]  # fmt: skip
+    assert [tuning.m_bucket(m) for m in (1, 2, 16, 17, 32, 33, 100, 256, 1000, 4096, 9000)] == [
+        1, 16, 16, 32, 32, 64, 256, 256, 1024, 4096, 4096]  # fmt: skip
     for fam, tables in tuning.TABLES.items():
         for kind, classes in tables.items():
             for cls, cands in classes.items():
@@ -385,6 +388,19 @@ def test_buckets_configs_and_agreement() -> None:
     gemv = tuning.candidates("hopper", "mm8", 1, 4096, 4096)
     assert {c.path for c in gemv} == {"tile", "gemv"} and all(c.bm == 1 for c in gemv if c.path == "gemv")
     assert all(c.path != "gemv" for c in tuning.candidates("hopper", "wonly", 2, 4096, 4096))
+    # a decode batch of 17..32 rows: Hopper's 4-bit list of its own (32-row "wordsb" first), elsewhere
+    # and for the 8-bit kernels the mid list, as at 33..256
+    mid32 = tuning.candidates("hopper", "wonly", 24, 4096, 4096)
+    assert mid32[0] == tuning.Cfg("wordsb", 32, 32, 128, 4, 3) and {
+        c.bm for c in mid32 if c.path == "wordsb"
+    } == {32}
+    assert all(c.path != "wordsb" for c in tuning.candidates("hopper", "wonly", 33, 4096, 4096))
+    assert tuning.candidates("ampere", "wonly", 24, 4096, 4096) == tuning.candidates(
+        "ampere", "wonly", 64, 4096, 4096
+    )
+    assert tuning.candidates("hopper", "mm8", 32, 4096, 4096) == tuning.candidates(
+        "hopper", "mm8", 64, 4096, 4096
+    )
     swz = tuning.Cfg("tile", 256, 128, 128, 8, 3, 1, 16)
     assert tuning.Cfg.parse(swz.name) == swz and swz.name.endswith(":g16")
     ref = torch.tensor([1.0, float("nan"), float("inf"), 4.0])

@@ -6,7 +6,7 @@ keeps the fastest, and every later call with that key reuses it: no timing, no h
 that depends on allocations -- so a CUDA graph engine that warms each shape up eagerly before
 capture replays exactly what it warmed. Inside a stream capture an unseen key never tunes (that
 would sync a capturing stream): it takes the list's first, heuristic config, uncached, and warns.
-M buckets (1, 16, 64, 256, 1024, 4096+) keep the choice stable within a bucket.
+M buckets (1, 16, 32, 64, 256, 1024, 4096+) keep the choice stable within a bucket.
 
 Each candidate's output is checked against the first candidate's before it may win: a config
 whose numbers disagree (a wrong tile or split path on some GPU) is rejected loudly (logged as an
@@ -114,7 +114,7 @@ class Cfg:
 PATHS = frozenset(("tile", "tilek", "lag", "tma", "tmap", "deq", "deqb", "fused", "fusedk", "words", "wordsk",
                    "wordsb", "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "quant2"))  # fmt: skip
 
-M_BUCKETS = (1, 16, 64, 256, 1024)  # then 4096: every larger M
+M_BUCKETS = (1, 16, 32, 64, 256, 1024)  # then 4096: every larger M
 
 
 def m_bucket(m: int) -> int:
@@ -179,8 +179,8 @@ _HOPPER = {
                     (16, 64, 128, 4, 4, 8), (16, 64, 64, 4, 4, 4), (16, 128, 128, 8, 3, 4))
         + _t("words", (16, 64, 128, 4, 4, 4), (16, 64, 256, 4, 3, 4))
         # a K step per warp (`_wonly_wordsb_kernel`): on an H200 (2026-12-04, 16 x 4096 x 4096, pinned) int4-g128
-        # 8.7 us against 10.6 for the best "wordsk" above, mxfp4 10.3 against 11.6; 64-wide tiles, 2 or 8
-        # warps and splits were all slower (10.6-21 us). Not at M > 16: slower at 64, which shares the key.
+        # 8.3 us against 10.3 for the best "wordsk" above, mxfp4 9.3-9.5 against 11.2; 64-wide tiles, 2 or 8
+        # warps and splits were all slower (10.6-21 us).
         + _t("wordsb", (16, 16, 128, 4, 3), (16, 16, 128, 4, 4), (16, 16, 64, 4, 3), (16, 32, 128, 4, 3))
         + _t("fusedk", (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8), (16, 32, 256, 4, 3, 8), (16, 64, 128, 4, 4, 4)),
         "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2), (64, 128, 128, 4, 3),
@@ -188,6 +188,15 @@ _HOPPER = {
         + _t("deqb", (1, 32, 256, 4, 1), (1, 64, 128, 4, 1)) + _t("fused", (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3))
         # whole words, one dequantization per BLOCK_M rows: on an H200 (2026-12-04) 1.4-2.4x faster than the
         # best config before them at M = 32, 64, 128, 256 (int4-g128 and mxfp4, N = K = 4096)
+        + _t("wordsk", (32, 64, 128, 4, 4, 4), (32, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 4), (64, 64, 128, 4, 3, 2),
+             (128, 64, 128, 8, 3, 2), (128, 64, 128, 8, 3, 4), (128, 128, 128, 8, 3, 2))
+        + _t("words", (64, 64, 128, 4, 3)),
+        # M = 17..32 (a decode batch up to 32): "wordsb" with 32 rows and mid's word tiles. On an H200
+        # (2026-12-04, pinned, N = K = 4096) at M = 32 int4-g128 11.3 us against 12.9 for the best
+        # "wordsk", mxfp4 12.2 against 13.6; at M = 24 12.6 / 13.7 against 13.2 / 14.0; mid's
+        # "tile", "deq", "deqb" and "fused" took 34-59 us. At M = 64 "wordsb" was slower, so 32
+        # is a bucket of its own.
+        "mid32": _t("wordsb", (32, 32, 128, 4, 3), (32, 16, 128, 4, 3), (32, 16, 128, 4, 4))
         + _t("wordsk", (32, 64, 128, 4, 4, 4), (32, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 4), (64, 64, 128, 4, 3, 2),
              (128, 64, 128, 8, 3, 2), (128, 64, 128, 8, 3, 4), (128, 128, 128, 8, 3, 2))
         + _t("words", (64, 64, 128, 4, 3)),
@@ -237,7 +246,7 @@ def candidates(family: str, kind: str, m: int, n: int, k: int) -> list[Cfg]:
         bm, bn = min(max(_pow2(m), 16), 64), min(max(_pow2(n), 16), 128)
         return [Cfg("tile", bm, bn, 128, 4, 1)]
     table = TABLES.get(family, _AMPERE)[kind]
-    cls = "small" if m <= 16 else "mid" if m <= 256 else "large"
+    cls = "small" if m <= 16 else "mid32" if m <= 32 and "mid32" in table else "mid" if m <= 256 else "large"
     return list(table[cls]) + (_GEMV[kind] if m == 1 else [])
 
 

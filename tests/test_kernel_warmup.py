@@ -13,11 +13,11 @@ from server_shim.quant.linear import QuantLinear, quantize_model
 @pytest.mark.parametrize(
     ("max_rows", "chunk", "sizes"),
     [
-        (32, 2048, [1, 16, 64, 256, 1024, 2048]),  # the CUDA engine's defaults
-        (32, 32, [1, 16, 32]),  # 32 runs in bucket 64: tuned at 32, the size it will run
+        (32, 2048, [1, 16, 32, 64, 256, 1024, 2048]),  # the CUDA engine's defaults
+        (24, 24, [1, 16, 24]),  # 24 runs in bucket 32: tuned at 24, the size it will run
         (16, 1, [1, 16]),
         (1, 1, [1]),
-        (8, 100_000, [1, 16, 64, 256, 1024, 4096]),  # every M above 1024 shares the last bucket
+        (8, 100_000, [1, 16, 32, 64, 256, 1024, 4096]),  # every M above 1024 shares the last bucket
     ],
 )
 def test_one_size_per_bucket_up_to_the_largest_forward(max_rows: int, chunk: int, sizes: list[int]) -> None:

@@ -120,7 +120,7 @@ def test_word_tiles_check_runs_on_cpu() -> None:
     script with the PTX planes)."""
     r = run_cpu("word_tiles_check.py")
     assert r.returncode == 0 and "all match float64" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("ok   ") == 30 and "FAIL" not in r.stdout  # 2 dtypes x 5 configs x 3 shape-schemes
+    assert r.stdout.count("ok   ") == 36 and "FAIL" not in r.stdout  # 2 dtypes x 6 configs x 3 shape-schemes
 
 
 def test_the_ptx_switch_turns_the_inline_ptx_off(monkeypatch: pytest.MonkeyPatch) -> None:

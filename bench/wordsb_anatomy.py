@@ -116,13 +116,12 @@ def _floor_kernel(w_ptr, o_ptr, swn, KW, SUB: tl.constexpr, BLOCK_N: tl.constexp
 
 
 def _build() -> tuple[Any, Any]:
-    global tl
+    global tl, _planes
     import triton
     import triton.language
 
     tl = triton.language
-    for name in ("_planes",):
-        globals()[name] = triton.jit(globals()[name])
+    _planes = triton.jit(_planes)  # the kernel's helper, resolved by name when it compiles
     return triton.jit(_anatomy_kernel), triton.jit(_floor_kernel)
 
 

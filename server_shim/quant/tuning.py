@@ -145,6 +145,12 @@ _GEMV = {  # HBM wants ~4 MB in flight: 1000+ programs of 2-8 KB tiles (plus one
     + _t("gemv", (1, 8, 512, 4, 1, 4), (1, 16, 512, 8, 1, 2), (1, 8, 1024, 8, 1, 2), (1, 4, 1024, 4, 1),
                 (1, 8, 512, 4, 1, 2), (1, 16, 256, 4, 1, 4), (1, 32, 512, 8, 1, 4)),
 }  # fmt: skip
+# whole words, one dequantization per BLOCK_M rows: on an H200 (2026-12-04) 1.4-2.4x faster than the best
+# config before them at M = 32, 64, 128, 256 (int4-g128 and mxfp4, N = K = 4096); Hopper's 4-bit mid and
+# mid32 lists both hold them
+_HOPPER_MID_WORDS = _t("wordsk", (32, 64, 128, 4, 4, 4), (32, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 4),
+                       (64, 64, 128, 4, 3, 2), (128, 64, 128, 8, 3, 2), (128, 64, 128, 8, 3, 4),
+                       (128, 128, 128, 8, 3, 2)) + _t("words", (64, 64, 128, 4, 3))  # fmt: skip
 _HOPPER = {
     "mm8": {
         # M <= 16 is a read of the weight: the lists span 64 .. 1024 programs at N = K = 4096
@@ -186,20 +192,14 @@ _HOPPER = {
         "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2), (64, 128, 128, 4, 3),
                   (128, 128, 128, 8, 3), (64, 64, 128, 4, 3, 4)) + _t("deq", (128, 128, 64, 4, 4), (128, 256, 64, 8, 3))
         + _t("deqb", (1, 32, 256, 4, 1), (1, 64, 128, 4, 1)) + _t("fused", (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3))
-        # whole words, one dequantization per BLOCK_M rows: on an H200 (2026-12-04) 1.4-2.4x faster than the
-        # best config before them at M = 32, 64, 128, 256 (int4-g128 and mxfp4, N = K = 4096)
-        + _t("wordsk", (32, 64, 128, 4, 4, 4), (32, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 4), (64, 64, 128, 4, 3, 2),
-             (128, 64, 128, 8, 3, 2), (128, 64, 128, 8, 3, 4), (128, 128, 128, 8, 3, 2))
-        + _t("words", (64, 64, 128, 4, 3)),
+        + _HOPPER_MID_WORDS,  # word tiles
         # M = 17..32 (a decode batch up to 32): "wordsb" with 32 rows and mid's word tiles. On an H200
         # (2026-12-04, pinned, N = K = 4096) at M = 32 int4-g128 11.3 us against 12.9 for the best
         # "wordsk", mxfp4 12.2 against 13.6; at M = 24 12.6 / 13.7 against 13.2 / 14.0; mid's
         # "tile", "deq", "deqb" and "fused" took 34-59 us. At M = 64 "wordsb" was slower, so 32
         # is a bucket of its own.
         "mid32": _t("wordsb", (32, 32, 128, 4, 3), (32, 16, 128, 4, 3), (32, 16, 128, 4, 4))
-        + _t("wordsk", (32, 64, 128, 4, 4, 4), (32, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 4), (64, 64, 128, 4, 3, 2),
-             (128, 64, 128, 8, 3, 2), (128, 64, 128, 8, 3, 4), (128, 128, 128, 8, 3, 2))
-        + _t("words", (64, 64, 128, 4, 3)),
+        + _HOPPER_MID_WORDS,
         "large": _t("deq", (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
                     (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 256, 64, 8, 3, 1, 16), (128, 128, 64, 4, 5))
         + _t("tile", (128, 128, 128, 8, 3)) + _t("deqb", (1, 32, 256, 4, 1), (1, 64, 128, 4, 1), (1, 16, 512, 4, 1))

@@ -298,9 +298,10 @@ def _wonly_gemm_kernel(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, M_B
         if GROUP % BLOCK_K == 0:  # one scale per row for the whole tile
             gs = (rn * ssn + (k0 // GROUP) * ssg)[:, None]
             gz = (rn * szn + (k0 // GROUP) * szg)[:, None]
-        else:
-            gs = rn[:, None] * ssn + (offs_k // GROUP)[None, :] * ssg
-            gz = rn[:, None] * szn + (offs_k // GROUP)[None, :] * szg
+        else:  # a group past K (the tail tile's masked k): the last one, not past the scales' end
+            gk = tl.minimum(offs_k // GROUP, (K - 1) // GROUP)[None, :]
+            gs = rn[:, None] * ssn + gk * ssg
+            gz = rn[:, None] * szn + gk * szg
         if FORMAT == 0:
             w = (q.to(tl.float32) - tl.load(z_ptr + gz).to(tl.float32)) * tl.load(s_ptr + gs)
         else:

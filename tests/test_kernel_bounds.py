@@ -67,7 +67,9 @@ def run_child(impl: str) -> None:
             e = torch.randint(120, 130, (N, G), dtype=torch.uint8, generator=g)
             sign = torch.where(q >= 8, -1.0, 1.0).double()
             w = e2m1[(q & 7).long()] * sign * torch.exp2(e.double() - 127)[:, per_k]
-            out = K.mxfp4_gemm(guarded(x, keep), guarded(packed, keep), guarded(e, keep), out_dtype=torch.float32)
+            out = K.mxfp4_gemm(
+                guarded(x, keep), guarded(packed, keep), guarded(e, keep), out_dtype=torch.float32
+            )
         else:
             s = torch.rand(N, G, generator=g) * 0.1 + 0.01
             z = torch.randint(0, 16, (N, G), dtype=torch.uint8, generator=g)
@@ -83,10 +85,16 @@ def run_child(impl: str) -> None:
 @pytest.mark.parametrize("impl", ["legacy", "fast"])
 def test_4bit_kernels_read_nothing_past_their_operands(impl: str) -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     r = subprocess.run([sys.executable, __file__, impl], capture_output=True, text=True, env=env, timeout=600,
                        cwd=ROOT)  # fmt: skip
-    assert r.returncode == 0, f"exit {r.returncode} (-11: a read past an operand's end)\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, (
+        f"exit {r.returncode} (-11: a read past an operand's end)\n{r.stdout}\n{r.stderr[-3000:]}"
+    )
     assert r.stdout.count(": ok") == len(CASES), r.stdout
 
 

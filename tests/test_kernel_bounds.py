@@ -1,4 +1,4 @@
-"""The 4-bit GEMM kernels never read past the end of their operands.
+"""The quantized GEMM kernels never read past the end of their operands.
 
 A load past a tensor's end usually reads a neighbour's bytes and changes nothing (a masked-off
 lane's value is discarded), so no numeric test sees it -- until the allocator puts the tensor at
@@ -23,7 +23,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # (scheme, M, N, K): K not a multiple of the kernels' K tiles, so the tail tile has masked k
 # whose groups lie past K; M = 1 takes the GEMV paths, M = 3 the tiles
-CASES = [("mxfp4", 3, 40, 72), ("mxfp4", 1, 40, 72), ("int4", 3, 40, 200), ("int4", 1, 40, 200)]
+CASES = [(scheme, m, 40, 72 if scheme == "mxfp4" else 200) for scheme in ("mxfp4", "int4", "fp8-block", "int8")
+         for m in (3, 1)]  # fmt: skip
 
 
 def guarded(t, keep: list):  # noqa: ANN001, ANN201 - torch is imported in the child only
@@ -46,6 +47,57 @@ def guarded(t, keep: list):  # noqa: ANN001, ANN201 - torch is imported in the c
     return out
 
 
+def four_bit(scheme: str, x, q, group: int, g, keep: list):  # noqa: ANN001, ANN201
+    """(kernel output, float64 reference) of a 4-bit weight-only GEMM with guarded operands."""
+    import torch
+
+    from server_shim.quant import kernels as K
+
+    N, Kd = q.shape
+    G = -(-Kd // group)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    per_k = torch.arange(Kd) // group
+    if scheme == "mxfp4":
+        e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+        e = torch.randint(120, 130, (N, G), dtype=torch.uint8, generator=g)
+        sign = torch.where(q >= 8, -1.0, 1.0).double()
+        w = e2m1[(q & 7).long()] * sign * torch.exp2(e.double() - 127)[:, per_k]
+        out = K.mxfp4_gemm(guarded(x, keep), guarded(packed, keep), guarded(e, keep), out_dtype=torch.float32)
+    else:
+        s = torch.rand(N, G, generator=g) * 0.1 + 0.01
+        z = torch.randint(0, 16, (N, G), dtype=torch.uint8, generator=g)
+        w = (q.double() - z.double()[:, per_k]) * s.double()[:, per_k]
+        out = K.int4_gemm(guarded(x, keep), guarded(packed, keep), guarded(s, keep), guarded(z, keep),
+                          out_dtype=torch.float32)  # fmt: skip
+    return out, x.double() @ w.T
+
+
+def eight_bit(scheme: str, M: int, N: int, Kd: int, g, keep: list):  # noqa: ANN001, ANN201
+    """(kernel output, float64 reference) of a block-scaled fp8 or per-row int8 GEMM, guarded."""
+    import torch
+
+    from server_shim.quant import kernels as K
+
+    if scheme == "int8":
+        a = torch.randint(-127, 128, (M, Kd), dtype=torch.int8, generator=g)
+        b = torch.randint(-127, 128, (N, Kd), dtype=torch.int8, generator=g)
+        sa, sb = torch.rand(M, 1, generator=g) + 0.5, torch.rand(N, 1, generator=g) + 0.5
+        out = K.int8_gemm(guarded(a, keep), guarded(sa, keep), guarded(b, keep), guarded(sb, keep),
+                          out_dtype=torch.float32)  # fmt: skip
+        return out, (a.double() * sa.double()) @ (b.double() * sb.double()).T
+    G = -(-Kd // 128)
+    a = torch.randn(M, Kd, generator=g).to(torch.float8_e4m3fn)
+    b = torch.randn(N, Kd, generator=g).to(torch.float8_e4m3fn)
+    sa = torch.rand(M, G, generator=g) + 0.5
+    sb = torch.rand(-(-N // 128), G, generator=g) + 0.5
+    out = K.fp8_gemm(guarded(a, keep), guarded(sa, keep), guarded(b, keep), guarded(sb, keep),
+                     a_scale_mode="block", b_scale_mode="block", out_dtype=torch.float32)  # fmt: skip
+    per_k = torch.arange(Kd) // 128
+    wa = a.double() * sa.double()[:, per_k]
+    wb = b.double() * sb.double()[torch.arange(N) // 128][:, per_k]
+    return out, wa @ wb.T
+
+
 def run_child(impl: str) -> None:
     """Every case through `impl`'s kernels with guarded operands, checked against float64."""
     import torch
@@ -53,32 +105,17 @@ def run_child(impl: str) -> None:
     from server_shim.quant import kernels as K
 
     K.KERNEL_IMPL = impl
-    e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
     g = torch.Generator().manual_seed(5)
     for scheme, M, N, Kd in CASES:
         keep: list = []
-        group = 32 if scheme == "mxfp4" else 128
-        G = -(-Kd // group)
-        x = torch.randn(M, Kd, generator=g).to(torch.bfloat16)
-        q = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
-        packed = q[:, 0::2] | (q[:, 1::2] << 4)
-        per_k = torch.arange(Kd) // group
-        if scheme == "mxfp4":
-            e = torch.randint(120, 130, (N, G), dtype=torch.uint8, generator=g)
-            sign = torch.where(q >= 8, -1.0, 1.0).double()
-            w = e2m1[(q & 7).long()] * sign * torch.exp2(e.double() - 127)[:, per_k]
-            out = K.mxfp4_gemm(
-                guarded(x, keep), guarded(packed, keep), guarded(e, keep), out_dtype=torch.float32
-            )
+        if scheme in ("mxfp4", "int4"):
+            x = torch.randn(M, Kd, generator=g).to(torch.bfloat16)
+            q = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
+            out, ref = four_bit(scheme, x, q, 32 if scheme == "mxfp4" else 128, g, keep)
         else:
-            s = torch.rand(N, G, generator=g) * 0.1 + 0.01
-            z = torch.randint(0, 16, (N, G), dtype=torch.uint8, generator=g)
-            w = (q.double() - z.double()[:, per_k]) * s.double()[:, per_k]
-            out = K.int4_gemm(guarded(x, keep), guarded(packed, keep), guarded(s, keep), guarded(z, keep),
-                              out_dtype=torch.float32)  # fmt: skip
-        ref = x.double() @ w.T
+            out, ref = eight_bit(scheme, M, N, Kd, g, keep)
         err = ((out.double() - ref).norm() / ref.norm()).item()
-        assert err < 1e-2, (scheme, M, err)  # bf16 rounding of the weight (or none): far below 1e-2
+        assert err < 1e-2, (scheme, M, err)  # bf16 rounding of a 4-bit weight (or none): far below 1e-2
         print(f"{impl} {scheme} M={M} N={N} K={Kd}: ok (rel err {err:.1e})", flush=True)
 
 

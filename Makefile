@@ -41,6 +41,7 @@ bench: setup
 	$(PY) bench/gemm.py  # GPU only: says so and exits 0 on a CPU machine
 	$(PY) bench/act_fused.py  # GPU only, likewise
 	$(PY) bench/word_tiles_check.py  # GPU only, likewise
+	$(PY) bench/fp8_accum.py  # GPU only, likewise
 	$(PY) bench/quant_e2e.py  # GPU only, likewise
 
 # The GPU gate (needs one CUDA / ROCm GPU): every correct target PASS, both negative controls FAIL,

@@ -22,9 +22,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # (scheme, M, N, K): K not a multiple of the kernels' K tiles, so the tail tile has masked k
-# whose groups lie past K; M = 1 takes the GEMV paths, M = 3 the tiles
-CASES = [(scheme, m, 40, 72 if scheme == "mxfp4" else 200) for scheme in ("mxfp4", "int4", "fp8-block", "int8")
-         for m in (3, 1)]  # fmt: skip
+# whose groups lie past K; M = 1 takes the GEMV paths, M = 3 the tiles. "fp8-block-colmajor": the
+# weight's block scales stored column-major (a transposed view, as DeepSeek checkpoints and the MoE
+# experts' stacked scales hold them), so the last element in memory is not the last row's.
+SCHEMES = ("mxfp4", "int4", "fp8-block", "fp8-block-colmajor", "int8")
+CASES = [(scheme, m, 300, 72 if scheme == "mxfp4" else 200) for scheme in SCHEMES for m in (3, 1)]
 
 
 def guarded(t, keep: list):  # noqa: ANN001, ANN201 - torch is imported in the child only
@@ -90,7 +92,8 @@ def eight_bit(scheme: str, M: int, N: int, Kd: int, g, keep: list):  # noqa: ANN
     b = torch.randn(N, Kd, generator=g).to(torch.float8_e4m3fn)
     sa = torch.rand(M, G, generator=g) + 0.5
     sb = torch.rand(-(-N // 128), G, generator=g) + 0.5
-    out = K.fp8_gemm(guarded(a, keep), guarded(sa, keep), guarded(b, keep), guarded(sb, keep),
+    sb_arg = guarded(sb.T.contiguous(), keep).T if scheme.endswith("colmajor") else guarded(sb, keep)
+    out = K.fp8_gemm(guarded(a, keep), guarded(sa, keep), guarded(b, keep), sb_arg,
                      a_scale_mode="block", b_scale_mode="block", out_dtype=torch.float32)  # fmt: skip
     per_k = torch.arange(Kd) // 128
     wa = a.double() * sa.double()[:, per_k]

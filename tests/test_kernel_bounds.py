@@ -6,7 +6,8 @@ the end of a mapping and the GPU faults ("illegal memory access"), as the legacy
 end to end on an H200: its tail K tile read the scales of groups past K. Here every operand is
 copied so that its last byte is the last readable one, the next page mapped PROT_NONE, and the
 kernels run under the Triton interpreter, which reads memory directly: a read past the end is a
-SIGSEGV. The kernels run in a child process so that a fault fails the test instead of pytest.
+SIGSEGV. The kernels run in a child process so that a fault fails the test instead of pytest;
+the references are tests/test_kernels.py's (float64, written apart from the kernels).
 """
 
 from __future__ import annotations
@@ -52,23 +53,22 @@ def guarded(t, keep: list):  # noqa: ANN001, ANN201 - torch is imported in the c
 def four_bit(scheme: str, x, q, group: int, g, keep: list):  # noqa: ANN001, ANN201
     """(kernel output, float64 reference) of a 4-bit weight-only GEMM with guarded operands."""
     import torch
+    from test_kernels import E2M1, expand, pack_nibbles
 
     from server_shim.quant import kernels as K
 
     N, Kd = q.shape
     G = -(-Kd // group)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    per_k = torch.arange(Kd) // group
+    packed = pack_nibbles(q)
     if scheme == "mxfp4":
-        e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
         e = torch.randint(120, 130, (N, G), dtype=torch.uint8, generator=g)
         sign = torch.where(q >= 8, -1.0, 1.0).double()
-        w = e2m1[(q & 7).long()] * sign * torch.exp2(e.double() - 127)[:, per_k]
+        w = E2M1[(q & 7).long()] * sign * expand(torch.exp2(e.double() - 127), N, Kd, 1, group)
         out = K.mxfp4_gemm(guarded(x, keep), guarded(packed, keep), guarded(e, keep), out_dtype=torch.float32)
     else:
         s = torch.rand(N, G, generator=g) * 0.1 + 0.01
         z = torch.randint(0, 16, (N, G), dtype=torch.uint8, generator=g)
-        w = (q.double() - z.double()[:, per_k]) * s.double()[:, per_k]
+        w = (q.double() - expand(z, N, Kd, 1, group)) * expand(s, N, Kd, 1, group)
         out = K.int4_gemm(guarded(x, keep), guarded(packed, keep), guarded(s, keep), guarded(z, keep),
                           out_dtype=torch.float32)  # fmt: skip
     return out, x.double() @ w.T
@@ -77,6 +77,7 @@ def four_bit(scheme: str, x, q, group: int, g, keep: list):  # noqa: ANN001, ANN
 def eight_bit(scheme: str, M: int, N: int, Kd: int, g, keep: list):  # noqa: ANN001, ANN201
     """(kernel output, float64 reference) of a block-scaled fp8 or per-row int8 GEMM, guarded."""
     import torch
+    from test_kernels import expand
 
     from server_shim.quant import kernels as K
 
@@ -95,10 +96,7 @@ def eight_bit(scheme: str, M: int, N: int, Kd: int, g, keep: list):  # noqa: ANN
     sb_arg = guarded(sb.T.contiguous(), keep).T if scheme.endswith("colmajor") else guarded(sb, keep)
     out = K.fp8_gemm(guarded(a, keep), guarded(sa, keep), guarded(b, keep), sb_arg,
                      a_scale_mode="block", b_scale_mode="block", out_dtype=torch.float32)  # fmt: skip
-    per_k = torch.arange(Kd) // 128
-    wa = a.double() * sa.double()[:, per_k]
-    wb = b.double() * sb.double()[torch.arange(N) // 128][:, per_k]
-    return out, wa @ wb.T
+    return out, (a.double() * expand(sa, M, Kd, 1, 128)) @ (b.double() * expand(sb, N, Kd, 128, 128)).T
 
 
 def run_child(impl: str) -> None:
@@ -123,7 +121,7 @@ def run_child(impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", ["legacy", "fast"])
-def test_4bit_kernels_read_nothing_past_their_operands(impl: str) -> None:
+def test_quantized_kernels_read_nothing_past_their_operands(impl: str) -> None:
     pytest.importorskip("triton")
     env = {
         **os.environ,

@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server_shim.quant import _fastpath, tuning  # noqa: E402
+from server_shim.quant import _fastpath, _gluon_mm8, tuning  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
 
 ONES = {"sak", "sbk", "sxk", "swk", "scn", "sas1", "sbs1", "ssg", "szg"}  # unit strides: JIT constexprs
@@ -68,6 +68,11 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     split = cfg.split > 1
     if fixed.get("QUANT_A") and (cfg.path != "gemv" or m != 1):
         return None, {}  # the fused act-quant exists as a one-token GEMV only
+    if kind == "mm8" and cfg.path == "wsp":  # Gluon; fp8 with exact accumulation only (_fastpath._wsp_ok)
+        if fixed["ACC_INT"] or m == 1 or not _gluon_mm8.IMPORTED:
+            return None, {}
+        return _gluon_mm8._mm8_wsp_kernel, dict(PROGRAMS=132, GROUP_M=cfg.group_m, STAGES=cfg.stages,
+                                                A_MODE=fixed["A_MODE"], B_MODE=fixed["B_MODE"], HAS_BIAS=False)  # fmt: skip
     if kind == "mm8":
         bk = min(cfg.bk, fixed["GROUP"]) if fixed["A_MODE"] == 2 else cfg.bk
         common = dict(
@@ -134,7 +139,7 @@ def sass_ops(cubin: Path) -> str:
     if not ops:
         return ""
     conv = sum(o in ("F2F", "I2F", "F2I", "I2FP", "F2FP") for o in ops)
-    mma = sum(o.startswith(("HMMA", "HGMMA", "WGMMA")) for o in ops)
+    mma = sum(o.startswith(("HMMA", "HGMMA", "QGMMA", "IGMMA", "IMMA", "WGMMA")) for o in ops)
     return f" sass {len(ops)} (cvt {conv}, mma {mma})"
 
 
@@ -171,9 +176,10 @@ def compile_one(
             sig[n] = (scalars or {}).get(n, "i32")
             if n in (DIV16 if div16 is None else div16):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(
-        fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs
-    )
+    source = ASTSource
+    if _gluon_mm8.IMPORTED and type(fn).__name__ == "GluonJITFunction":
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn, sig, {(names.index(n),): v for n, v in consts.items()}, attrs)
     ck = triton.compile(
         src,
         target=GPUTarget("cuda", 90, 128),
@@ -320,6 +326,13 @@ def main() -> int:
                 if cfg.path == "deq":
                     cptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16"}
                 scalars = None
+                options = None
+                if cfg.path == "wsp":  # Gluon descriptors carry their shared-memory layout
+                    scalars = {
+                        "a_desc": _gluon_mm8.descriptor_type("a"),
+                        "b_desc": _gluon_mm8.descriptor_type("b"),
+                    }
+                    options = {"maxnreg": _gluon_mm8.MAXNREG}
                 if cfg.path in ("tma", "tmap"):  # the descriptors' types: element type and block shape
                     el, bk = ptrs["a_ptr"][1:], consts["BLOCK_K"]
                     scalars = {"a_desc": f"tensordesc<{el}[{cfg.bm}, {bk}]>",
@@ -338,7 +351,7 @@ def main() -> int:
                 seen.add(key)
                 t0 = time.time()
                 try:
-                    info = compile_one(fn, cptrs, consts, cfg.warps, cfg.stages, m, scalars)
+                    info = compile_one(fn, cptrs, consts, cfg.warps, cfg.stages, m, scalars, options=options)
                     print(
                         f"ok   {label:10} M={m:<5} {cfg.name:32} {info} ({time.time() - t0:.1f} s)",
                         flush=True,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from server_shim.quant import arch, tuning
+from server_shim.quant import _gluon_mm8, arch, tuning
 
 # the dequantization pass of the "deq" path: [32 rows, 256 k] per program
 _DEQ_BN, _DEQ_BK = 32, 256
@@ -157,6 +157,22 @@ def _launch_mm8_tma(k: SimpleNamespace, cfg: tuning.Cfg, a: torch.Tensor, b: tor
     )
 
 
+def _wsp_ok(a: torch.Tensor, out: torch.Tensor, *, blocked: bool, group: int, acc_int: bool,
+            fast_acc: bool) -> bool:  # fmt: skip
+    """Whether the Gluon warp-specialized kernel ("wsp", quant/_gluon_mm8.py) runs this GEMM:
+    exactly accumulated fp8 e4m3fn on a device `arch.warp_specialized_fp8` accepts, block scales
+    in 128-wide groups (its K step and tile width), a 16/32-bit float out. The caller has checked
+    the operands' descriptors (`_tma_ok`)."""
+    return (
+        not (acc_int or fast_acc)
+        and a.dtype == torch.float8_e4m3fn
+        and (not blocked or group == 128)
+        and out.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and a.is_cuda
+        and arch.warp_specialized_fp8(a.device)
+    )
+
+
 def _launch_mm8(k: SimpleNamespace, grid: tuple[int, int], cfg: tuning.Cfg, a: torch.Tensor, b: torch.Tensor,
                 out: torch.Tensor, ws: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                 bias: torch.Tensor | None, M: int, N: int, K: int, kper: int, sa: tuple[int, int],
@@ -187,11 +203,12 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     lag_ok = _lag_ok(acc_int, fast_acc, decode)
     tma_ok = _tma_ok(a, b, decode)
     tmap_ok = tma_ok and _descriptor_ok(out)  # "tmap" also stores out through a descriptor
+    wsp_ok = tma_ok and _wsp_ok(a, out, blocked=blocked, group=group, acc_int=acc_int, fast_acc=fast_acc)
 
     def cands() -> list[tuning.Cfg]:
         cs = tuning.candidates(fam, "mm8", M, N, K)
         cs = [c for c in cs if (lag_ok or c.path != "lag") and (tma_ok or c.path != "tma")]
-        cs = [c for c in cs if tmap_ok or c.path != "tmap"]
+        cs = [c for c in cs if (tmap_ok or c.path != "tmap") and (wsp_ok or c.path != "wsp")]
         return list(dict.fromkeys(tiles(c) for c in cs))
 
     key = (f"{fam}|mm8|{a.dtype}|a{am}b{bmode}g{group}d{decode}f{int(fast_acc)}|"
@@ -199,6 +216,14 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
 
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         cfg = tiles(cfg)
+        if cfg.path == "wsp":
+            if wsp_ok:
+                _gluon_mm8.mm8_wsp(a, b, a_scale, b_scale, out, bias, sa, sb, am=am, bmode=bmode,
+                                   programs=_programs(_device_key(out.device)), group_m=cfg.group_m,
+                                   stages=cfg.stages)  # fmt: skip
+                return out
+            # pinned or stored where Gluon cannot run: the same sums in plain Triton
+            cfg = replace(cfg, path="tmap")
         if cfg.path == "tmap" and not tmap_ok:  # out's rows cannot take a descriptor store
             cfg = replace(cfg, path="tma")
         if cfg.path in ("tma", "tmap"):

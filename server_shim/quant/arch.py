@@ -63,6 +63,22 @@ def _family(name: str) -> str:
     return "cpu" if name == "cpu" else "ampere"
 
 
+def warp_specialized_fp8(device: torch.device | str) -> bool:
+    """Whether the Gluon warp-specialized fp8 GEMM (quant/_gluon_mm8.py: wgmma, setmaxnreg, bulk
+    tensor copies) runs here: sm90 exactly (Hopper; Blackwell's MMAs are another instruction set),
+    never ROCm or the interpreter, and only where this triton ships Gluon."""
+    return _sm90_gluon(device_arch(device)) and not triton_interpreting()
+
+
+@functools.cache
+def _sm90_gluon(name: str) -> bool:
+    if name != "sm90":
+        return False
+    from server_shim.quant import _gluon_mm8
+
+    return _gluon_mm8.IMPORTED
+
+
 def triton_available(device: torch.device | str) -> bool:
     """Triton can run here: a GPU with triton installed, or CPU with the interpreter switched on
     (TRITON_INTERPRET=1 is read when a kernel is decorated, so it must be set before import)."""

@@ -73,7 +73,9 @@ class Cfg:
     8-bit tile with its operands read through tensor descriptors (Hopper's bulk tensor copies; no
     split; only where the operands are 16-byte aligned native 8-bit, else it runs as "tile"); "tmap":
     "tma" as a persistent grid (a program per multiprocessor) storing its tiles by descriptor too
-    ("tma" where out's rows are not 16-byte aligned); "quant2": for a one-token 8-bit GEMM whose
+    ("tma" where out's rows are not 16-byte aligned); "wsp": the warp-specialized Gluon kernel of
+    quant/_gluon_mm8.py (fp8 with exact accumulation on sm90; its tile is fixed at 128 x 128 x 128, 4
+    warps, so only stages and group_m vary; "tmap" where it cannot run); "quant2": for a one-token 8-bit GEMM whose
     activation can be quantized inside the GEMV, the act-quant kernel and the GEMM instead."""
 
     path: str
@@ -112,7 +114,7 @@ class Cfg:
 
 
 PATHS = frozenset(("tile", "tilek", "lag", "tma", "tmap", "deq", "deqb", "fused", "fusedk", "words", "wordsk",
-                   "wordsb", "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "quant2"))  # fmt: skip
+                   "wordsb", "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "quant2", "wsp"))  # fmt: skip
 
 M_BUCKETS = (1, 16, 32, 64, 256, 1024)  # then 4096: every larger M
 
@@ -172,7 +174,8 @@ _HOPPER = {
         # TMA: the 256-row tile for tensor / row scales, 128 x 128 x 128 with 4 stages for block scales
         + _t("tma", (256, 128, 128, 8, 3, 1, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
              (128, 256, 128, 8, 3), (128, 128, 128, 8, 5), (64, 128, 128, 4, 3, 1, 16))
-        + _t("tmap", (256, 128, 128, 8, 3, 1, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4)),
+        + _t("tmap", (256, 128, 128, 8, 3, 1, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4))
+        + _t("wsp", (128, 128, 128, 4, 4), (128, 128, 128, 4, 6), (128, 128, 128, 4, 6, 1, 16)),
     },
     "wonly": {
         # M <= 16: the word tiles and the self-reducing fused tiles. On an H200 (2026-12-04, every
@@ -428,7 +431,7 @@ def kernel_sources_hash() -> str:
     from other kernels (another checkout, an older release) are never replayed."""
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in ("_triton_fast.py", *FAST_BODIES, "_fastpath.py", "kernels.py", "tuning.py"):
+    for name in ("_triton_fast.py", *FAST_BODIES, "_gluon_mm8.py", "_fastpath.py", "kernels.py", "tuning.py"):
         digest.update((here / name).read_bytes())
     return digest.hexdigest()[:12]
 

@@ -1,0 +1,108 @@
+"""The warp-specialized Gluon fp8 GEMM ("wsp", quant/_gluon_mm8.py), which the interpreter cannot run.
+
+What CI can check without a GPU: where it may run (sm90 with Gluon, never the interpreter, ROCm or
+another generation); that a pinned "wsp" config elsewhere runs the plain-Triton "tmap" kernel with
+the same numbers; and that the kernel compiles for sm90 with no spills and unserialized MMAs
+(ptxas serializes every MMA when a partial is read while the next step's MMAs run -- the variant
+this kernel avoids). On a GPU, bench/gluon_mm8.py checks it against float64 and bit for bit
+against "tmap" before timing it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any triton import (see tests/test_kernels.py)
+
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from test_kernels_fast import _spy_on, expand, fp8_data, rel  # noqa: E402
+
+from server_shim.quant import _fastpath, _gluon_mm8, arch, tuning  # noqa: E402
+from server_shim.quant import kernels as K  # noqa: E402
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+WSP = tuning.Cfg("wsp", 128, 128, 128, 4, 4)
+FN = torch.float8_e4m3fn
+
+
+def test_it_runs_only_on_sm90_with_gluon() -> None:
+    assert arch._sm90_gluon("sm90") is _gluon_mm8.IMPORTED
+    for name in ("sm80", "sm89", "sm100", "gfx942", "gfx950", "cpu"):
+        assert not arch._sm90_gluon(name), name
+    assert not arch.warp_specialized_fp8("cpu")
+
+
+def test_it_is_offered_only_for_exact_fp8_it_can_read() -> None:
+    """Not for int8, fast accumulation, e4m3fnuz, block groups other than 128, or CPU tensors."""
+    a = torch.zeros(4, 128, dtype=FN)
+    out = torch.zeros(4, 4, dtype=torch.bfloat16)
+    ok = dict(blocked=False, group=128, acc_int=False, fast_acc=False)
+    assert not _fastpath._wsp_ok(a, out, **ok)  # CPU
+    for bad in (dict(acc_int=True), dict(fast_acc=True)):
+        assert not _fastpath._wsp_ok(a, out, **{**ok, **bad})
+    assert not _fastpath._wsp_ok(a.to(torch.float8_e4m3fnuz), out, **ok)
+    assert not _fastpath._wsp_ok(a, out, **{**ok, "blocked": True, "group": 64})
+    assert all(c.path != "wsp" or (c.bm, c.bn, c.bk, c.warps) == (128, 128, 128, 4)
+               for c in tuning.candidates("hopper", "mm8", 4096, 4096, 4096))  # fmt: skip
+    assert any(c.path == "wsp" for c in tuning.candidates("hopper", "mm8", 4096, 4096, 4096))
+
+
+@pytest.mark.parametrize("mode", ["tensor", "row", "block"])
+def test_pinned_where_gluon_cannot_run_it_is_tmap(
+    force_cfg, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Under the interpreter a pinned (or stored) "wsp" config launches the persistent "tmap"
+    kernel -- the same sums -- and matches float64 (M = 37, N = 136: partial tiles; bias)."""
+    if _fastpath._descriptor_type() is None:
+        pytest.skip("this triton has no host tensor descriptors")
+    force_cfg(WSP)
+    spies = _spy_on(monkeypatch, "mm8_tma", "mm8_tmap", "mm8")
+    g = torch.Generator().manual_seed(7)
+    M, N, Kd = 37, 136, 256
+    a, b = fp8_data((M, Kd), FN, 8), fp8_data((N, Kd), FN, 9)
+    if mode == "tensor":
+        sa, sb = torch.tensor([0.02]), torch.tensor([0.03])
+        ea, eb = sa.double(), sb.double()
+    elif mode == "row":
+        sa, sb = torch.rand(M, 1, generator=g) + 0.01, torch.rand(N, 1, generator=g) + 0.01
+        ea, eb = sa.double(), sb.double()
+    else:
+        sa, sb = torch.rand(M, 2, generator=g) + 0.01, torch.rand(2, 2, generator=g) + 0.01
+        ea, eb = expand(sa, M, Kd, 1, 128), expand(sb, N, Kd, 128, 128)
+    bias = torch.randn(N, generator=g)
+    out = K.fp8_gemm(a, sa, b, sb, a_scale_mode=mode, b_scale_mode=mode, out_dtype=torch.float32, bias=bias)
+    assert {n: s.launches for n, s in spies.items()} == {"mm8_tma": 0, "mm8_tmap": 1, "mm8": 0}
+    ref = (a.double() * ea) @ (b.double() * eb).T + bias.double()
+    assert rel(out, ref) < 1e-6
+
+
+@pytest.fixture
+def force_cfg(monkeypatch: pytest.MonkeyPatch):
+    def pin(cfg: tuning.Cfg | None) -> None:
+        monkeypatch.setattr(tuning, "FORCE", cfg)
+
+    return pin
+
+
+@pytest.mark.skipif(not _gluon_mm8.IMPORTED, reason="this triton has no Gluon")
+def test_it_compiles_for_sm90_without_spills_or_serialized_mmas() -> None:
+    """Every "wsp" candidate, fp8 tensor and block scales, compiled for sm90 by this machine's
+    triton and ptxas: it must compile, spill nothing and keep its MMAs pipelined."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "bench/sm90_compile.py", "--m", "4096", "--only", "wsp"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    rows = [line for line in r.stdout.splitlines() if " wsp:" in line]
+    assert r.returncode == 0 and rows, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(rows) == 2 * sum(c.path == "wsp" for c in tuning.candidates("hopper", "mm8", 4096, 4096, 4096))
+    for row in rows:
+        assert row.startswith("ok"), row
+        if "no ptxas" not in row:
+            assert re.search(r"spill 0 B", row) and "wgmma-serialized" not in row, row

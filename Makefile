@@ -42,6 +42,7 @@ bench: setup
 	$(PY) bench/act_fused.py  # GPU only, likewise
 	$(PY) bench/word_tiles_check.py  # GPU only, likewise
 	$(PY) bench/fp8_accum.py  # GPU only, likewise
+	$(PY) bench/gluon_mm8.py  # sm90 GPU only, likewise
 	$(PY) bench/quant_e2e.py  # GPU only, likewise
 
 # The GPU gate (needs one CUDA / ROCm GPU): every correct target PASS, both negative controls FAIL,

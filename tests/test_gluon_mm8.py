@@ -32,8 +32,14 @@ WSP = tuning.Cfg("wsp", 128, 128, 128, 4, 4)
 FN = torch.float8_e4m3fn
 
 
-def test_it_runs_only_on_sm90_with_gluon() -> None:
+def test_it_runs_only_on_sm90_with_gluon(monkeypatch: pytest.MonkeyPatch) -> None:
     assert arch._sm90_gluon("sm90") is _gluon_mm8.IMPORTED
+    monkeypatch.setattr(arch, "device_arch", lambda device: "sm90")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert arch.warp_specialized_fp8("cuda") is _gluon_mm8.IMPORTED
+    monkeypatch.setenv("DIFFTEST_TRITON_GLUON", "0")  # the switch back to "tmap"
+    assert not arch.warp_specialized_fp8("cuda")
+    monkeypatch.undo()
     for name in ("sm80", "sm89", "sm100", "gfx942", "gfx950", "cpu"):
         assert not arch._sm90_gluon(name), name
     assert not arch.warp_specialized_fp8("cpu")

@@ -66,7 +66,10 @@ def _family(name: str) -> str:
 def warp_specialized_fp8(device: torch.device | str) -> bool:
     """Whether the Gluon warp-specialized fp8 GEMM (quant/_gluon_mm8.py: wgmma, setmaxnreg, bulk
     tensor copies) runs here: sm90 exactly (Hopper; Blackwell's MMAs are another instruction set),
-    never ROCm or the interpreter, and only where this triton ships Gluon."""
+    never ROCm or the interpreter, and only where this triton ships Gluon. DIFFTEST_TRITON_GLUON=0
+    turns it off (a fallback, should a triton build mis-lower it): "tmap" runs instead."""
+    if os.environ.get("DIFFTEST_TRITON_GLUON", "1") == "0":
+        return False
     return _sm90_gluon(device_arch(device)) and not triton_interpreting()
 
 

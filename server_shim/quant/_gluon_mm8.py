@@ -205,9 +205,9 @@ def mm8_wsp(a, b, a_scale, b_scale, out, bias, sa: tuple[int, int], sb: tuple[in
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K], a_layout)
     b_desc = TensorDescriptor.from_tensor(b, [BLOCK_N, BLOCK_K], b_layout)
     tiles = -(-m // BLOCK_M) * -(-n // BLOCK_N)
-    grid = (min(programs, tiles),)
+    grid = (min(programs, tiles),)  # PROGRAMS stays the device's count: one compile for every shape
     _mm8_wsp_kernel[grid](
         a_desc, b_desc, out, a_scale, b_scale, bias if bias is not None else out, m, n, k,
-        out.stride(0), out.stride(1), *sa, *sb, PROGRAMS=grid[0], GROUP_M=group_m, STAGES=stages,
+        out.stride(0), out.stride(1), *sa, *sb, PROGRAMS=programs, GROUP_M=group_m, STAGES=stages,
         A_MODE=am, B_MODE=bmode, HAS_BIAS=bias is not None, num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip

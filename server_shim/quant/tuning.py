@@ -75,8 +75,9 @@ class Cfg:
     "tma" as a persistent grid (a program per multiprocessor) storing its tiles by descriptor too
     ("tma" where out's rows are not 16-byte aligned); "wsp": the warp-specialized Gluon kernel of
     quant/_gluon_mm8.py (fp8 with exact accumulation on sm90; its tile is fixed at 128 x 128 x 128
-    with 4 warps per consumer, so only stages and group_m vary; "tmap" where it cannot run); "quant2": for a one-token 8-bit GEMM whose
-    activation can be quantized inside the GEMV, the act-quant kernel and the GEMM instead."""
+    with 4 warps per consumer, so only stages and group_m vary; "tmap" where it cannot run);
+    "quant2": for a one-token 8-bit GEMM whose activation can be quantized inside the GEMV, the
+    act-quant kernel and the GEMM instead."""
 
     path: str
     bm: int

@@ -45,16 +45,20 @@ def test_it_runs_only_on_sm90_with_gluon(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not arch.warp_specialized_fp8("cpu")
 
 
-def test_it_is_offered_only_for_exact_fp8_it_can_read() -> None:
-    """Not for int8, fast accumulation, e4m3fnuz, block groups other than 128, or CPU tensors."""
+def test_it_is_offered_only_for_exact_fp8_it_can_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a device that can run it: fp8 e4m3fn with exact accumulation, block groups of 128, a float
+    out -- not int8, fast accumulation, e4m3fnuz, other groups or an int out; never on this CPU."""
     a = torch.zeros(4, 128, dtype=FN)
     out = torch.zeros(4, 4, dtype=torch.bfloat16)
     ok = dict(blocked=False, group=128, acc_int=False, fast_acc=False)
-    assert not _fastpath._wsp_ok(a, out, **ok)  # CPU
-    for bad in (dict(acc_int=True), dict(fast_acc=True)):
-        assert not _fastpath._wsp_ok(a, out, **{**ok, **bad})
+    assert not _fastpath._wsp_ok(a, out, **ok)  # this machine
+    monkeypatch.setattr(arch, "warp_specialized_fp8", lambda device: True)  # as on an H200
+    assert _fastpath._wsp_ok(a, out, **ok) and _fastpath._wsp_ok(a, out, **{**ok, "blocked": True})
+    assert _fastpath._wsp_ok(a, out.float(), **ok) and _fastpath._wsp_ok(a, out.half(), **ok)
+    for bad in (dict(acc_int=True), dict(fast_acc=True), dict(blocked=True, group=64)):
+        assert not _fastpath._wsp_ok(a, out, **{**ok, **bad}), bad
     assert not _fastpath._wsp_ok(a.to(torch.float8_e4m3fnuz), out, **ok)
-    assert not _fastpath._wsp_ok(a, out, **{**ok, "blocked": True, "group": 64})
+    assert not _fastpath._wsp_ok(a, out.to(torch.int32), **ok)
     assert all(c.path != "wsp" or (c.bm, c.bn, c.bk, c.warps) == (128, 128, 128, 4)
                for c in tuning.candidates("hopper", "mm8", 4096, 4096, 4096))  # fmt: skip
     assert any(c.path == "wsp" for c in tuning.candidates("hopper", "mm8", 4096, 4096, 4096))

@@ -168,7 +168,6 @@ def _wsp_ok(a: torch.Tensor, out: torch.Tensor, *, blocked: bool, group: int, ac
         and a.dtype == torch.float8_e4m3fn
         and (not blocked or group == 128)
         and out.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and a.is_cuda
         and arch.warp_specialized_fp8(a.device)
     )
 

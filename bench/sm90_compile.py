@@ -69,7 +69,7 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     if fixed.get("QUANT_A") and (cfg.path != "gemv" or m != 1):
         return None, {}  # the fused act-quant exists as a one-token GEMV only
     if kind == "mm8" and cfg.path == "wsp":  # Gluon; fp8 with exact accumulation only (_fastpath._wsp_ok)
-        if fixed["ACC_INT"] or m == 1 or not _gluon_mm8.IMPORTED:
+        if fixed["ACC_INT"] or not _gluon_mm8.IMPORTED:
             return None, {}
         return _gluon_mm8._mm8_wsp_kernel, dict(PROGRAMS=132, GROUP_M=cfg.group_m, STAGES=cfg.stages,
                                                 A_MODE=fixed["A_MODE"], B_MODE=fixed["B_MODE"], HAS_BIAS=False)  # fmt: skip
@@ -177,8 +177,11 @@ def compile_one(
             if n in (DIV16 if div16 is None else div16):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource
-    if _gluon_mm8.IMPORTED and type(fn).__name__ == "GluonJITFunction":
-        from triton.experimental.gluon._runtime import GluonASTSource as source
+    if _gluon_mm8.IMPORTED:
+        from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+
+        if isinstance(fn, GluonJITFunction):
+            source = GluonASTSource
     src = source(fn, sig, {(names.index(n),): v for n, v in consts.items()}, attrs)
     ck = triton.compile(
         src,

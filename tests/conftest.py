@@ -26,3 +26,16 @@ def engine(tiny_llama: LoadedModel):  # noqa: ANN201 - a generator fixture
     eng = Engine(tiny_llama)
     yield eng
     eng.close()
+
+
+@pytest.fixture
+def force(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - returns the pinning function
+    """pin(cfg): every Triton GEMM of the test runs config `cfg` (tuning.FORCE; None: the tuner's
+    own choice again), undone after the test. tuning is imported here, not at the top: the kernel
+    tests switch the interpreter on before anything imports triton."""
+    from server_shim.quant import tuning
+
+    def pin(cfg: tuning.Cfg | None) -> None:
+        monkeypatch.setattr(tuning, "FORCE", cfg)
+
+    return pin

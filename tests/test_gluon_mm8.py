@@ -65,14 +65,12 @@ def test_it_is_offered_only_for_exact_fp8_it_can_read(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize("mode", ["tensor", "row", "block"])
-def test_pinned_where_gluon_cannot_run_it_is_tmap(
-    force_cfg, monkeypatch: pytest.MonkeyPatch, mode: str
-) -> None:
+def test_pinned_where_gluon_cannot_run_it_is_tmap(force, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """Under the interpreter a pinned (or stored) "wsp" config launches the persistent "tmap"
     kernel -- the same sums -- and matches float64 (M = 37, N = 136: partial tiles; bias)."""
     if _fastpath._descriptor_type() is None:
         pytest.skip("this triton has no host tensor descriptors")
-    force_cfg(WSP)
+    force(WSP)
     spies = _spy_on(monkeypatch, "mm8_tma", "mm8_tmap", "mm8")
     g = torch.Generator().manual_seed(7)
     M, N, Kd = 37, 136, 256
@@ -91,14 +89,6 @@ def test_pinned_where_gluon_cannot_run_it_is_tmap(
     assert {n: s.launches for n, s in spies.items()} == {"mm8_tma": 0, "mm8_tmap": 1, "mm8": 0}
     ref = (a.double() * ea) @ (b.double() * eb).T + bias.double()
     assert rel(out, ref) < 1e-6
-
-
-@pytest.fixture
-def force_cfg(monkeypatch: pytest.MonkeyPatch):
-    def pin(cfg: tuning.Cfg | None) -> None:
-        monkeypatch.setattr(tuning, "FORCE", cfg)
-
-    return pin
 
 
 @pytest.mark.skipif(not _gluon_mm8.IMPORTED, reason="this triton has no Gluon")

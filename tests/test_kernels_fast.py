@@ -72,14 +72,6 @@ def paths(*cfgs: tuning.Cfg) -> list:
     return [pytest.param(c, id=PATH_IDS.get(c, c.path)) for c in cfgs]
 
 
-@pytest.fixture
-def force(monkeypatch: pytest.MonkeyPatch):
-    def pin(cfg: tuning.Cfg | None) -> None:
-        monkeypatch.setattr(tuning, "FORCE", cfg)
-
-    return pin
-
-
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 

@@ -52,7 +52,7 @@ def test_it_is_offered_only_for_exact_fp8_it_can_read(monkeypatch: pytest.Monkey
     out = torch.zeros(4, 4, dtype=torch.bfloat16)
     ok = dict(blocked=False, group=128, acc_int=False, fast_acc=False)
     assert not _fastpath._wsp_ok(a, out, **ok)  # this machine
-    monkeypatch.setattr(arch, "warp_specialized_fp8", lambda device: True)  # as on an H200
+    monkeypatch.setattr(_fastpath, "_warp_specialized_of", lambda device_key: True)  # as on an H200
     assert _fastpath._wsp_ok(a, out, **ok) and _fastpath._wsp_ok(a, out, **{**ok, "blocked": True})
     assert _fastpath._wsp_ok(a, out.float(), **ok) and _fastpath._wsp_ok(a, out.half(), **ok)
     for bad in (dict(acc_int=True), dict(fast_acc=True), dict(blocked=True, group=64)):

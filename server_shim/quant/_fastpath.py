@@ -39,6 +39,13 @@ def _packed_half_ptx_of(device_key: str, dtype: torch.dtype) -> bool:
     return arch.packed_half_ptx(device_key, dtype)
 
 
+@functools.cache
+def _warp_specialized_of(device_key: str) -> bool:
+    """arch.warp_specialized_fp8 once per device (it reads the device's properties; every fp8 GEMM
+    asks): DIFFTEST_TRITON_GLUON is read at a process's first fp8 GEMM on each device."""
+    return arch.warp_specialized_fp8(device_key)
+
+
 def _device_key(device: torch.device) -> str:
     """ "cuda:N" (the current device where the index is unset), else the device type."""
     if device.type != "cuda":
@@ -168,7 +175,7 @@ def _wsp_ok(a: torch.Tensor, out: torch.Tensor, *, blocked: bool, group: int, ac
         and a.dtype == torch.float8_e4m3fn
         and (not blocked or group == 128)
         and out.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and arch.warp_specialized_fp8(a.device)
+        and _warp_specialized_of(_device_key(a.device))
     )
 
 

@@ -251,6 +251,16 @@ def with_twin(
     return result
 
 
+def slot_check_skip(ep: Endpoint, prompts: Sequence[Prompt]) -> str | None:
+    """Why the batch-slot check cannot run on `ep`, known before any request (None: it can). The
+    runner asks first: a target it cannot check needs no baseline draws on the reference."""
+    if not prompts:
+        return "no prompt"
+    if ep.caps.logprobs_cap <= 0:
+        return "the server returns no logprobs"
+    return None
+
+
 async def check_batch_slots(
     ep: Endpoint,
     prompts: Sequence[Prompt],
@@ -259,13 +269,11 @@ async def check_batch_slots(
     k: int = 5,
     tolerance: float = DEFAULT_LOGPROB_TOLERANCE,
 ) -> InvarianceResult:
-    if not prompts:
-        return InvarianceResult("", tolerance, skipped="no prompt")
+    skip = slot_check_skip(ep, prompts)
+    if skip is not None:
+        return InvarianceResult(prompts[0].id if prompts else "", tolerance, skipped=skip)
     probe = prompts[0]
     result = InvarianceResult(probe.id, tolerance)
-    if ep.caps.logprobs_cap <= 0:
-        result.skipped = "the server returns no logprobs"
-        return result
 
     def body(prompt: Any) -> dict[str, Any]:
         return ep.payload(prompt, max_tokens=max_tokens, k=k, seed=0)

@@ -354,11 +354,13 @@ async def _whitebox(
 
         result.conformance.setdefault("warnings", []).append(NO_BATCH_SLOTS)
     elif cfg.run.batch_slot_check:
-        from difftest.invariance import check_batch_slots, twin_difference, with_twin
+        from difftest.invariance import check_batch_slots, slot_check_skip, twin_difference, with_twin
 
         base_name = tcfg.golden.name if tcfg.golden is not None else cfg.reference.name
         slot_args = {"max_tokens": min(cfg.run.max_tokens, 16), "k": cfg.run.logprobs}
-        if base_name not in slot_baselines:  # shared by the targets of one baseline, measured once
+        # a target that cannot be checked (no logprobs) costs its baseline no draws
+        checkable = slot_check_skip(tgt, prompts) is None
+        if checkable and base_name not in slot_baselines:  # shared by one baseline's targets, measured once
             twin = eps[tcfg.twin.name] if tcfg.twin is not None and tcfg.golden is not None else None
 
             async def measure(base: Endpoint = eps[base_name], twin: Endpoint | None = twin) -> tuple:
@@ -374,9 +376,10 @@ async def _whitebox(
 
             slot_baselines[base_name] = asyncio.ensure_future(measure())
         inv = await check_batch_slots(tgt, prompts, **slot_args)
-        own, twin_slots = await slot_baselines[base_name]
-        margin = tie_margin(null, overrides)[0] if twin_slots else None
-        with_twin(inv, twin_slots, margin).relative_to(base_name, *own)  # draws' flips by the TIE margin
+        if checkable:
+            own, twin_slots = await slot_baselines[base_name]
+            margin = tie_margin(null, overrides)[0] if twin_slots else None
+            with_twin(inv, twin_slots, margin).relative_to(base_name, *own)  # draws' flips by the TIE margin
         result.invariance = inv.to_dict()
         parts.append(inv.verdict())
     if cfg.run.whitebox == "off":

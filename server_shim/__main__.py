@@ -12,7 +12,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from server_shim import options
+# Before torch loads libgomp: OpenMP threads that spin-wait (the default) lose their core to any
+# other busy process and every parallel region then waits out a scheduler slice. Measured on 2
+# cores with one other busy process: configs/external.toml took 457 s spinning, 47 s passive;
+# on an idle machine the two are within noise (5 x 96-token requests: 25-27 s vs 27-28 s).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from server_shim import options  # noqa: E402
 from server_shim.errors import ShimError
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")

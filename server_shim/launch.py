@@ -29,7 +29,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,6 +228,17 @@ def _prepare_models(specs: Sequence[ServerSpec], log_dir: Path) -> None:
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def thread_env(env: Mapping[str, str], threads: int) -> dict[str, str]:
+    """The thread-count variables a shim starts with: a user's own setting (in its environment
+    or the server's env table) wins, and one that sets only OMP_NUM_THREADS sets MKL's too. Setting
+    the other one to our per-shim share instead ran MKL's GEMMs on more threads than OpenMP's
+    (measured: with OMP_NUM_THREADS=1 and a busy second core, the external-engine run took 5x
+    longer, its shim's MKL threads spinning on a core they could not get)."""
+    mine = next((env[var] for var in _THREAD_VARS if env.get(var)), None)
+    value = mine or (str(threads) if threads else None)
+    return {var: value for var in _THREAD_VARS if value and not env.get(var)}
+
+
 def _cpu_threads_per_shim(specs: Sequence[ServerSpec]) -> int:
     """Cores per co-located shim: N servers each running torch's default of all cores fight over
     them (measured: load average 14 on 2 cores for 8 smollm2 shims), which is slower than sharing."""
@@ -260,9 +271,7 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
     if spec.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = env["HIP_VISIBLE_DEVICES"] = spec.gpus
     if spec.kind == "shim":
-        for var in _THREAD_VARS:  # a user's own setting (in env or spec.env) wins
-            if threads and var not in env:
-                env[var] = str(threads)
+        env.update(thread_env(env, threads))
     log_path = log_dir / f"{spec.name}.log"
     shown = " ".join(shlex.quote("***" if key and a == key else a) for a in argv)  # never log a key
     with open(log_path, "wb") as fh:

@@ -3,9 +3,17 @@ a test that quantizes or mutates a model loads its own copy with `load_model`)."
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from server_shim.models import LoadedModel, load_model
+# Before anything loads torch: idle OpenMP threads sleep instead of spinning. Two xdist workers,
+# their in-process torch and the servers they start share 2 cores in CI; spinning threads that
+# lose their core made a server-launching test up to 10x slower (the shim sets this itself; this
+# also covers the tests' own torch and third-party engines they start).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+
+from server_shim.models import LoadedModel, load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

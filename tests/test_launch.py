@@ -542,3 +542,25 @@ def test_every_spec_option_reaches_the_shim_flags_it_parses() -> None:
     assert (opts.model, opts.port, opts.host) == ("tiny-llama", 1234, "127.0.0.1")
     assert set(launch_spec.SPEC_KEYS) >= {o.name for o in SPEC_OPTIONS}
     assert tuple(o.name for o in SPEC_OPTIONS) == launch_spec.SHIM_ONLY
+
+
+def test_a_users_thread_count_sets_both_openmp_and_mkl() -> None:
+    # our share of the cores where the user set nothing
+    assert launch.thread_env({}, 2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    # OMP_NUM_THREADS alone also sets MKL's (the share instead ran MKL on 2 threads where the user
+    # asked for 1: spinning threads, 5x slower on a busy machine)
+    assert launch.thread_env({"OMP_NUM_THREADS": "1"}, 2) == {"MKL_NUM_THREADS": "1"}
+    assert launch.thread_env({"MKL_NUM_THREADS": "3"}, 2) == {"OMP_NUM_THREADS": "3"}
+    # both set: nothing changes; an empty value counts as unset
+    assert launch.thread_env({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "4"}, 2) == {}
+    assert launch.thread_env({"OMP_NUM_THREADS": ""}, 2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+
+
+def test_the_shim_sleeps_its_idle_openmp_threads_unless_told_otherwise() -> None:
+    code = "import os, server_shim.__main__; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "ACTIVE"

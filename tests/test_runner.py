@@ -235,3 +235,24 @@ def test_chunked_run_gives_the_same_results(tmp_path: Path, monkeypatch: pytest.
     assert one is not None and chunked is not None
     assert [p.prompt_id for p in chunked.prompts] == [f"p{i}" for i in range(len(PROMPTS))]
     assert chunked.prompts == one.prompts and chunked.aggregate == one.aggregate
+
+
+def test_a_target_without_logprobs_costs_no_batch_slot_draws(tmp_path: Path) -> None:
+    """Its slot check is skipped (stated), so the reference is not asked for its own slot variance:
+    the same completions reach it with the check on as with it off."""
+    from fakes import make_fake_app
+
+    served = {}
+    for check in (True, False):
+        ref_app = make_fake_app(FakeBehaviour())
+        with live_fake(app=ref_app) as ref, live_fake(FakeBehaviour(max_logprobs=0)) as tgt:
+            out = tmp_path / str(check)
+            out.mkdir()
+            cfg = write_config(out, ref, [{"name": "nolp", "url": tgt, "scheme": "none"}],
+                               extra_run=f"batch_slot_check = {str(check).lower()}")  # fmt: skip
+            assert main(["run", str(cfg)]) == 0
+        served[check] = ref_app.state.fake.completions_served
+        if check:
+            (t,) = load_run(out / "out").targets
+            assert t.invariance["skipped"] == "the server returns no logprobs"
+    assert served[True] == served[False] > 0

@@ -25,9 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # (scheme, M, N, K): K not a multiple of the kernels' K tiles, so the tail tile has masked k
 # whose groups lie past K; M = 1 takes the GEMV paths, M = 3 the tiles. "fp8-block-colmajor": the
 # weight's block scales stored column-major (a transposed view, as DeepSeek checkpoints and the MoE
-# experts' stacked scales hold them), so the last element in memory is not the last row's.
-SCHEMES = ("mxfp4", "int4", "fp8-block", "fp8-block-colmajor", "int8")
-CASES = [(scheme, m, 300, 72 if scheme == "mxfp4" else 200) for scheme in SCHEMES for m in (3, 1)]
+# experts' stacked scales hold them), so the last element in memory is not the last row's; the
+# 4-bit "-colmajor" cases read their group scales (and zeros) the same way, as the last expert of
+# an MoE stack with a col-major layout does.
+SCHEMES = ("mxfp4", "mxfp4-colmajor", "int4", "int4-colmajor", "fp8-block", "fp8-block-colmajor", "int8")
+CASES = [(scheme, m, 300, 72 if scheme.startswith("mxfp4") else 200) for scheme in SCHEMES for m in (3, 1)]
 
 
 def guarded(t, keep: list):  # noqa: ANN001, ANN201 - torch is imported in the child only
@@ -50,6 +52,12 @@ def guarded(t, keep: list):  # noqa: ANN001, ANN201 - torch is imported in the c
     return out
 
 
+def guarded_scales(scheme: str, s, keep: list):  # noqa: ANN001, ANN201
+    """`s` guarded as stored: row-major, or ("-colmajor") a transposed view of its guarded
+    transpose, so that its last byte in memory is that of its last group, not of its last row."""
+    return guarded(s.T.contiguous(), keep).T if scheme.endswith("colmajor") else guarded(s, keep)
+
+
 def four_bit(scheme: str, x, q, group: int, g, keep: list):  # noqa: ANN001, ANN201
     """(kernel output, float64 reference) of a 4-bit weight-only GEMM with guarded operands."""
     import torch
@@ -60,17 +68,18 @@ def four_bit(scheme: str, x, q, group: int, g, keep: list):  # noqa: ANN001, ANN
     N, Kd = q.shape
     G = -(-Kd // group)
     packed = pack_nibbles(q)
-    if scheme == "mxfp4":
+    if scheme.startswith("mxfp4"):
         e = torch.randint(120, 130, (N, G), dtype=torch.uint8, generator=g)
         sign = torch.where(q >= 8, -1.0, 1.0).double()
         w = E2M1[(q & 7).long()] * sign * expand(torch.exp2(e.double() - 127), N, Kd, 1, group)
-        out = K.mxfp4_gemm(guarded(x, keep), guarded(packed, keep), guarded(e, keep), out_dtype=torch.float32)
+        out = K.mxfp4_gemm(guarded(x, keep), guarded(packed, keep), guarded_scales(scheme, e, keep),
+                           out_dtype=torch.float32)  # fmt: skip
     else:
         s = torch.rand(N, G, generator=g) * 0.1 + 0.01
         z = torch.randint(0, 16, (N, G), dtype=torch.uint8, generator=g)
         w = (q.double() - expand(z, N, Kd, 1, group)) * expand(s, N, Kd, 1, group)
-        out = K.int4_gemm(guarded(x, keep), guarded(packed, keep), guarded(s, keep), guarded(z, keep),
-                          out_dtype=torch.float32)  # fmt: skip
+        out = K.int4_gemm(guarded(x, keep), guarded(packed, keep), guarded_scales(scheme, s, keep),
+                          guarded_scales(scheme, z, keep), out_dtype=torch.float32)  # fmt: skip
     return out, x.double() @ w.T
 
 
@@ -93,7 +102,7 @@ def eight_bit(scheme: str, M: int, N: int, Kd: int, g, keep: list):  # noqa: ANN
     b = torch.randn(N, Kd, generator=g).to(torch.float8_e4m3fn)
     sa = torch.rand(M, G, generator=g) + 0.5
     sb = torch.rand(-(-N // 128), G, generator=g) + 0.5
-    sb_arg = guarded(sb.T.contiguous(), keep).T if scheme.endswith("colmajor") else guarded(sb, keep)
+    sb_arg = guarded_scales(scheme, sb, keep)
     out = K.fp8_gemm(guarded(a, keep), guarded(sa, keep), guarded(b, keep), sb_arg,
                      a_scale_mode="block", b_scale_mode="block", out_dtype=torch.float32)  # fmt: skip
     return out, (a.double() * expand(sa, M, Kd, 1, 128)) @ (b.double() * expand(sb, N, Kd, 128, 128)).T
@@ -109,10 +118,10 @@ def run_child(impl: str) -> None:
     g = torch.Generator().manual_seed(5)
     for scheme, M, N, Kd in CASES:
         keep: list = []
-        if scheme in ("mxfp4", "int4"):
+        if scheme.startswith(("mxfp4", "int4")):
             x = torch.randn(M, Kd, generator=g).to(torch.bfloat16)
             q = torch.randint(0, 16, (N, Kd), dtype=torch.uint8, generator=g)
-            out, ref = four_bit(scheme, x, q, 32 if scheme == "mxfp4" else 128, g, keep)
+            out, ref = four_bit(scheme, x, q, 32 if scheme.startswith("mxfp4") else 128, g, keep)
         else:
             out, ref = eight_bit(scheme, M, N, Kd, g, keep)
         err = ((out.double() - ref).norm() / ref.norm()).item()

@@ -209,17 +209,12 @@ def check_configs(
     out: dict[str, float | str] = {}
     for cfg in cfgs:
         try:
-            if impl == "legacy":
-                got = with_impl(fn, "legacy")()
-            else:
-                tuning.FORCE = tuning.Cfg.parse(cfg)
-                got = fn()
+            with tuning.pinned(None if impl == "legacy" else cfg):
+                got = with_impl(fn, "legacy")() if impl == "legacy" else fn()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             out[cfg] = rel_err(got, ref)
         except Exception as e:  # reported as a FAIL row by the caller
             out[cfg] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        finally:
-            tuning.FORCE = None
     return {"name": name, "M": M, "N": N, "K": Kd, "impl": impl, "results": out, "s": time.time() - t0,
             "pid": os.getpid()}  # fmt: skip

@@ -97,8 +97,7 @@ def check(
     # per scale layout (shuffled or not): the weight, its golden output and the clean Triton
     # output's distance to it, computed once (the faults share them; half the interpreter's time)
     clean: dict[bool, tuple] = {}
-    tuning.FORCE = tuning.Cfg.parse(cfg)
-    try:
+    with tuning.pinned(cfg):
         for fault in _faults(scheme):
             shuffled = fault == "scale-shuffle-ignored"
             if shuffled not in clean:
@@ -119,8 +118,6 @@ def check(
             text = (f"{scheme:10} {str(dtype):15} M={M:<4} {cfg:28} {fault:22} to torch's bug {same:.1e} "
                     f"(clean {noise:.1e}), bug {bug:.1e}: {shown}")  # fmt: skip
             lines.append((close and (visible or fault == "slot-variant"), text))
-    finally:
-        tuning.FORCE = None
     return lines
 
 
@@ -132,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first built
+        from server_shim.quant.linear import load_kernels
+
+        load_kernels(torch.device("cpu"))  # the interpreter on, kernels.py rebuilt in place if needed
     elif not torch.cuda.is_available():
         print("bench/fault_kernels_check.py needs a GPU (or --device cpu); none is visible.", file=sys.stderr)
         return 0

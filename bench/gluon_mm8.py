@@ -43,11 +43,8 @@ def operands(c: Case, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def pinned(cfg: tuning.Cfg, a, sa, b, sb, mode: str):  # noqa: ANN001, ANN201 - a timed callable
     def run() -> torch.Tensor:
-        tuning.FORCE = cfg
-        try:
+        with tuning.pinned(cfg):
             return K.fp8_gemm(a, sa, b, sb, a_scale_mode=mode, b_scale_mode=mode, out_dtype=torch.bfloat16)
-        finally:
-            tuning.FORCE = None
 
     return run
 

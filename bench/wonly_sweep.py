@@ -107,9 +107,8 @@ def sweep(
     else:
         fn = lambda: K.mxfp4_gemm(x, qw.data, qw.scales, out_dtype=dtype)  # noqa: E731
     rows = []
-    try:
-        for name in names:
-            tuning.FORCE = tuning.Cfg.parse(name)
+    for name in names:
+        with tuning.pinned(name):
             err = float((fn().double() - ref).norm() / ref.norm())
             row = {
                 "scheme": scheme,
@@ -126,8 +125,6 @@ def sweep(
                     fn()
                 torch.cuda.synchronize()
             rows.append(row)
-    finally:
-        tuning.FORCE = None
     return rows
 
 
@@ -141,7 +138,9 @@ def _names(args: argparse.Namespace, family: str, M: int, N: int, Kd: int) -> li
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first built
+        from server_shim.quant.linear import load_kernels
+
+        load_kernels(torch.device("cpu"))  # the interpreter on, kernels.py rebuilt in place if needed
         dev, family, shapes = torch.device("cpu"), "hopper", [(8, 64, 256)]
     elif not torch.cuda.is_available():
         print(

@@ -15,7 +15,6 @@ No timing: `bench/wonly_sweep.py` times these configs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -66,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = ap.parse_args(argv)
     if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first built
+        from server_shim.quant.linear import load_kernels
+
+        load_kernels(torch.device("cpu"))  # the interpreter on, kernels.py rebuilt in place if needed
     elif not torch.cuda.is_available():
         print(
             "bench/word_tiles_check.py needs a CUDA GPU (or --device cpu); none is visible.", file=sys.stderr
@@ -79,11 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(args.device)
     shapes = GPU_SHAPES if dev.type == "cuda" else CPU_SHAPES
     bad = 0
-    try:
-        for dtype in (torch.bfloat16, torch.float16):
-            for M, N, Kd in shapes:
-                for cfg in CONFIGS:
-                    tuning.FORCE = tuning.Cfg.parse(cfg)
+    for dtype in (torch.bfloat16, torch.float16):
+        for M, N, Kd in shapes:
+            for cfg in CONFIGS:
+                with tuning.pinned(cfg):
                     g = torch.Generator(device=dev).manual_seed(M + N + Kd)
                     x = torch.randn(M, Kd, device=dev, generator=g).to(dtype)
                     for scheme in ("int4-g128", "mxfp4"):
@@ -106,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
                         ok = err < TOL
                         bad += not ok
                         print(f"{'ok  ' if ok else 'FAIL'} {line}", flush=True)
-    finally:
-        tuning.FORCE = None
     print("word tiles: all match float64" if not bad else f"word tiles: {bad} FAILED their float64 check")
     return 1 if bad else 0
 

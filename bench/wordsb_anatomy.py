@@ -23,7 +23,6 @@ operand through shared memory costs (README's "GEMM kernels" quotes a run).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -198,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+        from server_shim.quant.linear import load_kernels
+
+        load_kernels(torch.device("cpu"))  # the interpreter on, triton.language rebuilt for it
     elif not torch.cuda.is_available() or torch.version.hip:
         # its planes are inline PTX (the shim's own on NVIDIA); AMD runs the plain-Triton planes
         print(

@@ -902,3 +902,20 @@ def test_one_token_entry_points_refuse_bad_input() -> None:
         K.fp8_block_gemm_dynamic(x, bf8, bs, block=48, out_dtype=torch.float32)
     with pytest.raises(QuantConfigError, match="b must be a 2-D tensor"):
         K.fp8_block_gemm_dynamic(x, b8, bs, block=64, out_dtype=torch.float32)
+
+
+def test_pinned_sets_force_and_restores_what_was_there_even_on_error(monkeypatch) -> None:
+    """tuning.pinned: the benches' one way to run a config; it parses names, nests, and never
+    leaves a pin behind (a leaked pin would silently time every later GEMM on one config)."""
+    outer = tuning.Cfg.parse("tile:16x32x128:w4:s2:k2")
+    monkeypatch.setattr(tuning, "FORCE", outer)
+    with tuning.pinned("gemv:1x8x128:w4:s1:k2"):
+        assert tuning.FORCE is not None and tuning.FORCE.name == "gemv:1x8x128:w4:s1:k2"
+        with tuning.pinned(None):
+            assert tuning.FORCE is None
+        assert tuning.FORCE is not None and tuning.FORCE.name == "gemv:1x8x128:w4:s1:k2"
+    assert tuning.FORCE is outer
+    with pytest.raises(RuntimeError), tuning.pinned(outer):
+        tuning.FORCE = None  # whatever happens inside
+        raise RuntimeError("a GEMM failed")
+    assert tuning.FORCE is outer

@@ -31,13 +31,14 @@ DIFFTEST_TRITON_TUNE_CACHE=0 keeps the choices in memory only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +246,19 @@ TABLES = {"hopper": _HOPPER, "ampere": _AMPERE, "cdna": _CDNA}
 FORCE: Cfg | None = None
 REJECTED: list[dict] = []  # configs whose numbers disagreed with the default's (see module doc)
 CHOSEN: dict[str, dict] = {}  # key -> {"config", "us": {name: time}} for every tuned key
+
+
+@contextlib.contextmanager
+def pinned(cfg: Cfg | str | None) -> Iterator[None]:
+    """Every GEMM inside runs `cfg` (a Cfg or its name; None: the tuner's own choice), and FORCE is
+    what it was again after, also when a GEMM raises: what benches and checks that time or probe
+    one config need around each call."""
+    global FORCE
+    before, FORCE = FORCE, Cfg.parse(cfg) if isinstance(cfg, str) else cfg
+    try:
+        yield
+    finally:
+        FORCE = before
 
 
 def candidates(family: str, kind: str, m: int, n: int, k: int) -> list[Cfg]:

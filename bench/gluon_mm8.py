@@ -66,8 +66,9 @@ class _Launches:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["4096x4096x4096", "1024x4096x4096", "8192x8192x8192"])
-    ap.add_argument("--stages", type=int, nargs="+", default=[4, 5, 6])
+    ap.add_argument("--stages", type=int, nargs="+", default=[3, 4, 5])
     ap.add_argument("--group-m", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--block-n", type=int, nargs="+", default=[128, 256], choices=[128, 256])
     ap.add_argument(
         "--modes", nargs="+", default=["tensor", "row", "block"], choices=["tensor", "row", "block"]
     )
@@ -103,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             base_out = base().clone()
             t_base = bench(base)
             rows = [(f"{TMAP[mode].name} (Triton)", t_base, rel_err(base_out, ref), "")]
-            for stages, gm in itertools.product(args.stages, args.group_m):
-                cfg = tuning.Cfg("wsp", 128, 128, 128, 4, stages, 1, gm)
+            for bn, stages, gm in itertools.product(args.block_n, args.stages, args.group_m):
+                if (bn == 256 and (mode == "block" or stages > 4)) or (bn == 128 and stages > 6):
+                    continue  # block mode runs 128 columns (_fastpath); 256 columns fit 4 stages
+                cfg = tuning.Cfg("wsp", 128, bn, 128, 4, stages, 1, gm)
                 run = pinned(cfg, a, sa, b, sb, mode)
                 before = launches.n
                 out = run().clone()

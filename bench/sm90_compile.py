@@ -318,6 +318,8 @@ def main() -> int:
                     continue
                 if "fp16" in label and cfg.path not in _fastpath.WORD_PATHS:
                     continue  # fp16 x changes only the word tiles' code (their PTX)
+                if cfg.path == "wsp":
+                    cfg = _fastpath.wsp_tile(cfg, fixed["A_MODE"] == 2)
                 fn, consts = kernel_and_consts(k, kind, cfg, fixed, m)
                 if fn is None:
                     continue
@@ -332,8 +334,8 @@ def main() -> int:
                 options = None
                 if cfg.path == "wsp":  # Gluon descriptors carry their shared-memory layout
                     scalars = {
-                        "a_desc": _gluon_mm8.descriptor_type("a"),
-                        "b_desc": _gluon_mm8.descriptor_type("b"),
+                        "a_desc": _gluon_mm8.descriptor_type("a", cfg.bn),
+                        "b_desc": _gluon_mm8.descriptor_type("b", cfg.bn),
                     }
                     options = {"maxnreg": _gluon_mm8.MAXNREG}
                 if cfg.path in ("tma", "tmap"):  # the descriptors' types: element type and block shape

@@ -179,6 +179,12 @@ def _wsp_ok(a: torch.Tensor, out: torch.Tensor, *, blocked: bool, group: int, ac
     )
 
 
+def wsp_tile(cfg: tuning.Cfg, blocked: bool) -> tuning.Cfg:
+    """A "wsp" config as it runs: block mode on 128 columns (with two 128-column pieces its scaled
+    adds need more registers than a consumer has, and ptxas spills inside the K loop)."""
+    return replace(cfg, bn=min(cfg.bn, 128)) if blocked else cfg
+
+
 def _launch_mm8(k: SimpleNamespace, grid: tuple[int, int], cfg: tuning.Cfg, a: torch.Tensor, b: torch.Tensor,
                 out: torch.Tensor, ws: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                 bias: torch.Tensor | None, M: int, N: int, K: int, kper: int, sa: tuple[int, int],
@@ -204,6 +210,8 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     blocked = 2 in (am, bmode)
 
     def tiles(cfg: tuning.Cfg) -> tuning.Cfg:  # block mode: one K tile inside one scale group
+        if cfg.path == "wsp":
+            return wsp_tile(cfg, blocked)
         return replace(cfg, bk=min(cfg.bk, group)) if blocked else cfg
 
     lag_ok = _lag_ok(acc_int, fast_acc, decode)
@@ -226,7 +234,7 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
             if wsp_ok:
                 _gluon_mm8.mm8_wsp(a, b, a_scale, b_scale, out, bias, sa, sb, am=am, bmode=bmode,
                                    programs=_programs(_device_key(out.device)), group_m=cfg.group_m,
-                                   stages=cfg.stages)  # fmt: skip
+                                   stages=cfg.stages, block_n=cfg.bn)  # fmt: skip
                 return out
             # pinned or stored where Gluon cannot run: the same sums in plain Triton
             cfg = replace(cfg, path="tmap")

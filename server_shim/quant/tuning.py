@@ -75,10 +75,9 @@ class Cfg:
     split; only where the operands are 16-byte aligned native 8-bit, else it runs as "tile"); "tmap":
     "tma" as a persistent grid (a program per multiprocessor) storing its tiles by descriptor too
     ("tma" where out's rows are not 16-byte aligned); "wsp": the warp-specialized Gluon kernel of
-    quant/_gluon_mm8.py (fp8 with exact accumulation on sm90; its tile is fixed at 128 x 128 x 128
-    with 4 warps per consumer, so only stages and group_m vary; "tmap" where it cannot run);
-    "quant2": for a one-token 8-bit GEMM whose activation can be quantized inside the GEMV, the
-    act-quant kernel and the GEMM instead."""
+    quant/_gluon_mm8.py (fp8 with exact accumulation on sm90; 128 rows, 128 or 256 columns, K steps of
+    128, 4 warps per consumer; "tmap" where it cannot run); "quant2": for a one-token 8-bit GEMM whose
+    activation can be quantized inside the GEMV, the act-quant kernel and the GEMM instead."""
 
     path: str
     bm: int
@@ -177,10 +176,8 @@ _HOPPER = {
         + _t("tma", (256, 128, 128, 8, 3, 1, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
              (128, 256, 128, 8, 3), (128, 128, 128, 8, 5), (64, 128, 128, 4, 3, 1, 16))
         + _t("tmap", (256, 128, 128, 8, 3, 1, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4))
-        # warp-specialized Gluon (sm90): on an H200 (2026-12-04, bench/gluon_mm8.py) 5 stages was its best at
-        # 4096^3 and 1024 x 4096^2 (tensor 990 / 1043 TFLOP/s), 6 with group 16 at 8192^3 (1055), 4 for block
-        + _t("wsp", (128, 128, 128, 4, 5), (128, 128, 128, 4, 4), (128, 128, 128, 4, 6, 1, 16),
-             (128, 128, 128, 4, 4, 1, 16)),
+        + _t("wsp", (128, 256, 128, 4, 4), (128, 256, 128, 4, 3), (128, 256, 128, 4, 4, 1, 16),
+             (128, 128, 128, 4, 5), (128, 128, 128, 4, 6, 1, 16)),
     },
     "wonly": {
         # M <= 16: the word tiles and the self-reducing fused tiles. On an H200 (2026-12-04, every

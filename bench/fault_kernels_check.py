@@ -52,6 +52,7 @@ CONFIGS_8BIT = (
     (256, "tma:64x128x128:w4:s4:k1"),
     (256, "tmap:128x128x128:w8:s4:k1"),
     (256, "wsp:128x128x128:w4:s4:k1"),  # Gluon on sm90 (fp8 with exact accumulation), else it runs as "tmap"
+    (256, "wsp:128x256x128:w4:s4:k1"),  # its 256-column tile (block scales run it on 128 columns)
 )
 CPU_CONFIGS_4BIT = ((1, "gemvf:1x1x256:w2:s1:k1"), (3, "wordsk:16x32x128:w2:s4:k2"))
 CPU_CONFIGS_8BIT = ((1, "gemv:1x8x128:w4:s1:k2"), (3, "tile:16x32x128:w4:s2:k2"))

@@ -66,7 +66,7 @@ class _Launches:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["4096x4096x4096", "1024x4096x4096", "8192x8192x8192"])
-    ap.add_argument("--stages", type=int, nargs="+", default=[3, 4, 5])
+    ap.add_argument("--stages", type=int, nargs="+", default=[4, 5, 6])
     ap.add_argument("--group-m", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--block-n", type=int, nargs="+", default=[128, 256], choices=[128, 256])
     ap.add_argument(

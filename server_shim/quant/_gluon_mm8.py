@@ -46,13 +46,12 @@ except Exception:  # noqa: BLE001 -- any import failure means "no Gluon path"
     IMPORTED = False
 
 
-HALF_M = 64  # rows per consumer warpgroup: its acc, partial and lagged partial take 3 x 64 registers
+HALF_M = 64  # rows per consumer warpgroup: 2 accumulators + 1 partial at 256 columns, 3 x 64 registers
 BLOCK_M = 2 * HALF_M
-SUB_N = 128  # columns per MMA group: a 64 x 128 fp32 partial is 64 registers per thread
-BLOCK_NS = (128, 256)  # the tile widths: one or two 128-column pieces per consumer
+SUB_N = 128  # columns per MMA group (one or two a tile): a 64 x 128 fp32 partial, 64 registers a thread
 BLOCK_K = 128  # one promotion interval: a fresh partial per K step
 # registers per thread at launch: 3 warpgroups (2 consumers + the TMA warp's) x 128 threads x 168 fit
-# the 64 K register file; setmaxnreg then gives the consumers 232 and the TMA warp 40
+# the 64 K register file; setmaxnreg then gives the consumers 240 and the TMA warp's group 24
 MAXNREG = 168
 
 
@@ -201,8 +200,10 @@ if IMPORTED:
     def _mm8_wsp_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, scm, scn, sas0, sas1, sbs0,
                         sbs1, PROGRAMS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                         A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
-        """C = (A * sa) @ (B * sb)^T for fp8 A [M, K], B [N, K], tensor or row scales: a persistent
-        grid of PROGRAMS programs, each a TMA warp and two consumer warpgroups (module docstring)."""
+        """C = (A * sa) @ (B * sb)^T for fp8 A [M, K], B [N, K], tensor, row or block scales: a
+        persistent grid of PROGRAMS programs, each a TMA warp and two consumer warpgroups (module
+        docstring). Registers: 3 warpgroups x 128 threads x MAXNREG at launch, then setmaxnreg
+        gives the consumers 240 and the TMA warp's group 24 (the same total)."""
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

@@ -440,6 +440,49 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
     assert tuner.pick("key", lambda: cands, run, tune=False) == cands[0]  # interpreter: no tuning at all
 
 
+def test_finalists_are_the_near_ties_of_the_fastest() -> None:
+    times = {"a": 10.0, "b": 10.3, "c": 10.31, "d": 9.9, "e": 20.0}
+    # fastest d = 9.9; within 3%: <= 10.197 -> d, a
+    assert tuning.finalists(times) == ["d", "a"]
+    assert tuning.finalists(times, tie=0.05) == ["d", "a", "b"]  # <= 10.395, c at 10.31 too but most=3
+    assert tuning.finalists(times, tie=0.05, most=4) == ["d", "a", "b", "c"]
+    assert tuning.finalists({"x": 1.0}) == ["x"]
+
+
+def test_near_ties_are_retimed_and_the_median_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first timing that puts a within 1% of b is not trusted: both are timed again, interleaved;
+    b wins on the medians. A config 10% slower is not re-timed at all."""
+    import triton.testing
+
+    cands = [tuning.Cfg("tile", 16, 32, 128, 4, 3), tuning.Cfg("tile", 16, 64, 128, 4, 3),
+             tuning.Cfg("tile", 16, 64, 128, 4, 4)]  # fmt: skip
+    a, b, slow = (c.name for c in cands)
+    draws = {a: [1.00, 1.20, 1.21, 1.19], b: [1.01, 1.00, 1.02, 0.99], slow: [1.10]}
+    timed: list[str] = []
+    current: list[str] = []
+
+    def run(cfg: tuning.Cfg) -> torch.Tensor:
+        current.append(cfg.name)
+        return torch.arange(4.0)
+
+    def bench(fn, **kw) -> float:  # noqa: ANN001, ANN003
+        fn()
+        timed.append(current[-1])
+        return draws[current[-1]].pop(0)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", bench)
+    monkeypatch.setattr(tuning.Tuner, "_prefix", lambda self: "dev|tv|")
+    monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", "0")
+    monkeypatch.setattr(tuning, "CHOSEN", {})
+    assert tuning.Tuner().pick("key", lambda: cands, run, tune=True) == cands[1]
+    assert timed == [a, b, slow, a, b, a, b, a, b]  # interleaved rounds of the two finalists only
+    chosen = tuning.CHOSEN["key"]
+    assert chosen["finalists"] == [a, b] and chosen["us"][a] == pytest.approx(1195.0)  # median of 4
+    assert chosen["us"][b] == pytest.approx(1005.0) and chosen["us"][slow] == pytest.approx(1100.0)
+
+
 def test_stored_choices_persist_by_default_and_stale_ones_are_retuned(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:

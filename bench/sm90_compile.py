@@ -31,7 +31,9 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server_shim.quant import _fastpath, _gluon_mm8, tuning  # noqa: E402
+import torch  # noqa: E402
+
+from server_shim.quant import _fastpath, _gluon_mm8, _gluon_w4, tuning  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
 
 ONES = {"sak", "sbk", "sxk", "swk", "scn", "sas1", "sbs1", "ssg", "szg"}  # unit strides: JIT constexprs
@@ -73,6 +75,16 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
             return None, {}
         return _gluon_mm8._mm8_wsp_kernel, dict(PROGRAMS=132, GROUP_M=cfg.group_m, STAGES=cfg.stages,
                                                 A_MODE=fixed["A_MODE"], B_MODE=fixed["B_MODE"], HAS_BIAS=False)  # fmt: skip
+    if (
+        kind == "wonly" and cfg.path == "wordsg"
+    ):  # Gluon; main() types x as int32 pairs, the zero points uint8
+        if not _gluon_w4.IMPORTED or _gluon_w4.GROUPS[fixed["FORMAT"]] != fixed["GROUP"]:
+            return None, {}
+        x = torch.float16 if fixed.get("X_DTYPE") == "fp16" else torch.bfloat16
+        return _gluon_w4._wonly_wordsg_kernel, dict(
+            FORMAT=fixed["FORMAT"], BF16=x == torch.bfloat16, HAS_BIAS=False, BLOCK_N=cfg.bn, SUB=cfg.warps,
+            PLANES=_gluon_w4.planes_source(fixed["FORMAT"], x), EVEN_K=True,
+        )  # fmt: skip
     if kind == "mm8":
         bk = min(cfg.bk, fixed["GROUP"]) if fixed["A_MODE"] == 2 else cfg.bk
         common = dict(
@@ -316,11 +328,10 @@ def main() -> int:
             for cfg in cands:
                 if args.only and cfg.path not in args.only:
                     continue
-                if "fp16" in label and cfg.path not in _fastpath.WORD_PATHS:
+                if "fp16" in label and cfg.path not in (*_fastpath.WORD_PATHS, "wordsg"):
                     continue  # fp16 x changes only the word tiles' code (their PTX)
-                if cfg.path == "wsp":
-                    cfg = _fastpath.wsp_tile(cfg, fixed["A_MODE"] == 2)
-                fn, consts = kernel_and_consts(k, kind, cfg, fixed, m)
+                x16 = {"X_DTYPE": "fp16" if "fp16" in label else "bf16"} if cfg.path == "wordsg" else {}
+                fn, consts = kernel_and_consts(k, kind, cfg, {**fixed, **x16}, m)
                 if fn is None:
                     continue
                 cptrs = ptrs  # this config's pointer types (the variant's, unless its kernel differs)
@@ -328,6 +339,14 @@ def main() -> int:
                     cptrs = {**ptrs, "w_ptr": "*i32"}
                 if cfg.path == "deqb":
                     cptrs = {**ptrs, "o_ptr": "*bf16"}
+                if cfg.path == "wordsg":  # x as int32 pairs, the words int32, int4's zero points uint8
+                    cptrs = {
+                        **ptrs,
+                        "x_ptr": "*i32",
+                        "w_ptr": "*i32",
+                        "z_ptr": "*u8",
+                        "bias_ptr": ptrs["c_ptr"],
+                    }
                 if cfg.path == "deq":
                     cptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16"}
                 scalars = None

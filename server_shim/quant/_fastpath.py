@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from server_shim.quant import _gluon_mm8, arch, tuning
+from server_shim.quant import _gluon_mm8, _gluon_w4, arch, tuning
 
 # the dequantization pass of the "deq" path: [32 rows, 256 k] per program
 _DEQ_BN, _DEQ_BK = 32, 256
@@ -44,6 +44,12 @@ def _warp_specialized_of(device_key: str) -> bool:
     """arch.warp_specialized_fp8 once per device (it reads the device's properties; every fp8 GEMM
     asks): DIFFTEST_TRITON_GLUON is read at a process's first fp8 GEMM on each device."""
     return arch.warp_specialized_fp8(device_key)
+
+
+@functools.cache
+def _gluon_mma_of(device_key: str) -> bool:
+    """arch.gluon_mma_w4 once per device (it reads the device's properties)."""
+    return arch.gluon_mma_w4(device_key)
 
 
 def _device_key(device: torch.device) -> str:
@@ -179,12 +185,6 @@ def _wsp_ok(a: torch.Tensor, out: torch.Tensor, *, blocked: bool, group: int, ac
     )
 
 
-def wsp_tile(cfg: tuning.Cfg, blocked: bool) -> tuning.Cfg:
-    """A "wsp" config as it runs: block mode on 128 columns (with two 128-column pieces its scaled
-    adds need more registers than a consumer has, and ptxas spills inside the K loop)."""
-    return replace(cfg, bn=min(cfg.bn, 128)) if blocked else cfg
-
-
 def _launch_mm8(k: SimpleNamespace, grid: tuple[int, int], cfg: tuning.Cfg, a: torch.Tensor, b: torch.Tensor,
                 out: torch.Tensor, ws: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                 bias: torch.Tensor | None, M: int, N: int, K: int, kper: int, sa: tuple[int, int],
@@ -211,7 +211,7 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
 
     def tiles(cfg: tuning.Cfg) -> tuning.Cfg:  # block mode: one K tile inside one scale group
         if cfg.path == "wsp":
-            return wsp_tile(cfg, blocked)
+            return cfg  # K steps of 128: one per scale group
         return replace(cfg, bk=min(cfg.bk, group)) if blocked else cfg
 
     lag_ok = _lag_ok(acc_int, fast_acc, decode)
@@ -385,6 +385,13 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
     sarg = (scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1))
     emulate = k.interp and x.dtype == torch.bfloat16  # only the interpreter's bf16 cast is wrong
 
+    def gluon_ok() -> bool:  # the Gluon "wordsg" kernel takes this GEMM (else it runs as "wordsb")
+        return (
+            not k.interp
+            and _gluon_mma_of(_device_key(x.device))
+            and _gluon_w4.runs(x, _words(w, K, group), zeros, fmt, group)
+        )
+
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         bias_arg = bias if bias is not None else out
         wk = w
@@ -392,6 +399,14 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             wk = _words(w, K, group)
             if wk is None:
                 wk, cfg = w, replace(cfg, path="gemvg")
+        if cfg.path == "wordsg":
+            if gluon_ok():
+                wk = _words(w, K, group)
+                _gluon_w4.wonly_wordsg(
+                    x, wk, out, scales, zeros, bias, fmt=fmt, block_n=cfg.bn, sub=cfg.warps
+                )
+                return out
+            cfg = replace(cfg, path="wordsb")  # the same sums in plain Triton
         if cfg.path in WORD_PATHS:
             wk = _words(w, K, group) if words_tile(cfg, fmt, group) else None
             if wk is None:
@@ -464,6 +479,9 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
     def cands() -> list[tuning.Cfg]:  # "words" tiles that would run as "fused" are not timed twice
         words_ok = _words(w, K, group) is not None
         fits = lambda c: c.path not in WORD_PATHS or (words_ok and words_tile(c, fmt, group))  # noqa: E731
-        return [c for c in tuning.candidates(fam, "wonly", M, N, K) if fits(c)]
+        gluon = gluon_ok()  # "wordsg" is timed only where it is not "wordsb" again
+        return [
+            c for c in tuning.candidates(fam, "wonly", M, N, K) if fits(c) and (gluon or c.path != "wordsg")
+        ]
 
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))

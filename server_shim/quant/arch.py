@@ -82,6 +82,25 @@ def _sm90_gluon(name: str) -> bool:
     return _gluon_mm8.IMPORTED
 
 
+def gluon_mma_w4(device: torch.device | str) -> bool:
+    """Whether the Gluon 4-bit GEMM for M <= 16 (quant/_gluon_w4.py: mma.sync with both operands in
+    registers, the word tiles' inline PTX) runs here: an NVIDIA GPU from sm80 (bf16 mma.sync and
+    packed bf16 fmas), never ROCm or the interpreter, and only where this triton ships Gluon.
+    DIFFTEST_TRITON_GLUON=0 turns it off, as it does "wsp": "wordsb" runs instead."""
+    if os.environ.get("DIFFTEST_TRITON_GLUON", "1") == "0" or triton_interpreting():
+        return False
+    return _gluon_mma(device_arch(device))
+
+
+@functools.cache
+def _gluon_mma(name: str) -> bool:
+    if not (name.startswith("sm") and name[2:].isdigit() and int(name[2:]) >= 80):
+        return False
+    from server_shim.quant import _gluon_w4
+
+    return _gluon_w4.IMPORTED
+
+
 def triton_available(device: torch.device | str) -> bool:
     """Triton can run here: a GPU with triton installed, or CPU with the interpreter switched on
     (TRITON_INTERPRET=1 is read when a kernel is decorated, so it must be set before import)."""

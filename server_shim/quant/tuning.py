@@ -70,7 +70,9 @@ class Cfg:
     three "gemvg" where the word view does not fit); "words": "fused" on int32 words, each nibble
     dequantized where it lies in its word (`_wonly_words_kernel`; "fused" where the word view or the
     K tile does not fit); "wordsb": "words" with a K step per warp, num_warps steps side by side as one batched dot
-    (`_wonly_wordsb_kernel`), its splits reducing themselves as "wordsk"'s;
+    (`_wonly_wordsb_kernel`), its splits reducing themselves as "wordsk"'s; "wordsg": "wordsb"'s
+    sums (16 rows, K steps of 128, no split) in the Gluon kernel of quant/_gluon_w4.py, both MMA
+    operands loaded straight into registers ("wordsb" where it cannot run);
     "fusedk" / "wordsk" / "tilek": "fused" / "words" / "tile" whose
     K splits reduce themselves (the last split to finish sums the partials in split order on a
     per-tile counter) instead of a second kernel; "lag": the fp8 tile with each K step's promoted
@@ -104,8 +106,9 @@ class Cfg:
 
     @property
     def k_steps(self) -> int:
-        """K tiles the kernel runs side by side in one loop step: "wordsb" one per warp (its SUB), else 1."""
-        return self.warps if self.path == "wordsb" else 1
+        """K tiles the kernel runs side by side in one loop step: "wordsb" / "wordsg" one per warp (their
+        SUB), else 1."""
+        return self.warps if self.path in ("wordsb", "wordsg") else 1
 
     @classmethod
     def parse(cls, name: str) -> Cfg:
@@ -119,7 +122,7 @@ class Cfg:
 
 
 PATHS = frozenset(("tile", "tilek", "lag", "tma", "tmap", "deq", "deqb", "fused", "fusedk", "words", "wordsk",
-                   "wordsb", "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "quant2", "wsp"))  # fmt: skip
+                   "wordsb", "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "quant2", "wsp", "wordsg"))  # fmt: skip
 
 M_BUCKETS = (1, 16, 32, 64, 256, 1024)  # then 4096: every larger M
 
@@ -197,7 +200,12 @@ _HOPPER = {
         # 8.3 us against 10.3 for the best "wordsk" above, mxfp4 9.3-9.5 against 11.2; 64-wide tiles, 2 or 8
         # warps and splits were all slower (10.6-21 us).
         + _t("wordsb", (16, 16, 128, 4, 3), (16, 16, 128, 4, 4), (16, 16, 64, 4, 3), (16, 32, 128, 4, 3))
-        + _t("fusedk", (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8), (16, 32, 256, 4, 3, 8), (16, 64, 128, 4, 4, 4)),
+        + _t("fusedk", (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8), (16, 32, 256, 4, 3, 8), (16, 64, 128, 4, 4, 4))
+        # the Gluon kernel (quant/_gluon_w4.py; only offered where it runs). On an H100 (2026-12-05,
+        # pinned, bf16 x): 1 x 4096 x 4096 int4-g128 6.4 us against 6.9 for "gemvf" (mxfp4 9.5: slower),
+        # 5 x 1000 x 4160 5.8 / 7.0 us against 7.2 / 9.1 for "wordsb", 16 x 4096 x 4096 8.5 against 8.2;
+        # eight K steps per loop step were always slower.
+        + _t("wordsg", (16, 16, 128, 4, 1), (16, 32, 128, 4, 1)),
         "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2), (64, 128, 128, 4, 3),
                   (128, 128, 128, 8, 3), (64, 64, 128, 4, 3, 4)) + _t("deq", (128, 128, 64, 4, 4), (128, 256, 64, 8, 3))
         + _t("deqb", (1, 32, 256, 4, 1), (1, 64, 128, 4, 1)) + _t("fused", (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3))

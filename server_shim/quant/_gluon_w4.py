@@ -1,0 +1,239 @@
+"""The 4-bit weight-only GEMM for decode batches (M <= 16) on NVIDIA GPUs, written in Gluon
+("wordsg" configs).
+
+Why it exists: at M <= 16 a 4-bit GEMM should be bound by reading its weights (a quarter of bf16's
+bytes), but the plain-Triton word tile ("wordsb") spent about 2.3 of its 7.8 us staging x's MMA
+operand: Triton sends a dot's operands through shared memory (an async copy, a barrier, the
+shared-memory reads), and a tile that reads x afresh every K step pays that every step (README,
+`bench/wordsb_anatomy.py`). Gluon names the layouts: here each warp loads x's K step straight
+from global memory into the registers of the MMA's B operand (mma.sync, k_width 8: 8 consecutive
+k per thread, one 16-byte load each), loads the weight words into the registers of its A
+operand, dequantizes them in place with the word tiles' inline PTX (`_fast_w4.planes_ptx`,
+`mx_planes_ptx`: q - z exact, or the e2m1 value times its power-of-two scale), and issues the next
+step's loads before this step's math. Nothing passes through shared memory but the final sum of
+the warps' partials.
+
+The sums are "wordsb"'s: SUB = num_warps consecutive K steps side by side (one per warp), int4's
+dot on the exact q - z with the row scale times each step's fp32 partial, the warps' partials
+summed once at the end. x travels as int32 pairs (carried from one step to the next as 16-bit
+values, LLVM re-packed them every step: 40 more instructions) and is split at its use.
+
+Gluon kernels do not run under the Triton interpreter: where `arch.gluon_mma_w4` says no (CPU,
+ROCm, a triton without Gluon) a pinned "wordsg" config runs as "wordsb", the same sums in plain
+Triton, and the tuner does not offer it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server_shim.quant._fast_w4 import mx_planes_ptx, planes_ptx
+
+try:  # Gluon ships with triton >= 3.5; absent (or unusable) elsewhere
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    IMPORTED = True
+except Exception:  # noqa: BLE001 -- any import failure means "no Gluon path"
+    IMPORTED = False
+
+BLOCK_K = 128  # one K step: one int4 group (GROUP 128), four mxfp4 groups (GROUP 32)
+BLOCK_M = 16  # x's rows: the MMA's N (two n8 tiles); M <= 16 only
+GROUPS = {0: 128, 1: 32}  # FORMAT -> the group size the kernel's scale indexing assumes
+
+if IMPORTED:
+    _BK = gl.constexpr(BLOCK_K)
+    _BM = gl.constexpr(BLOCK_M)
+
+    @gluon.jit
+    def _split_pairs(x, BF16: gl.constexpr):
+        """int32 pairs [SUB, BK/2, BM] -> their two 16-bit values [SUB, BK, BM] in k order."""
+        if BF16:
+            lo, hi = gl.inline_asm_elementwise(
+                "mov.b32 {$0, $1}, $2;", "=h,=h,r", [x], (gl.bfloat16,) * 2, True, 1
+            )
+        else:
+            lo, hi = gl.inline_asm_elementwise(
+                "mov.b32 {$0, $1}, $2;", "=h,=h,r", [x], (gl.float16,) * 2, True, 1
+            )
+        return gl.reshape(gl.permute(gl.join(lo, hi), (0, 1, 3, 2)), [x.shape[0], 2 * x.shape[1], x.shape[2]])
+
+    @gluon.jit
+    def _mx_factors(e, BF16: gl.constexpr):
+        """e8m0 codes -> 2**(e - 127) as `mx_planes_ptx` takes it (`_fast_w4._mx_scale_pairs`)."""
+        if BF16:
+            f1 = gl.where(e == 0, 0x40, gl.where(e == 255, 0x7FC0, e << 7))
+            f2 = gl.full(e.shape, 0x3F80, gl.int32, e.type.layout)
+        else:
+            xe = e - 127
+            a = gl.minimum(gl.maximum(xe, -14), 15)
+            b = gl.minimum(xe - a, 15)
+            f1 = (a + 15) << 10
+            f2 = gl.where(b < -24, 0, gl.where(b < -14, 1 << (b + 24), (b + 15) << 10))
+        return f1 | (f1 << 16), f2 | (f2 << 16)
+
+    @gluon.jit
+    def _planes(word, zc, PLANES: gl.constexpr, FORMAT: gl.constexpr, BF16: gl.constexpr):
+        """The 8 nibble planes of the words (int4: q - z, zc the zero points; mxfp4: the scaled
+        values, zc the e8m0 codes), by the word tiles' inline PTX."""
+        if FORMAT == 0:
+            if BF16:  # noqa: SIM108 -- -(2**7 + z) / -(2**10 + z) (`_fast_w4._int4_zero_pairs`); a constexpr branch
+                h = zc | 0xC300
+            else:
+                h = zc | 0xE400
+            nz = gl.broadcast(gl.expand_dims(h | (h << 16), 2), word)[0]
+            if BF16:
+                p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
+                    PLANES, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, nz], (gl.bfloat16,) * 8, True, 1
+                )
+            else:
+                p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
+                    PLANES, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, nz], (gl.float16,) * 8, True, 1
+                )
+        else:
+            f1, f2 = _mx_factors(zc, BF16)
+            if BF16:
+                p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
+                    PLANES, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, f1], (gl.bfloat16,) * 8, True, 1
+                )
+            else:
+                p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
+                    PLANES, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [word, f1, f2], (gl.float16,) * 8, True, 1
+                )
+        # k = 8 * word + plane (`_fast_w4._k_order`)
+        w = gl.join(gl.join(gl.join(p0, p4), gl.join(p2, p6)), gl.join(gl.join(p1, p5), gl.join(p3, p7)))
+        return gl.reshape(w, [word.shape[0], word.shape[1], 8 * word.shape[2]])
+
+    @gluon.jit
+    def _wonly_wordsg_kernel(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, sxm, swn, scm, scn, ssn, ssg,
+                             szn, szg, FORMAT: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                             BLOCK_N: gl.constexpr, SUB: gl.constexpr, PLANES: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
+        """c [M, N] = x [M, K] @ dequant(w)^T + bias for M <= 16: x as int32 pairs [M, K/2], w as int32
+        words [N, K/8] (k = 8 * word + nibble), int4 (scales fp32, zeros uint8, GROUP 128) or mxfp4
+        (e8m0 codes in s_ptr, GROUP 32). A program: BLOCK_N weight rows, SUB warps, warp i taking K steps
+        i, i + SUB, ...; the weights are the MMA's A operand (the product is c transposed)."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[SUB, 1, 1],
+                                                      instr_shape=[1, 16, 8])  # fmt: skip
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
+        b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8)
+        # the words [SUB, BN, BK/8]: thread t holds rows t/4 (+8) and words t%4 + 4c, which expanded
+        # to 8 k each are exactly a_l's elements (the convert below is checked to move nothing)
+        w_l: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [SUB, 1, 1], [2, 1, 0])
+        # x's int32 pairs [SUB, BK/2, BM]: 4 consecutive pairs (8 k) per thread, b_l's elements
+        x_l: gl.constexpr = gl.BlockedLayout([1, 4, 1], [1, 4, 8], [SUB, 1, 1], [1, 2, 0])
+        GROUP: gl.constexpr = 128 if FORMAT == 0 else 32
+        STEP: gl.constexpr = SUB * _BK
+        ws_l: gl.constexpr = gl.SliceLayout(2, w_l)
+        pid = gl.program_id(0)
+        sub_w = gl.arange(0, SUB, layout=gl.SliceLayout(1, ws_l))
+        rn_w = (pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ws_l))) % N
+        j_w = gl.arange(0, _BK // 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, w_l)))
+        kw = gl.expand_dims(gl.expand_dims(sub_w, 1), 2) * (_BK // 8) + gl.expand_dims(
+            gl.expand_dims(j_w, 0), 0
+        )
+        w_ptrs = w_ptr + gl.expand_dims(gl.expand_dims(rn_w, 0), 2) * swn + kw
+        # int4: a zero point per row and step [SUB, BN]; mxfp4: an e8m0 code per word [SUB, BN, BK/8]
+        if FORMAT == 0:
+            zg = gl.expand_dims(sub_w, 1)
+            z_ptrs = z_ptr + gl.expand_dims(rn_w, 0) * szn
+        else:
+            zg = kw // (GROUP // 8)
+            z_ptrs = s_ptr + gl.expand_dims(gl.expand_dims(rn_w, 0), 2) * ssn
+        cs_l: gl.constexpr = gl.SliceLayout(2, mma)  # the int4 row scales [SUB, BN], as the partials' rows
+        sg = gl.expand_dims(gl.arange(0, SUB, layout=gl.SliceLayout(1, cs_l)), 1)
+        s_ptrs = s_ptr + gl.expand_dims((pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, cs_l))) % N,
+                                        0) * ssn  # fmt: skip
+        xs_l: gl.constexpr = gl.SliceLayout(2, x_l)
+        sub_x = gl.arange(0, SUB, layout=gl.SliceLayout(1, xs_l))
+        k_x = gl.expand_dims(sub_x, 1) * (_BK // 2) + gl.expand_dims(
+            gl.arange(0, _BK // 2, layout=gl.SliceLayout(0, xs_l)), 0
+        )
+        m_x = gl.arange(0, _BM, layout=gl.SliceLayout(0, gl.SliceLayout(0, x_l)))
+        x_ptrs = x_ptr + gl.expand_dims(gl.expand_dims(m_x, 0), 0) * sxm + gl.expand_dims(k_x, 2)
+        x_rows = gl.expand_dims(gl.expand_dims(m_x < M, 0), 0)
+        k_x = gl.expand_dims(k_x, 2)
+        last_g = (K - 1) // GROUP
+        # step 0's operands; in the loop, step i + 1's are issued before step i's math. Past K (the
+        # last step's tail) x and the words read 0, the scales their last group: they add nothing
+        word = gl.load(w_ptrs, mask=kw < K // 8, other=0)
+        x = gl.load(x_ptrs, mask=x_rows & (k_x < K // 2), other=0)
+        zc = gl.load(z_ptrs + gl.minimum(zg, last_g) * (szg if FORMAT == 0 else ssg)).to(gl.int32)
+        sc = gl.load(s_ptrs + gl.minimum(sg, last_g) * ssg)
+        zero = gl.zeros([SUB, BLOCK_N, _BM], gl.float32, mma)
+        acc = gl.zeros([SUB, BLOCK_N, _BM], gl.float32, mma)
+        for k0 in range(0, K, STEP):
+            kn = k0 + STEP  # the next step: past K on the last (masked, clamped: nothing read past the ends)
+            if EVEN_K:  # K a multiple of STEP: only the last step's prefetch lies past K, all of it
+                more = kn < K
+                word_n = gl.load(w_ptrs + kn // 8, mask=more, other=0)
+                x_n = gl.load(x_ptrs + kn // 2, mask=x_rows & more, other=0)
+            else:
+                word_n = gl.load(w_ptrs + kn // 8, mask=kw + kn // 8 < K // 8, other=0)
+                x_n = gl.load(x_ptrs + kn // 2, mask=x_rows & (k_x + kn // 2 < K // 2), other=0)
+            zc_n = gl.load(z_ptrs + gl.minimum(zg + kn // GROUP, last_g) * (szg if FORMAT == 0 else ssg)).to(
+                gl.int32
+            )
+            sc_n = gl.load(s_ptrs + gl.minimum(sg + kn // GROUP, last_g) * ssg)
+            w = gl.convert_layout(_planes(word, zc, PLANES, FORMAT, BF16), a_l, assert_trivial=True)
+            xb = gl.convert_layout(_split_pairs(x, BF16), b_l, assert_trivial=True)
+            part = mma_v2(w, xb, zero)
+            if (
+                FORMAT == 0
+            ):  # the step's dot ran on the exact q - z: its row scale multiplies the fp32 partial
+                acc += part * gl.expand_dims(sc, 2)
+            else:
+                acc += part
+            word = word_n
+            x = x_n
+            zc = zc_n
+            sc = sc_n
+        out = gl.sum(acc, axis=0)  # [BN, BM]: c transposed
+        o_l: gl.constexpr = gl.SliceLayout(0, mma)
+        offs_n = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, o_l))
+        offs_m = gl.arange(0, _BM, layout=gl.SliceLayout(0, o_l))
+        if HAS_BIAS:
+            out += gl.expand_dims(gl.load(bias_ptr + offs_n % N).to(gl.float32), 1)
+        mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
+        ptrs = c_ptr + gl.expand_dims(offs_m, 0) * scm + gl.expand_dims(offs_n, 1) * scn
+        gl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def runs(x: torch.Tensor, words: torch.Tensor | None, zeros: torch.Tensor, fmt: int, group: int) -> bool:
+    """Whether `wordsg` takes this GEMM: the caller has the device's say (`arch.gluon_mma_w4`); here
+    the operands: 16-bit x with rows of whole int32 pairs, at most 16 rows, the int32 word view of
+    the weights, int4's zero points as uint8 (their bits enter the PTX), and the group the kernel's
+    scale indexing assumes."""
+    return (
+        IMPORTED
+        and words is not None
+        and (fmt == 1 or zeros.dtype == torch.uint8)
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.shape[0] <= BLOCK_M
+        and x.stride(1) == 1
+        and x.shape[1] % 2 == 0
+        and x.stride(0) % 2 == 0
+        and x.data_ptr() % 4 == 0
+        and GROUPS.get(fmt) == group
+    )
+
+
+def planes_source(fmt: int, dtype: torch.dtype) -> str:
+    """The inline PTX the kernel's planes take (a constexpr: one compile per format and dtype)."""
+    bf16 = dtype == torch.bfloat16
+    return planes_ptx(bf16) if fmt == 0 else mx_planes_ptx(bf16)
+
+
+def wonly_wordsg(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, bias: torch.Tensor | None, *, fmt: int, block_n: int,
+                 sub: int) -> None:  # fmt: skip
+    """out = x @ dequant(words)^T + bias with the Gluon kernel (`runs` has said yes)."""
+    (M, K), N = x.shape, words.shape[0]
+    xi = x.view(torch.int32)  # [M, K/2] pairs (`runs`: rows of whole pairs, 4-byte aligned)
+    _wonly_wordsg_kernel[(-(-N // block_n),)](
+        xi, words, out, scales, zeros, bias if bias is not None else out, M, N, K, x.stride(0) // 2,
+        words.stride(0), out.stride(0), out.stride(1), scales.stride(0), scales.stride(1), zeros.stride(0),
+        zeros.stride(1), FORMAT=fmt, BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, SUB=sub, PLANES=planes_source(fmt, x.dtype), EVEN_K=K % (sub * BLOCK_K) == 0,
+        num_warps=sub,
+    )  # fmt: skip

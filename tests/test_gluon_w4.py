@@ -1,0 +1,111 @@
+"""The Gluon 4-bit GEMM for M <= 16 ("wordsg", quant/_gluon_w4.py), which the interpreter cannot run.
+
+What CI can check without a GPU: where it may run (an NVIDIA GPU from sm80 with Gluon, never the
+interpreter or ROCm); which operands it takes; that a pinned "wordsg" config elsewhere runs the
+plain-Triton "wordsb" kernel -- the same sums -- and matches float64; and that every candidate
+compiles for sm90 without spills in the loop. On a GPU, bench/wonly_sweep.py and bench/gemm.py
+check it against float64 before timing it, and the tuner checks it against its list's first config.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any triton import (see tests/test_kernels.py)
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from test_kernels_fast import _spy_on, rel  # noqa: E402
+
+from server_shim.quant import _gluon_w4, arch, tuning  # noqa: E402
+from server_shim.quant import formats as F  # noqa: E402
+from server_shim.quant import kernels as K  # noqa: E402
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+WORDSG = tuning.Cfg("wordsg", 16, 16, 128, 4, 1)
+
+
+def test_it_runs_only_on_nvidia_sm80_and_later_with_gluon(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("sm80", "sm89", "sm90", "sm100"):
+        assert arch._gluon_mma(name) is _gluon_w4.IMPORTED, name
+    for name in ("sm75", "sm70", "gfx942", "gfx950", "cpu"):
+        assert not arch._gluon_mma(name), name
+    monkeypatch.setattr(arch, "device_arch", lambda device: "sm90")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert arch.gluon_mma_w4("cuda") is _gluon_w4.IMPORTED
+    monkeypatch.setenv("DIFFTEST_TRITON_GLUON", "0")  # the switch back to "wordsb" (and "tmap" for "wsp")
+    assert not arch.gluon_mma_w4("cuda")
+    monkeypatch.setenv("DIFFTEST_TRITON_GLUON", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not arch.gluon_mma_w4("cuda")
+
+
+def test_it_takes_only_operands_it_can_read() -> None:
+    """16-bit x of at most 16 rows made of whole int32 pairs, the words' view, uint8 zero points
+    for int4, and the group its scale indexing assumes (int4 128, mxfp4 32)."""
+    x = torch.zeros(16, 256, dtype=torch.bfloat16)
+    words = torch.zeros(8, 32, dtype=torch.int32)
+    z8 = torch.zeros(8, 2, dtype=torch.uint8)
+    if not _gluon_w4.IMPORTED:
+        assert not _gluon_w4.runs(x, words, z8, 0, 128)
+        pytest.skip("this triton has no Gluon")
+    assert _gluon_w4.runs(x, words, z8, 0, 128) and _gluon_w4.runs(x.half(), words, z8, 1, 32)
+    assert not _gluon_w4.runs(torch.zeros(17, 256, dtype=torch.bfloat16), words, z8, 0, 128)  # 17 rows
+    assert not _gluon_w4.runs(x.float(), words, z8, 0, 128)  # fp32 x: no 16-bit MMA operand
+    assert not _gluon_w4.runs(x, None, z8, 0, 128)  # no word view (K % 8, unaligned rows)
+    assert not _gluon_w4.runs(x, words, z8.float(), 0, 128)  # float zero points
+    assert _gluon_w4.runs(x, words, z8.float(), 1, 32)  # (mxfp4 has none)
+    assert not _gluon_w4.runs(x, words, z8, 0, 64) and not _gluon_w4.runs(x, words, z8, 1, 128)
+    odd = torch.zeros(16, 257, dtype=torch.bfloat16)
+    assert not _gluon_w4.runs(odd[:, 1:], words, z8, 0, 128)  # rows of 257: not whole pairs, unaligned
+    assert not _gluon_w4.runs(x.t().contiguous().t(), words, z8, 0, 128)  # column-major x
+
+
+@pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
+def test_pinned_where_gluon_cannot_run_it_is_wordsb(
+    force, monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    """Under the interpreter a pinned (or stored) "wordsg" config launches "wordsb" with its tile
+    (16 rows, K steps of 128, a step per warp) and matches float64: M = 5, N = 40 (a partial row
+    tile), K = 640 (one step of four warps past K), bias."""
+    force(WORDSG)
+    spies = _spy_on(monkeypatch, "wonly_wordsb", "wonly_words", "wonly_fused")
+    g = torch.Generator().manual_seed(11)
+    M, N, Kd = 5, 40, 640
+    x = torch.randn(M, Kd, generator=g).to(torch.bfloat16)
+    qw = F.quantize_weight(torch.randn(N, Kd, generator=g) * 0.02, scheme)
+    bias = torch.randn(N, generator=g)
+    scales = F.logical_scales(qw)
+    if scheme == "int4-g128":
+        out = K.int4_gemm(x, qw.data, scales, qw.zeros, out_dtype=torch.float32, bias=bias)
+    else:
+        out = K.mxfp4_gemm(x, qw.data, scales, out_dtype=torch.float32, bias=bias)
+    assert {n: s.launches for n, s in spies.items()} == {
+        "wonly_wordsb": 1,
+        "wonly_words": 0,
+        "wonly_fused": 0,
+    }
+    ref = x.double() @ F.dequantize(qw).double().T + bias.double()
+    assert rel(out, ref) < 1e-6
+
+
+@pytest.mark.skipif(not _gluon_w4.IMPORTED, reason="this triton has no Gluon")
+def test_it_compiles_for_sm90_without_spills() -> None:
+    """Every Hopper "wordsg" candidate, int4-g128 and mxfp4 with bf16 and fp16 x, compiled for sm90
+    by this machine's triton and ptxas (the layout conversions it asserts trivial included)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "bench/sm90_compile.py", "--m", "16", "--only", "wordsg"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    rows = [line for line in r.stdout.splitlines() if " wordsg:" in line]
+    listed = sum(c.path == "wordsg" for c in tuning.candidates("hopper", "wonly", 16, 4096, 4096))
+    assert r.returncode == 0 and listed and len(rows) == 4 * listed, r.stdout[-2000:] + r.stderr[-2000:]
+    for row in rows:
+        assert row.startswith("ok"), row
+        if "no ptxas" not in row:
+            assert "spill 0 B" in row, row

@@ -307,7 +307,7 @@ def main() -> int:
         "--only",
         nargs="+",
         default=None,
-        help="only these config paths (tile lag tma tmap gemv gemvg gemvw gemvx gemvr fused fusedk words wordsk tilek deq deqb)",
+        help="only these config paths (tile lag tma tmap wsp gemv gemvg gemvw gemvx gemvr gemvf fused fusedk words wordsk wordsb wordsg tilek deq deqb)",
     )
     ap.add_argument(
         "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm, rotary)"

@@ -2,6 +2,7 @@
 
     python bench/wonly_sweep.py [--m 16 32 64] [--n 4096] [--k 4096] [--paths words wordsk fused]
     python bench/wonly_sweep.py --m 16 --configs wordsk:16x64x128:w4:s4:k4 --ncu   # one launch per config
+    python bench/wonly_sweep.py --m 1 16 --cold       # every weight read from HBM, not from L2
     python bench/wonly_sweep.py --device cpu          # the checks at small sizes, Triton interpreter
 
 For each M and scheme (int4-g128, mxfp4; bf16 activations, or --dtype fp16) the candidates quant/tuning.py lists for
@@ -12,6 +13,12 @@ a floor: reading the packed weight once with as many programs as it takes (HBM a
 `bench/gemm.py` times only the tuner's winner per shape; this shows the whole field, which is what
 README's GEMM section quotes for the 4-bit tiles. --ncu runs each config a few times untimed, for
 `ncu -k regex:wonly python bench/wonly_sweep.py --ncu ...`.
+
+--cold: replaying one GEMM keeps its weight in the GPU's L2 (50 MB on an H100 / H200: a bf16
+4096 x 4096 weight is 32 MiB), which is not the decode step it stands for, where every layer's
+weights are evicted by the other layers' before they come round again. With --cold each timed
+callable runs the GEMM once on each of enough copies of the weight (scales and zero points too)
+to span four times the L2, in one CUDA graph, and the time per GEMM is the graph's over the copies.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="the activations' dtype")
     p.add_argument("--ncu", action="store_true", help="no timing: each config a few launches, for a profiler")
+    p.add_argument("--cold", action="store_true",
+                   help="time with the weights read from HBM: copies spanning 4x the L2, taken in turn")  # fmt: skip
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: check the configs at 8 x 64 x 256 under the Triton interpreter, no timing")  # fmt: skip
     return p.parse_args(argv)
@@ -55,6 +64,38 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def _time_us(fn: Callable[[], object]) -> float:
     return C.time_ms(fn) * 1000.0
+
+
+def copies_for(nbytes: int, l2_bytes: int, span: int = 4) -> int:
+    """How many copies of an operand of `nbytes` take more than `span` L2s together (at least 2), so
+    that by the time one comes round again the others have pushed it out of the L2."""
+    return max(2, span * l2_bytes // max(nbytes, 1) + 1)
+
+
+def l2_bytes(dev: torch.device) -> int:
+    """The GPU's L2 size (torch's device properties; 64 MiB where they do not say)."""
+    return int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 64 << 20)
+
+
+def in_turn(fn: Callable[..., object], operands: list[tuple]) -> Callable[[], object]:
+    """A callable that runs fn once on each operand tuple, in order: timed as one CUDA graph and
+    divided by len(operands), each call's weight comes from HBM (see --cold)."""
+
+    def run() -> object:
+        out = None
+        for ops in operands:
+            out = fn(*ops)
+        return out
+
+    return run
+
+
+def _copies(tensors: tuple[torch.Tensor, ...], cold: bool) -> list[tuple[torch.Tensor, ...]]:
+    """`tensors` alone, or with --cold as many copies as take 4x the L2 (the first the originals)."""
+    if not cold:
+        return [tensors]
+    n = copies_for(sum(t.numel() * t.element_size() for t in tensors), l2_bytes(tensors[0].device))
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
 
 tl: Any = None  # triton.language, bound by _floor_us (triton must load after TRITON_INTERPRET is set)
@@ -69,7 +110,7 @@ def _read_words(p, o, n, BLOCK: tl.constexpr):
     tl.store(o + pid, tl.sum(acc))
 
 
-def _floor_us(packed: torch.Tensor) -> float:
+def _floor_us(packed: torch.Tensor, cold: bool = False) -> float:
     """Reading the packed weight once (HBM's share of any 4-bit GEMM of it), the best of three grids."""
     global tl
     import triton
@@ -77,11 +118,13 @@ def _floor_us(packed: torch.Tensor) -> float:
 
     tl = triton.language
     read = triton.jit(_read_words)
-    words = packed.reshape(-1).view(torch.int32)
+    words = _copies((packed.reshape(-1).view(torch.int32),), cold)
     sink = torch.empty(1024, dtype=torch.int32, device=packed.device)
-    return min(
-        _time_us(lambda p=p: read[(p,)](words, sink, words.numel(), BLOCK=1024)) for p in (264, 528, 1024)
-    )
+
+    def once(p: int) -> Callable[[], object]:
+        return in_turn(lambda w: read[(p,)](w, sink, w.numel(), BLOCK=1024), words)
+
+    return min(_time_us(once(p)) for p in (264, 528, 1024)) / len(words)
 
 
 def sweep(
@@ -93,6 +136,7 @@ def sweep(
     dev: torch.device,
     timed: bool,
     dtype: torch.dtype = torch.bfloat16,
+    cold: bool = False,
 ) -> list[dict]:
     """One row per config: its error against float64 and, when timed, its median µs."""
     from server_shim.quant import formats as F
@@ -103,9 +147,13 @@ def sweep(
     qw = F.quantize_weight(torch.randn(N, Kd, device=dev, generator=g) * 0.02, scheme)
     ref = x.double() @ F.dequantize(qw).to(dtype).double().T
     if scheme == "int4-g128":
-        fn = lambda: K.int4_gemm(x, qw.data, qw.scales, qw.zeros, out_dtype=dtype)  # noqa: E731
+        gemm = lambda d, s, z: K.int4_gemm(x, d, s, z, out_dtype=dtype)  # noqa: E731
+        weights = _copies((qw.data, qw.scales, qw.zeros), cold and timed)
     else:
-        fn = lambda: K.mxfp4_gemm(x, qw.data, qw.scales, out_dtype=dtype)  # noqa: E731
+        gemm = lambda d, s: K.mxfp4_gemm(x, d, s, out_dtype=dtype)  # noqa: E731
+        weights = _copies((qw.data, qw.scales), cold and timed)
+    fn = lambda: gemm(*weights[0])  # noqa: E731
+    every = in_turn(gemm, weights)  # the copies in turn (one call where not --cold)
     rows = []
     for name in names:
         with tuning.pinned(name):
@@ -119,7 +167,7 @@ def sweep(
                 "us": None,
             }
             if timed and row["ok"]:
-                row["us"] = _time_us(fn)
+                row["us"] = _time_us(every) / len(weights)
             elif dev.type == "cuda":  # --ncu: a few plain launches for the profiler to catch
                 for _ in range(3):
                     fn()
@@ -167,10 +215,13 @@ def main(argv: list[str] | None = None) -> int:
             a = torch.randn(M, Kd, device=dev, generator=g).to(dtype)
             b = torch.randn(N, Kd, device=dev, generator=g).to(dtype)
             packed = torch.randint(0, 255, (N, -(-Kd // 8) * 4), device=dev, dtype=torch.uint8, generator=g)
-            print(f"{M}x{N}x{Kd}: torch {args.dtype} {_time_us(lambda a=a, b=b: a @ b.T):.2f} us, "
-                  f"read of the packed weight {_floor_us(packed):.2f} us", flush=True)  # fmt: skip
+            bs = _copies((b,), args.cold)
+            dense = _time_us(in_turn(lambda w, a=a: a @ w.T, bs)) / len(bs)
+            where = f", weights from HBM ({len(bs)} dense copies)" if args.cold else ""
+            print(f"{M}x{N}x{Kd}: torch {args.dtype} {dense:.2f} us, "
+                  f"read of the packed weight {_floor_us(packed, args.cold):.2f} us{where}", flush=True)  # fmt: skip
         for scheme in args.schemes:
-            rows = sweep(M, N, Kd, scheme, names[(M, N, Kd)], dev, timed, dtype)
+            rows = sweep(M, N, Kd, scheme, names[(M, N, Kd)], dev, timed, dtype, args.cold)
             rows.sort(key=lambda r: (not r["ok"], r["us"] if r["us"] is not None else 0.0))
             for r in rows:
                 us = f"{r['us']:8.2f} us" if r["us"] is not None else "       -   "

@@ -298,6 +298,10 @@ def rotary_variants() -> list[tuple[str, dict, dict, set]]:
     return out
 
 
+# configs in no tuner list that can still be pinned (bench/wonly_sweep.py --configs): compiled as well
+PINNED_ONLY = {"wonly": (tuning.Cfg("wordsg", 16, 16, 128, 4, 1), tuning.Cfg("wordsg", 16, 32, 128, 4, 1))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -325,6 +329,7 @@ def main() -> int:
     for label, kind, ptrs, fixed in VARIANTS:
         for m in args.m:
             cands = tuning.candidates("hopper", kind, m, 4096, 4096)
+            cands += [c for c in PINNED_ONLY.get(kind, ()) if m <= c.bm]
             for cfg in cands:
                 if args.only and cfg.path not in args.only:
                     continue

@@ -200,12 +200,10 @@ _HOPPER = {
         # 8.3 us against 10.3 for the best "wordsk" above, mxfp4 9.3-9.5 against 11.2; 64-wide tiles, 2 or 8
         # warps and splits were all slower (10.6-21 us).
         + _t("wordsb", (16, 16, 128, 4, 3), (16, 16, 128, 4, 4), (16, 16, 64, 4, 3), (16, 32, 128, 4, 3))
-        + _t("fusedk", (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8), (16, 32, 256, 4, 3, 8), (16, 64, 128, 4, 4, 4))
-        # the Gluon kernel (quant/_gluon_w4.py; only offered where it runs). On an H100 (2026-12-05,
-        # pinned, bf16 x): 1 x 4096 x 4096 int4-g128 6.4 us against 6.9 for "gemvf" (mxfp4 9.5: slower),
-        # 5 x 1000 x 4160 5.8 / 7.0 us against 7.2 / 9.1 for "wordsb", 16 x 4096 x 4096 8.5 against 8.2;
-        # eight K steps per loop step were always slower.
-        + _t("wordsg", (16, 16, 128, 4, 1), (16, 32, 128, 4, 1)),
+        + _t("fusedk", (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8), (16, 32, 256, 4, 3, 8), (16, 64, 128, 4, 4, 4)),
+        # Not "wordsg" (quant/_gluon_w4.py, pinned only): with the weight in L2 it won int4-g128 at
+        # M = 1 (H100, 2026-12-05: 6.26 against 6.46 us for "gemvf"), but read from HBM, as a decode
+        # step reads it, it lost everywhere (10.0 against 7.5 us; `bench/wonly_sweep.py --cold`).
         "mid": _t("tile", (64, 64, 128, 4, 3), (32, 64, 256, 4, 3, 2), (64, 128, 128, 4, 3),
                   (128, 128, 128, 8, 3), (64, 64, 128, 4, 3, 4)) + _t("deq", (128, 128, 64, 4, 4), (128, 256, 64, 8, 3))
         + _t("deqb", (1, 32, 256, 4, 1), (1, 64, 128, 4, 1)) + _t("fused", (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3))

@@ -17,7 +17,9 @@ and exits 3):
    and caches a config at the first call, which is then checked against float64 again), and the
    legacy kernels (DIFFTEST_TRITON_KERNELS=legacy) for fp8-block and int4. Medians of CUDA-graph
    replays (do_bench_cudagraph), so Python launch cost is not counted; every candidate's time per
-   tuned key is printed ("tuned ...") and kept in the JSON ("tuned").
+   tuned key is printed ("tuned ...") and kept in the JSON ("tuned"). Rows of at most 16 (decode)
+   are timed a second time with the L2 flushed before every call (`tuning.time_cold`: the weights
+   come from HBM, as in a model's decode step and in the tuner's own timing of these rows).
 Then a TFLOP/s table, ratios to bf16 and to `_scaled_mm`, the issue's targets (PASS / MISS), and
 JSON (--out). Exit status 1 if any check failed.
 """
@@ -263,6 +265,8 @@ def bench(run: Run, shapes: list[tuple[int, int, int]], dev: torch.device, args:
                 continue
             row["ms"][name] = ms
             row["tflops"][name] = 2 * M * N * Kd / ms / 1e9
+            if M <= tuning.COLD_ROWS:  # decode: also with the weights read from HBM, as the tuner times it
+                row.setdefault("cold_ms", {})[name] = tuning.time_cold(fn)
         for name, grp in (("quant per-token", None), ("quant 1x128", 128)):
             row["ms"][name] = C.time_ms(lambda grp=grp, x=c.x: K.quantize_act_fp8(x, group=grp, fp8_dtype=FN))
         print(f"{M}x{N}x{Kd}: " + ", ".join(f"{k} {v:.1f}" for k, v in row["tflops"].items()), flush=True)
@@ -292,6 +296,23 @@ def markdown(rows: list[dict]) -> str:
         cells = [_fmt(_ratio(r, n, "torch bf16")) for n in tri]
         cells += [_fmt(_ratio(r, "triton fp8 tensor", "_scaled_mm tensor")),
                   _fmt(_ratio(r, "triton fp8 row", "_scaled_mm row"))]  # fmt: skip
+        lines.append(f"| {r['M']} | {r['N']} | {r['K']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cold_markdown(rows: list[dict]) -> str:
+    """The decode rows timed with the L2 flushed before every call (weights from HBM): µs, and the
+    ratio to torch bf16 timed the same way."""
+    rows = [r for r in rows if r.get("cold_ms")]
+    if not rows:
+        return ""
+    names = [n for n in rows[0]["cold_ms"] if n.startswith(("torch bf16", "_scaled_mm", "triton"))]
+    lines = ["Weights from HBM (L2 flushed before every call; µs, x = speed vs torch bf16 timed the same way)",
+             "", "| M | N | K | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]  # fmt: skip
+    for r in rows:
+        cold = r["cold_ms"]
+        cells = [f"{cold[n] * 1e3:.2f} ({_fmt(cold.get('torch bf16', 0) / cold[n])})" if n in cold else "n/a"
+                 for n in names]  # fmt: skip
         lines.append(f"| {r['M']} | {r['N']} | {r['K']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -411,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuned {key}: {v['config']} (us, fastest first: {timed})")
     run.data["tuned"] = tuning.CHOSEN  # every timed candidate per key, for the next round of tile lists
     table = markdown(run.data["rows"])
-    print(f"\n## GEMM benchmark on {name}\n\n{table}\n")
+    print(f"\n## GEMM benchmark on {name}\n\n{table}\n\n{cold_markdown(run.data['rows'])}\n")
     run.data["targets"] = targets(run.data["rows"])
     for t in run.data["targets"]:
         print(f"target {t['shape']:>14} {t['what']:<44} >= {t['goal']:.2f}x: {_fmt(t['ratio'])} "

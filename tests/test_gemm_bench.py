@@ -15,3 +15,21 @@ def test_gemm_bench_checks_pass_on_cpu() -> None:
     for kind in ("bit-exact", "fp8 block, swapped strides", "fp8 row", "e4m3fnuz (normalized)", "int8,"):
         assert any(kind in line for line in checks), kind
     assert r.stdout.rstrip().endswith("all checks passed (no timing on CPU)")
+
+
+def test_the_hbm_table_divides_by_bf16_timed_the_same_way(monkeypatch) -> None:  # noqa: ANN001
+    """bf16 10 µs and int4 5 µs from HBM: 2.00x; a row without cold timings is left out."""
+    import importlib.util
+
+    from bench_scripts import ROOT
+
+    monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", "0")
+    spec = importlib.util.spec_from_file_location("gemm_bench", ROOT / "bench" / "gemm.py")
+    gemm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gemm)
+    rows = [{"M": 16, "N": 64, "K": 32, "cold_ms": {"torch bf16": 0.010, "triton int4-g128": 0.005}},
+            {"M": 4096, "N": 64, "K": 32, "ms": {}}]  # fmt: skip
+    table = gemm.cold_markdown(rows).splitlines()
+    assert table[-1] == "| 16 | 64 | 32 | 10.00 (1.00x) | 5.00 (2.00x) |"
+    assert not any(line.startswith("| 4096") for line in table)
+    assert gemm.cold_markdown(rows[1:]) == ""

@@ -483,6 +483,37 @@ def test_near_ties_are_retimed_and_the_median_decides(monkeypatch: pytest.Monkey
     assert chosen["us"][b] == pytest.approx(1005.0) and chosen["us"][slow] == pytest.approx(1100.0)
 
 
+def test_the_flush_spans_four_l2s_and_at_least_512_mib() -> None:
+    mib = 1 << 20
+    assert tuning.flush_bytes(50 * mib) == 512 * mib  # H100 / H200: 4 x 50 = 200 MiB, the floor wins
+    assert tuning.flush_bytes(192 * mib) == 768 * mib  # a 192 MiB L2: 4 x 192
+
+
+def test_decode_gemms_are_timed_with_the_weights_from_hbm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to COLD_ROWS rows the tuner times with the L2 flushed (`time_cold`), above them from
+    CUDA-graph replays (`_time`); CHOSEN says which."""
+    cands = [tuning.Cfg("tile", 16, 32, 128, 4, 3), tuning.Cfg("tile", 16, 64, 128, 4, 3)]
+    timers: list[str] = []
+    monkeypatch.setattr(tuning, "time_cold", lambda fn: timers.append("cold") or (fn(), 1.0)[1])
+    monkeypatch.setattr(tuning, "_time", lambda fn: timers.append("warm") or (fn(), 1.0)[1])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(tuning.Tuner, "_prefix", lambda self: "dev|tv|")
+    monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", "0")
+    monkeypatch.setattr(tuning, "CHOSEN", {})
+    run = lambda cfg: torch.arange(4.0)  # noqa: E731
+    for rows, timer in (
+        (1, "cold"),
+        (tuning.COLD_ROWS, "cold"),
+        (tuning.COLD_ROWS + 1, "warm"),
+        (4096, "warm"),
+    ):
+        timers.clear()
+        tuning.Tuner().pick(f"k{rows}", lambda: cands, run, tune=True, rows=rows)
+        assert timers and set(timers) == {timer}, (rows, timers)
+        assert tuning.CHOSEN[f"k{rows}"]["cold"] is (timer == "cold")
+
+
 def test_stored_choices_persist_by_default_and_stale_ones_are_retuned(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:

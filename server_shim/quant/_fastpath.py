@@ -266,7 +266,7 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
             _reduce(k, ws, out, a_scale, b_scale, bias, sa[0], sb[0], am, bmode, acc_int)
         return out
 
-    return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))
+    return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp, rows=M))
 
 
 def mm8_act(k: SimpleNamespace, x: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor,
@@ -305,7 +305,7 @@ def mm8_act(k: SimpleNamespace, x: torch.Tensor, b: torch.Tensor, out: torch.Ten
         gemvs = [replace(c, bk=group) if am == 2 else c for c in tuning.gemv_candidates("mm8")]
         return list(dict.fromkeys(gemvs)) + [tuning.QUANT2]
 
-    return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))
+    return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp, rows=M))
 
 
 def _bf16_pairs(x: torch.Tensor) -> bool:
@@ -484,4 +484,4 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             c for c in tuning.candidates(fam, "wonly", M, N, K) if fits(c) and (gluon or c.path != "wordsg")
         ]
 
-    return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp))
+    return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp, rows=M))

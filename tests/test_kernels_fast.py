@@ -705,7 +705,7 @@ def test_words_configs_are_timed_only_where_they_run(monkeypatch) -> None:
 
     listed: dict[tuple, list[tuning.Cfg]] = {}
 
-    def pick(key, candidates, run, *, tune):  # record the list; run its default on the interpreter
+    def pick(key, candidates, run, *, tune, rows):  # record the list; run its default on the interpreter
         cs = candidates()
         listed[key_of] = cs
         return cs[0]
@@ -950,7 +950,9 @@ def test_unfused_candidate_runs_the_two_kernels(monkeypatch) -> None:
     monkeypatch.setattr(
         tuning.TUNER,
         "_pick",
-        lambda key, cands, run, tune: tuning.QUANT2 if "|mm8q|" in key else real(key, cands, run, tune=tune),
+        lambda key, cands, run, tune, cold: (
+            tuning.QUANT2 if "|mm8q|" in key else real(key, cands, run, tune=tune, cold=cold)
+        ),
     )
     g = torch.Generator().manual_seed(50)
     x = torch.randn(1, 256, generator=g).to(torch.bfloat16)

@@ -287,7 +287,7 @@ def _mx_scale_pairs(e, DT: tl.constexpr):
     in both halves of an int32, as two factors whose product is the scale. bf16 holds every one in
     the first (e 0 as its subnormal, 255 as NaN; the second is 1.0, which its PTX does not read);
     fp16 needs both: 2**a with a clamped into fp16's normal range, and the rest (0 below 2**-24,
-    capped at 2**15)."""
+    capped at 2**15). `_gluon_w4._mx_factors` is its Gluon twin (a Gluon kernel cannot call it)."""
     if DT == tl.bfloat16:  # noqa: SIM300 - DT is a constexpr: its == compares dtypes
         f1 = tl.where(e == 0, 0x40, tl.where(e == 255, 0x7FC0, e << 7))
         f2 = tl.full(e.shape, 0x3F80, tl.int32)

@@ -72,11 +72,6 @@ def copies_for(nbytes: int, l2_bytes: int, span: int = 4) -> int:
     return max(2, span * l2_bytes // max(nbytes, 1) + 1)
 
 
-def l2_bytes(dev: torch.device) -> int:
-    """The GPU's L2 size (torch's device properties; 64 MiB where they do not say)."""
-    return int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 64 << 20)
-
-
 def in_turn(fn: Callable[..., object], operands: list[tuple]) -> Callable[[], object]:
     """A callable that runs fn once on each operand tuple, in order: timed as one CUDA graph and
     divided by len(operands), each call's weight comes from HBM (see --cold)."""
@@ -94,7 +89,7 @@ def _copies(tensors: tuple[torch.Tensor, ...], cold: bool) -> list[tuple[torch.T
     """`tensors` alone, or with --cold as many copies as take 4x the L2 (the first the originals)."""
     if not cold:
         return [tensors]
-    n = copies_for(sum(t.numel() * t.element_size() for t in tensors), l2_bytes(tensors[0].device))
+    n = copies_for(sum(t.numel() * t.element_size() for t in tensors), tuning.l2_bytes(tensors[0].device))
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
 

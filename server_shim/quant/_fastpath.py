@@ -385,13 +385,6 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
     sarg = (scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1))
     emulate = k.interp and x.dtype == torch.bfloat16  # only the interpreter's bf16 cast is wrong
 
-    def gluon_ok() -> bool:  # the Gluon "wordsg" kernel takes this GEMM (else it runs as "wordsb")
-        return (
-            not k.interp
-            and _gluon_mma_of(_device_key(x.device))
-            and _gluon_w4.runs(x, _words(w, K, group), zeros, fmt, group)
-        )
-
     def run(cfg: tuning.Cfg) -> torch.Tensor:
         bias_arg = bias if bias is not None else out
         wk = w
@@ -399,9 +392,13 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             wk = _words(w, K, group)
             if wk is None:
                 wk, cfg = w, replace(cfg, path="gemvg")
-        if cfg.path == "wordsg":
-            if gluon_ok():
-                wk = _words(w, K, group)
+        if cfg.path == "wordsg":  # pinned only (no tuner list has it): the Gluon kernel where it runs
+            wk = _words(w, K, group)
+            if (
+                not k.interp
+                and _gluon_mma_of(_device_key(x.device))
+                and _gluon_w4.runs(x, wk, zeros, fmt, group)
+            ):
                 _gluon_w4.wonly_wordsg(
                     x, wk, out, scales, zeros, bias, fmt=fmt, block_n=cfg.bn, sub=cfg.warps
                 )
@@ -479,9 +476,6 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
     def cands() -> list[tuning.Cfg]:  # "words" tiles that would run as "fused" are not timed twice
         words_ok = _words(w, K, group) is not None
         fits = lambda c: c.path not in WORD_PATHS or (words_ok and words_tile(c, fmt, group))  # noqa: E731
-        gluon = gluon_ok()  # "wordsg" is timed only where it is not "wordsb" again
-        return [
-            c for c in tuning.candidates(fam, "wonly", M, N, K) if fits(c) and (gluon or c.path != "wordsg")
-        ]
+        return [c for c in tuning.candidates(fam, "wonly", M, N, K) if fits(c)]
 
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp, rows=M))

@@ -20,7 +20,8 @@ values, LLVM re-packed them every step: 40 more instructions) and is split at it
 
 Gluon kernels do not run under the Triton interpreter: where `arch.gluon_mma_w4` says no (CPU,
 ROCm, a triton without Gluon) a pinned "wordsg" config runs as "wordsb", the same sums in plain
-Triton, and the tuner does not offer it.
+Triton. No tuner list offers it: with its weights read from HBM, as in a decode step, it was slower
+than "gemvf" and "wordsb" (README).
 """
 
 from __future__ import annotations

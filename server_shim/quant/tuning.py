@@ -511,6 +511,11 @@ def flush_bytes(l2_bytes: int) -> int:
     return max(4 * l2_bytes, 512 << 20)
 
 
+def l2_bytes(device: torch.device) -> int:
+    """The GPU's L2 size (torch's device properties; 64 MiB where they do not say)."""
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20)
+
+
 def time_cold(fn: Callable[[], object], reps: int = COLD_REPS) -> float:
     """Median milliseconds of fn with the L2 flushed before every call: a decode step reads each
     layer's weights once, after the other layers' weights have pushed them out of the L2, while a
@@ -518,7 +523,7 @@ def time_cold(fn: Callable[[], object], reps: int = COLD_REPS) -> float:
     The two rank configs differently: on an H100 the M = 1 int4-g128 "gemvf" tile with two rows per
     program took 6.46 us with its weight in L2 and 9.45 from HBM, against 6.52 / 7.50 for one row."""
     device = torch.device("cuda", torch.cuda.current_device())
-    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20)
+    l2 = l2_bytes(device)
     try:
         flush = torch.empty(flush_bytes(l2) // 4, dtype=torch.int32, device=device)
     except torch.cuda.OutOfMemoryError:  # a full GPU: time it replayed rather than not at all

@@ -1,6 +1,7 @@
 """The warp-specialized Gluon fp8 GEMM ("wsp") against cuBLAS and the plain-Triton "tmap" kernel.
 
     python bench/gluon_mm8.py [--shapes 4096x4096x4096 1024x4096x4096] [--stages 4 5 6] [--group-m 8 16]
+                              [--stores bulk regs]
 
 Needs an sm90 GPU with Gluon (`arch.warp_specialized_fp8`; elsewhere it says so and exits 0). Per shape and scale mode (tensor,
 row, block) every variant is first checked -- against float64 (relative error), and for tensor /
@@ -51,16 +52,18 @@ def pinned(cfg: tuning.Cfg, a, sa, b, sb, mode: str):  # noqa: ANN001, ANN201 - 
 
 class _Launches:
     """Counts launches of the Gluon kernel: a "wsp" run that fell back to "tmap" would equal it
-    trivially, so every check also asserts that the Gluon kernel ran."""
+    trivially, so every check also asserts that the Gluon kernel ran. `bulk` picks the output's
+    store (bulk tensor copies or from the registers) for the launches that follow."""
 
     def __init__(self) -> None:
         self.n = 0
+        self.bulk = True
         self._launch = _gluon_mm8.mm8_wsp
         _gluon_mm8.mm8_wsp = self
 
     def __call__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self.n += 1
-        self._launch(*args, **kwargs)
+        self._launch(*args, **kwargs, bulk_store=self.bulk)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", type=int, nargs="+", default=[4, 5, 6])
     ap.add_argument("--group-m", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--block-n", type=int, nargs="+", default=[128, 256], choices=[128, 256])
+    ap.add_argument(
+        "--stores",
+        nargs="+",
+        default=["bulk", "regs"],
+        choices=["bulk", "regs"],
+        help="the output's store: bulk tensor copies through shared memory, or from the registers",
+    )
     ap.add_argument(
         "--modes", nargs="+", default=["tensor", "row", "block"], choices=["tensor", "row", "block"]
     )
@@ -104,11 +114,18 @@ def main(argv: list[str] | None = None) -> int:
             base_out = base().clone()
             t_base = bench(base)
             rows = [(f"{TMAP[mode].name} (Triton)", t_base, rel_err(base_out, ref), "")]
-            for bn, stages, gm in itertools.product(args.block_n, args.stages, args.group_m):
+            for bn, stages, gm, store in itertools.product(
+                args.block_n, args.stages, args.group_m, args.stores
+            ):
                 if (bn == 256 and stages > 4) or (bn == 128 and stages > 6):
                     continue  # shared memory holds 4 stages of a 256-column tile, 6 of 128
                 cfg = tuning.Cfg("wsp", 128, bn, 128, 4, stages, 1, gm)
                 run = pinned(cfg, a, sa, b, sb, mode)
+                launches.bulk = store == "bulk"
+                if launches.bulk and not _gluon_mm8.out_buffers(
+                    2 if mode == "block" else 0, 2 if mode == "block" else 0, stages, bn, 2
+                ):
+                    continue  # this config stores from the registers either way
                 before = launches.n
                 out = run().clone()
                 if launches.n != before + 1:
@@ -121,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if err > 1e-2 or same == "DIFFERS":
                     fails += 1
-                rows.append((cfg.name, bench(run), err, same))
+                rows.append((f"{cfg.name} {store}", bench(run), err, same))
             goal = t["_scaled_mm " + mode] if mode != "block" else t["torch bf16"]
             against = "_scaled_mm" if mode != "block" else "bf16"
             for name, ms, err, same in rows:

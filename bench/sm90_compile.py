@@ -73,8 +73,11 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     if kind == "mm8" and cfg.path == "wsp":  # Gluon; fp8 with exact accumulation only (_fastpath._wsp_ok)
         if fixed["ACC_INT"] or not _gluon_mm8.IMPORTED:
             return None, {}
-        return _gluon_mm8._mm8_wsp_kernel, dict(PROGRAMS=132, GROUP_M=cfg.group_m, STAGES=cfg.stages,
-                                                A_MODE=fixed["A_MODE"], B_MODE=fixed["B_MODE"], HAS_BIAS=False)  # fmt: skip
+        am, bmode = fixed["A_MODE"], fixed["B_MODE"]
+        cbuf = _gluon_mm8.out_buffers(am, bmode, cfg.stages, cfg.bn, 2)  # a bf16 out, as mm8_wsp picks
+        return _gluon_mm8._mm8_wsp_kernel, dict(PROGRAMS=132, GROUP_M=cfg.group_m, STAGES=cfg.stages, A_MODE=am,
+                                                B_MODE=bmode, HAS_BIAS=False, CBUF=cbuf,
+                                                **({} if cbuf else {"c_desc": None}))  # fmt: skip
     if (
         kind == "wonly" and cfg.path == "wordsg"
     ):  # Gluon; main() types x as int32 pairs, the zero points uint8
@@ -360,6 +363,7 @@ def main() -> int:
                     scalars = {
                         "a_desc": _gluon_mm8.descriptor_type("a", cfg.bn),
                         "b_desc": _gluon_mm8.descriptor_type("b", cfg.bn),
+                        "c_desc": _gluon_mm8.descriptor_type("c", cfg.bn),  # unused where c_desc is None
                     }
                     options = {"maxnreg": _gluon_mm8.MAXNREG}
                 if cfg.path in ("tma", "tmap"):  # the descriptors' types: element type and block shape

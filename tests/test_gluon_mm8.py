@@ -116,3 +116,27 @@ def test_its_benchmark_says_it_needs_a_hopper_and_exits_0_here() -> None:
                        timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "needs an sm90 GPU" in r.stdout
+
+
+@pytest.mark.skipif(not _gluon_mm8.IMPORTED, reason="this triton has no Gluon")
+def test_the_bulk_store_takes_the_shared_memory_the_stages_leave() -> None:
+    """Output pieces (64 x 128, both consumers') staged for the bulk-copy store, worked by hand from
+    227 KiB = 232448 B less 1024 for barriers: a 128 x 256 stage is 384 x 128 = 49152 B, a 128 x 128
+    one 32768 B; the pieces of both consumers 2 x 64 x 128 x 2 B = 32768 B in bf16."""
+    ob = _gluon_mm8.out_buffers
+    assert ob(0, 0, 4, 256, 2) == 1  # 232448 - 1024 - 4 x 49152 = 34816: one piece, not two (65536)
+    assert ob(0, 0, 3, 256, 2) == 2  # 83968 left: a piece per 128 columns
+    assert ob(1, 1, 5, 128, 2) == 1  # 67584 left; a 128-column tile has one piece
+    assert ob(0, 0, 6, 128, 2) == 1  # 34816 left
+    assert ob(0, 0, 4, 256, 4) == 0  # fp32 pieces of 65536 B do not fit: stores from the registers
+    assert ob(2, 2, 3, 256, 2) == 0  # block scales on 256 columns: no registers to spare
+    assert ob(2, 2, 6, 128, 2) == 1
+
+
+def test_the_bulk_store_needs_a_row_major_aligned_float_output() -> None:
+    storable = _gluon_mm8._bulk_storable
+    assert storable(torch.zeros(64, 256, dtype=torch.bfloat16))
+    assert storable(torch.zeros(64, 256, dtype=torch.float32))
+    assert not storable(torch.zeros(256, 64, dtype=torch.bfloat16).T)  # column-major
+    assert not storable(torch.zeros(64, 9, dtype=torch.bfloat16)[:, :8])  # rows 18 B apart
+    assert not storable(torch.zeros(64, 256, dtype=torch.int32))

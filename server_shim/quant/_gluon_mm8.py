@@ -11,7 +11,7 @@ tile while the consumers finish this one.
 
 The tile is 128 x 256 or 128 x 128 (the tuner times both): a consumer walks its 64 rows in
 128-column pieces, one fp32 partial live at a time, so a 256-wide tile (the bytes per FLOP of
-cuBLAS's tiles) fits its registers, block scales included (`_scaled` says how). What it does not do, and why: a consumer cannot add step k-1's partial
+cuBLAS's tiles) fits its registers, block scales included (`_promote` says how). What it does not do, and why: a consumer cannot add step k-1's partial
 under step k's MMAs (ptxas then serializes every MMA, C7514). Measured on an H200 (README,
 `bench/gluon_mm8.py`): 0.90-0.92x `_scaled_mm` with 256 columns, against 0.83-0.87x for 128.
 
@@ -40,6 +40,8 @@ try:  # Gluon ships with triton >= 3.5; absent (or unusable) elsewhere
 
     # the bulk tensor copy global -> shared: `async_load` from triton 3.7, the old name before
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # a partition's warps (named barrier)
     IMPORTED = True
 except Exception:  # noqa: BLE001 -- any import failure means "no Gluon path"
     IMPORTED = False
@@ -101,20 +103,27 @@ if IMPORTED:
         return warpgroup_mma_wait(num_outstanding=0, deps=(part,))
 
     @gluon.jit
-    def _scaled(part, sa, sb, A_MODE: gl.constexpr, B_MODE: gl.constexpr):
-        """A block-mode partial times its K group's scales (a's per row, b's one per 128 columns)."""
+    def _promote(acc, part, sa, sb, A_MODE: gl.constexpr, B_MODE: gl.constexpr, ONE_PIECE: gl.constexpr):
+        """acc + a K step's partial, block modes times the step's scales (a's per row, b's one per
+        128 columns). Both block-scaled: in a 128-wide tile the product of the scales is formed per
+        row (two registers a thread) and the add is one FFMA a element, as in tensor mode (119
+        against 181 sm90 instructions per K step; bench/sm90_compile.py). In a 256-wide tile those
+        products of both pieces, two more registers, tip the consumer over its 240 and ptxas spills
+        ~700 B inside the K loop, so there b's scalar goes first, then a's rows (FMUL + FFMA, no
+        spill). One or two roundings of the scales' product either way: block mode is checked
+        against float64, not bit for bit against "tmap"."""
         if A_MODE == 2 and B_MODE == 2:
-            # b's scalar first, then a's row vector, with no [64] vector of products: written as
-            # `part * (sa * sb)[:, None]` both 128-column pieces' products stay live and ptxas
-            # spills ~700 B inside the K loop (0.66x bf16 at 4096^3 on an H100, against 1.21x this
-            # way; bench/gluon_mm8.py). Two fp32 roundings either way, so block mode is checked
-            # against float64 rather than bit for bit against "tmap".
-            part = (part * sb) * sa[:, None]
+            if ONE_PIECE:
+                acc = gl.fma(part, (sa * sb)[:, None], acc)
+            else:
+                acc += (part * sb) * sa[:, None]
         elif A_MODE == 2:
-            part = part * sa[:, None]
+            acc += part * sa[:, None]
         elif B_MODE == 2:
-            part = part * sb
-        return part
+            acc += part * sb
+        else:
+            acc += part
+        return acc
 
     @gluon.jit
     def _b_block_scale(bs_ptr, off_n, j: gl.constexpr, kb, N, sbs0, sbs1):
@@ -124,9 +133,14 @@ if IMPORTED:
         return gl.load(bs_ptr + nb * sbs0 + kb * sbs1)
 
     @gluon.jit
-    def _store(acc, c_ptr, as_ptr, bs_ptr, bias_ptr, offs_m, rm, off_n, M, N, scm, scn, sas0, sbs0,
-               A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
-        """The tensor (0) or row (1) scales, bias, cast and masked store of one 64 x 128 piece."""
+    def _store(acc, c_ptr, c_desc, c_buf, as_ptr, bs_ptr, bias_ptr, row0, offs_m, rm, off_n, M, N, scm, scn, sas0, sbs0,
+               A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr, CBUF: gl.constexpr):  # fmt: skip
+        """The tensor (0) or row (1) scales, bias and cast of one 64 x 128 piece, then its store:
+        with c_desc (CBUF > 0) through shared memory by one bulk tensor copy, else masked from the
+        registers. The copy takes the epilogue's addresses and bounds masks off the consumer (about
+        870 sm90 instructions a tile, 14% of a 4096^3 tile's K loop, while both consumers store and
+        the tensor cores idle) and does not wait: the buffer's previous copy (CBUF pieces ago, a
+        whole tile's K loop for CBUF = SUB) is waited for just before the buffer is written."""
         cols_l: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
         offs_n = off_n + gl.arange(0, _SUB_N_C, layout=cols_l)
         rn = offs_n % N
@@ -140,15 +154,25 @@ if IMPORTED:
             acc = acc * gl.load(bs_ptr + rn * sbs0)[None, :]
         if HAS_BIAS:
             acc += gl.load(bias_ptr + rn).to(gl.float32)[None, :]
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        gl.store(
-            c_ptr + offs_m[:, None] * scm + offs_n[None, :] * scn, acc.to(c_ptr.dtype.element_ty), mask=mask
-        )
+        if CBUF > 0:
+            tma.store_wait(CBUF - 1)  # this buffer's last copy has read it (copies complete in order)
+            _barrier()  # ... for every thread of the warpgroup, not only the one that issued it
+            c_buf.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            _barrier()
+            _tma_store(c_desc, [row0, off_n], c_buf)
+        else:
+            mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+            gl.store(
+                c_ptr + offs_m[:, None] * scm + offs_n[None, :] * scn,
+                acc.to(c_ptr.dtype.element_ty),
+                mask=mask,
+            )
 
     @gluon.jit
-    def _consumer(a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, scm, scn, sas0, sas1,
-                  sbs0, sbs1, HALF: gl.constexpr, PROGRAMS: gl.constexpr, GROUP_M: gl.constexpr,
-                  A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
+    def _consumer(a_bufs, b_bufs, ready, empty, c_ptr, c_desc, c_bufs, as_ptr, bs_ptr, bias_ptr, M, N, K, scm, scn,
+                  sas0, sas1, sbs0, sbs1, HALF: gl.constexpr, PROGRAMS: gl.constexpr, GROUP_M: gl.constexpr,
+                  A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr, CBUF: gl.constexpr):  # fmt: skip
         """One warpgroup: rows [HALF * 64, +64) of each tile, in 128-column pieces (one or two). Per
         K step and piece a fresh fp32 partial from the MMAs, waited for and added to the piece's
         accumulator (block mode: times the step's scales, loaded before the MMAs so that their
@@ -188,26 +212,31 @@ if IMPORTED:
                 part = _partial(a, b_bufs, s, 0, zero)
                 if SUB == 1:
                     mbarrier.arrive(empty.index(s), count=1)
-                acc0 += _scaled(part, sa, sb0, A_MODE, B_MODE)
+                acc0 = _promote(acc0, part, sa, sb0, A_MODE, B_MODE, SUB == 1)
                 if SUB == 2:
                     part = _partial(a, b_bufs, s, 1, zero)
                     mbarrier.arrive(empty.index(s), count=1)
-                    acc1 += _scaled(part, sa, sb1, A_MODE, B_MODE)
+                    acc1 = _promote(acc1, part, sa, sb1, A_MODE, B_MODE, False)
                 step += 1
-            _store(acc0, c_ptr, as_ptr, bs_ptr, bias_ptr, offs_m, rm, off_n, M, N, scm, scn, sas0, sbs0, A_MODE,
-                   B_MODE, HAS_BIAS)  # fmt: skip
+            row0 = off_m + HALF * _HALF_M_C
+            c_buf0 = c_bufs.index(HALF * CBUF) if CBUF > 0 else c_bufs
+            _store(acc0, c_ptr, c_desc, c_buf0, as_ptr, bs_ptr, bias_ptr, row0, offs_m, rm, off_n, M, N, scm, scn,
+                   sas0, sbs0, A_MODE, B_MODE, HAS_BIAS, CBUF)  # fmt: skip
             if SUB == 2:
-                _store(acc1, c_ptr, as_ptr, bs_ptr, bias_ptr, offs_m, rm, off_n + _SUB_N_C, M, N, scm, scn, sas0,
-                       sbs0, A_MODE, B_MODE, HAS_BIAS)  # fmt: skip
+                c_buf1 = c_bufs.index(HALF * CBUF + CBUF - 1) if CBUF > 0 else c_bufs
+                _store(acc1, c_ptr, c_desc, c_buf1, as_ptr, bs_ptr, bias_ptr, row0, offs_m, rm, off_n + _SUB_N_C,
+                       M, N, scm, scn, sas0, sbs0, A_MODE, B_MODE, HAS_BIAS, CBUF)  # fmt: skip
 
     @gluon.jit
-    def _mm8_wsp_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, scm, scn, sas0, sas1, sbs0,
-                        sbs1, PROGRAMS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                        A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
+    def _mm8_wsp_kernel(a_desc, b_desc, c_desc, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, scm, scn, sas0, sas1,
+                        sbs0, sbs1, PROGRAMS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                        A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        CBUF: gl.constexpr = 0):  # fmt: skip
         """C = (A * sa) @ (B * sb)^T for fp8 A [M, K], B [N, K], tensor, row or block scales: a
         persistent grid of PROGRAMS programs, each a TMA warp and two consumer warpgroups (module
         docstring). Registers: 3 warpgroups x 128 threads x MAXNREG at launch, then setmaxnreg
-        gives the consumers 240 and the TMA warp's group 24 (the same total)."""
+        gives the consumers 240 and the TMA warp's group 24 (the same total). CBUF > 0: c_desc is
+        the output's descriptor (64 x 128 blocks) and each consumer owns CBUF output buffers."""
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -215,14 +244,24 @@ if IMPORTED:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
+        if CBUF > 0:
+            c_bufs = gl.allocate_shared_memory(
+                c_desc.dtype, [2 * CBUF] + c_desc.block_type.shape, c_desc.layout
+            )
+        else:
+            c_bufs = a_bufs  # not used: the stores go from the registers
         fence_async_shared()
         gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, scm, scn, sas0, sas1,
-                         sbs0, sbs1, 0, PROGRAMS, GROUP_M, A_MODE, B_MODE, HAS_BIAS)),
-            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, scm, scn, sas0, sas1,
-                         sbs0, sbs1, 1, PROGRAMS, GROUP_M, A_MODE, B_MODE, HAS_BIAS)),
+            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, c_desc, c_bufs, as_ptr, bs_ptr, bias_ptr, M, N, K, scm,
+                         scn, sas0, sas1, sbs0, sbs1, 0, PROGRAMS, GROUP_M, A_MODE, B_MODE, HAS_BIAS, CBUF)),
+            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, c_desc, c_bufs, as_ptr, bs_ptr, bias_ptr, M, N, K, scm,
+                         scn, sas0, sas1, sbs0, sbs1, 1, PROGRAMS, GROUP_M, A_MODE, B_MODE, HAS_BIAS, CBUF)),
             (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, PROGRAMS, GROUP_M)),
         ], [4, 1], [240, 24])  # fmt: skip
+
+
+SMEM_BYTES = 232448  # an sm90 block's opt-in shared memory (227 KiB); the kernel runs on sm90 only
+_GL_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 @functools.cache
@@ -233,16 +272,53 @@ def _layouts(block_n: int) -> tuple:
     return a, b
 
 
+@functools.cache
+def _out_layout(dtype_name: str):  # noqa: ANN202 - a Gluon layout
+    """The shared-memory layout of one consumer's 64 x 128 output piece."""
+    return gl.NVMMASharedLayout.get_default_for([HALF_M, SUB_N], getattr(gl, _GL_DTYPES[dtype_name]))
+
+
+def out_buffers(am: int, bmode: int, stages: int, block_n: int, out_bytes: int) -> int:
+    """Output pieces a consumer stages in shared memory for the bulk-copy store: one per 128 columns
+    of the tile where they fit beside the operand stages, else one (the second piece then waits for
+    the first's copy), else 0 (stores from the registers). bf16 128 x 256 with 4 stages: 192 KiB of
+    stages + 2 x 16 KiB fit in 227 KiB, 2 x 32 KiB do not. Not for block scales on 256 columns:
+    that consumer is at its 240 registers already (`_promote`), and the store's shared-memory
+    addresses make ptxas spill 256 B in the K loop (bench/sm90_compile.py)."""
+    if am == 2 and bmode == 2 and block_n > SUB_N:
+        return 0
+    stage = (BLOCK_M + block_n) * BLOCK_K  # fp8: a byte an element
+    piece = 2 * HALF_M * SUB_N * out_bytes  # both consumers'
+    spare = SMEM_BYTES - 1024 - stages * stage  # barriers and alignment
+    for cbuf in (block_n // SUB_N, 1):
+        if cbuf * piece <= spare:
+            return cbuf
+    return 0
+
+
+def _bulk_storable(out) -> bool:  # noqa: ANN001 - a torch tensor
+    """A bulk tensor copy can write `out`: row-major, 16-byte aligned base and rows."""
+    size = out.element_size()
+    return (
+        str(out.dtype).removeprefix("torch.") in _GL_DTYPES
+        and out.stride(1) == 1
+        and (out.stride(0) * size) % 16 == 0
+        and out.data_ptr() % 16 == 0
+    )
+
+
 def descriptor_type(operand: str, block_n: int) -> str:
-    """The JIT's signature type of a's or b's descriptor, for compiling without a GPU
-    (bench/sm90_compile.py)."""
+    """The JIT's signature type of a's, b's or the bf16 output's ("c") descriptor, for compiling
+    without a GPU (bench/sm90_compile.py)."""
+    if operand == "c":
+        return f"tensordesc<bf16[{HALF_M}, {SUB_N}],{_out_layout('bfloat16')!r}>"
     a, b = _layouts(block_n)
     shape, layout = ([BLOCK_M, BLOCK_K], a) if operand == "a" else ([block_n, BLOCK_K], b)
     return f"tensordesc<fp8e4nv[{shape[0]}, {shape[1]}],{layout!r}>"
 
 
 def mm8_wsp(a, b, a_scale, b_scale, out, bias, sa: tuple[int, int], sb: tuple[int, int], *, am: int, bmode: int,
-            programs: int, group_m: int, stages: int, block_n: int) -> None:  # fmt: skip
+            programs: int, group_m: int, stages: int, block_n: int, bulk_store: bool = True) -> None:  # fmt: skip
     """out = (a * a_scale) @ (b * b_scale)^T + bias with the warp-specialized kernel.
 
     a [M, K] and b [N, K] fp8 e4m3fn, K-contiguous with 16-byte aligned rows; scale modes (am,
@@ -253,10 +329,20 @@ def mm8_wsp(a, b, a_scale, b_scale, out, bias, sa: tuple[int, int], sb: tuple[in
     a_layout, b_layout = _layouts(block_n)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K], a_layout)
     b_desc = TensorDescriptor.from_tensor(b, [block_n, BLOCK_K], b_layout)
+    cbuf = (
+        out_buffers(am, bmode, stages, block_n, out.element_size())
+        if bulk_store and _bulk_storable(out)
+        else 0
+    )
+    c_desc = None
+    if cbuf:
+        c_desc = TensorDescriptor.from_tensor(
+            out, [HALF_M, SUB_N], _out_layout(str(out.dtype).removeprefix("torch."))
+        )
     tiles = -(-m // BLOCK_M) * -(-n // block_n)
     grid = (min(programs, tiles),)  # PROGRAMS stays the device's count: one compile for every shape
     _mm8_wsp_kernel[grid](
-        a_desc, b_desc, out, a_scale, b_scale, bias if bias is not None else out, m, n, k,
+        a_desc, b_desc, c_desc, out, a_scale, b_scale, bias if bias is not None else out, m, n, k,
         out.stride(0), out.stride(1), *sa, *sb, PROGRAMS=programs, GROUP_M=group_m, STAGES=stages,
-        A_MODE=am, B_MODE=bmode, HAS_BIAS=bias is not None, num_warps=4, maxnreg=MAXNREG,
+        A_MODE=am, B_MODE=bmode, HAS_BIAS=bias is not None, CBUF=cbuf, num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip

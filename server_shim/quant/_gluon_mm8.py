@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 
+from server_shim.switches import env_switch
+
 try:  # Gluon ships with triton >= 3.5; absent (or unusable) elsewhere
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -260,6 +262,9 @@ if IMPORTED:
         ], [4, 1], [240, 24])  # fmt: skip
 
 
+# the bulk-copy store's default (DIFFTEST_TRITON_BULK_STORE overrides): off until a GPU has checked
+# it against "tmap" bit for bit (bench/gluon_mm8.py --stores bulk regs)
+BULK_STORE = False
 SMEM_BYTES = 232448  # an sm90 block's opt-in shared memory (227 KiB); the kernel runs on sm90 only
 _GL_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
@@ -318,12 +323,17 @@ def descriptor_type(operand: str, block_n: int) -> str:
 
 
 def mm8_wsp(a, b, a_scale, b_scale, out, bias, sa: tuple[int, int], sb: tuple[int, int], *, am: int, bmode: int,
-            programs: int, group_m: int, stages: int, block_n: int, bulk_store: bool = True) -> None:  # fmt: skip
+            programs: int, group_m: int, stages: int, block_n: int, bulk_store: bool | None = None) -> None:  # fmt: skip
     """out = (a * a_scale) @ (b * b_scale)^T + bias with the warp-specialized kernel.
 
     a [M, K] and b [N, K] fp8 e4m3fn, K-contiguous with 16-byte aligned rows; scale modes (am,
     bmode) 0 tensor (one element), 1 row (element i at i * stride 0), 2 block (1 x 128 groups for
-    a, 128 x 128 blocks for b); sa, sb the scales' strides; out [M, N] bf16 / fp16 / fp32."""
+    a, 128 x 128 blocks for b); sa, sb the scales' strides; out [M, N] bf16 / fp16 / fp32.
+    bulk_store: write out by bulk tensor copies where it can (`out_buffers`, `_bulk_storable`),
+    False from the registers (bench/gluon_mm8.py times both); None: DIFFTEST_TRITON_BULK_STORE,
+    unset BULK_STORE."""
+    if bulk_store is None:
+        bulk_store = env_switch("DIFFTEST_TRITON_BULK_STORE", BULK_STORE)
     m, k = a.shape
     n = b.shape[0]
     a_layout, b_layout = _layouts(block_n)

@@ -25,6 +25,7 @@ from test_kernels_fast import _spy_on, expand, fp8_data, rel  # noqa: E402
 
 from server_shim.quant import _fastpath, _gluon_mm8, arch, tuning  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
+from server_shim.switches import SwitchError  # noqa: E402
 
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,11 @@ def test_it_runs_only_on_sm90_with_gluon(monkeypatch: pytest.MonkeyPatch) -> Non
     assert arch.warp_specialized_fp8("cuda") is _gluon_mm8.IMPORTED
     monkeypatch.setenv("DIFFTEST_TRITON_GLUON", "0")  # the switch back to "tmap"
     assert not arch.warp_specialized_fp8("cuda")
+    monkeypatch.setenv("DIFFTEST_TRITON_GLUON", "off")  # read like every switch: "off" is off, not ignored
+    assert not arch.warp_specialized_fp8("cuda")
+    monkeypatch.setenv("DIFFTEST_TRITON_GLUON", "nope")
+    with pytest.raises(SwitchError, match="DIFFTEST_TRITON_GLUON"):
+        arch.warp_specialized_fp8("cuda")
     monkeypatch.undo()
     for name in ("sm80", "sm89", "sm100", "gfx942", "gfx950", "cpu"):
         assert not arch._sm90_gluon(name), name

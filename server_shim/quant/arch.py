@@ -16,6 +16,7 @@ import os
 import torch
 
 from server_shim.quant.formats import FP8_SCHEMES
+from server_shim.switches import env_switch
 
 
 def device_arch(device: torch.device | str) -> str:
@@ -68,7 +69,7 @@ def warp_specialized_fp8(device: torch.device | str) -> bool:
     tensor copies) runs here: sm90 exactly (Hopper; Blackwell's MMAs are another instruction set),
     never ROCm or the interpreter, and only where this triton ships Gluon. DIFFTEST_TRITON_GLUON=0
     turns it off (a fallback, should a triton build mis-lower it): "tmap" runs instead."""
-    if os.environ.get("DIFFTEST_TRITON_GLUON", "1") == "0":
+    if not env_switch("DIFFTEST_TRITON_GLUON", True):
         return False
     return _sm90_gluon(device_arch(device)) and not triton_interpreting()
 
@@ -87,7 +88,7 @@ def gluon_mma_w4(device: torch.device | str) -> bool:
     registers, the word tiles' inline PTX) runs here: an NVIDIA GPU from sm80 (bf16 mma.sync and
     packed bf16 fmas), never ROCm or the interpreter, and only where this triton ships Gluon.
     DIFFTEST_TRITON_GLUON=0 turns it off, as it does "wsp": "wordsb" runs instead."""
-    if os.environ.get("DIFFTEST_TRITON_GLUON", "1") == "0" or triton_interpreting():
+    if not env_switch("DIFFTEST_TRITON_GLUON", True) or triton_interpreting():
         return False
     return _gluon_mma(device_arch(device))
 

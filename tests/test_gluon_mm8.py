@@ -98,10 +98,12 @@ def test_pinned_where_gluon_cannot_run_it_is_tmap(force, monkeypatch: pytest.Mon
 
 
 @pytest.mark.skipif(not _gluon_mm8.IMPORTED, reason="this triton has no Gluon")
-def test_it_compiles_for_sm90_without_spills_or_serialized_mmas() -> None:
+@pytest.mark.parametrize("bulk_store", ["0", "1"])
+def test_it_compiles_for_sm90_without_spills_or_serialized_mmas(bulk_store: str) -> None:
     """Every "wsp" candidate, fp8 tensor and block scales, compiled for sm90 by this machine's
-    triton and ptxas: it must compile, spill nothing and keep its MMAs pipelined."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    triton and ptxas, storing from the registers and by bulk copies (DIFFTEST_TRITON_BULK_STORE):
+    it must compile, spill nothing and keep its MMAs pipelined."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DIFFTEST_TRITON_BULK_STORE": bulk_store}
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run([sys.executable, "bench/sm90_compile.py", "--m", "4096", "--only", "wsp"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)  # fmt: skip

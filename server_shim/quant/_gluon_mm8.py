@@ -228,6 +228,8 @@ if IMPORTED:
                 c_buf1 = c_bufs.index(HALF * CBUF + CBUF - 1) if CBUF > 0 else c_bufs
                 _store(acc1, c_ptr, c_desc, c_buf1, as_ptr, bs_ptr, bias_ptr, row0, offs_m, rm, off_n + _SUB_N_C,
                        M, N, scm, scn, sas0, sbs0, A_MODE, B_MODE, HAS_BIAS, CBUF)  # fmt: skip
+        if CBUF > 0:
+            tma.store_wait(0)  # the last copies read shared memory that ends with the program
 
     @gluon.jit
     def _mm8_wsp_kernel(a_desc, b_desc, c_desc, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, scm, scn, sas0, sas1,

@@ -139,9 +139,9 @@ if IMPORTED:
                A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr, CBUF: gl.constexpr):  # fmt: skip
         """The tensor (0) or row (1) scales, bias and cast of one 64 x 128 piece, then its store:
         with c_desc (CBUF > 0) through shared memory by one bulk tensor copy, else masked from the
-        registers. The copy takes the epilogue's addresses and bounds masks off the consumer (about
-        870 sm90 instructions a tile, 14% of a 4096^3 tile's K loop, while both consumers store and
-        the tensor cores idle) and does not wait: the buffer's previous copy (CBUF pieces ago, a
+        registers. The copy takes the epilogue's addresses and bounds masks off the consumer (682 ->
+        587 sm90 instructions a tile outside the K loop, whose 32 steps at 4096^3 take 6208; both
+        consumers store at once, and the tensor cores idle meanwhile) and does not wait: the buffer's previous copy (CBUF pieces ago, a
         whole tile's K loop for CBUF = SUB) is waited for just before the buffer is written."""
         cols_l: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
         offs_n = off_n + gl.arange(0, _SUB_N_C, layout=cols_l)

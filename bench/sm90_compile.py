@@ -35,7 +35,6 @@ import torch  # noqa: E402
 
 from server_shim.quant import _fastpath, _gluon_mm8, _gluon_w4, tuning  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
-from server_shim.switches import env_switch  # noqa: E402
 
 ONES = {"sak", "sbk", "sxk", "swk", "scn", "sas1", "sbs1", "ssg", "szg"}  # unit strides: JIT constexprs
 DIV16 = {"N", "K", "K_PER", "sam", "sbn", "scm", "sxm", "swn"}  # multiples of 16 at N = K = 4096
@@ -75,8 +74,7 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         if fixed["ACC_INT"] or not _gluon_mm8.IMPORTED:
             return None, {}
         am, bmode = fixed["A_MODE"], fixed["B_MODE"]
-        bulk = env_switch("DIFFTEST_TRITON_BULK_STORE", _gluon_mm8.BULK_STORE)  # as mm8_wsp reads it
-        cbuf = _gluon_mm8.out_buffers(am, bmode, cfg.stages, cfg.bn, 2) if bulk else 0  # a bf16 out
+        cbuf = _gluon_mm8.launch_buffers(am, bmode, cfg.stages, cfg.bn, 2, None)  # a bf16 out, as launched
         return _gluon_mm8._mm8_wsp_kernel, dict(PROGRAMS=132, GROUP_M=cfg.group_m, STAGES=cfg.stages, A_MODE=am,
                                                 B_MODE=bmode, HAS_BIAS=False, CBUF=cbuf,
                                                 **({} if cbuf else {"c_desc": None}))  # fmt: skip

@@ -303,6 +303,17 @@ def out_buffers(am: int, bmode: int, stages: int, block_n: int, out_bytes: int) 
     return 0
 
 
+def launch_buffers(
+    am: int, bmode: int, stages: int, block_n: int, out_bytes: int, bulk_store: bool | None
+) -> int:
+    """The CBUF a launch compiles with: `out_buffers` where the bulk store is on (bulk_store, or
+    where None DIFFTEST_TRITON_BULK_STORE, unset BULK_STORE), else 0. mm8_wsp and
+    bench/sm90_compile.py both take it from here, so the compile check covers what launches."""
+    if bulk_store is None:
+        bulk_store = env_switch("DIFFTEST_TRITON_BULK_STORE", BULK_STORE)
+    return out_buffers(am, bmode, stages, block_n, out_bytes) if bulk_store else 0
+
+
 def _bulk_storable(out) -> bool:  # noqa: ANN001 - a torch tensor
     """A bulk tensor copy can write `out`: row-major, 16-byte aligned base and rows."""
     size = out.element_size()
@@ -331,19 +342,17 @@ def mm8_wsp(a, b, a_scale, b_scale, out, bias, sa: tuple[int, int], sb: tuple[in
     a [M, K] and b [N, K] fp8 e4m3fn, K-contiguous with 16-byte aligned rows; scale modes (am,
     bmode) 0 tensor (one element), 1 row (element i at i * stride 0), 2 block (1 x 128 groups for
     a, 128 x 128 blocks for b); sa, sb the scales' strides; out [M, N] bf16 / fp16 / fp32.
-    bulk_store: write out by bulk tensor copies where it can (`out_buffers`, `_bulk_storable`),
+    bulk_store: write out by bulk tensor copies where it can (`launch_buffers`, `_bulk_storable`),
     False from the registers (bench/gluon_mm8.py times both); None: DIFFTEST_TRITON_BULK_STORE,
     unset BULK_STORE."""
-    if bulk_store is None:
-        bulk_store = env_switch("DIFFTEST_TRITON_BULK_STORE", BULK_STORE)
     m, k = a.shape
     n = b.shape[0]
     a_layout, b_layout = _layouts(block_n)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K], a_layout)
     b_desc = TensorDescriptor.from_tensor(b, [block_n, BLOCK_K], b_layout)
     cbuf = (
-        out_buffers(am, bmode, stages, block_n, out.element_size())
-        if bulk_store and _bulk_storable(out)
+        launch_buffers(am, bmode, stages, block_n, out.element_size(), bulk_store)
+        if _bulk_storable(out)
         else 0
     )
     c_desc = None

@@ -150,15 +150,16 @@ def test_the_bulk_store_needs_a_row_major_aligned_float_output() -> None:
     assert not storable(torch.zeros(64, 256, dtype=torch.int32))
 
 
-def test_the_bulk_store_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Unset, the switch leaves the default (off: not yet checked on a GPU); on, or asked for by
-    the caller, the launch stages `out_buffers` pieces; a bad value is an error, not the default."""
+def test_the_bulk_store_is_on_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, the switch leaves the default (on: checked bit for bit on a GPU); off, or declined by
+    the caller, the launch stages no pieces; a bad value is an error, not the default."""
     monkeypatch.delenv("DIFFTEST_TRITON_BULK_STORE", raising=False)
-    assert _gluon_mm8.launch_buffers(0, 0, 3, 256, 2, None) == (2 if _gluon_mm8.BULK_STORE else 0)
-    assert _gluon_mm8.launch_buffers(0, 0, 3, 256, 2, True) == 2
-    monkeypatch.setenv("DIFFTEST_TRITON_BULK_STORE", "on")
+    assert _gluon_mm8.BULK_STORE is True
     assert _gluon_mm8.launch_buffers(0, 0, 3, 256, 2, None) == 2
     assert _gluon_mm8.launch_buffers(0, 0, 3, 256, 2, False) == 0
+    monkeypatch.setenv("DIFFTEST_TRITON_BULK_STORE", "off")
+    assert _gluon_mm8.launch_buffers(0, 0, 3, 256, 2, None) == 0
+    assert _gluon_mm8.launch_buffers(0, 0, 3, 256, 2, True) == 2
     monkeypatch.setenv("DIFFTEST_TRITON_BULK_STORE", "maybe")
     with pytest.raises(SwitchError, match="DIFFTEST_TRITON_BULK_STORE"):
         _gluon_mm8.launch_buffers(0, 0, 3, 256, 2, None)

@@ -264,9 +264,10 @@ if IMPORTED:
         ], [4, 1], [240, 24])  # fmt: skip
 
 
-# the bulk-copy store's default (DIFFTEST_TRITON_BULK_STORE overrides): off until a GPU has checked
-# it against "tmap" bit for bit (bench/gluon_mm8.py --stores bulk regs)
-BULK_STORE = False
+# the bulk-copy store's default (DIFFTEST_TRITON_BULK_STORE=0 turns it off): on since an H100 checked
+# every tensor-scale variant bit for bit against "tmap" and block scales against float64, and timed
+# it 1.19-1.21x the register store (bench/gluon_mm8.py --stores bulk regs, 2026-12-05; README)
+BULK_STORE = True
 SMEM_BYTES = 232448  # an sm90 block's opt-in shared memory (227 KiB); the kernel runs on sm90 only
 _GL_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 

@@ -504,10 +504,9 @@ def _time(fn: Callable[[], object]) -> float:
 
 def flush_bytes(l2_bytes: int) -> int:
     """The L2 flush's size: four times the L2 and at least 512 MiB (twice an MI300's 256 MB Infinity
-    Cache, which torch does not report as L2), so that writing it evicts every line of the weights
-    and takes long enough (~0.2 ms) for the timed call's Python launch (tens of us) to finish while
-    it runs: the GPU then meets the start event, the kernel(s) and the end event back to back, and
-    the time between them is the kernels' alone."""
+    Cache, which torch does not report as L2), so that reading it evicts every line of the weights
+    and takes long enough (~0.2 ms) for the timed call's launch to be queued while it runs: the GPU
+    then meets the start event, the kernel(s) and the end event back to back."""
     return max(4 * l2_bytes, 512 << 20)
 
 
@@ -516,29 +515,60 @@ def l2_bytes(device: torch.device) -> int:
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20)
 
 
+def graphed(fn: Callable[[], object]) -> Callable[[], object] | None:
+    """fn captured in a CUDA graph (its replay), or None where fn cannot be captured: a replay
+    queues the kernels alone, with none of the Python that launched them (dispatch, Triton's
+    launcher, the activation's quantization call), which is what a served step replays too."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: allocations and first-call work
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - any capture failure: the caller times fn eagerly
+        logger.info("graph capture failed (%s): timing eagerly", str(e).splitlines()[0:1])
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+
+
 def time_cold(fn: Callable[[], object], reps: int = COLD_REPS) -> float:
     """Median milliseconds of fn with the L2 flushed before every call: a decode step reads each
     layer's weights once, after the other layers' weights have pushed them out of the L2, while a
     replayed GEMM finds its weight there (a bf16 4096 x 4096 weight is 32 MiB, an H100's L2 50 MB).
     The two rank configs differently: on an H100 the M = 1 int4-g128 "gemvf" tile with two rows per
-    program took 6.46 us with its weight in L2 and 9.45 from HBM, against 6.52 / 7.50 for one row."""
+    program took 6.46 us with its weight in L2 and 9.45 from HBM, against 6.52 / 7.50 for one row.
+
+    fn runs as a CUDA-graph replay (`graphed`), and the flush reads a buffer rather than writing
+    one. Timed eagerly, with the flush written (until 2026-12-05), fp8 block scales at M = 16 took
+    58 us where the same kernel replays in 9 and bf16 23 where weight copies read in turn in one
+    graph (bench/wonly_sweep.py --cold) took 16.8 (H100): the first were Python launch gaps inside
+    the timed span, the second, we believe, the flush's dirty lines, which the timed kernel's reads
+    then had to write back. A decode step's L2 holds the previous layers' weights: clean lines."""
     device = torch.device("cuda", torch.cuda.current_device())
     l2 = l2_bytes(device)
     try:
-        flush = torch.empty(flush_bytes(l2) // 4, dtype=torch.int32, device=device)
+        flush = torch.ones(flush_bytes(l2) // 4, dtype=torch.int32, device=device)
     except torch.cuda.OutOfMemoryError:  # a full GPU: time it replayed rather than not at all
         logger.warning(
             "no memory for the L2 flush (%d MiB): timing a decode GEMM replayed", flush_bytes(l2) >> 20
         )
         return _time(fn)
+    sink = torch.empty((), dtype=torch.int64, device=device)
+    call = graphed(fn) or fn
     for _ in range(3):
-        fn()
+        call()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends, strict=True):
-        flush.zero_()
+        torch.sum(flush, 0, dtype=torch.int64, out=sink)  # reads: leaves the L2 full of clean lines
         start.record()
-        fn()
+        call()
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))

@@ -19,6 +19,8 @@ README's GEMM section quotes for the 4-bit tiles. --ncu runs each config a few t
 weights are evicted by the other layers' before they come round again. With --cold each timed
 callable runs the GEMM once on each of enough copies of the weight (scales and zero points too)
 to span four times the L2, in one CUDA graph, and the time per GEMM is the graph's over the copies.
+`--cold --cold-timer flush` times each one instead as the tuner does (`tuning.time_cold`: one
+weight, the L2 flushed by a read before every call): the two methods side by side.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ncu", action="store_true", help="no timing: each config a few launches, for a profiler")
     p.add_argument("--cold", action="store_true",
                    help="time with the weights read from HBM: copies spanning 4x the L2, taken in turn")  # fmt: skip
+    p.add_argument("--cold-timer", choices=("copies", "flush"), default="copies",
+                   help="with --cold: weight copies in turn (default), or the tuner's flushed timing")  # fmt: skip
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: check the configs at 8 x 64 x 256 under the Triton interpreter, no timing")  # fmt: skip
     return p.parse_args(argv)
@@ -132,6 +136,7 @@ def sweep(
     timed: bool,
     dtype: torch.dtype = torch.bfloat16,
     cold: bool = False,
+    flush: bool = False,
 ) -> list[dict]:
     """One row per config: its error against float64 and, when timed, its median µs."""
     from server_shim.quant import formats as F
@@ -143,10 +148,10 @@ def sweep(
     ref = x.double() @ F.dequantize(qw).to(dtype).double().T
     if scheme == "int4-g128":
         gemm = lambda d, s, z: K.int4_gemm(x, d, s, z, out_dtype=dtype)  # noqa: E731
-        weights = _copies((qw.data, qw.scales, qw.zeros), cold and timed)
+        weights = _copies((qw.data, qw.scales, qw.zeros), cold and timed and not flush)
     else:
         gemm = lambda d, s: K.mxfp4_gemm(x, d, s, out_dtype=dtype)  # noqa: E731
-        weights = _copies((qw.data, qw.scales), cold and timed)
+        weights = _copies((qw.data, qw.scales), cold and timed and not flush)
     fn = lambda: gemm(*weights[0])  # noqa: E731
     every = in_turn(gemm, weights)  # the copies in turn (one call where not --cold)
     rows = []
@@ -161,7 +166,9 @@ def sweep(
                 "ok": err < C.tol(f"triton {scheme}"),
                 "us": None,
             }
-            if timed and row["ok"]:
+            if timed and row["ok"] and flush:
+                row["us"] = tuning.time_cold(fn) * 1000.0
+            elif timed and row["ok"]:
                 row["us"] = _time_us(every) / len(weights)
             elif dev.type == "cuda":  # --ncu: a few plain launches for the profiler to catch
                 for _ in range(3):
@@ -210,13 +217,19 @@ def main(argv: list[str] | None = None) -> int:
             a = torch.randn(M, Kd, device=dev, generator=g).to(dtype)
             b = torch.randn(N, Kd, device=dev, generator=g).to(dtype)
             packed = torch.randint(0, 255, (N, -(-Kd // 8) * 4), device=dev, dtype=torch.uint8, generator=g)
-            bs = _copies((b,), args.cold)
-            dense = _time_us(in_turn(lambda w, a=a: a @ w.T, bs)) / len(bs)
+            flush = args.cold and args.cold_timer == "flush"
+            bs = _copies((b,), args.cold and not flush)
+            if flush:
+                dense = tuning.time_cold(lambda a=a, b=b: a @ b.T) * 1000.0
+            else:
+                dense = _time_us(in_turn(lambda w, a=a: a @ w.T, bs)) / len(bs)
             where = f", weights from HBM ({len(bs)} dense copies)" if args.cold else ""
+            where = ", weights from HBM (flushed L2, the tuner's timing)" if flush else where
             print(f"{M}x{N}x{Kd}: torch {args.dtype} {dense:.2f} us, "
                   f"read of the packed weight {_floor_us(packed, args.cold):.2f} us{where}", flush=True)  # fmt: skip
         for scheme in args.schemes:
-            rows = sweep(M, N, Kd, scheme, names[(M, N, Kd)], dev, timed, dtype, args.cold)
+            rows = sweep(M, N, Kd, scheme, names[(M, N, Kd)], dev, timed, dtype, args.cold,
+                         args.cold and args.cold_timer == "flush")  # fmt: skip
             rows.sort(key=lambda r: (not r["ok"], r["us"] if r["us"] is not None else 0.0))
             for r in rows:
                 us = f"{r['us']:8.2f} us" if r["us"] is not None else "       -   "

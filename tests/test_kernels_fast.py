@@ -489,6 +489,20 @@ def test_the_flush_spans_four_l2s_and_at_least_512_mib() -> None:
     assert tuning.flush_bytes(192 * mib) == 768 * mib  # a 192 MiB L2: 4 x 192
 
 
+def test_a_wsp_config_run_as_tmap_keeps_the_stages_that_fit() -> None:
+    """Where Gluon cannot run (int8, or off sm90) a pinned "wsp" config runs as "tmap", which also
+    stages its whole output tile in shared memory. By hand, bf16 out, 227 KiB less 2 KiB:
+    128 x 256: (232448 - 2048 - 65536) // 49152 = 3 stages (4 took 263 200 B on an H100);
+    128 x 128: (232448 - 2048 - 32768) // 32768 = 6; fp32 out halves the 128 x 256 room: 2."""
+    from server_shim.quant._fastpath import tmap_stages
+
+    assert tmap_stages(tuning.Cfg.parse("wsp:128x256x128:w4:s4:k1"), 2) == 3
+    assert tmap_stages(tuning.Cfg.parse("wsp:128x256x128:w4:s3:k1"), 2) == 3
+    assert tmap_stages(tuning.Cfg.parse("wsp:128x128x128:w4:s6:k1:g16"), 2) == 6
+    assert tmap_stages(tuning.Cfg.parse("wsp:128x128x128:w4:s6:k1"), 4) == 5
+    assert tmap_stages(tuning.Cfg.parse("wsp:128x256x128:w4:s4:k1"), 4) == 2
+
+
 def test_decode_gemms_are_timed_with_the_weights_from_hbm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Up to COLD_ROWS rows the tuner times with the L2 flushed (`time_cold`), above them from
     CUDA-graph replays (`_time`); CHOSEN says which."""

@@ -201,6 +201,16 @@ def _launch_mm8(k: SimpleNamespace, grid: tuple[int, int], cfg: tuning.Cfg, a: t
     )  # fmt: skip
 
 
+def tmap_stages(cfg: tuning.Cfg, out_bytes: int) -> int:
+    """Stages of a "wsp" config run as plain-Triton "tmap" (pinned where Gluon cannot run), at most
+    as many as fit in an sm90 block's shared memory beside Triton's epilogue buffer: "wsp" stores
+    from its consumers' registers, "tmap" stages the whole tile (an H100 refused int8's
+    128 x 256 x 128 with 4 stages: 263 200 B of 232 448). At least 2, the pipeline's minimum."""
+    per_stage = (cfg.bm + cfg.bn) * cfg.bk  # 8-bit operands: a byte an element
+    room = _gluon_mm8.SMEM_BYTES - 2048 - cfg.bm * cfg.bn * out_bytes  # 2 KiB: barriers, alignment
+    return max(2, min(cfg.stages, room // per_stage))
+
+
 def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor,
         b_scale: torch.Tensor, bias: torch.Tensor | None, sa: tuple[int, int], sb: tuple[int, int], *,
         am: int, bmode: int, group: int, acc_int: bool, decode: int, fast_acc: bool) -> torch.Tensor:  # fmt: skip
@@ -236,8 +246,9 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                                    programs=_programs(_device_key(out.device)), group_m=cfg.group_m,
                                    stages=cfg.stages, block_n=cfg.bn)  # fmt: skip
                 return out
-            # pinned or stored where Gluon cannot run: the same sums in plain Triton
-            cfg = replace(cfg, path="tmap")
+            # pinned or stored where Gluon cannot run: the same sums in plain Triton, in as many
+            # stages as its shared memory holds (stages change no sum)
+            cfg = replace(cfg, path="tmap", stages=tmap_stages(cfg, out.element_size()))
         if cfg.path == "tmap" and not tmap_ok:  # out's rows cannot take a descriptor store
             cfg = replace(cfg, path="tma")
         if cfg.path in ("tma", "tmap"):

@@ -537,6 +537,30 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object] | None:
     return graph.replay
 
 
+def _cold_in_one_graph(fn: Callable[[], object], flush: torch.Tensor, sink: torch.Tensor, reps: int) -> float:
+    """`time_cold`'s timing with the reps in one CUDA graph, each a flush, a start event, fn and an
+    end event (events recorded as graph nodes: torch's `external` events): nothing between the
+    events but fn's kernels, as in a decode step's graph, where the kernels run back to back."""
+    starts = [torch.cuda.Event(enable_timing=True, external=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True, external=True) for _ in range(reps)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for start, end in zip(starts, ends, strict=True):
+            torch.sum(flush, 0, dtype=torch.int64, out=sink)
+            start.record()
+            fn()
+            end.record()
+    graph.replay()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+
+
 def time_cold(fn: Callable[[], object], reps: int = COLD_REPS) -> float:
     """Median milliseconds of fn with the L2 flushed before every call: a decode step reads each
     layer's weights once, after the other layers' weights have pushed them out of the L2, while a
@@ -544,12 +568,13 @@ def time_cold(fn: Callable[[], object], reps: int = COLD_REPS) -> float:
     The two rank configs differently: on an H100 the M = 1 int4-g128 "gemvf" tile with two rows per
     program took 6.46 us with its weight in L2 and 9.45 from HBM, against 6.52 / 7.50 for one row.
 
-    fn runs as a CUDA-graph replay (`graphed`), and the flush reads a buffer rather than writing
-    one. Timed eagerly, with the flush written (until 2026-12-05), fp8 block scales at M = 16 took
-    58 us where the same kernel replays in 9 and bf16 23 where weight copies read in turn in one
-    graph (bench/wonly_sweep.py --cold) took 16.8 (H100): the first were Python launch gaps inside
-    the timed span, the second, we believe, the flush's dirty lines, which the timed kernel's reads
-    then had to write back. A decode step's L2 holds the previous layers' weights: clean lines."""
+    The flush reads a buffer (a decode step's L2 holds the previous layers' weights: clean lines,
+    not the dirty ones a written flush leaves for the timed kernel to write back), and fn runs
+    inside a CUDA graph, all reps in one (`_cold_in_one_graph`) where this torch records events in
+    graphs, else a replay per rep (`graphed`), else eagerly. Timed eagerly after a written flush
+    (until 2026-12-05) the numbers carried Python launch gaps: on an H100 fp8 block scales at
+    M = 16 took 58 us where the tuner's own flushed timing of the kernel gave 19, and bf16 23 us
+    where weight copies read in turn in one graph (bench/wonly_sweep.py --cold) took 16.9."""
     device = torch.device("cuda", torch.cuda.current_device())
     l2 = l2_bytes(device)
     try:
@@ -560,6 +585,11 @@ def time_cold(fn: Callable[[], object], reps: int = COLD_REPS) -> float:
         )
         return _time(fn)
     sink = torch.empty((), dtype=torch.int64, device=device)
+    try:
+        return _cold_in_one_graph(fn, flush, sink, reps)
+    except Exception as e:  # noqa: BLE001 - no events in graphs here, or fn not capturable
+        logger.info("one-graph cold timing failed (%s): a replay per call", str(e).splitlines()[0:1])
+        torch.cuda.synchronize()
     call = graphed(fn) or fn
     for _ in range(3):
         call()

@@ -4,7 +4,12 @@ run from a shell without TRITON_INTERPRET as a user runs it."""
 
 from __future__ import annotations
 
-from bench_scripts import run_cpu
+import subprocess
+import sys
+
+import pytest
+import torch
+from bench_scripts import ROOT, run_cpu
 
 
 def test_gemm_bench_checks_pass_on_cpu() -> None:
@@ -33,3 +38,14 @@ def test_the_hbm_table_divides_by_bf16_timed_the_same_way(monkeypatch) -> None: 
     assert table[-1] == "| 16 | 64 | 32 | 10.00 (1.00x) | 5.00 (2.00x) |"
     assert not any(line.startswith("| 4096") for line in table)
     assert gemm.cold_markdown(rows[1:]) == ""
+
+
+def test_cold_timing_says_it_needs_a_gpu_and_exits_0_without_one() -> None:
+    """bench/cold_timing.py on a machine without a GPU: one line, exit status 0 (like gluon_mm8)."""
+    root = ROOT
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the script would time")
+    done = subprocess.run([sys.executable, str(root / "bench" / "cold_timing.py")], cwd=root,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "needs a CUDA or ROCm GPU" in done.stdout

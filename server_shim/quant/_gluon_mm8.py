@@ -13,7 +13,9 @@ The tile is 128 x 256 or 128 x 128 (the tuner times both): a consumer walks its 
 128-column pieces, one fp32 partial live at a time, so a 256-wide tile (the bytes per FLOP of
 cuBLAS's tiles) fits its registers, block scales included (`_promote` says how). What it does not do, and why: a consumer cannot add step k-1's partial
 under step k's MMAs (ptxas then serializes every MMA, C7514). Measured on an H200 (README,
-`bench/gluon_mm8.py`): 0.90-0.92x `_scaled_mm` with 256 columns, against 0.83-0.87x for 128.
+`bench/gluon_mm8.py`): 0.90-0.92x `_scaled_mm` with 256 columns, against 0.83-0.87x for 128,
+storing from the registers; 1.05-1.07x (H100) since the output goes through shared memory by bulk
+tensor copies (`_store`).
 
 The sums are those of `_mm8_tma_kernel` promoting every 128 of K (a fresh partial per K step,
 added in fp32 in K order): the outputs are bitwise equal, which bench/gluon_mm8.py checks before
@@ -266,7 +268,7 @@ if IMPORTED:
 
 # the bulk-copy store's default (DIFFTEST_TRITON_BULK_STORE=0 turns it off): on since an H100 checked
 # every tensor-scale variant bit for bit against "tmap" and block scales against float64, and timed
-# it 1.19-1.21x the register store (bench/gluon_mm8.py --stores bulk regs, 2026-12-05; README)
+# it 1.14-1.23x the register store (bench/gluon_mm8.py --stores bulk regs, 2026-12-05; README)
 BULK_STORE = True
 SMEM_BYTES = 232448  # an sm90 block's opt-in shared memory (227 KiB); the kernel runs on sm90 only
 _GL_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}

@@ -11,7 +11,6 @@ what `time_cold` uses where torch can). README's "Decode with the weights read f
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,16 +25,7 @@ REPS = tuning.COLD_REPS
 
 
 def _loop_us(call: Callable[[], object], flush: Callable[[], object]) -> float:
-    """Median µs of call between two events, flush() queued before each."""
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(REPS)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(REPS)]
-    for start, end in zip(starts, ends, strict=True):
-        flush()
-        start.record()
-        call()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) * 1e3
+    return tuning.flushed_median_ms(call, flush, REPS) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -593,10 +593,17 @@ def time_cold(fn: Callable[[], object], reps: int = COLD_REPS) -> float:
     call = graphed(fn) or fn
     for _ in range(3):
         call()
+    # reads: leave the L2 full of clean lines
+    return flushed_median_ms(call, lambda: torch.sum(flush, 0, dtype=torch.int64, out=sink), reps)
+
+
+def flushed_median_ms(call: Callable[[], object], flush: Callable[[], object], reps: int) -> float:
+    """Median milliseconds of call between two events, flush() queued before each: the loop of
+    `time_cold`'s fallback, and of bench/cold_timing.py's comparisons."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends, strict=True):
-        torch.sum(flush, 0, dtype=torch.int64, out=sink)  # reads: leaves the L2 full of clean lines
+        flush()
         start.record()
         call()
         end.record()

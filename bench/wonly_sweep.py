@@ -211,25 +211,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wonly_sweep: {e}", file=sys.stderr)
         return 2
     fails, dtype = 0, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    flush = args.cold and args.cold_timer == "flush"  # the tuner's timing instead of the copies
     for M, N, Kd in shapes:
         if timed:
             g = torch.Generator(device=dev).manual_seed(0)
             a = torch.randn(M, Kd, device=dev, generator=g).to(dtype)
             b = torch.randn(N, Kd, device=dev, generator=g).to(dtype)
             packed = torch.randint(0, 255, (N, -(-Kd // 8) * 4), device=dev, dtype=torch.uint8, generator=g)
-            flush = args.cold and args.cold_timer == "flush"
             bs = _copies((b,), args.cold and not flush)
             if flush:
                 dense = tuning.time_cold(lambda a=a, b=b: a @ b.T) * 1000.0
+                where = ", weights from HBM (flushed L2, the tuner's timing)"
             else:
                 dense = _time_us(in_turn(lambda w, a=a: a @ w.T, bs)) / len(bs)
-            where = f", weights from HBM ({len(bs)} dense copies)" if args.cold else ""
-            where = ", weights from HBM (flushed L2, the tuner's timing)" if flush else where
+                where = f", weights from HBM ({len(bs)} dense copies)" if args.cold else ""
             print(f"{M}x{N}x{Kd}: torch {args.dtype} {dense:.2f} us, "
                   f"read of the packed weight {_floor_us(packed, args.cold):.2f} us{where}", flush=True)  # fmt: skip
         for scheme in args.schemes:
-            rows = sweep(M, N, Kd, scheme, names[(M, N, Kd)], dev, timed, dtype, args.cold,
-                         args.cold and args.cold_timer == "flush")  # fmt: skip
+            rows = sweep(M, N, Kd, scheme, names[(M, N, Kd)], dev, timed, dtype, args.cold, flush)
             rows.sort(key=lambda r: (not r["ok"], r["us"] if r["us"] is not None else 0.0))
             for r in rows:
                 us = f"{r['us']:8.2f} us" if r["us"] is not None else "       -   "

@@ -42,10 +42,9 @@ def test_the_hbm_table_divides_by_bf16_timed_the_same_way(monkeypatch) -> None: 
 
 def test_cold_timing_says_it_needs_a_gpu_and_exits_0_without_one() -> None:
     """bench/cold_timing.py on a machine without a GPU: one line, exit status 0 (like gluon_mm8)."""
-    root = ROOT
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the script would time")
-    done = subprocess.run([sys.executable, str(root / "bench" / "cold_timing.py")], cwd=root,
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "cold_timing.py")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "needs a CUDA or ROCm GPU" in done.stdout

@@ -515,17 +515,29 @@ def l2_bytes(device: torch.device) -> int:
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20)
 
 
+def _warm_up_aside(fn: Callable[[], object]) -> None:
+    """fn twice on a side stream before a capture: its allocations and first-call work (tuning,
+    compiling) stay out of the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def read_flush(flush: torch.Tensor, sink: torch.Tensor) -> None:
+    """Flush the L2 by reading `flush` (summed into `sink`): it leaves clean lines, as a decode
+    step's other layers' weights do, not dirty ones for the timed kernel to write back."""
+    torch.sum(flush, 0, dtype=torch.int64, out=sink)
+
+
 def graphed(fn: Callable[[], object]) -> Callable[[], object] | None:
     """fn captured in a CUDA graph (its replay), or None where fn cannot be captured: a replay
     queues the kernels alone, with none of the Python that launched them (dispatch, Triton's
     launcher, the activation's quantization call), which is what a served step replays too."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: allocations and first-call work
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
+        _warm_up_aside(fn)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
@@ -543,16 +555,11 @@ def _cold_in_one_graph(fn: Callable[[], object], flush: torch.Tensor, sink: torc
     events but fn's kernels, as in a decode step's graph, where the kernels run back to back."""
     starts = [torch.cuda.Event(enable_timing=True, external=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True, external=True) for _ in range(reps)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
+    _warm_up_aside(fn)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for start, end in zip(starts, ends, strict=True):
-            torch.sum(flush, 0, dtype=torch.int64, out=sink)
+            read_flush(flush, sink)
             start.record()
             fn()
             end.record()
@@ -572,9 +579,10 @@ def time_cold(fn: Callable[[], object], reps: int = COLD_REPS) -> float:
     not the dirty ones a written flush leaves for the timed kernel to write back), and fn runs
     inside a CUDA graph, all reps in one (`_cold_in_one_graph`) where this torch records events in
     graphs, else a replay per rep (`graphed`), else eagerly. Timed eagerly after a written flush
-    (until 2026-12-05) the numbers carried Python launch gaps: on an H100 fp8 block scales at
-    M = 16 took 58 us where the tuner's own flushed timing of the kernel gave 19, and bf16 23 us
-    where weight copies read in turn in one graph (bench/wonly_sweep.py --cold) took 16.9."""
+    (until 2026-12-05) the numbers were too high: on an H100 fp8 block scales at M = 16 took 58 us
+    where the tuner's own flushed timing of the kernel gave 19, and bf16 23 us where weight copies
+    read in turn in one graph (bench/wonly_sweep.py --cold) took 16.9. Side by side
+    (bench/cold_timing.py) the written flush, not the Python launch, cost bf16 its 4 us."""
     device = torch.device("cuda", torch.cuda.current_device())
     l2 = l2_bytes(device)
     try:
@@ -593,8 +601,7 @@ def time_cold(fn: Callable[[], object], reps: int = COLD_REPS) -> float:
     call = graphed(fn) or fn
     for _ in range(3):
         call()
-    # reads: leave the L2 full of clean lines
-    return flushed_median_ms(call, lambda: torch.sum(flush, 0, dtype=torch.int64, out=sink), reps)
+    return flushed_median_ms(call, lambda: read_flush(flush, sink), reps)
 
 
 def flushed_median_ms(call: Callable[[], object], flush: Callable[[], object], reps: int) -> float:

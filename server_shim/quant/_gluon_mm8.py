@@ -137,6 +137,53 @@ if IMPORTED:
         return gl.load(bs_ptr + nb * sbs0 + kb * sbs1)
 
     @gluon.jit
+    def _step_scales(as_ptr, bs_ptr, rm, off_n, kb, N, sas0, sas1, sbs0, sbs1, A_MODE: gl.constexpr,
+                     B_MODE: gl.constexpr, SUB: gl.constexpr):  # fmt: skip
+        """K group kb's block scales: a's for this consumer's rows, b's for each 128-column piece
+        (1.0 where a mode is not block: tensor and row scales wait for the epilogue)."""
+        sa = 1.0
+        sb0 = 1.0
+        sb1 = 1.0
+        if A_MODE == 2:
+            sa = gl.load(as_ptr + rm * sas0 + kb * sas1)
+        if B_MODE == 2:
+            sb0 = _b_block_scale(bs_ptr, off_n, 0, kb, N, sbs0, sbs1)
+            if SUB == 2:
+                sb1 = _b_block_scale(bs_ptr, off_n, 1, kb, N, sbs0, sbs1)
+        return sa, sb0, sb1
+
+    @gluon.jit
+    def _k_step(a_bufs, b_bufs, ready, empty, acc0, acc1, step, k0, K, sa, sb0, sb1, as_ptr, bs_ptr, rm, off_n, N,
+                sas0, sas1, sbs0, sbs1, zero, HALF: gl.constexpr, A_MODE: gl.constexpr, B_MODE: gl.constexpr,
+                SUB: gl.constexpr):  # fmt: skip
+        """One K step of a consumer (`_consumer`) with this step's scales sa, sb0, sb1; returns the
+        accumulators and the next step's scales, loaded before this step's MMAs. Loaded in the same
+        step they are used, a's (M-contiguous: a new line each step) cost an L2 round trip, which
+        ptxas waits for before issuing the MMAs (it forms sa * sb first); the caller keeps two
+        steps' scales in registers of their own (no copies, whose waits would land mid-step)."""
+        stages: gl.constexpr = a_bufs.type.shape[0]
+        s = step % stages
+        if SUB == 1:
+            nxt = gl.minimum(k0 // _BLOCK_K_C + 1, gl.cdiv(K, _BLOCK_K_C) - 1)
+            sa_n, sb0_n, sb1_n = _step_scales(as_ptr, bs_ptr, rm, off_n, nxt, N, sas0, sas1, sbs0, sbs1, A_MODE,
+                                              B_MODE, SUB)  # fmt: skip
+        else:  # 256 columns: a second set of scales spills (2.8 KB); this step's, loaded now
+            sa, sb0, sb1 = _step_scales(as_ptr, bs_ptr, rm, off_n, k0 // _BLOCK_K_C, N, sas0, sas1, sbs0, sbs1, A_MODE,
+                                        B_MODE, SUB)  # fmt: skip
+            sa_n, sb0_n, sb1_n = sa, sb0, sb1
+        mbarrier.wait(ready.index(s), (step // stages) & 1)
+        a = a_bufs.index(s).slice(HALF * _HALF_M_C, _HALF_M_C, dim=0)
+        part = _partial(a, b_bufs, s, 0, zero)
+        if SUB == 1:
+            mbarrier.arrive(empty.index(s), count=1)
+        acc0 = _promote(acc0, part, sa, sb0, A_MODE, B_MODE, SUB == 1)
+        if SUB == 2:
+            part = _partial(a, b_bufs, s, 1, zero)
+            mbarrier.arrive(empty.index(s), count=1)
+            acc1 = _promote(acc1, part, sa, sb1, A_MODE, B_MODE, False)
+        return acc0, acc1, sa_n, sb0_n, sb1_n
+
+    @gluon.jit
     def _store(acc, c_ptr, c_desc, c_buf, as_ptr, bs_ptr, bias_ptr, row0, offs_m, rm, off_n, M, N, scm, scn, sas0, sbs0,
                A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr, CBUF: gl.constexpr):  # fmt: skip
         """The tensor (0) or row (1) scales, bias and cast of one 64 x 128 piece, then its store:
@@ -199,29 +246,28 @@ if IMPORTED:
             rm = offs_m % M
             acc0 = gl.zeros([_HALF_M_C, _SUB_N_C], gl.float32, mma)
             acc1 = gl.zeros([_HALF_M_C, _SUB_N_C], gl.float32, mma)
-            for k0 in range(0, K, _BLOCK_K_C):
-                s = step % stages
-                kb = k0 // _BLOCK_K_C
-                sa = 1.0
-                sb0 = 1.0
-                sb1 = 1.0
-                if A_MODE == 2:
-                    sa = gl.load(as_ptr + rm * sas0 + kb * sas1)
-                if B_MODE == 2:
-                    sb0 = _b_block_scale(bs_ptr, off_n, 0, kb, N, sbs0, sbs1)
-                    if SUB == 2:
-                        sb1 = _b_block_scale(bs_ptr, off_n, 1, kb, N, sbs0, sbs1)
-                mbarrier.wait(ready.index(s), (step // stages) & 1)
-                a = a_bufs.index(s).slice(HALF * _HALF_M_C, _HALF_M_C, dim=0)
-                part = _partial(a, b_bufs, s, 0, zero)
-                if SUB == 1:
-                    mbarrier.arrive(empty.index(s), count=1)
-                acc0 = _promote(acc0, part, sa, sb0, A_MODE, B_MODE, SUB == 1)
-                if SUB == 2:
-                    part = _partial(a, b_bufs, s, 1, zero)
-                    mbarrier.arrive(empty.index(s), count=1)
-                    acc1 = _promote(acc1, part, sa, sb1, A_MODE, B_MODE, False)
-                step += 1
+            sa, sb0, sb1 = _step_scales(as_ptr, bs_ptr, rm, off_n, 0, N, sas0, sas1, sbs0, sbs1, A_MODE, B_MODE, SUB)
+            if SUB == 1 and (A_MODE == 2 or B_MODE == 2):  # two steps an iteration, each step's scales in
+                # registers of their own
+                for k0 in range(0, K - _BLOCK_K_C, 2 * _BLOCK_K_C):
+                    acc0, acc1, sa2, sb02, sb12 = _k_step(
+                        a_bufs, b_bufs, ready, empty, acc0, acc1, step, k0, K, sa, sb0, sb1, as_ptr, bs_ptr, rm,
+                        off_n, N, sas0, sas1, sbs0, sbs1, zero, HALF, A_MODE, B_MODE, SUB)  # fmt: skip
+                    acc0, acc1, sa, sb0, sb1 = _k_step(
+                        a_bufs, b_bufs, ready, empty, acc0, acc1, step + 1, k0 + _BLOCK_K_C, K, sa2, sb02, sb12,
+                        as_ptr, bs_ptr, rm, off_n, N, sas0, sas1, sbs0, sbs1, zero, HALF, A_MODE, B_MODE, SUB)  # fmt: skip
+                    step += 2
+                if gl.cdiv(K, _BLOCK_K_C) % 2 == 1:  # an odd step count: the last step alone
+                    acc0, acc1, sa, sb0, sb1 = _k_step(
+                        a_bufs, b_bufs, ready, empty, acc0, acc1, step, K - K % (2 * _BLOCK_K_C), K, sa, sb0, sb1,
+                        as_ptr, bs_ptr, rm, off_n, N, sas0, sas1, sbs0, sbs1, zero, HALF, A_MODE, B_MODE, SUB)  # fmt: skip
+                    step += 1
+            else:
+                for k0 in range(0, K, _BLOCK_K_C):
+                    acc0, acc1, sa, sb0, sb1 = _k_step(
+                        a_bufs, b_bufs, ready, empty, acc0, acc1, step, k0, K, sa, sb0, sb1, as_ptr, bs_ptr, rm,
+                        off_n, N, sas0, sas1, sbs0, sbs1, zero, HALF, A_MODE, B_MODE, SUB)  # fmt: skip
+                    step += 1
             row0 = off_m + HALF * _HALF_M_C
             c_buf0 = c_bufs.index(HALF * CBUF) if CBUF > 0 else c_bufs
             _store(acc0, c_ptr, c_desc, c_buf0, as_ptr, bs_ptr, bias_ptr, row0, offs_m, rm, off_n, M, N, scm, scn,

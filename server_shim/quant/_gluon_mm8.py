@@ -231,7 +231,6 @@ if IMPORTED:
         partial while other MMAs of this warpgroup run makes ptxas serialize every MMA (C7514), so
         the overlap comes from the other consumer. Two pieces: a 64 x 256 accumulator with one
         64 x 128 partial fits the registers, a 64 x 256 partial would not."""
-        stages: gl.constexpr = a_bufs.type.shape[0]
         SUB: gl.constexpr = b_bufs.type.shape[1] // _SUB_N_C
         BN: gl.constexpr = SUB * _SUB_N_C
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -246,7 +245,9 @@ if IMPORTED:
             rm = offs_m % M
             acc0 = gl.zeros([_HALF_M_C, _SUB_N_C], gl.float32, mma)
             acc1 = gl.zeros([_HALF_M_C, _SUB_N_C], gl.float32, mma)
-            sa, sb0, sb1 = _step_scales(as_ptr, bs_ptr, rm, off_n, 0, N, sas0, sas1, sbs0, sbs1, A_MODE, B_MODE, SUB)
+            sa, sb0, sb1 = _step_scales(
+                as_ptr, bs_ptr, rm, off_n, 0, N, sas0, sas1, sbs0, sbs1, A_MODE, B_MODE, SUB
+            )
             if SUB == 1 and (A_MODE == 2 or B_MODE == 2):  # two steps an iteration, each step's scales in
                 # registers of their own
                 for k0 in range(0, K - _BLOCK_K_C, 2 * _BLOCK_K_C):

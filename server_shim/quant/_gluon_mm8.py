@@ -226,8 +226,8 @@ if IMPORTED:
                   A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr, CBUF: gl.constexpr):  # fmt: skip
         """One warpgroup: rows [HALF * 64, +64) of each tile, in 128-column pieces (one or two). Per
         K step and piece a fresh fp32 partial from the MMAs, waited for and added to the piece's
-        accumulator (block mode: times the step's scales, loaded before the MMAs so that their
-        latency hides under them); then `_store`. Each add waits for its own MMAs: reading a
+        accumulator (block mode: times the step's scales, loaded a step ahead, `_k_step`); then
+        `_store`. Each add waits for its own MMAs: reading a
         partial while other MMAs of this warpgroup run makes ptxas serialize every MMA (C7514), so
         the overlap comes from the other consumer. Two pieces: a 64 x 256 accumulator with one
         64 x 128 partial fits the registers, a 64 x 256 partial would not."""

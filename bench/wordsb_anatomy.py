@@ -18,6 +18,12 @@ beside torch bf16 and the floor: the packed weight read once by the same grid in
 walk, nothing else. If "no dequantization" costs what "whole" costs, the dequantization's
 instructions are not what bounds the tile; what "x constant" saves is what staging x's MMA
 operand through shared memory costs (README's "GEMM kernels" quotes a run).
+
+Then the Gluon tile ("wordsg", where it runs; its ANATOMY switch), checked whole, then timed with x
+loaded once, with nothing loaded in the K loop (the words xor'd with the step, so that the
+dequantization and the MMAs stay in the loop: the tile's arithmetic alone), and with no K loop (the
+launch, the first step's loads and the epilogue): what the mma.sync tile costs before any memory
+traffic.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ import _gemm_cases as C  # noqa: E402
 tl: Any = None  # triton.language, bound by _build (triton must load after TRITON_INTERPRET is set)
 
 VARIANTS = {"whole": 0, "no dequantization": 1, "x cached": 2, "x constant": 3, "x constant, no scale": 4}
+# the Gluon tile's parts (`_gluon_w4._wonly_wordsg_kernel`'s ANATOMY)
+GLUON_VARIANTS = {
+    "wordsg whole": 0,
+    "wordsg x loaded once": 1,
+    "wordsg no loads in loop": 2,
+    "wordsg no K loop": 3,
+}
 # the 8 planes from a word's two 16-bit halves, no arithmetic: "no dequantization"'s stand-in on NVIDIA
 MOVE_HALVES = "{ mov.b32 {$0, $1}, $8; mov.b32 {$2, $3}, $8; mov.b32 {$4, $5}, $9; mov.b32 {$6, $7}, $9; }"
 
@@ -190,6 +203,34 @@ def run(args: argparse.Namespace) -> int:
     print(f"floor (weight words only) {t:6.2f} us")
     for name, mode in VARIANTS.items():
         t = C.time_ms(launch(mode)) * 1e3
+        print(f"{name:25} {t:6.2f} us  {t_bf16 / t:.2f}x bf16", flush=True)
+    return _gluon_rows(x, words, qw, ref, dev, t_bf16)
+
+
+def _gluon_rows(x: torch.Tensor, words: torch.Tensor, qw: Any, ref: torch.Tensor, dev: torch.device,
+                t_bf16: float) -> int:  # fmt: skip
+    """The same parts of the Gluon tile ("wordsg" 16 x 16, 4 warps: x straight into the MMA's
+    registers, nothing through shared memory), where it runs; 0 or 1 as `run`."""
+    from server_shim.quant import _gluon_w4, arch
+
+    if not (arch.gluon_mma_w4(dev) and _gluon_w4.runs(x, words, qw.zeros, 0, 128)):
+        print("wordsg: Gluon does not run here")
+        return 0
+    out = torch.empty(x.shape[0], words.shape[0], device=dev, dtype=x.dtype)
+
+    def launch(anatomy: int) -> Callable[[], object]:
+        return lambda: _gluon_w4.wonly_wordsg(
+            x, words, out, qw.scales, qw.zeros, None, fmt=0, block_n=16, sub=4, anatomy=anatomy
+        )
+
+    launch(0)()
+    err = C.rel_err(out, ref)
+    ok = err < C.tol("triton int4-g128")
+    print(f"{'ok  ' if ok else 'FAIL'} whole wordsg 16x128 w4: rel err {err:.1e} against float64")
+    if not ok:
+        return 1
+    for name, anatomy in GLUON_VARIANTS.items():
+        t = C.time_ms(launch(anatomy)) * 1e3
         print(f"{name:25} {t:6.2f} us  {t_bf16 / t:.2f}x bf16", flush=True)
     return 0
 

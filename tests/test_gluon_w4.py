@@ -110,3 +110,36 @@ def test_it_compiles_for_sm90_without_spills() -> None:
         assert row.startswith("ok"), row
         if "no ptxas" not in row:
             assert "spill 0 B" in row, row
+
+
+_ANATOMY_COMPILE = """
+import sys, torch
+sys.path.insert(0, "bench")
+import sm90_compile as S
+from server_shim.quant import _gluon_w4 as G
+ptrs = {"x_ptr": "*i32", "w_ptr": "*i32", "c_ptr": "*bf16", "s_ptr": "*fp32", "z_ptr": "*u8", "bias_ptr": "*bf16"}
+base = dict(FORMAT=0, BF16=True, HAS_BIAS=False, BLOCK_N=16, SUB=4, PLANES=G.planes_source(0, torch.bfloat16),
+            EVEN_K=True)
+for anatomy in (None, 0, 1, 2, 3):
+    consts = base if anatomy is None else {**base, "ANATOMY": anatomy}
+    print(anatomy, S.compile_one(G._wonly_wordsg_kernel, ptrs, consts, 4, 1, 16, div16={"N", "K", "sxm", "swn", "scm"}))
+"""
+
+
+@pytest.mark.skipif(not _gluon_w4.IMPORTED, reason="this triton has no Gluon")
+def test_its_anatomy_switch_leaves_the_kernel_alone_and_keeps_the_math_in_the_loop() -> None:
+    """bench/wordsb_anatomy.py times the Gluon tile with parts taken out (ANATOMY): 0 must compile
+    to exactly the kernel the shim runs, and "nothing loaded in the loop" must keep its 16 MMAs
+    (were they hoisted, that row would time an empty loop and claim the tile's arithmetic is free)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", _ANATOMY_COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    rows = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line[:1] in "N0123")
+    assert r.returncode == 0 and len(rows) == 5, r.stdout[-2000:] + r.stderr[-2000:]
+    if "no ptxas" in rows["0"]:
+        pytest.skip("no ptxas for sm90 here")
+    assert rows["0"] == rows["None"]
+    for anatomy in ("0", "1", "2"):
+        assert "mma 16" in rows[anatomy], rows[anatomy]
+    assert "mma 0" in rows["3"], rows["3"]

@@ -109,11 +109,14 @@ if IMPORTED:
     @gluon.jit
     def _wonly_wordsg_kernel(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, sxm, swn, scm, scn, ssn, ssg,
                              szn, szg, FORMAT: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
-                             BLOCK_N: gl.constexpr, SUB: gl.constexpr, PLANES: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
+                             BLOCK_N: gl.constexpr, SUB: gl.constexpr, PLANES: gl.constexpr, EVEN_K: gl.constexpr,
+                             ANATOMY: gl.constexpr = 0):  # fmt: skip
         """c [M, N] = x [M, K] @ dequant(w)^T + bias for M <= 16: x as int32 pairs [M, K/2], w as int32
         words [N, K/8] (k = 8 * word + nibble), int4 (scales fp32, zeros uint8, GROUP 128) or mxfp4
         (e8m0 codes in s_ptr, GROUP 32). A program: BLOCK_N weight rows, SUB warps, warp i taking K steps
-        i, i + SUB, ...; the weights are the MMA's A operand (the product is c transposed)."""
+        i, i + SUB, ...; the weights are the MMA's A operand (the product is c transposed).
+        ANATOMY (bench/wordsb_anatomy.py only; wrong on purpose but 0): 1 x loaded once, 2 nothing
+        loaded in the K loop (the words xor'd with the step, so the math stays in it), 3 no K loop."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[SUB, 1, 1],
                                                       instr_shape=[1, 16, 8])  # fmt: skip
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
@@ -163,19 +166,26 @@ if IMPORTED:
         sc = gl.load(s_ptrs + gl.minimum(sg, last_g) * ssg)
         zero = gl.zeros([SUB, BLOCK_N, _BM], gl.float32, mma)
         acc = gl.zeros([SUB, BLOCK_N, _BM], gl.float32, mma)
-        for k0 in range(0, K, STEP):
+        for k0 in range(0, K if ANATOMY != 3 else 0, STEP):
             kn = k0 + STEP  # the next step: past K on the last (masked, clamped: nothing read past the ends)
-            if EVEN_K:  # K a multiple of STEP: only the last step's prefetch lies past K, all of it
+            if ANATOMY == 1 or ANATOMY == 2:
+                word_n = gl.load(w_ptrs + kn // 8, mask=kn < K, other=0) if ANATOMY == 1 else word ^ kn
+                x_n = x
+            elif EVEN_K:  # K a multiple of STEP: only the last step's prefetch lies past K, all of it
                 more = kn < K
                 word_n = gl.load(w_ptrs + kn // 8, mask=more, other=0)
                 x_n = gl.load(x_ptrs + kn // 2, mask=x_rows & more, other=0)
             else:
                 word_n = gl.load(w_ptrs + kn // 8, mask=kw + kn // 8 < K // 8, other=0)
                 x_n = gl.load(x_ptrs + kn // 2, mask=x_rows & (k_x + kn // 2 < K // 2), other=0)
-            zc_n = gl.load(z_ptrs + gl.minimum(zg + kn // GROUP, last_g) * (szg if FORMAT == 0 else ssg)).to(
-                gl.int32
-            )
-            sc_n = gl.load(s_ptrs + gl.minimum(sg + kn // GROUP, last_g) * ssg)
+            if ANATOMY == 2:
+                zc_n = zc
+                sc_n = sc
+            else:
+                zc_n = gl.load(
+                    z_ptrs + gl.minimum(zg + kn // GROUP, last_g) * (szg if FORMAT == 0 else ssg)
+                ).to(gl.int32)
+                sc_n = gl.load(s_ptrs + gl.minimum(sg + kn // GROUP, last_g) * ssg)
             w = gl.convert_layout(_planes(word, zc, PLANES, FORMAT, BF16), a_l, assert_trivial=True)
             xb = gl.convert_layout(_split_pairs(x, BF16), b_l, assert_trivial=True)
             part = mma_v2(w, xb, zero)
@@ -227,7 +237,7 @@ def planes_source(fmt: int, dtype: torch.dtype) -> str:
 
 def wonly_wordsg(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor, bias: torch.Tensor | None, *, fmt: int, block_n: int,
-                 sub: int) -> None:  # fmt: skip
+                 sub: int, anatomy: int = 0) -> None:  # fmt: skip
     """out = x @ dequant(words)^T + bias with the Gluon kernel (`runs` has said yes)."""
     (M, K), N = x.shape, words.shape[0]
     xi = x.view(torch.int32)  # [M, K/2] pairs (`runs`: rows of whole pairs, 4-byte aligned)
@@ -236,5 +246,5 @@ def wonly_wordsg(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales
         words.stride(0), out.stride(0), out.stride(1), scales.stride(0), scales.stride(1), zeros.stride(0),
         zeros.stride(1), FORMAT=fmt, BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, SUB=sub, PLANES=planes_source(fmt, x.dtype), EVEN_K=K % (sub * BLOCK_K) == 0,
-        num_warps=sub,
+        ANATOMY=anatomy, num_warps=sub,
     )  # fmt: skip

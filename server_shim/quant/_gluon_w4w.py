@@ -1,0 +1,285 @@
+"""An int4 weight-only GEMM for decode batches (M <= 16) on Hopper's asynchronous warpgroup MMA,
+written in Gluon ("wordsw"): an experiment, in no dispatch path (only `bench/wordsw.py` runs it).
+
+Why it was built: the mma.sync tiles ("wordsb", "wordsg") cannot reach 1.5x bf16 at M = 16 with
+the weights in L2: their arithmetic alone, with nothing loaded in the K loop, takes what 1.5x
+allows (`bench/wordsb_anatomy.py`). Here one warpgroup owns 64 weight rows: the weights,
+dequantized in registers, are the register A operand of `wgmma`, x's rows the B operand in shared
+memory. Each program copies its whole K range of x and of the weight words into shared memory by
+bulk tensor copies (TMA) when it starts, one barrier per K step, so nothing waits on a global load
+inside the K loop.
+
+The register operand's layout fixes which k each thread holds: rows 16w + g and 16w + g + 8 (warp
+w, g = lane / 4), and in each 8-wide k chunk the pair 2t, 2t + 1 (t = lane % 4), that is byte t of
+every int32 word of its rows. Each thread reads its rows' words from shared memory (the 4 threads
+of a quad read the same words: a broadcast) and dequantizes byte t of each: one byte permute puts
+its two nibbles in the two 16-bit halves, one lop3 ORs in the magic exponent, one packed fma
+subtracts magic + zero: q - z, exact, as in the word tiles (`_fast_w4.planes_ptx`). The step's
+dot runs on the exact q - z and the group scale multiplies its fp32 partial (GROUP 128 = one K
+step), the sums of "wordsb". K splits reduce themselves (each writes its partial; the last to
+arrive on its tile's counter sums them in split order), as `_fast_common._split_finish` does.
+
+Measured (H100, 2026-12-05; every run checked against float64 first, and run twice for equal
+bits): 16 x 4096 x 4096 bf16 10.0 us with 8 K steps a program (4 splits), against 8.3 for
+"wordsb" and 8.8 for torch bf16; 4 / 16 steps 11.6 / 11.5. Faster than "wordsb" only at
+5 x 1000 x 4224 (6.6 against 7.8 us). Learned on the way, in sm90 SASS (`python
+bench/sm90_compile.py --only wordsw`): ptxas counts a register operand dead once its wgmma is
+issued and gives its registers to whatever is written next, then waits for the MMAs before that
+write; with the words loaded from global memory after the MMAs' issue, every step waited for the
+MMAs and then for an L2 round trip (12.3 us). Loading the words two steps ahead let the
+dequantization interleave with the MMAs but did not help (12.3 us): each thread's 16 8-byte word
+loads touched 8 rows, 8 cache lines an instruction. Staging the words by TMA and reading them
+from shared memory took it to 10.0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with triton >= 3.5; absent (or unusable) elsewhere
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # the warpgroup's threads
+    IMPORTED = True
+except Exception:  # noqa: BLE001 -- any import failure means "no Gluon path"
+    IMPORTED = False
+
+ROWS = 64  # weight rows per program: one warpgroup's MMA M
+BLOCK_M = 16  # x's rows: the MMA's N; M <= 16 only
+BLOCK_K = 128  # one K step: one int4 group
+HALF_K = 64  # x's copy box: 64 16-bit values (128 bytes, the widest swizzle)
+GROUP = 128
+
+
+def dequant_ptx(bf16: bool) -> str:
+    """$2 a word, $3 the byte permute's selector (byte t of the word and of the word >> 4), $4
+    -(magic + z) in both 16-bit halves: $0, $1 the byte's two nibbles, q - z (exact). The magic is
+    2**7 (bf16) / 2**10 (fp16): magic + q as a 16-bit float, then minus magic + z."""
+    magic, one, pair = (0x4300, 0x3F80, "bf16x2") if bf16 else (0x6400, 0x3C00, "f16x2")
+    return (
+        "{ .reg .b32 t, p, o; shr.u32 t, $2, 4; prmt.b32 p, $2, t, $3; "
+        f"lop3.b32 p, p, 0x000F000F, {magic * 0x10001:#010x}, 0xEA; mov.b32 o, {one * 0x10001:#010x}; "
+        f"fma.rn.{pair} p, p, o, $4; mov.b32 {{$0, $1}}, p; }}"
+    )
+
+
+if IMPORTED:
+    _ROWS = gl.constexpr(ROWS)
+    _BM = gl.constexpr(BLOCK_M)
+    _BK = gl.constexpr(BLOCK_K)
+    _HK = gl.constexpr(HALF_K)
+
+    @gluon.jit
+    def _words(w_bufs, bars, z_ptrs, sel, step):
+        """K step `step`'s raw operand from shared memory (its copy waited for): its words, two halves
+        of 64 k ([64, 8, 4]: each thread's rows' 8 words, for byte t; the 4 threads of a quad read
+        the same words, a broadcast), and the rows' zero points."""
+        mbarrier.wait(bars.index(step), 0)
+        buf = w_bufs.index(step)
+        w2: gl.constexpr = gl.SliceLayout(2, sel.type.layout)
+        lo = gl.broadcast(gl.expand_dims(buf.slice(0, 8, dim=1).load(w2), 2), sel)[0]
+        hi = gl.broadcast(gl.expand_dims(buf.slice(8, 8, dim=1).load(w2), 2), sel)[0]
+        return lo, hi, gl.load(z_ptrs).to(gl.int32)
+
+    @gluon.jit
+    def _half_operand(word, nz, sel, BF16: gl.constexpr, DQ: gl.constexpr, a_l: gl.constexpr):
+        """Words [64, 8, 4] -> the MMA's register A operand [64, 64] (k = 8 * word + 2 * byte + half),
+        q - z exact."""
+        if BF16:
+            lo, hi = gl.inline_asm_elementwise(
+                DQ, "=h,=h,r,r,r", [word, sel, nz], (gl.bfloat16,) * 2, True, 1
+            )
+        else:
+            lo, hi = gl.inline_asm_elementwise(DQ, "=h,=h,r,r,r", [word, sel, nz], (gl.float16,) * 2, True, 1)
+        w = gl.reshape(gl.join(lo, hi), [_ROWS, _HK])
+        return gl.convert_layout(w, a_l, assert_trivial=True)
+
+    @gluon.jit
+    def _operand(r_lo, r_hi, zc, sel, BF16: gl.constexpr, DQ: gl.constexpr, a_l: gl.constexpr):
+        """A K step's raw operand (`_words`) dequantized: the two halves of its register A operand."""
+        h = (zc | (0xC300 if BF16 else 0xE400)) & 0xFFFF  # -(magic + z) as a 16-bit float
+        nz = gl.broadcast(gl.expand_dims(gl.expand_dims(h | (h << 16), 1), 2), r_lo)[0]
+        return (_half_operand(r_lo, nz, sel, BF16, DQ, a_l),
+                _half_operand(r_hi, nz, sel, BF16, DQ, a_l))  # fmt: skip
+
+    @gluon.jit
+    def _k_step(j, a_lo, a_hi, r_lo, r_hi, zc, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg, last,
+                BF16: gl.constexpr, DQ: gl.constexpr, a_l: gl.constexpr):  # fmt: skip
+        """K step j of the program (steps counted from its first; `last` its last step): step j + 2's
+        words loaded (past the last: the last's again), step j's MMAs on (a_lo, a_hi) and x's boxes
+        2j, 2j + 1 issued, step j + 1's operand dequantized from (r_lo, r_hi, zc) meanwhile, the
+        partial waited for, times the group scale, added. Returns step j + 1's operand, step j + 2's
+        words and acc. The words come two steps ahead: ptxas waits for the MMAs before the next
+        operand's registers are written (in PTX an operand is dead once its wgmma is issued, and
+        ptxas reuses its registers), so loads issued after the MMAs would wait for them too."""
+        n2 = gl.minimum(j + 2, last)
+        r2_lo, r2_hi, zc2 = _words(w_bufs, bars, z_ptrs + n2 * szg, sel, n2)
+        sc = gl.load(s_ptrs + j * ssg)
+        mbarrier.wait(bars.index(j), 0)
+        part = warpgroup_mma(a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True)
+        part = warpgroup_mma(a_hi, xs.index(2 * j + 1).permute((1, 0)), part, is_async=True)
+        n_lo, n_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
+        part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+        return n_lo, n_hi, r2_lo, r2_hi, zc2, acc + part * gl.expand_dims(sc, 1)
+
+    @gluon.jit
+    def _wonly_wordsw_kernel(x_desc, w_desc, c_ptr, ws_ptr, cnt_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
+                             scm, scn, ssn, ssg, szn, szg, SPLIT, BF16: gl.constexpr,
+                             HAS_BIAS: gl.constexpr, STEPS: gl.constexpr, DQ: gl.constexpr):  # fmt: skip
+        """c [M, N] = x [M, K] @ dequant(w)^T + bias, M <= 16, int4 (scales fp32, zeros uint8, GROUP
+        128): x by its descriptor (16 x 64 boxes), w as int32 words [N, K/8] (k = 8 * word + nibble).
+        Program (i, j): weight rows [64 i, +64) over K [j K_PER, +K_PER), at most STEPS K steps."""
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, _BM, 16])  # fmt: skip
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        # [64 rows, 8 words, 4 bytes]: registers walk the words (two 16-byte loads a row), then
+        # row + 8; lanes take the byte (t) and the row (g); warps rows 16 w
+        w_l: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]],
+            lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[16, 0, 0], [32, 0, 0]],
+            block_bases=[],
+            shape=[64, 8, 4],
+        )
+        rows_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, w_l))
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        k_lo = pid_k * K_PER
+        steps = gl.minimum(gl.cdiv(K - k_lo, _BK), STEPS)
+
+        # x's K range into shared memory: two 16 x 64 boxes a step, one barrier a step (zeros past M, K)
+        xs = gl.allocate_shared_memory(DT, [2 * STEPS, _BM, _HK], x_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STEPS, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(STEPS):
+            mbarrier.init(bars.index(j), count=1)
+        fence_async_shared()
+        w_bufs = gl.allocate_shared_memory(gl.int32, [STEPS, _ROWS, _BK // 8], w_desc.layout)
+        for j in range(0, steps):
+            mbarrier.expect(bars.index(j), 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            _tma_load(x_desc, [0, k_lo + j * _BK], bars.index(j), xs.index(2 * j))
+            _tma_load(x_desc, [0, k_lo + j * _BK + _HK], bars.index(j), xs.index(2 * j + 1))
+            _tma_load(w_desc, [pid_n * _ROWS, (k_lo + j * _BK) // 8], bars.index(j), w_bufs.index(j))
+
+        rn_w = (pid_n * _ROWS + gl.arange(0, _ROWS, layout=rows_l)) % N
+        b_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
+        sel = gl.expand_dims(gl.expand_dims(0x400 + 0x101 * b_w, 0), 1)  # byte t and byte t of word >> 4
+        sel = gl.broadcast(sel, gl.full([_ROWS, 8, 4], 0, gl.int32, w_l))[0]
+        rs_l: gl.constexpr = gl.SliceLayout(1, mma)
+        rn_s = (pid_n * _ROWS + gl.arange(0, _ROWS, layout=rs_l)) % N
+        g0 = k_lo // _BK  # GROUP 128: a group a K step
+
+        # step 0's operand and step 1's words; two steps an iteration, each step's operand and words in
+        # registers of their own (carried from one iteration to the next, they would be copied)
+        s_ptrs = s_ptr + rn_s * ssn + g0 * ssg
+        z_ptrs = z_ptr + rn_w * szn + g0 * szg
+        last = gl.minimum(g0 + steps, gl.cdiv(K, _BK)) - 1 - g0
+        r_lo, r_hi, zc = _words(w_bufs, bars, z_ptrs, sel, 0)
+        a0_lo, a0_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
+        r0_lo, r0_hi, zc0 = _words(w_bufs, bars, z_ptrs + gl.minimum(1, last) * szg, sel, gl.minimum(1, last))
+        acc = gl.zeros([_ROWS, _BM], gl.float32, mma)
+        zero = gl.zeros([_ROWS, _BM], gl.float32, mma)
+        for j in range(0, steps - 1, 2):
+            a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc = _k_step(
+                j, a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg,
+                last, BF16, DQ, a_l)  # fmt: skip
+            a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc = _k_step(
+                j + 1, a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg,
+                last, BF16, DQ, a_l)  # fmt: skip
+        if steps % 2 == 1:
+            a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc = _k_step(
+                steps - 1, a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs,
+                ssg, last, BF16, DQ, a_l)  # fmt: skip
+
+        # acc [64 rows of w, 16 rows of x] is c's tile transposed
+        offs_n = pid_n * _ROWS + gl.arange(0, _ROWS, layout=rs_l)
+        offs_m = gl.arange(0, _BM, layout=gl.SliceLayout(0, mma))
+        mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
+        if SPLIT > 1:
+            part_ptrs = ws_ptr + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
+            gl.store(part_ptrs + pid_k.to(gl.int64) * M * N, acc, mask=mask)
+            _barrier()  # every thread's partial is written before the arrival is counted
+            arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:  # the last split sums them all, in split order
+                acc = gl.zeros([_ROWS, _BM], gl.float32, mma)
+                for i in range(0, SPLIT):
+                    acc += gl.load(part_ptrs + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                gl.atomic_xchg(cnt_ptr + pid_n, 0)
+                _store(acc, c_ptr, bias_ptr, offs_n, offs_m, mask, N, scm, scn, HAS_BIAS)
+        else:
+            _store(acc, c_ptr, bias_ptr, offs_n, offs_m, mask, N, scm, scn, HAS_BIAS)
+
+    @gluon.jit
+    def _store(acc, c_ptr, bias_ptr, offs_n, offs_m, mask, N, scm, scn, HAS_BIAS: gl.constexpr):
+        """Bias, cast and the masked store of the transposed tile."""
+        if HAS_BIAS:
+            acc += gl.expand_dims(gl.load(bias_ptr + offs_n % N).to(gl.float32), 1)
+        ptrs = c_ptr + gl.expand_dims(offs_m, 0) * scm + gl.expand_dims(offs_n, 1) * scn
+        gl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def runs(x: torch.Tensor, words: torch.Tensor | None, zeros: torch.Tensor, fmt: int, group: int) -> bool:
+    """Whether "wordsw" can take this GEMM (a Hopper GPU is the caller's to check): int4 with
+    GROUP 128 and uint8 zero points, 16-bit x of at most 16 rows and the int32 word view of the
+    weights, both addressable by tensor descriptors (unit stride, 16-byte aligned rows and base),
+    K a multiple of 128."""
+    return (
+        IMPORTED
+        and words is not None
+        and words.stride(1) == 1
+        and (words.stride(0) * 4) % 16 == 0
+        and words.data_ptr() % 16 == 0
+        and fmt == 0
+        and group == GROUP
+        and zeros.dtype == torch.uint8
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.shape[0] <= BLOCK_M
+        and x.stride(1) == 1
+        and (x.stride(0) * 2) % 16 == 0
+        and x.data_ptr() % 16 == 0
+        and x.shape[1] % BLOCK_K == 0
+    )
+
+
+def descriptor_type(operand: str, dtype: torch.dtype) -> str:
+    """The JIT's signature type of x's ("x") or the words' ("w") descriptor, for compiling without a
+    GPU (bench/sm90_compile.py)."""
+    if operand == "w":
+        layout = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_K // 8], gl.int32)
+        return f"tensordesc<i32[{ROWS}, {BLOCK_K // 8}],{layout!r}>"
+    dt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF_K], dt)
+    return f"tensordesc<{'bf16' if dtype == torch.bfloat16 else 'fp16'}[{BLOCK_M}, {HALF_K}],{layout!r}>"
+
+
+def wonly_wordsw(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, bias: torch.Tensor | None, *, steps: int, workspace, counters) -> None:  # noqa: ANN001  # fmt: skip
+    """out = x @ dequant(words)^T + bias with the Gluon kernel (`runs` has said yes): K in splits of
+    `steps` K steps; workspace(splits) -> fp32 [splits, M, N], counters(tiles) -> zeroed int32."""
+    (M, K), N = x.shape, words.shape[0]
+    dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF_K], dt)
+    x_desc = TensorDescriptor.from_tensor(x, [BLOCK_M, HALF_K], layout)
+    w_layout = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_K // 8], gl.int32)
+    w_desc = TensorDescriptor.from_tensor(words, [ROWS, BLOCK_K // 8], w_layout)
+    k_per = steps * BLOCK_K
+    splits = -(-K // k_per)
+    tiles = -(-N // ROWS)
+    ws = workspace(splits) if splits > 1 else out
+    cnt = counters(tiles) if splits > 1 else out
+    _wonly_wordsw_kernel[(tiles, splits)](
+        x_desc, w_desc, out, ws, cnt, scales, zeros, bias if bias is not None else out, M, N, K, k_per,
+        out.stride(0), out.stride(1), scales.stride(0), scales.stride(1), zeros.stride(0),
+        zeros.stride(1), splits, BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None, STEPS=steps,
+        DQ=dequant_ptx(x.dtype == torch.bfloat16), num_warps=4,
+    )  # fmt: skip

@@ -29,7 +29,10 @@ write; with the words loaded from global memory after the MMAs' issue, every ste
 MMAs and then for an L2 round trip (12.3 us). Loading the words two steps ahead let the
 dequantization interleave with the MMAs but did not help (12.3 us): each thread's 16 8-byte word
 loads touched 8 rows, 8 cache lines an instruction. Staging the words by TMA and reading them
-from shared memory took it to 10.0.
+from shared memory took it to 10.0. The two halves of a step as two MMA chains (INDEP, summed
+after: an N = 16 wgmma's latency, not its work, is what a chain costs): 9.8 against 10.1 us, and
+5 x 1000 x 4224 6.3. What it leaves: 8 warps a multiprocessor, each waiting on its MMAs every step
+(ptxas still places the wait right after the issue where it reuses the operand's registers).
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ if IMPORTED:
 
     @gluon.jit
     def _k_step(j, a_lo, a_hi, r_lo, r_hi, zc, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg, last,
-                BF16: gl.constexpr, DQ: gl.constexpr, a_l: gl.constexpr):  # fmt: skip
+                BF16: gl.constexpr, DQ: gl.constexpr, a_l: gl.constexpr, INDEP: gl.constexpr):  # fmt: skip
         """K step j of the program (steps counted from its first; `last` its last step): step j + 2's
         words loaded (past the last: the last's again), step j's MMAs on (a_lo, a_hi) and x's boxes
         2j, 2j + 1 issued, step j + 1's operand dequantized from (r_lo, r_hi, zc) meanwhile, the
@@ -126,16 +129,26 @@ if IMPORTED:
         r2_lo, r2_hi, zc2 = _words(w_bufs, bars, z_ptrs + n2 * szg, sel, n2)
         sc = gl.load(s_ptrs + j * ssg)
         mbarrier.wait(bars.index(j), 0)
-        part = warpgroup_mma(a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True)
-        part = warpgroup_mma(a_hi, xs.index(2 * j + 1).permute((1, 0)), part, is_async=True)
-        n_lo, n_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
-        part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+        if INDEP:  # the two halves' MMAs as two chains (an N = 16 wgmma's latency, not its work, is the cost)
+            p_lo = warpgroup_mma(a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True)
+            p_hi = warpgroup_mma(
+                a_hi, xs.index(2 * j + 1).permute((1, 0)), zero, use_acc=False, is_async=True
+            )
+            n_lo, n_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
+            p_lo, p_hi = warpgroup_mma_wait(num_outstanding=0, deps=(p_lo, p_hi))
+            part = p_lo + p_hi
+        else:
+            part = warpgroup_mma(a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True)
+            part = warpgroup_mma(a_hi, xs.index(2 * j + 1).permute((1, 0)), part, is_async=True)
+            n_lo, n_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
+            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
         return n_lo, n_hi, r2_lo, r2_hi, zc2, acc + part * gl.expand_dims(sc, 1)
 
     @gluon.jit
     def _wonly_wordsw_kernel(x_desc, w_desc, c_ptr, ws_ptr, cnt_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                              scm, scn, ssn, ssg, szn, szg, SPLIT, BF16: gl.constexpr,
-                             HAS_BIAS: gl.constexpr, STEPS: gl.constexpr, DQ: gl.constexpr):  # fmt: skip
+                             HAS_BIAS: gl.constexpr, STEPS: gl.constexpr, DQ: gl.constexpr,
+                             INDEP: gl.constexpr = False):  # fmt: skip
         """c [M, N] = x [M, K] @ dequant(w)^T + bias, M <= 16, int4 (scales fp32, zeros uint8, GROUP
         128): x by its descriptor (16 x 64 boxes), w as int32 words [N, K/8] (k = 8 * word + nibble).
         Program (i, j): weight rows [64 i, +64) over K [j K_PER, +K_PER), at most STEPS K steps."""
@@ -192,14 +205,14 @@ if IMPORTED:
         for j in range(0, steps - 1, 2):
             a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc = _k_step(
                 j, a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg,
-                last, BF16, DQ, a_l)  # fmt: skip
+                last, BF16, DQ, a_l, INDEP)  # fmt: skip
             a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc = _k_step(
                 j + 1, a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg,
-                last, BF16, DQ, a_l)  # fmt: skip
+                last, BF16, DQ, a_l, INDEP)  # fmt: skip
         if steps % 2 == 1:
             a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc = _k_step(
                 steps - 1, a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs,
-                ssg, last, BF16, DQ, a_l)  # fmt: skip
+                ssg, last, BF16, DQ, a_l, INDEP)  # fmt: skip
 
         # acc [64 rows of w, 16 rows of x] is c's tile transposed
         offs_n = pid_n * _ROWS + gl.arange(0, _ROWS, layout=rs_l)
@@ -263,7 +276,7 @@ def descriptor_type(operand: str, dtype: torch.dtype) -> str:
 
 
 def wonly_wordsw(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, bias: torch.Tensor | None, *, steps: int, workspace, counters) -> None:  # noqa: ANN001  # fmt: skip
+                 zeros: torch.Tensor, bias: torch.Tensor | None, *, steps: int, workspace, counters, indep: bool = False) -> None:  # noqa: ANN001  # fmt: skip
     """out = x @ dequant(words)^T + bias with the Gluon kernel (`runs` has said yes): K in splits of
     `steps` K steps; workspace(splits) -> fp32 [splits, M, N], counters(tiles) -> zeroed int32."""
     (M, K), N = x.shape, words.shape[0]
@@ -281,5 +294,5 @@ def wonly_wordsw(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales
         x_desc, w_desc, out, ws, cnt, scales, zeros, bias if bias is not None else out, M, N, K, k_per,
         out.stride(0), out.stride(1), scales.stride(0), scales.stride(1), zeros.stride(0),
         zeros.stride(1), splits, BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None, STEPS=steps,
-        DQ=dequant_ptx(x.dtype == torch.bfloat16), num_warps=4,
+        DQ=dequant_ptx(x.dtype == torch.bfloat16), INDEP=indep, num_warps=4,
     )  # fmt: skip

@@ -39,23 +39,21 @@ from __future__ import annotations
 
 import torch
 
-try:  # Gluon ships with triton >= 3.5; absent (or unusable) elsewhere
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
+from server_shim.quant import _gluon_mm8
+
+IMPORTED = _gluon_mm8.IMPORTED  # the same Hopper Gluon names as the fp8 "wsp" kernel, or none
+if IMPORTED:
+    from server_shim.quant._gluon_mm8 import (
+        TensorDescriptor,
+        _barrier,
+        _tma_load,
         fence_async_shared,
+        gl,
+        gluon,
         mbarrier,
-        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # the warpgroup's threads
-    IMPORTED = True
-except Exception:  # noqa: BLE001 -- any import failure means "no Gluon path"
-    IMPORTED = False
 
 ROWS = 64  # weight rows per program: one warpgroup's MMA M
 BLOCK_M = 16  # x's rows: the MMA's N; M <= 16 only

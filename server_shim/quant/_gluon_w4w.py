@@ -31,8 +31,11 @@ dequantization interleave with the MMAs but did not help (12.3 us): each thread'
 loads touched 8 rows, 8 cache lines an instruction. Staging the words by TMA and reading them
 from shared memory took it to 10.0. The two halves of a step as two MMA chains (INDEP, summed
 after: an N = 16 wgmma's latency, not its work, is what a chain costs): 9.8 against 10.1 us, and
-5 x 1000 x 4224 6.3. What it leaves: 8 warps a multiprocessor, each waiting on its MMAs every step
-(ptxas still places the wait right after the issue where it reuses the operand's registers).
+5 x 1000 x 4224 6.3. Each step's operand read from shared memory when its turn comes (LEAN: no
+operand or words carried, 86 registers instead of 192, so up to 5 programs a multiprocessor fill
+one another's waits for their MMAs): 8.99 us with 8 K steps a split, 9.18 with 4, against 9.71 /
+11.51 without (and "wordsb" 8.21, torch bf16 8.69 in the same run). The defaults are the fastest
+found (two chains, LEAN); still short of "wordsb" at M = 16, so still in no dispatch path.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ if IMPORTED:
     def _wonly_wordsw_kernel(x_desc, w_desc, c_ptr, ws_ptr, cnt_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                              scm, scn, ssn, ssg, szn, szg, SPLIT, BF16: gl.constexpr,
                              HAS_BIAS: gl.constexpr, STEPS: gl.constexpr, DQ: gl.constexpr,
-                             INDEP: gl.constexpr = False):  # fmt: skip
+                             INDEP: gl.constexpr = True, LEAN: gl.constexpr = True):  # fmt: skip
         """c [M, N] = x [M, K] @ dequant(w)^T + bias, M <= 16, int4 (scales fp32, zeros uint8, GROUP
         128): x by its descriptor (16 x 64 boxes), w as int32 words [N, K/8] (k = 8 * word + nibble).
         Program (i, j): weight rows [64 i, +64) over K [j K_PER, +K_PER), at most STEPS K steps."""
@@ -190,27 +193,44 @@ if IMPORTED:
         rn_s = (pid_n * _ROWS + gl.arange(0, _ROWS, layout=rs_l)) % N
         g0 = k_lo // _BK  # GROUP 128: a group a K step
 
-        # step 0's operand and step 1's words; two steps an iteration, each step's operand and words in
-        # registers of their own (carried from one iteration to the next, they would be copied)
         s_ptrs = s_ptr + rn_s * ssn + g0 * ssg
         z_ptrs = z_ptr + rn_w * szn + g0 * szg
-        last = gl.minimum(g0 + steps, gl.cdiv(K, _BK)) - 1 - g0
-        r_lo, r_hi, zc = _words(w_bufs, bars, z_ptrs, sel, 0)
-        a0_lo, a0_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
-        r0_lo, r0_hi, zc0 = _words(w_bufs, bars, z_ptrs + gl.minimum(1, last) * szg, sel, gl.minimum(1, last))
         acc = gl.zeros([_ROWS, _BM], gl.float32, mma)
         zero = gl.zeros([_ROWS, _BM], gl.float32, mma)
-        for j in range(0, steps - 1, 2):
-            a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc = _k_step(
-                j, a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg,
-                last, BF16, DQ, a_l, INDEP)  # fmt: skip
-            a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc = _k_step(
-                j + 1, a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg,
-                last, BF16, DQ, a_l, INDEP)  # fmt: skip
-        if steps % 2 == 1:
-            a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc = _k_step(
-                steps - 1, a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs,
-                ssg, last, BF16, DQ, a_l, INDEP)  # fmt: skip
+        if LEAN:  # each step's operand from shared memory when its turn comes: fewer registers, more
+            # programs a multiprocessor to fill one another's waits for their MMAs
+            for j in range(0, steps):
+                r_lo, r_hi, zc = _words(w_bufs, bars, z_ptrs + j * szg, sel, j)
+                a_lo, a_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
+                sc = gl.load(s_ptrs + j * ssg)
+                p_lo = warpgroup_mma(
+                    a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True
+                )
+                p_hi = warpgroup_mma(
+                    a_hi, xs.index(2 * j + 1).permute((1, 0)), zero, use_acc=False, is_async=True
+                )
+                p_lo, p_hi = warpgroup_mma_wait(num_outstanding=0, deps=(p_lo, p_hi))
+                acc += (p_lo + p_hi) * gl.expand_dims(sc, 1)
+        else:
+            # step 0's operand and step 1's words; two steps an iteration, each step's operand and words in
+            # registers of their own (carried from one iteration to the next, they would be copied)
+            last = gl.minimum(g0 + steps, gl.cdiv(K, _BK)) - 1 - g0
+            r_lo, r_hi, zc = _words(w_bufs, bars, z_ptrs, sel, 0)
+            a0_lo, a0_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
+            r0_lo, r0_hi, zc0 = _words(
+                w_bufs, bars, z_ptrs + gl.minimum(1, last) * szg, sel, gl.minimum(1, last)
+            )
+            for j in range(0, steps - 1, 2):
+                a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc = _k_step(
+                    j, a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg,
+                    last, BF16, DQ, a_l, INDEP)  # fmt: skip
+                a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc = _k_step(
+                    j + 1, a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg,
+                    last, BF16, DQ, a_l, INDEP)  # fmt: skip
+            if steps % 2 == 1:
+                a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc = _k_step(
+                    steps - 1, a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs,
+                    ssg, last, BF16, DQ, a_l, INDEP)  # fmt: skip
 
         # acc [64 rows of w, 16 rows of x] is c's tile transposed
         offs_n = pid_n * _ROWS + gl.arange(0, _ROWS, layout=rs_l)
@@ -274,7 +294,7 @@ def descriptor_type(operand: str, dtype: torch.dtype) -> str:
 
 
 def wonly_wordsw(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, bias: torch.Tensor | None, *, steps: int, workspace, counters, indep: bool = False) -> None:  # noqa: ANN001  # fmt: skip
+                 zeros: torch.Tensor, bias: torch.Tensor | None, *, steps: int, workspace, counters, indep: bool = True, lean: bool = True) -> None:  # noqa: ANN001  # fmt: skip
     """out = x @ dequant(words)^T + bias with the Gluon kernel (`runs` has said yes): K in splits of
     `steps` K steps; workspace(splits) -> fp32 [splits, M, N], counters(tiles) -> zeroed int32."""
     (M, K), N = x.shape, words.shape[0]
@@ -292,5 +312,5 @@ def wonly_wordsw(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales
         x_desc, w_desc, out, ws, cnt, scales, zeros, bias if bias is not None else out, M, N, K, k_per,
         out.stride(0), out.stride(1), scales.stride(0), scales.stride(1), zeros.stride(0),
         zeros.stride(1), splits, BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None, STEPS=steps,
-        DQ=dequant_ptx(x.dtype == torch.bfloat16), INDEP=indep, num_warps=4,
+        DQ=dequant_ptx(x.dtype == torch.bfloat16), INDEP=indep, LEAN=lean, num_warps=4,
     )  # fmt: skip

@@ -36,6 +36,10 @@ operand or words carried, 86 registers instead of 192, so up to 5 programs a mul
 one another's waits for their MMAs): 8.99 us with 8 K steps a split, 9.18 with 4, against 9.71 /
 11.51 without (and "wordsb" 8.21, torch bf16 8.69 in the same run). The defaults are the fastest
 found (two chains, LEAN); still short of "wordsb" at M = 16, so still in no dispatch path.
+Nsight Compute on LEAN with 8 steps: 1.85 active warps a scheduler (shared memory allows 3), an
+instruction issued every 2.9 cycles, the top stall (31%) a global load's scoreboard: the step's own
+zero points and scales. Loaded a step ahead since: 9.12 us at M = 16 (no gain), 6.17 at
+5 x 1000 x 4224 (from 6.28).
 """
 
 from __future__ import annotations
@@ -84,15 +88,21 @@ if IMPORTED:
     _HK = gl.constexpr(HALF_K)
 
     @gluon.jit
-    def _words(w_bufs, bars, z_ptrs, sel, step):
-        """K step `step`'s raw operand from shared memory (its copy waited for): its words, two halves
-        of 64 k ([64, 8, 4]: each thread's rows' 8 words, for byte t; the 4 threads of a quad read
-        the same words, a broadcast), and the rows' zero points."""
+    def _smem_words(w_bufs, bars, sel, step):
+        """K step `step`'s words from shared memory (its copy waited for), two halves of 64 k
+        ([64, 8, 4]: each thread's rows' 8 words, for byte t; the 4 threads of a quad read the same
+        words, a broadcast)."""
         mbarrier.wait(bars.index(step), 0)
         buf = w_bufs.index(step)
         w2: gl.constexpr = gl.SliceLayout(2, sel.type.layout)
         lo = gl.broadcast(gl.expand_dims(buf.slice(0, 8, dim=1).load(w2), 2), sel)[0]
         hi = gl.broadcast(gl.expand_dims(buf.slice(8, 8, dim=1).load(w2), 2), sel)[0]
+        return lo, hi
+
+    @gluon.jit
+    def _words(w_bufs, bars, z_ptrs, sel, step):
+        """K step `step`'s raw operand: its words (`_smem_words`) and the rows' zero points."""
+        lo, hi = _smem_words(w_bufs, bars, sel, step)
         return lo, hi, gl.load(z_ptrs).to(gl.int32)
 
     @gluon.jit
@@ -199,10 +209,19 @@ if IMPORTED:
         zero = gl.zeros([_ROWS, _BM], gl.float32, mma)
         if LEAN:  # each step's operand from shared memory when its turn comes: fewer registers, more
             # programs a multiprocessor to fill one another's waits for their MMAs
+            # the zero points and scales a step ahead (from global memory: an L2 round trip, which
+            # ncu showed as the top stall when each step loaded its own)
+            last = gl.minimum(g0 + steps, gl.cdiv(K, _BK)) - 1 - g0
+            zc_n = gl.load(z_ptrs).to(gl.int32)
+            sc_n = gl.load(s_ptrs)
             for j in range(0, steps):
-                r_lo, r_hi, zc = _words(w_bufs, bars, z_ptrs + j * szg, sel, j)
+                zc = zc_n
+                sc = sc_n
+                nxt = gl.minimum(j + 1, last)
+                zc_n = gl.load(z_ptrs + nxt * szg).to(gl.int32)
+                sc_n = gl.load(s_ptrs + nxt * ssg)
+                r_lo, r_hi = _smem_words(w_bufs, bars, sel, j)
                 a_lo, a_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
-                sc = gl.load(s_ptrs + j * ssg)
                 p_lo = warpgroup_mma(
                     a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True
                 )

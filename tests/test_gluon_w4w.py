@@ -63,3 +63,14 @@ def test_it_compiles_for_sm90_without_spills() -> None:
     for row in rows:
         if "no ptxas" not in row:
             assert "spill 0 B" in row, row
+
+
+def test_its_bench_says_where_it_cannot_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/wordsw.py on a machine without a Hopper GPU: a one-line reason and exit status 0."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import wordsw
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the bench would run")
+    assert wordsw.main([]) == 0
+    assert "needs a Hopper GPU" in capsys.readouterr().err

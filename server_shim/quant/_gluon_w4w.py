@@ -39,7 +39,10 @@ found (two chains, LEAN); still short of "wordsb" at M = 16, so still in no disp
 Nsight Compute on LEAN with 8 steps: 1.85 active warps a scheduler (shared memory allows 3), an
 instruction issued every 2.9 cycles, the top stall (31%) a global load's scoreboard: the step's own
 zero points and scales. Loaded a step ahead since: 9.12 us at M = 16 (no gain), 6.17 at
-5 x 1000 x 4224 (from 6.28).
+5 x 1000 x 4224 (from 6.28). Nsight Compute again (its run flushes the L2): the global loads'
+scoreboard still the top stall (1.76 of 5.64 cycles between issues), the MMAs' own 0.05, SM
+active 74% of the elapsed cycles: the next thing to move is the zero points and scales into the
+programs' bulk copies, and the split reduction's tail.
 """
 
 from __future__ import annotations

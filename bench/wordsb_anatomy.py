@@ -201,10 +201,17 @@ def run(args: argparse.Namespace) -> int:
     t = C.time_ms(lambda: floor[(N // bn,)](words, sink, words.stride(0), Kd // 8, SUB=sub, BLOCK_N=bn,
                                             BLOCK_J=bk // 8, num_warps=sub, num_stages=args.stages)) * 1e3  # fmt: skip
     print(f"floor (weight words only) {t:6.2f} us")
-    for name, mode in VARIANTS.items():
+    _time_rows(VARIANTS, launch, t_bf16)
+    return _gluon_rows(x, words, qw, ref, dev, t_bf16)
+
+
+def _time_rows(
+    variants: dict[str, int], launch: Callable[[int], Callable[[], object]], t_bf16: float
+) -> None:
+    """One timed line a variant, against torch bf16."""
+    for name, mode in variants.items():
         t = C.time_ms(launch(mode)) * 1e3
         print(f"{name:25} {t:6.2f} us  {t_bf16 / t:.2f}x bf16", flush=True)
-    return _gluon_rows(x, words, qw, ref, dev, t_bf16)
 
 
 def _gluon_rows(x: torch.Tensor, words: torch.Tensor, qw: Any, ref: torch.Tensor, dev: torch.device,
@@ -229,9 +236,7 @@ def _gluon_rows(x: torch.Tensor, words: torch.Tensor, qw: Any, ref: torch.Tensor
     print(f"{'ok  ' if ok else 'FAIL'} whole wordsg 16x128 w4: rel err {err:.1e} against float64")
     if not ok:
         return 1
-    for name, anatomy in GLUON_VARIANTS.items():
-        t = C.time_ms(launch(anatomy)) * 1e3
-        print(f"{name:25} {t:6.2f} us  {t_bf16 / t:.2f}x bf16", flush=True)
+    _time_rows(GLUON_VARIANTS, launch, t_bf16)
     return 0
 
 

@@ -14,7 +14,6 @@ exits 0.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -42,10 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", nargs="+", type=_shape, default=[(16, 4096, 4096), (5, 1000, 4224)])
     ap.add_argument("--steps", nargs="+", type=int, default=[4, 8], help="K steps of 128 a program (a split)")
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    ap.add_argument("--indep", nargs="+", type=int, default=[1], choices=[0, 1],
-                    help="1: each K step's two halves as two MMA chains, summed after")  # fmt: skip
-    ap.add_argument("--lean", nargs="+", type=int, default=[1], choices=[0, 1],
-                    help="1: each step's operand read when its turn comes (fewer registers, more programs)")  # fmt: skip
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     if not torch.cuda.is_available() or not arch.warp_specialized_fp8(dev):
@@ -68,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         with tuning.pinned(WORDSB):
             t_b = C.time_ms(lambda: K.int4_gemm(x, qw.data, qw.scales, qw.zeros, out_dtype=dtype)) * 1e3  # noqa: B023
         print(f"\n{m}x{n}x{k} {args.dtype}: torch {t_torch:.2f} us, wordsb {t_b:.2f} us", flush=True)
-        for steps, indep, lean in itertools.product(args.steps, args.indep, args.lean):
+        for steps in args.steps:
             out = torch.empty(m, n, device=dev, dtype=dtype)
             splits = -(-k // (steps * _gluon_w4w.BLOCK_K))
             ws = torch.empty(splits, m, n, device=dev, dtype=torch.float32)
@@ -76,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def run() -> None:
                 _gluon_w4w.wonly_wordsw(x, words, out, qw.scales, qw.zeros, None, steps=steps,  # noqa: B023
-                                        workspace=lambda s: ws, counters=lambda t: cnt, indep=bool(indep), lean=bool(lean))  # noqa: B023  # fmt: skip
+                                        workspace=lambda s: ws, counters=lambda t: cnt)  # noqa: B023  # fmt: skip
 
             run()
             err = C.rel_err(out, ref)
@@ -90,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 continue
             t = C.time_ms(run) * 1e3
-            print(f"ok   wordsw {steps:2d} steps ({splits} splits), {1 + indep} chains, lean {lean} {t:6.2f} us  {t_torch / t:.2f}x torch  "
+            print(f"ok   wordsw {steps:2d} steps ({splits} splits) {t:6.2f} us  {t_torch / t:.2f}x torch  "
                   f"{t_b / t:.2f}x wordsb  rel err {err:.1e}", flush=True)  # fmt: skip
     return 1 if failed else 0
 

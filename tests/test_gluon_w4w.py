@@ -6,15 +6,18 @@ asserted free, no spills -- in both 16-bit dtypes."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-import torch
+os.environ["TRITON_INTERPRET"] = "1"  # before any triton import (see tests/test_kernels.py)
 
-from server_shim.quant import _gluon_w4w
-from server_shim.quant import formats as F
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from server_shim.quant import _gluon_w4w  # noqa: E402
+from server_shim.quant import formats as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +49,7 @@ from server_shim.quant import _gluon_w4w as W
 ptrs = {"c_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "bias_ptr": "*bf16"}
 for dt in (torch.bfloat16, torch.float16):
     bf16 = dt == torch.bfloat16
-    consts = dict(BF16=bf16, HAS_BIAS=not bf16, STEPS=8, DQ=W.dequant_ptx(bf16), LEAN=bf16)
+    consts = dict(BF16=bf16, HAS_BIAS=not bf16, STEPS=8, DQ=W.dequant_ptx(bf16))
     desc = {"x_desc": W.descriptor_type("x", dt), "w_desc": W.descriptor_type("w", dt)}
     print(dt, S.compile_one(W._wonly_wordsw_kernel, ptrs, consts, 4, 1, 16, desc, div16={"N", "K", "K_PER", "scm"}))
 """

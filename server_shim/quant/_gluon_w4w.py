@@ -20,29 +20,27 @@ step), the sums of "wordsb". K splits reduce themselves (each writes its partial
 arrive on its tile's counter sums them in split order), as `_fast_common._split_finish` does.
 
 Measured (H100, 2026-12-05; every run checked against float64 first, and run twice for equal
-bits): 16 x 4096 x 4096 bf16 10.0 us with 8 K steps a program (4 splits), against 8.3 for
-"wordsb" and 8.8 for torch bf16; 4 / 16 steps 11.6 / 11.5. Faster than "wordsb" only at
-5 x 1000 x 4224 (6.6 against 7.8 us). Learned on the way, in sm90 SASS (`python
-bench/sm90_compile.py --only wordsw`): ptxas counts a register operand dead once its wgmma is
-issued and gives its registers to whatever is written next, then waits for the MMAs before that
-write; with the words loaded from global memory after the MMAs' issue, every step waited for the
-MMAs and then for an L2 round trip (12.3 us). Loading the words two steps ahead let the
-dequantization interleave with the MMAs but did not help (12.3 us): each thread's 16 8-byte word
-loads touched 8 rows, 8 cache lines an instruction. Staging the words by TMA and reading them
-from shared memory took it to 10.0. The two halves of a step as two MMA chains (INDEP, summed
-after: an N = 16 wgmma's latency, not its work, is what a chain costs): 9.8 against 10.1 us, and
-5 x 1000 x 4224 6.3. Each step's operand read from shared memory when its turn comes (LEAN: no
-operand or words carried, 86 registers instead of 192, so up to 5 programs a multiprocessor fill
-one another's waits for their MMAs): 8.99 us with 8 K steps a split, 9.18 with 4, against 9.71 /
-11.51 without (and "wordsb" 8.21, torch bf16 8.69 in the same run). The defaults are the fastest
-found (two chains, LEAN); still short of "wordsb" at M = 16, so still in no dispatch path.
-Nsight Compute on LEAN with 8 steps: 1.85 active warps a scheduler (shared memory allows 3), an
-instruction issued every 2.9 cycles, the top stall (31%) a global load's scoreboard: the step's own
-zero points and scales. Loaded a step ahead since: 9.12 us at M = 16 (no gain), 6.17 at
-5 x 1000 x 4224 (from 6.28). Nsight Compute again (its run flushes the L2): the global loads'
-scoreboard still the top stall (1.76 of 5.64 cycles between issues), the MMAs' own 0.05, SM
-active 74% of the elapsed cycles: the next thing to move is the zero points and scales into the
-programs' bulk copies, and the split reduction's tail.
+bits): 16 x 4096 x 4096 bf16 8.99-9.12 us with 8 K steps a program (4 splits), against 8.21 for
+"wordsb" and 8.69 for torch bf16; faster than "wordsb" only off M = 16 (5 x 1000 x 4224: 6.17
+against 7.7 us). So it is in no dispatch path.
+
+How it got there (the slower variants stayed selectable in `bench/wordsw.py --indep/--lean` up to
+commit 0c6abca, which reproduces them). In sm90 SASS (compiled as tests/test_gluon_w4w.py does),
+ptxas counts a register operand dead once its wgmma is issued and gives its registers to whatever
+is written next, then waits for the MMAs before that write: with the words loaded from global
+memory after the MMAs' issue every step waited for the MMAs and then an L2 round trip (12.1 us);
+loading them two steps ahead let the dequantization interleave with the MMAs but did not help
+(12.3 us: each thread's 8-byte word loads touched 8 rows, 8 cache lines an instruction). Staging
+the words by TMA and reading them from shared memory: 10.0. A step's halves as two MMA chains: 9.8.
+Each step's operand read only when its turn comes (86 registers instead of 192, so up to 5
+programs a multiprocessor fill one another's waits for their MMAs): 8.99, against 9.71 with the
+operand carried. Nsight Compute then: 1.85 active warps a scheduler (shared memory allows 3), an
+instruction every 2.9 cycles, the top stall (31%) the step's own zero points and scales from
+global memory; loaded a step ahead since (9.12 us, no gain at M = 16; 5 x 1000 x 4224 6.28 ->
+6.17). Profiled again (the run flushes the L2): the global loads' scoreboard still the top stall
+(1.76 of 5.64 cycles between issues), the MMAs' own 0.05, SMs active 74% of the elapsed cycles:
+the next thing to move is the zero points and scales into the programs' bulk copies, and the split
+reduction's tail.
 """
 
 from __future__ import annotations
@@ -103,12 +101,6 @@ if IMPORTED:
         return lo, hi
 
     @gluon.jit
-    def _words(w_bufs, bars, z_ptrs, sel, step):
-        """K step `step`'s raw operand: its words (`_smem_words`) and the rows' zero points."""
-        lo, hi = _smem_words(w_bufs, bars, sel, step)
-        return lo, hi, gl.load(z_ptrs).to(gl.int32)
-
-    @gluon.jit
     def _half_operand(word, nz, sel, BF16: gl.constexpr, DQ: gl.constexpr, a_l: gl.constexpr):
         """Words [64, 8, 4] -> the MMA's register A operand [64, 64] (k = 8 * word + 2 * byte + half),
         q - z exact."""
@@ -123,46 +115,17 @@ if IMPORTED:
 
     @gluon.jit
     def _operand(r_lo, r_hi, zc, sel, BF16: gl.constexpr, DQ: gl.constexpr, a_l: gl.constexpr):
-        """A K step's raw operand (`_words`) dequantized: the two halves of its register A operand."""
+        """A K step's words (`_smem_words`) and its rows' zero points dequantized: the two halves of its
+        register A operand."""
         h = (zc | (0xC300 if BF16 else 0xE400)) & 0xFFFF  # -(magic + z) as a 16-bit float
         nz = gl.broadcast(gl.expand_dims(gl.expand_dims(h | (h << 16), 1), 2), r_lo)[0]
         return (_half_operand(r_lo, nz, sel, BF16, DQ, a_l),
                 _half_operand(r_hi, nz, sel, BF16, DQ, a_l))  # fmt: skip
 
     @gluon.jit
-    def _k_step(j, a_lo, a_hi, r_lo, r_hi, zc, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg, last,
-                BF16: gl.constexpr, DQ: gl.constexpr, a_l: gl.constexpr, INDEP: gl.constexpr):  # fmt: skip
-        """K step j of the program (steps counted from its first; `last` its last step): step j + 2's
-        words loaded (past the last: the last's again), step j's MMAs on (a_lo, a_hi) and x's boxes
-        2j, 2j + 1 issued, step j + 1's operand dequantized from (r_lo, r_hi, zc) meanwhile, the
-        partial waited for, times the group scale, added. Returns step j + 1's operand, step j + 2's
-        words and acc. The words come two steps ahead: ptxas waits for the MMAs before the next
-        operand's registers are written (in PTX an operand is dead once its wgmma is issued, and
-        ptxas reuses its registers), so loads issued after the MMAs would wait for them too."""
-        n2 = gl.minimum(j + 2, last)
-        r2_lo, r2_hi, zc2 = _words(w_bufs, bars, z_ptrs + n2 * szg, sel, n2)
-        sc = gl.load(s_ptrs + j * ssg)
-        mbarrier.wait(bars.index(j), 0)
-        if INDEP:  # the two halves' MMAs as two chains (an N = 16 wgmma's latency, not its work, is the cost)
-            p_lo = warpgroup_mma(a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True)
-            p_hi = warpgroup_mma(
-                a_hi, xs.index(2 * j + 1).permute((1, 0)), zero, use_acc=False, is_async=True
-            )
-            n_lo, n_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
-            p_lo, p_hi = warpgroup_mma_wait(num_outstanding=0, deps=(p_lo, p_hi))
-            part = p_lo + p_hi
-        else:
-            part = warpgroup_mma(a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True)
-            part = warpgroup_mma(a_hi, xs.index(2 * j + 1).permute((1, 0)), part, is_async=True)
-            n_lo, n_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
-            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-        return n_lo, n_hi, r2_lo, r2_hi, zc2, acc + part * gl.expand_dims(sc, 1)
-
-    @gluon.jit
     def _wonly_wordsw_kernel(x_desc, w_desc, c_ptr, ws_ptr, cnt_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                              scm, scn, ssn, ssg, szn, szg, SPLIT, BF16: gl.constexpr,
-                             HAS_BIAS: gl.constexpr, STEPS: gl.constexpr, DQ: gl.constexpr,
-                             INDEP: gl.constexpr = True, LEAN: gl.constexpr = True):  # fmt: skip
+                             HAS_BIAS: gl.constexpr, STEPS: gl.constexpr, DQ: gl.constexpr):  # fmt: skip
         """c [M, N] = x [M, K] @ dequant(w)^T + bias, M <= 16, int4 (scales fp32, zeros uint8, GROUP
         128): x by its descriptor (16 x 64 boxes), w as int32 words [N, K/8] (k = 8 * word + nibble).
         Program (i, j): weight rows [64 i, +64) over K [j K_PER, +K_PER), at most STEPS K steps."""
@@ -210,49 +173,28 @@ if IMPORTED:
         z_ptrs = z_ptr + rn_w * szn + g0 * szg
         acc = gl.zeros([_ROWS, _BM], gl.float32, mma)
         zero = gl.zeros([_ROWS, _BM], gl.float32, mma)
-        if LEAN:  # each step's operand from shared memory when its turn comes: fewer registers, more
-            # programs a multiprocessor to fill one another's waits for their MMAs
-            # the zero points and scales a step ahead (from global memory: an L2 round trip, which
-            # ncu showed as the top stall when each step loaded its own)
-            last = gl.minimum(g0 + steps, gl.cdiv(K, _BK)) - 1 - g0
-            zc_n = gl.load(z_ptrs).to(gl.int32)
-            sc_n = gl.load(s_ptrs)
-            for j in range(0, steps):
-                zc = zc_n
-                sc = sc_n
-                nxt = gl.minimum(j + 1, last)
-                zc_n = gl.load(z_ptrs + nxt * szg).to(gl.int32)
-                sc_n = gl.load(s_ptrs + nxt * ssg)
-                r_lo, r_hi = _smem_words(w_bufs, bars, sel, j)
-                a_lo, a_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
-                p_lo = warpgroup_mma(
-                    a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True
-                )
-                p_hi = warpgroup_mma(
-                    a_hi, xs.index(2 * j + 1).permute((1, 0)), zero, use_acc=False, is_async=True
-                )
-                p_lo, p_hi = warpgroup_mma_wait(num_outstanding=0, deps=(p_lo, p_hi))
-                acc += (p_lo + p_hi) * gl.expand_dims(sc, 1)
-        else:
-            # step 0's operand and step 1's words; two steps an iteration, each step's operand and words in
-            # registers of their own (carried from one iteration to the next, they would be copied)
-            last = gl.minimum(g0 + steps, gl.cdiv(K, _BK)) - 1 - g0
-            r_lo, r_hi, zc = _words(w_bufs, bars, z_ptrs, sel, 0)
-            a0_lo, a0_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
-            r0_lo, r0_hi, zc0 = _words(
-                w_bufs, bars, z_ptrs + gl.minimum(1, last) * szg, sel, gl.minimum(1, last)
+        # each step's operand read from shared memory when its turn comes (no operand carried: 86
+        # registers, up to 5 programs a multiprocessor to fill one another's waits for their MMAs);
+        # its two halves' MMAs as two chains (an N = 16 wgmma's latency, not its work, is the cost);
+        # the zero points and scales a step ahead (from global memory: ncu's top stall when each
+        # step loaded its own)
+        last = gl.minimum(g0 + steps, gl.cdiv(K, _BK)) - 1 - g0
+        zc_n = gl.load(z_ptrs).to(gl.int32)
+        sc_n = gl.load(s_ptrs)
+        for j in range(0, steps):
+            zc = zc_n
+            sc = sc_n
+            nxt = gl.minimum(j + 1, last)
+            zc_n = gl.load(z_ptrs + nxt * szg).to(gl.int32)
+            sc_n = gl.load(s_ptrs + nxt * ssg)
+            r_lo, r_hi = _smem_words(w_bufs, bars, sel, j)
+            a_lo, a_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
+            p_lo = warpgroup_mma(a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True)
+            p_hi = warpgroup_mma(
+                a_hi, xs.index(2 * j + 1).permute((1, 0)), zero, use_acc=False, is_async=True
             )
-            for j in range(0, steps - 1, 2):
-                a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc = _k_step(
-                    j, a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg,
-                    last, BF16, DQ, a_l, INDEP)  # fmt: skip
-                a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc = _k_step(
-                    j + 1, a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs, ssg,
-                    last, BF16, DQ, a_l, INDEP)  # fmt: skip
-            if steps % 2 == 1:
-                a1_lo, a1_hi, r1_lo, r1_hi, zc1, acc = _k_step(
-                    steps - 1, a0_lo, a0_hi, r0_lo, r0_hi, zc0, acc, zero, xs, bars, w_bufs, sel, z_ptrs, szg, s_ptrs,
-                    ssg, last, BF16, DQ, a_l, INDEP)  # fmt: skip
+            p_lo, p_hi = warpgroup_mma_wait(num_outstanding=0, deps=(p_lo, p_hi))
+            acc += (p_lo + p_hi) * gl.expand_dims(sc, 1)
 
         # acc [64 rows of w, 16 rows of x] is c's tile transposed
         offs_n = pid_n * _ROWS + gl.arange(0, _ROWS, layout=rs_l)
@@ -304,26 +246,31 @@ def runs(x: torch.Tensor, words: torch.Tensor | None, zeros: torch.Tensor, fmt: 
     )
 
 
+def _layouts(dtype: torch.dtype) -> tuple:
+    """The shared-memory layouts of x's boxes ([16, 64] of x's dtype) and the words' ([64, 16] int32)."""
+    dt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return (
+        gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF_K], dt),
+        gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_K // 8], gl.int32),
+    )
+
+
 def descriptor_type(operand: str, dtype: torch.dtype) -> str:
     """The JIT's signature type of x's ("x") or the words' ("w") descriptor, for compiling without a
     GPU (bench/sm90_compile.py)."""
+    x_layout, w_layout = _layouts(dtype)
     if operand == "w":
-        layout = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_K // 8], gl.int32)
-        return f"tensordesc<i32[{ROWS}, {BLOCK_K // 8}],{layout!r}>"
-    dt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF_K], dt)
-    return f"tensordesc<{'bf16' if dtype == torch.bfloat16 else 'fp16'}[{BLOCK_M}, {HALF_K}],{layout!r}>"
+        return f"tensordesc<i32[{ROWS}, {BLOCK_K // 8}],{w_layout!r}>"
+    return f"tensordesc<{'bf16' if dtype == torch.bfloat16 else 'fp16'}[{BLOCK_M}, {HALF_K}],{x_layout!r}>"
 
 
 def wonly_wordsw(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, bias: torch.Tensor | None, *, steps: int, workspace, counters, indep: bool = True, lean: bool = True) -> None:  # noqa: ANN001  # fmt: skip
+                 zeros: torch.Tensor, bias: torch.Tensor | None, *, steps: int, workspace, counters) -> None:  # noqa: ANN001  # fmt: skip
     """out = x @ dequant(words)^T + bias with the Gluon kernel (`runs` has said yes): K in splits of
     `steps` K steps; workspace(splits) -> fp32 [splits, M, N], counters(tiles) -> zeroed int32."""
     (M, K), N = x.shape, words.shape[0]
-    dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF_K], dt)
-    x_desc = TensorDescriptor.from_tensor(x, [BLOCK_M, HALF_K], layout)
-    w_layout = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_K // 8], gl.int32)
+    x_layout, w_layout = _layouts(x.dtype)
+    x_desc = TensorDescriptor.from_tensor(x, [BLOCK_M, HALF_K], x_layout)
     w_desc = TensorDescriptor.from_tensor(words, [ROWS, BLOCK_K // 8], w_layout)
     k_per = steps * BLOCK_K
     splits = -(-K // k_per)
@@ -334,5 +281,5 @@ def wonly_wordsw(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales
         x_desc, w_desc, out, ws, cnt, scales, zeros, bias if bias is not None else out, M, N, K, k_per,
         out.stride(0), out.stride(1), scales.stride(0), scales.stride(1), zeros.stride(0),
         zeros.stride(1), splits, BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None, STEPS=steps,
-        DQ=dequant_ptx(x.dtype == torch.bfloat16), INDEP=indep, LEAN=lean, num_warps=4,
+        DQ=dequant_ptx(x.dtype == torch.bfloat16), num_warps=4,
     )  # fmt: skip

@@ -93,11 +93,12 @@ def _fast(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
 
 def time_ms(fn: Callable[[], object]) -> float:
     """Median ms of CUDA-graph replays: a launch's Python cost (validation, dispatch, argument
-    binding: tens of us) is not the kernel's, and at small shapes it would swamp it."""
+    binding: tens of us) is not the kernel's, and at small shapes it would swamp it. Warmed up on
+    the capturing stream (`tuning.time_graph`): a self-reducing split-K config is timed as served."""
     import triton.testing
 
     try:
-        return triton.testing.do_bench_cudagraph(fn, rep=40, quantiles=[0.5])
+        return tuning.time_graph(fn, rep_ms=40)
     except Exception:  # a callable that cannot be captured
         return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=[0.5])
 

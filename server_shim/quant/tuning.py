@@ -494,12 +494,45 @@ def _time(fn: Callable[[], object]) -> float:
     import triton.testing
 
     try:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=5))
+        return time_graph(fn, rep_ms=5)
     except Exception as e:  # noqa: BLE001 - any capture failure: time eagerly instead
         logger.info("graph timing failed (%s): timing eagerly", str(e).splitlines()[0:1])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return float(triton.testing.do_bench(fn, warmup=3, rep=12))
+
+
+def time_graph(fn: Callable[[], object], rep_ms: float, quantile: float = 0.5) -> float:
+    """Milliseconds per call of fn: the `quantile` of 10 replays of one CUDA graph of as many calls
+    as fill about rep_ms. As triton's `do_bench_cudagraph`, but warmed up on the stream that then
+    captures, as the shim's graphs are (`cuda_graphs`): what fn keeps per stream (the split-K
+    counters of `_fastpath._counters`) exists when captured, so a self-reducing split is timed
+    as a served graph runs it, not as the second-kernel fallback a fresh capture stream gets."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        reps = max(1, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3)))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(reps):
+                fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / reps)
+    return float(torch.quantile(torch.tensor(times), quantile))
 
 
 def flush_bytes(l2_bytes: int) -> int:
@@ -515,15 +548,17 @@ def l2_bytes(device: torch.device) -> int:
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20)
 
 
-def _warm_up_aside(fn: Callable[[], object]) -> None:
-    """fn twice on a side stream before a capture: its allocations and first-call work (tuning,
-    compiling) stay out of the graph."""
+def _warm_up_aside(fn: Callable[[], object]) -> torch.cuda.Stream:
+    """fn twice on a side stream before a capture, which then captures on it (returned): its
+    allocations and first-call work (tuning, compiling) stay out of the graph, and what it keeps per
+    stream (split-K counters) is there when captured, as in the shim's own graphs."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
             fn()
     torch.cuda.current_stream().wait_stream(side)
+    return side
 
 
 def read_flush(flush: torch.Tensor, sink: torch.Tensor) -> None:
@@ -537,9 +572,9 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object] | None:
     queues the kernels alone, with none of the Python that launched them (dispatch, Triton's
     launcher, the activation's quantization call), which is what a served step replays too."""
     try:
-        _warm_up_aside(fn)
+        side = _warm_up_aside(fn)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             fn()
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - any capture failure: the caller times fn eagerly
@@ -555,9 +590,9 @@ def _cold_in_one_graph(fn: Callable[[], object], flush: torch.Tensor, sink: torc
     events but fn's kernels, as in a decode step's graph, where the kernels run back to back."""
     starts = [torch.cuda.Event(enable_timing=True, external=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True, external=True) for _ in range(reps)]
-    _warm_up_aside(fn)
+    side = _warm_up_aside(fn)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         for start, end in zip(starts, ends, strict=True):
             read_flush(flush, sink)
             start.record()

@@ -16,7 +16,7 @@ and exits 3):
    `torch._scaled_mm`, every Triton kernel through the shim's own dispatch (the tuner picks
    and caches a config at the first call, which is then checked against float64 again), and the
    legacy kernels (DIFFTEST_TRITON_KERNELS=legacy) for fp8-block and int4. Medians of CUDA-graph
-   replays (do_bench_cudagraph), so Python launch cost is not counted; every candidate's time per
+   replays (`tuning.time_graph`), so Python launch cost is not counted; every candidate's time per
    tuned key is printed ("tuned ...") and kept in the JSON ("tuned"). Rows of at most 16 (decode)
    are timed a second time with the L2 flushed before every call (`tuning.time_cold`: the weights
    come from HBM, as in a model's decode step and in the tuner's own timing of these rows).
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(dev)
     run.data["meta"] = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
                         "family": arch.gemm_family(dev), "impl": K.impl(),
-                        "timing": "median of triton.testing.do_bench_cudagraph"}  # fmt: skip
+                        "timing": "median of CUDA-graph replays (tuning.time_graph)"}  # fmt: skip
     print(f"device {name} ({arch.gemm_family(dev)}), torch {torch.__version__}, triton {triton.__version__}, "
           f"kernels {K.impl()}", flush=True)  # fmt: skip
     shapes = SHAPES + (FULL if args.full else [])

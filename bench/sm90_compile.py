@@ -39,7 +39,14 @@ from server_shim.quant import kernels as K  # noqa: E402
 ONES = {"sak", "sbk", "sxk", "swk", "scn", "sas1", "sbs1", "ssg", "szg"}  # unit strides: JIT constexprs
 DIV16 = {"N", "K", "K_PER", "sam", "sbn", "scm", "sxm", "swn"}  # multiples of 16 at N = K = 4096
 # (name, kind, pointer types, fixed constexprs)
-P8 = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "as_ptr": "*fp32", "bs_ptr": "*fp32"}
+P8 = {
+    "a_ptr": "*fp8e4nv",
+    "b_ptr": "*fp8e4nv",
+    "c_ptr": "*bf16",
+    "as_ptr": "*fp32",
+    "bs_ptr": "*fp32",
+    "cnt_ptr": "*i32",
+}
 P4 = {
     "x_ptr": "*bf16",
     "w_ptr": "*u8",
@@ -110,6 +117,7 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
             GROUP_M=cfg.group_m,
             PROMOTE=min(bk, 128),
             LAG=cfg.path == "lag",
+            SPLIT_FIN=split,
         )
     common = dict(fixed, HAS_BIAS=False, EVEN_K=True, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk)
     if cfg.path == "gemv":

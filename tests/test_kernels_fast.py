@@ -403,8 +403,6 @@ def test_buckets_configs_and_agreement() -> None:
 
 
 def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    import triton.testing
-
     cands = [tuning.Cfg("tile", 16, 32, 128, 4, 3), tuning.Cfg("tile", 16, 64, 128, 4, 3),
              tuning.Cfg("tile", 16, 64, 128, 4, 3, 4)]  # fmt: skip
     speed = {cands[0].name: 3.0, cands[1].name: 1.0, cands[2].name: 2.0}
@@ -417,9 +415,7 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(
-        triton.testing, "do_bench_cudagraph", lambda fn, **kw: (fn(), speed[current[-1].name])[1]
-    )
+    monkeypatch.setattr(tuning, "time_graph", lambda fn, **kw: (fn(), speed[current[-1].name])[1])
     monkeypatch.setattr(tuning.Tuner, "_prefix", lambda self: "dev|tv|")
     monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", str(tmp_path / "tune.json"))
     monkeypatch.setattr(tuning, "REJECTED", [])
@@ -452,8 +448,6 @@ def test_finalists_are_the_near_ties_of_the_fastest() -> None:
 def test_near_ties_are_retimed_and_the_median_decides(monkeypatch: pytest.MonkeyPatch) -> None:
     """A first timing that puts a within 1% of b is not trusted: both are timed again, interleaved;
     b wins on the medians. A config 10% slower is not re-timed at all."""
-    import triton.testing
-
     cands = [tuning.Cfg("tile", 16, 32, 128, 4, 3), tuning.Cfg("tile", 16, 64, 128, 4, 3),
              tuning.Cfg("tile", 16, 64, 128, 4, 4)]  # fmt: skip
     a, b, slow = (c.name for c in cands)
@@ -472,7 +466,7 @@ def test_near_ties_are_retimed_and_the_median_decides(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", bench)
+    monkeypatch.setattr(tuning, "time_graph", bench)
     monkeypatch.setattr(tuning.Tuner, "_prefix", lambda self: "dev|tv|")
     monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", "0")
     monkeypatch.setattr(tuning, "CHOSEN", {})
@@ -535,8 +529,6 @@ def test_stored_choices_persist_by_default_and_stale_ones_are_retuned(
     stored name that is not a candidate any more is retuned; "0" keeps choices in memory only."""
     import json
 
-    import triton.testing
-
     cands = [tuning.Cfg("tile", 16, 32, 128, 4, 3), tuning.Cfg("tile", 16, 64, 128, 4, 3)]
     speed = {cands[0].name: 2.0, cands[1].name: 1.0}
     runs: list[tuning.Cfg] = []
@@ -547,9 +539,7 @@ def test_stored_choices_persist_by_default_and_stale_ones_are_retuned(
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(
-        triton.testing, "do_bench_cudagraph", lambda fn, **kw: (fn(), speed[runs[-1].name])[1]
-    )
+    monkeypatch.setattr(tuning, "time_graph", lambda fn, **kw: (fn(), speed[runs[-1].name])[1])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "dev")
     monkeypatch.delenv("DIFFTEST_TRITON_TUNE_CACHE", raising=False)
     monkeypatch.setenv("DIFFTEST_CACHE_DIR", str(tmp_path / "cache"))
@@ -605,6 +595,47 @@ def test_self_reducing_splits_are_deterministic_and_leave_their_counters_zero(fo
     assert rel(runs[0], _int4_ref(x, q, scales, zeros, N, Kd)) < 1e-6
     counters = _fastpath._COUNTERS["cpu"]
     assert counters.numel() >= 3 and int(counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize(("amode", "bmode", "int8"), [("block", "block", False), ("row", "row", False),
+                                                   ("tensor", "row", False), ("row", "row", True)])  # fmt: skip
+def test_8bit_splits_sum_themselves_with_the_reduction_kernels_bits(
+    force, monkeypatch, amode, bmode, int8
+) -> None:
+    """`_mm8_kernel` SPLIT_FIN: the splits of an 8-bit tile sum themselves (no reduction kernel
+    launched), the tensor / row scales applied after the sum (block ones per K step), int8's
+    partials summed as int32: the same bits as the two-kernel reduction, which still runs where the
+    counters are missing (`_fastpath._counters` None: a graph capture that would grow them)."""
+    from server_shim.quant import _fastpath
+
+    force(SPLIT)
+    g = torch.Generator().manual_seed(43)
+    M, N, Kd = 3, 130, 300
+    if int8:
+        a = torch.randint(-127, 128, (M, Kd), dtype=torch.int8, generator=g)
+        b = torch.randint(-127, 128, (N, Kd), dtype=torch.int8, generator=g)
+        sa, sb = torch.rand(M, 1, generator=g) + 0.01, torch.rand(N, 1, generator=g) + 0.01
+
+        def gemm() -> torch.Tensor:
+            return K.int8_gemm(a, sa, b, sb, out_dtype=torch.float32)
+    else:
+        a, b = fp8_data((M, Kd), FN, 44), fp8_data((N, Kd), FN, 45)
+        scale = {"block": (torch.rand(M, 3, generator=g) + 0.01, torch.rand(2, 3, generator=g) + 0.01),
+                 "row": (torch.rand(M, 1, generator=g) + 0.01, torch.rand(N, 1, generator=g) + 0.01),
+                 "tensor": (torch.tensor([0.02]), torch.tensor([0.03]))}  # fmt: skip
+        sa, sb = scale[amode][0], scale[bmode][1]
+
+        def gemm() -> torch.Tensor:
+            return K.fp8_gemm(a, sa, b, sb, a_scale_mode=amode, b_scale_mode=bmode, out_dtype=torch.float32)
+
+    spies = _spy_on(monkeypatch, "reduce")
+    itself = gemm()
+    assert spies["reduce"].launches == 0
+    monkeypatch.setattr(_fastpath, "_counters", lambda device, tiles: None)
+    two_kernels = gemm()
+    assert spies["reduce"].launches == 1
+    assert torch.equal(itself, two_kernels)
+    assert int(_fastpath._COUNTERS["cpu"].abs().sum()) == 0
 
 
 class _LaunchSpy:

@@ -34,11 +34,14 @@ def _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N):
 
 
 def _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn,
-                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                  as_ptr, bs_ptr, sas0, sbs0, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  A_MODE: tl.constexpr, B_MODE: tl.constexpr):  # fmt: skip
     """Split-K without a second kernel: each split writes its partial, counts itself in on its
     tile's counter (cnt_ptr[program_id(0)], release/acquire), and the last to arrive sums all
     SPLIT partials in split order -- the same order whichever split comes last, so the same bits
-    on every run -- finishes the tile (bias, cast, store) and zeroes the counter for the next launch."""
+    on every run, and those of the reduction kernel -- finishes the tile (the 8-bit GEMMs' tensor /
+    row scales, `_scale_out`: modes 2 mean none, bias, cast, store) and zeroes the counter for the
+    next launch. The partials sum in the workspace's type: int8's int32 exactly."""
     _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
     tl.debug_barrier()  # every thread's partial is written before the arrival is counted
     tile = tl.program_id(0)
@@ -46,11 +49,12 @@ def _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_pt
     if arrived == SPLIT - 1:
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=ws_ptr.dtype.element_ty)
         for _ in range(0, SPLIT):
-            total += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # past L1: other SMs wrote it
+            total += tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")  # past L1: other SMs wrote it
             ptrs += M * N
         tl.atomic_xchg(cnt_ptr + tile, 0)
+        total = _scale_out(total, as_ptr, bs_ptr, offs_m % M, offs_n % N, sas0, sbs0, A_MODE, B_MODE)
         _epilogue(total, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 
 

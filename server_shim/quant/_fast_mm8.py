@@ -17,6 +17,7 @@ from server_shim.quant._fast_common import (
     _load_k_tiles,
     _round_to_fp8_grid,
     _scale_out,
+    _split_finish,
     _split_store,
     _split_tile,
     _tile_ids,
@@ -86,12 +87,13 @@ def _block_step(a, b, acc, prev, sa, sb, as_ptr, bs_ptr, rm, rn, pid_n, k0, K, s
 
 # ----------------------------------------------------------------------------- kernels
 def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, K_PER,
-                sam, sak, sbn, sbk, scm, scn, sas0, sas1, sbs0, sbs1,
+                sam, sak, sbn, sbk, scm, scn, sas0, sas1, sbs0, sbs1, cnt_ptr, SPLIT,
                 A_MODE: tl.constexpr, B_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ACC_INT: tl.constexpr, DECODE: tl.constexpr, FAST_ACC: tl.constexpr,
                 SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                PROMOTE: tl.constexpr = 128, LAG: tl.constexpr = False):  # fmt: skip
+                PROMOTE: tl.constexpr = 128, LAG: tl.constexpr = False,
+                SPLIT_FIN: tl.constexpr = False):  # fmt: skip
     """C = (A * sa) @ (B * sb)^T, fp8 (fp32 acc) or int8 (int32 acc); modes 0 tensor, 1 row, 2 block.
 
     fp8 products are promoted to the fp32 accumulator every PROMOTE = min(BLOCK_K, 128) of K
@@ -104,6 +106,9 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
     program_id(1) is the K split: it covers [pid_k * K_PER, +K_PER) (K_PER a multiple of
     BLOCK_K, and of GROUP in block mode); with SPLIT_OUT it writes its unscaled (tensor/row) or
     block-scaled partial to ws for `_splitk_reduce_kernel`, else it finishes the tile itself.
+    SPLIT_FIN (with SPLIT_OUT): the SPLIT splits sum themselves instead (`_split_finish`, one int32
+    counter per output tile at cnt_ptr): no second kernel, whose launch is most of a small-M split's
+    cost in a CUDA graph.
     """
     pid_n, pid_k, offs_m, offs_n, rm, rn, k_lo, k_hi = _split_tile(M, N, K, K_PER, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -145,7 +150,10 @@ def _mm8_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, 
         b_ptrs += BLOCK_K * sbk
     if LAG:
         acc += prev
-    if SPLIT_OUT:
+    if SPLIT_FIN:
+        _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, as_ptr,
+                      bs_ptr, sas0, sbs0, HAS_BIAS, BLOCK_M, BLOCK_N, A_MODE, B_MODE)  # fmt: skip
+    elif SPLIT_OUT:
         _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
     else:
         out = _scale_out(acc, as_ptr, bs_ptr, rm, rn, sas0, sbs0, A_MODE, B_MODE)

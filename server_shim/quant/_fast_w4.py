@@ -96,9 +96,9 @@ def _wonly_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_pt
                   BLOCK_N: tl.constexpr):  # fmt: skip
     """A 4-bit tile's end: its splits reduce themselves (SPLIT_FIN, `_split_finish`), or it leaves its
     partial for the reduction kernel (SPLIT_OUT), or it is the whole sum (bias, cast, store)."""
-    if SPLIT_FIN:
-        _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, HAS_BIAS,
-                      BLOCK_M, BLOCK_N)  # fmt: skip
+    if SPLIT_FIN:  # modes 2: no scales after the sum (its scale pointers unread)
+        _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn, ws_ptr,
+                      ws_ptr, 0, 0, HAS_BIAS, BLOCK_M, BLOCK_N, 2, 2)  # fmt: skip
     elif SPLIT_OUT:
         _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N)
     else:

@@ -189,10 +189,12 @@ def _launch_mm8(k: SimpleNamespace, grid: tuple[int, int], cfg: tuning.Cfg, a: t
                 out: torch.Tensor, ws: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                 bias: torch.Tensor | None, M: int, N: int, K: int, kper: int, sa: tuple[int, int],
                 sb: tuple[int, int], *, am: int, bmode: int, group: int, acc_int: bool, decode: int,
-                fast_acc: bool) -> None:  # fmt: skip
+                fast_acc: bool, counters: torch.Tensor | None = None) -> None:  # fmt: skip
+    """`_mm8_kernel` on `grid` (tiles, splits); with counters its splits sum themselves (SPLIT_FIN)."""
     k.mm8[grid](
         a, b, out, ws, a_scale, b_scale, bias if bias is not None else out, M, N, K, kper,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), *sa, *sb,
+        counters if counters is not None else ws, grid[1], SPLIT_FIN=counters is not None,
         A_MODE=am, B_MODE=bmode, GROUP=group, HAS_BIAS=bias is not None, ACC_INT=acc_int, DECODE=decode,
         FAST_ACC=fast_acc, SPLIT_OUT=ws is not out, EVEN_K=K % cfg.bk == 0, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
         BLOCK_K=cfg.bk, GROUP_M=cfg.group_m, PROMOTE=min(cfg.bk, 128), LAG=cfg.path == "lag" and _lag_ok(acc_int, fast_acc, decode),
@@ -270,8 +272,14 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )  # fmt: skip
         else:
+            # the tile's splits sum themselves on per-tile counters (none inside a graph capture that
+            # would grow them: the reduction kernel then)
+            counters = _counters(out.device, grid[0]) if splits > 1 else None
             _launch_mm8(k, grid, cfg, a, b, out, ws, a_scale, b_scale, bias, M, N, K, kper, sa, sb, am=am,
-                        bmode=bmode, group=group, acc_int=acc_int, decode=decode, fast_acc=fast_acc)  # fmt: skip
+                        bmode=bmode, group=group, acc_int=acc_int, decode=decode, fast_acc=fast_acc,
+                        counters=counters)  # fmt: skip
+            if counters is not None:
+                return out
         if splits > 1:
             # block scales were applied per K tile: the reduction applies tensor/row ones only
             _reduce(k, ws, out, a_scale, b_scale, bias, sa[0], sb[0], am, bmode, acc_int)

@@ -48,3 +48,13 @@ def test_cold_timing_says_it_needs_a_gpu_and_exits_0_without_one() -> None:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "needs a CUDA or ROCm GPU" in done.stdout
+
+
+def test_mm8_sweep_checks_pinned_split_tiles_on_cpu() -> None:
+    """bench/mm8_sweep.py --device cpu: each pinned config (here a split that sums itself) checked
+    against float64 under the interpreter; a name that is no config is one line and exit status 2."""
+    r = run_cpu("mm8_sweep.py", "--m", "16", "--configs", "tile:16x32x128:w4:s1:k2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ok   fp8 block M=16" in r.stdout and r.stdout.rstrip().endswith("all checks passed")
+    bad = run_cpu("mm8_sweep.py", "--configs", "tile:16x32")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a triton config name" in bad.stderr

@@ -235,7 +235,10 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, 
 
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        # use_kernels=False: transformers >= 5.2x swaps layers for Hugging Face Hub kernels by default
+        # where the `kernels` package is installed -- fetched at run time, and not the plain PyTorch
+        # forward a reference must be (a GPU without network refused to load: "Kernels are not available")
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_kernels=False)
     except (ValueError, OSError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model folder {folder}: {exc}".replace("\n", " ")) from exc
     if not getattr(tok, "is_fast", False):

@@ -131,6 +131,7 @@ def test_hf_folder_round_trip(tiny_llama: LoadedModel, tmp_path: Path) -> None:
     tiny_llama.tokenizer.save_pretrained(str(tmp_path))
     lm = load_model(str(tmp_path), device="cpu")
     assert lm.name == str(tmp_path) and lm.num_layers == 4
+    assert not lm.model.use_kernels  # no Hub kernels swapped in: the plain PyTorch forward
     ids = torch.tensor([[1, 5, 6, 7]])
     torch.testing.assert_close(lm.model(ids).logits, tiny_llama.model(ids).logits, rtol=0, atol=0)
 

@@ -75,7 +75,7 @@ class Cfg:
     operands loaded straight into registers ("wordsb" where it cannot run);
     "fusedk" / "wordsk" / "tilek": "fused" / "words" / "tile" whose
     K splits reduce themselves (the last split to finish sums the partials in split order on a
-    per-tile counter) instead of a second kernel; "lag": the fp8 tile with each K step's promoted
+    per-tile counter) instead of a second kernel (the 8-bit "tile" / "lag" splits always do); "lag": the fp8 tile with each K step's promoted
     partial added one step late (8-bit GEMM; int8 and fast-accumulation fp8 never see it); "tma": the
     8-bit tile with its operands read through tensor descriptors (Hopper's bulk tensor copies; no
     split; only where the operands are 16-byte aligned native 8-bit, else it runs as "tile"); "tmap":

@@ -502,16 +502,14 @@ def _time(fn: Callable[[], object]) -> float:
         return float(triton.testing.do_bench(fn, warmup=3, rep=12))
 
 
-def time_graph(fn: Callable[[], object], rep_ms: float, quantile: float = 0.5) -> float:
-    """Milliseconds per call of fn: the `quantile` of 10 replays of one CUDA graph of as many calls
-    as fill about rep_ms. As triton's `do_bench_cudagraph`, but warmed up on the stream that then
-    captures, as the shim's graphs are (`cuda_graphs`): what fn keeps per stream (the split-K
-    counters of `_fastpath._counters`) exists when captured, so a self-reducing split is timed
-    as a served graph runs it, not as the second-kernel fallback a fresh capture stream gets."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
+def time_graph(fn: Callable[[], object], rep_ms: float) -> float:
+    """Milliseconds per call of fn: the median of 10 replays of one CUDA graph of as many calls as
+    fill about rep_ms. As triton's `do_bench_cudagraph`, but captured on the stream fn warmed up on
+    (`_warm_up_aside`), as the shim's graphs are (`cuda_graphs`): what fn keeps per stream (the
+    split-K counters of `_fastpath._counters`) exists when captured, so a self-reducing split is
+    timed as a served graph runs it, not as the second-kernel fallback a fresh capture stream gets."""
+    side = _warm_up_aside(fn)
+    with torch.cuda.stream(side):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(5):
@@ -520,7 +518,7 @@ def time_graph(fn: Callable[[], object], rep_ms: float, quantile: float = 0.5) -
         torch.cuda.synchronize()
         reps = max(1, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3)))
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
+        with torch.cuda.graph(graph, stream=side):
             for _ in range(reps):
                 fn()
         torch.cuda.synchronize()
@@ -532,7 +530,7 @@ def time_graph(fn: Callable[[], object], rep_ms: float, quantile: float = 0.5) -
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / reps)
-    return float(torch.quantile(torch.tensor(times), quantile))
+    return statistics.median(times)
 
 
 def flush_bytes(l2_bytes: int) -> int:

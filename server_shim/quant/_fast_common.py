@@ -33,6 +33,19 @@ def _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N):
     tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
 
+def _split_sum(ws_ptr, offs_m, offs_n, M, N, SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile's SPLIT partials from the workspace [SPLIT, M, N], summed in split order in its type
+    (int8's int32 exactly) and read past L1 (other SMs wrote them): the one sum both the
+    self-reducing splits (`_split_finish`) and the reduction kernel use, so they give the same bits."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=ws_ptr.dtype.element_ty)
+    for _ in range(0, SPLIT):
+        total += tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")
+        ptrs += M * N  # pointer arithmetic is 64-bit: no int32 overflow of split * M * N
+    return total
+
+
 def _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_ptr, bias_ptr, scm, scn,
                   as_ptr, bs_ptr, sas0, sbs0, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   A_MODE: tl.constexpr, B_MODE: tl.constexpr):  # fmt: skip
@@ -47,12 +60,7 @@ def _split_finish(acc, ws_ptr, cnt_ptr, pid_k, SPLIT, offs_m, offs_n, M, N, c_pt
     tile = tl.program_id(0)
     arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
     if arrived == SPLIT - 1:
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=ws_ptr.dtype.element_ty)
-        for _ in range(0, SPLIT):
-            total += tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")  # past L1: other SMs wrote it
-            ptrs += M * N
+        total = _split_sum(ws_ptr, offs_m, offs_n, M, N, SPLIT, BLOCK_M, BLOCK_N)
         tl.atomic_xchg(cnt_ptr + tile, 0)
         total = _scale_out(total, as_ptr, bs_ptr, offs_m % M, offs_n % N, sas0, sbs0, A_MODE, B_MODE)
         _epilogue(total, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
@@ -200,5 +208,5 @@ def _gemv_place(N, K, K_PER, BLOCK_N: tl.constexpr):
     return row, pid_k, offs_n, rn, k_lo, k_hi
 
 
-HELPERS = ("_gemv_place", "_load_k_tiles", "_split_store", "_split_finish", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32", "_to_operand", "_per_group", "_dequant_pair", "_split_tile", "_gemv_store", "_e2m1_to_f32_h")  # fmt: skip
+HELPERS = ("_gemv_place", "_load_k_tiles", "_split_store", "_split_sum", "_split_finish", "_e8m0_to_f32", "_e2m1_to_f32", "_nibble_f32", "_to_operand", "_per_group", "_dequant_pair", "_split_tile", "_gemv_store", "_e2m1_to_f32_h")  # fmt: skip
 KERNELS = ()  # fmt: skip

@@ -19,6 +19,7 @@ from server_shim.quant._fast_common import (
     _scale_out,
     _split_finish,
     _split_store,
+    _split_sum,
     _split_tile,
     _tile_ids,
     _tile_of,
@@ -234,22 +235,16 @@ def _mm8_tmap_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, bias_ptr, M, N, K, 
 
 def _splitk_reduce_kernel(ws_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, SPLIT, scm, scn, sas0, sbs0,
                           A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          ACC_INT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Sum the SPLIT partials in split order (deterministic), then the tensor/row scales, bias, cast.
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Sum the SPLIT partials in split order (deterministic, `_split_sum`), then the tensor/row
+    scales, bias, cast.
 
-    int8 partials are int32 and sum exactly; mode 2 means "already scaled" (block, weight-only).
+    int8 partials are int32 (the workspace's type) and sum exactly; mode 2 means "already scaled"
+    (block, weight-only).
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    if ACC_INT:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for _ in range(0, SPLIT):
-        acc += tl.load(ptrs, mask=mask, other=0)
-        ptrs += M * N  # pointer arithmetic is 64-bit: no int32 overflow of split * M * N
+    acc = _split_sum(ws_ptr, offs_m, offs_n, M, N, SPLIT, BLOCK_M, BLOCK_N)
     out = _scale_out(acc, as_ptr, bs_ptr, offs_m % M, offs_n % N, sas0, sbs0, A_MODE, B_MODE)
     _epilogue(out, c_ptr, bias_ptr, offs_m, offs_n, M, N, scm, scn, HAS_BIAS)
 

@@ -77,14 +77,14 @@ def _workspace(splits: int, M: int, N: int, dtype: torch.dtype, out: torch.Tenso
 
 
 def _reduce(k: SimpleNamespace, ws: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-            bias: torch.Tensor | None, sa0: int, sb0: int, am: int, bmode: int, acc_int: bool) -> None:  # fmt: skip
+            bias: torch.Tensor | None, sa0: int, sb0: int, am: int, bmode: int) -> None:  # fmt: skip
+    """Sum ws's split partials into out (`_splitk_reduce_kernel`; ws's type says int32 or fp32)."""
     splits, M, N = ws.shape
     bm, bn = min(max(tuning._pow2(M), 8), 16), 128  # no 1-row blocks: not every triton lays them out
     k.reduce[(_cdiv(M, bm), _cdiv(N, bn))](
         ws, out, a_scale, b_scale, bias if bias is not None else out, M, N, splits,
         out.stride(0), out.stride(1), sa0, sb0,
-        A_MODE=am, B_MODE=bmode, HAS_BIAS=bias is not None, ACC_INT=acc_int, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=4,
+        A_MODE=am, B_MODE=bmode, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
     )  # fmt: skip
 
 
@@ -282,7 +282,7 @@ def mm8(k: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                 return out
         if splits > 1:
             # block scales were applied per K tile: the reduction applies tensor/row ones only
-            _reduce(k, ws, out, a_scale, b_scale, bias, sa[0], sb[0], am, bmode, acc_int)
+            _reduce(k, ws, out, a_scale, b_scale, bias, sa[0], sb[0], am, bmode)
         return out
 
     return run(tuning.TUNER.pick(key, cands, run, tune=not k.interp, rows=M))
@@ -317,7 +317,7 @@ def mm8_act(k: SimpleNamespace, x: torch.Tensor, b: torch.Tensor, out: torch.Ten
             QMAX=qmax, FNUZ=fnuz, AMAX_FLOOR=amax_floor, num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
         if splits > 1:  # block scales were applied per K tile; a per-token scale is in a_scale
-            _reduce(k, ws, out, a_scale, b_scale, bias, a_scale.stride(0), sb[0], am, bmode, acc_int)
+            _reduce(k, ws, out, a_scale, b_scale, bias, a_scale.stride(0), sb[0], am, bmode)
         return out
 
     def cands() -> list[tuning.Cfg]:
@@ -469,7 +469,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
                 num_warps=cfg.warps, num_stages=cfg.stages, **factored,
             )  # fmt: skip
             if splits > 1:
-                _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
+                _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2)
             return out
         kern = wonly_tile_kernel(k, cfg.path)
         # the word tiles (int4, mxfp4) on an NVIDIA GPU with 16-bit x: their planes in inline PTX
@@ -489,7 +489,7 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             num_warps=cfg.warps, num_stages=cfg.stages, **words_ptx,
         )  # fmt: skip
         if splits > 1 and counters is None:
-            _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2, False)
+            _reduce(k, ws, out, scales, scales, bias, 0, 0, 2, 2)
         return out
 
     def cands() -> list[tuning.Cfg]:  # "words" tiles that would run as "fused" are not timed twice

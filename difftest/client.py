@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import random
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ import httpx
 
 from difftest.cache import ResponseCache
 from difftest.errors import CacheMiss, RequestRejected, ServerError, UnreadableBody
-from difftest.identity import canary_request, canary_summary, changed_parts
+from difftest.identity import canary_request, canary_summary, changed_parts, vouches
 from server_shim import debug_protocol as P
 from server_shim.launch import normalise_url
 
@@ -284,7 +285,8 @@ class CompletionClient:
     async def _with_behaviour(self, fp: dict) -> dict:
         """Add the canary's behaviour to `fp`; when the stored fingerprint is the same server (same
         configuration, canary within tolerance) return the stored one exactly, so cache keys match.
-        A changed server gets new keys: its old answers are never reused (difftest.identity)."""
+        A changed server gets new keys: its old answers are never reused (difftest.identity). So
+        does a server whose canary cannot vouch for it (failed, or no logprobs)."""
         request = canary_request(fp["models"][0] if fp.get("models") else None)
         try:
             try:
@@ -292,10 +294,15 @@ class CompletionClient:
             except RequestRejected:  # a server without logprobs still has greedy tokens to compare
                 request.pop("logprobs")
                 answer = await self.completions(request, use_cache=False)
-            fp = fp | {"behaviour": canary_summary(answer)}
+            behaviour, why = canary_summary(answer), "came back without logprobs"
         except (RequestRejected, ServerError) as e:
-            log.warning("%s: canary request failed (%s); cached answers are not reused", self.name, e)
-            fp = fp | {"behaviour": {"error": str(e)}}
+            behaviour, why = {"error": str(e)}, f"request failed ({e})"
+        if not vouches(behaviour):
+            log.warning("%s: the identity canary %s; cached answers are not reused", self.name, why)
+            # keys of this client's own, so that an answer stored by an earlier run (same text,
+            # same error) can never match
+            return fp | {"behaviour": behaviour | {"unvouched": secrets.token_hex(8)}}
+        fp = fp | {"behaviour": behaviour}
         old = self.cache.server_fingerprint(self.name) if self.cache is not None else None
         if old is None:
             return fp

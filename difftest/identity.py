@@ -8,7 +8,10 @@ logprobs of a fixed canary prompt, asked fresh on every resume before anything i
 
 `same_behaviour` tolerates logprob jitter (a batched GPU server moves logprobs by ~1e-3 between
 identical requests) but not a different token: a swapped quantization scheme changes the canary's
-logprobs by 1e-2..1 nats on smollm2 and usually its tokens.
+logprobs by 1e-2..1 nats on smollm2 and usually its tokens. Greedy text alone proves nothing: a
+fault in one module (scale-transposed in one of 30 layers of smollm2) leaves the canary's 8 greedy
+tokens as they were and moves only their logprobs. So a canary answered without per-token
+logprobs, or not answered at all, never vouches for a server, and its cached answers are re-asked.
 """
 
 from __future__ import annotations
@@ -61,10 +64,22 @@ def _close(a: float | None, b: float | None) -> bool:
     return abs(a - b) <= LOGPROB_TOLERANCE
 
 
+def vouches(summary: Mapping[str, Any] | None) -> bool:
+    """Whether a canary answer can tell two builds apart: answered, with a logprob for every token."""
+    if summary is None or "error" in summary:
+        return False
+    logprobs = summary.get("token_logprobs") or []
+    return bool(logprobs) and all(v is not None for v in logprobs)
+
+
 def same_behaviour(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> bool:
-    """Same canary tokens, and every logprob (sampled and top-k) within LOGPROB_TOLERANCE."""
-    if old is None or new is None:
-        return old is new
+    """Same canary tokens, and every logprob (sampled and top-k) within LOGPROB_TOLERANCE; never
+    for a canary that does not vouch (no answer, or no logprobs: same text proves nothing)."""
+    if old is None and new is None:
+        return True
+    if not (vouches(old) and vouches(new)):
+        return False
+    assert old is not None and new is not None  # vouches() said so
     if old.get("text") != new.get("text") or old.get("tokens") != new.get("tokens"):
         return False
     a, b = old.get("token_logprobs") or [], new.get("token_logprobs") or []
@@ -87,7 +102,9 @@ def changed_parts(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
         if key == "behaviour":
-            if not same_behaviour(old.get(key), new.get(key)):
+            if not vouches(new.get(key)) or not vouches(old.get(key)):
+                out.append("behaviour (the canary has no logprobs to compare: same text proves nothing)")
+            elif not same_behaviour(old.get(key), new.get(key)):
                 out.append("behaviour (canary prompt answered differently)")
         elif canonical_json(old.get(key)) != canonical_json(new.get(key)):
             out.append(key)

@@ -39,6 +39,22 @@ def test_same_behaviour_tolerates_jitter_not_changes() -> None:
     assert same_behaviour(None, None) and not same_behaviour(CANARY, None)
 
 
+def test_a_canary_without_logprobs_or_an_answer_never_vouches() -> None:
+    """The bug: a server serving no logprobs (transformers serve ignores them) answered the canary
+    with the same greedy text after a one-module fault, and --resume reused its old answers; two
+    failed canaries ({"error": ...} both) counted as the same behaviour too."""
+    no_logprobs = _with(token_logprobs=[], top_logprobs=[])
+    assert not same_behaviour(no_logprobs, no_logprobs)
+    assert not same_behaviour(_with(token_logprobs=[-0.1, None]), _with(token_logprobs=[-0.1, None]))
+    assert not same_behaviour({"error": "503"}, {"error": "connection reset"})
+    assert not same_behaviour({"error": "503"}, CANARY) and not same_behaviour(CANARY, {"error": "503"})
+    assert same_behaviour(CANARY, dict(CANARY))
+    fp = {"models": ["m"], "behaviour": no_logprobs}
+    assert changed_parts(fp, dict(fp)) == [
+        "behaviour (the canary has no logprobs to compare: same text proves nothing)"
+    ]
+
+
 def test_changed_parts_compares_canonically() -> None:
     # today's bug: a fingerprint read back from JSON (lists) differed from a fresh one (tuples)
     fresh = {"models": ("m",), "identity": {"faults": ("a",)}, "behaviour": CANARY}
@@ -62,6 +78,22 @@ async def test_client_re_asks_a_swapped_server(tmp_path: Path) -> None:
             after = await c.completions(req)
     assert swapped.completions_served == 2  # the canary, then the request itself: nothing reused
     assert after != before
+
+
+async def test_client_re_asks_a_server_without_logprobs(tmp_path: Path) -> None:
+    """No logprobs: the canary's greedy text alone cannot vouch, so even an unchanged server is re-asked."""
+    path = tmp_path / "c.sqlite"
+    req = {"prompt": "the lazy dog", "max_tokens": 6, "temperature": 0}
+    with ResponseCache(path) as cache:
+        async with FakeServer(max_logprobs=0).client(name="tgt", cache=cache) as c:
+            await c.completions(req)
+    again = FakeServer(max_logprobs=0)
+    with ResponseCache(path) as cache:
+        async with again.client(name="tgt", cache=cache) as c:
+            await c.completions(req)
+    # the canary, its retry without logprobs, then the request itself (before: a cache hit, 2)
+    assert again.completions_served == 3
+    assert again.requests[-1] == ("POST", "/v1/completions")
 
 
 def test_resume_after_int8_to_int4_swap_re_asks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -71,8 +71,9 @@ class Limit:
     informative: bool = True
 
 
-def informative(check: str, limit: float) -> bool:
-    rule = UNINFORMATIVE.get(check)
+def informative(check: str, limit: float, table: Mapping[str, tuple[str, float]] = UNINFORMATIVE) -> bool:
+    """Whether `limit` could fail a broken target (`table`: UNINFORMATIVE, or the accuracy one)."""
+    rule = table.get(check)
     if rule is None:
         return True
     op, bound = rule
@@ -104,6 +105,8 @@ class NullModel:
         observed = getattr(self, metric)
         if observed is None:
             return Limit(minimum, f"absolute minimum {minimum:g} ({self.source}: not measured)")
+        if math.isnan(observed):  # a broken null (a NaN twin) says nothing: the minimum, and why
+            return Limit(minimum, f"absolute minimum {minimum:g} ({self.source}: NaN, unusable)")
         scaled = observed * margin
         if scaled >= minimum:
             return Limit(scaled, f"{self.source} {observed:.4g} x{margin:g}")

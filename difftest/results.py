@@ -24,6 +24,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# checks of whether the target answered, not of what it computed: they can leave a verdict open,
+# never make one PASS on their own
+REQUEST_CHECKS = frozenset({"failed_rate"})
+
 SCHEMA_VERSION = 2  # 2: informative / decided checks, INCONCLUSIVE, raw divergence stats, nulls
 
 
@@ -57,8 +61,13 @@ class Check:
 
     @property
     def fails(self) -> bool:
-        """Counts against the target: informative, decided, and on the wrong side."""
-        return self.informative and self.decided and not self.passed
+        """Counts against the target: informative, decided, and on the wrong side -- or NaN, or a
+        required value not measured, which fail whatever the limit (a limit widened past use must
+        not turn a broken measurement into a pass)."""
+        if self.passed:
+            return False
+        broken = (self.value is None and self.required) or (self.value is not None and math.isnan(self.value))
+        return broken or (self.informative and self.decided)
 
     @property
     def undecided(self) -> bool:
@@ -126,9 +135,14 @@ class TargetVerdict:
         if any(not p.passed for p in self.parts):
             return "FAIL"
         checks = [c for p in self.parts for c in p.checks]
-        if not any(c.informative for c in checks) or any(c.undecided for c in checks):
+        if not self.numbers_inform or any(c.undecided for c in checks):
             return "INCONCLUSIVE"
         return "PASS"
+
+    @property
+    def numbers_inform(self) -> bool:
+        """Some informative check judges the target's numbers (not only whether it answered)."""
+        return any(c.informative and c.name not in REQUEST_CHECKS for p in self.parts for c in p.checks)
 
     @property
     def passed(self) -> bool:
@@ -153,7 +167,7 @@ class TargetVerdict:
         if self.label == "INCONCLUSIVE":
             for p in self.parts:
                 out.extend(f"inconclusive: {q}" for q in p.open_questions)
-            if not any(c.informative for p in self.parts for c in p.checks):
+            if not self.numbers_inform:
                 out.append("inconclusive: no informative check could be made")
         return out
 

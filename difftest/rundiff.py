@@ -3,9 +3,13 @@ two report.json files and whether the move is beyond noise. Pure functions of tw
 
 "Beyond noise", per metric, from what each report stored:
 
-- both runs have a bootstrap 95% interval for the metric: the move counts when the two intervals
-  are disjoint (conservative: two independent 95% intervals are disjoint by chance in well under
-  1% of runs, so a flagged move is worth a look);
+- both runs have a bootstrap 95% interval for the metric over at least MIN_PROMPTS_FOR_CI prompts
+  (fewer: a bootstrap is overconfident), not both of zero width: the move counts when the two
+  intervals are disjoint (conservative: two independent 95% intervals are disjoint by chance in
+  well under 1% of runs, so a flagged move is worth a look) and the move is larger than the
+  verdict's own absolute minimum for that metric (difftest.null.ABS_MIN: KL 0.005, top-1 3
+  points, ...): an interval of one value (KL 0 on every prompt) is disjoint from any change at all,
+  1e-9 nats included, which no limit would ever call a difference;
 - otherwise, where a noise floor bounds the metric (report.json's `noise_floor`: the A/A spread of
   kl_mean, kl_p99, top-1 disagreement, token mismatch), the move counts when it exceeds the floor;
 - otherwise it is unknown (None): the report holds nothing to tell noise from a change.
@@ -22,7 +26,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from difftest.null import ABS_MIN
 from difftest.results import Comparison, RunResult, TargetResult
+from difftest.verdict import MIN_PROMPTS_FOR_CI
 
 HIGHER_IS_BETTER = frozenset(
     {"token_match", "exact_match", "top1_agreement", "bleu", "chrf", "median_first_divergence"}
@@ -78,6 +84,7 @@ class TargetDiff:
     verdict_b: str | None
     comparisons: list[ComparisonDiff] = field(default_factory=list)
     note: str = ""  # "only in A", "only in B"
+    expect: str = "pass"  # run B's expectation ("fail": a negative control)
 
     @property
     def verdict_changed(self) -> bool:
@@ -85,7 +92,10 @@ class TargetDiff:
 
     @property
     def regressed(self) -> bool:
-        went_bad = self.verdict_a == "PASS" and self.verdict_b == "FAIL"
+        """A verdict turned against its expectation (PASS -> FAIL; for a negative control, FAIL ->
+        PASS: the fault is no longer caught), or a metric moved the wrong way beyond noise."""
+        caught, missed = ("FAIL", "PASS") if self.expect == "fail" else ("PASS", "FAIL")
+        went_bad = self.verdict_a == caught and self.verdict_b == missed
         return went_bad or any(m.regressed for c in self.comparisons for m in c.metrics)
 
 
@@ -144,6 +154,25 @@ def _ci(c: Comparison, metric: str) -> tuple[float, float] | None:
     return float(ci[0]), float(ci[1])
 
 
+def _enough_prompts(c: Comparison) -> bool:
+    """Over MIN_PROMPTS_FOR_CI prompts (a comparison of aggregates alone, with no count: taken as is)."""
+    n = _number(c.aggregate.get("n_prompts"))
+    n = len(c.prompts) if n is None and c.prompts else n
+    return n is None or n >= MIN_PROMPTS_FOR_CI
+
+
+def _beyond_cis(metric: str, ca: Comparison, cb: Comparison, delta: float) -> bool | None:
+    """Disjoint intervals and a move over the verdict's absolute minimum; None: the intervals
+    cannot say (missing, too few prompts, or both a single value)."""
+    ci_a, ci_b = _ci(ca, metric), _ci(cb, metric)
+    if ci_a is None or ci_b is None or not (_enough_prompts(ca) and _enough_prompts(cb)):
+        return None
+    if ci_a[0] == ci_a[1] and ci_b[0] == ci_b[1]:
+        return None
+    smallest = ABS_MIN.get(FLOOR_FIELDS.get(metric, ""), 0.0)
+    return (ci_a[1] < ci_b[0] or ci_b[1] < ci_a[0]) and abs(delta) > smallest
+
+
 def floor_spread(floor: Mapping[str, Any] | None, metric: str) -> float | None:
     """The noise floor's spread for `metric`, when report.json stored a floor that bounds it.
     An in-run floor ({"in_run": {golden: floor}}) counts with its largest value (the loosest)."""
@@ -164,8 +193,9 @@ def metric_move(metric: str, ca: Comparison, cb: Comparison, floor: float | None
     if abs(delta) <= REL_EQUAL * max(1.0, abs(a), abs(b)):
         return MetricMove(metric, a, b, 0.0, ci_a, ci_b, "unchanged", False, "")
     how, beyond = "none", None
-    if ci_a is not None and ci_b is not None:
-        how, beyond = "ci", ci_a[1] < ci_b[0] or ci_b[1] < ci_a[0]
+    by_ci = _beyond_cis(metric, ca, cb, delta)
+    if by_ci is not None:
+        how, beyond = "ci", by_ci
     elif floor is not None:
         how, beyond = "floor", abs(delta) > floor
     return MetricMove(metric, a, b, delta, ci_a, ci_b, how, beyond, direction(metric, a, b))
@@ -190,7 +220,7 @@ def _target(
 ) -> TargetDiff:
     name = (ta or tb).name  # type: ignore[union-attr]
     label = lambda t: t.verdict.label if t is not None and t.verdict is not None else None  # noqa: E731
-    out = TargetDiff(name, label(ta), label(tb))
+    out = TargetDiff(name, label(ta), label(tb), expect=(tb or ta).expect)  # type: ignore[union-attr]
     if ta is None or tb is None:
         out.note = "only in B" if ta is None else "only in A"
         return out

@@ -51,7 +51,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from difftest.errors import ConfigError, UsageError
-from difftest.null import MARGIN, NO_NULL, Limit, NullModel, exactness_limits, tie_margin
+from difftest.null import (
+    MARGIN,
+    NO_NULL,
+    UNINFORMATIVE,
+    UNINFORMATIVE_NOTE,
+    Limit,
+    NullModel,
+    exactness_limits,
+    informative,
+    tie_margin,
+)
 from difftest.results import Check, Comparison, PartVerdict, TargetVerdict
 
 
@@ -84,6 +94,17 @@ DEFAULT_BUDGETS: dict[str, Budget] = {
     # so this only guards against garbage; KL and top-1 do the judging.
     "int4-g128": Budget("int4-g128", kl_mean_max=0.90, top1_min=0.55, token_match_min=0.02),
     "mxfp4": Budget("mxfp4", kl_mean_max=1.50, top1_min=0.45, token_match_min=0.02),
+}
+
+# A budget on the wrong side of these would pass a target whose output no longer follows the model:
+# against FP16, scale-skipped in one module costs smollm2 top-1 2% / KL 17 nats, and a target that
+# answers uniformly at random costs KL ~ ln(vocab) - entropy, several nats. The widest default
+# budget (mxfp4: KL 1.5, top-1 0.45) is well inside. Overrides past these are marked not informative.
+ACCURACY_UNINFORMATIVE = {
+    "kl_mean": ("<=", 3.0),
+    "kl_p99": ("<=", 30.0),
+    "top1_agreement": (">=", 0.05),
+    "token_match": (">=", 0.01),  # 0 can never fail: token match is never negative
 }
 
 # check name -> (op, group)  (group is what `skipped` names)
@@ -148,6 +169,29 @@ def tie_margin_for(null: NullModel | None, overrides: Mapping[str, float] = {}) 
 
 
 MIN_PROMPTS_FOR_CI = 5  # under this, the interval is the range of the per-prompt values
+MIN_PROMPTS_TO_DECIDE = 2  # one prompt has no spread: nothing it measures decides a check
+
+
+def _per_prompt(comp: Comparison, name: str) -> list[float] | None:
+    """The per-prompt values behind an aggregate (None: not a mean over prompts)."""
+    if name == "token_match":  # a failed prompt counts as 0, as in the aggregate
+        return [p.match_rate if p.error is None and p.match_rate is not None else 0.0 for p in comp.prompts]
+    if name in ("kl_mean", "top1_agreement"):
+        values = [getattr(p, name) for p in comp.prompts if p.error is None]
+        return [v for v in values if v is not None]
+    return None
+
+
+def _judged_prompts(comp: Comparison, name: str) -> int | None:
+    """How many prompts the value rests on: its per-prompt values, else the prompts answered (None:
+    a comparison of aggregates alone, with no count to go by)."""
+    if not comp.prompts:
+        n = comp.aggregate.get("n_prompts")
+        return None if n is None else int(n)
+    values = _per_prompt(comp, name)
+    if values is not None:
+        return len(values)
+    return sum(1 for p in comp.prompts if p.error is None)
 
 
 def _interval(comp: Comparison, name: str) -> list[float] | None:
@@ -155,15 +199,7 @@ def _interval(comp: Comparison, name: str) -> list[float] | None:
     prompts, where a bootstrap is overconfident — the range of the per-prompt values."""
     if name not in comp.ci:
         return None
-    if name == "token_match":  # a failed prompt counts as 0, as in the aggregate
-        per_prompt = [
-            p.match_rate if p.error is None and p.match_rate is not None else 0.0 for p in comp.prompts
-        ]
-    elif name in ("kl_mean", "top1_agreement"):
-        per_prompt = [getattr(p, name) for p in comp.prompts if p.error is None]
-        per_prompt = [v for v in per_prompt if v is not None]
-    else:
-        per_prompt = []
+    per_prompt = _per_prompt(comp, name) or []
     if 0 < len(per_prompt) < MIN_PROMPTS_FOR_CI:
         return [float(min(per_prompt)), float(max(per_prompt))]
     return [float(comp.ci[name][0]), float(comp.ci[name][1])]
@@ -188,14 +224,35 @@ def _make_check(
     if math.isnan(value):
         return Check(name, value, limit.value, op, False, True, f"{limit.note}; NaN always fails", inf)
     passed = value <= limit.value if op == "<=" else value >= limit.value
+    note = limit.note
     ci = _interval(comp, name) if comp is not None else None
     decided, needed = True, None
-    if ci is not None and ci[0] < ci[1] and ci[0] <= limit.value <= ci[1]:  # a point interval decides
+    if name == "failed_rate":
+        # a request that failed after the client's retries leaves its prompt unjudged: that is not
+        # evidence of a regression (nor can it catch a negative control), and over the run's
+        # error_rate_limit the run is an infrastructure failure (exit 3) anyway
+        if not passed:
+            decided = False
+            note += "; failed requests leave their prompts unjudged (--resume asks them again)"
+    elif comp is not None and (n := _judged_prompts(comp, name)) is not None and n < MIN_PROMPTS_TO_DECIDE:
+        decided, needed = False, MIN_PROMPTS_FOR_CI
+        note += f"; {n} prompt{'' if n == 1 else 's'}: no spread to decide with"
+    elif ci is not None and ci[0] < ci[1] and ci[0] <= limit.value <= ci[1]:  # a point interval decides
         decided = False
         needed = _prompts_to_decide(
             int(comp.aggregate.get("n_prompts", len(comp.prompts))), ci, value, limit.value
         )  # type: ignore[union-attr]
-    return Check(name, float(value), limit.value, op, passed, True, limit.note, inf, decided, ci, needed)
+    return Check(name, float(value), limit.value, op, passed, True, note, inf, decided, ci, needed)
+
+
+def _guarded(part: str, name: str, limit: Limit) -> Limit:
+    """`limit` marked not informative where a broken target would pass it -- the null's limits are
+    marked where they are made; overrides and budgets, which a user sets, are marked here."""
+    assert limit.value is not None
+    table = ACCURACY_UNINFORMATIVE if part == "accuracy" else UNINFORMATIVE
+    if not limit.informative or informative(name, limit.value, table):
+        return limit
+    return Limit(limit.value, limit.note + UNINFORMATIVE_NOTE, informative=False)
 
 
 def _skip_reason(skipped: Mapping[str, str], part: str, group: str) -> str | None:
@@ -220,6 +277,7 @@ def _part(
         )
         if limit is None or limit.value is None:
             continue
+        limit = _guarded(part, name, limit)
         reason = _skip_reason(skipped, part, group)
         if reason is not None:
             checks.append(

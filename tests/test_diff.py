@@ -98,6 +98,29 @@ def test_metric_move_rules() -> None:
     assert floor_spread(floor, "kl_mean") == 0.03 and floor_spread(floor, "bleu") is None
 
 
+def test_degenerate_intervals_do_not_call_noise() -> None:
+    """The bugs: two one-prompt runs (point intervals) made KL 0.020 -> 0.021 a regression beyond
+    noise, and KL 0 on every prompt of A made B's 1.4e-9 one too."""
+    one = lambda v: Comparison("exactness", "golden", "t", aggregate={"kl_mean": v, "n_prompts": 1},  # noqa: E731
+                               ci={"kl_mean": [v, v]})  # fmt: skip
+    assert metric_move("kl_mean", one(0.020), one(0.021), None).beyond_noise is None
+    assert metric_move("kl_mean", one(0.020), one(0.021), 0.0005).noise == "floor"  # the floor still can
+    ten = lambda v, ci: Comparison("exactness", "golden", "t", aggregate={"kl_mean": v, "n_prompts": 10},  # noqa: E731
+                                   ci={"kl_mean": ci})  # fmt: skip
+    tiny = metric_move("kl_mean", ten(0.0, [0.0, 0.0]), ten(1.4e-9, [1e-9, 2e-9]), None)
+    assert tiny.noise == "ci" and tiny.beyond_noise is False  # under the verdict's KL minimum 0.005
+    real = metric_move("kl_mean", ten(0.0, [0.0, 0.0]), ten(0.05, [0.03, 0.07]), None)
+    assert real.beyond_noise and real.regressed
+
+
+def test_a_negative_control_that_stops_failing_is_a_regression() -> None:
+    from difftest.rundiff import TargetDiff
+
+    assert TargetDiff("ctl", "FAIL", "PASS", expect="fail").regressed
+    assert not TargetDiff("ctl", "PASS", "FAIL", expect="fail").regressed
+    assert TargetDiff("t", "PASS", "FAIL").regressed and not TargetDiff("t", "FAIL", "PASS").regressed
+
+
 def test_diff_of_different_prompt_sets_warns(runs: dict[str, Path]) -> None:
     a, b = load_run(runs["good1"]), load_run(runs["good2"])
     b.signature["prompts"] = {"count": 2, "ids": ["p0", "p1"]}

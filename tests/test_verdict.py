@@ -10,7 +10,7 @@ import pytest
 from difftest.errors import ConfigError, UsageError
 from difftest.noise import NoiseFloor
 from difftest.null import exactness_limits, null_from_floor
-from difftest.results import Check, Comparison, PartVerdict
+from difftest.results import Check, Comparison, PartVerdict, PromptDiff
 from difftest.verdict import (
     DEFAULT_BUDGETS,
     THRESHOLD_KEYS,
@@ -165,9 +165,23 @@ def test_part_scoped_skip():
     assert any(c.name == "kl_mean" and c.required for c in v.parts[1].checks)  # accuracy still requires it
 
 
-def test_failed_rate_over_the_limit_fails():
+def test_failed_requests_leave_the_verdict_open_never_a_regression():
+    """A request that failed after the retries leaves its prompt unjudged: INCONCLUSIVE, not FAIL
+    (before: 1 failure in 100 was exit 1, 'the kernel regressed', while 6 were exit 3)."""
     v = judge_target("t", "pass", None, comp(**dict(GOOD_ACC, failed_rate=0.1)), FP8, None)
-    assert v.reasons == ["accuracy: failed_rate 0.1 > 0 (budget fp8-block)"]
+    assert v.label == "INCONCLUSIVE" and not v.meets_expectation
+    assert v.reasons == [
+        "inconclusive: accuracy: failed_rate 0.1 > 0 (budget fp8-block; failed requests leave their"
+        " prompts unjudged (--resume asks them again))"
+    ]
+    # nor does a failed request catch a negative control whose numbers pass (before: gate PASS)
+    control = judge_target("t", "fail", None, comp(**dict(GOOD_ACC, failed_rate=0.025)), FP8, None)
+    assert control.label == "INCONCLUSIVE" and not control.meets_expectation
+    # a control caught by its numbers is caught, failed requests or not
+    caught = judge_target(
+        "t", "fail", None, comp(**dict(GOOD_ACC, failed_rate=0.025, kl_mean=17.0)), FP8, None
+    )
+    assert caught.label == "FAIL" and caught.meets_expectation
     ok = judge_target(
         "t",
         "pass",
@@ -232,3 +246,65 @@ def test_tie_margin_for():
     assert tie_margin_for(nf(tie_margin=0.1)) == pytest.approx(0.1)  # the null's own margins, no x3
     assert tie_margin_for(nf(tie_margin=0.01)) == 0.05  # never under the absolute minimum
     assert tie_margin_for(nf(tie_margin=0.1), {"tie_margin": 0.02}) == 0.02
+
+
+def _prompts(kls: list[float]) -> list[PromptDiff]:
+    out = []
+    for i, kl in enumerate(kls):
+        p = PromptDiff(prompt_id=f"p{i}", prompt="x", match_rate=1.0, kl_mean=kl, top1_agreement=1.0)
+        out.append(p)
+    return out
+
+
+def test_one_prompt_decides_nothing():
+    """The bug: a run of one prompt gave point intervals, so KL 0.079 against a 0.08 budget was a
+    decided PASS. One prompt has no spread: every check it measures is undecided (INCONCLUSIVE)."""
+    one = Comparison(kind="accuracy", baseline="fp16", target="t", prompts=_prompts([0.079]),
+                     aggregate=dict(GOOD_ACC, kl_mean=0.079, n_prompts=1),
+                     ci={"kl_mean": [0.079, 0.079]})  # fmt: skip
+    v = judge_target("t", "pass", None, one, FP8, None)
+    assert v.label == "INCONCLUSIVE"
+    kl = next(c for c in v.parts[1].checks if c.name == "kl_mean")
+    assert not kl.decided and kl.prompts_to_decide == 5 and "1 prompt: no spread" in kl.note
+    # two prompts give a range, which decides where it does not straddle the limit
+    two = Comparison(kind="accuracy", baseline="fp16", target="t", prompts=_prompts([0.02, 0.03]),
+                     aggregate=dict(GOOD_ACC, kl_mean=0.025, n_prompts=2),
+                     ci={"kl_mean": [0.02, 0.03]})  # fmt: skip
+    assert judge_target("t", "pass", None, two, FP8, None).label == "PASS"
+
+
+def test_nan_and_missing_values_fail_even_where_the_limit_informs_nothing():
+    """design.md: NaN and missing required values always fail -- also on a check whose limit a
+    noisy null widened past use (before: NaN KL passed a not-informative check)."""
+    noisy = nf(kl_mean=0.4, kl_p99=4.0, top1_disagreement=0.3, token_mismatch=0.3)
+    bad = judge_target("t", "pass", comp("exactness", **dict(GOOD_EXACT, kl_mean=math.nan)), comp(**GOOD_ACC),
+                       FP8, noisy)  # fmt: skip
+    kl = next(c for c in bad.parts[0].checks if c.name == "kl_mean")
+    assert not kl.informative and kl.fails and bad.label == "FAIL"
+    assert Check("kl_mean", None, 1.0, "<=", False, True, informative=False).fails
+    assert not Check(
+        "kl_mean", None, 1.0, "<=", True, False, informative=False
+    ).fails  # skipped: not required
+
+
+def test_overrides_a_broken_target_would_pass_inform_nothing():
+    """The bug: [thresholds] overrides skipped the guard the null's limits go through, so limits
+    wide open (KL 100, top-1 0) judged a scale-skipped-like target (KL 17, top-1 2%) a decided PASS."""
+    wide = {
+        "exactness.kl_mean": 100.0, "exactness.top1_agreement": 0.0, "exactness.token_match": 0.0,
+        "exactness.kl_p99": 1000.0, "kl_mean_max": 100.0, "top1_min": 0.0, "token_match_min": 0.0,
+        "kl_p99_max": 1000.0,
+    }  # fmt: skip
+    broken = dict(failed_rate=0.0, token_match=0.01, kl_mean=17.0, top1_agreement=0.02, kl_p99=40.0)
+    v = judge_target("t", "pass", comp("exactness", **broken), comp(**broken), FP8, None, overrides=wide)
+    assert v.label == "INCONCLUSIVE", v.reasons
+    widened = [c for p in v.parts for c in p.checks if c.name != "failed_rate"]
+    assert widened and all(not c.informative and "a broken target would pass" in c.note for c in widened)
+    assert "inconclusive: no informative check could be made" in v.reasons  # answering is not computing
+    # an override inside the guard still decides, and the default budgets all inform
+    tight = judge_target("t", "pass", comp("exactness", **broken), comp(**broken), FP8, None,
+                         overrides={"exactness.kl_mean": 0.5, "kl_mean_max": 2.0})  # fmt: skip
+    assert tight.label == "FAIL"
+    for scheme in DEFAULT_BUDGETS:
+        v = judge_target("t", "pass", None, comp(**GOOD_ACC), budget_for(scheme), None)
+        assert all(c.informative for c in v.parts[1].checks), scheme

@@ -119,7 +119,7 @@ def _card(t: TargetResult) -> str:
             if len(ws) > MAX_CARD_CHECKS:
                 items.append(f'<li class="muted">{len(ws) - MAX_CARD_CHECKS} more below</li>')
             body.append(f'<div class="why"><b>{title}:</b><ul>' + "".join(items) + "</ul></div>")
-    elif not any(w.informative for w in checks):
+    elif not t.verdict.numbers_inform:
         body.append(
             '<div class="why"><b>Why:</b> no informative check: every limit would pass a broken target too</div>'
         )

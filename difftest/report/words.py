@@ -265,7 +265,7 @@ def reasons_in_words(t: TargetResult) -> list[str]:
     checks = [c for p in t.verdict.parts for c in p.checks]
     if not checks:
         out.append("no check could be made (every part skipped)")
-    elif not any(is_informative(c) for c in checks):
+    elif not t.verdict.numbers_inform:
         out.append("no informative check could be made: every limit would pass a broken target too")
     return out
 

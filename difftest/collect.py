@@ -73,6 +73,9 @@ class Generation:
     finish_reason: str | None = None
     error: str | None = None
     prompt_tokens: int | None = None  # the server's usage.prompt_tokens (difftest.usage_check)
+    # the server answered, but the answer is not a possible one (malformed logprobs block, text and
+    # logprobs that disagree): a bug in the server, not a request that failed
+    broken: bool = False
 
     @property
     def keys(self) -> tuple[int, ...] | tuple[str, ...]:
@@ -95,6 +98,7 @@ class Forced:
     # the server failed the request or sent an answer that cannot be its tokens: the prompt is a
     # failed request (counted), not one whose teacher-forced metrics are merely unavailable
     failed: bool = False
+    broken: bool = False  # failed by answering what cannot be the tokens it was sent (not a lost request)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -128,14 +132,20 @@ async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, see
     payload = ep.payload(prompt.prompt, max_tokens=tokens, k=k, seed=seed)
     try:
         resp = await ep.client.completions(payload)
-        choice, view = first_choice(resp, ep.name)
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
         log.debug("%s: generation for %s failed: %s", ep.name, prompt.id, exc)
         return Generation(None, TokensView(()), error=_error_text(exc))
+    try:
+        choice, view = first_choice(resp, ep.name)
+    except (DifftestError, KeyError, IndexError, TypeError) as exc:
+        log.debug("%s: generation for %s is malformed: %s", ep.name, prompt.id, exc)
+        return Generation(None, TokensView(()), error=_error_text(exc), broken=True)
     if "logprobs" in payload:  # the positions must be the text's tokens, or nothing is judged on them
         problem = coverage_problem(view, max_tokens=tokens, finish_reason=choice.get("finish_reason"))
         if problem is not None:
-            return Generation(None, TokensView(()), error=f"{ep.name}: text and logprobs disagree: {problem}")
+            return Generation(
+                None, TokensView(()), error=f"{ep.name}: text and logprobs disagree: {problem}", broken=True
+            )
     from difftest.tokens_view import prompt_tokens
 
     return Generation(choice["text"], view, choice.get("finish_reason"), prompt_tokens=prompt_tokens(resp))
@@ -202,24 +212,32 @@ async def force(
     by_ids = "prompt" in body and isinstance(body["prompt"], list)
     try:
         resp = await ep.client.completions(body)
-        view = first_choice(resp, ep.name)[1]
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
         return Forced(error=_error_text(exc), failed=True)
+    try:
+        view = first_choice(resp, ep.name)[1]
+    except (DifftestError, KeyError, IndexError, TypeError) as exc:
+        return Forced(error=_error_text(exc), failed=True, broken=True)
     if len(view) < n:  # as text, a re-tokenisation that merges tokens could do this; as ids, never
         return Forced(
             error=f"{ep.name}: echo returned {len(view)} positions, fewer than the {n} continuation tokens",
             failed=by_ids,
+            broken=by_ids,
         )
     tail = view.positions[-n:]
     if not _aligned(tail, continuation.view.positions):
         if by_ids:  # ids in, other ids out: the server changed what it was told to score
-            return Forced(error=f"{ep.name}: echoed token ids differ from the ids sent", failed=True)
+            return Forced(
+                error=f"{ep.name}: echoed token ids differ from the ids sent", failed=True, broken=True
+            )
         return Forced(
             error="echoed tokens do not line up with the continuation (re-tokenisation shifted them)"
         )
     if any(p.logprob is None or not p.top for p in tail):
         return Forced(
-            error=f"{ep.name}: echo returned no logprobs for the continuation positions", failed=True
+            error=f"{ep.name}: echo returned no logprobs for the continuation positions",
+            failed=True,
+            broken=True,
         )
     return Forced(tuple(tail))
 

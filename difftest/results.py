@@ -24,9 +24,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# checks of whether the target answered, not of what it computed: they can leave a verdict open,
-# never make one PASS on their own
-REQUEST_CHECKS = frozenset({"failed_rate"})
+# checks of whether the target answered usably, not of what it computed: failed requests leave a
+# verdict open, broken answers fail it, and neither makes one PASS on its own
+REQUEST_CHECKS = frozenset({"failed_rate", "broken_rate"})
 
 SCHEMA_VERSION = 2  # 2: informative / decided checks, INCONCLUSIVE, raw divergence stats, nulls
 
@@ -182,6 +182,9 @@ class PromptDiff:
     prompt_id: str
     prompt: str
     error: str | None = None  # a failed request: counted, shown, never dropped from denominators
+    broken: bool = (
+        False  # the error is the target's answer itself (NaN, malformed): a bug, not a lost request
+    )
     tags: list[str] = field(default_factory=list)  # the prompt file's `tags` (per-tag breakdown)
     # free-running greedy generation
     ref_text: str | None = None

@@ -44,12 +44,16 @@ def score_prompt(
             errors.append(f"{side}: {forced.error}")
     # NaN in a generation's logprobs feeds no verdict metric (those come from teacher forcing, which
     # may be off or NaN-free): without this the prompt would pass on its tokens. NaN always fails.
+    tgt_nan = False
     for side, gen in (("baseline", ref), ("target", tgt)):
         bad = nan_positions(gen.view) if gen.error is None else []
         if bad:
             errors.append(f"{side}: NaN logprobs at generated positions {bad[:8]} (NaN always fails)")
+            tgt_nan = tgt_nan or side == "target"
     if any(errors):
         diff.error = "; ".join(e for e in errors if e)
+        # the target's own answer was impossible: a target bug (FAIL), not a prompt left unjudged
+        diff.broken = tgt.broken or tgt_nan or (tgt_forced is not None and tgt_forced.broken)
         diff.ref_text, diff.ref_tokens = ref.text, ref.display_tokens() if ref.error is None else []
         return diff
     diff.ref_text, diff.tgt_text = ref.text, tgt.text

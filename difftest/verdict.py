@@ -74,8 +74,10 @@ class Budget:
     top1_min: float
     token_match_min: float | None
     kl_p99_max: float | None = None
-    # The client already retries; a request that still failed leaves a prompt unjudged.
+    # The client already retries; a request that still failed leaves a prompt unjudged (undecided).
     failed_rate_max: float = 0.0
+    # an answer that cannot be right (NaN logprobs, a malformed block) is a target bug: it fails
+    broken_rate_max: float = 0.0
     garbled_rate_max: float | None = None
     bleu_min: float | None = None
 
@@ -110,6 +112,7 @@ ACCURACY_UNINFORMATIVE = {
 # check name -> (op, group)  (group is what `skipped` names)
 _CHECKS = {
     "failed_rate": ("<=", "requests"),
+    "broken_rate": ("<=", "requests"),
     "token_match": (">=", "tokens"),
     "garbled_rate": ("<=", "tokens"),
     "bleu": (">=", "text"),
@@ -119,6 +122,7 @@ _CHECKS = {
 }
 _BUDGET_FIELDS = {
     "failed_rate": "failed_rate_max",
+    "broken_rate": "broken_rate_max",
     "token_match": "token_match_min",
     "garbled_rate": "garbled_rate_max",
     "bleu": "bleu_min",
@@ -287,7 +291,12 @@ def _part(
             if msg not in warnings:
                 warnings.append(msg)
             continue
-        checks.append(_make_check(name, comp.aggregate.get(name), limit, op, comp))
+        value = comp.aggregate.get(name)
+        if value is None and name == "broken_rate":  # a report from before broken answers were told apart
+            if not comp.prompts:
+                continue
+            value = sum(p.error is not None and p.broken for p in comp.prompts) / len(comp.prompts)
+        checks.append(_make_check(name, value, limit, op, comp))
     return PartVerdict(part=part, against=comp.baseline, checks=tuple(checks))
 
 
@@ -330,6 +339,7 @@ def judge_target(
         null = null or NO_NULL
         limits = {k: v for k, v in exactness_limits(null, margin).items() if k != "point_rel_err_max"}
         limits["failed_rate"] = Limit(budget.failed_rate_max, f"budget {budget.scheme} failed_rate_max")
+        limits["broken_rate"] = Limit(budget.broken_rate_max, f"budget {budget.scheme} broken_rate_max")
         warnings.append(f"exactness limits from {null.description}; trust: {null.trust}")
         parts.append(_part("exactness", exactness, limits, overrides, skipped, warnings))
 

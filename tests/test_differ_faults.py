@@ -114,6 +114,8 @@ async def test_one_broken_answer_is_a_per_prompt_error_naming_the_server(fault: 
     assert good.error is None and len(good.view) == 8
     assert bad.error is not None and error in bad.error, bad.error
     assert bad.text is None and len(bad.view) == 0  # nothing of a broken answer is scored
+    # an impossible answer is the server's bug; a lost request or unreadable body is not judged
+    assert bad.broken == (fault in ("half-logprobs", "no-logprob-tokens", "short-logprobs"))
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -163,6 +165,10 @@ def test_broken_answers_mid_run_are_per_prompt_errors_exit_3(
     assert list(errors) == [f"p{PROMPTS.index('the lazy dog is')}"]
     assert "tgt" in next(iter(errors.values()))
     assert acc.aggregate["failed_requests"] == 1
+    # a broken answer fails the target; a request lost to HTTP 500 leaves it undecided
+    broken = fault != "http-500"
+    assert acc.aggregate["broken_answers"] == float(broken)
+    assert load_run(out).targets[0].verdict.label == ("FAIL" if broken else "INCONCLUSIVE")
 
 
 @pytest.mark.slow
@@ -189,7 +195,7 @@ def test_nan_logprobs_on_one_prompt_never_pass(tmp_path: Path, echo: bool) -> No
     behaviour = FakeBehaviour(fault="nan-logprobs", fault_match="dog is", echo=echo)
     code, out = _target_run(tmp_path, behaviour)
     (t,) = load_run(out).targets
-    assert code == 3 and t.verdict is not None and not t.verdict.passed
+    assert code == 3 and t.verdict is not None and t.verdict.label == "FAIL"  # NaN: the target's bug
     acc = t.comparison("accuracy")
     assert acc is not None and acc.aggregate["failed_requests"] == 1
     (failed,) = [p for p in acc.prompts if p.error]

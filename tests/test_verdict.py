@@ -182,6 +182,10 @@ def test_failed_requests_leave_the_verdict_open_never_a_regression():
         "t", "fail", None, comp(**dict(GOOD_ACC, failed_rate=0.025, kl_mean=17.0)), FP8, None
     )
     assert caught.label == "FAIL" and caught.meets_expectation
+    # an answer that cannot be right (NaN logprobs, a malformed block) is the target's bug: FAIL
+    broken = dict(GOOD_ACC, failed_rate=0.025, broken_rate=0.025)
+    nan = judge_target("t", "pass", None, comp(**broken), FP8, None)
+    assert nan.label == "FAIL" and nan.reasons == ["accuracy: broken_rate 0.025 > 0 (budget fp8-block)"]
     ok = judge_target(
         "t",
         "pass",

@@ -9,6 +9,7 @@ it "not measured"):
 | n_prompts | prompts in the comparison, failed ones included |
 | failed_requests | prompts whose request failed (`PromptDiff.error` set) |
 | failed_rate | failed_requests / n_prompts |
+| broken_answers, broken_rate | of those, prompts where the target's answer itself was impossible (NaN logprobs, a malformed logprobs block, an echo of other token ids): a target bug, not a lost request; / n_prompts |
 | token_match | mean over prompts of the positional match rate (matches / longer length); a failed prompt counts as 0 |
 | exact_match | fraction of prompts whose generated tokens are identical; failed -> not exact |
 | garbled_rate | fraction of prompts with match rate < 0.5; failed -> garbled |
@@ -174,6 +175,9 @@ def _aggregate(
     n_failed = sum(failed)
     agg["failed_requests"] = float(n_failed)
     agg["failed_rate"] = n_failed / n
+    n_broken = sum(p.error is not None and p.broken for p in prompts)
+    agg["broken_answers"] = float(n_broken)
+    agg["broken_rate"] = n_broken / n
 
     # --- free-running tokens: failed (or unscored) prompts count as the worst value
     ok = [p for p, f in zip(prompts, failed, strict=True) if not f]

@@ -25,6 +25,7 @@ METRIC_NAMES = {
     "top1_agreement": "top-1 agreement",
     "token_match": "token match",
     "failed_rate": "failed requests",
+    "broken_rate": "impossible answers",
     "garbled_rate": "garbled prompts",
     "bleu": "BLEU",
     "chrf": "chrF",
@@ -34,9 +35,10 @@ METRIC_NAMES = {
     "local_norm_ratio_min": "smallest module norm ratio",
     "local_norm_ratio_max": "largest module norm ratio",
     "local_err_vs_siblings_max": "module error vs its siblings' median",
-    "slot_max_abs_logprob_diff": "batch-slot logprob difference",
+    "slot_logprob_max_diff": "batch-slot logprob difference",
+    "slot_token_mismatches": "batch-slot token flips",
 }
-_RATES = ("top1_agreement", "token_match", "failed_rate", "garbled_rate")
+_RATES = ("top1_agreement", "token_match", "failed_rate", "broken_rate", "garbled_rate")
 _MODULE = re.compile(r"^[\w.\[\]-]+\.[\w.\[\]-]+$")  # a dotted module name, no spaces
 
 

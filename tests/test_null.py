@@ -4,11 +4,15 @@ at judge time. Numbers worked by hand in the comments."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from difftest.metrics.aggregate import classify_prompts
 from difftest.noise import NoiseFloor
 from difftest.null import (
+    ABS_MIN,
+    NullModel,
     exactness_limits,
     informative,
     null_from_floor,
@@ -150,3 +154,12 @@ def test_rejudge_uses_the_in_run_floor_the_run_recorded() -> None:
     rejudge(run, {"fp8-block": {}})
     kl = next(c for c in t.verdict.parts[0].checks if c.name == "kl_mean")  # type: ignore[union-attr]
     assert kl.limit == pytest.approx(0.012) and kl.note == "in-run A/A 0.004 x3"
+
+
+def test_a_nan_null_is_named_unusable_not_below_the_minimum():
+    """A twin whose KL came out NaN: the absolute minimum, with a note that says why (before:
+    'twin nan x3 is below it')."""
+    broken = NullModel("twin", "a broken twin", "measured", kl_mean=math.nan)
+    lim = broken.limit("kl_mean")
+    assert lim.value == ABS_MIN["kl_mean"] and lim.note == "absolute minimum 0.005 (twin: NaN, unusable)"
+    assert NullModel("twin", "d", "t", kl_mean=math.inf).limit("kl_mean").value == math.inf

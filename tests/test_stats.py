@@ -75,3 +75,14 @@ def test_percentiles():
     assert p99([0.0, 1.0]) == pytest.approx(0.99)  # linear interpolation
     assert percentile([4.0, 1.0, 3.0], 50) == 3.0
     assert math.isnan(p99([])) and math.isnan(p99([1.0, math.nan]))
+
+
+def test_percentiles_rank_infinities_instead_of_turning_them_into_nan():
+    """A -inf target logprob makes a position's KL inf; numpy's interpolation gave NaN (inf - inf)."""
+    kl = [0.1] * 8 + [math.inf] * 2  # ranks 0..9: p99 sits at 8.91, between 0.1 and inf
+    assert percentile(kl, 99) == math.inf and p99(kl) == math.inf
+    assert percentile(kl, 50) == 0.1  # below every inf: finite, as before
+    assert percentile([1.0, 2.0, math.inf], 50) == 2.0  # exactly on a rank: that value, no 0 * inf
+    assert percentile([1.0, 3.0, math.inf], 25) == 2.0  # by hand: rank 0.5 between 1 and 3
+    assert percentile([-math.inf, 0.0], 0) == -math.inf
+    assert math.isnan(percentile([1.0, math.nan, math.inf], 50))  # NaN still propagates

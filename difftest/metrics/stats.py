@@ -98,13 +98,26 @@ def bootstrap_ratio_ci(
 
 
 def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
-    """q-th percentile (linear interpolation, numpy's default); empty -> nan; NaN propagates."""
+    """q-th percentile (linear interpolation, numpy's default); empty -> nan; NaN propagates.
+
+    Infinite values (a -inf target logprob makes a position's KL inf) are ranked like any other:
+    numpy interpolates as lo + (hi - lo) * f, which is NaN for inf - inf or 0 * inf, so a p99
+    reached by an inf KL came out NaN ("NaN always fails", but for the wrong reason); here it is
+    inf, and a percentile below every inf stays finite."""
     x = np.asarray(values, dtype=np.float64).ravel()
     if x.size == 0:
         return math.nan
     if np.isnan(x).any():
         return math.nan
-    return float(np.percentile(x, q))
+    if np.isfinite(x).all():
+        return float(np.percentile(x, q))
+    x = np.sort(x)
+    rank = (x.size - 1) * q / 100.0
+    lo, hi = math.floor(rank), math.ceil(rank)
+    frac = rank - lo
+    if frac == 0 or x[lo] == x[hi]:
+        return float(x[lo])
+    return float(x[lo] + (x[hi] - x[lo]) * frac)
 
 
 def p99(values: Sequence[float] | np.ndarray) -> float:

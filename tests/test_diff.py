@@ -143,3 +143,22 @@ def test_report_to_a_new_folder_leaves_the_original(runs: dict[str, Path], tmp_p
     assert json.loads(capsys.readouterr().out)["targets"][0]["verdict_changed"]
     # a folder that already holds a report is not overwritten
     assert main(["report", str(runs["good1"]), "-o", str(new)]) == 2
+
+
+def test_report_thresholds_go_on_top_of_the_runs_own(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The bug: `report --thresholds T` replaced the run's [thresholds], so a key T did not repeat
+    fell back to its default without a word."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["good1"], run)
+    data = json.loads((run / "report.json").read_text())
+    data["signature"]["thresholds"] = {"default": {"kl_mean_max": 0.5}}
+    (run / "report.json").write_text(json.dumps(data))
+    extra = tmp_path / "t.toml"
+    extra.write_text("[thresholds.none]\ntop1_min = 0.5\n")
+    assert main(["report", str(run), "--thresholds", str(extra), "-o", str(tmp_path / "new")]) in (0, 1, 4)
+    new = load_run(tmp_path / "new")
+    assert new.signature["thresholds"] == {"default": {"kl_mean_max": 0.5}, "none": {"top1_min": 0.5}}
+    checks = {c.name: c for p in new.targets[0].verdict.parts if p.part == "accuracy" for c in p.checks}
+    assert checks["kl_mean"].limit == 0.5 and checks["top1_agreement"].limit == 0.5

@@ -18,7 +18,10 @@ HELP = "re-judge and re-render a report folder offline (no servers)"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", type=Path, help="a report folder written by run or compare")
     p.add_argument(
-        "--thresholds", type=Path, metavar="TOML", help="TOML file with a [thresholds] table to re-judge with"
+        "--thresholds",
+        type=Path,
+        metavar="TOML",
+        help="TOML file with a [thresholds] table to re-judge with, applied on top of the run's own (its keys win)",
     )
     o.add_out(p, "where the re-judged report goes (default: DIR itself, rewritten)")
     o.add_json(p)
@@ -29,6 +32,15 @@ def threshold_file(path: Path) -> dict[str, dict[str, float]]:
     from difftest.config import load_thresholds
 
     return load_thresholds(path)
+
+
+def merged_thresholds(stored: dict, given: dict) -> dict[str, dict[str, float]]:
+    """The run's own [thresholds] with the file's on top, table by table (the file's keys win): a
+    re-judgement changes what the file says and nothing else -- the run's `margin = 5` must not
+    quietly fall back to the default 3 because the file does not repeat it."""
+    return {
+        name: {**stored.get(name, {}), **given.get(name, {})} for name in dict.fromkeys([*stored, *given])
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if new and (Path(args.out) / "report.json").exists():
         raise UsageError(f"-o {args.out}: already holds a report.json (pick a new folder)")
     if args.thresholds:
-        thresholds = threshold_file(args.thresholds)
+        thresholds = merged_thresholds(
+            result.signature.get("thresholds") or {}, threshold_file(args.thresholds)
+        )
         by_scheme = {t.scheme: thresholds_for(thresholds, t.scheme) for t in result.targets}
         rejudge(result, by_scheme)
         result.signature["thresholds"] = thresholds

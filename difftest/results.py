@@ -28,6 +28,8 @@ from typing import Any
 # verdict open, broken answers fail it, and neither makes one PASS on its own
 REQUEST_CHECKS = frozenset({"failed_rate", "broken_rate"})
 
+GATE_EXIT = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 4}  # and 3: infrastructure (RunResult.exit_code)
+
 SCHEMA_VERSION = 2  # 2: informative / decided checks, INCONCLUSIVE, raw divergence stats, nulls
 
 
@@ -305,6 +307,9 @@ class RunResult:
     nulls: list[Comparison] = field(default_factory=list)
     null_layers: list[LayerDiff] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # why the run is exit 3 (a server died, failed requests past error_rate_limit): kept in
+    # report.json, so a re-rendered or re-judged report still says its answers are incomplete
+    infrastructure: list[str] = field(default_factory=list)
     started_at: str = ""
     elapsed_s: float = 0.0
     schema_version: int = SCHEMA_VERSION
@@ -322,8 +327,21 @@ class RunResult:
             return "FAIL"
         return "INCONCLUSIVE" if any(v is not None and v.inconclusive for v in verdicts) else "PASS"
 
+    @property
+    def exit_code(self) -> int:
+        """3 infrastructure, else the gate's: 1 FAIL, 4 INCONCLUSIVE, 0 PASS (README "Exit codes")."""
+        return 3 if self.infrastructure else GATE_EXIT[self.gate]
+
     def to_dict(self) -> dict[str, Any]:
-        return _clean(dataclasses.asdict(self))
+        """The stored tree, plus what is derived from it (gate, exit code, each verdict's label), so
+        a reader of report.json need not re-implement the rules; derived keys are ignored on load."""
+        out = dataclasses.asdict(self)
+        out["gate"], out["exit_code"] = self.gate, self.exit_code
+        for t, stored in zip(self.targets, out["targets"], strict=True):
+            if t.verdict is not None:
+                stored["verdict"]["label"] = t.verdict.label
+                stored["verdict"]["meets_expectation"] = t.verdict.meets_expectation
+        return _clean(out)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResult:

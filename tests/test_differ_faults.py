@@ -169,6 +169,15 @@ def test_broken_answers_mid_run_are_per_prompt_errors_exit_3(
     broken = fault != "http-500"
     assert acc.aggregate["broken_answers"] == float(broken)
     assert load_run(out).targets[0].verdict.label == ("FAIL" if broken else "INCONCLUSIVE")
+    # report.json says what the exit code said, and a re-rendered report stays exit 3 (before: the
+    # infrastructure problem lived on stderr only, and `report DIR` re-rendered it as a gate PASS)
+    stored = json.loads((Path(out) / "report.json").read_text())
+    assert (
+        stored["exit_code"] == 3 and stored["infrastructure"] and stored["gate"] in ("FAIL", "INCONCLUSIVE")
+    )
+    assert stored["targets"][0]["verdict"]["label"] == ("FAIL" if broken else "INCONCLUSIVE")
+    assert "Gate: INFRASTRUCTURE" in (Path(out) / "report.md").read_text()
+    assert main(["report", out]) == 3
 
 
 @pytest.mark.slow

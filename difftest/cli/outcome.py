@@ -9,10 +9,6 @@ from typing import Any
 from difftest.cli.options import console, emit_json
 from difftest.results import RunResult
 
-# 0 every verdict as expected, 1 a verdict contradicts its expectation, 4 inconclusive (an
-# undecided check or no informative check, nothing failed): see README "Exit codes".
-GATE_EXIT = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 4}
-
 
 def run_summary(run: RunResult, out: Path, problems: list[str], code: int) -> dict[str, Any]:
     """The --json result of a run: per target its verdict and reasons; report.json has the rest."""
@@ -45,16 +41,18 @@ def run_summary(run: RunResult, out: Path, problems: list[str], code: int) -> di
 
 
 def finish(run: RunResult, out: Path, problems: list[str], *, as_json: bool = False) -> int:
-    """Write the report folder, show the verdicts; exit 3 (infrastructure) beats 1 / 4 (verdict)."""
+    """Write the report folder, show the verdicts; exit 3 (infrastructure) beats 1 / 4 (verdict).
+    `problems` join those the run already stored (a re-rendered exit-3 run stays exit 3)."""
     from difftest.report import write_report
     from difftest.report.terminal import render_summary
 
+    run.infrastructure = list(dict.fromkeys([*run.infrastructure, *problems]))
     write_report(run, out)
-    code = 3 if problems else GATE_EXIT[run.gate]
+    code = run.exit_code
     if as_json:
-        emit_json(run_summary(run, out, problems, code))
+        emit_json(run_summary(run, out, run.infrastructure, code))
     else:
         render_summary(run, console(), report_dir=out)
-    for p in problems:
+    for p in run.infrastructure:
         print(f"difftest: infrastructure: {p}", file=sys.stderr)
     return code

@@ -161,8 +161,9 @@ def _first_screen(run: RunResult) -> str:
         f'<span class="meta"> · started {_e(run.started_at or NA)}</span></p>'
     )
     cards = '<div class="cards" id="verdicts">' + "".join(_card(t) for t in run.targets) + "</div>"
+    infra = "".join(f'<p class="warn">✖ infrastructure: {_e(w)}</p>' for w in run.infrastructure)
     warns = "".join(f'<p class="warn">⚠ {_e(w)}</p>' for w in run.warnings)
-    return head + cards + warns
+    return head + infra + cards + warns
 
 
 # ----------------------------------------------------------------------------- tables

@@ -215,8 +215,9 @@ def verdict_rows(run: RunResult) -> list[list[str]]:
 def _verdict_table(run: RunResult) -> list[str]:
     header = [*VERDICT_HEADER, *(h for h, _ in HEADLINE), "failed requests"]
     gate = gate_of(run)
-    out = [f"**Gate: {gate} — {GATE_WORDS.get(gate, '')}**", "", *md_table(header, verdict_rows(run))]
-    return out
+    out = [f"**Gate: {gate} — {GATE_WORDS.get(gate, '')}**", ""]
+    out += [f"- infrastructure: {w}" for w in run.infrastructure] + ([""] if run.infrastructure else [])
+    return out + md_table(header, verdict_rows(run))
 
 
 def _aggregate_table(c: Comparison) -> list[str]:

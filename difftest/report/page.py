@@ -21,7 +21,7 @@ vertical-align:top}th{background:#f4f4f4;font-weight:600}td.n{text-align:right;f
 code{font-size:12.5px}
 .badge{display:inline-block;color:#fff;font-weight:700;border-radius:3px;padding:0 7px;font-size:13px;
 letter-spacing:.02em}
-.b-PASS{background:var(--pass)}.b-FAIL,.b-NO-VERDICT{background:var(--fail)}.b-INCONCLUSIVE{background:var(--inc)}
+.b-PASS{background:var(--pass)}.b-FAIL,.b-NO-VERDICT,.b-INFRASTRUCTURE{background:var(--fail)}.b-INCONCLUSIVE{background:var(--inc)}
 .t-PASS{color:var(--pass);font-weight:700}.t-FAIL,.t-NO-VERDICT,.t-NO{color:var(--fail);font-weight:700}
 .t-INCONCLUSIVE,.t-undecided{color:var(--inc);font-weight:700}
 .gate{font-size:15px;margin:2px 0 8px}.meta{color:var(--mut);font-size:12.5px}

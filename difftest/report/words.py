@@ -276,11 +276,15 @@ GATE_WORDS = {
     "PASS": "every target as expected",
     "FAIL": "a target is not as expected",
     "INCONCLUSIVE": "no target contradicts its expectation, but a verdict is undecided (exit 4)",
+    "INFRASTRUCTURE": "a server or its requests failed: the verdicts rest on incomplete answers (exit 3)",
 }
 
 
 def gate_of(run: RunResult) -> str:
-    """PASS / FAIL / INCONCLUSIVE (RunResult.gate), or PASS / FAIL from an older model."""
+    """INFRASTRUCTURE (exit 3), else PASS / FAIL / INCONCLUSIVE (RunResult.gate), or PASS / FAIL
+    from an older model."""
+    if getattr(run, "infrastructure", None):
+        return "INFRASTRUCTURE"
     gate = getattr(run, "gate", None)
     if isinstance(gate, str):
         return gate

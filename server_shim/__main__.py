@@ -80,6 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server_shim.serve import run_server
 
     api_key = os.environ.get(args.api_key_env) or None
+    if api_key is None and args.api_key_env != options.API_KEY_ENV:
+        # named on purpose and empty: serving every route open would be a silent downgrade
+        print(
+            f"server_shim: error: --api-key-env {args.api_key_env}: that environment variable is not set "
+            "(or empty); set it, or leave --api-key-env out to serve without a key",
+            file=sys.stderr,
+        )
+        return 2
     if args.debug and args.host not in _LOOPBACK and api_key is None:
         print(
             f"server_shim: error: --debug on --host {args.host} exposes the model's weights and activations "
@@ -87,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if api_key is None and args.host not in _LOOPBACK:
+        logging.getLogger("server_shim").warning(
+            "no API key ($%s is not set): every route is open to whoever can reach %s",
+            args.api_key_env,
+            args.host,
+        )
     opts = options.from_namespace(args, api_key=api_key)
     try:
         run_server(opts)

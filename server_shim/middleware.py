@@ -34,7 +34,7 @@ class GuardMiddleware:
     def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
         self.app = app
         self.api_key = api_key
-        self._want = f"Bearer {api_key}".encode() if api_key is not None else b""
+        self._want = api_key.encode("latin-1", "replace") if api_key is not None else b""
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -43,8 +43,9 @@ class GuardMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.api_key is not None and scope.get("path") not in OPEN_PATHS:
-            auth = headers.get("authorization", "").encode("latin-1")
-            if not _same_key(auth, self._want):
+            # the scheme is case-insensitive (RFC 9110 11.1: "bearer" is "Bearer"); the key is not
+            scheme, _, key = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not _same_key(key.encode("latin-1"), self._want):
                 body = error_body(
                     "missing or wrong API key", error_type="invalid_request_error", code="invalid_api_key"
                 )

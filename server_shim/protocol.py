@@ -37,18 +37,20 @@ class StreamOptions(_Request):
 Prompt = str | list[str] | list[int] | list[list[int]]
 
 
-def _unsupported_logit_shaping(
-    frequency_penalty: float, presence_penalty: float, logit_bias: dict[str, float] | None
-) -> list[tuple[str, str]]:
-    """(param, why) for the logit-shaping parameters both endpoints accept but the shim does not
-    implement: each would change the answer, so a non-default value must be refused, not dropped."""
+def _unsupported_common(req: CompletionRequest | ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(param, why) for what both endpoints accept but cannot honour: the logit-shaping parameters
+    the shim does not implement (each would change the answer, so a non-default value is refused,
+    not dropped), and stream_options on a request that does not stream (vLLM refuses it too: the
+    usage it asks for would never be sent)."""
     out: list[tuple[str, str]] = []
-    if frequency_penalty != 0.0:
+    if req.frequency_penalty != 0.0:
         out.append(("frequency_penalty", "frequency_penalty is not supported (only 0)"))
-    if presence_penalty != 0.0:
+    if req.presence_penalty != 0.0:
         out.append(("presence_penalty", "presence_penalty is not supported (only 0)"))
-    if logit_bias:
+    if req.logit_bias:
         out.append(("logit_bias", "logit_bias is not supported"))
+    if req.stream_options is not None and not req.stream:
+        out.append(("stream_options", "stream_options can only be set when stream is true"))
     return out
 
 
@@ -87,7 +89,7 @@ class CompletionRequest(_Request):
         out: list[tuple[str, str]] = []
         if self.best_of is not None and self.best_of != self.n:
             out.append(("best_of", "best_of other than n is not supported"))
-        out += _unsupported_logit_shaping(self.frequency_penalty, self.presence_penalty, self.logit_bias)
+        out += _unsupported_common(self)
         if self.suffix:
             out.append(("suffix", "suffix is not supported"))
         return out
@@ -214,7 +216,8 @@ class ChatMessage(_Request):
     content: str | list[TextPart]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        # parts joined by newlines, as vLLM renders a text-only content list
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Request):
@@ -248,7 +251,7 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: bool = True
 
     def unsupported_values(self) -> list[tuple[str, str]]:
-        out = _unsupported_logit_shaping(self.frequency_penalty, self.presence_penalty, self.logit_bias)
+        out = _unsupported_common(self)
         if self.response_format is not None and self.response_format != {"type": "text"}:
             out.append(("response_format", "response_format other than text is not supported"))
         if self.tools:

@@ -131,6 +131,16 @@ class OpenAIServing:
         if n > self.opts.max_n:
             raise InvalidRequestError(f"n must be <= {self.opts.max_n}", param="n")
 
+    def check_fits_queue(self, prompts: int, n: int) -> None:
+        """A request of more sequences than the queue holds can never be admitted: a 400 naming
+        why, not the 429 "retry later" that a client honouring Retry-After would loop on."""
+        if prompts * n > self.engine.max_waiting:
+            raise InvalidRequestError(
+                f"this request needs {prompts} prompt(s) x n={n} = {prompts * n} sequences; the server "
+                f"queues at most {self.engine.max_waiting} (--max-waiting): send fewer prompts or a smaller n",
+                param="n" if prompts == 1 else "prompt",
+            )
+
     def check_max_tokens(self, max_tokens: int, param: str = "max_tokens") -> None:
         if max_tokens > self.opts.max_tokens_cap:
             raise InvalidRequestError(f"{param} must be <= {self.opts.max_tokens_cap}", param=param)

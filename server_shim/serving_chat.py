@@ -68,6 +68,7 @@ class ServingChat(OpenAIServing):
         self.check_model(req.model)
         self.check_unsupported(req)
         self.check_n(req.n)
+        self.check_fits_queue(1, req.n)
         stops = req.stop_list()
         self.check_stops(stops)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]

@@ -47,6 +47,7 @@ class ServingCompletion(OpenAIServing):
             if isinstance(text, str):
                 self.check_chars(text)
         prompts = await self.pool.run(lambda tok: prompt_ids(req.prompt, tok))
+        self.check_fits_queue(len(prompts), req.n)
         for ids in prompts:
             self.check_ids(ids, "prompt")
             self.check_context(ids, max_tokens)

@@ -117,11 +117,13 @@ async def test_chat_sampling_seed_n_and_content_parts(client):
     b = (await client.post("/v1/chat/completions", json=body)).json()
     assert [c["message"] for c in a["choices"]] == [c["message"] for c in b["choices"]]
     assert [c["index"] for c in a["choices"]] == [0, 1]
+    # text parts are joined by newlines, as vLLM renders them (before: joined with nothing)
     parts = [MESSAGES[0], {"role": "user", "content": [{"type": "text", "text": "What is the capital"},
-                                                      {"type": "text", "text": " of France?"}]}]  # fmt: skip
-    p = await client.post("/v1/chat/completions", json={**GOOD, "messages": parts})
-    plain = await client.post("/v1/chat/completions", json=GOOD)
-    assert p.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+                                                      {"type": "text", "text": "of France?"}]}]  # fmt: skip
+    joined = [MESSAGES[0], {"role": "user", "content": "What is the capital\nof France?"}]
+    p = (await client.post("/v1/chat/completions", json={**GOOD, "messages": parts})).json()
+    plain = (await client.post("/v1/chat/completions", json={**GOOD, "messages": joined})).json()
+    assert p["choices"][0]["message"] == plain["choices"][0]["message"] and p["usage"] == plain["usage"]
 
 
 async def test_chat_default_max_tokens_is_the_rest_of_the_context(engine):

@@ -70,6 +70,8 @@ BAD = [
     ("best_of above n", {**GOOD, "best_of": 3}, 400, "best_of"),
     ("suffix set", {**GOOD, "suffix": "end"}, 400, "suffix"),
     ("stream_options junk", {**GOOD, "stream_options": {"x": 1}}, 400, "stream_options"),
+    # vLLM refuses it too: the usage it asks for would never be sent (before: accepted, ignored)
+    ("stream_options unstreamed", {**GOOD, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("prompt over context", {**GOOD, "prompt": "hello " * 2100}, 400, "prompt"),
     ("unknown model", {**GOOD, "model": "gpt-5"}, 404, "model"),
 ]
@@ -114,8 +116,14 @@ async def test_body_too_large(client):
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}],
-    ids=["missing", "wrong", "no-bearer"],
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": KEY},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": f"Bearer {KEY.upper()}"},
+    ],
+    ids=["missing", "wrong", "no-bearer", "other-scheme", "key-case"],
 )
 @pytest.mark.parametrize("route", ["/v1/models", "/v1/completions", "/tokenize", "/detokenize", "/nope"])
 async def test_api_key_on_every_route_but_health(client, headers, route):
@@ -125,6 +133,14 @@ async def test_api_key_on_every_route_but_health(client, headers, route):
         r = await method(route, headers=headers, **kwargs)
     _check_error(r, 401, None, "invalid_api_key")
     await _still_serves(client)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+async def test_the_auth_scheme_is_case_insensitive(client, scheme):
+    """RFC 9110: the scheme name is case-insensitive (before: "bearer KEY" got a 401)."""
+    async with httpx.AsyncClient(transport=client._transport, base_url="http://shim") as anon:
+        r = await anon.get("/v1/models", headers={"Authorization": f"{scheme} {KEY}"})
+    assert r.status_code == 200
 
 
 async def test_health_is_open_and_reveals_nothing(client):

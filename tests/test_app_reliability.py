@@ -270,6 +270,21 @@ async def test_queue_full_is_429_with_retry_after_and_queued_work_still_finishes
     assert after.status_code == 200
 
 
+async def test_a_request_larger_than_the_queue_is_400_not_a_429_forever(small_engine):
+    """The bug: 4 sequences against --max-waiting 3 got 429 "retry later" on every retry, even on an
+    idle server; a client honouring Retry-After looped forever."""
+    async with _client(small_engine) as client:
+        too_many_n = await client.post("/v1/completions", json={**GOOD, "n": 4})
+        too_many_prompts = await client.post("/v1/completions", json={**GOOD, "prompt": ["a", "b"], "n": 2})
+        chat = await client.post("/v1/chat/completions", json={
+            "model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "n": 4, "max_tokens": 1})  # fmt: skip
+        fits = await client.post("/v1/completions", json={**GOOD, "n": 3})
+    for r, param in ((too_many_n, "n"), (too_many_prompts, "prompt"), (chat, "n")):
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert "queues at most 3 (--max-waiting)" in r.json()["error"]["message"]
+    assert fits.status_code == 200
+
+
 async def test_client_that_disconnects_cancels_its_generation(small_engine):
     """Raw ASGI: the request is queued behind a busy worker, the client disconnects, and the worker
     never decodes for it once free."""

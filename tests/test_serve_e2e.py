@@ -132,3 +132,18 @@ def test_api_key_is_not_a_flag():
     """A key on the command line is public (ps); the old --api-key flag is gone."""
     r = _cli("serve", "--model", "tiny-llama", "--api-key", "k")
     assert r.returncode == 2 and "--api-key" in r.stderr
+
+
+def test_a_named_api_key_variable_that_is_unset_is_refused():
+    """The bug: `--api-key-env MYKEY` with MYKEY unset served every route open, without a word."""
+    env = {k: v for k, v in os.environ.items() if k != "DIFFTEST_UNSET_KEY_VAR"}
+    r = subprocess.run(
+        [sys.executable, "-m", "server_shim", "serve", "--model", "tiny-llama", "--api-key-env",
+         "DIFFTEST_UNSET_KEY_VAR", "--port", str(_free_port())],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "server_shim: error: --api-key-env DIFFTEST_UNSET_KEY_VAR: that environment variable is not set "
+        "(or empty); set it, or leave --api-key-env out to serve without a key"
+    ]

@@ -7,13 +7,23 @@ Pieces that concatenate to the text are what make `text_offset` and streamed chu
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
 
-__all__ = ["IncrementalDetokenizer", "TokenInfo", "decode_prompt"]
+__all__ = [
+    "IncrementalDetokenizer",
+    "TokenInfo",
+    "bytes_label",
+    "decode_prompt",
+    "label_bytes",
+    "token_bytes",
+]
 
 
 # Tokens of left context when decoding a piece: SentencePiece drops a leading space and byte-level
@@ -26,7 +36,50 @@ class TokenInfo:
     token_id: int
     text: str  # this token's piece of the text; pieces concatenate to the text
     logprob: float | None = None  # None: not asked for, or the first prompt token
-    top: tuple[tuple[int, str, float], ...] | None = None  # (id, piece, logprob), best first
+    # (id, label, logprob), best first. The label is the piece the alternative would have added;
+    # where that is empty (part of a UTF-8 character, held back) it is OpenAI's "bytes:\xNN..." of
+    # the token's own bytes, so alternatives that are partial characters keep keys of their own
+    top: tuple[tuple[int, str, float], ...] | None = None
+
+
+_BYTES_LABEL = re.compile(r"bytes:((?:\\x[0-9a-f]{2})+)")
+
+
+def bytes_label(raw: bytes) -> str:
+    """OpenAI's label of a token that is not whole UTF-8 text: "bytes:\\xe6\\x97"."""
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def label_bytes(label: str) -> list[int]:
+    """The UTF-8 bytes a label stands for: a "bytes:" label's own bytes, else the text's."""
+    m = _BYTES_LABEL.fullmatch(label)
+    if m is None:
+        return list(label.encode())
+    return list(bytes.fromhex(m.group(1).replace("\\x", "")))
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins -> bytes (GPT-2's table, as transformers has it)."""
+    try:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+    except ImportError:  # moved in some release: labels fall back to the decoded text
+        return {}
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """One token's own bytes: byte-level BPE through its byte table, SentencePiece's <0xNN> byte
+    tokens, else the token decoded alone (lossy where it is part of a character)."""
+    name = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(name, str):
+        if len(name) == 6 and name.startswith("<0x") and name.endswith(">"):
+            with contextlib.suppress(ValueError):
+                return bytes([int(name[3:5], 16)])
+        table = _byte_decoder()
+        if name and all(c in table for c in name):
+            return bytes(table[c] for c in name)
+    return tokenizer.decode([token_id], skip_special_tokens=False).encode()
 
 
 class IncrementalDetokenizer:
@@ -56,7 +109,9 @@ class IncrementalDetokenizer:
         piece = self._piece(texts[0])
         top = None
         if alts is not None:
-            top = tuple((a, self._piece(t), v) for (a, v), t in zip(alts, texts[1:], strict=True))
+            top = tuple(
+                (a, self._label(a, token, piece, t), v) for (a, v), t in zip(alts, texts[1:], strict=True)
+            )
         self._ids.append(token)
         if piece:
             self._prefix, self._read = self._read, len(self._ids)
@@ -66,6 +121,13 @@ class IncrementalDetokenizer:
                 self._read -= self._prefix - _CONTEXT
                 self._prefix = _CONTEXT
         return TokenInfo(token, piece, logprob, top)
+
+    def _label(self, alt: int, chosen: int, chosen_piece: str, text: str) -> str:
+        """An alternative's label: the chosen token's own piece where it is the chosen token (a
+        client finds the chosen token among them by it), else its piece, else its bytes."""
+        if alt == chosen:
+            return chosen_piece
+        return self._piece(text) or bytes_label(token_bytes(self._tok, alt))
 
     def flush(self) -> str:
         """Text still held back (an incomplete character at the very end)."""

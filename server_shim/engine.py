@@ -325,11 +325,13 @@ class Engine(EngineSteps):
             self._release(s)
             return
         try:
-            info = s.detok.push(t, logprob, alts)
             if reason == "eos":
-                accept(s, info, "stop", add_text=False)  # the EOS piece is not part of the text
+                # the EOS piece is not part of the text; bytes held back for a character it will
+                # never complete are, as a finish by length releases them
+                held = s.detok.flush()
+                accept(s, s.detok.push(t, logprob, alts), "stop", add_text=False, tail=held)
             else:
-                accept(s, info, reason)
+                accept(s, s.detok.push(t, logprob, alts), reason)
         except Exception as exc:  # detokenizing / stop matching of one sequence: fail it alone
             self._fail(s, exc)
         if s.finished:

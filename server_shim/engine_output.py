@@ -12,16 +12,18 @@ from server_shim.engine_types import Seq, SeqEvent
 __all__ = ["accept", "stop_overlap"]
 
 
-def accept(s: Seq, info: TokenInfo | None, reason: str | None, add_text: bool = True) -> None:
-    """Add a token's piece to the text, cut at the first stop string, emit the event."""
+def accept(s: Seq, info: TokenInfo | None, reason: str | None, add_text: bool = True, tail: str = "") -> None:
+    """Add a token's piece to the text, cut at the first stop string, emit the event. `add_text`
+    False: the token (EOS) adds no text, only `tail`, text still held back that the end releases."""
     if reason is not None and info is not None and add_text:
         rest = s.detok.flush()
         if rest:
             info = TokenInfo(info.token_id, info.text + rest, info.logprob, info.top)
     end = None
-    if info is not None and add_text:
+    added = info.text if info is not None and add_text else tail
+    if (info is not None and add_text) or tail:  # an empty piece still holds back a stop's prefix
         before = len(s.text)
-        s.text += info.text
+        s.text += added
         stops = s.params.stop
         if stops:
             start = max(0, before - max(len(x) for x in stops) + 1)

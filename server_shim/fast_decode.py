@@ -19,7 +19,7 @@ __all__ = ["BackendDecoder", "backend_decoder"]
 
 
 class BackendDecoder:
-    """The two methods IncrementalDetokenizer / decode_prompt call, on the Rust tokenizer."""
+    """The methods IncrementalDetokenizer / decode_prompt call, on the Rust tokenizer."""
 
     def __init__(self, backend: Any) -> None:
         self._backend = backend
@@ -40,6 +40,10 @@ class BackendDecoder:
         # the decoding (bench/detok.py: 2x slower idle, 4-6x with another process on the cores)
         decode = self._backend.decode
         return [decode(ids, skip_special_tokens=skip_special_tokens) for ids in seqs]
+
+    def convert_ids_to_tokens(self, token_id: int) -> str | None:
+        """One token's vocabulary entry (detok.token_bytes reads a token's own bytes from it)."""
+        return self._backend.id_to_token(token_id)
 
 
 def backend_decoder(tokenizer: Any) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server_shim.detok import TokenInfo
+from server_shim.detok import TokenInfo, label_bytes
 from server_shim.engine import RequestHandle
 from server_shim.errors import InvalidRequestError
 from server_shim.protocol import (
@@ -167,8 +167,8 @@ class ChatLogprobsFormatter:
             if info.logprob is None:
                 continue
             top = [
-                ChatTopLogProb(token=self._token(tid, piece), logprob=lp, bytes=list(piece.encode()))
-                for tid, piece, lp in info.top or ()
+                ChatTopLogProb(token=self._token(tid, label), logprob=lp, bytes=label_bytes(label))
+                for tid, label, lp in info.top or ()
             ]
             content.append(
                 ChatLogProb(

@@ -136,11 +136,17 @@ class LogprobsFormatter:
             if info.logprob is None or info.top is None:
                 out.top_logprobs.append(None)
                 continue
-            # The chosen token first (vLLM includes it even outside the top k); on a key collision
-            # (two ids with the same piece, e.g. partial UTF-8 bytes) the first, likeliest entry wins.
+            # The chosen token first (vLLM includes it even outside the top k). Alternatives that are
+            # parts of a character are labelled by their bytes (detok.TokenInfo); two other ids with
+            # one label (rare: the same text) keep their own entries, the second by its id -- an
+            # entry dropped on a key collision would be k alternatives asked, fewer given.
             top = {self.key(info.token_id, info.text): info.logprob}
+            owner = {self.key(info.token_id, info.text): info.token_id}
             for tid, piece, lp in info.top:
-                top.setdefault(self.key(tid, piece), lp)
+                key = self.key(tid, piece)
+                if owner.setdefault(key, tid) != tid:
+                    key = f"token_id:{tid}"
+                top.setdefault(key, lp)
             out.top_logprobs.append(top)
         self.offsets[index] = offset
         return out

@@ -103,3 +103,27 @@ async def test_stream_usage_chunk(client):
 
 async def test_debug_router_only_with_debug(client, engine):
     assert (await client.get("/debug/config")).status_code == 404
+
+
+async def test_alternatives_that_are_parts_of_a_character_keep_keys_of_their_own(client):
+    """Over HTTP: every position has its k alternatives besides the chosen token, which is found by
+    its token; no alternative is keyed ''; chat's bytes are each label's own (tests/test_detok.py
+    has the labels of partial characters, token by token)."""
+    from server_shim.detok import label_bytes
+
+    body = {"model": "tiny-llama", "prompt": "I love 🦀 ok", "max_tokens": 0, "echo": True, "logprobs": 3}
+    lp = (await client.post("/v1/completions", json=body)).json()["choices"][0]["logprobs"]
+    assert "".join(lp["tokens"]) == "I love 🦀 ok"  # pieces still concatenate to the text
+    for token, top in zip(lp["tokens"][1:], lp["top_logprobs"][1:], strict=True):
+        assert token in top and len(top) >= 3, top  # the chosen token, and no alternative lost
+        assert "" not in {k for k in top if k != token}
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "日本語 🦀"}], "max_tokens": 24,
+            "temperature": 1.0, "seed": 11, "logprobs": True, "top_logprobs": 3}  # fmt: skip
+    content = (await client.post("/v1/chat/completions", json=chat)).json()["choices"][0]["logprobs"][
+        "content"
+    ]
+    for entry in content:
+        for alt in entry["top_logprobs"]:
+            assert alt["bytes"] == label_bytes(alt["token"]) and (
+                alt["bytes"] or alt["token"] == entry["token"]
+            )

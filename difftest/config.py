@@ -89,14 +89,19 @@ class RunConfig:
     def servers(self) -> tuple[ServerSpec, ...]:
         """Every server to start, each once: reference, targets, then goldens (shared ones once)."""
         out: dict[str, ServerSpec] = {self.reference.name: self.reference}
+
+        def add(spec: ServerSpec) -> None:
+            if out.setdefault(spec.name, spec) != spec:  # parse_config refuses this: never silently one
+                raise ConfigError(f"server name {spec.name!r} names two different servers")
+
         for t in self.targets:
-            out.setdefault(t.server.name, t.server)
+            add(t.server)
         for t in self.targets:
             if t.golden is not None:
-                out.setdefault(t.golden.name, t.golden)
+                add(t.golden)
         for t in self.targets:
             if t.twin is not None:
-                out.setdefault(t.twin.name, t.twin)
+                add(t.twin)
         return tuple(out.values())
 
     def thresholds_for(self, scheme: str | None) -> dict[str, float]:
@@ -245,12 +250,15 @@ def parse_config(doc: dict[str, Any], *, text: str, path: Path) -> RunConfig:
 
     owner: dict[str, ServerSpec] = {reference.name: reference}
     for i, t in enumerate(targets):
-        for spec, where in ((t.server, ("target", i)), (t.golden, ("target", i, "golden"))):
-            if spec is None or owner.get(spec.name) is spec:  # a shared auto golden is one server
+        specs = ((t.server, ("target", i)), (t.golden, ("target", i, "golden")), (t.twin, ("target", i, "golden")))
+        for spec, where in specs:
+            # a shared auto golden is one server, and so is its twin (made once per target, equal)
+            if spec is None or owner.get(spec.name) is spec or (spec is t.twin and owner.get(spec.name) == spec):
                 continue
             if spec.name in owner:
+                why = f" (the rounding twin of golden {t.golden.name!r} is named so)" if spec is t.twin else ""
                 raise ctx.error(
-                    where, "name", f"server name {spec.name!r} is used twice; names must be unique"
+                    where, "name", f"server name {spec.name!r} is used twice{why}; names must be unique"
                 )
             owner[spec.name] = spec
     return RunConfig(

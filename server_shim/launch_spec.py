@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import field
@@ -126,8 +127,10 @@ def check_type(key: str, value: Any, kind: str) -> Any:
             raise bad("an integer")
         return value
     if kind == _FLOAT:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad("a number")
+        # TOML has nan and inf: a NaN limit compares false both ways (error_rate_limit = nan turned
+        # the infrastructure check off) and an infinite timeout never fires
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise bad("a finite number")
         return float(value)
     if kind == _STRS:
         if isinstance(value, str):

@@ -252,6 +252,19 @@ ERRORS = [
         "3: [run] key 'whitebox' must be one of auto, off, on",
     ),
     (MINIMAL.replace('prompts = "p.jsonl"\n', ""), "1: [run] key 'prompts' is required"),
+    # nan compared false both ways: error_rate_limit = nan silently turned the exit-3 check off
+    (
+        MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nerror_rate_limit = nan'),
+        "3: [run] key 'error_rate_limit' must be a finite number, got float nan",
+    ),
+    (
+        MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nrequest_timeout_s = inf'),
+        "3: [run] key 'request_timeout_s' must be a finite number, got float inf",
+    ),
+    (
+        MINIMAL.replace('model = "tiny-llama"\n\n[[target]]', 'model = "tiny-llama"\nstartup_timeout_s = nan\n\n[[target]]', 1),
+        "[reference] key 'startup_timeout_s' must be a finite number, got float nan",
+    ),
     (MINIMAL + "\n[targets]\nx = 1\n", "13: table [targets] is unknown; did you mean 'target'?"),
     (
         MINIMAL.replace("[reference]", "[referense]"),
@@ -280,6 +293,16 @@ ERRORS = [
     (
         MINIMAL + '\n[[target]]\nname = "t-golden"\nmodel = "tiny-llama"\n',
         "14: [[target]] server name 't-golden' is used twice",
+    ),
+    # a target named like a golden's rounding twin took the twin's place: the null, and every
+    # exactness limit from it, came from the wrong server
+    (
+        MINIMAL + '\n[[target]]\nname = "t-golden-twin"\nmodel = "tiny-llama"\n',
+        "14: [[target]] server name 't-golden-twin' is used twice",
+    ),
+    (
+        MINIMAL.replace("[reference]\n", '[reference]\nname = "t-golden-twin"\n', 1),
+        "the rounding twin of golden 't-golden' is named so",
     ),
     (
         MINIMAL.replace('golden = "auto"', 'golden = { model = "tiny-llama", quantt = "int8" }'),

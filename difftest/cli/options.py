@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -83,10 +84,21 @@ def add_jobs(p: argparse.ArgumentParser, default: int | None = None, shown: str 
     )
 
 
+def seconds(text: str) -> float:
+    """A finite number of seconds over 0 (argparse type): nan and inf are floats, not timeouts."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
 def add_timeout(p: argparse.ArgumentParser, default_text: str) -> None:
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         metavar="SECONDS",
         help=f"timeout of one request in seconds (default: {default_text})",
     )

@@ -250,13 +250,23 @@ def parse_config(doc: dict[str, Any], *, text: str, path: Path) -> RunConfig:
 
     owner: dict[str, ServerSpec] = {reference.name: reference}
     for i, t in enumerate(targets):
-        specs = ((t.server, ("target", i)), (t.golden, ("target", i, "golden")), (t.twin, ("target", i, "golden")))
+        specs = (
+            (t.server, ("target", i)),
+            (t.golden, ("target", i, "golden")),
+            (t.twin, ("target", i, "golden")),
+        )
         for spec, where in specs:
             # a shared auto golden is one server, and so is its twin (made once per target, equal)
-            if spec is None or owner.get(spec.name) is spec or (spec is t.twin and owner.get(spec.name) == spec):
+            if (
+                spec is None
+                or owner.get(spec.name) is spec
+                or (spec is t.twin and owner.get(spec.name) == spec)
+            ):
                 continue
             if spec.name in owner:
-                why = f" (the rounding twin of golden {t.golden.name!r} is named so)" if spec is t.twin else ""
+                why = (
+                    f" (the rounding twin of golden {t.golden.name!r} is named so)" if spec is t.twin else ""
+                )
                 raise ctx.error(
                     where, "name", f"server name {spec.name!r} is used twice{why}; names must be unique"
                 )

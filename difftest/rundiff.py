@@ -7,8 +7,8 @@ two report.json files and whether the move is beyond noise. Pure functions of tw
   (fewer: a bootstrap is overconfident), not both of zero width: the move counts when the two
   intervals are disjoint (conservative: two independent 95% intervals are disjoint by chance in
   well under 1% of runs, so a flagged move is worth a look) and the move is larger than the
-  verdict's own absolute minimum for that metric (difftest.null.ABS_MIN: KL 0.005, top-1 3
-  points, ...): an interval of one value (KL 0 on every prompt) is disjoint from any change at all,
+  smallest move worth a word for that metric (MIN_MOVE: the verdict's own absolute minimum, KL
+  0.005, top-1 3 points, ...; a probability gap of 1e-3): an interval of one value (KL 0 on every prompt) is disjoint from any change at all,
   1e-9 nats included, which no limit would ever call a difference;
 - otherwise, where a noise floor bounds the metric (report.json's `noise_floor`: the A/A spread of
   kl_mean, kl_p99, top-1 disagreement, token mismatch), the move counts when it exceeds the floor;
@@ -47,6 +47,17 @@ FLOOR_FIELDS = {
     "kl_p99": "kl_p99",
     "top1_agreement": "top1_disagreement",
     "token_match": "token_mismatch",
+}
+# the smallest move a "beyond noise" may be: the verdict's own absolute minimum where it has one
+# (difftest.null.ABS_MIN), else a size no limit would call a difference (a probability gap of
+# 1e-3, half a BLEU point); rates and counts move in whole prompts, so any move counts
+MIN_MOVE = {
+    **{metric: ABS_MIN[field] for metric, field in FLOOR_FIELDS.items()},
+    "kl_lower_mean": ABS_MIN["kl_mean"],
+    "dp_mean": 1e-3,
+    "dp_rms": 1e-3,
+    "bleu": 0.5,
+    "chrf": 0.5,
 }
 REL_EQUAL = 1e-12  # two numbers this close are the same number printed twice
 
@@ -169,8 +180,7 @@ def _beyond_cis(metric: str, ca: Comparison, cb: Comparison, delta: float) -> bo
         return None
     if ci_a[0] == ci_a[1] and ci_b[0] == ci_b[1]:
         return None
-    smallest = ABS_MIN.get(FLOOR_FIELDS.get(metric, ""), 0.0)
-    return (ci_a[1] < ci_b[0] or ci_b[1] < ci_a[0]) and abs(delta) > smallest
+    return (ci_a[1] < ci_b[0] or ci_b[1] < ci_a[0]) and abs(delta) > MIN_MOVE.get(metric, 0.0)
 
 
 def floor_spread(floor: Mapping[str, Any] | None, metric: str) -> float | None:

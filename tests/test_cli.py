@@ -80,10 +80,18 @@ def test_verbose_counts_anywhere() -> None:
         (["probe", "ftp://x"], "'ftp://x' is not an http(s) URL"),
         (["compare", "--ref", "http://x", "--target", "http://y"], "give --prompts FILE or --prompt TEXT"),
         (["probe", "http://x", "--api-key-env", "NOPE_NOT_SET_123"], "NOPE_NOT_SET_123 is not set"),
-        (["probe", "http://x", "--timeout", "0"], "--timeout: must be a finite number of seconds > 0, got '0'"),
-        (["probe", "http://x", "--timeout", "nan"], "--timeout: must be a finite number of seconds > 0, got 'nan'"),
-        (["compare", "--ref", "http://x", "--target", "http://y", "--prompt", "hi", "--timeout", "inf"],
-         "must be a finite number of seconds > 0, got 'inf'"),
+        (
+            ["probe", "http://x", "--timeout", "0"],
+            "--timeout: must be a finite number of seconds > 0, got '0'",
+        ),
+        (
+            ["probe", "http://x", "--timeout", "nan"],
+            "--timeout: must be a finite number of seconds > 0, got 'nan'",
+        ),
+        (
+            ["compare", "--ref", "http://x", "--target", "http://y", "--prompt", "hi", "--timeout", "inf"],
+            "must be a finite number of seconds > 0, got 'inf'",
+        ),
     ],
 )
 def test_errors_are_one_line_with_one_prefix(argv: list[str], words: str, capsys) -> None:

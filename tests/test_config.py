@@ -262,7 +262,11 @@ ERRORS = [
         "3: [run] key 'request_timeout_s' must be a finite number, got float inf",
     ),
     (
-        MINIMAL.replace('model = "tiny-llama"\n\n[[target]]', 'model = "tiny-llama"\nstartup_timeout_s = nan\n\n[[target]]', 1),
+        MINIMAL.replace(
+            'model = "tiny-llama"\n\n[[target]]',
+            'model = "tiny-llama"\nstartup_timeout_s = nan\n\n[[target]]',
+            1,
+        ),
         "[reference] key 'startup_timeout_s' must be a finite number, got float nan",
     ),
     (MINIMAL + "\n[targets]\nx = 1\n", "13: table [targets] is unknown; did you mean 'target'?"),

@@ -162,3 +162,12 @@ def test_report_thresholds_go_on_top_of_the_runs_own(runs: dict[str, Path], tmp_
     assert new.signature["thresholds"] == {"default": {"kl_mean_max": 0.5}, "none": {"top1_min": 0.5}}
     checks = {c.name: c for p in new.targets[0].verdict.parts if p.part == "accuracy" for c in p.checks}
     assert checks["kl_mean"].limit == 0.5 and checks["top1_agreement"].limit == 0.5
+
+
+def test_every_metric_has_a_smallest_move() -> None:
+    """The bug: dp_mean 0 -> 1e-9 (intervals [0, 0] and [1e-10, 2e-9], 10 prompts) was a regression
+    beyond noise, exit 1: only the metrics with a verdict minimum had one."""
+    ten = lambda v, ci: Comparison("exactness", "golden", "t", aggregate={"dp_mean": v, "n_prompts": 10},  # noqa: E731
+                                   ci={"dp_mean": ci})  # fmt: skip
+    assert not metric_move("dp_mean", ten(0.0, [0.0, 0.0]), ten(1e-9, [1e-10, 2e-9]), None).beyond_noise
+    assert metric_move("dp_mean", ten(0.0, [0.0, 0.0]), ten(0.02, [0.01, 0.03]), None).regressed

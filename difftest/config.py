@@ -205,11 +205,26 @@ class _Ctx:
 # ----------------------------------------------------------------------------- loading
 
 
+def read_toml_text(path: Path) -> str:
+    """A TOML file's text: UTF-8 (TOML's only encoding), a leading BOM dropped as editors write it;
+    other bytes are a ConfigError naming the file and where, not a UnicodeDecodeError."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); TOML files are UTF-8",
+            path=path,
+            line=line,
+        ) from None
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read, validate and resolve a config; relative paths are relative to the file's folder."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_toml_text(path)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
     try:
@@ -469,7 +484,7 @@ def load_thresholds(path: Path) -> dict[str, dict[str, float]]:
     the same checks, errors naming file, line and key) as a run config; a file that is only the
     table's body (`kl_mean_max = 0.05`, `[fp8-block]`) is read as that table."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_toml_text(path)
     except FileNotFoundError:
         raise ConfigError(f"--thresholds: {path} does not exist", path=path) from None
     except OSError as exc:

@@ -203,3 +203,37 @@ def test_run_uses_openai_api_key_for_running_servers(tmp_path: Path, monkeypatch
         code = main(["run", str(cfg), "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert code == summary["exit_code"] and summary["targets"][0]["verdict"] in ("PASS", "INCONCLUSIVE")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "compare",
+            "--ref",
+            "http://127.0.0.1:9",
+            "--target",
+            "http://127.0.0.1:9",
+            "--prompt",
+            "hi",
+            "-o",
+            "{f}",
+        ],
+        ["record", "--ref", "http://127.0.0.1:9", "-o", "{f}"],
+        ["diff", "a", "b", "-o", "{f}"],
+        ["report", "a", "-o", "{f}"],
+        ["layers", "--ref", "http://127.0.0.1:9", "--target", "http://127.0.0.1:9", "-o", "{f}"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(argv, tmp_path: Path, capsys) -> None:
+    """The bug: FileExistsError tracebacks, after `record` and the quick look had done their requests."""
+    f = tmp_path / "afile"
+    f.write_text("hi")
+    assert main([a.replace("{f}", str(f)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "Traceback" not in err
+        and f"{f} is a file, not a folder" in err
+        and len(err.strip().splitlines()) == 1
+    )

@@ -450,3 +450,23 @@ def test_thresholds_file_is_parsed_like_the_config(tmp_path: Path) -> None:
         load_thresholds(f)
     with pytest.raises(ConfigError, match="does not exist"):
         load_thresholds(tmp_path / "missing.toml")
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error_and_a_bom_is_fine(tmp_path: Path) -> None:
+    """The bug: a Latin-1 config (or thresholds file) was a UnicodeDecodeError traceback; a BOM was
+    'invalid TOML' at line 1."""
+    from difftest.config import load_thresholds
+
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(
+        MINIMAL.replace('model = "tiny-llama"', 'model = "tiny-llama" # caf\xe9', 1).encode("latin-1")
+    )
+    with pytest.raises(ConfigError, match=r"latin1.toml:6: not UTF-8 text \(byte 0xe9\)"):
+        load_config(latin1)
+    (tmp_path / "t.toml").write_bytes(b"kl_mean_max = 0.05 # \xe9\n")
+    with pytest.raises(ConfigError, match=r"t.toml:1: not UTF-8 text"):
+        load_thresholds(tmp_path / "t.toml")
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+    assert load_config(bom).targets[0].name == "t"

@@ -171,3 +171,15 @@ def test_every_metric_has_a_smallest_move() -> None:
                                    ci={"dp_mean": ci})  # fmt: skip
     assert not metric_move("dp_mean", ten(0.0, [0.0, 0.0]), ten(1e-9, [1e-10, 2e-9]), None).beyond_noise
     assert metric_move("dp_mean", ten(0.0, [0.0, 0.0]), ten(0.02, [0.01, 0.03]), None).regressed
+
+
+def test_report_takes_the_report_json_itself(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """`report DIR/report.json` (load_run reads either) re-rendered into DIR; it crashed writing to
+    the file's own path as if a folder."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["good1"], run)
+    (run / "report.md").unlink()
+    assert main(["report", str(run / "report.json")]) == 0
+    assert (run / "report.md").exists() and "Traceback" not in capsys.readouterr().err

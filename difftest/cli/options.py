@@ -66,8 +66,19 @@ def add_json(p: argparse.ArgumentParser) -> None:
     )
 
 
+def out_folder(text: str) -> Path:
+    """-o: a folder, existing or to be made (argparse type): a file there is refused up front, not
+    after the run's requests when the first write fails."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
+
+
 def add_out(p: argparse.ArgumentParser, what: str, default: Path | None = None) -> None:
-    p.add_argument("-o", "--out", type=Path, default=default, metavar="DIR", help=f"output folder: {what}")
+    p.add_argument(
+        "-o", "--out", type=out_folder, default=default, metavar="DIR", help=f"output folder: {what}"
+    )
 
 
 def add_jobs(p: argparse.ArgumentParser, default: int | None = None, shown: str = "") -> None:

@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from difftest.report import load_run
 
     result = load_run(args.dir)
-    out = args.out or args.dir
-    new = args.out is not None and Path(args.out).resolve() != Path(args.dir).resolve()
+    folder = args.dir.parent if args.dir.is_file() else args.dir  # DIR or DIR/report.json
+    out = args.out or folder
+    new = args.out is not None and Path(args.out).resolve() != Path(folder).resolve()
     if new and (Path(args.out) / "report.json").exists():
         raise UsageError(f"-o {args.out}: already holds a report.json (pick a new folder)")
     if args.thresholds:
@@ -61,6 +62,6 @@ def run(args: argparse.Namespace) -> int:
         rejudge(result, by_scheme)
         result.signature["thresholds"] = thresholds
         result.signature["rejudged_with"] = str(args.thresholds)
-    if out != args.dir:
-        result.signature["rejudged_from"] = str(args.dir)
+    if out != folder:
+        result.signature["rejudged_from"] = str(folder)
     return finish(result, out, [], as_json=args.json)

@@ -51,9 +51,10 @@ def read_prompt_file(path: Path) -> list[Prompt]:
         raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read prompts: {exc.strerror or exc}") from None
-    prompts = [
-        _parse_line(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()
-    ]
+    # JSON Lines ends a line at "\n" only: str.splitlines() also splits at U+2028, U+2029, U+0085 and
+    # other characters a JSON string may hold raw, which made valid prompts "invalid JSON"
+    lines = text.replace("\r\n", "\n").split("\n")
+    prompts = [_parse_line(line, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
     if not prompts:
         raise UsageError(f"{path}: no prompts (expected one JSON object per line)")
     return prompts
@@ -64,6 +65,8 @@ def _parse_line(line: str, where: str) -> Prompt:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in obj:
@@ -72,6 +75,8 @@ def _parse_line(line: str, where: str) -> Prompt:
             hint = f"; did you mean {close[0]!r}?" if close else f" (allowed: {', '.join(KEYS)})"
             raise UsageError(f"{where}: unknown key {key!r}{hint}")
     messages = _messages(obj.get("messages"), where)
+    if "prompt" in obj and messages:  # which one is asked would depend on the endpoint: say which
+        raise UsageError(f"{where}: give 'prompt' or 'messages', not both")
     if "prompt" not in obj and messages:  # a chat prompt: its text is the conversation, for reports
         obj = obj | {"prompt": "\n".join(f"{m['role']}: {m['content']}" for m in messages)}
     for key in ("id", "prompt"):
@@ -81,7 +86,7 @@ def _parse_line(line: str, where: str) -> Prompt:
     if isinstance(pid, bool) or not isinstance(pid, str | int) or pid == "":
         raise UsageError(f"{where}: 'id' must be a non-empty string, got {pid!r}")
     text = obj["prompt"]
-    if not isinstance(text, str) or not text:
+    if not isinstance(text, str) or not text.strip():  # as --prompt: whitespace alone is no prompt
         raise UsageError(f"{where}: 'prompt' must be a non-empty string, got {text!r}")
     max_tokens = obj.get("max_tokens")
     if max_tokens is not None and (

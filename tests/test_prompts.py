@@ -73,6 +73,13 @@ BAD = [
         "1: unknown key 'answer' (allowed: id, prompt, max_tokens, tags, messages)",
     ),
     ('["a", "b"]', "1: expected a JSON object, got list"),
+    ('{"id": "a", "prompt": "   "}', "1: 'prompt' must be a non-empty string"),  # as --prompt "   "
+    # which one was asked depended on the endpoint, and the report showed the other
+    (
+        '{"id": "a", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
+        "1: give 'prompt' or 'messages', not both",
+    ),
+    ('{"id": "a", "tags": ' + "[" * 100_000 + "]" * 100_000 + "}", "1: JSON nested too deeply"),
     ('{"id": "a", "prompt": "x",}', "1: invalid JSON: "),
 ]
 
@@ -110,3 +117,12 @@ def test_utf8_bom_and_non_ascii(tmp_path: Path) -> None:
     path = tmp_path / "bom.jsonl"
     path.write_bytes('\ufeff{"id": "zh", "prompt": "你好，世界"}\n'.encode())
     assert load_prompts(path)[0].prompt == "你好，世界"
+
+
+def test_line_separators_inside_a_prompt_are_text(tmp_path: Path) -> None:
+    """JSON Lines ends lines at \\n only: U+2028 / U+2029 / U+0085 raw in a string split the line
+    (str.splitlines) and a valid prompt was 'invalid JSON'."""
+    f = tmp_path / "u.jsonl"
+    f.write_text(json.dumps({"id": "a", "prompt": "x\u2028y\u0085z"}, ensure_ascii=False) + "\r\n"
+                 + json.dumps({"id": "b", "prompt": "w"}) + "\n", encoding="utf-8")  # fmt: skip
+    assert [p.prompt for p in read_prompt_file(f)] == ["x\u2028y\u0085z", "w"]

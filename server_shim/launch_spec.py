@@ -173,6 +173,9 @@ def spec_from_table(table: dict[str, Any], *, default_name: str, ignore: Sequenc
     if "command" in kwargs and "url" in kwargs:
         raise SpecError(f"server {kwargs['name']!r}: give either 'command' or 'url', not both", key="url")
     kind = "url" if "url" in kwargs else "command" if "command" in kwargs else "shim"
+    if kind == "url" and not kwargs["url"].startswith(("http://", "https://")):
+        # else the first request's "unsupported protocol" read as a server up but broken (exit 3)
+        raise SpecError(f"key 'url': {kwargs['url']!r} is not an http(s) URL", key="url")
     for key in kwargs:
         if kind == "url" and key not in URL_ALLOWED:
             raise SpecError(f"key {key!r} does not apply to a 'url' server (nothing is started)", key=key)

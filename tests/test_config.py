@@ -252,6 +252,10 @@ ERRORS = [
         "3: [run] key 'whitebox' must be one of auto, off, on",
     ),
     (MINIMAL.replace('prompts = "p.jsonl"\n', ""), "1: [run] key 'prompts' is required"),
+    (
+        MINIMAL.replace('model = "tiny-llama"\nquant = "fp8-block"\ngolden = "auto"', 'url = "127.0.0.1:9"'),
+        "9: [[target]] key 'url': '127.0.0.1:9' is not an http(s) URL",
+    ),
     # nan compared false both ways: error_rate_limit = nan silently turned the exit-3 check off
     (
         MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nerror_rate_limit = nan'),

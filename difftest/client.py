@@ -418,10 +418,15 @@ def _as_json(body: bytes, name: str, path: str) -> Any:
 
 
 def _error_message(body: bytes) -> str:
+    """A server's error in one line (errors are one line: an HTML page's newlines ran over eight)."""
+    return " ".join(_error_text(body).split()) or "(empty body)"
+
+
+def _error_text(body: bytes) -> str:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return body[:300].decode("utf-8", "replace") or "(empty body)"
+        return body[:300].decode("utf-8", "replace")
     if isinstance(data, dict):
         err = data.get("error")
         if isinstance(err, dict) and "message" in err:

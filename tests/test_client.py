@@ -256,3 +256,15 @@ def test_timeouts_are_settable_and_checked() -> None:
     assert c.sibling(name="s2", concurrency=1).connect_timeout_s == 2.5
     with pytest.raises(ValueError, match="timeout_s and connect_timeout_s must be > 0"):
         CompletionClient("http://h", name="s", timeout_s=0)
+
+
+async def test_an_html_error_page_is_one_line() -> None:
+    """The bug: `probe` against python's http.server printed its 501 page over eight lines."""
+    page = "<!DOCTYPE HTML>\n<html>\n  <head>\n    <title>Error</title>\n  </head>\n</html>\n"
+    transport, _ = scripted(*[httpx.Response(501, text=page)] * 5)
+    async with client_for(transport) as c:
+        with pytest.raises(ServerError) as info:
+            await c.completions(PAYLOAD)
+    assert "\n" not in str(info.value) and "<!DOCTYPE HTML> <html> <head> <title>Error</title>" in str(
+        info.value
+    )

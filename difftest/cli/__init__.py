@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code_for(exc)
         if code is None or traceback:
             raise
-        print(f"difftest: error: {exc}", file=sys.stderr)
+        print(f"difftest: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
         return code
 
 

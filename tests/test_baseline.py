@@ -228,3 +228,14 @@ def test_record_from_a_config_then_run_against_it(tmp_path: Path, capsys) -> Non
     bad_cfg.write_text(stored_cfg.read_text().replace('baseline = "b"', 'baseline = "b"\nmodel = "x"'))
     assert main(["run", str(bad_cfg)]) == 2
     assert "'model' cannot go with 'baseline'" in capsys.readouterr().err
+
+
+def test_a_recording_with_too_many_failed_generations_is_exit_3(tmp_path: Path, capsys) -> None:
+    """The bug: exit 0 with failed_generations 1 of 5 (over error_rate_limit 5%); every compare
+    replayed from it then exited 3."""
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    with live_fake(FakeBehaviour(fault="http-500", fault_match="def add")) as ref:
+        code = main(["record", "--ref", ref, "--prompts", str(prompts), "-o", str(tmp_path / "b"), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 3 and out["exit_code"] == 3 and out["failed_generations"] == 1
+    assert (tmp_path / "b" / "baseline.json.gz").exists()  # kept, as a run's report is

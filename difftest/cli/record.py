@@ -5,6 +5,7 @@ running the reference again."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from difftest.cli import options as o
@@ -94,8 +95,11 @@ def run(args: argparse.Namespace) -> int:
             base = record(name, srv.url, prompts, settings, api_key=key, **kw)
     base.write(out)
     failed = base.reference.get("failed_generations", 0)
+    # past the run's error_rate_limit every judgement replayed from this recording is exit 3: say so
+    # now (exit 3, kept on disk) rather than at each later compare
+    too_many = failed > run_cfg.error_rate_limit * len(prompts)
     summary = {
-        "exit_code": 3 if failed == len(prompts) else 0,
+        "exit_code": 3 if too_many else 0,
         "baseline": str(out),
         "prompts": len(prompts),
         "failed_generations": failed,
@@ -111,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
         con.print(f"recorded {len(prompts)} prompts of {name} ({base.reference.get('model')}) to {out}")
         for w in summary["warnings"]:
             con.print(f"warning: {w}", style="yellow")
+        if too_many:
+            print(f"difftest: infrastructure: {failed} of {len(prompts)} generations failed (over the "
+                  f"error_rate_limit {run_cfg.error_rate_limit:g}); the recording is kept", file=sys.stderr)  # fmt: skip
         con.print(f"judge a target against it: difftest compare --baseline {args.out} --target URL")
     return int(summary["exit_code"])
 

@@ -55,7 +55,6 @@ class RunSettings:
     error_rate_limit: float = 0.05  # above this fraction of failed requests the run is exit 3
     limit: int | None = None  # use only the first N prompts
     noise_floor: Path | None = None
-    tokenizer: str | None = None
     whitebox: str = "auto"  # auto: per-layer diff where both sides serve /debug
     batch_slot_check: bool = True
     endpoint: str = "completions"  # "chat": compare over /v1/chat/completions (difftest.chat)
@@ -410,6 +409,11 @@ def _typed(ctx: _Ctx, where: tuple[Any, ...], key: str, value: Any, kind: str) -
         raise ctx.error(where, key, str(exc)) from None
 
 
+TOKENIZER_WHY = (
+    "the pairs are tokenized by the servers themselves (their token ids, else a /tokenize of the pair), "
+    "else compared word by word, as the report says (README: servers with gaps)"
+)
+
 # key -> (kind for check_type, lower bound, upper bound)
 _RUN_KEYS: dict[str, tuple[str, float | None, float | None]] = {
     "prompts": ("strings", None, None),
@@ -423,7 +427,6 @@ _RUN_KEYS: dict[str, tuple[str, float | None, float | None]] = {
     "error_rate_limit": ("number", 0, 1),
     "limit": ("integer", 1, None),
     "noise_floor": ("string", None, None),
-    "tokenizer": ("string", None, None),
     "whitebox": ("string", None, None),
     "batch_slot_check": ("boolean", None, None),
     "endpoint": ("string", None, None),
@@ -436,6 +439,8 @@ def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSe
     where = ("run",)
     values: dict[str, Any] = {}
     for key, value in table.items():
+        if key == "tokenizer":  # once documented, never read: refused, never silently ignored
+            raise ctx.error(where, key, f"key {key!r} is not supported: {TOKENIZER_WHY}")
         if key not in _RUN_KEYS:
             raise ctx.error(where, key, f"key {key!r} is unknown{did_you_mean(key, _RUN_KEYS)}")
         kind, lo, hi = _RUN_KEYS[key]
@@ -474,8 +479,6 @@ def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSe
     )
     if "noise_floor" in values:
         values["noise_floor"] = (base / values["noise_floor"]).resolve()
-    if "tokenizer" in values and (base / values["tokenizer"]).exists():
-        values["tokenizer"] = str((base / values["tokenizer"]).resolve())  # a local folder, not a preset
     return RunSettings(**values)
 
 

@@ -179,7 +179,6 @@ def test_paths_are_relative_to_the_config_folder(tmp_path: Path) -> None:
         prompts = ["../data", "p.jsonl"]
         output_dir = "../out"
         noise_floor = "floor.json"
-        tokenizer = "../mymodel"
         [reference]
         model = "../mymodel"
         cwd = "work"
@@ -192,7 +191,6 @@ def test_paths_are_relative_to_the_config_folder(tmp_path: Path) -> None:
     assert cfg.run.prompts == (data / "one.jsonl", data / "two.jsonl", (sub / "p.jsonl").resolve())
     assert cfg.run.output_dir == (tmp_path / "out").resolve()
     assert cfg.run.noise_floor == (sub / "floor.json").resolve()  # need not exist yet
-    assert cfg.run.tokenizer == str((tmp_path / "mymodel").resolve())
     assert cfg.reference.model == str((tmp_path / "mymodel").resolve()) and cfg.reference.cwd == str(
         (sub / "work").resolve()
     )
@@ -255,6 +253,11 @@ ERRORS = [
     (
         MINIMAL.replace('model = "tiny-llama"\nquant = "fp8-block"\ngolden = "auto"', 'url = "127.0.0.1:9"'),
         "9: [[target]] key 'url': '127.0.0.1:9' is not an http(s) URL",
+    ),
+    # accepted and never read (the worst class of bug): refused, saying what tokenizes instead
+    (
+        MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\ntokenizer = "smollm2-135m"'),
+        "3: [run] key 'tokenizer' is not supported: the pairs are tokenized by the servers themselves",
     ),
     # nan compared false both ways: error_rate_limit = nan silently turned the exit-3 check off
     (

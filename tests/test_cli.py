@@ -237,3 +237,24 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(argv, tmp_pa
         and f"{f} is a file, not a folder" in err
         and len(err.strip().splitlines()) == 1
     )
+
+
+def test_api_key_env_names_a_server_of_the_command(monkeypatch, capsys) -> None:
+    """The bug: --api-key-env SERVER=VAR naming no server (a typo, or `target` with two targets,
+    which are target1 and target2) gave no server a key, silently."""
+    from difftest.cli import options as o
+
+    monkeypatch.setenv("MYKEY", "k")
+    argv = ["compare", "--ref", "http://127.0.0.1:9", "--target", "http://127.0.0.1:9", "--prompt", "hi"]
+    assert main([*argv, "--api-key-env", "refrence=MYKEY"]) == 2
+    err = capsys.readouterr().err
+    assert "no server is named 'refrence' here (servers: reference, target)" in err
+    assert main(["probe", "http://127.0.0.1:9", "--api-key-env", "reference=MYKEY"]) == 2
+    assert "(servers: server)" in capsys.readouterr().err
+    # `target` is every numbered target's key
+    envs = o.key_envs(["target=MYKEY"])
+    o.check_key_servers(envs, ["reference", "target1", "target2"])
+    assert o.key_env_for(envs, "target2") == "MYKEY" and o.key_env_for(envs, "reference") in (
+        None,
+        "OPENAI_API_KEY",
+    )

@@ -41,3 +41,20 @@ async def test_layers_and_quant_json(monkeypatch, tmp_path: Path, capsys) -> Non
     (audit,) = quant["audits"]
     flagged = [m for m in audit["modules"] if m.get("flagged")]
     assert audit["flagged"] and [m["module"] for m in flagged] == [FAULT_MODULE]
+
+
+def test_layers_and_quant_give_a_configs_url_servers_their_api_keys(tmp_path, monkeypatch) -> None:
+    """The bug: `layers CONFIG --api-key-env VAR` (and OPENAI_API_KEY) reached `run`'s url servers,
+    not layers' / quant's: HTTP 401."""
+    import argparse
+
+    from difftest.cli.whitebox import _plan
+
+    monkeypatch.setenv("MYKEY", "k")
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[run]\nprompts = "p.jsonl"\n[reference]\nurl = "http://127.0.0.1:9"\n'
+                   '[[target]]\nname = "t"\nurl = "http://127.0.0.1:9"\n')  # fmt: skip
+    args = argparse.Namespace(config=cfg, ref=None, target=None, golden=None, api_key_env=["MYKEY"])
+    specs, _, _ = _plan(args)
+    assert {s.name: s.api_key_env for s in specs} == {"reference": "MYKEY", "t": "MYKEY"}

@@ -89,7 +89,9 @@ def compare_config(args: argparse.Namespace, baseline: Baseline | None = None) -
         request_timeout_s=args.timeout or DEFAULT_TIMEOUT_S,
     )
     base_path = Path(args.baseline) if baseline is not None else None
-    return RunConfig(run=settings, reference=ref, targets=tuple(targets), baseline=base_path)
+    cfg = RunConfig(run=settings, reference=ref, targets=tuple(targets), baseline=base_path)
+    o.check_key_servers(envs, [s.name for s in cfg.servers()])
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:

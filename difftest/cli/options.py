@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -185,10 +186,29 @@ def key_envs(values: Sequence[str]) -> dict[str, str]:
     return out
 
 
+_NUMBERED = re.compile(r"(.+?)\d+")  # compare's targets with several --target: target1, target2, ...
+
+
+def check_key_servers(envs: dict[str, str], servers: Sequence[str]) -> None:
+    """Every SERVER of --api-key-env SERVER=VAR must be a server of this command (a typo, or
+    `target` with several targets, used to give no server a key, silently)."""
+    families = {m.group(1) for name in servers if (m := _NUMBERED.fullmatch(name))}
+    for name in envs:
+        if name != "*" and name not in servers and name not in families:
+            raise UsageError(
+                f"--api-key-env {name}={envs[name]}: no server is named {name!r} here "
+                f"(servers: {', '.join(servers)})"
+            )
+
+
 def key_env_for(envs: dict[str, str], server: str) -> str | None:
-    """The variable to read `server`'s key from: its own, the common one, else OPENAI_API_KEY if set."""
+    """The variable to read `server`'s key from: its own, its family's (`target` for target1,
+    target2, ...), the common one, else OPENAI_API_KEY if set."""
     if server in envs:
         return envs[server]
+    numbered = _NUMBERED.fullmatch(server)
+    if numbered and numbered.group(1) in envs:
+        return envs[numbered.group(1)]
     if "*" in envs:
         return envs["*"]
     return DEFAULT_KEY_ENV if os.environ.get(DEFAULT_KEY_ENV) else None

@@ -31,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
     o.check_url("url", args.url)
     o.positive("--timeout", args.timeout)
     o.positive("--concurrency", args.concurrency)
-    key = o.key_for(o.key_envs(args.api_key_env), "server")
+    envs = o.key_envs(args.api_key_env)
+    o.check_key_servers(envs, ["server"])
+    key = o.key_for(envs, "server")
 
     async def go() -> Any:
         async with CompletionClient(

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         run_cfg = RunSettings(prompts=tuple(args.prompts))
         spec = None
         name = "reference"
+        o.check_key_servers(envs, [name])
     else:
         from difftest.cli.run import with_overrides
         from difftest.config import load_config

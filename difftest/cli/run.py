@@ -36,6 +36,7 @@ def with_overrides(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     if getattr(args, "concurrency", None) is not None:
         run = dataclasses.replace(run, concurrency=args.concurrency)
     envs = o.key_envs(getattr(args, "api_key_env", None) or [])
+    o.check_key_servers(envs, [s.name for s in cfg.servers()])
 
     def keyed(spec: Any) -> Any:
         if (

@@ -53,9 +53,10 @@ def _plan(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], list[Job
     if args.config is not None:
         if args.ref or args.target or golden:
             raise UsageError("give a CONFIG or --ref/--target URLs, not both")
+        from difftest.cli.run import with_overrides
         from difftest.config import load_config
 
-        cfg = load_config(args.config)
+        cfg = with_overrides(load_config(args.config), args)  # url servers' API keys, as `run` gives them
         live = [s for s in cfg.servers() if cfg.baseline is None or s.name != cfg.reference.name]
         specs = [dataclasses.replace(s, debug=True) if s.model else s for s in live]
         ref = cfg.reference.name if cfg.baseline is None else None  # a recorded baseline has no /debug
@@ -94,6 +95,7 @@ def run_whitebox(args: argparse.Namespace, work: Callable[[Session, Sequence[Job
             return await work(session, jobs)
 
     if not specs:
+        o.check_key_servers(envs, list(urls))
         keys = {name: o.key_for(envs, name) for name in urls}  # per server (--api-key-env NAME=VAR)
         session = Session.of_urls(urls, api_key=o.key_for(envs, "*"), keys=keys, options=options)
         return asyncio.run(go(session))

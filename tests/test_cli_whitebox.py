@@ -58,3 +58,11 @@ def test_layers_and_quant_give_a_configs_url_servers_their_api_keys(tmp_path, mo
     args = argparse.Namespace(config=cfg, ref=None, target=None, golden=None, api_key_env=["MYKEY"])
     specs, _, _ = _plan(args)
     assert {s.name: s.api_key_env for s in specs} == {"reference": "MYKEY", "t": "MYKEY"}
+
+
+def test_layers_refuses_an_empty_prompt(capsys) -> None:
+    """`layers --prompt ""` used to capture on the default prompt, without a word."""
+    from difftest.cli import main
+
+    assert main(["layers", "--target", "http://127.0.0.1:9", "--prompt", " "]) == 2
+    assert "--prompt: empty prompt text" in capsys.readouterr().err

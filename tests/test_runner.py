@@ -256,3 +256,25 @@ def test_a_target_without_logprobs_costs_no_batch_slot_draws(tmp_path: Path) -> 
             (t,) = load_run(out / "out").targets
             assert t.invariance["skipped"] == "the server returns no logprobs"
     assert served[True] == served[False] > 0
+
+
+def test_the_quick_look_sends_the_seed_and_refuses_what_it_cannot_use(monkeypatch, capsys) -> None:
+    """The bugs: the quick look sent seed 0 whatever --seed said, and took --golden / --scheme /
+    --limit without using them."""
+    import difftest.collect as collect
+
+    seeds: list[int] = []
+    real = collect.generate
+
+    async def spy(ep, prompt, *, max_tokens, k, seed):  # noqa: ANN001, ANN202
+        seeds.append(seed)
+        return await real(ep, prompt, max_tokens=max_tokens, k=k, seed=seed)
+
+    monkeypatch.setattr(collect, "generate", spy)
+    with live_fake() as ref, live_fake() as tgt:
+        argv = ["compare", "--ref", ref, "--target", tgt, "--prompt", "the quick brown fox"]
+        assert main([*argv, "--seed", "1234"]) == 0
+        assert seeds == [1234, 1234]
+        for extra in (["--golden", ref], ["--scheme", "fp8-block"], ["--limit", "1"]):
+            assert main([*argv, *extra]) == 2
+            assert "the quick look (--prompt) judges nothing" in capsys.readouterr().err

@@ -108,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt:
         if baseline is not None:
             raise UsageError("--prompt (the quick look) needs a live --ref, not a --baseline")
+        unused = [flag for flag, value in (("--golden", args.golden), ("--scheme", args.scheme),
+                                           ("--limit", args.limit)) if value]  # fmt: skip
+        if unused:  # the quick look judges nothing: refused, not ignored
+            raise UsageError(
+                f"{', '.join(unused)}: the quick look (--prompt) judges nothing; use --prompts FILE"
+            )
         return asyncio.run(explore(cfg, prompt_texts(args.prompt), as_json=args.json, out=args.out))
     from difftest.runner import RunOptions, execute
 
@@ -157,10 +163,12 @@ async def explore(
         for p in prompts:
             if not as_json:
                 con.rule(f"{p.id}: {p.prompt[:60]!r}")
-            ref_gen = await generate(ref, p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=0)
+            ref_gen = await generate(
+                ref, p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed
+            )
             for t in cfg.targets:
                 tgt_gen = await generate(
-                    eps[t.name], p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=0
+                    eps[t.name], p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed
                 )
                 if ref_gen.error or tgt_gen.error:
                     err = ref_gen.error or tgt_gen.error

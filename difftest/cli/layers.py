@@ -17,6 +17,7 @@ from rich.table import Table
 
 from difftest.cli import options as o
 from difftest.cli.whitebox import Job, add_server_arguments, get, out_dir, run_whitebox
+from difftest.errors import UsageError
 from difftest.results import LayerDiff
 from difftest.session import Session
 
@@ -86,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
     from difftest.whitebox.localise import localise_target
 
     con = o.console()
-    prompt = getattr(args, "prompt", None) or DEFAULT_PROMPT
+    prompt = getattr(args, "prompt", None)
+    if prompt is not None and not prompt.strip():  # "" used to fall back to the default, silently
+        raise UsageError("--prompt: empty prompt text")
+    prompt = prompt or DEFAULT_PROMPT
     as_json = getattr(args, "json", False)
 
     async def work(session: Session, jobs: Sequence[Job]) -> int:

@@ -340,6 +340,9 @@ def _log_size(server: RunningServer) -> int:
     return 0
 
 
+WAIT_NOTE_S = 15.0  # how often a health wait says what it waits for
+
+
 def _wait_healthy(servers: list[RunningServer]) -> None:
     """Poll every server until all answer GET /health (or /v1/models: engines without /health).
 
@@ -357,6 +360,7 @@ def _wait_healthy(servers: list[RunningServer]) -> None:
     delay = 0.1
     logged = {s.name: _log_size(s) for s in servers}
     progress_at = start
+    said_at = start  # a wait that shows nothing for minutes looks hung: say what is awaited
     with httpx.Client(timeout=httpx.Timeout(5.0, connect=2.0), trust_env=False) as client:
         while pending:
             for name, server in list(pending.items()):
@@ -380,6 +384,13 @@ def _wait_healthy(servers: list[RunningServer]) -> None:
                         f"(last answer: {last[name]}; waited {now - start:.0f}s, the starting servers' "
                         f"logs last grew {now - progress_at:.0f}s ago){where}"
                     )
+            if pending and time.monotonic() - said_at >= WAIT_NOTE_S:
+                said_at = time.monotonic()
+                for name, server in pending.items():
+                    # a url server runs already: a refused connection there is the user's to fix
+                    say = log.warning if server.pid is None else log.info
+                    say("still waiting for %s at %s (%s) after %.0fs of %gs", name, server.url, last[name],
+                        said_at - start, server.spec.startup_timeout_s)  # fmt: skip
             if pending:
                 time.sleep(delay)
                 delay = min(delay * 1.5, 1.0)

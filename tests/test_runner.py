@@ -278,3 +278,29 @@ def test_the_quick_look_sends_the_seed_and_refuses_what_it_cannot_use(monkeypatc
         for extra in (["--golden", ref], ["--scheme", "fp8-block"], ["--limit", "1"]):
             assert main([*argv, *extra]) == 2
             assert "the quick look (--prompt) judges nothing" in capsys.readouterr().err
+
+
+def test_compare_against_a_refused_port_says_so_and_gives_up_in_seconds(
+    tmp_path, monkeypatch, caplog, capsys
+) -> None:
+    """The bug: `compare --prompts` against a URL that refuses connections waited a launch's 600 s
+    without a line. Now compare's running servers get COMPARE_STARTUP_S, and the wait says what
+    it waits for."""
+    import logging
+
+    from live_fakes import free_port
+
+    import difftest.cli.compare as compare_cli
+    import server_shim.launch as launch
+
+    monkeypatch.setattr(compare_cli, "COMPARE_STARTUP_S", 1.0)
+    monkeypatch.setattr(launch, "WAIT_NOTE_S", 0.3)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "hi"}\n')
+    url = f"http://127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING, logger="server_shim.launch"):
+        code = main(
+            ["compare", "--ref", url, "--target", url, "--prompts", str(prompts), "-o", str(tmp_path / "o")]
+        )
+    assert code == 3 and "not healthy after 1s" in capsys.readouterr().err
+    assert any("still waiting for reference" in r.getMessage() for r in caplog.records)

@@ -60,9 +60,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_json(p)
 
 
+# compare's servers run already: a URL that refuses connections gets this long, not a launch's 600 s
+COMPARE_STARTUP_S = 30.0
+
+
 def url_spec(name: str, url: str, envs: dict[str, str]) -> ServerSpec:
     o.check_url(name, url)
-    return ServerSpec(name=name, url=url, api_key_env=o.key_env_for(envs, name))
+    return ServerSpec(
+        name=name, url=url, api_key_env=o.key_env_for(envs, name), startup_timeout_s=COMPARE_STARTUP_S
+    )
 
 
 def compare_config(args: argparse.Namespace, baseline: Baseline | None = None) -> RunConfig:

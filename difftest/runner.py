@@ -30,7 +30,7 @@ from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig
 from difftest.conformance import probe
-from difftest.errors import DifftestError
+from difftest.errors import DifftestError, UsageError
 from difftest.judge import judge_one, null_for
 from difftest.noise import NoiseFloor
 from difftest.null import MARGIN, NO_NULL, NullModel, tie_margin
@@ -597,6 +597,17 @@ def infra_problems(run: RunResult, cfg: RunConfig, running: Mapping[str, Running
     return problems
 
 
+def refused_everything(run: RunResult) -> str | None:
+    """Why nothing was judged when every prompt of the run failed as a request the server refused
+    as invalid (HTTP 4xx: max_tokens over its cap, an unknown model, ...): a usage error (exit 2),
+    not a server that is up but broken (exit 3)."""
+    prompts = [p for t in run.targets for c in t.comparisons for p in c.prompts]
+    if not prompts or any(p.error is None or "RequestRejected:" not in p.error for p in prompts):
+        return None
+    first = next(p.error for p in prompts if p.error)
+    return f"every request was refused as invalid, nothing was judged; the first: {first}"
+
+
 def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
     """Run end to end; returns the result and the infrastructure problems (exit 3 if any)."""
     out = opts.out_dir
@@ -625,6 +636,9 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
             problems = infra_problems(run, cfg, running)
     finally:
         cache.close()
+    refused = refused_everything(run)
+    if refused is not None:
+        raise UsageError(refused)
     run.warnings.extend(problems)
     if opts.baseline is not None:  # where the reference's answers came from
         run.signature["baseline"] = opts.baseline.provenance()

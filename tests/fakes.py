@@ -57,6 +57,7 @@ class FakeBehaviour:
     model: str = "fake-model"
     tokenizer: str = "default"  # "default" | "alt" (other pieces, other ids) | "bos" (default + BOS)
     max_logprobs: int = 20  # `logprobs` above this -> 400 (vLLM's --max-logprobs); 0 = no logprobs at all
+    max_tokens_cap: int | None = None  # `max_tokens` above this -> 400 (the shim's --max-tokens-cap)
     echo: bool = True  # False: `echo` -> 400
     echo_prompt_logprobs: bool = True  # False: echo returns logprobs for generated tokens only
     echo_logprobs_500: bool = False  # echo together with logprobs -> 500
@@ -333,6 +334,8 @@ class FakeServer:
         mt = req.get("max_tokens", 16)
         if not isinstance(mt, int) or mt < 0 or (mt == 0 and not echo):
             raise _Reject(400, f"max_tokens must be >= 1 (0 only with echo), got {mt}", "max_tokens")
+        if b.max_tokens_cap is not None and mt > b.max_tokens_cap:
+            raise _Reject(400, f"max_tokens must be <= {b.max_tokens_cap}", "max_tokens")
         if echo and k is not None and b.echo_logprobs_500:
             raise _Reject(500, "Internal Server Error: index out of range in prompt_logprobs")
         prompts = _prompts(req.get("prompt"))

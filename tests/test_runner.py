@@ -304,3 +304,25 @@ def test_compare_against_a_refused_port_says_so_and_gives_up_in_seconds(
         )
     assert code == 3 and "not healthy after 1s" in capsys.readouterr().err
     assert any("still waiting for reference" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_whose_every_request_is_refused_as_invalid_is_a_usage_error(tmp_path, capsys) -> None:
+    """The bug: --max-tokens over the server's cap had every request refused (HTTP 400), and the run
+    said exit 3, 'infrastructure'; it is a usage error (exit 2): nothing was judged."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "the quick"}\n')
+    with live_fake(FakeBehaviour(max_tokens_cap=64)) as ref:
+        argv = [
+            "compare",
+            "--ref",
+            ref,
+            "--target",
+            ref,
+            "--prompts",
+            str(prompts),
+            "-o",
+            str(tmp_path / "o"),
+        ]
+        code = main([*argv, "--max-tokens", "100"])
+    err = capsys.readouterr().err
+    assert code == 2 and "every request was refused as invalid, nothing was judged" in err

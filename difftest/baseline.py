@@ -32,7 +32,7 @@ import gzip
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,6 +210,7 @@ class Baseline:
                 f"baseline {path}: version {data.get('version')!r}, this difftest reads version {VERSION}"
             )
         try:
+            _check_shapes(data)
             return cls(
                 reference=dict(data["reference"]),
                 settings=dict(data["settings"]),
@@ -280,6 +281,35 @@ class Baseline:
             f"baseline of {self.reference.get('name')} ({model}, {self.reference.get('url')}), "
             f"{len(self.prompts)} prompts, recorded {self.created_at}"
         )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_shapes(data: Mapping[str, Any]) -> None:
+    """The fields a run reads, of the types it reads them as (ValueError naming the first that is
+    not): a damaged file is refused at once, not as a KeyError or TypeError halfway through a run."""
+    settings = data["settings"]
+    if not isinstance(settings, dict):
+        raise ValueError("'settings' is not an object")
+    for key, ok in (("max_tokens", lambda v: _is_int(v) and v >= 1), ("logprobs", lambda v: _is_int(v) and 0 <= v <= 20),
+                    ("seed", lambda v: v is None or _is_int(v)),
+                    ("endpoint", lambda v: v in (None, "completions", "chat"))):  # fmt: skip
+        if key in settings and not ok(settings[key]):
+            raise ValueError(f"settings.{key} is {settings[key]!r}")
+    prompts = data["prompts"]
+    if not isinstance(prompts, list):
+        raise ValueError("'prompts' is not a list")
+    for i, rec in enumerate(prompts):
+        if not (
+            isinstance(rec, dict) and isinstance(rec.get("id"), str) and isinstance(rec.get("prompt"), str)
+        ):
+            raise ValueError(f"prompts[{i}] has no string 'id' and 'prompt'")
+        if rec.get("max_tokens") is not None and not (_is_int(rec["max_tokens"]) and rec["max_tokens"] >= 1):
+            raise ValueError(f"prompts[{i}].max_tokens is {rec['max_tokens']!r}")
+        if rec.get("messages") is not None and not isinstance(rec["messages"], list):
+            raise ValueError(f"prompts[{i}].messages is not a list")
 
 
 def run_settings(run: Any) -> dict[str, Any]:

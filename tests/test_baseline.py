@@ -194,6 +194,33 @@ def test_bad_baseline_file_is_one_line_exit_2(recorded: Path, tmp_path: Path, da
     assert code == 2 and err.count("\n") == 1 and "baseline" in err
 
 
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda d: d["prompts"][0].pop("prompt"), "prompts[0] has no string 'id' and 'prompt'"),
+        (lambda d: d["settings"].update(max_tokens="4"), "settings.max_tokens is '4'"),
+        (lambda d: d["prompts"][1].update(max_tokens=0), "prompts[1].max_tokens is 0"),
+        (lambda d: d.update(prompts={"a": 1}), "'prompts' is not a list"),
+    ],
+    ids=["prompt-missing", "settings-type", "prompt-max-tokens", "prompts-type"],
+)
+def test_a_baseline_damaged_inside_is_malformed_not_a_traceback(
+    recorded: Path, damage, said: str, capsys
+) -> None:
+    """The bug: a prompt without 'prompt' was a KeyError traceback; settings.max_tokens "4" a TypeError
+    halfway through the run."""
+    path = recorded / "baseline.json.gz"
+    with gzip.open(path, "rt") as f:
+        doc = json.load(f)
+    damage(doc)
+    with gzip.open(path, "wt") as f:
+        json.dump(doc, f)
+    capsys.readouterr()
+    assert main(["compare", "--baseline", str(recorded), "--target", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "malformed" in err and said in err
+
+
 def test_baseline_file_holds_what_was_asked(recorded: Path) -> None:
     base = Baseline.read(recorded)
     assert base.settings == {"max_tokens": 8, "logprobs": 5, "seed": 0, "endpoint": "completions"}

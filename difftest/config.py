@@ -504,12 +504,16 @@ def load_thresholds(path: Path) -> dict[str, dict[str, float]]:
                 (), unknown[0], f"a thresholds file holds only [thresholds]; {unknown[0]!r} is not one"
             )
         return _parse_thresholds(ctx, _table(ctx, doc, "thresholds", required=True))
-    return _parse_thresholds(ctx, doc)
+    return _parse_thresholds(ctx, doc, root=())
 
 
-def _parse_thresholds(ctx: _Ctx, table: dict[str, Any]) -> dict[str, dict[str, float]]:
+def _parse_thresholds(
+    ctx: _Ctx, table: dict[str, Any], root: tuple[Any, ...] = ("thresholds",)
+) -> dict[str, dict[str, float]]:
     """`[thresholds]` -> {"default" | scheme: {metric: limit}}. Dotted metric names
-    (`exactness.kl_mean = 0.01`) arrive from tomllib as nested tables and are flattened back."""
+    (`exactness.kl_mean = 0.01`) arrive from tomllib as nested tables and are flattened back.
+    `root`: where the table sits in the file (() for a thresholds file that is only its body), so
+    errors name the line."""
     known = _known_metrics()
     parts = {k.split(".", 1)[0] for k in known or () if "." in k} | {"exactness", "accuracy"}
     out: dict[str, dict[str, float]] = {}
@@ -536,12 +540,12 @@ def _parse_thresholds(ctx: _Ctx, table: dict[str, Any]) -> dict[str, dict[str, f
         if isinstance(value, dict) and key not in parts:  # [thresholds.fp8-block]
             if key != "default" and key not in SCHEMES:
                 raise ctx.error(
-                    ("thresholds",), key,
+                    root, key,
                     f"scheme {key!r} is unknown (one of default, {', '.join(SCHEMES)}){did_you_mean(key, SCHEMES)}",
                 )  # fmt: skip
-            add(key, ("thresholds", key), value)
+            add(key, (*root, key), value)
         else:
-            add("default", ("thresholds",), {key: value})
+            add("default", root, {key: value})
     return out
 
 

@@ -477,3 +477,15 @@ def test_a_config_that_is_not_utf8_is_a_config_error_and_a_bom_is_fine(tmp_path:
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
     assert load_config(bom).targets[0].name == "t"
+
+
+def test_a_bare_thresholds_file_names_the_line(tmp_path: Path) -> None:
+    """A thresholds file that is only the table's body named no line (the README promises one)."""
+    from difftest.config import load_thresholds
+
+    f = tmp_path / "t.toml"
+    f.write_text("kl_mean_max = 0.05\nkl_mean_mx = 0.1\n")
+    with pytest.raises(
+        ConfigError, match=r"t.toml:2: metric 'kl_mean_mx' is unknown; did you mean 'kl_mean_max'"
+    ):
+        load_thresholds(f)

@@ -51,6 +51,13 @@ def _unsupported_common(req: CompletionRequest | ChatCompletionRequest) -> list[
         out.append(("logit_bias", "logit_bias is not supported"))
     if req.stream_options is not None and not req.stream:
         out.append(("stream_options", "stream_options can only be set when stream is true"))
+    if req.skip_special_tokens:
+        out.append(
+            (
+                "skip_special_tokens",
+                "skip_special_tokens=true is not supported: the text keeps special tokens",
+            )
+        )
     return out
 
 
@@ -82,6 +89,9 @@ class CompletionRequest(_Request):
     # -1 / 0 / None: no top-k filter (vLLM uses -1 for "off").
     top_k: int | None = Field(default=None, ge=-1)
     ignore_eos: bool = False
+    # vLLM's default is true (special tokens dropped from the text); the shim's text keeps them, so
+    # only false is accepted, and true is refused rather than ignored
+    skip_special_tokens: bool = False
 
     def unsupported_values(self) -> list[tuple[str, str]]:
         """(param, why) for every parameter set to a value that would change results but is not
@@ -248,6 +258,9 @@ class ChatCompletionRequest(_Request):
     return_tokens_as_token_ids: bool = False
     top_k: int | None = Field(default=None, ge=-1)
     ignore_eos: bool = False
+    # vLLM's default is true (special tokens dropped from the text); the shim's text keeps them, so
+    # only false is accepted, and true is refused rather than ignored
+    skip_special_tokens: bool = False
     add_generation_prompt: bool = True
 
     def unsupported_values(self) -> list[tuple[str, str]]:

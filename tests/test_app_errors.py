@@ -71,6 +71,7 @@ BAD = [
     ("suffix set", {**GOOD, "suffix": "end"}, 400, "suffix"),
     ("stream_options junk", {**GOOD, "stream_options": {"x": 1}}, 400, "stream_options"),
     # vLLM refuses it too: the usage it asks for would never be sent (before: accepted, ignored)
+    ("skip_special_tokens true", {**GOOD, "skip_special_tokens": True}, 400, "skip_special_tokens"),
     ("stream_options unstreamed", {**GOOD, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("prompt over context", {**GOOD, "prompt": "hello " * 2100}, 400, "prompt"),
     ("unknown model", {**GOOD, "model": "gpt-5"}, 404, "model"),

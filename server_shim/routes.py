@@ -39,9 +39,10 @@ def create_router(
     async def body(request: Request, model: type) -> Any:
         return parse(model, await read_json(request, max_body_bytes))
 
-    @router.get("/health", response_model=HealthResponse)
+    @router.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse)
     async def health() -> HealthResponse:
-        """Liveness, open without a key: it answers {"status": "ok"} and reveals nothing else."""
+        """Liveness, open without a key: it answers {"status": "ok"} and reveals nothing else (HEAD
+        too: load balancers' and curl -I's probes)."""
         return HealthResponse(status="ok")
 
     @router.get("/v1/models", response_model=ModelList, responses=ERRORS)

@@ -147,7 +147,9 @@ async def test_the_auth_scheme_is_case_insensitive(client, scheme):
 async def test_health_is_open_and_reveals_nothing(client):
     async with httpx.AsyncClient(transport=client._transport, base_url="http://shim") as anon:
         r = await anon.get("/health")
+        head = await anon.head("/health")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert head.status_code == 200 and head.content == b""  # HEAD was a 405
 
 
 async def test_unknown_route_and_method(client):

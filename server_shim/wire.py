@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -119,6 +120,16 @@ async def read_json(request: Any, limit: int) -> Any:
     return loads(raw)
 
 
+# a union member's tag in an error location ("str", "list[TextPart]"): the branch, not a field
+_UNION_TAG = re.compile(r"(str|int|float|bool|[a-z-]+\[.+\])")
+
+
+def _telling(errors: list[Any]) -> Any:
+    """The error that says what is wrong: in a union (content: str | list[parts]) every branch
+    fails, and the first, "should be a valid string", hid the real one (an unknown key in a part)."""
+    return next((e for e in errors if not e["type"].endswith("_type")), errors[0])
+
+
 def parse(model: type[BaseModel], body: Any) -> Any:
     """Validate a parsed body against a request model; the first problem becomes a 400 naming its
     parameter (FastAPI's own binding would answer 422 with `{"detail": ...}`)."""
@@ -127,8 +138,8 @@ def parse(model: type[BaseModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [str(x) for x in err["loc"]]
+        err = _telling(exc.errors())
+        loc = [str(x) for x in err["loc"] if not _UNION_TAG.fullmatch(str(x))]
         param = loc[0] if loc else None
         if err["type"] == "extra_forbidden":
             msg = f"unsupported parameter `{'.'.join(loc)}`"

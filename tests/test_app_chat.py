@@ -221,3 +221,19 @@ async def test_official_openai_client_parses_chat_with_logprobs_and_stream(engin
         len(e.top_logprobs) == 2 for e in choice.logprobs.content
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+
+
+@pytest.mark.parametrize(
+    ("part", "said"),
+    [
+        ({"type": "text", "text": "a", "extra": 1}, "unsupported parameter `messages.0.content.0.extra`"),
+        ({"type": "text"}, "`messages.0.content.0.text` is required"),
+    ],
+)
+async def test_a_bad_content_part_is_named_not_the_string_branch(client, part, said):
+    """The bug: a bad part was reported as "`messages.0.content.str`: Input should be a valid string"
+    (the union's first branch), not what is wrong with the part."""
+    r = await client.post(
+        "/v1/chat/completions", json={**GOOD, "messages": [{"role": "user", "content": [part]}]}
+    )
+    assert r.status_code == 400 and r.json()["error"]["message"] == said

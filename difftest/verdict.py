@@ -13,9 +13,12 @@ decided failure is INCONCLUSIVE (exit 4).
 
 Every Check's note says where its limit came from ("budget fp8-block", "twin 0.0011 x3",
 "absolute minimum 0.005 (none: not measured)", "override [thresholds] accuracy.kl_mean"). Rules:
-NaN always fails; a metric that was not measured is a failing required check, unless its whole
-group was skipped with a visible reason (`skipped={"teacher_forced": "no echo"}`), which then
-shows as a non-required "not measured (skipped: ...)" check and a verdict warning.
+NaN always fails, informative or not; a metric that was not measured is a failing required check,
+unless its whole group was skipped with a visible reason (`skipped={"teacher_forced": "no echo"}`),
+which then shows as a non-required "not measured (skipped: ...)" check and a verdict warning. A
+check resting on one prompt decides nothing. Lost requests (`failed_rate`) leave a verdict open;
+impossible answers (`broken_rate`: NaN, malformed logprobs) fail it; neither makes a PASS alone.
+Overrides and budgets a broken target would pass are not informative (`_guarded`).
 
 Default budgets (recalibrate on your model: `difftest noise` / calibration runs). Measured on
 smollm2-135m vs fp32, 10 prompts x 24 tokens (docs/design.md "Calibration"):

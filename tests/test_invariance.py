@@ -235,3 +235,18 @@ async def test_check_batch_slots_marks_concurrent_placements_timing_dependent() 
     flags = {s.placement: s.timing_dependent for s in r.slots}
     assert flags == {"batch slot 1 of 4": False, "batch slot 3 of 4": False,
                      "concurrent request 1 of 4": True, "concurrent request 3 of 4": True}  # fmt: skip
+
+
+def test_a_tie_margin_override_that_ties_every_flip_informs_nothing() -> None:
+    """A `tie_margin` of 5 nats counts nearly every batch-slot flip as a tie: the slot token check
+    could not fail, so it is marked not informative (overrides went unguarded)."""
+    from difftest.judge import _mark_informative
+    from difftest.results import Check, PartVerdict
+
+    part = PartVerdict("invariance", "golden", (
+        Check("slot_token_mismatches", 0.0, 0.0, "<=", True),
+        Check("slot_logprob_max_diff", 0.1, 0.5, "<=", True),
+    ))  # fmt: skip
+    wide = {c.name: c for c in _mark_informative(part, {"tie_margin": 5.0}).checks}
+    assert not wide["slot_token_mismatches"].informative and wide["slot_logprob_max_diff"].informative
+    assert all(c.informative for c in _mark_informative(part, {"tie_margin": 0.5}).checks)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -410,11 +411,31 @@ class CompletionClient:
         return text.replace(self._api_key, "***") if self._api_key else text
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # "\ud83d": half an emoji, as JS / Python servers send
+
+
 def _as_json(body: bytes, name: str, path: str) -> Any:
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise UnreadableBody(f"{name}: {path} answered a body that is not JSON: {body[:80]!r}") from e
+    # a lone surrogate cannot be encoded as UTF-8: it crashed the cache and the report writers, so it
+    # becomes U+FFFD here, as a UTF-8 decoder makes of half a character (the scan is skipped when
+    # the body has no surrogate escape at all)
+    return _no_lone_surrogates(data) if _SURROGATE_ESCAPE.search(body) else data
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs: what is left is lone
+
+
+def _no_lone_surrogates(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _LONE_SURROGATE.sub("\ufffd", obj)
+    if isinstance(obj, dict):
+        return {_no_lone_surrogates(k): _no_lone_surrogates(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_no_lone_surrogates(v) for v in obj]
+    return obj
 
 
 def _error_message(body: bytes) -> str:

@@ -258,3 +258,21 @@ def test_api_key_env_names_a_server_of_the_command(monkeypatch, capsys) -> None:
         None,
         "OPENAI_API_KEY",
     )
+
+
+def test_servers_text_is_printed_as_text_not_markup_or_escapes(capsys) -> None:
+    """The bugs: a model named "llama[/]" made `probe` a rich MarkupError traceback; ESC sequences in
+    a server's words reached the terminal raw (they can clear the screen, retitle the window)."""
+    from fakes import FakeBehaviour
+    from live_fakes import live_fake
+
+    from difftest.cli.options import console
+
+    with live_fake(FakeBehaviour(model="llama[/]")) as url:
+        assert main(["probe", url]) in (0, 1)
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "llama[/]" in out.out
+    con = console()
+    with con.capture() as cap:
+        con.print("evil \x1b[2J\x9b31m \u202etxt [bold]x[/bold] :smile:")
+    assert cap.get().strip() == "evil \\x1b[2J\\x9b31m \\u202etxt [bold]x[/bold] :smile:"

@@ -268,3 +268,13 @@ async def test_an_html_error_page_is_one_line() -> None:
     assert "\n" not in str(info.value) and "<!DOCTYPE HTML> <html> <head> <title>Error</title>" in str(
         info.value
     )
+
+
+def test_lone_surrogates_from_a_server_become_replacement_characters() -> None:
+    """The bug: a server's "\\ud83d" (half an emoji, as JS and Python servers send) reached the
+    cache and the report writers, which cannot encode it: five tracebacks, exit 1, no report."""
+    from difftest.client import _as_json
+
+    body = b'{"a": "x\\ud83d y", "b": ["\\ud83d\\ude00"], "\\udc00k": 1}'
+    assert _as_json(body, "srv", "/p") == {"a": "x\ufffd y", "b": ["\U0001f600"], "\ufffdk": 1}
+    json.dumps(_as_json(body, "srv", "/p"), ensure_ascii=False).encode("utf-8")  # encodable now

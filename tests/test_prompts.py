@@ -126,3 +126,13 @@ def test_line_separators_inside_a_prompt_are_text(tmp_path: Path) -> None:
     f.write_text(json.dumps({"id": "a", "prompt": "x\u2028y\u0085z"}, ensure_ascii=False) + "\r\n"
                  + json.dumps({"id": "b", "prompt": "w"}) + "\n", encoding="utf-8")  # fmt: skip
     assert [p.prompt for p in read_prompt_file(f)] == ["x\u2028y\u0085z", "w"]
+
+
+def test_half_a_surrogate_pair_is_refused(tmp_path: Path) -> None:
+    """No UTF-8 request can carry "\\ud83d" alone; it crashed the writers later."""
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"id": "a", "prompt": "x\\ud83d"}\n{"id": "b", "prompt": "\\ud83d\\ude00 ok"}\n')
+    with pytest.raises(UsageError, match="s.jsonl:1: a string holds half a UTF-16 surrogate pair"):
+        read_prompt_file(f)
+    f.write_text('{"id": "b", "prompt": "\\ud83d\\ude00 ok"}\n')  # a whole pair is a character
+    assert read_prompt_file(f)[0].prompt == "\U0001f600 ok"

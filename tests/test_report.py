@@ -540,3 +540,11 @@ def test_headline_reads_the_keys_metrics_aggregate_writes() -> None:
     assert "n/a" not in " ".join(cells), cells
     assert cells[0].startswith("0.1993 [")  # mean of 1.5e-4, 0.405, 0.1926
     assert cells[2] == "88.6%"  # top-1: mean of 1, 6/7, 0.8
+
+
+def test_a_pipe_in_a_baseline_name_stays_inside_its_table_cell() -> None:
+    """GFM splits a table row at `|` even inside a code span: a baseline named "ref|x" gave the
+    verdict row one cell more than its header."""
+    from difftest.report.markdown import md_code
+
+    assert md_code("ref|x", cell=True) == "`ref\\|x`" and md_code("ref|x") == "`ref|x`"

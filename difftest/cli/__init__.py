@@ -51,9 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _SafeFormatter(logging.Formatter):
+    """Log lines carry servers' words (error bodies, names): their control characters shown
+    escaped, as the console shows them, never sent to the terminal raw."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from difftest.textsafe import UNSAFE, shown
+
+        return UNSAFE.sub(shown, super().format(record))
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_SafeFormatter("%(levelname)s %(name)s: %(message)s"))
     # progress lines are the one INFO stream shown by default when not on a terminal
     logging.getLogger("difftest.progress").setLevel(logging.INFO)
 
@@ -76,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code_for(exc)
         if code is None or traceback:
             raise
-        print(f"difftest: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
+        from difftest.textsafe import UNSAFE, shown
+
+        message = UNSAFE.sub(shown, " ".join(str(exc).split()))  # one line, no raw control characters
+        print(f"difftest: error: {message}", file=sys.stderr)
         return code
 
 

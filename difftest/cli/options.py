@@ -19,13 +19,15 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.segment import Segment
 
 from difftest.errors import UsageError
+from difftest.textsafe import UNSAFE, shown
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 PIPED_WIDTH = 240  # a log file or CI step: wide enough that no table cell is cut to "…"
@@ -222,12 +224,31 @@ def key_for(envs: dict[str, str], server: str) -> str | None:
 # ----------------------------------------------------------------------------- output
 
 
+class TerminalConsole(Console):
+    """A console that prints servers' text as text: no markup or emoji codes read from it (a model
+    named "llama[/]" was a MarkupError traceback), and control characters in any printed text
+    (ESC sequences that clear the screen or retitle the window, C1, bidi overrides) shown escaped."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(markup=False, emoji=False, **kwargs)
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        # the last step before the stream: every text segment (tables, Text, str) passes here;
+        # rich's own control segments (cursor moves) do not carry text
+        return super()._render_buffer(
+            Segment(UNSAFE.sub(shown, text), style, control)
+            if control is None
+            else Segment(text, style, control)
+            for text, style, control in buffer
+        )
+
+
 def console() -> Console:
     """A terminal keeps its width; a pipe, log file or CI step gets wide lines (no cut cells)."""
     if sys.stdout.isatty():
-        return Console()
+        return TerminalConsole()
     cols = os.environ.get("COLUMNS", "")
-    return Console(width=max(PIPED_WIDTH, int(cols) if cols.isdigit() else 0))
+    return TerminalConsole(width=max(PIPED_WIDTH, int(cols) if cols.isdigit() else 0))
 
 
 def emit_json(data: Any) -> None:

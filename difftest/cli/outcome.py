@@ -8,6 +8,7 @@ from typing import Any
 
 from difftest.cli.options import console, emit_json
 from difftest.results import RunResult
+from difftest.textsafe import safe
 
 
 def run_summary(run: RunResult, out: Path, problems: list[str], code: int) -> dict[str, Any]:
@@ -54,5 +55,5 @@ def finish(run: RunResult, out: Path, problems: list[str], *, as_json: bool = Fa
     else:
         render_summary(run, console(), report_dir=out)
     for p in run.infrastructure:
-        print(f"difftest: infrastructure: {p}", file=sys.stderr)
+        print(f"difftest: infrastructure: {safe(p)}", file=sys.stderr)
     return code

@@ -114,7 +114,10 @@ def text_heatmap(grid: Grid) -> str:
         tail = f"  <- first divergent {' '.join(marks)}" if marks else ""
         lines.append(f"{label:>6} " + "".join(cells) + tail)
     lines.append("")
-    lines.extend(f"[{j + 1}] {name}" for j, name in enumerate(grid.cols))
+    # names are config / server text inside a ``` block: one line each, no backtick run that closes it
+    lines.extend(
+        f"[{j + 1}] {' '.join(str(name).split()).replace('`', chr(39))}" for j, name in enumerate(grid.cols)
+    )
     lines.append(
         "shading: log10(1 - cosine)  '  ' <= -6  '░░' <= -4  '▒▒' <= -2  '▓▓' <= -1  '██' > -1"
         "  '??' NaN  '..' not measured"

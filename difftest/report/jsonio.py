@@ -24,12 +24,14 @@ REPORT_MODE = 0o644  # group-readable, never world-writable
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` so that readers see the old file or the new one, never half."""
+    """Write `text` (UTF-8) to `path` so that readers see the old file or the new one, never half.
+    A lone surrogate (from a hand-edited report.json: servers' are replaced as they are read) is
+    written as "?" rather than losing the whole file to a UnicodeEncodeError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace", newline="\n") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -19,7 +19,7 @@ from difftest.report.words import check_fails, check_undecided, is_informative
 from difftest.results import RunResult, TargetResult
 
 # XML 1.0 forbids most control characters even when escaped; a prompt may carry them.
-_ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")  # XML 1.0 Char
 
 
 def _x(s: Any) -> str:

@@ -20,6 +20,7 @@ from difftest.report.heatmap import layer_grid, text_heatmap
 from difftest.report.plotdata import TagRow, tag_rows
 from difftest.report.words import GATE_WORDS, gate_of, kv_rows, reasons_in_words, shape_words
 from difftest.results import Comparison, PromptDiff, RunResult, TargetResult
+from difftest.textsafe import UNSAFE, shown
 from difftest.whitebox.localise import localisation_line as whitebox_localisation_line
 
 NA = "n/a"
@@ -145,13 +146,13 @@ def divergence_text(p: PromptDiff) -> str:
     return NA
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL = UNSAFE  # difftest.textsafe: C0, C1 and the bidi overrides
 
 
 def visible(text: str) -> str:
     """Newlines, tabs and control characters made visible (they would break a table row)."""
     text = text.replace("\r\n", "⏎").replace("\n", "⏎").replace("\r", "⏎").replace("\t", "⇥")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROL.sub(shown, text)
 
 
 def truncate(text: str, n: int) -> str:
@@ -171,9 +172,11 @@ def md_cell(text: Any, limit: int | None = None) -> str:
     return _ENTITY.sub("&amp;", _MD_SPECIAL.sub(r"\\\1", s))
 
 
-def md_code(text: Any) -> str:
-    """A name as an inline code span: nothing inside is interpreted, so only backticks go."""
-    return "`" + visible(str(text)).replace("`", "'") + "`"
+def md_code(text: Any, *, cell: bool = False) -> str:
+    """A name as an inline code span: nothing inside is interpreted, so only backticks go. In a
+    table `cell`, GFM splits at a pipe even inside a code span: it is escaped there (`\\|`)."""
+    code = "`" + visible(str(text)).replace("`", "'") + "`"
+    return code.replace("|", "\\|") if cell else code
 
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -207,7 +210,7 @@ def verdict_rows(run: RunResult) -> list[list[str]]:
             if i == 0
             else [""] * 5
         )
-        against = f"{c.kind} vs {md_code(c.baseline)}" if c else NA
+        against = f"{c.kind} vs {md_code(c.baseline, cell=True)}" if c else NA
         rows.append(own + [against] + headline_cells(c) + [failed_text(t) if i == 0 else ""])
     return rows
 

@@ -68,12 +68,15 @@ class Check:
         not turn a broken measurement into a pass)."""
         if self.passed:
             return False
-        broken = (self.value is None and self.required) or (self.value is not None and math.isnan(self.value))
-        return broken or (self.informative and self.decided)
+        if self.value is not None and math.isnan(self.value):
+            return True
+        if self.value is None and self.required:
+            return self.decided  # undecided: nothing was answered to measure (all requests lost)
+        return self.informative and self.decided
 
     @property
     def undecided(self) -> bool:
-        return self.informative and not self.decided
+        return (self.informative or (self.value is None and self.required)) and not self.decided
 
     def describe(self) -> str:
         if self.value is None:

@@ -54,6 +54,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from difftest.errors import ConfigError, UsageError
+from difftest.metrics.tokens import is_garbled
 from difftest.null import (
     MARGIN,
     NO_NULL,
@@ -226,7 +227,11 @@ def _make_check(
 ) -> Check:
     assert limit.value is not None  # callers only build checks for set limits
     inf = limit.informative
+    lost = _lost(comp) if comp is not None else 0
     if value is None:
+        if lost and comp is not None and lost == len(comp.prompts):  # nothing answered: nothing to measure
+            note = f"{limit.note}; not measured: all {lost} requests were lost"
+            return Check(name, None, limit.value, op, False, True, note, inf, decided=False)
         return Check(name, None, limit.value, op, False, True, f"{limit.note}; required, missing", inf)
     if math.isnan(value):
         return Check(name, value, limit.value, op, False, True, f"{limit.note}; NaN always fails", inf)
@@ -234,7 +239,16 @@ def _make_check(
     note = limit.note
     ci = _interval(comp, name) if comp is not None else None
     decided, needed = True, None
-    if name == "failed_rate":
+    if not passed and lost and comp is not None and name in _WORST_VALUE_CHECKS:
+        # lost prompts count as the worst value here (a server must not hide its bad prompts behind
+        # failures), so a failure may be theirs alone: decided only if the answered prompts fail too
+        answered = _answered_value(comp, name)
+        if answered is None or (answered <= limit.value if op == "<=" else answered >= limit.value):
+            decided = False
+            note += f"; fails only with the {lost} lost prompt(s) counted as the worst value"
+    if not decided:
+        pass  # already open: the lost prompts may carry the whole failure
+    elif name == "failed_rate":
         # a request that failed after the client's retries leaves its prompt unjudged: that is not
         # evidence of a regression (nor can it catch a negative control), and over the run's
         # error_rate_limit the run is an infrastructure failure (exit 3) anyway
@@ -250,6 +264,26 @@ def _make_check(
             int(comp.aggregate.get("n_prompts", len(comp.prompts))), ci, value, limit.value
         )  # type: ignore[union-attr]
     return Check(name, float(value), limit.value, op, passed, True, note, inf, decided, ci, needed)
+
+
+# aggregates that count a failed prompt as the worst value (difftest.metrics.aggregate)
+_WORST_VALUE_CHECKS = frozenset({"token_match", "garbled_rate", "bleu"})
+
+
+def _lost(comp: Comparison) -> int:
+    """Prompts whose request was lost (an error that is not the target's impossible answer)."""
+    return sum(p.error is not None and not p.broken for p in comp.prompts)
+
+
+def _answered_value(comp: Comparison, name: str) -> float | None:
+    """A worst-value check's value over the answered prompts alone (None: not recomputable, BLEU
+    being a corpus score, or no prompt answered)."""
+    answered = [p for p in comp.prompts if p.error is None]
+    if not answered or name == "bleu":
+        return None
+    if name == "token_match":
+        return sum(p.match_rate or 0.0 for p in answered) / len(answered)
+    return sum(p.match_rate is None or is_garbled(p.match_rate) for p in answered) / len(answered)
 
 
 def _guarded(part: str, name: str, limit: Limit) -> Limit:

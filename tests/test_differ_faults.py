@@ -177,6 +177,8 @@ def test_broken_answers_mid_run_are_per_prompt_errors_exit_3(
     )
     assert stored["targets"][0]["verdict"]["label"] == ("FAIL" if broken else "INCONCLUSIVE")
     assert "Gate: INFRASTRUCTURE" in (Path(out) / "report.md").read_text()
+    junit = (Path(out) / "junit.xml").read_text()  # a CI dashboard must not read an exit-3 run as green
+    assert '<testsuite name="infrastructure"' in junit and "<error" in junit
     assert main(["report", out]) == 3
 
 

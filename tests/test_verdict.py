@@ -312,3 +312,36 @@ def test_overrides_a_broken_target_would_pass_inform_nothing():
     for scheme in DEFAULT_BUDGETS:
         v = judge_target("t", "pass", None, comp(**GOOD_ACC), budget_for(scheme), None)
         assert all(c.informative for c in v.parts[1].checks), scheme
+
+
+def _answered(rates: list[float], lost: int = 0) -> Comparison:
+    prompts = [PromptDiff(prompt_id=f"p{i}", prompt="x", match_rate=r, kl_mean=0.02, top1_agreement=0.9)
+               for i, r in enumerate(rates)]  # fmt: skip
+    prompts += [PromptDiff(prompt_id=f"l{i}", prompt="x", error="target: HTTP 503") for i in range(lost)]
+    n = len(prompts)
+    tm = sum(rates) / n  # lost prompts count 0, as the aggregate counts them
+    return Comparison(kind="accuracy", baseline="fp16", target="t", prompts=prompts,
+                      aggregate=dict(GOOD_ACC, token_match=tm, failed_rate=lost / n, n_prompts=n),
+                      ci={"token_match": [tm - 0.01, tm + 0.01]})  # fmt: skip
+
+
+def test_lost_prompts_never_decide_a_failure_on_their_own():
+    """Lost prompts count 0 in token match (a server must not hide bad prompts behind failures),
+    so a token-match failure may be theirs alone: it decides only if the answered prompts fail
+    too (before: a target that died mid-run was a decided FAIL, and a dead negative control
+    counted as caught)."""
+    strict = {"token_match_min": 0.5}
+    # answered prompts match 0.6 > 0.5; with 6 of 10 lost the mean is 0.24 < 0.5
+    open_ = judge_target("t", "fail", None, _answered([0.6] * 4, lost=6), FP8, None, overrides=strict)
+    tm = next(c for c in open_.parts[1].checks if c.name == "token_match")
+    assert not tm.decided and "fails only with the 6 lost prompt(s)" in tm.note
+    assert open_.label == "INCONCLUSIVE" and not open_.meets_expectation
+    # the answered prompts fail too (0.3 < 0.5): decided
+    shut = judge_target("t", "pass", None, _answered([0.3] * 4, lost=6), FP8, None, overrides=strict)
+    assert shut.label == "FAIL"
+    # nothing answered: teacher-forced values are missing because everything was lost -- open
+    dead = Comparison(kind="accuracy", baseline="fp16", target="t",
+                      prompts=[PromptDiff(prompt_id=f"l{i}", prompt="x", error="target: reset") for i in range(5)],
+                      aggregate={"failed_rate": 1.0, "broken_rate": 0.0, "token_match": 0.0, "n_prompts": 5})  # fmt: skip
+    v = judge_target("t", "fail", None, dead, FP8, None)
+    assert v.label == "INCONCLUSIVE" and not v.meets_expectation, v.reasons

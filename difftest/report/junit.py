@@ -98,6 +98,16 @@ def render_junit(run: RunResult) -> str:
         root.append(suite)
         for k in totals:
             totals[k] += counts[k]
+    if run.infrastructure:  # an exit-3 run must not read green in a CI dashboard
+        suite = ET.SubElement(root, "testsuite", {"name": "infrastructure", "tests": str(len(run.infrastructure)),
+                                                  "failures": "0", "errors": str(len(run.infrastructure))})  # fmt: skip
+        for i, problem in enumerate(run.infrastructure):
+            case = ET.SubElement(
+                suite, "testcase", {"classname": "difftest.infrastructure", "name": f"problem {i + 1}"}
+            )
+            ET.SubElement(case, "error", {"message": _x(problem)}).text = _x(problem)
+        totals["tests"] += len(run.infrastructure)
+        totals["errors"] += len(run.infrastructure)
     for k, v in totals.items():
         root.set(k, str(v))
     root.set("time", f"{run.elapsed_s:.3f}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -548,3 +549,16 @@ def test_a_pipe_in_a_baseline_name_stays_inside_its_table_cell() -> None:
     from difftest.report.markdown import md_code
 
     assert md_code("ref|x", cell=True) == "`ref\\|x`" and md_code("ref|x") == "`ref|x`"
+
+
+def test_a_nan_check_reads_as_failing_and_a_failing_check_is_never_greyed() -> None:
+    """The bugs: "mean KL NaN <= limit 0.01" read as a pass, and a NaN failing a not-informative
+    check was greyed out as "not informative" -- the only reason the target failed."""
+    from difftest.report.html import _check_li
+    from difftest.report.words import check_words
+    from difftest.results import Check, PartVerdict
+
+    c = Check("kl_mean", math.nan, 100.0, "<=", False, True, "override", informative=False)
+    w = check_words(PartVerdict("accuracy", "fp16", (c,)), c)
+    assert w.fails and "(NaN always fails) vs limit" in w.sentence() and "<=" not in w.sentence()
+    assert _check_li(w).startswith("<li>") and 'class="ni"' not in _check_li(w)

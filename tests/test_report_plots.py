@@ -249,7 +249,7 @@ def test_check_words_for_module_checks_and_rates() -> None:
     )
     assert top1.sentence() == "accuracy: top-1 agreement 85.7% < limit 95.0% (limit: budget)"
     nan = check_words(PartVerdict("accuracy", "r", ()), Check("kl_mean", math.nan, 0.1, "<=", False))
-    assert nan.sentence() == "accuracy: mean KL NaN <= limit 0.1"
+    assert nan.sentence() == "accuracy: mean KL NaN (NaN always fails) vs limit 0.1"
     assert fmt_value("kl_mean", 1.5e-5) == "1.500e-05"
 
 

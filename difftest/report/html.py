@@ -88,6 +88,8 @@ def _expectation(t: TargetResult) -> str:
 
 def _check_li(w: Any) -> str:
     text = _e(w.sentence())
+    if w.fails:  # a failing check is never greyed, informative or not (NaN)
+        return f"<li>{text}</li>"
     if not w.informative:
         return f'<li class="ni">{text}</li>'  # the sentence says "not informative"
     if not w.required:
@@ -221,12 +223,12 @@ def _nulls(run: RunResult) -> str:
 def _checks_table(t: TargetResult) -> str:
     rows = []
     for w in all_checks(t):
-        if not w.informative:
+        if w.fails:  # first: a NaN on a not-informative check still fails, and must read so
+            status, cls = "FAIL", "t-FAIL"
+        elif not w.informative:
             status, cls = "not informative", "ni"
         elif w.undecided:
             status, cls = "undecided", "t-INCONCLUSIVE"
-        elif w.fails:
-            status, cls = "FAIL", "t-FAIL"
         else:
             status, cls = "pass", "t-PASS"
         rows.append(

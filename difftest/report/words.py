@@ -139,7 +139,9 @@ def check_words(part: PartVerdict, c: Check) -> CheckWords:
         source = rest
     elif rest and rest not in source:
         source = f"{source}; {rest}"
-    if c.value is None or (isinstance(c.value, float) and math.isnan(c.value)) or c.passed:
+    if isinstance(c.value, float) and math.isnan(c.value):
+        relation = "(NaN always fails) vs"  # never "NaN <= limit", which reads as a pass
+    elif c.value is None or c.passed:
         relation = c.op
     else:
         relation = {"<=": ">", ">=": "<"}.get(c.op, "vs")

@@ -95,6 +95,7 @@ class TargetDiff:
     verdict_b: str | None
     comparisons: list[ComparisonDiff] = field(default_factory=list)
     note: str = ""  # "only in A", "only in B"
+    warnings: list[str] = field(default_factory=list)  # comparisons that could not be paired
     expect: str = "pass"  # run B's expectation ("fail": a negative control)
 
     @property
@@ -103,11 +104,13 @@ class TargetDiff:
 
     @property
     def regressed(self) -> bool:
-        """A verdict turned against its expectation (PASS -> FAIL; for a negative control, FAIL ->
-        PASS: the fault is no longer caught), or a metric moved the wrong way beyond noise."""
-        caught, missed = ("FAIL", "PASS") if self.expect == "fail" else ("PASS", "FAIL")
-        went_bad = self.verdict_a == caught and self.verdict_b == missed
-        return went_bad or any(m.regressed for c in self.comparisons for m in c.metrics)
+        """B's verdict contradicts its expectation and A's did not (FAIL for a target that should
+        pass -- after PASS, INCONCLUSIVE or no run at all; PASS for a negative control: its fault
+        is no longer caught), B lost a verdict A had, or a metric moved the wrong way beyond noise."""
+        missed = "PASS" if self.expect == "fail" else "FAIL"
+        went_bad = self.verdict_b == missed and self.verdict_a != missed
+        lost_verdict = self.verdict_a is not None and self.verdict_b is None and self.note != "only in A"
+        return went_bad or lost_verdict or any(m.regressed for c in self.comparisons for m in c.metrics)
 
 
 @dataclass
@@ -237,7 +240,10 @@ def _target(
     for ca in ta.comparisons:
         cb = tb.comparison(ca.kind)
         if cb is None:
+            out.warnings.append(f"{name}: {ca.kind} vs {ca.baseline} is in A only")
             continue
+        if cb.baseline != ca.baseline:
+            out.warnings.append(f"{name}: {ca.kind} is against {ca.baseline} in A, {cb.baseline} in B")
         cd = ComparisonDiff(ca.kind, cb.baseline)
         keys = list(dict.fromkeys([*ca.aggregate, *cb.aggregate]))
         floor = floor_b if ca.kind == "exactness" else None  # floors bound the golden's A/A spread
@@ -265,9 +271,14 @@ def _settings_warnings(a: RunResult, b: RunResult) -> list[str]:
 
 def diff_runs(a: RunResult, b: RunResult, *, name_a: str = "A", name_b: str = "B") -> RunDiff:
     out = RunDiff(name_a, name_b, warnings=_settings_warnings(a, b))
+    for run, which in ((a, name_a), (b, name_b)):
+        if run.infrastructure:  # its verdicts rest on incomplete answers: a move may be that
+            out.warnings.append(f"{which} ended in exit 3 (infrastructure: {'; '.join(run.infrastructure)})")
     by_a = {t.name: t for t in a.targets}
     by_b = {t.name: t for t in b.targets}
     floor = b.noise_floor or a.noise_floor
     for name in dict.fromkeys([*by_a, *by_b]):
-        out.targets.append(_target(by_a.get(name), by_b.get(name), floor))
+        target = _target(by_a.get(name), by_b.get(name), floor)
+        out.targets.append(target)
+        out.warnings.extend(target.warnings)
     return out

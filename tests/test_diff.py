@@ -183,3 +183,26 @@ def test_report_takes_the_report_json_itself(runs: dict[str, Path], tmp_path: Pa
     (run / "report.md").unlink()
     assert main(["report", str(run / "report.json")]) == 0
     assert (run / "report.md").exists() and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_verdict_that_turns_against_its_expectation_from_anywhere_is_a_regression() -> None:
+    """The misses: INCONCLUSIVE -> FAIL, PASS -> no verdict, and a new target that FAILs exited 0."""
+    from difftest.rundiff import TargetDiff
+
+    assert TargetDiff("t", "INCONCLUSIVE", "FAIL").regressed
+    assert TargetDiff("t", "PASS", None).regressed
+    assert TargetDiff("t", None, "FAIL", note="only in B").regressed
+    assert not TargetDiff("t", "FAIL", "FAIL").regressed  # failing before and after: no news
+    assert not TargetDiff("t", "PASS", None, note="only in A").regressed  # removed from the run
+    assert TargetDiff("ctl", "INCONCLUSIVE", "PASS", expect="fail").regressed
+    assert not TargetDiff("ctl", "PASS", "FAIL", expect="fail").regressed
+
+
+def test_diff_warns_of_what_it_cannot_pair_and_of_exit_3_runs(runs: dict[str, Path]) -> None:
+    a, b = load_run(runs["good1"]), load_run(runs["good2"])
+    b.infrastructure = ["server tgt exited with code -9 during the run"]
+    lost = a.targets[0].comparisons[0]
+    b.targets[0].comparisons = [c for c in b.targets[0].comparisons if c.kind != lost.kind]
+    warnings = diff_runs(a, b).warnings
+    assert any("B ended in exit 3 (infrastructure: server tgt exited" in w for w in warnings)
+    assert any(f"{lost.kind} vs {lost.baseline} is in A only" in w for w in warnings)

@@ -125,3 +125,18 @@ def test_json_round_trip_including_inf():
 def test_bad_files_are_refused_by_name(text, match):
     with pytest.raises(NoiseFloorError, match=match):
         NoiseFloor.from_json(text)
+
+
+def test_a_failed_request_is_no_noise():
+    """The bug: HTTP 500 on one prompt of 6, every answered prompt identical, gave token_mismatch
+    0.1667 (the aggregate counts a failed prompt as a full mismatch), which widened every limit."""
+    from difftest.metrics.aggregate import aggregate_prompts
+    from difftest.noise import floor_from_comparisons
+    from difftest.results import Comparison, PromptDiff
+
+    prompts = [PromptDiff(f"p{i}", "x", match_rate=1.0, exact=True, first_divergence=None) for i in range(5)]
+    prompts.append(PromptDiff("p5", "x", error="baseline: HTTP 500"))
+    agg, ci = aggregate_prompts(prompts)
+    assert abs(agg["token_match"] - 5 / 6) < 1e-12  # the aggregate: a failure as a mismatch
+    floor = floor_from_comparisons([Comparison("noise", "ref", "ref", prompts, agg, ci)])
+    assert floor.token_mismatch == 0.0 and floor.exact_mismatch == 0.0 and floor.failed_requests == 1

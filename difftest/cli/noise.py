@@ -10,7 +10,7 @@ from pathlib import Path
 from difftest.cli import options as o
 from difftest.cli.run import with_overrides
 from difftest.config import load_config
-from difftest.errors import UsageError
+from difftest.errors import InfraError, UsageError
 
 HELP = "measure the reference's A/A noise floor into DIR/noise-floor.json (-o DIR)"
 FLOOR_FILE = "noise-floor.json"
@@ -46,6 +46,12 @@ def run(args: argparse.Namespace) -> int:
         cfg, limit=args.limit, restart=not args.no_restart, log_dir=Path(cfg.run.output_dir) / "noise-logs"
     )
     floor = dataclasses.replace(floor, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+    if floor.failed_requests > cfg.run.error_rate_limit * max(floor.n_prompts, 1):
+        # a floor measured on lost answers sets limits from the wrong thing: none is written
+        raise InfraError(
+            f"{floor.failed_requests} of {floor.n_prompts} A/A requests failed (over the error_rate_limit "
+            f"{cfg.run.error_rate_limit:g}): no noise floor written"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(floor.to_json())
     if args.json:
@@ -53,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     con = o.console()
     con.print(floor.describe())
-    for key in ("kl_mean", "kl_p99", "top1_disagreement", "token_mismatch", "tie_margin"):
+    for key in ("kl_mean", "kl_p99", "top1_disagreement", "token_mismatch", "tie_margin", "failed_requests"):
         con.print(f"  {key}: {getattr(floor, key)}")
     con.print(f'written to {path}; set run.noise_floor = "{path}" in the config to use it')
     return 0

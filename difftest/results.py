@@ -273,6 +273,9 @@ class LayerDiff:
     audit_hint: str | None = None  # e.g. "scales look transposed"
     summary: str = ""
     warnings: list[str] = field(default_factory=list)
+    # why no diff was made: "" made; "rejected" a side refused the request (HTTP 4xx); "failed" a
+    # side's debug answer failed or was unreadable
+    not_made: str = ""
 
 
 # ----------------------------------------------------------------------------- per target / run

@@ -66,3 +66,32 @@ def test_layers_refuses_an_empty_prompt(capsys) -> None:
 
     assert main(["layers", "--target", "http://127.0.0.1:9", "--prompt", " "]) == 2
     assert "--prompt: empty prompt text" in capsys.readouterr().err
+
+
+def test_a_layer_diff_that_says_nothing_is_never_exit_0() -> None:
+    """The bug: activations a server failed or refused (a 500, a prompt over the context) gave
+    "layer diff not made" and exit 0, "nothing flagged", for a grossly faulty target."""
+    from difftest.cli.layers import unmade
+    from difftest.results import LayerDiff, LayerPoint
+
+    refused = LayerDiff(
+        "reference", "accuracy", not_made="rejected", warnings=["activations unavailable: HTTP 400"]
+    )
+    assert unmade(refused) == ("activations unavailable: HTTP 400", 2)
+    assert unmade(LayerDiff("reference", "accuracy", not_made="failed"))[1] == 3
+    point = LayerPoint(name="model.layers.0.mlp.up_proj", layer=0, kind="linear", cosine=1.0, norm_ratio=1.0,
+                       rel_err=0.0, max_abs=0.0, sqnr_db=99.0)  # fmt: skip
+    unreplayed = LayerDiff("reference", "accuracy", points=[point], warnings=["replay of x failed: HTTP 500"])
+    assert unmade(unreplayed) == ("no module could be replayed (replay of x failed: HTTP 500, ...)", 4)
+    replayed = LayerDiff(
+        "reference", "accuracy", points=[LayerPoint(**{**point.__dict__, "local_rel_err": 0.0})]
+    )
+    assert unmade(replayed) == ("", 0)
+
+
+async def test_layers_over_the_context_is_a_usage_error_not_a_clean_result(monkeypatch, capsys) -> None:
+    parse = build_parser().parse_args
+    argv = ["layers", "--ref", "http://r", "--target", "http://t", "--json", "--prompt", "a " * 3000]
+    code = await _run(monkeypatch, layers_cmd, parse(argv))
+    out = json.loads(capsys.readouterr().out)
+    assert code == out["exit_code"] == 2 and out["not_made"]

@@ -3,12 +3,14 @@
     difftest layers CONFIG                      launch the config's servers (debug on), localise
     difftest layers --ref URL --target URL [--golden URL]
 
-Exit 0 nothing flagged, 1 a target has a flagged point or a failed layer verdict, 2 usage,
-3 infrastructure."""
+Exit 0 nothing flagged, 1 a target has a flagged point or a failed layer verdict, 2 usage (also a
+debug request a server refused, HTTP 4xx), 3 infrastructure (also a debug answer that failed: no
+diff made), 4 a diff in which no module could be replayed (it decides nothing)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +22,7 @@ from difftest.cli.whitebox import Job, add_server_arguments, get, out_dir, run_w
 from difftest.errors import UsageError
 from difftest.results import LayerDiff
 from difftest.session import Session
+from difftest.textsafe import safe
 
 HELP = "white-box per-layer diff and localisation"
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -77,6 +80,17 @@ def diff_failed(diff: LayerDiff, scheme: str | None = None, thresholds: Any = No
     return any(p.flagged for p in diff.points) or not layer_verdict(diff, thresholds, scheme=scheme).passed
 
 
+def unmade(diff: LayerDiff) -> tuple[str, int]:
+    """Why `diff` says nothing, with its exit code: not made because a side refused the request
+    (2) or failed to answer (3), or made with no module replayed (4); ("", 0) when it speaks."""
+    if diff.not_made:
+        return "; ".join(diff.warnings) or diff.summary, 2 if diff.not_made == "rejected" else 3
+    if not any(p.local_rel_err is not None for p in diff.points):
+        failures = [w for w in diff.warnings if w.startswith("replay of ")]
+        return "no module could be replayed" + (f" ({failures[0]}, ...)" if failures else ""), 4
+    return "", 0
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -91,12 +105,20 @@ def run(args: argparse.Namespace) -> int:
     if prompt is not None and not prompt.strip():  # "" used to fall back to the default, silently
         raise UsageError("--prompt: empty prompt text")
     prompt = prompt or DEFAULT_PROMPT
+    if getattr(args, "config", None) is None and not (args.ref or getattr(args, "golden", None)):
+        raise UsageError("layers: give --ref URL and/or --golden URL to diff the target against")
     as_json = getattr(args, "json", False)
 
     async def work(session: Session, jobs: Sequence[Job]) -> int:
         failed = False
+        open_: list[str] = []  # diffs that could not be made or replayed: never "nothing flagged"
+        worst_open = 0
         found: list[dict[str, Any]] = []
         for job in jobs:
+            if job.golden is None and job.reference is None:  # a recorded baseline has no /debug
+                raise UsageError(
+                    f"layers: {job.target} has neither a golden nor a live reference to diff against"
+                )
             tgt = session[job.target]
             config = await tgt.client.debug_config()
             scheme = scheme_of(config)
@@ -109,13 +131,21 @@ def run(args: argparse.Namespace) -> int:
             for diff in local.diffs:
                 bad = diff_failed(diff, scheme, th)
                 failed |= bad
+                why, code = unmade(diff)
+                if why:
+                    open_.append(f"{job.target} vs {diff.against}: {why}")
+                    worst_open = max(worst_open, code)
                 found.append(
                     {"target": job.target, "scheme": scheme, "failed": bad} | dataclasses.asdict(diff)
                 )
                 if not as_json:
                     render_layers(diff, job.target, con, all_points=getattr(args, "all_points", False))
-        code = 1 if failed else 0
-        result = {"exit_code": code, "prompt": prompt, "diffs": found}
+        # a fault found is found (1); else a diff not made is the servers' (3), or the request's
+        # (2: a prompt over the context, say), and a diff with no module replayed decides nothing (4)
+        code = 1 if failed else worst_open
+        for why in open_:
+            print(f"difftest: layers: {safe(why)}", file=sys.stderr)
+        result = {"exit_code": code, "prompt": prompt, "diffs": found, "not_made": open_}
         if getattr(args, "out", None) is not None:
             import json
 

@@ -85,7 +85,8 @@ def run_whitebox(args: argparse.Namespace, work: Callable[[Session, Sequence[Job
     specs, urls, jobs = _plan(args)
     envs = o.key_envs(getattr(args, "api_key_env", None) or [])
     # a debug call on a big model can take minutes on a CPU; retrying one rarely helps
-    jobs_n = getattr(args, "concurrency", None) or 4
+    jobs_n = getattr(args, "concurrency", None)
+    jobs_n = 4 if jobs_n is None else jobs_n  # -j 0 is refused, not read as the default
     o.positive("--concurrency", jobs_n)
     options = ClientOptions(timeout_s=timeout, max_retries=1, concurrency=jobs_n)
 

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from difftest.collect import Endpoint
-from difftest.errors import DifftestError
+from difftest.errors import DifftestError, RequestRejected
 from difftest.results import Check, LayerDiff, PartVerdict
 from difftest.whitebox.activations import (
     LEAF_KINDS,
@@ -50,6 +50,9 @@ def scheme_of(config: Mapping[str, Any]) -> str | None:
     return max(set(schemes), key=schemes.count) if schemes else None
 
 
+NOT_MADE = "layer diff not made (activations unavailable)"
+
+
 async def diff_layers(
     baseline: Endpoint, target: Endpoint, prompt: str, *, kind: str, decode_steps: int = 2,
     thresholds: LayerThresholds | None = None,
@@ -69,7 +72,8 @@ async def diff_layers(
         tgt = await fetch_activations(target, {"tokens": base.token_ids, **req, "inputs": False})
     except DifftestError as exc:
         diff.warnings.append(f"activations unavailable: {exc}")
-        diff.summary = "layer diff not made (activations unavailable)"
+        diff.summary = NOT_MADE
+        diff.not_made = "rejected" if isinstance(exc, RequestRejected) else "failed"
         return diff
     scheme = scheme_of(tgt_cfg)
     kinds = {n: str(m.get("kind")) for n, m in tgt_cfg.get("modules", {}).items()}

@@ -205,6 +205,15 @@ class CompletionClient:
                     raise UnreadableBody(
                         f"{self.name}: /debug/config answered {type(data).__name__}, not an object"
                     )
+                modules = data.get("modules", {})
+                bad_dtype = "dtype" in data and not isinstance(data["dtype"], str | type(None))
+                if (
+                    bad_dtype
+                    or not isinstance(modules, dict)
+                    or not all(isinstance(m, dict) for m in modules.values())
+                ):
+                    # every reader takes these as given: a list or a null there was an AttributeError
+                    raise UnreadableBody(f"{self.name}: /debug/config's modules or dtype are malformed")
                 self._debug_config = data
         return self._debug_config
 

@@ -11,7 +11,7 @@ import pytest
 from fakes import FakeBehaviour, FakeServer
 
 from difftest.client import CompletionClient
-from difftest.errors import RequestRejected, ServerError
+from difftest.errors import RequestRejected, ServerError, UnreadableBody
 
 OK_BODY = {
     "id": "x",
@@ -278,3 +278,13 @@ def test_lone_surrogates_from_a_server_become_replacement_characters() -> None:
     body = b'{"a": "x\\ud83d y", "b": ["\\ud83d\\ude00"], "\\udc00k": 1}'
     assert _as_json(body, "srv", "/p") == {"a": "x\ufffd y", "b": ["\U0001f600"], "\ufffdk": 1}
     json.dumps(_as_json(body, "srv", "/p"), ensure_ascii=False).encode("utf-8")  # encodable now
+
+
+async def test_a_malformed_debug_config_is_unreadable() -> None:
+    """The bug: `modules` as a list, a null module entry or an int dtype were AttributeErrors in
+    every reader of the config (layers, quant, run's white box)."""
+    for config in ({"modules": []}, {"modules": {"a": None}}, {"dtype": 5, "modules": {}}):
+        transport, _ = scripted(httpx.Response(200, json=config))
+        async with client_for(transport) as c:
+            with pytest.raises(UnreadableBody, match="/debug/config's modules or dtype are malformed"):
+                await c.debug_config()

@@ -96,3 +96,44 @@ def test_reader_round_trips_the_writer_and_rejects_garbage() -> None:
     assert st.value("x").tolist() == [[0, 1, 2], [3, 4, 5]] and st.metadata == {"k": "v"}
     with pytest.raises(UnreadableBody):
         read_safetensors(b"\x01\x02")
+
+
+def _body(header: object, data: bytes = b"") -> bytes:
+    import json
+    import struct
+
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (_body([1, 2]), "header is not a JSON object"),
+        (_body({"x": {"shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "malformed safetensors entry"),
+        (
+            _body({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, b"\0" * 8),
+            "do not hold a F32",
+        ),
+        (_body({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 80]}}, b"\0" * 8), "malformed"),
+        (_body({"x": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}, b"\0" * 8), "malformed"),
+    ],
+    ids=["header-list", "no-dtype", "truncated", "offsets-past-body", "shape-strings"],
+)
+def test_a_damaged_body_is_unreadable_naming_why_never_a_traceback(body: bytes, said: str) -> None:
+    """The bugs: a header that is a list, an entry without dtype, a body cut short were a
+    TypeError, KeyError or reshape ValueError deep inside a layer diff (exit 1, a traceback)."""
+    from difftest.errors import UnreadableBody
+    from difftest.whitebox.safetensors import read_safetensors
+
+    with pytest.raises(UnreadableBody, match=said):
+        read_safetensors(body)
+
+
+def test_a_missing_tensor_is_unreadable_naming_it() -> None:
+    from difftest.errors import UnreadableBody
+    from difftest.whitebox.safetensors import read_safetensors
+
+    st = read_safetensors(_body({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8))
+    with pytest.raises(UnreadableBody, match="no tensor 'output' \\(it has: x\\)"):
+        st.value("output")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from difftest.collect import Endpoint
+from difftest.errors import UnreadableBody
 from difftest.metrics.tensors import TensorDiff, tensor_diff
 from difftest.results import LayerPoint
 from difftest.whitebox.safetensors import SafeTensors, read_safetensors
@@ -126,12 +127,13 @@ def _json_list(meta: Mapping[str, str], key: str) -> list[Any]:
 async def fetch_activations(ep: Endpoint, body: dict[str, Any]) -> Activations:
     raw = await ep.client.post_bytes(P.ACTIVATIONS, body)
     st = read_safetensors(raw)
+    ids = {key: _json_list(st.metadata, key) for key in (P.META_TOKEN_IDS, P.META_DECODE_TOKEN_IDS)}
+    if not all(isinstance(i, int) and not isinstance(i, bool) for v in ids.values() for i in v):
+        raise UnreadableBody(f"{ep.name}: {P.ACTIVATIONS} answered token ids that are not integers")
     return Activations(
-        st,
-        [int(i) for i in _json_list(st.metadata, P.META_TOKEN_IDS)],
-        [int(i) for i in _json_list(st.metadata, P.META_DECODE_TOKEN_IDS)],
+        st, list(ids[P.META_TOKEN_IDS]), list(ids[P.META_DECODE_TOKEN_IDS]),
         [str(p) for p in _json_list(st.metadata, P.META_POINTS)],
-    )
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- point comparison (pure)

@@ -398,7 +398,14 @@ async def audit(target: Endpoint, reference: Endpoint | None) -> list[dict[str, 
             continue
         try:
             rows.append(await audit_module(target, reference, name, info))
-        except DifftestError as exc:
+        except (DifftestError, KeyError, ValueError, TypeError, IndexError) as exc:
+            # a /debug/quant answer without a tensor the scheme has, or of the wrong shape, is that
+            # server's: its module is flagged with the reason, not a traceback ending the audit
+            why = (
+                str(exc)
+                if isinstance(exc, DifftestError)
+                else f"unreadable answer ({type(exc).__name__}: {exc})"
+            )
             rows.append({"module": name, "scheme": info.get("scheme"), "flagged": True, "hint": None,
-                         "notes": [f"audit failed: {exc}"]})  # fmt: skip
+                         "notes": [f"audit failed: {why}"]})  # fmt: skip
     return rows

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from difftest.collect import Endpoint
-from difftest.errors import DifftestError
+from difftest.errors import DifftestError, UnreadableBody
 from difftest.metrics.tensors import TensorDiff, tensor_diff
 from difftest.results import LayerDiff, LayerPoint
 from difftest.whitebox.activations import (
@@ -147,6 +147,8 @@ async def replay_module(
     if "top_k_weights" in extras and rescale != 1.0:  # the target's convention, the baseline keeps its own
         tbody["top_k_weights"] = (extras["top_k_weights"] * rescale).astype(np.float32)
     a, b = await asyncio.gather(replay(baseline, name, body), replay(target, name, tbody))
+    if a.shape != b.shape:  # a server answering another shape than its partner's: unreadable, named
+        raise UnreadableBody(f"replay of {name}: outputs of shapes {list(a.shape)} and {list(b.shape)}")
     d = tensor_diff(a, b)
     slot_err = None
     if slot and b.shape[0] == 2:

@@ -22,6 +22,7 @@ layout, so decoding is one `np.take` and the tables are easy to check against ha
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -91,7 +92,12 @@ class SafeTensors:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def value(self, name: str) -> np.ndarray:
-        """A tensor as numbers: fp8 codes decoded, bf16 widened; float32 or the integer dtype."""
+        """A tensor as numbers: fp8 codes decoded, bf16 widened; float32 or the integer dtype. A
+        tensor the body lacks is an UnreadableBody naming it (a server's answer, not our bug)."""
+        if name not in self.tensors:
+            raise UnreadableBody(
+                f"the body has no tensor {name!r} (it has: {', '.join(self.tensors) or 'none'})"
+            )
         arr, dt = self.tensors[name], self.dtypes[name]
         if dt in FP8_DTYPES:
             return decode(arr, FP8_DTYPES[dt])
@@ -105,13 +111,16 @@ def read_safetensors(body: bytes) -> SafeTensors:
         header = json.loads(body[8 : 8 + n])
     except (struct.error, ValueError) as exc:
         raise UnreadableBody(f"not a safetensors body: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+        raise UnreadableBody("not a safetensors body: its header is not a JSON object of tensors")
     meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
     data = memoryview(body)[8 + n :]
     tensors: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     for name, info in header.items():
-        dt, shape = info["dtype"], tuple(info["shape"])
-        lo, hi = info["data_offsets"]
+        # every field checked before use: a damaged body is an UnreadableBody naming the tensor,
+        # never a KeyError or a reshape error deep in a diff
+        dt, shape, lo, hi = _entry(name, info, len(data))
         raw = np.frombuffer(data[lo:hi], dtype=np.uint8)
         if dt in FP8_DTYPES:
             arr = raw.copy()
@@ -121,9 +130,24 @@ def read_safetensors(body: bytes) -> SafeTensors:
             arr = raw.view(_NUMPY[dt]).copy()
         else:
             raise UnreadableBody(f"tensor {name!r} has dtype {dt}, which difftest cannot read")
+        if arr.size != math.prod(shape):
+            raise UnreadableBody(
+                f"tensor {name!r}: {hi - lo} bytes do not hold a {dt} tensor of shape {list(shape)}"
+            )
         tensors[name] = arr.reshape(shape)
         dtypes[name] = dt
     return SafeTensors(tensors, dtypes, meta)
+
+
+def _entry(name: str, info: object, size: int) -> tuple[str, tuple[int, ...], int, int]:
+    """A header entry's dtype, shape and byte range, checked: ints, in order, inside the body."""
+    ok = isinstance(info, dict) and isinstance(info.get("dtype"), str)
+    shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+    ok = ok and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+    ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if not ok or not 0 <= offsets[0] <= offsets[1] <= size:  # type: ignore[index]
+        raise UnreadableBody(f"tensor {name!r}: malformed safetensors entry {str(info)[:120]}")
+    return info["dtype"], tuple(shape), offsets[0], offsets[1]  # type: ignore[index, arg-type]
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:

@@ -56,7 +56,11 @@ def create_app(engine: Engine, opts: Any) -> FastAPI:
     if opts.debug:
         from server_shim.debug import create_debug_router
 
-        app.include_router(create_debug_router(engine, max_body_bytes=opts.max_body_bytes))
+        app.include_router(
+            create_debug_router(
+                engine, max_body_bytes=opts.max_body_bytes, max_prompt_chars=opts.max_prompt_chars
+            )
+        )
     openapi.install(app)
     return app
 

@@ -116,7 +116,18 @@ def _find(loaded: Any, name: str) -> tuple[str, torch.nn.Module]:
     return mods[name]
 
 
-def replay_module(loaded: Any, body: bytes) -> bytes:
+def _too_large(max_bytes: int) -> DebugRequestError:
+    return DebugRequestError(
+        f"the response would exceed the debug response cap of {max_bytes} bytes ({max_bytes / 2**20:.0f} MiB); "
+        "send fewer rows",
+        param="input", code="response_too_large", status_code=413,
+    )  # fmt: skip
+
+
+def replay_module(loaded: Any, body: bytes, *, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> bytes:
+    """A module run on the posted input. The response cap holds here too (README: debug responses
+    are capped): a linear's output is sized before it runs -- 1400 rows through lm_head answered
+    263 MiB from a 0.7 MB request -- and any output before it is serialized."""
     tensors, meta = parse_safetensors(body)
     if P.META_MODULE not in meta:
         raise DebugRequestError(f"the safetensors metadata needs a {P.META_MODULE!r} entry", param="module")
@@ -133,6 +144,13 @@ def replay_module(loaded: Any, body: bytes) -> bytes:
         return t.to(loaded.device, loaded.dtype) if t.is_floating_point() else t.to(loaded.device)
 
     x = to_model(tensors.pop(P.INPUT))
+    out_features = getattr(mod, "out_features", None)
+    if (
+        isinstance(out_features, int)
+        and x.dim() > 0
+        and x.numel() // max(x.shape[-1], 1) * out_features * 4 > max_bytes
+    ):
+        raise _too_large(max_bytes)
     backend = meta.get(P.META_BACKEND)
     if backend is not None and not hasattr(mod, "forward_with_backend"):
         raise DebugRequestError(
@@ -154,6 +172,8 @@ def replay_module(loaded: Any, body: bytes) -> bytes:
             f"module {meta['module']!r} rejected the input: {msg}", param="input"
         ) from None
     out = out[0] if isinstance(out, (tuple, list)) else out
+    if out.numel() * 4 > max_bytes:
+        raise _too_large(max_bytes)
     return st_save(
         {P.OUTPUT: out.detach().to("cpu", torch.float32).contiguous()},
         metadata={P.META_MODULE: meta[P.META_MODULE], P.META_DTYPE: str(loaded.dtype).removeprefix("torch.")},
@@ -222,7 +242,11 @@ def _parse_activations(raw: bytes) -> ActivationsRequest:
 
 
 def create_debug_router(
-    engine: Any, *, max_response_bytes: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    engine: Any,
+    *,
+    max_response_bytes: int | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_prompt_chars: int | None = None,
 ) -> APIRouter:
     """The debug routes over `engine.loaded`; the response cap defaults to env DIFFTEST_DEBUG_MAX_BYTES
     or 256 MiB. Bodies are read through wire.read_body, so a chunked upload without Content-Length
@@ -240,6 +264,13 @@ def create_debug_router(
     async def activations(request: Request) -> Response:
         try:
             req = _parse_activations(await read_body(request, max_body_bytes))
+            if max_prompt_chars is not None and req.prompt is not None and len(req.prompt) > max_prompt_chars:
+                # refused before the model thread tokenizes it (8M characters there held generation 9 s)
+                raise DebugRequestError(
+                    f"prompt has {len(req.prompt)} characters; this server takes at most {max_prompt_chars} "
+                    "(--max-prompt-chars)",
+                    param="prompt",
+                )
         except InvalidRequestError as exc:
             return _error(exc)
         return await _octet(engine, lambda: capture_activations(engine.loaded, req, max_bytes=cap))
@@ -250,7 +281,7 @@ def create_debug_router(
             raw = await read_body(request, max_body_bytes)
         except InvalidRequestError as exc:
             return _error(exc)
-        return await _octet(engine, lambda: replay_module(engine.loaded, raw))
+        return await _octet(engine, lambda: replay_module(engine.loaded, raw, max_bytes=cap))
 
     @router.get(P.QUANT + "{name:path}", responses=openapi.octet())
     async def quant(name: str) -> Response:

@@ -122,6 +122,11 @@ class _Capture:
     def keep(self, name: str, t: torch.Tensor) -> None:
         # [batch=1, ..., T, features] -> [T, features]; MLA's kv_b_proj sees [1, 1, T, rank].
         rows = t.detach().reshape(-1, t.shape[-1]) if t.dim() > 1 else t.detach().reshape(-1, 1)
+        # the cap is checked on the size the rows will have, before they are copied: indexing first
+        # allocated whatever `positions` asked for (a 6 MB request asked for 549 GB)
+        n_rows = len(self.positions) if rows.shape[0] == self.n_tokens else rows.shape[0]
+        if self.nbytes + n_rows * rows.shape[-1] * 4 > self.limit:
+            raise _TooLarge
         # Advanced indexing copies, so no two points share storage (safetensors refuses that). A tensor
         # without one row per token (none such in HF decoders today) is kept whole, never mis-sliced.
         rows = rows[self.positions] if rows.shape[0] == self.n_tokens else rows.clone()
@@ -188,7 +193,10 @@ def _resolve_positions(spec: str | list[int], n: int) -> list[int]:
         raise DebugRequestError("'positions' is an empty list", param="positions")
     if bad := [p for p in spec if not -n <= p < n]:
         raise DebugRequestError(f"position {bad[0]} is outside the sequence of {n} tokens", param="positions")
-    return [p % n for p in spec]
+    out = [p % n for p in spec]
+    if len(set(out)) < len(out):  # each row once: repeats only multiply the response
+        raise DebugRequestError("'positions' names a position twice", param="positions")
+    return out
 
 
 def _select_points(all_points: list[str], globs: list[str] | None) -> list[str]:

@@ -345,3 +345,36 @@ async def test_through_create_app_with_api_key(tiny_llama: LoadedModel) -> None:
                 assert cfg.status_code == 404 and act.status_code == 404
     finally:
         engine.close()
+
+
+async def test_module_replay_answers_within_the_response_cap(tiny_llama: LoadedModel) -> None:
+    """The bug: /debug/module had no cap: 1400 rows through lm_head answered 263 MiB from a
+    0.7 MB request. Now a linear's output is sized before it runs (413 naming the cap)."""
+    x = torch.zeros(1, 300, tiny_llama.model.get_submodule("lm_head").in_features)  # 300 x 49152 x 4 > 1 MB
+    body = st_save({"input": x}, metadata={"module": "lm_head"})
+    async with client_for(tiny_llama, max_response_bytes=1_000_000) as c:
+        big = await c.post("/debug/module", content=body)
+        small = await c.post(
+            "/debug/module", content=st_save({"input": x[:, :2]}, metadata={"module": "lm_head"})
+        )
+    assert big.status_code == 413 and big.json()["error"]["code"] == "response_too_large"
+    assert "1000000 bytes" in big.json()["error"]["message"] and small.status_code == 200
+
+
+async def test_positions_are_sized_before_they_are_copied(tiny_llama: LoadedModel) -> None:
+    """The bug: 3 million repeated positions allocated 549 GB before the cap was checked (a 500);
+    thousands allocated gigabytes. Repeats are refused; a large list is a 413 before any copy."""
+    async with client_for(tiny_llama, max_response_bytes=1_000_000) as c:
+        twice = await c.post("/debug/activations", json={"tokens": TOKENS, "positions": [0, 0]})
+        many = await c.post("/debug/activations", json={"tokens": TOKENS * 100, "positions": list(range(1000)),
+                                                        "logits": True})  # fmt: skip
+    assert twice.status_code == 400 and "names a position twice" in twice.json()["error"]["message"]
+    assert many.status_code == 413
+
+
+async def test_a_debug_prompt_over_the_character_cap_is_refused_before_tokenizing(
+    tiny_llama: LoadedModel,
+) -> None:
+    async with client_for(tiny_llama, max_prompt_chars=100) as c:
+        r = await c.post("/debug/activations", json={"prompt": "ab " * 50})
+    assert r.status_code == 400 and "at most 100 (--max-prompt-chars)" in r.json()["error"]["message"]

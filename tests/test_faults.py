@@ -174,3 +174,20 @@ def test_debug_info_never_reveals_a_fault() -> None:
     shuffled = build(["scale-shuffle-ignored@0"])  # the layout is model-wide: both modules declare it
     assert shuffled[0].debug_info() == shuffled[1].debug_info()
     assert shuffled[0].debug_info()["scale_layout"]["shuffled"] is True
+
+
+def test_a_scale_transpose_that_reads_the_same_scales_is_refused() -> None:
+    """The bug: scale-transposed on tiny-llama's fp8-block down_proj (a [1, 2] scale grid) changed
+    nothing -- swapped strides read the same values -- so a negative control built on it passed,
+    silently. Such a fault is refused at load, naming the module and its grid."""
+    from server_shim.errors import QuantConfigError
+    from server_shim.models import load_model
+    from server_shim.quant.linear import quantize_model
+
+    model = load_model("tiny-llama", dtype="float32", device="cpu").model
+    with pytest.raises(
+        QuantConfigError, match=r"would change nothing.*model.layers.1.mlp.down_proj \[1, 2\]"
+    ):
+        quantize_model(model, scheme="fp8-block", faults=["scale-transposed@model.layers.1.mlp.down_proj"])
+    model = load_model("tiny-llama", dtype="float32", device="cpu").model  # int4-g128: a [N, K/128] grid
+    quantize_model(model, scheme="int4-g128", faults=["scale-transposed@model.layers.1.mlp.down_proj"])

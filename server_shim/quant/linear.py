@@ -336,6 +336,30 @@ class QuantSummary:
     skipped: tuple[str, ...] = ()
 
 
+def _refuse_noop_transpose(model: nn.Module, fault_map: dict[str, FaultSet]) -> None:
+    """scale-transposed reads a scale grid with swapped strides: on a grid of one row or one column
+    (tiny-llama's fp8-block down_proj: [1, 2]) that reads the same values, so the "faulty" target
+    computes exactly what a correct one does and a negative control built on it passes, silently.
+    Such a fault is refused, naming what it matched."""
+    names = [n for n, fs in fault_map.items() if fs.scale_transposed]
+    if not names:
+        return
+    shapes = {
+        n: [
+            tuple(v.shape)
+            for k, v in model.get_submodule(n).stored_tensors().items()
+            if k.endswith("weight_scale")
+        ]
+        for n in names
+    }
+    if not any(len(sh) >= 2 and sh[-1] > 1 and sh[-2] > 1 for grids in shapes.values() for sh in grids):
+        shown = ", ".join(f"{n} {list(grids[0]) if grids else '?'}" for n, grids in list(shapes.items())[:3])
+        raise QuantConfigError(
+            f"fault scale-transposed would change nothing: every module it matches has a scale grid of one "
+            f"row or one column ({shown}); transposing it reads the same scales"
+        )
+
+
 def quantize_model(model: nn.Module, *, scheme: str, backend: str = "auto", skip: Sequence[str] = (),
                    faults: Sequence[str] = (), ck_free: bool | None = None) -> QuantSummary:  # fmt: skip
     """Swap every nn.Linear (not lm_head, not tied to an embedding, not matching `skip`) and every
@@ -382,6 +406,7 @@ def quantize_model(model: nn.Module, *, scheme: str, backend: str = "auto", skip
                                                faults=fs, ck_free=ck, layout=layout, device=device)  # fmt: skip
         setattr(parent, child, new)
         logger.debug("quant %s -> %s/%s%s", name, scheme, chosen, f" (fallback: {reason})" if reason else "")
+    _refuse_noop_transpose(model, fault_map)
     if reason:
         logger.warning(
             "quant %s: backend %s for %d modules (fallback: %s)", scheme, chosen, len(targets), reason

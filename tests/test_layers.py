@@ -395,3 +395,15 @@ def test_cli_usage_errors() -> None:
                 config=None, ref="x", target="ftp://y", golden=None, prompt=None, api_key_env=None
             )
         )
+
+
+def test_two_models_are_not_diffed_module_by_module() -> None:
+    """The bug: tiny-llama against tiny-moe got "local error in model.layers.3.self_attn.o_proj",
+    a confident localisation of a difference that is the whole model."""
+    from difftest.whitebox.layers import _model_mismatch
+
+    llama = {"num_layers": 4, "modules": {"model.layers.0.mlp.up_proj": {}, "lm_head": {}}}
+    assert _model_mismatch(llama, dict(llama)) == ""
+    assert _model_mismatch(llama, {**llama, "num_layers": 2}) == "4 layers against 2"
+    moe = {"num_layers": 4, "modules": {"model.layers.0.mlp.experts": {}, "lm_head": {}}}
+    assert _model_mismatch(llama, moe) == "2 module(s) only one side has, e.g. model.layers.0.mlp.experts"

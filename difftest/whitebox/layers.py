@@ -53,6 +53,17 @@ def scheme_of(config: Mapping[str, Any]) -> str | None:
 NOT_MADE = "layer diff not made (activations unavailable)"
 
 
+def _model_mismatch(base: Mapping[str, Any], tgt: Mapping[str, Any]) -> str:
+    """Why two /debug/config answers are not one model's (layer count, module names); "" if they are."""
+    if base.get("num_layers") != tgt.get("num_layers"):
+        return f"{base.get('num_layers')} layers against {tgt.get('num_layers')}"
+    a, b = set(base.get("modules", {})), set(tgt.get("modules", {}))
+    if a != b:
+        only = sorted(a ^ b)
+        return f"{len(only)} module(s) only one side has, e.g. {only[0]}"
+    return ""
+
+
 async def diff_layers(
     baseline: Endpoint, target: Endpoint, prompt: str, *, kind: str, decode_steps: int = 2,
     thresholds: LayerThresholds | None = None,
@@ -67,6 +78,11 @@ async def diff_layers(
     diff = LayerDiff(against=baseline.name, kind=kind)
     try:
         tgt_cfg = await target.client.debug_config()
+        mismatch = _model_mismatch(await baseline.client.debug_config(), tgt_cfg)
+        if mismatch:  # a per-module diff of two models would blame some module of the wrong one
+            diff.warnings.append(f"the two servers serve different models: {mismatch}")
+            diff.summary, diff.not_made = "layer diff not made (different models)", "rejected"
+            return diff
         req = {"inputs": True, "logits": True, "decode_steps": decode_steps}
         base = await fetch_activations(baseline, {"prompt": prompt, **req})
         tgt = await fetch_activations(target, {"tokens": base.token_ids, **req, "inputs": False})

@@ -95,3 +95,28 @@ async def test_layers_over_the_context_is_a_usage_error_not_a_clean_result(monke
     code = await _run(monkeypatch, layers_cmd, parse(argv))
     out = json.loads(capsys.readouterr().out)
     assert code == out["exit_code"] == 2 and out["not_made"]
+
+
+def test_layers_fails_what_run_fails_not_drift_no_module_explains() -> None:
+    """The false alarm: a correct tiny-moe fp8-block target failed `layers` on residual drift
+    (routing flips; every module's local cosine >= 0.998) that `run` never failed on."""
+    import math
+
+    from difftest.cli.layers import diff_failed
+    from difftest.results import LayerDiff, LayerPoint
+
+    def point(name: str, kind: str, cos: float, **kw) -> LayerPoint:
+        return LayerPoint(name=name, layer=1, kind=kind, cosine=cos, norm_ratio=1.0, rel_err=1 - cos, max_abs=0.0,
+                          sqnr_db=30.0, **kw)  # fmt: skip
+
+    modules = [point(f"model.layers.{i}.mlp.up_proj", "linear", 0.999, local_rel_err=0.02, local_cosine=0.999,
+                     local_norm_ratio=1.0) for i in range(4)]  # fmt: skip
+    drift = LayerDiff(
+        "reference", "accuracy", points=[point("model.layers.2", "residual", 0.957, flagged=True), *modules]
+    )
+    assert not diff_failed(drift, "fp8-block")
+    bad = [*modules[:3], point("model.layers.3.mlp.up_proj", "linear", 0.5, local_rel_err=0.9, local_cosine=0.5,
+                                local_norm_ratio=1.0)]  # fmt: skip
+    assert diff_failed(LayerDiff("reference", "accuracy", points=bad), "fp8-block")
+    nan = LayerDiff("reference", "accuracy", points=[point("model.layers.2", "residual", math.nan), *modules])
+    assert diff_failed(nan, "fp8-block")

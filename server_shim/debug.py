@@ -219,6 +219,33 @@ def _error(exc: InvalidRequestError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code)
 
 
+MAX_DEBUG_JOBS = 16  # debug jobs queued or running at once: twice what a run sends one server (-j 8)
+
+
+class _DebugSlots:
+    """A bound on debug jobs in flight: they run on the model thread ahead of generation and their
+    answers are held until read, so unbounded they stalled generation for every client and grew
+    memory without limit (4 slow readers of 256 MiB answers: +1.5 GB). Past the bound: a 429."""
+
+    def __init__(self, limit: int = MAX_DEBUG_JOBS) -> None:
+        self.limit, self.busy = limit, 0
+
+    async def run(self, engine: Any, fn: Callable[[], bytes]) -> Response:
+        if self.busy >= self.limit:
+            exc = DebugRequestError(
+                f"{self.busy} debug requests are in flight (at most {self.limit}); retry later",
+                param=None, code="server_busy", status_code=429,
+            )  # fmt: skip
+            response = _error(exc)
+            response.headers["Retry-After"] = "1"
+            return response
+        self.busy += 1
+        try:
+            return await _octet(engine, fn)
+        finally:
+            self.busy -= 1
+
+
 async def _octet(engine: Any, fn: Callable[[], bytes]) -> Response:
     """Run `fn` on the model thread: its safetensors body, or its DebugRequestError as a 4xx."""
     try:
@@ -252,6 +279,7 @@ def create_debug_router(
     or 256 MiB. Bodies are read through wire.read_body, so a chunked upload without Content-Length
     is cut off at `max_body_bytes` with a 413 naming the cap, not buffered whole."""
     cap = max_response_bytes or int(os.environ.get("DIFFTEST_DEBUG_MAX_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
+    slots = _DebugSlots()
     router = APIRouter()
 
     @router.get(P.CONFIG, responses=openapi.ERRORS)
@@ -273,7 +301,7 @@ def create_debug_router(
                 )
         except InvalidRequestError as exc:
             return _error(exc)
-        return await _octet(engine, lambda: capture_activations(engine.loaded, req, max_bytes=cap))
+        return await slots.run(engine, lambda: capture_activations(engine.loaded, req, max_bytes=cap))
 
     @router.post(P.MODULE, responses=openapi.octet(), openapi_extra=openapi.binary_body())
     async def module(request: Request) -> Response:
@@ -281,10 +309,10 @@ def create_debug_router(
             raw = await read_body(request, max_body_bytes)
         except InvalidRequestError as exc:
             return _error(exc)
-        return await _octet(engine, lambda: replay_module(engine.loaded, raw, max_bytes=cap))
+        return await slots.run(engine, lambda: replay_module(engine.loaded, raw, max_bytes=cap))
 
     @router.get(P.QUANT + "{name:path}", responses=openapi.octet())
     async def quant(name: str) -> Response:
-        return await _octet(engine, lambda: quant_tensors(engine.loaded, name))
+        return await slots.run(engine, lambda: quant_tensors(engine.loaded, name))
 
     return router

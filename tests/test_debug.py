@@ -378,3 +378,27 @@ async def test_a_debug_prompt_over_the_character_cap_is_refused_before_tokenizin
     async with client_for(tiny_llama, max_prompt_chars=100) as c:
         r = await c.post("/debug/activations", json={"prompt": "ab " * 50})
     assert r.status_code == 400 and "at most 100 (--max-prompt-chars)" in r.json()["error"]["message"]
+
+
+async def test_debug_jobs_in_flight_are_bounded() -> None:
+    """Unbounded, queued debug jobs stalled generation for every client and slow readers of their
+    answers grew memory without limit: past MAX_DEBUG_JOBS in flight a request gets a 429."""
+    import asyncio
+
+    from server_shim.debug import _DebugSlots
+
+    slots, gate = _DebugSlots(limit=2), asyncio.Event()
+
+    class Engine:
+        async def run_exclusive(self, fn):  # noqa: ANN001, ANN202
+            await gate.wait()
+            return fn()
+
+    held = [asyncio.create_task(slots.run(Engine(), lambda: b"x")) for _ in range(2)]
+    await asyncio.sleep(0)
+    over = await slots.run(Engine(), lambda: b"x")
+    gate.set()
+    done = await asyncio.gather(*held)
+    assert over.status_code == 429 and over.headers["retry-after"] == "1"
+    assert [r.status_code for r in done] == [200, 200] and slots.busy == 0
+    assert (await slots.run(Engine(), lambda: b"x")).status_code == 200

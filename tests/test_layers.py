@@ -407,3 +407,15 @@ def test_two_models_are_not_diffed_module_by_module() -> None:
     assert _model_mismatch(llama, {**llama, "num_layers": 2}) == "4 layers against 2"
     moe = {"num_layers": 4, "modules": {"model.layers.0.mlp.experts": {}, "lm_head": {}}}
     assert _model_mismatch(llama, moe) == "2 module(s) only one side has, e.g. model.layers.0.mlp.experts"
+
+
+def test_two_servers_that_compute_alike_show_no_divergence() -> None:
+    """Was "largest local error relative to its siblings: ... (0.00x their median, within budget)"."""
+    from difftest.results import LayerPoint
+
+    points = [LayerPoint(name=f"model.layers.{i}.mlp.up_proj", layer=i, kind="linear", cosine=1.0, norm_ratio=1.0,
+                         rel_err=0.0, max_abs=0.0, sqnr_db=99.0, local_rel_err=0.0) for i in range(4)]  # fmt: skip
+    assert (
+        localisation_sentence(LayerDiff("reference", "accuracy", points=points))
+        == "no divergence vs reference"
+    )

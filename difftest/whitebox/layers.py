@@ -78,11 +78,18 @@ async def diff_layers(
     diff = LayerDiff(against=baseline.name, kind=kind)
     try:
         tgt_cfg = await target.client.debug_config()
-        mismatch = _model_mismatch(await baseline.client.debug_config(), tgt_cfg)
+        base_cfg = await baseline.client.debug_config()
+        mismatch = _model_mismatch(base_cfg, tgt_cfg)
         if mismatch:  # a per-module diff of two models would blame some module of the wrong one
             diff.warnings.append(f"the two servers serve different models: {mismatch}")
             diff.summary, diff.not_made = "layer diff not made (different models)", "rejected"
             return diff
+        if kind == "exactness":  # a golden is the target's own scheme and dtype on the reference backend
+            diff.warnings.extend(
+                f"the golden's {key} is {base_cfg.get(key)!r}, the target's {tgt_cfg.get(key)!r}: not a golden of it"
+                for key in ("quant", "dtype")
+                if base_cfg.get(key) != tgt_cfg.get(key)
+            )
         req = {"inputs": True, "logits": True, "decode_steps": decode_steps}
         base = await fetch_activations(baseline, {"prompt": prompt, **req})
         tgt = await fetch_activations(target, {"tokens": base.token_ids, **req, "inputs": False})

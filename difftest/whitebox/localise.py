@@ -114,7 +114,8 @@ def localisation_sentence(diff: LayerDiff) -> str:
             bits.append(_slot_clause(diff, p))
     elif bits:
         bits.append("no replayed module shows local error (attention core, norm or rotary?)")
-    if not diff.guilty_module and diff.kind == "accuracy" and leaves:
+    if not diff.guilty_module and diff.kind == "accuracy" and any(v for v in leaves.values()):
+        # (every local error 0: two servers that compute alike -- "no divergence", not "0.00x")
         top, s = rank_modules(leaves, "accuracy")[0]  # type: ignore[arg-type]
         bits.append(
             f"largest local error relative to its siblings: {top} ({s:.2f}x their median, within budget)"

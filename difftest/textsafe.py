@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 
-UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
-def shown(m: re.Match[str]) -> str:
+def _shown(m: re.Match[str]) -> str:
     """The escaped form of one unsafe character (a `re.sub` replacement)."""
     c = ord(m.group())
     return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
@@ -21,4 +21,4 @@ def shown(m: re.Match[str]) -> str:
 
 def safe(text: str) -> str:
     """`text` with every unsafe character escaped."""
-    return UNSAFE.sub(shown, text)
+    return _UNSAFE.sub(_shown, text)

@@ -56,9 +56,9 @@ class _SafeFormatter(logging.Formatter):
     escaped, as the console shows them, never sent to the terminal raw."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from difftest.textsafe import UNSAFE, shown
+        from difftest.textsafe import safe
 
-        return UNSAFE.sub(shown, super().format(record))
+        return safe(super().format(record))
 
 
 def _setup_logging(verbose: int) -> None:
@@ -88,9 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code_for(exc)
         if code is None or traceback:
             raise
-        from difftest.textsafe import UNSAFE, shown
+        from difftest.textsafe import safe
 
-        message = UNSAFE.sub(shown, " ".join(str(exc).split()))  # one line, no raw control characters
+        message = safe(" ".join(str(exc).split()))  # one line, no raw control characters
         print(f"difftest: error: {message}", file=sys.stderr)
         return code
 

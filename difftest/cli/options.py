@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.segment import Segment
 
 from difftest.errors import UsageError
-from difftest.textsafe import UNSAFE, shown
+from difftest.textsafe import safe
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 PIPED_WIDTH = 240  # a log file or CI step: wide enough that no table cell is cut to "…"
@@ -236,10 +236,7 @@ class TerminalConsole(Console):
         # the last step before the stream: every text segment (tables, Text, str) passes here;
         # rich's own control segments (cursor moves) do not carry text
         return super()._render_buffer(
-            Segment(UNSAFE.sub(shown, text), style, control)
-            if control is None
-            else Segment(text, style, control)
-            for text, style, control in buffer
+            Segment(safe(seg.text), seg.style) if seg.control is None else seg for seg in buffer
         )
 
 

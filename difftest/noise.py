@@ -109,6 +109,11 @@ def _worst(values: list[float]) -> float | None:
     return max(values) if values else None
 
 
+# aggregates that count a failed prompt as a full mismatch -> the per-prompt field they average
+# (top-1 agreement is teacher-forced: over answered prompts already)
+_COUNTS_FAILED_AS_MISMATCH = {"token_match": "match_rate", "exact_match": "exact"}
+
+
 def floor_from_comparisons(
     comparisons: Sequence[Comparison],
     layers: Sequence[LayerDiff] = (),
@@ -147,7 +152,7 @@ def floor_from_comparisons(
         for name, key in complement.items():
             # over the answered prompts: the aggregate counts a failed request as a full mismatch,
             # which is a lost answer, not noise (a 500 on 1 prompt in 6 made token_mismatch 0.17)
-            attr = {"token_match": "match_rate", "exact_match": "exact"}.get(key)  # top-1: answered only
+            attr = _COUNTS_FAILED_AS_MISMATCH.get(key)
             values = [getattr(p, attr) for p in answered] if attr else []
             if key in agg and values and len(answered) < len(comp.prompts) and None not in values:
                 seen[name].append(1.0 - sum(float(v) for v in values) / len(values))

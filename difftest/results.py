@@ -187,9 +187,8 @@ class PromptDiff:
     prompt_id: str
     prompt: str
     error: str | None = None  # a failed request: counted, shown, never dropped from denominators
-    broken: bool = (
-        False  # the error is the target's answer itself (NaN, malformed): a bug, not a lost request
-    )
+    # the error is the target's answer itself (NaN, malformed): a bug, not a lost request
+    broken: bool = False
     tags: list[str] = field(default_factory=list)  # the prompt file's `tags` (per-tag breakdown)
     # free-running greedy generation
     ref_text: str | None = None

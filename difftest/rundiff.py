@@ -8,8 +8,9 @@ two report.json files and whether the move is beyond noise. Pure functions of tw
   intervals are disjoint (conservative: two independent 95% intervals are disjoint by chance in
   well under 1% of runs, so a flagged move is worth a look) and the move is larger than the
   smallest move worth a word for that metric (MIN_MOVE: the verdict's own absolute minimum, KL
-  0.005, top-1 3 points, ...; a probability gap of 1e-3): an interval of one value (KL 0 on every prompt) is disjoint from any change at all,
-  1e-9 nats included, which no limit would ever call a difference;
+  0.005, top-1 3 points, ...; a probability gap of 1e-3): an interval of one value (KL 0 on
+  every prompt) is disjoint from any change at all, 1e-9 nats included, which no limit would
+  ever call a difference;
 - otherwise, where a noise floor bounds the metric (report.json's `noise_floor`: the A/A spread of
   kl_mean, kl_p99, top-1 disagreement, token mismatch), the move counts when it exceeds the floor;
 - otherwise it is unknown (None): the report holds nothing to tell noise from a change.

@@ -54,6 +54,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from difftest.errors import ConfigError, UsageError
+from difftest.metrics.aggregate import broken_answers
 from difftest.metrics.tokens import is_garbled
 from difftest.null import (
     MARGIN,
@@ -235,35 +236,47 @@ def _make_check(
         return Check(name, None, limit.value, op, False, True, f"{limit.note}; required, missing", inf)
     if math.isnan(value):
         return Check(name, value, limit.value, op, False, True, f"{limit.note}; NaN always fails", inf)
-    passed = value <= limit.value if op == "<=" else value >= limit.value
-    note = limit.note
+    passed = _within(value, limit.value, op)
     ci = _interval(comp, name) if comp is not None else None
-    decided, needed = True, None
-    if not passed and lost and comp is not None and name in _WORST_VALUE_CHECKS:
-        # lost prompts count as the worst value here (a server must not hide its bad prompts behind
-        # failures), so a failure may be theirs alone: decided only if the answered prompts fail too
-        answered = _answered_value(comp, name)
-        if answered is None or (answered <= limit.value if op == "<=" else answered >= limit.value):
-            decided = False
-            note += f"; fails only with the {lost} lost prompt(s) counted as the worst value"
-    if not decided:
-        pass  # already open: the lost prompts may carry the whole failure
-    elif name == "failed_rate":
+    why = _why_open(name, value, passed, limit.value, op, comp, ci, lost)
+    if why is None:
+        return Check(name, float(value), limit.value, op, passed, True, limit.note, inf, True, ci, None)
+    note, needed = why
+    return Check(name, float(value), limit.value, op, passed, True, limit.note + note, inf, False, ci, needed)
+
+
+def _within(value: float, limit: float, op: str) -> bool:
+    return value <= limit if op == "<=" else value >= limit
+
+
+def _why_open(
+    name: str, value: float, passed: bool, limit: float, op: str, comp: Comparison | None,
+    ci: list[float] | None, lost: int,
+) -> tuple[str, int | None] | None:  # fmt: skip
+    """Why a check cannot decide -- the note to add and the prompts that would decide -- the first
+    rule that applies; None: it decides."""
+    if name == "failed_rate":
         # a request that failed after the client's retries leaves its prompt unjudged: that is not
         # evidence of a regression (nor can it catch a negative control), and over the run's
         # error_rate_limit the run is an infrastructure failure (exit 3) anyway
-        if not passed:
-            decided = False
-            note += "; failed requests leave their prompts unjudged (--resume asks them again)"
-    elif comp is not None and (n := _judged_prompts(comp, name)) is not None and n < MIN_PROMPTS_TO_DECIDE:
-        decided, needed = False, MIN_PROMPTS_FOR_CI
-        note += f"; {n} prompt{'' if n == 1 else 's'}: no spread to decide with"
-    elif ci is not None and ci[0] < ci[1] and ci[0] <= limit.value <= ci[1]:  # a point interval decides
-        decided = False
-        needed = _prompts_to_decide(
-            int(comp.aggregate.get("n_prompts", len(comp.prompts))), ci, value, limit.value
-        )  # type: ignore[union-attr]
-    return Check(name, float(value), limit.value, op, passed, True, note, inf, decided, ci, needed)
+        if passed:
+            return None
+        return "; failed requests leave their prompts unjudged (--resume asks them again)", None
+    if comp is None:
+        return None
+    if not passed and lost and name in _WORST_VALUE_CHECKS:
+        # lost prompts count as the worst value here (a server must not hide its bad prompts behind
+        # failures), so a failure may be theirs alone: decided only if the answered prompts fail too
+        answered = _answered_value(comp, name)
+        if answered is None or _within(answered, limit, op):
+            return f"; fails only with the {lost} lost prompt(s) counted as the worst value", None
+    n = _judged_prompts(comp, name)
+    if n is not None and n < MIN_PROMPTS_TO_DECIDE:
+        return f"; {n} prompt{'' if n == 1 else 's'}: no spread to decide with", MIN_PROMPTS_FOR_CI
+    if ci is not None and ci[0] < ci[1] and ci[0] <= limit <= ci[1]:  # a point interval decides
+        n_prompts = int(comp.aggregate.get("n_prompts", len(comp.prompts)))
+        return "", _prompts_to_decide(n_prompts, ci, value, limit)
+    return None
 
 
 # aggregates that count a failed prompt as the worst value (difftest.metrics.aggregate)
@@ -332,7 +345,7 @@ def _part(
         if value is None and name == "broken_rate":  # a report from before broken answers were told apart
             if not comp.prompts:
                 continue
-            value = sum(p.error is not None and p.broken for p in comp.prompts) / len(comp.prompts)
+            value = broken_answers(comp.prompts) / len(comp.prompts)
         checks.append(_make_check(name, value, limit, op, comp))
     return PartVerdict(part=part, against=comp.baseline, checks=tuple(checks))
 

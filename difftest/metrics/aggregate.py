@@ -163,6 +163,12 @@ def aggregate_prompts(
         return _aggregate(prompts, seed=seed, n_resamples=n_resamples, tokenize=tokenize)
 
 
+def broken_answers(prompts: Sequence[PromptDiff]) -> int:
+    """Prompts whose error is the target's own impossible answer (PromptDiff.broken), not a lost
+    request: a flag on an answered prompt counts nothing."""
+    return sum(p.error is not None and p.broken for p in prompts)
+
+
 def _aggregate(
     prompts: Sequence[PromptDiff], *, seed: int, n_resamples: int, tokenize: str
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -175,7 +181,7 @@ def _aggregate(
     n_failed = sum(failed)
     agg["failed_requests"] = float(n_failed)
     agg["failed_rate"] = n_failed / n
-    n_broken = sum(p.error is not None and p.broken for p in prompts)
+    n_broken = broken_answers(prompts)
     agg["broken_answers"] = float(n_broken)
     agg["broken_rate"] = n_broken / n
 

@@ -50,9 +50,6 @@ def scheme_of(config: Mapping[str, Any]) -> str | None:
     return max(set(schemes), key=schemes.count) if schemes else None
 
 
-NOT_MADE = "layer diff not made (activations unavailable)"
-
-
 def _model_mismatch(base: Mapping[str, Any], tgt: Mapping[str, Any]) -> str:
     """Why two /debug/config answers are not one model's (layer count, module names); "" if they are."""
     if base.get("num_layers") != tgt.get("num_layers"):
@@ -95,7 +92,7 @@ async def diff_layers(
         tgt = await fetch_activations(target, {"tokens": base.token_ids, **req, "inputs": False})
     except DifftestError as exc:
         diff.warnings.append(f"activations unavailable: {exc}")
-        diff.summary = NOT_MADE
+        diff.summary = "layer diff not made (activations unavailable)"
         diff.not_made = "rejected" if isinstance(exc, RequestRejected) else "failed"
         return diff
     scheme = scheme_of(tgt_cfg)

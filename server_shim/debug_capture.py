@@ -122,18 +122,18 @@ class _Capture:
     def keep(self, name: str, t: torch.Tensor) -> None:
         # [batch=1, ..., T, features] -> [T, features]; MLA's kv_b_proj sees [1, 1, T, rank].
         rows = t.detach().reshape(-1, t.shape[-1]) if t.dim() > 1 else t.detach().reshape(-1, 1)
-        # the cap is checked on the size the rows will have, before they are copied: indexing first
-        # allocated whatever `positions` asked for (a 6 MB request asked for 549 GB)
-        n_rows = len(self.positions) if rows.shape[0] == self.n_tokens else rows.shape[0]
-        if self.nbytes + n_rows * rows.shape[-1] * 4 > self.limit:
+        per_token = rows.shape[0] == self.n_tokens
+        # the cap is checked on the bytes the kept rows will take (floats kept as float32), before
+        # they are copied: indexing first allocated whatever `positions` asked for (549 GB once)
+        n_rows = len(self.positions) if per_token else rows.shape[0]
+        size = n_rows * rows.shape[-1] * (4 if rows.is_floating_point() else rows.element_size())
+        if self.nbytes + size > self.limit:
             raise _TooLarge
+        self.nbytes += size
         # Advanced indexing copies, so no two points share storage (safetensors refuses that). A tensor
         # without one row per token (none such in HF decoders today) is kept whole, never mis-sliced.
-        rows = rows[self.positions] if rows.shape[0] == self.n_tokens else rows.clone()
+        rows = rows[self.positions] if per_token else rows.clone()
         rows = rows.to("cpu", torch.float32) if rows.is_floating_point() else rows.to("cpu")
-        self.nbytes += rows.numel() * rows.element_size()
-        if self.nbytes > self.limit:
-            raise _TooLarge
         self.tensors[self.prefix + name] = rows.contiguous()
 
 

@@ -63,9 +63,11 @@ class _SafeFormatter(logging.Formatter):
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(_SafeFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_SafeFormatter("%(levelname)s %(name)s: %(message)s"))
+    # as before, nothing where the root logger has handlers already (an embedding app, pytest):
+    # their formatters are theirs
+    logging.basicConfig(level=level, handlers=[handler])
     # progress lines are the one INFO stream shown by default when not on a terminal
     logging.getLogger("difftest.progress").setLevel(logging.INFO)
 

@@ -1,6 +1,6 @@
 """Compile the fast GEMM kernels for Hopper (sm90) on a machine without a GPU, before a GPU run.
 
-    python bench/sm90_compile.py [--m 1 16 32 4096] [--only gemv fused] [--attention]
+    python bench/sm90_compile.py [--m 1 16 32 4096] [--only gemv fused] [--attention] [--configs NAME ...]
 
 First the fused decode kernels (server_shim/fused_kernels.py: decode attention at SmolLM2's and
 an MLA model's head shapes, RMSNorm, rotary at SmolLM2's and a Llama-8B's heads; fp16 and bf16;
@@ -163,7 +163,9 @@ def sass_ops(cubin: Path) -> str:
         return ""
     conv = sum(o in ("F2F", "I2F", "F2I", "I2FP", "F2FP") for o in ops)
     mma = sum(o.startswith(("HMMA", "HGMMA", "QGMMA", "IGMMA", "IMMA", "WGMMA")) for o in ops)
-    return f" sass {len(ops)} (cvt {conv}, mma {mma})"
+    # shared memory: what a tile stages (cp.async LDGSTS, stores) and reads back (LDS, ldmatrix)
+    smem = sum(o.startswith(("LDS", "STS", "LDGSTS")) for o in ops)
+    return f" sass {len(ops)} (cvt {conv}, mma {mma}, smem {smem})"
 
 
 def compile_one(
@@ -309,6 +311,12 @@ def rotary_variants() -> list[tuple[str, dict, dict, set]]:
     return out
 
 
+# the config paths each GEMM kind dispatches (`--configs` compiles a name for the kinds that have its path)
+PATHS_OF = {
+    "mm8": frozenset(("tile", "lag", "tma", "tmap", "gemv", "quant2", "wsp")),
+    "wonly": frozenset(("tile", "tilek", "deq", "deqb", "fused", "fusedk", "words", "wordsk", "wordsb", "gemv",
+                        "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "wordsg")),
+}  # fmt: skip
 # configs in no tuner list that can still be pinned (bench/wonly_sweep.py --configs): compiled as well
 PINNED_ONLY = {"wonly": (tuning.Cfg("wordsg", 16, 16, 128, 4, 1), tuning.Cfg("wordsg", 16, 32, 128, 4, 1))}
 
@@ -327,20 +335,34 @@ def main() -> int:
     ap.add_argument(
         "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm, rotary)"
     )
+    ap.add_argument(
+        "--configs", nargs="+", default=None, metavar="NAME",
+        help="only these configs by name (tuning.Cfg.name, e.g. wordsb:16x32x128:w4:s3:k2), listed or not",
+    )  # fmt: skip
     args = ap.parse_args()
-    fails = compile_attention()
-    print(
-        f"fused decode: {len(attention_variants())} attention + 2 RMSNorm + {len(rotary_variants())} rotary"
-        f" variants compiled for sm90, {fails} failed"
-    )
+    try:
+        pinned = [tuning.Cfg.parse(n) for n in args.configs or ()]
+    except ValueError as e:
+        print(f"sm90_compile: {e}", file=sys.stderr)
+        return 2
+    fails = 0
+    if not pinned:
+        fails = compile_attention()
+        print(
+            f"fused decode: {len(attention_variants())} attention + 2 RMSNorm + {len(rotary_variants())} rotary"
+            f" variants compiled for sm90, {fails} failed"
+        )
     if args.attention:
         return 1 if fails else 0
     k = K._build()
     seen: set = set()
     for label, kind, ptrs, fixed in VARIANTS:
         for m in args.m:
-            cands = tuning.candidates("hopper", kind, m, 4096, 4096)
-            cands += [c for c in PINNED_ONLY.get(kind, ()) if m <= c.bm]
+            if pinned:  # a config names no kind: compiled for the kinds whose dispatch has its path
+                cands = [c for c in pinned if m <= c.bm and c.path in PATHS_OF[kind]]
+            else:
+                cands = tuning.candidates("hopper", kind, m, 4096, 4096)
+                cands += [c for c in PINNED_ONLY.get(kind, ()) if m <= c.bm]
             for cfg in cands:
                 if args.only and cfg.path not in args.only:
                     continue

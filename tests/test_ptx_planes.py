@@ -103,6 +103,26 @@ def test_word_tiles_compile_for_sm90() -> None:
         assert f"ok   {label:10} M=16" in r.stdout, label
 
 
+def test_sm90_compile_takes_named_configs() -> None:
+    """`--configs` compiles exactly the named configs, listed in a tuner list or not (a 32-wide split
+    "wordsb" is in none), for the schemes whose dispatch has their path; a name that is not one is
+    exit status 2 with a one-line message."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, "bench/sm90_compile.py", "--m", "16", "--configs", "wordsb:16x32x128:w4:s3:k2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if "no ptxas" in r.stdout:
+        pytest.skip("this triton build ships no ptxas")
+    assert r.returncode == 0 and "0 failed in all" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("ok   ")]
+    assert len(rows) == 4 and all("wordsb:16x32x128:w4:s3:k2" in row for row in rows), rows  # 2 schemes x 2 dtypes
+    assert "decode-attn" not in r.stdout  # named configs only
+    bad = subprocess.run([sys.executable, "bench/sm90_compile.py", "--configs", "wordsb:16x32"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "not a triton config name" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_the_inline_ptx_is_chosen_only_where_it_runs() -> None:
     """NVIDIA only, with the packed 16-bit fma of x's dtype (bf16x2 from sm80, fp16x2 from sm53):
     never ROCm, the CPU interpreter or fp32 x, which take the plain-Triton planes."""

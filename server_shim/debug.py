@@ -21,10 +21,12 @@ routes behave the same whichever app includes them.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import torch
@@ -45,6 +47,8 @@ from server_shim.debug_capture import (
 )
 from server_shim.errors import DebugRequestError, InvalidRequestError, QuantConfigError
 from server_shim.wire import loads, read_body
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -230,7 +234,10 @@ class _DebugSlots:
     def __init__(self, limit: int = MAX_DEBUG_JOBS) -> None:
         self.limit, self.busy = limit, 0
 
-    async def run(self, engine: Any, fn: Callable[[], bytes]) -> Response:
+    async def run(self, engine: Any, fn: Callable[[], bytes], request: Request | None = None) -> Response:
+        """fn's answer, or a 429 past the bound. With `request`: a client that hangs up while its job
+        waits takes the job with it (still queued, it never runs; running, its answer is dropped) and
+        frees its slot, so an interrupted `difftest layers -j 8` leaves no forwards behind it."""
         if self.busy >= self.limit:
             exc = DebugRequestError(
                 f"{self.busy} debug requests are in flight (at most {self.limit}); retry later",
@@ -241,9 +248,32 @@ class _DebugSlots:
             return response
         self.busy += 1
         try:
-            return await _octet(engine, fn)
+            return await _unless_gone(_octet(engine, fn), request)
         finally:
             self.busy -= 1
+
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting debug request looks for its client's hang-up
+CLIENT_GONE = 499  # nginx's "client closed request": the status no client reads, in the access log
+
+
+async def _unless_gone(work: Coroutine[Any, Any, Response], request: Request | None) -> Response:
+    """`work`'s response, or, once `request`'s client has disconnected, `work` cancelled."""
+    task = asyncio.ensure_future(work)
+    if request is None:
+        return await task
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                logger.info("debug request %s: the client disconnected; its job is dropped", request.url.path)
+                return Response(status_code=CLIENT_GONE)
+    finally:
+        if not task.done():  # this handler was cancelled itself: the job goes with it
+            task.cancel()
 
 
 async def _octet(engine: Any, fn: Callable[[], bytes]) -> Response:
@@ -301,7 +331,9 @@ def create_debug_router(
                 )
         except InvalidRequestError as exc:
             return _error(exc)
-        return await slots.run(engine, lambda: capture_activations(engine.loaded, req, max_bytes=cap))
+        return await slots.run(
+            engine, lambda: capture_activations(engine.loaded, req, max_bytes=cap), request
+        )
 
     @router.post(P.MODULE, responses=openapi.octet(), openapi_extra=openapi.binary_body())
     async def module(request: Request) -> Response:
@@ -309,10 +341,10 @@ def create_debug_router(
             raw = await read_body(request, max_body_bytes)
         except InvalidRequestError as exc:
             return _error(exc)
-        return await slots.run(engine, lambda: replay_module(engine.loaded, raw, max_bytes=cap))
+        return await slots.run(engine, lambda: replay_module(engine.loaded, raw, max_bytes=cap), request)
 
     @router.get(P.QUANT + "{name:path}", responses=openapi.octet())
-    async def quant(name: str) -> Response:
-        return await slots.run(engine, lambda: quant_tensors(engine.loaded, name))
+    async def quant(name: str, request: Request) -> Response:
+        return await slots.run(engine, lambda: quant_tensors(engine.loaded, name), request)
 
     return router

@@ -184,15 +184,23 @@ class Engine(EngineSteps):
             return sum(1 for s in self._pending if not s.handle.cancelled)
 
     async def run_exclusive(self, fn: Callable[[], T]) -> T:
-        """Run fn on the model thread between steps (no step is in flight while it runs)."""
+        """Run fn on the model thread between steps (no step is in flight while it runs). Cancelled
+        before the thread takes it, fn never runs."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
+        job = (fn, fut, loop)
         with self._cond:
             if self._closed:
                 raise EngineFailure("the engine is shut down")
-            self._exclusive.append((fn, fut, loop))
+            self._exclusive.append(job)
             self._cond.notify()
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:  # its caller left (a debug client hung up): a queued job never runs
+            with self._cond:
+                if job in self._exclusive:  # else it is running or done, and its answer is dropped
+                    self._exclusive.remove(job)
+            raise
 
     def close(self) -> None:
         with self._cond:

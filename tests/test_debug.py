@@ -402,3 +402,44 @@ async def test_debug_jobs_in_flight_are_bounded() -> None:
     assert over.status_code == 429 and over.headers["retry-after"] == "1"
     assert [r.status_code for r in done] == [200, 200] and slots.busy == 0
     assert (await slots.run(Engine(), lambda: b"x")).status_code == 200
+
+
+async def test_a_debug_client_that_hangs_up_frees_its_slot_and_cancels_its_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A waiting debug request whose client disconnected cancels its job (queued, it never runs) and
+    frees its slot: an interrupted `difftest layers -j 8` left its forwards queued on the model thread
+    ahead of generation."""
+    import asyncio
+
+    from server_shim import debug
+    from server_shim.debug import _DebugSlots
+
+    slots, gate, cancelled = _DebugSlots(limit=1), asyncio.Event(), []
+
+    class Engine:
+        async def run_exclusive(self, fn):  # noqa: ANN001, ANN202
+            try:
+                await gate.wait()
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+            return fn()
+
+    class Request:
+        gone = False
+        url = type("U", (), {"path": "/debug/activations"})()
+
+        async def is_disconnected(self) -> bool:
+            return self.gone
+
+    request = Request()
+    monkeypatch.setattr(debug, "DISCONNECT_POLL_S", 0.01)
+    waiting = asyncio.create_task(slots.run(Engine(), lambda: b"x", request))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and slots.busy == 1  # a client still there keeps waiting
+    request.gone = True
+    response = await asyncio.wait_for(waiting, 5)
+    assert response.status_code == debug.CLIENT_GONE and cancelled == [True] and slots.busy == 0
+    gate.set()
+    assert (await slots.run(Engine(), lambda: b"x", Request())).status_code == 200  # the slot is free

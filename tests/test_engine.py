@@ -283,3 +283,29 @@ async def test_run_exclusive_runs_between_batches(engine):
         await engine.run_exclusive(lambda: 1 / 0)
     async with _client(engine) as client:  # still serving
         assert (await _complete(client, prompt="hi", max_tokens=2))["choices"][0]["finish_reason"] == "length"
+
+
+async def test_an_exclusive_job_cancelled_while_queued_never_runs(engine: Engine) -> None:
+    """A debug client that hangs up takes its queued job with it: the model thread skips it (while
+    the thread is busy, a cancelled `run_exclusive` leaves the queue) and runs the next one."""
+    import threading
+
+    release, started, ran = threading.Event(), threading.Event(), []
+
+    def blocker() -> str:
+        started.set()
+        release.wait(30)
+        return "first"
+
+    first = asyncio.create_task(engine.run_exclusive(blocker))
+    while not started.is_set():  # the model thread is inside the first job
+        await asyncio.sleep(0.01)
+    second = asyncio.create_task(engine.run_exclusive(lambda: ran.append("second")))
+    await asyncio.sleep(0.05)
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    release.set()
+    assert await first == "first"
+    assert await engine.run_exclusive(lambda: ran.append("third") or "third") == "third"
+    assert ran == ["third"]  # the cancelled job never ran

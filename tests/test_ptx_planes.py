@@ -116,7 +116,9 @@ def test_sm90_compile_takes_named_configs() -> None:
         pytest.skip("this triton build ships no ptxas")
     assert r.returncode == 0 and "0 failed in all" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("ok   ")]
-    assert len(rows) == 4 and all("wordsb:16x32x128:w4:s3:k2" in row for row in rows), rows  # 2 schemes x 2 dtypes
+    assert len(rows) == 4 and all("wordsb:16x32x128:w4:s3:k2" in row for row in rows), (
+        rows
+    )  # 2 schemes x 2 dtypes
     assert "decode-attn" not in r.stdout  # named configs only
     bad = subprocess.run([sys.executable, "bench/sm90_compile.py", "--configs", "wordsb:16x32"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip

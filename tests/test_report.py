@@ -562,3 +562,26 @@ def test_a_nan_check_reads_as_failing_and_a_failing_check_is_never_greyed() -> N
     w = check_words(PartVerdict("accuracy", "fp16", (c,)), c)
     assert w.fails and "(NaN always fails) vs limit" in w.sentence() and "<=" not in w.sentence()
     assert _check_li(w).startswith("<li>") and 'class="ni"' not in _check_li(w)
+
+
+def test_the_json_summary_gives_reasons_and_open_questions_in_the_reports_words(tmp_path: Path) -> None:
+    """`run --json` reasons read as the report's ("mean KL 0.1994 > limit 0.005"), not as the check's
+    key and raw numbers, and an INCONCLUSIVE target says what this sample could not decide."""
+    from difftest.cli.outcome import run_summary
+    from difftest.results import Check, PartVerdict, TargetVerdict
+
+    run = sample_run()
+    undecided = Check("kl_mean", 0.04, 0.05, "<=", True, ci=(0.02, 0.07), decided=False, prompts_to_decide=40)
+    run.targets[0].verdict = TargetVerdict(
+        target="fp8-block", expect="pass", parts=(PartVerdict("accuracy", "reference", (undecided,)),)
+    )
+    summary = run_summary(run, tmp_path, [], 4)
+    open_target, failing = summary["targets"]
+    assert open_target["verdict"] == "INCONCLUSIVE" and open_target["reasons"] == []
+    assert open_target["open_questions"] == [
+        "accuracy: mean KL 0.04 vs limit 0.05, 95% CI [0.02, 0.07] straddles the limit (~40 prompts would decide)"
+    ]
+    assert failing["verdict"] == "FAIL" and failing["open_questions"] == []
+    assert "exactness: mean KL 0.1994 > limit 0.005 (limit: noise floor x3)" in failing["reasons"]
+    assert "exactness: top-1 agreement 85.7% < limit 95.0% (limit: noise floor x3)" in failing["reasons"]
+    assert not any("kl_mean" in r or "top1_agreement" in r for r in failing["reasons"])

@@ -12,7 +12,11 @@ from difftest.textsafe import safe
 
 
 def run_summary(run: RunResult, out: Path, problems: list[str], code: int) -> dict[str, Any]:
-    """The --json result of a run: per target its verdict and reasons; report.json has the rest."""
+    """The --json result of a run: per target its verdict, the failing checks (`reasons`) and, for an
+    INCONCLUSIVE one, the checks this sample could not decide (`open_questions`), in the report's
+    words ("exactness: mean KL 0.1994 > limit 0.005 (limit: ...)"); report.json has the rest."""
+    from difftest.report.words import failing_checks, open_checks
+
     targets = []
     for t in run.targets:
         v = t.verdict
@@ -24,7 +28,8 @@ def run_summary(run: RunResult, out: Path, problems: list[str], code: int) -> di
                 "verdict": v.label if v is not None else None,
                 "passed": v.passed if v is not None else None,
                 "meets_expectation": v.meets_expectation if v is not None else None,
-                "reasons": v.reasons if v is not None else [],
+                "reasons": [w.sentence() for w in failing_checks(t)],
+                "open_questions": [w.sentence() for w in open_checks(t)],
                 "localisation": v.localisation if v is not None else None,
                 "warnings": list(t.conformance.get("warnings", [])),
             }

@@ -219,8 +219,9 @@ def read_toml_text(path: Path) -> str:
         ) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read, validate and resolve a config; relative paths are relative to the file's folder."""
+def load_config(path: str | Path, *, require_targets: bool = True) -> RunConfig:
+    """Read, validate and resolve a config; relative paths are relative to the file's folder.
+    require_targets=False: a config with no [[target]] is whole (`noise` measures the reference alone)."""
     path = Path(path)
     try:
         text = read_toml_text(path)
@@ -230,10 +231,10 @@ def load_config(path: str | Path) -> RunConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return parse_config(doc, text=text, path=path)
+    return parse_config(doc, text=text, path=path, require_targets=require_targets)
 
 
-def parse_config(doc: dict[str, Any], *, text: str, path: Path) -> RunConfig:
+def parse_config(doc: dict[str, Any], *, text: str, path: Path, require_targets: bool = True) -> RunConfig:
     ctx = _Ctx(path, text)
     base = path.resolve().parent
     for key in doc:
@@ -253,7 +254,7 @@ def parse_config(doc: dict[str, Any], *, text: str, path: Path) -> RunConfig:
     raw_targets = doc.get("target", [])
     if isinstance(raw_targets, dict):
         raise ctx.error(("target",), None, "targets are an array of tables: write [[target]], not [target]")
-    if not raw_targets:
+    if not raw_targets and require_targets:
         raise ctx.error((), None, "needs at least one [[target]] table")
     targets: list[TargetConfig] = []
     goldens: list[ServerSpec] = []

@@ -489,3 +489,14 @@ def test_a_bare_thresholds_file_names_the_line(tmp_path: Path) -> None:
         ConfigError, match=r"t.toml:2: metric 'kl_mean_mx' is unknown; did you mean 'kl_mean_max'"
     ):
         load_thresholds(f)
+
+
+def test_noise_takes_a_config_with_no_targets(tmp_path: Path) -> None:
+    """`noise` measures the reference alone, so its config needs no [[target]]; `run` still does."""
+    path = tmp_path / "c.toml"
+    path.write_text(MINIMAL.split("[[target]]")[0])
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "x"}\n')
+    cfg = load_config(path, require_targets=False)
+    assert cfg.targets == () and cfg.reference.name == "reference"
+    with pytest.raises(ConfigError, match=r"needs at least one \[\[target\]\] table"):
+        load_config(path)

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     o.positive("--limit", args.limit)
     o.positive("--concurrency", args.concurrency)
     o.positive("--timeout", args.timeout)
-    cfg = with_overrides(load_config(args.config), args)
+    cfg = with_overrides(load_config(args.config, require_targets=False), args)  # the reference alone
     if cfg.baseline is not None:
         raise UsageError(f"{args.config}: the reference is a recorded baseline; its noise is measured live")
     if args.out is not None:

@@ -89,15 +89,19 @@ def test_mxfp4_planes_are_the_scaled_codes(dtype: torch.dtype) -> None:
             assert same, (code, hex(word), got, want)
 
 
-def test_word_tiles_compile_for_sm90() -> None:
-    """ptxas (shipped in the triton wheel) assembles the word tiles' PTX for fp16 and bf16 x."""
+def _sm90_compile(*args: str) -> subprocess.CompletedProcess:
+    """bench/sm90_compile.py with `args` (compiled, never interpreted); skips where triton has no ptxas."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(
-        [sys.executable, "bench/sm90_compile.py", "--m", "16", "--only", "words"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    r = subprocess.run([sys.executable, "bench/sm90_compile.py", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
     if "no ptxas" in r.stdout:
         pytest.skip("this triton build ships no ptxas")
+    return r
+
+
+def test_word_tiles_compile_for_sm90() -> None:
+    """ptxas (shipped in the triton wheel) assembles the word tiles' PTX for fp16 and bf16 x."""
+    r = _sm90_compile("--m", "16", "--only", "words")
     assert r.returncode == 0 and "0 failed in all" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     for label in ("int4-g128", "mxfp4", "int4 fp16", "mxfp4 fp16"):
         assert f"ok   {label:10} M=16" in r.stdout, label
@@ -107,21 +111,14 @@ def test_sm90_compile_takes_named_configs() -> None:
     """`--configs` compiles exactly the named configs, listed in a tuner list or not (a 32-wide split
     "wordsb" is in none), for the schemes whose dispatch has their path; a name that is not one is
     exit status 2 with a one-line message."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(
-        [sys.executable, "bench/sm90_compile.py", "--m", "16", "--configs", "wordsb:16x32x128:w4:s3:k2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    if "no ptxas" in r.stdout:
-        pytest.skip("this triton build ships no ptxas")
+    r = _sm90_compile("--m", "16", "--configs", "wordsb:16x32x128:w4:s3:k2")
     assert r.returncode == 0 and "0 failed in all" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("ok   ")]
     assert len(rows) == 4 and all("wordsb:16x32x128:w4:s3:k2" in row for row in rows), (
         rows
     )  # 2 schemes x 2 dtypes
     assert "decode-attn" not in r.stdout  # named configs only
-    bad = subprocess.run([sys.executable, "bench/sm90_compile.py", "--configs", "wordsb:16x32"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = _sm90_compile("--configs", "wordsb:16x32")
     assert bad.returncode == 2 and "not a triton config name" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -33,6 +33,7 @@ import httpx
 from difftest.cache import ResponseCache
 from difftest.errors import CacheMiss, RequestRejected, ServerError, UnreadableBody
 from difftest.identity import canary_request, canary_summary, changed_parts, vouches
+from difftest.textsafe import LONE_SURROGATE
 from server_shim import debug_protocol as P
 from server_shim.launch import normalise_url
 
@@ -434,12 +435,9 @@ def _as_json(body: bytes, name: str, path: str) -> Any:
     return _no_lone_surrogates(data) if _SURROGATE_ESCAPE.search(body) else data
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs: what is left is lone
-
-
 def _no_lone_surrogates(obj: Any) -> Any:
     if isinstance(obj, str):
-        return _LONE_SURROGATE.sub("\ufffd", obj)
+        return LONE_SURROGATE.sub("\ufffd", obj)
     if isinstance(obj, dict):
         return {_no_lone_surrogates(k): _no_lone_surrogates(v) for k, v in obj.items()}
     if isinstance(obj, list):

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from difftest.errors import UsageError
+from difftest.textsafe import LONE_SURROGATE
 
 KEYS = ("id", "prompt", "max_tokens", "tags", "messages")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 ROLES = ("system", "user", "assistant", "developer")
 
 
@@ -91,7 +90,7 @@ def _parse_line(line: str, where: str) -> Prompt:
     if not isinstance(text, str) or not text.strip():  # as --prompt: whitespace alone is no prompt
         raise UsageError(f"{where}: 'prompt' must be a non-empty string, got {text!r}")
     # an escape such as "\ud83d" alone decodes to half a UTF-16 pair, which no UTF-8 request carries
-    if "\\u" in line and _LONE_SURROGATE.search(json.dumps(obj, ensure_ascii=False)):
+    if "\\u" in line and LONE_SURROGATE.search(json.dumps(obj, ensure_ascii=False)):
         raise UsageError(f"{where}: a string holds half a UTF-16 surrogate pair (e.g. \\ud83d alone)")
     max_tokens = obj.get("max_tokens")
     if max_tokens is not None and (

@@ -259,9 +259,9 @@ CLIENT_GONE = 499  # nginx's "client closed request": the status no client reads
 
 async def _unless_gone(work: Coroutine[Any, Any, Response], request: Request | None) -> Response:
     """`work`'s response, or, once `request`'s client has disconnected, `work` cancelled."""
-    task = asyncio.ensure_future(work)
     if request is None:
-        return await task
+        return await work
+    task = asyncio.ensure_future(work)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)

@@ -5,7 +5,7 @@
 Times torch bf16 M x N x K with the L2 flushed before every call three ways: the old loop (eager
 calls, each after a written flush), a graph replay per call after a read flush (`tuning.graphed`),
 and every call in one graph with the events recorded as graph nodes (`tuning._cold_in_one_graph`,
-what `time_cold` uses where torch can). README's "Decode with the weights read from HBM" quotes it.
+what `time_cold` uses where torch can). docs/gemm.md's "Decode with the weights read from HBM" quotes it.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from _gemm_cases import Case, rel_err  # noqa: E402
 from server_shim.quant import _fastpath, _gluon_mm8, arch, tuning  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
 
-TMAP = {  # the plain-Triton kernels the tuner chose before "wsp" (README's GEMM notes)
+TMAP = {  # the plain-Triton kernels the tuner chose before "wsp" (docs/gemm.md)
     "tensor": tuning.Cfg("tmap", 256, 128, 128, 8, 3, 1, 4),
     "row": tuning.Cfg("tmap", 256, 128, 128, 8, 3, 1, 4),
     "block": tuning.Cfg("tma", 64, 128, 128, 4, 3, 1, 16),

@@ -11,7 +11,7 @@ compared with the float64 product of the golden dequantization first: a config o
 FAIL row and exit status 1. Then medians of CUDA-graph replays, fastest first, beside torch bf16 and
 a floor: reading the packed weight once with as many programs as it takes (HBM alone, no math).
 `bench/gemm.py` times only the tuner's winner per shape; this shows the whole field, which is what
-README's GEMM section quotes for the 4-bit tiles. --ncu runs each config a few times untimed, for
+docs/gemm.md quotes for the 4-bit tiles. --ncu runs each config a few times untimed, for
 `ncu -k regex:wonly python bench/wonly_sweep.py --ncu ...`.
 
 --cold: replaying one GEMM keeps its weight in the GPU's L2 (50 MB on an H100 / H200: a bf16

@@ -17,7 +17,7 @@ and exit status 1 when it is off). The other variants are wrong on purpose and o
 beside torch bf16 and the floor: the packed weight read once by the same grid in the same tile
 walk, nothing else. If "no dequantization" costs what "whole" costs, the dequantization's
 instructions are not what bounds the tile; what "x constant" saves is what staging x's MMA
-operand through shared memory costs (README's "GEMM kernels" quotes a run).
+operand through shared memory costs (docs/gemm.md quotes a run).
 
 Then the Gluon tile ("wordsg", where it runs; its ANATOMY switch), checked whole, then timed with x
 loaded once, with nothing loaded in the K loop (the words xor'd with the step, so that the

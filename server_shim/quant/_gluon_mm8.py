@@ -12,7 +12,7 @@ tile while the consumers finish this one.
 The tile is 128 x 256 or 128 x 128 (the tuner times both): a consumer walks its 64 rows in
 128-column pieces, one fp32 partial live at a time, so a 256-wide tile (the bytes per FLOP of
 cuBLAS's tiles) fits its registers, block scales included (`_promote` says how). What it does not do, and why: a consumer cannot add step k-1's partial
-under step k's MMAs (ptxas then serializes every MMA, C7514). Measured on an H200 (README,
+under step k's MMAs (ptxas then serializes every MMA, C7514). Measured on an H200 (docs/gemm.md,
 `bench/gluon_mm8.py`): 0.90-0.92x `_scaled_mm` with 256 columns, against 0.83-0.87x for 128,
 storing from the registers; 1.05-1.07x (H100) since the output goes through shared memory by bulk
 tensor copies (`_store`).

@@ -4,7 +4,7 @@
 Why it exists: at M <= 16 a 4-bit GEMM should be bound by reading its weights (a quarter of bf16's
 bytes), but the plain-Triton word tile ("wordsb") spent about 2.3 of its 7.8 us staging x's MMA
 operand: Triton sends a dot's operands through shared memory (an async copy, a barrier, the
-shared-memory reads), and a tile that reads x afresh every K step pays that every step (README,
+shared-memory reads), and a tile that reads x afresh every K step pays that every step (docs/gemm.md,
 `bench/wordsb_anatomy.py`). Gluon names the layouts: here each warp loads x's K step straight
 from global memory into the registers of the MMA's B operand (mma.sync, k_width 8: 8 consecutive
 k per thread, one 16-byte load each), loads the weight words into the registers of its A
@@ -21,7 +21,7 @@ values, LLVM re-packed them every step: 40 more instructions) and is split at it
 Gluon kernels do not run under the Triton interpreter: where `arch.gluon_mma_w4` says no (CPU,
 ROCm, a triton without Gluon) a pinned "wordsg" config runs as "wordsb", the same sums in plain
 Triton. No tuner list offers it: with its weights read from HBM, as in a decode step, it was slower
-than "gemvf" and "wordsb" (README).
+than "gemvf" and "wordsb" (docs/gemm.md).
 """
 
 from __future__ import annotations

@@ -12,6 +12,14 @@ same x, its SUB partials summed across the warps, the tile's fp32 partial writte
 The K chunks of a column range reduce themselves: the last to arrive on its counter sums all of
 them in chunk order (the same bits on every run). Only timed here, beside "wordsb" and torch bf16;
 checked against float64 first (a FAIL line and exit status 1 when it is off).
+
+What ptxas makes of it, before any GPU time (`--compile`; loop counts from the SASS of triton 3.9,
+2026-12-06): a loop iteration (4 warps, each a 128-deep K step of one 16-column tile: the work of
+one "wordsb" iteration) is ~290 instructions against "wordsb"'s 246, with 10 barriers against 2:
+summing the warps' partials crosses the warps through shared memory for every tile. And x does
+not stay in registers: Triton keeps the loop-invariant dot operand in shared memory and reads it
+back every tile (8 16-byte reads a thread), so the staging it was to save is only halved (no
+copy in, the reads remain). Not timed on a GPU yet: none could be started the day it was written.
 """
 
 from __future__ import annotations
@@ -99,7 +107,32 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: 16 x 64 x 1024 against float64, interpreter, no timing")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="no GPU needed: compile each tiles / stages setting for sm90 and print ptxas's registers and "
+                        "the SASS counts (bench/sm90_compile.py's), beside \"wordsb\"'s anatomy copy")  # fmt: skip
     return p.parse_args(argv)
+
+
+def compile_sm90(args: argparse.Namespace) -> int:
+    """ptxas's view of every setting, without a GPU: what the tile costs in instructions before any
+    timing (the anatomy copy of "wordsb" beside it, the same compile)."""
+    import sm90_compile as S
+
+    from server_shim.quant._fast_w4 import planes_ptx
+
+    kernel, anatomy = _build()
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "c_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+            "s_ptr": "*fp32", "z_ptr": "*u8"}  # fmt: skip
+    common = dict(SUB=args.warps, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, GROUP=128, PTX=True,
+                  PLANES=planes_ptx(True), DOT_IEEE=False)  # fmt: skip
+    div16 = {"N", "K", "sxm", "swn", "ssn", "szn"}
+    for stages in args.stages:
+        line = S.compile_one(anatomy, ptrs, dict(common, MODE=0), args.warps, stages, 16, div16=div16)
+        print(f"wordsb (anatomy copy) s{stages}: {line}")
+        for tiles in args.tiles:
+            line = S.compile_one(kernel, ptrs, dict(common, TILES=tiles), args.warps, stages, 16, div16=div16)
+            print(f"xstat tiles {tiles} s{stages}: {line}", flush=True)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -163,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    if args.compile:
+        return compile_sm90(args)
     if args.device == "cpu":
         from server_shim.quant.linear import load_kernels
 

@@ -19,7 +19,13 @@ one "wordsb" iteration) is ~290 instructions against "wordsb"'s 246, with 10 bar
 summing the warps' partials crosses the warps through shared memory for every tile. And x does
 not stay in registers: Triton keeps the loop-invariant dot operand in shared memory and reads it
 back every tile (8 16-byte reads a thread), so the staging it was to save is only halved (no
-copy in, the reads remain). Not timed on a GPU yet: none could be started the day it was written.
+copy in, the reads remain).
+
+Timed (H100, 2026-12-06 03:40 UTC, torch 2.11 / triton 3.6, 16 x 4096 x 4096 int4-g128, bf16 x;
+every setting checked against float64 twice first, rel err 1.7e-3): 14.1-17.8 us (0.49-0.61x
+bf16; 4 tiles a program the fastest, 14.12 / 14.18 us with 3 / 2 stages) against 7.71 us for
+"wordsb"'s anatomy copy and 8.67 for torch bf16 in the same run. So x-stationary in Triton is
+about twice as slow as the tile it was to beat, and stays an experiment.
 """
 
 from __future__ import annotations

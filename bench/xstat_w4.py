@@ -1,4 +1,4 @@
-"""An x-stationary int4 tile for M = 16 ("xstat"): the one direction docs/gemm.md lists as untried.
+"""An x-stationary int4 tile for M = 16 ("xstat"): the last direction docs/gemm.md had left untried.
 
     python bench/xstat_w4.py                 # GPU: 16 x 4096 x 4096, int4-g128, bf16 x
     python bench/xstat_w4.py --device cpu    # against float64 under the Triton interpreter
@@ -6,8 +6,8 @@
 "wordsb" walks K for a fixed 16-column tile, so every program stages all of x through shared
 memory, a K step at a time (32 MiB of x at N = 4096, four times the weight; ~2.3 of its ~7.8 us,
 `bench/wordsb_anatomy.py`). Here the loops are swapped: a program owns one K chunk (a 128-deep K
-step per warp, SUB warps side by side as in "wordsb") and loads its x slice once, into the MMA's
-operand registers; it then walks TILES column tiles of the weight, each a batched dot against the
+step per warp, SUB warps side by side as in "wordsb") and loads its x slice once, meant to stay in
+the MMA's operand registers (it does not: below); it then walks TILES column tiles of the weight, each a batched dot against the
 same x, its SUB partials summed across the warps, the tile's fp32 partial written to a workspace.
 The K chunks of a column range reduce themselves: the last to arrive on its counter sums all of
 them in chunk order (the same bits on every run). Only timed here, beside "wordsb" and torch bf16;

@@ -22,9 +22,8 @@ from difftest.noise import NoiseFloor, floor_from_comparisons
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import Comparison
 from difftest.scoring import build_comparison
-from difftest.session import ClientOptions, Session
+from difftest.session import ClientOptions, Session, launch_shown
 from difftest.verdict import tie_margin_for
-from server_shim.launch import launch_servers
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +88,10 @@ def measure_noise(cfg: RunConfig, *, limit: int | None, restart: bool, log_dir: 
     options = ClientOptions(
         timeout_s=cfg.run.request_timeout_s, max_retries=cfg.run.max_retries, concurrency=cfg.run.concurrency
     )
-    with launch_servers([spec], log_dir=log_dir) as running:
+    with launch_shown([spec], log_dir=log_dir) as running:
         a, comps, how = asyncio.run(_first_server(Session.of_running(running, options), cfg, prompts))
     if restart and spec.url is None:  # a fresh process: a new session, probed again
-        with launch_servers([spec], log_dir=log_dir / "restart") as running:
+        with launch_shown([spec], log_dir=log_dir / "restart") as running:
             comps.append(asyncio.run(_restarted(Session.of_running(running, options), cfg, prompts, a)))
             how.append("after a restart")
     return floor_from_comparisons(comps, reference=spec.name, how=how)

@@ -39,13 +39,13 @@ from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import LayerDiff, PartVerdict, PromptDiff, RunResult, TargetResult
 from difftest.scoring import finish_comparison, score_prompts
-from difftest.session import cache_identity
+from difftest.session import cache_identity, launch_shown
 from difftest.signature import run_signature
 from difftest.tokenizer_check import check_pair
 from difftest.usage_check import PromptCounts
 from difftest.whitebox.activations import LayerThresholds, compare_points, fetch_activations
 from difftest.whitebox.localise import localise_target
-from server_shim.launch import RunningServer, api_key_of, launch_servers
+from server_shim.launch import RunningServer, api_key_of
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ async def run_async(
     try:
         pairs = _pairs(cfg)
         await _check_pairs(pairs, eps)
-        _phase("servers up + conformance", started)
+        _phase("conformance", started)
         retok = _retokenizer(eps, pairs)
         plan = _forcing_plan(pairs)
         scored: dict[tuple[str, str], tuple[list[PromptDiff], list[str]]] = {}
@@ -631,7 +631,7 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
     check_running(specs, request_timeout_s=cfg.run.request_timeout_s)  # seconds, not 600 s
     cache = ResponseCache(cache_path)
     try:
-        with launch_servers(specs, log_dir=out / "logs") as running:
+        with launch_shown(specs, log_dir=out / "logs") as running:
             run = asyncio.run(run_async(cfg, running, prompts, opts, cache))
             problems = infra_problems(run, cfg, running)
     finally:

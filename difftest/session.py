@@ -1,6 +1,6 @@
 """A Session: the servers one command talks to — connected, probed once, closed.
 
-    with launch_servers(specs, log_dir=...) as running:          # launch (or `url` specs: connect)
+    with launch_shown(specs, log_dir=...) as running:            # launch (or `url` specs: connect)
         async with Session.of_running(running, options) as s:    # a client each, probed side by side
             s["fp8-block"]                                       # an Endpoint: name, client, caps
             await s["fp8-block"].client.debug_config()           # GET /debug/config: once per server
@@ -15,16 +15,19 @@ server, one fabricated capabilities instead of probing, and the target of a run 
 probe, which also reads `/debug/config`), and its client keeps that config for everyone after.
 
 Launching stays `server_shim.launch.launch_servers` (a synchronous context manager: it owns
-subprocesses and must tear them down on any exit); a Session only needs each server's URL, API
-key and cache identity, so it works the same over launched servers, `url` specs and bare URLs.
+subprocesses and must tear them down on any exit; `launch_shown` shows its health wait); a Session
+only needs each server's URL, API key and cache identity, so it works the same over launched
+servers, `url` specs and bare URLs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,8 +37,17 @@ from difftest.client import CompletionClient
 from difftest.collect import Endpoint
 from difftest.conformance import probe
 from difftest.errors import ConformanceError
-from server_shim.launch import RunningServer, api_key_of
+from difftest.progress import ServersUp
+from server_shim.launch import RunningServer, api_key_of, launch_servers
 from server_shim.launch_spec import ServerSpec
+
+
+@contextlib.contextmanager
+def launch_shown(specs: Sequence[ServerSpec], *, log_dir: Path) -> Iterator[dict[str, RunningServer]]:
+    """`launch_servers` with its health wait shown (`progress.ServersUp`): every command that starts
+    servers goes through here, so none waits minutes in silence while a cold server tunes."""
+    with ServersUp() as shown, launch_servers(specs, log_dir=log_dir, on_status=shown) as running:
+        yield running
 
 
 @dataclass(frozen=True)

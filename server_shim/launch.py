@@ -29,7 +29,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,13 +83,34 @@ class RunningServer:
 # ----------------------------------------------------------------------------- launching
 
 
+@dataclass(frozen=True)
+class StartupStatus:
+    """Where a launch's health wait stands: what a caller shows while servers start (a cold GPU
+    server tunes its kernels for minutes before /health answers, and a silent wait looks hung)."""
+
+    healthy: tuple[str, ...]  # in the order they answered
+    pending: tuple[str, ...]
+    elapsed_s: float
+
+    @property
+    def total(self) -> int:
+        return len(self.healthy) + len(self.pending)
+
+
+OnStartup = Callable[[StartupStatus], None]
+
+
 @contextlib.contextmanager
-def launch_servers(specs: Sequence[ServerSpec], *, log_dir: Path) -> Iterator[dict[str, RunningServer]]:
+def launch_servers(
+    specs: Sequence[ServerSpec], *, log_dir: Path, on_status: OnStartup | None = None
+) -> Iterator[dict[str, RunningServer]]:
     """Start every spec side by side, wait until all are healthy, yield them by name.
 
     Raises LaunchError (after tearing down whatever started) when a server dies while starting,
     misses its startup timeout, or its port is taken. Teardown runs on normal exit, on any
-    exception and on KeyboardInterrupt raised inside the block.
+    exception and on KeyboardInterrupt raised inside the block. `on_status` hears the health wait:
+    once when it begins, whenever a server turns healthy (the last call: nothing pending), and
+    every `WAIT_NOTE_S` while it waits.
     """
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -105,7 +126,7 @@ def launch_servers(specs: Sequence[ServerSpec], *, log_dir: Path) -> Iterator[di
         threads = _cpu_threads_per_shim(specs)
         for spec in specs:
             running[spec.name] = _start(spec, ports.get(spec.name), log_dir, threads)
-        _wait_healthy(list(running.values()))
+        _wait_healthy(list(running.values()), on_status)
         yield running
     finally:
         _teardown(list(running.values()))
@@ -343,7 +364,7 @@ def _log_size(server: RunningServer) -> int:
 WAIT_NOTE_S = 15.0  # how often a health wait says what it waits for
 
 
-def _wait_healthy(servers: list[RunningServer]) -> None:
+def _wait_healthy(servers: list[RunningServer], on_status: OnStartup | None = None) -> None:
     """Poll every server until all answer GET /health (or /v1/models: engines without /health).
 
     A server misses its `startup_timeout_s` only when, past it, none of the servers still starting
@@ -361,6 +382,13 @@ def _wait_healthy(servers: list[RunningServer]) -> None:
     logged = {s.name: _log_size(s) for s in servers}
     progress_at = start
     said_at = start  # a wait that shows nothing for minutes looks hung: say what is awaited
+    healthy: list[str] = []
+
+    def tell() -> None:
+        if on_status is not None:
+            on_status(StartupStatus(tuple(healthy), tuple(pending), time.monotonic() - start))
+
+    tell()
     with httpx.Client(timeout=httpx.Timeout(5.0, connect=2.0), trust_env=False) as client:
         while pending:
             for name, server in list(pending.items()):
@@ -374,6 +402,8 @@ def _wait_healthy(servers: list[RunningServer]) -> None:
                 if ok:
                     log.info("%s healthy at %s after %.1fs", name, server.url, time.monotonic() - start)
                     del pending[name]
+                    healthy.append(name)
+                    tell()
                 elif _startup_missed(server.spec.startup_timeout_s, time.monotonic(), start, progress_at):
                     where = (
                         f"; last lines of {server.log_path}:\n{server.log_tail()}" if server.log_path else ""
@@ -391,6 +421,7 @@ def _wait_healthy(servers: list[RunningServer]) -> None:
                     say = log.warning if server.pid is None else log.info
                     say("still waiting for %s at %s (%s) after %.0fs of %gs", name, server.url, last[name],
                         said_at - start, server.spec.startup_timeout_s)  # fmt: skip
+                tell()
             if pending:
                 time.sleep(delay)
                 delay = min(delay * 1.5, 1.0)

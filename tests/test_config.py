@@ -429,7 +429,7 @@ def test_launch_mistakes_are_exit_2_before_anything_starts(
     from difftest.cli import main
 
     started: list[object] = []
-    monkeypatch.setattr(runner, "launch_servers", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(runner, "launch_shown", lambda *a, **k: started.append(a))
     path = write(tmp_path, MINIMAL.replace(*change))
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err

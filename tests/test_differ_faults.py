@@ -300,7 +300,7 @@ def test_an_unset_key_variable_is_exit_2_before_anything_launches(
 
     monkeypatch.delenv("DIFFTEST_UNSET_KEY", raising=False)
     started: list[object] = []
-    monkeypatch.setattr(runner, "launch_servers", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(runner, "launch_shown", lambda *a, **k: started.append(a))
     cfg = write_config(tmp_path, "http://127.0.0.1:9", [
         {"name": "tgt", "command": "engine --port {port}", "api_key_env": "DIFFTEST_UNSET_KEY"}])  # fmt: skip
     assert main(["run", str(cfg)]) == 2

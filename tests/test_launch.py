@@ -564,3 +564,17 @@ def test_the_shim_sleeps_its_idle_openmp_threads_unless_told_otherwise() -> None
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert out.stdout.strip() == "ACTIVE"
+
+
+def test_the_health_wait_reports_its_status_to_the_caller(tmp_path: Path) -> None:
+    """on_status hears the wait begin (nothing healthy), each server turn healthy in the order it
+    answered (the slow one last), and last a status with nothing pending: what a caller shows
+    while a cold server tunes for minutes."""
+    statuses: list[launch.StartupStatus] = []
+    specs = [fake("slow", "--delay", "1.0"), fake("quick")]
+    with launch_servers(specs, log_dir=tmp_path, on_status=statuses.append):
+        pass
+    assert statuses[0].healthy == () and set(statuses[0].pending) == {"slow", "quick"}
+    assert statuses[-1].healthy == ("quick", "slow") and statuses[-1].pending == ()
+    assert all(s.total == 2 for s in statuses)
+    assert [s.elapsed_s for s in statuses] == sorted(s.elapsed_s for s in statuses)

@@ -88,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
         key = o.key_for(envs, name) if spec is None or spec.api_key_env is None else _env(spec.api_key_env)
         base = record(name, url, prompts, settings, api_key=key, **kw)
     else:
-        from server_shim.launch import launch_servers
+        from difftest.session import launch_shown
 
-        with launch_servers([spec], log_dir=Path(args.out) / "logs") as running:
+        with launch_shown([spec], log_dir=Path(args.out) / "logs") as running:
             srv = running[name]
             key = _env(spec.api_key_env) if spec.api_key_env else o.key_for(envs, name)
             base = record(name, srv.url, prompts, settings, api_key=key, **kw)

@@ -100,7 +100,7 @@ def run_whitebox(args: argparse.Namespace, work: Callable[[Session, Sequence[Job
         keys = {name: o.key_for(envs, name) for name in urls}  # per server (--api-key-env NAME=VAR)
         session = Session.of_urls(urls, api_key=o.key_for(envs, "*"), keys=keys, options=options)
         return asyncio.run(go(session))
-    from server_shim.launch import launch_servers
+    from difftest.session import launch_shown
 
-    with launch_servers(specs, log_dir=out_dir(args) / "logs") as running:
+    with launch_shown(specs, log_dir=out_dir(args) / "logs") as running:
         return asyncio.run(go(Session.of_running(running, options)))

@@ -6,12 +6,28 @@ from __future__ import annotations
 import logging
 import sys
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from server_shim.launch import StartupStatus
 
 log = logging.getLogger("difftest.progress")
+
+
+def _live_bar() -> Any:
+    """A started rich bar: description, bar, done / total, time elapsed (both displays' look)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as RichProgress
+
+    bar = RichProgress(
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+    bar.__enter__()
+    return bar
 
 
 class Progress:
@@ -22,17 +38,7 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self._tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as RichProgress
-
-            self._bar = RichProgress(
-                TextColumn("{task.description:<16}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                transient=False,
-            )
-            self._bar.__enter__()
+            self._bar = _live_bar()
         return self
 
     def __exit__(self, et: type | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -104,13 +110,7 @@ class ServersUp:
 
     def _show_bar(self, status: StartupStatus) -> None:
         if self._bar is None and status.pending:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as RichProgress
-
-            self._bar = RichProgress(
-                TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
-            )
-            self._bar.__enter__()
+            self._bar = _live_bar()
             self._task = self._bar.add_task("servers up", total=status.total)
         if self._bar is not None:
             self._bar.update(self._task, completed=len(status.healthy))

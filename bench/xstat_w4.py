@@ -7,8 +7,9 @@
 memory, a K step at a time (32 MiB of x at N = 4096, four times the weight; ~2.3 of its ~7.8 us,
 `bench/wordsb_anatomy.py`). Here the loops are swapped: a program owns one K chunk (a 128-deep K
 step per warp, SUB warps side by side as in "wordsb") and loads its x slice once, meant to stay in
-the MMA's operand registers (it does not: below); it then walks TILES column tiles of the weight, each a batched dot against the
-same x, its SUB partials summed across the warps, the tile's fp32 partial written to a workspace.
+the MMA's operand registers (it does not: below); it then walks TILES column tiles of the weight,
+each a batched dot against the same x, its SUB partials summed across the warps, the tile's fp32
+partial written to a workspace.
 The K chunks of a column range reduce themselves: the last to arrive on its counter sums all of
 them in chunk order (the same bits on every run). Only timed here, beside "wordsb" and torch bf16;
 checked against float64 first (a FAIL line and exit status 1 when it is off).

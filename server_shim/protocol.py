@@ -343,6 +343,13 @@ class ChatCompletionStreamResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+def sse_event(chunk: CompletionStreamResponse | ChatCompletionStreamResponse, include_usage: bool) -> str:
+    """One SSE `data:` event. As OpenAI's API: with stream_options.include_usage every chunk has a
+    `usage` key (null but on the last), without it no chunk has one; the other null fields stay."""
+    body = chunk.model_dump_json(exclude=None if include_usage else {"usage"})
+    return f"data: {body}\n\n"
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"]
 

@@ -35,6 +35,7 @@ from server_shim.protocol import (
     ChatStreamChoice,
     ChatTopLogProb,
     chat_completion_id,
+    sse_event,
 )
 from server_shim.serving import OpenAIServing
 from server_shim.serving_completion import stream_error
@@ -117,12 +118,13 @@ class ServingChat(OpenAIServing):
         prompt_tokens: int,
     ) -> AsyncIterator[str]:
         cid, created, completion_tokens = chat_completion_id(), int(time.time()), 0
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
 
         def chunk(choices: list[ChatStreamChoice], **kw: Any) -> str:
             body = ChatCompletionStreamResponse(
                 id=cid, created=created, model=self.model_name, choices=choices, **kw
             )
-            return f"data: {body.model_dump_json()}\n\n"
+            return sse_event(body, include_usage)
 
         try:
             # OpenAI opens every choice with its role, content "" (clients key on it).
@@ -141,7 +143,7 @@ class ServingChat(OpenAIServing):
                     finish_reason=ev.finish_reason,
                 )
                 yield chunk([choice])
-            if req.stream_options is not None and req.stream_options.include_usage:
+            if include_usage:
                 yield chunk([], usage=self.usage(prompt_tokens, completion_tokens))
         except Exception as exc:
             yield stream_error(exc)

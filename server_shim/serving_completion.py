@@ -24,6 +24,7 @@ from server_shim.protocol import (
     UsageInfo,
     completion_id,
     error_body,
+    sse_event,
 )
 from server_shim.serving import OpenAIServing
 
@@ -80,6 +81,7 @@ class ServingCompletion(OpenAIServing):
         self, handle: RequestHandle, fmt: LogprobsFormatter, req: CompletionRequest, prompt_tokens: int
     ) -> AsyncIterator[str]:
         cid, created, completion_tokens = completion_id(), int(time.time()), 0
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
         try:
             async for ev in self.events(handle):
                 completion_tokens += 0 if ev.prompt else len(ev.tokens)
@@ -92,13 +94,13 @@ class ServingCompletion(OpenAIServing):
                 chunk = CompletionStreamResponse(
                     id=cid, choices=[choice], created=created, model=self.model_name
                 )
-                yield f"data: {chunk.model_dump_json()}\n\n"
-            if req.stream_options is not None and req.stream_options.include_usage:
+                yield sse_event(chunk, include_usage)
+            if include_usage:
                 usage: UsageInfo = self.usage(prompt_tokens, completion_tokens)
                 chunk = CompletionStreamResponse(
                     id=cid, choices=[], created=created, model=self.model_name, usage=usage
                 )
-                yield f"data: {chunk.model_dump_json()}\n\n"
+                yield sse_event(chunk, include_usage)
         except Exception as exc:  # headers are gone: the error travels as a data event (vLLM does the same)
             yield stream_error(exc)
         yield "data: [DONE]\n\n"

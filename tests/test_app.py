@@ -99,6 +99,20 @@ async def test_stream_usage_chunk(client):
     chunks = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
     assert sum(1 for c in chunks if c["choices"]) == 3  # one chunk per token
+    assert all(c["usage"] is None for c in chunks[:-1])  # OpenAI: a null usage on every other chunk
+
+
+async def test_stream_without_include_usage_has_no_usage_key(client):
+    """OpenAI's chunks carry `usage` only when stream_options.include_usage asks for it; the other
+    null fields (finish_reason before the last token, logprobs when not asked) stay in."""
+    r = await client.post(
+        "/v1/completions", json={"model": "tiny-llama", "prompt": "Hi", "max_tokens": 3, "stream": True}
+    )
+    chunks = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+    assert len(chunks) == 3 and not any("usage" in c for c in chunks)
+    first = chunks[0]["choices"][0]
+    assert first["finish_reason"] is None and first["logprobs"] is None
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
 async def test_debug_router_only_with_debug(client, engine):

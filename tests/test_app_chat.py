@@ -109,6 +109,12 @@ async def test_chat_stream_joins_to_non_stream(client):
     assert streamed_lp == full["choices"][0]["logprobs"]["content"]
     assert body[-1]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+    assert all(c["usage"] is None for c in chunks[:-1])  # OpenAI: a null usage on every other chunk
+    plain = await client.post("/v1/chat/completions", json={**GOOD, "stream": True})
+    plain_chunks = [json.loads(e[6:]) for e in plain.text.split("\n\n") if e.startswith("data: {")]
+    # without include_usage no chunk has the key; the other nulls (finish_reason, logprobs) stay
+    assert plain_chunks and not any("usage" in c for c in plain_chunks)
+    assert plain_chunks[1]["choices"][0]["finish_reason"] is None and "logprobs" in plain_chunks[1]["choices"][0]
 
 
 async def test_chat_sampling_seed_n_and_content_parts(client):

@@ -114,7 +114,9 @@ async def test_chat_stream_joins_to_non_stream(client):
     plain_chunks = [json.loads(e[6:]) for e in plain.text.split("\n\n") if e.startswith("data: {")]
     # without include_usage no chunk has the key; the other nulls (finish_reason, logprobs) stay
     assert plain_chunks and not any("usage" in c for c in plain_chunks)
-    assert plain_chunks[1]["choices"][0]["finish_reason"] is None and "logprobs" in plain_chunks[1]["choices"][0]
+    assert (
+        plain_chunks[1]["choices"][0]["finish_reason"] is None and "logprobs" in plain_chunks[1]["choices"][0]
+    )
 
 
 async def test_chat_sampling_seed_n_and_content_parts(client):

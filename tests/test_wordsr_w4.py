@@ -1,0 +1,51 @@
+"""bench/wordsr_w4.py without a GPU: the tile whose warps share x compiles for sm90 with its operand
+layouts asserted free and nothing spilled, in both formats and 16-bit dtypes; which settings fit
+which shapes; and the timing mode's one-line answers where it cannot run (the float64 check runs on
+a GPU only: Gluon kernels do not run under the Triton interpreter)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import wordsr_w4  # noqa: E402
+
+
+@pytest.mark.skipif(not wordsr_w4.IMPORTED, reason="this triton has no Gluon")
+def test_it_compiles_for_sm90_without_spills() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "bench/wordsr_w4.py", "--compile"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if "no ptxas" in r.stdout:
+        pytest.skip("this triton build ships no ptxas")
+    rows = [line for line in r.stdout.splitlines() if " G 4 split 4: " in line]
+    assert [line.split()[:2] for line in rows] == [
+        ["int4-g128", "bfloat16"], ["int4-g128", "float16"], ["mxfp4", "bfloat16"], ["mxfp4", "float16"],
+    ]  # fmt: skip
+    # 16 MMAs a K step (two n8 tiles x eight k16), no shared memory beyond the split's barrier
+    assert all(" spill 0 B " in line and "mma 16" in line for line in rows), rows
+
+
+def test_which_settings_fit_which_shapes() -> None:
+    assert wordsr_w4.fits(16, 4096, 4096, 4, 8) is None
+    assert wordsr_w4.fits(5, 1000, 4224, 4, 3) is None  # a ragged N: the last program masked
+    assert wordsr_w4.fits(17, 4096, 4096, 4, 1) == "M = 17 > 16"
+    assert wordsr_w4.fits(16, 4096, 4224, 4, 2) == "K = 4224 is not 2 splits of whole 128-wide K steps"
+
+
+def test_the_timing_mode_says_why_it_cannot_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert wordsr_w4.main(["--splits", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "--splits: every split count is at least 1"
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the bench would run")
+    assert wordsr_w4.main([]) == 0
+    assert "needs an NVIDIA GPU (sm80+)" in capsys.readouterr().err

@@ -106,7 +106,7 @@ if IMPORTED:
         x_rows = (m_x < M) & (g_x >= 0)
 
         word = gl.load(w_ptrs)
-        x = gl.load(x_ptrs, mask=x_rows, other=0)
+        x = gl.load(x_ptrs, mask=x_rows, other=0, cache_modifier=".ca")  # kept in the L1 for the other warps
         zc = gl.load(z_ptrs).to(gl.int32)
         sc = gl.load(s_ptrs)
         zero = gl.zeros([G, 16, BM], gl.float32, mma)
@@ -115,7 +115,7 @@ if IMPORTED:
             more = i + 1 < steps
             nxt = gl.minimum(i + 1, steps - 1)  # the scales' last step again past the end: read, unused
             word_n = gl.load(w_ptrs + (i + 1) * (BK // 8), mask=more, other=0)
-            x_n = gl.load(x_ptrs + (i + 1) * (BK // 2), mask=x_rows & more, other=0)
+            x_n = gl.load(x_ptrs + (i + 1) * (BK // 2), mask=x_rows & more, other=0, cache_modifier=".ca")
             zc_n = gl.load(z_ptrs + nxt * z_step).to(gl.int32)
             sc_n = gl.load(s_ptrs + nxt * ssg)
             w = gl.convert_layout(_planes(word, zc, PLANES, FORMAT, BF16), a_l, assert_trivial=True)

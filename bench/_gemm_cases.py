@@ -54,6 +54,23 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def check_then_time(label: str, run: Callable[[], object], out: torch.Tensor, ref: torch.Tensor,
+                    tol_: float) -> tuple[float, float] | None:  # fmt: skip
+    """The experiments' check before they are timed: run a kernel that writes `out` twice; the first
+    result must be within tol_ of ref (relative, norm-wise) and the second have the same bits (a
+    split-K tile summing itself in a fixed order). Off: a FAIL line and None; else (median us of
+    CUDA-graph replays, the relative error)."""
+    run()
+    err = rel_err(out, ref)
+    first = out.clone()
+    run()
+    same = torch.equal(first, out)
+    if err >= tol_ or not same:
+        print(f"FAIL {label}: rel err {err:.1e}, same bits twice: {same}", flush=True)
+        return None
+    return time_ms(run) * 1e3, err
+
+
 def pack(q: torch.Tensor) -> torch.Tensor:
     if q.shape[1] % 2:
         q = torch.nn.functional.pad(q, (0, 1))

@@ -46,7 +46,7 @@ SCHEMES = {"int4-g128": 0, "mxfp4": 1}
 WORDSB = "wordsb:16x16x128:w4:s3:k1"  # the tuner's M = 16 choice on Hopper
 
 if IMPORTED:
-    from server_shim.quant._gluon_w4 import _planes, _split_pairs, gl, gluon, mma_v2
+    from server_shim.quant._gluon_w4 import _step_sums, gl, gluon
 
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
@@ -118,13 +118,7 @@ if IMPORTED:
             x_n = gl.load(x_ptrs + (i + 1) * (BK // 2), mask=x_rows & more, other=0, cache_modifier=".ca")
             zc_n = gl.load(z_ptrs + nxt * z_step).to(gl.int32)
             sc_n = gl.load(s_ptrs + nxt * ssg)
-            w = gl.convert_layout(_planes(word, zc, PLANES, FORMAT, BF16), a_l, assert_trivial=True)
-            xb = gl.convert_layout(_split_pairs(x, BF16), b_l, assert_trivial=True)
-            part = mma_v2(w, xb, zero)
-            if FORMAT == 0:  # the step's dot ran on the exact q - z: the row scale multiplies the partial
-                acc += part * gl.expand_dims(sc, 2)
-            else:
-                acc += part
+            acc = _step_sums(acc, word, zc, x, sc, zero, PLANES, FORMAT, BF16, a_l, b_l)  # "wordsg"'s step
             word = word_n
             x = x_n
             zc = zc_n
@@ -275,17 +269,13 @@ def main(argv: list[str] | None = None) -> int:
                         wordsr(x, words, out, qw.scales, zeros, fmt=fmt, warps=warps, splits=splits,  # noqa: B023
                                workspace=ws, counters=cnt)  # noqa: B023  # fmt: skip
 
-                    run()
-                    err = C.rel_err(out, ref)
-                    first = out.clone()
-                    run()
-                    ok = err < C.tol(f"triton {scheme}") and torch.equal(first, out)
-                    failed |= not ok
-                    if not ok:
-                        print(f"FAIL G {warps} split {splits}: rel err {err:.1e}, same bits twice: "
-                              f"{torch.equal(first, out)}")  # fmt: skip
+                    timed = C.check_then_time(
+                        f"G {warps} split {splits}", run, out, ref, C.tol(f"triton {scheme}")
+                    )
+                    failed |= timed is None
+                    if timed is None:
                         continue
-                    t = C.time_ms(run) * 1e3
+                    t, err = timed
                     t_cold = tuning.time_cold(run) * 1e3
                     print(f"ok   G {warps} split {splits}: {t:6.2f} us ({t_torch / t:.2f}x torch, {t_b / t:.2f}x "
                           f"wordsb), from HBM {t_cold:6.2f} us ({c_torch / t_cold:.2f}x)  rel err {err:.1e}", flush=True)  # fmt: skip

@@ -73,18 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                 _gluon_w4w.wonly_wordsw(x, words, out, qw.scales, qw.zeros, None, steps=steps,  # noqa: B023
                                         workspace=lambda s: ws, counters=lambda t: cnt)  # noqa: B023  # fmt: skip
 
-            run()
-            err = C.rel_err(out, ref)
-            first = out.clone()
-            run()
-            ok = err < C.tol("triton int4-g128") and torch.equal(first, out)
-            failed |= not ok
-            if not ok:
-                print(
-                    f"FAIL wordsw {steps} steps: rel err {err:.1e}, same bits twice: {torch.equal(first, out)}"
-                )
+            timed = C.check_then_time(f"wordsw {steps} steps", run, out, ref, C.tol("triton int4-g128"))
+            failed |= timed is None
+            if timed is None:
                 continue
-            t = C.time_ms(run) * 1e3
+            t, err = timed
             print(f"ok   wordsw {steps:2d} steps ({splits} splits) {t:6.2f} us  {t_torch / t:.2f}x torch  "
                   f"{t_b / t:.2f}x wordsb  rel err {err:.1e}", flush=True)  # fmt: skip
     return 1 if failed else 0

@@ -107,6 +107,19 @@ if IMPORTED:
         return gl.reshape(w, [word.shape[0], word.shape[1], 8 * word.shape[2]])
 
     @gluon.jit
+    def _step_sums(acc, word, zc, x, sc, zero, PLANES: gl.constexpr, FORMAT: gl.constexpr, BF16: gl.constexpr,
+                   a_l: gl.constexpr, b_l: gl.constexpr):  # fmt: skip
+        """acc plus one K step's product: the words dequantized into the MMA's A operand, x's int32
+        pairs split into its B operand (both conversions checked to move nothing), int4's dot on the
+        exact q - z times its row scale (the fp32 partial), mxfp4's on the scaled values."""
+        w = gl.convert_layout(_planes(word, zc, PLANES, FORMAT, BF16), a_l, assert_trivial=True)
+        xb = gl.convert_layout(_split_pairs(x, BF16), b_l, assert_trivial=True)
+        part = mma_v2(w, xb, zero)
+        if FORMAT == 0:
+            part = part * gl.expand_dims(sc, 2)
+        return acc + part
+
+    @gluon.jit
     def _wonly_wordsg_kernel(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, sxm, swn, scm, scn, ssn, ssg,
                              szn, szg, FORMAT: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                              BLOCK_N: gl.constexpr, SUB: gl.constexpr, PLANES: gl.constexpr, EVEN_K: gl.constexpr,
@@ -186,15 +199,7 @@ if IMPORTED:
                     z_ptrs + gl.minimum(zg + kn // GROUP, last_g) * (szg if FORMAT == 0 else ssg)
                 ).to(gl.int32)
                 sc_n = gl.load(s_ptrs + gl.minimum(sg + kn // GROUP, last_g) * ssg)
-            w = gl.convert_layout(_planes(word, zc, PLANES, FORMAT, BF16), a_l, assert_trivial=True)
-            xb = gl.convert_layout(_split_pairs(x, BF16), b_l, assert_trivial=True)
-            part = mma_v2(w, xb, zero)
-            if (
-                FORMAT == 0
-            ):  # the step's dot ran on the exact q - z: its row scale multiplies the fp32 partial
-                acc += part * gl.expand_dims(sc, 2)
-            else:
-                acc += part
+            acc = _step_sums(acc, word, zc, x, sc, zero, PLANES, FORMAT, BF16, a_l, b_l)
             word = word_n
             x = x_n
             zc = zc_n

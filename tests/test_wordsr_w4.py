@@ -49,3 +49,19 @@ def test_the_timing_mode_says_why_it_cannot_run(capsys: pytest.CaptureFixture[st
         pytest.skip("a GPU is visible: the bench would run")
     assert wordsr_w4.main([]) == 0
     assert "needs an NVIDIA GPU (sm80+)" in capsys.readouterr().err
+
+
+def test_the_experiments_check_fails_a_wrong_or_unsteady_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/_gemm_cases.check_then_time, which wordsr and wordsw pass before any timing: an answer
+    off the reference, or one that changes between two runs, is a FAIL line and no timing."""
+    import _gemm_cases as C
+
+    ref = torch.ones(8, dtype=torch.float64)
+    out = torch.empty(8)
+    assert C.check_then_time("off", lambda: out.fill_(1.5), out, ref, 4e-3) is None
+    runs = iter([1.0, 1.0 + 2**-20])  # both within tolerance, not the same bits
+    assert C.check_then_time("unsteady", lambda: out.fill_(next(runs)), out, ref, 4e-3) is None
+    assert capsys.readouterr().out.splitlines() == [
+        "FAIL off: rel err 5.0e-01, same bits twice: True",
+        "FAIL unsteady: rel err 0.0e+00, same bits twice: False",
+    ]

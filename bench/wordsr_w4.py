@@ -35,20 +35,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from server_shim.quant import _gluon_w4, tuning  # noqa: E402
+from server_shim.quant import _gluon_mm8, _gluon_w4, tuning  # noqa: E402
 from server_shim.quant import formats as F  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
 
-IMPORTED = _gluon_w4.IMPORTED
+IMPORTED = _gluon_w4.IMPORTED and _gluon_mm8.IMPORTED  # the latter for its barrier
 BLOCK_K = 128  # a K step: one int4 group, four mxfp4 groups
 BLOCK_M = 16  # x's rows: the MMA's N (two n8 tiles)
 SCHEMES = {"int4-g128": 0, "mxfp4": 1}
 WORDSB = "wordsb:16x16x128:w4:s3:k1"  # the tuner's M = 16 choice on Hopper
 
 if IMPORTED:
+    from server_shim.quant._gluon_mm8 import _barrier
     from server_shim.quant._gluon_w4 import _step_sums, gl, gluon
-
-    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
     @gluon.jit
     def _wordsr_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, cnt_ptr, s_ptr, z_ptr, M, N, K, K_PER, sxm, swn, scm, scn,
@@ -92,9 +91,9 @@ if IMPORTED:
             z_ptrs = s_ptr + gl.expand_dims(rn_w, 2) * ssn + (j_w // (GROUP // 8) + k_lo // GROUP) * ssg
             z_step = (BK // GROUP) * ssg
         cs_l: gl.constexpr = gl.SliceLayout(2, mma)  # int4's row scales [G, 16], as the partials' rows
-        rn_s = (pid_n * ROWS + gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, cs_l)), 1) * 16
-                + gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, cs_l)), 0)) % N  # fmt: skip
-        s_ptrs = s_ptr + rn_s * ssn + (k_lo // GROUP) * ssg
+        rows_s = (pid_n * ROWS + gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, cs_l)), 1) * 16
+                  + gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, cs_l)), 0))  # fmt: skip
+        s_ptrs = s_ptr + (rows_s % N) * ssn + (k_lo // GROUP) * ssg
 
         xs_l: gl.constexpr = gl.SliceLayout(2, x_l)
         k_x = gl.expand_dims(gl.expand_dims(gl.arange(0, BK // 2, layout=gl.SliceLayout(0, xs_l)), 0), 2)
@@ -125,8 +124,7 @@ if IMPORTED:
             sc = sc_n
 
         # acc [G, 16 weight rows, 16 x rows] is c's tile transposed
-        n3 = gl.expand_dims(pid_n * ROWS + gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, cs_l)), 1) * 16
-                            + gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, cs_l)), 0), 2)  # fmt: skip
+        n3 = gl.expand_dims(rows_s, 2)  # the rows unwrapped: past N masked
         m3 = gl.expand_dims(
             gl.expand_dims(gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(0, mma))), 0), 0
         )

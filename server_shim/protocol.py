@@ -343,6 +343,11 @@ class ChatCompletionStreamResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+def usage_requested(req: CompletionRequest | ChatCompletionRequest) -> bool:
+    """Whether a streamed request asked for usage (stream_options.include_usage)."""
+    return req.stream_options is not None and req.stream_options.include_usage
+
+
 def sse_event(chunk: CompletionStreamResponse | ChatCompletionStreamResponse, include_usage: bool) -> str:
     """One SSE `data:` event. As OpenAI's API: with stream_options.include_usage every chunk has a
     `usage` key (null but on the last), without it no chunk has one; the other null fields stay."""

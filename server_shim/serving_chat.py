@@ -36,6 +36,7 @@ from server_shim.protocol import (
     ChatTopLogProb,
     chat_completion_id,
     sse_event,
+    usage_requested,
 )
 from server_shim.serving import OpenAIServing
 from server_shim.serving_completion import stream_error
@@ -118,7 +119,7 @@ class ServingChat(OpenAIServing):
         prompt_tokens: int,
     ) -> AsyncIterator[str]:
         cid, created, completion_tokens = chat_completion_id(), int(time.time()), 0
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        include_usage = usage_requested(req)
 
         def chunk(choices: list[ChatStreamChoice], **kw: Any) -> str:
             body = ChatCompletionStreamResponse(

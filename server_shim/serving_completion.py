@@ -25,6 +25,7 @@ from server_shim.protocol import (
     completion_id,
     error_body,
     sse_event,
+    usage_requested,
 )
 from server_shim.serving import OpenAIServing
 
@@ -81,7 +82,7 @@ class ServingCompletion(OpenAIServing):
         self, handle: RequestHandle, fmt: LogprobsFormatter, req: CompletionRequest, prompt_tokens: int
     ) -> AsyncIterator[str]:
         cid, created, completion_tokens = completion_id(), int(time.time()), 0
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        include_usage = usage_requested(req)
         try:
             async for ev in self.events(handle):
                 completion_tokens += 0 if ev.prompt else len(ev.tokens)

@@ -17,7 +17,9 @@ step's fp32 partial: the sums of "wordsg". Fewer, taller programs would leave th
 so K is split (`--splits`), the splits summing themselves in split order on per-tile counters (the
 last to arrive), as the shim's split tiles do.
 
-Measured: not yet (written 2026-12-06 with no device time left; `--compile` only). Every setting is
+Measured (H200, 2026-12-06, bf16; docs/gemm.md): correct and slower, int4-g128 9.53 us at best
+(4 warps, 4 splits) against 8.31 for "wordsb" and 8.73 for torch, mxfp4 11.4 against 9.5: the
+warps' x loads are L1 hits but still one set of instructions per 16 weight rows. Every setting is
 checked against float64 and for equal bits on a second run before it is timed; a FAIL line and exit
 status 1 when off. Needs an NVIDIA GPU (sm80+) and a triton with Gluon for the timing; elsewhere
 the timing mode says so and exits 0.
@@ -35,19 +37,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from server_shim.quant import _gluon_mm8, _gluon_w4, tuning  # noqa: E402
+from server_shim.quant import _gluon_w4, _gluon_w4w, tuning  # noqa: E402
 from server_shim.quant import formats as F  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
 
-IMPORTED = _gluon_w4.IMPORTED and _gluon_mm8.IMPORTED  # the latter for its barrier
+IMPORTED = _gluon_w4.IMPORTED and _gluon_w4w.IMPORTED  # the latter for its split finish
 BLOCK_K = 128  # a K step: one int4 group, four mxfp4 groups
 BLOCK_M = 16  # x's rows: the MMA's N (two n8 tiles)
 SCHEMES = {"int4-g128": 0, "mxfp4": 1}
 WORDSB = "wordsb:16x16x128:w4:s3:k1"  # the tuner's M = 16 choice on Hopper
 
 if IMPORTED:
-    from server_shim.quant._gluon_mm8 import _barrier
     from server_shim.quant._gluon_w4 import _step_sums, gl, gluon
+    from server_shim.quant._gluon_w4w import split_sum
 
     @gluon.jit
     def _wordsr_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, cnt_ptr, s_ptr, z_ptr, M, N, K, K_PER, sxm, swn, scm, scn,
@@ -131,15 +133,8 @@ if IMPORTED:
         mask = (n3 < N) & (m3 < M)
         out_ptrs = c_ptr + m3 * scm + n3 * scn
         if SPLIT > 1:
-            part_ptrs = ws_ptr + m3 * N + n3
-            gl.store(part_ptrs + pid_k.to(gl.int64) * M * N, acc, mask=mask)
-            _barrier()  # every thread's partial is written before the arrival is counted
-            arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT - 1:  # the last split sums them all, in split order
-                acc = gl.zeros([G, 16, BM], gl.float32, mma)
-                for j in range(0, SPLIT):
-                    acc += gl.load(part_ptrs + j * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-                gl.atomic_xchg(cnt_ptr + pid_n, 0)
+            acc, summed = split_sum(acc, ws_ptr + m3 * N + n3, mask, cnt_ptr + pid_n, pid_k, M * N, SPLIT)
+            if summed:
                 gl.store(out_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
         else:
             gl.store(out_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)

@@ -202,17 +202,27 @@ if IMPORTED:
         mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
         if SPLIT > 1:
             part_ptrs = ws_ptr + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
-            gl.store(part_ptrs + pid_k.to(gl.int64) * M * N, acc, mask=mask)
-            _barrier()  # every thread's partial is written before the arrival is counted
-            arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT - 1:  # the last split sums them all, in split order
-                acc = gl.zeros([_ROWS, _BM], gl.float32, mma)
-                for i in range(0, SPLIT):
-                    acc += gl.load(part_ptrs + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-                gl.atomic_xchg(cnt_ptr + pid_n, 0)
+            acc, summed = split_sum(acc, part_ptrs, mask, cnt_ptr + pid_n, pid_k, M * N, SPLIT)
+            if summed:
                 _store(acc, c_ptr, bias_ptr, offs_n, offs_m, mask, N, scm, scn, HAS_BIAS)
         else:
             _store(acc, c_ptr, bias_ptr, offs_n, offs_m, mask, N, scm, scn, HAS_BIAS)
+
+    @gluon.jit
+    def split_sum(acc, part_ptrs, mask, cnt_ptr, pid_k, stride, SPLIT: gl.constexpr):
+        """A K split's end: its partial stored at part_ptrs + pid_k * stride, its arrival counted at
+        cnt_ptr; the last split to arrive gets (every partial summed in split order, True) and resets
+        the counter -- the same bits whatever order the splits finish in. Others: (acc, False)."""
+        gl.store(part_ptrs + pid_k.to(gl.int64) * stride, acc, mask=mask)
+        _barrier()  # every thread's partial is written before the arrival is counted
+        arrived = gl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        last = arrived == SPLIT - 1
+        if last:
+            acc = gl.zeros_like(acc)
+            for i in range(0, SPLIT):
+                acc += gl.load(part_ptrs + i * stride, mask=mask, other=0.0, cache_modifier=".cg")
+            gl.atomic_xchg(cnt_ptr, 0)
+        return acc, last
 
     @gluon.jit
     def _store(acc, c_ptr, bias_ptr, offs_n, offs_m, mask, N, scm, scn, HAS_BIAS: gl.constexpr):

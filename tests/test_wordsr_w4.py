@@ -6,12 +6,17 @@ a GPU only: Gluon kernels do not run under the Triton interpreter)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-import torch
+# before any triton import: the module under test imports the kernels, and a triton imported
+# compiled would break every interpreter test collected after this file (tests/test_kernels.py)
+os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

@@ -50,8 +50,14 @@ def test_every_triton_linear_runs_at_every_size_with_random_inputs(monkeypatch: 
     assert warmup.warm_up(model, [1, 3], dtype=torch.float32, device=torch.device("cpu")) == 0 and not calls
     monkeypatch.setattr(warmup, "tuning_active", lambda device: True)
     assert warmup.warm_up(model, [1, 3], dtype=torch.float32, device=torch.device("cpu")) == 2
-    assert sorted((k, m) for k, m, _ in calls) == [(48, 1), (48, 3), (64, 1), (64, 3)]
+    # twice: the compile pass, then the tuning pass, on the same inputs
+    assert [(k, m) for k, m, _ in calls] == [(64, 1), (64, 3), (48, 1), (48, 3)] * 2
+    assert calls[:4] == calls[4:]
     assert all(amax > 0 for *_, amax in calls)  # zeros would let any config agree with the first
+    calls.clear()
+    monkeypatch.setenv(warmup.PRECOMPILE_ENV, "0")  # one pass, under the lock
+    assert warmup.warm_up(model, [1, 3], dtype=torch.float32, device=torch.device("cpu")) == 2
+    assert [(k, m) for k, m, _ in calls] == [(64, 1), (64, 3), (48, 1), (48, 3)]
     calls.clear()
     monkeypatch.setenv(warmup.ENV, "0")
     assert warmup.warm_up(model, [1], dtype=torch.float32, device=torch.device("cpu")) == 0 and not calls
@@ -95,15 +101,18 @@ def test_out_of_memory_at_a_size_drops_it_and_larger_ones(monkeypatch: pytest.Mo
     monkeypatch.setattr(QuantLinear, "forward", forward)
     monkeypatch.setattr(warmup, "tuning_active", lambda device: True)
     assert warmup.warm_up(model, [1, 3, 5], dtype=torch.float32, device=torch.device("cpu")) == 2
-    assert rows_seen == [1, 3, 1]  # the second linear never tries 3 or 5 again
+    # the second linear never tries 3 or 5 again, nor does the tuning pass after the compile pass
+    assert rows_seen == [1, 3, 1, 1, 1]
 
 
 def test_one_warm_up_at_a_time_then_stored_choices_are_reread(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
-    """Servers side by side: a warm-up waits while another holds the tuning lock, and rereads the
-    stored choices once it has it (so it replays what the other one tuned)."""
+    """Servers side by side: a warm-up compiles while another holds the tuning lock (its compile
+    pass: the tuner precompiling), then waits for the lock to tune, and rereads the stored choices
+    once it has it (so it replays what the other one tuned)."""
     import threading
+    import time
 
     from server_shim.quant import tuning
 
@@ -112,9 +121,12 @@ def test_one_warm_up_at_a_time_then_stored_choices_are_reread(
     model = _int8_model()
     order: list[str] = []
     forward = QuantLinear.forward
-    monkeypatch.setattr(
-        QuantLinear, "forward", lambda self, x: (order.append("forward"), forward(self, x))[1]
-    )
+
+    def spy(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        order.append("compile" if getattr(tuning.TUNER._local, "precompiling", False) else "forward")
+        return forward(self, x)
+
+    monkeypatch.setattr(QuantLinear, "forward", spy)
     reload = tuning.TUNER.reload_disk
     monkeypatch.setattr(tuning.TUNER, "reload_disk", lambda: (order.append("reload"), reload())[1])
     held, release = threading.Event(), threading.Event()
@@ -134,12 +146,15 @@ def test_one_warm_up_at_a_time_then_stored_choices_are_reread(
         kwargs={"dtype": torch.float32, "device": torch.device("cpu")},
     )
     worker.start()
+    deadline = time.monotonic() + 60
+    while order.count("compile") < 2 and time.monotonic() < deadline:  # the compile pass: no lock
+        time.sleep(0.05)
     worker.join(0.5)
-    assert worker.is_alive() and order == []  # waiting for the lock
+    assert worker.is_alive() and order == ["compile", "compile"]  # then waiting for the lock
     release.set()
     t.join(10)
     worker.join(60)
-    assert order[:2] == ["other done", "reload"] and order.count("forward") == 2
+    assert order[2:4] == ["other done", "reload"] and order[4:] == ["forward", "forward"]
     assert (tmp_path / "tune.json.lock").exists()
 
 

@@ -436,6 +436,60 @@ def test_tuner_picks_fastest_agreeing_config_and_caches(monkeypatch: pytest.Monk
     assert tuner.pick("key", lambda: cands, run, tune=False) == cands[0]  # interpreter: no tuning at all
 
 
+def test_precompiling_runs_each_candidate_once_untimed_and_chooses_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """The warm-up's compile pass: every candidate runs once (Triton compiles it), nothing is timed,
+    chosen, stored or reported as used, and the call takes the first; the tuning pass after it then
+    times and stores as usual. A stored key is replayed even while precompiling (its other
+    candidates are not compiled), and only the precompiling thread precompiles."""
+    import threading
+
+    cands = [tuning.Cfg("tile", 16, 32, 128, 4, 3), tuning.Cfg("tile", 16, 64, 128, 4, 3),
+             tuning.Cfg("tile", 16, 64, 128, 4, 3, 4)]  # fmt: skip
+    speed = {cands[0].name: 3.0, cands[2].name: 1.0}
+    runs: list[tuning.Cfg] = []
+    timed: list[str] = []
+
+    def run(cfg: tuning.Cfg) -> torch.Tensor:
+        runs.append(cfg)
+        if cfg == cands[1]:
+            raise RuntimeError("out of resource: shared memory")  # a tile this GPU cannot hold
+        return torch.arange(4.0)
+
+    def bench(fn, **kw) -> float:  # noqa: ANN001, ANN003
+        fn()
+        timed.append(runs[-1].name)
+        return speed[runs[-1].name]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(tuning, "time_graph", bench)
+    monkeypatch.setattr(tuning.Tuner, "_prefix", lambda self: "dev|tv|")
+    path = tmp_path / "tune.json"
+    monkeypatch.setenv("DIFFTEST_TRITON_TUNE_CACHE", str(path))
+    tuner = tuning.Tuner()
+    with tuner.precompiling():
+        assert tuner.pick("k", lambda: cands, run, tune=True) == cands[0]
+        assert tuner.pick("k", lambda: cands, run, tune=True) == cands[0]  # compiled already: no runs
+    assert runs == cands and timed == [] and not path.exists() and "k" not in tuner.used
+    assert tuner.pick("k", lambda: cands, run, tune=True) == cands[2]  # the tuning pass
+    assert set(timed) == {cands[0].name, cands[2].name} and tuner.used["k"] == cands[2].name
+    assert path.exists()
+    runs.clear()
+    stored = tuning.Tuner()
+    with stored.precompiling():
+        assert stored.pick("k", lambda: cands, run, tune=True) == cands[2] and runs == []
+        # another thread (a request, say) tunes as usual meanwhile
+        picked: list[tuning.Cfg] = []
+        other = threading.Thread(
+            target=lambda: picked.append(stored.pick("k2", lambda: cands, run, tune=True))
+        )
+        other.start()
+        other.join(30)
+    assert picked == [cands[2]] and "k2" in stored.used
+
+
 def test_finalists_are_the_near_ties_of_the_fastest() -> None:
     times = {"a": 10.0, "b": 10.3, "c": 10.31, "d": 9.9, "e": 20.0}
     # fastest d = 9.9; within 3%: <= 10.197 -> d, a

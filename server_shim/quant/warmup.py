@@ -8,6 +8,13 @@ engine can produce (decode rows up to its largest batch, prefill chunks up to it
 before the server answers /health, whose wait allows 600 s; with the choices stored on disk a
 later start takes seconds. The inputs are random, not zeros: the tuner rejects a candidate whose
 output disagrees with the first one's, a check that zeros would pass for any config.
+
+Two passes: the first runs every candidate once, untimed (`Tuner.precompiling`: Triton compiles
+it), outside the lock that makes servers started side by side take turns; the second tunes under
+that lock. Compiling was 72% of a cold warm-up (int4-g128: 66 of 92 s on an H100,
+`bench/warmup_split.py`), and it is CPU work that other servers' timing does not disturb much;
+so the servers of a GPU gate compile at once and queue only for the timing.
+DIFFTEST_TRITON_PRECOMPILE=0 folds the first pass back into the second.
 MoE experts still tune at their first call (their rows per expert depend on the routing).
 DIFFTEST_TRITON_WARMUP=0 skips it.
 """
@@ -30,6 +37,7 @@ from server_shim.switches import env_switch
 logger = logging.getLogger(__name__)
 
 ENV = "DIFFTEST_TRITON_WARMUP"
+PRECOMPILE_ENV = "DIFFTEST_TRITON_PRECOMPILE"  # 0: compile inside the lock, while timing (as before)
 MAX_ROWS = 4096  # tuning.m_bucket's last bucket: every larger M shares its config
 
 
@@ -51,28 +59,38 @@ def warm_up(model: nn.Module, m_sizes: list[int], *, dtype: torch.dtype, device:
     mods = triton_linears(model)
     if not mods or not env_switch(ENV, True) or not tuning_active(device):
         return 0
-    from tqdm.auto import tqdm
-
-    gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.monotonic()
-    with tuning_lock(), torch.inference_mode():
-        tuning.TUNER.reload_disk()  # what a server that tuned before us stored: replayed, not retuned
-        for mod in tqdm(mods, desc="tuning Triton GEMMs", unit="linear", disable=None):
-            for rows in m_sizes:
-                try:
-                    mod(torch.randn(rows, mod.in_features, generator=gen, device=device).to(dtype))
-                except torch.cuda.OutOfMemoryError:  # a size this GPU cannot hold beside the model
-                    logger.warning(
-                        "warm-up at M = %d ran out of memory: larger M tune at their first call", rows
-                    )
-                    m_sizes = [m for m in m_sizes if m < rows]
-                    break
+    with torch.inference_mode():
+        if env_switch(PRECOMPILE_ENV, True):
+            with tuning.TUNER.precompiling():  # side by side with the other servers: compiling only
+                m_sizes = _run_all(mods, m_sizes, dtype, device, seed, "compiling Triton GEMM candidates")
+        with tuning_lock():
+            tuning.TUNER.reload_disk()  # what a server that tuned before us stored: replayed, not retuned
+            m_sizes = _run_all(mods, m_sizes, dtype, device, seed, "tuning Triton GEMMs")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     logger.info(
         "Triton GEMMs tuned for %d linears at M = %s in %.1f s", len(mods), m_sizes, time.monotonic() - t0
     )
     return len(mods)
+
+
+def _run_all(mods: list[QuantLinear], m_sizes: list[int], dtype: torch.dtype, device: torch.device, seed: int,
+             desc: str) -> list[int]:  # fmt: skip
+    """Every module once at every size (random inputs: the tuner's agreement check compares real
+    numbers); the sizes left (one that runs out of memory is dropped, with every larger one)."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for mod in tqdm(mods, desc=desc, unit="linear", disable=None):
+        for rows in m_sizes:
+            try:
+                mod(torch.randn(rows, mod.in_features, generator=gen, device=device).to(dtype))
+            except torch.cuda.OutOfMemoryError:  # a size this GPU cannot hold beside the model
+                logger.warning("warm-up at M = %d ran out of memory: larger M tune at their first call", rows)
+                m_sizes = [m for m in m_sizes if m < rows]
+                break
+    return m_sizes
 
 
 @contextlib.contextmanager

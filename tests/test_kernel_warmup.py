@@ -168,3 +168,20 @@ def test_an_unwritable_cache_does_not_stop_the_warm_up(
     with caplog.at_level("WARNING", logger=warmup.logger.name), warmup.tuning_lock():
         entered = True
     assert entered and "tuning without waiting for other servers" in caplog.text
+
+
+def test_the_warm_up_bench_says_where_it_cannot_run() -> None:
+    """bench/warmup_split.py without a GPU: each mode one line and exit 0. Its per-phase child (a
+    template filled with the model's shapes) runs up to its own GPU check, so a broken template
+    fails here rather than on the device."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the bench would run")
+    for extra in ([], ["--side-by-side"]):
+        r = subprocess.run([sys.executable, "bench/warmup_split.py", *extra], cwd=root, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0 and "skipped (no GPU)" in r.stdout, r.stdout + r.stderr

@@ -42,6 +42,7 @@ import logging
 import os
 import statistics
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,12 +398,17 @@ class Tuner:
         if key in self._precompiled:
             return
         self._precompiled.add(key)
+        t0, ran = time.monotonic(), 0
         for cfg in cands:
             try:
                 run(cfg)
                 torch.cuda.synchronize()
+                ran += 1
             except Exception as e:  # e.g. out of shared memory on this GPU: _tune skips it too
                 logger.debug("precompiling %s for %s: %s", cfg.name, key, str(e).splitlines()[0:1])
+        # a line per key: the launcher reads a growing log as a server still starting
+        logger.info("triton configs for %s compiled: %d of %d ran (%.1f s)", key, ran, len(cands),
+                    time.monotonic() - t0)  # fmt: skip
 
     def _tune(
         self, key: str, cands: list[Cfg], run: Callable[[Cfg], torch.Tensor], cold: bool = False

@@ -376,15 +376,15 @@ class Tuner:
         cands = cands if cands is not None else candidates()
         if len(cands) == 1:
             return cands[0]
-        if getattr(self._local, "precompiling", False):
-            with self._lock:
-                self._precompile(key, cands, run)
-            return cands[0]
         if torch.cuda.is_current_stream_capturing():
             if key not in self._warned:
                 self._warned.add(key)
                 logger.warning("triton config for %s not tuned before CUDA graph capture: using %s",
                                key, cands[0].name)  # fmt: skip
+            return cands[0]
+        if getattr(self._local, "precompiling", False):
+            with self._lock:
+                self._precompile(key, cands, run)
             return cands[0]
         with self._lock:
             if key not in self._cache:

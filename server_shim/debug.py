@@ -45,7 +45,7 @@ from server_shim.debug_capture import (
     list_points,
     module_kind,
 )
-from server_shim.errors import DebugRequestError, InvalidRequestError, QuantConfigError
+from server_shim.errors import DebugRequestError, InvalidRequestError, QuantConfigError, ShimError
 from server_shim.wire import loads, read_body
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "create_debug_router",
+    "response_cap",
     "debug_config",
     "device_arch",
     "parse_safetensors",
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20
+MAX_BYTES_ENV = "DIFFTEST_DEBUG_MAX_BYTES"
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20  # ServeOptions.max_body_bytes: one cap for every route
 _OCTET = "application/octet-stream"
 
@@ -298,6 +300,19 @@ def _parse_activations(raw: bytes) -> ActivationsRequest:
         raise DebugRequestError(f"{param}: {first['msg']}", param=param) from None
 
 
+def response_cap() -> int:
+    """The debug routes' response cap in bytes: env DIFFTEST_DEBUG_MAX_BYTES, else 256 MiB. Anything
+    but a positive integer stops `serve` before the model loads (a ShimError, one line), where
+    int() would have raised a traceback at app creation."""
+    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_RESPONSE_BYTES
+    value = int(raw) if raw.isdigit() else 0
+    if value < 1:
+        raise ShimError(f"{MAX_BYTES_ENV}={raw!r} is not a positive number of bytes; unset it for 256 MiB")
+    return value
+
+
 def create_debug_router(
     engine: Any,
     *,
@@ -308,7 +323,7 @@ def create_debug_router(
     """The debug routes over `engine.loaded`; the response cap defaults to env DIFFTEST_DEBUG_MAX_BYTES
     or 256 MiB. Bodies are read through wire.read_body, so a chunked upload without Content-Length
     is cut off at `max_body_bytes` with a 413 naming the cap, not buffered whole."""
-    cap = max_response_bytes or int(os.environ.get("DIFFTEST_DEBUG_MAX_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
+    cap = max_response_bytes or response_cap()
     slots = _DebugSlots()
     router = APIRouter()
 

@@ -21,6 +21,9 @@ def build_engine(opts: ServeOptions) -> Engine:  # type: ignore[valid-type]
     from server_shim.switches import check_switches
 
     check_switches()  # a mistyped on/off variable stops the server here, not at a first request
+    from server_shim.debug import response_cap
+
+    response_cap()  # likewise the debug routes' byte cap
     if opts.max_model_len is not None and opts.max_model_len < 1:
         raise ShimError(f"--max-model-len must be >= 1, got {opts.max_model_len}")
     loaded = load_model(opts.model, dtype=opts.dtype, device=opts.device, seed=opts.seed)

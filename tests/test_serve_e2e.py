@@ -44,30 +44,9 @@ def test_bad_arguments_one_line_exit_2(args):
     assert "Traceback" not in r.stderr
 
 
-def test_mistyped_switch_stops_the_server_one_line_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DIFFTEST_CK_FREE=enabled is neither on nor off: refused before any model loads, never the default."""
-    monkeypatch.setenv("DIFFTEST_CK_FREE", "enabled")
-    r = _cli(
-        "serve",
-        "--model",
-        "tiny-llama",
-        "--device",
-        "cpu",
-        "--port",
-        str(_free_port()),
-        "--log-level",
-        "error",
-    )
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "DIFFTEST_CK_FREE='enabled' is neither on" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize("value", ["256MB", "0", "-5"])
-def test_a_bad_debug_byte_cap_stops_the_server_one_line_exit_2(
-    monkeypatch: pytest.MonkeyPatch, value: str
-) -> None:
-    """DIFFTEST_DEBUG_MAX_BYTES must be a positive integer: refused at start, never a traceback."""
-    monkeypatch.setenv("DIFFTEST_DEBUG_MAX_BYTES", value)
+def _refused_at_start(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> str:
+    """`serve` of tiny-llama on the CPU with env `name`=value: its one stderr line (exit 2, no traceback)."""
+    monkeypatch.setenv(name, value)
     r = _cli(
         "serve",
         "--model",
@@ -80,8 +59,24 @@ def test_a_bad_debug_byte_cap_stops_the_server_one_line_exit_2(
         "error",
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert f"DIFFTEST_DEBUG_MAX_BYTES={value!r} is not a positive number" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    return r.stderr
+
+
+def test_mistyped_switch_stops_the_server_one_line_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DIFFTEST_CK_FREE=enabled is neither on nor off: refused before any model loads, never the default."""
+    assert "DIFFTEST_CK_FREE='enabled' is neither on" in _refused_at_start(
+        monkeypatch, "DIFFTEST_CK_FREE", "enabled"
+    )
+
+
+@pytest.mark.parametrize("value", ["256MB", "0", "-5"])
+def test_a_bad_debug_byte_cap_stops_the_server_one_line_exit_2(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """DIFFTEST_DEBUG_MAX_BYTES must be a positive integer: refused at start, never a traceback."""
+    err = _refused_at_start(monkeypatch, "DIFFTEST_DEBUG_MAX_BYTES", value)
+    assert f"DIFFTEST_DEBUG_MAX_BYTES={value!r} is not a positive number" in err
 
 
 def test_the_debug_byte_cap_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

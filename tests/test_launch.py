@@ -571,7 +571,8 @@ def test_the_health_wait_reports_its_status_to_the_caller(tmp_path: Path) -> Non
     answered (the slow one last), and last a status with nothing pending: what a caller shows
     while a cold server tunes for minutes."""
     statuses: list[launch.StartupStatus] = []
-    specs = [fake("slow", "--delay", "1.0"), fake("quick")]
+    # 4 s: on a loaded 2-core runner the quick one's interpreter start alone has taken over 1 s
+    specs = [fake("slow", "--delay", "4.0"), fake("quick")]
     with launch_servers(specs, log_dir=tmp_path, on_status=statuses.append):
         pass
     assert statuses[0].healthy == () and set(statuses[0].pending) == {"slow", "quick"}

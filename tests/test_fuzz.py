@@ -8,10 +8,15 @@ The figures in the README (requests tried, 5xx found) are what this module print
 
 from __future__ import annotations
 
-import atexit
 import os
 
-import pytest
+# before the model loads at collection (it imports triton): compiled, triton would break every
+# interpreter test collected after this file (tests/conftest.py names such a module)
+os.environ["TRITON_INTERPRET"] = "1"
+
+import atexit  # noqa: E402
+
+import pytest  # noqa: E402
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -11,27 +11,17 @@ import os
 # also covers the tests' own torch and third-party engines they start).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import sys  # noqa: E402
-
 import pytest  # noqa: E402
 
 from server_shim.models import LoadedModel, load_model  # noqa: E402
-
-
-def _triton_compiled() -> bool:
-    std = sys.modules.get("triton.language.standard")
-    if std is None:
-        return False
-    from triton.runtime.jit import JITFunction
-
-    return isinstance(getattr(std, "cdiv", None), JITFunction)
+from server_shim.quant.linear import triton_language_compiled  # noqa: E402 - imports no triton
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:
     """A test module that imports triton before setting TRITON_INTERPRET=1 leaves it compiled for
     every interpreter test collected after it: a failure that comes and goes with the order the
     files are collected in (and with xdist's split). Name the module at once instead."""
-    if report.nodeid.endswith(".py") and _triton_compiled():
+    if report.nodeid.endswith(".py") and triton_language_compiled():
         raise pytest.UsageError(
             f"{report.nodeid} imported triton compiled: set os.environ['TRITON_INTERPRET'] = '1' before its imports"
         )

@@ -123,7 +123,7 @@ def test_one_warm_up_at_a_time_then_stored_choices_are_reread(
     forward = QuantLinear.forward
 
     def spy(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-        order.append("compile" if getattr(tuning.TUNER._local, "precompiling", False) else "forward")
+        order.append("compile" if tuning.TUNER._precompiling else "forward")
         return forward(self, x)
 
     monkeypatch.setattr(QuantLinear, "forward", spy)

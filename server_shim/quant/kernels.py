@@ -163,10 +163,9 @@ def _ready(*tensors: torch.Tensor | None) -> SimpleNamespace:
     if dev.type == "cpu" and not triton_interpreting():
         raise _fail("triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is first imported")
     if dev.type == "cpu":
-        import triton.language.standard as std
-        from triton.runtime.jit import JITFunction
+        from server_shim.quant.linear import triton_language_compiled
 
-        if isinstance(std.cdiv, JITFunction):  # tl.max, tl.zeros ... were decorated compiled
+        if triton_language_compiled():  # tl.max, tl.zeros ... were decorated compiled
             raise _fail(
                 "TRITON_INTERPRET=1 was set after triton.language was imported; set it first "
                 "(server_shim.quant.linear.load_kernels reloads triton.language for you)"

@@ -59,18 +59,24 @@ def load_kernels(device: torch.device) -> ModuleType:
     return mod
 
 
+def triton_language_compiled() -> bool:
+    """Whether triton.language is imported with its own helpers decorated compiled, for a GPU, not
+    for the interpreter (False where it is not imported at all)."""
+    std = sys.modules.get("triton.language.standard")
+    if std is None:
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(getattr(std, "cdiv", None), JITFunction)
+
+
 def _reinterpret_triton_language() -> None:
     """triton.language's own helpers (tl.cdiv, tl.sum, tl.max ...) are @jit-decorated when
     triton.language is first imported -- and importing a transformers model imports it, long
     before a backend is chosen. Compiled-mode helpers cannot run inside the interpreter
     ("Cannot call @triton.jit'd outside of the scope of a kernel"), so re-execute those modules
     with the switch on. Reload keeps module identity, so `tl` references stay valid."""
-    std = sys.modules.get("triton.language.standard")
-    if std is None:
-        return
-    from triton.runtime.jit import JITFunction
-
-    if isinstance(getattr(std, "cdiv", None), JITFunction):
+    if triton_language_compiled():
         for name in ("triton.language.standard", "triton.language.random", "triton.language"):
             if name in sys.modules:
                 importlib.reload(sys.modules[name])

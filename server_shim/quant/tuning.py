@@ -327,6 +327,10 @@ class Tuner:
         finally:
             self._local.precompiling = False
 
+    @property
+    def _precompiling(self) -> bool:
+        return getattr(self._local, "precompiling", False)
+
     def reload_disk(self) -> None:
         """Read the stored choices again at the next miss (another process may have added some)."""
         with self._lock:
@@ -349,7 +353,7 @@ class Tuner:
         tune=False (interpreter, CPU): the first candidate, no timing. `rows`: the GEMM's M; up to
         COLD_ROWS (decode) the candidates are timed with their weights coming from HBM."""
         cfg = self._pick(key, candidates, run, tune=tune, cold=rows <= COLD_ROWS)
-        if key not in self.used and not getattr(self._local, "precompiling", False):
+        if key not in self.used and not self._precompiling:
             self.used[key] = cfg.name
         return cfg
 
@@ -382,7 +386,7 @@ class Tuner:
                 logger.warning("triton config for %s not tuned before CUDA graph capture: using %s",
                                key, cands[0].name)  # fmt: skip
             return cands[0]
-        if getattr(self._local, "precompiling", False):
+        if self._precompiling:
             with self._lock:
                 self._precompile(key, cands, run)
             return cands[0]

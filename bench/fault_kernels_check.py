@@ -40,6 +40,8 @@ CONFIGS_4BIT = (
     (16, "wordsb:16x32x128:w2:s3:k2"),
     (16, "wordsg:16x16x128:w4:s1:k1"),  # Gluon on NVIDIA sm80+ (16-bit x), else it runs as "wordsb"
     (1, "wordsg:16x16x128:w4:s1:k1"),  # one token through it
+    (16, "wordsq:16x16x128:w4:s1:k1"),  # Gluon, both operands in place (as "wordsg")
+    (1, "wordsq:16x16x128:w4:s1:k1"),
     (32, "wordsb:32x32x128:w4:s3:k1"),
     (64, "wordsk:64x64x128:w4:s3:k2"),
     (256, "fused:64x64x128:w4:s3:k1"),

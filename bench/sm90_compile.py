@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
@@ -85,13 +86,12 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         return _gluon_mm8._mm8_wsp_kernel, dict(PROGRAMS=132, GROUP_M=cfg.group_m, STAGES=cfg.stages, A_MODE=am,
                                                 B_MODE=bmode, HAS_BIAS=False, CBUF=cbuf,
                                                 **({} if cbuf else {"c_desc": None}))  # fmt: skip
-    if (
-        kind == "wonly" and cfg.path == "wordsg"
-    ):  # Gluon; main() types x as int32 pairs, the zero points uint8
+    if kind == "wonly" and cfg.path in GLUON_W4:  # main() types x as int32 pairs, the zero points uint8
         if not _gluon_w4.IMPORTED or _gluon_w4.GROUPS[fixed["FORMAT"]] != fixed["GROUP"]:
             return None, {}
         x = torch.float16 if fixed.get("X_DTYPE") == "fp16" else torch.bfloat16
-        return _gluon_w4._wonly_wordsg_kernel, dict(
+        fn = _gluon_w4._wonly_wordsg_kernel if cfg.path == "wordsg" else _gluon_w4._wonly_wordsq_kernel
+        return fn, dict(
             FORMAT=fixed["FORMAT"], BF16=x == torch.bfloat16, HAS_BIAS=False, BLOCK_N=cfg.bn, SUB=cfg.warps,
             PLANES=_gluon_w4.planes_source(fixed["FORMAT"], x), EVEN_K=True,
         )  # fmt: skip
@@ -146,9 +146,8 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
     )  # fmt: skip
 
 
-def sass_ops(cubin: Path) -> str:
-    """The static SASS instruction count and the integer / conversion / MMA share (cuobjdump), a
-    rough proxy of the unpacking cost; empty when cuobjdump is missing or fails."""
+def sass_text(cubin: Path) -> str:
+    """The cubin's SASS (cuobjdump); empty when cuobjdump is missing or fails."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -158,7 +157,29 @@ def sass_ops(cubin: Path) -> str:
         r = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError):
         return ""
-    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", r.stdout)
+    return r.stdout
+
+
+def loop_ops(sass: str) -> Counter[str]:
+    """The opcodes of the last loop in the SASS (the body between a backward branch and its target,
+    predicates dropped): a kernel's K loop, where its per-step cost is."""
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4})\*/\s+([^;]*);", sass)]
+    body: list[str] = []
+    for addr, text in ins:
+        back = re.search(r"BRA\s.*?(0x[0-9a-f]+)", text)
+        if back and int(back.group(1), 16) < addr:
+            lo = int(back.group(1), 16)
+            body = [t for a, t in ins if lo <= a <= addr]
+    return Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
+
+
+def sass_ops(cubin: Path, keep: list[str] | None = None) -> str:
+    """The static SASS instruction count and the integer / conversion / MMA share, a rough proxy of
+    the unpacking cost; empty without cuobjdump. keep: the SASS text is appended to it."""
+    text = sass_text(cubin)
+    if keep is not None:
+        keep.append(text)
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", text)
     if not ops:
         return ""
     conv = sum(o in ("F2F", "I2F", "F2I", "I2FP", "F2FP") for o in ops)
@@ -170,11 +191,12 @@ def sass_ops(cubin: Path) -> str:
 
 def compile_one(
     fn, ptrs: dict, consts: dict, warps: int, stages: int, m: int, scalars: dict | None = None,
-    div16: set | None = None, options: dict | None = None,
+    div16: set | None = None, options: dict | None = None, sass: list[str] | None = None,
 ) -> str:  # fmt: skip
     """Compile for sm90; ptxas's register / spill line and its wgmma warnings, or raise.
     scalars: non-pointer arguments that are not i32 (name -> type); div16: arguments the JIT would
-    see as multiples of 16 (default DIV16); options: more compile options, as the launch passes them."""
+    see as multiples of 16 (default DIV16); options: more compile options, as the launch passes them;
+    sass: the cubin's SASS is appended to it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -221,7 +243,7 @@ def compile_one(
         (Path(d) / "k.ptx").write_text(ck.asm["ptx"])
         r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
                            capture_output=True, text=True, timeout=120)  # fmt: skip
-        ops = sass_ops(Path(d) / "k.cubin") if r.returncode == 0 else ""
+        ops = sass_ops(Path(d) / "k.cubin", sass) if r.returncode == 0 else ""
     regs = re.search(r"Used (\d+) registers", r.stderr)
     spill = re.search(r"(\d+) bytes spill stores", r.stderr)
     serial = " wgmma-serialized" if "C7514" in r.stderr else ""
@@ -315,8 +337,9 @@ def rotary_variants() -> list[tuple[str, dict, dict, set]]:
 PATHS_OF = {
     "mm8": frozenset(("tile", "lag", "tma", "tmap", "gemv", "quant2", "wsp")),
     "wonly": frozenset(("tile", "tilek", "deq", "deqb", "fused", "fusedk", "words", "wordsk", "wordsb", "gemv",
-                        "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "wordsg")),
+                        "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "wordsg", "wordsq")),
 }  # fmt: skip
+GLUON_W4 = ("wordsg", "wordsq")  # the Gluon 4-bit kernels of quant/_gluon_w4.py
 # configs in no tuner list that can still be pinned (bench/wonly_sweep.py --configs): compiled as well
 PINNED_ONLY = {"wonly": (tuning.Cfg("wordsg", 16, 16, 128, 4, 1), tuning.Cfg("wordsg", 16, 32, 128, 4, 1))}
 
@@ -330,7 +353,7 @@ def main() -> int:
         "--only",
         nargs="+",
         default=None,
-        help="only these config paths (tile lag tma tmap wsp gemv gemvg gemvw gemvx gemvr gemvf fused fusedk words wordsk wordsb wordsg tilek deq deqb)",
+        help="only these config paths (tile lag tma tmap wsp gemv gemvg gemvw gemvx gemvr gemvf fused fusedk words wordsk wordsb wordsg wordsq tilek deq deqb)",
     )
     ap.add_argument(
         "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm, rotary)"
@@ -366,9 +389,9 @@ def main() -> int:
             for cfg in cands:
                 if args.only and cfg.path not in args.only:
                     continue
-                if "fp16" in label and cfg.path not in (*_fastpath.WORD_PATHS, "wordsg"):
+                if "fp16" in label and cfg.path not in (*_fastpath.WORD_PATHS, *GLUON_W4):
                     continue  # fp16 x changes only the word tiles' code (their PTX)
-                x16 = {"X_DTYPE": "fp16" if "fp16" in label else "bf16"} if cfg.path == "wordsg" else {}
+                x16 = {"X_DTYPE": "fp16" if "fp16" in label else "bf16"} if cfg.path in GLUON_W4 else {}
                 fn, consts = kernel_and_consts(k, kind, cfg, {**fixed, **x16}, m)
                 if fn is None:
                     continue
@@ -377,7 +400,7 @@ def main() -> int:
                     cptrs = {**ptrs, "w_ptr": "*i32"}
                 if cfg.path == "deqb":
                     cptrs = {**ptrs, "o_ptr": "*bf16"}
-                if cfg.path == "wordsg":  # x as int32 pairs, the words int32, int4's zero points uint8
+                if cfg.path in GLUON_W4:  # x as int32 pairs, the words int32, int4's zero points uint8
                     cptrs = {
                         **ptrs,
                         "x_ptr": "*i32",

@@ -29,6 +29,7 @@ from server_shim.quant import kernels as K  # noqa: E402
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 WORDSG = tuning.Cfg("wordsg", 16, 16, 128, 4, 1)
+WORDSQ = tuning.Cfg("wordsq", 16, 16, 128, 4, 1)
 
 
 def test_it_runs_only_on_nvidia_sm80_and_later_with_gluon(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,14 +68,15 @@ def test_it_takes_only_operands_it_can_read() -> None:
     assert not _gluon_w4.runs(x.t().contiguous().t(), words, z8, 0, 128)  # column-major x
 
 
+@pytest.mark.parametrize("cfg", [WORDSG, WORDSQ], ids=lambda c: c.path)
 @pytest.mark.parametrize("scheme", ["int4-g128", "mxfp4"])
 def test_pinned_where_gluon_cannot_run_it_is_wordsb(
-    force, monkeypatch: pytest.MonkeyPatch, scheme: str
+    force, monkeypatch: pytest.MonkeyPatch, scheme: str, cfg: tuning.Cfg
 ) -> None:
-    """Under the interpreter a pinned (or stored) "wordsg" config launches "wordsb" with its tile
-    (16 rows, K steps of 128, a step per warp) and matches float64: M = 5, N = 40 (a partial row
-    tile), K = 640 (one step of four warps past K), bias."""
-    force(WORDSG)
+    """Under the interpreter a pinned (or stored, or tuned: "wordsq" is in Hopper's M <= 16 list)
+    Gluon config launches "wordsb" with its tile (16 rows, K steps of 128, a step per warp) and
+    matches float64: M = 5, N = 40 (a partial row tile), K = 640 (one step of four warps past K), bias."""
+    force(cfg)
     spies = _spy_on(monkeypatch, "wonly_wordsb", "wonly_words", "wonly_fused")
     g = torch.Generator().manual_seed(11)
     M, N, Kd = 5, 40, 640
@@ -97,15 +99,17 @@ def test_pinned_where_gluon_cannot_run_it_is_wordsb(
 
 @pytest.mark.skipif(not _gluon_w4.IMPORTED, reason="this triton has no Gluon")
 def test_it_compiles_for_sm90_without_spills() -> None:
-    """Every "wordsg" config sm90_compile.py knows (pinned only), int4-g128 and mxfp4 with bf16 and
+    """Every "wordsg" / "wordsq" config sm90_compile.py knows, int4-g128 and mxfp4 with bf16 and
     fp16 x, compiled for sm90 by this machine's triton and ptxas (the layout conversions it asserts trivial included)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "bench/sm90_compile.py", "--m", "16", "--only", "wordsg"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    rows = [line for line in r.stdout.splitlines() if " wordsg:" in line]
-    listed = 2  # bench/sm90_compile.py's PINNED_ONLY: the 16- and 32-column tiles
-    assert r.returncode == 0 and listed and len(rows) == 4 * listed, r.stdout[-2000:] + r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "bench/sm90_compile.py", "--m", "16", "--only", "wordsg", "wordsq"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    rows = [line for line in r.stdout.splitlines() if " wordsg:" in line or " wordsq:" in line]
+    # bench/sm90_compile.py's PINNED_ONLY ("wordsg", 16 and 32 columns) and Hopper's "wordsq"
+    listed = 3
+    assert r.returncode == 0 and len(rows) == 4 * listed, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sum(" wordsq:16x16x128:" in row for row in rows) == 4  # int4-g128, mxfp4; bf16, fp16 x
     for row in rows:
         assert row.startswith("ok"), row
         if "no ptxas" not in row:
@@ -143,3 +147,26 @@ def test_its_anatomy_switch_leaves_the_kernel_alone_and_keeps_the_math_in_the_lo
     for anatomy in ("0", "1", "2"):
         assert "mma 16" in rows[anatomy], rows[anatomy]
     assert "mma 0" in rows["3"], rows["3"]
+
+
+def test_a_pinned_gluon_config_names_only_the_tile_it_runs() -> None:
+    """The Gluon word kernels have fixed tiles: a pinned name with another size would silently run
+    theirs, so it is refused where it is read."""
+    assert tuning.Cfg.parse("wordsq:16x16x128:w4:s1:k1") == WORDSQ
+    assert tuning.Cfg.parse("wordsg:16x32x128:w4:s1:k1").bn == 32  # "wordsg" takes 16 or 32 columns
+    for name, why in (
+        ("wordsq:16x32x128:w4:s1:k1", "wordsq tiles are 16x16x128 (BMxBNxBK), not 16x32x128"),
+        ("wordsg:16x16x64:w4:s1:k1", "wordsg tiles are 16x16x128 (BMxBNxBK), not 16x16x64"),
+        ("wordsq:32x16x128:w4:s1:k1", "wordsq tiles are 16x16x128 (BMxBNxBK), not 32x16x128"),
+    ):
+        with pytest.raises(ValueError) as e:
+            tuning.Cfg.parse(name)
+        assert str(e.value) == why
+
+
+def test_hopper_tunes_wordsq_at_m_up_to_16_only() -> None:
+    for m in (1, 8, 16):
+        assert WORDSQ in tuning.candidates("hopper", "wonly", m, 4096, 4096), m
+    for m in (17, 64, 4096):
+        assert all(c.path != "wordsq" for c in tuning.candidates("hopper", "wonly", m, 4096, 4096)), m
+    assert all(c.path != "wordsq" for c in tuning.candidates("cdna", "wonly", 16, 4096, 4096))

@@ -411,16 +411,17 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             wk = _words(w, K, group)
             if wk is None:
                 wk, cfg = w, replace(cfg, path="gemvg")
-        if cfg.path == "wordsg":  # pinned only (no tuner list has it): the Gluon kernel where it runs
+        if cfg.path in ("wordsg", "wordsq"):  # the Gluon kernels where they run ("wordsg" pinned only)
             wk = _words(w, K, group)
             if (
                 not k.interp
                 and _gluon_mma_of(_device_key(x.device))
                 and _gluon_w4.runs(x, wk, zeros, fmt, group)
             ):
-                _gluon_w4.wonly_wordsg(
-                    x, wk, out, scales, zeros, bias, fmt=fmt, block_n=cfg.bn, sub=cfg.warps
-                )
+                if cfg.path == "wordsg":
+                    _gluon_w4.wonly_wordsg(x, wk, out, scales, zeros, bias, fmt=fmt, block_n=cfg.bn, sub=cfg.warps)
+                else:
+                    _gluon_w4.wonly_wordsq(x, wk, out, scales, zeros, bias, fmt=fmt, sub=cfg.warps)
                 return out
             cfg = replace(cfg, path="wordsb")  # the same sums in plain Triton
         if cfg.path in WORD_PATHS:

@@ -48,8 +48,8 @@ if IMPORTED:
     _BM = gl.constexpr(BLOCK_M)
 
     @gluon.jit
-    def _split_pairs(x, BF16: gl.constexpr):
-        """int32 pairs [SUB, BK/2, BM] -> their two 16-bit values [SUB, BK, BM] in k order."""
+    def _pair_halves(x, BF16: gl.constexpr):
+        """int32 pairs -> their low and high 16-bit values (x's dtype)."""
         if BF16:
             lo, hi = gl.inline_asm_elementwise(
                 "mov.b32 {$0, $1}, $2;", "=h,=h,r", [x], (gl.bfloat16,) * 2, True, 1
@@ -58,6 +58,12 @@ if IMPORTED:
             lo, hi = gl.inline_asm_elementwise(
                 "mov.b32 {$0, $1}, $2;", "=h,=h,r", [x], (gl.float16,) * 2, True, 1
             )
+        return lo, hi
+
+    @gluon.jit
+    def _split_pairs(x, BF16: gl.constexpr):
+        """int32 pairs [SUB, BK/2, BM] -> their two 16-bit values [SUB, BK, BM] in k order."""
+        lo, hi = _pair_halves(x, BF16)
         return gl.reshape(gl.permute(gl.join(lo, hi), (0, 1, 3, 2)), [x.shape[0], 2 * x.shape[1], x.shape[2]])
 
     @gluon.jit
@@ -75,15 +81,15 @@ if IMPORTED:
         return f1 | (f1 << 16), f2 | (f2 << 16)
 
     @gluon.jit
-    def _planes(word, zc, PLANES: gl.constexpr, FORMAT: gl.constexpr, BF16: gl.constexpr):
+    def _plane_values(word, zc, PLANES: gl.constexpr, FORMAT: gl.constexpr, BF16: gl.constexpr):
         """The 8 nibble planes of the words (int4: q - z, zc the zero points; mxfp4: the scaled
-        values, zc the e8m0 codes), by the word tiles' inline PTX."""
+        values, zc the e8m0 codes; both broadcast to the words' shape), by the word tiles' inline PTX."""
         if FORMAT == 0:
             if BF16:  # noqa: SIM108 -- -(2**7 + z) / -(2**10 + z) (`_fast_w4._int4_zero_pairs`); a constexpr branch
                 h = zc | 0xC300
             else:
                 h = zc | 0xE400
-            nz = gl.broadcast(gl.expand_dims(h | (h << 16), 2), word)[0]
+            nz = gl.broadcast(h | (h << 16), word)[0]
             if BF16:
                 p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
                     PLANES, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, nz], (gl.bfloat16,) * 8, True, 1
@@ -94,6 +100,8 @@ if IMPORTED:
                 )
         else:
             f1, f2 = _mx_factors(zc, BF16)
+            f1 = gl.broadcast(f1, word)[0]
+            f2 = gl.broadcast(f2, word)[0]
             if BF16:
                 p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
                     PLANES, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, f1], (gl.bfloat16,) * 8, True, 1
@@ -102,7 +110,15 @@ if IMPORTED:
                 p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
                     PLANES, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [word, f1, f2], (gl.float16,) * 8, True, 1
                 )
-        # k = 8 * word + plane (`_fast_w4._k_order`)
+        return p0, p1, p2, p3, p4, p5, p6, p7
+
+    @gluon.jit
+    def _planes(word, zc, PLANES: gl.constexpr, FORMAT: gl.constexpr, BF16: gl.constexpr):
+        """`_plane_values` joined in k order [SUB, BN, 8 * words]: k = 8 * word + plane
+        (`_fast_w4._k_order`); int4's zero points per row [SUB, BN], mxfp4's codes per word."""
+        if FORMAT == 0:
+            zc = gl.expand_dims(zc, 2)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _plane_values(word, zc, PLANES, FORMAT, BF16)
         w = gl.join(gl.join(gl.join(p0, p4), gl.join(p2, p6)), gl.join(gl.join(p1, p5), gl.join(p3, p7)))
         return gl.reshape(w, [word.shape[0], word.shape[1], 8 * word.shape[2]])
 
@@ -214,6 +230,366 @@ if IMPORTED:
         ptrs = c_ptr + gl.expand_dims(offs_m, 0) * scm + gl.expand_dims(offs_n, 1) * scn
         gl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
 
+    @gluon.jit
+    def _iota4(n: gl.constexpr, DIM: gl.constexpr, L: gl.constexpr):
+        """arange(n) along dim DIM of a 4-d tensor of layout L, size 1 on the others."""
+        if DIM == 0:
+            r = gl.arange(0, n, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L))))
+            r = gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 1), 2), 3)
+        elif DIM == 1:
+            r = gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L))))
+            r = gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 0), 2), 3)
+        elif DIM == 2:
+            r = gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(3, L))))
+            r = gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 0), 0), 3)
+        else:
+            r = gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, L))))
+            r = gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 0), 0), 0)
+        return r
+
+    @gluon.jit
+    def _iota5(n: gl.constexpr, DIM: gl.constexpr, L: gl.constexpr):
+        """arange(n) along dim DIM of a 5-d tensor of layout L, size 1 on the others."""
+        if DIM == 0:
+            r = gl.arange(
+                0, n, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L))))
+            )
+            r = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 1), 2), 3), 4)
+        elif DIM == 1:
+            r = gl.arange(
+                0, n, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L))))
+            )
+            r = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 0), 2), 3), 4)
+        elif DIM == 2:
+            r = gl.arange(
+                0, n, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(3, gl.SliceLayout(4, L))))
+            )
+            r = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 0), 0), 3), 4)
+        elif DIM == 3:
+            r = gl.arange(
+                0, n, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(4, L))))
+            )
+            r = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 0), 0), 0), 4)
+        else:
+            r = gl.arange(
+                0, n, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, L))))
+            )
+            r = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 0), 0), 0), 0)
+        return r
+
+    @gluon.jit
+    def _quad_step(acc, word, zc, x, sc, zero, PLANES: gl.constexpr, FORMAT: gl.constexpr, BF16: gl.constexpr,
+                   a_l: gl.constexpr, b_l: gl.constexpr, TMAJ: gl.constexpr, CHAINS: gl.constexpr):  # fmt: skip
+        """`_gluon_w4._step_sums` for "wordsq"'s operands: the words [SUB, BN, 4 (t), 4 (d)] (memory word 4t + d
+        of the step), x's pairs [SUB, 4 (t), 4 (d), 4 (e), BM] (memory pair 4 (4t + d) + e). The dot's
+        k order is a permutation of memory's, the same on both sides: memory k 8 (4t + d) + 4 i +
+        2 e2 + h is the dot's 32 d + 16 e2 + 4 t + 2 i + h. With k_width 4 an mma.sync takes a
+        thread's k pairs (i = 0) of two 16-k chunks (e2 = 0, 1): for x those are adjacent pairs of
+        one 16-byte load (a register pair as loaded), for the words one PTX plane pair each."""
+        if FORMAT == 0:  # int4: a zero point per row [SUB, BN]; mxfp4: a code per row and group [SUB, BN, 4]
+            zc = gl.expand_dims(gl.expand_dims(zc, 2), 3)
+        elif TMAJ:
+            zc = gl.expand_dims(zc, 3)
+        else:
+            zc = gl.expand_dims(zc, 2)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _plane_values(word, zc, PLANES, FORMAT, BF16)
+        # a join's new dim comes last, the innermost join's first: [..., i, e2, h] holds plane 4 i + 2 e2 + h
+        w = gl.join(gl.join(gl.join(p0, p4), gl.join(p2, p6)), gl.join(gl.join(p1, p5), gl.join(p3, p7)))
+        lo, hi = _pair_halves(x, BF16)
+        xb = gl.join(lo, hi)  # [SUB, t, d, e, BM, h]
+        if CHAINS == 1:
+            w = gl.reshape(
+                gl.permute(w, (0, 1, 3, 5, 2, 4, 6)), [word.shape[0], word.shape[1], 128]
+            )  # (s, n, d, e2, t, i, h)
+            w = gl.convert_layout(w, a_l, assert_trivial=True)
+            xb = gl.reshape(
+                xb, [x.shape[0], 4, 4, 2, 2, x.shape[4], 2]
+            )  # (s, t, d, i, e2, m, h): e = 2 i + e2
+            xb = gl.reshape(
+                gl.permute(xb, (0, 2, 4, 1, 3, 6, 5)), [x.shape[0], 128, x.shape[4]]
+            )  # (s, d, e2, t, i, h, m)
+            xb = gl.convert_layout(xb, b_l, assert_trivial=True)
+            part = mma_v2(w, xb, zero)
+        else:  # the step's two 64-k halves (d's high bit) as two independent MMA chains
+            w = gl.reshape(w, [word.shape[0], word.shape[1], 4, 2, 2, 2, 2, 2])  # (s, n, t, d1, d0, i, e2, h)
+            w = gl.reshape(gl.permute(w, (0, 1, 4, 6, 2, 5, 7, 3)), [word.shape[0], word.shape[1], 64, 2])
+            w0, w1 = gl.split(w)
+            xb = gl.reshape(xb, [x.shape[0], 4, 2, 2, 2, 2, x.shape[4], 2])  # (s, t, d1, d0, i, e2, m, h)
+            xb = gl.reshape(gl.permute(xb, (0, 3, 5, 1, 4, 7, 6, 2)), [x.shape[0], 64, x.shape[4], 2])
+            x0, x1 = gl.split(xb)
+            part = mma_v2(
+                gl.convert_layout(w0, a_l, assert_trivial=True),
+                gl.convert_layout(x0, b_l, assert_trivial=True),
+                zero,
+            )
+            part += mma_v2(
+                gl.convert_layout(w1, a_l, assert_trivial=True),
+                gl.convert_layout(x1, b_l, assert_trivial=True),
+                zero,
+            )
+        if FORMAT == 0:
+            part = part * gl.expand_dims(sc, 2)
+        return acc + part
+
+    @gluon.jit
+    def _quad_loads(kn, word, x, zc, sc, w_ptrs, x_ptrs, z_ptrs, s_ptrs, kw, k_x, zg, sg, K, last_g, szg, ssg,
+                    FORMAT: gl.constexpr, GROUP: gl.constexpr, STEP: gl.constexpr, EVEN_K: gl.constexpr,
+                    ANATOMY: gl.constexpr):  # fmt: skip
+        """ "wordsq"'s operands of the K step at kn (word, x, zero points or codes, int4's row scales).
+        EVEN_K: past K it rereads the last step (unmasked loads; the caller never sums it); else past
+        K the words and x read 0. ANATOMY 1 / 2 (the bench's): x / everything but the words (xor'd
+        with kn) kept from the step before."""
+        if ANATOMY == 1 or ANATOMY == 2:
+            word_n = gl.load(w_ptrs + kn // 8, mask=kn < K, other=0) if ANATOMY == 1 else word ^ kn
+            x_n = x
+        elif EVEN_K:
+            kc = gl.multiple_of(gl.minimum(kn, K - STEP), STEP)  # EVEN_K: K a multiple of STEP
+            word_n = gl.load(w_ptrs + kc // 8)
+            x_n = gl.load(x_ptrs + kc // 2)
+        else:
+            word_n = gl.load(w_ptrs + kn // 8, mask=kw + kn // 8 < K // 8, other=0)
+            x_n = gl.load(x_ptrs + kn // 2, mask=k_x + kn // 2 < K // 2, other=0)
+        if ANATOMY == 2:
+            zc_n = zc
+            sc_n = sc
+        else:
+            zc_n = gl.load(z_ptrs + gl.minimum(zg + kn // GROUP, last_g) * (szg if FORMAT == 0 else ssg)).to(
+                gl.int32
+            )
+            sc_n = gl.load(s_ptrs + gl.minimum(sg + kn // GROUP, last_g) * ssg)
+        return word_n, x_n, zc_n, sc_n
+
+    @gluon.jit
+    def _wonly_wordsq_kernel(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, sxm, swn, scm, scn, ssn, ssg,
+                             szn, szg, FORMAT: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                             BLOCK_N: gl.constexpr, SUB: gl.constexpr, PLANES: gl.constexpr, EVEN_K: gl.constexpr,
+                             ANATOMY: gl.constexpr = 0, TMAJ: gl.constexpr = True, UNROLL: gl.constexpr = 2,
+                             CHAINS: gl.constexpr = 1, PF: gl.constexpr = 1):  # fmt: skip
+        """`_gluon_w4._wonly_wordsg_kernel` (same arguments and sums) with its operands in place: the
+        dot's k order permuted (`_quad_step`) so that a thread's 4 words of a row are one 16-byte load
+        (TMAJ: an mxfp4 group, one scale code per row and step) and its x registers are the MMA's B
+        operand pairs as loaded (k_width 4), where "wordsg"'s k_width 8 pairs registers of two loads
+        (a register move each). TMAJ False: a thread's words 4 apart (4-byte loads, as "wordsg"), its
+        x quads 64 bytes apart. UNROLL 2: two K steps a loop step (no loop-carried copies). CHAINS 2:
+        each step's two 64-k halves as two MMA chains. PF 2: operands loaded two steps ahead."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[SUB, 1, 1],
+                                                      instr_shape=[1, 16, 8])  # fmt: skip
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+        b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+        w_l: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 8, 4, 1], [SUB, 1, 1, 1], [3, 2, 1, 0])
+        x_l: gl.constexpr = gl.BlockedLayout(
+            [1, 1, 1, 4, 1], [1, 4, 1, 1, 8], [SUB, 1, 1, 1, 1], [3, 1, 4, 2, 0]
+        )
+        GROUP: gl.constexpr = 128 if FORMAT == 0 else 32
+        STEP: gl.constexpr = SUB * _BK
+        pid = gl.program_id(0)
+        sub_w = _iota4(SUB, 0, w_l)
+        rn_w = (pid * BLOCK_N + _iota4(BLOCK_N, 1, w_l)) % N
+        if TMAJ:
+            kw = sub_w * (_BK // 8) + 4 * _iota4(4, 2, w_l) + _iota4(4, 3, w_l)  # [SUB, 1, 4, 4]
+        else:
+            kw = sub_w * (_BK // 8) + _iota4(4, 2, w_l) + 4 * _iota4(4, 3, w_l)
+        w_ptrs = w_ptr + rn_w * swn + kw
+        z3_l: gl.constexpr = gl.SliceLayout(3 if TMAJ or FORMAT == 0 else 2, w_l)
+        if FORMAT == 0:  # a zero point per row and step [SUB, BN]
+            z2_l: gl.constexpr = gl.SliceLayout(2, z3_l)
+            zg = gl.expand_dims(gl.arange(0, SUB, layout=gl.SliceLayout(1, z2_l)), 1)
+            rz = (pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, z2_l))) % N
+            z_ptrs = z_ptr + gl.expand_dims(rz, 0) * szn
+        else:  # an e8m0 code per row and group [SUB, BN, 4]: group 4 s + t
+            zs = gl.expand_dims(
+                gl.expand_dims(gl.arange(0, SUB, layout=gl.SliceLayout(1, gl.SliceLayout(2, z3_l))), 1), 2
+            )
+            zt = gl.expand_dims(
+                gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, z3_l))), 0), 0
+            )
+            rz = (
+                pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, gl.SliceLayout(2, z3_l)))
+            ) % N
+            zg = zs * 4 + zt
+            z_ptrs = s_ptr + gl.expand_dims(gl.expand_dims(rz, 0), 2) * ssn
+        cs_l: gl.constexpr = gl.SliceLayout(2, mma)  # the int4 row scales [SUB, BN], as the partials' rows
+        sg = gl.expand_dims(gl.arange(0, SUB, layout=gl.SliceLayout(1, cs_l)), 1)
+        s_ptrs = s_ptr + gl.expand_dims((pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, cs_l))) % N,
+                                        0) * ssn  # fmt: skip
+        if TMAJ:
+            k_x = (
+                _iota5(SUB, 0, x_l) * (_BK // 2)
+                + 16 * _iota5(4, 1, x_l)
+                + 4 * _iota5(4, 2, x_l)
+                + _iota5(4, 3, x_l)
+            )
+        else:
+            k_x = (
+                _iota5(SUB, 0, x_l) * (_BK // 2)
+                + 4 * _iota5(4, 1, x_l)
+                + 16 * _iota5(4, 2, x_l)
+                + _iota5(4, 3, x_l)
+            )
+        # x's rows past M read row M - 1 (their sums are not stored), so no load needs a mask for them;
+        # with EVEN_K none needs one at all: the prefetch past the last step rereads the last step
+        x_ptrs = x_ptr + gl.minimum(_iota5(_BM, 4, x_l), M - 1) * sxm + k_x
+        last_g = (K - 1) // GROUP
+        if EVEN_K:
+            word = gl.load(w_ptrs)
+            x = gl.load(x_ptrs)
+        else:
+            word = gl.load(w_ptrs, mask=kw < K // 8, other=0)
+            x = gl.load(x_ptrs, mask=k_x < K // 2, other=0)
+        zc = gl.load(z_ptrs + gl.minimum(zg, last_g) * (szg if FORMAT == 0 else ssg)).to(gl.int32)
+        sc = gl.load(s_ptrs + gl.minimum(sg, last_g) * ssg)
+        zero = gl.zeros([SUB, BLOCK_N, _BM], gl.float32, mma)
+        acc = gl.zeros([SUB, BLOCK_N, _BM], gl.float32, mma)
+        # two steps a loop step, each one's operands loaded before the other's math: the values a loop
+        # step carries are those its second load wrote, in the registers its first step read (no
+        # copies). Without EVEN_K (K a multiple of 2 STEP) a step past K reads zeros: it adds nothing
+        if PF == 2:
+            wordb, xb2, zcb, scb = _quad_loads(
+                STEP,
+                word,
+                x,
+                zc,
+                sc,
+                w_ptrs,
+                x_ptrs,
+                z_ptrs,
+                s_ptrs,
+                kw,
+                k_x,
+                zg,
+                sg,
+                K,
+                last_g,
+                szg,
+                ssg,
+                FORMAT,
+                GROUP,
+                STEP,
+                EVEN_K,
+                ANATOMY,
+            )
+            for k0 in range(0, K if ANATOMY != 3 else 0, 2 * STEP):
+                wordc, xc, zcc, scc = _quad_loads(
+                    k0 + 2 * STEP,
+                    wordb,
+                    xb2,
+                    zcb,
+                    scb,
+                    w_ptrs,
+                    x_ptrs,
+                    z_ptrs,
+                    s_ptrs,
+                    kw,
+                    k_x,
+                    zg,
+                    sg,
+                    K,
+                    last_g,
+                    szg,
+                    ssg,
+                    FORMAT,
+                    GROUP,
+                    STEP,
+                    EVEN_K,
+                    ANATOMY,
+                )
+                acc = _quad_step(acc, word, zc, x, sc, zero, PLANES, FORMAT, BF16, a_l, b_l, TMAJ, CHAINS)
+                word, x, zc, sc = _quad_loads(
+                    k0 + 3 * STEP,
+                    wordc,
+                    xc,
+                    zcc,
+                    scc,
+                    w_ptrs,
+                    x_ptrs,
+                    z_ptrs,
+                    s_ptrs,
+                    kw,
+                    k_x,
+                    zg,
+                    sg,
+                    K,
+                    last_g,
+                    szg,
+                    ssg,
+                    FORMAT,
+                    GROUP,
+                    STEP,
+                    EVEN_K,
+                    ANATOMY,
+                )
+                acc = _quad_step(
+                    acc, wordb, zcb, xb2, scb, zero, PLANES, FORMAT, BF16, a_l, b_l, TMAJ, CHAINS
+                )
+                # the next loop step's first operands are wordc's, its second the ones just loaded
+                wordb, xb2, zcb, scb, word, x, zc, sc = word, x, zc, sc, wordc, xc, zcc, scc
+        for k0 in range(0, K if ANATOMY != 3 and PF == 1 else 0, UNROLL * STEP):
+            word1, x1, zc1, sc1 = _quad_loads(
+                k0 + STEP,
+                word,
+                x,
+                zc,
+                sc,
+                w_ptrs,
+                x_ptrs,
+                z_ptrs,
+                s_ptrs,
+                kw,
+                k_x,
+                zg,
+                sg,
+                K,
+                last_g,
+                szg,
+                ssg,
+                FORMAT,
+                GROUP,
+                STEP,
+                EVEN_K,
+                ANATOMY,
+            )
+            acc = _quad_step(acc, word, zc, x, sc, zero, PLANES, FORMAT, BF16, a_l, b_l, TMAJ, CHAINS)
+            if UNROLL == 2:
+                word, x, zc, sc = _quad_loads(
+                    k0 + 2 * STEP,
+                    word1,
+                    x1,
+                    zc1,
+                    sc1,
+                    w_ptrs,
+                    x_ptrs,
+                    z_ptrs,
+                    s_ptrs,
+                    kw,
+                    k_x,
+                    zg,
+                    sg,
+                    K,
+                    last_g,
+                    szg,
+                    ssg,
+                    FORMAT,
+                    GROUP,
+                    STEP,
+                    EVEN_K,
+                    ANATOMY,
+                )
+                acc = _quad_step(acc, word1, zc1, x1, sc1, zero, PLANES, FORMAT, BF16, a_l, b_l, TMAJ, CHAINS)
+            else:
+                word = word1
+                x = x1
+                zc = zc1
+                sc = sc1
+        out = gl.sum(acc, axis=0)  # [BN, BM]: c transposed
+        o_l: gl.constexpr = gl.SliceLayout(0, mma)
+        offs_n = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, o_l))
+        offs_m = gl.arange(0, _BM, layout=gl.SliceLayout(0, o_l))
+        if HAS_BIAS:
+            out += gl.expand_dims(gl.load(bias_ptr + offs_n % N).to(gl.float32), 1)
+        mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
+        ptrs = c_ptr + gl.expand_dims(offs_m, 0) * scm + gl.expand_dims(offs_n, 1) * scn
+        gl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
 
 def runs(x: torch.Tensor, words: torch.Tensor | None, zeros: torch.Tensor, fmt: int, group: int) -> bool:
     """Whether `wordsg` takes this GEMM: the caller has the device's say (`arch.gluon_mma_w4`); here
@@ -243,13 +619,32 @@ def planes_source(fmt: int, dtype: torch.dtype) -> str:
 def wonly_wordsg(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor, bias: torch.Tensor | None, *, fmt: int, block_n: int,
                  sub: int, anatomy: int = 0) -> None:  # fmt: skip
-    """out = x @ dequant(words)^T + bias with the Gluon kernel (`runs` has said yes)."""
+    """out = x @ dequant(words)^T + bias with the "wordsg" kernel (`runs` has said yes)."""
+    _launch(_wonly_wordsg_kernel, x, words, out, scales, zeros, bias, fmt=fmt, block_n=block_n, sub=sub,
+            steps=1, ANATOMY=anatomy)  # fmt: skip
+
+
+def wonly_wordsq(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, bias: torch.Tensor | None, *, fmt: int, sub: int,
+                 **switches: int) -> None:  # fmt: skip
+    """out = x @ dequant(words)^T + bias with the "wordsq" kernel (`runs` has said yes), 16 weight
+    rows a program; switches: the kernel's experiment switches (bench/wordsq_w4.py), the shim's
+    dispatch runs their defaults."""
+    _launch(_wonly_wordsq_kernel, x, words, out, scales, zeros, bias, fmt=fmt, block_n=16, sub=sub,
+            steps=switches.get("UNROLL", 2), **switches)  # fmt: skip
+
+
+def _launch(kernel: object, x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
+            zeros: torch.Tensor, bias: torch.Tensor | None, *, fmt: int, block_n: int, sub: int, steps: int,
+            **consts: int) -> None:  # fmt: skip
+    """One launch of a word kernel of this module (same arguments); steps: K steps a loop step, for
+    EVEN_K (K a whole number of loop steps: no load needs a mask)."""
     (M, K), N = x.shape, words.shape[0]
     xi = x.view(torch.int32)  # [M, K/2] pairs (`runs`: rows of whole pairs, 4-byte aligned)
-    _wonly_wordsg_kernel[(-(-N // block_n),)](
+    kernel[(-(-N // block_n),)](  # type: ignore[index]
         xi, words, out, scales, zeros, bias if bias is not None else out, M, N, K, x.stride(0) // 2,
         words.stride(0), out.stride(0), out.stride(1), scales.stride(0), scales.stride(1), zeros.stride(0),
         zeros.stride(1), FORMAT=fmt, BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, SUB=sub, PLANES=planes_source(fmt, x.dtype), EVEN_K=K % (sub * BLOCK_K) == 0,
-        ANATOMY=anatomy, num_warps=sub,
+        BLOCK_N=block_n, SUB=sub, PLANES=planes_source(fmt, x.dtype), EVEN_K=K % (steps * sub * BLOCK_K) == 0,
+        num_warps=sub, **consts,
     )  # fmt: skip

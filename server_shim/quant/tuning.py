@@ -73,7 +73,10 @@ class Cfg:
     K tile does not fit); "wordsb": "words" with a K step per warp, num_warps steps side by side as one batched dot
     (`_wonly_wordsb_kernel`), its splits reducing themselves as "wordsk"'s; "wordsg": "wordsb"'s
     sums (16 rows, K steps of 128, no split) in the Gluon kernel of quant/_gluon_w4.py, both MMA
-    operands loaded straight into registers ("wordsb" where it cannot run);
+    operands loaded straight into registers ("wordsb" where it cannot run); "wordsq": "wordsg" with
+    k's order permuted alike in both operands so that they sit in their registers as loaded (a
+    thread's 4 words of a row one 16-byte load, an mxfp4 group; x's MMA operand pairs without moves)
+    and two K steps a loop step (16 rows, 4 warps; "wordsb" where it cannot run);
     "fusedk" / "wordsk" / "tilek": "fused" / "words" / "tile" whose
     K splits reduce themselves (the last split to finish sums the partials in split order on a
     per-tile counter) instead of a second kernel (the 8-bit "tile" / "lag" splits always do); "lag": the fp8 tile with each K step's promoted
@@ -99,6 +102,11 @@ class Cfg:
         # the dispatch would run an unknown path as its default kernel: a pinned or typed name must not
         if self.path not in PATHS:
             raise ValueError(f"unknown triton config path {self.path!r} (known: {' '.join(sorted(PATHS))})")
+        # the Gluon word kernels' fixed tiles: another size in a pinned name would be run as these
+        fixed = {"wordsg": (16, self.bn, 128), "wordsq": (16, 16, 128)}.get(self.path)
+        if fixed is not None and (self.bm, self.bn, self.bk) != fixed:
+            raise ValueError(f"{self.path} tiles are {'x'.join(map(str, fixed))} (BMxBNxBK), not "
+                             f"{self.bm}x{self.bn}x{self.bk}")  # fmt: skip
 
     @property
     def name(self) -> str:
@@ -123,7 +131,7 @@ class Cfg:
 
 
 PATHS = frozenset(("tile", "tilek", "lag", "tma", "tmap", "deq", "deqb", "fused", "fusedk", "words", "wordsk",
-                   "wordsb", "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "quant2", "wsp", "wordsg"))  # fmt: skip
+                   "wordsb", "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "quant2", "wsp", "wordsg", "wordsq"))  # fmt: skip
 
 M_BUCKETS = (1, 16, 32, 64, 256, 1024)  # then 4096: every larger M
 
@@ -201,7 +209,11 @@ _HOPPER = {
         # 8.3 us against 10.3 for the best "wordsk" above, mxfp4 9.3-9.5 against 11.2; 64-wide tiles, 2 or 8
         # warps and splits were all slower (10.6-21 us).
         + _t("wordsb", (16, 16, 128, 4, 3), (16, 16, 128, 4, 4), (16, 16, 64, 4, 3), (16, 32, 128, 4, 3))
-        + _t("fusedk", (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8), (16, 32, 256, 4, 3, 8), (16, 64, 128, 4, 4, 4)),
+        + _t("fusedk", (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8), (16, 32, 256, 4, 3, 8), (16, 64, 128, 4, 4, 4))
+        # both MMA operands in place (quant/_gluon_w4.py; "wordsb" where Gluon cannot run): on an H100
+        # (2026-12-06, flushed L2, the tuner's timing) mxfp4 with fp16 x at M = 16 13.8 us against 14.9
+        # for "wordsb"; bf16 and int4-g128 it loses there (bench/wordsq_w4.py), so the tuner decides
+        + _t("wordsq", (16, 16, 128, 4, 1)),
         # Not "wordsg" (quant/_gluon_w4.py, pinned only): with the weight in L2 it won int4-g128 at
         # M = 1 (H100, 2026-12-05: 6.26 against 6.46 us for "gemvf"), but read from HBM, as a decode
         # step reads it, it lost everywhere (10.0 against 7.5 us; `bench/wonly_sweep.py --cold`).

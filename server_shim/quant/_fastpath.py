@@ -419,7 +419,9 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
                 and _gluon_w4.runs(x, wk, zeros, fmt, group)
             ):
                 if cfg.path == "wordsg":
-                    _gluon_w4.wonly_wordsg(x, wk, out, scales, zeros, bias, fmt=fmt, block_n=cfg.bn, sub=cfg.warps)
+                    _gluon_w4.wonly_wordsg(
+                        x, wk, out, scales, zeros, bias, fmt=fmt, block_n=cfg.bn, sub=cfg.warps
+                    )
                 else:
                     _gluon_w4.wonly_wordsq(x, wk, out, scales, zeros, bias, fmt=fmt, sub=cfg.warps)
                 return out

@@ -11,12 +11,14 @@ two 16-byte loads in one `mma.sync` B operand) and, for mxfp4, a scale code per 
 4 words of a row lie in 4 groups). The sum over k does not care about k's order, so this tile
 permutes it, the same way on both operands: a thread's 4 words of a row are 4 consecutive words
 (one 16-byte load; mxfp4: one group, one code), and with k_width 4 each MMA's B operand is a
-register pair of one x load as loaded. Its K steps cost 15% (int4) and 31% (mxfp4) fewer sm90
-SASS instructions than "wordsg"'s (`--compile`).
+register pair of one x load as loaded. Its K steps cost 23% (int4) and 35% (mxfp4) fewer sm90
+SASS instructions than "wordsg"'s (`--compile`, variant "quad").
 
 Measured (H100, 2026-12-06, bf16; docs/gemm.md): correct everywhere (float64, equal bits twice);
-at M = 16 no variant beats "wordsb" (int4-g128 8.5-10.3 us against 8.2, mxfp4 9.1-10.7 against
-9.5), so fewer instructions do not buy M = 16's missing speed: the tile is bound by latency. Every
+at M = 16 no variant beats "wordsb" (int4-g128 9.3-9.5 us against 8.2, mxfp4 9.1-10.2 against
+9.1; two more variants of commit e1c847c, operands two steps ahead and words 4 apart, no better),
+so fewer instructions do not buy M = 16's missing speed: the tile is bound by latency.
+With fp16 x it wins mxfp4 (9.2 against 11.2 us), which is why the shim tunes "quad" as "wordsq". Every
 variant is checked against float64 and for equal bits on a second run before it is timed; a FAIL
 line and exit status 1 when off. Needs an NVIDIA GPU (sm80+) and a triton with Gluon for the
 timing; elsewhere the timing mode says so and exits 0.
@@ -44,11 +46,9 @@ WORDSB = "wordsb:16x16x128:w4:s3:k1"  # the tuner's M = 16 choice on Hopper
 GEMVF = "gemvf:1x2x4096:w2:s1:k1"  # its M = 1 choice
 # name -> the kernel's switches (`_gluon_w4._wonly_wordsq_kernel`; the shim's "wordsq" runs "quad")
 VARIANTS = {
-    "quad": dict(TMAJ=True, UNROLL=2, CHAINS=1, PF=1),
-    "quad-c2": dict(TMAJ=True, UNROLL=2, CHAINS=2, PF=1),
-    "quad-u1": dict(TMAJ=True, UNROLL=1, CHAINS=1, PF=1),
-    "quad-pf2": dict(TMAJ=True, UNROLL=2, CHAINS=1, PF=2),
-    "strided": dict(TMAJ=False, UNROLL=1, CHAINS=1, PF=1),
+    "quad": dict(UNROLL=2, CHAINS=1),
+    "quad-c2": dict(UNROLL=2, CHAINS=2),
+    "quad-u1": dict(UNROLL=1, CHAINS=1),
 }
 
 if IMPORTED:

@@ -136,6 +136,21 @@ if IMPORTED:
         return acc + part
 
     @gluon.jit
+    def _store_sums(acc, c_ptr, bias_ptr, rows, M, N, scm, scn, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
+                    mma: gl.constexpr):  # fmt: skip
+        """A word kernel's end: its warps' partials [SUB, BN, BM] (c's tile transposed, weight rows
+        from `rows`) summed, plus bias, stored in c's dtype (rows past N and M masked)."""
+        out = gl.sum(acc, axis=0)  # [BN, BM]: c transposed
+        o_l: gl.constexpr = gl.SliceLayout(0, mma)
+        offs_n = rows + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, o_l))
+        offs_m = gl.arange(0, _BM, layout=gl.SliceLayout(0, o_l))
+        if HAS_BIAS:
+            out += gl.expand_dims(gl.load(bias_ptr + offs_n % N).to(gl.float32), 1)
+        mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
+        ptrs = c_ptr + gl.expand_dims(offs_m, 0) * scm + gl.expand_dims(offs_n, 1) * scn
+        gl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit
     def _wonly_wordsg_kernel(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, sxm, swn, scm, scn, ssn, ssg,
                              szn, szg, FORMAT: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                              BLOCK_N: gl.constexpr, SUB: gl.constexpr, PLANES: gl.constexpr, EVEN_K: gl.constexpr,
@@ -220,15 +235,7 @@ if IMPORTED:
             x = x_n
             zc = zc_n
             sc = sc_n
-        out = gl.sum(acc, axis=0)  # [BN, BM]: c transposed
-        o_l: gl.constexpr = gl.SliceLayout(0, mma)
-        offs_n = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, o_l))
-        offs_m = gl.arange(0, _BM, layout=gl.SliceLayout(0, o_l))
-        if HAS_BIAS:
-            out += gl.expand_dims(gl.load(bias_ptr + offs_n % N).to(gl.float32), 1)
-        mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
-        ptrs = c_ptr + gl.expand_dims(offs_m, 0) * scm + gl.expand_dims(offs_n, 1) * scn
-        gl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+        _store_sums(acc, c_ptr, bias_ptr, pid * BLOCK_N, M, N, scm, scn, HAS_BIAS, BLOCK_N, mma)
 
     @gluon.jit
     def _iota4(n: gl.constexpr, DIM: gl.constexpr, L: gl.constexpr):
@@ -279,54 +286,34 @@ if IMPORTED:
 
     @gluon.jit
     def _quad_step(acc, word, zc, x, sc, zero, PLANES: gl.constexpr, FORMAT: gl.constexpr, BF16: gl.constexpr,
-                   a_l: gl.constexpr, b_l: gl.constexpr, TMAJ: gl.constexpr, CHAINS: gl.constexpr):  # fmt: skip
-        """`_gluon_w4._step_sums` for "wordsq"'s operands: the words [SUB, BN, 4 (t), 4 (d)] (memory word 4t + d
-        of the step), x's pairs [SUB, 4 (t), 4 (d), 4 (e), BM] (memory pair 4 (4t + d) + e). The dot's
-        k order is a permutation of memory's, the same on both sides: memory k 8 (4t + d) + 4 i +
-        2 e2 + h is the dot's 32 d + 16 e2 + 4 t + 2 i + h. With k_width 4 an mma.sync takes a
-        thread's k pairs (i = 0) of two 16-k chunks (e2 = 0, 1): for x those are adjacent pairs of
-        one 16-byte load (a register pair as loaded), for the words one PTX plane pair each."""
-        if FORMAT == 0:  # int4: a zero point per row [SUB, BN]; mxfp4: a code per row and group [SUB, BN, 4]
-            zc = gl.expand_dims(gl.expand_dims(zc, 2), 3)
-        elif TMAJ:
-            zc = gl.expand_dims(zc, 3)
-        else:
-            zc = gl.expand_dims(zc, 2)
-        p0, p1, p2, p3, p4, p5, p6, p7 = _plane_values(word, zc, PLANES, FORMAT, BF16)
-        # a join's new dim comes last, the innermost join's first: [..., i, e2, h] holds plane 4 i + 2 e2 + h
+                   a_l: gl.constexpr, b_l: gl.constexpr, CHAINS: gl.constexpr):  # fmt: skip
+        """`_step_sums` for "wordsq"'s operands: the words [SUB, BN, 4 (t), 4 (d)] (memory word 4t + d
+        of the step), x's pairs [SUB, 4 (t), 4 (d), 4 (e), BM] (memory pair 4 (4t + d) + e), int4's
+        zero points [SUB, BN] or mxfp4's codes [SUB, BN, 4 (t)]. The dot's k order is a permutation
+        of memory's, the same on both sides: memory k 8 (4t + d) + 4i + 2e2 + h is the dot's
+        32d + 16e2 + 4t + 2i + h. With k_width 4 an mma.sync takes a thread's k pairs (i = 0) of two
+        16-k chunks (e2 = 0, 1): for x adjacent pairs of one 16-byte load (a register pair as
+        loaded), for the words one PTX plane pair each. The step is two 64-k halves (d's high bit):
+        one MMA chain (CHAINS 1, the order of a 128-k dot) or two summed after."""
+        zc = gl.expand_dims(zc, 2) if FORMAT == 0 else zc
+        p0, p1, p2, p3, p4, p5, p6, p7 = _plane_values(word, gl.expand_dims(zc, 3), PLANES, FORMAT, BF16)
+        # a join's new dim comes last, the innermost join's first: [..., i, e2, h] holds plane 4i + 2e2 + h
         w = gl.join(gl.join(gl.join(p0, p4), gl.join(p2, p6)), gl.join(gl.join(p1, p5), gl.join(p3, p7)))
+        S: gl.constexpr = word.shape[0]
+        BN: gl.constexpr = word.shape[1]
+        w = gl.reshape(w, [S, BN, 4, 2, 2, 2, 2, 2])  # (s, n, t, d1, d0, i, e2, h)
+        w0, w1 = gl.split(gl.reshape(gl.permute(w, (0, 1, 4, 6, 2, 5, 7, 3)), [S, BN, 64, 2]))
         lo, hi = _pair_halves(x, BF16)
-        xb = gl.join(lo, hi)  # [SUB, t, d, e, BM, h]
-        if CHAINS == 1:
-            w = gl.reshape(
-                gl.permute(w, (0, 1, 3, 5, 2, 4, 6)), [word.shape[0], word.shape[1], 128]
-            )  # (s, n, d, e2, t, i, h)
-            w = gl.convert_layout(w, a_l, assert_trivial=True)
-            xb = gl.reshape(
-                xb, [x.shape[0], 4, 4, 2, 2, x.shape[4], 2]
-            )  # (s, t, d, i, e2, m, h): e = 2 i + e2
-            xb = gl.reshape(
-                gl.permute(xb, (0, 2, 4, 1, 3, 6, 5)), [x.shape[0], 128, x.shape[4]]
-            )  # (s, d, e2, t, i, h, m)
-            xb = gl.convert_layout(xb, b_l, assert_trivial=True)
-            part = mma_v2(w, xb, zero)
-        else:  # the step's two 64-k halves (d's high bit) as two independent MMA chains
-            w = gl.reshape(w, [word.shape[0], word.shape[1], 4, 2, 2, 2, 2, 2])  # (s, n, t, d1, d0, i, e2, h)
-            w = gl.reshape(gl.permute(w, (0, 1, 4, 6, 2, 5, 7, 3)), [word.shape[0], word.shape[1], 64, 2])
-            w0, w1 = gl.split(w)
-            xb = gl.reshape(xb, [x.shape[0], 4, 2, 2, 2, 2, x.shape[4], 2])  # (s, t, d1, d0, i, e2, m, h)
-            xb = gl.reshape(gl.permute(xb, (0, 3, 5, 1, 4, 7, 6, 2)), [x.shape[0], 64, x.shape[4], 2])
-            x0, x1 = gl.split(xb)
-            part = mma_v2(
-                gl.convert_layout(w0, a_l, assert_trivial=True),
-                gl.convert_layout(x0, b_l, assert_trivial=True),
-                zero,
-            )
-            part += mma_v2(
-                gl.convert_layout(w1, a_l, assert_trivial=True),
-                gl.convert_layout(x1, b_l, assert_trivial=True),
-                zero,
-            )
+        xb = gl.reshape(gl.join(lo, hi), [S, 4, 2, 2, 2, 2, x.shape[4], 2])  # (s, t, d1, d0, i, e2, m, h)
+        x0, x1 = gl.split(gl.reshape(gl.permute(xb, (0, 3, 5, 1, 4, 7, 6, 2)), [S, 64, x.shape[4], 2]))
+        part = mma_v2(gl.convert_layout(w0, a_l, assert_trivial=True), gl.convert_layout(x0, b_l, assert_trivial=True),
+                      zero)  # fmt: skip
+        w1 = gl.convert_layout(w1, a_l, assert_trivial=True)
+        x1 = gl.convert_layout(x1, b_l, assert_trivial=True)
+        if CHAINS == 1:  # noqa: SIM108 -- a constexpr branch
+            part = mma_v2(w1, x1, part)
+        else:
+            part = part + mma_v2(w1, x1, zero)
         if FORMAT == 0:
             part = part * gl.expand_dims(sc, 2)
         return acc + part
@@ -353,9 +340,8 @@ if IMPORTED:
             zc_n = zc
             sc_n = sc
         else:
-            zc_n = gl.load(z_ptrs + gl.minimum(zg + kn // GROUP, last_g) * (szg if FORMAT == 0 else ssg)).to(
-                gl.int32
-            )
+            zc_n = gl.load(z_ptrs + gl.minimum(zg + kn // GROUP, last_g) * (szg if FORMAT == 0 else ssg))
+            zc_n = zc_n.to(gl.int32)
             sc_n = gl.load(s_ptrs + gl.minimum(sg + kn // GROUP, last_g) * ssg)
         return word_n, x_n, zc_n, sc_n
 
@@ -363,69 +349,57 @@ if IMPORTED:
     def _wonly_wordsq_kernel(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, sxm, swn, scm, scn, ssn, ssg,
                              szn, szg, FORMAT: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                              BLOCK_N: gl.constexpr, SUB: gl.constexpr, PLANES: gl.constexpr, EVEN_K: gl.constexpr,
-                             ANATOMY: gl.constexpr = 0, TMAJ: gl.constexpr = True, UNROLL: gl.constexpr = 2,
-                             CHAINS: gl.constexpr = 1, PF: gl.constexpr = 1):  # fmt: skip
-        """`_gluon_w4._wonly_wordsg_kernel` (same arguments and sums) with its operands in place: the
+                             ANATOMY: gl.constexpr = 0, UNROLL: gl.constexpr = 2,
+                             CHAINS: gl.constexpr = 1):  # fmt: skip
+        """`_wonly_wordsg_kernel` (same arguments and sums, BLOCK_N 16) with its operands in place: the
         dot's k order permuted (`_quad_step`) so that a thread's 4 words of a row are one 16-byte load
-        (TMAJ: an mxfp4 group, one scale code per row and step) and its x registers are the MMA's B
+        (for mxfp4 one group: one scale code per row and step) and its x registers are the MMA's B
         operand pairs as loaded (k_width 4), where "wordsg"'s k_width 8 pairs registers of two loads
-        (a register move each). TMAJ False: a thread's words 4 apart (4-byte loads, as "wordsg"), its
-        x quads 64 bytes apart. UNROLL 2: two K steps a loop step (no loop-carried copies). CHAINS 2:
-        each step's two 64-k halves as two MMA chains. PF 2: operands loaded two steps ahead."""
+        (a register move each). UNROLL 2: two K steps a loop step, each one's operands loaded before
+        the other's math (the values a loop step carries are those its second load wrote, in the
+        registers its first step read: no copies); EVEN_K then means K a multiple of 2 STEP, else a
+        step past K reads zeros and adds nothing. CHAINS 2: each step's two 64-k halves as two MMA
+        chains (bench/wordsq_w4.py's variants; the shim runs the defaults)."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[SUB, 1, 1],
                                                       instr_shape=[1, 16, 8])  # fmt: skip
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
         b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+        # the words [SUB, BN, 4 (t), 4 (d)], memory word 4t + d of the step: lane (g, t) rows g, g + 8
         w_l: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 8, 4, 1], [SUB, 1, 1, 1], [3, 2, 1, 0])
+        # x's pairs [SUB, 4 (t), 4 (d), 4 (e), BM], memory pair 4 (4t + d) + e: lane (g, t) rows g, g + 8
         x_l: gl.constexpr = gl.BlockedLayout(
             [1, 1, 1, 4, 1], [1, 4, 1, 1, 8], [SUB, 1, 1, 1, 1], [3, 1, 4, 2, 0]
         )
         GROUP: gl.constexpr = 128 if FORMAT == 0 else 32
         STEP: gl.constexpr = SUB * _BK
-        pid = gl.program_id(0)
-        sub_w = _iota4(SUB, 0, w_l)
-        rn_w = (pid * BLOCK_N + _iota4(BLOCK_N, 1, w_l)) % N
-        if TMAJ:
-            kw = sub_w * (_BK // 8) + 4 * _iota4(4, 2, w_l) + _iota4(4, 3, w_l)  # [SUB, 1, 4, 4]
-        else:
-            kw = sub_w * (_BK // 8) + _iota4(4, 2, w_l) + 4 * _iota4(4, 3, w_l)
-        w_ptrs = w_ptr + rn_w * swn + kw
-        z3_l: gl.constexpr = gl.SliceLayout(3 if TMAJ or FORMAT == 0 else 2, w_l)
+        rows = gl.program_id(0) * BLOCK_N
+        kw = _iota4(SUB, 0, w_l) * (_BK // 8) + 4 * _iota4(4, 2, w_l) + _iota4(4, 3, w_l)  # [SUB, 1, 4, 4]
+        w_ptrs = w_ptr + ((rows + _iota4(BLOCK_N, 1, w_l)) % N) * swn + kw
+        z3_l: gl.constexpr = gl.SliceLayout(3, w_l)
+        z2_l: gl.constexpr = gl.SliceLayout(2, z3_l)
+        zs = gl.expand_dims(gl.arange(0, SUB, layout=gl.SliceLayout(1, z2_l)), 1)  # [SUB, 1]
+        rz = gl.expand_dims((rows + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, z2_l))) % N, 0)  # [1, BN]
         if FORMAT == 0:  # a zero point per row and step [SUB, BN]
-            z2_l: gl.constexpr = gl.SliceLayout(2, z3_l)
-            zg = gl.expand_dims(gl.arange(0, SUB, layout=gl.SliceLayout(1, z2_l)), 1)
-            rz = (pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, z2_l))) % N
-            z_ptrs = z_ptr + gl.expand_dims(rz, 0) * szn
-        else:  # an e8m0 code per row and group [SUB, BN, 4]: group 4 s + t
-            zs = gl.expand_dims(
-                gl.expand_dims(gl.arange(0, SUB, layout=gl.SliceLayout(1, gl.SliceLayout(2, z3_l))), 1), 2
-            )
+            zg = zs
+            z_ptrs = z_ptr + rz * szn
+        else:  # an e8m0 code per row and group [SUB, BN, 4]: group 4 s + t of the thread's words
             zt = gl.expand_dims(
                 gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, z3_l))), 0), 0
             )
-            rz = (
-                pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, gl.SliceLayout(2, z3_l)))
-            ) % N
-            zg = zs * 4 + zt
-            z_ptrs = s_ptr + gl.expand_dims(gl.expand_dims(rz, 0), 2) * ssn
+            zg = gl.expand_dims(zs, 2) * 4 + zt
+            z_ptrs = s_ptr + gl.expand_dims(rz, 2) * ssn
         cs_l: gl.constexpr = gl.SliceLayout(2, mma)  # the int4 row scales [SUB, BN], as the partials' rows
         sg = gl.expand_dims(gl.arange(0, SUB, layout=gl.SliceLayout(1, cs_l)), 1)
-        s_ptrs = s_ptr + gl.expand_dims((pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, cs_l))) % N,
-                                        0) * ssn  # fmt: skip
-        if TMAJ:
-            k_x = (
-                _iota5(SUB, 0, x_l) * (_BK // 2)
-                + 16 * _iota5(4, 1, x_l)
-                + 4 * _iota5(4, 2, x_l)
-                + _iota5(4, 3, x_l)
-            )
-        else:
-            k_x = (
-                _iota5(SUB, 0, x_l) * (_BK // 2)
-                + 4 * _iota5(4, 1, x_l)
-                + 16 * _iota5(4, 2, x_l)
-                + _iota5(4, 3, x_l)
-            )
+        s_ptrs = (
+            s_ptr
+            + gl.expand_dims((rows + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, cs_l))) % N, 0) * ssn
+        )
+        k_x = (
+            _iota5(SUB, 0, x_l) * (_BK // 2)
+            + 16 * _iota5(4, 1, x_l)
+            + 4 * _iota5(4, 2, x_l)
+            + _iota5(4, 3, x_l)
+        )
         # x's rows past M read row M - 1 (their sums are not stored), so no load needs a mask for them;
         # with EVEN_K none needs one at all: the prefetch past the last step rereads the last step
         x_ptrs = x_ptr + gl.minimum(_iota5(_BM, 4, x_l), M - 1) * sxm + k_x
@@ -440,155 +414,18 @@ if IMPORTED:
         sc = gl.load(s_ptrs + gl.minimum(sg, last_g) * ssg)
         zero = gl.zeros([SUB, BLOCK_N, _BM], gl.float32, mma)
         acc = gl.zeros([SUB, BLOCK_N, _BM], gl.float32, mma)
-        # two steps a loop step, each one's operands loaded before the other's math: the values a loop
-        # step carries are those its second load wrote, in the registers its first step read (no
-        # copies). Without EVEN_K (K a multiple of 2 STEP) a step past K reads zeros: it adds nothing
-        if PF == 2:
-            wordb, xb2, zcb, scb = _quad_loads(
-                STEP,
-                word,
-                x,
-                zc,
-                sc,
-                w_ptrs,
-                x_ptrs,
-                z_ptrs,
-                s_ptrs,
-                kw,
-                k_x,
-                zg,
-                sg,
-                K,
-                last_g,
-                szg,
-                ssg,
-                FORMAT,
-                GROUP,
-                STEP,
-                EVEN_K,
-                ANATOMY,
-            )
-            for k0 in range(0, K if ANATOMY != 3 else 0, 2 * STEP):
-                wordc, xc, zcc, scc = _quad_loads(
-                    k0 + 2 * STEP,
-                    wordb,
-                    xb2,
-                    zcb,
-                    scb,
-                    w_ptrs,
-                    x_ptrs,
-                    z_ptrs,
-                    s_ptrs,
-                    kw,
-                    k_x,
-                    zg,
-                    sg,
-                    K,
-                    last_g,
-                    szg,
-                    ssg,
-                    FORMAT,
-                    GROUP,
-                    STEP,
-                    EVEN_K,
-                    ANATOMY,
-                )
-                acc = _quad_step(acc, word, zc, x, sc, zero, PLANES, FORMAT, BF16, a_l, b_l, TMAJ, CHAINS)
-                word, x, zc, sc = _quad_loads(
-                    k0 + 3 * STEP,
-                    wordc,
-                    xc,
-                    zcc,
-                    scc,
-                    w_ptrs,
-                    x_ptrs,
-                    z_ptrs,
-                    s_ptrs,
-                    kw,
-                    k_x,
-                    zg,
-                    sg,
-                    K,
-                    last_g,
-                    szg,
-                    ssg,
-                    FORMAT,
-                    GROUP,
-                    STEP,
-                    EVEN_K,
-                    ANATOMY,
-                )
-                acc = _quad_step(
-                    acc, wordb, zcb, xb2, scb, zero, PLANES, FORMAT, BF16, a_l, b_l, TMAJ, CHAINS
-                )
-                # the next loop step's first operands are wordc's, its second the ones just loaded
-                wordb, xb2, zcb, scb, word, x, zc, sc = word, x, zc, sc, wordc, xc, zcc, scc
-        for k0 in range(0, K if ANATOMY != 3 and PF == 1 else 0, UNROLL * STEP):
-            word1, x1, zc1, sc1 = _quad_loads(
-                k0 + STEP,
-                word,
-                x,
-                zc,
-                sc,
-                w_ptrs,
-                x_ptrs,
-                z_ptrs,
-                s_ptrs,
-                kw,
-                k_x,
-                zg,
-                sg,
-                K,
-                last_g,
-                szg,
-                ssg,
-                FORMAT,
-                GROUP,
-                STEP,
-                EVEN_K,
-                ANATOMY,
-            )
-            acc = _quad_step(acc, word, zc, x, sc, zero, PLANES, FORMAT, BF16, a_l, b_l, TMAJ, CHAINS)
+        for k0 in range(0, K if ANATOMY != 3 else 0, UNROLL * STEP):
+            word1, x1, zc1, sc1 = _quad_loads(k0 + STEP, word, x, zc, sc, w_ptrs, x_ptrs, z_ptrs, s_ptrs, kw, k_x, zg,
+                                              sg, K, last_g, szg, ssg, FORMAT, GROUP, STEP, EVEN_K, ANATOMY)  # fmt: skip
+            acc = _quad_step(acc, word, zc, x, sc, zero, PLANES, FORMAT, BF16, a_l, b_l, CHAINS)
             if UNROLL == 2:
-                word, x, zc, sc = _quad_loads(
-                    k0 + 2 * STEP,
-                    word1,
-                    x1,
-                    zc1,
-                    sc1,
-                    w_ptrs,
-                    x_ptrs,
-                    z_ptrs,
-                    s_ptrs,
-                    kw,
-                    k_x,
-                    zg,
-                    sg,
-                    K,
-                    last_g,
-                    szg,
-                    ssg,
-                    FORMAT,
-                    GROUP,
-                    STEP,
-                    EVEN_K,
-                    ANATOMY,
-                )
-                acc = _quad_step(acc, word1, zc1, x1, sc1, zero, PLANES, FORMAT, BF16, a_l, b_l, TMAJ, CHAINS)
+                word, x, zc, sc = _quad_loads(k0 + 2 * STEP, word1, x1, zc1, sc1, w_ptrs, x_ptrs, z_ptrs, s_ptrs, kw,
+                                              k_x, zg, sg, K, last_g, szg, ssg, FORMAT, GROUP, STEP, EVEN_K,
+                                              ANATOMY)  # fmt: skip
+                acc = _quad_step(acc, word1, zc1, x1, sc1, zero, PLANES, FORMAT, BF16, a_l, b_l, CHAINS)
             else:
-                word = word1
-                x = x1
-                zc = zc1
-                sc = sc1
-        out = gl.sum(acc, axis=0)  # [BN, BM]: c transposed
-        o_l: gl.constexpr = gl.SliceLayout(0, mma)
-        offs_n = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, o_l))
-        offs_m = gl.arange(0, _BM, layout=gl.SliceLayout(0, o_l))
-        if HAS_BIAS:
-            out += gl.expand_dims(gl.load(bias_ptr + offs_n % N).to(gl.float32), 1)
-        mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
-        ptrs = c_ptr + gl.expand_dims(offs_m, 0) * scm + gl.expand_dims(offs_n, 1) * scn
-        gl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+                word, x, zc, sc = word1, x1, zc1, sc1
+        _store_sums(acc, c_ptr, bias_ptr, rows, M, N, scm, scn, HAS_BIAS, BLOCK_N, mma)
 
 
 def runs(x: torch.Tensor, words: torch.Tensor | None, zeros: torch.Tensor, fmt: int, group: int) -> bool:

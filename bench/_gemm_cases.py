@@ -13,13 +13,15 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from server_shim.quant import formats as F  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
 from server_shim.quant import tuning  # noqa: E402
 
@@ -52,6 +54,65 @@ def expand(s: torch.Tensor, rows: int, cols: int, rb: int, cb: int) -> torch.Ten
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@dataclass
+class W4Case:
+    """One random 4-bit problem of the M <= 16 experiments (bench/wordsq_w4.py, wordsr_w4.py,
+    wordsw.py): x, the quantized weight, its int32 word view, zero points (a 1 x 1 uint8 stand-in for
+    mxfp4, which has none), the dequantized weight in x's dtype and the float64 reference."""
+
+    x: torch.Tensor
+    qw: F.QuantizedWeight
+    words: torch.Tensor
+    zeros: torch.Tensor
+    dense: torch.Tensor
+    ref: torch.Tensor
+
+    def shim(self) -> torch.Tensor:
+        """The shim's GEMM of this case (what a pinned config, `tuning.pinned`, runs)."""
+        q, dt = self.qw, self.x.dtype
+        if q.scheme == "int4-g128":
+            return K.int4_gemm(self.x, q.data, q.scales, q.zeros, out_dtype=dt)
+        return K.mxfp4_gemm(self.x, q.data, q.scales, out_dtype=dt)
+
+    def us(self, fn: Callable[[], object]) -> tuple[float, float]:
+        """fn's µs with the weights in L2 (CUDA-graph replays) and from HBM (the tuner's flushed timing)."""
+        return time_ms(fn) * 1e3, tuning.time_cold(fn) * 1e3
+
+    def baselines(self, pin: str) -> tuple[tuple[float, float], tuple[float, float]]:
+        """torch's 16-bit GEMM and the shim pinned to `pin`, each `us`: what an experiment beats."""
+        with tuning.pinned(pin):
+            return self.us(lambda: self.x @ self.dense.T), self.us(self.shim)
+
+
+def w4_cases(shapes: list[tuple[int, int, int]], schemes: list[str], dtype: str) -> Iterator[W4Case]:
+    """Every shape x scheme as a `W4Case` on the GPU ("bf16" / "fp16" x), after one line naming the
+    device: the experiments' outer loops."""
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    for m, n, k in shapes:
+        for scheme in schemes:
+            yield w4_case(m, n, k, scheme, dt, torch.device("cuda"))
+
+
+def gluon_gpu_missing(script: str, runs_here: bool) -> bool:
+    """True (and one line on stderr) where an experiment's Gluon kernel cannot run: no NVIDIA sm80+
+    GPU, or `runs_here` (a triton with Gluon, ...) is False."""
+    if runs_here and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        return False
+    print(f"bench/{script} needs an NVIDIA GPU (sm80+) and a triton with Gluon; none here.", file=sys.stderr)
+    return True
+
+
+def w4_case(m: int, n: int, k: int, scheme: str, dtype: torch.dtype, dev: torch.device) -> W4Case:
+    """`W4Case` of an M x N x K problem, the same operands for every experiment (seed 1)."""
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(m, k, device=dev, generator=g).to(dtype)
+    qw = F.quantize_weight(torch.randn(n, k, device=dev, generator=g) * 0.02, scheme)
+    zeros = qw.zeros if qw.zeros is not None else torch.zeros(1, 1, dtype=torch.uint8, device=dev)
+    return W4Case(x, qw, qw.data.view(torch.int32), zeros, F.dequantize(qw).to(dtype),
+                  x.double() @ F.dequantize(qw).double().T)  # fmt: skip
 
 
 def check_then_time(label: str, run: Callable[[], object], out: torch.Tensor, ref: torch.Tensor,

@@ -38,8 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from server_shim.quant import _gluon_w4, _gluon_w4w, tuning  # noqa: E402
-from server_shim.quant import formats as F  # noqa: E402
-from server_shim.quant import kernels as K  # noqa: E402
 
 IMPORTED = _gluon_w4.IMPORTED and _gluon_w4w.IMPORTED  # the latter for its split finish
 BLOCK_K = 128  # a K step: one int4 group, four mxfp4 groups
@@ -214,64 +212,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         os.environ.pop("TRITON_INTERPRET", None)
         return _compile()
-    dev = torch.device("cuda")
-    if not IMPORTED or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
-        print(
-            "bench/wordsr_w4.py needs an NVIDIA GPU (sm80+) and a triton with Gluon; none here.",
-            file=sys.stderr,
-        )
-        return 0
     import _gemm_cases as C
 
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    if C.gluon_gpu_missing("wordsr_w4.py", IMPORTED):
+        return 0
     failed = False
-    for m, n, k in args.shapes:
-        for scheme in args.schemes:
-            fmt = SCHEMES[scheme]
-            g = torch.Generator(device=dev).manual_seed(1)
-            x = torch.randn(m, k, device=dev, generator=g).to(dtype)
-            qw = F.quantize_weight(torch.randn(n, k, device=dev, generator=g) * 0.02, scheme)
-            ref = x.double() @ F.dequantize(qw).double().T
-            words = qw.data.view(torch.int32)
-            zeros = qw.zeros if qw.zeros is not None else torch.zeros(1, dtype=torch.uint8, device=dev)
-            wd = F.dequantize(qw).to(dtype)
-            t_torch = C.time_ms(lambda: x @ wd.T) * 1e3  # noqa: B023 - timed here, in this iteration
-            c_torch = tuning.time_cold(lambda: x @ wd.T) * 1e3  # noqa: B023
+    for case in C.w4_cases(args.shapes, args.schemes, args.dtype):
+        (m, k), n, scheme = case.x.shape, case.words.shape[0], case.qw.scheme
+        fmt, dtype, dev = SCHEMES[scheme], case.x.dtype, case.x.device
+        x, qw, ref, words, zeros = case.x, case.qw, case.ref, case.words, case.zeros
+        (t_torch, c_torch), (t_b, _) = case.baselines(WORDSB)
+        print(f"\n{m}x{n}x{k} {scheme} {args.dtype}: torch {t_torch:.2f} us (from HBM {c_torch:.2f}), "
+              f"wordsb {t_b:.2f} us", flush=True)  # fmt: skip
+        for warps in args.warps:
+            for splits in args.splits:
+                why = fits(m, n, k, warps, splits)
+                if why is not None:
+                    print(f"skip G {warps} split {splits}: {why}")
+                    continue
+                out = torch.empty(m, n, device=dev, dtype=dtype)
+                ws = torch.empty(splits, m, n, device=dev, dtype=torch.float32)
+                cnt = torch.zeros(-(-n // (16 * warps)), device=dev, dtype=torch.int32)
 
-            def shim() -> torch.Tensor:
-                if fmt == 0:  # noqa: B023
-                    return K.int4_gemm(x, qw.data, qw.scales, qw.zeros, out_dtype=dtype)  # noqa: B023
-                return K.mxfp4_gemm(x, qw.data, qw.scales, out_dtype=dtype)  # noqa: B023
+                def run() -> None:
+                    wordsr(x, words, out, qw.scales, zeros, fmt=fmt, warps=warps, splits=splits,  # noqa: B023
+                           workspace=ws, counters=cnt)  # noqa: B023  # fmt: skip
 
-            with tuning.pinned(WORDSB):
-                t_b = C.time_ms(shim) * 1e3
-            print(f"\n{m}x{n}x{k} {scheme} {args.dtype}: torch {t_torch:.2f} us (from HBM {c_torch:.2f}), "
-                  f"wordsb {t_b:.2f} us", flush=True)  # fmt: skip
-            for warps in args.warps:
-                for splits in args.splits:
-                    why = fits(m, n, k, warps, splits)
-                    if why is not None:
-                        print(f"skip G {warps} split {splits}: {why}")
-                        continue
-                    out = torch.empty(m, n, device=dev, dtype=dtype)
-                    ws = torch.empty(splits, m, n, device=dev, dtype=torch.float32)
-                    cnt = torch.zeros(-(-n // (16 * warps)), device=dev, dtype=torch.int32)
-
-                    def run() -> None:
-                        wordsr(x, words, out, qw.scales, zeros, fmt=fmt, warps=warps, splits=splits,  # noqa: B023
-                               workspace=ws, counters=cnt)  # noqa: B023  # fmt: skip
-
-                    timed = C.check_then_time(
-                        f"G {warps} split {splits}", run, out, ref, C.tol(f"triton {scheme}")
-                    )
-                    failed |= timed is None
-                    if timed is None:
-                        continue
-                    t, err = timed
-                    t_cold = tuning.time_cold(run) * 1e3
-                    print(f"ok   G {warps} split {splits}: {t:6.2f} us ({t_torch / t:.2f}x torch, {t_b / t:.2f}x "
-                          f"wordsb), from HBM {t_cold:6.2f} us ({c_torch / t_cold:.2f}x)  rel err {err:.1e}", flush=True)  # fmt: skip
+                timed = C.check_then_time(
+                    f"G {warps} split {splits}", run, out, ref, C.tol(f"triton {scheme}")
+                )
+                failed |= timed is None
+                if timed is None:
+                    continue
+                t, err = timed
+                t_cold = tuning.time_cold(run) * 1e3
+                print(f"ok   G {warps} split {splits}: {t:6.2f} us ({t_torch / t:.2f}x torch, {t_b / t:.2f}x "
+                      f"wordsb), from HBM {t_cold:6.2f} us ({c_torch / t_cold:.2f}x)  rel err {err:.1e}", flush=True)  # fmt: skip
     return 1 if failed else 0
 
 

@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _gemm_cases as C  # noqa: E402
 
 from server_shim.quant import _gluon_w4w, arch, tuning  # noqa: E402
-from server_shim.quant import formats as F  # noqa: E402
 from server_shim.quant import kernels as K  # noqa: E402
 
 WORDSB = "wordsb:16x16x128:w4:s3:k1"  # the tuner's M = 16 choice on Hopper
@@ -50,15 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     failed = False
     for m, n, k in args.shapes:
-        g = torch.Generator(device=dev).manual_seed(1)
-        x = torch.randn(m, k, device=dev, generator=g).to(dtype)
-        qw = F.quantize_weight(torch.randn(n, k, device=dev, generator=g) * 0.02, "int4-g128")
-        ref = x.double() @ F.dequantize(qw).double().T
-        words = qw.data.view(torch.int32)
+        case = C.w4_case(m, n, k, "int4-g128", dtype, dev)
+        x, qw, ref, words = case.x, case.qw, case.ref, case.words
         if not _gluon_w4w.runs(x, words, qw.zeros, 0, 128):
             print(f"{m}x{n}x{k}: not a shape the tile takes (K % 128, M > 16, alignment)")
             continue
-        wd = F.dequantize(qw).to(dtype)
+        wd = case.dense
         t_torch = C.time_ms(lambda: x @ wd.T) * 1e3  # noqa: B023 - timed here, in this iteration
         with tuning.pinned(WORDSB):
             t_b = C.time_ms(lambda: K.int4_gemm(x, qw.data, qw.scales, qw.zeros, out_dtype=dtype)) * 1e3  # noqa: B023

@@ -42,6 +42,8 @@ CONFIGS_4BIT = (
     (1, "wordsg:16x16x128:w4:s1:k1"),  # one token through it
     (16, "wordsq:16x16x128:w4:s1:k1"),  # Gluon, both operands in place (as "wordsg")
     (1, "wordsq:16x16x128:w4:s1:k1"),
+    (1, "wordsq:16x16x128:w4:s2:k1"),  # its operands two K steps ahead
+    (16, "wordsq:16x16x128:w4:s2:k1"),
     (32, "wordsb:32x32x128:w4:s3:k1"),
     (64, "wordsk:64x64x128:w4:s3:k2"),
     (256, "fused:64x64x128:w4:s3:k1"),

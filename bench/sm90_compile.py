@@ -94,6 +94,7 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         return fn, dict(
             FORMAT=fixed["FORMAT"], BF16=x == torch.bfloat16, HAS_BIAS=False, BLOCK_N=cfg.bn, SUB=cfg.warps,
             PLANES=_gluon_w4.planes_source(fixed["FORMAT"], x), EVEN_K=True,
+            **({"PF": cfg.stages} if cfg.path == "wordsq" else {}),  # operands 1 or 2 steps ahead
         )  # fmt: skip
     if kind == "mm8":
         bk = min(cfg.bk, fixed["GROUP"]) if fixed["A_MODE"] == 2 else cfg.bk

@@ -1,6 +1,6 @@
-"""A 4-bit M <= 16 tile with both MMA operands in place ("wordsq"): an experiment in no dispatch
-path, checked against float64 and timed beside torch's 16-bit GEMM, the shim's "wordsb" tile, and
-"wordsg" (quant/_gluon_w4.py), whose sums it computes.
+"""The 4-bit M <= 16 tile with both MMA operands in place ("wordsq", in Hopper's M <= 16 tuner
+list) and its variants, checked against float64 and timed beside torch's 16-bit GEMM, the tuner's
+usual choice ("wordsb" / "gemvf"), and "wordsg" (quant/_gluon_w4.py), whose sums it computes.
 
     python bench/wordsq_w4.py                        # 16 and 1 x 4096 x 4096, int4-g128 and mxfp4
     python bench/wordsq_w4.py --variants quad quad-c2 --dtype fp16
@@ -16,9 +16,10 @@ SASS instructions than "wordsg"'s (`--compile`, variant "quad").
 
 Measured (H100, 2026-12-06, bf16; docs/gemm.md): correct everywhere (float64, equal bits twice);
 at M = 16 no variant beats "wordsb" (int4-g128 9.3-9.5 us against 8.2, mxfp4 9.1-10.2 against
-9.1; two more variants of commit e1c847c, operands two steps ahead and words 4 apart, no better),
+9.1; operands two steps ahead and, at commit e1c847c, words 4 apart no better),
 so fewer instructions do not buy M = 16's missing speed: the tile is bound by latency.
-With fp16 x it wins mxfp4 (9.2 against 11.2 us), which is why the shim tunes "quad" as "wordsq". Every
+With fp16 x it wins mxfp4 (9.2 against 11.2 us), and "quad-pf2" int4-g128 at M = 1 from HBM (10.8
+against 11.9 us for "gemvf"): the shim tunes both as "wordsq" (1 and 2 stages). Every
 variant is checked against float64 and for equal bits on a second run before it is timed; a FAIL
 line and exit status 1 when off. Needs an NVIDIA GPU (sm80+) and a triton with Gluon for the
 timing; elsewhere the timing mode says so and exits 0.
@@ -47,6 +48,7 @@ VARIANTS = {
     "quad": dict(UNROLL=2, CHAINS=1),
     "quad-c2": dict(UNROLL=2, CHAINS=2),
     "quad-u1": dict(UNROLL=1, CHAINS=1),
+    "quad-pf2": dict(UNROLL=2, CHAINS=1, PF=2),  # the shim's "wordsq" with 2 stages
 }
 
 if IMPORTED:

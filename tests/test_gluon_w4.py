@@ -106,10 +106,11 @@ def test_it_compiles_for_sm90_without_spills() -> None:
     r = subprocess.run([sys.executable, "bench/sm90_compile.py", "--m", "16", "--only", "wordsg", "wordsq"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     rows = [line for line in r.stdout.splitlines() if " wordsg:" in line or " wordsq:" in line]
-    # bench/sm90_compile.py's PINNED_ONLY ("wordsg", 16 and 32 columns) and Hopper's "wordsq"
-    listed = 3
+    # bench/sm90_compile.py's PINNED_ONLY ("wordsg", 16 and 32 columns) and Hopper's two "wordsq"
+    listed = 4
     assert r.returncode == 0 and len(rows) == 4 * listed, r.stdout[-2000:] + r.stderr[-2000:]
-    assert sum(" wordsq:16x16x128:" in row for row in rows) == 4  # int4-g128, mxfp4; bf16, fp16 x
+    for stages in (1, 2):  # int4-g128, mxfp4; bf16, fp16 x
+        assert sum(f" wordsq:16x16x128:w4:s{stages}:" in row for row in rows) == 4
     for row in rows:
         assert row.startswith("ok"), row
         if "no ptxas" not in row:
@@ -158,6 +159,7 @@ def test_a_pinned_gluon_config_names_only_the_tile_it_runs() -> None:
         ("wordsq:16x32x128:w4:s1:k1", "wordsq tiles are 16x16x128 (BMxBNxBK), not 16x32x128"),
         ("wordsg:16x16x64:w4:s1:k1", "wordsg tiles are 16x16x128 (BMxBNxBK), not 16x16x64"),
         ("wordsq:32x16x128:w4:s1:k1", "wordsq tiles are 16x16x128 (BMxBNxBK), not 32x16x128"),
+        ("wordsq:16x16x128:w4:s3:k1", "wordsq loads its operands 1 or 2 K steps ahead (s1, s2), not s3"),
     ):
         with pytest.raises(ValueError) as e:
             tuning.Cfg.parse(name)
@@ -165,8 +167,10 @@ def test_a_pinned_gluon_config_names_only_the_tile_it_runs() -> None:
 
 
 def test_hopper_tunes_wordsq_at_m_up_to_16_only() -> None:
+    two_ahead = tuning.Cfg("wordsq", 16, 16, 128, 4, 2)
     for m in (1, 8, 16):
-        assert WORDSQ in tuning.candidates("hopper", "wonly", m, 4096, 4096), m
+        listed = tuning.candidates("hopper", "wonly", m, 4096, 4096)
+        assert WORDSQ in listed and two_ahead in listed, m
     for m in (17, 64, 4096):
         assert all(c.path != "wordsq" for c in tuning.candidates("hopper", "wonly", m, 4096, 4096)), m
     assert all(c.path != "wordsq" for c in tuning.candidates("cdna", "wonly", 16, 4096, 4096))

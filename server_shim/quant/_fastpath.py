@@ -423,7 +423,9 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
                         x, wk, out, scales, zeros, bias, fmt=fmt, block_n=cfg.bn, sub=cfg.warps
                     )
                 else:
-                    _gluon_w4.wonly_wordsq(x, wk, out, scales, zeros, bias, fmt=fmt, sub=cfg.warps)
+                    _gluon_w4.wonly_wordsq(
+                        x, wk, out, scales, zeros, bias, fmt=fmt, sub=cfg.warps, PF=cfg.stages
+                    )
                 return out
             cfg = replace(cfg, path="wordsb")  # the same sums in plain Triton
         if cfg.path in WORD_PATHS:

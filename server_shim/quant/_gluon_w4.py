@@ -350,7 +350,7 @@ if IMPORTED:
                              szn, szg, FORMAT: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                              BLOCK_N: gl.constexpr, SUB: gl.constexpr, PLANES: gl.constexpr, EVEN_K: gl.constexpr,
                              ANATOMY: gl.constexpr = 0, UNROLL: gl.constexpr = 2,
-                             CHAINS: gl.constexpr = 1):  # fmt: skip
+                             CHAINS: gl.constexpr = 1, PF: gl.constexpr = 1):  # fmt: skip
         """`_wonly_wordsg_kernel` (same arguments and sums, BLOCK_N 16) with its operands in place: the
         dot's k order permuted (`_quad_step`) so that a thread's 4 words of a row are one 16-byte load
         (for mxfp4 one group: one scale code per row and step) and its x registers are the MMA's B
@@ -359,7 +359,8 @@ if IMPORTED:
         the other's math (the values a loop step carries are those its second load wrote, in the
         registers its first step read: no copies); EVEN_K then means K a multiple of 2 STEP, else a
         step past K reads zeros and adds nothing. CHAINS 2: each step's two 64-k halves as two MMA
-        chains (bench/wordsq_w4.py's variants; the shim runs the defaults)."""
+        chains. PF 2: each step's operands loaded two steps ahead (the shim's "wordsq" configs with 2
+        stages; bench/wordsq_w4.py times every variant)."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[SUB, 1, 1],
                                                       instr_shape=[1, 16, 8])  # fmt: skip
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
@@ -414,15 +415,26 @@ if IMPORTED:
         sc = gl.load(s_ptrs + gl.minimum(sg, last_g) * ssg)
         zero = gl.zeros([SUB, BLOCK_N, _BM], gl.float32, mma)
         acc = gl.zeros([SUB, BLOCK_N, _BM], gl.float32, mma)
+        gl.static_assert(PF == 1 or UNROLL == 2, "operands two steps ahead need two steps a loop step")
+        if PF == 2:  # step 1's operands before the loop too, carried like step 0's
+            word1, x1, zc1, sc1 = _quad_loads(STEP, word, x, zc, sc, w_ptrs, x_ptrs, z_ptrs, s_ptrs, kw, k_x, zg, sg, K,
+                                              last_g, szg, ssg, FORMAT, GROUP, STEP, EVEN_K, ANATOMY)  # fmt: skip
         for k0 in range(0, K if ANATOMY != 3 else 0, UNROLL * STEP):
-            word1, x1, zc1, sc1 = _quad_loads(k0 + STEP, word, x, zc, sc, w_ptrs, x_ptrs, z_ptrs, s_ptrs, kw, k_x, zg,
-                                              sg, K, last_g, szg, ssg, FORMAT, GROUP, STEP, EVEN_K, ANATOMY)  # fmt: skip
+            if PF == 1:
+                word1, x1, zc1, sc1 = _quad_loads(k0 + STEP, word, x, zc, sc, w_ptrs, x_ptrs, z_ptrs, s_ptrs, kw, k_x,
+                                                  zg, sg, K, last_g, szg, ssg, FORMAT, GROUP, STEP, EVEN_K, ANATOMY)  # fmt: skip
+            else:
+                word2, x2, zc2, sc2 = _quad_loads(k0 + 2 * STEP, word1, x1, zc1, sc1, w_ptrs, x_ptrs, z_ptrs, s_ptrs,
+                                                  kw, k_x, zg, sg, K, last_g, szg, ssg, FORMAT, GROUP, STEP, EVEN_K,
+                                                  ANATOMY)  # fmt: skip
             acc = _quad_step(acc, word, zc, x, sc, zero, PLANES, FORMAT, BF16, a_l, b_l, CHAINS)
             if UNROLL == 2:
-                word, x, zc, sc = _quad_loads(k0 + 2 * STEP, word1, x1, zc1, sc1, w_ptrs, x_ptrs, z_ptrs, s_ptrs, kw,
-                                              k_x, zg, sg, K, last_g, szg, ssg, FORMAT, GROUP, STEP, EVEN_K,
+                word, x, zc, sc = _quad_loads(k0 + (PF + 1) * STEP, word1, x1, zc1, sc1, w_ptrs, x_ptrs, z_ptrs, s_ptrs,
+                                              kw, k_x, zg, sg, K, last_g, szg, ssg, FORMAT, GROUP, STEP, EVEN_K,
                                               ANATOMY)  # fmt: skip
                 acc = _quad_step(acc, word1, zc1, x1, sc1, zero, PLANES, FORMAT, BF16, a_l, b_l, CHAINS)
+                if PF == 2:  # the next loop step's first operands are step k0 + 2's, its second these
+                    word1, x1, zc1, sc1, word, x, zc, sc = word, x, zc, sc, word2, x2, zc2, sc2
             else:
                 word, x, zc, sc = word1, x1, zc1, sc1
         _store_sums(acc, c_ptr, bias_ptr, rows, M, N, scm, scn, HAS_BIAS, BLOCK_N, mma)

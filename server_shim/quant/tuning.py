@@ -76,7 +76,8 @@ class Cfg:
     operands loaded straight into registers ("wordsb" where it cannot run); "wordsq": "wordsg" with
     k's order permuted alike in both operands so that they sit in their registers as loaded (a
     thread's 4 words of a row one 16-byte load, an mxfp4 group; x's MMA operand pairs without moves)
-    and two K steps a loop step (16 rows, 4 warps; "wordsb" where it cannot run);
+    and two K steps a loop step, stages 1 or 2: operands loaded that many K steps ahead (16 rows,
+    4 warps; "wordsb" where it cannot run);
     "fusedk" / "wordsk" / "tilek": "fused" / "words" / "tile" whose
     K splits reduce themselves (the last split to finish sums the partials in split order on a
     per-tile counter) instead of a second kernel (the 8-bit "tile" / "lag" splits always do); "lag": the fp8 tile with each K step's promoted
@@ -107,6 +108,8 @@ class Cfg:
         if fixed is not None and (self.bm, self.bn, self.bk) != fixed:
             raise ValueError(f"{self.path} tiles are {'x'.join(map(str, fixed))} (BMxBNxBK), not "
                              f"{self.bm}x{self.bn}x{self.bk}")  # fmt: skip
+        if self.path == "wordsq" and self.stages not in (1, 2):  # its operands 1 or 2 K steps ahead
+            raise ValueError(f"wordsq loads its operands 1 or 2 K steps ahead (s1, s2), not s{self.stages}")
 
     @property
     def name(self) -> str:
@@ -212,8 +215,9 @@ _HOPPER = {
         + _t("fusedk", (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8), (16, 32, 256, 4, 3, 8), (16, 64, 128, 4, 4, 4))
         # both MMA operands in place (quant/_gluon_w4.py; "wordsb" where Gluon cannot run): on an H100
         # (2026-12-06, flushed L2, the tuner's timing) mxfp4 with fp16 x at M = 16 13.8 us against 14.9
-        # for "wordsb"; bf16 and int4-g128 it loses there (bench/wordsq_w4.py), so the tuner decides
-        + _t("wordsq", (16, 16, 128, 4, 1)),
+        # for "wordsb"; with its operands two steps ahead int4-g128 bf16 at M = 1 10.8 against 11.9 for
+        # "gemvf"; elsewhere it loses (bench/wordsq_w4.py), so the tuner decides
+        + _t("wordsq", (16, 16, 128, 4, 1), (16, 16, 128, 4, 2)),
         # Not "wordsg" (quant/_gluon_w4.py, pinned only): with the weight in L2 it won int4-g128 at
         # M = 1 (H100, 2026-12-05: 6.26 against 6.46 us for "gemvf"), but read from HBM, as a decode
         # step reads it, it lost everywhere (10.0 against 7.5 us; `bench/wonly_sweep.py --cold`).

@@ -51,9 +51,8 @@ class SlotResult:
     max_logprob_diff: float
     tie_at_difference: bool = False
     error: str | None = None
-    margin_at_difference: float | None = (
-        None  # the compared-with side: top-1/top-2 logprob margin at the flip
-    )
+    # the compared-with side's top-1/top-2 logprob margin at the flip
+    margin_at_difference: float | None = None
     # concurrent requests: the batch neighbours are whatever else the server runs at that moment
     # (timing), so under per-tensor activation scales the probe's quantization grid differs per
     # draw; batch slots: the same neighbours every time

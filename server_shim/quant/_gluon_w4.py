@@ -1,5 +1,5 @@
-"""The 4-bit weight-only GEMM for decode batches (M <= 16) on NVIDIA GPUs, written in Gluon
-("wordsg" configs).
+"""The 4-bit weight-only GEMMs for decode batches (M <= 16) on NVIDIA GPUs, written in Gluon
+("wordsg" and "wordsq" configs).
 
 Why it exists: at M <= 16 a 4-bit GEMM should be bound by reading its weights (a quarter of bf16's
 bytes), but the plain-Triton word tile ("wordsb") spent about 2.3 of its 7.8 us staging x's MMA
@@ -18,10 +18,15 @@ dot on the exact q - z with the row scale times each step's fp32 partial, the wa
 summed once at the end. x travels as int32 pairs (carried from one step to the next as 16-bit
 values, LLVM re-packed them every step: 40 more instructions) and is split at its use.
 
+"wordsq" computes the same sums with both operands as loaded (`_wonly_wordsq_kernel`): k's order
+permuted alike on both sides, so that with k_width 4 x's registers are the MMA's operand pairs
+without moves and a thread's 4 words of a row are one 16-byte load (for mxfp4 one scale group).
+
 Gluon kernels do not run under the Triton interpreter: where `arch.gluon_mma_w4` says no (CPU,
-ROCm, a triton without Gluon) a pinned "wordsg" config runs as "wordsb", the same sums in plain
-Triton. No tuner list offers it: with its weights read from HBM, as in a decode step, it was slower
-than "gemvf" and "wordsb" (docs/gemm.md).
+ROCm, a triton without Gluon) a "wordsg" or "wordsq" config runs as "wordsb", the same sums in
+plain Triton. No tuner list offers "wordsg": with its weights read from HBM, as in a decode step,
+it was slower than "gemvf" and "wordsb"; Hopper's M <= 16 list has "wordsq", which wins mxfp4 with
+fp16 x at M = 16 and, two steps ahead, int4-g128 at M = 1 (docs/gemm.md).
 """
 
 from __future__ import annotations

@@ -221,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         (m, k), n, scheme = case.x.shape, case.words.shape[0], case.qw.scheme
         fmt, dtype, dev = SCHEMES[scheme], case.x.dtype, case.x.device
         x, qw, ref, words, zeros = case.x, case.qw, case.ref, case.words, case.zeros
-        (t_torch, c_torch), (t_b, _) = case.baselines(WORDSB)
+        (t_torch, c_torch), (t_b, c_b) = case.baselines(WORDSB)
         print(f"\n{m}x{n}x{k} {scheme} {args.dtype}: torch {t_torch:.2f} us (from HBM {c_torch:.2f}), "
-              f"wordsb {t_b:.2f} us", flush=True)  # fmt: skip
+              f"wordsb {t_b:.2f} us (from HBM {c_b:.2f})", flush=True)  # fmt: skip
         for warps in args.warps:
             for splits in args.splits:
                 why = fits(m, n, k, warps, splits)

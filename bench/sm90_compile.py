@@ -125,7 +125,8 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
     if cfg.path in _fastpath.WORD_GEMVS:  # main() gives it int32 words
         kern = _fastpath.gemv4_kernel(k, cfg.path)
-        extra = {"FACTORED": True, "X_PAIRS": True} if cfg.path == "gemvf" else {}  # bf16 x, aligned
+        extra = {"gemvf": {"FACTORED": True, "X_PAIRS": True, "PTX": fixed.get("PTX", True)},
+                 "gemvs": {"X_PAIRS": True}}.get(cfg.path, {})  # fmt: skip
         return kern, dict(
             common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split, **extra
         )
@@ -338,7 +339,7 @@ def rotary_variants() -> list[tuple[str, dict, dict, set]]:
 PATHS_OF = {
     "mm8": frozenset(("tile", "lag", "tma", "tmap", "gemv", "quant2", "wsp")),
     "wonly": frozenset(("tile", "tilek", "deq", "deqb", "fused", "fusedk", "words", "wordsk", "wordsb", "gemv",
-                        "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "wordsg", "wordsq")),
+                        "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "gemvs", "wordsg", "wordsq")),
 }  # fmt: skip
 GLUON_W4 = ("wordsg", "wordsq")  # the Gluon 4-bit kernels of quant/_gluon_w4.py
 # configs in no tuner list that can still be pinned (bench/wonly_sweep.py --configs): compiled as well
@@ -354,7 +355,7 @@ def main() -> int:
         "--only",
         nargs="+",
         default=None,
-        help="only these config paths (tile lag tma tmap wsp gemv gemvg gemvw gemvx gemvr gemvf fused fusedk words wordsk wordsb wordsg wordsq tilek deq deqb)",
+        help="only these config paths (tile lag tma tmap wsp gemv gemvg gemvw gemvx gemvr gemvf gemvs fused fusedk words wordsk wordsb wordsg wordsq tilek deq deqb)",
     )
     ap.add_argument(
         "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm, rotary)"

@@ -24,6 +24,7 @@ PLANES_F16: Any = None
 PLANES_BF16: Any = None
 MX_PLANES_F16: Any = None
 MX_PLANES_BF16: Any = None
+F16_PAIR_TO_F32: Any = None
 
 
 def _split_store(acc, ws_ptr, pid_k, offs_m, offs_n, M, N):

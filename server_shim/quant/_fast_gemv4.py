@@ -10,6 +10,7 @@ from __future__ import annotations
 # placeholders and plain helpers, each rebound here by bind()
 from server_shim.quant._fast_common import (
     E2M1_F16,
+    F16_PAIR_TO_F32,
     _dequant_pair,
     _e2m1_to_f32,
     _e2m1_to_f32_h,
@@ -317,20 +318,25 @@ def _gemv4h_nib(h, P: tl.constexpr, zf):
     return (h & m).to(tl.float32, bitcast=True) * (0.0625**P) - (zf + 2.0 ** (23 - 4 * P))
 
 
-def _gemv4h_e2m1(word, P: tl.constexpr):
+def _gemv4h_e2m1(word, P: tl.constexpr, PTX: tl.constexpr):
     """Nibbles P and P + 4 of every word -> their e2m1 values * 2**-14 (fp32): both halves' codes
-    land in two fp16 at once (`_e2m1_to_f32_h`'s bits: magnitude to bits 9..11, sign to 15)."""
+    land in two fp16 at once (`_e2m1_to_f32_h`'s bits: magnitude to bits 9..11, sign to 15). PTX
+    (NVIDIA): each half widened where it lies (`F16_PAIR_TO_F32`), where the plain casts first
+    move the halves apart (a byte permute and a shift per pair)."""
     if P < 3:  # noqa: SIM108
         mag = word << (9 - 4 * P)
     else:
         mag = word >> 3  # bits 12..14 -> 9..11 (an arithmetic shift: only bits 29..31 see the sign)
     v = (mag & 0x0E000E00) | ((word << (12 - 4 * P)) & -0x7FFF8000)  # 0x80008000: the halves' sign bits
-    fl = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    fh = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    if PTX:
+        fl, fh = tl.inline_asm_elementwise(F16_PAIR_TO_F32, "=r,=r,r", [v], (tl.float32, tl.float32), True, 1)
+    else:
+        fl = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        fh = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return fl, fh
 
 
-def _gemv4h_word(word, x0, x1, x2, x3, x4, x5, x6, x7, zf, FORMAT: tl.constexpr):
+def _gemv4h_word(word, x0, x1, x2, x3, x4, x5, x6, x7, zf, FORMAT: tl.constexpr, PTX: tl.constexpr):
     """The word's 8 nibbles times their x (fp32), unscaled (int4: the sum of (q - z) x; mxfp4: of
     e2m1(q) * 2**-14 x), its two 16-bit halves worked side by side: a nibble costs one and and
     one fma (int4), or half an integer op pair and a conversion (mxfp4), before its product."""
@@ -346,16 +352,16 @@ def _gemv4h_word(word, x0, x1, x2, x3, x4, x5, x6, x7, zf, FORMAT: tl.constexpr)
         t += _gemv4h_nib(lo, 3, zf) * x3
         t += _gemv4h_nib(hi, 3, zf) * x7
     else:
-        a, b = _gemv4h_e2m1(word, 0)
+        a, b = _gemv4h_e2m1(word, 0, PTX)
         t = a * x0
         t += b * x4
-        a, b = _gemv4h_e2m1(word, 1)
+        a, b = _gemv4h_e2m1(word, 1, PTX)
         t += a * x1
         t += b * x5
-        a, b = _gemv4h_e2m1(word, 2)
+        a, b = _gemv4h_e2m1(word, 2, PTX)
         t += a * x2
         t += b * x6
-        a, b = _gemv4h_e2m1(word, 3)
+        a, b = _gemv4h_e2m1(word, 3, PTX)
         t += a * x3
         t += b * x7
     return t
@@ -416,7 +422,7 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
                    FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                    EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FACTORED: tl.constexpr = False,
-                   X_PAIRS: tl.constexpr = False):  # fmt: skip
+                   X_PAIRS: tl.constexpr = False, PTX: tl.constexpr = False):  # fmt: skip
     """`_gemv4x_kernel` (same arguments, int32 words, same numerics) for one weight row per program
     (BLOCK_N is 1, or 2 for gemvf below; grid (N / BLOCK_N, splits, M)): no row axis to broadcast x over, so its nibble planes and
     the words can share one register layout -- no trip through shared memory at all. The words are
@@ -463,13 +469,13 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
         else:
             x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4x_planes(xs, W, G)
         if FACTORED:  # the x planes are fp32 already (16-bit x is widened where it is loaded)
-            acc += s3 * _gemv4h_word(word, x0, x1, x2, x3, x4, x5, x6, x7, z.to(tl.float32), FORMAT)
+            acc += s3 * _gemv4h_word(word, x0, x1, x2, x3, x4, x5, x6, x7, z.to(tl.float32), FORMAT, PTX)
             if BLOCK_N == 2:
                 # the second row's words, scales and zeros (its x loads are the first's: dropped)
                 word1, _, s1, z1 = _gemv4r_loads(w_ptr + n1 * swn, x_row, s_ptr, z_ptr, n1, k0, jw, kx, og, K, swk,
                                                  sxk, ssn, ssg, szn, szg, FORMAT, GROUP, EVEN_K, X_PAIRS)  # fmt: skip
                 acc1 += _gemv4r_scale(s1, FORMAT) * _gemv4h_word(word1, x0, x1, x2, x3, x4, x5, x6, x7,
-                                                                 z1.to(tl.float32), FORMAT)  # fmt: skip
+                                                                 z1.to(tl.float32), FORMAT, PTX)  # fmt: skip
         else:
             acc += _gemv4x_term(word, x0, 0, s3, zb, FORMAT, DT, EMULATE_RNE)
             acc += _gemv4x_term(word, x1, 1, s3, zb, FORMAT, DT, EMULATE_RNE)
@@ -493,5 +499,51 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
                     scm, scn, SPLIT_OUT, HAS_BIAS)  # fmt: skip
 
 
+def _gemv4s_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
+                   sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
+                   FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr = False):  # fmt: skip
+    """ "gemvs": "gemvf"'s factored products (same arguments, int32 words) with x stationary: BLOCK_N
+    weight rows per program share one K step's x planes, where "gemvf" reads x and splits it into
+    fp32 planes once per row (half its loads are x's 16 bytes per 4-byte word, and a plane costs an
+    op per nibble). A thread holds 4 consecutive words (one 16-byte load) of each of the BLOCK_N rows,
+    32 k that lie in one group (GROUP % 32 == 0), so their 4 word sums take the group's scale once;
+    the rows' partials are summed across the program once, at the end."""
+    row, pid_k, offs_n, rn, k_lo, k_hi = _gemv_place(N, K, K_PER, BLOCK_N)
+    Q: tl.constexpr = BLOCK_K // 32  # quads: 4 words, 32 k
+    oq = tl.arange(0, Q)
+    jw = oq[:, None] * 4 + tl.arange(0, 4)[None, :]  # [Q, 4]: word index inside the K tile
+    kx = 8 * jw[:, :, None] + tl.arange(0, 8)[None, None, :]  # [Q, 4, 8]: k of each nibble
+    w_rows = w_ptr + rn[:, None, None] * swn
+    x_row = x_ptr + row * sxm
+    acc = tl.zeros([BLOCK_N, Q], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            word = tl.load(w_rows + (k0 // 8 + jw)[None, :, :] * swk)
+        else:
+            word = tl.load(
+                w_rows + (k0 // 8 + jw)[None, :, :] * swk, mask=(k0 + 8 * jw < K)[None, :, :], other=0
+            )
+        if X_PAIRS:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _bf16_pair_planes(_bf16_pairs(x_row, k0, jw, K, EVEN_K))
+        else:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4x_planes(
+                _gemv4w_x(x_row, k0 + kx, k0 + kx < K, sxk, EVEN_K), Q, 4
+            )
+        gq = tl.minimum((k0 + 32 * oq) // GROUP, (K - 1) // GROUP)  # a quad's group (one past K: its x are 0)
+        s = tl.load(s_ptr + rn[:, None] * ssn + gq[None, :] * ssg)
+        zf = s  # unused by mxfp4
+        if FORMAT == 0:
+            zf = tl.load(z_ptr + rn[:, None] * szn + gq[None, :] * szg).to(tl.float32)[:, :, None]
+        t = _gemv4h_word(word, x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :], x4[None, :, :],
+                         x5[None, :, :], x6[None, :, :], x7[None, :, :], zf, FORMAT, False)  # fmt: skip
+        acc += _gemv4r_scale(s, FORMAT) * tl.sum(t, axis=2)
+    out = tl.sum(acc, axis=1)
+    if FORMAT == 1:
+        out = out * 16384.0
+    _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
+
+
 HELPERS = ("_gemv4_store", "_gemv4w_words", "_gemv4w_x", "_gemv4w_next", "_gemv4x_planes", "_gemv4x_term", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word")  # fmt: skip
-KERNELS = ("_gemv4_kernel", "_gemv4g_kernel", "_gemv4w_kernel", "_gemv4x_kernel", "_gemv4r_kernel")  # fmt: skip
+KERNELS = ("_gemv4_kernel", "_gemv4g_kernel", "_gemv4w_kernel", "_gemv4x_kernel", "_gemv4r_kernel", "_gemv4s_kernel")  # fmt: skip

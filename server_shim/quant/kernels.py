@@ -101,6 +101,10 @@ def _build() -> SimpleNamespace:
                 "PLANES_BF16": language.constexpr(_fast.planes_ptx(bf16=True)),
                 "MX_PLANES_F16": language.constexpr(_fast.mx_planes_ptx(bf16=False)),
                 "MX_PLANES_BF16": language.constexpr(_fast.mx_planes_ptx(bf16=True)),
+                # two fp16 in one register widened to fp32 where they lie (gemvf's mxfp4 on NVIDIA)
+                "F16_PAIR_TO_F32": language.constexpr(
+                    "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }"
+                ),
             },
         )
         interp = triton_interpreting()
@@ -128,7 +132,7 @@ def _build() -> SimpleNamespace:
             mm8=fast["_mm8_kernel"], mm8_tma=fast["_mm8_tma_kernel"], mm8_tmap=fast["_mm8_tmap_kernel"], reduce=fast["_splitk_reduce_kernel"], wonly_fast=fast["_wonly_kernel"],
             deq=fast["_wonly_dequant_kernel"], mm16=fast["_mm16_kernel"], gemv8=fast["_gemv8_kernel"],
             gemv4=fast["_gemv4_kernel"], wonly_fused=fast["_wonly_fused_kernel"], wonly_words=fast["_wonly_words_kernel"], wonly_wordsb=fast["_wonly_wordsb_kernel"], gemv4g=fast["_gemv4g_kernel"],
-            gemv4w=fast["_gemv4w_kernel"], gemv4x=fast["_gemv4x_kernel"], gemv4r=fast["_gemv4r_kernel"],
+            gemv4w=fast["_gemv4w_kernel"], gemv4x=fast["_gemv4x_kernel"], gemv4r=fast["_gemv4r_kernel"], gemv4s=fast["_gemv4s_kernel"],
             # DIFFTEST_TRITON_PTX=0: the word tiles' plain-Triton planes on NVIDIA too (should a driver's
             # ptxas reject or mis-assemble the inline PTX)
             ptx=env_switch("DIFFTEST_TRITON_PTX", True),

@@ -73,17 +73,11 @@ def _layer_parts(
     return parts
 
 
-# a TIE margin (nats) a user sets over this counts nearly every batch-slot flip as a tie: flips
-# happen near ties, and the nulls measured on GPUs gave 0.53 at most (README "On a GPU")
-TIE_MARGIN_GUARD = 1.0
-
-
-def _mark_informative(part: PartVerdict, overrides: Mapping[str, float] = {}) -> PartVerdict:
-    """A carried part's limits (e.g. 3x the golden's slot variance) can be widened past use too,
-    and so can the slot flips' TIE rule by a `tie_margin` override."""
-    wide_tie = float(overrides.get("tie_margin", 0.0)) > TIE_MARGIN_GUARD
+def _mark_informative(part: PartVerdict) -> PartVerdict:
+    """A carried part's limits (e.g. 3x the golden's slot variance) can be widened past use too (a
+    `tie_margin` override past use: `invariance.TIE_MARGIN_GUARD`, judged where the flips are)."""
     checks = tuple(
-        c if informative(c.name, c.limit) and not (wide_tie and c.name == "slot_token_mismatches")
+        c if informative(c.name, c.limit)
         else dataclasses.replace(c, informative=False, note=c.note + UNINFORMATIVE_NOTE)
         for c in part.checks
     )  # fmt: skip
@@ -110,9 +104,7 @@ def judge_one(
     acc = target.comparison("accuracy")
     if acc is None:
         raise ValueError(f"{target.name}: no accuracy comparison to judge")
-    extra = _layer_parts(target, null, target.scheme, margin) + [
-        _mark_informative(p, overrides) for p in carried
-    ]
+    extra = _layer_parts(target, null, target.scheme, margin) + [_mark_informative(p) for p in carried]
     old = target.verdict
     target.verdict = judge_target(
         target.name,

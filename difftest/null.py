@@ -58,6 +58,7 @@ UNINFORMATIVE = {
     "kl_p99": ("<=", 10.0),
     "point_rel_err_max": ("<=", 0.5),
     "slot_logprob_max_diff": ("<=", 1.0),
+    "placement_logprob_max_diff": ("<=", 1.0),
 }
 
 UNINFORMATIVE_NOTE = "; a broken target would pass this limit"  # appended to such a limit's note

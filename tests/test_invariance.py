@@ -107,8 +107,9 @@ def test_baseline_flips_are_counted_by_the_targets_tie_rule() -> None:
     widen the target's allowance (measured on an H200: a bf16 fp8-tensor golden flipped 2-4 of 4
     placements per draw, which allowed a target every flip)."""
 
-    def flipped(margin: float) -> InvarianceResult:
-        slots = [SlotResult(f"slot {i}", False, 3, 0.0, margin_at_difference=margin) for i in (1, 3)]
+    def flipped(margin: float) -> InvarianceResult:  # concurrent placements: the TIE margin applies
+        slots = [SlotResult(f"concurrent request {i} of 4", False, 3, 0.0, margin_at_difference=margin,
+                            timing_dependent=True) for i in (1, 3)]  # fmt: skip
         return InvarianceResult("p", 0.05, slots)
 
     target = flipped(0.9)  # the target flips both placements at a wide margin: a real flip
@@ -123,7 +124,7 @@ def test_baseline_flips_are_counted_by_the_targets_tie_rule() -> None:
     wide.relative_to("golden", flipped(0.1), flipped(0.7))
     check = next(c for c in wide.verdict().checks if c.name == "slot_token_mismatches")
     assert wide.baseline_draw_flips == [0, 2] and check.passed and not check.informative
-    assert "flips every placement itself" in check.note
+    assert "flips every such placement itself" in check.note
 
 
 def test_skipped_and_errored_placements_never_pass_silently() -> None:
@@ -156,9 +157,10 @@ def test_twin_widens_the_slot_limits_of_a_batch_variant_but_correct_kernel() -> 
     golden flipped none. The golden's rounding twin flips the same probe: a flip proves nothing."""
     from difftest.invariance import InvarianceResult, SlotResult, with_twin
 
-    def result() -> InvarianceResult:
-        r = InvarianceResult("p0", 0.05, slots=[SlotResult("batch slot 1 of 4", False, 3, 0.11),
-                                                 SlotResult("batch slot 3 of 4", True, None, 0.02)])  # fmt: skip
+    def result() -> InvarianceResult:  # the probe batched against it alone: across batch shapes
+        r = InvarianceResult("p0", 0.05, slots=[
+            SlotResult("batch slot 0 of 4", False, 3, 0.11, margin_at_difference=0.9, shape_dependent=True),
+            SlotResult("concurrent request 1 of 4", True, None, 0.02, timing_dependent=True)])  # fmt: skip
         r.baseline, r.baseline_draw_worst, r.baseline_draw_flips = "golden", [0.0], [0]
         return r
 
@@ -166,7 +168,9 @@ def test_twin_widens_the_slot_limits_of_a_batch_variant_but_correct_kernel() -> 
     assert not before.passed  # 1 token failure > 0, 0.11 > 0.05
     after = with_twin(result(), SlotResult("rounding twin of golden", False, 5, 0.06)).verdict()
     tokens, logprobs = after.checks
-    assert not tokens.informative and tokens.limit == 2.0 and not tokens.fails
+    assert not tokens.informative and tokens.value == 0.0 and not tokens.fails
+    assert "the rounding twin flips this probe's tokens" in tokens.note
+    assert logprobs.name == "placement_logprob_max_diff"
     assert logprobs.limit == pytest.approx(0.18) and logprobs.passed  # 3 x the twin's 0.06
     assert after.passed
     # a twin that does not flip the probe leaves the token check informative and strict
@@ -174,16 +178,58 @@ def test_twin_widens_the_slot_limits_of_a_batch_variant_but_correct_kernel() -> 
     assert strict.checks[0].informative and not strict.passed
 
 
+def test_same_shape_slot_flips_get_only_the_baselines_same_shape_allowance() -> None:
+    """The bfloat16 gate of 2026-12-06 (H100), in numbers: the slot-variant control flipped slots 1
+    and 3 at the first token, margin 0.25 nats, against slot 0 of the same batch shape. Its TIE
+    margin was 0.375 and its golden's worst move 0.75 nats (under the batched-vs-alone
+    placements), so a rule borrowed from those placements tied both flips and the black-box check
+    passed it. In the same-shape placements the golden moved 0.0: both flips count. Its rounding
+    twin flipping the probe waives nothing there either: the twin is another kernel, a slot is
+    the same kernel."""
+    from difftest.invariance import with_twin
+
+    def slots() -> list[SlotResult]:
+        return [SlotResult("batch slot 0 of 4", False, 4, 0.178, margin_at_difference=0.375, shape_dependent=True),
+                *(SlotResult(f"batch slot {i} of 4", False, 0, 0.0, margin_at_difference=0.25) for i in (1, 3)),
+                *(SlotResult(f"concurrent request {i} of 4", False, 4, 0.12, margin_at_difference=0.375,
+                             timing_dependent=True) for i in (1, 3))]  # fmt: skip
+
+    def golden(strict_move: float) -> InvarianceResult:
+        return InvarianceResult("arith-sum", 0.05, [
+            SlotResult("batch slot 0 of 4", True, None, 0.747, shape_dependent=True),
+            SlotResult("batch slot 1 of 4", True, None, strict_move),
+            SlotResult("batch slot 3 of 4", True, None, strict_move)])  # fmt: skip
+
+    control = InvarianceResult("arith-sum", 0.05, slots(), tie_margin=0.375)
+    control.relative_to("golden", golden(0.0), golden(0.0), golden(0.0))
+    assert control.baseline_strict_worst == 0.0 and control.baseline_worst == 0.747
+    tokens, strict, loose = control.verdict().checks
+    assert control.token_failures == 2 and tokens.limit == 0 and not tokens.passed and tokens.informative
+    assert "every flip counts" not in tokens.note and "(0 nats) are ties" in tokens.note
+    assert strict.name == "slot_logprob_max_diff" and strict.limit == 0.05 and strict.passed
+    assert loose.name == "placement_logprob_max_diff" and loose.limit == pytest.approx(3 * 0.747)
+    twin = SlotResult("rounding twin of golden", False, 2, 0.7)
+    assert with_twin(InvarianceResult("arith-sum", 0.05, slots()), twin, 0.375).relative_to(
+        "golden", golden(0.0)).token_failures == 2  # fmt: skip
+    # a baseline that itself moves 0.2 in those placements: a flip within 2 x 0.2 is its noise
+    noisy = InvarianceResult("arith-sum", 0.05, slots(), tie_margin=0.375).relative_to("golden", golden(0.2))
+    assert noisy.token_failures == 0 and noisy.verdict().passed
+    # no baseline at all: a same-shape flip outside the sequence's own shift counts
+    assert InvarianceResult("arith-sum", 0.05, slots(), tie_margin=0.375).token_failures == 2
+
+
 def test_slot_flips_within_the_nulls_tie_margin_are_ties() -> None:
-    """bf16 on an H200, new engine: a correct Triton fp8-block target flipped the probe in 4
-    placements (M=1 runs a GEMV, M=4 a tile: other rounding) while its twin happened not to flip
-    that one probe. The twin's TIE margin, from all 30 prompts, judges the flip instead."""
+    """bf16 on an H200, new engine: a correct Triton fp8-block target flipped the probe batched
+    against it alone (M=1 runs a GEMV, M=4 a tile: other rounding) while its twin happened not to
+    flip that one probe. The twin's TIE margin, from all 30 prompts, judges the flip instead."""
     from difftest.invariance import with_twin
 
     def result() -> InvarianceResult:
         slots = [
-            SlotResult("batch slot 1 of 4", False, 3, 0.02, margin_at_difference=0.08),
-            SlotResult("concurrent request 1 of 4", False, 5, 0.02, margin_at_difference=0.30),
+            SlotResult("batch slot 0 of 4", False, 3, 0.02, margin_at_difference=0.08, shape_dependent=True),
+            SlotResult(
+                "concurrent request 1 of 4", False, 5, 0.02, margin_at_difference=0.30, timing_dependent=True
+            ),
         ]
         r = InvarianceResult("p0", 0.05, slots=slots)
         r.baseline, r.baseline_draw_worst, r.baseline_draw_flips = "golden", [0.0], [0]
@@ -197,6 +243,12 @@ def test_slot_flips_within_the_nulls_tie_margin_are_ties() -> None:
     assert tokens.informative and tokens.value == 1.0 and not tokens.passed
     assert "TIE margin 0.12" in tokens.note
     assert with_twin(result(), twin, tie_margin=0.5).verdict().passed  # both within: no evidence
+
+
+def loose_draw(diff: float) -> InvarianceResult:
+    """A baseline draw that moves `diff` against the probe alone and not at all in slots 1 and 3."""
+    return InvarianceResult("p", 0.05, [SlotResult("concurrent request 1 of 4", True, None, diff, timing_dependent=True),
+                                        SlotResult("batch slot 1 of 4", True, None, 0.0)])  # fmt: skip
 
 
 def test_concurrent_flips_within_twice_the_baselines_worst_move_are_ties() -> None:
@@ -213,7 +265,7 @@ def test_concurrent_flips_within_twice_the_baselines_worst_move_are_ties() -> No
             for i in (1, 3)
         ]
         r = InvarianceResult("arith-sum", 0.05, slots, tie_margin=0.531)
-        return r.relative_to("golden", result(0.284), result(0.330), result(0.333))
+        return r.relative_to("golden", loose_draw(0.284), loose_draw(0.330), loose_draw(0.333))
 
     concurrent = target("concurrent request", 0.625, True)
     tokens = concurrent.verdict().checks[0]
@@ -248,11 +300,11 @@ def test_a_flip_across_batch_shapes_within_twice_the_baselines_move_is_a_tie() -
     def target(placement: str, shape: bool) -> InvarianceResult:
         s = SlotResult(placement, False, 4, 0.174, margin_at_difference=0.4375, shape_dependent=shape)
         r = InvarianceResult("arith-sum", 0.05, [s], tie_margin=0.359)
-        return r.relative_to("golden", result(0.115), result(0.115), result(0.327))
+        return r.relative_to("golden", loose_draw(0.115), loose_draw(0.115), loose_draw(0.327))
 
     across = target("batch slot 0 of 4", True)
     assert across.token_failures == 0 and across.verdict().passed
-    assert "against the probe alone also flips within 2x golden's worst move (0.654 nats)" in (
+    assert "TIE margin 0.359 nats or 2x golden's worst move (0.654 nats) are ties" in (
         across.verdict().checks[0].note
     )
     assert target("batch slot 1 of 4", False).token_failures == 1
@@ -260,15 +312,16 @@ def test_a_flip_across_batch_shapes_within_twice_the_baselines_move_is_a_tie() -
 
 
 def test_a_tie_margin_override_that_ties_every_flip_informs_nothing() -> None:
-    """A `tie_margin` of 5 nats counts nearly every batch-slot flip as a tie: the slot token check
-    could not fail, so it is marked not informative (overrides went unguarded)."""
-    from difftest.judge import _mark_informative
-    from difftest.results import Check, PartVerdict
+    """A `tie_margin` of 5 nats counts nearly every flip against the probe alone as a tie: where
+    only such placements were measured the token check could not fail, so it is marked not
+    informative. Slots 1 and 3 against slot 0 take no TIE margin: with them it still informs."""
 
-    part = PartVerdict("invariance", "golden", (
-        Check("slot_token_mismatches", 0.0, 0.0, "<=", True),
-        Check("slot_logprob_max_diff", 0.1, 0.5, "<=", True),
-    ))  # fmt: skip
-    wide = {c.name: c for c in _mark_informative(part, {"tie_margin": 5.0}).checks}
-    assert not wide["slot_token_mismatches"].informative and wide["slot_logprob_max_diff"].informative
-    assert all(c.informative for c in _mark_informative(part, {"tie_margin": 0.5}).checks)
+    def judged(tie: float, *, with_slots: bool) -> bool:
+        slots = [SlotResult("concurrent request 1 of 4", True, None, 0.0, timing_dependent=True)]
+        if with_slots:
+            slots.append(SlotResult("batch slot 1 of 4", True, None, 0.0))
+        r = InvarianceResult("p", 0.05, slots, tie_margin=tie).relative_to("golden", loose_draw(0.1))
+        return r.verdict().checks[0].informative
+
+    assert not judged(5.0, with_slots=False) and judged(5.0, with_slots=True)
+    assert judged(0.5, with_slots=False)

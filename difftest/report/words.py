@@ -36,6 +36,7 @@ METRIC_NAMES = {
     "local_norm_ratio_max": "largest module norm ratio",
     "local_err_vs_siblings_max": "module error vs its siblings' median",
     "slot_logprob_max_diff": "batch-slot logprob difference",
+    "placement_logprob_max_diff": "batched-vs-alone logprob difference",
     "slot_token_mismatches": "batch-slot token flips",
 }
 _RATES = ("top1_agreement", "token_match", "failed_rate", "broken_rate", "garbled_rate")

@@ -125,8 +125,8 @@ def kernel_and_consts(k, kind: str, cfg: tuning.Cfg, fixed: dict, m: int) -> tup
         return k.gemv4, dict(common, EMULATE_RNE=False, SPLIT_OUT=split)
     if cfg.path in _fastpath.WORD_GEMVS:  # main() gives it int32 words
         kern = _fastpath.gemv4_kernel(k, cfg.path)
-        extra = {"gemvf": {"FACTORED": True, "X_PAIRS": True, "PTX": fixed.get("PTX", True)},
-                 "gemvs": {"X_PAIRS": True}}.get(cfg.path, {})  # fmt: skip
+        # bf16 x, aligned; mxfp4's halves widened by inline PTX, as on an NVIDIA GPU
+        extra = {"FACTORED": True, "X_PAIRS": True, "PTX": True} if cfg.path == "gemvf" else {}
         return kern, dict(
             common, BLOCK_K=max(cfg.bk, fixed["GROUP"]), EMULATE_RNE=False, SPLIT_OUT=split, **extra
         )
@@ -339,7 +339,7 @@ def rotary_variants() -> list[tuple[str, dict, dict, set]]:
 PATHS_OF = {
     "mm8": frozenset(("tile", "lag", "tma", "tmap", "gemv", "quant2", "wsp")),
     "wonly": frozenset(("tile", "tilek", "deq", "deqb", "fused", "fusedk", "words", "wordsk", "wordsb", "gemv",
-                        "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "gemvs", "wordsg", "wordsq")),
+                        "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "wordsg", "wordsq")),
 }  # fmt: skip
 GLUON_W4 = ("wordsg", "wordsq")  # the Gluon 4-bit kernels of quant/_gluon_w4.py
 # configs in no tuner list that can still be pinned (bench/wonly_sweep.py --configs): compiled as well
@@ -355,7 +355,7 @@ def main() -> int:
         "--only",
         nargs="+",
         default=None,
-        help="only these config paths (tile lag tma tmap wsp gemv gemvg gemvw gemvx gemvr gemvf gemvs fused fusedk words wordsk wordsb wordsg wordsq tilek deq deqb)",
+        help="only these config paths (tile lag tma tmap wsp gemv gemvg gemvw gemvx gemvr gemvf fused fusedk words wordsk wordsb wordsg wordsq tilek deq deqb)",
     )
     ap.add_argument(
         "--attention", action="store_true", help="only the fused decode kernels (attention, RMSNorm, rotary)"

@@ -1,6 +1,7 @@
 """A tiny interpreter of the PTX subset our inline-asm dequantization uses, for CI (no GPU there).
 
-It runs the very strings the kernels embed (`_triton_fast.planes_ptx`, `mx_planes_ptx`), one
+It runs the very strings the kernels embed (`_triton_fast.planes_ptx`, `mx_planes_ptx`, gemvf's
+`F16_PAIR_TO_F32`), one
 invocation per call, on Python integers, so that the byte-permute selectors, the lookup tables,
 the lop3 truth tables and the packed fmas are checked against the formats' own decoding. ptxas
 on the device then only has to agree with the PTX ISA, which the instructions below follow:
@@ -45,6 +46,11 @@ def prmt(a: int, b: int, c: int) -> int:
     return out
 
 
+def ptx_emu_f16(bits: int) -> float:
+    """A 16-bit pattern's fp16 value (subnormals included)."""
+    return _half_value(bits & 0xFFFF, "f16x2")
+
+
 def lop3(a: int, b: int, c: int, lut: int) -> int:
     out = 0
     for bit in range(32):
@@ -63,7 +69,7 @@ def fma_x2(a: int, b: int, c: int, kind: str) -> int:
 
 
 def run(asm: str, inputs: dict[int, int], n_out: int) -> list[int]:
-    """Execute `asm` with $i = inputs[i]; the 16-bit outputs $0 .. $(n_out - 1)."""
+    """Execute `asm` with $i = inputs[i]; the outputs $0 .. $(n_out - 1) (16- or 32-bit patterns)."""
     regs: dict[str, int] = {f"${i}": v & MASK for i, v in inputs.items()}
 
     def val(tok: str) -> int:
@@ -99,6 +105,9 @@ def run(asm: str, inputs: dict[int, int], n_out: int) -> list[int]:
             regs[d] = prmt(val(ops[0]), val(ops[1]), val(ops[2]))
         elif op == "lop3.b32":
             regs[d] = lop3(val(ops[0]), val(ops[1]), val(ops[2]), val(ops[3]))
+        elif op == "cvt.f32.f16":  # a 16-bit register widened: exact
+            h = ptx_emu_f16(val(ops[0]))
+            regs[d] = int(torch.tensor([h], dtype=torch.float32).view(torch.int32).item()) & MASK
         elif op.startswith("fma.rn."):
             regs[d] = fma_x2(val(ops[0]), val(ops[1]), val(ops[2]), op.removeprefix("fma.rn."))
         else:

@@ -89,6 +89,29 @@ def test_mxfp4_planes_are_the_scaled_codes(dtype: torch.dtype) -> None:
             assert same, (code, hex(word), got, want)
 
 
+def test_gemvf_widens_both_fp16_halves_exactly() -> None:
+    """gemvf's mxfp4 route on NVIDIA: a register holding two codes' values as fp16 (magnitude at
+    bits 9..11, sign at 15: e2m1 * 2**-14, the subnormal 0.5 * 2**-14 included) widened to two fp32
+    by `F16_PAIR_TO_F32`, for every pair of codes: bit for bit what the plain casts give."""
+    K._build()  # binds the string
+    asm = _pair_asm()
+    codes = torch.arange(16, dtype=torch.uint8)
+    want = (F.e2m1_decode(codes).double() * 2.0**-14).float()
+    for a in range(16):
+        for b in range(16):
+            enc = [((q & 7) << 9) | ((q & 8) << 12) for q in (a, b)]
+            lo, hi = ptx_emu.run(asm, {2: enc[0] | (enc[1] << 16)}, 2)
+            got = torch.tensor([lo, hi], dtype=torch.int64).to(torch.int32).view(torch.float32)
+            assert torch.equal(got.view(torch.int32), want[[a, b]].view(torch.int32)), (a, b, got)
+
+
+def _pair_asm() -> str:
+    """The PTX string `kernels._build` binds as gemvf's F16_PAIR_TO_F32."""
+    from server_shim.quant import _fast_common
+
+    return _fast_common.F16_PAIR_TO_F32.value
+
+
 def _sm90_compile(*args: str) -> subprocess.CompletedProcess:
     """bench/sm90_compile.py with `args` (compiled, never interpreted); skips where triton has no ptxas."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -499,51 +499,5 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
                     scm, scn, SPLIT_OUT, HAS_BIAS)  # fmt: skip
 
 
-def _gemv4s_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
-                   sxm, sxk, swn, swk, scm, scn, ssn, ssg, szn, szg,
-                   FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   EMULATE_RNE: tl.constexpr, SPLIT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr = False):  # fmt: skip
-    """ "gemvs": "gemvf"'s factored products (same arguments, int32 words) with x stationary: BLOCK_N
-    weight rows per program share one K step's x planes, where "gemvf" reads x and splits it into
-    fp32 planes once per row (half its loads are x's 16 bytes per 4-byte word, and a plane costs an
-    op per nibble). A thread holds 4 consecutive words (one 16-byte load) of each of the BLOCK_N rows,
-    32 k that lie in one group (GROUP % 32 == 0), so their 4 word sums take the group's scale once;
-    the rows' partials are summed across the program once, at the end."""
-    row, pid_k, offs_n, rn, k_lo, k_hi = _gemv_place(N, K, K_PER, BLOCK_N)
-    Q: tl.constexpr = BLOCK_K // 32  # quads: 4 words, 32 k
-    oq = tl.arange(0, Q)
-    jw = oq[:, None] * 4 + tl.arange(0, 4)[None, :]  # [Q, 4]: word index inside the K tile
-    kx = 8 * jw[:, :, None] + tl.arange(0, 8)[None, None, :]  # [Q, 4, 8]: k of each nibble
-    w_rows = w_ptr + rn[:, None, None] * swn
-    x_row = x_ptr + row * sxm
-    acc = tl.zeros([BLOCK_N, Q], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            word = tl.load(w_rows + (k0 // 8 + jw)[None, :, :] * swk)
-        else:
-            word = tl.load(
-                w_rows + (k0 // 8 + jw)[None, :, :] * swk, mask=(k0 + 8 * jw < K)[None, :, :], other=0
-            )
-        if X_PAIRS:
-            x0, x1, x2, x3, x4, x5, x6, x7 = _bf16_pair_planes(_bf16_pairs(x_row, k0, jw, K, EVEN_K))
-        else:
-            x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4x_planes(
-                _gemv4w_x(x_row, k0 + kx, k0 + kx < K, sxk, EVEN_K), Q, 4
-            )
-        gq = tl.minimum((k0 + 32 * oq) // GROUP, (K - 1) // GROUP)  # a quad's group (one past K: its x are 0)
-        s = tl.load(s_ptr + rn[:, None] * ssn + gq[None, :] * ssg)
-        zf = s  # unused by mxfp4
-        if FORMAT == 0:
-            zf = tl.load(z_ptr + rn[:, None] * szn + gq[None, :] * szg).to(tl.float32)[:, :, None]
-        t = _gemv4h_word(word, x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :], x4[None, :, :],
-                         x5[None, :, :], x6[None, :, :], x7[None, :, :], zf, FORMAT, False)  # fmt: skip
-        acc += _gemv4r_scale(s, FORMAT) * tl.sum(t, axis=2)
-    out = tl.sum(acc, axis=1)
-    if FORMAT == 1:
-        out = out * 16384.0
-    _gemv_store(out, c_ptr, ws_ptr, bias_ptr, row, pid_k, offs_n, M, N, scm, scn, SPLIT_OUT, HAS_BIAS)
-
-
 HELPERS = ("_gemv4_store", "_gemv4w_words", "_gemv4w_x", "_gemv4w_next", "_gemv4x_planes", "_gemv4x_term", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word")  # fmt: skip
-KERNELS = ("_gemv4_kernel", "_gemv4g_kernel", "_gemv4w_kernel", "_gemv4x_kernel", "_gemv4r_kernel", "_gemv4s_kernel")  # fmt: skip
+KERNELS = ("_gemv4_kernel", "_gemv4g_kernel", "_gemv4w_kernel", "_gemv4x_kernel", "_gemv4r_kernel")  # fmt: skip

@@ -351,13 +351,13 @@ SELF_REDUCING = ("fusedk", "wordsk", "wordsb", "tilek")
 # the 4-bit tile paths on int32 words (`_wonly_words_kernel`), where `words_tile` says they fit
 WORD_PATHS = ("words", "wordsk", "wordsb")
 # the 4-bit M = 1 GEMVs on int32 words ("gemvg" where the word view does not fit)
-WORD_GEMVS = ("gemvw", "gemvx", "gemvr", "gemvf", "gemvs")
+WORD_GEMVS = ("gemvw", "gemvx", "gemvr", "gemvf")
 
 
 def gemv4_kernel(k: SimpleNamespace, path: str) -> Any:
     """The 4-bit GEMV a "gemv" / "gemvg" / word GEMV config launches ("gemvf" is "gemvr" FACTORED)."""
     return {"gemv": k.gemv4, "gemvg": k.gemv4g, "gemvw": k.gemv4w, "gemvx": k.gemv4x, "gemvr": k.gemv4r,
-            "gemvf": k.gemv4r, "gemvs": k.gemv4s}[path]  # fmt: skip
+            "gemvf": k.gemv4r}[path]  # fmt: skip
 
 
 def wonly_tile_kernel(k: SimpleNamespace, path: str) -> Any:
@@ -411,8 +411,6 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
             wk = _words(w, K, group)
             if wk is None:
                 wk, cfg = w, replace(cfg, path="gemvg")
-            elif cfg.path == "gemvs" and group % 32:  # a thread's 4 words must lie in one group
-                cfg = replace(cfg, path="gemvf", bn=1)
         if cfg.path in ("wordsg", "wordsq"):  # the Gluon kernels where they run ("wordsg" pinned only)
             wk = _words(w, K, group)
             if (
@@ -467,8 +465,11 @@ def wonly(k: SimpleNamespace, x: torch.Tensor, w: torch.Tensor, out: torch.Tenso
         ws = _workspace(splits, M, N, torch.float32, out)
         if cfg.path in ("gemv", "gemvg", *WORD_GEMVS):
             kern = gemv4_kernel(k, cfg.path)
-            factored = {"gemvf": {"FACTORED": True, "X_PAIRS": _bf16_pairs(x), "PTX": ptx_planes(k, x.device, x.dtype)},
-                        "gemvs": {"X_PAIRS": _bf16_pairs(x)}}.get(cfg.path, {})  # fmt: skip
+            factored = (
+                {"FACTORED": True, "X_PAIRS": _bf16_pairs(x), "PTX": ptx_planes(k, x.device, x.dtype)}
+                if cfg.path == "gemvf"
+                else {}
+            )
             kern[(_cdiv(N, cfg.bn), splits, M)](
                 x, wk, out, ws, scales, zeros, bias_arg, M, N, K, kper,
                 x.stride(0), x.stride(1), wk.stride(0), wk.stride(1), out.stride(0), out.stride(1), *sarg,

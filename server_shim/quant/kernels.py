@@ -132,7 +132,7 @@ def _build() -> SimpleNamespace:
             mm8=fast["_mm8_kernel"], mm8_tma=fast["_mm8_tma_kernel"], mm8_tmap=fast["_mm8_tmap_kernel"], reduce=fast["_splitk_reduce_kernel"], wonly_fast=fast["_wonly_kernel"],
             deq=fast["_wonly_dequant_kernel"], mm16=fast["_mm16_kernel"], gemv8=fast["_gemv8_kernel"],
             gemv4=fast["_gemv4_kernel"], wonly_fused=fast["_wonly_fused_kernel"], wonly_words=fast["_wonly_words_kernel"], wonly_wordsb=fast["_wonly_wordsb_kernel"], gemv4g=fast["_gemv4g_kernel"],
-            gemv4w=fast["_gemv4w_kernel"], gemv4x=fast["_gemv4x_kernel"], gemv4r=fast["_gemv4r_kernel"], gemv4s=fast["_gemv4s_kernel"],
+            gemv4w=fast["_gemv4w_kernel"], gemv4x=fast["_gemv4x_kernel"], gemv4r=fast["_gemv4r_kernel"],
             # DIFFTEST_TRITON_PTX=0: the word tiles' plain-Triton planes on NVIDIA too (should a driver's
             # ptxas reject or mis-assemble the inline PTX)
             ptx=env_switch("DIFFTEST_TRITON_PTX", True),

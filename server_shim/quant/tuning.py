@@ -134,7 +134,7 @@ class Cfg:
 
 
 PATHS = frozenset(("tile", "tilek", "lag", "tma", "tmap", "deq", "deqb", "fused", "fusedk", "words", "wordsk",
-                   "wordsb", "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "gemvs", "quant2", "wsp", "wordsg", "wordsq"))  # fmt: skip
+                   "wordsb", "gemv", "gemvg", "gemvw", "gemvx", "gemvr", "gemvf", "quant2", "wsp", "wordsg", "wordsq"))  # fmt: skip
 
 M_BUCKETS = (1, 16, 32, 64, 256, 1024)  # then 4096: every larger M
 

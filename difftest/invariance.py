@@ -11,9 +11,11 @@ slot 0 (the batch's shape, not its slot, differs) and the probe in concurrent re
 batch neighbours depend on timing).
 
 Two rules, by what a correct server can do. Slots 1 and 3 against slot 0 (same prompts, same
-shape: "strict") are answered alike to the last bit by a correct server, so their only allowance
-is the baseline's own move in those placements (measured: every correct target, float16 and
-bfloat16, moved 0.0 there). Against the probe alone (another batch shape, or neighbours that
+shape: "strict") are answered alike to the last bit by a correct deterministic server, so their
+only allowance is the baseline's own move in those placements (measured: every correct target,
+float16 and bfloat16, moved 0.0 there) and the target's own between two sends of the batch request
+(a control: where that repeat flips a token, the server is not deterministic and these placements
+prove nothing). Against the probe alone (another batch shape, or neighbours that
 depend on timing) a correct kernel rounds differently, so a flipped token there is a tie when the
 top-1/top-2 margin is within the null's TIE margin, twice the baseline's worst move, or the
 rounding twin flips the probe too. Either way a flip within what the sequence's own observed
@@ -69,6 +71,10 @@ class SlotResult:
     # and 3 of 4, compared then with the probe alone, at a margin of 0.4375 nats (TIE margin
     # 0.359), both slots alike and every module's replay in two slots equal to the last bit
     shape_dependent: bool = False
+    # a control, not a placement: the batch request sent again, its slot 1 against the first answer's
+    # slot 1. A correct deterministic server answers alike; one that does not (atomics, racing
+    # reductions) moves this much in the strict placements without any slot dependence
+    repeat: bool = False
 
 
 @dataclass
@@ -104,7 +110,32 @@ class InvarianceResult:
     @staticmethod
     def is_strict(s: SlotResult) -> bool:
         """Compared at the same batch shape and neighbours (slots 1 and 3 against slot 0)."""
-        return not (s.timing_dependent or s.shape_dependent)
+        return not (s.timing_dependent or s.shape_dependent or s.repeat)
+
+    @property
+    def placements(self) -> list[SlotResult]:
+        """The measured placements (the repeat control left out)."""
+        return [s for s in self.slots if s.error is None and not s.repeat]
+
+    @property
+    def repeat_worst(self) -> float | None:
+        """The target's own move between two sends of one request (None: not measured)."""
+        moves = [s.max_logprob_diff for s in self.slots if s.repeat and s.error is None]
+        return max(moves) if moves else None
+
+    @property
+    def repeat_flips(self) -> bool:
+        """The same request sent twice flipped a token outside the sequence's own shift."""
+        return any(
+            s.repeat and s.error is None and not s.same_tokens and not s.tie_at_difference for s in self.slots
+        )
+
+    @property
+    def strict_allowance(self) -> float | None:
+        """What a strict flip's margin may be explained by: the baseline's own move in those
+        placements, or the target's own between two sends of one request."""
+        moves = [m for m in (self.baseline_strict_worst, self.repeat_worst) if m is not None]
+        return max(moves) if moves else None
 
     def is_tie(self, s: SlotResult) -> bool:
         """A flip that proves nothing: within the probe's own shift (`compare_views`); in a strict
@@ -122,7 +153,7 @@ class InvarianceResult:
         if m is None:
             return False
         if self.is_strict(s):
-            return self.baseline_strict_worst is not None and m <= 2 * self.baseline_strict_worst
+            return self.strict_allowance is not None and m <= 2 * self.strict_allowance
         if self.twin_flips_tokens or (self.tie_margin is not None and m <= self.tie_margin):
             return True
         return self.baseline_worst is not None and m <= 2 * self.baseline_worst
@@ -149,15 +180,15 @@ class InvarianceResult:
 
     @property
     def worst_logprob_diff(self) -> float:
-        return _worst(self.slots)
+        return _worst(self.placements)
 
     @property
     def strict_logprob_diff(self) -> float:
-        return _worst([s for s in self.slots if self.is_strict(s)])
+        return _worst([s for s in self.placements if self.is_strict(s)])
 
     @property
     def loose_logprob_diff(self) -> float:
-        return _worst([s for s in self.slots if not self.is_strict(s)])
+        return _worst([s for s in self.placements if not self.is_strict(s)])
 
     @property
     def token_failures(self) -> int:
@@ -166,7 +197,9 @@ class InvarianceResult:
     def flips(self, slots: Sequence[SlotResult]) -> int:
         """Placements of `slots` whose tokens differ from slot 0 outside a tie, by this result's
         TIE margin: the target's and its baseline's flips are counted by one rule."""
-        return sum(1 for s in slots if s.error is None and not s.same_tokens and not self.is_tie(s))
+        return sum(
+            1 for s in slots if s.error is None and not s.repeat and not s.same_tokens and not self.is_tie(s)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {
@@ -175,13 +208,15 @@ class InvarianceResult:
             "baseline_draws": self.baseline_draws,
             "baseline_worst": self.baseline_worst,
             "baseline_strict_worst": self.baseline_strict_worst,
+            "repeat_worst": self.repeat_worst,
+            "repeat_flips": self.repeat_flips,
             "baseline_token_failures": self.baseline_token_failures,
         }
 
     def verdict(self) -> PartVerdict:
         if self.skipped:
             return PartVerdict("invariance", "", (), skipped=self.skipped)
-        measured = [s for s in self.slots if s.error is None]
+        measured = self.placements
         if not measured:
             return PartVerdict("invariance", "", (), skipped="no batch placement could be measured")
         strict = [s for s in measured if self.is_strict(s)]
@@ -201,26 +236,16 @@ class InvarianceResult:
             f"; {self.baseline} itself: {allowed}{self._draws}" if self.baseline else ""
         )
         if strict:
-            note += "; slots 1 and 3 against slot 0 (same batch shape): " + (
-                f"flips within 2x {self.baseline}'s own move there ({2 * self.baseline_strict_worst:.3g} nats)"
-                " are ties"
-                if self.baseline_strict_worst is not None
-                else "every flip counts"
-            )
-        if loose and self.twin_flips_tokens:
-            note += (
-                "; against the probe alone flips prove nothing: the rounding twin flips this probe's tokens"
-            )
-        elif loose:
-            tie = f" {self.tie_margin:.3g} nats" if self.tie_margin is not None else ""
-            worst = self.baseline_worst
-            note += f"; against the probe alone flips within the null's TIE margin{tie}" + (
-                f" or 2x {self.baseline}'s worst move ({2 * worst:.3g} nats)" if worst is not None else ""
-            ) + " are ties"  # fmt: skip
-        # placements where a flip can count: none of the loose ones where the twin flips the probe
-        # or a TIE margin past the guard ties nearly every flip
+            note += "; slots 1 and 3 against slot 0 (same batch shape): " + self._strict_rule()
+        if loose:
+            note += "; against the probe alone: " + self._loose_rule()
+        # placements where a flip can count: no strict one where the same request sent twice
+        # flips, no loose one where the twin flips the probe or a TIE margin past the guard ties
+        # nearly every flip
         wide_tie = self.tie_margin is not None and self.tie_margin > TIE_MARGIN_GUARD
-        can_flip = len(strict) + (0 if self.twin_flips_tokens or wide_tie else len(loose))
+        can_flip = (0 if self.repeat_flips else len(strict)) + (
+            0 if self.twin_flips_tokens or wide_tie else len(loose)
+        )
         if allowed >= can_flip:
             note += (
                 f"; {self.baseline} flips every such placement itself: a flip proves nothing"
@@ -231,14 +256,33 @@ class InvarianceResult:
         return Check("slot_token_mismatches", float(failures), float(allowed), "<=", failures <= allowed,
                      note=note, informative=allowed < can_flip)  # fmt: skip
 
+    def _strict_rule(self) -> str:
+        if self.repeat_flips:
+            return "flips prove nothing, the same request sent twice flipped a token (not deterministic)"
+        allow = self.strict_allowance
+        if allow is None:
+            return "every flip counts"
+        return f"flips within 2x the baseline's and a repeated request's own move there ({2 * allow:.3g} nats) are ties"
+
+    def _loose_rule(self) -> str:
+        if self.twin_flips_tokens:
+            return "flips prove nothing, the rounding twin flips this probe's tokens"
+        tie = f" {self.tie_margin:.3g} nats" if self.tie_margin is not None else ""
+        worst = self.baseline_worst
+        own = f" or 2x {self.baseline}'s worst move ({2 * worst:.3g} nats)" if worst is not None else ""
+        return f"flips within the null's TIE margin{tie}{own} are ties"
+
     def _strict_logprob_check(self) -> Check:
-        """Slots 1 and 3 against slot 0: the tolerance, or 3x the baseline's own move there."""
+        """Slots 1 and 3 against slot 0: the tolerance, or 3x the baseline's own move there or the
+        target's own between two sends of one request, whichever is widest."""
         limit, note = self.tolerance, "chosen-token logprob, slots 1 and 3 against slot 0"
         if self.baseline_strict_worst is not None and 3 * self.baseline_strict_worst > limit:
             limit, note = (
                 3 * self.baseline_strict_worst,
                 f"{note}; 3x {self.baseline}'s own move there{self._draws}",
             )
+        if self.repeat_worst is not None and 3 * self.repeat_worst > limit:
+            limit, note = 3 * self.repeat_worst, f"{note}; 3x its own move between two sends of one request"
         value = self.strict_logprob_diff
         return Check("slot_logprob_max_diff", value, limit, "<=", value <= limit, note=note)
 
@@ -261,7 +305,7 @@ class InvarianceResult:
         of that max is a weak null (measured: a correct fp8-tensor target in bfloat16 moved 0.65
         nats where its golden's one draw moved 0.11). Call it after `with_twin`: the draws' flips
         are counted with the TIE margin, like the target's."""
-        measured = [d for d in draws if not d.skipped and any(s.error is None for s in d.slots)]
+        measured = [d for d in draws if not d.skipped and d.placements]
         if not measured:
             return self
         self.baseline = name
@@ -378,7 +422,7 @@ async def check_batch_slots(
     batch = [FILLERS[0], probe.prompt, FILLERS[1], probe.prompt]
     try:
         answers = []
-        for order in (first, batch):
+        for order in (first, batch, batch):  # the batch twice: the repeat control
             resp = await ep.client.completions(body(order), use_cache=False)
             choices = sorted(resp["choices"], key=lambda c: c.get("index", 0))
             answers.append([parse_choice(c, server=ep.name) for c in choices])
@@ -390,6 +434,11 @@ async def check_batch_slots(
             result.slots.append(
                 compare_views(slot0, answers[1][slot], f"batch slot {slot} of {len(batch)}", tolerance)
             )
+        again = compare_views(
+            answers[1][1], answers[2][1], f"batch slot 1 of {len(batch)}, sent again", tolerance
+        )
+        again.repeat = True
+        result.slots.append(again)
     except (DifftestError, KeyError, IndexError) as exc:
         result.slots.append(SlotResult("multi-prompt request", False, None, 0.0, error=str(exc)))
     concurrent = [FILLERS[2], probe.prompt, FILLERS[0], probe.prompt]

@@ -139,17 +139,47 @@ async def test_check_batch_slots_on_a_deterministic_fake_passes() -> None:
     async with server.client(name="fake") as client:
         ep = Endpoint("fake", client, await probe(client))
         r = await check_batch_slots(ep, [Prompt("p0", "the quick brown fox")], max_tokens=6, k=3)
-    assert r.skipped is None and len(r.slots) == 5
+    assert r.skipped is None and len(r.slots) == 6 and len(r.placements) == 5
     assert all(s.same_tokens and s.max_logprob_diff == 0.0 for s in r.slots)
-    assert r.verdict().passed
+    assert r.verdict().passed and r.repeat_worst == 0.0 and not r.repeat_flips
 
 
 async def test_check_batch_slots_catches_a_server_that_answers_differently() -> None:
+    """A fake that flips every other request's first token: the batch sent twice disagrees with
+    itself, so slots 1 and 3 against slot 0 prove nothing (not a slot dependence); the placements
+    against the probe alone still flip, and with no baseline to excuse them the check fails."""
     server = FakeServer(FakeBehaviour(nondeterministic=True))
     async with server.client(name="fake") as client:
         ep = Endpoint("fake", client, await probe(client))
         r = await check_batch_slots(ep, [Prompt("p0", "the quick brown fox")], max_tokens=6, k=3)
-    assert not r.verdict().passed
+    tokens = r.verdict().checks[0]
+    assert r.repeat_flips and "not deterministic" in tokens.note
+    assert not r.verdict().passed and tokens.informative
+
+
+def test_a_repeated_request_bounds_what_same_shape_flips_prove() -> None:
+    """Slots 1 and 3 against slot 0 flipped at a margin of 0.25 nats. A server whose answers to the
+    same request sent twice move 0.2 nats (non-deterministic reductions) can bridge 2 x 0.2 = 0.4:
+    ties; one whose repeat moves nothing cannot: 2 flips. A repeat that flips a token itself makes
+    those placements prove nothing. The repeat is a control: never a counted placement itself."""
+
+    def target(repeat: SlotResult) -> InvarianceResult:
+        slots = [
+            SlotResult(f"batch slot {i} of 4", False, 2, 0.01, margin_at_difference=0.25) for i in (1, 3)
+        ]
+        repeat.repeat = True
+        return InvarianceResult("p", 0.05, [*slots, repeat], tie_margin=0.375)
+
+    noisy = target(SlotResult("batch slot 1 of 4, sent again", True, None, 0.2))
+    assert noisy.repeat_worst == 0.2 and noisy.token_failures == 0 and noisy.verdict().passed
+    strict = noisy.verdict().checks[1]
+    assert strict.limit == pytest.approx(0.6) and "two sends of one request" in strict.note
+    exact = target(SlotResult("batch slot 1 of 4, sent again", True, None, 0.0))
+    assert exact.token_failures == 2 and not exact.verdict().passed
+    flipping = target(SlotResult("batch slot 1 of 4, sent again", False, 0, 0.0, margin_at_difference=0.9))
+    tokens = flipping.verdict().checks[0]
+    assert flipping.repeat_flips and tokens.value == 2 and not tokens.informative and not tokens.fails
+    assert len(flipping.placements) == 2 and flipping.worst_logprob_diff == 0.01
 
 
 def test_twin_widens_the_slot_limits_of_a_batch_variant_but_correct_kernel() -> None:
@@ -284,10 +314,11 @@ async def test_check_batch_slots_marks_concurrent_placements_timing_dependent() 
     async with FakeServer(FakeBehaviour()).client(name="fake") as client:
         ep = Endpoint("fake", client, await probe(client))
         r = await check_batch_slots(ep, [Prompt("p0", "the quick brown fox")], max_tokens=4, k=3)
-    flags = {s.placement: (s.timing_dependent, s.shape_dependent) for s in r.slots}
-    assert flags == {"batch slot 0 of 4": (False, True), "batch slot 1 of 4": (False, False),
-                     "batch slot 3 of 4": (False, False), "concurrent request 1 of 4": (True, False),
-                     "concurrent request 3 of 4": (True, False)}  # fmt: skip
+    flags = {s.placement: (s.timing_dependent, s.shape_dependent, s.repeat) for s in r.slots}
+    assert flags == {"batch slot 0 of 4": (False, True, False), "batch slot 1 of 4": (False, False, False),
+                     "batch slot 3 of 4": (False, False, False), "batch slot 1 of 4, sent again": (False, False, True),
+                     "concurrent request 1 of 4": (True, False, False),
+                     "concurrent request 3 of 4": (True, False, False)}  # fmt: skip
 
 
 def test_a_flip_across_batch_shapes_within_twice_the_baselines_move_is_a_tie() -> None:

@@ -44,8 +44,10 @@ async def check(faults: tuple[str, ...] = ()) -> InvarianceResult:
 async def test_a_correct_server_answers_every_slot_of_one_batch_shape_alike() -> None:
     r = await check()
     by = {s.placement: s for s in r.slots}
-    assert list(by) == ["batch slot 0 of 4", "batch slot 1 of 4", "batch slot 3 of 4",
+    assert list(by) == ["batch slot 0 of 4", "batch slot 1 of 4", "batch slot 3 of 4", "batch slot 1 of 4, sent again",
                         "concurrent request 1 of 4", "concurrent request 3 of 4"]  # fmt: skip
+    again = by["batch slot 1 of 4, sent again"]  # the repeat control: a deterministic server
+    assert again.repeat and again.same_tokens and again.max_logprob_diff == 0.0
     assert by["batch slot 0 of 4"].shape_dependent and not by["batch slot 1 of 4"].shape_dependent
     for slot in ("batch slot 1 of 4", "batch slot 3 of 4"):  # against slot 0: the same batch shape
         assert by[slot].same_tokens and by[slot].max_logprob_diff == 0.0, by[slot]
@@ -64,3 +66,4 @@ async def test_the_slot_variant_fault_fails_against_slot_0() -> None:
     for slot in ("batch slot 1 of 4", "batch slot 3 of 4"):
         assert by[slot].first_difference == 0 and by[slot].margin_at_difference > 1.0, by[slot]
     assert r.token_failures >= 2 and not r.verdict().passed
+    assert r.repeat_worst == 0.0 and not r.repeat_flips  # deterministic: the flips are the slot's

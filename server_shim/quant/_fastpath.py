@@ -371,7 +371,8 @@ def wonly_tile_kernel(k: SimpleNamespace, path: str) -> Any:
 
 
 def ptx_planes(k: SimpleNamespace, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the word tiles may dequantize with their inline PTX (`_int4_planes` / `_mx_planes`):
+    """Whether the word tiles may dequantize with their inline PTX (`_int4_planes` / `_mx_planes`),
+    and gemvf widen mxfp4's fp16 pairs with it (`F16_PAIR_TO_F32`):
     compiled for an NVIDIA GPU that has the packed 16-bit fma of x's dtype (arch.packed_half_ptx
     names it), unless DIFFTEST_TRITON_PTX=0 (k.ptx)."""
     return (

@@ -133,8 +133,8 @@ def _build() -> SimpleNamespace:
             deq=fast["_wonly_dequant_kernel"], mm16=fast["_mm16_kernel"], gemv8=fast["_gemv8_kernel"],
             gemv4=fast["_gemv4_kernel"], wonly_fused=fast["_wonly_fused_kernel"], wonly_words=fast["_wonly_words_kernel"], wonly_wordsb=fast["_wonly_wordsb_kernel"], gemv4g=fast["_gemv4g_kernel"],
             gemv4w=fast["_gemv4w_kernel"], gemv4x=fast["_gemv4x_kernel"], gemv4r=fast["_gemv4r_kernel"],
-            # DIFFTEST_TRITON_PTX=0: the word tiles' plain-Triton planes on NVIDIA too (should a driver's
-            # ptxas reject or mis-assemble the inline PTX)
+            # DIFFTEST_TRITON_PTX=0: the word tiles' plain-Triton planes and gemvf's plain fp16 widening
+            # on NVIDIA too (should a driver's ptxas reject or mis-assemble the inline PTX)
             ptx=env_switch("DIFFTEST_TRITON_PTX", True),
         )  # fmt: skip
         logger.info("triton kernels built (%s)", "interpreter" if interp else "compiled, autotuned")

@@ -120,24 +120,25 @@ class InvarianceResult:
         return [s for s in self.slots if s.error is None and not s.repeat]
 
     @property
+    def repeats(self) -> list[SlotResult]:
+        """The measured repeat controls."""
+        return [s for s in self.slots if s.error is None and s.repeat]
+
+    @property
     def repeat_worst(self) -> float | None:
         """The target's own move between two sends of one request (None: not measured)."""
-        moves = [s.max_logprob_diff for s in self.slots if s.repeat and s.error is None]
-        return max(moves) if moves else None
+        return _largest(*(s.max_logprob_diff for s in self.repeats))
 
     @property
     def repeat_flips(self) -> bool:
         """The same request sent twice flipped a token outside the sequence's own shift."""
-        return any(
-            s.repeat and s.error is None and not s.same_tokens and not s.tie_at_difference for s in self.slots
-        )
+        return any(not s.same_tokens and not s.tie_at_difference for s in self.repeats)
 
     @property
     def strict_allowance(self) -> float | None:
         """What a strict flip's margin may be explained by: the baseline's own move in those
         placements, or the target's own between two sends of one request."""
-        moves = [m for m in (self.baseline_strict_worst, self.repeat_worst) if m is not None]
-        return max(moves) if moves else None
+        return _largest(self.baseline_strict_worst, self.repeat_worst)
 
     def is_tie(self, s: SlotResult) -> bool:
         """A flip that proves nothing: within the probe's own shift (`compare_views`); in a strict
@@ -156,9 +157,7 @@ class InvarianceResult:
             return False
         if self.is_strict(s):
             return self.strict_allowance is not None and m <= 2 * self.strict_allowance
-        if self.twin_flips_tokens or (self.tie_margin is not None and m <= self.tie_margin):
-            return True
-        return self.baseline_worst is not None and m <= 2 * self.baseline_worst
+        return self.twin_flips_tokens or (self.loose_allowance is not None and m <= self.loose_allowance)
 
     @property
     def baseline_draws(self) -> int:
@@ -174,10 +173,15 @@ class InvarianceResult:
 
     @property
     def loose_allowance(self) -> float | None:
-        """The widest margin a flip against the probe alone may have and still be a tie."""
-        moves = [m for m in (self.tie_margin, 2 * self.baseline_worst if self.baseline_worst is not None else None)
-                 if m is not None]  # fmt: skip
-        return max(moves) if moves else None
+        """The widest margin a flip against the probe alone may have and still be a tie: the null's
+        TIE margin or twice the baseline's worst move there."""
+        worst = self.baseline_worst
+        return _largest(self.tie_margin, 2 * worst if worst is not None else None)
+
+    @property
+    def loose_ties_all(self) -> bool:
+        """That allowance is past the guard: nearly every flip against the probe alone is a tie."""
+        return self.loose_allowance is not None and self.loose_allowance > TIE_MARGIN_GUARD
 
     @property
     def baseline_token_failures(self) -> int:
@@ -201,14 +205,12 @@ class InvarianceResult:
 
     @property
     def token_failures(self) -> int:
-        return self.flips(self.slots)
+        return self.flips(self.placements)
 
-    def flips(self, slots: Sequence[SlotResult]) -> int:
-        """Placements of `slots` whose tokens differ from slot 0 outside a tie, by this result's
-        TIE margin: the target's and its baseline's flips are counted by one rule."""
-        return sum(
-            1 for s in slots if s.error is None and not s.repeat and not s.same_tokens and not self.is_tie(s)
-        )
+    def flips(self, placements: Sequence[SlotResult]) -> int:
+        """Measured placements whose tokens differ from what they are compared with, outside a tie by
+        this result's rule: the target's and its baseline's flips are counted alike."""
+        return sum(1 for s in placements if not s.same_tokens and not self.is_tie(s))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {
@@ -251,9 +253,8 @@ class InvarianceResult:
         # placements where a flip can count: no strict one where the same request sent twice
         # flips, no loose one where the twin flips the probe or an allowance past the guard ties
         # nearly every flip
-        wide_tie = self.loose_allowance is not None and self.loose_allowance > TIE_MARGIN_GUARD
         can_flip = (0 if self.repeat_flips else len(strict)) + (
-            0 if self.twin_flips_tokens or wide_tie else len(loose)
+            0 if self.twin_flips_tokens or self.loose_ties_all else len(loose)
         )
         if allowed >= can_flip:
             note += (
@@ -279,8 +280,11 @@ class InvarianceResult:
         tie = f" {self.tie_margin:.3g} nats" if self.tie_margin is not None else ""
         worst = self.baseline_worst
         own = f" or 2x {self.baseline}'s worst move ({2 * worst:.3g} nats)" if worst is not None else ""
-        wide = self.loose_allowance is not None and self.loose_allowance > TIE_MARGIN_GUARD
-        past = f" (past {TIE_MARGIN_GUARD:g} nat nearly every flip: none can count)" if wide else ""
+        past = (
+            f" (past {TIE_MARGIN_GUARD:g} nat nearly every flip: none can count)"
+            if self.loose_ties_all
+            else ""
+        )
         return f"flips within the null's TIE margin{tie}{own} are ties{past}"
 
     def _strict_logprob_check(self) -> Check:
@@ -322,13 +326,20 @@ class InvarianceResult:
         self.baseline = name
         self.baseline_draw_worst = [d.worst_logprob_diff for d in measured]
         self.baseline_draw_strict_worst = [d.strict_logprob_diff for d in measured]
-        self.baseline_draw_flips = [self.flips(d.slots) for d in measured]  # after the strict worst: its rule
+        self.baseline_draw_flips = [
+            self.flips(d.placements) for d in measured
+        ]  # after the strict worst: its rule
         return self
 
 
-def _worst(slots: Sequence[SlotResult]) -> float:
-    """The largest chosen-token logprob move over the measured placements of `slots` (0 for none)."""
-    return max((s.max_logprob_diff for s in slots if s.error is None), default=0.0)
+def _worst(placements: Sequence[SlotResult]) -> float:
+    """The largest chosen-token logprob move over measured placements (0 for none)."""
+    return max((s.max_logprob_diff for s in placements), default=0.0)
+
+
+def _largest(*values: float | None) -> float | None:
+    """The largest of the values that were measured (None: none was)."""
+    return max((v for v in values if v is not None), default=None)
 
 
 def compare_views(base: TokensView, placed: TokensView, placement: str, tolerance: float) -> SlotResult:

@@ -1,7 +1,7 @@
 """A tiny interpreter of the PTX subset our inline-asm dequantization uses, for CI (no GPU there).
 
 It runs the very strings the kernels embed (`_triton_fast.planes_ptx`, `mx_planes_ptx`, gemvf's
-`F16_PAIR_TO_F32`), one
+`F16_PAIR_PTX`), one
 invocation per call, on Python integers, so that the byte-permute selectors, the lookup tables,
 the lop3 truth tables and the packed fmas are checked against the formats' own decoding. ptxas
 on the device then only has to agree with the PTX ISA, which the instructions below follow:

@@ -93,8 +93,7 @@ def test_gemvf_widens_both_fp16_halves_exactly() -> None:
     """gemvf's mxfp4 route on NVIDIA: a register holding two codes' values as fp16 (magnitude at
     bits 9..11, sign at 15: e2m1 * 2**-14, the subnormal 0.5 * 2**-14 included) widened to two fp32
     by `F16_PAIR_TO_F32`, for every pair of codes: bit for bit what the plain casts give."""
-    K._build()  # binds the string
-    asm = _pair_asm()
+    asm = fast.F16_PAIR_PTX
     codes = torch.arange(16, dtype=torch.uint8)
     want = (F.e2m1_decode(codes).double() * 2.0**-14).float()
     for a in range(16):
@@ -103,13 +102,6 @@ def test_gemvf_widens_both_fp16_halves_exactly() -> None:
             lo, hi = ptx_emu.run(asm, {2: enc[0] | (enc[1] << 16)}, 2)
             got = torch.tensor([lo, hi], dtype=torch.int64).to(torch.int32).view(torch.float32)
             assert torch.equal(got.view(torch.int32), want[[a, b]].view(torch.int32)), (a, b, got)
-
-
-def _pair_asm() -> str:
-    """The PTX string `kernels._build` binds as gemvf's F16_PAIR_TO_F32."""
-    from server_shim.quant import _fast_common
-
-    return _fast_common.F16_PAIR_TO_F32.value
 
 
 def _sm90_compile(*args: str) -> subprocess.CompletedProcess:

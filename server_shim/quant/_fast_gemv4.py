@@ -499,5 +499,9 @@ def _gemv4r_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, s_ptr, z_ptr, bias_ptr, M, N, K,
                     scm, scn, SPLIT_OUT, HAS_BIAS)  # fmt: skip
 
 
+# `_gemv4h_e2m1`'s PTX, bound as F16_PAIR_TO_F32: $2's two fp16 halves widened to fp32 ($0 the low,
+# $1 the high) where they lie, which ptxas turns into two HADD2.F32 reading .H0 / .H1
+F16_PAIR_PTX = "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }"
+
 HELPERS = ("_gemv4_store", "_gemv4w_words", "_gemv4w_x", "_gemv4w_next", "_gemv4x_planes", "_gemv4x_term", "_bf16_pairs", "_bf16_pair_planes", "_gemv4r_loads", "_gemv4r_scale", "_gemv4h_nib", "_gemv4h_e2m1", "_gemv4h_word")  # fmt: skip
 KERNELS = ("_gemv4_kernel", "_gemv4g_kernel", "_gemv4w_kernel", "_gemv4x_kernel", "_gemv4r_kernel")  # fmt: skip

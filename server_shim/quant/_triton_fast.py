@@ -67,9 +67,10 @@ from types import ModuleType
 from typing import Any
 
 from server_shim.quant import _fast_common, _fast_gemv4, _fast_mm8, _fast_w4
+from server_shim.quant._fast_gemv4 import F16_PAIR_PTX
 from server_shim.quant._fast_w4 import mx_planes_ptx, planes_ptx
 
-__all__ = ["KERNELS", "MODULES", "SHARED", "bind", "mx_planes_ptx", "planes_ptx"]
+__all__ = ["F16_PAIR_PTX", "KERNELS", "MODULES", "SHARED", "bind", "mx_planes_ptx", "planes_ptx"]
 
 MODULES: tuple[ModuleType, ...] = (_fast_common, _fast_mm8, _fast_w4, _fast_gemv4)
 # the legacy module's helpers that the fast bodies call too: decorated once, set in every module here

@@ -102,9 +102,7 @@ def _build() -> SimpleNamespace:
                 "MX_PLANES_F16": language.constexpr(_fast.mx_planes_ptx(bf16=False)),
                 "MX_PLANES_BF16": language.constexpr(_fast.mx_planes_ptx(bf16=True)),
                 # two fp16 in one register widened to fp32 where they lie (gemvf's mxfp4 on NVIDIA)
-                "F16_PAIR_TO_F32": language.constexpr(
-                    "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }"
-                ),
+                "F16_PAIR_TO_F32": language.constexpr(_fast.F16_PAIR_PTX),
             },
         )
         interp = triton_interpreting()

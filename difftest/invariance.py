@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +51,11 @@ FILLERS = (
     "def unrelated_function(x):\n    return",
     "Numbers: 17, 42, 99, and",
 )
+# A second, wide batch puts the probe past a kernel's first M tiles (8 and 16 rows: slots 9 and 17
+# of 20), where a tile offset missing from a scale or KV pointer reads the first tile's rows; in
+# the 4-prompt batch every slot is in the first tile. The shim's `slot-tile` fault is that bug.
+WIDE_BATCH = 20
+WIDE_SLOTS = (9, 17)
 
 
 @dataclass
@@ -77,6 +82,10 @@ class SlotResult:
     # slot 1. A correct deterministic server answers alike; one that does not (atomics, racing
     # reductions) moves this much in the strict placements without any slot dependence
     repeat: bool = False
+    # in the wide batch (`WIDE_BATCH` prompts). Its control sends the probe at slot 0 again with the
+    # fillers reversed: a server that decodes 20 prompts in waves (a batch limit under 20) gives the
+    # probe other neighbours per wave, which moves it under per-tensor activation scales
+    wide: bool = False
 
 
 @dataclass
@@ -126,24 +135,30 @@ class InvarianceResult:
 
     @property
     def repeat_worst(self) -> float | None:
-        """The target's own move between two sends of one request (None: not measured)."""
+        """The target's own move in its controls, either batch (None: not measured)."""
         return _largest(*(s.max_logprob_diff for s in self.repeats))
 
     @property
     def repeat_flips(self) -> bool:
-        """The same request sent twice flipped a token outside the sequence's own shift."""
-        return any(not s.same_tokens and not s.tie_at_difference for s in self.repeats)
+        """A control (the same request sent twice, the wide batch's reordered neighbours) flipped
+        a token outside the sequence's own shift."""
+        return any(self.control_flips(wide) for wide in (False, True))
 
-    @property
-    def strict_allowance(self) -> float | None:
-        """What a strict flip's margin may be explained by: the baseline's own move in those
-        placements, or the target's own between two sends of one request."""
-        return _largest(self.baseline_strict_worst, self.repeat_worst)
+    def control_flips(self, wide: bool) -> bool:
+        """One batch's control flipped a token: that batch's strict placements prove nothing."""
+        return any(not s.same_tokens and not s.tie_at_difference for s in self.repeats if s.wide == wide)
+
+    def strict_allowance(self, wide: bool = False) -> float | None:
+        """What a strict flip's margin may be explained by: the baseline's own move in the strict
+        placements, or the target's own in that batch's control."""
+        own = _largest(*(s.max_logprob_diff for s in self.repeats if s.wide == wide))
+        return _largest(self.baseline_strict_worst, own)
 
     def is_tie(self, s: SlotResult) -> bool:
         """A flip that proves nothing: within the probe's own shift (`compare_views`); in a strict
-        placement within twice the baseline's worst move in the strict placements (a correct
-        server's is 0: both logprobs at the flip move, so the gap moves by up to twice that); in a
+        placement any flip where its batch's control flips, else one within twice the baseline's
+        worst move in the strict placements or the control's (a correct server's are 0: both
+        logprobs at the flip move, so the gap moves by up to twice that); in a
         timing- or shape-dependent placement within the null's TIE margin, twice the baseline's
         worst move under the same placements, or anywhere if the rounding twin flips the probe.
         Measured on an H200 in float16: a correct fp8-tensor target (per-tensor activation scales,
@@ -156,7 +171,10 @@ class InvarianceResult:
         if m is None:
             return False
         if self.is_strict(s):
-            return self.strict_allowance is not None and m <= 2 * self.strict_allowance
+            if self.control_flips(s.wide):  # that batch's answers move without a slot dependence
+                return True
+            allow = self.strict_allowance(s.wide)
+            return allow is not None and m <= 2 * allow
         return self.twin_flips_tokens or (self.loose_allowance is not None and m <= self.loose_allowance)
 
     @property
@@ -246,14 +264,16 @@ class InvarianceResult:
         note = f"same prompt at {len(strict) + len(loose)} batch placements" + (
             f"; {self.baseline} itself: {allowed}{self._draws}" if self.baseline else ""
         )
-        if strict:
-            note += "; slots 1 and 3 against slot 0 (same batch shape): " + self._strict_rule()
+        for wide in (False, True):
+            if any(s.wide == wide for s in strict):
+                rule = self._strict_rule(wide)
+                note += f"; {_strict_name(wide)} against slot 0 (same batch shape): {rule}"
         if loose:
             note += "; against the probe alone: " + self._loose_rule()
-        # placements where a flip can count: no strict one where the same request sent twice
-        # flips, no loose one where the twin flips the probe or an allowance past the guard ties
-        # nearly every flip
-        can_flip = (0 if self.repeat_flips else len(strict)) + (
+        # placements where a flip can count: no strict one where its batch's control flips, no
+        # loose one where the twin flips the probe or an allowance past the guard ties nearly
+        # every flip
+        can_flip = sum(not self.control_flips(s.wide) for s in strict) + (
             0 if self.twin_flips_tokens or self.loose_ties_all else len(loose)
         )
         if allowed >= can_flip:
@@ -266,13 +286,19 @@ class InvarianceResult:
         return Check("slot_token_mismatches", float(failures), float(allowed), "<=", failures <= allowed,
                      note=note, informative=allowed < can_flip)  # fmt: skip
 
-    def _strict_rule(self) -> str:
-        if self.repeat_flips:
-            return "flips prove nothing, the same request sent twice flipped a token (not deterministic)"
-        allow = self.strict_allowance
+    def _strict_rule(self, wide: bool) -> str:
+        if self.control_flips(wide):
+            why = (
+                "the probe moved with its neighbours reordered (decoded in waves?)"
+                if wide
+                else "the same request sent twice flipped a token (not deterministic)"
+            )
+            return f"flips prove nothing, {why}"
+        allow = self.strict_allowance(wide)
         if allow is None:
             return "every flip counts"
-        return f"flips within 2x the baseline's and a repeated request's own move there ({2 * allow:.3g} nats) are ties"
+        control = "its reordered neighbours'" if wide else "a repeated request's"
+        return f"flips within 2x the baseline's and {control} own move there ({2 * allow:.3g} nats) are ties"
 
     def _loose_rule(self) -> str:
         if self.twin_flips_tokens:
@@ -290,14 +316,17 @@ class InvarianceResult:
     def _strict_logprob_check(self) -> Check:
         """Slots 1 and 3 against slot 0: the tolerance, or 3x the baseline's own move there or the
         target's own between two sends of one request, whichever is widest."""
-        limit, note = self.tolerance, "chosen-token logprob, slots 1 and 3 against slot 0"
+        limit, note = self.tolerance, "chosen-token logprob, slots 1, 3, 9 and 17 against slot 0"
         if self.baseline_strict_worst is not None and 3 * self.baseline_strict_worst > limit:
             limit, note = (
                 3 * self.baseline_strict_worst,
                 f"{note}; 3x {self.baseline}'s own move there{self._draws}",
             )
         if self.repeat_worst is not None and 3 * self.repeat_worst > limit:
-            limit, note = 3 * self.repeat_worst, f"{note}; 3x its own move between two sends of one request"
+            limit, note = (
+                3 * self.repeat_worst,
+                f"{note}; 3x its own move between two sends of one request or with its neighbours reordered",
+            )
         value = self.strict_logprob_diff
         return Check("slot_logprob_max_diff", value, limit, "<=", value <= limit, note=note)
 
@@ -330,6 +359,10 @@ class InvarianceResult:
             self.flips(d.placements) for d in measured
         ]  # after the strict worst: its rule
         return self
+
+
+def _strict_name(wide: bool) -> str:
+    return f"slots {' and '.join(map(str, WIDE_SLOTS))} of {WIDE_BATCH}" if wide else "slots 1 and 3 of 4"
 
 
 def _worst(placements: Sequence[SlotResult]) -> float:
@@ -443,11 +476,7 @@ async def check_batch_slots(
     first = [probe.prompt, FILLERS[0], FILLERS[1], probe.prompt]
     batch = [FILLERS[0], probe.prompt, FILLERS[1], probe.prompt]
     try:
-        answers = []
-        for order in (first, batch, batch):  # the batch twice: the repeat control
-            resp = await ep.client.completions(body(order), use_cache=False)
-            choices = sorted(resp["choices"], key=lambda c: c.get("index", 0))
-            answers.append([parse_choice(c, server=ep.name) for c in choices])
+        answers = await _batch_answers(ep, (first, batch, batch), body)  # the batch twice: the repeat control
         slot0 = answers[0][0]
         placed = compare_views(alone, slot0, f"batch slot 0 of {len(first)}", tolerance)
         placed.shape_dependent = True
@@ -463,6 +492,7 @@ async def check_batch_slots(
         result.slots.append(again)
     except (DifftestError, KeyError, IndexError) as exc:
         result.slots.append(SlotResult("multi-prompt request", False, None, 0.0, error=str(exc)))
+    result.slots.extend(await _wide_placements(ep, probe.prompt, body, tolerance))
     concurrent = [FILLERS[2], probe.prompt, FILLERS[0], probe.prompt]
     answers = await asyncio.gather(
         *(ep.client.completions(body(p), use_cache=False) for p in concurrent), return_exceptions=True
@@ -480,3 +510,50 @@ async def check_batch_slots(
         placed.timing_dependent = True
         result.slots.append(placed)
     return result
+
+
+async def _batch_answers(
+    ep: Endpoint, orders: Sequence[list[Any]], body: Callable[[Any], dict[str, Any]]
+) -> list[list[TokensView]]:
+    """Each multi-prompt request's choices in prompt order, the requests one after another."""
+    answers = []
+    for order in orders:
+        resp = await ep.client.completions(body(order), use_cache=False)
+        choices = sorted(resp["choices"], key=lambda c: c.get("index", 0))
+        answers.append([parse_choice(c, server=ep.name) for c in choices])
+    return answers
+
+
+def wide_orders(probe: Any) -> tuple[list[Any], list[Any], list[Any]]:
+    """The wide batch three ways, each the same prompts: the probe at slot 0 (and last), the same
+    with the fillers reversed (the control), and the probe at `WIDE_SLOTS`. A server that decodes
+    the batch in waves of 16 sees the same prompts per wave in the first and the last."""
+    fillers = [FILLERS[i % len(FILLERS)] for i in range(WIDE_BATCH - len(WIDE_SLOTS))]
+    first = [probe, *fillers, probe]
+    control = [probe, *reversed(fillers), probe]
+    rest = iter(fillers)
+    placed = [probe if i in WIDE_SLOTS else next(rest) for i in range(WIDE_BATCH)]
+    return first, control, placed
+
+
+async def _wide_placements(
+    ep: Endpoint, probe: Any, body: Callable[[Any], dict[str, Any]], tolerance: float
+) -> list[SlotResult]:
+    """The probe at slots 9 and 17 of the wide batch against its slot 0 (strict), and the control:
+    slot 0 again with the neighbours reordered."""
+    try:
+        answers = await _batch_answers(ep, wide_orders(probe), body)
+        slot0 = answers[0][0]
+        control = compare_views(
+            slot0, answers[1][0], f"slot 0 of {WIDE_BATCH}, neighbours reordered", tolerance
+        )
+        control.repeat = True
+        placed = [
+            compare_views(slot0, answers[2][slot], f"batch slot {slot} of {WIDE_BATCH}", tolerance)
+            for slot in WIDE_SLOTS
+        ]
+    except (DifftestError, KeyError, IndexError) as exc:
+        return [SlotResult(f"{WIDE_BATCH}-prompt request", False, None, 0.0, error=str(exc), wide=True)]
+    for s in (*placed, control):
+        s.wide = True
+    return [*placed, control]

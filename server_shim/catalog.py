@@ -22,6 +22,7 @@ FAULTS = (
     "routed-scaling-missing",
     "ue8m0-rounding",
     "slot-variant",
+    "slot-tile",
 )
 # Schemes where each bug class can exist at all: a per-tensor scale has no layout to transpose,
 # a weight-only scheme has no activation scale to round or to read from the wrong slot. A config
@@ -36,5 +37,9 @@ FAULT_SCHEMES: dict[str, tuple[str, ...]] = {
     "routed-scaling-missing": QUANTIZED,
     "ue8m0-rounding": ("fp8-tensor", "fp8-token", "fp8-block", "int8"),
     "slot-variant": ("fp8-token", "fp8-block", "int8"),
+    "slot-tile": ("fp8-token", "fp8-block", "int8"),
 }
+# slot-tile: the rows of an M tile this tall read the first tile's scale rows (a tile offset missing
+# from the scale pointer), so only batch slots past it are wrong
+SLOT_TILE_ROWS = 16
 MOE_ONLY = ("routed-scaling-missing",)

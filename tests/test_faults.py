@@ -108,6 +108,26 @@ def test_slot_variant_uses_the_batch_dim_of_3d_inputs(case) -> None:
     assert torch.equal(y[0], golden[0]) and _rel(y[1], golden[1]) > 0.01
 
 
+@pytest.mark.parametrize(
+    ("scheme", "backend"), [("fp8-token", "torch"), ("fp8-block", "torch"), ("int8", "triton")]
+)
+def test_slot_tile_is_wrong_only_past_the_first_m_tile(scheme: str, backend: str) -> None:
+    """20 slots: 0-15 read their own scale rows, 16-19 read rows 0-3 (the first tile's), so a
+    batch of 4 cannot show it and slot 17 of 20 does."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(128, 256, generator=g) * 0.05
+    x = torch.randn(20, 256, generator=g) * (1 + 5 * torch.rand(20, 1, generator=g))
+    qw = F.quantize_weight(w, scheme)
+    y = quant_matmul(x, qw, None, backend, FaultSet(slot_tile=True))
+    golden = quant_matmul(x, qw, None, backend)
+    assert torch.equal(y[:16], golden[:16])
+    assert all(_rel(y[i], golden[i]) > 0.01 for i in range(16, 20))
+    four = x[:4]
+    assert torch.equal(
+        quant_matmul(four, qw, None, backend, FaultSet(slot_tile=True)), quant_matmul(four, qw, None, backend)
+    )
+
+
 @pytest.mark.parametrize("scheme", ["fp8-block", "int8"])
 def test_ue8m0_rounding_is_small_but_nonzero(case, scheme: str) -> None:
     y, golden = _run(case, scheme, "ue8m0-rounding")

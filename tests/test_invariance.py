@@ -140,7 +140,7 @@ async def test_check_batch_slots_on_a_deterministic_fake_passes() -> None:
     async with server.client(name="fake") as client:
         ep = Endpoint("fake", client, await probe(client))
         r = await check_batch_slots(ep, [Prompt("p0", "the quick brown fox")], max_tokens=6, k=3)
-    assert r.skipped is None and len(r.slots) == 6 and len(r.placements) == 5
+    assert r.skipped is None and len(r.slots) == 9 and len(r.placements) == 7
     assert all(s.same_tokens and s.max_logprob_diff == 0.0 for s in r.slots)
     assert r.verdict().passed and r.repeat_worst == 0.0 and not r.repeat_flips
 
@@ -179,7 +179,7 @@ def test_a_repeated_request_bounds_what_same_shape_flips_prove() -> None:
     assert exact.token_failures == 2 and not exact.verdict().passed
     flipping = target(SlotResult("batch slot 1 of 4, sent again", False, 0, 0.0, margin_at_difference=0.9))
     tokens = flipping.verdict().checks[0]
-    assert flipping.repeat_flips and tokens.value == 2 and not tokens.informative and not tokens.fails
+    assert flipping.repeat_flips and tokens.value == 0 and not tokens.informative and not tokens.fails
     assert len(flipping.placements) == 2 and flipping.worst_logprob_diff == 0.01
 
 
@@ -315,11 +315,14 @@ async def test_check_batch_slots_marks_concurrent_placements_timing_dependent() 
     async with FakeServer(FakeBehaviour()).client(name="fake") as client:
         ep = Endpoint("fake", client, await probe(client))
         r = await check_batch_slots(ep, [Prompt("p0", "the quick brown fox")], max_tokens=4, k=3)
-    flags = {s.placement: (s.timing_dependent, s.shape_dependent, s.repeat) for s in r.slots}
-    assert flags == {"batch slot 0 of 4": (False, True, False), "batch slot 1 of 4": (False, False, False),
-                     "batch slot 3 of 4": (False, False, False), "batch slot 1 of 4, sent again": (False, False, True),
-                     "concurrent request 1 of 4": (True, False, False),
-                     "concurrent request 3 of 4": (True, False, False)}  # fmt: skip
+    flags = {s.placement: (s.timing_dependent, s.shape_dependent, s.repeat, s.wide) for s in r.slots}
+    assert flags == {"batch slot 0 of 4": (False, True, False, False), "batch slot 1 of 4": (False, False, False, False),
+                     "batch slot 3 of 4": (False, False, False, False),
+                     "batch slot 1 of 4, sent again": (False, False, True, False),
+                     "batch slot 9 of 20": (False, False, False, True), "batch slot 17 of 20": (False, False, False, True),
+                     "slot 0 of 20, neighbours reordered": (False, False, True, True),
+                     "concurrent request 1 of 4": (True, False, False, False),
+                     "concurrent request 3 of 4": (True, False, False, False)}  # fmt: skip
 
 
 def test_a_flip_across_batch_shapes_within_twice_the_baselines_move_is_a_tie() -> None:
@@ -382,3 +385,54 @@ def test_twice_a_baseline_move_past_one_nat_informs_nothing_against_the_probe_al
         .loose_allowance
         == 0.6
     )
+
+
+def test_the_wide_batch_holds_the_same_prompts_in_every_order() -> None:
+    """The wide batch's three orders are one multiset; the probe sits at 0 and last, then at 9 and
+    17 (past 8- and 16-row M tiles); a server decoding in waves of 16 sees the same prompts per
+    wave in the first and the placed order; the control reverses the fillers, so waves of other
+    sizes give the probe other neighbours there."""
+    from difftest.invariance import WIDE_BATCH, WIDE_SLOTS, wide_orders
+
+    first, control, placed = wide_orders("P")
+    assert len(first) == len(control) == len(placed) == WIDE_BATCH == 20 and WIDE_SLOTS == (9, 17)
+    assert sorted(first) == sorted(control) == sorted(placed)
+    assert [i for i, p in enumerate(first) if p == "P"] == [0, 19] and control[0] == "P"
+    assert [i for i, p in enumerate(placed) if p == "P"] == [9, 17]
+    assert sorted(first[:16]) == sorted(placed[:16]) and sorted(first[16:]) == sorted(placed[16:])
+    assert sorted(first[:8]) != sorted(control[:8])
+
+
+def test_each_batch_is_judged_by_its_own_control() -> None:
+    """Slots 1 and 3 of 4 and 9 and 17 of 20 all flip at a margin of 0.25 nats, the baseline's
+    strict placements moved 0.0. Where the wide control (slot 0 with its neighbours reordered)
+    moved 0.2 nats, 2 x 0.2 bridges the wide flips (ties) but not the 4-batch's, whose repeat moved
+    0.0: 2 counted flips. Where the wide control flips a token, the wide placements prove nothing
+    and the 4-batch's still count."""
+
+    def target(control: SlotResult) -> InvarianceResult:
+        slots = [SlotResult(f"batch slot {i} of 4", False, 0, 0.0, margin_at_difference=0.25) for i in (1, 3)]
+        slots += [SlotResult(f"batch slot {i} of 20", False, 0, 0.0, margin_at_difference=0.25, wide=True)
+                  for i in (9, 17)]  # fmt: skip
+        slots.append(SlotResult("batch slot 1 of 4, sent again", True, None, 0.0, repeat=True))
+        control.repeat, control.wide = True, True
+        r = InvarianceResult("p", 0.05, [*slots, control], tie_margin=0.375)
+        r.baseline, r.baseline_draw_worst, r.baseline_draw_strict_worst, r.baseline_draw_flips = (
+            "golden",
+            [0.1],
+            [0.0],
+            [0],
+        )
+        return r
+
+    moved = target(SlotResult("slot 0 of 20, neighbours reordered", True, None, 0.2))
+    assert moved.strict_allowance(wide=True) == 0.2 and moved.strict_allowance(wide=False) == 0.0
+    assert moved.token_failures == 2 and not moved.verdict().passed
+    flipped = target(
+        SlotResult("slot 0 of 20, neighbours reordered", False, 0, 0.0, margin_at_difference=0.9)
+    )
+    tokens = flipped.verdict().checks[0]
+    assert flipped.control_flips(wide=True) and not flipped.control_flips(wide=False)
+    # the 4-batch's flips count; the wide ones are ties (their batch's control flipped)
+    assert tokens.value == 2 and tokens.fails and tokens.informative
+    assert "slots 9 and 17 of 20 against slot 0 (same batch shape): flips prove nothing" in tokens.note

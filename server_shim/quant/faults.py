@@ -17,6 +17,8 @@ private attribute (`_faults`) that no reporting path reads.
 | routed-scaling-missing  | MoE output without routed_scaling_factor    | moe.py combine                  |
 | ue8m0-rounding          | scales rounded up to powers of two          | activation quantization         |
 | slot-variant            | scale row of batch slot 0 used for slot > 0 | activation scale read           |
+| slot-tile               | slots past the first 16-row M tile read the | activation scale read           |
+|                         | first tile's scale rows (tile offset lost)  |                                 |
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from server_shim.catalog import FAULT_SCHEMES, FAULTS, FP8_SCHEMES, MOE_ONLY  # noqa: F401 - re-read by callers
+from server_shim.catalog import FAULT_SCHEMES, FAULTS, FP8_SCHEMES, MOE_ONLY, SLOT_TILE_ROWS  # noqa: F401 - re-read by callers
 from server_shim.errors import QuantConfigError
 from server_shim.quant.formats import QuantizedWeight, unshuffle_scales
 
@@ -47,6 +49,7 @@ class FaultSet:
     routed_scaling_missing: bool = False
     ue8m0_rounding: bool = False
     slot_variant: bool = False
+    slot_tile: bool = False
 
     def __bool__(self) -> bool:
         return any(getattr(self, f.name) for f in fields(self))
@@ -142,10 +145,13 @@ def read_weight(qw: QuantizedWeight, fs: FaultSet) -> tuple[Tensor, Tensor, Tens
 
 def read_act_scale(scale: Tensor, lead: tuple[int, ...], fs: FaultSet) -> Tensor:
     """The activation scale rows the GEMM epilogue reads. slot-variant: rows of batch slot 0 are
-    read for every slot (slot = first dim of the input; rows of a 2-D input are slots)."""
-    if not fs.slot_variant or scale.shape[0] <= 1:
+    read for every slot; slot-tile: slot s reads slot s mod SLOT_TILE_ROWS (slot = first dim of
+    the input; rows of a 2-D input are slots)."""
+    if not (fs.slot_variant or fs.slot_tile) or scale.shape[0] <= 1:
         return scale
     slots = lead[0] if lead else 1
     per = scale.shape[0] // max(slots, 1)
     s = scale.reshape(slots, per, scale.shape[1])
-    return s[0:1].expand(slots, per, scale.shape[1]).reshape(scale.shape).contiguous()
+    read = torch.arange(slots, device=scale.device)
+    read = read * 0 if fs.slot_variant else read % SLOT_TILE_ROWS
+    return s[read].reshape(scale.shape).contiguous()

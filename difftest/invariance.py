@@ -6,7 +6,9 @@ rows above 0 — results change with where the scheduler happened to put the req
 and 3 of a multi-prompt request (`prompt: [filler, probe, filler, probe]`) and compare them with
 the probe at slot 0 of the same prompts reordered (`[probe, filler, filler, probe]`): the same
 batch shape at every step, so a correct server answers those placements alike even where its
-kernels pick their tiles by the batch's size. Against the probe served alone we compare that
+kernels pick their tiles by the batch's size. Four prompts sit inside any kernel's first M tile, so
+a wide batch of `WIDE_BATCH` puts the probe at slots 9 and 17 the same way (a second tile reading
+the first tile's scale rows shows only there). Against the probe served alone we compare that
 slot 0 (the batch's shape, not its slot, differs) and the probe in concurrent requests (whose
 batch neighbours depend on timing).
 
@@ -15,7 +17,7 @@ shape: "strict") are answered alike to the last bit by a correct deterministic s
 only allowance is the baseline's own move in those placements (measured: every correct target,
 float16 and bfloat16, moved 0.0 there) and the target's own between two sends of the batch request
 (a control: where that repeat flips a token, the server is not deterministic and these placements
-prove nothing). Against the probe alone (another batch shape, or neighbours that
+prove nothing); the wide batch's control is its slot 0 with the neighbours reordered. Against the probe alone (another batch shape, or neighbours that
 depend on timing) a correct kernel rounds differently, so a flipped token there is a tie when the
 top-1/top-2 margin is within the null's TIE margin, twice the baseline's worst move, or the
 rounding twin flips the probe too. Either way a flip within what the sequence's own observed

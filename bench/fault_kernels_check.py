@@ -87,6 +87,7 @@ def check(
     scheme: str, cfg: str, M: int, N: int, Kd: int, dtype: torch.dtype, dev: torch.device
 ) -> list[tuple[bool, str]]:
     """One line per fault of the scheme through the pinned config: (ok, text)."""
+    from server_shim.catalog import SLOT_FAULTS
     from server_shim.quant import formats as F
     from server_shim.quant import tuning
     from server_shim.quant.faults import NO_FAULTS, FaultSet
@@ -125,7 +126,7 @@ def check(
             shown = "shown" if visible else "not visible (torch too)"
             text = (f"{scheme:10} {str(dtype):15} M={M:<4} {cfg:28} {fault:22} to torch's bug {same:.1e} "
                     f"(clean {noise:.1e}), bug {bug:.1e}: {shown}")  # fmt: skip
-            lines.append((close and (visible or fault in ("slot-variant", "slot-tile")), text))
+            lines.append((close and (visible or fault in SLOT_FAULTS), text))
     return lines
 
 

@@ -39,6 +39,8 @@ FAULT_SCHEMES: dict[str, tuple[str, ...]] = {
     "slot-variant": ("fp8-token", "fp8-block", "int8"),
     "slot-tile": ("fp8-token", "fp8-block", "int8"),
 }
+# faults that only a batch can show (at one token there is no other slot to read)
+SLOT_FAULTS = ("slot-variant", "slot-tile")
 # slot-tile: the rows of an M tile this tall read the first tile's scale rows (a tile offset missing
 # from the scale pointer), so only batch slots past it are wrong
 SLOT_TILE_ROWS = 16

@@ -272,6 +272,9 @@ class InvarianceResult:
                 note += f"; {_strict_name(wide)} against slot 0 (same batch shape): {rule}"
         if loose:
             note += "; against the probe alone: " + self._loose_rule()
+        lost = [s for s in self.slots if s.error is not None]
+        if lost:  # a placement that could not be measured narrows the check: say which
+            note += "; not measured: " + ", ".join(f"{s.placement} ({_first_line(s.error)})" for s in lost)
         # placements where a flip can count: no strict one where its batch's control flips, no
         # loose one where the twin flips the probe or an allowance past the guard ties nearly
         # every flip
@@ -361,6 +364,11 @@ class InvarianceResult:
             self.flips(d.placements) for d in measured
         ]  # after the strict worst: its rule
         return self
+
+
+def _first_line(text: str | None, width: int = 120) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else "failed"
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def _strict_name(wide: bool) -> str:

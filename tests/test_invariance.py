@@ -436,3 +436,14 @@ def test_each_batch_is_judged_by_its_own_control() -> None:
     # the 4-batch's flips count; the wide ones are ties (their batch's control flipped)
     assert tokens.value == 2 and tokens.fails and tokens.informative
     assert "slots 9 and 17 of 20 against slot 0 (same batch shape): flips prove nothing" in tokens.note
+
+
+def test_a_placement_that_could_not_be_measured_is_named_in_the_note() -> None:
+    """A server that takes 4 prompts in one request but refuses 20: the check rests on the rest and
+    says what it could not measure, instead of narrowing silently."""
+    r = InvarianceResult("p", 0.05, [
+        SlotResult("batch slot 1 of 4", True, None, 0.0),
+        SlotResult("20-prompt request", False, None, 0.0, error="HTTP 400: too many prompts (max 16)\ntrace", wide=True)])  # fmt: skip
+    tokens = r.verdict().checks[0]
+    assert tokens.passed and "same prompt at 1 batch placements" in tokens.note
+    assert "not measured: 20-prompt request (HTTP 400: too many prompts (max 16))" in tokens.note

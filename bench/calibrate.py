@@ -27,10 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from server_shim.catalog import SLOT_FAULTS, SLOT_TILE_ROWS  # noqa: E402
 from server_shim.errors import QuantConfigError  # noqa: E402
 from server_shim.models import load_model  # noqa: E402
 from server_shim.quant.arch import vendor_supports  # noqa: E402
-from server_shim.quant.faults import FAULT_SCHEMES, FAULTS, SLOT_TILE_ROWS  # noqa: E402
+from server_shim.quant.faults import FAULT_SCHEMES, FAULTS  # noqa: E402
 from server_shim.quant.linear import QuantLinear, quantize_model  # noqa: E402
 
 SCHEMES = ("fp8-tensor", "fp8-token", "fp8-block", "int8", "int4-g128", "mxfp4")
@@ -243,7 +244,7 @@ def main() -> int:
         bad = quantized(base, "fp8-block", "torch", [f"{fault}@{args.fault_module}"])
         x = inputs[args.fault_module]
         with torch.inference_mode():
-            if fault in ("slot-variant", "slot-tile"):  # the input as requests: the last slot is measured
+            if fault in SLOT_FAULTS:  # the input as requests: the last slot is measured
                 slots = 2 if fault == "slot-variant" else SLOT_TILE_ROWS + 1  # slot-tile: past the first tile
                 xs = torch.stack([x.flip(0) if i == slots - 1 else x for i in range(slots)])
                 y = bad.get_submodule(args.fault_module)(xs)[-1]

@@ -37,6 +37,7 @@ from difftest.errors import DifftestError
 from difftest.metrics.tokens import top_margin
 from difftest.prompts import Prompt
 from difftest.results import Check, PartVerdict
+from difftest.textsafe import truncate
 from difftest.tokens_view import TokensView, parse_choice
 
 # fp32 servers batched vs alone move logprobs by ~1e-5; bf16 ones by up to ~1e-2. A wrong scale
@@ -146,14 +147,18 @@ class InvarianceResult:
         a token outside the sequence's own shift."""
         return any(self.control_flips(wide) for wide in (False, True))
 
+    def controls(self, wide: bool) -> list[SlotResult]:
+        """One batch's measured controls (the 4-prompt batch's repeat, or the wide batch's)."""
+        return [s for s in self.repeats if s.wide == wide]
+
     def control_flips(self, wide: bool) -> bool:
         """One batch's control flipped a token: that batch's strict placements prove nothing."""
-        return any(not s.same_tokens and not s.tie_at_difference for s in self.repeats if s.wide == wide)
+        return any(not s.same_tokens and not s.tie_at_difference for s in self.controls(wide))
 
     def strict_allowance(self, wide: bool = False) -> float | None:
         """What a strict flip's margin may be explained by: the baseline's own move in the strict
         placements, or the target's own in that batch's control."""
-        own = _largest(*(s.max_logprob_diff for s in self.repeats if s.wide == wide))
+        own = _largest(*(s.max_logprob_diff for s in self.controls(wide)))
         return _largest(self.baseline_strict_worst, own)
 
     def is_tie(self, s: SlotResult) -> bool:
@@ -217,7 +222,17 @@ class InvarianceResult:
 
     @property
     def strict_logprob_diff(self) -> float:
-        return _worst([s for s in self.placements if self.is_strict(s)])
+        return _worst(self.strict_placements)
+
+    @property
+    def strict_placements(self) -> list[SlotResult]:
+        """The measured placements compared at the same batch shape (slots against slot 0)."""
+        return [s for s in self.placements if self.is_strict(s)]
+
+    @property
+    def strict_batches(self) -> list[bool]:
+        """The batches (wide or not) with a strict placement measured."""
+        return [wide for wide in (False, True) if any(s.wide == wide for s in self.strict_placements)]
 
     @property
     def loose_logprob_diff(self) -> float:
@@ -250,7 +265,7 @@ class InvarianceResult:
         measured = self.placements
         if not measured:
             return PartVerdict("invariance", "", (), skipped="no batch placement could be measured")
-        strict = [s for s in measured if self.is_strict(s)]
+        strict = self.strict_placements
         loose = [s for s in measured if not self.is_strict(s)]
         checks = [self._token_check(strict, loose)]
         if strict:
@@ -266,10 +281,8 @@ class InvarianceResult:
         note = f"same prompt at {len(strict) + len(loose)} batch placements" + (
             f"; {self.baseline} itself: {allowed}{self._draws}" if self.baseline else ""
         )
-        for wide in (False, True):
-            if any(s.wide == wide for s in strict):
-                rule = self._strict_rule(wide)
-                note += f"; {_strict_name(wide)} against slot 0 (same batch shape): {rule}"
+        for wide in self.strict_batches:
+            note += f"; {_strict_name(wide)} against slot 0 (same batch shape): {self._strict_rule(wide)}"
         if loose:
             note += "; against the probe alone: " + self._loose_rule()
         lost = [s for s in self.slots if s.error is not None]
@@ -319,9 +332,10 @@ class InvarianceResult:
         return f"flips within the null's TIE margin{tie}{own} are ties{past}"
 
     def _strict_logprob_check(self) -> Check:
-        """Slots 1 and 3 against slot 0: the tolerance, or 3x the baseline's own move there or the
-        target's own between two sends of one request, whichever is widest."""
-        limit, note = self.tolerance, "chosen-token logprob, slots 1, 3, 9 and 17 against slot 0"
+        """The strict placements against their batch's slot 0: the tolerance, or 3x the baseline's
+        own move there or the target's own in a control, whichever is widest."""
+        batches = " and ".join(_strict_name(wide) for wide in self.strict_batches)
+        limit, note = self.tolerance, f"chosen-token logprob, {batches} against their slot 0"
         if self.baseline_strict_worst is not None and 3 * self.baseline_strict_worst > limit:
             limit, note = (
                 3 * self.baseline_strict_worst,
@@ -360,15 +374,14 @@ class InvarianceResult:
         self.baseline = name
         self.baseline_draw_worst = [d.worst_logprob_diff for d in measured]
         self.baseline_draw_strict_worst = [d.strict_logprob_diff for d in measured]
-        self.baseline_draw_flips = [
-            self.flips(d.placements) for d in measured
-        ]  # after the strict worst: its rule
+        # after the strict worst: `is_tie` reads it
+        self.baseline_draw_flips = [self.flips(d.placements) for d in measured]
         return self
 
 
 def _first_line(text: str | None, width: int = 120) -> str:
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else "failed"
-    return line if len(line) <= width else line[: width - 3] + "..."
+    lines = (text or "").strip().splitlines()
+    return truncate(lines[0], width) if lines else "failed"
 
 
 def _strict_name(wide: bool) -> str:

@@ -26,3 +26,7 @@ def _shown(m: re.Match[str]) -> str:
 def safe(text: str) -> str:
     """`text` with every unsafe character escaped."""
     return _UNSAFE.sub(_shown, text)
+
+
+def truncate(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"

@@ -20,7 +20,7 @@ from difftest.report.heatmap import layer_grid, text_heatmap
 from difftest.report.plotdata import TagRow, tag_rows
 from difftest.report.words import GATE_WORDS, gate_of, kv_rows, reasons_in_words, shape_words
 from difftest.results import Comparison, PromptDiff, RunResult, TargetResult
-from difftest.textsafe import safe
+from difftest.textsafe import safe, truncate
 from difftest.whitebox.localise import localisation_line as whitebox_localisation_line
 
 NA = "n/a"
@@ -150,10 +150,6 @@ def visible(text: str) -> str:
     """Newlines, tabs and control characters made visible (they would break a table row)."""
     text = text.replace("\r\n", "⏎").replace("\n", "⏎").replace("\r", "⏎").replace("\t", "⇥")
     return safe(text)
-
-
-def truncate(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 # `_` only where it could open emphasis: GFM leaves intraword underscores (down_proj) alone.

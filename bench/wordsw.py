@@ -1,15 +1,13 @@
 """The warpgroup-MMA int4 tile ("wordsw", server_shim/quant/_gluon_w4w.py), checked and timed.
 
     python bench/wordsw.py                                   # 16 x 4096 x 4096 and 5 x 1000 x 4224
-    python bench/wordsw.py --shapes 16x4096x4096 --steps 4 8 16 --rows 64 128 --dtype fp16
-    python bench/wordsw.py --cold                            # also with the weights read from HBM
+    python bench/wordsw.py --shapes 16x4096x4096 --steps 4 8 16 --dtype fp16
 
 An experiment in no dispatch path: this script is the one thing that runs it. Every shape and
 split is first checked against float64 (a FAIL line and exit status 1 when it is off) and run a
 second time for equal bits (its splits sum themselves in split order), then timed beside torch's
 16-bit GEMM on the dequantized weight and the shim's "wordsb" tile pinned (medians of CUDA-graph
-replays, the weights in L2; with --cold also with the L2 flushed before every call, as the tuner
-times decode GEMMs: `tuning.time_cold`). Needs a Hopper GPU and a triton with Gluon; elsewhere it says so and
+replays, the weights in L2). Needs a Hopper GPU and a triton with Gluon; elsewhere it says so and
 exits 0.
 """
 
@@ -41,16 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", type=_shape, default=[(16, 4096, 4096), (5, 1000, 4224)])
     ap.add_argument("--steps", nargs="+", type=int, default=[4, 8], help="K steps of 128 a program (a split)")
-    ap.add_argument(
-        "--rows",
-        nargs="+",
-        type=int,
-        choices=[64, 128],
-        default=[64],
-        help="weight rows a program: one warpgroup per 64, sharing x's copy",
-    )
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    ap.add_argument("--cold", action="store_true", help="also time with the L2 flushed before every call")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     if not torch.cuda.is_available() or not arch.warp_specialized_fp8(dev):
@@ -66,42 +55,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m}x{n}x{k}: not a shape the tile takes (K % 128, M > 16, alignment)")
             continue
         wd = case.dense
+        t_torch = C.time_ms(lambda: x @ wd.T) * 1e3  # noqa: B023 - timed here, in this iteration
+        with tuning.pinned(WORDSB):
+            t_b = C.time_ms(lambda: K.int4_gemm(x, qw.data, qw.scales, qw.zeros, out_dtype=dtype)) * 1e3  # noqa: B023
+        print(f"\n{m}x{n}x{k} {args.dtype}: torch {t_torch:.2f} us, wordsb {t_b:.2f} us", flush=True)
+        for steps in args.steps:
+            out = torch.empty(m, n, device=dev, dtype=dtype)
+            splits = -(-k // (steps * _gluon_w4w.BLOCK_K))
+            ws = torch.empty(splits, m, n, device=dev, dtype=torch.float32)
+            cnt = torch.zeros(-(-n // _gluon_w4w.ROWS), device=dev, dtype=torch.int32)
 
-        def torch_mm() -> None:
-            x @ wd.T  # noqa: B023 - timed here, in this iteration
+            def run() -> None:
+                _gluon_w4w.wonly_wordsw(x, words, out, qw.scales, qw.zeros, None, steps=steps,  # noqa: B023
+                                        workspace=lambda s: ws, counters=lambda t: cnt)  # noqa: B023  # fmt: skip
 
-        def wordsb() -> None:
-            with tuning.pinned(WORDSB):
-                K.int4_gemm(x, qw.data, qw.scales, qw.zeros, out_dtype=dtype)  # noqa: B023
-
-        t_torch, t_b = C.time_ms(torch_mm) * 1e3, C.time_ms(wordsb) * 1e3
-        line = f"\n{m}x{n}x{k} {args.dtype}: torch {t_torch:.2f} us, wordsb {t_b:.2f} us"
-        if args.cold:
-            c_torch, c_b = tuning.time_cold(torch_mm) * 1e3, tuning.time_cold(wordsb) * 1e3
-            line += f"; from HBM torch {c_torch:.2f} us, wordsb {c_b:.2f} us"
-        print(line, flush=True)
-        for rows in args.rows:
-            for steps in args.steps:
-                out = torch.empty(m, n, device=dev, dtype=dtype)
-                splits = -(-k // (steps * _gluon_w4w.BLOCK_K))
-                ws = torch.empty(splits, m, n, device=dev, dtype=torch.float32)
-                cnt = torch.zeros(-(-n // rows), device=dev, dtype=torch.int32)
-
-                def run() -> None:
-                    _gluon_w4w.wonly_wordsw(x, words, out, qw.scales, qw.zeros, None, steps=steps,  # noqa: B023
-                                            workspace=lambda s: ws, counters=lambda t: cnt, rows=rows)  # noqa: B023  # fmt: skip
-
-                label = f"wordsw {rows:3d} rows {steps:2d} steps ({splits} splits)"
-                timed = C.check_then_time(label, run, out, ref, C.tol("triton int4-g128"))
-                failed |= timed is None
-                if timed is None:
-                    continue
-                t, err = timed
-                line = f"ok   {label} {t:6.2f} us  {t_torch / t:.2f}x torch  {t_b / t:.2f}x wordsb  rel err {err:.1e}"
-                if args.cold:
-                    c = tuning.time_cold(run) * 1e3
-                    line += f"; from HBM {c:6.2f} us  {c_torch / c:.2f}x torch  {c_b / c:.2f}x wordsb"
-                print(line, flush=True)
+            timed = C.check_then_time(f"wordsw {steps} steps", run, out, ref, C.tol("triton int4-g128"))
+            failed |= timed is None
+            if timed is None:
+                continue
+            t, err = timed
+            print(f"ok   wordsw {steps:2d} steps ({splits} splits) {t:6.2f} us  {t_torch / t:.2f}x torch  "
+                  f"{t_b / t:.2f}x wordsb  rel err {err:.1e}", flush=True)  # fmt: skip
     return 1 if failed else 0
 
 

@@ -39,8 +39,12 @@ instruction every 2.9 cycles, the top stall (31%) the step's own zero points and
 global memory; loaded a step ahead since (9.12 us, no gain at M = 16; 5 x 1000 x 4224 6.28 ->
 6.17). Profiled again (the run flushes the L2): the global loads' scoreboard still the top stall
 (1.76 of 5.64 cycles between issues), the MMAs' own 0.05, SMs active 74% of the elapsed cycles:
-the next thing to move is the zero points and scales into the programs' bulk copies, and the split
-reduction's tail.
+the next thing to move looked like the zero points and scales. Moved into shared memory at each
+program's start (read once, while the bulk copies run) it was slower: H100, 2026-12-06 16:56 UTC,
+10.62 / 10.21 us with 8 / 4 K steps a program against 9.10 / 9.36 for this code in the same call
+(torch bf16 8.63, "wordsb" 8.14); two warpgroups a program sharing x's copy (128 rows) slower still,
+11.11 / 11.69 (`python bench/wordsw.py --rows 64 128 --cold` at commit 973abf1, which reproduces
+it). So the global loads' stall was hiding latency the kernel pays anyway.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def dequant_ptx(bf16: bool) -> str:
 
 
 if IMPORTED:
+    _ROWS = gl.constexpr(ROWS)
     _BM = gl.constexpr(BLOCK_M)
     _BK = gl.constexpr(BLOCK_K)
     _HK = gl.constexpr(HALF_K)
@@ -109,7 +114,7 @@ if IMPORTED:
             )
         else:
             lo, hi = gl.inline_asm_elementwise(DQ, "=h,=h,r,r,r", [word, sel, nz], (gl.float16,) * 2, True, 1)
-        w = gl.reshape(gl.join(lo, hi), [word.shape[0], _HK])
+        w = gl.reshape(gl.join(lo, hi), [_ROWS, _HK])
         return gl.convert_layout(w, a_l, assert_trivial=True)
 
     @gluon.jit
@@ -124,18 +129,23 @@ if IMPORTED:
     @gluon.jit
     def _wonly_wordsw_kernel(x_desc, w_desc, c_ptr, ws_ptr, cnt_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                              scm, scn, ssn, ssg, szn, szg, SPLIT, BF16: gl.constexpr,
-                             HAS_BIAS: gl.constexpr, STEPS: gl.constexpr, DQ: gl.constexpr,
-                             W_L: gl.constexpr):  # fmt: skip
+                             HAS_BIAS: gl.constexpr, STEPS: gl.constexpr, DQ: gl.constexpr):  # fmt: skip
         """c [M, N] = x [M, K] @ dequant(w)^T + bias, M <= 16, int4 (scales fp32, zeros uint8, GROUP
         128): x by its descriptor (16 x 64 boxes), w as int32 words [N, K/8] (k = 8 * word + nibble).
-        Program (i, j): weight rows [R i, +R) over K [j K_PER, +K_PER), at most STEPS K steps, R = 64 a
-        warpgroup (`words_layout`); the warpgroups of a program share its copy of x."""
+        Program (i, j): weight rows [64 i, +64) over K [j K_PER, +K_PER), at most STEPS K steps."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-        _ROWS: gl.constexpr = W_L.shape[0]  # 64 rows a warpgroup
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_ROWS // 16, 1],
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, _BM, 16])  # fmt: skip
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        w_l: gl.constexpr = W_L  # `words_layout`
+        # [64 rows, 8 words, 4 bytes]: registers walk the words (two 16-byte loads a row), then
+        # row + 8; lanes take the byte (t) and the row (g); warps rows 16 w
+        w_l: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]],
+            lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[16, 0, 0], [32, 0, 0]],
+            block_bases=[],
+            shape=[64, 8, 4],
+        )
         rows_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, w_l))
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
@@ -155,33 +165,32 @@ if IMPORTED:
             _tma_load(x_desc, [0, k_lo + j * _BK + _HK], bars.index(j), xs.index(2 * j + 1))
             _tma_load(w_desc, [pid_n * _ROWS, (k_lo + j * _BK) // 8], bars.index(j), w_bufs.index(j))
 
+        rn_w = (pid_n * _ROWS + gl.arange(0, _ROWS, layout=rows_l)) % N
         b_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
         sel = gl.expand_dims(gl.expand_dims(0x400 + 0x101 * b_w, 0), 1)  # byte t and byte t of word >> 4
         sel = gl.broadcast(sel, gl.full([_ROWS, 8, 4], 0, gl.int32, w_l))[0]
         rs_l: gl.constexpr = gl.SliceLayout(1, mma)
+        rn_s = (pid_n * _ROWS + gl.arange(0, _ROWS, layout=rs_l)) % N
         g0 = k_lo // _BK  # GROUP 128: a group a K step
 
-        # the K range's zero points and scales, read once into shared memory while the bulk copies
-        # run (read from global memory in the loop, a step ahead or not, they were ncu's top stall)
-        st_l: gl.constexpr = gl.BlockedLayout([1], [32], [_ROWS // 16], [0])
-        st_r = (pid_n * _ROWS + gl.arange(0, _ROWS, layout=st_l)) % N
-        st_sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])  # rank 1: `index` takes a step
-        s_sm = gl.allocate_shared_memory(gl.float32, [STEPS, _ROWS], st_sl)
-        z_sm = gl.allocate_shared_memory(gl.int32, [STEPS, _ROWS], st_sl)
-        g_last = gl.cdiv(K, _BK) - 1
-        for j in gl.static_range(STEPS):  # steps past the split's last are read, never used
-            g = gl.minimum(g0 + j, g_last)
-            s_sm.index(j).store(gl.load(s_ptr + st_r * ssn + g * ssg))
-            z_sm.index(j).store(gl.load(z_ptr + st_r * szn + g * szg).to(gl.int32))
-        _barrier()  # every thread's rows are in shared memory before any thread reads them
+        s_ptrs = s_ptr + rn_s * ssn + g0 * ssg
+        z_ptrs = z_ptr + rn_w * szn + g0 * szg
         acc = gl.zeros([_ROWS, _BM], gl.float32, mma)
         zero = gl.zeros([_ROWS, _BM], gl.float32, mma)
         # each step's operand read from shared memory when its turn comes (no operand carried: 86
         # registers, up to 5 programs a multiprocessor to fill one another's waits for their MMAs);
-        # its two halves' MMAs as two chains (an N = 16 wgmma's latency, not its work, is the cost)
+        # its two halves' MMAs as two chains (an N = 16 wgmma's latency, not its work, is the cost);
+        # the zero points and scales a step ahead (from global memory: ncu's top stall when each
+        # step loaded its own)
+        last = gl.minimum(g0 + steps, gl.cdiv(K, _BK)) - 1 - g0
+        zc_n = gl.load(z_ptrs).to(gl.int32)
+        sc_n = gl.load(s_ptrs)
         for j in range(0, steps):
-            zc = z_sm.index(j).load(rows_l)
-            sc = s_sm.index(j).load(rs_l)
+            zc = zc_n
+            sc = sc_n
+            nxt = gl.minimum(j + 1, last)
+            zc_n = gl.load(z_ptrs + nxt * szg).to(gl.int32)
+            sc_n = gl.load(s_ptrs + nxt * ssg)
             r_lo, r_hi = _smem_words(w_bufs, bars, sel, j)
             a_lo, a_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
             p_lo = warpgroup_mma(a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True)
@@ -251,56 +260,40 @@ def runs(x: torch.Tensor, words: torch.Tensor | None, zeros: torch.Tensor, fmt: 
     )
 
 
-def words_layout(rows: int = ROWS):  # noqa: ANN201 -- a Gluon layout
-    """The registers of a K step's words, [rows, 8 words, 4 bytes]: registers walk the words (two
-    16-byte reads a row), then row + 8; lanes take the byte (t) and the row (g); warps rows 16 w,
-    so `rows` // 16 warps, one warpgroup per 64 rows."""
-    warps = rows // 16
-    return gl.DistributedLinearLayout(
-        reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]],
-        lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[[16 << i, 0, 0] for i in range(warps.bit_length() - 1)],
-        block_bases=[],
-        shape=[rows, 8, 4],
-    )
-
-
-def _layouts(dtype: torch.dtype, rows: int = ROWS) -> tuple:
-    """The shared-memory layouts of x's boxes ([16, 64] of x's dtype) and the words' ([rows, 16] int32)."""
+def _layouts(dtype: torch.dtype) -> tuple:
+    """The shared-memory layouts of x's boxes ([16, 64] of x's dtype) and the words' ([64, 16] int32)."""
     dt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
     return (
         gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF_K], dt),
-        gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K // 8], gl.int32),
+        gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_K // 8], gl.int32),
     )
 
 
-def descriptor_type(operand: str, dtype: torch.dtype, rows: int = ROWS) -> str:
+def descriptor_type(operand: str, dtype: torch.dtype) -> str:
     """The JIT's signature type of x's ("x") or the words' ("w") descriptor, for compiling without a
     GPU (bench/sm90_compile.py)."""
-    x_layout, w_layout = _layouts(dtype, rows)
+    x_layout, w_layout = _layouts(dtype)
     if operand == "w":
-        return f"tensordesc<i32[{rows}, {BLOCK_K // 8}],{w_layout!r}>"
+        return f"tensordesc<i32[{ROWS}, {BLOCK_K // 8}],{w_layout!r}>"
     return f"tensordesc<{'bf16' if dtype == torch.bfloat16 else 'fp16'}[{BLOCK_M}, {HALF_K}],{x_layout!r}>"
 
 
 def wonly_wordsw(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, bias: torch.Tensor | None, *, steps: int, workspace, counters,  # noqa: ANN001
-                 rows: int = ROWS) -> None:  # fmt: skip
+                 zeros: torch.Tensor, bias: torch.Tensor | None, *, steps: int, workspace, counters) -> None:  # noqa: ANN001  # fmt: skip
     """out = x @ dequant(words)^T + bias with the Gluon kernel (`runs` has said yes): K in splits of
-    `steps` K steps, `rows` (64 or 128) weight rows a program; workspace(splits) -> fp32 [splits, M,
-    N], counters(tiles) -> zeroed int32."""
+    `steps` K steps; workspace(splits) -> fp32 [splits, M, N], counters(tiles) -> zeroed int32."""
     (M, K), N = x.shape, words.shape[0]
-    x_layout, w_layout = _layouts(x.dtype, rows)
+    x_layout, w_layout = _layouts(x.dtype)
     x_desc = TensorDescriptor.from_tensor(x, [BLOCK_M, HALF_K], x_layout)
-    w_desc = TensorDescriptor.from_tensor(words, [rows, BLOCK_K // 8], w_layout)
+    w_desc = TensorDescriptor.from_tensor(words, [ROWS, BLOCK_K // 8], w_layout)
     k_per = steps * BLOCK_K
     splits = -(-K // k_per)
-    tiles = -(-N // rows)
+    tiles = -(-N // ROWS)
     ws = workspace(splits) if splits > 1 else out
     cnt = counters(tiles) if splits > 1 else out
     _wonly_wordsw_kernel[(tiles, splits)](
         x_desc, w_desc, out, ws, cnt, scales, zeros, bias if bias is not None else out, M, N, K, k_per,
         out.stride(0), out.stride(1), scales.stride(0), scales.stride(1), zeros.stride(0),
         zeros.stride(1), splits, BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None, STEPS=steps,
-        DQ=dequant_ptx(x.dtype == torch.bfloat16), W_L=words_layout(rows), num_warps=rows // 16,
+        DQ=dequant_ptx(x.dtype == torch.bfloat16), num_warps=4,
     )  # fmt: skip

@@ -1,8 +1,10 @@
 """Request bodies off the wire: read with a size cap, parse as JSON that cannot hurt the server, map
 pydantic errors to one OpenAI-shaped 400.
 
-Every JSON route (the OpenAI ones and /debug/activations) goes through `read_json`, so a body that
-Python's json module chokes on is the caller's 400 wherever it arrives:
+The OpenAI routes read their bodies through `read_json` (/debug/activations through `loads`), so a
+body that Python's json module chokes on is the caller's 400 wherever it arrives:
+
+- a Content-Type other than JSON (an OpenAI route) -> 400, not a form body parsed as JSON;
 
 - nesting deeper than `MAX_DEPTH` (json.loads raises RecursionError at ~1000 levels; pydantic and
   the tokenizer have their own limits below that) -> 400;
@@ -113,7 +115,23 @@ def _check_text(text: str, param: str | None) -> None:
 THREAD_PARSE_BYTES = 256 * 1024
 
 
+def check_json_type(content_type: str | None) -> None:
+    """A body declared as something other than JSON is refused (400) before it is read as JSON: a
+    form post (`curl -d` without a JSON header) or text/plain would otherwise be parsed as if JSON had
+    been sent. No header at all is taken as JSON, as FastAPI and vLLM take it."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    kind, _, sub = media.partition("/")
+    if kind != "application" or not (sub == "json" or sub.endswith("+json")):
+        raise InvalidRequestError(
+            f"Content-Type must be application/json, got {content_type[:80]!r}",
+            code="invalid_content_type",
+        )
+
+
 async def read_json(request: Any, limit: int) -> Any:
+    check_json_type(request.headers.get("content-type"))
     raw = await read_body(request, limit)
     if len(raw) > THREAD_PARSE_BYTES:
         return await asyncio.to_thread(loads, raw)

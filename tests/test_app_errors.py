@@ -102,6 +102,29 @@ async def test_malformed_json(client, raw):
     await _still_serves(client)
 
 
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+async def test_a_body_declared_as_not_json_is_refused(client, content_type):
+    """`curl -d` sends a form Content-Type: the body is refused by what it declares, not read as JSON."""
+    raw = b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 1}'
+    r = await client.post("/v1/completions", content=raw, headers={"content-type": content_type})
+    _check_error(r, 400, None, "invalid_content_type")
+    assert content_type.split(";")[0] in r.json()["error"]["message"]
+    await _still_serves(client)
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "application/json; charset=utf-8", "Application/JSON", "application/vnd.x+json"]
+)
+async def test_json_bodies_are_taken_with_or_without_the_header(client, content_type):
+    raw = b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 1}'
+    headers = {} if content_type is None else {"content-type": content_type}
+    r = await client.post("/v1/completions", content=raw, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] is not None
+
+
 async def test_body_too_large(client):
     r = await client.post("/v1/completions", json={**GOOD, "prompt": "x" * 70_000})
     _check_error(r, 413, None, "request_too_large")

@@ -40,7 +40,7 @@ global memory; loaded a step ahead since (9.12 us, no gain at M = 16; 5 x 1000 x
 6.17). Profiled again (the run flushes the L2): the global loads' scoreboard still the top stall
 (1.76 of 5.64 cycles between issues), the MMAs' own 0.05, SMs active 74% of the elapsed cycles:
 the next thing to move looked like the zero points and scales. Moved into shared memory at each
-program's start (read once, while the bulk copies run) it was slower: H100, 2026-12-06 16:56 UTC,
+program's start (read once, while the bulk copies run) it was slower: H100, 2026-12-06 16:24 UTC,
 10.62 / 10.21 us with 8 / 4 K steps a program against 9.10 / 9.36 for this code in the same call
 (torch bf16 8.63, "wordsb" 8.14); two warpgroups a program sharing x's copy (128 rows) slower still,
 11.11 / 11.69 (`python bench/wordsw.py --rows 64 128 --cold` at commit 973abf1, which reproduces

@@ -47,9 +47,9 @@ sys.path.insert(0, "bench")
 import sm90_compile as S
 from server_shim.quant import _gluon_w4w as W
 ptrs = {"c_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "bias_ptr": "*bf16"}
-for dt in (torch.bfloat16, torch.float16):
+for dt, anatomy in ((torch.bfloat16, 0), (torch.float16, 0), (torch.bfloat16, 3)):  # 3: bench/wordsw.py --anatomy
     bf16 = dt == torch.bfloat16
-    consts = dict(BF16=bf16, HAS_BIAS=not bf16, STEPS=8, DQ=W.dequant_ptx(bf16))
+    consts = dict(BF16=bf16, HAS_BIAS=not bf16, STEPS=8, DQ=W.dequant_ptx(bf16), ANATOMY=anatomy)
     desc = {"x_desc": W.descriptor_type("x", dt), "w_desc": W.descriptor_type("w", dt)}
     print(dt, S.compile_one(W._wonly_wordsw_kernel, ptrs, consts, 4, 1, 16, desc, div16={"N", "K", "K_PER", "scm"}))
 """
@@ -62,7 +62,7 @@ def test_it_compiles_for_sm90_without_spills() -> None:
     r = subprocess.run([sys.executable, "-c", _COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)  # fmt: skip
     rows = [line for line in r.stdout.splitlines() if line.startswith("torch.")]
-    assert r.returncode == 0 and len(rows) == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and len(rows) == 3, r.stdout[-2000:] + r.stderr[-2000:]
     for row in rows:
         if "no ptxas" not in row:
             assert "spill 0 B" in row, row

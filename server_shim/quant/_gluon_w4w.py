@@ -129,10 +129,16 @@ if IMPORTED:
     @gluon.jit
     def _wonly_wordsw_kernel(x_desc, w_desc, c_ptr, ws_ptr, cnt_ptr, s_ptr, z_ptr, bias_ptr, M, N, K, K_PER,
                              scm, scn, ssn, ssg, szn, szg, SPLIT, BF16: gl.constexpr,
-                             HAS_BIAS: gl.constexpr, STEPS: gl.constexpr, DQ: gl.constexpr):  # fmt: skip
+                             HAS_BIAS: gl.constexpr, STEPS: gl.constexpr, DQ: gl.constexpr,
+                             ANATOMY: gl.constexpr = 0):  # fmt: skip
         """c [M, N] = x [M, K] @ dequant(w)^T + bias, M <= 16, int4 (scales fp32, zeros uint8, GROUP
         128): x by its descriptor (16 x 64 boxes), w as int32 words [N, K/8] (k = 8 * word + nibble).
-        Program (i, j): weight rows [64 i, +64) over K [j K_PER, +K_PER), at most STEPS K steps."""
+        Program (i, j): weight rows [64 i, +64) over K [j K_PER, +K_PER), at most STEPS K steps.
+
+        ANATOMY (`bench/wordsw.py --anatomy` only; wrong on purpose but 0): 1 only the first K step
+        copied, every step reading its buffers (the words xor'd with the step, so the dequantization
+        and the MMAs stay in the loop); 3 that, and the zero points and scales of the first step
+        kept (nothing loaded in the K loop); 2 no K loop (launch, copies issued, epilogue)."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, _BM, 16])  # fmt: skip
@@ -159,7 +165,7 @@ if IMPORTED:
             mbarrier.init(bars.index(j), count=1)
         fence_async_shared()
         w_bufs = gl.allocate_shared_memory(gl.int32, [STEPS, _ROWS, _BK // 8], w_desc.layout)
-        for j in range(0, steps):
+        for j in range(0, steps if ANATOMY == 0 else 1):
             mbarrier.expect(bars.index(j), 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
             _tma_load(x_desc, [0, k_lo + j * _BK], bars.index(j), xs.index(2 * j))
             _tma_load(x_desc, [0, k_lo + j * _BK + _HK], bars.index(j), xs.index(2 * j + 1))
@@ -185,17 +191,22 @@ if IMPORTED:
         last = gl.minimum(g0 + steps, gl.cdiv(K, _BK)) - 1 - g0
         zc_n = gl.load(z_ptrs).to(gl.int32)
         sc_n = gl.load(s_ptrs)
-        for j in range(0, steps):
+        for j in range(0, steps if ANATOMY != 2 else 0):
             zc = zc_n
             sc = sc_n
-            nxt = gl.minimum(j + 1, last)
-            zc_n = gl.load(z_ptrs + nxt * szg).to(gl.int32)
-            sc_n = gl.load(s_ptrs + nxt * ssg)
-            r_lo, r_hi = _smem_words(w_bufs, bars, sel, j)
+            if ANATOMY != 3:
+                nxt = gl.minimum(j + 1, last)
+                zc_n = gl.load(z_ptrs + nxt * szg).to(gl.int32)
+                sc_n = gl.load(s_ptrs + nxt * ssg)
+            b = j if ANATOMY == 0 else 0  # the step's buffers
+            r_lo, r_hi = _smem_words(w_bufs, bars, sel, b)
+            if ANATOMY != 0:
+                r_lo ^= j
+                r_hi ^= j
             a_lo, a_hi = _operand(r_lo, r_hi, zc, sel, BF16, DQ, a_l)
-            p_lo = warpgroup_mma(a_lo, xs.index(2 * j).permute((1, 0)), zero, use_acc=False, is_async=True)
+            p_lo = warpgroup_mma(a_lo, xs.index(2 * b).permute((1, 0)), zero, use_acc=False, is_async=True)
             p_hi = warpgroup_mma(
-                a_hi, xs.index(2 * j + 1).permute((1, 0)), zero, use_acc=False, is_async=True
+                a_hi, xs.index(2 * b + 1).permute((1, 0)), zero, use_acc=False, is_async=True
             )
             p_lo, p_hi = warpgroup_mma_wait(num_outstanding=0, deps=(p_lo, p_hi))
             acc += (p_lo + p_hi) * gl.expand_dims(sc, 1)
@@ -279,7 +290,8 @@ def descriptor_type(operand: str, dtype: torch.dtype) -> str:
 
 
 def wonly_wordsw(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, bias: torch.Tensor | None, *, steps: int, workspace, counters) -> None:  # noqa: ANN001  # fmt: skip
+                 zeros: torch.Tensor, bias: torch.Tensor | None, *, steps: int, workspace, counters,  # noqa: ANN001
+                 anatomy: int = 0) -> None:  # fmt: skip
     """out = x @ dequant(words)^T + bias with the Gluon kernel (`runs` has said yes): K in splits of
     `steps` K steps; workspace(splits) -> fp32 [splits, M, N], counters(tiles) -> zeroed int32."""
     (M, K), N = x.shape, words.shape[0]
@@ -295,5 +307,5 @@ def wonly_wordsw(x: torch.Tensor, words: torch.Tensor, out: torch.Tensor, scales
         x_desc, w_desc, out, ws, cnt, scales, zeros, bias if bias is not None else out, M, N, K, k_per,
         out.stride(0), out.stride(1), scales.stride(0), scales.stride(1), zeros.stride(0),
         zeros.stride(1), splits, BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None, STEPS=steps,
-        DQ=dequant_ptx(x.dtype == torch.bfloat16), num_warps=4,
+        DQ=dequant_ptx(x.dtype == torch.bfloat16), ANATOMY=anatomy, num_warps=4,
     )  # fmt: skip

@@ -49,7 +49,7 @@ from server_shim.quant import _gluon_w4w as W
 ptrs = {"c_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "bias_ptr": "*bf16"}
 for dt, anatomy in ((torch.bfloat16, 0), (torch.float16, 0), (torch.bfloat16, 3)):  # 3: bench/wordsw.py --anatomy
     bf16 = dt == torch.bfloat16
-    consts = dict(BF16=bf16, HAS_BIAS=not bf16, STEPS=8, DQ=W.dequant_ptx(bf16), ANATOMY=anatomy)
+    consts = dict(BF16=bf16, HAS_BIAS=not bf16, STEPS=8, SPLIT=4, DQ=W.dequant_ptx(bf16), ANATOMY=anatomy)
     desc = {"x_desc": W.descriptor_type("x", dt), "w_desc": W.descriptor_type("w", dt)}
     print(dt, S.compile_one(W._wonly_wordsw_kernel, ptrs, consts, 4, 1, 16, desc, div16={"N", "K", "K_PER", "scm"}))
 """

@@ -46,7 +46,7 @@ from server_shim.debug_capture import (
     module_kind,
 )
 from server_shim.errors import DebugRequestError, InvalidRequestError, QuantConfigError, ShimError
-from server_shim.wire import loads, read_body
+from server_shim.wire import check_json_type, loads, read_body
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +336,7 @@ def create_debug_router(
     )
     async def activations(request: Request) -> Response:
         try:
+            check_json_type(request.headers.get("content-type"))
             req = _parse_activations(await read_body(request, max_body_bytes))
             if max_prompt_chars is not None and req.prompt is not None and len(req.prompt) > max_prompt_chars:
                 # refused before the model thread tokenizes it (8M characters there held generation 9 s)

@@ -1,10 +1,11 @@
 """Request bodies off the wire: read with a size cap, parse as JSON that cannot hurt the server, map
 pydantic errors to one OpenAI-shaped 400.
 
-The OpenAI routes read their bodies through `read_json` (/debug/activations through `loads`), so a
-body that Python's json module chokes on is the caller's 400 wherever it arrives:
+The OpenAI routes read their bodies through `read_json` (/debug/activations through
+`check_json_type` and `loads`), so a body that Python's json module chokes on is the caller's 400
+wherever it arrives:
 
-- a Content-Type other than JSON (an OpenAI route) -> 400, not a form body parsed as JSON;
+- a Content-Type other than JSON -> 400, not a form body parsed as JSON;
 
 - nesting deeper than `MAX_DEPTH` (json.loads raises RecursionError at ~1000 levels; pydantic and
   the tokenizer have their own limits below that) -> 400;

@@ -270,7 +270,13 @@ async def test_bad_module_requests(tiny_llama: LoadedModel) -> None:
             assert r.json()["error"]["param"] == param
         bad_json = await c.post("/debug/activations", content=b"{nope")
         not_obj = await c.post("/debug/activations", json=[1, 2])
+        form = await c.post(
+            "/debug/activations",
+            content=b'{"prompt": "hi"}',
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
     assert bad_json.status_code == 400 and "malformed JSON" in bad_json.json()["error"]["message"]
+    assert form.status_code == 400 and form.json()["error"]["code"] == "invalid_content_type"
     assert not_obj.status_code == 400
 
 

@@ -45,12 +45,12 @@ program's start (read once, while the bulk copies run) it was slower: H100, 2026
 (torch bf16 8.63, "wordsb" 8.14); two warpgroups a program sharing x's copy (128 rows) slower still,
 11.11 / 11.69 (`python bench/wordsw.py --rows 64 128 --cold` at commit 973abf1, which reproduces
 it). So the global loads' stall was hiding latency the kernel pays anyway. Taken apart (ANATOMY,
-`python bench/wordsw.py --anatomy`; H100, 17:29 UTC, 8 K steps a program): whole 9.16 us, only the
+`python bench/wordsw.py --anatomy`; H100, 17:03 UTC, 8 K steps a program): whole 9.16 us, only the
 first K step copied 8.40, nothing loaded in the K loop 8.12, no K loop 5.28 (4 steps: 9.38 / 8.66 /
 8.44 / 7.29; torch bf16 8.59, "wordsb" 8.09). Even with nothing to load the tile is no faster than
 torch, so no change to its loads reaches 1.5x. The split sum's partials are read in an unrolled
 loop since (all in flight at once; 928 -> 736 SASS): at 16 x 4096 x 4096 no change (9.17 / 9.14 us
-with 8 / 4 steps, 17:33 UTC), at 5 x 1000 x 4224 5.42 us with 4 steps (6.12 in the 16:24 call, on
+with 8 / 4 steps, 17:06 UTC), at 5 x 1000 x 4224 5.42 us with 4 steps (6.12 in the 16:24 call, on
 another machine). "No K loop" is not a fixed cost to subtract: with every split of a tile arriving
 at its counter at once it grows with the splits (14.5 us with 16).
 """

@@ -11,8 +11,7 @@ second time for equal bits (its splits sum themselves in split order), then time
 replays, the weights in L2). With --anatomy each split is timed again with parts taken out (the
 kernel's ANATOMY switch: results wrong on purpose, so not checked): only the first K step copied,
 then nothing loaded in the K loop, then no K loop at all -- what the tile's arithmetic alone costs.
-Needs a Hopper GPU and a triton with Gluon; elsewhere it says so and
-exits 0.
+Needs a Hopper GPU and a triton with Gluon; elsewhere it says so and exits 0.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ The OpenAI routes read their bodies through `read_json` (/debug/activations thro
 wherever it arrives:
 
 - a Content-Type other than JSON -> 400, not a form body parsed as JSON;
-
 - nesting deeper than `MAX_DEPTH` (json.loads raises RecursionError at ~1000 levels; pydantic and
   the tokenizer have their own limits below that) -> 400;
 - an integer literal over Python's 4 300-digit limit (ValueError) -> 400;

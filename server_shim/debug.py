@@ -46,7 +46,7 @@ from server_shim.debug_capture import (
     module_kind,
 )
 from server_shim.errors import DebugRequestError, InvalidRequestError, QuantConfigError, ShimError
-from server_shim.wire import check_json_type, loads, read_body
+from server_shim.wire import read_body, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -287,8 +287,9 @@ async def _octet(engine: Any, fn: Callable[[], bytes]) -> Response:
     return Response(body, media_type=_OCTET)
 
 
-def _parse_activations(raw: bytes) -> ActivationsRequest:
-    data = loads(raw)  # InvalidRequestError (400) for malformed, too deep, surrogates, huge ints
+def _parse_activations(data: Any) -> ActivationsRequest:
+    """The parsed body (`read_json`: 400 for a non-JSON Content-Type, malformed, too deep,
+    surrogates, huge ints) as a request."""
     if not isinstance(data, dict):
         raise DebugRequestError("the body must be a JSON object", param=None)
     try:
@@ -336,8 +337,7 @@ def create_debug_router(
     )
     async def activations(request: Request) -> Response:
         try:
-            check_json_type(request.headers.get("content-type"))
-            req = _parse_activations(await read_body(request, max_body_bytes))
+            req = _parse_activations(await read_json(request, max_body_bytes))
             if max_prompt_chars is not None and req.prompt is not None and len(req.prompt) > max_prompt_chars:
                 # refused before the model thread tokenizes it (8M characters there held generation 9 s)
                 raise DebugRequestError(

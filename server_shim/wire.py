@@ -1,9 +1,8 @@
 """Request bodies off the wire: read with a size cap, parse as JSON that cannot hurt the server, map
 pydantic errors to one OpenAI-shaped 400.
 
-The OpenAI routes read their bodies through `read_json` (/debug/activations through
-`check_json_type` and `loads`), so a body that Python's json module chokes on is the caller's 400
-wherever it arrives:
+Every JSON route (the OpenAI ones and /debug/activations) goes through `read_json`, so a body that
+Python's json module chokes on is the caller's 400 wherever it arrives:
 
 - a Content-Type other than JSON -> 400, not a form body parsed as JSON;
 - nesting deeper than `MAX_DEPTH` (json.loads raises RecursionError at ~1000 levels; pydantic and

@@ -80,6 +80,19 @@ class W4Case:
         """fn's µs with the weights in L2 (CUDA-graph replays) and from HBM (the tuner's flushed timing)."""
         return time_ms(fn) * 1e3, tuning.time_cold(fn) * 1e3
 
+    @property
+    def mnk(self) -> tuple[int, int, int]:
+        (m, k), n = self.x.shape, self.words.shape[0]
+        return m, n, k
+
+    def check_then_time(
+        self, label: str, run: Callable[[], object], out: torch.Tensor
+    ) -> tuple[float, float, float] | None:
+        """`check_then_time` against this case's reference at its scheme's tolerance, then timed from
+        HBM too: (µs in L2, relative error, µs from HBM), or None where the check failed."""
+        timed = check_then_time(label, run, out, self.ref, tol(f"triton {self.qw.scheme}"))
+        return None if timed is None else (*timed, tuning.time_cold(run) * 1e3)
+
     def baselines(self, pin: str) -> tuple[tuple[float, float], tuple[float, float]]:
         """torch's 16-bit GEMM and the shim pinned to `pin`, each `us`: what an experiment beats."""
         with tuning.pinned(pin):

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from server_shim.quant import _gluon_w4, tuning  # noqa: E402
+from server_shim.quant import _gluon_w4  # noqa: E402
 
 IMPORTED = _gluon_w4.IMPORTED
 SCHEMES = {"int4-g128": 0, "mxfp4": 1}
@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed = False
     for case in C.w4_cases(args.shapes, args.schemes, args.dtype):
-        (m, k), n, scheme = case.x.shape, case.words.shape[0], case.qw.scheme
+        (m, n, k), scheme = case.mnk, case.qw.scheme
         fmt, dtype, dev = SCHEMES[scheme], case.x.dtype, case.x.device
-        x, qw, ref, words, zeros = case.x, case.qw, case.ref, case.words, case.zeros
+        x, qw, words, zeros = case.x, case.qw, case.words, case.zeros
         tuner = WORDSB if m > 1 else GEMVF
         (t_torch, c_torch), (t_b, c_b) = case.baselines(tuner)
         print(f"\n{m}x{n}x{k} {scheme} {args.dtype}: torch {t_torch:.2f} us (from HBM {c_torch:.2f}), "
@@ -144,12 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         for v in args.variants:
             runs[v] = lambda v=v: wordsq(x, words, out, qw.scales, zeros, fmt=fmt, variant=v)  # noqa: B023
         for name, run in runs.items():
-            timed = C.check_then_time(name, run, out, ref, C.tol(f"triton {scheme}"))
+            timed = case.check_then_time(name, run, out)
             failed |= timed is None
             if timed is None:
                 continue
-            t, err = timed
-            t_cold = tuning.time_cold(run) * 1e3
+            t, err, t_cold = timed
             print(f"ok   {name:9s} {t:6.2f} us ({t_torch / t:.2f}x torch, {t_b / t:.2f}x the tuner's), "
                   f"from HBM {t_cold:6.2f} us ({c_torch / t_cold:.2f}x, {c_b / t_cold:.2f}x)  rel err {err:.1e}",
                   flush=True)  # fmt: skip

@@ -19,12 +19,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from difftest.report import write_report
 from difftest.report.html import render_html
+from difftest.results import Check
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cdp_pipe import Browser, find_chromium  # noqa: E402
@@ -108,6 +110,36 @@ def test_first_screen_says_which_why_where(clean: Browser, failing_report: Path)
     assert width > 100 and height > 20 and bottom <= seen["H"]
     assert seen["sparkMark"] == 1  # the guilty layer circled
     assert seen["gate"].startswith("Gate FAIL")
+
+
+def test_where_box_stays_in_the_main_column(clean: Browser, tmp_path: Path) -> None:
+    """A card with failing, undecided and not-informative checks (the default run's faulted target)
+    keeps the localisation box under its checks: as loose grid items, the fourth of them was
+    placed in the sparkline's 170-px column and its module name clipped."""
+    run = sample_run(fault_expect="pass")
+    faulty = run.targets[1]
+    assert faulty.verdict is not None
+    exact = faulty.verdict.parts[0]
+    extra = (
+        Check("kl_mean", 0.07, 0.08, "<=", False, note="twin x3", decided=False, ci=[0.02, 0.13]),
+        Check("token_match", 0.37, -1.2, ">=", True, note="1 - twin x3", informative=False),
+    )
+    parts = (replace(exact, checks=exact.checks + extra), *faulty.verdict.parts[1:])
+    faulty.verdict = replace(faulty.verdict, parts=parts)
+    html = write_report(run, tmp_path)["html"]
+    clean.open(html)
+    seen = clean.eval(
+        """(function(){
+      var card=document.querySelector('.card[data-target="fp8-block-faulty"]');
+      var where=card.querySelector('.where'), spark=card.querySelector('.sp');
+      return {whereRight: where.getBoundingClientRect().right,
+              sparkLeft: spark.getBoundingClientRect().left,
+              clipped: where.scrollWidth > where.clientWidth,
+              undecided: card.innerText.indexOf('Undecided:') >= 0};})()"""
+    )
+    assert seen["undecided"]
+    assert seen["whereRight"] <= seen["sparkLeft"], seen
+    assert not seen["clipped"]
 
 
 # ----------------------------------------------------------------------------- plots

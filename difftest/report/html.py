@@ -147,7 +147,9 @@ def _card(t: TargetResult) -> str:
         if spark
         else '<div class="sp">no per-layer data</div>'
     )
-    out.append("".join(body) or "<div></div>")
+    # one grid item for the whole left column: loose children would be auto-placed into the
+    # sparkline's column once there are more of them than the sparkline spans rows
+    out.append(f'<div class="body">{"".join(body)}</div>')
     out.append(side)
     out.append("</div>")
     return "".join(out)

@@ -31,7 +31,7 @@ display:grid;grid-template-columns:1fr 170px;gap:2px 14px}
 .card.s-PASS{border-left-color:var(--pass)}.card.s-FAIL,.card.s-NO-VERDICT{border-left-color:var(--fail)}
 .card.s-INCONCLUSIVE{border-left-color:var(--inc)}
 .card .head{font-size:15px}.card .head a{color:inherit}.card ul{margin:2px 0 2px 18px;padding:0}
-.card li{margin:1px 0}.card .spark{display:block}.card .sp{grid-row:1 / span 3;grid-column:2;font-size:11px;
+.card li{margin:1px 0}.card .spark{display:block}.card .sp{grid-row:1 / span 2;grid-column:2;font-size:11px;
 color:var(--mut)}.card .where{background:#fff4e5;border-left:3px solid #e65100;padding:2px 8px;margin:3px 0}
 .ni{color:#888}.ni .tag{border:1px solid #bbb;border-radius:3px;font-size:11px;padding:0 3px;margin-left:4px}
 .unexp{color:var(--fail);font-weight:700}.ok{color:var(--pass)}

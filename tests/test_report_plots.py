@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,14 @@ import pytest
 from difftest.report import plotdata as pd
 from difftest.report import svg
 from difftest.report.explorer import num, script_json
-from difftest.report.tokendiff import Vocab, align, alternatives, looks_garbled, prompt_alignment
+from difftest.report.tokendiff import (
+    Vocab,
+    align,
+    alternatives,
+    chosen_labels,
+    looks_garbled,
+    prompt_alignment,
+)
 from difftest.report.words import check_words, fmt_value, shape_words, value_words
 from difftest.results import Check, Comparison, PartVerdict, PromptDiff
 
@@ -71,6 +79,33 @@ def test_alternatives_as_text_from_the_runs_own_tokens() -> None:
     # keyed by string (no ids on a side): shown as they are, even when they look like numbers
     by_text = PromptDiff("c", "", ref_tokens=["1"], tgt_tokens=["2"], ref_alternatives={"42": -0.5})
     assert alternatives(by_text, "ref", vocab) == [("42", -0.5, True)]
+
+
+def test_tokens_with_empty_text_are_named_by_id() -> None:
+    # byte pieces of one CJK character: their text, cut by offsets, is "" until the last byte.
+    # Shown as "" two different ones read as the same choice (both rows marked as chosen).
+    p = PromptDiff(
+        "zh",
+        "",
+        ref_tokens=["", "好"],
+        tgt_tokens=["", "你"],
+        ref_token_ids=[30866, 223],
+        tgt_token_ids=[17097, 224],
+        first_divergence=0,
+        ref_alternatives={"30866": -1.28, "17097": -1.5, "99": -3.0},
+        tgt_alternatives={"17097": -1.35, "30866": -1.51},
+    )
+    vocab = Vocab.from_prompts([p])
+    assert alternatives(p, "ref", vocab) == [
+        ("id 30866 (empty text)", -1.28, False),
+        ("id 17097 (empty text)", -1.5, False),
+        ("id 99", -3.0, False),
+    ]
+    assert chosen_labels(p) == {"rc": "id 30866 (empty text)", "tc": "id 17097 (empty text)"}
+    # a chosen token with text of its own keeps it; keyed by text (no ids), nothing is relabelled
+    assert chosen_labels(replace(p, ref_tokens=["x", "y"])) == {"tc": "id 17097 (empty text)"}
+    assert chosen_labels(replace(p, ref_token_ids=None, tgt_token_ids=None)) == {}
+    assert chosen_labels(replace(p, first_divergence=None)) == {}
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from typing import Any
 from difftest.metrics.aggregate import gc_paused  # the same reason: millions of acyclic objects
 from difftest.report.markdown import prompt_order
 from difftest.report.plotdata import part_for, part_status
-from difftest.report.tokendiff import Vocab, alternatives, looks_garbled, prompt_alignment
+from difftest.report.tokendiff import Vocab, alternatives, chosen_labels, looks_garbled, prompt_alignment
 from difftest.report.words import label_of
 from difftest.results import Comparison, PromptDiff, RunResult
 
@@ -68,6 +68,7 @@ def _detail(p: PromptDiff, vocab: Vocab) -> dict[str, Any]:
         alts = alternatives(p, side, vocab)
         if alts:
             d[key] = [[text, num(lp, 3), 1 if known else 0] for text, lp, known in alts]
+    d.update(chosen_labels(p))
     if p.error:
         d["e"] = p.error
     if len(p.prompt) > INDEX_TEXT:

@@ -122,9 +122,10 @@ function card(c,rank,r){var p=D.prompts[r[0]],d=r[7]>=0?c.details[r[7]]:null,fd=
   else if(d.rt!==undefined||d.tt!==undefined){box.appendChild(el('div','ptext','reference: '+(d.rt||'')));
     box.appendChild(el('div','ptext','target: '+(d.tt||'')));}
   if(fd!==null&&(d.ra||d.ta)){var a=el('div','alts');
-    var rc=d.r&&fd<d.r.length?d.r[fd]:null,tc=d.t&&fd<d.t.length?d.t[fd]:null;
-    var s=el('div','');s.appendChild(el('div','', 'At token '+fd+' the reference chose \u201c'+vis(rc===null?'(end)':rc)+
-      '\u201d, the target \u201c'+vis(tc===null?'(end)':tc)+'\u201d. Top alternatives there:'));a.appendChild(s);
+    var rc=d.rc||(d.r&&fd<d.r.length?d.r[fd]:null),tc=d.tc||(d.t&&fd<d.t.length?d.t[fd]:null);
+    var said=function(x,label){return label?x:'\u201c'+vis(x===null?'(end)':x)+'\u201d';};
+    var s=el('div','');s.appendChild(el('div','', 'At token '+fd+' the reference chose '+said(rc,d.rc)+
+      ', the target '+said(tc,d.tc)+'. Top alternatives there:'));a.appendChild(s);
     if(d.ra){a.appendChild(altTable('reference top',d.ra,rc));}
     if(d.ta){a.appendChild(altTable('target top',d.ta,tc));}
     box.appendChild(a);}

@@ -69,17 +69,42 @@ class Vocab:
             return None
 
 
+def empty_text_label(token_id: int | str) -> str:
+    """How a token with no text of its own is named: a byte piece of a multi-byte character (its
+    text, cut from the completion by offsets, is empty until the character's last byte). Shown as
+    "" every such token looks alike, so two different ones would read as the same choice."""
+    return f"id {token_id} (empty text)"
+
+
 def alternatives(p: PromptDiff, side: str, vocab: Vocab) -> list[tuple[str, float, bool]]:
     """(text, logprob, known) of one side's top alternatives at the divergence, best first.
 
-    `known` is False when the text is a placeholder (`id N`) for an id not seen in the run.
+    `known` is False when the text is a placeholder: `id N` for an id not seen in the run, or
+    `empty_text_label` for a token whose text is empty.
     """
     alts = p.ref_alternatives if side == "ref" else p.tgt_alternatives
     by_id = p.ref_token_ids is not None and p.tgt_token_ids is not None
     out = []
     for key, lp in sorted(alts.items(), key=lambda kv: -kv[1]):
-        text = vocab.text(key, by_id and key.lstrip("-").isdigit())
-        out.append((text if text is not None else f"id {key}", float(lp), text is not None))
+        numeric = by_id and key.lstrip("-").isdigit()
+        text = vocab.text(key, numeric)
+        if text == "" and numeric:
+            out.append((empty_text_label(key), float(lp), False))
+        else:
+            out.append((text if text is not None else f"id {key}", float(lp), text is not None))
+    return out
+
+
+def chosen_labels(p: PromptDiff) -> dict[str, str]:
+    """The tokens chosen at the first divergence that have empty text, named by id (`rc` / `tc`,
+    as the explorer's detail keys them); the rest are shown as their text."""
+    fd = p.first_divergence
+    out: dict[str, str] = {}
+    if fd is None:
+        return out
+    for key, tokens, ids in (("rc", p.ref_tokens, p.ref_token_ids), ("tc", p.tgt_tokens, p.tgt_token_ids)):
+        if ids is not None and fd < len(tokens) and fd < len(ids) and tokens[fd] == "":
+            out[key] = empty_text_label(ids[fd])
     return out
 
 

@@ -294,7 +294,7 @@ def _check_shapes(data: Mapping[str, Any]) -> None:
     if not isinstance(settings, dict):
         raise ValueError("'settings' is not an object")
     for key, ok in (("max_tokens", lambda v: _is_int(v) and v >= 1), ("logprobs", lambda v: _is_int(v) and 0 <= v <= 20),
-                    ("seed", lambda v: v is None or _is_int(v)),
+                    ("seed", lambda v: v is None or (_is_int(v) and v >= 0)),
                     ("endpoint", lambda v: v in (None, "completions", "chat"))):  # fmt: skip
         if key in settings and not ok(settings[key]):
             raise ValueError(f"settings.{key} is {settings[key]!r}")

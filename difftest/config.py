@@ -422,7 +422,7 @@ _RUN_KEYS: dict[str, tuple[str, float | None, float | None]] = {
     "logprobs": ("integer", 0, 20),
     "concurrency": ("integer", 1, None),
     "output_dir": ("string", None, None),
-    "seed": ("integer", None, None),
+    "seed": ("integer", 0, None),  # also the bootstrap's seed: numpy takes no negative one
     "request_timeout_s": ("number", 1e-3, None),
     "max_retries": ("integer", 0, None),
     "error_rate_limit": ("number", 0, 1),

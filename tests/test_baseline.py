@@ -199,10 +199,11 @@ def test_bad_baseline_file_is_one_line_exit_2(recorded: Path, tmp_path: Path, da
     [
         (lambda d: d["prompts"][0].pop("prompt"), "prompts[0] has no string 'id' and 'prompt'"),
         (lambda d: d["settings"].update(max_tokens="4"), "settings.max_tokens is '4'"),
+        (lambda d: d["settings"].update(seed=-3), "settings.seed is -3"),
         (lambda d: d["prompts"][1].update(max_tokens=0), "prompts[1].max_tokens is 0"),
         (lambda d: d.update(prompts={"a": 1}), "'prompts' is not a list"),
     ],
-    ids=["prompt-missing", "settings-type", "prompt-max-tokens", "prompts-type"],
+    ids=["prompt-missing", "settings-type", "settings-seed", "prompt-max-tokens", "prompts-type"],
 )
 def test_a_baseline_damaged_inside_is_malformed_not_a_traceback(
     recorded: Path, damage, said: str, capsys

@@ -92,6 +92,18 @@ def test_verbose_counts_anywhere() -> None:
             ["compare", "--ref", "http://x", "--target", "http://y", "--prompt", "hi", "--timeout", "inf"],
             "must be a finite number of seconds > 0, got 'inf'",
         ),
+        (
+            ["compare", "--ref", "http://x", "--target", "http://y", "--prompt", "hi", "--seed", "-1"],
+            "--seed must be >= 0, got -1",
+        ),
+        (
+            ["compare", "--ref", "http://x", "--target", "http://y", "--prompt", "hi", "--logprobs", "21"],
+            "--logprobs must be in 0..20, got 21",
+        ),
+        (
+            ["record", "--ref", "http://x", "--prompts", "p.jsonl", "--seed", "-2"],
+            "--seed must be >= 0, got -2",
+        ),
     ],
 )
 def test_errors_are_one_line_with_one_prefix(argv: list[str], words: str, capsys) -> None:

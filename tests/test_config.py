@@ -237,6 +237,10 @@ ERRORS = [
         MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nlogprobs = 21'),
         "3: [run] key 'logprobs' must be in 0..20, got 21",
     ),
+    (  # the bootstrap's seed too: numpy raised on it after every request had been sent
+        MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nseed = -1'),
+        "3: [run] key 'seed' must be >= 0, got -1",
+    ),
     (
         MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nconcurency = 2'),
         "3: [run] key 'concurency' is unknown; did you mean 'concurrency'?",

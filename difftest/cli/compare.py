@@ -102,11 +102,9 @@ def compare_config(args: argparse.Namespace, baseline: Baseline | None = None) -
 
 def run(args: argparse.Namespace) -> int:
     o.positive("--concurrency", args.concurrency)
-    o.positive("--max-tokens", args.max_tokens)
+    o.check_generation(args)
     o.positive("--timeout", args.timeout)
     o.positive("--limit", args.limit)
-    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
-        raise UsageError(f"--logprobs must be in 0..20, got {args.logprobs}")
     baseline = Baseline.read(args.baseline) if args.baseline is not None else None
     if baseline is None and not (args.prompts or args.prompt):
         raise UsageError("give --prompts FILE or --prompt TEXT (or --baseline DIR, which holds its prompts)")

@@ -165,6 +165,16 @@ def add_keys(p: argparse.ArgumentParser, scope: str = "") -> None:
 # ----------------------------------------------------------------------------- checks
 
 
+def check_generation(args: argparse.Namespace) -> None:
+    """The ranges of `add_generation`'s flags. The seed also seeds the bootstrap intervals
+    (numpy takes no negative seed): caught here, not after minutes of requests."""
+    positive("--max-tokens", args.max_tokens)
+    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
+        raise UsageError(f"--logprobs must be in 0..20, got {args.logprobs}")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+
+
 def positive(name: str, value: float | None) -> None:
     if value is not None and value <= 0:
         raise UsageError(f"{name} must be > 0, got {value}")

@@ -46,10 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from difftest.prompts import load_prompts
     from difftest.recording import record
 
-    for flag in ("concurrency", "limit", "timeout", "max_tokens"):
+    for flag in ("concurrency", "limit", "timeout"):
         o.positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
-    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
-        raise UsageError(f"--logprobs must be in 0..20, got {args.logprobs}")
+    o.check_generation(args)
     envs = o.key_envs(args.api_key_env)
     is_url = args.ref.startswith(("http://", "https://"))
     if is_url:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from difftest.null import ABS_MIN
+from difftest.report.words import CheckWords, all_checks
 from difftest.results import Comparison, RunResult, TargetResult
 from difftest.verdict import MIN_PROMPTS_FOR_CI
 
@@ -97,6 +98,9 @@ class TargetDiff:
     comparisons: list[ComparisonDiff] = field(default_factory=list)
     note: str = ""  # "only in A", "only in B"
     warnings: list[str] = field(default_factory=list)  # comparisons that could not be paired
+    # the checks whose outcome differs (pass / FAIL / undecided / not informative), in words: what
+    # turned the verdict. Re-judged with other limits, no metric moves and only these say why
+    checks_changed: list[str] = field(default_factory=list)
     expect: str = "pass"  # run B's expectation ("fail": a negative control)
 
     @property
@@ -238,6 +242,7 @@ def _target(
     if ta is None or tb is None:
         out.note = "only in B" if ta is None else "only in A"
         return out
+    out.checks_changed = checks_changed(ta, tb)
     for ca in ta.comparisons:
         cb = tb.comparison(ca.kind)
         if cb is None:
@@ -252,6 +257,48 @@ def _target(
         cd.prompts_compared, cd.continuations_changed = _changed_prompts(ca, cb)
         out.comparisons.append(cd)
     return out
+
+
+def check_outcome(w: CheckWords) -> str:
+    if w.fails:
+        return "FAIL"
+    if w.undecided:
+        return "undecided"
+    if not w.informative:
+        return "not informative"
+    return "pass" if w.passed or not w.required else "not measured"
+
+
+def _moved(what: str, a: str, b: str) -> str:
+    return f"{what} {a}" if a == b else f"{what} {a} -> {b}"
+
+
+def checks_changed(ta: TargetResult, tb: TargetResult) -> list[str]:
+    """'exactness: token match not informative -> undecided (value 36.7%, limit -123.7% -> 25.4%)'
+    for every check (paired by part, baseline and metric, in order) whose outcome differs."""
+
+    def keyed(t: TargetResult) -> dict[tuple[str, str, str, int], CheckWords]:
+        out: dict[tuple[str, str, str, int], CheckWords] = {}
+        for w in all_checks(t):
+            n = sum(1 for k in out if k[:3] == (w.part, w.against, w.metric))
+            out[(w.part, w.against, w.metric, n)] = w
+        return out
+
+    by_a, by_b = keyed(ta), keyed(tb)
+    lines = []
+    for key in dict.fromkeys([*by_a, *by_b]):
+        wa, wb = by_a.get(key), by_b.get(key)
+        if wa is None or wb is None:
+            state = "only in B" if wa is None else "only in A"
+            lines.append(f"{(wb or wa).part}: {key[2]} {state}")  # type: ignore[union-attr]
+            continue
+        oa, ob = check_outcome(wa), check_outcome(wb)
+        if oa != ob:
+            lines.append(
+                f"{wb.part}: {wb.metric} {oa} -> {ob} ({_moved('value', wa.value, wb.value)}, "
+                f"{_moved('limit', wa.limit, wb.limit)})"
+            )
+    return lines
 
 
 def _settings_warnings(a: RunResult, b: RunResult) -> list[str]:

@@ -140,7 +140,14 @@ def test_report_to_a_new_folder_leaves_the_original(runs: dict[str, Path], tmp_p
     assert load_run(new).signature["rejudged_from"] == str(runs["good1"])
     # and diff says what the re-judgement changed
     assert main(["diff", str(runs["good1"]), str(new), "--json"]) == 1
-    assert json.loads(capsys.readouterr().out)["targets"][0]["verdict_changed"]
+    (t,) = json.loads(capsys.readouterr().out)["targets"]
+    assert t["verdict_changed"]
+    # ... and which check turned it: no metric moved, only the limit did
+    assert t["checks_changed"] == ["accuracy: token match pass -> FAIL (value 100.0%, limit 60.0% -> 101.0%)"]
+    assert main(["diff", str(runs["good1"]), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert "  check accuracy: token match pass -> FAIL" in out
+    assert "  accuracy vs reference: 0 of 6 prompts' continuations changed" in out
     # a folder that already holds a report is not overwritten
     assert main(["report", str(runs["good1"]), "-o", str(new)]) == 2
 
@@ -206,3 +213,30 @@ def test_diff_warns_of_what_it_cannot_pair_and_of_exit_3_runs(runs: dict[str, Pa
     warnings = diff_runs(a, b).warnings
     assert any("B ended in exit 3 (infrastructure: server tgt exited" in w for w in warnings)
     assert any(f"{lost.kind} vs {lost.baseline} is in A only" in w for w in warnings)
+
+
+def test_checks_changed_pairs_checks_and_says_both_sides() -> None:
+    """Worked by hand on the faulty sample target (tests/sample_results.py): exactness mean KL
+    0.1994 against 0.005 fails; in B its limit is 0.5 (pass), and top-1 agreement 0.857 against
+    0.95 (a failure in A) is made not informative."""
+    from dataclasses import replace
+
+    from sample_results import sample_run
+
+    from difftest.rundiff import checks_changed
+
+    a = sample_run().targets[1]
+    b = sample_run().targets[1]
+    assert b.verdict is not None
+    exact = b.verdict.parts[0]
+    moved = {
+        "kl_mean": lambda c: replace(c, limit=0.5, passed=True),
+        "top1_agreement": lambda c: replace(c, informative=False),
+    }
+    checks = tuple(moved.get(c.name, lambda c: c)(c) for c in exact.checks)
+    b.verdict = replace(b.verdict, parts=(replace(exact, checks=checks), *b.verdict.parts[1:]))
+    assert checks_changed(a, b) == [
+        "exactness: mean KL FAIL -> pass (value 0.1994, limit 0.005 -> 0.5)",
+        "exactness: top-1 agreement FAIL -> not informative (value 85.7%, limit 95.0%)",
+    ]
+    assert checks_changed(a, a) == []

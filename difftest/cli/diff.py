@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     for t in result.targets:
         head = f"{t.name}: {t.verdict_a or '-'} -> {t.verdict_b or '-'}"
         con.print(head + (f" ({t.note})" if t.note else "") + (" REGRESSED" if t.regressed else ""))
+        for line in t.checks_changed:
+            con.print(f"  check {line}", markup=False)
         for c in t.comparisons:
             table = Table(title=f"{t.name} vs {c.baseline} ({c.kind})")
             for col in ("metric", "A", "B", "delta", "CI A", "CI B", "beyond noise", "direction"):
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                 con.print(table)
             changed = c.continuations_changed
             con.print(
-                f"  {len(changed)} of {c.prompts_compared} prompts' continuations changed"
+                f"  {c.kind} vs {c.baseline}: {len(changed)} of {c.prompts_compared} prompts' "
+                "continuations changed"
                 + (f": {', '.join(changed[:10])}{' ...' if len(changed) > 10 else ''}" if changed else "")
             )
     con.print("regressed" if code else "no regression beyond noise")

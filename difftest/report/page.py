@@ -27,7 +27,7 @@ letter-spacing:.02em}
 .gate{font-size:15px;margin:2px 0 8px}.meta{color:var(--mut);font-size:12.5px}
 .cards{display:flex;flex-direction:column;gap:6px}
 .card{border:1px solid var(--line);border-left:6px solid var(--mut);border-radius:4px;padding:6px 10px;
-display:grid;grid-template-columns:1fr 170px;gap:2px 14px}
+display:grid;grid-template-columns:1fr 170px;grid-template-rows:auto 1fr;gap:2px 14px}
 .card.s-PASS{border-left-color:var(--pass)}.card.s-FAIL,.card.s-NO-VERDICT{border-left-color:var(--fail)}
 .card.s-INCONCLUSIVE{border-left-color:var(--inc)}
 .card .head{font-size:15px}.card .head a{color:inherit}.card ul{margin:2px 0 2px 18px;padding:0}

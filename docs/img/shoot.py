@@ -43,6 +43,12 @@ def declare_controls_passing(folder: Path) -> list[str]:
     return flipped
 
 
+def die(message: str) -> None:
+    """A usage problem: one line and exit 2, as difftest's own CLI does."""
+    print(f"shoot.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def shoot(browser: Browser, report_html: Path, out: Path) -> None:
     browser.viewport(WIDTH, HEIGHT)
     browser.open(report_html)
@@ -58,20 +64,20 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=HERE, help="where the PNGs go (default: docs/img)")
     args = ap.parse_args()
     if not (args.run / "report.json").is_file():
-        sys.exit(f"error: {args.run}: no report.json (run `make run` first)")
+        die(f"{args.run}: no report.json (run `make run` first)")
     args.out.mkdir(parents=True, exist_ok=True)
     chromium = find_chromium()
     if chromium is None:
-        sys.exit("error: no Chromium found: apt-get install -y chromium, or set DIFFTEST_CHROMIUM")
+        die("no Chromium found: apt-get install -y chromium, or set DIFFTEST_CHROMIUM")
     with tempfile.TemporaryDirectory(prefix="difftest-shoot-") as tmp:
         failing = Path(tmp) / "failing"
         shutil.copytree(args.run, failing)
         if not declare_controls_passing(failing):
-            sys.exit(f"error: {args.run}: no target expects a failure, so no failing gate to show")
+            die(f"{args.run}: no target expects a failure, so no failing gate to show")
         difftest = Path(sys.executable).with_name("difftest")
         rc = subprocess.run([str(difftest), "report", str(failing)], capture_output=True).returncode
         if rc != 1:
-            sys.exit(f"error: the re-rendered report's gate did not fail (exit {rc})")
+            die(f"the re-rendered report's gate did not fail (exit {rc})")
         browser = Browser(chromium, WIDTH, HEIGHT)
         try:
             shoot(browser, args.run / "report.html", args.out / "report-default.png")

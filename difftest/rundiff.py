@@ -23,6 +23,7 @@ counts (n_prompts, tie) have none.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -277,11 +278,16 @@ def checks_changed(ta: TargetResult, tb: TargetResult) -> list[str]:
     """'exactness: token match not informative -> undecided (value 36.7%, limit -123.7% -> 25.4%)'
     for every check (paired by part, baseline and metric, in order) whose outcome differs."""
 
+    if ta.verdict is None or tb.verdict is None:
+        return []  # a lost verdict is said on its own (TargetDiff.regressed), not check by check
+
     def keyed(t: TargetResult) -> dict[tuple[str, str, str, int], CheckWords]:
-        out: dict[tuple[str, str, str, int], CheckWords] = {}
+        seen: Counter[tuple[str, str, str]] = Counter()
+        out = {}
         for w in all_checks(t):
-            n = sum(1 for k in out if k[:3] == (w.part, w.against, w.metric))
-            out[(w.part, w.against, w.metric, n)] = w
+            name = (w.part, w.against, w.metric)
+            out[(*name, seen[name])] = w
+            seen[name] += 1
         return out
 
     by_a, by_b = keyed(ta), keyed(tb)

@@ -240,3 +240,5 @@ def test_checks_changed_pairs_checks_and_says_both_sides() -> None:
         "exactness: top-1 agreement FAIL -> not informative (value 85.7%, limit 95.0%)",
     ]
     assert checks_changed(a, a) == []
+    b.verdict = None  # a lost verdict is the regression itself, not a list of every check
+    assert checks_changed(a, b) == []

@@ -288,3 +288,21 @@ def test_servers_text_is_printed_as_text_not_markup_or_escapes(capsys) -> None:
     with con.capture() as cap:
         con.print("evil \x1b[2J\x9b31m \u202etxt [bold]x[/bold] :smile:")
     assert cap.get().strip() == "evil \\x1b[2J\\x9b31m \\u202etxt [bold]x[/bold] :smile:"
+
+
+def test_quick_look_alternatives_keep_every_row() -> None:
+    """The bug: two byte pieces of a CJK character both detokenize to " \ufffd" (smollm2's ids
+    25792 and 13223, seen from the shim), so keyed by text one overwrote the other and the
+    quick look's table lost a row without a word."""
+    from difftest.cli.compare import alt_keys
+
+    alts = {"25792": -1.28, "13223": -1.5, "9": -1.9, "11": -2.5, "2028": -3.0, "x": -4.0}
+    texts = {"25792": " \ufffd", "13223": " \ufffd", "9": " Paris", "11": " Paris", "2028": None}
+    assert alt_keys(alts, texts) == {
+        "token_id:25792": -1.28,  # not a whole character: named by id
+        "token_id:13223": -1.5,
+        " Paris": -1.9,
+        "token_id:11": -2.5,  # the same text as a likelier one: named by id
+        "2028": -3.0,  # not detokenized: its key as served
+        "x": -4.0,
+    }

@@ -223,11 +223,27 @@ async def explore(
 
 
 async def alt_texts(ep: Any, alts: dict[str, float]) -> dict[str, float]:
-    """Alternatives keyed by token id -> keyed by token text (via /detokenize where served)."""
+    """Alternatives keyed by token id -> keyed by token text (via /detokenize where served).
+
+    A byte piece of a multi-byte character detokenizes to U+FFFD, and two of them to the same
+    text: keyed by that text, one would overwrite the other and the table would lose a row. Such
+    tokens, and any whose text is already taken, keep their id (`token_id:N`, vLLM's form)."""
     from difftest.collect import detokenize
 
+    ids = {key: await detokenize(ep, int(key)) if key.lstrip("-").isdigit() else None for key in alts}
+    return alt_keys(alts, ids)
+
+
+def alt_keys(alts: dict[str, float], texts: dict[str, str | None]) -> dict[str, float]:
+    """`alt_texts` without the requests: each alternative keyed by its text where that is a
+    whole, unique text, else by its id."""
     out: dict[str, float] = {}
-    for key, lp in alts.items():
-        text = await detokenize(ep, int(key)) if key.lstrip("-").isdigit() else None
-        out[text if text is not None else key] = lp
+    for key, lp in sorted(alts.items(), key=lambda kv: -kv[1]):
+        text = texts.get(key)
+        if text is None:
+            out[key] = lp
+        elif text == "" or "\ufffd" in text or text in out:
+            out[f"token_id:{key}"] = lp
+        else:
+            out[text] = lp
     return out

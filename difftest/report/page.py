@@ -87,8 +87,10 @@ function matches(){var c=D.cmps[state.c],q=state.q.toLowerCase(),tag=state.tag==
     out.push(i);}
   return out;}
 function tokSpan(text,cls,kl){var s=el('span','tok'+(cls?' '+cls:''),vis(text===''?'\u2205':text));
-  var col=klStyle(kl);if(col){s.style.borderBottomColor=col;}
-  if(kl!==null&&kl!==undefined){s.title='teacher-forced KL '+num(kl)+' nats';}return s;}
+  var col=klStyle(kl),why=[];if(col){s.style.borderBottomColor=col;}
+  if(text===''){why.push('no text of its own: a byte piece of a multi-byte character, or a special token');}
+  if(kl!==null&&kl!==undefined){why.push('teacher-forced KL '+num(kl)+' nats');}
+  if(why.length){s.title=why.join(' \u00b7 ');}return s;}
 function diffView(d,fd){var box=el('div','diff');
   if(!d.o){return box;}
   d.o.forEach(function(o){var op=o[0],i,s;

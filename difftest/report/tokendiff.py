@@ -71,8 +71,9 @@ class Vocab:
 
 def empty_text_label(token_id: int | str) -> str:
     """How a token with no text of its own is named: a byte piece of a multi-byte character (its
-    text, cut from the completion by offsets, is empty until the character's last byte). Shown as
-    "" every such token looks alike, so two different ones would read as the same choice."""
+    text, cut from the completion by offsets, is empty until the character's last byte), or a
+    special token. Shown as "" every such token looks alike, so two different ones would read as
+    the same choice."""
     return f"id {token_id} (empty text)"
 
 

@@ -260,23 +260,14 @@ def _target(
     return out
 
 
-def check_outcome(w: CheckWords) -> str:
-    if w.fails:
-        return "FAIL"
-    if w.undecided:
-        return "undecided"
-    if not w.informative:
-        return "not informative"
-    return "pass" if w.passed or not w.required else "not measured"
-
-
 def _moved(what: str, a: str, b: str) -> str:
     return f"{what} {a}" if a == b else f"{what} {a} -> {b}"
 
 
 def checks_changed(ta: TargetResult, tb: TargetResult) -> list[str]:
     """'exactness: token match not informative -> undecided (value 36.7%, limit -123.7% -> 25.4%)'
-    for every check (paired by part, baseline and metric, in order) whose outcome differs."""
+    for every check (paired by part, baseline and metric, in order) whose `CheckWords.outcome`
+    differs: the report's own words for it."""
 
     if ta.verdict is None or tb.verdict is None:
         return []  # a lost verdict is said on its own (TargetDiff.regressed), not check by check
@@ -298,10 +289,9 @@ def checks_changed(ta: TargetResult, tb: TargetResult) -> list[str]:
             state = "only in B" if wa is None else "only in A"
             lines.append(f"{(wb or wa).part}: {key[2]} {state}")  # type: ignore[union-attr]
             continue
-        oa, ob = check_outcome(wa), check_outcome(wb)
-        if oa != ob:
+        if wa.outcome != wb.outcome:
             lines.append(
-                f"{wb.part}: {wb.metric} {oa} -> {ob} ({_moved('value', wa.value, wb.value)}, "
+                f"{wb.part}: {wb.metric} {wa.outcome} -> {wb.outcome} ({_moved('value', wa.value, wb.value)}, "
                 f"{_moved('limit', wa.limit, wb.limit)})"
             )
     return lines

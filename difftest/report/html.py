@@ -222,17 +222,14 @@ def _nulls(run: RunResult) -> str:
     return "".join(out)
 
 
+_OUTCOME_CLASS = {"FAIL": "t-FAIL", "not informative": "ni", "undecided": "t-INCONCLUSIVE", "pass": "t-PASS"}
+
+
 def _checks_table(t: TargetResult) -> str:
     rows = []
     for w in all_checks(t):
-        if w.fails:  # first: a NaN on a not-informative check still fails, and must read so
-            status, cls = "FAIL", "t-FAIL"
-        elif not w.informative:
-            status, cls = "not informative", "ni"
-        elif w.undecided:
-            status, cls = "undecided", "t-INCONCLUSIVE"
-        else:
-            status, cls = "pass", "t-PASS"
+        status = w.outcome
+        cls = _OUTCOME_CLASS[status]
         rows.append(
             [
                 _e(w.part),

@@ -105,6 +105,16 @@ class CheckWords:
     ci: str = ""  # "[0.03, 0.07]" when the check has one
     prompts_to_decide: int | None = None
 
+    @property
+    def outcome(self) -> str:
+        """FAIL, not informative, undecided or pass: what the check did to its verdict. FAIL
+        first: a NaN on a not-informative check still fails, and must read so."""
+        if self.fails:
+            return "FAIL"
+        if not self.informative:
+            return "not informative"
+        return "undecided" if self.undecided else "pass"
+
     def sentence(self) -> str:
         """'exactness: mean KL 0.1994 > limit 0.005 at X (limit: noise floor x3)'."""
         if not self.measured:

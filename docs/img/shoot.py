@@ -14,9 +14,10 @@ whose numbers no run printed is a README that is not true. This re-makes both fr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +25,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "tests"))
 from cdp_pipe import Browser, find_chromium  # noqa: E402
+
+from difftest.cli import main as difftest  # noqa: E402
 
 WIDTH, HEIGHT = 1280, 800
 
@@ -74,8 +77,8 @@ def main() -> int:
         shutil.copytree(args.run, failing)
         if not declare_controls_passing(failing):
             die(f"{args.run}: no target expects a failure, so no failing gate to show")
-        difftest = Path(sys.executable).with_name("difftest")
-        rc = subprocess.run([str(difftest), "report", str(failing)], capture_output=True).returncode
+        with contextlib.redirect_stdout(io.StringIO()):  # in-process: whatever python runs this
+            rc = difftest(["report", str(failing), "--json"])
         if rc != 1:
             die(f"the re-rendered report's gate did not fail (exit {rc})")
         browser = Browser(chromium, WIDTH, HEIGHT)

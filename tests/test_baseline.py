@@ -267,3 +267,19 @@ def test_a_recording_with_too_many_failed_generations_is_exit_3(tmp_path: Path, 
     out = json.loads(capsys.readouterr().out)
     assert code == 3 and out["exit_code"] == 3 and out["failed_generations"] == 1
     assert (tmp_path / "b" / "baseline.json.gz").exists()  # kept, as a run's report is
+
+
+def test_recording_a_debug_server_says_the_baseline_is_black_box(tmp_path: Path, capsys) -> None:
+    """The recorder answers /debug itself, so the probe saw 'no debug protocol'; said of a server
+    that serves one, that warning was false. The baseline is what is black-box."""
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:2])
+    with live_fake(FakeBehaviour(debug=True)) as ref:
+        out = tmp_path / "base"
+        argv = ["record", "--ref", ref, "--prompts", str(prompts), "--max-tokens", "4", "-o", str(out)]
+        assert main([*argv, "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert not any("debug" in w for w in summary["warnings"])
+        assert summary["note"].startswith("a baseline is black-box")
+        assert main(argv) == 0
+        shown = capsys.readouterr().out
+        assert "no debug protocol" not in shown and "note: a baseline is black-box" in shown

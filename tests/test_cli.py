@@ -100,6 +100,21 @@ def test_verbose_counts_anywhere() -> None:
             ["compare", "--ref", "http://x", "--target", "http://y", "--prompt", "hi", "--logprobs", "21"],
             "--logprobs must be in 0..20, got 21",
         ),
+        (  # refused while parsing: the old check came after every request had been answered
+            [
+                "compare",
+                "--ref",
+                "http://x",
+                "--target",
+                "http://y",
+                "--prompts",
+                "p.jsonl",
+                "--scheme",
+                "fp8-blok",
+            ],
+            "unknown scheme 'fp8-blok' (known: none, fp8-tensor, fp8-token, fp8-block, int8, int4-g128, mxfp4); "
+            "did you mean 'fp8-block'?",
+        ),
         (
             ["record", "--ref", "http://x", "--prompts", "p.jsonl", "--seed", "-2"],
             "--seed must be >= 0, got -2",

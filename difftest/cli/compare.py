@@ -49,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="a prompt text (repeatable; '-' reads stdin): side by side",
     )
-    p.add_argument("--scheme", help="budget to judge accuracy with (e.g. fp8-block; default: none)")
+    p.add_argument(
+        "--scheme", type=o.scheme, help="budget to judge accuracy with (e.g. fp8-block; default: none)"
+    )
     o.add_generation(p, defaults_from="baseline")
     o.add_endpoint(p)
     o.add_jobs(p, default=8)

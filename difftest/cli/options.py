@@ -28,6 +28,8 @@ from rich.segment import Segment
 
 from difftest.errors import UsageError
 from difftest.textsafe import safe
+from server_shim.catalog import SCHEMES
+from server_shim.launch_spec import did_you_mean
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 PIPED_WIDTH = 240  # a log file or CI step: wide enough that no table cell is cut to "…"
@@ -107,6 +109,16 @@ def seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
     return value
+
+
+def scheme(text: str) -> str:
+    """A quantization scheme whose budget judges accuracy (argparse type): refused before any
+    request is sent, not after every answer is in."""
+    if text not in SCHEMES:
+        raise argparse.ArgumentTypeError(
+            f"unknown scheme {text!r} (known: {', '.join(SCHEMES)}){did_you_mean(text, SCHEMES)}"
+        )
+    return text
 
 
 def add_timeout(p: argparse.ArgumentParser, default_text: str) -> None:

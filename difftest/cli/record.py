@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         "exchanges": sum(len(r) for r in base.exchanges.table.values()),
         "settings": settings,
         "reference": base.reference,
-        "warnings": base.capabilities.get("warnings", []),
+        "warnings": recording_warnings(base.capabilities.get("warnings", [])),
+        "note": BLACK_BOX,
     }
     if args.json:
         o.emit_json(summary)
@@ -115,11 +116,25 @@ def run(args: argparse.Namespace) -> int:
         con.print(f"recorded {len(prompts)} prompts of {name} ({base.reference.get('model')}) to {out}")
         for w in summary["warnings"]:
             con.print(f"warning: {w}", style="yellow")
+        con.print(f"note: {BLACK_BOX}")
         if too_many:
             print(f"difftest: infrastructure: {failed} of {len(prompts)} generations failed (over the "
                   f"error_rate_limit {run_cfg.error_rate_limit:g}); the recording is kept", file=sys.stderr)  # fmt: skip
         con.print(f"judge a target against it: difftest compare --baseline {args.out} --target URL")
     return int(summary["exit_code"])
+
+
+# the recorder answers /debug itself (404) so the baseline replays as the black-box server it is:
+# the probe's "no debug protocol" is then about the recording, whatever the live server serves
+BLACK_BOX = "a baseline is black-box: white-box checks (layers, quant audit) need a live reference"
+
+
+def recording_warnings(warnings: list[str]) -> list[str]:
+    """The probe's warnings as they apply to the recording: its "no debug protocol" is the
+    recorder's own 404, said once as BLACK_BOX instead of as a fault of the live server."""
+    from difftest.conformance import WARNINGS
+
+    return [w for w in warnings if w != WARNINGS["no_debug"]]
 
 
 def _env(var: str) -> str | None:

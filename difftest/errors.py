@@ -22,8 +22,9 @@ A verdict failure is not an exception: `main()` returns 1 for it.
 
 Errors raised by the launcher (`server_shim.launch`) are not in this tree — the server package
 never imports the differ — and `exit_code_for` maps them: a server spec that cannot be right
-(`SpecError`, e.g. a `command` without `{port}`) is a config mistake (2), any other error of the
-server package (`LaunchError`: a server failed to start or died) is infrastructure (3).
+(`SpecError`, e.g. a `command` without `{port}`) and a launched shim that refused its flags
+(`ServerRefusedConfig`, e.g. a fault glob matching no module) are config mistakes (2), any other
+error of the server package (`LaunchError`: a server failed to start or died) is infrastructure (3).
 
 Attributes hold the facts a caller needs (`reason` is the server's own words, without the
 "name: GET /path failed" prefix of the message); nothing is attached after construction.
@@ -122,10 +123,10 @@ def exit_code_for(exc: BaseException) -> int | None:
     """The exit code of an error `main()` reports in one line, or None for a bug (a traceback)."""
     if isinstance(exc, DifftestError):
         return exc.exit_code
-    from server_shim.errors import ShimError
+    from server_shim.errors import ServerRefusedConfig, ShimError
     from server_shim.launch_spec import SpecError
 
-    if isinstance(exc, SpecError):
+    if isinstance(exc, SpecError | ServerRefusedConfig):  # the config's error: a shim refused its flags
         return USAGE
     if isinstance(exc, ShimError):  # LaunchError: a server failed to start or died
         return INFRA

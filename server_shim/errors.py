@@ -6,6 +6,7 @@
     ├── InvalidRequestError         the caller sent something wrong -> HTTP 400 (OpenAI-shaped)
     │   └── DebugRequestError       the same for /debug/* routes
     └── LaunchError                 a paired server failed to start or died (launch.py)
+        └── ServerRefusedConfig     a launched shim exited 2 while starting: its flags are wrong
 
 `InvalidRequestError` carries the OpenAI error fields so that the app turns it into
 `{"error": {"message", "type", "param", "code"}}` without guessing.
@@ -28,6 +29,11 @@ class QuantConfigError(ShimError):
 
 class LaunchError(ShimError):
     pass
+
+
+class ServerRefusedConfig(LaunchError):
+    """A launched shim refused what it was asked to serve (its exit 2: a fault glob matching no
+    module, a scheme the backend cannot run): the config's error, not the infrastructure's."""
 
 
 class InvalidRequestError(ShimError):

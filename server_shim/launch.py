@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from server_shim.errors import LaunchError
+from server_shim.errors import LaunchError, ServerRefusedConfig
 from server_shim.launch_spec import ServerSpec, SpecError, pair_specs
 from server_shim.options import API_KEY_ENV as SHIM_API_KEY_ENV
 from server_shim.options import argv_for
@@ -394,6 +394,9 @@ def _wait_healthy(servers: list[RunningServer], on_status: OnStartup | None = No
             for name, server in list(pending.items()):
                 code = server.exit_code()
                 if code is not None:
+                    refusal = _shim_refusal(server, code)
+                    if refusal is not None:
+                        raise ServerRefusedConfig(refusal)
                     raise LaunchError(
                         f"server {name!r} exited with code {code} while starting; "
                         f"last lines of {server.log_path}:\n{server.log_tail()}"
@@ -492,6 +495,20 @@ def _tail(path: Path | None, lines: int) -> str:
 # ----------------------------------------------------------------------------- `pair`
 
 
+SHIM_USAGE_EXIT = 2  # server_shim's exit for flags it refuses (server_shim/__main__.py)
+SHIM_ERROR_MARK = ": error: "  # "server_shim: error: ..." and argparse's "PROG: error: ..."
+
+
+def _shim_refusal(server: RunningServer, code: int) -> str | None:
+    """The one-line reason a launched shim refused its flags, or None where it died otherwise.
+    Only our shim: another program's exit 2 is no promise of a usage error."""
+    if code != SHIM_USAGE_EXIT or server.spec.kind != "shim":
+        return None
+    said = [ln.split(SHIM_ERROR_MARK, 1)[1] for ln in server.log_tail().splitlines() if SHIM_ERROR_MARK in ln]
+    why = said[-1].strip() if said else f"exit {code}"
+    return f"server {server.name!r} refused its configuration: {why} (log: {server.log_path})"
+
+
 def main_pair(config_path: str) -> int:
     """`python -m server_shim pair CONFIG.toml`: start the reference and the targets of a difftest
     config, print where they listen, serve until Ctrl-C. Exit 0, 2 config error, 3 a server failed."""
@@ -523,6 +540,9 @@ def main_pair(config_path: str) -> int:
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return 0
+    except ServerRefusedConfig as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     except LaunchError as exc:
         print(str(exc), file=sys.stderr)
         return 3

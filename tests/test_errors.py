@@ -29,7 +29,7 @@ from difftest.errors import (
     UsageError,
     exit_code_for,
 )
-from server_shim.errors import LaunchError
+from server_shim.errors import LaunchError, ServerRefusedConfig
 from server_shim.launch_spec import SpecError
 
 
@@ -67,6 +67,7 @@ def test_every_exception_of_the_differ_lives_in_errors_py() -> None:
 def test_exit_codes_of_the_launchers_errors() -> None:
     assert exit_code_for(SpecError("a command without {port}", key="port")) == 2  # config-shaped
     assert exit_code_for(LaunchError("server 'x' exited with code 1")) == 3
+    assert exit_code_for(ServerRefusedConfig("server 'x' refused its configuration: ...")) == 2
     assert exit_code_for(ConfigError("x.toml:3: bad")) == 2
     assert exit_code_for(ValueError("a bug")) is None  # a traceback, not a one-liner
 

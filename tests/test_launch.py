@@ -17,7 +17,7 @@ import pytest
 from interrupts import default_sigint
 
 from server_shim import launch, launch_spec
-from server_shim.errors import LaunchError
+from server_shim.errors import LaunchError, ServerRefusedConfig
 from server_shim.launch import build_argv, launch_servers, main_pair
 from server_shim.launch_spec import ServerSpec, SpecError, auto_golden, spec_from_table
 
@@ -155,6 +155,23 @@ def test_command_that_exits_at_once_gives_code_and_log_tail(tmp_path: Path) -> N
     assert "'bad'" in msg and "code 7" in msg
     assert "CUDA out of memory (pretend)" in msg and str(tmp_path / "bad.log") in msg
     assert pids_with(token_of(good)) == []  # the healthy one went too
+
+
+def test_a_shim_that_refuses_its_flags_is_a_config_error_with_its_reason(tmp_path: Path) -> None:
+    """The shim exits 2 on flags it refuses; the launch says why in one line (not a log dump of
+    an 'infrastructure' failure), and difftest maps it to exit 2. Other programs' exit 2 is not."""
+    spec = ServerSpec(
+        name="t", model="tiny-llama", device="cpu", quant="fp8-block", faults=("scale-transposed@nomatch.*",)
+    )
+    with pytest.raises(ServerRefusedConfig) as info, launch_servers([spec], log_dir=tmp_path):
+        pass
+    assert str(info.value) == (
+        "server 't' refused its configuration: fault scale-transposed@nomatch.* matches no quantized "
+        f"module (log: {tmp_path / 't.log'})"
+    )
+    with pytest.raises(LaunchError) as other, launch_servers([fake("bad", "--exit", "2")], log_dir=tmp_path):
+        pass
+    assert not isinstance(other.value, ServerRefusedConfig) and "code 2" in str(other.value)
 
 
 def test_occupied_port_is_named(tmp_path: Path) -> None:

@@ -498,8 +498,9 @@ def load_thresholds(path: Path) -> dict[str, dict[str, float]]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}", path=path) from None
     ctx = _Ctx(path, text)
-    if "thresholds" in doc:
-        unknown = sorted(set(doc) - {"thresholds"})
+    config_tables = sorted(set(doc) & set(TOP_KEYS) - {"thresholds"})
+    if "thresholds" in doc or config_tables:  # a run config's other tables: not read as schemes
+        unknown = config_tables or sorted(set(doc) - {"thresholds"})
         if unknown:
             raise ctx.error(
                 (), unknown[0], f"a thresholds file holds only [thresholds]; {unknown[0]!r} is not one"

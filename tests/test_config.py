@@ -461,6 +461,11 @@ def test_thresholds_file_is_parsed_like_the_config(tmp_path: Path) -> None:
         load_thresholds(f)
     with pytest.raises(ConfigError, match="does not exist"):
         load_thresholds(tmp_path / "missing.toml")
+    f.write_text("[run]\nseed = 3\n[fp8-block]\ntop1_min = 0.7\n")  # a run config without [thresholds]
+    with pytest.raises(
+        ConfigError, match=r"t\.toml:1: a thresholds file holds only \[thresholds\]; 'run' is not"
+    ):
+        load_thresholds(f)  # was "scheme 'run' is unknown"
 
 
 def test_a_config_that_is_not_utf8_is_a_config_error_and_a_bom_is_fine(tmp_path: Path) -> None:

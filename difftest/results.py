@@ -123,6 +123,11 @@ class PartVerdict:
         return [f"{self.part}: {c.describe()}" for c in self.checks if c.undecided]
 
 
+# how a TargetVerdict warning names a group of checks that was not measured ("accuracy:
+# teacher-forced checks skipped: no echo"); the terminal picks these out by it
+SKIPPED_CHECKS = " checks skipped: "
+
+
 @dataclass(frozen=True)
 class TargetVerdict:
     target: str

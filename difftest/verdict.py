@@ -67,7 +67,7 @@ from difftest.null import (
     informative,
     tie_margin,
 )
-from difftest.results import Check, Comparison, PartVerdict, TargetVerdict
+from difftest.results import SKIPPED_CHECKS, Check, Comparison, PartVerdict, TargetVerdict
 
 
 @dataclass(frozen=True)
@@ -337,7 +337,7 @@ def _part(
             checks.append(
                 Check(name, None, limit.value, op, True, False, f"skipped: {reason}", informative=False)
             )
-            msg = f"{part}: {group.replace('_', '-')} checks skipped: {reason}"
+            msg = f"{part}: {group.replace('_', '-')}{SKIPPED_CHECKS}{reason}"
             if msg not in warnings:
                 warnings.append(msg)
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -491,6 +492,21 @@ def test_render_summary_degraded() -> None:
     render_summary(degraded_run(), console)
     out = buf.getvalue()
     assert "n/a" in out and "1/2" in out and "NO VERDICT" in out and "gate FAIL" in out
+
+
+def test_render_summary_names_checks_a_pass_did_not_measure() -> None:
+    """A chat comparison (no echo) PASSed with 'n/a' for KL and top-1 and no word on the terminal
+    that those checks had been skipped; report.md and report.html said it, the summary did not."""
+    run = sample_run()
+    t = run.targets[0]
+    skipped = "accuracy: teacher-forced checks skipped: the chat protocol has no echo"
+    t.verdict = dataclasses.replace(
+        t.verdict, warnings=(*t.verdict.warnings, skipped, "exactness limits from x")
+    )
+    console, buf = _plain()
+    render_summary(run, console)
+    out = " ".join(buf.getvalue().split())
+    assert f"- {skipped}" in out and "exactness limits from x" not in out
 
 
 def test_side_by_side_aligns_and_marks_divergence() -> None:

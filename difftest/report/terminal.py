@@ -25,7 +25,7 @@ from difftest.report.markdown import (
     verdict_text,
     visible,
 )
-from difftest.report.words import GATE_WORDS, expectation_words, gate_of
+from difftest.report.words import GATE_WORDS, expectation_words, gate_of, skipped_check_groups
 from difftest.results import RunResult
 
 _STYLE = {"PASS": "bold green", "FAIL": "bold red", "INCONCLUSIVE": "bold yellow", "NO VERDICT": "bold red"}
@@ -72,6 +72,8 @@ def render_summary(run: RunResult, console: Console, *, report_dir: Path | None 
             console.print(Text(f"  localisation: {loc}", style="yellow"))
         for r in reasons(t):
             console.print(Text(f"  - {r}"))
+        for w in skipped_check_groups(t):
+            console.print(Text(f"  - {w}", style="yellow"))
     for w in run.warnings:
         console.print(Text(f"warning: {w}", style="yellow"))
     gate = gate_of(run)

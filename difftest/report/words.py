@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from difftest.results import Check, PartVerdict, RunResult, TargetResult
+from difftest.results import SKIPPED_CHECKS, Check, PartVerdict, RunResult, TargetResult
 
 # check key -> words; a key not listed is shown with underscores as spaces
 METRIC_NAMES = {
@@ -210,6 +210,14 @@ def skipped_parts(t: TargetResult) -> list[str]:
     if t.verdict is None:
         return []
     return [f"{p.part}: skipped ({p.skipped})" for p in t.verdict.parts if p.skipped]
+
+
+def skipped_check_groups(t: TargetResult) -> list[str]:
+    """The verdict's warnings that a group of checks was not measured (no echo: no KL, no top-1),
+    which a PASS does not show by itself: the summary table's n/a is easy to read past."""
+    if t.verdict is None:
+        return []
+    return [w for w in t.verdict.warnings if SKIPPED_CHECKS in w]
 
 
 def value_words(v: Any) -> str:

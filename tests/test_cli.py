@@ -186,7 +186,10 @@ def test_run_and_noise_json(tmp_path: Path, capsys) -> None:
         run = json.loads(capsys.readouterr().out)
         assert run["gate_passed"] and run["targets"][0]["verdict"] == "PASS"
         assert main(["noise", str(cfg), "--json", "--no-restart", "-o", str(tmp_path / "floor")]) == 0
-    noise = json.loads(capsys.readouterr().out)
+        noise = json.loads(capsys.readouterr().out)
+        assert main(["noise", str(cfg), "--no-restart", "-o", str(tmp_path / "floor2")]) == 0
+        shown = capsys.readouterr().out  # two identical fakes never diverge: no tie margin, in words
+        assert "tie_margin: n/a (no A/A divergence)" in shown and "None" not in shown
     assert noise["floor_file"] == str(tmp_path / "floor" / "noise-floor.json")  # -o is a folder
     assert Path(noise["floor_file"]).is_file() and noise["floor"]["schema"] == "difftest-noise-floor"
     signature = json.loads((tmp_path / "out" / "report.json").read_text())["signature"]["run"]

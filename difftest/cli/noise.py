@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_json(p)
 
 
+# tie_margin is measured at A/A divergences: where the reference never diverged from itself
+NO_DIVERGENCE = "n/a (no A/A divergence)"
+
+
 def run(args: argparse.Namespace) -> int:
     from difftest.noise_run import measure_noise
 
@@ -62,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     con = o.console()
     con.print(floor.describe())
     for key in ("kl_mean", "kl_p99", "top1_disagreement", "token_mismatch", "tie_margin", "failed_requests"):
-        con.print(f"  {key}: {getattr(floor, key)}")
+        value = getattr(floor, key)
+        missing = NO_DIVERGENCE if key == "tie_margin" else "n/a (not measured)"
+        con.print(f"  {key}: {missing if value is None else f'{value:g}'}")
     con.print(f'written to {path}; set run.noise_floor = "{path}" in the config to use it')
     return 0

@@ -601,3 +601,30 @@ def test_the_json_summary_gives_reasons_and_open_questions_in_the_reports_words(
     assert "exactness: mean KL 0.1994 > limit 0.005 (limit: noise floor x3)" in failing["reasons"]
     assert "exactness: top-1 agreement 85.7% < limit 95.0% (limit: noise floor x3)" in failing["reasons"]
     assert not any("kl_mean" in r or "top1_agreement" in r for r in failing["reasons"])
+
+
+def test_a_check_that_was_not_measured_says_so_not_that_its_limit_is_loose() -> None:
+    """A chat comparison's PASS card read "accuracy mean KL n/a ≤ limit 0.08", and its skipped KL
+    check "not measured (limit: skipped: ...) — not informative: a broken target would pass this
+    limit too": neither was true, no limit had been applied."""
+    from difftest.report.words import check_words
+    from difftest.results import Check, PartVerdict
+
+    why = "skipped: teacher forcing unavailable over /v1/chat/completions"
+    c = Check("kl_mean", None, 0.08, "<=", True, False, why, informative=False)
+    w = check_words(PartVerdict("accuracy", "fp16", (c,)), c)
+    assert w.sentence() == f"accuracy: mean KL not measured ({why})"
+    run = sample_run()
+    t = next(t for t in run.targets if t.name == "fp8-block")
+    assert t.verdict is not None
+    parts = tuple(
+        dataclasses.replace(p, checks=tuple(x for x in p.checks if x.name != "kl_mean") + (c,))
+        if p.part == "accuracy"
+        else p
+        for p in t.verdict.parts
+    )
+    t.verdict = dataclasses.replace(t.verdict, parts=parts)
+    text = render_html(run)
+    card = text[text.index('data-target="fp8-block"') : text.index('data-target="fp8-block-faulty"')]
+    assert "informative checks passed" in card and "mean KL n/a" not in card and "≤ limit" not in card
+    assert f"accuracy: mean KL not measured ({why})" in card and "broken target would pass" not in card

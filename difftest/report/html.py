@@ -129,7 +129,7 @@ def _card(t: TargetResult) -> str:
         acc = next((w for w in checks if w.metric == "mean KL" and w.part == "accuracy"), None)
         informing = [w for w in checks if w.informative]
         summary = f"all {len(informing)} informative checks passed"
-        if acc is not None:
+        if acc is not None and acc.measured:  # never "mean KL n/a ≤ limit": nothing was compared
             summary += f"; accuracy mean KL {acc.value} ≤ limit {acc.limit} ({acc.source})"
         body.append(f'<div class="why">{_e(summary)}</div>')
     ni = [w for w in checks if not w.informative]

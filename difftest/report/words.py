@@ -81,6 +81,7 @@ def check_undecided(c: Check) -> bool:
 
 
 NOT_INFORMATIVE = "a broken target would pass this limit too"
+NOT_MEASURED = "not measured"
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,11 @@ class CheckWords:
             core = f"{self.metric} {self.value} {self.relation} limit {self.limit}"
         if self.where:
             core += f" at {self.where}"
-        if self.source:
+        if self.source.startswith("skipped"):  # the verdict's note for a group not measured
+            core += f" ({self.source})"
+        elif self.source:
             core += f" (limit: {self.source})"
-        if not self.informative:
+        if not self.informative and self.measured:  # "not measured" says why already
             core += " — not informative" + (
                 f": {self.why_not_informative}" if self.why_not_informative else ""
             )
@@ -178,7 +181,11 @@ def check_words(part: PartVerdict, c: Check) -> CheckWords:
 
 
 def _why_not_informative(c: Check, source: str) -> str:
-    """The reason, unless the limit's own note already gives it (the verdict writes it there)."""
+    """The reason, unless the limit's own note already gives it (the verdict writes it there). A
+    check that was not measured is not informative because nothing was compared, whatever its
+    limit: "a broken target would pass this limit" would blame a limit that was never applied."""
+    if c.value is None:
+        return NOT_MEASURED
     reason = str(getattr(c, "informative_reason", "") or NOT_INFORMATIVE)
     return "" if "broken target would pass" in source else reason
 

@@ -213,6 +213,32 @@ def test_explorer_filters_search_and_alternatives(clean: Browser, failing_report
     assert info.startswith("0 of 3 prompts match")
 
 
+def test_a_byte_piece_in_the_aligned_diff_names_its_id(clean: Browser, tmp_path: Path) -> None:
+    """Two different byte pieces both drew as ∅ with the same tooltip; now each names its id,
+    inserted ones (target only) included, whose tooltip used to be overwritten."""
+    run = sample_run(fault_expect="pass")
+    faulty = next(t for t in run.targets if t.name == "fp8-block-faulty")
+    comp = faulty.comparisons[0]
+    zh = next(p for p in comp.prompts if p.prompt_id == "zh")
+    n_ref, n_tgt = len(zh.ref_tokens), len(zh.tgt_tokens)
+    comp.prompts[comp.prompts.index(zh)] = replace(
+        zh,
+        ref_tokens=["", *zh.ref_tokens[1:]],
+        tgt_tokens=[*zh.tgt_tokens[:-1], ""],
+        ref_token_ids=[30866, *range(1, n_ref)],
+        tgt_token_ids=[*range(100, 100 + n_tgt - 1), 17097],
+    )
+    clean.open(write_report(run, tmp_path)["html"])
+    _set(clean, "#q", "value", "'Chinese'", "input")
+    titles = clean.eval(
+        "Array.from(document.querySelectorAll('#plist .prompt .diff .tok'))"
+        ".filter(e=>e.textContent==='\u2205').map(e=>e.title)"
+    )
+    assert len(titles) == 2
+    assert titles[0].startswith("id 30866: no text of its own")
+    assert "id 17097: no text of its own" in titles[1] and titles[1].endswith("target only (inserted)")
+
+
 def test_degraded_run_renders_without_errors(clean: Browser, tmp_path: Path) -> None:
     """Failed requests, missing metrics, no layers, a target without a verdict: still a page."""
     html = write_report(degraded_run(), tmp_path)["html"]

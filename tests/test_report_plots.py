@@ -108,6 +108,19 @@ def test_tokens_with_empty_text_are_named_by_id() -> None:
     assert chosen_labels(replace(p, first_divergence=None)) == {}
 
 
+def test_the_aligned_diff_gets_the_ids_of_tokens_with_no_text() -> None:
+    """The aligned diff draws every byte piece as ∅; the sparse ri / ti maps give each its id
+    (and nothing where tokens have text, or where ids do not line up with the tokens)."""
+    from difftest.report.explorer import _empty_token_ids
+
+    p = PromptDiff("zh", "", ref_tokens=["", "好", ""], tgt_tokens=["a", "你"])
+    assert _empty_token_ids(replace(p, ref_token_ids=[30866, 223, 5], tgt_token_ids=[7, 224])) == {
+        "ri": {0: 30866, 2: 5}
+    }
+    assert _empty_token_ids(replace(p, ref_token_ids=[30866, 223])) == {}  # misaligned: no guess
+    assert _empty_token_ids(p) == {}
+
+
 @pytest.mark.parametrize(
     ("garbled", "top1", "expected"),
     [(False, 0.1, False), (True, 0.9, False), (True, 0.3, True), (True, None, True)],

@@ -58,6 +58,19 @@ def _flags(p: PromptDiff) -> int:
     return f
 
 
+def _empty_token_ids(p: PromptDiff) -> dict[str, dict[int, int]]:
+    """The ids of tokens with no text of their own (byte pieces, special tokens), by position:
+    ri / ti. The aligned diff draws them all as ∅; their ids tell two of them apart. Sparse, so
+    a report does not carry every token's id."""
+    out: dict[str, dict[int, int]] = {}
+    for key, tokens, ids in (("ri", p.ref_tokens, p.ref_token_ids), ("ti", p.tgt_tokens, p.tgt_token_ids)):
+        if ids and len(ids) == len(tokens):
+            found = {i: tok_id for i, (tok, tok_id) in enumerate(zip(tokens, ids, strict=True)) if tok == ""}
+            if found:
+                out[key] = found
+    return out
+
+
 def _detail(p: PromptDiff, vocab: Vocab) -> dict[str, Any]:
     d: dict[str, Any] = {"r": p.ref_tokens, "t": p.tgt_tokens}
     if p.ref_tokens or p.tgt_tokens:
@@ -69,6 +82,7 @@ def _detail(p: PromptDiff, vocab: Vocab) -> dict[str, Any]:
         if alts:
             d[key] = [[text, num(lp, 3), 1 if known else 0] for text, lp, known in alts]
     d.update(chosen_labels(p))
+    d.update(_empty_token_ids(p))
     if p.error:
         d["e"] = p.error
     if len(p.prompt) > INDEX_TEXT:

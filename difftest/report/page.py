@@ -86,19 +86,20 @@ function matches(){var c=D.cmps[state.c],q=state.q.toLowerCase(),tag=state.tag==
     if(q&&HAY[r[0]].indexOf(q)<0){continue;}
     out.push(i);}
   return out;}
-function tokSpan(text,cls,kl){var s=el('span','tok'+(cls?' '+cls:''),vis(text===''?'\u2205':text));
+function tokSpan(text,cls,kl,id){var s=el('span','tok'+(cls?' '+cls:''),vis(text===''?'\u2205':text));
   var col=klStyle(kl),why=[];if(col){s.style.borderBottomColor=col;}
-  if(text===''){why.push('no text of its own: a byte piece of a multi-byte character, or a special token');}
+  if(text===''){why.push((id!==undefined?'id '+id+': ':'')+'no text of its own: a byte piece of a multi-byte character, or a special token');}
   if(kl!==null&&kl!==undefined){why.push('teacher-forced KL '+num(kl)+' nats');}
   if(why.length){s.title=why.join(' \u00b7 ');}return s;}
-function diffView(d,fd){var box=el('div','diff');
+function diffView(d,fd){var box=el('div','diff'),ri=d.ri||{},ti=d.ti||{};
   if(!d.o){return box;}
   d.o.forEach(function(o){var op=o[0],i,s;
-    if(op===0){for(i=o[1];i<o[2];i++){box.appendChild(tokSpan(d.r[i],'',d.k?d.k[i]:null));}return;}
-    if(op===1||op===2){for(i=o[1];i<o[2];i++){s=tokSpan(d.r[i],'del',d.k?d.k[i]:null);
+    if(op===0){for(i=o[1];i<o[2];i++){box.appendChild(tokSpan(d.r[i],'',d.k?d.k[i]:null,ri[i]));}return;}
+    if(op===1||op===2){for(i=o[1];i<o[2];i++){s=tokSpan(d.r[i],'del',d.k?d.k[i]:null,ri[i]);
       s.title=(s.title?s.title+' \u00b7 ':'')+'reference only (deleted in the target)';
       if(i===fd){s.classList.add('first');}box.appendChild(s);}}
-    if(op===1||op===3){for(i=o[3];i<o[4];i++){s=tokSpan(d.t[i],'ins',null);s.title='target only (inserted)';
+    if(op===1||op===3){for(i=o[3];i<o[4];i++){s=tokSpan(d.t[i],'ins',null,ti[i]);
+      s.title=(s.title?s.title+' \u00b7 ':'')+'target only (inserted)';
       if(i===fd&&op===3){s.classList.add('first');}box.appendChild(s);}}
   });return box;}
 function altTable(title,alts,chosen){var t=el('table'),h=el('tr');

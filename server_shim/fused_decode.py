@@ -46,6 +46,7 @@ from torch import Tensor
 
 from server_shim import fused_kernels
 from server_shim.quant.arch import triton_available
+from server_shim.row_attention import attention_configs
 from server_shim.switches import env_switch
 
 logger = logging.getLogger(__name__)
@@ -181,21 +182,12 @@ def _register() -> None:
 # ---------------------------------------------------------------------------------- install
 
 
-def _configs(model: torch.nn.Module) -> list[Any]:
-    seen: dict[int, Any] = {}
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
-            seen.setdefault(id(cfg), cfg)
-    return list(seen.values())
-
-
 def install(model: torch.nn.Module) -> bool:
     """Point the model's configs at the fused functions (idempotent); False when none of its
     configs uses sdpa or eager attention (then nothing changes and decode stays plain)."""
     _register()
     changed = False
-    for cfg in _configs(model):
+    for cfg in attention_configs(model):
         impl = cfg._attn_implementation_internal
         if impl in NAMES:
             changed = True
@@ -211,7 +203,7 @@ def uninstall(model: torch.nn.Module) -> None:
     """Undo `install`, `install_norms` and `install_rope` (idempotent; the tests share one loaded
     model). The rotary swap is per modeling file: undoing it for this model undoes it for every
     model of that file in the process (they then rotate plainly; nothing else changes)."""
-    for cfg in _configs(model):
+    for cfg in attention_configs(model):
         impl = cfg._attn_implementation_internal
         if impl in NAMES:
             cfg._attn_implementation_internal = NAMES[impl]

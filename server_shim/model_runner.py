@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from server_shim import fused_decode
+from server_shim import fused_decode, row_attention
 from server_shim.cuda_graphs import DecodeGraphs
 from server_shim.kv_cache import CachePlan, SlotKVCache, attention_mask
 
@@ -77,7 +77,8 @@ class ModelRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         # SDPA takes a boolean mask as is; an additive float mask over the cache's strided views hit a
         # slow CPU path (8 ms instead of 30 us per call, torch 2.13). Eager attention adds the mask.
-        sdpa = fused_decode.base_implementation(model.config) == "sdpa"  # as loaded, fused or not
+        # as loaded, fused or run a row at a time
+        sdpa = row_attention.underlying(fused_decode.base_implementation(model.config)) == "sdpa"
         self._mask_dtype = None if sdpa else self.dtype
         params = inspect.signature(self.base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -98,6 +99,11 @@ class ModelRunner:
         self.fused_error: str | None = None  # why fused decode was asked for and is not used
         norms = fused and fused_decode.norms_wanted()
         rope = fused and fused_decode.rope_wanted()
+        # torch's CPU SDPA is not batch-slot invariant across threads: a row at a time there
+        if self.device.type == "cpu" and not fused:
+            row_attention.install(model)
+        else:
+            row_attention.uninstall(model)
         if fused:  # a compile error or a wrong number on this device: plain decode, said loudly
             self.fused_error = fused_decode.self_check(dev, self.dtype, norms, rope)
         if fused and self.fused_error is None and not fused_decode.install(model):

@@ -13,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any triton import (see tests/test
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from server_shim import fused_decode, fused_kernels  # noqa: E402
+from server_shim import fused_decode, fused_kernels, row_attention  # noqa: E402
 from server_shim.engine import Engine, SamplingParams  # noqa: E402
 from server_shim.options import BY_NAME  # noqa: E402
 
@@ -253,6 +253,7 @@ def test_engine_fused_greedy_tokens_match_plain(tiny_llama) -> None:  # noqa: AN
     original_rope = modeling_llama.apply_rotary_pos_emb
     prompts = [[1, 5, 9, 200, 33], [1, 77, 8], [1, 400, 401, 402, 403, 404, 405, 406, 407, 3000]]
     model = tiny_llama.model
+    row_attention.uninstall(model)  # a CPU engine of an earlier test ran it a row at a time: as loaded
     before = model.config._attn_implementation
     batch = torch.tensor([[1, 5, 9, 200, 33], [2, 2, 1, 77, 8]])  # left padding: HF builds its own mask
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])

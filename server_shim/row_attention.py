@@ -46,7 +46,7 @@ def attention(
 
     sdpa = ALL_ATTENTION_FUNCTIONS[FALLBACK]
     rows = query.shape[0]
-    if rows == 1 or query.device.type != "cpu":
+    if rows == 1 or query.device.type != "cpu" or key.shape[0] != rows or value.shape[0] != rows:
         return sdpa(module, query, key, value, attention_mask, **kwargs)
     outs = [
         sdpa(

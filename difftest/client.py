@@ -361,7 +361,7 @@ class CompletionClient:
             else:
                 if 200 <= status < 300:
                     return body
-                message = self._scrub(_error_message(body))
+                message = self._scrub(_error_message(body)) + self._auth_hint(status)
                 if status not in _RETRY_STATUS and status < 500:
                     self._failures += 1
                     raise RequestRejected(
@@ -416,6 +416,18 @@ class CompletionClient:
                 pass  # an HTTP-date: fall back to our own schedule
         # "full jitter" on an exponential schedule: desynchronises concurrent retries (AWS backoff note)
         return min(cap, base * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def _auth_hint(self, status: int) -> str:
+        """What to do about a 401 / 403: whether a key was sent at all is what the user needs to
+        know (the key itself never shows)."""
+        if status not in (401, 403):
+            return ""
+        if self._api_key:
+            return " (an API key was sent and refused)"
+        return (
+            " (no API key was sent: name the variable that holds it with --api-key-env VAR or a "
+            "server's api_key_env, or set OPENAI_API_KEY)"
+        )
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text

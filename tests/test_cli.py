@@ -131,8 +131,11 @@ def test_errors_are_one_line_with_one_prefix(argv: list[str], words: str, capsys
 def test_openai_api_key_is_the_default_key(monkeypatch, capsys) -> None:
     with live_fake(FakeBehaviour(api_key="sk-secret")) as url:
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-        assert main(["probe", url, "--json"]) == 2  # 401: no key
-        assert "401" in capsys.readouterr().err
+        assert main(["probe", url, "--json"]) == 2  # 401: no key, and the error says what to do
+        err = capsys.readouterr().err
+        assert (
+            "401" in err and "(no API key was sent: name the variable that holds it with --api-key-env" in err
+        )
         monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
         assert main(["probe", url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["exit_code"] == 0
@@ -147,7 +150,8 @@ def test_per_server_keys(monkeypatch, tmp_path: Path, capsys) -> None:
         assert main([*argv, "--api-key-env", "reference=KEY_A", "--api-key-env", "target=KEY_B"]) == 0
         assert json.loads(capsys.readouterr().out)["prompts"][0]["match_rate"] == 1.0
         assert main([*argv, "--api-key-env", "KEY_A"]) == 2  # one key for both: the target refuses it
-    assert "401" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "401" in err and "(an API key was sent and refused)" in err
 
 
 def test_timeout_is_honoured(capsys) -> None:

@@ -41,6 +41,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/serve.py
+	$(PY) bench/row_attention.py
 	$(PY) bench/differ.py
 	$(PY) bench/activations.py
 	$(PY) bench/detok.py --busy 1

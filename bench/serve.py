@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from server_shim import row_attention  # noqa: E402
 from server_shim.engine import Engine, SamplingParams  # noqa: E402
 from server_shim.models import load_model  # noqa: E402
 
@@ -58,7 +59,8 @@ def bench_hf(loaded, texts: list[str], tokens: int) -> float:  # noqa: ANN001 - 
     enc = tok(texts, return_tensors="pt", padding=True).to(loaded.device)
     _sync(loaded.device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    # the engines share the model: HF runs it as loaded, not through the engine's CPU row attention
+    with torch.inference_mode(), row_attention.suspended(loaded.model):
         out = loaded.model.generate(
             **enc,
             max_new_tokens=tokens,

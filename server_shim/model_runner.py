@@ -100,7 +100,7 @@ class ModelRunner:
         norms = fused and fused_decode.norms_wanted()
         rope = fused and fused_decode.rope_wanted()
         # torch's CPU SDPA is not batch-slot invariant across threads: a row at a time there
-        if self.device.type == "cpu" and not fused:
+        if row_attention.wanted(self.device) and not fused:
             row_attention.install(model)
         else:
             row_attention.uninstall(model)

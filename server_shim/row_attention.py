@@ -1,4 +1,4 @@
-"""CPU attention one batch row at a time: batch-slot invariant where torch's SDPA is not.
+"""CPU attention whose numbers for a batch row do not depend on where in the batch it sits.
 
 The shim is the correct server the batch-slot check is calibrated on: the same prompt must get the
 same answer in every slot of one batch shape. torch's CPU `scaled_dot_product_attention` breaks
@@ -6,22 +6,26 @@ that on some machines. Measured (torch 2.13 CPU, AMD EPYC with AVX-512, 2 thread
 identical inputs at batch rows 0 and 3 came out up to 1.2e-7 apart, the rows the second thread
 took against those the first took (one thread: 0.0; the math backend: 0.0). Per-token fp8 scales
 turn that into 0.06 nats a decode step later, so a correct fp8-block shim answered the probe in
-slot 3 otherwise than in slot 0 (tests/test_invariance_shim.py). One row per call splits every row
-the same way across threads, so a row's numbers no longer depend on where in the batch it sits.
+slot 3 otherwise than in slot 0 (tests/test_invariance_shim.py).
 
-Cost (same machine, one GQA layer's decode attention, 9 / 3 heads of 64): 4 rows over 64 positions
-57 µs a call instead of 20, 32 rows over 512 positions 1.24 ms instead of 0.91, against tens of
-milliseconds a CPU decode step takes in the linears. The math backend is invariant too, but 30 ms
-at 32 x 512.
+What runs instead, for the masks the shim's engine builds (boolean, [B or 1, 1, T, L]): attention
+as two batched matmuls around a softmax, in float32, the query heads of a key-value head grouped
+(no repeated keys). Each batch row is then its own small GEMMs and its own softmax rows: measured
+invariant at 2 threads, within 3e-7 of SDPA, and no slower than it on decode shapes (`python
+bench/row_attention.py`). Anything else (dropout, soft-capping, a float mask, HF's own causal
+path) runs SDPA one batch row at a time: invariant too, 2-3x the attention's time.
 
 Hooked in like fused_decode: transformers looks the attention function up by
-`config._attn_implementation` on every forward; `install` registers `difftest_rows` (SDPA, one
-row at a time) and points the model's sdpa configs at it. GPUs keep batched SDPA (or the fused
-kernel): every correct target there moved 0.0 between slots (README "On a GPU").
+`config._attn_implementation` on every forward; `install` registers `difftest_rows` and points
+the model's sdpa configs at it. GPUs keep batched SDPA or the fused kernel: every correct target
+there moved 0.0 between slots (README "On a GPU"). `DIFFTEST_ROW_ATTENTION=0` keeps batched SDPA
+on the CPU too.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,6 +33,14 @@ from torch import Tensor
 
 NAME = "difftest_rows"
 FALLBACK = "sdpa"
+ENV = "DIFFTEST_ROW_ATTENTION"  # off: batched SDPA on the CPU too (faster, slot-variant where torch's is)
+
+
+def wanted(device: torch.device) -> bool:
+    """On the CPU unless DIFFTEST_ROW_ATTENTION=0."""
+    from server_shim.switches import env_switch
+
+    return device.type == "cpu" and env_switch(ENV, True)
 
 
 def _row(mask: Tensor | None, r: int, rows: int) -> Tensor | None:
@@ -36,6 +48,34 @@ def _row(mask: Tensor | None, r: int, rows: int) -> Tensor | None:
     if mask is None or mask.dim() == 0 or mask.shape[0] != rows:
         return mask
     return mask[r : r + 1]
+
+
+# attention kwargs that change what attention computes: with any of them set, SDPA row by row
+_SPECIAL = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", "output_attentions")
+
+
+def _engine_mask(mask: Tensor | None, query: Tensor, key: Tensor) -> bool:
+    """A boolean [B or 1, 1, T, L] mask: the kind the shim's engine builds (True: attend)."""
+    b, t, length = query.shape[0], query.shape[2], key.shape[2]
+    return (
+        isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+        and mask.shape[0] in (1, b) and mask.shape[1] == 1 and tuple(mask.shape[2:]) == (t, length)
+    )  # fmt: skip
+
+
+def matmul_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """softmax(q kᵀ · scale, masked) v in float32, a key-value head's query heads grouped:
+    [B, H, T, D] x [B, Hk, L, D] (values [B, Hk, L, Dv]) -> HF's [B, T, H, Dv]. A row with
+    nothing to attend to gives 0."""
+    b, h, t, d = query.shape
+    hk, length = key.shape[1], key.shape[2]
+    g = h // hk
+    q = query.float().reshape(b, hk, g * t, d)
+    scores = torch.matmul(q, key.float().transpose(-1, -2)).mul_(scale)
+    scores.view(b, hk, g, t, length).masked_fill_(~mask.view(-1, 1, 1, t, length), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    out = torch.matmul(probs, value.float()).view(b, h, t, value.shape[-1])  # MLA: values narrower
+    return out.transpose(1, 2).contiguous().to(query.dtype)
 
 
 def attention(
@@ -48,6 +88,15 @@ def attention(
     rows = query.shape[0]
     if rows == 1 or query.device.type != "cpu" or key.shape[0] != rows or value.shape[0] != rows:
         return sdpa(module, query, key, value, attention_mask, **kwargs)
+    if (
+        _engine_mask(attention_mask, query, key)
+        and query.shape[1] % key.shape[1] == 0
+        and not kwargs.get("dropout")
+        and all(kwargs.get(k) is None or kwargs.get(k) is False for k in _SPECIAL)  # sinks may be tensors
+    ):
+        scaling = kwargs.get("scaling")
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        return matmul_attention(query, key, value, attention_mask, scale), None  # type: ignore[arg-type]
     outs = [
         sdpa(
             module,
@@ -98,6 +147,19 @@ def uninstall(model: torch.nn.Module) -> None:
     for cfg in attention_configs(model):
         if cfg._attn_implementation_internal == NAME:
             cfg._attn_implementation_internal = FALLBACK
+
+
+@contextlib.contextmanager
+def suspended(model: torch.nn.Module) -> Iterator[None]:
+    """The model as loaded (batched SDPA) inside, as it was after: a baseline such as HF `generate`
+    on a model an engine shares must not be timed through the engine's attention."""
+    was = any(cfg._attn_implementation_internal == NAME for cfg in attention_configs(model))
+    uninstall(model)
+    try:
+        yield
+    finally:
+        if was:
+            install(model)
 
 
 def underlying(impl: str | None) -> str | None:

@@ -86,10 +86,11 @@ def attention(
 
     sdpa = ALL_ATTENTION_FUNCTIONS[FALLBACK]
     rows = query.shape[0]
-    if rows == 1 or query.device.type != "cpu" or key.shape[0] != rows or value.shape[0] != rows:
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
-    if (
-        _engine_mask(attention_mask, query, key)
+    cpu = query.device.type == "cpu"
+    if (  # one path for every batch size, one row included: alone and batched round alike
+        cpu
+        and _engine_mask(attention_mask, query, key)
+        and key.shape[0] == value.shape[0] == rows
         and query.shape[1] % key.shape[1] == 0
         and not kwargs.get("dropout")
         and all(kwargs.get(k) is None or kwargs.get(k) is False for k in _SPECIAL)  # sinks may be tensors
@@ -97,6 +98,8 @@ def attention(
         scaling = kwargs.get("scaling")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         return matmul_attention(query, key, value, attention_mask, scale), None  # type: ignore[arg-type]
+    if rows == 1 or not cpu or key.shape[0] != rows or value.shape[0] != rows:
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
     outs = [
         sdpa(
             module,
@@ -132,7 +135,7 @@ def attention_configs(model: torch.nn.Module) -> list[Any]:
 
 
 def install(model: torch.nn.Module) -> int:
-    """Point the model's SDPA configs at the row-at-a-time function (idempotent); how many use it."""
+    """Point the model's SDPA configs at `attention` (idempotent); how many configs use it."""
     _register()
     used = 0
     for cfg in attention_configs(model):

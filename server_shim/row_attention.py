@@ -18,7 +18,9 @@ path) runs SDPA one batch row at a time: invariant too, 2-3x the attention's tim
 Hooked in like fused_decode: transformers looks the attention function up by
 `config._attn_implementation` on every forward; `install` registers `difftest_rows` and points
 the model's sdpa configs at it. GPUs keep batched SDPA or the fused kernel: every correct target
-there moved 0.0 between slots (README "On a GPU"). `DIFFTEST_ROW_ATTENTION=0` keeps batched SDPA
+there moved 0.0 between slots (README "On a GPU"), and batched SDPA alone gave identical rows
+identical bits on an H100 (float16, bfloat16, float32; 4-128 rows decoding, 8 rows prefilling 64
+tokens; torch 2.11, 2026-12-07). `DIFFTEST_ROW_ATTENTION=0` keeps batched SDPA
 on the CPU too.
 """
 

@@ -33,7 +33,7 @@ from difftest.null import (
     replay_bound,
     tie_margin,
 )
-from difftest.results import PartVerdict, RunResult, TargetResult
+from difftest.results import SKIPPED_NOTE, PartVerdict, RunResult, TargetResult
 from difftest.verdict import budget_for, judge_target
 from difftest.whitebox.activations import LayerThresholds
 from difftest.whitebox.layers import layer_verdict
@@ -144,10 +144,10 @@ def rejudge(run: RunResult, thresholds_for: Mapping[str | None, Mapping[str, flo
         old = t.verdict
         carried = [p for p in (old.parts if old else ()) if p.part in CARRIED_PARTS]
         skipped = {
-            f"{p.part}.{g}": c.note.removeprefix("skipped: ")
+            f"{p.part}.{g}": c.note.removeprefix(SKIPPED_NOTE)
             for p in (old.parts if old else ())
             for c in p.checks
-            if c.note.startswith("skipped: ")
+            if c.note.startswith(SKIPPED_NOTE)
             for g in [_group_of(c.name)]
         }
         overrides = (thresholds_for or {}).get(t.scheme, {})

@@ -126,6 +126,8 @@ class PartVerdict:
 # how a TargetVerdict warning names a group of checks that was not measured ("accuracy:
 # teacher-forced checks skipped: no echo"); the terminal picks these out by it
 SKIPPED_CHECKS = " checks skipped: "
+# how such a check's note begins ("skipped: no echo"): it was not measured, no limit was applied
+SKIPPED_NOTE = "skipped: "
 
 
 @dataclass(frozen=True)

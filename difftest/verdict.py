@@ -67,7 +67,7 @@ from difftest.null import (
     informative,
     tie_margin,
 )
-from difftest.results import SKIPPED_CHECKS, Check, Comparison, PartVerdict, TargetVerdict
+from difftest.results import SKIPPED_CHECKS, SKIPPED_NOTE, Check, Comparison, PartVerdict, TargetVerdict
 
 
 @dataclass(frozen=True)
@@ -335,7 +335,7 @@ def _part(
         reason = _skip_reason(skipped, part, group)
         if reason is not None:
             checks.append(
-                Check(name, None, limit.value, op, True, False, f"skipped: {reason}", informative=False)
+                Check(name, None, limit.value, op, True, False, f"{SKIPPED_NOTE}{reason}", informative=False)
             )
             msg = f"{part}: {group.replace('_', '-')}{SKIPPED_CHECKS}{reason}"
             if msg not in warnings:

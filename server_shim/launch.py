@@ -364,6 +364,20 @@ def _log_size(server: RunningServer) -> int:
 WAIT_NOTE_S = 15.0  # how often a health wait says what it waits for
 
 
+SHIM_USAGE_EXIT = 2  # server_shim's exit for flags it refuses (server_shim/__main__.py)
+SHIM_ERROR_MARK = ": error: "  # "server_shim: error: ..." and argparse's "PROG: error: ..."
+
+
+def _shim_refusal(server: RunningServer, code: int) -> str | None:
+    """The one-line reason a launched shim refused its flags, or None where it died otherwise.
+    Only our shim: another program's exit 2 is no promise of a usage error."""
+    if code != SHIM_USAGE_EXIT or server.spec.kind != "shim":
+        return None
+    said = [ln.split(SHIM_ERROR_MARK, 1)[1] for ln in server.log_tail().splitlines() if SHIM_ERROR_MARK in ln]
+    why = said[-1].strip() if said else f"exit {code}"
+    return f"server {server.name!r} refused its configuration: {why} (log: {server.log_path})"
+
+
 def _wait_healthy(servers: list[RunningServer], on_status: OnStartup | None = None) -> None:
     """Poll every server until all answer GET /health (or /v1/models: engines without /health).
 
@@ -493,20 +507,6 @@ def _tail(path: Path | None, lines: int) -> str:
 
 
 # ----------------------------------------------------------------------------- `pair`
-
-
-SHIM_USAGE_EXIT = 2  # server_shim's exit for flags it refuses (server_shim/__main__.py)
-SHIM_ERROR_MARK = ": error: "  # "server_shim: error: ..." and argparse's "PROG: error: ..."
-
-
-def _shim_refusal(server: RunningServer, code: int) -> str | None:
-    """The one-line reason a launched shim refused its flags, or None where it died otherwise.
-    Only our shim: another program's exit 2 is no promise of a usage error."""
-    if code != SHIM_USAGE_EXIT or server.spec.kind != "shim":
-        return None
-    said = [ln.split(SHIM_ERROR_MARK, 1)[1] for ln in server.log_tail().splitlines() if SHIM_ERROR_MARK in ln]
-    why = said[-1].strip() if said else f"exit {code}"
-    return f"server {server.name!r} refused its configuration: {why} (log: {server.log_path})"
 
 
 def main_pair(config_path: str) -> int:

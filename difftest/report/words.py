@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from difftest.results import SKIPPED_CHECKS, Check, PartVerdict, RunResult, TargetResult
+from difftest.results import SKIPPED_CHECKS, SKIPPED_NOTE, Check, PartVerdict, RunResult, TargetResult
 
 # check key -> words; a key not listed is shown with underscores as spaces
 METRIC_NAMES = {
@@ -81,7 +81,6 @@ def check_undecided(c: Check) -> bool:
 
 
 NOT_INFORMATIVE = "a broken target would pass this limit too"
-NOT_MEASURED = "not measured"
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,7 @@ class CheckWords:
             core = f"{self.metric} {self.value} {self.relation} limit {self.limit}"
         if self.where:
             core += f" at {self.where}"
-        if self.source.startswith("skipped"):  # the verdict's note for a group not measured
+        if self.source.startswith(SKIPPED_NOTE):  # a group not measured: no limit was applied
             core += f" ({self.source})"
         elif self.source:
             core += f" (limit: {self.source})"
@@ -181,11 +180,7 @@ def check_words(part: PartVerdict, c: Check) -> CheckWords:
 
 
 def _why_not_informative(c: Check, source: str) -> str:
-    """The reason, unless the limit's own note already gives it (the verdict writes it there). A
-    check that was not measured is not informative because nothing was compared, whatever its
-    limit: "a broken target would pass this limit" would blame a limit that was never applied."""
-    if c.value is None:
-        return NOT_MEASURED
+    """The reason, unless the limit's own note already gives it (the verdict writes it there)."""
     reason = str(getattr(c, "informative_reason", "") or NOT_INFORMATIVE)
     return "" if "broken target would pass" in source else reason
 

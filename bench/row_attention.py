@@ -1,4 +1,4 @@
-"""What the CPU's row-at-a-time attention costs (server_shim/row_attention.py), in the same run.
+"""What the shim's slot-invariant CPU attention costs (server_shim/row_attention.py), in the same run.
 
 Two figures, each with batched SDPA as the baseline beside it:
 - one layer's attention alone at decode shapes (smollm2's 9 query / 3 key-value heads of 64): the
@@ -8,7 +8,7 @@ Two figures, each with batched SDPA as the baseline beside it:
   alternated, the median of `--reps` runs each.
 
 Also whether batched SDPA gives identical rows identical numbers on this machine at this thread
-count: where it does not, the row-at-a-time path is what keeps the shim batch-slot invariant.
+count: where it does not, row_attention is what keeps the shim batch-slot invariant.
 
     python bench/row_attention.py [--model smollm2-135m] [--tokens 32] [--batches 1,8,32] [--reps 3]
                                   [--json PATH]
@@ -108,9 +108,9 @@ def main() -> int:
                 for on in (False, True):
                     (row_attention.install if on else row_attention.uninstall)(loaded.model)
                     runs[on].append(bench_engine(engine, texts, args.tokens, None)["tok_s"])
-            batched, rows = statistics.median(runs[False]), statistics.median(runs[True])
-            out["engine"].append({"batch": batch, "batched_tok_s": batched, "rows_tok_s": rows})
-            print(f"{batch:>22}  {batched:>13.1f}  {rows:>10.1f}  {rows / batched:>12.2f}")
+            batched, ours = statistics.median(runs[False]), statistics.median(runs[True])
+            out["engine"].append({"batch": batch, "batched_tok_s": batched, "ours_tok_s": ours})
+            print(f"{batch:>22}  {batched:>13.1f}  {ours:>10.1f}  {ours / batched:>12.2f}")
     finally:
         engine.close()
     if args.json:

@@ -77,7 +77,7 @@ class ModelRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         # SDPA takes a boolean mask as is; an additive float mask over the cache's strided views hit a
         # slow CPU path (8 ms instead of 30 us per call, torch 2.13). Eager attention adds the mask.
-        # as loaded, fused or run a row at a time
+        # as loaded, whether fused or slot-invariant (row_attention) since
         sdpa = row_attention.underlying(fused_decode.base_implementation(model.config)) == "sdpa"
         self._mask_dtype = None if sdpa else self.dtype
         params = inspect.signature(self.base.forward).parameters
@@ -99,7 +99,7 @@ class ModelRunner:
         self.fused_error: str | None = None  # why fused decode was asked for and is not used
         norms = fused and fused_decode.norms_wanted()
         rope = fused and fused_decode.rope_wanted()
-        # torch's CPU SDPA is not batch-slot invariant across threads: a row at a time there
+        # torch's CPU SDPA is not batch-slot invariant across threads: row_attention's there
         if row_attention.wanted(self.device) and not fused:
             row_attention.install(model)
         else:

@@ -253,7 +253,7 @@ def test_engine_fused_greedy_tokens_match_plain(tiny_llama) -> None:  # noqa: AN
     original_rope = modeling_llama.apply_rotary_pos_emb
     prompts = [[1, 5, 9, 200, 33], [1, 77, 8], [1, 400, 401, 402, 403, 404, 405, 406, 407, 3000]]
     model = tiny_llama.model
-    row_attention.uninstall(model)  # a CPU engine of an earlier test ran it a row at a time: as loaded
+    row_attention.uninstall(model)  # a CPU engine of an earlier test installed row_attention: as loaded
     before = model.config._attn_implementation
     batch = torch.tensor([[1, 5, 9, 200, 33], [2, 2, 1, 77, 8]])  # left padding: HF builds its own mask
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])

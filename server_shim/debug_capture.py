@@ -21,6 +21,7 @@ from safetensors.torch import save as st_save
 
 from server_shim import debug_protocol as P
 from server_shim.errors import DebugRequestError
+from server_shim.models import cache_keyword, returned_cache
 
 MAX_DECODE_STEPS = 256
 _BLOCK = re.compile(r"^(?:.*\.)?layers\.\d+$")
@@ -233,6 +234,7 @@ def capture_activations(loaded: Any, req: ActivationsRequest, *, max_bytes: int)
     try:
         with torch.inference_mode():
             x = torch.tensor([ids], device=loaded.device)
+            cache_kw = cache_keyword(model)
             out = model(input_ids=x, use_cache=req.decode_steps > 0)
             if want_logits:
                 cap.keep("logits", out.logits)
@@ -241,7 +243,7 @@ def capture_activations(loaded: Any, req: ActivationsRequest, *, max_bytes: int)
                 decoded.append(nxt)
                 cap.prefix, cap.positions, cap.n_tokens = f"{P.DECODE_PREFIX}{step}.", [0], 1
                 x = torch.tensor([[nxt]], device=loaded.device)
-                out = model(input_ids=x, past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=x, use_cache=True, **{cache_kw: returned_cache(out)})
                 if want_logits:
                     cap.keep("logits", out.logits)
     except _TooLarge:

@@ -24,7 +24,6 @@ from the static input, RMSNorm modules one kernel each, and the modeling file's 
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from torch import Tensor
 from server_shim import fused_decode, row_attention
 from server_shim.cuda_graphs import DecodeGraphs
 from server_shim.kv_cache import CachePlan, SlotKVCache, attention_mask
+from server_shim.models import cache_keyword
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ class ModelRunner:
         # as loaded, whether fused or slot-invariant (row_attention) since
         sdpa = row_attention.underlying(fused_decode.base_implementation(model.config)) == "sdpa"
         self._mask_dtype = None if sdpa else self.dtype
-        params = inspect.signature(self.base.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_keyword(self.base)
         # On a GPU, room for every row up front (growing re-captures graphs); on the CPU, memory
         # follows use (several shims of a `make run` share one machine).
         slots, positions = (max_rows, 256) if self.device.type == "cuda" else (1, 64)

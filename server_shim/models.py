@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -62,6 +63,18 @@ class LoadedModel:
     num_layers: int
     quant: str = "none"  # the scheme it was quantized with (reported by /debug/config)
     rounding_noise: float = 0.0  # the rounding twin's amplitude (server_shim.twin); 0 = not a twin
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The forward keyword of the KV cache: transformers 5.25 renamed `past_key_values` to `cache`
+    (the old name still works there, with a FutureWarning, and goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def returned_cache(output: object) -> object:
+    """The KV cache a forward returned, under either name (see `cache_keyword`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def resolve_device(device: str) -> torch.device:

@@ -175,6 +175,13 @@ async def test_health_is_open_and_reveals_nothing(client):
     assert head.status_code == 200 and head.content == b""  # HEAD was a 405
 
 
+async def test_openapi_operation_ids_are_unique(client):
+    # one route for GET and HEAD on /health gave two operations one id: client generators reject it
+    r = await client.get("/openapi.json")
+    ids = [op["operationId"] for path in r.json()["paths"].values() for op in path.values() if "operationId" in op]
+    assert ids and len(ids) == len(set(ids)), ids
+
+
 async def test_unknown_route_and_method(client):
     _check_error(await client.get("/v2/whatever"), 404, None, "not_found")
     r = await client.get("/v1/completions")

@@ -178,7 +178,12 @@ async def test_health_is_open_and_reveals_nothing(client):
 async def test_openapi_operation_ids_are_unique(client):
     # one route for GET and HEAD on /health gave two operations one id: client generators reject it
     r = await client.get("/openapi.json")
-    ids = [op["operationId"] for path in r.json()["paths"].values() for op in path.values() if "operationId" in op]
+    ids = [
+        op["operationId"]
+        for path in r.json()["paths"].values()
+        for op in path.values()
+        if "operationId" in op
+    ]
     assert ids and len(ids) == len(set(ids)), ids
 
 

@@ -73,7 +73,10 @@ class MetricMove:
     delta: float | None
     ci_a: tuple[float, float] | None
     ci_b: tuple[float, float] | None
-    noise: str  # how beyond_noise was decided: "ci" | "floor" | "none" | "unchanged" | "missing"
+    # how beyond_noise was decided: "ci" (the two 95% intervals), "small" (disjoint intervals, a move
+    # under MIN_MOVE), "floor" (the noise floor's spread), "none" (nothing to judge by), "unchanged",
+    # "missing" (a side has no number)
+    noise: str
     beyond_noise: bool | None
     direction: str  # "better" | "worse" | "neutral" | ""
 
@@ -181,15 +184,19 @@ def _enough_prompts(c: Comparison) -> bool:
     return n is None or n >= MIN_PROMPTS_FOR_CI
 
 
-def _beyond_cis(metric: str, ca: Comparison, cb: Comparison, delta: float) -> bool | None:
-    """Disjoint intervals and a move over the verdict's absolute minimum; None: the intervals
-    cannot say (missing, too few prompts, or both a single value)."""
+def _beyond_cis(metric: str, ca: Comparison, cb: Comparison, delta: float) -> tuple[str, bool] | None:
+    """Disjoint intervals and a move over the verdict's absolute minimum: ("ci", True); overlapping
+    intervals: ("ci", False); disjoint but a move under that minimum: ("small", False), so that a
+    reader seeing two disjoint intervals is told why they do not count. None: the intervals cannot
+    say (missing, too few prompts, or both a single value)."""
     ci_a, ci_b = _ci(ca, metric), _ci(cb, metric)
     if ci_a is None or ci_b is None or not (_enough_prompts(ca) and _enough_prompts(cb)):
         return None
     if ci_a[0] == ci_a[1] and ci_b[0] == ci_b[1]:
         return None
-    return (ci_a[1] < ci_b[0] or ci_b[1] < ci_a[0]) and abs(delta) > MIN_MOVE.get(metric, 0.0)
+    if not (ci_a[1] < ci_b[0] or ci_b[1] < ci_a[0]):
+        return "ci", False
+    return ("ci", True) if abs(delta) > MIN_MOVE.get(metric, 0.0) else ("small", False)
 
 
 def floor_spread(floor: Mapping[str, Any] | None, metric: str) -> float | None:
@@ -214,7 +221,7 @@ def metric_move(metric: str, ca: Comparison, cb: Comparison, floor: float | None
     how, beyond = "none", None
     by_ci = _beyond_cis(metric, ca, cb, delta)
     if by_ci is not None:
-        how, beyond = "ci", by_ci
+        how, beyond = by_ci
     elif floor is not None:
         how, beyond = "floor", abs(delta) > floor
     return MetricMove(metric, a, b, delta, ci_a, ci_b, how, beyond, direction(metric, a, b))

@@ -62,7 +62,7 @@ def test_same_server_twice_moves_nothing(runs: dict[str, Path], capsys) -> None:
 def test_faulty_build_is_a_regression_beyond_noise(runs: dict[str, Path], capsys) -> None:
     assert main(["diff", str(runs["good1"]), str(runs["bad"]), "-o", str(runs["bad"] / "d")]) == 1
     out = " ".join(capsys.readouterr().out.split())
-    assert "PASS -> FAIL REGRESSED" in out and "token_match" in out and "YES (ci)" in out
+    assert "PASS -> FAIL REGRESSED" in out and "token match" in out and "YES (CIs disjoint)" in out
     data = json.loads((runs["bad"] / "d" / "diff.json").read_text())
     moves = {m["metric"]: m for m in data["targets"][0]["comparisons"][0]["metrics"]}
     tm = moves["token_match"]
@@ -108,7 +108,7 @@ def test_degenerate_intervals_do_not_call_noise() -> None:
     ten = lambda v, ci: Comparison("exactness", "golden", "t", aggregate={"kl_mean": v, "n_prompts": 10},  # noqa: E731
                                    ci={"kl_mean": ci})  # fmt: skip
     tiny = metric_move("kl_mean", ten(0.0, [0.0, 0.0]), ten(1.4e-9, [1e-9, 2e-9]), None)
-    assert tiny.noise == "ci" and tiny.beyond_noise is False  # under the verdict's KL minimum 0.005
+    assert tiny.noise == "small" and tiny.beyond_noise is False  # under the verdict's KL minimum 0.005
     real = metric_move("kl_mean", ten(0.0, [0.0, 0.0]), ten(0.05, [0.03, 0.07]), None)
     assert real.beyond_noise and real.regressed
 
@@ -242,3 +242,20 @@ def test_checks_changed_pairs_checks_and_says_both_sides() -> None:
     assert checks_changed(a, a) == []
     b.verdict = None  # a lost verdict is the regression itself, not a list of every check
     assert checks_changed(a, b) == []
+
+
+def test_the_beyond_noise_cell_says_what_decided_it() -> None:
+    """Disjoint intervals printed "no (ci)" when the move was under the verdict's minimum: the
+    reader saw two disjoint intervals called noise, with no reason given."""
+    from difftest.cli.diff import _beyond
+
+    ten = lambda v, ci: Comparison("accuracy", "reference", "t", aggregate={"kl_mean": v, "n_prompts": 10},  # noqa: E731
+                                   ci={"kl_mean": ci})  # fmt: skip
+    small = metric_move("kl_mean", ten(0.0005, [0.0004, 0.0006]), ten(0.0035, [0.0033, 0.0037]), None)
+    assert _beyond(small) == "no (CIs disjoint, move < 0.005)" and not small.regressed
+    big = metric_move("kl_mean", ten(0.0005, [0.0004, 0.0006]), ten(0.05, [0.04, 0.06]), None)
+    assert _beyond(big) == "YES (CIs disjoint)" and big.regressed
+    overlap = metric_move("kl_mean", ten(0.03, [0.01, 0.05]), ten(0.04, [0.02, 0.06]), None)
+    assert _beyond(overlap) == "no (CIs overlap)"
+    assert _beyond(metric_move("kl_mean", _comp(0.1), _comp(0.3), None)) == "? (no CI or floor)"
+    assert _beyond(metric_move("kl_mean", _comp(0.1), _comp(0.3), 0.05)) == "YES (over noise floor)"

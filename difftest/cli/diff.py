@@ -12,6 +12,8 @@ from pathlib import Path
 from rich.table import Table
 
 from difftest.cli import options as o
+from difftest.report.words import metric_name
+from difftest.rundiff import MIN_MOVE, MetricMove
 
 HELP = "compare two report folders: per target and metric, what moved and whether beyond noise"
 RESULT_FILE = "diff.json"
@@ -31,6 +33,21 @@ def _num(x: float | None) -> str:
 
 def _ci(ci: tuple[float, float] | None) -> str:
     return "-" if ci is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
+
+
+def _beyond(m: MetricMove) -> str:
+    """The "beyond noise" cell, with what decided it."""
+    if m.noise == "unchanged":
+        return "no (unchanged)"
+    if m.noise == "missing":
+        return "-"
+    if m.noise == "small":
+        return f"no (CIs disjoint, move < {MIN_MOVE[m.metric]:g})"
+    if m.noise == "ci":
+        return "YES (CIs disjoint)" if m.beyond_noise else "no (CIs overlap)"
+    if m.noise == "floor":
+        return "YES (over noise floor)" if m.beyond_noise else "no (within noise floor)"
+    return "? (no CI or floor)"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,12 +80,9 @@ def run(args: argparse.Namespace) -> int:
             for m in c.metrics:
                 if not args.all and m.noise == "unchanged":
                     continue
-                beyond = {True: "YES", False: "no", None: "?"}[m.beyond_noise]
-                if m.beyond_noise is not None and m.noise != "unchanged":
-                    beyond += f" ({m.noise})"
                 table.add_row(
-                    m.metric, _num(m.a), _num(m.b), _num(m.delta), _ci(m.ci_a), _ci(m.ci_b), beyond,
-                    m.direction.upper() if m.regressed else m.direction,
+                    metric_name(m.metric), _num(m.a), _num(m.b), _num(m.delta), _ci(m.ci_a), _ci(m.ci_b),
+                    _beyond(m), m.direction.upper() if m.regressed else m.direction,
                 )  # fmt: skip
             if table.row_count:
                 con.print(table)

@@ -38,6 +38,18 @@ METRIC_NAMES = {
     "slot_logprob_max_diff": "batch-slot logprob difference",
     "placement_logprob_max_diff": "batched-vs-alone logprob difference",
     "slot_token_mismatches": "batch-slot token flips",
+    # aggregates that no check judges (`difftest diff` lists them)
+    "kl_lower_mean": "mean KL, lower bound",
+    "kl_upper_mean": "mean KL, upper bound",
+    "dp_mean": "mean p(ref token) gap",
+    "dp_rms": "rms p(ref token) gap",
+    "exact_match": "identical continuations",
+    "median_first_divergence": "median 1st divergence",
+    "tie": "1st divergences: TIE",
+    "drift": "1st divergences: DRIFT",
+    "wrong": "1st divergences: WRONG",
+    "length": "1st divergences: LENGTH",
+    "n_prompts": "prompts",
 }
 _RATES = ("top1_agreement", "token_match", "failed_rate", "broken_rate", "garbled_rate")
 _MODULE = re.compile(r"^[\w.\[\]-]+\.[\w.\[\]-]+$")  # a dotted module name, no spaces

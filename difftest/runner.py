@@ -39,7 +39,7 @@ from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import LayerDiff, PartVerdict, PromptDiff, RunResult, TargetResult
 from difftest.scoring import finish_comparison, score_prompts
-from difftest.session import cache_identity, launch_shown
+from difftest.session import cache_identity, launch_shown, require_debug
 from difftest.signature import run_signature
 from difftest.tokenizer_check import check_pair
 from difftest.usage_check import PromptCounts
@@ -147,6 +147,17 @@ async def _check_pairs(pairs: Sequence[_Pair], eps: Mapping[str, Endpoint]) -> N
             pair.warnings.append(
                 "teacher-forced metrics disabled for this pair (echo with logprobs not trusted)"
             )
+
+
+def _require_debug(cfg: RunConfig, eps: Mapping[str, Endpoint]) -> None:
+    """`whitebox = "on"` is a requirement: a side without the debug protocol stops the run before
+    anything is asked (it ran black-box and PASSed before, the gap only in report.json)."""
+    if cfg.run.whitebox == "on":
+        sides = [cfg.reference.name]
+        for t in cfg.targets:
+            sides += [t.name] + ([t.golden.name] if t.golden is not None else [])
+        hint = '; whitebox = "auto" runs black-box where it is missing (a recorded baseline never serves it)'
+        require_debug(eps, sides, hint)
 
 
 async def _generate(
@@ -459,6 +470,7 @@ async def run_async(
     try:
         pairs = _pairs(cfg)
         await _check_pairs(pairs, eps)
+        _require_debug(cfg, eps)
         _phase("conformance", started)
         retok = _retokenizer(eps, pairs)
         plan = _forcing_plan(pairs)

@@ -169,13 +169,15 @@ class Session:
         return iter(self._endpoints)
 
     def require_debug(self, *names: str) -> None:
-        """ConformanceError (exit 2) naming every server that does not serve the debug protocol."""
-        missing = [n for n in names if not self._endpoints[n].caps.debug]
-        if missing:
-            why = "; ".join(
-                f"{n} ({self._endpoints[n].caps.url}): {_debug_detail(self._endpoints[n])}" for n in missing
-            )
-            raise ConformanceError(f"not serving the debug protocol (`--debug` on the shim): {why}")
+        require_debug(self._endpoints, names)
+
+
+def require_debug(endpoints: Mapping[str, Endpoint], names: Iterable[str], hint: str = "") -> None:
+    """ConformanceError (exit 2) naming every server that does not serve the debug protocol."""
+    missing = [n for n in dict.fromkeys(names) if not endpoints[n].caps.debug]
+    if missing:
+        why = "; ".join(f"{n} ({endpoints[n].caps.url}): {_debug_detail(endpoints[n])}" for n in missing)
+        raise ConformanceError(f"not serving the debug protocol (`--debug` on the shim): {why}{hint}")
 
 
 def _debug_detail(ep: Endpoint) -> str:

@@ -85,3 +85,17 @@ def test_server_of_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     )  # fresh port each run
     with pytest.raises(ValueError, match="no URL"):
         Server.of_spec(shim)
+
+
+def test_whitebox_on_with_a_side_without_debug_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`whitebox = "on"` ran black-box and PASSed (exit 0) when the target served no /debug; the gap
+    was only a warning inside report.json."""
+    apps = {"ref": make_fake_app(FakeBehaviour(debug=True)), "tgt": make_fake_app(FakeBehaviour(debug=False))}
+    with live_fake(app=apps["ref"]) as ref, live_fake(app=apps["tgt"]) as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt}], extra_run='whitebox = "on"')
+        code = main(["run", str(cfg), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not serving the debug protocol" in err and "t (" in err and "reference (" not in err
+    assert not (tmp_path / "out" / "report.json").exists()  # stopped after conformance: nothing judged

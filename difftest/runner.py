@@ -623,12 +623,6 @@ def refused_everything(run: RunResult) -> str | None:
 def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
     """Run end to end; returns the result and the infrastructure problems (exit 3 if any)."""
     out = opts.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    cache_path = out / "cache.sqlite"
-    if not opts.resume and cache_path.exists():
-        cache_path.unlink()
-        for extra in ("-wal", "-shm"):
-            Path(str(cache_path) + extra).unlink(missing_ok=True)
     limit = opts.limit if opts.limit is not None else cfg.run.limit
     specs = cfg.servers()
     if cfg.baseline is not None:  # a recorded reference: checked before any server starts
@@ -641,6 +635,14 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
     if opts.baseline is not None:
         opts.baseline.check(run_settings(cfg.run), prompts)
     check_running(specs, request_timeout_s=cfg.run.request_timeout_s)  # seconds, not 600 s
+    # the folder is touched only now: a run refused above (bad prompts, a baseline that does not
+    # match, a port taken) leaves an earlier run's cache and report as they were
+    out.mkdir(parents=True, exist_ok=True)
+    cache_path = out / "cache.sqlite"
+    if not opts.resume and cache_path.exists():
+        cache_path.unlink()
+        for extra in ("-wal", "-shm"):
+            Path(str(cache_path) + extra).unlink(missing_ok=True)
     cache = ResponseCache(cache_path)
     try:
         with launch_shown(specs, log_dir=out / "logs") as running:

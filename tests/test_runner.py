@@ -326,3 +326,17 @@ def test_a_run_whose_every_request_is_refused_as_invalid_is_a_usage_error(tmp_pa
         code = main([*argv, "--max-tokens", "100"])
     err = capsys.readouterr().err
     assert code == 2 and "every request was refused as invalid, nothing was judged" in err
+
+
+def test_a_run_refused_before_it_starts_keeps_the_earlier_cache(tmp_path: Path) -> None:
+    """The cache of a finished run was deleted first, then the prompts were found to hold a
+    duplicate id (exit 2): `--resume` had nothing left to resume."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cache.sqlite").write_bytes(b"earlier answers")
+    cfg = write_config(tmp_path, "http://127.0.0.1:9", [{"name": "tgt", "url": "http://127.0.0.1:9"}])
+    (tmp_path / "prompts.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
+    assert main(["run", str(cfg), "-o", str(out)]) == 2
+    assert (out / "cache.sqlite").read_bytes() == b"earlier answers"
+    fresh = tmp_path / "fresh"
+    assert main(["run", str(cfg), "-o", str(fresh)]) == 2 and not fresh.exists()  # nor an empty folder

@@ -12,6 +12,7 @@ own bugs, with the traceback in the log.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -45,23 +46,30 @@ def create_app(engine: Engine, opts: Any) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(EngineBusy, _busy)
     pool = TokenizerPool(engine.loaded.tokenizer)
-    app.include_router(
+    routers = [
         create_router(
             ServingCompletion(engine, opts, pool),
             ServingChat(engine, opts, pool),
             ServingTokenization(engine, opts, pool),
             opts.max_body_bytes,
         )
-    )
+    ]
     if opts.debug:
         from server_shim.debug import create_debug_router
 
-        app.include_router(
+        routers.append(
             create_debug_router(
                 engine, max_body_bytes=opts.max_body_bytes, max_prompt_chars=opts.max_prompt_chars
             )
         )
+    for router in routers:
+        app.include_router(router)
     openapi.install(app)
+    app.state.methods = [
+        (route.path_regex, frozenset(route.methods))
+        for route in [*app.routes, *(r for router in routers for r in router.routes)]
+        if isinstance(getattr(route, "path_regex", None), re.Pattern) and getattr(route, "methods", None)
+    ]
     return app
 
 
@@ -76,10 +84,23 @@ async def _invalid(_: Request, exc: Exception) -> JSONResponse:
     return _error(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
 
 
-async def _http(_: Request, exc: Exception) -> JSONResponse:
+async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = "not_found" if exc.status_code == 404 else None
-    return _error(exc.status_code, str(exc.detail), "invalid_request_error", None, code)
+    resp = _error(exc.status_code, str(exc.detail), "invalid_request_error", None, code)
+    resp.headers.update(exc.headers or {})
+    if exc.status_code == 405 and (allowed := _allowed(request)):
+        resp.headers["Allow"] = ", ".join(allowed)
+    return resp
+
+
+def _allowed(request: Request) -> list[str]:
+    """Every method some route serves on this path (RFC 9110 15.5.6: a 405 lists them in Allow).
+    Starlette's own header names only the first route's: GET on /health, whose HEAD is a route of
+    its own. The (path regex, methods) pairs are taken from the routers at app creation."""
+    path = request.scope.get("path", "")
+    pairs: list[tuple[re.Pattern, frozenset[str]]] = getattr(request.app.state, "methods", [])
+    return sorted({m for regex, methods in pairs if regex.match(path) for m in methods})
 
 
 async def _busy(_: Request, exc: Exception) -> JSONResponse:

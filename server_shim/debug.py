@@ -45,7 +45,7 @@ from server_shim.debug_capture import (
     list_points,
     module_kind,
 )
-from server_shim.errors import DebugRequestError, InvalidRequestError, QuantConfigError, ShimError
+from server_shim.errors import DebugRequestError, InvalidRequestError, QuantConfigError, ShimError, clip
 from server_shim.wire import read_body, read_json
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _find(loaded: Any, name: str) -> tuple[str, torch.nn.Module]:
     mods = list_modules(loaded.model)
     if name not in mods:
         raise DebugRequestError(
-            f"no module named {name!r} (GET /debug/config lists them)",
+            f"no module named {clip(name)!r} (GET /debug/config lists them)",
             param="module",
             code="module_not_found",
             status_code=404,
@@ -130,10 +130,23 @@ def _too_large(max_bytes: int) -> DebugRequestError:
     )  # fmt: skip
 
 
+def _output_bytes(mod: torch.nn.Module, x: torch.Tensor) -> int:
+    """The float32 response a linear (a row of out_features per input row) or an embedding (a row
+    of embedding_dim per id) would answer for `x`, known before it runs; 0 for other modules: an
+    embedding was sized only after it ran, 2M ids (8 MB) computed 1 GB before the 413."""
+    out_features = getattr(mod, "out_features", None)
+    if isinstance(out_features, int) and x.dim() > 0:
+        return x.numel() // max(x.shape[-1], 1) * out_features * 4
+    dim = getattr(mod, "embedding_dim", None)
+    if isinstance(dim, int) and not x.is_floating_point():
+        return x.numel() * dim * 4
+    return 0
+
+
 def replay_module(loaded: Any, body: bytes, *, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> bytes:
     """A module run on the posted input. The response cap holds here too (README: debug responses
-    are capped): a linear's output is sized before it runs -- 1400 rows through lm_head answered
-    263 MiB from a 0.7 MB request -- and any output before it is serialized."""
+    are capped): a linear's or an embedding's output is sized before it runs -- 1400 rows through
+    lm_head answered 263 MiB from a 0.7 MB request -- and any output before it is serialized."""
     tensors, meta = parse_safetensors(body)
     if P.META_MODULE not in meta:
         raise DebugRequestError(f"the safetensors metadata needs a {P.META_MODULE!r} entry", param="module")
@@ -150,12 +163,7 @@ def replay_module(loaded: Any, body: bytes, *, max_bytes: int = DEFAULT_MAX_RESP
         return t.to(loaded.device, loaded.dtype) if t.is_floating_point() else t.to(loaded.device)
 
     x = to_model(tensors.pop(P.INPUT))
-    out_features = getattr(mod, "out_features", None)
-    if (
-        isinstance(out_features, int)
-        and x.dim() > 0
-        and x.numel() // max(x.shape[-1], 1) * out_features * 4 > max_bytes
-    ):
+    if _output_bytes(mod, x) > max_bytes:
         raise _too_large(max_bytes)
     backend = meta.get(P.META_BACKEND)
     if backend is not None and not hasattr(mod, "forward_with_backend"):

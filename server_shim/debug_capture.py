@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save as st_save
 
 from server_shim import debug_protocol as P
-from server_shim.errors import DebugRequestError
+from server_shim.errors import DebugRequestError, clip
 from server_shim.models import cache_keyword, returned_cache
 
 MAX_DECODE_STEPS = 256
@@ -206,6 +206,11 @@ def _select_points(all_points: list[str], globs: list[str] | None) -> list[str]:
     modules = [p for p in all_points if p != "logits"]
     if globs is None:
         return modules
+    if not globs:  # an empty list selected nothing: a 200 with an empty file, now a 400 like a glob
+        raise DebugRequestError(
+            "'layers' is an empty list: leave it out for every point, or name 'logits' for the logits alone",
+            param="layers",
+        )
     chosen: set[str] = set()
     for g in globs:
         if not g:
@@ -213,7 +218,7 @@ def _select_points(all_points: list[str], globs: list[str] | None) -> list[str]:
         hit = {p for p in modules if fnmatch.fnmatchcase(p, g)}
         if not hit and g != "logits":
             raise DebugRequestError(
-                f"layers glob {g!r} matches no point (e.g. 'model.layers.3.*', 'model.layers.*.mlp')",
+                f"layers glob {clip(g)!r} matches no point (e.g. 'model.layers.3.*', 'model.layers.*.mlp')",
                 param="layers",
             )
         chosen |= hit

@@ -70,6 +70,21 @@ _Seq = Seq  # the old private name, kept for callers that built retries by hand
 _BATCH_WINDOW_S = 0.002
 
 
+MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def mix_seed(seed: int) -> int:
+    """The generator seed of a request seed. torch's CPU generator keeps only the low 32 bits of
+    its seed, so seeds 1 and 2**32 + 1 drew the same samples: a seed outside [0, 2**32) is hashed
+    (splitmix64) so that its high bits count too; one inside is kept as is (recorded baselines)."""
+    if 0 <= seed < 2**32:
+        return seed
+    z = (seed + 0x9E37_79B9_7F4A_7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58_476D_1CE4_E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D0_49BB_1331_11EB) & MASK64
+    return z ^ (z >> 31)
+
+
 @dataclass
 class EngineStats:
     """Counters since start (read by the benches; no effect on serving)."""
@@ -152,16 +167,16 @@ class Engine(EngineSteps):
 
     def submit(self, prompts: Sequence[list[int]], params: SamplingParams, n: int = 1) -> RequestHandle:
         """Queue n sequences per prompt; choice index = prompt_index * n + j (OpenAI's order).
-        A seeded request seeds choice j with seed + j, so a choice's sample does not depend on
-        what else is in the batch."""
+        A seeded request seeds choice j with mix_seed(seed) + j, so a choice's sample does not
+        depend on what else is in the batch."""
         handle = RequestHandle(asyncio.get_running_loop(), len(prompts) * n)
         seqs = []
         for p, prompt in enumerate(prompts):
             for j in range(n):
                 seq = Seq(p * n + j, list(prompt), params, handle)
                 if params.temperature >= SAMPLING_EPS:
-                    seed = (params.seed + j) if params.seed is not None else self._rng.getrandbits(63)
-                    seq.generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+                    seed = mix_seed(params.seed) if params.seed is not None else self._rng.getrandbits(63)
+                    seq.generator = torch.Generator().manual_seed((seed + j) & MASK64)
                 seqs.append(seq)
         with self._cond:
             if self._closed:

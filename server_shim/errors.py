@@ -58,3 +58,12 @@ class InvalidRequestError(ShimError):
 
 class DebugRequestError(InvalidRequestError):
     pass
+
+
+ECHO_CHARS = 200  # how much of a caller's string an error message repeats
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` cut to `limit` characters with an ellipsis: an error that echoed a 100k-character
+    name whole was 100 kB of the caller's own input back."""
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -49,7 +49,10 @@ class GuardMiddleware:
                 body = error_body(
                     "missing or wrong API key", error_type="invalid_request_error", code="invalid_api_key"
                 )
-                await JSONResponse(body, status_code=401)(scope, receive, send)
+                # RFC 9110 11.6.1: a 401 names the scheme it wants
+                await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(
+                    scope, receive, send
+                )
                 return
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:

@@ -26,6 +26,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "unknown model, module or route"),
         (405, "method not allowed"),
         (413, "request body or response over its cap"),
+        (415, "a Content-Encoding other than identity (send the body uncompressed)"),
         (429, "queue full: retry after the Retry-After header's seconds"),
     )
 }

@@ -18,16 +18,48 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
 
 from server_shim.errors import InvalidRequestError
 
 # OpenAI caps `logprobs` at 5 for its hosted models; vLLM and the issue allow 20.
 MAX_LOGPROBS = 20
+# vLLM's bounds: a seed is an int64 (past them 2**64 acted like seed 0, 2**62 like 2**62 % 2**32)
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def _has_default(field: FieldInfo) -> bool:
+    """A field whose default is a value, not None: an explicit null for it means that default."""
+    return not field.is_required() and field.default is not None
+
+
+def _nullable_schema(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """The schema says what `_null_is_default` accepts: null is valid for every such field."""
+    props = schema.get("properties", {})
+    for name, field in cls.model_fields.items():
+        prop = props.get(field.alias or name)
+        if prop is None or not _has_default(field):
+            continue
+        if "anyOf" in prop:
+            prop["anyOf"].append({"type": "null"})
+            continue
+        keep = {k: prop.pop(k) for k in ("title", "default", "description") if k in prop}
+        props[field.alias or name] = {"anyOf": [prop, {"type": "null"}], **keep}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_nullable_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """An explicit null for an optional field is its default, as OpenAI's schema (nullable) and
+        vLLM (Optional) take it: `"temperature": null` was a 400. Required fields stay non-null."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if not (v is None and k in fields and _has_default(fields[k]))}
 
 
 class StreamOptions(_Request):
@@ -75,7 +107,7 @@ class CompletionRequest(_Request):
     max_tokens: int | None = Field(default=None, ge=0)
     n: int = Field(default=1, ge=1)
     presence_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -244,7 +276,7 @@ class ChatCompletionRequest(_Request):
     n: int = Field(default=1, ge=1)
     presence_penalty: float = 0.0
     response_format: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -15,14 +15,14 @@ import contextlib
 import copy
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from server_shim.detok import TokenInfo
 from server_shim.engine import RequestHandle, SamplingParams, SeqEvent
-from server_shim.errors import InvalidRequestError
+from server_shim.errors import InvalidRequestError, clip
 from server_shim.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -83,7 +83,7 @@ class OpenAIServing:
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise InvalidRequestError(
-                f"The model `{name}` does not exist; this server serves `{self.model_name}`",
+                f"The model `{clip(name)}` does not exist; this server serves `{self.model_name}`",
                 param="model",
                 code="model_not_found",
                 status_code=404,
@@ -97,15 +97,25 @@ class OpenAIServing:
                 f"token id {bad[0]} is outside the vocabulary [0, {self.engine.vocab_size})", param=param
             )
 
-    def check_chars(self, text: str, param: str = "prompt") -> None:
-        """Refuse text no context could hold before spending seconds tokenizing it."""
-        if len(text) > self.opts.max_prompt_chars:
+    def check_chars(self, text: str, param: str = "prompt", *, total: int | None = None) -> None:
+        """Refuse text no context could hold before spending seconds tokenizing it (`total`: the
+        summed length of several texts, counted without joining them)."""
+        size = len(text) if total is None else total
+        if size > self.opts.max_prompt_chars:
+            what = "characters" if total is None else "characters in all"
             raise InvalidRequestError(
-                f"{param} has {len(text)} characters; this server takes at most {self.opts.max_prompt_chars} "
+                f"{param} has {size} {what}; this server takes at most {self.opts.max_prompt_chars} "
                 "(--max-prompt-chars)",
                 param=param,
                 code="prompt_too_long",
             )
+
+    def check_texts(self, texts: Sequence[str], param: str, item: Callable[[int], str]) -> None:
+        """Each text (`item(i)` names it) and their total within --max-prompt-chars: many texts each
+        under the cap would otherwise all be tokenized, for seconds, before anything refused them."""
+        for i, text in enumerate(texts):
+            self.check_chars(text, param=item(i))
+        self.check_chars("", param=param, total=sum(len(t) for t in texts))
 
     def check_stops(self, stops: tuple[str, ...]) -> None:
         """Stop matching runs on the model thread for every token: bounded work per token."""

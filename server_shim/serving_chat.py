@@ -74,9 +74,7 @@ class ServingChat(OpenAIServing):
         stops = req.stop_list()
         self.check_stops(stops)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        for i, m in enumerate(messages):
-            self.check_chars(m["content"], param=f"messages.{i}.content")
-        self.check_chars("".join(m["content"] for m in messages), param="messages")
+        self.check_texts([m["content"] for m in messages], "messages", lambda i: f"messages.{i}.content")
         ids = await self.pool.run(lambda tok: render_chat(tok, messages, req.add_generation_prompt))
         if not ids:
             raise InvalidRequestError("the messages render to an empty prompt", param="messages")

@@ -5,6 +5,7 @@ Every JSON route (the OpenAI ones and /debug/activations) goes through `read_jso
 Python's json module chokes on is the caller's 400 wherever it arrives:
 
 - a Content-Type other than JSON -> 400, not a form body parsed as JSON;
+- a Content-Encoding other than identity (gzip, ...) -> 415, not "malformed JSON" (every body);
 - nesting deeper than `MAX_DEPTH` (json.loads raises RecursionError at ~1000 levels; pydantic and
   the tokenizer have their own limits below that) -> 400;
 - an integer literal over Python's 4 300-digit limit (ValueError) -> 400;
@@ -26,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from server_shim.errors import InvalidRequestError
+from server_shim.errors import InvalidRequestError, clip
 
 MAX_DEPTH = 32  # no request model nests deeper than 4; headroom for chat message content parts
 
@@ -39,9 +40,22 @@ def too_large(limit: int) -> InvalidRequestError:
     )
 
 
+def check_encoding(content_encoding: str | None) -> None:
+    """A compressed body is refused (415), not parsed as if it were plain: a gzip body got a
+    misleading "malformed JSON". Nothing is decompressed: a small bomb would pass the size cap."""
+    coding = (content_encoding or "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise InvalidRequestError(
+            f"Content-Encoding {clip(content_encoding or '', 80)} is not supported; send the body uncompressed",
+            code="unsupported_content_encoding",
+            status_code=415,
+        )
+
+
 async def read_body(request: Any, limit: int) -> bytes:
     """The whole body, refused with a 413 naming the cap as soon as it passes `limit` bytes — also
     when the client sends it chunked without a Content-Length (the middleware checks that header)."""
+    check_encoding(request.headers.get("content-encoding"))
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -156,7 +170,7 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         return model.model_validate(body)
     except ValidationError as exc:
         err = _telling(exc.errors())
-        loc = [str(x) for x in err["loc"] if not _UNION_TAG.fullmatch(str(x))]
+        loc = [clip(str(x)) for x in err["loc"] if not _UNION_TAG.fullmatch(str(x))]
         param = loc[0] if loc else None
         if err["type"] == "extra_forbidden":
             msg = f"unsupported parameter `{'.'.join(loc)}`"

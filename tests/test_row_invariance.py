@@ -45,6 +45,8 @@ def test_importing_the_shim_pins_mkl_strict_mode() -> None:
         "print(os.environ['MKL_CBWR'], bad)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
-    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True)  # noqa: E731
+    run = lambda e: subprocess.run(
+        [sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True
+    )  # noqa: E731
     assert run(env).stdout.split() == ["AUTO,STRICT", "[]"]
     assert run(env | {"MKL_CBWR": "COMPATIBLE"}).stdout.startswith("COMPATIBLE")

@@ -292,9 +292,10 @@ def checks_changed(ta: TargetResult, tb: TargetResult) -> list[str]:
     lines = []
     for key in dict.fromkeys([*by_a, *by_b]):
         wa, wb = by_a.get(key), by_b.get(key)
-        if wa is None or wb is None:
+        if wa is None or wb is None:  # a check one side's limits did not have: its outcome all the same
+            w = wb or wa
             state = "only in B" if wa is None else "only in A"
-            lines.append(f"{(wb or wa).part}: {key[2]} {state}")  # type: ignore[union-attr]
+            lines.append(f"{w.part}: {key[2]} {state}: {w.outcome} (value {w.value}, limit {w.limit})")  # type: ignore[union-attr]
             continue
         if wa.outcome != wb.outcome:
             lines.append(

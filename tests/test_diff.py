@@ -130,7 +130,7 @@ def test_diff_of_different_prompt_sets_warns(runs: dict[str, Path]) -> None:
 def test_report_to_a_new_folder_leaves_the_original(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
     original = (runs["good1"] / "report.json").read_text()
     strict = tmp_path / "strict.toml"
-    strict.write_text("[thresholds.none]\ntoken_match_min = 1.01\n")
+    strict.write_text("[thresholds.none]\nbleu_min = 100.5\n")  # over identical texts' 100: FAIL
     new = tmp_path / "rejudged"
     assert main(["report", str(runs["good1"]), "--thresholds", str(strict), "-o", str(new), "--json"]) == 1
     summary = json.loads(capsys.readouterr().out)
@@ -143,10 +143,10 @@ def test_report_to_a_new_folder_leaves_the_original(runs: dict[str, Path], tmp_p
     (t,) = json.loads(capsys.readouterr().out)["targets"]
     assert t["verdict_changed"]
     # ... and which check turned it: no metric moved, only the limit did
-    assert t["checks_changed"] == ["accuracy: token match pass -> FAIL (value 100.0%, limit 60.0% -> 101.0%)"]
+    assert t["checks_changed"] == ["accuracy: BLEU only in B: FAIL (value 100, limit 100.5)"]  # none before
     assert main(["diff", str(runs["good1"]), str(new)]) == 1
     out = capsys.readouterr().out
-    assert "  check accuracy: token match pass -> FAIL" in out
+    assert "  check accuracy: BLEU only in B: FAIL" in out
     assert "  accuracy vs reference: 0 of 6 prompts' continuations changed" in out
     # a folder that already holds a report is not overwritten
     assert main(["report", str(runs["good1"]), "-o", str(new)]) == 2

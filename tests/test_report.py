@@ -420,6 +420,27 @@ def test_load_run_rejects_other_schema_version(tmp_path: Path) -> None:
         load_run(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize(
+    ("where", "value", "named"),
+    [(("targets", 0, "name"), None, "targets.0.name"), (("warnings",), None, "warnings"),
+     (("targets", 0, "comparisons", 0, "aggregate"), None, "targets.0.comparisons.0.aggregate")],
+)  # fmt: skip
+def test_load_run_names_a_field_of_the_wrong_type(
+    tmp_path: Path, where: tuple, value: object, named: str
+) -> None:
+    """from_dict took fields as they came: a null target name or aggregate loaded, then crashed the
+    renderers (a traceback from `difftest report`); the report's own samples still load."""
+    data = sample_run().to_dict() | {"schema_version": SCHEMA_VERSION}
+    node = data
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match=rf"does not fit the result model \({re.escape(named)}: "):
+        load_run(path)
+
+
 def test_atomic_write_keeps_old_file_on_error(tmp_path: Path) -> None:
     path = atomic_write_text(tmp_path / "x.txt", "old")
     with pytest.raises(TypeError):

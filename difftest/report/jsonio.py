@@ -11,11 +11,15 @@ default (e.g. PromptDiff.tags) keep the version, since older files still load (m
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
 
 from difftest.errors import UsageError
 from difftest.results import SCHEMA_VERSION, RunResult
@@ -76,6 +80,21 @@ def load_run(path: Path | str) -> RunResult:
             "re-render it with the difftest version that wrote it, or re-run"
         )
     try:
-        return RunResult.from_dict(data)
+        run = RunResult.from_dict(data)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise UsageError(f"{path}: report.json does not fit the result model ({e})") from e
+    try:  # from_dict takes fields as they come: a null name or aggregate crashed the renderers later
+        _result_types().validate_python(dataclasses.asdict(run))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise UsageError(
+            f"{path}: report.json does not fit the result model ({where}: {first['msg']})"
+        ) from None
+    return run
+
+
+@functools.cache
+def _result_types() -> TypeAdapter:
+    """The result dataclasses' own type hints, checked by pydantic (built once: ~80 ms)."""
+    return TypeAdapter(RunResult)

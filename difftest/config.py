@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from difftest.errors import ConfigError
 from server_shim.catalog import SCHEMES
@@ -292,6 +293,37 @@ def parse_config(doc: dict[str, Any], *, text: str, path: Path, require_targets:
     )  # fmt: skip
 
 
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be a server's address (None: it can). A bad port or host used to be a
+    traceback (OverflowError, httpx.InvalidURL) or an exit 3 "server down" at the first request."""
+    if not url.startswith(("http://", "https://")):
+        return f"{url!r} is not an http(s) URL"
+    import httpx
+
+    def bad(why: str) -> str:
+        return f"{url!r} is not a valid http(s) URL: {why}"
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        return bad(str(exc))
+    if any(c.isspace() for c in url):
+        return bad("it contains whitespace")
+    if not parts.hostname:
+        return bad("it names no host")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or over 65535
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        return bad(f"port {parts.netloc.rpartition(':')[2]!r} is not a number in 1..65535")
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return bad(str(exc))
+    return None
+
+
 def _baseline(ctx: _Ctx, table: dict[str, Any], base: Path) -> Path | None:
     """`[reference] baseline = "FILE"` (with an optional name, nothing else): a recorded reference."""
     if "baseline" not in table:
@@ -334,6 +366,8 @@ def _server(
         raise ctx.error(where, exc.key, str(exc)) from None
     if spec.kind == "shim" and "debug" not in table:
         spec = dataclasses.replace(spec, debug=debug_default)
+    if spec.kind == "url" and (why := url_problem(spec.url)) is not None:
+        raise ctx.error(where, "url", f"key 'url': {why}")
     spec = resolve_paths(spec, base)
     _check_launchable(ctx, where, spec, base)
     return spec
@@ -358,6 +392,30 @@ def _check_launchable(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec, base:
             "the command has no {port} placeholder: put {port} where the engine takes its port, "
             "or set 'port' to the port it listens on",
         )  # fmt: skip
+    if spec.kind == "command":
+        _check_command(ctx, where, spec)
+
+
+# `{name}` left in a command after the launcher's placeholders are replaced (a doubled `{{...}}`,
+# as in a chat template, is not one)
+_UNKNOWN_PLACEHOLDER = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+
+
+def _check_command(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec) -> None:
+    """A command the launcher could not split (unbalanced quotes: a ValueError traceback), or with a
+    placeholder it does not know (`{prot}` went to the engine literally), is the config's mistake."""
+    from server_shim.launch import PLACEHOLDERS, build_argv
+
+    try:
+        argv = build_argv(spec, spec.port or 1)
+    except ValueError as exc:  # shlex: "No closing quotation", "No escaped character"
+        raise ctx.error(where, "command", f"key 'command' cannot be split into arguments: {exc}") from None
+    for arg in argv:
+        if m := _UNKNOWN_PLACEHOLDER.search(arg):
+            raise ctx.error(
+                where, "command",
+                f"key 'command' has an unknown placeholder {{{m.group(1)}}} (known: {', '.join(PLACEHOLDERS)})",
+            )  # fmt: skip
 
 
 def _parse_target(
@@ -419,7 +477,7 @@ TOKENIZER_WHY = (
 _RUN_KEYS: dict[str, tuple[str, float | None, float | None]] = {
     "prompts": ("strings", None, None),
     "max_tokens": ("integer", 1, None),
-    "logprobs": ("integer", 0, 20),
+    "logprobs": ("integer", 1, 20),
     "concurrency": ("integer", 1, None),
     "output_dir": ("string", None, None),
     "seed": ("integer", 0, None),  # also the bootstrap's seed: numpy takes no negative one
@@ -434,6 +492,9 @@ _RUN_KEYS: dict[str, tuple[str, float | None, float | None]] = {
     "null": ("string", None, None),
 }
 ENDPOINTS = ("completions", "chat")
+# logprobs = 0 gave empty continuations that matched 100%: why 0 is refused
+LOGPROBS_WHY = "the continuation's tokens are read from the logprobs block"
+_RUN_WHY = {"logprobs": f" ({LOGPROBS_WHY})"}
 
 
 def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSettings:
@@ -448,7 +509,7 @@ def _parse_run(ctx: _Ctx, table: dict[str, Any], base: Path, stem: str) -> RunSe
         value = _typed(ctx, where, key, value, kind)
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f">= {lo:g}" if hi is None else f"in {lo:g}..{hi:g}"
-            raise ctx.error(where, key, f"key {key!r} must be {bounds}, got {value!r}")
+            raise ctx.error(where, key, f"key {key!r} must be {bounds}{_RUN_WHY.get(key, '')}, got {value!r}")
         values[key] = value
     if "prompts" not in values:
         raise ctx.error(where, None, "key 'prompts' is required (one or more .jsonl files)")
@@ -517,6 +578,7 @@ def _parse_thresholds(
     `root`: where the table sits in the file (() for a thresholds file that is only its body), so
     errors name the line."""
     known = _known_metrics()
+    fractions = _verdict_keys("FRACTION_KEYS") or frozenset()
     parts = {k.split(".", 1)[0] for k in known or () if "." in k} | {"exactness", "accuracy"}
     out: dict[str, dict[str, float]] = {}
 
@@ -536,6 +598,10 @@ def _parse_thresholds(
                 or value < 0
             ):
                 raise ctx.error(where, key, f"key {metric!r} must be a finite number >= 0, got {value!r}")
+            if metric in fractions and value > 1:  # 95 meant 95%: judged as 9500%, never failing
+                raise ctx.error(
+                    where, key, f"key {metric!r} must be in 0..1 (a fraction, not a percent), got {value!r}"
+                )
             out.setdefault(scheme, {})[metric] = float(value)
 
     for key, value in table.items():
@@ -553,9 +619,14 @@ def _parse_thresholds(
 
 def _known_metrics() -> frozenset[str] | None:
     """Metric names the verdict knows, when difftest.verdict publishes them (THRESHOLD_KEYS)."""
+    return _verdict_keys("THRESHOLD_KEYS")
+
+
+def _verdict_keys(name: str) -> frozenset[str] | None:
+    """A key set difftest.verdict publishes (THRESHOLD_KEYS, FRACTION_KEYS), None where it does not."""
     try:
         verdict = importlib.import_module("difftest.verdict")
     except ImportError:
         return None
-    keys = getattr(verdict, "THRESHOLD_KEYS", None)
+    keys = getattr(verdict, name, None)
     return frozenset(keys) if keys else None

@@ -140,6 +140,12 @@ THRESHOLD_KEYS = frozenset(
     | {"margin", "tie_margin"}
     | {f"{part}.{name}" for part in ("exactness", "accuracy") for name in _CHECKS}
 )
+# Overrides that are rates: a limit over 1 (95 meaning 95%) could never fail or never pass
+_FRACTIONS = ("failed_rate", "broken_rate", "token_match", "garbled_rate", "top1_agreement")
+FRACTION_KEYS = frozenset(
+    {_BUDGET_FIELDS[name] for name in _FRACTIONS}
+    | {f"{part}.{name}" for part in ("exactness", "accuracy") for name in _FRACTIONS}
+)
 
 
 def budget_for(scheme: str | None, overrides: Mapping[str, float] = {}) -> Budget:
@@ -170,6 +176,10 @@ def _check_overrides(overrides: Mapping[str, float]) -> None:
             or value < 0
         ):
             raise ConfigError(f"[thresholds] {key} must be a finite number >= 0, got {value!r}")
+        if key in FRACTION_KEYS and value > 1:
+            raise ConfigError(
+                f"[thresholds] {key} must be in 0..1 (a fraction, not a percent), got {value!r}"
+            )
 
 
 def tie_margin_for(null: NullModel | None, overrides: Mapping[str, float] = {}) -> float:

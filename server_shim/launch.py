@@ -60,7 +60,7 @@ LOG_TAIL_LINES = 30
 # While a starting server's log grows, the launch is making progress: its startup timeout is
 # stretched, up to this many times over (see `_wait_healthy`).
 STARTUP_STRETCH = 3.0
-_PLACEHOLDERS = ("{port}", "{host}", "{model}", "{api_key}", "{python}")
+PLACEHOLDERS = ("{port}", "{host}", "{model}", "{api_key}", "{python}")
 
 
 @dataclass
@@ -198,7 +198,7 @@ def build_argv(spec: ServerSpec, port: int, api_key: str | None = None) -> list[
             "{python}": sys.executable,  # the interpreter running difftest (its venv's packages)
         }
         # Plain replacement, not str.format: engine flags often hold JSON braces.
-        for placeholder in _PLACEHOLDERS:
+        for placeholder in PLACEHOLDERS:
             text = text.replace(placeholder, values[placeholder])
         return shlex.split(text) + list(spec.extra_args)
     argv = [sys.executable, "-m", "server_shim", "serve", "--model", str(spec.model), "--port", str(port)]

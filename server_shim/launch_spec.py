@@ -222,7 +222,7 @@ def auto_golden(target: ServerSpec, name: str | None = None) -> ServerSpec:
     if target.kind != "shim":
         raise SpecError(
             f'server {target.name!r}: golden = "auto" needs a built-in shim target; for an external '
-            "engine name the golden server yourself (golden = {{ command = ... }} or {{ url = ... }})",
+            "engine name the golden server yourself (golden = { command = ... } or { url = ... })",
             key="golden",
         )
     return dataclasses.replace(

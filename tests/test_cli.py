@@ -98,7 +98,7 @@ def test_verbose_counts_anywhere() -> None:
         ),
         (
             ["compare", "--ref", "http://x", "--target", "http://y", "--prompt", "hi", "--logprobs", "21"],
-            "--logprobs must be in 0..20, got 21",
+            "--logprobs must be in 1..20 (the continuation's tokens are read from the logprobs block), got 21",
         ),
         (  # refused while parsing: the old check came after every request had been answered
             [

@@ -235,7 +235,7 @@ ERRORS = [
     ),
     (
         MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nlogprobs = 21'),
-        "3: [run] key 'logprobs' must be in 0..20, got 21",
+        "3: [run] key 'logprobs' must be in 1..20 (the continuation's tokens are read from the logprobs block), got 21",
     ),
     (  # the bootstrap's seed too: numpy raised on it after every request had been sent
         MINIMAL.replace('prompts = "p.jsonl"', 'prompts = "p.jsonl"\nseed = -1'),

@@ -28,7 +28,7 @@ QUICKLOOK_FILE = "quicklook.json"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     ref = p.add_mutually_exclusive_group(required=True)
-    ref.add_argument("--ref", metavar="URL", help="reference server URL")
+    ref.add_argument("--ref", type=o.http_url, metavar="URL", help="reference server URL")
     ref.add_argument(
         "--baseline",
         type=Path,
@@ -36,9 +36,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a recorded reference (`difftest record`) instead of --ref; its prompts and settings by default",
     )
     p.add_argument(
-        "--target", required=True, action="append", metavar="URL", help="target server URL (repeatable)"
+        "--target",
+        required=True,
+        action="append",
+        type=o.http_url,
+        metavar="URL",
+        help="target server URL (repeatable)",
     )
-    p.add_argument("--golden", metavar="URL", help="golden server URL, for exactness (default: none)")
+    p.add_argument(
+        "--golden", type=o.http_url, metavar="URL", help="golden server URL, for exactness (default: none)"
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--prompts", type=Path, action="append", metavar="FILE", help="prompts .jsonl (repeatable)"
@@ -46,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--prompt",
         action="append",
+        type=o.prompt_arg,
         metavar="TEXT",
         help="a prompt text (repeatable; '-' reads stdin): side by side",
     )
@@ -129,10 +137,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def prompt_texts(values: list[str]) -> list[Prompt]:
-    texts = [sys.stdin.read() if v == "-" else v for v in values]
+    texts = [_stdin_text() if v == "-" else v for v in values]
     if any(not t.strip() for t in texts):
         raise UsageError("--prompt: empty prompt text")
     return [Prompt(id=f"prompt{i + 1}", prompt=t) for i, t in enumerate(texts)]
+
+
+def _stdin_text() -> str:
+    """`--prompt -`: stdin's text; bytes that are not UTF-8 (a decode error, or surrogates where
+    stdin escapes them) are a usage error, not a traceback when the request is encoded."""
+    bad = UsageError("--prompt -: prompt is not valid UTF-8")
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError:
+        raise bad from None
+    if not o.is_utf8(text):
+        raise bad
+    return text
+
+
+def refused_all(views: list[dict[str, Any]]) -> str | None:
+    """Why the quick look showed nothing: every request refused as invalid (a prompt over the
+    context, max_tokens over the server's cap) is a usage error (exit 2), as in `run`."""
+    errors = [v.get("error") for v in views]
+    if not errors or not all(e and "RequestRejected:" in e for e in errors):
+        return None
+    return f"every request was refused as invalid, nothing was compared; the first: {errors[0]}"
 
 
 async def explore(
@@ -208,6 +238,9 @@ async def explore(
     finally:
         await asyncio.gather(*(ep.client.aclose() for ep in eps.values()))
         cache.close()
+    refused = refused_all(views)
+    if refused is not None:
+        raise UsageError(refused)
     code = 1 if failed_checks else 0
     result = {"exit_code": code, "failed_checks": failed_checks, "prompts": views}
     if out is not None:

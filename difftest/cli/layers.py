@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_arguments(p, golden=True)
     p.add_argument(
         "--prompt",
+        type=o.prompt_arg,
         default=DEFAULT_PROMPT,
         help=f"the prompt the activations are captured on (default: {DEFAULT_PROMPT!r})",
     )

@@ -69,5 +69,15 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(floor, key)
         missing = NO_DIVERGENCE if key == "tie_margin" else "n/a (not measured)"
         con.print(f"  {key}: {missing if value is None else f'{value:g}'}")
-    con.print(f'written to {path}; set run.noise_floor = "{path}" in the config to use it')
+    setting = config_relative(path, args.config)
+    con.print(f'written to {path}; set run.noise_floor = "{setting}" in the config to use it')
     return 0
+
+
+def config_relative(path: Path, config: Path) -> Path:
+    """`path` as the config would name it: relative to the config's folder (config paths are, not
+    to the working directory), else absolute."""
+    try:
+        return path.resolve().relative_to(config.resolve().parent)
+    except ValueError:
+        return path.resolve()

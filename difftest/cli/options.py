@@ -14,6 +14,7 @@ Why one module: the flags mean the same everywhere only if they are defined once
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.segment import Segment
 
+from difftest.config import LOGPROBS_WHY, url_problem
 from difftest.errors import UsageError
 from difftest.textsafe import safe
 from server_shim.catalog import SCHEMES
@@ -72,12 +74,74 @@ def add_json(p: argparse.ArgumentParser) -> None:
 
 
 def out_folder(text: str) -> Path:
-    """-o: a folder, existing or to be made (argparse type): a file there is refused up front, not
-    after the run's requests when the first write fails."""
+    """-o: a folder, existing or to be made (argparse type): a file there, or a folder that cannot
+    be made, is refused up front, not after the run's requests when the first write fails."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    why = folder_problem(path)
+    if why is not None:
+        raise argparse.ArgumentTypeError(f"cannot create folder {text}: {why}")
     return path
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be made a folder (None: it is one, or can be). Tried for real, by making the
+    missing folders and removing them again: only mkdir knows (/proc, read-only mounts)."""
+    missing: list[Path] = []
+    parent = path.absolute()
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
+    made: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            made.append(folder)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return None
+
+
+def check_folder(flag: str, path: Path) -> None:
+    """`folder_problem` as a usage error, for output folders that come from a config, not from -o."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag}: {path} is a file, not a folder")
+    why = folder_problem(path)
+    if why is not None:
+        raise UsageError(f"{flag}: cannot create folder {path}: {why}")
+
+
+def http_url(text: str) -> str:
+    """A server URL (argparse type): a bad port or host is refused here, not a traceback (or an
+    exit 3 "server down") at the first request."""
+    why = url_problem(text)
+    if why is not None:
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
+def is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates: bytes that were not UTF-8 in argv or stdin, which
+    no request can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def prompt_arg(text: str) -> str:
+    """--prompt TEXT (argparse type): text that is not UTF-8 is refused before any request."""
+    if not is_utf8(text):
+        raise argparse.ArgumentTypeError("prompt is not valid UTF-8")
+    return text
 
 
 def add_out(p: argparse.ArgumentParser, what: str, default: Path | None = None) -> None:
@@ -151,7 +215,7 @@ def add_generation(p: argparse.ArgumentParser, *, defaults_from: str) -> None:
         "--logprobs",
         type=int,
         metavar="K",
-        help=f"top-k logprobs per position, 0..20 (default: 5, or the {defaults_from}'s)",
+        help=f"top-k logprobs per position, 1..20 (default: 5, or the {defaults_from}'s)",
     )
     p.add_argument(
         "--seed", type=int, metavar="N", help=f"request seed (default: 0, or the {defaults_from}'s)"
@@ -181,8 +245,8 @@ def check_generation(args: argparse.Namespace) -> None:
     """The ranges of `add_generation`'s flags. The seed also seeds the bootstrap intervals
     (numpy takes no negative seed): caught here, not after minutes of requests."""
     positive("--max-tokens", args.max_tokens)
-    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
-        raise UsageError(f"--logprobs must be in 0..20, got {args.logprobs}")
+    if args.logprobs is not None and not 1 <= args.logprobs <= 20:
+        raise UsageError(f"--logprobs must be in 1..20 ({LOGPROBS_WHY}), got {args.logprobs}")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
 
@@ -193,8 +257,9 @@ def positive(name: str, value: float | None) -> None:
 
 
 def check_url(flag: str, url: str | None) -> None:
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise UsageError(f"{flag}: {url!r} is not an http(s) URL")
+    why = None if url is None else url_problem(url)
+    if why is not None:
+        raise UsageError(f"{flag}: {why}")
 
 
 def key_envs(values: Sequence[str]) -> dict[str, str]:

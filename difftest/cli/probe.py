@@ -17,7 +17,7 @@ DEFAULT_TIMEOUT_S = 60.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", help="the server's base URL (http://host:port)")
+    p.add_argument("url", type=o.http_url, help="the server's base URL (http://host:port)")
     o.add_keys(p)
     o.add_jobs(p, default=4)
     o.add_timeout(p, f"{DEFAULT_TIMEOUT_S:g}")
@@ -28,7 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from difftest.client import CompletionClient
     from difftest.conformance import FAIL, probe
 
-    o.check_url("url", args.url)
     o.positive("--timeout", args.timeout)
     o.positive("--concurrency", args.concurrency)
     envs = o.key_envs(args.api_key_env)

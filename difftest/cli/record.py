@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     envs = o.key_envs(args.api_key_env)
     is_url = args.ref.startswith(("http://", "https://"))
     if is_url:
+        o.check_url("--ref", args.ref)
         if not args.prompts:
             raise UsageError("--prompts FILE is needed with a reference URL")
         from difftest.config import RunSettings

@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     o.positive("--timeout", args.timeout)
     cfg = with_overrides(load_config(args.config), args)
     out = args.out or cfg.run.output_dir
+    if args.out is None:  # -o is checked as it is parsed
+        o.check_folder("run.output_dir", out)
     result, problems = execute(
         cfg, RunOptions(out_dir=out, resume=args.resume, concurrency=args.concurrency, limit=args.limit)
     )

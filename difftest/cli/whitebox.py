@@ -32,10 +32,13 @@ def add_server_arguments(p: argparse.ArgumentParser, *, golden: bool) -> None:
     p.add_argument(
         "config", nargs="?", type=Path, help="a run config: its servers are launched with debug on"
     )
-    p.add_argument("--ref", metavar="URL", help="reference server URL (instead of CONFIG)")
-    p.add_argument("--target", metavar="URL", help="target server URL (instead of CONFIG)")
+    url = o.http_url
+    p.add_argument("--ref", type=url, metavar="URL", help="reference server URL (instead of CONFIG)")
+    p.add_argument("--target", type=url, metavar="URL", help="target server URL (instead of CONFIG)")
     if golden:
-        p.add_argument("--golden", metavar="URL", help="golden server URL, for exactness (instead of CONFIG)")
+        p.add_argument(
+            "--golden", type=url, metavar="URL", help="golden server URL, for exactness (instead of CONFIG)"
+        )
     o.add_keys(p)
     o.add_jobs(p, default=4)
     o.add_out(p, f"launched servers' logs and the JSON result (default: {DEFAULT_OUT})")

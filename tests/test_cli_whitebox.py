@@ -120,3 +120,16 @@ def test_layers_fails_what_run_fails_not_drift_no_module_explains() -> None:
     assert diff_failed(LayerDiff("reference", "accuracy", points=bad), "fp8-block")
     nan = LayerDiff("reference", "accuracy", points=[point("model.layers.2", "residual", math.nan), *modules])
     assert diff_failed(nan, "fp8-block")
+
+
+async def test_quant_on_a_target_with_nothing_quantized_is_exit_4(monkeypatch, capsys) -> None:
+    """An fp32 target gave an empty audit table and exit 0, "nothing flagged", without a word."""
+    parse = build_parser().parse_args
+    with shim_server("reference", build()) as (r, _), shim_server("target", build()) as (t, _):
+        serve_in_process(monkeypatch, {"reference": r, "target": t})
+        monkeypatch.setattr(whitebox.asyncio, "run", _run_in_current_loop)
+        code = await quant_cmd.run(parse(["quant", "--ref", "http://r", "--target", "http://t"]))
+    assert code == quant_cmd.NOTHING_AUDITED == 4
+    assert "target: nothing to audit: it serves no quantized module" in " ".join(
+        capsys.readouterr().out.split()
+    )

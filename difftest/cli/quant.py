@@ -2,7 +2,8 @@
 
     difftest quant CONFIG | --target URL [--ref URL]
 
-Exit 0 nothing flagged, 1 a module flagged, 2 usage, 3 infrastructure."""
+Exit 0 nothing flagged, 1 a module flagged, 2 usage, 3 infrastructure, 4 a target with no quantized
+module (nothing audited: an empty table said "nothing flagged" with exit 0)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from difftest.session import Session
 
 HELP = "quantization audit of each target (scale layouts, backends)"
 RESULT_FILE = "quant.json"
+NOTHING_AUDITED = 4  # as `layers` exits for a diff that decides nothing
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def work(session: Session, jobs: Sequence[Job]) -> int:
         flagged = False
+        empty: list[str] = []  # targets without a quantized module: audited nothing, decided nothing
         found: list[dict[str, Any]] = []
         for job in jobs:
             # the kernel's weight against full precision where there is a reference (as `run` does)
@@ -89,10 +92,16 @@ def run(args: argparse.Namespace) -> int:
             bad = any(r.get("flagged") for r in rows)
             flagged |= bad
             found.append({"target": job.target, "flagged": bad, "modules": rows})
-            if not as_json:
+            if not rows:
+                empty.append(job.target)
+                if not as_json:
+                    con.print(f"{job.target}: nothing to audit: it serves no quantized module", markup=False)
+            elif not as_json:
                 render_audit(rows, job.target, con)
-        code = 1 if flagged else 0
+        code = 1 if flagged else NOTHING_AUDITED if empty else 0
         result = {"exit_code": code, "audits": found}
+        if empty:
+            result["nothing_audited"] = empty
         if getattr(args, "out", None) is not None:
             atomic_write_text(out_dir(args) / RESULT_FILE, json.dumps(result, indent=1, default=str) + "\n")
         if as_json:

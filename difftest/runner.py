@@ -557,6 +557,12 @@ async def run_async(
                 run.warnings.append(
                     f"{tcfg.name}: accuracy judged with the {tr.scheme or 'none'} budget ({source})"
                 )
+            for side in (cfg.reference.name, tcfg.golden.name if tcfg.golden is not None else None):
+                url = eps[side].client.base_url if side is not None else None
+                if url == eps[tcfg.name].client.base_url:  # a copy-paste slip passes every check
+                    run.warnings.append(
+                        f"{tcfg.name} and {side} are one server ({url}): compared with itself"
+                    )
             caps = eps[tcfg.name].caps
             tr.conformance = {"checks": [list(c) for c in caps.checks], "warnings": list(caps.warnings)}
             tr.comparisons = [

@@ -263,3 +263,24 @@ def test_a_bad_command_template_names_the_key(command: str, words: str, tmp_path
 def test_json_and_known_placeholders_in_a_command_are_kept(tmp_path: Path) -> None:
     command = """{python} -m eng --port {port} --host {host} --cfg '{\\"a\\": {\\"b\\": 1}}' --t '{{x}}'"""
     assert load_config(_config(tmp_path, reference=f'command = "{command}"')).reference.command
+
+
+def test_an_empty_output_folder_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """`-o ""` (an unset variable) wrote the report into the working directory."""
+    assert (
+        main(
+            [
+                "compare",
+                "--ref",
+                "http://127.0.0.1:9",
+                "--target",
+                "http://127.0.0.1:9",
+                "--prompt",
+                "hi",
+                "-o",
+                "",
+            ]
+        )
+        == 2
+    )
+    assert "empty path" in capsys.readouterr().err

@@ -340,3 +340,12 @@ def test_a_run_refused_before_it_starts_keeps_the_earlier_cache(tmp_path: Path) 
     assert (out / "cache.sqlite").read_bytes() == b"earlier answers"
     fresh = tmp_path / "fresh"
     assert main(["run", str(cfg), "-o", str(fresh)]) == 2 and not fresh.exists()  # nor an empty folder
+
+
+def test_a_target_at_the_references_url_is_named(tmp_path: Path) -> None:
+    """A copy-paste slip (the reference's URL as the target's) PASSed every check without a word."""
+    with live_fake() as ref:
+        cfg = write_config(tmp_path, ref, [{"name": "tgt", "url": ref + "/v1", "scheme": "none"}])
+        assert main(["run", str(cfg), "-o", str(tmp_path / "out")]) == 0
+    warnings = load_run(tmp_path / "out").warnings
+    assert any("tgt and ref are one server" in w and "compared with itself" in w for w in warnings), warnings

@@ -76,6 +76,8 @@ def add_json(p: argparse.ArgumentParser) -> None:
 def out_folder(text: str) -> Path:
     """-o: a folder, existing or to be made (argparse type): a file there, or a folder that cannot
     be made, is refused up front, not after the run's requests when the first write fails."""
+    if not text.strip():  # `-o "$OUT"` with OUT unset: Path("") is ".", the report went into the cwd
+        raise argparse.ArgumentTypeError("empty path (an unset variable?); give a folder, e.g. -o runs/x")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")

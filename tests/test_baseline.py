@@ -280,6 +280,8 @@ def test_recording_a_debug_server_says_the_baseline_is_black_box(tmp_path: Path,
         summary = json.loads(capsys.readouterr().out)
         assert not any("debug" in w for w in summary["warnings"])
         assert summary["note"].startswith("a baseline is black-box")
-        assert main(argv) == 0
+        assert main(argv) == 2  # a baseline is already there: never replaced unasked
+        assert "already holds a recorded baseline" in capsys.readouterr().err
+        assert main([*argv, "--overwrite"]) == 0
         shown = capsys.readouterr().out
         assert "no debug protocol" not in shown and "note: a baseline is black-box" in shown

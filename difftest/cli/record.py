@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     o.add_out(p, f"{FILE} goes there (default: runs/baseline)", default=Path("runs/baseline"))
     p.add_argument(
+        "--overwrite", action="store_true", help=f"replace a {FILE} already in DIR (default: refuse, exit 2)"
+    )
+    p.add_argument(
         "--prompts",
         type=Path,
         action="append",
@@ -83,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         "batch_slot_check": run_cfg.batch_slot_check and not args.no_batch_slot_check,
     }
     out = Path(args.out) / FILE
+    if out.exists() and not args.overwrite:  # it may be the only copy: the reference can be gone
+        raise UsageError(f"{out} already holds a recorded baseline; give another -o DIR, or --overwrite")
     if spec is None or spec.kind == "url":
         url = args.ref if is_url else spec.url  # type: ignore[union-attr]
         key = o.key_for(envs, name) if spec is None or spec.api_key_env is None else _env(spec.api_key_env)

@@ -126,13 +126,10 @@ class ServingChat(OpenAIServing):
             return sse_event(body, include_usage)
 
         try:
-            # OpenAI opens every choice with its role, content "" (clients key on it).
-            yield chunk(
-                [
-                    ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                    for i in range(req.n)
-                ]
-            )
+            # OpenAI and vLLM open every choice with its role, content "", one chunk a choice (clients
+            # key on it; a client reading choices[0] alone missed the role of every choice but one)
+            for i in range(req.n):
+                yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
             async for ev in self.events(handle):
                 completion_tokens += len(ev.tokens)
                 choice = ChatStreamChoice(

@@ -245,3 +245,16 @@ async def test_a_bad_content_part_is_named_not_the_string_branch(client, part, s
         "/v1/chat/completions", json={**GOOD, "messages": [{"role": "user", "content": [part]}]}
     )
     assert r.status_code == 400 and r.json()["error"]["message"] == said
+
+
+async def test_chat_stream_opens_each_choice_in_its_own_chunk(client):
+    """OpenAI and vLLM send one role chunk per choice; one chunk holding all n roles left a client
+    that reads choices[0] without the role of every other choice."""
+    r = await client.post(
+        "/v1/chat/completions", json={**GOOD, "n": 3, "stream": True, "temperature": 1.0, "seed": 1}
+    )
+    chunks = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+    opening = [c["choices"] for c in chunks[:3]]
+    assert opening == [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}] for i in range(3)]  # fmt: skip
+    assert not any(ch["delta"].get("role") for c in chunks[3:] for ch in c["choices"])

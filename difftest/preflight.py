@@ -105,7 +105,8 @@ async def check_running_async(specs: Sequence[ServerSpec], *, request_timeout_s:
 def check_environment(specs: Sequence[ServerSpec]) -> None:
     """An `api_key_env` naming an unset variable is a usage error (exit 2) before anything starts;
     the launcher found it only when it reached that server, after starting the ones before."""
-    missing = [f"server {s.name!r}: environment variable {s.api_key_env} (api_key_env) is not set"
+    missing = [f"server {s.name!r}: environment variable {s.api_key_env} (api_key_env / --api-key-env) "
+               f"is {'empty' if s.api_key_env in os.environ else 'not set'}"
                for s in specs if s.api_key_env and not os.environ.get(s.api_key_env)]  # fmt: skip
     if missing:
         raise UsageError("; ".join(missing))

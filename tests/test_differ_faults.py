@@ -305,8 +305,14 @@ def test_an_unset_key_variable_is_exit_2_before_anything_launches(
         {"name": "tgt", "command": "engine --port {port}", "api_key_env": "DIFFTEST_UNSET_KEY"}])  # fmt: skip
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "server 'tgt': environment variable DIFFTEST_UNSET_KEY (api_key_env) is not set" in err
+    assert (
+        "server 'tgt': environment variable DIFFTEST_UNSET_KEY (api_key_env / --api-key-env) is not set"
+        in err
+    )
     assert started == []
+    monkeypatch.setenv("DIFFTEST_UNSET_KEY", "")  # set but empty: said so, not "not set"
+    assert main(["run", str(cfg)]) == 2
+    assert "DIFFTEST_UNSET_KEY (api_key_env / --api-key-env) is empty" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -267,15 +267,6 @@ def test_json_and_known_placeholders_in_a_command_are_kept(tmp_path: Path) -> No
 
 def test_an_empty_output_folder_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     """`-o ""` (an unset variable) wrote the report into the working directory."""
-    argv = [
-        "compare",
-        "--ref",
-        "http://127.0.0.1:9",
-        "--target",
-        "http://127.0.0.1:9",
-        "--prompt",
-        "hi",
-        "-o",
-    ]
+    argv = ["compare", "--ref", DEAD, "--target", DEAD, "--prompt", "hi", "-o"]
     assert main([*argv, ""]) == 2
     assert "empty path" in capsys.readouterr().err

@@ -557,9 +557,9 @@ async def run_async(
                 run.warnings.append(
                     f"{tcfg.name}: accuracy judged with the {tr.scheme or 'none'} budget ({source})"
                 )
-            for side in (cfg.reference.name, tcfg.golden.name if tcfg.golden is not None else None):
-                url = eps[side].client.base_url if side is not None else None
-                if url == eps[tcfg.name].client.base_url:  # a copy-paste slip passes every check
+            url = eps[tcfg.name].client.base_url
+            for side in [cfg.reference.name] + ([tcfg.golden.name] if tcfg.golden is not None else []):
+                if eps[side].client.base_url == url:  # a copy-paste slip passes every check
                     run.warnings.append(
                         f"{tcfg.name} and {side} are one server ({url}): compared with itself"
                     )
@@ -615,15 +615,18 @@ def infra_problems(run: RunResult, cfg: RunConfig, running: Mapping[str, Running
     return problems
 
 
-def refused_everything(run: RunResult) -> str | None:
-    """Why nothing was judged when every prompt of the run failed as a request the server refused
-    as invalid (HTTP 4xx: max_tokens over its cap, an unknown model, ...): a usage error (exit 2),
-    not a server that is up but broken (exit 3)."""
-    prompts = [p for t in run.targets for c in t.comparisons for p in c.prompts]
-    if not prompts or any(p.error is None or "RequestRejected:" not in p.error for p in prompts):
+def refused_all(errors: Sequence[str | None], nothing: str) -> str | None:
+    """Why nothing was `nothing` ("judged", "compared") when every request failed as one the server
+    refused as invalid (HTTP 4xx: max_tokens over its cap, a prompt over the context, an unknown
+    model, ...): a usage error (exit 2), not a server that is up but broken (exit 3). `errors`: one
+    per prompt (None: it was answered); the run and the quick look both ask."""
+    if not errors or not all(e and "RequestRejected:" in e for e in errors):
         return None
-    first = next(p.error for p in prompts if p.error)
-    return f"every request was refused as invalid, nothing was judged; the first: {first}"
+    return f"every request was refused as invalid, nothing was {nothing}; the first: {errors[0]}"
+
+
+def refused_everything(run: RunResult) -> str | None:
+    return refused_all([p.error for t in run.targets for c in t.comparisons for p in c.prompts], "judged")
 
 
 def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:

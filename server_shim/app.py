@@ -65,6 +65,8 @@ def create_app(engine: Engine, opts: Any) -> FastAPI:
     for router in routers:
         app.include_router(router)
     openapi.install(app)
+    # FastAPI 0.165 keeps an included router as one `_IncludedRouter` entry in app.routes: its
+    # routes are read from the routers themselves, the app's own (/openapi.json, ...) from app.routes
     app.state.methods = [
         (route.path_regex, frozenset(route.methods))
         for route in [*app.routes, *(r for router in routers for r in router.routes)]

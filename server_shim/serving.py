@@ -97,25 +97,25 @@ class OpenAIServing:
                 f"token id {bad[0]} is outside the vocabulary [0, {self.engine.vocab_size})", param=param
             )
 
-    def check_chars(self, text: str, param: str = "prompt", *, total: int | None = None) -> None:
-        """Refuse text no context could hold before spending seconds tokenizing it (`total`: the
-        summed length of several texts, counted without joining them)."""
-        size = len(text) if total is None else total
-        if size > self.opts.max_prompt_chars:
-            what = "characters" if total is None else "characters in all"
-            raise InvalidRequestError(
-                f"{param} has {size} {what}; this server takes at most {self.opts.max_prompt_chars} "
-                "(--max-prompt-chars)",
-                param=param,
-                code="prompt_too_long",
-            )
+    def check_chars(self, text: str, param: str = "prompt") -> None:
+        """Refuse text no context could hold before spending seconds tokenizing it."""
+        self._check_size(len(text), param, "characters")
 
     def check_texts(self, texts: Sequence[str], param: str, item: Callable[[int], str]) -> None:
         """Each text (`item(i)` names it) and their total within --max-prompt-chars: many texts each
         under the cap would otherwise all be tokenized, for seconds, before anything refused them."""
         for i, text in enumerate(texts):
             self.check_chars(text, param=item(i))
-        self.check_chars("", param=param, total=sum(len(t) for t in texts))
+        self._check_size(sum(len(t) for t in texts), param, "characters in all")
+
+    def _check_size(self, size: int, param: str, what: str) -> None:
+        if size > self.opts.max_prompt_chars:
+            raise InvalidRequestError(
+                f"{param} has {size} {what}; this server takes at most {self.opts.max_prompt_chars} "
+                "(--max-prompt-chars)",
+                param=param,
+                code="prompt_too_long",
+            )
 
     def check_stops(self, stops: tuple[str, ...]) -> None:
         """Stop matching runs on the model thread for every token: bounded work per token."""

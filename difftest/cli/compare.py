@@ -156,15 +156,6 @@ def _stdin_text() -> str:
     return text
 
 
-def refused_all(views: list[dict[str, Any]]) -> str | None:
-    """Why the quick look showed nothing: every request refused as invalid (a prompt over the
-    context, max_tokens over the server's cap) is a usage error (exit 2), as in `run`."""
-    errors = [v.get("error") for v in views]
-    if not errors or not all(e and "RequestRejected:" in e for e in errors):
-        return None
-    return f"every request was refused as invalid, nothing was compared; the first: {errors[0]}"
-
-
 async def explore(
     cfg: RunConfig, prompts: list[Prompt], *, as_json: bool = False, out: Path | None = None
 ) -> int:
@@ -238,7 +229,9 @@ async def explore(
     finally:
         await asyncio.gather(*(ep.client.aclose() for ep in eps.values()))
         cache.close()
-    refused = refused_all(views)
+    from difftest.runner import refused_all
+
+    refused = refused_all([v.get("error") for v in views], "compared")
     if refused is not None:
         raise UsageError(refused)
     code = 1 if failed_checks else 0

@@ -79,12 +79,18 @@ def out_folder(text: str) -> Path:
     if not text.strip():  # `-o "$OUT"` with OUT unset: Path("") is ".", the report went into the cwd
         raise argparse.ArgumentTypeError("empty path (an unset variable?); give a folder, e.g. -o runs/x")
     path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
-    why = folder_problem(path)
+    why = output_folder_problem(path)
     if why is not None:
-        raise argparse.ArgumentTypeError(f"cannot create folder {text}: {why}")
+        raise argparse.ArgumentTypeError(why)
     return path
+
+
+def output_folder_problem(path: Path) -> str | None:
+    """Why `path` cannot hold a report (None: it can): a file there, or a folder mkdir refuses."""
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder"
+    why = folder_problem(path)
+    return None if why is None else f"cannot create folder {path}: {why}"
 
 
 def folder_problem(path: Path) -> str | None:
@@ -112,12 +118,10 @@ def folder_problem(path: Path) -> str | None:
 
 
 def check_folder(flag: str, path: Path) -> None:
-    """`folder_problem` as a usage error, for output folders that come from a config, not from -o."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag}: {path} is a file, not a folder")
-    why = folder_problem(path)
+    """`output_folder_problem` as a usage error, for output folders from a config, not from -o."""
+    why = output_folder_problem(path)
     if why is not None:
-        raise UsageError(f"{flag}: cannot create folder {path}: {why}")
+        raise UsageError(f"{flag}: {why}")
 
 
 def http_url(text: str) -> str:

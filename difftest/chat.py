@@ -35,7 +35,7 @@ from difftest.conformance import (
 )
 from difftest.errors import ConformanceError, DifftestError, RequestRejected, ServerError
 from difftest.prompts import Prompt
-from difftest.tokens_view import Position, TokensView, parse_token_id
+from difftest.tokens_view import TokensView, parse_content
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +66,6 @@ def chat_payload(caps: Capabilities, prompt: Prompt, *, max_tokens: int, k: int,
     return body
 
 
-def _top_key(token: str) -> int | str:
-    tid = parse_token_id(token)
-    return tid if tid is not None else token
-
-
-def _piece(entry: Mapping[str, Any]) -> str:
-    raw = entry.get("bytes")
-    if isinstance(raw, list) and all(isinstance(b, int) for b in raw):
-        return bytes(raw).decode("utf-8", errors="ignore")
-    tok = entry.get("token")
-    return tok if isinstance(tok, str) and parse_token_id(tok) is None else ""
-
-
 def parse_chat_choice(choice: Mapping[str, Any]) -> tuple[str | None, TokensView]:
     """(content, view of the generated tokens) of one chat `choices[i]`; an empty view when the
     server sent no logprobs. Offsets come from each token's `bytes` (chat has no text_offset)."""
@@ -91,30 +78,7 @@ def parse_chat_choice(choice: Mapping[str, Any]) -> tuple[str | None, TokensView
     entries = block.get("content") if isinstance(block, Mapping) else None
     if not isinstance(entries, list):
         return content, TokensView((), content)
-    positions, offset = [], 0
-    for e in entries:
-        if not isinstance(e, Mapping) or not isinstance(e.get("token"), str):
-            raise ServerError("malformed chat logprobs entry: expected an object with a 'token'")
-        tops = e.get("top_logprobs") or []
-        top = {
-            _top_key(t["token"]): float(t["logprob"])
-            for t in tops
-            if isinstance(t, Mapping)
-            and isinstance(t.get("token"), str)
-            and isinstance(t.get("logprob"), int | float)
-        }
-        lp = e.get("logprob")
-        positions.append(
-            Position(
-                token=e["token"],
-                token_id=parse_token_id(e["token"]),
-                logprob=float(lp) if isinstance(lp, int | float) else None,
-                top=top,
-                text_offset=offset,
-            )
-        )
-        offset += len(_piece(e))
-    return content, TokensView(tuple(positions), content)
+    return content, parse_content(entries, text=content)
 
 
 CHAT_ERRORS = (DifftestError, KeyError, IndexError, TypeError)  # what a broken chat answer raises

@@ -187,7 +187,10 @@ class CompletionClient:
         body = await self._request("POST", "/v1/completions", json_body=dict(payload), retries=retries)
         data = _as_json(body, self.name, "/v1/completions")
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            raise UnreadableBody(f"{self.name}: /v1/completions answered 200 without a 'choices' list")
+            said = (
+                f": {self._scrub(_error_message(body))}" if isinstance(data, dict) and "error" in data else ""
+            )
+            raise UnreadableBody(f"{self.name}: /v1/completions answered 200 without a 'choices' list{said}")
         if cached:
             self.cache.put(fp, payload, data)  # type: ignore[union-attr]
         return data
@@ -259,7 +262,14 @@ class CompletionClient:
                 raise CacheMiss(f"{self.name}: offline and the cache holds no fingerprint for this server")
             self._fp = stored
             return dict(stored)
-        fp: dict[str, Any] = {"name": self.name, "url": self.base_url, "models": await self.models()}
+        try:
+            models = await self.models()
+        except (RequestRejected, ServerError) as e:
+            # conformance names the gap ("no /v1/models"); the fingerprint goes on without ids, and
+            # is kept: asking again on every cached request would wait out the timeout each time
+            log.debug("%s: /v1/models not available (%s)", self.name, e)
+            models = []
+        fp: dict[str, Any] = {"name": self.name, "url": self.base_url, "models": models}
         for path in ("/version", P.CONFIG):
             try:
                 data = await (

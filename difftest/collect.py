@@ -111,7 +111,8 @@ def first_choice(resp: Mapping[str, Any], server: str) -> tuple[Mapping[str, Any
     choices = resp.get("choices")
     if not isinstance(choices, list) or not choices:
         raise ServerError(f"{server}: /v1/completions answered without any choice")
-    choice = choices[0]
+    # the one whose index is 0 where a server says (choices may come in any order)
+    choice = next((c for c in choices if isinstance(c, Mapping) and c.get("index") == 0), choices[0])
     view = parse_choice(choice, server=server)
     if not isinstance(choice.get("text"), str):
         raise ServerError(f"{server}: /v1/completions answered a choice without text")

@@ -27,7 +27,7 @@ from typing import Any
 
 from difftest.client import CompletionClient
 from difftest.errors import ConformanceError, InfraError, RequestRejected, ServerError
-from difftest.tokens_view import TokensView, coverage_problem, nan_positions, parse_choice
+from difftest.tokens_view import TokensView, coverage_problem, impossible_logprobs, parse_choice
 
 # Status words of the conformance tables (probe's, and tokenizer_check's pair table).
 OK, WARN, FAIL, NA = "ok", "warn", "fail", "n/a"
@@ -320,13 +320,13 @@ async def _probe_echo(p: _Probe, text: str) -> None:
     if not k:
         p.check("echo", OK, "echo works (logprobs not available)")
         return
+    _check_no_nan(p, view, "echo")  # first: alternatives listed with null values are NaN, not a gap
     if all(lp is None for lp in view.logprobs):
         p.fields["echo_logprobs"] = False
         p.check(
             "echo", WARN, f"echo returns {len(view)} tokens, none with a logprob", "echo_no_prompt_logprobs"
         )
         return
-    _check_no_nan(p, view, "echo")
     joined = "".join(view.tokens)
     if not view.has_ids and len(joined) < len(text) and text.startswith(joined):  # a part, not a shift
         raise ConformanceError(
@@ -353,12 +353,10 @@ def _check_logprobs_are_the_text(p: _Probe, view: TokensView, finish_reason: Any
 
 
 def _check_no_nan(p: _Probe, view: TokensView, what: str) -> None:
-    bad = nan_positions(view)
-    if bad:
-        raise ConformanceError(
-            f"{p.where}: NaN logprobs in its {what} (positions {short(str(bad), 40)}); "
-            "NaN always fails: a broken kernel, nothing it serves can be judged"
-        )
+    """NaN, a logprob above 0, top probabilities over 1: nothing such a server serves can be judged."""
+    problem = impossible_logprobs(view)
+    if problem:
+        raise ConformanceError(f"{p.where}: {problem} in its {what}: nothing it serves can be judged")
 
 
 def _alignment_problems(view: TokensView, text: str, echoed_text: Any, ids: list[int] | None) -> list[str]:

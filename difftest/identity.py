@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from difftest.cache import canonical_json
+from difftest.tokens_view import parse_choice
 
 CANARY_PROMPT = "The quick brown fox jumps over the lazy dog. The capital of France is"
 CANARY_TOKENS = 8
@@ -42,34 +43,41 @@ def canary_request(model: str | None) -> dict[str, Any]:
 
 
 def canary_summary(response: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a canary answer that identify behaviour: text, tokens, their logprobs, top-k."""
-    choice = (response.get("choices") or [{}])[0]
-    lp = choice.get("logprobs") or {}
-    tops = lp.get("top_logprobs") or []
+    """The parts of a canary answer that identify behaviour: text, tokens, their logprobs, top-k.
+
+    Read through `tokens_view` (every logprobs shape difftest reads). A value that is no finite
+    number (NaN, an infinity, a null: a broken answer) is kept as its name, so that the summary
+    is JSON and such a canary never vouches."""
+    choices = response.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else {}
+    view = parse_choice(choice) if isinstance(choice, Mapping) else parse_choice({})
     return {
-        "text": choice.get("text"),
-        "tokens": list(lp.get("tokens") or []),
-        "token_logprobs": [None if v is None else float(v) for v in lp.get("token_logprobs") or []],
-        "top_logprobs": [
-            {str(k): float(v) for k, v in (top or {}).items()} for top in tops if isinstance(top, Mapping)
-        ],
+        "text": choice.get("text") if isinstance(choice, Mapping) else None,
+        "tokens": list(view.tokens),
+        "token_logprobs": [_value(p.logprob) for p in view.positions],
+        "top_logprobs": [{str(k): _value(v) for k, v in p.top.items()} for p in view.positions if p.top],
     }
 
 
-def _close(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is b
+def _value(v: float | None) -> float | str | None:
+    return v if v is None or math.isfinite(v) else str(v)
+
+
+def _close(a: float | str | None, b: float | str | None) -> bool:
+    if a is None or b is None or isinstance(a, str) or isinstance(b, str):
+        return a == b
     if math.isnan(a) or math.isnan(b):
         return False
     return abs(a - b) <= LOGPROB_TOLERANCE
 
 
 def vouches(summary: Mapping[str, Any] | None) -> bool:
-    """Whether a canary answer can tell two builds apart: answered, with a logprob for every token."""
+    """Whether a canary answer can tell two builds apart: answered, with a finite logprob for
+    every token (a NaN canary says the server is broken, not which build it is)."""
     if summary is None or "error" in summary:
         return False
     logprobs = summary.get("token_logprobs") or []
-    return bool(logprobs) and all(v is not None for v in logprobs)
+    return bool(logprobs) and all(isinstance(v, int | float) for v in logprobs)
 
 
 def same_behaviour(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> bool:

@@ -455,6 +455,17 @@ async def _served_scheme(ep: Endpoint) -> str | None:
     return scheme if scheme in DEFAULT_BUDGETS else None
 
 
+def _depth_note(pair: _Pair, eps: Mapping[str, Endpoint], k: int) -> list[str]:
+    """Say so when the two sides list different numbers of alternatives: KL compares both at the
+    shorter depth (scoring.same_depth), less than `[run] logprobs` asked for."""
+    depths = {name: min(k, eps[name].caps.logprobs_cap) for name in (pair.baseline, pair.target)}
+    shallow = min(depths.values())
+    if len(set(depths.values())) < 2 or shallow == 0:
+        return []
+    capped = ", ".join(f"{n} top-{d}" for n, d in depths.items())
+    return [f"logprobs listed to different depths ({capped}): KL compares the top-{shallow} of both sides"]
+
+
 async def run_async(
     cfg: RunConfig,
     running: Mapping[str, RunningServer],
@@ -511,6 +522,7 @@ async def run_async(
         for pair in pairs:
             unverified = any("could not be compared" in w for w in pair.warnings)
             pair.warnings.extend(pair.counts.notes(pair.baseline, pair.target, unverified=unverified))
+            pair.warnings.extend(_depth_note(pair, eps, cfg.run.logprobs))
             diffs, unforced = scored.get((pair.kind, pair.target), ([], []))
             comps[(pair.kind, pair.target)] = finish_comparison(
                 pair.kind, pair.baseline, pair.target, diffs,

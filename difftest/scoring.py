@@ -14,7 +14,7 @@ from difftest.metrics.aggregate import aggregate_prompts, fill_generation, fill_
 from difftest.metrics.logprobs import PositionLogprobs, teacher_forced_stats
 from difftest.prompts import Prompt
 from difftest.results import Comparison, PromptDiff
-from difftest.tokens_view import nan_positions
+from difftest.tokens_view import impossible_logprobs
 
 
 def _comparable_keys(ref: Generation, tgt: Generation) -> tuple[Sequence, Sequence, bool]:
@@ -42,13 +42,14 @@ def score_prompt(
     for side, forced in (("baseline echo", ref_forced), ("target echo", tgt_forced)):
         if forced is not None and forced.failed:
             errors.append(f"{side}: {forced.error}")
-    # NaN in a generation's logprobs feeds no verdict metric (those come from teacher forcing, which
-    # may be off or NaN-free): without this the prompt would pass on its tokens. NaN always fails.
+    # NaN (or another impossible value) in a generation's logprobs feeds no verdict metric (those
+    # come from teacher forcing, which may be off or clean): without this the prompt would pass on
+    # its tokens. An impossible answer always fails.
     tgt_nan = False
     for side, gen in (("baseline", ref), ("target", tgt)):
-        bad = nan_positions(gen.view) if gen.error is None else []
-        if bad:
-            errors.append(f"{side}: NaN logprobs at generated positions {bad[:8]} (NaN always fails)")
+        problem = impossible_logprobs(gen.view, where="generated positions") if gen.error is None else None
+        if problem:
+            errors.append(f"{side}: {problem}")
             tgt_nan = tgt_nan or side == "target"
     if any(errors):
         diff.error = "; ".join(e for e in errors if e)
@@ -81,13 +82,36 @@ def score_prompt(
                 token=_key(r),
                 ref_logprob=float(r.logprob),  # type: ignore[arg-type]
                 tgt_logprob=float(t.logprob),  # type: ignore[arg-type]
-                ref_top=r.top,
-                tgt_top=t.top,
+                ref_top=ref_top,
+                tgt_top=tgt_top,
             )
             for r, t in zip(ref_forced.positions, tgt_forced.positions, strict=True)
+            for ref_top, tgt_top in [same_depth(r.top, t.top)]
         ]
         fill_teacher_forced(diff, teacher_forced_stats(positions, k=k))
     return diff
+
+
+def same_depth(
+    ref_top: Mapping[int | str, float], tgt_top: Mapping[int | str, float]
+) -> tuple[Mapping[int | str, float], Mapping[int | str, float]]:
+    """Both sides' alternatives cut to the shorter list's length (each keeps its largest).
+
+    A server that lists fewer alternatives (a logprobs cap: OpenAI's 5, vLLM's --max-logprobs)
+    leaves tokens the other side lists unlisted on its side; topk_kl imputes them from the tail
+    in even shares, which is KL > 0 between identical distributions (measured: 0.008 nats for one
+    server against itself behind a cap of 5, over a budget of 0.01 on some prompts). Cut to one
+    depth, identical distributions give identical lists. A side's extra entry (vLLM lists the
+    forced token outside its top-k) is lost to the lists only: the token's logprob is passed to
+    topk_kl on its own."""
+    n = min(len(ref_top), len(tgt_top))
+    return _largest(ref_top, n), _largest(tgt_top, n)
+
+
+def _largest(top: Mapping[int | str, float], n: int) -> Mapping[int | str, float]:
+    if len(top) <= n:
+        return top
+    return dict(sorted(top.items(), key=lambda kv: kv[1], reverse=True)[:n])
 
 
 def _key(position) -> int | str:

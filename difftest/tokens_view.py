@@ -8,7 +8,13 @@ false diff somewhere:
 - `top_logprobs` are dicts keyed by token *string* (two tokens that decode to the same text collide
   and one is lost) or by `"token_id:N"`; a few engines send a list of `{"token", "logprob"}`;
 - the first echoed position has `null` logprob and `null` top (nothing to condition on);
-- `text_offset` is optional.
+- `text_offset` is optional;
+- llama.cpp's server sends the chat shape on /v1/completions too: `{"content": [{"id", "token",
+  "bytes", "logprob", "top_logprobs": [{"id", "token", "bytes", "logprob"}]}]}`, ids included.
+
+A value that cannot be a logprob is kept as what it says, never dropped: a `null` alternative
+(NaN through orjson / pydantic v2 serialisation) is NaN, and `impossible_logprobs` names values
+above 0 and top lists holding more than all the probability.
 
 `parse_choice(choice)` / `parse_logprobs(block, text=)` turn that into a `TokensView`: a tuple of
 `Position`s whose top alternatives are keyed by `int` token id when the server gave ids and by
@@ -124,6 +130,8 @@ def parse_logprobs(block: Mapping[str, Any] | None, *, text: str | None = None) 
         return TokensView((), text)
     if not isinstance(block, Mapping):
         raise UnreadableBody(f"malformed logprobs block: expected an object, got {type(block).__name__}")
+    if "tokens" not in block and isinstance(block.get("content"), list):  # llama.cpp's server
+        return parse_content(block["content"], text=text)
     tokens = _list(block, "tokens")
     n = len(tokens)
     lps = _list(block, "token_logprobs", n)
@@ -148,6 +156,50 @@ def parse_logprobs(block: Mapping[str, Any] | None, *, text: str | None = None) 
     return TokensView(tuple(positions), text)
 
 
+def parse_content(entries: Sequence[Any], *, text: str | None) -> TokensView:
+    """The chat logprobs shape (`logprobs.content`, also llama.cpp's /v1/completions): one entry
+    per generated token. Offsets are rebuilt from each token's `bytes` (the shape has no
+    text_offset); an `id` the server gave is the token's id. Generated positions only, so a
+    `null` logprob is never "nothing to condition on": it is NaN."""
+    positions, offset = [], 0
+    for i, e in enumerate(entries):
+        if not isinstance(e, Mapping) or not isinstance(e.get("token"), str):
+            raise UnreadableBody(f"malformed logprobs entry {i}: expected an object with a 'token'")
+        if "logprob" not in e:
+            got = "post-sampling probabilities" if "prob" in e else "no logprob"
+            raise UnreadableBody(f"malformed logprobs entry {i}: {got}, not logprobs")
+        lp = _num(e["logprob"], f"content[{i}].logprob")
+        tops = e.get("top_logprobs")
+        positions.append(
+            Position(
+                token=e["token"],
+                token_id=_entry_id(e),
+                logprob=math.nan if lp is None else lp,
+                top=_top(tops, i, keyed_by_id=True),
+                text_offset=offset,
+            )
+        )
+        offset += len(_piece(e))
+    return TokensView(tuple(positions), text)
+
+
+def _entry_id(entry: Mapping[str, Any]) -> int | None:
+    tid = entry.get("id")
+    if isinstance(tid, int) and not isinstance(tid, bool):
+        return tid
+    return parse_token_id(entry["token"]) if isinstance(entry.get("token"), str) else None
+
+
+def _piece(entry: Mapping[str, Any]) -> str:
+    """The text a content entry adds: its bytes where given (a token string may be cut at a
+    partial UTF-8 character), else its token string (never a "token_id:N" label)."""
+    raw = entry.get("bytes")
+    if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+        return bytes(raw).decode("utf-8", errors="ignore")
+    tok = entry.get("token")
+    return tok if isinstance(tok, str) and parse_token_id(tok) is None else ""
+
+
 def coverage_problem(
     view: TokensView, *, max_tokens: int | None = None, finish_reason: str | None = None
 ) -> str | None:
@@ -163,18 +215,32 @@ def coverage_problem(
     - token strings (not ids) that join to a strict prefix of the text (the rest has no logprobs).
     Token strings that do not join to the text at all (byte pieces, "▁" markers) prove nothing:
     conformance's echo alignment check deals with those.
+    A `null` logprob at a generated position is no answer either (only an echo's first position
+    has nothing to condition on): orjson and pydantic v2 write NaN as `null`.
     """
     text = view.text
     n = len(view)
     if n == 0:
         return f"no logprob tokens for {len(text)} characters of text" if text else None
     if finish_reason == "length" and max_tokens is not None and n != max_tokens:
-        return f'{n} logprob tokens for max_tokens={max_tokens} with finish_reason "length"'
+        more = "more" if n > max_tokens else "fewer"
+        return (
+            f'{n} logprob tokens for max_tokens={max_tokens} with finish_reason "length" '
+            f"({more} tokens than asked for)"
+        )
+    nulls = [i for i, p in enumerate(view.positions) if p.logprob is None]
+    if nulls:
+        return f"null logprobs at generated positions {nulls[:8]} (NaN written as null?)"
     if text is not None and not view.has_ids:
         joined = "".join(view.tokens)
         if len(joined) < len(text) and text.startswith(joined):
             return f"the {n} logprob tokens cover {len(joined)} of the {len(text)} characters of text"
     return None
+
+
+LOGPROB_SLACK = 0.05
+"""Nats above 0 a logprob, or a top list's log total, may show before it is impossible: float32
+log-softmax rounds by ~1e-6, a log-softmax taken in bfloat16 by up to ~1e-2."""
 
 
 def nan_positions(view: TokensView) -> list[int]:
@@ -184,6 +250,28 @@ def nan_positions(view: TokensView) -> list[int]:
         for i, p in enumerate(view.positions)
         if (p.logprob is not None and math.isnan(p.logprob)) or any(math.isnan(v) for v in p.top.values())
     ]
+
+
+def impossible_logprobs(view: TokensView, *, where: str = "positions") -> str | None:
+    """Why some position's numbers cannot be log-probabilities, or None: NaN, a logprob above 0,
+    or top alternatives whose probabilities add up to more than 1 (probabilities sent in the
+    logprob slot, a lost sign). Never noise: judged as a broken answer, never scored as a KL."""
+    nan = nan_positions(view)
+    if nan:
+        return f"NaN logprobs at {where} {nan[:8]} (NaN always fails)"
+    above = [
+        i
+        for i, p in enumerate(view.positions)
+        if (p.logprob is not None and p.logprob > LOGPROB_SLACK)
+        or any(v > LOGPROB_SLACK for v in p.top.values())
+    ]
+    if above:
+        return f"logprobs above 0 at {where} {above[:8]} (probabilities sent as logprobs, or a lost sign?)"
+    for i, p in enumerate(view.positions):
+        total = sum(math.exp(v) for v in p.top.values())
+        if total > math.exp(LOGPROB_SLACK):
+            return f"top logprobs at {where} [{i}] whose probabilities add up to {total:.3g} (more than 1)"
+    return None
 
 
 def _list(block: Mapping[str, Any], key: str, n: int | None = None) -> Sequence[Any]:
@@ -205,26 +293,28 @@ def _num(value: Any, where: str) -> float | None:
     return float(value) if not math.isnan(value) else math.nan
 
 
-def _top(value: Any, i: int) -> Mapping[TopKey, float]:
+def _top(value: Any, i: int, *, keyed_by_id: bool = False) -> Mapping[TopKey, float]:
+    """One position's alternatives. A `null` value is NaN (a listed alternative always has a
+    logprob). `keyed_by_id`: list entries carrying an integer `id` (llama.cpp) are keyed by it."""
     if value is None:
         return {}
     if isinstance(value, Mapping):
         items = list(value.items())
-    elif isinstance(value, list):  # [{"token": ..., "logprob": ...}] (llama.cpp-style)
+    elif isinstance(value, list):  # [{"token": ..., "logprob": ...}] (llama.cpp, chat)
         try:
-            items = [(e["token"], e["logprob"]) for e in value]
-        except (TypeError, KeyError) as e:
+            items = [(_entry_id(e) if keyed_by_id else None, e["token"], e["logprob"]) for e in value]
+        except (TypeError, KeyError, AttributeError) as e:
             raise UnreadableBody(
                 f"malformed logprobs block: top_logprobs[{i}] entries lack token/logprob"
             ) from e
+        items = [(tid if tid is not None else tok, lp) for tid, tok, lp in items]
     else:
         raise UnreadableBody(f"malformed logprobs block: top_logprobs[{i}] is {type(value).__name__}")
     out: dict[TopKey, float] = {}
     for key, lp in items:
-        tid = parse_token_id(key) if isinstance(key, str) else None
+        tid = parse_token_id(key) if isinstance(key, str) else key if isinstance(key, int) else None
         num = _num(lp, f"top_logprobs[{i}][{key!r}]")
-        if num is not None:
-            out[tid if tid is not None else str(key)] = num
+        out[tid if tid is not None else str(key)] = math.nan if num is None else num
     return out
 
 

@@ -79,6 +79,8 @@ class FakeBehaviour:
     flip_every: int = 0  # every k-th generated token is the runner-up instead of the argmax
     debug: bool = False  # serve GET /debug/config
     version: str | None = "fake-0.1"  # GET /version (None -> 404)
+    models_route: str = "ok"  # GET /v1/models: "ok" | "404" | "list" (a bare JSON list, no 'data')
+    logprobs_shape: str = "vllm"  # "llamacpp": llama-server's {"content": [{id, token, bytes, ...}]}
     max_model_len: int = 2048
 
     def __post_init__(self) -> None:
@@ -98,6 +100,10 @@ FAULTS = {
     "no-logprob-tokens": "a logprobs block with no tokens although the text is not empty",
     "short-logprobs": "fewer token_logprobs than tokens",
     "nan-logprobs": "NaN for every logprob (the JSON literal NaN)",
+    "null-logprobs": "null for every generated logprob and alternative (NaN through orjson / pydantic v2)",
+    "probability-logprobs": "probabilities in the logprob slots (exp of every value)",
+    "error-200": "HTTP 200 whose body is an OpenAI error object",
+    "garbled-text": "the text's first character replaced by U+FFFD, token ids as generated (a detokenizer bug)",
     "truncated-sse": "an SSE stream cut mid-event, without data: [DONE]",
     "reset": "the connection reset by the peer (in-process transport only; live: see live_fakes)",
 }
@@ -313,7 +319,25 @@ class FakeServer:
                 lps[1:n] = (lps[1 + s : n] + lps[n - s : n])[: n - 1]
                 tops[1:n] = (tops[1 + s : n] + tops[n - s : n])[: n - 1]
             block = {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+            if b.logprobs_shape == "llamacpp":
+                block = {"content": [self._content_entry(ids + gen[:i], t, k) for i, t in enumerate(gen)]}
         return {"index": index, "text": text, "logprobs": block, "finish_reason": finish}
+
+    def _content_entry(self, ctx: list[int], tok: int, k: int) -> dict:
+        """One generated token as llama-server writes it: id, UTF-8-valid token text, raw bytes."""
+        lp = self.model.logprobs(ctx)
+
+        def entry(tid: int) -> dict:
+            raw = (
+                self.tokenizer.decode([tid]).encode()
+                if tid < self.tokenizer._byte0
+                else bytes([tid - self.tokenizer._byte0 + 128])
+            )
+            text = raw.decode("utf-8", errors="ignore")
+            return {"id": tid, "token": text, "bytes": list(raw), "logprob": float(lp[tid])}
+
+        top = [int(t) for t in np.argsort(-lp, kind="stable")[:k]]
+        return entry(tok) | {"top_logprobs": [entry(t) for t in top]}
 
     def completions(self, req: dict) -> dict:
         b = self.behaviour
@@ -399,9 +423,11 @@ def _build_app(server: FakeServer) -> FastAPI:
         return {"version": b.version} if b.version else _error(404, "Not Found")
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models() -> Any:
         card = {"id": b.model, "object": "model", "owned_by": "fake", "max_model_len": b.max_model_len}
-        return {"object": "list", "data": [card]}
+        if b.models_route == "404":
+            return _error(404, "Not Found")
+        return [card] if b.models_route == "list" else {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -488,6 +514,10 @@ def _broken(answer: dict, fault: str) -> Any:
         return Response(b'{"id": "cmpl-1", "choices": [{"text": "oops', media_type="application/json")
     if fault == "no-choices":
         return {k: v for k, v in answer.items() if k != "choices"}
+    if fault == "error-200":
+        return {
+            "error": {"message": "CUDA out of memory. Tried to allocate 2.00 GiB", "type": "server_error"}
+        }
     if fault == "truncated-sse":
         event = json.dumps(answer)
         return Response(f"data: {event[: len(event) // 2]}".encode(), media_type="text/event-stream")
@@ -503,6 +533,22 @@ def _broken(answer: dict, fault: str) -> Any:
             block,
             token_logprobs=[None if lp is None else math.nan for lp in block["token_logprobs"]],
             top_logprobs=[None if t is None else dict.fromkeys(t, math.nan) for t in block["top_logprobs"]],
+        )
+    elif fault == "garbled-text":
+        choice["text"] = "\ufffd" + choice["text"][1:]
+    elif fault == "null-logprobs":  # the echo's first null stays: it is the one legitimate null
+        choice["logprobs"] = dict(
+            block,
+            token_logprobs=[None for _ in block["token_logprobs"]],
+            top_logprobs=[None if t is None else dict.fromkeys(t) for t in block["top_logprobs"]],
+        )
+    elif fault == "probability-logprobs":
+        choice["logprobs"] = dict(
+            block,
+            token_logprobs=[None if lp is None else math.exp(lp) for lp in block["token_logprobs"]],
+            top_logprobs=[
+                None if t is None else {k: math.exp(v) for k, v in t.items()} for t in block["top_logprobs"]
+            ],
         )
     # NaN is not JSON, but Python servers send the literal NaN (json.dumps' default)
     return Response(json.dumps(answer).encode(), media_type="application/json")

@@ -20,8 +20,10 @@ float16 and bfloat16, moved 0.0 there) and the target's own between two sends of
 prove nothing); the wide batch's control is its slot 0 with the neighbours reordered. Against the probe alone (another batch shape, or neighbours that
 depend on timing) a correct kernel rounds differently, so a flipped token there is a tie when the
 top-1/top-2 margin is within the null's TIE margin, twice the baseline's worst move, or the
-rounding twin flips the probe too. Either way a flip within what the sequence's own observed
-shift can bridge is a tie, and a chosen-token logprob that moves past its limit is a failure.
+rounding twin flips the probe too, or within what the sequence's own observed shift (or the
+tolerance) can bridge; in the strict placements that shift is the slot's own doing and ties
+nothing. A chosen-token logprob that moves past its limit is a failure. A baseline draw whose
+requests failed measured nothing: it allows nothing, and the note says what was not measured.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from difftest.metrics.tokens import top_margin
 from difftest.prompts import Prompt
 from difftest.results import Check, PartVerdict
 from difftest.textsafe import truncate
-from difftest.tokens_view import TokensView, parse_choice
+from difftest.tokens_view import Position, TokensView, parse_choice
 
 # fp32 servers batched vs alone move logprobs by ~1e-5; bf16 ones by up to ~1e-2. A wrong scale
 # row moves them by whole nats (measured with the shim's `slot-variant` fault, see tests).
@@ -67,6 +69,7 @@ class SlotResult:
     same_tokens: bool
     first_difference: int | None
     max_logprob_diff: float
+    # within the sequence's own shift or the tolerance (`compare_views`); never in a strict placement
     tie_at_difference: bool = False
     error: str | None = None
     # the compared-with side's top-1/top-2 logprob margin at the flip
@@ -109,6 +112,9 @@ class InvarianceResult:
     # at a margin of 0.25 nats, within the TIE margin 0.375 and its golden's worst move 0.75 under
     # the loose placements, where the golden's strict placements moved 0.0 (H100, 2026-12-06)
     baseline_draw_strict_worst: list[float] = field(default_factory=list)
+    # what the baseline's draws could not measure (a replayed baseline answering 404 to a batch): no
+    # allowance is taken from a failed request, and the note says so
+    baseline_lost: str | None = None
     # the golden against its rounding twin on the same probe (difftest.null): what a correct
     # kernel's worth of per-module rounding moves it. A correct kernel whose rounding depends on
     # the batch shape (most GPU GEMMs pick tiles by M) moves between slots by that much.
@@ -162,26 +168,28 @@ class InvarianceResult:
         return _largest(self.baseline_strict_worst, own)
 
     def is_tie(self, s: SlotResult) -> bool:
-        """A flip that proves nothing: within the probe's own shift (`compare_views`); in a strict
-        placement any flip where its batch's control flips, else one within twice the baseline's
-        worst move in the strict placements or the control's (a correct server's are 0: both
-        logprobs at the flip move, so the gap moves by up to twice that); in a
-        timing- or shape-dependent placement within the null's TIE margin, twice the baseline's
+        """A flip that proves nothing. In a strict placement any flip where its batch's control
+        flips, else only one within twice the baseline's worst move in the strict placements or the
+        control's (a correct server's are 0: both logprobs at the flip move, so the gap moves by up
+        to twice that); neither the tolerance nor the probe's own shift there, which is the slot's
+        doing (measured: tiny-llama's probe flips at 0.005-0.07 nats, within 2 x the tolerance, so
+        `slot-tile` passed). In a timing- or shape-dependent placement one within the probe's own
+        shift (`compare_views`), the null's TIE margin, twice the baseline's
         worst move under the same placements, or anywhere if the rounding twin flips the probe.
         Measured on an H200 in float16: a correct fp8-tensor target (per-tensor activation scales,
         so its concurrent neighbours change its grid) flipped two concurrent placements at a
         margin of 0.625 nats, over the TIE margin 0.531 but within 2 x its golden's worst move
         0.333, while its golden, three draws, never flipped there."""
-        if s.tie_at_difference:
-            return True
         m = s.margin_at_difference
-        if m is None:
-            return False
         if self.is_strict(s):
             if self.control_flips(s.wide):  # that batch's answers move without a slot dependence
                 return True
             allow = self.strict_allowance(s.wide)
-            return allow is not None and m <= 2 * allow
+            return m is not None and allow is not None and m <= 2 * allow
+        if s.tie_at_difference:
+            return True
+        if m is None:
+            return False
         return self.twin_flips_tokens or (self.loose_allowance is not None and m <= self.loose_allowance)
 
     @property
@@ -288,6 +296,8 @@ class InvarianceResult:
         lost = [s for s in self.slots if s.error is not None]
         if lost:  # a placement that could not be measured narrows the check: say which
             note += "; not measured: " + ", ".join(f"{s.placement} ({_first_line(s.error)})" for s in lost)
+        if self.baseline_lost:
+            note += f"; {self.baseline_lost}"
         # placements where a flip can count: no strict one where its batch's control flips, no
         # loose one where the twin flips the probe or an allowance past the guard ties nearly
         # every flip
@@ -315,8 +325,13 @@ class InvarianceResult:
         allow = self.strict_allowance(wide)
         if allow is None:
             return "every flip counts"
-        control = "its reordered neighbours'" if wide else "a repeated request's"
-        return f"flips within 2x the baseline's and {control} own move there ({2 * allow:.3g} nats) are ties"
+        whose = [f"{self.baseline}'s"] if self.baseline_strict_worst is not None else []
+        if self.controls(wide):
+            whose.append("its reordered neighbours'" if wide else "a repeated request's")
+        rule = f"flips within 2x {' and '.join(whose)} own move there ({2 * allow:.3g} nats) are ties"
+        if self.baseline and self.baseline_strict_worst is None:
+            rule += f" ({self.baseline}'s own not measured there)"
+        return rule
 
     def _loose_rule(self) -> str:
         if self.twin_flips_tokens:
@@ -337,9 +352,11 @@ class InvarianceResult:
         batches = " and ".join(_strict_name(wide) for wide in self.strict_batches)
         limit, note = self.tolerance, f"chosen-token logprob, {batches} against their slot 0"
         if self.baseline_strict_worst is not None and 3 * self.baseline_strict_worst > limit:
+            draws = len(self.baseline_draw_strict_worst)
             limit, note = (
                 3 * self.baseline_strict_worst,
-                f"{note}; 3x {self.baseline}'s own move there{self._draws}",
+                f"{note}; 3x {self.baseline}'s own move there"
+                + (f" (worst of {draws} draws)" if draws > 1 else ""),
             )
         if self.repeat_worst is not None and 3 * self.repeat_worst > limit:
             limit, note = (
@@ -369,14 +386,33 @@ class InvarianceResult:
         nats where its golden's one draw moved 0.11). Call it after `with_twin`: the draws' flips
         are counted with the TIE margin, like the target's."""
         measured = [d for d in draws if not d.skipped and d.placements]
-        if not measured:
+        lost = _lost(draws)
+        if not measured:  # judged alone, as with no baseline: a failed draw allows nothing
+            if lost:
+                self.baseline_lost = f"{name} itself not measured ({lost}): no allowance of its own"
             return self
+        if lost:
+            self.baseline_lost = f"not measured on {name}: {lost}"
         self.baseline = name
         self.baseline_draw_worst = [d.worst_logprob_diff for d in measured]
-        self.baseline_draw_strict_worst = [d.strict_logprob_diff for d in measured]
+        # only draws that measured a strict placement: one whose batch requests failed moved "0"
+        # there by measuring nothing, which would tie no flip at all and claim a measurement
+        self.baseline_draw_strict_worst = [d.strict_logprob_diff for d in measured if d.strict_placements]
         # after the strict worst: `is_tie` reads it
         self.baseline_draw_flips = [self.flips(d.placements) for d in measured]
         return self
+
+
+def _lost(draws: Sequence[InvarianceResult]) -> str:
+    """The placements (and whole draws) the baseline's draws could not measure, each named once."""
+    seen: dict[str, str] = {}
+    for d in draws:
+        if d.skipped:
+            seen.setdefault("a draw", _first_line(d.skipped))
+        for s in d.slots:
+            if s.error is not None:
+                seen.setdefault(s.placement, _first_line(s.error))
+    return ", ".join(f"{what} ({why})" for what, why in seen.items())
 
 
 def _first_line(text: str | None, width: int = 120) -> str:
@@ -398,9 +434,15 @@ def _largest(*values: float | None) -> float | None:
     return max((v for v in values if v is not None), default=None)
 
 
-def compare_views(base: TokensView, placed: TokensView, placement: str, tolerance: float) -> SlotResult:
+def compare_views(
+    base: TokensView, placed: TokensView, placement: str, tolerance: float, *, strict: bool = False
+) -> SlotResult:
     """`placed` against `base` (the probe alone, or at slot 0): where the tokens first differ, the
-    largest chosen-token logprob move before that, and base's top-1/top-2 margin there."""
+    largest chosen-token logprob move before that (at a flip of the first token, the flip's own
+    move), and base's top-1/top-2 margin there. `strict`: the same batch shape, where a correct
+    server answers alike to the last bit, so neither the tolerance nor the sequence's own shift
+    (itself the slot's doing) makes a flip there a tie: `InvarianceResult.is_tie` judges it by the
+    baseline's and the control's own move alone."""
     a_keys = base.token_ids or base.tokens
     b_keys = placed.token_ids or placed.tokens
     n = min(len(a_keys), len(b_keys))
@@ -413,16 +455,33 @@ def compare_views(base: TokensView, placed: TokensView, placement: str, toleranc
         for a, b in zip(base.logprobs[:same_prefix], placed.logprobs[:same_prefix], strict=True)
         if a is not None and b is not None
     ]
-    worst = max(diffs) if diffs else 0.0
+    shift = max(diffs) if diffs else 0.0
     if any(math.isnan(d) for d in diffs):
-        worst = math.inf
+        shift = math.inf
     # A flip is a tie when the top-1/top-2 margin there is within what the observed perturbation
     # can bridge: both tokens' logprobs move, so up to twice the largest shift seen on this sequence.
     tie, margin = False, None
     if first is not None and first < len(base.positions) and base.positions[first].top:
         margin = top_margin(base.positions[first].top)
-        tie = margin <= 2 * max(tolerance, worst)
+        tie = not strict and margin <= 2 * max(tolerance, shift)
+    worst = shift
+    if first == 0 and n > 0:  # no common prefix: a flip at the first token must not read as "moved 0"
+        worst = max(worst, _flip_move(base.positions[0], placed.positions[0], margin))
     return SlotResult(placement, first is None, first, worst, tie, margin_at_difference=margin)
+
+
+def _flip_move(a: Position, b: Position, margin: float | None) -> float:
+    """How far the chosen logprobs moved at a flip: each side's chosen token looked up in the other
+    side's top list, and at least half the margin (greedy: the top-1's fall and the new token's
+    rise close a gap of at least the margin together, so one of them moved at least half of it)."""
+    moves = [
+        abs(x.logprob - y.top[key])
+        for x, y in ((a, b), (b, a))
+        if x.logprob is not None and (key := x.token_id if x.token_id is not None else x.token) in y.top
+    ]
+    floor = margin / 2 if margin is not None and math.isfinite(margin) else 0.0
+    moves = [math.inf if math.isnan(m) else m for m in moves]
+    return max([floor, *moves])
 
 
 async def twin_difference(
@@ -506,7 +565,9 @@ async def check_batch_slots(
         result.slots.append(placed)
         for slot in (1, 3):
             result.slots.append(
-                compare_views(slot0, answers[1][slot], f"batch slot {slot} of {len(batch)}", tolerance)
+                compare_views(
+                    slot0, answers[1][slot], f"batch slot {slot} of {len(batch)}", tolerance, strict=True
+                )
             )
         again = compare_views(
             answers[1][1], answers[2][1], f"batch slot 1 of {len(batch)}, sent again", tolerance
@@ -572,7 +633,9 @@ async def _wide_placements(
         )
         control.repeat = True
         placed = [
-            compare_views(slot0, answers[2][slot], f"batch slot {slot} of {WIDE_BATCH}", tolerance)
+            compare_views(
+                slot0, answers[2][slot], f"batch slot {slot} of {WIDE_BATCH}", tolerance, strict=True
+            )
             for slot in WIDE_SLOTS
         ]
     except (DifftestError, KeyError, IndexError) as exc:

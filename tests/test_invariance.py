@@ -72,7 +72,11 @@ def test_verdict_absolute_when_no_baseline() -> None:
     v = result(0.06).verdict()
     assert not v.passed and any("slot_logprob_max_diff" in r for r in v.reasons)
     assert not result(0.0, same=False).verdict().passed
-    assert result(0.0, same=False, tie=True).verdict().passed  # a tie flip is noise
+    # slot 1 against slot 0 is strict: the sequence's own shift or the tolerance ties nothing there
+    assert not result(0.0, same=False, tie=True).verdict().passed
+    loose = InvarianceResult("p", 0.05, [SlotResult("concurrent request 1 of 4", False, 3, 0.0, True,
+                                                    timing_dependent=True)])  # fmt: skip
+    assert loose.verdict().passed  # against the probe alone a tie flip is noise
 
 
 def test_verdict_relative_to_the_baselines_own_slot_variance() -> None:
@@ -447,3 +451,101 @@ def test_a_placement_that_could_not_be_measured_is_named_in_the_note() -> None:
     tokens = r.verdict().checks[0]
     assert tokens.passed and "same prompt at 1 batch placements" in tokens.note
     assert "not measured: 20-prompt request (HTTP 400: too many prompts (max 16))" in tokens.note
+
+
+def first_token_flip(margin: float) -> tuple[TokensView, TokensView]:
+    """Slot 0 chose token 5 over 6 by `margin` at the first token; the placed slot chose 6, its
+    top list giving 5 at -1.003 (moved 0.003) and its own 6 at -1.001 (moved margin - 0.001)."""
+    base = view([5, 7], [-1.0, -0.5], [{5: -1.0, 6: -1.0 - margin}, {7: -0.5}])
+    placed = view([6, 8], [-1.001, -0.6], [{6: -1.001, 5: -1.003}, {8: -0.6}])
+    return base, placed
+
+
+def test_a_strict_flip_at_the_first_token_is_never_tied_by_the_tolerance() -> None:
+    """tiny-llama's probe (the CI model) flips its first token at a margin of 0.0046 nats under
+    `slot-tile`: within 2 x the 0.05 tolerance, so `compare_views` tied it and the strict rule was
+    never asked; it also read "moved 0" (the common prefix is empty). At the same batch shape the
+    sequence's own shift is the slot's doing: no tie there; the move at the flip is measured."""
+    base, placed = first_token_flip(0.0046)
+    loose = compare_views(base, placed, "batch slot 0 of 4", 0.05)
+    assert loose.tie_at_difference and loose.margin_at_difference == pytest.approx(0.0046)
+    strict = compare_views(base, placed, "batch slot 17 of 20", 0.05, strict=True)
+    assert strict.first_difference == 0 and not strict.tie_at_difference
+    # 6 moved |-1.0046 - -1.001| = 0.0036, 5 moved 0.003, half the margin 0.0023: 0.0036, not 0
+    assert strict.max_logprob_diff == pytest.approx(0.0036)
+    # top lists without the other side's token: at least half the margin (greedy flipped the gap)
+    thin = view([5], [-1.0], [{5: -1.0, 9: -1.0046}])  # 6 past its top list, 5 past the placed one's
+    bare = compare_views(thin, view([6], [-1.001]), "batch slot 17 of 20", 0.05, strict=True)
+    assert bare.max_logprob_diff == pytest.approx(0.0023)
+
+
+def test_a_strict_flip_is_a_tie_only_within_twice_the_baselines_own_move() -> None:
+    """Slot 17 of 20 flips the first token at a margin of 0.0046 nats, its wide control (slot 0 with
+    its neighbours reordered) moved nothing. Its golden moved 0 in those placements: the flip
+    counts and the check fails, the note's "0 nats" now what the code does. A golden that moves
+    0.01 there bridges 2 x 0.01 = 0.02: a tie. Built as the old callers did (no `strict`), the
+    placement's own-shift tie flag is ignored at the same batch shape all the same."""
+
+    def target(golden_move: float) -> InvarianceResult:
+        placed = compare_views(*first_token_flip(0.0046), "batch slot 17 of 20", 0.05)
+        placed.wide = True
+        control = SlotResult("slot 0 of 20, neighbours reordered", True, None, 0.0, repeat=True, wide=True)
+        golden = InvarianceResult("p", 0.05, [SlotResult("batch slot 17 of 20", True, None, golden_move, wide=True),
+                                              SlotResult("concurrent request 1 of 4", True, None, 0.0,
+                                                         timing_dependent=True)])  # fmt: skip
+        return InvarianceResult("p", 0.05, [placed, control]).relative_to("golden", golden, golden)
+
+    exact = target(0.0)
+    tokens = exact.verdict().checks[0]
+    assert exact.token_failures == 1 and not tokens.passed and tokens.informative
+    assert (
+        "slots 9 and 17 of 20 against slot 0 (same batch shape): flips within 2x golden's and its"
+        in tokens.note
+    )
+    assert "(0 nats) are ties" in tokens.note
+    noisy = target(0.01)
+    assert noisy.token_failures == 0 and noisy.verdict().passed
+    assert "(0.02 nats) are ties" in noisy.verdict().checks[0].note
+
+
+def test_a_baseline_draw_whose_batch_requests_failed_allows_nothing() -> None:
+    """A replayed baseline answers the probe alone and concurrently but 404 to every batch: its
+    draws measured no strict placement, so they set no strict allowance ("moved 0" by measuring
+    nothing) and the note says what was not measured; the target's own control still judges.
+    Draws that measured nothing at all leave the target judged alone, said in the note too."""
+
+    def replayed() -> InvarianceResult:
+        return InvarianceResult("p", 0.05, [
+            SlotResult("multi-prompt request", False, None, 0.0, error="HTTP 404: not recorded\ntrace"),
+            SlotResult("20-prompt request", False, None, 0.0, error="HTTP 404: not recorded", wide=True),
+            SlotResult("concurrent request 1 of 4", True, None, 0.0, timing_dependent=True)])  # fmt: skip
+
+    def target() -> InvarianceResult:
+        return InvarianceResult("p", 0.05, [
+            SlotResult("batch slot 1 of 4", False, 0, 0.02, margin_at_difference=0.03),
+            SlotResult("batch slot 1 of 4, sent again", True, None, 0.0, repeat=True)])  # fmt: skip
+
+    partly = target().relative_to("ref", replayed(), replayed())
+    assert partly.baseline == "ref" and partly.baseline_draws == 2
+    assert partly.baseline_draw_strict_worst == [] and partly.baseline_strict_worst is None
+    tokens = partly.verdict().checks[0]
+    assert (
+        "not measured on ref: multi-prompt request (HTTP 404: not recorded), 20-prompt request" in tokens.note
+    )
+    assert (
+        "within 2x a repeated request's own move there (0 nats) are ties (ref's own not measured there)"
+        in (tokens.note)
+    )
+    assert tokens.value == 1 and not tokens.passed
+    dead = InvarianceResult(
+        "p", 0.05, [SlotResult("multi-prompt request", False, None, 0.0, error="HTTP 404")]
+    )
+    skipped = InvarianceResult("p", 0.05, skipped="the probe prompt alone failed: HTTP 404")
+    alone = target().relative_to("ref", dead, skipped)
+    assert alone.baseline == "" and alone.baseline_draws == 0
+    tokens = alone.verdict().checks[0]
+    assert (
+        "ref itself not measured (multi-prompt request (HTTP 404), a draw (the probe prompt alone"
+        in tokens.note
+    )
+    assert "ref itself: 0" not in tokens.note and not tokens.passed

@@ -26,10 +26,10 @@ PROBE = [Prompt("p0", "The capital of France is Paris. The capital of Germany is
 
 
 @contextlib.asynccontextmanager
-async def served(faults: tuple[str, ...]) -> AsyncIterator[Endpoint]:
-    engine = Engine(build("smollm2-135m", "fp8-block", faults=faults))
+async def served(faults: tuple[str, ...], model: str = "smollm2-135m") -> AsyncIterator[Endpoint]:
+    engine = Engine(build(model, "fp8-block", faults=faults))
     client = CompletionClient("http://shim", name="shim", max_retries=0, timeout_s=600,
-                              transport=httpx.ASGITransport(app=create_app(engine, ServeOptions(model="smollm2-135m"))))  # fmt: skip
+                              transport=httpx.ASGITransport(app=create_app(engine, ServeOptions(model=model))))  # fmt: skip
     try:
         yield Endpoint("shim", client, await probe(client))
     finally:

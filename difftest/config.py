@@ -579,6 +579,7 @@ def _parse_thresholds(
     errors name the line."""
     known = _known_metrics()
     fractions = _verdict_keys("FRACTION_KEYS") or frozenset()
+    broken = _verdict_keys("BROKEN_KEYS") or frozenset()  # at load, not after the run: exit 2
     parts = {k.split(".", 1)[0] for k in known or () if "." in k} | {"exactness", "accuracy"}
     out: dict[str, dict[str, float]] = {}
 
@@ -602,6 +603,12 @@ def _parse_thresholds(
                 raise ctx.error(
                     where, key, f"key {metric!r} must be in 0..1 (a fraction, not a percent), got {value!r}"
                 )
+            if metric in broken and value >= 1:  # as difftest.verdict's _check_overrides says
+                raise ctx.error(
+                    where, key,
+                    f"key {metric!r} = {value!r} can never fail: it passes a target whose every answer is "
+                    "impossible (NaN or malformed logprobs); give a fraction under 1",
+                )  # fmt: skip
             out.setdefault(scheme, {})[metric] = float(value)
 
     for key, value in table.items():
@@ -623,7 +630,8 @@ def _known_metrics() -> frozenset[str] | None:
 
 
 def _verdict_keys(name: str) -> frozenset[str] | None:
-    """A key set difftest.verdict publishes (THRESHOLD_KEYS, FRACTION_KEYS), None where it does not."""
+    """A key set difftest.verdict publishes (THRESHOLD_KEYS, FRACTION_KEYS, BROKEN_KEYS), None where
+    it does not."""
     try:
         verdict = importlib.import_module("difftest.verdict")
     except ImportError:

@@ -59,6 +59,10 @@ UNINFORMATIVE = {
     "point_rel_err_max": ("<=", 0.5),
     "slot_logprob_max_diff": ("<=", 1.0),
     "placement_logprob_max_diff": ("<=", 1.0),
+    # [thresholds] overrides of these (exactness.<check>) that can never fail: garbage-gemm and
+    # scale-skipped measured garbled rate 1.0 and BLEU 0.0, and a rate is never over 1
+    **{rate: ("<", 1.0) for rate in ("garbled_rate", "failed_rate", "broken_rate")},
+    "bleu": (">", 0.0),
 }
 
 UNINFORMATIVE_NOTE = "; a broken target would pass this limit"  # appended to such a limit's note
@@ -73,12 +77,14 @@ class Limit:
 
 
 def informative(check: str, limit: float, table: Mapping[str, tuple[str, float]] = UNINFORMATIVE) -> bool:
-    """Whether `limit` could fail a broken target (`table`: UNINFORMATIVE, or the accuracy one)."""
+    """Whether `limit` could fail a broken target (`table`: UNINFORMATIVE, or the accuracy one).
+    A rule `(op, bound)` says which limits do: `limit op bound` ("<" and ">" for a bound that is
+    the value no measurement can pass, as a rate's 1 or BLEU's 0)."""
     rule = table.get(check)
     if rule is None:
         return True
     op, bound = rule
-    return limit >= bound if op == ">=" else limit <= bound
+    return {">=": limit >= bound, "<=": limit <= bound, ">": limit > bound, "<": limit < bound}[op]
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,10 @@ ACCURACY_UNINFORMATIVE = {
     "kl_p99": ("<=", 30.0),
     "top1_agreement": (">=", 0.05),
     "token_match": (">=", 0.01),  # 0 can never fail: token match is never negative
+    # can never fail: a rate is never over 1, BLEU never under 0 (garbage-gemm and scale-skipped
+    # measured garbled rate 1.0 and BLEU 0.0); broken_rate 1 is refused (_check_overrides)
+    **{rate: ("<", 1.0) for rate in ("garbled_rate", "failed_rate", "broken_rate")},
+    "bleu": (">", 0.0),
 }
 
 # check name -> (op, group)  (group is what `skipped` names)
@@ -147,6 +151,14 @@ FRACTION_KEYS = frozenset(
     | {f"{part}.{name}" for part in ("exactness", "accuracy") for name in _FRACTIONS}
 )
 
+# A broken_rate limit of 1 passes a target whose every answer cannot be right (README: impossible
+# answers FAIL): refused, not merely marked not informative
+BROKEN_KEYS = frozenset({"broken_rate_max", "exactness.broken_rate", "accuracy.broken_rate"})
+BROKEN_WHY = (
+    "can never fail: it passes a target whose every answer is impossible (NaN or malformed logprobs); "
+    "give a fraction under 1"
+)
+
 
 def budget_for(scheme: str | None, overrides: Mapping[str, float] = {}) -> Budget:
     """The scheme's default budget with bare `[thresholds]` field overrides applied.
@@ -180,6 +192,8 @@ def _check_overrides(overrides: Mapping[str, float]) -> None:
             raise ConfigError(
                 f"[thresholds] {key} must be in 0..1 (a fraction, not a percent), got {value!r}"
             )
+        if key in BROKEN_KEYS and value >= 1:
+            raise ConfigError(f"[thresholds] {key} = {value!r} {BROKEN_WHY}")
 
 
 def tie_margin_for(null: NullModel | None, overrides: Mapping[str, float] = {}) -> float:
@@ -398,8 +412,12 @@ def judge_target(
     else:
         null = null or NO_NULL
         limits = {k: v for k, v in exactness_limits(null, margin).items() if k != "point_rel_err_max"}
-        limits["failed_rate"] = Limit(budget.failed_rate_max, f"budget {budget.scheme} failed_rate_max")
-        limits["broken_rate"] = Limit(budget.broken_rate_max, f"budget {budget.scheme} broken_rate_max")
+        for name in ("failed_rate", "broken_rate"):  # the budget's request limits, or their override
+            attr = _BUDGET_FIELDS[name]
+            source = (
+                f"override [thresholds] {attr}" if attr in overrides else f"budget {budget.scheme} {attr}"
+            )
+            limits[name] = Limit(getattr(budget, attr), source)
         warnings.append(f"exactness limits from {null.description}; trust: {null.trust}")
         parts.append(_part("exactness", exactness, limits, overrides, skipped, warnings))
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from server_shim.catalog import BACKENDS, FAULT_SCHEMES, FAULTS, SCHEMES
 from server_shim.errors import LaunchError
-from server_shim.options import BOOLEAN, INTEGER, NUMBER, SPEC_OPTIONS, STRING, STRINGS
+from server_shim.options import BOOLEAN, BY_NAME, INTEGER, NUMBER, SPEC_OPTIONS, STRING, STRINGS
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # becomes a log file name
 
@@ -185,6 +185,8 @@ def spec_from_table(table: dict[str, Any], *, default_name: str, ignore: Sequenc
                 "put the engine's own flag into 'command'",
                 key=key,
             )
+    if kind == "shim":
+        _check_extra_args(kwargs.get("extra_args", ()))
     _check_choice(kwargs, "quant", SCHEMES)
     _check_choice(kwargs, "backend", BACKENDS)
     for fault in kwargs.get("faults", ()):
@@ -209,6 +211,27 @@ def spec_from_table(table: dict[str, Any], *, default_name: str, ignore: Sequenc
     return ServerSpec(**kwargs)
 
 
+# A shim flag that is also a key of the server table (or one the launcher sets itself): in
+# `extra_args` it bypassed the key's checks and `golden = "auto"` copied it into the golden and its
+# twin (a --fault there made the golden as faulty as the target: KL 0, a negative control PASSed).
+_KEYED_FLAGS: dict[str, str] = {o.argv_flag: o.name for o in SPEC_OPTIONS} | {
+    "--model": "model", "--port": "port", "--api-key-env": "api_key_env",
+}  # fmt: skip
+
+
+def _check_extra_args(extra: Sequence[str]) -> None:
+    """Refuse a flag in a shim's `extra_args` that the table has a key for: one way to say it."""
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if flag in _KEYED_FLAGS:
+            key = _KEYED_FLAGS[flag]
+            raise SpecError(
+                f"key 'extra_args': {flag} is what key {key!r} sets; use the key (extra_args skips its "
+                'checks, and golden = "auto" would copy it into the golden)',
+                key="extra_args",
+            )
+
+
 def _check_choice(kwargs: dict[str, Any], key: str, choices: Sequence[str]) -> None:
     if key in kwargs and kwargs[key] not in choices:
         raise SpecError(
@@ -218,7 +241,9 @@ def _check_choice(kwargs: dict[str, Any], key: str, choices: Sequence[str]) -> N
 
 
 def auto_golden(target: ServerSpec, name: str | None = None) -> ServerSpec:
-    """`golden = "auto"`: the same model and scheme on the reference backend, without faults."""
+    """`golden = "auto"`: the same model and scheme on the reference backend, without faults and
+    without rounding noise (a target's noise in its golden would move the yardstick with the
+    target; the golden's twin adds its own)."""
     if target.kind != "shim":
         raise SpecError(
             f'server {target.name!r}: golden = "auto" needs a built-in shim target; for an external '
@@ -226,7 +251,13 @@ def auto_golden(target: ServerSpec, name: str | None = None) -> ServerSpec:
             key="golden",
         )
     return dataclasses.replace(
-        target, name=name or f"{target.name}-golden", backend="torch", faults=(), ck_free=False, port=None
+        target,
+        name=name or f"{target.name}-golden",
+        backend="torch",
+        faults=(),
+        ck_free=False,
+        port=None,
+        rounding_noise=BY_NAME["rounding_noise"].default,
     )
 
 

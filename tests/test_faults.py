@@ -211,3 +211,39 @@ def test_a_scale_transpose_that_reads_the_same_scales_is_refused() -> None:
         quantize_model(model, scheme="fp8-block", faults=["scale-transposed@model.layers.1.mlp.down_proj"])
     model = load_model("tiny-llama", dtype="float32", device="cpu").model  # int4-g128: a [N, K/128] grid
     quantize_model(model, scheme="int4-g128", faults=["scale-transposed@model.layers.1.mlp.down_proj"])
+
+
+def test_a_scale_shuffle_ignored_that_reads_the_same_scales_is_refused() -> None:
+    """The bug: scale-shuffle-ignored on tiny-llama's fp8-block down_proj (a [1, 2] scale grid: the
+    shuffle of one row is the identity) or q/k/v/o_proj ([1, 1]) changed nothing, so a negative
+    control built on it passed, silently. Refused at load like a no-op scale-transposed; a glob that
+    also matches a module where it acts is accepted (the fault is real there)."""
+    from server_shim.models import load_model
+
+    def quantize(preset: str, scheme: str, fault: str) -> None:
+        model = load_model(preset, dtype="float32", device="cpu").model
+        quantize_model(model, scheme=scheme, backend="torch", faults=[fault])
+
+    for fault, shown in (
+        ("scale-shuffle-ignored@model.layers.1.mlp.down_proj", r"model.layers.1.mlp.down_proj \[1, 2\]"),
+        ("scale-shuffle-ignored@model.layers.1.self_attn.*", r"model.layers.1.self_attn.q_proj \[1, 1\]"),
+    ):
+        with pytest.raises(QuantConfigError, match=rf"scale-shuffle-ignored would change nothing.*{shown}"):
+            quantize("tiny-llama", "fp8-block", fault)
+    with pytest.raises(QuantConfigError, match=r"would change nothing.*shared_experts.gate_proj \[1, 1\]"):
+        quantize("tiny-moe", "fp8-block", "scale-shuffle-ignored@model.layers.1.mlp.shared_experts.*")
+    quantize("tiny-llama", "fp8-block", "scale-shuffle-ignored@model.layers.1.mlp.*")  # up/gate_proj: [2, 1]
+    quantize("tiny-llama", "int8", "scale-shuffle-ignored@model.layers.1.mlp.down_proj")  # per-row scales
+    quantize("tiny-moe", "fp8-block", "scale-shuffle-ignored@model.layers.1.mlp.experts")
+
+
+def test_scale_shuffle_refusal_looks_at_values_not_only_shapes() -> None:
+    """Rows the shuffle swaps that hold equal scales read the same values: refused too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256))  # fp8-block: a [2, 2] grid, its two rows swapped
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(1, 256).expand(256, 256) * 0.02)  # both 128-row blocks alike
+    with pytest.raises(QuantConfigError, match=r"scale-shuffle-ignored would change nothing.*0 \[2, 2\]"):
+        quantize_model(model, scheme="fp8-block", faults=["scale-shuffle-ignored@0"])
+    model = nn.Sequential(nn.Linear(256, 256))
+    quantize_model(model, scheme="fp8-block", faults=["scale-shuffle-ignored@0"])

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 
 import torch
@@ -366,6 +366,37 @@ def _refuse_noop_transpose(model: nn.Module, fault_map: dict[str, FaultSet]) -> 
         )
 
 
+def _weights_of(mod: nn.Module) -> list[F.QuantizedWeight]:
+    """The quantized weights a module's GEMMs read: one for a linear, two per expert for MoE."""
+    if isinstance(mod, QuantLinear):
+        return [mod.qweight]
+    return [mod.expert_weight(tag, e) for tag in ("gate_up", "down") for e in range(mod.num_experts)]
+
+
+def _refuse_noop_shuffle(model: nn.Module, fault_map: dict[str, FaultSet]) -> None:
+    """scale-shuffle-ignored reads the stored (shuffled) scale rows without unshuffling them: on a
+    grid of one row the shuffle is the identity (tiny-llama's fp8-block q/k/v/o_proj and down_proj),
+    and where the rows it swaps hold equal scales it moves nothing, so the "faulty" target computes
+    what a correct one does and a negative control built on it passes, silently. Refused, like a
+    no-op scale-transposed, when no module it matches reads other scales than a correct one."""
+    names = [n for n, fs in fault_map.items() if fs.scale_shuffle_ignored]
+    if not names:
+        return
+    for n in names:
+        fs = fault_map[n]
+        for qw in _weights_of(model.get_submodule(n)):
+            wrong = read_weight(qw, fs)[1]
+            right = read_weight(qw, replace(fs, scale_shuffle_ignored=False))[1]
+            if not torch.equal(wrong, right):
+                return
+    shown = ", ".join(f"{n} {list(_weights_of(model.get_submodule(n))[0].scales.shape)}" for n in names[:3])
+    raise QuantConfigError(
+        f"fault scale-shuffle-ignored would change nothing: in every module it matches the shuffle leaves "
+        f"the scales in place (a grid of one row, or equal rows where it swaps them) ({shown}); "
+        "reading them unshuffled reads the same scales"
+    )
+
+
 def quantize_model(model: nn.Module, *, scheme: str, backend: str = "auto", skip: Sequence[str] = (),
                    faults: Sequence[str] = (), ck_free: bool | None = None) -> QuantSummary:  # fmt: skip
     """Swap every nn.Linear (not lm_head, not tied to an embedding, not matching `skip`) and every
@@ -413,6 +444,7 @@ def quantize_model(model: nn.Module, *, scheme: str, backend: str = "auto", skip
         setattr(parent, child, new)
         logger.debug("quant %s -> %s/%s%s", name, scheme, chosen, f" (fallback: {reason})" if reason else "")
     _refuse_noop_transpose(model, fault_map)
+    _refuse_noop_shuffle(model, fault_map)
     if reason:
         logger.warning(
             "quant %s: backend %s for %d modules (fallback: %s)", scheme, chosen, len(targets), reason

@@ -16,13 +16,15 @@ The file is JSON, gzip-compressed, versioned (`FORMAT`, `VERSION`):
     prompts          id, prompt, max_tokens (and messages for chat) of every prompt recorded
     tokenizer        served model, vocabulary size, the probe texts' tokenizations
     capabilities     the probe's table and fields (what the reference could do)
-    signature        difftest and library versions that recorded it
+    signature        difftest and library versions that recorded it; batch_slot_check and
+                     batch_slot_draws: whether the batch-slot check was recorded, and how often
     exchanges        [{method, path, body, responses: [{status, content_type, body}]}]
 
 A baseline is black-box only: the debug routes are not recorded (white-box checks need a live
-reference). A run whose prompts, settings or endpoint differ from the recording is refused
-(exit 2) before any server starts; a target whose tokenizer differs is refused by the same pair
-check as with a live reference.
+reference). A run whose prompts, settings or endpoint differ from the recording, or that runs the batch-slot
+check the recording left out, is refused (exit 2) before any server starts, as is a file whose
+exchanges are damaged; a target whose tokenizer differs is refused by the same pair check as with
+a live reference.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from difftest.errors import UsageError
 from difftest.prompts import Prompt
@@ -64,6 +67,39 @@ def request_key(method: str, path: str, content: bytes) -> str:
     return json.dumps([method.upper(), path, body], sort_keys=True, separators=(",", ":"))
 
 
+class RecordedResponse(BaseModel):
+    """One answer as ReplayTransport serves it back."""
+
+    model_config = ConfigDict(strict=True)
+    status: Annotated[int, Field(ge=100, le=599)]
+    content_type: str
+    body: str
+
+
+class RecordedExchange(BaseModel):
+    """One distinct request and every answer it got (at least one: that is why it is recorded)."""
+
+    model_config = ConfigDict(strict=True)
+    method: str
+    path: str
+    body: Any  # the request's JSON body, None for none
+    responses: Annotated[list[RecordedResponse], Field(min_length=1)]
+
+
+_EXCHANGES: TypeAdapter[list[RecordedExchange]] = TypeAdapter(list[RecordedExchange])
+
+
+def recorded_exchanges(items: Any) -> list[RecordedExchange]:
+    """`items` checked as the replay will read them, so a damaged exchange is a ValueError naming it
+    now (`exchanges[3].responses[0].status: Field required`), not a KeyError once servers are up."""
+    try:
+        return _EXCHANGES.validate_python(items)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "exchanges" + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"])
+        raise ValueError(f"{where}: {first['msg']}") from None
+
+
 @dataclass
 class Exchanges:
     """request key -> the responses given to it, in order (a repeated request may differ)."""
@@ -81,11 +117,12 @@ class Exchanges:
         return out
 
     @classmethod
-    def from_list(cls, items: Sequence[dict[str, Any]]) -> Exchanges:
+    def from_list(cls, items: Sequence[Mapping[str, Any]]) -> Exchanges:
+        """The file's `exchanges`, checked (ValueError) before anything is kept."""
         ex = cls()
-        for item in items:
-            content = b"" if item["body"] is None else json.dumps(item["body"]).encode()
-            ex.table[request_key(item["method"], item["path"], content)] = list(item["responses"])
+        for item in recorded_exchanges(items):
+            content = b"" if item.body is None else json.dumps(item.body).encode()
+            ex.table[request_key(item.method, item.path, content)] = [r.model_dump() for r in item.responses]
         return ex
 
 
@@ -117,13 +154,15 @@ class RecordingTransport(httpx.AsyncBaseTransport):
 
 class ReplayTransport(httpx.AsyncBaseTransport):
     """Answers from the recording: the n-th identical request gets the n-th recorded answer (the
-    last one again after that); a request never recorded is a 404 naming the baseline."""
+    last one again after that, counted in `repeats`: such an answer is no new draw of the server);
+    a request never recorded is a 404 naming the baseline."""
 
     def __init__(self, exchanges: Exchanges) -> None:
         self.exchanges = exchanges
         self._seen: dict[str, int] = defaultdict(int)
         self._lock = asyncio.Lock()
         self.misses = 0
+        self.repeats = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         content = await request.aread()
@@ -136,6 +175,9 @@ class ReplayTransport(httpx.AsyncBaseTransport):
         async with self._lock:
             i = min(self._seen[key], len(responses) - 1)
             self._seen[key] += 1
+            if self._seen[key] > len(responses):
+                self.repeats += 1
+                log.debug("baseline: %s %s asked more often than recorded", request.method, request.url.path)
         r = responses[i]
         return httpx.Response(
             r["status"], content=r["body"].encode(), headers={"content-type": r["content_type"]}
@@ -244,6 +286,17 @@ class Baseline:
             )
         return out
 
+    @property
+    def slot_draws(self) -> int:
+        """How many independent draws of the batch-slot check the recording holds: 0 when recorded
+        without it, 1 for a file that does not say (recorded before draws were counted). The replay
+        answers a draw past these with the last one again, which is no new draw: a run judging a
+        target's slot variance against "the worst of N draws" of this baseline has only this many."""
+        if self.signature.get("batch_slot_check") is False:
+            return 0
+        draws = self.signature.get("batch_slot_draws", 1)
+        return draws if _is_int(draws) and draws >= 0 else 1
+
     def check(self, settings: dict[str, Any], prompts: Sequence[Prompt]) -> None:
         """Refuse (UsageError, exit 2) a run that would ask what the baseline never recorded."""
         where = f"baseline {self.path}" if self.path else "baseline"
@@ -251,6 +304,13 @@ class Baseline:
             mine, theirs = settings.get(key), self.settings.get(key)
             if mine != theirs:
                 raise UsageError(f"{where} was recorded with {key}={theirs!r}, this run uses {key}={mine!r}")
+        # every batched request of the check would be a 404 "not recorded", which the invariance
+        # check then read as the reference's own slot variance of 0 (chat runs skip the check)
+        if settings.get("batch_slot_check") and settings.get("endpoint") != "chat" and not self.slot_draws:
+            raise UsageError(
+                f"{where} was recorded without the batch-slot check, this run has batch_slot_check = true: "
+                "re-record it with the check (no --no-batch-slot-check) or set batch_slot_check = false"
+            )
         recorded = {rec["id"]: rec for rec in self.prompts}
         for p in prompts:
             rec = recorded.get(p.id)
@@ -289,7 +349,8 @@ def _is_int(v: Any) -> bool:
 
 def _check_shapes(data: Mapping[str, Any]) -> None:
     """The fields a run reads, of the types it reads them as (ValueError naming the first that is
-    not): a damaged file is refused at once, not as a KeyError or TypeError halfway through a run."""
+    not): a damaged file is refused at once, not as a KeyError or TypeError halfway through a run.
+    The exchanges are checked as they are read (Exchanges.from_list)."""
     settings = data["settings"]
     if not isinstance(settings, dict):
         raise ValueError("'settings' is not an object")
@@ -313,10 +374,12 @@ def _check_shapes(data: Mapping[str, Any]) -> None:
 
 
 def run_settings(run: Any) -> dict[str, Any]:
-    """The settings a baseline must share with a run (from RunSettings)."""
+    """The settings a baseline must share with a run (from RunSettings); batch_slot_check is
+    checked against what the recording holds (Baseline.slot_draws), not against `settings`."""
     return {
         "max_tokens": run.max_tokens,
         "logprobs": run.logprobs,
         "seed": run.seed,
         "endpoint": getattr(run, "endpoint", "completions"),
+        "batch_slot_check": getattr(run, "batch_slot_check", False),
     }

@@ -4,7 +4,10 @@ transport, and keep the answers as a Baseline (difftest.baseline).
 What a run asks the reference, in the runner's order: the conformance probe; the greedy
 continuation of every prompt; its own continuation teacher-forced (echoed back), as text and —
 where the reference returns token ids — as ids too, since which of the two a run uses depends on
-the target; the prompts' token ids for that; the batch-slot check. Nothing else is needed later.
+the target; the prompts' token ids for that; the batch-slot check, as many times as a run draws
+the reference's own slot variance (runner.SLOT_BASELINE_DRAWS, one after the other as there): the
+replay gives the n-th identical request the n-th recorded answer, so each replayed draw is a
+recorded draw, not the first one served again. Nothing else is needed later.
 """
 
 from __future__ import annotations
@@ -77,10 +80,14 @@ async def record_reference(
                         ep, chunk, gens, k=k, as_ids=as_ids, prompt_ids=ids_for,
                         on_done=lambda: bar.advance(tf_task),
                     )  # fmt: skip
+        slot_draws = 0
         if batch_slot_check and caps.api != "chat":
             from difftest.invariance import check_batch_slots
+            from difftest.runner import SLOT_BASELINE_DRAWS
 
-            await check_batch_slots(ep, prompts, max_tokens=min(max_tokens, 16), k=k)
+            for _ in range(SLOT_BASELINE_DRAWS):
+                await check_batch_slots(ep, prompts, max_tokens=min(max_tokens, 16), k=k)
+                slot_draws += 1
     finally:
         await client.aclose()
     if failed:
@@ -102,7 +109,11 @@ async def record_reference(
             ],
         },
         capabilities={"checks": [list(c) for c in caps.checks], "warnings": list(caps.warnings)},
-        signature={"versions": versions(), "batch_slot_check": batch_slot_check},
+        signature={
+            "versions": versions(),
+            "batch_slot_check": batch_slot_check,
+            "batch_slot_draws": slot_draws,
+        },
     )
 
 

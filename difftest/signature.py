@@ -4,10 +4,12 @@ a score without its settings cannot be compared with another)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import sys
 from collections.abc import Mapping, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -43,17 +45,39 @@ def _server(spec: Any) -> dict[str, Any]:
     return data
 
 
+def _json_value(v: Any) -> Any:
+    """A setting as JSON: paths as strings, sequences as lists (`str()` of the prompts tuple was
+    the Python repr "(PosixPath('p.jsonl'),)"), anything else unknown as its str."""
+    if isinstance(v, str | int | float | bool | type(None)):
+        return v
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if isinstance(v, list | tuple):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    return str(v)
+
+
 def run_signature(
-    cfg: RunConfig, eps: Mapping[str, Endpoint], prompts: Sequence[Prompt], floor: NoiseFloor | None
+    cfg: RunConfig,
+    eps: Mapping[str, Endpoint],
+    prompts: Sequence[Prompt],
+    floor: NoiseFloor | None,
+    out_dir: Path | str | None = None,
 ) -> dict[str, Any]:
+    """`out_dir`: the folder the report goes to (`-o`), recorded as run.output_dir; without it the
+    key is left out, since the config's output_dir is not where a run given `-o` wrote."""
     from difftest.metrics.text import signatures
 
-    run = dataclasses.asdict(cfg.run)
+    run = {k: _json_value(v) for k, v in dataclasses.asdict(cfg.run).items()}
+    if out_dir is not None:
+        run["output_dir"] = os.fspath(Path(out_dir).resolve())
+    else:
+        run.pop("output_dir", None)
     return {
         "config": str(cfg.source) if cfg.source else None,
-        "run": {
-            k: (str(v) if not isinstance(v, int | float | bool | type(None)) else v) for k, v in run.items()
-        },
+        "run": run,
         "prompts": {"count": len(prompts), "ids": [p.id for p in prompts][:200]},
         "servers": {name: _server(spec) for name, spec in ((s.name, s) for s in cfg.servers())},
         "served_models": {name: ep.caps.model for name, ep in eps.items()},

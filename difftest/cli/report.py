@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = load_run(args.dir)
     folder = args.dir.parent if args.dir.is_file() else args.dir  # DIR or DIR/report.json
+    if not result.targets:  # an empty gate is vacuously PASS: refused, as `run` refuses no target
+        raise UsageError(f"{folder}: report.json has no targets, nothing to judge")
     out = args.out or folder
     new = args.out is not None and Path(args.out).resolve() != Path(folder).resolve()
     if new and (Path(args.out) / "report.json").exists():

@@ -58,7 +58,8 @@ def load_run(path: Path | str) -> RunResult:
     """Read a report.json (or a folder holding one) back into a RunResult.
 
     Raises UsageError naming the file for a missing file, bad JSON, another schema version, or a
-    tree that does not fit the result model.
+    tree that does not fit the result model. A target's `expect` is the one its verdict is held to
+    (see _held_to_expect).
     """
     path = Path(path)
     if path.is_dir():
@@ -91,7 +92,19 @@ def load_run(path: Path | str) -> RunResult:
         raise UsageError(
             f"{path}: report.json does not fit the result model ({where}: {first['msg']})"
         ) from None
+    _held_to_expect(run, path)
     return run
+
+
+def _held_to_expect(run: RunResult, path: Path) -> None:
+    """Each verdict judged against its target's `expect` (the config's key, stored beside it). The
+    verdict keeps a copy that decides the gate; a report.json edited in one place only gave
+    "FAIL (expected PASS: as expected)" and a PASS gate. An expect other than pass / fail is refused."""
+    for i, t in enumerate(run.targets):
+        if t.expect not in ("pass", "fail"):
+            raise UsageError(f'{path}: targets[{i}].expect is {t.expect!r}, not "pass" or "fail"')
+        if t.verdict is not None and t.verdict.expect != t.expect:
+            t.verdict = dataclasses.replace(t.verdict, expect=t.expect)
 
 
 @functools.cache

@@ -33,7 +33,7 @@ from difftest.null import (
     replay_bound,
     tie_margin,
 )
-from difftest.results import SKIPPED_NOTE, PartVerdict, RunResult, TargetResult
+from difftest.results import SKIPPED_NOTE, PartVerdict, RunResult, TargetResult, TargetVerdict
 from difftest.verdict import budget_for, judge_target
 from difftest.whitebox.activations import LayerThresholds
 from difftest.whitebox.layers import layer_verdict
@@ -84,6 +84,18 @@ def _mark_informative(part: PartVerdict) -> PartVerdict:
     return dataclasses.replace(part, checks=checks)
 
 
+SLOT_NOT_REPLAYED = (
+    "not localised: the batch-slot check failed, and the per-layer replay puts a module's input in "
+    "batch slots 0 and 1 only; a fault that acts from a later slot (slot-tile: slot 16 on) does not "
+    "show there"
+)
+
+
+def _slot_check_failed(verdict: TargetVerdict) -> bool:
+    """The batch-slot part failed: the one failure the two-slot replay may be blind to."""
+    return any(p.part == "invariance" and not p.passed for p in verdict.parts)
+
+
 def judge_one(
     run: RunResult,
     target: TargetResult,
@@ -120,6 +132,8 @@ def judge_one(
     localisation = localisation_line(target.layers)
     if localisation is None and old is not None:
         localisation = old.localisation
+    if localisation is None and target.layers and _slot_check_failed(target.verdict):
+        localisation = SLOT_NOT_REPLAYED
     if localisation:
         target.verdict = dataclasses.replace(target.verdict, localisation=localisation)
 

@@ -176,3 +176,21 @@ def test_without_the_slot_check_such_a_baseline_still_judges(
     with live_fake() as tgt:
         cfg = _config(tmp_path, recorded_without_slots, tgt, slot_check=False)
         assert main(["run", str(cfg)]) == 0
+
+
+@pytest.mark.slow
+def test_compare_judges_a_baseline_recorded_without_the_slot_check(
+    recorded_without_slots: Path, tmp_path: Path
+) -> None:
+    """compare has no flag to turn the check off: it follows the recording (was: always refused)."""
+    with live_fake() as tgt:
+        argv = [
+            "compare",
+            "--baseline",
+            str(recorded_without_slots),
+            "--target",
+            tgt,
+            "-o",
+            str(tmp_path / "o"),
+        ]
+        assert main(argv) == 0

@@ -103,6 +103,8 @@ def compare_config(args: argparse.Namespace, baseline: Baseline | None = None) -
         output_dir=args.out or DEFAULT_OUT,
         limit=args.limit,
         request_timeout_s=args.timeout or DEFAULT_TIMEOUT_S,
+        # the check runs where the recording holds it: compare has no flag to turn it off
+        batch_slot_check=baseline is None or baseline.slot_draws > 0,
     )
     base_path = Path(args.baseline) if baseline is not None else None
     cfg = RunConfig(run=settings, reference=ref, targets=tuple(targets), baseline=base_path)

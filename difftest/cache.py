@@ -11,6 +11,12 @@ loss could cost the last commits, which a resume re-asks. One connection shared 
 the cache safe from threads; async callers call it directly (each operation is a single indexed
 statement, well under a millisecond).
 
+A file that is not such a cache (random bytes, a truncated copy, another program's sqlite with a
+`responses` table of other columns) is set aside as `cache.sqlite.corrupt-<time>` and a new one
+started (`ResponseCache.set_aside` says so): a cache only saves asking again, so asking again is
+the cure, and the old file is kept for whoever wants to look at it. A single row that does not
+read back as a JSON object is a miss (asked again, and overwritten).
+
 The file is created owner-only (0600; sqlite gives its -wal and -shm files the same mode): cached
 answers hold prompts and model output, which are nobody else's business on a shared machine.
 """
@@ -40,7 +46,24 @@ CREATE TABLE IF NOT EXISTS servers (
     name TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS server_history (
+    name TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    seen REAL NOT NULL,
+    PRIMARY KEY (name, fingerprint)
+);
 """
+# the columns each table must have: a foreign `responses` table failed only at the first lookup,
+# after the servers had started
+_COLUMNS = {
+    "responses": ("key", "fingerprint", "request", "response", "created"),
+    "servers": ("name", "fingerprint"),
+    "server_history": ("name", "fingerprint", "seen"),
+}
+
+
+class UnreadableCache(Exception):
+    """The file is no response cache of ours (not sqlite, damaged, other tables)."""
 
 
 def canonical_json(obj: Any) -> str:
@@ -54,27 +77,84 @@ def cache_key(fingerprint: Mapping[str, Any], request: Mapping[str, Any]) -> str
 
 
 class ResponseCache:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, set_aside_unreadable: bool = True) -> None:
+        """Open (or create) the cache at `path`. An unreadable file is renamed aside and replaced
+        by an empty cache (`set_aside` names it), or, with `set_aside_unreadable=False`, raised as
+        `UnreadableCache`. Errors of the folder itself (no permission) are raised as they come."""
         self.path = Path(path)
+        self.set_aside: Path | None = None  # where an unreadable file went
+        self.unreadable: str | None = None  # and why it was
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if str(path) != ":memory:":
-            _create_private(self.path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
         self._hits = self._misses = self._puts = 0
+        try:
+            self._db = self._open()
+        except UnreadableCache as exc:
+            if not set_aside_unreadable or str(path) == ":memory:":
+                raise
+            self.unreadable = str(exc)
+            self.set_aside = self._move_aside()
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        if str(self.path) != ":memory:":
+            _create_private(self.path)
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:  # checked before anything is written: a foreign file is set aside as it was
+            ok = db.execute("PRAGMA quick_check").fetchone()
+            if ok is None or ok[0] != "ok":
+                raise UnreadableCache(f"sqlite's quick_check: {ok[0] if ok else 'no answer'}")
+            for table, wanted in _COLUMNS.items():
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if have and not set(wanted) <= have:
+                    raise UnreadableCache(f"its table {table} has other columns ({', '.join(sorted(have))})")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.OperationalError as exc:
+            if _is_damage(exc):
+                db.close()
+                raise UnreadableCache(str(exc)) from exc
+            db.close()
+            raise  # "unable to open database file", "readonly database": the folder, not the file
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "disk image is malformed"
+            db.close()
+            raise UnreadableCache(str(exc)) from exc
+        except UnreadableCache:
+            db.close()
+            raise
+        return db
+
+    def _move_aside(self) -> Path:
+        """Rename the unreadable file (and its -wal / -shm) to `<name>.corrupt-<UTC time>`."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        os.replace(self.path, target)
+        for extra in ("-wal", "-shm"):
+            side = Path(str(self.path) + extra)
+            if side.exists():
+                os.replace(side, Path(str(target) + extra))
+        return target
 
     def get(self, fingerprint: Mapping[str, Any], request: Mapping[str, Any]) -> dict | None:
+        """The stored answer, or None: not stored, or a row that does not read back as a JSON
+        object (a damaged row is a miss: asked again, and overwritten by the new answer)."""
         key = cache_key(fingerprint, request)
         with self._lock:
-            row = self._db.execute("SELECT response FROM responses WHERE key = ?", (key,)).fetchone()
-            if row is None:
+            try:
+                row = self._db.execute("SELECT response FROM responses WHERE key = ?", (key,)).fetchone()
+                value = json.loads(row[0]) if row is not None else None
+            except (sqlite3.DatabaseError, ValueError, TypeError):
+                value = None
+            if not isinstance(value, dict):
                 self._misses += 1
                 return None
             self._hits += 1
-        return json.loads(row[0])
+        return value
 
     def put(
         self, fingerprint: Mapping[str, Any], request: Mapping[str, Any], response: Mapping[str, Any]
@@ -88,16 +168,35 @@ class ResponseCache:
             self._puts += 1
 
     def remember_server(self, name: str, fingerprint: Mapping[str, Any]) -> None:
-        """Record the fingerprint a named server had, so an offline client can find its entries."""
+        """Record the fingerprint a named server had, so an offline client can find its entries,
+        and keep every one it ever had: keys are content-addressed, so a server back in an earlier
+        state finds that state's answers again (`server_fingerprints`)."""
+        blob = canonical_json(fingerprint)
         with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO servers VALUES (?, ?)", (name, blob))
             self._db.execute(
-                "INSERT OR REPLACE INTO servers VALUES (?, ?)", (name, canonical_json(fingerprint))
+                "INSERT OR REPLACE INTO server_history VALUES (?, ?, ?)", (name, blob, time.time())
             )
 
     def server_fingerprint(self, name: str) -> dict | None:
+        """The fingerprint the named server had last (None: never seen, or unreadable)."""
         with self._lock:
             row = self._db.execute("SELECT fingerprint FROM servers WHERE name = ?", (name,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        return None if row is None else _object(row[0])
+
+    def server_fingerprints(self, name: str) -> list[dict]:
+        """Every fingerprint the named server had, the last one first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT fingerprint FROM server_history WHERE name = ? ORDER BY seen DESC", (name,)
+            ).fetchall()
+        last = self.server_fingerprint(name)
+        out = [last] if last is not None else []
+        for (blob,) in rows:
+            fp = _object(blob)
+            if fp is not None and fp not in out:
+                out.append(fp)
+        return out
 
     def __len__(self) -> int:
         with self._lock:
@@ -125,6 +224,20 @@ class ResponseCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _object(blob: Any) -> dict | None:
+    try:
+        value = json.loads(blob)
+    except (ValueError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _is_damage(exc: sqlite3.OperationalError) -> bool:
+    """An OperationalError that says the file is not our cache (vs. one about the folder)."""
+    text = str(exc).lower()
+    return any(s in text for s in ("no such column", "malformed", "not a database", "no such table"))
 
 
 def _create_private(path: Path) -> None:

@@ -32,7 +32,18 @@ import httpx
 
 from difftest.cache import ResponseCache
 from difftest.errors import CacheMiss, RequestRejected, ServerError, UnreadableBody
-from difftest.identity import canary_request, canary_summary, changed_parts, vouches
+from difftest.identity import (
+    CANARY_BATCH,
+    CANARY_SLOTS,
+    batch_summaries,
+    canary_batch_request,
+    canary_request,
+    canary_summary,
+    changed_parts,
+    jitter,
+    tolerance_for,
+    vouches,
+)
 from difftest.textsafe import LONE_SURROGATE
 from server_shim import debug_protocol as P
 from server_shim.launch import normalise_url
@@ -61,6 +72,7 @@ class ClientStats:
     failures: int  # of those, how many ended in an exception (after retries)
     retries: int  # extra attempts made
     cache_hits: int
+    cache_misses: int = 0  # cacheable completions that were asked (not found in the cache)
 
 
 class CompletionClient:
@@ -115,7 +127,9 @@ class CompletionClient:
         self._fp_lock = asyncio.Lock()
         self._debug_config: dict[str, Any] | None = None
         self._debug_lock = asyncio.Lock()
-        self._requests = self._failures = self._retries = self._hits = 0
+        self._requests = self._failures = self._retries = self._hits = self._misses = 0
+        # what the identity check found, for the run's report (None: nothing to say)
+        self.identity_note: str | None = None
         headers = {"User-Agent": "difftest"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -166,7 +180,7 @@ class CompletionClient:
         return self._retries
 
     def stats(self) -> ClientStats:
-        return ClientStats(self._requests, self._failures, self._retries, self._hits)
+        return ClientStats(self._requests, self._failures, self._retries, self._hits, self._misses)
 
     # ------------------------------------------------------------------ endpoints
     async def completions(
@@ -184,6 +198,7 @@ class CompletionClient:
                 return hit
             if self.offline:
                 raise CacheMiss(f"{self.name}: offline and no cached response for this completions request")
+            self._misses += 1
         body = await self._request("POST", "/v1/completions", json_body=dict(payload), retries=retries)
         data = _as_json(body, self.name, "/v1/completions")
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
@@ -304,38 +319,87 @@ class CompletionClient:
         return self._cache_fp
 
     async def _with_behaviour(self, fp: dict) -> dict:
-        """Add the canary's behaviour to `fp`; when the stored fingerprint is the same server (same
-        configuration, canary within tolerance) return the stored one exactly, so cache keys match.
-        A changed server gets new keys: its old answers are never reused (difftest.identity). So
-        does a server whose canary cannot vouch for it (failed, or no logprobs)."""
+        """Add the canary's behaviour to `fp`; when a stored fingerprint of this server is the same
+        server (same configuration, every canary within the measured tolerance) return that one
+        exactly, so cache keys match. A changed server gets new keys: its old answers are never
+        reused (difftest.identity). So does a server whose canary cannot vouch for it (failed, no
+        logprobs, or no batched answer: a run's answers come from batched requests).
+
+        The canary is asked alone and in a batch, twice each, one after the other (asked side by
+        side they would share a batch): 4 requests, ~1 s on tiny-llama on a CPU."""
         request = canary_request(fp["models"][0] if fp.get("models") else None)
+        behaviour, why = await self._ask_canary(request)
+        if not vouches(behaviour):
+            return self._unvouched(fp, behaviour, f"the identity canary {why}")
+        batched, batch_jitter = await self._ask_batched(request)
+        if "answers" not in batched:
+            return self._unvouched(
+                fp | {"behaviour": behaviour},
+                batched,
+                f"the identity canary could not be sent in a batch ({batched.get('refused')}), so it "
+                "cannot vouch for batched answers",
+            )
+        again, _ = await self._ask_canary(request)
+        noise = max(jitter(behaviour, again), batch_jitter)
+        fp = fp | {"behaviour": behaviour, "behaviour_batched": batched, "canary_jitter": noise}
+        stored = self.cache.server_fingerprints(self.name) if self.cache is not None else []
+        for n, old in enumerate(stored):
+            if not changed_parts(old, fp, tolerance_for(noise, old.get("canary_jitter"))):
+                if n:
+                    self.identity_note = (
+                        "server changed since the last cached run, back to the state of an earlier "
+                        "one: that run's answers are reused"
+                    )
+                    log.warning("%s: %s", self.name, self.identity_note)
+                return old
+        if stored:
+            changed = changed_parts(stored[0], fp, tolerance_for(noise, stored[0].get("canary_jitter")))
+            self.identity_note = (
+                f"server changed since the cached run ({', '.join(changed)}): no cached answer is "
+                "reused, everything asked again"
+            )
+            log.warning("%s: %s", self.name, self.identity_note)
+        return fp
+
+    def _unvouched(self, fp: dict, part: dict, why: str) -> dict:
+        """`fp` with keys of this client's own, so that an answer stored by an earlier run (same
+        text, same error) can never match."""
+        self.identity_note = f"{why}; cached answers are not reused"
+        log.warning("%s: %s", self.name, self.identity_note)
+        key = "behaviour" if "behaviour" not in fp else "behaviour_batched"
+        return fp | {key: part | {"unvouched": secrets.token_hex(8)}}
+
+    async def _ask_canary(self, request: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The canary alone: its summary, and what went wrong if it cannot vouch."""
         try:
             try:
                 answer = await self.completions(request, use_cache=False)
             except RequestRejected:  # a server without logprobs still has greedy tokens to compare
-                request.pop("logprobs")
-                answer = await self.completions(request, use_cache=False)
-            behaviour, why = canary_summary(answer), "came back without logprobs"
+                answer = await self.completions(
+                    {k: v for k, v in request.items() if k != "logprobs"}, use_cache=False
+                )
+            return canary_summary(answer), "came back without logprobs"
         except (RequestRejected, ServerError) as e:
-            behaviour, why = {"error": str(e)}, f"request failed ({e})"
-        if not vouches(behaviour):
-            log.warning("%s: the identity canary %s; cached answers are not reused", self.name, why)
-            # keys of this client's own, so that an answer stored by an earlier run (same text,
-            # same error) can never match
-            return fp | {"behaviour": behaviour | {"unvouched": secrets.token_hex(8)}}
-        fp = fp | {"behaviour": behaviour}
-        old = self.cache.server_fingerprint(self.name) if self.cache is not None else None
-        if old is None:
-            return fp
-        changed = changed_parts(old, fp)
-        if not changed:
-            return old
-        log.warning(
-            "%s: server changed since the cached run (%s); its cached answers are not reused",
-            self.name,
-            ", ".join(changed),
-        )
-        return fp
+            return {"error": str(e)}, f"request failed ({e})"
+
+    async def _ask_batched(self, request: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """The canary's copies in a batch, asked twice: ({"answers": ...} or {"refused": why}, the
+        largest move between the two asks)."""
+        asks = []
+        for _ in range(2):
+            try:
+                answer = await self.completions(canary_batch_request(request), use_cache=False)
+            except (RequestRejected, ServerError) as e:
+                return {"refused": str(e)}, 0.0
+            found = batch_summaries(answer)
+            if isinstance(found, str):
+                return {"refused": found}, 0.0
+            if not all(vouches(s) for s in found):
+                return {"refused": "a copy of the canary came back without logprobs"}, 0.0
+            asks.append(found)
+        moves = [jitter(a, b) for a, b in zip(asks[0], asks[1], strict=True)]
+        placed = {"batch": CANARY_BATCH, "slots": list(CANARY_SLOTS), "answers": asks[0]}
+        return placed, max(moves, default=0.0)
 
     # ------------------------------------------------------------------ transport
     async def _request(

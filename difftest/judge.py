@@ -39,7 +39,7 @@ from difftest.whitebox.activations import LayerThresholds
 from difftest.whitebox.layers import layer_verdict
 from difftest.whitebox.localise import localisation_line
 
-CARRIED_PARTS = ("invariance",)  # judged when measured (batch placements), carried on re-judge
+CARRIED_PARTS = ("invariance", "white-box")  # judged (or skipped) when measured, carried on re-judge
 
 
 def null_for(

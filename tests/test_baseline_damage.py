@@ -194,3 +194,29 @@ def test_compare_judges_a_baseline_recorded_without_the_slot_check(
             str(tmp_path / "o"),
         ]
         assert main(argv) == 0
+
+
+def _old_style(recorded: Path, tmp_path: Path) -> Path:
+    """`recorded` as written before draws were counted: one draw of the slot check."""
+    base = tmp_path / "old"
+    base.mkdir()
+    with gzip.open(recorded / "baseline.json.gz", "rt") as f:
+        doc = json.load(f)
+    doc["signature"].pop("batch_slot_draws")
+    with gzip.open(base / "baseline.json.gz", "wt") as f:
+        json.dump(doc, f)
+    (tmp_path / "p.jsonl").write_text((recorded.parent / "p.jsonl").read_text())
+    return base
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("old", [False, True], ids=["two-draws", "one-draw"])
+def test_the_reference_draws_are_the_recorded_ones(recorded: Path, tmp_path: Path, old: bool) -> None:
+    """An old baseline's one draw was replayed twice and reported as "worst of 2 draws"."""
+    base = _old_style(recorded, tmp_path) if old else recorded
+    if not old:
+        (tmp_path / "p.jsonl").write_text((recorded.parent / "p.jsonl").read_text())
+    with live_fake() as tgt:
+        assert main(["run", str(_config(tmp_path, base, tgt))]) == 0
+    report = (tmp_path / "out" / "report.json").read_text()
+    assert ("worst of 2 draws" in report) is not old

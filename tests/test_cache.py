@@ -87,10 +87,11 @@ async def test_client_hits_skip_the_network(tmp_path: Path) -> None:
         async with server.client(name="ref", cache=cache) as c:
             first = await c.completions(prompts(1)[0])
             again = await c.completions(prompts(1)[0])
-            # + 1: the identity canary (difftest.identity), asked once per cached client
-            assert again == first and server.completions_served == 1 + 1
+            # + 4: the identity canary (difftest.identity), alone and batched, twice each, once
+            # per cached client
+            assert again == first and server.completions_served == 1 + 4
             await c.completions(prompts(1)[0], use_cache=False)
-            assert server.completions_served == 2 + 1
+            assert server.completions_served == 2 + 4
             with pytest.raises(RequestRejected):
                 await c.completions({"prompt": "x", "max_tokens": 1, "logprobs": 99})
             assert c.stats().cache_hits == 1
@@ -100,7 +101,7 @@ async def test_client_hits_skip_the_network(tmp_path: Path) -> None:
 
 async def test_resume_after_a_dead_server_reuses_finished_answers(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
-    dying = FakeServer(die_after=3)  # the identity canary, then two prompts
+    dying = FakeServer(die_after=6)  # the identity canary's 4 requests, then two prompts
     done = []
     with ResponseCache(path) as cache:
         async with dying.client(name="tgt", cache=cache, max_retries=1) as c:
@@ -115,8 +116,8 @@ async def test_resume_after_a_dead_server_reuses_finished_answers(tmp_path: Path
         async with fresh.client(name="tgt", cache=cache) as c:
             resumed = [await c.completions(req) for req in prompts(3)]
     assert resumed[:2] == done
-    # only the canary (same answer: same server) and the unfinished prompt went to the server
-    assert fresh.completions_served == 2
+    # only the canary's 4 (same answers: same server) and the unfinished prompt went to the server
+    assert fresh.completions_served == 4 + 1
     assert resumed[2]["choices"][0]["text"] == fresh.tokenizer.decode(fresh.expected_greedy("prompt 2:", 3))
 
 
@@ -129,7 +130,7 @@ async def test_cache_identity_replaces_a_changing_port(tmp_path: Path) -> None:
                                  cache=cache, cache_identity=spec)  # fmt: skip
             await c.completions(prompts(1)[0])
             await c.aclose()
-    assert server.completions_served == 1 + 2  # one prompt + one identity canary per client
+    assert server.completions_served == 1 + 2 * 4  # one prompt + the identity canary's 4 per client
 
 
 async def test_offline_replays_and_misses_clearly(tmp_path: Path) -> None:

@@ -57,13 +57,18 @@ def _log(path: Path) -> list[dict]:
     """The requests a fake engine logged; `run` marks the cacheable ones of the run itself (they
     carry a seed; the cache identity's canary does too, but is asked fresh on purpose)."""
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return [r | {"run": r["run"] and r["prompt"] != CANARY_PROMPT} for r in rows if not r.get("answered")]
+    return [r | {"run": r["run"] and not _canary(r["prompt"])} for r in rows if not r.get("answered")]
+
+
+def _canary(prompt: object) -> bool:
+    """The identity canary, asked alone or in a batch (a prompt list holding it)."""
+    return prompt == CANARY_PROMPT or isinstance(prompt, list) and CANARY_PROMPT in prompt
 
 
 def _answered(path: Path) -> int:
     """Run requests whose answer the engine sent in full before it died."""
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return sum(1 for r in rows if r.get("answered") and r["run"] and r["prompt"] != CANARY_PROMPT)
+    return sum(1 for r in rows if r.get("answered") and r["run"] and not _canary(r["prompt"]))
 
 
 def _cached(db: Path, server: str) -> int:

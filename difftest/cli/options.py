@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,11 +87,32 @@ def out_folder(text: str) -> Path:
 
 
 def output_folder_problem(path: Path) -> str | None:
-    """Why `path` cannot hold a report (None: it can): a file there, or a folder mkdir refuses."""
+    """Why `path` cannot hold a report (None: it can): a file there, a folder mkdir refuses, or an
+    existing folder no file can be created in (read-only, immutable, another user's): refused now,
+    not as a traceback when the cache is opened."""
     if path.exists() and not path.is_dir():
         return f"{path} is a file, not a folder"
+    if path.is_dir():
+        why = writable_problem(path)
+        return None if why is None else f"cannot write into folder {path}: {why}"
     why = folder_problem(path)
     return None if why is None else f"cannot create folder {path}: {why}"
+
+
+def writable_problem(path: Path) -> str | None:
+    """Why no file can be made in the existing folder `path` (None: one can). os.access first (it
+    knows read-only mounts and immutable folders, even for root), then a probe file for what it
+    does not know (ACLs, network file systems)."""
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "permission denied"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".difftest-probe-", dir=path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
 
 
 def folder_problem(path: Path) -> str | None:

@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from difftest.errors import UnreadableCache
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     key TEXT PRIMARY KEY,
@@ -60,10 +62,6 @@ _COLUMNS = {
     "servers": ("name", "fingerprint"),
     "server_history": ("name", "fingerprint", "seen"),
 }
-
-
-class UnreadableCache(Exception):
-    """The file is no response cache of ours (not sqlite, damaged, other tables)."""
 
 
 def canonical_json(obj: Any) -> str:

@@ -71,6 +71,11 @@ class CacheMiss(UsageError):
     """An offline run needed a response (or fingerprint) that the cache does not hold."""
 
 
+class UnreadableCache(UsageError):
+    """A response cache file that is no cache of ours (not sqlite, damaged, other tables); a run
+    sets it aside and asks everything again (difftest.cache)."""
+
+
 class ConformanceError(DifftestError):
     """The servers cannot be compared, or one of them cannot do what the command needs."""
 

@@ -22,11 +22,11 @@ from fakes import FAKE_URL, FakeServer
 from live_fakes import live_fake
 from test_runner import write_config
 
-from difftest.cache import ResponseCache, UnreadableCache
+from difftest.cache import ResponseCache
 from difftest.cli import main
 from difftest.cli import options as cli_options
 from difftest.client import CompletionClient
-from difftest.errors import UsageError
+from difftest.errors import UnreadableCache, UsageError
 from difftest.identity import (
     CANARY_BATCH,
     CANARY_SLOTS,

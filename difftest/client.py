@@ -378,7 +378,13 @@ class CompletionClient:
                 answer = await self.completions(
                     {k: v for k, v in request.items() if k != "logprobs"}, use_cache=False
                 )
-            return canary_summary(answer), "came back without logprobs"
+            summary = canary_summary(answer)
+            given = [v for v in summary["token_logprobs"] if v is not None]
+            return summary, (
+                "came back with logprobs that are no finite numbers (NaN, an infinity, a null)"
+                if given
+                else "came back without logprobs"
+            )
         except (RequestRejected, ServerError) as e:
             return {"error": str(e)}, f"request failed ({e})"
 

@@ -354,7 +354,7 @@ def _check_logprobs_are_the_text(p: _Probe, view: TokensView, finish_reason: Any
 
 def _check_no_nan(p: _Probe, view: TokensView, what: str) -> None:
     """NaN, a logprob above 0, top probabilities over 1: nothing such a server serves can be judged."""
-    problem = impossible_logprobs(view)
+    problem = impossible_logprobs(view, greedy=what == "generation")
     if problem:
         raise ConformanceError(f"{p.where}: {problem} in its {what}: nothing it serves can be judged")
 

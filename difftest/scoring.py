@@ -47,7 +47,11 @@ def score_prompt(
     # its tokens. An impossible answer always fails.
     tgt_nan = False
     for side, gen in (("baseline", ref), ("target", tgt)):
-        problem = impossible_logprobs(gen.view, where="generated positions") if gen.error is None else None
+        problem = (
+            impossible_logprobs(gen.view, where="generated positions", greedy=True)
+            if gen.error is None
+            else None
+        )
         if problem:
             errors.append(f"{side}: {problem}")
             tgt_nan = tgt_nan or side == "target"

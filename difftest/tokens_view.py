@@ -252,10 +252,11 @@ def nan_positions(view: TokensView) -> list[int]:
     ]
 
 
-def impossible_logprobs(view: TokensView, *, where: str = "positions") -> str | None:
+def impossible_logprobs(view: TokensView, *, where: str = "positions", greedy: bool = False) -> str | None:
     """Why some position's numbers cannot be log-probabilities, or None: NaN, a logprob above 0,
     or top alternatives whose probabilities add up to more than 1 (probabilities sent in the
-    logprob slot, a lost sign). Never noise: judged as a broken answer, never scored as a KL."""
+    logprob slot, a lost sign); with `greedy` (a temperature-0 generation), a chosen token of
+    probability 0. Never noise: judged as a broken answer, never scored as a KL."""
     nan = nan_positions(view)
     if nan:
         return f"NaN logprobs at {where} {nan[:8]} (NaN always fails)"
@@ -267,6 +268,9 @@ def impossible_logprobs(view: TokensView, *, where: str = "positions") -> str | 
     ]
     if above:
         return f"logprobs above 0 at {where} {above[:8]} (probabilities sent as logprobs, or a lost sign?)"
+    never = [i for i, p in enumerate(view.positions) if greedy and p.logprob == -math.inf]
+    if never:  # the argmax of a distribution has probability >= 1 / vocabulary, never 0
+        return f"chosen tokens of probability 0 (-inf logprob) at {where} {never[:8]}: greedy decoding never picks one"
     for i, p in enumerate(view.positions):
         total = sum(math.exp(v) for v in p.top.values())
         if total > math.exp(LOGPROB_SLACK):

@@ -63,6 +63,15 @@ def test_values_that_cannot_be_logprobs_are_named(block: dict, problem: str) -> 
     assert problem in (impossible_logprobs(parse_logprobs(block, text="a")) or "")
 
 
+def test_a_greedy_token_of_probability_0_is_impossible_an_echoed_one_is_not() -> None:
+    """-Infinity at a generated position was scored (KL inf) instead of failing as a broken answer."""
+    view = parse_logprobs(
+        {"tokens": ["a"], "token_logprobs": [-math.inf], "top_logprobs": [{"b": -0.1}]}, text="a"
+    )
+    assert "chosen tokens of probability 0" in (impossible_logprobs(view, greedy=True) or "")
+    assert impossible_logprobs(view) is None  # an echoed prompt token may have underflowed to 0
+
+
 def test_rounding_above_zero_is_not_impossible() -> None:
     """A float32 log-softmax gives the certain token +1e-7; bf16 about 1e-2: both are answers."""
     view = parse_logprobs(
@@ -177,10 +186,25 @@ async def test_a_200_carrying_an_error_says_the_servers_message() -> None:
 
 
 @pytest.mark.slow
-def test_text_that_contradicts_identical_ids_is_named(tmp_path: Path) -> None:
+def test_text_that_contradicts_identical_ids_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Same ids, garbled text: scored exact with no word before (token metrics compare ids)."""
     code, out = _run(tmp_path, FakeBehaviour(fault="garbled-text", fault_match="dog is"))
     acc = load_run(out).targets[0].comparison("accuracy")
     assert code == 0 and acc is not None
     (note,) = [w for w in acc.warnings if "other text for the same generated token ids" in w]
     assert f"on 1 prompt(s) (p{PROMPTS.index('the lazy dog is')})" in note
+    assert "other text for the same generated token ids" in " ".join(capsys.readouterr().out.split())
+
+
+async def test_a_nan_canary_is_named_as_such() -> None:
+    """It was reported as "came back without logprobs", which sends a user looking for a cap."""
+    from difftest.cache import ResponseCache
+
+    client = FakeServer(FakeBehaviour(fault="nan-logprobs")).client(
+        "tgt", max_retries=0, cache=ResponseCache(":memory:")
+    )
+    async with client:
+        await client.completions({"prompt": "a", "max_tokens": 1})
+    assert client.identity_note is not None and "no finite numbers" in client.identity_note

@@ -67,6 +67,8 @@ def render_summary(run: RunResult, console: Console, *, report_dir: Path | None 
         console.print(head)
         for c in t.comparisons:
             console.print(Text(f"  {c.kind} vs {c.baseline}: {len(c.prompts)} prompts"))
+            for w in c.warnings:  # what the pair is not (other text over the same ids, input counts)
+                console.print(Text(f"    warning: {w}", style="yellow"))
         loc = localisation_line(t)
         if loc and label != "PASS":
             console.print(Text(f"  localisation: {loc}", style="yellow"))

@@ -8,10 +8,10 @@ negative control PASSed. `rounding_noise = "0.05"` on a target reached its golde
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
+from test_config import MINIMAL, write
 
 from difftest.config import load_config
 from difftest.errors import ConfigError
@@ -22,25 +22,8 @@ FAULT = "ue8m0-rounding@model.layers.2.mlp.down_proj"
 
 
 def _config(tmp_path: Path, target_lines: str) -> Path:
-    (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
-    path = tmp_path / "c.toml"
-    body = f"""
-        [run]
-        prompts = "p.jsonl"
-
-        [reference]
-        model = "tiny-llama"
-
-        [[target]]
-        name = "t"
-        model = "tiny-llama"
-        quant = "fp8-block"
-        golden = "auto"
-        expect = "fail"
-        {target_lines}
-    """
-    path.write_text(textwrap.dedent(body).lstrip("\n"))
-    return path
+    """test_config's minimal config, its target expected to fail, with `target_lines` added."""
+    return write(tmp_path, f'{MINIMAL}expect = "fail"\n{target_lines}\n', "c.toml")
 
 
 @pytest.mark.parametrize(

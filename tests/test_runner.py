@@ -60,6 +60,21 @@ def write_config(tmp: Path, ref: str, targets: list[dict], *, extra_run: str = "
     return path
 
 
+def run_with_golden(tmp_path: Path, apps: dict, whitebox: str) -> int:
+    """`difftest run` of target "t" with golden "g" against reference "ref", each served by its
+    app in `apps` (keys "ref", "gold", "tgt"), without the batch-slot check; report in tmp/out."""
+    with (
+        live_fake(app=apps["ref"]) as ref,
+        live_fake(app=apps["gold"]) as gold,
+        live_fake(app=apps["tgt"]) as tgt,
+    ):
+        cfg = write_config(
+            tmp_path, ref, [{"name": "t", "url": tgt, "golden": {"name": "g", "url": gold}}],
+            extra_run=f'whitebox = "{whitebox}"\nbatch_slot_check = false',
+        )  # fmt: skip
+        return main(["run", str(cfg), "-o", str(tmp_path / "out")])
+
+
 def test_identical_servers_pass_and_exit_0(tmp_path: Path) -> None:
     with live_fake() as ref, live_fake() as tgt, live_fake() as gold:
         cfg = write_config(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fakes import FAKE_URL, FakeBehaviour, FakeServer, make_fake_app
 from live_fakes import live_fake
-from test_runner import write_config
+from test_runner import run_with_golden, write_config
 
 from difftest.cli import main
 from difftest.errors import ConformanceError, InfraError
@@ -56,17 +56,7 @@ def test_a_run_asks_each_server_for_its_debug_config_once(tmp_path: Path) -> Non
     """`difftest run` with the white-box part on: the probe's GET is the only one per server (the
     cache fingerprint and the layer diff read the client's copy). It used to be five for a target."""
     apps = {name: make_fake_app(FakeBehaviour(debug=True)) for name in ("ref", "gold", "tgt")}
-    with (
-        live_fake(app=apps["ref"]) as ref,
-        live_fake(app=apps["gold"]) as gold,
-        live_fake(app=apps["tgt"]) as tgt,
-    ):
-        cfg = write_config(
-            tmp_path, ref, [{"name": "t", "url": tgt, "golden": {"name": "g", "url": gold}}],
-            extra_run='whitebox = "on"\nbatch_slot_check = false',
-        )  # fmt: skip
-        code = main(["run", str(cfg), "-o", str(tmp_path / "out")])
-    assert code == 0
+    assert run_with_golden(tmp_path, apps, "on") == 0
     for name, app in apps.items():
         assert app.state.fake.requests.count(("GET", "/debug/config")) == 1, name
 

@@ -13,24 +13,14 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeBehaviour, make_fake_app
-from live_fakes import live_fake
-from test_runner import write_config
+from test_runner import run_with_golden
 
 from difftest.cli import main
 
 
 def _run(tmp_path: Path, capsys: pytest.CaptureFixture, debug: dict[str, bool]) -> tuple[int, str, str, dict]:
     apps = {name: make_fake_app(FakeBehaviour(debug=on)) for name, on in debug.items()}
-    with (
-        live_fake(app=apps["ref"]) as ref,
-        live_fake(app=apps["gold"]) as gold,
-        live_fake(app=apps["tgt"]) as tgt,
-    ):
-        cfg = write_config(
-            tmp_path, ref, [{"name": "t", "url": tgt, "golden": {"name": "g", "url": gold}}],
-            extra_run='whitebox = "auto"\nbatch_slot_check = false',
-        )  # fmt: skip
-        code = main(["run", str(cfg), "-o", str(tmp_path / "out")])
+    code = run_with_golden(tmp_path, apps, "auto")
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     return code, out, (tmp_path / "out" / "report.md").read_text(), report

@@ -213,6 +213,18 @@ def test_piped_tables_are_not_cut(capsys) -> None:
     assert name in out and "0.999123" in out and "…" not in out
 
 
+def test_a_clean_layer_diff_says_what_the_replay_cannot_see(capsys) -> None:
+    """slot-tile (slot 16 on) left `difftest layers` at "no divergence", exit 0, without a word."""
+    from difftest.cli.layers import REPLAY_SLOTS_NOTE, render_layers
+    from difftest.cli.options import console
+    from difftest.results import LayerDiff
+
+    render_layers(LayerDiff("ref", "accuracy", [], summary="no divergence vs ref"), "t", console())
+    assert " ".join(REPLAY_SLOTS_NOTE.split()) in " ".join(capsys.readouterr().out.split())
+    render_layers(LayerDiff("ref", "accuracy", [], summary="x", guilty_module="m"), "t", console())
+    assert "batch slots 0 and 1" not in capsys.readouterr().out
+
+
 def test_quick_look_writes_its_json_into_the_out_folder(tmp_path: Path, capsys) -> None:
     with live_fake() as ref, live_fake() as tgt:
         argv = ["compare", "--ref", ref, "--target", tgt, "--prompt", "1+2+3=", "-o", str(tmp_path / "look")]

@@ -72,8 +72,17 @@ def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points:
         )  # fmt: skip
     console.print(table)
     console.print(f"{target} vs {diff.against}: {diff.summary}")
+    if not diff.guilty_module and diff.first_divergent_layer is None:
+        console.print(REPLAY_SLOTS_NOTE)
     for w in diff.warnings:
         console.print(f"warning: {w}", style="yellow")
+
+
+# what a clean layer diff cannot vouch for (a fault from slot 16 on, the shim's slot-tile, passed it)
+REPLAY_SLOTS_NOTE = (
+    "note: the replay runs each module in batch slots 0 and 1 only; a fault that acts from a later "
+    "slot is the batch-slot check's (difftest run, batch_slot_check = true)"
+)
 
 
 def diff_failed(diff: LayerDiff, scheme: str | None = None, thresholds: Any = None) -> bool:

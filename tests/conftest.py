@@ -3,7 +3,27 @@ a test that quantizes or mutates a model loads its own copy with `load_model`)."
 
 from __future__ import annotations
 
+import ast
 import os
+import threading
+
+# CPython 3.11's ast.parse is not thread-safe: converting the tree to Python objects keeps one
+# recursion counter per interpreter, so two threads parsing at once can raise "SystemError: AST
+# constructor recursion depth mismatch". A test process has more than one parser: hypothesis reads
+# lambdas' source while schemathesis fuzzes the shim (tests/test_fuzz.py), Triton's JIT and
+# interpreter parse kernels, in whatever thread runs them. A fresh-clone CI run failed once with
+# that SystemError in the fuzz test (POST /tokenize, not reproduced on replay). One lock
+# serialises every ast.parse of the process (hypothesis and Triton both call it by that name).
+_PARSE_LOCK = threading.RLock()
+_unlocked_parse = ast.parse
+
+
+def _locked_parse(*args, **kwargs):  # type: ignore[no-untyped-def]
+    with _PARSE_LOCK:
+        return _unlocked_parse(*args, **kwargs)
+
+
+ast.parse = _locked_parse
 
 # Before anything loads torch: idle OpenMP threads sleep instead of spinning. Two xdist workers,
 # their in-process torch and the servers they start share 2 cores in CI; spinning threads that

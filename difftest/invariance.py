@@ -222,7 +222,7 @@ class InvarianceResult:
 
     @property
     def _draws(self) -> str:
-        return f" (worst of {self.baseline_draws} draws)" if self.baseline_draws > 1 else ""
+        return _worst_of(self.baseline_draws)
 
     @property
     def worst_logprob_diff(self) -> float:
@@ -352,11 +352,9 @@ class InvarianceResult:
         batches = " and ".join(_strict_name(wide) for wide in self.strict_batches)
         limit, note = self.tolerance, f"chosen-token logprob, {batches} against their slot 0"
         if self.baseline_strict_worst is not None and 3 * self.baseline_strict_worst > limit:
-            draws = len(self.baseline_draw_strict_worst)
             limit, note = (
                 3 * self.baseline_strict_worst,
-                f"{note}; 3x {self.baseline}'s own move there"
-                + (f" (worst of {draws} draws)" if draws > 1 else ""),
+                f"{note}; 3x {self.baseline}'s own move there{_worst_of(len(self.baseline_draw_strict_worst))}",
             )
         if self.repeat_worst is not None and 3 * self.repeat_worst > limit:
             limit, note = (
@@ -401,6 +399,11 @@ class InvarianceResult:
         # after the strict worst: `is_tie` reads it
         self.baseline_draw_flips = [self.flips(d.placements) for d in measured]
         return self
+
+
+def _worst_of(draws: int) -> str:
+    """How many of the baseline's draws a limit is the worst of (nothing for one draw)."""
+    return f" (worst of {draws} draws)" if draws > 1 else ""
 
 
 def _lost(draws: Sequence[InvarianceResult]) -> str:

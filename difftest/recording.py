@@ -87,7 +87,7 @@ async def record_reference(
 
             for _ in range(SLOT_BASELINE_DRAWS):
                 await check_batch_slots(ep, prompts, max_tokens=min(max_tokens, 16), k=k)
-                slot_draws += 1
+            slot_draws = SLOT_BASELINE_DRAWS
     finally:
         await client.aclose()
     if failed:

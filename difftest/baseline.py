@@ -43,7 +43,7 @@ from typing import Annotated, Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from difftest.errors import UsageError
+from difftest.errors import UsageError, first_invalid
 from difftest.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,7 @@ def recorded_exchanges(items: Any) -> list[RecordedExchange]:
     try:
         return _EXCHANGES.validate_python(items)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "exchanges" + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"])
-        raise ValueError(f"{where}: {first['msg']}") from None
+        raise ValueError(first_invalid(exc, "exchanges")) from None
 
 
 @dataclass

@@ -124,6 +124,14 @@ class UnreadableBody(ServerError):
     """A server's answer that the differ cannot parse: not JSON, or not a readable safetensors body."""
 
 
+def first_invalid(exc: Any, root: str = "") -> str:
+    """`root[3].responses[0].status: Field required`: where a pydantic ValidationError's first
+    error sits and what it says, for a one-line message (the whole list can run to pages)."""
+    first = exc.errors()[0]
+    where = root + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"])
+    return f"{where.lstrip('.')}: {first['msg']}"
+
+
 def exit_code_for(exc: BaseException) -> int | None:
     """The exit code of an error `main()` reports in one line, or None for a bug (a traceback)."""
     if isinstance(exc, DifftestError):

@@ -219,10 +219,21 @@ _KEYED_FLAGS: dict[str, str] = {o.argv_flag: o.name for o in SPEC_OPTIONS} | {
 }  # fmt: skip
 
 
+# Flags the launcher owns with no key: a second --host after the launcher's would win (argparse
+# keeps the last) and bind a test's server beyond loopback.
+_LAUNCHER_FLAGS = ("--host",)
+
+
 def _check_extra_args(extra: Sequence[str]) -> None:
     """Refuse a flag in a shim's `extra_args` that the table has a key for: one way to say it."""
     for arg in extra:
         flag = arg.split("=", 1)[0]
+        if flag in _LAUNCHER_FLAGS:
+            raise SpecError(
+                f"key 'extra_args': {flag} is set by difftest (launched servers bind 127.0.0.1 only); "
+                "to test a server elsewhere, start it yourself and give its 'url'",
+                key="extra_args",
+            )
         if flag in _KEYED_FLAGS:
             key = _KEYED_FLAGS[flag]
             raise SpecError(

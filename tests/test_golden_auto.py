@@ -50,6 +50,15 @@ def test_a_keyed_flag_in_extra_args_is_a_config_error(
     assert info.value.exit_code == 2 and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("args", [["--host", "0.0.0.0"], ["--host=0.0.0.0"]])
+def test_extra_args_cannot_move_a_launched_shim_off_loopback(tmp_path: Path, args: list[str]) -> None:
+    """argparse keeps the last --host: the launcher's 127.0.0.1 would lose to this one."""
+    quoted = ", ".join(f'"{a}"' for a in args)
+    with pytest.raises(ConfigError, match=r"extra_args': --host is set by difftest .*127\.0\.0\.1") as info:
+        load_config(_config(tmp_path, f"extra_args = [{quoted}]"))
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+
+
 def test_extra_args_without_a_key_still_reach_the_shim_and_its_golden(tmp_path: Path) -> None:
     cfg = load_config(_config(tmp_path, 'extra_args = ["--max-batch-size", "4"]'))
     (t,) = cfg.targets

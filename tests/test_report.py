@@ -422,8 +422,8 @@ def test_load_run_rejects_other_schema_version(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("where", "value", "named"),
-    [(("targets", 0, "name"), None, "targets.0.name"), (("warnings",), None, "warnings"),
-     (("targets", 0, "comparisons", 0, "aggregate"), None, "targets.0.comparisons.0.aggregate")],
+    [(("targets", 0, "name"), None, "targets[0].name"), (("warnings",), None, "warnings"),
+     (("targets", 0, "comparisons", 0, "aggregate"), None, "targets[0].comparisons[0].aggregate")],
 )  # fmt: skip
 def test_load_run_names_a_field_of_the_wrong_type(
     tmp_path: Path, where: tuple, value: object, named: str

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from difftest.errors import UsageError
+from difftest.errors import UsageError, first_invalid
 from difftest.results import SCHEMA_VERSION, RunResult
 
 REPORT_MODE = 0o644  # group-readable, never world-writable
@@ -87,11 +87,7 @@ def load_run(path: Path | str) -> RunResult:
     try:  # from_dict takes fields as they come: a null name or aggregate crashed the renderers later
         _result_types().validate_python(dataclasses.asdict(run))
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise UsageError(
-            f"{path}: report.json does not fit the result model ({where}: {first['msg']})"
-        ) from None
+        raise UsageError(f"{path}: report.json does not fit the result model ({first_invalid(e)})") from None
     _held_to_expect(run, path)
     return run
 

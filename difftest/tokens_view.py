@@ -318,8 +318,21 @@ def _top(value: Any, i: int, *, keyed_by_id: bool = False) -> Mapping[TopKey, fl
     for key, lp in items:
         tid = parse_token_id(key) if isinstance(key, str) else key if isinstance(key, int) else None
         num = _num(lp, f"top_logprobs[{i}][{key!r}]")
-        out[tid if tid is not None else str(key)] = math.nan if num is None else num
+        value = math.nan if num is None else num
+        slot = tid if tid is not None else str(key)
+        # A list may name one string twice (two ids that decode alike, e.g. byte-fallback pieces
+        # as "\ufffd"): the string's probability is their sum. Keeping the later one dropped the
+        # other's mass, and which one came later can differ between two servers.
+        out[slot] = _log_add(out[slot], value) if slot in out else value
     return out
+
+
+def _log_add(a: float, b: float) -> float:
+    """log(exp(a) + exp(b)) without overflow; NaN stays NaN (it always fails later)."""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    hi, lo = max(a, b), min(a, b)
+    return hi if lo == -math.inf else hi + math.log1p(math.exp(lo - hi))
 
 
 def prompt_tokens(resp: Any) -> int | None:

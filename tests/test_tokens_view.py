@@ -72,6 +72,23 @@ def test_list_style_top_and_missing_optional_fields() -> None:
     assert math.isnan(nan.logprobs[0])
 
 
+def test_a_string_listed_twice_holds_both_probabilities() -> None:
+    """Two ids that decode to one string (byte-fallback pieces shown as U+FFFD): 0.2 + 0.1 = 0.3,
+    in either order; the later one alone (0.1) dropped a third of the string's mass."""
+    two = [{"token": "\ufffd", "logprob": math.log(0.2)}, {"token": "a", "logprob": math.log(0.5)},
+           {"token": "\ufffd", "logprob": math.log(0.1)}]  # fmt: skip
+    for tops in (two, two[::-1]):
+        v = parse_logprobs({"tokens": ["a"], "token_logprobs": [math.log(0.5)], "top_logprobs": [tops]})
+        assert v.positions[0].top["\ufffd"] == pytest.approx(math.log(0.3), abs=1e-12)
+        assert v.positions[0].top["a"] == pytest.approx(math.log(0.5), abs=1e-12)
+    never = [{"token": "b", "logprob": float("-inf")}, {"token": "b", "logprob": math.log(0.25)}]
+    v = parse_logprobs({"tokens": ["a"], "token_logprobs": [-1.0], "top_logprobs": [never]})
+    assert v.positions[0].top["b"] == pytest.approx(math.log(0.25), abs=1e-12)
+    nan = [{"token": "b", "logprob": None}, {"token": "b", "logprob": -1.0}]
+    v = parse_logprobs({"tokens": ["a"], "token_logprobs": [-1.0], "top_logprobs": [nan]})
+    assert math.isnan(v.positions[0].top["b"])  # a null alternative still fails as NaN
+
+
 def test_no_logprobs_gives_an_empty_view() -> None:
     v = parse_choice({"text": "abc", "logprobs": None})
     assert len(v) == 0 and v.text == "abc" and v.top_keys == "none" and v.token_ids == ()

@@ -247,3 +247,17 @@ def test_scale_shuffle_refusal_looks_at_values_not_only_shapes() -> None:
         quantize_model(model, scheme="fp8-block", faults=["scale-shuffle-ignored@0"])
     model = nn.Sequential(nn.Linear(256, 256))
     quantize_model(model, scheme="fp8-block", faults=["scale-shuffle-ignored@0"])
+
+
+def test_scale_transpose_refusal_looks_at_values_not_only_shapes() -> None:
+    """A [2, 2] grid of four equal scales reads the same transposed; the old shape rule (more than
+    one row and column) accepted it and the negative control passed silently."""
+    model = nn.Sequential(nn.Linear(256, 256))
+    with torch.no_grad():
+        model[0].weight.fill_(0.01)  # every 128x128 block alike: one scale value
+    with pytest.raises(QuantConfigError, match=r"scale-transposed would change nothing.*0 \[2, 2\]"):
+        quantize_model(model, scheme="fp8-block", faults=["scale-transposed@0"])
+    model = nn.Sequential(nn.Linear(256, 256))
+    with torch.no_grad():
+        model[0].weight[:128, 128:] *= 3  # scale (0, 1) differs from (1, 0): the transpose moves it
+    quantize_model(model, scheme="fp8-block", faults=["scale-transposed@0"])

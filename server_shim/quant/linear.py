@@ -342,28 +342,15 @@ class QuantSummary:
     skipped: tuple[str, ...] = ()
 
 
-def _refuse_noop_transpose(model: nn.Module, fault_map: dict[str, FaultSet]) -> None:
-    """scale-transposed reads a scale grid with swapped strides: on a grid of one row or one column
-    (tiny-llama's fp8-block down_proj: [1, 2]) that reads the same values, so the "faulty" target
-    computes exactly what a correct one does and a negative control built on it passes, silently.
-    Such a fault is refused, naming what it matched."""
-    names = [n for n, fs in fault_map.items() if fs.scale_transposed]
-    if not names:
-        return
-    shapes = {
-        n: [
-            tuple(v.shape)
-            for k, v in model.get_submodule(n).stored_tensors().items()
-            if k.endswith("weight_scale")
-        ]
-        for n in names
-    }
-    if not any(len(sh) >= 2 and sh[-1] > 1 and sh[-2] > 1 for grids in shapes.values() for sh in grids):
-        shown = ", ".join(f"{n} {list(grids[0]) if grids else '?'}" for n, grids in list(shapes.items())[:3])
-        raise QuantConfigError(
-            f"fault scale-transposed would change nothing: every module it matches has a scale grid of one "
-            f"row or one column ({shown}); transposing it reads the same scales"
-        )
+# A scale fault reads the stored grid another way; where that way reads the same values a
+# "faulty" target computes what a correct one does, and a negative control built on it passes,
+# silently. (fault, FaultSet field, where it reads the same scales)
+_SCALE_READ_FAULTS = (
+    ("scale-transposed", "scale_transposed", "a grid of one row or one column, or equal scales where "
+     "the swapped strides land; transposing it reads the same scales"),
+    ("scale-shuffle-ignored", "scale_shuffle_ignored", "the shuffle leaves the scales in place (a grid "
+     "of one row, or equal rows where it swaps them); reading them unshuffled reads the same scales"),
+)  # fmt: skip
 
 
 def _weights_of(mod: nn.Module) -> list[F.QuantizedWeight]:
@@ -373,28 +360,27 @@ def _weights_of(mod: nn.Module) -> list[F.QuantizedWeight]:
     return [mod.expert_weight(tag, e) for tag in ("gate_up", "down") for e in range(mod.num_experts)]
 
 
-def _refuse_noop_shuffle(model: nn.Module, fault_map: dict[str, FaultSet]) -> None:
-    """scale-shuffle-ignored reads the stored (shuffled) scale rows without unshuffling them: on a
-    grid of one row the shuffle is the identity (tiny-llama's fp8-block q/k/v/o_proj and down_proj),
-    and where the rows it swaps hold equal scales it moves nothing, so the "faulty" target computes
-    what a correct one does and a negative control built on it passes, silently. Refused, like a
-    no-op scale-transposed, when no module it matches reads other scales than a correct one."""
-    names = [n for n, fs in fault_map.items() if fs.scale_shuffle_ignored]
-    if not names:
-        return
-    for n in names:
-        fs = fault_map[n]
-        for qw in _weights_of(model.get_submodule(n)):
-            wrong = read_weight(qw, fs)[1]
-            right = read_weight(qw, replace(fs, scale_shuffle_ignored=False))[1]
-            if not torch.equal(wrong, right):
-                return
-    shown = ", ".join(f"{n} {list(_weights_of(model.get_submodule(n))[0].scales.shape)}" for n in names[:3])
-    raise QuantConfigError(
-        f"fault scale-shuffle-ignored would change nothing: in every module it matches the shuffle leaves "
-        f"the scales in place (a grid of one row, or equal rows where it swaps them) ({shown}); "
-        "reading them unshuffled reads the same scales"
-    )
+def _refuse_noop_scale_faults(model: nn.Module, fault_map: dict[str, FaultSet]) -> None:
+    """Refuse a scale fault when no module it matches reads other scales than a correct one
+    (tiny-llama's fp8-block down_proj: a [1, 2] grid; its attention projections: [1, 1]). Judged on
+    the values `read_weight` gives with and without the fault, not on shapes: a shape rule missed
+    equal scales. A glob that also matches a module where the fault acts is accepted."""
+    for fault, flag, why in _SCALE_READ_FAULTS:
+        names = [n for n, fs in fault_map.items() if getattr(fs, flag)]
+        if not names or any(_moves_scales(model.get_submodule(n), fault_map[n], flag) for n in names):
+            continue
+        shown = ", ".join(
+            f"{n} {list(_weights_of(model.get_submodule(n))[0].scales.shape)}" for n in names[:3]
+        )
+        raise QuantConfigError(
+            f"fault {fault} would change nothing: in every module it matches {why} ({shown})"
+        )
+
+
+def _moves_scales(mod: nn.Module, fs: FaultSet, flag: str) -> bool:
+    """Whether some weight of `mod` reads other scales with the fault than without it."""
+    clean = replace(fs, **{flag: False})
+    return any(not torch.equal(read_weight(qw, fs)[1], read_weight(qw, clean)[1]) for qw in _weights_of(mod))
 
 
 def quantize_model(model: nn.Module, *, scheme: str, backend: str = "auto", skip: Sequence[str] = (),
@@ -443,8 +429,7 @@ def quantize_model(model: nn.Module, *, scheme: str, backend: str = "auto", skip
                                                faults=fs, ck_free=ck, layout=layout, device=device)  # fmt: skip
         setattr(parent, child, new)
         logger.debug("quant %s -> %s/%s%s", name, scheme, chosen, f" (fallback: {reason})" if reason else "")
-    _refuse_noop_transpose(model, fault_map)
-    _refuse_noop_shuffle(model, fault_map)
+    _refuse_noop_scale_faults(model, fault_map)
     if reason:
         logger.warning(
             "quant %s: backend %s for %d modules (fallback: %s)", scheme, chosen, len(targets), reason

@@ -76,6 +76,9 @@ class NoiseFloor:
         nans = sorted(k for k, v in kwargs.items() if isinstance(v, float) and math.isnan(v))
         if nans:
             raise NoiseFloorError(f"noise-floor file has NaN for {', '.join(nans)}: no usable floor")
+        for f in dataclasses.fields(cls):
+            if f.name in kwargs:
+                _check_field(f.name, kwargs[f.name], f.type)
         if "how" in kwargs:
             kwargs["how"] = tuple(kwargs["how"])
         try:
@@ -99,6 +102,25 @@ def _enc(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
     return v
+
+
+def _check_field(name: str, value: Any, hint: Any) -> None:
+    """A value of the field's kind: a string where a number belongs ("0.001") loaded, and the
+    run crashed at judge time, after every server had answered. Floors and counts are never
+    negative (a negative floor would make a limit no correct target can meet)."""
+    hint = str(hint)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if hint.startswith("float"):
+        ok = (value is None and "None" in hint) or (number and value >= 0)
+        kind = "a number >= 0" + (" or null" if "None" in hint else "")
+    elif hint == "int":
+        ok, kind = isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an integer >= 0"
+    elif hint == "str":
+        ok, kind = isinstance(value, str), "a string"
+    else:  # how: a list of strings
+        ok, kind = isinstance(value, list) and all(isinstance(x, str) for x in value), "a list of strings"
+    if not ok:
+        raise NoiseFloorError(f"noise-floor file: {name} is {json.dumps(value)}, not {kind}")
 
 
 def _dec(v: Any) -> Any:

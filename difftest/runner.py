@@ -738,6 +738,7 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
         prompts = load_prompts(cfg.run.prompts, limit=limit)
     if opts.baseline is not None:
         opts.baseline.check(run_settings(cfg.run), prompts)
+    load_floor(cfg)  # a damaged noise-floor file is refused now, not after every server answered
     check_running(specs, request_timeout_s=cfg.run.request_timeout_s)  # seconds, not 600 s
     # the folder is touched only now: a run refused above (bad prompts, a baseline that does not
     # match, a port taken) leaves an earlier run's cache and report as they were

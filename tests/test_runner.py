@@ -236,6 +236,22 @@ def test_noise_floor_measured_and_used(tmp_path: Path) -> None:
     assert run.noise_floor is not None and "noise floor" in run.signature["noise_floor"]
 
 
+def test_a_damaged_noise_floor_is_refused_before_any_server_is_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A number written as a string loaded, every server answered, then the judge crashed with a
+    traceback (exit 1, the verdict's code). Now exit 2 first: the URLs here serve nothing, and
+    asking them would have been exit 3."""
+    floor = tmp_path / "floor.json"
+    floor.write_text('{"schema": "difftest-noise-floor", "version": 1, "kl_mean": "0.001"}')
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = write_config(tmp_path, dead, [{"name": "t", "url": dead}], extra_run=f'noise_floor = "{floor}"')
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert 'kl_mean is "0.001", not a number' in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_chunked_run_gives_the_same_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prompts processed 2 at a time (raw responses dropped per chunk) score exactly as in one go."""
     from difftest import runner

@@ -121,12 +121,27 @@ def test_json_round_trip_including_inf():
         ('{"schema": "difftest-noise-floor", "version": 1, "kl_man": 0.1}', "unknown key.*kl_man"),
         ('{"schema": "difftest-noise-floor", "version": 1, "kl_mean": "nan"}', "NaN for kl_mean"),
         # a number as a string loaded, then crashed the run at judge time with a traceback
-        ('{"schema": "difftest-noise-floor", "version": 1, "kl_mean": "0.001"}', 'kl_mean is "0.001", not a number'),
-        ('{"schema": "difftest-noise-floor", "version": 1, "kl_p99": [0.1]}', "kl_p99 is \\[0.1\\], not a number"),
-        ('{"schema": "difftest-noise-floor", "version": 1, "kl_mean": -0.01}', "kl_mean is -0.01, not a number >= 0"),
+        (
+            '{"schema": "difftest-noise-floor", "version": 1, "kl_mean": "0.001"}',
+            'kl_mean is "0.001", not a number',
+        ),
+        (
+            '{"schema": "difftest-noise-floor", "version": 1, "kl_p99": [0.1]}',
+            "kl_p99 is \\[0.1\\], not a number",
+        ),
+        (
+            '{"schema": "difftest-noise-floor", "version": 1, "kl_mean": -0.01}',
+            "kl_mean is -0.01, not a number >= 0",
+        ),
         ('{"schema": "difftest-noise-floor", "version": 1, "kl_mean": true}', "kl_mean is true"),
-        ('{"schema": "difftest-noise-floor", "version": 1, "n_prompts": "6"}', 'n_prompts is "6", not an integer'),
-        ('{"schema": "difftest-noise-floor", "version": 1, "how": "repeat"}', "how is .*not a list of strings"),
+        (
+            '{"schema": "difftest-noise-floor", "version": 1, "n_prompts": "6"}',
+            'n_prompts is "6", not an integer',
+        ),
+        (
+            '{"schema": "difftest-noise-floor", "version": 1, "how": "repeat"}',
+            "how is .*not a list of strings",
+        ),
         ('{"schema": "difftest-noise-floor", "version": 1, "reference": 3}', "reference is 3, not a string"),
     ],
 )

@@ -24,6 +24,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# The piece of a check's note in which the verdict names an interval that is not the bootstrap's
+# 95% CI ("interval: range of the 3 prompts"; difftest.verdict.INTERVAL_NOTE writes it).
+INTERVAL_PIECE = "interval: "
+
 # checks of whether the target answered usably, not of what it computed: failed requests leave a
 # verdict open, broken answers fail it, and neither makes one PASS on its own
 REQUEST_CHECKS = frozenset({"failed_rate", "broken_rate"})
@@ -78,18 +82,33 @@ class Check:
     def undecided(self) -> bool:
         return (self.informative or (self.value is None and self.required)) and not self.decided
 
+    @property
+    def interval_name(self) -> str:
+        """What `ci` is: the bootstrap's "95% CI", or what the verdict's note names instead
+        ("range of the 3 prompts", under its MIN_PROMPTS_FOR_CI), so no report calls a range a CI."""
+        return next(
+            (p.removeprefix(INTERVAL_PIECE) for p in self.note_pieces if p.startswith(INTERVAL_PIECE)),
+            "95% CI",
+        )
+
+    @property
+    def note_pieces(self) -> list[str]:
+        """The note's "; "-separated pieces, stripped (the interval's name among them)."""
+        return [p.strip() for p in (self.note or "").split(";") if p.strip()]
+
     def describe(self) -> str:
         if self.value is None:
             return f"{self.name} not measured ({self.note or 'missing'})"
         bad = {"<=": ">", ">=": "<"}[self.op] if not self.passed else self.op
         text = f"{self.name} {_fmt(self.value)} {bad} {_fmt(self.limit)}"
         if self.ci is not None and not self.decided:
-            text += f", 95% CI [{_fmt(self.ci[0])}, {_fmt(self.ci[1])}] straddles the limit"
+            text += f", {self.interval_name} [{_fmt(self.ci[0])}, {_fmt(self.ci[1])}] straddles the limit"
             if self.prompts_to_decide is not None:
                 text += f" (~{self.prompts_to_decide} prompts would decide)"
         if not self.informative:
             text += " [not informative]"
-        return text + (f" ({self.note})" if self.note else "")
+        note = "; ".join(p for p in self.note_pieces if not p.startswith(INTERVAL_PIECE))
+        return text + (f" ({note})" if note else "")
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,8 @@ class PartVerdict:
 # how a TargetVerdict warning names a group of checks that was not measured ("accuracy:
 # teacher-forced checks skipped: no echo"); the terminal picks these out by it
 SKIPPED_CHECKS = " checks skipped: "
+# how the verdict's warning of a BLEU on fewer than 4 n-gram orders begins, after "part: "
+BLEU_ORDERS = ("BLEU of 1- to ", "BLEU has no n-grams")
 # how such a check's note begins ("skipped: no echo"): it was not measured, no limit was applied
 SKIPPED_NOTE = "skipped: "
 

@@ -8,7 +8,8 @@
 
 Measure first, judge later: this module only reads stored per-prompt statistics and aggregates,
 so `difftest report DIR --thresholds FILE` re-judges offline. A check whose 95% interval
-straddles its limit is undecided; a verdict with an undecided (or no) informative check and no
+straddles its limit (holds values on both sides; limits are inclusive, so an end at the limit is
+on its passing side) is undecided; a verdict with an undecided (or no) informative check and no
 decided failure is INCONCLUSIVE (exit 4).
 
 Every Check's note says where its limit came from ("budget fp8-block", "twin 0.0011 x3",
@@ -16,7 +17,8 @@ Every Check's note says where its limit came from ("budget fp8-block", "twin 0.0
 NaN always fails, informative or not; a metric that was not measured is a failing required check,
 unless its whole group was skipped with a visible reason (`skipped={"teacher_forced": "no echo"}`),
 which then shows as a non-required "not measured (skipped: ...)" check and a verdict warning. A
-check resting on one prompt decides nothing. Lost requests (`failed_rate`) leave a verdict open;
+check resting on one prompt decides nothing, except broken_rate: an impossible answer is a
+counted fact, not a draw with spread. Lost requests (`failed_rate`) leave a verdict open;
 impossible answers (`broken_rate`: NaN, malformed logprobs) fail it; neither makes a PASS alone.
 Overrides and budgets a broken target would pass are not informative (`_guarded`).
 
@@ -55,6 +57,7 @@ from dataclasses import dataclass
 
 from difftest.errors import ConfigError, UsageError
 from difftest.metrics.aggregate import broken_answers
+from difftest.metrics.text import MAX_ORDER
 from difftest.metrics.tokens import is_garbled
 from difftest.null import (
     MARGIN,
@@ -67,7 +70,16 @@ from difftest.null import (
     informative,
     tie_margin,
 )
-from difftest.results import SKIPPED_CHECKS, SKIPPED_NOTE, Check, Comparison, PartVerdict, TargetVerdict
+from difftest.results import (
+    BLEU_ORDERS,
+    INTERVAL_PIECE,
+    SKIPPED_CHECKS,
+    SKIPPED_NOTE,
+    Check,
+    Comparison,
+    PartVerdict,
+    TargetVerdict,
+)
 
 
 @dataclass(frozen=True)
@@ -216,26 +228,35 @@ def _per_prompt(comp: Comparison, name: str) -> list[float] | None:
 
 
 def _judged_prompts(comp: Comparison, name: str) -> int | None:
-    """How many prompts the value rests on: its per-prompt values, else the prompts answered (None:
-    a comparison of aggregates alone, with no count to go by)."""
+    """How many prompts the value rests on: its per-prompt values, the prompts a rate counts, else
+    the prompts answered (None: a comparison of aggregates alone, with no count to go by).
+    broken_rate never asks: an impossible answer decides on any count (`_why_open`)."""
     if not comp.prompts:
         n = comp.aggregate.get("n_prompts")
         return None if n is None else int(n)
     values = _per_prompt(comp, name)
     if values is not None:
         return len(values)
+    if name == "garbled_rate":  # a broken answer counts as garbled; lost ones are _why_open's
+        return len(comp.prompts) - _lost(comp)
     return sum(1 for p in comp.prompts if p.error is None)
 
 
-def _interval(comp: Comparison, name: str) -> list[float] | None:
-    """The value's 95% interval: the bootstrap CI over prompts, or — under MIN_PROMPTS_FOR_CI
-    prompts, where a bootstrap is overconfident — the range of the per-prompt values."""
+def _interval(comp: Comparison, name: str) -> tuple[list[float], str] | None:
+    """The value's 95% interval and its name for the report: the bootstrap CI over prompts ("")
+    or — under MIN_PROMPTS_FOR_CI prompts, where a bootstrap is overconfident — the range of the
+    per-prompt values, which the reason must call so (the table's CI column is the bootstrap's)."""
     if name not in comp.ci:
         return None
     per_prompt = _per_prompt(comp, name) or []
     if 0 < len(per_prompt) < MIN_PROMPTS_FOR_CI:
-        return [float(min(per_prompt)), float(max(per_prompt))]
-    return [float(comp.ci[name][0]), float(comp.ci[name][1])]
+        return [float(min(per_prompt)), float(max(per_prompt))], f"range of the {len(per_prompt)} prompts"
+    return [float(comp.ci[name][0]), float(comp.ci[name][1])], ""
+
+
+# A check's note piece naming an interval that is not the bootstrap's 95% CI (Check.interval_name
+# reads it back, so reports say "range of the 3 prompts [a, b] straddles the limit").
+INTERVAL_NOTE = "; " + INTERVAL_PIECE
 
 
 def _prompts_to_decide(n: int, ci: Sequence[float], value: float, limit: float) -> int | None:
@@ -261,16 +282,35 @@ def _make_check(
     if math.isnan(value):
         return Check(name, value, limit.value, op, False, True, f"{limit.note}; NaN always fails", inf)
     passed = _within(value, limit.value, op)
-    ci = _interval(comp, name) if comp is not None else None
+    interval = _interval(comp, name) if comp is not None else None
+    ci, ci_name = interval if interval is not None else (None, "")
     why = _why_open(name, value, passed, limit.value, op, comp, ci, lost)
     if why is None:
         return Check(name, float(value), limit.value, op, passed, True, limit.note, inf, True, ci, None)
     note, needed = why
+    if ci_name and ci is not None and _straddles(ci, limit.value, op):
+        note += INTERVAL_NOTE + ci_name
     return Check(name, float(value), limit.value, op, passed, True, limit.note + note, inf, False, ci, needed)
 
 
+# Limits are inclusive, and a mean of values all at the limit can round past it (six top-1 rates
+# of 0.8 average to 0.7999999999999999, which failed "top-1 80.0% < limit 80.0%"): a value within
+# this relative distance of the limit is at it. A mean over n values rounds by ~n x 1e-16
+# relative, far under 1e-9 even at 20k prompts, and no metric means anything at the 9th digit.
+AT_LIMIT_REL = 1e-9
+
+
 def _within(value: float, limit: float, op: str) -> bool:
+    if math.isclose(value, limit, rel_tol=AT_LIMIT_REL):
+        return True
     return value <= limit if op == "<=" else value >= limit
+
+
+def _straddles(ci: Sequence[float], limit: float, op: str) -> bool:
+    """Whether the interval holds values on both sides of the limit: its ends judge differently.
+    An end at the (inclusive) limit is on the passing side, so [0.02, 0.08] under a KL limit of
+    0.08 decides a pass; a point interval never straddles."""
+    return _within(ci[0], limit, op) != _within(ci[1], limit, op)
 
 
 def _why_open(
@@ -286,7 +326,9 @@ def _why_open(
         if passed:
             return None
         return "; failed requests leave their prompts unjudged (--resume asks them again)", None
-    if comp is None:
+    if comp is None or name == "broken_rate":
+        # an impossible answer (NaN logprobs, a malformed block) is a counted fact about the
+        # target, not an estimate with spread: one of them fails, however few prompts were asked
         return None
     if not passed and lost and name in _WORST_VALUE_CHECKS:
         # lost prompts count as the worst value here (a server must not hide its bad prompts behind
@@ -297,7 +339,7 @@ def _why_open(
     n = _judged_prompts(comp, name)
     if n is not None and n < MIN_PROMPTS_TO_DECIDE:
         return f"; {n} prompt{'' if n == 1 else 's'}: no spread to decide with", MIN_PROMPTS_FOR_CI
-    if ci is not None and ci[0] < ci[1] and ci[0] <= limit <= ci[1]:  # a point interval decides
+    if ci is not None and _straddles(ci, limit, op):
         n_prompts = int(comp.aggregate.get("n_prompts", len(comp.prompts)))
         return "", _prompts_to_decide(n_prompts, ci, value, limit)
     return None
@@ -321,6 +363,23 @@ def _answered_value(comp: Comparison, name: str) -> float | None:
     if name == "token_match":
         return sum(p.match_rate or 0.0 for p in answered) / len(answered)
     return sum(p.match_rate is None or is_garbled(p.match_rate) for p in answered) / len(answered)
+
+
+def _bleu_order_note(comp: Comparison) -> str:
+    """Why BLEU rests on fewer n-gram orders than BLEU-4 ("" where it does not), said on the check
+    and as a warning: corpus BLEU uses sacrebleu's effective order (difftest.metrics.text), so
+    continuations all under 4 tokens are judged on 1..k-grams, neither a silent 0 (FAIL) nor a
+    BLEU-4 it did not measure. A report from before `bleu_order` was stored says nothing."""
+    order = comp.aggregate.get("bleu_order")
+    if order is None or order >= MAX_ORDER:
+        return ""
+    short, empty = BLEU_ORDERS  # the terminal picks these warnings out by their words
+    if order < 1:
+        return f"{empty} to measure: every target continuation is empty"
+    return (
+        f"{short}{int(order)}-grams only: no target continuation reaches {MAX_ORDER} tokens "
+        "(raise max_tokens for BLEU-4)"
+    )
 
 
 def _guarded(part: str, name: str, limit: Limit) -> Limit:
@@ -365,6 +424,10 @@ def _part(
             if msg not in warnings:
                 warnings.append(msg)
             continue
+        if name == "bleu" and (short := _bleu_order_note(comp)):
+            limit = Limit(limit.value, limit.note + "; " + short, limit.informative)
+            if (msg := f"{part}: {short}") not in warnings:
+                warnings.append(msg)
         value = comp.aggregate.get(name)
         if value is None and name == "broken_rate":  # a report from before broken answers were told apart
             if not comp.prompts:

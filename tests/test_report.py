@@ -467,7 +467,7 @@ def test_degraded_run_shows_na_not_zero(tmp_path: Path) -> None:
     assert "| never-ran | int4-g128 | pass | **NO VERDICT** | NO |" in md
     assert "accuracy: mean KL not measured (limit: no echo)" in md and "exactness: skipped (no golden)" in md
     assert "| p1 | Tell me a story | n/a | n/a | n/a | n/a | n/a | n/a | HTTP 500: engine died |" in md
-    assert "no white-box layer data (n/a)" in md and "no noise floor used (n/a)" in md
+    assert "no white-box layer data (n/a)" in md and "no noise floor (n/a): exactness limits are the absolute" in md
     html = paths["html"].read_text()
     data = explorer_json(html)
     rows = data["cmps"][0]["rows"]
@@ -528,6 +528,11 @@ def test_render_summary_names_checks_a_pass_did_not_measure() -> None:
     render_summary(run, console)
     out = " ".join(buf.getvalue().split())
     assert f"- {skipped}" in out and "exactness limits from x" not in out
+    short = "accuracy: BLEU of 1- to 3-grams only: no target continuation reaches 4 tokens"
+    t.verdict = dataclasses.replace(t.verdict, warnings=(short,))
+    console, buf = _plain()
+    render_summary(run, console)
+    assert short in " ".join(buf.getvalue().split())  # a PASS on a BLEU it did not measure says so
 
 
 def test_side_by_side_aligns_and_marks_divergence() -> None:
@@ -649,3 +654,44 @@ def test_a_check_that_was_not_measured_says_so_not_that_its_limit_is_loose() -> 
     card = text[text.index('data-target="fp8-block"') : text.index('data-target="fp8-block-faulty"')]
     assert "informative checks passed" in card and "mean KL n/a" not in card and "≤ limit" not in card
     assert f"accuracy: mean KL not measured ({why})" in card and "broken target would pass" not in card
+
+
+# ----------------------------------------------------------------------------- report.md: null, slots
+
+
+def test_markdown_says_the_limits_came_from_the_twin() -> None:
+    """The bug: under the twin null report.md read "no noise floor used (n/a): exactness limits
+    fall back to defaults"; the limits came from the rounding twin, as report.html's table says."""
+    from sample_results import _comparison
+
+    run = sample_run()
+    run.noise_floor = None
+    run.signature["null"] = "rounding twin of each built-in golden (module tolerance of its dtype)"
+    twin = _comparison("null", "gold", "gold-twin", faulty=False)
+    twin.module_noise = 0.002
+    run.nulls = [twin]
+    md = render_markdown(run)
+    section = md[md.index("## Null model (where exactness limits come from)") :]
+    assert "Null model: rounding twin of each built-in golden" in section
+    assert "| `gold` | `gold-twin` | " in section and "| 0.002 |" in section
+    assert "_no noise floor file (n/a): the limits come from the rounding twin above_" in section
+    assert "fall back to defaults" not in md
+
+
+def test_markdown_batch_slot_invariance_is_a_table_row_per_placement() -> None:
+    """The bug: one ~3,000-character comma-separated line of raw keys and words."""
+    run = sample_run()
+    slot = {"placement": "batch slot 1 of 4", "same_tokens": True, "max_logprob_diff": 0.0}
+    run.targets[0].invariance = {
+        "prompt_id": "arith-sum",
+        "tie_margin": None,
+        "slots": [slot, slot | {"placement": "batch slot 3 of 4", "same_tokens": False}],
+        "baseline_draw_worst": [2.5e-06, 0.0],
+    }
+    md = render_markdown(run)
+    block = md[md.index("#### Batch-slot invariance") :]
+    assert "| tie margin | n/a |" in block and "| baseline draw worst | 2.500e-06, 0 |" in block
+    assert "| placement | same tokens | max logprob diff |" in block
+    assert "| batch slot 1 of 4 | yes | 0 |" in block and "| batch slot 3 of 4 | no | 0 |" in block
+    assert max(len(line) for line in md.splitlines() if "slot" in line) < 200
+    assert "Batch-slot invariance:" not in md  # the one-line form

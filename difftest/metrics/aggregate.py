@@ -22,7 +22,8 @@ it "not measured"):
 | top1_agreement | mean over prompts of the fraction of positions whose top-1 tokens agree |
 | dp_mean | mean over prompts of mean(p_ref - p_target) of the reference token |
 | dp_rms | sqrt(mean over prompts of dp_rms²) |
-| bleu, chrf | sacreBLEU corpus BLEU / chrF2 of target texts against reference texts (0..100); a failed prompt's text is "" |
+| bleu, chrf | sacreBLEU corpus BLEU (effective order) / chrF2 of target texts against reference texts (0..100); a failed prompt's text is "" |
+| bleu_order | the highest n-gram order BLEU rests on: 4, less where every target continuation is shorter (0: all empty) |
 
 Failed prompts are never dropped from the token-level or text denominators (they count as the
 worst value). The teacher-forced keys average over the prompts that have them: a failed
@@ -233,6 +234,7 @@ def _aggregate(
         scores = text_scores(hyps, refs, tokenize=tokenize)
         agg["bleu"] = scores.bleu
         agg["chrf"] = scores.chrf
+        agg["bleu_order"] = float(scores.bleu_order)
         for p, f, sb, sc in zip(prompts, failed, scores.segment_bleu, scores.segment_chrf, strict=True):
             if not f and p.ref_text is not None and p.tgt_text is not None:
                 p.bleu, p.chrf = sb, sc

@@ -33,9 +33,14 @@ def _resampled(n: int, n_resamples: int, seed: int, stat: Callable[[np.ndarray],
 
 
 def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The quantiles through `percentile`: np.quantile interpolates inf - inf to NaN, so one inf
+    value (a -inf target logprob makes a prompt's KL inf) gave an upper bound of NaN, which a
+    null model reads as unusable; the bound is inf."""
     alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(samples, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
+    if np.isfinite(samples).all():
+        lo, hi = np.quantile(samples, [alpha, 1.0 - alpha])
+        return float(lo), float(hi)
+    return percentile(samples, 100.0 * alpha), percentile(samples, 100.0 * (1.0 - alpha))
 
 
 def _check(n_resamples: int, confidence: float) -> None:

@@ -5,6 +5,12 @@ anything else that quotes BLEU; every score carries sacrebleu's signature string
 smoothing, version). Per segment first (sentence scores, with effective n-gram order as
 sacrebleu recommends for single sentences), corpus after (corpus statistics, not the mean of
 sentence scores).
+
+Corpus BLEU uses sacrebleu's effective order too: a corpus whose continuations are all shorter
+than 4 tokens has no 4-grams, and plain BLEU is then 0 however well they agree (two identical
+3-token continuations scored 0 and failed `bleu_min`). Effective order stops at the highest
+n-gram order the hypotheses have; with any 4-gram in the corpus it is plain BLEU exactly.
+`TextScores.bleu_order` says which order was reached, so that the verdict can say so.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics.bleu import MAX_NGRAM_ORDER
 
 # "13a" is sacrebleu's default (WMT standard). It does not split CJK, so for Chinese outputs BLEU
 # runs on whitespace chunks; chrF (character n-grams) is the fairer metric there.
 DEFAULT_TOKENIZE = "13a"
+MAX_ORDER = MAX_NGRAM_ORDER  # BLEU's n-gram order, 4
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,9 @@ class TextScores:
     segment_chrf: list[float]
     bleu_signature: str
     chrf_signature: str
+    # highest n-gram order corpus BLEU rests on: 4 (BLEU's own), less where no hypothesis is that
+    # long, 0 where every hypothesis is empty
+    bleu_order: int = MAX_ORDER
 
 
 def text_scores(
@@ -45,13 +56,14 @@ def text_scores(
     stays in the corpus denominator. One deviation from sacrebleu at segment level: a hypothesis
     identical to its reference scores 100 even when both are empty (sacrebleu says 0 for empty
     strings, which would read as "garbage" for two servers that both stopped at once). Corpus
-    scores are sacrebleu's own, untouched; an empty corpus scores NaN.
+    scores are sacrebleu's own (BLEU with effective order, see the module docstring), with the
+    same rule: a corpus whose every hypothesis is identical to its reference scores 100, where
+    sacrebleu says 0 for one of empty strings only. An empty corpus scores NaN.
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     hyps, refs = list(hypotheses), list(references)
-    bleu = BLEU(tokenize=tokenize)
-    sent_bleu = BLEU(tokenize=tokenize, effective_order=True)  # recommended for single sentences
+    bleu = BLEU(tokenize=tokenize, effective_order=True)  # also for single sentences, as recommended
     chrf = CHRF()
     if not hyps:
         _prime(bleu, chrf)
@@ -60,11 +72,12 @@ def text_scores(
     b_stats = _segment_stats(bleu, hyps, refs)
     c_stats = _segment_stats(chrf, hyps, refs)
     same = [h == r for h, r in zip(hyps, refs, strict=True)]
+    identical = all(same)
     return TextScores(
-        bleu=float(bleu._aggregate_and_compute(b_stats).score),
-        chrf=float(chrf._aggregate_and_compute(c_stats).score),
+        bleu=100.0 if identical else float(bleu._aggregate_and_compute(b_stats).score),
+        chrf=100.0 if identical else float(chrf._aggregate_and_compute(c_stats).score),
         segment_bleu=[
-            100.0 if eq else float(sent_bleu._aggregate_and_compute([st]).score)
+            100.0 if eq else float(bleu._aggregate_and_compute([st]).score)
             for eq, st in zip(same, b_stats, strict=True)
         ],
         segment_chrf=[
@@ -73,7 +86,15 @@ def text_scores(
         ],
         bleu_signature=str(bleu.get_signature()),
         chrf_signature=str(chrf.get_signature()),
+        bleu_order=_ngram_order(b_stats),
     )
+
+
+def _ngram_order(stats: list) -> int:
+    """The highest n-gram order any hypothesis has: sacrebleu's segment statistics are
+    [sys_len, ref_len, correct 1..4, total 1..4], totals counting the hypothesis' n-grams."""
+    totals = [sum(int(st[2 + MAX_ORDER + i]) for st in stats) for i in range(MAX_ORDER)]
+    return max((i + 1 for i, t in enumerate(totals) if t > 0), default=0)
 
 
 # sacrebleu caches every reference's n-gram counters for the whole call (chrF's character 6-grams:
@@ -113,6 +134,6 @@ def _prime(*metrics: BLEU | CHRF) -> None:
 
 def signatures(*, tokenize: str = DEFAULT_TOKENIZE) -> dict[str, str]:
     """sacrebleu's signature strings for the corpus scores, for the run's signature block."""
-    bleu, chrf = BLEU(tokenize=tokenize), CHRF()
+    bleu, chrf = BLEU(tokenize=tokenize, effective_order=True), CHRF()
     _prime(bleu, chrf)
     return {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())}

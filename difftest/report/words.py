@@ -3,7 +3,8 @@
 The verdict's `Check` carries a metric key, a value, a limit, an operator, a note that says where
 the limit came from, whether it is informative (a broken target would not pass it too) and
 decided (its 95% interval does not straddle the limit); people read "mean KL", "top-1 agreement
-85.7%", "at model.layers.3.mlp.down_proj", "95% CI [0.03, 0.07] straddles the limit". This module
+85.7%", "at model.layers.3.mlp.down_proj", "95% CI [0.03, 0.07] straddles the limit" (or "range of
+the 3 prompts [0.03, 0.07]", where the verdict judged on that: its note says "interval: ..."). This module
 turns one into the other for every renderer. Fields are read with `getattr` defaults so that a
 report.json from before they existed still renders.
 """
@@ -15,7 +16,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from difftest.results import SKIPPED_CHECKS, SKIPPED_NOTE, Check, PartVerdict, RunResult, TargetResult
+from difftest.results import (
+    BLEU_ORDERS,
+    INTERVAL_PIECE,
+    SKIPPED_CHECKS,
+    SKIPPED_NOTE,
+    Check,
+    PartVerdict,
+    RunResult,
+    TargetResult,
+)
 
 # check key -> words; a key not listed is shown with underscores as spaces
 METRIC_NAMES = {
@@ -24,9 +34,13 @@ METRIC_NAMES = {
     "kl_max": "max KL",
     "top1_agreement": "top-1 agreement",
     "token_match": "token match",
-    "failed_rate": "failed requests",
-    "broken_rate": "impossible answers",
-    "garbled_rate": "garbled prompts",
+    # one label per metric, rates named as rates: a count and its rate side by side in
+    # `difftest diff --all` read as the same number twice
+    "failed_requests": "failed requests",
+    "failed_rate": "failed-request rate",
+    "broken_answers": "impossible answers",
+    "broken_rate": "impossible-answer rate",
+    "garbled_rate": "garbled-prompt rate",
     "bleu": "BLEU",
     "chrf": "chrF",
     "local_rel_err_max": "worst module-local relative error",
@@ -43,15 +57,17 @@ METRIC_NAMES = {
     "kl_upper_mean": "mean KL, upper bound",
     "dp_mean": "mean p(ref token) gap",
     "dp_rms": "rms p(ref token) gap",
-    "exact_match": "identical continuations",
+    "exact_match": "identical-continuation rate",
     "median_first_divergence": "median 1st divergence",
     "tie": "1st divergences: TIE",
     "drift": "1st divergences: DRIFT",
     "wrong": "1st divergences: WRONG",
     "length": "1st divergences: LENGTH",
     "n_prompts": "prompts",
+    "tf_prompts": "teacher-forced prompts",
+    "bleu_order": "BLEU n-gram order",
 }
-_RATES = ("top1_agreement", "token_match", "failed_rate", "broken_rate", "garbled_rate")
+_RATES = ("top1_agreement", "token_match", "failed_rate", "broken_rate", "garbled_rate", "exact_match")
 _MODULE = re.compile(r"^[\w.\[\]-]+\.[\w.\[\]-]+$")  # a dotted module name, no spaces
 
 
@@ -115,6 +131,7 @@ class CheckWords:
     fails: bool = False  # counts against the target (informative, decided, wrong side)
     undecided: bool = False  # informative, but the 95% interval straddles the limit
     ci: str = ""  # "[0.03, 0.07]" when the check has one
+    interval: str = "95% CI"  # what `ci` is: "range of the 3 prompts" under the verdict's MIN_PROMPTS_FOR_CI
     prompts_to_decide: int | None = None
 
     @property
@@ -134,7 +151,7 @@ class CheckWords:
         elif self.undecided:
             core = f"{self.metric} {self.value} vs limit {self.limit}"
             if self.ci:
-                core += f", 95% CI {self.ci} straddles the limit"
+                core += f", {self.interval} {self.ci} straddles the limit"
             if self.prompts_to_decide:
                 core += f" (~{self.prompts_to_decide} prompts would decide)"
         else:
@@ -159,7 +176,7 @@ def check_words(part: PartVerdict, c: Check) -> CheckWords:
     pieces = [p.strip() for p in note.split(";")]
     if pieces and _MODULE.match(pieces[0]):  # white-box checks: "module; where the limit came from"
         where, pieces = pieces[0], pieces[1:]
-    rest = "; ".join(p for p in pieces if p)
+    rest = "; ".join(p for p in pieces if p and not p.startswith(INTERVAL_PIECE))
     if not source:
         source = rest
     elif rest and rest not in source:
@@ -187,6 +204,7 @@ def check_words(part: PartVerdict, c: Check) -> CheckWords:
         fails=check_fails(c),
         undecided=check_undecided(c),
         ci=_ci_text(c.name, getattr(c, "ci", None)),
+        interval=c.interval_name,
         prompts_to_decide=getattr(c, "prompts_to_decide", None),
     )
 
@@ -227,11 +245,15 @@ def skipped_parts(t: TargetResult) -> list[str]:
 
 
 def skipped_check_groups(t: TargetResult) -> list[str]:
-    """The verdict's warnings that a group of checks was not measured (no echo: no KL, no top-1),
-    which a PASS does not show by itself: the summary table's n/a is easy to read past."""
+    """The verdict's warnings that checks measured less than they are named for: a group not
+    measured (no echo: no KL, no top-1), or BLEU on fewer n-gram orders than BLEU-4 (every
+    continuation shorter than 4 tokens). A PASS does not show either by itself: the summary
+    table's n/a or BLEU value is easy to read past."""
     if t.verdict is None:
         return []
-    return [w for w in t.verdict.warnings if SKIPPED_CHECKS in w]
+    return [
+        w for w in t.verdict.warnings if SKIPPED_CHECKS in w or w.partition(": ")[2].startswith(BLEU_ORDERS)
+    ]
 
 
 def value_words(v: Any) -> str:

@@ -5,7 +5,7 @@ Why one thread: torch calls release the GIL, so the event loop stays responsive 
 runs, and a single owner of the model means no locks around the KV cache or the hooks that the
 debug routes install (`run_exclusive` runs them between steps, with no step in flight).
 
-One iteration of the loop (docs/design.md, "Engine"):
+One iteration of the loop (README.md, "The engine"; the modules it names: docs/design.md, "The server"):
   1. collect the decode step launched last time (one small D2H copy) and pick each row's token:
      argmax on the device, or the sequence's own seeded sampler on the CPU;
   2. admit waiting sequences into free slots, run one prefill chunk (a token budget shared by the

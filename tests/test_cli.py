@@ -340,3 +340,54 @@ def test_quick_look_alternatives_keep_every_row() -> None:
         "2028": -3.0,  # not detokenized: its key as served
         "x": -4.0,
     }
+
+
+def _option_help(command: str, flag: str) -> str:
+    action = next(a for a in _subparsers(build_parser())[command]._actions if flag in a.option_strings)
+    return " ".join((action.help or "").split())
+
+
+@pytest.mark.parametrize(("command", "result"), [("layers", "layers.json"), ("quant", "quant.json")])
+def test_whitebox_out_help_says_the_json_is_written_only_with_o(command: str, result: str) -> None:
+    """The help said "(default: runs/whitebox)" for the JSON result, which is written only with -o
+    (only launched servers' logs default there)."""
+    text = _option_help(command, "--out")
+    assert f"DIR/{result}, written only when -o is given" in text
+    assert "logs go to DIR/logs (default: runs/whitebox)" in text
+
+
+def test_compare_scheme_help_names_the_debug_config_default() -> None:
+    """Without --scheme a target is judged on the scheme its /debug/config reports, not "none"."""
+    text = _option_help("compare", "--scheme")
+    assert "default: the scheme the target's /debug/config reports, else none" in text
+    assert "default: none)" not in text
+
+
+def test_layers_norm_ratios_read_like_the_rel_err_beside_them(capsys) -> None:
+    """A skipped scale printed norm ratio 1611404929.3622 beside rel err 1.61e+09; near 1 the
+    four decimals stay (fnuz's x0.5 is 0.5000, rounding 1.0001), a tiny ratio is not 0.0000."""
+    from difftest.cli.layers import render_layers
+    from difftest.cli.options import console
+    from difftest.results import LayerDiff, LayerPoint
+
+    def point(name: str, ratio: float, local: float | None) -> LayerPoint:
+        return LayerPoint(name, 0, "linear", 0.08, ratio, 1.6e9, 1.0, 0.0, flagged=True,
+                          local_cosine=0.99, local_norm_ratio=local, local_rel_err=1793.87)  # fmt: skip
+
+    pts = [
+        point("a.big", 1611404929.3622, 1793.8711),
+        point("b.one", 1.0001, 0.5),
+        point("c.tiny", 2e-5, None),
+    ]
+    render_layers(LayerDiff("ref", "accuracy", pts, summary="x"), "t", console())
+    rows = {
+        line.split("│")[2].strip(): line.split("│")
+        for line in capsys.readouterr().out.splitlines()
+        if "│" in line
+    }
+    cells = {name: (row[4].strip(), row[7].strip()) for name, row in rows.items()}
+    assert cells == {
+        "a.big": ("1.61e+09", "1793.8711"),
+        "b.one": ("1.0001", "0.5000"),
+        "c.tiny": ("2e-05", "-"),
+    }

@@ -18,7 +18,7 @@ from difftest.report.tokendiff import (
     align,
     alternatives,
     chosen_labels,
-    looks_garbled,
+    garbled,
     prompt_alignment,
 )
 from difftest.report.words import check_words, fmt_value, shape_words, value_words
@@ -121,15 +121,27 @@ def test_the_aligned_diff_gets_the_ids_of_tokens_with_no_text() -> None:
     assert _empty_token_ids(p) == {}
 
 
-@pytest.mark.parametrize(
-    ("garbled", "top1", "expected"),
-    [(False, 0.1, False), (True, 0.9, False), (True, 0.3, True), (True, None, True)],
-)
-def test_looks_garbled_only_when_the_target_cannot_follow(
-    garbled: bool, top1: float | None, expected: bool
-) -> None:
-    p = PromptDiff("p", "", garbled=garbled, top1_agreement=top1)
-    assert looks_garbled(p) is expected
+def test_the_explorer_marks_garbled_exactly_the_prompts_garbled_rate_counts() -> None:
+    """It flagged only match < 0.5 AND top-1 < 0.5: a 30% match followed at 90% top-1 counted in
+    garbled_rate yet showed as fine. Hand-worked: matches 0.3 (top-1 0.9), 0.49, 0.5, 1.0 and one
+    failed request; garbled_rate = (0.3, 0.49, failed) / 5 = 0.6; the explorer marks 0.3 and 0.49
+    garbled and the failed one failed (flag 1), which together are the rate's three."""
+    from difftest.metrics.aggregate import aggregate_prompts
+    from difftest.report.explorer import _flags
+
+    prompts = [
+        PromptDiff("a", "", match_rate=0.3, top1_agreement=0.9),
+        PromptDiff("b", "", match_rate=0.49),
+        PromptDiff("c", "", match_rate=0.5, top1_agreement=0.1),
+        PromptDiff("d", "", match_rate=1.0),
+        PromptDiff("e", "", error="target: HTTP 500"),
+    ]
+    assert [garbled(p) for p in prompts] == [True, True, False, False, False]
+    flags = [_flags(p) for p in prompts]
+    assert [bool(f & 4) for f in flags] == [True, True, False, False, False]
+    agg, _ = aggregate_prompts(prompts, n_resamples=10)
+    assert agg["garbled_rate"] == pytest.approx(0.6)
+    assert sum(bool(f & 4) or bool(f & 1) for f in flags) == round(agg["garbled_rate"] * len(prompts))
 
 
 def test_explorer_numbers_and_script_json() -> None:
@@ -263,6 +275,42 @@ def test_bar_chart_per_bar_limits() -> None:
     assert [r.get("fill") for r in rects] == [svg.BAD, svg.GOOD]
     assert len(root.findall(f".//{SVG_NS}line[@class='limit']")) == 1
     assert "n/a" in [t.text for t in root.iter(f"{SVG_NS}text")]
+
+
+def _text_extents(root: ET.Element) -> list[tuple[str, float, float]]:
+    """(text, left, right) of every positioned <text>, its width estimated at 0.55 em a character
+    (sans-serif digits are 0.556 em; the clipped "(limit 0.00" measured 0.47 em a character)."""
+    size0 = float(root.get("font-size") or 11)
+    out = []
+    for t in root.iter(f"{SVG_NS}text"):
+        if t.get("x") is None:  # rotated axis labels sit at a transform, inside by construction
+            continue
+        width = len(t.text or "") * 0.55 * float(t.get("font-size") or size0)
+        x = float(t.get("x"))  # type: ignore[arg-type]
+        left = {"start": x, "middle": x - width / 2, "end": x - width}[t.get("text-anchor") or "start"]
+        out.append((t.text or "", left, left + width))
+    return out
+
+
+@pytest.mark.parametrize("kl", [0.135, 4.2e-7, 25.0])
+def test_kl_ladder_labels_stay_inside_the_viewbox(kl: float) -> None:
+    """The limit rode after the value: "0.135  (limit 0.005)" at x=467 of a 560-wide box was cut
+    to "(limit 0.00". Every label's estimated extent now fits, at any value."""
+    from difftest.report.plots import ladder_plot
+
+    ladder = pd.Ladder(
+        rungs=[("mean", kl), ("median", kl / 2), ("p90", kl), ("p99", kl * 3), ("max", kl * 3)],
+        limits={"mean": (0.005, "twin x3"), "p99": (0.05, "absolute minimum")},
+        n_positions=240,
+        null={"mean": 3.8e-6},
+    )
+    t = sample_run().targets[0]
+    root = _svg(ladder_plot(t, "exactness", "golden", ladder, "FAIL").svg)
+    width = float(root.get("viewBox").split()[2])  # type: ignore[union-attr]
+    outside = [(text, round(a), round(b)) for text, a, b in _text_extents(root) if a < 0 or b > width]
+    assert not outside, f"labels past the {width:g}-wide viewBox: {outside}"
+    texts = [text for text, _, _ in _text_extents(root)]
+    assert "mean KL ≤ 0.005" in texts and "p99 KL ≤ 0.05" in texts  # the limit is still said
 
 
 def test_sparkline_marks_one_index() -> None:

@@ -58,7 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a prompt text (repeatable; '-' reads stdin): side by side",
     )
     p.add_argument(
-        "--scheme", type=o.scheme, help="budget to judge accuracy with (e.g. fp8-block; default: none)"
+        "--scheme",
+        type=o.scheme,
+        # the runner reads a missing scheme off the target's /debug/config: "none" only as a last resort
+        help="budget to judge accuracy with (e.g. fp8-block; default: the scheme the target's "
+        "/debug/config reports, else none)",
     )
     o.add_generation(p, defaults_from="baseline")
     o.add_endpoint(p)

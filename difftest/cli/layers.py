@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from difftest.cli import options as o
-from difftest.cli.whitebox import Job, add_server_arguments, get, out_dir, run_whitebox
+from difftest.cli.whitebox import DEFAULT_OUT, Job, add_server_arguments, get, out_dir, run_whitebox
 from difftest.errors import UsageError
 from difftest.results import LayerDiff
 from difftest.session import Session
@@ -41,10 +41,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--all-points", action="store_true", help="show every capture point, not only flagged ones"
     )
+    o.describe_out(p, o.result_out_help(RESULT_FILE, DEFAULT_OUT))
 
 
 def _fmt(x: float | None, spec: str = ".5g") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def _ratio(x: float | None) -> str:
+    """A norm ratio: 4 decimals near 1, where they matter (fnuz's x0.5 reads 0.5000, a rounding
+    1.0001); 3 significant digits, scientific, beyond [1e-3, 1e4), like rel err beside it (a
+    skipped scale's 1611404929.3622 was a column of noise digits next to 1.61e+09)."""
+    if x is None:
+        return "-"
+    if x == 0 or (math.isfinite(x) and 1e-3 <= abs(x) < 1e4):
+        return format(x, ".4f")
+    return format(x, ".3g")
 
 
 def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points: bool = False) -> None:
@@ -67,8 +79,8 @@ def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points:
         flag = "FLAG" if p.flagged else ("GUILTY" if p.name == diff.guilty_module else "")
         flag += " SLOT" if p.slot_dependent else ""  # its output depends on the batch slot
         table.add_row(
-            _fmt(p.layer, "d"), p.name, _fmt(p.cosine, ".6f"), _fmt(p.norm_ratio, ".4f"), _fmt(p.rel_err, ".3g"),
-            _fmt(p.local_cosine, ".6f"), _fmt(p.local_norm_ratio, ".4f"), _fmt(p.local_rel_err, ".3g"), flag,
+            _fmt(p.layer, "d"), p.name, _fmt(p.cosine, ".6f"), _ratio(p.norm_ratio), _fmt(p.rel_err, ".3g"),
+            _fmt(p.local_cosine, ".6f"), _ratio(p.local_norm_ratio), _fmt(p.local_rel_err, ".3g"), flag,
         )  # fmt: skip
     console.print(table)
     console.print(f"{target} vs {diff.against}: {diff.summary}")

@@ -178,6 +178,25 @@ def add_out(p: argparse.ArgumentParser, what: str, default: Path | None = None) 
     )
 
 
+def describe_out(p: argparse.ArgumentParser, what: str) -> None:
+    """Reword an -o a shared helper added, for a command whose folder holds something else (its
+    help must say what lands there, and when)."""
+    for action in p._actions:
+        if "--out" in action.option_strings:
+            action.help = f"output folder: {what}"
+            return
+    raise ValueError(f"{p.prog} has no -o/--out to describe")
+
+
+def result_out_help(result_file: str, logs_default: Path) -> str:
+    """-o of `quant` / `layers`: their JSON result is written only where -o names a folder (the
+    shared help said it defaulted to runs/whitebox, where only launched servers' logs go)."""
+    return (
+        f"DIR/{result_file}, written only when -o is given; launched servers' logs go to DIR/logs "
+        f"(default: {logs_default})"
+    )
+
+
 def add_jobs(p: argparse.ArgumentParser, default: int | None = None, shown: str = "") -> None:
     shown = (
         f" (default: {shown or default})" if shown or default else " (default: the config's run.concurrency)"

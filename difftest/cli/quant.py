@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from difftest.cli import options as o
-from difftest.cli.whitebox import Job, add_server_arguments, get, out_dir, run_whitebox
+from difftest.cli.whitebox import DEFAULT_OUT, Job, add_server_arguments, get, out_dir, run_whitebox
 from difftest.session import Session
 
 HELP = "quantization audit of each target (scale layouts, backends)"
@@ -26,6 +26,7 @@ NOTHING_AUDITED = 4  # as `layers` exits for a diff that decides nothing
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_arguments(p, golden=False)
+    o.describe_out(p, o.result_out_help(RESULT_FILE, DEFAULT_OUT))
 
 
 def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) -> None:

@@ -9,7 +9,7 @@ divergence as text). Prompt texts and tags are stored once per run, not once per
 
 Row layout (arrays, not objects: 20 000 x targets x parts rows):
     [prompt index, flags, mean KL, token match, first divergence, kind, top-1, detail index]
-flags: 1 failed request, 2 diverged, 4 looks garbled (difftest.report.tokendiff.looks_garbled).
+flags: 1 failed request, 2 diverged, 4 garbled (difftest.report.tokendiff.garbled: garbled_rate's rule).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from difftest.metrics.aggregate import gc_paused  # the same reason: millions of acyclic objects
 from difftest.report.markdown import prompt_order
 from difftest.report.plotdata import part_for, part_status
-from difftest.report.tokendiff import Vocab, alternatives, chosen_labels, looks_garbled, prompt_alignment
+from difftest.report.tokendiff import Vocab, alternatives, chosen_labels, garbled, prompt_alignment
 from difftest.report.words import label_of
 from difftest.results import Comparison, PromptDiff, RunResult
 
@@ -53,7 +53,7 @@ def _flags(p: PromptDiff) -> int:
     f = 1 if p.error is not None else 0
     if p.first_divergence is not None or (p.exact is False):
         f |= 2
-    if looks_garbled(p):
+    if garbled(p):
         f |= 4
     return f
 

@@ -107,6 +107,8 @@ function altTable(title,alts,chosen){var t=el('table'),h=el('tr');
   alts.forEach(function(a){var tr=el('tr',a[0]===chosen?'chosen':'');
     var shown=/^\s+$/.test(a[0])?a[0].replace(/ /g,'\u2423'):a[0];
     var td=el('td','tok',a[2]?'\u201c'+vis(shown)+'\u201d':a[0]);if(!a[2]){td.className='tok muted';}
+    if(/^id -?\d+$/.test(a[0])){td.title='no text: this id was not generated anywhere in the run, and the report '+
+      'asks no server (compare --prompt shows its text via /detokenize)';}
     tr.appendChild(td);tr.appendChild(el('td','n',num(a[1])));t.appendChild(tr);});return t;}
 function card(c,rank,r){var p=D.prompts[r[0]],d=r[7]>=0?c.details[r[7]]:null,fd=r[4];
   var box=el('div','prompt'+((r[1]&1)?' f':((r[1]&2)?' d':'')));box.setAttribute('data-id',p[0]);

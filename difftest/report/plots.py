@@ -109,20 +109,27 @@ def layer_plot(t: TargetResult, prof: pd.LayerProfile) -> Plot:
     return Plot(t.name, "layers", slug(t.name, "layers", prof.title.split(" ")[0]), caption, chart)
 
 
+# bar_chart clips a row label to label_width // 6 characters and ends it 6 px left of the bars
+_LABEL_CHAR_PX = 7  # bold 11 px text, with room to spare
+_LABEL_GAP_PX = 10
+
+
 def ladder_plot(t: TargetResult, kind: str, baseline: str, ladder: pd.Ladder, status: str | None) -> Plot:
     bars = []
     for label, value in ladder.rungs:
         lim = ladder.limits.get(label)
         bars.append(
             svg.Bar(
-                label=f"{label} KL",
+                # the limit rides in the row label, not after the value: bar_chart keeps 70 px right
+                # of the longest bar, and "0.135  (limit 0.005)" there ran out of the viewBox
+                label=f"{label} KL ≤ {svg.fmt(lim[0])}" if lim else f"{label} KL",
                 value=value,
                 highlight=lim is not None,
                 limit=svg.Limit(lim[0], "<=") if lim else None,
-                note=f"  (limit {svg.fmt(lim[0])})" if lim else "",
                 ref=ladder.null.get(label),
             )
         )
+    longest = max((len(b.label) for b in bars), default=0)
     sources = "; ".join(f"{r}: {src}" for r, (_, src) in ladder.limits.items()) or "no KL limit on this part"
     if ladder.null:
         sources += "; grey diamonds: the null model (rounding twin vs golden) on the same rungs"
@@ -134,8 +141,8 @@ def ladder_plot(t: TargetResult, kind: str, baseline: str, ladder: pd.Ladder, st
         bars,
         title=f"{t.name} · {kind} vs {baseline}: KL ladder",
         status=status,
-        subtitle="nats per position, log scale · bold rungs are checked",
-        label_width=90,
+        subtitle="nats per position, log scale · bold rungs are checked, against the limit they name",
+        label_width=max(90, _LABEL_CHAR_PX * longest + _LABEL_GAP_PX),
         xlabel="KL (nats)",
     )
     return Plot(t.name, "kl-ladder", slug(t.name, "kl-ladder", kind), caption, chart)

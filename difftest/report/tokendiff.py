@@ -12,10 +12,9 @@ sides' ids next to their display texts); the greedy token of each side at the di
 always among them, and most runner-up tokens are some other prompt's generated token. An id not
 seen anywhere is shown as `id 2028`, never guessed.
 
-`looks_garbled`: the metrics call a prompt garbled when under half of its free-running tokens
-match, but on a small model one flipped near-tie rewrites the rest of a fluent continuation. A
-continuation is shown as garbled only when the target also fails to predict the reference's own
-tokens under teacher forcing (top-1 agreement under 50%), i.e. it is not just a different path.
+`garbled`: the explorer marks a prompt garbled by the metric's own rule (`is_garbled`: token
+match under 0.5), so the prompts it marks are the ones `garbled_rate` counts. A failed request,
+which `garbled_rate` also counts, is marked failed instead: it has no continuation to call garbled.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from difftest.metrics.tokens import is_garbled
 from difftest.results import PromptDiff
 
 Opcode = tuple[str, int, int, int, int]
@@ -109,8 +109,7 @@ def chosen_labels(p: PromptDiff) -> dict[str, str]:
     return out
 
 
-def looks_garbled(p: PromptDiff) -> bool:
-    """Garbled per the metrics AND the target does not even follow the reference when forced."""
-    if not p.garbled:
-        return False
-    return p.top1_agreement is None or p.top1_agreement < 0.5
+def garbled(p: PromptDiff) -> bool:
+    """Garbled as `garbled_rate` counts an answered prompt: one definition, not a second opinion
+    (a stricter explorer rule showed fewer garbled prompts than the headline rate)."""
+    return p.error is None and p.match_rate is not None and is_garbled(p.match_rate)

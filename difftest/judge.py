@@ -17,6 +17,7 @@ Per target:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -148,18 +149,24 @@ def floor_for_target(record: Mapping[str, Any] | None, golden: str | None) -> No
     return NoiseFloor.from_dict(dict(record))
 
 
-def rejudge(run: RunResult, thresholds_for: Mapping[str | None, Mapping[str, float]] | None = None) -> None:
-    """Re-judge every target of a stored run (report --thresholds) with the nulls the run used
-    (twins, floor file, in-run A/A, all from report.json); carried parts and skipped groups kept
-    from the stored verdict."""
+def rejudge(
+    run: RunResult, thresholds_for: Mapping[str | None, Mapping[str, float]] | None = None
+) -> list[str]:
+    """Re-judge every target of a stored run (`report DIR`, with or without --thresholds) with the
+    nulls the run used (twins, floor file, in-run A/A, all from report.json); carried parts and
+    skipped groups kept from the stored verdict. Returns what could not be re-judged offline, in
+    words (`slot_margin_note`), so that a caller says so rather than ignore an override."""
     in_run = bool(run.noise_floor) and "in_run" in run.noise_floor  # type: ignore[operator]
     floor = None if in_run else floor_for_target(run.noise_floor, None)
+    notes: list[str] = []
     for t in run.targets:
-        old = t.verdict
-        carried = [p for p in (old.parts if old else ()) if p.part in CARRIED_PARTS]
+        # a FAIL verdict is falsy (TargetVerdict.__bool__): `if old` dropped a failing target's
+        # batch-slot and white-box parts, and a re-judge turned its FAIL into PASS
+        old_parts = t.verdict.parts if t.verdict is not None else ()
+        carried = [p for p in old_parts if p.part in CARRIED_PARTS]
         skipped = {
             f"{p.part}.{g}": c.note.removeprefix(SKIPPED_NOTE)
-            for p in (old.parts if old else ())
+            for p in old_parts
             for c in p.checks
             if c.note.startswith(SKIPPED_NOTE)
             for g in [_group_of(c.name)]
@@ -167,6 +174,29 @@ def rejudge(run: RunResult, thresholds_for: Mapping[str | None, Mapping[str, flo
         overrides = (thresholds_for or {}).get(t.scheme, {})
         golden_floor = floor_for_target(run.noise_floor, t.golden) if in_run else None
         judge_one(run, t, overrides, floor=floor, in_run=golden_floor, carried=carried, skipped=skipped)
+        note = slot_margin_note(run, t, overrides)
+        if note:
+            notes.append(note)
+    return notes
+
+
+def slot_margin_note(run: RunResult, target: TargetResult, overrides: Mapping[str, float]) -> str | None:
+    """Why the batch-slot part keeps the run's TIE margin where `overrides` give it another (None:
+    they do not). The run counted both the target's slot flips and its baseline's draws' flips with
+    that margin (runner._whitebox: `tie_margin(null, overrides)` of the twin null); report.json
+    keeps the target's placements but only the draws' flip counts, so no other margin can be
+    applied to them offline -- the part is carried as measured, and this says so."""
+    stored = target.invariance.get("tie_margin") if target.invariance else None
+    if isinstance(stored, bool) or not isinstance(stored, int | float):
+        return None  # no twin on the probe: the run applied no TIE margin there, nor would a rerun
+    margin, source = tie_margin(null_for(run, target, None), overrides)
+    if math.isclose(margin, stored, rel_tol=1e-9, abs_tol=0.0):
+        return None
+    return (
+        f"{target.name}: batch-slot part not re-judged offline: kept at the run's TIE margin "
+        f"{stored:.4g} nats, not {margin:.4g} ({source}); report.json holds the baseline draws' "
+        "flip counts, not their flips"
+    )
 
 
 def _group_of(check: str) -> str:

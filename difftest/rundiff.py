@@ -12,12 +12,16 @@ two report.json files and whether the move is beyond noise. Pure functions of tw
   every prompt) is disjoint from any change at all, 1e-9 nats included, which no limit would
   ever call a difference;
 - otherwise, where a noise floor bounds the metric (report.json's `noise_floor`: the A/A spread of
-  kl_mean, kl_p99, top-1 disagreement, token mismatch), the move counts when it exceeds the floor;
+  kl_mean, kl_p99, top-1 disagreement, token mismatch), the move counts when it exceeds the floor
+  and MIN_MOVE both: an A/A floor of 0 (usual on a CPU) would call a 1e-7 nat move a change;
 - otherwise it is unknown (None): the report holds nothing to tell noise from a change.
 
 A metric's direction says whether a move is a regression: lower is better for divergences and
 error rates, higher for agreement and text similarity, closer to zero for a signed bias (dp_mean);
-counts (n_prompts, tie) have none.
+counts (n_prompts, tie, tf_prompts) and BLEU's n-gram order have none. A negative control (`expect = "fail"`) is meant to
+fail, so for it the quality directions turn around: a move toward the limit is its fault nearly
+escaping, a move away from it is the fault caught harder. Lost requests stay worse either way: they
+leave a verdict open, a control's included.
 """
 
 from __future__ import annotations
@@ -39,10 +43,15 @@ HIGHER_IS_BETTER = frozenset(
 LOWER_IS_BETTER = frozenset(
     {
         "kl_mean", "kl_lower_mean", "kl_upper_mean", "kl_p99", "dp_rms",
-        "garbled_rate", "failed_rate", "failed_requests", "drift", "wrong",
+        "garbled_rate", "failed_rate", "failed_requests", "broken_rate", "broken_answers", "drift", "wrong",
     }
 )  # fmt: skip
 CLOSER_TO_ZERO_IS_BETTER = frozenset({"dp_mean"})  # signed: a bias either way is worse
+# what was measured, not how well: counts, and the n-gram order BLEU reached on these texts
+NO_DIRECTION = frozenset({"n_prompts", "tie", "tf_prompts", "bleu_order"})
+# requests that got no answer: worse for any target, since they leave its verdict open (a negative
+# control's too: an undecided control is a control that no longer catches its fault)
+REQUEST_LOSSES = frozenset({"failed_rate", "failed_requests"})
 # metric -> the noise floor field that bounds its run-to-run spread
 FLOOR_FIELDS = {
     "kl_mean": "kl_mean",
@@ -74,8 +83,8 @@ class MetricMove:
     ci_a: tuple[float, float] | None
     ci_b: tuple[float, float] | None
     # how beyond_noise was decided: "ci" (the two 95% intervals), "small" (disjoint intervals, a move
-    # under MIN_MOVE), "floor" (the noise floor's spread), "none" (nothing to judge by), "unchanged",
-    # "missing" (a side has no number)
+    # under MIN_MOVE), "floor" (the noise floor's spread), "floor-small" (over the floor, a move under
+    # MIN_MOVE), "none" (nothing to judge by), "unchanged", "missing" (a side has no number)
     noise: str
     beyond_noise: bool | None
     direction: str  # "better" | "worse" | "neutral" | ""
@@ -100,12 +109,13 @@ class TargetDiff:
     verdict_a: str | None
     verdict_b: str | None
     comparisons: list[ComparisonDiff] = field(default_factory=list)
-    note: str = ""  # "only in A", "only in B"
+    note: str = ""  # "only in A" (B lost its verdict), "only in B"
     warnings: list[str] = field(default_factory=list)  # comparisons that could not be paired
     # the checks whose outcome differs (pass / FAIL / undecided / not informative), in words: what
     # turned the verdict. Re-judged with other limits, no metric moves and only these say why
     checks_changed: list[str] = field(default_factory=list)
     expect: str = "pass"  # run B's expectation ("fail": a negative control)
+    expect_a: str | None = None  # run A's, where it differs from B's (None: the same)
 
     @property
     def verdict_changed(self) -> bool:
@@ -113,13 +123,22 @@ class TargetDiff:
 
     @property
     def regressed(self) -> bool:
-        """B's verdict contradicts its expectation and A's did not (FAIL for a target that should
-        pass -- after PASS, INCONCLUSIVE or no run at all; PASS for a negative control: its fault
-        is no longer caught), B lost a verdict A had, or a metric moved the wrong way beyond noise."""
-        missed = "PASS" if self.expect == "fail" else "FAIL"
-        went_bad = self.verdict_b == missed and self.verdict_a != missed
-        lost_verdict = self.verdict_a is not None and self.verdict_b is None and self.note != "only in A"
+        """B's verdict contradicts B's expectation and A's verdict did not contradict A's (FAIL for a
+        target that should pass -- after PASS, INCONCLUSIVE or no run at all; PASS for a negative
+        control: its fault is no longer caught; either after an edited `expect`), B lost a verdict A
+        had (a target only in A included: README's "B lost a verdict A had"), or a metric moved the
+        wrong way beyond noise."""
+        went_bad = contradicts(self.verdict_b, self.expect) and not contradicts(
+            self.verdict_a, self.expect_a or self.expect
+        )
+        lost_verdict = self.verdict_a is not None and self.verdict_b is None
         return went_bad or lost_verdict or any(m.regressed for c in self.comparisons for m in c.metrics)
+
+
+def contradicts(label: str | None, expect: str) -> bool:
+    """`label` is the verdict `expect` rules out: FAIL for a target that should pass, PASS for a
+    negative control (INCONCLUSIVE and no verdict contradict neither)."""
+    return label == ("PASS" if expect == "fail" else "FAIL")
 
 
 @dataclass
@@ -155,15 +174,20 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def direction(metric: str, a: float, b: float) -> str:
+def direction(metric: str, a: float, b: float, expect: str = "pass") -> str:
+    """Whether a -> b is better or worse for a target with this `expect` (see the module's words)."""
     delta = b - a
     if metric in CLOSER_TO_ZERO_IS_BETTER:
-        return "better" if abs(b) < abs(a) else "worse"
-    if metric in HIGHER_IS_BETTER:
-        return "better" if delta > 0 else "worse"
-    if metric in LOWER_IS_BETTER:
-        return "better" if delta < 0 else "worse"
-    return "neutral"
+        toward_good = abs(b) < abs(a)
+    elif metric in HIGHER_IS_BETTER:
+        toward_good = delta > 0
+    elif metric in LOWER_IS_BETTER:
+        toward_good = delta < 0
+    else:
+        return "neutral"
+    if expect == "fail" and metric not in REQUEST_LOSSES:  # toward passing: the control escaping
+        toward_good = not toward_good
+    return "better" if toward_good else "worse"
 
 
 def _number(x: Any) -> float | None:
@@ -210,7 +234,11 @@ def floor_spread(floor: Mapping[str, Any] | None, metric: str) -> float | None:
     return max(values) if values else None
 
 
-def metric_move(metric: str, ca: Comparison, cb: Comparison, floor: float | None) -> MetricMove:
+def metric_move(
+    metric: str, ca: Comparison, cb: Comparison, floor: float | None, expect: str = "pass"
+) -> MetricMove:
+    """A -> B for one metric, beyond noise or not (the module's rules); `expect`: B's, for the
+    direction."""
     a, b = _number(ca.aggregate.get(metric)), _number(cb.aggregate.get(metric))
     ci_a, ci_b = _ci(ca, metric), _ci(cb, metric)
     if a is None or b is None or math.isnan(a) or math.isnan(b):
@@ -223,8 +251,17 @@ def metric_move(metric: str, ca: Comparison, cb: Comparison, floor: float | None
     if by_ci is not None:
         how, beyond = by_ci
     elif floor is not None:
-        how, beyond = "floor", abs(delta) > floor
-    return MetricMove(metric, a, b, delta, ci_a, ci_b, how, beyond, direction(metric, a, b))
+        how, beyond = _beyond_floor(metric, delta, floor)
+    return MetricMove(metric, a, b, delta, ci_a, ci_b, how, beyond, direction(metric, a, b, expect))
+
+
+def _beyond_floor(metric: str, delta: float, floor: float) -> tuple[str, bool]:
+    """Over the floor and over MIN_MOVE: ("floor", True); within the floor: ("floor", False); over
+    the floor but under MIN_MOVE: ("floor-small", False) -- an in-run A/A floor of 0 (identical
+    twins on a CPU) would otherwise make any change at all, 1e-7 nats included, a regression."""
+    if abs(delta) <= floor:
+        return "floor", False
+    return ("floor", True) if abs(delta) > MIN_MOVE.get(metric, 0.0) else ("floor-small", False)
 
 
 def _changed_prompts(ca: Comparison, cb: Comparison) -> tuple[int, list[str]]:
@@ -247,6 +284,8 @@ def _target(
     name = (ta or tb).name  # type: ignore[union-attr]
     label = lambda t: t.verdict.label if t is not None and t.verdict is not None else None  # noqa: E731
     out = TargetDiff(name, label(ta), label(tb), expect=(tb or ta).expect)  # type: ignore[union-attr]
+    if ta is not None and tb is not None and ta.expect != tb.expect:  # each verdict against its own
+        out.expect_a = ta.expect
     if ta is None or tb is None:
         out.note = "only in B" if ta is None else "only in A"
         return out
@@ -261,7 +300,7 @@ def _target(
         cd = ComparisonDiff(ca.kind, cb.baseline)
         keys = list(dict.fromkeys([*ca.aggregate, *cb.aggregate]))
         floor = floor_b if ca.kind == "exactness" else None  # floors bound the golden's A/A spread
-        cd.metrics = [metric_move(k, ca, cb, floor_spread(floor, k)) for k in keys]
+        cd.metrics = [metric_move(k, ca, cb, floor_spread(floor, k), tb.expect) for k in keys]
         cd.prompts_compared, cd.continuations_changed = _changed_prompts(ca, cb)
         out.comparisons.append(cd)
     return out

@@ -104,7 +104,8 @@ def test_degenerate_intervals_do_not_call_noise() -> None:
     one = lambda v: Comparison("exactness", "golden", "t", aggregate={"kl_mean": v, "n_prompts": 1},  # noqa: E731
                                ci={"kl_mean": [v, v]})  # fmt: skip
     assert metric_move("kl_mean", one(0.020), one(0.021), None).beyond_noise is None
-    assert metric_move("kl_mean", one(0.020), one(0.021), 0.0005).noise == "floor"  # the floor still can
+    assert metric_move("kl_mean", one(0.020), one(0.030), 0.0005).beyond_noise  # the floor still can
+    assert metric_move("kl_mean", one(0.020), one(0.021), 0.0005).noise == "floor-small"  # < KL 0.005
     ten = lambda v, ci: Comparison("exactness", "golden", "t", aggregate={"kl_mean": v, "n_prompts": 10},  # noqa: E731
                                    ci={"kl_mean": ci})  # fmt: skip
     tiny = metric_move("kl_mean", ten(0.0, [0.0, 0.0]), ten(1.4e-9, [1e-9, 2e-9]), None)
@@ -200,7 +201,7 @@ def test_a_verdict_that_turns_against_its_expectation_from_anywhere_is_a_regress
     assert TargetDiff("t", "PASS", None).regressed
     assert TargetDiff("t", None, "FAIL", note="only in B").regressed
     assert not TargetDiff("t", "FAIL", "FAIL").regressed  # failing before and after: no news
-    assert not TargetDiff("t", "PASS", None, note="only in A").regressed  # removed from the run
+    assert TargetDiff("t", "PASS", None, note="only in A").regressed  # README: B lost a verdict A had
     assert TargetDiff("ctl", "INCONCLUSIVE", "PASS", expect="fail").regressed
     assert not TargetDiff("ctl", "PASS", "FAIL", expect="fail").regressed
 
@@ -259,3 +260,129 @@ def test_the_beyond_noise_cell_says_what_decided_it() -> None:
     assert _beyond(overlap) == "no (CIs overlap)"
     assert _beyond(metric_move("kl_mean", _comp(0.1), _comp(0.3), None)) == "? (no CI or floor)"
     assert _beyond(metric_move("kl_mean", _comp(0.1), _comp(0.3), 0.05)) == "YES (over noise floor)"
+
+
+def test_a_zero_noise_floor_still_needs_the_smallest_move() -> None:
+    """The bug (/tmp/t1/d1.py): an in-run A/A floor of 0 (`null = "aa"` on a CPU) made KL
+    0.0010 -> 0.0010001 (a move of 1e-7) and top-1 100% -> 99.9% regressions beyond noise, 3 prompts
+    or 10 with both intervals a single value alike. Worked by hand: KL moves of 1e-7 and 0.01 against
+    the minimum 0.005, top-1 moves of 0.1 and 4 points against its minimum 3 points."""
+    floor = floor_spread({"in_run": {"g": {"kl_mean": 0.0, "top1_disagreement": 0.0}}}, "kl_mean")
+    assert floor == 0.0
+
+    def comp(n: int, kl: float, top1: float, kl_ci: list[float] | None = None) -> Comparison:
+        agg = {"n_prompts": float(n), "kl_mean": kl, "top1_agreement": top1}
+        return Comparison("exactness", "g", "t", aggregate=agg, ci={"kl_mean": kl_ci} if kl_ci else {})
+
+    a, b = comp(3, 0.0010, 1.0), comp(3, 0.0010001, 0.999)
+    for metric in ("kl_mean", "top1_agreement"):
+        move = metric_move(metric, a, b, 0.0)
+        assert (move.noise, move.beyond_noise, move.regressed) == ("floor-small", False, False)
+    points_a, points_b = (
+        comp(10, 0.001, 1.0, [0.001, 0.001]),
+        comp(10, 0.0010001, 1.0, [0.0010001, 0.0010001]),
+    )
+    assert metric_move("kl_mean", points_a, points_b, 0.0).beyond_noise is False
+    assert metric_move("kl_mean", a, comp(3, 0.011, 0.96), 0.0).regressed  # 0.01 > 0.005
+    assert metric_move("top1_agreement", a, comp(3, 0.011, 0.96), 0.0).regressed  # 4 points > 3
+    from difftest.cli.diff import _beyond
+
+    assert _beyond(metric_move("kl_mean", a, b, 0.0)) == "no (over noise floor, move < 0.005)"
+
+
+def _ten(metric: str, value: float, ci: list[float]) -> Comparison:
+    return Comparison("exactness", "g", "t", aggregate={metric: value, "n_prompts": 10.0}, ci={metric: ci})
+
+
+def test_a_negative_controls_move_toward_its_limit_is_the_regression() -> None:
+    """The bug: a control (expect = "fail") whose KL rose 0.075 -> 0.116 (failing harder) was
+    REGRESSED, exit 1, and one whose KL fell back toward the limit was not. Lost requests stay
+    worse for a control too: they leave its verdict open."""
+    low, high = _ten("kl_mean", 0.075, [0.067, 0.083]), _ten("kl_mean", 0.116, [0.106, 0.126])
+    harder = metric_move("kl_mean", low, high, None, expect="fail")
+    assert harder.beyond_noise and harder.direction == "better" and not harder.regressed
+    escaping = metric_move("kl_mean", high, low, None, expect="fail")
+    assert escaping.direction == "worse" and escaping.regressed
+    assert metric_move("kl_mean", low, high, None).regressed  # the same move for a target meant to pass
+    top1 = metric_move("top1_agreement", _ten("top1_agreement", 0.2, [0.1, 0.3]),
+                       _ten("top1_agreement", 0.8, [0.7, 0.9]), None, expect="fail")  # fmt: skip
+    assert top1.regressed  # agreement back up: the control nearly passes
+    lost = metric_move("failed_rate", _ten("failed_rate", 0.0, [0.0, 0.0]), _ten("failed_rate", 0.5, [0.4, 0.6]),
+                       None, expect="fail")  # fmt: skip
+    assert lost.direction == "worse" and lost.regressed
+
+
+def test_diff_judges_a_control_by_its_expect(tmp_path: Path, capsys) -> None:
+    """End to end on the sample run: its negative control's exactness KL falls 0.1994 -> 0.02 (toward
+    the limit, disjoint intervals) in B: REGRESSED; the reverse (failing harder) is not."""
+    from sample_results import sample_run
+
+    from difftest.report import write_report
+
+    a, b = sample_run(), sample_run()
+    for run, kl, ci in ((a, 0.1994, [0.15, 0.25]), (b, 0.02, [0.01, 0.03])):
+        exact = run.targets[1].comparison("exactness")
+        assert exact is not None
+        exact.aggregate.update(kl_mean=kl, n_prompts=10.0)
+        exact.ci["kl_mean"] = ci
+    assert diff_runs(a, b).targets[1].regressed and not diff_runs(b, a).targets[1].regressed
+    write_report(a, tmp_path / "a")
+    write_report(b, tmp_path / "b")
+    assert main(["diff", str(tmp_path / "b"), str(tmp_path / "a")]) == 0
+    assert main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+
+
+def test_each_run_is_judged_against_its_own_expect(tmp_path: Path, capsys) -> None:
+    """The bug (/tmp/t3/dmg/h): B's control edited to expect = "pass", FAIL in both runs: `report`
+    gated FAIL but `diff` said "FAIL -> FAIL ... no regression", exit 0, judging A by B's expect."""
+    from sample_results import sample_run
+
+    from difftest.report import write_report
+    from difftest.rundiff import TargetDiff
+
+    assert TargetDiff("ctl", "FAIL", "FAIL", expect="pass", expect_a="fail").regressed
+    assert not TargetDiff("ctl", "FAIL", "FAIL", expect="fail", expect_a="pass").regressed  # fixed
+    assert not TargetDiff("ctl", "PASS", "FAIL", expect="fail", expect_a="pass").regressed
+    a, b = sample_run(), sample_run()
+    b.targets[1].expect = "pass"
+    write_report(a, tmp_path / "a")
+    write_report(b, tmp_path / "b")
+    capsys.readouterr()
+    assert main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert "fp8-block-faulty: FAIL -> FAIL (expect fail -> pass) REGRESSED" in capsys.readouterr().out
+    assert main(["diff", str(tmp_path / "b"), str(tmp_path / "a")]) == 0
+
+
+def test_a_target_only_in_a_is_a_lost_verdict(tmp_path: Path, capsys) -> None:
+    """The bug (/tmp/t3/run1 vs /tmp/t3/runbl): "fp8-block: PASS -> - (only in A)", exit 0, where
+    README says exit 1 when B lost a verdict A had."""
+    from sample_results import sample_run
+
+    from difftest.report import write_report
+
+    a, b = sample_run(), sample_run()
+    b.targets = b.targets[1:]
+    assert diff_runs(a, b).regressed
+    write_report(a, tmp_path / "a")
+    write_report(b, tmp_path / "b")
+    capsys.readouterr()
+    assert main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "fp8-block: PASS -> - (only in A: B has no verdict for it) REGRESSED" in lines
+    assert main(["diff", str(tmp_path / "b"), str(tmp_path / "a")]) == 0  # a new target that PASSes
+
+
+def test_every_metric_a_run_reports_has_a_direction(runs: dict[str, Path]) -> None:
+    """The bug: broken_rate and broken_answers had none, so a rise in impossible answers was never
+    flagged. Every key of a real comparison's aggregate is in exactly one of the four sets."""
+    from difftest import rundiff as rd
+
+    sets = (rd.HIGHER_IS_BETTER, rd.LOWER_IS_BETTER, rd.CLOSER_TO_ZERO_IS_BETTER, rd.NO_DIRECTION)
+    keys = {k for t in load_run(runs["bad"]).targets for c in t.comparisons for k in c.aggregate}
+    assert keys >= {"broken_rate", "broken_answers", "kl_mean", "n_prompts"}
+    assert {k: sum(k in s for s in sets) for k in keys} == dict.fromkeys(keys, 1)
+    assert rd.direction("broken_rate", 0.0, 0.25) == rd.direction("broken_answers", 0.0, 2.0) == "worse"
+    rise = metric_move(
+        "broken_rate", _ten("broken_rate", 0.0, [0.0, 0.0]), _ten("broken_rate", 0.3, [0.2, 0.4]), None
+    )
+    assert rise.regressed

@@ -1,7 +1,7 @@
 """`difftest diff RUN_A RUN_B`: what moved between two report folders, and whether beyond noise.
 
-Exit 1 when a target regressed (a metric moved the wrong way beyond noise, or PASS became FAIL),
-else 0."""
+Exit 1 when a target regressed (`TargetDiff.regressed`: a metric moved the wrong way beyond noise,
+B's verdict contradicts its `expect` where A's did not, or B lost a verdict A had), else 0."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.table import Table
 
 from difftest.cli import options as o
 from difftest.report.words import metric_name
-from difftest.rundiff import MIN_MOVE, MetricMove
+from difftest.rundiff import MIN_MOVE, MetricMove, TargetDiff
 
 HELP = "compare two report folders: per target and metric, what moved and whether beyond noise"
 RESULT_FILE = "diff.json"
@@ -47,7 +47,22 @@ def _beyond(m: MetricMove) -> str:
         return "YES (CIs disjoint)" if m.beyond_noise else "no (CIs overlap)"
     if m.noise == "floor":
         return "YES (over noise floor)" if m.beyond_noise else "no (within noise floor)"
+    if m.noise == "floor-small":
+        return f"no (over noise floor, move < {MIN_MOVE[m.metric]:g})"
     return "? (no CI or floor)"
+
+
+def _head(t: TargetDiff) -> str:
+    """'ctl: FAIL -> FAIL (expect fail -> pass) REGRESSED': the verdicts, and what else decides
+    whether the move is a regression (an edited expect, a target one run lacks)."""
+    head = f"{t.name}: {t.verdict_a or '-'} -> {t.verdict_b or '-'}"
+    if t.expect_a is not None:
+        head += f" (expect {t.expect_a} -> {t.expect})"
+    if t.note == "only in A":
+        head += " (only in A: B has no verdict for it)"
+    elif t.note:
+        head += f" ({t.note})"
+    return head + (" REGRESSED" if t.regressed else "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
     for w in result.warnings:
         con.print(f"warning: {w}", style="yellow")
     for t in result.targets:
-        head = f"{t.name}: {t.verdict_a or '-'} -> {t.verdict_b or '-'}"
-        con.print(head + (f" ({t.note})" if t.note else "") + (" REGRESSED" if t.regressed else ""))
+        con.print(_head(t), markup=False)
         for line in t.checks_changed:
             con.print(f"  check {line}", markup=False)
         for c in t.comparisons:

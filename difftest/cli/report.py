@@ -1,16 +1,22 @@
 """`difftest report DIR`: re-judge (optionally with other thresholds) and re-render, offline.
 
-With `-o NEWDIR` the re-judged report goes to a new folder and DIR stays as it was, so that a
-run and its re-judgement can be put side by side (`difftest diff DIR NEWDIR`)."""
+Every call re-judges from report.json's stored numbers with its stored thresholds -- a verdict is
+never taken on trust from the file (an edited number must not re-render as the old PASS) -- and a
+warning names each verdict that re-judging changes. `--thresholds` then re-judges with its tables
+on top. With `-o NEWDIR` the re-judged report goes to a new folder and DIR stays as it was, so that
+a run and its re-judgement can be put side by side (`difftest diff DIR NEWDIR`)."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from difftest.cli import options as o
 from difftest.cli.outcome import finish
 from difftest.errors import UsageError
+from difftest.results import RunResult, TargetResult
 
 HELP = "re-judge and re-render a report folder offline (no servers)"
 
@@ -43,9 +49,58 @@ def merged_thresholds(stored: dict, given: dict) -> dict[str, dict[str, float]]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def unused_tables(given: Mapping[str, Any], targets: Sequence[TargetResult], source: Path) -> list[str]:
+    """A `[thresholds.<scheme>]` table of the file that no target's scheme reads: a typo'd or
+    wrong file would otherwise change nothing without a word. Warned, not refused: one thresholds
+    file may serve runs of several schemes (`difftest run` takes such a table silently)."""
+    schemes = {t.scheme or "none" for t in targets}
+    return [
+        f"--thresholds {source}: [thresholds.{name}] applies to no target of this run "
+        f"(schemes: {', '.join(sorted(schemes))}): ignored"
+        for name in given
+        if name != "default" and name not in schemes
+    ]
+
+
+def _rejudged(result: RunResult, thresholds: Mapping[str, Mapping[str, float]], whose: str) -> list[str]:
+    """Re-judge `result` in place with `thresholds` (the run's [thresholds] form; `whose` names
+    them in an error); what could not be re-judged, in words. A report.json the current rules cannot
+    judge -- no accuracy comparison, an unreadable noise floor, a limit they refuse -- is exit 2
+    with the reason: its stored verdict cannot be reproduced, so it is not re-rendered as if it were."""
     from difftest.config import thresholds_for
+    from difftest.errors import NoiseFloorError
     from difftest.judge import rejudge
+
+    by_scheme = {t.scheme: thresholds_for(thresholds, t.scheme) for t in result.targets}
+    try:
+        return rejudge(result, by_scheme)
+    except NoiseFloorError as exc:  # the floor the run judged with cannot be read back
+        raise UsageError(f"report.json: noise_floor: {exc}") from None
+    except UsageError as exc:  # verdict._check_overrides: a limit the current rules refuse
+        raise UsageError(f"re-judging with {whose}: {exc}") from None
+    except ValueError as exc:  # judge_one: a target without an accuracy comparison
+        raise UsageError(f"report.json: {exc}") from None
+
+
+def stored_thresholds(signature: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """report.json's `signature.thresholds` ({"default" | scheme: {metric: limit}}), which every
+    re-judge reads: a damaged one is exit 2 naming the entry, not a traceback in the merge."""
+    stored = signature.get("thresholds") or {}
+    bad = (
+        ["thresholds"]
+        if not isinstance(stored, Mapping)
+        else [f"thresholds[{k!r}]" for k, v in stored.items() if not isinstance(v, Mapping)]
+    )
+    if bad:
+        raise UsageError(f"report.json: signature.{bad[0]} is not a table of limits")
+    return {k: dict(v) for k, v in stored.items()}
+
+
+def _label(t: TargetResult) -> str:
+    return t.verdict.label if t.verdict is not None else "no verdict"
+
+
+def run(args: argparse.Namespace) -> int:
     from difftest.report import load_run
 
     result = load_run(args.dir)
@@ -56,14 +111,24 @@ def run(args: argparse.Namespace) -> int:
     new = args.out is not None and Path(args.out).resolve() != Path(folder).resolve()
     if new and (Path(args.out) / "report.json").exists():
         raise UsageError(f"-o {args.out}: already holds a report.json (pick a new folder)")
+    stored = stored_thresholds(result.signature)
+    given = threshold_file(args.thresholds) if args.thresholds else {}
+    warnings = unused_tables(given, result.targets, args.thresholds) if args.thresholds else []
+    before = {t.name: _label(t) for t in result.targets}
+    # first with the run's own thresholds: a verdict its stored numbers no longer give is said, not kept
+    warnings += _rejudged(result, stored, "report.json's own [thresholds]")
+    warnings += [
+        f"{t.name}: stored verdict {before[t.name]}, re-judged from report.json's own numbers and "
+        f"thresholds: {_label(t)} (numbers edited, or written by another difftest version)"
+        for t in result.targets
+        if _label(t) != before[t.name]
+    ]
     if args.thresholds:
-        thresholds = merged_thresholds(
-            result.signature.get("thresholds") or {}, threshold_file(args.thresholds)
-        )
-        by_scheme = {t.scheme: thresholds_for(thresholds, t.scheme) for t in result.targets}
-        rejudge(result, by_scheme)
+        thresholds = merged_thresholds(stored, given)
+        warnings += _rejudged(result, thresholds, f"report.json's [thresholds] and {args.thresholds}'s")
         result.signature["thresholds"] = thresholds
         result.signature["rejudged_with"] = str(args.thresholds)
+    result.warnings = list(dict.fromkeys([*result.warnings, *warnings]))
     if out != folder:
         result.signature["rejudged_from"] = str(folder)
     return finish(result, out, [], as_json=args.json)

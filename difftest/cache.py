@@ -15,7 +15,8 @@ A file that is not such a cache (random bytes, a truncated copy, another program
 `responses` table of other columns) is set aside as `cache.sqlite.corrupt-<time>` and a new one
 started (`ResponseCache.set_aside` says so): a cache only saves asking again, so asking again is
 the cure, and the old file is kept for whoever wants to look at it. A single row that does not
-read back as a JSON object is a miss (asked again, and overwritten).
+read back as a JSON object is a miss (asked again, and overwritten). A write that fails (disk
+full) is an OutputError naming the file (exit 2): the report beside it would fail the same way.
 
 The file is created owner-only (0600; sqlite gives its -wal and -shm files the same mode): cached
 answers hold prompts and model output, which are nobody else's business on a shared machine.
@@ -30,11 +31,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from difftest.errors import UnreadableCache
+from difftest.errors import UnreadableCache, output_error
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -161,7 +162,7 @@ class ResponseCache:
             raise ValueError("only successful responses (JSON objects without an 'error') are cached")
         key = cache_key(fingerprint, request)
         row = (key, canonical_json(fingerprint), canonical_json(request), json.dumps(response), time.time())
-        with self._lock:
+        with self._lock, self._writing():
             self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)", row)
             self._puts += 1
 
@@ -170,11 +171,21 @@ class ResponseCache:
         and keep every one it ever had: keys are content-addressed, so a server back in an earlier
         state finds that state's answers again (`server_fingerprints`)."""
         blob = canonical_json(fingerprint)
-        with self._lock:
+        with self._lock, self._writing():
             self._db.execute("INSERT OR REPLACE INTO servers VALUES (?, ?)", (name, blob))
             self._db.execute(
                 "INSERT OR REPLACE INTO server_history VALUES (?, ?, ?)", (name, blob, time.time())
             )
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write sqlite refuses ("database or disk is full", "disk I/O error", "attempt to write a
+        readonly database") as an OutputError naming the file: one line and exit 2, where the bare
+        sqlite3.OperationalError was a traceback and exit 1, the regression code."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise output_error(self.path, exc) from exc
 
     def server_fingerprint(self, name: str) -> dict | None:
         """The fingerprint the named server had last (None: never seen, or unreadable)."""

@@ -3,9 +3,13 @@
 Why each guard exists:
 - a semaphore bounds in-flight requests (a differ that floods a server measures its queue, and a
   batch-variant server then answers differently than it would under normal load);
-- retries with exponential backoff and jitter cover connect errors, timeouts, 429 and 5xx, and are
-  bounded so a dead server ends the run with exit 3 instead of hanging; 4xx are never retried (the
-  request itself is wrong) and surface the server's own OpenAI error message;
+- retries with exponential backoff and jitter cover connect errors, timeouts, 429, 5xx and a
+  completions body that is not JSON or has no `choices` (a truncated body is transport trouble),
+  and are bounded so a dead server ends the run with exit 3 instead of hanging; 4xx are never
+  retried (the request itself is wrong) and surface the server's own OpenAI error message;
+- a circuit breaker per server (`_Breaker`): once `STOPPED_AFTER` requests in a row are lost to
+  timeouts or connection errors after their retries, the server has stopped answering and every
+  later request fails at once, naming those failures (each used to wait out its own timeouts);
 - the response body is read in chunks and cut at `max_response_bytes` (a runaway `n`/`logprobs`
   or a hostile server must not take the differ's memory);
 - the API key goes out as a Bearer header only: it is never logged, never part of the fingerprint,
@@ -31,7 +35,7 @@ from typing import Any
 import httpx
 
 from difftest.cache import ResponseCache
-from difftest.errors import CacheMiss, RequestRejected, ServerError, UnreadableBody
+from difftest.errors import CacheMiss, OutputError, RequestRejected, ServerError, UnreadableBody
 from difftest.identity import (
     CANARY_BATCH,
     CANARY_SLOTS,
@@ -66,9 +70,58 @@ _FINGERPRINT_CONFIG_KEYS = (
 )
 
 
+# Requests lost in a row (timeouts, connection errors, after their retries) that mean a server has
+# stopped answering. Two, not one: a single pathological prompt (far slower than the timeout) must
+# not end the run. No more: the requests in flight when a server stops time out together, so with
+# concurrency >= 2 the breaker opens after one round, about (max_retries + 1) x timeout_s (two
+# rounds at concurrency 1).
+STOPPED_AFTER = 2
+
+
+class _Breaker:
+    """Whether a server has stopped answering: the requests lost to silence in a row.
+
+    Without it a dead target cost prompts x attempts x timeout_s, once for generation and again
+    for teacher forcing (~48 min at the defaults for 100 prompts). Shared by a client's siblings:
+    they ask the same server. A success (of a request already in flight) closes it again."""
+
+    def __init__(self) -> None:
+        self.lost: list[str] = []  # what the requests lost in a row said, the latest last
+
+    @property
+    def open(self) -> bool:
+        return len(self.lost) >= STOPPED_AFTER
+
+    def success(self) -> None:
+        self.lost.clear()
+
+    def failure(self, what: str) -> None:
+        self.lost = [*self.lost, what][-STOPPED_AFTER:]
+
+    def refusal(self, name: str, method: str, path: str) -> ServerError:
+        said = "; ".join(dict.fromkeys(self.lost))  # the same words once
+        return ServerError(
+            f"{name}: {method} {path} not sent: the server stopped answering ({len(self.lost)} "
+            f"requests in a row failed after their retries: {said})",
+            server=name,
+            reason=f"the server stopped answering ({said})",
+        )
+
+
+@dataclass(frozen=True)
+class _Miss:
+    """One attempt that failed in a way another attempt may not."""
+
+    reason: str  # the server's words or what happened, without the "name: POST /path" prefix
+    status: int | None = None
+    retry_after: str | None = None
+    silent: bool = False  # a timeout or a connection error: the server said nothing at all
+    unreadable: str | None = None  # a 2xx body that `read` could not use: its UnreadableBody's words
+
+
 @dataclass(frozen=True)
 class ClientStats:
-    requests: int  # logical requests that went to the network (cache hits excluded)
+    requests: int  # logical requests asked (cache hits excluded; ones the breaker refused included)
     failures: int  # of those, how many ended in an exception (after retries)
     retries: int  # extra attempts made
     cache_hits: int
@@ -99,7 +152,8 @@ class CompletionClient:
         for servers started on a fresh port each run, so `--resume` finds their answers again.
 
         `timeout_s` bounds each attempt of a request, start to last byte (a server that accepts
-        and never answers costs (max_retries + 1) x timeout_s, then a ServerError);
+        and never answers costs (max_retries + 1) x timeout_s, then a ServerError; after
+        `STOPPED_AFTER` such requests every later one fails at once);
         `connect_timeout_s` (at most `timeout_s`) bounds opening the connection alone."""
         if concurrency < 1 or max_retries < 0:
             raise ValueError("concurrency must be >= 1 and max_retries >= 0")
@@ -122,6 +176,10 @@ class CompletionClient:
         self._backoff = (backoff_base_s, backoff_max_s)
         self._sleep = sleep
         self._sem = asyncio.Semaphore(concurrency)
+        self._breaker = _Breaker()
+        # a cache write that failed (disk full): the report beside the cache would fail the same
+        # way, so later cached requests fail at once rather than ask for answers nobody can keep
+        self._cache_error: OutputError | None = None
         self._fp: dict | None = None
         self._cache_fp: dict | None = None
         self._fp_lock = asyncio.Lock()
@@ -152,6 +210,7 @@ class CompletionClient:
             backoff_base_s=self._backoff[0], backoff_max_s=self._backoff[1], sleep=self._sleep,
         )  # fmt: skip
         other._debug_config = self._debug_config  # the same server: the same config
+        other._breaker = self._breaker  # and the same silence
         return other
 
     def __repr__(self) -> str:  # never the key
@@ -191,7 +250,13 @@ class CompletionClient:
             raise TypeError("payload must be a JSON object")
         cached = self.cache is not None and use_cache
         if cached:
-            fp = await self._cache_fingerprint()
+            if self._cache_error is not None:  # a full disk stays full: no request, no canary again
+                raise OutputError(self._cache_error.path, self._cache_error.why)
+            try:
+                fp = await self._cache_fingerprint()
+            except OutputError as exc:
+                self._cache_error = exc
+                raise
             hit = self.cache.get(fp, payload)  # type: ignore[union-attr]
             if hit is not None:
                 self._hits += 1
@@ -199,15 +264,27 @@ class CompletionClient:
             if self.offline:
                 raise CacheMiss(f"{self.name}: offline and no cached response for this completions request")
             self._misses += 1
-        body = await self._request("POST", "/v1/completions", json_body=dict(payload), retries=retries)
+        data = await self._request(
+            "POST", "/v1/completions", json_body=dict(payload), retries=retries, read=self._completion
+        )
+        if cached:
+            try:
+                self.cache.put(fp, payload, data)  # type: ignore[union-attr]
+            except OutputError as exc:
+                self._cache_error = exc
+                raise
+        return data
+
+    def _completion(self, body: bytes) -> dict:
+        """A 200 body as a completions answer, or UnreadableBody (retried: a body cut short or an
+        `{"error": ...}` under 200 is the server's passing trouble, like a 5xx)."""
         data = _as_json(body, self.name, "/v1/completions")
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
             said = (
                 f": {self._scrub(_error_message(body))}" if isinstance(data, dict) and "error" in data else ""
             )
-            raise UnreadableBody(f"{self.name}: /v1/completions answered 200 without a 'choices' list{said}")
-        if cached:
-            self.cache.put(fp, payload, data)  # type: ignore[union-attr]
+            reason = f"answered 200 without a 'choices' list{said}"
+            raise UnreadableBody(f"{self.name}: /v1/completions {reason}", server=self.name, reason=reason)
         return data
 
     async def get_json(self, path: str, *, retries: int | None = None) -> Any:
@@ -417,56 +494,95 @@ class CompletionClient:
         content: bytes | None = None,
         content_type: str | None = None,
         retries: int | None = None,
-    ) -> bytes:
+        read: Callable[[bytes], Any] | None = None,
+    ) -> Any:
+        """The body of a 2xx answer, or `read(body)` when given: an UnreadableBody from `read` is
+        retried like a 5xx, and raised (naming the body) once the retries are spent.
+
+        Only requests asked with the client's full retry budget count towards the breaker: an
+        optional probe asked once (`retries=0`: /version, echo support) may time out on a server
+        that answers everything else."""
         if self.offline:
             raise CacheMiss(f"{self.name}: offline; {method} {path} is not answered from the cache")
         budget = self.max_retries if retries is None else retries
         self._requests += 1
-        attempt = 0
-        while True:
-            try:
-                async with self._sem:
-                    # a total deadline too: httpx's timeouts are per read, and a server that trickles
-                    # bytes (or an in-process transport) never trips them
-                    status, body, headers = await asyncio.wait_for(
-                        self._exchange(method, path, json_body, content, content_type), self.timeout_s
-                    )
-            except (TimeoutError, httpx.RequestError) as e:  # connect, read, protocol, decoding
-                timed_out = isinstance(e, httpx.TimeoutException | asyncio.TimeoutError)
-                what = f"timed out after {self.timeout_s:g}s" if timed_out else "connection failed"
-                reason, status, retry_after = f"{what} ({type(e).__name__})", None, None
-            except ServerError:
-                self._failures += 1
-                raise
-            else:
-                if 200 <= status < 300:
-                    return body
-                message = self._scrub(_error_message(body)) + self._auth_hint(status)
-                if status not in _RETRY_STATUS and status < 500:
+        # the slot is held through the backoff: a server that said "not now" gets no other request
+        # in its place, and the requests in flight when a server stops spend their retries before
+        # the queue's first attempts (released between attempts, every queued prompt waited out one
+        # timeout before any request had failed: the breaker opened only after all of them)
+        async with self._sem:
+            attempt = 0
+            while True:
+                try:
+                    if self._breaker.open:  # checked at each attempt: queued requests end at once
+                        raise self._breaker.refusal(self.name, method, path)
+                    value, miss = await self._attempt(method, path, json_body, content, content_type, read)
+                except (RequestRejected, ServerError):
                     self._failures += 1
-                    raise RequestRejected(
-                        f"{self.name}: {method} {path} rejected with HTTP {status}: {message}",
+                    raise
+                if miss is None:
+                    return value
+                if attempt >= budget:
+                    self._failures += 1
+                    if miss.silent and budget >= self.max_retries:
+                        self._breaker.failure(f"{method} {path}: {miss.reason}")
+                    tries = f"failed after {attempt + 1} attempt(s)"
+                    if miss.unreadable is not None:  # its words as before, which name the body
+                        raise UnreadableBody(
+                            f"{miss.unreadable} ({tries})", server=self.name, reason=miss.reason
+                        )
+                    raise ServerError(
+                        f"{self.name}: {method} {path} {tries}: {miss.reason}",
                         server=self.name,
-                        status_code=status,
-                        reason=f"HTTP {status}: {message}",
-                        body=_error_body(body, self._scrub),
+                        status_code=miss.status,
+                        reason=miss.reason,
                     )
-                reason, retry_after = f"HTTP {status}: {message}", headers.get("retry-after")
-            if attempt >= budget:
-                self._failures += 1
-                raise ServerError(
-                    f"{self.name}: {method} {path} failed after {attempt + 1} attempt(s): {reason}",
-                    server=self.name,
-                    status_code=status,
-                    reason=reason,
+                delay = self._delay(attempt, miss.retry_after)
+                attempt += 1
+                self._retries += 1
+                log.warning(
+                    "%s: %s %s %s; retry %d/%d in %.2fs",
+                    *(self.name, method, path, miss.reason, attempt, budget, delay),
                 )
-            delay = self._delay(attempt, retry_after)
-            attempt += 1
-            self._retries += 1
-            log.warning(
-                "%s: %s %s %s; retry %d/%d in %.2fs", self.name, method, path, reason, attempt, budget, delay
+                await self._sleep(delay)
+
+    async def _attempt(
+        self,
+        method: str,
+        path: str,
+        json_body: dict | None,
+        content: bytes | None,
+        content_type: str | None,
+        read: Callable[[bytes], Any] | None,
+    ) -> tuple[Any, _Miss | None]:
+        """One try: (the answer, None), or (None, what went wrong) when another try may do better.
+        A 4xx is raised (RequestRejected): the request itself is wrong, asking again cannot help."""
+        try:
+            # a total deadline too: httpx's timeouts are per read, and a server that trickles bytes
+            # (or an in-process transport) never trips them
+            status, body, headers = await asyncio.wait_for(
+                self._exchange(method, path, json_body, content, content_type), self.timeout_s
             )
-            await self._sleep(delay)
+        except (TimeoutError, httpx.RequestError) as e:  # connect, read, protocol, decoding
+            timed_out = isinstance(e, httpx.TimeoutException | asyncio.TimeoutError)
+            what = f"timed out after {self.timeout_s:g}s" if timed_out else "connection failed"
+            return None, _Miss(f"{what} ({type(e).__name__})", silent=True)
+        if 200 <= status < 300:
+            self._breaker.success()
+            try:
+                return (body if read is None else read(body)), None
+            except UnreadableBody as e:
+                return None, _Miss(e.reason, unreadable=str(e))
+        message = self._scrub(_error_message(body)) + self._auth_hint(status)
+        if status not in _RETRY_STATUS and status < 500:
+            raise RequestRejected(
+                f"{self.name}: {method} {path} rejected with HTTP {status}: {message}",
+                server=self.name,
+                status_code=status,
+                reason=f"HTTP {status}: {message}",
+                body=_error_body(body, self._scrub),
+            )
+        return None, _Miss(f"HTTP {status}: {message}", status, headers.get("retry-after"))
 
     async def _exchange(
         self, method: str, path: str, json_body: dict | None, content: bytes | None, content_type: str | None
@@ -520,7 +636,8 @@ def _as_json(body: bytes, name: str, path: str) -> Any:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
-        raise UnreadableBody(f"{name}: {path} answered a body that is not JSON: {body[:80]!r}") from e
+        reason = f"answered a body that is not JSON: {body[:80]!r}"
+        raise UnreadableBody(f"{name}: {path} {reason}", server=name, reason=reason) from e
     # a lone surrogate cannot be encoded as UTF-8: it crashed the cache and the report writers, so it
     # becomes U+FFFD here, as a UTF-8 decoder makes of half a character (the scan is skipped when
     # the body has no surrogate escape at all)

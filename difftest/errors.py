@@ -5,7 +5,9 @@
     ├── UsageError                      the input is wrong: arguments, files, prompts     2
     │   ├── ConfigError                 a config key / type / value (.path .line .key)     2
     │   ├── NoiseFloorError             a noise-floor file that is not one; NaN in an A/A  2
-    │   └── CacheMiss                   offline, and the response cache lacks an answer    2
+    │   ├── CacheMiss                   offline, and the response cache lacks an answer    2
+    │   └── OutputError                 a file of the output folder cannot be written      2
+    │                                   (disk full, a folder where a file goes) (.path)
     ├── ConformanceError                the servers cannot be compared (tokenizers differ,  2
     │                                   no completions, no debug protocol where required)
     ├── RequestRejected                 a server refused a request: HTTP 4xx, not retried  2
@@ -71,6 +73,17 @@ class CacheMiss(UsageError):
     """An offline run needed a response (or fingerprint) that the cache does not hold."""
 
 
+class OutputError(UsageError):
+    """A file of the run's output (report, plots, cache.sqlite) that cannot be written: the disk
+    is full, or a folder stands where a file goes. Exit 2 like an output folder refused at the
+    start: the same fault found later, and a CI retry would meet the same disk."""
+
+    def __init__(self, path: Path | str, why: str) -> None:
+        super().__init__(f"cannot write {path}: {why}")
+        self.path = Path(path)
+        self.why = why
+
+
 class UnreadableCache(UsageError):
     """A response cache file that is no cache of ours (not sqlite, damaged, other tables); a run
     sets it aside and asks everything again (difftest.cache)."""
@@ -122,6 +135,24 @@ class ServerError(InfraError):
 
 class UnreadableBody(ServerError):
     """A server's answer that the differ cannot parse: not JSON, or not a readable safetensors body."""
+
+
+def output_error(path: Path | str, exc: BaseException) -> OutputError:
+    """`exc` (an OSError, a sqlite3.Error) met while writing `path`, as one line naming the path:
+    a folder in a file's place (or a file in a folder's) says which, since errno's words
+    ("File exists", "Is a directory") leave the user guessing which of the two paths is wrong."""
+    path = Path(path)
+    if not isinstance(exc, OSError):
+        return OutputError(path, str(exc))
+    try:  # looking may fail too (no permission to search): then errno's words are all there is
+        for parent in path.parents:
+            if parent.exists() and not parent.is_dir():
+                return OutputError(path, f"{parent} is a file, not a folder")
+        if path.is_dir():
+            return OutputError(path, "a folder stands in its place")
+    except OSError:
+        pass
+    return OutputError(path, exc.strerror or str(exc))
 
 
 def first_invalid(exc: Any, root: str = "") -> str:

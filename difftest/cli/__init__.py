@@ -4,7 +4,8 @@
 
     0  every target's verdict is what its `expect` says (probe: no check FAIL)
     1  a verdict failed (the kernel / build regressed), or a probe check FAILed
-    2  usage, config, prompts, baseline or conformance error (nothing was judged)
+    2  usage, config, prompts, baseline or conformance error (nothing was judged), or an output
+       file that cannot be written (disk full, a folder in its place: errors.OutputError)
     3  infrastructure: a server died or failed to start, or the error rate passed the limit
     4  inconclusive: nothing failed, but a check could not decide (its interval straddles the
        limit, the sample is too small) or no informative check was left

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from difftest.errors import output_error
 from difftest.report.html import render_html
 from difftest.report.jsonio import atomic_write_text, load_run, run_to_json
 from difftest.report.junit import render_junit
@@ -29,11 +30,15 @@ def write_report(run: RunResult, out_dir: Path) -> dict[str, Path]:
 
     Kinds: json, markdown, html, junit, and `plot:<name>` per SVG in `plots/`. report.json goes
     first: if a renderer fails, the numbers are already safe and `difftest report DIR` can retry
-    the rendering. SVGs of an earlier rendering that this run no longer draws are removed.
+    the rendering. SVGs of an earlier rendering that this run no longer draws are removed. A file
+    that cannot be written (disk full, a folder in its place) is an OutputError naming it (exit 2).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # each file's own errors are atomic_write_text's (OutputError)
+        raise output_error(paths["json"], exc) from exc
     paths |= {"html": out_dir / "report.html", "junit": out_dir / "junit.xml"}
     atomic_write_text(paths["json"], run_to_json(run))
     plots = run_plots(run)
@@ -45,7 +50,10 @@ def write_report(run: RunResult, out_dir: Path) -> dict[str, Path]:
     if plot_dir.is_dir():
         for old in plot_dir.glob("*.svg"):
             if old.name not in wanted:
-                old.unlink()
+                try:
+                    old.unlink()
+                except OSError as exc:
+                    raise output_error(old, exc) from exc
     for p in plots:
         paths[f"plot:{p.slug}"] = atomic_write_text(plot_dir / f"{p.slug}.svg", p.svg + "\n")
     return paths

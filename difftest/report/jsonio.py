@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from difftest.errors import UsageError, first_invalid
+from difftest.errors import UsageError, first_invalid, output_error
 from difftest.results import SCHEMA_VERSION, RunResult
 
 REPORT_MODE = 0o644  # group-readable, never world-writable
@@ -30,10 +30,16 @@ REPORT_MODE = 0o644  # group-readable, never world-writable
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` so that readers see the old file or the new one, never half.
     A lone surrogate (from a hand-edited report.json: servers' are replaced as they are read) is
-    written as "?" rather than losing the whole file to a UnicodeEncodeError."""
+    written as "?" rather than losing the whole file to a UnicodeEncodeError.
+
+    Raises OutputError naming `path` when it cannot be written (disk full, a folder in its place,
+    a file where its folder goes): one line and exit 2, not a traceback after the whole run."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="replace", newline="\n") as f:
             f.write(text)
@@ -41,8 +47,10 @@ def atomic_write_text(path: Path, text: str) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, REPORT_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise output_error(path, exc) from exc
         raise
     return path
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from difftest.client import CompletionClient
 from difftest.conformance import Capabilities
-from difftest.errors import DifftestError, ServerError
+from difftest.errors import DifftestError, OutputError, ServerError
 from difftest.prompts import Prompt
 from difftest.tokens_view import Position, TokensView, coverage_problem, parse_choice
 
@@ -125,6 +125,8 @@ async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, see
 
         try:
             text, view, finish, used = await generate_chat(ep, prompt, max_tokens=max_tokens, k=k, seed=seed)
+        except OutputError:  # our own folder, not the server: the run stops (exit 2)
+            raise
         except CHAT_ERRORS as exc:
             log.debug("%s: chat generation for %s failed: %s", ep.name, prompt.id, exc)
             return Generation(None, TokensView(()), error=f"{type(exc).__name__}: {exc}")
@@ -133,11 +135,15 @@ async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, see
     payload = ep.payload(prompt.prompt, max_tokens=tokens, k=k, seed=seed)
     try:
         resp = await ep.client.completions(payload)
+    except OutputError:  # our own folder, not the server: the run stops (exit 2)
+        raise
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
         log.debug("%s: generation for %s failed: %s", ep.name, prompt.id, exc)
         return Generation(None, TokensView(()), error=_error_text(exc))
     try:
         choice, view = first_choice(resp, ep.name)
+    except OutputError:  # our own folder, not the server: the run stops (exit 2)
+        raise
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
         log.debug("%s: generation for %s is malformed: %s", ep.name, prompt.id, exc)
         return Generation(None, TokensView(()), error=_error_text(exc), broken=True)
@@ -185,6 +191,8 @@ async def prompt_token_ids(ep: Endpoint, text: str) -> list[int] | None:
             resp = await ep.client.completions(ep.payload(text, max_tokens=0, k=0, seed=0, echo=True))
             ids = first_choice(resp, ep.name)[1].token_ids
             return list(ids) if ids is not None else None
+    except OutputError:  # our own folder, not the server: the run stops (exit 2)
+        raise
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
         log.debug("%s: tokenising a prompt failed: %s", ep.name, exc)
     return None
@@ -213,10 +221,14 @@ async def force(
     by_ids = "prompt" in body and isinstance(body["prompt"], list)
     try:
         resp = await ep.client.completions(body)
+    except OutputError:  # our own folder, not the server: the run stops (exit 2)
+        raise
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
         return Forced(error=_error_text(exc), failed=True)
     try:
         view = first_choice(resp, ep.name)[1]
+    except OutputError:  # our own folder, not the server: the run stops (exit 2)
+        raise
     except (DifftestError, KeyError, IndexError, TypeError) as exc:
         return Forced(error=_error_text(exc), failed=True, broken=True)
     if len(view) < n:  # as text, a re-tokenisation that merges tokens could do this; as ids, never

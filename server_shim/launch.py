@@ -11,6 +11,9 @@ A server is one of three kinds (`ServerSpec.kind`):
 Why process groups: engines fork workers (vLLM's engine core, tokenizer pools). Killing only the
 pid we started leaves those holding the GPU and the port, so each server gets its own session
 (`start_new_session=True`) and teardown signals the whole group — SIGTERM, a grace period, SIGKILL.
+SIGTERM and SIGHUP run that teardown like Ctrl-C; a second signal during it kills at once; when
+difftest dies without a teardown (SIGKILL), a watchdog process stops the groups (`_GroupWatchdog`).
+A launched server is healthy only if its port is served from its own session (`_check_port_owner`).
 
 This module imports no torch (docs/design.md "Boundaries"): difftest uses it to start servers it
 never loads. The TOML -> ServerSpec parser lives in launch_spec.py; `python -m server_shim pair`
@@ -29,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +48,7 @@ from server_shim.options import argv_for
 __all__ = [
     "HOST",
     "RunningServer",
+    "Terminated",
     "api_key_of",
     "build_argv",
     "launch_servers",
@@ -119,35 +124,144 @@ def launch_servers(
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     running: dict[str, RunningServer] = {}
-    previous = _exit_on_sigterm()
+    previous = _exit_on_signals()
+    watchdog = _GroupWatchdog()
     try:
         ports = _pick_ports(specs)
         _prepare_models(specs, log_dir)
         threads = _cpu_threads_per_shim(specs)
         for spec in specs:
             running[spec.name] = _start(spec, ports.get(spec.name), log_dir, threads)
+            if running[spec.name].pid is not None:
+                watchdog.watch(running[spec.name].pid)
         _wait_healthy(list(running.values()), on_status)
         yield running
+    except Terminated as exc:  # SIGINT has "difftest: interrupted"; say why these exits happen too
+        log.warning("%s received: stopping the servers", signal.Signals(exc.signum).name)
+        raise
     finally:
-        _teardown(list(running.values()))
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        try:
+            _teardown(list(running.values()))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for server in running.values():
+                if server.pid is not None and server.exit_code() is not None:
+                    watchdog.forget(server.pid)
+            watchdog.close()
 
 
-def _exit_on_sigterm() -> Any:
-    """CI runners cancel a job with SIGTERM; by default Python dies without running `finally`,
-    and servers in their own sessions would live on holding GPUs and ports. Turn SIGTERM into
-    SystemExit(143) while servers run (main thread only, and only if nobody handles it already)."""
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP while servers run: exit 128 + the signal, after teardown."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a cancelled CI job; a closed terminal or ssh session
+
+
+def _exit_on_signals() -> dict[signal.Signals, Any]:
+    """CI runners cancel a job with SIGTERM, a closed terminal sends SIGHUP; by default Python
+    dies of either without running `finally`, and servers in their own sessions would live on
+    holding GPUs and ports. Turn them into `Terminated` while servers run (main thread only, and
+    only a signal nobody handles already: `nohup`'s ignored SIGHUP stays ignored). Returns the
+    handlers to restore."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return None
+        return {}
 
     def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise Terminated(signum)
 
-    signal.signal(signal.SIGTERM, handler)
-    return signal.SIG_DFL
+    previous = {}
+    for sig in EXIT_SIGNALS:
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+# The watchdog's program (stdlib only, run with -I -S: it must start fast and import nothing of
+# ours). It reads "+PGID" / "-PGID" lines; at EOF, which comes however its parent dies, SIGKILL
+# included, it stops the groups still listed: SIGTERM, a grace period (argv[1]), SIGKILL.
+_WATCHDOG = """
+import os, signal, sys, time
+groups = set()
+for line in sys.stdin.buffer:
+    (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+def alive(g):
+    try:
+        os.killpg(g, 0)
+        return True
+    except OSError:
+        return False
+for sig, grace in ((signal.SIGTERM, float(sys.argv[1])), (signal.SIGKILL, 0.0)):
+    for g in groups:
+        try:
+            os.killpg(g, sig)
+        except OSError:
+            pass
+    end = time.monotonic() + grace
+    while time.monotonic() < end and any(alive(g) for g in groups):
+        time.sleep(0.1)
+"""
+
+
+class _GroupWatchdog:
+    """A tiny process that stops the launched process groups when this one dies, however it dies.
+
+    Why: SIGKILL (an OOM kill, a CI runner giving up) runs no teardown, and the parent-death signal
+    (`_die_with_parent`) reaches only the process we started, not the workers it forked into its
+    group (vLLM's engine core keeps the GPU and the port). The watchdog holds the read end of a
+    pipe whose write end only we hold; the kernel closes it when we die, and at that EOF the
+    watchdog signals every group still registered. It runs in its own session, so a Ctrl-C or a
+    signal to our process group does not take it down with us. Pipes and process groups are
+    POSIX: this holds on macOS too. Best effort: a watchdog that cannot start leaves the
+    parent-death signal alone (logged)."""
+
+    def __init__(self) -> None:
+        self._proc: Any = None
+        self._failed = False
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"+{pgid}\n")
+
+    def forget(self, pgid: int) -> None:
+        """A group teardown has stopped: its id may be reused, never signal it again."""
+        self._send(f"-{pgid}\n")
+
+    def close(self) -> None:
+        """Orderly end: every group forgotten or stopped; the watchdog exits at EOF."""
+        if self._proc is None:
+            return
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()
+        with contextlib.suppress(Exception):
+            self._proc.wait(timeout=1.0)  # a group it still stops is its own business, not ours
+
+    def _send(self, line: str) -> None:
+        if self._proc is None and not self._failed:
+            self._start()
+        if self._proc is None:
+            return
+        try:
+            self._proc.stdin.write(line.encode())  # unbuffered: one write, atomic below PIPE_BUF
+        except OSError as exc:
+            log.warning("launch watchdog gone (%s): servers outlive a SIGKILLed difftest", exc)
+            self._proc, self._failed = None, True
+
+    def _start(self) -> None:
+        import subprocess
+
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(TERM_GRACE_S)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                bufsize=0, start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:
+            log.warning("cannot start the launch watchdog (%s): servers outlive a SIGKILLed difftest", exc)
+            self._failed = True
 
 
 def _pick_ports(specs: Sequence[ServerSpec]) -> dict[str, int]:
@@ -321,12 +435,12 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
 def _die_with_parent() -> Any:
     """A preexec_fn asking Linux to SIGTERM the server when its launcher dies, however it dies.
 
-    SIGINT and SIGTERM reach `launch_servers`' teardown; SIGKILL (an OOM kill, a CI runner that gives
-    up) runs no Python, and servers in their own sessions would live on holding GPUs and ports. The
-    kernel's parent-death signal needs no cooperation from the dying process. It fires when the
-    forking *thread* exits, so it is only armed from the main thread (a launcher in a worker thread
-    keeps the old behaviour). None where prctl does not exist (macOS): teardown still covers
-    SIGINT/SIGTERM there."""
+    SIGINT, SIGTERM and SIGHUP reach `launch_servers`' teardown; SIGKILL (an OOM kill, a CI runner
+    that gives up) runs no Python. `_GroupWatchdog` stops the whole group then, but hears of a
+    server only once it started; this covers the server itself from its first instruction (not
+    its workers: the signal is per process). It fires when the forking *thread* exits, so it is
+    only armed from the main thread. None where prctl does not exist (macOS): the watchdog
+    alone covers SIGKILL there."""
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
         return None
     import ctypes
@@ -417,19 +531,22 @@ def _wait_healthy(servers: list[RunningServer], on_status: OnStartup | None = No
                     )
                 ok, last[name] = _probe(client, server)
                 if ok:
+                    _check_port_owner(server)
                     log.info("%s healthy at %s after %.1fs", name, server.url, time.monotonic() - start)
                     del pending[name]
                     healthy.append(name)
                     tell()
                 elif _startup_missed(server.spec.startup_timeout_s, time.monotonic(), start, progress_at):
-                    where = (
-                        f"; last lines of {server.log_path}:\n{server.log_tail()}" if server.log_path else ""
-                    )
                     now = time.monotonic()
+                    # a url server has no log: neither a tail nor "logs last grew" (those of the
+                    # servers launched beside it) would describe it
+                    where, grew = "", ""
+                    if server.log_path is not None:
+                        where = f"; last lines of {server.log_path}:\n{server.log_tail()}"
+                        grew = f", the starting servers' logs last grew {now - progress_at:.0f}s ago"
                     raise LaunchError(
                         f"server {name!r} at {server.url} not healthy after {server.spec.startup_timeout_s:g}s "
-                        f"(last answer: {last[name]}; waited {now - start:.0f}s, the starting servers' "
-                        f"logs last grew {now - progress_at:.0f}s ago){where}"
+                        f"(last answer: {last[name]}; waited {now - start:.0f}s{grew}){where}"
                     )
             if pending and time.monotonic() - said_at >= WAIT_NOTE_S:
                 said_at = time.monotonic()
@@ -468,26 +585,136 @@ def _probe(client: httpx.Client, server: RunningServer) -> tuple[bool, str]:
     return False, answer
 
 
+def _check_port_owner(server: RunningServer) -> None:
+    """Refuse a launched server whose port answers from a process that is not its own.
+
+    Why: `_pick_ports` frees its probe sockets before the servers start, and an engine binds only
+    once its model is loaded (minutes); another process may take the port in between, answer
+    /health, and be judged in the server's name. Linux only, through /proc (the listening socket's
+    inode, found among the file descriptors of the server's session: its process group and any
+    worker that made a group of its own). Skipped where /proc/net is missing (macOS) and when no
+    readable process holds the socket (another user's, a rootful container proxy): then nothing
+    is known either way."""
+    if server.pid is None:
+        return
+    port = urllib.parse.urlsplit(server.url).port
+    listening = _listening_inodes(port) if port else None
+    if not listening:
+        return
+    if any(listening & _socket_inodes(pid) for pid in _session_pids(server.pid)):
+        return
+    owner = next((pid for pid in _all_pids() if listening & _socket_inodes(pid)), None)
+    if owner is None:
+        log.info("server %s: cannot tell which process listens on port %d", server.name, port)
+        return
+    raise LaunchError(
+        f"server {server.name!r}: port {port} is served by another process (pid {owner}, "
+        f"{_name_of(owner)}), not by the launched one (pid {server.pid}) or its process group: it "
+        "took the port while the server was starting; run again, or set a free 'port'"
+    )
+
+
+def _listening_inodes(port: int) -> set[int] | None:
+    """Inodes of the TCP sockets listening on `port` (IPv4 and IPv6); None without /proc/net."""
+    found: set[int] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for row in rows:  # sl local_address rem_address st ... uid timeout inode
+            f = row.split()
+            if len(f) > 9 and f[3] == _TCP_LISTEN and int(f[1].rsplit(":", 1)[1], 16) == port:
+                found.add(int(f[9]))
+    return found if readable else None
+
+
+_TCP_LISTEN = "0A"  # include/net/tcp_states.h: TCP_LISTEN = 10
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """The socket inodes among a process's file descriptors (empty where they are unreadable)."""
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    found.add(int(link[len("socket:[") : -1]))
+    return found
+
+
+def _all_pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (a launched server leads its own: start_new_session)."""
+    found = []
+    for pid in _all_pids():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # state ppid pgrp session
+                found.append(pid)
+    return found
+
+
+def _name_of(pid: int) -> str:
+    """The program's name only: another process's command line may carry its secrets."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().strip() or "?"
+    return "?"
+
+
 def _teardown(servers: list[RunningServer]) -> None:
-    """SIGTERM every process group we started, wait, SIGKILL what is left, reap the leaders."""
+    """SIGTERM every process group we started, wait, SIGKILL what is left, reap the leaders.
+
+    A second signal (the impatient Ctrl-C, a CI runner's repeated SIGTERM) must shorten teardown,
+    never cut it short: an exception raised mid-way used to skip the SIGKILL and leave a server that
+    ignores SIGTERM running. So SIGINT/SIGTERM/SIGHUP are only noted while it runs; one noted ends
+    the grace period at once, and is sent again once every group is killed."""
     procs = [s for s in servers if s._proc is not None]
-    for server in procs:
-        _signal_group(server, signal.SIGTERM)
-    deadline = time.monotonic() + TERM_GRACE_S
-    try:
+    if not procs:
+        return
+    with _signals_deferred() as noted:
+        for server in procs:
+            _signal_group(server, signal.SIGTERM)
+        deadline = time.monotonic() + TERM_GRACE_S
+        while not noted and time.monotonic() < deadline and any(s._proc.poll() is None for s in procs):
+            time.sleep(0.05)
+        if noted:
+            log.warning("%s during teardown; killing servers", signal.Signals(noted[0]).name)
+        for server in procs:
+            _signal_group(server, signal.SIGKILL)  # also reaches workers the leader left behind
         for server in procs:
             with contextlib.suppress(Exception):
-                server._proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting, kill
-        log.warning("interrupted during teardown; killing servers")
-    for server in procs:
-        _signal_group(server, signal.SIGKILL)  # also reaches workers the leader left behind
-        with contextlib.suppress(Exception):
-            server._proc.wait(timeout=5.0)
-        if server._proc.poll() is None:
-            log.warning("server %s (pid %d) survived SIGKILL", server.name, server.pid)
-        else:
-            log.info("stopped %s (pid %d, exit %s)", server.name, server.pid, server._proc.returncode)
+                server._proc.wait(timeout=5.0)
+            if server._proc.poll() is None:
+                log.warning("server %s (pid %d) survived SIGKILL", server.name, server.pid)
+            else:
+                log.info("stopped %s (pid %d, exit %s)", server.name, server.pid, server._proc.returncode)
+    if noted:  # delivered again to the handler it would have met: KeyboardInterrupt, Terminated, …
+        signal.raise_signal(noted[0])
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    """Within the block, SIGINT, SIGTERM and SIGHUP are appended to the yielded list instead of
+    raising (main thread only; a signal ignored, or handled outside Python, is left alone)."""
+    noted: list[int] = []
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, *EXIT_SIGNALS):
+            handler = signal.getsignal(sig)
+            if handler is not signal.SIG_IGN and handler is not None:
+                previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _signal_group(server: RunningServer, sig: signal.Signals) -> None:

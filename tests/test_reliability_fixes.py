@@ -289,3 +289,20 @@ async def test_a_client_whose_cache_cannot_be_written_asks_nothing_more(tmp_path
         assert len(seen) == asked
         assert await c.completions({"prompt": "c"}, use_cache=False)  # probes still ask
     cache.close()
+
+
+def test_a_run_whose_cache_cannot_be_written_stops_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """collect caught every DifftestError per prompt, so a full disk under cache.sqlite became a
+    failed request on every prompt and exit 3 (a server's fault, retried by CI in vain)."""
+
+    def full(self: ResponseCache, *args: object, **kwargs: object) -> None:
+        raise OutputError(self.path, "database or disk is full")
+
+    monkeypatch.setattr(ResponseCache, "put", full)
+    with live_fake() as ref, live_fake() as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "tgt", "url": tgt, "scheme": "none"}])
+        assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("cache.sqlite: database or disk is full\n") and "Traceback" not in err

@@ -225,3 +225,19 @@ def test_a_url_servers_timeout_does_not_talk_about_logs(tmp_path: Path) -> None:
     msg = str(info.value)
     assert msg.startswith("server 'gone' at http://127.0.0.1:9 not healthy after 0.3s (last answer: Connect")
     assert "log" not in msg and msg.endswith("s)")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_the_cli_says_which_signal_ended_it(
+    sig: signal.Signals, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM ended `difftest run` with 143 and not a word on stderr (Ctrl-C said "interrupted")."""
+    import difftest.cli.probe as probe
+    from difftest.cli import main
+
+    def terminated(args: object) -> int:
+        raise launch.Terminated(sig)
+
+    monkeypatch.setattr(probe, "run", terminated)
+    assert main(["probe", "http://127.0.0.1:9"]) == 128 + sig
+    assert capsys.readouterr().err == f"difftest: interrupted ({sig.name})\n"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -87,6 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("difftest: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as done:  # the launcher's Terminated: SIGTERM / SIGHUP, servers torn down
+        signum = getattr(done, "signum", None)
+        if signum is None:
+            raise
+        print(f"difftest: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return int(done.code or 0)
     except Exception as exc:  # ours, or the launcher's (server_shim.launch): errors.exit_code_for
         code = exit_code_for(exc)
         if code is None or traceback:

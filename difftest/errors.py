@@ -6,6 +6,7 @@
     │   ├── ConfigError                 a config key / type / value (.path .line .key)     2
     │   ├── NoiseFloorError             a noise-floor file that is not one; NaN in an A/A  2
     │   ├── CacheMiss                   offline, and the response cache lacks an answer    2
+    │   ├── UnreadableCache             cache.sqlite is no cache of ours (set aside)       2
     │   └── OutputError                 a file of the output folder cannot be written      2
     │                                   (disk full, a folder where a file goes) (.path)
     ├── ConformanceError                the servers cannot be compared (tokenizers differ,  2

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from difftest.client import CompletionClient
@@ -50,6 +50,8 @@ _TF_OFF = "teacher-forced metrics disabled"
 # Every degraded feature's warning names what it disables (keys are stable for callers and tests).
 WARNINGS = {
     "no_models": "no /v1/models: model id unknown; requests carry no model name",
+    "several_models": "/v1/models lists {n} models ({ids}): requests ask for the first, {first!r} "
+    "(set `model` in the server's table to choose)",
     "nondeterministic": "greedy decoding is not deterministic: token-match metrics include server noise "
     "(measure it with `difftest noise`)",
     "determinism_unknown": "greedy determinism unknown (the repeated request failed)",
@@ -177,12 +179,14 @@ async def probe(
     *,
     probe_texts: Sequence[str] = DEFAULT_PROBES,
     tokenizer_hint: Callable[[str], Sequence[int]] | None = None,
+    model: str | None = None,
 ) -> Capabilities:
+    """`model`: the id the config names for a url server (None: the first /v1/models lists)."""
     if not probe_texts:
         raise ValueError("probe needs at least one probe text")
     p = _Probe(client)
     text0 = probe_texts[0]
-    await _probe_models(p)
+    await _probe_models(p, model)
     await _probe_generation(p, text0)
     await _probe_logprobs(p, text0)
     await _probe_token_ids(p, text0)
@@ -200,17 +204,54 @@ async def probe(
     )
 
 
-async def _probe_models(p: _Probe) -> None:
+def choose_model(where: str, models: Sequence[str], wanted: str | None) -> tuple[str | None, str | None]:
+    """(the model id requests carry, a warning or None). A configured `model` is the one asked and
+    must be served: it was ignored, and every request asked for the first id listed. Without
+    one, the first id is asked, named when the server lists several."""
+    if wanted is not None:
+        if models and wanted not in models:
+            raise ConformanceError(
+                f"{where}: model {wanted!r} is not served; /v1/models lists {', '.join(map(repr, models))}"
+            )
+        return wanted, None
+    if len(models) > 1:
+        ids = ", ".join(models)
+        return models[0], WARNINGS["several_models"].format(n=len(models), ids=ids, first=models[0])
+    return (models[0] if models else None), None
+
+
+def several_models(caps: Capabilities) -> str | None:
+    """The probe's warning that it picked the first of several served models, if it gave one."""
+    head = WARNINGS["several_models"].split("{", 1)[0]
+    return next((w for w in caps.warnings if w.startswith(head)), None)
+
+
+def with_model(caps: Capabilities, wanted: str | None) -> Capabilities:
+    """`caps` asking for the configured model (chat's probe picks the first listed itself)."""
+    if wanted is None:
+        return caps
+    model, _ = choose_model(f"{caps.name} ({caps.url})", caps.models, wanted)
+    picked = several_models(caps)
+    return replace(caps, model=model, warnings=tuple(w for w in caps.warnings if w != picked))
+
+
+async def _probe_models(p: _Probe, wanted: str | None = None) -> None:
     try:
         models = await p.client.models()
     except (RequestRejected, ServerError) as e:
-        p.fields |= {"model": None, "models": ()}
-        p.check("models", WARN, _why(e), "no_models")
+        p.fields |= {"model": wanted, "models": ()}
+        if wanted is None:
+            p.check("models", WARN, _why(e), "no_models")
+        else:  # asked for by name, unverified
+            p.check("models", WARN, f"{_why(e)}; requests ask for {wanted!r} (unverified)")
         return
-    p.fields |= {"model": models[0] if models else None, "models": tuple(models)}
+    model, warning = choose_model(p.where, models, wanted)
+    p.fields |= {"model": model, "models": tuple(models)}
     p.check(
         "models", OK if models else WARN, ", ".join(models) or "empty list", None if models else "no_models"
     )
+    if warning:
+        p.warnings.append(warning)
 
 
 async def _probe_generation(p: _Probe, text: str) -> None:

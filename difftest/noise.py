@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from difftest.errors import NoiseFloorError
@@ -46,6 +46,8 @@ class NoiseFloor:
     failed_requests: int = 0
     divergences: int = 0  # A/A prompts whose generations diverged at all
     reference: str = ""  # the server measured against itself
+    # what identifies that server (reference_identity); a key left out is unknown (older files)
+    identity: dict[str, str] = field(default_factory=dict)
     how: tuple[str, ...] = ()  # e.g. ("repeat", "concurrency 1 vs 8", "after restart")
     created_at: str = ""
 
@@ -117,10 +119,57 @@ def _check_field(name: str, value: Any, hint: Any) -> None:
         ok, kind = isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an integer >= 0"
     elif hint == "str":
         ok, kind = isinstance(value, str), "a string"
+    elif hint.startswith("dict"):  # identity: strings by name
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        kind = "an object of strings"
     else:  # how: a list of strings
         ok, kind = isinstance(value, list) and all(isinstance(x, str) for x in value), "a list of strings"
     if not ok:
         raise NoiseFloorError(f"noise-floor file: {name} is {json.dumps(value)}, not {kind}")
+
+
+IDENTITY_KEYS = ("served_model", "model", "dtype", "device", "quant", "version", "server_config")
+
+
+def reference_identity(
+    spec: Any, served_model: str | None, fingerprint: Mapping[str, Any] | None
+) -> dict[str, str]:
+    """What tells one reference from another, for a floor file: the model id it serves, what the
+    config set (a built-in shim's model / dtype / device / quant; a url or command server's
+    `model` only: the shim's defaults do not apply to it), and the parts of the fingerprint
+    `--resume` identifies servers by that do not depend on the launch: its /version and a digest
+    of its /debug/config. Kept apart, so that a server started once with /debug and once without
+    is unknown there, not different. A value that is not known is left out."""
+    out: dict[str, str] = {}
+    if served_model:
+        out["served_model"] = served_model
+    keys = ("model", "dtype", "device", "quant") if spec.kind == "shim" else ("model",)
+    for key in keys:
+        value = getattr(spec, key, None)
+        if value is not None:
+            out[key] = str(value)
+    fp = fingerprint or {}
+    if fp.get("version") is not None:
+        out["version"] = str(fp["version"])
+    if fp.get("debug_config_sha256"):
+        out["server_config"] = str(fp["debug_config_sha256"])[:16]
+    return out
+
+
+def identity_mismatch(floor: NoiseFloor, name: str, identity: Mapping[str, str]) -> str | None:
+    """Why `floor` may be another reference's than `name` with `identity`: each recorded field
+    that differs (a field either side does not know is not compared). None: nothing differs."""
+    there = {"name": floor.reference, **floor.identity} if floor.reference else dict(floor.identity)
+    here = {"name": name, **identity}
+    differ = [f"{k} {there[k]!r} there, {here[k]!r} here" for k in ("name", *IDENTITY_KEYS)
+              if there.get(k) and here.get(k) and there[k] != here[k]]  # fmt: skip
+    if not differ:
+        return None
+    unknown = "" if floor.identity else " (the file records only the name: an older `difftest noise`)"
+    return (
+        f"the noise floor was measured on another reference: {'; '.join(differ)}{unknown}; "
+        "limits from it may not fit this one (measure it again with `difftest noise CONFIG`)"
+    )
 
 
 def _dec(v: Any) -> Any:

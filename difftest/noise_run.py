@@ -11,6 +11,7 @@ Nothing is cached: the point is to ask the server again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig
-from difftest.noise import NoiseFloor, floor_from_comparisons
+from difftest.errors import DifftestError
+from difftest.noise import NoiseFloor, floor_from_comparisons, reference_identity
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import Comparison
 from difftest.scoring import build_comparison
@@ -58,20 +60,31 @@ def _compare(name: str, a: _Pass, b: _Pass, prompts: Sequence[Prompt], cfg: RunC
     )  # fmt: skip
 
 
+async def _identity(ep: Endpoint, cfg: RunConfig) -> dict[str, str]:
+    """The measured server's identity for the floor file (a run warns when its reference's differs)."""
+    try:
+        fp = await ep.client.fingerprint()
+    except DifftestError as exc:  # optional endpoints: the file then records less
+        log.debug("%s: no fingerprint (%s)", ep.name, exc)
+        fp = None
+    return reference_identity(cfg.reference, ep.caps.model, fp)
+
+
 async def _first_server(
     session: Session, cfg: RunConfig, prompts: Sequence[Prompt]
-) -> tuple[_Pass, list[Comparison], list[str]]:
+) -> tuple[_Pass, list[Comparison], list[str], dict[str, str]]:
     """Pass A, then its repeat and (at another concurrency) a serial pass, on one probed server."""
     j = cfg.run.concurrency
     async with session:
         ep = session[cfg.reference.name]
+        identity = await _identity(ep, cfg)
         a = await _one_pass(ep, cfg, prompts, None)
         comps = [_compare("repeat", a, await _one_pass(ep, cfg, prompts, a), prompts, cfg)]
         how = [f"repeat at concurrency {j}"]
         if j != 1:
             comps.append(_compare("concurrency-1", a, await _serial_pass(ep, cfg, prompts, a), prompts, cfg))
             how.append(f"concurrency 1 vs {j}")
-    return a, comps, how
+    return a, comps, how, identity
 
 
 async def _restarted(session: Session, cfg: RunConfig, prompts: Sequence[Prompt], a: _Pass) -> Comparison:
@@ -89,9 +102,12 @@ def measure_noise(cfg: RunConfig, *, limit: int | None, restart: bool, log_dir: 
         timeout_s=cfg.run.request_timeout_s, max_retries=cfg.run.max_retries, concurrency=cfg.run.concurrency
     )
     with launch_shown([spec], log_dir=log_dir) as running:
-        a, comps, how = asyncio.run(_first_server(Session.of_running(running, options), cfg, prompts))
+        a, comps, how, identity = asyncio.run(
+            _first_server(Session.of_running(running, options), cfg, prompts)
+        )
     if restart and spec.url is None:  # a fresh process: a new session, probed again
         with launch_shown([spec], log_dir=log_dir / "restart") as running:
             comps.append(asyncio.run(_restarted(Session.of_running(running, options), cfg, prompts, a)))
             how.append("after a restart")
-    return floor_from_comparisons(comps, reference=spec.name, how=how)
+    floor = floor_from_comparisons(comps, reference=spec.name, how=how)
+    return dataclasses.replace(floor, identity=identity)

@@ -20,6 +20,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -33,15 +34,15 @@ from difftest.cache import ResponseCache
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig
-from difftest.conformance import probe
+from difftest.conformance import probe, several_models, with_model
 from difftest.errors import DifftestError, UsageError
 from difftest.judge import judge_one, null_for
-from difftest.noise import NoiseFloor
+from difftest.noise import NoiseFloor, identity_mismatch, reference_identity
 from difftest.null import MARGIN, NO_NULL, NullModel, tie_margin
 from difftest.preflight import check_running
 from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
-from difftest.results import LayerDiff, PartVerdict, PromptDiff, RunResult, TargetResult
+from difftest.results import Comparison, LayerDiff, PartVerdict, PromptDiff, RunResult, TargetResult
 from difftest.scoring import finish_comparison, score_prompts
 from difftest.session import cache_identity, launch_shown, require_debug
 from difftest.signature import run_signature
@@ -120,12 +121,30 @@ async def _connect(
         clients[cfg.reference.name] = CompletionClient(
             REPLAY_URL, name=cfg.reference.name, concurrency=concurrency, transport=baseline.transport()
         )
-    if cfg.run.endpoint == "chat":  # chat-only servers: the chat probe (difftest.chat)
-        from difftest.chat import probe_chat as probe_fn
-    else:
-        probe_fn = probe
-    caps = await asyncio.gather(*(probe_fn(c) for c in clients.values()))
+    wanted = {name: _url_model(srv.spec) for name, srv in running.items()}
+    caps = await asyncio.gather(
+        *(_probe_one(c, wanted.get(name), cfg.run.endpoint) for name, c in clients.items())
+    )
     return {name: Endpoint(name, clients[name], cap) for name, cap in zip(clients, caps, strict=True)}
+
+
+def _url_model(spec: Any) -> str | None:
+    """The model a url server's table names: the one requests ask for (it was ignored for the first
+    id /v1/models lists). A launched server's `model` is what its command loads, not an id."""
+    return spec.model if spec.kind == "url" else None
+
+
+async def _probe_one(client: CompletionClient, model: str | None, endpoint: str) -> Any:
+    if endpoint == "chat":  # chat-only servers: the chat probe (difftest.chat)
+        from difftest.chat import probe_chat
+
+        return with_model(await probe_chat(client), model)
+    return await probe(client, model=model)
+
+
+def _model_notes(eps: Mapping[str, Endpoint]) -> list[str]:
+    """Servers that list several models and were asked for the first: say which (run warnings)."""
+    return [f"{name}: {note}" for name, ep in eps.items() if (note := several_models(ep.caps))]
 
 
 def _pairs(cfg: RunConfig) -> list[_Pair]:
@@ -326,13 +345,38 @@ def _floor_record(floor: NoiseFloor | None, floors: Mapping[str, NoiseFloor]) ->
     return {"in_run": {name: f.to_dict() for name, f in floors.items()}} if floors else None
 
 
+async def _floor_note(cfg: RunConfig, floor: NoiseFloor | None, ref: Endpoint, recorded: bool) -> list[str]:
+    """A warning when the floor file was measured on another reference than this run's: it
+    recorded only the name, and a floor of smollm2 on an H100 set tiny-llama's limits silently.
+    A recorded baseline is compared by what it recorded (the replayed fingerprint is not the
+    live server's)."""
+    if floor is None:
+        return []
+    fp = None
+    if not recorded:
+        with contextlib.suppress(DifftestError):
+            fp = await ref.client.fingerprint()
+    why = identity_mismatch(floor, cfg.reference.name, reference_identity(cfg.reference, ref.caps.model, fp))
+    return [f"{cfg.run.noise_floor}: {why}"] if why else []
+
+
 def load_floor(cfg: RunConfig) -> NoiseFloor | None:
+    """The floor file, checked before any server starts. `null = "none"` (absolute minimums only)
+    beside a floor file was judged on the floor without a word: which one was meant is the
+    user's to say, so the pair is refused (exit 2)."""
+    from difftest.errors import ConfigError
+
     if cfg.run.noise_floor is None:
         return None
+    if cfg.run.null == "none":
+        where = f"{cfg.source}: " if cfg.source else ""
+        raise ConfigError(
+            f'{where}[run] null = "none" (absolute minimums only) contradicts noise_floor = '
+            f'"{cfg.run.noise_floor}" (limits from that file): remove one',
+            path=cfg.source, key="null",
+        )  # fmt: skip
     path = Path(cfg.run.noise_floor)
     if not path.exists():
-        from difftest.errors import ConfigError
-
         raise ConfigError(f"noise floor file {path} does not exist (make it with `difftest noise CONFIG`)")
     return NoiseFloor.from_json(path.read_text())
 
@@ -403,15 +447,8 @@ async def _whitebox(
         return parts
     ref = eps[cfg.reference.name]
     gold = eps[tcfg.golden.name] if tcfg.golden is not None else None
-    lacking = [f"{role} {ep.name}" for role, ep in (("target", tgt), ("reference", ref), ("golden", gold))
-               if ep is not None and not ep.caps.debug]  # fmt: skip
-    if lacking:
-        # "auto" dropped the layer checks -- the ones that catch subtle faults -- without a word: say
-        # so where the verdict is read (a skipped part: terminal, report.md, junit) and in report.json
-        why = (
-            f"no /debug on {', '.join(lacking)}: per-layer diff, localisation and quant audit not run "
-            f'(whitebox = "{cfg.run.whitebox}"; a built-in shim serves /debug with debug = true)'
-        )
+    why = _no_debug(cfg, tgt, ref, gold)
+    if why:
         result.conformance.setdefault("warnings", []).append(why)
         parts.append(PartVerdict("white-box", "", skipped=why))
         return parts
@@ -430,6 +467,26 @@ async def _whitebox(
     result.layers.extend(found.diffs)  # judged with the rest (difftest.judge)
     result.audit.extend(found.audit)
     return parts
+
+
+def _no_debug(cfg: RunConfig, tgt: Endpoint, ref: Endpoint, gold: Endpoint | None) -> str | None:
+    """Why the layer checks cannot run, or None. "auto" dropped them -- the ones that catch subtle
+    faults -- without a word: said where the verdict is read (a skipped part: terminal, report.md,
+    junit) and in report.json. A recorded baseline is named as one: it read "no /debug on
+    reference reference ... a built-in shim serves /debug", advice that cannot apply to a file."""
+    recorded = ref.client.base_url == REPLAY_URL
+    sides = (("target", tgt), ("reference", None if recorded else ref), ("golden", gold))
+    lacking = [f"{role} {ep.name}" for role, ep in sides if ep is not None and not ep.caps.debug]
+    said = [f"no /debug on {', '.join(lacking)}"] if lacking else []
+    if recorded:
+        said.append(f"the reference ({ref.name}) is a recorded baseline: a recording has no /debug")
+    if not said:
+        return None
+    fix = "a built-in shim serves /debug with debug = true" if lacking else "a live reference can serve it"
+    return (
+        f"{'; '.join(said)}: per-layer diff, localisation and quant audit not run "
+        f'(whitebox = "{cfg.run.whitebox}"; {fix})'
+    )
 
 
 async def _null_layers(gold: Endpoint, twin: Endpoint, prompt: str) -> LayerDiff | None:
@@ -497,7 +554,6 @@ async def run_async(
         retok = _retokenizer(eps, pairs)
         plan = _forcing_plan(pairs)
         scored: dict[tuple[str, str], tuple[list[PromptDiff], list[str]]] = {}
-        failed: dict[str, int] = dict.fromkeys((t.name for t in cfg.targets), 0)
         floors: dict[str, NoiseFloor] | None = None
         spent = dict.fromkeys(("greedy generation", "teacher forcing", "noise floor", "scoring"), 0.0)
         with Progress(enabled=opts.progress) as progress:
@@ -521,8 +577,6 @@ async def run_async(
                         cfg, floor, eps, chunk[:FLOOR_PROMPTS], gens, forced, concurrency, progress
                     )
                     t = _spend(spent, "noise floor", t)
-                for name in failed:
-                    failed[name] += sum(1 for g in gens[name].values() if g.error)
                 _score_chunk(pairs, chunk, gens, forced, cfg, scored, retok)
                 _spend(spent, "scoring", t)
                 del gens, forced
@@ -546,6 +600,8 @@ async def run_async(
             started_at=started_at,
         )
         run.signature["null"] = _null_signature(cfg, floor)
+        run.warnings.extend(_model_notes(eps))
+        run.warnings.extend(await _floor_note(cfg, floor, eps[cfg.reference.name], opts.baseline is not None))
         twins = {
             t.twin.name: t.golden.name for t in cfg.targets if t.twin is not None and t.golden is not None
         }
@@ -592,7 +648,7 @@ async def run_async(
                 comps[(kind, tcfg.name)] for kind in ("exactness", "accuracy") if (kind, tcfg.name) in comps
             ]
             tr.total_requests = len(prompts)
-            tr.failed_requests = failed[tcfg.name]
+            tr.failed_requests = failed_prompts(tr.comparisons)
             t = time.monotonic()
             try:
                 carried[tcfg.name] = await _whitebox(
@@ -622,6 +678,14 @@ async def run_async(
         return run
     finally:
         await asyncio.gather(*(ep.client.aclose() for ep in eps.values()))
+
+
+def failed_prompts(comparisons: Sequence[Comparison]) -> int:
+    """Prompts lost on either side in any phase (generation or teacher forcing; the golden's, the
+    reference's or the target's request): what each comparison's failed_requests counts, the
+    number exit 3 names. The target's own generation errors alone read "failed 0/2" beside
+    "2 of 2 prompts failed" when the reference died or forcing timed out."""
+    return len({p.prompt_id for c in comparisons for p in c.prompts if p.error is not None})
 
 
 def infra_problems(run: RunResult, cfg: RunConfig, running: Mapping[str, RunningServer]) -> list[str]:
@@ -724,6 +788,40 @@ def _open_cache(cache_path: Path, resume: bool) -> tuple[ResponseCache, list[str
     return cache, notes
 
 
+PREVIOUS = "previous"  # DIR/previous/: the last run that wrote a report, until this one writes its own
+REPORT_FILES = ("report.json", "report.md", "report.html", "junit.xml", "plots")
+CACHE_FILES = ("cache.sqlite", "cache.sqlite-wal", "cache.sqlite-shm")
+
+
+def _set_aside_earlier(out: Path, resume: bool) -> Path | None:
+    """Move the earlier run's report (and, unless resuming, the cache its numbers came from) into
+    `out/previous/` before anything is asked. A run that then fails at launch, is interrupted or
+    stops on a conformance error writes no report: the earlier PASS stood next to an emptied cache,
+    read by CI as this run's result. Only a folder holding a report is set aside, so previous/
+    keeps the last run that wrote one. Returns previous/, or None when there was nothing to move."""
+    found = [out / name for name in REPORT_FILES if (out / name).exists()]
+    if not found:
+        return None
+    prev = out / PREVIOUS
+    moving = found + ([] if resume else [out / name for name in CACHE_FILES if (out / name).exists()])
+    try:
+        _remove(prev)
+        prev.mkdir()
+        for path in moving:
+            path.rename(prev / path.name)
+    except OSError as exc:
+        raise UsageError(f"cannot set the earlier report aside in {prev}: {exc.strerror or exc}") from exc
+    return prev
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder tree if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
     """Run end to end; returns the result and the infrastructure problems (exit 3 if any)."""
     out = opts.out_dir
@@ -744,17 +842,25 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
     # match, a port taken) leaves an earlier run's cache and report as they were
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out):
-        cache, notes = _open_cache(out / "cache.sqlite", opts.resume)
+        prev = _set_aside_earlier(out, opts.resume)
         try:
-            with launch_shown(specs, log_dir=out / "logs") as running:
-                run = asyncio.run(run_async(cfg, running, prompts, opts, cache))
-                problems = infra_problems(run, cfg, running)
-        finally:
-            cache.close()
+            cache, notes = _open_cache(out / "cache.sqlite", opts.resume)
+            try:
+                with launch_shown(specs, log_dir=out / "logs") as running:
+                    run = asyncio.run(run_async(cfg, running, prompts, opts, cache))
+                    problems = infra_problems(run, cfg, running)
+            finally:
+                cache.close()
+            refused = refused_everything(run)
+            if refused is not None:
+                raise UsageError(refused)
+        except BaseException:  # exit 2 / 3, SIGINT, SIGTERM: no report will be written
+            if prev is not None:
+                what = "report is" if opts.resume else "report and cache are"
+                log.warning("this run wrote no report: the earlier run's %s in %s/", what, prev)
+            raise
+        _remove(out / PREVIOUS)  # this run's report replaces whichever run previous/ held
     run.warnings[:0] = notes
-    refused = refused_everything(run)
-    if refused is not None:
-        raise UsageError(refused)
     run.warnings.extend(problems)
     if opts.baseline is not None:  # where the reference's answers came from
         run.signature["baseline"] = opts.baseline.provenance()

@@ -12,6 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from server_shim.launch_spec import SHIM_ONLY
+
 if TYPE_CHECKING:
     from difftest.collect import Endpoint
     from difftest.config import RunConfig
@@ -38,7 +40,12 @@ def versions() -> dict[str, str | None]:
 
 
 def _server(spec: Any) -> dict[str, Any]:
+    """A server's settings. A url or command server takes none of the shim's options (the config
+    refuses them), so their defaults are left out: `quant none`, `dtype auto` stated for a server
+    that serves fp8-block misled whoever read the signature."""
     data = {k: v for k, v in dataclasses.asdict(spec).items() if v not in (None, (), {}, "", False)}
+    if spec.kind != "shim":
+        data = {k: v for k, v in data.items() if k not in SHIM_ONLY}
     data.pop("env", None)  # may hold secrets; the keys alone are kept
     if spec.env:
         data["env_keys"] = sorted(spec.env)
@@ -86,7 +93,8 @@ def run_signature(
             for t in cfg.targets
         },
         "thresholds": cfg.thresholds,
-        "noise_floor": floor.describe() if floor is not None else "built-in minimums",
+        # without a file the limits come from the null model ("null" below), not only the minimums
+        "noise_floor": floor.describe() if floor is not None else "no floor file",
         "metrics": signatures(),
         "versions": versions(),
     }

@@ -467,7 +467,10 @@ def test_degraded_run_shows_na_not_zero(tmp_path: Path) -> None:
     assert "| never-ran | int4-g128 | pass | **NO VERDICT** | NO |" in md
     assert "accuracy: mean KL not measured (limit: no echo)" in md and "exactness: skipped (no golden)" in md
     assert "| p1 | Tell me a story | n/a | n/a | n/a | n/a | n/a | n/a | HTTP 500: engine died |" in md
-    assert "no white-box layer data (n/a)" in md and "no noise floor (n/a): exactness limits are the absolute" in md
+    assert (
+        "no white-box layer data (n/a)" in md
+        and "no noise floor (n/a): exactness limits are the absolute" in md
+    )
     html = paths["html"].read_text()
     data = explorer_json(html)
     rows = data["cmps"][0]["rows"]

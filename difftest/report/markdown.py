@@ -18,7 +18,7 @@ from typing import Any
 
 from difftest.report.heatmap import layer_grid, text_heatmap
 from difftest.report.plotdata import TagRow, tag_rows
-from difftest.report.words import GATE_WORDS, gate_of, kv_rows, reasons_in_words, shape_words
+from difftest.report.words import GATE_WORDS, gate_of, kv_rows, reasons_in_words, shape_words, value_words
 from difftest.results import Comparison, PromptDiff, RunResult, TargetResult
 from difftest.textsafe import safe, truncate
 from difftest.whitebox.localise import localisation_line as whitebox_localisation_line
@@ -98,6 +98,10 @@ def headline_cells(comp: Comparison | None, *, with_ci: bool = True) -> list[str
             cell += f" {kl_ci(comp)}"
         out.append(cell)
     return out
+
+
+# what failed_text counts (runner.failed_prompts): prompts lost on either side, in any phase
+FAILED_HEADER = "failed prompts"
 
 
 def failed_text(t: TargetResult) -> str:
@@ -209,7 +213,7 @@ def verdict_rows(run: RunResult) -> list[list[str]]:
 
 
 def _verdict_table(run: RunResult) -> list[str]:
-    header = [*VERDICT_HEADER, *(h for h, _ in HEADLINE), "failed requests"]
+    header = [*VERDICT_HEADER, *(h for h, _ in HEADLINE), FAILED_HEADER]
     gate = gate_of(run)
     out = [f"**Gate: {gate} — {GATE_WORDS.get(gate, '')}**", ""]
     out += [f"- infrastructure: {w}" for w in run.infrastructure] + ([""] if run.infrastructure else [])
@@ -314,7 +318,7 @@ def _target_section(t: TargetResult) -> list[str]:
     if t.verdict is not None and t.verdict.warnings:
         out += [*[f"- ⚠ {md_cell(w)}" for w in t.verdict.warnings], ""]
     meta = [f"scheme {md_code(t.scheme or NA)}", f"golden {md_code(t.golden or 'none')}"]
-    meta.append(f"failed requests {failed_text(t)}")
+    meta.append(f"{FAILED_HEADER} {failed_text(t)}")
     out += [", ".join(meta), ""]
     if t.golden is None:
         out += ["_No golden: judged on the accuracy budget alone; subtle bugs may hide inside it._", ""]
@@ -329,11 +333,55 @@ def _target_section(t: TargetResult) -> list[str]:
     if t.audit:
         out += ["#### Quantization audit", "", *_audit_table(t.audit), ""]
     if t.invariance:
+        out += ["#### Batch-slot invariance", "", *_invariance_tables(t.invariance), ""]
+    return out
+
+
+def _invariance_tables(inv: dict[str, Any]) -> list[str]:
+    """The batch-slot check as two small tables: its settings and totals, then one row per
+    placement (one comma-separated line of ~3,000 characters before, raw keys and all)."""
+    slots = inv.get("slots")
+    slots = slots if isinstance(slots, list) and slots and all(isinstance(x, dict) for x in slots) else []
+    rest = {k.replace("_", " "): v for k, v in inv.items() if not (k == "slots" and slots)}
+    out = md_table(["setting", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in kv_rows(rest)])
+    if slots:
+        keys = list(dict.fromkeys(k for s in slots for k in s))
+        header = [k.replace("_", " ") for k in keys]
+        rows = [[md_cell(value_words(s.get(k))) for k in keys] for s in slots]
+        out += ["", *md_table(header, rows)]
+    return out
+
+
+def _null_section(run: RunResult) -> list[str]:
+    """Where the exactness limits came from, as report.html's "Null model" says: the null the
+    signature names, each rounding twin against its golden, then the floor file if one was used
+    (the twin's limits read "no noise floor used: limits fall back to defaults" before)."""
+    out = ["## Null model (where exactness limits come from)", ""]
+    said = run.signature.get("null") if isinstance(run.signature, dict) else None
+    if said:
+        out += [f"Null model: {md_cell(value_words(said))}", ""]
+    if run.nulls:
+        header = ["golden", "null (twin)", "prompts", *(h for h, _ in HEADLINE), "module noise"]
+        rows = [
+            [md_code(c.baseline, cell=True), md_code(c.target, cell=True), str(len(c.prompts))]
+            + headline_cells(c)
+            + [fmt_num(c.module_noise)]
+            for c in run.nulls
+        ]
+        out += [*md_table(header, rows), ""]
         out += [
-            "Batch-slot invariance: "
-            + ", ".join(f"{md_cell(k)} {md_cell(v)}" for k, v in kv_rows(t.invariance)),
+            "Limits are the null's upper 95% bound times the margin, never under an absolute minimum.",
             "",
         ]
+    out += ["### Noise floor", ""]
+    if run.noise_floor:
+        out += md_table(
+            ["metric", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in kv_rows(run.noise_floor)]
+        )
+    elif run.nulls:
+        out.append("_no noise floor file (n/a): the limits come from the rounding twin above_")
+    else:
+        out.append("_no noise floor (n/a): exactness limits are the absolute minimums_")
     return out
 
 
@@ -351,11 +399,5 @@ def render_markdown(run: RunResult) -> str:
     sig = kv_rows(run.signature) + [("started_at", run.started_at), ("elapsed_s", fmt_num(run.elapsed_s))]
     sig.append(("schema_version", str(run.schema_version)))
     out += md_table(["setting", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in sig])
-    out += ["", "## Noise floor", ""]
-    if run.noise_floor:
-        out += md_table(
-            ["metric", "value"], [[md_cell(k), md_cell(v, 120)] for k, v in kv_rows(run.noise_floor)]
-        )
-    else:
-        out.append("_no noise floor used (n/a): exactness limits fall back to defaults_")
+    out += ["", *_null_section(run)]
     return "\n".join(out) + "\n"

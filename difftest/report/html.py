@@ -24,6 +24,7 @@ from typing import Any
 from difftest.report import plotdata as pd
 from difftest.report.explorer import default_comparison, explorer_data, gc_paused, script_json
 from difftest.report.markdown import (
+    FAILED_HEADER,
     HEADLINE,
     NA,
     VERDICT_HEADER,
@@ -191,7 +192,7 @@ def _verdict_table(run: RunResult) -> str:
         rows.append(
             own + [against] + [_e(x) for x in headline_cells(c)] + [_e(failed_text(t)) if i == 0 else ""]
         )
-    header = [*VERDICT_HEADER, *(_e(h) for h, _ in HEADLINE), "failed requests"]
+    header = [*VERDICT_HEADER, *(_e(h) for h, _ in HEADLINE), FAILED_HEADER]
     return _table(header, rows, frozenset(range(6, 12)))
 
 
@@ -370,7 +371,7 @@ def _target_detail(t: TargetResult) -> str:
     out += [f'<p class="warn">⚠ {_e(w)}</p>' for w in (t.verdict.warnings if t.verdict else ())]
     out.append(
         f"<p>scheme <code>{_e(t.scheme or NA)}</code> · golden <code>{_e(t.golden or 'none')}</code>"
-        f" · failed requests {_e(failed_text(t))}</p>"
+        f" · {FAILED_HEADER} {_e(failed_text(t))}</p>"
     )
     if t.golden is None:
         out.append(

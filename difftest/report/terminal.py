@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from difftest.report.markdown import (
+    FAILED_HEADER,
     NA,
     failed_text,
     headline_cells,
@@ -39,7 +40,7 @@ def render_summary(run: RunResult, console: Console, *, report_dir: Path | None 
     # numbers never wrap mid-figure ("1.000e-0 / 4"): the target name column gives way instead
     for col in ("part", "mean KL", "95% CI", "p99 KL", "top-1", "token match", "median 1st div"):
         table.add_column(col, no_wrap=True)
-    for col in ("failed", "verdict", "as expected"):
+    for col in (FAILED_HEADER, "verdict", "as expected"):
         table.add_column(col, no_wrap=True)
     for t in run.targets:
         label, meets = verdict_text(t)

@@ -144,6 +144,7 @@ class CompletionClient:
         cache: ResponseCache | None = None,
         offline: bool = False,
         cache_identity: Mapping[str, Any] | None = None,
+        model: str | None = None,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 8.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -154,7 +155,9 @@ class CompletionClient:
         `timeout_s` bounds each attempt of a request, start to last byte (a server that accepts
         and never answers costs (max_retries + 1) x timeout_s, then a ServerError; after
         `STOPPED_AFTER` such requests every later one fails at once);
-        `connect_timeout_s` (at most `timeout_s`) bounds opening the connection alone."""
+        `connect_timeout_s` (at most `timeout_s`) bounds opening the connection alone.
+        `model`: the id the run asks for where the config names one (a url server serving several);
+        the identity canary asks for it too, else for the first id /v1/models lists."""
         if concurrency < 1 or max_retries < 0:
             raise ValueError("concurrency must be >= 1 and max_retries >= 0")
         if not (timeout_s > 0 and connect_timeout_s > 0):
@@ -171,6 +174,7 @@ class CompletionClient:
         self.cache = cache
         self.offline = offline
         self.cache_identity = dict(cache_identity) if cache_identity is not None else None
+        self.model = model
         self._api_key = api_key
         self._transport = transport
         self._backoff = (backoff_base_s, backoff_max_s)
@@ -207,7 +211,7 @@ class CompletionClient:
             self.base_url, name=name, api_key=self._api_key, timeout_s=self.timeout_s,
             connect_timeout_s=self.connect_timeout_s, max_retries=self.max_retries, concurrency=concurrency,
             max_response_bytes=self.max_response_bytes, transport=self._transport,
-            backoff_base_s=self._backoff[0], backoff_max_s=self._backoff[1], sleep=self._sleep,
+            backoff_base_s=self._backoff[0], backoff_max_s=self._backoff[1], sleep=self._sleep, model=self.model,
         )  # fmt: skip
         other._debug_config = self._debug_config  # the same server: the same config
         other._breaker = self._breaker  # and the same silence
@@ -404,7 +408,7 @@ class CompletionClient:
 
         The canary is asked alone and in a batch, twice each, one after the other (asked side by
         side they would share a batch): 4 requests, ~1 s on tiny-llama on a CPU."""
-        request = canary_request(fp["models"][0] if fp.get("models") else None)
+        request = canary_request(self.model or (fp["models"][0] if fp.get("models") else None))
         behaviour, why = await self._ask_canary(request)
         if not vouches(behaviour):
             return self._unvouched(fp, behaviour, f"the identity canary {why}")

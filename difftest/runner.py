@@ -114,6 +114,7 @@ async def _connect(
             concurrency=concurrency,
             cache=cache,
             cache_identity=cache_identity(srv.spec),
+            model=_url_model(srv.spec),
         )
         for name, srv in running.items()
     }

@@ -238,15 +238,16 @@ def test_a_server_listing_several_models_says_which_was_asked(tmp_path: Path, mo
     from difftest.identity import CANARY_PROMPT
 
     asked: dict[str, set[str]] = {}
+    canary: dict[str, set[str]] = {}
     completions = CompletionClient.completions
 
     async def two(self: CompletionClient) -> list[str]:
         return ["fake-model", "fake-model-lora"]
 
     async def spy(self: CompletionClient, payload: dict, **kw: object) -> dict:
-        # the cache's identity canary (client.py) still asks the first id: left out here
-        if CANARY_PROMPT not in str(payload.get("prompt")):
-            asked.setdefault(self.name, set()).add(payload.get("model"))
+        # the cache's identity canary asked the first id, which "fake-model-lora" answers with a 404
+        seen = canary if CANARY_PROMPT in str(payload.get("prompt")) else asked
+        seen.setdefault(self.name, set()).add(payload.get("model"))
         return await completions(self, payload, **kw)
 
     monkeypatch.setattr(CompletionClient, "models", two)
@@ -261,6 +262,7 @@ def test_a_server_listing_several_models_says_which_was_asked(tmp_path: Path, mo
         "'fake-model' (set `model` in the server's table to choose)"
     ]
     assert asked == {"ref": {"fake-model"}, "t": {"fake-model-lora"}}
+    assert canary == {"ref": {"fake-model"}, "t": {"fake-model-lora"}}
 
 
 def test_the_signature_states_no_shim_defaults_for_url_or_command_servers() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from difftest.baseline import Baseline, RecordingTransport, prompt_record
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint, force_all, generate_all, prompt_token_ids
-from difftest.conformance import probe
+from difftest.conformance import probe_endpoint
 from difftest.progress import Progress
 from difftest.prompts import Prompt
 from difftest.signature import versions
@@ -42,19 +42,15 @@ async def record_reference(
     batch_slot_check: bool = True,
     progress: bool | None = None,
     transport: Any = None,
+    model: str | None = None,
 ) -> Baseline:
     rec = RecordingTransport(transport)
     client = CompletionClient(
         url, name=name, api_key=api_key, timeout_s=timeout_s, max_retries=max_retries,
-        concurrency=concurrency, transport=rec,
+        concurrency=concurrency, transport=rec, model=model,
     )  # fmt: skip
     try:
-        if settings.get("endpoint") == "chat":
-            from difftest.chat import probe_chat
-
-            caps = await probe_chat(client)
-        else:
-            caps = await probe(client)
+        caps = await probe_endpoint(client, model, settings.get("endpoint", "completions"))
         ep = Endpoint(name, client, caps)
         k, max_tokens, seed = settings["logprobs"], settings["max_tokens"], settings["seed"]
         variants = sorted({False, bool(caps.token_id_strings)}) if caps.teacher_forced else []

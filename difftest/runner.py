@@ -34,7 +34,7 @@ from difftest.cache import ResponseCache
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig
-from difftest.conformance import probe, several_models, with_model
+from difftest.conformance import probe_endpoint, several_models
 from difftest.errors import DifftestError, UsageError
 from difftest.judge import judge_one, null_for
 from difftest.noise import NoiseFloor, identity_mismatch, reference_identity
@@ -44,7 +44,7 @@ from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import Comparison, LayerDiff, PartVerdict, PromptDiff, RunResult, TargetResult
 from difftest.scoring import finish_comparison, score_prompts
-from difftest.session import cache_identity, launch_shown, require_debug
+from difftest.session import cache_identity, launch_shown, require_debug, url_model
 from difftest.signature import run_signature
 from difftest.tokenizer_check import check_pair
 from difftest.usage_check import PromptCounts
@@ -114,7 +114,7 @@ async def _connect(
             concurrency=concurrency,
             cache=cache,
             cache_identity=cache_identity(srv.spec),
-            model=_url_model(srv.spec),
+            model=url_model(srv.spec),
         )
         for name, srv in running.items()
     }
@@ -122,25 +122,11 @@ async def _connect(
         clients[cfg.reference.name] = CompletionClient(
             REPLAY_URL, name=cfg.reference.name, concurrency=concurrency, transport=baseline.transport()
         )
-    wanted = {name: _url_model(srv.spec) for name, srv in running.items()}
+    wanted = {name: url_model(srv.spec) for name, srv in running.items()}
     caps = await asyncio.gather(
-        *(_probe_one(c, wanted.get(name), cfg.run.endpoint) for name, c in clients.items())
+        *(probe_endpoint(c, wanted.get(name), cfg.run.endpoint) for name, c in clients.items())
     )
     return {name: Endpoint(name, clients[name], cap) for name, cap in zip(clients, caps, strict=True)}
-
-
-def _url_model(spec: Any) -> str | None:
-    """The model a url server's table names: the one requests ask for (it was ignored for the first
-    id /v1/models lists). A launched server's `model` is what its command loads, not an id."""
-    return spec.model if spec.kind == "url" else None
-
-
-async def _probe_one(client: CompletionClient, model: str | None, endpoint: str) -> Any:
-    if endpoint == "chat":  # chat-only servers: the chat probe (difftest.chat)
-        from difftest.chat import probe_chat
-
-        return with_model(await probe_chat(client), model)
-    return await probe(client, model=model)
 
 
 def _model_notes(eps: Mapping[str, Endpoint]) -> list[str]:

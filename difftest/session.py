@@ -72,6 +72,7 @@ class Server:
     cache_identity: Mapping[str, Any] | None = None
     # an in-process transport (tests, benches): no sockets
     transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False, compare=False)
+    model: str | None = None  # the id to ask for, where the config names one (url_model)
 
     @classmethod
     def of_spec(cls, spec: ServerSpec, url: str | None = None) -> Server:
@@ -79,7 +80,13 @@ class Server:
         address = url or spec.url
         if address is None:
             raise ValueError(f"server {spec.name!r} has no URL: launch it first")
-        return cls(spec.name, address, api_key_of(spec), cache_identity(spec))
+        return cls(spec.name, address, api_key_of(spec), cache_identity(spec), model=url_model(spec))
+
+
+def url_model(spec: ServerSpec) -> str | None:
+    """The model a url server's table names: the one requests ask for (it was ignored for the first
+    id /v1/models lists). A launched server's `model` is what its command loads, not an id."""
+    return spec.model if spec.kind == "url" else None
 
 
 def cache_identity(spec: ServerSpec) -> dict[str, Any]:
@@ -143,11 +150,14 @@ class Session:
                 transport=s.transport,
                 cache=o.cache,
                 cache_identity=s.cache_identity if o.cache is not None else None,
+                model=s.model,
             )  # fmt: skip
             for name, s in self.servers.items()
         }
         # every probe runs to its end before a failure is raised: no task is left using a closed client
-        found = await asyncio.gather(*(probe(c) for c in clients.values()), return_exceptions=True)
+        found = await asyncio.gather(
+            *(probe(c, model=c.model) for c in clients.values()), return_exceptions=True
+        )
         failed = next((r for r in found if isinstance(r, BaseException)), None)
         if failed is not None:
             await asyncio.gather(*(c.aclose() for c in clients.values()))

@@ -322,3 +322,29 @@ def test_reference_identity_records_what_the_config_set_and_the_launch_free_fing
     assert reference_identity(shim, "tiny-llama", other_port) == reference_identity(shim, "tiny-llama", fp)
     url = ServerSpec(name="ref", url="http://127.0.0.1:1")
     assert reference_identity(url, None, None) == {}  # nothing known: nothing compared
+
+
+@pytest.mark.parametrize("command", ["record", "noise"])
+def test_record_and_noise_ask_for_a_url_servers_model_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """`run` asked for the configured model; `record` and `noise` probed the first listed id, which
+    a server that serves only the second refuses (404): the recording or the floor failed."""
+    from difftest.client import CompletionClient
+
+    async def two(self: CompletionClient) -> list[str]:
+        return ["fake-model", "fake-model-lora"]
+
+    monkeypatch.setattr(CompletionClient, "models", two)
+    with live_fake(FakeBehaviour(model="fake-model-lora")) as ref, live_fake() as tgt:
+        floor = tmp_path / "floor.json"
+        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "none"}],
+                           extra_run=f'noise_floor = "{floor}"' if command == "noise" else "")  # fmt: skip
+        text = cfg.read_text().replace(f'url = "{ref}"', f'url = "{ref}"\nmodel = "fake-model-lora"', 1)
+        cfg.write_text(text)
+        argv = (
+            ["record", "--ref", str(cfg), "-o", str(tmp_path / "rec")]
+            if command == "record"
+            else [command, str(cfg)]
+        )
+        assert main(argv) == 0

@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from difftest.prompts import load_prompts
     from difftest.recording import record
+    from difftest.session import url_model
 
     for flag in ("concurrency", "limit", "timeout"):
         o.positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if spec is None or spec.kind == "url":
         url = args.ref if is_url else spec.url  # type: ignore[union-attr]
         key = o.key_for(envs, name) if spec is None or spec.api_key_env is None else _env(spec.api_key_env)
-        base = record(name, url, prompts, settings, api_key=key, **kw)
+        base = record(name, url, prompts, settings, api_key=key, model=spec and url_model(spec), **kw)
     else:
         from difftest.session import launch_shown
 

@@ -35,6 +35,7 @@ Attributes hold the facts a caller needs (`reason` is the server's own words, wi
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,8 @@ def output_error(path: Path | str, exc: BaseException) -> OutputError:
                 return OutputError(path, f"{parent} is a file, not a folder")
         if path.is_dir():
             return OutputError(path, "a folder stands in its place")
+        if exc.errno == errno.EEXIST and path.exists():  # mkdir of a folder where a file is
+            return OutputError(path, "a file stands where this folder goes")
     except OSError:
         pass
     return OutputError(path, exc.strerror or str(exc))

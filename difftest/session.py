@@ -36,7 +36,7 @@ from difftest.cache import ResponseCache
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint
 from difftest.conformance import probe
-from difftest.errors import ConformanceError
+from difftest.errors import ConformanceError, output_error
 from difftest.progress import ServersUp
 from server_shim.launch import RunningServer, api_key_of, launch_servers
 from server_shim.launch_spec import ServerSpec
@@ -45,7 +45,13 @@ from server_shim.launch_spec import ServerSpec
 @contextlib.contextmanager
 def launch_shown(specs: Sequence[ServerSpec], *, log_dir: Path) -> Iterator[dict[str, RunningServer]]:
     """`launch_servers` with its health wait shown (`progress.ServersUp`): every command that starts
-    servers goes through here, so none waits minutes in silence while a cold server tunes."""
+    servers goes through here, so none waits minutes in silence while a cold server tunes. The
+    log folder is made here first: a file in its place is our output's fault (exit 2), not a
+    server's, and the launcher (which never imports the differ) cannot say so."""
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(log_dir, exc) from None
     with ServersUp() as shown, launch_servers(specs, log_dir=log_dir, on_status=shown) as running:
         yield running
 

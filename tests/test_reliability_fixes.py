@@ -306,3 +306,18 @@ def test_a_run_whose_cache_cannot_be_written_stops_with_exit_2(
         assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.endswith("cache.sqlite: database or disk is full\n") and "Traceback" not in err
+
+
+def test_a_file_where_the_logs_folder_goes_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """launch_servers' mkdir raised FileExistsError: a traceback and exit 1."""
+    from difftest.session import launch_shown
+    from server_shim.launch_spec import ServerSpec
+
+    logs = tmp_path / "logs"
+    logs.write_text("not a folder")
+    with pytest.raises(OutputError, match="logs: a file stands where this folder goes") as info:
+        with launch_shown([ServerSpec(name="s", url="http://127.0.0.1:9")], log_dir=logs):
+            pass
+    assert info.value.exit_code == 2 and str(logs) in str(info.value)

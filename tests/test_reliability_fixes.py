@@ -317,7 +317,10 @@ def test_a_file_where_the_logs_folder_goes_is_exit_2(
 
     logs = tmp_path / "logs"
     logs.write_text("not a folder")
-    with pytest.raises(OutputError, match="logs: a file stands where this folder goes") as info:
-        with launch_shown([ServerSpec(name="s", url="http://127.0.0.1:9")], log_dir=logs):
-            pass
+    url_server = ServerSpec(name="s", url="http://127.0.0.1:9")
+    with (
+        pytest.raises(OutputError, match="logs: a file stands where this folder goes") as info,
+        launch_shown([url_server], log_dir=logs),
+    ):
+        pass
     assert info.value.exit_code == 2 and str(logs) in str(info.value)

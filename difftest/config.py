@@ -119,6 +119,19 @@ def thresholds_for(thresholds: Mapping[str, Mapping[str, float]], scheme: str | 
     return {**thresholds.get("default", {}), **thresholds.get(scheme or "none", {})}
 
 
+def unused_tables(thresholds: Mapping[str, Any], schemes: Sequence[str | None], where: str) -> list[str]:
+    """A `[thresholds.<scheme>]` table that no target's scheme reads, as a warning naming `where`
+    it was written: a typo'd scheme would otherwise change nothing without a word. Warned, not
+    refused: one file may serve runs of several schemes, and a url target's scheme is known only
+    once its /debug/config has been read."""
+    read = sorted({s or "none" for s in schemes})
+    return [
+        f"{where}[thresholds.{name}] applies to no target of this run (schemes: {', '.join(read)}): ignored"
+        for name in thresholds
+        if name != "default" and name not in read
+    ]
+
+
 # ----------------------------------------------------------------------------- locating keys
 
 

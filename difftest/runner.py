@@ -33,7 +33,7 @@ from difftest.baseline import REPLAY_URL, Baseline, run_settings
 from difftest.cache import ResponseCache
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
-from difftest.config import RunConfig, TargetConfig
+from difftest.config import RunConfig, TargetConfig, unused_tables
 from difftest.conformance import probe_endpoint, several_models
 from difftest.errors import DifftestError, UsageError
 from difftest.judge import judge_one, null_for
@@ -659,6 +659,7 @@ async def run_async(
                 in_run=floors.get(tr.golden) if tr.golden else None,
                 carried=carried[tr.name], skipped=_skipped(pairs, tr.name, cfg.run.endpoint),
             )  # fmt: skip
+        run.warnings.extend(unused_tables(cfg.thresholds, [t.scheme for t in run.targets], ""))
         if opts.resume:
             run.warnings.extend(_resume_notes(eps))
         run.elapsed_s = time.monotonic() - started

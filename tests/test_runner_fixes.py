@@ -348,3 +348,13 @@ def test_record_and_noise_ask_for_a_url_servers_model_too(
             else [command, str(cfg)]
         )
         assert main(argv) == 0
+
+
+def test_a_run_warns_of_a_thresholds_table_no_target_reads(tmp_path: Path) -> None:
+    """`report --thresholds` warned of it; `run` took the same table without a word."""
+    with live_fake() as ref, live_fake() as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "none"}])
+        cfg.write_text(cfg.read_text() + "[thresholds.int4-g128]\nkl_mean_max = 0.5\n")
+        assert main(["run", str(cfg)]) == 0
+    warnings = load_run(tmp_path / "out").warnings
+    assert "[thresholds.int4-g128] applies to no target of this run (schemes: none): ignored" in warnings

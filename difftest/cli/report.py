@@ -9,7 +9,7 @@ a run and its re-judgement can be put side by side (`difftest diff DIR NEWDIR`).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +47,6 @@ def merged_thresholds(stored: dict, given: dict) -> dict[str, dict[str, float]]:
     return {
         name: {**stored.get(name, {}), **given.get(name, {})} for name in dict.fromkeys([*stored, *given])
     }
-
-
-def unused_tables(given: Mapping[str, Any], targets: Sequence[TargetResult], source: Path) -> list[str]:
-    """A `[thresholds.<scheme>]` table of the file that no target's scheme reads: a typo'd or
-    wrong file would otherwise change nothing without a word. Warned, not refused: one thresholds
-    file may serve runs of several schemes (`difftest run` takes such a table silently)."""
-    schemes = {t.scheme or "none" for t in targets}
-    return [
-        f"--thresholds {source}: [thresholds.{name}] applies to no target of this run "
-        f"(schemes: {', '.join(sorted(schemes))}): ignored"
-        for name in given
-        if name != "default" and name not in schemes
-    ]
 
 
 def _rejudged(result: RunResult, thresholds: Mapping[str, Mapping[str, float]], whose: str) -> list[str]:
@@ -101,6 +88,7 @@ def _label(t: TargetResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from difftest.config import unused_tables
     from difftest.report import load_run
 
     result = load_run(args.dir)
@@ -113,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {args.out}: already holds a report.json (pick a new folder)")
     stored = stored_thresholds(result.signature)
     given = threshold_file(args.thresholds) if args.thresholds else {}
-    warnings = unused_tables(given, result.targets, args.thresholds) if args.thresholds else []
+    schemes = [t.scheme for t in result.targets]
+    warnings = unused_tables(given, schemes, f"--thresholds {args.thresholds}: ") if args.thresholds else []
     before = {t.name: _label(t) for t in result.targets}
     # first with the run's own thresholds: a verdict its stored numbers no longer give is said, not kept
     warnings += _rejudged(result, stored, "report.json's own [thresholds]")

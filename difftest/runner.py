@@ -34,7 +34,7 @@ from difftest.cache import ResponseCache
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig, unused_tables
-from difftest.conformance import probe_endpoint, several_models
+from difftest.conformance import WARNINGS, probe_endpoint
 from difftest.errors import DifftestError, UsageError
 from difftest.judge import judge_one, null_for
 from difftest.noise import NoiseFloor, identity_mismatch, reference_identity
@@ -129,9 +129,12 @@ async def _connect(
     return {name: Endpoint(name, clients[name], cap) for name, cap in zip(clients, caps, strict=True)}
 
 
-def _model_notes(eps: Mapping[str, Endpoint]) -> list[str]:
-    """Servers that list several models and were asked for the first: say which (run warnings)."""
-    return [f"{name}: {note}" for name, ep in eps.items() if (note := several_models(ep.caps))]
+def _probe_notes(eps: Mapping[str, Endpoint]) -> list[str]:
+    """What each server's probe found that bears on the numbers -- logprobs capped, greedy decoding
+    not deterministic, no echo, several models listed and the first asked -- as run warnings:
+    kept in report.json's conformance alone, they reached no report and no terminal. A missing
+    debug protocol is left to the white-box part's own skip line."""
+    return [f"{name}: {w}" for name, ep in eps.items() for w in ep.caps.warnings if w != WARNINGS["no_debug"]]
 
 
 def _pairs(cfg: RunConfig) -> list[_Pair]:
@@ -152,11 +155,7 @@ async def _check_pairs(pairs: Sequence[_Pair], eps: Mapping[str, Endpoint]) -> N
         pc = await check_pair((b.client, b.caps), (t.client, t.caps))
         pair.teacher_forced = pc.teacher_forced
         pair.as_ids = pc.echo_as_ids
-        pair.warnings.extend(pc.warnings)
-        if not pc.teacher_forced:
-            pair.warnings.append(
-                "teacher-forced metrics disabled for this pair (echo with logprobs not trusted)"
-            )
+        pair.warnings.extend(pc.warnings)  # names a side whose echo is not trusted (never chat's)
 
 
 def _require_debug(cfg: RunConfig, eps: Mapping[str, Endpoint]) -> None:
@@ -398,10 +397,10 @@ async def _whitebox(
     parts: list[PartVerdict] = []
     overrides = cfg.thresholds_for(result.scheme)
     tgt = eps[tcfg.name]
-    if cfg.run.batch_slot_check and cfg.run.endpoint == "chat":
+    if cfg.run.batch_slot_check and cfg.run.endpoint == "chat":  # a skipped part: every report says so
         from difftest.chat import NO_BATCH_SLOTS
 
-        result.conformance.setdefault("warnings", []).append(NO_BATCH_SLOTS)
+        parts.append(PartVerdict("invariance", "", skipped=NO_BATCH_SLOTS))
     elif cfg.run.batch_slot_check:
         from difftest.invariance import check_batch_slots, slot_check_skip, twin_difference, with_twin
 
@@ -587,7 +586,7 @@ async def run_async(
             started_at=started_at,
         )
         run.signature["null"] = _null_signature(cfg, floor)
-        run.warnings.extend(_model_notes(eps))
+        run.warnings.extend(_probe_notes(eps))
         run.warnings.extend(await _floor_note(cfg, floor, eps[cfg.reference.name], opts.baseline is not None))
         twins = {
             t.twin.name: t.golden.name for t in cfg.targets if t.twin is not None and t.golden is not None

@@ -358,3 +358,16 @@ def test_a_run_warns_of_a_thresholds_table_no_target_reads(tmp_path: Path) -> No
         assert main(["run", str(cfg)]) == 0
     warnings = load_run(tmp_path / "out").warnings
     assert "[thresholds.int4-g128] applies to no target of this run (schemes: none): ignored" in warnings
+
+
+def test_what_a_probe_found_reaches_the_run_warnings(tmp_path: Path) -> None:
+    """ "greedy decoding is not deterministic" and the like sat in report.json's conformance block
+    alone: no terminal line, nothing in report.md or report.html."""
+    with live_fake() as ref, live_fake(FakeBehaviour(nondeterministic=True)) as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "none"}])
+        main(["run", str(cfg)])
+    run = load_run(tmp_path / "out")
+    assert any(w.startswith("t: greedy decoding is not deterministic") for w in run.warnings)
+    assert not any(w.startswith("ref:") for w in run.warnings)  # the fake reference is a clean one
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "t: greedy decoding is not deterministic" in md

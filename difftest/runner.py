@@ -517,7 +517,9 @@ def _depth_note(pair: _Pair, eps: Mapping[str, Endpoint], k: int) -> list[str]:
     if len(set(depths.values())) < 2 or shallow == 0:
         return []
     capped = ", ".join(f"{n} top-{d}" for n, d in depths.items())
-    return [f"logprobs listed to different depths ({capped}): KL compares the top-{shallow} of both sides"]
+    # without teacher forcing (chat: no echo) there is no KL; the top lists still classify divergences
+    uses = "KL compares" if pair.teacher_forced else "divergences are classified from"
+    return [f"logprobs listed to different depths ({capped}): {uses} the top-{shallow} of both sides"]
 
 
 async def run_async(

@@ -33,9 +33,9 @@ from difftest.conformance import (
     first_diff,
     short,
 )
-from difftest.errors import ConformanceError, DifftestError, RequestRejected, ServerError
+from difftest.errors import ConformanceError, RequestRejected, ServerError, UnreadableBody
 from difftest.prompts import Prompt
-from difftest.tokens_view import TokensView, parse_content
+from difftest.tokens_view import TokensView, parse_content, parse_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -66,36 +66,93 @@ def chat_payload(caps: Capabilities, prompt: Prompt, *, max_tokens: int, k: int,
     return body
 
 
-def parse_chat_choice(choice: Mapping[str, Any]) -> tuple[str | None, TokensView]:
-    """(content, view of the generated tokens) of one chat `choices[i]`; an empty view when the
-    server sent no logprobs. Offsets come from each token's `bytes` (chat has no text_offset)."""
-    if not isinstance(choice, Mapping):
-        raise ServerError(f"malformed chat choice: expected an object, got {type(choice).__name__}")
-    message = choice.get("message") or {}
-    content = message.get("content") if isinstance(message, Mapping) else None
-    content = content if isinstance(content, str) else None
+async def post_chat(client: CompletionClient, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """POST /v1/chat/completions. An answer without a `choices` list (a 200 carrying `{"error"}`)
+    is a failed request, as over /v1/completions (the client's check there), not a broken answer."""
+    data = await client.post_json(PATH, payload)
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        reason = "answered 200 without a 'choices' list"
+        raise UnreadableBody(f"{client.name}: {PATH} {reason}", server=client.name, reason=reason)
+    return data
+
+
+def message_text(choice: Mapping[str, Any]) -> tuple[str | None, str]:
+    """(content, "") of one chat choice, or (None, why it holds no text answer). Only a string is
+    a continuation: a refusal, tool calls or a list of content parts read as "no text" compared
+    equal to the other side's tokens and passed (token match 100% on nothing)."""
+    message = choice.get("message")
+    if not isinstance(message, Mapping):
+        return None, f"message is {_kind(message)}, not an object"
+    content, finish = message.get("content"), choice.get("finish_reason")
+    # first: no tools are sent, and the tokens of a call are not in `content`, whatever it holds
+    if message.get("tool_calls") or finish == "tool_calls":
+        return None, f"tool calls, not text (finish_reason={finish})"
+    if isinstance(content, str):
+        return content, ""
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        return None, f"a refusal, not text: {short(refusal, 60)!r}"
+    if content is None:
+        why = f" (finish_reason={finish})" if finish not in (None, "stop", "length") else ""
+        return None, f"content is null{why}"
+    return None, f"content is {_kind(content)}, not a string"
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else "a list" if isinstance(value, list) else type(value).__name__
+
+
+def chat_view(choice: Mapping[str, Any], text: str | None) -> TokensView:
+    """The generated positions of one chat choice (`logprobs.content`); empty when it has none.
+    A block that is not an object is UnreadableBody, as over /v1/completions (parse_logprobs)."""
     block = choice.get("logprobs")
-    entries = block.get("content") if isinstance(block, Mapping) else None
-    if not isinstance(entries, list):
-        return content, TokensView((), content)
-    return content, parse_content(entries, text=content)
+    if isinstance(block, Mapping):
+        entries = block.get("content")
+        if entries is None:
+            return TokensView((), text)
+        if not isinstance(entries, list):
+            raise UnreadableBody(f"malformed logprobs block: content is {_kind(entries)}, not a list")
+        return parse_content(entries, text=text)
+    return parse_logprobs(block, text=text)  # None: no logprobs; anything else: refused there
 
 
-CHAT_ERRORS = (DifftestError, KeyError, IndexError, TypeError)  # what a broken chat answer raises
+def parse_chat_choice(choice: Mapping[str, Any]) -> tuple[str | None, TokensView]:
+    """(content, view of the generated tokens) of one chat `choices[i]`; content None when the
+    choice holds no text answer (`message_text` says why). Offsets come from each token's
+    `bytes` (chat has no text_offset)."""
+    if not isinstance(choice, Mapping):
+        raise UnreadableBody(f"malformed chat choice: expected an object, got {type(choice).__name__}")
+    content, _ = message_text(choice)
+    return content, chat_view(choice, content)
 
 
-async def generate_chat(
-    ep: Any, prompt: Prompt, *, max_tokens: int, k: int, seed: int
-) -> tuple[str, TokensView, str | None, int | None]:
-    """One greedy chat continuation: (text, generated positions, finish_reason, usage.prompt_tokens).
-    Raises one of CHAT_ERRORS; collect.generate turns them into a failed Generation."""
-    from difftest.tokens_view import prompt_tokens
+def read_chat_answer(resp: Any, server: str) -> tuple[str, TokensView, str | None]:
+    """(text, view, finish_reason) of the index-0 choice of a chat answer (the rule of
+    /v1/completions: `collect.choice_zero`); a ServerError naming `server` and why when that
+    choice is no text answer or its logprobs block cannot be read."""
+    from difftest.collect import choice_zero
 
-    tokens = prompt.max_tokens if prompt.max_tokens is not None else max_tokens
-    resp = await ep.client.post_json(PATH, chat_payload(ep.caps, prompt, max_tokens=tokens, k=k, seed=seed))
-    choice = resp["choices"][0]
-    text, view = parse_chat_choice(choice)
-    return text, view, choice.get("finish_reason"), prompt_tokens(resp)
+    choice = choice_zero(resp, server, PATH)
+    try:
+        text, view = parse_chat_choice(choice)
+    except UnreadableBody as exc:
+        raise UnreadableBody(f"{server}: {exc}", server=server, reason=str(exc)) from None
+    if text is None:
+        why = f"answer without message content: {message_text(choice)[1]}"
+        raise ServerError(f"{server}: {PATH} {why}", server=server, reason=why)
+    return text, view, choice.get("finish_reason")
+
+
+def _read(resp: dict | None, server: str) -> tuple[str | None, TokensView, str]:
+    """(text, view, why not) of a probe's answer, read as a run reads it; never raises: a probe
+    reports what it found, and only the first question decides whether the server can chat."""
+    if resp is None:
+        return None, TokensView(()), ""
+    try:
+        text, view, _ = read_chat_answer(resp, server)
+    except ServerError as exc:
+        return None, TokensView(()), _why(exc)
+    return text, view, ""
 
 
 # ----------------------------------------------------------------------------- probe
@@ -136,16 +193,14 @@ async def probe_chat(
     msgs = [{"role": "user", "content": probe_texts[0]}]
     req = base | {"messages": msgs, "max_tokens": 16, "temperature": 0}
     first, err = await _ask(client, req, retries=client.max_retries)
-    text_a = parse_chat_choice(first["choices"][0])[0] if first else None
+    text_a, _, why = _read(first, client.name)
     if text_a is None:
-        raise ConformanceError(
-            f"{client.name} ({client.base_url}) cannot serve {PATH}: {err or 'answer without message content'}"
-        )
+        raise ConformanceError(f"{client.name} ({client.base_url}) cannot serve {PATH}: {err or why}")
     checks.append(("chat completions", OK, f"{len(text_a)} chars for max_tokens=16"))
     second, err = await _ask(client, req)
-    text_b = parse_chat_choice(second["choices"][0])[0] if second else None
+    text_b, _, why = _read(second, client.name)
     if text_b is None:
-        checks.append(("greedy determinism", WARN, err or "no text"))
+        checks.append(("greedy determinism", WARN, err or why))
         warnings.append(WARNINGS["determinism_unknown"])
     else:
         f["deterministic"] = text_a == text_b
@@ -157,7 +212,7 @@ async def probe_chat(
     cap, keys = 0, "none"
     for k in LOGPROBS_TRIES:
         resp, _ = await _ask(client, req | {"max_tokens": 1, "logprobs": True, "top_logprobs": k})
-        view = parse_chat_choice(resp["choices"][0])[1] if resp else TokensView(())
+        view = _read(resp, client.name)[1]
         if len(view) and view.top_k:
             cap, keys = min(k, view.top_k), view.top_keys
             break
@@ -175,8 +230,8 @@ async def probe_chat(
             client,
             req | {"max_tokens": 2, "logprobs": True, "top_logprobs": 1, "return_tokens_as_token_ids": True},
         )
-        view = parse_chat_choice(resp["choices"][0])[1] if resp else None
-        if view is not None and len(view) and view.has_ids:
+        view = _read(resp, client.name)[1]
+        if len(view) and view.has_ids:
             f["token_id_strings"] = True
             checks.append(("token ids in responses", OK, "tokens as token_id:N"))
         else:

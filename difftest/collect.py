@@ -25,9 +25,9 @@ from typing import Any
 
 from difftest.client import CompletionClient
 from difftest.conformance import Capabilities
-from difftest.errors import DifftestError, OutputError, ServerError
-from difftest.prompts import Prompt
-from difftest.tokens_view import Position, TokensView, coverage_problem, parse_choice
+from difftest.errors import DifftestError, OutputError, ServerError, UsageError
+from difftest.prompts import Prompt, check_completions, needs_chat
+from difftest.tokens_view import Position, TokensView, coverage_problem, parse_choice, prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -105,57 +105,71 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def first_choice(resp: Mapping[str, Any], server: str) -> tuple[Mapping[str, Any], TokensView]:
-    """`choices[0]` of a completions answer and its view; a ServerError naming `server` when the
-    answer has no usable choice (an empty list, a choice without text, a malformed block)."""
-    choices = resp.get("choices")
+def choice_zero(resp: Any, server: str, path: str) -> Any:
+    """The choice whose index is 0 where a server says (choices may come in any order), else the
+    first; a ServerError naming `server` when the answer holds no choice. One rule for
+    /v1/completions and /v1/chat/completions: they read other choices out of the same answer."""
+    choices = resp.get("choices") if isinstance(resp, Mapping) else None
     if not isinstance(choices, list) or not choices:
-        raise ServerError(f"{server}: /v1/completions answered without any choice")
-    # the one whose index is 0 where a server says (choices may come in any order)
-    choice = next((c for c in choices if isinstance(c, Mapping) and c.get("index") == 0), choices[0])
+        raise ServerError(f"{server}: {path} answered without any choice", server=server)
+    return next((c for c in choices if isinstance(c, Mapping) and c.get("index") == 0), choices[0])
+
+
+def first_choice(resp: Mapping[str, Any], server: str) -> tuple[Mapping[str, Any], TokensView]:
+    """The index-0 choice of a completions answer and its view; a ServerError naming `server`
+    when the answer has no usable choice (an empty list, a choice without text, a malformed block)."""
+    choice = choice_zero(resp, server, "/v1/completions")
     view = parse_choice(choice, server=server)
     if not isinstance(choice.get("text"), str):
         raise ServerError(f"{server}: /v1/completions answered a choice without text")
     return choice, view
 
 
-async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, seed: int) -> Generation:
-    if ep.caps.api == "chat":
-        from difftest.chat import CHAT_ERRORS, generate_chat
+def read_completion(resp: Any, server: str) -> tuple[str, TokensView, str | None]:
+    """(text, view, finish_reason) of a completions answer: `chat.read_chat_answer`'s counterpart."""
+    choice, view = first_choice(resp, server)
+    return choice["text"], view, choice.get("finish_reason")
 
-        try:
-            text, view, finish, used = await generate_chat(ep, prompt, max_tokens=max_tokens, k=k, seed=seed)
-        except OutputError:  # our own folder, not the server: the run stops (exit 2)
-            raise
-        except CHAT_ERRORS as exc:
-            log.debug("%s: chat generation for %s failed: %s", ep.name, prompt.id, exc)
-            return Generation(None, TokensView(()), error=f"{type(exc).__name__}: {exc}")
-        return Generation(text, view, finish, prompt_tokens=used)
+
+REQUEST_ERRORS = (DifftestError, KeyError, IndexError, TypeError)  # a failed request, an unreadable answer
+
+
+async def generate(ep: Endpoint, prompt: Prompt, *, max_tokens: int, k: int, seed: int) -> Generation:
+    """One greedy continuation over the endpoint the server was probed for. Both endpoints' answers
+    pass the same checks: a request that failed is an error; an answer that is no text or whose
+    logprobs cannot be that text's tokens is broken (a server bug, judged as a FAIL)."""
     tokens = prompt.max_tokens if prompt.max_tokens is not None else max_tokens
-    payload = ep.payload(prompt.prompt, max_tokens=tokens, k=k, seed=seed)
+    if ep.caps.api == "chat":
+        from difftest.chat import chat_payload, post_chat, read_chat_answer
+
+        payload = chat_payload(ep.caps, prompt, max_tokens=tokens, k=k, seed=seed)
+        asked, read = post_chat(ep.client, payload), read_chat_answer
+    else:
+        if prompt.messages:  # a conversation is never sent flattened into "role: content" lines
+            raise UsageError(needs_chat(prompt))
+        payload = ep.payload(prompt.prompt, max_tokens=tokens, k=k, seed=seed)
+        asked, read = ep.client.completions(payload), read_completion
     try:
-        resp = await ep.client.completions(payload)
+        resp = await asked
     except OutputError:  # our own folder, not the server: the run stops (exit 2)
         raise
-    except (DifftestError, KeyError, IndexError, TypeError) as exc:
+    except REQUEST_ERRORS as exc:
         log.debug("%s: generation for %s failed: %s", ep.name, prompt.id, exc)
         return Generation(None, TokensView(()), error=_error_text(exc))
     try:
-        choice, view = first_choice(resp, ep.name)
+        text, view, finish = read(resp, ep.name)
     except OutputError:  # our own folder, not the server: the run stops (exit 2)
         raise
-    except (DifftestError, KeyError, IndexError, TypeError) as exc:
+    except REQUEST_ERRORS as exc:
         log.debug("%s: generation for %s is malformed: %s", ep.name, prompt.id, exc)
         return Generation(None, TokensView(()), error=_error_text(exc), broken=True)
     if "logprobs" in payload:  # the positions must be the text's tokens, or nothing is judged on them
-        problem = coverage_problem(view, max_tokens=tokens, finish_reason=choice.get("finish_reason"))
+        problem = coverage_problem(view, max_tokens=tokens, finish_reason=finish)
         if problem is not None:
             return Generation(
                 None, TokensView(()), error=f"{ep.name}: text and logprobs disagree: {problem}", broken=True
             )
-    from difftest.tokens_view import prompt_tokens
-
-    return Generation(choice["text"], view, choice.get("finish_reason"), prompt_tokens=prompt_tokens(resp))
+    return Generation(text, view, finish, prompt_tokens=prompt_tokens(resp))
 
 
 async def generate_all(
@@ -167,6 +181,9 @@ async def generate_all(
     seed: int,
     on_done: Callable[[], None] | None = None,
 ) -> dict[str, Generation]:
+    if ep.caps.api != "chat":  # before any request: refused mid-gather, the others' requests lingered
+        check_completions(prompts)
+
     async def one(p: Prompt) -> tuple[str, Generation]:
         g = await generate(ep, p, max_tokens=max_tokens, k=k, seed=seed)
         if on_done:

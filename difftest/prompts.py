@@ -1,4 +1,4 @@
-"""Prompt files: JSON Lines of `{"id", "prompt", "max_tokens"?, "tags"?}`, one prompt a line.
+"""Prompt files: JSON Lines of `{"id", "prompt" | "messages", "max_tokens"?, "tags"?}`, one a line.
 
 Strict on purpose: a misspelt "max_token" that is silently ignored changes what both servers
 generate and shows up later as an unexplained diff, so every problem is a UsageError naming the
@@ -30,8 +30,11 @@ class Prompt:
     messages: tuple[dict[str, str], ...] = ()  # a chat conversation (`[run] endpoint = "chat"`)
 
 
-def load_prompts(paths: Path | str | Iterable[Path | str], *, limit: int | None = None) -> list[Prompt]:
-    """All prompts of one or more files in order; ids must be unique across the files."""
+def load_prompts(
+    paths: Path | str | Iterable[Path | str], *, limit: int | None = None, endpoint: str | None = None
+) -> list[Prompt]:
+    """All prompts of one or more files in order; ids must be unique across the files. With
+    `endpoint = "completions"`, a prompt given as `messages` is refused (`needs_chat`)."""
     if isinstance(paths, str | Path):
         paths = [paths]
     prompts: list[Prompt] = []
@@ -42,7 +45,25 @@ def load_prompts(paths: Path | str | Iterable[Path | str], *, limit: int | None 
                 raise UsageError(f"{prompt.source}: duplicate id {prompt.id!r} (first at {seen[prompt.id]})")
             seen[prompt.id] = prompt.source
             prompts.append(prompt)
-    return prompts[:limit] if limit is not None else prompts
+    prompts = prompts[:limit] if limit is not None else prompts
+    if endpoint == "completions":
+        check_completions(prompts)
+    return prompts
+
+
+def needs_chat(prompt: Prompt) -> str:
+    """The one-line refusal of a conversation over /v1/completions."""
+    where = prompt.source or "prompts"
+    return f'{where}: prompt {prompt.id!r} has messages: they need endpoint = "chat" (--endpoint chat)'
+
+
+def check_completions(prompts: Iterable[Prompt]) -> None:
+    """A UsageError for the first conversation among `prompts`: over /v1/completions it would be
+    sent as its report text ("role: content" lines), a prompt no chat server would see (no chat
+    template), compared as if it were the conversation."""
+    bad = next((p for p in prompts if p.messages), None)
+    if bad is not None:
+        raise UsageError(needs_chat(bad))
 
 
 def read_prompt_file(path: Path) -> list[Prompt]:

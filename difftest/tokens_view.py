@@ -23,6 +23,7 @@ token string otherwise. Metrics read only this structure.
 
 from __future__ import annotations
 
+import codecs
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -162,6 +163,9 @@ def parse_content(entries: Sequence[Any], *, text: str | None) -> TokensView:
     text_offset); an `id` the server gave is the token's id. Generated positions only, so a
     `null` logprob is never "nothing to condition on": it is NaN."""
     positions, offset = [], 0
+    # one decoder over the running bytes: a character split over tokens belongs to the token that
+    # completes it (each token's bytes decoded alone lost it, shifting later tokens' texts)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
     for i, e in enumerate(entries):
         if not isinstance(e, Mapping) or not isinstance(e.get("token"), str):
             raise UnreadableBody(f"malformed logprobs entry {i}: expected an object with a 'token'")
@@ -179,7 +183,7 @@ def parse_content(entries: Sequence[Any], *, text: str | None) -> TokensView:
                 text_offset=offset,
             )
         )
-        offset += len(_piece(e))
+        offset += len(_piece(e, utf8))
     return TokensView(tuple(positions), text)
 
 
@@ -190,12 +194,15 @@ def _entry_id(entry: Mapping[str, Any]) -> int | None:
     return parse_token_id(entry["token"]) if isinstance(entry.get("token"), str) else None
 
 
-def _piece(entry: Mapping[str, Any]) -> str:
+def _piece(entry: Mapping[str, Any], utf8: codecs.IncrementalDecoder) -> str:
     """The text a content entry adds: its bytes where given (a token string may be cut at a
-    partial UTF-8 character), else its token string (never a "token_id:N" label)."""
+    partial UTF-8 character), fed to `utf8`, which holds the earlier tokens' unfinished
+    character; else its token string (never a "token_id:N" label)."""
     raw = entry.get("bytes")
-    if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
-        return bytes(raw).decode("utf-8", errors="ignore")
+    if isinstance(raw, list) and all(
+        isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in raw
+    ):
+        return utf8.decode(bytes(raw))
     tok = entry.get("token")
     return tok if isinstance(tok, str) and parse_token_id(tok) is None else ""
 

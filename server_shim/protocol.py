@@ -303,8 +303,8 @@ class ChatCompletionRequest(_Request):
             out.append(("tools", "tools are not supported"))
         if self.tool_choice not in (None, "none"):
             out.append(("tool_choice", "tool_choice is not supported (no tools)"))
-        if self.parallel_tool_calls:
-            out.append(("parallel_tool_calls", "parallel_tool_calls is not supported (no tools)"))
+        # parallel_tool_calls is not checked: tools are refused above, and without tools it cannot
+        # change an answer (OpenAI's SDK defaults it to true, so refusing it broke such clients)
         if self.top_logprobs is not None and not self.logprobs:
             out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
         if self.max_tokens is not None and self.max_completion_tokens is not None:

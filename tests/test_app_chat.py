@@ -175,6 +175,18 @@ async def test_bad_chat_request_is_4xx_naming_the_parameter(client, body, param)
     assert (await client.post("/v1/chat/completions", json=GOOD)).status_code == 200
 
 
+async def test_parallel_tool_calls_without_tools_is_accepted(client):
+    """OpenAI's SDK sends `parallel_tool_calls: true` by default; without tools it cannot change an
+    answer, so it was a needless 400. With tools the request is still refused (naming `tools`)."""
+    plain = await client.post("/v1/chat/completions", json=GOOD)
+    r = await client.post("/v1/chat/completions", json={**GOOD, "parallel_tool_calls": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"] == plain.json()["choices"]
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    r = await client.post("/v1/chat/completions", json={**GOOD, "parallel_tool_calls": True, "tools": tools})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+
+
 def test_fallback_template_without_a_chat_template(tiny_llama):
     tok = copy.deepcopy(tiny_llama.tokenizer)
     tok.chat_template = None

@@ -1,4 +1,4 @@
-"""`difftest probe URL`: the conformance / capability table of one server.
+"""`difftest probe URL [--endpoint chat]`: the conformance / capability table of one server.
 
 Exit 1 when a check is FAIL (the differ will run degraded against this server), else 0."""
 
@@ -18,6 +18,13 @@ DEFAULT_TIMEOUT_S = 60.0
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", type=o.http_url, help="the server's base URL (http://host:port)")
+    p.add_argument(
+        "--endpoint",
+        choices=("completions", "chat"),
+        default="completions",
+        help="probe /v1/completions or /v1/chat/completions, as a run with that endpoint does "
+        "(default: completions)",
+    )
     o.add_keys(p)
     o.add_jobs(p, default=4)
     o.add_timeout(p, f"{DEFAULT_TIMEOUT_S:g}")
@@ -39,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
             args.url, name="server", api_key=key, max_retries=1,
             timeout_s=args.timeout or DEFAULT_TIMEOUT_S, concurrency=args.concurrency,
         ) as client:  # fmt: skip
+            if args.endpoint == "chat":  # the probe `compare --endpoint chat` runs
+                from difftest.chat import probe_chat
+
+                return await probe_chat(client)
             return await probe(client)
 
     caps = asyncio.run(go())
@@ -47,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         o.emit_json(
             {
                 "url": args.url,
+                "endpoint": caps.api,
                 "exit_code": code,
                 "checks": [{"check": c, "status": s, "detail": d} for c, s, d in caps.table()],
                 "warnings": list(caps.warnings),
@@ -54,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         return code
-    table = Table(title=f"capabilities of {args.url}")
+    over = " over /v1/chat/completions" if caps.api == "chat" else ""
+    table = Table(title=f"capabilities of {args.url}{over}")
     for col in ("check", "status", "detail"):
         table.add_column(col)
     for check, status, detail in caps.table():

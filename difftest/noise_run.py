@@ -95,7 +95,9 @@ async def _restarted(session: Session, cfg: RunConfig, prompts: Sequence[Prompt]
 
 
 def measure_noise(cfg: RunConfig, *, limit: int | None, restart: bool, log_dir: Path) -> NoiseFloor:
-    prompts = load_prompts(cfg.run.prompts, limit=limit if limit is not None else cfg.run.limit)
+    prompts = load_prompts(
+        cfg.run.prompts, limit=limit if limit is not None else cfg.run.limit, endpoint=cfg.run.endpoint
+    )
     spec = cfg.reference
     # nothing is cached: the point is to ask the server again
     options = ClientOptions(

@@ -822,7 +822,7 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
     if opts.baseline is not None and not cfg.run.prompts:
         prompts = opts.baseline.prompt_list()[:limit]
     else:
-        prompts = load_prompts(cfg.run.prompts, limit=limit)
+        prompts = load_prompts(cfg.run.prompts, limit=limit, endpoint=cfg.run.endpoint)
     if opts.baseline is not None:
         opts.baseline.check(run_settings(cfg.run), prompts)
     load_floor(cfg)  # a damaged noise-floor file is refused now, not after every server answered

@@ -389,3 +389,17 @@ def test_the_depth_note_names_no_kl_where_there_is_none() -> None:
         "logprobs listed to different depths (ref top-10, t top-5): divergences are classified from the "
         "top-5 of both sides"
     ]
+
+
+def test_a_conversation_over_completions_is_refused_before_any_server_is_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused after the probe before (exit 2 all the same); the URLs here serve nothing, so a
+    server asked first would have made it exit 3."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = write_config(tmp_path, dead, [{"name": "t", "url": dead}])
+    conv = json.dumps({"id": "conv", "messages": [{"role": "user", "content": "hi"}]})
+    (tmp_path / "prompts.jsonl").write_text(conv + "\n")
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 'conv' has messages: they need endpoint" in err and err.count("\n") == 1

@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
         "seed": run_cfg.seed if args.seed is None else args.seed,
         "endpoint": args.endpoint or run_cfg.endpoint,
     }
-    prompts = load_prompts(args.prompts or run_cfg.prompts, limit=args.limit or run_cfg.limit)
+    prompts = load_prompts(
+        args.prompts or run_cfg.prompts, limit=args.limit or run_cfg.limit, endpoint=settings["endpoint"]
+    )
     kw = {
         "timeout_s": args.timeout or run_cfg.request_timeout_s,
         "max_retries": run_cfg.max_retries,

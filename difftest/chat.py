@@ -31,11 +31,13 @@ from difftest.conformance import (
     Capabilities,
     ProbeTokens,
     first_diff,
+    probe,
     short,
+    with_model,
 )
 from difftest.errors import ConformanceError, RequestRejected, ServerError, UnreadableBody
 from difftest.prompts import Prompt
-from difftest.tokens_view import TokensView, parse_content, parse_logprobs
+from difftest.tokens_view import TokensView, choice_zero, parse_content, parse_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +130,8 @@ def parse_chat_choice(choice: Mapping[str, Any]) -> tuple[str | None, TokensView
 
 def read_chat_answer(resp: Any, server: str) -> tuple[str, TokensView, str | None]:
     """(text, view, finish_reason) of the index-0 choice of a chat answer (the rule of
-    /v1/completions: `collect.choice_zero`); a ServerError naming `server` and why when that
+    /v1/completions: `tokens_view.choice_zero`); a ServerError naming `server` and why when that
     choice is no text answer or its logprobs block cannot be read."""
-    from difftest.collect import choice_zero
-
     choice = choice_zero(resp, server, PATH)
     try:
         text, view = parse_chat_choice(choice)
@@ -283,3 +283,11 @@ async def _tokenize(client: CompletionClient, text: str) -> list[int] | None:
         return None
     toks = data.get("tokens") if isinstance(data, dict) else None
     return toks if isinstance(toks, list) and all(isinstance(t, int) for t in toks) else None
+
+
+async def probe_endpoint(client: CompletionClient, model: str | None, endpoint: str) -> Capabilities:
+    """The probe for `endpoint` ("chat": this module's, for chat-only servers), asking for `model`
+    where the config names one: run, record and noise all probe this way."""
+    if endpoint == "chat":
+        return with_model(await probe_chat(client), model)
+    return await probe(client, model=model)

@@ -27,7 +27,14 @@ from difftest.client import CompletionClient
 from difftest.conformance import Capabilities
 from difftest.errors import DifftestError, OutputError, ServerError, UsageError
 from difftest.prompts import Prompt, check_completions, needs_chat
-from difftest.tokens_view import Position, TokensView, coverage_problem, parse_choice, prompt_tokens
+from difftest.tokens_view import (
+    Position,
+    TokensView,
+    choice_zero,
+    coverage_problem,
+    parse_choice,
+    prompt_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +110,6 @@ class Forced:
 
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-def choice_zero(resp: Any, server: str, path: str) -> Any:
-    """The choice whose index is 0 where a server says (choices may come in any order), else the
-    first; a ServerError naming `server` when the answer holds no choice. One rule for
-    /v1/completions and /v1/chat/completions: they read other choices out of the same answer."""
-    choices = resp.get("choices") if isinstance(resp, Mapping) else None
-    if not isinstance(choices, list) or not choices:
-        raise ServerError(f"{server}: {path} answered without any choice", server=server)
-    return next((c for c in choices if isinstance(c, Mapping) and c.get("index") == 0), choices[0])
 
 
 def first_choice(resp: Mapping[str, Any], server: str) -> tuple[Mapping[str, Any], TokensView]:

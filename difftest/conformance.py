@@ -235,16 +235,6 @@ def with_model(caps: Capabilities, wanted: str | None) -> Capabilities:
     return replace(caps, model=model, warnings=tuple(w for w in caps.warnings if w != picked))
 
 
-async def probe_endpoint(client: CompletionClient, model: str | None, endpoint: str) -> Capabilities:
-    """The probe for `endpoint` ("chat": chat-only servers, difftest.chat), asking for `model`
-    where the config names one: run, record and noise all probe this way."""
-    if endpoint == "chat":
-        from difftest.chat import probe_chat
-
-        return with_model(await probe_chat(client), model)
-    return await probe(client, model=model)
-
-
 async def _probe_models(p: _Probe, wanted: str | None = None) -> None:
     try:
         models = await p.client.models()

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from difftest.baseline import Baseline, RecordingTransport, prompt_record
+from difftest.chat import probe_endpoint
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint, force_all, generate_all, prompt_token_ids
-from difftest.conformance import probe_endpoint
 from difftest.progress import Progress
 from difftest.prompts import Prompt
 from difftest.signature import versions

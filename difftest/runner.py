@@ -31,10 +31,11 @@ from typing import Any
 
 from difftest.baseline import REPLAY_URL, Baseline, run_settings
 from difftest.cache import ResponseCache
+from difftest.chat import probe_endpoint
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig, unused_tables
-from difftest.conformance import WARNINGS, probe_endpoint
+from difftest.conformance import WARNINGS
 from difftest.errors import DifftestError, UsageError
 from difftest.judge import judge_one, null_for
 from difftest.noise import NoiseFloor, identity_mismatch, reference_identity

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from difftest.errors import UnreadableBody
+from difftest.errors import ServerError, UnreadableBody
 
 _TOKEN_ID = re.compile(r"token_id:(-?\d+)")
 
@@ -106,6 +106,16 @@ class TokensView:
             return tuple(None for _ in offs)
         ends = offs[1:] + [len(self.text)]
         return tuple(self.text[a:b] for a, b in zip(offs, ends, strict=True))  # type: ignore[misc]
+
+
+def choice_zero(resp: Any, server: str, path: str) -> Any:
+    """The choice whose index is 0 where a server says (choices may come in any order), else the
+    first; a ServerError naming `server` when the answer holds no choice. One rule for
+    /v1/completions and /v1/chat/completions: they read other choices out of the same answer."""
+    choices = resp.get("choices") if isinstance(resp, Mapping) else None
+    if not isinstance(choices, list) or not choices:
+        raise ServerError(f"{server}: {path} answered without any choice", server=server)
+    return next((c for c in choices if isinstance(c, Mapping) and c.get("index") == 0), choices[0])
 
 
 def parse_choice(choice: Mapping[str, Any], *, server: str | None = None) -> TokensView:

@@ -804,6 +804,12 @@ def _set_aside_earlier(out: Path, resume: bool) -> Path | None:
     return prev
 
 
+def drop_previous(out: Path) -> None:
+    """After this run's report is written (not before: a report that cannot be written leaves the
+    earlier one in previous/ as the folder's only report), previous/ has served its turn."""
+    _remove(out / PREVIOUS)
+
+
 def _remove(path: Path) -> None:
     """Delete a file or folder tree if it is there."""
     if path.is_dir() and not path.is_symlink():
@@ -849,7 +855,6 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
                 what = "report is" if opts.resume else "report and cache are"
                 log.warning("this run wrote no report: the earlier run's %s in %s/", what, prev)
             raise
-        _remove(out / PREVIOUS)  # this run's report replaces whichever run previous/ held
     run.warnings[:0] = notes
     run.warnings.extend(problems)
     if opts.baseline is not None:  # where the reference's answers came from

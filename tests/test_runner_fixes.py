@@ -403,3 +403,24 @@ def test_a_conversation_over_completions_is_refused_before_any_server_is_asked(
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "prompt 'conv' has messages: they need endpoint" in err and err.count("\n") == 1
+
+
+def test_a_report_that_cannot_be_written_keeps_the_earlier_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """previous/ was deleted when the run's answers were in, before its report was written: a full
+    disk then left the folder with no report at all."""
+    import difftest.report as report
+    from difftest.errors import OutputError
+
+    with live_fake() as ref, live_fake() as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "none"}])
+        assert main(["run", str(cfg)]) == 0
+
+        def full(run: object, out: Path) -> None:
+            raise OutputError(out / "report.json", "No space left on device")
+
+        monkeypatch.setattr(report, "write_report", full)
+        assert main(["run", str(cfg)]) == 2
+    out = tmp_path / "out"
+    assert load_run(out / "previous").gate_passed and not (out / "report.json").exists()

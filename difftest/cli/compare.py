@@ -135,11 +135,13 @@ def run(args: argparse.Namespace) -> int:
                 f"{', '.join(unused)}: the quick look (--prompt) judges nothing; use --prompts FILE"
             )
         return asyncio.run(explore(cfg, prompt_texts(args.prompt), as_json=args.json, out=args.out))
-    from difftest.runner import RunOptions, execute
+    from difftest.runner import RunOptions, drop_previous, execute
 
     out = args.out or DEFAULT_OUT
     result, problems = execute(cfg, RunOptions(out_dir=out, baseline=baseline))
-    return finish(result, out, problems, as_json=args.json)
+    code = finish(result, out, problems, as_json=args.json)
+    drop_previous(out)
+    return code
 
 
 def prompt_texts(values: list[str]) -> list[Prompt]:

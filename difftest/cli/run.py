@@ -57,7 +57,7 @@ def with_overrides(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from difftest.runner import RunOptions, execute
+    from difftest.runner import RunOptions, drop_previous, execute
 
     o.positive("--concurrency", args.concurrency)
     o.positive("--limit", args.limit)
@@ -69,4 +69,6 @@ def run(args: argparse.Namespace) -> int:
     result, problems = execute(
         cfg, RunOptions(out_dir=out, resume=args.resume, concurrency=args.concurrency, limit=args.limit)
     )
-    return finish(result, out, problems, as_json=args.json)
+    code = finish(result, out, problems, as_json=args.json)
+    drop_previous(out)
+    return code

@@ -36,7 +36,7 @@ from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig, unused_tables
 from difftest.conformance import WARNINGS
-from difftest.errors import DifftestError, UsageError
+from difftest.errors import DifftestError, OutputError, UsageError
 from difftest.judge import judge_one, null_for
 from difftest.noise import NoiseFloor, identity_mismatch, reference_identity
 from difftest.null import MARGIN, NO_NULL, NullModel, tie_margin
@@ -687,11 +687,13 @@ def infra_problems(run: RunResult, cfg: RunConfig, running: Mapping[str, Running
     ]
     for t in run.targets:
         for c in t.comparisons:
-            rate = c.aggregate.get("failed_rate", 0.0)
-            if rate > cfg.run.error_rate_limit:
+            # a broken answer (NaN logprobs, a malformed block) is the target's bug, judged FAIL
+            # (exit 1): only requests lost after their retries are infrastructure
+            n = int(c.aggregate.get("n_prompts", 0))
+            lost = int(c.aggregate.get("failed_requests", 0) - c.aggregate.get("broken_answers", 0))
+            if n and lost / n > cfg.run.error_rate_limit:
                 problems.append(
-                    f"{t.name} vs {c.baseline}: {int(c.aggregate.get('failed_requests', 0))} of "
-                    f"{int(c.aggregate.get('n_prompts', 0))} prompts failed ({rate:.0%} > "
+                    f"{t.name} vs {c.baseline}: {lost} of {n} prompts failed ({lost / n:.0%} > "
                     f"{cfg.run.error_rate_limit:.0%} limit)"
                 )
     return problems
@@ -790,6 +792,10 @@ def _set_aside_earlier(out: Path, resume: bool) -> Path | None:
     read by CI as this run's result. Only a folder holding a report is set aside, so previous/
     keeps the last run that wrote one. Returns previous/, or None when there was nothing to move."""
     found = [out / name for name in REPORT_FILES if (out / name).exists()]
+    for path in found:  # something else in a report file's place is the user's: never moved, never deleted
+        if path.is_dir() != (path.name == "plots") or path.is_symlink():
+            kind = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
+            raise OutputError(path, f"{kind} stands where the report writes; move it away")
     if not found:
         return None
     prev = out / PREVIOUS

@@ -36,12 +36,12 @@ def score_prompt(
     k: int | None,
 ) -> PromptDiff:
     diff = PromptDiff(prompt_id=prompt.id, prompt=prompt.prompt, tags=list(prompt.tags))
-    errors = [f"baseline: {ref.error}" if ref.error else None, f"target: {tgt.error}" if tgt.error else None]
+    errors = [_sided("baseline", ref.error), _sided("target", tgt.error)]
     # a teacher-forcing request the server failed counts like a failed generation: no PASS is built
     # on the prompts that remain (an echo that merely re-tokenises differently is only unmeasured)
     for side, forced in (("baseline echo", ref_forced), ("target echo", tgt_forced)):
         if forced is not None and forced.failed:
-            errors.append(f"{side}: {forced.error}")
+            errors.append(_sided(side, forced.error or "failed"))
     # NaN (or another impossible value) in a generation's logprobs feeds no verdict metric (those
     # come from teacher forcing, which may be off or clean): without this the prompt would pass on
     # its tokens. An impossible answer always fails.
@@ -53,7 +53,7 @@ def score_prompt(
             else None
         )
         if problem:
-            errors.append(f"{side}: {problem}")
+            errors.append(_sided(side, problem))
             tgt_nan = tgt_nan or side == "target"
     if any(errors):
         diff.error = "; ".join(e for e in errors if e)
@@ -200,3 +200,11 @@ def build_comparison(
         prompts, ref_gen, tgt_gen, ref_forced=ref_forced, tgt_forced=tgt_forced, tie_margin=tie_margin, k=k
     )
     return finish_comparison(kind, baseline, target, diffs, unforced=unforced, seed=seed, warnings=warnings)
+
+
+def _sided(side: str, error: str | None) -> str | None:
+    """`error` under the side it happened on, once: a server named "target" (compare's default)
+    already says so ("target: target: text and logprobs disagree" was printed)."""
+    if not error:
+        return None
+    return error if error.startswith(f"{side}: ") else f"{side}: {error}"

@@ -282,6 +282,8 @@ def _make_check(
     if math.isnan(value):
         return Check(name, value, limit.value, op, False, True, f"{limit.note}; NaN always fails", inf)
     passed = _within(value, limit.value, op)
+    if name == "broken_rate" and not passed and comp is not None:  # what was broken, not only how often
+        limit = dataclasses.replace(limit, note=limit.note + _first_broken(comp))
     interval = _interval(comp, name) if comp is not None else None
     ci, ci_name = interval if interval is not None else (None, "")
     why = _why_open(name, value, passed, limit.value, op, comp, ci, lost)
@@ -291,6 +293,16 @@ def _make_check(
     if ci_name and ci is not None and _straddles(ci, limit.value, op):
         note += INTERVAL_NOTE + ci_name
     return Check(name, float(value), limit.value, op, passed, True, limit.note + note, inf, False, ci, needed)
+
+
+def _first_broken(comp: Comparison) -> str:
+    """The first broken answer's prompt and error, cut short: the terminal showed "impossible-answer
+    rate 100.0%" and the cause ("content is null", "NaN logprobs at ...") was in report.json alone."""
+    first = next((p for p in comp.prompts if p.broken and p.error), None)
+    if first is None:
+        return ""
+    error = " ".join(first.error.split()).replace(";", ",")  # a note's pieces are split at ";"
+    return f"; first: {first.prompt_id}: {error[:160]}{'…' if len(error) > 160 else ''}"
 
 
 # Limits are inclusive, and a mean of values all at the limit can round past it (six top-1 rates

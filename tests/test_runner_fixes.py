@@ -424,3 +424,27 @@ def test_a_report_that_cannot_be_written_keeps_the_earlier_one(
         assert main(["run", str(cfg)]) == 2
     out = tmp_path / "out"
     assert load_run(out / "previous").gate_passed and not (out / "report.json").exists()
+
+
+@pytest.mark.parametrize(("name", "folder"), [("report.html", True), ("plots", False), ("junit.xml", True)])
+def test_something_else_where_a_report_file_goes_is_never_moved_or_deleted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, folder: bool
+) -> None:
+    """A folder named report.html (or a file named plots) was moved into previous/ with the report
+    and deleted once the run succeeded: the user's files went without a word."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}")  # an earlier report: the set-aside step runs
+    mine = out / name
+    if folder:
+        mine.mkdir()
+        (mine / "mine.txt").write_text("keep")
+    else:
+        mine.write_text("keep")
+    with live_fake() as ref, live_fake() as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "none"}])
+        assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {mine}: a {'folder' if folder else 'file'} stands where the report writes" in err
+    assert (mine / "mine.txt").exists() if folder else mine.read_text() == "keep"
+    assert (out / "report.json").read_text() == "{}"  # nothing moved

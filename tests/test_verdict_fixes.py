@@ -195,3 +195,31 @@ def test_every_aggregate_key_has_one_distinct_label() -> None:
     assert len(set(METRIC_NAMES.values())) == len(METRIC_NAMES)
     for rate in ("failed_rate", "broken_rate", "garbled_rate", "exact_match"):
         assert "rate" in metric_name(rate) and fmt_value(rate, 0.0) == "0.0%"
+
+
+def test_an_error_is_put_under_its_side_once() -> None:
+    """compare names its target "target": its own errors read "target: target: ..." before."""
+    from difftest.scoring import _sided
+
+    assert _sided("target", "target: text and logprobs disagree") == "target: text and logprobs disagree"
+    assert _sided("target", "tgt: text and logprobs disagree") == "target: tgt: text and logprobs disagree"
+    assert _sided("baseline echo", None) is None
+
+
+def test_a_failed_broken_rate_names_the_first_broken_answer() -> None:
+    """The terminal said "impossible-answer rate 100.0%" and nothing of what was broken."""
+    import dataclasses
+
+    broken = dataclasses.replace(
+        _ok(1), error="target: tgt: answer without message content: content is null", broken=True
+    )
+    v = judge_target("t", "pass", None, _comp([_ok(0), broken, _ok(2)]), FP8, None)
+    check = _check(v, "broken_rate")
+    assert (
+        check.fails
+        and "first: p1: target: tgt: answer without message content: content is null" in check.note
+    )
+    assert (
+        "first:"
+        not in _check(judge_target("t", "pass", None, _comp([_ok(0), _ok(1)]), FP8, None), "broken_rate").note
+    )

@@ -83,6 +83,16 @@ class Check:
         return (self.informative or (self.value is None and self.required)) and not self.decided
 
     @property
+    def straddles(self) -> bool:
+        """Whether `ci`'s two ends judge differently against the limit: what "straddles the limit"
+        says. An undecided check whose interval does not (its prompts were lost) must not say it."""
+        if self.ci is None or self.value is None:
+            return False
+        lo, hi = self.ci
+        ok = (lambda v: v <= self.limit) if self.op == "<=" else (lambda v: v >= self.limit)
+        return ok(lo) != ok(hi)
+
+    @property
     def interval_name(self) -> str:
         """What `ci` is: the bootstrap's "95% CI", or what the verdict's note names instead
         ("range of the 3 prompts", under its MIN_PROMPTS_FOR_CI), so no report calls a range a CI."""
@@ -101,7 +111,7 @@ class Check:
             return f"{self.name} not measured ({self.note or 'missing'})"
         bad = {"<=": ">", ">=": "<"}[self.op] if not self.passed else self.op
         text = f"{self.name} {_fmt(self.value)} {bad} {_fmt(self.limit)}"
-        if self.ci is not None and not self.decided:
+        if self.straddles and not self.decided:
             text += f", {self.interval_name} [{_fmt(self.ci[0])}, {_fmt(self.ci[1])}] straddles the limit"
             if self.prompts_to_decide is not None:
                 text += f" (~{self.prompts_to_decide} prompts would decide)"

@@ -223,3 +223,23 @@ def test_a_failed_broken_rate_names_the_first_broken_answer() -> None:
         "first:"
         not in _check(judge_target("t", "pass", None, _comp([_ok(0), _ok(1)]), FP8, None), "broken_rate").note
     )
+
+
+def test_an_interval_that_does_not_straddle_is_not_said_to() -> None:
+    """A check left open by lost prompts read "95% CI [0.0%, 0.0%] straddles the limit" (of 60%)."""
+    from difftest.results import Check
+
+    lost = Check(
+        "token_match",
+        0.0,
+        0.6,
+        ">=",
+        False,
+        True,
+        "budget; 10 of 10 prompts lost",
+        decided=False,
+        ci=[0.0, 0.0],
+    )
+    assert not lost.straddles and "straddles" not in lost.describe()
+    open_ = Check("kl_mean", 0.07, 0.06, "<=", False, True, "twin", decided=False, ci=[0.03, 0.14])
+    assert open_.straddles and ", 95% CI [0.03, 0.14] straddles the limit" in open_.describe()

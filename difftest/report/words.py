@@ -129,7 +129,8 @@ class CheckWords:
     why_not_informative: str
     measured: bool
     fails: bool = False  # counts against the target (informative, decided, wrong side)
-    undecided: bool = False  # informative, but the 95% interval straddles the limit
+    undecided: bool = False  # informative, but the 95% interval straddles the limit (or prompts were lost)
+    straddles: bool = False  # the interval's ends judge differently (Check.straddles)
     ci: str = ""  # "[0.03, 0.07]" when the check has one
     interval: str = "95% CI"  # what `ci` is: "range of the 3 prompts" under the verdict's MIN_PROMPTS_FOR_CI
     prompts_to_decide: int | None = None
@@ -150,7 +151,7 @@ class CheckWords:
             core = f"{self.metric} not measured"
         elif self.undecided:
             core = f"{self.metric} {self.value} vs limit {self.limit}"
-            if self.ci:
+            if self.ci and self.straddles:  # else the note says why (prompts lost)
                 core += f", {self.interval} {self.ci} straddles the limit"
             if self.prompts_to_decide:
                 core += f" (~{self.prompts_to_decide} prompts would decide)"
@@ -204,6 +205,7 @@ def check_words(part: PartVerdict, c: Check) -> CheckWords:
         fails=check_fails(c),
         undecided=check_undecided(c),
         ci=_ci_text(c.name, getattr(c, "ci", None)),
+        straddles=c.straddles,
         interval=c.interval_name,
         prompts_to_decide=getattr(c, "prompts_to_decide", None),
     )

@@ -36,7 +36,7 @@ from difftest.client import CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig, unused_tables
 from difftest.conformance import WARNINGS
-from difftest.errors import DifftestError, OutputError, UsageError
+from difftest.errors import DifftestError, NoiseFloorError, OutputError, UsageError
 from difftest.judge import judge_one, null_for
 from difftest.noise import NoiseFloor, identity_mismatch, reference_identity
 from difftest.null import MARGIN, NO_NULL, NullModel, tie_margin
@@ -365,7 +365,10 @@ def load_floor(cfg: RunConfig) -> NoiseFloor | None:
     path = Path(cfg.run.noise_floor)
     if not path.exists():
         raise ConfigError(f"noise floor file {path} does not exist (make it with `difftest noise CONFIG`)")
-    return NoiseFloor.from_json(path.read_text())
+    try:
+        return NoiseFloor.from_json(path.read_text())
+    except NoiseFloorError as exc:  # which file: a config may name one of several floors
+        raise NoiseFloorError(f"{path}: {exc}") from None
 
 
 def _skipped(pairs: Sequence[_Pair], target: str, endpoint: str = "completions") -> dict[str, str]:

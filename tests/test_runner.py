@@ -248,7 +248,7 @@ def test_a_damaged_noise_floor_is_refused_before_any_server_is_asked(
     cfg = write_config(tmp_path, dead, [{"name": "t", "url": dead}], extra_run=f'noise_floor = "{floor}"')
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert 'kl_mean is "0.001", not a number' in err and "Traceback" not in err
+    assert f'{floor}: noise-floor file: kl_mean is "0.001", not a number' in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 

@@ -172,7 +172,7 @@ def test_impossible_logprobs_mid_run_fail_the_prompt(tmp_path: Path, fault: str)
     code, out = _run(tmp_path, FakeBehaviour(fault=fault, fault_match="dog is"))
     (t,) = load_run(out).targets
     acc = t.comparison("accuracy")
-    assert code == 3 and t.verdict is not None and t.verdict.label == "FAIL"
+    assert code == 1 and t.verdict is not None and t.verdict.label == "FAIL"  # the target's bug, not infra
     assert acc is not None and acc.aggregate["broken_answers"] == 1.0
     (failed,) = [p for p in acc.prompts if p.error]
     assert failed.prompt_id == f"p{PROMPTS.index('the lazy dog is')}"

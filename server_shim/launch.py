@@ -595,7 +595,7 @@ def _check_port_owner(server: RunningServer) -> None:
     worker that made a group of its own). Skipped where /proc/net is missing (macOS) and when no
     readable process holds the socket (another user's, a rootful container proxy): then nothing
     is known either way."""
-    if server.pid is None:
+    if server.pid is None or _through_a_runtime(server.spec):
         return
     port = urllib.parse.urlsplit(server.url).port
     listening = _listening_inodes(port) if port else None
@@ -612,6 +612,23 @@ def _check_port_owner(server: RunningServer) -> None:
         f"{_name_of(owner)}), not by the launched one (pid {server.pid}) or its process group: it "
         "took the port while the server was starting; run again, or set a free 'port'"
     )
+
+
+# Container runtimes publish a port through a process of their own (docker-proxy under dockerd,
+# rootless port forwarders): the listener is theirs by design, never the launched command's.
+CONTAINER_RUNTIMES = frozenset({"docker", "podman", "nerdctl", "apptainer", "singularity"})
+
+
+def _through_a_runtime(spec: ServerSpec) -> bool:
+    """Whether a `command` server starts under a container runtime (`docker run -p {port}:8000`):
+    its port's owner tells nothing, so the check is left out for it."""
+    if spec.command is None:
+        return False
+    try:
+        argv = shlex.split(spec.command)
+    except ValueError:
+        return False
+    return bool(argv) and Path(argv[0]).name in CONTAINER_RUNTIMES
 
 
 def _listening_inodes(port: int) -> set[int] | None:

@@ -187,6 +187,25 @@ def test_a_port_served_by_another_process_is_refused(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_container_runtimes_proxy_is_not_taken_for_a_thief(tmp_path: Path) -> None:
+    """`docker run -p {port}:8000 ...`: the host port is served by docker-proxy, a process of
+    dockerd's, never of the launched command; refusing it refused every containerised engine."""
+    token = f"proxy-{uuid.uuid4().hex[:8]}"
+    proxy = f"[sys.executable, {str(FAKE)!r}, '--port', sys.argv[1], '--name', {token!r}]"
+    docker = tmp_path / "docker"  # stands in for the runtime: its listener in another session
+    docker.write_text(
+        f"#!{sys.executable}\nimport subprocess, sys, time\n"
+        f"subprocess.Popen({proxy}, start_new_session=True)\ntime.sleep(30)\n"
+    )
+    docker.chmod(0o755)
+    spec = ServerSpec(name="boxed", command=f"{shlex.quote(str(docker))} {{port}}")
+    try:
+        start_and_stop([spec], log_dir=tmp_path)  # healthy, not refused
+    finally:
+        for pid in pids_with(token):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_listener_in_the_servers_session_is_its_own(tmp_path: Path) -> None:
     """A worker that serves the port from a process group of its own (same session) is the server's."""
     token = f"split-{uuid.uuid4().hex[:8]}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,27 @@ SCHEMA_VERSION = 2  # 2: informative / decided checks, INCONCLUSIVE, raw diverge
 
 
 # ----------------------------------------------------------------------------- verdict pieces
+
+
+# Limits are inclusive, and a mean of values all at the limit can round past it (six top-1 rates
+# of 0.8 average to 0.7999999999999999, which failed "top-1 80.0% < limit 80.0%"): a value within
+# this relative distance of the limit is at it. A mean over n values rounds by ~n x 1e-16
+# relative, far under 1e-9 even at 20k prompts, and no metric means anything at the 9th digit.
+AT_LIMIT_REL = 1e-9
+
+
+def within(value: float, limit: float, op: str) -> bool:
+    """Whether `value` passes an inclusive limit (`op` "<=" or ">="), at it to AT_LIMIT_REL."""
+    if math.isclose(value, limit, rel_tol=AT_LIMIT_REL):
+        return True
+    return value <= limit if op == "<=" else value >= limit
+
+
+def straddles(ci: Sequence[float], limit: float, op: str) -> bool:
+    """Whether the interval holds values on both sides of the limit: its ends judge differently.
+    An end at the (inclusive) limit is on the passing side, so [0.02, 0.08] under a KL limit of
+    0.08 decides a pass; a point interval never straddles."""
+    return within(ci[0], limit, op) != within(ci[1], limit, op)
 
 
 @dataclass(frozen=True)
@@ -86,11 +108,7 @@ class Check:
     def straddles(self) -> bool:
         """Whether `ci`'s two ends judge differently against the limit: what "straddles the limit"
         says. An undecided check whose interval does not (its prompts were lost) must not say it."""
-        if self.ci is None or self.value is None:
-            return False
-        lo, hi = self.ci
-        ok = (lambda v: v <= self.limit) if self.op == "<=" else (lambda v: v >= self.limit)
-        return ok(lo) != ok(hi)
+        return self.ci is not None and self.value is not None and straddles(self.ci, self.limit, self.op)
 
     @property
     def interval_name(self) -> str:

@@ -79,6 +79,8 @@ from difftest.results import (
     Comparison,
     PartVerdict,
     TargetVerdict,
+    straddles,
+    within,
 )
 
 
@@ -281,7 +283,7 @@ def _make_check(
         return Check(name, None, limit.value, op, False, True, f"{limit.note}; required, missing", inf)
     if math.isnan(value):
         return Check(name, value, limit.value, op, False, True, f"{limit.note}; NaN always fails", inf)
-    passed = _within(value, limit.value, op)
+    passed = within(value, limit.value, op)
     if name == "broken_rate" and not passed and comp is not None:  # what was broken, not only how often
         limit = dataclasses.replace(limit, note=limit.note + _first_broken(comp))
     interval = _interval(comp, name) if comp is not None else None
@@ -290,7 +292,7 @@ def _make_check(
     if why is None:
         return Check(name, float(value), limit.value, op, passed, True, limit.note, inf, True, ci, None)
     note, needed = why
-    if ci_name and ci is not None and _straddles(ci, limit.value, op):
+    if ci_name and ci is not None and straddles(ci, limit.value, op):
         note += INTERVAL_NOTE + ci_name
     return Check(name, float(value), limit.value, op, passed, True, limit.note + note, inf, False, ci, needed)
 
@@ -303,26 +305,6 @@ def _first_broken(comp: Comparison) -> str:
         return ""
     error = " ".join(first.error.split()).replace(";", ",")  # a note's pieces are split at ";"
     return f"; first: {first.prompt_id}: {error[:160]}{'…' if len(error) > 160 else ''}"
-
-
-# Limits are inclusive, and a mean of values all at the limit can round past it (six top-1 rates
-# of 0.8 average to 0.7999999999999999, which failed "top-1 80.0% < limit 80.0%"): a value within
-# this relative distance of the limit is at it. A mean over n values rounds by ~n x 1e-16
-# relative, far under 1e-9 even at 20k prompts, and no metric means anything at the 9th digit.
-AT_LIMIT_REL = 1e-9
-
-
-def _within(value: float, limit: float, op: str) -> bool:
-    if math.isclose(value, limit, rel_tol=AT_LIMIT_REL):
-        return True
-    return value <= limit if op == "<=" else value >= limit
-
-
-def _straddles(ci: Sequence[float], limit: float, op: str) -> bool:
-    """Whether the interval holds values on both sides of the limit: its ends judge differently.
-    An end at the (inclusive) limit is on the passing side, so [0.02, 0.08] under a KL limit of
-    0.08 decides a pass; a point interval never straddles."""
-    return _within(ci[0], limit, op) != _within(ci[1], limit, op)
 
 
 def _why_open(
@@ -346,12 +328,12 @@ def _why_open(
         # lost prompts count as the worst value here (a server must not hide its bad prompts behind
         # failures), so a failure may be theirs alone: decided only if the answered prompts fail too
         answered = _answered_value(comp, name)
-        if answered is None or _within(answered, limit, op):
+        if answered is None or within(answered, limit, op):
             return f"; fails only with the {lost} lost prompt(s) counted as the worst value", None
     n = _judged_prompts(comp, name)
     if n is not None and n < MIN_PROMPTS_TO_DECIDE:
         return f"; {n} prompt{'' if n == 1 else 's'}: no spread to decide with", MIN_PROMPTS_FOR_CI
-    if ci is not None and _straddles(ci, limit, op):
+    if ci is not None and straddles(ci, limit, op):
         n_prompts = int(comp.aggregate.get("n_prompts", len(comp.prompts)))
         return "", _prompts_to_decide(n_prompts, ci, value, limit)
     return None

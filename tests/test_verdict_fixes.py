@@ -14,7 +14,9 @@ from difftest.metrics.text import text_scores
 from difftest.null import exactness_limits, null_from_twin
 from difftest.report.words import METRIC_NAMES, check_words, fmt_value, metric_name
 from difftest.results import Comparison, PromptDiff
-from difftest.verdict import _straddles, _within, budget_for, judge_target
+from difftest.results import straddles as _straddles
+from difftest.results import within as _within
+from difftest.verdict import budget_for, judge_target
 
 FP8 = budget_for("fp8-block")
 

@@ -532,11 +532,12 @@ async def run_async(
     prompts: Sequence[Prompt],
     opts: RunOptions,
     cache: ResponseCache,
+    floor: NoiseFloor | None = None,
 ) -> RunResult:
+    """`floor`: the config's noise-floor file, loaded by `execute` before any server started."""
     started = time.monotonic()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")  # when the run began, not ended
     concurrency = opts.concurrency or cfg.run.concurrency
-    floor = load_floor(cfg)
     eps = await _connect(running, cfg, cache, concurrency, opts.baseline)
     try:
         pairs = _pairs(cfg)
@@ -841,7 +842,7 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
         prompts = load_prompts(cfg.run.prompts, limit=limit, endpoint=cfg.run.endpoint)
     if opts.baseline is not None:
         opts.baseline.check(run_settings(cfg.run), prompts)
-    load_floor(cfg)  # a damaged noise-floor file is refused now, not after every server answered
+    floor = load_floor(cfg)  # a damaged noise-floor file is refused now, not after every server answered
     check_running(specs, request_timeout_s=cfg.run.request_timeout_s)  # seconds, not 600 s
     # the folder is touched only now: a run refused above (bad prompts, a baseline that does not
     # match, a port taken) leaves an earlier run's cache and report as they were
@@ -852,7 +853,7 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
             cache, notes = _open_cache(out / "cache.sqlite", opts.resume)
             try:
                 with launch_shown(specs, log_dir=out / "logs") as running:
-                    run = asyncio.run(run_async(cfg, running, prompts, opts, cache))
+                    run = asyncio.run(run_async(cfg, running, prompts, opts, cache, floor))
                     problems = infra_problems(run, cfg, running)
             finally:
                 cache.close()

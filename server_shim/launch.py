@@ -592,9 +592,9 @@ def _check_port_owner(server: RunningServer) -> None:
     once its model is loaded (minutes); another process may take the port in between, answer
     /health, and be judged in the server's name. Linux only, through /proc (the listening socket's
     inode, found among the file descriptors of the server's session: its process group and any
-    worker that made a group of its own). Skipped where /proc/net is missing (macOS) and when no
-    readable process holds the socket (another user's, a rootful container proxy): then nothing
-    is known either way."""
+    worker that made a group of its own). Skipped where /proc/net is missing (macOS), when no
+    readable process holds the socket (another user's): then nothing is known either way, and for
+    a command under a container runtime, whose proxy holds the port by design."""
     if server.pid is None or _through_a_runtime(server.spec):
         return
     port = urllib.parse.urlsplit(server.url).port

@@ -13,6 +13,7 @@ Pure: `floor_from_comparisons` builds a floor from Comparisons (and optionally L
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,8 @@ class NoiseFloor:
     reference: str = ""  # the server measured against itself
     # what identifies that server (reference_identity); a key left out is unknown (older files)
     identity: dict[str, str] = field(default_factory=dict)
+    # how it was measured (measurement_settings); a key left out is unknown (older files)
+    settings: dict[str, str] = field(default_factory=dict)
     how: tuple[str, ...] = ()  # e.g. ("repeat", "concurrency 1 vs 8", "after restart")
     created_at: str = ""
 
@@ -169,6 +172,36 @@ def identity_mismatch(floor: NoiseFloor, name: str, identity: Mapping[str, str])
     return (
         f"the noise floor was measured on another reference: {'; '.join(differ)}{unknown}; "
         "limits from it may not fit this one (measure it again with `difftest noise CONFIG`)"
+    )
+
+
+def measurement_settings(
+    *, max_tokens: int, logprobs: int, endpoint: str, prompts: Sequence[Any]
+) -> dict[str, str]:
+    """What a floor's values depend on besides the server, as the file records them: one server's
+    token-mismatch floor was 0.25 at max_tokens 1 and 0.66 at 16, so a floor measured one way and
+    used another moves every exactness limit. `prompts` are `difftest.prompts.Prompt`s; their
+    digest covers ids, texts, conversations and per-prompt max_tokens."""
+    rows = [[p.id, p.prompt, list(p.messages), p.max_tokens] for p in prompts]
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "max_tokens": str(max_tokens),
+        "logprobs": str(logprobs),
+        "endpoint": endpoint,
+        "prompts": f"{len(prompts)} prompts, sha256 {digest}",
+    }
+
+
+def settings_mismatch(floor: NoiseFloor, here: Mapping[str, str]) -> str | None:
+    """Why `floor` was measured otherwise than this run asks (each setting both sides know that
+    differs), or None."""
+    differ = [f"{k} {floor.settings[k]!r} there, {here[k]!r} here" for k in here
+              if floor.settings.get(k) and floor.settings[k] != here[k]]  # fmt: skip
+    if not differ:
+        return None
+    return (
+        f"the noise floor was measured with other settings: {'; '.join(differ)}; limits from it may not "
+        "fit this run (measure it again with `difftest noise CONFIG`)"
     )
 
 

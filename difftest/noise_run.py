@@ -20,7 +20,7 @@ from pathlib import Path
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig
 from difftest.errors import DifftestError
-from difftest.noise import NoiseFloor, floor_from_comparisons, reference_identity
+from difftest.noise import NoiseFloor, floor_from_comparisons, measurement_settings, reference_identity
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import Comparison
 from difftest.scoring import build_comparison
@@ -112,4 +112,7 @@ def measure_noise(cfg: RunConfig, *, limit: int | None, restart: bool, log_dir: 
             comps.append(asyncio.run(_restarted(Session.of_running(running, options), cfg, prompts, a)))
             how.append("after a restart")
     floor = floor_from_comparisons(comps, reference=spec.name, how=how)
-    return dataclasses.replace(floor, identity=identity)
+    settings = measurement_settings(
+        max_tokens=cfg.run.max_tokens, logprobs=cfg.run.logprobs, endpoint=cfg.run.endpoint, prompts=prompts
+    )
+    return dataclasses.replace(floor, identity=identity, settings=settings)

@@ -89,13 +89,13 @@ class Check:
 
     @property
     def fails(self) -> bool:
-        """Counts against the target: informative, decided, and on the wrong side -- or NaN, or a
-        required value not measured, which fail whatever the limit (a limit widened past use must
+        """Counts against the target: informative, decided, and on the wrong side -- or NaN or
+        infinite, or a required value not measured, which fail whatever the limit (a limit widened past use must
         not turn a broken measurement into a pass)."""
         if self.passed:
             return False
-        if self.value is not None and math.isnan(self.value):
-            return True
+        if self.value is not None and (math.isnan(self.value) or math.isinf(self.value)):
+            return True  # not passed and infinite: no limit, however wide, makes that a pass
         if self.value is None and self.required:
             return self.decided  # undecided: nothing was answered to measure (all requests lost)
         return self.informative and self.decided

@@ -38,7 +38,13 @@ from difftest.config import RunConfig, TargetConfig, unused_tables
 from difftest.conformance import WARNINGS
 from difftest.errors import DifftestError, NoiseFloorError, OutputError, UsageError
 from difftest.judge import judge_one, null_for
-from difftest.noise import NoiseFloor, identity_mismatch, reference_identity
+from difftest.noise import (
+    NoiseFloor,
+    identity_mismatch,
+    measurement_settings,
+    reference_identity,
+    settings_mismatch,
+)
 from difftest.null import MARGIN, NO_NULL, NullModel, tie_margin
 from difftest.preflight import check_running
 from difftest.progress import Progress
@@ -332,19 +338,27 @@ def _floor_record(floor: NoiseFloor | None, floors: Mapping[str, NoiseFloor]) ->
     return {"in_run": {name: f.to_dict() for name, f in floors.items()}} if floors else None
 
 
-async def _floor_note(cfg: RunConfig, floor: NoiseFloor | None, ref: Endpoint, recorded: bool) -> list[str]:
-    """A warning when the floor file was measured on another reference than this run's: it
-    recorded only the name, and a floor of smollm2 on an H100 set tiny-llama's limits silently.
-    A recorded baseline is compared by what it recorded (the replayed fingerprint is not the
-    live server's)."""
+async def _floor_note(
+    cfg: RunConfig, floor: NoiseFloor | None, ref: Endpoint, recorded: bool, prompts: Sequence[Prompt]
+) -> list[str]:
+    """Warnings when the floor file was measured on another reference than this run's (it
+    recorded only the name, and a floor of smollm2 on an H100 set tiny-llama's limits silently),
+    or with other settings (max_tokens, logprobs, endpoint, prompts). A recorded baseline is
+    compared by what it recorded (the replayed fingerprint is not the live server's)."""
     if floor is None:
         return []
     fp = None
     if not recorded:
         with contextlib.suppress(DifftestError):
             fp = await ref.client.fingerprint()
-    why = identity_mismatch(floor, cfg.reference.name, reference_identity(cfg.reference, ref.caps.model, fp))
-    return [f"{cfg.run.noise_floor}: {why}"] if why else []
+    here = measurement_settings(
+        max_tokens=cfg.run.max_tokens, logprobs=cfg.run.logprobs, endpoint=cfg.run.endpoint, prompts=prompts
+    )
+    whys = (
+        identity_mismatch(floor, cfg.reference.name, reference_identity(cfg.reference, ref.caps.model, fp)),
+        settings_mismatch(floor, here),
+    )
+    return [f"{cfg.run.noise_floor}: {why}" for why in whys if why]
 
 
 def load_floor(cfg: RunConfig) -> NoiseFloor | None:
@@ -594,7 +608,9 @@ async def run_async(
         )
         run.signature["null"] = _null_signature(cfg, floor)
         run.warnings.extend(_probe_notes(eps))
-        run.warnings.extend(await _floor_note(cfg, floor, eps[cfg.reference.name], opts.baseline is not None))
+        run.warnings.extend(
+            await _floor_note(cfg, floor, eps[cfg.reference.name], opts.baseline is not None, prompts)
+        )
         twins = {
             t.twin.name: t.golden.name for t in cfg.targets if t.twin is not None and t.golden is not None
         }
@@ -635,6 +651,14 @@ async def run_async(
                     run.warnings.append(
                         f"{tcfg.name} and {side} are one server ({url}): compared with itself"
                     )
+            golden = tcfg.golden.name if tcfg.golden is not None else None
+            if golden is not None and eps[golden].client.base_url == eps[cfg.reference.name].client.base_url:
+                # exactness would then hold a quantized target to the reference at exactness limits:
+                # a correct kernel fails as if it were broken
+                run.warnings.append(
+                    f"{tcfg.name}: golden {golden} and reference {cfg.reference.name} are one server "
+                    f"({eps[golden].client.base_url}): exactness compares the target with the reference itself"
+                )
             caps = eps[tcfg.name].caps
             tr.conformance = {"checks": [list(c) for c in caps.checks], "warnings": list(caps.warnings)}
             tr.comparisons = [

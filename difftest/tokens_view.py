@@ -271,9 +271,10 @@ def nan_positions(view: TokensView) -> list[int]:
 
 def impossible_logprobs(view: TokensView, *, where: str = "positions", greedy: bool = False) -> str | None:
     """Why some position's numbers cannot be log-probabilities, or None: NaN, a logprob above 0,
-    or top alternatives whose probabilities add up to more than 1 (probabilities sent in the
-    logprob slot, a lost sign); with `greedy` (a temperature-0 generation), a chosen token of
-    probability 0. Never noise: judged as a broken answer, never scored as a KL."""
+    top alternatives whose probabilities add up to more than 1 (probabilities sent in the
+    logprob slot, a lost sign), a chosen token whose logprob contradicts its own top entry; with
+    `greedy` (a temperature-0 generation), a chosen token of probability 0 or below the top of
+    its own list. Never noise: judged as a broken answer, never scored as a KL."""
     nan = nan_positions(view)
     if nan:
         return f"NaN logprobs at {where} {nan[:8]} (NaN always fails)"
@@ -292,7 +293,56 @@ def impossible_logprobs(view: TokensView, *, where: str = "positions", greedy: b
         total = sum(math.exp(v) for v in p.top.values())
         if total > math.exp(LOGPROB_SLACK):
             return f"top logprobs at {where} [{i}] whose probabilities add up to {total:.3g} (more than 1)"
-    return None
+    return _self_contradiction(view, where) or (_not_the_argmax(view, where) if greedy else None)
+
+
+def _comparable(key: TopKey) -> bool:
+    """Whether a top entry stands for one token: a string key holding U+FFFD may be several byte
+    pieces summed (or one of them dropped by a dict-keyed server), so it proves nothing."""
+    return not (isinstance(key, str) and "\ufffd" in key)
+
+
+def _own_entry(p: Position) -> float | None:
+    """The chosen token's logprob as its own top list gives it (None: not listed, or not comparable)."""
+    key: TopKey = p.token_id if p.token_id is not None and p.token_id in p.top else p.token
+    return p.top.get(key) if _comparable(key) else None
+
+
+def _self_contradiction(view: TokensView, where: str) -> str | None:
+    """A chosen token whose logprob differs from its own entry in the top list: the server computed
+    one number twice, on two paths (processed against raw logits, another precision, a shifted
+    row). lm-eval scores with the chosen token's value and the KL reads the list, so each would
+    judge a different model; neither can be trusted."""
+    bad = []
+    for i, p in enumerate(view.positions):
+        own = _own_entry(p)
+        if own is not None and p.logprob is not None and abs(p.logprob - own) > LOGPROB_SLACK:
+            bad.append((i, p.logprob, own))
+    if not bad:
+        return None
+    i, lp, own = bad[0]
+    return (
+        f"chosen-token logprobs that differ from their own top_logprobs entry at {where} "
+        f"{[b[0] for b in bad][:8]} ([{i}]: {lp:.4g} against {own:.4g}): one number computed two ways"
+    )
+
+
+def _not_the_argmax(view: TokensView, where: str) -> str | None:
+    """A temperature-0 token below the top of its own top list: the server sampled (it ignored
+    temperature 0). Judged on its tokens, such a target would read as a kernel regression."""
+    bad = []
+    for i, p in enumerate(view.positions):
+        tops = [v for k, v in p.top.items() if _comparable(k)]
+        if p.logprob is not None and tops and p.logprob < max(tops) - LOGPROB_SLACK:
+            bad.append((i, p.logprob, max(tops)))
+    if not bad:
+        return None
+    i, lp, best = bad[0]
+    return (
+        f"temperature-0 tokens that are not the top-1 of their own top_logprobs at {where} "
+        f"{[b[0] for b in bad][:8]} ([{i}]: {lp:.4g} against top-1 {best:.4g}): the server samples "
+        "(temperature 0 ignored?)"
+    )
 
 
 def _list(block: Mapping[str, Any], key: str, n: int | None = None) -> Sequence[Any]:

@@ -262,10 +262,11 @@ INTERVAL_NOTE = "; " + INTERVAL_PIECE
 
 
 def _prompts_to_decide(n: int, ci: Sequence[float], value: float, limit: float) -> int | None:
-    """Prompts at which the interval (shrinking as 1/sqrt(n)) would clear the limit."""
+    """Prompts at which the interval (shrinking as 1/sqrt(n)) would clear the limit (None: no
+    estimate, as where an end of the interval is infinite)."""
     half = (ci[1] - ci[0]) / 2
     gap = abs(value - limit)
-    if gap == 0 or half == 0:
+    if gap == 0 or half == 0 or not math.isfinite(half) or not math.isfinite(gap):
         return None
     return max(n + 1, math.ceil(n * (half / gap) ** 2))
 
@@ -284,6 +285,11 @@ def _make_check(
     if math.isnan(value):
         return Check(name, value, limit.value, op, False, True, f"{limit.note}; NaN always fails", inf)
     passed = within(value, limit.value, op)
+    if math.isinf(value) and not passed:  # no interval can judge an infinite mean: a fact, as NaN is
+        where = _infinite_prompts(comp, name) if comp is not None else ""
+        return Check(
+            name, value, limit.value, op, False, True, f"{limit.note}; infinite{where}: always fails", inf
+        )
     if name == "broken_rate" and not passed and comp is not None:  # what was broken, not only how often
         limit = dataclasses.replace(limit, note=limit.note + _first_broken(comp))
     interval = _interval(comp, name) if comp is not None else None
@@ -295,6 +301,17 @@ def _make_check(
     if ci_name and ci is not None and straddles(ci, limit.value, op):
         note += INTERVAL_NOTE + ci_name
     return Check(name, float(value), limit.value, op, passed, True, limit.note + note, inf, False, ci, needed)
+
+
+def _infinite_prompts(comp: Comparison, name: str) -> str:
+    """ " on p3, p7" -- the prompts whose own value is infinite, at most three named."""
+    if name not in ("kl_mean", "top1_agreement"):
+        return ""
+    ids = [p.prompt_id for p in comp.prompts if p.error is None and math.isinf(getattr(p, name) or 0.0)]
+    if not ids:
+        return ""
+    more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+    return f" on {', '.join(ids[:3])}{more}"
 
 
 def _first_broken(comp: Comparison) -> str:

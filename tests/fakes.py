@@ -76,7 +76,7 @@ class FakeBehaviour:
     fault_match: str | None = None  # only requests whose prompt text contains this (None: all)
     fault_echo_only: bool = False  # only echo requests (teacher forcing, conformance's echo checks)
     perturb_noise: float = 0.0  # std of a deterministic per-context noise added to the logits
-    flip_every: int = 0  # every k-th generated token is the runner-up instead of the argmax
+    flip_every: int = 0  # after every context of a length divisible by k the runner-up is the argmax
     debug: bool = False  # serve GET /debug/config
     version: str | None = "fake-0.1"  # GET /version (None -> 404)
     models_route: str = "ok"  # GET /v1/models: "ok" | "404" | "list" (a bare JSON list, no 'data')
@@ -105,6 +105,8 @@ FAULTS = {
     "error-200": "HTTP 200 whose body is an OpenAI error object",
     "garbled-text": "the text's first character replaced by U+FFFD, token ids as generated (a detokenizer bug)",
     "truncated-sse": "an SSE stream cut mid-event, without data: [DONE]",
+    "chosen-logprob-shift": "every chosen token's logprob 1 nat below its own top_logprobs entry (two paths)",
+    "not-argmax": "every chosen token set below its position's lowest alternative, in both slots (sampling)",
     "reset": "the connection reset by the peer (in-process transport only; live: see live_fakes)",
 }
 
@@ -255,7 +257,7 @@ class FakeServer:
     def expected_logprobs(self, prompt: str | Sequence[int]) -> list[float | None]:
         """True logprob of each prompt token given the tokens before it (None for the first)."""
         ids = self._ids(prompt)
-        return [None] + [float(self.model.logprobs(ids[:i])[ids[i]]) for i in range(1, len(ids))]
+        return [None] + [float(self._logprobs(ids[:i])[ids[i]]) for i in range(1, len(ids))]
 
     # ---------------------------------------------------------------- engine
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -264,24 +266,48 @@ class FakeServer:
     def _generate(self, ids: list[int], max_tokens: int, request_index: int) -> list[int]:
         b, ctx, out = self.behaviour, list(ids), []
         for j in range(max_tokens):
-            lp = self.model.logprobs(ctx)
+            lp = self._logprobs(ctx)
             first, second = (int(t) for t in np.argsort(-lp, kind="stable")[:2])
-            flip = (b.flip_every and (j + 1) % b.flip_every == 0) or (
-                b.nondeterministic and j == 0 and request_index % 2
-            )
+            flip = b.nondeterministic and j == 0 and request_index % 2
             tok = second if flip else first
             out.append(tok)
             ctx.append(tok)
         return out
 
-    def _position(self, ctx: list[int], tok: int, k: int | None, as_ids: bool) -> tuple[float, dict | None]:
-        lp = self.model.logprobs(ctx)
+    def _position(
+        self, ctx: list[int], tok: int, k: int | None, as_ids: bool, *, generated: bool = False
+    ) -> tuple[float, dict | None]:
+        lp = self._reported(ctx, tok, generated)
         if k is None:
             return float(lp[tok]), None
         top = [int(t) for t in np.argsort(-lp, kind="stable")[:k]]
         if tok not in top:  # vLLM also lists the chosen token
             top.append(tok)
         return float(lp[tok]), {self._tok_str(t, as_ids): float(lp[t]) for t in top}
+
+    def _logprobs(self, ctx: list[int]) -> np.ndarray:
+        """The model's logprobs after a context; `flip_every` k swaps the top two after every
+        context whose length is a multiple of k: a wrong model, the same on every path (generation,
+        echo), as a kernel bug is."""
+        lp = self.model.logprobs(ctx)
+        k = self.behaviour.flip_every
+        if k and len(ctx) % k == 0:
+            first, second = (int(t) for t in np.argsort(-lp, kind="stable")[:2])
+            lp = lp.copy()
+            lp[[first, second]] = lp[[second, first]]
+        return lp
+
+    def _reported(self, ctx: list[int], tok: int, generated: bool) -> np.ndarray:
+        """The logprobs shown at a position. A greedy token that is not the argmax (the
+        nondeterministic knob's runner-up) ranks first there, as the logits of a real server that
+        picked it would: a greedy token below its own top-1 is a sampling server, which difftest
+        refuses."""
+        lp = self._logprobs(ctx)
+        best = int(np.argmax(lp))
+        if generated and tok != best:
+            lp = lp.copy()
+            lp[[tok, best]] = lp[[best, tok]]
+        return lp
 
     def _tok_str(self, tid: int, as_ids: bool) -> str:
         return f"token_id:{tid}" if as_ids else self.tokenizer.strings[tid]
@@ -306,7 +332,11 @@ class FakeServer:
             for i, tok in enumerate(shown):
                 full_i = base + i
                 ctx = (ids + gen)[:full_i]
-                lp, top = self._position(ctx, tok, k, as_ids) if full_i > 0 else (None, None)
+                lp, top = (
+                    self._position(ctx, tok, k, as_ids, generated=full_i >= len(ids))
+                    if full_i > 0
+                    else (None, None)
+                )
                 toks.append(self._tok_str(tok, as_ids))
                 lps.append(lp)
                 tops.append(top)
@@ -325,7 +355,7 @@ class FakeServer:
 
     def _content_entry(self, ctx: list[int], tok: int, k: int) -> dict:
         """One generated token as llama-server writes it: id, UTF-8-valid token text, raw bytes."""
-        lp = self.model.logprobs(ctx)
+        lp = self._reported(ctx, tok, generated=True)
 
         def entry(tid: int) -> dict:
             raw = (
@@ -550,8 +580,24 @@ def _broken(answer: dict, fault: str) -> Any:
                 None if t is None else {k: math.exp(v) for k, v in t.items()} for t in block["top_logprobs"]
             ],
         )
+    elif fault in ("chosen-logprob-shift", "not-argmax"):
+        choice["logprobs"] = dict(block, **_chosen_moved(block, fault))
     # NaN is not JSON, but Python servers send the literal NaN (json.dumps' default)
     return Response(json.dumps(answer).encode(), media_type="application/json")
+
+
+def _chosen_moved(block: dict, fault: str) -> dict:
+    """token_logprobs / top_logprobs with each chosen token's value moved as `fault` says."""
+    lps, tops = list(block["token_logprobs"]), [dict(t) if t else t for t in block["top_logprobs"]]
+    for i, (tok, lp) in enumerate(zip(block["tokens"], lps, strict=True)):
+        if lp is None or not tops[i]:
+            continue
+        if fault == "chosen-logprob-shift":
+            lps[i] = lp - 1.0
+        else:
+            lps[i] = min(tops[i].values()) - 1.0
+            tops[i][tok] = lps[i]
+    return {"token_logprobs": lps, "top_logprobs": tops}
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:

@@ -172,7 +172,9 @@ def test_quick_look_json_and_exit_code(capsys) -> None:
         {"server": "target", "check": "echo", "detail": "HTTP 400: echo is not supported"}
     ]
     (view,) = data["prompts"]
-    assert view["first_divergence"] == 1 and view["ref_tokens"][0] == view["tgt_tokens"][0]
+    d = view["first_divergence"]  # the first context the flipping model ranks its runner-up first after
+    assert d is not None and view["ref_tokens"][:d] == view["tgt_tokens"][:d]
+    assert view["ref_tokens"][d] != view["tgt_tokens"][d]
 
 
 def test_run_and_noise_json(tmp_path: Path, capsys) -> None:

@@ -77,7 +77,7 @@ def test_reverse_direction_is_an_improvement(runs: dict[str, Path]) -> None:
     assert (t.verdict_a, t.verdict_b) == ("FAIL", "PASS") and not d.regressed
     moves = {m.metric: m for m in t.comparisons[0].metrics}
     assert moves["token_match"].beyond_noise and moves["token_match"].direction == "better"
-    assert moves["kl_mean"].noise == "unchanged"  # both fakes keep the reference's logprobs
+    assert moves["kl_mean"].direction == "better"  # the flipping fake's swapped top two cost KL
 
 
 def _comp(value: float, ci: list[float] | None = None) -> Comparison:

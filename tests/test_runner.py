@@ -164,7 +164,7 @@ def test_report_rerenders_offline_with_new_thresholds(tmp_path: Path) -> None:
     run = load_run(tmp_path / "out")
     assert run.signature["rejudged_with"] == str(strict)
     assert any("token_match" in r for r in run.targets[0].verdict.reasons)  # type: ignore[union-attr]
-    assert first in (0, 1)
+    assert first in (0, 1, 4)  # judged (a verdict's exit code), whatever the verdict
 
 
 def test_compare_without_config(tmp_path: Path) -> None:

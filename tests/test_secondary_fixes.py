@@ -1,0 +1,190 @@
+"""Secondary-check fixes: an infinite mean KL fails (it crashed the judge), chosen-token logprobs
+that contradict their own top list or are not its top-1 at temperature 0 are broken answers, a
+golden that is the reference is named, and a noise floor records how it was measured."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+from fakes import FakeBehaviour, FakeServer
+from live_fakes import live_fake
+from test_runner import write_config
+
+from difftest.cli import main
+from difftest.conformance import probe
+from difftest.errors import ConformanceError
+from difftest.metrics.aggregate import aggregate_prompts
+from difftest.metrics.logprobs import PositionLogprobs, teacher_forced_stats
+from difftest.noise import NoiseFloor, measurement_settings, settings_mismatch
+from difftest.prompts import Prompt
+from difftest.report import load_run
+from difftest.results import Check, Comparison, PromptDiff
+from difftest.tokens_view import Position, TokensView, impossible_logprobs
+from difftest.verdict import _prompts_to_decide, budget_for, judge_target
+
+# ------------------------------------------------------------------ 1. an infinite mean KL
+
+
+def _prompt(i: int, kl: float) -> PromptDiff:
+    p = PromptDiff(prompt_id=f"p{i}", prompt="x")
+    p.ref_text = p.tgt_text = "a b c"
+    p.ref_tokens = p.tgt_tokens = ["a", "b", "c"]
+    p.match_rate, p.exact, p.garbled = 1.0, True, False
+    p.kl_mean = p.kl_lower = p.kl_upper = kl
+    p.position_kl = [kl] * 3
+    p.top1_agreement, p.dp_mean, p.dp_rms = 1.0, 0.0, 0.0
+    return p
+
+
+def test_an_infinite_kl_on_one_prompt_fails_decided_naming_it() -> None:
+    """The bug: mean KL inf with a 95% CI [0.0069, inf] "straddled" the limit, and the estimate
+    of prompts to decide took ceil(n * (inf / inf) ** 2): ValueError, exit 1, no report."""
+    prompts = [_prompt(i, 0.001) for i in range(7)] + [_prompt(7, math.inf)]
+    agg, ci = aggregate_prompts(prompts)
+    comp = Comparison(kind="accuracy", baseline="ref", target="t", prompts=prompts, aggregate=agg, ci=ci)
+    v = judge_target("t", "pass", None, comp, budget_for("fp8-block"), None)
+    kl = next(c for c in v.parts[-1].checks if c.name == "kl_mean")
+    assert kl.value == math.inf and kl.decided and kl.fails and "infinite on p7: always fails" in kl.note
+    assert v.label == "FAIL"
+
+
+def test_an_infinite_value_fails_even_a_limit_widened_past_use() -> None:
+    """As NaN does: a noisy null that widened the limit must not turn an infinite KL into a pass."""
+    assert Check("kl_mean", math.inf, 50.0, "<=", False, informative=False).fails
+    assert not Check("kl_mean", 60.0, 50.0, "<=", False, informative=False).fails  # finite: shown only
+
+
+@pytest.mark.parametrize("ci", [[0.0069, math.inf], [0.0, math.nan]])
+def test_no_prompt_estimate_from_a_non_finite_interval(ci: list[float]) -> None:
+    assert _prompts_to_decide(8, ci, 0.5, 0.01) is None
+    assert _prompts_to_decide(8, [0.0, 0.2], 0.1, 0.05) == 32  # 8 * (half 0.1 / gap 0.05) ** 2
+
+
+def test_p99_of_positions_with_an_infinite_kl_is_inf_without_a_numpy_warning() -> None:
+    """np.percentile interpolated inf - inf and printed "invalid value encountered in subtract"."""
+    ok = PositionLogprobs(
+        token="a", ref_logprob=-0.1, tgt_logprob=-0.1, ref_top={"a": -0.1}, tgt_top={"a": -0.1}
+    )
+    gone = PositionLogprobs(
+        token="a", ref_logprob=-0.1, tgt_logprob=-math.inf, ref_top={"a": -0.1}, tgt_top={"q": 0.0}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = teacher_forced_stats([ok] * 3 + [gone], k=1)
+    assert stats is not None and stats.kl_p99 == math.inf and stats.kl_mean == math.inf
+
+
+# ----------------------------------------------- 2. chosen tokens against their own top list
+
+
+def _view(*positions: tuple[str, float, dict]) -> TokensView:
+    return TokensView(tuple(Position(t, None, lp, top, None) for t, lp, top in positions))
+
+
+def test_a_chosen_logprob_that_contradicts_its_own_top_entry_is_impossible() -> None:
+    """lm-eval scores with token_logprobs, the KL reads top_logprobs: 1 nat apart, each judged
+    another model, and the run passed with KL 0."""
+    view = _view(("a", -1.744, {"a": -0.7445, "b": -1.2}), ("b", -0.3, {"b": -0.3}))
+    problem = impossible_logprobs(view)
+    assert problem is not None and "differ from their own top_logprobs entry at positions [0]" in problem
+    assert "-1.744 against -0.7445" in problem
+
+
+def test_within_slack_and_byte_pieces_are_not_a_contradiction() -> None:
+    """bf16 rounding (0.01 nats), and a U+FFFD key that may hold several byte pieces summed."""
+    view = _view(("a", -0.70, {"a": -0.71}), ("\ufffd", -2.0, {"\ufffd": -1.3, "x": -0.5}))
+    assert impossible_logprobs(view) is None
+    assert impossible_logprobs(view, greedy=True) is not None  # but -2.0 is below the top-1 -0.5
+
+
+def test_a_temperature_0_token_below_its_own_top_1_is_a_sampling_server() -> None:
+    view = _view(("a", -0.7, {"a": -0.7, "b": -1.2}), ("b", -1.2, {"a": -0.7, "b": -1.2}))
+    problem = impossible_logprobs(view, greedy=True)
+    assert problem is not None and "not the top-1 of their own top_logprobs at positions [1]" in problem
+    assert "temperature 0 ignored?" in problem
+    assert impossible_logprobs(view) is None  # an echoed prompt token need not be the argmax
+    tie = _view(("b", -0.70, {"a": -0.69, "b": -0.70}))
+    assert impossible_logprobs(tie, greedy=True) is None  # a near-tie, either way
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("chosen-logprob-shift", r"chosen-token logprobs that differ from their own top_logprobs entry"),
+        ("not-argmax", r"temperature-0 tokens that are not the top-1 of their own top_logprobs"),
+    ],
+)
+async def test_the_probe_stops_a_server_contradicting_itself(fault: str, message: str) -> None:
+    async with FakeServer(FakeBehaviour(fault=fault)).client(name="tgt") as client:
+        with pytest.raises(ConformanceError, match=r"^tgt \(http://fake.invalid\): " + message) as info:
+            await probe(client)
+    assert info.value.exit_code == 2
+
+
+def test_a_target_that_samples_on_run_prompts_is_a_broken_fail(tmp_path: Path) -> None:
+    """Past the probe (its texts answered greedily), the run's own prompts: a broken answer each,
+    a FAIL naming the cause, not a token-match "regression" of a correct model."""
+    sampled = FakeBehaviour(fault="not-argmax", fault_match="lazy dog is")
+    with live_fake() as ref, live_fake(sampled) as tgt:
+        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "none"}])
+        code = main(["run", str(cfg)])
+    assert code == 1
+    verdict = load_run(tmp_path / "out").targets[0].verdict
+    assert verdict is not None and verdict.label == "FAIL"
+    assert any("not the top-1 of their own top_logprobs" in r for r in verdict.reasons), verdict.reasons
+
+
+# --------------------------------------------------------------- 3. golden = reference
+
+
+def test_a_golden_that_is_the_reference_is_named(tmp_path: Path) -> None:
+    with live_fake() as ref, live_fake() as tgt:
+        golden = {"name": "gold", "url": ref}
+        cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "none", "golden": golden}])
+        main(["run", str(cfg)])
+    run = load_run(tmp_path / "out")
+    said = [w for w in run.warnings if "golden gold and reference ref are one server" in w]
+    assert len(said) == 1 and "exactness compares the target with the reference itself" in said[0]
+
+
+# ---------------------------------------------------- 4. how a noise floor was measured
+
+
+PROMPTS = [Prompt("p1", "one"), Prompt("p2", "two", max_tokens=4)]
+
+
+def test_settings_record_what_a_floor_depends_on() -> None:
+    s = measurement_settings(max_tokens=16, logprobs=5, endpoint="completions", prompts=PROMPTS)
+    assert s["max_tokens"] == "16" and s["logprobs"] == "5" and s["prompts"].startswith("2 prompts, sha256 ")
+    other = measurement_settings(
+        max_tokens=16, logprobs=5, endpoint="completions", prompts=[PROMPTS[0], Prompt("p2", "two")]
+    )
+    assert other["prompts"] != s["prompts"]  # a per-prompt max_tokens is part of the prompts
+
+
+def test_a_floor_measured_otherwise_is_said_and_an_older_file_is_not() -> None:
+    here = measurement_settings(max_tokens=16, logprobs=5, endpoint="completions", prompts=PROMPTS)
+    there = dict(here, max_tokens="1", logprobs="1")
+    why = settings_mismatch(NoiseFloor(settings=there), here)
+    assert why is not None and "max_tokens '1' there, '16' here; logprobs '1' there, '5' here" in why
+    assert settings_mismatch(NoiseFloor(settings=here), here) is None
+    assert settings_mismatch(NoiseFloor(), here) is None  # recorded nothing: nothing to compare
+    loaded = NoiseFloor.from_json(NoiseFloor(kl_mean=0.01, settings=there).to_json())
+    assert loaded.settings == there
+
+
+def test_a_run_on_a_floor_of_other_settings_warns(tmp_path: Path) -> None:
+    floor = tmp_path / "floor.json"
+    floor.write_text(NoiseFloor(kl_mean=0.001, reference="ref", settings={"max_tokens": "1"}).to_json())
+    with live_fake() as ref, live_fake() as tgt:
+        cfg = write_config(
+            tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "none"}], extra_run=f'noise_floor = "{floor}"'
+        )
+        main(["run", str(cfg)])
+    run = load_run(tmp_path / "out")
+    assert any("measured with other settings: max_tokens '1' there, '12' here" in w for w in run.warnings)
+    assert json.loads(floor.read_text())["settings"] == {"max_tokens": "1"}

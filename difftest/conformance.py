@@ -70,6 +70,7 @@ WARNINGS = {
     "no_tokenizations": "probe texts could not be tokenized: tokenizer compatibility unverifiable",
     "tokenizations_failed": "{n} probe tokenization request(s) failed: tokenizer compatibility checked on fewer texts",
     "no_debug": "no debug protocol: white-box checks (layers, quant audit) disabled",
+    "extra_choices": "{n} choices answered for one asked (n ignored?): choice index 0 is the one judged",
     "echo_continues": "max_tokens=0 is treated as no limit (echo generates after the prompt): "
     f"{_TF_OFF}; probe tokenizations cut at the prompt's end",
 }
@@ -264,6 +265,9 @@ async def _probe_generation(p: _Probe, text: str) -> None:
         raise ConformanceError(f"{p.where} cannot serve /v1/completions: {err or 'answer without text'}")
     a = choice["text"]
     p.check("completions", OK, f"{len(a)} chars for max_tokens=16")
+    n = len(first["choices"])
+    if n != 1:  # a server that ignores `n` may ignore other parameters: said, never silent
+        p.check("one choice", WARN, f"{n} choices for n=1", "extra_choices", n=n)
     second, err = await p.ask(req)
     b = second["choices"][0].get("text") if second and second["choices"] else None
     if not isinstance(b, str):

@@ -106,6 +106,7 @@ FAULTS = {
     "garbled-text": "the text's first character replaced by U+FFFD, token ids as generated (a detokenizer bug)",
     "truncated-sse": "an SSE stream cut mid-event, without data: [DONE]",
     "chosen-logprob-shift": "every chosen token's logprob 1 nat below its own top_logprobs entry (two paths)",
+    "two-choices": "every answer holds its choice twice (index 0 and 1): a server ignoring n",
     "not-argmax": "every chosen token set below its position's lowest alternative, in both slots (sampling)",
     "reset": "the connection reset by the peer (in-process transport only; live: see live_fakes)",
 }
@@ -580,6 +581,8 @@ def _broken(answer: dict, fault: str) -> Any:
                 None if t is None else {k: math.exp(v) for k, v in t.items()} for t in block["top_logprobs"]
             ],
         )
+    elif fault == "two-choices":
+        answer["choices"] = [choice, dict(choice, index=1)]
     elif fault in ("chosen-logprob-shift", "not-argmax"):
         choice["logprobs"] = dict(block, **_chosen_moved(block, fault))
     # NaN is not JSON, but Python servers send the literal NaN (json.dumps' default)

@@ -188,3 +188,16 @@ def test_a_run_on_a_floor_of_other_settings_warns(tmp_path: Path) -> None:
     run = load_run(tmp_path / "out")
     assert any("measured with other settings: max_tokens '1' there, '12' here" in w for w in run.warnings)
     assert json.loads(floor.read_text())["settings"] == {"max_tokens": "1"}
+
+
+# ------------------------------------------------------------- 5. extra choices for n=1
+
+
+async def test_a_server_answering_extra_choices_is_named_by_the_probe() -> None:
+    """Choice index 0 is judged; a second choice for one asked was dropped without a word."""
+    async with FakeServer(FakeBehaviour(fault="two-choices")).client(name="tgt") as client:
+        caps = await probe(client)
+    assert ("one choice", "warn", "2 choices for n=1") in caps.checks
+    assert any("2 choices answered for one asked (n ignored?)" in w for w in caps.warnings)
+    async with FakeServer(FakeBehaviour()).client(name="ok") as client:
+        assert not any(name == "one choice" for name, _, _ in (await probe(client)).checks)

@@ -35,7 +35,14 @@ from typing import Any
 import httpx
 
 from difftest.cache import ResponseCache
-from difftest.errors import CacheMiss, OutputError, RequestRejected, ServerError, UnreadableBody
+from difftest.errors import (
+    CacheMiss,
+    OutputError,
+    RequestRejected,
+    ResponseTooLarge,
+    ServerError,
+    UnreadableBody,
+)
 from difftest.identity import (
     CANARY_BATCH,
     CANARY_SLOTS,
@@ -139,7 +146,7 @@ class CompletionClient:
         connect_timeout_s: float = 10.0,
         max_retries: int = 3,
         concurrency: int = 8,
-        max_response_bytes: int = 64 * MiB,
+        max_response_bytes: int = 64 * MiB,  # per answer: /debug activations come in chunks under it
         transport: httpx.AsyncBaseTransport | None = None,
         cache: ResponseCache | None = None,
         offline: bool = False,
@@ -596,14 +603,19 @@ class CompletionClient:
         async with self._http.stream(method, path, json=json_body, content=content, headers=headers) as resp:
             declared = resp.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > cap:
-                raise ServerError(
-                    f"{self.name}: {method} {path} response of {declared} bytes exceeds the {cap}-byte cap"
-                )
+                raise ResponseTooLarge(
+                    f"{self.name}: {method} {path} response of {declared} bytes exceeds the {cap}-byte cap",
+                    server=self.name, cap=cap,
+                )  # fmt: skip
             buf = bytearray()
             async for chunk in resp.aiter_bytes():
                 buf += chunk
                 if len(buf) > cap:
-                    raise ServerError(f"{self.name}: {method} {path} response exceeds the {cap}-byte cap")
+                    raise ResponseTooLarge(
+                        f"{self.name}: {method} {path} response exceeds the {cap}-byte cap",
+                        server=self.name,
+                        cap=cap,
+                    )
             log.debug("%s: %s %s -> %d (%d bytes)", self.name, method, path, resp.status_code, len(buf))
             return resp.status_code, bytes(buf), resp.headers
 

@@ -27,7 +27,13 @@ from typing import Any
 
 from difftest.client import CompletionClient
 from difftest.errors import ConformanceError, InfraError, RequestRejected, ServerError
-from difftest.tokens_view import TokensView, coverage_problem, impossible_logprobs, parse_choice
+from difftest.tokens_view import (
+    TokensView,
+    coverage_problem,
+    greedy_not_top1,
+    impossible_logprobs,
+    parse_choice,
+)
 
 # Status words of the conformance tables (probe's, and tokenizer_check's pair table).
 OK, WARN, FAIL, NA = "ok", "warn", "fail", "n/a"
@@ -70,6 +76,8 @@ WARNINGS = {
     "no_tokenizations": "probe texts could not be tokenized: tokenizer compatibility unverifiable",
     "tokenizations_failed": "{n} probe tokenization request(s) failed: tokenizer compatibility checked on fewer texts",
     "no_debug": "no debug protocol: white-box checks (layers, quant audit) disabled",
+    "not_top1": "{what}: the server samples or applies a penalty at temperature 0 (a repetition_penalty "
+    "from the model's generation_config?): token-match metrics compare what it chose, KL its raw logprobs",
     "extra_choices": "{n} choices answered for one asked (n ignored?): choice index 0 is the one judged",
     "echo_continues": "max_tokens=0 is treated as no limit (echo generates after the prompt): "
     f"{_TF_OFF}; probe tokenizations cut at the prompt's end",
@@ -291,6 +299,9 @@ async def _probe_logprobs(p: _Probe, text: str) -> None:
         view = p.view(resp)
         # a block was sent: it must be the text's tokens (an empty one is not a polite "no")
         _check_logprobs_are_the_text(p, view, resp["choices"][0].get("finish_reason"))
+        not_top1 = greedy_not_top1(view)
+        if not_top1:  # said, not refused: a penalty picks alike on both sides (greedy_not_top1)
+            p.check("greedy = top-1", WARN, not_top1, "not_top1", what=not_top1)
         cap = min(k, view.top_k)  # a server may accept k and silently send fewer
         if cap:
             p.fields |= {"logprobs_cap": cap, "top_logprobs_keys": view.top_keys}

@@ -139,6 +139,16 @@ class UnreadableBody(ServerError):
     """A server's answer that the differ cannot parse: not JSON, or not a readable safetensors body."""
 
 
+class ResponseTooLarge(ServerError):
+    """An answer cut at the client's response cap (`max_response_bytes`). Not retried: the same
+    request gets the same answer; a /debug caller asks for less instead (activations in chunks:
+    difftest.whitebox.activations), so it must tell this apart from a server that failed."""
+
+    def __init__(self, message: str, *, server: str, cap: int) -> None:
+        super().__init__(message, server=server, reason=f"response over the {cap}-byte cap")
+        self.cap = cap
+
+
 def output_error(path: Path | str, exc: BaseException) -> OutputError:
     """`exc` (an OSError, a sqlite3.Error) met while writing `path`, as one line naming the path:
     a folder in a file's place (or a file in a folder's) says which, since errno's words

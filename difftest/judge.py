@@ -54,12 +54,23 @@ def null_for(
     return pick_null((twin, layers, twin.module_noise) if twin is not None else None, floor, in_run)
 
 
+def layer_thresholds(dtype: str | None, null: NullModel, margin: float) -> LayerThresholds:
+    """A target's white-box bounds: its compute dtype's replay bound (a module on the golden's
+    input), and the null's accumulated-error limit, the one point_rel_err_max judges. The run flags
+    residual points with these too (runner._whitebox): flagging under max(0.05, limit) while judging
+    under the limit failed points 0.03..0.05 that no localisation called divergent."""
+    point = exactness_limits(null, margin)["point_rel_err_max"]
+    return LayerThresholds(
+        exact_local_rel_err=replay_bound(dtype)[0], exact_point_rel_err=float(point.value or 0.0)
+    )
+
+
 def _layer_parts(
     target: TargetResult, null: NullModel, scheme: str | None, margin: float
 ) -> list[PartVerdict]:
-    bound, bound_note = replay_bound(target.dtype)
+    _, bound_note = replay_bound(target.dtype)
     point = exactness_limits(null, margin)["point_rel_err_max"]
-    th = LayerThresholds(exact_local_rel_err=bound, exact_point_rel_err=float(point.value or 0.0))
+    th = layer_thresholds(target.dtype, null, margin)
     parts = []
     for diff in target.layers:
         verdict = layer_verdict(diff, th, scheme=scheme)

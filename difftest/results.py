@@ -331,6 +331,9 @@ class LayerDiff:
     # why no diff was made: "" made; "rejected" a side refused the request (HTTP 4xx); "failed" a
     # side's debug answer failed or was unreadable
     not_made: str = ""
+    # module replays the diff cannot vouch for: a server failed to answer them or answered them
+    # damaged ("failed": exit 3 in `layers`), or refused them (HTTP 4xx: "refused")
+    replays_unjudged: dict[str, int] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- per target / run

@@ -37,7 +37,7 @@ from difftest.collect import Endpoint, Forced, Generation, force_all, generate_a
 from difftest.config import RunConfig, TargetConfig, unused_tables
 from difftest.conformance import WARNINGS
 from difftest.errors import DifftestError, NoiseFloorError, OutputError, UsageError
-from difftest.judge import judge_one, null_for
+from difftest.judge import judge_one, layer_thresholds, null_for
 from difftest.noise import (
     NoiseFloor,
     identity_mismatch,
@@ -456,16 +456,9 @@ async def _whitebox(
         result.conformance.setdefault("warnings", []).append(why)
         parts.append(PartVerdict("white-box", "", skipped=why))
         return parts
-    from difftest.null import replay_bound
-
-    # exactness: a module replayed on the golden's input may differ by the dtype's replay bound
-    bound, _ = replay_bound(result.dtype)
-    # a residual point is flagged (first divergent layer) past the null's point limit, as the
-    # point_rel_err check judges (16-bit twins reach 0.07-0.09 over smollm2's 30 layers), never
-    # under the fixed default
-    point = null.limit("point_rel_err", float(overrides.get("margin", MARGIN))).value
-    th = LayerThresholds(exact_local_rel_err=bound)
-    th = dataclasses.replace(th, exact_point_rel_err=max(th.exact_point_rel_err, point))
+    # the bounds judging applies (the dtype's replay bound, the null's point limit: 16-bit twins
+    # reach 0.07-0.09 over smollm2's 30 layers), so a point flagged divergent is one that fails
+    th = layer_thresholds(result.dtype, null, float(overrides.get("margin", MARGIN)))
     # layer diffs vs golden and reference; each module they blame is audited once
     found = await localise_target(tgt, prompt=prompts[0].prompt, golden=gold, reference=ref, thresholds=th)
     result.layers.extend(found.diffs)  # judged with the rest (difftest.judge)

@@ -273,8 +273,9 @@ def impossible_logprobs(view: TokensView, *, where: str = "positions", greedy: b
     """Why some position's numbers cannot be log-probabilities, or None: NaN, a logprob above 0,
     top alternatives whose probabilities add up to more than 1 (probabilities sent in the
     logprob slot, a lost sign), a chosen token whose logprob contradicts its own top entry; with
-    `greedy` (a temperature-0 generation), a chosen token of probability 0 or below the top of
-    its own list. Never noise: judged as a broken answer, never scored as a KL."""
+    `greedy` (a temperature-0 generation), a chosen token of probability 0. Never noise: judged as
+    a broken answer, never scored as a KL. (A greedy token below its own top-1 is not impossible:
+    `greedy_not_top1`.)"""
     nan = nan_positions(view)
     if nan:
         return f"NaN logprobs at {where} {nan[:8]} (NaN always fails)"
@@ -293,7 +294,7 @@ def impossible_logprobs(view: TokensView, *, where: str = "positions", greedy: b
         total = sum(math.exp(v) for v in p.top.values())
         if total > math.exp(LOGPROB_SLACK):
             return f"top logprobs at {where} [{i}] whose probabilities add up to {total:.3g} (more than 1)"
-    return _self_contradiction(view, where) or (_not_the_argmax(view, where) if greedy else None)
+    return _self_contradiction(view, where)
 
 
 def _comparable(key: TopKey) -> bool:
@@ -303,9 +304,11 @@ def _comparable(key: TopKey) -> bool:
 
 
 def _own_entry(p: Position) -> float | None:
-    """The chosen token's logprob as its own top list gives it (None: not listed, or not comparable)."""
-    key: TopKey = p.token_id if p.token_id is not None and p.token_id in p.top else p.token
-    return p.top.get(key) if _comparable(key) else None
+    """The chosen token's logprob as its own top list gives it, where the list is keyed by token
+    id (None: not listed, or keyed by text). A text key may stand for two tokens that decode
+    alike ("▁" and "<0x20>"), the lower one's value overwriting the other's in a server's dict,
+    so a correct server would read as contradicting itself."""
+    return p.top.get(p.token_id) if p.token_id is not None else None
 
 
 def _self_contradiction(view: TokensView, where: str) -> str | None:
@@ -327,9 +330,12 @@ def _self_contradiction(view: TokensView, where: str) -> str | None:
     )
 
 
-def _not_the_argmax(view: TokensView, where: str) -> str | None:
-    """A temperature-0 token below the top of its own top list: the server sampled (it ignored
-    temperature 0). Judged on its tokens, such a target would read as a kernel regression."""
+def greedy_not_top1(view: TokensView, where: str = "positions") -> str | None:
+    """Temperature-0 tokens below the top of their own top list, or None. Not impossible: a server
+    that applies a penalty (vLLM takes repetition_penalty from the model's generation_config
+    unless the request sets it) picks after it and reports the raw logprobs, deterministically
+    and alike on both sides of a pair; but a server that samples does the same, and judged on its
+    tokens it reads as a kernel regression. So the probe names it (a warning), never refuses it."""
     bad = []
     for i, p in enumerate(view.positions):
         tops = [v for k, v in p.top.items() if _comparable(k)]
@@ -340,8 +346,7 @@ def _not_the_argmax(view: TokensView, where: str) -> str | None:
     i, lp, best = bad[0]
     return (
         f"temperature-0 tokens that are not the top-1 of their own top_logprobs at {where} "
-        f"{[b[0] for b in bad][:8]} ([{i}]: {lp:.4g} against top-1 {best:.4g}): the server samples "
-        "(temperature 0 ignored?)"
+        f"{[b[0] for b in bad][:8]} ([{i}]: {lp:.4g} against top-1 {best:.4g})"
     )
 
 

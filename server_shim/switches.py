@@ -10,7 +10,16 @@ import os
 
 from server_shim.errors import ShimError
 
-__all__ = ["SWITCHES", "SwitchError", "check_switches", "env_switch"]
+__all__ = [
+    "CHOICES",
+    "RETIRED",
+    "SWITCHES",
+    "SwitchError",
+    "check_switches",
+    "env_choice",
+    "env_switch",
+    "refuse_retired",
+]
 
 _ON = ("1", "true", "yes", "on")
 _OFF = ("0", "false", "no", "off")
@@ -21,6 +30,15 @@ SWITCHES = (
     "DIFFTEST_FUSED_ROPE", "DIFFTEST_ROW_ATTENTION", "DIFFTEST_TRITON_BULK_STORE", "DIFFTEST_TRITON_E2M1_F16", "DIFFTEST_TRITON_GLUON",
     "DIFFTEST_TRITON_GROUP_BCAST", "DIFFTEST_TRITON_PRECOMPILE", "DIFFTEST_TRITON_PTX", "DIFFTEST_TRITON_WARMUP",
 )  # fmt: skip
+
+
+# valued switches: the values each accepts (the first is the default), read by `env_choice`
+CHOICES: dict[str, tuple[str, ...]] = {"DIFFTEST_TRITON_KERNELS": ("fast", "legacy")}
+# switches whose feature is gone: on is refused with the reason (never ignored), off is fine
+RETIRED: dict[str, str] = {
+    "DIFFTEST_TRITON_FACTORED_4BIT": "the factored 4-bit kernels were removed (slower than the default "
+    "kernels on an H200)",
+}
 
 
 class SwitchError(ShimError):
@@ -41,7 +59,33 @@ def env_switch(name: str, default: bool) -> bool:
     )
 
 
+def env_choice(name: str) -> str:
+    """The valued switch `name` (one of CHOICES): unset or empty is its default; the value is read
+    as the on/off ones are (case and spaces aside); anything else is a SwitchError, never the default."""
+    values = CHOICES[name]
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value == "":
+        return values[0]
+    if value not in values:
+        raise SwitchError(f"{name}={raw!r} must be one of {', '.join(values)}; unset it for {values[0]}")
+    return value
+
+
+def refuse_retired(name: str) -> None:
+    """A retired switch (RETIRED) set on: SwitchError saying why, as a user asking for it would
+    otherwise get the default kernels and believe they ran the old ones."""
+    if env_switch(name, False):
+        raise SwitchError(f"{name} is no longer supported: {RETIRED[name]}; unset it")
+
+
 def check_switches() -> None:
-    """Read every known switch once: the first invalid one raises SwitchError."""
+    """Read every known switch once: the first invalid one raises SwitchError. The valued and
+    retired ones too: they are read lazily (at the first Triton GEMM), where a typo was a 500 on
+    every request of a server that had answered /health."""
     for name in SWITCHES:
         env_switch(name, False)
+    for name in CHOICES:
+        env_choice(name)
+    for name in RETIRED:
+        refuse_retired(name)

@@ -301,8 +301,8 @@ class FakeServer:
     def _reported(self, ctx: list[int], tok: int, generated: bool) -> np.ndarray:
         """The logprobs shown at a position. A greedy token that is not the argmax (the
         nondeterministic knob's runner-up) ranks first there, as the logits of a real server that
-        picked it would: a greedy token below its own top-1 is a sampling server, which difftest
-        refuses."""
+        picked it would (a greedy token below its own top-1 is what a sampling server sends, which
+        the probe names)."""
         lp = self._logprobs(ctx)
         best = int(np.argmax(lp))
         if generated and tok != best:

@@ -4,6 +4,7 @@
         [--no-health] [--api-key K] [--child-pid-file F] [--ignore-term] [--print-env NAME]...
 
 --delay S          sleep before listening (a slow engine start)
+--wait-file F      before listening, wait until F exists (a start that ends when a test says so)
 --exit CODE        print a message and exit at once (a server that dies while starting)
 --no-health        404 on /health, so the launcher must fall back to /v1/models (like some engines)
 --api-key K        401 without "Authorization: Bearer K"
@@ -31,6 +32,7 @@ def main() -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--name", default="fake")
     p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--wait-file", default=None)
     p.add_argument("--exit", type=int, default=None)
     p.add_argument("--no-health", action="store_true")
     p.add_argument("--api-key", default=None)
@@ -54,6 +56,8 @@ def main() -> int:
         with open(args.child_pid_file, "w") as fh:
             fh.write(str(child.pid))
     time.sleep(args.delay)
+    while args.wait_file and not os.path.exists(args.wait_file):
+        time.sleep(0.05)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name

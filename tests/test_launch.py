@@ -588,9 +588,16 @@ def test_the_health_wait_reports_its_status_to_the_caller(tmp_path: Path) -> Non
     answered (the slow one last), and last a status with nothing pending: what a caller shows
     while a cold server tunes for minutes."""
     statuses: list[launch.StartupStatus] = []
-    # 4 s: on a loaded 2-core runner the quick one's interpreter start alone has taken over 1 s
-    specs = [fake("slow", "--delay", "4.0"), fake("quick")]
-    with launch_servers(specs, log_dir=tmp_path, on_status=statuses.append):
+    go = tmp_path / "quick-is-up"  # the slow one listens only once the quick one was seen healthy:
+    # a fixed 4 s delay lost the race on a loaded 2-core runner (the quick one's start took longer)
+
+    def heard(status: launch.StartupStatus) -> None:
+        statuses.append(status)
+        if "quick" in status.healthy:
+            go.touch()
+
+    specs = [fake("slow", "--wait-file", str(go)), fake("quick")]
+    with launch_servers(specs, log_dir=tmp_path, on_status=heard):
         pass
     assert statuses[0].healthy == () and set(statuses[0].pending) == {"slow", "quick"}
     assert statuses[-1].healthy == ("quick", "slow") and statuses[-1].pending == ()

@@ -201,8 +201,8 @@ def test_slot_note_and_sentence_summarise_slot_dependence() -> None:
     )
     assert localisation_sentence(diff).endswith(
         "rel err 0.5), its output depends on the batch slot (slot 1 vs slot 0 rel err 1; so do 4 of 5 linears "
-        "replayed in two slots)"
-    )
+        "replayed in two slots); 1 other module out of bounds, the worst model.layers.0.mlp.up_proj (local rel err 0.1)"
+    )  # the slot clause counts the slot-dependent ones; layer 0's local error is another fault
     for p in pts:
         p.slot_dependent = False
     assert slot_note(diff) is None and "batch slot" not in localisation_sentence(diff)

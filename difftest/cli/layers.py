@@ -3,9 +3,11 @@
     difftest layers CONFIG                      launch the config's servers (debug on), localise
     difftest layers --ref URL --target URL [--golden URL]
 
-Exit 0 nothing flagged, 1 a target's layer verdict fails (as `run` judges layers) or a point is not finite, 2 usage (also a
-debug request a server refused, HTTP 4xx), 3 infrastructure (also a debug answer that failed: no
-diff made), 4 a diff in which no module could be replayed (it decides nothing)."""
+Exit 0 nothing flagged, 1 a target's layer verdict fails (as `run` judges layers) or a served
+residual / logits point is not finite, 2 usage (also a debug request a server refused, HTTP 4xx),
+3 infrastructure (also a debug answer that failed: no diff made, or a module replay a server
+failed to answer or answered damaged), 4 a diff in which no module could be replayed (it decides
+nothing) or one whose replay of some module was refused."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -24,6 +26,9 @@ from difftest.errors import UsageError
 from difftest.results import LayerDiff
 from difftest.session import Session
 from difftest.textsafe import safe
+
+if TYPE_CHECKING:  # numpy behind it: `difftest --help` imports every command module
+    from difftest.whitebox.activations import LayerThresholds
 
 HELP = "white-box per-layer diff and localisation"
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -59,7 +64,17 @@ def _ratio(x: float | None) -> str:
     return format(x, ".3g")
 
 
-def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points: bool = False) -> None:
+def render_layers(
+    diff: LayerDiff, target: str, console: Console, *, all_points: bool = False, scheme: str | None = None,
+    thresholds: LayerThresholds | None = None,
+) -> None:  # fmt: skip
+    """The diff's table: residual stream and logits, flagged points, and every module whose local
+    error is out of bounds (GUILTY the one blamed, LOCAL the others: a second fault used to be
+    visible only in layers.json), then its sentence and warnings."""
+    from difftest.whitebox.activations import LayerThresholds
+    from difftest.whitebox.replay import out_of_bounds_leaves
+
+    oob = {p.name for p in out_of_bounds_leaves(diff, scheme, thresholds or LayerThresholds())}
     table = Table(title=f"{target} vs {diff.against} ({diff.kind})")
     for col in (
         "layer",
@@ -74,9 +89,10 @@ def render_layers(diff: LayerDiff, target: str, console: Console, *, all_points:
     ):
         table.add_column(col, no_wrap=True)
     for p in diff.points:
-        if not (all_points or p.flagged or p.kind in ("residual", "logits") or p.name == diff.guilty_module):
+        guilty = p.name == diff.guilty_module
+        if not (all_points or p.flagged or p.kind in ("residual", "logits") or guilty or p.name in oob):
             continue
-        flag = "FLAG" if p.flagged else ("GUILTY" if p.name == diff.guilty_module else "")
+        flag = "FLAG" if p.flagged else ("GUILTY" if guilty else ("LOCAL" if p.name in oob else ""))
         flag += " SLOT" if p.slot_dependent else ""  # its output depends on the batch slot
         table.add_row(
             _fmt(p.layer, "d"), p.name, _fmt(p.cosine, ".6f"), _ratio(p.norm_ratio), _fmt(p.rel_err, ".3g"),
@@ -99,24 +115,38 @@ REPLAY_SLOTS_NOTE = (
 
 def diff_failed(diff: LayerDiff, scheme: str | None = None, thresholds: Any = None) -> bool:
     """What `run` fails a target's layers on (the layer verdict: module replay, and against a golden
-    the accumulated error), and a non-finite point. A residual point over the scheme's drift bound
-    that no module explains is shown, not failed: against FP16 a correct MoE target's routing
-    flips drift the residual stream (tiny-moe fp8-block: cosine 0.957 with every module's local
-    cosine >= 0.998), and `run` never failed on it either."""
+    the accumulated error), and a non-finite residual or logits point. A residual point over the
+    scheme's drift bound that no module explains is shown, not failed: against FP16 a correct MoE
+    target's routing flips drift the residual stream (tiny-moe fp8-block: cosine 0.957 with every
+    module's local cosine >= 0.998), and `run` never failed on it either. Module points are left to
+    their replay: a module the target served no point for carries NaN, difftest's "not compared",
+    and failed an identical target that `run` passed; a NaN a module really computes reaches the
+    residual stream and its own replay."""
     from difftest.whitebox.layers import layer_verdict
 
-    broken = any(not (math.isfinite(p.rel_err) and math.isfinite(p.cosine)) for p in diff.points)
+    stream = [p for p in diff.points if p.kind in ("residual", "logits")]
+    broken = any(not (math.isfinite(p.rel_err) and math.isfinite(p.cosine)) for p in stream)
     return broken or not layer_verdict(diff, thresholds, scheme=scheme).passed
 
 
 def unmade(diff: LayerDiff) -> tuple[str, int]:
-    """Why `diff` says nothing, with its exit code: not made because a side refused the request
-    (2) or failed to answer (3), or made with no module replayed (4); ("", 0) when it speaks."""
+    """Why `diff` cannot say "nothing flagged", with its exit code: not made because a side refused
+    the request (2) or failed to answer (3); a module replay a server failed to answer or answered
+    damaged (3: the diff cannot vouch for that module, and a fault in it passed as exit 0); made
+    with no module replayed, or some module's replay refused (4: undecided). ("", 0) when it speaks."""
+    from difftest.whitebox.replay import replay_failures
+
     if diff.not_made:
         return "; ".join(diff.warnings) or diff.summary, 2 if diff.not_made == "rejected" else 3
+    fails = replay_failures(diff)
+    code = 3 if fails["failed"] else 4
+    said = [w for w in diff.warnings if w.startswith("replay of ")]
+    why = f" ({'; '.join(said)})" if said else ""
     if not any(p.local_rel_err is not None for p in diff.points):
-        failures = [w for w in diff.warnings if w.startswith("replay of ")]
-        return "no module could be replayed" + (f" ({failures[0]}, ...)" if failures else ""), 4
+        return f"no module could be replayed{why}", code
+    if fails["failed"] or fails["refused"]:
+        n = fails["failed"] + fails["refused"]
+        return f"the diff cannot vouch for {n} module{'s' if n > 1 else ''} whose replay failed{why}", code
     return "", 0
 
 
@@ -168,9 +198,11 @@ def run(args: argparse.Namespace) -> int:
                     {"target": job.target, "scheme": scheme, "failed": bad} | dataclasses.asdict(diff)
                 )
                 if not as_json:
-                    render_layers(diff, job.target, con, all_points=getattr(args, "all_points", False))
-        # a fault found is found (1); else a diff not made is the servers' (3), or the request's
-        # (2: a prompt over the context, say), and a diff with no module replayed decides nothing (4)
+                    render_layers(diff, job.target, con, all_points=getattr(args, "all_points", False),
+                                  scheme=scheme, thresholds=th)  # fmt: skip
+        # a fault found is found (1); else a diff not made, or a module replay a server failed to
+        # answer, is the servers' (3), or the request's (2: a prompt over the context, say), and a
+        # diff with no module replayed (or a replay refused) decides nothing (4)
         code = 1 if failed else worst_open
         for why in open_:
             print(f"difftest: layers: {safe(why)}", file=sys.stderr)

@@ -40,14 +40,14 @@ def error_exponent(cosine: float) -> float:
 
 
 def _layer_cosine(diff: LayerDiff, layer: int | None, kind: str | None) -> float | None:
-    """The residual stream after the block when measured; else the worst point of that layer."""
+    """The residual stream after the block when measured, the worse of prefill and decode (as the
+    logits row, and as report.html's per-layer plot: the two showed one layer differently); else
+    the worst point of that layer."""
     pts = [p for p in diff.points if p.layer == layer and (kind is None or p.kind == kind)]
     if not pts:
         return None
     resid = [p.cosine for p in pts if p.kind == "residual"]
-    if resid:
-        return resid[0]
-    vals = [p.cosine for p in pts]
+    vals = resid or [p.cosine for p in pts]
     return math.nan if any(math.isnan(v) for v in vals) else min(vals)
 
 

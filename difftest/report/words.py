@@ -49,6 +49,7 @@ METRIC_NAMES = {
     "local_norm_ratio_min": "smallest module norm ratio",
     "local_norm_ratio_max": "largest module norm ratio",
     "local_err_vs_siblings_max": "module error vs its siblings' median",
+    "replays_unjudged": "modules whose replay failed",
     "slot_logprob_max_diff": "batch-slot logprob difference",
     "placement_logprob_max_diff": "batched-vs-alone logprob difference",
     "slot_token_mismatches": "batch-slot token flips",
@@ -68,7 +69,8 @@ METRIC_NAMES = {
     "bleu_order": "BLEU n-gram order",
 }
 _RATES = ("top1_agreement", "token_match", "failed_rate", "broken_rate", "garbled_rate", "exact_match")
-_MODULE = re.compile(r"^[\w.\[\]-]+\.[\w.\[\]-]+$")  # a dotted module name, no spaces
+# the point a white-box check names: a dotted module name (no spaces), or the logits
+_MODULE = re.compile(r"^(?:logits|[\w.\[\]-]+\.[\w.\[\]-]+)$")
 
 
 def metric_name(key: str) -> str:

@@ -2,9 +2,11 @@
 
     diff_layers(baseline, target, prompt, kind=...)
       1. POST /debug/activations on the baseline (the prompt; inputs + logits + decode steps),
-         then on the target with the baseline's token ids, so both see the same sequence
+         then on the target with the baseline's token ids (and rows), so both see the same
+         sequence; in chunks where an answer is over a response cap (activations.py)
       2. per point: cosine, norm ratio, rel / max-abs error, SQNR (activations.py)
-         -> flagged points -> the first divergent layer (first flagged residual stream)
+         -> flagged points -> the first divergent point (embeddings, a layer's residual stream,
+         the final norm or the logits: the first flagged on that path)
       3. replay: every linear / MoE module gets the *baseline's* input through /debug/module on
          both servers, so the difference is the module's own (local) error (replay.py)
       4. the guilty module and its backend, from the target's /debug/config
@@ -29,7 +31,7 @@ from typing import Any
 
 from difftest.collect import Endpoint
 from difftest.errors import DifftestError, RequestRejected
-from difftest.results import Check, LayerDiff, PartVerdict
+from difftest.results import SKIPPED_NOTE, Check, LayerDiff, LayerPoint, PartVerdict
 from difftest.whitebox.activations import (
     LEAF_KINDS,
     LayerThresholds,
@@ -37,9 +39,10 @@ from difftest.whitebox.activations import (
     fetch_activations,
     finite_or_inf,
     first_divergence,
+    judged_as,
     layer_of,
 )
-from difftest.whitebox.replay import choose_guilty, rank_modules, replay_all
+from difftest.whitebox.replay import choose_guilty, rank_modules, replay_all, replay_failures
 
 
 def scheme_of(config: Mapping[str, Any]) -> str | None:
@@ -89,7 +92,10 @@ async def diff_layers(
             )
         req = {"inputs": True, "logits": True, "decode_steps": decode_steps}
         base = await fetch_activations(baseline, {"prompt": prompt, **req})
-        tgt = await fetch_activations(target, {"tokens": base.token_ids, **req, "inputs": False})
+        # the target answers the rows the baseline kept (all of them, unless over the memory budget)
+        rows = {} if base.positions is None else {"positions": base.positions}
+        tgt = await fetch_activations(target, {"tokens": base.token_ids, **req, "inputs": False, **rows})
+        diff.warnings.extend(dict.fromkeys(base.notes + tgt.notes))
     except DifftestError as exc:
         diff.warnings.append(f"activations unavailable: {exc}")
         diff.summary = "layer diff not made (activations unavailable)"
@@ -110,6 +116,36 @@ async def diff_layers(
     return diff
 
 
+def _judged(p: LayerPoint) -> bool:
+    """A point the accumulated-error check judges: a stream point, as flagging picks them (the
+    same points and bound flag and judge, so a point that fails is a divergent one)."""
+    return bool(judged_as(p.name, p.kind))
+
+
+def not_judged(diff: LayerDiff) -> str:
+    """Why a diff has no module replay to judge: the real cause (activations over a cap, a replay
+    the server failed), which "no module could be replayed" alone used to hide."""
+    if diff.not_made:  # the warning that ended the diff is its last
+        return f"layer diff not made: {diff.warnings[-1]}" if diff.warnings else diff.summary
+    n = sum(replay_failures(diff).values())
+    first = next((w for w in diff.warnings if w.startswith("replay of ")), None)
+    if n and first:
+        return f"no module could be replayed ({n} replay(s) failed, e.g. {first})"
+    return "no module could be replayed"
+
+
+def _unjudged_check(diff: LayerDiff, replayed: int) -> Check | None:
+    """Modules whose replay a server failed or refused, beside others that were replayed: the
+    part cannot vouch for them, so it cannot PASS (a fault in one of them passed before). A
+    failing module still FAILs the part; otherwise it is undecided."""
+    n = sum(replay_failures(diff).values())
+    if not n or not replayed:
+        return None
+    first = next((w for w in diff.warnings if w.startswith("replay of ")), "")
+    note = f"{n} module(s) not replayed, so not judged; {first.split(' (and ')[0].replace(';', ',')}"
+    return Check("replays_unjudged", float(n), 0.0, "<=", False, True, note, decided=False)
+
+
 def layer_verdict(
     diff: LayerDiff, thresholds: LayerThresholds | None = None, scheme: str | None = None
 ) -> PartVerdict:
@@ -118,8 +154,9 @@ def layer_verdict(
     outlier among its siblings. Reasons name the module."""
     th = thresholds or LayerThresholds()
     replayed = [p for p in diff.points if p.local_rel_err is not None and p.kind in LEAF_KINDS]
-    if not replayed:
-        return PartVerdict("layers", diff.against, skipped="no module could be replayed")
+    stream = [p for p in diff.points if _judged(p)]
+    if not replayed and not (diff.kind == "exactness" and stream):
+        return PartVerdict("layers", diff.against, skipped=not_judged(diff))
 
     def worst(key: Any, pick: Any) -> tuple[float, str]:
         vals = [(key(p), p.name) for p in replayed]
@@ -127,17 +164,23 @@ def layer_verdict(
         return nan[0] if nan else pick(vals)
 
     checks: list[Check] = []
+    unjudged = _unjudged_check(diff, len(replayed))
+    if unjudged is not None:
+        checks.append(unjudged)
 
     def add(name: str, value: float, limit: float, op: str, module: str, note: str) -> None:
         ok = (value <= limit) if op == "<=" else (value >= limit)
         checks.append(Check(name, value, limit, op, bool(ok), note=f"{module}; {note}"))
 
     if diff.kind == "exactness":
-        v, n = worst(lambda p: p.local_rel_err, max)
-        add("local_rel_err_max", v, th.exact_local_rel_err, "<=", n, "module replayed on the golden's input")
-        res = [p for p in diff.points if p.kind in ("residual", "logits")]
-        if res:
-            v, n = max((finite_or_inf(p.rel_err), p.name) for p in res)
+        if replayed:
+            v, n = worst(lambda p: p.local_rel_err, max)
+            add("local_rel_err_max", v, th.exact_local_rel_err, "<=", n, "module replayed on the golden's input")  # fmt: skip
+        else:  # the accumulated error needs no replay: it still judges, and this says what is missing
+            checks.append(Check("local_rel_err_max", None, th.exact_local_rel_err, "<=", True, False,
+                                f"{SKIPPED_NOTE}{not_judged(diff)}", informative=False))  # fmt: skip
+        if stream:
+            v, n = max((finite_or_inf(p.rel_err), p.name) for p in stream)
             add("point_rel_err_max", v, th.exact_point_rel_err, "<=", n, "accumulated vs golden")
         return PartVerdict("layers", diff.against, tuple(checks))
     lo, hi = th.norm_bounds(scheme)

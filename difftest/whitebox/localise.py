@@ -8,7 +8,9 @@
 
     localisation_sentence(diff)   "first divergent layer 5, local error in model.layers.5.mlp.down_proj
                                    (local cos 0.8942, norm ratio 1.17, rel err 0.524), backend torch,
-                                   scales look transposed"
+                                   scales look transposed", then "; N other modules out of bounds,
+                                   the worst M (local rel err E)" and "; N modules not judged
+                                   (replay failed)" where they apply
     localisation_line(diffs)      the sentence of the first diff that localised (a verdict's line)
 
 docs/design.md "White-box localisation" step 6.
@@ -24,10 +26,10 @@ from typing import Any
 from difftest.collect import Endpoint
 from difftest.errors import DifftestError
 from difftest.results import LayerDiff, LayerPoint
-from difftest.whitebox.activations import LEAF_KINDS, LayerThresholds
+from difftest.whitebox.activations import LEAF_KINDS, LayerThresholds, point_kind
 from difftest.whitebox.audit import audit_module
-from difftest.whitebox.layers import diff_layers
-from difftest.whitebox.replay import rank_modules, slot_reach
+from difftest.whitebox.layers import diff_layers, scheme_of
+from difftest.whitebox.replay import out_of_bounds_leaves, rank_modules, replay_failures, slot_reach
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +79,28 @@ async def localise_target(
                    "notes": [f"audit failed: {exc}"]}  # fmt: skip
         out.audit.append(row)
         hints[module] = row.get("hint") or None
+    scheme = await _scheme(target) if any(not d.not_made for d in out.diffs) else None
     for diff in out.diffs:
         if diff.guilty_module:
             diff.audit_hint = hints.get(diff.guilty_module)
-        diff.summary = diff.summary or localisation_sentence(diff)
+        diff.summary = diff.summary or localisation_sentence(diff, scheme, thresholds)
     return out
 
 
-def localisation_sentence(diff: LayerDiff) -> str:
-    """Where `diff` says the target goes wrong, in one sentence (pure)."""
+async def _scheme(target: Endpoint) -> str | None:
+    """The target's scheme, for the sentence's out-of-bounds count (the bounds depend on it); the
+    config is cached from the diff, and a diff that got this far had it."""
+    try:
+        return scheme_of(await target.client.debug_config())
+    except DifftestError:
+        return None
+
+
+def localisation_sentence(
+    diff: LayerDiff, scheme: str | None = None, thresholds: LayerThresholds | None = None
+) -> str:
+    """Where `diff` says the target goes wrong, in one sentence (pure). `scheme` and `thresholds`
+    (the diff's own) size the count of other out-of-bounds modules."""
     bits = []
     if diff.first_divergent_layer is not None:
         bits.append(f"first divergent layer {diff.first_divergent_layer}")
@@ -94,6 +109,7 @@ def localisation_sentence(diff: LayerDiff) -> str:
     leaves = {
         p.name: p.local_rel_err for p in diff.points if p.local_rel_err is not None and p.kind in LEAF_KINDS
     }
+    replayed = any(p.local_rel_err is not None for p in diff.points)
     if diff.guilty_module:
         p = next((q for q in diff.points if q.name == diff.guilty_module), None)
         detail = ""
@@ -112,15 +128,57 @@ def localisation_sentence(diff: LayerDiff) -> str:
             bits.append(diff.audit_hint)
         if p is not None and p.slot_dependent:
             bits.append(_slot_clause(diff, p))
+    elif bits and not replayed:  # "no replayed module shows ..." claimed a replay that never ran
+        bits.append("no module could be replayed to localise it")
     elif bits:
-        bits.append("no replayed module shows local error (attention core, norm or rotary?)")
+        bits.append(f"no replayed module shows local error ({_suspects(diff)})")
     if not diff.guilty_module and diff.kind == "accuracy" and any(v for v in leaves.values()):
         # (every local error 0: two servers that compute alike -- "no divergence", not "0.00x")
         top, s = rank_modules(leaves, "accuracy")[0]  # type: ignore[arg-type]
         bits.append(
             f"largest local error relative to its siblings: {top} ({s:.2f}x their median, within budget)"
         )
-    return ", ".join(bits) if bits else f"no divergence vs {diff.against}"
+    text = ", ".join(bits) if bits else f"no divergence vs {diff.against}"
+    return text + _others_clause(diff, scheme, thresholds) + _unreplayed_clause(diff)
+
+
+def _suspects(diff: LayerDiff) -> str:
+    """What is left to suspect where no replayed module shows local error: beside a divergence
+    first seen at the embeddings or the final norm, "attention core, norm or rotary?" pointed away
+    from what the point names."""
+    where = diff.first_divergent_point if diff.first_divergent_layer is None else None
+    kind = point_kind(where) if where else None
+    if kind == "embedding":
+        return "the embedding table or its lookup?"
+    if kind == "norm":
+        return "the final norm's weight or kernel?"
+    return "attention core, norm or rotary?"
+
+
+def _others_clause(diff: LayerDiff, scheme: str | None, th: LayerThresholds | None) -> str:
+    """'; N other modules out of bounds, the worst M (local rel err E)': a second fault (or the same
+    fault in every module) was invisible behind the one module the sentence names. Beside a
+    slot-dependent guilty module the slot clause already counts the slot-dependent ones."""
+    guilty = next((p for p in diff.points if p.name == diff.guilty_module), None)
+    slot = guilty is not None and guilty.slot_dependent
+    others = [
+        p
+        for p in out_of_bounds_leaves(diff, scheme, th or LayerThresholds())
+        if p.name != diff.guilty_module and not (slot and p.slot_dependent)
+    ]
+    if not others:
+        return ""
+    worst = others[0]
+    plural = "module" if len(others) == 1 else "modules"
+    return f"; {len(others)} other {plural} out of bounds, the worst {worst.name} (local rel err {worst.local_rel_err:.3g})"
+
+
+def _unreplayed_clause(diff: LayerDiff) -> str:
+    """'; 1 module not judged (its replay failed)': the diff vouches for no module it could not replay."""
+    n = sum(replay_failures(diff).values())
+    if not n or not any(p.local_rel_err is not None for p in diff.points):
+        return ""  # none replayed: the sentence already says so
+    return f"; {n} {'module' if n == 1 else 'modules'} not judged (replay failed)"
 
 
 def _slot_clause(diff: LayerDiff, p: LayerPoint) -> str:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from difftest.collect import Endpoint
-from difftest.errors import DifftestError, UnreadableBody
+from difftest.errors import INFRA, DifftestError, UnreadableBody
 from difftest.metrics.tensors import TensorDiff, tensor_diff
 from difftest.results import LayerDiff, LayerPoint
 from difftest.whitebox.activations import (
@@ -35,12 +35,21 @@ from difftest.whitebox.activations import (
 from difftest.whitebox.safetensors import SafeTensors, read_safetensors, write_safetensors
 from server_shim import debug_protocol as P
 
+T = TypeVar("T")
+# scores this close (relative) are one score: fp noise (3e-10 apart) must not pick among modules
+# that share one fault; the first in execution order is where the fault first acts
+NEAR_TIE = 1e-6
+
 
 async def replay(ep: Endpoint, module: str, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
     """POST /debug/module: `tensors` holds `input` (+ extras such as top_k_index)."""
     body = write_safetensors(dict(tensors), {P.META_MODULE: module})
-    out = read_safetensors(await ep.client.post_bytes(P.MODULE, body))
-    return np.asarray(out.value(P.OUTPUT), dtype=np.float64)
+    raw = await ep.client.post_bytes(P.MODULE, body)
+    try:
+        out = read_safetensors(raw)
+        return np.asarray(out.value(P.OUTPUT), dtype=np.float64)
+    except UnreadableBody as exc:  # the reader knows bytes, not whose: name the server that sent them
+        raise UnreadableBody(f"{ep.name}: /debug/module answered {exc}", server=ep.name) from exc
 
 
 # ---------------------------------------------------------------- ranking (pure)
@@ -70,29 +79,73 @@ def rank_modules(local: Mapping[str, float], kind: str) -> list[tuple[str, float
 def choose_guilty(
     diff: LayerDiff, scheme: str | None, th: LayerThresholds
 ) -> tuple[str | None, float | None]:
-    """The module to blame and its rank score: the worst out-of-bounds leaf (linear / MoE
-    experts); a composite (MoE mlp) only when no leaf inside it is out of bounds. Accuracy also
-    names a leaf within budget when it is a clear outlier among its siblings."""
+    """The module to blame and its rank score: an out-of-bounds leaf (linear / MoE experts) of the
+    first divergent layer if it has one (a second fault downstream is worse but came later), else the
+    worst out-of-bounds leaf; near-ties go to the first in execution order (a fault in every module
+    is blamed where it first acts, not where fp noise puts the top score). A composite (MoE mlp)
+    only when no leaf is out of bounds. Accuracy also names a leaf within budget when it is a clear
+    outlier among its siblings."""
     replayed = [p for p in diff.points if p.local_rel_err is not None]
     if not replayed:
         return None, None
-    leaves = [p for p in replayed if p.kind in LEAF_KINDS]
-    ranked = dict(rank_modules({p.name: p.local_rel_err for p in leaves}, diff.kind))  # type: ignore[misc]
-
-    def oob(p: LayerPoint) -> bool:
-        d = TensorDiff(p.local_cosine, p.local_norm_ratio, math.nan, p.local_rel_err,  # type: ignore[arg-type]
-                       math.nan, _finite(p), 0)  # fmt: skip
-        return local_out_of_bounds(d, diff.kind, scheme, th)
-
-    bad = sorted((p for p in leaves if oob(p)), key=lambda p: -ranked.get(p.name, 0.0))
+    ranked = _ranked(diff)
+    order = {id(p): i for i, p in enumerate(diff.points)}
+    bad = out_of_bounds_leaves(diff, scheme, th)
     if bad:
-        return bad[0].name, ranked.get(bad[0].name)
+        top = _pick(bad, lambda p: ranked.get(p.name, 0.0), order, diff.first_divergent_layer)
+        return top.name, ranked.get(top.name)
+    leaves = [p for p in replayed if p.kind in LEAF_KINDS]
     if diff.kind == "accuracy" and ranked:
-        top, score = max(ranked.items(), key=lambda kv: kv[1])
-        if score >= th.relative_outlier:
-            return top, score
-    composite = sorted((p for p in replayed if p.kind not in LEAF_KINDS and oob(p)), key=lambda p: -finite_or_inf(p.local_rel_err or 0.0))  # fmt: skip
-    return (composite[0].name, None) if composite else (None, None)
+        top = _pick(leaves, lambda p: ranked.get(p.name, 0.0), order, None)
+        if ranked[top.name] >= th.relative_outlier:
+            return top.name, ranked[top.name]
+    composite = [p for p in replayed if p.kind not in LEAF_KINDS and _oob(p, diff.kind, scheme, th)]
+    if not composite:
+        return None, None
+    worst = lambda p: finite_or_inf(p.local_rel_err or 0.0)  # noqa: E731
+    return _pick(composite, worst, order, diff.first_divergent_layer).name, None
+
+
+def out_of_bounds_leaves(diff: LayerDiff, scheme: str | None, th: LayerThresholds) -> list[LayerPoint]:
+    """Every replayed leaf whose local error is out of bounds, worst rank score first (pure): the
+    guilty module is one of them, and the others are a second fault that must not go unsaid."""
+    ranked = _ranked(diff)
+    measured = (p for p in diff.points if p.kind in LEAF_KINDS and p.local_rel_err is not None)
+    bad = [p for p in measured if p.local_cosine is not None and _oob(p, diff.kind, scheme, th)]
+    return sorted(bad, key=lambda p: -ranked.get(p.name, 0.0))  # stable: execution order on ties
+
+
+def _ranked(diff: LayerDiff) -> dict[str, float]:
+    leaves = {
+        p.name: p.local_rel_err for p in diff.points if p.local_rel_err is not None and p.kind in LEAF_KINDS
+    }
+    return dict(rank_modules(leaves, diff.kind))  # type: ignore[arg-type]
+
+
+def _oob(p: LayerPoint, kind: str, scheme: str | None, th: LayerThresholds) -> bool:
+    d = TensorDiff(p.local_cosine, p.local_norm_ratio, math.nan, p.local_rel_err,  # type: ignore[arg-type]
+                   math.nan, _finite(p), 0)  # fmt: skip
+    return local_out_of_bounds(d, kind, scheme, th)
+
+
+def near_tie(a: float, b: float) -> bool:
+    """Equal within NEAR_TIE relative (pure); two infinities of one sign tie, NaN ties nothing."""
+    if a == b:
+        return True
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= NEAR_TIE * max(abs(a), abs(b))
+
+
+def _pick(
+    cands: Sequence[LayerPoint], score: Any, order: Mapping[int, int], first_layer: int | None
+) -> LayerPoint:
+    """The candidate to blame (pure): within the first divergent layer when any candidate is there,
+    the top score, and among scores that near-tie it the first in execution order (layer, then
+    capture order: /debug/activations lists points as the forward runs)."""
+    there = [p for p in cands if first_layer is not None and p.layer == first_layer]
+    pool = there or list(cands)
+    top = max(score(p) for p in pool)
+    ties = [p for p in pool if near_tie(score(p), top)]
+    return min(ties, key=lambda p: (math.inf if p.layer is None else p.layer, order.get(id(p), 0)))
 
 
 def _finite(p: LayerPoint) -> bool:
@@ -146,9 +199,11 @@ async def replay_module(
     tbody = dict(body)
     if "top_k_weights" in extras and rescale != 1.0:  # the target's convention, the baseline keeps its own
         tbody["top_k_weights"] = (extras["top_k_weights"] * rescale).astype(np.float32)
-    a, b = await asyncio.gather(replay(baseline, name, body), replay(target, name, tbody))
+    a, b = await gather_or_cancel(replay(baseline, name, body), replay(target, name, tbody))
     if a.shape != b.shape:  # a server answering another shape than its partner's: unreadable, named
-        raise UnreadableBody(f"replay of {name}: outputs of shapes {list(a.shape)} and {list(b.shape)}")
+        raise UnreadableBody(
+            f"{target.name} answered an output of shape {list(b.shape)}, {baseline.name} {list(a.shape)}"
+        )
     d = tensor_diff(a, b)
     slot_err = None
     if slot and b.shape[0] == 2:
@@ -168,8 +223,9 @@ async def replay_all(
     experts = [n for n in plan if kinds[n] == "moe"]
     if experts:
         try:
+            rows = {} if base.positions is None else {"positions": base.positions}  # the baseline's kept rows
             t_in = await fetch_activations(
-                target, {"tokens": base.token_ids, "layers": experts, "inputs": True}
+                target, {"tokens": base.token_ids, "layers": experts, "inputs": True, **rows}
             )
             rescale = routing_rescale(base.st.value(f"{experts[0]}:top_k_weights"),
                                       t_in.st.value(f"{experts[0]}:top_k_weights"))  # fmt: skip
@@ -181,20 +237,21 @@ async def replay_all(
                 "on the target): expert replays get the baseline's weights rescaled to the target's convention"
             )
 
-    async def one(name: str) -> tuple[str, TensorDiff | None, float | None]:
+    async def one(name: str) -> tuple[str, TensorDiff | DifftestError, float | None]:
         try:
             d, slot = await replay_module(baseline, target, name, kinds[name], base, rescale)
         except DifftestError as exc:
-            diff.warnings.append(f"replay of {name} failed: {exc}")
-            return name, None, None
+            return name, exc, None
         return name, d, slot
 
     by_name = {p.name: p for p in diff.points}
-    for name, d, slot in await asyncio.gather(*(one(n) for n in plan)):
-        if d is None:
+    failed: list[tuple[str, DifftestError]] = []
+    for name, d, slot in await gather_or_cancel(*(one(n) for n in plan)):
+        if isinstance(d, DifftestError):
+            failed.append((name, d))
             continue
         p = by_name.get(name)
-        if p is None:
+        if p is None:  # the target served no such point: its metrics say "not compared" (NaN)
             p = LayerPoint(
                 name, layer_of(name), kinds[name], math.nan, math.nan, math.nan, math.nan, math.nan
             )
@@ -202,9 +259,56 @@ async def replay_all(
         p.local_cosine, p.local_norm_ratio, p.local_rel_err = d.cosine, d.norm_ratio, d.rel_err
         p.slot_rel_err = slot
         p.slot_dependent = slot_dependent(slot, th)
+    diff.warnings.extend(replay_failure_warnings(failed, len(plan)))
+    diff.replays_unjudged = {how: n for how, n in _failure_counts(failed).items() if n}
     note = slot_note(diff)
     if note:
         diff.warnings.append(note)
+
+
+async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
+    """asyncio.gather that cancels (and awaits) the others when one fails: a baseline replay left
+    running after the target's failed outlived the session and died at shutdown on a closed client
+    ("unhandled exception during asyncio.run() shutdown")."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _by_failure(failed: Sequence[tuple[str, DifftestError]]) -> dict[str, list[tuple[str, DifftestError]]]:
+    """Replays a server failed to answer or answered damaged (5xx, timeout, unreadable body: exit 3,
+    "failed") apart from those it refused (4xx: "refused")."""
+    return {
+        "failed": [f for f in failed if f[1].exit_code == INFRA],
+        "refused": [f for f in failed if f[1].exit_code != INFRA],
+    }
+
+
+def _failure_counts(failed: Sequence[tuple[str, DifftestError]]) -> dict[str, int]:
+    return {how: len(group) for how, group in _by_failure(failed).items()}
+
+
+def replay_failure_warnings(failed: Sequence[tuple[str, DifftestError]], planned: int) -> list[str]:
+    """At most two warnings (pure), one per kind of failure (28 lines said one thing); each names
+    its first module and counts the rest."""
+    out = []
+    for how, group in _by_failure(failed).items():
+        if group:
+            (name, exc), more = group[0], len(group) - 1
+            tail = f" (and {more} more of {planned} modules)" if more else ""
+            out.append(f"replay of {name} {how}: {exc}{tail}")
+    return out
+
+
+def replay_failures(diff: LayerDiff) -> dict[str, int]:
+    """{"failed": n, "refused": m}: modules whose replay a server failed to answer (or answered
+    damaged) and modules whose replay it refused (pure). The diff vouches for none of them."""
+    return {"failed": 0, "refused": 0} | dict(diff.replays_unjudged)
 
 
 def slot_dependent(slot_rel_err: float | None, th: LayerThresholds) -> bool:

@@ -65,10 +65,16 @@ class FaultSpec:
 
 
 def parse_fault(text: str) -> FaultSpec:
-    """`NAME[@GLOB]` -> FaultSpec; an unknown name lists the valid ones."""
-    name, _, glob = text.strip().partition("@")
+    """`NAME[@GLOB]` -> FaultSpec; an unknown name lists the valid ones. `NAME@` with nothing after
+    the @ is refused: it is what `--fault NAME@$MODULE` gives when $MODULE is unset, and read as
+    "no glob" it would fault every module where one was meant."""
+    name, at, glob = text.strip().partition("@")
     if name not in FAULTS:
         raise QuantConfigError(f"unknown fault {name!r}; valid: {', '.join(FAULTS)}")
+    if at and not glob.strip():
+        raise QuantConfigError(
+            f"fault {text.strip()!r} has an empty glob after '@'; name the modules, or write {name} for all"
+        )
     return FaultSpec(name, glob or None)
 
 
@@ -128,7 +134,8 @@ def read_weight(qw: QuantizedWeight, fs: FaultSet) -> tuple[Tensor, Tensor, Tens
             # On an fnuz arch the loader reinterpreted the bits but never doubled the scale.
             stored = stored / 2.0
         else:
-            # e4m3fn bits read as e4m3fnuz: every value x0.5, 0x80 -> NaN; back to the GEMM dtype.
+            # e4m3fn bits read as e4m3fnuz: every value x0.5 (0x80 would be NaN, but the quantizer
+            # stores -0 as +0: formats._to_fp8); back to the GEMM dtype.
             data = data.view(torch.uint8).view(torch.float8_e4m3fnuz).float().to(qw.fp8_dtype)
     scales = stored
     if fs.scale_transposed and stored.dim() == 2:
@@ -143,15 +150,25 @@ def read_weight(qw: QuantizedWeight, fs: FaultSet) -> tuple[Tensor, Tensor, Tens
     return data, scales, qw.zeros
 
 
-def read_act_scale(scale: Tensor, lead: tuple[int, ...], fs: FaultSet) -> Tensor:
-    """The activation scale rows the GEMM epilogue reads. slot-variant: rows of batch slot 0 are
-    read for every slot; slot-tile: slot s reads slot s mod SLOT_TILE_ROWS (slot = first dim of
-    the input; rows of a 2-D input are slots)."""
+def slot_sources(rows: Tensor, lead: tuple[int, ...], fs: FaultSet) -> Tensor:
+    """For each flat row index of a [*lead] input, the row whose activation scale a slot fault
+    reads: the same position in slot 0 (slot-variant) or in slot s mod SLOT_TILE_ROWS (slot-tile).
+    The slot is the first dim of `lead` (a 2-D input: each row its own slot). MoE experts use it
+    on the token ids of the routed rows, so their faults follow the request's slot too."""
+    per = math.prod(lead[1:])  # rows (tokens) per slot
+    slot, pos = rows // per, rows % per
+    src = slot * 0 if fs.slot_variant else slot % SLOT_TILE_ROWS
+    return src * per + pos
+
+
+def read_act_scale(
+    scale: Tensor, lead: tuple[int, ...], fs: FaultSet, sources: Tensor | None = None
+) -> Tensor:
+    """The activation scale rows the GEMM epilogue reads. With a slot fault row r reads row
+    `sources[r]`, by default `slot_sources` over the input's own rows (slot = first dim of the
+    input; rows of a 2-D input are slots); MoE experts pass their own map (moe.py)."""
     if not (fs.slot_variant or fs.slot_tile) or scale.shape[0] <= 1:
         return scale
-    slots = lead[0] if lead else 1
-    per = scale.shape[0] // max(slots, 1)
-    s = scale.reshape(slots, per, scale.shape[1])
-    read = torch.arange(slots, device=scale.device)
-    read = read * 0 if fs.slot_variant else read % SLOT_TILE_ROWS
-    return s[read].reshape(scale.shape).contiguous()
+    if sources is None:
+        sources = slot_sources(torch.arange(scale.shape[0], device=scale.device), lead or (1,), fs)
+    return scale[sources.to(scale.device)].contiguous()

@@ -23,7 +23,6 @@ interpreter gets wrong and how both sets cope.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from types import SimpleNamespace
 from typing import Any
@@ -35,7 +34,7 @@ from server_shim.quant import _fastpath
 from server_shim.quant import _triton_fast as _fast
 from server_shim.quant import _triton_kernels as _src
 from server_shim.quant.arch import triton_interpreting
-from server_shim.switches import env_switch
+from server_shim.switches import CHOICES, SwitchError, env_choice, env_switch, refuse_retired
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +55,20 @@ FP8_FAST_ACCUM = False
 # Both stay built in one process, so bench/gemm.py times them side by side and a fast kernel that
 # misbehaves on some GPU can be switched off without a code change.
 KERNEL_IMPL: str | None = None
-IMPLS = ("fast", "legacy")
+IMPLS = CHOICES["DIFFTEST_TRITON_KERNELS"]
 
 _lock = threading.Lock()
 _built: SimpleNamespace | None = None
 
 
 def impl() -> str:
-    name = KERNEL_IMPL or os.environ.get("DIFFTEST_TRITON_KERNELS", "") or "fast"
+    """KERNEL_IMPL, else the switch (read as `serve` checked it at start: switches.env_choice)."""
+    try:
+        name = KERNEL_IMPL or env_choice("DIFFTEST_TRITON_KERNELS")
+    except SwitchError as e:
+        raise _fail(str(e)) from None
     if name not in IMPLS:
-        raise _fail(f"DIFFTEST_TRITON_KERNELS must be one of {list(IMPLS)}, got {name!r}")
+        raise _fail(f"KERNEL_IMPL must be one of {list(IMPLS)}, got {name!r}")
     return name
 
 
@@ -75,10 +78,10 @@ def _build() -> SimpleNamespace:
     with _lock:
         if _built is not None:
             return _built
-        if os.environ.get("DIFFTEST_TRITON_FACTORED_4BIT", "") not in ("", "0"):
-            # the factored 4-bit kernels measured slower on an H200 and were removed: say so, never ignore
-            raise _fail("DIFFTEST_TRITON_FACTORED_4BIT is no longer supported: the factored 4-bit kernels were "
-                        "removed (slower than the default kernels on an H200); unset it")  # fmt: skip
+        try:  # the factored 4-bit kernels measured slower on an H200 and were removed: say so, never ignore
+            refuse_retired("DIFFTEST_TRITON_FACTORED_4BIT")
+        except SwitchError as e:
+            raise _fail(str(e)) from None
         import triton
         import triton.language as language
 

@@ -143,22 +143,25 @@ def quant_matmul(
     backend: str,
     fs: FaultSet = NO_FAULTS,
     dequant_cache: dict[str, Tensor] | None = None,
+    slot_src: Tensor | None = None,
 ) -> Tensor:
-    """x [..., K] -> [..., N] in x.dtype through `backend`; faults act inside the reads."""
+    """x [..., K] -> [..., N] in x.dtype through `backend`; faults act inside the reads. `slot_src`:
+    the row of x whose activation scale each row reads under a slot fault, where x's own shape does
+    not say which slot a row is in (MoE experts' routed rows; faults.slot_sources by default)."""
     if backend == "vendor" and qw.scheme not in _VENDOR_PATHS:  # never a silent torch fallback
         raise QuantConfigError(f"vendor backend has no {qw.scheme} path")
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, x.shape[-1])
     data, scales, zeros = read_weight(qw, fs)
     if backend == "triton":
-        out = _triton(x2, lead, qw, data, scales, zeros, bias, fs)
+        out = _triton(x2, lead, qw, data, scales, zeros, bias, fs, slot_src)
     elif qw.scheme in F.WEIGHT_ONLY_SCHEMES:
         out = x2.float() @ _dequantized(qw, data, scales, zeros, dequant_cache).t()
         out = out if bias is None else out + bias.float()
     else:
         fp8 = qw.fp8_dtype or torch.float8_e4m3fn
         xq, xs = F.quantize_act(x2, qw.scheme, fp8_dtype=fp8, pow2_scales=fs.ue8m0_rounding)
-        xs = read_act_scale(xs, lead, fs)
+        xs = read_act_scale(xs, lead, fs, slot_src)
         if backend == "vendor":
             out = _vendor(xq, xs, qw, data, scales)
         elif qw.scheme == "int8":
@@ -195,7 +198,7 @@ def _vendor(xq: Tensor, xs: Tensor, qw: F.QuantizedWeight, data: Tensor, scales:
     return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)[:, :n] * sa * sb
 
 
-def _triton(x2, lead, qw, data, scales, zeros, bias, fs) -> Tensor:
+def _triton(x2, lead, qw, data, scales, zeros, bias, fs, slot_src=None) -> Tensor:  # noqa: ANN001
     k = load_kernels(x2.device)
     out_dtype = x2.dtype
     if qw.scheme == "int4-g128":
@@ -214,7 +217,7 @@ def _triton(x2, lead, qw, data, scales, zeros, bias, fs) -> Tensor:
             xq, xs = F.quantize_act(x2, "int8", pow2_scales=True)
         else:
             xq, xs = k.quantize_act_int8(x2)
-        xs = read_act_scale(xs, lead, fs)
+        xs = read_act_scale(xs, lead, fs, slot_src)
         return k.int8_gemm(xq, xs, data.contiguous(), scales.contiguous(), out_dtype=out_dtype, bias=bias)
     fp8 = qw.fp8_dtype or torch.float8_e4m3fn
     mode = {"fp8-tensor": "tensor", "fp8-token": "row", "fp8-block": "block"}[qw.scheme]
@@ -227,7 +230,7 @@ def _triton(x2, lead, qw, data, scales, zeros, bias, fs) -> Tensor:
         xq, xs = F.quantize_act(x2, qw.scheme, fp8_dtype=fp8, pow2_scales=fs.ue8m0_rounding)
     else:
         xq, xs = k.quantize_act_fp8(x2, group=F.FP8_BLOCK if mode == "block" else None, fp8_dtype=fp8)
-    xs = read_act_scale(xs, lead, fs)
+    xs = read_act_scale(xs, lead, fs, slot_src)
     b_scale = scales if mode == "block" else scales.contiguous()
     return k.fp8_gemm(
         xq, xs, data.contiguous(), b_scale, a_scale_mode=mode, b_scale_mode=mode,
@@ -383,6 +386,17 @@ def _moves_scales(mod: nn.Module, fs: FaultSet, flag: str) -> bool:
     return any(not torch.equal(read_weight(qw, fs)[1], read_weight(qw, clean)[1]) for qw in _weights_of(mod))
 
 
+def _refuse_unmatched_skips(skip: Sequence[str], candidates: Sequence[str]) -> None:
+    """A --quant-skip glob that matches no quantizable module skips nothing: a typo, or a layer
+    prefix (`model.layers.0` names the layer, not its linears), would quantize the very modules the
+    user meant to keep, silently. Refused as a --fault glob matching nothing is."""
+    for glob in skip:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in candidates):
+            under = any(fnmatch.fnmatchcase(n, f"{glob}.*") for n in candidates)
+            hint = f" (globs match whole names: {glob}.* skips the modules under it)" if under else ""
+            raise QuantConfigError(f"--quant-skip {glob} matches no linear or MoE experts module{hint}")
+
+
 def quantize_model(model: nn.Module, *, scheme: str, backend: str = "auto", skip: Sequence[str] = (),
                    faults: Sequence[str] = (), ck_free: bool | None = None) -> QuantSummary:  # fmt: skip
     """Swap every nn.Linear (not lm_head, not tied to an embedding, not matching `skip`) and every
@@ -404,15 +418,18 @@ def quantize_model(model: nn.Module, *, scheme: str, backend: str = "auto", skip
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     targets: dict[str, str] = {}
     skipped: list[str] = []
+    candidates: list[str] = []
     for name, mod in model.named_modules():
         kind = "linear" if isinstance(mod, nn.Linear) else "moe" if is_fused_experts(mod) else None
         if kind is None:
             continue
+        candidates.append(name)
         if (any(fnmatch.fnmatchcase(name, g) for g in (*DEFAULT_SKIP, *skip)) or
                 (kind == "linear" and id(mod.weight) in tied)):  # fmt: skip
             skipped.append(name)
             continue
         targets[name] = kind
+    _refuse_unmatched_skips(skip, candidates)
     fault_map = resolve_faults(faults, scheme=scheme, modules=targets)
     shuffled = any(f.partition("@")[0] == "scale-shuffle-ignored" for f in faults)
     layout = F.ScaleLayout("row-major", shuffled)  # a model-wide policy: faults do not show in it

@@ -10,16 +10,28 @@ kernels (vLLM `fused_moe`, SGLang) instead scale the combined expert output, whi
 "forgot routed_scaling_factor" bugs live. The swap moves the factor there (router's factor set to
 1.0, experts multiply their summed output by it: the same product, in another order), and the
 `routed-scaling-missing` fault skips that multiply.
+
+Batch slots: the parent MoE block flattens hidden [B, T, H] to [B*T, H] before the experts see it,
+so the experts module notes the parent's input shape (a forward pre-hook, set only where a slot
+fault is on) to know each routed token's slot. Under `slot-variant` / `slot-tile` a routed row
+reads the activation scale that its source token (same position in slot 0, or in slot s mod 16:
+faults.slot_sources) has in the same expert's GEMM; a source not routed to that expert runs
+through it as an extra row, dropped from the output. So a request alone is untouched and a batch
+is wrong from slot 1 (or 16) on, as on a dense module: reading the scales of the rows routed to
+one expert as slots broke every prompt of more than one token, alone.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from server_shim.errors import QuantConfigError
 from server_shim.quant import formats as F
-from server_shim.quant.faults import NO_FAULTS, FaultSet
+from server_shim.quant.faults import NO_FAULTS, FaultSet, slot_sources
 from server_shim.quant.linear import _metadata, _QuantBase, quant_matmul, quantize_for_device
 
 
@@ -37,6 +49,18 @@ def _stack(ts: list[Tensor], layout: F.ScaleLayout) -> Tensor:
     if layout.order == "col-major" and ts[0].dim() == 2:
         return torch.stack([t.t() for t in ts]).transpose(1, 2)
     return torch.stack(ts)
+
+
+def _with_sources(tokens: Tensor, src_of: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, src): the routed `tokens` followed by the source tokens (src_of[t]) not among them,
+    and for each of those rows the index of its source's row. A source is its own source (slot 0,
+    or a slot below the tile), so the extra rows read their own scales: the correct values."""
+    want = src_of[tokens]
+    extra = torch.unique(want[~torch.isin(want, tokens)])
+    rows = torch.cat((tokens, extra))
+    where = torch.full((src_of.shape[0],), -1, dtype=torch.long, device=tokens.device)
+    where[rows] = torch.arange(rows.shape[0], device=tokens.device)
+    return rows, where[src_of[rows]]
 
 
 class QuantMoEExperts(_QuantBase):
@@ -57,6 +81,7 @@ class QuantMoEExperts(_QuantBase):
             zs = [q.zeros for q in qws]
             self.register_buffer(f"{tag}_zeros", None if zs[0] is None else torch.stack(zs))
         self._init_common(gate_up[0].scheme, backend, fallback_reason, faults, ck_free)
+        self._lead: tuple[int, ...] | None = None  # the parent's last input shape, less H (slot faults)
 
     @classmethod
     def from_experts(cls, experts: nn.Module, parent: nn.Module, *, scheme: str, backend: str,
@@ -72,7 +97,21 @@ class QuantMoEExperts(_QuantBase):
                   fallback_reason=fallback_reason, faults=faults, ck_free=ck_free)  # fmt: skip
         if gate is not None and hasattr(gate, "routed_scaling_factor"):
             gate.routed_scaling_factor = 1.0  # now applied on the experts' output (see module doc)
+        if faults.slot_variant or faults.slot_tile:
+            parent.register_forward_pre_hook(new._note_lead, with_kwargs=True)
         return new
+
+    def _note_lead(self, _parent: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Keep the batch shape of the parent's input: the experts get it flattened (module doc)."""
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, Tensor):
+            self._lead = tuple(hidden.shape[:-1])
+
+    def _take_lead(self, rows: int) -> tuple[int, ...]:
+        """The batch shape of this call's `rows` tokens; without the parent's (a direct call) each
+        row is its own slot, as for a 2-D input of a linear."""
+        lead, self._lead = self._lead, None
+        return lead if lead is not None and math.prod(lead) == rows else (rows,)
 
     def expert_weight(self, tag: str, e: int) -> F.QuantizedWeight:
         z = getattr(self, f"{tag}_zeros")
@@ -81,7 +120,8 @@ class QuantMoEExperts(_QuantBase):
                                  None if z is None else z[e], shape, self.layout, self.fp8_dtype)  # fmt: skip
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        return self._run(hidden_states, top_k_index, top_k_weights, self.backend)
+        lead = self._take_lead(hidden_states.shape[0])
+        return self._run(hidden_states, top_k_index, top_k_weights, self.backend, lead)
 
     def forward_with_backend(self, x: Tensor, backend: str, top_k_index: Tensor | None = None,
                              top_k_weights: Tensor | None = None) -> Tensor:  # fmt: skip
@@ -92,22 +132,26 @@ class QuantMoEExperts(_QuantBase):
             e = self.num_experts
             top_k_index = torch.arange(e, device=x.device).expand(flat.shape[0], e)
             top_k_weights = torch.full((flat.shape[0], e), 1.0 / e, device=x.device, dtype=torch.float32)
-        out = self._run(flat, top_k_index, top_k_weights, self._resolve(backend, x.device))
+        lead = tuple(x.shape[:-1]) or (1,)
+        out = self._run(flat, top_k_index, top_k_weights, self._resolve(backend, x.device), lead)
         return out.reshape(x.shape)
 
-    def _run(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, backend: str) -> Tensor:
+    def _run(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, backend: str,
+             lead: tuple[int, ...]) -> Tensor:  # fmt: skip
         final = torch.zeros_like(hidden)  # [T, H]
+        fs = self._faults
+        src_of = None
+        if fs.slot_variant or fs.slot_tile:
+            src_of = slot_sources(torch.arange(hidden.shape[0], device=hidden.device), lead, fs)
         for e in torch.unique(top_k_index).tolist():
             if e < 0 or e >= self.num_experts:
                 continue
             token_idx, pos = torch.where(top_k_index == e)
-            x = hidden[token_idx]
-            gate, up = quant_matmul(x, self.expert_weight("gate_up", e), None, backend, self._faults).chunk(
-                2, dim=-1
-            )
-            y = quant_matmul(
-                self.act_fn(gate) * up, self.expert_weight("down", e), None, backend, self._faults
-            )
+            rows, src = (token_idx, None) if src_of is None else _with_sources(token_idx, src_of)
+            gate, up = quant_matmul(hidden[rows], self.expert_weight("gate_up", e), None, backend, fs,
+                                    slot_src=src).chunk(2, dim=-1)  # fmt: skip
+            y = quant_matmul(self.act_fn(gate) * up, self.expert_weight("down", e), None, backend, fs,
+                             slot_src=src)[: token_idx.numel()]  # fmt: skip
             y = y * top_k_weights[token_idx, pos, None]
             final.index_add_(0, token_idx, y.to(final.dtype))
         if not self._faults.routed_scaling_missing:

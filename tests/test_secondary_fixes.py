@@ -9,10 +9,12 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fakes import FakeBehaviour, FakeServer
 from live_fakes import live_fake
 from test_runner import write_config
+from test_whitebox_w2_fixes import BODY, endpoint
 
 from difftest.cli import main
 from difftest.conformance import probe
@@ -24,9 +26,11 @@ from difftest.report import load_run
 from difftest.results import Check, Comparison, LayerDiff, LayerPoint, PromptDiff
 from difftest.tokens_view import Position, TokensView, greedy_not_top1, impossible_logprobs
 from difftest.verdict import _prompts_to_decide, budget_for, judge_target
+from difftest.whitebox.activations import fetch_activations
 from difftest.whitebox.layers import layer_verdict
 from difftest.whitebox.localise import localisation_sentence
 from difftest.whitebox.replay import replay_failures
+from server_shim.models import LoadedModel, load_model
 
 # ------------------------------------------------------------------ 1. an infinite mean KL
 
@@ -242,3 +246,34 @@ def test_a_divergence_first_seen_at_the_embeddings_suspects_them() -> None:
     d = _diff(_replayed("model.layers.0.self_attn.q_proj", 0.0))
     d.first_divergent_layer, d.first_divergent_point = 3, "model.layers.3"
     assert "(attention core, norm or rotary?)" in localisation_sentence(d)
+
+
+def test_every_replay_failing_is_undecided_not_skipped() -> None:
+    """The bug (found after the fix above): with every /debug/module call answering 500, nothing was
+    replayed, the part was "skipped" and the run PASSed (exit 0), while one failure of 210 gave
+    INCONCLUSIVE. A server that refuses every replay does not serve the route: skipped, as before."""
+    stream = LayerPoint("model.layers.0", 0, "residual", 1.0, 1.0, 0.0, 0.0, 99.0)
+    for kind in ("accuracy", "exactness"):
+        part = layer_verdict(LayerDiff("g", kind, [stream], replays_unjudged={"failed": 210}))
+        assert part.skipped is None and part.open_questions, kind
+        assert any(c.name == "replays_unjudged" and c.undecided for c in part.checks)
+    refused = layer_verdict(LayerDiff("g", "accuracy", [stream], replays_unjudged={"refused": 210}))
+    assert refused.skipped is not None and not refused.checks
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    return load_model("tiny-llama", dtype="float32", device="cpu")
+
+
+async def test_decode_steps_that_overflow_a_servers_cap_are_cut_not_the_diff(tiny: LoadedModel) -> None:
+    """One row of logits fits the server's cap, the row with its decode steps does not (413): the
+    fetch gave up the whole diff ("logits alone, at one position, is over the cap"), exit 3."""
+    async with endpoint(tiny) as (whole_ep, _):
+        whole = await fetch_activations(whole_ep, BODY)
+    row = whole.st.tensors["logits"].nbytes // len(whole.token_ids)
+    async with endpoint(tiny, server_cap=int(row * 1.5)) as (ep, _):
+        got = await fetch_activations(ep, BODY)
+    assert any("point logits with its decode steps is over the response cap" in n for n in got.notes)
+    np.testing.assert_array_equal(got.st.tensors["logits"], whole.st.tensors["logits"])
+    assert got.token_ids == whole.token_ids

@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -206,7 +206,7 @@ async def fetch_activations(
         chunks.extend(await _split(ep, {**fixed, **_select(names)}, names))
     got = await _merged(ep, chunks)
     return Activations(got.st, got.token_ids, got.decode_ids, got.points,
-                       rows if notes else None, notes)  # fmt: skip
+                       rows if notes else None, notes + got.notes)  # fmt: skip
 
 
 def _last(body: Mapping[str, Any]) -> str | list[int]:
@@ -280,6 +280,18 @@ async def _split(ep: Endpoint, body: dict[str, Any], names: list[str] | None) ->
         half = len(rows) // 2
         first = await _split(ep, {**body, "positions": rows[:half]}, names)
         return first + await _split(ep, {**body, "positions": rows[half:], "decode_steps": 0}, names)
+    steps = int(body.get("decode_steps", 0) or 0)
+    while steps:  # the decode steps ride with the first position: the row may fit with fewer of them
+        steps //= 2
+        try:
+            got = _read(ep, await ep.client.post_bytes(P.ACTIVATIONS, {**body, "decode_steps": steps}))
+        except DifftestError as exc:
+            if not too_large(exc):
+                raise
+            continue
+        note = (f"{ep.name}: {P.ACTIVATIONS}: point {names[0]} with its decode steps is over the response "
+                f"cap: its decode compared over {steps} step(s)")  # fmt: skip
+        return [replace(got, notes=got.notes + (note,))]
     raise ResponseTooLarge(
         f"{ep.name}: {P.ACTIVATIONS}: point {names[0]} alone, at one position, is over "
         f"the response cap ({cause})",
@@ -324,7 +336,8 @@ async def _merged(ep: Endpoint, parts: Sequence[Activations]) -> Activations:
         points.extend(p for p in part.points if p not in points)
     meta = {P.META_TOKEN_IDS: json.dumps(ids), P.META_DECODE_TOKEN_IDS: json.dumps(agreed),
             P.META_POINTS: json.dumps(execution_order(points))}  # fmt: skip
-    return Activations(SafeTensors(tensors, dtypes, meta), ids, agreed, execution_order(points))
+    notes = tuple(dict.fromkeys(n for part in parts for n in part.notes))  # a chunk's cut decode, said once
+    return Activations(SafeTensors(tensors, dtypes, meta), ids, agreed, execution_order(points), notes=notes)
 
 
 def _common_prefix(seqs: Sequence[list[int]]) -> list[int]:

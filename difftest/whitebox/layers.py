@@ -135,11 +135,14 @@ def not_judged(diff: LayerDiff) -> str:
 
 
 def _unjudged_check(diff: LayerDiff, replayed: int) -> Check | None:
-    """Modules whose replay a server failed or refused, beside others that were replayed: the
-    part cannot vouch for them, so it cannot PASS (a fault in one of them passed before). A
-    failing module still FAILs the part; otherwise it is undecided."""
-    n = sum(replay_failures(diff).values())
-    if not n or not replayed:
+    """Modules whose replay a server failed to answer (or answered damaged), or refused beside
+    others it replayed: the part cannot vouch for them, so it cannot PASS (a fault in one of them
+    passed before, and with every replay failing the part was merely "skipped": exit 0). A failing
+    module still FAILs the part; otherwise it is undecided. A server that refuses every replay
+    does not serve /debug/module at all: a gap the part is skipped for, as before."""
+    fails = replay_failures(diff)
+    n = fails["failed"] + (fails["refused"] if replayed else 0)
+    if not n:
         return None
     first = next((w for w in diff.warnings if w.startswith("replay of ")), "")
     note = f"{n} module(s) not replayed, so not judged; {first.split(' (and ')[0].replace(';', ',')}"
@@ -155,18 +158,18 @@ def layer_verdict(
     th = thresholds or LayerThresholds()
     replayed = [p for p in diff.points if p.local_rel_err is not None and p.kind in LEAF_KINDS]
     stream = [p for p in diff.points if _judged(p)]
+    unjudged = _unjudged_check(diff, len(replayed))
     if not replayed and not (diff.kind == "exactness" and stream):
-        return PartVerdict("layers", diff.against, skipped=not_judged(diff))
+        if unjudged is None:
+            return PartVerdict("layers", diff.against, skipped=not_judged(diff))
+        return PartVerdict("layers", diff.against, (unjudged,))
 
     def worst(key: Any, pick: Any) -> tuple[float, str]:
         vals = [(key(p), p.name) for p in replayed]
         nan = [v for v in vals if math.isnan(v[0])]
         return nan[0] if nan else pick(vals)
 
-    checks: list[Check] = []
-    unjudged = _unjudged_check(diff, len(replayed))
-    if unjudged is not None:
-        checks.append(unjudged)
+    checks: list[Check] = [] if unjudged is None else [unjudged]
 
     def add(name: str, value: float, limit: float, op: str, module: str, note: str) -> None:
         ok = (value <= limit) if op == "<=" else (value >= limit)

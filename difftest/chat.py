@@ -32,6 +32,7 @@ from difftest.conformance import (
     ProbeTokens,
     first_diff,
     probe,
+    probe_debug,
     short,
     with_model,
 )
@@ -254,15 +255,12 @@ async def probe_chat(
         checks.append(("/tokenize", WARN, "not served"))
         warnings.append(WARNINGS["no_tokenizations"])
     f["tokenizations"] = tuple(tokenizations)
-    try:
-        cfg = await client.debug_config(retries=1)
-    except (RequestRejected, ServerError) as e:
-        f |= {"debug": False, "vocab_size": None}
-        checks.append(("debug protocol", WARN, _why(e)))
+    fields, _, err = await probe_debug(client)
+    f |= fields
+    if err is not None:
+        checks.append(("debug protocol", WARN, _why(err)))
         warnings.append(WARNINGS["no_debug"])
     else:
-        vocab = cfg.get("vocab_size") if isinstance(cfg, dict) else None
-        f |= {"debug": True, "vocab_size": vocab if isinstance(vocab, int) else None}
         checks.append(("debug protocol", OK, "GET /debug/config 200"))
     return Capabilities(
         name=client.name,

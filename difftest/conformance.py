@@ -21,12 +21,19 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from difftest.client import CompletionClient
-from difftest.errors import ConformanceError, InfraError, RequestRejected, ServerError
+from difftest.errors import (
+    ConformanceError,
+    InfraError,
+    RequestRejected,
+    ResponseTooLarge,
+    ServerError,
+    UnreadableBody,
+)
 from difftest.tokens_view import (
     TokensView,
     coverage_problem,
@@ -110,6 +117,9 @@ class Capabilities:
     top_logprobs_keys: str = "none"  # "id" | "str" | "none"
     int_prompts: bool | None = None  # prompts as token-id lists accepted
     debug: bool = False  # GET /debug/config answered
+    # ... or not answered at all (a timeout, a lost connection, a "not now" status): such a server
+    # may well serve the protocol, so requiring it is infrastructure trouble, not a missing flag
+    debug_unanswered: bool = False
     vocab_size: int | None = None
     tokenizations: tuple[ProbeTokens, ...] = ()
     checks: tuple[tuple[str, str, str], ...] = ()
@@ -556,15 +566,34 @@ async def _probe_tokenizations(
         )
 
 
-async def _probe_debug(p: _Probe) -> None:
+# "not now" and a gateway that lost its server; a 500 stays "no debug protocol": some servers
+# (transformers serve) answer a route they lack with one
+_NOT_NOW = (408, 429, 502, 503, 504)
+
+
+async def probe_debug(
+    client: CompletionClient,
+) -> tuple[dict[str, Any], Mapping[str, Any], RequestRejected | ServerError | None]:
+    """GET /debug/config for both probes (completions and chat): (Capabilities fields, the config
+    ({} on an error), the error or None). An error that is no answer at all (no status: a timeout, a lost
+    connection; or a "not now" status) sets `debug_unanswered`; an answer that the route is missing
+    (404, 500, 501) or a body that is no config does not."""
     try:  # one retry: some servers (transformers serve) drop the keep-alive connection after a 500
-        cfg = await p.client.debug_config(retries=1)
+        cfg = await client.debug_config(retries=1)
     except (RequestRejected, ServerError) as e:
-        p.fields |= {"debug": False, "vocab_size": None}
-        p.check("debug protocol", WARN, _why(e), "no_debug")
-        return
+        silent = e.status_code is None and not isinstance(e, UnreadableBody | ResponseTooLarge)
+        unanswered = e.status_code in _NOT_NOW if e.status_code is not None else silent
+        return {"debug": False, "vocab_size": None, "debug_unanswered": unanswered}, {}, e
     vocab = cfg.get("vocab_size")
-    p.fields |= {"debug": True, "vocab_size": vocab if isinstance(vocab, int) else None}
+    return {"debug": True, "vocab_size": vocab if isinstance(vocab, int) else None}, cfg, None
+
+
+async def _probe_debug(p: _Probe) -> None:
+    fields, cfg, err = await probe_debug(p.client)
+    p.fields |= fields
+    if err is not None:
+        p.check("debug protocol", WARN, _why(err), "no_debug")
+        return
     detail = ", ".join(f"{k}={cfg[k]}" for k in ("model", "dtype", "device") if k in cfg)
     p.check("debug protocol", OK, detail or "GET /debug/config 200")
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,32 +195,13 @@ def require_debug(endpoints: Mapping[str, Endpoint], names: Iterable[str], hint:
     wrong fix."""
     missing = [n for n in dict.fromkeys(names) if not endpoints[n].caps.debug]
     said = {n: _debug_detail(endpoints[n]) for n in missing}
-    unanswered = [n for n in missing if _unanswered(said[n])]
+    unanswered = [n for n in missing if endpoints[n].caps.debug_unanswered]
     if unanswered:
         why = "; ".join(f"{n} ({endpoints[n].caps.url}): {said[n]}" for n in unanswered)
         raise InfraError(f"GET /debug/config was not answered, so the debug protocol cannot be used: {why}")
     if missing:
         why = "; ".join(f"{n} ({endpoints[n].caps.url}): {said[n]}" for n in missing)
         raise ConformanceError(f"not serving the debug protocol (`--debug` on the shim): {why}{hint}")
-
-
-_HTTP_STATUS = re.compile(r"^HTTP (\d{3})\b")
-# how the client's reason begins for a request that got no answer (difftest.client._attempt, _Breaker)
-_SILENT = ("timed out", "connection failed", "the server stopped answering")
-
-
-# "not now" and a gateway that lost its server; a 500 stays "no debug protocol": some servers
-# (transformers serve) answer a route they lack with one
-_NOT_NOW = (408, 429, 502, 503, 504)
-
-
-def _unanswered(detail: str) -> bool:
-    """Whether the probe's words say GET /debug/config got no answer (a timeout, a lost connection,
-    a "not now" status), as opposed to an answer that there is no such route (404, 500, 501) or a
-    body that is no debug config. The probe keeps the client's `reason`, which begins "HTTP <status>:"
-    for an error answered."""
-    m = _HTTP_STATUS.match(detail)
-    return int(m.group(1)) in _NOT_NOW if m else detail.startswith(_SILENT)
 
 
 def _debug_detail(ep: Endpoint) -> str:

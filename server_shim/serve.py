@@ -110,9 +110,10 @@ def _refuse_inert_slot_faults(opts: ServeOptions) -> None:  # type: ignore[valid
     on it passes silently. The engine never runs more rows than its slots (one with
     --batch-invariant), neither in decode nor in a prefill chunk."""
     from server_shim.catalog import SLOT_FAULTS, SLOT_TILE_ROWS
+    from server_shim.quant.faults import parse_fault
 
     for text in opts.faults:
-        name = text.strip().partition("@")[0]
+        name = parse_fault(text).name
         if name not in SLOT_FAULTS:
             continue
         first = SLOT_TILE_ROWS if name == "slot-tile" else 1  # the first batch slot it makes wrong

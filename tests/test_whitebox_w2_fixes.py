@@ -21,8 +21,8 @@ from fastapi import FastAPI
 from difftest import runner
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint
-from difftest.conformance import Capabilities
-from difftest.errors import ConformanceError, InfraError
+from difftest.conformance import Capabilities, probe_debug
+from difftest.errors import ConformanceError, InfraError, RequestRejected, ServerError
 from difftest.judge import _layer_parts
 from difftest.null import NullModel
 from difftest.report.heatmap import error_exponent, layer_grid
@@ -249,25 +249,48 @@ async def test_an_embedding_table_off_by_30_percent_is_flagged_at_the_embeddings
 # ---------------------------------------------------------------- item 8: /debug/config not answered
 
 
-def _ep(name: str, detail: str) -> Endpoint:
-    caps = Capabilities(name=name, url=f"http://{name}", model=None, debug=False,
-                        checks=(("debug protocol", "warn", detail),))  # fmt: skip
+class _DebugConfigFails:
+    """A client whose GET /debug/config raises `exc`, as the real one does after its retries."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    async def debug_config(self, *, retries: int | None = None) -> dict:
+        raise self.exc
+
+
+async def _ep(name: str, exc: RequestRejected | ServerError) -> Endpoint:
+    """The endpoint the probe makes of that failure (conformance.probe_debug, both probes' reader)."""
+    fields, _, err = await probe_debug(_DebugConfigFails(exc))  # type: ignore[arg-type]
+    caps = Capabilities(name=name, url=f"http://{name}", model=None,
+                        checks=(("debug protocol", "warn", err.reason),), **fields)  # fmt: skip
     return Endpoint(name, None, caps)  # type: ignore[arg-type]
 
 
+def _server_error(reason: str, status: int | None = None) -> ServerError:
+    return ServerError(
+        f"target: GET /debug/config: {reason}", server="target", status_code=status, reason=reason
+    )
+
+
 @pytest.mark.parametrize(
-    ("detail", "error"),
+    ("exc", "error"),
     [
-        ("timed out after 2s (TimeoutError)", InfraError),
-        ("connection failed (ConnectError)", InfraError),
-        ("HTTP 503: busy", InfraError),
-        ("HTTP 404: Not Found", ConformanceError),
-        ("HTTP 500: Internal Server Error", ConformanceError),
+        (_server_error("timed out after 2s (TimeoutError)"), InfraError),
+        (_server_error("connection failed (ConnectError)"), InfraError),
+        (_server_error("HTTP 503: busy", 503), InfraError),
+        (
+            RequestRejected("404", server="target", status_code=404, reason="HTTP 404: Not Found"),
+            ConformanceError,
+        ),
+        (_server_error("HTTP 500: Internal Server Error", 500), ConformanceError),
     ],
 )
-def test_a_debug_config_not_answered_is_infrastructure(detail: str, error: type) -> None:
+async def test_a_debug_config_not_answered_is_infrastructure(exc: ServerError, error: type) -> None:
+    detail = exc.reason
+    target = await _ep("target", exc)
     with pytest.raises(error) as info:
-        require_debug({"target": _ep("target", detail)}, ["target"])
+        require_debug({"target": target}, ["target"])
     assert detail in str(info.value)
     assert ("--debug" in str(info.value)) == (error is ConformanceError)
     assert type(info.value) is error

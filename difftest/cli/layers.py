@@ -134,13 +134,13 @@ def unmade(diff: LayerDiff) -> tuple[str, int]:
     the request (2) or failed to answer (3); a module replay a server failed to answer or answered
     damaged (3: the diff cannot vouch for that module, and a fault in it passed as exit 0); made
     with no module replayed, or some module's replay refused (4: undecided). ("", 0) when it speaks."""
-    from difftest.whitebox.replay import replay_failures
+    from difftest.whitebox.replay import replay_failure_lines, replay_failures
 
     if diff.not_made:
         return "; ".join(diff.warnings) or diff.summary, 2 if diff.not_made == "rejected" else 3
     fails = replay_failures(diff)
     code = 3 if fails["failed"] else 4
-    said = [w for w in diff.warnings if w.startswith("replay of ")]
+    said = replay_failure_lines(diff)
     why = f" ({'; '.join(said)})" if said else ""
     if not any(p.local_rel_err is not None for p in diff.points):
         return f"no module could be replayed{why}", code

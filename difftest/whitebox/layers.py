@@ -42,7 +42,13 @@ from difftest.whitebox.activations import (
     judged_as,
     layer_of,
 )
-from difftest.whitebox.replay import choose_guilty, rank_modules, replay_all, replay_failures
+from difftest.whitebox.replay import (
+    choose_guilty,
+    rank_modules,
+    replay_all,
+    replay_failure_lines,
+    replay_failures,
+)
 
 
 def scheme_of(config: Mapping[str, Any]) -> str | None:
@@ -128,9 +134,9 @@ def not_judged(diff: LayerDiff) -> str:
     if diff.not_made:  # the warning that ended the diff is its last
         return f"layer diff not made: {diff.warnings[-1]}" if diff.warnings else diff.summary
     n = sum(replay_failures(diff).values())
-    first = next((w for w in diff.warnings if w.startswith("replay of ")), None)
-    if n and first:
-        return f"no module could be replayed ({n} replay(s) failed, e.g. {first})"
+    lines = replay_failure_lines(diff)
+    if n and lines:
+        return f"no module could be replayed ({n} replay(s) failed, e.g. {lines[0]})"
     return "no module could be replayed"
 
 
@@ -144,7 +150,7 @@ def _unjudged_check(diff: LayerDiff, replayed: int) -> Check | None:
     n = fails["failed"] + (fails["refused"] if replayed else 0)
     if not n:
         return None
-    first = next((w for w in diff.warnings if w.startswith("replay of ")), "")
+    first = next(iter(replay_failure_lines(diff)), "")
     note = f"{n} module(s) not replayed, so not judged; {first.split(' (and ')[0].replace(';', ',')}"
     return Check("replays_unjudged", float(n), 0.0, "<=", False, True, note, decided=False)
 

@@ -305,6 +305,11 @@ def replay_failure_warnings(failed: Sequence[tuple[str, DifftestError]], planned
     return out
 
 
+def replay_failure_lines(diff: LayerDiff) -> list[str]:
+    """The diff's warnings that `replay_failure_warnings` wrote (at most one per kind of failure)."""
+    return [w for w in diff.warnings if w.startswith("replay of ")]
+
+
 def replay_failures(diff: LayerDiff) -> dict[str, int]:
     """{"failed": n, "refused": m}: modules whose replay a server failed to answer (or answered
     damaged) and modules whose replay it refused (pure). The diff vouches for none of them."""

@@ -13,6 +13,7 @@ and identical goldens (two targets sharing model and scheme) are started once.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import math
@@ -21,7 +22,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from difftest.errors import ConfigError
@@ -407,6 +408,32 @@ def _check_launchable(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec, base:
         )  # fmt: skip
     if spec.kind == "command":
         _check_command(ctx, where, spec)
+    if spec.kind == "shim":
+        _check_shim_flags(ctx, where, spec)
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse would print the usage and exit
+        raise argparse.ArgumentError(None, message)
+
+
+def _check_shim_flags(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec) -> None:
+    """The shim's own checks of its flags (its argparse, then server_shim.option_rules: a slot fault
+    under batch_invariant, a backend with quant "none", ...) run here on the argv the launcher would
+    give it, extra_args included: a refused server is a config line, not an exit 2 found after the
+    other servers have started."""
+    from server_shim import options
+    from server_shim.errors import QuantConfigError
+    from server_shim.launch import build_argv
+    from server_shim.option_rules import refuse_inert_options
+
+    parser = _RaisingParser(add_help=False, allow_abbrev=False)  # allow_abbrev: as the shim's own
+    options.add_arguments(parser)
+    argv = build_argv(spec, spec.port or 1)[4:]  # after `python -m server_shim serve`
+    try:
+        refuse_inert_options(options.from_namespace(parser.parse_args(argv)))
+    except (argparse.ArgumentError, QuantConfigError) as exc:
+        raise ctx.error(where, None, f"the shim would refuse to start: {exc}") from None
 
 
 # `{name}` left in a command after the launcher's placeholders are replaced (a doubled `{{...}}`,

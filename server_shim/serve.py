@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 
 from server_shim.engine import Engine
-from server_shim.errors import QuantConfigError, ShimError
+from server_shim.errors import ShimError
+from server_shim.option_rules import refuse_inert_options
 from server_shim.options import ServeOptions
 
 logger = logging.getLogger(__name__)
@@ -77,55 +78,6 @@ def build_engine(opts: ServeOptions) -> Engine:  # type: ignore[valid-type]
             )
         engine.context_length = min(engine.context_length, opts.max_model_len)
     return engine
-
-
-def refuse_inert_options(opts: ServeOptions) -> None:  # type: ignore[valid-type]
-    """Refuse flags that contradict each other or can do nothing with the others: each would
-    otherwise be accepted and ignored, and a run (or a negative control) would claim what it never
-    did. Judged from the options alone, before anything loads."""
-    if opts.backend == "vendor" and opts.ck_free:
-        raise QuantConfigError("--backend vendor contradicts --ck-free (vendor backends are forbidden)")
-    if opts.quant == "none":
-        _refuse_backend_without_quant(opts)
-    _refuse_inert_slot_faults(opts)
-
-
-def _refuse_backend_without_quant(opts: ServeOptions) -> None:  # type: ignore[valid-type]
-    """--quant none runs no quantized kernel, so choosing one (or modules to skip) is a mistake. `--backend torch` stays
-    allowed: difftest's golden = "auto" launches an unquantized target's golden with it
-    (launch_spec.auto_golden), and torch is what an unquantized model runs anyway."""
-    if opts.backend in ("triton", "vendor"):
-        raise QuantConfigError(
-            f"--backend {opts.backend} does nothing with --quant none (no quantized module)"
-        )
-    if opts.ck_free:
-        raise QuantConfigError("--ck-free does nothing with --quant none (no quantized module runs a kernel)")
-    if opts.quant_skip:
-        raise QuantConfigError("--quant-skip does nothing with --quant none (nothing is quantized)")
-
-
-def _refuse_inert_slot_faults(opts: ServeOptions) -> None:  # type: ignore[valid-type]
-    """A slot fault acts only on batch rows past slot 0 (slot-tile: past SLOT_TILE_ROWS); with fewer
-    rows than that in any forward the faulty server is the correct one, and a negative control built
-    on it passes silently. The engine never runs more rows than its slots (one with
-    --batch-invariant), neither in decode nor in a prefill chunk."""
-    from server_shim.catalog import SLOT_FAULTS, SLOT_TILE_ROWS
-    from server_shim.quant.faults import parse_fault
-
-    for text in opts.faults:
-        name = parse_fault(text).name
-        if name not in SLOT_FAULTS:
-            continue
-        first = SLOT_TILE_ROWS if name == "slot-tile" else 1  # the first batch slot it makes wrong
-        if opts.batch_invariant:
-            why = "--batch-invariant serves one sequence at a time"
-        elif opts.max_batch_size <= first:
-            why = f"--max-batch-size {opts.max_batch_size} never fills it; use {first + 1} or more"
-        else:
-            continue
-        raise QuantConfigError(
-            f"fault {name} would change nothing: it acts from batch slot {first} on, and {why}"
-        )
 
 
 def run_server(opts: ServeOptions) -> None:  # type: ignore[valid-type]

@@ -509,3 +509,50 @@ def test_noise_takes_a_config_with_no_targets(tmp_path: Path) -> None:
     assert cfg.targets == () and cfg.reference.name == "reference"
     with pytest.raises(ConfigError, match=r"needs at least one \[\[target\]\] table"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ('faults = ["slot-variant"]\nbatch_invariant = true', "fault slot-variant would change nothing"),
+        (
+            'faults = ["slot-tile"]\nextra_args = ["--max-batch-size", "8"]',
+            "--max-batch-size 8 never fills it",
+        ),
+        ('extra_args = ["--bogus"]', "unrecognized arguments: --bogus"),
+        ('ck_free = true\nbackend = "vendor"', "--backend vendor contradicts --ck-free"),
+    ],
+    ids=[
+        "slot-fault-batch-invariant",
+        "slot-tile-eight-slots-in-extra-args",
+        "unknown-flag",
+        "vendor-ck-free",
+    ],
+)
+def test_a_shim_that_would_refuse_its_flags_is_a_config_line_before_anything_starts(
+    tmp_path: Path, extra: str, said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: the config parsed, the reference and the other servers started, and only then did this
+    server exit 2 at launch (the shim's own refusals, server_shim.option_rules)."""
+    from difftest import runner
+    from difftest.cli import main
+
+    started: list[object] = []
+    monkeypatch.setattr(runner, "launch_shown", lambda *a, **k: started.append(a))
+    path = write(tmp_path, MINIMAL.replace('golden = "auto"', extra))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"difftest: error: {path}:7: [[target]] the shim would refuse to start: ")
+    assert said in err and err.count("\n") == 1
+    assert started == []
+
+
+def test_the_reference_with_a_backend_and_no_quant_is_refused_at_its_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        MINIMAL.replace('model = "tiny-llama"\n\n', 'model = "tiny-llama"\nbackend = "triton"\n\n', 1),
+    )
+    with pytest.raises(
+        ConfigError, match=r"x\.toml:4: \[reference\] the shim would refuse to start: --backend triton"
+    ):
+        load_config(path)

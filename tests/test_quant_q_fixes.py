@@ -17,10 +17,11 @@ import torch
 
 from server_shim.errors import QuantConfigError
 from server_shim.models import LoadedModel
+from server_shim.option_rules import refuse_inert_options
 from server_shim.options import ServeOptions
 from server_shim.quant.faults import FaultSet, parse_fault, slot_sources
 from server_shim.quant.linear import quantize_model
-from server_shim.serve import build_engine, refuse_inert_options
+from server_shim.serve import build_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOT_VARIANT, SLOT_TILE = FaultSet(slot_variant=True), FaultSet(slot_tile=True)

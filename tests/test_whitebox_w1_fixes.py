@@ -221,3 +221,37 @@ async def test_a_damaged_replay_answer_names_its_server() -> None:
     ep.client = _Client()  # type: ignore[attr-defined]
     with pytest.raises(UnreadableBody, match=r"^target: /debug/module answered not a safetensors body"):
         await R.replay(ep, MODS[0], {P.INPUT: np.ones((2, 4), np.float32)})  # type: ignore[arg-type]
+
+
+def test_the_second_out_of_bounds_module_gets_its_own_audit_and_hint(monkeypatch) -> None:
+    """Was: only the guilty module was audited, so a second fault (transposed scales at layer 17
+    behind an fnuz fault at layer 8) was counted but its layout never named."""
+    from difftest.whitebox import localise as L
+
+    async def fake_diff(baseline, target, prompt, *, kind, decode_steps, thresholds):
+        diff = _two_faults()
+        diff.guilty_module = "model.layers.8.mlp.gate_proj"
+        return diff
+
+    audited: list[str] = []
+
+    async def fake_audit(target, baseline, module, info):
+        audited.append(module)
+        hint = "scales look transposed" if module.endswith("down_proj") else None
+        return {"module": module, "scheme": "fp8-block", "flagged": hint is not None, "hint": hint}
+
+    class Client:
+        async def debug_config(self):
+            mods = ("model.layers.8.mlp.gate_proj", "model.layers.17.mlp.down_proj")
+            return {"scheme": "fp8-block", "modules": {m: {"scheme": "fp8-block"} for m in mods}}
+
+    class Target:
+        client = Client()
+
+    monkeypatch.setattr(L, "diff_layers", fake_diff)
+    monkeypatch.setattr(L, "audit_module", fake_audit)
+    out = asyncio.run(L.localise_target(Target(), prompt="p", golden=object(), thresholds=TH))  # type: ignore[arg-type]
+    assert audited == ["model.layers.8.mlp.gate_proj", "model.layers.17.mlp.down_proj"]
+    assert out.diffs[0].summary.endswith(
+        "the worst model.layers.17.mlp.down_proj (local rel err 0.599, scales look transposed)"
+    )

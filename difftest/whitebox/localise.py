@@ -2,7 +2,8 @@
 
     localise_target(target, golden=..., reference=..., prompt=...)
       - diff_layers against the golden (exactness) and the reference (accuracy), where given
-      - the audit of every module a diff blamed, once per module however many diffs blame it
+      - the audit of every module a diff blamed and of the worst other out-of-bounds module, once
+        per module however many diffs name it
         (an audit replays a module's whole identity matrix: the costliest white-box request)
       - each diff's `audit_hint` and `summary` (the sentence below)
 
@@ -19,7 +20,7 @@ docs/design.md "White-box localisation" step 6.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,14 @@ async def localise_target(
                 baseline, target, prompt, kind=kind, decode_steps=decode_steps, thresholds=thresholds
             )
             out.diffs.append(diff)
-    blamed = list(dict.fromkeys(d.guilty_module for d in out.diffs if d.guilty_module))
+    scheme = await _scheme(target) if any(not d.not_made for d in out.diffs) else None
+    # the guilty module, then the worst other out-of-bounds one: a second fault gets its own hint
+    worst = [other_out_of_bounds(d, scheme, thresholds) for d in out.diffs]
+    blamed = list(
+        dict.fromkeys(
+            [d.guilty_module for d in out.diffs if d.guilty_module] + [p[0].name for p in worst if p]
+        )
+    )
     modules = (await target.client.debug_config()).get("modules", {}) if blamed else {}
     hints: dict[str, str | None] = {}
     for module in blamed:
@@ -79,11 +87,10 @@ async def localise_target(
                    "notes": [f"audit failed: {exc}"]}  # fmt: skip
         out.audit.append(row)
         hints[module] = row.get("hint") or None
-    scheme = await _scheme(target) if any(not d.not_made for d in out.diffs) else None
     for diff in out.diffs:
         if diff.guilty_module:
             diff.audit_hint = hints.get(diff.guilty_module)
-        diff.summary = diff.summary or localisation_sentence(diff, scheme, thresholds)
+        diff.summary = diff.summary or localisation_sentence(diff, scheme, thresholds, hints)
     return out
 
 
@@ -97,10 +104,14 @@ async def _scheme(target: Endpoint) -> str | None:
 
 
 def localisation_sentence(
-    diff: LayerDiff, scheme: str | None = None, thresholds: LayerThresholds | None = None
+    diff: LayerDiff,
+    scheme: str | None = None,
+    thresholds: LayerThresholds | None = None,
+    hints: Mapping[str, str | None] | None = None,
 ) -> str:
     """Where `diff` says the target goes wrong, in one sentence (pure). `scheme` and `thresholds`
-    (the diff's own) size the count of other out-of-bounds modules."""
+    (the diff's own) size the count of other out-of-bounds modules; `hints`, the audits' layout
+    hints per module, name what the worst of those looks like."""
     bits = []
     if diff.first_divergent_layer is not None:
         bits.append(f"first divergent layer {diff.first_divergent_layer}")
@@ -139,7 +150,7 @@ def localisation_sentence(
             f"largest local error relative to its siblings: {top} ({s:.2f}x their median, within budget)"
         )
     text = ", ".join(bits) if bits else f"no divergence vs {diff.against}"
-    return text + _others_clause(diff, scheme, thresholds) + _unreplayed_clause(diff)
+    return text + _others_clause(diff, scheme, thresholds, hints or {}) + _unreplayed_clause(diff)
 
 
 def _suspects(diff: LayerDiff) -> str:
@@ -155,22 +166,33 @@ def _suspects(diff: LayerDiff) -> str:
     return "attention core, norm or rotary?"
 
 
-def _others_clause(diff: LayerDiff, scheme: str | None, th: LayerThresholds | None) -> str:
-    """'; N other modules out of bounds, the worst M (local rel err E)': a second fault (or the same
-    fault in every module) was invisible behind the one module the sentence names. Beside a
-    slot-dependent guilty module the slot clause already counts the slot-dependent ones."""
+def other_out_of_bounds(diff: LayerDiff, scheme: str | None, th: LayerThresholds | None) -> list[LayerPoint]:
+    """The out-of-bounds modules besides the guilty one, worst first (pure): a second fault (or the
+    same fault in every module) that would be invisible behind the one module the sentence names.
+    Beside a slot-dependent guilty module the slot clause already counts the slot-dependent ones."""
     guilty = next((p for p in diff.points if p.name == diff.guilty_module), None)
     slot = guilty is not None and guilty.slot_dependent
-    others = [
+    return [
         p
         for p in out_of_bounds_leaves(diff, scheme, th or LayerThresholds())
         if p.name != diff.guilty_module and not (slot and p.slot_dependent)
     ]
+
+
+def _others_clause(
+    diff: LayerDiff, scheme: str | None, th: LayerThresholds | None, hints: Mapping[str, str | None]
+) -> str:
+    """'; N other modules out of bounds, the worst M (local rel err E, its audit's hint)'."""
+    others = other_out_of_bounds(diff, scheme, th)
     if not others:
         return ""
     worst = others[0]
     plural = "module" if len(others) == 1 else "modules"
-    return f"; {len(others)} other {plural} out of bounds, the worst {worst.name} (local rel err {worst.local_rel_err:.3g})"
+    hint = f", {hints[worst.name]}" if hints.get(worst.name) else ""
+    return (
+        f"; {len(others)} other {plural} out of bounds, the worst {worst.name} "
+        f"(local rel err {worst.local_rel_err:.3g}{hint})"
+    )
 
 
 def _unreplayed_clause(diff: LayerDiff) -> str:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from server_shim.catalog import FAULT_SCHEMES, FAULTS, FP8_SCHEMES, MOE_ONLY, SLOT_TILE_ROWS  # noqa: F401 - re-read by callers
 from server_shim.errors import QuantConfigError
+from server_shim.option_rules import FaultSpec, parse_fault  # noqa: F401 - re-read by callers
 from server_shim.quant.formats import QuantizedWeight, unshuffle_scales
 
 
@@ -56,26 +57,6 @@ class FaultSet:
 
 
 NO_FAULTS = FaultSet()
-
-
-@dataclass(frozen=True)
-class FaultSpec:
-    name: str
-    glob: str | None = None
-
-
-def parse_fault(text: str) -> FaultSpec:
-    """`NAME[@GLOB]` -> FaultSpec; an unknown name lists the valid ones. `NAME@` with nothing after
-    the @ is refused: it is what `--fault NAME@$MODULE` gives when $MODULE is unset, and read as
-    "no glob" it would fault every module where one was meant."""
-    name, at, glob = text.strip().partition("@")
-    if name not in FAULTS:
-        raise QuantConfigError(f"unknown fault {name!r}; valid: {', '.join(FAULTS)}")
-    if at and not glob.strip():
-        raise QuantConfigError(
-            f"fault {text.strip()!r} has an empty glob after '@'; name the modules, or write {name} for all"
-        )
-    return FaultSpec(name, glob or None)
 
 
 def resolve_faults(specs: Sequence[str], *, scheme: str, modules: Mapping[str, str]) -> dict[str, FaultSet]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from difftest.baseline import Baseline
 from difftest.cli import options as o
-from difftest.cli.outcome import finish
+from difftest.cli.outcome import execute_and_finish
 from difftest.config import RunConfig, RunSettings, TargetConfig
 from difftest.errors import UsageError
 from difftest.prompts import Prompt
@@ -135,13 +135,11 @@ def run(args: argparse.Namespace) -> int:
                 f"{', '.join(unused)}: the quick look (--prompt) judges nothing; use --prompts FILE"
             )
         return asyncio.run(explore(cfg, prompt_texts(args.prompt), as_json=args.json, out=args.out))
-    from difftest.runner import RunOptions, drop_previous, execute
+    from difftest.runner import RunOptions
 
-    out = args.out or DEFAULT_OUT
-    result, problems = execute(cfg, RunOptions(out_dir=out, baseline=baseline))
-    code = finish(result, out, problems, as_json=args.json)
-    drop_previous(out)
-    return code
+    return execute_and_finish(
+        cfg, RunOptions(out_dir=args.out or DEFAULT_OUT, baseline=baseline), as_json=args.json
+    )
 
 
 def prompt_texts(values: list[str]) -> list[Prompt]:

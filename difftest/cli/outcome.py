@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difftest.cli.options import console, emit_json
 from difftest.results import RunResult
+
+if TYPE_CHECKING:
+    from difftest.config import RunConfig
+    from difftest.runner import RunOptions
 from difftest.textsafe import safe
 
 
@@ -44,6 +48,17 @@ def run_summary(run: RunResult, out: Path, problems: list[str], code: int) -> di
         "infrastructure_problems": problems,
         "warnings": list(run.warnings),
     }
+
+
+def execute_and_finish(cfg: RunConfig, opts: RunOptions, *, as_json: bool = False) -> int:
+    """`run` and `compare`'s end: execute, write the report folder (`finish`), and only then drop
+    the previous report that `execute` set aside."""
+    from difftest.runner import drop_previous, execute
+
+    result, problems = execute(cfg, opts)
+    code = finish(result, opts.out_dir, problems, as_json=as_json)
+    drop_previous(opts.out_dir)
+    return code
 
 
 def finish(run: RunResult, out: Path, problems: list[str], *, as_json: bool = False) -> int:

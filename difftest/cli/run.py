@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from difftest.cli import options as o
-from difftest.cli.outcome import finish
+from difftest.cli.outcome import execute_and_finish
 from difftest.config import RunConfig, load_config
 
 HELP = "run a config: launch servers, compare, judge, report"
@@ -57,7 +57,7 @@ def with_overrides(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from difftest.runner import RunOptions, drop_previous, execute
+    from difftest.runner import RunOptions
 
     o.positive("--concurrency", args.concurrency)
     o.positive("--limit", args.limit)
@@ -66,9 +66,5 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or cfg.run.output_dir
     if args.out is None:  # -o is checked as it is parsed
         o.check_folder("run.output_dir", out)
-    result, problems = execute(
-        cfg, RunOptions(out_dir=out, resume=args.resume, concurrency=args.concurrency, limit=args.limit)
-    )
-    code = finish(result, out, problems, as_json=args.json)
-    drop_previous(out)
-    return code
+    opts = RunOptions(out_dir=out, resume=args.resume, concurrency=args.concurrency, limit=args.limit)
+    return execute_and_finish(cfg, opts, as_json=args.json)

@@ -71,12 +71,9 @@ def chat_payload(caps: Capabilities, prompt: Prompt, *, max_tokens: int, k: int,
 
 async def post_chat(client: CompletionClient, payload: Mapping[str, Any]) -> dict[str, Any]:
     """POST /v1/chat/completions. An answer without a `choices` list (a 200 carrying `{"error"}`)
-    is a failed request, as over /v1/completions (the client's check there), not a broken answer."""
-    data = await client.post_json(PATH, payload)
-    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-        reason = "answered 200 without a 'choices' list"
-        raise UnreadableBody(f"{client.name}: {PATH} {reason}", server=client.name, reason=reason)
-    return data
+    is a failed request, retried, as over /v1/completions (one check: the client's), not a broken
+    answer."""
+    return await client.post_choices(PATH, payload)
 
 
 def message_text(choice: Mapping[str, Any]) -> tuple[str | None, str]:

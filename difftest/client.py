@@ -275,9 +275,7 @@ class CompletionClient:
             if self.offline:
                 raise CacheMiss(f"{self.name}: offline and no cached response for this completions request")
             self._misses += 1
-        data = await self._request(
-            "POST", "/v1/completions", json_body=dict(payload), retries=retries, read=self._completion
-        )
+        data = await self.post_choices("/v1/completions", payload, retries=retries)
         if cached:
             try:
                 self.cache.put(fp, payload, data)  # type: ignore[union-attr]
@@ -286,17 +284,17 @@ class CompletionClient:
                 raise
         return data
 
-    def _completion(self, body: bytes) -> dict:
-        """A 200 body as a completions answer, or UnreadableBody (retried: a body cut short or an
-        `{"error": ...}` under 200 is the server's passing trouble, like a 5xx)."""
-        data = _as_json(body, self.name, "/v1/completions")
-        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            said = (
-                f": {self._scrub(_error_message(body))}" if isinstance(data, dict) and "error" in data else ""
-            )
-            reason = f"answered 200 without a 'choices' list{said}"
-            raise UnreadableBody(f"{self.name}: /v1/completions {reason}", server=self.name, reason=reason)
-        return data
+    async def post_choices(
+        self, path: str, payload: Mapping[str, Any], *, retries: int | None = None
+    ) -> dict:
+        """POST to a completions-shaped route (completions, chat completions), uncached: a 200 body
+        without a `choices` list is UnreadableBody, retried (a body cut short or an `{"error": ...}`
+        under 200 is the server's passing trouble, like a 5xx)."""
+
+        def read(body: bytes) -> dict:
+            return read_choices(body, self.name, path, self._scrub)
+
+        return await self._request("POST", path, json_body=dict(payload), retries=retries, read=read)
 
     async def get_json(self, path: str, *, retries: int | None = None) -> Any:
         return _as_json(await self._request("GET", path, retries=retries), self.name, path)
@@ -668,6 +666,17 @@ def _no_lone_surrogates(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_no_lone_surrogates(v) for v in obj]
     return obj
+
+
+def read_choices(body: bytes, server: str, path: str, scrub: Callable[[str], str] = str) -> dict:
+    """A completions-shaped 200 body as JSON with a `choices` list, else UnreadableBody naming what
+    it said instead (`scrub`: the API key out of the server's words)."""
+    data = _as_json(body, server, path)
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        said = f": {scrub(_error_message(body))}" if isinstance(data, dict) and "error" in data else ""
+        reason = f"answered 200 without a 'choices' list{said}"
+        raise UnreadableBody(f"{server}: {path} {reason}", server=server, reason=reason)
+    return data
 
 
 def _error_message(body: bytes) -> str:

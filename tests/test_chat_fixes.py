@@ -17,6 +17,7 @@ from fakes import FakeServer
 from quirk_fakes import chat_response, live_app, quirk_app
 
 from difftest.cli import main
+from difftest.client import read_choices
 from difftest.collect import Endpoint, generate, generate_all
 from difftest.conformance import Capabilities
 from difftest.errors import UsageError
@@ -35,12 +36,13 @@ class _ChatStub:
     def __init__(self, mutate: Mutate) -> None:
         self.server, self.mutate, self.asked = FakeServer(), mutate, 0
 
-    async def post_json(self, path: str, body: dict[str, Any], *, retries: int | None = None) -> Any:
+    async def post_choices(self, path: str, body: dict[str, Any], *, retries: int | None = None) -> Any:
+        """The mutated answer through the client's own reading of a 200 body."""
         assert path == "/v1/chat/completions"
         self.asked += 1
         resp = chat_response(self.server, dict(body))
         self.mutate(resp, body)
-        return resp
+        return read_choices(json.dumps(resp).encode(), self.name, path)
 
     async def completions(self, payload: dict[str, Any], **_: Any) -> Any:
         self.asked += 1

@@ -324,3 +324,16 @@ def test_a_file_where_the_logs_folder_goes_is_exit_2(
     ):
         pass
     assert info.value.exit_code == 2 and str(logs) in str(info.value)
+
+
+async def test_a_chat_200_without_choices_is_retried_as_over_completions() -> None:
+    """Was: chat's own check ran after the request, so an `{"error"}` under 200 (a server's passing
+    trouble) failed the prompt at once instead of being retried."""
+    from difftest.chat import post_chat
+
+    answers = iter(
+        [httpx.Response(200, json={"error": "CUDA out of memory"}), httpx.Response(200, json=OK_BODY)]
+    )
+    async with _client(lambda request: next(answers)) as c:
+        assert await post_chat(c, {"messages": []}) == OK_BODY
+        assert (c.retries, c.failures) == (1, 0)

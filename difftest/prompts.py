@@ -82,9 +82,20 @@ def read_prompt_file(path: Path) -> list[Prompt]:
     return prompts
 
 
+def _no_duplicates(pairs: list[tuple[str, object]], where: str) -> dict[str, object]:
+    """json.loads keeps the last of two equal keys: `"max_tokens": 5, "max_tokens": null` silently
+    dropped the prompt's limit, which changes what both servers generate."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise UsageError(f"{where}: key {key!r} appears twice (JSON keeps only the last)")
+        out[key] = value
+    return out
+
+
 def _parse_line(line: str, where: str) -> Prompt:
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=lambda pairs: _no_duplicates(pairs, where))
     except json.JSONDecodeError as exc:
         raise UsageError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}") from None
     except RecursionError:
@@ -105,7 +116,7 @@ def _parse_line(line: str, where: str) -> Prompt:
         if key not in obj:
             raise UsageError(f"{where}: missing {key!r}")
     pid = obj["id"]
-    if isinstance(pid, bool) or not isinstance(pid, str | int) or pid == "":
+    if isinstance(pid, bool) or not isinstance(pid, str | int) or str(pid).strip() == "":
         raise UsageError(f"{where}: 'id' must be a non-empty string, got {pid!r}")
     text = obj["prompt"]
     if not isinstance(text, str) or not text.strip():  # as --prompt: whitespace alone is no prompt

@@ -38,6 +38,7 @@ from difftest.config import RunConfig, TargetConfig, unused_tables
 from difftest.conformance import WARNINGS
 from difftest.errors import DifftestError, NoiseFloorError, OutputError, UsageError
 from difftest.judge import judge_one, layer_thresholds, null_for
+from difftest.metrics.aggregate import refused_prompts
 from difftest.noise import (
     NoiseFloor,
     identity_mismatch,
@@ -715,9 +716,23 @@ def infra_problems(run: RunResult, cfg: RunConfig, running: Mapping[str, Running
             if n and lost / n > cfg.run.error_rate_limit:
                 problems.append(
                     f"{t.name} vs {c.baseline}: {lost} of {n} prompts failed ({lost / n:.0%} > "
-                    f"{cfg.run.error_rate_limit:.0%} limit)"
+                    f"{cfg.run.error_rate_limit:.0%} limit){refused_note(c)}"
                 )
     return problems
+
+
+def refused_note(c: Comparison) -> str:
+    """How many of a comparison's failed prompts the server refused as invalid (HTTP 4xx: a prompt
+    over its context, max_tokens over its cap): asking them again (--resume) gets the same answer."""
+    refused = refused_prompts(c.prompts)
+    if not refused:
+        return ""
+    said = " ".join(refused[0].error.split())  # type: ignore[union-attr]
+    first = said if len(said) <= 240 else said[:239] + "…"
+    return (
+        f"; {len(refused)} of them refused as invalid, which --resume would ask again in vain: "
+        f"shorten those prompts or raise the server's limits (first: {refused[0].prompt_id}: {first})"
+    )
 
 
 def refused_all(errors: Sequence[str | None], nothing: str) -> str | None:

@@ -56,7 +56,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from difftest.errors import ConfigError, UsageError
-from difftest.metrics.aggregate import broken_answers
+from difftest.metrics.aggregate import broken_answers, refused_prompts
 from difftest.metrics.text import MAX_ORDER
 from difftest.metrics.tokens import is_garbled
 from difftest.null import (
@@ -336,7 +336,14 @@ def _why_open(
         # error_rate_limit the run is an infrastructure failure (exit 3) anyway
         if passed:
             return None
-        return "; failed requests leave their prompts unjudged (--resume asks them again)", None
+        refused = len(refused_prompts(comp.prompts)) if comp else 0
+        again = (  # no ";" inside: a note's pieces are split at it
+            f", but {refused} {'was' if refused == 1 else 'were'} refused as invalid, HTTP 4xx: those only after the prompts or the "
+            "server's limits change"
+            if refused
+            else ""
+        )
+        return f"; failed requests leave their prompts unjudged (--resume asks them again{again})", None
     if comp is None or name == "broken_rate":
         # an impossible answer (NaN logprobs, a malformed block) is a counted fact about the
         # target, not an estimate with spread: one of them fails, however few prompts were asked

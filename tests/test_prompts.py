@@ -81,6 +81,13 @@ BAD = [
     ),
     ('{"id": "a", "tags": ' + "[" * 100_000 + "]" * 100_000 + "}", "1: JSON nested too deeply"),
     ('{"id": "a", "prompt": "x",}', "1: invalid JSON: "),
+    # json.loads keeps the last: the prompt's own limit was silently dropped
+    ('{"id": "a", "prompt": "x", "max_tokens": 5, "max_tokens": null}', "1: key 'max_tokens' appears twice"),
+    (
+        '{"id": "a", "messages": [{"role": "user", "content": "y", "content": "z"}]}',
+        "1: key 'content' appears twice",
+    ),
+    ('{"id": " ", "prompt": "x"}', "1: 'id' must be a non-empty string"),  # as the prompt: blank is none
 ]
 
 

@@ -345,3 +345,30 @@ def test_lost_prompts_never_decide_a_failure_on_their_own():
                       aggregate={"failed_rate": 1.0, "broken_rate": 0.0, "token_match": 0.0, "n_prompts": 5})  # fmt: skip
     v = judge_target("t", "fail", None, dead, FP8, None)
     assert v.label == "INCONCLUSIVE" and not v.meets_expectation, v.reasons
+
+
+def test_prompts_the_server_refused_as_invalid_are_not_said_to_come_back_with_resume():
+    """A prompt over the server's context (HTTP 400) was told '--resume asks them again', which gets
+    the same 400; the exit-3 line named nothing either."""
+    from difftest.runner import refused_note
+
+    c = comp(**dict(GOOD_ACC, failed_rate=2 / 3))
+    c.prompts = [
+        PromptDiff("ok", "x"),
+        PromptDiff(
+            "huge", "x" * 9, error="baseline: RequestRejected: ref: HTTP 400: prompt has 1200000 characters"
+        ),
+        PromptDiff("lost", "y", error="target: ServerError: tgt: timed out"),
+    ]
+    v = judge_target("t", "pass", None, c, FP8, None)
+    assert v.reasons[0] == (
+        "inconclusive: accuracy: failed_rate 0.6667 > 0 (budget fp8-block; failed requests leave their prompts "
+        "unjudged (--resume asks them again, but 1 was refused as invalid, HTTP 4xx: those only after the "
+        "prompts or the server's limits change))"
+    )
+    assert refused_note(c) == (
+        "; 1 of them refused as invalid, which --resume would ask again in vain: shorten those prompts or raise "
+        "the server's limits (first: huge: baseline: RequestRejected: ref: HTTP 400: prompt has 1200000 characters)"
+    )
+    c.prompts = c.prompts[::2]  # only a lost one: nothing said
+    assert refused_note(c) == ""

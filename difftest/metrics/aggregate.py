@@ -170,6 +170,12 @@ def broken_answers(prompts: Sequence[PromptDiff]) -> int:
     return sum(p.error is not None and p.broken for p in prompts)
 
 
+def refused_prompts(prompts: Sequence[PromptDiff]) -> list[PromptDiff]:
+    """Failed prompts the server refused as invalid (HTTP 4xx: a prompt over its context, max_tokens
+    over its cap): asked again, they get the same answer."""
+    return [p for p in prompts if p.error and not p.broken and "RequestRejected:" in p.error]
+
+
 def _aggregate(
     prompts: Sequence[PromptDiff], *, seed: int, n_resamples: int, tokenize: str
 ) -> tuple[dict[str, float], dict[str, list[float]]]:

@@ -126,6 +126,12 @@ class InvarianceResult:
     # whole prompt set's evidence. Measured: a correct Triton fp8-block target in bfloat16 flipped
     # this probe in 4 placements while its twin happened not to.
     tie_margin: float | None = None
+    # why the placements against the probe alone judge nothing (None: they do). A quantized target
+    # judged against an unquantized baseline (no golden): its activation quantization turns the
+    # fp32 batch-shape noise (~1e-5) into whole code steps, so batched vs alone moves a correct
+    # fp8-block kernel by 0.21 nats on smollm2 where the fp32 reference moves 7.5e-6. Only a baseline
+    # of its own scheme (a golden) measures what the scheme moves there.
+    loose_unjudged: str | None = None
 
     @staticmethod
     def is_strict(s: SlotResult) -> bool:
@@ -186,7 +192,7 @@ class InvarianceResult:
                 return True
             allow = self.strict_allowance(s.wide)
             return m is not None and allow is not None and m <= 2 * allow
-        if s.tie_at_difference:
+        if s.tie_at_difference or self.loose_unjudged:
             return True
         if m is None:
             return False
@@ -302,7 +308,7 @@ class InvarianceResult:
         # loose one where the twin flips the probe or an allowance past the guard ties nearly
         # every flip
         can_flip = sum(not self.control_flips(s.wide) for s in strict) + (
-            0 if self.twin_flips_tokens or self.loose_ties_all else len(loose)
+            0 if self.twin_flips_tokens or self.loose_ties_all or self.loose_unjudged else len(loose)
         )
         if allowed >= can_flip:
             note += (
@@ -334,17 +340,24 @@ class InvarianceResult:
         return rule
 
     def _loose_rule(self) -> str:
+        if self.loose_unjudged:
+            return f"flips prove nothing, {self.loose_unjudged}"
         if self.twin_flips_tokens:
             return "flips prove nothing, the rounding twin flips this probe's tokens"
-        tie = f" {self.tie_margin:.3g} nats" if self.tie_margin is not None else ""
         worst = self.baseline_worst
-        own = f" or 2x {self.baseline}'s worst move ({2 * worst:.3g} nats)" if worst is not None else ""
+        allow = []  # only what was measured: no null, no "the null's TIE margin"
+        if self.tie_margin is not None:
+            allow.append(f"the null's TIE margin {self.tie_margin:.3g} nats")
+        if worst is not None:
+            allow.append(f"2x {self.baseline}'s worst move ({2 * worst:.3g} nats)")
+        if not allow:
+            return "every flip counts"
         past = (
             f" (past {TIE_MARGIN_GUARD:g} nat nearly every flip: none can count)"
             if self.loose_ties_all
             else ""
         )
-        return f"flips within the null's TIE margin{tie}{own} are ties{past}"
+        return f"flips within {' or '.join(allow)} are ties{past}"
 
     def _strict_logprob_check(self) -> Check:
         """The strict placements against their batch's slot 0: the tolerance, or 3x the baseline's
@@ -373,7 +386,10 @@ class InvarianceResult:
         if self.twin_logprob_diff is not None and 3 * self.twin_logprob_diff > limit:
             limit, note = 3 * self.twin_logprob_diff, f"{note}; 3x the twin's difference from {self.baseline}"
         value = self.loose_logprob_diff
-        return Check("placement_logprob_max_diff", value, limit, "<=", value <= limit, note=note)
+        if self.loose_unjudged:
+            note = f"{note}; not judged: {self.loose_unjudged}"
+        return Check("placement_logprob_max_diff", value, limit, "<=", value <= limit, note=note,
+                     informative=self.loose_unjudged is None)  # fmt: skip
 
     def relative_to(self, name: str, *draws: InvarianceResult) -> InvarianceResult:
         """This target's result judged against the worst of `draws`: baseline server `name`'s own

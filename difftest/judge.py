@@ -103,6 +103,29 @@ SLOT_NOT_REPLAYED = (
 )
 
 
+def slot_not_localised(invariance: Mapping[str, Any] | None) -> str:
+    """Why a failed batch-slot check has no module to blame. Where a placement of the first, 4-prompt
+    batch already moved (slot 1 or 3, or the batch against the probe alone), a fault from a later
+    slot explains nothing: the replayed modules (each in slots 0 and 1) do not depend on their slot,
+    so the dependence lies outside them."""
+    inv = invariance or {}
+    tolerance = float(inv.get("tolerance") or 0.0)
+    early = [
+        str(s.get("placement"))
+        for s in inv.get("slots", [])
+        if isinstance(s, Mapping)  # an older report's slots may be bare numbers
+        and not s.get("wide") and not s.get("repeat") and s.get("error") is None
+        and (not s.get("same_tokens", True) or float(s.get("max_logprob_diff") or 0.0) > tolerance)
+    ]  # fmt: skip
+    if not early:
+        return SLOT_NOT_REPLAYED
+    return (
+        f"not localised: the batch-slot check moved already in the first batch ({', '.join(early[:3])}), "
+        "and no replayed module's output depends on its batch slot (slots 0 and 1): the dependence lies "
+        "outside the replayed modules (attention or its KV cache, sampling, the batcher?)"
+    )
+
+
 def _slot_check_failed(verdict: TargetVerdict) -> bool:
     """The batch-slot part failed: the one failure the two-slot replay may be blind to."""
     return any(p.part == "invariance" and not p.passed for p in verdict.parts)
@@ -145,7 +168,7 @@ def judge_one(
     if localisation is None and old is not None:
         localisation = old.localisation
     if localisation is None and target.layers and _slot_check_failed(target.verdict):
-        localisation = SLOT_NOT_REPLAYED
+        localisation = slot_not_localised(target.invariance)
     if localisation:
         target.verdict = dataclasses.replace(target.verdict, localisation=localisation)
 

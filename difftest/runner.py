@@ -446,6 +446,8 @@ async def _whitebox(
             own, twin_slots = await slot_baselines[base_name]
             margin = tie_margin(null, overrides)[0] if twin_slots else None
             with_twin(inv, twin_slots, margin).relative_to(base_name, *own)  # draws' flips by the TIE margin
+            if tcfg.golden is None:
+                inv.loose_unjudged = await _no_scheme_baseline(result.scheme, eps[base_name])
         result.invariance = inv.to_dict()
         parts.append(inv.verdict())
     if cfg.run.whitebox == "off":
@@ -511,6 +513,21 @@ async def _served(ep: Endpoint, key: str) -> Any:
     except DifftestError:
         return None
     return (fp.get("debug_config") or {}).get(key)
+
+
+async def _no_scheme_baseline(scheme: str | None, baseline: Endpoint) -> str | None:
+    """Why a target's batched-vs-alone moves cannot be judged against `baseline` (None: they can):
+    a quantized target against a baseline of another scheme measures what quantizing the batch
+    shape's fp32 noise moves, which only a baseline of its own scheme (a golden) has measured."""
+    if scheme in (None, "none"):
+        return None
+    theirs = await _served_scheme(baseline) or "none"
+    if theirs == scheme:
+        return None
+    return (
+        f"no baseline of scheme {scheme} ({baseline.name} runs {theirs}; a golden would be one): "
+        "quantizing activations turns the batch shape's rounding into whole code steps"
+    )
 
 
 async def _served_scheme(ep: Endpoint) -> str | None:

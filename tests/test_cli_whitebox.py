@@ -135,3 +135,36 @@ async def test_quant_on_a_target_with_nothing_quantized_is_exit_4(monkeypatch, c
     assert "target: nothing to audit: it serves no quantized module" in " ".join(
         capsys.readouterr().out.split()
     )
+
+
+def test_the_audit_table_piped_still_names_the_flagged_module_and_its_hint() -> None:
+    """T11: piped, the table was cut to the console's width and the hint, its last column, got none
+    ('scales look transposed' printed nowhere among 210 rows); a best hypothesis that explains
+    nothing (garbage-gemm: fnuz-unnormalized at rel err 1.09) was shown as if it did."""
+    import io
+
+    from rich.console import Console
+
+    hyp = {f"hypothesis-{i}": 1.09 + i for i in range(12)}
+    rows = [
+        {"module": f"model.layers.{i}.mlp.up_proj", "scheme": "fp8-block", "backend": "torch",
+         "layout": {"order": "row-major"}, "checks": {"finite": True}, "best": "declared",
+         "kernel_hypotheses": {"declared": 1e-8} | hyp, "flagged": False, "hint": None}
+        for i in range(3)
+    ] + [
+        {"module": "model.layers.10.mlp.up_proj", "scheme": "fp8-block", "backend": "torch",
+         "layout": {"order": "row-major"}, "checks": {"finite": True}, "best": "fnuz-unnormalized",
+         "kernel_hypotheses": {"fnuz-unnormalized": 1.09} | hyp, "flagged": True,
+         "hint": "the kernel's weight matches no layout hypothesis (wrong kernel for the arch?)"},
+    ]  # fmt: skip
+    out = io.StringIO()
+    quant_cmd.render_audit(rows, "tgt", Console(file=out, width=120, force_terminal=False))
+    text = out.getvalue()
+    assert (
+        "FLAGGED model.layers.10.mlp.up_proj: the kernel's weight matches no layout hypothesis (wrong kernel for the arch?)"
+        in text
+    )
+    assert "tgt: 1 of 4 modules flagged" in text
+    row = next(line for line in text.splitlines() if "layers.10.mlp.up_proj" in line and "│" in line)
+    assert "FLAGGED" in row and "fnuz-unnormalized" not in row.split("│")[6]  # best: none
+    assert "declared" in next(line for line in text.splitlines() if "layers.0.mlp" in line)

@@ -549,3 +549,36 @@ def test_a_baseline_draw_whose_batch_requests_failed_allows_nothing() -> None:
         in tokens.note
     )
     assert "ref itself: 0" not in tokens.note and not tokens.passed
+
+
+def test_a_quantized_target_without_a_baseline_of_its_scheme_is_not_judged_against_the_probe_alone() -> None:
+    """T11: a correct fp8-block shim, no golden, moved 0.2131 nats batched against alone while the
+    fp32 reference moved 7.5e-6: FAIL on 'placement_logprob_max_diff 0.2131 > 0.05', every slot
+    against slot 0 at 0.0. Only a baseline of the target's scheme measures that move; the slots
+    against slot 0 stay judged."""
+    slots = [
+        SlotResult("batch slot 0 of 4", True, None, 0.2131, shape_dependent=True),
+        SlotResult(
+            "concurrent request 2 of 4", False, 3, 0.35, margin_at_difference=0.9, timing_dependent=True
+        ),
+        SlotResult("batch slot 1 of 4", True, None, 0.0),
+    ]
+    judged = InvarianceResult("p", 0.05, list(slots)).relative_to("reference", loose_draw(7.5e-6))
+    assert not judged.verdict().passed and judged.token_failures == 1
+    # no null measured: the rule names none (it said "the null's TIE margin" with no number)
+    assert "against the probe alone: flips within 2x reference's worst move (1.5e-05 nats) are ties" in (
+        judged.verdict().checks[0].note
+    )
+    unjudged = InvarianceResult("p", 0.05, list(slots)).relative_to("reference", loose_draw(7.5e-6))
+    unjudged.loose_unjudged = "no baseline of scheme fp8-block"
+    v = unjudged.verdict()
+    assert v.passed and unjudged.token_failures == 0
+    loose = next(c for c in v.checks if c.name == "placement_logprob_max_diff")
+    assert (
+        not loose.informative
+        and loose.value == 0.35
+        and "not judged: no baseline of scheme fp8-block" in loose.note
+    )
+    # a slot that moves against slot 0 still fails
+    unjudged.slots.append(SlotResult("batch slot 3 of 4", True, None, 0.3))
+    assert not unjudged.verdict().passed

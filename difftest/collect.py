@@ -91,7 +91,9 @@ class Generation:
         return ids if ids is not None else self.view.tokens
 
     def display_tokens(self) -> list[str]:
-        """Token texts for people: cut from the text by offsets when tokens came as ids."""
+        """Token texts for people and for string matching: cut from the text where the offsets
+        can be trusted (`TokensView.token_texts`), else the tokens as served ("token_id:N" labels
+        included: `retokenize.unreadable` names those, the pair is then compared word by word)."""
         texts = self.view.token_texts()
         return [t if t is not None else tok for t, tok in zip(texts, self.view.tokens, strict=True)]
 

@@ -40,6 +40,7 @@ from difftest.tokens_view import (
     greedy_not_top1,
     impossible_logprobs,
     parse_choice,
+    prompt_tokens,
 )
 
 # Status words of the conformance tables (probe's, and tokenizer_check's pair table).
@@ -97,6 +98,9 @@ class ProbeTokens:
     ids: tuple[int, ...] | None  # from /tokenize, token-id echo or the tokenizer hint
     strings: tuple[str, ...] | None  # from echo (token strings as served)
     source: str  # where `ids` came from: "tokenize" | "echo" | "hint" | "none"
+    # usage.prompt_tokens of the text (None: not reported): tokenizer_check's evidence where
+    # neither ids nor strings can be compared; evidence about the tokenization, not part of it
+    prompt_tokens: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,7 @@ async def _probe_generation(p: _Probe, text: str) -> None:
     if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
         raise ConformanceError(f"{p.where} cannot serve /v1/completions: {err or 'answer without text'}")
     a = choice["text"]
+    p.fields["_counts"] = {text: prompt_tokens(first)}  # spares _probe_tokenizations a request
     p.check("completions", OK, f"{len(a)} chars for max_tokens=16")
     n = len(first["choices"])
     if n != 1:  # a server that ignores `n` may ignore other parameters: said, never silent
@@ -526,14 +531,18 @@ async def _probe_tokenizations(
     p: _Probe, texts: Sequence[str], hint: Callable[[str], Sequence[int]] | None
 ) -> None:
     f, out, failed = p.fields, [], []
+    # a server whose answers carry no usage (the first generation's, an echo's) is asked no counts
+    asking = None not in f.get("_counts", {}).values()
     for text in texts:
-        ids, source, strings = None, "tokenize", None
+        ids, source, strings, count = None, "tokenize", None, None
         if f["tokenize"]:
             ids, err = await _tokenize(p.client, text)
             failed += [err] if ids is None else []
         if f.get("echo_logprobs"):
             as_ids = {"return_tokens_as_token_ids": True} if f["token_id_strings"] and ids is None else {}
             resp, err = await p.ask({"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1} | as_ids)
+            count = prompt_tokens(resp)
+            asking = asking and (resp is None or count is not None)
             view = p.view(resp) if resp else None
             if view is not None and f.get("_echo_continues"):
                 view = _prompt_part(view, text)
@@ -543,15 +552,20 @@ async def _probe_tokenizations(
                 ids, source = list(view.token_ids or ()), "echo"
             elif not view.has_ids:
                 strings = tuple(view.tokens)
+        if count is None:
+            count = f.get("_counts", {}).get(text)
+        if count is None and asking:
+            count = await _prompt_count(p, text)
+            asking = count is not None
         if ids is None and hint is not None:
             ids, source = list(hint(text)), "hint"
-        out.append(
-            ProbeTokens(text, None if ids is None else tuple(ids), strings, "none" if ids is None else source)
-        )
+        tokens = None if ids is None else tuple(ids)
+        out.append(ProbeTokens(text, tokens, strings, "none" if ids is None else source, count))
     f["tokenizations"] = tuple(out)
     n_ids = sum(t.ids is not None for t in out)
     n_str = sum(t.strings is not None for t in out)
-    detail = f"{n_ids} as ids, {n_str} as strings of {len(out)}" + (
+    n_cnt = sum(t.prompt_tokens is not None for t in out)
+    detail = f"{n_ids} as ids, {n_str} as strings, {n_cnt} counted of {len(out)}" + (
         f"; {len(failed)} failed: {failed[0]}" if failed else ""
     )
     if not (n_ids or n_str):
@@ -564,6 +578,17 @@ async def _probe_tokenizations(
             "tokenizations_failed" if failed else None,
             n=len(failed),
         )
+
+
+async def _prompt_count(p: _Probe, text: str) -> int | None:
+    """usage.prompt_tokens of `text` from the cheapest completion there is (max_tokens 1).
+
+    Asked only where no request the probe makes anyway (the echo, the first generation) gave the
+    count: a partner with neither token ids nor echo can be compared by counts alone, and the
+    probe of one server cannot know its partner, so every text needs its count. A server with echo
+    (vLLM, SGLang, the shim) pays nothing; one without pays a request of one token per text."""
+    resp, _ = await p.ask({"prompt": text, "max_tokens": 1, "temperature": 0})
+    return prompt_tokens(resp)
 
 
 # "not now" and a gateway that lost its server; a 500 stays "no debug protocol": some servers

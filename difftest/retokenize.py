@@ -15,6 +15,12 @@ match, exact match, first divergence and the text metrics run as usual. The repo
 tokenizer was used. Where no server of the pair serves /tokenize, both sides are split into words
 (whitespace-led pieces) instead, the same way: "token" match then reads "word match", and the
 report says so.
+
+Token ids whose text cannot be cut from the text (vLLM's `text_offset` counts the label
+"token_id:N", not the token's text) get each id's text from the server's `/detokenize` the same
+way, and offsets rebuilt from those texts where they join back to the text. Where they do not,
+or no /detokenize is served, the ids stay; a prompt where such a side meets one without ids is
+compared word by word (a "token_id:N" label never equals a token string), and the report says so.
 """
 
 from __future__ import annotations
@@ -67,6 +73,21 @@ def words(gen: Generation) -> Generation:
     return replace(gen, view=TokensView(tuple(positions), gen.text))
 
 
+def unreadable(gen: Generation) -> bool:
+    """Whether `gen`'s tokens are "token_id:N" labels with no text of their own: its offsets cannot
+    be trusted (`tokens_view.trusted_offsets`). Matched against token strings, every label is a
+    mismatch (token match 0% on identical answers)."""
+    return gen.error is None and gen.view.has_ids and None in gen.view.token_texts()
+
+
+def labels_against_strings(ref: Generation, tgt: Generation) -> bool:
+    """A pair whose token keys cannot be compared: one side's labels against the other's strings
+    (with ids on both sides the ids are compared, text or not)."""
+    if ref.error or tgt.error or (ref.view.has_ids and tgt.view.has_ids):
+        return False
+    return unreadable(ref) or unreadable(tgt)
+
+
 def note(name: str, tokenizer: str | None) -> str:
     if tokenizer is None:
         return (
@@ -92,7 +113,9 @@ class Retokenizer:
         self.wordwise = {k for k, v in chosen.items() if v is None}
         self.pairs = [(a, b) for a, b in pairs if a in self.chosen or b in self.chosen]
         self.word_pairs = [(a, b) for a, b in pairs if a in self.wordwise or b in self.wordwise]
-        self._pieces: dict[tuple[str, int], str] = {}
+        self._pieces: dict[tuple[str, int], str | None] = {}
+        # (baseline, target) -> prompts compared word by word: labels against token strings
+        self._worded: dict[tuple[str, str], set[str]] = {}
         # (token-less server, partner) -> prompt id -> the partner's generation on the same footing
         self._partner: dict[tuple[str, str], dict[str, Generation]] = {}
 
@@ -108,13 +131,40 @@ class Retokenizer:
         ids = data.get("tokens") if isinstance(data, dict) else None
         return ids if isinstance(ids, list) and all(isinstance(i, int) for i in ids) else None
 
-    async def _piece(self, ep: Endpoint, tid: int) -> str:
+    async def _text(self, ep: Endpoint, tid: int) -> str | None:
+        """One id's text from `ep`'s /detokenize, asked once per server and id (None: not served)."""
         key = (ep.name, tid)
         if key not in self._pieces:
             from difftest.collect import detokenize
 
-            self._pieces[key] = (await detokenize(ep, tid)) or ""
+            self._pieces[key] = await detokenize(ep, tid)
         return self._pieces[key]
+
+    async def _piece(self, ep: Endpoint, tid: int) -> str:
+        return (await self._text(ep, tid)) or ""
+
+    async def readable(self, ep: Endpoint, gens: Sequence[Generation]) -> list[Generation]:
+        """`gens` (one server's) with offsets rebuilt from each id's /detokenize text where the
+        server's own cannot be trusted and those texts join back to the text (followed by what the
+        text leaves out: an EOS, the rest of a stop string); the others as they are."""
+        todo = [g for g in gens if unreadable(g) and g.text is not None]
+        if not todo or not ep.caps.tokenize:
+            return list(gens)
+        ids = sorted({i for g in todo for i in g.view.token_ids or ()})
+        await asyncio.gather(*(self._text(ep, i) for i in ids))  # each id once, not once per prompt
+        marked = {id(g) for g in todo}
+        return [self._rebuilt(ep, g) if id(g) in marked else g for g in gens]
+
+    def _rebuilt(self, ep: Endpoint, gen: Generation) -> Generation:
+        text = gen.text or ""
+        pieces = [self._pieces.get((ep.name, i)) for i in gen.view.token_ids or ()]
+        if any(p is None for p in pieces) or not "".join(pieces).startswith(text):  # type: ignore[arg-type]
+            return gen  # a piece alone may decode otherwise (a byte, a leading "▁"): ids stay
+        positions, offset = [], 0
+        for pos, piece in zip(gen.view.positions, pieces, strict=True):
+            positions.append(replace(pos, text_offset=min(offset, len(text))))
+            offset += len(piece)  # type: ignore[arg-type]
+        return replace(gen, view=TokensView(tuple(positions), gen.text))
 
     async def tokens(self, ep: Endpoint, gen: Generation, *, force: bool = False) -> Generation:
         """`gen` with positions from `ep`'s tokenizer: when it has none, or (force) when its own
@@ -133,8 +183,14 @@ class Retokenizer:
 
     async def fill(self, gens: MutableMapping[str, MutableMapping[str, Generation]]) -> None:
         """Replace, in place, every token-less generation of the planned servers; tokenize their
-        partners' texts alike (kept per pair, see `for_pair`)."""
+        partners' texts alike (kept per pair, see `for_pair`); give id tokens without text theirs
+        (`readable`)."""
         self._partner.clear()
+        for name, per in gens.items():
+            if name in self.eps:
+                items = list(per.items())
+                done = await self.readable(self.eps[name], [g for _, g in items])
+                per.update((pid, g) for (pid, _), g in zip(items, done, strict=True))
         for name, tok_name in self.chosen.items():
             if name not in gens:
                 continue
@@ -162,4 +218,23 @@ class Retokenizer:
             )
         b = self._partner.get((target, baseline), gens[baseline])
         t = self._partner.get((baseline, target), gens[target])
+        worded = [pid for pid in t if pid in b and labels_against_strings(b[pid], t[pid])]
+        if not worded:
+            return b, t
+        self._worded.setdefault((baseline, target), set()).update(worded)
+        b, t = dict(b), dict(t)
+        for pid in worded:
+            b[pid], t[pid] = words(b[pid]), words(t[pid])
         return b, t
+
+    def notes(self, baseline: str, target: str) -> list[str]:
+        """The pair's prompts compared word by word because one side's ids had no text (for_pair)."""
+        worded = sorted(self._worded.get((baseline, target), ()))
+        if not worded:
+            return []
+        shown = ", ".join(worded[:5]) + (", ..." if len(worded) > 5 else "")
+        return [
+            f"{baseline} vs {target}: on {len(worded)} prompt(s) ({shown}) one side sent token ids whose "
+            "text_offset does not fit its text and no /detokenize text joins back to it, the other token "
+            "strings: those prompts are compared word by word (token match reads word match there)"
+        ]

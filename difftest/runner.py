@@ -605,6 +605,7 @@ async def run_async(
         for pair in pairs:
             unverified = any("could not be compared" in w for w in pair.warnings)
             pair.warnings.extend(pair.counts.notes(pair.baseline, pair.target, unverified=unverified))
+            pair.warnings.extend(retok.notes(pair.baseline, pair.target))  # pairs compared by words
             pair.warnings.extend(_depth_note(pair, eps, cfg.run.logprobs))
             diffs, unforced = scored.get((pair.kind, pair.target), ([], []))
             comps[(pair.kind, pair.target)] = finish_comparison(

@@ -14,14 +14,20 @@ from difftest.metrics.aggregate import aggregate_prompts, fill_generation, fill_
 from difftest.metrics.logprobs import PositionLogprobs, teacher_forced_stats
 from difftest.prompts import Prompt
 from difftest.results import Comparison, PromptDiff
+from difftest.retokenize import labels_against_strings, words
 from difftest.tokens_view import impossible_logprobs
 
 
 def _comparable_keys(ref: Generation, tgt: Generation) -> tuple[Sequence, Sequence, bool]:
-    """Ids on both sides, else strings on both sides: never an id compared with a string."""
+    """Ids on both sides, else strings on both sides: never an id compared with a string. Ids
+    with no text to show ("token_id:N" labels, `retokenize.unreadable`) against token strings:
+    both texts' words, as for a token-less pair (the run's retokenizer does it first and says so;
+    the quick look scores pairs itself)."""
     ref_ids, tgt_ids = ref.view.token_ids, tgt.view.token_ids
     if ref_ids is not None and tgt_ids is not None:
         return ref_ids, tgt_ids, True
+    if labels_against_strings(ref, tgt):
+        return words(ref).view.tokens, words(tgt).view.tokens, False
     return ref.display_tokens(), tgt.display_tokens(), False
 
 

@@ -24,6 +24,7 @@ token string otherwise. Metrics read only this structure.
 from __future__ import annotations
 
 import codecs
+import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -98,14 +99,50 @@ class TokensView:
         return max((len(p.top) for p in self.positions), default=0)
 
     def token_texts(self) -> tuple[str | None, ...]:
-        """Each token's text cut from `text` by the offsets (what "token_id:N" tokens look like)."""
-        offs = [p.text_offset for p in self.positions]
+        """Each token's text cut from `text` at its offset: what a "token_id:N" token looks like, and
+        one spelling for a byte piece two servers name differently ("<0xE2>", "bytes:\\xe2"). None
+        each where the offsets cannot be trusted (`trusted_offsets`): a cut at a wrong offset made
+        every token "" on both sides of a pair (a false token match of 100%)."""
+        offs = trusted_offsets(self)
+        if offs is None:
+            return tuple(None for _ in self.positions)
         if not offs:
             return ()
-        if self.text is None or any(o is None for o in offs):
-            return tuple(None for _ in offs)
-        ends = offs[1:] + [len(self.text)]
-        return tuple(self.text[a:b] for a, b in zip(offs, ends, strict=True))  # type: ignore[misc]
+        text = self.text or ""
+        ends = offs[1:] + [len(text)]
+        return tuple(text[a:b] for a, b in zip(offs, ends, strict=True))
+
+
+def trusted_offsets(view: TokensView) -> list[int] | None:
+    """The positions' offsets into `view.text`, counted from the first token; None where they
+    cannot be each token's start in that text.
+
+    Servers count `text_offset` three ways: from the continuation's start (vLLM), from the
+    prompt's start even without echo (OpenAI's legacy convention), and vLLM with token ids
+    advances by `len("token_id:N")`, the label, not the token's text. Shifting the first token to
+    0 covers the first two (an echo's first token is at 0 already); offsets that go back or past
+    the text's end are no cut at all. Two more signs of a wrong count: token strings that spell the
+    text (they join to it, or to it plus a listed EOS / stop-string tail) whose offsets are not
+    their running lengths, and offsets that advance by each token string's length while those
+    lengths do not add up to the text's (the labels or byte names were counted; a "▁the" marker
+    is as long as the " the" it stands for, so such strings still cut right)."""
+    offs = [p.text_offset for p in view.positions]
+    text = view.text
+    if not offs:
+        return []
+    if text is None or any(o is None for o in offs):
+        return None
+    rel = [o - offs[0] for o in offs]  # type: ignore[operator]
+    if any(b < a for a, b in zip(rel, rel[1:], strict=False)) or rel[-1] > len(text):
+        return None
+    tokens = view.tokens
+    running = [0, *itertools.accumulate(len(t) for t in tokens[:-1])]
+    plain = all(p.token_id is None for p in view.positions)
+    if plain and "".join(tokens).startswith(text):  # token strings that are the text
+        return rel if rel == [min(r, len(text)) for r in running] else None
+    if len(rel) > 1 and rel == running and sum(map(len, tokens)) != len(text):
+        return None  # counted the strings as sent, which are not the text
+    return rel
 
 
 def choice_zero(resp: Any, server: str, path: str) -> Any:
@@ -172,7 +209,8 @@ def parse_content(entries: Sequence[Any], *, text: str | None) -> TokensView:
     per generated token. Offsets are rebuilt from each token's `bytes` (the shape has no
     text_offset); an `id` the server gave is the token's id. Generated positions only, so a
     `null` logprob is never "nothing to condition on": it is NaN."""
-    positions, offset = [], 0
+    positions: list[Position] = []
+    offset: int | None = 0
     # one decoder over the running bytes: a character split over tokens belongs to the token that
     # completes it (each token's bytes decoded alone lost it, shifting later tokens' texts)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
@@ -193,7 +231,10 @@ def parse_content(entries: Sequence[Any], *, text: str | None) -> TokensView:
                 text_offset=offset,
             )
         )
-        offset += len(_piece(e, utf8))
+        piece = _piece(e, utf8)
+        # a "token_id:N" without bytes adds text of unknown length: the later offsets are unknown
+        # too (counted as "", every later token's text went to the last one)
+        offset = None if offset is None or piece is None else offset + len(piece)
     return TokensView(tuple(positions), text)
 
 
@@ -204,17 +245,17 @@ def _entry_id(entry: Mapping[str, Any]) -> int | None:
     return parse_token_id(entry["token"]) if isinstance(entry.get("token"), str) else None
 
 
-def _piece(entry: Mapping[str, Any], utf8: codecs.IncrementalDecoder) -> str:
+def _piece(entry: Mapping[str, Any], utf8: codecs.IncrementalDecoder) -> str | None:
     """The text a content entry adds: its bytes where given (a token string may be cut at a
     partial UTF-8 character), fed to `utf8`, which holds the earlier tokens' unfinished
-    character; else its token string (never a "token_id:N" label)."""
+    character; else its token string; None for a "token_id:N" label (its text is unknown)."""
     raw = entry.get("bytes")
     if isinstance(raw, list) and all(
         isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in raw
     ):
         return utf8.decode(bytes(raw))
     tok = entry.get("token")
-    return tok if isinstance(tok, str) and parse_token_id(tok) is None else ""
+    return tok if isinstance(tok, str) and parse_token_id(tok) is None else None
 
 
 def coverage_problem(

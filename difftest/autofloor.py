@@ -12,6 +12,7 @@ minimums stand; on a GPU it measures the real batch noise. It costs one serial p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
@@ -36,7 +37,7 @@ async def golden_floor(
 ) -> NoiseFloor:
     """`ep` asked again one request at a time, against its batched answers `batched`."""
     async with ep.client.sibling(name=f"{ep.name}@serial", concurrency=1) as serial_client:
-        serial = Endpoint(ep.name, serial_client, ep.caps)
+        serial = dataclasses.replace(ep, client=serial_client)
         task = progress.add(f"A/A {ep.name}", total=2 * len(prompts))
         gens = await generate_all(
             serial, prompts, max_tokens=max_tokens, k=k, seed=seed, on_done=lambda: progress.advance(task)

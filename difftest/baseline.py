@@ -11,9 +11,11 @@ by an httpx transport around the live connection (`RecordingTransport`) and answ
 The file is JSON, gzip-compressed, versioned (`FORMAT`, `VERSION`):
 
     format, version, created_at
-    reference        name, url and the model it served
+    reference        name, url and the model it served (the id the replay asks for), failed
+                     generations and the ids of their prompts
     settings         max_tokens, logprobs, seed, endpoint: what every request depended on
-    prompts          id, prompt, max_tokens (and messages for chat) of every prompt recorded
+    prompts          id, prompt, max_tokens (and messages for chat, tags where given) of every
+                     prompt recorded
     tokenizer        served model, vocabulary size, the probe texts' tokenizations
     capabilities     the probe's table and fields (what the reference could do)
     signature        difftest and library versions that recorded it; batch_slot_check and
@@ -21,15 +23,18 @@ The file is JSON, gzip-compressed, versioned (`FORMAT`, `VERSION`):
     exchanges        [{method, path, body, responses: [{status, content_type, body}]}]
 
 A baseline is black-box only: the debug routes are not recorded (white-box checks need a live
-reference). A run whose prompts, settings or endpoint differ from the recording, or that runs the batch-slot
-check the recording left out, is refused (exit 2) before any server starts, as is a file whose
-exchanges are damaged; a target whose tokenizer differs is refused by the same pair check as with
-a live reference.
+reference). A run whose prompts, settings or endpoint differ from the recording, or that runs the
+batch-slot check the recording left out or on another first prompt, is refused (exit 2) before
+any server starts, as is a file whose exchanges are damaged or hold no answer to a recorded
+prompt; a target whose tokenizer differs is refused by the same pair check as with a live
+reference. A replay never tokenizes another server's text (it holds no such answers:
+difftest.retokenize.plan), and a request it cannot answer anyway is named (`ReplayTransport.notes`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -43,7 +48,7 @@ from typing import Annotated, Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from difftest.errors import UsageError, first_invalid
+from difftest.errors import UsageError, first_invalid, output_error
 from difftest.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -153,7 +158,7 @@ class RecordingTransport(httpx.AsyncBaseTransport):
 class ReplayTransport(httpx.AsyncBaseTransport):
     """Answers from the recording: the n-th identical request gets the n-th recorded answer (the
     last one again after that, counted in `repeats`: such an answer is no new draw of the server);
-    a request never recorded is a 404 naming the baseline."""
+    a request never recorded is a 404 naming the baseline, counted in `missed` (see `notes`)."""
 
     def __init__(self, exchanges: Exchanges) -> None:
         self.exchanges = exchanges
@@ -161,14 +166,15 @@ class ReplayTransport(httpx.AsyncBaseTransport):
         self._lock = asyncio.Lock()
         self.misses = 0
         self.repeats = 0
+        self.missed: dict[str, int] = {}  # "POST /tokenize" -> how many such requests missed
+        self.first_missed: dict[str, str] = {}  # "POST /tokenize" -> the first one's body, cut short
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         content = await request.aread()
         key = request_key(request.method, request.url.path, content)
         responses = self.exchanges.table.get(key)
         if not responses:
-            self.misses += 1
-            log.debug("baseline: no recorded answer to %s %s", request.method, request.url.path)
+            self._miss(request.method, request.url.path, content)
             return httpx.Response(404, content=_NOT_RECORDED, headers={"content-type": "application/json"})
         async with self._lock:
             i = min(self._seen[key], len(responses) - 1)
@@ -181,13 +187,55 @@ class ReplayTransport(httpx.AsyncBaseTransport):
             r["status"], content=r["body"].encode(), headers={"content-type": r["content_type"]}
         )
 
+    def _miss(self, method: str, path: str, content: bytes) -> None:
+        """Count a request the recording cannot answer. Its 404 is no answer of the reference, so
+        whatever rests on it (a text left untokenized, a slot draw "refused") would be passed off
+        as the reference's: said at once on the terminal and kept for the report (`notes`). The
+        /debug routes are left out: the recorder answered them 404 itself, as replayed now."""
+        if path.startswith("/debug"):
+            return
+        what = f"{method.upper()} {path}"
+        self.misses += 1
+        if what not in self.missed:
+            body = content.decode("utf-8", "replace")
+            self.first_missed[what] = body if len(body) <= 120 else body[:119] + "…"
+            log.warning(
+                "baseline: %s was never recorded (first: %s); answered 404, which is not the reference's answer",
+                what, self.first_missed[what],
+            )  # fmt: skip
+        self.missed[what] = self.missed.get(what, 0) + 1
+
+    def notes(self, name: str) -> list[str]:
+        """One warning naming every kind of request the recording could not answer (none: [])."""
+        if not self.missed:
+            return []
+        asked = "; ".join(
+            f"{what} x{n} (first: {self.first_missed[what]})" for what, n in self.missed.items()
+        )
+        return [
+            f"{name}: the baseline holds no answer to {self.misses} request(s) this run asked ({asked}): "
+            "each was answered 404, which is not what the recorded reference answered, so the numbers "
+            "resting on them are not the reference's; re-record the baseline with this difftest"
+        ]
+
+
+REQUEST_FIELDS = ("id", "prompt", "max_tokens", "messages")  # what a prompt's requests depend on
+
 
 def prompt_record(p: Prompt) -> dict[str, Any]:
+    """`p` as the file keeps it; its tags too, so a run against the baseline keeps the per-tag
+    breakdown of the live reference's (they change no request, so `check` does not compare them)."""
     rec: dict[str, Any] = {"id": p.id, "prompt": p.prompt, "max_tokens": p.max_tokens}
     messages = getattr(p, "messages", None)
     if messages:
         rec["messages"] = [dict(m) for m in messages]
+    if p.tags:
+        rec["tags"] = list(p.tags)
     return rec
+
+
+def _request_fields(rec: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k in REQUEST_FIELDS}
 
 
 @dataclass
@@ -203,6 +251,8 @@ class Baseline:
     signature: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     path: Path | None = None
+    # the replays handed out (`transport`): what they could not answer goes into the report
+    replays: list[ReplayTransport] = field(default_factory=list, repr=False, compare=False)
 
     # ------------------------------------------------------------------ file
 
@@ -223,11 +273,16 @@ class Baseline:
     def write(self, path: Path) -> Path:
         """Atomically: a half-written baseline never replaces a good one."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, ensure_ascii=False, separators=(",", ":"))
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(tmp, "wt", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, ensure_ascii=False, separators=(",", ":"))
+            tmp.replace(path)
+        except OSError as exc:  # a full disk, a folder in the file's place: one line, exit 2
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a stray half-written file is no baseline
+            raise output_error(path, exc) from None
         return path
 
     @classmethod
@@ -278,11 +333,25 @@ class Baseline:
                     id=rec["id"],
                     prompt=rec["prompt"],
                     max_tokens=rec.get("max_tokens"),
+                    tags=tuple(rec.get("tags") or ()),  # a file recorded before tags were kept has none
                     source="baseline",
                     **extra,
                 )
             )
         return out
+
+    def replay_model(self) -> str | None:
+        """The model id to ask the replay for: the recorded one. Asked for none, the probe takes the
+        first id /v1/models lists, and a recording of a url reference that named another of
+        several served models holds no answer to that (every request a 404). Where the recording
+        itself took the first of several (its probe said so), None asks as it did."""
+        from difftest.conformance import WARNINGS
+
+        head = WARNINGS["several_models"].split("{", 1)[0]
+        if any(str(w).startswith(head) for w in self.capabilities.get("warnings") or ()):
+            return None
+        model = self.reference.get("model")
+        return model if isinstance(model, str) else None
 
     @property
     def slot_draws(self) -> int:
@@ -314,13 +383,62 @@ class Baseline:
             rec = recorded.get(p.id)
             if rec is None:
                 raise UsageError(f"{where} has no prompt {p.id!r} ({len(recorded)} prompts recorded)")
-            if prompt_record(p) != {
-                k: v for k, v in rec.items() if k in ("id", "prompt", "max_tokens", "messages")
-            }:
+            if _request_fields(prompt_record(p)) != _request_fields(rec):
                 raise UsageError(f"{where}: prompt {p.id!r} differs from the recorded one")
+        self._check_answered(where, settings, prompts)
+        self._check_slot_probe(where, settings, prompts)
+
+    def _check_answered(self, where: str, settings: Mapping[str, Any], prompts: Sequence[Prompt]) -> None:
+        """Each prompt's greedy request is in the exchanges: a prompt text edited in the file asks
+        what was never recorded, every request a 404 read as the reference failing (exit 3, which
+        a CI job retries in vain). A prompt whose recording failed with no answer at all is not
+        there either: those the file names (`failed_prompts`) are let through, and all of them in
+        a file that counts its failures without naming them (recorded before they were named)."""
+        failed = self.reference.get("failed_prompts")
+        if failed is None and self.reference.get("failed_generations"):
+            return
+        asked, lost = self._greedy_requests(), set(failed or ())
+        for p in prompts:
+            if p.id in lost:
+                continue
+            limit = p.max_tokens or settings.get("max_tokens")
+            if _greedy_key(p, settings.get("endpoint"), limit) not in asked:
+                raise UsageError(
+                    f"{where}: prompt {p.id!r} has no recorded answer (its text, messages or max_tokens "
+                    "are not what was asked: an edited file?); re-record it"
+                )
+
+    def _greedy_requests(self) -> set[str]:
+        """(text or messages, max_tokens) of every recorded generation request (echoes left out)."""
+        out = set()
+        for key in self.exchanges.table:
+            _, path, body = json.loads(key)
+            if isinstance(body, dict) and path.endswith("/completions") and not body.get("echo"):
+                what = body.get("messages") if path.endswith("/chat/completions") else body.get("prompt")
+                out.add(json.dumps([what, body.get("max_tokens")], sort_keys=True))
+        return out
+
+    def _check_slot_probe(self, where: str, settings: Mapping[str, Any], prompts: Sequence[Prompt]) -> None:
+        """The batch-slot check probes the run's first prompt, and the recording holds the slot
+        draws of its own first prompt only: with another first prompt every reference draw is a
+        404, read as "not measured on the reference", and the target is judged alone."""
+        if not (settings.get("batch_slot_check") and settings.get("endpoint") != "chat" and self.slot_draws):
+            return
+        if prompts and self.prompts and prompts[0].id != self.prompts[0]["id"]:
+            raise UsageError(
+                f"{where}: the batch-slot check probes the first prompt, and this run's ({prompts[0].id!r}) "
+                f"is not the recording's ({self.prompts[0]['id']!r}): put {self.prompts[0]['id']!r} "
+                "first in the prompts (or, in a config, set batch_slot_check = false)"
+            )
 
     def transport(self) -> ReplayTransport:
-        return ReplayTransport(self.exchanges)
+        replay = ReplayTransport(self.exchanges)
+        self.replays.append(replay)
+        return replay
+
+    def replay_notes(self, name: str) -> list[str]:
+        """What the run asked that the recording could not answer, as run warnings (none: [])."""
+        return [n for r in self.replays for n in r.notes(name)]
 
     def provenance(self) -> dict[str, Any]:
         """What report.json's signature records of the baseline a run was judged against."""
@@ -331,6 +449,7 @@ class Baseline:
             "settings": self.settings,
             "prompts": len(self.prompts),
             "recorded_with": self.signature.get("versions", {}).get("difftest"),
+            "not_recorded": _merged(r.missed for r in self.replays),  # requests answered 404: none is {}
         }
 
     def describe(self) -> str:
@@ -345,6 +464,23 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _merged(counts: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for what, n in c.items():
+            out[what] = out.get(what, 0) + n
+    return out
+
+
+def _greedy_key(p: Prompt, endpoint: str | None, max_tokens: Any) -> str:
+    """`p`'s greedy request as `Baseline._greedy_requests` lists the recorded ones."""
+    if endpoint == "chat":
+        from difftest.chat import messages_of
+
+        return json.dumps([messages_of(p), max_tokens], sort_keys=True)
+    return json.dumps([p.prompt, max_tokens], sort_keys=True)
+
+
 def _check_shapes(data: Mapping[str, Any]) -> None:
     """The fields a run reads, of the types it reads them as (ValueError naming the first that is
     not): a damaged file is refused at once, not as a KeyError or TypeError halfway through a run.
@@ -352,14 +488,19 @@ def _check_shapes(data: Mapping[str, Any]) -> None:
     settings = data["settings"]
     if not isinstance(settings, dict):
         raise ValueError("'settings' is not an object")
-    for key, ok in (("max_tokens", lambda v: _is_int(v) and v >= 1), ("logprobs", lambda v: _is_int(v) and 0 <= v <= 20),
+    # logprobs 1..20 as --logprobs and [run] logprobs: no recording holds 0 (config.LOGPROBS_WHY)
+    for key, ok in (("max_tokens", lambda v: _is_int(v) and v >= 1), ("logprobs", lambda v: _is_int(v) and 1 <= v <= 20),
                     ("seed", lambda v: v is None or (_is_int(v) and v >= 0)),
                     ("endpoint", lambda v: v in (None, "completions", "chat"))):  # fmt: skip
         if key in settings and not ok(settings[key]):
             raise ValueError(f"settings.{key} is {settings[key]!r}")
+    failed = data["reference"].get("failed_prompts") if isinstance(data["reference"], dict) else None
+    if failed is not None and not (isinstance(failed, list) and all(isinstance(f, str) for f in failed)):
+        raise ValueError("reference.failed_prompts is not a list of prompt ids")
     prompts = data["prompts"]
     if not isinstance(prompts, list):
         raise ValueError("'prompts' is not a list")
+    seen: dict[str, int] = {}
     for i, rec in enumerate(prompts):
         if not (
             isinstance(rec, dict) and isinstance(rec.get("id"), str) and isinstance(rec.get("prompt"), str)
@@ -369,6 +510,15 @@ def _check_shapes(data: Mapping[str, Any]) -> None:
             raise ValueError(f"prompts[{i}].max_tokens is {rec['max_tokens']!r}")
         if rec.get("messages") is not None and not isinstance(rec["messages"], list):
             raise ValueError(f"prompts[{i}].messages is not a list")
+        tags = rec.get("tags")
+        if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+            raise ValueError(f"prompts[{i}].tags is not a list of strings")
+        # a prompt judged twice counts twice in every mean; a prompts file refuses the same
+        if rec["id"] in seen:
+            raise ValueError(
+                f"prompts[{i}]: duplicate id {rec['id']!r} (first at prompts[{seen[rec['id']]}])"
+            )
+        seen[rec["id"]] = i
 
 
 def run_settings(run: Any) -> dict[str, Any]:

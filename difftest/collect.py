@@ -5,10 +5,10 @@ Two request kinds, both over `/v1/completions`:
 - **generate**: the prompt, greedy (`temperature=0`), `logprobs=k`, token ids when the server
   honours `return_tokens_as_token_ids`. Gives the free-running continuation of each side.
 - **force**: the baseline's prompt + continuation echoed back with `max_tokens=0`, `logprobs=k`,
-  so that both sides score *the same* tokens. Sent as token ids when both sides accept id
-  prompts (re-tokenising text can shift the alignment at the seam), else as text with an
-  alignment check: a continuation that does not re-tokenise to the same tokens is reported,
-  never scored at shifted positions.
+  so that both sides score *the same* tokens. Sent as token ids when the target accepts id
+  prompts and returns ids (re-tokenising text can shift the alignment at the seam), else as text
+  with an alignment check: a continuation that does not re-tokenise to the same tokens is
+  reported, never scored at shifted positions.
 
 A failed request never raises out of here: it becomes an `error` string on that prompt, so that
 one dead request is counted in the denominators instead of ending the run (the runner decides
@@ -46,6 +46,9 @@ class Endpoint:
     name: str
     client: CompletionClient
     caps: Capabilities
+    # the run's `seed`, sent with every request built here (echoes, slot probes): README promises
+    # it on every request, and a baseline replays only the bodies it recorded
+    seed: int = 0
 
     def payload(
         self, prompt: Any, *, max_tokens: int, k: int, seed: int, echo: bool = False
@@ -204,7 +207,7 @@ async def prompt_token_ids(ep: Endpoint, text: str) -> list[int] | None:
             if isinstance(ids, list) and all(isinstance(i, int) for i in ids):
                 return ids
         if ep.caps.token_id_strings and ep.caps.echo:
-            resp = await ep.client.completions(ep.payload(text, max_tokens=0, k=0, seed=0, echo=True))
+            resp = await ep.client.completions(ep.payload(text, max_tokens=0, k=0, seed=ep.seed, echo=True))
             ids = first_choice(resp, ep.name)[1].token_ids
             return list(ids) if ids is not None else None
     except OutputError:  # our own folder, not the server: the run stops (exit 2)
@@ -229,11 +232,11 @@ async def force(
         return Forced(())
     cont_ids = continuation.view.token_ids
     if as_ids and prompt_ids is not None and cont_ids is not None:
-        body = ep.payload(list(prompt_ids) + list(cont_ids), max_tokens=0, k=k, seed=0, echo=True)
+        body = ep.payload(list(prompt_ids) + list(cont_ids), max_tokens=0, k=k, seed=ep.seed, echo=True)
     else:
         if continuation.text is None:
             return Forced(error="no continuation text to echo")
-        body = ep.payload(prompt.prompt + continuation.text, max_tokens=0, k=k, seed=0, echo=True)
+        body = ep.payload(prompt.prompt + continuation.text, max_tokens=0, k=k, seed=ep.seed, echo=True)
     by_ids = "prompt" in body and isinstance(body["prompt"], list)
     try:
         resp = await ep.client.completions(body)
@@ -254,10 +257,10 @@ async def force(
             broken=by_ids,
         )
     tail = view.positions[-n:]
-    if not _aligned(tail, continuation.view.positions):
-        if by_ids:  # ids in, other ids out: the server changed what it was told to score
+    if not _aligned(tail, _spellings(view)[-n:], continuation.view.positions, _spellings(continuation.view)):
+        if by_ids:  # ids in, other tokens out: the server changed what it was told to score
             return Forced(
-                error=f"{ep.name}: echoed token ids differ from the ids sent", failed=True, broken=True
+                error=f"{ep.name}: echoed tokens differ from the token ids sent", failed=True, broken=True
             )
         return Forced(
             error="echoed tokens do not line up with the continuation (re-tokenisation shifted them)"
@@ -301,14 +304,34 @@ async def force_all(
     return {p.id: f for p, f in zip(prompts, forced, strict=True)}
 
 
-def _aligned(echoed: Sequence[Position], generated: Sequence[Position]) -> bool:
-    for e, g in zip(echoed, generated, strict=True):
+def _aligned(
+    echoed: Sequence[Position],
+    echoed_spelled: Sequence[str],
+    generated: Sequence[Position],
+    generated_spelled: Sequence[str],
+) -> bool:
+    """Whether the echo's last positions are the continuation's tokens: by id where both sides
+    give ids, else by spelling (`_spellings`). A "token_id:N" label compared with a token string
+    never matched: a server that ignores `return_tokens_as_token_ids` failed every echo."""
+    pairs = zip(echoed, echoed_spelled, generated, generated_spelled, strict=True)
+    for e, e_text, g, g_text in pairs:
         if e.token_id is not None and g.token_id is not None:
             if e.token_id != g.token_id:
                 return False
-        elif e.token != g.token:
+        elif e_text != g_text:
             return False
     return True
+
+
+def _spellings(view: TokensView) -> list[str]:
+    """Each token as a string to compare across sides: as served where the server sent a string,
+    the text cut at its offsets where it sent a "token_id:N" label (the label where the offsets
+    cannot be trusted). Cut from the whole view: a slice's offsets no longer start its text."""
+    texts = view.token_texts()
+    return [
+        t if p.token_id is not None and t is not None else p.token
+        for p, t in zip(view.positions, texts, strict=True)
+    ]
 
 
 async def detokenize(ep: Endpoint, token_id: int) -> str | None:

@@ -517,7 +517,7 @@ async def twin_difference(
         return None
     views = []
     for ep in (golden, twin):
-        body = ep.payload(prompts[0].prompt, max_tokens=max_tokens, k=k, seed=0)
+        body = ep.payload(prompts[0].prompt, max_tokens=max_tokens, k=k, seed=ep.seed)
         try:
             answer = await ep.client.completions(body, use_cache=False)
             views.append(parse_choice(answer["choices"][0], server=ep.name))
@@ -563,7 +563,7 @@ async def check_batch_slots(
     result = InvarianceResult(probe.id, tolerance)
 
     def body(prompt: Any) -> dict[str, Any]:
-        return ep.payload(prompt, max_tokens=max_tokens, k=k, seed=0)
+        return ep.payload(prompt, max_tokens=max_tokens, k=k, seed=ep.seed)
 
     try:
         alone = parse_choice(

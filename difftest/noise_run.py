@@ -38,6 +38,7 @@ class _Pass:
 
 async def _one_pass(ep: Endpoint, cfg: RunConfig, prompts: Sequence[Prompt], base: _Pass | None) -> _Pass:
     k = cfg.run.logprobs
+    ep = dataclasses.replace(ep, seed=cfg.run.seed)  # its echoes too: the floor is measured as runs ask
     gens = await generate_all(ep, prompts, max_tokens=cfg.run.max_tokens, k=k, seed=cfg.run.seed)
     source = base.gens if base is not None else gens
     as_ids = bool(ep.caps.int_prompts) and ep.caps.token_id_strings
@@ -50,7 +51,7 @@ async def _one_pass(ep: Endpoint, cfg: RunConfig, prompts: Sequence[Prompt], bas
 async def _serial_pass(ep: Endpoint, cfg: RunConfig, prompts: Sequence[Prompt], base: _Pass) -> _Pass:
     """The same server asked one request at a time (a sibling client: probed once, not again)."""
     async with ep.client.sibling(name=f"{ep.name}@serial", concurrency=1) as client:
-        return await _one_pass(Endpoint(ep.name, client, ep.caps), cfg, prompts, base)
+        return await _one_pass(dataclasses.replace(ep, client=client), cfg, prompts, base)
 
 
 def _compare(name: str, a: _Pass, b: _Pass, prompts: Sequence[Prompt], cfg: RunConfig) -> Comparison:

@@ -7,14 +7,17 @@ where the reference returns token ids — as ids too, since which of the two a r
 the target; the prompts' token ids for that; the batch-slot check, as many times as a run draws
 the reference's own slot variance (runner.SLOT_BASELINE_DRAWS, one after the other as there): the
 replay gives the n-th identical request the n-th recorded answer, so each replayed draw is a
-recorded draw, not the first one served again. Nothing else is needed later.
+recorded draw, not the first one served again; its fingerprint (/version); the /detokenize
+text of its own token ids where they come without text. Nothing else is needed later: another
+server's text is never tokenized by the replay (`retokenize.plan`), since the recording cannot
+know it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from difftest.baseline import Baseline, RecordingTransport, prompt_record
@@ -51,8 +54,13 @@ async def record_reference(
     )  # fmt: skip
     try:
         caps = await probe_endpoint(client, model, settings.get("endpoint", "completions"))
-        ep = Endpoint(name, client, caps)
+        # a run reads the reference's fingerprint (its /version, the scheme it serves): unrecorded,
+        # /version was a replay miss in every run with a quantized target
+        await client.fingerprint()
         k, max_tokens, seed = settings["logprobs"], settings["max_tokens"], settings["seed"]
+        # the run's seed on every request built from the endpoint (echoes, slot probes), as a run
+        # sends it: a replay answers only the bodies it recorded
+        ep = Endpoint(name, client, caps, seed=seed)
         variants = sorted({False, bool(caps.token_id_strings)}) if caps.teacher_forced else []
         ids: dict[str, list[int] | None] = {}
 
@@ -61,7 +69,7 @@ async def record_reference(
                 ids[p.id] = await prompt_token_ids(ep, p.prompt)
             return ids[p.id]
 
-        failed = 0
+        failed: list[str] = []
         with Progress(enabled=progress) as bar:
             gen_task = bar.add("generate", total=len(prompts))
             tf_task = bar.add("teacher-forced", total=len(prompts) * len(variants))
@@ -70,7 +78,8 @@ async def record_reference(
                 gens = await generate_all(
                     ep, chunk, max_tokens=max_tokens, k=k, seed=seed, on_done=lambda: bar.advance(gen_task)
                 )
-                failed += sum(1 for g in gens.values() if g.error)
+                failed += [pid for pid, g in gens.items() if g.error]
+                await _record_readable(ep, gens)
                 for as_ids in variants:
                     await force_all(
                         ep, chunk, gens, k=k, as_ids=as_ids, prompt_ids=ids_for,
@@ -88,10 +97,18 @@ async def record_reference(
         await client.aclose()
     if failed:
         log.warning(
-            "%s: %d of %d generations failed; they are recorded as failures", name, failed, len(prompts)
+            "%s: %d of %d generations failed; they are recorded as failures", name, len(failed), len(prompts)
         )
     return Baseline(
-        reference={"name": name, "url": url, "model": caps.model, "failed_generations": failed},
+        # failed_prompts: a generation lost without an answer is not in the exchanges, and
+        # Baseline.check must tell it from a prompt edited in the file
+        reference={
+            "name": name,
+            "url": url,
+            "model": caps.model,
+            "failed_generations": len(failed),
+            "failed_prompts": failed,
+        },
         settings=dict(settings),
         prompts=[prompt_record(p) for p in prompts],
         exchanges=rec.exchanges,
@@ -111,6 +128,15 @@ async def record_reference(
             "batch_slot_draws": slot_draws,
         },
     )
+
+
+async def _record_readable(ep: Endpoint, gens: Mapping[str, Any]) -> None:
+    """Ask what a run asks of the reference's own answers after generating: the /detokenize text
+    of ids that come without one (vLLM's "token_id:N" labels, `retokenize.Retokenizer.readable`).
+    Unrecorded, the replay answers those 404 and a run keeps labels where the live one had text."""
+    from difftest.retokenize import Retokenizer
+
+    await Retokenizer({ep.name: ep}, {}).readable(ep, list(gens.values()))
 
 
 def record(name: str, url: str, prompts: Sequence[Prompt], settings: dict[str, Any], **kw: Any) -> Baseline:

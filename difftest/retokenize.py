@@ -43,8 +43,25 @@ def needs_tokens(ep: Endpoint) -> bool:
     return ep.caps.logprobs_cap <= 0
 
 
+def replayed(ep: Endpoint) -> bool:
+    """Whether `ep` is a recorded baseline answering from its file (difftest.baseline)."""
+    from difftest.baseline import REPLAY_URL
+
+    return ep.client.base_url.rstrip("/") == REPLAY_URL
+
+
+def can_tokenize(ep: Endpoint) -> bool:
+    """Whether `ep`'s /tokenize can tokenize a text this run has made. A recorded baseline lists
+    /tokenize among its recorded capabilities but holds answers for the texts it was asked when
+    recording only: every other text is a 404, a continuation left with no tokens (token match 0%,
+    a false FAIL). A recording can never hold them: they depend on the target's answers."""
+    return ep.caps.tokenize and not replayed(ep)
+
+
 def plan(eps: Mapping[str, Endpoint], pairs: Sequence[tuple[str, str]]) -> dict[str, str | None]:
-    """Server without tokens -> the server whose /tokenize tokenizes its text (None: none found)."""
+    """Server without tokens -> the live server whose /tokenize tokenizes its text (None: none
+    found, the pair is compared word by word); its own first, else a partner's (the pair check
+    has compared the two tokenizers where it could)."""
     out: dict[str, str | None] = {}
     for name, ep in eps.items():
         if not needs_tokens(ep):
@@ -52,10 +69,10 @@ def plan(eps: Mapping[str, Endpoint], pairs: Sequence[tuple[str, str]]) -> dict[
         partners = [b if a == name else a for a, b in pairs if name in (a, b)]
         if not partners:
             continue
-        if ep.caps.tokenize:
+        if can_tokenize(ep):
             out[name] = name
             continue
-        out[name] = next((p for p in partners if eps[p].caps.tokenize), None)
+        out[name] = next((p for p in partners if can_tokenize(eps[p])), None)
     return out
 
 
@@ -91,7 +108,8 @@ def labels_against_strings(ref: Generation, tgt: Generation) -> bool:
 def note(name: str, tokenizer: str | None) -> str:
     if tokenizer is None:
         return (
-            f"{name} returns no tokens (no logprobs) and no server of the pair serves /tokenize: both "
+            f"{name} returns no tokens (no logprobs) and no live server of the pair serves /tokenize (a "
+            "recorded baseline holds no tokenization of texts it was not asked while recording): both "
             "sides are compared word by word (token match reads word match), no TIE/DRIFT classification"
         )
     whose = "its own" if tokenizer == name else f"{tokenizer}'s"

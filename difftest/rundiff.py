@@ -3,8 +3,9 @@ two report.json files and whether the move is beyond noise. Pure functions of tw
 
 "Beyond noise", per metric, from what each report stored:
 
-- both runs have a bootstrap 95% interval for the metric over at least MIN_PROMPTS_FOR_CI prompts
-  (fewer: a bootstrap is overconfident), not both of zero width: the move counts when the two
+- both runs have a bootstrap 95% interval for the metric over at least MIN_PROMPTS_FOR_CI prompts,
+  counted as the verdict counts them (a KL over its teacher-forced prompts; fewer: a bootstrap is
+  overconfident), not both of zero width: the move counts when the two
   intervals are disjoint (conservative: two independent 95% intervals are disjoint by chance in
   well under 1% of runs, so a flagged move is worth a look) and the move is larger than the
   smallest move worth a word for that metric (MIN_MOVE: the verdict's own absolute minimum, KL
@@ -35,7 +36,7 @@ from typing import Any
 from difftest.null import ABS_MIN
 from difftest.report.words import CheckWords, all_checks
 from difftest.results import Comparison, RunResult, TargetResult
-from difftest.verdict import MIN_PROMPTS_FOR_CI
+from difftest.verdict import MIN_PROMPTS_FOR_CI, _judged_prompts
 
 HIGHER_IS_BETTER = frozenset(
     {"token_match", "exact_match", "top1_agreement", "bleu", "chrf", "median_first_divergence"}
@@ -52,6 +53,10 @@ NO_DIRECTION = frozenset({"n_prompts", "tie", "tf_prompts", "bleu_order"})
 # requests that got no answer: worse for any target, since they leave its verdict open (a negative
 # control's too: an undecided control is a control that no longer catches its fault)
 REQUEST_LOSSES = frozenset({"failed_rate", "failed_requests"})
+# the keys that average over the teacher-forced prompts only (metrics.aggregate: tf_prompts)
+TEACHER_FORCED = frozenset(
+    {"kl_mean", "kl_lower_mean", "kl_upper_mean", "kl_p99", "top1_agreement", "dp_mean", "dp_rms"}
+)
 # metric -> the noise floor field that bounds its run-to-run spread
 FLOOR_FIELDS = {
     "kl_mean": "kl_mean",
@@ -201,10 +206,15 @@ def _ci(c: Comparison, metric: str) -> tuple[float, float] | None:
     return float(ci[0]), float(ci[1])
 
 
-def _enough_prompts(c: Comparison) -> bool:
-    """Over MIN_PROMPTS_FOR_CI prompts (a comparison of aggregates alone, with no count: taken as is)."""
-    n = _number(c.aggregate.get("n_prompts"))
-    n = len(c.prompts) if n is None and c.prompts else n
+def _enough_prompts(c: Comparison, metric: str) -> bool:
+    """Whether the metric's interval rests on MIN_PROMPTS_FOR_CI prompts or more, counted as the
+    verdict counts them (`_judged_prompts`: a KL over 2 teacher-forced prompts of 10 rests on 2,
+    and n_prompts made its 2-prompt bootstrap "beyond noise"); a teacher-forced key never on more
+    than tf_prompts, which it averages over. No count at all: taken as is."""
+    n = _judged_prompts(c, metric)
+    tf = _number(c.aggregate.get("tf_prompts"))
+    if metric in TEACHER_FORCED and tf is not None:
+        n = int(tf) if n is None else min(n, int(tf))
     return n is None or n >= MIN_PROMPTS_FOR_CI
 
 
@@ -214,7 +224,7 @@ def _beyond_cis(metric: str, ca: Comparison, cb: Comparison, delta: float) -> tu
     reader seeing two disjoint intervals is told why they do not count. None: the intervals cannot
     say (missing, too few prompts, or both a single value)."""
     ci_a, ci_b = _ci(ca, metric), _ci(cb, metric)
-    if ci_a is None or ci_b is None or not (_enough_prompts(ca) and _enough_prompts(cb)):
+    if ci_a is None or ci_b is None or not (_enough_prompts(ca, metric) and _enough_prompts(cb, metric)):
         return None
     if ci_a[0] == ci_a[1] and ci_b[0] == ci_b[1]:
         return None
@@ -303,6 +313,10 @@ def _target(
         cd.metrics = [metric_move(k, ca, cb, floor_spread(floor, k), tb.expect) for k in keys]
         cd.prompts_compared, cd.continuations_changed = _changed_prompts(ca, cb)
         out.comparisons.append(cd)
+    kinds_a = {ca.kind for ca in ta.comparisons}
+    for cb in tb.comparisons:  # a comparison new in B (a golden added) is as unpaired as one B lost
+        if cb.kind not in kinds_a:
+            out.warnings.append(f"{name}: {cb.kind} vs {cb.baseline} is in B only")
     return out
 
 

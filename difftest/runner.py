@@ -126,15 +126,18 @@ async def _connect(
         )
         for name, srv in running.items()
     }
-    if baseline is not None:  # the recorded reference: same client, answers replayed from the file
-        clients[cfg.reference.name] = CompletionClient(
-            REPLAY_URL, name=cfg.reference.name, concurrency=concurrency, transport=baseline.transport()
-        )
     wanted = {name: url_model(srv.spec) for name, srv in running.items()}
+    if baseline is not None:  # the recorded reference: same client, answers replayed from the file
+        # asking the model the recording asked: the first id listed is another on a server of several
+        wanted[cfg.reference.name] = baseline.replay_model()
+        clients[cfg.reference.name] = CompletionClient(
+            REPLAY_URL, name=cfg.reference.name, concurrency=concurrency, transport=baseline.transport(),
+            model=wanted[cfg.reference.name],
+        )  # fmt: skip
     caps = await asyncio.gather(
         *(probe_endpoint(c, wanted.get(name), cfg.run.endpoint) for name, c in clients.items())
     )
-    return {name: Endpoint(name, clients[name], cap) for name, cap in zip(clients, caps, strict=True)}
+    return {n: Endpoint(n, clients[n], cap, cfg.run.seed) for n, cap in zip(clients, caps, strict=True)}
 
 
 def _probe_notes(eps: Mapping[str, Endpoint]) -> list[str]:
@@ -919,4 +922,5 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
     run.warnings.extend(problems)
     if opts.baseline is not None:  # where the reference's answers came from
         run.signature["baseline"] = opts.baseline.provenance()
+        run.warnings.extend(opts.baseline.replay_notes(cfg.reference.name))  # what it could not answer
     return run, problems

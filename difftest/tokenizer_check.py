@@ -106,6 +106,9 @@ async def check_pair(
     who = [c.name for c, caps in ((rc, ra), (tc, ta)) if not caps.teacher_forced and caps.api != "chat"]
     if who:
         warnings.append(f"teacher-forced metrics disabled: echo not trusted on {', '.join(who)}")
+    elif teacher_forced and ra.token_id_strings != ta.token_id_strings:
+        teacher_forced = False  # KL over lists keyed one side by id, the other by string: no entry matches
+        warnings.append(_keyed_apart(rc.name, tc.name, ra.token_id_strings))
     return PairCheck(
         ref=rc.name,
         target=tc.name,
@@ -113,9 +116,27 @@ async def check_pair(
         probes_compared=compared,
         vocab_sizes=(ra.vocab_size, ta.vocab_size),
         teacher_forced=teacher_forced,
-        echo_as_ids=bool(ta.int_prompts) and ra.token_id_strings,
+        echo_as_ids=echo_as_ids(ra, ta),
         warnings=tuple(warnings),
         counts_agree=0 if compared else _agreeing(counted),
+    )
+
+
+def echo_as_ids(ra: Capabilities, ta: Capabilities) -> bool:
+    """Whether the reference's token ids are echoed into the target as ids: only where the target
+    takes id prompts and its echo returns ids to check them by. A target that ignores
+    `return_tokens_as_token_ids` echoes strings, which never equal the ids sent: every echo read
+    as "other ids back", and two identical servers FAILed."""
+    return bool(ta.int_prompts) and ra.token_id_strings and ta.token_id_strings
+
+
+def _keyed_apart(ref: str, tgt: str, ref_ids: bool) -> str:
+    """Why a pair whose echoes both work has no teacher-forced metrics: one side's top-k lists are
+    keyed by token id, the other's by token string, and the two cannot be matched entry by entry."""
+    ids, strings = (ref, tgt) if ref_ids else (tgt, ref)
+    return (
+        f"teacher-forced metrics disabled: {ids} returns token ids, {strings} only token strings "
+        f"(return_tokens_as_token_ids ignored): their top-k lists cannot be matched"
     )
 
 

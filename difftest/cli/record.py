@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_slot_check": run_cfg.batch_slot_check and not args.no_batch_slot_check,
     }
     out = Path(args.out) / FILE
+    _check_writable(out)
     if out.exists() and not args.overwrite:  # it may be the only copy: the reference can be gone
         raise UsageError(f"{out} already holds a recorded baseline; give another -o DIR, or --overwrite")
     if spec is None or spec.kind == "url":
@@ -144,6 +145,21 @@ def recording_warnings(warnings: list[str]) -> list[str]:
     from difftest.conformance import WARNINGS
 
     return [w for w in warnings if w != WARNINGS["no_debug"]]
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse, before the reference is asked anything, a file that could not be written once the
+    whole recording is done: a folder in its place (--overwrite replaces a file, never a folder)
+    or a file where one of its folders goes."""
+    from difftest.errors import OutputError
+
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise OutputError(out, f"{parent} is a file, not a folder")
+    if out.exists() and not out.is_file():
+        raise OutputError(
+            out, "a folder (or other non-file) stands in its place; remove it or give another -o DIR"
+        )
 
 
 def _env(var: str) -> str | None:

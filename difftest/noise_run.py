@@ -10,13 +10,13 @@ Nothing is cached: the point is to ask the server again.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from difftest import aio
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig
 from difftest.errors import DifftestError
@@ -105,12 +105,10 @@ def measure_noise(cfg: RunConfig, *, limit: int | None, restart: bool, log_dir: 
         timeout_s=cfg.run.request_timeout_s, max_retries=cfg.run.max_retries, concurrency=cfg.run.concurrency
     )
     with launch_shown([spec], log_dir=log_dir) as running:
-        a, comps, how, identity = asyncio.run(
-            _first_server(Session.of_running(running, options), cfg, prompts)
-        )
+        a, comps, how, identity = aio.run(_first_server(Session.of_running(running, options), cfg, prompts))
     if restart and spec.url is None:  # a fresh process: a new session, probed again
         with launch_shown([spec], log_dir=log_dir / "restart") as running:
-            comps.append(asyncio.run(_restarted(Session.of_running(running, options), cfg, prompts, a)))
+            comps.append(aio.run(_restarted(Session.of_running(running, options), cfg, prompts, a)))
             how.append("after a restart")
     floor = floor_from_comparisons(comps, reference=spec.name, how=how)
     settings = measurement_settings(

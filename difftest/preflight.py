@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from difftest import aio
 from difftest.errors import InfraError, UsageError
 from server_shim.launch_spec import ServerSpec
 
@@ -116,4 +117,4 @@ def check_running(specs: Sequence[ServerSpec], *, request_timeout_s: float) -> N
     """Before a run launches anything: `check_environment`, then `check_running_async`."""
     check_environment(specs)
     if any(s.kind == "url" for s in specs):
-        asyncio.run(check_running_async(specs, request_timeout_s=request_timeout_s))
+        aio.run(check_running_async(specs, request_timeout_s=request_timeout_s))

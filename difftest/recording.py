@@ -15,11 +15,11 @@ know it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from difftest import aio
 from difftest.baseline import Baseline, RecordingTransport, prompt_record
 from difftest.chat import probe_endpoint
 from difftest.client import CompletionClient
@@ -140,4 +140,4 @@ async def _record_readable(ep: Endpoint, gens: Mapping[str, Any]) -> None:
 
 
 def record(name: str, url: str, prompts: Sequence[Prompt], settings: dict[str, Any], **kw: Any) -> Baseline:
-    return asyncio.run(record_reference(name, url, prompts, settings, **kw))
+    return aio.run(record_reference(name, url, prompts, settings, **kw))

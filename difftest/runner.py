@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from difftest import aio
 from difftest.baseline import REPLAY_URL, Baseline, run_settings
 from difftest.cache import ResponseCache
 from difftest.chat import probe_endpoint
@@ -906,7 +907,7 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
             cache, notes = _open_cache(out / "cache.sqlite", opts.resume)
             try:
                 with launch_shown(specs, log_dir=out / "logs") as running:
-                    run = asyncio.run(run_async(cfg, running, prompts, opts, cache, floor))
+                    run = aio.run(run_async(cfg, running, prompts, opts, cache, floor))
                     problems = infra_problems(run, cfg, running)
             finally:
                 cache.close()

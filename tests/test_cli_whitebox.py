@@ -168,3 +168,22 @@ def test_the_audit_table_piped_still_names_the_flagged_module_and_its_hint() -> 
     row = next(line for line in text.splitlines() if "layers.10.mlp.up_proj" in line and "│" in line)
     assert "FLAGGED" in row and "fnuz-unnormalized" not in row.split("│")[6]  # best: none
     assert "declared" in next(line for line in text.splitlines() if "layers.0.mlp" in line)
+
+
+def test_the_backend_mark_is_the_schemes_module_bound_against_the_reference() -> None:
+    """T12: against the reference's fp32 weights every module of a correct int4-g128 / mxfp4 target
+    (cosine about 0.992) was marked under one 0.999 bound: 210 of 210 '!', telling nothing. Against
+    the target's own torch arithmetic a correct kernel is all but exact, and 0.999 stays."""
+    from difftest.whitebox.activations import LayerThresholds
+    from difftest.whitebox.audit import BACKEND_COSINE_MIN, backend_cosine_min
+
+    th = LayerThresholds()
+    assert (
+        backend_cosine_min("int4-g128", True)
+        == backend_cosine_min("mxfp4", True)
+        == th.module_cosine_4bit
+        == 0.95
+    )
+    assert backend_cosine_min("int8", True) == 0.985 and backend_cosine_min("fp8-block", True) == 0.995
+    assert backend_cosine_min("int4-g128", False) == BACKEND_COSINE_MIN == 0.999
+    assert 0.95 <= 0.992 < 0.999  # the measured correct 4-bit module: unmarked now, marked before

@@ -116,6 +116,8 @@ async def test_fault_is_failed_and_localised(fault: str, name: str, scheme: str,
     # the audit names ue8m0 (activation scales rounded to powers of two) and nothing else as it
     # (int8 in bf16, where no probe can show it, was skipped above)
     assert (exact.audit_hint == HINTS["act-scales-pow2"]) == (fault == UE8M0), exact.audit_hint
+    # an MoE off by its own routed_scaling_factor says so (norm ratio 1/2.5 on tiny-moe)
+    assert ("1/routed_scaling_factor 2.5" in (exact.audit_hint or "")) == (fault == "routed-scaling-missing")
     if fault == UE8M0:
         # inside the scheme's own error vs FP32 (see UE8M0): nothing else may be blamed either
         assert acc.guilty_module in (None, module)

@@ -255,3 +255,22 @@ def test_the_second_out_of_bounds_module_gets_its_own_audit_and_hint(monkeypatch
     assert out.diffs[0].summary.endswith(
         "the worst model.layers.17.mlp.down_proj (local rel err 0.599, scales look transposed)"
     )
+
+
+def test_an_moe_off_by_its_routed_scaling_factor_is_named() -> None:
+    """T12: routed-scaling-missing on tiny-moe was localised to layer 1's experts with 'norm ratio
+    0.40' and no word that 0.40 is 1/routed_scaling_factor 2.5 (the layout audit cannot see it)."""
+    from difftest.whitebox.localise import routed_scaling_hint
+
+    p = _mod("model.layers.1.mlp.experts", 0.6, "moe")
+    p.local_norm_ratio = 0.4000013
+    assert routed_scaling_hint(p, {"routed_scaling_factor": 2.5}) == (
+        "output x0.4 = 1/routed_scaling_factor 2.5: the factor looks never applied"
+    )
+    p.local_norm_ratio = 2.49
+    assert routed_scaling_hint(p, {"routed_scaling_factor": 2.5}).endswith("the factor looks applied twice")  # type: ignore[union-attr]
+    p.local_norm_ratio = 0.5  # another magnitude bug: nothing claimed
+    assert routed_scaling_hint(p, {"routed_scaling_factor": 2.5}) is None
+    assert (
+        routed_scaling_hint(p, {}) is None and routed_scaling_hint(p, {"routed_scaling_factor": 1.0}) is None
+    )

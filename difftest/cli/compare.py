@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from difftest import aio
 from difftest.baseline import Baseline
 from difftest.cli import options as o
 from difftest.cli.outcome import execute_and_finish
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"{', '.join(unused)}: the quick look (--prompt) judges nothing; use --prompts FILE"
             )
-        return asyncio.run(explore(cfg, prompt_texts(args.prompt), as_json=args.json, out=args.out))
+        return aio.run(explore(cfg, prompt_texts(args.prompt), as_json=args.json, out=args.out))
     from difftest.runner import RunOptions
 
     return execute_and_finish(

@@ -5,11 +5,11 @@ Exit 1 when a check is FAIL (the differ will run degraded against this server), 
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import Any
 
 from rich.table import Table
 
+from difftest import aio
 from difftest.cli import options as o
 
 HELP = "conformance / capability table of one server"
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                 return await probe_chat(client)
             return await probe(client)
 
-    caps = asyncio.run(go())
+    caps = aio.run(go())
     code = 1 if any(status == FAIL for _, status, _ in caps.table()) else 0
     if args.json:
         o.emit_json(

@@ -65,9 +65,13 @@ def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) 
     console.print(f"{target}: {len(flagged)} of {len(rows)} modules flagged", markup=False)
     with_backends = [r for r in rows if r.get("backends")]
     if with_backends:
-        from difftest.whitebox.audit import BACKEND_COSINE_MIN, BACKENDS
+        from difftest.whitebox.audit import BACKENDS
 
-        bt = Table(title=f"backends: cosine vs FP32 on one input (! = under {BACKEND_COSINE_MIN})")
+        bounds = sorted({c["bound"] for r in with_backends for c in r["backends"].values() if "bound" in c})
+        under = " / ".join(f"{b:g}" for b in bounds) or "the bound"
+        bt = Table(
+            title=f"backends: cosine vs FP32 on one input (! = under {under}, the scheme's module bound)"
+        )
         bt.add_column("module", no_wrap=True)
         for b in BACKENDS:
             bt.add_column(b, no_wrap=True)

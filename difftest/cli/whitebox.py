@@ -4,12 +4,12 @@ serve the debug protocol, then hand the endpoints to the command's work."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from difftest import aio
 from difftest.cli import options as o
 from difftest.collect import Endpoint
 from difftest.errors import UsageError
@@ -102,8 +102,8 @@ def run_whitebox(args: argparse.Namespace, work: Callable[[Session, Sequence[Job
         o.check_key_servers(envs, list(urls))
         keys = {name: o.key_for(envs, name) for name in urls}  # per server (--api-key-env NAME=VAR)
         session = Session.of_urls(urls, api_key=o.key_for(envs, "*"), keys=keys, options=options)
-        return asyncio.run(go(session))
+        return aio.run(go(session))
     from difftest.session import launch_shown
 
     with launch_shown(specs, log_dir=out_dir(args) / "logs") as running:
-        return asyncio.run(go(Session.of_running(running, options)))
+        return aio.run(go(Session.of_running(running, options)))

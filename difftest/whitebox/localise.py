@@ -20,6 +20,7 @@ docs/design.md "White-box localisation" step 6.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,9 +90,33 @@ async def localise_target(
         hints[module] = row.get("hint") or None
     for diff in out.diffs:
         if diff.guilty_module:
-            diff.audit_hint = hints.get(diff.guilty_module)
+            point = next((p for p in diff.points if p.name == diff.guilty_module), None)
+            info = modules.get(diff.guilty_module, {})
+            diff.audit_hint = hints.get(diff.guilty_module) or routed_scaling_hint(point, info)
         diff.summary = diff.summary or localisation_sentence(diff, scheme, thresholds, hints)
     return out
+
+
+# how close a module's output norm ratio must be to 1/f (or f) to read as the factor f
+ROUTED_SCALING_TOL = 0.03
+
+
+def routed_scaling_hint(point: LayerPoint | None, info: Mapping[str, Any]) -> str | None:
+    """An MoE module whose output is off by its own routed_scaling_factor f (norm ratio 1/f: the
+    factor never applied; f: applied twice), where /debug/config declares f (pure). The layout
+    audit cannot see it (the factor is in the expert combine, not in a stored tensor), and a bare
+    "norm ratio 0.40" did not say it was 1/2.5."""
+    f = info.get("routed_scaling_factor")
+    r = point.local_norm_ratio if point is not None else None
+    if not isinstance(f, int | float) or isinstance(f, bool) or not math.isfinite(f) or f <= 0 or f == 1:
+        return None
+    if r is None or not math.isfinite(r) or r <= 0:
+        return None
+    if abs(r * f - 1) <= ROUTED_SCALING_TOL:
+        return f"output x{r:.3g} = 1/routed_scaling_factor {f:g}: the factor looks never applied"
+    if abs(r / f - 1) <= ROUTED_SCALING_TOL:
+        return f"output x{r:.3g} = routed_scaling_factor {f:g}: the factor looks applied twice"
+    return None
 
 
 async def _scheme(target: Endpoint) -> str | None:

@@ -166,6 +166,9 @@ class QuantMoEExperts(_QuantBase):
             "weight_shape": [e, *self.gate_up_shape], "scale_shape": list(self.gate_up_scales.shape),
             "scale_stride": list(self.gate_up_scales.stride()), "scale_layout": self.layout.to_dict(),
             "num_experts": e, "down_weight_shape": [e, *self.down_shape],
+            # the model's factor, as its config declares it (a fault leaves the config alone): a
+            # differ tells an output off by exactly this factor from other magnitude bugs
+            "routed_scaling_factor": self.routed_scaling_factor,
         }  # fmt: skip
 
     def stored_tensors(self) -> dict[str, Tensor]:

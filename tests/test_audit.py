@@ -177,7 +177,7 @@ async def test_quant_command_flags_a_faulty_target(monkeypatch, capsys) -> None:
     bad = build(scheme="fp8-block", faults=["scale-skipped@model.layers.0.self_attn.q_proj"])
     with shim_server("reference", build()) as (r, r_t), shim_server("target", bad) as (t, t_t):
         serve_in_process(monkeypatch, {"reference": r, "target": t})
-        monkeypatch.setattr(whitebox_cli.asyncio, "run", _run_in_current_loop)
+        monkeypatch.setattr(whitebox_cli.aio, "run", _run_in_current_loop)
         code = await quant_cmd.run(
             argparse.Namespace(config=None, ref="http://r", target="http://t", api_key_env=None)
         )

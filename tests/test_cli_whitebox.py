@@ -21,7 +21,7 @@ async def _run(monkeypatch: Any, command: Any, args: argparse.Namespace) -> int:
     bad = build(scheme="fp8-block", faults=[f"scale-skipped@{FAULT_MODULE}"])
     with shim_server("reference", build()) as (r, _), shim_server("target", bad) as (t, _):
         serve_in_process(monkeypatch, {"reference": r, "target": t})
-        monkeypatch.setattr(whitebox.asyncio, "run", _run_in_current_loop)  # already inside a loop
+        monkeypatch.setattr(whitebox.aio, "run", _run_in_current_loop)  # already inside a loop
         return await command.run(args)  # main() would wrap the coroutine in int()
 
 
@@ -129,7 +129,7 @@ async def test_quant_on_a_target_with_nothing_quantized_is_exit_4(monkeypatch, c
     parse = build_parser().parse_args
     with shim_server("reference", build()) as (r, _), shim_server("target", build()) as (t, _):
         serve_in_process(monkeypatch, {"reference": r, "target": t})
-        monkeypatch.setattr(whitebox.asyncio, "run", _run_in_current_loop)
+        monkeypatch.setattr(whitebox.aio, "run", _run_in_current_loop)
         code = await quant_cmd.run(parse(["quant", "--ref", "http://r", "--target", "http://t"]))
     assert code == quant_cmd.NOTHING_AUDITED == 4
     assert "target: nothing to audit: it serves no quantized module" in " ".join(

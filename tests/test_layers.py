@@ -334,7 +334,7 @@ async def test_fault_is_localised_and_cli_exits_1(ref_model: LoadedModel, monkey
         shim_server("target", bad) as (tgt, tgt_t),
     ):
         serve_in_process(monkeypatch, {"reference": ref, "golden": gold, "target": tgt})
-        monkeypatch.setattr(whitebox_cli.asyncio, "run", _run_in_current_loop)
+        monkeypatch.setattr(whitebox_cli.aio, "run", _run_in_current_loop)
         args = argparse.Namespace(
             config=None, ref="http://r", target="http://t", golden="http://g", prompt=PROMPT, api_key_env=None
         )
@@ -366,7 +366,7 @@ async def test_layers_command_needs_the_debug_protocol(ref_model: LoadedModel, m
     try:
         with shim_server("reference", ref_model) as (ref, _):
             serve_in_process(monkeypatch, {"reference": ref, "target": plain})
-            monkeypatch.setattr(whitebox_cli.asyncio, "run", _run_in_current_loop)
+            monkeypatch.setattr(whitebox_cli.aio, "run", _run_in_current_loop)
             args = argparse.Namespace(
                 config=None, ref="http://r", target="http://t", golden=None, prompt=PROMPT, api_key_env=None
             )

@@ -63,6 +63,10 @@ WIDE_BATCH = 20
 WIDE_SLOTS = (9, 17)
 
 
+# a placement with any of these set is not compared at the same batch shape and neighbours
+NOT_STRICT = ("timing_dependent", "shape_dependent", "repeat")
+
+
 @dataclass
 class SlotResult:
     placement: str  # "batch slot 1 of 4", "concurrent request 3 of 4"
@@ -136,7 +140,7 @@ class InvarianceResult:
     @staticmethod
     def is_strict(s: SlotResult) -> bool:
         """Compared at the same batch shape and neighbours (slots 1 and 3 against slot 0)."""
-        return not (s.timing_dependent or s.shape_dependent or s.repeat)
+        return not any(getattr(s, flag) for flag in NOT_STRICT)
 
     @property
     def placements(self) -> list[SlotResult]:

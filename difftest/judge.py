@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from difftest.invariance import NOT_STRICT
 from difftest.metrics.aggregate import classify_prompts
 from difftest.noise import NoiseFloor
 from difftest.null import (
@@ -117,7 +118,7 @@ def slot_not_localised(invariance: Mapping[str, Any] | None) -> str:
         # strict placements only: against the probe alone a correct quantized kernel moves anyway
         # (bfloat16 fp8-block on an H100: slot 0 and both concurrent requests past the tolerance
         # under slot-tile, whose fault acts from slot 16)
-        and not any(s.get(k) for k in ("wide", "repeat", "timing_dependent", "shape_dependent"))
+        and not s.get("wide") and not any(s.get(flag) for flag in NOT_STRICT)
         and s.get("error") is None
         and (not s.get("same_tokens", True) or float(s.get("max_logprob_diff") or 0.0) > tolerance)
     ]  # fmt: skip

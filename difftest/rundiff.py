@@ -33,10 +33,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from difftest.metrics.aggregate import TEACHER_FORCED_KEYS
 from difftest.null import ABS_MIN
 from difftest.report.words import CheckWords, all_checks
 from difftest.results import Comparison, RunResult, TargetResult
-from difftest.verdict import MIN_PROMPTS_FOR_CI, _judged_prompts
+from difftest.verdict import MIN_PROMPTS_FOR_CI, judged_prompts
 
 HIGHER_IS_BETTER = frozenset(
     {"token_match", "exact_match", "top1_agreement", "bleu", "chrf", "median_first_divergence"}
@@ -53,10 +54,6 @@ NO_DIRECTION = frozenset({"n_prompts", "tie", "tf_prompts", "bleu_order"})
 # requests that got no answer: worse for any target, since they leave its verdict open (a negative
 # control's too: an undecided control is a control that no longer catches its fault)
 REQUEST_LOSSES = frozenset({"failed_rate", "failed_requests"})
-# the keys that average over the teacher-forced prompts only (metrics.aggregate: tf_prompts)
-TEACHER_FORCED = frozenset(
-    {"kl_mean", "kl_lower_mean", "kl_upper_mean", "kl_p99", "top1_agreement", "dp_mean", "dp_rms"}
-)
 # metric -> the noise floor field that bounds its run-to-run spread
 FLOOR_FIELDS = {
     "kl_mean": "kl_mean",
@@ -208,12 +205,12 @@ def _ci(c: Comparison, metric: str) -> tuple[float, float] | None:
 
 def _enough_prompts(c: Comparison, metric: str) -> bool:
     """Whether the metric's interval rests on MIN_PROMPTS_FOR_CI prompts or more, counted as the
-    verdict counts them (`_judged_prompts`: a KL over 2 teacher-forced prompts of 10 rests on 2,
+    verdict counts them (`judged_prompts`: a KL over 2 teacher-forced prompts of 10 rests on 2,
     and n_prompts made its 2-prompt bootstrap "beyond noise"); a teacher-forced key never on more
     than tf_prompts, which it averages over. No count at all: taken as is."""
-    n = _judged_prompts(c, metric)
+    n = judged_prompts(c, metric)
     tf = _number(c.aggregate.get("tf_prompts"))
-    if metric in TEACHER_FORCED and tf is not None:
+    if metric in TEACHER_FORCED_KEYS and tf is not None:
         n = int(tf) if n is None else min(n, int(tf))
     return n is None or n >= MIN_PROMPTS_FOR_CI
 

@@ -229,7 +229,7 @@ def _per_prompt(comp: Comparison, name: str) -> list[float] | None:
     return None
 
 
-def _judged_prompts(comp: Comparison, name: str) -> int | None:
+def judged_prompts(comp: Comparison, name: str) -> int | None:
     """How many prompts the value rests on: its per-prompt values, the prompts a rate counts, else
     the prompts answered (None: a comparison of aggregates alone, with no count to go by).
     broken_rate never asks: an impossible answer decides on any count (`_why_open`)."""
@@ -354,7 +354,7 @@ def _why_open(
         answered = _answered_value(comp, name)
         if answered is None or within(answered, limit, op):
             return f"; fails only with the {lost} lost prompt(s) counted as the worst value", None
-    n = _judged_prompts(comp, name)
+    n = judged_prompts(comp, name)
     if n is not None and n < MIN_PROMPTS_TO_DECIDE:
         return f"; {n} prompt{'' if n == 1 else 's'}: no spread to decide with", MIN_PROMPTS_FOR_CI
     if ci is not None and straddles(ci, limit, op):

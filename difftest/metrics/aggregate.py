@@ -48,6 +48,16 @@ from difftest.metrics.text import DEFAULT_TOKENIZE, text_scores
 from difftest.metrics.tokens import classify_from_stats, divergence_stats, is_garbled, token_match
 from difftest.results import PromptDiff
 
+# aggregate key -> PromptDiff attribute of the means over the teacher-forced prompts (tf_prompts)
+TEACHER_FORCED_MEANS = (
+    ("kl_mean", "kl_mean"),
+    ("kl_lower_mean", "kl_lower"),
+    ("kl_upper_mean", "kl_upper"),
+    ("top1_agreement", "top1_agreement"),
+    ("dp_mean", "dp_mean"),
+)
+# every key that rests on the teacher-forced prompts alone (rundiff counts its prompts so)
+TEACHER_FORCED_KEYS = frozenset({k for k, _ in TEACHER_FORCED_MEANS} | {"dp_rms", "kl_p99"})
 CI_KEYS = ("token_match", "exact_match", "kl_mean", "kl_upper_mean", "top1_agreement", "dp_mean")
 
 
@@ -215,13 +225,7 @@ def _aggregate(
     tf = [p for p in ok if p.kl_mean is not None]
     if tf:
         agg["tf_prompts"] = float(len(tf))
-        for key, attr in (
-            ("kl_mean", "kl_mean"),
-            ("kl_lower_mean", "kl_lower"),
-            ("kl_upper_mean", "kl_upper"),
-            ("top1_agreement", "top1_agreement"),
-            ("dp_mean", "dp_mean"),
-        ):
+        for key, attr in TEACHER_FORCED_MEANS:
             vals = [getattr(p, attr) for p in tf]
             if all(v is not None for v in vals):
                 series[key] = [float(v) for v in vals]

@@ -39,6 +39,7 @@ import numpy as np
 from difftest.collect import Endpoint
 from difftest.errors import DifftestError
 from difftest.metrics.tensors import rel_err, tensor_diff
+from difftest.whitebox.activations import LayerThresholds
 from difftest.whitebox.safetensors import (
     SafeTensors,
     decode,
@@ -66,8 +67,6 @@ def backend_cosine_min(scheme: str | None, against_reference: bool) -> float:
     int4-g128 or mxfp4 target (about 0.992) was marked, and the mark told nothing."""
     if not against_reference:
         return BACKEND_COSINE_MIN
-    from difftest.whitebox.activations import LayerThresholds
-
     return min(BACKEND_COSINE_MIN, LayerThresholds().module_cosine(scheme))
 
 

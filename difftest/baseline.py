@@ -38,6 +38,7 @@ import contextlib
 import gzip
 import json
 import logging
+import unicodedata
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -345,13 +346,21 @@ class Baseline:
         first id /v1/models lists, and a recording of a url reference that named another of
         several served models holds no answer to that (every request a 404). Where the recording
         itself took the first of several (its probe said so), None asks as it did."""
+        model = self.reference.get("model")
+        return None if self.took_first_model() else model if isinstance(model, str) else None
+
+    def took_first_model(self) -> bool:
+        """Whether the recording's probe took the first of several served models (none configured):
+        the probe's field `model_first_of_several` where the file holds it."""
+        caps = self.capabilities
+        if "model_first_of_several" in caps:
+            return caps["model_first_of_several"] is True
+        # A file recorded before the probe kept that field says it only in a warning's words: read
+        # them as this difftest words it (a reworded warning misses such old files, never new ones)
         from difftest.conformance import WARNINGS
 
         head = WARNINGS["several_models"].split("{", 1)[0]
-        if any(str(w).startswith(head) for w in self.capabilities.get("warnings") or ()):
-            return None
-        model = self.reference.get("model")
-        return model if isinstance(model, str) else None
+        return any(str(w).startswith(head) for w in caps.get("warnings") or ())
 
     @property
     def slot_draws(self) -> int:
@@ -513,12 +522,18 @@ def _check_shapes(data: Mapping[str, Any]) -> None:
         tags = rec.get("tags")
         if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
             raise ValueError(f"prompts[{i}].tags is not a list of strings")
-        # a prompt judged twice counts twice in every mean; a prompts file refuses the same
-        if rec["id"] in seen:
+        # a prompt judged twice counts twice in every mean; a prompts file refuses the same, and
+        # as it does, two ids that differ only in Unicode normalisation (they print alike)
+        key = unicodedata.normalize("NFC", rec["id"])
+        if key in seen:
+            j, other = seen[key], prompts[seen[key]]["id"]
+            if other == rec["id"]:
+                raise ValueError(f"prompts[{i}]: duplicate id {other!r} (first at prompts[{j}])")
             raise ValueError(
-                f"prompts[{i}]: duplicate id {rec['id']!r} (first at prompts[{seen[rec['id']]}])"
+                f"prompts[{i}]: id {ascii(rec['id'])} differs from prompts[{j}]'s {ascii(other)} "
+                "only in Unicode normalisation (NFC/NFD)"
             )
-        seen[rec["id"]] = i
+        seen[key] = i
 
 
 def run_settings(run: Any) -> dict[str, Any]:

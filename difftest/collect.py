@@ -336,9 +336,15 @@ def _spellings(view: TokensView) -> list[str]:
 
 async def detokenize(ep: Endpoint, token_id: int) -> str | None:
     """One token id -> its text, via /detokenize (vLLM's shape); None where not served."""
+    return await detokenize_ids(ep, [token_id])
+
+
+async def detokenize_ids(ep: Endpoint, token_ids: Sequence[int]) -> str | None:
+    """Several ids -> their text decoded together: a SentencePiece or byte-fallback token's text
+    depends on the tokens before it (a leading space, a character split over byte tokens)."""
     if not ep.caps.tokenize:
         return None
-    body: dict[str, Any] = {"tokens": [token_id]}
+    body: dict[str, Any] = {"tokens": list(token_ids)}
     if ep.caps.model:
         body["model"] = ep.caps.model
     try:

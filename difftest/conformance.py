@@ -41,6 +41,7 @@ from difftest.tokens_view import (
     impossible_logprobs,
     parse_choice,
     prompt_tokens,
+    trusted_offsets,
 )
 
 # Status words of the conformance tables (probe's, and tokenizer_check's pair table).
@@ -109,6 +110,9 @@ class Capabilities:
     url: str
     model: str | None
     models: tuple[str, ...] = ()
+    # `model` is the first of several ids /v1/models lists, taken because none was configured: a
+    # replay of a recording asks as it did (Baseline.replay_model reads this, not the warning's words)
+    model_first_of_several: bool = False
     deterministic: bool | None = None
     logprobs_cap: int = 0  # largest `logprobs` accepted (0: none)
     echo: bool = False  # echo with max_tokens=0 works
@@ -255,7 +259,8 @@ def with_model(caps: Capabilities, wanted: str | None) -> Capabilities:
         return caps
     model, _ = choose_model(f"{caps.name} ({caps.url})", caps.models, wanted)
     picked = several_models(caps)
-    return replace(caps, model=model, warnings=tuple(w for w in caps.warnings if w != picked))
+    warnings = tuple(w for w in caps.warnings if w != picked)
+    return replace(caps, model=model, model_first_of_several=False, warnings=warnings)
 
 
 async def _probe_models(p: _Probe, wanted: str | None = None) -> None:
@@ -269,7 +274,8 @@ async def _probe_models(p: _Probe, wanted: str | None = None) -> None:
             p.check("models", WARN, f"{_why(e)}; requests ask for {wanted!r} (unverified)")
         return
     model, warning = choose_model(p.where, models, wanted)
-    p.fields |= {"model": model, "models": tuple(models)}
+    first = wanted is None and len(models) > 1
+    p.fields |= {"model": model, "models": tuple(models), "model_first_of_several": first}
     p.check(
         "models", OK if models else WARN, ", ".join(models) or "empty list", None if models else "no_models"
     )
@@ -449,21 +455,45 @@ def _alignment_problems(view: TokensView, text: str, echoed_text: Any, ids: list
     return problems
 
 
-def _prompt_part(view: TokensView, text: str) -> TokensView | None:
-    """The echoed positions that cover `text` (the rest was generated), or None when the tokens
-    cannot be placed: by text offsets where served, else by the token strings' lengths."""
-    offs = [p.text_offset for p in view.positions]
-    if offs and all(o is not None for o in offs):
-        n = sum(1 for o in offs if o < len(text))  # type: ignore[operator]
-        return view[:n]
+def _prompt_part(view: TokensView, text: str, count: int | None = None) -> TokensView | None:
+    """The echoed positions that cover `text` (the rest was generated), or None when they cannot be
+    told apart. Cut by offsets only where `trusted_offsets` vouches for them: a server counting
+    them from the prompt's start on top of the echo (OpenAI's legacy convention), or by
+    "token_id:N" labels (vLLM), was cut at a made-up place, and the prompt's tokenization came out
+    empty or short for tokenizer_check to compare. Else by token strings that spell the text, else
+    by `count`, the server's own count of the prompt's tokens (usage.prompt_tokens, /tokenize).
+    An echo whose first position has a logprob holds no prompt positions to cut (its first token
+    would have nothing to condition on)."""
+    if not len(view) or view.positions[0].logprob is not None:
+        return None
+    for n in (_cut_by_offsets(view, text), _cut_by_strings(view, text)):
+        if n is not None:
+            return view[:n]
+    return view[:count] if count is not None and 0 < count < len(view) else None
+
+
+def _cut_by_offsets(view: TokensView, text: str) -> int | None:
+    """How many positions start before the prompt's end, where trusted offsets place a token's
+    start right at it (a token over the boundary, or none after it, places nothing)."""
+    offs = trusted_offsets(view)
+    if not offs:
+        return None
+    n = sum(1 for o in offs if o < len(text))
+    return n if n < len(offs) and offs[n] == len(text) else None
+
+
+def _cut_by_strings(view: TokensView, text: str) -> int | None:
+    """How many token strings join to exactly `text`; None for "token_id:N" labels (they say
+    nothing about the text) and for strings that are not it (byte pieces, a "<s>" whose length
+    matched the prompt's first characters cut one token short)."""
     if view.has_ids:
-        return None  # "token_id:N" strings say nothing about length
-    length = 0
+        return None
+    joined = ""
     for i, tok in enumerate(view.tokens):
-        if length >= len(text):
-            return view[:i] if length == len(text) else None
-        length += len(tok)
-    return view if length == len(text) else None
+        if len(joined) >= len(text):
+            return i if joined == text else None
+        joined += tok
+    return len(view) if joined == text else None
 
 
 def _median_gap(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
@@ -538,14 +568,16 @@ async def _probe_tokenizations(
         if f["tokenize"]:
             ids, err = await _tokenize(p.client, text)
             failed += [err] if ids is None else []
-        if f.get("echo_logprobs"):
+        # an echo that continues past the prompt is cut at its end (the warning says so)
+        if f.get("echo_logprobs") or (f.get("_echo_continues") and f["logprobs_cap"]):
             as_ids = {"return_tokens_as_token_ids": True} if f["token_id_strings"] and ids is None else {}
             resp, err = await p.ask({"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1} | as_ids)
             count = prompt_tokens(resp)
             asking = asking and (resp is None or count is not None)
             view = p.view(resp) if resp else None
             if view is not None and f.get("_echo_continues"):
-                view = _prompt_part(view, text)
+                known = count if count is not None else None if ids is None else len(ids)
+                view = _prompt_part(view, text, known)
             if view is None:
                 failed.append(err or "echo went past the prompt and could not be cut at its end")
             elif as_ids and view.has_ids:

@@ -146,7 +146,9 @@ def judge_one(
     carried: Sequence[PartVerdict] = (),
     skipped: Mapping[str, str] = {},
 ) -> None:
-    """Classify and judge one target in place (sets `target.verdict`)."""
+    """Classify and judge one target in place (sets `target.verdict`). Only a target that did not
+    pass carries a localisation: a PASS's first divergent layer is per-layer data (report.json's
+    `layers`), and a stored PASS's old sentence is dropped on re-judge."""
     margin = float(overrides.get("margin", MARGIN))
     null = null_for(run, target, floor, in_run)
     acc_null = pick_null(None, floor)  # the reference's own noise, where a floor file gives it
@@ -169,6 +171,8 @@ def judge_one(
         overrides,
         skipped=skipped,
     )
+    if target.verdict.passed:
+        return  # its layer diffs stayed within the bounds it was judged by: a sentence reads as a finding
     localisation = localisation_line(target.layers)
     if localisation is None and old is not None:
         localisation = old.localisation

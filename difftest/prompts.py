@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,17 +39,34 @@ def load_prompts(
     if isinstance(paths, str | Path):
         paths = [paths]
     prompts: list[Prompt] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, Prompt] = {}  # by the id's NFC form
     for path in paths:
         for prompt in read_prompt_file(Path(path)):
-            if prompt.id in seen:
-                raise UsageError(f"{prompt.source}: duplicate id {prompt.id!r} (first at {seen[prompt.id]})")
-            seen[prompt.id] = prompt.source
+            _check_unique(prompt, seen)
             prompts.append(prompt)
     prompts = prompts[:limit] if limit is not None else prompts
     if endpoint == "completions":
         check_completions(prompts)
     return prompts
+
+
+def _check_unique(prompt: Prompt, seen: dict[str, Prompt]) -> None:
+    """A UsageError for an id seen before, also one that differs only in Unicode normalisation
+    ("e\u0301" and "\u00e9"): such two print alike in every report row, and an editor that
+    re-saves the file normalised turns one into the other, so `diff` between runs matched the wrong
+    prompt or none."""
+    key = unicodedata.normalize("NFC", prompt.id)
+    first = seen.get(key)
+    if first is None:
+        seen[key] = prompt
+    elif first.id == prompt.id:
+        raise UsageError(f"{prompt.source}: duplicate id {prompt.id!r} (first at {first.source})")
+    else:
+        raise UsageError(
+            # ascii(): both spellings print alike, the escapes show how they differ
+            f"{prompt.source}: id {ascii(prompt.id)} differs from {ascii(first.id)} (at {first.source}) "
+            "only in Unicode normalisation (NFC/NFD): give them ids that differ in their letters"
+        )
 
 
 def needs_chat(prompt: Prompt) -> str:

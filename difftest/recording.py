@@ -121,7 +121,11 @@ async def record_reference(
                 for t in caps.tokenizations
             ],
         },
-        capabilities={"checks": [list(c) for c in caps.checks], "warnings": list(caps.warnings)},
+        capabilities={
+            "checks": [list(c) for c in caps.checks],
+            "warnings": list(caps.warnings),
+            "model_first_of_several": caps.model_first_of_several,
+        },
         signature={
             "versions": versions(),
             "batch_slot_check": batch_slot_check,

@@ -18,9 +18,13 @@ report says so.
 
 Token ids whose text cannot be cut from the text (vLLM's `text_offset` counts the label
 "token_id:N", not the token's text) get each id's text from the server's `/detokenize` the same
-way, and offsets rebuilt from those texts where they join back to the text. Where they do not,
-or no /detokenize is served, the ids stay; a prompt where such a side meets one without ids is
-compared word by word (a "token_id:N" label never equals a token string), and the report says so.
+way, and offsets rebuilt from those texts where they join back to the text. A SentencePiece or
+byte-fallback id decoded alone is not its text in context (Llama's "▁word" decodes to "word", a
+byte of "€" to U+FFFD): where the single-id texts do not join back, each token's text is read in
+context instead, from a short window of ids ending at it (`Retokenizer._in_context`). Where
+neither joins back, or no /detokenize is served, the ids stay; a prompt where such a side meets
+one without ids is compared word by word (a "token_id:N" label never equals a token string), and
+the report says so.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from difftest.collect import Endpoint, Generation
+from difftest.collect import Endpoint, Generation, detokenize_ids
 from difftest.errors import DifftestError
 from difftest.tokens_view import Position, TokensView
 
@@ -77,6 +81,14 @@ def plan(eps: Mapping[str, Endpoint], pairs: Sequence[tuple[str, str]]) -> dict[
 
 
 _WORD = re.compile(r"\s*\S+|\s+")
+
+# Ids before a token in its context window: enough to carry a SentencePiece space and the bytes
+# of one UTF-8 character (at most 4) into the decode.
+CONTEXT_IDS = 4
+# Window decodes (/detokenize of several ids) one run may ask for texts in context: about one per
+# generated token, so ~130 prompts of 32 tokens; past it, the rest keep their ids (logged).
+WINDOW_CAP = 4096
+_PENDING = "\ufffd"  # what a byte token of an unfinished character decodes to
 
 
 def words(gen: Generation) -> Generation:
@@ -125,6 +137,8 @@ class Retokenizer:
         eps: Mapping[str, Endpoint],
         chosen: Mapping[str, str | None],
         pairs: Sequence[tuple[str, str]] = (),
+        *,
+        window_cap: int = WINDOW_CAP,
     ) -> None:
         self.eps = eps
         self.chosen = {k: v for k, v in chosen.items() if v is not None}
@@ -132,6 +146,11 @@ class Retokenizer:
         self.pairs = [(a, b) for a, b in pairs if a in self.chosen or b in self.chosen]
         self.word_pairs = [(a, b) for a, b in pairs if a in self.wordwise or b in self.wordwise]
         self._pieces: dict[tuple[str, int], str | None] = {}
+        # (server, ids) -> their text decoded together: texts in context (`_in_context`)
+        self._windows: dict[tuple[str, tuple[int, ...]], asyncio.Future[str | None]] = {}
+        self._window_budget = window_cap
+        self.window_cap = window_cap
+        self.capped = False  # the cap stopped a text in context: notes() says so
         # (baseline, target) -> prompts compared word by word: labels against token strings
         self._worded: dict[tuple[str, str], set[str]] = {}
         # (token-less server, partner) -> prompt id -> the partner's generation on the same footing
@@ -158,45 +177,116 @@ class Retokenizer:
             self._pieces[key] = await detokenize(ep, tid)
         return self._pieces[key]
 
-    async def _piece(self, ep: Endpoint, tid: int) -> str:
-        return (await self._text(ep, tid)) or ""
+    async def _decoded(self, ep: Endpoint, window: tuple[int, ...]) -> str | None:
+        """`window`'s ids decoded together, asked once per server and window; None: not served,
+        or the run's cap on such requests is spent (logged once, noted per pair)."""
+        if len(window) < 2:
+            return await self._text(ep, window[0]) if window else ""  # asked per id already
+        key = (ep.name, window)
+        if key not in self._windows:
+            if self._window_budget <= 0:
+                if not self.capped:
+                    log.warning(
+                        "%s: %d /detokenize requests for token texts in context asked (the cap): "
+                        "later generations whose single-token texts do not join back keep their ids",
+                        ep.name, self.window_cap,
+                    )  # fmt: skip
+                self.capped = True
+                return None
+            self._window_budget -= 1
+            # a task, not its result: prompts decoding the same window at once share one request
+            self._windows[key] = asyncio.ensure_future(detokenize_ids(ep, window))
+        return await self._windows[key]
+
+    @staticmethod
+    def _context(ids: Sequence[int], i: int, anchor: int | None) -> tuple[int, ...]:
+        """The ids decoded before position i: the 4 to 7 before it, starts aligned to blocks of
+        CONTEXT_IDS so that one token's longer window is the next one's shorter (about one request
+        a token). The first token gets `anchor` instead: SentencePiece drops the leading space of
+        whichever token starts a decode, so a token needs something before it."""
+        if i == 0:
+            return (anchor,) if anchor is not None else ()
+        start = max(0, (i // CONTEXT_IDS - 1) * CONTEXT_IDS)
+        return tuple(ids[start:i])
+
+    async def _in_context(self, ep: Endpoint, ids: Sequence[int]) -> list[str] | None:
+        """Each id's text where it stands: decode(context + token) minus decode(context), taken
+        only where the shorter decode is a prefix of the longer and ends in no U+FFFD (else the
+        token changed what came before it). A token whose text ends in U+FFFD (a byte of an
+        unfinished character) is read together with the next ones, up to a UTF-8 character's 4
+        bytes: all but the last get "", the last the character (the offsets `token_texts`
+        cuts for byte pieces). None where a decode is missing or does not fit."""
+        anchor = next((i for i in ids if (self._pieces.get((ep.name, i)) or "").isalnum()), None)
+        windows = {
+            w for j in range(len(ids)) for c in [self._context(ids, j, anchor)] for w in (c, (*c, ids[j]))
+        }
+        await asyncio.gather(*(self._decoded(ep, w) for w in sorted(windows)))  # the common case, at once
+        pieces: list[str] = []
+        i = 0
+        while i < len(ids):
+            ctx = self._context(ids, i, anchor)
+            short = await self._decoded(ep, ctx)
+            if short is None or short.endswith(_PENDING):
+                return None
+            last = min(i + 4, len(ids)) - 1
+            for j in range(i, last + 1):
+                long = await self._decoded(ep, (*ctx, *ids[i : j + 1]))
+                if long is None or not long.startswith(short):
+                    return None
+                if not long.endswith(_PENDING) or j == last:
+                    break
+            pieces += [""] * (j - i) + [long[len(short) :]]
+            i = j + 1
+        return pieces
+
+    async def _offsets(self, ep: Endpoint, ids: Sequence[int], text: str) -> list[int] | None:
+        """Each id's start in `text` from its /detokenize text: alone where those join back to the
+        text (followed by what the text leaves out: an EOS, the rest of a stop string), else in
+        context (`_in_context`); None where neither does."""
+        pieces: Sequence[str | None] = [self._pieces.get((ep.name, i)) for i in ids]
+        if not _joins(pieces, text):
+            pieces = await self._in_context(ep, ids) or [None]
+            if not _joins(pieces, text):
+                return None
+        offsets, at = [], 0
+        for piece in pieces:
+            offsets.append(min(at, len(text)))
+            at += len(piece or "")
+        return offsets
 
     async def readable(self, ep: Endpoint, gens: Sequence[Generation]) -> list[Generation]:
         """`gens` (one server's) with offsets rebuilt from each id's /detokenize text where the
-        server's own cannot be trusted and those texts join back to the text (followed by what the
-        text leaves out: an EOS, the rest of a stop string); the others as they are."""
+        server's own cannot be trusted and those texts join back to the text (`_offsets`); the
+        others as they are."""
         todo = [g for g in gens if unreadable(g) and g.text is not None]
         if not todo or not ep.caps.tokenize:
             return list(gens)
         ids = sorted({i for g in todo for i in g.view.token_ids or ()})
         await asyncio.gather(*(self._text(ep, i) for i in ids))  # each id once, not once per prompt
-        marked = {id(g) for g in todo}
-        return [self._rebuilt(ep, g) if id(g) in marked else g for g in gens]
+        rebuilt = await asyncio.gather(*(self._rebuilt(ep, g) for g in todo))
+        done = {id(g): r for g, r in zip(todo, rebuilt, strict=True)}
+        return [done.get(id(g), g) for g in gens]
 
-    def _rebuilt(self, ep: Endpoint, gen: Generation) -> Generation:
-        text = gen.text or ""
-        pieces = [self._pieces.get((ep.name, i)) for i in gen.view.token_ids or ()]
-        if any(p is None for p in pieces) or not "".join(pieces).startswith(text):  # type: ignore[arg-type]
-            return gen  # a piece alone may decode otherwise (a byte, a leading "▁"): ids stay
-        positions, offset = [], 0
-        for pos, piece in zip(gen.view.positions, pieces, strict=True):
-            positions.append(replace(pos, text_offset=min(offset, len(text))))
-            offset += len(piece)  # type: ignore[arg-type]
+    async def _rebuilt(self, ep: Endpoint, gen: Generation) -> Generation:
+        offsets = await self._offsets(ep, gen.view.token_ids or (), gen.text or "")
+        if offsets is None:
+            return gen  # ids stay: a pair with a side without ids is compared word by word
+        positions = [replace(p, text_offset=o) for p, o in zip(gen.view.positions, offsets, strict=True)]
         return replace(gen, view=TokensView(tuple(positions), gen.text))
 
     async def tokens(self, ep: Endpoint, gen: Generation, *, force: bool = False) -> Generation:
         """`gen` with positions from `ep`'s tokenizer: when it has none, or (force) when its own
-        ids are not what the tokenizer makes of its text."""
+        ids are not what the tokenizer makes of its text. Offsets from the ids' /detokenize texts
+        where those join back to the text (`_offsets`), else none: offsets from texts that do not
+        join back cut wrong token texts for the report."""
         if gen.error or not gen.text or (len(gen.view) and not force):
             return gen
         ids = await self._ids(ep, gen.text)
         if not ids or (gen.view.token_ids is not None and list(gen.view.token_ids) == ids):
             return gen
-        pieces = await asyncio.gather(*(self._piece(ep, i) for i in ids))
-        positions, offset = [], 0
-        for tid, piece in zip(ids, pieces, strict=True):
-            positions.append(Position(f"token_id:{tid}", tid, None, {}, min(offset, len(gen.text))))
-            offset += len(piece)
+        await asyncio.gather(*(self._text(ep, i) for i in set(ids)))
+        offsets = await self._offsets(ep, ids, gen.text) or [None] * len(ids)
+        positions = [Position(f"token_id:{t}", t, None, {}, o) for t, o in zip(ids, offsets, strict=True)]
         return replace(gen, view=TokensView(tuple(positions), gen.text))
 
     async def fill(self, gens: MutableMapping[str, MutableMapping[str, Generation]]) -> None:
@@ -251,8 +341,20 @@ class Retokenizer:
         if not worded:
             return []
         shown = ", ".join(worded[:5]) + (", ..." if len(worded) > 5 else "")
+        capped = (
+            f" (the run's cap of {self.window_cap} /detokenize requests for token texts in context "
+            "was reached)"
+            if self.capped
+            else ""
+        )
         return [
             f"{baseline} vs {target}: on {len(worded)} prompt(s) ({shown}) one side sent token ids whose "
-            "text_offset does not fit its text and no /detokenize text joins back to it, the other token "
-            "strings: those prompts are compared word by word (token match reads word match there)"
+            f"text_offset does not fit its text and no /detokenize text joins back to it{capped}, the "
+            "other token strings: those prompts are compared word by word (token match reads word match there)"
         ]
+
+
+def _joins(pieces: Sequence[str | None], text: str) -> bool:
+    """Whether token texts spell `text` (followed by what the text leaves out: an EOS, the rest of
+    a stop string): only then are the offsets they give each token's start."""
+    return all(p is not None for p in pieces) and "".join(pieces).startswith(text)  # type: ignore[arg-type]

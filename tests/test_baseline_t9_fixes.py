@@ -158,13 +158,13 @@ def test_replay_misses_are_named_not_silent(caplog: pytest.LogCaptureFixture) ->
 # ---------------------------------------------------------------- 2: the recorded model
 
 
-def _several_models_app(behaviour: FakeBehaviour) -> Any:
+def _several_models_app(behaviour: FakeBehaviour, served_first: bool = False) -> Any:
     app = make_fake_app(behaviour)
 
     @app.middleware("http")
     async def models(request: Request, call_next: Any) -> Any:  # another model listed first
         if request.url.path == "/v1/models":
-            ids = ["zzz-other", behaviour.model]
+            ids = [behaviour.model, "zzz-other"] if served_first else ["zzz-other", behaviour.model]
             return JSONResponse({"object": "list", "data": [{"id": i, "object": "model"} for i in ids]})
         return await call_next(request)
 
@@ -192,6 +192,24 @@ def test_a_recording_of_a_named_model_among_several_replays(tmp_path: Path, caps
         capsys.readouterr()
         assert main(["run", str(stored)]) == 0, capsys.readouterr().err
     assert load_run(tmp_path / "out").signature["baseline"]["not_recorded"] == {}
+    assert Baseline.read(tmp_path / "b").capabilities["model_first_of_several"] is False  # named, not taken
+
+
+def test_a_recording_records_that_it_took_the_first_of_several(tmp_path: Path) -> None:
+    """The replay reads this field, not the warning's wording (which a later difftest may reword)."""
+    prompts = _prompts_file(tmp_path / "p.jsonl")
+    with live_fake(app=_several_models_app(FakeBehaviour(), served_first=True)) as ref:
+        rec = tmp_path / "rec.toml"
+        rec.write_text(
+            f'[run]\nprompts = ["{prompts}"]\nmax_tokens = 6\nwhitebox = "off"\n'
+            f'[reference]\nname = "ref"\nurl = "{ref}"\n'
+            f'[[target]]\nname = "t"\nurl = "{ref}"\n'
+        )
+        assert main(["record", "--ref", str(rec), "-o", str(tmp_path / "b")]) == 0
+    base = Baseline.read(tmp_path / "b")
+    assert base.capabilities["model_first_of_several"] is True
+    base.capabilities["warnings"] = []  # reworded away: the field still says it
+    assert base.replay_model() is None
 
 
 def test_a_recording_that_took_the_first_of_several_asks_as_it_did() -> None:

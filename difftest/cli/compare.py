@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difftest import aio
 from difftest.baseline import Baseline
@@ -20,6 +20,9 @@ from difftest.config import RunConfig, RunSettings, TargetConfig
 from difftest.errors import UsageError
 from difftest.prompts import Prompt
 from server_shim.launch_spec import ServerSpec
+
+if TYPE_CHECKING:
+    from difftest.collect import Generation
 
 HELP = "compare running servers without a config"
 DEFAULT_TIMEOUT_S = 120.0
@@ -176,6 +179,7 @@ async def explore(
     from difftest.conformance import FAIL
     from difftest.preflight import check_running_async
     from difftest.report.terminal import render_side_by_side
+    from difftest.retokenize import Retokenizer
     from difftest.runner import _connect
     from difftest.scoring import score_prompt
     from difftest.verdict import tie_margin_for
@@ -194,6 +198,7 @@ async def explore(
         if c[1] == FAIL
     ]
     views: list[dict[str, Any]] = []
+    retok = Retokenizer(eps, {})
     try:
         ref = eps[cfg.reference.name]
         for p in prompts:
@@ -202,6 +207,7 @@ async def explore(
             ref_gen = await generate(
                 ref, p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed
             )
+            (ref_gen,) = await retok.readable(ref, [ref_gen])  # ids' texts, as a full run gives them
             for t in cfg.targets:
                 tgt_gen = await generate(
                     eps[t.name], p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed
@@ -212,8 +218,10 @@ async def explore(
                     if not as_json:
                         con.print(f"request failed: {err}")
                     continue
+                (tgt_gen,) = await retok.readable(eps[t.name], [tgt_gen])
+                ref_side, tgt_side, worded = comparable(ref_gen, tgt_gen, cfg.reference.name, t.name)
                 d = score_prompt(
-                    p, ref_gen, tgt_gen, ref_forced=None, tgt_forced=None,
+                    p, ref_side, tgt_side, ref_forced=None, tgt_forced=None,
                     tie_margin=tie_margin_for(None), k=cfg.run.logprobs,
                 )  # fmt: skip
                 ref_alts = await alt_texts(ref, d.ref_alternatives)
@@ -225,10 +233,13 @@ async def explore(
                         "ref_tokens": d.ref_tokens, "tgt_tokens": d.tgt_tokens,
                         "first_divergence": d.first_divergence, "divergence_kind": d.divergence_kind,
                         "match_rate": d.match_rate, "ref_alternatives": ref_alts, "tgt_alternatives": tgt_alts,
+                        "compared": "words" if worded else "tokens",
                     }
                 )  # fmt: skip
                 if as_json:
                     continue
+                if worded:
+                    con.print(worded)
                 render_side_by_side(
                     d.ref_tokens, d.tgt_tokens, d.first_divergence, ref_alts, tgt_alts,
                     con, ref_label=cfg.reference.name, tgt_label=t.name,
@@ -257,6 +268,28 @@ async def explore(
         for f in failed_checks:
             con.print(f"FAIL: {f['server']}: {f['check']}: {f['detail']}", style="red")
     return code
+
+
+def comparable(
+    ref: Generation, tgt: Generation, ref_name: str, tgt_name: str
+) -> tuple[Generation, Generation, str]:
+    """The two sides as the quick look compares them, and a line saying so where that is words:
+    one side's "token_id:N" labels (no text of their own) never equal the other's token strings,
+    so scoring compares words there (`scoring._comparable_keys`). Shown as tokens, the marker
+    at a word's index pointed at the wrong token, and a word's index into one side's token
+    alternatives at the wrong position: the words are scored and shown instead, as a full run
+    does (`retokenize.Retokenizer.for_pair`)."""
+    from difftest.retokenize import labels_against_strings, unreadable, words
+
+    if not labels_against_strings(ref, tgt):
+        return ref, tgt, ""
+    ids_side = ref_name if unreadable(ref) else tgt_name
+    line = (
+        f"compared word by word: {ids_side} sent token ids with no text of their own (no /detokenize "
+        "text joins back to its text), the other side token strings: the columns, the marker and the "
+        "divergence's index below count words; token alternatives do not apply"
+    )
+    return words(ref), words(tgt), line
 
 
 async def alt_texts(ep: Any, alts: dict[str, float]) -> dict[str, float]:

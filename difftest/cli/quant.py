@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -29,10 +30,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.describe_out(p, o.result_out_help(RESULT_FILE, DEFAULT_OUT))
 
 
-def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) -> None:
+def moe_note(modules: Mapping[str, Any]) -> str | None:
+    """What the audit cannot see in an MoE model (None: no MoE module in /debug/config's modules):
+    routed_scaling_factor is applied in the expert combine, not stored in a tensor, so a target that
+    drops it (`routed-scaling-missing`) audits "0 of N modules flagged" -- the layer diff's norm
+    ratio 1/f is what shows it (localise.routed_scaling_hint)."""
+    moe = [i for i in modules.values() if isinstance(i, Mapping) and i.get("kind") == "moe"]
+    if not moe:
+        return None
+    factors = sorted({f for i in moe for f in [i.get("routed_scaling_factor")] if _factor(f)})
+    declared = f", routed_scaling_factor {' / '.join(f'{f:g}' for f in factors)}" if factors else ""
+    return (
+        "note: the audit covers stored tensors only; an expert-combine fault of this MoE (routed "
+        f"scaling{declared}) shows in `difftest layers` / `difftest run`"
+    )
+
+
+def _factor(f: Any) -> bool:
+    return isinstance(f, int | float) and not isinstance(f, bool) and math.isfinite(f)
+
+
+def render_audit(
+    rows: Sequence[dict[str, Any]], target: str, console: Console, notes: Sequence[str] = ()
+) -> None:
     """The audit table, then one line per flagged module with its hint: piped into a file the
     table is cut to the console's width, and the hint (the one sentence that names the bug) came
-    last and got no width at all among 210 rows."""
+    last and got no width at all among 210 rows. `notes` (what the audit cannot see) follow the
+    count, so that "0 of N modules flagged" is not read as a clean bill."""
     from difftest.whitebox.audit import EXPLAINED
 
     table = Table(title=f"quantization audit of {target}")
@@ -63,6 +87,8 @@ def render_audit(rows: Sequence[dict[str, Any]], target: str, console: Console) 
             f"FLAGGED {r.get('module')}: {r.get('hint') or 'see its checks'}", markup=False, soft_wrap=True
         )
     console.print(f"{target}: {len(flagged)} of {len(rows)} modules flagged", markup=False)
+    for n in notes:
+        console.print(n, markup=False, soft_wrap=True)
     with_backends = [r for r in rows if r.get("backends")]
     if with_backends:
         from difftest.whitebox.audit import BACKENDS
@@ -104,13 +130,15 @@ def run(args: argparse.Namespace) -> int:
             rows = await audit(session[job.target], ref)
             bad = any(r.get("flagged") for r in rows)
             flagged |= bad
-            found.append({"target": job.target, "flagged": bad, "modules": rows})
+            config = await session[job.target].client.debug_config()  # cached: audit() asked it
+            notes = [n for n in [moe_note(config.get("modules", {}))] if n]
+            found.append({"target": job.target, "flagged": bad, "modules": rows, "notes": notes})
             if not rows:
                 empty.append(job.target)
                 if not as_json:
                     con.print(f"{job.target}: nothing to audit: it serves no quantized module", markup=False)
             elif not as_json:
-                render_audit(rows, job.target, con)
+                render_audit(rows, job.target, con, notes)
         code = 1 if flagged else NOTHING_AUDITED if empty else 0
         result = {"exit_code": code, "audits": found}
         if empty:

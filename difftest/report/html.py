@@ -32,6 +32,7 @@ from difftest.report.markdown import (
     fmt_metric,
     fmt_num,
     headline_cells,
+    layer_summary,
     localisation_line,
     verdict_row_parts,
 )
@@ -137,7 +138,7 @@ def _card(t: TargetResult) -> str:
     if ni:
         body.append('<ul class="ni">' + "".join(_check_li(w) for w in ni[:MAX_CARD_CHECKS]) + "</ul>")
     loc = localisation_line(t)
-    if loc and label != "PASS":
+    if loc:
         body.append(f'<div class="where"><b>Where:</b> {_e(loc)}</div>')
     skipped = skipped_parts(t)
     if skipped:
@@ -365,7 +366,7 @@ def _target_detail(t: TargetResult) -> str:
         f'<h3 id="t-{_e(t.name)}">{badge(label)} {_e(t.name)} <span class="meta">{_expectation(t)}</span></h3>'
     ]
     loc = localisation_line(t)
-    if loc and label != "PASS":
+    if loc:
         out.append(f'<p class="where"><b>Where:</b> {_e(loc)}</p>')
     out.append(_checks_table(t))
     out += [f'<p class="warn">⚠ {_e(w)}</p>' for w in (t.verdict.warnings if t.verdict else ())]
@@ -384,7 +385,9 @@ def _target_detail(t: TargetResult) -> str:
         out += [f'<p class="warn">⚠ {_e(w)}</p>' for w in c.warnings]
     for d in t.layers:
         if d.summary or d.warnings:
-            out.append(f"<p>Layers vs <code>{_e(d.against)}</code> ({_e(d.kind)}): {_e(d.summary or NA)}</p>")
+            out.append(
+                f"<p>Layers vs <code>{_e(d.against)}</code> ({_e(d.kind)}): {_e(layer_summary(t, d))}</p>"
+            )
             out += [f'<p class="warn">⚠ {_e(w)}</p>' for w in d.warnings]
     if t.invariance:
         out.append("<h4>Batch-slot invariance</h4>" + _kv_table(t.invariance))

@@ -19,7 +19,7 @@ from typing import Any
 from difftest.report.heatmap import layer_grid, text_heatmap
 from difftest.report.plotdata import TagRow, tag_rows
 from difftest.report.words import GATE_WORDS, gate_of, kv_rows, reasons_in_words, shape_words, value_words
-from difftest.results import Comparison, PromptDiff, RunResult, TargetResult
+from difftest.results import Comparison, LayerDiff, PromptDiff, RunResult, TargetResult
 from difftest.textsafe import safe, truncate
 from difftest.whitebox.localise import localisation_line as whitebox_localisation_line
 
@@ -124,10 +124,26 @@ def reasons(t: TargetResult) -> list[str]:
 
 
 def localisation_line(t: TargetResult) -> str | None:
-    """The verdict's localisation, else the sentence of the first LayerDiff that localised."""
+    """The verdict's localisation, else the sentence of the first LayerDiff that localised; none for
+    a PASS: its first divergent layer stayed within the bounds it was judged by, and every renderer
+    (terminal, markdown, HTML, junit) reads this one rule so that none shows it as a finding."""
+    if t.verdict is not None and t.verdict.passed:
+        return None
     if t.verdict is not None and t.verdict.localisation:
         return t.verdict.localisation
     return whitebox_localisation_line(t.layers)
+
+
+PASSED_LAYERS_NOTE = " (within the bounds the target passed: per-layer data, not a finding)"
+
+
+def layer_summary(t: TargetResult, d: LayerDiff) -> str:
+    """A layer diff's sentence in the per-layer detail; beside a PASS it says it found nothing the
+    verdict counts, since "first divergent layer 9" alone reads as a fault."""
+    if not d.summary:
+        return NA
+    passed = t.verdict is not None and t.verdict.passed
+    return d.summary + (PASSED_LAYERS_NOTE if passed and whitebox_localisation_line([d]) else "")
 
 
 def prompt_order(prompts: Iterable[PromptDiff]) -> list[PromptDiff]:
@@ -310,7 +326,7 @@ def _target_section(t: TargetResult) -> list[str]:
     label, meets = verdict_text(t)
     out = [f"### {md_cell(t.name)} — {label} (expect {t.expect}, meets expectation: {meets})", ""]
     loc = localisation_line(t)
-    if loc and label != "PASS":
+    if loc:
         out += [f"> **Localisation:** {md_cell(loc)}", ""]
     rs = reasons(t)
     if rs:
@@ -326,7 +342,7 @@ def _target_section(t: TargetResult) -> list[str]:
         out += [*_aggregate_table(c), "", *_prompt_table(c), ""]
     for d in t.layers:
         if d.summary or d.warnings:
-            out.append(f"Layers vs {md_code(d.against)} ({d.kind}): {md_cell(d.summary) or NA}")
+            out.append(f"Layers vs {md_code(d.against)} ({d.kind}): {md_cell(layer_summary(t, d))}")
             out += [f"- ⚠ {md_cell(w)}" for w in d.warnings]
             out.append("")
     out += _tag_table(t)

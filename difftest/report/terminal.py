@@ -71,7 +71,7 @@ def render_summary(run: RunResult, console: Console, *, report_dir: Path | None 
             for w in c.warnings:  # what the pair is not (other text over the same ids, input counts)
                 console.print(Text(f"    warning: {w}", style="yellow"))
         loc = localisation_line(t)
-        if loc and label != "PASS":
+        if loc:
             console.print(Text(f"  localisation: {loc}", style="yellow"))
         for r in reasons(t):
             console.print(Text(f"  - {r}"))

@@ -42,6 +42,7 @@ from difftest.errors import (
     ResponseTooLarge,
     ServerError,
     UnreadableBody,
+    UsageError,
 )
 from difftest.identity import (
     CANARY_BATCH,
@@ -57,6 +58,8 @@ from difftest.identity import (
 )
 from difftest.textsafe import LONE_SURROGATE
 from server_shim import debug_protocol as P
+from server_shim.bearer import bearer as shim_bearer
+from server_shim.bearer import key_problem
 from server_shim.launch import normalise_url
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,16 @@ _FINGERPRINT_CONFIG_KEYS = (
 # concurrency >= 2 the breaker opens after one round, about (max_retries + 1) x timeout_s (two
 # rounds at concurrency 1).
 STOPPED_AFTER = 2
+
+
+def bearer(api_key: str) -> bytes:
+    """The Authorization header's value (`server_shim.bearer`: UTF-8 bytes; httpx sends a str
+    header as ASCII only, so a key beyond it was a UnicodeEncodeError traceback). A key no header
+    can carry is a UsageError saying why, never showing the key."""
+    problem = key_problem(api_key)
+    if problem:
+        raise UsageError(problem)
+    return shim_bearer(api_key)
 
 
 class _Breaker:
@@ -199,9 +212,9 @@ class CompletionClient:
         self._requests = self._failures = self._retries = self._hits = self._misses = 0
         # what the identity check found, for the run's report (None: nothing to say)
         self.identity_note: str | None = None
-        headers = {"User-Agent": "difftest"}
+        headers: dict[str, str | bytes] = {"User-Agent": "difftest"}
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+            headers["Authorization"] = bearer(api_key)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,

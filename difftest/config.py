@@ -19,7 +19,7 @@ import importlib
 import math
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -116,8 +116,19 @@ class RunConfig:
 
 
 def thresholds_for(thresholds: Mapping[str, Mapping[str, float]], scheme: str | None) -> dict[str, float]:
-    """The flat overrides verdict.judge_target takes: [thresholds] merged with [thresholds.<scheme>]."""
-    return {**thresholds.get("default", {}), **thresholds.get(scheme or "none", {})}
+    """The flat overrides verdict.judge_target takes: [thresholds] merged with [thresholds.<scheme>],
+    the scheme's table winning check by check whichever spelling each table uses: judge_target
+    ranks `accuracy.top1_agreement` over `top1_min`, so a general dotted key left beside the
+    scheme's budget field silently beat the more specific table. A general key is dropped only
+    where the scheme's keys set every check it sets (a general `failed_rate_max` still sets the
+    accuracy part beside a scheme's `exactness.failed_rate`)."""
+    from difftest.verdict import Overrides, threshold_checks
+
+    name = scheme or "none"
+    own = thresholds.get(name, {})
+    covered = {check for key in own for check in threshold_checks(key)}
+    general = {k: v for k, v in thresholds.get("default", {}).items() if not threshold_checks(k) <= covered}
+    return Overrides({**general, **own}, tables={key: f"[thresholds.{name}]" for key in own})
 
 
 def unused_tables(thresholds: Mapping[str, Any], schemes: Sequence[str | None], where: str) -> list[str]:
@@ -622,12 +633,32 @@ def _parse_thresholds(
     broken = _verdict_keys("BROKEN_KEYS") or frozenset()  # at load, not after the run: exit 2
     parts = {k.split(".", 1)[0] for k in known or () if "." in k} | {"exactness", "accuracy"}
     out: dict[str, dict[str, float]] = {}
+    checks = _twin_checks()
+    seen: dict[tuple[str, str], tuple[str, str, Any, int | None]] = {}  # (scheme, check) -> first setter
 
-    def add(scheme: str, where: tuple[Any, ...], items: dict[str, Any], prefix: str = "") -> None:
+    def claim(scheme: str, table: str, where: tuple[Any, ...], key: str, metric: str, value: Any) -> None:
+        """Refuse a second, different limit for a check that this scheme's tables already set (one
+        key in [thresholds] and [thresholds.default], a budget field and its dotted twin in one
+        table): the later line in the file won, silently. Equal values say one thing: accepted."""
+        line = ctx.locator.line(where, key)
+        for check in sorted(checks(metric)):
+            first_table, first_metric, first_value, first_line = seen.setdefault(
+                (scheme, check), (table, metric, value, line)
+            )
+            if float(first_value) != float(value):
+                at = f" (line {first_line})" if first_line else ""
+                scope = " for every scheme" if scheme == "default" else ""
+                raise ConfigError(
+                    f"{ctx.path}:{line}: {table} {metric} = {value!r} disagrees with {first_table} "
+                    f"{first_metric} = {first_value!r}{at}: both set the limit of {check}{scope}; keep one",
+                    path=ctx.path, line=line, key=key,
+                )  # fmt: skip
+
+    def add(scheme: str, table: str, where: tuple[Any, ...], items: dict[str, Any], prefix: str = "") -> None:
         for key, value in items.items():
             metric = prefix + key
             if isinstance(value, dict) and not prefix and key in parts:
-                add(scheme, (*where, key), value, prefix=f"{key}.")
+                add(scheme, table, (*where, key), value, prefix=f"{key}.")
                 continue
             if known is not None and metric not in known:
                 hint = did_you_mean(metric, sorted(known)) or f" (known: {', '.join(sorted(known))})"
@@ -649,6 +680,7 @@ def _parse_thresholds(
                     f"key {metric!r} = {value!r} can never fail: it passes a target whose every answer is "
                     "impossible (NaN or malformed logprobs); give a fraction under 1",
                 )  # fmt: skip
+            claim(scheme, table, where, key, metric, value)
             out.setdefault(scheme, {})[metric] = float(value)
 
     for key, value in table.items():
@@ -658,15 +690,24 @@ def _parse_thresholds(
                     root, key,
                     f"scheme {key!r} is unknown (one of default, {', '.join(SCHEMES)}){did_you_mean(key, SCHEMES)}",
                 )  # fmt: skip
-            add(key, (*root, key), value)
+            add(key, _label((*root, key)), (*root, key), value)
         else:
-            add("default", root, {key: value})
+            add("default", _label(root) or "the top level", root, {key: value})
     return out
 
 
 def _known_metrics() -> frozenset[str] | None:
     """Metric names the verdict knows, when difftest.verdict publishes them (THRESHOLD_KEYS)."""
     return _verdict_keys("THRESHOLD_KEYS")
+
+
+def _twin_checks() -> Callable[[str], frozenset[str]]:
+    """verdict.threshold_checks (the checks a [thresholds] key sets), or each key its own check
+    where difftest.verdict does not publish it."""
+    try:
+        return importlib.import_module("difftest.verdict").threshold_checks  # type: ignore[no-any-return]
+    except (ImportError, AttributeError):
+        return lambda key: frozenset({key})
 
 
 def _verdict_keys(name: str) -> frozenset[str] | None:

@@ -33,13 +33,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Pass:
     gens: dict[str, Generation]
-    forced: dict[str, Forced]  # pass A's continuations echoed into this pass's server
+    forced: dict[str, Forced] | None  # pass A's continuations echoed into this pass's server (None: chat)
 
 
 async def _one_pass(ep: Endpoint, cfg: RunConfig, prompts: Sequence[Prompt], base: _Pass | None) -> _Pass:
     k = cfg.run.logprobs
     ep = dataclasses.replace(ep, seed=cfg.run.seed)  # its echoes too: the floor is measured as runs ask
     gens = await generate_all(ep, prompts, max_tokens=cfg.run.max_tokens, k=k, seed=cfg.run.seed)
+    if ep.caps.api == "chat":  # no echo over chat (chat.NO_TEACHER_FORCING): KL stays unmeasured
+        return _Pass(gens, None)
     source = base.gens if base is not None else gens
     as_ids = bool(ep.caps.int_prompts) and ep.caps.token_id_strings
     forced = await force_all(
@@ -102,8 +104,9 @@ def measure_noise(cfg: RunConfig, *, limit: int | None, restart: bool, log_dir: 
     spec = cfg.reference
     # nothing is cached: the point is to ask the server again
     options = ClientOptions(
-        timeout_s=cfg.run.request_timeout_s, max_retries=cfg.run.max_retries, concurrency=cfg.run.concurrency
-    )
+        timeout_s=cfg.run.request_timeout_s, max_retries=cfg.run.max_retries, concurrency=cfg.run.concurrency,
+        endpoint=cfg.run.endpoint,
+    )  # fmt: skip
     with launch_shown([spec], log_dir=log_dir) as running:
         a, comps, how, identity = aio.run(_first_server(Session.of_running(running, options), cfg, prompts))
     if restart and spec.url is None:  # a fresh process: a new session, probed again

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import httpx
 
 from difftest import aio
+from difftest.client import bearer
 from difftest.errors import InfraError, UsageError
 from server_shim.launch_spec import ServerSpec
 
@@ -73,7 +74,7 @@ async def _check_one(spec: ServerSpec, timeout_s: float) -> str | None:
     """None when the server answers 200 somewhere or may still be starting; else why it is broken."""
     url = (spec.url or "").rstrip("/").removesuffix("/v1")
     key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {"Authorization": bearer(key)} if key else {}
     timeout = httpx.Timeout(timeout_s)
     answers: list[Answer] = []
     async with httpx.AsyncClient(timeout=timeout, headers=headers, trust_env=False) as client:

@@ -366,28 +366,52 @@ async def _floor_note(
     return [f"{cfg.run.noise_floor}: {why}" for why in whys if why]
 
 
+# a null model a floor file overrules without a word: which one was meant is the user's to say
+_NULLS_A_FLOOR_CONTRADICTS = {
+    "none": "absolute minimums only",
+    "aa": "each golden's in-run A/A, which a floor file replaces",
+}
+
+
 def load_floor(cfg: RunConfig) -> NoiseFloor | None:
-    """The floor file, checked before any server starts. `null = "none"` (absolute minimums only)
-    beside a floor file was judged on the floor without a word: which one was meant is the
-    user's to say, so the pair is refused (exit 2)."""
+    """The floor file, checked before any server starts. `null = "none"` or `"aa"` beside a floor
+    file was judged on the floor without a word, so the pair is refused (exit 2)."""
     from difftest.errors import ConfigError
 
     if cfg.run.noise_floor is None:
         return None
-    if cfg.run.null == "none":
+    if cfg.run.null in _NULLS_A_FLOOR_CONTRADICTS:
         where = f"{cfg.source}: " if cfg.source else ""
         raise ConfigError(
-            f'{where}[run] null = "none" (absolute minimums only) contradicts noise_floor = '
-            f'"{cfg.run.noise_floor}" (limits from that file): remove one',
+            f'{where}[run] null = "{cfg.run.null}" ({_NULLS_A_FLOOR_CONTRADICTS[cfg.run.null]}) contradicts '
+            f'noise_floor = "{cfg.run.noise_floor}" (limits from that file): remove one',
             path=cfg.source, key="null",
         )  # fmt: skip
     path = Path(cfg.run.noise_floor)
     if not path.exists():
         raise ConfigError(f"noise floor file {path} does not exist (make it with `difftest noise CONFIG`)")
     try:
-        return NoiseFloor.from_json(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # a folder there (`noise -o DIR` makes DIR/noise-floor.json)
+        raise ConfigError(
+            f"noise floor file {path}: cannot read it: {_unreadable(path, exc)}",
+            path=cfg.source,
+            key="noise_floor",
+        ) from None
+    try:
+        return NoiseFloor.from_json(text)
     except NoiseFloorError as exc:  # which file: a config may name one of several floors
         raise NoiseFloorError(f"{path}: {exc}") from None
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why a file could not be read, in words: errno's "Is a directory" leaves the user guessing
+    which path, and a decode error's repr is a paragraph."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text (not a noise-floor file)"
+    if path.is_dir():
+        return "a folder, not a file"
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _skipped(pairs: Sequence[_Pair], target: str, endpoint: str = "completions") -> dict[str, str]:

@@ -33,9 +33,9 @@ from typing import Any
 import httpx
 
 from difftest.cache import ResponseCache
+from difftest.chat import probe_endpoint
 from difftest.client import CompletionClient
 from difftest.collect import Endpoint
-from difftest.conformance import probe
 from difftest.errors import ConformanceError, InfraError, output_error
 from difftest.progress import ServersUp
 from server_shim.launch import RunningServer, api_key_of, launch_servers
@@ -65,6 +65,9 @@ class ClientOptions:
     max_retries: int = 3
     concurrency: int = 8  # requests in flight per server
     cache: ResponseCache | None = None  # the run's response cache (None: every request is asked)
+    # the protocol the command measures over ("chat": probed as chat, generations over
+    # /v1/chat/completions): probed as completions, a chat config's noise floor was measured there
+    endpoint: str = "completions"
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,7 @@ class Session:
         }
         # every probe runs to its end before a failure is raised: no task is left using a closed client
         found = await asyncio.gather(
-            *(probe(c, model=c.model) for c in clients.values()), return_exceptions=True
+            *(probe_endpoint(c, c.model, o.endpoint) for c in clients.values()), return_exceptions=True
         )
         failed = next((r for r in found if isinstance(r, BaseException)), None)
         if failed is not None:

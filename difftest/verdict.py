@@ -153,6 +153,9 @@ _BUDGET_FIELDS = {
     "kl_p99": "kl_p99_max",
     "top1_agreement": "top1_min",
 }
+_FIELD_CHECKS = {attr: name for name, attr in _BUDGET_FIELDS.items()}
+# the exactness part takes these limits from the budget too (judge_target); the rest from the null
+_BUDGET_EXACTNESS = ("failed_rate", "broken_rate")
 THRESHOLD_KEYS = frozenset(
     {f.name for f in dataclasses.fields(Budget)} - {"scheme"}
     | {"margin", "tie_margin"}
@@ -172,6 +175,35 @@ BROKEN_WHY = (
     "can never fail: it passes a target whose every answer is impossible (NaN or malformed logprobs); "
     "give a fraction under 1"
 )
+
+
+def threshold_checks(key: str) -> frozenset[str]:
+    """The checks ("accuracy.top1_agreement") whose limit a [thresholds] key sets: a dotted key its
+    own, a budget field its accuracy check and, for the request rates, the exactness one too; any
+    other key (margin) itself. Keys sharing a check are two spellings of one limit, which
+    config.thresholds_for ranks by table and config refuses to see disagree within one table."""
+    name = _FIELD_CHECKS.get(key)
+    if name is None:
+        return frozenset({key})
+    parts = ("exactness", "accuracy") if name in _BUDGET_EXACTNESS else ("accuracy",)
+    return frozenset(f"{part}.{name}" for part in parts)
+
+
+class Overrides(dict[str, float]):
+    """One scheme's flat `[thresholds]` overrides (config.thresholds_for) that remember which table
+    gave each key, so that a check's note names the table its limit came from: a scheme's own
+    limit reading "override [thresholds]" sent users to the wrong table."""
+
+    def __init__(self, values: Mapping[str, float] = {}, tables: Mapping[str, str] = {}) -> None:
+        super().__init__(values)
+        self.tables = dict(tables)
+
+
+def _override_note(overrides: Mapping[str, float], key: str) -> str:
+    """ "override [thresholds.fp8-block] top1_min": the table is "[thresholds]" unless `overrides`
+    (an Overrides) says otherwise."""
+    table = getattr(overrides, "tables", {}).get(key, "[thresholds]")
+    return f"override {table} {key}"
 
 
 def budget_for(scheme: str | None, overrides: Mapping[str, float] = {}) -> Budget:
@@ -426,7 +458,7 @@ def _part(
     for name, (op, group) in _CHECKS.items():
         key = f"{part}.{name}"
         limit = (
-            Limit(float(overrides[key]), f"override [thresholds] {key}")
+            Limit(float(overrides[key]), _override_note(overrides, key))
             if key in overrides
             else limits.get(name)
         )
@@ -472,7 +504,9 @@ def judge_target(
     `budget` should come from `budget_for(scheme, overrides)`; bare budget keys in `overrides`
     are applied here too, so passing the default budget with overrides is equivalent.
     `overrides`: `[thresholds]` keys — bare Budget field names (accuracy), `<part>.<check>` for
-    one check's limit (e.g. `exactness.kl_mean`), `margin` (null-model multiplier).
+    one check's limit (e.g. `exactness.kl_mean`), `margin` (null-model multiplier); where both
+    spellings of one check are given, the dotted key wins, so a scheme's table must already have
+    displaced the general table's twin (config.thresholds_for does).
     `skipped`: group -> visible reason, for groups the run could not measure (conformance said
     so): "teacher_forced", "tokens", "text", "requests", or `<part>.<group>` for one part only.
     `extra_parts`: already-judged parts (white-box layers, batch-slot invariance), appended.
@@ -493,10 +527,10 @@ def judge_target(
     else:
         null = null or NO_NULL
         limits = {k: v for k, v in exactness_limits(null, margin).items() if k != "point_rel_err_max"}
-        for name in ("failed_rate", "broken_rate"):  # the budget's request limits, or their override
+        for name in _BUDGET_EXACTNESS:  # the budget's request limits, or their override
             attr = _BUDGET_FIELDS[name]
             source = (
-                f"override [thresholds] {attr}" if attr in overrides else f"budget {budget.scheme} {attr}"
+                _override_note(overrides, attr) if attr in overrides else f"budget {budget.scheme} {attr}"
             )
             limits[name] = Limit(getattr(budget, attr), source)
         warnings.append(f"exactness limits from {null.description}; trust: {null.trust}")
@@ -506,7 +540,7 @@ def judge_target(
     for name, attr in _BUDGET_FIELDS.items():
         value = getattr(budget, attr)
         if value is not None:
-            note = f"override [thresholds] {attr}" if attr in overrides else f"budget {budget.scheme}"
+            note = _override_note(overrides, attr) if attr in overrides else f"budget {budget.scheme}"
             acc_limits[name] = Limit(float(value), note)
     parts.append(_part("accuracy", accuracy, acc_limits, overrides, skipped, warnings))
     parts.extend(extra_parts)

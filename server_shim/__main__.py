@@ -88,6 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if api_key is not None:
+        from server_shim.middleware import check_api_key
+
+        try:
+            check_api_key(api_key)  # before the model loads: a key no client can send
+        except ShimError as exc:
+            print(f"server_shim: error: ${args.api_key_env}: {exc}", file=sys.stderr)
+            return 2
     if args.debug and args.host not in _LOOPBACK and api_key is None:
         print(
             f"server_shim: error: --debug on --host {args.host} exposes the model's weights and activations "

@@ -216,7 +216,7 @@ def debug_config(engine: Any) -> dict[str, Any]:
         "device": str(loaded.device),
         "arch": device_arch(loaded.device),
         "num_layers": loaded.num_layers,
-        "context_length": loaded.context_length,
+        "context_length": engine.context_length,  # the served one: --max-model-len caps the model's
         "quant": getattr(loaded, "quant", "none"),  # the scheme (faults are never revealed)
         "rounding_noise": getattr(loaded, "rounding_noise", 0.0),  # > 0: a rounding twin
         "decode": {"cuda_graphs": engine.runner.graphs is not None, "fused": engine.runner.fused},
@@ -356,7 +356,11 @@ def create_debug_router(
         except InvalidRequestError as exc:
             return _error(exc)
         return await slots.run(
-            engine, lambda: capture_activations(engine.loaded, req, max_bytes=cap), request
+            engine,
+            lambda: capture_activations(
+                engine.loaded, req, max_bytes=cap, context_length=engine.context_length
+            ),
+            request,
         )
 
     @router.post(P.MODULE, responses=openapi.octet(), openapi_extra=openapi.binary_body())

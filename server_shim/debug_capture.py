@@ -166,7 +166,7 @@ def _hooks(
     return handles
 
 
-def _resolve_tokens(req: ActivationsRequest, loaded: Any) -> list[int]:
+def _resolve_tokens(req: ActivationsRequest, loaded: Any, context_length: int) -> list[int]:
     if (req.tokens is None) == (req.prompt is None):
         raise DebugRequestError("give exactly one of 'tokens' or 'prompt'", param="tokens")
     ids = req.tokens if req.tokens is not None else loaded.tokenizer(req.prompt)["input_ids"]
@@ -177,10 +177,11 @@ def _resolve_tokens(req: ActivationsRequest, loaded: Any) -> list[int]:
         )
     if bad := [t for t in ids if not 0 <= t < vocab]:
         raise DebugRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
-    if len(ids) + req.decode_steps > loaded.context_length:
+    if len(ids) + req.decode_steps > context_length:
         raise DebugRequestError(
-            f"{len(ids)} tokens + {req.decode_steps} decode steps exceed the context length {loaded.context_length}",
-            param="tokens",
+            f"{len(ids)} tokens + {req.decode_steps} decode steps exceed the context length {context_length}",
+            param="tokens" if req.tokens is not None else "prompt",
+            code="context_length_exceeded",  # as /v1/completions says it
         )
     return list(ids)
 
@@ -225,10 +226,14 @@ def _select_points(all_points: list[str], globs: list[str] | None) -> list[str]:
     return [p for p in modules if p in chosen]
 
 
-def capture_activations(loaded: Any, req: ActivationsRequest, *, max_bytes: int) -> bytes:
-    """Run prefill (+ greedy decode steps) with hooks; return the safetensors body."""
+def capture_activations(
+    loaded: Any, req: ActivationsRequest, *, max_bytes: int, context_length: int | None = None
+) -> bytes:
+    """Run prefill (+ greedy decode steps) with hooks; return the safetensors body.
+    `context_length`: the server's (--max-model-len caps it), so this route runs no sequence that
+    /v1/completions refuses; None: the model's own."""
     model = loaded.model
-    ids = _resolve_tokens(req, loaded)
+    ids = _resolve_tokens(req, loaded, loaded.context_length if context_length is None else context_length)
     positions = _resolve_positions(req.positions, len(ids))
     mods = list_modules(model)
     points = _select_points(list_points(model), req.layers)

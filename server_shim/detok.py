@@ -29,6 +29,9 @@ __all__ = [
 # Tokens of left context when decoding a piece: SentencePiece drops a leading space and byte-level
 # BPE splits a character over tokens, so a token decoded alone is not its contribution to the text.
 _CONTEXT = 5
+# Most context tokens replayed when the context ends inside a character (vLLM V1 primes with up to
+# 23, else the whole prompt; a character's bytes span at most 4 tokens, so the last release is near).
+_PRIME = 24
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,21 @@ class IncrementalDetokenizer:
         self._prefix = 0
         self._read = len(self._ids)
         self._prev = self._decode(self._ids)
+        self._held = 0  # tokens pushed since the last piece released: what flush() may release
+        if self._prev.endswith("\ufffd"):
+            self._prime(context[-_PRIME:])
+
+    def _prime(self, tail: Sequence[int]) -> None:
+        """The context ends inside a character: replay its tail token by token, as vLLM V1 primes
+        its DecodeStream with the prompt, so that character's bytes stay unread and the token that
+        completes it releases the whole character. Seeded as read, the character was lost: the
+        completing token's text was no longer than the context's, so its piece was empty."""
+        self._ids, self._prefix, self._read, self._prev = [], 0, 0, ""
+        for t in tail:
+            text = self._decode(self._ids[self._prefix :] + [t])
+            self._ids.append(t)
+            if self._piece(text):
+                self._advance()
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -113,14 +131,20 @@ class IncrementalDetokenizer:
                 (a, self._label(a, token, piece, t), v) for (a, v), t in zip(alts, texts[1:], strict=True)
             )
         self._ids.append(token)
+        self._held += 1
         if piece:
-            self._prefix, self._read = self._read, len(self._ids)
-            self._prev = self._decode(self._ids[self._prefix : self._read])
-            if self._prefix > 4 * _CONTEXT:  # keep the id list short on long generations
-                del self._ids[: self._prefix - _CONTEXT]
-                self._read -= self._prefix - _CONTEXT
-                self._prefix = _CONTEXT
+            self._advance()
         return TokenInfo(token, piece, logprob, top)
+
+    def _advance(self) -> None:
+        """A piece was released: the window moves past it (vLLM's prefix and read offsets)."""
+        self._prefix, self._read = self._read, len(self._ids)
+        self._prev = self._decode(self._ids[self._prefix : self._read])
+        self._held = 0
+        if self._prefix > 4 * _CONTEXT:  # keep the id list short on long generations
+            del self._ids[: self._prefix - _CONTEXT]
+            self._read -= self._prefix - _CONTEXT
+            self._prefix = _CONTEXT
 
     def _label(self, alt: int, chosen: int, chosen_piece: str, text: str) -> str:
         """An alternative's label: the chosen token's own piece where it is the chosen token (a
@@ -130,8 +154,9 @@ class IncrementalDetokenizer:
         return self._piece(text) or bytes_label(token_bytes(self._tok, alt))
 
     def flush(self) -> str:
-        """Text still held back (an incomplete character at the very end)."""
-        if self._read == len(self._ids):
+        """Text still held back (an incomplete character at the very end). Bytes of the context
+        alone are not this text's: with nothing pushed since, nothing is released."""
+        if self._held == 0:
             return ""
         return self._decode(self._ids[self._prefix :])[len(self._prev) :]
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from server_shim.bearer import bearer, key_problem
 from server_shim.errors import LaunchError, ServerRefusedConfig
 from server_shim.launch_spec import ServerSpec, SpecError, pair_specs
 from server_shim.options import API_KEY_ENV as SHIM_API_KEY_ENV
@@ -330,6 +331,11 @@ def api_key_of(spec: ServerSpec) -> str | None:
             f"server {spec.name!r}: environment variable {spec.api_key_env} (api_key_env) is not set",
             key="api_key_env",
         )
+    problem = key_problem(value)
+    if problem:  # the variable's value, never printed: a newline read with it, say
+        raise SpecError(
+            f"server {spec.name!r}: {spec.api_key_env} (api_key_env): {problem}", key="api_key_env"
+        )
     return value
 
 
@@ -572,7 +578,7 @@ def _startup_missed(timeout: float, now: float, start: float, progress_at: float
 
 def _probe(client: httpx.Client, server: RunningServer) -> tuple[bool, str]:
     key = api_key_of(server.spec)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {"Authorization": bearer(key)} if key else {}
     answer = "no answer"
     for route in ("/health", "/v1/models"):
         try:

@@ -13,12 +13,21 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from server_shim.bearer import key_problem
+from server_shim.errors import ShimError
 from server_shim.protocol import error_body
 
 logger = logging.getLogger(__name__)
 
 # Open without a key: a load balancer's liveness probe. It answers {"status": "ok"} and nothing else.
 OPEN_PATHS = frozenset({"/health"})
+
+
+def check_api_key(key: str) -> None:
+    """Refuse a key no Authorization header can carry (`bearer.key_problem`)."""
+    problem = key_problem(key)
+    if problem:
+        raise ShimError(f"{problem}; use printable characters")
 
 
 def _same_key(got: bytes, want: bytes) -> bool:
@@ -33,19 +42,24 @@ class GuardMiddleware:
 
     def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
         self.app = app
+        if api_key is not None:
+            check_api_key(api_key)
         self.api_key = api_key
-        self._want = api_key.encode("latin-1", "replace") if api_key is not None else b""
+        # UTF-8, as curl and browsers send a header typed in text; compared with the header's raw
+        # bytes. Latin-1 with "replace" made a CJK key "????????", which then let "????????" in
+        self._want = api_key.encode() if api_key is not None else b""
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = {k.lower(): v for k, v in scope.get("headers", [])}
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw.items()}
         if self.api_key is not None and scope.get("path") not in OPEN_PATHS:
             # the scheme is case-insensitive (RFC 9110 11.1: "bearer" is "Bearer"); the key is not
-            scheme, _, key = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not _same_key(key.encode("latin-1"), self._want):
+            scheme, _, key = raw.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not _same_key(key, self._want):
                 body = error_body(
                     "missing or wrong API key", error_type="invalid_request_error", code="invalid_api_key"
                 )

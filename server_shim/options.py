@@ -26,6 +26,9 @@ _PY = {STRING: str, BOOLEAN: bool, INTEGER: int, NUMBER: float, STRINGS: tuple}
 
 API_KEY_ENV = "DIFFTEST_SHIM_API_KEY"  # where `serve` reads its key unless --api-key-env names another
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# torch.manual_seed's range, unsigned: a larger seed crashed the tiny presets' load with a traceback
+# (exit 3 from difftest) where the flag's check is a one-line exit 2, and the config check's too
+SEED_MAX = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Option:
     required: bool = False
     optional: bool = False  # None is a value (no flag given): e.g. no context cap
     minimum: int | None = None  # integers: the smallest accepted value (argparse refuses less, exit 2)
+    maximum: int | None = None  # integers: the largest accepted value (likewise)
 
     @property
     def argv_flag(self) -> str:
@@ -66,7 +70,10 @@ OPTIONS: tuple[Option, ...] = (
         spec=True, metavar="auto|A",
     ),
     Option("debug", BOOLEAN, False, "enable the /debug/* white-box routes", spec=True),
-    Option("seed", INTEGER, 0, "seed of the tiny presets' weights and of the rounding twin's hash", spec=True),
+    Option(
+        "seed", INTEGER, 0, "seed of the tiny presets' weights and of the rounding twin's hash", spec=True,
+        minimum=0, maximum=SEED_MAX,
+    ),
     Option(
         "api_key_env", STRING, API_KEY_ENV,
         "environment variable holding the API key; when it is set, every route but /health needs "
@@ -124,7 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif o.kind == STRINGS:
             kw.update(action="append", default=[], metavar=o.metavar)
         else:
-            typ = _at_least(o.minimum, o.argv_flag) if o.minimum is not None else _PY[o.kind]
+            bounded = o.minimum is not None or o.maximum is not None
+            typ = _bounded(o.minimum, o.maximum, o.argv_flag) if bounded else _PY[o.kind]
             kw.update(type=typ, default=o.default, metavar=o.metavar, choices=o.choices)
             kw["required"] = o.required
         if o.default not in (None, (), False, "") and o.kind != BOOLEAN:
@@ -132,11 +140,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(o.argv_flag, **{k: v for k, v in kw.items() if v is not None})
 
 
-def _at_least(minimum: int, flag: str) -> Any:
+def _bounded(minimum: int | None, maximum: int | None, flag: str) -> Any:
     def parse(text: str) -> int:
         value = int(text)  # ValueError: argparse reports "invalid ... value"
-        if value < minimum:
+        if minimum is not None and value < minimum:
             raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{flag} must be <= {maximum}, got {value}")
         return value
 
     parse.__name__ = "integer"

@@ -7,6 +7,9 @@ they made themselves, and the launcher (launch.py) only ever sees the CLI.
 from __future__ import annotations
 
 import logging
+import socket
+
+import uvicorn
 
 from server_shim.engine import Engine
 from server_shim.errors import ShimError
@@ -82,23 +85,39 @@ def build_engine(opts: ServeOptions) -> Engine:  # type: ignore[valid-type]
 
 def run_server(opts: ServeOptions) -> None:  # type: ignore[valid-type]
     """Build the engine and serve until interrupted (blocking)."""
-    import uvicorn
-
     from server_shim.app import create_app
 
     engine = build_engine(opts)
     app = create_app(engine, opts)
-    logger.info(
-        "serving %s on http://%s:%d (%s, %s%s)",
-        engine.loaded.name,
-        opts.host,
-        opts.port,
-        engine.loaded.device,
-        str(engine.loaded.dtype).removeprefix("torch."),
-        ", batch-invariant" if opts.batch_invariant else "",
-    )
+    loaded = engine.loaded
+    how = f"{loaded.device}, {str(loaded.dtype).removeprefix('torch.')}"
+    how += ", batch-invariant" if opts.batch_invariant else ""
+    # log_config=None: keep the logging that the CLI configured (--log-level) for uvicorn too.
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_config=None, access_log=False)
     try:
-        # log_config=None: keep the logging that the CLI configured (--log-level) for uvicorn too.
-        uvicorn.run(app, host=opts.host, port=opts.port, log_config=None, access_log=False)
+        ShimServer(config, loaded.name, how).run()
     finally:
         engine.close()
+
+
+class ShimServer(uvicorn.Server):
+    """uvicorn's server, saying "serving ... on URL" once it listens. Said before the bind, the
+    line named port 0 for `--port 0`, and a port that was in use (the bind then failed)."""
+
+    def __init__(self, config: uvicorn.Config, name: str, how: str) -> None:
+        super().__init__(config)
+        self.name, self.how = name, how
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)  # a failed bind is logged there, and exits 3
+        if self.started:
+            host = self.config.host
+            host = f"[{host}]" if ":" in host else host
+            logger.info("serving %s on http://%s:%d (%s)", self.name, host, self.bound_port(), self.how)
+
+    def bound_port(self) -> int:
+        """The port the listening socket got: `--port 0` asks the kernel for a free one."""
+        for server in getattr(self, "servers", ()):  # uvicorn's asyncio servers, once started
+            for sock in server.sockets or ():
+                return int(sock.getsockname()[1])
+        return int(self.config.port)

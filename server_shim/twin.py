@@ -32,7 +32,9 @@ _MASK = 0xFFFFFFFF
 def value_hash_uniform(y: torch.Tensor, seed: int) -> torch.Tensor:
     """A float32 tensor in [-1, 1), a deterministic function of each element of `y` and `seed`."""
     bits = y.detach().float().contiguous().view(torch.int32).to(torch.int64) & _MASK
-    h = (bits * _GOLDEN + seed * 0x632BE5AB) & _MASK
+    # the seed's term reduced in Python first: the same low 32 bits, and a scalar torch takes (it
+    # refused one past 2**64: a module seed's, seed * 1_000_003 + i, from --seed 11087 on)
+    h = (bits * _GOLDEN + ((seed * 0x632BE5AB) & _MASK)) & _MASK
     h = h ^ (h >> 16)
     h = (h * _MIX) & _MASK
     h = h ^ (h >> 16)

@@ -171,18 +171,25 @@ def _several_models_app(behaviour: FakeBehaviour, served_first: bool = False) ->
     return app
 
 
+def _record_several(tmp_path: Path, ref_url: str, target_url: str) -> Path:
+    """`difftest record` of the reference at `ref_url` (its TOML value, extra keys included) into
+    tmp_path / "b"; returns the config recorded from."""
+    prompts = _prompts_file(tmp_path / "p.jsonl")
+    rec = tmp_path / "rec.toml"
+    rec.write_text(
+        f'[run]\nprompts = ["{prompts}"]\nmax_tokens = 6\nwhitebox = "off"\n'
+        f'[reference]\nname = "ref"\nurl = "{ref_url}"\n'
+        f'[[target]]\nname = "t"\nurl = "{target_url}"\nscheme = "fp8-block"\n'
+    )
+    assert main(["record", "--ref", str(rec), "-o", str(tmp_path / "b")]) == 0
+    return rec
+
+
 def test_a_recording_of_a_named_model_among_several_replays(tmp_path: Path, capsys) -> None:
     """The bug: the replay asked the first listed model ("zzz-other"), which no recorded request
     carries: "ref cannot serve /v1/completions: HTTP 404: not recorded in the baseline", exit 2."""
-    prompts = _prompts_file(tmp_path / "p.jsonl")
     with live_fake(app=_several_models_app(FakeBehaviour())) as ref, live_fake() as tgt:
-        rec = tmp_path / "rec.toml"
-        rec.write_text(
-            f'[run]\nprompts = ["{prompts}"]\nmax_tokens = 6\nwhitebox = "off"\n'
-            f'[reference]\nname = "ref"\nurl = "{ref}"\nmodel = "fake-model"\n'
-            f'[[target]]\nname = "t"\nurl = "{tgt}"\nscheme = "fp8-block"\n'
-        )
-        assert main(["record", "--ref", str(rec), "-o", str(tmp_path / "b")]) == 0
+        rec = _record_several(tmp_path, f'{ref}"\nmodel = "fake-model', tgt)
         stored = tmp_path / "stored.toml"
         stored.write_text(
             rec.read_text()
@@ -197,15 +204,8 @@ def test_a_recording_of_a_named_model_among_several_replays(tmp_path: Path, caps
 
 def test_a_recording_records_that_it_took_the_first_of_several(tmp_path: Path) -> None:
     """The replay reads this field, not the warning's wording (which a later difftest may reword)."""
-    prompts = _prompts_file(tmp_path / "p.jsonl")
     with live_fake(app=_several_models_app(FakeBehaviour(), served_first=True)) as ref:
-        rec = tmp_path / "rec.toml"
-        rec.write_text(
-            f'[run]\nprompts = ["{prompts}"]\nmax_tokens = 6\nwhitebox = "off"\n'
-            f'[reference]\nname = "ref"\nurl = "{ref}"\n'
-            f'[[target]]\nname = "t"\nurl = "{ref}"\n'
-        )
-        assert main(["record", "--ref", str(rec), "-o", str(tmp_path / "b")]) == 0
+        _record_several(tmp_path, ref, ref)
     base = Baseline.read(tmp_path / "b")
     assert base.capabilities["model_first_of_several"] is True
     base.capabilities["warnings"] = []  # reworded away: the field still says it

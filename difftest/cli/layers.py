@@ -4,7 +4,8 @@
     difftest layers --ref URL --target URL [--golden URL]
 
 Exit 0 nothing flagged, 1 a target's layer verdict fails (as `run` judges layers) or a served
-residual / logits point is not finite, 2 usage (also a debug request a server refused, HTTP 4xx),
+residual / logits point is not finite; with CONFIG each target's `expect` gates as in `run`: a
+negative control (expect = "fail") whose fault is found is 0, one found clean is 1. 2 usage (also a debug request a server refused, HTTP 4xx),
 3 infrastructure (also a debug answer that failed: no diff made, or a module replay a server
 failed to answer or answered damaged), 4 a diff in which no module could be replayed (it decides
 nothing) or one whose replay of some module was refused."""
@@ -36,7 +37,7 @@ RESULT_FILE = "layers.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_server_arguments(p, golden=True)
+    add_server_arguments(p, golden=True, reads_expect=True)
     p.add_argument(
         "--prompt",
         type=o.prompt_arg,
@@ -150,6 +151,19 @@ def unmade(diff: LayerDiff) -> tuple[str, int]:
     return "", 0
 
 
+def expected_code(expect: str, failed: bool, worst_open: int) -> int:
+    """One target's exit code against its `expect`, as `run` gates: a fault found is 1 for a target
+    expected to pass and 0 for a negative control; else a diff not made, or a module replay a
+    server failed to answer, is the servers' (3) or the request's (2: a prompt over the context,
+    say), a diff with no module replayed (or a replay refused) decides nothing (4), and a negative
+    control whose diffs were all made and found nothing is 1 (its fault went unseen)."""
+    if failed:
+        return 0 if expect == "fail" else 1
+    if worst_open:
+        return worst_open
+    return 1 if expect == "fail" else 0
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -169,11 +183,12 @@ def run(args: argparse.Namespace) -> int:
     as_json = getattr(args, "json", False)
 
     async def work(session: Session, jobs: Sequence[Job]) -> int:
-        failed = False
         open_: list[str] = []  # diffs that could not be made or replayed: never "nothing flagged"
-        worst_open = 0
+        codes: list[int] = []  # each target's outcome against its expect
         found: list[dict[str, Any]] = []
         for job in jobs:
+            failed = False
+            worst_open = 0
             if job.golden is None and job.reference is None:  # a recorded baseline has no /debug
                 raise UsageError(
                     f"layers: {job.target} has neither a golden nor a live reference to diff against"
@@ -195,15 +210,17 @@ def run(args: argparse.Namespace) -> int:
                     open_.append(f"{job.target} vs {diff.against}: {why}")
                     worst_open = max(worst_open, code)
                 found.append(
-                    {"target": job.target, "scheme": scheme, "failed": bad} | dataclasses.asdict(diff)
+                    {"target": job.target, "expect": job.expect, "scheme": scheme, "failed": bad}
+                    | dataclasses.asdict(diff)
                 )
                 if not as_json:
                     render_layers(diff, job.target, con, all_points=getattr(args, "all_points", False),
                                   scheme=scheme, thresholds=th)  # fmt: skip
-        # a fault found is found (1); else a diff not made, or a module replay a server failed to
-        # answer, is the servers' (3), or the request's (2: a prompt over the context, say), and a
-        # diff with no module replayed (or a replay refused) decides nothing (4)
-        code = 1 if failed else worst_open
+            codes.append(expected_code(job.expect, failed, worst_open))
+            if job.expect == "fail" and not as_json:
+                said = "its fault found, as expected" if failed else "no fault found: NOT as expected"
+                con.print(f'{job.target} (expect = "fail", a negative control): {said}')
+        code = 1 if 1 in codes else max(codes, default=0)
         for why in open_:
             print(f"difftest: layers: {safe(why)}", file=sys.stderr)
         result = {"exit_code": code, "prompt": prompt, "diffs": found, "not_made": open_}

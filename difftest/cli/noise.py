@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
 from difftest.cli import options as o
 from difftest.cli.run import with_overrides
 from difftest.config import load_config
-from difftest.errors import InfraError, UsageError
+from difftest.errors import InfraError, UsageError, output_error
 
 HELP = "measure the reference's A/A noise floor into DIR/noise-floor.json (-o DIR)"
 FLOOR_FILE = "noise-floor.json"
@@ -42,15 +43,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = with_overrides(load_config(args.config, require_targets=False), args)  # the reference alone
     if cfg.baseline is not None:
         raise UsageError(f"{args.config}: the reference is a recorded baseline; its noise is measured live")
-    if args.out is not None:
-        path = Path(args.out) / FLOOR_FILE
-    elif cfg.run.noise_floor is not None:
-        path = Path(cfg.run.noise_floor)
-    else:
-        path = Path(cfg.run.output_dir) / FLOOR_FILE
-    floor = measure_noise(
-        cfg, limit=args.limit, restart=not args.no_restart, log_dir=Path(cfg.run.output_dir) / "noise-logs"
-    )
+    path, key = floor_destination(args.out, cfg.run.noise_floor, Path(cfg.run.output_dir))
+    why = floor_file_problem(path)
+    if why is not None:  # now, not as a traceback after minutes of measuring
+        raise UsageError(f"{key}: cannot write {path}: {why}")
+    # the logs go with the floor into the folder the user named, not the config's output_dir
+    logs = Path(args.out if args.out is not None else cfg.run.output_dir) / "noise-logs"
+    floor = measure_noise(cfg, limit=args.limit, restart=not args.no_restart, log_dir=logs)
     floor = dataclasses.replace(floor, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     if floor.failed_requests > cfg.run.error_rate_limit * max(floor.n_prompts, 1):
         # a floor measured on lost answers sets limits from the wrong thing: none is written
@@ -58,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
             f"{floor.failed_requests} of {floor.n_prompts} A/A requests failed (over the error_rate_limit "
             f"{cfg.run.error_rate_limit:g}): no noise floor written"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(floor.to_json())
+    try:  # checked above, but the disk may fill (or the folder change) while measuring
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(floor.to_json())
+    except OSError as exc:
+        raise output_error(path, exc) from None
     if args.json:
         o.emit_json({"exit_code": 0, "floor_file": str(path), "floor": floor.to_dict()})
         return 0
@@ -72,6 +74,25 @@ def run(args: argparse.Namespace) -> int:
     setting = config_relative(path, args.config)
     con.print(f'written to {path}; set run.noise_floor = "{setting}" in the config to use it')
     return 0
+
+
+def floor_destination(out: Path | None, noise_floor: Path | None, output_dir: Path) -> tuple[Path, str]:
+    """Where the floor file goes, and the setting that put it there (errors name it)."""
+    if out is not None:
+        return Path(out) / FLOOR_FILE, "-o"
+    if noise_floor is not None:
+        return Path(noise_floor), "run.noise_floor"
+    return output_dir / FLOOR_FILE, "run.output_dir"
+
+
+def floor_file_problem(path: Path) -> str | None:
+    """Why the floor file cannot be written at `path` (None: it can): a folder in its place, a file
+    there that may not be replaced, or a parent folder that cannot be made or written into."""
+    if path.is_dir():
+        return "a folder stands in its place"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "permission denied"
+    return o.output_folder_problem(path.parent)
 
 
 def config_relative(path: Path, config: Path) -> Path:

@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +335,27 @@ def check_key_servers(envs: dict[str, str], servers: Sequence[str]) -> None:
                 f"--api-key-env {name}={envs[name]}: no server is named {name!r} here "
                 f"(servers: {', '.join(servers)})"
             )
+
+
+def check_key_takers(envs: dict[str, str], refusals: Mapping[str, str | None]) -> None:
+    """Every SERVER of --api-key-env SERVER=VAR must be one the flag gives a key to: `refusals`
+    maps each server to why it takes none (None: it takes one). A launched shim named there was
+    accepted and given nothing, silently. A family (`target` for target1, target2) is refused
+    only when none of its servers takes the key."""
+    for name, var in envs.items():
+        if name == "*":
+            continue
+        members = [name] if name in refusals else [s for s in refusals if _family(s) == name]
+        whys = [refusals[s] for s in members]
+        if members and all(why is not None for why in whys):
+            raise UsageError(
+                f"--api-key-env {name}={var}: server {members[0]!r} takes no key from this flag: {whys[0]}"
+            )
+
+
+def _family(server: str) -> str | None:
+    numbered = _NUMBERED.fullmatch(server)
+    return numbered.group(1) if numbered else None
 
 
 def key_env_for(envs: dict[str, str], server: str) -> str | None:

@@ -43,10 +43,19 @@ def threshold_file(path: Path) -> dict[str, dict[str, float]]:
 def merged_thresholds(stored: dict, given: dict) -> dict[str, dict[str, float]]:
     """The run's own [thresholds] with the file's on top, table by table (the file's keys win): a
     re-judgement changes what the file says and nothing else -- the run's `margin = 5` must not
-    quietly fall back to the default 3 because the file does not repeat it."""
-    return {
-        name: {**stored.get(name, {}), **given.get(name, {})} for name in dict.fromkeys([*stored, *given])
-    }
+    quietly fall back to the default 3 because the file does not repeat it. A stored key is
+    dropped where the file's keys of its table set every check it sets in another spelling
+    (`top1_min` in the file, `accuracy.top1_agreement` stored): kept, the stored spelling would
+    still decide that check and the file's limit be silently ignored."""
+    from difftest.verdict import threshold_checks
+
+    merged: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys([*stored, *given]):
+        mine = given.get(name, {})
+        covered = {c for key in mine for c in threshold_checks(key)}
+        kept = {k: v for k, v in stored.get(name, {}).items() if not threshold_checks(k) <= covered}
+        merged[name] = {**kept, **mine}
+    return merged
 
 
 def _rejudged(result: RunResult, thresholds: Mapping[str, Mapping[str, float]], whose: str) -> list[str]:

@@ -28,24 +28,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def with_overrides(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
-    """The command line's -j / --timeout over the config's values, and API keys (--api-key-env,
-    else OPENAI_API_KEY) for running servers (url) whose table names none."""
+    """The command line's -j / --timeout / --limit over the config's values (so the report's
+    signature.run holds what the run used), and API keys (--api-key-env, else OPENAI_API_KEY)
+    for running servers (url) whose table names none."""
     run = cfg.run
     if getattr(args, "timeout", None) is not None:
         run = dataclasses.replace(run, request_timeout_s=args.timeout)
     if getattr(args, "concurrency", None) is not None:
         run = dataclasses.replace(run, concurrency=args.concurrency)
+    if getattr(args, "limit", None) is not None:
+        run = dataclasses.replace(run, limit=args.limit)
     envs = o.key_envs(getattr(args, "api_key_env", None) or [])
     o.check_key_servers(envs, [s.name for s in cfg.servers()])
+    o.check_key_takers(envs, {s.name: key_refusal(cfg, s) for s in cfg.servers()})
 
     def keyed(spec: Any) -> Any:
-        if (
-            spec is None
-            or spec.kind != "url"
-            or spec.api_key_env is not None
-            or cfg.baseline is not None
-            and spec is cfg.reference
-        ):
+        if spec is None or key_refusal(cfg, spec) is not None:
             return spec
         var = o.key_env_for(envs, spec.name)
         return dataclasses.replace(spec, api_key_env=var) if var else spec
@@ -54,6 +52,18 @@ def with_overrides(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
         dataclasses.replace(t, server=keyed(t.server), golden=keyed(t.golden)) for t in cfg.targets
     )
     return dataclasses.replace(cfg, run=run, reference=keyed(cfg.reference), targets=targets)
+
+
+def key_refusal(cfg: RunConfig, spec: Any) -> str | None:
+    """Why `spec` takes no key from --api-key-env (None: it takes one): only a running url server
+    whose table names no api_key_env is given one; the flag does nothing for any other server."""
+    if cfg.baseline is not None and spec is cfg.reference:
+        return "it is a recorded baseline, which is sent no request"
+    if spec.kind != "url":
+        return f"it is launched ({spec.kind}), and a launched server's key comes from its table's api_key_env"
+    if spec.api_key_env is not None:
+        return f"its table names api_key_env = {spec.api_key_env!r}, which the flag does not override"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,11 +26,26 @@ class Job:
     target: str
     reference: str | None
     golden: str | None
+    expect: str = "pass"  # the config's: `layers` gates on it as `run` does (a caught negative control is 0)
+
+    def servers(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.target, self.reference, self.golden) if n is not None)
 
 
-def add_server_arguments(p: argparse.ArgumentParser, *, golden: bool) -> None:
+def add_server_arguments(p: argparse.ArgumentParser, *, golden: bool, reads_expect: bool) -> None:
+    expect = (
+        "its targets' `expect` gates the exit code as in `run` (a negative control whose fault is "
+        "found is 0, one that passes 1)"
+        if reads_expect
+        else 'its targets\' `expect` is not read: a negative control (expect = "fail") whose fault '
+        "is found exits 1 here, as any fault does"
+    )
     p.add_argument(
-        "config", nargs="?", type=Path, help="a run config: its servers are launched with debug on"
+        "config",
+        nargs="?",
+        type=Path,
+        help="a run config: the servers its targets are diffed against are launched with debug on "
+        f"(not its goldens' rounding twins, which no diff uses); {expect}",
     )
     url = o.http_url
     p.add_argument("--ref", type=url, metavar="URL", help="reference server URL (instead of CONFIG)")
@@ -60,10 +75,13 @@ def _plan(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], list[Job
         from difftest.config import load_config
 
         cfg = with_overrides(load_config(args.config), args)  # url servers' API keys, as `run` gives them
-        live = [s for s in cfg.servers() if cfg.baseline is None or s.name != cfg.reference.name]
-        specs = [dataclasses.replace(s, debug=True) if s.model else s for s in live]
         ref = cfg.reference.name if cfg.baseline is None else None  # a recorded baseline has no /debug
-        jobs = [Job(t.name, ref, t.golden.name if t.golden else None) for t in cfg.targets]
+        jobs = [Job(t.name, ref, t.golden.name if t.golden else None, t.expect) for t in cfg.targets]
+        # only the servers a job diffs: a golden's rounding twin (the exactness null of `run`) was
+        # launched too, one more model loaded per golden that no job ever asked
+        used = {name for job in jobs for name in job.servers()}
+        live = [s for s in cfg.servers() if s.name in used]
+        specs = [dataclasses.replace(s, debug=True) if s.model else s for s in live]
         return specs, {}, jobs
     if not args.target:
         raise UsageError("give a CONFIG, or --target URL (with --ref URL and/or --golden URL)")

@@ -128,18 +128,23 @@ def test_the_moe_note_needs_an_moe_module_and_names_its_factor() -> None:
     assert moe_note(dense) is None and moe_note({}) is None
     moe = dense | {"model.layers.1.mlp.experts": {"kind": "moe", "routed_scaling_factor": 2.5}}
     assert moe_note(moe) == (
-        "note: the audit covers stored tensors only; an expert-combine fault of this MoE (routed "
-        "scaling, routed_scaling_factor 2.5) shows in `difftest layers` / `difftest run`"
+        "note: MoE experts are audited on fixed routing (sampled experts, their combine, "
+        "routed_scaling_factor 2.5); the router (top-k choice, routing weights) is not: a fault there "
+        "shows in `difftest layers` / `difftest run`"
     )
     # an unquantized MoE (scheme none) declares no factor: the note stays, without a number
-    assert "(routed scaling) shows" in (moe_note({"e": {"kind": "moe", "scheme": "none"}}) or "")
+    assert "(sampled experts, their combine); the router" in (
+        moe_note({"e": {"kind": "moe", "scheme": "none"}}) or ""
+    )
 
 
-async def test_quant_of_an_moe_missing_its_routed_scaling_says_what_it_cannot_see(
+async def test_quant_of_an_moe_missing_its_routed_scaling_flags_it_and_says_what_it_cannot_see(
     monkeypatch, capsys
 ) -> None:
     """The bug: tiny-moe fp8-block with `routed-scaling-missing` audited "0 of N modules flagged",
-    exit 0, and nothing said that the fault lives where a weight audit does not look."""
+    exit 0, and nothing said where the audit does not look. The experts are now recomputed on
+    fixed routing (their combine included): the fault is flagged with its factor, and the note
+    names what stays unaudited (the router)."""
     from test_layers import _run_in_current_loop, build, serve_in_process, shim_server
 
     from difftest.cli import build_parser, whitebox
@@ -150,10 +155,7 @@ async def test_quant_of_an_moe_missing_its_routed_scaling_says_what_it_cannot_se
         serve_in_process(monkeypatch, {"reference": r, "target": t})
         monkeypatch.setattr(whitebox.aio, "run", _run_in_current_loop)  # already inside a loop
         args = build_parser().parse_args(["quant", "--ref", "http://r", "--target", "http://t"])
-        assert await quant_cmd.run(args) == 0  # the audit itself still flags nothing: it cannot
-    out = capsys.readouterr().out.splitlines()
-    count = next(i for i, line in enumerate(out) if line.startswith("target: 0 of "))
-    assert out[count + 1] == (
-        "note: the audit covers stored tensors only; an expert-combine fault of this MoE (routed "
-        "scaling, routed_scaling_factor 2.5) shows in `difftest layers` / `difftest run`"
-    )
+        assert await quant_cmd.run(args) == 1
+    out = capsys.readouterr().out
+    assert "1/routed_scaling_factor 2.5" in out
+    assert "the router (top-k choice, routing weights) is not" in out

@@ -2,8 +2,9 @@
 
     difftest quant CONFIG | --target URL [--ref URL]
 
-Exit 0 nothing flagged, 1 a module flagged, 2 usage, 3 infrastructure, 4 a target with no quantized
-module (nothing audited: an empty table said "nothing flagged" with exit 0)."""
+Exit 0 nothing flagged, 1 a module flagged, 2 usage, 3 infrastructure, 4 a target of which nothing
+was audited: no quantized module, or none whose kernel could be measured (structure checks alone
+said "0 of 3 modules flagged" with exit 0 over experts whose scales were read as 1)."""
 
 from __future__ import annotations
 
@@ -26,28 +27,46 @@ NOTHING_AUDITED = 4  # as `layers` exits for a diff that decides nothing
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_server_arguments(p, golden=False)
+    add_server_arguments(p, golden=False, reads_expect=False)
     o.describe_out(p, o.result_out_help(RESULT_FILE, DEFAULT_OUT))
 
 
 def moe_note(modules: Mapping[str, Any]) -> str | None:
     """What the audit cannot see in an MoE model (None: no MoE module in /debug/config's modules):
-    routed_scaling_factor is applied in the expert combine, not stored in a tensor, so a target that
-    drops it (`routed-scaling-missing`) audits "0 of N modules flagged" -- the layer diff's norm
-    ratio 1/f is what shows it (localise.routed_scaling_hint)."""
+    the experts are measured on fixed routing (a sample of them, their combine with its declared
+    routed_scaling_factor included), so the router -- which experts a token goes to, with which
+    weights -- is not audited; the layer diff is what shows a router fault."""
     moe = [i for i in modules.values() if isinstance(i, Mapping) and i.get("kind") == "moe"]
     if not moe:
         return None
     factors = sorted({f for i in moe for f in [i.get("routed_scaling_factor")] if _factor(f)})
     declared = f", routed_scaling_factor {' / '.join(f'{f:g}' for f in factors)}" if factors else ""
     return (
-        "note: the audit covers stored tensors only; an expert-combine fault of this MoE (routed "
-        f"scaling{declared}) shows in `difftest layers` / `difftest run`"
+        "note: MoE experts are audited on fixed routing (sampled experts, their combine"
+        f"{declared}); the router (top-k choice, routing weights) is not: a fault there shows in "
+        "`difftest layers` / `difftest run`"
     )
 
 
 def _factor(f: Any) -> bool:
     return isinstance(f, int | float) and not isinstance(f, bool) and math.isfinite(f)
+
+
+def audited(row: Mapping[str, Any]) -> bool:
+    """A row whose kernel was measured (its hypothesis test ran). Rows from before the key existed:
+    those with kernel hypotheses."""
+    return bool(row.get("audited", bool(row.get("kernel_hypotheses"))))
+
+
+def count_line(rows: Sequence[Mapping[str, Any]]) -> str:
+    """How many modules are flagged, and how many rows measured nothing: a structure-only row is
+    no evidence that the module computes right."""
+    flagged = sum(1 for r in rows if r.get("flagged"))
+    line = f"{flagged} of {len(rows)} modules flagged"
+    unmeasured = sum(1 for r in rows if not audited(r) and not r.get("flagged"))
+    if unmeasured:
+        line += f"; {unmeasured} not audited (structure checks only: no hypothesis test)"
+    return line
 
 
 def render_audit(
@@ -86,7 +105,7 @@ def render_audit(
         console.print(
             f"FLAGGED {r.get('module')}: {r.get('hint') or 'see its checks'}", markup=False, soft_wrap=True
         )
-    console.print(f"{target}: {len(flagged)} of {len(rows)} modules flagged", markup=False)
+    console.print(f"{target}: {count_line(rows)}", markup=False)
     for n in notes:
         console.print(n, markup=False, soft_wrap=True)
     with_backends = [r for r in rows if r.get("backends")]
@@ -133,12 +152,17 @@ def run(args: argparse.Namespace) -> int:
             config = await session[job.target].client.debug_config()  # cached: audit() asked it
             notes = [n for n in [moe_note(config.get("modules", {}))] if n]
             found.append({"target": job.target, "flagged": bad, "modules": rows, "notes": notes})
-            if not rows:
+            if not as_json and rows:
+                render_audit(rows, job.target, con, notes)
+            if not any(audited(r) for r in rows):  # nothing measured decides nothing: never exit 0
                 empty.append(job.target)
                 if not as_json:
-                    con.print(f"{job.target}: nothing to audit: it serves no quantized module", markup=False)
-            elif not as_json:
-                render_audit(rows, job.target, con, notes)
+                    why = (
+                        "nothing audited: no module's kernel could be measured"
+                        if rows
+                        else "nothing to audit: it serves no quantized module"
+                    )
+                    con.print(f"{job.target}: {why}", markup=False)
         code = 1 if flagged else NOTHING_AUDITED if empty else 0
         result = {"exit_code": code, "audits": found}
         if empty:

@@ -21,7 +21,16 @@ Per quantized module of the target's GET /debug/config:
 - backend table: the same stored weights run through each backend (metadata `backend` of
   /debug/module) on one input, against the reference; a backend the device cannot run is listed
   with the server's reason.
-MoE experts are not linear in their input: their rows get the structure checks only.
+MoE experts (one module, stored [E, N, K] per GEMM) are not linear in their input, but on fixed
+routing each expert is two GEMMs around an activation: a sample of experts (`sample_experts`: all
+of them up to EXPERT_SAMPLE, else evenly spaced, first and last included) gets EXPERT_ROWS probe
+rows each, routed to it alone with weight 1, and the target's output is compared with the expert
+recomputed in numpy under each hypothesis -- activation quantization and the compute dtype's
+rounding included, both GEMMs read one way (one kernel runs both) or one of them alone
+("unit-scales@down"), activation scales rounded to powers of two, and the combine without its
+declared `combine_scale` (routed_scaling_factor). Structure checks cover gate_up_proj and
+down_proj (`down` in the experts' /debug/config entry); the backend table runs fixed routing.
+The router (which experts, with which weights) is not audited: `difftest layers` sees it.
 `difftest run` audits the modules localisation blamed, once each (localise.py); `difftest quant`
 audits every quantized module.
 """
@@ -37,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from difftest.collect import Endpoint
-from difftest.errors import DifftestError
+from difftest.errors import DifftestError, UnreadableBody
 from difftest.metrics.tensors import rel_err, tensor_diff
 from difftest.whitebox.activations import LayerThresholds
 from difftest.whitebox.safetensors import (
@@ -92,7 +101,12 @@ HINTS = {
     "fnuz-unnormalized": "fp8 looks read as e4m3fnuz without normalisation (x0.5)",
     "weight-transposed": "weight looks read transposed (a transpose that did nothing)",
     "act-scales-pow2": "activation scales look rounded up to powers of two (ue8m0)",
+    "routed-scaling-missing": "the expert combine looks to skip routed_scaling_factor",  # audit_module adds f
 }
+WEIGHT_ONLY = ("int4-g128", "mxfp4")  # schemes that leave activations in the compute dtype
+EXPERT_SAMPLE = 8  # experts whose GEMMs the hypothesis test recomputes (numpy, float64: cost per expert)
+EXPERT_ROWS = 4  # probe rows routed to each sampled expert
+MOE_GEMMS = ("gate_up", "down")
 
 
 # ---------------------------------------------------------------- structure checks (pure)
@@ -117,20 +131,38 @@ def _strides_match(stride: tuple[int, int], want: tuple[int, int], shape: tuple[
 
 
 def structure_checks(info: Mapping[str, Any]) -> dict[str, bool]:
+    """Each check of the module's /debug/config entry, by name (False: wrong). An MoE experts
+    module's entry describes gate_up_proj as a linear's, and down_proj under `down`: its checks are
+    prefixed "down_" (down_proj's scales went unchecked while only gate_up was described)."""
+    out = _gemm_checks(info)
+    down = info.get("down")
+    if info.get("kind") == "moe" and isinstance(down, Mapping):
+        out |= {f"down_{k}": v for k, v in _gemm_checks({**info, **down}).items()}
+    return out
+
+
+def _logical_shape(info: Mapping[str, Any]) -> tuple[int, int]:
+    """(N, K) of one GEMM: its declared out/in_features, else read off the stored weight shape
+    (a 4-bit weight packs two codes a byte). Experts report the stored, packed shape like a
+    linear: the logical [8, 256, 128] of a 4-bit expert read as packed made K twice too large."""
+    scheme = str(info.get("scheme"))
+    wshape = [int(x) for x in info.get("weight_shape", [])]
+    n = int(info.get("out_features", wshape[-2] if len(wshape) >= 2 else 0))
+    k = int(info.get("in_features", 0))
+    if not k:
+        k = wshape[-1] * (2 if scheme in WEIGHT_ONLY else 1) if wshape else 0
+    return n, k
+
+
+def _gemm_checks(info: Mapping[str, Any]) -> dict[str, bool]:
     scheme = str(info.get("scheme"))
     wshape = [int(x) for x in info.get("weight_shape", [])]
     sshape = [int(x) for x in info.get("scale_shape", [])]
     stride = [int(x) for x in info.get("scale_stride", [])]
     order = str((info.get("scale_layout") or {}).get("order", "row-major"))
-    n, k = (
-        int(info.get("out_features", wshape[-2] if len(wshape) >= 2 else 0)),
-        int(info.get("in_features", 0)),
-    )
-    if info.get("kind") == "moe" or not k:
-        k = wshape[-1] * (2 if scheme in ("int4-g128", "mxfp4") else 1) if wshape else 0
-        n = wshape[-2] if len(wshape) >= 2 else 0
+    n, k = _logical_shape(info)
     out: dict[str, bool] = {"weight_dtype": str(info.get("weight_dtype")) in WEIGHT_DTYPES.get(scheme, ())}
-    packed = math.ceil(k / 2) if scheme in ("int4-g128", "mxfp4") else k
+    packed = math.ceil(k / 2) if scheme in WEIGHT_ONLY else k
     out["weight_shape"] = wshape[-2:] == [n, packed]
     if scheme not in WEIGHT_DTYPES or len(sshape) < 2:
         out["scale_shape"] = False
@@ -268,12 +300,155 @@ def judge_hypotheses(vs_ref: Mapping[str, float], vs_kernel: Mapping[str, float]
     best = min(clean, key=lambda h: (clean[h], h != "declared"))
     dec = clean.get("declared", math.inf)
     if best != "declared" and clean[best] <= CLEAR_MARGIN * dec and clean[best] <= EXPLAINED:
-        return best, HINTS.get(best, f"the weight reads as '{best}'")
+        return best, hint_of(best)
     if vs_kernel and dec > EXPLAINED and clean[best] > EXPLAINED:
         return best, "the kernel's weight matches no layout hypothesis (wrong kernel for the arch?)"
     if vs_ref and vs_ref.get("declared", 0.0) > 0.5:
         return best, "the stored weight does not reconstruct the reference weight"
     return best, None
+
+
+def hint_of(name: str) -> str:
+    """A hypothesis' hint; "h@down" is h in one expert GEMM only (down_proj's)."""
+    h, _, gemm = name.partition("@")
+    hint = HINTS.get(h, f"the weight reads as '{h}'")
+    return f"{hint} (in {gemm}_proj only)" if gemm else hint
+
+
+# ---------------------------------------------------------------- MoE experts (pure)
+
+
+def sample_experts(num: int, most: int = EXPERT_SAMPLE) -> list[int]:
+    """The experts the hypothesis test recomputes: all of them up to `most`, else `most` evenly
+    spaced ids, first and last included (each costs a float64 dequantization per hypothesis)."""
+    if num <= most:
+        return list(range(num))
+    return sorted({round(i * (num - 1) / (most - 1)) for i in range(most)})
+
+
+def expert_probe(
+    num_experts: int, hidden: int, rows: int = EXPERT_ROWS
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(sampled expert ids, input [S*rows, H], top_k_index [S*rows, 1]): `rows` rows routed to each
+    sampled expert alone. The values are eighths of at most 6 significant bits: exact in fp32,
+    fp16 and bf16, so the numpy recomputation starts from the very input the server computes on."""
+    ids = sample_experts(num_experts)
+    rng = np.random.default_rng(0)
+    x = (np.round(rng.standard_normal((len(ids) * rows, hidden)) * 8) / 8).astype(np.float32)
+    return ids, x, np.repeat(np.asarray(ids, np.int64), rows)[:, None]
+
+
+def expert_tensors(st: SafeTensors, gemm: str, e: int) -> SafeTensors:
+    """Expert `e`'s `gemm` ("gate_up" / "down") out of /debug/quant's stacked [E, ...] tensors,
+    named as a linear's (weight, weight_scale, weight_zero), so `hypotheses` reads it as one."""
+    pre = f"{gemm}_proj."
+    names = [k for k in st.tensors if k.startswith(pre)]
+    if pre + "weight" not in names:
+        raise KeyError(f"/debug/quant has no {pre}weight (it has: {', '.join(st.tensors) or 'none'})")
+    return SafeTensors(
+        {k[len(pre) :]: st.tensors[k][e] for k in names},
+        {k[len(pre) :]: st.dtypes[k] for k in names},
+        dict(st.metadata),
+    )
+
+
+def round_to(a: np.ndarray, dtype: str | None) -> np.ndarray:
+    """`a` rounded to the server's compute dtype (None: float32), back in float64: every tensor the
+    server hands from one op to the next is stored in it, and a bf16 server's 0.4% steps would
+    otherwise count against the declared reading."""
+    if dtype == "float16":
+        return a.astype(np.float16).astype(np.float64)
+    if dtype == "bfloat16":  # round to nearest even on the top 16 bits of the float32
+        b = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        return b.astype(np.uint32).view(np.float32).astype(np.float64)
+    return a.astype(np.float32).astype(np.float64)
+
+
+def _fp8_round(v: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 values already within +-qmax to the nearest `fmt` value, ties to the even code (as
+    torch's cast to fp8)."""
+    grid = decode(np.arange(128, dtype=np.uint8), fmt).astype(np.float64)  # non-negative codes
+    grid = grid[np.isfinite(grid)]
+    a = np.abs(v.astype(np.float64))
+    hi = np.clip(np.searchsorted(grid, a), 1, len(grid) - 1)
+    lo = hi - 1
+    d_lo, d_hi = a - grid[lo], grid[hi] - a
+    pick = np.where((d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0)), hi, lo)
+    return np.sign(v) * grid[pick]
+
+
+def quantized_act(x: np.ndarray, scheme: str, fmt: str, pow2: bool = False) -> np.ndarray:
+    """A GEMM's input [M, K] after the dynamic activation quantization of `scheme`, dequantized
+    (float64), computed in float32 as formats.quantize_act does (`fmt`: the fp8 flavour; `pow2`:
+    scales rounded up to powers of two). Weight-only schemes: x itself."""
+    if scheme in WEIGHT_ONLY:
+        return x
+    xf = x.astype(np.float32)
+    m, k = xf.shape
+    qmax = np.float32(INT8_QMAX if scheme == "int8" else FP8_QMAX[fmt])
+    a = np.abs(xf)
+    if scheme == "fp8-tensor":
+        amax = a.max(initial=0.0).reshape(1, 1)
+    elif scheme in ("fp8-token", "int8"):
+        amax = a.max(axis=1, keepdims=True, initial=0.0)
+    else:  # fp8-block: 1 x 128 groups
+        g = math.ceil(k / BLOCK)
+        amax = np.pad(a, ((0, 0), (0, g * BLOCK - k))).reshape(m, g, BLOCK).max(axis=-1)
+    s = (np.maximum(amax, np.float32(1e-12)) / qmax).astype(np.float32)
+    if pow2:
+        s = np.exp2(np.ceil(np.log2(s))).astype(np.float32)
+    se = np.repeat(s, BLOCK, axis=1)[:, :k] if scheme == "fp8-block" else s
+    v = xf / se
+    q = (
+        np.clip(np.round(v), -INT8_QMAX, INT8_QMAX)
+        if scheme == "int8"
+        else _fp8_round(np.clip(v, -qmax, qmax), fmt)
+    )
+    return q.astype(np.float64) * se.astype(np.float64)
+
+
+ACTIVATIONS = {
+    "silu": lambda v: v / (1.0 + np.exp(-v)),
+    "relu": lambda v: np.maximum(v, 0.0),
+}  # the activations between an expert's GEMMs the recomputation knows (debug_info "activation")
+
+
+def expert_forward(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray, *, scheme: str, fmt: str,
+                   act: str, dtype: str | None, pow2: bool = False, scale: float = 1.0) -> np.ndarray:  # fmt: skip
+    """One expert on its rows x [M, H] as the shim's experts compute it, from dequantized weights
+    gate_up [2I, H] (gate rows first) and down [H, I]: each GEMM on its quantized input, every
+    intermediate in the compute dtype, the combine's `scale` last (routing weight 1)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # unit scales: 1e9-sized values, exp overflows to 0
+        gu = round_to(quantized_act(x, scheme, fmt, pow2) @ gate_up.T, dtype)
+        gate, up = np.split(gu, 2, axis=-1)
+        h = round_to(round_to(ACTIVATIONS[act](gate), dtype) * up, dtype)
+        y = round_to(quantized_act(h, scheme, fmt, pow2) @ down.T, dtype)
+        return round_to(y * scale, dtype)
+
+
+Reading = tuple[np.ndarray, np.ndarray, bool, float]  # gate_up weight, down weight, pow2 act scales, combine
+
+
+def expert_readings(gate_up: Mapping[str, np.ndarray], down: Mapping[str, np.ndarray], scheme: str,
+                    scale: float) -> dict[str, Reading]:  # fmt: skip
+    """Every reading of one expert by name. A weight hypothesis reads both GEMMs that way (one
+    kernel runs both), and where both GEMMs have it, also each alone ("h@gate_up", "h@down");
+    plus power-of-two activation scales, and the combine without its declared `scale`."""
+    dg, dd = gate_up["declared"], down["declared"]
+    out: dict[str, Reading] = {"declared": (dg, dd, False, scale)}
+    for h in dict.fromkeys([*gate_up, *down]):
+        if h in ("declared", "act-scales-pow2"):  # the identity probe's factor: recomputed below instead
+            continue
+        out[h] = (gate_up.get(h, dg), down.get(h, dd), False, scale)
+        if h in gate_up and h in down:
+            out[f"{h}@gate_up"] = (gate_up[h], dd, False, scale)
+            out[f"{h}@down"] = (dg, down[h], False, scale)
+    if scheme not in WEIGHT_ONLY:
+        out["act-scales-pow2"] = (dg, dd, True, scale)
+    if scale != 1.0:
+        out["routed-scaling-missing"] = (dg, dd, False, 1.0)
+    return out
 
 
 # ---------------------------------------------------------------- HTTP
@@ -307,7 +482,8 @@ async def effective_weight(ep: Endpoint, module: str, k: int, probe: float = PRO
 async def audit_module(target: Endpoint, reference: Endpoint | None, module: str,
                        info: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """One audit row (plain JSON values). `info`: the module's /debug/config entry (default: read
-    from the target's config, which its client fetched once)."""
+    from the target's config, which its client fetched once). `audited`: whether the kernel was
+    measured (a hypothesis test ran); structure checks alone leave a wrong kernel unseen."""
     if info is None:
         info = (await target.client.debug_config()).get("modules", {}).get(module, {})
     scheme = str(info.get("scheme"))
@@ -318,65 +494,193 @@ async def audit_module(target: Endpoint, reference: Endpoint | None, module: str
     }  # fmt: skip
     notes: list[str] = []
     hint = None
-    if info.get("kind") == "linear":
-        n, k = int(info.get("out_features", 0)), int(info.get("in_features", 0))
-        st = await _get_quant(target, module)
-        meta = st.metadata
-        if meta.get(P.META_SCALE_ORDER) not in (None, (info.get("scale_layout") or {}).get("order")):
-            checks["metadata_order"] = False
-        servers = [target] if reference is None else [target, reference]
-        probe = probe_value(scheme, [await _compute_dtype(ep) for ep in servers])
-        cands = hypotheses(scheme, st, n, k, probe)
-        w_eff = await effective_weight(target, module, k, probe)
-        vs_kernel = {h: rel_err(w_eff, w) for h, w in cands.items()}
-        vs_ref: dict[str, float] = {}
-        if reference is not None:
-            try:
-                w_ref = await effective_weight(reference, module, k, probe)
-                vs_ref = {h: rel_err(w_ref, w) for h, w in cands.items()}
-            except DifftestError as exc:
-                notes.append(f"reference weight unavailable: {exc}")
-        best, hint = judge_hypotheses(vs_ref, vs_kernel)
-        row.update(hypotheses=_round(vs_ref), kernel_hypotheses=_round(vs_kernel), best=best)
-    else:
-        notes.append("hypothesis test n/a: experts are not linear in their input")
-    if info.get("kind") == "linear":
+    kind = info.get("kind")
+    measured: tuple[dict[str, float], dict[str, float]] | None = None
+    if kind == "linear":
+        measured = await _linear_hypotheses(target, reference, module, info, checks, notes)
         row["backends"] = await backend_table(
             target, reference, module, int(info.get("in_features", 0)), scheme=info.get("scheme")
         )
+    elif kind == "moe":
+        measured = await _experts_hypotheses(target, reference, module, info, checks, notes)
+        routing, ref_routing = await _backend_routing(reference, module, info)
+        row["backends"] = await backend_table(
+            target, reference, module, _logical_shape(info)[1], scheme=info.get("scheme"),
+            extras=routing, ref_extras=ref_routing,
+        )  # fmt: skip
     else:
+        notes.append(f"hypothesis test n/a: a {kind} module")
         row["backends"] = {}
+    if measured is not None:
+        vs_ref, vs_kernel = measured
+        best, hint = judge_hypotheses(vs_ref, vs_kernel)
+        if hint and best == "routed-scaling-missing":  # with its number, as the layer diff words it
+            f = _combine_scale(info)
+            hint = f"output x{1 / f:.3g} = 1/routed_scaling_factor {f:g}: the factor looks never applied"
+        row.update(hypotheses=_round(vs_ref), kernel_hypotheses=_round(vs_kernel), best=best)
+    row["audited"] = measured is not None
     row["hint"] = hint
     row["flagged"] = bool(hint) or not all(checks.values())
     row["notes"] = notes
     return row
 
 
+def _check_metadata_order(meta: Mapping[str, str], info: Mapping[str, Any], checks: dict[str, bool]) -> None:
+    if meta.get(P.META_SCALE_ORDER) not in (None, (info.get("scale_layout") or {}).get("order")):
+        checks["metadata_order"] = False
+
+
+async def _linear_hypotheses(target: Endpoint, reference: Endpoint | None, module: str, info: Mapping[str, Any],
+                             checks: dict[str, bool], notes: list[str]) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+    """(rel err of each hypothesis vs the reference's weight, vs the target kernel's weight)."""
+    scheme = str(info.get("scheme"))
+    n, k = int(info.get("out_features", 0)), int(info.get("in_features", 0))
+    st = await _get_quant(target, module)
+    _check_metadata_order(st.metadata, info, checks)
+    servers = [target] if reference is None else [target, reference]
+    probe = probe_value(scheme, [await _compute_dtype(ep) for ep in servers])
+    cands = hypotheses(scheme, st, n, k, probe)
+    w_eff = await effective_weight(target, module, k, probe)
+    vs_kernel = {h: rel_err(w_eff, w) for h, w in cands.items()}
+    vs_ref: dict[str, float] = {}
+    if reference is not None:
+        try:
+            w_ref = await effective_weight(reference, module, k, probe)
+            vs_ref = {h: rel_err(w_ref, w) for h, w in cands.items()}
+        except DifftestError as exc:
+            notes.append(f"reference weight unavailable: {exc}")
+    return vs_ref, vs_kernel
+
+
+async def _experts_hypotheses(target: Endpoint, reference: Endpoint | None, module: str, info: Mapping[str, Any],
+                              checks: dict[str, bool], notes: list[str]) -> tuple[dict[str, float], dict[str, float]] | None:  # fmt: skip
+    """The experts' hypothesis test (module doc): the target's output on probe rows routed one
+    expert each against every reading recomputed in numpy; None (noted) where it cannot run."""
+    scheme = str(info.get("scheme"))
+    act = str(info.get("activation", "silu"))
+    if act not in ACTIVATIONS:
+        notes.append(f"hypothesis test n/a: the experts' activation {act!r} is not modelled")
+        return None
+    st = await _get_quant(target, module)
+    _check_metadata_order(st.metadata, info, checks)
+    num = int(info.get("num_experts") or st.tensors["gate_up_proj.weight"].shape[0])
+    (n_gu, hidden), (n_dn, k_dn) = _logical_shape(info), _logical_shape({**info, **(info.get("down") or {})})
+    if not info.get("down"):  # an entry without down_proj's: its K is gate_up's N / 2 (gate and up)
+        n_dn, k_dn = hidden, n_gu // 2
+    ids, x, index = expert_probe(num, hidden)
+    scale = _combine_scale(info)
+    y_t = await _experts_out(target, module, x, index, 1.0)
+    y_r = None
+    if reference is not None:
+        try:  # the reference's weights carry the target's factor where their combines differ
+            y_r = await _experts_out(
+                reference, module, x, index, scale / await _ref_combine_scale(reference, module)
+            )
+        except DifftestError as exc:
+            notes.append(f"reference output unavailable: {exc}")
+    dtype, fmt = await _compute_dtype(target), fp8_flavour(st.dtypes.get("gate_up_proj.weight", ""))
+    outs: dict[str, list[np.ndarray]] = {}
+    for j, e in enumerate(ids):
+        gu = hypotheses(scheme, expert_tensors(st, "gate_up", e), n_gu, hidden)
+        dn = hypotheses(scheme, expert_tensors(st, "down", e), n_dn, k_dn)
+        rows = x[j * EXPERT_ROWS : (j + 1) * EXPERT_ROWS].astype(np.float64)
+        for name, (wg, wd, pow2, sc) in expert_readings(gu, dn, scheme, scale).items():
+            y = expert_forward(
+                rows, wg, wd, scheme=scheme, fmt=fmt, act=act, dtype=dtype, pow2=pow2, scale=sc
+            )
+            outs.setdefault(name, []).append(y)
+    cands = {h: np.concatenate(v) for h, v in outs.items()}
+    which = f"all {num} experts" if len(ids) == num else f"experts {', '.join(map(str, ids))} of {num}"
+    notes.append(
+        f"hypothesis test on {which}, {EXPERT_ROWS} rows each on fixed routing (the router is not audited)"
+    )
+    vs_kernel = {h: rel_err(y_t, y) for h, y in cands.items()}
+    vs_ref = {} if y_r is None else {h: rel_err(y_r, y) for h, y in cands.items()}
+    return vs_ref, vs_kernel
+
+
+def _combine_scale(info: Mapping[str, Any]) -> float:
+    """The factor an experts module multiplies its combined output by (debug_info
+    `combine_scale`; a module that declares none: 1, the router applies the factor, as HF does)."""
+    c = info.get("combine_scale", 1.0)
+    return (
+        float(c) if isinstance(c, int | float) and not isinstance(c, bool) and math.isfinite(c) and c else 1.0
+    )
+
+
+async def _ref_combine_scale(reference: Endpoint, module: str) -> float:
+    try:
+        cfg = await reference.client.debug_config()
+    except DifftestError:
+        return 1.0
+    return _combine_scale(cfg.get("modules", {}).get(module) or {})
+
+
+async def _experts_out(
+    ep: Endpoint, module: str, x: np.ndarray, index: np.ndarray, weight: float
+) -> np.ndarray:
+    """`ep`'s experts module on x [T, H], row t routed to expert index[t] alone with `weight`."""
+    tensors = {P.INPUT: x, "top_k_index": index, "top_k_weights": np.full(index.shape, weight, np.float32)}
+    raw = await ep.client.post_bytes(P.MODULE, write_safetensors(tensors, {P.META_MODULE: module}))
+    y = read_safetensors(raw).value(P.OUTPUT).astype(np.float64)
+    if y.shape != x.shape:
+        raise UnreadableBody(
+            f"{ep.name} answered experts output of shape {list(y.shape)} for input {list(x.shape)}"
+        )
+    return y
+
+
+async def _backend_routing(reference: Endpoint | None, module: str,
+                           info: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+    """Fixed routing of the backend table's BACKEND_ROWS rows (row i to experts 2i, 2i+1, weight
+    1/2 each), for the target and for the reference (its weights carry the target's combine
+    factor where the two combine differently)."""
+    num = max(int(info.get("num_experts") or 1), 1)
+    k = min(2, num)
+    index = (np.arange(BACKEND_ROWS)[:, None] * k + np.arange(k)[None, :]) % num
+    w = np.full(index.shape, 1.0 / k, np.float32)
+    routing = {"top_k_index": index.astype(np.int64), "top_k_weights": w}
+    if reference is None:
+        return routing, routing
+    ratio = _combine_scale(info) / await _ref_combine_scale(reference, module)
+    return routing, routing | {"top_k_weights": (w * ratio).astype(np.float32)}
+
+
 async def backend_table(
-    target: Endpoint, reference: Endpoint | None, module: str, k: int, *, scheme: str | None = None
+    target: Endpoint,
+    reference: Endpoint | None,
+    module: str,
+    k: int,
+    *,
+    scheme: str | None = None,
+    extras: Mapping[str, np.ndarray] | None = None,
+    ref_extras: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The module's stored weights run through each backend on one fixed input, against FP32.
 
     Baseline: the reference server's module on the same input (FP32 / FP16 weights); without a
     reference, the target's own `torch` backend (the golden arithmetic). A backend the device
-    cannot run is reported with the server's reason, never silently skipped.
+    cannot run is reported with the server's reason, never silently skipped. `extras`: tensors
+    sent beside the input (MoE experts: their fixed routing), `ref_extras` the reference's.
     """
     x = np.random.default_rng(0).standard_normal((BACKEND_ROWS, k)).astype(np.float32)
+    extras = dict(extras or {})
+    ref_extras = extras if ref_extras is None else dict(ref_extras)
 
-    async def run(ep: Endpoint, backend: str | None) -> np.ndarray:
+    async def run(ep: Endpoint, backend: str | None, more: Mapping[str, np.ndarray]) -> np.ndarray:
         meta = {P.META_MODULE: module} | ({P.META_BACKEND: backend} if backend else {})
-        raw = await ep.client.post_bytes(P.MODULE, write_safetensors({P.INPUT: x}, meta))
+        raw = await ep.client.post_bytes(P.MODULE, write_safetensors({P.INPUT: x, **more}, meta))
         return read_safetensors(raw).value(P.OUTPUT).astype(np.float64)
 
     if reference is not None:
-        base, against = await run(reference, None), "reference (fp32/fp16 weights)"
+        base, against = await run(reference, None, ref_extras), "reference (fp32/fp16 weights)"
     else:
-        base, against = await run(target, "torch"), "target's torch backend"
+        base, against = await run(target, "torch", extras), "target's torch backend"
     bound = backend_cosine_min(scheme, reference is not None)
     table: dict[str, dict[str, Any]] = {}
     for backend in BACKENDS:
         try:
-            out = await run(target, backend)
+            out = await run(target, backend, extras)
         except DifftestError as exc:
             table[backend] = {"available": False, "reason": str(exc)[:200]}
             continue

@@ -31,7 +31,13 @@ from difftest.results import LayerDiff, LayerPoint
 from difftest.whitebox.activations import LEAF_KINDS, LayerThresholds, point_kind
 from difftest.whitebox.audit import audit_module
 from difftest.whitebox.layers import diff_layers, scheme_of
-from difftest.whitebox.replay import out_of_bounds_leaves, rank_modules, replay_failures, slot_reach
+from difftest.whitebox.replay import (
+    out_of_bounds_leaves,
+    rank_modules,
+    replay_failures,
+    routing_flips,
+    slot_reach,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +109,9 @@ ROUTED_SCALING_TOL = 0.03
 
 def routed_scaling_hint(point: LayerPoint | None, info: Mapping[str, Any]) -> str | None:
     """An MoE module whose output is off by its own routed_scaling_factor f (norm ratio 1/f: the
-    factor never applied; f: applied twice), where /debug/config declares f (pure). The layout
-    audit cannot see it (the factor is in the expert combine, not in a stored tensor), and a bare
-    "norm ratio 0.40" did not say it was 1/2.5."""
+    factor never applied; f: applied twice), where /debug/config declares f (pure). The factor is
+    in the expert combine, not in a stored tensor (the audit sees it only by recomputing the
+    experts), and a bare "norm ratio 0.40" did not say it was 1/2.5."""
     f = info.get("routed_scaling_factor")
     r = point.local_norm_ratio if point is not None else None
     if not isinstance(f, int | float) or isinstance(f, bool) or not math.isfinite(f) or f <= 0 or f == 1:
@@ -181,14 +187,39 @@ def localisation_sentence(
 def _suspects(diff: LayerDiff) -> str:
     """What is left to suspect where no replayed module shows local error: beside a divergence
     first seen at the embeddings or the final norm, "attention core, norm or rotary?" pointed away
-    from what the point names."""
+    from what the point names; in an MoE layer whose router sent tokens to other experts than the
+    baseline's, those flips (a correct fp8 tiny-moe: 3 of 12 tokens where the stream diverged)."""
     where = diff.first_divergent_point if diff.first_divergent_layer is None else None
     kind = point_kind(where) if where else None
     if kind == "embedding":
         return "the embedding table or its lookup?"
     if kind == "norm":
         return "the final norm's weight or kernel?"
-    return "attention core, norm or rotary?"
+    return routing_suspect(diff) or "attention core, norm or rotary?"
+
+
+def routing_suspect(diff: LayerDiff, named: int = 2) -> str | None:
+    """The router top-k flips of the first divergent layer (and, briefly, of the layers after it),
+    where it has any (pure). What it proves: those tokens went to other experts, which moves the
+    stream by a whole expert's output per token; where the layer's MoE block replays within bounds
+    on the baseline's input (router included), the router and experts compute alike, so the flips
+    come from the input's inherited error: near-tie routing, not a module fault."""
+    layer = diff.first_divergent_layer
+    flips = routing_flips(diff)
+    if layer is None or layer not in flips:
+        return None
+    n, t = flips[layer]
+    later = [f"{flips[k][0]} of {flips[k][1]} in layer {k}" for k in sorted(flips) if k > layer]
+    more = f", {len(later) - named} more layers" if len(later) > named else ""
+    text = ", ".join([f"router top-k differs at {n} of {t} tokens in layer {layer}", *later[:named]]) + more
+    if any(p.kind == "mlp" and p.layer == layer and p.local_rel_err is not None for p in diff.points):
+        return (
+            f"{text}: tokens sent to other experts, while the MoE block replays within bounds on the "
+            "baseline's input, so near-tie routing flips on inherited error rather than a router or expert fault"
+        )
+    return (
+        f"{text}: tokens sent to other experts, likely near-tie routing flips; the MoE block was not replayed"
+    )
 
 
 def other_out_of_bounds(diff: LayerDiff, scheme: str | None, th: LayerThresholds | None) -> list[LayerPoint]:

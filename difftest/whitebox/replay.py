@@ -2,16 +2,18 @@
 
 Steps 3-4 of docs/design.md "White-box localisation". Every linear / MoE module gets the
 *baseline's* input on both servers: same input on both sides, so the difference is the module's
-own (local) error, not what it inherited from upstream layers. Replay doubles linear inputs into
-two batch slots, slot 1 holding the tokens rolled by one position: a slot-variant bug (slot 1
-reads slot 0's scale rows) then shows as local error, while a plain duplicate would read
-identical scales and hide it. Ranking (pure) then names the module to blame.
+own (local) error, not what it inherited from upstream layers. Replay doubles linear and MoE
+experts inputs into two batch slots, slot 1 holding the tokens rolled by one position (an experts
+module's routing rolled with its tokens): a slot-variant bug (slot 1 reads slot 0's scale rows)
+then shows as local error, while a plain duplicate would read identical scales and hide it.
+Ranking (pure) then names the module to blame.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import re
 import statistics
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -19,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from difftest.collect import Endpoint
-from difftest.errors import INFRA, DifftestError, UnreadableBody
+from difftest.errors import INFRA, DifftestError, RequestRejected, UnreadableBody
 from difftest.metrics.tensors import TensorDiff, tensor_diff
 from difftest.results import LayerDiff, LayerPoint
 from difftest.whitebox.activations import (
@@ -186,27 +188,139 @@ def routing_rescale(base_w: np.ndarray, tgt_w: np.ndarray) -> float:
     return r if math.isfinite(r) and abs(math.log(max(r, 1e-12))) > 0.05 else 1.0
 
 
+def routing_rescales(base: SafeTensors, tgt: SafeTensors, experts: Sequence[str]) -> dict[str, float]:
+    """`routing_rescale` per experts module (pure): a side may move the factor in some layers only
+    (the shim moves it into the combine of the experts it quantizes; a `quant_skip`ped layer keeps
+    it in the router), so one layer's ratio applied to all replayed the others x2.5 off. A module
+    without weights on either side is left out (replayed unscaled)."""
+    key = ":top_k_weights"
+    return {n: routing_rescale(base.value(n + key), tgt.value(n + key))
+            for n in experts if n + key in base.tensors and n + key in tgt.tensors}  # fmt: skip
+
+
+def rescale_note(rescales: Mapping[str, float]) -> str | None:
+    """The warning for the experts modules replayed with rescaled routing weights (pure), or None."""
+    moved = {n: r for n, r in rescales.items() if r != 1.0}
+    if not moved:
+        return None
+    by_ratio: dict[str, list[str]] = {}
+    for n, r in moved.items():
+        by_ratio.setdefault(f"{r:.3g}", []).append(n)
+    where = "; ".join(f"x{r} in {', '.join(ns)}" for r, ns in by_ratio.items())
+    return (
+        f"the sides apply routed_scaling_factor in different places in {len(moved)} of {len(rescales)} "
+        f"experts modules (routing weights on the target {where}): those replays get the baseline's "
+        "weights rescaled to the target's convention"
+    )
+
+
+# ---------------------------------------------------------------- MoE routing (pure)
+
+ROUTING_PREFIX = "router top-k differs from "
+ROUTING_AT = "'s (tokens sent to other experts) at "
+_ROUTING_AT = re.compile(r"(\d+) of (\d+) tokens in layer (\d+)")
+
+
+def routing_differences(base_idx: np.ndarray, tgt_idx: np.ndarray) -> int:
+    """Tokens whose set of routed experts differs between the sides (pure; order within top-k is
+    the router's sort, not a difference)."""
+    a, b = np.sort(np.asarray(base_idx), -1), np.sort(np.asarray(tgt_idx), -1)
+    return int((a != b).reshape(a.shape[0], -1).any(-1).sum())
+
+
+def routing_note(base: SafeTensors, tgt: SafeTensors, experts: Sequence[str], against: str) -> str | None:
+    """One warning naming, per MoE layer where it happens, how many tokens the target's router sends
+    to other experts than the baseline's (pure). A correct quantized target flips near-tie routings
+    on its slightly different input, and each flip moves that token's MoE output by a whole expert:
+    the residual stream drifts there while every module replays within bounds, and without this
+    count the sentence blamed "attention core, norm or rotary?"."""
+    key = ":top_k_index"
+    counts = []
+    for n in experts:
+        layer = layer_of(n)
+        if n + key not in base.tensors or n + key not in tgt.tensors or layer is None:
+            continue
+        a, b = base.value(n + key), tgt.value(n + key)
+        if a.shape != b.shape or a.ndim != 2:
+            continue
+        flips = routing_differences(a, b)
+        if flips:
+            counts.append(f"{flips} of {a.shape[0]} tokens in layer {layer}")
+    if not counts:
+        return None
+    return f"{ROUTING_PREFIX}{against}{ROUTING_AT}" + ", ".join(counts)
+
+
+def routing_flips(diff: LayerDiff) -> dict[int, tuple[int, int]]:
+    """{layer: (tokens routed to other experts, tokens)} as `routing_note` recorded it in the diff's
+    warnings (pure; the layers where none differ, or where routing was not captured, are absent)."""
+    out: dict[int, tuple[int, int]] = {}
+    for w in diff.warnings:
+        if w.startswith(ROUTING_PREFIX):  # the counts follow "... at " (the baseline's name precedes it)
+            counts = w.split(ROUTING_AT, 1)[-1]
+            out |= {int(layer): (int(n), int(t)) for n, t, layer in _ROUTING_AT.findall(counts)}
+    return out
+
+
+# ---------------------------------------------------------------- replay
+
+
+def _two_slots(v: np.ndarray) -> np.ndarray:
+    """[2, T, ...]: slot 0 as captured, slot 1 its tokens rolled by one position."""
+    return np.stack([v, np.roll(v, 1, axis=0)])
+
+
+async def _replay_in_slots(
+    ep: Endpoint, name: str, body: Mapping[str, np.ndarray], kind: str
+) -> tuple[np.ndarray, bool]:
+    """(output [2, T, N], whether the server ran the two slots as such). An experts module whose
+    server refuses a 3-D body (transformers' own experts take [T, H] only) gets the two slots as
+    one stack of rows [2T, H]: the same tokens and routing, so its output still compares, but it
+    proves nothing about the slots."""
+    try:
+        return await replay(ep, name, body), True
+    except RequestRejected:
+        if kind != "moe":
+            raise
+    lead = body[P.INPUT].shape[:2]
+    flat = {k: v.reshape(-1, *v.shape[2:]) if v.shape[:2] == lead else v for k, v in body.items()}
+    out = await replay(ep, name, flat)
+    if out.ndim != 2 or out.shape[0] != lead[0] * lead[1]:
+        raise UnreadableBody(
+            f"{ep.name} answered an output of shape {list(out.shape)} for {lead[0] * lead[1]} rows",
+            server=ep.name,
+        )
+    return out.reshape(*lead, out.shape[-1]), False
+
+
 async def replay_module(
     baseline: Endpoint, target: Endpoint, name: str, kind: str, base: Activations, rescale: float = 1.0
 ) -> tuple[TensorDiff, float | None]:
     """(local diff target vs baseline on the baseline's input, slot-1 vs slot-0 rel_err or None)."""
     x = base.st.value(f"{name}{P.INPUT_SUFFIX}").astype(np.float32)
     extras = _extras(base.st, name)
-    slot = kind == "linear" and x.ndim == 2 and x.shape[0] > 1
-    if slot:
-        x = np.stack([x, np.roll(x, 1, axis=0)])  # [2, T, K]: slot 1 = the tokens rolled by one
+    slot = kind in LEAF_KINDS and x.ndim == 2 and x.shape[0] > 1
+    if slot:  # [2, T, K]: slot 1 = the tokens rolled by one, an expert's routing with its token
+        x = _two_slots(x)
+        extras = {k: _two_slots(v) if v.shape[:1] == x.shape[1:2] else v for k, v in extras.items()}
     body = {P.INPUT: x, **extras}
     tbody = dict(body)
     if "top_k_weights" in extras and rescale != 1.0:  # the target's convention, the baseline keeps its own
         tbody["top_k_weights"] = (extras["top_k_weights"] * rescale).astype(np.float32)
-    a, b = await gather_or_cancel(replay(baseline, name, body), replay(target, name, tbody))
+    if slot:
+        (a, _), (b, slotted) = await gather_or_cancel(
+            _replay_in_slots(baseline, name, body, kind), _replay_in_slots(target, name, tbody, kind)
+        )
+    else:
+        a, b = await gather_or_cancel(replay(baseline, name, body), replay(target, name, tbody))
+        slotted = False
     if a.shape != b.shape:  # a server answering another shape than its partner's: unreadable, named
         raise UnreadableBody(
             f"{target.name} answered an output of shape {list(b.shape)}, {baseline.name} {list(a.shape)}"
         )
     d = tensor_diff(a, b)
     slot_err = None
-    if slot and b.shape[0] == 2:
+    if slotted and b.shape[0] == 2:
         slot_err = tensor_diff(np.roll(b[0], 1, axis=0), b[1]).rel_err
         if math.isnan(slot_err) and bool(np.isfinite(b[0]).all()) != bool(np.isfinite(b[1]).all()):
             slot_err = math.inf  # one slot finite, the other not: that is a slot dependence
@@ -219,7 +333,7 @@ async def replay_all(
 ) -> None:  # fmt: skip
     plan = replay_plan(base, tgt_cfg)
     kinds = {n: tgt_cfg["modules"][n]["kind"] for n in plan}
-    rescale = 1.0
+    rescales: dict[str, float] = {}
     experts = [n for n in plan if kinds[n] == "moe"]
     if experts:
         try:
@@ -227,19 +341,21 @@ async def replay_all(
             t_in = await fetch_activations(
                 target, {"tokens": base.token_ids, "layers": experts, "inputs": True, **rows}
             )
-            rescale = routing_rescale(base.st.value(f"{experts[0]}:top_k_weights"),
-                                      t_in.st.value(f"{experts[0]}:top_k_weights"))  # fmt: skip
-        except (DifftestError, KeyError) as exc:
+        except DifftestError as exc:
             diff.warnings.append(f"MoE routing weights of the target unavailable ({exc}); replayed unscaled")
-        if rescale != 1.0:
-            diff.warnings.append(
-                f"the sides apply routed_scaling_factor in different places (routing weights x{rescale:.3g} "
-                "on the target): expert replays get the baseline's weights rescaled to the target's convention"
-            )
+        else:
+            rescales = routing_rescales(base.st, t_in.st, experts)
+            if missing := [n for n in experts if n not in rescales]:
+                diff.warnings.append(
+                    f"MoE routing weights unavailable for {len(missing)} experts module(s), e.g. {missing[0]}; "
+                    "replayed unscaled"
+                )
+            notes = (rescale_note(rescales), routing_note(base.st, t_in.st, experts, baseline.name))
+            diff.warnings.extend(w for w in notes if w)
 
     async def one(name: str) -> tuple[str, TensorDiff | DifftestError, float | None]:
         try:
-            d, slot = await replay_module(baseline, target, name, kinds[name], base, rescale)
+            d, slot = await replay_module(baseline, target, name, kinds[name], base, rescales.get(name, 1.0))
         except DifftestError as exc:
             return name, exc, None
         return name, d, slot
@@ -341,8 +457,15 @@ def slot_note(diff: LayerDiff, named: int = 3) -> str | None:
 
 
 def slot_reach(diff: LayerDiff) -> str:
-    """'N of M linears replayed in two slots': how many of the modules replayed in two batch slots
-    depend on the slot (pure; the warning and the localisation sentence both say it)."""
-    bad = sum(p.slot_dependent for p in diff.points)
-    tried = sum(p.slot_rel_err is not None for p in diff.points)
-    return f"{bad} of {tried} linears replayed in two slots"
+    """'N of M linears (and K of L MoE experts) replayed in two slots': how many of the modules
+    replayed in two batch slots depend on the slot, per kind (pure; the warning and the
+    localisation sentence both say it). An experts module counts apart: "3 of 35 linears" beside a
+    slot-dependent experts module said the experts were never tried."""
+    tried = [p for p in diff.points if p.slot_rel_err is not None]
+    experts = [p for p in tried if p.kind == "moe"]
+
+    def count(ps: Sequence[LayerPoint], noun: str) -> str:
+        return f"{sum(p.slot_dependent for p in ps)} of {len(ps)} {noun}"
+
+    linears = count([p for p in tried if p.kind != "moe"], "linears")
+    return linears + (f" and {count(experts, 'MoE experts')}" if experts else "") + " replayed in two slots"

@@ -18,7 +18,9 @@ reads the activation scale that its source token (same position in slot 0, or in
 faults.slot_sources) has in the same expert's GEMM; a source not routed to that expert runs
 through it as an extra row, dropped from the output. So a request alone is untouched and a batch
 is wrong from slot 1 (or 16) on, as on a dense module: reading the scales of the rows routed to
-one expert as slots broke every prompt of more than one token, alone.
+one expert as slots broke every prompt of more than one token, alone. A direct call (a
+/debug/module replay) has no parent: a 2-D input is one request's rows (one slot), a 3-D
+[B, T, H] input with [B, T, k] routing is B slots.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def is_fused_experts(mod: nn.Module) -> bool:
         isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3
         and getattr(mod, "gate_up_proj_bias", None) is None and hasattr(mod, "act_fn")
     )  # fmt: skip
+
+
+def activation_name(act_fn: nn.Module) -> str:
+    """The activation between the experts' GEMMs, by name ("silu", "relu", "gelu", ...): an audit
+    that recomputes an expert from its stored tensors must apply the same one."""
+    name = type(act_fn).__name__.lower().removesuffix("activation")
+    return {"swish": "silu"}.get(name, name)
 
 
 def _stack(ts: list[Tensor], layout: F.ScaleLayout) -> Tensor:
@@ -104,14 +113,17 @@ class QuantMoEExperts(_QuantBase):
     def _note_lead(self, _parent: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Keep the batch shape of the parent's input: the experts get it flattened (module doc)."""
         hidden = args[0] if args else kwargs.get("hidden_states")
-        if isinstance(hidden, Tensor):
-            self._lead = tuple(hidden.shape[:-1])
+        if isinstance(hidden, Tensor):  # a 2-D parent input is one request's rows (a /debug/module
+            # replay of the MoE block): one slot, as `_take_lead` takes a direct call's
+            self._lead = tuple(hidden.shape[:-1]) if hidden.dim() > 2 else (1, hidden.shape[0])
 
     def _take_lead(self, rows: int) -> tuple[int, ...]:
-        """The batch shape of this call's `rows` tokens; without the parent's (a direct call) each
-        row is its own slot, as for a 2-D input of a linear."""
+        """The batch shape of this call's `rows` tokens; without the parent's (a direct call, e.g. a
+        /debug/module replay of one request's routed rows) they are one slot: a request alone is
+        untouched by a slot fault in the model, so its replay must be too (rows as slots made the
+        replay slot-dependent where the served output was not)."""
         lead, self._lead = self._lead, None
-        return lead if lead is not None and math.prod(lead) == rows else (rows,)
+        return lead if lead is not None and math.prod(lead) == rows else (1, rows)
 
     def expert_weight(self, tag: str, e: int) -> F.QuantizedWeight:
         z = getattr(self, f"{tag}_zeros")
@@ -120,6 +132,11 @@ class QuantMoEExperts(_QuantBase):
                                  None if z is None else z[e], shape, self.layout, self.fp8_dtype)  # fmt: skip
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        if hidden_states.dim() > 2:  # a direct call of [B, T, H] with [B, T, k] routing: B slots
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+            idx, w = top_k_index.reshape(flat.shape[0], -1), top_k_weights.reshape(flat.shape[0], -1)
+            lead = tuple(hidden_states.shape[:-1])
+            return self._run(flat, idx, w, self.backend, lead).reshape(hidden_states.shape)
         lead = self._take_lead(hidden_states.shape[0])
         return self._run(hidden_states, top_k_index, top_k_weights, self.backend, lead)
 
@@ -132,7 +149,10 @@ class QuantMoEExperts(_QuantBase):
             e = self.num_experts
             top_k_index = torch.arange(e, device=x.device).expand(flat.shape[0], e)
             top_k_weights = torch.full((flat.shape[0], e), 1.0 / e, device=x.device, dtype=torch.float32)
-        lead = tuple(x.shape[:-1]) or (1,)
+        top_k_index = top_k_index.reshape(flat.shape[0], -1)  # [B, T, k] routing of a [B, T, H] call
+        top_k_weights = top_k_weights.reshape(flat.shape[0], -1)
+        # as `forward`: [B, T, H] is B slots, a 2-D call one request's rows (one slot)
+        lead = tuple(x.shape[:-1]) if x.dim() > 2 else (1, flat.shape[0])
         out = self._run(flat, top_k_index, top_k_weights, self._resolve(backend, x.device), lead)
         return out.reshape(x.shape)
 
@@ -159,13 +179,25 @@ class QuantMoEExperts(_QuantBase):
         return final
 
     def debug_info(self) -> dict:
+        """Like a linear's, for gate_up_proj (stored shape: packed for 4-bit; in/out_features: the
+        logical [N, K]), with down_proj's under `down`: what the audit checks both GEMMs against.
+        `combine_scale`: the factor the combined output is multiplied by (the model's
+        routed_scaling_factor, moved here off the router: module doc); `activation`: between them."""
         e = self.num_experts
+
+        def gemm(tag: str) -> dict[str, Any]:
+            data, scales = getattr(self, f"{tag}_data"), getattr(self, f"{tag}_scales")
+            n, k = self.gate_up_shape if tag == "gate_up" else self.down_shape
+            return {
+                "weight_dtype": str(data.dtype).removeprefix("torch."), "weight_shape": list(data.shape),
+                "scale_shape": list(scales.shape), "scale_stride": list(scales.stride()),
+                "in_features": k, "out_features": n,
+            }  # fmt: skip
+
         return {
             "kind": "moe", "scheme": self.scheme, "backend": self.backend, "fallback_reason": self.fallback_reason,
-            "weight_dtype": str(self.gate_up_data.dtype).removeprefix("torch."),
-            "weight_shape": [e, *self.gate_up_shape], "scale_shape": list(self.gate_up_scales.shape),
-            "scale_stride": list(self.gate_up_scales.stride()), "scale_layout": self.layout.to_dict(),
-            "num_experts": e, "down_weight_shape": [e, *self.down_shape],
+            **gemm("gate_up"), "scale_layout": self.layout.to_dict(), "num_experts": e, "down": gemm("down"),
+            "activation": activation_name(self.act_fn), "combine_scale": self.routed_scaling_factor,
             # the model's factor, as its config declares it (a fault leaves the config alone): a
             # differ tells an output off by exactly this factor from other magnitude bugs
             "routed_scaling_factor": self.routed_scaling_factor,

@@ -156,7 +156,9 @@ def test_api_key_env_naming_a_recorded_reference_is_refused(tmp_path: Path, monk
         ("fail", False, 3, 3),  # not caught, but a diff was not made: the servers', not a verdict
     ],
 )
-def test_layers_gates_each_target_on_its_expect(expect: str, failed: bool, worst_open: int, code: int) -> None:
+def test_layers_gates_each_target_on_its_expect(
+    expect: str, failed: bool, worst_open: int, code: int
+) -> None:
     from difftest.cli.layers import expected_code
 
     assert expected_code(expect, failed, worst_open) == code

@@ -215,10 +215,7 @@ def test_a_key_no_header_can_carry_refuses_to_start(
     # server that let the key past stops there, never serving
     assert main(["serve", "--model", "tiny-llama", "--device", "cpu", "--backend", "triton"]) == 2
     err = capsys.readouterr().err
-    assert (
-        err.startswith("server_shim: error: $DIFFTEST_SHIM_API_KEY: the API key ")
-        and err.count("\n") == 1
-    )
+    assert err.startswith("server_shim: error: $DIFFTEST_SHIM_API_KEY: the API key ") and err.count("\n") == 1
     with pytest.raises(ShimError):
         GuardMiddleware(None, api_key=key, max_body_bytes=1)
 

@@ -642,10 +642,16 @@ def _parse_thresholds(
         table): the later line in the file won, silently. Equal values say one thing: accepted."""
         line = ctx.locator.line(where, key)
         for check in sorted(checks(metric)):
-            first_table, first_metric, first_value, first_line = seen.setdefault(
-                (scheme, check), (table, metric, value, line)
-            )
-            if float(first_value) != float(value):
+            first = seen.get((scheme, check))
+            # a dotted key narrows a two-part budget field to one part (failed_rate_max beside
+            # exactness.failed_rate: the dotted key is exactness's limit, the field accuracy's, as
+            # verdict._part reads them): not two limits for one thing. The narrowest setter stands
+            # for the check, so that two dotted keys that disagree are still caught.
+            if first is None or len(checks(metric)) < len(checks(first[1])):
+                seen[(scheme, check)] = (table, metric, value, line)
+                continue
+            first_table, first_metric, first_value, first_line = first
+            if len(checks(metric)) == len(checks(first_metric)) and float(first_value) != float(value):
                 at = f" (line {first_line})" if first_line else ""
                 scope = " for every scheme" if scheme == "default" else ""
                 raise ConfigError(

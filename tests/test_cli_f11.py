@@ -180,3 +180,48 @@ def test_layers_config_with_a_caught_negative_control_exits_0(tmp_path: Path, ca
     assert found["exit_code"] == 0 and found["diffs"][0]["expect"] == "fail" and found["diffs"][0]["failed"]
     cfg.write_text(cfg.read_text().replace(fault, ""))  # the same control without its fault: not caught
     assert main(["layers", str(cfg), "-o", str(out), "--json"]) == 1
+
+
+def test_a_control_whose_faults_the_replay_cannot_reach_is_undecided_not_missed() -> None:
+    """(t17) configs/fault-demo.toml's slot-tile control exited 1 under `layers CONFIG` ("no fault
+    found: NOT as expected"), though the replay (slots 0 and 1) cannot see a fault from slot 16 on."""
+    from difftest.cli.layers import expected_code, out_of_reach
+
+    assert out_of_reach(["slot-tile"]) == ["slot-tile"] and out_of_reach(["slot-tile@*.down_proj"]) == [
+        "slot-tile"
+    ]
+    assert out_of_reach(["slot-tile", "scale-skipped"]) == [] and out_of_reach([]) == []
+    assert expected_code("fail", False, 0, blind=True) == 4
+    assert expected_code("fail", True, 0, blind=True) == 0  # found anyway: as expected
+    assert expected_code("pass", False, 0, blind=True) == 0
+
+
+def test_layers_jobs_carry_the_targets_faults(tmp_path: Path) -> None:
+    cfg = _config(
+        tmp_path,
+        f'[reference]\nname = "ref"\n{SHIM}[[target]]\nname = "t"\n{SHIM}quant = "fp8-block"\n'
+        'expect = "fail"\nfaults = ["slot-tile"]\n',
+    )
+    (job,) = _plan(_args(cfg))[2]
+    assert job.expect == "fail" and job.faults == ("slot-tile",)
+
+
+def test_api_key_env_naming_a_server_noise_never_asks_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """(t17) `noise` and `record` ask the reference alone: `--api-key-env t1=VAR` naming a url
+    target was accepted and the key went nowhere."""
+    monkeypatch.setenv("MYKEY", "k")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = load_config(_config(tmp_path, (
+        '[reference]\nurl = "http://127.0.0.1:9"\n[[target]]\nname = "t1"\nurl = "http://127.0.0.1:9"\n'
+    )))  # fmt: skip
+    with pytest.raises(
+        UsageError, match="server 't1' takes no key from this flag: this command asks the reference alone"
+    ):
+        with_overrides(cfg, _args(api_key_env=["t1=MYKEY"]), reference_only=True)
+    assert (
+        with_overrides(cfg, _args(api_key_env=["t1=MYKEY"])).targets[0].server.api_key_env == "MYKEY"
+    )  # run
+    only = with_overrides(
+        cfg, _args(api_key_env=["MYKEY"]), reference_only=True
+    )  # every server: the reference
+    assert only.reference.api_key_env == "MYKEY"

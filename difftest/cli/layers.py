@@ -5,7 +5,8 @@
 
 Exit 0 nothing flagged, 1 a target's layer verdict fails (as `run` judges layers) or a served
 residual / logits point is not finite; with CONFIG each target's `expect` gates as in `run`: a
-negative control (expect = "fail") whose fault is found is 0, one found clean is 1. 2 usage (also a debug request a server refused, HTTP 4xx),
+negative control (expect = "fail") whose fault is found is 0, one found clean is 1 (4 where its
+faults, slot-tile, act past the replay's batch slots). 2 usage (also a debug request a server refused, HTTP 4xx),
 3 infrastructure (also a debug answer that failed: no diff made, or a module replay a server
 failed to answer or answered damaged), 4 a diff in which no module could be replayed (it decides
 nothing) or one whose replay of some module was refused."""
@@ -27,6 +28,7 @@ from difftest.errors import UsageError
 from difftest.results import LayerDiff
 from difftest.session import Session
 from difftest.textsafe import safe
+from server_shim.catalog import SLOT_TILE_ROWS
 
 if TYPE_CHECKING:  # numpy behind it: `difftest --help` imports every command module
     from difftest.whitebox.activations import LayerThresholds
@@ -151,17 +153,33 @@ def unmade(diff: LayerDiff) -> tuple[str, int]:
     return "", 0
 
 
-def expected_code(expect: str, failed: bool, worst_open: int) -> int:
+# Fault classes no layer diff can see: they act from batch slot 16 on, and the replay puts a
+# module's input in slots 0 and 1 (REPLAY_SLOTS_NOTE); `run`'s batch-slot check is what catches them.
+REPLAY_BLIND_FAULTS = frozenset({"slot-tile"})
+
+
+def out_of_reach(faults: Sequence[str]) -> list[str]:
+    """A negative control's faults when every one of them is of a class the layer diff cannot see
+    (names, "slot-tile@pattern" read as its class), else []: such a control found clean proves
+    nothing either way, where one with a visible fault found clean is the differ missing it."""
+    classes = [f.split("@", 1)[0] for f in faults]
+    return classes if classes and all(c in REPLAY_BLIND_FAULTS for c in classes) else []
+
+
+def expected_code(expect: str, failed: bool, worst_open: int, blind: bool = False) -> int:
     """One target's exit code against its `expect`, as `run` gates: a fault found is 1 for a target
     expected to pass and 0 for a negative control; else a diff not made, or a module replay a
     server failed to answer, is the servers' (3) or the request's (2: a prompt over the context,
     say), a diff with no module replayed (or a replay refused) decides nothing (4), and a negative
-    control whose diffs were all made and found nothing is 1 (its fault went unseen)."""
+    control whose diffs were all made and found nothing is 1 (its fault went unseen), or 4 where
+    its faults are all out of the layer diff's reach (`blind`: undecided here, `run`'s to judge)."""
     if failed:
         return 0 if expect == "fail" else 1
     if worst_open:
         return worst_open
-    return 1 if expect == "fail" else 0
+    if expect == "fail":
+        return 4 if blind else 1
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -216,9 +234,19 @@ def run(args: argparse.Namespace) -> int:
                 if not as_json:
                     render_layers(diff, job.target, con, all_points=getattr(args, "all_points", False),
                                   scheme=scheme, thresholds=th)  # fmt: skip
-            codes.append(expected_code(job.expect, failed, worst_open))
+            blind = out_of_reach(job.faults)
+            codes.append(expected_code(job.expect, failed, worst_open, bool(blind)))
             if job.expect == "fail" and not as_json:
-                said = "its fault found, as expected" if failed else "no fault found: NOT as expected"
+                if failed:
+                    said = "its fault found, as expected"
+                elif blind:
+                    said = (
+                        f"no fault found, undecided: its faults ({', '.join(blind)}) act from batch slot "
+                        f"{SLOT_TILE_ROWS} on, out of the replay's reach; `difftest run`'s batch-slot check "
+                        "judges them"
+                    )
+                else:
+                    said = "no fault found: NOT as expected"
                 con.print(f'{job.target} (expect = "fail", a negative control): {said}')
         code = 1 if 1 in codes else max(codes, default=0)
         for why in open_:

@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     o.positive("--limit", args.limit)
     o.positive("--concurrency", args.concurrency)
     o.positive("--timeout", args.timeout)
-    cfg = with_overrides(load_config(args.config, require_targets=False), args)  # the reference alone
+    cfg = with_overrides(
+        load_config(args.config, require_targets=False), args, reference_only=True
+    )  # the reference alone
     if cfg.baseline is not None:
         raise UsageError(f"{args.config}: the reference is a recorded baseline; its noise is measured live")
     path, key = floor_destination(args.out, cfg.run.noise_floor, Path(cfg.run.output_dir))

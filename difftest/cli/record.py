@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         from difftest.cli.run import with_overrides
         from difftest.config import load_config
 
-        cfg = with_overrides(load_config(args.ref), args)
+        cfg = with_overrides(load_config(args.ref), args, reference_only=True)
         if cfg.baseline is not None:
             raise UsageError(f"{args.ref}: its reference is already a baseline ({cfg.baseline})")
         run_cfg, spec, name = cfg.run, cfg.reference, cfg.reference.name

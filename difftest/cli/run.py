@@ -27,10 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_json(p)
 
 
-def with_overrides(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+def with_overrides(cfg: RunConfig, args: argparse.Namespace, *, reference_only: bool = False) -> RunConfig:
     """The command line's -j / --timeout / --limit over the config's values (so the report's
     signature.run holds what the run used), and API keys (--api-key-env, else OPENAI_API_KEY)
-    for running servers (url) whose table names none."""
+    for running servers (url) whose table names none. `reference_only`: the command (`noise`,
+    `record`) asks the reference alone, so a key named for another server would go nowhere."""
     run = cfg.run
     if getattr(args, "timeout", None) is not None:
         run = dataclasses.replace(run, request_timeout_s=args.timeout)
@@ -40,7 +41,14 @@ def with_overrides(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
         run = dataclasses.replace(run, limit=args.limit)
     envs = o.key_envs(getattr(args, "api_key_env", None) or [])
     o.check_key_servers(envs, [s.name for s in cfg.servers()])
-    o.check_key_takers(envs, {s.name: key_refusal(cfg, s) for s in cfg.servers()})
+    refusals = {s.name: key_refusal(cfg, s) for s in cfg.servers()}
+    if reference_only:
+        asked = cfg.reference.name
+        refusals = {
+            n: why or (None if n == asked else "this command asks the reference alone")
+            for n, why in refusals.items()
+        }
+    o.check_key_takers(envs, refusals)
 
     def keyed(spec: Any) -> Any:
         if spec is None or key_refusal(cfg, spec) is not None:

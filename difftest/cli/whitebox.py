@@ -27,6 +27,7 @@ class Job:
     reference: str | None
     golden: str | None
     expect: str = "pass"  # the config's: `layers` gates on it as `run` does (a caught negative control is 0)
+    faults: tuple[str, ...] = ()  # a launched shim target's injected faults (its config's `faults`)
 
     def servers(self) -> tuple[str, ...]:
         return tuple(n for n in (self.target, self.reference, self.golden) if n is not None)
@@ -76,7 +77,10 @@ def _plan(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], list[Job
 
         cfg = with_overrides(load_config(args.config), args)  # url servers' API keys, as `run` gives them
         ref = cfg.reference.name if cfg.baseline is None else None  # a recorded baseline has no /debug
-        jobs = [Job(t.name, ref, t.golden.name if t.golden else None, t.expect) for t in cfg.targets]
+        jobs = [
+            Job(t.name, ref, t.golden.name if t.golden else None, t.expect, tuple(t.server.faults or ()))
+            for t in cfg.targets
+        ]
         # only the servers a job diffs: a golden's rounding twin (the exactness null of `run`) was
         # launched too, one more model loaded per golden that no job ever asked
         used = {name for job in jobs for name in job.servers()}

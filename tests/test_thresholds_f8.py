@@ -9,6 +9,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_config import MINIMAL
+from test_config import write as write_config
+from test_secondary_fixes import _prompt
 
 from difftest.cli import main
 from difftest.config import load_config, load_thresholds, thresholds_for
@@ -19,13 +22,9 @@ from difftest.verdict import budget_for, judge_target, threshold_checks
 
 
 def _ok(i: int, top1: float = 0.85, kl: float = 0.001) -> PromptDiff:
-    p = PromptDiff(prompt_id=f"p{i}", prompt="x")
-    p.ref_text = p.tgt_text = "a b c"
-    p.ref_tokens = p.tgt_tokens = ["a", "b", "c"]
-    p.match_rate, p.exact, p.garbled = 1.0, True, False
-    p.kl_mean = p.kl_lower = p.kl_upper = kl
-    p.position_kl = [kl] * 3
-    p.top1_agreement, p.dp_mean, p.dp_rms = top1, 0.0, 0.0
+    """test_secondary_fixes' identical-text prompt, with its top-1 agreement at `top1`."""
+    p = _prompt(i, kl)
+    p.top1_agreement = top1
     return p
 
 
@@ -103,29 +102,14 @@ def test_threshold_checks_pairs_budget_fields_with_their_dotted_twins() -> None:
 
 
 def write(tmp_path: Path, thresholds: str, name: str = "x.toml") -> Path:
-    (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
-    body = f"""
-        [run]
-        prompts = "p.jsonl"
-
-        [reference]
-        model = "tiny-llama"
-
-        [[target]]
-        name = "t"
-        model = "tiny-llama"
-        quant = "fp8-block"
-        golden = "none"
-
-        {thresholds}
-    """
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(body).lstrip("\n"))
-    return path
+    """test_config's minimal config (its target judged without a golden) with `thresholds` after."""
+    return write_config(
+        tmp_path, MINIMAL.replace('golden = "auto"', 'golden = "none"') + "\n" + thresholds, name
+    )
 
 
 def _table(text: str) -> str:
-    return textwrap.indent(textwrap.dedent(text).strip(), " " * 8).lstrip()
+    return textwrap.dedent(text).strip() + "\n"
 
 
 def test_a_config_gives_the_scheme_value_for_its_targets(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import replace
@@ -85,8 +86,9 @@ _WORD = re.compile(r"\s*\S+|\s+")
 # Ids before a token in its context window: enough to carry a SentencePiece space and the bytes
 # of one UTF-8 character (at most 4) into the decode.
 CONTEXT_IDS = 4
-# Window decodes (/detokenize of several ids) one run may ask for texts in context: about one per
-# generated token, so ~130 prompts of 32 tokens; past it, the rest keep their ids (logged).
+# Window decodes (/detokenize of several ids) one run may ask for texts in context: about 1.2 per
+# generated token (38 measured for 32), so ~107 prompts of 32 tokens, ~52 of 64; past it, the rest
+# keep their ids (logged).
 WINDOW_CAP = 4096
 _PENDING = "\ufffd"  # what a byte token of an unfinished character decodes to
 
@@ -214,8 +216,7 @@ class Retokenizer:
         only where the shorter decode is a prefix of the longer and ends in no U+FFFD (else the
         token changed what came before it). A token whose text ends in U+FFFD (a byte of an
         unfinished character) is read together with the next ones, up to a UTF-8 character's 4
-        bytes: all but the last get "", the last the character (the offsets `token_texts`
-        cuts for byte pieces). None where a decode is missing or does not fit."""
+        bytes, and split by `_split`. None where a decode is missing or does not fit."""
         anchor = next((i for i in ids if (self._pieces.get((ep.name, i)) or "").isalnum()), None)
         windows = {
             w for j in range(len(ids)) for c in [self._context(ids, j, anchor)] for w in (c, (*c, ids[j]))
@@ -229,13 +230,15 @@ class Retokenizer:
             if short is None or short.endswith(_PENDING):
                 return None
             last = min(i + 4, len(ids)) - 1
+            group: list[str] = []
             for j in range(i, last + 1):
                 long = await self._decoded(ep, (*ctx, *ids[i : j + 1]))
                 if long is None or not long.startswith(short):
                     return None
+                group.append(long)
                 if not long.endswith(_PENDING) or j == last:
                     break
-            pieces += [""] * (j - i) + [long[len(short) :]]
+            pieces += _split(group, len(short))
             i = j + 1
         return pieces
 
@@ -335,6 +338,14 @@ class Retokenizer:
             b[pid], t[pid] = words(b[pid]), words(t[pid])
         return b, t
 
+    def planned(self, name: str) -> bool:
+        """Whether `name` sends no tokens and is tokenized here (by a /tokenize, or into words)."""
+        return name in self.chosen or name in self.wordwise
+
+    def worded(self, baseline: str, target: str, pid: str) -> bool:
+        """Whether `for_pair` compared the pair's prompt `pid` word by word."""
+        return (baseline, target) in self.word_pairs or pid in self._worded.get((baseline, target), ())
+
     def notes(self, baseline: str, target: str) -> list[str]:
         """The pair's prompts compared word by word because one side's ids had no text (for_pair)."""
         worded = sorted(self._worded.get((baseline, target), ()))
@@ -352,6 +363,21 @@ class Retokenizer:
             f"text_offset does not fit its text and no /detokenize text joins back to it{capped}, the "
             "other token strings: those prompts are compared word by word (token match reads word match there)"
         ]
+
+
+def _split(group: Sequence[str], start: int) -> list[str]:
+    """A group's tokens' texts from its decodes (the i-th: context + the group's first i+1 ids),
+    the context's text `start` long. Each token ends where its decode stops agreeing with the
+    group's whole: bytes that form a character give it to the last of them (the offsets
+    `token_texts` cuts for byte pieces), while a byte whose U+FFFD stays (a lone lead byte, a cut
+    character: the next token left the run as it was) keeps its own, as the string side cuts it.
+    Gluing those onto the next token scored identical ids as a divergence."""
+    whole, cuts, at = group[-1], [], start
+    for text in group[:-1]:
+        at = max(at, len(os.path.commonprefix([text, whole])))
+        cuts.append(at)
+    cuts.append(len(whole))
+    return [whole[a:b] for a, b in zip([start, *cuts[:-1]], cuts, strict=True)]
 
 
 def _joins(pieces: Sequence[str | None], text: str) -> bool:

@@ -22,7 +22,10 @@ from difftest.prompts import Prompt
 from server_shim.launch_spec import ServerSpec
 
 if TYPE_CHECKING:
-    from difftest.collect import Generation
+    from collections.abc import Mapping
+
+    from difftest.collect import Endpoint, Generation
+    from difftest.retokenize import Retokenizer
 
 HELP = "compare running servers without a config"
 DEFAULT_TIMEOUT_S = 120.0
@@ -179,7 +182,6 @@ async def explore(
     from difftest.conformance import FAIL
     from difftest.preflight import check_running_async
     from difftest.report.terminal import render_side_by_side
-    from difftest.retokenize import Retokenizer
     from difftest.runner import _connect
     from difftest.scoring import score_prompt
     from difftest.verdict import tie_margin_for
@@ -198,7 +200,7 @@ async def explore(
         if c[1] == FAIL
     ]
     views: list[dict[str, Any]] = []
-    retok = Retokenizer(eps, {})
+    retok = quick_retokenizer(eps, cfg)
     try:
         ref = eps[cfg.reference.name]
         for p in prompts:
@@ -207,7 +209,6 @@ async def explore(
             ref_gen = await generate(
                 ref, p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed
             )
-            (ref_gen,) = await retok.readable(ref, [ref_gen])  # ids' texts, as a full run gives them
             for t in cfg.targets:
                 tgt_gen = await generate(
                     eps[t.name], p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed
@@ -218,8 +219,8 @@ async def explore(
                     if not as_json:
                         con.print(f"request failed: {err}")
                     continue
-                (tgt_gen,) = await retok.readable(eps[t.name], [tgt_gen])
-                ref_side, tgt_side, worded = comparable(ref_gen, tgt_gen, cfg.reference.name, t.name)
+                sides = await comparable(retok, p.id, ref_gen, tgt_gen, cfg.reference.name, t.name)
+                ref_side, tgt_side, worded, lines = sides
                 d = score_prompt(
                     p, ref_side, tgt_side, ref_forced=None, tgt_forced=None,
                     tie_margin=tie_margin_for(None), k=cfg.run.logprobs,
@@ -233,13 +234,13 @@ async def explore(
                         "ref_tokens": d.ref_tokens, "tgt_tokens": d.tgt_tokens,
                         "first_divergence": d.first_divergence, "divergence_kind": d.divergence_kind,
                         "match_rate": d.match_rate, "ref_alternatives": ref_alts, "tgt_alternatives": tgt_alts,
-                        "compared": "words" if worded else "tokens",
+                        "compared": "words" if worded else "tokens", "notes": lines,
                     }
                 )  # fmt: skip
                 if as_json:
                     continue
-                if worded:
-                    con.print(worded)
+                for line in lines:
+                    con.print(line)
                 render_side_by_side(
                     d.ref_tokens, d.tgt_tokens, d.first_divergence, ref_alts, tgt_alts,
                     con, ref_label=cfg.reference.name, tgt_label=t.name,
@@ -270,26 +271,39 @@ async def explore(
     return code
 
 
-def comparable(
-    ref: Generation, tgt: Generation, ref_name: str, tgt_name: str
-) -> tuple[Generation, Generation, str]:
-    """The two sides as the quick look compares them, and a line saying so where that is words:
-    one side's "token_id:N" labels (no text of their own) never equal the other's token strings,
-    so scoring compares words there (`scoring._comparable_keys`). Shown as tokens, the marker
-    at a word's index pointed at the wrong token, and a word's index into one side's token
-    alternatives at the wrong position: the words are scored and shown instead, as a full run
-    does (`retokenize.Retokenizer.for_pair`)."""
-    from difftest.retokenize import labels_against_strings, unreadable, words
+def quick_retokenizer(eps: Mapping[str, Endpoint], cfg: RunConfig) -> Retokenizer:
+    """Who tokenizes a side that sends no tokens (one that ignores `logprobs`), planned as a full
+    run plans it (`retokenize.plan`): untokenized, its identical answer read as 0% and a LENGTH
+    divergence at token 0."""
+    from difftest import retokenize
 
-    if not labels_against_strings(ref, tgt):
-        return ref, tgt, ""
-    ids_side = ref_name if unreadable(ref) else tgt_name
-    line = (
-        f"compared word by word: {ids_side} sent token ids with no text of their own (no /detokenize "
-        "text joins back to its text), the other side token strings: the columns, the marker and the "
-        "divergence's index below count words; token alternatives do not apply"
-    )
-    return words(ref), words(tgt), line
+    pairs = [(cfg.reference.name, t.server.name) for t in cfg.targets]
+    return retokenize.Retokenizer(eps, retokenize.plan(eps, pairs), pairs)
+
+
+async def comparable(
+    retok: Retokenizer, pid: str, ref: Generation, tgt: Generation, ref_name: str, tgt_name: str
+) -> tuple[Generation, Generation, bool, list[str]]:
+    """The two sides as a full run compares them (`Retokenizer.fill`, `for_pair`), whether that is
+    word by word, and lines saying how. A side without tokens is tokenized by a /tokenize, else
+    both sides are split into words; ids without text of their own get theirs from /detokenize,
+    else, against token strings (a "token_id:N" label never equals one), words are compared. The
+    words are then also shown: as tokens, the marker at a word's index pointed at the wrong token,
+    and a word's index into one side's token alternatives at the wrong position."""
+    from difftest.retokenize import note, unreadable
+
+    gens: dict[str, dict[str, Generation]] = {ref_name: {pid: ref}, tgt_name: {pid: tgt}}
+    await retok.fill(gens)
+    ref_side, tgt_side = (side[pid] for side in retok.for_pair(gens, ref_name, tgt_name))
+    lines = [note(n, retok.chosen.get(n)) for n in (ref_name, tgt_name) if retok.planned(n)]
+    if retok.worded(ref_name, tgt_name, pid) and not lines:
+        ids_side = ref_name if unreadable(gens[ref_name][pid]) else tgt_name
+        lines.append(
+            f"compared word by word: {ids_side} sent token ids with no text of their own (no /detokenize "
+            "text joins back to its text), the other side token strings: the columns, the marker and the "
+            "divergence's index below count words; token alternatives do not apply"
+        )
+    return ref_side, tgt_side, retok.worded(ref_name, tgt_name, pid), lines
 
 
 async def alt_texts(ep: Any, alts: dict[str, float]) -> dict[str, float]:

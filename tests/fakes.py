@@ -30,7 +30,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -422,6 +422,25 @@ class FakeServer:
 def make_fake_app(behaviour: FakeBehaviour | None = None) -> FastAPI:
     """The fake's FastAPI app; `app.state.fake` is the `FakeServer` behind it."""
     return FakeServer(behaviour).app
+
+
+def rewritten_completions(
+    app: FastAPI, server: FakeServer, rewrite: Callable[[dict[str, Any], dict[str, Any]], None]
+) -> None:
+    """Route /v1/completions on `app` to `server`, each answer passed through `rewrite(request,
+    answer)` first (a server quirk: offsets counted otherwise, say). Mount `server.app` at "/"
+    after any other route of the caller's: it answers the rest."""
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        req = await request.json()
+        server.completions_served += 1
+        try:
+            out = server.completions(req)
+        except _Reject as e:
+            return _error(e.status, e.message, param=e.param)
+        rewrite(req, out)
+        return out
 
 
 def _build_app(server: FakeServer) -> FastAPI:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeBehaviour, FakeServer, _error, _Reject
-from fastapi import FastAPI, Request
+from fakes import FakeBehaviour, FakeServer, rewritten_completions
+from fastapi import FastAPI
 from quirk_fakes import live_app
 
 from difftest.cli import main
@@ -186,14 +186,7 @@ def _offsets_app(behaviour: FakeBehaviour, how: str) -> FastAPI:
     server = FakeServer(behaviour)
     app = FastAPI()
 
-    @app.post("/v1/completions")
-    async def completions_route(request: Request) -> Any:
-        req = await request.json()
-        server.completions_served += 1
-        try:
-            out = server.completions(req)
-        except _Reject as e:
-            return _error(e.status, e.message, param=e.param)
+    def counted(req: dict[str, Any], out: dict[str, Any]) -> None:
         block = out["choices"][0]["logprobs"]
         prompt = req.get("prompt")
         if block and "text_offset" in block and not req.get("echo") and isinstance(prompt, str):
@@ -203,8 +196,8 @@ def _offsets_app(behaviour: FakeBehaviour, how: str) -> FastAPI:
                 if how == "label"
                 else [o + start for o in block["text_offset"]]
             )
-        return out
 
+    rewritten_completions(app, server, counted)
     app.mount("/", server.app)
     return app
 

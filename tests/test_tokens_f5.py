@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeBehaviour, FakeServer, _error, _Reject
+from fakes import FakeBehaviour, FakeServer, _error, rewritten_completions
 from fastapi import FastAPI, Request
 from quirk_fakes import live_app
 
@@ -205,21 +205,15 @@ def _app(behaviour: FakeBehaviour, *, labels: bool = False, sentencepiece: bool 
     server = FakeServer(behaviour)
     app = FastAPI()
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        req = await request.json()
-        server.completions_served += 1
-        try:
-            out = server.completions(req)
-        except _Reject as e:
-            return _error(e.status, e.message, param=e.param)
+    def label_offsets(req: dict[str, Any], out: dict[str, Any]) -> None:
         block = out["choices"][0]["logprobs"]
         if labels and block and "text_offset" in block and not req.get("echo"):
             at, block["text_offset"] = 0, []
             for t in block["tokens"]:
                 block["text_offset"].append(at)
                 at += len(t)
-        return out
+
+    rewritten_completions(app, server, label_offsets)
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Any:

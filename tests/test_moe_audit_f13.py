@@ -13,17 +13,13 @@ import torch
 from safetensors.torch import save as st_save
 from test_layers import _run_in_current_loop, build, serve_in_process, shim_endpoint, shim_server
 
-from difftest.whitebox.audit import (
-    HINTS,
-    audit_module,
+from difftest.whitebox.audit import HINTS, audit_module, fp8_flavour, hypotheses, structure_checks
+from difftest.whitebox.experts import (
     expert_forward,
     expert_readings,
     expert_tensors,
-    fp8_flavour,
-    hypotheses,
     quantized_act,
     sample_experts,
-    structure_checks,
 )
 from difftest.whitebox.safetensors import read_safetensors
 from server_shim.models import LoadedModel

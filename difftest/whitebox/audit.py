@@ -21,10 +21,10 @@ Per quantized module of the target's GET /debug/config:
 - backend table: the same stored weights run through each backend (metadata `backend` of
   /debug/module) on one input, against the reference; a backend the device cannot run is listed
   with the server's reason.
-MoE experts (one module, stored [E, N, K] per GEMM) are not linear in their input, but on fixed
-routing each expert is two GEMMs around an activation: a sample of experts (`sample_experts`: all
-of them up to EXPERT_SAMPLE, else evenly spaced, first and last included) gets EXPERT_ROWS probe
-rows each, routed to it alone with weight 1, and the target's output is compared with the expert
+MoE experts (one module, stored [E, N, K] per GEMM; the numpy recomputation in experts.py) are
+not linear in their input, but on fixed routing each expert is two GEMMs around an activation: a
+sample of experts (`sample_experts`: all of them up to EXPERT_SAMPLE, else evenly spaced, first
+and last included) gets EXPERT_ROWS probe rows each, routed to it alone with weight 1, and the target's output is compared with the expert
 recomputed in numpy under each hypothesis -- activation quantization and the compute dtype's
 rounding included, both GEMMs read one way (one kernel runs both) or one of them alone
 ("unit-scales@down"), activation scales rounded to powers of two, and the combine without its
@@ -49,6 +49,18 @@ from difftest.collect import Endpoint
 from difftest.errors import DifftestError, UnreadableBody
 from difftest.metrics.tensors import rel_err, tensor_diff
 from difftest.whitebox.activations import LayerThresholds
+from difftest.whitebox.experts import (
+    ACTIVATIONS,
+    BLOCK,
+    EXPERT_ROWS,
+    FP8_QMAX,
+    INT8_QMAX,
+    WEIGHT_ONLY,
+    expert_forward,
+    expert_probe,
+    expert_readings,
+    expert_tensors,
+)
 from difftest.whitebox.safetensors import (
     SafeTensors,
     decode,
@@ -60,7 +72,7 @@ from server_shim import debug_protocol as P
 
 log = logging.getLogger(__name__)
 
-BLOCK, INT4_GROUP, MX_GROUP = 128, 128, 32
+INT4_GROUP, MX_GROUP = 128, 32  # BLOCK (128), the fp8 block: experts.py
 CLEAR_MARGIN = 0.5  # a rival hypothesis must at most halve the declared one's error to be named
 EXPLAINED = 0.05  # a hypothesis "reconstructs" the kernel's weight within 5% rel err
 BACKENDS = ("torch", "triton", "vendor")
@@ -88,8 +100,6 @@ PROBE = 45 / 64
 # in fp16 / fp32) over 2**-7 is 64.4375, coded as 64 (x0.9932); with its exact scale it is 127.
 PROBE_INT8 = 1031 / 2048
 WIDE_DTYPES = ("float16", "float32")  # the compute dtypes PROBE_INT8 is exact in
-FP8_QMAX = {"e4m3fn": 448.0, "e4m3fnuz": 240.0}
-INT8_QMAX = 127.0
 WEIGHT_DTYPES = {
     "fp8-tensor": ("float8_e4m3fn", "float8_e4m3fnuz"), "fp8-token": ("float8_e4m3fn", "float8_e4m3fnuz"),
     "fp8-block": ("float8_e4m3fn", "float8_e4m3fnuz"), "int8": ("int8",), "int4-g128": ("uint8",), "mxfp4": ("uint8",),
@@ -103,9 +113,6 @@ HINTS = {
     "act-scales-pow2": "activation scales look rounded up to powers of two (ue8m0)",
     "routed-scaling-missing": "the expert combine looks to skip routed_scaling_factor",  # audit_module adds f
 }
-WEIGHT_ONLY = ("int4-g128", "mxfp4")  # schemes that leave activations in the compute dtype
-EXPERT_SAMPLE = 8  # experts whose GEMMs the hypothesis test recomputes (numpy, float64: cost per expert)
-EXPERT_ROWS = 4  # probe rows routed to each sampled expert
 MOE_GEMMS = ("gate_up", "down")
 
 
@@ -313,142 +320,6 @@ def hint_of(name: str) -> str:
     h, _, gemm = name.partition("@")
     hint = HINTS.get(h, f"the weight reads as '{h}'")
     return f"{hint} (in {gemm}_proj only)" if gemm else hint
-
-
-# ---------------------------------------------------------------- MoE experts (pure)
-
-
-def sample_experts(num: int, most: int = EXPERT_SAMPLE) -> list[int]:
-    """The experts the hypothesis test recomputes: all of them up to `most`, else `most` evenly
-    spaced ids, first and last included (each costs a float64 dequantization per hypothesis)."""
-    if num <= most:
-        return list(range(num))
-    return sorted({round(i * (num - 1) / (most - 1)) for i in range(most)})
-
-
-def expert_probe(
-    num_experts: int, hidden: int, rows: int = EXPERT_ROWS
-) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """(sampled expert ids, input [S*rows, H], top_k_index [S*rows, 1]): `rows` rows routed to each
-    sampled expert alone. The values are eighths of at most 6 significant bits: exact in fp32,
-    fp16 and bf16, so the numpy recomputation starts from the very input the server computes on."""
-    ids = sample_experts(num_experts)
-    rng = np.random.default_rng(0)
-    x = (np.round(rng.standard_normal((len(ids) * rows, hidden)) * 8) / 8).astype(np.float32)
-    return ids, x, np.repeat(np.asarray(ids, np.int64), rows)[:, None]
-
-
-def expert_tensors(st: SafeTensors, gemm: str, e: int) -> SafeTensors:
-    """Expert `e`'s `gemm` ("gate_up" / "down") out of /debug/quant's stacked [E, ...] tensors,
-    named as a linear's (weight, weight_scale, weight_zero), so `hypotheses` reads it as one."""
-    pre = f"{gemm}_proj."
-    names = [k for k in st.tensors if k.startswith(pre)]
-    if pre + "weight" not in names:
-        raise KeyError(f"/debug/quant has no {pre}weight (it has: {', '.join(st.tensors) or 'none'})")
-    return SafeTensors(
-        {k[len(pre) :]: st.tensors[k][e] for k in names},
-        {k[len(pre) :]: st.dtypes[k] for k in names},
-        dict(st.metadata),
-    )
-
-
-def round_to(a: np.ndarray, dtype: str | None) -> np.ndarray:
-    """`a` rounded to the server's compute dtype (None: float32), back in float64: every tensor the
-    server hands from one op to the next is stored in it, and a bf16 server's 0.4% steps would
-    otherwise count against the declared reading."""
-    if dtype == "float16":
-        return a.astype(np.float16).astype(np.float64)
-    if dtype == "bfloat16":  # round to nearest even on the top 16 bits of the float32
-        b = a.astype(np.float32).view(np.uint32).astype(np.uint64)
-        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
-        return b.astype(np.uint32).view(np.float32).astype(np.float64)
-    return a.astype(np.float32).astype(np.float64)
-
-
-def _fp8_round(v: np.ndarray, fmt: str) -> np.ndarray:
-    """float32 values already within +-qmax to the nearest `fmt` value, ties to the even code (as
-    torch's cast to fp8)."""
-    grid = decode(np.arange(128, dtype=np.uint8), fmt).astype(np.float64)  # non-negative codes
-    grid = grid[np.isfinite(grid)]
-    a = np.abs(v.astype(np.float64))
-    hi = np.clip(np.searchsorted(grid, a), 1, len(grid) - 1)
-    lo = hi - 1
-    d_lo, d_hi = a - grid[lo], grid[hi] - a
-    pick = np.where((d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0)), hi, lo)
-    return np.sign(v) * grid[pick]
-
-
-def quantized_act(x: np.ndarray, scheme: str, fmt: str, pow2: bool = False) -> np.ndarray:
-    """A GEMM's input [M, K] after the dynamic activation quantization of `scheme`, dequantized
-    (float64), computed in float32 as formats.quantize_act does (`fmt`: the fp8 flavour; `pow2`:
-    scales rounded up to powers of two). Weight-only schemes: x itself."""
-    if scheme in WEIGHT_ONLY:
-        return x
-    xf = x.astype(np.float32)
-    m, k = xf.shape
-    qmax = np.float32(INT8_QMAX if scheme == "int8" else FP8_QMAX[fmt])
-    a = np.abs(xf)
-    if scheme == "fp8-tensor":
-        amax = a.max(initial=0.0).reshape(1, 1)
-    elif scheme in ("fp8-token", "int8"):
-        amax = a.max(axis=1, keepdims=True, initial=0.0)
-    else:  # fp8-block: 1 x 128 groups
-        g = math.ceil(k / BLOCK)
-        amax = np.pad(a, ((0, 0), (0, g * BLOCK - k))).reshape(m, g, BLOCK).max(axis=-1)
-    s = (np.maximum(amax, np.float32(1e-12)) / qmax).astype(np.float32)
-    if pow2:
-        s = np.exp2(np.ceil(np.log2(s))).astype(np.float32)
-    se = np.repeat(s, BLOCK, axis=1)[:, :k] if scheme == "fp8-block" else s
-    v = xf / se
-    q = (
-        np.clip(np.round(v), -INT8_QMAX, INT8_QMAX)
-        if scheme == "int8"
-        else _fp8_round(np.clip(v, -qmax, qmax), fmt)
-    )
-    return q.astype(np.float64) * se.astype(np.float64)
-
-
-ACTIVATIONS = {
-    "silu": lambda v: v / (1.0 + np.exp(-v)),
-    "relu": lambda v: np.maximum(v, 0.0),
-}  # the activations between an expert's GEMMs the recomputation knows (debug_info "activation")
-
-
-def expert_forward(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray, *, scheme: str, fmt: str,
-                   act: str, dtype: str | None, pow2: bool = False, scale: float = 1.0) -> np.ndarray:  # fmt: skip
-    """One expert on its rows x [M, H] as the shim's experts compute it, from dequantized weights
-    gate_up [2I, H] (gate rows first) and down [H, I]: each GEMM on its quantized input, every
-    intermediate in the compute dtype, the combine's `scale` last (routing weight 1)."""
-    with np.errstate(over="ignore", invalid="ignore"):  # unit scales: 1e9-sized values, exp overflows to 0
-        gu = round_to(quantized_act(x, scheme, fmt, pow2) @ gate_up.T, dtype)
-        gate, up = np.split(gu, 2, axis=-1)
-        h = round_to(round_to(ACTIVATIONS[act](gate), dtype) * up, dtype)
-        y = round_to(quantized_act(h, scheme, fmt, pow2) @ down.T, dtype)
-        return round_to(y * scale, dtype)
-
-
-Reading = tuple[np.ndarray, np.ndarray, bool, float]  # gate_up weight, down weight, pow2 act scales, combine
-
-
-def expert_readings(gate_up: Mapping[str, np.ndarray], down: Mapping[str, np.ndarray], scheme: str,
-                    scale: float) -> dict[str, Reading]:  # fmt: skip
-    """Every reading of one expert by name. A weight hypothesis reads both GEMMs that way (one
-    kernel runs both), and where both GEMMs have it, also each alone ("h@gate_up", "h@down");
-    plus power-of-two activation scales, and the combine without its declared `scale`."""
-    dg, dd = gate_up["declared"], down["declared"]
-    out: dict[str, Reading] = {"declared": (dg, dd, False, scale)}
-    for h in dict.fromkeys([*gate_up, *down]):
-        if h in ("declared", "act-scales-pow2"):  # the identity probe's factor: recomputed below instead
-            continue
-        out[h] = (gate_up.get(h, dg), down.get(h, dd), False, scale)
-        if h in gate_up and h in down:
-            out[f"{h}@gate_up"] = (gate_up[h], dd, False, scale)
-            out[f"{h}@down"] = (dg, down[h], False, scale)
-    if scheme not in WEIGHT_ONLY:
-        out["act-scales-pow2"] = (dg, dd, True, scale)
-    if scale != 1.0:
-        out["routed-scaling-missing"] = (dg, dd, False, 1.0)
-    return out
 
 
 # ---------------------------------------------------------------- HTTP

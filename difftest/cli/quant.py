@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,20 +35,19 @@ def moe_note(modules: Mapping[str, Any]) -> str | None:
     the experts are measured on fixed routing (a sample of them, their combine with its declared
     routed_scaling_factor included), so the router -- which experts a token goes to, with which
     weights -- is not audited; the layer diff is what shows a router fault."""
+    from difftest.whitebox.experts import declared_factor
+
     moe = [i for i in modules.values() if isinstance(i, Mapping) and i.get("kind") == "moe"]
     if not moe:
         return None
-    factors = sorted({f for i in moe for f in [i.get("routed_scaling_factor")] if _factor(f)})
+    read = [declared_factor(i.get("routed_scaling_factor")) for i in moe]
+    factors = sorted({f for f in read if f is not None})
     declared = f", routed_scaling_factor {' / '.join(f'{f:g}' for f in factors)}" if factors else ""
     return (
         "note: MoE experts are audited on fixed routing (sampled experts, their combine"
         f"{declared}); the router (top-k choice, routing weights) is not: a fault there shows in "
         "`difftest layers` / `difftest run`"
     )
-
-
-def _factor(f: Any) -> bool:
-    return isinstance(f, int | float) and not isinstance(f, bool) and math.isfinite(f)
 
 
 def audited(row: Mapping[str, Any]) -> bool:

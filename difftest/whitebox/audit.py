@@ -56,10 +56,12 @@ from difftest.whitebox.experts import (
     FP8_QMAX,
     INT8_QMAX,
     WEIGHT_ONLY,
+    declared_factor,
     expert_forward,
     expert_probe,
     expert_readings,
     expert_tensors,
+    never_applied,
 )
 from difftest.whitebox.safetensors import (
     SafeTensors,
@@ -387,7 +389,7 @@ async def audit_module(target: Endpoint, reference: Endpoint | None, module: str
         best, hint = judge_hypotheses(vs_ref, vs_kernel)
         if hint and best == "routed-scaling-missing":  # with its number, as the layer diff words it
             f = _combine_scale(info)
-            hint = f"output x{1 / f:.3g} = 1/routed_scaling_factor {f:g}: the factor looks never applied"
+            hint = never_applied(1 / f, f)
         row.update(hypotheses=_round(vs_ref), kernel_hypotheses=_round(vs_kernel), best=best)
     row["audited"] = measured is not None
     row["hint"] = hint
@@ -473,10 +475,7 @@ async def _experts_hypotheses(target: Endpoint, reference: Endpoint | None, modu
 def _combine_scale(info: Mapping[str, Any]) -> float:
     """The factor an experts module multiplies its combined output by (debug_info
     `combine_scale`; a module that declares none: 1, the router applies the factor, as HF does)."""
-    c = info.get("combine_scale", 1.0)
-    return (
-        float(c) if isinstance(c, int | float) and not isinstance(c, bool) and math.isfinite(c) and c else 1.0
-    )
+    return declared_factor(info.get("combine_scale")) or 1.0
 
 
 async def _ref_combine_scale(reference: Endpoint, module: str) -> float:

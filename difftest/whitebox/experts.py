@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,21 @@ INT8_QMAX = 127.0
 WEIGHT_ONLY = ("int4-g128", "mxfp4")  # schemes that leave activations in the compute dtype
 EXPERT_SAMPLE = 8  # experts whose GEMMs the hypothesis test recomputes (numpy, float64: cost per expert)
 EXPERT_ROWS = 4  # probe rows routed to each sampled expert
+
+
+def declared_factor(value: Any) -> float | None:
+    """A factor /debug/config declares for an MoE (`routed_scaling_factor`, `combine_scale`): a
+    finite real number, else None (absent, a bool, a string, NaN). One reading for the audit, the
+    layer diff's hint and `difftest quant`'s note."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def never_applied(ratio: float, factor: float) -> str:
+    """The hint for an experts output off by 1/routed_scaling_factor, worded once for the audit
+    (which recomputes it) and the layer diff (which measures it)."""
+    return f"output x{ratio:.3g} = 1/routed_scaling_factor {factor:g}: the factor looks never applied"
 
 
 def sample_experts(num: int, most: int = EXPERT_SAMPLE) -> list[int]:

@@ -30,6 +30,7 @@ from difftest.errors import DifftestError
 from difftest.results import LayerDiff, LayerPoint
 from difftest.whitebox.activations import LEAF_KINDS, LayerThresholds, point_kind
 from difftest.whitebox.audit import audit_module
+from difftest.whitebox.experts import declared_factor, never_applied
 from difftest.whitebox.layers import diff_layers, scheme_of
 from difftest.whitebox.replay import (
     out_of_bounds_leaves,
@@ -112,14 +113,14 @@ def routed_scaling_hint(point: LayerPoint | None, info: Mapping[str, Any]) -> st
     factor never applied; f: applied twice), where /debug/config declares f (pure). The factor is
     in the expert combine, not in a stored tensor (the audit sees it only by recomputing the
     experts), and a bare "norm ratio 0.40" did not say it was 1/2.5."""
-    f = info.get("routed_scaling_factor")
+    f = declared_factor(info.get("routed_scaling_factor"))
     r = point.local_norm_ratio if point is not None else None
-    if not isinstance(f, int | float) or isinstance(f, bool) or not math.isfinite(f) or f <= 0 or f == 1:
+    if f is None or f <= 0 or f == 1:
         return None
     if r is None or not math.isfinite(r) or r <= 0:
         return None
     if abs(r * f - 1) <= ROUTED_SCALING_TOL:
-        return f"output x{r:.3g} = 1/routed_scaling_factor {f:g}: the factor looks never applied"
+        return never_applied(r, f)
     if abs(r / f - 1) <= ROUTED_SCALING_TOL:
         return f"output x{r:.3g} = routed_scaling_factor {f:g}: the factor looks applied twice"
     return None

@@ -317,6 +317,17 @@ class LayerPoint:
 
 
 @dataclass
+class RoutingFlips:
+    """One MoE layer where the target's router sent tokens to other experts than the baseline's.
+    Kept as numbers, not only in the warning's prose: the localisation sentence reads them, and so
+    can a reader of layers.json / report.json, whatever the warning's wording."""
+
+    layer: int
+    flipped: int  # tokens whose set of routed experts differs between the sides
+    tokens: int  # tokens compared
+
+
+@dataclass
 class LayerDiff:
     against: str  # "golden" or "reference" server name
     kind: str  # "exactness" | "accuracy"
@@ -334,6 +345,9 @@ class LayerDiff:
     # module replays the diff cannot vouch for: a server failed to answer them or answered them
     # damaged ("failed": exit 3 in `layers`), or refused them (HTTP 4xx: "refused")
     replays_unjudged: dict[str, int] = field(default_factory=dict)
+    # MoE layers whose router top-k differs between the sides, in layer order (a file written before
+    # this field: none; its stored summary still names them)
+    routing_flips: list[RoutingFlips] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- per target / run

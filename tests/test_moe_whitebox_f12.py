@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from test_layers import PROMPT, build, shim_endpoint
 
-from difftest.results import LayerDiff, LayerPoint
+from difftest.results import LayerDiff, LayerPoint, RoutingFlips
 from difftest.whitebox.layers import diff_layers
 from difftest.whitebox.localise import localisation_sentence, localise_target
 from difftest.whitebox.replay import (
     rescale_note,
+    routing_counts,
     routing_differences,
     routing_flips,
     routing_note,
@@ -82,22 +83,24 @@ def test_routing_differences_count_tokens_whose_expert_set_differs() -> None:
     assert routing_differences(base, tgt) == 2
 
 
-def test_the_routing_note_round_trips_to_the_flip_counts() -> None:
+def test_the_routing_counts_per_layer_and_their_note() -> None:
     idx = np.array([[0, 1], [2, 3], [4, 5]])
     base = _st({f"{L1}:top_k_index": idx, f"{L2}:top_k_index": idx, f"{L3}:top_k_index": idx})
     moved = idx.copy()
     moved[1] = [2, 7]
     tgt = _st({f"{L1}:top_k_index": idx, f"{L2}:top_k_index": moved, f"{L3}:top_k_index": moved[::-1]})
-    note = routing_note(base, tgt, [L1, L2, L3], "ref")
-    assert note == (
+    flips = routing_counts(base, tgt, [L1, L2, L3])
+    assert flips == [RoutingFlips(2, 1, 3), RoutingFlips(3, 3, 3)]
+    assert routing_note(flips, "ref") == (
         "router top-k differs from ref's (tokens sent to other experts) at "
         "1 of 3 tokens in layer 2, 3 of 3 tokens in layer 3"
     )
-    assert routing_flips(LayerDiff("ref", "accuracy", warnings=["x", note])) == {2: (1, 3), 3: (3, 3)}
-    assert routing_note(base, base, [L1, L2, L3], "ref") is None  # nothing differs: no warning
+    assert routing_flips(LayerDiff("ref", "accuracy", routing_flips=flips)) == {2: (1, 3), 3: (3, 3)}
+    assert routing_counts(base, base, [L1, L2, L3]) == []  # nothing differs: no counts, no warning
+    assert routing_note([], "ref") is None
 
 
-def _drift(flips: str | None, block_replayed: bool = True) -> LayerDiff:
+def _drift(flips: list[RoutingFlips], block_replayed: bool = True) -> LayerDiff:
     """A correct MoE target against FP16: residual flagged at layer 2, every replay within bounds."""
     points = [
         _point("model.layers.1", "residual"),
@@ -106,15 +109,17 @@ def _drift(flips: str | None, block_replayed: bool = True) -> LayerDiff:
         _point("model.layers.2.mlp", "mlp", **({"local_cosine": 0.998, "local_norm_ratio": 1.0,
                                                  "local_rel_err": 0.06} if block_replayed else {})),
     ]  # fmt: skip
+    note = routing_note(flips, "ref")
     return LayerDiff("ref", "accuracy", points=points, first_divergent_layer=2,
-                     first_divergent_point="model.layers.2", warnings=[flips] if flips else [])  # fmt: skip
+                     first_divergent_point="model.layers.2", warnings=[note] if note else [],
+                     routing_flips=flips)  # fmt: skip
 
 
 def test_a_divergence_where_the_router_flipped_tokens_names_the_flips() -> None:
     """Tester's repro 4: "no replayed module shows local error (attention core, norm or rotary?)"
     where 3 of 12 tokens of layer 2 were routed to other experts."""
-    note = "router top-k differs from ref's (tokens sent to other experts) at 3 of 12 tokens in layer 2, 1 of 12 tokens in layer 3"
-    said = localisation_sentence(_drift(note))
+    flips = [RoutingFlips(2, 3, 12), RoutingFlips(3, 1, 12)]
+    said = localisation_sentence(_drift(flips))
     assert said.startswith(
         "first divergent layer 2, no replayed module shows local error (router top-k differs at "
         "3 of 12 tokens in layer 2, 1 of 12 in layer 3: tokens sent to other experts, while the MoE "
@@ -123,12 +128,12 @@ def test_a_divergence_where_the_router_flipped_tokens_names_the_flips() -> None:
     assert "attention core" not in said
     # the MoE block not replayed: the sentence cannot vouch for the router, and says so
     assert "likely near-tie routing flips; the MoE block was not replayed" in localisation_sentence(
-        _drift(note, block_replayed=False)
+        _drift(flips, block_replayed=False)
     )
     # flips only after the first divergent layer do not explain it: the old suspects stay
-    later = "router top-k differs from ref's (tokens sent to other experts) at 2 of 12 tokens in layer 3"
+    later = [RoutingFlips(3, 2, 12)]
     assert "(attention core, norm or rotary?)" in localisation_sentence(_drift(later))
-    assert "(attention core, norm or rotary?)" in localisation_sentence(_drift(None))
+    assert "(attention core, norm or rotary?)" in localisation_sentence(_drift([]))
 
 
 async def test_a_correct_moe_target_drifting_on_routing_flips_says_so() -> None:
@@ -143,6 +148,7 @@ async def test_a_correct_moe_target_drifting_on_routing_flips_says_so() -> None:
     assert diff.guilty_module is None and layer is not None
     flips = routing_flips(diff)
     assert flips.get(layer, (0, 0))[0] > 0, diff.warnings
+    assert routing_note(diff.routing_flips, "reference") in diff.warnings  # the human's copy, same counts
     assert (
         f"router top-k differs at {flips[layer][0]} of {flips[layer][1]} tokens in layer {layer}"
         in diff.summary

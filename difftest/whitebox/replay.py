@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import statistics
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -23,7 +22,7 @@ import numpy as np
 from difftest.collect import Endpoint
 from difftest.errors import INFRA, DifftestError, RequestRejected, UnreadableBody
 from difftest.metrics.tensors import TensorDiff, tensor_diff
-from difftest.results import LayerDiff, LayerPoint
+from difftest.results import LayerDiff, LayerPoint, RoutingFlips
 from difftest.whitebox.activations import (
     LEAF_KINDS,
     Activations,
@@ -216,10 +215,6 @@ def rescale_note(rescales: Mapping[str, float]) -> str | None:
 
 # ---------------------------------------------------------------- MoE routing (pure)
 
-ROUTING_PREFIX = "router top-k differs from "
-ROUTING_AT = "'s (tokens sent to other experts) at "
-_ROUTING_AT = re.compile(r"(\d+) of (\d+) tokens in layer (\d+)")
-
 
 def routing_differences(base_idx: np.ndarray, tgt_idx: np.ndarray) -> int:
     """Tokens whose set of routed experts differs between the sides (pure; order within top-k is
@@ -228,14 +223,15 @@ def routing_differences(base_idx: np.ndarray, tgt_idx: np.ndarray) -> int:
     return int((a != b).reshape(a.shape[0], -1).any(-1).sum())
 
 
-def routing_note(base: SafeTensors, tgt: SafeTensors, experts: Sequence[str], against: str) -> str | None:
-    """One warning naming, per MoE layer where it happens, how many tokens the target's router sends
-    to other experts than the baseline's (pure). A correct quantized target flips near-tie routings
-    on its slightly different input, and each flip moves that token's MoE output by a whole expert:
-    the residual stream drifts there while every module replays within bounds, and without this
-    count the sentence blamed "attention core, norm or rotary?"."""
+def routing_counts(base: SafeTensors, tgt: SafeTensors, experts: Sequence[str]) -> list[RoutingFlips]:
+    """Per MoE layer where it happens, how many tokens the target's router sends to other experts
+    than the baseline's (pure; layers where none differ, or routing was not captured, are left
+    out). A correct quantized target flips near-tie routings on its slightly different input, and
+    each flip moves that token's MoE output by a whole expert: the residual stream drifts there
+    while every module replays within bounds, and without this count the sentence blamed
+    "attention core, norm or rotary?"."""
     key = ":top_k_index"
-    counts = []
+    out = []
     for n in experts:
         layer = layer_of(n)
         if n + key not in base.tensors or n + key not in tgt.tensors or layer is None:
@@ -243,23 +239,24 @@ def routing_note(base: SafeTensors, tgt: SafeTensors, experts: Sequence[str], ag
         a, b = base.value(n + key), tgt.value(n + key)
         if a.shape != b.shape or a.ndim != 2:
             continue
-        flips = routing_differences(a, b)
-        if flips:
-            counts.append(f"{flips} of {a.shape[0]} tokens in layer {layer}")
-    if not counts:
+        if flipped := routing_differences(a, b):
+            out.append(RoutingFlips(layer, flipped, a.shape[0]))
+    return out
+
+
+def routing_note(flips: Sequence[RoutingFlips], against: str) -> str | None:
+    """The warning giving `flips` to a human, or None where there are none (pure). The counts
+    themselves are `LayerDiff.routing_flips`: nothing reads them back from this text."""
+    if not flips:
         return None
-    return f"{ROUTING_PREFIX}{against}{ROUTING_AT}" + ", ".join(counts)
+    counts = ", ".join(f"{f.flipped} of {f.tokens} tokens in layer {f.layer}" for f in flips)
+    return f"router top-k differs from {against}'s (tokens sent to other experts) at {counts}"
 
 
 def routing_flips(diff: LayerDiff) -> dict[int, tuple[int, int]]:
-    """{layer: (tokens routed to other experts, tokens)} as `routing_note` recorded it in the diff's
-    warnings (pure; the layers where none differ, or where routing was not captured, are absent)."""
-    out: dict[int, tuple[int, int]] = {}
-    for w in diff.warnings:
-        if w.startswith(ROUTING_PREFIX):  # the counts follow "... at " (the baseline's name precedes it)
-            counts = w.split(ROUTING_AT, 1)[-1]
-            out |= {int(layer): (int(n), int(t)) for n, t, layer in _ROUTING_AT.findall(counts)}
-    return out
+    """{layer: (tokens routed to other experts, tokens)} from the diff's `routing_flips` field
+    (pure; the layers where none differ, or where routing was not captured, are absent)."""
+    return {f.layer: (f.flipped, f.tokens) for f in diff.routing_flips}
 
 
 # ---------------------------------------------------------------- replay
@@ -350,7 +347,8 @@ async def replay_all(
                     f"MoE routing weights unavailable for {len(missing)} experts module(s), e.g. {missing[0]}; "
                     "replayed unscaled"
                 )
-            notes = (rescale_note(rescales), routing_note(base.st, t_in.st, experts, baseline.name))
+            diff.routing_flips = routing_counts(base.st, t_in.st, experts)
+            notes = (rescale_note(rescales), routing_note(diff.routing_flips, baseline.name))
             diff.warnings.extend(w for w in notes if w)
 
     async def one(name: str) -> tuple[str, TensorDiff | DifftestError, float | None]:

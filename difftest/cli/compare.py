@@ -258,11 +258,9 @@ async def explore(
     code = 1 if failed_checks else 0
     result = {"exit_code": code, "failed_checks": failed_checks, "prompts": views}
     if out is not None:
-        import json
+        from difftest.report.jsonio import atomic_write_text, strict_json
 
-        from difftest.report.jsonio import atomic_write_text
-
-        atomic_write_text(Path(out) / QUICKLOOK_FILE, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(Path(out) / QUICKLOOK_FILE, strict_json(result))
     if as_json:
         o.emit_json(result)
     else:

@@ -6,7 +6,6 @@ B's verdict contradicts its `expect` where A's did not, or B lost a verdict A ha
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from rich.table import Table
@@ -67,7 +66,7 @@ def _head(t: TargetDiff) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from difftest.report import load_run
-    from difftest.report.jsonio import atomic_write_text
+    from difftest.report.jsonio import atomic_write_text, strict_json
     from difftest.rundiff import diff_runs
 
     result = diff_runs(
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     code = 1 if result.regressed else 0
     data = result.to_dict() | {"exit_code": code}
     if args.out is not None:
-        atomic_write_text(Path(args.out) / RESULT_FILE, json.dumps(data, indent=1) + "\n")
+        atomic_write_text(Path(args.out) / RESULT_FILE, strict_json(data))
     if args.json:
         o.emit_json(data)
         return code

@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from difftest.null import replay_bound
-    from difftest.report.jsonio import atomic_write_text
+    from difftest.report.jsonio import atomic_write_text, strict_json
     from difftest.whitebox.activations import LayerThresholds
     from difftest.whitebox.layers import scheme_of
     from difftest.whitebox.localise import localise_target
@@ -253,9 +253,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"difftest: layers: {safe(why)}", file=sys.stderr)
         result = {"exit_code": code, "prompt": prompt, "diffs": found, "not_made": open_}
         if getattr(args, "out", None) is not None:
-            import json
-
-            atomic_write_text(out_dir(args) / RESULT_FILE, json.dumps(result, indent=1) + "\n")
+            atomic_write_text(out_dir(args) / RESULT_FILE, strict_json(result))
         if as_json:
             o.emit_json(result)
         return code

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import re
@@ -405,15 +404,7 @@ def console() -> Console:
 
 def emit_json(data: Any) -> None:
     """The --json result: one document on stdout (progress and logs stay on stderr)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    from difftest.report.jsonio import strict_json
+
+    sys.stdout.write(strict_json(data, indent=2, ascii_only=True))
     sys.stdout.flush()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,37 @@ def atomic_write_text(path: Path, text: str) -> Path:
             raise output_error(path, exc) from exc
         raise
     return path
+
+
+def strict_json(
+    data: Any, indent: int = 1, fallback: Callable[[Any], Any] | None = None, ascii_only: bool = False
+) -> str:
+    """A result file or --json document as strict JSON: NaN / inf as the strings report.json
+    stores ("nan", "inf", "-inf"), paths as text, sets and tuples as lists, objects through their
+    `to_dict`, anything else through `fallback` (else a TypeError). Python's default writes a
+    bare NaN, which strict readers (jq, a browser's JSON.parse) reject: a layer diff with a point
+    not compared made layers.json unreadable to them. `ascii_only` for a stdout whose encoding is
+    not known to be UTF-8."""
+    text = json.dumps(_plain(data, fallback), indent=indent, ensure_ascii=ascii_only, allow_nan=False)
+    return text + "\n"
+
+
+def _plain(obj: Any, fallback: Callable[[Any], Any] | None) -> Any:
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    if isinstance(obj, dict):
+        return {k: _plain(v, fallback) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [_plain(v, fallback) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    if fallback is not None:
+        return _plain(fallback(obj), None)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def run_to_json(run: RunResult) -> str:

@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_layers import _run_in_current_loop, build, serve_in_process, shim_server
 
 from difftest.cli import build_parser, whitebox
 from difftest.cli import layers as layers_cmd
 from difftest.cli import quant as quant_cmd
+from difftest.whitebox.audit import HINTS
 
 FAULT_MODULE = "model.layers.1.mlp.up_proj"
 
@@ -187,3 +189,70 @@ def test_the_backend_mark_is_the_schemes_module_bound_against_the_reference() ->
     assert backend_cosine_min("int8", True) == 0.985 and backend_cosine_min("fp8-block", True) == 0.995
     assert backend_cosine_min("int4-g128", False) == BACKEND_COSINE_MIN == 0.999
     assert 0.95 <= 0.992 < 0.999  # the measured correct 4-bit module: unmarked now, marked before
+
+
+@pytest.mark.parametrize(
+    ("expect", "flagged", "declared", "code", "said"),
+    [
+        # a negative control the audit flags: caught, as `run` and `layers` gate it (it exited 1)
+        ("fail", True, (f"scale-skipped@{FAULT_MODULE}",), 0, "a module flagged, as expected"),
+        # a control audited clean: its (visible) fault went unseen
+        ("fail", False, (f"scale-skipped@{FAULT_MODULE}",), 1, "no module flagged: NOT as expected"),
+        # a control whose only fault is a slot fault: one request of one slot cannot see it
+        ("fail", False, ("slot-tile",), 4, "no module flagged, undecided: its faults (slot-tile)"),
+        ("fail", True, ("slot-tile",), 0, "a module flagged, as expected"),  # seen anyway
+        ("pass", True, (), 1, None),  # a target expected to pass, flagged
+        ("pass", False, (), 0, None),
+    ],
+)
+async def test_quant_config_gates_each_target_on_its_expect(
+    monkeypatch, capsys, expect: str, flagged: bool, declared: tuple[str, ...], code: int, said: str | None
+) -> None:
+    """The bug: `quant CONFIG` read no `expect`, so configs/default.toml's negative control
+    (fp8-block-faulty, expect = "fail") flagged as it should and made the exit 1: `difftest quant
+    configs/default.toml` could never exit 0, where `run` and `layers` on it do."""
+    from difftest.whitebox import audit as audit_mod
+
+    async def one_row(target, reference):  # noqa: ANN001, ANN202 - the audit's verdict, without its cost
+        return [{"module": FAULT_MODULE, "scheme": "fp8-block", "checks": {"scale_shape": True},
+                 "audited": True, "flagged": flagged, "hint": HINTS["unit-scales"] if flagged else None}]  # fmt: skip
+
+    monkeypatch.setattr(audit_mod, "audit", one_row)
+    job = whitebox.Job("target", None, None, expect, declared)  # as `_plan` makes it from a CONFIG
+    monkeypatch.setattr(whitebox, "_plan", lambda args: ([], {"target": "http://t"}, [job]))
+    with shim_server("target", build()) as (t, _):
+        serve_in_process(monkeypatch, {"target": t})
+        monkeypatch.setattr(whitebox.aio, "run", _run_in_current_loop)
+        got = await quant_cmd.run(build_parser().parse_args(["quant", "--target", "http://t"]))
+    out = " ".join(capsys.readouterr().out.split())
+    assert got == code, out
+    control = 'target (expect = "fail", a negative control): '
+    assert (control + said in out) if said else control not in out
+
+
+def test_unseen_faults_are_the_slot_faults_only() -> None:
+    assert quant_cmd.unseen_faults(["slot-variant", "slot-tile@*.down_proj"]) == ["slot-variant", "slot-tile"]
+    assert quant_cmd.unseen_faults(["slot-tile", "scale-transposed"]) == []  # one it sees: 1 if missed
+    assert quant_cmd.unseen_faults([]) == []
+
+
+@pytest.mark.slow
+def test_quant_config_with_a_flagged_negative_control_exits_0(tmp_path: Path, capsys) -> None:
+    """End to end through CONFIG: the control's `expect` reaches the gate (exit 1 before)."""
+    from difftest.cli import main
+
+    shim = 'model = "tiny-llama"\ndtype = "float32"\ndevice = "cpu"\n'
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "the quick brown fox"}\n')
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[run]\nprompts = "p.jsonl"\n[reference]\nname = "ref"\n{shim}'
+        f'[[target]]\nname = "bad"\n{shim}quant = "fp8-block"\nexpect = "fail"\n'
+        f'faults = ["scale-skipped@{FAULT_MODULE}"]\n'
+    )
+    out = tmp_path / "q"
+    assert main(["quant", str(cfg), "-o", str(out)]) == 0, capsys.readouterr().err
+    assert 'bad (expect = "fail", a negative control): a module flagged, as expected' in " ".join(
+        capsys.readouterr().out.split()
+    )
+    (audit,) = json.loads((out / "quant.json").read_text())["audits"]
+    assert audit["expect"] == "fail" and audit["flagged"]

@@ -4,7 +4,10 @@
 
 Exit 0 nothing flagged, 1 a module flagged, 2 usage, 3 infrastructure, 4 a target of which nothing
 was audited: no quantized module, or none whose kernel could be measured (structure checks alone
-said "0 of 3 modules flagged" with exit 0 over experts whose scales were read as 1)."""
+said "0 of 3 modules flagged" with exit 0 over experts whose scales were read as 1). With CONFIG
+each target's `expect` gates as in `run` and `layers`: a negative control (expect = "fail") the
+audit flags is 0, one it audits clean 1 (its fault went unseen), or 4 where its faults are all
+slot faults, which the audit's one-request measurement cannot see."""
 
 from __future__ import annotations
 
@@ -17,16 +20,23 @@ from rich.console import Console
 from rich.table import Table
 
 from difftest.cli import options as o
+from difftest.cli.layers import expected_code
 from difftest.cli.whitebox import DEFAULT_OUT, Job, add_server_arguments, get, out_dir, run_whitebox
 from difftest.session import Session
+from server_shim.catalog import SLOT_FAULTS
 
 HELP = "quantization audit of each target (scale layouts, backends)"
 RESULT_FILE = "quant.json"
 NOTHING_AUDITED = 4  # as `layers` exits for a diff that decides nothing
+# Fault classes the audit cannot flag: its hypothesis test measures each module in one batch slot
+# (effective_weight's [1, rows, K], the experts' probe rows of one request), and a slot fault reads
+# another slot's activation scale, so only a batch shows it (`run`'s batch-slot check; `layers`'
+# two-slot replay for slot-variant). The backend table's rows are slots, but its marks flag nothing.
+AUDIT_BLIND_FAULTS = frozenset(SLOT_FAULTS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_server_arguments(p, golden=False, reads_expect=False)
+    add_server_arguments(p, golden=False, reads_expect=True)
     o.describe_out(p, o.result_out_help(RESULT_FILE, DEFAULT_OUT))
 
 
@@ -48,6 +58,31 @@ def moe_note(modules: Mapping[str, Any]) -> str | None:
         f"{declared}); the router (top-k choice, routing weights) is not: a fault there shows in "
         "`difftest layers` / `difftest run`"
     )
+
+
+def unseen_faults(faults: Sequence[str]) -> list[str]:
+    """A negative control's fault classes when every one is of a class the audit cannot see
+    ("slot-tile@GLOB" read as its class), else []: such a control audited clean proves nothing
+    either way, where one with a visible fault audited clean is the audit missing it."""
+    classes = [f.split("@", 1)[0] for f in faults]
+    return classes if classes and all(c in AUDIT_BLIND_FAULTS for c in classes) else []
+
+
+def control_line(target: str, flagged: bool, unseen: Sequence[str], nothing_audited: bool) -> str:
+    """What a negative control's audit says against its expect = "fail", worded as `layers` does."""
+    if flagged:
+        said = "a module flagged, as expected"
+    elif nothing_audited:
+        said = "nothing audited, undecided"
+    elif unseen:
+        said = (
+            f"no module flagged, undecided: its faults ({', '.join(unseen)}) act across batch slots, "
+            "which the audit (one request, one slot) cannot see; `difftest run`'s batch-slot check "
+            "judges them"
+        )
+    else:
+        said = "no module flagged: NOT as expected"
+    return f'{target} (expect = "fail", a negative control): {said}'
 
 
 def audited(row: Mapping[str, Any]) -> bool:
@@ -138,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     as_json = getattr(args, "json", False)
 
     async def work(session: Session, jobs: Sequence[Job]) -> int:
-        flagged = False
+        codes: list[int] = []  # each target's outcome against its expect
         empty: list[str] = []  # targets without a quantized module: audited nothing, decided nothing
         found: list[dict[str, Any]] = []
         for job in jobs:
@@ -146,13 +181,15 @@ def run(args: argparse.Namespace) -> int:
             ref = get(session, job.reference) or get(session, job.golden)
             rows = await audit(session[job.target], ref)
             bad = any(r.get("flagged") for r in rows)
-            flagged |= bad
             config = await session[job.target].client.debug_config()  # cached: audit() asked it
             notes = [n for n in [moe_note(config.get("modules", {}))] if n]
-            found.append({"target": job.target, "flagged": bad, "modules": rows, "notes": notes})
+            found.append(
+                {"target": job.target, "expect": job.expect, "flagged": bad, "modules": rows, "notes": notes}
+            )
             if not as_json and rows:
                 render_audit(rows, job.target, con, notes)
-            if not any(audited(r) for r in rows):  # nothing measured decides nothing: never exit 0
+            nothing = not any(audited(r) for r in rows)  # nothing measured decides nothing: never exit 0
+            if nothing:
                 empty.append(job.target)
                 if not as_json:
                     why = (
@@ -161,7 +198,11 @@ def run(args: argparse.Namespace) -> int:
                         else "nothing to audit: it serves no quantized module"
                     )
                     con.print(f"{job.target}: {why}", markup=False)
-        code = 1 if flagged else NOTHING_AUDITED if empty else 0
+            unseen = unseen_faults(job.faults)
+            codes.append(expected_code(job.expect, bad, NOTHING_AUDITED if nothing else 0, bool(unseen)))
+            if job.expect == "fail" and not as_json:
+                con.print(control_line(job.target, bad, unseen, nothing), markup=False, soft_wrap=True)
+        code = 1 if 1 in codes else max(codes, default=0)
         result = {"exit_code": code, "audits": found}
         if empty:
             result["nothing_audited"] = empty

@@ -26,7 +26,7 @@ class Job:
     target: str
     reference: str | None
     golden: str | None
-    expect: str = "pass"  # the config's: `layers` gates on it as `run` does (a caught negative control is 0)
+    expect: str = "pass"  # the config's: `layers` / `quant` gate on it as `run` does (a caught control is 0)
     faults: tuple[str, ...] = ()  # a launched shim target's injected faults (its config's `faults`)
 
     def servers(self) -> tuple[str, ...]:
@@ -36,7 +36,8 @@ class Job:
 def add_server_arguments(p: argparse.ArgumentParser, *, golden: bool, reads_expect: bool) -> None:
     expect = (
         "its targets' `expect` gates the exit code as in `run` (a negative control whose fault is "
-        "found is 0, one that passes 1)"
+        "found is 0, one found clean 1, or 4 where its faults are all of a class this command "
+        "cannot see)"
         if reads_expect
         else 'its targets\' `expect` is not read: a negative control (expect = "fail") whose fault '
         "is found exits 1 here, as any fault does"

@@ -62,6 +62,24 @@ def test_layers_and_quant_give_a_configs_url_servers_their_api_keys(tmp_path, mo
     assert {s.name: s.api_key_env for s in specs} == {"reference": "MYKEY", "t": "MYKEY"}
 
 
+def test_quant_launches_no_golden_beside_a_live_reference() -> None:
+    """`quant CONFIG` audits each target against its reference and reads a golden only where no
+    live reference exists: on configs/default.toml it launched every target's golden too, three
+    more models loaded that nothing asked. `layers` diffs against both and still launches them."""
+    import argparse
+    from pathlib import Path
+
+    from difftest.cli.whitebox import _plan
+
+    args = argparse.Namespace(config=Path("configs/default.toml"), ref=None, target=None, golden=None)
+    for fallback, goldens_expected in ((True, False), (False, True)):
+        specs, _, jobs = _plan(args, fallback)
+        names = {s.name for s in specs}
+        assert any(j.golden for j in jobs) is goldens_expected
+        assert any(n.endswith("-golden") for n in names) is goldens_expected, names
+        assert {j.reference for j in jobs} == {"fp32"} and "fp32" in names
+
+
 def test_layers_refuses_an_empty_prompt(capsys) -> None:
     """`layers --prompt ""` used to capture on the default prompt, without a word."""
     from difftest.cli import main
@@ -219,7 +237,7 @@ async def test_quant_config_gates_each_target_on_its_expect(
 
     monkeypatch.setattr(audit_mod, "audit", one_row)
     job = whitebox.Job("target", None, None, expect, declared)  # as `_plan` makes it from a CONFIG
-    monkeypatch.setattr(whitebox, "_plan", lambda args: ([], {"target": "http://t"}, [job]))
+    monkeypatch.setattr(whitebox, "_plan", lambda args, *_: ([], {"target": "http://t"}, [job]))
     with shim_server("target", build()) as (t, _):
         serve_in_process(monkeypatch, {"target": t})
         monkeypatch.setattr(whitebox.aio, "run", _run_in_current_loop)

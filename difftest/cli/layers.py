@@ -23,7 +23,15 @@ from rich.console import Console
 from rich.table import Table
 
 from difftest.cli import options as o
-from difftest.cli.whitebox import DEFAULT_OUT, Job, add_server_arguments, get, out_dir, run_whitebox
+from difftest.cli.whitebox import (
+    DEFAULT_OUT,
+    Job,
+    add_server_arguments,
+    faults_out_of_reach,
+    get,
+    out_dir,
+    run_whitebox,
+)
 from difftest.errors import UsageError
 from difftest.results import LayerDiff
 from difftest.session import Session
@@ -39,7 +47,7 @@ RESULT_FILE = "layers.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_server_arguments(p, golden=True, reads_expect=True)
+    add_server_arguments(p, golden=True)
     p.add_argument(
         "--prompt",
         type=o.prompt_arg,
@@ -159,11 +167,8 @@ REPLAY_BLIND_FAULTS = frozenset({"slot-tile"})
 
 
 def out_of_reach(faults: Sequence[str]) -> list[str]:
-    """A negative control's faults when every one of them is of a class the layer diff cannot see
-    (names, "slot-tile@pattern" read as its class), else []: such a control found clean proves
-    nothing either way, where one with a visible fault found clean is the differ missing it."""
-    classes = [f.split("@", 1)[0] for f in faults]
-    return classes if classes and all(c in REPLAY_BLIND_FAULTS for c in classes) else []
+    """A negative control's fault classes when every one is of a class the layer diff cannot see."""
+    return faults_out_of_reach(faults, REPLAY_BLIND_FAULTS)
 
 
 def expected_code(expect: str, failed: bool, worst_open: int, blind: bool = False) -> int:

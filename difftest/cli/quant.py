@@ -12,7 +12,6 @@ slot faults, which the audit's one-request measurement cannot see."""
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,7 +20,15 @@ from rich.table import Table
 
 from difftest.cli import options as o
 from difftest.cli.layers import expected_code
-from difftest.cli.whitebox import DEFAULT_OUT, Job, add_server_arguments, get, out_dir, run_whitebox
+from difftest.cli.whitebox import (
+    DEFAULT_OUT,
+    Job,
+    add_server_arguments,
+    faults_out_of_reach,
+    get,
+    out_dir,
+    run_whitebox,
+)
 from difftest.session import Session
 from server_shim.catalog import SLOT_FAULTS
 
@@ -36,7 +43,7 @@ AUDIT_BLIND_FAULTS = frozenset(SLOT_FAULTS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_server_arguments(p, golden=False, reads_expect=True)
+    add_server_arguments(p, golden=False)
     o.describe_out(p, o.result_out_help(RESULT_FILE, DEFAULT_OUT))
 
 
@@ -61,11 +68,8 @@ def moe_note(modules: Mapping[str, Any]) -> str | None:
 
 
 def unseen_faults(faults: Sequence[str]) -> list[str]:
-    """A negative control's fault classes when every one is of a class the audit cannot see
-    ("slot-tile@GLOB" read as its class), else []: such a control audited clean proves nothing
-    either way, where one with a visible fault audited clean is the audit missing it."""
-    classes = [f.split("@", 1)[0] for f in faults]
-    return classes if classes and all(c in AUDIT_BLIND_FAULTS for c in classes) else []
+    """A negative control's fault classes when every one is of a class the audit cannot see."""
+    return faults_out_of_reach(faults, AUDIT_BLIND_FAULTS)
 
 
 def control_line(target: str, flagged: bool, unseen: Sequence[str], nothing_audited: bool) -> str:
@@ -166,7 +170,7 @@ def render_audit(
 
 
 def run(args: argparse.Namespace) -> int:
-    from difftest.report.jsonio import atomic_write_text
+    from difftest.report.jsonio import atomic_write_text, strict_json
     from difftest.whitebox.audit import audit
 
     con = o.console()
@@ -207,9 +211,10 @@ def run(args: argparse.Namespace) -> int:
         if empty:
             result["nothing_audited"] = empty
         if getattr(args, "out", None) is not None:
-            atomic_write_text(out_dir(args) / RESULT_FILE, json.dumps(result, indent=1, default=str) + "\n")
+            atomic_write_text(out_dir(args) / RESULT_FILE, strict_json(result, fallback=str))
         if as_json:
             o.emit_json(result)
         return code
 
-    return run_whitebox(args, work)
+    # the audit reads a golden only where no live reference exists: none launched beside one
+    return run_whitebox(args, work, golden_as_fallback=True)

@@ -33,14 +33,19 @@ class Job:
         return tuple(n for n in (self.target, self.reference, self.golden) if n is not None)
 
 
-def add_server_arguments(p: argparse.ArgumentParser, *, golden: bool, reads_expect: bool) -> None:
+def faults_out_of_reach(faults: Sequence[str], blind: frozenset[str]) -> list[str]:
+    """A negative control's fault classes when every one is of a class in `blind` (what a command
+    cannot see; "slot-tile@GLOB" read as its class), else []: such a control found clean proves
+    nothing either way, where one with a visible fault found clean is the command missing it."""
+    classes = [f.split("@", 1)[0] for f in faults]
+    return classes if classes and all(c in blind for c in classes) else []
+
+
+def add_server_arguments(p: argparse.ArgumentParser, *, golden: bool) -> None:
     expect = (
         "its targets' `expect` gates the exit code as in `run` (a negative control whose fault is "
         "found is 0, one found clean 1, or 4 where its faults are all of a class this command "
         "cannot see)"
-        if reads_expect
-        else 'its targets\' `expect` is not read: a negative control (expect = "fail") whose fault '
-        "is found exits 1 here, as any fault does"
     )
     p.add_argument(
         "config",
@@ -67,8 +72,12 @@ def get(session: Session, name: str | None) -> Endpoint | None:
     return session[name] if name is not None else None
 
 
-def _plan(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], list[Job]]:
-    """(specs to launch, urls of running servers, jobs)."""
+def _plan(
+    args: argparse.Namespace, golden_as_fallback: bool = False
+) -> tuple[list[Any], dict[str, str], list[Job]]:
+    """(specs to launch, urls of running servers, jobs). `golden_as_fallback`: the command reads a
+    target's golden only where no live reference exists (`quant`), so no golden is launched beside
+    one."""
     golden = getattr(args, "golden", None)
     if args.config is not None:
         if args.ref or args.target or golden:
@@ -78,8 +87,15 @@ def _plan(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], list[Job
 
         cfg = with_overrides(load_config(args.config), args)  # url servers' API keys, as `run` gives them
         ref = cfg.reference.name if cfg.baseline is None else None  # a recorded baseline has no /debug
+        skip_goldens = golden_as_fallback and ref is not None
         jobs = [
-            Job(t.name, ref, t.golden.name if t.golden else None, t.expect, tuple(t.server.faults or ()))
+            Job(
+                t.name,
+                ref,
+                t.golden.name if t.golden and not skip_goldens else None,
+                t.expect,
+                tuple(t.server.faults or ()),
+            )
             for t in cfg.targets
         ]
         # only the servers a job diffs: a golden's rounding twin (the exactness null of `run`) was
@@ -104,11 +120,16 @@ def out_dir(args: argparse.Namespace) -> Path:
     return Path(getattr(args, "out", None) or DEFAULT_OUT)
 
 
-def run_whitebox(args: argparse.Namespace, work: Callable[[Session, Sequence[Job]], Awaitable[int]]) -> int:
-    """Launch (CONFIG) or connect (URLs), probe each server once, then `await work(session, jobs)`."""
+def run_whitebox(
+    args: argparse.Namespace,
+    work: Callable[[Session, Sequence[Job]], Awaitable[int]],
+    golden_as_fallback: bool = False,
+) -> int:
+    """Launch (CONFIG) or connect (URLs), probe each server once, then `await work(session, jobs)`
+    (`golden_as_fallback`: see `_plan`)."""
     timeout = getattr(args, "timeout", None) or DEFAULT_TIMEOUT_S
     o.positive("--timeout", timeout)
-    specs, urls, jobs = _plan(args)
+    specs, urls, jobs = _plan(args, golden_as_fallback)
     envs = o.key_envs(getattr(args, "api_key_env", None) or [])
     # a debug call on a big model can take minutes on a CPU; retrying one rarely helps
     jobs_n = getattr(args, "concurrency", None)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,7 +128,8 @@ class Check:
         if self.value is None:
             return f"{self.name} not measured ({self.note or 'missing'})"
         bad = {"<=": ">", ">=": "<"}[self.op] if not self.passed else self.op
-        text = f"{self.name} {_fmt(self.value)} {bad} {_fmt(self.limit)}"
+        value, limit = fmt_apart(self.value, self.limit)
+        text = f"{self.name} {value} {bad} {limit}"
         if self.straddles and not self.decided:
             text += f", {self.interval_name} [{_fmt(self.ci[0])}, {_fmt(self.ci[1])}] straddles the limit"
             if self.prompts_to_decide is not None:
@@ -433,10 +434,24 @@ class RunResult:
 # ----------------------------------------------------------------------------- (de)serialisation
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float, digits: int = 4) -> str:
     if x == 0 or (1e-3 <= abs(x) < 1e5):
-        return f"{x:.4g}"
-    return f"{x:.3e}"
+        return f"{x:.{digits}g}"
+    return f"{x:.{digits - 1}e}"
+
+
+def fmt_apart(value: float, limit: float, fmt: Callable[[float, int], str] = _fmt) -> tuple[str, str]:
+    """`fmt(x, significant digits)` of a check's value and its limit, 4 digits, more where the two
+    would read alike though they differ past AT_LIMIT_REL: "p99 KL 0.03417 > limit 0.03417" (value
+    0.0341650, limit 0.034165) was a failing check that contradicted itself."""
+    digits = 4
+    while True:
+        a, b = fmt(value, digits), fmt(limit, digits)
+        if a != b or digits >= 17 or not (math.isfinite(value) and math.isfinite(limit)):
+            return a, b
+        if math.isclose(value, limit, rel_tol=AT_LIMIT_REL):
+            return a, b
+        digits += 1
 
 
 def _clean(obj: Any) -> Any:

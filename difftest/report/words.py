@@ -25,6 +25,7 @@ from difftest.results import (
     PartVerdict,
     RunResult,
     TargetResult,
+    fmt_apart,
 )
 
 # check key -> words; a key not listed is shown with underscores as spaces
@@ -77,8 +78,9 @@ def metric_name(key: str) -> str:
     return METRIC_NAMES.get(key, key.replace("_", " "))
 
 
-def fmt_value(key: str, x: float | None) -> str:
-    """A check's value or limit: rates as percentages, others 4 significant digits."""
+def fmt_value(key: str, x: float | None, digits: int = 4) -> str:
+    """A check's value or limit: rates as percentages (one decimal at 4 digits), others 4
+    significant digits (`digits`)."""
     if x is None:
         return "n/a"
     if isinstance(x, float) and math.isnan(x):
@@ -86,10 +88,18 @@ def fmt_value(key: str, x: float | None) -> str:
     if isinstance(x, float) and math.isinf(x):
         return "inf" if x > 0 else "-inf"
     if key in _RATES:
-        return f"{100 * x:.1f}%"
+        return f"{100 * x:.{max(digits - 3, 1)}f}%"
     if x == 0 or 1e-3 <= abs(x) < 1e5:
-        return f"{x:.4g}"
-    return f"{x:.3e}"
+        return f"{x:.{digits}g}"
+    return f"{x:.{digits - 1}e}"
+
+
+def fmt_value_and_limit(key: str, value: float | None, limit: float | None) -> tuple[str, str]:
+    """Both as `fmt_value`, with more digits where they would read alike though they differ
+    ("top-1 agreement 95.0% < limit 95.0%" for 0.9496 against 0.95)."""
+    if value is None or limit is None:
+        return fmt_value(key, value), fmt_value(key, limit)
+    return fmt_apart(value, limit, lambda x, digits: fmt_value(key, x, digits))
 
 
 def label_of(t: TargetResult) -> str:
@@ -190,13 +200,14 @@ def check_words(part: PartVerdict, c: Check) -> CheckWords:
         relation = c.op
     else:
         relation = {"<=": ">", ">=": "<"}.get(c.op, "vs")
+    value, limit = fmt_value_and_limit(c.name, c.value, c.limit)
     return CheckWords(
         part=part.part if not part.against or part.part != "layers" else f"layers vs {part.against}",
         against=part.against,
         metric=metric_name(c.name),
-        value=fmt_value(c.name, c.value),
+        value=value,
         relation=relation,
-        limit=fmt_value(c.name, c.limit),
+        limit=limit,
         source=source,
         where=where,
         passed=c.passed,

@@ -267,3 +267,22 @@ def test_a_report_the_current_rules_cannot_judge_is_exit_2(tmp_path: Path, judge
         assert main(["report", str(run_dir), "-o", str(tmp_path / f"new{i}")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("difftest: error: ") and "Traceback" not in err
+
+
+def test_report_and_diff_refuse_a_folder_a_run_holds(tmp_path: Path, judged: Path, capsys) -> None:
+    """The bug: `report -o DIR` and `diff -o DIR` wrote report.json / junit.xml (or diff.json) into a
+    folder a run was writing, exit 0; the run, interrupted, then left that other report at the top
+    for CI to read as its result."""
+    from difftest.runner import folder_lock
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with folder_lock(busy):
+        assert main(["report", str(judged), "-o", str(busy)]) == 2
+        assert "in use by another difftest run" in capsys.readouterr().err
+        assert main(["diff", str(judged), str(judged), "-o", str(busy)]) == 2
+        assert "in use by another difftest run" in capsys.readouterr().err
+        assert main(["report", str(busy.parent / "elsewhere")]) == 2  # (unrelated: no report there)
+    assert sorted(p.name for p in busy.iterdir()) == [".lock"]
+    assert main(["report", str(judged), "-o", str(busy)]) == 0  # the lock gone, it writes
+    assert (busy / "report.json").exists()

@@ -76,7 +76,7 @@ def _setup_logging(verbose: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    traceback = "--debug-traceback" in argv
+    show_traceback = "--debug-traceback" in argv
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -96,8 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(done.code or 0)
     except Exception as exc:  # ours, or the launcher's (server_shim.launch): errors.exit_code_for
         code = exit_code_for(exc)
-        if code is None or traceback:
+        if code is None:
             raise
+        if show_traceback:  # shown, and the exit code kept: a 2 or 3 re-raised became 1, "regressed"
+            import traceback
+
+            traceback.print_exc()
         from difftest.textsafe import safe
 
         message = safe(" ".join(str(exc).split()))  # one line, no raw control characters

@@ -75,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
     code = 1 if result.regressed else 0
     data = result.to_dict() | {"exit_code": code}
     if args.out is not None:
-        atomic_write_text(Path(args.out) / RESULT_FILE, strict_json(data))
+        from difftest.runner import folder_lock
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with folder_lock(Path(args.out)):  # a folder a run is writing is refused, as a second run is
+            atomic_write_text(Path(args.out) / RESULT_FILE, strict_json(data))
     if args.json:
         o.emit_json(data)
         return code

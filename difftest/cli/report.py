@@ -129,4 +129,8 @@ def run(args: argparse.Namespace) -> int:
     result.warnings = list(dict.fromkeys([*result.warnings, *warnings]))
     if out != folder:
         result.signature["rejudged_from"] = str(folder)
-    return finish(result, out, [], as_json=args.json)
+    from difftest.runner import folder_lock
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with folder_lock(Path(out)):  # a folder a run is writing is refused, as a second run is
+        return finish(result, out, [], as_json=args.json)

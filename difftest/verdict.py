@@ -56,7 +56,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from difftest.errors import ConfigError, UsageError
-from difftest.metrics.aggregate import broken_answers, refused_prompts
+from difftest.metrics.aggregate import broken_answers, lost_requests, refused_prompts
 from difftest.metrics.text import MAX_ORDER
 from difftest.metrics.tokens import is_garbled
 from difftest.null import (
@@ -401,7 +401,7 @@ _WORST_VALUE_CHECKS = frozenset({"token_match", "garbled_rate", "bleu"})
 
 def _lost(comp: Comparison) -> int:
     """Prompts whose request was lost (an error that is not the target's impossible answer)."""
-    return sum(p.error is not None and not p.broken for p in comp.prompts)
+    return lost_requests(comp.prompts)
 
 
 def _answered_value(comp: Comparison, name: str) -> float | None:
@@ -478,13 +478,26 @@ def _part(
             limit = Limit(limit.value, limit.note + "; " + short, limit.informative)
             if (msg := f"{part}: {short}") not in warnings:
                 warnings.append(msg)
-        value = comp.aggregate.get(name)
-        if value is None and name == "broken_rate":  # a report from before broken answers were told apart
-            if not comp.prompts:
-                continue
-            value = broken_answers(comp.prompts) / len(comp.prompts)
+        value = _request_rate(comp, name) if name in _RECOUNTED else comp.aggregate.get(name)
+        if value is None and name == "broken_rate":  # aggregates alone, from before they were told apart
+            continue
         checks.append(_make_check(name, value, limit, op, comp))
     return PartVerdict(part=part, against=comp.baseline, checks=tuple(checks))
+
+
+# rates recounted from the prompts where they are stored: a report.json from before broken answers
+# were told apart has no broken_rate, and its failed_rate counted them as lost requests too
+_RECOUNTED = frozenset({"failed_rate", "broken_rate"})
+
+
+def _request_rate(comp: Comparison, name: str) -> float | None:
+    """failed_rate (requests lost) or broken_rate (impossible answers) over the comparison's prompts
+    -- one rule: an impossible answer is judged by broken_rate alone, never as a lost request --
+    else the stored aggregate (a comparison of aggregates alone)."""
+    if not comp.prompts:
+        return comp.aggregate.get(name)
+    count = lost_requests(comp.prompts) if name == "failed_rate" else broken_answers(comp.prompts)
+    return count / len(comp.prompts)
 
 
 def judge_target(

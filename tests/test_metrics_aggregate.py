@@ -143,12 +143,13 @@ def test_fill_generation_and_teacher_forced():
 
 
 def test_broken_answers_are_counted_apart_from_lost_requests() -> None:
-    """4 prompts: one lost (HTTP 500), one broken (NaN logprobs from the target): failed 2/4, broken 1/4."""
+    """4 prompts: one lost (HTTP 500), one broken (NaN logprobs from the target): failed 2/4, of
+    which broken 1/4 and lost 1/4 (failed_rate counts lost requests only)."""
     ok = _prompts()[:2]
     lost = PromptDiff("p3", "c", error="target: HTTP 500")
     nan = PromptDiff("p4", "d", error="target: NaN logprobs at generated positions [0]", broken=True)
     agg, _ = aggregate_prompts([*ok, lost, nan])
-    assert agg["failed_requests"] == 2 and agg["failed_rate"] == 0.5
+    assert agg["failed_requests"] == 2 and agg["failed_rate"] == 0.25
     assert agg["broken_answers"] == 1 and agg["broken_rate"] == 0.25
     # a stray flag on an answered prompt counts nothing: only errors are answers that failed
     agg, _ = aggregate_prompts([*ok, PromptDiff("p5", "e", broken=True)])

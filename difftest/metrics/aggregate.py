@@ -7,9 +7,9 @@ it "not measured"):
 | key | meaning |
 |---|---|
 | n_prompts | prompts in the comparison, failed ones included |
-| failed_requests | prompts whose request failed (`PromptDiff.error` set) |
-| failed_rate | failed_requests / n_prompts |
+| failed_requests | prompts with no usable answer (`PromptDiff.error` set): lost requests and broken answers |
 | broken_answers, broken_rate | of those, prompts where the target's answer itself was impossible (NaN logprobs, a malformed logprobs block, an echo of other token ids): a target bug, not a lost request; / n_prompts |
+| failed_rate | the others, requests lost after their retries: (failed_requests - broken_answers) / n_prompts. A broken answer is judged by broken_rate alone: counted here too, an allowed impossible answer left the verdict open as a prompt `--resume` would ask again |
 | token_match | mean over prompts of the positional match rate (matches / longer length); a failed prompt counts as 0 |
 | exact_match | fraction of prompts whose generated tokens are identical; failed -> not exact |
 | garbled_rate | fraction of prompts with match rate < 0.5; failed -> garbled |
@@ -180,6 +180,12 @@ def broken_answers(prompts: Sequence[PromptDiff]) -> int:
     return sum(p.error is not None and p.broken for p in prompts)
 
 
+def lost_requests(prompts: Sequence[PromptDiff]) -> int:
+    """Prompts whose request got no answer after its retries (an error that is not the target's
+    impossible answer): what failed_rate counts, exit 3 weighs and `--resume` asks again."""
+    return sum(p.error is not None and not p.broken for p in prompts)
+
+
 def refused_prompts(prompts: Sequence[PromptDiff]) -> list[PromptDiff]:
     """Failed prompts the server refused as invalid (HTTP 4xx: a prompt over its context, max_tokens
     over its cap): asked again, they get the same answer."""
@@ -197,7 +203,7 @@ def _aggregate(
     failed = [p.error is not None for p in prompts]
     n_failed = sum(failed)
     agg["failed_requests"] = float(n_failed)
-    agg["failed_rate"] = n_failed / n
+    agg["failed_rate"] = lost_requests(prompts) / n  # broken answers are broken_rate's alone
     n_broken = broken_answers(prompts)
     agg["broken_answers"] = float(n_broken)
     agg["broken_rate"] = n_broken / n

@@ -1,10 +1,12 @@
 """The A/A noise floor: how far the reference disagrees with *itself*.
 
 `difftest noise` runs the reference against itself (repeated, at another concurrency, after a
-restart) and keeps, per metric, the worst value seen. A correct kernel can legitimately differ
-from its golden by that much (batch shape and accumulation order move logits by ~1e-3, which
-flips near-ties), so exactness limits are set from it (`verdict.exactness_limits`) and the TIE
-margin of `classify_divergence` is read from it. `run` states which floor it used.
+restart) and keeps, per metric, the worst value seen, and the worst upper end of its 95%
+interval. A correct kernel can legitimately differ from its golden by that much (batch shape and
+accumulation order move logits by ~1e-3, which flips near-ties), so exactness limits are set from
+the upper ends (`null.exactness_limits`: the null's upper 95% bound, as from the rounding twin)
+and the TIE margin of `classify_divergence` is the p90 of the A/A divergence margins, as the
+twin's. `run` states which floor it used.
 
 Pure: `floor_from_comparisons` builds a floor from Comparisons (and optionally LayerDiffs);
 `to_json` / `from_json` give the file's text, the caller does the writing.
@@ -20,12 +22,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from difftest.errors import NoiseFloorError
+from difftest.metrics.stats import bootstrap_mean_ci
 from difftest.metrics.tokens import top_margin
 from difftest.results import Comparison, LayerDiff
 
 SCHEMA = "difftest-noise-floor"
-VERSION = 1
+VERSION = 1  # the *_ci_high fields came later: a file without them still loads (`point_values_only`)
+TIE_QUANTILE = 90.0  # the TIE margin: this percentile of the null's own divergence margins
+
+# point field -> the field of the upper end of its 95% interval
+CI_HIGH = {
+    "kl_mean": "kl_mean_ci_high",
+    "top1_disagreement": "top1_disagreement_ci_high",
+    "token_mismatch": "token_mismatch_ci_high",
+}
 
 
 @dataclass(frozen=True)
@@ -38,7 +51,12 @@ class NoiseFloor:
     token_mismatch: float | None = None  # max of 1 - token_match
     exact_mismatch: float | None = None  # max of 1 - exact_match
     dp_rms: float | None = None
-    tie_margin: float | None = None  # largest ref top-1/top-2 logprob margin at an A/A divergence
+    # the upper ends of 95% bootstrap intervals over prompts, worst over the comparisons: what
+    # exactness limits are set from (the point values above are `difftest diff`'s A/A spread)
+    kl_mean_ci_high: float | None = None  # max of kl_mean's upper end
+    top1_disagreement_ci_high: float | None = None  # max of 1 - top1_agreement's lower end
+    token_mismatch_ci_high: float | None = None  # max of 1 - token_match's lower end
+    tie_margin: float | None = None  # p90 of the ref's top-1/top-2 logprob margins at A/A divergences
     layer_cosine_deficit: float | None = None  # max of 1 - cosine over A/A layer points
     layer_rel_err: float | None = None
     layer_norm_dev: float | None = None  # max |norm_ratio - 1|
@@ -53,6 +71,16 @@ class NoiseFloor:
     settings: dict[str, str] = field(default_factory=dict)
     how: tuple[str, ...] = ()  # e.g. ("repeat", "concurrency 1 vs 8", "after restart")
     created_at: str = ""
+
+    def point_values_only(self) -> tuple[str, ...]:
+        """The metrics stored as a point value without the upper end of its interval: a file from
+        an older `difftest noise` (which also stored the *largest* A/A margin as tie_margin). A
+        new floor stores both wherever it stores the point (the point where no interval was)."""
+        return tuple(
+            name
+            for name in CI_HIGH
+            if getattr(self, name) is not None and getattr(self, CI_HIGH[name]) is None
+        )
 
     def describe(self) -> str:
         """One line for the report: which floor the thresholds came from."""
@@ -213,9 +241,54 @@ def _worst(values: list[float]) -> float | None:
     return max(values) if values else None
 
 
+def interval_high(comp: Comparison, key: str) -> float | None:
+    """The upper end of a 'bigger is noisier' aggregate's 95% interval (the value without one)."""
+    if key in comp.ci:
+        return float(comp.ci[key][1])
+    return float(comp.aggregate[key]) if key in comp.aggregate else None
+
+
+def complement_high(comp: Comparison, key: str) -> float | None:
+    """1 - the lower end of an agreement's interval: the worst disagreement the sample allows."""
+    if key in comp.ci:
+        return 1.0 - float(comp.ci[key][0])
+    return 1.0 - float(comp.aggregate[key]) if key in comp.aggregate else None
+
+
+def tie_margin_of(margins: Sequence[float]) -> float | None:
+    """The TIE margin a null's own divergence margins give: their p90, for the twin and an A/A
+    floor alike (docs/design.md; a floor once kept the largest, so one outlying near-tie of the
+    reference set the TIE margin of every verdict judged with it)."""
+    return float(np.percentile(np.asarray(margins, dtype=np.float64), TIE_QUANTILE)) if margins else None
+
+
 # aggregates that count a failed prompt as a full mismatch -> the per-prompt field they average
 # (top-1 agreement is teacher-forced: over answered prompts already)
 _COUNTS_FAILED_AS_MISMATCH = {"token_match": "match_rate", "exact_match": "exact"}
+
+
+def _answered_only(comp: Comparison, key: str) -> list[float] | None:
+    """Per-prompt values of a mismatch-counting agreement over the answered prompts, where some
+    failed (None: none failed, or the values are not stored: the aggregate then stands)."""
+    attr = _COUNTS_FAILED_AS_MISMATCH.get(key)
+    answered = [p for p in comp.prompts if p.error is None]
+    values = [getattr(p, attr) for p in answered] if attr else []
+    if key not in comp.aggregate or not values or len(answered) == len(comp.prompts) or None in values:
+        return None
+    return [float(v) for v in values]
+
+
+def _disagreement(comp: Comparison, key: str) -> tuple[float, float | None] | None:
+    """1 - an agreement (point, upper end of its 95% interval), over the answered prompts: the
+    aggregate counts a failed request as a full mismatch, which is a lost answer, not noise (a 500
+    on 1 prompt in 6 made token_mismatch 0.17). None: not measured."""
+    values = _answered_only(comp, key)
+    if values is not None:
+        low = bootstrap_mean_ci(values)[0]
+        return 1.0 - sum(values) / len(values), 1.0 - low
+    if key not in comp.aggregate:
+        return None
+    return 1.0 - float(comp.aggregate[key]), complement_high(comp, key)
 
 
 def floor_from_comparisons(
@@ -230,8 +303,11 @@ def floor_from_comparisons(
 
     Each comparison must already be aggregated (`aggregate_prompts`). A NaN anywhere raises
     NoiseFloorError: a reference that disagrees with itself by NaN has no floor to set limits
-    from. `tie_margin` is the largest top-1/top-2 logprob margin of the reference at a position
-    where two of its own runs diverged: any margin up to that is seen to flip by noise alone.
+    from. Each of kl_mean, top-1 and token disagreement is kept twice: the worst point value (the
+    A/A spread `difftest diff` reads) and the worst upper end of its 95% interval over prompts
+    (what exactness limits rest on, as the twin's do: with 10 prompts the point sits well under
+    it, and a limit from the point was half as wide). `tie_margin` is the p90 of the reference's
+    top-1/top-2 logprob margins at positions where two of its own runs diverged, as the twin's.
     """
     if not comparisons:
         raise NoiseFloorError("no A/A comparison to measure a noise floor from")
@@ -241,7 +317,7 @@ def floor_from_comparisons(
         "token_mismatch": "token_match",
         "exact_mismatch": "exact_match",
     }
-    seen: dict[str, list[float]] = {k: [] for k in [*direct, *complement]}
+    seen: dict[str, list[float]] = {k: [] for k in [*direct, *complement, *CI_HIGH.values()]}
     margins: list[float] = []
     n_prompts = failed = divergences = 0
     for comp in comparisons:
@@ -252,16 +328,15 @@ def floor_from_comparisons(
         for name, key in direct.items():
             if key in agg:
                 seen[name].append(float(agg[key]))
-        answered = [p for p in comp.prompts if p.error is None]
+        if "kl_mean" in agg:
+            seen[CI_HIGH["kl_mean"]].append(interval_high(comp, "kl_mean"))  # type: ignore[arg-type]
         for name, key in complement.items():
-            # over the answered prompts: the aggregate counts a failed request as a full mismatch,
-            # which is a lost answer, not noise (a 500 on 1 prompt in 6 made token_mismatch 0.17)
-            attr = _COUNTS_FAILED_AS_MISMATCH.get(key)
-            values = [getattr(p, attr) for p in answered] if attr else []
-            if key in agg and values and len(answered) < len(comp.prompts) and None not in values:
-                seen[name].append(1.0 - sum(float(v) for v in values) / len(values))
-            elif key in agg:
-                seen[name].append(1.0 - float(agg[key]))
+            measured = _disagreement(comp, key)
+            if measured is None:
+                continue
+            seen[name].append(measured[0])
+            if name in CI_HIGH and measured[1] is not None:
+                seen[CI_HIGH[name]].append(measured[1])
         n_prompts += len(comp.prompts)
         failed += int(agg.get("failed_requests", sum(p.error is not None for p in comp.prompts)))
         for p in comp.prompts:
@@ -284,7 +359,7 @@ def floor_from_comparisons(
 
     return NoiseFloor(
         **{name: _worst(vals) for name, vals in seen.items()},
-        tie_margin=_worst(margins),
+        tie_margin=tie_margin_of(margins),
         layer_cosine_deficit=_worst(cos_def),
         layer_rel_err=_worst(rel),
         layer_norm_dev=_worst(norm_dev),

@@ -28,9 +28,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
-from difftest.noise import NoiseFloor
+from difftest.noise import TIE_QUANTILE, NoiseFloor, complement_high, interval_high, tie_margin_of
 from difftest.results import Comparison, LayerDiff
 from server_shim import tolerance
 
@@ -66,7 +64,6 @@ UNINFORMATIVE = {
 }
 
 UNINFORMATIVE_NOTE = "; a broken target would pass this limit"  # appended to such a limit's note
-TIE_QUANTILE = 90.0  # the TIE margin: this percentile of the null's own divergence margins
 
 
 @dataclass(frozen=True)
@@ -125,20 +122,6 @@ class NullModel:
 NO_NULL = NullModel("none", "no null model", "none: absolute minimums only (calibrated on fp32 CPU)")
 
 
-def _upper(comp: Comparison, key: str) -> float | None:
-    """The upper end of a 'bigger is noisier' aggregate's 95% interval (the value without one)."""
-    if key in comp.ci:
-        return float(comp.ci[key][1])
-    return float(comp.aggregate[key]) if key in comp.aggregate else None
-
-
-def _complement_upper(comp: Comparison, key: str) -> float | None:
-    """1 - the lower end of an agreement's interval: the worst disagreement the sample allows."""
-    if key in comp.ci:
-        return 1.0 - float(comp.ci[key][0])
-    return 1.0 - float(comp.aggregate[key]) if key in comp.aggregate else None
-
-
 def divergence_margins(comp: Comparison) -> list[float]:
     return [
         p.divergence_margin
@@ -159,18 +142,20 @@ def null_from_twin(
         source="twin",
         description=f"rounding twin of {comp.baseline} ({comp.target}{noise}), {n} prompts",
         trust="measured: a correct kernel's worth of error in every module, on this hardware",
-        kl_mean=_upper(comp, "kl_mean"),
+        kl_mean=interval_high(comp, "kl_mean"),
         kl_p99=float(comp.aggregate["kl_p99"]) if "kl_p99" in comp.aggregate else None,
-        top1_disagreement=_complement_upper(comp, "top1_agreement"),
-        token_mismatch=_complement_upper(comp, "token_match"),
-        tie_margin=float(np.percentile(margins, TIE_QUANTILE)) if margins else None,
+        top1_disagreement=complement_high(comp, "top1_agreement"),
+        token_mismatch=complement_high(comp, "token_match"),
+        tie_margin=tie_margin_of(margins),
         point_rel_err=max(points) if points else None,
         n_prompts=n,
     )
 
 
 def null_from_floor(floor: NoiseFloor, *, in_run: bool = False) -> NullModel:
-    """The null from an A/A noise floor (a file from `difftest noise`, or the in-run A/A)."""
+    """The null from an A/A noise floor (a file from `difftest noise`, or the in-run A/A): its
+    upper 95% bounds, as the twin's. A floor from an older difftest stored the point values alone:
+    those are used, and the trust says so (`_point_values_note`)."""
     quiet = (floor.kl_mean or 0.0) == 0.0 and (floor.token_mismatch or 0.0) == 0.0
     trust = (
         "weak: the server agrees with itself exactly, which says nothing about a different kernel"
@@ -180,14 +165,36 @@ def null_from_floor(floor: NoiseFloor, *, in_run: bool = False) -> NullModel:
     return NullModel(
         source="in-run A/A" if in_run else "floor file",
         description=floor.describe(),
-        trust=trust,
-        kl_mean=floor.kl_mean,
+        trust=trust + _point_values_note(floor, in_run),
+        kl_mean=_bound(floor.kl_mean_ci_high, floor.kl_mean),
         kl_p99=floor.kl_p99,
-        top1_disagreement=floor.top1_disagreement,
-        token_mismatch=floor.token_mismatch,
+        top1_disagreement=_bound(floor.top1_disagreement_ci_high, floor.top1_disagreement),
+        token_mismatch=_bound(floor.token_mismatch_ci_high, floor.token_mismatch),
         tie_margin=floor.tie_margin,
         point_rel_err=floor.layer_rel_err,
         n_prompts=floor.n_prompts,
+    )
+
+
+def _bound(ci_high: float | None, point: float | None) -> float | None:
+    """The upper 95% bound where the floor stores one, else (an older floor) its point value."""
+    return ci_high if ci_high is not None else point
+
+
+def _point_values_note(floor: NoiseFloor, in_run: bool) -> str:
+    """Why an older floor's limits are narrower than documented ("" for a current one).
+
+    Used, not refused: a point value never exceeds its upper bound, so such limits only err toward
+    failing a correct target, never toward passing a broken one; refusing would turn every run
+    with an existing floor file into exit 2 until the reference is measured again, and leave an
+    older report.json (whose in-run floors store no bound either) impossible to re-judge."""
+    names = floor.point_values_only()
+    if not names:
+        return ""
+    again = "re-run it" if in_run else "measure it again with `difftest noise CONFIG`"
+    return (
+        f"; point values ({', '.join(names)}), not upper 95% bounds, and the largest A/A margin as "
+        f"the TIE margin: stored by an older difftest, so limits are narrower than documented ({again})"
     )
 
 

@@ -6,8 +6,11 @@ missing one: it raises, naming the server —
 - InfraError (exit 3) when completions fail on the server's side (5xx, timeouts, resets, bad bodies);
 - ConformanceError (exit 2) when they are refused (4xx), or when logprobs are not the text's tokens
   (a block covering part of the generated or echoed text, an empty block beside text, a malformed
-  block, NaN): switching teacher forcing off for such a server judged it on what it chose to show,
+  block, NaN, a null past an echo's first position): switching teacher forcing off for such a server judged it on what it chose to show,
   a false PASS (issue 10).
+An empty generation (a model ending at once after the probe's sentence) is no missing feature
+either: logprobs are read from the next probe text that generates a token, and where none does,
+logprob support is "unverified", never "no logprobs".
 The check that matters most is the last echo check: teacher-forced
 metrics read the logprobs a server gives for *echoed* tokens, and real servers have returned echoed
 logprobs shifted by a position or computed on another path than generation. So we generate k tokens,
@@ -56,6 +59,10 @@ DEFAULT_PROBES: tuple[str, ...] = (
     "def f(x):\n    return x ** 2\n",
 )
 LOGPROBS_TRIES = (20, 5, 1)
+# Prompts a model continues rather than ends (an EOS after a finished sentence is ordinary for an
+# instruct model, after an unfinished one rare): tried after the probe texts where those generate
+# nothing, so that an empty generation is never taken for "no logprobs".
+GENERATING_FALLBACKS: tuple[str, ...] = ("1, 2, 3, 4, 5,", "Once upon a time, there was a")
 ECHO_GEN_TOKENS = 8
 # Prefill and decode run different kernels: in fp16/bf16 their logprobs differ by ~1e-2 nats.
 # The echo bugs this guards against (off-by-one positions, another model path) differ by whole nats.
@@ -72,6 +79,8 @@ WARNINGS = {
     "determinism_unknown": "greedy determinism unknown (the repeated request failed)",
     "logprobs_capped": "logprobs capped at {cap}: KL is estimated from top-{cap} with a wider tail bucket",
     "no_logprobs": "no logprobs: teacher-forced metrics and TIE/DRIFT classification disabled",
+    "logprobs_unverified": "logprob support unverified (logprobs={k} accepted, but no probe text generated a "
+    "token): logprobs are asked for up to {k}, the run's own answers show whether they come",
     "no_token_ids": "no token ids (neither return_tokens_as_token_ids nor /tokenize): tokenizers are compared "
     "by token strings and teacher forcing echoes text (alignment-checked)",
     "no_int_prompts": "prompts as token-id lists rejected: teacher forcing echoes text (alignment-checked)",
@@ -215,7 +224,7 @@ async def probe(
     text0 = probe_texts[0]
     await _probe_models(p, model)
     await _probe_generation(p, text0)
-    await _probe_logprobs(p, text0)
+    await _probe_logprobs(p, tuple(dict.fromkeys((*probe_texts, *GENERATING_FALLBACKS))))
     await _probe_token_ids(p, text0)
     await _probe_echo(p, text0)
     await _probe_echo_consistency(p, text0)
@@ -309,20 +318,16 @@ async def _probe_generation(p: _Probe, text: str) -> None:
         p.check("greedy determinism", WARN, f"texts differ at char {first_diff(a, b)}", "nondeterministic")
 
 
-async def _probe_logprobs(p: _Probe, text: str) -> None:
+async def _probe_logprobs(p: _Probe, texts: Sequence[str]) -> None:
+    """The largest `logprobs` served, read from a generation that holds tokens: an empty one (a
+    model that ends at once after the probe's sentence) shows nothing about logprob support."""
     for k in LOGPROBS_TRIES:
-        req = {"prompt": text, "max_tokens": ECHO_GEN_TOKENS, "temperature": 0, "logprobs": k}
-        resp, _ = await p.ask(req)
-        if resp is None:
+        view = await _generation_with_logprobs(p, texts, k)
+        if view is None:
             continue
-        if resp["choices"][0].get("logprobs") is None:  # the parameter ignored: not served
-            continue
-        view = p.view(resp)
-        # a block was sent: it must be the text's tokens (an empty one is not a polite "no")
-        _check_logprobs_are_the_text(p, view, resp["choices"][0].get("finish_reason"))
-        not_top1 = greedy_not_top1(view)
-        if not_top1:  # said, not refused: a penalty picks alike on both sides (greedy_not_top1)
-            p.check("greedy = top-1", WARN, not_top1, "not_top1", what=not_top1)
+        if not len(view):
+            _logprobs_unverified(p, k)
+            return
         cap = min(k, view.top_k)  # a server may accept k and silently send fewer
         if cap:
             p.fields |= {"logprobs_cap": cap, "top_logprobs_keys": view.top_keys}
@@ -333,12 +338,47 @@ async def _probe_logprobs(p: _Probe, text: str) -> None:
     p.check("logprobs cap", FAIL, "no logprobs request accepted", "no_logprobs")
 
 
+async def _generation_with_logprobs(p: _Probe, texts: Sequence[str], k: int) -> TokensView | None:
+    """The first greedy generation with `logprobs=k` of one of `texts` that holds a token (its text
+    kept as `_gen_text` for the probes that need generated tokens); an empty view where every text
+    generated nothing; None where the first text's request is refused or its `logprobs` ignored
+    (no block): `k` is not served. Every block sent must be its text's tokens."""
+    empty: TokensView | None = None
+    for text in texts:
+        req = {"prompt": text, "max_tokens": ECHO_GEN_TOKENS, "temperature": 0, "logprobs": k}
+        resp, _ = await p.ask(req)
+        if resp is None or resp["choices"][0].get("logprobs") is None:  # refused, or the parameter ignored
+            if empty is None:
+                return None
+            continue
+        view = p.view(resp)
+        # a block was sent: it must be the text's tokens (an empty one is not a polite "no")
+        _check_logprobs_are_the_text(p, view, resp["choices"][0].get("finish_reason"))
+        not_top1 = greedy_not_top1(view)
+        if not_top1:  # said, not refused: a penalty picks alike on both sides (greedy_not_top1)
+            p.check("greedy = top-1", WARN, not_top1, "not_top1", what=not_top1)
+        if len(view):
+            p.fields["_gen_text"] = text
+            return view
+        empty = view
+    return empty
+
+
+def _logprobs_unverified(p: _Probe, k: int) -> None:
+    """`logprobs=k` accepted with a block, but no text generated a token to show one: neither "no
+    logprobs" (teacher forcing and TIE/DRIFT dropped for a server that serves them) nor a cap.
+    The run asks for them; whatever its answers lack is judged there, prompt by prompt."""
+    p.fields["logprobs_cap"] = k
+    detail = f"logprobs={k} accepted; no probe text generated a token to show them"
+    p.check("logprobs cap", WARN, detail, "logprobs_unverified", k=k)
+
+
 async def _probe_token_ids(p: _Probe, text: str) -> None:
     f = p.fields
     f["token_id_strings"] = False
     if f["logprobs_cap"] >= 1:
         req = {
-            "prompt": text,
+            "prompt": f.get("_gen_text", text),
             "max_tokens": 2,
             "temperature": 0,
             "logprobs": 1,
@@ -354,7 +394,8 @@ async def _probe_token_ids(p: _Probe, text: str) -> None:
             }
             p.check("token ids in responses", OK, "tokens as token_id:N")
         else:
-            p.check("token ids in responses", WARN, err or "flag ignored")
+            ignored = "flag ignored" if view is None or len(view) else "unverified: no token generated"
+            p.check("token ids in responses", WARN, err or ignored)
     else:
         p.check("token ids in responses", NA, "needs logprobs")
     ids, err = await _tokenize(p.client, text)
@@ -404,6 +445,7 @@ async def _probe_echo(p: _Probe, text: str) -> None:
             "echo", WARN, f"echo returns {len(view)} tokens, none with a logprob", "echo_no_prompt_logprobs"
         )
         return
+    _check_echo_nulls(p, view)
     joined = "".join(view.tokens)
     if not view.has_ids and len(joined) < len(text) and text.startswith(joined):  # a part, not a shift
         raise ConformanceError(
@@ -436,6 +478,30 @@ def _check_no_nan(p: _Probe, view: TokensView, what: str) -> None:
         raise ConformanceError(f"{p.where}: {problem} in its {what}: nothing it serves can be judged")
 
 
+def _echo_null_positions(view: TokensView) -> list[int]:
+    """Positions after the first whose logprob is null, in an echo that gives logprobs at all: only
+    the first token has nothing to condition on, and orjson / pydantic v2 write NaN as null."""
+    lps = view.logprobs
+    if all(lp is None for lp in lps):
+        return []
+    return [i for i, lp in enumerate(lps) if i and lp is None]
+
+
+def _check_echo_nulls(p: _Probe, view: TokensView) -> None:
+    """A null echoed logprob is NaN (exit 2), not a misalignment: switching teacher forcing off
+    for it judged the server on token match alone, a false PASS."""
+    nulls = _echo_null_positions(view)
+    if nulls:
+        problem = f"null logprobs at positions {nulls[:8]} (NaN written as null?)"
+        raise ConformanceError(f"{p.where}: {problem} in its echo: nothing it serves can be judged")
+
+
+def _check_echo_logprobs(p: _Probe, view: TokensView) -> None:
+    """An echo's numbers must be log-probabilities: no NaN, nothing impossible, no null past the first."""
+    _check_no_nan(p, view, "echo")
+    _check_echo_nulls(p, view)
+
+
 def _alignment_problems(view: TokensView, text: str, echoed_text: Any, ids: list[int] | None) -> list[str]:
     problems = []
     tokens = list(view.tokens)
@@ -446,8 +512,6 @@ def _alignment_problems(view: TokensView, text: str, echoed_text: Any, ids: list
         problems.append(f"tokens join to {short(''.join(tokens), 40)!r}, not the prompt")
     if view.logprobs and view.logprobs[0] is not None:
         problems.append("first echoed logprob is not null")
-    if any(lp is None for lp in view.logprobs[1:]):
-        problems.append("null logprobs after the first position")
     if ids is not None and len(ids) != len(view):
         problems.append(f"{len(view)} echoed tokens vs {len(ids)} from /tokenize")
     if isinstance(echoed_text, str) and not echoed_text.startswith(text):
@@ -502,14 +566,17 @@ def _median_gap(a: Sequence[float | None], b: Sequence[float | None]) -> float |
     return statistics.median(gaps) if gaps else None
 
 
-async def _probe_echo_consistency(p: _Probe, text: str) -> None:
-    """Generate k tokens, echo prompt + them with max_tokens=0, compare the k logprobs."""
+async def _probe_echo_consistency(p: _Probe, probe_text0: str) -> None:
+    """Generate k tokens, echo prompt + them with max_tokens=0, compare the k logprobs. The prompt
+    is the text _probe_logprobs saw generate (the first probe text unless that one generated
+    nothing)."""
     f, name = p.fields, "echo = generation logprobs"
     if not (f.get("echo_logprobs") and f.get("echo_aligned")):
         p.check(name, NA, "needs echo with aligned prompt logprobs")
         return
     as_ids = {"return_tokens_as_token_ids": True} if f["token_id_strings"] else {}
     echo_req = {"max_tokens": 0, "echo": True, "logprobs": 1} | as_ids
+    text = f.get("_gen_text", probe_text0)  # a text that generates tokens (_probe_logprobs)
     gen, err = await p.ask(
         {"prompt": text, "max_tokens": ECHO_GEN_TOKENS, "temperature": 0, "logprobs": 1} | as_ids
     )
@@ -518,7 +585,11 @@ async def _probe_echo_consistency(p: _Probe, text: str) -> None:
         return
     g = p.view(gen)
     _check_no_nan(p, g, "generation")
-    prompt_ids = f.get("_ids0")
+    if not len(g):
+        detail = "no probe text generated a token to echo"
+        p.check(name, WARN, detail, "echo_unverified", why="nothing generated to compare")
+        return
+    prompt_ids = f.get("_ids0") if text == probe_text0 else await _ids_if_tokenized(p, text)
     if prompt_ids is None and f["token_id_strings"]:
         echo0, _ = await p.ask({"prompt": text} | echo_req)
         prompt_ids = list(p.view(echo0).token_ids or ()) if echo0 else None
@@ -531,10 +602,11 @@ async def _probe_echo_consistency(p: _Probe, text: str) -> None:
     if echo is None:
         p.check(name, WARN, err, "echo_unverified", why="echo of the continuation failed")
         return
-    e = p.view(echo)[-len(g) :] if len(g) else TokensView(())
-    _check_no_nan(p, e, "echo")
+    whole = p.view(echo)
+    _check_echo_logprobs(p, whole)
+    e = whole[-len(g) :]
     same = e.token_ids == g.token_ids if (e.has_ids and g.has_ids) else e.tokens == g.tokens
-    if not len(g) or not same:
+    if not same:
         detail = f"echoed {how} does not re-form the generated tokens"
         p.check(name, WARN, detail, "echo_unverified", why="the continuation re-tokenises differently")
         return
@@ -555,6 +627,11 @@ async def _probe_echo_consistency(p: _Probe, text: str) -> None:
     p.check(
         name, OK if ok else FAIL, detail, None if ok else "echo_inconsistent", diff=diff, tol=ECHO_LOGPROB_TOL
     )
+
+
+async def _ids_if_tokenized(p: _Probe, text: str) -> list[int] | None:
+    """`text`'s ids from the server's /tokenize, where the probe found one (no request otherwise)."""
+    return (await _tokenize(p.client, text))[0] if p.fields["tokenize"] else None
 
 
 async def _probe_tokenizations(

@@ -24,6 +24,8 @@ from difftest.client import CompletionClient
 from difftest.conformance import (
     DEFAULT_PROBES,
     FAIL,
+    GENERATING_FALLBACKS,
+    LOGPROBS_TRIES,
     NA,
     OK,
     WARN,
@@ -43,7 +45,6 @@ from difftest.tokens_view import TokensView, choice_zero, parse_content, parse_l
 log = logging.getLogger(__name__)
 
 PATH = "/v1/chat/completions"
-LOGPROBS_TRIES = (20, 5, 1)
 NO_TEACHER_FORCING = "teacher forcing unavailable over /v1/chat/completions (the chat protocol has no echo)"
 NO_BATCH_SLOTS = "batch-slot check skipped: /v1/chat/completions takes one conversation per request"
 
@@ -156,6 +157,31 @@ def _read(resp: dict | None, server: str) -> tuple[str | None, TokensView, str]:
 # ----------------------------------------------------------------------------- probe
 
 
+async def _chat_logprobs(
+    client: CompletionClient, base: dict[str, Any], texts: Sequence[str]
+) -> tuple[int, str, str | None]:
+    """(top_logprobs cap, its keys, the text that showed them), read from a one-token reply that
+    holds a token: an empty reply (a chat model ending at once) shows nothing about logprob
+    support, so the next text is asked. Where every text's reply is empty at the first `k` asked,
+    (k, "none", None): support unverified, not "no logprobs". (0, "none", text) where no `k` is
+    served."""
+    shown: str | None = None
+    for k in LOGPROBS_TRIES:
+        for text in texts:
+            body = base | {"messages": [{"role": "user", "content": text}], "temperature": 0}
+            resp, _ = await _ask(client, body | {"max_tokens": 1, "logprobs": True, "top_logprobs": k})
+            view = _read(resp, client.name)[1]
+            if resp is None or len(view):  # refused, or a token with (or without) alternatives
+                shown = text if len(view) else shown
+                if len(view) and view.top_k:
+                    return min(k, view.top_k), view.top_keys, text
+                break
+        else:  # every text's reply empty: nothing to read a cap from
+            if shown is None:
+                return k, "none", None
+    return 0, "none", shown or texts[0]
+
+
 def _why(e: Exception) -> str:
     """The server's own words, without the client's prefix (as conformance reports them)."""
     return short(str(getattr(e, "reason", None) or e))
@@ -207,15 +233,17 @@ async def probe_chat(
         else:
             checks.append(("greedy determinism", WARN, f"texts differ at char {first_diff(text_a, text_b)}"))
             warnings.append(WARNINGS["nondeterministic"])
-    cap, keys = 0, "none"
-    for k in LOGPROBS_TRIES:
-        resp, _ = await _ask(client, req | {"max_tokens": 1, "logprobs": True, "top_logprobs": k})
-        view = _read(resp, client.name)[1]
-        if len(view) and view.top_k:
-            cap, keys = min(k, view.top_k), view.top_keys
-            break
+    texts = tuple(dict.fromkeys((*probe_texts, *GENERATING_FALLBACKS)))
+    cap, keys, said = await _chat_logprobs(client, base, texts)
     f |= {"logprobs_cap": cap, "top_logprobs_keys": keys}
-    if cap:
+    if said is not None:
+        req = base | {"messages": [{"role": "user", "content": said}], "max_tokens": 16, "temperature": 0}
+    if cap and said is None:  # accepted, never shown: neither a cap nor "no logprobs"
+        checks.append(
+            ("top_logprobs cap", WARN, f"top_logprobs={cap} accepted; no probe text generated a token")
+        )
+        warnings.append(WARNINGS["logprobs_unverified"].format(k=cap))
+    elif cap:
         checks.append(("top_logprobs cap", OK if cap >= 20 else WARN, f"max accepted: {cap}"))
         if cap < 20:
             warnings.append(WARNINGS["logprobs_capped"].format(cap=cap))

@@ -96,6 +96,7 @@ def quirk_app(
     echo_zero_500: bool = False,
     zero_unlimited: bool = False,
     chat_prefix: str = "",
+    chat_empty_for: tuple[str, ...] = (),
 ) -> FastAPI:
     server = FakeServer(behaviour)
     app = FastAPI()
@@ -122,12 +123,16 @@ def quirk_app(
     async def chat_route(request: Request) -> Any:
         if not chat:
             return _error(404, "Not Found")
+        body = await request.json()
         try:
-            return chat_response(
-                server, await request.json(), ignore_logprobs=ignore_logprobs, prefix=chat_prefix
-            )
+            resp = chat_response(server, body, ignore_logprobs=ignore_logprobs, prefix=chat_prefix)
         except _Reject as e:
             return _error(e.status, e.message, param=e.param)
+        if body["messages"][-1].get("content") in chat_empty_for:  # a model that ends at once
+            choice = resp["choices"][0]
+            choice["message"]["content"], choice["finish_reason"] = "", "stop"
+            choice["logprobs"] = {"content": []} if choice["logprobs"] else None
+        return resp
 
     app.mount("/", server.app)  # everything else: the well-behaved fake
     app.state.fake = server

@@ -246,3 +246,26 @@ def test_probe_over_chat(capsys) -> None:
     checks = {c["check"]: c["status"] for c in out["checks"]}
     assert code == 0 and out["endpoint"] == "chat"
     assert checks["chat completions"] == "ok" and checks["echo"] == "n/a"
+
+
+def test_an_empty_chat_reply_to_the_first_probe_text_is_no_missing_logprobs(capsys) -> None:
+    """The bug: the chat probe read logprob support from one reply to its first text, and a model
+    that ends at once there (an empty reply, ordinary after a finished sentence) was "no chat
+    logprobs": TIE/DRIFT off for a server that serves them. The next text that generates is asked;
+    where none does, support is unverified (a warning), never "no logprobs"."""
+    from difftest.conformance import DEFAULT_PROBES, GENERATING_FALLBACKS
+
+    with live_app(quirk_app(completions=False, chat_empty_for=DEFAULT_PROBES[:1])) as url:
+        assert main(["probe", url, "--endpoint", "chat", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["capabilities"]["logprobs_cap"] == 20, out
+    every = (*DEFAULT_PROBES, *GENERATING_FALLBACKS)
+    with live_app(quirk_app(completions=False, chat_empty_for=every)) as url:
+        main(["probe", url, "--endpoint", "chat", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    cap = {c["check"]: c for c in out["checks"]}["top_logprobs cap"]
+    assert (
+        out["capabilities"]["logprobs_cap"] == 20
+        and cap["status"] == "warn"
+        and "no probe text generated" in cap["detail"]
+    ), out

@@ -196,6 +196,8 @@ def test_run_and_noise_json(tmp_path: Path, capsys) -> None:
         assert main(["noise", str(cfg), "--no-restart", "-o", str(tmp_path / "floor2")]) == 0
         shown = capsys.readouterr().out  # two identical fakes never diverge: no tie margin, in words
         assert "tie_margin: n/a (no A/A divergence)" in shown and "None" not in shown
+        # the bound the exactness limits rest on is shown beside the point value (identical fakes: 0)
+        assert "kl_mean: 0 (upper 95% bound 0: what the limits rest on)" in shown, shown
     assert noise["floor_file"] == str(tmp_path / "floor" / "noise-floor.json")  # -o is a folder
     assert Path(noise["floor_file"]).is_file() and noise["floor"]["schema"] == "difftest-noise-floor"
     signature = json.loads((tmp_path / "out" / "report.json").read_text())["signature"]["run"]

@@ -67,12 +67,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         o.emit_json({"exit_code": 0, "floor_file": str(path), "floor": floor.to_dict()})
         return 0
+    from difftest.noise import CI_HIGH
+
     con = o.console()
     con.print(floor.describe())
     for key in ("kl_mean", "kl_p99", "top1_disagreement", "token_mismatch", "tie_margin", "failed_requests"):
         value = getattr(floor, key)
         missing = NO_DIVERGENCE if key == "tie_margin" else "n/a (not measured)"
-        con.print(f"  {key}: {missing if value is None else f'{value:g}'}")
+        high = getattr(floor, CI_HIGH[key]) if key in CI_HIGH else None
+        bound = "" if high is None else f" (upper 95% bound {high:g}: what the limits rest on)"
+        con.print(f"  {key}: {missing if value is None else f'{value:g}'}{bound}")
     setting = config_relative(path, args.config)
     con.print(f'written to {path}; set run.noise_floor = "{setting}" in the config to use it')
     return 0

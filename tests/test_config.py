@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 import types
@@ -556,3 +557,62 @@ def test_the_reference_with_a_backend_and_no_quant_is_refused_at_its_line(tmp_pa
         ConfigError, match=r"x\.toml:4: \[reference\] the shim would refuse to start: --backend triton"
     ):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ('dtype = "float64"', "unknown dtype 'float64': use auto, float32, bfloat16 or float16"),
+        ('device = "gpu"', "unknown device 'gpu': use auto, cpu, cuda or cuda:N"),
+        ('device = "cuda:01"', "unknown device 'cuda:01': use auto, cpu, cuda or cuda:N"),
+        ('rounding_noise = "autoo"', "--rounding-noise must be 'auto' or a number in [0, 1), got 'autoo'"),
+        ('rounding_noise = "1.5"', "--rounding-noise must be 'auto' or a number in [0, 1), got '1.5'"),
+    ],
+    ids=["dtype", "device", "device-index", "noise-word", "noise-range"],
+)
+def test_a_value_the_shim_refuses_at_load_is_its_config_line_before_anything_starts(
+    tmp_path: Path, line: str, said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: accepted; the run launched every server and the shim refused at model load, a minute
+    later, naming the server and not the line (server_shim.option_rules.refuse_bad_values)."""
+    from difftest import runner
+    from difftest.cli import main
+
+    started: list[object] = []
+    monkeypatch.setattr(runner, "launch_shown", lambda *a, **k: started.append(a))
+    path = write(tmp_path, MINIMAL.replace('quant = "fp8-block"', f'quant = "fp8-block"\n{line}'))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"difftest: error: {path}:11: [[target]] the shim would refuse to start: {said}\n"
+    assert started == []
+
+
+@pytest.mark.parametrize(
+    "line", ['dtype = "bf16"', 'device = "cuda:3"', 'device = "cuda"', 'rounding_noise = "auto"']
+)
+def test_values_only_the_machine_can_judge_pass_the_config_check(tmp_path: Path, line: str) -> None:
+    """Whether cuda:3 exists is the launch's question (a config is checked anywhere, without torch)."""
+    cfg = load_config(
+        write(tmp_path, MINIMAL.replace('model = "tiny-llama"\n\n', f'model = "tiny-llama"\n{line}\n\n', 1))
+    )
+    key, value = (part.strip().strip('"') for part in line.split("="))
+    assert getattr(cfg.reference, key) == value
+
+
+def test_the_config_check_stays_torch_free(tmp_path: Path) -> None:
+    """The value rules are server_shim.option_rules', not models.py's: loading a config imports no torch."""
+    path = write(
+        tmp_path,
+        MINIMAL.replace('model = "tiny-llama"\n\n', 'model = "tiny-llama"\ndtype = "float64"\n\n', 1),
+    )
+    code = (
+        "import sys\nfrom difftest.config import load_config\nfrom difftest.errors import ConfigError\n"
+        f"try:\n    load_config({str(path)!r})\nexcept ConfigError as exc:\n    print(exc)\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.splitlines() == [
+        f"{path}:6: [reference] the shim would refuse to start: unknown dtype 'float64': use auto, "
+        "float32, bfloat16 or float16",
+        "False",
+    ]

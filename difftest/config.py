@@ -417,6 +417,18 @@ def _check_launchable(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec, base:
         _check_command(ctx, where, spec)
     if spec.kind == "shim":
         _check_shim_flags(ctx, where, spec)
+    if spec.cwd is not None:
+        _check_cwd(ctx, where, spec.cwd)
+
+
+def _check_cwd(ctx: _Ctx, where: tuple[Any, ...], cwd: str) -> None:
+    """A `cwd` that is no folder (resolved against the config's folder, as every path of the file)
+    was found only by the launch, as "cannot run '<python>': No such file or directory" (exit 3),
+    blaming the interpreter and the infrastructure for the config's key."""
+    from server_shim.launch import cwd_problem
+
+    if (why := cwd_problem(cwd)) is not None:
+        raise ctx.error(where, "cwd", f"key 'cwd': {why}")
 
 
 class _RaisingParser(argparse.ArgumentParser):

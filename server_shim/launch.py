@@ -431,11 +431,30 @@ def _start(spec: ServerSpec, port: int | None, log_dir: Path, threads: int = 0) 
                 preexec_fn=_die_with_parent(),
             )
         except OSError as exc:
-            raise LaunchError(
-                f"server {spec.name!r}: cannot run {argv[0]!r}: {exc.strerror or exc}"
-            ) from None
+            raise popen_failure(spec, argv[0], exc) from None
     log.info("started %s (pid %d) on port %d: %s", spec.name, proc.pid, port, shown)
     return RunningServer(spec.name, f"http://{HOST}:{port}", spec, proc.pid, log_path, proc)
+
+
+def cwd_problem(cwd: str) -> str | None:
+    """Why a server cannot be started in the folder `cwd` (None: it can); difftest's config check
+    asks the same before anything starts."""
+    path = Path(cwd)
+    if path.is_dir():
+        return None
+    why = "it is a file" if path.exists() else "no such folder"
+    return f"{cwd!r} is not a folder to start the server in ({why})"
+
+
+def popen_failure(spec: ServerSpec, program: str, exc: OSError) -> LaunchError:
+    """The error for a Popen that failed. Its OSError says only "No such file or directory": the
+    message named the program for a missing `cwd` too (the interpreter, which was there), and as
+    infrastructure (exit 3) what the config's key had wrong. A cwd that failed is named (exit 2)."""
+    cwd_failed = spec.cwd is not None and (exc.filename == spec.cwd or cwd_problem(spec.cwd) is not None)
+    if cwd_failed:
+        why = cwd_problem(spec.cwd) or f"{spec.cwd!r}: {exc.strerror or exc}"  # e.g. no permission
+        return SpecError(f"server {spec.name!r}: key 'cwd': {why}", key="cwd")
+    return LaunchError(f"server {spec.name!r}: cannot run {program!r}: {exc.strerror or exc}")
 
 
 def _die_with_parent() -> Any:

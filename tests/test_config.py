@@ -173,6 +173,7 @@ def test_paths_are_relative_to_the_config_folder(tmp_path: Path) -> None:
     (tmp_path / "data" / "one.jsonl").write_text("{}\n")
     (tmp_path / "data" / "two.jsonl").write_text("{}\n")
     (tmp_path / "mymodel").mkdir()
+    (sub / "work").mkdir()  # the server's cwd: checked to be a folder, beside the config
     path = write(
         sub,
         """
@@ -616,3 +617,44 @@ def test_the_config_check_stays_torch_free(tmp_path: Path) -> None:
         "float32, bfloat16 or float16",
         "False",
     ]
+
+
+COMMAND_WITH_CWD = """
+[run]
+prompts = "p.jsonl"
+
+[reference]
+url = "http://127.0.0.1:9"
+
+[[target]]
+name = "t"
+command = "{python} -m server_shim serve --model tiny-llama --port {port}"
+cwd = "CWD"
+"""
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_cwd_that_is_no_folder_is_its_config_line(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: accepted; the launch then said "cannot run '<python>': No such file or directory" (exit
+    3), blaming the interpreter. Relative, it is looked for beside the config, not where one runs."""
+    from difftest import runner
+    from difftest.cli import main
+
+    started: list[object] = []
+    monkeypatch.setattr(runner, "launch_shown", lambda *a, **k: started.append(a))
+    sub = tmp_path / "cfg"
+    sub.mkdir()
+    (tmp_path / "work").mkdir()  # where one runs from: not where a relative cwd is looked for
+    if kind == "file":
+        (sub / "work").write_text("")
+    monkeypatch.chdir(tmp_path)
+    path = write(sub, COMMAND_WITH_CWD.replace("CWD", "work"))
+    assert main(["run", str(path)]) == 2
+    why = "it is a file" if kind == "file" else "no such folder"
+    assert capsys.readouterr().err == (
+        f"difftest: error: {path}:10: [[target]] key 'cwd': {str(sub / 'work')!r} is not a folder to start "
+        f"the server in ({why})\n"
+    )
+    assert started == []

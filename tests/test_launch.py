@@ -603,3 +603,34 @@ def test_the_health_wait_reports_its_status_to_the_caller(tmp_path: Path) -> Non
     assert statuses[-1].healthy == ("quick", "slow") and statuses[-1].pending == ()
     assert all(s.total == 2 for s in statuses)
     assert [s.elapsed_s for s in statuses] == sorted(s.elapsed_s for s in statuses)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_cwd_that_is_no_folder_is_named_not_the_program(tmp_path: Path, kind: str) -> None:
+    """Was: "cannot run '<python>': No such file or directory" (a LaunchError, exit 3) for a cwd
+    gone between the config check and the launch: the interpreter blamed, and CI retried it."""
+    from difftest.errors import USAGE, exit_code_for
+
+    cwd = tmp_path / "gone"
+    if kind == "file":
+        cwd.write_text("")
+    with pytest.raises(
+        SpecError, match=r"'cwdless': key 'cwd': .*gone' is not a folder to start the server"
+    ) as info:
+        start_and_stop([fake("cwdless", cwd=str(cwd))], log_dir=tmp_path)
+    assert sys.executable not in str(info.value) and info.value.key == "cwd"
+    assert exit_code_for(info.value) == USAGE
+
+
+def test_popen_failure_blames_the_cwd_only_where_it_failed(tmp_path: Path) -> None:
+    """A folder that is there but may not be entered: the OSError's reason, with the cwd; a missing
+    program under a good cwd is still the program's."""
+    spec = ServerSpec(name="locked", command="engine --port {port}", cwd=str(tmp_path))
+    denied = launch.popen_failure(spec, "engine", PermissionError(13, "Permission denied", str(tmp_path)))
+    assert isinstance(denied, SpecError)
+    assert str(denied) == f"server 'locked': key 'cwd': {str(tmp_path)!r}: Permission denied"
+    missing = launch.popen_failure(
+        spec, "engine", FileNotFoundError(2, "No such file or directory", "engine")
+    )
+    assert type(missing) is LaunchError
+    assert str(missing) == "server 'locked': cannot run 'engine': No such file or directory"

@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gzip
 import json
 import logging
+import os
+import secrets
 import unicodedata
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -49,7 +52,7 @@ from typing import Annotated, Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from difftest.errors import UsageError, first_invalid, output_error
+from difftest.errors import OutputError, UsageError, first_invalid, output_error
 from difftest.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -271,18 +274,29 @@ class Baseline:
             "exchanges": self.exchanges.to_list(),
         }
 
-    def write(self, path: Path) -> Path:
-        """Atomically: a half-written baseline never replaces a good one."""
+    def write(self, path: Path, *, overwrite: bool = False) -> Path:
+        """Atomically: a half-written baseline never replaces a good one. The temporary file is
+        this process's own (two writers never interleave in one), and without `overwrite` a
+        baseline that appeared at `path` meanwhile is kept (OutputError): it may be the only copy."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp: Path | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _own_temp(path)
             with gzip.open(tmp, "wt", encoding="utf-8") as f:
                 json.dump(self.to_dict(), f, ensure_ascii=False, separators=(",", ":"))
-            tmp.replace(path)
+            if overwrite:
+                tmp.replace(path)
+            else:
+                _place_new(tmp, path)
         except OSError as exc:  # a full disk, a folder in the file's place: one line, exit 2
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)  # a stray half-written file is no baseline
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)  # a stray half-written file is no baseline
+            if not overwrite and exc.errno == errno.EEXIST and path.is_file():
+                raise OutputError(
+                    path, "a baseline appeared there while recording (another difftest record?); kept it"
+                ) from None
             raise output_error(path, exc) from None
         return path
 
@@ -467,6 +481,40 @@ class Baseline:
             f"baseline of {self.reference.get('name')} ({model}, {self.reference.get('url')}), "
             f"{len(self.prompts)} prompts, recorded {self.created_at}"
         )
+
+
+def _own_temp(path: Path) -> Path:
+    """A new empty file beside `path`, named for this process alone (O_EXCL): a second writer
+    gets its own, never a share of this one. Created with the usual 0o666 less umask, as the
+    baseline itself would be (tempfile.mkstemp's 0o600 would stay on the baseline after the move)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Move `tmp` to `path` only if nothing is there (FileExistsError otherwise): a hard link
+    fails where the name exists, so the check and the move are one step. Where the file system
+    has no hard links, the check comes just before the rename (a window of microseconds)."""
+    try:
+        os.link(tmp, path)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        tmp.replace(path)
+        return
+    with contextlib.suppress(OSError):  # the baseline is in place: a stray temp file is no failure
+        tmp.unlink()
+
+
+# what link(2) answers on a file system without hard links (vfat, some network and FUSE mounts)
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
 def _is_int(v: Any) -> bool:

@@ -7,9 +7,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from difftest.cli import options as o
 from difftest.errors import UsageError
+
+if TYPE_CHECKING:
+    from difftest.baseline import Baseline
+    from difftest.config import ServerSpec
+    from difftest.prompts import Prompt
 
 HELP = "record the reference's answers once, to judge targets against later without it"
 FILE = "baseline.json.gz"
@@ -47,8 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from difftest.prompts import load_prompts
-    from difftest.recording import record
-    from difftest.session import url_model
+    from difftest.runner import folder_lock
 
     for flag in ("concurrency", "limit", "timeout"):
         o.positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
@@ -90,20 +95,11 @@ def run(args: argparse.Namespace) -> int:
     }
     out = Path(args.out) / FILE
     _check_writable(out)
-    if out.exists() and not args.overwrite:  # it may be the only copy: the reference can be gone
-        raise UsageError(f"{out} already holds a recorded baseline; give another -o DIR, or --overwrite")
-    if spec is None or spec.kind == "url":
-        url = args.ref if is_url else spec.url  # type: ignore[union-attr]
-        key = o.key_for(envs, name) if spec is None or spec.api_key_env is None else _env(spec.api_key_env)
-        base = record(name, url, prompts, settings, api_key=key, model=spec and url_model(spec), **kw)
-    else:
-        from difftest.session import launch_shown
-
-        with launch_shown([spec], log_dir=Path(args.out) / "logs") as running:
-            srv = running[name]
-            key = _env(spec.api_key_env) if spec.api_key_env else o.key_for(envs, name)
-            base = record(name, srv.url, prompts, settings, api_key=key, **kw)
-    base.write(out)
+    with folder_lock(_made_folder(out.parent)):  # a second record or run into DIR: exit 2, nothing asked
+        if out.exists() and not args.overwrite:  # it may be the only copy: the reference can be gone
+            raise UsageError(f"{out} already holds a recorded baseline; give another -o DIR, or --overwrite")
+        base = _ask_reference(args, spec, name, envs, prompts, settings, kw)
+        base.write(out, overwrite=args.overwrite)  # one that appeared meanwhile is kept all the same
     failed = base.reference.get("failed_generations", 0)
     # past the run's error_rate_limit every judgement replayed from this recording is exit 3: say so
     # now (exit 3, kept on disk) rather than at each later compare
@@ -132,6 +128,43 @@ def run(args: argparse.Namespace) -> int:
                   f"error_rate_limit {run_cfg.error_rate_limit:g}); the recording is kept", file=sys.stderr)  # fmt: skip
         con.print(f"judge a target against it: difftest compare --baseline {args.out} --target URL")
     return int(summary["exit_code"])
+
+
+def _ask_reference(
+    args: argparse.Namespace,
+    spec: ServerSpec | None,
+    name: str,
+    envs: dict[str, str],
+    prompts: list[Prompt],
+    settings: dict[str, Any],
+    kw: dict[str, Any],
+) -> Baseline:
+    """The recording: of the URL given (spec None), of the config's url reference, or of the
+    server the config launches (its log in DIR/logs)."""
+    from difftest.recording import record
+    from difftest.session import url_model
+
+    if spec is None or spec.kind == "url":
+        url = args.ref if spec is None else spec.url
+        key = o.key_for(envs, name) if spec is None or spec.api_key_env is None else _env(spec.api_key_env)
+        return record(name, url, prompts, settings, api_key=key, model=spec and url_model(spec), **kw)
+    from difftest.session import launch_shown
+
+    with launch_shown([spec], log_dir=Path(args.out) / "logs") as running:
+        key = _env(spec.api_key_env) if spec.api_key_env else o.key_for(envs, name)
+        return record(name, running[name].url, prompts, settings, api_key=key, **kw)
+
+
+def _made_folder(folder: Path) -> Path:
+    """`folder`, created now: it holds the lock for the whole recording, not only the file at its
+    end. A folder that cannot be made is one line, exit 2, before anything is asked."""
+    from difftest.errors import output_error
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
+    return folder
 
 
 # the recorder answers /debug itself (404) so the baseline replays as the black-box server it is:

@@ -32,6 +32,7 @@ from difftest.tokens_view import (
     TokensView,
     choice_zero,
     coverage_problem,
+    impossible_logprobs,
     parse_choice,
     prompt_tokens,
 )
@@ -271,7 +272,19 @@ async def force(
             failed=True,
             broken=True,
         )
+    problem = impossible_echo(tail)
+    if problem is not None:
+        return Forced(error=f"{ep.name}: {problem}", failed=True, broken=True)
     return Forced(tuple(tail))
+
+
+def impossible_echo(tail: Sequence[Position]) -> str | None:
+    """Why the teacher-forced positions cannot be log-probabilities (NaN, above 0, a top list over
+    all the probability, ...), or None. The probe checks one echo; a kernel that breaks on some
+    prompts only sent such values straight into the KL: a reference's NaN failed the target with
+    "mean KL NaN", a target's probabilities were scored as a KL regression. Such an echo is a
+    broken answer of its side: never scored (score_prompt decides whose fault it is)."""
+    return impossible_logprobs(TokensView(tuple(tail)), where="echoed continuation positions")
 
 
 async def force_all(

@@ -324,9 +324,12 @@ def test_an_unset_key_variable_is_exit_2_before_anything_launches(
 
 @pytest.mark.slow
 def test_nan_only_in_the_teacher_forced_echo_fails_the_verdict(tmp_path: Path) -> None:
-    """A NaN only where the echo is scored (prefill kernel): KL is NaN, and NaN always fails (exit 1)."""
+    """A NaN only where the echo is scored (prefill kernel): the target's broken answer, never
+    scored as a KL, and an impossible answer always fails (exit 1)."""
     behaviour = FakeBehaviour(fault="nan-logprobs", fault_match="dog is", fault_echo_only=True)
     code, out = _target_run(tmp_path, behaviour)
     (t,) = load_run(out).targets
     assert code == 1 and t.verdict is not None and not t.verdict.passed
     assert any("NaN" in c.note for part in t.verdict.parts for c in part.checks if not c.passed)
+    acc = t.comparison("accuracy")
+    assert acc is not None and acc.aggregate["broken_answers"] == 1

@@ -52,7 +52,7 @@ from difftest.preflight import check_running
 from difftest.progress import Progress
 from difftest.prompts import Prompt, load_prompts
 from difftest.results import Comparison, LayerDiff, PartVerdict, PromptDiff, RunResult, TargetResult
-from difftest.scoring import finish_comparison, score_prompts
+from difftest.scoring import DepthTally, compared_depths, finish_comparison, score_prompts
 from difftest.session import cache_identity, launch_shown, require_debug, url_model
 from difftest.signature import run_signature
 from difftest.tokenizer_check import check_pair
@@ -256,16 +256,25 @@ async def _force_pairs(
     }
 
 
+@dataclass
+class _Scored:
+    """One pair's results over the chunks scored so far."""
+
+    diffs: list[PromptDiff] = field(default_factory=list)
+    unforced: list[str] = field(default_factory=list)  # prompts whose teacher forcing failed (why)
+    depths: DepthTally = field(default_factory=lambda: DepthTally(None))  # what KL compared
+
+
 def _score_chunk(
     pairs: Sequence[_Pair],
     chunk: Sequence[Prompt],
     gens: Mapping[str, Mapping[str, Generation]],
     forced: Mapping[tuple[str, str], Mapping[str, Forced]],
     cfg: RunConfig,
-    scored: dict[tuple[str, str], tuple[list[PromptDiff], list[str]]],
+    scored: dict[tuple[str, str], _Scored],
     retok: Any = None,
 ) -> None:
-    """Score one chunk of prompts for every pair into `scored[(kind, target)]` = (diffs, unforced).
+    """Score one chunk of prompts for every pair into `scored[(kind, target)]`.
     Measurement only: divergences are classified when judging (difftest.judge)."""
     for pair in pairs:
         ref_f = forced.get((pair.baseline, pair.baseline)) if pair.teacher_forced else None
@@ -284,9 +293,10 @@ def _score_chunk(
             tgt_forced=tgt_f,
             k=cfg.run.logprobs,
         )
-        acc = scored.setdefault((pair.kind, pair.target), ([], []))
-        acc[0].extend(diffs)
-        acc[1].extend(unforced)
+        acc = scored.setdefault((pair.kind, pair.target), _Scored(depths=DepthTally(cfg.run.logprobs)))
+        acc.diffs.extend(diffs)
+        acc.unforced.extend(unforced)
+        acc.depths.merge(compared_depths(diffs, ref_f, tgt_f, k=cfg.run.logprobs))
 
 
 async def _floors(
@@ -567,16 +577,20 @@ async def _served_scheme(ep: Endpoint) -> str | None:
 
 
 def _depth_note(pair: _Pair, eps: Mapping[str, Endpoint], k: int) -> list[str]:
-    """Say so when the two sides list different numbers of alternatives: KL compares both at the
-    shorter depth (scoring.same_depth), less than `[run] logprobs` asked for."""
+    """Say so when the probe found the two sides' logprobs capped at different depths and there is
+    no teacher forcing (chat: no echo, no KL): the generations' top lists classify divergences at
+    the shorter depth. With teacher forcing the depths KL actually compared, echo by echo, are
+    what the comparison says (scoring.depth_notes): a probe's cap, read from one generation, said
+    nothing of an echo listing 1 alternative of the 5 asked."""
     depths = {name: min(k, eps[name].caps.logprobs_cap) for name in (pair.baseline, pair.target)}
     shallow = min(depths.values())
-    if len(set(depths.values())) < 2 or shallow == 0:
+    if pair.teacher_forced or len(set(depths.values())) < 2 or shallow == 0:
         return []
     capped = ", ".join(f"{n} top-{d}" for n, d in depths.items())
-    # without teacher forcing (chat: no echo) there is no KL; the top lists still classify divergences
-    uses = "KL compares" if pair.teacher_forced else "divergences are classified from"
-    return [f"logprobs listed to different depths ({capped}): {uses} the top-{shallow} of both sides"]
+    return [
+        f"logprobs listed to different depths ({capped}): divergences are classified from the "
+        f"top-{shallow} of both sides"
+    ]
 
 
 async def run_async(
@@ -599,7 +613,7 @@ async def run_async(
         _phase("conformance", started)
         retok = _retokenizer(eps, pairs)
         plan = _forcing_plan(pairs)
-        scored: dict[tuple[str, str], tuple[list[PromptDiff], list[str]]] = {}
+        scored: dict[tuple[str, str], _Scored] = {}
         floors: dict[str, NoiseFloor] | None = None
         spent = dict.fromkeys(("greedy generation", "teacher forcing", "noise floor", "scoring"), 0.0)
         with Progress(enabled=opts.progress) as progress:
@@ -635,10 +649,10 @@ async def run_async(
             pair.warnings.extend(pair.counts.notes(pair.baseline, pair.target, unverified=unverified))
             pair.warnings.extend(retok.notes(pair.baseline, pair.target))  # pairs compared by words
             pair.warnings.extend(_depth_note(pair, eps, cfg.run.logprobs))
-            diffs, unforced = scored.get((pair.kind, pair.target), ([], []))
+            got = scored.get((pair.kind, pair.target), _Scored())
             comps[(pair.kind, pair.target)] = finish_comparison(
-                pair.kind, pair.baseline, pair.target, diffs,
-                unforced=unforced, seed=cfg.run.seed, warnings=pair.warnings,
+                pair.kind, pair.baseline, pair.target, got.diffs,
+                unforced=got.unforced, seed=cfg.run.seed, warnings=pair.warnings, depths=got.depths,
             )  # fmt: skip
         run = RunResult(
             reference=cfg.reference.name,

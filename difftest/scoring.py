@@ -8,10 +8,17 @@ sides up (token ids when both gave ids, token strings otherwise), hands arrays t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from difftest.collect import Forced, Generation
 from difftest.metrics.aggregate import aggregate_prompts, fill_generation, fill_teacher_forced, gc_paused
-from difftest.metrics.logprobs import PositionLogprobs, teacher_forced_stats
+from difftest.metrics.logprobs import (
+    FULL_KL_DEPTH,
+    KL_DEPTH_CUT_RATE,
+    KL_DEPTH_MIN,
+    PositionLogprobs,
+    teacher_forced_stats,
+)
 from difftest.prompts import Prompt
 from difftest.results import Comparison, PromptDiff
 from difftest.retokenize import labels_against_strings, words
@@ -124,6 +131,79 @@ def _largest(top: Mapping[int | str, float], n: int) -> Mapping[int | str, float
     return dict(sorted(top.items(), key=lambda kv: kv[1], reverse=True)[:n])
 
 
+SIDES = ("baseline", "target")
+
+
+@dataclass
+class DepthTally:
+    """How many alternatives KL compared over a comparison's teacher-forced positions. same_depth
+    cuts each pair of lists to the shorter one, so a side whose echo lists fewer than asked makes
+    the comparison shallower: a target listing 1 of the 5 asked scored KL 0 (and PASSed) against
+    a reference it differs from at full depth, and nothing said so. Counted here, said by
+    `depth_notes`, stored in the aggregate (`KL_DEPTH_MIN`, `KL_DEPTH_CUT_RATE`)."""
+
+    asked: int | None  # `[run] logprobs`; None: the deeper list of each position
+    positions: int = 0
+    cut: int = 0  # positions compared at fewer alternatives than asked
+    shallowest: int | None = None
+    short: dict[str, int] = field(default_factory=dict)  # side -> positions it listed fewer than asked
+    fewest: dict[str, int] = field(default_factory=dict)  # side -> fewest alternatives it listed
+
+    def add(self, ref_top: Mapping[int | str, float], tgt_top: Mapping[int | str, float]) -> None:
+        """One compared position. A list longer than asked (vLLM adds the forced token) is no deeper."""
+        lengths = dict(zip(SIDES, (len(ref_top), len(tgt_top)), strict=True))
+        wanted = self.asked if self.asked else max(lengths.values())
+        depth = min(min(lengths.values()), wanted)
+        self.positions += 1
+        self.cut += depth < wanted
+        self.shallowest = depth if self.shallowest is None else min(self.shallowest, depth)
+        for side, n in lengths.items():
+            if n < wanted:
+                self.short[side] = self.short.get(side, 0) + 1
+                self.fewest[side] = min(self.fewest.get(side, n), n)
+
+    def merge(self, other: DepthTally) -> None:
+        """Another chunk's positions added to these."""
+        self.positions += other.positions
+        self.cut += other.cut
+        if other.shallowest is not None:
+            mine = self.shallowest if self.shallowest is not None else other.shallowest
+            self.shallowest = min(mine, other.shallowest)
+        for side, n in other.short.items():
+            self.short[side] = self.short.get(side, 0) + n
+            self.fewest[side] = min(self.fewest.get(side, other.fewest[side]), other.fewest[side])
+
+    def aggregate(self) -> dict[str, float]:
+        """The aggregate keys (none without a teacher-forced position): what verdict reads back."""
+        if not self.positions or self.shallowest is None:
+            return {}
+        return {KL_DEPTH_MIN: float(self.shallowest), KL_DEPTH_CUT_RATE: self.cut / self.positions}
+
+
+def depth_notes(tally: DepthTally | None, baseline: str, target: str) -> list[str]:
+    """The comparison's words for a KL compared below the depth asked (none when it was not)."""
+    if tally is None or not tally.cut or tally.shallowest is None:
+        return []
+    names = dict(zip(SIDES, (baseline, target), strict=True))
+    asked = f"the {tally.asked} asked" if tally.asked else "the other side's"
+    sides = ", ".join(
+        f"{names[side]}'s echoes list as few as {tally.fewest[side]} (on {n} position{'' if n == 1 else 's'})"
+        for side, n in tally.short.items()
+    )
+    notes = [
+        f"KL compared at fewer alternatives than {asked} on {tally.cut} of {tally.positions} "
+        f"teacher-forced positions ({tally.cut / tally.positions:.0%}), down to top-{tally.shallowest}: "
+        f"{sides}; both sides are cut to the shorter list"
+    ]
+    if tally.shallowest < FULL_KL_DEPTH:
+        top1 = ", ".join(names[side] for side, n in tally.fewest.items() if n < FULL_KL_DEPTH)
+        notes.append(
+            f"KL at top-1 only ({top1} lists 1 alternative): it compares {{top-1, rest}} and cannot see "
+            "probability moved among the alternatives, so the KL checks are not informative"
+        )
+    return notes
+
+
 def _key(position) -> int | str:
     return position.token_id if position.token_id is not None else position.token
 
@@ -164,6 +244,27 @@ def score_prompts(
     return diffs, unforced
 
 
+def compared_depths(
+    diffs: Sequence[PromptDiff],
+    ref_forced: Mapping[str, Forced] | None,
+    tgt_forced: Mapping[str, Forced] | None,
+    *,
+    k: int | None,
+) -> DepthTally:
+    """The depths KL compared on the prompts score_prompt scored teacher-forced (a failed prompt,
+    a failed echo: none)."""
+    tally = DepthTally(k)
+    if ref_forced is None or tgt_forced is None:
+        return tally
+    for d in diffs:
+        r, t = ref_forced.get(d.prompt_id), tgt_forced.get(d.prompt_id)
+        if d.error is not None or r is None or t is None or r.error or t.error:
+            continue
+        for rp, tp in zip(r.positions, t.positions, strict=True):
+            tally.add(rp.top, tp.top)
+    return tally
+
+
 def finish_comparison(
     kind: str,
     baseline: str,
@@ -173,14 +274,19 @@ def finish_comparison(
     unforced: Sequence[str] = (),
     seed: int = 0,
     warnings: Sequence[str] = (),
+    depths: DepthTally | None = None,
 ) -> Comparison:
-    """Aggregate every chunk's per-prompt results into one Comparison."""
+    """Aggregate every chunk's per-prompt results into one Comparison; `depths`: the KL's
+    (`compared_depths` of every chunk, merged), said and stored where shallower than asked."""
     notes = list(warnings)
     if unforced:
         notes.append(
             f"teacher-forced metrics missing for {len(unforced)} prompt(s): " + "; ".join(unforced[:3])
         )
+    notes.extend(depth_notes(depths, baseline, target))
     agg, ci = aggregate_prompts(diffs, seed=seed)
+    if depths is not None:
+        agg.update(depths.aggregate())
     return Comparison(
         kind=kind, baseline=baseline, target=target, prompts=diffs, aggregate=agg, ci=ci, warnings=notes
     )
@@ -205,7 +311,10 @@ def build_comparison(
     diffs, unforced = score_prompts(
         prompts, ref_gen, tgt_gen, ref_forced=ref_forced, tgt_forced=tgt_forced, tie_margin=tie_margin, k=k
     )
-    return finish_comparison(kind, baseline, target, diffs, unforced=unforced, seed=seed, warnings=warnings)
+    depths = compared_depths(diffs, ref_forced, tgt_forced, k=k)
+    return finish_comparison(
+        kind, baseline, target, diffs, unforced=unforced, seed=seed, warnings=warnings, depths=depths
+    )
 
 
 def _sided(side: str, error: str | None) -> str | None:

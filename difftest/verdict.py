@@ -57,6 +57,7 @@ from dataclasses import dataclass
 
 from difftest.errors import ConfigError, UsageError
 from difftest.metrics.aggregate import broken_answers, lost_requests, refused_prompts
+from difftest.metrics.logprobs import FULL_KL_DEPTH, KL_DEPTH_MIN
 from difftest.metrics.text import MAX_ORDER
 from difftest.metrics.tokens import is_garbled
 from difftest.null import (
@@ -442,6 +443,17 @@ def _guarded(part: str, name: str, limit: Limit) -> Limit:
     return Limit(limit.value, limit.note + UNINFORMATIVE_NOTE, informative=False)
 
 
+def _shallow_kl(name: str, limit: Limit, comp: Comparison) -> Limit:
+    """A KL limit marked not informative where KL was compared at top-1 only somewhere (a side's
+    echo listed 1 alternative, scoring.DepthTally): over {top-1, rest} a wrong model scores KL 0,
+    so a pass says nothing; NaN and inf still fail, as everywhere."""
+    depth = comp.aggregate.get(KL_DEPTH_MIN)
+    if name not in ("kl_mean", "kl_p99") or depth is None or depth >= FULL_KL_DEPTH or not limit.informative:
+        return limit
+    note = f"; KL compared at top-{depth:g} only: blind to probability moved among the alternatives"
+    return Limit(limit.value, limit.note + note, informative=False)
+
+
 def _skip_reason(skipped: Mapping[str, str], part: str, group: str) -> str | None:
     return skipped.get(f"{part}.{group}", skipped.get(group))
 
@@ -464,7 +476,7 @@ def _part(
         )
         if limit is None or limit.value is None:
             continue
-        limit = _guarded(part, name, limit)
+        limit = _shallow_kl(name, _guarded(part, name, limit), comp)
         reason = _skip_reason(skipped, part, group)
         if reason is not None:
             checks.append(

@@ -141,15 +141,15 @@ def test_a_server_without_a_usable_models_list_is_still_judged(tmp_path: Path, r
 
 @pytest.mark.slow
 def test_a_logprobs_cap_on_one_side_biases_nothing(tmp_path: Path) -> None:
-    """One server behind a cap of 5 against itself uncapped scored KL 0.008 (imputed alternatives)."""
+    """One server behind a cap of 5 against itself uncapped scored KL 0.008 (imputed alternatives).
+    The depth said is the one the echoes had (scoring.depth_notes), not the probe's cap."""
     code, out = _run(tmp_path, FakeBehaviour(max_logprobs=5), logprobs=20)
     acc = load_run(out).targets[0].comparison("accuracy")
     assert code == 0 and acc is not None
     assert acc.aggregate["kl_mean"] == pytest.approx(0.0, abs=1e-12)
-    assert (
-        "logprobs listed to different depths (ref top-20, tgt top-5): KL compares the top-5 of both sides"
-        in acc.warnings
-    )
+    assert acc.aggregate["kl_depth_min"] == 5 and acc.aggregate["kl_depth_cut_rate"] == 1
+    (said,) = [w for w in acc.warnings if w.startswith("KL compared at fewer alternatives than the 20 asked")]
+    assert "(100%), down to top-5: tgt's echoes list as few as 5 (on " in said
 
 
 @pytest.mark.slow

@@ -374,16 +374,16 @@ def test_what_a_probe_found_reaches_the_run_warnings(tmp_path: Path) -> None:
 
 
 def test_the_depth_note_names_no_kl_where_there_is_none() -> None:
-    """Over chat (no echo, no teacher forcing) the note said "KL compares the top-5" beside KL n/a."""
+    """Over chat (no echo, no teacher forcing) the note said "KL compares the top-5" beside KL n/a.
+    With teacher forcing the probe's caps say nothing: the depths the echoes had are the
+    comparison's note (scoring.depth_notes)."""
     from types import SimpleNamespace
 
     from difftest.runner import _depth_note, _Pair
 
     eps = {n: SimpleNamespace(caps=SimpleNamespace(logprobs_cap=cap)) for n, cap in (("ref", 20), ("t", 5))}
     forced = _Pair("accuracy", "ref", "t")
-    assert _depth_note(forced, eps, 10) == [  # type: ignore[arg-type]
-        "logprobs listed to different depths (ref top-10, t top-5): KL compares the top-5 of both sides"
-    ]
+    assert _depth_note(forced, eps, 10) == []  # type: ignore[arg-type]
     forced.teacher_forced = False
     assert _depth_note(forced, eps, 10) == [  # type: ignore[arg-type]
         "logprobs listed to different depths (ref top-10, t top-5): divergences are classified from the "

@@ -24,6 +24,7 @@ it "not measured"):
 | dp_rms | sqrt(mean over prompts of dp_rms²) |
 | bleu, chrf | sacreBLEU corpus BLEU (effective order) / chrF2 of target texts against reference texts (0..100); a failed prompt's text is "" |
 | bleu_order | the highest n-gram order BLEU rests on: 4, less where every target continuation is shorter (0: all empty) |
+| kl_depth_min, kl_depth_cut_rate | set by `scoring.finish_comparison`, not here: the fewest alternatives KL compared at any teacher-forced position, and the share of positions compared below `[run] logprobs` (a side's echo listed fewer) |
 
 Failed prompts are never dropped from the token-level or text denominators (they count as the
 worst value). The teacher-forced keys average over the prompts that have them: a failed

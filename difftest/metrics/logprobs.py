@@ -25,6 +25,16 @@ from difftest.metrics.stats import p99
 DEFAULT_FLOOR = 1e-10
 
 
+# Aggregate keys of the depth KL compared at (difftest.scoring.DepthTally): the fewest alternatives
+# compared at any teacher-forced position, and the share of positions compared below the depth asked
+KL_DEPTH_MIN = "kl_depth_min"
+KL_DEPTH_CUT_RATE = "kl_depth_cut_rate"
+FULL_KL_DEPTH = 2
+"""Listed alternatives a KL needs to see probability move among them: at top-1 only `topk_kl`
+compares {top-1, the forced token, rest}, blind to any redistribution under the top-1 (a wrong
+model scored KL 0): the verdict marks such a KL not informative."""
+
+
 @dataclass(frozen=True)
 class KLEstimate:
     """KL(ref || target) in nats at one position: `lower <= estimate <= upper`."""

@@ -420,7 +420,7 @@ class RunResult:
             if t.verdict is not None:
                 stored["verdict"]["label"] = t.verdict.label
                 stored["verdict"]["meets_expectation"] = t.verdict.meets_expectation
-        return _clean(out)
+        return finite_for_json(out)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResult:
@@ -454,14 +454,14 @@ def fmt_apart(value: float, limit: float, fmt: Callable[[float, int], str] = _fm
         digits += 1
 
 
-def _clean(obj: Any) -> Any:
+def finite_for_json(obj: Any) -> Any:
     """JSON has no NaN / inf: store them as strings so that nothing is silently turned into null."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: finite_for_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
+        return [finite_for_json(v) for v in obj]
     return obj
 
 

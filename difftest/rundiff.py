@@ -36,16 +36,25 @@ from typing import Any
 from difftest.metrics.aggregate import TEACHER_FORCED_KEYS
 from difftest.null import ABS_MIN
 from difftest.report.words import CheckWords, all_checks
-from difftest.results import Comparison, RunResult, TargetResult
+from difftest.results import Comparison, RunResult, TargetResult, finite_for_json
 from difftest.verdict import MIN_PROMPTS_FOR_CI, judged_prompts
 
 HIGHER_IS_BETTER = frozenset(
-    {"token_match", "exact_match", "top1_agreement", "bleu", "chrf", "median_first_divergence"}
+    {
+        "token_match",
+        "exact_match",
+        "top1_agreement",
+        "bleu",
+        "chrf",
+        "median_first_divergence",
+        "kl_depth_min",
+    }
 )
 LOWER_IS_BETTER = frozenset(
     {
         "kl_mean", "kl_lower_mean", "kl_upper_mean", "kl_p99", "dp_rms",
         "garbled_rate", "failed_rate", "failed_requests", "broken_rate", "broken_answers", "drift", "wrong",
+        "kl_depth_cut_rate",
     }
 )  # fmt: skip
 CLOSER_TO_ZERO_IS_BETTER = frozenset({"dp_mean"})  # signed: a bias either way is worse
@@ -162,18 +171,7 @@ class RunDiff:
             for c, cd in zip(t["comparisons"], td.comparisons, strict=True):
                 for m, md in zip(c["metrics"], cd.metrics, strict=True):
                     m["regressed"] = md.regressed
-        return _finite(out)
-
-
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN / inf: as strings, as in report.json."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
+        return finite_for_json(out)
 
 
 def direction(metric: str, a: float, b: float, expect: str = "pass") -> str:

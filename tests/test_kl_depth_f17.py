@@ -126,3 +126,11 @@ def test_a_run_says_the_depth_its_echoes_cut_kl_to(tmp_path: Path, side: str) ->
     assert target.verdict is not None
     kl = next(c for p in target.verdict.parts for c in p.checks if c.name == "kl_mean")
     assert not kl.informative
+
+
+def test_run_diff_reads_the_depth_keys_with_a_direction():
+    """A diff of two runs calls a shallower KL comparison worse, not "neutral"."""
+    from difftest.rundiff import direction
+
+    assert direction("kl_depth_min", 5, 1) == "worse"
+    assert direction("kl_depth_cut_rate", 0.0, 0.8) == "worse"

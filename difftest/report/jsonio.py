@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from difftest.errors import UsageError, first_invalid, output_error
-from difftest.results import SCHEMA_VERSION, RunResult
+from difftest.results import SCHEMA_VERSION, RunResult, finite_for_json
 
 REPORT_MODE = 0o644  # group-readable, never world-writable
 
@@ -79,9 +78,9 @@ def _plain(obj: Any, fallback: Callable[[Any], Any] | None) -> Any:
         return [_plain(v, fallback) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if obj is None or isinstance(obj, str | int | float | bool):
+    if isinstance(obj, float):
+        return finite_for_json(obj)
+    if obj is None or isinstance(obj, str | int | bool):
         return obj
     if fallback is not None:
         return _plain(fallback(obj), None)

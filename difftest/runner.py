@@ -920,8 +920,12 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
-    """Run end to end; returns the result and the infrastructure problems (exit 3 if any)."""
+@contextlib.contextmanager
+def executed(cfg: RunConfig, opts: RunOptions) -> Iterator[tuple[RunResult, list[str]]]:
+    """Run end to end; yields the result and the infrastructure problems (exit 3 if any) with the
+    folder's lock still held, so that the caller writes the report and drops `previous/` under it:
+    released before that, a second run could take the folder in between, delete this run's cache,
+    and, interrupted, leave this run's report at the top as its own."""
     out = opts.out_dir
     limit = opts.limit if opts.limit is not None else cfg.run.limit
     specs = cfg.servers()
@@ -957,9 +961,9 @@ def execute(cfg: RunConfig, opts: RunOptions) -> tuple[RunResult, list[str]]:
                 what = "report is" if opts.resume else "report and cache are"
                 log.warning("this run wrote no report: the earlier run's %s in %s/", what, prev)
             raise
-    run.warnings[:0] = notes
-    run.warnings.extend(problems)
-    if opts.baseline is not None:  # where the reference's answers came from
-        run.signature["baseline"] = opts.baseline.provenance()
-        run.warnings.extend(opts.baseline.replay_notes(cfg.reference.name))  # what it could not answer
-    return run, problems
+        run.warnings[:0] = notes
+        run.warnings.extend(problems)
+        if opts.baseline is not None:  # where the reference's answers came from
+            run.signature["baseline"] = opts.baseline.provenance()
+            run.warnings.extend(opts.baseline.replay_notes(cfg.reference.name))  # what it could not answer
+        yield run, problems

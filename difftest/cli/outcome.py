@@ -53,11 +53,11 @@ def run_summary(run: RunResult, out: Path, problems: list[str], code: int) -> di
 def execute_and_finish(cfg: RunConfig, opts: RunOptions, *, as_json: bool = False) -> int:
     """`run` and `compare`'s end: execute, write the report folder (`finish`), and only then drop
     the previous report that `execute` set aside."""
-    from difftest.runner import drop_previous, execute
+    from difftest.runner import drop_previous, executed
 
-    result, problems = execute(cfg, opts)
-    code = finish(result, opts.out_dir, problems, as_json=as_json)
-    drop_previous(opts.out_dir)
+    with executed(cfg, opts) as (result, problems):  # the folder's lock held until both are done
+        code = finish(result, opts.out_dir, problems, as_json=as_json)
+        drop_previous(opts.out_dir)
     return code
 
 

@@ -75,6 +75,23 @@ def cache_key(fingerprint: Mapping[str, Any], request: Mapping[str, Any]) -> str
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+COMPLETIONS_PATH = "/v1/completions"
+
+
+def stored_request(path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """What a request is cached as: a completions payload as it is (the keys of every cache so
+    far), any other route's wrapped with its path (the same body to /v1/chat/completions is
+    another request)."""
+    return dict(payload) if path == COMPLETIONS_PATH else {"path": path, "body": dict(payload)}
+
+
+def route_of(request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(path, payload) of a request as `stored_request` cached it."""
+    if set(request) == {"path", "body"} and isinstance(request["body"], Mapping):
+        return str(request["path"]), dict(request["body"])
+    return COMPLETIONS_PATH, dict(request)
+
+
 class ResponseCache:
     def __init__(self, path: str | Path, *, set_aside_unreadable: bool = True) -> None:
         """Open (or create) the cache at `path`. An unreadable file is renamed aside and replaced
@@ -165,6 +182,25 @@ class ResponseCache:
         with self._lock, self._writing():
             self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)", row)
             self._puts += 1
+
+    def keys_of(self, fingerprint: Mapping[str, Any]) -> list[str]:
+        """The keys of every answer stored for this server fingerprint (for the identity recheck,
+        which picks a few of them to ask again; `entry` reads one)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key FROM responses WHERE fingerprint = ? ORDER BY key", (canonical_json(fingerprint),)
+            ).fetchall()
+        return [key for (key,) in rows]
+
+    def entry(self, key: str) -> tuple[dict, dict] | None:
+        """The (request, response) stored under `key`, or None (gone, or unreadable). Read one at
+        a time: a run's answers together may not fit in memory. Counts no hit or miss."""
+        with self._lock:
+            row = self._db.execute("SELECT request, response FROM responses WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        request, response = _object(row[0]), _object(row[1])
+        return None if request is None or response is None else (request, response)
 
     def remember_server(self, name: str, fingerprint: Mapping[str, Any]) -> None:
         """Record the fingerprint a named server had, so an offline client can find its entries,

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from difftest.cache import ResponseCache
+from difftest.cache import ResponseCache, route_of
 from difftest.errors import (
     CacheMiss,
     OutputError,
@@ -47,12 +47,17 @@ from difftest.errors import (
 from difftest.identity import (
     CANARY_BATCH,
     CANARY_SLOTS,
+    REBUILT,
+    CachedRequest,
+    answer_difference,
     batch_summaries,
     canary_batch_request,
     canary_request,
     canary_summary,
     changed_parts,
     jitter,
+    pick_rechecks,
+    reach,
     tolerance_for,
     vouches,
 )
@@ -442,23 +447,72 @@ class CompletionClient:
         noise = max(jitter(behaviour, again), batch_jitter)
         fp = fp | {"behaviour": behaviour, "behaviour_batched": batched, "canary_jitter": noise}
         stored = self.cache.server_fingerprints(self.name) if self.cache is not None else []
+        stale: str | None = None  # what a re-asked cached request said, where the canary matched
         for n, old in enumerate(stored):
-            if not changed_parts(old, fp, tolerance_for(noise, old.get("canary_jitter"))):
-                if n:
-                    self.identity_note = (
-                        "server changed since the last cached run, back to the state of an earlier "
-                        "one: that run's answers are reused"
-                    )
-                    log.warning("%s: %s", self.name, self.identity_note)
-                return old
+            tolerance = tolerance_for(noise, old.get("canary_jitter"))
+            if changed_parts(old, fp, tolerance):
+                continue
+            differs = await self._recheck(old, tolerance)
+            if differs:
+                stale = stale or differs
+                continue
+            if n:
+                self.identity_note = (
+                    "server changed since the last cached run, back to the state of an earlier "
+                    "one: that run's answers are reused"
+                )
+                log.warning("%s: %s", self.name, self.identity_note)
+            return old
+        if stale:  # the canary alone would have matched: new keys, or the stale answers are found
+            fp = fp | {REBUILT: secrets.token_hex(8)}
         if stored:
-            changed = changed_parts(stored[0], fp, tolerance_for(noise, stored[0].get("canary_jitter")))
+            changed = (
+                [stale]
+                if stale
+                else changed_parts(stored[0], fp, tolerance_for(noise, stored[0].get("canary_jitter")))
+            )
             self.identity_note = (
                 f"server changed since the cached run ({', '.join(changed)}): no cached answer is "
                 "reused, everything asked again"
             )
             log.warning("%s: %s", self.name, self.identity_note)
         return fp
+
+    async def _recheck(self, old: dict, tolerance: float) -> str | None:
+        """Ask a few of the requests cached under `old` again (`pick_rechecks`: the longest echo
+        and generation, a seeded sample) and compare each answer with the cached one under the
+        canary's rule; what first differs, in words, or None. The canary reaches 23 positions of
+        one prompt; a server restarted with a shorter context, or rebuilt with a bug from position
+        28 on, answered it as before while every longer cached answer was stale."""
+        assert self.cache is not None
+        for picked in pick_rechecks(self._cached_requests(old)):
+            entry = self.cache.entry(picked.key)
+            if entry is None:
+                continue
+            request, cached = entry
+            path, body = route_of(request)
+            what = f"a cached {picked.reach}-token {'echo' if picked.echo else 'generation'} request"
+            try:
+                fresh = await self.post_choices(path, body)
+            except RequestRejected as exc:
+                return f"{what} now answers HTTP {exc.status_code}"
+            except ServerError as exc:
+                return f"{what} now fails ({exc.reason})"
+            why = answer_difference(cached, fresh, tolerance)
+            if why:
+                return f"{what} now answers differently: {why}"
+        return None
+
+    def _cached_requests(self, fingerprint: dict) -> list[CachedRequest]:
+        """Every request cached under `fingerprint`, ranked by reach (read one row at a time)."""
+        assert self.cache is not None
+        out = []
+        for key in self.cache.keys_of(fingerprint):
+            entry = self.cache.entry(key)
+            if entry is not None:
+                _, body = route_of(entry[0])
+                out.append(CachedRequest(key, reach(body, entry[1]), bool(body.get("echo"))))
+        return out
 
     def _unvouched(self, fp: dict, part: dict, why: str) -> dict:
         """`fp` with keys of this client's own, so that an answer stored by an earlier run (same

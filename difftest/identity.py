@@ -25,15 +25,24 @@ may differ by `JITTER_MULTIPLE` x the larger of the jitter seen now and at the c
 `TOLERANCE_FLOOR`, at most `LOGPROB_TOLERANCE`. A fixed 0.05 nats let the shim's `slot-variant`
 (KL ~0.006) through; a deterministic server (the shim on a CPU is bit-exact) has no jitter, and a
 tolerance too tight for a server costs only re-asking, never a verdict on stale answers.
+
+A canary vouches only for what it reaches (15 prompt tokens, 8 generated): a server restarted with
+a shorter context, or rebuilt with a bug from position 28 on, answers it as before. So where it
+matches, a few of the server's own cached requests are asked again (`pick_rechecks`: the longest
+echo, the longest generation, a seeded sample) and each answer compared with the cached one under
+the same rule and tolerance (`answer_difference`); a refusal or any difference reuses nothing.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from difftest.cache import canonical_json
+from difftest.errors import ServerError
 from difftest.tokens_view import parse_choice
 
 CANARY_PROMPT = "The quick brown fox jumps over the lazy dog. The capital of France is"
@@ -42,6 +51,15 @@ CANARY_LOGPROBS = 5
 LOGPROB_TOLERANCE = 0.05  # nats; the most jitter the canary forgives (a changed scheme moves more)
 TOLERANCE_FLOOR = 1e-4  # nats; what a bit-exact server is allowed (float printing, summation order)
 JITTER_MULTIPLE = 4.0  # the tolerance over the largest move seen between two asks of the canary
+# Before a canary match reuses a server's cached answers, these of its cached requests are asked
+# again: the longest echo, the longest generation, and a sample of this many more (seeded: the
+# same cache re-asks the same requests, so a resume is repeatable).
+RECHECK_SAMPLE = 3
+RECHECK_SEED = 0
+# A fingerprint key that only makes a fingerprint new (a random value): added where the canary
+# matched a stored fingerprint but its re-asked requests did not, so that the answers asked again
+# get keys of their own; `changed_parts` ignores it, so the next resume finds them.
+REBUILT = "rebuilt"
 # The batched canary: fixed forever (changing it changes every server's identity, so every cache is
 # re-asked once). Slot 0 and the slots a wrong tile offset reads instead (18 mod 16 and mod 8 = 2)
 # hold fillers, so a slot reading another slot's rows reads a different prompt's.
@@ -159,20 +177,43 @@ def same_behaviour(
     if not (vouches(old) and vouches(new)):
         return False
     assert old is not None and new is not None  # vouches() said so
-    if old.get("text") != new.get("text") or old.get("tokens") != new.get("tokens"):
-        return False
+    return first_difference(old, new, tolerance) is None
+
+
+def first_difference(old: Mapping[str, Any], new: Mapping[str, Any], tolerance: float) -> str | None:
+    """Where two summaries (`canary_summary`, `answer_summaries`) first differ, in words, or None:
+    the tokens must match, every logprob (sampled and top-k) be within `tolerance`. A summary's
+    top lists may hold None (a position without alternatives: an echo's first)."""
+    a_tokens, b_tokens = list(old.get("tokens") or []), list(new.get("tokens") or [])
+    if a_tokens != b_tokens:
+        i = next((i for i, (x, y) in enumerate(zip(a_tokens, b_tokens, strict=False)) if x != y), None)
+        if i is None:
+            return f"{len(b_tokens)} tokens where {len(a_tokens)} were cached"
+        return f"tokens differ at position {i} ({a_tokens[i]!r} cached, {b_tokens[i]!r} now)"
+    if old.get("text") != new.get("text"):
+        return "the same tokens spell another text"
     a, b = old.get("token_logprobs") or [], new.get("token_logprobs") or []
-    if len(a) != len(b) or not all(_close(x, y, tolerance) for x, y in zip(a, b, strict=True)):
-        return False
+    if len(a) != len(b):
+        return f"{len(b)} logprobs where {len(a)} were cached"
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if not _close(x, y, tolerance):
+            return f"the logprob at position {i} moved ({x} cached, {y} now; tolerance {tolerance:.2g} nats)"
     ta, tb = old.get("top_logprobs") or [], new.get("top_logprobs") or []
     if len(ta) != len(tb):
-        return False
-    for x, y in zip(ta, tb, strict=True):
+        return f"top logprobs at {len(tb)} positions where {len(ta)} were cached"
+    for i, (x, y) in enumerate(zip(ta, tb, strict=True)):
+        x, y = x or {}, y or {}
         shared = set(x) & set(y)
         # a near-tie may swap the k-th alternative in and out; the shared ones must agree
-        if len(shared) < max(len(x), len(y)) - 1 or not all(_close(x[k], y[k], tolerance) for k in shared):
-            return False
-    return True
+        if len(shared) < max(len(x), len(y)) - 1:
+            return f"the top logprobs at position {i} name other tokens"
+        for k in sorted(shared):
+            if not _close(x[k], y[k], tolerance):
+                return (
+                    f"the top logprob of {k!r} at position {i} moved ({x[k]} cached, {y[k]} now; "
+                    f"tolerance {tolerance:.2g} nats)"
+                )
+    return None
 
 
 def changed_parts(
@@ -183,7 +224,7 @@ def changed_parts(
     jitter measured with them not at all (it is how noisy the server is, not what it is)."""
     out = []
     for key in sorted(set(old) | set(new)):
-        if key == "canary_jitter":
+        if key in ("canary_jitter", REBUILT):
             continue
         if key == "behaviour":
             if not vouches(new.get(key)) or not vouches(old.get(key)):
@@ -210,4 +251,100 @@ def _batched_change(old: Any, new: Any, tolerance: float) -> str | None:
     for slot, a, b in zip(new["slots"], old["answers"], new["answers"], strict=False):
         if not same_behaviour(a, b, tolerance):
             return f"canary answered differently at batch slot {slot} of {new.get('batch')}"
+    return None
+
+
+# ---------------------------------------------------------------- re-asking cached requests
+
+
+@dataclass(frozen=True)
+class CachedRequest:
+    """A cached request as the recheck ranks it: its cache key, reach and kind."""
+
+    key: str
+    reach: int  # prompt tokens + max_tokens: the furthest position its answer depends on
+    echo: bool  # teacher forcing (an echoed prompt) rather than a generation
+
+
+def reach(request: Mapping[str, Any], response: Mapping[str, Any]) -> int:
+    """How far into a context `request` reaches: its prompt's tokens plus `max_tokens`. The
+    prompt's tokens as the server counted them (`usage.prompt_tokens`, one prompt), else a token-id
+    prompt's length, else a text's characters / 4 (a rough count: it only ranks requests)."""
+    max_tokens = request.get("max_tokens", 16)
+    generated = max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else 16
+    return _prompt_tokens(request, response) + generated
+
+
+def _prompt_tokens(request: Mapping[str, Any], response: Mapping[str, Any]) -> int:
+    prompt = request.get("prompt")
+    if "messages" in request and prompt is None:
+        prompt = " ".join(str(m.get("content", "")) for m in request["messages"] if isinstance(m, Mapping))
+    several = isinstance(prompt, list) and bool(prompt) and not all(isinstance(t, int) for t in prompt)
+    usage = response.get("usage")
+    counted = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
+    if isinstance(counted, int) and counted >= 0 and not several:
+        return counted
+    return max((_rough_tokens(p) for p in prompt), default=0) if several else _rough_tokens(prompt)  # type: ignore[union-attr]
+
+
+def _rough_tokens(prompt: Any) -> int:
+    if isinstance(prompt, list):
+        return len(prompt)
+    return -(-len(prompt) // 4) if isinstance(prompt, str) else 0
+
+
+def pick_rechecks(
+    cached: Sequence[CachedRequest], sample: int = RECHECK_SAMPLE, seed: int = RECHECK_SEED
+) -> list[CachedRequest]:
+    """The cached requests to ask again: the longest echo and the longest generation (a change
+    past the canary's reach, a context cap, shows there first), and a seeded sample of the rest
+    (a change the canary's prompt does not meet)."""
+    ordered = sorted(cached, key=lambda c: c.key)
+    picked = [
+        max(group, key=lambda c: c.reach)
+        for group in ([c for c in ordered if c.echo], [c for c in ordered if not c.echo])
+        if group
+    ]
+    rest = [c for c in ordered if c not in picked]
+    return picked + random.Random(seed).sample(rest, min(sample, len(rest)))
+
+
+def answer_summaries(response: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every choice of an answer (by index) as `first_difference` compares them: text, tokens,
+    logprobs, and top logprobs position by position (None where a position has none)."""
+    choices = response.get("choices")
+    choices = choices if isinstance(choices, list) else []
+    if all(isinstance(c, Mapping) and isinstance(c.get("index"), int) for c in choices):
+        choices = sorted(choices, key=lambda c: c["index"])
+    return [_choice_summary(c) for c in choices]
+
+
+def _choice_summary(choice: Any) -> dict[str, Any]:
+    view = parse_choice(choice)
+    text = choice.get("text")
+    if text is None and isinstance(choice.get("message"), Mapping):  # a chat answer
+        text = choice["message"].get("content")
+    return {
+        "text": text,
+        "tokens": list(view.tokens),
+        "token_logprobs": [_value(p.logprob) for p in view.positions],
+        "top_logprobs": [
+            {str(k): _value(v) for k, v in p.top.items()} if p.top else None for p in view.positions
+        ],
+    }
+
+
+def answer_difference(old: Mapping[str, Any], new: Mapping[str, Any], tolerance: float) -> str | None:
+    """How a fresh answer to a cached request differs from the cached one, in words, or None
+    (the canary's rule: same tokens, logprobs within `tolerance`)."""
+    try:
+        a, b = answer_summaries(old), answer_summaries(new)
+    except (ServerError, ValueError, TypeError) as exc:  # a malformed block (UnreadableBody)
+        return f"the answer cannot be read ({exc})"
+    if len(a) != len(b):
+        return f"{len(b)} choices where {len(a)} were cached"
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        why = first_difference(x, y, tolerance)
+        if why:
+            return why if len(a) == 1 else f"choice {i}: {why}"
     return None

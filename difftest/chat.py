@@ -73,8 +73,8 @@ def chat_payload(caps: Capabilities, prompt: Prompt, *, max_tokens: int, k: int,
 async def post_chat(client: CompletionClient, payload: Mapping[str, Any]) -> dict[str, Any]:
     """POST /v1/chat/completions. An answer without a `choices` list (a 200 carrying `{"error"}`)
     is a failed request, retried, as over /v1/completions (one check: the client's), not a broken
-    answer."""
-    return await client.post_choices(PATH, payload)
+    answer. Cached like a completion (`CompletionClient.choices`): a chat run resumes too."""
+    return await client.choices(PATH, payload)
 
 
 def message_text(choice: Mapping[str, Any]) -> tuple[str | None, str]:

@@ -15,8 +15,9 @@ Why each guard exists:
 - the API key goes out as a Bearer header only: it is never logged, never part of the fingerprint,
   and scrubbed from any server message we re-raise (servers like to echo bad keys back).
 
-With a `ResponseCache`, completions are looked up by (server fingerprint, request) first; with
-`offline=True` nothing touches the network and a miss raises `CacheMiss`.
+With a `ResponseCache`, completions and chat completions are looked up by (server fingerprint,
+path, request) first; with `offline=True` nothing touches the network and a miss raises
+`CacheMiss`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from difftest.cache import ResponseCache, route_of
+from difftest.cache import COMPLETIONS_PATH, ResponseCache, route_of, stored_request
 from difftest.errors import (
     CacheMiss,
     OutputError,
@@ -275,9 +276,18 @@ class CompletionClient:
         self, payload: Mapping[str, Any], *, use_cache: bool = True, retries: int | None = None
     ) -> dict:
         """POST /v1/completions. `use_cache=False` for probes that must hit the server twice."""
+        return await self.choices(COMPLETIONS_PATH, payload, use_cache=use_cache, retries=retries)
+
+    async def choices(
+        self, path: str, payload: Mapping[str, Any], *, use_cache: bool = True, retries: int | None = None
+    ) -> dict:
+        """POST to a completions-shaped route (completions, chat completions), looked up in the
+        cache first and stored there (keyed with the path: `cache.stored_request`). A chat run's
+        answers were never cached: its resume asked everything again and said "asked 0"."""
         if not isinstance(payload, Mapping):
             raise TypeError("payload must be a JSON object")
         cached = self.cache is not None and use_cache
+        request = stored_request(path, payload)
         if cached:
             if self._cache_error is not None:  # a full disk stays full: no request, no canary again
                 raise OutputError(self._cache_error.path, self._cache_error.why)
@@ -286,17 +296,17 @@ class CompletionClient:
             except OutputError as exc:
                 self._cache_error = exc
                 raise
-            hit = self.cache.get(fp, payload)  # type: ignore[union-attr]
+            hit = self.cache.get(fp, request)  # type: ignore[union-attr]
             if hit is not None:
                 self._hits += 1
                 return hit
             if self.offline:
-                raise CacheMiss(f"{self.name}: offline and no cached response for this completions request")
+                raise CacheMiss(f"{self.name}: offline and no cached response for this {path} request")
             self._misses += 1
-        data = await self.post_choices("/v1/completions", payload, retries=retries)
+        data = await self.post_choices(path, payload, retries=retries)
         if cached:
             try:
-                self.cache.put(fp, payload, data)  # type: ignore[union-attr]
+                self.cache.put(fp, request, data)  # type: ignore[union-attr]
             except OutputError as exc:
                 self._cache_error = exc
                 raise

@@ -44,6 +44,8 @@ class _ChatStub:
         self.mutate(resp, body)
         return read_choices(json.dumps(resp).encode(), self.name, path)
 
+    choices = post_choices  # chat generations go through the client's cached `choices`
+
     async def completions(self, payload: dict[str, Any], **_: Any) -> Any:
         self.asked += 1
         raise AssertionError("no completions request expected")

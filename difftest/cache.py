@@ -1,4 +1,5 @@
-"""sqlite response cache: what makes `--resume` and offline `difftest report DIR` possible.
+"""sqlite response cache: what makes `--resume` possible (an offline `difftest report DIR` needs
+report.json alone).
 
 A response is keyed by sha256 over (the server's fingerprint, the full request), both as canonical
 JSON, so a cached answer is reused only for the same request to the same server build. Only

@@ -162,7 +162,7 @@ async def _chat_logprobs(
 ) -> tuple[int, str, str | None]:
     """(top_logprobs cap, its keys, the text that showed them), read from a one-token reply that
     holds a token: an empty reply (a chat model ending at once) shows nothing about logprob
-    support, so the next text is asked. Where every text's reply is empty at the first `k` asked,
+    support, so the next text is asked; a reply with text and no logprobs ignored them. Where every text's reply is empty at the first `k` asked,
     (k, "none", None): support unverified, not "no logprobs". (0, "none", text) where no `k` is
     served."""
     shown: str | None = None
@@ -170,9 +170,9 @@ async def _chat_logprobs(
         for text in texts:
             body = base | {"messages": [{"role": "user", "content": text}], "temperature": 0}
             resp, _ = await _ask(client, body | {"max_tokens": 1, "logprobs": True, "top_logprobs": k})
-            view = _read(resp, client.name)[1]
-            if resp is None or len(view):  # refused, or a token with (or without) alternatives
-                shown = text if len(view) else shown
+            said, view, _ = _read(resp, client.name)
+            if resp is None or said or len(view):  # refused, or a reply: with logprobs or without
+                shown = text if said or len(view) else shown
                 if len(view) and view.top_k:
                     return min(k, view.top_k), view.top_keys, text
                 break

@@ -77,13 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"server_shim: error: --port {args.port} is not a TCP port", file=sys.stderr)
         return 2
-    from server_shim.option_rules import refuse_serve_options
-
-    try:  # before torch is imported: the rules difftest's config check runs, at once
-        refuse_serve_options(options.from_namespace(args))
-    except ShimError as exc:
-        print(f"server_shim: error: {exc}", file=sys.stderr)
-        return 2
     from server_shim.serve import run_server
 
     api_key = os.environ.get(args.api_key_env) or None
@@ -116,6 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.api_key_env,
             args.host,
         )
+    from server_shim.option_rules import refuse_serve_options
+
+    try:  # the rules difftest's config check runs, before any model loads (after the key's own)
+        refuse_serve_options(options.from_namespace(args))
+    except ShimError as exc:
+        print(f"server_shim: error: {exc}", file=sys.stderr)
+        return 2
     opts = options.from_namespace(args, api_key=api_key)
     try:
         run_server(opts)

@@ -117,13 +117,9 @@ def canary_summary(response: Mapping[str, Any]) -> dict[str, Any]:
     is JSON and such a canary never vouches."""
     choices = response.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else {}
-    view = parse_choice(choice) if isinstance(choice, Mapping) else parse_choice({})
-    return {
-        "text": choice.get("text") if isinstance(choice, Mapping) else None,
-        "tokens": list(view.tokens),
-        "token_logprobs": [_value(p.logprob) for p in view.positions],
-        "top_logprobs": [{str(k): _value(v) for k, v in p.top.items()} for p in view.positions if p.top],
-    }
+    summary = _choice_summary(choice if isinstance(choice, Mapping) else {})
+    # positions without alternatives left out, as stored fingerprints have them
+    return summary | {"top_logprobs": [top for top in summary["top_logprobs"] if top is not None]}
 
 
 def _value(v: float | None) -> float | str | None:

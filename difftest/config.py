@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import importlib
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +37,7 @@ from server_shim.launch_spec import (
     resolve_paths,
     spec_from_table,
 )
-from server_shim.option_rules import MODEL_PRESETS  # models.PRESETS: the shim's presets, torch-free
+from server_shim.option_rules import MODEL_PRESETS, model_source  # the shim's own rules, torch-free
 
 WHITEBOX = ("auto", "off", "on")
 NULLS = ("twin", "aa", "none")  # difftest.null: the golden's rounding twin, in-run A/A, none
@@ -401,11 +402,14 @@ def _server(
 
 def _check_launchable(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec, base: Path) -> None:
     """Mistakes that used to surface only after servers were launched (exit 3, no config line)."""
-    if spec.kind == "shim" and spec.model not in MODEL_PRESETS and not Path(spec.model or "").exists():
+    if spec.kind == "shim" and model_source(spec.model or "") is None:
+        path = (base / Path(spec.model or "").expanduser()).resolve()
+        seen = "neither a .gguf file nor a folder with config.json" if path.exists() else "nothing is there"
+        at = "" if str(path) == spec.model else f" at {path}"
         raise ctx.error(
             where, "model",
-            f"model {spec.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing "
-            f"file or folder (looked at {(base / (spec.model or '')).resolve()})",
+            f"model {spec.model!r} is not one the shim loads ({seen}{at}): use a preset "
+            f"({', '.join(MODEL_PRESETS)}), a .gguf file or an HF model folder with config.json",
         )  # fmt: skip
     if spec.kind == "command" and spec.port is None and "{port}" not in (spec.command or ""):
         raise ctx.error(
@@ -417,6 +421,7 @@ def _check_launchable(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec, base:
         _check_command(ctx, where, spec)
     if spec.kind == "shim":
         _check_shim_flags(ctx, where, spec)
+        _check_shim_env(ctx, where, spec)
     if spec.cwd is not None:
         _check_cwd(ctx, where, spec.cwd)
 
@@ -455,6 +460,22 @@ def _check_shim_flags(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec) -> No
     except (argparse.ArgumentError, ShimError) as exc:
         key = exc.option if isinstance(exc, OptionValueError) else None  # a value: its key's line
         raise ctx.error(where, key, f"the shim would refuse to start: {exc}") from None
+
+
+def _check_shim_env(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec) -> None:
+    """The shim's variables in its `env` table, and in the environment it inherits: a misspelt name
+    was read as unset (no word), a bad value stopped the shim only once launched (exit 3)."""
+    from server_shim.switches import SwitchError, check_switches, unknown_variable_problem
+
+    for name in spec.env or {}:
+        if name != spec.api_key_env and (why := unknown_variable_problem(name)) is not None:
+            raise ctx.error(where, "env", f"key 'env.{name}': {why}")
+    try:
+        check_switches({**os.environ, **(spec.env or {})})
+    except SwitchError as exc:
+        ours = any(str(exc).startswith(f"{n}=") for n in spec.env or {})
+        origin = "" if ours else " (set in difftest's environment)"
+        raise ctx.error(where, "env", f"the shim would refuse to start: {exc}{origin}") from None
 
 
 # `{name}` left in a command after the launcher's placeholders are replaced (a doubled `{{...}}`,

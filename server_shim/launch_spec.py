@@ -277,8 +277,10 @@ def resolve_paths(spec: ServerSpec, base: Path) -> ServerSpec:
     changes: dict[str, Any] = {}
     if spec.cwd is not None:
         changes["cwd"] = str((base / spec.cwd).resolve())
-    if spec.kind == "shim" and spec.model is not None and (base / spec.model).exists():
-        changes["model"] = str((base / spec.model).resolve())  # a local HF folder or .gguf, not a preset
+    if spec.kind == "shim" and spec.model is not None and (base / Path(spec.model).expanduser()).exists():
+        # a local HF folder or .gguf, not a preset; `~` as the shim reads it (an absolute path
+        # ignores base)
+        changes["model"] = str((base / Path(spec.model).expanduser()).resolve())
     return dataclasses.replace(spec, **changes) if changes else spec
 
 

@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from server_shim.errors import ModelLoadError
-from server_shim.option_rules import DTYPE_NAMES, MODEL_PRESETS, device_problem, dtype_problem
+from server_shim.option_rules import DTYPE_NAMES, MODEL_PRESETS, device_problem, dtype_problem, model_source
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +117,10 @@ def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", seed: in
     elif spec == "tiny-moe":
         model, tok = _tiny_moe(seed), smollm2_tokenizer()
     else:
-        path = Path(spec).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
+        path, source = Path(spec).expanduser(), model_source(spec)
+        if source == "gguf":
             model, tok = _load_hf_folder(_gguf_cache(path, _gguf_cache_name(path)), dt)
-        elif path.is_dir() and (path / "config.json").is_file():
+        elif source == "hf":
             model, tok = _load_hf_folder(path, dt)
         else:
             raise ModelLoadError(_unknown_model(spec))
@@ -150,10 +150,11 @@ def prepare_model(spec: str) -> None:
     elif spec in ("tiny-llama", "tiny-moe"):
         smollm2_tokenizer()
     else:
-        path = Path(spec).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
+        source = model_source(spec)
+        if source == "gguf":
+            path = Path(spec).expanduser()
             _gguf_cache(path, _gguf_cache_name(path))
-        elif not (path.is_dir() and (path / "config.json").is_file()):  # an HF folder needs nothing
+        elif source != "hf":  # an HF folder needs nothing
             raise ModelLoadError(_unknown_model(spec))
 
 

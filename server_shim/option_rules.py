@@ -9,6 +9,7 @@ mistake from the server's exit 2 after the other servers have started. The shim 
     refuse_bad_values(opts)       OptionValueError for a value no machine can serve (dtype, device, ...)
     refuse_inert_options(opts)    QuantConfigError for flags that contradict each other or do nothing
     dtype_problem / device_problem / rounding_noise_amplitude   the single-value rules
+    model_source(spec)            preset, .gguf file, HF folder, or None (nothing the shim loads)
     parse_fault(text)             `NAME[@GLOB]` -> FaultSpec (the one parser of a fault's text)
 
 Whether a GPU is there (`device = "cuda"` on a CPU-only machine) is a fact of the machine the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from server_shim.catalog import FAULTS, SLOT_FAULTS, SLOT_TILE_ROWS
@@ -41,6 +43,20 @@ class OptionValueError(ShimError):
     def __init__(self, message: str, *, option: str) -> None:
         super().__init__(message)
         self.option = option
+
+
+def model_source(spec: str) -> str | None:
+    """What the shim loads `spec` as: "preset", "gguf" (a `.gguf` file) or "hf" (a folder holding
+    config.json); None where it loads nothing. One rule for the config check and models.load_model:
+    the check had taken any existing path, and the shim refused a stray folder after launch."""
+    if spec in MODEL_PRESETS:
+        return "preset"
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf"
+    return None
 
 
 def dtype_problem(dtype: str) -> str | None:

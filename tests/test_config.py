@@ -173,6 +173,7 @@ def test_paths_are_relative_to_the_config_folder(tmp_path: Path) -> None:
     (tmp_path / "data" / "one.jsonl").write_text("{}\n")
     (tmp_path / "data" / "two.jsonl").write_text("{}\n")
     (tmp_path / "mymodel").mkdir()
+    (tmp_path / "mymodel" / "config.json").write_text("{}")  # an HF folder, as the shim loads
     (sub / "work").mkdir()  # the server's cwd: checked to be a folder, beside the config
     path = write(
         sub,
@@ -362,11 +363,11 @@ ERRORS = [
     (MINIMAL + "\n[thresholds.fp8-blok]\nmargin = 2\n", "13: [thresholds] scheme 'fp8-blok' is unknown"),
     (
         MINIMAL.replace('model = "tiny-llama"\nquant', 'model = "models/missing.gguf"\nquant'),
-        "9: [[target]] model 'models/missing.gguf' is neither a preset (smollm2-135m, tiny-llama, tiny-moe)",
+        "9: [[target]] model 'models/missing.gguf' is not one the shim loads (nothing is there at ",
     ),
     (
         MINIMAL.replace('[reference]\nmodel = "tiny-llama"', '[reference]\nmodel = "tiny-lama"'),
-        "5: [reference] model 'tiny-lama' is neither a preset",
+        "5: [reference] model 'tiny-lama' is not one the shim loads",
     ),
     (
         MINIMAL.replace('golden = "auto"', 'golden = { command = "engine --serve" }'),
@@ -383,6 +384,44 @@ def test_error_names_file_line_and_key(tmp_path: Path, body: str, expected: str)
     msg = str(info.value)
     assert msg.startswith(f"{path}:"), msg
     assert expected in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("make", "seen"),
+    [
+        (lambda d: (d / "weights").mkdir(), "neither a .gguf file nor a folder with config.json"),
+        (lambda d: (d / "weights").write_text("x"), "neither a .gguf file nor a folder with config.json"),
+        (lambda d: None, "nothing is there"),
+    ],
+    ids=["folder-without-config.json", "file-not-gguf", "missing"],
+)
+def test_model_path_the_shim_cannot_load_is_refused_at_its_line(tmp_path: Path, make, seen: str) -> None:
+    """The check took any existing path; the shim refused a folder without config.json (or a
+    file that is no .gguf) only after every server had been launched (exit 3, no config line)."""
+    make(tmp_path)
+    path = write(tmp_path, MINIMAL.replace('model = "tiny-llama"\nquant', 'model = "weights"\nquant'))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "9: [[target]] model '" in str(info.value)
+    assert f"weights' is not one the shim loads ({seen}" in str(info.value)
+    assert "use a preset (smollm2-135m, tiny-llama, tiny-moe), a .gguf file or an HF model folder" in str(
+        info.value
+    )
+
+
+def test_model_paths_the_shim_loads_pass_and_tilde_is_expanded(tmp_path: Path, monkeypatch) -> None:
+    """A `.gguf` file and a folder with config.json pass; `~` is read as the shim reads it (the
+    check had looked for a literal '~' folder beside the config and refused a good path)."""
+    home = tmp_path / "home"
+    (home / "hf").mkdir(parents=True)
+    (home / "hf" / "config.json").write_text("{}")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("HOME", str(home))
+    body = MINIMAL.replace('model = "tiny-llama"\nquant', 'model = "~/hf"\nquant')
+    body = body.replace('[reference]\nmodel = "tiny-llama"', '[reference]\nmodel = "m.gguf"')
+    cfg = load_config(write(tmp_path, body))
+    assert cfg.reference.model == str((tmp_path / "m.gguf").resolve())
+    assert cfg.targets[0].server.model == str((home / "hf").resolve())
 
 
 def test_second_target_error_points_at_its_own_line(tmp_path: Path) -> None:
@@ -658,3 +697,36 @@ def test_a_cwd_that_is_no_folder_is_its_config_line(
         f"the server in ({why})\n"
     )
     assert started == []
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ('{ DIFFTEST_CK_FRE = "1" }', "key 'env.DIFFTEST_CK_FRE': DIFFTEST_CK_FRE is no variable the shim reads; "
+         "did you mean DIFFTEST_CK_FREE?"),
+        ('{ DIFFTEST_CK_FREE = "enabled" }', "the shim would refuse to start: DIFFTEST_CK_FREE='enabled' is neither on"),
+        ('{ DIFFTEST_TRITON_KERNELS = "fastest" }', "DIFFTEST_TRITON_KERNELS='fastest' must be one of fast, legacy"),
+    ],
+    ids=["misspelt-name", "bad-switch-value", "bad-choice"],
+)  # fmt: skip
+def test_shim_env_table_is_checked_at_its_line(tmp_path: Path, env: str, expected: str) -> None:
+    """A misspelt DIFFTEST_* name was read as unset (CK_FREE off, no word); a bad value stopped the
+    shim only after launch (exit 3)."""
+    body = MINIMAL.replace('golden = "auto"', f'golden = "auto"\nenv = {env}')
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, body))
+    assert "12: [[target]] " in str(info.value), str(info.value)
+    assert expected in str(info.value)
+
+
+def test_shim_switch_from_difftests_environment_is_named_so(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DIFFTEST_CUDA_GRAPHS", "maybe")
+    with pytest.raises(
+        ConfigError, match=r"DIFFTEST_CUDA_GRAPHS='maybe' is neither on .*\(set in difftest's environment\)"
+    ):
+        load_config(write(tmp_path, MINIMAL))
+    monkeypatch.setenv("DIFFTEST_CUDA_GRAPHS", "off")
+    body = MINIMAL.replace(
+        'golden = "auto"', 'golden = "auto"\nenv = { DIFFTEST_CK_FREE = "1", OTHER = "x" }'
+    )
+    assert load_config(write(tmp_path, body)).targets[0].server.env == {"DIFFTEST_CK_FREE": "1", "OTHER": "x"}

@@ -49,3 +49,31 @@ def test_every_switch_the_shim_reads_is_checked() -> None:
         read |= set(re.findall(r'env_switch\("(DIFFTEST_[A-Z0-9_]+)"', text))
         read |= {consts[c] for c in re.findall(r"env_switch\(([A-Z_]+),", text)}
     assert read == set(SWITCHES)
+
+
+def test_every_variable_the_shim_reads_is_known() -> None:
+    """KNOWN_VARIABLES holds every DIFFTEST_* name the shim reads: the config check refuses any other
+    in a shim's `env` table, so a forgotten name there would refuse a good config."""
+    import re
+    from pathlib import Path
+
+    from server_shim.switches import KNOWN_VARIABLES, unknown_variable_problem
+
+    root = Path(__file__).resolve().parents[1] / "server_shim"
+    named = {
+        m for p in root.rglob("*.py") for m in re.findall(r'"(DIFFTEST_[A-Z0-9_]*[A-Z0-9])"', p.read_text())
+    }
+    assert named <= set(KNOWN_VARIABLES), named - set(KNOWN_VARIABLES)
+    assert unknown_variable_problem("DIFFTEST_FUSED_NROM") == (
+        "DIFFTEST_FUSED_NROM is no variable the shim reads; did you mean DIFFTEST_FUSED_NORM?"
+    )
+    assert unknown_variable_problem("PATH") is None and unknown_variable_problem("DIFFTEST_CK_FREE") is None
+
+
+def test_switches_read_a_given_environment_not_the_process() -> None:
+    from server_shim.switches import SwitchError, check_switches, env_choice, env_switch
+
+    assert env_switch("DIFFTEST_CK_FREE", False, {"DIFFTEST_CK_FREE": "on"}) is True
+    assert env_choice("DIFFTEST_TRITON_KERNELS", {"DIFFTEST_TRITON_KERNELS": "Legacy"}) == "legacy"
+    with pytest.raises(SwitchError, match="DIFFTEST_TRITON_FACTORED_4BIT is no longer supported"):
+        check_switches({"DIFFTEST_TRITON_FACTORED_4BIT": "1"})

@@ -152,6 +152,7 @@ class ClientStats:
     retries: int  # extra attempts made
     cache_hits: int
     cache_misses: int = 0  # cacheable completions that were asked (not found in the cache)
+    identity_checks: int = 0  # requests asked to vouch for cached answers (canary, re-checks)
 
 
 class CompletionClient:
@@ -215,7 +216,7 @@ class CompletionClient:
         self._fp_lock = asyncio.Lock()
         self._debug_config: dict[str, Any] | None = None
         self._debug_lock = asyncio.Lock()
-        self._requests = self._failures = self._retries = self._hits = self._misses = 0
+        self._requests = self._failures = self._retries = self._hits = self._misses = self._checks = 0
         # what the identity check found, for the run's report (None: nothing to say)
         self.identity_note: str | None = None
         headers: dict[str, str | bytes] = {"User-Agent": "difftest"}
@@ -269,7 +270,9 @@ class CompletionClient:
         return self._retries
 
     def stats(self) -> ClientStats:
-        return ClientStats(self._requests, self._failures, self._retries, self._hits, self._misses)
+        return ClientStats(
+            self._requests, self._failures, self._retries, self._hits, self._misses, self._checks
+        )
 
     # ------------------------------------------------------------------ endpoints
     async def completions(
@@ -502,6 +505,7 @@ class CompletionClient:
             request, cached = entry
             path, body = route_of(request)
             what = f"a cached {picked.reach}-token {'echo' if picked.echo else 'generation'} request"
+            self._checks += 1
             try:
                 fresh = await self.post_choices(path, body)
             except RequestRejected as exc:
@@ -536,8 +540,10 @@ class CompletionClient:
         """The canary alone: its summary, and what went wrong if it cannot vouch."""
         try:
             try:
+                self._checks += 1
                 answer = await self.completions(request, use_cache=False)
             except RequestRejected:  # a server without logprobs still has greedy tokens to compare
+                self._checks += 1
                 answer = await self.completions(
                     {k: v for k, v in request.items() if k != "logprobs"}, use_cache=False
                 )
@@ -556,6 +562,7 @@ class CompletionClient:
         largest move between the two asks)."""
         asks = []
         for _ in range(2):
+            self._checks += 1
             try:
                 answer = await self.completions(canary_batch_request(request), use_cache=False)
             except (RequestRejected, ServerError) as e:

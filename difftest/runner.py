@@ -820,8 +820,9 @@ def _resume_notes(eps: Mapping[str, Endpoint]) -> list[str]:
         if client.identity_note:
             notes.append(f"{name}: {client.identity_note}")
         stats = client.stats()
+        checks = f" and {stats.identity_checks} identity checks" if stats.identity_checks else ""
         notes.append(
-            f"{name}: reused {stats.cache_hits} cached answers, asked {stats.cache_misses} (--resume)"
+            f"{name}: reused {stats.cache_hits} cached answers, asked {stats.cache_misses}{checks} (--resume)"
         )
     return notes
 

@@ -8,6 +8,7 @@ answers, asked 0" while every prompt had been asked.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from test_runner import write_config
 from difftest.cache import ResponseCache, route_of, stored_request
 from difftest.cli import main
 from difftest.client import CompletionClient
+from difftest.identity import RECHECK_SAMPLE
 
 CHAT = "/v1/chat/completions"
 
@@ -41,7 +43,12 @@ def test_a_chat_run_is_cached_and_its_resume_reuses_every_answer(tmp_path: Path)
         assert main(["run", str(cfg), "--resume"]) == first
     notes = _resume_notes(out)
     assert len(notes) == 2, notes
-    assert all(n.endswith(f"reused {len(rows)} cached answers, asked 0 (--resume)") for n in notes), notes
+    # the canary (alone twice, in a batch twice) and the re-checks are asked and counted apart
+    said = [
+        re.search(r"reused (\d+) cached answers, asked 0 and (\d+) identity checks \(--resume\)$", n)
+        for n in notes
+    ]
+    assert all(m and int(m[1]) == len(rows) and 4 <= int(m[2]) <= 4 + 2 + RECHECK_SAMPLE for m in said), notes
 
 
 async def test_a_chat_request_has_a_key_of_its_own(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ from difftest.collect import force_all, generate_all, prompt_token_ids  # noqa: 
 from difftest.metrics.aggregate import aggregate_prompts  # noqa: E402
 from difftest.prompts import Prompt  # noqa: E402
 from difftest.runner import CHUNK_PROMPTS  # noqa: E402  (the runner's chunk size)
-from difftest.scoring import finish_comparison, score_prompts  # noqa: E402
+from difftest.scoring import DepthTally, compared_depths, finish_comparison, score_prompts  # noqa: E402
 from difftest.session import ClientOptions, Server, Session  # noqa: E402
 
 URL = "http://instant.invalid"
@@ -197,7 +197,9 @@ async def _collect_and_score(
     cache: ResponseCache | None,
 ) -> dict[str, Any]:
     """As the runner does it: per chunk generate, force and score, drop the raw responses."""
-    out: dict[str, Any] = {"collect_s": 0.0, "score_s": 0.0, "diffs": [], "unforced": [], "first_error": None}
+    out: dict[str, Any] = {
+        "collect_s": 0.0, "score_s": 0.0, "diffs": [], "unforced": [], "first_error": None, "depths": DepthTally(args.k)
+    }  # fmt: skip
     async with session(servers, args, cache) as s:
         ref, tgt = s["ref"], s["tgt"]
         if not (ref.caps.int_prompts and ref.caps.token_id_strings and ref.caps.logprobs_cap >= args.k):
@@ -226,6 +228,7 @@ async def _collect_and_score(
                                  tie_margin=0.05, k=args.k)  # fmt: skip
             out["diffs"] += d
             out["unforced"] += u
+            out["depths"].merge(compared_depths(d, forced[0], forced[1], k=args.k))  # as the runner
             out["first_error"] = out["first_error"] or gen["ref"][chunk[0].id].error
             del gen, forced
             ids.clear()
@@ -254,7 +257,7 @@ def run_once(n: int, args: argparse.Namespace) -> dict[str, Any]:
     t0 = 0.0
     t1 = collect_s
     tc = time.perf_counter()
-    comp = finish_comparison("accuracy", "ref", "tgt", diffs, unforced=unforced, seed=0)
+    comp = finish_comparison("accuracy", "ref", "tgt", diffs, unforced=unforced, seed=0, depths=res["depths"])
     t2 = t1 + score_s + (time.perf_counter() - tc)
     rss1 = _rss_mib()
     live = len(gc.get_objects())  # containers the cyclic GC must scan on every full collection
@@ -266,7 +269,7 @@ def run_once(n: int, args: argparse.Namespace) -> dict[str, Any]:
         prof.disable()
     missing = [
         k
-        for k in ("token_match", "kl_mean", "kl_upper_mean", "top1_agreement", "bleu", "chrf")
+        for k in ("token_match", "kl_mean", "kl_upper_mean", "top1_agreement", "bleu", "chrf", "kl_depth_min")
         if k not in comp.aggregate
     ] + [k for k in ("token_match", "kl_mean") if k not in comp.ci]
     if missing or comp.aggregate["failed_requests"]:  # a bench that skipped a metric would flatter the differ

@@ -48,6 +48,7 @@ async def golden_floor(
             forced = await force_all(
                 serial, prompts, batched, k=k, as_ids=as_ids,
                 prompt_ids=lambda p: prompt_token_ids(serial, p.prompt), on_done=lambda: progress.advance(task),
+                own=True,  # the same server's own greedy answers, asked in a batch
             )  # fmt: skip
     comp = build_comparison(
         "noise", ep.name, f"{ep.name}@serial", prompts, batched, gens,

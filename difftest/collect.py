@@ -226,8 +226,10 @@ async def force(
     prompt_ids: list[int] | None,
     as_ids: bool,
     k: int,
+    own: bool = False,
 ) -> Forced:
-    """Echo prompt + `continuation` into `ep`; return the continuation's positions, aligned."""
+    """Echo prompt + `continuation` into `ep`; return the continuation's positions, aligned.
+    `own`: `ep`'s server generated `continuation` itself (impossible_echo's greedy rule)."""
     n = len(continuation.view)
     if n == 0:
         return Forced(())
@@ -272,19 +274,22 @@ async def force(
             failed=True,
             broken=True,
         )
-    problem = impossible_echo(tail)
+    problem = impossible_echo(tail, own=own)
     if problem is not None:
         return Forced(error=f"{ep.name}: {problem}", failed=True, broken=True)
     return Forced(tuple(tail))
 
 
-def impossible_echo(tail: Sequence[Position]) -> str | None:
+def impossible_echo(tail: Sequence[Position], *, own: bool = False) -> str | None:
     """Why the teacher-forced positions cannot be log-probabilities (NaN, above 0, a top list over
     all the probability, ...), or None. The probe checks one echo; a kernel that breaks on some
     prompts only sent such values straight into the KL: a reference's NaN failed the target with
     "mean KL NaN", a target's probabilities were scored as a KL regression. Such an echo is a
-    broken answer of its side: never scored (score_prompt decides whose fault it is)."""
-    return impossible_logprobs(TokensView(tuple(tail)), where="echoed continuation positions")
+    broken answer of its side: never scored (score_prompt decides whose fault it is).
+
+    `own`: the echoing server generated this continuation itself, greedily, so each token was
+    its argmax once and a probability of 0 (-inf) for it is impossible too (the greedy rule)."""
+    return impossible_logprobs(TokensView(tuple(tail)), where="echoed continuation positions", greedy=own)
 
 
 async def force_all(
@@ -296,11 +301,13 @@ async def force_all(
     as_ids: bool,
     prompt_ids: Callable[[Prompt], Awaitable[list[int] | None]],
     on_done: Callable[[], None] | None = None,
+    own: bool = False,
 ) -> dict[str, Forced]:
     """Every prompt's baseline continuation echoed into `ep`: prompt id -> Forced.
 
     `prompt_ids` gives the prompt's ids on the baseline's tokenizer (asked only when `as_ids`);
-    a prompt whose baseline generation failed is a Forced error, counted, never dropped."""
+    a prompt whose baseline generation failed is a Forced error, counted, never dropped. `own`:
+    the continuations are `ep`'s server's own greedy ones (a reference echoing what it said)."""
 
     async def one(p: Prompt) -> Forced:
         cont = continuations[p.id]
@@ -308,7 +315,7 @@ async def force_all(
             out = Forced(error=f"no baseline continuation ({cont.error})")
         else:
             ids = await prompt_ids(p) if as_ids else None
-            out = await force(ep, p, cont, prompt_ids=ids, as_ids=as_ids, k=k)
+            out = await force(ep, p, cont, prompt_ids=ids, as_ids=as_ids, k=k, own=own)
         if on_done:
             on_done()
         return out

@@ -44,8 +44,8 @@ async def _one_pass(ep: Endpoint, cfg: RunConfig, prompts: Sequence[Prompt], bas
         return _Pass(gens, None)
     source = base.gens if base is not None else gens
     as_ids = bool(ep.caps.int_prompts) and ep.caps.token_id_strings
-    forced = await force_all(
-        ep, prompts, source, k=k, as_ids=as_ids, prompt_ids=lambda p: prompt_token_ids(ep, p.prompt)
+    forced = await force_all(  # `source`: this server's own greedy answers (or its batched pass's)
+        ep, prompts, source, k=k, as_ids=as_ids, prompt_ids=lambda p: prompt_token_ids(ep, p.prompt), own=True
     )
     return _Pass(gens, forced)
 

@@ -83,7 +83,7 @@ async def record_reference(
                 for as_ids in variants:
                     await force_all(
                         ep, chunk, gens, k=k, as_ids=as_ids, prompt_ids=ids_for,
-                        on_done=lambda: bar.advance(tf_task),
+                        on_done=lambda: bar.advance(tf_task), own=True,
                     )  # fmt: skip
         slot_draws = 0
         if batch_slot_check and caps.api != "chat":

@@ -251,6 +251,7 @@ async def _force_pairs(
             as_ids=as_ids,
             prompt_ids=ids_on(baseline),
             on_done=on_done,
+            own=side == baseline,
         )
         for (baseline, side), as_ids in plan.items()
     }

@@ -109,6 +109,7 @@ FAULTS = {
     "two-choices": "every answer holds its choice twice (index 0 and 1): a server ignoring n",
     "not-argmax": "every chosen token set below its position's lowest alternative, in both slots (sampling)",
     "reset": "the connection reset by the peer (in-process transport only; live: see live_fakes)",
+    "zero-chosen": "every chosen token's logprob -Infinity and dropped from its top list (probability 0)",
 }
 
 # Behaviours that imitate gaps of real engines (issue 5's list), for parametrized tests.
@@ -602,7 +603,7 @@ def _broken(answer: dict, fault: str) -> Any:
         )
     elif fault == "two-choices":
         answer["choices"] = [choice, dict(choice, index=1)]
-    elif fault in ("chosen-logprob-shift", "not-argmax"):
+    elif fault in ("chosen-logprob-shift", "not-argmax", "zero-chosen"):
         choice["logprobs"] = dict(block, **_chosen_moved(block, fault))
     # NaN is not JSON, but Python servers send the literal NaN (json.dumps' default)
     return Response(json.dumps(answer).encode(), media_type="application/json")
@@ -616,6 +617,9 @@ def _chosen_moved(block: dict, fault: str) -> dict:
             continue
         if fault == "chosen-logprob-shift":
             lps[i] = lp - 1.0
+        elif fault == "zero-chosen":
+            lps[i] = -math.inf
+            tops[i].pop(tok, None)
         else:
             lps[i] = min(tops[i].values()) - 1.0
             tops[i][tok] = lps[i]

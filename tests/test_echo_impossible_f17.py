@@ -32,7 +32,10 @@ async def _scored(ref_fault: str | None, tgt_fault: str | None) -> tuple[Forced,
         ref_gen = await generate(ref, BROKEN, max_tokens=8, k=5, seed=0)
         tgt_gen = await generate(tgt, BROKEN, max_tokens=8, k=5, seed=0)
         ids = await prompt_token_ids(ref, BROKEN.prompt)
-        forced = [await force(ep, BROKEN, ref_gen, prompt_ids=ids, as_ids=True, k=5) for ep in (ref, tgt)]
+        forced = [
+            await force(ep, BROKEN, ref_gen, prompt_ids=ids, as_ids=True, k=5, own=ep is ref)
+            for ep in (ref, tgt)
+        ]
     diff = score_prompt(BROKEN, ref_gen, tgt_gen, ref_forced=forced[0], tgt_forced=forced[1], k=5)
     return forced[0], forced[1], diff
 
@@ -65,3 +68,17 @@ async def test_the_references_impossible_echo_leaves_the_prompt_unjudged(fault: 
     assert diff.error is not None and "baseline echo: ref: " in diff.error
     assert not diff.broken  # not the target's bug
     assert diff.kl_mean is None
+
+
+async def test_a_reference_giving_its_own_greedy_tokens_probability_0_is_broken() -> None:
+    """The reference echoes the continuation it chose greedily: each token was its argmax, so -inf
+    for one is impossible (a broken prefill, not a disagreement), and was scored against the target.
+    The target may give the reference's token probability 0: that is a disagreement, scored."""
+    ref_forced, tgt_forced, diff = await _scored("zero-chosen", None)
+    assert ref_forced.failed and "chosen tokens of probability 0 (-inf logprob) at echoed" in (
+        ref_forced.error or ""
+    )
+    assert diff.error is not None and "baseline echo: ref: " in diff.error and not diff.broken
+    ref_forced, tgt_forced, diff = await _scored(None, "zero-chosen")
+    assert ref_forced.error is None and tgt_forced.error is None  # not the greedy rule: not its tokens
+    assert diff.error is None and diff.kl_mean is not None

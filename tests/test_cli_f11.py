@@ -206,6 +206,17 @@ def test_layers_jobs_carry_the_targets_faults(tmp_path: Path) -> None:
     assert job.expect == "fail" and job.faults == ("slot-tile",)
 
 
+def test_jobs_carry_the_targets_scheme_and_the_compute_dtypes(tmp_path: Path) -> None:
+    """What quant's reach depends on (ue8m0 on int8 is out of it where a server computes in bf16)."""
+    cfg = _config(
+        tmp_path,
+        f'[reference]\nname = "ref"\n{SHIM.replace("float32", "float16")}[[target]]\nname = "t"\n'
+        f'{SHIM.replace("float32", "bf16")}quant = "int8"\nexpect = "fail"\nfaults = ["ue8m0-rounding"]\n',
+    )
+    (job,) = _plan(_args(cfg))[2]
+    assert job.scheme == "int8" and job.dtypes == ("float16", "bf16")
+
+
 def test_api_key_env_naming_a_server_noise_never_asks_is_refused(tmp_path: Path, monkeypatch) -> None:
     """(t17) `noise` and `record` ask the reference alone: `--api-key-env t1=VAR` naming a url
     target was accepted and the key went nowhere."""

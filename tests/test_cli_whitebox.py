@@ -254,6 +254,24 @@ def test_unseen_faults_are_the_slot_faults_only() -> None:
     assert quant_cmd.unseen_faults([]) == []
 
 
+@pytest.mark.parametrize(
+    ("scheme", "dtypes", "blind"),
+    [("int8", ("bfloat16",), True), ("int8", ("float32", "bf16"), True), ("int8", ("float16", "auto"), False),
+     ("int8", (), False), ("fp8-block", ("bfloat16",), False)],
+)  # fmt: skip
+def test_ue8m0_on_int8_in_bfloat16_is_out_of_the_audits_reach(
+    scheme: str, dtypes: tuple[str, ...], blind: bool
+) -> None:
+    """The int8 probe (45/64 cannot show it on an integer grid; 1031/2048 can, but only in fp16 /
+    fp32): a bf16 int8 control with ue8m0-rounding found clean was exit 1, "the audit missed it"."""
+    unseen = quant_cmd.unseen_faults(["ue8m0-rounding@*"], scheme, dtypes)
+    assert unseen == (["ue8m0-rounding"] if blind else [])
+    assert quant_cmd.unseen_faults(["ue8m0-rounding", "scale-skipped"], scheme, dtypes) == []  # one it sees
+    line = quant_cmd.control_line("t", False, unseen, False)
+    assert ("probe that bfloat16 cannot hold" in line) is blind
+    assert ("NOT as expected" in line) is not blind
+
+
 @pytest.mark.slow
 def test_quant_config_with_a_flagged_negative_control_exits_0(tmp_path: Path, capsys) -> None:
     """End to end through CONFIG: the control's `expect` reaches the gate (exit 1 before)."""

@@ -28,6 +28,8 @@ class Job:
     golden: str | None
     expect: str = "pass"  # the config's: `layers` / `quant` gate on it as `run` does (a caught control is 0)
     faults: tuple[str, ...] = ()  # a launched shim target's injected faults (its config's `faults`)
+    scheme: str | None = None  # the target's `quant`, where the config gives one
+    dtypes: tuple[str, ...] = ()  # the compute dtypes of the job's shim servers, as configured
 
     def servers(self) -> tuple[str, ...]:
         return tuple(n for n in (self.target, self.reference, self.golden) if n is not None)
@@ -95,6 +97,8 @@ def _plan(
                 t.golden.name if t.golden and not skip_goldens else None,
                 t.expect,
                 tuple(t.server.faults or ()),
+                t.server.quant,
+                tuple(s.dtype for s in (cfg.reference, t.server) if s.kind == "shim" and s.dtype),
             )
             for t in cfg.targets
         ]

@@ -59,7 +59,7 @@ from difftest.tokenizer_check import check_pair
 from difftest.usage_check import PromptCounts
 from difftest.whitebox.activations import LayerThresholds, compare_points, fetch_activations
 from difftest.whitebox.localise import localise_target
-from server_shim.launch import RunningServer, api_key_of
+from server_shim.launch import RunningServer, api_key_of, same_server
 
 log = logging.getLogger(__name__)
 
@@ -702,12 +702,14 @@ async def run_async(
                 )
             url = eps[tcfg.name].client.base_url
             for side in [cfg.reference.name] + ([tcfg.golden.name] if tcfg.golden is not None else []):
-                if eps[side].client.base_url == url:  # a copy-paste slip passes every check
+                if same_server(eps[side].client.base_url, url):  # a copy-paste slip passes every check
                     run.warnings.append(
                         f"{tcfg.name} and {side} are one server ({url}): compared with itself"
                     )
             golden = tcfg.golden.name if tcfg.golden is not None else None
-            if golden is not None and eps[golden].client.base_url == eps[cfg.reference.name].client.base_url:
+            if golden is not None and same_server(
+                eps[golden].client.base_url, eps[cfg.reference.name].client.base_url
+            ):
                 # exactness would then hold a quantized target to the reference at exactness limits:
                 # a correct kernel fails as if it were broken
                 run.warnings.append(

@@ -373,10 +373,12 @@ def test_a_run_refused_before_it_starts_keeps_the_earlier_cache(tmp_path: Path) 
     assert main(["run", str(cfg), "-o", str(fresh)]) == 2 and not fresh.exists()  # nor an empty folder
 
 
-def test_a_target_at_the_references_url_is_named(tmp_path: Path) -> None:
-    """A copy-paste slip (the reference's URL as the target's) PASSed every check without a word."""
+@pytest.mark.parametrize("spell", [lambda u: u + "/v1", lambda u: u.replace("127.0.0.1", "localhost") + "/"])
+def test_a_target_at_the_references_url_is_named(tmp_path: Path, spell) -> None:
+    """A copy-paste slip (the reference's URL as the target's) PASSed every check without a word;
+    `localhost` for the reference's 127.0.0.1 was taken for another server (string equality)."""
     with live_fake() as ref:
-        cfg = write_config(tmp_path, ref, [{"name": "tgt", "url": ref + "/v1", "scheme": "none"}])
+        cfg = write_config(tmp_path, ref, [{"name": "tgt", "url": spell(ref), "scheme": "none"}])
         assert main(["run", str(cfg), "-o", str(tmp_path / "out")]) == 0
     warnings = load_run(tmp_path / "out").warnings
     assert any("tgt and ref are one server" in w and "compared with itself" in w for w in warnings), warnings

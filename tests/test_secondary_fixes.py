@@ -142,9 +142,12 @@ def test_a_target_whose_chosen_logprobs_contradict_its_list_is_a_broken_fail(tmp
 # --------------------------------------------------------------- 3. golden = reference
 
 
-def test_a_golden_that_is_the_reference_is_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spell", [lambda u: u, lambda u: u.replace("127.0.0.1", "localhost")])
+def test_a_golden_that_is_the_reference_is_named(tmp_path: Path, spell) -> None:
+    """(t21) a golden at http://localhost:P beside a reference at http://127.0.0.1:P had no warning:
+    the target FAILed exactness against the reference itself with no word why."""
     with live_fake() as ref, live_fake() as tgt:
-        golden = {"name": "gold", "url": ref}
+        golden = {"name": "gold", "url": spell(ref)}
         cfg = write_config(tmp_path, ref, [{"name": "t", "url": tgt, "scheme": "none", "golden": golden}])
         main(["run", str(cfg)])
     run = load_run(tmp_path / "out")
@@ -277,3 +280,16 @@ async def test_decode_steps_that_overflow_a_servers_cap_are_cut_not_the_diff(tin
     assert any("point logits with its decode steps is over the response cap" in n for n in got.notes)
     np.testing.assert_array_equal(got.st.tensors["logits"], whole.st.tensors["logits"])
     assert got.token_ids == whole.token_ids
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [("http://127.0.0.1:8000", "http://localhost:8000/v1/", True), ("http://[::1]:8000", "http://127.0.0.2:8000", True),
+     ("http://0.0.0.0:80", "http://localhost", True), ("https://h.example", "https://H.example:443/v1", True),
+     ("http://127.0.0.1:8000", "http://127.0.0.1:8001", False), ("http://10.0.0.1:8000", "http://127.0.0.1:8000", False),
+     ("http://a.example:1", "https://a.example:1", False), ("http://h:1/a", "http://h:1/b", False)],
+)  # fmt: skip
+def test_one_server_is_read_from_where_the_urls_reach(a: str, b: str, same: bool) -> None:
+    from server_shim.launch import same_server
+
+    assert same_server(a, b) is same and same_server(b, a) is same

@@ -104,9 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         from difftest.textsafe import safe
 
-        message = safe(" ".join(str(exc).split()))  # one line, no raw control characters
+        message = safe(one_line(str(exc)))  # no raw control characters
         print(f"difftest: error: {message}", file=sys.stderr)
         return code
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: its lines joined by one space, each stripped, the spaces inside a line
+    kept. Collapsing every run of whitespace had quoted a prompt of three spaces as ' '."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":  # pragma: no cover

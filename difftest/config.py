@@ -348,7 +348,17 @@ def url_problem(url: str) -> str | None:
         httpx.URL(url)
     except httpx.InvalidURL as exc:
         return bad(str(exc))
+    route = next((r for r in _ROUTES if parts.path.rstrip("/").endswith(r)), None)
+    if route is not None:  # difftest appends the routes: the server answered 404 on .../completions/health
+        base = url[: url.rstrip("/").rfind(route)]
+        return f"{url!r} names the route {route}; give the server's base URL ({base or url}), difftest adds the routes"
     return None
+
+
+_ROUTES = (
+    "/chat/completions",
+    "/completions",
+)  # routes pasted as a server URL (an OpenAI client takes the base)
 
 
 def _baseline(ctx: _Ctx, table: dict[str, Any], base: Path) -> Path | None:

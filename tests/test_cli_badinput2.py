@@ -91,6 +91,23 @@ def test_malformed_url_in_a_config_names_the_key(url: str, tmp_path: Path, capsy
     _one_error(capsys, "c.toml:5: [reference] key 'url': ", "is not a valid http(s) URL")
 
 
+@pytest.mark.parametrize(
+    ("argv", "route", "base"),
+    [
+        (["probe", "http://127.0.0.1:9/v1/completions"], "/completions", "http://127.0.0.1:9/v1"),
+        (["compare", "--ref", DEAD, "--target", "http://127.0.0.1:9/v1/chat/completions/", "--prompt", "hi"],
+         "/chat/completions", "http://127.0.0.1:9/v1"),
+    ],
+)  # fmt: skip
+def test_a_route_given_as_a_server_url_is_a_usage_error_naming_the_base(argv, route, base, capsys) -> None:  # noqa: ANN001
+    """(t21) `--target http://h:p/v1/completions` (what a curl line holds) was exit 3, "up but broken:
+    HTTP 404 on /health": difftest joins its routes to the URL."""
+    assert main(argv) == 2
+    _one_error(
+        capsys, f"names the route {route}; give the server's base URL ({base}), difftest adds the routes", ""
+    )
+
+
 # ----------------------------------------------------------------------------- 3: -o uncreatable
 
 _OUT_COMMANDS = [

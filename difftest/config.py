@@ -320,6 +320,10 @@ def parse_config(doc: dict[str, Any], *, text: str, path: Path, require_targets:
     )  # fmt: skip
 
 
+# routes pasted as a server URL (a curl line holds one; an OpenAI client takes the base URL)
+_ROUTES = ("/chat/completions", "/completions")
+
+
 def url_problem(url: str) -> str | None:
     """Why `url` cannot be a server's address (None: it can). A bad port or host used to be a
     traceback (OverflowError, httpx.InvalidURL) or an exit 3 "server down" at the first request."""
@@ -353,12 +357,6 @@ def url_problem(url: str) -> str | None:
         base = url[: url.rstrip("/").rfind(route)]
         return f"{url!r} names the route {route}; give the server's base URL ({base or url}), difftest adds the routes"
     return None
-
-
-_ROUTES = (
-    "/chat/completions",
-    "/completions",
-)  # routes pasted as a server URL (an OpenAI client takes the base)
 
 
 def _baseline(ctx: _Ctx, table: dict[str, Any], base: Path) -> Path | None:

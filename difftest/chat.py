@@ -308,9 +308,12 @@ async def _tokenize(client: CompletionClient, text: str) -> list[int] | None:
     return toks if isinstance(toks, list) and all(isinstance(t, int) for t in toks) else None
 
 
-async def probe_endpoint(client: CompletionClient, model: str | None, endpoint: str) -> Capabilities:
+async def probe_endpoint(
+    client: CompletionClient, model: str | None, endpoint: str, max_tokens: int | None = None
+) -> Capabilities:
     """The probe for `endpoint` ("chat": this module's, for chat-only servers), asking for `model`
-    where the config names one: run, record and noise all probe this way."""
+    where the config names one and no more than the run's `max_tokens`: run, record and noise
+    all probe this way."""
     if endpoint == "chat":
         return with_model(await probe_chat(client), model)
-    return await probe(client, model=model)
+    return await probe(client, model=model, max_tokens=max_tokens)

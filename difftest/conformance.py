@@ -8,6 +8,9 @@ missing one: it raises, naming the server —
   (a block covering part of the generated or echoed text, an empty block beside text, a malformed
   block, NaN, a null past an echo's first position): switching teacher forcing off for such a server judged it on what it chose to show,
   a false PASS (issue 10).
+No probe request asks for more tokens than the run will (`probe(max_tokens=)`): a server capping
+`max_tokens` below the probe's own 16 could not be compared at all, whatever `--max-tokens` said,
+and was said not to serve /v1/completions (tester t21, D3).
 An empty generation (a model ending at once after the probe's sentence) is no missing feature
 either: logprobs are read from the next probe text that generates a token, and where none does,
 logprob support is "unverified", never "no logprobs".
@@ -23,6 +26,7 @@ results and the status words defined here.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -59,6 +63,9 @@ DEFAULT_PROBES: tuple[str, ...] = (
     "def f(x):\n    return x ** 2\n",
 )
 LOGPROBS_TRIES = (20, 5, 1)
+GEN_TOKENS = 16  # the first generation's (and the determinism check's) max_tokens, run's permitting
+# the server's words when it refuses a request for its max_tokens (a cap below the probe's)
+_NAMES_MAX_TOKENS = re.compile(r"max[_ ]?(completion[_ ]?)?tokens", re.IGNORECASE)
 # Prompts a model continues rather than ends (an EOS after a finished sentence is ordinary for an
 # instruct model, after an unfinished one rare): tried after the probe texts where those generate
 # nothing, so that an empty generation is never taken for "no logprobs".
@@ -172,6 +179,7 @@ class _Probe:
     """Mutable scratch state of one probe run; frozen into Capabilities at the end."""
 
     client: CompletionClient
+    max_tokens: int | None = None  # the run's: no request of the probe asks for more
     fields: dict[str, Any] = field(default_factory=dict)
     checks: list[tuple[str, str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -180,6 +188,11 @@ class _Probe:
     @property
     def where(self) -> str:
         return f"{self.client.name} ({self.client.base_url})"
+
+    def tokens(self, n: int) -> int:
+        """`n` tokens, or the run's max_tokens where that is fewer: a server capping max_tokens
+        below the probe's own numbers serves the run's requests all the same (D3)."""
+        return n if self.max_tokens is None else min(n, self.max_tokens)
 
     def check(self, name: str, status: str, detail: str, warning: str | None = None, **fmt: Any) -> None:
         """One table row; `warning` is a WARNINGS key, formatted with `fmt`."""
@@ -216,11 +229,14 @@ async def probe(
     probe_texts: Sequence[str] = DEFAULT_PROBES,
     tokenizer_hint: Callable[[str], Sequence[int]] | None = None,
     model: str | None = None,
+    max_tokens: int | None = None,
 ) -> Capabilities:
-    """`model`: the id the config names for a url server (None: the first /v1/models lists)."""
+    """`model`: the id the config names for a url server (None: the first /v1/models lists).
+    `max_tokens`: the run's, the most any probe request asks for (None: the probe's own numbers,
+    16 at most: `difftest probe` knows no run)."""
     if not probe_texts:
         raise ValueError("probe needs at least one probe text")
-    p = _Probe(client)
+    p = _Probe(client, max_tokens)
     text0 = probe_texts[0]
     await _probe_models(p, model)
     await _probe_generation(p, text0)
@@ -293,16 +309,19 @@ async def _probe_models(p: _Probe, wanted: str | None = None) -> None:
 
 
 async def _probe_generation(p: _Probe, text: str) -> None:
-    req = {"prompt": text, "max_tokens": 16, "temperature": 0}
+    size = p.tokens(GEN_TOKENS)
+    req = {"prompt": text, "max_tokens": size, "temperature": 0}
     first, err = await p.ask(req, retries=p.client.max_retries)
     choice = first["choices"][0] if first else None
     if first is None and isinstance(p.last_error, ServerError):  # 5xx, timeouts, resets, bad bodies
         raise InfraError(f"{p.where} fails /v1/completions: {err}")
+    if first is None and _NAMES_MAX_TOKENS.search(err):
+        raise ConformanceError(_max_tokens_refused(p, size, err))
     if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
         raise ConformanceError(f"{p.where} cannot serve /v1/completions: {err or 'answer without text'}")
     a = choice["text"]
     p.fields["_counts"] = {text: prompt_tokens(first)}  # spares _probe_tokenizations a request
-    p.check("completions", OK, f"{len(a)} chars for max_tokens=16")
+    p.check("completions", OK, f"{len(a)} chars for max_tokens={size}")
     n = len(first["choices"])
     if n != 1:  # a server that ignores `n` may ignore other parameters: said, never silent
         p.check("one choice", WARN, f"{n} choices for n=1", "extra_choices", n=n)
@@ -318,12 +337,22 @@ async def _probe_generation(p: _Probe, text: str) -> None:
         p.check("greedy determinism", WARN, f"texts differ at char {first_diff(a, b)}", "nondeterministic")
 
 
+def _max_tokens_refused(p: _Probe, n: int, err: str) -> str:
+    """The refusal of the probe's first request for its max_tokens: the probe's request of `n`
+    tokens was refused, not the route (it used to say "cannot serve /v1/completions" for a server
+    that serves a run's smaller requests, D3). Without a run's max_tokens, says how to pass one."""
+    hint = "" if p.max_tokens is not None else " (a run probes with at most its --max-tokens)"
+    return f"{p.where} refused the conformance probe's request of {n} tokens (max_tokens={n}): {err}{hint}"
+
+
 async def _probe_logprobs(p: _Probe, texts: Sequence[str]) -> None:
     """The largest `logprobs` served, read from a generation that holds tokens: an empty one (a
     model that ends at once after the probe's sentence) shows nothing about logprob support."""
+    refusals: dict[int, str] = {}  # k -> the server's words ("": answered without a block)
     for k in LOGPROBS_TRIES:
-        view = await _generation_with_logprobs(p, texts, k)
+        view, why = await _generation_with_logprobs(p, texts, k)
         if view is None:
+            refusals[k] = why
             continue
         if not len(view):
             _logprobs_unverified(p, k)
@@ -335,33 +364,46 @@ async def _probe_logprobs(p: _Probe, texts: Sequence[str]) -> None:
             p.check("logprobs cap", status, f"max accepted: {cap}", warning, cap=cap)
             return
     p.fields["logprobs_cap"] = 0
-    p.check("logprobs cap", FAIL, "no logprobs request accepted", "no_logprobs")
+    p.check("logprobs cap", FAIL, _no_logprobs_detail(refusals), "no_logprobs")
 
 
-async def _generation_with_logprobs(p: _Probe, texts: Sequence[str], k: int) -> TokensView | None:
-    """The first greedy generation with `logprobs=k` of one of `texts` that holds a token (its text
-    kept as `_gen_text` for the probes that need generated tokens); an empty view where every text
-    generated nothing; None where the first text's request is refused or its `logprobs` ignored
-    (no block): `k` is not served. Every block sent must be its text's tokens."""
+def _no_logprobs_detail(refusals: Mapping[int, str]) -> str:
+    """Why no `logprobs` was served: refused (the server's words) or ignored (HTTP 200 without a
+    logprobs block). Both used to read "no logprobs request accepted", untrue for a server that
+    accepted every request and dropped the parameter (D8)."""
+    if not any(refusals.values()):
+        return "logprobs ignored: every request answered without a logprobs block"
+    if all(refusals.values()):
+        return f"every logprobs request refused: {refusals[min(refusals)]}"
+    return "; ".join(f"logprobs={k} {f'refused: {why}' if why else 'ignored'}" for k, why in refusals.items())
+
+
+async def _generation_with_logprobs(p: _Probe, texts: Sequence[str], k: int) -> tuple[TokensView | None, str]:
+    """(the first greedy generation with `logprobs=k` of one of `texts` that holds a token, "") (its
+    text kept as `_gen_text` for the probes that need generated tokens); an empty view where every
+    text generated nothing; (None, why) where the first text's request is refused (why: the
+    server's words) or its `logprobs` ignored (no block; why: ""): `k` is not served. Every block
+    sent must be its text's tokens."""
     empty: TokensView | None = None
+    n = p.tokens(ECHO_GEN_TOKENS)
     for text in texts:
-        req = {"prompt": text, "max_tokens": ECHO_GEN_TOKENS, "temperature": 0, "logprobs": k}
-        resp, _ = await p.ask(req)
+        req = {"prompt": text, "max_tokens": n, "temperature": 0, "logprobs": k}
+        resp, err = await p.ask(req)
         if resp is None or resp["choices"][0].get("logprobs") is None:  # refused, or the parameter ignored
             if empty is None:
-                return None
+                return None, err
             continue
         view = p.view(resp)
         # a block was sent: it must be the text's tokens (an empty one is not a polite "no")
-        _check_logprobs_are_the_text(p, view, resp["choices"][0].get("finish_reason"))
+        _check_logprobs_are_the_text(p, view, resp["choices"][0].get("finish_reason"), n)
         not_top1 = greedy_not_top1(view)
         if not_top1:  # said, not refused: a penalty picks alike on both sides (greedy_not_top1)
             p.check("greedy = top-1", WARN, not_top1, "not_top1", what=not_top1)
         if len(view):
             p.fields["_gen_text"] = text
-            return view
+            return view, ""
         empty = view
-    return empty
+    return empty, ""
 
 
 def _logprobs_unverified(p: _Probe, k: int) -> None:
@@ -379,7 +421,7 @@ async def _probe_token_ids(p: _Probe, text: str) -> None:
     if f["logprobs_cap"] >= 1:
         req = {
             "prompt": f.get("_gen_text", text),
-            "max_tokens": 2,
+            "max_tokens": p.tokens(2),
             "temperature": 0,
             "logprobs": 1,
             "return_tokens_as_token_ids": True,
@@ -417,18 +459,21 @@ async def _probe_echo(p: _Probe, text: str) -> None:
     k = min(p.fields["logprobs_cap"], 5)
     req: dict[str, Any] = {"prompt": text, "max_tokens": 0, "echo": True, "temperature": 0}
     resp, err = await p.ask(req | ({"logprobs": k} if k else {}))
-    if resp is None and k and (await p.ask(req))[0] is not None:
-        p.fields |= {"echo": True, "echo_logprobs": False}
-        p.check("echo", WARN, f"echo works, echo+logprobs fails ({err})", "echo_logprobs_fail", err=err)
-        return
-    if resp is None:
+    if resp is None and k:
+        plain, _ = await p.ask(req)
+        if plain is not None and _not_an_echo(plain, text) is None:
+            p.fields |= {"echo": True, "echo_logprobs": False}
+            p.check("echo", WARN, f"echo works, echo+logprobs fails ({err})", "echo_logprobs_fail", err=err)
+            return
+    why = err if resp is None else _not_an_echo(resp, text)
+    if why is not None:
         p.fields["echo"] = False
-        p.check("echo", FAIL, err, "no_echo")
+        p.check("echo", FAIL, why, "no_echo")
         return
     p.fields["echo"] = True
     choice = resp["choices"][0]
-    view = p.view(resp)
     echoed = choice.get("text")
+    view = p.view(resp)
     if isinstance(echoed, str) and echoed.startswith(text) and len(echoed) > len(text):
         # a server that reads max_tokens=0 as "no limit": not a tokenizer difference, a quirk
         p.fields |= {"_echo_continues": True, "echo_aligned": False}
@@ -462,10 +507,22 @@ async def _probe_echo(p: _Probe, text: str) -> None:
         p.check("echo aligned", OK, "tokens re-form the prompt")
 
 
-def _check_logprobs_are_the_text(p: _Probe, view: TokensView, finish_reason: Any) -> None:
+def _not_an_echo(resp: dict, text: str) -> str | None:
+    """Why an answer to `echo` is no echo of `text` (None: it is one): its text does not hold the
+    prompt, a server that ignores the parameter (D2: with no logprobs to check, any 200 answer was
+    "echo works", and teacher forcing was tried on it). Text before the prompt (a BOS written out)
+    is still an echo, which the alignment check names; an answer without text is the logprobs
+    view's to judge."""
+    echoed = resp["choices"][0].get("text")
+    if not isinstance(echoed, str) or text in echoed:
+        return None
+    return f"echo ignored: the answer {short(echoed, 40)!r} does not hold the prompt"
+
+
+def _check_logprobs_are_the_text(p: _Probe, view: TokensView, finish_reason: Any, max_tokens: int) -> None:
     """Logprobs that are not the generated text's tokens, or NaN, stop the run (exit 2): judging
     what a server chose to show, or switching teacher forcing off for it, is a false PASS."""
-    problem = coverage_problem(view, max_tokens=ECHO_GEN_TOKENS, finish_reason=finish_reason)
+    problem = coverage_problem(view, max_tokens=max_tokens, finish_reason=finish_reason)
     if problem is not None:
         raise ConformanceError(f"{p.where}: text and logprobs disagree: {problem}")
     _check_no_nan(p, view, "generation")
@@ -578,7 +635,7 @@ async def _probe_echo_consistency(p: _Probe, probe_text0: str) -> None:
     echo_req = {"max_tokens": 0, "echo": True, "logprobs": 1} | as_ids
     text = f.get("_gen_text", probe_text0)  # a text that generates tokens (_probe_logprobs)
     gen, err = await p.ask(
-        {"prompt": text, "max_tokens": ECHO_GEN_TOKENS, "temperature": 0, "logprobs": 1} | as_ids
+        {"prompt": text, "max_tokens": p.tokens(ECHO_GEN_TOKENS), "temperature": 0, "logprobs": 1} | as_ids
     )
     if gen is None:
         p.check(name, WARN, err, "echo_unverified", why="generation with logprobs failed")

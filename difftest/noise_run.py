@@ -105,7 +105,7 @@ def measure_noise(cfg: RunConfig, *, limit: int | None, restart: bool, log_dir: 
     # nothing is cached: the point is to ask the server again
     options = ClientOptions(
         timeout_s=cfg.run.request_timeout_s, max_retries=cfg.run.max_retries, concurrency=cfg.run.concurrency,
-        endpoint=cfg.run.endpoint,
+        endpoint=cfg.run.endpoint, max_tokens=cfg.run.max_tokens,
     )  # fmt: skip
     with launch_shown([spec], log_dir=log_dir) as running:
         a, comps, how, identity = aio.run(_first_server(Session.of_running(running, options), cfg, prompts))

@@ -53,7 +53,8 @@ async def record_reference(
         concurrency=concurrency, transport=rec, model=model,
     )  # fmt: skip
     try:
-        caps = await probe_endpoint(client, model, settings.get("endpoint", "completions"))
+        endpoint = settings.get("endpoint", "completions")
+        caps = await probe_endpoint(client, model, endpoint, settings["max_tokens"])
         # a run reads the reference's fingerprint (its /version, the scheme it serves): unrecorded,
         # /version was a replay miss in every run with a quantized target
         await client.fingerprint()

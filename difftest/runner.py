@@ -136,7 +136,10 @@ async def _connect(
             model=wanted[cfg.reference.name],
         )  # fmt: skip
     caps = await asyncio.gather(
-        *(probe_endpoint(c, wanted.get(name), cfg.run.endpoint) for name, c in clients.items())
+        *(
+            probe_endpoint(c, wanted.get(name), cfg.run.endpoint, cfg.run.max_tokens)
+            for name, c in clients.items()
+        )
     )
     return {n: Endpoint(n, clients[n], cap, cfg.run.seed) for n, cap in zip(clients, caps, strict=True)}
 

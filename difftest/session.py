@@ -68,6 +68,7 @@ class ClientOptions:
     # the protocol the command measures over ("chat": probed as chat, generations over
     # /v1/chat/completions): probed as completions, a chat config's noise floor was measured there
     endpoint: str = "completions"
+    max_tokens: int | None = None  # the command's: the probe asks no more (None: its own 16)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,8 @@ class Session:
         }
         # every probe runs to its end before a failure is raised: no task is left using a closed client
         found = await asyncio.gather(
-            *(probe_endpoint(c, c.model, o.endpoint) for c in clients.values()), return_exceptions=True
+            *(probe_endpoint(c, c.model, o.endpoint, o.max_tokens) for c in clients.values()),
+            return_exceptions=True,
         )
         failed = next((r for r in found if isinstance(r, BaseException)), None)
         if failed is not None:

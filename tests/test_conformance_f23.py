@@ -153,3 +153,43 @@ async def test_logprobs_refused_quotes_the_server() -> None:
     assert status == "fail" and detail.startswith(
         "every logprobs request refused: HTTP 400: logprobs must be"
     )
+
+
+def test_a_baseline_recorded_with_the_16_token_probe_still_replays(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Baselines recorded before the probe kept within max_tokens hold its 16-token request: a run
+    with max_tokens 4 asks a 4-token probe that is not in them (an offline miss, exit 2). The
+    replay falls back to the recording's own probe."""
+    import difftest.recording as recording
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(["1+2+3=", "the quick"])
+        )
+    )
+    real = recording.probe_endpoint
+
+    async def old_probe(client, model, endpoint, max_tokens=None):  # noqa: ANN001, ANN202
+        return await real(client, model, endpoint)  # the recording's probe as it was: 16 tokens
+
+    monkeypatch.setattr(recording, "probe_endpoint", old_probe)
+    with live_fake() as ref, live_fake() as tgt:
+        base = tmp_path / "b"
+        assert (
+            main(["record", "--ref", ref, "--prompts", str(prompts), "--max-tokens", "4", "-o", str(base)])
+            == 0
+        )
+        run = [
+            "compare",
+            "--baseline",
+            str(base),
+            "--target",
+            tgt,
+            "--scheme",
+            "none",
+            "-o",
+            str(tmp_path / "o"),
+        ]
+        assert main(run) == 0, capsys.readouterr().err

@@ -87,6 +87,9 @@ class Generation:
     # the server answered, but the answer is not a possible one (malformed logprobs block, text and
     # logprobs that disagree): a bug in the server, not a request that failed
     broken: bool = False
+    # positions cut from the text by a tokenizer (difftest.retokenize: the server sent no tokens, or
+    # its own were not that tokenizer's), not the tokens it generated: no TIE/DRIFT/WRONG from them
+    retokenized: bool = False
 
     @property
     def keys(self) -> tuple[int, ...] | tuple[str, ...]:

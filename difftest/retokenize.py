@@ -10,8 +10,9 @@ footing: a server may generate a non-canonical token sequence (" qu" + "ick" whe
 says " quick"), and matching its ids against canonical ones would count a mismatch where the
 texts agree. Where the other side's own ids are already canonical its logprobs are kept. Each
 token's text comes from `/detokenize` (cached per id), so reports show text, not ids. The
-re-tokenized positions carry no logprobs, so TIE/DRIFT classification stays off for them; token
-match, exact match, first divergence and the text metrics run as usual. The report says which
+re-tokenized positions carry no logprobs and are marked (`Generation.retokenized`): no TIE/DRIFT/WRONG
+label for a divergence at a token a tokenizer cut, which the server may never have picked (scoring);
+token match, exact match, first divergence and the text metrics run as usual. The report says which
 tokenizer was used. Where no server of the pair serves /tokenize, both sides are split into words
 (whitespace-led pieces) instead, the same way: "token" match then reads "word match", and the
 report says so.
@@ -39,7 +40,7 @@ from typing import Any
 
 from difftest.collect import Endpoint, Generation, detokenize_ids
 from difftest.errors import DifftestError
-from difftest.tokens_view import Position, TokensView
+from difftest.tokens_view import Position, TokensView, trusted_offsets
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def words(gen: Generation) -> Generation:
     for w in _WORD.findall(gen.text):
         positions.append(Position(w, None, None, {}, offset))
         offset += len(w)
-    return replace(gen, view=TokensView(tuple(positions), gen.text))
+    return replace(gen, view=TokensView(tuple(positions), gen.text), retokenized=True)
 
 
 def unreadable(gen: Generation) -> bool:
@@ -131,6 +132,42 @@ def note(name: str, tokenizer: str | None) -> str:
         f"{name} returns no tokens (no logprobs): its continuations were tokenized with {whose} "
         "/tokenize; token match and first divergence are measured, TIE/DRIFT classification is not"
     )
+
+
+def partner_note(name: str, tokenizer: str, own: Generation) -> str:
+    """Why `name`, which sent tokens of its own, is shown re-tokenized too (`Retokenizer.fill`
+    tokenizes a token-less side's partner with the same /tokenize). The quick look showed the
+    re-tokenized tokens under a note naming only the token-less side, as if they were the ones
+    `name` generated (" contract", "sm", "o" for its " contracts", "mo")."""
+    why = (
+        "its own tokens carry no ids to match that tokenizer's"
+        if own.view.token_ids is None
+        else "its own tokens are not what that tokenizer makes of its text"
+    )
+    served = ", ".join(repr(t) for t in own.display_tokens()[:12]) + (", ..." if len(own.view) > 12 else "")
+    return (
+        f"{name}'s continuation was tokenized with {tokenizer}'s /tokenize too, so that both sides stand "
+        f"on one tokenizer ({why}; it generated {served}): the columns below are that tokenization; "
+        f"{name}'s alternatives are its own, where one of its tokens starts at the divergence"
+    )
+
+
+def own_alternatives(own: Generation, shown: Generation, index: int | None) -> dict[str, float]:
+    """The alternatives `own` (a generation as served) lists at the token of its own that starts
+    where `shown` (its re-tokenization) has position `index`: the server's distribution after the
+    same text. Empty where none of its tokens starts there (it cut the text elsewhere), where
+    `index` starts inside a character's bytes, or where either side's offsets are unknown. Its
+    re-tokenization carries no logprobs: the quick look said "n/a (no logprobs)" although the
+    server had sent them."""
+    if index is None or index >= len(shown.view):
+        return {}
+    mine, theirs = trusted_offsets(own.view), trusted_offsets(shown.view)
+    if not mine or not theirs or (index and theirs[index - 1] == theirs[index]):
+        return {}
+    at = theirs[index]
+    if at not in mine:
+        return {}
+    return {str(k): float(v) for k, v in own.view.positions[mine.index(at)].top.items()}
 
 
 class Retokenizer:
@@ -290,7 +327,7 @@ class Retokenizer:
         await asyncio.gather(*(self._text(ep, i) for i in set(ids)))
         offsets = await self._offsets(ep, ids, gen.text) or [None] * len(ids)
         positions = [Position(f"token_id:{t}", t, None, {}, o) for t, o in zip(ids, offsets, strict=True)]
-        return replace(gen, view=TokensView(tuple(positions), gen.text))
+        return replace(gen, view=TokensView(tuple(positions), gen.text), retokenized=True)
 
     async def fill(self, gens: MutableMapping[str, MutableMapping[str, Generation]]) -> None:
         """Replace, in place, every token-less generation of the planned servers; tokenize their

@@ -779,12 +779,18 @@ def infra_problems(run: RunResult, cfg: RunConfig, running: Mapping[str, Running
             # (exit 1): only requests lost after their retries are infrastructure
             n = int(c.aggregate.get("n_prompts", 0))
             lost = int(c.aggregate.get("failed_requests", 0) - c.aggregate.get("broken_answers", 0))
-            if n and lost / n > cfg.run.error_rate_limit:
-                problems.append(
-                    f"{t.name} vs {c.baseline}: {lost} of {n} prompts failed ({lost / n:.0%} > "
-                    f"{cfg.run.error_rate_limit:.0%} limit){refused_note(c)}"
-                )
+            problem = lost_past_limit(t.name, c.baseline, lost, n, cfg.run.error_rate_limit)
+            if problem is not None:
+                problems.append(problem + refused_note(c))
     return problems
+
+
+def lost_past_limit(target: str, baseline: str, lost: int, n: int, limit: float) -> str | None:
+    """Exit 3's reason when more than `limit` of a pair's `n` prompts were lost (requests failed
+    after their retries), else None: the run and the quick look both ask."""
+    if not n or lost / n <= limit:
+        return None
+    return f"{target} vs {baseline}: {lost} of {n} prompts failed ({lost / n:.0%} > {limit:.0%} limit)"
 
 
 def refused_note(c: Comparison) -> str:

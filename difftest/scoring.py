@@ -89,6 +89,8 @@ def score_prompt(
         tgt_top_logprobs=tgt_tops if tgt_tops and any(tgt_tops) else None,
         tie_margin=tie_margin,
     )
+    if ref.retokenized or tgt.retokenized:
+        _unclassified(diff)
     d = diff.first_divergence
     if d is not None and diff.divergence_kind is None and d >= min(len(ref_keys), len(tgt_keys)):
         diff.divergence_kind = "LENGTH"  # one side stopped (EOS / stop string) where the other went on
@@ -107,6 +109,16 @@ def score_prompt(
         ]
         fill_teacher_forced(diff, teacher_forced_stats(positions, k=k))
     return diff
+
+
+def _unclassified(diff: PromptDiff) -> None:
+    """No TIE / DRIFT / WRONG for a pair on one tokenizer after the fact (`retokenize`): the token at
+    the divergence is a tokenizer's cut of the text, not one the server picked, and the reference's
+    rating of it says nothing about the target's choice. The note says classification is not
+    measured; the quick look printed "divergence kind: WRONG" right under it (where the reference
+    kept its own alternatives: over chat, or with its own ids canonical). Its alternatives stay."""
+    diff.divergence_margin = diff.divergence_gap = None
+    diff.divergence_kind = None
 
 
 def same_depth(

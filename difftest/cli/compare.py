@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ from server_shim.launch_spec import ServerSpec
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from rich.console import Console
 
     from difftest.collect import Endpoint, Generation
     from difftest.retokenize import Retokenizer
@@ -176,15 +179,14 @@ async def explore(
 ) -> int:
     """The quick look: continuations side by side, first divergence and alternatives.
 
-    Exit 1 when a server's probe marks a check FAIL (the look is then partial), else 0."""
+    Exit 3 when more prompts were lost (requests failed after their retries) than the run's
+    `error_rate_limit` allows, as a full comparison (it said 0 with nothing compared); else 1 when a
+    server's probe marks a check FAIL (the look is then partial); else 0. 3 beats 1, as in a run."""
     from difftest.cache import ResponseCache
     from difftest.collect import generate
     from difftest.conformance import FAIL
     from difftest.preflight import check_running_async
-    from difftest.report.terminal import render_side_by_side
-    from difftest.runner import _connect
-    from difftest.scoring import score_prompt
-    from difftest.verdict import tie_margin_for
+    from difftest.runner import _connect, refused_all
     from server_shim.launch import RunningServer
 
     con = o.console()
@@ -213,50 +215,20 @@ async def explore(
                 tgt_gen = await generate(
                     eps[t.name], p, max_tokens=cfg.run.max_tokens, k=cfg.run.logprobs, seed=cfg.run.seed
                 )
-                if ref_gen.error or tgt_gen.error:
-                    err = ref_gen.error or tgt_gen.error
-                    views.append({"prompt_id": p.id, "target": t.name, "error": err})
-                    if not as_json:
-                        con.print(f"request failed: {err}")
-                    continue
-                sides = await comparable(retok, p.id, ref_gen, tgt_gen, cfg.reference.name, t.name)
-                ref_side, tgt_side, worded, lines = sides
-                d = score_prompt(
-                    p, ref_side, tgt_side, ref_forced=None, tgt_forced=None,
-                    tie_margin=tie_margin_for(None), k=cfg.run.logprobs,
-                )  # fmt: skip
-                ref_alts = await alt_texts(ref, d.ref_alternatives)
-                tgt_alts = await alt_texts(eps[t.name], d.tgt_alternatives)
-                views.append(
-                    {
-                        "prompt_id": p.id, "prompt": p.prompt, "target": t.name,
-                        "ref_text": ref_gen.text, "tgt_text": tgt_gen.text,
-                        "ref_tokens": d.ref_tokens, "tgt_tokens": d.tgt_tokens,
-                        "first_divergence": d.first_divergence, "divergence_kind": d.divergence_kind,
-                        "match_rate": d.match_rate, "ref_alternatives": ref_alts, "tgt_alternatives": tgt_alts,
-                        "compared": "words" if worded else "tokens", "notes": lines,
-                    }
-                )  # fmt: skip
-                if as_json:
-                    continue
-                for line in lines:
-                    con.print(line)
-                render_side_by_side(
-                    d.ref_tokens, d.tgt_tokens, d.first_divergence, ref_alts, tgt_alts,
-                    con, ref_label=cfg.reference.name, tgt_label=t.name,
-                )  # fmt: skip
-                if d.divergence_kind:
-                    con.print(f"divergence kind: {d.divergence_kind}")
+                view = await look(eps, retok, cfg, p, (ref_gen, tgt_gen), t.name, None if as_json else con)
+                views.append(view)
     finally:
         await asyncio.gather(*(ep.client.aclose() for ep in eps.values()))
         cache.close()
-    from difftest.runner import refused_all
-
     refused = refused_all([v.get("error") for v in views], "compared")
     if refused is not None:
         raise UsageError(refused)
-    code = 1 if failed_checks else 0
-    result = {"exit_code": code, "failed_checks": failed_checks, "prompts": views}
+    problems = lost_problems(views, cfg, len(prompts))
+    code = 3 if problems else 1 if failed_checks else 0
+    result = {
+        "exit_code": code, "failed_checks": failed_checks, "infrastructure_problems": problems,
+        "prompts": views,
+    }  # fmt: skip
     if out is not None:
         from difftest.report.jsonio import atomic_write_text, strict_json
 
@@ -266,7 +238,88 @@ async def explore(
     else:
         for f in failed_checks:
             con.print(f"FAIL: {f['server']}: {f['check']}: {f['detail']}", style="red")
+    from difftest.cli.outcome import say_infrastructure
+
+    say_infrastructure(problems)
     return code
+
+
+async def look(
+    eps: Mapping[str, Endpoint],
+    retok: Retokenizer,
+    cfg: RunConfig,
+    p: Prompt,
+    gens: tuple[Generation, Generation],
+    tgt_name: str,
+    con: Console | None,
+) -> dict[str, Any]:
+    """One prompt of one pair: its view (`--json`), shown side by side on `con` (None: not shown).
+    A failed request's view holds its error and whether the prompt was `lost` (failed after its
+    retries, or the reference's answer broken: not compared), as opposed to the target's broken
+    answer (its bug, not a lost request), the distinction a full run's exit 3 draws."""
+    from difftest.report.terminal import render_side_by_side
+    from difftest.scoring import score_prompt
+    from difftest.verdict import tie_margin_for
+
+    ref_gen, tgt_gen = gens
+    ref_name = cfg.reference.name
+    if ref_gen.error or tgt_gen.error:
+        err = ref_gen.error or tgt_gen.error
+        if con is not None:
+            con.print(f"request failed: {err}")
+        lost = bool(ref_gen.error) or not tgt_gen.broken
+        return {"prompt_id": p.id, "target": tgt_name, "error": err, "lost": lost}
+    c = await comparable(retok, p.id, ref_gen, tgt_gen, ref_name, tgt_name)
+    d = score_prompt(
+        p, c.ref, c.tgt, ref_forced=None, tgt_forced=None, tie_margin=tie_margin_for(None), k=cfg.run.logprobs
+    )
+    alts = []
+    for name, own, side, found in (
+        (ref_name, c.own[0], c.ref, d.ref_alternatives),
+        (tgt_name, c.own[1], c.tgt, d.tgt_alternatives),
+    ):
+        shown = shown_alternatives(own, side, found, d.first_divergence) if not c.worded else found
+        at = d.first_divergence
+        if not shown and side.retokenized and own.view.top_k and at is not None and at < len(side.view):
+            c.notes.append(
+                f"{name} sent alternatives, but none of its own tokens starts at the divergence (it cut "
+                "the text elsewhere): none to show there"
+            )
+        alts.append(await alt_texts(eps[name], shown))
+    view = {
+        "prompt_id": p.id, "prompt": p.prompt, "target": tgt_name,
+        "ref_text": ref_gen.text, "tgt_text": tgt_gen.text,
+        "ref_tokens": d.ref_tokens, "tgt_tokens": d.tgt_tokens,
+        "first_divergence": d.first_divergence, "divergence_kind": d.divergence_kind,
+        "match_rate": d.match_rate, "ref_alternatives": alts[0], "tgt_alternatives": alts[1],
+        "compared": "words" if c.worded else "tokens", "notes": c.notes,
+    }  # fmt: skip
+    if con is None:
+        return view
+    for line in c.notes:
+        con.print(line)
+    render_side_by_side(
+        d.ref_tokens, d.tgt_tokens, d.first_divergence, alts[0], alts[1],
+        con, ref_label=ref_name, tgt_label=tgt_name,
+    )  # fmt: skip
+    if d.divergence_kind:
+        con.print(f"divergence kind: {d.divergence_kind}")
+    return view
+
+
+def lost_problems(views: list[dict[str, Any]], cfg: RunConfig, n: int) -> list[str]:
+    """Exit 3's reasons: per target, the prompts lost past the run's `error_rate_limit`, in a full
+    run's words (`runner.lost_past_limit`). The quick look used to end 0 with every request lost
+    (HTTP 500, connection errors after their retries), where `--prompts` ends 3."""
+    from difftest.runner import lost_past_limit
+
+    problems = []
+    for t in cfg.targets:
+        lost = sum(1 for v in views if v["target"] == t.server.name and v.get("lost"))
+        problem = lost_past_limit(t.server.name, cfg.reference.name, lost, n, cfg.run.error_rate_limit)
+        if problem is not None:
+            problems.append(problem)
+    return problems
 
 
 def quick_retokenizer(eps: Mapping[str, Endpoint], cfg: RunConfig) -> Retokenizer:
@@ -279,29 +332,63 @@ def quick_retokenizer(eps: Mapping[str, Endpoint], cfg: RunConfig) -> Retokenize
     return retokenize.Retokenizer(eps, retokenize.plan(eps, pairs), pairs)
 
 
+@dataclass(frozen=True)
+class Compared:
+    """One prompt of one pair as the quick look compares it."""
+
+    ref: Generation  # as compared: on one tokenizer with the other side where one sent no tokens
+    tgt: Generation
+    own: tuple[Generation, Generation]  # both as served (ids given their text): their own alternatives
+    worded: bool  # compared word by word
+    notes: list[str]  # how it was compared
+
+
 async def comparable(
     retok: Retokenizer, pid: str, ref: Generation, tgt: Generation, ref_name: str, tgt_name: str
-) -> tuple[Generation, Generation, bool, list[str]]:
+) -> Compared:
     """The two sides as a full run compares them (`Retokenizer.fill`, `for_pair`), whether that is
     word by word, and lines saying how. A side without tokens is tokenized by a /tokenize, else
     both sides are split into words; ids without text of their own get theirs from /detokenize,
     else, against token strings (a "token_id:N" label never equals one), words are compared. The
     words are then also shown: as tokens, the marker at a word's index pointed at the wrong token,
-    and a word's index into one side's token alternatives at the wrong position."""
-    from difftest.retokenize import note, unreadable
+    and a word's index into one side's token alternatives at the wrong position. A side that sent
+    tokens but was tokenized anew, to stand on its partner's tokenizer, is said too (`partner_note`):
+    it was shown re-tokenized under a note naming only the token-less side."""
+    from difftest.retokenize import note, partner_note, unreadable
 
     gens: dict[str, dict[str, Generation]] = {ref_name: {pid: ref}, tgt_name: {pid: tgt}}
     await retok.fill(gens)
     ref_side, tgt_side = (side[pid] for side in retok.for_pair(gens, ref_name, tgt_name))
+    worded = retok.worded(ref_name, tgt_name, pid)
     lines = [note(n, retok.chosen.get(n)) for n in (ref_name, tgt_name) if retok.planned(n)]
-    if retok.worded(ref_name, tgt_name, pid) and not lines:
+    if worded and not lines:
         ids_side = ref_name if unreadable(gens[ref_name][pid]) else tgt_name
         lines.append(
             f"compared word by word: {ids_side} sent token ids with no text of their own (no /detokenize "
             "text joins back to its text), the other side token strings: the columns, the marker and the "
             "divergence's index below count words; token alternatives do not apply"
         )
-    return ref_side, tgt_side, retok.worded(ref_name, tgt_name, pid), lines
+    sides = ((ref_name, tgt_name, ref_side), (tgt_name, ref_name, tgt_side))
+    lines += [
+        partner_note(name, retok.chosen[other], gens[name][pid])
+        for name, other, side in sides
+        if side.retokenized and not worded and not retok.planned(name) and other in retok.chosen
+    ]
+    own = (gens[ref_name][pid], gens[tgt_name][pid])
+    return Compared(ref_side, tgt_side, own, worded, lines)
+
+
+def shown_alternatives(
+    own: Generation, side: Generation, found: dict[str, float], index: int | None
+) -> dict[str, float]:
+    """A side's alternatives at the divergence: those scoring found on the compared tokens, else,
+    where the side was tokenized anew (its compared tokens carry no logprobs), those it sent for
+    its own token starting at the same point of the text (`retokenize.own_alternatives`)."""
+    from difftest.retokenize import own_alternatives
+
+    if found or not side.retokenized:
+        return found
+    return own_alternatives(own, side, index)
 
 
 async def alt_texts(ep: Any, alts: dict[str, float]) -> dict[str, float]:

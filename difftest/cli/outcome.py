@@ -74,6 +74,11 @@ def finish(run: RunResult, out: Path, problems: list[str], *, as_json: bool = Fa
         emit_json(run_summary(run, out, run.infrastructure, code))
     else:
         render_summary(run, console(), report_dir=out)
-    for p in run.infrastructure:
-        print(f"difftest: infrastructure: {safe(p)}", file=sys.stderr)
+    say_infrastructure(run.infrastructure)
     return code
+
+
+def say_infrastructure(problems: list[str]) -> None:
+    """Each reason for exit 3 on stderr, one line each (a run's, the quick look's)."""
+    for p in problems:
+        print(f"difftest: infrastructure: {safe(p)}", file=sys.stderr)

@@ -33,7 +33,7 @@ INTERVAL_PIECE = "interval: "
 # verdict open, broken answers fail it, and neither makes one PASS on its own
 REQUEST_CHECKS = frozenset({"failed_rate", "broken_rate"})
 
-GATE_EXIT = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 4}  # and 3: infrastructure (RunResult.exit_code)
+GATE_EXIT = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 4, "INFRASTRUCTURE": 3}
 
 SCHEMA_VERSION = 2  # 2: informative / decided checks, INCONCLUSIVE, raw divergence stats, nulls
 
@@ -395,12 +395,20 @@ class RunResult:
 
     @property
     def gate_passed(self) -> bool:
-        return all(t.verdict is not None and t.verdict.meets_expectation for t in self.targets)
+        """Every verdict as expected, on complete answers (an exit-3 run passes no gate)."""
+        return not self.infrastructure and all(
+            t.verdict is not None and t.verdict.meets_expectation for t in self.targets
+        )
 
     @property
     def gate(self) -> str:
-        """FAIL when a verdict contradicts its expectation decisively, else INCONCLUSIVE when one
-        is undecided, else PASS. Exit codes 1 / 4 / 0 (difftest.errors)."""
+        """INFRASTRUCTURE when a server or its requests failed (the verdicts rest on incomplete
+        answers), else FAIL when a verdict contradicts its expectation decisively, else
+        INCONCLUSIVE when one is undecided, else PASS: exit codes 3 / 1 / 4 / 0. One gate for
+        report.json, `--json` and the rendered reports: report.json said PASS for an exit-3 run
+        that report.md called INFRASTRUCTURE, and a CI job reading `.gate` took it (tester t22)."""
+        if self.infrastructure:
+            return "INFRASTRUCTURE"
         verdicts = [t.verdict for t in self.targets]
         if any(v is None or (not v.meets_expectation and not v.inconclusive) for v in verdicts):
             return "FAIL"
@@ -408,8 +416,8 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """3 infrastructure, else the gate's: 1 FAIL, 4 INCONCLUSIVE, 0 PASS (README "Exit codes")."""
-        return 3 if self.infrastructure else GATE_EXIT[self.gate]
+        """The gate's: 3 INFRASTRUCTURE, 1 FAIL, 4 INCONCLUSIVE, 0 PASS (README "Exit codes")."""
+        return GATE_EXIT[self.gate]
 
     def to_dict(self) -> dict[str, Any]:
         """The stored tree, plus what is derived from it (gate, exit code, each verdict's label), so

@@ -245,3 +245,18 @@ def test_an_interval_that_does_not_straddle_is_not_said_to() -> None:
     assert not lost.straddles and "straddles" not in lost.describe()
     open_ = Check("kl_mean", 0.07, 0.06, "<=", False, True, "twin", decided=False, ci=[0.03, 0.14])
     assert open_.straddles and ", 95% CI [0.03, 0.14] straddles the limit" in open_.describe()
+
+
+def test_an_exit_3_run_has_one_gate_everywhere() -> None:
+    """(t22) report.json's `gate` and `--json`'s `gate` / `gate_passed` said PASS / true for a run
+    whose exit code, console and report.md said INFRASTRUCTURE: a CI job reading `.gate` took it."""
+    from sample_results import sample_run
+
+    from difftest.report.words import gate_of
+
+    run = sample_run()
+    assert run.gate == "PASS" and run.gate_passed and run.exit_code == 0
+    run.infrastructure = ["server good exited with code 0 during the run"]
+    assert run.gate == gate_of(run) == "INFRASTRUCTURE" and not run.gate_passed and run.exit_code == 3
+    stored = run.to_dict()
+    assert stored["gate"] == "INFRASTRUCTURE" and stored["exit_code"] == 3

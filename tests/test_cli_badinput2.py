@@ -287,3 +287,17 @@ def test_an_empty_output_folder_is_refused(capsys: pytest.CaptureFixture[str]) -
     argv = ["compare", "--ref", DEAD, "--target", DEAD, "--prompt", "hi", "-o"]
     assert main([*argv, ""]) == 2
     assert "empty path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("piped", "asked"),
+    [("The capital of France is\n", "The capital of France is"), ("a\r\n", "a"), ("two\nlines\n\n", "two\nlines\n"),
+     ("no break", "no break")],
+)  # fmt: skip
+def test_a_stdin_prompt_loses_one_final_line_break(piped: str, asked: str, monkeypatch) -> None:
+    """(t21) `echo TEXT | difftest compare --prompt -` asked for "TEXT\\n": another continuation than
+    `--prompt TEXT`. One final line break goes, as the shell's $(...) reads it; the rest stays."""
+    from difftest.cli.compare import prompt_texts
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(piped))
+    assert [p.prompt for p in prompt_texts(["-"])] == [asked]

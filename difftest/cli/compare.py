@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         type=o.prompt_arg,
         metavar="TEXT",
-        help="a prompt text (repeatable; '-' reads stdin): side by side",
+        help="a prompt text (repeatable; '-' reads stdin, less one final line break): side by side",
     )
     p.add_argument(
         "--scheme",
@@ -162,8 +162,10 @@ def prompt_texts(values: list[str]) -> list[Prompt]:
 
 
 def _stdin_text() -> str:
-    """`--prompt -`: stdin's text; bytes that are not UTF-8 (a decode error, or surrogates where
-    stdin escapes them) are a usage error, not a traceback when the request is encoded."""
+    """`--prompt -`: stdin's text less one final line break, as the shell's `$(...)` reads it
+    (`echo TEXT | difftest compare --prompt -` had asked for "TEXT\n", another continuation than
+    `--prompt TEXT`); bytes that are not UTF-8 (a decode error, or surrogates where stdin escapes
+    them) are a usage error, not a traceback when the request is encoded."""
     bad = UsageError("--prompt -: prompt is not valid UTF-8")
     try:
         text = sys.stdin.read()
@@ -171,7 +173,7 @@ def _stdin_text() -> str:
         raise bad from None
     if not o.is_utf8(text):
         raise bad
-    return text
+    return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
 
 
 async def explore(

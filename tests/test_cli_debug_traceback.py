@@ -21,19 +21,15 @@ def test_the_error_line_keeps_the_spaces_it_quotes(tmp_path, capsys) -> None:  #
 
     prompts = tmp_path / "ws.jsonl"
     prompts.write_text('{"id": "a", "prompt": "   "}\n')
-    assert (
-        main(
-            [
-                "compare",
-                "--ref",
-                "http://127.0.0.1:9",
-                "--target",
-                "http://127.0.0.1:9",
-                "--prompts",
-                str(prompts),
-            ]
-        )
-        == 2
-    )
+    argv = [
+        "compare",
+        "--ref",
+        "http://127.0.0.1:9",
+        "--target",
+        "http://127.0.0.1:9",
+        "--prompts",
+        str(prompts),
+    ]
+    assert main(argv) == 2
     assert "got '   '" in capsys.readouterr().err
     assert one_line("a  b\n\n  c\td \n") == "a  b c\td"

@@ -104,15 +104,24 @@ async def test_session_probes_within_its_max_tokens() -> None:
         assert s["ref"].caps.teacher_forced
 
 
-def test_compare_against_a_capped_server_with_a_smaller_max_tokens(tmp_path: Path, capsys) -> None:
-    """The report's repro: a target capping max_tokens at 8 compared with --max-tokens 4 (quick
-    look and a recorded reference capped alike: the recording's probe replays as the run's asks)."""
+def _two_prompts(tmp_path: Path) -> Path:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(
         "".join(
             json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(["1+2+3=", "the quick"])
         )
     )
+    return prompts
+
+
+def _against_baseline(base: Path, target: str, out: Path) -> list[str]:
+    return ["compare", "--baseline", str(base), "--target", target, "--scheme", "fp8-block", "-o", str(out)]
+
+
+def test_compare_against_a_capped_server_with_a_smaller_max_tokens(tmp_path: Path, capsys) -> None:
+    """The report's repro: a target capping max_tokens at 8 compared with --max-tokens 4 (quick
+    look and a recorded reference capped alike: the recording's probe replays as the run's asks)."""
+    prompts = _two_prompts(tmp_path)
     capped = FakeBehaviour(max_tokens_cap=8)
     with live_fake() as ref, live_fake(capped) as tgt, live_fake(FakeBehaviour(max_tokens_cap=4)) as small:
         # guards D3: each was exit 2, "target (...) cannot serve /v1/completions: HTTP 400: ..."
@@ -120,18 +129,7 @@ def test_compare_against_a_capped_server_with_a_smaller_max_tokens(tmp_path: Pat
         base = tmp_path / "b"
         record = ["record", "--ref", small, "--prompts", str(prompts), "--max-tokens", "4", "-o", str(base)]
         assert main(record) == 0, capsys.readouterr().err
-        run = [
-            "compare",
-            "--baseline",
-            str(base),
-            "--target",
-            tgt,
-            "--scheme",
-            "fp8-block",
-            "-o",
-            str(tmp_path / "o"),
-        ]
-        assert main(run) == 0, capsys.readouterr().err
+        assert main(_against_baseline(base, tgt, tmp_path / "o")) == 0, capsys.readouterr().err
 
 
 # D8 ------------------------------------------------------------------------------------------
@@ -163,12 +161,7 @@ def test_a_baseline_recorded_with_the_16_token_probe_still_replays(
     replay falls back to the recording's own probe."""
     import difftest.recording as recording
 
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(["1+2+3=", "the quick"])
-        )
-    )
+    prompts = _two_prompts(tmp_path)
     real = recording.probe_endpoint
 
     async def old_probe(client, model, endpoint, max_tokens=None):  # noqa: ANN001, ANN202
@@ -181,15 +174,4 @@ def test_a_baseline_recorded_with_the_16_token_probe_still_replays(
             main(["record", "--ref", ref, "--prompts", str(prompts), "--max-tokens", "4", "-o", str(base)])
             == 0
         )
-        run = [
-            "compare",
-            "--baseline",
-            str(base),
-            "--target",
-            tgt,
-            "--scheme",
-            "none",
-            "-o",
-            str(tmp_path / "o"),
-        ]
-        assert main(run) == 0, capsys.readouterr().err
+        assert main(_against_baseline(base, tgt, tmp_path / "o")) == 0, capsys.readouterr().err

@@ -95,7 +95,8 @@ class MetricMove:
     ci_b: tuple[float, float] | None
     # how beyond_noise was decided: "ci" (the two 95% intervals), "small" (disjoint intervals, a move
     # under MIN_MOVE), "floor" (the noise floor's spread), "floor-small" (over the floor, a move under
-    # MIN_MOVE), "none" (nothing to judge by), "unchanged", "missing" (a side has no number)
+    # MIN_MOVE), "few" (intervals over too few prompts, no floor), "none" (nothing to judge by),
+    # "unchanged", "missing" (a side has no number)
     noise: str
     beyond_noise: bool | None
     direction: str  # "better" | "worse" | "neutral" | ""
@@ -213,16 +214,18 @@ def _enough_prompts(c: Comparison, metric: str) -> bool:
     return n is None or n >= MIN_PROMPTS_FOR_CI
 
 
-def _beyond_cis(metric: str, ca: Comparison, cb: Comparison, delta: float) -> tuple[str, bool] | None:
+def _beyond_cis(metric: str, ca: Comparison, cb: Comparison, delta: float) -> tuple[str, bool | None]:
     """Disjoint intervals and a move over the verdict's absolute minimum: ("ci", True); overlapping
     intervals: ("ci", False); disjoint but a move under that minimum: ("small", False), so that a
-    reader seeing two disjoint intervals is told why they do not count. None: the intervals cannot
-    say (missing, too few prompts, or both a single value)."""
+    reader seeing two disjoint intervals is told why they do not count. Undecided (None): ("few",
+    None) when both intervals are there but one rests on fewer than MIN_PROMPTS_FOR_CI prompts --
+    told apart from ("none", None), an interval missing or both a single value, since "no CI" read
+    beside two printed intervals (t22 #4)."""
     ci_a, ci_b = _ci(ca, metric), _ci(cb, metric)
-    if ci_a is None or ci_b is None or not (_enough_prompts(ca, metric) and _enough_prompts(cb, metric)):
-        return None
-    if ci_a[0] == ci_a[1] and ci_b[0] == ci_b[1]:
-        return None
+    if ci_a is None or ci_b is None or (ci_a[0] == ci_a[1] and ci_b[0] == ci_b[1]):
+        return "none", None
+    if not (_enough_prompts(ca, metric) and _enough_prompts(cb, metric)):
+        return "few", None
     if not (ci_a[1] < ci_b[0] or ci_b[1] < ci_a[0]):
         return "ci", False
     return ("ci", True) if abs(delta) > MIN_MOVE.get(metric, 0.0) else ("small", False)
@@ -251,11 +254,8 @@ def metric_move(
     delta = b - a
     if abs(delta) <= REL_EQUAL * max(1.0, abs(a), abs(b)):
         return MetricMove(metric, a, b, 0.0, ci_a, ci_b, "unchanged", False, "")
-    how, beyond = "none", None
-    by_ci = _beyond_cis(metric, ca, cb, delta)
-    if by_ci is not None:
-        how, beyond = by_ci
-    elif floor is not None:
+    how, beyond = _beyond_cis(metric, ca, cb, delta)
+    if beyond is None and floor is not None:
         how, beyond = _beyond_floor(metric, delta, floor)
     return MetricMove(metric, a, b, delta, ci_a, ci_b, how, beyond, direction(metric, a, b, expect))
 
@@ -321,17 +321,20 @@ def _moved(what: str, a: str, b: str) -> str:
 
 def checks_changed(ta: TargetResult, tb: TargetResult) -> list[str]:
     """'exactness: token match not informative -> undecided (value 36.7%, limit -123.7% -> 25.4%)'
-    for every check (paired by part, baseline and metric, in order) whose `CheckWords.outcome`
-    differs: the report's own words for it."""
+    for every check (paired by part and metric, in order) whose `CheckWords.outcome` differs: the
+    report's own words for it. Paired as `_target` pairs the comparisons, by part (a part per
+    kind: exactness, accuracy, layers-exactness, ...), not by what it was against: a live reference
+    `ref` and the same reference replayed from a baseline (`reference`) listed every accuracy check
+    as "only in A" and again "only in B" (t22 #3); the comparisons' warning names the two baselines."""
 
     if ta.verdict is None or tb.verdict is None:
         return []  # a lost verdict is said on its own (TargetDiff.regressed), not check by check
 
-    def keyed(t: TargetResult) -> dict[tuple[str, str, str, int], CheckWords]:
-        seen: Counter[tuple[str, str, str]] = Counter()
+    def keyed(t: TargetResult) -> dict[tuple[str, str, int], CheckWords]:
+        seen: Counter[tuple[str, str]] = Counter()
         out = {}
         for w in all_checks(t):
-            name = (w.part, w.against, w.metric)
+            name = (w.part, w.metric)
             out[(*name, seen[name])] = w
             seen[name] += 1
         return out
@@ -343,7 +346,7 @@ def checks_changed(ta: TargetResult, tb: TargetResult) -> list[str]:
         if wa is None or wb is None:  # a check one side's limits did not have: its outcome all the same
             w = wb or wa
             state = "only in B" if wa is None else "only in A"
-            lines.append(f"{w.part}: {key[2]} {state}: {w.outcome} (value {w.value}, limit {w.limit})")  # type: ignore[union-attr]
+            lines.append(f"{w.part}: {key[1]} {state}: {w.outcome} (value {w.value}, limit {w.limit})")  # type: ignore[union-attr]
             continue
         if wa.outcome != wb.outcome:
             lines.append(

@@ -13,7 +13,8 @@ from live_fakes import live_fake
 from difftest.cli import main
 from difftest.report import load_run
 from difftest.results import Comparison
-from difftest.rundiff import diff_runs, floor_spread, metric_move
+from difftest.rundiff import checks_changed, diff_runs, floor_spread, metric_move
+from difftest.verdict import PartVerdict
 
 PROMPTS = ["1+2+3=", "the quick brown fox", "def add(a, b):", "the lazy dog is", "a fox jumps over", "2+2="]
 
@@ -245,6 +246,37 @@ def test_checks_changed_pairs_checks_and_says_both_sides() -> None:
     assert checks_changed(a, b) == []
 
 
+def test_checks_are_paired_by_part_whatever_the_reference_is_called() -> None:
+    """The bug (t22 #3): a live reference `ref` in A and a baseline's replay `reference` in B (the
+    same numbers) listed every accuracy check as "only in A" and again "only in B", so an outcome
+    that changed never read `pass -> FAIL`; so did the invariance part against a golden in A and
+    against the reference in B. Worked by hand on the passing sample target: accuracy mean KL
+    5.500e-04 under its limit 0.05 in A; in B the limit is 1e-4, a FAIL."""
+    from dataclasses import replace
+
+    from sample_results import sample_run
+
+    run_a, run_b = sample_run(), sample_run()
+    a, b = run_a.targets[0], run_b.targets[0]
+    assert a.verdict is not None and b.verdict is not None
+    a.comparisons[1].baseline = "ref"  # A: the live reference; B: replayed, called `reference`
+
+    def moved(p: PartVerdict) -> PartVerdict:
+        if p.part == "accuracy":
+            return replace(p, against="ref")
+        return replace(p, against=a.golden or "") if p.part == "invariance" else p
+
+    a.verdict = replace(a.verdict, parts=tuple(moved(p) for p in a.verdict.parts))
+    acc = next(p for p in b.verdict.parts if p.part == "accuracy")
+    failing = replace(acc, checks=(replace(acc.checks[0], limit=1e-4, passed=False), *acc.checks[1:]))
+    b.verdict = replace(b.verdict, parts=tuple(failing if p is acc else p for p in b.verdict.parts))
+    assert checks_changed(a, b) == [
+        "accuracy: mean KL pass -> FAIL (value 5.500e-04, limit 0.05 -> 1.000e-04)"
+    ]
+    warnings = diff_runs(run_a, run_b).warnings
+    assert f"{a.name}: accuracy is against ref in A, reference in B" in warnings  # the renaming still said
+
+
 def test_the_beyond_noise_cell_says_what_decided_it() -> None:
     """Disjoint intervals printed "no (ci)" when the move was under the verdict's minimum: the
     reader saw two disjoint intervals called noise, with no reason given."""
@@ -260,6 +292,28 @@ def test_the_beyond_noise_cell_says_what_decided_it() -> None:
     assert _beyond(overlap) == "no (CIs overlap)"
     assert _beyond(metric_move("kl_mean", _comp(0.1), _comp(0.3), None)) == "? (no CI or floor)"
     assert _beyond(metric_move("kl_mean", _comp(0.1), _comp(0.3), 0.05)) == "YES (over noise floor)"
+
+
+def test_intervals_over_too_few_prompts_are_named_as_the_reason() -> None:
+    """The bug (t22 #4): two 3-prompt intervals printed beside "? (no CI or floor)". Worked by hand
+    on the report's numbers: top-1 0.6667 [0.625, 0.75] -> 0.5 [0.375, 0.625], 3 prompts each (under
+    MIN_PROMPTS_FOR_CI = 5): undecided, and said so; a noise floor still decides."""
+    from difftest.cli.diff import _beyond
+
+    def three(v: float, ci: list[float]) -> Comparison:
+        return Comparison("accuracy", "reference", "t", aggregate={"top1_agreement": v, "n_prompts": 3.0},
+                          ci={"top1_agreement": ci})  # fmt: skip
+
+    a, b = three(0.6667, [0.625, 0.75]), three(0.5, [0.375, 0.625])
+    move = metric_move("top1_agreement", a, b, None)
+    assert (move.noise, move.beyond_noise, move.ci_a, move.ci_b) == (
+        "few",
+        None,
+        (0.625, 0.75),
+        (0.375, 0.625),
+    )
+    assert _beyond(move) == "? (CIs over fewer than 5 prompts)"
+    assert _beyond(metric_move("top1_agreement", a, b, 0.01)) == "YES (over noise floor)"
 
 
 def test_a_zero_noise_floor_still_needs_the_smallest_move() -> None:

@@ -286,3 +286,32 @@ def test_report_and_diff_refuse_a_folder_a_run_holds(tmp_path: Path, judged: Pat
     assert sorted(p.name for p in busy.iterdir()) == [".lock"]
     assert main(["report", str(judged), "-o", str(busy)]) == 0  # the lock gone, it writes
     assert (busy / "report.json").exists()
+
+
+def _top1_check(folder: Path, target: int) -> dict:
+    part = next(p for p in _verdicts(folder)[target]["parts"] if p["part"] == "accuracy")
+    return next(c for c in part["checks"] if c["name"] == "top1_agreement")
+
+
+def test_a_thresholds_files_general_key_beats_the_runs_scheme_table(
+    tmp_path: Path, judged: Path, capsys
+) -> None:
+    """The bug (t22 #2): the run stored `[thresholds.none] top1_min`; `--thresholds F` with
+    `[thresholds] top1_min = 0.9` changed no verdict (config.thresholds_for ranks the stored scheme
+    table above F's default one) yet was recorded in signature.thresholds as if it had judged. F's
+    key wins now, its table named as the limit's source; F's own scheme table beats it still."""
+    stored = {"none": {"top1_min": 0.1, "margin": 4.0}}
+    run_dir = _stored(tmp_path / "run", judged, lambda d: d["signature"].update(thresholds=stored))
+    general, both = tmp_path / "general.toml", tmp_path / "both.toml"
+    general.write_text("[thresholds]\ntop1_min = 0.9\n")
+    both.write_text("[thresholds]\ntop1_min = 0.9\n[thresholds.none]\ntop1_min = 0.2\n")
+    capsys.readouterr()
+    assert main(["report", str(run_dir), "--thresholds", str(general), "-o", str(tmp_path / "g")]) == 0
+    check = _top1_check(tmp_path / "g", 1)  # the negative control: top-1 ~50%, failing harder
+    assert (check["limit"], check["passed"]) == (0.9, False)
+    assert "override [thresholds] top1_min" in check["note"]
+    recorded = json.loads((tmp_path / "g" / "report.json").read_text())["signature"]["thresholds"]
+    assert recorded == {"none": {"margin": 4.0}, "default": {"top1_min": 0.9}}  # what judged, no more
+    assert main(["report", str(run_dir), "--thresholds", str(both), "-o", str(tmp_path / "b")]) == 0
+    check = _top1_check(tmp_path / "b", 1)
+    assert check["limit"] == 0.2 and "override [thresholds.none] top1_min" in check["note"]

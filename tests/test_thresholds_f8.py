@@ -207,6 +207,25 @@ def test_a_thresholds_file_overrides_a_stored_limit_given_in_another_spelling() 
     assert thresholds_for(merged, "fp8-block")["top1_min"] == 0.99
 
 
+def test_a_thresholds_files_general_key_beats_a_stored_scheme_key_part_by_part() -> None:
+    """(t22 #2) The file's `[thresholds]` beats the run's `[thresholds.<scheme>]` for the checks it
+    sets: the stored `failed_rate_max` (both parts) still sets accuracy, narrowed to its dotted key,
+    while the file's `exactness.failed_rate` decides exactness; a field the file sets for both parts
+    drops the stored dotted key; the file's own scheme value beats its general one."""
+    from difftest.cli.report import merged_thresholds
+
+    stored = {"fp8-block": {"failed_rate_max": 0.1, "top1_min": 0.6, "margin": 5.0}}
+    merged = merged_thresholds(stored, {"default": {"exactness.failed_rate": 0.3, "top1_min": 0.9}})
+    assert merged["fp8-block"] == {"accuracy.failed_rate": 0.1, "margin": 5.0}
+    flat = thresholds_for(merged, "fp8-block")
+    assert (flat["exactness.failed_rate"], flat["accuracy.failed_rate"], flat["top1_min"]) == (0.3, 0.1, 0.9)
+    assert flat.tables["accuracy.failed_rate"] == "[thresholds.fp8-block]" and "top1_min" not in flat.tables
+    stored = {"fp8-block": {"exactness.failed_rate": 0.1, "accuracy.top1_agreement": 0.6}}
+    merged = merged_thresholds(stored, {"default": {"failed_rate_max": 0.3}, "fp8-block": {"top1_min": 0.7}})
+    assert merged["fp8-block"] == {"top1_min": 0.7}
+    assert thresholds_for(merged, "fp8-block") == {"failed_rate_max": 0.3, "top1_min": 0.7}
+
+
 def test_a_dotted_key_narrowing_a_two_part_field_in_one_table_is_accepted(tmp_path: Path) -> None:
     """(t17) `failed_rate_max = 0.1` beside `exactness.failed_rate = 0.2` in one table was refused
     ("keep one"), though it says one thing: exactness 0.2, accuracy 0.1 (verdict._part reads the

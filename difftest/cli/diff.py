@@ -13,6 +13,7 @@ from rich.table import Table
 from difftest.cli import options as o
 from difftest.report.words import metric_name
 from difftest.rundiff import MIN_MOVE, MetricMove, TargetDiff
+from difftest.verdict import MIN_PROMPTS_FOR_CI
 
 HELP = "compare two report folders: per target and metric, what moved and whether beyond noise"
 RESULT_FILE = "diff.json"
@@ -48,6 +49,8 @@ def _beyond(m: MetricMove) -> str:
         return "YES (over noise floor)" if m.beyond_noise else "no (within noise floor)"
     if m.noise == "floor-small":
         return f"no (over noise floor, move < {MIN_MOVE[m.metric]:g})"
+    if m.noise == "few":
+        return f"? (CIs over fewer than {MIN_PROMPTS_FOR_CI} prompts)"
     return "? (no CI or floor)"
 
 

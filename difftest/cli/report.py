@@ -41,21 +41,44 @@ def threshold_file(path: Path) -> dict[str, dict[str, float]]:
 
 
 def merged_thresholds(stored: dict, given: dict) -> dict[str, dict[str, float]]:
-    """The run's own [thresholds] with the file's on top, table by table (the file's keys win): a
-    re-judgement changes what the file says and nothing else -- the run's `margin = 5` must not
-    quietly fall back to the default 3 because the file does not repeat it. A stored key is
-    dropped where the file's keys of its table set every check it sets in another spelling
-    (`top1_min` in the file, `accuracy.top1_agreement` stored): kept, the stored spelling would
-    still decide that check and the file's limit be silently ignored."""
+    """The run's own [thresholds] with the file's on top (the file's keys win): a re-judgement
+    changes what the file says and nothing else -- the run's `margin = 5` must not quietly fall
+    back to the default 3 because the file does not repeat it. A stored limit for a check the file
+    sets is dropped wherever it would still decide that check: in the same table in another
+    spelling (`top1_min` in the file, `accuracy.top1_agreement` stored), and in every stored
+    `[thresholds.<scheme>]` table for a check the file's `[thresholds]` sets (unless the file's own
+    table of that scheme sets it), since config.thresholds_for ranks a scheme's table above the
+    default one: the file's `top1_min = 0.9` was recorded as used yet the run's scheme value judged
+    (t22 #2)."""
     from difftest.verdict import threshold_checks
 
+    def checks(table: Mapping[str, float]) -> set[str]:
+        return {c for key in table for c in threshold_checks(key)}
+
+    general = checks(given.get("default", {}))
     merged: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys([*stored, *given]):
         mine = given.get(name, {})
-        covered = {c for key in mine for c in threshold_checks(key)}
-        kept = {k: v for k, v in stored.get(name, {}).items() if not threshold_checks(k) <= covered}
-        merged[name] = {**kept, **mine}
+        covered = checks(mine) | (general if name != "default" else set())
+        merged[name] = {**_without(stored.get(name, {}), covered), **mine}
     return merged
+
+
+def _without(table: Mapping[str, float], checks: set[str]) -> dict[str, float]:
+    """`table` less its limits for `checks`: a key that sets only such checks is dropped, and a
+    budget field that sets one beside another (`failed_rate_max`: exactness and accuracy) is
+    narrowed to the dotted keys of the rest (`accuracy.failed_rate`), so that it still judges those
+    but no longer outranks the file's limit for the other (a dotted key of the table is kept)."""
+    from difftest.verdict import threshold_checks
+
+    out: dict[str, float] = {}
+    for key, value in table.items():
+        sets = threshold_checks(key)
+        if not sets & checks:
+            out[key] = value
+            continue
+        out.update({check: value for check in sorted(sets - checks) if check not in table})
+    return out
 
 
 def _rejudged(result: RunResult, thresholds: Mapping[str, Mapping[str, float]], whose: str) -> list[str]:

@@ -61,7 +61,6 @@ FORMAT = "difftest-baseline"
 VERSION = 1
 SUFFIX = ".json.gz"
 SETTINGS_KEYS = ("max_tokens", "logprobs", "seed", "endpoint")
-REPLAY_URL = "http://baseline.invalid"  # the replay transport never opens a socket
 _NOT_RECORDED = b'{"error": {"message": "not recorded in the baseline", "type": "not_found"}}'
 
 

@@ -322,13 +322,6 @@ async def probe_endpoint(
     except (CacheMiss, ConformanceError):
         # a recorded reference (or an offline cache) from before the probe kept within max_tokens
         # holds the 16-token probe: replayed as recorded, not refused as "cannot serve"
-        if max_tokens is None or max_tokens >= GEN_TOKENS or not _replayed(client):
+        if max_tokens is None or max_tokens >= GEN_TOKENS or not client.replayed:
             raise
         return await probe(client, model=model)
-
-
-def _replayed(client: CompletionClient) -> bool:
-    """Whether `client` answers from a recording (a baseline's replay or an offline cache)."""
-    from difftest.baseline import REPLAY_URL
-
-    return client.offline or client.base_url.rstrip("/") == REPLAY_URL

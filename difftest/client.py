@@ -145,6 +145,9 @@ class _Miss:
     unreadable: str | None = None  # a 2xx body that `read` could not use: its UnreadableBody's words
 
 
+REPLAY_URL = "http://baseline.invalid"  # a recorded baseline's client: its replay transport opens no socket
+
+
 @dataclass(frozen=True)
 class ClientStats:
     requests: int  # logical requests asked (cache hits excluded; ones the breaker refused included)
@@ -243,6 +246,11 @@ class CompletionClient:
         other._debug_config = self._debug_config  # the same server: the same config
         other._breaker = self._breaker  # and the same silence
         return other
+
+    @property
+    def replayed(self) -> bool:
+        """Whether this client answers from a recording (a baseline's replay, an offline cache)."""
+        return self.offline or self.base_url.rstrip("/") == REPLAY_URL
 
     def __repr__(self) -> str:  # never the key
         return f"CompletionClient(name={self.name!r}, base_url={self.base_url!r}, offline={self.offline})"

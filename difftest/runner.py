@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from difftest import aio
-from difftest.baseline import REPLAY_URL, Baseline, run_settings
+from difftest.baseline import Baseline, run_settings
 from difftest.cache import ResponseCache
 from difftest.chat import probe_endpoint
-from difftest.client import CompletionClient
+from difftest.client import REPLAY_URL, CompletionClient
 from difftest.collect import Endpoint, Forced, Generation, force_all, generate_all, prompt_token_ids
 from difftest.config import RunConfig, TargetConfig, unused_tables
 from difftest.conformance import WARNINGS

@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse
 from live_fakes import live_fake
 
 from difftest import retokenize
-from difftest.baseline import REPLAY_URL, Baseline, Exchanges, ReplayTransport
+from difftest.baseline import Baseline, Exchanges, ReplayTransport
 from difftest.cli import main
-from difftest.client import CompletionClient
+from difftest.client import REPLAY_URL, CompletionClient
 from difftest.collect import Endpoint
 from difftest.conformance import WARNINGS, Capabilities
 from difftest.errors import OutputError, UsageError

@@ -284,7 +284,7 @@ def test_the_white_box_skip_names_a_recorded_baseline_as_one() -> None:
     true", advice for a live server, said of a recorded baseline (a file: it has no /debug)."""
     from types import SimpleNamespace as NS
 
-    from difftest.baseline import REPLAY_URL
+    from difftest.client import REPLAY_URL
     from difftest.runner import _no_debug
 
     def ep(name: str, debug: bool, url: str = "http://127.0.0.1:1") -> NS:

@@ -14,7 +14,7 @@ from live_fakes import live_fake
 
 from difftest.cli import main
 from difftest.config import load_config, load_thresholds
-from difftest.errors import ConfigError
+from difftest.errors import ConfigError, UsageError
 from difftest.verdict import budget_for
 
 DEAD = "http://127.0.0.1:9"  # nothing listens: every test here must fail before any request
@@ -301,3 +301,16 @@ def test_a_stdin_prompt_loses_one_final_line_break(piped: str, asked: str, monke
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(piped))
     assert [p.prompt for p in prompt_texts(["-"])] == [asked]
+
+
+def test_layers_takes_one_prompt_and_reads_dash_from_stdin(monkeypatch, capsys) -> None:  # noqa: ANN001
+    """(t23) a second `--prompt` silently replaced the first, and `--prompt -` captured the text "-"."""
+    from difftest.cli.layers import DEFAULT_PROMPT, one_prompt
+
+    assert main(["layers", "--ref", DEAD, "--target", DEAD, "--prompt", "a", "--prompt", "b"]) == 2
+    _one_error(capsys, "--prompt: layers captures the activations of one prompt; give it once")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("from stdin\n"))
+    assert one_prompt(["-"]) == "from stdin"
+    assert one_prompt(None) == DEFAULT_PROMPT and one_prompt("x") == "x" and one_prompt(["y"]) == "y"
+    with pytest.raises(UsageError, match="empty prompt text"):
+        one_prompt([" "])

@@ -274,3 +274,21 @@ def test_an_moe_off_by_its_routed_scaling_factor_is_named() -> None:
     assert (
         routed_scaling_hint(p, {}) is None and routed_scaling_hint(p, {"routed_scaling_factor": 1.0}) is None
     )
+
+
+def test_the_sentence_writes_huge_ratios_as_the_table_does() -> None:
+    """(t23) a skipped scale's "norm ratio 169265238.60, rel err 1.69e+08, 8256539346.4x its
+    siblings' median": fixed point past 1e4, where the table beside it said 1.69e+08."""
+    from difftest.results import fmt_compact
+
+    pts = [_res(1, 0.9, True), _mod("model.layers.1.mlp.experts", 1.69e8)]
+    pts += [_mod(f"model.layers.{i}.mlp.down_proj", 0.02) for i in range(4)]
+    pts[1].local_norm_ratio, pts[1].local_cosine = 169265238.6, 0.9421
+    diff = LayerDiff(
+        "reference", "accuracy", pts, first_divergent_layer=1, guilty_module="model.layers.1.mlp.experts"
+    )
+    said = localisation_sentence(diff, "int8", TH)
+    assert "norm ratio 1.69e+08, rel err 1.69e+08, " in said and "e+09x its siblings' median" in said, said
+    assert [fmt_compact(x, ".2f") for x in (1.1734, 0.5, 0.0, 12345.6, 2e-4, None)] == [
+        "1.17", "0.50", "0.00", "1.23e+04", "0.0002", "-"
+    ]  # fmt: skip

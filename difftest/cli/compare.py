@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,25 +154,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def prompt_texts(values: list[str]) -> list[Prompt]:
-    texts = [_stdin_text() if v == "-" else v for v in values]
+    texts = [o.stdin_text() if v == "-" else v for v in values]
     if any(not t.strip() for t in texts):
         raise UsageError("--prompt: empty prompt text")
     return [Prompt(id=f"prompt{i + 1}", prompt=t) for i, t in enumerate(texts)]
-
-
-def _stdin_text() -> str:
-    """`--prompt -`: stdin's text less one final line break, as the shell's `$(...)` reads it
-    (`echo TEXT | difftest compare --prompt -` had asked for "TEXT\n", another continuation than
-    `--prompt TEXT`); bytes that are not UTF-8 (a decode error, or surrogates where stdin escapes
-    them) are a usage error, not a traceback when the request is encoded."""
-    bad = UsageError("--prompt -: prompt is not valid UTF-8")
-    try:
-        text = sys.stdin.read()
-    except UnicodeDecodeError:
-        raise bad from None
-    if not o.is_utf8(text):
-        raise bad
-    return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
 
 
 async def explore(

@@ -33,7 +33,7 @@ from difftest.cli.whitebox import (
     run_whitebox,
 )
 from difftest.errors import UsageError
-from difftest.results import LayerDiff
+from difftest.results import LayerDiff, fmt_compact
 from difftest.session import Session
 from difftest.textsafe import safe
 from server_shim.catalog import SLOT_TILE_ROWS
@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt",
         type=o.prompt_arg,
-        default=DEFAULT_PROMPT,
-        help=f"the prompt the activations are captured on (default: {DEFAULT_PROMPT!r})",
+        action="append",
+        help=f"the prompt the activations are captured on, once ('-' reads stdin; default: {DEFAULT_PROMPT!r})",
     )
     p.add_argument(
         "--all-points", action="store_true", help="show every capture point, not only flagged ones"
@@ -68,11 +68,7 @@ def _ratio(x: float | None) -> str:
     """A norm ratio: 4 decimals near 1, where they matter (fnuz's x0.5 reads 0.5000, a rounding
     1.0001); 3 significant digits, scientific, beyond [1e-3, 1e4), like rel err beside it (a
     skipped scale's 1611404929.3622 was a column of noise digits next to 1.61e+09)."""
-    if x is None:
-        return "-"
-    if x == 0 or (math.isfinite(x) and 1e-3 <= abs(x) < 1e4):
-        return format(x, ".4f")
-    return format(x, ".3g")
+    return fmt_compact(x, ".4f")
 
 
 def render_layers(
@@ -187,6 +183,21 @@ def expected_code(expect: str, failed: bool, worst_open: int, blind: bool = Fals
     return 0
 
 
+def one_prompt(given: str | list[str] | None) -> str:
+    """The one prompt `layers` captures on: `--prompt` given twice is a usage error (the second
+    silently replaced the first), `-` reads stdin as `compare` does (it was captured as the text
+    "-"), "" is refused (it used to fall back to the default, silently); none given: the default."""
+    texts = [given] if isinstance(given, str) else list(given or [])
+    if len(texts) > 1:
+        raise UsageError("--prompt: layers captures the activations of one prompt; give it once")
+    if not texts:
+        return DEFAULT_PROMPT
+    prompt = o.stdin_text() if texts[0] == "-" else texts[0]
+    if not prompt.strip():
+        raise UsageError("--prompt: empty prompt text")
+    return prompt
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -197,10 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from difftest.whitebox.localise import localise_target
 
     con = o.console()
-    prompt = getattr(args, "prompt", None)
-    if prompt is not None and not prompt.strip():  # "" used to fall back to the default, silently
-        raise UsageError("--prompt: empty prompt text")
-    prompt = prompt or DEFAULT_PROMPT
+    prompt = one_prompt(getattr(args, "prompt", None))
     if getattr(args, "config", None) is None and not (args.ref or getattr(args, "golden", None)):
         raise UsageError("layers: give --ref URL and/or --golden URL to diff the target against")
     as_json = getattr(args, "json", False)

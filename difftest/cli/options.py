@@ -171,6 +171,21 @@ def prompt_arg(text: str) -> str:
     return text
 
 
+def stdin_text() -> str:
+    """`--prompt -`: stdin's text less one final line break, as the shell's `$(...)` reads it
+    (`echo TEXT | difftest compare --prompt -` had asked for "TEXT\n", another continuation than
+    `--prompt TEXT`); bytes that are not UTF-8 (a decode error, or surrogates where stdin escapes
+    them) are a usage error, not a traceback when the request is encoded."""
+    bad = UsageError("--prompt -: prompt is not valid UTF-8")
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError:
+        raise bad from None
+    if not is_utf8(text):
+        raise bad
+    return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+
+
 def add_out(p: argparse.ArgumentParser, what: str, default: Path | None = None) -> None:
     p.add_argument(
         "-o", "--out", type=out_folder, default=default, metavar="DIR", help=f"output folder: {what}"

@@ -83,12 +83,17 @@ def unseen_faults(faults: Sequence[str], scheme: str | None = None, dtypes: Sequ
     return faults_out_of_reach(faults, audit_blind_faults(scheme, dtypes))
 
 
-def control_line(target: str, flagged: bool, unseen: Sequence[str], nothing_audited: bool) -> str:
-    """What a negative control's audit says against its expect = "fail", worded as `layers` does."""
+def control_line(
+    target: str, flagged: bool, unseen: Sequence[str], nothing_audited: bool, not_audited: int = 0
+) -> str:
+    """What a negative control's audit says against its expect = "fail", worded as `layers` does;
+    `not_audited`: modules a server failed or refused to answer for (audit.audit_failure)."""
     if flagged:
         said = "a module flagged, as expected"
     elif nothing_audited:
         said = "nothing audited, undecided"
+    elif not_audited:
+        said = f"no module flagged, undecided: {not_audited} modules could not be audited"
     elif unseen and "ue8m0-rounding" in unseen:
         said = (
             f"no module flagged, undecided: its faults ({', '.join(unseen)}) are out of the audit's "
@@ -104,6 +109,25 @@ def control_line(target: str, flagged: bool, unseen: Sequence[str], nothing_audi
     else:
         said = "no module flagged: NOT as expected"
     return f'{target} (expect = "fail", a negative control): {said}'
+
+
+# a module the audit could not measure, by whose doing (audit.audit_failure): the servers' (3), a
+# request the reference or golden refused (2); a target's own refusal flags its module instead
+FAILURE_EXIT = {"infrastructure": 3, "refused": 2}
+
+
+def _worst_failure(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    kinds = {r.get("failure") for r in rows}
+    return next((k for k in FAILURE_EXIT if k in kinds), None)
+
+
+def failed_audits(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The line saying how many modules could not be audited and why (the first reason), or None."""
+    failed = [r for r in rows if r.get("failure")]
+    if not failed:
+        return None
+    first = (failed[0].get("notes") or ["?"])[0]
+    return f"{len(failed)} of {len(rows)} modules not audited (the target not blamed): {failed[0]['module']}: {first}"
 
 
 def audited(row: Mapping[str, Any]) -> bool:
@@ -219,10 +243,17 @@ def run(args: argparse.Namespace) -> int:
                         else "nothing to audit: it serves no quantized module"
                     )
                     con.print(f"{job.target}: {why}", markup=False)
+            failed = failed_audits(rows)
+            if failed and not as_json:
+                con.print(f"{job.target}: {failed}", markup=False, soft_wrap=True)
             unseen = unseen_faults(job.faults, job.scheme, job.dtypes)
-            codes.append(expected_code(job.expect, bad, NOTHING_AUDITED if nothing else 0, bool(unseen)))
+            open_code = FAILURE_EXIT.get(_worst_failure(rows), NOTHING_AUDITED if nothing else 0)
+            codes.append(expected_code(job.expect, bad, open_code, bool(unseen)))
             if job.expect == "fail" and not as_json:
-                con.print(control_line(job.target, bad, unseen, nothing), markup=False, soft_wrap=True)
+                not_audited = sum(bool(r.get("failure")) for r in rows)
+                con.print(
+                    control_line(job.target, bad, unseen, nothing, not_audited), markup=False, soft_wrap=True
+                )
         code = 1 if 1 in codes else max(codes, default=0)
         result = {"exit_code": code, "audits": found}
         if empty:

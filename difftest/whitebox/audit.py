@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from difftest.collect import Endpoint
-from difftest.errors import DifftestError, UnreadableBody
+from difftest.errors import DifftestError, RequestRejected, ServerError, UnreadableBody
 from difftest.metrics.tensors import rel_err, tensor_diff
 from difftest.whitebox.activations import LayerThresholds
 from difftest.whitebox.experts import (
@@ -591,13 +591,32 @@ async def audit(target: Endpoint, reference: Endpoint | None) -> list[dict[str, 
         try:
             rows.append(await audit_module(target, reference, name, info))
         except (DifftestError, KeyError, ValueError, TypeError, IndexError) as exc:
-            # a /debug/quant answer without a tensor the scheme has, or of the wrong shape, is that
-            # server's: its module is flagged with the reason, not a traceback ending the audit
             why = (
                 str(exc)
                 if isinstance(exc, DifftestError)
                 else f"unreadable answer ({type(exc).__name__}: {exc})"
             )
+            failure = audit_failure(exc, target)
+            if failure is not None:  # measured nothing, and not the target's doing: never its fault
+                rows.append({"module": name, "scheme": info.get("scheme"), "flagged": False, "audited": False,
+                             "hint": None, "failure": failure, "notes": [f"not audited: {why}"]})  # fmt: skip
+                continue
+            # a /debug/quant answer without a tensor the scheme has, or of the wrong shape, is that
+            # server's: its module is flagged with the reason, not a traceback ending the audit
             rows.append({"module": name, "scheme": info.get("scheme"), "flagged": True, "hint": None,
                          "notes": [f"audit failed: {why}"]})  # fmt: skip
     return rows
+
+
+def audit_failure(exc: Exception, target: Endpoint) -> str | None:
+    """Why a module's audit measured nothing without the target being at fault: "infrastructure"
+    (a server's 5xx, a timeout, a lost connection, after retries: exit 3) or "refused" (the
+    reference or golden refused the request, HTTP 4xx: a module it does not have, another model:
+    exit 2); None where the target's own answer was refused or unreadable (its module flagged).
+    Every such failure used to flag the target's module: a reference whose /debug/module answered
+    500 gave a clean negative control "a module flagged, as expected", exit 0 (tester t23)."""
+    if isinstance(exc, ServerError):
+        return "infrastructure"
+    if isinstance(exc, RequestRejected) and exc.server != target.client.name:
+        return "refused"
+    return None

@@ -27,7 +27,7 @@ from typing import Any
 
 from difftest.collect import Endpoint
 from difftest.errors import DifftestError
-from difftest.results import LayerDiff, LayerPoint
+from difftest.results import LayerDiff, LayerPoint, fmt_compact
 from difftest.whitebox.activations import LEAF_KINDS, LayerThresholds, point_kind
 from difftest.whitebox.audit import audit_module
 from difftest.whitebox.experts import declared_factor, never_applied
@@ -157,13 +157,16 @@ def localisation_sentence(
         p = next((q for q in diff.points if q.name == diff.guilty_module), None)
         detail = ""
         if p is not None and p.local_cosine is not None:
-            detail = f" (local cos {p.local_cosine:.4g}, norm ratio {p.local_norm_ratio:.2f}, rel err {p.local_rel_err:.3g}"
+            detail = (
+                f" (local cos {p.local_cosine:.4g}, norm ratio {fmt_compact(p.local_norm_ratio, '.2f')}, "
+                f"rel err {p.local_rel_err:.3g}"
+            )
             score = (
                 dict(rank_modules(leaves, "accuracy")).get(diff.guilty_module)
                 if diff.kind == "accuracy"
                 else None
             )
-            detail += f", {score:.1f}x its siblings' median)" if score else ")"
+            detail += f", {fmt_compact(score, '.1f')}x its siblings' median)" if score else ")"
         bits.append(f"local error in {diff.guilty_module}{detail}")
         if diff.guilty_backend:
             bits.append(f"backend {diff.guilty_backend}")

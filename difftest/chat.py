@@ -319,9 +319,12 @@ async def probe_endpoint(
         return with_model(await probe_chat(client), model)
     try:
         return await probe(client, model=model, max_tokens=max_tokens)
-    except (CacheMiss, ConformanceError):
+    except (CacheMiss, ConformanceError) as first:
         # a recorded reference (or an offline cache) from before the probe kept within max_tokens
         # holds the 16-token probe: replayed as recorded, not refused as "cannot serve"
         if max_tokens is None or max_tokens >= GEN_TOKENS or not client.replayed:
             raise
-        return await probe(client, model=model)
+        try:
+            return await probe(client, model=model)
+        except (CacheMiss, ConformanceError):  # no older recording either: the real reason stands
+            raise first from None

@@ -248,9 +248,14 @@ class CompletionClient:
         return other
 
     @property
+    def from_baseline(self) -> bool:
+        """Whether this client is a recorded baseline's, answering from its file (REPLAY_URL)."""
+        return self.base_url.rstrip("/") == REPLAY_URL
+
+    @property
     def replayed(self) -> bool:
         """Whether this client answers from a recording (a baseline's replay, an offline cache)."""
-        return self.offline or self.base_url.rstrip("/") == REPLAY_URL
+        return self.offline or self.from_baseline
 
     def __repr__(self) -> str:  # never the key
         return f"CompletionClient(name={self.name!r}, base_url={self.base_url!r}, offline={self.offline})"

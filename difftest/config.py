@@ -478,12 +478,14 @@ def _check_shim_env(ctx: _Ctx, where: tuple[Any, ...], spec: ServerSpec) -> None
     for name in spec.env or {}:
         if name != spec.api_key_env and (why := unknown_variable_problem(name)) is not None:
             raise ctx.error(where, "env", f"key 'env.{name}': {why}")
-    try:
-        check_switches({**os.environ, **(spec.env or {})})
-    except SwitchError as exc:
-        ours = any(str(exc).startswith(f"{n}=") for n in spec.env or {})
-        origin = "" if ours else " (set in difftest's environment)"
-        raise ctx.error(where, "env", f"the shim would refuse to start: {exc}{origin}") from None
+    for environ, origin in (
+        (spec.env or {}, ""),
+        ({**os.environ, **(spec.env or {})}, " (set in difftest's environment)"),
+    ):
+        try:
+            check_switches(environ)
+        except SwitchError as exc:
+            raise ctx.error(where, "env", f"the shim would refuse to start: {exc}{origin}") from None
 
 
 # `{name}` left in a command after the launcher's placeholders are replaced (a doubled `{{...}}`,

@@ -38,7 +38,6 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from difftest.client import REPLAY_URL
 from difftest.collect import Endpoint, Generation, detokenize_ids
 from difftest.errors import DifftestError
 from difftest.tokens_view import Position, TokensView, trusted_offsets
@@ -52,7 +51,7 @@ def needs_tokens(ep: Endpoint) -> bool:
 
 def replayed(ep: Endpoint) -> bool:
     """Whether `ep` is a recorded baseline answering from its file (difftest.baseline)."""
-    return ep.client.base_url.rstrip("/") == REPLAY_URL
+    return ep.client.from_baseline
 
 
 def can_tokenize(ep: Endpoint) -> bool:

@@ -516,7 +516,7 @@ def _no_debug(cfg: RunConfig, tgt: Endpoint, ref: Endpoint, gold: Endpoint | Non
     faults -- without a word: said where the verdict is read (a skipped part: terminal, report.md,
     junit) and in report.json. A recorded baseline is named as one: it read "no /debug on
     reference reference ... a built-in shim serves /debug", advice that cannot apply to a file."""
-    recorded = ref.client.base_url == REPLAY_URL
+    recorded = ref.client.from_baseline
     sides = (("target", tgt), ("reference", None if recorded else ref), ("golden", gold))
     lacking = [f"{role} {ep.name}" for role, ep in sides if ep is not None and not ep.caps.debug]
     said = [f"no /debug on {', '.join(lacking)}"] if lacking else []

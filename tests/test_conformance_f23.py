@@ -175,3 +175,29 @@ def test_a_baseline_recorded_with_the_16_token_probe_still_replays(
             == 0
         )
         assert main(_against_baseline(base, tgt, tmp_path / "o")) == 0, capsys.readouterr().err
+
+
+async def test_a_replayed_probe_keeps_its_own_reason_when_the_old_probe_is_not_recorded_either(
+    monkeypatch,
+) -> None:
+    """The fallback to the 16-token probe is for recordings made before the probe kept within
+    max_tokens; where that request is not recorded either, the first probe's reason is the one said
+    (not the fallback's "not recorded")."""
+    from types import SimpleNamespace
+
+    import difftest.chat as chat
+    from difftest.errors import CacheMiss, ConformanceError
+
+    calls = []
+
+    async def probe(client, *, model=None, max_tokens=None):  # noqa: ANN001, ANN202
+        calls.append(max_tokens)
+        if max_tokens is not None:
+            raise ConformanceError("reference: text and logprobs disagree")
+        raise CacheMiss("reference: offline; not answered from the cache")
+
+    monkeypatch.setattr(chat, "probe", probe)
+    client = SimpleNamespace(replayed=True)
+    with pytest.raises(ConformanceError, match="text and logprobs disagree"):
+        await chat.probe_endpoint(client, None, "completions", 4)  # type: ignore[arg-type]
+    assert calls == [4, None]

@@ -288,7 +288,7 @@ def test_the_white_box_skip_names_a_recorded_baseline_as_one() -> None:
     from difftest.runner import _no_debug
 
     def ep(name: str, debug: bool, url: str = "http://127.0.0.1:1") -> NS:
-        return NS(name=name, caps=NS(debug=debug), client=NS(base_url=url))
+        return NS(name=name, caps=NS(debug=debug), client=NS(base_url=url, from_baseline=url == REPLAY_URL))
 
     cfg = NS(run=NS(whitebox="auto"))
     replay = ep("reference", False, REPLAY_URL)

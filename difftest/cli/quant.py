@@ -72,8 +72,13 @@ def audit_blind_faults(scheme: str | None, dtypes: Sequence[str]) -> frozenset[s
     """The fault classes the audit cannot see on a target of `scheme` whose servers compute in
     `dtypes`: the slot faults always; ue8m0-rounding on int8 where one computes in bfloat16 (the
     int8 probe needs fp16 / fp32 to show a power-of-two scale: whitebox.audit.PROBE_INT8). Such a
-    control found clean was exit 1, "the audit missed it", where it can prove nothing."""
-    if scheme == "int8" and any(DTYPE_NAMES.get(d) == "bfloat16" for d in dtypes):
+    control found clean was exit 1, "the audit missed it", where it can prove nothing. The audit's
+    own rule decides (`audit.probe_value`), on the dtypes as configured ("auto" is fp32 on a CPU,
+    fp16 on a GPU: wide either way)."""
+    from difftest.whitebox.audit import PROBE_INT8, probe_value
+
+    resolved = [DTYPE_NAMES.get(d, "float16") for d in dtypes]
+    if scheme == "int8" and resolved and probe_value(scheme, resolved) != PROBE_INT8:
         return AUDIT_BLIND_FAULTS | {"ue8m0-rounding"}
     return AUDIT_BLIND_FAULTS
 

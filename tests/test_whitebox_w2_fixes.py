@@ -323,7 +323,7 @@ async def test_the_run_flags_with_the_judged_limit(monkeypatch: pytest.MonkeyPat
         return TargetLocalisation()
 
     monkeypatch.setattr(runner, "localise_target", fake_localise)
-    eps = {n: Endpoint(n, SimpleNamespace(base_url=f"http://{n}"),  # type: ignore[arg-type]
+    eps = {n: Endpoint(n, SimpleNamespace(base_url=f"http://{n}", from_baseline=False),  # type: ignore[arg-type]
                        Capabilities(name=n, url="", model=None, debug=True)) for n in ("t", "g", "ref")}  # fmt: skip
     cfg = SimpleNamespace(thresholds_for=lambda s: {}, run=SimpleNamespace(batch_slot_check=False, whitebox="on"),
                           reference=SimpleNamespace(name="ref"))  # fmt: skip
